@@ -1,0 +1,109 @@
+# diamond - build, test, benchmark.
+#   make            ./diamond (optimised; OpenMP and -march=native when the compiler has them)
+#   make test       build and run every test; ends with "N passed, M failed"
+#   make asan       the tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make debug      ./build/debug/diamond at -O0 -g
+#   make fuzz       libFuzzer targets (clang) in build/fuzz/
+#   make bench      the standard benchmarks
+#   make golden     regenerate tests/golden/ with the PyTorch scripts in tools/ (needs python3-torch)
+# Switches: NO_OMP=1 (no OpenMP), PORTABLE=1 (no -march=native), CC=clang.
+
+CC ?= cc
+OPT ?= -O3
+BUILD ?= build
+CFLAGS_BASE = -std=c11 -Wall -Wextra -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L $(EXTRA_CFLAGS)
+LDLIBS = -lm
+
+# Feature detection: try each flag on an empty program and keep it only if it compiles.
+try-flag = $(shell printf 'int main(void){return 0;}' | $(CC) $(1) -x c - -o /dev/null 2>/dev/null && echo yes)
+
+ifeq ($(PORTABLE),1)
+  ARCH_FLAGS =
+  ARCH_MSG = portable (PORTABLE=1)
+else ifeq ($(call try-flag,-march=native),yes)
+  ARCH_FLAGS = -march=native
+  ARCH_MSG = -march=native
+else
+  ARCH_FLAGS =
+  ARCH_MSG = portable (-march=native not supported)
+endif
+
+ifeq ($(NO_OMP),1)
+  OMP_FLAGS =
+  OMP_MSG = off (NO_OMP=1)
+else ifeq ($(call try-flag,-fopenmp),yes)
+  OMP_FLAGS = -fopenmp
+  OMP_MSG = on
+else ifneq ($(wildcard /opt/homebrew/opt/libomp/include/omp.h),)
+  OMP_FLAGS = -Xpreprocessor -fopenmp -I/opt/homebrew/opt/libomp/include -L/opt/homebrew/opt/libomp/lib -lomp
+  OMP_MSG = on (Homebrew libomp)
+else
+  OMP_FLAGS =
+  OMP_MSG = off (compiler has no OpenMP)
+endif
+
+CFLAGS = $(CFLAGS_BASE) $(OPT) $(ARCH_FLAGS) $(OMP_FLAGS)
+LDFLAGS += $(OMP_FLAGS)
+
+LIB_SRC = io.c tensor.c $(wildcard autograd.c) $(wildcard nn.c)
+LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/%.o)
+HEADERS = $(wildcard *.h)
+TEST_SRC = $(wildcard tests/test_*.c)
+TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+
+.PHONY: all test asan debug fuzz bench golden clean info-flags
+all: info-flags diamond
+
+info-flags:
+	@echo "diamond build: CC=$(CC) arch=$(ARCH_MSG) openmp=$(OMP_MSG)"
+
+diamond: $(BUILD)/diamond
+	cp $< $@
+
+$(BUILD)/%.o: %.c $(HEADERS) | $(BUILD)/tests
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libdiamond.a: $(LIB_OBJ)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/diamond: $(BUILD)/diamond.o $(BUILD)/libdiamond.a
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c tests/harness.h $(HEADERS) $(BUILD)/libdiamond.a
+	$(CC) $(CFLAGS) $< $(BUILD)/libdiamond.a -o $@ $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/tests:
+	mkdir -p $@
+
+# Each test binary prints "<name>: N passed, M failed"; the last line adds them up.
+# A binary that dies without its summary line counts as one failure.
+test: info-flags $(TEST_BIN) $(BUILD)/diamond
+	@for t in $(TEST_BIN); do $$t; rc=$$?; \
+	    if [ $$rc -gt 1 ]; then echo "$$t: 0 passed, 1 failed (crashed, exit status $$rc)"; fi; \
+	done | tee $(BUILD)/test.log; \
+	awk '/: [0-9]+ passed, [0-9]+ failed$$/ {p += $$(NF-3); f += $$(NF-1)} \
+	     END {printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0)}' $(BUILD)/test.log
+
+asan:
+	$(MAKE) test BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
+	    LDFLAGS="-fsanitize=address,undefined"
+
+debug:
+	$(MAKE) $(BUILD)/debug/diamond BUILD=build/debug OPT="-O0 -g"
+
+FUZZ_SRC = $(wildcard tests/fuzz_*.c)
+fuzz: $(FUZZ_SRC:tests/%.c=build/fuzz/%)
+build/fuzz/%: tests/%.c io.c io.h
+	mkdir -p build/fuzz
+	clang -std=c11 -g -O1 -D_DEFAULT_SOURCE -fsanitize=fuzzer,address,undefined $< io.c -o $@ -lm
+
+bench: diamond
+	./diamond bench gemm 1024 1024 1024
+	./diamond bench conv 1 128 128 128 128 3 1 1
+	./diamond bench attention 1 24 4096 128
+
+golden:
+	for s in tools/golden_*.py; do python3 $$s || exit 1; done
+
+clean:
+	rm -rf build diamond

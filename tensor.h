@@ -1,0 +1,163 @@
+/* tensor.h - float32 tensors and the kernels every layer is built from.
+ *
+ * Kernels take raw row-major float pointers and explicit sizes, so each one reads like the
+ * formula it computes and can be tested on its own. Backward kernels ACCUMULATE (+=) into
+ * their gradient outputs; a NULL gradient pointer means "not needed" and is skipped.
+ * Results never depend on the thread count: every reduction has a fixed order. */
+#ifndef DIAMOND_TENSOR_H
+#define DIAMOND_TENSOR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io.h"
+
+/* ---- tensors ---------------------------------------------------------------------------- */
+
+#define TENSOR_MAX_DIMS 5
+
+/* A float32 tensor, row-major and contiguous. A view shares another tensor's data and does not
+ * own it; freeing a view never frees the data, and a view must not outlive its owner. */
+typedef struct Tensor {
+    float *data;
+    int ndim;
+    int64_t shape[TENSOR_MAX_DIMS];
+    int64_t numel;
+    bool owns_data;
+} Tensor;
+
+/* Zero-filled tensor; NULL when the shape is invalid (ndim out of 1..5, a size < 0) or too big. */
+Tensor *tensor_new(int ndim, const int64_t *shape);
+/* A tensor over caller-owned data. */
+Tensor *tensor_view(float *data, int ndim, const int64_t *shape);
+/* A view of t with another shape of the same number of elements; NULL if the counts differ. */
+Tensor *tensor_reshape(const Tensor *t, int ndim, const int64_t *shape);
+Tensor *tensor_clone(const Tensor *t);
+void tensor_free(Tensor *t);
+bool tensor_same_shape(const Tensor *a, const Tensor *b);
+/* "[2, 3, 4]" into buf, for error messages. */
+const char *tensor_shape_str(const Tensor *t, char *buf, size_t len);
+
+/* TENSOR_NEW(2, 3, 4) makes a zeroed [2, 3, 4] tensor. */
+#define TENSOR_NEW(...) \
+    tensor_new((int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__})
+
+/* ---- section: GEMM (owned by the gemm work) --------------------------------------------- */
+
+/* C[M,N] = alpha * op(A) op(B) + beta * C, op(X) = X or X^T, leading dimensions in elements.
+ * op(A) is [M,K] (A is [K,M] when trans_a), op(B) is [K,N] (B is [N,K] when trans_b).
+ * beta == 0 overwrites C without reading it (NaNs in C do not leak). */
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+          const float *B, int ldb, float beta, float *C, int ldc);
+/* The same product by the textbook triple loop: the readable reference the tests trust. */
+void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
+                    int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
+/* ---- end section: GEMM ---- */
+
+/* ---- section: conv2d (owned by the conv work) ------------------------------------------- */
+
+typedef struct Conv2dShape {
+    int batch, in_ch, in_h, in_w;
+    int out_ch, kernel_h, kernel_w;
+    int stride_h, stride_w, pad_h, pad_w;
+    int groups; /* in_ch and out_ch are multiples of groups; groups == in_ch is depthwise */
+} Conv2dShape;
+
+int conv2d_out_h(const Conv2dShape *s);
+int conv2d_out_w(const Conv2dShape *s);
+/* x: [B, Cin, H, W], w: [Cout, Cin/groups, kh, kw], b: [Cout] or NULL -> y: [B, Cout, Ho, Wo] */
+void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const float *b, float *y);
+/* dy: [B, Cout, Ho, Wo] -> dx += [B, Cin, H, W], dw += [Cout, Cin/groups, kh, kw], db += [Cout] */
+void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const float *dy,
+                     float *dx, float *dw, float *db);
+
+/* ---- end section: conv2d ---- */
+
+/* ---- section: attention and rotary embedding (owned by the attention work) --------------- */
+
+typedef struct AttentionShape {
+    int batch;
+    int heads;    /* query heads */
+    int kv_heads; /* key/value heads; heads % kv_heads == 0 (grouped-query attention) */
+    int q_len, kv_len, head_dim;
+    bool causal;         /* query i sees keys j <= i + (kv_len - q_len) */
+    const int *kv_valid; /* [batch] keys j >= kv_valid[b] are padding, or NULL for none */
+} AttentionShape;
+
+/* softmax(scale * Q K^T + mask) V, blocked with an online softmax: O(N*d) memory.
+ * q: [B, Nq, H, D], k, v: [B, Nk, Hkv, D] -> out: [B, Nq, H, D], lse: [B, H, Nq] (the row
+ * log-sum-exp, kept for backward). A row that sees no key gets out = 0. */
+void attention_forward(const AttentionShape *s, float scale, const float *q, const float *k,
+                       const float *v, float *out, float *lse);
+/* Recomputes the probabilities block by block from q, k and lse. dq/dk/dv accumulate. */
+void attention_backward(const AttentionShape *s, float scale, const float *q, const float *k,
+                        const float *v, const float *out, const float *lse, const float *dout,
+                        float *dq, float *dk, float *dv);
+
+/* Rotary embedding on adjacent pairs (x[2i], x[2i+1]) rotated by the angle of pair i:
+ * x: [B, N, H, D], cos, sin: [N, D/2] -> y: [B, N, H, D]. Backward rotates back: dx += R^T dy. */
+void rope_forward(int batch, int n, int heads, int head_dim, const float *cos, const float *sin,
+                  const float *x, float *y);
+void rope_backward(int batch, int n, int heads, int head_dim, const float *cos, const float *sin,
+                   const float *dy, float *dx);
+
+/* ---- end section: attention and rotary embedding ---- */
+
+/* ---- section: norms, activations, resampling, elementwise (owned by the ops work) -------- */
+
+/* LayerNorm over the last dim. x: [rows, C] -> y: [rows, C]; mean, rstd: [rows] saved for
+ * backward; w, b: [C] or NULL (no affine). */
+void layernorm_forward(int rows, int C, float eps, const float *x, const float *w, const float *b,
+                       float *y, float *mean, float *rstd);
+void layernorm_backward(int rows, int C, const float *x, const float *w, const float *mean,
+                        const float *rstd, const float *dy, float *dx, float *dw, float *db);
+
+/* GroupNorm. x: [B, C, HW], C % groups == 0; mean, rstd: [B, groups]; w, b: [C] or NULL. */
+void groupnorm_forward(int B, int C, int HW, int groups, float eps, const float *x, const float *w,
+                       const float *b, float *y, float *mean, float *rstd);
+void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const float *w,
+                        const float *mean, const float *rstd, const float *dy, float *dx,
+                        float *dw, float *db);
+
+/* RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * w. x: [rows, C]; rstd: [rows]. */
+void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w, float *y,
+                     float *rstd);
+void rmsnorm_backward(int rows, int C, const float *x, const float *w, const float *rstd,
+                      const float *dy, float *dx, float *dw);
+
+/* BatchNorm with running statistics (eval mode). x: [B, C, HW]; mean, var, w, b: [C]. */
+void batchnorm_eval_forward(int B, int C, int HW, float eps, const float *mean, const float *var,
+                            const float *w, const float *b, const float *x, float *y);
+void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean, const float *var,
+                             const float *w, const float *x, const float *dy, float *dx,
+                             float *dw, float *db);
+
+/* Pointwise activations over n elements. */
+void gelu_forward(size_t n, bool tanh_approx, const float *x, float *y);
+void gelu_backward(size_t n, bool tanh_approx, const float *x, const float *dy, float *dx);
+void silu_forward(size_t n, const float *x, float *y);
+void silu_backward(size_t n, const float *x, const float *dy, float *dx);
+void relu_forward(size_t n, const float *x, float *y);
+void relu_backward(size_t n, const float *x, const float *dy, float *dx);
+void sigmoid_forward(size_t n, const float *x, float *y);
+void sigmoid_backward(size_t n, const float *y, const float *dy, float *dx);
+
+/* Softmax over the last dim. x: [rows, C] -> y: [rows, C]; backward needs only y. */
+void softmax_forward(int rows, int C, const float *x, float *y);
+void softmax_backward(int rows, int C, const float *y, const float *dy, float *dx);
+
+/* Nearest-neighbour 2x upsampling. x: [planes, H, W] -> y: [planes, 2H, 2W] */
+void upsample_nearest2x_forward(int planes, int H, int W, const float *x, float *y);
+void upsample_nearest2x_backward(int planes, int H, int W, const float *dy, float *dx);
+
+/* Bilinear resize with PyTorch's align_corners=False (and interpolate(size=...)) semantics.
+ * x: [planes, H, W] -> y: [planes, Ho, Wo] */
+void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const float *x, float *y);
+void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const float *dy,
+                              float *dx);
+
+/* ---- end section: norms, activations, resampling, elementwise ---- */
+
+#endif

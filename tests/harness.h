@@ -1,0 +1,143 @@
+/* harness.h - the one tiny test harness every tests/test_*.c shares.
+ *
+ * A test binary calls CHECK / check_close as often as it likes, then returns harness_finish():
+ * it prints "<binary>: N passed, M failed" and a non-zero status when anything failed.
+ * Golden data comes from safetensors files written by the PyTorch scripts in tools/. */
+#ifndef DIAMOND_HARNESS_H
+#define DIAMOND_HARNESS_H
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../io.h"
+
+static struct {
+    int passed, failed;
+} harness;
+
+static void harness_report(int ok, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static void harness_report(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (ok) {
+        harness.passed++;
+        if (getenv("TEST_VERBOSE")) {
+            printf("  ok    ");
+            vprintf(fmt, ap);
+            printf("\n");
+        }
+    } else {
+        harness.failed++;
+        printf("  FAIL  ");
+        vprintf(fmt, ap);
+        printf("\n");
+    }
+    va_end(ap);
+}
+
+#define CHECK(cond, ...) harness_report((cond) ? 1 : 0, __VA_ARGS__)
+
+/* Passes when every |got - want| <= atol + rtol * |want| and nothing is NaN; reports the worst
+ * element either way so a failure says by how much. */
+static int check_close(const char *what, const float *got, const float *want, size_t n, float rtol,
+                       float atol) {
+    size_t worst = 0, bad = 0;
+    double worst_excess = -1.0, max_abs = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double diff = fabs((double)got[i] - (double)want[i]);
+        double allowed = atol + rtol * fabs((double)want[i]);
+        if (isnan(got[i]) != isnan(want[i]) || diff > allowed) bad++;
+        if (diff > max_abs) max_abs = diff;
+        if (diff - allowed > worst_excess || isnan(got[i])) {
+            worst_excess = isnan(got[i]) ? INFINITY : diff - allowed;
+            worst = i;
+        }
+    }
+    int ok = bad == 0 && n > 0;
+    harness_report(ok, "%s: %zu values, %zu out of tolerance (rtol %g, atol %g), max |diff| %.3g",
+                   what, n, bad, rtol, atol, max_abs);
+    if (!ok && n > 0)
+        printf("        worst at [%zu]: got %.9g want %.9g\n", worst, got[worst], want[worst]);
+    return ok;
+}
+
+/* The F32/F16/BF16 tensor `name` of st as a malloc'd float array of exactly n values, or NULL
+ * (reported as a failure) when it is missing or has another size. */
+static float *golden_load(const SafeTensors *st, const char *name, size_t n) {
+    float *dst = malloc((n ? n : 1) * sizeof *dst);
+    Error e = {{0}};
+    if (!dst || st_read_f32(st, name, dst, (int64_t)n, &e) != 0) {
+        harness_report(0, "golden %s: %s", name, e.msg);
+        free(dst);
+        return NULL;
+    }
+    return dst;
+}
+
+/* Opens a golden file, or reports a failure and returns NULL. */
+static SafeTensors *golden_open(const char *path) {
+    SafeTensors *st = NULL;
+    Error e = {{0}};
+    if (st_open(&st, path, &e) != 0) {
+        harness_report(0, "cannot open golden file: %s", e.msg);
+        return NULL;
+    }
+    return st;
+}
+
+/* Finite-difference check of an analytic gradient. loss(ctx) evaluates a scalar at the current
+ * contents of x; grad holds d loss / d x. Central differences (step eps) on every `stride`-th
+ * element, in double, must match within atol + rtol * |numeric|. x is restored. */
+typedef double (*HarnessLossFn)(void *ctx);
+
+static int check_gradient(const char *what, HarnessLossFn loss, void *ctx, float *x,
+                          const float *grad, size_t n, size_t stride, float eps, float rtol,
+                          float atol) {
+    size_t checked = 0, bad = 0, worst = 0;
+    double worst_excess = -INFINITY, worst_num = 0.0;
+    for (size_t i = 0; i < n; i += stride ? stride : 1) {
+        float keep = x[i];
+        x[i] = keep + eps;
+        double up = loss(ctx);
+        x[i] = keep - eps;
+        double down = loss(ctx);
+        x[i] = keep;
+        /* the step actually taken, after float rounding of keep +- eps */
+        double h = (double)(keep + eps) - (double)(keep - eps);
+        double numeric = (up - down) / h;
+        double excess = fabs(numeric - grad[i]) - (atol + rtol * fabs(numeric));
+        if (!(excess <= 0.0)) bad++;
+        if (!(excess <= worst_excess)) {
+            worst_excess = excess;
+            worst = i;
+            worst_num = numeric;
+        }
+        checked++;
+    }
+    int ok = bad == 0 && checked > 0;
+    harness_report(ok, "%s: finite differences at %zu points, %zu out of tolerance (rtol %g, atol %g)",
+                   what, checked, bad, rtol, atol);
+    if (!ok && checked > 0)
+        printf("        worst at [%zu]: analytic %.9g numeric %.9g\n", worst, grad[worst], worst_num);
+    return ok;
+}
+
+/* A deterministic pseudo-random float in [-1, 1) for inputs the tests make themselves. */
+static float harness_rand(unsigned long long *state) {
+    *state = *state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (float)((*state >> 40) & 0xFFFFFF) / (float)0x800000 - 1.0f;
+}
+
+static int harness_finish(const char *name) {
+    printf("%s: %d passed, %d failed\n", name, harness.passed, harness.failed);
+    return harness.failed ? 1 : 0;
+}
+
+#endif
