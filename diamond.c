@@ -1,4 +1,5 @@
 /* diamond.c - the command line: DIAMOND sampling, model inspection and benchmarks. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +37,123 @@ static double now_seconds(void) {
 
 /* ---- section: bench (each kernel work adds its benchmark here) ---- */
 
+/* Parses a whole decimal argument in [lo, hi]; 0 on success. */
+static int bench_parse_int(const char *s, int lo, int hi, int *out) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0' || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* Applies `--threads T` when it is the option at argv[i]; returns 0 when handled. */
+static int bench_threads_option(int argc, char **argv, int i, int *threads) {
+    if (strcmp(argv[i], "--threads") || i + 1 >= argc || bench_parse_int(argv[i + 1], 1, 1024, threads))
+        return -1;
+#ifdef _OPENMP
+    omp_set_num_threads(*threads);
+#else
+    fprintf(stderr, "note: built without OpenMP, --threads %d ignored (1 thread)\n", *threads);
+    *threads = 1;
+#endif
+    return 0;
+}
+
+static int bench_threads_now(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Times `run` repeatedly after one warm-up: about half a second in all, 3 to 50 repetitions.
+ * Fills best and median in seconds. */
+static void bench_time(void (*run)(void *), void *ctx, double *best, double *median) {
+    double t0 = now_seconds();
+    run(ctx);
+    double warm = now_seconds() - t0;
+    int reps = warm > 0.5 / 3 ? 3 : warm * 50 < 0.5 ? 50 : (int)(0.5 / warm);
+    double times[50];
+    for (int r = 0; r < reps; r++) {
+        t0 = now_seconds();
+        run(ctx);
+        times[r] = now_seconds() - t0;
+    }
+    qsort(times, (size_t)reps, sizeof times[0], compare_doubles);
+    *best = times[0];
+    *median = times[reps / 2];
+}
+
+typedef struct AttentionBench {
+    AttentionShape shape;
+    float scale;
+    float *q, *k, *v, *out, *lse, *dout, *dq, *dk, *dv;
+} AttentionBench;
+
+static void attention_bench_forward(void *ctx) {
+    AttentionBench *a = ctx;
+    attention_forward(&a->shape, a->scale, a->q, a->k, a->v, a->out, a->lse);
+}
+
+static void attention_bench_backward(void *ctx) {
+    AttentionBench *a = ctx;
+    attention_backward(&a->shape, a->scale, a->q, a->k, a->v, a->out, a->lse, a->dout, a->dq, a->dk,
+                       a->dv);
+}
+
+/* diamond bench attention B HEADS N HEAD_DIM [--threads T]: self-attention, q_len = kv_len = N,
+ * no mask. Forward flops 4 B H N^2 D (two products); backward 10 B H N^2 D (five, one of them
+ * the recomputed scores; the dq and dk/dv passes each recompute scores and dP, counted once). */
+static int bench_attention(int argc, char **argv) {
+    AttentionBench a = {0};
+    int B, H, N, D, threads = bench_threads_now();
+    if (argc < 7 || bench_parse_int(argv[3], 1, 1 << 16, &B) || bench_parse_int(argv[4], 1, 1 << 12, &H) ||
+        bench_parse_int(argv[5], 1, 1 << 20, &N) || bench_parse_int(argv[6], 1, 1 << 12, &D)) {
+        fprintf(stderr, "diamond: usage: diamond bench attention B HEADS N HEAD_DIM [--threads T]\n");
+        return 2;
+    }
+    for (int i = 7; i < argc; i += 2)
+        if (bench_threads_option(argc, argv, i, &threads)) {
+            fprintf(stderr, "diamond: bench attention: bad option '%s' (expected --threads T)\n", argv[i]);
+            return 2;
+        }
+    a.shape = (AttentionShape){B, H, H, N, N, D, false, NULL};
+    a.scale = 1.0f / sqrtf((float)D);
+    size_t n = (size_t)B * N * H * D;
+    float **arrays[] = {&a.q, &a.k, &a.v, &a.out, &a.dout, &a.dq, &a.dk, &a.dv};
+    bool ok = (a.lse = malloc((size_t)B * H * N * sizeof(float))) != NULL;
+    for (size_t i = 0; i < sizeof arrays / sizeof *arrays; i++) ok &= (*arrays[i] = calloc(n, sizeof(float))) != NULL;
+    if (ok) {
+        unsigned long long state = 42;
+        float *inputs[] = {a.q, a.k, a.v, a.dout};
+        for (int t = 0; t < 4; t++)
+            for (size_t i = 0; i < n; i++) {
+                state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+                inputs[t][i] = (float)((state >> 40) & 0xFFFF) / 32768.0f - 1.0f;
+            }
+        double fwd_best, fwd_median, bwd_best, bwd_median;
+        bench_time(attention_bench_forward, &a, &fwd_best, &fwd_median);
+        bench_time(attention_bench_backward, &a, &bwd_best, &bwd_median);
+        double flops = 4.0 * B * H * (double)N * N * D;
+        printf("attention B=%d H=%d N=%d D=%d threads=%d backward best=%.3f ms median=%.3f ms "
+               "(%.1f GFLOP/s at 10 B H N^2 D flops)\n",
+               B, H, N, D, threads, 1e3 * bwd_best, 1e3 * bwd_median, 2.5 * flops / bwd_best * 1e-9);
+        printf("attention B=%d H=%d N=%d D=%d threads=%d forward best=%.3f ms median=%.3f ms GFLOPS=%.1f\n",
+               B, H, N, D, threads, 1e3 * fwd_best, 1e3 * fwd_median, flops / fwd_best * 1e-9);
+    } else {
+        fprintf(stderr, "diamond: bench attention: out of memory for B=%d H=%d N=%d D=%d\n", B, H, N, D);
+    }
+    free(a.lse);
+    for (size_t i = 0; i < sizeof arrays / sizeof *arrays; i++) free(*arrays[i]);
+    return ok ? 0 : 1;
+}
+
 /* ---- end section: bench ---- */
 
 int main(int argc, char **argv) {
@@ -43,7 +161,11 @@ int main(int argc, char **argv) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    (void)now_seconds;
+    if (!strcmp(argv[1], "bench")) {
+        if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
+        fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n", argc >= 3 ? argv[2] : "");
+        return 2;
+    }
     fprintf(stderr, "diamond: unknown command '%s' (see diamond --help)\n", argv[1]);
     return 2;
 }

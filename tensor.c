@@ -130,6 +130,13 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 #define ATTN_PAD_ROWS 8
 #define ATTN_PAD_COLS 32
 
+/* OpenMP directives that vanish without OpenMP (a bare pragma warns under NO_OMP=1). */
+#ifdef _OPENMP
+#define ATTN_OMP(directive) _Pragma(#directive)
+#else
+#define ATTN_OMP(directive)
+#endif
+
 static int round_up(int n, int multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 /* The register tile of the block product below: C[TILE_M, TILE_N] += A[TILE_M, K] B[K, TILE_N]
@@ -247,30 +254,6 @@ static inline float exp_fast(float x) {
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
-/* Max over n % 16 == 0 values; sixteen lanes kept apart so the loop vectorises. */
-static float row_max(const float *x, int n) {
-    float lane[16];
-    for (int t = 0; t < 16; t++) lane[t] = -INFINITY;
-    for (int j = 0; j < n; j += 16)
-        for (int t = 0; t < 16; t++) lane[t] = x[j + t] > lane[t] ? x[j + t] : lane[t];
-    float m = lane[0];
-    for (int t = 1; t < 16; t++) m = lane[t] > m ? lane[t] : m;
-    return m;
-}
-
-/* x[j] = e^(x[j] - shift) over n % 16 == 0 values; returns their sum (fixed lane order). */
-static float exp_shifted_sum(float *x, int n, float shift) {
-    float lane[16] = {0};
-    for (int j = 0; j < n; j += 16)
-        for (int t = 0; t < 16; t++) {
-            x[j + t] = exp_fast(x[j + t] - shift);
-            lane[t] += x[j + t];
-        }
-    float sum = 0.0f;
-    for (int t = 0; t < 16; t++) sum += lane[t];
-    return sum;
-}
-
 /* How many keys query row i of batch b sees; they are always keys 0 .. count-1 (causal limit
  * and key padding both cut a suffix). */
 static int visible_keys(const AttentionShape *s, int b, int i) {
@@ -291,11 +274,17 @@ static int first_query_seeing(const AttentionShape *s, int b, int j) {
     return i > 0 ? (int)i : 0;
 }
 
-/* Per-thread scratch, head_dim padded to dp. Row blocks are [ATTN_BLOCK][dp]; kt and vt are
- * key blocks transposed, [dp][ATTN_BLOCK]; s and ds are [ATTN_BLOCK][ATTN_BLOCK]. */
+/* Every task owns one block (ATTN_BLOCK queries, or keys) and walks over the blocks of the other
+ * side. Its own block is transposed once, [head dim][ATTN_BLOCK]; each block it walks over is
+ * copied as rows, [ATTN_BLOCK][dp]; so a score tile is [walked][own] and no tile is transposed
+ * inside the walk. Forward and dq tasks own queries (their tiles are S^T, keys x queries), dk/dv
+ * tasks own keys (their tiles are S). */
 typedef struct AttnScratch {
-    int dp;
-    float *q, *dout, *k, *v, *kt, *vt, *s, *ds, *acc, *acc2;
+    int dp;                   /* head_dim padded to ATTN_PAD_COLS */
+    float *own_t, *own2_t;    /* q and dout, or k and v, transposed */
+    float *walk, *walk2;      /* k and v, or q and dout, as rows */
+    float *s, *ds;            /* [ATTN_BLOCK][ATTN_BLOCK] scores or probabilities, their gradients */
+    float *acc, *acc2;        /* [ATTN_BLOCK][dp] out or dq, or dk and dv */
 } AttnScratch;
 
 static size_t attn_scratch_floats(int dp) {
@@ -303,11 +292,11 @@ static size_t attn_scratch_floats(int dp) {
 }
 
 static AttnScratch attn_scratch_at(float *base, int dp) {
-    size_t rows = (size_t)ATTN_BLOCK * dp, tile = (size_t)ATTN_BLOCK * ATTN_BLOCK;
+    size_t block = (size_t)ATTN_BLOCK * dp, tile = (size_t)ATTN_BLOCK * ATTN_BLOCK;
     AttnScratch w = {.dp = dp};
-    float **row_blocks[] = {&w.q, &w.dout, &w.k, &w.v, &w.kt, &w.vt, &w.acc, &w.acc2};
-    for (size_t i = 0; i < sizeof row_blocks / sizeof *row_blocks; i++) *row_blocks[i] = base + i * rows;
-    w.s = base + 8 * rows;
+    float **blocks[] = {&w.own_t, &w.own2_t, &w.walk, &w.walk2, &w.acc, &w.acc2};
+    for (size_t i = 0; i < sizeof blocks / sizeof *blocks; i++) *blocks[i] = base + i * block;
+    w.s = base + 8 * block;
     w.ds = w.s + tile;
     return w;
 }
@@ -350,39 +339,73 @@ static void load_rows(float *dst, int dp, int rows_pad, const float *src, size_t
     }
 }
 
-/* The transpose: dst[c][r] = src[r * stride + c] -> dst [dp][ATTN_BLOCK], zero padded up to
- * rows_pad columns (the rest is never read). */
-static void load_transposed(float *dst, int dp, int rows_pad, const float *src, size_t stride,
-                            int rows, int cols) {
-    for (int c = 0; c < dp; c++) {
-        float *d = dst + (size_t)c * ATTN_BLOCK;
-        for (int r = 0; r < rows_pad; r++) d[r] = c < cols && r < rows ? src[r * stride + c] : 0.0f;
-    }
+/* The same rows transposed -> dst [cols][ATTN_BLOCK], zero padded from rows to rows_pad. */
+static void load_transposed(float *dst, int rows_pad, const float *src, size_t stride, int rows,
+                            int cols) {
+    for (int r = 0; r < rows_pad; r++)
+        for (int c = 0; c < cols; c++) dst[(size_t)c * ATTN_BLOCK + r] = r < rows ? src[r * stride + c] : 0.0f;
 }
 
-/* s[:mq, :width] = Q K^T from the scratch q and kt: the raw scores of one block pair. */
-static void block_scores(const AttnScratch *w, const float *rows, const float *cols_t, float *s,
-                         int mq, int width) {
-    for (int i = 0; i < mq; i++) memset(s + i * ATTN_BLOCK, 0, (size_t)width * sizeof *s);
-    block_madd(mq, width, w->dp, rows, w->dp, 1, cols_t, ATTN_BLOCK, s, ATTN_BLOCK);
+/* The rows of a walked block as the kernels read them (rows padded to ATTN_PAD_ROWS, dp
+ * columns): in place when the source already has that form, else a zero-padded copy in
+ * scratch. *ld is their row stride. */
+static const float *walk_rows(float *scratch, int dp, const float *src, ptrdiff_t stride, int rows,
+                              int cols, ptrdiff_t *ld) {
+    if (rows % ATTN_PAD_ROWS == 0 && cols == dp) {
+        *ld = stride;
+        return src;
+    }
+    load_rows(scratch, dp, round_up(rows, ATTN_PAD_ROWS), src, (size_t)stride, rows, cols);
+    *ld = dp;
+    return scratch;
 }
 
-/* Folds one block of a row's scores into its running max m and sum l (online softmax):
- * srow becomes e^(scale s - m) over the `visible` keys (0 elsewhere) and the row's output
- * accumulator is rescaled to the new max. */
-static void softmax_fold_row(float *srow, int width, int visible, float scale, float *m, float *l,
-                             float *acc_row, int dp) {
-    if (visible <= 0) {
-        memset(srow, 0, (size_t)width * sizeof *srow);
-        return;
+/* s[:rows, :cols] = walk own^T, the raw scores of a tile (inner products over head_dim). */
+static void tile_scores(const float *walk, ptrdiff_t ld, const float *own_t, float *s, int rows,
+                        int cols, int head_dim) {
+    for (int r = 0; r < rows; r++) memset(s + r * ATTN_BLOCK, 0, (size_t)cols * sizeof *s);
+    block_madd(rows, cols, head_dim, walk, ld, 1, own_t, ATTN_BLOCK, s, ATTN_BLOCK);
+}
+
+/* acc[:own_rows] += tile^T walk: each row of the own block gathers the walked rows weighted by
+ * its column of the tile (probabilities or score gradients). */
+static void tile_gather(float *acc, const float *tile, const float *walk, ptrdiff_t ld,
+                        int own_rows, int walked, int dp) {
+    block_madd(own_rows, dp, walked, tile, 1, ATTN_BLOCK, walk, ld, acc, dp);
+}
+
+/* Folds a tile of scores st [keys][queries] (keys j0 .. j0 + nk - 1) into each query column's
+ * running max m and sum l (online softmax): st becomes e^(scale s - m_new) where the key is
+ * visible to the query and 0 elsewhere, and alpha is the factor that rescales the query's
+ * earlier output to the new max. */
+static void softmax_fold_tile(float *st, int nk, int cols, int j0, const int *visible, float scale,
+                              float *m, float *l, float *alpha) {
+    float shift[ATTN_BLOCK], sum[ATTN_BLOCK];
+    for (int i = 0; i < cols; i++) {
+        shift[i] = m[i];
+        sum[i] = 0.0f;
     }
-    for (int j = 0; j < width; j++) srow[j] = j < visible ? srow[j] * scale : -INFINITY;
-    float m_new = fmaxf(*m, row_max(srow, width));
-    float alpha = exp_fast(*m - m_new); /* 0 on the row's first block, where *m = -inf */
-    *l = *l * alpha + exp_shifted_sum(srow, width, m_new);
-    *m = m_new;
-    if (alpha != 1.0f)
-        for (int d = 0; d < dp; d++) acc_row[d] *= alpha;
+    for (int j = 0; j < nk; j++) {
+        float *row = st + j * ATTN_BLOCK;
+        for (int i = 0; i < cols; i++) {
+            row[i] = j0 + j < visible[i] ? row[i] * scale : -INFINITY;
+            shift[i] = row[i] > shift[i] ? row[i] : shift[i];
+        }
+    }
+    for (int i = 0; i < cols; i++) {
+        float m_new = shift[i];
+        shift[i] = m_new == -INFINITY ? 0.0f : m_new; /* a column with no key yet stays at 0 */
+        alpha[i] = exp_fast(m[i] - shift[i]);       /* 0 on the first keys, where m = -inf */
+        m[i] = m_new;
+    }
+    for (int j = 0; j < nk; j++) {
+        float *row = st + j * ATTN_BLOCK;
+        for (int i = 0; i < cols; i++) {
+            row[i] = exp_fast(row[i] - shift[i]);
+            sum[i] += row[i];
+        }
+    }
+    for (int i = 0; i < cols; i++) l[i] = l[i] * alpha[i] + sum[i];
 }
 
 /* One block of query rows [i0, i0 + nq) of head h in batch b: out rows and their lse. */
@@ -390,29 +413,32 @@ static void attention_forward_block(const AttentionShape *s, float scale, const 
                                     const float *k, const float *v, float *out, float *lse, int b,
                                     int h, int i0, const AttnScratch *w) {
     int D = s->head_dim, dp = w->dp, group = s->heads / s->kv_heads;
-    int nq = s->q_len - i0 < ATTN_BLOCK ? s->q_len - i0 : ATTN_BLOCK, mq = round_up(nq, ATTN_PAD_ROWS);
+    int nq = s->q_len - i0 < ATTN_BLOCK ? s->q_len - i0 : ATTN_BLOCK;
+    int rows = round_up(nq, ATTN_PAD_ROWS), cols = round_up(nq, ATTN_PAD_COLS);
     size_t q_stride = (size_t)s->heads * D, kv_stride = (size_t)s->kv_heads * D;
     size_t q_off = ((size_t)b * s->q_len + i0) * q_stride + (size_t)h * D;
-    float m[ATTN_BLOCK], l[ATTN_BLOCK];
+    float m[ATTN_BLOCK], l[ATTN_BLOCK], alpha[ATTN_BLOCK];
     int visible[ATTN_BLOCK];
-    for (int i = 0; i < mq; i++) {
+    for (int i = 0; i < ATTN_BLOCK; i++) {
         visible[i] = i < nq ? visible_keys(s, b, i0 + i) : 0;
         m[i] = -INFINITY;
         l[i] = 0.0f;
     }
-    load_rows(w->q, dp, mq, q + q_off, q_stride, nq, D);
-    memset(w->acc, 0, (size_t)mq * dp * sizeof *w->acc);
-    int kv_end = visible[nq - 1]; /* rows see more keys further down */
+    load_transposed(w->own_t, cols, q + q_off, q_stride, nq, D);
+    memset(w->acc, 0, (size_t)rows * dp * sizeof *w->acc);
+    int kv_end = visible[nq - 1]; /* later rows see more keys */
     for (int j0 = 0; j0 < kv_end; j0 += ATTN_BLOCK) {
-        int nk = kv_end - j0 < ATTN_BLOCK ? kv_end - j0 : ATTN_BLOCK, width = round_up(nk, ATTN_PAD_COLS);
+        int nk = kv_end - j0 < ATTN_BLOCK ? kv_end - j0 : ATTN_BLOCK;
         size_t kv_off = ((size_t)b * s->kv_len + j0) * kv_stride + (size_t)(h / group) * D;
-        load_transposed(w->kt, dp, width, k + kv_off, kv_stride, nk, D);
-        load_rows(w->v, dp, nk, v + kv_off, kv_stride, nk, D);
-        block_scores(w, w->q, w->kt, w->s, mq, width);
-        for (int i = 0; i < mq; i++)
-            softmax_fold_row(w->s + i * ATTN_BLOCK, width, visible[i] - j0, scale, &m[i], &l[i],
-                             w->acc + (size_t)i * dp, dp);
-        block_madd(mq, dp, nk, w->s, ATTN_BLOCK, 1, w->v, dp, w->acc, dp);
+        ptrdiff_t k_ld, v_ld;
+        const float *k_rows = walk_rows(w->walk, dp, k + kv_off, kv_stride, nk, D, &k_ld);
+        const float *v_rows = walk_rows(w->walk2, dp, v + kv_off, kv_stride, nk, D, &v_ld);
+        tile_scores(k_rows, k_ld, w->own_t, w->s, round_up(nk, ATTN_PAD_ROWS), cols, D);
+        softmax_fold_tile(w->s, nk, cols, j0, visible, scale, m, l, alpha);
+        for (int i = 0; i < rows; i++)
+            if (alpha[i] != 1.0f)
+                for (int d = 0; d < dp; d++) w->acc[(size_t)i * dp + d] *= alpha[i];
+        tile_gather(w->acc, w->s, v_rows, v_ld, rows, nk, dp);
     }
     float *lse_row = lse + ((size_t)b * s->heads + h) * s->q_len + i0;
     for (int i = 0; i < nq; i++) {
@@ -433,10 +459,10 @@ void attention_forward(const AttentionShape *s, float scale, const float *q, con
         fill_nan(lse, (size_t)s->batch * s->heads * s->q_len);
         return;
     }
-#pragma omp parallel
+    ATTN_OMP(omp parallel)
     {
         AttnScratch w = attn_scratch_at(attn_thread_scratch(pool, dp), dp);
-#pragma omp for schedule(dynamic)
+        ATTN_OMP(omp for schedule(dynamic))
         for (long t = 0; t < tasks; t++)
             attention_forward_block(s, scale, q, k, v, out, lse, (int)(t / q_blocks / s->heads),
                                     (int)(t / q_blocks % s->heads), (int)(t % q_blocks) * ATTN_BLOCK, &w);
@@ -444,103 +470,115 @@ void attention_forward(const AttentionShape *s, float scale, const float *q, con
     free(pool);
 }
 
-/* Row i of a recomputed block: P = e^(scale S - lse) over the keys the row sees (0 elsewhere)
- * and dS = scale P (dP - D_i), D_i = rowsum(dout_i * out_i). srow becomes P, dprow dS. */
-static void softmax_grad_row(float *srow, float *dprow, int width, int visible, float scale,
-                             float lse, float di) {
-    for (int j = 0; j < width; j++) {
-        float p = j < visible ? exp_fast(srow[j] * scale - lse) : 0.0f;
-        srow[j] = p;
-        dprow[j] = scale * p * (dprow[j] - di);
-    }
-}
-
-/* The query side of one block of rows [i0, i0 + nq) of head h: q and dout rows into scratch,
- * each row's visible key count, lse and D_i. */
-typedef struct QueryBlock {
-    int nq, mq;
+/* What backward needs per query of a block: visible key count, lse and D_i = rowsum(dout * out);
+ * entries past the block's n queries see no key. */
+typedef struct QueryStats {
+    int n;
     int visible[ATTN_BLOCK];
     float lse[ATTN_BLOCK], di[ATTN_BLOCK];
-} QueryBlock;
+} QueryStats;
 
-static void load_query_block(const AttentionShape *s, const float *q, const float *out,
-                             const float *lse, const float *dout, int b, int h, int i0,
-                             const AttnScratch *w, QueryBlock *qb) {
-    int D = s->head_dim;
-    size_t stride = (size_t)s->heads * D, off = ((size_t)b * s->q_len + i0) * stride + (size_t)h * D;
-    const float *lse_row = lse + ((size_t)b * s->heads + h) * s->q_len + i0;
-    qb->nq = s->q_len - i0 < ATTN_BLOCK ? s->q_len - i0 : ATTN_BLOCK;
-    qb->mq = round_up(qb->nq, ATTN_PAD_ROWS);
-    for (int i = 0; i < qb->mq; i++) {
-        qb->visible[i] = i < qb->nq ? visible_keys(s, b, i0 + i) : 0;
-        qb->lse[i] = qb->visible[i] > 0 ? lse_row[i] : 0.0f; /* -inf rows are masked anyway */
-        qb->di[i] = 0.0f;
-        if (i < qb->nq)
-            for (int d = 0; d < D; d++) qb->di[i] += dout[off + i * stride + d] * out[off + i * stride + d];
+/* di: [B, H, Nq] like lse. */
+static void query_stats(const AttentionShape *s, const float *lse, const float *di, int b, int h,
+                        int i0, QueryStats *qs) {
+    size_t row0 = ((size_t)b * s->heads + h) * s->q_len + i0;
+    qs->n = s->q_len - i0 < ATTN_BLOCK ? s->q_len - i0 : ATTN_BLOCK;
+    for (int i = 0; i < ATTN_BLOCK; i++) {
+        qs->visible[i] = i < qs->n ? visible_keys(s, b, i0 + i) : 0;
+        qs->lse[i] = qs->visible[i] > 0 ? lse[row0 + i] : 0.0f; /* -inf rows are masked anyway */
+        qs->di[i] = i < qs->n ? di[row0 + i] : 0.0f;
     }
-    load_rows(w->q, w->dp, qb->mq, q + off, stride, qb->nq, D);
-    load_rows(w->dout, w->dp, qb->mq, dout + off, stride, qb->nq, D);
 }
 
-/* P and dS of one block pair: s = P, ds = dS for the query block in scratch (q, dout) against
- * the key block in scratch (kt, vt) whose first key is j0 and which has width padded columns. */
-static void block_probs_and_grads(const AttnScratch *w, const QueryBlock *qb, int j0, int width,
-                                  float scale) {
-    block_scores(w, w->q, w->kt, w->s, qb->mq, width);
-    block_scores(w, w->dout, w->vt, w->ds, qb->mq, width);
-    for (int i = 0; i < qb->mq; i++)
-        softmax_grad_row(w->s + i * ATTN_BLOCK, w->ds + i * ATTN_BLOCK, width,
-                         qb->visible[i] - j0, scale, qb->lse[i], qb->di[i]);
+/* P = e^(scale S - lse) where the key is visible (0 elsewhere) and dS = scale P (dP - D_i), on a
+ * tile of keys j0 + r (rows) x the queries of qs (columns). st becomes P^T, dpt dS^T. */
+static void softmax_grad_keys_by_queries(float *st, float *dpt, int rows, int cols, int j0,
+                                         const QueryStats *qs, float scale) {
+    for (int r = 0; r < rows; r++) {
+        float *s_row = st + r * ATTN_BLOCK, *dp_row = dpt + r * ATTN_BLOCK;
+        for (int i = 0; i < cols; i++) {
+            float e = exp_fast(s_row[i] * scale - qs->lse[i]); /* unconditional, so it vectorises */
+            float p = j0 + r < qs->visible[i] ? e : 0.0f;
+            s_row[i] = p;
+            dp_row[i] = scale * p * (dp_row[i] - qs->di[i]);
+        }
+    }
 }
 
-/* dq rows [i0, i0 + nq) of head h in batch b: dQ = dS K over every key block the rows see. */
+/* The same on a tile of the queries of qs (rows) x keys j0 + c (columns): s becomes P, dp dS. */
+static void softmax_grad_queries_by_keys(float *s, float *dp, int rows, int cols, int j0,
+                                         const QueryStats *qs, float scale) {
+    for (int i = 0; i < rows; i++) {
+        float *s_row = s + i * ATTN_BLOCK, *dp_row = dp + i * ATTN_BLOCK;
+        for (int c = 0; c < cols; c++) {
+            float e = exp_fast(s_row[c] * scale - qs->lse[i]);
+            float p = j0 + c < qs->visible[i] ? e : 0.0f;
+            s_row[c] = p;
+            dp_row[c] = scale * p * (dp_row[c] - qs->di[i]);
+        }
+    }
+}
+
+/* dq rows [i0, i0 + n) of head h in batch b: dQ = dS K over every key block the rows see. */
 static void attention_dq_block(const AttentionShape *s, float scale, const float *q, const float *k,
-                               const float *v, const float *out, const float *lse,
-                               const float *dout, float *dq, int b, int h, int i0,
-                               const AttnScratch *w) {
+                               const float *v, const float *lse, const float *di, const float *dout,
+                               float *dq, int b, int h, int i0, const AttnScratch *w) {
     int D = s->head_dim, dp = w->dp, group = s->heads / s->kv_heads;
-    size_t kv_stride = (size_t)s->kv_heads * D, q_stride = (size_t)s->heads * D;
-    QueryBlock qb;
-    load_query_block(s, q, out, lse, dout, b, h, i0, w, &qb);
-    memset(w->acc, 0, (size_t)qb.mq * dp * sizeof *w->acc);
-    int kv_end = qb.visible[qb.nq - 1];
+    size_t q_stride = (size_t)s->heads * D, kv_stride = (size_t)s->kv_heads * D;
+    size_t q_off = ((size_t)b * s->q_len + i0) * q_stride + (size_t)h * D;
+    QueryStats qs;
+    query_stats(s, lse, di, b, h, i0, &qs);
+    int rows = round_up(qs.n, ATTN_PAD_ROWS), cols = round_up(qs.n, ATTN_PAD_COLS);
+    load_transposed(w->own_t, cols, q + q_off, q_stride, qs.n, D);
+    load_transposed(w->own2_t, cols, dout + q_off, q_stride, qs.n, D);
+    memset(w->acc, 0, (size_t)rows * dp * sizeof *w->acc);
+    int kv_end = qs.visible[qs.n - 1];
     for (int j0 = 0; j0 < kv_end; j0 += ATTN_BLOCK) {
-        int nk = kv_end - j0 < ATTN_BLOCK ? kv_end - j0 : ATTN_BLOCK, width = round_up(nk, ATTN_PAD_COLS);
+        int nk = kv_end - j0 < ATTN_BLOCK ? kv_end - j0 : ATTN_BLOCK, nk_rows = round_up(nk, ATTN_PAD_ROWS);
         size_t kv_off = ((size_t)b * s->kv_len + j0) * kv_stride + (size_t)(h / group) * D;
-        load_transposed(w->kt, dp, width, k + kv_off, kv_stride, nk, D);
-        load_transposed(w->vt, dp, width, v + kv_off, kv_stride, nk, D);
-        load_rows(w->k, dp, nk, k + kv_off, kv_stride, nk, D);
-        block_probs_and_grads(w, &qb, j0, width, scale);
-        block_madd(qb.mq, dp, nk, w->ds, ATTN_BLOCK, 1, w->k, dp, w->acc, dp);
+        ptrdiff_t k_ld, v_ld;
+        const float *k_rows = walk_rows(w->walk, dp, k + kv_off, kv_stride, nk, D, &k_ld);
+        const float *v_rows = walk_rows(w->walk2, dp, v + kv_off, kv_stride, nk, D, &v_ld);
+        tile_scores(k_rows, k_ld, w->own_t, w->s, nk_rows, cols, D);
+        tile_scores(v_rows, v_ld, w->own2_t, w->ds, nk_rows, cols, D);
+        softmax_grad_keys_by_queries(w->s, w->ds, nk_rows, cols, j0, &qs, scale);
+        tile_gather(w->acc, w->ds, k_rows, k_ld, rows, nk, dp);
     }
-    float *dq_rows = dq + ((size_t)b * s->q_len + i0) * q_stride + (size_t)h * D;
-    for (int i = 0; i < qb.nq; i++)
-        for (int d = 0; d < D; d++) dq_rows[i * q_stride + d] += w->acc[(size_t)i * dp + d];
+    for (int i = 0; i < qs.n; i++)
+        for (int d = 0; d < D; d++) dq[q_off + i * q_stride + d] += w->acc[(size_t)i * dp + d];
 }
 
 /* dk, dv rows [j0, j0 + nk) of kv head g in batch b: dV = P^T dout and dK = dS^T Q summed over
  * the query heads sharing g, then over query blocks, always in that order. */
 static void attention_dkdv_block(const AttentionShape *s, float scale, const float *q,
-                                 const float *k, const float *v, const float *out,
-                                 const float *lse, const float *dout, float *dk, float *dv, int b,
-                                 int g, int j0, const AttnScratch *w) {
+                                 const float *k, const float *v, const float *lse, const float *di,
+                                 const float *dout, float *dk, float *dv, int b, int g, int j0,
+                                 const AttnScratch *w) {
     int D = s->head_dim, dp = w->dp, group = s->heads / s->kv_heads;
-    int nk = s->kv_len - j0 < ATTN_BLOCK ? s->kv_len - j0 : ATTN_BLOCK, width = round_up(nk, ATTN_PAD_COLS);
+    int nk = s->kv_len - j0 < ATTN_BLOCK ? s->kv_len - j0 : ATTN_BLOCK;
+    int rows = round_up(nk, ATTN_PAD_ROWS), cols = round_up(nk, ATTN_PAD_COLS);
     int first = first_query_seeing(s, b, j0);
     if (first >= s->q_len) return; /* padding keys: their gradients are 0 */
-    size_t kv_stride = (size_t)s->kv_heads * D;
+    size_t q_stride = (size_t)s->heads * D, kv_stride = (size_t)s->kv_heads * D;
     size_t kv_off = ((size_t)b * s->kv_len + j0) * kv_stride + (size_t)g * D;
-    load_transposed(w->kt, dp, width, k + kv_off, kv_stride, nk, D);
-    load_transposed(w->vt, dp, width, v + kv_off, kv_stride, nk, D);
-    memset(w->acc, 0, (size_t)width * dp * sizeof *w->acc);
-    memset(w->acc2, 0, (size_t)width * dp * sizeof *w->acc2);
-    QueryBlock qb;
+    load_transposed(w->own_t, cols, k + kv_off, kv_stride, nk, D);
+    load_transposed(w->own2_t, cols, v + kv_off, kv_stride, nk, D);
+    memset(w->acc, 0, (size_t)rows * dp * sizeof *w->acc);
+    memset(w->acc2, 0, (size_t)rows * dp * sizeof *w->acc2);
+    QueryStats qs;
     for (int h = g * group; h < (g + 1) * group; h++)
         for (int i0 = first / ATTN_BLOCK * ATTN_BLOCK; i0 < s->q_len; i0 += ATTN_BLOCK) {
-            load_query_block(s, q, out, lse, dout, b, h, i0, w, &qb);
-            block_probs_and_grads(w, &qb, j0, width, scale);
-            if (dv) block_madd(width, dp, qb.nq, w->s, 1, ATTN_BLOCK, w->dout, dp, w->acc2, dp);
-            if (dk) block_madd(width, dp, qb.nq, w->ds, 1, ATTN_BLOCK, w->q, dp, w->acc, dp);
+            size_t q_off = ((size_t)b * s->q_len + i0) * q_stride + (size_t)h * D;
+            query_stats(s, lse, di, b, h, i0, &qs);
+            int nq_rows = round_up(qs.n, ATTN_PAD_ROWS);
+            ptrdiff_t q_ld, dout_ld;
+            const float *q_rows = walk_rows(w->walk, dp, q + q_off, q_stride, qs.n, D, &q_ld);
+            const float *dout_rows = walk_rows(w->walk2, dp, dout + q_off, q_stride, qs.n, D, &dout_ld);
+            tile_scores(q_rows, q_ld, w->own_t, w->s, nq_rows, cols, D);
+            tile_scores(dout_rows, dout_ld, w->own2_t, w->ds, nq_rows, cols, D);
+            softmax_grad_queries_by_keys(w->s, w->ds, nq_rows, cols, j0, &qs, scale);
+            if (dv) tile_gather(w->acc2, w->s, dout_rows, dout_ld, rows, qs.n, dp);
+            if (dk) tile_gather(w->acc, w->ds, q_rows, q_ld, rows, qs.n, dp);
         }
     for (int j = 0; j < nk; j++)
         for (int d = 0; d < D; d++) {
@@ -549,38 +587,56 @@ static void attention_dkdv_block(const AttentionShape *s, float scale, const flo
         }
 }
 
+/* D_i = rowsum(dout_i * out_i) for every query: [B, Nq, H, D] -> di [B, H, Nq]. */
+static void attention_row_dots(const AttentionShape *s, const float *out, const float *dout, float *di) {
+    int D = s->head_dim;
+    ATTN_OMP(omp parallel for)
+    for (long row = 0; row < (long)s->batch * s->q_len * s->heads; row++) {
+        long b = row / ((long)s->q_len * s->heads), i = row / s->heads % s->q_len, h = row % s->heads;
+        float dot = 0.0f;
+        for (int d = 0; d < D; d++) dot += dout[row * D + d] * out[row * D + d];
+        di[(b * s->heads + h) * s->q_len + i] = dot;
+    }
+}
+
 /* Two passes so that every gradient element has one writer and a fixed summation order: dq
  * parallel over (batch, head, query block), dk and dv over (batch, kv head, key block). Each
  * recomputes the probabilities it needs from q, k and lse. */
 void attention_backward(const AttentionShape *s, float scale, const float *q, const float *k,
                         const float *v, const float *out, const float *lse, const float *dout,
                         float *dq, float *dk, float *dv) {
+    if (!dq && !dk && !dv) return;
     int dp = round_up(s->head_dim, ATTN_PAD_COLS);
     int q_blocks = (s->q_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
     int kv_blocks = (s->kv_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
     long dq_tasks = dq ? (long)s->batch * s->heads * q_blocks : 0;
     long dkdv_tasks = dk || dv ? (long)s->batch * s->kv_heads * kv_blocks : 0;
     float *pool = attn_scratch_pool(dp, attn_threads());
-    if (!pool) { /* out of memory: NaN gradients rather than a silent wrong answer */
+    float *di = malloc(((size_t)s->batch * s->heads * s->q_len + 1) * sizeof *di);
+    if (!pool || !di) { /* out of memory: NaN gradients rather than a silent wrong answer */
         fill_nan(dq, (size_t)s->batch * s->q_len * s->heads * s->head_dim);
         fill_nan(dk, (size_t)s->batch * s->kv_len * s->kv_heads * s->head_dim);
         fill_nan(dv, (size_t)s->batch * s->kv_len * s->kv_heads * s->head_dim);
+        free(pool);
+        free(di);
         return;
     }
-#pragma omp parallel
+    attention_row_dots(s, out, dout, di);
+    ATTN_OMP(omp parallel)
     {
         AttnScratch w = attn_scratch_at(attn_thread_scratch(pool, dp), dp);
-#pragma omp for schedule(dynamic)
+        ATTN_OMP(omp for schedule(dynamic))
         for (long t = 0; t < dq_tasks; t++)
-            attention_dq_block(s, scale, q, k, v, out, lse, dout, dq, (int)(t / q_blocks / s->heads),
+            attention_dq_block(s, scale, q, k, v, lse, di, dout, dq, (int)(t / q_blocks / s->heads),
                                (int)(t / q_blocks % s->heads), (int)(t % q_blocks) * ATTN_BLOCK, &w);
-#pragma omp for schedule(dynamic)
+        ATTN_OMP(omp for schedule(dynamic))
         for (long t = 0; t < dkdv_tasks; t++)
-            attention_dkdv_block(s, scale, q, k, v, out, lse, dout, dk, dv,
+            attention_dkdv_block(s, scale, q, k, v, lse, di, dout, dk, dv,
                                  (int)(t / kv_blocks / s->kv_heads), (int)(t / kv_blocks % s->kv_heads),
                                  (int)(t % kv_blocks) * ATTN_BLOCK, &w);
     }
     free(pool);
+    free(di);
 }
 
 /* Rotary embedding, FLUX's interleaved convention (diffusers apply_rotary_emb with
@@ -590,7 +646,7 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
 void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_table,
                   const float *sin_table, const float *x, float *y) {
     int half = head_dim / 2;
-#pragma omp parallel for
+    ATTN_OMP(omp parallel for)
     for (long row = 0; row < (long)batch * n; row++) {
         const float *c = cos_table + (size_t)(row % n) * half, *sn = sin_table + (size_t)(row % n) * half;
         for (int h = 0; h < heads; h++) {
@@ -610,7 +666,7 @@ void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_ta
 void rope_backward(int batch, int n, int heads, int head_dim, const float *cos_table,
                    const float *sin_table, const float *dy, float *dx) {
     int half = head_dim / 2;
-#pragma omp parallel for
+    ATTN_OMP(omp parallel for)
     for (long row = 0; row < (long)batch * n; row++) {
         const float *c = cos_table + (size_t)(row % n) * half, *sn = sin_table + (size_t)(row % n) * half;
         for (int h = 0; h < heads; h++) {

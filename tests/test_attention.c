@@ -402,6 +402,12 @@ static void test_rope(int dim) {
 
 /* ---- PyTorch golden data (tools/golden_attention.py) ---- */
 
+static float max_abs(const float *x, size_t n) {
+    float m = 0.0f;
+    for (size_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    return m;
+}
+
 static float *load(const SafeTensors *st, const char *prefix, const char *key, size_t n) {
     char name[128];
     snprintf(name, sizeof name, "%s.%s", prefix, key);
@@ -447,9 +453,12 @@ static void test_golden_attention(const SafeTensors *st, const char *name) {
         for (int i = 0; i < 4; i++) {
             float *want = load(st, name, want_names[i], want_counts[i]);
             snprintf(what, sizeof what, "golden %s %s", name, want_names[i]);
-            /* rtol 1e-5 plus a floor for float32 scores: in self_sharp |scale q.k| reaches ~16,
-             * whose rounding (~1e-6) moves each probability by that much relatively */
-            if (want) check_close(what, got[i], want, want_counts[i], 1e-5f, 1e-5f);
+            /* rtol 1e-5, and atol 1e-5 of the tensor's largest value: a small entry that is a
+             * sum of cancelling terms carries the rounding of its largest terms (self_sharp's
+             * dk entries of ~0.02 are sums of terms near 10) */
+            if (want)
+                check_close(what, got[i], want, want_counts[i], 1e-5f,
+                            1e-5f * fmaxf(1.0f, max_abs(want, want_counts[i])));
             free(want);
         }
     }
