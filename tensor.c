@@ -123,9 +123,10 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 #endif
 
 /* Attention runs on tiles of ATTN_BLOCK queries x ATTN_BLOCK keys, so each thread's scratch is
- * O(ATTN_BLOCK * head_dim) and no Nq x Nk matrix ever exists. Tiles are copied into zero-padded
- * scratch (rows to a multiple of ATTN_PAD_ROWS, columns to a multiple of ATTN_PAD_COLS) so the
- * micro-kernels never meet a ragged edge. */
+ * O(ATTN_BLOCK * head_dim) and no Nq x Nk matrix ever exists. Operands reach the block product
+ * zero-padded (rows to a multiple of ATTN_PAD_ROWS, columns to a multiple of ATTN_PAD_COLS),
+ * copied into scratch unless already in that form, so the micro-kernels never meet a ragged
+ * edge. */
 #define ATTN_BLOCK 64
 #define ATTN_PAD_ROWS 8
 #define ATTN_PAD_COLS 32
@@ -211,7 +212,7 @@ static void attn_tile(int K, const float *A, ptrdiff_t a_rs, ptrdiff_t a_cs, con
 }
 #endif
 
-/* C[M, N] += A[M, K] B[K, N] on padded scratch: M % ATTN_PAD_ROWS == 0, N % ATTN_PAD_COLS == 0,
+/* C[M, N] += A[M, K] B[K, N] on padded operands: M % ATTN_PAD_ROWS == 0, N % ATTN_PAD_COLS == 0,
  * any K. A(m, k) = A[m * a_rs + k * a_cs], so one kernel multiplies by P and by P^T. Each C
  * element sums over k in order, whatever the tiling, so every build path is deterministic. */
 static void block_madd(int M, int N, int K, const float *A, ptrdiff_t a_rs, ptrdiff_t a_cs,
@@ -229,9 +230,9 @@ static void block_madd(int M, int N, int K, const float *A, ptrdiff_t a_rs, ptrd
 #endif
 }
 
-/* e^x within about 2 ulp for x <= 88, and exactly 0 for x < -87 (so e^-inf = 0). Branch-free and
- * libm-free so the row loops calling it vectorise: a libm expf per score would cost more than
- * the two block products together. Range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
+/* e^x within about 1 ulp for -87 <= x <= 88, and exactly 0 below (so e^-inf = 0). Branch-free
+ * and libm-free so the tile loops calling it vectorise: a libm call per score would cost about
+ * as much as the block products. Range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
  * polynomial for e^r (the Cephes expf coefficients) and 2^n built in the exponent bits. */
 static inline float exp_fast(float x) {
     const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
@@ -276,19 +277,19 @@ static int first_query_seeing(const AttentionShape *s, int b, int j) {
 
 /* Every task owns one block (ATTN_BLOCK queries, or keys) and walks over the blocks of the other
  * side. Its own block is transposed once, [head dim][ATTN_BLOCK]; each block it walks over is
- * copied as rows, [ATTN_BLOCK][dp]; so a score tile is [walked][own] and no tile is transposed
+ * read as rows, [ATTN_BLOCK][dp]; so a score tile is [walked][own] and nothing is transposed
  * inside the walk. Forward and dq tasks own queries (their tiles are S^T, keys x queries), dk/dv
  * tasks own keys (their tiles are S). */
 typedef struct AttnScratch {
     int dp;                   /* head_dim padded to ATTN_PAD_COLS */
     float *own_t, *own2_t;    /* q and dout, or k and v, transposed */
-    float *walk, *walk2;      /* k and v, or q and dout, as rows */
+    float *walk, *walk2;      /* k and v, or q and dout, as rows when they must be copied */
     float *s, *ds;            /* [ATTN_BLOCK][ATTN_BLOCK] scores or probabilities, their gradients */
     float *acc, *acc2;        /* [ATTN_BLOCK][dp] out or dq, or dk and dv */
 } AttnScratch;
 
 static size_t attn_scratch_floats(int dp) {
-    return (size_t)8 * ATTN_BLOCK * dp + (size_t)2 * ATTN_BLOCK * ATTN_BLOCK;
+    return (size_t)6 * ATTN_BLOCK * dp + (size_t)2 * ATTN_BLOCK * ATTN_BLOCK;
 }
 
 static AttnScratch attn_scratch_at(float *base, int dp) {
@@ -296,7 +297,7 @@ static AttnScratch attn_scratch_at(float *base, int dp) {
     AttnScratch w = {.dp = dp};
     float **blocks[] = {&w.own_t, &w.own2_t, &w.walk, &w.walk2, &w.acc, &w.acc2};
     for (size_t i = 0; i < sizeof blocks / sizeof *blocks; i++) *blocks[i] = base + i * block;
-    w.s = base + 8 * block;
+    w.s = base + 6 * block;
     w.ds = w.s + tile;
     return w;
 }
