@@ -21,6 +21,8 @@ typedef struct Case {
     bool causal;
     const int *kv_valid;
     float q_gain; /* larger queries give sharper softmax rows */
+    float tol;    /* multiplies the reference tolerances: float32 scores round to ~1e-7 of |logit|,
+                   * so huge logits (hundreds) earn a wider atol */
 } Case;
 
 typedef struct Buffers {
@@ -154,17 +156,18 @@ static void test_against_reference(const Case *c) {
     attention_forward(&s, scale, b.q, b.k, b.v, b.out, b.lse);
     attention_backward(&s, scale, b.q, b.k, b.v, b.out, b.lse, b.dout, b.dq, b.dk, b.dv);
     char what[160];
-    /* float32 sums of <= 130 terms of size <= ~1 against double: a few 1e-7 absolute */
+    /* float32 sums of <= 200 terms of size <= ~1 against double: a few 1e-7 absolute */
+    float tol = c->tol > 0.0f ? c->tol : 1.0f;
     snprintf(what, sizeof what, "%s out", c->name);
-    check_close(what, b.out, out, b.nq, 1e-5f, 2e-6f);
+    check_close(what, b.out, out, b.nq, 1e-5f, 2e-6f * tol);
     snprintf(what, sizeof what, "%s lse", c->name);
-    check_lse(what, b.lse, lse, b.nlse, 1e-5f, 2e-6f);
+    check_lse(what, b.lse, lse, b.nlse, 1e-5f, 2e-6f * tol);
     const char *names[] = {"dq", "dk", "dv"};
     const float *got[] = {b.dq, b.dk, b.dv}, *want[] = {dq, dk, dv};
     size_t counts[] = {b.nq, b.nk, b.nk};
     for (int i = 0; i < 3; i++) {
         snprintf(what, sizeof what, "%s %s", c->name, names[i]);
-        check_close(what, got[i], want[i], counts[i], 1e-4f, 1e-5f);
+        check_close(what, got[i], want[i], counts[i], 1e-4f, 1e-5f * tol);
     }
     free(out);
     free(lse);
@@ -177,21 +180,22 @@ static void test_against_reference(const Case *c) {
 static void test_reference_shapes(void) {
     static const int one_padded[] = {0, 45}, mixed_valid[] = {100, 67}, short_valid[] = {3, 17};
     const Case cases[] = {
-        {"single", 1, 1, 1, 1, 1, 4, false, NULL, 1.0f},
-        {"n3 d8", 1, 2, 2, 3, 3, 8, false, NULL, 1.0f},
-        {"n17 d32 batch2", 2, 2, 2, 17, 17, 32, false, NULL, 1.0f},
-        {"n65 d64", 1, 1, 1, 65, 65, 64, false, NULL, 1.0f},
-        {"n130 d128", 1, 2, 2, 130, 130, 128, false, NULL, 1.0f},
-        {"n130 d128 sharp", 1, 1, 1, 130, 130, 128, false, NULL, 8.0f},
-        {"cross 65x17 d12", 1, 2, 2, 65, 17, 12, false, NULL, 1.0f},
-        {"cross 3x130 d5", 2, 1, 1, 3, 130, 5, false, short_valid, 1.0f},
-        {"gqa 4/2 70x33", 2, 4, 2, 70, 33, 32, false, NULL, 1.0f},
-        {"mqa 4/1 causal", 1, 4, 1, 40, 40, 64, true, NULL, 2.0f},
-        {"causal q<k", 1, 2, 2, 20, 70, 32, true, NULL, 1.0f},
-        {"causal q>k (empty rows)", 1, 1, 1, 70, 20, 8, true, NULL, 1.0f},
-        {"causal n200", 1, 1, 1, 200, 200, 32, true, NULL, 1.0f},
-        {"padded, one batch row empty", 2, 2, 2, 30, 70, 32, false, one_padded, 1.0f},
-        {"padded causal gqa d12", 2, 4, 2, 100, 100, 12, true, mixed_valid, 1.0f},
+        {"single", 1, 1, 1, 1, 1, 4, false, NULL, 1.0f, 1.0f},
+        {"n3 d8", 1, 2, 2, 3, 3, 8, false, NULL, 1.0f, 1.0f},
+        {"n17 d32 batch2", 2, 2, 2, 17, 17, 32, false, NULL, 1.0f, 1.0f},
+        {"n65 d64", 1, 1, 1, 65, 65, 64, false, NULL, 1.0f, 1.0f},
+        {"n130 d128", 1, 2, 2, 130, 130, 128, false, NULL, 1.0f, 1.0f},
+        {"n130 d128 sharp", 1, 1, 1, 130, 130, 128, false, NULL, 8.0f, 1.0f},
+        {"n200 d16 huge logits", 1, 2, 2, 200, 200, 16, true, NULL, 60.0f, 10.0f},
+        {"cross 65x17 d12", 1, 2, 2, 65, 17, 12, false, NULL, 1.0f, 1.0f},
+        {"cross 3x130 d5", 2, 1, 1, 3, 130, 5, false, short_valid, 1.0f, 1.0f},
+        {"gqa 4/2 70x33", 2, 4, 2, 70, 33, 32, false, NULL, 1.0f, 1.0f},
+        {"mqa 4/1 causal", 1, 4, 1, 40, 40, 64, true, NULL, 2.0f, 1.0f},
+        {"causal q<k", 1, 2, 2, 20, 70, 32, true, NULL, 1.0f, 1.0f},
+        {"causal q>k (empty rows)", 1, 1, 1, 70, 20, 8, true, NULL, 1.0f, 1.0f},
+        {"causal n200", 1, 1, 1, 200, 200, 32, true, NULL, 1.0f, 1.0f},
+        {"padded, one batch row empty", 2, 2, 2, 30, 70, 32, false, one_padded, 1.0f, 1.0f},
+        {"padded causal gqa d12", 2, 4, 2, 100, 100, 12, true, mixed_valid, 1.0f, 1.0f},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) test_against_reference(&cases[i]);
 }
@@ -232,10 +236,10 @@ static void test_finite_differences(const Case *c) {
 static void test_gradients(void) {
     static const int valid[] = {5, 2};
     const Case cases[] = {
-        {"fd plain", 1, 1, 1, 5, 7, 4, false, NULL, 1.0f},
-        {"fd causal gqa", 1, 4, 2, 6, 6, 8, true, NULL, 1.0f},
-        {"fd causal q>k padded", 2, 2, 1, 7, 5, 3, true, valid, 1.0f},
-        {"fd two blocks", 1, 1, 1, 70, 66, 4, true, NULL, 1.0f},
+        {"fd plain", 1, 1, 1, 5, 7, 4, false, NULL, 1.0f, 1.0f},
+        {"fd causal gqa", 1, 4, 2, 6, 6, 8, true, NULL, 1.0f, 1.0f},
+        {"fd causal q>k padded", 2, 2, 1, 7, 5, 3, true, valid, 1.0f, 1.0f},
+        {"fd two blocks", 1, 1, 1, 70, 66, 4, true, NULL, 1.0f, 1.0f},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) test_finite_differences(&cases[i]);
 }
@@ -244,7 +248,7 @@ static void test_gradients(void) {
 
 static void test_accumulation(void) {
     static const int valid[] = {50, 20};
-    const Case c = {"accumulate", 2, 4, 2, 37, 50, 16, true, valid, 1.0f};
+    const Case c = {"accumulate", 2, 4, 2, 37, 50, 16, true, valid, 1.0f, 1.0f};
     AttentionShape s = case_shape(&c);
     float scale = case_scale(&c);
     Buffers b = buffers_new(&c, 7);
@@ -286,7 +290,7 @@ static void test_accumulation(void) {
 static void test_thread_independence(void) {
 #ifdef _OPENMP
     static const int valid[] = {150, 99};
-    const Case c = {"threads", 2, 4, 2, 150, 150, 32, true, valid, 1.0f};
+    const Case c = {"threads", 2, 4, 2, 150, 150, 32, true, valid, 1.0f, 1.0f};
     AttentionShape s = case_shape(&c);
     float scale = case_scale(&c);
     Buffers runs[3];
@@ -316,7 +320,7 @@ static void test_thread_independence(void) {
 
 static void test_empty_rows_finite(void) {
     static const int valid[] = {0};
-    const Case c = {"all padded", 1, 2, 1, 9, 12, 8, false, valid, 1.0f};
+    const Case c = {"all padded", 1, 2, 1, 9, 12, 8, false, valid, 1.0f, 1.0f};
     AttentionShape s = case_shape(&c);
     Buffers b = buffers_new(&c, 3);
     attention_forward(&s, 1.0f, b.q, b.k, b.v, b.out, b.lse);
@@ -419,7 +423,7 @@ static void test_golden_attention(const SafeTensors *st, const char *name) {
     if (!config) return;
     int B = (int)config[0], kv_valid[8];
     Case c = {name, B, (int)config[1], (int)config[2], (int)config[3], (int)config[4],
-              (int)config[5], config[6] != 0.0f, kv_valid, 1.0f};
+              (int)config[5], config[6] != 0.0f, kv_valid, 1.0f, 1.0f};
     float scale = config[7], *valid = B <= 8 ? load(st, name, "kv_valid", (size_t)B) : NULL;
     CHECK(valid != NULL, "%s: kv_valid for %d batch rows", name, B);
     free(config);
