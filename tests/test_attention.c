@@ -2,8 +2,9 @@
  * finite differences, PyTorch golden data, accumulation, thread-count independence.
  *
  * Memory: attention_forward/backward allocate only per-thread scratch of
- * O(block * head_dim) floats (see ATTN_BLOCK in tensor.c), never anything proportional to
- * Nq * Nk; only the naive reference in this file keeps a row of Nk scores. */
+ * O(block * head_dim) floats (see ATTN_BLOCK in tensor.c), and backward B*H*Nq floats of row
+ * dots; nothing proportional to Nq * Nk. Only the naive reference here keeps a row of Nk
+ * scores. */
 #include <stdint.h>
 
 #include "../tensor.h"
@@ -75,8 +76,8 @@ static void reference_attention(const AttentionShape *s, float scale, const Buff
                                 float *lse, float *dq, float *dk, float *dv) {
     int H = s->heads, Hkv = s->kv_heads, D = s->head_dim, Nq = s->q_len, Nk = s->kv_len;
     size_t nk_all = (size_t)s->batch * Nk * Hkv * D;
-    double *p = malloc((Nk + 1) * sizeof *p), *dk_acc = calloc(nk_all + 1, sizeof *dk_acc),
-           *dv_acc = calloc(nk_all + 1, sizeof *dv_acc);
+    double *p = malloc((Nk + 1) * sizeof *p), *dq_row = malloc((D + 1) * sizeof *dq_row),
+           *dk_acc = calloc(nk_all + 1, sizeof *dk_acc), *dv_acc = calloc(nk_all + 1, sizeof *dv_acc);
     for (int b = 0; b < s->batch; b++)
         for (int h = 0; h < H; h++)
             for (int i = 0; i < Nq; i++) {
@@ -93,6 +94,7 @@ static void reference_attention(const AttentionShape *s, float scale, const Buff
                     if (p[j] > m) m = p[j];
                 }
                 for (int d = 0; d < D; d++) oi[d] = dqi[d] = 0.0f;
+                for (int d = 0; d < D; d++) dq_row[d] = 0.0;
                 lse[((size_t)b * H + h) * Nq + i] = -INFINITY;
                 if (m == -INFINITY) continue;
                 for (int j = 0; j < Nk; j++) sum += p[j] = exp(p[j] - m);
@@ -110,17 +112,19 @@ static void reference_attention(const AttentionShape *s, float scale, const Buff
                     for (int d = 0; d < D; d++) dp += (double)doi[d] * vj[d];
                     double ds = pj * (dp - di) * scale;
                     for (int d = 0; d < D; d++) {
-                        dqi[d] += (float)(ds * kj[d]);
+                        dq_row[d] += ds * kj[d];
                         dk_acc[kv_row0 + j * kv_step + d] += ds * qi[d];
                         dv_acc[kv_row0 + j * kv_step + d] += pj * doi[d];
                     }
                 }
+                for (int d = 0; d < D; d++) dqi[d] = (float)dq_row[d];
             }
     for (size_t i = 0; i < nk_all; i++) {
         dk[i] = (float)dk_acc[i];
         dv[i] = (float)dv_acc[i];
     }
     free(p);
+    free(dq_row);
     free(dk_acc);
     free(dv_acc);
 }
@@ -223,13 +227,14 @@ static void test_finite_differences(const Case *c) {
     attention_forward(&l.s, l.scale, b.q, b.k, b.v, b.out, b.lse);
     attention_backward(&l.s, l.scale, b.q, b.k, b.v, b.out, b.lse, b.dout, b.dq, b.dk, b.dv);
     char what[160];
-    /* float32 forward, eps 1e-2: truncation ~eps^2 and rounding ~1e-7/eps keep errors < 1e-3 */
+    /* float32 forward, eps 1e-2: truncation ~eps^2 and loss rounding ~1e-7 |loss| / eps; the
+     * worst seen is ~1e-5, so rtol 1e-3 + atol 1e-4 leaves a margin of about ten */
     snprintf(what, sizeof what, "%s dq", c->name);
-    check_gradient(what, attention_loss, &l, b.q, b.dq, b.nq, 1, 1e-2f, 1e-2f, 1e-3f);
+    check_gradient(what, attention_loss, &l, b.q, b.dq, b.nq, 1, 1e-2f, 1e-3f, 1e-4f);
     snprintf(what, sizeof what, "%s dk", c->name);
-    check_gradient(what, attention_loss, &l, b.k, b.dk, b.nk, 1, 1e-2f, 1e-2f, 1e-3f);
+    check_gradient(what, attention_loss, &l, b.k, b.dk, b.nk, 1, 1e-2f, 1e-3f, 1e-4f);
     snprintf(what, sizeof what, "%s dv", c->name);
-    check_gradient(what, attention_loss, &l, b.v, b.dv, b.nk, 1, 1e-2f, 1e-2f, 1e-3f);
+    check_gradient(what, attention_loss, &l, b.v, b.dv, b.nk, 1, 1e-2f, 1e-3f, 1e-4f);
     buffers_free(&b);
 }
 
