@@ -324,8 +324,11 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
                 const float *xc = xg + (size_t)k * HW, *dyc = dyg + (size_t)k * HW;
                 float *dxc = dxg + (size_t)k * HW;
                 for (int i = 0; i < HW; i++) {
+                    /* g rounded on its own (no fused multiply-subtract): a group of one value
+                     * then gets g - mean(g) = 0 exactly, not a rounding error times rstd */
+                    float g = dyc[i] * wc;
                     float xhat = (xc[i] - m) * s;
-                    dxc[i] += s * (dyc[i] * wc - mean_g - xhat * mean_g_xhat);
+                    dxc[i] += s * (g - mean_g - xhat * mean_g_xhat);
                 }
             }
         }
@@ -420,51 +423,125 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
 #define OPS_SQRT_2_PI 0.79788456080286536f    /* sqrt(2/pi) */
 #define OPS_GELU_CUBIC 0.044715f
 
-/* exp of a non-positive number never overflows, so both signs are safe for any x. */
-static inline float sigmoid_scalar(float x) {
-    float e = expf(-fabsf(x));
-    return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+/* e^x for x <= 0, the only exponentials sigmoid, SiLU, GELU and softmax need (they never
+ * overflow), to ~2 ulp in plain C that compilers vectorise, unlike a call to expf.
+ * x = n ln2 + r with |r| <= ln2/2; e^r by its Taylor series to degree 7 (truncation < 1e-8);
+ * 2^n goes straight into the exponent bits. Below -87.3 e^x is subnormal and flushes to 0,
+ * positive x saturates at 1, NaN stays NaN (and never reaches the integer conversion). */
+static inline float exp_nonpositive(float x) {
+    float xc = x > -87.3f ? x : -87.3f;
+    xc = xc < 0.0f ? xc : 0.0f;
+    /* round to the nearest integer by adding and removing 1.5 * 2^23 */
+    float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
+    /* ln2 = 0.693359375 - 2.12194440e-4: the first part has 9 bits, so n times it is exact */
+    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    float y = p * two_n;
+    return x < -87.3f ? 0.0f : (x == x ? y : x);
 }
 
-static inline float gelu_scalar(bool tanh_approx, float x) {
-    if (tanh_approx) {
-        float inner = OPS_SQRT_2_PI * (x + OPS_GELU_CUBIC * x * x * x);
-        return 0.5f * x * (1.0f + tanhf(inner));
-    }
-    return 0.5f * x * (1.0f + erff(x * OPS_SQRT1_2));
+/* erfc(z) for z >= 0 with a relative error below 1.2e-7 everywhere, tails included: the
+ * Chebyshev fit of Press et al., Numerical Recipes (2nd ed.) 6.2, erfc = t exp(-z^2 + P(t)). */
+static inline float erfc_nonnegative(float z) {
+    float t = 1.0f / (1.0f + 0.5f * z);
+    float p = 0.17087277f;
+    p = p * t - 0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t - 0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t - 1.26551223f;
+    return t * exp_nonpositive(p - z * z);
 }
 
-static inline float gelu_grad_scalar(bool tanh_approx, float x) {
-    if (tanh_approx) {
-        float t = tanhf(OPS_SQRT_2_PI * (x + OPS_GELU_CUBIC * x * x * x));
-        float dinner = OPS_SQRT_2_PI * (1.0f + 3.0f * OPS_GELU_CUBIC * x * x);
-        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * dinner;
-    }
-    float cdf = 0.5f * (1.0f + erff(x * OPS_SQRT1_2));
-    return cdf + x * OPS_INV_SQRT_2PI * expf(-0.5f * x * x);
+/* sigmoid(x), and its slope s (1 - s) in *slope, both from e = e^-|x|: any x is safe, and
+ * neither cancels (1 - s computed as a difference would be 0 long before s (1 - s) is). */
+static inline float sigmoid_scalar(float x, float *slope) {
+    float e = exp_nonpositive(-fabsf(x));
+    float s_abs = 1.0f / (1.0f + e); /* sigmoid(|x|) */
+    float s_neg = e * s_abs; /* sigmoid(-|x|), computed before the select so that it vectorises */
+    *slope = s_neg * s_abs;
+    return x >= 0.0f ? s_abs : s_neg;
 }
 
+/* The normal CDF Phi(x) = erfc(-x / sqrt 2) / 2, from the tail beyond |x| so that it keeps
+ * its relative accuracy for negative x (1 + erf(x / sqrt 2) would cancel there). */
+static inline float normal_cdf(float x) {
+    float tail = 0.5f * erfc_nonnegative(fabsf(x) * OPS_SQRT1_2);
+    float upper = 1.0f - tail;
+    return x <= 0.0f ? tail : upper;
+}
+
+/* GELU x Phi(x) and its derivative Phi(x) + x phi(x). */
+static inline float gelu_erf_scalar(float x) {
+    return x * normal_cdf(x);
+}
+
+static inline float gelu_erf_grad(float x) {
+    return normal_cdf(x) + x * OPS_INV_SQRT_2PI * exp_nonpositive(-0.5f * x * x);
+}
+
+/* torch's approximate="tanh": 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed
+ * as x sigmoid(2u), the same function without the cancellation of 1 + tanh(u) for u << 0. */
+static inline float gelu_tanh_scalar(float x) {
+    float slope;
+    return x * sigmoid_scalar(2.0f * OPS_SQRT_2_PI * (x + OPS_GELU_CUBIC * x * x * x), &slope);
+}
+
+static inline float gelu_tanh_grad(float x) {
+    float slope, s = sigmoid_scalar(2.0f * OPS_SQRT_2_PI * (x + OPS_GELU_CUBIC * x * x * x), &slope);
+    float du = 2.0f * OPS_SQRT_2_PI * (1.0f + 3.0f * OPS_GELU_CUBIC * x * x);
+    return s + x * slope * du;
+}
+
+/* One loop per form: a branch inside the loop would keep it from vectorising. */
 void gelu_forward(size_t n, bool tanh_approx, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
-    for (size_t i = 0; i < n; i++) y[i] = gelu_scalar(tanh_approx, x[i]);
+    if (tanh_approx) {
+        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+        for (size_t i = 0; i < n; i++) y[i] = gelu_tanh_scalar(x[i]);
+    } else {
+        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+        for (size_t i = 0; i < n; i++) y[i] = gelu_erf_scalar(x[i]);
+    }
 }
 
 void gelu_backward(size_t n, bool tanh_approx, const float *x, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
-    for (size_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_grad_scalar(tanh_approx, x[i]);
+    if (tanh_approx) {
+        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+        for (size_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_tanh_grad(x[i]);
+    } else {
+        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+        for (size_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_erf_grad(x[i]);
+    }
 }
 
 void silu_forward(size_t n, const float *x, float *y) {
     OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
-    for (size_t i = 0; i < n; i++) y[i] = x[i] * sigmoid_scalar(x[i]);
+    for (size_t i = 0; i < n; i++) {
+        float slope;
+        y[i] = x[i] * sigmoid_scalar(x[i], &slope);
+    }
 }
 
-/* d/dx x s(x) = s (1 + x (1 - s)) */
+/* d/dx x s(x) = s + x s (1 - s) */
 void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
     OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) {
-        float s = sigmoid_scalar(x[i]);
-        dx[i] += dy[i] * s * (1.0f + x[i] * (1.0f - s));
+        float slope, s = sigmoid_scalar(x[i], &slope);
+        dx[i] += dy[i] * (s + x[i] * slope);
     }
 }
 
@@ -482,7 +559,10 @@ void relu_backward(size_t n, const float *x, const float *dy, float *dx) {
 
 void sigmoid_forward(size_t n, const float *x, float *y) {
     OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
-    for (size_t i = 0; i < n; i++) y[i] = sigmoid_scalar(x[i]);
+    for (size_t i = 0; i < n; i++) {
+        float slope;
+        y[i] = sigmoid_scalar(x[i], &slope);
+    }
 }
 
 void sigmoid_backward(size_t n, const float *y, const float *dy, float *dx) {
@@ -500,7 +580,7 @@ void softmax_forward(int rows, int C, const float *x, float *y) {
         float *yr = y + (size_t)r * C;
         float max = -INFINITY;
         for (int c = 0; c < C; c++) max = xr[c] > max ? xr[c] : max;
-        for (int c = 0; c < C; c++) yr[c] = expf(xr[c] - max);
+        for (int c = 0; c < C; c++) yr[c] = exp_nonpositive(xr[c] - max);
         float inv = (float)(1.0 / sum_f64((size_t)C, yr));
         for (int c = 0; c < C; c++) yr[c] *= inv;
     }

@@ -633,7 +633,7 @@ static void golden_pointwise(const SafeTensors *st) {
     const float exponents[] = {2.0f, 3.0f, 0.5f, 1.0f};
     n = 257;
     for (int e = 0; e < 4; e++) {
-        char name[16];
+        char name[32];
         snprintf(name, sizeof name, "pow%d", e);
         float *px = golden(st, name, "x", n), *pdy = golden(st, name, "dy", n);
         float *py = zeros(n), *pdx = zeros(n);
@@ -707,7 +707,7 @@ static void golden_broadcasts(const SafeTensors *st) {
     }
     const size_t counts[] = {1, 17, 40009};
     for (int i = 0; i < 3; i++) {
-        char name[16];
+        char name[32];
         snprintf(name, sizeof name, "reduce%d", i);
         float *x = golden(st, name, "x", counts[i]);
         if (x) {
@@ -732,6 +732,53 @@ static void golden_tests(void) {
     golden_pointwise(st);
     golden_broadcasts(st);
     st_close(st);
+}
+
+/* ---- the activations' own exp/erfc against double libm, densely ---------------------------- */
+
+/* The activations use their own vectorisable exp and erfc; the 730 golden points could miss a
+ * bad corner, so sweep [-60, 60] in steps of 1/512 against double-precision formulas. */
+#define SWEEP_RTOL 2e-5f /* worst seen: 1.6e-5, gelu's far tail (values ~1e-30) */
+#define SWEEP_ATOL 5e-7f /* near the zeros of the derivatives, where relative error means little */
+
+static double sweep_reference(int k, double x) {
+    const double c = 0.79788456080286536; /* sqrt(2/pi) */
+    double s = 1.0 / (1.0 + exp(-x));
+    double u = c * (x + 0.044715 * x * x * x), su = 1.0 / (1.0 + exp(-2.0 * u));
+    double du = 2.0 * c * (1.0 + 3.0 * 0.044715 * x * x);
+    switch (k) {
+    case 0: return s;
+    case 1: return x * s;
+    case 2: return 0.5 * x * erfc(-x / sqrt(2.0));
+    case 3: return x * su; /* 0.5 x (1 + tanh u) without its cancellation */
+    case 4: return s + x * s * (1.0 - s);
+    case 5: return 0.5 * erfc(-x / sqrt(2.0)) + x * exp(-0.5 * x * x) / sqrt(2.0 * M_PI);
+    default: return su + x * su * (1.0 - su) * du;
+    }
+}
+
+static void activation_sweep_tests(void) {
+    static const char *const names[] = {"sigmoid sweep", "silu sweep", "gelu_erf sweep",
+                                        "gelu_tanh sweep", "silu' sweep", "gelu_erf' sweep",
+                                        "gelu_tanh' sweep"};
+    size_t n = 120 * 512 + 1;
+    float *x = zeros(n), *ones = zeros(n), *got = zeros(n), *want = zeros(n);
+    for (size_t i = 0; i < n; i++) x[i] = -60.0f + (float)i / 512.0f, ones[i] = 1.0f;
+    for (int k = 0; k < 7; k++) {
+        memset(got, 0, n * sizeof *got);
+        switch (k) {
+        case 0: sigmoid_forward(n, x, got); break;
+        case 1: silu_forward(n, x, got); break;
+        case 2: gelu_forward(n, false, x, got); break;
+        case 3: gelu_forward(n, true, x, got); break;
+        case 4: silu_backward(n, x, ones, got); break;
+        case 5: gelu_backward(n, false, x, ones, got); break;
+        default: gelu_backward(n, true, x, ones, got); break;
+        }
+        for (size_t i = 0; i < n; i++) want[i] = (float)sweep_reference(k, x[i]);
+        check_close(names[k], got, want, n, SWEEP_RTOL, SWEEP_ATOL);
+    }
+    free(x), free(ones), free(got), free(want);
 }
 
 /* ---- edge cases and the linear kernels without a backward -------------------------------- */
@@ -762,27 +809,28 @@ static void edge_case_tests(void) {
     softmax_forward(1, 3, row, sm);
     CHECK(sm[0] == 0.5f && sm[1] == 0.5f && sm[2] == 0.0f, "softmax of [1000, 1000, -inf]");
 
-    /* the elementwise kernels without a backward, against their definitions; in place too */
+    /* the elementwise kernels without a backward, against their definitions; in place too.
+     * A compiler may fuse a multiply-add on either side: compare to 1 ulp or so, not bits. */
     unsigned long long seed = 97;
     size_t n = 50001; /* past the threading threshold, not a multiple of any vector width */
     float *a = rand_array(n, 1.0f, 0.0f, &seed), *b = rand_array(n, 1.0f, 0.0f, &seed);
-    float *y = zeros(n);
-    size_t bad = 0;
+    float *y = zeros(n), *want = zeros(n);
     add_forward(n, a, b, y);
-    for (size_t i = 0; i < n; i++) bad += y[i] != a[i] + b[i];
+    for (size_t i = 0; i < n; i++) want[i] = a[i] + b[i];
+    check_close("add_forward", y, want, n, 0.0f, 0.0f);
     scale_forward(n, 3.0f, y, y);
-    for (size_t i = 0; i < n; i++) bad += y[i] != 3.0f * (a[i] + b[i]);
+    for (size_t i = 0; i < n; i++) want[i] *= 3.0f;
+    check_close("scale_forward in place", y, want, n, 0.0f, 0.0f);
     axpy(n, -3.0f, b, y);
-    for (size_t i = 0; i < n; i++) bad += y[i] != 3.0f * (a[i] + b[i]) + -3.0f * b[i];
-    CHECK(bad == 0, "add_forward, scale_forward (in place), axpy: %zu wrong of %zu", bad, 3 * n);
+    for (size_t i = 0; i < n; i++) want[i] = 3.0f * a[i];
+    check_close("axpy", y, want, n, 1e-6f, 1e-6f);
 
     int rows = 7, C = 33;
     add_rows_forward(rows, C, a, b, y);
-    bad = 0;
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < C; c++) bad += y[r * C + c] != a[r * C + c] + b[c];
-    CHECK(bad == 0, "add_rows_forward [7, 33]: %zu wrong", bad);
-    free(a), free(b), free(y);
+        for (int c = 0; c < C; c++) want[r * C + c] = a[r * C + c] + b[c];
+    check_close("add_rows_forward [7, 33]", y, want, (size_t)rows * C, 0.0f, 0.0f);
+    free(a), free(b), free(y), free(want);
 
     /* NULL gradients are skipped, and skipping one does not change another */
     int R = 4, K = 17;
@@ -843,6 +891,7 @@ static void thread_count_tests(void) {
 int main(void) {
     finite_difference_tests();
     golden_tests();
+    activation_sweep_tests();
     edge_case_tests();
 #ifdef _OPENMP
     thread_count_tests();
