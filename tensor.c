@@ -130,7 +130,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 #endif
 
 #define OPS_PARALLEL_MIN ((size_t)1 << 15)      /* elements of cheap arithmetic */
-#define OPS_PARALLEL_MIN_MATH ((size_t)1 << 12) /* elements that each call exp/erf/tanh */
+#define OPS_PARALLEL_MIN_MATH ((size_t)1 << 12) /* elements that each take an exp or erfc */
 #define OPS_COLUMN_BLOCK 64                     /* columns one thread owns in a column sum */
 #define OPS_REDUCE_CHUNKS 64                    /* fixed chunks of a whole-array reduction */
 
@@ -306,7 +306,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
             int c0 = (bg % groups) * group_ch;
             const float *xg = x + (size_t)bg * group_len, *dyg = dy + (size_t)bg * group_len;
             float *dxg = dx + (size_t)bg * group_len;
-            /* sum(g) and sum(g * xhat) per channel first, then weighted by w[c] */
+            /* sum(g) and sum(g * xhat): per channel (seen as a [1, 1, HW] tensor), times w[c] */
             double sum_g = 0.0, sum_g_xhat = 0.0;
             for (int k = 0; k < group_ch; k++) {
                 double s_dy, s_dy_xhat;
@@ -644,40 +644,59 @@ static LinearTap linear_tap(int dst, int in, int out) {
     return t;
 }
 
-void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)planes * Ho * Wo >= OPS_PARALLEL_MIN / 4)
-    for (size_t row = 0; row < (size_t)planes * Ho; row++) {
-        const float *xp = x + row / Ho * H * W;
-        LinearTap th = linear_tap((int)(row % Ho), H, Ho);
-        const float *x0 = xp + (size_t)th.i0 * W, *x1 = xp + (size_t)th.i1 * W;
-        float *yr = y + row * Wo;
-        for (int j = 0; j < Wo; j++) {
-            LinearTap tw = linear_tap(j, W, Wo);
-            float top = x0[tw.i0] * tw.w0 + x0[tw.i1] * tw.w1;
-            float bottom = x1[tw.i0] * tw.w0 + x1[tw.i1] * tw.w1;
+#define OPS_TAP_CHUNK 256 /* output columns whose taps are computed once and reused by every row */
+
+/* Output columns [j0, j0 + width) of one plane. x: [H, W] -> y: [Ho, Wo] */
+static void resize_plane_columns(int H, int W, int Ho, int Wo, int j0, int width, const float *x,
+                                 float *y) {
+    LinearTap tw[OPS_TAP_CHUNK];
+    for (int j = 0; j < width; j++) tw[j] = linear_tap(j0 + j, W, Wo);
+    for (int i = 0; i < Ho; i++) {
+        LinearTap th = linear_tap(i, H, Ho);
+        const float *x0 = x + (size_t)th.i0 * W, *x1 = x + (size_t)th.i1 * W;
+        float *yr = y + (size_t)i * Wo + j0;
+        for (int j = 0; j < width; j++) {
+            float top = x0[tw[j].i0] * tw[j].w0 + x0[tw[j].i1] * tw[j].w1;
+            float bottom = x1[tw[j].i0] * tw[j].w0 + x1[tw[j].i1] * tw[j].w1;
             yr[j] = top * th.w0 + bottom * th.w1;
         }
     }
 }
 
+void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const float *x, float *y) {
+    int chunks = (Wo + OPS_TAP_CHUNK - 1) / OPS_TAP_CHUNK;
+    OPS_PARALLEL_FOR_IF((size_t)planes * Ho * Wo >= OPS_PARALLEL_MIN / 4 && planes * chunks > 1)
+    for (int task = 0; task < planes * chunks; task++) {
+        int p = task / chunks, j0 = task % chunks * OPS_TAP_CHUNK;
+        int width = Wo - j0 < OPS_TAP_CHUNK ? Wo - j0 : OPS_TAP_CHUNK;
+        resize_plane_columns(H, W, Ho, Wo, j0, width, x + (size_t)p * H * W,
+                             y + (size_t)p * Ho * Wo);
+    }
+}
+
 /* Scatters each output gradient to its four sources. Sources are shared between neighbouring
- * outputs, so threads split planes only and each plane is walked in one fixed order. */
+ * outputs, so threads split planes only, and each plane is walked in one fixed order (column
+ * chunk, then row, then column). */
 void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const float *dy,
                               float *dx) {
     OPS_PARALLEL_FOR_IF((size_t)planes * Ho * Wo >= OPS_PARALLEL_MIN / 4 && planes > 1)
     for (int p = 0; p < planes; p++) {
         float *dxp = dx + (size_t)p * H * W;
-        for (int i = 0; i < Ho; i++) {
-            LinearTap th = linear_tap(i, H, Ho);
-            const float *dyr = dy + ((size_t)p * Ho + i) * Wo;
-            float *dx0 = dxp + (size_t)th.i0 * W, *dx1 = dxp + (size_t)th.i1 * W;
-            for (int j = 0; j < Wo; j++) {
-                LinearTap tw = linear_tap(j, W, Wo);
-                float g = dyr[j];
-                dx0[tw.i0] += th.w0 * tw.w0 * g;
-                dx0[tw.i1] += th.w0 * tw.w1 * g;
-                dx1[tw.i0] += th.w1 * tw.w0 * g;
-                dx1[tw.i1] += th.w1 * tw.w1 * g;
+        for (int j0 = 0; j0 < Wo; j0 += OPS_TAP_CHUNK) {
+            int width = Wo - j0 < OPS_TAP_CHUNK ? Wo - j0 : OPS_TAP_CHUNK;
+            LinearTap tw[OPS_TAP_CHUNK];
+            for (int j = 0; j < width; j++) tw[j] = linear_tap(j0 + j, W, Wo);
+            for (int i = 0; i < Ho; i++) {
+                LinearTap th = linear_tap(i, H, Ho);
+                const float *dyr = dy + ((size_t)p * Ho + i) * Wo + j0;
+                float *dx0 = dxp + (size_t)th.i0 * W, *dx1 = dxp + (size_t)th.i1 * W;
+                for (int j = 0; j < width; j++) {
+                    float g = dyr[j];
+                    dx0[tw[j].i0] += th.w0 * tw[j].w0 * g;
+                    dx0[tw[j].i1] += th.w0 * tw[j].w1 * g;
+                    dx1[tw[j].i0] += th.w1 * tw[j].w0 * g;
+                    dx1[tw[j].i1] += th.w1 * tw[j].w1 * g;
+                }
             }
         }
     }

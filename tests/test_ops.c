@@ -19,9 +19,12 @@
 /* Against float64 PyTorch: float32 rounding of O(1) values, plus cancellation in sums. */
 #define GOLDEN_RTOL 1e-5f
 #define GOLDEN_ATOL 1e-6f
-/* Against float32 PyTorch (resize): a few ulps from a different summation order. */
+/* Against float32 PyTorch (resize): the output to a few ulps; the input gradient is a float32
+ * sum of up to ~100 terms of either sign, added in another order than torch's. */
 #define RESIZE_RTOL 1e-6f
 #define RESIZE_ATOL 1e-6f
+#define RESIZE_GRAD_RTOL 1e-5f
+#define RESIZE_GRAD_ATOL 2e-5f
 /* Finite differences of a float32 forward with step FD_EPS: O(eps^2) truncation plus the loss's
  * own rounding divided by 2 eps. */
 #define FD_EPS 1e-2f
@@ -582,7 +585,8 @@ static void golden_resampling(const SafeTensors *st) {
     }
     static const struct { int planes, H, W, Ho, Wo; } resize[] = {
         {2, 7, 5, 16, 9}, {2, 16, 16, 5, 7}, {3, 1, 1, 3, 3}, {1, 32, 32, 128, 128},
-        {1, 100, 75, 37, 129}, {2, 5, 7, 5, 13}, {1, 3, 1, 1, 4}, {1, 512, 3, 128, 3}};
+        {1, 100, 75, 37, 129}, {2, 5, 7, 5, 13}, {1, 3, 1, 1, 4}, {1, 512, 3, 128, 3},
+        {2, 3, 5, 4, 300}};
     for (size_t i = 0; i < sizeof resize / sizeof resize[0]; i++) {
         int P = resize[i].planes, H = resize[i].H, W = resize[i].W;
         int Ho = resize[i].Ho, Wo = resize[i].Wo;
@@ -596,7 +600,7 @@ static void golden_resampling(const SafeTensors *st) {
             for (int k = 0; k < 2; k++) resize_bilinear_backward(P, H, W, Ho, Wo, dy, dx);
             halve(n, dx);
             compare(st, name, "y", y, n_out, RESIZE_RTOL, RESIZE_ATOL);
-            compare(st, name, "dx", dx, n, RESIZE_RTOL, RESIZE_ATOL);
+            compare(st, name, "dx", dx, n, RESIZE_GRAD_RTOL, RESIZE_GRAD_ATOL);
         }
         free(x), free(dy), free(y), free(dx);
     }
@@ -867,7 +871,7 @@ static void reductions_on(int threads, const float *x, const float *dy, float *o
     memcpy(o, mean, (size_t)B * groups * sizeof(float)), o += B * groups;
     groupnorm_backward(B, C, HW, groups, x, dy, mean, rstd, dy, o + 2 * C, o, o + C);
     o += 2 * C + n;
-    resize_bilinear_backward(B * C, 37, 41, 64, 64, dy, o);
+    resize_bilinear_backward(B * C, 37, 41, 12, 300, dy, o); /* past one chunk of columns */
     free(y), free(mean), free(rstd);
 }
 

@@ -7,7 +7,7 @@ Inputs are float32. Outputs and gradients (for a random upstream gradient `dy`) 
 torch autograd in float64 from those same float32 inputs and stored as float32, except for the
 bilinear resize, which is computed in float32 because its sampling positions follow torch's own
 float arithmetic (a float64 run would place the samples slightly differently).
-Names are "<case>.<tensor>"; the shapes of every case are listed once in CASES below and again in
+Names are "<case>.<tensor>"; the shapes of the cases are listed in the loops below and again in
 tests/test_ops.c."""
 import json
 import os
@@ -126,7 +126,8 @@ for i, (P, H, W) in enumerate([(3, 5, 7), (1, 1, 1), (2, 16, 3)]):
 # ---- bilinear resize, align_corners=False, size=(Ho, Wo), in float32: (planes, H, W, Ho, Wo) ----
 for i, (P, H, W, Ho, Wo) in enumerate([(2, 7, 5, 16, 9), (2, 16, 16, 5, 7), (3, 1, 1, 3, 3),
                                         (1, 32, 32, 128, 128), (1, 100, 75, 37, 129),
-                                        (2, 5, 7, 5, 13), (1, 3, 1, 1, 4), (1, 512, 3, 128, 3)]):
+                                        (2, 5, 7, 5, 13), (1, 3, 1, 1, 4), (1, 512, 3, 128, 3),
+                                        (2, 3, 5, 4, 300)]):
     run(f"resize{i}",
         lambda x: F.interpolate(x, size=(Ho, Wo), mode="bilinear", align_corners=False).squeeze(0),
         [("x", randn(1, P, H, W))], dtype=torch.float32)
