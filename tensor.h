@@ -121,13 +121,15 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
                         const float *mean, const float *rstd, const float *dy, float *dx,
                         float *dw, float *db);
 
-/* RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * w. x: [rows, C]; rstd: [rows]. */
+/* RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * w. x: [rows, C]; rstd: [rows];
+ * w: [C] or NULL (all ones). */
 void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w, float *y,
                      float *rstd);
 void rmsnorm_backward(int rows, int C, const float *x, const float *w, const float *rstd,
                       const float *dy, float *dx, float *dw);
 
-/* BatchNorm with running statistics (eval mode). x: [B, C, HW]; mean, var, w, b: [C]. */
+/* BatchNorm with running statistics (eval mode). x: [B, C, HW]; mean, var: [C]; w, b: [C] or
+ * NULL (no affine). */
 void batchnorm_eval_forward(int B, int C, int HW, float eps, const float *mean, const float *var,
                             const float *w, const float *b, const float *x, float *y);
 void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean, const float *var,
@@ -185,7 +187,7 @@ void add_channels_forward(int B, int C, int HW, const float *x, const float *v, 
 void sum_channels_add(int B, int C, int HW, const float *x, float *out);
 
 /* Reductions whose result depends on n alone, never on the thread count. */
-double sum_array(size_t n, const float *x);  /* fixed-size chunks summed in double, in order */
+double sum_array(size_t n, const float *x);  /* 64 chunks summed in double, then in order */
 float max_array(size_t n, const float *x);   /* NaN if any value is NaN; -inf when n == 0 */
 
 /* ---- end section: norms, activations, resampling, elementwise ---- */

@@ -848,6 +848,16 @@ static void edge_case_tests(void) {
     CHECK(memcmp(dw_all, dw_only, (size_t)K * sizeof(float)) == 0,
           "layernorm_backward with dx NULL gives the same dw");
     free(x), free(w), free(dy), free(ln), free(dw_all), free(dw_only), free(dx);
+
+    /* NULL affine parameters mean w = 1, b = 0 */
+    float v[6] = {0.5f, -1.0f, 2.0f, 0.25f, -3.0f, 1.5f}, ones[3] = {1, 1, 1}, nil[3] = {0, 0, 0};
+    float with[6], without[6], r[2], stat_mean[3] = {0.1f, -0.2f, 0.3f}, stat_var[3] = {1, 2, 0.5f};
+    rmsnorm_forward(2, 3, 1e-6f, v, ones, with, r);
+    rmsnorm_forward(2, 3, 1e-6f, v, NULL, without, r);
+    CHECK(memcmp(with, without, sizeof with) == 0, "rmsnorm with w NULL equals w = 1");
+    batchnorm_eval_forward(2, 3, 1, 1e-5f, stat_mean, stat_var, ones, nil, v, with);
+    batchnorm_eval_forward(2, 3, 1, 1e-5f, stat_mean, stat_var, NULL, NULL, v, without);
+    CHECK(memcmp(with, without, sizeof with) == 0, "batchnorm_eval with w, b NULL equals 1, 0");
 }
 
 /* ---- thread-count independence --------------------------------------------------------- */
