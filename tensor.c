@@ -131,13 +131,6 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 #define ATTN_PAD_ROWS 8
 #define ATTN_PAD_COLS 32
 
-/* OpenMP directives that vanish without OpenMP (a bare pragma warns under NO_OMP=1). */
-#ifdef _OPENMP
-#define ATTN_OMP(directive) _Pragma(#directive)
-#else
-#define ATTN_OMP(directive)
-#endif
-
 static int round_up(int n, int multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 /* The register tile of the block product below: C[TILE_M, TILE_N] += A[TILE_M, K] B[K, TILE_N]
@@ -460,10 +453,10 @@ void attention_forward(const AttentionShape *s, float scale, const float *q, con
         fill_nan(lse, (size_t)s->batch * s->heads * s->q_len);
         return;
     }
-    ATTN_OMP(omp parallel)
+#pragma omp parallel
     {
         AttnScratch w = attn_scratch_at(attn_thread_scratch(pool, dp), dp);
-        ATTN_OMP(omp for schedule(dynamic))
+#pragma omp for schedule(dynamic)
         for (long t = 0; t < tasks; t++)
             attention_forward_block(s, scale, q, k, v, out, lse, (int)(t / q_blocks / s->heads),
                                     (int)(t / q_blocks % s->heads), (int)(t % q_blocks) * ATTN_BLOCK, &w);
@@ -591,7 +584,7 @@ static void attention_dkdv_block(const AttentionShape *s, float scale, const flo
 /* D_i = rowsum(dout_i * out_i) for every query: [B, Nq, H, D] -> di [B, H, Nq]. */
 static void attention_row_dots(const AttentionShape *s, const float *out, const float *dout, float *di) {
     int D = s->head_dim;
-    ATTN_OMP(omp parallel for)
+#pragma omp parallel for
     for (long row = 0; row < (long)s->batch * s->q_len * s->heads; row++) {
         long b = row / ((long)s->q_len * s->heads), i = row / s->heads % s->q_len, h = row % s->heads;
         float dot = 0.0f;
@@ -623,14 +616,14 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
         return;
     }
     attention_row_dots(s, out, dout, di);
-    ATTN_OMP(omp parallel)
+#pragma omp parallel
     {
         AttnScratch w = attn_scratch_at(attn_thread_scratch(pool, dp), dp);
-        ATTN_OMP(omp for schedule(dynamic))
+#pragma omp for schedule(dynamic)
         for (long t = 0; t < dq_tasks; t++)
             attention_dq_block(s, scale, q, k, v, lse, di, dout, dq, (int)(t / q_blocks / s->heads),
                                (int)(t / q_blocks % s->heads), (int)(t % q_blocks) * ATTN_BLOCK, &w);
-        ATTN_OMP(omp for schedule(dynamic))
+#pragma omp for schedule(dynamic)
         for (long t = 0; t < dkdv_tasks; t++)
             attention_dkdv_block(s, scale, q, k, v, lse, di, dout, dk, dv,
                                  (int)(t / kv_blocks / s->kv_heads), (int)(t / kv_blocks % s->kv_heads),
@@ -647,7 +640,7 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
 void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_table,
                   const float *sin_table, const float *x, float *y) {
     int half = head_dim / 2;
-    ATTN_OMP(omp parallel for)
+#pragma omp parallel for
     for (long row = 0; row < (long)batch * n; row++) {
         const float *c = cos_table + (size_t)(row % n) * half, *sn = sin_table + (size_t)(row % n) * half;
         for (int h = 0; h < heads; h++) {
@@ -667,7 +660,7 @@ void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_ta
 void rope_backward(int batch, int n, int heads, int head_dim, const float *cos_table,
                    const float *sin_table, const float *dy, float *dx) {
     int half = head_dim / 2;
-    ATTN_OMP(omp parallel for)
+#pragma omp parallel for
     for (long row = 0; row < (long)batch * n; row++) {
         const float *c = cos_table + (size_t)(row % n) * half, *sn = sin_table + (size_t)(row % n) * half;
         for (int h = 0; h < heads; h++) {
