@@ -122,8 +122,20 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
  * channels at any image size. Forward and backward each use one such buffer (backward reuses it
  * for x's columns and then for their gradient). A 1x1 stride-1 unpadded conv needs no col: its
  * col is x itself. Depthwise convs take a direct loop and Wo*kh*kw floats per thread. */
-#define CONV_COL_BUDGET (1 << 20) /* floats in one im2col band: 4 MiB */
-#define CONV_BAND_MIN_PIXELS 128  /* thinner bands starve the GEMM */
+#define CONV_COL_BUDGET      (1 << 20) /* floats in one im2col band: 4 MiB */
+#define CONV_BAND_MIN_PIXELS 128       /* thinner bands starve the GEMM */
+#define CONV_PARALLEL_MIN    (1 << 15) /* floats moved before waking the threads pays */
+
+/* Threads only split independent outputs (col rows, dx planes, channels), and only when the
+ * loop touches more than CONV_PARALLEL_MIN floats; without OpenMP the directive vanishes instead
+ * of warning. */
+#ifdef _OPENMP
+#define CONV_OMP(directive) _Pragma(#directive)
+#else
+#define CONV_OMP(directive)
+#endif
+#define CONV_PARALLEL_FOR(work) \
+    CONV_OMP(omp parallel for schedule(static) if ((work) > CONV_PARALLEL_MIN))
 
 /* Output length along one axis; 0 when the kernel does not fit the padded input. */
 static int conv_out_len(int in, int kernel, int stride, int pad) {
@@ -141,12 +153,12 @@ int conv2d_out_w(const Conv2dShape *s) {
 
 /* The sizes every conv kernel below works with, derived once from the shape. */
 typedef struct ConvDims {
-    int out_h, out_w, pixels;      /* the output plane: Ho, Wo, Ho*Wo */
-    int in_plane;                  /* H*W */
+    int out_h, out_w, pixels; /* the output plane: Ho, Wo, Ho*Wo */
+    int in_plane;             /* H*W */
     int in_per_group, out_per_group;
-    int col_rows;                  /* K = Cin/g*kh*kw: the GEMM's reduction length */
-    int band;                      /* output pixels per im2col band */
-    bool pointwise;                /* 1x1, stride 1, no padding: col is x itself */
+    int col_rows;   /* K = Cin/g*kh*kw: the GEMM's reduction length */
+    int band;       /* output pixels per im2col band */
+    bool pointwise; /* 1x1, stride 1, no padding: col is x itself */
 } ConvDims;
 
 static ConvDims conv_dims(const Conv2dShape *s) {
@@ -239,7 +251,7 @@ static void gather_mul_add_row(int n, const float *restrict dy, const float *res
 static void im2col_band(const Conv2dShape *s, const ConvDims *d, const float *x, int p0, int n,
                         float *col) {
     int kh = s->kernel_h, kw = s->kernel_w, H = s->in_h, W = s->in_w, Wo = d->out_w;
-#pragma omp parallel for schedule(static)
+    CONV_PARALLEL_FOR((size_t)d->col_rows * n)
     for (int r = 0; r < d->col_rows; r++) {
         int j = r % kw, i = r / kw % kh, c = r / (kw * kh);
         const float *plane = x + (size_t)c * d->in_plane;
@@ -268,7 +280,7 @@ static void im2col_band(const Conv2dShape *s, const ConvDims *d, const float *x,
 static void col2im_band_add(const Conv2dShape *s, const ConvDims *d, const float *dcol, int p0,
                             int n, float *dx) {
     int kh = s->kernel_h, kw = s->kernel_w, H = s->in_h, W = s->in_w, Wo = d->out_w;
-#pragma omp parallel for schedule(static)
+    CONV_PARALLEL_FOR((size_t)d->col_rows * n)
     for (int c = 0; c < d->in_per_group; c++) {
         float *plane = dx + (size_t)c * d->in_plane;
         for (int r = c * kh * kw; r < (c + 1) * kh * kw; r++) {
@@ -302,7 +314,7 @@ static void add_bias_band(int channels, int n, const float *bias, float *y, int 
 /* db[c] += sum of dy[:, c, :, :], each channel summed in double in a fixed order.
  * dy: [B, Cout, pixels] -> db: [Cout] */
 static void conv_bias_backward(int batch, int channels, int pixels, const float *dy, float *db) {
-#pragma omp parallel for schedule(static)
+    CONV_PARALLEL_FOR((size_t)batch * channels * pixels)
     for (int c = 0; c < channels; c++) {
         double sum = 0.0;
         for (int b = 0; b < batch; b++) {
@@ -324,7 +336,8 @@ static void conv_gemm_forward(const Conv2dShape *s, const ConvDims *d, const flo
     }
     for (int bi = 0; bi < s->batch; bi++)
         for (int g = 0; g < s->groups; g++) {
-            const float *x_g = x + ((size_t)bi * s->in_ch + (size_t)g * d->in_per_group) * d->in_plane;
+            const float *x_g =
+                x + ((size_t)bi * s->in_ch + (size_t)g * d->in_per_group) * d->in_plane;
             const float *w_g = w + (size_t)g * d->out_per_group * d->col_rows;
             float *y_g = y + ((size_t)bi * s->out_ch + (size_t)g * d->out_per_group) * d->pixels;
             for (int p0 = 0; p0 < d->pixels; p0 += d->band) {
@@ -334,8 +347,9 @@ static void conv_gemm_forward(const Conv2dShape *s, const ConvDims *d, const flo
                 if (!d->pointwise) im2col_band(s, d, x_g, p0, n, col);
                 gemm(false, false, d->out_per_group, n, d->col_rows, 1.0f, w_g, d->col_rows,
                      col_band, ld_col, 0.0f, y_g + p0, d->pixels);
-                if (b) add_bias_band(d->out_per_group, n, b + (size_t)g * d->out_per_group, y_g + p0,
-                                     d->pixels);
+                if (b)
+                    add_bias_band(d->out_per_group, n, b + (size_t)g * d->out_per_group, y_g + p0,
+                                  d->pixels);
             }
         }
     free(col);
@@ -443,7 +457,8 @@ static void depthwise_channel_dw(const Conv2dShape *s, const ConvDims *d, int c,
                     if (hi > lo)
                         gather_mul_add_row(hi - lo, dy_c + (size_t)oh * Wo + lo,
                                            x_c + (size_t)ih * W + lo * s->stride_w + j - s->pad_w,
-                                           s->stride_w, acc + (size_t)(i * s->kernel_w + j) * Wo + lo);
+                                           s->stride_w,
+                                           acc + (size_t)(i * s->kernel_w + j) * Wo + lo);
                 }
             }
     }
@@ -458,7 +473,7 @@ static void depthwise_channel_dw(const Conv2dShape *s, const ConvDims *d, int c,
 static void depthwise_forward(const Conv2dShape *s, const ConvDims *d, const float *x,
                               const float *w, const float *b, float *y) {
     int planes = s->batch * s->in_ch, taps = s->kernel_h * s->kernel_w;
-#pragma omp parallel for schedule(static)
+    CONV_PARALLEL_FOR((size_t)planes * d->pixels * taps)
     for (int plane = 0; plane < planes; plane++) {
         int c = plane % s->in_ch;
         depthwise_plane_forward(s, d, x + (size_t)plane * d->in_plane, w + (size_t)c * taps,
@@ -466,36 +481,39 @@ static void depthwise_forward(const Conv2dShape *s, const ConvDims *d, const flo
     }
 }
 
-/* dy: [B, C, Ho, Wo] -> dx += [B, C, H, W] (threads over planes), dw += [C, 1, kh, kw]
- * (threads over channels, each with its own partial-sum rows). */
-static void depthwise_backward(const Conv2dShape *s, const ConvDims *d, const float *x,
-                               const float *w, const float *dy, float *dx, float *dw) {
+/* dy: [B, C, Ho, Wo] -> dx += [B, C, H, W]; threads take whole planes. */
+static void depthwise_backward_dx(const Conv2dShape *s, const ConvDims *d, const float *w,
+                                  const float *dy, float *dx) {
+    int planes = s->batch * s->in_ch, taps = s->kernel_h * s->kernel_w;
+    CONV_PARALLEL_FOR((size_t)planes * d->pixels * taps)
+    for (int plane = 0; plane < planes; plane++)
+        depthwise_plane_backward_dx(s, d, w + (size_t)(plane % s->in_ch) * taps,
+                                    dy + (size_t)plane * d->pixels,
+                                    dx + (size_t)plane * d->in_plane);
+}
+
+/* dy: [B, C, Ho, Wo] -> dw += [C, 1, kh, kw]; threads take whole channels (all the batch), each
+ * thread with its own partial-sum rows. */
+static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const float *x,
+                                  const float *dy, float *dw) {
     int taps = s->kernel_h * s->kernel_w;
-    if (dx) {
-        int planes = s->batch * s->in_ch;
-#pragma omp parallel for schedule(static)
-        for (int plane = 0; plane < planes; plane++)
-            depthwise_plane_backward_dx(s, d, w + (size_t)(plane % s->in_ch) * taps,
-                                        dy + (size_t)plane * d->pixels,
-                                        dx + (size_t)plane * d->in_plane);
-    }
-    if (dw) {
-#pragma omp parallel
-        {
-            float *acc = malloc((size_t)taps * d->out_w * sizeof *acc);
-#pragma omp for schedule(static)
-            for (int c = 0; c < s->in_ch; c++) {
-                if (acc)
-                    depthwise_channel_dw(s, d, c, x, dy, acc, dw + (size_t)c * taps);
-                else
-                    fill_nan(dw + (size_t)c * taps, (size_t)taps);
-            }
-            free(acc);
+    CONV_OMP(omp parallel if ((size_t)s->batch * s->in_ch * d->pixels * taps >
+                              CONV_PARALLEL_MIN))
+    {
+        float *acc = malloc((size_t)taps * d->out_w * sizeof *acc);
+        CONV_OMP(omp for schedule(static))
+        for (int c = 0; c < s->in_ch; c++) {
+            if (acc)
+                depthwise_channel_dw(s, d, c, x, dy, acc, dw + (size_t)c * taps);
+            else
+                fill_nan(dw + (size_t)c * taps, (size_t)taps);
         }
+        free(acc);
     }
 }
 
-void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const float *b, float *y) {
+void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const float *b,
+                    float *y) {
     if (conv_shape_empty(s)) return;
     ConvDims d = conv_dims(s);
     if (conv_is_depthwise(s))
@@ -509,11 +527,12 @@ void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const
     if (conv_shape_empty(s)) return;
     ConvDims d = conv_dims(s);
     if (db) conv_bias_backward(s->batch, s->out_ch, d.pixels, dy, db);
-    if (!dx && !dw) return;
-    if (conv_is_depthwise(s))
-        depthwise_backward(s, &d, x, w, dy, dx, dw);
-    else
+    if (conv_is_depthwise(s)) {
+        if (dx) depthwise_backward_dx(s, &d, w, dy, dx);
+        if (dw) depthwise_backward_dw(s, &d, x, dy, dw);
+    } else if (dx || dw) {
         conv_gemm_backward(s, &d, x, w, dy, dx, dw);
+    }
 }
 
 /* ---- end section: conv2d ---- */

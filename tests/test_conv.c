@@ -43,8 +43,10 @@ static void reference_terms(const Conv2dShape *s, TermFn visit, void *ctx) {
                                 int ih = oh * s->stride_h - s->pad_h + i;
                                 int iw = ow * s->stride_w - s->pad_w + j;
                                 if (ih < 0 || ih >= s->in_h || iw < 0 || iw >= s->in_w) continue;
-                                size_t xi = (((size_t)b * s->in_ch + ci) * s->in_h + ih) * s->in_w + iw;
-                                size_t wi = (((size_t)co * cin_g + c) * s->kernel_h + i) * s->kernel_w + j;
+                                size_t xi =
+                                    (((size_t)b * s->in_ch + ci) * s->in_h + ih) * s->in_w + iw;
+                                size_t wi =
+                                    (((size_t)co * cin_g + c) * s->kernel_h + i) * s->kernel_w + j;
                                 visit(ctx, xi, wi, yi);
                             }
                     }
@@ -82,7 +84,10 @@ static void reference_backward(const Conv2dShape *s, const float *x, const float
                                const float *dy, float *dx, float *dw, float *db) {
     size_t nx = x_count(s), nw = w_count(s), ny = y_count(s);
     size_t plane = ny / ((size_t)s->batch * s->out_ch);
-    RefCtx r = {.x = x, .w = w, .dy = dy, .dx = calloc(nx, sizeof(double)),
+    RefCtx r = {.x = x,
+                .w = w,
+                .dy = dy,
+                .dx = calloc(nx, sizeof(double)),
                 .dw = calloc(nw, sizeof(double))};
     reference_terms(s, backward_term, &r);
     double *sum_db = calloc((size_t)s->out_ch, sizeof(double));
@@ -123,30 +128,30 @@ static float sum_atol(int n) {
 
 /* A conv per line: B, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, groups. */
 static const Conv2dShape shapes[] = {
-    {1, 1, 5, 5, 1, 1, 1, 1, 1, 0, 0, 1},      /* pointwise, one channel */
-    {2, 3, 7, 9, 5, 1, 1, 1, 1, 0, 0, 1},      /* pointwise, odd sizes */
-    {2, 4, 5, 6, 6, 1, 1, 1, 1, 0, 0, 2},      /* pointwise, grouped */
-    {1, 2, 9, 8, 3, 1, 1, 2, 1, 0, 1, 1},      /* 1x1 with stride and padding: im2col path */
-    {1, 1, 4, 5, 2, 1, 1, 1, 1, 3, 2, 1},      /* padding wider than the kernel */
-    {1, 3, 17, 33, 7, 3, 3, 1, 1, 1, 1, 1},    /* VAE-like 3x3 pad 1 */
-    {2, 3, 8, 7, 1, 3, 3, 1, 1, 1, 1, 1},      /* one output channel */
-    {1, 1, 3, 3, 1, 3, 3, 1, 1, 3, 3, 1},      /* outputs that see only padding */
-    {2, 4, 9, 11, 6, 3, 3, 2, 2, 1, 1, 2},     /* grouped, stride 2, odd input */
-    {1, 3, 33, 17, 8, 7, 7, 4, 4, 3, 3, 1},    /* SegFormer patch embed 7x7 s4 p3 */
-    {1, 5, 16, 16, 5, 2, 2, 2, 2, 0, 0, 1},    /* sr conv k = s = 2 */
-    {2, 8, 32, 32, 8, 4, 4, 4, 4, 0, 0, 1},    /* sr conv k = s = 4 */
-    {1, 2, 10, 10, 3, 2, 2, 4, 4, 0, 0, 1},    /* stride past the kernel: gaps */
-    {1, 3, 11, 14, 4, 3, 5, 1, 2, 0, 2, 1},    /* asymmetric kernel, stride and padding */
-    {1, 3, 7, 8, 6, 3, 3, 1, 1, 2, 0, 3},      /* groups == Cin with 2 outputs each */
-    {1, 6, 13, 15, 6, 3, 3, 1, 1, 1, 1, 6},    /* depthwise 3x3 */
-    {2, 5, 14, 11, 5, 3, 3, 2, 2, 1, 1, 5},    /* depthwise stride 2 */
-    {1, 4, 10, 12, 4, 7, 7, 1, 1, 3, 3, 4},    /* depthwise 7x7 */
-    {1, 3, 9, 10, 3, 3, 3, 2, 1, 0, 2, 3},     /* depthwise, asymmetric stride and padding */
-    {1, 2, 3, 4, 2, 3, 3, 2, 2, 3, 3, 2},      /* depthwise, mostly padding */
-    {1, 1, 6, 5, 1, 3, 3, 1, 1, 1, 1, 1},      /* one channel: depthwise and dense at once */
-    {2, 256, 20, 30, 3, 3, 3, 1, 1, 1, 1, 1},  /* K = 2304: bands of 455 pixels, mid-row */
-    {1, 64, 61, 59, 5, 5, 5, 2, 2, 2, 2, 1},   /* K = 1600, stride 2: two bands */
-    {1, 512, 12, 41, 4, 3, 3, 1, 1, 1, 1, 2},  /* grouped, K = 2304 per group: bands */
+    {1, 1, 5, 5, 1, 1, 1, 1, 1, 0, 0, 1},     /* pointwise, one channel */
+    {2, 3, 7, 9, 5, 1, 1, 1, 1, 0, 0, 1},     /* pointwise, odd sizes */
+    {2, 4, 5, 6, 6, 1, 1, 1, 1, 0, 0, 2},     /* pointwise, grouped */
+    {1, 2, 9, 8, 3, 1, 1, 2, 1, 0, 1, 1},     /* 1x1 with stride and padding: im2col path */
+    {1, 1, 4, 5, 2, 1, 1, 1, 1, 3, 2, 1},     /* padding wider than the kernel */
+    {1, 3, 17, 33, 7, 3, 3, 1, 1, 1, 1, 1},   /* VAE-like 3x3 pad 1 */
+    {2, 3, 8, 7, 1, 3, 3, 1, 1, 1, 1, 1},     /* one output channel */
+    {1, 1, 3, 3, 1, 3, 3, 1, 1, 3, 3, 1},     /* outputs that see only padding */
+    {2, 4, 9, 11, 6, 3, 3, 2, 2, 1, 1, 2},    /* grouped, stride 2, odd input */
+    {1, 3, 33, 17, 8, 7, 7, 4, 4, 3, 3, 1},   /* SegFormer patch embed 7x7 s4 p3 */
+    {1, 5, 16, 16, 5, 2, 2, 2, 2, 0, 0, 1},   /* sr conv k = s = 2 */
+    {2, 8, 32, 32, 8, 4, 4, 4, 4, 0, 0, 1},   /* sr conv k = s = 4 */
+    {1, 2, 10, 10, 3, 2, 2, 4, 4, 0, 0, 1},   /* stride past the kernel: gaps */
+    {1, 3, 11, 14, 4, 3, 5, 1, 2, 0, 2, 1},   /* asymmetric kernel, stride and padding */
+    {1, 3, 7, 8, 6, 3, 3, 1, 1, 2, 0, 3},     /* groups == Cin with 2 outputs each */
+    {1, 6, 13, 15, 6, 3, 3, 1, 1, 1, 1, 6},   /* depthwise 3x3 */
+    {2, 5, 14, 11, 5, 3, 3, 2, 2, 1, 1, 5},   /* depthwise stride 2 */
+    {1, 4, 10, 12, 4, 7, 7, 1, 1, 3, 3, 4},   /* depthwise 7x7 */
+    {1, 3, 9, 10, 3, 3, 3, 2, 1, 0, 2, 3},    /* depthwise, asymmetric stride and padding */
+    {1, 2, 3, 4, 2, 3, 3, 2, 2, 3, 3, 2},     /* depthwise, mostly padding */
+    {1, 1, 6, 5, 1, 3, 3, 1, 1, 1, 1, 1},     /* one channel: depthwise and dense at once */
+    {2, 256, 20, 30, 3, 3, 3, 1, 1, 1, 1, 1}, /* K = 2304: bands of 455 pixels, mid-row */
+    {1, 64, 61, 59, 5, 5, 5, 2, 2, 2, 2, 1},  /* K = 1600, stride 2: two bands */
+    {1, 512, 12, 41, 4, 3, 3, 1, 1, 1, 1, 2}, /* grouped, K = 2304 per group: bands */
 };
 #define SHAPE_COUNT (sizeof shapes / sizeof shapes[0])
 
@@ -176,7 +181,8 @@ static void test_against_reference(const Conv2dShape *s, unsigned long long *rng
     check_close(what, y, y_want, ny, 1e-5f, sum_atol(K));
 
     /* backward adds to whatever the gradient buffers hold */
-    float *dx = random_array(nx, rng), *dw = random_array(nw, rng), *db = random_array(s->out_ch, rng);
+    float *dx = random_array(nx, rng), *dw = random_array(nw, rng),
+          *db = random_array(s->out_ch, rng);
     float *dx_want = copy_array(dx, nx), *dw_want = copy_array(dw, nw);
     float *db_want = copy_array(db, s->out_ch);
     conv2d_backward(s, x, w, dy, dx, dw, db);
@@ -198,8 +204,10 @@ static void test_null_gradients(const Conv2dShape *s, unsigned long long *rng) {
     describe(s, name, sizeof name);
     size_t nx = x_count(s), nw = w_count(s), ny = y_count(s);
     float *x = random_array(nx, rng), *w = random_array(nw, rng), *dy = random_array(ny, rng);
-    float *dx = calloc(nx, sizeof *dx), *dw = calloc(nw, sizeof *dw), *db = calloc(s->out_ch, sizeof *db);
-    float *dx1 = calloc(nx, sizeof *dx1), *dw1 = calloc(nw, sizeof *dw1), *db1 = calloc(s->out_ch, sizeof *db1);
+    float *dx = calloc(nx, sizeof *dx), *dw = calloc(nw, sizeof *dw),
+          *db = calloc(s->out_ch, sizeof *db);
+    float *dx1 = calloc(nx, sizeof *dx1), *dw1 = calloc(nw, sizeof *dw1),
+          *db1 = calloc(s->out_ch, sizeof *db1);
     conv2d_backward(s, x, w, dy, dx, dw, db);
     conv2d_backward(s, x, w, dy, dx1, NULL, NULL);
     conv2d_backward(s, x, w, dy, NULL, dw1, NULL);
@@ -236,7 +244,8 @@ static void test_finite_differences(const Conv2dShape *s, unsigned long long *rn
     size_t nx = x_count(s), nw = w_count(s), ny = y_count(s);
     float *x = random_array(nx, rng), *w = random_array(nw, rng), *b = random_array(s->out_ch, rng);
     float *r = random_array(ny, rng), *y = malloc(ny * sizeof *y);
-    float *dx = calloc(nx, sizeof *dx), *dw = calloc(nw, sizeof *dw), *db = calloc(s->out_ch, sizeof *db);
+    float *dx = calloc(nx, sizeof *dx), *dw = calloc(nw, sizeof *dw),
+          *db = calloc(s->out_ch, sizeof *db);
     conv2d_backward(s, x, w, r, dx, dw, db);
     LossCtx ctx = {s, x, w, b, r, y};
     snprintf(what, sizeof what, "d/dx %s", name);
@@ -249,7 +258,7 @@ static void test_finite_differences(const Conv2dShape *s, unsigned long long *rn
 }
 
 static const Conv2dShape gradient_shapes[] = {
-    {2, 3, 6, 7, 4, 3, 3, 1, 1, 1, 1, 1},  /* 3x3 pad 1 */
+    {2, 3, 6, 7, 4, 3, 3, 1, 1, 1, 1, 1},   /* 3x3 pad 1 */
     {1, 2, 13, 11, 3, 7, 7, 4, 4, 3, 3, 1}, /* patch embed 7x7 s4 p3 */
     {1, 4, 8, 8, 4, 2, 2, 2, 2, 0, 0, 1},   /* sr conv k = s = 2 */
     {2, 4, 7, 9, 6, 3, 5, 2, 1, 1, 2, 2},   /* grouped, asymmetric */
@@ -299,11 +308,77 @@ static void test_thread_independence(const Conv2dShape *s, unsigned long long *r
     free(x), free(w), free(b), free(dy);
 }
 
-/* ---- shapes and sizes ------------------------------------------------------------------------- */
+/* ---- PyTorch goldens (tools/golden_conv.py, computed in float64) ---------------------------- */
+
+static const char *golden_cases[] = {
+    "vae_3x3",    "patch_embed_7x7_s4", "sr_k2_s2",         "sr_k4_s4",
+    "sr_k8_s8",   "depthwise_3x3",      "depthwise_3x3_s2", "pointwise_nobias",
+    "grouped_s2", "asymmetric",         "banded_5x5",
+};
+
+/* NAME.key of the golden file as floats, or NULL (reported) when absent or of another size. */
+static float *golden_tensor(const SafeTensors *st, const char *name, const char *key, size_t n) {
+    char full[128];
+    snprintf(full, sizeof full, "%s.%s", name, key);
+    return golden_load(st, full, n);
+}
+
+static void test_golden_case(const SafeTensors *st, const char *name) {
+    char what[160];
+    float *dims = golden_tensor(st, name, "shape", 12);
+    if (!dims) return;
+    Conv2dShape s = {(int)dims[0], (int)dims[1], (int)dims[2],  (int)dims[3],
+                     (int)dims[4], (int)dims[5], (int)dims[6],  (int)dims[7],
+                     (int)dims[8], (int)dims[9], (int)dims[10], (int)dims[11]};
+    free(dims);
+    char bias_name[128];
+    snprintf(bias_name, sizeof bias_name, "%s.b", name);
+    bool bias = st_find(st, bias_name) != NULL;
+    size_t nx = x_count(&s), nw = w_count(&s), ny = y_count(&s), nb = (size_t)s.out_ch;
+    float *x = golden_tensor(st, name, "x", nx), *w = golden_tensor(st, name, "w", nw);
+    float *dy = golden_tensor(st, name, "dy", ny), *y_want = golden_tensor(st, name, "y", ny);
+    float *dx_want = golden_tensor(st, name, "dx", nx),
+          *dw_want = golden_tensor(st, name, "dw", nw);
+    float *b = bias ? golden_tensor(st, name, "b", nb) : NULL;
+    float *db_want = bias ? golden_tensor(st, name, "db", nb) : NULL;
+    float *y = malloc(ny * sizeof *y), *dx = calloc(nx, sizeof *dx), *dw = calloc(nw, sizeof *dw);
+    float *db = calloc(nb, sizeof *db);
+    if (x && w && dy && y_want && dx_want && dw_want && (!bias || (b && db_want))) {
+        int pixels_total = s.batch * conv2d_out_h(&s) * conv2d_out_w(&s);
+        conv2d_forward(&s, x, w, b, y);
+        conv2d_backward(&s, x, w, dy, dx, dw, bias ? db : NULL);
+        snprintf(what, sizeof what, "golden %s y", name);
+        check_close(what, y, y_want, ny, 1e-5f,
+                    sum_atol(s.in_ch / s.groups * s.kernel_h * s.kernel_w));
+        snprintf(what, sizeof what, "golden %s dx", name);
+        check_close(what, dx, dx_want, nx, 1e-5f,
+                    sum_atol(s.out_ch / s.groups * s.kernel_h * s.kernel_w));
+        snprintf(what, sizeof what, "golden %s dw", name);
+        check_close(what, dw, dw_want, nw, 1e-5f, sum_atol(pixels_total));
+        if (bias) {
+            snprintf(what, sizeof what, "golden %s db", name);
+            check_close(what, db, db_want, nb, 1e-5f, sum_atol(pixels_total));
+        }
+    }
+    free(x), free(w), free(dy), free(y_want), free(dx_want), free(dw_want), free(b), free(db_want);
+    free(y), free(dx), free(dw), free(db);
+}
+
+static void test_golden(void) {
+    SafeTensors *st = golden_open("tests/golden/conv.safetensors");
+    if (!st) return;
+    for (size_t i = 0; i < sizeof golden_cases / sizeof golden_cases[0]; i++)
+        test_golden_case(st, golden_cases[i]);
+    st_close(st);
+}
+
+/* ---- shapes and sizes -------------------------------------------------------------------------
+ */
 
 static void test_output_sizes(void) {
     Conv2dShape s = {1, 1, 7, 6, 1, 3, 2, 2, 4, 1, 0, 1};
-    CHECK(conv2d_out_h(&s) == 4 && conv2d_out_w(&s) == 2, "out size (7+2-3)/2+1 = 4, (6-2)/4+1 = 2");
+    CHECK(conv2d_out_h(&s) == 4 && conv2d_out_w(&s) == 2,
+          "out size (7+2-3)/2+1 = 4, (6-2)/4+1 = 2");
     Conv2dShape tiny = {1, 1, 1, 1, 1, 3, 3, 1, 1, 0, 0, 1};
     CHECK(conv2d_out_h(&tiny) == 0 && conv2d_out_w(&tiny) == 0,
           "kernel larger than the padded input gives an empty output");
@@ -324,5 +399,6 @@ int main(void) {
     test_thread_independence(&shapes[23], &rng); /* banded, grouped */
     test_thread_independence(&shapes[16], &rng); /* depthwise */
     test_thread_independence(&shapes[2], &rng);  /* pointwise */
+    test_golden();
     return harness_finish("test_conv");
 }
