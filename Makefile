@@ -102,8 +102,9 @@ bench: diamond
 	./diamond bench conv 1 128 128 128 128 3 1 1
 	./diamond bench attention 1 24 4096 128
 
+PYTHON ?= /usr/bin/python3
 golden:
-	for s in tools/golden_*.py; do python3 $$s || exit 1; done
+	for s in tools/golden_*.py; do $(PYTHON) $$s || exit 1; done
 
 clean:
 	rm -rf build diamond
