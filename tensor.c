@@ -93,6 +93,33 @@ static void fill_nan(float *p, size_t n) {
     for (size_t i = 0; p && i < n; i++) p[i] = NAN;
 }
 
+/* e^x for x <= 0, the only exponentials sigmoid, SiLU, GELU, softmax and attention need (they
+ * never overflow), to ~2 ulp in plain C that compilers vectorise, unlike a call to expf.
+ * x = n ln2 + r with |r| <= ln2/2; e^r by its Taylor series to degree 7 (truncation < 1e-8);
+ * 2^n goes straight into the exponent bits. Below -87.3 e^x is subnormal and flushes to 0,
+ * positive x saturates at 1, NaN stays NaN (and never reaches the integer conversion). */
+static inline float exp_nonpositive(float x) {
+    float xc = x > -87.3f ? x : -87.3f;
+    xc = xc < 0.0f ? xc : 0.0f;
+    /* round to the nearest integer by adding and removing 1.5 * 2^23 */
+    float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
+    /* ln2 = 0.693359375 - 2.12194440e-4: the first part has 9 bits, so n times it is exact */
+    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    float y = p * two_n;
+    return x < -87.3f ? 0.0f : (x == x ? y : x);
+}
+
 /* ---- section: GEMM (owned by the gemm work) --------------------------------------------- */
 
 void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
@@ -647,31 +674,6 @@ static void block_madd(int M, int N, int K, const float *A, ptrdiff_t a_rs, ptrd
 #endif
 }
 
-/* e^x within about 1 ulp for -87 <= x <= 88, and exactly 0 below (so e^-inf = 0). Branch-free
- * and libm-free so the tile loops calling it vectorise: a libm call per score would cost about
- * as much as the block products. Range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7
- * polynomial for e^r (the Cephes expf coefficients) and 2^n built in the exponent bits. */
-static inline float exp_fast(float x) {
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    float xc = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    float t = xc * 1.44269504f + round_magic;
-    float n = t - round_magic;
-    float r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    uint32_t bits;
-    memcpy(&bits, &t, sizeof bits); /* the low mantissa bits of t hold n */
-    bits = (bits - 0x4B400000u + 127u) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return x < -87.0f ? 0.0f : p * two_n;
-}
-
 /* How many keys query row i of batch b sees; they are always keys 0 .. count-1 (causal limit
  * and key padding both cut a suffix). */
 static int visible_keys(const AttentionShape *s, int b, int i) {
@@ -809,13 +811,13 @@ static void softmax_fold_tile(float *st, int nk, int cols, int j0, const int *vi
     for (int i = 0; i < cols; i++) {
         float m_new = shift[i];
         shift[i] = m_new == -INFINITY ? 0.0f : m_new; /* a column with no key yet stays at 0 */
-        alpha[i] = exp_fast(m[i] - shift[i]);       /* 0 on the first keys, where m = -inf */
+        alpha[i] = exp_nonpositive(m[i] - shift[i]);       /* 0 on the first keys, where m = -inf */
         m[i] = m_new;
     }
     for (int j = 0; j < nk; j++) {
         float *row = st + j * ATTN_BLOCK;
         for (int i = 0; i < cols; i++) {
-            row[i] = exp_fast(row[i] - shift[i]);
+            row[i] = exp_nonpositive(row[i] - shift[i]);
             sum[i] += row[i];
         }
     }
@@ -911,7 +913,7 @@ static void softmax_grad_keys_by_queries(float *st, float *dpt, int rows, int co
     for (int r = 0; r < rows; r++) {
         float *s_row = st + r * ATTN_BLOCK, *dp_row = dpt + r * ATTN_BLOCK;
         for (int i = 0; i < cols; i++) {
-            float e = exp_fast(s_row[i] * scale - qs->lse[i]); /* unconditional, so it vectorises */
+            float e = exp_nonpositive(s_row[i] * scale - qs->lse[i]); /* unconditional, so it vectorises */
             float p = j0 + r < qs->visible[i] ? e : 0.0f;
             s_row[i] = p;
             dp_row[i] = scale * p * (dp_row[i] - qs->di[i]);
@@ -925,7 +927,7 @@ static void softmax_grad_queries_by_keys(float *s, float *dp, int rows, int cols
     for (int i = 0; i < rows; i++) {
         float *s_row = s + i * ATTN_BLOCK, *dp_row = dp + i * ATTN_BLOCK;
         for (int c = 0; c < cols; c++) {
-            float e = exp_fast(s_row[c] * scale - qs->lse[i]);
+            float e = exp_nonpositive(s_row[c] * scale - qs->lse[i]);
             float p = j0 + c < qs->visible[i] ? e : 0.0f;
             s_row[c] = p;
             dp_row[c] = scale * p * (dp_row[c] - qs->di[i]);
@@ -1402,33 +1404,6 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
 #define OPS_INV_SQRT_2PI 0.39894228040143268f /* 1/sqrt(2 pi) */
 #define OPS_SQRT_2_PI 0.79788456080286536f    /* sqrt(2/pi) */
 #define OPS_GELU_CUBIC 0.044715f
-
-/* e^x for x <= 0, the only exponentials sigmoid, SiLU, GELU and softmax need (they never
- * overflow), to ~2 ulp in plain C that compilers vectorise, unlike a call to expf.
- * x = n ln2 + r with |r| <= ln2/2; e^r by its Taylor series to degree 7 (truncation < 1e-8);
- * 2^n goes straight into the exponent bits. Below -87.3 e^x is subnormal and flushes to 0,
- * positive x saturates at 1, NaN stays NaN (and never reaches the integer conversion). */
-static inline float exp_nonpositive(float x) {
-    float xc = x > -87.3f ? x : -87.3f;
-    xc = xc < 0.0f ? xc : 0.0f;
-    /* round to the nearest integer by adding and removing 1.5 * 2^23 */
-    float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
-    /* ln2 = 0.693359375 - 2.12194440e-4: the first part has 9 bits, so n times it is exact */
-    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) * (1 << 23);
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    float y = p * two_n;
-    return x < -87.3f ? 0.0f : (x == x ? y : x);
-}
 
 /* erfc(z) for z >= 0 with a relative error below 1.2e-7 everywhere, tails included: the
  * Chebyshev fit of Press et al., Numerical Recipes (2nd ed.) 6.2, erfc = t exp(-z^2 + P(t)). */
