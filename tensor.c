@@ -87,6 +87,11 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len) {
 
 /* ---- helpers shared by the kernels ------------------------------------------------------ */
 
+/* Loops wake the threads only past this much work: floats of cheap arithmetic, or elements
+ * that each take an exp or erfc. */
+#define PARALLEL_MIN ((size_t)1 << 15)
+#define PARALLEL_MIN_MATH ((size_t)1 << 12)
+
 /* The kernels have no status to return: when scratch memory runs out they poison their
  * outputs with NaN, so the failure cannot pass for a result. */
 static void fill_nan(float *p, size_t n) {
@@ -159,18 +164,9 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
  * col is x itself. Depthwise convs take a direct loop and Wo*kh*kw floats per thread. */
 #define CONV_COL_BUDGET      (1 << 20) /* floats in one im2col band: 4 MiB */
 #define CONV_BAND_MIN_PIXELS 128       /* thinner bands starve the GEMM */
-#define CONV_PARALLEL_MIN    (1 << 15) /* floats moved before waking the threads pays */
 
 /* Threads only split independent outputs (col rows, dx planes, channels), and only when the
- * loop touches more than CONV_PARALLEL_MIN floats; without OpenMP the directive vanishes instead
- * of warning. */
-#ifdef _OPENMP
-#define CONV_OMP(directive) _Pragma(#directive)
-#else
-#define CONV_OMP(directive)
-#endif
-#define CONV_PARALLEL_FOR(work) \
-    CONV_OMP(omp parallel for schedule(static) if ((work) > CONV_PARALLEL_MIN))
+ * loop touches more than PARALLEL_MIN floats. */
 
 /* Output length along one axis; 0 when the kernel does not fit the padded input. */
 static int conv_out_len(int in, int kernel, int stride, int pad) {
@@ -279,7 +275,7 @@ static void gather_mul_add_row(int n, const float *restrict dy, const float *res
 static void im2col_band(const Conv2dShape *s, const ConvDims *d, const float *x, int p0, int n,
                         float *col) {
     int kh = s->kernel_h, kw = s->kernel_w, H = s->in_h, W = s->in_w, Wo = d->out_w;
-    CONV_PARALLEL_FOR((size_t)d->col_rows * n)
+#pragma omp parallel for schedule(static) if ((size_t)d->col_rows * n > PARALLEL_MIN)
     for (int r = 0; r < d->col_rows; r++) {
         int j = r % kw, i = r / kw % kh, c = r / (kw * kh);
         const float *plane = x + (size_t)c * d->in_plane;
@@ -308,7 +304,7 @@ static void im2col_band(const Conv2dShape *s, const ConvDims *d, const float *x,
 static void col2im_band_add(const Conv2dShape *s, const ConvDims *d, const float *dcol, int p0,
                             int n, float *dx) {
     int kh = s->kernel_h, kw = s->kernel_w, H = s->in_h, W = s->in_w, Wo = d->out_w;
-    CONV_PARALLEL_FOR((size_t)d->col_rows * n)
+#pragma omp parallel for schedule(static) if ((size_t)d->col_rows * n > PARALLEL_MIN)
     for (int c = 0; c < d->in_per_group; c++) {
         float *plane = dx + (size_t)c * d->in_plane;
         for (int r = c * kh * kw; r < (c + 1) * kh * kw; r++) {
@@ -342,7 +338,7 @@ static void add_bias_band(int channels, int n, const float *bias, float *y, int 
 /* db[c] += sum of dy[:, c, :, :], each channel summed in double in a fixed order.
  * dy: [B, Cout, pixels] -> db: [Cout] */
 static void conv_bias_backward(int batch, int channels, int pixels, const float *dy, float *db) {
-    CONV_PARALLEL_FOR((size_t)batch * channels * pixels)
+#pragma omp parallel for schedule(static) if ((size_t)batch * channels * pixels > PARALLEL_MIN)
     for (int c = 0; c < channels; c++) {
         double sum = 0.0;
         for (int b = 0; b < batch; b++) {
@@ -501,7 +497,7 @@ static void depthwise_channel_dw(const Conv2dShape *s, const ConvDims *d, int c,
 static void depthwise_forward(const Conv2dShape *s, const ConvDims *d, const float *x,
                               const float *w, const float *b, float *y) {
     int planes = s->batch * s->in_ch, taps = s->kernel_h * s->kernel_w;
-    CONV_PARALLEL_FOR((size_t)planes * d->pixels * taps)
+#pragma omp parallel for schedule(static) if ((size_t)planes * d->pixels * taps > PARALLEL_MIN)
     for (int plane = 0; plane < planes; plane++) {
         int c = plane % s->in_ch;
         depthwise_plane_forward(s, d, x + (size_t)plane * d->in_plane, w + (size_t)c * taps,
@@ -513,7 +509,7 @@ static void depthwise_forward(const Conv2dShape *s, const ConvDims *d, const flo
 static void depthwise_backward_dx(const Conv2dShape *s, const ConvDims *d, const float *w,
                                   const float *dy, float *dx) {
     int planes = s->batch * s->in_ch, taps = s->kernel_h * s->kernel_w;
-    CONV_PARALLEL_FOR((size_t)planes * d->pixels * taps)
+#pragma omp parallel for schedule(static) if ((size_t)planes * d->pixels * taps > PARALLEL_MIN)
     for (int plane = 0; plane < planes; plane++)
         depthwise_plane_backward_dx(s, d, w + (size_t)(plane % s->in_ch) * taps,
                                     dy + (size_t)plane * d->pixels,
@@ -525,11 +521,10 @@ static void depthwise_backward_dx(const Conv2dShape *s, const ConvDims *d, const
 static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const float *x,
                                   const float *dy, float *dw) {
     int taps = s->kernel_h * s->kernel_w;
-    CONV_OMP(omp parallel if ((size_t)s->batch * s->in_ch * d->pixels * taps >
-                              CONV_PARALLEL_MIN))
+#pragma omp parallel if ((size_t)s->batch * s->in_ch * d->pixels * taps > PARALLEL_MIN)
     {
         float *acc = malloc((size_t)taps * d->out_w * sizeof *acc);
-        CONV_OMP(omp for schedule(static))
+#pragma omp for schedule(static)
         for (int c = 0; c < s->in_ch; c++) {
             if (acc)
                 depthwise_channel_dw(s, d, c, x, dy, acc, dw + (size_t)c * taps);
@@ -1102,17 +1097,9 @@ void rope_backward(int batch, int n, int heads, int head_dim, const float *cos_t
 
 /* ---- section: norms, activations, resampling, elementwise (owned by the ops work) -------- */
 
-/* OpenMP only where the work pays for waking the threads; without OpenMP the pragma vanishes
- * (a bare "#pragma omp" would warn under NO_OMP=1). Every such loop writes disjoint outputs. */
-#ifdef _OPENMP
-#define OPS_PRAGMA(text) _Pragma(#text)
-#define OPS_PARALLEL_FOR_IF(cond) OPS_PRAGMA(omp parallel for if (cond))
-#else
-#define OPS_PARALLEL_FOR_IF(cond)
-#endif
+/* OpenMP only where the work pays for waking the threads. Every such loop writes disjoint
+ * outputs. */
 
-#define OPS_PARALLEL_MIN ((size_t)1 << 15)      /* elements of cheap arithmetic */
-#define OPS_PARALLEL_MIN_MATH ((size_t)1 << 12) /* elements that each take an exp or erfc */
 #define OPS_COLUMN_BLOCK 64                     /* columns one thread owns in a column sum */
 #define OPS_REDUCE_CHUNKS 64                    /* fixed chunks of a whole-array reduction */
 
@@ -1159,7 +1146,7 @@ static void norm_stats(size_t n, const float *x, float eps, float *mean, float *
  * a bit. */
 static void column_grads(int rows, int C, const float *x, const float *mean, const float *rstd,
                          const float *dy, float *dw, float *db) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && C > OPS_COLUMN_BLOCK)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && C > OPS_COLUMN_BLOCK)
     for (int c0 = 0; c0 < C; c0 += OPS_COLUMN_BLOCK) {
         int width = C - c0 < OPS_COLUMN_BLOCK ? C - c0 : OPS_COLUMN_BLOCK;
         double acc_w[OPS_COLUMN_BLOCK] = {0}, acc_b[OPS_COLUMN_BLOCK] = {0};
@@ -1208,7 +1195,7 @@ static void channel_sums(int B, int C, int HW, int c, const float *x, const floa
 
 void layernorm_forward(int rows, int C, float eps, const float *x, const float *w, const float *b,
                        float *y, float *mean, float *rstd) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * C;
         float *yr = y + (size_t)r * C;
@@ -1228,7 +1215,7 @@ void layernorm_forward(int rows, int C, float eps, const float *x, const float *
 void layernorm_backward(int rows, int C, const float *x, const float *w, const float *mean,
                         const float *rstd, const float *dy, float *dx, float *dw, float *db) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
         for (int r = 0; r < rows; r++) {
             const float *xr = x + (size_t)r * C, *dyr = dy + (size_t)r * C;
             float *dxr = dx + (size_t)r * C;
@@ -1257,7 +1244,7 @@ void groupnorm_forward(int B, int C, int HW, int groups, float eps, const float 
                        const float *b, float *y, float *mean, float *rstd) {
     int group_ch = C / groups;
     size_t group_len = (size_t)group_ch * HW;
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * groups > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
     for (int bg = 0; bg < B * groups; bg++) {
         const float *xg = x + (size_t)bg * group_len;
         float *yg = y + (size_t)bg * group_len;
@@ -1283,7 +1270,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
     int group_ch = C / groups;
     size_t group_len = (size_t)group_ch * HW;
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * groups > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
         for (int bg = 0; bg < B * groups; bg++) {
             int c0 = (bg % groups) * group_ch;
             const float *xg = x + (size_t)bg * group_len, *dyg = dy + (size_t)bg * group_len;
@@ -1316,7 +1303,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
         }
     }
     if (!dw && !db) return;
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && C > 1)
     for (int c = 0; c < C; c++) {
         double s_dy, s_dy_xhat;
         int g = c / group_ch;
@@ -1331,7 +1318,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
 
 void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w, float *y,
                      float *rstd) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * C;
         float *yr = y + (size_t)r * C;
@@ -1345,7 +1332,7 @@ void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w,
 void rmsnorm_backward(int rows, int C, const float *x, const float *w, const float *rstd,
                       const float *dy, float *dx, float *dw) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
         for (int r = 0; r < rows; r++) {
             const float *xr = x + (size_t)r * C, *dyr = dy + (size_t)r * C;
             float *dxr = dx + (size_t)r * C;
@@ -1363,7 +1350,7 @@ void rmsnorm_backward(int rows, int C, const float *x, const float *w, const flo
 
 void batchnorm_eval_forward(int B, int C, int HW, float eps, const float *mean, const float *var,
                             const float *w, const float *b, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * C > 1)
     for (int bc = 0; bc < B * C; bc++) {
         int c = bc % C;
         float scale = (w ? w[c] : 1.0f) / sqrtf(var[c] + eps), shift = b ? b[c] : 0.0f;
@@ -1378,7 +1365,7 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
                              const float *w, const float *x, const float *dy, float *dx,
                              float *dw, float *db) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * C > 1)
         for (int bc = 0; bc < B * C; bc++) {
             int c = bc % C;
             float scale = (w ? w[c] : 1.0f) / sqrtf(var[c] + eps);
@@ -1388,7 +1375,7 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
         }
     }
     if (!dw && !db) return;
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && C > 1)
     for (int c = 0; c < C; c++) {
         float rstd = 1.0f / sqrtf(var[c] + eps);
         double s_dy, s_dy_xhat;
@@ -1465,26 +1452,26 @@ static inline float gelu_tanh_grad(float x) {
 /* One loop per form: a branch inside the loop would keep it from vectorising. */
 void gelu_forward(size_t n, bool tanh_approx, const float *x, float *y) {
     if (tanh_approx) {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) y[i] = gelu_tanh_scalar(x[i]);
     } else {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) y[i] = gelu_erf_scalar(x[i]);
     }
 }
 
 void gelu_backward(size_t n, bool tanh_approx, const float *x, const float *dy, float *dx) {
     if (tanh_approx) {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_tanh_grad(x[i]);
     } else {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_erf_grad(x[i]);
     }
 }
 
 void silu_forward(size_t n, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) {
         float slope;
         y[i] = x[i] * sigmoid_scalar(x[i], &slope);
@@ -1493,7 +1480,7 @@ void silu_forward(size_t n, const float *x, float *y) {
 
 /* d/dx x s(x) = s + x s (1 - s) */
 void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) {
         float slope, s = sigmoid_scalar(x[i], &slope);
         dx[i] += dy[i] * (s + x[i] * slope);
@@ -1502,18 +1489,18 @@ void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
 
 /* x < 0 ? 0 : x keeps a NaN a NaN, as torch.relu does. */
 void relu_forward(size_t n, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = x[i] < 0.0f ? 0.0f : x[i];
 }
 
 /* Gradient only where x > 0 (zero at x == 0), as torch's (y > 0) mask. */
 void relu_backward(size_t n, const float *x, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) dx[i] += x[i] > 0.0f ? dy[i] : 0.0f;
 }
 
 void sigmoid_forward(size_t n, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) {
         float slope;
         y[i] = sigmoid_scalar(x[i], &slope);
@@ -1521,7 +1508,7 @@ void sigmoid_forward(size_t n, const float *x, float *y) {
 }
 
 void sigmoid_backward(size_t n, const float *y, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) dx[i] += dy[i] * y[i] * (1.0f - y[i]);
 }
 
@@ -1529,7 +1516,7 @@ void sigmoid_backward(size_t n, const float *y, const float *dy, float *dx) {
 
 /* Shifted by the row max so exp never overflows; a row holding a NaN comes out all NaN. */
 void softmax_forward(int rows, int C, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN_MATH && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN_MATH && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * C;
         float *yr = y + (size_t)r * C;
@@ -1543,7 +1530,7 @@ void softmax_forward(int rows, int C, const float *x, float *y) {
 
 /* dx = y * (dy - sum(dy * y)) per row. */
 void softmax_backward(int rows, int C, const float *y, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *yr = y + (size_t)r * C, *dyr = dy + (size_t)r * C;
         float *dxr = dx + (size_t)r * C;
@@ -1557,7 +1544,7 @@ void softmax_backward(int rows, int C, const float *y, const float *dy, float *d
 /* ---- resampling ---- */
 
 void upsample_nearest2x_forward(int planes, int H, int W, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)planes * H * W >= OPS_PARALLEL_MIN / 4)
+#pragma omp parallel for if ((size_t)planes * H * W >= PARALLEL_MIN / 4)
     for (size_t row = 0; row < (size_t)planes * H; row++) {
         const float *xr = x + row * W;
         float *y0 = y + row * 4 * W, *y1 = y0 + 2 * W; /* output rows 2i and 2i+1 */
@@ -1568,7 +1555,7 @@ void upsample_nearest2x_forward(int planes, int H, int W, const float *x, float 
 
 /* Each input pixel gathers the 2x2 block it was copied to. */
 void upsample_nearest2x_backward(int planes, int H, int W, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF((size_t)planes * H * W >= OPS_PARALLEL_MIN / 4)
+#pragma omp parallel for if ((size_t)planes * H * W >= PARALLEL_MIN / 4)
     for (size_t row = 0; row < (size_t)planes * H; row++) {
         const float *d0 = dy + row * 4 * W, *d1 = d0 + 2 * W;
         float *dxr = dx + row * W;
@@ -1620,7 +1607,7 @@ static void resize_plane_columns(int H, int W, int Ho, int Wo, int j0, int width
 
 void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const float *x, float *y) {
     int chunks = (Wo + OPS_TAP_CHUNK - 1) / OPS_TAP_CHUNK;
-    OPS_PARALLEL_FOR_IF((size_t)planes * Ho * Wo >= OPS_PARALLEL_MIN / 4 && planes * chunks > 1)
+#pragma omp parallel for if ((size_t)planes * Ho * Wo >= PARALLEL_MIN / 4 && planes * chunks > 1)
     for (int task = 0; task < planes * chunks; task++) {
         int p = task / chunks, j0 = task % chunks * OPS_TAP_CHUNK;
         int width = Wo - j0 < OPS_TAP_CHUNK ? Wo - j0 : OPS_TAP_CHUNK;
@@ -1634,7 +1621,7 @@ void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const flo
  * chunk, then row, then column). */
 void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const float *dy,
                               float *dx) {
-    OPS_PARALLEL_FOR_IF((size_t)planes * Ho * Wo >= OPS_PARALLEL_MIN / 4 && planes > 1)
+#pragma omp parallel for if ((size_t)planes * Ho * Wo >= PARALLEL_MIN / 4 && planes > 1)
     for (int p = 0; p < planes; p++) {
         float *dxp = dx + (size_t)p * H * W;
         for (int j0 = 0; j0 < Wo; j0 += OPS_TAP_CHUNK) {
@@ -1660,18 +1647,18 @@ void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const fl
 /* ---- elementwise ---- */
 
 void add_forward(size_t n, const float *a, const float *b, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
 void mul_forward(size_t n, const float *a, const float *b, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = a[i] * b[i];
 }
 
 /* y += a * b */
 static void add_product(size_t n, const float *a, const float *b, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] += a[i] * b[i];
 }
 
@@ -1681,47 +1668,47 @@ void mul_backward(size_t n, const float *a, const float *b, const float *dy, flo
 }
 
 void scale_forward(size_t n, float s, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = s * x[i];
 }
 
 void axpy(size_t n, float alpha, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
 /* Written so that a NaN passes through, as torch.clamp does. */
 void clamp_forward(size_t n, float lo, float hi, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = x[i] < lo ? lo : (x[i] > hi ? hi : x[i]);
 }
 
 void clamp_backward(size_t n, float lo, float hi, const float *x, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) dx[i] += x[i] >= lo && x[i] <= hi ? dy[i] : 0.0f;
 }
 
 void pow_forward(size_t n, float p, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) y[i] = powf(x[i], p);
 }
 
 void pow_backward(size_t n, float p, const float *x, const float *dy, float *dx) {
     if (p == 0.0f) return;
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) dx[i] += dy[i] * p * powf(x[i], p - 1.0f);
 }
 
 /* ---- broadcasts and reductions ---- */
 
 void add_rows_forward(int rows, int C, const float *x, const float *v, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < C; c++) y[(size_t)r * C + c] = x[(size_t)r * C + c] + v[c];
 }
 
 void mul_rows_forward(int rows, int C, const float *x, const float *v, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < C; c++) y[(size_t)r * C + c] = x[(size_t)r * C + c] * v[c];
 }
@@ -1729,7 +1716,7 @@ void mul_rows_forward(int rows, int C, const float *x, const float *v, float *y)
 void mul_rows_backward(int rows, int C, const float *x, const float *v, const float *dy, float *dx,
                        float *dv) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
         for (int r = 0; r < rows; r++)
             for (int c = 0; c < C; c++) dx[(size_t)r * C + c] += dy[(size_t)r * C + c] * v[c];
     }
@@ -1741,7 +1728,7 @@ void sum_rows_add(int rows, int C, const float *x, float *out) {
 }
 
 void add_channels_forward(int B, int C, int HW, const float *x, const float *v, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * C > 1)
     for (int bc = 0; bc < B * C; bc++) {
         float vc = v[bc % C];
         for (int i = 0; i < HW; i++) y[(size_t)bc * HW + i] = x[(size_t)bc * HW + i] + vc;
@@ -1749,7 +1736,7 @@ void add_channels_forward(int B, int C, int HW, const float *x, const float *v, 
 }
 
 void sum_channels_add(int B, int C, int HW, const float *x, float *out) {
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && C > 1)
     for (int c = 0; c < C; c++) {
         double s_x, unused;
         channel_sums(B, C, HW, c, NULL, NULL, NULL, 0, x, &s_x, &unused);
@@ -1766,7 +1753,7 @@ static void reduce_chunk(size_t n, int k, size_t *lo, size_t *hi) {
 
 double sum_array(size_t n, const float *x) {
     double part[OPS_REDUCE_CHUNKS];
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (int k = 0; k < OPS_REDUCE_CHUNKS; k++) {
         size_t lo, hi;
         reduce_chunk(n, k, &lo, &hi);
@@ -1779,7 +1766,7 @@ double sum_array(size_t n, const float *x) {
 
 float max_array(size_t n, const float *x) {
     float part[OPS_REDUCE_CHUNKS];
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (int k = 0; k < OPS_REDUCE_CHUNKS; k++) {
         size_t lo, hi;
         reduce_chunk(n, k, &lo, &hi);
