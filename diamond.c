@@ -1,9 +1,12 @@
 /* diamond.c - the command line: DIAMOND sampling, model inspection and benchmarks. */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <sys/stat.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,8 +36,6 @@ static double now_seconds(void) {
 
 /* ---- section: info (owned by the io work) ---- */
 
-#include <errno.h>
-#include <sys/stat.h> /* stat(), to tell files from directories */
 
 typedef struct InfoTotals {
     size_t files, tensors;
