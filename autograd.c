@@ -10,6 +10,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* `#pragma omp parallel for if (cond)` when OpenMP is on (a bare pragma would warn without it).
+ * The loops it marks write disjoint outputs; PARALLEL_MIN elements are worth a thread team. */
+#ifdef _OPENMP
+#define PARALLEL_PRAGMA(text) _Pragma(#text)
+#define PARALLEL_FOR_IF(cond) PARALLEL_PRAGMA(omp parallel for if (cond))
+#else
+#define PARALLEL_FOR_IF(cond)
+#endif
+#define PARALLEL_MIN ((int64_t)1 << 15)
+
 /* ---- the tape and its memory accounting ---------------------------------------------------- */
 
 enum MemKind { MEM_VALUE, MEM_SAVED, MEM_GRAD, MEM_KINDS };
@@ -1092,7 +1102,7 @@ static void mul_channels_backward(Tape *t, Node *n) {
     for (int64_t plane = 0; dx && plane < p.rows * p.C; plane++)
         axpy((size_t)p.HW, v[plane % p.C], dy + plane * p.HW, dx + plane * p.HW);
     if (!dv) return;
-#pragma omp parallel for
+    PARALLEL_FOR_IF(p.rows * p.C * p.HW >= PARALLEL_MIN)
     for (int64_t c = 0; c < p.C; c++) {
         double acc = 0.0;
         for (int64_t b = 0; b < p.rows; b++)
@@ -1123,7 +1133,7 @@ static void reduce_backward(Tape *t, Node *n) {
     (void)t;
     float g = grad(n->out)[0] * n->p.scalar.a, *dx = grad(n->in[0]);
     size_t count = numel_of(n->in[0]);
-#pragma omp parallel for
+    PARALLEL_FOR_IF((int64_t)count >= PARALLEL_MIN)
     for (size_t i = 0; i < count; i++) dx[i] += g;
 }
 
@@ -1205,35 +1215,33 @@ Var *ag_reshape(Tape *t, Var *x, int ndim, const int64_t *shape) {
     return y;
 }
 
-/* Visits y = permute(x) in y's order, each y element matching one x element: y[i] = x[at], or
- * x[at] += y[i] when scatter (backward). Slabs of y's first dim touch disjoint parts of x. */
+/* y = permute(x) row by row (rows of y's last dim): y[i] = x[at], or x[at] += y[i] when
+ * scatter (backward). Each y element matches one x element, so rows never share outputs. */
 static void permute_walk(int ndim, const int64_t *x_shape, const int *perm, float *x, float *y,
                          bool scatter) {
     int64_t x_stride[TENSOR_MAX_DIMS], y_shape[TENSOR_MAX_DIMS], step[TENSOR_MAX_DIMS];
     x_stride[ndim - 1] = 1;
     for (int d = ndim - 2; d >= 0; d--) x_stride[d] = x_stride[d + 1] * x_shape[d + 1];
-    int64_t slab = 1;
+    int64_t numel = 1;
     for (int d = 0; d < ndim; d++) {
         y_shape[d] = x_shape[perm[d]];
         step[d] = x_stride[perm[d]];
-        if (d > 0) slab *= y_shape[d];
+        numel *= y_shape[d];
     }
-#pragma omp parallel for
-    for (int64_t i0 = 0; i0 < y_shape[0]; i0++) {
-        int64_t idx[TENSOR_MAX_DIMS] = {0}, at = i0 * step[0];
-        float *ys = y + i0 * slab;
-        for (int64_t i = 0; i < slab; i++) {
-            if (scatter)
-                x[at] += ys[i];
-            else
-                ys[i] = x[at];
-            for (int d = ndim - 1; d >= 1; d--) {
-                at += step[d];
-                if (++idx[d] < y_shape[d]) break;
-                at -= step[d] * y_shape[d];
-                idx[d] = 0;
-            }
+    if (numel == 0) return;
+    int64_t inner = y_shape[ndim - 1], rows = numel / inner, last = step[ndim - 1];
+    PARALLEL_FOR_IF(numel >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t at = 0, rest = r;
+        for (int d = ndim - 2; d >= 0; d--) {
+            at += rest % y_shape[d] * step[d];
+            rest /= y_shape[d];
         }
+        float *yr = y + r * inner;
+        if (scatter)
+            for (int64_t i = 0; i < inner; i++) x[at + i * last] += yr[i];
+        else
+            for (int64_t i = 0; i < inner; i++) yr[i] = x[at + i * last];
     }
 }
 
@@ -1277,7 +1285,7 @@ Var *ag_transpose(Tape *t, Var *x, int d0, int d1) {
  * src_at .. src_at+rows-1 of src to rows dst_at.. of dst, or adds them when accumulate. */
 static void copy_window(int64_t outer, int64_t inner, int64_t rows, const float *src, int64_t src_rows,
                         int64_t src_at, float *dst, int64_t dst_rows, int64_t dst_at, bool accumulate) {
-#pragma omp parallel for
+    PARALLEL_FOR_IF(outer > 1 && outer * rows * inner >= PARALLEL_MIN)
     for (int64_t o = 0; o < outer; o++) {
         const float *s = src + (o * src_rows + src_at) * inner;
         float *d = dst + (o * dst_rows + dst_at) * inner;
