@@ -5,6 +5,7 @@
 #include "autograd.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1020,6 +1021,50 @@ Var *ag_scale(Tape *t, Var *x, float alpha) {
     if (!y || !record(t, y, scale_backward, 1, &x, &n)) return NULL;
     scale_forward(numel_of(x), alpha, data(x), data(y));
     if (n) n->p.scalar.a = alpha;
+    return y;
+}
+
+/* in: x; p.scalar.a: alpha */
+static void affine_backward(Tape *t, Node *n) {
+    (void)t;
+    axpy(numel_of(n->out), n->p.scalar.a, grad(n->out), grad(n->in[0]));
+}
+
+/* No kernel adds a constant: the loop is here. */
+Var *ag_affine(Tape *t, Var *x, float alpha, float beta) {
+    if (!ready(t, "affine", 1, &x)) return NULL;
+    Var *y = result_like(t, x);
+    Node *n;
+    if (!y || !record(t, y, affine_backward, 1, &x, &n)) return NULL;
+    const float *xd = data(x);
+    float *yd = data(y);
+    int64_t count = x->value->numel;
+    PARALLEL_FOR_IF(count >= PARALLEL_MIN)
+    for (int64_t i = 0; i < count; i++) yd[i] = alpha * xd[i] + beta;
+    if (n) n->p.scalar.a = alpha;
+    return y;
+}
+
+/* in: x. d log(x) = dx / x; no kernel has it, so both loops are here. */
+static void log_backward(Tape *t, Node *n) {
+    (void)t;
+    const float *x = data(n->in[0]), *dy = grad(n->out);
+    float *dx = grad(n->in[0]);
+    int64_t count = n->out->value->numel;
+    PARALLEL_FOR_IF(count >= PARALLEL_MIN)
+    for (int64_t i = 0; i < count; i++) dx[i] += dy[i] / x[i];
+}
+
+Var *ag_log(Tape *t, Var *x) {
+    if (!ready(t, "log", 1, &x)) return NULL;
+    Var *y = result_like(t, x);
+    Node *n;
+    if (!y || !record(t, y, log_backward, 1, &x, &n)) return NULL;
+    const float *xd = data(x);
+    float *yd = data(y);
+    int64_t count = x->value->numel;
+    PARALLEL_FOR_IF(count >= PARALLEL_MIN)
+    for (int64_t i = 0; i < count; i++) yd[i] = logf(xd[i]);
     return y;
 }
 

@@ -124,8 +124,10 @@ Var *ag_resize_bilinear(Tape *t, Var *x, int out_h, int out_w);
 /* a, b: the same shape -> a + b, a * b */
 Var *ag_add(Tape *t, Var *a, Var *b);
 Var *ag_mul(Tape *t, Var *a, Var *b);
-/* alpha x */
+/* alpha x; alpha x + beta; the natural log (for losses such as the focal one) */
 Var *ag_scale(Tape *t, Var *x, float alpha);
+Var *ag_affine(Tape *t, Var *x, float alpha, float beta);
+Var *ag_log(Tape *t, Var *x);
 /* x: [.., C], v: [C] -> x + v, x * v on every row */
 Var *ag_add_rows(Tape *t, Var *x, Var *v);
 Var *ag_mul_rows(Tape *t, Var *x, Var *v);

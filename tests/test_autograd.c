@@ -7,8 +7,8 @@
  *   4. checkpointed segments give gradients bitwise equal to the plain graph, with less memory;
  *   5. backward frees what nodes saved, intermediate values and intermediate gradients;
  *   6. wrong shapes and misuse fail with a message, never a crash;
- *   7. PyTorch: a small composite model against tests/golden/autograd.safetensors, written by
- *      tools/golden_autograd.py (float64 torch). */
+ *   7. PyTorch: two small composite models (together every op) against
+ *      tests/golden/autograd.safetensors, written by tools/golden_autograd.py (float64 torch). */
 #include "../autograd.h"
 #include "harness.h"
 
@@ -152,13 +152,13 @@ static Var *graph_conv(Tape *t, Var **in) {
     return ag_sigmoid(t, h);
 }
 
-/* relu, clamp, pow, scale, mul (with both operands the same Var), add.
+/* relu, clamp, pow, scale, affine, log, mul (with both operands the same Var), add.
  * in: a, b (away from the kinks), c (positive) [3, 17] */
 static Var *graph_pointwise(Tape *t, Var **in) {
     Var *relu = ag_relu(t, in[0]);
-    Var *clamped = ag_clamp(t, in[1], -0.5f, 0.5f);
+    Var *clamped = ag_affine(t, ag_clamp(t, in[1], -0.5f, 0.5f), -2.0f, 1.0f);
     Var *power = ag_scale(t, ag_pow(t, in[2], 2.5f), 0.7f);
-    Var *square = ag_mul(t, in[2], in[2]);
+    Var *square = ag_mul(t, in[2], ag_log(t, ag_mul(t, in[2], in[2])));
     return ag_add(t, ag_add(t, ag_mul(t, relu, clamped), power), square);
 }
 
@@ -570,27 +570,64 @@ static void test_errors(void) {
 
 /* ---- 7. PyTorch ---------------------------------------------------------------------------- */
 
-/* The model of tools/golden_autograd.py, parameter by parameter. */
-static const char *const golden_params[] = {"x", "w1", "b1", "ln_w", "ln_b", "wq", "wk", "wv",
-                                            "wo", "bo", "conv_w", "conv_b", "gn_w", "gn_b"};
-enum { N_PARAMS = 14 };
+/* A model of tools/golden_autograd.py over its parameters p and constants c, in the order of the
+ * name lists below. */
+typedef Var *(*GoldenModel)(Tape *t, Var **p, Var **c);
+
+typedef struct GoldenCase {
+    const char *prefix; /* of every tensor name in the file */
+    const char *const *params;
+    int n_params;
+    const char *const *consts;
+    int n_consts;
+    GoldenModel model;
+} GoldenCase;
+
+#define MAX_GOLDEN 16
+
+static const char *const attention_params[] = {"x", "w1", "b1", "ln_w", "ln_b", "wq", "wk",
+                                               "wv", "wo", "bo", "conv_w", "conv_b", "gn_w", "gn_b"};
+static const char *const attention_consts[] = {"cos", "sin"};
 
 /* x [1, 12, 8] -> linear 16 -> layernorm -> gelu -> attention (2 heads of 8, rope on q and k)
  * -> linear + residual -> image [1, 16, 3, 4] -> conv 3x3 -> groupnorm (4) -> silu ->
  * bilinear to 5x7 -> sigmoid -> mean(y^3) */
-static Var *golden_model(Tape *t, Var **p, Var *cos, Var *sin) {
+static Var *golden_model(Tape *t, Var **p, Var **c) {
     Var *h = ag_gelu(t, ag_layernorm(t, ag_linear(t, p[0], p[1], p[2]), p[3], p[4], 1e-5f), false);
     int64_t heads[4] = {1, 12, 2, 8};
-    Var *q = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[5], NULL), 4, heads), cos, sin);
-    Var *k = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[6], NULL), 4, heads), cos, sin);
+    Var *q = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[5], NULL), 4, heads), c[0], c[1]);
+    Var *k = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[6], NULL), 4, heads), c[0], c[1]);
     Var *v = ag_reshape(t, ag_linear(t, h, p[7], NULL), 4, heads);
     Var *a = ag_reshape(t, ag_attention(t, q, k, v, 1.0f / sqrtf(8.0f), false, NULL), 3,
                         (int64_t[]){1, 12, 16});
     h = ag_add(t, ag_linear(t, a, p[8], p[9]), h);
     Var *img = ag_reshape(t, ag_transpose(t, h, 1, 2), 4, (int64_t[]){1, 16, 3, 4});
-    Var *c = ag_silu(t, ag_groupnorm(t, ag_conv2d(t, img, p[10], p[11], 1, 1, 1), 4, p[12], p[13], 1e-6f));
-    Var *s = ag_sigmoid(t, ag_resize_bilinear(t, c, 5, 7));
+    Var *conv = ag_silu(t, ag_groupnorm(t, ag_conv2d(t, img, p[10], p[11], 1, 1, 1), 4, p[12], p[13], 1e-6f));
+    Var *s = ag_sigmoid(t, ag_resize_bilinear(t, conv, 5, 7));
     return ag_mean(t, ag_pow(t, s, 3.0f));
+}
+
+static const char *const detector_params[] = {"img", "conv_w", "conv_b", "bn_w", "bn_b", "dw_w",
+                                              "dw_b", "rms_w", "scale", "shift", "mm"};
+static const char *const detector_consts[] = {"inv_std", "offset", "bn_mean", "bn_var"};
+
+/* img [1, 3, 6, 5] -> (img + 1) / 2 in [0, 1] -> * inv_std + offset per channel -> conv 3x3
+ * stride 2 -> batchnorm -> relu -> upsample -> depthwise conv -> tokens [1, 36, 8] -> rmsnorm ->
+ * * scale + shift -> matmul [1, 8, 6] -> halves stacked [1, 72, 3] -> softmax p ->
+ * mean(-(1 - p)^2 log p) */
+static Var *detector_model(Tape *t, Var **p, Var **c) {
+    Var *x = ag_clamp(t, ag_affine(t, p[0], 0.5f, 0.5f), 0.0f, 1.0f);
+    x = ag_add_channels(t, ag_mul_channels(t, x, c[0]), c[1]);
+    x = ag_conv2d(t, x, p[1], p[2], 2, 1, 1);
+    x = ag_relu(t, ag_batchnorm_eval(t, x, c[2], c[3], p[3], p[4], 1e-5f));
+    x = ag_conv2d(t, ag_upsample_nearest2x(t, x), p[5], p[6], 1, 1, 8);
+    Var *tokens = ag_reshape(t, ag_permute(t, x, (const int[]){0, 2, 3, 1}), 3, (int64_t[]){1, 36, 8});
+    tokens = ag_add_rows(t, ag_mul_rows(t, ag_rmsnorm(t, tokens, p[7], 1e-6f), p[8]), p[9]);
+    tokens = ag_matmul(t, tokens, p[10]);
+    Var *halves[] = {ag_slice(t, tokens, 2, 3, 3), ag_slice(t, tokens, 2, 0, 3)};
+    Var *prob = ag_softmax(t, ag_concat(t, halves, 2, 1));
+    Var *focal = ag_mul(t, ag_pow(t, ag_affine(t, prob, -1.0f, 1.0f), 2.0f), ag_log(t, prob));
+    return ag_mean(t, ag_scale(t, focal, -1.0f));
 }
 
 static float max_abs(const float *x, size_t n) {
@@ -599,51 +636,61 @@ static float max_abs(const float *x, size_t n) {
     return m;
 }
 
+/* The tensor prefix+name of st as a new Tensor, or NULL (reported). */
+static Tensor *golden_tensor(const SafeTensors *st, const char *prefix, const char *name) {
+    char full[96];
+    snprintf(full, sizeof full, "%s%s", prefix, name);
+    const StTensor *info = st_find(st, full);
+    if (!info || info->ndim < 1 || info->ndim > TENSOR_MAX_DIMS) {
+        CHECK(0, "golden: %s missing or not 1..5-D", full);
+        return NULL;
+    }
+    float *values = golden_load(st, full, (size_t)info->numel);
+    Tensor *x = values ? tensor_new(info->ndim, info->shape) : NULL;
+    if (x) memcpy(x->data, values, (size_t)info->numel * sizeof(float));
+    free(values);
+    return x;
+}
+
+/* Runs one model on a tape and compares its loss and every parameter's gradient. */
+static void check_golden_case(const SafeTensors *st, const GoldenCase *g) {
+    Tape *t = tape_new();
+    Tensor *owned[2 * MAX_GOLDEN] = {0};
+    Var *p[MAX_GOLDEN], *c[MAX_GOLDEN];
+    bool loaded = true;
+    for (int i = 0; i < g->n_params + g->n_consts; i++) {
+        bool param = i < g->n_params;
+        owned[i] = golden_tensor(st, g->prefix, param ? g->params[i] : g->consts[i - g->n_params]);
+        loaded = loaded && owned[i];
+        if (param)
+            p[i] = var_new(t, owned[i], true);
+        else
+            c[i - g->n_params] = var_new(t, owned[i], false);
+    }
+    Var *loss = loaded ? g->model(t, p, c) : NULL;
+    Error e = {{0}};
+    if (loaded && (!loss || tape_backward(t, loss, &e))) CHECK(0, "golden %smodel: %s", g->prefix, e.msg);
+    for (int i = 0; loaded && loss && loss->grad && i <= g->n_params; i++) {
+        char name[96];
+        snprintf(name, sizeof name, i ? "%sgrad_%s" : "%sloss", g->prefix, i ? g->params[i - 1] : "");
+        const float *got = i ? p[i - 1]->grad->data : loss->value->data;
+        size_t n = i ? (size_t)p[i - 1]->value->numel : 1;
+        float *want = golden_load(st, name, n);
+        if (want) check_close(name, got, want, n, GOLDEN_RTOL, GOLDEN_ATOL * max_abs(want, n));
+        free(want);
+    }
+    tape_free(t);
+    for (int i = 0; i < g->n_params + g->n_consts; i++) tensor_free(owned[i]);
+}
+
 static void test_golden(void) {
     SafeTensors *st = golden_open(GOLDEN_PATH);
     if (!st) return;
-    Tape *t = tape_new();
-    Tensor *owned[N_PARAMS + 2] = {0};
-    Var *p[N_PARAMS];
-    bool loaded = true;
-    for (int i = 0; i < N_PARAMS + 2; i++) {
-        const char *name = i < N_PARAMS ? golden_params[i] : i == N_PARAMS ? "cos" : "sin";
-        const StTensor *info = st_find(st, name);
-        float *values = info ? golden_load(st, name, (size_t)info->numel) : NULL;
-        if (!values || info->ndim > TENSOR_MAX_DIMS) {
-            CHECK(0, "golden: %s missing", name);
-            loaded = false;
-            free(values);
-            continue;
-        }
-        owned[i] = tensor_new(info->ndim, info->shape);
-        memcpy(owned[i]->data, values, (size_t)info->numel * sizeof(float));
-        free(values);
-        if (i < N_PARAMS) p[i] = var_new(t, owned[i], true);
-    }
-    if (loaded) {
-        Var *cos = var_new(t, owned[N_PARAMS], false), *sin = var_new(t, owned[N_PARAMS + 1], false);
-        Var *loss = golden_model(t, p, cos, sin);
-        Error e = {{0}};
-        if (!loss || tape_backward(t, loss, &e)) {
-            CHECK(0, "golden model: %s", loss ? e.msg : "forward failed");
-        } else {
-            float *want = golden_load(st, "loss", 1);
-            if (want) check_close("golden loss", loss->value->data, want, 1, GOLDEN_RTOL, 0.0f);
-            free(want);
-            for (int i = 0; i < N_PARAMS; i++) {
-                char name[64];
-                snprintf(name, sizeof name, "grad_%s", golden_params[i]);
-                size_t n = (size_t)p[i]->value->numel;
-                want = golden_load(st, name, n);
-                if (want)
-                    check_close(name, p[i]->grad->data, want, n, GOLDEN_RTOL, GOLDEN_ATOL * max_abs(want, n));
-                free(want);
-            }
-        }
-    }
-    tape_free(t);
-    for (int i = 0; i < N_PARAMS + 2; i++) tensor_free(owned[i]);
+    GoldenCase cases[] = {
+        {"", attention_params, 14, attention_consts, 2, golden_model},
+        {"det.", detector_params, 11, detector_consts, 4, detector_model},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) check_golden_case(st, &cases[i]);
     st_close(st);
 }
 
