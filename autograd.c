@@ -103,7 +103,12 @@ static void *fail(Tape *t, const char *fmt, ...) {
 /* A zeroed tensor counted as `kind` on t; NULL (and t failed) when it cannot be made. */
 static Tensor *tape_tensor(Tape *t, enum MemKind kind, int ndim, const int64_t *shape) {
     Tensor *x = tensor_new(ndim, shape);
-    if (!x) return fail(t, "out of memory (a tensor of %d dims)", ndim);
+    if (!x) {
+        Tensor header = {.ndim = ndim};
+        memcpy(header.shape, shape, (size_t)ndim * sizeof *shape);
+        char s[64];
+        return fail(t, "cannot allocate a tensor %s (out of memory?)", tensor_shape_str(&header, s, sizeof s));
+    }
     account(t, kind, tensor_bytes(x), true);
     return x;
 }
@@ -392,12 +397,10 @@ int tape_backward(Tape *t, Var *loss, Error *e) {
     }
     var_keep(loss);
     float one = 1.0f;
-    Tensor seed = {.data = &one, .ndim = 1, .shape = {1}, .numel = 1};
-    Tensor *dout = tensor_reshape(&seed, loss->value->ndim, loss->value->shape);
-    if (!dout) return error_set(e, "backward: out of memory");
-    int rc = backward_run(t, loss, dout, e);
-    tensor_free(dout);
-    return rc;
+    Tensor seed = *loss->value; /* the loss's shape over the value 1 */
+    seed.data = &one;
+    seed.owns_data = false;
+    return backward_run(t, loss, &seed, e);
 }
 
 int tape_backward_from(Tape *t, Var *out, const Tensor *dout, Error *e) {

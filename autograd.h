@@ -9,7 +9,20 @@
  *
  * Errors: an op that fails (wrong shape, out of memory, a NULL or released input) returns NULL
  * and records a message in the tape; every later op on that tape returns NULL at once, so a
- * caller can chain ops and check once with tape_check. A failed tape stays failed: free it. */
+ * caller can chain ops and check once with tape_check. A failed tape stays failed: free it.
+ *
+ * One guided step, say:
+ *     Tape *t = tape_new();
+ *     Var *x = var_new(t, latent, true);              wants d loss / d latent
+ *     Var *img = vae_decode(t, vae, x);               ag_* ops, ag_checkpoint per block
+ *     Var *loss = ag_mean(t, ag_pow(t, detector(t, det, img), 2.0f));
+ *     if (tape_check(t, e) || tape_backward(t, loss, e)) ...;
+ *     read x->grad, then tape_free(t).
+ * Parameters are leaves over the model's tensors (requires_grad false when only the input's
+ * gradient is wanted: their backward work is then skipped). A Var may be used on another tape
+ * than its own (parameter Vars on a long-lived tape, graphs on per-step tapes) as long as it
+ * outlives them; its gradient accumulates across them. Values made with grad off stay until
+ * tape_free: run long no-grad passes block by block through ag_checkpoint, or on short tapes. */
 #ifndef DIAMOND_AUTOGRAD_H
 #define DIAMOND_AUTOGRAD_H
 
