@@ -446,6 +446,16 @@ static void test_backward_frees(void) {
     rc = tape_backward(t, ag_sum(t, kept), &e);
     CHECK(rc == 0 && tape_stats(t).pending_nodes == 0, "a kept value can start another graph");
     tape_free(t);
+
+    /* a loss that is a view keeps the data it views */
+    t = tape_new();
+    Var *sum = ag_sum(t, ag_silu(t, var_new(t, xt, true)));
+    float want = sum->value->data[0];
+    Var *view = ag_reshape(t, sum, 2, (int64_t[]){1, 1});
+    rc = tape_backward(t, view, &e);
+    CHECK(rc == 0 && view->value && view->value->data == sum->value->data && view->value->data[0] == want,
+          "a loss that views another Var stays readable after backward");
+    tape_free(t);
     tensor_free(xt);
 }
 
