@@ -678,8 +678,11 @@ Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin) {
         return NULL;
     const Tensor *xv = x->value;
     char s1[64], s2[64], s3[64];
-    int64_t want[2] = {xv->ndim == 4 ? xv->shape[1] : 0, xv->ndim == 4 ? xv->shape[3] / 2 : 0};
-    Tensor table = {.ndim = 2, .shape = {want[0], want[1]}};
+    Tensor table = {.ndim = 2}; /* the shape cos and sin must have: [N, D/2] */
+    if (xv->ndim == 4) {
+        table.shape[0] = xv->shape[1];
+        table.shape[1] = xv->shape[3] / 2;
+    }
     if (xv->ndim != 4 || xv->shape[3] % 2 || !tensor_same_shape(cos->value, &table) ||
         !tensor_same_shape(sin->value, &table))
         return fail(t, "rope: x %s must be [B, N, H, D] with D even, and cos %s, sin %s [N, D/2]",
