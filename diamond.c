@@ -1,4 +1,5 @@
 /* diamond.c - the command line: DIAMOND sampling, model inspection and benchmarks. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,6 +149,224 @@ static int info_main(int argc, char **argv) {
 
 /* ---- section: bench (each kernel work adds its benchmark here) ---- */
 
+/* Parses a whole decimal argument in [lo, hi]; 0 on success. */
+static int bench_parse_int(const char *s, int lo, int hi, int *out) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0' || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* One positive integer option of `bench conv`; 0 on success, an error message otherwise. */
+static int bench_conv_arg(const char *text, const char *name, int min, int *out) {
+    char *end;
+    long v = strtol(text, &end, 10);
+    if (*text == '\0' || *end != '\0' || v < min || v > 1000000) {
+        fprintf(stderr, "diamond bench conv: %s must be an integer >= %d, got '%s'\n", name, min,
+                text);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* Applies `--threads T` when it is the option at argv[i]; returns 0 when handled. */
+static int bench_threads_option(int argc, char **argv, int i, int *threads) {
+    if (strcmp(argv[i], "--threads") || i + 1 >= argc || bench_parse_int(argv[i + 1], 1, 1024, threads))
+        return -1;
+#ifdef _OPENMP
+    omp_set_num_threads(*threads);
+#else
+    fprintf(stderr, "note: built without OpenMP, --threads %d ignored (1 thread)\n", *threads);
+    *threads = 1;
+#endif
+    return 0;
+}
+
+static int bench_threads_now(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Times `run` repeatedly after one warm-up: about half a second in all, 3 to 50 repetitions.
+ * Fills best and median in seconds. */
+static void bench_time(void (*run)(void *), void *ctx, double *best, double *median) {
+    double t0 = now_seconds();
+    run(ctx);
+    double warm = now_seconds() - t0;
+    int reps = warm > 0.5 / 3 ? 3 : warm * 50 < 0.5 ? 50 : (int)(0.5 / warm);
+    double times[50];
+    for (int r = 0; r < reps; r++) {
+        t0 = now_seconds();
+        run(ctx);
+        times[r] = now_seconds() - t0;
+    }
+    qsort(times, (size_t)reps, sizeof times[0], compare_doubles);
+    *best = times[0];
+    *median = times[reps / 2];
+}
+
+typedef struct AttentionBench {
+    AttentionShape shape;
+    float scale;
+    float *q, *k, *v, *out, *lse, *dout, *dq, *dk, *dv;
+} AttentionBench;
+
+static void attention_bench_forward(void *ctx) {
+    AttentionBench *a = ctx;
+    attention_forward(&a->shape, a->scale, a->q, a->k, a->v, a->out, a->lse);
+}
+
+static void attention_bench_backward(void *ctx) {
+    AttentionBench *a = ctx;
+    attention_backward(&a->shape, a->scale, a->q, a->k, a->v, a->out, a->lse, a->dout, a->dq, a->dk,
+                       a->dv);
+}
+
+/* diamond bench attention B HEADS N HEAD_DIM [--threads T]: self-attention, q_len = kv_len = N,
+ * no mask. Forward flops 4 B H N^2 D (two products); backward 10 B H N^2 D (five, one of them
+ * the recomputed scores; the dq and dk/dv passes each recompute scores and dP, counted once). */
+static int bench_attention(int argc, char **argv) {
+    AttentionBench a = {0};
+    int B, H, N, D, threads = bench_threads_now();
+    if (argc < 7 || bench_parse_int(argv[3], 1, 1 << 16, &B) || bench_parse_int(argv[4], 1, 1 << 12, &H) ||
+        bench_parse_int(argv[5], 1, 1 << 20, &N) || bench_parse_int(argv[6], 1, 1 << 12, &D)) {
+        fprintf(stderr, "diamond: usage: diamond bench attention B HEADS N HEAD_DIM [--threads T]\n");
+        return 2;
+    }
+    for (int i = 7; i < argc; i += 2)
+        if (bench_threads_option(argc, argv, i, &threads)) {
+            fprintf(stderr, "diamond: bench attention: bad option '%s' (expected --threads T)\n", argv[i]);
+            return 2;
+        }
+    a.shape = (AttentionShape){B, H, H, N, N, D, false, NULL};
+    a.scale = 1.0f / sqrtf((float)D);
+    size_t n = (size_t)B * N * H * D;
+    float **arrays[] = {&a.q, &a.k, &a.v, &a.out, &a.dout, &a.dq, &a.dk, &a.dv};
+    bool ok = (a.lse = malloc((size_t)B * H * N * sizeof(float))) != NULL;
+    for (size_t i = 0; i < sizeof arrays / sizeof *arrays; i++) ok &= (*arrays[i] = calloc(n, sizeof(float))) != NULL;
+    if (ok) {
+        unsigned long long state = 42;
+        float *inputs[] = {a.q, a.k, a.v, a.dout};
+        for (int t = 0; t < 4; t++)
+            for (size_t i = 0; i < n; i++) {
+                state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+                inputs[t][i] = (float)((state >> 40) & 0xFFFF) / 32768.0f - 1.0f;
+            }
+        double fwd_best, fwd_median, bwd_best, bwd_median;
+        bench_time(attention_bench_forward, &a, &fwd_best, &fwd_median);
+        bench_time(attention_bench_backward, &a, &bwd_best, &bwd_median);
+        double flops = 4.0 * B * H * (double)N * N * D;
+        printf("attention B=%d H=%d N=%d D=%d threads=%d backward best=%.3f ms median=%.3f ms "
+               "(%.1f GFLOP/s at 10 B H N^2 D flops)\n",
+               B, H, N, D, threads, 1e3 * bwd_best, 1e3 * bwd_median, 2.5 * flops / bwd_best * 1e-9);
+        printf("attention B=%d H=%d N=%d D=%d threads=%d forward best=%.3f ms median=%.3f ms GFLOPS=%.1f\n",
+               B, H, N, D, threads, 1e3 * fwd_best, 1e3 * fwd_median, flops / fwd_best * 1e-9);
+    } else {
+        fprintf(stderr, "diamond: bench attention: out of memory for B=%d H=%d N=%d D=%d\n", B, H, N, D);
+    }
+    free(a.lse);
+    for (size_t i = 0; i < sizeof arrays / sizeof *arrays; i++) free(*arrays[i]);
+    return ok ? 0 : 1;
+}
+
+/* The best of a few runs (at least 3, or 1 s): the least disturbed by other processes. */
+static double bench_conv_best(const Conv2dShape *s, bool backward, const float *x, const float *w,
+                              const float *b, float *y, const float *dy, float *dx, float *dw,
+                              float *db) {
+    double best = 1e30, spent = 0.0;
+    for (int run = 0; run < 3 || (spent < 1.0 && run < 100); run++) {
+        double t0 = now_seconds();
+        conv2d_forward(s, x, w, b, y);
+        if (backward) conv2d_backward(s, x, w, dy, dx, dw, db);
+        double t = now_seconds() - t0;
+        spent += t;
+        if (t < best) best = t;
+    }
+    return best;
+}
+
+/* diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]: a square conv on
+ * random data. args are the words after "conv". */
+static int bench_conv(int argc, char **argv) {
+    static const char *names[] = {"B", "CIN", "H", "W", "COUT", "K", "STRIDE", "PAD"};
+    int v[8], groups = 1, threads = 0;
+    if (argc < 8) {
+        fputs("usage: diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n",
+              stderr);
+        return 2;
+    }
+    for (int i = 0; i < 8; i++)
+        if (bench_conv_arg(argv[i], names[i], i == 7 ? 0 : 1, &v[i])) return 2;
+    for (int i = 8; i < argc; i++) {
+        bool has_value = i + 1 < argc;
+        if (!strcmp(argv[i], "--groups") && has_value) {
+            if (bench_conv_arg(argv[++i], "--groups", 1, &groups)) return 2;
+        } else if (!strcmp(argv[i], "--threads") && has_value) {
+            if (bench_conv_arg(argv[++i], "--threads", 1, &threads)) return 2;
+        } else {
+            fprintf(stderr, "diamond bench conv: unknown or incomplete option '%s'\n", argv[i]);
+            return 2;
+        }
+    }
+    Conv2dShape s = {v[0], v[1], v[2], v[3], v[4], v[5], v[5], v[6], v[6], v[7], v[7], groups};
+    int Ho = conv2d_out_h(&s), Wo = conv2d_out_w(&s);
+    if (s.in_ch % groups || s.out_ch % groups || Ho < 1 || Wo < 1) {
+        fprintf(stderr, "diamond bench conv: CIN and COUT must be multiples of G and the kernel "
+                        "must fit the padded input\n");
+        return 2;
+    }
+#ifdef _OPENMP
+    if (threads) omp_set_num_threads(threads);
+    threads = omp_get_max_threads();
+#else
+    threads = 1;
+#endif
+    size_t nx = (size_t)s.batch * s.in_ch * s.in_h * s.in_w,
+           ny = (size_t)s.batch * s.out_ch * Ho * Wo;
+    size_t nw = (size_t)s.out_ch * (s.in_ch / groups) * s.kernel_h * s.kernel_w;
+    float *x = malloc(nx * sizeof *x), *dx = calloc(nx, sizeof *dx);
+    float *y = malloc(ny * sizeof *y), *dy = malloc(ny * sizeof *dy);
+    float *w = malloc(nw * sizeof *w), *dw = calloc(nw, sizeof *dw);
+    float *b = malloc((size_t)s.out_ch * sizeof *b), *db = calloc((size_t)s.out_ch, sizeof *db);
+    int status = 1;
+    if (!x || !dx || !y || !dy || !w || !dw || !b || !db) {
+        fprintf(stderr, "diamond bench conv: out of memory for the tensors\n");
+        goto done;
+    }
+    unsigned state = 1;
+    float *inputs[] = {x, dy, w, b};
+    size_t counts[] = {nx, ny, nw, (size_t)s.out_ch};
+    for (int k = 0; k < 4; k++)
+        for (size_t i = 0; i < counts[k]; i++) {
+            state = state * 1664525u + 1013904223u;
+            inputs[k][i] = (float)(state >> 8) / (float)(1u << 24) - 0.5f;
+        }
+    double flops = 2.0 * ny * (s.in_ch / groups) * s.kernel_h * s.kernel_w;
+    double fwd = bench_conv_best(&s, false, x, w, b, y, dy, dx, dw, db);
+    double both = bench_conv_best(&s, true, x, w, b, y, dy, dx, dw, db);
+    printf("conv B=%d Cin=%d %dx%d -> Cout=%d %dx%d, k=%d stride=%d pad=%d groups=%d threads=%d\n",
+           s.batch, s.in_ch, s.in_h, s.in_w, s.out_ch, Ho, Wo, s.kernel_h, s.stride_h, s.pad_h,
+           groups, threads);
+    printf("forward          %10.3f ms\n", 1e3 * fwd);
+    printf("forward+backward %10.3f ms  (%.1f GFLOPS counting 3x the forward's flops)\n",
+           1e3 * both, 3.0 * flops / both * 1e-9);
+    printf("forward GFLOPS=%.1f\n", flops / fwd * 1e-9);
+    status = 0;
+done:
+    free(x), free(dx), free(y), free(dy), free(w), free(dw), free(b), free(db);
+    return status;
+}
+
 /* ---- end section: bench ---- */
 
 int main(int argc, char **argv) {
@@ -155,8 +374,13 @@ int main(int argc, char **argv) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    (void)now_seconds;
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "bench")) {
+        if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
+        if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc - 3, argv + 3);
+        fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n", argc >= 3 ? argv[2] : "");
+        return 2;
+    }
     fprintf(stderr, "diamond: unknown command '%s' (see diamond --help)\n", argv[1]);
     return 2;
 }

@@ -85,6 +85,46 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len) {
     return buf;
 }
 
+/* ---- helpers shared by the kernels ------------------------------------------------------ */
+
+/* Loops wake the threads only past this much work: floats of cheap arithmetic, or elements
+ * that each take an exp or erfc. */
+#define PARALLEL_MIN ((size_t)1 << 15)
+#define PARALLEL_MIN_MATH ((size_t)1 << 12)
+
+/* The kernels have no status to return: when scratch memory runs out they poison their
+ * outputs with NaN, so the failure cannot pass for a result. */
+static void fill_nan(float *p, size_t n) {
+    for (size_t i = 0; p && i < n; i++) p[i] = NAN;
+}
+
+/* e^x for x <= 0, the only exponentials sigmoid, SiLU, GELU, softmax and attention need (they
+ * never overflow), to ~2 ulp in plain C that compilers vectorise, unlike a call to expf.
+ * x = n ln2 + r with |r| <= ln2/2; e^r by its Taylor series to degree 7 (truncation < 1e-8);
+ * 2^n goes straight into the exponent bits. Below -87.3 e^x is subnormal and flushes to 0,
+ * positive x saturates at 1, NaN stays NaN (and never reaches the integer conversion). */
+static inline float exp_nonpositive(float x) {
+    float xc = x > -87.3f ? x : -87.3f;
+    xc = xc < 0.0f ? xc : 0.0f;
+    /* round to the nearest integer by adding and removing 1.5 * 2^23 */
+    float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
+    /* ln2 = 0.693359375 - 2.12194440e-4: the first part has 9 bits, so n times it is exact */
+    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    float y = p * two_n;
+    return x < -87.3f ? 0.0f : (x == x ? y : x);
+}
+
 /* ---- section: GEMM (owned by the gemm work) --------------------------------------------- */
 
 void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
@@ -112,25 +152,954 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 
 /* ---- section: conv2d (owned by the conv work) ------------------------------------------- */
 
+/* Convolution as GEMM over bands of output pixels (torch.nn.functional.conv2d semantics: zero
+ * padding, no dilation). For each image and group the output pixels p = oh*Wo + ow are taken in
+ * bands of consecutive pixels; im2col_band copies the receptive fields of one band into
+ * col: [K, n] with K = Cin/g*kh*kw, and one GEMM gives y_band[Cout/g, n] = w_g[Cout/g, K] col.
+ *
+ * Scratch bound: a band holds n = min(Ho*Wo, max(CONV_BAND_MIN_PIXELS, CONV_COL_BUDGET / K))
+ * pixels, so col takes at most max(4 MiB, 512 * K bytes): 4 MiB for a 3x3 conv over 128 or 512
+ * channels at any image size. Forward and backward each use one such buffer (backward reuses it
+ * for x's columns and then for their gradient). A 1x1 stride-1 unpadded conv needs no col: its
+ * col is x itself. Depthwise convs take a direct loop and Wo*kh*kw floats per thread. */
+#define CONV_COL_BUDGET      (1 << 20) /* floats in one im2col band: 4 MiB */
+#define CONV_BAND_MIN_PIXELS 128       /* thinner bands starve the GEMM */
+
+/* Threads only split independent outputs (col rows, dx planes, channels), and only when the
+ * loop touches more than PARALLEL_MIN floats. */
+
+/* Output length along one axis; 0 when the kernel does not fit the padded input. */
+static int conv_out_len(int in, int kernel, int stride, int pad) {
+    if (in < 0 || kernel < 1 || stride < 1 || pad < 0 || in + 2 * pad < kernel) return 0;
+    return (in + 2 * pad - kernel) / stride + 1;
+}
+
+int conv2d_out_h(const Conv2dShape *s) {
+    return conv_out_len(s->in_h, s->kernel_h, s->stride_h, s->pad_h);
+}
+
+int conv2d_out_w(const Conv2dShape *s) {
+    return conv_out_len(s->in_w, s->kernel_w, s->stride_w, s->pad_w);
+}
+
+/* The sizes every conv kernel below works with, derived once from the shape. */
+typedef struct ConvDims {
+    int out_h, out_w, pixels; /* the output plane: Ho, Wo, Ho*Wo */
+    int in_plane;             /* H*W */
+    int in_per_group, out_per_group;
+    int col_rows;   /* K = Cin/g*kh*kw: the GEMM's reduction length */
+    int band;       /* output pixels per im2col band */
+    bool pointwise; /* 1x1, stride 1, no padding: col is x itself */
+} ConvDims;
+
+static ConvDims conv_dims(const Conv2dShape *s) {
+    ConvDims d;
+    d.out_h = conv2d_out_h(s);
+    d.out_w = conv2d_out_w(s);
+    d.pixels = d.out_h * d.out_w;
+    d.in_plane = s->in_h * s->in_w;
+    d.in_per_group = s->in_ch / s->groups;
+    d.out_per_group = s->out_ch / s->groups;
+    d.col_rows = d.in_per_group * s->kernel_h * s->kernel_w;
+    d.pointwise = s->kernel_h == 1 && s->kernel_w == 1 && s->stride_h == 1 && s->stride_w == 1 &&
+                  s->pad_h == 0 && s->pad_w == 0;
+    int band = CONV_COL_BUDGET / (d.col_rows > 0 ? d.col_rows : 1);
+    if (band < CONV_BAND_MIN_PIXELS) band = CONV_BAND_MIN_PIXELS;
+    d.band = d.pointwise || band > d.pixels ? d.pixels : band;
+    return d;
+}
+
+/* Nothing to compute: an empty output, or a shape the kernels cannot take. */
+static bool conv_shape_empty(const Conv2dShape *s) {
+    return s->batch < 1 || s->groups < 1 || s->in_ch < s->groups || s->out_ch < s->groups ||
+           s->in_ch % s->groups || s->out_ch % s->groups || conv2d_out_h(s) < 1 ||
+           conv2d_out_w(s) < 1;
+}
+
+static bool conv_is_depthwise(const Conv2dShape *s) {
+    return s->groups == s->in_ch && s->out_ch == s->in_ch;
+}
+
+/* Output positions o in [*lo, *hi) whose input position o*stride + offset lies in [0, in_len);
+ * the others read zero padding. */
+static void conv_valid_range(int out_len, int in_len, int stride, int offset, int *lo, int *hi) {
+    int first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+    int end = in_len - offset <= 0 ? 0 : (in_len - 1 - offset) / stride + 1;
+    *lo = first < out_len ? first : out_len;
+    *hi = end < out_len ? end : out_len;
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Row primitives of the im2col and depthwise loops. The stride-1 case is split out because it
+ * is the common one and the compiler vectorises it; the strided loop is the same formula. */
+
+/* dst[t] = src[t * stride] */
+static void gather_row(int n, const float *restrict src, int stride, float *restrict dst) {
+    if (stride == 1)
+        memcpy(dst, src, (size_t)n * sizeof *dst);
+    else
+        for (int t = 0; t < n; t++) dst[t] = src[(size_t)t * stride];
+}
+
+/* dst[t * stride] += a * src[t] */
+static void scatter_axpy_row(int n, float a, const float *restrict src, float *restrict dst,
+                             int stride) {
+    if (stride == 1)
+        for (int t = 0; t < n; t++) dst[t] += a * src[t];
+    else
+        for (int t = 0; t < n; t++) dst[(size_t)t * stride] += a * src[t];
+}
+
+/* dst[t] += a * src[t * stride] */
+static void gather_axpy_row(int n, float a, const float *restrict src, int stride,
+                            float *restrict dst) {
+    if (stride == 1)
+        for (int t = 0; t < n; t++) dst[t] += a * src[t];
+    else
+        for (int t = 0; t < n; t++) dst[t] += a * src[(size_t)t * stride];
+}
+
+/* acc[t] += dy[t] * src[t * stride] */
+static void gather_mul_add_row(int n, const float *restrict dy, const float *restrict src,
+                               int stride, float *restrict acc) {
+    if (stride == 1)
+        for (int t = 0; t < n; t++) acc[t] += dy[t] * src[t];
+    else
+        for (int t = 0; t < n; t++) acc[t] += dy[t] * src[(size_t)t * stride];
+}
+
+/* x: [C, H, W] (one image, the channels of one group) -> col: [C*kh*kw, n] for the band of
+ * output pixels p = oh*Wo + ow in [p0, p0 + n):
+ * col[(c*kh + i)*kw + j][p - p0] = x[c, oh*sh - ph + i, ow*sw - pw + j], 0 in the padding.
+ * A band may start and end mid-row, so each col row is filled one output-row piece at a time. */
+static void im2col_band(const Conv2dShape *s, const ConvDims *d, const float *x, int p0, int n,
+                        float *col) {
+    int kh = s->kernel_h, kw = s->kernel_w, H = s->in_h, W = s->in_w, Wo = d->out_w;
+#pragma omp parallel for schedule(static) if ((size_t)d->col_rows * n > PARALLEL_MIN)
+    for (int r = 0; r < d->col_rows; r++) {
+        int j = r % kw, i = r / kw % kh, c = r / (kw * kh);
+        const float *plane = x + (size_t)c * d->in_plane;
+        int lo_j, hi_j;
+        conv_valid_range(Wo, W, s->stride_w, j - s->pad_w, &lo_j, &hi_j);
+        for (int p = p0, next; p < p0 + n; p = next) {
+            int oh = p / Wo, ow0 = p % Wo;
+            int ow1 = ow0 + (p0 + n - p) < Wo ? ow0 + (p0 + n - p) : Wo;
+            next = p + (ow1 - ow0);
+            float *out = col + (size_t)r * n + (p - p0); /* out[ow - ow0] */
+            int ih = oh * s->stride_h - s->pad_h + i;
+            int lo = lo_j > ow0 ? lo_j : ow0, hi = hi_j < ow1 ? hi_j : ow1;
+            if (ih < 0 || ih >= H || hi < lo) lo = hi = ow1; /* the whole piece is padding */
+            memset(out, 0, (size_t)(lo - ow0) * sizeof *out);
+            if (hi > lo)
+                gather_row(hi - lo, plane + (size_t)ih * W + lo * s->stride_w + j - s->pad_w,
+                           s->stride_w, out + (lo - ow0));
+            memset(out + (hi - ow0), 0, (size_t)(ow1 - hi) * sizeof *out);
+        }
+    }
+}
+
+/* The adjoint of im2col_band: dx[C, H, W] += col2im(dcol[C*kh*kw, n]). Threads split the
+ * channels, each of which owns its kh*kw rows of dcol and its dx plane, so every dx element
+ * is summed by one thread in a fixed order. */
+static void col2im_band_add(const Conv2dShape *s, const ConvDims *d, const float *dcol, int p0,
+                            int n, float *dx) {
+    int kh = s->kernel_h, kw = s->kernel_w, H = s->in_h, W = s->in_w, Wo = d->out_w;
+#pragma omp parallel for schedule(static) if ((size_t)d->col_rows * n > PARALLEL_MIN)
+    for (int c = 0; c < d->in_per_group; c++) {
+        float *plane = dx + (size_t)c * d->in_plane;
+        for (int r = c * kh * kw; r < (c + 1) * kh * kw; r++) {
+            int j = r % kw, i = r / kw % kh;
+            int lo_j, hi_j;
+            conv_valid_range(Wo, W, s->stride_w, j - s->pad_w, &lo_j, &hi_j);
+            for (int p = p0, next; p < p0 + n; p = next) {
+                int oh = p / Wo, ow0 = p % Wo;
+                int ow1 = ow0 + (p0 + n - p) < Wo ? ow0 + (p0 + n - p) : Wo;
+                next = p + (ow1 - ow0);
+                int ih = oh * s->stride_h - s->pad_h + i;
+                int lo = lo_j > ow0 ? lo_j : ow0, hi = hi_j < ow1 ? hi_j : ow1;
+                if (ih < 0 || ih >= H || hi <= lo) continue;
+                const float *src = dcol + (size_t)r * n + (p - p0) + (lo - ow0);
+                scatter_axpy_row(hi - lo, 1.0f, src,
+                                 plane + (size_t)ih * W + lo * s->stride_w + j - s->pad_w,
+                                 s->stride_w);
+            }
+        }
+    }
+}
+
+/* y[c, t] += bias[c] for a band: y: [channels, n] with row stride ld. */
+static void add_bias_band(int channels, int n, const float *bias, float *y, int ld) {
+    for (int c = 0; c < channels; c++) {
+        float *row = y + (size_t)c * ld;
+        for (int t = 0; t < n; t++) row[t] += bias[c];
+    }
+}
+
+/* db[c] += sum of dy[:, c, :, :], each channel summed in double in a fixed order.
+ * dy: [B, Cout, pixels] -> db: [Cout] */
+static void conv_bias_backward(int batch, int channels, int pixels, const float *dy, float *db) {
+#pragma omp parallel for schedule(static) if ((size_t)batch * channels * pixels > PARALLEL_MIN)
+    for (int c = 0; c < channels; c++) {
+        double sum = 0.0;
+        for (int b = 0; b < batch; b++) {
+            const float *plane = dy + ((size_t)b * channels + c) * pixels;
+            for (int p = 0; p < pixels; p++) sum += plane[p];
+        }
+        db[c] += (float)sum;
+    }
+}
+
+/* x: [B, Cin, H, W], w: [Cout, K] -> y: [B, Cout, Ho, Wo], one GEMM per band per group:
+ * y_band[Cout/g, n] = w_g[Cout/g, K] col[K, n]. */
+static void conv_gemm_forward(const Conv2dShape *s, const ConvDims *d, const float *x,
+                              const float *w, const float *b, float *y) {
+    float *col = d->pointwise ? NULL : malloc((size_t)d->col_rows * d->band * sizeof *col);
+    if (!d->pointwise && !col) {
+        fill_nan(y, (size_t)s->batch * s->out_ch * d->pixels);
+        return;
+    }
+    for (int bi = 0; bi < s->batch; bi++)
+        for (int g = 0; g < s->groups; g++) {
+            const float *x_g =
+                x + ((size_t)bi * s->in_ch + (size_t)g * d->in_per_group) * d->in_plane;
+            const float *w_g = w + (size_t)g * d->out_per_group * d->col_rows;
+            float *y_g = y + ((size_t)bi * s->out_ch + (size_t)g * d->out_per_group) * d->pixels;
+            for (int p0 = 0; p0 < d->pixels; p0 += d->band) {
+                int n = d->pixels - p0 < d->band ? d->pixels - p0 : d->band;
+                const float *col_band = d->pointwise ? x_g + p0 : col;
+                int ld_col = d->pointwise ? d->pixels : n;
+                if (!d->pointwise) im2col_band(s, d, x_g, p0, n, col);
+                gemm(false, false, d->out_per_group, n, d->col_rows, 1.0f, w_g, d->col_rows,
+                     col_band, ld_col, 0.0f, y_g + p0, d->pixels);
+                if (b)
+                    add_bias_band(d->out_per_group, n, b + (size_t)g * d->out_per_group, y_g + p0,
+                                  d->pixels);
+            }
+        }
+    free(col);
+}
+
+/* dy: [B, Cout, Ho, Wo] -> dw_g[Cout/g, K] += dy_band col^T and dx += col2im(w_g^T dy_band),
+ * band after band in a fixed order. One scratch buffer serves first as x's columns (for dw),
+ * then as their gradient (for dx); a pointwise conv reads x and accumulates into dx directly. */
+static void conv_gemm_backward(const Conv2dShape *s, const ConvDims *d, const float *x,
+                               const float *w, const float *dy, float *dx, float *dw) {
+    float *col = d->pointwise ? NULL : malloc((size_t)d->col_rows * d->band * sizeof *col);
+    if (!d->pointwise && !col) {
+        fill_nan(dx, (size_t)s->batch * s->in_ch * d->in_plane);
+        fill_nan(dw, (size_t)s->out_ch * d->col_rows);
+        return;
+    }
+    for (int bi = 0; bi < s->batch; bi++)
+        for (int g = 0; g < s->groups; g++) {
+            size_t x_offset = ((size_t)bi * s->in_ch + (size_t)g * d->in_per_group) * d->in_plane;
+            const float *w_g = w + (size_t)g * d->out_per_group * d->col_rows;
+            const float *dy_g =
+                dy + ((size_t)bi * s->out_ch + (size_t)g * d->out_per_group) * d->pixels;
+            for (int p0 = 0; p0 < d->pixels; p0 += d->band) {
+                int n = d->pixels - p0 < d->band ? d->pixels - p0 : d->band;
+                if (dw) {
+                    const float *col_band = d->pointwise ? x + x_offset + p0 : col;
+                    int ld_col = d->pointwise ? d->pixels : n;
+                    if (!d->pointwise) im2col_band(s, d, x + x_offset, p0, n, col);
+                    gemm(false, true, d->out_per_group, d->col_rows, n, 1.0f, dy_g + p0, d->pixels,
+                         col_band, ld_col, 1.0f, dw + (size_t)g * d->out_per_group * d->col_rows,
+                         d->col_rows);
+                }
+                if (dx && d->pointwise) {
+                    gemm(true, false, d->col_rows, n, d->out_per_group, 1.0f, w_g, d->col_rows,
+                         dy_g + p0, d->pixels, 1.0f, dx + x_offset + p0, d->pixels);
+                } else if (dx) {
+                    gemm(true, false, d->col_rows, n, d->out_per_group, 1.0f, w_g, d->col_rows,
+                         dy_g + p0, d->pixels, 0.0f, col, n);
+                    col2im_band_add(s, d, col, p0, n, dx + x_offset);
+                }
+            }
+        }
+    free(col);
+}
+
+/* One channel: x: [H, W], w: [kh, kw] -> y: [Ho, Wo] = bias + sum over taps of w[i, j] times the
+ * shifted (and strided) input rows. */
+static void depthwise_plane_forward(const Conv2dShape *s, const ConvDims *d, const float *x,
+                                    const float *w, float bias, float *y) {
+    int W = s->in_w, Wo = d->out_w;
+    for (int oh = 0; oh < d->out_h; oh++) {
+        float *row = y + (size_t)oh * Wo;
+        for (int ow = 0; ow < Wo; ow++) row[ow] = bias;
+        for (int i = 0; i < s->kernel_h; i++) {
+            int ih = oh * s->stride_h - s->pad_h + i;
+            if (ih < 0 || ih >= s->in_h) continue;
+            for (int j = 0; j < s->kernel_w; j++) {
+                int lo, hi;
+                conv_valid_range(Wo, W, s->stride_w, j - s->pad_w, &lo, &hi);
+                if (hi > lo)
+                    gather_axpy_row(hi - lo, w[i * s->kernel_w + j],
+                                    x + (size_t)ih * W + lo * s->stride_w + j - s->pad_w,
+                                    s->stride_w, row + lo);
+            }
+        }
+    }
+}
+
+/* One channel: dx: [H, W] += the transpose of depthwise_plane_forward applied to dy: [Ho, Wo]. */
+static void depthwise_plane_backward_dx(const Conv2dShape *s, const ConvDims *d, const float *w,
+                                        const float *dy, float *dx) {
+    int W = s->in_w, Wo = d->out_w;
+    for (int oh = 0; oh < d->out_h; oh++)
+        for (int i = 0; i < s->kernel_h; i++) {
+            int ih = oh * s->stride_h - s->pad_h + i;
+            if (ih < 0 || ih >= s->in_h) continue;
+            for (int j = 0; j < s->kernel_w; j++) {
+                int lo, hi;
+                conv_valid_range(Wo, W, s->stride_w, j - s->pad_w, &lo, &hi);
+                if (hi > lo)
+                    scatter_axpy_row(hi - lo, w[i * s->kernel_w + j], dy + (size_t)oh * Wo + lo,
+                                     dx + (size_t)ih * W + lo * s->stride_w + j - s->pad_w,
+                                     s->stride_w);
+            }
+        }
+}
+
+/* One channel c: dw_c[kh, kw] += sum over the batch and output pixels of dy * x at each tap.
+ * Every tap gathers its products in a row of Wo partial sums (acc: [kh*kw, Wo]), so the inner
+ * loop is a plain vector multiply-add; the rows are summed in double at the end. */
+static void depthwise_channel_dw(const Conv2dShape *s, const ConvDims *d, int c, const float *x,
+                                 const float *dy, float *acc, float *dw_c) {
+    int W = s->in_w, Wo = d->out_w, taps = s->kernel_h * s->kernel_w;
+    memset(acc, 0, (size_t)taps * Wo * sizeof *acc);
+    for (int b = 0; b < s->batch; b++) {
+        const float *x_c = x + ((size_t)b * s->in_ch + c) * d->in_plane;
+        const float *dy_c = dy + ((size_t)b * s->out_ch + c) * d->pixels;
+        for (int oh = 0; oh < d->out_h; oh++)
+            for (int i = 0; i < s->kernel_h; i++) {
+                int ih = oh * s->stride_h - s->pad_h + i;
+                if (ih < 0 || ih >= s->in_h) continue;
+                for (int j = 0; j < s->kernel_w; j++) {
+                    int lo, hi;
+                    conv_valid_range(Wo, W, s->stride_w, j - s->pad_w, &lo, &hi);
+                    if (hi > lo)
+                        gather_mul_add_row(hi - lo, dy_c + (size_t)oh * Wo + lo,
+                                           x_c + (size_t)ih * W + lo * s->stride_w + j - s->pad_w,
+                                           s->stride_w,
+                                           acc + (size_t)(i * s->kernel_w + j) * Wo + lo);
+                }
+            }
+    }
+    for (int tap = 0; tap < taps; tap++) {
+        double sum = 0.0;
+        for (int ow = 0; ow < Wo; ow++) sum += acc[(size_t)tap * Wo + ow];
+        dw_c[tap] += (float)sum;
+    }
+}
+
+/* x: [B, C, H, W], w: [C, 1, kh, kw] -> y: [B, C, Ho, Wo]; threads take whole planes. */
+static void depthwise_forward(const Conv2dShape *s, const ConvDims *d, const float *x,
+                              const float *w, const float *b, float *y) {
+    int planes = s->batch * s->in_ch, taps = s->kernel_h * s->kernel_w;
+#pragma omp parallel for schedule(static) if ((size_t)planes * d->pixels * taps > PARALLEL_MIN)
+    for (int plane = 0; plane < planes; plane++) {
+        int c = plane % s->in_ch;
+        depthwise_plane_forward(s, d, x + (size_t)plane * d->in_plane, w + (size_t)c * taps,
+                                b ? b[c] : 0.0f, y + (size_t)plane * d->pixels);
+    }
+}
+
+/* dy: [B, C, Ho, Wo] -> dx += [B, C, H, W]; threads take whole planes. */
+static void depthwise_backward_dx(const Conv2dShape *s, const ConvDims *d, const float *w,
+                                  const float *dy, float *dx) {
+    int planes = s->batch * s->in_ch, taps = s->kernel_h * s->kernel_w;
+#pragma omp parallel for schedule(static) if ((size_t)planes * d->pixels * taps > PARALLEL_MIN)
+    for (int plane = 0; plane < planes; plane++)
+        depthwise_plane_backward_dx(s, d, w + (size_t)(plane % s->in_ch) * taps,
+                                    dy + (size_t)plane * d->pixels,
+                                    dx + (size_t)plane * d->in_plane);
+}
+
+/* dy: [B, C, Ho, Wo] -> dw += [C, 1, kh, kw]; threads take whole channels (all the batch), each
+ * thread with its own partial-sum rows. */
+static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const float *x,
+                                  const float *dy, float *dw) {
+    int taps = s->kernel_h * s->kernel_w;
+#pragma omp parallel if ((size_t)s->batch * s->in_ch * d->pixels * taps > PARALLEL_MIN)
+    {
+        float *acc = malloc((size_t)taps * d->out_w * sizeof *acc);
+#pragma omp for schedule(static)
+        for (int c = 0; c < s->in_ch; c++) {
+            if (acc)
+                depthwise_channel_dw(s, d, c, x, dy, acc, dw + (size_t)c * taps);
+            else
+                fill_nan(dw + (size_t)c * taps, (size_t)taps);
+        }
+        free(acc);
+    }
+}
+
+void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const float *b,
+                    float *y) {
+    if (conv_shape_empty(s)) return;
+    ConvDims d = conv_dims(s);
+    if (conv_is_depthwise(s))
+        depthwise_forward(s, &d, x, w, b, y);
+    else
+        conv_gemm_forward(s, &d, x, w, b, y);
+}
+
+void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const float *dy,
+                     float *dx, float *dw, float *db) {
+    if (conv_shape_empty(s)) return;
+    ConvDims d = conv_dims(s);
+    if (db) conv_bias_backward(s->batch, s->out_ch, d.pixels, dy, db);
+    if (conv_is_depthwise(s)) {
+        if (dx) depthwise_backward_dx(s, &d, w, dy, dx);
+        if (dw) depthwise_backward_dw(s, &d, x, dy, dw);
+    } else if (dx || dw) {
+        conv_gemm_backward(s, &d, x, w, dy, dx, dw);
+    }
+}
+
 /* ---- end section: conv2d ---- */
 
 /* ---- section: attention and rotary embedding (owned by the attention work) --------------- */
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+/* Attention runs on tiles of ATTN_BLOCK queries x ATTN_BLOCK keys, so each thread's scratch is
+ * O(ATTN_BLOCK * head_dim) and no Nq x Nk matrix ever exists. Operands reach the block product
+ * zero-padded (rows to a multiple of ATTN_PAD_ROWS, columns to a multiple of ATTN_PAD_COLS),
+ * copied into scratch unless already in that form, so the micro-kernels never meet a ragged
+ * edge. */
+#define ATTN_BLOCK 64
+#define ATTN_PAD_ROWS 8
+#define ATTN_PAD_COLS 32
+
+static int round_up(int n, int multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+/* The register tile of the block product below: C[TILE_M, TILE_N] += A[TILE_M, K] B[K, TILE_N]
+ * with A(m, k) = A[m * a_rs + k * a_cs]. TILE_M divides ATTN_PAD_ROWS, TILE_N ATTN_PAD_COLS. */
+#if defined(__AVX512F__)
+#define ATTN_TILE_M 8
+#define ATTN_TILE_N 32
+static void attn_tile(int K, const float *A, ptrdiff_t a_rs, ptrdiff_t a_cs, const float *B,
+                      ptrdiff_t ldb, float *C, ptrdiff_t ldc) {
+    __m512 lo[8], hi[8];
+    for (int r = 0; r < 8; r++) {
+        lo[r] = _mm512_loadu_ps(C + r * ldc);
+        hi[r] = _mm512_loadu_ps(C + r * ldc + 16);
+    }
+    for (int k = 0; k < K; k++) {
+        __m512 b_lo = _mm512_loadu_ps(B + k * ldb), b_hi = _mm512_loadu_ps(B + k * ldb + 16);
+        const float *a = A + k * a_cs;
+        for (int r = 0; r < 8; r++) {
+            __m512 ar = _mm512_set1_ps(a[r * a_rs]);
+            lo[r] = _mm512_fmadd_ps(ar, b_lo, lo[r]);
+            hi[r] = _mm512_fmadd_ps(ar, b_hi, hi[r]);
+        }
+    }
+    for (int r = 0; r < 8; r++) {
+        _mm512_storeu_ps(C + r * ldc, lo[r]);
+        _mm512_storeu_ps(C + r * ldc + 16, hi[r]);
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ATTN_TILE_M 4
+#define ATTN_TILE_N 16
+static void attn_tile(int K, const float *A, ptrdiff_t a_rs, ptrdiff_t a_cs, const float *B,
+                      ptrdiff_t ldb, float *C, ptrdiff_t ldc) {
+    __m256 lo[4], hi[4];
+    for (int r = 0; r < 4; r++) {
+        lo[r] = _mm256_loadu_ps(C + r * ldc);
+        hi[r] = _mm256_loadu_ps(C + r * ldc + 8);
+    }
+    for (int k = 0; k < K; k++) {
+        __m256 b_lo = _mm256_loadu_ps(B + k * ldb), b_hi = _mm256_loadu_ps(B + k * ldb + 8);
+        const float *a = A + k * a_cs;
+        for (int r = 0; r < 4; r++) {
+            __m256 ar = _mm256_broadcast_ss(a + r * a_rs);
+            lo[r] = _mm256_fmadd_ps(ar, b_lo, lo[r]);
+            hi[r] = _mm256_fmadd_ps(ar, b_hi, hi[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        _mm256_storeu_ps(C + r * ldc, lo[r]);
+        _mm256_storeu_ps(C + r * ldc + 8, hi[r]);
+    }
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define ATTN_TILE_M 4
+#define ATTN_TILE_N 16
+static void attn_tile(int K, const float *A, ptrdiff_t a_rs, ptrdiff_t a_cs, const float *B,
+                      ptrdiff_t ldb, float *C, ptrdiff_t ldc) {
+    float32x4_t c[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int v = 0; v < 4; v++) c[r][v] = vld1q_f32(C + r * ldc + 4 * v);
+    for (int k = 0; k < K; k++) {
+        float32x4_t b[4];
+        for (int v = 0; v < 4; v++) b[v] = vld1q_f32(B + k * ldb + 4 * v);
+        const float *a = A + k * a_cs;
+        for (int r = 0; r < 4; r++) {
+            float32x4_t ar = vdupq_n_f32(a[r * a_rs]);
+            for (int v = 0; v < 4; v++) c[r][v] = vfmaq_f32(c[r][v], ar, b[v]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int v = 0; v < 4; v++) vst1q_f32(C + r * ldc + 4 * v, c[r][v]);
+}
+#endif
+
+/* C[M, N] += A[M, K] B[K, N] on padded operands: M % ATTN_PAD_ROWS == 0, N % ATTN_PAD_COLS == 0,
+ * any K. A(m, k) = A[m * a_rs + k * a_cs], so one kernel multiplies by P and by P^T. Each C
+ * element sums over k in order, whatever the tiling, so every build path is deterministic. */
+static void block_madd(int M, int N, int K, const float *A, ptrdiff_t a_rs, ptrdiff_t a_cs,
+                       const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc) {
+#ifdef ATTN_TILE_M
+    for (int m = 0; m < M; m += ATTN_TILE_M)
+        for (int n = 0; n < N; n += ATTN_TILE_N)
+            attn_tile(K, A + m * a_rs, a_rs, a_cs, B + n, ldb, C + m * ldc + n, ldc);
+#else
+    for (int m = 0; m < M; m++)
+        for (int k = 0; k < K; k++) {
+            float a = A[m * a_rs + k * a_cs];
+            for (int n = 0; n < N; n++) C[m * ldc + n] += a * B[k * ldb + n];
+        }
+#endif
+}
+
+/* How many keys query row i of batch b sees; they are always keys 0 .. count-1 (causal limit
+ * and key padding both cut a suffix). */
+static int visible_keys(const AttentionShape *s, int b, int i) {
+    int n = s->kv_len;
+    if (s->kv_valid && s->kv_valid[b] < n) n = s->kv_valid[b] > 0 ? s->kv_valid[b] : 0;
+    if (s->causal) {
+        long limit = (long)i + s->kv_len - s->q_len + 1;
+        if (limit < n) n = limit > 0 ? (int)limit : 0;
+    }
+    return n;
+}
+
+/* The first query row of batch b that sees key j (q_len when none does). */
+static int first_query_seeing(const AttentionShape *s, int b, int j) {
+    if (visible_keys(s, b, s->q_len - 1) <= j) return s->q_len;
+    if (!s->causal) return 0;
+    long i = (long)j - (s->kv_len - s->q_len);
+    return i > 0 ? (int)i : 0;
+}
+
+/* Every task owns one block (ATTN_BLOCK queries, or keys) and walks over the blocks of the other
+ * side. Its own block is transposed once, [head dim][ATTN_BLOCK]; each block it walks over is
+ * read as rows, [ATTN_BLOCK][dp]; so a score tile is [walked][own] and nothing is transposed
+ * inside the walk. Forward and dq tasks own queries (their tiles are S^T, keys x queries), dk/dv
+ * tasks own keys (their tiles are S). */
+typedef struct AttnScratch {
+    int dp;                   /* head_dim padded to ATTN_PAD_COLS */
+    float *own_t, *own2_t;    /* q and dout, or k and v, transposed */
+    float *walk, *walk2;      /* k and v, or q and dout, as rows when they must be copied */
+    float *s, *ds;            /* [ATTN_BLOCK][ATTN_BLOCK] scores or probabilities, their gradients */
+    float *acc, *acc2;        /* [ATTN_BLOCK][dp] out or dq, or dk and dv */
+} AttnScratch;
+
+static size_t attn_scratch_floats(int dp) {
+    return (size_t)6 * ATTN_BLOCK * dp + (size_t)2 * ATTN_BLOCK * ATTN_BLOCK;
+}
+
+static AttnScratch attn_scratch_at(float *base, int dp) {
+    size_t block = (size_t)ATTN_BLOCK * dp, tile = (size_t)ATTN_BLOCK * ATTN_BLOCK;
+    AttnScratch w = {.dp = dp};
+    float **blocks[] = {&w.own_t, &w.own2_t, &w.walk, &w.walk2, &w.acc, &w.acc2};
+    for (size_t i = 0; i < sizeof blocks / sizeof *blocks; i++) *blocks[i] = base + i * block;
+    w.s = base + 6 * block;
+    w.ds = w.s + tile;
+    return w;
+}
+
+/* One scratch per thread in a single 64-byte aligned allocation, or NULL. */
+static float *attn_scratch_pool(int dp, int threads) {
+    size_t bytes = attn_scratch_floats(dp) * sizeof(float) * (size_t)threads;
+    return aligned_alloc(64, (bytes + 63) / 64 * 64); /* aligned_alloc wants a multiple */
+}
+
+static int attn_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static float *attn_thread_scratch(float *pool, int dp) {
+#ifdef _OPENMP
+    return pool + (size_t)omp_get_thread_num() * attn_scratch_floats(dp);
+#else
+    (void)dp;
+    return pool;
+#endif
+}
+
+/* rows x cols values, source rows `stride` apart -> dst [rows_pad][dp], zero padded. */
+static void load_rows(float *dst, int dp, int rows_pad, const float *src, size_t stride, int rows,
+                      int cols) {
+    for (int r = 0; r < rows_pad; r++) {
+        float *d = dst + (size_t)r * dp;
+        int copied = r < rows ? cols : 0;
+        if (copied) memcpy(d, src + r * stride, (size_t)cols * sizeof *d);
+        memset(d + copied, 0, (size_t)(dp - copied) * sizeof *d);
+    }
+}
+
+/* The same rows transposed -> dst [cols][ATTN_BLOCK], zero padded from rows to rows_pad. */
+static void load_transposed(float *dst, int rows_pad, const float *src, size_t stride, int rows,
+                            int cols) {
+    for (int r = 0; r < rows_pad; r++)
+        for (int c = 0; c < cols; c++) dst[(size_t)c * ATTN_BLOCK + r] = r < rows ? src[r * stride + c] : 0.0f;
+}
+
+/* The rows of a walked block as the kernels read them (rows padded to ATTN_PAD_ROWS, dp
+ * columns): in place when the source already has that form, else a zero-padded copy in
+ * scratch. *ld is their row stride. */
+static const float *walk_rows(float *scratch, int dp, const float *src, ptrdiff_t stride, int rows,
+                              int cols, ptrdiff_t *ld) {
+    if (rows % ATTN_PAD_ROWS == 0 && cols == dp) {
+        *ld = stride;
+        return src;
+    }
+    load_rows(scratch, dp, round_up(rows, ATTN_PAD_ROWS), src, (size_t)stride, rows, cols);
+    *ld = dp;
+    return scratch;
+}
+
+/* s[:rows, :cols] = walk own^T, the raw scores of a tile (inner products over head_dim). */
+static void tile_scores(const float *walk, ptrdiff_t ld, const float *own_t, float *s, int rows,
+                        int cols, int head_dim) {
+    for (int r = 0; r < rows; r++) memset(s + r * ATTN_BLOCK, 0, (size_t)cols * sizeof *s);
+    block_madd(rows, cols, head_dim, walk, ld, 1, own_t, ATTN_BLOCK, s, ATTN_BLOCK);
+}
+
+/* acc[:own_rows] += tile^T walk: each row of the own block gathers the walked rows weighted by
+ * its column of the tile (probabilities or score gradients). */
+static void tile_gather(float *acc, const float *tile, const float *walk, ptrdiff_t ld,
+                        int own_rows, int walked, int dp) {
+    block_madd(own_rows, dp, walked, tile, 1, ATTN_BLOCK, walk, ld, acc, dp);
+}
+
+/* Folds a tile of scores st [keys][queries] (keys j0 .. j0 + nk - 1) into each query column's
+ * running max m and sum l (online softmax): st becomes e^(scale s - m_new) where the key is
+ * visible to the query and 0 elsewhere, and alpha is the factor that rescales the query's
+ * earlier output to the new max. */
+static void softmax_fold_tile(float *st, int nk, int cols, int j0, const int *visible, float scale,
+                              float *m, float *l, float *alpha) {
+    float shift[ATTN_BLOCK], sum[ATTN_BLOCK];
+    for (int i = 0; i < cols; i++) {
+        shift[i] = m[i];
+        sum[i] = 0.0f;
+    }
+    for (int j = 0; j < nk; j++) {
+        float *row = st + j * ATTN_BLOCK;
+        for (int i = 0; i < cols; i++) {
+            row[i] = j0 + j < visible[i] ? row[i] * scale : -INFINITY;
+            shift[i] = row[i] > shift[i] ? row[i] : shift[i];
+        }
+    }
+    for (int i = 0; i < cols; i++) {
+        float m_new = shift[i];
+        shift[i] = m_new == -INFINITY ? 0.0f : m_new; /* a column with no key yet stays at 0 */
+        alpha[i] = exp_nonpositive(m[i] - shift[i]);       /* 0 on the first keys, where m = -inf */
+        m[i] = m_new;
+    }
+    for (int j = 0; j < nk; j++) {
+        float *row = st + j * ATTN_BLOCK;
+        for (int i = 0; i < cols; i++) {
+            row[i] = exp_nonpositive(row[i] - shift[i]);
+            sum[i] += row[i];
+        }
+    }
+    for (int i = 0; i < cols; i++) l[i] = l[i] * alpha[i] + sum[i];
+}
+
+/* One block of query rows [i0, i0 + nq) of head h in batch b: out rows and their lse. */
+static void attention_forward_block(const AttentionShape *s, float scale, const float *q,
+                                    const float *k, const float *v, float *out, float *lse, int b,
+                                    int h, int i0, const AttnScratch *w) {
+    int D = s->head_dim, dp = w->dp, group = s->heads / s->kv_heads;
+    int nq = s->q_len - i0 < ATTN_BLOCK ? s->q_len - i0 : ATTN_BLOCK;
+    int rows = round_up(nq, ATTN_PAD_ROWS), cols = round_up(nq, ATTN_PAD_COLS);
+    size_t q_stride = (size_t)s->heads * D, kv_stride = (size_t)s->kv_heads * D;
+    size_t q_off = ((size_t)b * s->q_len + i0) * q_stride + (size_t)h * D;
+    float m[ATTN_BLOCK], l[ATTN_BLOCK], alpha[ATTN_BLOCK];
+    int visible[ATTN_BLOCK];
+    for (int i = 0; i < ATTN_BLOCK; i++) {
+        visible[i] = i < nq ? visible_keys(s, b, i0 + i) : 0;
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    load_transposed(w->own_t, cols, q + q_off, q_stride, nq, D);
+    memset(w->acc, 0, (size_t)rows * dp * sizeof *w->acc);
+    int kv_end = visible[nq - 1]; /* later rows see more keys */
+    for (int j0 = 0; j0 < kv_end; j0 += ATTN_BLOCK) {
+        int nk = kv_end - j0 < ATTN_BLOCK ? kv_end - j0 : ATTN_BLOCK;
+        size_t kv_off = ((size_t)b * s->kv_len + j0) * kv_stride + (size_t)(h / group) * D;
+        ptrdiff_t k_ld, v_ld;
+        const float *k_rows = walk_rows(w->walk, dp, k + kv_off, kv_stride, nk, D, &k_ld);
+        const float *v_rows = walk_rows(w->walk2, dp, v + kv_off, kv_stride, nk, D, &v_ld);
+        tile_scores(k_rows, k_ld, w->own_t, w->s, round_up(nk, ATTN_PAD_ROWS), cols, D);
+        softmax_fold_tile(w->s, nk, cols, j0, visible, scale, m, l, alpha);
+        for (int i = 0; i < rows; i++)
+            if (alpha[i] != 1.0f)
+                for (int d = 0; d < dp; d++) w->acc[(size_t)i * dp + d] *= alpha[i];
+        tile_gather(w->acc, w->s, v_rows, v_ld, rows, nk, dp);
+    }
+    float *lse_row = lse + ((size_t)b * s->heads + h) * s->q_len + i0;
+    for (int i = 0; i < nq; i++) {
+        float *o = out + q_off + i * q_stride;
+        float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        for (int d = 0; d < D; d++) o[d] = w->acc[(size_t)i * dp + d] * inv;
+        lse_row[i] = l[i] > 0.0f ? m[i] + logf(l[i]) : -INFINITY;
+    }
+}
+
+void attention_forward(const AttentionShape *s, float scale, const float *q, const float *k,
+                       const float *v, float *out, float *lse) {
+    int dp = round_up(s->head_dim, ATTN_PAD_COLS), q_blocks = (s->q_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
+    long tasks = (long)s->batch * s->heads * q_blocks;
+    float *pool = attn_scratch_pool(dp, attn_threads());
+    if (!pool) { /* out of memory: NaN outputs rather than a silent wrong answer */
+        fill_nan(out, (size_t)s->batch * s->q_len * s->heads * s->head_dim);
+        fill_nan(lse, (size_t)s->batch * s->heads * s->q_len);
+        return;
+    }
+#pragma omp parallel
+    {
+        AttnScratch w = attn_scratch_at(attn_thread_scratch(pool, dp), dp);
+#pragma omp for schedule(dynamic)
+        for (long t = 0; t < tasks; t++)
+            attention_forward_block(s, scale, q, k, v, out, lse, (int)(t / q_blocks / s->heads),
+                                    (int)(t / q_blocks % s->heads), (int)(t % q_blocks) * ATTN_BLOCK, &w);
+    }
+    free(pool);
+}
+
+/* What backward needs per query of a block: visible key count, lse and D_i = rowsum(dout * out);
+ * entries past the block's n queries see no key. */
+typedef struct QueryStats {
+    int n;
+    int visible[ATTN_BLOCK];
+    float lse[ATTN_BLOCK], di[ATTN_BLOCK];
+} QueryStats;
+
+/* di: [B, H, Nq] like lse. */
+static void query_stats(const AttentionShape *s, const float *lse, const float *di, int b, int h,
+                        int i0, QueryStats *qs) {
+    size_t row0 = ((size_t)b * s->heads + h) * s->q_len + i0;
+    qs->n = s->q_len - i0 < ATTN_BLOCK ? s->q_len - i0 : ATTN_BLOCK;
+    for (int i = 0; i < ATTN_BLOCK; i++) {
+        qs->visible[i] = i < qs->n ? visible_keys(s, b, i0 + i) : 0;
+        qs->lse[i] = qs->visible[i] > 0 ? lse[row0 + i] : 0.0f; /* -inf rows are masked anyway */
+        qs->di[i] = i < qs->n ? di[row0 + i] : 0.0f;
+    }
+}
+
+/* P = e^(scale S - lse) where the key is visible (0 elsewhere) and dS = scale P (dP - D_i), on a
+ * tile of keys j0 + r (rows) x the queries of qs (columns). st becomes P^T, dpt dS^T. */
+static void softmax_grad_keys_by_queries(float *st, float *dpt, int rows, int cols, int j0,
+                                         const QueryStats *qs, float scale) {
+    for (int r = 0; r < rows; r++) {
+        float *s_row = st + r * ATTN_BLOCK, *dp_row = dpt + r * ATTN_BLOCK;
+        for (int i = 0; i < cols; i++) {
+            float e = exp_nonpositive(s_row[i] * scale - qs->lse[i]); /* unconditional, so it vectorises */
+            float p = j0 + r < qs->visible[i] ? e : 0.0f;
+            s_row[i] = p;
+            dp_row[i] = scale * p * (dp_row[i] - qs->di[i]);
+        }
+    }
+}
+
+/* The same on a tile of the queries of qs (rows) x keys j0 + c (columns): s becomes P, dp dS. */
+static void softmax_grad_queries_by_keys(float *s, float *dp, int rows, int cols, int j0,
+                                         const QueryStats *qs, float scale) {
+    for (int i = 0; i < rows; i++) {
+        float *s_row = s + i * ATTN_BLOCK, *dp_row = dp + i * ATTN_BLOCK;
+        for (int c = 0; c < cols; c++) {
+            float e = exp_nonpositive(s_row[c] * scale - qs->lse[i]);
+            float p = j0 + c < qs->visible[i] ? e : 0.0f;
+            s_row[c] = p;
+            dp_row[c] = scale * p * (dp_row[c] - qs->di[i]);
+        }
+    }
+}
+
+/* dq rows [i0, i0 + n) of head h in batch b: dQ = dS K over every key block the rows see. */
+static void attention_dq_block(const AttentionShape *s, float scale, const float *q, const float *k,
+                               const float *v, const float *lse, const float *di, const float *dout,
+                               float *dq, int b, int h, int i0, const AttnScratch *w) {
+    int D = s->head_dim, dp = w->dp, group = s->heads / s->kv_heads;
+    size_t q_stride = (size_t)s->heads * D, kv_stride = (size_t)s->kv_heads * D;
+    size_t q_off = ((size_t)b * s->q_len + i0) * q_stride + (size_t)h * D;
+    QueryStats qs;
+    query_stats(s, lse, di, b, h, i0, &qs);
+    int rows = round_up(qs.n, ATTN_PAD_ROWS), cols = round_up(qs.n, ATTN_PAD_COLS);
+    load_transposed(w->own_t, cols, q + q_off, q_stride, qs.n, D);
+    load_transposed(w->own2_t, cols, dout + q_off, q_stride, qs.n, D);
+    memset(w->acc, 0, (size_t)rows * dp * sizeof *w->acc);
+    int kv_end = qs.visible[qs.n - 1];
+    for (int j0 = 0; j0 < kv_end; j0 += ATTN_BLOCK) {
+        int nk = kv_end - j0 < ATTN_BLOCK ? kv_end - j0 : ATTN_BLOCK, nk_rows = round_up(nk, ATTN_PAD_ROWS);
+        size_t kv_off = ((size_t)b * s->kv_len + j0) * kv_stride + (size_t)(h / group) * D;
+        ptrdiff_t k_ld, v_ld;
+        const float *k_rows = walk_rows(w->walk, dp, k + kv_off, kv_stride, nk, D, &k_ld);
+        const float *v_rows = walk_rows(w->walk2, dp, v + kv_off, kv_stride, nk, D, &v_ld);
+        tile_scores(k_rows, k_ld, w->own_t, w->s, nk_rows, cols, D);
+        tile_scores(v_rows, v_ld, w->own2_t, w->ds, nk_rows, cols, D);
+        softmax_grad_keys_by_queries(w->s, w->ds, nk_rows, cols, j0, &qs, scale);
+        tile_gather(w->acc, w->ds, k_rows, k_ld, rows, nk, dp);
+    }
+    for (int i = 0; i < qs.n; i++)
+        for (int d = 0; d < D; d++) dq[q_off + i * q_stride + d] += w->acc[(size_t)i * dp + d];
+}
+
+/* dk, dv rows [j0, j0 + nk) of kv head g in batch b: dV = P^T dout and dK = dS^T Q summed over
+ * the query heads sharing g, then over query blocks, always in that order. */
+static void attention_dkdv_block(const AttentionShape *s, float scale, const float *q,
+                                 const float *k, const float *v, const float *lse, const float *di,
+                                 const float *dout, float *dk, float *dv, int b, int g, int j0,
+                                 const AttnScratch *w) {
+    int D = s->head_dim, dp = w->dp, group = s->heads / s->kv_heads;
+    int nk = s->kv_len - j0 < ATTN_BLOCK ? s->kv_len - j0 : ATTN_BLOCK;
+    int rows = round_up(nk, ATTN_PAD_ROWS), cols = round_up(nk, ATTN_PAD_COLS);
+    int first = first_query_seeing(s, b, j0);
+    if (first >= s->q_len) return; /* padding keys: their gradients are 0 */
+    size_t q_stride = (size_t)s->heads * D, kv_stride = (size_t)s->kv_heads * D;
+    size_t kv_off = ((size_t)b * s->kv_len + j0) * kv_stride + (size_t)g * D;
+    load_transposed(w->own_t, cols, k + kv_off, kv_stride, nk, D);
+    load_transposed(w->own2_t, cols, v + kv_off, kv_stride, nk, D);
+    memset(w->acc, 0, (size_t)rows * dp * sizeof *w->acc);
+    memset(w->acc2, 0, (size_t)rows * dp * sizeof *w->acc2);
+    QueryStats qs;
+    for (int h = g * group; h < (g + 1) * group; h++)
+        for (int i0 = first / ATTN_BLOCK * ATTN_BLOCK; i0 < s->q_len; i0 += ATTN_BLOCK) {
+            size_t q_off = ((size_t)b * s->q_len + i0) * q_stride + (size_t)h * D;
+            query_stats(s, lse, di, b, h, i0, &qs);
+            int nq_rows = round_up(qs.n, ATTN_PAD_ROWS);
+            ptrdiff_t q_ld, dout_ld;
+            const float *q_rows = walk_rows(w->walk, dp, q + q_off, q_stride, qs.n, D, &q_ld);
+            const float *dout_rows = walk_rows(w->walk2, dp, dout + q_off, q_stride, qs.n, D, &dout_ld);
+            tile_scores(q_rows, q_ld, w->own_t, w->s, nq_rows, cols, D);
+            tile_scores(dout_rows, dout_ld, w->own2_t, w->ds, nq_rows, cols, D);
+            softmax_grad_queries_by_keys(w->s, w->ds, nq_rows, cols, j0, &qs, scale);
+            if (dv) tile_gather(w->acc2, w->s, dout_rows, dout_ld, rows, qs.n, dp);
+            if (dk) tile_gather(w->acc, w->ds, q_rows, q_ld, rows, qs.n, dp);
+        }
+    for (int j = 0; j < nk; j++)
+        for (int d = 0; d < D; d++) {
+            if (dk) dk[kv_off + j * kv_stride + d] += w->acc[(size_t)j * dp + d];
+            if (dv) dv[kv_off + j * kv_stride + d] += w->acc2[(size_t)j * dp + d];
+        }
+}
+
+/* D_i = rowsum(dout_i * out_i) for every query: [B, Nq, H, D] -> di [B, H, Nq]. */
+static void attention_row_dots(const AttentionShape *s, const float *out, const float *dout, float *di) {
+    int D = s->head_dim;
+#pragma omp parallel for
+    for (long row = 0; row < (long)s->batch * s->q_len * s->heads; row++) {
+        long b = row / ((long)s->q_len * s->heads), i = row / s->heads % s->q_len, h = row % s->heads;
+        float dot = 0.0f;
+        for (int d = 0; d < D; d++) dot += dout[row * D + d] * out[row * D + d];
+        di[(b * s->heads + h) * s->q_len + i] = dot;
+    }
+}
+
+/* Two passes so that every gradient element has one writer and a fixed summation order: dq
+ * parallel over (batch, head, query block), dk and dv over (batch, kv head, key block). Each
+ * recomputes the probabilities it needs from q, k and lse. */
+void attention_backward(const AttentionShape *s, float scale, const float *q, const float *k,
+                        const float *v, const float *out, const float *lse, const float *dout,
+                        float *dq, float *dk, float *dv) {
+    if (!dq && !dk && !dv) return;
+    int dp = round_up(s->head_dim, ATTN_PAD_COLS);
+    int q_blocks = (s->q_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
+    int kv_blocks = (s->kv_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
+    long dq_tasks = dq ? (long)s->batch * s->heads * q_blocks : 0;
+    long dkdv_tasks = dk || dv ? (long)s->batch * s->kv_heads * kv_blocks : 0;
+    float *pool = attn_scratch_pool(dp, attn_threads());
+    float *di = malloc(((size_t)s->batch * s->heads * s->q_len + 1) * sizeof *di);
+    if (!pool || !di) { /* out of memory: NaN gradients rather than a silent wrong answer */
+        fill_nan(dq, (size_t)s->batch * s->q_len * s->heads * s->head_dim);
+        fill_nan(dk, (size_t)s->batch * s->kv_len * s->kv_heads * s->head_dim);
+        fill_nan(dv, (size_t)s->batch * s->kv_len * s->kv_heads * s->head_dim);
+        free(pool);
+        free(di);
+        return;
+    }
+    attention_row_dots(s, out, dout, di);
+#pragma omp parallel
+    {
+        AttnScratch w = attn_scratch_at(attn_thread_scratch(pool, dp), dp);
+#pragma omp for schedule(dynamic)
+        for (long t = 0; t < dq_tasks; t++)
+            attention_dq_block(s, scale, q, k, v, lse, di, dout, dq, (int)(t / q_blocks / s->heads),
+                               (int)(t / q_blocks % s->heads), (int)(t % q_blocks) * ATTN_BLOCK, &w);
+#pragma omp for schedule(dynamic)
+        for (long t = 0; t < dkdv_tasks; t++)
+            attention_dkdv_block(s, scale, q, k, v, lse, di, dout, dk, dv,
+                                 (int)(t / kv_blocks / s->kv_heads), (int)(t / kv_blocks % s->kv_heads),
+                                 (int)(t % kv_blocks) * ATTN_BLOCK, &w);
+    }
+    free(pool);
+    free(di);
+}
+
+/* Rotary embedding, FLUX's interleaved convention (diffusers apply_rotary_emb with
+ * use_real_unbind_dim=-1: x * cos + stack(-x_imag, x_real) * sin, cos and sin repeated per pair):
+ *   y[2i] = x[2i] cos - x[2i+1] sin,  y[2i+1] = x[2i] sin + x[2i+1] cos.
+ * An odd last element is passed through. y may alias x. */
+void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_table,
+                  const float *sin_table, const float *x, float *y) {
+    int half = head_dim / 2;
+#pragma omp parallel for
+    for (long row = 0; row < (long)batch * n; row++) {
+        const float *c = cos_table + (size_t)(row % n) * half, *sn = sin_table + (size_t)(row % n) * half;
+        for (int h = 0; h < heads; h++) {
+            const float *xr = x + ((size_t)row * heads + h) * head_dim;
+            float *yr = y + ((size_t)row * heads + h) * head_dim;
+            for (int i = 0; i < half; i++) {
+                float x0 = xr[2 * i], x1 = xr[2 * i + 1];
+                yr[2 * i] = x0 * c[i] - x1 * sn[i];
+                yr[2 * i + 1] = x0 * sn[i] + x1 * c[i];
+            }
+            if (head_dim % 2) yr[head_dim - 1] = xr[head_dim - 1];
+        }
+    }
+}
+
+/* dx += R^T dy: the rotation by -theta. */
+void rope_backward(int batch, int n, int heads, int head_dim, const float *cos_table,
+                   const float *sin_table, const float *dy, float *dx) {
+    int half = head_dim / 2;
+#pragma omp parallel for
+    for (long row = 0; row < (long)batch * n; row++) {
+        const float *c = cos_table + (size_t)(row % n) * half, *sn = sin_table + (size_t)(row % n) * half;
+        for (int h = 0; h < heads; h++) {
+            const float *dyr = dy + ((size_t)row * heads + h) * head_dim;
+            float *dxr = dx + ((size_t)row * heads + h) * head_dim;
+            for (int i = 0; i < half; i++) {
+                float g0 = dyr[2 * i], g1 = dyr[2 * i + 1];
+                dxr[2 * i] += g0 * c[i] + g1 * sn[i];
+                dxr[2 * i + 1] += g1 * c[i] - g0 * sn[i];
+            }
+            if (head_dim % 2) dxr[head_dim - 1] += dyr[head_dim - 1];
+        }
+    }
+}
 
 /* ---- end section: attention and rotary embedding ---- */
 
 /* ---- section: norms, activations, resampling, elementwise (owned by the ops work) -------- */
 
-/* OpenMP only where the work pays for waking the threads; without OpenMP the pragma vanishes
- * (a bare "#pragma omp" would warn under NO_OMP=1). Every such loop writes disjoint outputs. */
-#ifdef _OPENMP
-#define OPS_PRAGMA(text) _Pragma(#text)
-#define OPS_PARALLEL_FOR_IF(cond) OPS_PRAGMA(omp parallel for if (cond))
-#else
-#define OPS_PARALLEL_FOR_IF(cond)
-#endif
+/* OpenMP only where the work pays for waking the threads. Every such loop writes disjoint
+ * outputs. */
 
-#define OPS_PARALLEL_MIN ((size_t)1 << 15)      /* elements of cheap arithmetic */
-#define OPS_PARALLEL_MIN_MATH ((size_t)1 << 12) /* elements that each take an exp or erfc */
 #define OPS_COLUMN_BLOCK 64                     /* columns one thread owns in a column sum */
 #define OPS_REDUCE_CHUNKS 64                    /* fixed chunks of a whole-array reduction */
 
@@ -177,7 +1146,7 @@ static void norm_stats(size_t n, const float *x, float eps, float *mean, float *
  * a bit. */
 static void column_grads(int rows, int C, const float *x, const float *mean, const float *rstd,
                          const float *dy, float *dw, float *db) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && C > OPS_COLUMN_BLOCK)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && C > OPS_COLUMN_BLOCK)
     for (int c0 = 0; c0 < C; c0 += OPS_COLUMN_BLOCK) {
         int width = C - c0 < OPS_COLUMN_BLOCK ? C - c0 : OPS_COLUMN_BLOCK;
         double acc_w[OPS_COLUMN_BLOCK] = {0}, acc_b[OPS_COLUMN_BLOCK] = {0};
@@ -226,7 +1195,7 @@ static void channel_sums(int B, int C, int HW, int c, const float *x, const floa
 
 void layernorm_forward(int rows, int C, float eps, const float *x, const float *w, const float *b,
                        float *y, float *mean, float *rstd) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * C;
         float *yr = y + (size_t)r * C;
@@ -246,7 +1215,7 @@ void layernorm_forward(int rows, int C, float eps, const float *x, const float *
 void layernorm_backward(int rows, int C, const float *x, const float *w, const float *mean,
                         const float *rstd, const float *dy, float *dx, float *dw, float *db) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
         for (int r = 0; r < rows; r++) {
             const float *xr = x + (size_t)r * C, *dyr = dy + (size_t)r * C;
             float *dxr = dx + (size_t)r * C;
@@ -275,7 +1244,7 @@ void groupnorm_forward(int B, int C, int HW, int groups, float eps, const float 
                        const float *b, float *y, float *mean, float *rstd) {
     int group_ch = C / groups;
     size_t group_len = (size_t)group_ch * HW;
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * groups > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
     for (int bg = 0; bg < B * groups; bg++) {
         const float *xg = x + (size_t)bg * group_len;
         float *yg = y + (size_t)bg * group_len;
@@ -301,7 +1270,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
     int group_ch = C / groups;
     size_t group_len = (size_t)group_ch * HW;
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * groups > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
         for (int bg = 0; bg < B * groups; bg++) {
             int c0 = (bg % groups) * group_ch;
             const float *xg = x + (size_t)bg * group_len, *dyg = dy + (size_t)bg * group_len;
@@ -334,7 +1303,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
         }
     }
     if (!dw && !db) return;
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && C > 1)
     for (int c = 0; c < C; c++) {
         double s_dy, s_dy_xhat;
         int g = c / group_ch;
@@ -349,7 +1318,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
 
 void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w, float *y,
                      float *rstd) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * C;
         float *yr = y + (size_t)r * C;
@@ -363,7 +1332,7 @@ void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w,
 void rmsnorm_backward(int rows, int C, const float *x, const float *w, const float *rstd,
                       const float *dy, float *dx, float *dw) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
         for (int r = 0; r < rows; r++) {
             const float *xr = x + (size_t)r * C, *dyr = dy + (size_t)r * C;
             float *dxr = dx + (size_t)r * C;
@@ -381,7 +1350,7 @@ void rmsnorm_backward(int rows, int C, const float *x, const float *w, const flo
 
 void batchnorm_eval_forward(int B, int C, int HW, float eps, const float *mean, const float *var,
                             const float *w, const float *b, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * C > 1)
     for (int bc = 0; bc < B * C; bc++) {
         int c = bc % C;
         float scale = (w ? w[c] : 1.0f) / sqrtf(var[c] + eps), shift = b ? b[c] : 0.0f;
@@ -396,7 +1365,7 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
                              const float *w, const float *x, const float *dy, float *dx,
                              float *dw, float *db) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * C > 1)
         for (int bc = 0; bc < B * C; bc++) {
             int c = bc % C;
             float scale = (w ? w[c] : 1.0f) / sqrtf(var[c] + eps);
@@ -406,7 +1375,7 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
         }
     }
     if (!dw && !db) return;
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && C > 1)
     for (int c = 0; c < C; c++) {
         float rstd = 1.0f / sqrtf(var[c] + eps);
         double s_dy, s_dy_xhat;
@@ -422,33 +1391,6 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
 #define OPS_INV_SQRT_2PI 0.39894228040143268f /* 1/sqrt(2 pi) */
 #define OPS_SQRT_2_PI 0.79788456080286536f    /* sqrt(2/pi) */
 #define OPS_GELU_CUBIC 0.044715f
-
-/* e^x for x <= 0, the only exponentials sigmoid, SiLU, GELU and softmax need (they never
- * overflow), to ~2 ulp in plain C that compilers vectorise, unlike a call to expf.
- * x = n ln2 + r with |r| <= ln2/2; e^r by its Taylor series to degree 7 (truncation < 1e-8);
- * 2^n goes straight into the exponent bits. Below -87.3 e^x is subnormal and flushes to 0,
- * positive x saturates at 1, NaN stays NaN (and never reaches the integer conversion). */
-static inline float exp_nonpositive(float x) {
-    float xc = x > -87.3f ? x : -87.3f;
-    xc = xc < 0.0f ? xc : 0.0f;
-    /* round to the nearest integer by adding and removing 1.5 * 2^23 */
-    float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
-    /* ln2 = 0.693359375 - 2.12194440e-4: the first part has 9 bits, so n times it is exact */
-    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) * (1 << 23);
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    float y = p * two_n;
-    return x < -87.3f ? 0.0f : (x == x ? y : x);
-}
 
 /* erfc(z) for z >= 0 with a relative error below 1.2e-7 everywhere, tails included: the
  * Chebyshev fit of Press et al., Numerical Recipes (2nd ed.) 6.2, erfc = t exp(-z^2 + P(t)). */
@@ -510,26 +1452,26 @@ static inline float gelu_tanh_grad(float x) {
 /* One loop per form: a branch inside the loop would keep it from vectorising. */
 void gelu_forward(size_t n, bool tanh_approx, const float *x, float *y) {
     if (tanh_approx) {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) y[i] = gelu_tanh_scalar(x[i]);
     } else {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) y[i] = gelu_erf_scalar(x[i]);
     }
 }
 
 void gelu_backward(size_t n, bool tanh_approx, const float *x, const float *dy, float *dx) {
     if (tanh_approx) {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_tanh_grad(x[i]);
     } else {
-        OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
         for (size_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_erf_grad(x[i]);
     }
 }
 
 void silu_forward(size_t n, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) {
         float slope;
         y[i] = x[i] * sigmoid_scalar(x[i], &slope);
@@ -538,7 +1480,7 @@ void silu_forward(size_t n, const float *x, float *y) {
 
 /* d/dx x s(x) = s + x s (1 - s) */
 void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) {
         float slope, s = sigmoid_scalar(x[i], &slope);
         dx[i] += dy[i] * (s + x[i] * slope);
@@ -547,18 +1489,18 @@ void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
 
 /* x < 0 ? 0 : x keeps a NaN a NaN, as torch.relu does. */
 void relu_forward(size_t n, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = x[i] < 0.0f ? 0.0f : x[i];
 }
 
 /* Gradient only where x > 0 (zero at x == 0), as torch's (y > 0) mask. */
 void relu_backward(size_t n, const float *x, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) dx[i] += x[i] > 0.0f ? dy[i] : 0.0f;
 }
 
 void sigmoid_forward(size_t n, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) {
         float slope;
         y[i] = sigmoid_scalar(x[i], &slope);
@@ -566,7 +1508,7 @@ void sigmoid_forward(size_t n, const float *x, float *y) {
 }
 
 void sigmoid_backward(size_t n, const float *y, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) dx[i] += dy[i] * y[i] * (1.0f - y[i]);
 }
 
@@ -574,7 +1516,7 @@ void sigmoid_backward(size_t n, const float *y, const float *dy, float *dx) {
 
 /* Shifted by the row max so exp never overflows; a row holding a NaN comes out all NaN. */
 void softmax_forward(int rows, int C, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN_MATH && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN_MATH && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * C;
         float *yr = y + (size_t)r * C;
@@ -588,7 +1530,7 @@ void softmax_forward(int rows, int C, const float *x, float *y) {
 
 /* dx = y * (dy - sum(dy * y)) per row. */
 void softmax_backward(int rows, int C, const float *y, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++) {
         const float *yr = y + (size_t)r * C, *dyr = dy + (size_t)r * C;
         float *dxr = dx + (size_t)r * C;
@@ -602,7 +1544,7 @@ void softmax_backward(int rows, int C, const float *y, const float *dy, float *d
 /* ---- resampling ---- */
 
 void upsample_nearest2x_forward(int planes, int H, int W, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)planes * H * W >= OPS_PARALLEL_MIN / 4)
+#pragma omp parallel for if ((size_t)planes * H * W >= PARALLEL_MIN / 4)
     for (size_t row = 0; row < (size_t)planes * H; row++) {
         const float *xr = x + row * W;
         float *y0 = y + row * 4 * W, *y1 = y0 + 2 * W; /* output rows 2i and 2i+1 */
@@ -613,7 +1555,7 @@ void upsample_nearest2x_forward(int planes, int H, int W, const float *x, float 
 
 /* Each input pixel gathers the 2x2 block it was copied to. */
 void upsample_nearest2x_backward(int planes, int H, int W, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF((size_t)planes * H * W >= OPS_PARALLEL_MIN / 4)
+#pragma omp parallel for if ((size_t)planes * H * W >= PARALLEL_MIN / 4)
     for (size_t row = 0; row < (size_t)planes * H; row++) {
         const float *d0 = dy + row * 4 * W, *d1 = d0 + 2 * W;
         float *dxr = dx + row * W;
@@ -665,7 +1607,7 @@ static void resize_plane_columns(int H, int W, int Ho, int Wo, int j0, int width
 
 void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const float *x, float *y) {
     int chunks = (Wo + OPS_TAP_CHUNK - 1) / OPS_TAP_CHUNK;
-    OPS_PARALLEL_FOR_IF((size_t)planes * Ho * Wo >= OPS_PARALLEL_MIN / 4 && planes * chunks > 1)
+#pragma omp parallel for if ((size_t)planes * Ho * Wo >= PARALLEL_MIN / 4 && planes * chunks > 1)
     for (int task = 0; task < planes * chunks; task++) {
         int p = task / chunks, j0 = task % chunks * OPS_TAP_CHUNK;
         int width = Wo - j0 < OPS_TAP_CHUNK ? Wo - j0 : OPS_TAP_CHUNK;
@@ -679,7 +1621,7 @@ void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const flo
  * chunk, then row, then column). */
 void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const float *dy,
                               float *dx) {
-    OPS_PARALLEL_FOR_IF((size_t)planes * Ho * Wo >= OPS_PARALLEL_MIN / 4 && planes > 1)
+#pragma omp parallel for if ((size_t)planes * Ho * Wo >= PARALLEL_MIN / 4 && planes > 1)
     for (int p = 0; p < planes; p++) {
         float *dxp = dx + (size_t)p * H * W;
         for (int j0 = 0; j0 < Wo; j0 += OPS_TAP_CHUNK) {
@@ -705,18 +1647,18 @@ void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const fl
 /* ---- elementwise ---- */
 
 void add_forward(size_t n, const float *a, const float *b, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
 void mul_forward(size_t n, const float *a, const float *b, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = a[i] * b[i];
 }
 
 /* y += a * b */
 static void add_product(size_t n, const float *a, const float *b, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] += a[i] * b[i];
 }
 
@@ -726,47 +1668,47 @@ void mul_backward(size_t n, const float *a, const float *b, const float *dy, flo
 }
 
 void scale_forward(size_t n, float s, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = s * x[i];
 }
 
 void axpy(size_t n, float alpha, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
 /* Written so that a NaN passes through, as torch.clamp does. */
 void clamp_forward(size_t n, float lo, float hi, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] = x[i] < lo ? lo : (x[i] > hi ? hi : x[i]);
 }
 
 void clamp_backward(size_t n, float lo, float hi, const float *x, const float *dy, float *dx) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) dx[i] += x[i] >= lo && x[i] <= hi ? dy[i] : 0.0f;
 }
 
 void pow_forward(size_t n, float p, const float *x, float *y) {
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) y[i] = powf(x[i], p);
 }
 
 void pow_backward(size_t n, float p, const float *x, const float *dy, float *dx) {
     if (p == 0.0f) return;
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN_MATH)
+#pragma omp parallel for if (n >= PARALLEL_MIN_MATH)
     for (size_t i = 0; i < n; i++) dx[i] += dy[i] * p * powf(x[i], p - 1.0f);
 }
 
 /* ---- broadcasts and reductions ---- */
 
 void add_rows_forward(int rows, int C, const float *x, const float *v, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < C; c++) y[(size_t)r * C + c] = x[(size_t)r * C + c] + v[c];
 }
 
 void mul_rows_forward(int rows, int C, const float *x, const float *v, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < C; c++) y[(size_t)r * C + c] = x[(size_t)r * C + c] * v[c];
 }
@@ -774,7 +1716,7 @@ void mul_rows_forward(int rows, int C, const float *x, const float *v, float *y)
 void mul_rows_backward(int rows, int C, const float *x, const float *v, const float *dy, float *dx,
                        float *dv) {
     if (dx) {
-        OPS_PARALLEL_FOR_IF((size_t)rows * C >= OPS_PARALLEL_MIN && rows > 1)
+#pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
         for (int r = 0; r < rows; r++)
             for (int c = 0; c < C; c++) dx[(size_t)r * C + c] += dy[(size_t)r * C + c] * v[c];
     }
@@ -786,7 +1728,7 @@ void sum_rows_add(int rows, int C, const float *x, float *out) {
 }
 
 void add_channels_forward(int B, int C, int HW, const float *x, const float *v, float *y) {
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && B * C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * C > 1)
     for (int bc = 0; bc < B * C; bc++) {
         float vc = v[bc % C];
         for (int i = 0; i < HW; i++) y[(size_t)bc * HW + i] = x[(size_t)bc * HW + i] + vc;
@@ -794,7 +1736,7 @@ void add_channels_forward(int B, int C, int HW, const float *x, const float *v, 
 }
 
 void sum_channels_add(int B, int C, int HW, const float *x, float *out) {
-    OPS_PARALLEL_FOR_IF((size_t)B * C * HW >= OPS_PARALLEL_MIN && C > 1)
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && C > 1)
     for (int c = 0; c < C; c++) {
         double s_x, unused;
         channel_sums(B, C, HW, c, NULL, NULL, NULL, 0, x, &s_x, &unused);
@@ -811,7 +1753,7 @@ static void reduce_chunk(size_t n, int k, size_t *lo, size_t *hi) {
 
 double sum_array(size_t n, const float *x) {
     double part[OPS_REDUCE_CHUNKS];
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (int k = 0; k < OPS_REDUCE_CHUNKS; k++) {
         size_t lo, hi;
         reduce_chunk(n, k, &lo, &hi);
@@ -824,7 +1766,7 @@ double sum_array(size_t n, const float *x) {
 
 float max_array(size_t n, const float *x) {
     float part[OPS_REDUCE_CHUNKS];
-    OPS_PARALLEL_FOR_IF(n >= OPS_PARALLEL_MIN)
+#pragma omp parallel for if (n >= PARALLEL_MIN)
     for (int k = 0; k < OPS_REDUCE_CHUNKS; k++) {
         size_t lo, hi;
         reduce_chunk(n, k, &lo, &hi);

@@ -88,16 +88,21 @@ typedef struct AttentionShape {
 
 /* softmax(scale * Q K^T + mask) V, blocked with an online softmax: O(N*d) memory.
  * q: [B, Nq, H, D], k, v: [B, Nk, Hkv, D] -> out: [B, Nq, H, D], lse: [B, H, Nq] (the row
- * log-sum-exp, kept for backward). A row that sees no key gets out = 0. */
+ * log-sum-exp, kept for backward). A row that sees no key gets out = 0 and lse = -inf.
+ * Scratch is per thread, O(64 * D); if it cannot be allocated, out and lse are set to NaN. */
 void attention_forward(const AttentionShape *s, float scale, const float *q, const float *k,
                        const float *v, float *out, float *lse);
-/* Recomputes the probabilities block by block from q, k and lse. dq/dk/dv accumulate. */
+/* Recomputes the probabilities block by block from q, k and lse. dq/dk/dv accumulate; rows
+ * that see no key add nothing. Extra memory: the per-thread scratch and B*H*Nq floats. */
 void attention_backward(const AttentionShape *s, float scale, const float *q, const float *k,
                         const float *v, const float *out, const float *lse, const float *dout,
                         float *dq, float *dk, float *dv);
 
 /* Rotary embedding on adjacent pairs (x[2i], x[2i+1]) rotated by the angle of pair i:
- * x: [B, N, H, D], cos, sin: [N, D/2] -> y: [B, N, H, D]. Backward rotates back: dx += R^T dy. */
+ * x: [B, N, H, D], cos, sin: [N, D/2] -> y: [B, N, H, D]. Backward rotates back: dx += R^T dy.
+ * y[2i] = x[2i] cos - x[2i+1] sin, y[2i+1] = x[2i] sin + x[2i+1] cos: FLUX's convention
+ * (diffusers apply_rotary_emb, use_real_unbind_dim=-1). y may alias x; an odd D passes its
+ * last element through. */
 void rope_forward(int batch, int n, int heads, int head_dim, const float *cos, const float *sin,
                   const float *x, float *y);
 void rope_backward(int batch, int n, int heads, int head_dim, const float *cos, const float *sin,
