@@ -11,14 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* `#pragma omp parallel for if (cond)` when OpenMP is on (a bare pragma would warn without it).
- * The loops it marks write disjoint outputs; PARALLEL_MIN elements are worth a thread team. */
-#ifdef _OPENMP
-#define PARALLEL_PRAGMA(text) _Pragma(#text)
-#define PARALLEL_FOR_IF(cond) PARALLEL_PRAGMA(omp parallel for if (cond))
-#else
-#define PARALLEL_FOR_IF(cond)
-#endif
+/* Loops here wake the threads only past this many floats (the kernels' threshold); each such
+ * loop writes disjoint outputs. */
 #define PARALLEL_MIN ((int64_t)1 << 15)
 
 /* ---- the tape and its memory accounting ---------------------------------------------------- */
@@ -1045,7 +1039,7 @@ Var *ag_affine(Tape *t, Var *x, float alpha, float beta) {
     const float *xd = data(x);
     float *yd = data(y);
     int64_t count = x->value->numel;
-    PARALLEL_FOR_IF(count >= PARALLEL_MIN)
+#pragma omp parallel for if (count >= PARALLEL_MIN)
     for (int64_t i = 0; i < count; i++) yd[i] = alpha * xd[i] + beta;
     if (n) n->p.scalar.a = alpha;
     return y;
@@ -1057,7 +1051,7 @@ static void log_backward(Tape *t, Node *n) {
     const float *x = data(n->in[0]), *dy = grad(n->out);
     float *dx = grad(n->in[0]);
     int64_t count = n->out->value->numel;
-    PARALLEL_FOR_IF(count >= PARALLEL_MIN)
+#pragma omp parallel for if (count >= PARALLEL_MIN)
     for (int64_t i = 0; i < count; i++) dx[i] += dy[i] / x[i];
 }
 
@@ -1069,7 +1063,7 @@ Var *ag_log(Tape *t, Var *x) {
     const float *xd = data(x);
     float *yd = data(y);
     int64_t count = x->value->numel;
-    PARALLEL_FOR_IF(count >= PARALLEL_MIN)
+#pragma omp parallel for if (count >= PARALLEL_MIN)
     for (int64_t i = 0; i < count; i++) yd[i] = logf(xd[i]);
     return y;
 }
@@ -1153,7 +1147,7 @@ static void mul_channels_backward(Tape *t, Node *n) {
     for (int64_t plane = 0; dx && plane < p.rows * p.C; plane++)
         axpy((size_t)p.HW, v[plane % p.C], dy + plane * p.HW, dx + plane * p.HW);
     if (!dv) return;
-    PARALLEL_FOR_IF(p.rows * p.C * p.HW >= PARALLEL_MIN)
+#pragma omp parallel for if (p.rows * p.C * p.HW >= PARALLEL_MIN)
     for (int64_t c = 0; c < p.C; c++) {
         double acc = 0.0;
         for (int64_t b = 0; b < p.rows; b++)
@@ -1184,7 +1178,7 @@ static void reduce_backward(Tape *t, Node *n) {
     (void)t;
     float g = grad(n->out)[0] * n->p.scalar.a, *dx = grad(n->in[0]);
     size_t count = numel_of(n->in[0]);
-    PARALLEL_FOR_IF((int64_t)count >= PARALLEL_MIN)
+#pragma omp parallel for if ((int64_t)count >= PARALLEL_MIN)
     for (size_t i = 0; i < count; i++) dx[i] += g;
 }
 
@@ -1281,7 +1275,7 @@ static void permute_walk(int ndim, const int64_t *x_shape, const int *perm, floa
     }
     if (numel == 0) return;
     int64_t inner = y_shape[ndim - 1], rows = numel / inner, last = step[ndim - 1];
-    PARALLEL_FOR_IF(numel >= PARALLEL_MIN)
+#pragma omp parallel for if (numel >= PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
         int64_t at = 0, rest = r;
         for (int d = ndim - 2; d >= 0; d--) {
@@ -1336,7 +1330,7 @@ Var *ag_transpose(Tape *t, Var *x, int d0, int d1) {
  * src_at .. src_at+rows-1 of src to rows dst_at.. of dst, or adds them when accumulate. */
 static void copy_window(int64_t outer, int64_t inner, int64_t rows, const float *src, int64_t src_rows,
                         int64_t src_at, float *dst, int64_t dst_rows, int64_t dst_at, bool accumulate) {
-    PARALLEL_FOR_IF(outer > 1 && outer * rows * inner >= PARALLEL_MIN)
+#pragma omp parallel for if (outer > 1 && outer * rows * inner >= PARALLEL_MIN)
     for (int64_t o = 0; o < outer; o++) {
         const float *s = src + (o * src_rows + src_at) * inner;
         float *d = dst + (o * dst_rows + dst_at) * inner;
