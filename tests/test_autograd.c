@@ -369,7 +369,7 @@ static void free_run(BlockRun *r) {
 }
 
 static void test_checkpoint(void) {
-    Tensor *xt = RAND(1, 64, 24), *w1 = RAND(0.3f, 24, 24), *b1 = RAND(0.3f, 24), *w2 = RAND(0.3f, 24, 24);
+    Tensor *xt = RAND(1, 150, 40), *w1 = RAND(0.2f, 40, 40), *b1 = RAND(0.3f, 40), *w2 = RAND(0.2f, 40, 40);
     BlockRun plain = run_blocks(xt, w1, b1, w2, PLAIN);
     BlockRun ckpt = run_blocks(xt, w1, b1, w2, CHECKPOINT);
     BlockRun nested = run_blocks(xt, w1, b1, w2, NESTED);
