@@ -77,7 +77,8 @@ static void account(Tape *t, enum MemKind kind, size_t bytes, bool add) {
     }
 }
 
-/* Records the first failure in t and returns NULL, so ops can `return fail(...)`. */
+/* Records the first failure in t and returns NULL, so ops can `return fail(...)` (and checks
+ * returning bool `return fail(...) != NULL`, which is false). */
 static void *fail(Tape *t, const char *fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 2, 3)))
@@ -101,7 +102,8 @@ static Tensor *tape_tensor(Tape *t, enum MemKind kind, int ndim, const int64_t *
         Tensor header = {.ndim = ndim};
         memcpy(header.shape, shape, (size_t)ndim * sizeof *shape);
         char s[64];
-        return fail(t, "cannot allocate a tensor %s (out of memory?)", tensor_shape_str(&header, s, sizeof s));
+        return fail(t, "cannot allocate a tensor %s (out of memory?)",
+                    tensor_shape_str(&header, s, sizeof s));
     }
     account(t, kind, tensor_bytes(x), true);
     return x;
@@ -232,7 +234,9 @@ static Var *result(Tape *t, int ndim, const int64_t *shape) {
     return value ? var_add(t, value, true, false, false) : NULL;
 }
 
-static Var *result_like(Tape *t, const Var *x) { return result(t, x->value->ndim, x->value->shape); }
+static Var *result_like(Tape *t, const Var *x) {
+    return result(t, x->value->ndim, x->value->shape);
+}
 
 static float *data(const Var *v) { return v ? v->value->data : NULL; }
 
@@ -289,8 +293,10 @@ static bool ready(Tape *t, const char *op, int n, Var *const *in) {
     if (!t || t->failed) return false;
     for (int i = 0; i < n; i++) {
         if (!in[i]) return fail(t, "%s: argument %d is NULL", op, i + 1) != NULL;
-        if (!in[i]->value)
-            return fail(t, "%s: argument %d was released by an earlier backward", op, i + 1) != NULL;
+        if (!in[i]->value) {
+            fail(t, "%s: argument %d was released by an earlier backward", op, i + 1);
+            return false;
+        }
     }
     return true;
 }
@@ -356,7 +362,8 @@ static void consume(Tape *t, Node *n) {
 /* Seeds out's gradient with dout and runs t's nodes in reverse, consuming them. */
 static int backward_run(Tape *t, Var *out, const Tensor *dout, Error *e) {
     if (!out->leaf && !out->producer && out->requires_grad)
-        return error_set(e, "backward: the graph of this output was consumed by an earlier backward");
+        return error_set(e,
+                         "backward: the graph of this output was consumed by an earlier backward");
     if (!out->requires_grad)
         return error_set(e, "backward: the output does not depend on anything that requires grad");
     if (!out->grad) {
@@ -379,7 +386,8 @@ static int backward_run(Tape *t, Var *out, const Tensor *dout, Error *e) {
 static int backward_ready(Tape *t, Var *out, Error *e) {
     if (tape_check(t, e)) return -1;
     if (!out) return error_set(e, "backward: NULL output");
-    if (!out->value) return error_set(e, "backward: the output was released by an earlier backward");
+    if (!out->value)
+        return error_set(e, "backward: the output was released by an earlier backward");
     return 0;
 }
 
@@ -387,7 +395,8 @@ int tape_backward(Tape *t, Var *loss, Error *e) {
     if (backward_ready(t, loss, e)) return -1;
     if (loss->value->numel != 1) {
         char s[64];
-        return error_set(e, "backward: the loss must be a scalar, got %s", shape_of(loss, s, sizeof s));
+        return error_set(e, "backward: the loss must be a scalar, got %s",
+                         shape_of(loss, s, sizeof s));
     }
     var_keep(loss);
     float one = 1.0f;
@@ -402,7 +411,8 @@ int tape_backward_from(Tape *t, Var *out, const Tensor *dout, Error *e) {
     if (!dout || !tensor_same_shape(out->value, dout)) {
         char s[64], d[64];
         return error_set(e, "backward: the output is %s but its gradient is %s",
-                         shape_of(out, s, sizeof s), dout ? tensor_shape_str(dout, d, sizeof d) : "NULL");
+                         shape_of(out, s, sizeof s),
+                         dout ? tensor_shape_str(dout, d, sizeof d) : "NULL");
     }
     var_keep(out);
     return backward_run(t, out, dout, e);
@@ -514,8 +524,10 @@ static void matmul_backward(Tape *t, Node *n) {
     for (int64_t i = 0; i < mm.batch; i++) {
         const float *dy = grad(n->out) + i * mm.M * mm.N;
         int64_t a_off = i * mm.M * mm.K, b_off = mm.shared_b ? 0 : i * mm.K * mm.N;
-        if (grad(a)) gemm(false, true, M, K, N, 1.0f, dy, N, data(b) + b_off, N, 1.0f, grad(a) + a_off, K);
-        if (grad(b)) gemm(true, false, K, N, M, 1.0f, data(a) + a_off, K, dy, N, 1.0f, grad(b) + b_off, N);
+        if (grad(a))
+            gemm(false, true, M, K, N, 1.0f, dy, N, data(b) + b_off, N, 1.0f, grad(a) + a_off, K);
+        if (grad(b))
+            gemm(true, false, K, N, M, 1.0f, data(a) + a_off, K, dy, N, 1.0f, grad(b) + b_off, N);
     }
 }
 
@@ -525,14 +537,17 @@ Var *ag_matmul(Tape *t, Var *a, Var *b) {
     const Tensor *av = a->value, *bv = b->value;
     char s1[64], s2[64];
     bool shared = bv->ndim == 2;
-    bool ok = av->ndim >= 2 && bv->ndim >= 2 && bv->shape[bv->ndim - 2] == av->shape[av->ndim - 1] &&
+    bool ok = av->ndim >= 2 && bv->ndim >= 2 &&
+              bv->shape[bv->ndim - 2] == av->shape[av->ndim - 1] &&
               (shared || bv->ndim == av->ndim);
     for (int i = 0; ok && !shared && i < av->ndim - 2; i++) ok = av->shape[i] == bv->shape[i];
     if (!ok)
         return fail(t, "matmul: cannot multiply %s by %s (want [.., M, K] by [.., K, N] or [K, N])",
                     shape_of(a, s1, sizeof s1), shape_of(b, s2, sizeof s2));
-    struct MatmulParams mm = {.M = av->shape[av->ndim - 2], .K = av->shape[av->ndim - 1],
-                              .N = bv->shape[bv->ndim - 1], .batch = dims_product(av, 0, av->ndim - 2),
+    struct MatmulParams mm = {.M = av->shape[av->ndim - 2],
+                              .K = av->shape[av->ndim - 1],
+                              .N = bv->shape[bv->ndim - 1],
+                              .batch = dims_product(av, 0, av->ndim - 2),
                               .shared_b = shared};
     if (!check_int(t, op, mm.M) || !check_int(t, op, mm.N) || !check_int(t, op, mm.K)) return NULL;
     int64_t shape[TENSOR_MAX_DIMS];
@@ -542,9 +557,9 @@ Var *ag_matmul(Tape *t, Var *a, Var *b) {
     Node *n;
     if (!y || !record(t, y, matmul_backward, 2, (Var *[]){a, b}, &n)) return NULL;
     for (int64_t i = 0; i < mm.batch; i++)
-        gemm(false, false, (int)mm.M, (int)mm.N, (int)mm.K, 1.0f, data(a) + i * mm.M * mm.K, (int)mm.K,
-             data(b) + (shared ? 0 : i * mm.K * mm.N), (int)mm.N, 0.0f, data(y) + i * mm.M * mm.N,
-             (int)mm.N);
+        gemm(false, false, (int)mm.M, (int)mm.N, (int)mm.K, 1.0f, data(a) + i * mm.M * mm.K,
+             (int)mm.K, data(b) + (shared ? 0 : i * mm.K * mm.N), (int)mm.N, 0.0f,
+             data(y) + i * mm.M * mm.N, (int)mm.N);
     if (n) n->p.mm = mm;
     return y;
 }
@@ -569,16 +584,24 @@ Var *ag_conv2d(Tape *t, Var *x, Var *w, Var *b, int stride, int padding, int gro
         return fail(t, "conv2d: x %s and weight %s must be 4-D", s1, s2);
     if (stride < 1 || padding < 0 || groups < 1 || xv->shape[1] % groups || wv->shape[0] % groups ||
         wv->shape[1] * groups != xv->shape[1])
-        return fail(t, "conv2d: x %s, weight %s, stride %d, padding %d, groups %d do not fit", s1, s2,
-                    stride, padding, groups);
+        return fail(t, "conv2d: x %s, weight %s, stride %d, padding %d, groups %d do not fit", s1,
+                    s2, stride, padding, groups);
     if (xv->shape[2] + 2 * padding < wv->shape[2] || xv->shape[3] + 2 * padding < wv->shape[3])
         return fail(t, "conv2d: the kernel of %s is larger than the padded input %s", s2, s1);
     for (int i = 0; i < 4; i++)
         if (!check_int(t, op, xv->shape[i]) || !check_int(t, op, wv->shape[i])) return NULL;
-    Conv2dShape s = {.batch = (int)xv->shape[0], .in_ch = (int)xv->shape[1], .in_h = (int)xv->shape[2],
-                     .in_w = (int)xv->shape[3], .out_ch = (int)wv->shape[0],
-                     .kernel_h = (int)wv->shape[2], .kernel_w = (int)wv->shape[3], .stride_h = stride,
-                     .stride_w = stride, .pad_h = padding, .pad_w = padding, .groups = groups};
+    Conv2dShape s = {.batch = (int)xv->shape[0],
+                     .in_ch = (int)xv->shape[1],
+                     .in_h = (int)xv->shape[2],
+                     .in_w = (int)xv->shape[3],
+                     .out_ch = (int)wv->shape[0],
+                     .kernel_h = (int)wv->shape[2],
+                     .kernel_w = (int)wv->shape[3],
+                     .stride_h = stride,
+                     .stride_w = stride,
+                     .pad_h = padding,
+                     .pad_w = padding,
+                     .groups = groups};
     if (!check_vector(t, op, "bias", b, s.out_ch)) return NULL;
     Var *y = result(t, 4, (int64_t[]){s.batch, s.out_ch, conv2d_out_h(&s), conv2d_out_w(&s)});
     Node *n;
@@ -606,8 +629,10 @@ static bool attention_shape(Tape *t, const Var *q, const Var *k, const Var *v, b
     if (qv->ndim != 4 || !tensor_same_shape(kv, v->value) || kv->ndim != 4 ||
         kv->shape[0] != qv->shape[0] || kv->shape[3] != qv->shape[3] || kv->shape[2] < 1 ||
         qv->shape[2] % kv->shape[2])
-        return fail(t, "attention: q %s, k %s, v %s must be [B, Nq, H, D], [B, Nk, Hkv, D] twice "
-                    "with H a multiple of Hkv", shape_of(q, s1, sizeof s1), shape_of(k, s2, sizeof s2),
+        return fail(t,
+                    "attention: q %s, k %s, v %s must be [B, Nq, H, D], [B, Nk, Hkv, D] twice "
+                    "with H a multiple of Hkv",
+                    shape_of(q, s1, sizeof s1), shape_of(k, s2, sizeof s2),
                     shape_of(v, s3, sizeof s3)) != NULL;
     for (int i = 0; i < 4; i++)
         if (!check_int(t, "attention", qv->shape[i]) || !check_int(t, "attention", kv->shape[i]))
@@ -680,10 +705,12 @@ Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin) {
     if (xv->ndim != 4 || xv->shape[3] % 2 || !tensor_same_shape(cos->value, &table) ||
         !tensor_same_shape(sin->value, &table))
         return fail(t, "rope: x %s must be [B, N, H, D] with D even, and cos %s, sin %s [N, D/2]",
-                    shape_of(x, s1, sizeof s1), shape_of(cos, s2, sizeof s2), shape_of(sin, s3, sizeof s3));
+                    shape_of(x, s1, sizeof s1), shape_of(cos, s2, sizeof s2),
+                    shape_of(sin, s3, sizeof s3));
     for (int i = 0; i < 4; i++)
         if (!check_int(t, op, xv->shape[i])) return NULL;
-    struct RopeParams r = {(int)xv->shape[0], (int)xv->shape[1], (int)xv->shape[2], (int)xv->shape[3]};
+    struct RopeParams r = {(int)xv->shape[0], (int)xv->shape[1], (int)xv->shape[2],
+                           (int)xv->shape[3]};
     Var *y = result_like(t, x);
     Node *n;
     if (!y || !record(t, y, rope_node_backward, 3, (Var *[]){x, cos, sin}, &n)) return NULL;
@@ -706,7 +733,8 @@ static bool rows_of(Tape *t, const char *op, const Var *x, struct NormParams *p)
 static bool channels_of(Tape *t, const char *op, const Var *x, struct NormParams *p) {
     const Tensor *xv = x->value;
     char s[64];
-    if (xv->ndim < 2) return fail(t, "%s: x %s must be [B, C, ..]", op, shape_of(x, s, sizeof s)) != NULL;
+    if (xv->ndim < 2)
+        return fail(t, "%s: x %s must be [B, C, ..]", op, shape_of(x, s, sizeof s)) != NULL;
     p->rows = xv->shape[0];
     p->C = xv->shape[1];
     p->HW = dims_product(xv, 2, xv->ndim);
@@ -733,8 +761,8 @@ Var *ag_layernorm(Tape *t, Var *x, Var *w, Var *b, float eps) {
     Tensor *rstd = mean ? tape_tensor(t, MEM_SAVED, 1, &p.rows) : NULL;
     Node *n = NULL;
     if (rstd && record(t, y, layernorm_node_backward, 3, (Var *[]){x, w, b}, &n)) {
-        layernorm_forward((int)p.rows, (int)p.C, eps, data(x), data(w), data(b), data(y), mean->data,
-                          rstd->data);
+        layernorm_forward((int)p.rows, (int)p.C, eps, data(x), data(w), data(b), data(y),
+                          mean->data, rstd->data);
         if (n) n->p.norm = p;
     }
     save(t, n, 0, mean);
@@ -759,7 +787,8 @@ Var *ag_groupnorm(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
         !check_vector(t, op, "bias", b, p.C))
         return NULL;
     if (groups < 1 || p.C % groups)
-        return fail(t, "groupnorm: %lld channels do not split into %d groups", (long long)p.C, groups);
+        return fail(t, "groupnorm: %lld channels do not split into %d groups", (long long)p.C,
+                    groups);
     Var *y = result_like(t, x);
     int64_t stats = p.rows * groups;
     Tensor *mean = y ? tape_tensor(t, MEM_SAVED, 1, &stats) : NULL;
@@ -820,7 +849,8 @@ Var *ag_batchnorm_eval(Tape *t, Var *x, Var *mean, Var *var, Var *w, Var *b, flo
         return NULL;
     Var *y = result_like(t, x);
     Node *n;
-    if (!y || !record(t, y, batchnorm_node_backward, 5, (Var *[]){x, mean, var, w, b}, &n)) return NULL;
+    if (!y || !record(t, y, batchnorm_node_backward, 5, (Var *[]){x, mean, var, w, b}, &n))
+        return NULL;
     batchnorm_eval_forward((int)p.rows, (int)p.C, (int)p.HW, eps, data(mean), data(var), data(w),
                            data(b), data(x), data(y));
     if (n) n->p.norm = p;
@@ -886,7 +916,8 @@ Var *ag_sigmoid(Tape *t, Var *x) {
 /* softmax's backward needs only its output; p.norm: rows, C */
 static void softmax_node_backward(Tape *t, Node *n) {
     (void)t;
-    softmax_backward((int)n->p.norm.rows, (int)n->p.norm.C, data(n->out), grad(n->out), grad(n->in[0]));
+    softmax_backward((int)n->p.norm.rows, (int)n->p.norm.C, data(n->out), grad(n->out),
+                     grad(n->in[0]));
 }
 
 Var *ag_softmax(Tape *t, Var *x) {
@@ -906,7 +937,8 @@ Var *ag_softmax(Tape *t, Var *x) {
 static bool planes_of(Tape *t, const char *op, const Var *x, struct ResizeParams *r) {
     const Tensor *xv = x->value;
     char s[64];
-    if (xv->ndim < 2) return fail(t, "%s: x %s must be [.., H, W]", op, shape_of(x, s, sizeof s)) != NULL;
+    if (xv->ndim < 2)
+        return fail(t, "%s: x %s must be [.., H, W]", op, shape_of(x, s, sizeof s)) != NULL;
     r->planes = dims_product(xv, 0, xv->ndim - 2);
     r->H = xv->shape[xv->ndim - 2];
     r->W = xv->shape[xv->ndim - 1];
@@ -936,7 +968,8 @@ Var *ag_upsample_nearest2x(Tape *t, Var *x) {
         return NULL;
     r.out_h = 2 * r.H;
     r.out_w = 2 * r.W;
-    if (!check_int(t, "upsample_nearest2x", r.out_h) || !check_int(t, "upsample_nearest2x", r.out_w))
+    if (!check_int(t, "upsample_nearest2x", r.out_h) ||
+        !check_int(t, "upsample_nearest2x", r.out_w))
         return NULL;
     Var *y = resized_result(t, x, r.out_h, r.out_w);
     Node *n;
@@ -1082,7 +1115,8 @@ static bool broadcast_of(Tape *t, const char *op, const Var *x, const Var *v, bo
 static void add_rows_backward(Tape *t, Node *n) {
     (void)t;
     if (grad(n->in[0])) axpy(numel_of(n->out), 1.0f, grad(n->out), grad(n->in[0]));
-    if (grad(n->in[1])) sum_rows_add((int)n->p.norm.rows, (int)n->p.norm.C, grad(n->out), grad(n->in[1]));
+    if (grad(n->in[1]))
+        sum_rows_add((int)n->p.norm.rows, (int)n->p.norm.C, grad(n->out), grad(n->in[1]));
 }
 
 Var *ag_add_rows(Tape *t, Var *x, Var *v) {
@@ -1121,7 +1155,8 @@ static void add_channels_backward(Tape *t, Node *n) {
     (void)t;
     struct NormParams p = n->p.norm;
     if (grad(n->in[0])) axpy(numel_of(n->out), 1.0f, grad(n->out), grad(n->in[0]));
-    if (grad(n->in[1])) sum_channels_add((int)p.rows, (int)p.C, (int)p.HW, grad(n->out), grad(n->in[1]));
+    if (grad(n->in[1]))
+        sum_channels_add((int)p.rows, (int)p.C, (int)p.HW, grad(n->out), grad(n->in[1]));
 }
 
 Var *ag_add_channels(Tape *t, Var *x, Var *v) {
@@ -1168,7 +1203,8 @@ Var *ag_mul_channels(Tape *t, Var *x, Var *v) {
     Node *n;
     if (!y || !record(t, y, mul_channels_backward, 2, (Var *[]){x, v}, &n)) return NULL;
     for (int64_t plane = 0; plane < p.rows * p.C; plane++)
-        scale_forward((size_t)p.HW, data(v)[plane % p.C], data(x) + plane * p.HW, data(y) + plane * p.HW);
+        scale_forward((size_t)p.HW, data(v)[plane % p.C], data(x) + plane * p.HW,
+                      data(y) + plane * p.HW);
     if (n) n->p.norm = p;
     return y;
 }
@@ -1306,7 +1342,9 @@ Var *ag_permute(Tape *t, Var *x, const int *perm) {
         if (ok) seen[perm[d]] = true;
     }
     char s[64];
-    if (!ok) return fail(t, "permute: not a permutation of the %d dims of %s", xv->ndim, shape_of(x, s, sizeof s));
+    if (!ok)
+        return fail(t, "permute: not a permutation of the %d dims of %s", xv->ndim,
+                    shape_of(x, s, sizeof s));
     int64_t shape[TENSOR_MAX_DIMS];
     for (int d = 0; d < xv->ndim; d++) shape[d] = xv->shape[perm[d]];
     Var *y = result(t, xv->ndim, shape);
@@ -1328,8 +1366,9 @@ Var *ag_transpose(Tape *t, Var *x, int d0, int d1) {
 
 /* With src: [outer, src_rows, inner] and dst: [outer, dst_rows, inner], copies rows
  * src_at .. src_at+rows-1 of src to rows dst_at.. of dst, or adds them when accumulate. */
-static void copy_window(int64_t outer, int64_t inner, int64_t rows, const float *src, int64_t src_rows,
-                        int64_t src_at, float *dst, int64_t dst_rows, int64_t dst_at, bool accumulate) {
+static void copy_window(int64_t outer, int64_t inner, int64_t rows, const float *src,
+                        int64_t src_rows, int64_t src_at, float *dst, int64_t dst_rows,
+                        int64_t dst_at, bool accumulate) {
 #pragma omp parallel for if (outer > 1 && outer * rows * inner >= PARALLEL_MIN)
     for (int64_t o = 0; o < outer; o++) {
         const float *s = src + (o * src_rows + src_at) * inner;
@@ -1383,7 +1422,8 @@ static void concat_backward(Tape *t, Node *n) {
     for (int i = 0; i < n->n_in; i++) {
         int64_t rows = n->in[i]->value->shape[w.dim];
         if (grad(n->in[i]))
-            copy_window(w.outer, w.inner, rows, grad(n->out), total, at, grad(n->in[i]), rows, 0, true);
+            copy_window(w.outer, w.inner, rows, grad(n->out), total, at, grad(n->in[i]), rows, 0,
+                        true);
         at += rows;
     }
 }
@@ -1401,7 +1441,8 @@ Var *ag_concat(Tape *t, Var **xs, int n_parts, int dim) {
     if (!xs || n_parts < 1) return fail(t, "concat: no inputs");
     if (!ready(t, "concat", n_parts, xs)) return NULL;
     const Tensor *first = xs[0]->value;
-    if (dim < 0 || dim >= first->ndim) return fail(t, "concat: dim %d of a %d-dim tensor", dim, first->ndim);
+    if (dim < 0 || dim >= first->ndim)
+        return fail(t, "concat: dim %d of a %d-dim tensor", dim, first->ndim);
     int64_t shape[TENSOR_MAX_DIMS];
     memcpy(shape, first->shape, sizeof shape);
     shape[dim] = 0;

@@ -34,9 +34,9 @@ static Tensor *rand_tensor(int ndim, const int64_t *shape, float scale, float of
     for (int64_t i = 0; x && i < x->numel; i++) x->data[i] = offset + scale * harness_rand(&seed);
     return x;
 }
-#define RAND(scale, ...)                                                                        \
-    rand_tensor((int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__}, \
-                scale, 0.0f)
+#define RAND(scale, ...)                                                                           \
+    rand_tensor((int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),                         \
+                (int64_t[]){__VA_ARGS__}, scale, 0.0f)
 
 /* Moves every value at least `margin` away from the kink at k (for relu and clamp). */
 static void push_away(Tensor *x, float k, float margin) {
@@ -67,7 +67,8 @@ static double case_loss(void *ctx) {
     for (int i = 0; i < c->n_in; i++) in[i] = var_new(t, c->in[i], false);
     Var *y = c->build(t, in);
     double loss = 0.0;
-    for (int64_t i = 0; y && i < y->value->numel; i++) loss += (double)y->value->data[i] * c->r->data[i];
+    for (int64_t i = 0; y && i < y->value->numel; i++)
+        loss += (double)y->value->data[i] * c->r->data[i];
     tape_free(t);
     return loss;
 }
@@ -172,7 +173,7 @@ static Var *graph_structure(Tape *t, Var **in) {
     Var *mt = ag_transpose(t, m, 1, 2);                                            /* [8, 4, 5] */
     Var *mm = ag_matmul(t, mt, ag_reshape(t, p, 3, (int64_t[]){8, 5, 3}));         /* [8, 4, 3] */
     Var *five = ag_reshape(t, in[0], 5, (int64_t[]){2, 3, 2, 2, 5});
-    five = ag_permute(t, five, (const int[]){4, 2, 0, 3, 1});                      /* [5, 2, 2, 2, 3] */
+    five = ag_permute(t, five, (const int[]){4, 2, 0, 3, 1}); /* [5, 2, 2, 2, 3] */
     Var *parts[] = {
         ag_reshape(t, mm, 1, (int64_t[]){96}),
         ag_reshape(t, ag_slice(t, p, 0, 1, 2), 1, (int64_t[]){60}),
@@ -184,10 +185,13 @@ static Var *graph_structure(Tape *t, Var **in) {
 }
 
 static void test_finite_differences(void) {
-    GradCase dense = {"dense", graph_dense, 8,
-                      {RAND(1, 2, 3, 5), RAND(0.5f, 7, 5), RAND(0.5f, 7), RAND(0.5f, 7), RAND(0.5f, 7),
-                       RAND(0.5f, 7), RAND(1, 7), RAND(1, 7)},
-                      {true, true, true, true, true, true, true, true}, NULL};
+    GradCase dense = {"dense",
+                      graph_dense,
+                      8,
+                      {RAND(1, 2, 3, 5), RAND(0.5f, 7, 5), RAND(0.5f, 7), RAND(0.5f, 7),
+                       RAND(0.5f, 7), RAND(0.5f, 7), RAND(1, 7), RAND(1, 7)},
+                      {true, true, true, true, true, true, true, true},
+                      NULL};
     GradCase self = {"self-attention", graph_self_attention, 7,
                      {RAND(1, 2, 5, 8), RAND(0.5f, 8, 8), RAND(0.5f, 4, 8), RAND(0.5f, 4, 8),
                       RAND(0.5f, 8, 8), RAND(1, 5, 2), RAND(1, 5, 2)},
@@ -200,9 +204,13 @@ static void test_finite_differences(void) {
                       RAND(0.5f, 6), RAND(0.5f, 6, 1, 3, 3), RAND(0.5f, 6), RAND(0.5f, 6),
                       rand_tensor(1, (int64_t[]){6}, 0.4f, 1.0f), RAND(1, 6)},
                      {true, true, true, true, true, true, true, false, false, true}, NULL};
-    GradCase pointwise = {"pointwise", graph_pointwise, 3,
-                          {RAND(1, 3, 17), RAND(1, 3, 17), rand_tensor(2, (int64_t[]){3, 17}, 0.5f, 1.0f)},
-                          {true, true, true}, NULL};
+    GradCase pointwise = {
+        "pointwise",
+        graph_pointwise,
+        3,
+        {RAND(1, 3, 17), RAND(1, 3, 17), rand_tensor(2, (int64_t[]){3, 17}, 0.5f, 1.0f)},
+        {true, true, true},
+        NULL};
     push_away(pointwise.in[0], 0.0f, 0.05f);
     push_away(pointwise.in[1], -0.5f, 0.05f);
     push_away(pointwise.in[1], 0.5f, 0.05f);
@@ -257,7 +265,8 @@ static void test_accumulation(void) {
     int bad = 0;
     for (int i = 0; rc == 0 && i < 18; i++) bad += w2->grad->data[i] != 2.0f * w1->grad->data[i];
     for (int i = 0; rc == 0 && i < 3; i++) bad += b2->grad->data[i] != 2.0f * b1->grad->data[i];
-    CHECK(rc == 0 && bad == 0, "weight and bias gradients after two passes are exactly twice one pass");
+    CHECK(rc == 0 && bad == 0,
+          "weight and bias gradients after two passes are exactly twice one pass");
     var_zero_grad(w2);
     rc = tape_backward(twice, small_loss(twice, var_new(twice, xt, false), w2, b2), &e);
     CHECK(rc == 0 && memcmp(w2->grad->data, w1->grad->data, 18 * sizeof(float)) == 0,
@@ -275,17 +284,21 @@ static void test_no_grad(void) {
     Tensor *xt = RAND(1, 4, 6), *wt = RAND(0.5f, 3, 6), *bt = RAND(0.5f, 3);
     Tape *rec = tape_new(), *off = tape_new(), *consts = tape_new();
     tape_set_grad(off, false);
-    Var *y_rec = small_loss(rec, var_new(rec, xt, true), var_new(rec, wt, true), var_new(rec, bt, true));
-    Var *y_off = small_loss(off, var_new(off, xt, true), var_new(off, wt, true), var_new(off, bt, true));
+    Var *y_rec =
+        small_loss(rec, var_new(rec, xt, true), var_new(rec, wt, true), var_new(rec, bt, true));
+    Var *y_off =
+        small_loss(off, var_new(off, xt, true), var_new(off, wt, true), var_new(off, bt, true));
     Var *y_const = small_loss(consts, var_new(consts, xt, false), var_new(consts, wt, false),
                               var_new(consts, bt, false));
     TapeStats s_rec = tape_stats(rec), s_off = tape_stats(off), s_const = tape_stats(consts);
-    CHECK(s_rec.recorded_nodes == 4, "grad on: 4 nodes recorded (got %lld)", (long long)s_rec.recorded_nodes);
+    CHECK(s_rec.recorded_nodes == 4, "grad on: 4 nodes recorded (got %lld)",
+          (long long)s_rec.recorded_nodes);
     CHECK(s_off.recorded_nodes == 0 && s_off.saved_bytes == 0 && !y_off->requires_grad,
           "grad off: nothing recorded or saved");
     CHECK(s_const.recorded_nodes == 0 && s_const.saved_bytes == 0,
           "grad on but no input requires grad: nothing recorded");
-    CHECK(y_rec->value->data[0] == y_off->value->data[0] && y_rec->value->data[0] == y_const->value->data[0],
+    CHECK(y_rec->value->data[0] == y_off->value->data[0] &&
+              y_rec->value->data[0] == y_const->value->data[0],
           "the same loss with and without recording");
     Error e = {{0}};
     CHECK(tape_backward(off, y_off, &e) != 0 && strstr(e.msg, "requires grad"),
@@ -350,8 +363,9 @@ static BlockRun run_blocks(Tensor *xt, Tensor *w1, Tensor *b1, Tensor *w2, enum 
     if (!loss || tape_backward(t, loss, &e)) {
         CHECK(0, "block model (mode %d): %s", (int)mode, e.msg);
     } else {
-        r = (BlockRun){loss->value->data[0], tensor_clone(x->grad), tensor_clone(p.w1->grad),
-                       tensor_clone(p.b1->grad), tensor_clone(p.w2->grad), tape_stats(t).peak_bytes};
+        r = (BlockRun){.loss = loss->value->data[0], .dx = tensor_clone(x->grad),
+                       .dw1 = tensor_clone(p.w1->grad), .db1 = tensor_clone(p.b1->grad),
+                       .dw2 = tensor_clone(p.w2->grad), .peak = tape_stats(t).peak_bytes};
     }
     tape_free(t);
     return r;
@@ -369,7 +383,8 @@ static void free_run(BlockRun *r) {
 }
 
 static void test_checkpoint(void) {
-    Tensor *xt = RAND(1, 150, 40), *w1 = RAND(0.2f, 40, 40), *b1 = RAND(0.3f, 40), *w2 = RAND(0.2f, 40, 40);
+    Tensor *xt = RAND(1, 150, 40), *w1 = RAND(0.2f, 40, 40), *b1 = RAND(0.3f, 40),
+           *w2 = RAND(0.2f, 40, 40);
     BlockRun plain = run_blocks(xt, w1, b1, w2, PLAIN);
     BlockRun ckpt = run_blocks(xt, w1, b1, w2, CHECKPOINT);
     BlockRun nested = run_blocks(xt, w1, b1, w2, NESTED);
@@ -383,7 +398,8 @@ static void test_checkpoint(void) {
     float diff = 0.0f;
     for (int64_t i = 0; nested.dx && plain.dx && i < plain.dx->numel; i++)
         diff = fmaxf(diff, fabsf(nested.dx->data[i] - plain.dx->data[i]));
-    CHECK(nested.dx && diff < 1e-5f, "nested checkpoints: input gradient within %g of the plain graph's", diff);
+    CHECK(nested.dx && diff < 1e-5f,
+          "nested checkpoints: input gradient within %g of the plain graph's", diff);
     free_run(&plain);
     free_run(&ckpt);
     free_run(&nested);
@@ -396,7 +412,8 @@ static void test_checkpoint(void) {
     Var *y = ag_checkpoint(t, block, &p, &x, 1);
     TapeStats s = tape_stats(t);
     CHECK(y && s.recorded_nodes == 0 && s.value_bytes == (size_t)y->value->numel * 4,
-          "checkpoint with grad off: nothing recorded, only the output kept (%zu bytes)", s.value_bytes);
+          "checkpoint with grad off: nothing recorded, only the output kept (%zu bytes)",
+          s.value_bytes);
     tape_free(t);
     tensor_free(xt);
     tensor_free(w1);
@@ -404,7 +421,7 @@ static void test_checkpoint(void) {
     tensor_free(w2);
 }
 
-/* ---- 5. memory released by backward ----------------------------------------------------------- */
+/* ---- 5. memory released by backward ------------------------------------------------------ */
 
 static void test_backward_frees(void) {
     Tape *t = tape_new();
@@ -414,23 +431,28 @@ static void test_backward_frees(void) {
     Var *h = ag_groupnorm(t, x, 4, NULL, NULL, 1e-5f);
     h = ag_reshape(t, ag_permute(t, h, (const int[]){0, 2, 3, 1}), 4, (int64_t[]){2, 9, 2, 4});
     h = ag_attention(t, h, h, h, 0.5f, false, (const int[]){9, 4});
-    h = ag_layernorm(t, ag_linear(t, ag_reshape(t, h, 3, (int64_t[]){2, 9, 8}), w, NULL), NULL, NULL, 1e-5f);
+    h = ag_layernorm(t, ag_linear(t, ag_reshape(t, h, 3, (int64_t[]){2, 9, 8}), w, NULL), NULL,
+                     NULL, 1e-5f);
     Var *loss = ag_mean(t, ag_pow(t, h, 2.0f));
     TapeStats before = tape_stats(t);
     Error e = {{0}};
     int rc = tape_backward(t, loss, &e);
     TapeStats after = tape_stats(t);
     CHECK(rc == 0, "backward runs: %s", e.msg);
-    CHECK(before.saved_bytes > 0 && before.pending_nodes > 0, "before backward: %zu bytes saved, %lld nodes",
-          before.saved_bytes, (long long)before.pending_nodes);
-    CHECK(after.saved_bytes == 0 && after.pending_nodes == 0, "after backward: nothing saved, no nodes");
+    CHECK(before.saved_bytes > 0 && before.pending_nodes > 0,
+          "before backward: %zu bytes saved, %lld nodes", before.saved_bytes,
+          (long long)before.pending_nodes);
+    CHECK(after.saved_bytes == 0 && after.pending_nodes == 0,
+          "after backward: nothing saved, no nodes");
     size_t leaf_bytes = 144 * 4, loss_bytes = 4;
     CHECK(after.value_bytes == leaf_bytes + loss_bytes,
-          "after backward only the owned leaf and the loss hold values (%zu bytes)", after.value_bytes);
+          "after backward only the owned leaf and the loss hold values (%zu bytes)",
+          after.value_bytes);
     CHECK(after.grad_bytes == leaf_bytes + 64 * 4 + loss_bytes,
           "after backward only leaf gradients and the loss's remain (%zu bytes)", after.grad_bytes);
     CHECK(loss->value && h->value == NULL, "the loss stays readable, intermediates are released");
-    CHECK(after.peak_bytes >= before.value_bytes + before.saved_bytes, "the peak covers the forward");
+    CHECK(after.peak_bytes >= before.value_bytes + before.saved_bytes,
+          "the peak covers the forward");
     Var *again = ag_relu(t, h);
     CHECK(again == NULL && tape_check(t, &e) != 0 && strstr(e.msg, "released"),
           "using a released intermediate fails: %s", e.msg);
@@ -442,7 +464,8 @@ static void test_backward_frees(void) {
     Var *kept = ag_silu(t, var_new(t, xt, true));
     var_keep(kept);
     rc = tape_backward(t, ag_sum(t, kept), &e);
-    CHECK(rc == 0 && kept->value != NULL, "var_keep keeps an intermediate's value through backward");
+    CHECK(rc == 0 && kept->value != NULL,
+          "var_keep keeps an intermediate's value through backward");
     rc = tape_backward(t, ag_sum(t, kept), &e);
     CHECK(rc == 0 && tape_stats(t).pending_nodes == 0, "a kept value can start another graph");
     tape_free(t);
@@ -453,7 +476,8 @@ static void test_backward_frees(void) {
     float want = sum->value->data[0];
     Var *view = ag_reshape(t, sum, 2, (int64_t[]){1, 1});
     rc = tape_backward(t, view, &e);
-    CHECK(rc == 0 && view->value && view->value->data == sum->value->data && view->value->data[0] == want,
+    CHECK(rc == 0 && view->value && view->value->data == sum->value->data &&
+              view->value->data[0] == want,
           "a loss that views another Var stays readable after backward");
     tape_free(t);
     tensor_free(xt);
@@ -481,14 +505,18 @@ static Var *op_linear_bias(Tape *t, Var **in) { return ag_linear(t, in[0], in[1]
 static Var *op_matmul(Tape *t, Var **in) { return ag_matmul(t, in[0], in[1]); }
 static Var *op_conv(Tape *t, Var **in) { return ag_conv2d(t, in[0], in[1], NULL, 1, 1, 1); }
 static Var *op_conv_groups(Tape *t, Var **in) { return ag_conv2d(t, in[0], in[1], NULL, 1, 1, 3); }
-static Var *op_attention(Tape *t, Var **in) { return ag_attention(t, in[0], in[1], in[1], 1.0f, false, NULL); }
+static Var *op_attention(Tape *t, Var **in) {
+    return ag_attention(t, in[0], in[1], in[1], 1.0f, false, NULL);
+}
 static Var *op_attention_valid(Tape *t, Var **in) {
     return ag_attention(t, in[0], in[0], in[0], 1.0f, false, (const int[]){7});
 }
 static Var *op_rope(Tape *t, Var **in) { return ag_rope(t, in[0], in[1], in[1]); }
 static Var *op_layernorm(Tape *t, Var **in) { return ag_layernorm(t, in[0], in[1], NULL, 1e-5f); }
 static Var *op_groupnorm(Tape *t, Var **in) { return ag_groupnorm(t, in[0], 3, NULL, NULL, 1e-5f); }
-static Var *op_batchnorm(Tape *t, Var **in) { return ag_batchnorm_eval(t, in[0], in[1], in[1], NULL, NULL, 1e-5f); }
+static Var *op_batchnorm(Tape *t, Var **in) {
+    return ag_batchnorm_eval(t, in[0], in[1], in[1], NULL, NULL, 1e-5f);
+}
 static Var *op_add(Tape *t, Var **in) { return ag_add(t, in[0], in[1]); }
 static Var *op_add_rows(Tape *t, Var **in) { return ag_add_rows(t, in[0], in[1]); }
 static Var *op_mul_channels(Tape *t, Var **in) { return ag_mul_channels(t, in[0], in[1]); }
@@ -505,7 +533,9 @@ static Var *failing_block(Tape *t, Var **in, void *ctx) {
     (void)ctx;
     return ag_matmul(t, in[0], in[0]);
 }
-static Var *op_checkpoint(Tape *t, Var **in) { return ag_checkpoint(t, failing_block, NULL, in, 1); }
+static Var *op_checkpoint(Tape *t, Var **in) {
+    return ag_checkpoint(t, failing_block, NULL, in, 1);
+}
 
 static void test_errors(void) {
     Tensor *m23 = RAND(1, 2, 3), *m34 = RAND(1, 3, 4), *m43 = RAND(1, 4, 3), *v3 = RAND(1, 3),
@@ -514,40 +544,45 @@ static void test_errors(void) {
            *table = RAND(1, 3, 2);
     expect_failure("linear of [2, 3] with a [3, 4] weight", op_linear, 2,
                    (Tensor *[]){m23, m34}, NULL, "linear");
-    expect_failure("linear with a [3] bias for 4 outputs", op_linear_bias, 3, (Tensor *[]){m23, m43, v3},
-                   NULL, "bias");
+    expect_failure("linear with a [3] bias for 4 outputs", op_linear_bias, 3,
+                   (Tensor *[]){m23, m43, v3}, NULL, "bias");
     expect_failure("matmul [2, 3] by [4, 3]", op_matmul, 2, (Tensor *[]){m23, m43}, NULL, "matmul");
-    expect_failure("conv2d with 3 weight channels on 4", op_conv, 2, (Tensor *[]){img, w3}, NULL, "conv2d");
-    expect_failure("conv2d with 4 channels in 3 groups", op_conv_groups, 2, (Tensor *[]){img, w3}, NULL,
-                   "groups");
-    expect_failure("attention with 3 key heads for 2 query heads", op_attention, 2, (Tensor *[]){q, k},
-                   NULL, "attention");
-    expect_failure("attention with kv_valid past the keys", op_attention_valid, 1, (Tensor *[]){q}, NULL,
-                   "kv_valid");
+    expect_failure("conv2d with 3 weight channels on 4", op_conv, 2, (Tensor *[]){img, w3}, NULL,
+                   "conv2d");
+    expect_failure("conv2d with 4 channels in 3 groups", op_conv_groups, 2, (Tensor *[]){img, w3},
+                   NULL, "groups");
+    expect_failure("attention with 3 key heads for 2 query heads", op_attention, 2,
+                   (Tensor *[]){q, k}, NULL, "attention");
+    expect_failure("attention with kv_valid past the keys", op_attention_valid, 1, (Tensor *[]){q},
+                   NULL, "kv_valid");
     expect_failure("rope with an odd head dim", op_rope, 2, (Tensor *[]){odd, table}, NULL, "rope");
     expect_failure("rope with a table that requires grad", op_rope, 2, (Tensor *[]){q, table},
                    (const bool[]){false, true}, "constant");
-    expect_failure("layernorm with a [4] weight over 3", op_layernorm, 2, (Tensor *[]){m23, v4}, NULL,
-                   "weight");
+    expect_failure("layernorm with a [4] weight over 3", op_layernorm, 2, (Tensor *[]){m23, v4},
+                   NULL, "weight");
     expect_failure("groupnorm of 4 channels in 3 groups", op_groupnorm, 1, (Tensor *[]){img}, NULL,
                    "groups");
     expect_failure("batchnorm with running stats that require grad", op_batchnorm, 2,
                    (Tensor *[]){img, v4}, (const bool[]){false, true}, "constant");
     expect_failure("add of [2, 3] and [3, 4]", op_add, 2, (Tensor *[]){m23, m34}, NULL, "differ");
-    expect_failure("add_rows of a [4] vector to [2, 3]", op_add_rows, 2, (Tensor *[]){m23, v4}, NULL,
-                   "add_rows");
+    expect_failure("add_rows of a [4] vector to [2, 3]", op_add_rows, 2, (Tensor *[]){m23, v4},
+                   NULL, "add_rows");
     expect_failure("mul_channels of a [3] vector on 4 channels", op_mul_channels, 2,
                    (Tensor *[]){img, v3}, NULL, "mul_channels");
     expect_failure("resize to 0 rows", op_resize, 1, (Tensor *[]){img}, NULL, "resize");
     expect_failure("upsample of a vector", op_upsample, 1, (Tensor *[]){v3}, NULL, "upsample");
     expect_failure("clamp with lo above hi", op_clamp, 1, (Tensor *[]){v3}, NULL, "clamp");
-    expect_failure("reshape of 6 elements to [5, 5]", op_reshape, 1, (Tensor *[]){m23}, NULL, "reshape");
-    expect_failure("permute with a repeated dim", op_permute, 1, (Tensor *[]){m23}, NULL, "permute");
-    expect_failure("transpose of a missing dim", op_transpose, 1, (Tensor *[]){m23}, NULL, "transpose");
+    expect_failure("reshape of 6 elements to [5, 5]", op_reshape, 1, (Tensor *[]){m23}, NULL,
+                   "reshape");
+    expect_failure("permute with a repeated dim", op_permute, 1, (Tensor *[]){m23}, NULL,
+                   "permute");
+    expect_failure("transpose of a missing dim", op_transpose, 1, (Tensor *[]){m23}, NULL,
+                   "transpose");
     expect_failure("slice past the end", op_slice, 1, (Tensor *[]){m23}, NULL, "slice");
-    expect_failure("concat of [2, 3] and [3, 4] along dim 0", op_concat, 2, (Tensor *[]){m23, m34}, NULL,
-                   "concat");
-    expect_failure("a NULL argument, and the op after it", op_null, 1, (Tensor *[]){m23}, NULL, "add");
+    expect_failure("concat of [2, 3] and [3, 4] along dim 0", op_concat, 2, (Tensor *[]){m23, m34},
+                   NULL, "concat");
+    expect_failure("a NULL argument, and the op after it", op_null, 1, (Tensor *[]){m23}, NULL,
+                   "add");
     expect_failure("a checkpoint whose function fails", op_checkpoint, 1, (Tensor *[]){m23}, NULL,
                    "checkpoint: matmul");
 
@@ -556,13 +591,14 @@ static void test_errors(void) {
     Error e = {{0}};
     Var *x = var_new(t, m23, true);
     Var *y = ag_silu(t, x);
-    CHECK(tape_backward(t, y, &e) != 0 && strstr(e.msg, "scalar"), "backward of a [2, 3] loss fails: %s", e.msg);
+    CHECK(tape_backward(t, y, &e) != 0 && strstr(e.msg, "scalar"),
+          "backward of a [2, 3] loss fails: %s", e.msg);
     CHECK(tape_backward_from(t, y, v3, &e) != 0 && strstr(e.msg, "gradient"),
           "backward_from with a gradient of another shape fails: %s", e.msg);
     Var *loss = ag_sum(t, y);
     CHECK(tape_backward(t, loss, &e) == 0, "backward runs");
-    CHECK(tape_backward(t, loss, &e) != 0 && strstr(e.msg, "consumed"), "a second backward of the same graph fails: %s",
-          e.msg);
+    CHECK(tape_backward(t, loss, &e) != 0 && strstr(e.msg, "consumed"),
+          "a second backward of the same graph fails: %s", e.msg);
     Var *after = ag_silu(t, x);
     CHECK(after != NULL && tape_check(t, &e) == 0, "a backward error does not poison the tape");
     tape_free(t);
@@ -571,7 +607,8 @@ static void test_errors(void) {
     t = tape_new();
     x = var_new(t, m23, false);
     CHECK(ag_add(t, x, var_new(t, m34, false)) == NULL, "a failing op returns NULL");
-    CHECK(ag_silu(t, x) == NULL && var_new(t, m23, false) == NULL, "every later op on that tape returns NULL");
+    CHECK(ag_silu(t, x) == NULL && var_new(t, m23, false) == NULL,
+          "every later op on that tape returns NULL");
     tape_free(t);
 
     Tensor *all[] = {m23, m34, m43, v3, v4, img, w3, q, k, odd, table};
@@ -595,8 +632,9 @@ typedef struct GoldenCase {
 
 #define MAX_GOLDEN 16
 
-static const char *const attention_params[] = {"x", "w1", "b1", "ln_w", "ln_b", "wq", "wk",
-                                               "wv", "wo", "bo", "conv_w", "conv_b", "gn_w", "gn_b"};
+static const char *const attention_params[] = {"x",      "w1",     "b1",   "ln_w", "ln_b",
+                                               "wq",     "wk",     "wv",   "wo",   "bo",
+                                               "conv_w", "conv_b", "gn_w", "gn_b"};
 static const char *const attention_consts[] = {"cos", "sin"};
 
 /* x [1, 12, 8] -> linear 16 -> layernorm -> gelu -> attention (2 heads of 8, rope on q and k)
@@ -612,7 +650,8 @@ static Var *golden_model(Tape *t, Var **p, Var **c) {
                         (int64_t[]){1, 12, 16});
     h = ag_add(t, ag_linear(t, a, p[8], p[9]), h);
     Var *img = ag_reshape(t, ag_transpose(t, h, 1, 2), 4, (int64_t[]){1, 16, 3, 4});
-    Var *conv = ag_silu(t, ag_groupnorm(t, ag_conv2d(t, img, p[10], p[11], 1, 1, 1), 4, p[12], p[13], 1e-6f));
+    Var *conv = ag_silu(
+        t, ag_groupnorm(t, ag_conv2d(t, img, p[10], p[11], 1, 1, 1), 4, p[12], p[13], 1e-6f));
     Var *s = ag_sigmoid(t, ag_resize_bilinear(t, conv, 5, 7));
     return ag_mean(t, ag_pow(t, s, 3.0f));
 }
@@ -631,7 +670,8 @@ static Var *detector_model(Tape *t, Var **p, Var **c) {
     x = ag_conv2d(t, x, p[1], p[2], 2, 1, 1);
     x = ag_relu(t, ag_batchnorm_eval(t, x, c[2], c[3], p[3], p[4], 1e-5f));
     x = ag_conv2d(t, ag_upsample_nearest2x(t, x), p[5], p[6], 1, 1, 8);
-    Var *tokens = ag_reshape(t, ag_permute(t, x, (const int[]){0, 2, 3, 1}), 3, (int64_t[]){1, 36, 8});
+    Var *tokens =
+        ag_reshape(t, ag_permute(t, x, (const int[]){0, 2, 3, 1}), 3, (int64_t[]){1, 36, 8});
     tokens = ag_add_rows(t, ag_mul_rows(t, ag_rmsnorm(t, tokens, p[7], 1e-6f), p[8]), p[9]);
     tokens = ag_matmul(t, tokens, p[10]);
     Var *halves[] = {ag_slice(t, tokens, 2, 3, 3), ag_slice(t, tokens, 2, 0, 3)};
@@ -679,10 +719,12 @@ static void check_golden_case(const SafeTensors *st, const GoldenCase *g) {
     }
     Var *loss = loaded ? g->model(t, p, c) : NULL;
     Error e = {{0}};
-    if (loaded && (!loss || tape_backward(t, loss, &e))) CHECK(0, "golden %smodel: %s", g->prefix, e.msg);
+    if (loaded && (!loss || tape_backward(t, loss, &e)))
+        CHECK(0, "golden %smodel: %s", g->prefix, e.msg);
     for (int i = 0; loaded && loss && loss->grad && i <= g->n_params; i++) {
         char name[96];
-        snprintf(name, sizeof name, i ? "%sgrad_%s" : "%sloss", g->prefix, i ? g->params[i - 1] : "");
+        snprintf(name, sizeof name, i ? "%sgrad_%s" : "%sloss", g->prefix,
+                 i ? g->params[i - 1] : "");
         const float *got = i ? p[i - 1]->grad->data : loss->value->data;
         size_t n = i ? (size_t)p[i - 1]->value->numel : 1;
         float *want = golden_load(st, name, n);
