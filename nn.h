@@ -56,4 +56,71 @@ void norm_free(NormParams *n);
 /* A constant leaf over a parameter (NULL stays NULL, for optional biases). */
 Var *param_var(Tape *t, Tensor *p);
 
+/* ---- section: vae (owned by the vae work) ------------------------------------------------ */
+
+/* The decoder half of diffusers' AutoencoderKLFlux2, with the FLUX.2 pipeline's latent
+ * unpacking in front: packed transformer tokens in, an image in about [-1, 1] out. */
+
+#define VAE_MAX_BLOCKS 8
+
+/* From vae/config.json (the upstream keys). */
+typedef struct VaeConfig {
+    int latent_channels;     /* 32 for FLUX.2 */
+    int out_channels;        /* 3 */
+    int n_blocks;            /* entries of block_out_channels (and up_block_types) */
+    int block_out_channels[VAE_MAX_BLOCKS]; /* decoder_block_out_channels when set */
+    int layers_per_block;    /* each up block has layers_per_block + 1 resnets */
+    int norm_num_groups;
+    int patch_h, patch_w;    /* patch_size: tokens carry latent_channels * patch_h * patch_w */
+    float batch_norm_eps;
+    bool use_post_quant_conv, mid_block_add_attention;
+} VaeConfig;
+
+/* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
+ * conv_shortcut when the channel count changes). */
+typedef struct VaeResnet {
+    NormParams norm1, norm2;
+    Conv2d conv1, conv2, conv_shortcut; /* conv_shortcut.weight NULL when in == out */
+    int groups;
+} VaeResnet;
+
+/* One head over all channels, with a residual: x + to_out(attention(group_norm(x))). */
+typedef struct VaeAttention {
+    NormParams group_norm;
+    Linear to_q, to_k, to_v, to_out;
+    int groups;
+} VaeAttention;
+
+typedef struct VaeUpBlock {
+    VaeResnet *resnets;  /* layers_per_block + 1 */
+    Conv2d upsampler;    /* nearest 2x then this 3x3 conv; weight NULL in the last block */
+} VaeUpBlock;
+
+typedef struct VaeDecoder {
+    VaeConfig config;
+    Tensor *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
+    Conv2d post_quant_conv;   /* 1x1, weight NULL when use_post_quant_conv is false */
+    Conv2d conv_in;
+    VaeResnet mid_resnets[2];
+    VaeAttention mid_attention; /* weights NULL when mid_block_add_attention is false */
+    VaeUpBlock up_blocks[VAE_MAX_BLOCKS];
+    NormParams conv_norm_out;
+    Conv2d conv_out;
+    /* Run each resnet, attention, upsampler and the output head through ag_checkpoint (the
+     * loader sets it): backward then holds block boundaries plus one block's intermediates.
+     * False keeps every intermediate: the same gradients, a faster backward, far more memory. */
+    bool checkpoint;
+} VaeDecoder;
+
+/* Reads <dir>/config.json and <dir>/diffusion_pytorch_model.safetensors (or any layout
+ * st_model_open accepts in dir): F32/F16/BF16 weights, converted to f32. */
+int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e);
+void vae_decoder_free(VaeDecoder *m);
+/* tokens: [B, h*w, latent_channels*patch_h*patch_w], row-major over the (h, w) token grid ->
+ * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
+ * d loss / d tokens flows back through it; weights get no gradient. */
+Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
+
+/* ---- end section: vae ---- */
+
 #endif
