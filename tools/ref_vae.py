@@ -11,10 +11,14 @@ Writes, deterministically:
   tests/golden/vae.safetensors         tokens, r, image and d sum(image * r) / d tokens
 
 Run with /usr/bin/python3 (Debian's torch). No pip packages: safetensors is written by hand.
+
+`ref_vae.py --real-random DIR` instead writes the real FLUX.2 VAE config (upstream values) with
+random BF16 decoder weights into DIR (about 100 MB), for tools/vae_peak.c's memory measurement.
 """
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 import torch
@@ -43,6 +47,12 @@ CONFIG = {
     "use_post_quant_conv": True,
     "use_quant_conv": True,
 }
+
+# The FLUX.2 [klein] / [dev] vae/config.json values.
+REAL_CONFIG = dict(CONFIG, block_out_channels=[128, 256, 512, 512],
+                   down_block_types=["DownEncoderBlock2D"] * 4,
+                   up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=32,
+                   layers_per_block=2, norm_num_groups=32, sample_size=1024)
 
 
 # ---- safetensors, by hand ----
@@ -74,10 +84,10 @@ def write_safetensors(path, tensors, dtype="F32"):
             f.write(b)
 
 
-def write_fixture(directory, weights, dtype):
+def write_fixture(directory, weights, dtype, config=CONFIG):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     write_safetensors(os.path.join(directory, "diffusion_pytorch_model.safetensors"), weights,
                       dtype)
@@ -238,4 +248,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--real-random":
+        write_fixture(sys.argv[2], make_weights(REAL_CONFIG, torch.Generator().manual_seed(1)),
+                      "BF16", REAL_CONFIG)
+    else:
+        main()
