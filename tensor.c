@@ -108,21 +108,25 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
  *       work items: column blocks of up to GEMM_NC (x row chunks when N is narrow), in parallel;
  *       each item packs its own B block [kc, nb] (it stays in the core's L2)
  *         rows in steps of GEMM_MR            A micro-panel [kc, MR] stays in L1
- *           columns in steps of GEMM_NR       micro-kernel: tile[MR, NR] = A panel x B panel
+ *           columns in steps of GEMM_NR       micro-kernel: C tile [MR, NR] from the two panels
  * Packing copies op(A) and op(B) into the layout the micro-kernel streams, so one kernel serves
- * all four transpose cases, and zero-pads the edges so the kernel never sees a partial tile.
+ * all four transpose cases, and zero-pads the edge panels so the kernel always computes a full
+ * tile (it writes only the part inside C).
  * Every C element is the same sequence of operations whatever the thread count: its K-sum runs
  * in k order inside the kernel, block by block, and blocks are added to C in order. */
 
 #if defined(__AVX512F__)
+#define GEMM_AVX512
 /* 24 zmm accumulators: 12 rows x 2 vectors of 16 columns. */
 #define GEMM_MR 12
 #define GEMM_NR 32
 #elif defined(__AVX2__) && defined(__FMA__)
+#define GEMM_AVX2
 /* 12 ymm accumulators: 6 rows x 2 vectors of 8 columns. */
 #define GEMM_MR 6
 #define GEMM_NR 16
 #elif defined(__ARM_NEON) && defined(__aarch64__)
+#define GEMM_NEON
 /* 24 q-register accumulators: 8 rows x 3 vectors of 4 columns. */
 #define GEMM_MR 8
 #define GEMM_NR 12
@@ -137,6 +141,8 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 #define GEMM_KC 384
 #define GEMM_MC 960
 #define GEMM_NC 480
+/* The packer moves a transposed source in runs of one 64-byte line per lane. */
+#define GEMM_PACK_CHUNK 16
 
 /* Below this many multiply-adds a parallel region costs more than it saves. */
 #define GEMM_MIN_PARALLEL_FLOPS (64 * 64 * 64)
@@ -147,9 +153,9 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 #define GEMM_OMP(directive)
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(GEMM_AVX512) || defined(GEMM_AVX2)
 #include <immintrin.h>
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+#elif defined(GEMM_NEON)
 #include <arm_neon.h>
 #endif
 
@@ -157,11 +163,20 @@ static int gemm_min(int a, int b) { return a < b ? a : b; }
 static int gemm_ceil_div(int a, int b) { return (a + b - 1) / b; }
 static int gemm_round_up(int a, int b) { return gemm_ceil_div(a, b) * b; }
 
-/* a: [kc][MR], b: [kc][NR] packed panels -> tile: [MR, NR] = sum over k of a[k] (outer) b[k].
- * Each tile element accumulates k = 0, 1, ... in order with a fused multiply-add where the
- * instruction set has one. */
-#if defined(__AVX512F__)
-static void gemm_microkernel(int kc, const float *a, const float *b, float *tile) {
+/* The micro-kernel, one per instruction set, all with this contract:
+ *   a: [kc][MR], b: [kc][NR] packed panels, C: [m, n] with m <= MR, n <= NR (row stride ldc)
+ *   C = alpha * (sum over k of a[k] (outer) b[k]) + beta * C;   beta == 0 never reads C.
+ * Each element accumulates k = 0, 1, ... in order, with a fused multiply-add where the
+ * instruction set has one. Partial tiles (m < MR or n < NR) occur only at the edges of C. */
+#if defined(GEMM_AVX512)
+/* The lanes of 16 columns, starting at column `first`, that lie inside the first n columns. */
+static __mmask16 gemm_mask16(int n, int first) {
+    int live = n - first;
+    return live >= 16 ? (__mmask16)0xFFFF : live <= 0 ? (__mmask16)0 : (__mmask16)((1u << live) - 1);
+}
+
+static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
+                             float beta, float *C, int ldc) {
     __m512 acc[GEMM_MR][2];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
@@ -172,13 +187,27 @@ static void gemm_microkernel(int kc, const float *a, const float *b, float *tile
             acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
         }
     }
-    for (int i = 0; i < GEMM_MR; i++) {
-        _mm512_storeu_ps(tile + i * GEMM_NR, acc[i][0]);
-        _mm512_storeu_ps(tile + i * GEMM_NR + 16, acc[i][1]);
+    __mmask16 lo = gemm_mask16(n, 0), hi = gemm_mask16(n, 16);
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int i = 0; i < GEMM_MR && i < m; i++) {
+        float *c = C + (size_t)i * ldc;
+        __m512 c0 = _mm512_mul_ps(va, acc[i][0]), c1 = _mm512_mul_ps(va, acc[i][1]);
+        if (beta != 0.0f) {
+            c0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo, c), c0);
+            c1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi, c + 16), c1);
+        }
+        _mm512_mask_storeu_ps(c, lo, c0);
+        _mm512_mask_storeu_ps(c + 16, hi, c1);
     }
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-static void gemm_microkernel(int kc, const float *a, const float *b, float *tile) {
+#elif defined(GEMM_AVX2)
+/* The lanes of 8 columns, starting at column `first`, that lie inside the first n columns. */
+static __m256i gemm_mask8(int n, int first) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n - first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
+                             float beta, float *C, int ldc) {
     __m256 acc[GEMM_MR][2];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
@@ -189,13 +218,36 @@ static void gemm_microkernel(int kc, const float *a, const float *b, float *tile
             acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
         }
     }
-    for (int i = 0; i < GEMM_MR; i++) {
-        _mm256_storeu_ps(tile + i * GEMM_NR, acc[i][0]);
-        _mm256_storeu_ps(tile + i * GEMM_NR + 8, acc[i][1]);
+    __m256i lo = gemm_mask8(n, 0), hi = gemm_mask8(n, 8);
+    __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    for (int i = 0; i < GEMM_MR && i < m; i++) {
+        float *c = C + (size_t)i * ldc;
+        __m256 c0 = _mm256_mul_ps(va, acc[i][0]), c1 = _mm256_mul_ps(va, acc[i][1]);
+        if (beta != 0.0f) {
+            c0 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(c, lo), c0);
+            c1 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(c + 8, hi), c1);
+        }
+        _mm256_maskstore_ps(c, lo, c0);
+        _mm256_maskstore_ps(c + 8, hi, c1);
     }
 }
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-static void gemm_microkernel(int kc, const float *a, const float *b, float *tile) {
+#else
+/* C: [m, n] (row stride ldc) = alpha * tile + beta * C, tile: [MR, NR]. */
+static void gemm_tile_update(int m, int n, float alpha, const float *tile, float beta, float *C,
+                             int ldc) {
+    for (int i = 0; i < m; i++) {
+        float *c = C + (size_t)i * ldc;
+        const float *t = tile + i * GEMM_NR;
+        if (beta == 0.0f)
+            for (int j = 0; j < n; j++) c[j] = alpha * t[j];
+        else
+            for (int j = 0; j < n; j++) c[j] = alpha * t[j] + beta * c[j];
+    }
+}
+
+#if defined(GEMM_NEON)
+static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
+                             float beta, float *C, int ldc) {
     float32x4_t acc[GEMM_MR][3];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = acc[i][2] = vdupq_n_f32(0.0f);
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
@@ -207,31 +259,38 @@ static void gemm_microkernel(int kc, const float *a, const float *b, float *tile
             acc[i][2] = vfmaq_f32(acc[i][2], ai, b2);
         }
     }
+    float tile[GEMM_MR * GEMM_NR];
     for (int i = 0; i < GEMM_MR; i++) {
         vst1q_f32(tile + i * GEMM_NR, acc[i][0]);
         vst1q_f32(tile + i * GEMM_NR + 4, acc[i][1]);
         vst1q_f32(tile + i * GEMM_NR + 8, acc[i][2]);
     }
+    gemm_tile_update(m, n, alpha, tile, beta, C, ldc);
 }
 #else
-static void gemm_microkernel(int kc, const float *a, const float *b, float *tile) {
+/* The portable kernel: the plain formula, which compilers vectorise well enough. */
+static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
+                             float beta, float *C, int ldc) {
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR)
         for (int i = 0; i < GEMM_MR; i++)
             for (int j = 0; j < GEMM_NR; j++) acc[i][j] += a[i] * b[j];
-    memcpy(tile, acc, sizeof acc);
+    gemm_tile_update(m, n, alpha, &acc[0][0], beta, C, ldc);
 }
+#endif
 #endif
 
 /* Packs `lanes` (<= width) lanes of `depth` elements into one micro-panel dst: [depth][width],
- * zero-filling lanes width..lanes-1. Element (lane l, depth k) of the source is
- * src[l * lane_stride + k * depth_stride]; the loop order follows whichever stride is 1 so the
- * reads stay contiguous in every transpose case. */
+ * zero-filling lanes lanes..width-1. Element (lane l, depth k) of the source is
+ * src[l * lane_stride + k * depth_stride]. When a lane is contiguous in the source the copy is a
+ * transpose: it goes a line of each lane at a time, so reads and writes both stay in L1. */
 static void gemm_pack_panel(const float *src, ptrdiff_t lane_stride, ptrdiff_t depth_stride,
                             int lanes, int depth, int width, float *dst) {
     if (depth_stride == 1) {
-        for (int l = 0; l < lanes; l++)
-            for (int k = 0; k < depth; k++) dst[(size_t)k * width + l] = src[l * lane_stride + k];
+        for (int k0 = 0; k0 < depth; k0 += GEMM_PACK_CHUNK)
+            for (int l = 0; l < lanes; l++)
+                for (int k = k0; k < gemm_min(k0 + GEMM_PACK_CHUNK, depth); k++)
+                    dst[(size_t)k * width + l] = src[l * lane_stride + k];
     } else {
         for (int k = 0; k < depth; k++)
             for (int l = 0; l < lanes; l++)
@@ -239,20 +298,6 @@ static void gemm_pack_panel(const float *src, ptrdiff_t lane_stride, ptrdiff_t d
     }
     for (int k = 0; k < depth; k++)
         for (int l = lanes; l < width; l++) dst[(size_t)k * width + l] = 0.0f;
-}
-
-/* C: [m, n] (row stride ldc) = alpha * tile + beta * C, tile: [m, NR]. beta == 0 never reads C,
- * so NaNs already in C do not leak into the result. */
-static void gemm_tile_update(int m, int n, float alpha, const float *tile, float beta, float *C,
-                             int ldc) {
-    for (int i = 0; i < m; i++) {
-        float *c = C + (size_t)i * ldc;
-        const float *t = tile + i * GEMM_NR;
-        if (beta == 0.0f)
-            for (int j = 0; j < n; j++) c[j] = alpha * t[j];
-        else
-            for (int j = 0; j < n; j++) c[j] = alpha * t[j] + beta * c[j];
-    }
 }
 
 /* How one call splits its work. Row blocks of C are mc rows; inside one, the work items are
@@ -288,6 +333,14 @@ typedef struct GemmOperand {
     ptrdiff_t lane_stride, depth_stride;
 } GemmOperand;
 
+static int gemm_thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 /* One work item: rows [i0, i0 + m) and columns [j0, j0 + n) of C for the depth block
  * [p0, p0 + kc). a_block holds the packed rows of this A block starting at row i0. */
 static void gemm_item(const GemmOperand *b_op, int p0, int kc, int i0, int m, int j0, int n,
@@ -297,13 +350,11 @@ static void gemm_item(const GemmOperand *b_op, int p0, int kc, int i0, int m, in
         gemm_pack_panel(b_op->data + (j0 + j) * b_op->lane_stride + p0 * b_op->depth_stride,
                         b_op->lane_stride, b_op->depth_stride, gemm_min(GEMM_NR, n - j), kc,
                         GEMM_NR, b_block + (size_t)j * kc);
-    _Alignas(64) float tile[GEMM_MR * GEMM_NR];
     for (int i = 0; i < m; i += GEMM_MR)
-        for (int j = 0; j < n; j += GEMM_NR) {
-            gemm_microkernel(kc, a_block + (size_t)i * kc, b_block + (size_t)j * kc, tile);
-            gemm_tile_update(gemm_min(GEMM_MR, m - i), gemm_min(GEMM_NR, n - j), alpha, tile, beta,
+        for (int j = 0; j < n; j += GEMM_NR)
+            gemm_microkernel(kc, a_block + (size_t)i * kc, b_block + (size_t)j * kc,
+                             gemm_min(GEMM_MR, m - i), gemm_min(GEMM_NR, n - j), alpha, beta,
                              C + (size_t)(i0 + i) * ldc + j0 + j, ldc);
-        }
 }
 
 /* The loops of the comment above, run by every thread of the team (or by one without OpenMP).
@@ -329,11 +380,7 @@ static void gemm_blocked(const GemmPlan *p, const GemmOperand *a_op, const GemmO
                 for (int c = 0; c < col_blocks; c++) {
                     int i0 = r * p->row_chunk, j0 = c * p->col_block;
                     if (i0 >= mc) continue;
-#ifdef _OPENMP
-                    float *b_block = b_blocks + b_block_floats * omp_get_thread_num();
-#else
-                    float *b_block = b_blocks;
-#endif
+                    float *b_block = b_blocks + b_block_floats * gemm_thread_index();
                     gemm_item(b_op, p0, kc, ic + i0, gemm_min(p->row_chunk, mc - i0), j0,
                               gemm_min(p->col_block, N - j0), a_block + (size_t)i0 * kc, b_block,
                               alpha, beta_now, C, ldc);
