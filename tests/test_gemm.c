@@ -126,21 +126,23 @@ static void test_degenerate(void) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) check_case(&cases[i]);
 }
 
-/* The same product at 1, 2 and 3 threads must agree bit for bit: the thread count changes how
- * the work is split (column blocks, row chunks) but never the order of any K-sum. */
+/* The same product at 1, 2, 3 and 16 threads must agree bit for bit: the thread count changes
+ * how the work is split (column blocks, row chunks) but never the order of any K-sum. */
 static void test_thread_independence(void) {
 #ifdef _OPENMP
     const GemmCase cases[] = {
         {300, 500, 700, false, false, 1.0f, 0.0f, 0}, {257, 20, 800, true, true, 0.7f, 0.3f, 1},
         {1024, 96, 100, false, true, 1.0f, 1.0f, 0}, {37, 1500, 390, true, false, -1.0f, 0.0f, 5},
     };
+    const int thread_counts[] = {2, 3, 16};
     int keep = omp_get_max_threads();
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         const GemmCase *c = &cases[i];
         GemmData one = gemm_data_new(c, 77 + i);
         omp_set_num_threads(1);
         run_gemm(c, &one);
-        for (int threads = 2; threads <= 3; threads++) {
+        for (size_t t = 0; t < sizeof thread_counts / sizeof thread_counts[0]; t++) {
+            int threads = thread_counts[t];
             GemmData many = gemm_data_new(c, 77 + i);
             omp_set_num_threads(threads);
             run_gemm(c, &many);
