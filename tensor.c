@@ -144,8 +144,9 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 /* The packer moves a transposed source in runs of one 64-byte line per lane. */
 #define GEMM_PACK_CHUNK 16
 
-/* Below this many multiply-adds a parallel region costs more than it saves. */
-#define GEMM_MIN_PARALLEL_FLOPS (64 * 64 * 64)
+/* Below about a million multiply-adds (~10 us on one core) starting a parallel region costs
+ * about what it saves. */
+#define GEMM_PARALLEL_MIN_WORK (1 << 20)
 
 #ifdef _OPENMP
 #define GEMM_OMP(directive) _Pragma(#directive)
@@ -313,8 +314,8 @@ typedef struct GemmPlan {
  * number a multiple of the thread count when N allows, and narrow products are split by rows. */
 static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     GemmPlan p;
-    double flops = (double)M * N * K;
-    p.threads = flops < GEMM_MIN_PARALLEL_FLOPS ? 1 : max_threads;
+    double work = (double)M * N * K;
+    p.threads = work < GEMM_PARALLEL_MIN_WORK ? 1 : max_threads;
     p.mc = gemm_round_up(gemm_ceil_div(M, gemm_ceil_div(M, GEMM_MC)), GEMM_MR);
     int col_tiles = gemm_ceil_div(N, GEMM_NR);
     int col_blocks = gemm_round_up(gemm_ceil_div(N, GEMM_NC), p.threads);
