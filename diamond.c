@@ -32,6 +32,118 @@ static double now_seconds(void) {
 
 /* ---- section: info (owned by the io work) ---- */
 
+#include <errno.h>
+#include <sys/stat.h> /* stat(), to tell files from directories */
+
+typedef struct InfoTotals {
+    size_t files, tensors;
+    unsigned long long bytes;
+} InfoTotals;
+
+/* A validated file's tensors, one line each: dtype, shape, name. */
+static void info_list(const SafeTensors *st, InfoTotals *totals) {
+    unsigned long long bytes = 0;
+    for (size_t i = 0; i < st_count(st); i++) bytes += st_at(st, i)->nbytes;
+    printf("%s: %zu tensors, %llu bytes\n", st_path(st), st_count(st), bytes);
+    for (size_t i = 0; i < st_count(st); i++) {
+        const StTensor *t = st_at(st, i);
+        char shape[192];
+        size_t n = (size_t)snprintf(shape, sizeof shape, "[");
+        for (int d = 0; d < t->ndim && n < sizeof shape; d++)
+            n += (size_t)snprintf(shape + n, sizeof shape - n, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+        if (n < sizeof shape) snprintf(shape + n, sizeof shape - n, "]");
+        printf("  %-4s %-22s %s\n", dtype_name(t->dtype), shape, t->name);
+    }
+    totals->files++;
+    totals->tensors += st_count(st);
+    totals->bytes += bytes;
+}
+
+static int info_file(const char *path, InfoTotals *totals, Error *e) {
+    SafeTensors *st;
+    if (st_open(&st, path, e)) return -1;
+    info_list(st, totals);
+    st_close(st);
+    return 0;
+}
+
+/* An index must find every tensor it lists in its shard; list_shards also lists the shards
+ * (when the index was named on its own rather than met in a directory walk). */
+static int info_index(const char *path, bool list_shards, InfoTotals *totals, Error *e) {
+    StModel *m;
+    if (st_model_open(&m, path, e)) return -1;
+    for (size_t i = 0; list_shards && i < st_model_shard_count(m); i++) info_list(st_model_shard(m, i), totals);
+    printf("%s: index of %zu tensors in %zu shards, all present\n", path, st_model_count(m), st_model_shard_count(m));
+    st_model_close(m);
+    return 0;
+}
+
+static int info_config(const char *path, Error *e) {
+    JsonDoc *doc;
+    if (json_parse_file(&doc, path, e)) return -1;
+    const JsonValue *root = json_root(doc);
+    int rc = root->type == JSON_OBJECT ? 0 : error_set(e, "%s: not a JSON object", path);
+    if (rc == 0) printf("%s: JSON object with %zu keys\n", path, root->count);
+    json_free(doc);
+    return rc;
+}
+
+/* Every .safetensors file, index and config.json of dir; at the top level also each
+ * subdirectory, as a diffusers pipeline keeps one model per subdirectory. */
+static int info_dir(const char *dir, bool top, InfoTotals *totals, Error *e) {
+    char **names;
+    size_t count;
+    if (dir_list(dir, &names, &count, e)) return -1;
+    int rc = 0;
+    for (size_t i = 0; i < count && rc == 0; i++) {
+        char path[4096];
+        struct stat sb;
+        if (names[i][0] == '.') continue;
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, names[i]) >= sizeof path) {
+            rc = error_set(e, "%s/%s: path too long", dir, names[i]);
+        } else if (stat(path, &sb) != 0) {
+            continue;
+        } else if (S_ISDIR(sb.st_mode)) {
+            if (top) rc = info_dir(path, false, totals, e);
+        } else if (strlen(names[i]) > 12 && !strcmp(names[i] + strlen(names[i]) - 12, ".safetensors")) {
+            rc = info_file(path, totals, e);
+        } else if (strlen(names[i]) > 23 && !strcmp(names[i] + strlen(names[i]) - 23, ".safetensors.index.json")) {
+            rc = info_index(path, false, totals, e);
+        } else if (!strcmp(names[i], "config.json")) {
+            rc = info_config(path, e);
+        }
+    }
+    dir_list_free(names, count);
+    return rc;
+}
+
+/* diamond info FILE|DIR: validates and lists; 0 when everything is valid, 1 otherwise. */
+static int info_main(int argc, char **argv) {
+    if (argc != 1) {
+        fputs("usage: diamond info FILE|DIR\n", stderr);
+        return 2;
+    }
+    const char *path = argv[0];
+    InfoTotals totals = {0};
+    Error e = {{0}};
+    struct stat sb;
+    size_t len = strlen(path);
+    int rc;
+    if (stat(path, &sb) != 0) rc = error_set(&e, "%s: cannot open: %s", path, strerror(errno));
+    else if (S_ISDIR(sb.st_mode)) rc = info_dir(path, true, &totals, &e);
+    else if (len >= 5 && !strcmp(path + len - 5, ".json")) rc = info_index(path, true, &totals, &e);
+    else rc = info_file(path, &totals, &e);
+    if (rc == 0 && totals.files == 0) rc = error_set(&e, "%s: no .safetensors files", path);
+    if (rc != 0) {
+        fflush(stdout);
+        fprintf(stderr, "diamond info: %s\n", e.msg);
+        return 1;
+    }
+    printf("total: %zu files, %zu tensors, %llu bytes (%.1f MiB)\n", totals.files, totals.tensors, totals.bytes,
+           (double)totals.bytes / (1024.0 * 1024.0));
+    return 0;
+}
+
 /* ---- end section: info ---- */
 
 /* ---- section: bench (each kernel work adds its benchmark here) ---- */
@@ -47,7 +159,8 @@ static int bench_parse_int(const char *s, int lo, int hi, int *out) {
 
 /* Applies `--threads T` when it is the option at argv[i]; returns 0 when handled. */
 static int bench_threads_option(int argc, char **argv, int i, int *threads) {
-    if (strcmp(argv[i], "--threads") || i + 1 >= argc || bench_parse_int(argv[i + 1], 1, 1024, threads))
+    if (strcmp(argv[i], "--threads") || i + 1 >= argc ||
+        bench_parse_int(argv[i + 1], 1, 1024, threads))
         return -1;
 #ifdef _OPENMP
     omp_set_num_threads(*threads);
@@ -105,12 +218,13 @@ static int bench_gemm(int argc, char **argv) {
     int threads = bench_threads_now();
     if (argc < 6 || bench_parse_int(argv[3], 1, 1 << 16, &g.M) ||
         bench_parse_int(argv[4], 1, 1 << 16, &g.N) || bench_parse_int(argv[5], 1, 1 << 16, &g.K)) {
-        fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--threads T] (sizes 1..65536)\n");
+        fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--threads T], sizes 1..65536\n");
         return 2;
     }
     for (int i = 6; i < argc; i += 2)
         if (bench_threads_option(argc, argv, i, &threads)) {
-            fprintf(stderr, "diamond: bench gemm: bad option '%s' (expected --threads T)\n", argv[i]);
+            fprintf(stderr, "diamond: bench gemm: bad option '%s' (expected --threads T)\n",
+                    argv[i]);
             return 2;
         }
     size_t na = (size_t)g.M * g.K, nb = (size_t)g.K * g.N, nc = (size_t)g.M * g.N;
@@ -145,9 +259,11 @@ int main(int argc, char **argv) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
-        fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n", argc >= 3 ? argv[2] : "");
+        fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n",
+                argc >= 3 ? argv[2] : "");
         return 2;
     }
     fprintf(stderr, "diamond: unknown command '%s' (see diamond --help)\n", argv[1]);

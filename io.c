@@ -1,8 +1,21 @@
-/* io.c - bytes <-> arrays: safetensors, JSON, PPM/PNG. Safe against hostile files. */
+/* io.c - bytes <-> arrays: safetensors, JSON, PPM/PNG. Safe against hostile files.
+ *
+ * Nothing read from a file is trusted: every length is checked against the bytes that are left
+ * before it is used, every size computation is checked for overflow, and a bad file gives an
+ * Error naming the file and the problem, never a crash. */
 #include "io.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <float.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 int error_set(Error *e, const char *fmt, ...) {
     if (e) {
@@ -12,4 +25,1918 @@ int error_set(Error *e, const char *fmt, ...) {
         va_end(ap);
     }
     return -1;
+}
+
+/* ---- small helpers -------------------------------------------------------------------------- */
+
+/* *out = a * b, or true when that overflows. */
+static bool mul_overflows(uint64_t a, uint64_t b, uint64_t *out) {
+    if (a != 0 && b > UINT64_MAX / a) return true;
+    *out = a * b;
+    return false;
+}
+
+/* File formats are little-endian (PNG big-endian) whatever the host is; byte loads also need no
+ * alignment, and compilers turn them into single loads. */
+static uint16_t load_le16(const unsigned char *p) {
+    return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static uint32_t load_le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t load_le64(const unsigned char *p) {
+    return (uint64_t)load_le32(p) | (uint64_t)load_le32(p + 4) << 32;
+}
+
+static void store_le64(unsigned char *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void store_be32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (24 - 8 * i));
+}
+
+static bool is_digit(unsigned char c) {
+    return c >= '0' && c <= '9';
+}
+
+static bool has_suffix(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && memcmp(s + n - k, suffix, k) == 0;
+}
+
+static int compare_strings(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Length of the well-formed UTF-8 sequence at s (avail bytes readable), or 0 when there is none:
+ * no overlong forms, no surrogates, nothing above U+10FFFF (Unicode 15, table 3-7). */
+static size_t utf8_sequence_length(const unsigned char *s, size_t avail) {
+    if (avail == 0) return 0;
+    unsigned char c = s[0];
+    if (c < 0x80) return 1;
+    size_t n;
+    unsigned char lo = 0x80, hi = 0xBF; /* range of the second byte */
+    if (c >= 0xC2 && c <= 0xDF) {
+        n = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        n = 3;
+        if (c == 0xE0) lo = 0xA0;
+        if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        n = 4;
+        if (c == 0xF0) lo = 0x90;
+        if (c == 0xF4) hi = 0x8F;
+    } else {
+        return 0;
+    }
+    if (avail < n || s[1] < lo || s[1] > hi) return 0;
+    for (size_t i = 2; i < n; i++)
+        if (s[i] < 0x80 || s[i] > 0xBF) return 0;
+    return n;
+}
+
+static bool utf8_valid(const char *s, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_sequence_length(u + i, n - i);
+        if (k == 0) return false;
+        i += k;
+    }
+    return true;
+}
+
+/* Room for a name in an error message. */
+#define PRINTABLE_BYTES 96
+
+/* s with control characters shown as '?' and cut to fit buf, so that a hostile name cannot break
+ * a one-line error message. */
+static const char *printable(const char *s, char *buf, size_t size) {
+    size_t n = 0;
+    for (; *s && n + 4 < size; s++) buf[n++] = ((unsigned char)*s < 0x20 || *s == 0x7f) ? '?' : *s;
+    if (*s) {
+        for (; n > 0 && ((unsigned char)*s & 0xC0) == 0x80; n--) s--; /* never cut a character in two */
+        memcpy(buf + n, "...", 3);
+        n += 3;
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
+/* "[2, 3, 4]" into buf. */
+static const char *format_shape(int ndim, const int64_t *shape, char *buf, size_t size) {
+    size_t n = (size_t)snprintf(buf, size, "[");
+    for (int i = 0; i < ndim && n < size; i++)
+        n += (size_t)snprintf(buf + n, size - n, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (n < size) snprintf(buf + n, size - n, "]");
+    return buf;
+}
+
+/* dir + "/" + name, malloc'd. */
+static char *path_join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *path = malloc(n);
+    if (path) snprintf(path, n, "%s/%s", dir, name);
+    return path;
+}
+
+/* The directory part of path ("." when it has none), malloc'd. */
+static char *path_dirname(const char *path) {
+    const char *slash = strrchr(path, '/');
+    if (!slash) return strdup(".");
+    if (slash == path) return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+/* ---- mapped files ----------------------------------------------------------------------------- */
+
+/* A file's bytes, mapped read-only; an empty file maps to nothing. */
+typedef struct MappedFile {
+    const unsigned char *bytes;
+    size_t size;
+    void *map;
+} MappedFile;
+
+static int map_file(MappedFile *m, const char *path, Error *e) {
+    memset(m, 0, sizeof *m);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        int err = errno;
+        close(fd);
+        return error_set(e, "%s: cannot stat: %s", path, strerror(err));
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        close(fd);
+        return error_set(e, "%s: not a regular file", path);
+    }
+    if ((uintmax_t)sb.st_size > SIZE_MAX) {
+        close(fd);
+        return error_set(e, "%s: too large to map", path);
+    }
+    m->size = (size_t)sb.st_size;
+    if (m->size > 0) {
+        void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            int err = errno;
+            close(fd);
+            return error_set(e, "%s: cannot map: %s", path, strerror(err));
+        }
+        m->map = p;
+        m->bytes = p;
+    }
+    close(fd);
+    return 0;
+}
+
+static void unmap_file(MappedFile *m) {
+    if (m->map) munmap(m->map, m->size);
+    memset(m, 0, sizeof *m);
+}
+
+/* ==== JSON ==== */
+
+/* ---- f16 / bf16 ---- */
+
+static uint32_t float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static float bits_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* bf16 is the top half of an f32. */
+float bf16_to_f32(uint16_t h) {
+    return bits_float((uint32_t)h << 16);
+}
+
+uint16_t f32_to_bf16(float f) {
+    uint32_t u = float_bits(f);
+    /* Truncating a NaN could drop every payload bit and leave inf, so force the quiet bit. */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(u >> 16 | 0x0040);
+    uint32_t round_half_even = 0x7fffu + (u >> 16 & 1);
+    return (uint16_t)((u + round_half_even) >> 16);
+}
+
+/* f16: 1 sign bit, 5 exponent bits (bias 15), 10 mantissa bits. */
+float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (uint32_t)h >> 10 & 0x1f;
+    uint32_t mantissa = h & 0x3ffu;
+    uint32_t magnitude;
+    if (exponent == 0x1f) /* inf or NaN, payload kept */
+        magnitude = 0x7f800000u | mantissa << 13;
+    else if (exponent != 0) /* normal: rebias the exponent from 15 to 127 */
+        magnitude = (exponent + 112) << 23 | mantissa << 13;
+    else /* zero or subnormal: mantissa * 2^-24, exact in f32 */
+        magnitude = float_bits((float)mantissa * 0x1p-24f);
+    return bits_float(sign | magnitude);
+}
+
+/* value >> shift rounded to nearest, ties to even; 1 <= shift <= 31. */
+static uint32_t shift_right_round_even(uint32_t value, int shift) {
+    uint32_t kept = value >> shift;
+    uint32_t rest = value & ((1u << shift) - 1);
+    uint32_t half = 1u << (shift - 1);
+    return kept + (rest > half || (rest == half && (kept & 1)));
+}
+
+uint16_t f32_to_f16(float f) {
+    uint32_t u = float_bits(f);
+    uint16_t sign = (uint16_t)(u >> 16 & 0x8000);
+    uint32_t magnitude = u & 0x7fffffffu;
+    int exponent = (int)(magnitude >> 23);
+    uint32_t mantissa = magnitude & 0x7fffffu;
+    if (magnitude > 0x7f800000u) return sign | 0x7e00 | (uint16_t)(mantissa >> 13); /* NaN */
+    if (magnitude >= 0x477ff000u) return sign | 0x7c00; /* 65520 and up round to inf */
+    if (exponent >= 113) /* f16 normal; a rounding carry moves into the exponent by itself */
+        return sign | (uint16_t)shift_right_round_even((uint32_t)(exponent - 112) << 23 | mantissa, 13);
+    if (exponent < 102) return sign; /* below 2^-25, half the smallest subnormal: rounds to 0 */
+    /* f16 subnormal: in units of 2^-24 the value is (2^23 + mantissa) * 2^(exponent - 126). */
+    return sign | (uint16_t)shift_right_round_even(0x800000u | mantissa, 126 - exponent);
+}
+
+void bf16_to_f32_array(const uint16_t *src, float *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+
+void f16_to_f32_array(const uint16_t *src, float *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+/* ---- arena ---- */
+
+/* A JSON document's values and strings live in a few big blocks, freed at once. */
+typedef struct ArenaBlock {
+    struct ArenaBlock *next;
+    size_t used, size;
+    max_align_t data[];
+} ArenaBlock;
+
+typedef struct Arena {
+    ArenaBlock *head;
+} Arena;
+
+#define ARENA_BLOCK_BYTES 65536
+
+static void *arena_alloc(Arena *a, size_t n) {
+    size_t align = _Alignof(max_align_t);
+    if (n > SIZE_MAX - align - sizeof(ArenaBlock)) return NULL;
+    n = (n + align - 1) / align * align;
+    ArenaBlock *b = a->head;
+    if (!b || b->size - b->used < n) {
+        size_t size = n > ARENA_BLOCK_BYTES ? n : ARENA_BLOCK_BYTES;
+        b = malloc(sizeof *b + size);
+        if (!b) return NULL;
+        b->next = a->head;
+        b->used = 0;
+        b->size = size;
+        a->head = b;
+    }
+    void *p = (unsigned char *)b->data + b->used;
+    b->used += n;
+    return p;
+}
+
+static void arena_free(Arena *a) {
+    while (a->head) {
+        ArenaBlock *next = a->head->next;
+        free(a->head);
+        a->head = next;
+    }
+}
+
+/* ---- JSON parser ---- */
+
+struct JsonDoc {
+    Arena arena;
+    const JsonValue *root;
+};
+
+/* Longest number literal accepted; Python writes any double in 24 characters. */
+#define JSON_NUMBER_MAX_CHARS 256
+
+/* Recursive descent over text. The items of every open array (members of every open object)
+ * wait on a stack until it closes, then move to the arena in one exactly-sized piece. */
+typedef struct JsonParser {
+    const unsigned char *text;
+    size_t len, pos;
+    int depth;
+    const char *source;
+    Arena *arena;
+    JsonValue *items;
+    size_t item_count, item_capacity;
+    JsonMember *members;
+    size_t member_count, member_capacity;
+    Error *e;
+} JsonParser;
+
+static int json_error(JsonParser *p, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* "<source>: invalid JSON at line L, column C: <what>". */
+static int json_error(JsonParser *p, const char *fmt, ...) {
+    char what[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    size_t line = 1, column = 1;
+    for (size_t i = 0; i < p->pos && i < p->len; i++) {
+        if (p->text[i] == '\n') {
+            line++;
+            column = 1;
+        } else {
+            column++;
+        }
+    }
+    return error_set(p->e, "%s: invalid JSON at line %zu, column %zu: %s", p->source, line, column, what);
+}
+
+static void json_skip_space(JsonParser *p) {
+    while (p->pos < p->len) {
+        unsigned char c = p->text[p->pos];
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') break;
+        p->pos++;
+    }
+}
+
+/* The next byte, or 0 at the end (0 never starts or continues a valid token). */
+static unsigned char json_peek(const JsonParser *p) {
+    return p->pos < p->len ? p->text[p->pos] : 0;
+}
+
+/* stack (count elements of size `size`) with room for one more, or NULL when out of memory. */
+static void *json_stack_reserve(JsonParser *p, void *stack, size_t count, size_t *capacity, size_t size) {
+    if (count < *capacity) return stack;
+    size_t wanted = *capacity ? *capacity * 2 : 16;
+    void *grown = wanted <= SIZE_MAX / size ? realloc(stack, wanted * size) : NULL;
+    if (!grown) {
+        json_error(p, "out of memory");
+        return NULL;
+    }
+    *capacity = wanted;
+    return grown;
+}
+
+/* count elements of size `size` copied into the arena (NULL when count is 0). */
+static int json_to_arena(JsonParser *p, const void *src, size_t count, size_t size, const void **out) {
+    *out = NULL;
+    if (count == 0) return 0;
+    void *dst = count <= SIZE_MAX / size ? arena_alloc(p->arena, count * size) : NULL;
+    if (!dst) return json_error(p, "out of memory");
+    memcpy(dst, src, count * size);
+    *out = dst;
+    return 0;
+}
+
+static int json_parse_value(JsonParser *p, JsonValue *out);
+
+static int json_hex_digit(unsigned char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* The 4 hex digits at text[at .. at+4), which must end by `end`; false when they are not. */
+static bool json_hex4(const JsonParser *p, size_t at, size_t end, uint32_t *out) {
+    if (at > end || end - at < 4) return false;
+    uint32_t v = 0;
+    for (size_t i = at; i < at + 4; i++) {
+        int d = json_hex_digit(p->text[i]);
+        if (d < 0) return false;
+        v = v << 4 | (uint32_t)d;
+    }
+    *out = v;
+    return true;
+}
+
+/* Appends code point cp (valid, not a surrogate) to dst as UTF-8; returns the bytes written. */
+static size_t utf8_encode(uint32_t cp, char *dst) {
+    if (cp < 0x80) {
+        dst[0] = (char)cp;
+        return 1;
+    }
+    if (cp < 0x800) {
+        dst[0] = (char)(0xC0 | cp >> 6);
+        dst[1] = (char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        dst[0] = (char)(0xE0 | cp >> 12);
+        dst[1] = (char)(0x80 | (cp >> 6 & 0x3F));
+        dst[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    dst[0] = (char)(0xF0 | cp >> 18);
+    dst[1] = (char)(0x80 | (cp >> 12 & 0x3F));
+    dst[2] = (char)(0x80 | (cp >> 6 & 0x3F));
+    dst[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* \uXXXX at p->pos (a UTF-16 unit; a high surrogate needs its low half right after). */
+static int json_parse_unicode_escape(JsonParser *p, size_t end, char *dst, size_t *n) {
+    uint32_t cp, low;
+    if (!json_hex4(p, p->pos + 2, end, &cp)) return json_error(p, "bad \\u escape");
+    p->pos += 6;
+    if (cp >= 0xD800 && cp <= 0xDBFF) {
+        bool paired = end - p->pos >= 6 && p->text[p->pos] == '\\' && p->text[p->pos + 1] == 'u' &&
+                      json_hex4(p, p->pos + 2, end, &low) && low >= 0xDC00 && low <= 0xDFFF;
+        if (!paired) return json_error(p, "unpaired surrogate in a \\u escape");
+        cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+        p->pos += 6;
+    } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+        return json_error(p, "unpaired surrogate in a \\u escape");
+    }
+    if (cp == 0) return json_error(p, "\\u0000 is not supported (strings are C strings)");
+    *n += utf8_encode(cp, dst + *n);
+    return 0;
+}
+
+/* The escape at p->pos (a backslash, with at least one byte after it before end). */
+static int json_parse_escape(JsonParser *p, size_t end, char *dst, size_t *n) {
+    static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
+    unsigned char c = p->text[p->pos + 1];
+    if (c == 'u') return json_parse_unicode_escape(p, end, dst, n);
+    const char *hit = c ? strchr(from, c) : NULL;
+    if (!hit) return json_error(p, "unknown escape '\\%c'", c >= 0x20 && c < 0x7f ? c : '?');
+    dst[(*n)++] = to[hit - from];
+    p->pos += 2;
+    return 0;
+}
+
+/* The string whose opening quote is at p->pos, decoded into the arena. Escapes only ever
+ * shrink text, so the raw length bounds the decoded one. */
+static int json_parse_string(JsonParser *p, const char **out, size_t *length) {
+    size_t start = p->pos + 1, end = start;
+    while (end < p->len && p->text[end] != '"') end += p->text[end] == '\\' ? 2 : 1;
+    if (end >= p->len) return json_error(p, "unterminated string");
+    char *dst = arena_alloc(p->arena, end - start + 1);
+    if (!dst) return json_error(p, "out of memory");
+    size_t n = 0;
+    p->pos = start;
+    while (p->pos < end) {
+        unsigned char c = p->text[p->pos];
+        if (c == '\\') {
+            if (json_parse_escape(p, end, dst, &n)) return -1;
+        } else if (c < 0x20) {
+            return json_error(p, "control character in a string");
+        } else {
+            size_t k = utf8_sequence_length(p->text + p->pos, end - p->pos);
+            if (k == 0) return json_error(p, "invalid UTF-8 in a string");
+            memcpy(dst + n, p->text + p->pos, k);
+            n += k;
+            p->pos += k;
+        }
+    }
+    p->pos = end + 1;
+    dst[n] = '\0';
+    *out = dst;
+    *length = n;
+    return 0;
+}
+
+/* An integer literal ("-"? digits) as int64; false when it does not fit. */
+static bool json_integer(const char *s, int64_t *out) {
+    bool negative = *s == '-';
+    if (negative) s++;
+    uint64_t limit = negative ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
+    uint64_t v = 0;
+    for (; *s; s++) {
+        uint64_t digit = (uint64_t)(*s - '0');
+        if (v > (limit - digit) / 10) return false;
+        v = v * 10 + digit;
+    }
+    if (!negative) *out = (int64_t)v;
+    else *out = v == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)v;
+    return true;
+}
+
+/* Skips the digits at p->pos; false when there is not at least one. */
+static bool json_skip_digits(JsonParser *p) {
+    size_t start = p->pos;
+    while (is_digit(json_peek(p))) p->pos++;
+    return p->pos > start;
+}
+
+/* -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? */
+static int json_parse_number(JsonParser *p, JsonValue *out) {
+    size_t start = p->pos;
+    bool integral = true;
+    if (json_peek(p) == '-') p->pos++;
+    if (json_peek(p) == '0') p->pos++;
+    else if (!json_skip_digits(p)) return json_error(p, "expected a digit");
+    if (json_peek(p) == '.') {
+        integral = false;
+        p->pos++;
+        if (!json_skip_digits(p)) return json_error(p, "expected a digit after '.'");
+    }
+    if (json_peek(p) == 'e' || json_peek(p) == 'E') {
+        integral = false;
+        p->pos++;
+        if (json_peek(p) == '+' || json_peek(p) == '-') p->pos++;
+        if (!json_skip_digits(p)) return json_error(p, "expected a digit in the exponent");
+    }
+    size_t n = p->pos - start;
+    if (n > JSON_NUMBER_MAX_CHARS) return json_error(p, "number longer than %d characters", JSON_NUMBER_MAX_CHARS);
+    char literal[JSON_NUMBER_MAX_CHARS + 1];
+    memcpy(literal, p->text + start, n);
+    literal[n] = '\0';
+    out->type = JSON_NUMBER;
+    out->number = strtod(literal, NULL); /* the "C" locale: diamond never calls setlocale */
+    if (!(out->number >= -DBL_MAX && out->number <= DBL_MAX))
+        return json_error(p, "number out of range");
+    out->is_integer = integral && json_integer(literal, &out->integer);
+    return 0;
+}
+
+/* true, false or null. */
+static int json_parse_word(JsonParser *p, JsonValue *out) {
+    static const struct {
+        const char *word;
+        JsonType type;
+        bool boolean;
+    } words[] = {{"true", JSON_BOOL, true}, {"false", JSON_BOOL, false}, {"null", JSON_NULL, false}};
+    for (size_t i = 0; i < sizeof words / sizeof words[0]; i++) {
+        size_t n = strlen(words[i].word);
+        if (p->len - p->pos >= n && memcmp(p->text + p->pos, words[i].word, n) == 0) {
+            out->type = words[i].type;
+            out->boolean = words[i].boolean;
+            p->pos += n;
+            return 0;
+        }
+    }
+    unsigned char c = json_peek(p);
+    return json_error(p, "unexpected character '%c'", c >= 0x20 && c < 0x7f ? c : '?');
+}
+
+static int json_parse_array(JsonParser *p, JsonValue *out) {
+    size_t first = p->item_count;
+    p->pos++; /* '[' */
+    json_skip_space(p);
+    if (json_peek(p) == ']') {
+        p->pos++;
+    } else {
+        for (;;) {
+            JsonValue item;
+            if (json_parse_value(p, &item)) return -1;
+            JsonValue *items = json_stack_reserve(p, p->items, p->item_count, &p->item_capacity, sizeof item);
+            if (!items) return -1;
+            p->items = items;
+            p->items[p->item_count++] = item;
+            json_skip_space(p);
+            unsigned char c = json_peek(p);
+            p->pos++;
+            if (c == ']') break;
+            if (c != ',') {
+                p->pos--;
+                return json_error(p, "expected ',' or ']' in an array");
+            }
+        }
+    }
+    out->type = JSON_ARRAY;
+    out->count = p->item_count - first;
+    const void *items;
+    if (json_to_arena(p, p->items + first, out->count, sizeof *p->items, &items)) return -1;
+    out->items = items;
+    p->item_count = first;
+    return 0;
+}
+
+/* Sorts the keys of an object to find any that repeat. */
+static int json_check_unique_keys(JsonParser *p, const JsonValue *object) {
+    if (object->count < 2) return 0;
+    const char **keys = malloc(object->count * sizeof *keys);
+    if (!keys) return json_error(p, "out of memory");
+    for (size_t i = 0; i < object->count; i++) keys[i] = object->members[i].key;
+    qsort(keys, object->count, sizeof *keys, compare_strings);
+    int rc = 0;
+    for (size_t i = 1; i < object->count && rc == 0; i++) {
+        if (strcmp(keys[i - 1], keys[i]) == 0) {
+            char buf[PRINTABLE_BYTES];
+            rc = json_error(p, "duplicate key \"%s\"", printable(keys[i], buf, sizeof buf));
+        }
+    }
+    free(keys);
+    return rc;
+}
+
+static int json_parse_member(JsonParser *p) {
+    JsonMember member;
+    size_t key_length;
+    json_skip_space(p);
+    if (json_peek(p) != '"') return json_error(p, "expected a string key");
+    if (json_parse_string(p, &member.key, &key_length)) return -1;
+    json_skip_space(p);
+    if (json_peek(p) != ':') return json_error(p, "expected ':' after a key");
+    p->pos++;
+    if (json_parse_value(p, &member.value)) return -1;
+    JsonMember *members = json_stack_reserve(p, p->members, p->member_count, &p->member_capacity, sizeof member);
+    if (!members) return -1;
+    p->members = members;
+    p->members[p->member_count++] = member;
+    return 0;
+}
+
+static int json_parse_object(JsonParser *p, JsonValue *out) {
+    size_t first = p->member_count;
+    p->pos++; /* '{' */
+    json_skip_space(p);
+    if (json_peek(p) == '}') {
+        p->pos++;
+    } else {
+        for (;;) {
+            if (json_parse_member(p)) return -1;
+            json_skip_space(p);
+            unsigned char c = json_peek(p);
+            p->pos++;
+            if (c == '}') break;
+            if (c != ',') {
+                p->pos--;
+                return json_error(p, "expected ',' or '}' in an object");
+            }
+        }
+    }
+    out->type = JSON_OBJECT;
+    out->count = p->member_count - first;
+    const void *members;
+    if (json_to_arena(p, p->members + first, out->count, sizeof *p->members, &members)) return -1;
+    out->members = members;
+    p->member_count = first;
+    return json_check_unique_keys(p, out);
+}
+
+static int json_parse_value(JsonParser *p, JsonValue *out) {
+    memset(out, 0, sizeof *out);
+    out->source = p->source;
+    json_skip_space(p);
+    unsigned char c = json_peek(p);
+    if (p->pos >= p->len) return json_error(p, "unexpected end of input");
+    if (c == '"') {
+        out->type = JSON_STRING;
+        return json_parse_string(p, &out->string, &out->length);
+    }
+    if (c == '-' || is_digit(c)) return json_parse_number(p, out);
+    if (c != '[' && c != '{') return json_parse_word(p, out);
+    if (p->depth >= JSON_MAX_DEPTH) return json_error(p, "nested deeper than %d levels", JSON_MAX_DEPTH);
+    p->depth++;
+    int rc = c == '[' ? json_parse_array(p, out) : json_parse_object(p, out);
+    p->depth--;
+    return rc;
+}
+
+int json_parse(JsonDoc **out, const char *text, size_t len, const char *source, Error *e) {
+    *out = NULL;
+    JsonDoc *doc = calloc(1, sizeof *doc);
+    size_t source_size = strlen(source) + 1;
+    char *name = doc ? arena_alloc(&doc->arena, source_size) : NULL;
+    JsonValue *root = name ? arena_alloc(&doc->arena, sizeof *root) : NULL;
+    if (!root) {
+        if (doc) arena_free(&doc->arena);
+        free(doc);
+        return error_set(e, "%s: out of memory", source);
+    }
+    memcpy(name, source, source_size);
+    JsonParser p = {.text = (const unsigned char *)text, .len = len, .source = name, .arena = &doc->arena, .e = e};
+    int rc = json_parse_value(&p, root);
+    if (rc == 0) {
+        json_skip_space(&p);
+        if (p.pos < p.len) rc = json_error(&p, "unexpected data after the value");
+    }
+    free(p.items);
+    free(p.members);
+    if (rc != 0) {
+        json_free(doc);
+        return -1;
+    }
+    doc->root = root;
+    *out = doc;
+    return 0;
+}
+
+int json_parse_file(JsonDoc **out, const char *path, Error *e) {
+    MappedFile file;
+    *out = NULL;
+    if (map_file(&file, path, e)) return -1;
+    int rc = json_parse(out, (const char *)file.bytes, file.size, path, e);
+    unmap_file(&file);
+    return rc;
+}
+
+const JsonValue *json_root(const JsonDoc *doc) {
+    return doc->root;
+}
+
+void json_free(JsonDoc *doc) {
+    if (!doc) return;
+    arena_free(&doc->arena);
+    free(doc);
+}
+
+/* ---- JSON lookups ---- */
+
+const JsonValue *json_get(const JsonValue *object, const char *key) {
+    if (!object || object->type != JSON_OBJECT) return NULL;
+    for (size_t i = 0; i < object->count; i++)
+        if (strcmp(object->members[i].key, key) == 0) return &object->members[i].value;
+    return NULL;
+}
+
+static const char *json_type_name(const JsonValue *v) {
+    switch (v->type) {
+    case JSON_NULL: return "null";
+    case JSON_BOOL: return "a boolean";
+    case JSON_NUMBER: return v->is_integer ? "an integer" : "a non-integer number";
+    case JSON_STRING: return "a string";
+    case JSON_ARRAY: return "an array";
+    case JSON_OBJECT: return "an object";
+    }
+    return "?";
+}
+
+/* The member key of object, or NULL with an error naming the key. */
+static const JsonValue *json_require(const JsonValue *object, const char *key, Error *e) {
+    if (!object || object->type != JSON_OBJECT) {
+        error_set(e, "%s: cannot look up key '%s' in %s", object ? object->source : "JSON", key,
+                  object ? json_type_name(object) : "nothing");
+        return NULL;
+    }
+    const JsonValue *v = json_get(object, key);
+    if (!v) error_set(e, "%s: key '%s' is missing", object->source, key);
+    return v;
+}
+
+static int json_wrong_type(const JsonValue *v, const char *key, const char *expected, Error *e) {
+    return error_set(e, "%s: key '%s' is %s, expected %s", v->source, key, json_type_name(v), expected);
+}
+
+int json_get_int(const JsonValue *object, const char *key, int64_t *out, Error *e) {
+    const JsonValue *v = json_require(object, key, e);
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER || !v->is_integer) return json_wrong_type(v, key, "an integer", e);
+    *out = v->integer;
+    return 0;
+}
+
+int json_get_float(const JsonValue *object, const char *key, double *out, Error *e) {
+    const JsonValue *v = json_require(object, key, e);
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER) return json_wrong_type(v, key, "a number", e);
+    *out = v->number;
+    return 0;
+}
+
+int json_get_bool(const JsonValue *object, const char *key, bool *out, Error *e) {
+    const JsonValue *v = json_require(object, key, e);
+    if (!v) return -1;
+    if (v->type != JSON_BOOL) return json_wrong_type(v, key, "a boolean", e);
+    *out = v->boolean;
+    return 0;
+}
+
+int json_get_string(const JsonValue *object, const char *key, const char **out, Error *e) {
+    const JsonValue *v = json_require(object, key, e);
+    if (!v) return -1;
+    if (v->type != JSON_STRING) return json_wrong_type(v, key, "a string", e);
+    *out = v->string;
+    return 0;
+}
+
+int json_get_int_array(const JsonValue *object, const char *key, int64_t *out, size_t capacity,
+                       size_t *count, Error *e) {
+    const JsonValue *v = json_require(object, key, e);
+    if (!v) return -1;
+    if (v->type != JSON_ARRAY) return json_wrong_type(v, key, "an array of integers", e);
+    if (v->count > capacity)
+        return error_set(e, "%s: key '%s' has %zu entries, at most %zu allowed", v->source, key, v->count, capacity);
+    for (size_t i = 0; i < v->count; i++) {
+        const JsonValue *item = &v->items[i];
+        if (item->type != JSON_NUMBER || !item->is_integer)
+            return error_set(e, "%s: key '%s'[%zu] is %s, expected an integer", v->source, key, i,
+                             json_type_name(item));
+    }
+    for (size_t i = 0; i < v->count; i++) out[i] = v->items[i].integer;
+    *count = v->count;
+    return 0;
+}
+
+/* ---- atomic files ---- */
+
+struct AtomicFile {
+    FILE *file;
+    char *path;
+    char *tmp_path;
+};
+
+static void atomic_free(AtomicFile *f) {
+    free(f->path);
+    free(f->tmp_path);
+    free(f);
+}
+
+/* Creates the temporary file without following a link someone put in its place. */
+static int atomic_create(const char *tmp_path) {
+    int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
+    int fd = open(tmp_path, flags, 0666);
+    if (fd < 0 && errno == EEXIST) { /* left behind by a dead process that had our pid */
+        unlink(tmp_path);
+        fd = open(tmp_path, flags, 0666);
+    }
+    return fd;
+}
+
+int atomic_open(AtomicFile **out, const char *path, Error *e) {
+    *out = NULL;
+    AtomicFile *f = calloc(1, sizeof *f);
+    size_t tmp_size = strlen(path) + 32;
+    if (f) {
+        f->path = strdup(path);
+        f->tmp_path = malloc(tmp_size);
+    }
+    if (!f || !f->path || !f->tmp_path) {
+        if (f) atomic_free(f);
+        return error_set(e, "%s: out of memory", path);
+    }
+    snprintf(f->tmp_path, tmp_size, "%s.tmp.%ld", path, (long)getpid());
+    int fd = atomic_create(f->tmp_path);
+    if (fd < 0) {
+        error_set(e, "%s: cannot create %s: %s", path, f->tmp_path, strerror(errno));
+        atomic_free(f);
+        return -1;
+    }
+    f->file = fdopen(fd, "wb");
+    if (!f->file) {
+        error_set(e, "%s: cannot open %s: %s", path, f->tmp_path, strerror(errno));
+        close(fd);
+        unlink(f->tmp_path);
+        atomic_free(f);
+        return -1;
+    }
+    *out = f;
+    return 0;
+}
+
+int atomic_write(AtomicFile *f, const void *data, size_t n, Error *e) {
+    if (n > 0 && fwrite(data, 1, n, f->file) != n)
+        return error_set(e, "%s: cannot write %s: %s", f->path, f->tmp_path, strerror(errno));
+    return 0;
+}
+
+/* A rename is only durable once its directory is synced too; some file systems refuse, and the
+ * data itself is already safe, so failure here is not an error. */
+static void sync_directory_of(const char *path) {
+    char *dir = path_dirname(path);
+    int fd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+    free(dir);
+}
+
+int atomic_commit(AtomicFile *f, Error *e) {
+    int rc = 0;
+    if (fflush(f->file) != 0 || fsync(fileno(f->file)) != 0)
+        rc = error_set(e, "%s: cannot write %s: %s", f->path, f->tmp_path, strerror(errno));
+    if (fclose(f->file) != 0 && rc == 0)
+        rc = error_set(e, "%s: cannot close %s: %s", f->path, f->tmp_path, strerror(errno));
+    if (rc == 0 && rename(f->tmp_path, f->path) != 0)
+        rc = error_set(e, "%s: cannot rename %s into place: %s", f->path, f->tmp_path, strerror(errno));
+    if (rc == 0) sync_directory_of(f->path);
+    else unlink(f->tmp_path);
+    atomic_free(f);
+    return rc;
+}
+
+void atomic_abort(AtomicFile *f) {
+    if (!f) return;
+    fclose(f->file);
+    unlink(f->tmp_path);
+    atomic_free(f);
+}
+
+int write_file_atomic(const char *path, const void *data, size_t n, Error *e) {
+    AtomicFile *f;
+    if (atomic_open(&f, path, e)) return -1;
+    if (atomic_write(f, data, n, e)) {
+        atomic_abort(f);
+        return -1;
+    }
+    return atomic_commit(f, e);
+}
+
+/* ---- directories ---- */
+
+void dir_list_free(char **names, size_t count) {
+    for (size_t i = 0; i < count; i++) free(names[i]);
+    free(names);
+}
+
+int dir_list(const char *dir, char ***names, size_t *count, Error *e) {
+    *names = NULL;
+    *count = 0;
+    DIR *d = opendir(dir);
+    if (!d) return error_set(e, "%s: cannot open directory: %s", dir, strerror(errno));
+    char **list = NULL;
+    size_t n = 0, capacity = 0;
+    struct dirent *entry;
+    while ((entry = readdir(d)) != NULL) {
+        if (!strcmp(entry->d_name, ".") || !strcmp(entry->d_name, "..")) continue;
+        if (n == capacity) {
+            size_t wanted = capacity ? 2 * capacity : 16;
+            char **grown = wanted <= SIZE_MAX / sizeof *list ? realloc(list, wanted * sizeof *list) : NULL;
+            if (!grown) break;
+            list = grown;
+            capacity = wanted;
+        }
+        if (!(list[n] = strdup(entry->d_name))) break;
+        n++;
+    }
+    bool complete = entry == NULL;
+    closedir(d);
+    if (!complete) {
+        dir_list_free(list, n);
+        return error_set(e, "%s: out of memory listing the directory", dir);
+    }
+    if (n > 1) qsort(list, n, sizeof *list, compare_strings);
+    *names = list;
+    *count = n;
+    return 0;
+}
+
+/* ==== safetensors ==== */
+
+static const struct {
+    const char *name;
+    size_t size;
+} dtype_info[] = {
+    [DTYPE_F32] = {"F32", 4}, [DTYPE_F16] = {"F16", 2}, [DTYPE_BF16] = {"BF16", 2}, [DTYPE_F64] = {"F64", 8},
+    [DTYPE_I64] = {"I64", 8}, [DTYPE_I32] = {"I32", 4}, [DTYPE_I16] = {"I16", 2},   [DTYPE_I8] = {"I8", 1},
+    [DTYPE_U8] = {"U8", 1},   [DTYPE_BOOL] = {"BOOL", 1},
+};
+
+#define DTYPE_COUNT (sizeof dtype_info / sizeof dtype_info[0])
+
+const char *dtype_name(DType dtype) {
+    return (size_t)dtype < DTYPE_COUNT ? dtype_info[dtype].name : "?";
+}
+
+size_t dtype_size(DType dtype) {
+    return (size_t)dtype < DTYPE_COUNT ? dtype_info[dtype].size : 0;
+}
+
+static bool dtype_parse(const char *name, DType *out) {
+    for (size_t i = 0; i < DTYPE_COUNT; i++) {
+        if (strcmp(dtype_info[i].name, name) == 0) {
+            *out = (DType)i;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ---- name table: open addressing, linear probing, FNV-1a ---- */
+
+typedef struct NameSlot {
+    const char *name; /* NULL: empty */
+    size_t value;
+} NameSlot;
+
+typedef struct NameTable {
+    NameSlot *slots;
+    size_t mask; /* capacity - 1, capacity a power of two */
+} NameTable;
+
+static uint64_t name_hash(const char *s) {
+    uint64_t h = 14695981039346656037u;
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 1099511628211u;
+    }
+    return h;
+}
+
+/* Room for count names with the table at most half full, so probes stay short and end. */
+static int name_table_init(NameTable *t, size_t count) {
+    size_t capacity = 16;
+    while (capacity / 2 < count) {
+        if (capacity > SIZE_MAX / 2 / sizeof(NameSlot)) return -1;
+        capacity *= 2;
+    }
+    t->slots = calloc(capacity, sizeof *t->slots);
+    t->mask = capacity - 1;
+    return t->slots ? 0 : -1;
+}
+
+static void name_table_free(NameTable *t) {
+    free(t->slots);
+    t->slots = NULL;
+}
+
+/* Adds name -> value; false when name is already there. name must outlive the table. */
+static bool name_table_insert(NameTable *t, const char *name, size_t value) {
+    for (size_t i = (size_t)name_hash(name) & t->mask;; i = (i + 1) & t->mask) {
+        if (!t->slots[i].name) {
+            t->slots[i].name = name;
+            t->slots[i].value = value;
+            return true;
+        }
+        if (strcmp(t->slots[i].name, name) == 0) return false;
+    }
+}
+
+static bool name_table_find(const NameTable *t, const char *name, size_t *value) {
+    if (!t->slots) return false;
+    for (size_t i = (size_t)name_hash(name) & t->mask; t->slots[i].name; i = (i + 1) & t->mask) {
+        if (strcmp(t->slots[i].name, name) == 0) {
+            *value = t->slots[i].value;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ---- reader ---- */
+
+struct SafeTensors {
+    char *path;
+    MappedFile file; /* mapped by st_open; empty for st_open_memory */
+    JsonDoc *header; /* tensor names and metadata point into it */
+    const JsonValue *metadata;
+    StTensor *tensors; /* in header order */
+    size_t count;
+    NameTable names; /* name -> index into tensors */
+};
+
+/* Where a tensor's bytes lie in the data area. */
+typedef struct ByteSpan {
+    uint64_t begin, end;
+    size_t tensor;
+} ByteSpan;
+
+/* "__metadata__" must map strings to strings. */
+static int st_check_metadata(const SafeTensors *st, const JsonValue *metadata, Error *e) {
+    if (metadata->type != JSON_OBJECT) return error_set(e, "%s: __metadata__ is not an object", st->path);
+    for (size_t i = 0; i < metadata->count; i++) {
+        if (metadata->members[i].value.type != JSON_STRING) {
+            char buf[PRINTABLE_BYTES];
+            return error_set(e, "%s: __metadata__ entry '%s' is not a string", st->path,
+                             printable(metadata->members[i].key, buf, sizeof buf));
+        }
+    }
+    return 0;
+}
+
+/* shape: a JSON array of at most ST_MAX_DIMS non-negative integers whose product, in bytes,
+ * fits in 64 bits. Fills t's ndim, shape, numel and nbytes. */
+static int st_parse_shape(const SafeTensors *st, const char *name, const JsonValue *shape, StTensor *t, Error *e) {
+    if (shape->type != JSON_ARRAY) return error_set(e, "%s: tensor '%s': shape is not an array", st->path, name);
+    if (shape->count > ST_MAX_DIMS)
+        return error_set(e, "%s: tensor '%s': %zu dimensions, at most %d supported", st->path, name, shape->count,
+                         ST_MAX_DIMS);
+    t->ndim = (int)shape->count;
+    uint64_t numel = 1;
+    for (size_t i = 0; i < shape->count; i++) {
+        const JsonValue *dim = &shape->items[i];
+        if (dim->type != JSON_NUMBER || !dim->is_integer || dim->integer < 0)
+            return error_set(e, "%s: tensor '%s': shape[%zu] is not a non-negative integer", st->path, name, i);
+        t->shape[i] = dim->integer;
+        if (mul_overflows(numel, (uint64_t)dim->integer, &numel))
+            return error_set(e, "%s: tensor '%s': shape overflows 64 bits", st->path, name);
+    }
+    uint64_t nbytes;
+    if (numel > INT64_MAX || mul_overflows(numel, dtype_size(t->dtype), &nbytes) || nbytes > SIZE_MAX)
+        return error_set(e, "%s: tensor '%s': shape overflows 64 bits", st->path, name);
+    t->numel = (int64_t)numel;
+    t->nbytes = (size_t)nbytes;
+    return 0;
+}
+
+/* data_offsets: [begin, end] within the data area, spanning exactly the tensor's bytes. */
+static int st_parse_offsets(const SafeTensors *st, const char *name, const JsonValue *offsets, uint64_t data_size,
+                            const StTensor *t, ByteSpan *span, Error *e) {
+    bool valid = offsets->type == JSON_ARRAY && offsets->count == 2;
+    for (size_t i = 0; valid && i < 2; i++)
+        valid = offsets->items[i].type == JSON_NUMBER && offsets->items[i].is_integer && offsets->items[i].integer >= 0;
+    if (!valid)
+        return error_set(e, "%s: tensor '%s': data_offsets is not a pair of non-negative integers", st->path, name);
+    uint64_t begin = (uint64_t)offsets->items[0].integer, end = (uint64_t)offsets->items[1].integer;
+    if (end < begin)
+        return error_set(e, "%s: tensor '%s': data_offsets [%llu, %llu] end before they begin", st->path, name,
+                         (unsigned long long)begin, (unsigned long long)end);
+    if (end > data_size)
+        return error_set(e, "%s: tensor '%s': data_offsets [%llu, %llu] run past the %llu bytes of data", st->path,
+                         name, (unsigned long long)begin, (unsigned long long)end, (unsigned long long)data_size);
+    if (end - begin != t->nbytes) {
+        char shape[160];
+        return error_set(e, "%s: tensor '%s': data_offsets [%llu, %llu] hold %llu bytes but %s %s needs %zu",
+                         st->path, name, (unsigned long long)begin, (unsigned long long)end,
+                         (unsigned long long)(end - begin), dtype_name(t->dtype),
+                         format_shape(t->ndim, t->shape, shape, sizeof shape), t->nbytes);
+    }
+    span->begin = begin;
+    span->end = end;
+    return 0;
+}
+
+/* One header entry: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, nothing else. */
+static int st_parse_entry(const SafeTensors *st, const JsonMember *entry, const unsigned char *data,
+                          uint64_t data_size, StTensor *t, ByteSpan *span, Error *e) {
+    char buf[PRINTABLE_BYTES];
+    const char *name = printable(entry->key, buf, sizeof buf);
+    const JsonValue *v = &entry->value;
+    if (v->type != JSON_OBJECT) return error_set(e, "%s: tensor '%s': entry is not an object", st->path, name);
+    const JsonValue *dtype = NULL, *shape = NULL, *offsets = NULL;
+    for (size_t i = 0; i < v->count; i++) {
+        const char *key = v->members[i].key;
+        const JsonValue *field = &v->members[i].value;
+        if (!strcmp(key, "dtype")) dtype = field;
+        else if (!strcmp(key, "shape")) shape = field;
+        else if (!strcmp(key, "data_offsets")) offsets = field;
+        else {
+            char key_buf[PRINTABLE_BYTES];
+            return error_set(e, "%s: tensor '%s': unknown field '%s'", st->path, name,
+                             printable(key, key_buf, sizeof key_buf));
+        }
+    }
+    if (!dtype || !shape || !offsets)
+        return error_set(e, "%s: tensor '%s': missing field '%s'", st->path, name,
+                         !dtype ? "dtype" : !shape ? "shape" : "data_offsets");
+    if (dtype->type != JSON_STRING) return error_set(e, "%s: tensor '%s': dtype is not a string", st->path, name);
+    if (!dtype_parse(dtype->string, &t->dtype)) {
+        char dtype_buf[PRINTABLE_BYTES];
+        return error_set(e, "%s: tensor '%s': unknown dtype '%s'", st->path, name,
+                         printable(dtype->string, dtype_buf, sizeof dtype_buf));
+    }
+    t->name = entry->key;
+    if (st_parse_shape(st, name, shape, t, e) || st_parse_offsets(st, name, offsets, data_size, t, span, e))
+        return -1;
+    t->data = data + span->begin;
+    return 0;
+}
+
+static int compare_spans(const void *a, const void *b) {
+    const ByteSpan *x = a, *y = b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end) return x->end < y->end ? -1 : 1;
+    return 0;
+}
+
+/* Sorted by where they begin, each tensor must begin at or after the end of the one before
+ * (which then also ends after every earlier one). */
+static int st_check_overlaps(const SafeTensors *st, ByteSpan *spans, Error *e) {
+    if (st->count > 1) qsort(spans, st->count, sizeof *spans, compare_spans);
+    for (size_t i = 1; i < st->count; i++) {
+        if (spans[i].begin < spans[i - 1].end) {
+            char a[PRINTABLE_BYTES], b[PRINTABLE_BYTES];
+            return error_set(e, "%s: tensors '%s' and '%s' overlap (bytes [%llu, %llu) and [%llu, %llu))", st->path,
+                             printable(st->tensors[spans[i - 1].tensor].name, a, sizeof a),
+                             printable(st->tensors[spans[i].tensor].name, b, sizeof b),
+                             (unsigned long long)spans[i - 1].begin, (unsigned long long)spans[i - 1].end,
+                             (unsigned long long)spans[i].begin, (unsigned long long)spans[i].end);
+        }
+    }
+    return 0;
+}
+
+static int st_index_names(SafeTensors *st, Error *e) {
+    if (name_table_init(&st->names, st->count)) return error_set(e, "%s: out of memory", st->path);
+    for (size_t i = 0; i < st->count; i++) {
+        if (!name_table_insert(&st->names, st->tensors[i].name, i)) {
+            char buf[PRINTABLE_BYTES];
+            return error_set(e, "%s: duplicate tensor name '%s'", st->path, printable(st->tensors[i].name, buf, sizeof buf));
+        }
+    }
+    return 0;
+}
+
+/* The file: an 8-byte little-endian header length N, N bytes of JSON, then the data area. */
+static int st_parse(SafeTensors *st, const unsigned char *bytes, size_t size, Error *e) {
+    if (size < 8) return error_set(e, "%s: %zu bytes, too short for a safetensors file", st->path, size);
+    uint64_t header_len = load_le64(bytes);
+    if (header_len > ST_MAX_HEADER_BYTES)
+        return error_set(e, "%s: header length %llu is over the %u byte limit", st->path,
+                         (unsigned long long)header_len, ST_MAX_HEADER_BYTES);
+    if (header_len > size - 8)
+        return error_set(e, "%s: header length %llu runs past the end of the %zu byte file", st->path,
+                         (unsigned long long)header_len, size);
+    if (json_parse(&st->header, (const char *)bytes + 8, (size_t)header_len, st->path, e)) return -1;
+    const JsonValue *root = json_root(st->header);
+    if (root->type != JSON_OBJECT) return error_set(e, "%s: header is not a JSON object", st->path);
+    const unsigned char *data = bytes + 8 + header_len;
+    uint64_t data_size = size - 8 - header_len;
+
+    st->tensors = calloc(root->count ? root->count : 1, sizeof *st->tensors);
+    ByteSpan *spans = calloc(root->count ? root->count : 1, sizeof *spans);
+    int rc = st->tensors && spans ? 0 : error_set(e, "%s: out of memory", st->path);
+    for (size_t i = 0; i < root->count && rc == 0; i++) {
+        const JsonMember *m = &root->members[i];
+        if (!strcmp(m->key, "__metadata__")) {
+            st->metadata = &m->value;
+            rc = st_check_metadata(st, &m->value, e);
+        } else {
+            spans[st->count].tensor = st->count;
+            rc = st_parse_entry(st, m, data, data_size, &st->tensors[st->count], &spans[st->count], e);
+            st->count++;
+        }
+    }
+    if (rc == 0) rc = st_check_overlaps(st, spans, e);
+    if (rc == 0) rc = st_index_names(st, e);
+    free(spans);
+    return rc;
+}
+
+int st_open_memory(SafeTensors **out, const void *bytes, size_t size, const char *name, Error *e) {
+    *out = NULL;
+    SafeTensors *st = calloc(1, sizeof *st);
+    if (!st || !(st->path = strdup(name))) {
+        free(st);
+        return error_set(e, "%s: out of memory", name);
+    }
+    if (st_parse(st, bytes, size, e)) {
+        st_close(st);
+        return -1;
+    }
+    *out = st;
+    return 0;
+}
+
+int st_open(SafeTensors **out, const char *path, Error *e) {
+    MappedFile file;
+    *out = NULL;
+    if (map_file(&file, path, e)) return -1;
+    if (st_open_memory(out, file.bytes, file.size, path, e)) {
+        unmap_file(&file);
+        return -1;
+    }
+    (*out)->file = file;
+    return 0;
+}
+
+void st_close(SafeTensors *st) {
+    if (!st) return;
+    name_table_free(&st->names);
+    free(st->tensors);
+    json_free(st->header);
+    unmap_file(&st->file);
+    free(st->path);
+    free(st);
+}
+
+size_t st_count(const SafeTensors *st) {
+    return st->count;
+}
+
+const StTensor *st_at(const SafeTensors *st, size_t i) {
+    return i < st->count ? &st->tensors[i] : NULL;
+}
+
+const StTensor *st_find(const SafeTensors *st, const char *name) {
+    size_t i;
+    return name_table_find(&st->names, name, &i) ? &st->tensors[i] : NULL;
+}
+
+const char *st_path(const SafeTensors *st) {
+    return st->path;
+}
+
+const char *st_metadata(const SafeTensors *st, const char *key) {
+    const JsonValue *v = json_get(st->metadata, key);
+    return v ? v->string : NULL;
+}
+
+/* t's elements as floats; file names where t came from, for messages. */
+static int tensor_read_f32(const StTensor *t, const char *file, float *dst, int64_t n, Error *e) {
+    char buf[PRINTABLE_BYTES];
+    if (t->dtype != DTYPE_F32 && t->dtype != DTYPE_F16 && t->dtype != DTYPE_BF16)
+        return error_set(e, "%s: tensor '%s' is %s; only F32, F16 and BF16 convert to f32", file,
+                         printable(t->name, buf, sizeof buf), dtype_name(t->dtype));
+    if (n != t->numel)
+        return error_set(e, "%s: tensor '%s' has %lld elements, the caller expects %lld", file,
+                         printable(t->name, buf, sizeof buf), (long long)t->numel, (long long)n);
+    const unsigned char *src = t->data;
+    size_t count = (size_t)n;
+    if (t->dtype == DTYPE_F32)
+        for (size_t i = 0; i < count; i++) dst[i] = bits_float(load_le32(src + 4 * i));
+    else if (t->dtype == DTYPE_F16)
+        for (size_t i = 0; i < count; i++) dst[i] = f16_to_f32(load_le16(src + 2 * i));
+    else
+        for (size_t i = 0; i < count; i++) dst[i] = bf16_to_f32(load_le16(src + 2 * i));
+    return 0;
+}
+
+int st_read_f32(const SafeTensors *st, const char *name, float *dst, int64_t n, Error *e) {
+    const StTensor *t = st_find(st, name);
+    if (!t) {
+        char buf[PRINTABLE_BYTES];
+        return error_set(e, "%s: no tensor named '%s'", st->path, printable(name, buf, sizeof buf));
+    }
+    return tensor_read_f32(t, st->path, dst, n, e);
+}
+
+/* ---- writer ---- */
+
+/* A growable byte buffer; after a failed allocation it stays failed and appends nothing. */
+typedef struct ByteBuf {
+    char *data;
+    size_t len, capacity;
+    bool failed;
+} ByteBuf;
+
+static void buf_append(ByteBuf *b, const void *src, size_t n) {
+    if (b->failed) return;
+    if (n > b->capacity - b->len) {
+        size_t wanted = b->capacity ? b->capacity : 256;
+        while (wanted - b->len < n && wanted <= SIZE_MAX / 2) wanted *= 2;
+        char *grown = wanted - b->len >= n ? realloc(b->data, wanted) : NULL;
+        if (!grown) {
+            b->failed = true;
+            return;
+        }
+        b->data = grown;
+        b->capacity = wanted;
+    }
+    memcpy(b->data + b->len, src, n);
+    b->len += n;
+}
+
+static void buf_printf(ByteBuf *b, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+static void buf_printf(ByteBuf *b, const char *fmt, ...) {
+    char text[128];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof text) b->failed = true;
+    else buf_append(b, text, (size_t)n);
+}
+
+/* s as a JSON string: quotes, backslashes and control characters escaped, UTF-8 kept. */
+static void buf_json_string(ByteBuf *b, const char *s) {
+    buf_append(b, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') {
+            char escaped[2] = {'\\', (char)c};
+            buf_append(b, escaped, 2);
+        } else if (c < 0x20) {
+            buf_printf(b, "\\u%04x", c);
+        } else {
+            buf_append(b, s, 1);
+        }
+    }
+    buf_append(b, "\"", 1);
+}
+
+/* A tensor st_write can store; its byte count goes to *nbytes. */
+static int st_check_write_tensor(const char *path, const StWriteTensor *t, size_t index, uint64_t *nbytes,
+                                 Error *e) {
+    char buf[PRINTABLE_BYTES];
+    if (!t->name) return error_set(e, "%s: tensor %zu has no name", path, index);
+    const char *name = printable(t->name, buf, sizeof buf);
+    if (!utf8_valid(t->name, strlen(t->name))) return error_set(e, "%s: tensor '%s': name is not valid UTF-8", path, name);
+    if (!strcmp(t->name, "__metadata__")) return error_set(e, "%s: '__metadata__' is not a tensor name", path);
+    if (dtype_size(t->dtype) == 0) return error_set(e, "%s: tensor '%s': invalid dtype %d", path, name, (int)t->dtype);
+    if (t->ndim < 0 || t->ndim > ST_MAX_DIMS)
+        return error_set(e, "%s: tensor '%s': %d dimensions, 0 to %d supported", path, name, t->ndim, ST_MAX_DIMS);
+    uint64_t numel = 1;
+    for (int i = 0; i < t->ndim; i++) {
+        if (t->shape[i] < 0 || mul_overflows(numel, (uint64_t)t->shape[i], &numel))
+            return error_set(e, "%s: tensor '%s': invalid shape", path, name);
+    }
+    if (mul_overflows(numel, dtype_size(t->dtype), nbytes) || *nbytes > SIZE_MAX)
+        return error_set(e, "%s: tensor '%s': invalid shape", path, name);
+    if (*nbytes > 0 && !t->data) return error_set(e, "%s: tensor '%s': no data", path, name);
+    return 0;
+}
+
+/* The JSON header for tensors laid out back to back, padded with spaces to a multiple of 8
+ * bytes as the Python library does, so the data area starts 8-byte aligned. */
+static int st_build_header(const char *path, const StWriteTensor *tensors, const uint64_t *nbytes, size_t n,
+                           ByteBuf *header, Error *e) {
+    uint64_t offset = 0;
+    buf_append(header, "{", 1);
+    for (size_t i = 0; i < n; i++) {
+        const StWriteTensor *t = &tensors[i];
+        if (i) buf_append(header, ",", 1);
+        buf_json_string(header, t->name);
+        buf_printf(header, ":{\"dtype\":\"%s\",\"shape\":[", dtype_name(t->dtype));
+        for (int d = 0; d < t->ndim; d++) buf_printf(header, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+        if (nbytes[i] > UINT64_MAX - offset) return error_set(e, "%s: tensors too large", path);
+        buf_printf(header, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)offset,
+                   (unsigned long long)(offset + nbytes[i]));
+        offset += nbytes[i];
+    }
+    buf_append(header, "}", 1);
+    while (!header->failed && header->len % 8 != 0) buf_append(header, " ", 1);
+    if (header->failed) return error_set(e, "%s: out of memory", path);
+    if (header->len > ST_MAX_HEADER_BYTES) return error_set(e, "%s: header over %u bytes", path, ST_MAX_HEADER_BYTES);
+    return 0;
+}
+
+/* Validates the tensors, gives their byte counts, and rejects repeated names. */
+static int st_check_write_tensors(const char *path, const StWriteTensor *tensors, size_t n, uint64_t *nbytes,
+                                  Error *e) {
+    NameTable names;
+    if (name_table_init(&names, n)) return error_set(e, "%s: out of memory", path);
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        rc = st_check_write_tensor(path, &tensors[i], i, &nbytes[i], e);
+        if (rc == 0 && !name_table_insert(&names, tensors[i].name, i)) {
+            char buf[PRINTABLE_BYTES];
+            rc = error_set(e, "%s: duplicate tensor name '%s'", path, printable(tensors[i].name, buf, sizeof buf));
+        }
+    }
+    name_table_free(&names);
+    return rc;
+}
+
+int st_write(const char *path, const StWriteTensor *tensors, size_t n, Error *e) {
+    uint64_t *nbytes = calloc(n ? n : 1, sizeof *nbytes);
+    ByteBuf header = {0};
+    AtomicFile *f = NULL;
+    int rc = nbytes ? 0 : error_set(e, "%s: out of memory", path);
+    if (rc == 0) rc = st_check_write_tensors(path, tensors, n, nbytes, e);
+    if (rc == 0) rc = st_build_header(path, tensors, nbytes, n, &header, e);
+    if (rc == 0) rc = atomic_open(&f, path, e);
+    if (rc == 0) {
+        unsigned char length[8];
+        store_le64(length, header.len);
+        rc = atomic_write(f, length, sizeof length, e);
+        if (rc == 0) rc = atomic_write(f, header.data, header.len, e);
+        for (size_t i = 0; i < n && rc == 0; i++) rc = atomic_write(f, tensors[i].data, (size_t)nbytes[i], e);
+        if (rc == 0) rc = atomic_commit(f, e);
+        else atomic_abort(f);
+    }
+    free(header.data);
+    free(nbytes);
+    return rc;
+}
+
+/* ---- sharded models ---- */
+
+struct StModel {
+    char *path;
+    SafeTensors **shards;
+    size_t shard_count;
+    const StTensor **tensors;
+    size_t *tensor_shard; /* the shard each tensor lives in */
+    size_t count;
+    NameTable names; /* name -> index into tensors */
+};
+
+static int st_model_index_names(StModel *m, Error *e) {
+    if (name_table_init(&m->names, m->count)) return error_set(e, "%s: out of memory", m->path);
+    for (size_t i = 0; i < m->count; i++) {
+        if (!name_table_insert(&m->names, m->tensors[i]->name, i)) {
+            char buf[PRINTABLE_BYTES];
+            return error_set(e, "%s: duplicate tensor name '%s'", m->path, printable(m->tensors[i]->name, buf, sizeof buf));
+        }
+    }
+    return 0;
+}
+
+/* Arrays for up to `shards` shards and `tensors` tensors. */
+static int st_model_alloc(StModel *m, size_t shards, size_t tensors, Error *e) {
+    m->shards = calloc(shards ? shards : 1, sizeof *m->shards);
+    m->tensors = calloc(tensors ? tensors : 1, sizeof *m->tensors);
+    m->tensor_shard = calloc(tensors ? tensors : 1, sizeof *m->tensor_shard);
+    if (!m->shards || !m->tensors || !m->tensor_shard) return error_set(e, "%s: out of memory", m->path);
+    return 0;
+}
+
+static int st_model_open_file(StModel *m, const char *path, Error *e) {
+    SafeTensors *st;
+    if (st_open(&st, path, e)) return -1;
+    if (st_model_alloc(m, 1, st_count(st), e)) {
+        st_close(st);
+        return -1;
+    }
+    m->shards[m->shard_count++] = st;
+    for (size_t i = 0; i < st_count(st); i++) m->tensors[m->count++] = st_at(st, i);
+    return st_model_index_names(m, e);
+}
+
+/* A shard must be a plain file name in the index's directory: the index cannot point elsewhere. */
+static bool shard_name_valid(const char *name) {
+    return name[0] && strcmp(name, ".") && strcmp(name, "..") && !strchr(name, '/');
+}
+
+/* The shard called file (opening it on first use), as an index into m->shards. */
+static int st_model_shard_for(StModel *m, NameTable *opened, const char *dir, const char *file, size_t *shard,
+                              Error *e) {
+    if (name_table_find(opened, file, shard)) return 0;
+    char *path = path_join(dir, file);
+    if (!path) return error_set(e, "%s: out of memory", m->path);
+    int rc = st_open(&m->shards[m->shard_count], path, e);
+    free(path);
+    if (rc) return -1;
+    *shard = m->shard_count++;
+    name_table_insert(opened, file, *shard);
+    return 0;
+}
+
+/* Opens every shard that weight_map names and finds each listed tensor in its shard. */
+static int st_model_load_weight_map(StModel *m, const JsonValue *map, const char *dir, Error *e) {
+    NameTable opened = {0}; /* shard file name -> index into m->shards */
+    if (st_model_alloc(m, map->count, map->count, e)) return -1;
+    if (name_table_init(&opened, map->count)) return error_set(e, "%s: out of memory", m->path);
+    int rc = 0;
+    for (size_t i = 0; i < map->count && rc == 0; i++) {
+        const char *name = map->members[i].key;
+        const JsonValue *file = &map->members[i].value;
+        char name_buf[PRINTABLE_BYTES], file_buf[PRINTABLE_BYTES];
+        size_t shard = 0;
+        if (file->type != JSON_STRING || !shard_name_valid(file->string)) {
+            rc = error_set(e, "%s: weight_map entry '%s' is not a file name in the index's directory", m->path,
+                           printable(name, name_buf, sizeof name_buf));
+            break;
+        }
+        rc = st_model_shard_for(m, &opened, dir, file->string, &shard, e);
+        const StTensor *t = rc == 0 ? st_find(m->shards[shard], name) : NULL;
+        if (rc == 0 && !t)
+            rc = error_set(e, "%s: tensor '%s' is listed in shard '%s' but that file has no such tensor", m->path,
+                           printable(name, name_buf, sizeof name_buf), printable(file->string, file_buf, sizeof file_buf));
+        if (rc == 0) {
+            m->tensors[m->count] = t;
+            m->tensor_shard[m->count++] = shard;
+        }
+    }
+    name_table_free(&opened);
+    return rc;
+}
+
+static int st_model_open_index(StModel *m, const char *index_path, Error *e) {
+    JsonDoc *doc;
+    if (json_parse_file(&doc, index_path, e)) return -1;
+    const JsonValue *map = json_get(json_root(doc), "weight_map");
+    char *dir = path_dirname(index_path);
+    int rc;
+    if (!dir) rc = error_set(e, "%s: out of memory", index_path);
+    else if (!map || map->type != JSON_OBJECT) rc = error_set(e, "%s: no \"weight_map\" object", index_path);
+    else if (map->count == 0) rc = error_set(e, "%s: \"weight_map\" is empty", index_path);
+    else rc = st_model_load_weight_map(m, map, dir, e);
+    if (rc == 0) rc = st_model_index_names(m, e);
+    free(dir);
+    json_free(doc);
+    return rc;
+}
+
+/* A directory: its one index, or else its one .safetensors file. */
+static int st_model_open_dir(StModel *m, const char *dir, Error *e) {
+    char **names;
+    size_t count, indexes = 0, files = 0;
+    const char *index = NULL, *file = NULL;
+    if (dir_list(dir, &names, &count, e)) return -1;
+    for (size_t i = 0; i < count; i++) {
+        if (has_suffix(names[i], ".safetensors.index.json")) {
+            index = names[i];
+            indexes++;
+        } else if (has_suffix(names[i], ".safetensors")) {
+            file = names[i];
+            files++;
+        }
+    }
+    int rc;
+    char *path = NULL;
+    if (indexes > 1) rc = error_set(e, "%s: %zu *.safetensors.index.json files; name one", dir, indexes);
+    else if (indexes == 0 && files > 1) rc = error_set(e, "%s: %zu .safetensors files and no index; name one", dir, files);
+    else if (indexes == 0 && files == 0) rc = error_set(e, "%s: no .safetensors file or index", dir);
+    else if (!(path = path_join(dir, index ? index : file))) rc = error_set(e, "%s: out of memory", dir);
+    else rc = index ? st_model_open_index(m, path, e) : st_model_open_file(m, path, e);
+    free(path);
+    dir_list_free(names, count);
+    return rc;
+}
+
+int st_model_open(StModel **out, const char *path, Error *e) {
+    *out = NULL;
+    struct stat sb;
+    if (stat(path, &sb) != 0) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
+    StModel *m = calloc(1, sizeof *m);
+    if (!m || !(m->path = strdup(path))) {
+        free(m);
+        return error_set(e, "%s: out of memory", path);
+    }
+    int rc;
+    if (S_ISDIR(sb.st_mode)) rc = st_model_open_dir(m, path, e);
+    else if (has_suffix(path, ".json")) rc = st_model_open_index(m, path, e);
+    else rc = st_model_open_file(m, path, e);
+    if (rc) {
+        st_model_close(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+void st_model_close(StModel *m) {
+    if (!m) return;
+    for (size_t i = 0; i < m->shard_count; i++) st_close(m->shards[i]);
+    free(m->shards);
+    free(m->tensors);
+    free(m->tensor_shard);
+    name_table_free(&m->names);
+    free(m->path);
+    free(m);
+}
+
+size_t st_model_count(const StModel *m) {
+    return m->count;
+}
+
+const StTensor *st_model_at(const StModel *m, size_t i) {
+    return i < m->count ? m->tensors[i] : NULL;
+}
+
+const StTensor *st_model_find(const StModel *m, const char *name) {
+    size_t i;
+    return name_table_find(&m->names, name, &i) ? m->tensors[i] : NULL;
+}
+
+int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n, Error *e) {
+    size_t i;
+    if (!name_table_find(&m->names, name, &i)) {
+        char buf[PRINTABLE_BYTES];
+        return error_set(e, "%s: no tensor named '%s'", m->path, printable(name, buf, sizeof buf));
+    }
+    return tensor_read_f32(m->tensors[i], st_path(m->shards[m->tensor_shard[i]]), dst, n, e);
+}
+
+size_t st_model_shard_count(const StModel *m) {
+    return m->shard_count;
+}
+
+const SafeTensors *st_model_shard(const StModel *m, size_t i) {
+    return i < m->shard_count ? m->shards[i] : NULL;
+}
+
+/* ==== images ==== */
+
+static bool image_size_valid(long width, long height) {
+    return width >= 1 && width <= IMAGE_MAX_SIDE && height >= 1 && height <= IMAGE_MAX_SIDE;
+}
+
+static size_t image_bytes(const Image *img) {
+    return (size_t)img->width * (size_t)img->height * 3;
+}
+
+int image_alloc(Image *img, int width, int height, Error *e) {
+    img->width = img->height = 0;
+    img->rgb = NULL;
+    if (!image_size_valid(width, height))
+        return error_set(e, "image size %dx%d is outside 1..%d", width, height, IMAGE_MAX_SIDE);
+    img->rgb = calloc((size_t)width * (size_t)height, 3);
+    if (!img->rgb) return error_set(e, "out of memory for a %dx%d image", width, height);
+    img->width = width;
+    img->height = height;
+    return 0;
+}
+
+void image_free(Image *img) {
+    free(img->rgb);
+    img->rgb = NULL;
+    img->width = img->height = 0;
+}
+
+static int image_check(const char *path, const Image *img, Error *e) {
+    if (!image_size_valid(img->width, img->height))
+        return error_set(e, "%s: image size %dx%d is outside 1..%d", path, img->width, img->height, IMAGE_MAX_SIDE);
+    if (!img->rgb) return error_set(e, "%s: image has no pixels", path);
+    return 0;
+}
+
+/* ---- PPM ---- */
+
+static bool is_ppm_space(unsigned char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
+}
+
+/* The next decimal number of a PPM header after whitespace and '#' comments. */
+static int ppm_header_number(const unsigned char *b, size_t size, size_t *pos, const char *what,
+                             const char *source, long *out, Error *e) {
+    size_t i = *pos;
+    for (;;) {
+        while (i < size && is_ppm_space(b[i])) i++;
+        if (i >= size || b[i] != '#') break;
+        while (i < size && b[i] != '\n' && b[i] != '\r') i++;
+    }
+    if (i >= size || !is_digit(b[i])) return error_set(e, "%s: PPM header: expected the %s", source, what);
+    long v = 0;
+    for (; i < size && is_digit(b[i]); i++) {
+        v = v * 10 + (b[i] - '0');
+        if (v > 1000000) return error_set(e, "%s: PPM %s is too large", source, what);
+    }
+    *pos = i;
+    *out = v;
+    return 0;
+}
+
+int ppm_parse(Image *out, const void *bytes, size_t size, const char *source, Error *e) {
+    const unsigned char *b = bytes;
+    size_t pos = 2;
+    long width, height, maxval;
+    out->width = out->height = 0;
+    out->rgb = NULL;
+    if (size < 3 || b[0] != 'P' || b[1] != '6' || !(is_ppm_space(b[2]) || b[2] == '#'))
+        return error_set(e, "%s: not a binary PPM (P6) file", source);
+    if (ppm_header_number(b, size, &pos, "width", source, &width, e) ||
+        ppm_header_number(b, size, &pos, "height", source, &height, e) ||
+        ppm_header_number(b, size, &pos, "maxval", source, &maxval, e))
+        return -1;
+    if (!image_size_valid(width, height))
+        return error_set(e, "%s: PPM size %ldx%ld is outside 1..%d", source, width, height, IMAGE_MAX_SIDE);
+    if (maxval != 255) return error_set(e, "%s: PPM maxval %ld; only 8-bit (255) is supported", source, maxval);
+    if (pos >= size || !is_ppm_space(b[pos]))
+        return error_set(e, "%s: PPM header: expected whitespace after the maxval", source);
+    pos++;
+    size_t need = (size_t)width * (size_t)height * 3;
+    if (size - pos < need)
+        return error_set(e, "%s: PPM pixel data truncated: %zu of %zu bytes", source, size - pos, need);
+    if (image_alloc(out, (int)width, (int)height, e)) return -1;
+    memcpy(out->rgb, b + pos, need);
+    return 0;
+}
+
+int ppm_read(Image *out, const char *path, Error *e) {
+    MappedFile file;
+    out->width = out->height = 0;
+    out->rgb = NULL;
+    if (map_file(&file, path, e)) return -1;
+    int rc = ppm_parse(out, file.bytes, file.size, path, e);
+    unmap_file(&file);
+    return rc;
+}
+
+int ppm_write(const char *path, const Image *img, Error *e) {
+    if (image_check(path, img, e)) return -1;
+    char header[48];
+    int n = snprintf(header, sizeof header, "P6\n%d %d\n255\n", img->width, img->height);
+    AtomicFile *f;
+    if (atomic_open(&f, path, e)) return -1;
+    if (atomic_write(f, header, (size_t)n, e) || atomic_write(f, img->rgb, image_bytes(img), e)) {
+        atomic_abort(f);
+        return -1;
+    }
+    return atomic_commit(f, e);
+}
+
+/* ---- PNG ---- */
+
+/* Deflate's stored blocks hold at most 65535 bytes each. */
+#define PNG_STORED_BLOCK 65535
+/* Adler-32 sums stay below 2^32 for this many bytes between reductions (zlib's NMAX). */
+#define ADLER_RUN 5552
+
+/* Streams a PNG: chunk CRCs, the zlib stream's Adler-32 and the stored blocks are computed on
+ * the way, so no copy of the image is made. */
+typedef struct PngWriter {
+    AtomicFile *file;
+    Error *e;
+    uint32_t crc_table[256];
+    uint32_t crc;              /* of the chunk being written */
+    uint32_t adler_a, adler_b; /* of the scanlines */
+    uint64_t scanline_bytes_left;
+    size_t block_len;
+    unsigned char block[PNG_STORED_BLOCK];
+} PngWriter;
+
+/* CRC-32 as PNG and zlib use it: reflected polynomial 0xEDB88320. */
+static void crc_table_init(uint32_t table[256]) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        table[n] = c;
+    }
+}
+
+static void adler_update(uint32_t *a, uint32_t *b, const unsigned char *p, size_t n) {
+    while (n > 0) {
+        size_t run = n < ADLER_RUN ? n : ADLER_RUN;
+        for (size_t i = 0; i < run; i++) {
+            *a += p[i];
+            *b += *a;
+        }
+        *a %= 65521;
+        *b %= 65521;
+        p += run;
+        n -= run;
+    }
+}
+
+/* Bytes inside a chunk: written and added to its CRC. */
+static int png_put(PngWriter *w, const void *data, size_t n) {
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++) w->crc = w->crc_table[(w->crc ^ p[i]) & 0xff] ^ (w->crc >> 8);
+    return atomic_write(w->file, data, n, w->e);
+}
+
+static int png_chunk_begin(PngWriter *w, const char type[4], uint32_t length) {
+    unsigned char len[4];
+    store_be32(len, length);
+    w->crc = 0xffffffffu;
+    return atomic_write(w->file, len, 4, w->e) || png_put(w, type, 4) ? -1 : 0;
+}
+
+static int png_chunk_end(PngWriter *w) {
+    unsigned char crc[4];
+    store_be32(crc, w->crc ^ 0xffffffffu);
+    return atomic_write(w->file, crc, 4, w->e);
+}
+
+static int png_chunk(PngWriter *w, const char type[4], const unsigned char *data, uint32_t length) {
+    return png_chunk_begin(w, type, length) || png_put(w, data, length) || png_chunk_end(w) ? -1 : 0;
+}
+
+/* Emits the filled block; the last one is marked final. */
+static int png_flush_block(PngWriter *w) {
+    uint16_t len = (uint16_t)w->block_len;
+    unsigned char header[5] = {w->scanline_bytes_left == 0 ? 1 : 0, (unsigned char)(len & 0xff),
+                               (unsigned char)(len >> 8), (unsigned char)(~len & 0xff),
+                               (unsigned char)((uint16_t)~len >> 8)};
+    w->block_len = 0;
+    return png_put(w, header, sizeof header) || png_put(w, w->block, len) ? -1 : 0;
+}
+
+/* Scanline bytes into stored blocks. */
+static int png_feed(PngWriter *w, const unsigned char *p, size_t n) {
+    adler_update(&w->adler_a, &w->adler_b, p, n);
+    while (n > 0) {
+        size_t take = PNG_STORED_BLOCK - w->block_len;
+        if (take > n) take = n;
+        memcpy(w->block + w->block_len, p, take);
+        w->block_len += take;
+        w->scanline_bytes_left -= take;
+        p += take;
+        n -= take;
+        if ((w->block_len == PNG_STORED_BLOCK || w->scanline_bytes_left == 0) && png_flush_block(w)) return -1;
+    }
+    return 0;
+}
+
+/* One IDAT chunk: a zlib stream of stored blocks holding each row behind filter byte 0 (none). */
+static int png_write_idat(PngWriter *w, const Image *img) {
+    uint64_t row_bytes = (uint64_t)img->width * 3;
+    uint64_t scanlines = (uint64_t)img->height * (1 + row_bytes);
+    uint64_t blocks = (scanlines + PNG_STORED_BLOCK - 1) / PNG_STORED_BLOCK;
+    uint64_t length = 2 + 5 * blocks + scanlines + 4; /* under 2^31 for IMAGE_MAX_SIDE images */
+    static const unsigned char zlib_header[2] = {0x78, 0x01}; /* deflate, 32K window; 0x7801 % 31 == 0 */
+    static const unsigned char filter_none = 0;
+    w->adler_a = 1;
+    w->adler_b = 0;
+    w->scanline_bytes_left = scanlines;
+    w->block_len = 0;
+    if (png_chunk_begin(w, "IDAT", (uint32_t)length) || png_put(w, zlib_header, 2)) return -1;
+    for (int y = 0; y < img->height; y++) {
+        if (png_feed(w, &filter_none, 1) || png_feed(w, img->rgb + (size_t)y * row_bytes, (size_t)row_bytes))
+            return -1;
+    }
+    unsigned char adler[4];
+    store_be32(adler, w->adler_b << 16 | w->adler_a);
+    return png_put(w, adler, 4) || png_chunk_end(w) ? -1 : 0;
+}
+
+static int png_write_all(PngWriter *w, const Image *img) {
+    static const unsigned char signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    unsigned char ihdr[13] = {0};
+    store_be32(ihdr, (uint32_t)img->width);
+    store_be32(ihdr + 4, (uint32_t)img->height);
+    ihdr[8] = 8;  /* bits per channel */
+    ihdr[9] = 2;  /* colour type: RGB; compression, filter and interlace methods stay 0 */
+    if (atomic_write(w->file, signature, sizeof signature, w->e) || png_chunk(w, "IHDR", ihdr, sizeof ihdr) ||
+        png_write_idat(w, img) || png_chunk(w, "IEND", NULL, 0))
+        return -1;
+    return 0;
+}
+
+int png_write(const char *path, const Image *img, Error *e) {
+    if (image_check(path, img, e)) return -1;
+    PngWriter *w = malloc(sizeof *w);
+    if (!w) return error_set(e, "%s: out of memory", path);
+    w->e = e;
+    crc_table_init(w->crc_table);
+    int rc = atomic_open(&w->file, path, e);
+    if (rc == 0) rc = png_write_all(w, img);
+    if (rc == 0) rc = atomic_commit(w->file, e);
+    else if (w->file) atomic_abort(w->file);
+    free(w);
+    return rc;
 }

@@ -30,6 +30,77 @@ uint16_t f32_to_f16(float f);
 void bf16_to_f32_array(const uint16_t *src, float *dst, size_t n);
 void f16_to_f32_array(const uint16_t *src, float *dst, size_t n);
 
+/* JSON documents (config files, safetensors headers). A document owns a read-only tree of values.
+ * Parsing is strict: RFC 8259 grammar, valid UTF-8, nothing but whitespace after the value, at
+ * most JSON_MAX_DEPTH nested arrays/objects, no duplicate keys in an object, and no U+0000 in
+ * strings (they are handed out as C strings). */
+#define JSON_MAX_DEPTH 64
+
+typedef enum JsonType { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
+
+typedef struct JsonValue JsonValue;
+typedef struct JsonMember JsonMember;
+
+struct JsonValue {
+    JsonType type;
+    bool boolean;              /* JSON_BOOL */
+    bool is_integer;           /* JSON_NUMBER written without fraction or exponent, within int64 */
+    int64_t integer;           /* JSON_NUMBER when is_integer */
+    double number;             /* JSON_NUMBER, always */
+    const char *string;        /* JSON_STRING, NUL-terminated UTF-8 */
+    size_t length;             /* JSON_STRING: bytes, without the NUL */
+    size_t count;              /* JSON_ARRAY: items; JSON_OBJECT: members */
+    const JsonValue *items;    /* JSON_ARRAY */
+    const JsonMember *members; /* JSON_OBJECT, in file order */
+    const char *source;        /* the document's name, for error messages */
+};
+
+struct JsonMember {
+    const char *key;
+    JsonValue value;
+};
+
+typedef struct JsonDoc JsonDoc;
+
+/* Parses len bytes of text (need not be NUL-terminated); source names it in error messages. */
+int json_parse(JsonDoc **out, const char *text, size_t len, const char *source, Error *e);
+int json_parse_file(JsonDoc **out, const char *path, Error *e);
+const JsonValue *json_root(const JsonDoc *doc);
+void json_free(JsonDoc *doc);
+
+/* The member `key` of an object; NULL when absent or when object is not an object. */
+const JsonValue *json_get(const JsonValue *object, const char *key);
+/* Typed lookups for config files. Each fails with "<source>: key 'k' is missing" or
+ * "<source>: key 'k' is a string, expected an integer" and leaves *out alone on failure.
+ * json_get_float accepts any number; json_get_int only integers written as such. */
+int json_get_int(const JsonValue *object, const char *key, int64_t *out, Error *e);
+int json_get_float(const JsonValue *object, const char *key, double *out, Error *e);
+int json_get_bool(const JsonValue *object, const char *key, bool *out, Error *e);
+/* *out points into the document and lives until json_free. */
+int json_get_string(const JsonValue *object, const char *key, const char **out, Error *e);
+/* An array of at most capacity integers into out[0 .. *count). */
+int json_get_int_array(const JsonValue *object, const char *key, int64_t *out, size_t capacity,
+                       size_t *count, Error *e);
+
+/* -- files -- */
+
+/* Every writer goes through this: the bytes go to "<path>.tmp.<pid>", which is flushed, fsynced
+ * and renamed over path only when everything was written, so a reader never sees half a file.
+ * Both atomic_commit and atomic_abort (which removes the temporary file) free f; after a failed
+ * atomic_write call atomic_abort. */
+typedef struct AtomicFile AtomicFile;
+
+int atomic_open(AtomicFile **out, const char *path, Error *e);
+int atomic_write(AtomicFile *f, const void *data, size_t n, Error *e);
+int atomic_commit(AtomicFile *f, Error *e);
+void atomic_abort(AtomicFile *f);
+/* The whole file in one call. */
+int write_file_atomic(const char *path, const void *data, size_t n, Error *e);
+
+/* The entry names of a directory without "." and "..", sorted bytewise; free with dir_list_free. */
+int dir_list(const char *dir, char ***names, size_t *count, Error *e);
+void dir_list_free(char **names, size_t count);
+
 /* ---- end section: JSON ---- */
 
 /* ---- section: safetensors (owned by the io work) ---- */
@@ -75,9 +146,60 @@ typedef struct StWriteTensor {
 /* Writes a safetensors file atomically (temporary name, then rename). */
 int st_write(const char *path, const StWriteTensor *tensors, size_t n, Error *e);
 
+/* The header may claim at most this many bytes (as the Python library allows). */
+#define ST_MAX_HEADER_BYTES 100000000u
+
+/* "F32", "BF16", ... and the bytes of one element. */
+const char *dtype_name(DType dtype);
+size_t dtype_size(DType dtype);
+
+/* Like st_open over bytes the caller keeps alive until st_close; name is used in messages. */
+int st_open_memory(SafeTensors **out, const void *bytes, size_t size, const char *name, Error *e);
+/* The path (or name) the file was opened with. */
+const char *st_path(const SafeTensors *st);
+/* A value of the header's "__metadata__" string map; NULL when absent. */
+const char *st_metadata(const SafeTensors *st, const char *key);
+
+/* A model stored as one or more safetensors files, found by one name:
+ *   - a .safetensors file;
+ *   - a "*.safetensors.index.json" whose "weight_map" maps tensor name -> shard file (a plain
+ *     file name in the index's directory); every listed tensor must be in its shard;
+ *   - a directory holding exactly one such index, or else exactly one .safetensors file.
+ * Its tensors are those the index lists (in index order), or all of the single file's. */
+typedef struct StModel StModel;
+
+int st_model_open(StModel **out, const char *path, Error *e);
+void st_model_close(StModel *m);
+size_t st_model_count(const StModel *m);
+const StTensor *st_model_at(const StModel *m, size_t i);
+const StTensor *st_model_find(const StModel *m, const char *name); /* NULL when absent */
+int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n, Error *e);
+size_t st_model_shard_count(const StModel *m);
+const SafeTensors *st_model_shard(const StModel *m, size_t i);
+
 /* ---- end section: safetensors ---- */
 
 /* ---- section: images (owned by the io work) ---- */
+
+/* Readers refuse images wider or taller than this, writers too. */
+#define IMAGE_MAX_SIDE 16384
+
+/* An 8-bit RGB image; rgb: [height, width, 3], interleaved, rows top to bottom. */
+typedef struct Image {
+    int width, height;
+    uint8_t *rgb;
+} Image;
+
+/* Zero-filled pixels for 1 <= width, height <= IMAGE_MAX_SIDE. */
+int image_alloc(Image *img, int width, int height, Error *e);
+void image_free(Image *img);
+
+/* Binary PPM (P6) with maxval 255; bytes after the first image are ignored. */
+int ppm_parse(Image *out, const void *bytes, size_t size, const char *source, Error *e);
+int ppm_read(Image *out, const char *path, Error *e);
+int ppm_write(const char *path, const Image *img, Error *e);
+/* 8-bit RGB PNG, deflate "stored" (uncompressed) blocks: large but needs no zlib. */
+int png_write(const char *path, const Image *img, Error *e);
 
 /* ---- end section: images ---- */
 

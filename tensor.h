@@ -121,13 +121,15 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
                         const float *mean, const float *rstd, const float *dy, float *dx,
                         float *dw, float *db);
 
-/* RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * w. x: [rows, C]; rstd: [rows]. */
+/* RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * w. x: [rows, C]; rstd: [rows];
+ * w: [C] or NULL (all ones). */
 void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w, float *y,
                      float *rstd);
 void rmsnorm_backward(int rows, int C, const float *x, const float *w, const float *rstd,
                       const float *dy, float *dx, float *dw);
 
-/* BatchNorm with running statistics (eval mode). x: [B, C, HW]; mean, var, w, b: [C]. */
+/* BatchNorm with running statistics (eval mode). x: [B, C, HW]; mean, var: [C]; w, b: [C] or
+ * NULL (no affine). */
 void batchnorm_eval_forward(int B, int C, int HW, float eps, const float *mean, const float *var,
                             const float *w, const float *b, const float *x, float *y);
 void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean, const float *var,
@@ -157,6 +159,36 @@ void upsample_nearest2x_backward(int planes, int H, int W, const float *dy, floa
 void resize_bilinear_forward(int planes, int H, int W, int Ho, int Wo, const float *x, float *y);
 void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const float *dy,
                               float *dx);
+
+/* Elementwise over n values. Outputs may alias an input of the same size (in place). */
+void add_forward(size_t n, const float *a, const float *b, float *y);   /* y = a + b */
+void mul_forward(size_t n, const float *a, const float *b, float *y);   /* y = a * b */
+void mul_backward(size_t n, const float *a, const float *b, const float *dy, float *da, float *db);
+void scale_forward(size_t n, float s, const float *x, float *y);        /* y = s * x */
+void axpy(size_t n, float alpha, const float *x, float *y);             /* y += alpha * x */
+void clamp_forward(size_t n, float lo, float hi, const float *x, float *y);
+/* The gradient passes where lo <= x <= hi, boundaries included (as torch.clamp). */
+void clamp_backward(size_t n, float lo, float hi, const float *x, const float *dy, float *dx);
+/* y = x^p for x >= 0. Backward adds dy * p * x^(p-1), nothing when p == 0 (as torch.pow). */
+void pow_forward(size_t n, float p, const float *x, float *y);
+void pow_backward(size_t n, float p, const float *x, const float *dy, float *dx);
+
+/* A vector broadcast along rows. x: [rows, C], v: [C] -> y: [rows, C] */
+void add_rows_forward(int rows, int C, const float *x, const float *v, float *y);   /* x + v */
+void mul_rows_forward(int rows, int C, const float *x, const float *v, float *y);   /* x * v */
+void mul_rows_backward(int rows, int C, const float *x, const float *v, const float *dy, float *dx,
+                       float *dv);
+/* out[c] += sum over r of x[r, c], rows in order, in double. */
+void sum_rows_add(int rows, int C, const float *x, float *out);
+
+/* A vector broadcast per channel. x: [B, C, HW], v: [C] -> y: [B, C, HW] (y = x + v[c]) */
+void add_channels_forward(int B, int C, int HW, const float *x, const float *v, float *y);
+/* out[c] += sum over b and hw of x[b, c, hw], in double. */
+void sum_channels_add(int B, int C, int HW, const float *x, float *out);
+
+/* Reductions whose result depends on n alone, never on the thread count. */
+double sum_array(size_t n, const float *x);  /* 64 chunks summed in double, then in order */
+float max_array(size_t n, const float *x);   /* NaN if any value is NaN; -inf when n == 0 */
 
 /* ---- end section: norms, activations, resampling, elementwise ---- */
 

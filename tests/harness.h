@@ -46,7 +46,7 @@ static void harness_report(int ok, const char *fmt, ...) {
 
 /* Passes when every |got - want| <= atol + rtol * |want| and nothing is NaN; reports the worst
  * element either way so a failure says by how much. */
-static int check_close(const char *what, const float *got, const float *want, size_t n, float rtol,
+static inline int check_close(const char *what, const float *got, const float *want, size_t n, float rtol,
                        float atol) {
     size_t worst = 0, bad = 0;
     double worst_excess = -1.0, max_abs = 0.0;
@@ -70,7 +70,7 @@ static int check_close(const char *what, const float *got, const float *want, si
 
 /* The F32/F16/BF16 tensor `name` of st as a malloc'd float array of exactly n values, or NULL
  * (reported as a failure) when it is missing or has another size. */
-static float *golden_load(const SafeTensors *st, const char *name, size_t n) {
+static inline float *golden_load(const SafeTensors *st, const char *name, size_t n) {
     float *dst = malloc((n ? n : 1) * sizeof *dst);
     Error e = {{0}};
     if (!dst || st_read_f32(st, name, dst, (int64_t)n, &e) != 0) {
@@ -82,7 +82,7 @@ static float *golden_load(const SafeTensors *st, const char *name, size_t n) {
 }
 
 /* Opens a golden file, or reports a failure and returns NULL. */
-static SafeTensors *golden_open(const char *path) {
+static inline SafeTensors *golden_open(const char *path) {
     SafeTensors *st = NULL;
     Error e = {{0}};
     if (st_open(&st, path, &e) != 0) {
@@ -97,7 +97,7 @@ static SafeTensors *golden_open(const char *path) {
  * element, in double, must match within atol + rtol * |numeric|. x is restored. */
 typedef double (*HarnessLossFn)(void *ctx);
 
-static int check_gradient(const char *what, HarnessLossFn loss, void *ctx, float *x,
+static inline int check_gradient(const char *what, HarnessLossFn loss, void *ctx, float *x,
                           const float *grad, size_t n, size_t stride, float eps, float rtol,
                           float atol) {
     size_t checked = 0, bad = 0, worst = 0;
@@ -130,12 +130,12 @@ static int check_gradient(const char *what, HarnessLossFn loss, void *ctx, float
 }
 
 /* A deterministic pseudo-random float in [-1, 1) for inputs the tests make themselves. */
-static float harness_rand(unsigned long long *state) {
+static inline float harness_rand(unsigned long long *state) {
     *state = *state * 6364136223846793005ULL + 1442695040888963407ULL;
     return (float)((*state >> 40) & 0xFFFFFF) / (float)0x800000 - 1.0f;
 }
 
-static int harness_finish(const char *name) {
+static inline int harness_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, harness.passed, harness.failed);
     return harness.failed ? 1 : 0;
 }

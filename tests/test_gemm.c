@@ -65,7 +65,8 @@ static void run_gemm(const GemmCase *c, GemmData *d) {
 /* C's first N columns packed densely, for check_close. */
 static float *dense_c(const GemmCase *c, const GemmData *d) {
     float *x = malloc((size_t)c->M * c->N * sizeof *x + 1);
-    for (int i = 0; i < c->M; i++) memcpy(x + (size_t)i * c->N, d->C + (size_t)i * d->ldc, (size_t)c->N * sizeof *x);
+    for (int i = 0; i < c->M; i++)
+        memcpy(x + (size_t)i * c->N, d->C + (size_t)i * d->ldc, (size_t)c->N * sizeof *x);
     return x;
 }
 

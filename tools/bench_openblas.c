@@ -34,7 +34,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     size_t na = (size_t)M * K, nb = (size_t)K * N;
-    float *A = malloc(na * sizeof *A), *B = malloc(nb * sizeof *B), *C = malloc((size_t)M * N * sizeof *C);
+    float *A = malloc(na * sizeof *A), *B = malloc(nb * sizeof *B);
+    float *C = malloc((size_t)M * N * sizeof *C);
     if (!A || !B || !C) return 1;
     unsigned long long state = 42;
     for (size_t i = 0; i < na + nb; i++) {
