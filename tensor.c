@@ -141,7 +141,7 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 #define GEMM_KC 384
 #define GEMM_MC 960
 #define GEMM_NC 480
-/* The packer moves a transposed source in runs of one 64-byte line per lane. */
+/* Depth steps per pass when the packer transposes: one 64-byte line of each lane. */
 #define GEMM_PACK_CHUNK 16
 
 /* Below about a million multiply-adds (~10 us on one core) starting a parallel region costs
@@ -277,24 +277,37 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
 #endif
 #endif
 
-/* Packs `lanes` (<= width) lanes of `depth` elements into one micro-panel dst: [depth][width],
- * zero-filling lanes lanes..width-1. Element (lane l, depth k) of the source is
- * src[l * lane_stride + k * depth_stride]. When a lane is contiguous in the source the copy is a
- * transpose: it goes a line of each lane at a time, so reads and writes both stay in L1. */
-static void gemm_pack_panel(const float *src, ptrdiff_t lane_stride, ptrdiff_t depth_stride,
-                            int lanes, int depth, int width, float *dst) {
-    if (depth_stride == 1) {
-        for (int k0 = 0; k0 < depth; k0 += GEMM_PACK_CHUNK)
-            for (int l = 0; l < lanes; l++)
-                for (int k = k0; k < gemm_min(k0 + GEMM_PACK_CHUNK, depth); k++)
-                    dst[(size_t)k * width + l] = src[l * lane_stride + k];
-    } else {
+/* Packs `lanes` lanes of `depth` elements into ceil(lanes / width) micro-panels, panel p at
+ * dst + p * width * depth laid out [depth][width], zero-filling the lanes past `lanes` in the
+ * last one. Element (lane l, depth k) of the source is src[l * lane_stride + k * depth_stride];
+ * one of the two strides is 1, and the loops walk the source along it. */
+static void gemm_pack(const float *src, ptrdiff_t lane_stride, ptrdiff_t depth_stride, int lanes,
+                      int depth, int width, float *dst) {
+    if (lane_stride == 1) {
+        /* Lanes are contiguous: copy each depth step's whole run of lanes, panel by panel. */
         for (int k = 0; k < depth; k++)
-            for (int l = 0; l < lanes; l++)
-                dst[(size_t)k * width + l] = src[l * lane_stride + k * depth_stride];
+            for (int l0 = 0; l0 < lanes; l0 += width) {
+                const float *s = src + k * depth_stride + l0;
+                float *d = dst + (size_t)l0 * depth + (size_t)k * width;
+                int n = gemm_min(width, lanes - l0);
+                for (int l = 0; l < n; l++) d[l] = s[l];
+                for (int l = n; l < width; l++) d[l] = 0.0f;
+            }
+        return;
     }
-    for (int k = 0; k < depth; k++)
-        for (int l = lanes; l < width; l++) dst[(size_t)k * width + l] = 0.0f;
+    /* A transpose, a 64-byte line of each lane at a time so reads and writes stay in L1. */
+    for (int l0 = 0; l0 < lanes; l0 += width) {
+        float *panel = dst + (size_t)l0 * depth;
+        int n = gemm_min(width, lanes - l0);
+        for (int k0 = 0; k0 < depth; k0 += GEMM_PACK_CHUNK) {
+            int k1 = gemm_min(k0 + GEMM_PACK_CHUNK, depth);
+            for (int l = 0; l < n; l++)
+                for (int k = k0; k < k1; k++)
+                    panel[(size_t)k * width + l] = src[(l0 + l) * lane_stride + k * depth_stride];
+            for (int k = k0; k < k1; k++)
+                for (int l = n; l < width; l++) panel[(size_t)k * width + l] = 0.0f;
+        }
+    }
 }
 
 /* How one call splits its work. Row blocks of C are mc rows; inside one, the work items are
@@ -343,10 +356,8 @@ static int gemm_thread_index(void) {
 static void gemm_item(const GemmOperand *b_op, int p0, int kc, int i0, int m, int j0, int n,
                       const float *a_block, float *b_block, float alpha, float beta, float *C,
                       int ldc) {
-    for (int j = 0; j < n; j += GEMM_NR)
-        gemm_pack_panel(b_op->data + (j0 + j) * b_op->lane_stride + p0 * b_op->depth_stride,
-                        b_op->lane_stride, b_op->depth_stride, gemm_min(GEMM_NR, n - j), kc,
-                        GEMM_NR, b_block + (size_t)j * kc);
+    gemm_pack(b_op->data + j0 * b_op->lane_stride + p0 * b_op->depth_stride, b_op->lane_stride,
+              b_op->depth_stride, n, kc, GEMM_NR, b_block);
     for (int i = 0; i < m; i += GEMM_MR)
         for (int j = 0; j < n; j += GEMM_NR)
             gemm_microkernel(kc, a_block + (size_t)i * kc, b_block + (size_t)j * kc,
@@ -367,9 +378,9 @@ static void gemm_blocked(const GemmPlan *p, const GemmOperand *a_op, const GemmO
             int kc = gemm_min(GEMM_KC, K - p0);
             #pragma omp for schedule(static)
             for (int i = 0; i < mc; i += GEMM_MR)
-                gemm_pack_panel(a_op->data + (ic + i) * a_op->lane_stride + p0 * a_op->depth_stride,
-                                a_op->lane_stride, a_op->depth_stride, gemm_min(GEMM_MR, mc - i),
-                                kc, GEMM_MR, a_block + (size_t)i * kc);
+                gemm_pack(a_op->data + (ic + i) * a_op->lane_stride + p0 * a_op->depth_stride,
+                          a_op->lane_stride, a_op->depth_stride, gemm_min(GEMM_MR, mc - i), kc,
+                          GEMM_MR, a_block + (size_t)i * kc);
             /* C already holds beta * C + the earlier depth blocks: add the rest with beta 1. */
             float beta_now = p0 == 0 ? beta : 1.0f;
             #pragma omp for collapse(2) schedule(dynamic, 1)
