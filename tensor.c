@@ -103,17 +103,19 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 }
 
 /* The blocked GEMM, in the BLIS / GotoBLAS way. Loops, outermost first:
- *   rows of C in blocks of up to GEMM_MC      A block [mc, kc] packed once, shared by the threads
- *     K in blocks of GEMM_KC                  (the only split of the K-sum: fixed by K alone)
- *       work items: column blocks of up to GEMM_NC (x row chunks when N is narrow), in parallel;
- *       each item packs its own B block [kc, nb] (it stays in the core's L2)
- *         rows in steps of GEMM_MR            A micro-panel [kc, MR] stays in L1
- *           columns in steps of GEMM_NR       micro-kernel: C tile [MR, NR] from the two panels
+ *   rows of C in blocks of mc              A block [mc, K] packed once, shared by the threads
+ *     work items, in parallel: column blocks of up to GEMM_NC (x row chunks when N is narrow)
+ *       K in blocks of GEMM_KC             the item packs its B block [kc, nb] (core's L2);
+ *                                          the only split of the K-sum, fixed by K alone
+ *         rows in steps of GEMM_MR         A micro-panel [kc, MR] stays in L1
+ *           columns in steps of GEMM_NR    micro-kernel: C tile [MR, NR] from the two panels
  * Packing copies op(A) and op(B) into the layout the micro-kernel streams, so one kernel serves
  * all four transpose cases, and zero-pads the edge panels so the kernel always computes a full
  * tile (it writes only the part inside C).
  * Every C element is the same sequence of operations whatever the thread count: its K-sum runs
- * in k order inside the kernel, block by block, and blocks are added to C in order. */
+ * in k order inside the kernel, block by block, and blocks are added to C in order.
+ * The threads wait for each other only twice per row block (A packed, items done), so on a
+ * shared machine one thread put aside by the OS seldom holds up the others. */
 
 #if defined(__AVX512F__)
 #define GEMM_AVX512
@@ -136,11 +138,11 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 #endif
 
 /* Cache blocks for ~48 KB L1d and ~2 MB L2 per core: an A micro-panel (KC x MR floats, 18 KB
- * at MR = 12) lives in L1, a B block (KC x NC, 720 KB) in L2, the shared A block (MC x KC,
- * 1.4 MB) in L3. MC and NC are multiples of every MR and NR above. */
+ * at MR = 12) lives in L1, a B block (KC x NC, 720 KB) in L2; the shared A block (mc x K, at
+ * most GEMM_A_BLOCK_FLOATS, 8 MB) is streamed from L3. NC is a multiple of every NR above. */
 #define GEMM_KC 384
-#define GEMM_MC 960
 #define GEMM_NC 480
+#define GEMM_A_BLOCK_FLOATS (1 << 21)
 /* Depth steps per pass when the packer transposes: one 64-byte line of each lane. */
 #define GEMM_PACK_CHUNK 16
 
@@ -314,7 +316,7 @@ static void gemm_pack(const float *src, ptrdiff_t lane_stride, ptrdiff_t depth_s
  * a grid of row_chunk x col_block pieces, col_block a multiple of NR, row_chunk of MR. */
 typedef struct GemmPlan {
     int threads;
-    int mc;        /* rows per A block */
+    int mc;        /* rows per A block, a multiple of MR */
     int col_block; /* columns per work item */
     int row_chunk; /* rows per work item inside an A block */
 } GemmPlan;
@@ -325,7 +327,9 @@ static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     GemmPlan p;
     double work = (double)M * N * K;
     p.threads = work < GEMM_PARALLEL_MIN_WORK ? 1 : max_threads;
-    p.mc = gemm_round_up(gemm_ceil_div(M, gemm_ceil_div(M, GEMM_MC)), GEMM_MR);
+    int mc_max = GEMM_A_BLOCK_FLOATS / K / GEMM_MR * GEMM_MR;
+    if (mc_max < GEMM_MR) mc_max = GEMM_MR;
+    p.mc = gemm_round_up(gemm_ceil_div(M, gemm_ceil_div(M, mc_max)), GEMM_MR);
     int col_tiles = gemm_ceil_div(N, GEMM_NR);
     int col_blocks = gemm_round_up(gemm_ceil_div(N, GEMM_NC), p.threads);
     col_blocks = gemm_min(col_blocks, col_tiles);
@@ -351,18 +355,40 @@ static int gemm_thread_index(void) {
 #endif
 }
 
-/* One work item: rows [i0, i0 + m) and columns [j0, j0 + n) of C for the depth block
- * [p0, p0 + kc). a_block holds the packed rows of this A block starting at row i0. */
-static void gemm_item(const GemmOperand *b_op, int p0, int kc, int i0, int m, int j0, int n,
-                      const float *a_block, float *b_block, float alpha, float beta, float *C,
-                      int ldc) {
-    gemm_pack(b_op->data + j0 * b_op->lane_stride + p0 * b_op->depth_stride, b_op->lane_stride,
-              b_op->depth_stride, n, kc, GEMM_NR, b_block);
-    for (int i = 0; i < m; i += GEMM_MR)
-        for (int j = 0; j < n; j += GEMM_NR)
-            gemm_microkernel(kc, a_block + (size_t)i * kc, b_block + (size_t)j * kc,
-                             gemm_min(GEMM_MR, m - i), gemm_min(GEMM_NR, n - j), alpha, beta,
-                             C + (size_t)(i0 + i) * ldc + j0 + j, ldc);
+/* The packed A block: rows [ic, ic + mc) of op(A) over all of K, depth block p0 at
+ * a_block + block_rows * p0, each [ceil(mc / MR)][kc][MR]. */
+static void gemm_pack_a_block(const GemmOperand *a_op, int ic, int mc, int K, int block_rows,
+                              float *a_block) {
+    int panels = gemm_ceil_div(mc, GEMM_MR);
+    int depth_blocks = gemm_ceil_div(K, GEMM_KC);
+    #pragma omp for collapse(2) schedule(dynamic, 4)
+    for (int d = 0; d < depth_blocks; d++)
+        for (int q = 0; q < panels; q++) {
+            int p0 = d * GEMM_KC, kc = gemm_min(GEMM_KC, K - p0), i = q * GEMM_MR;
+            gemm_pack(a_op->data + (ic + i) * a_op->lane_stride + p0 * a_op->depth_stride,
+                      a_op->lane_stride, a_op->depth_stride, gemm_min(GEMM_MR, mc - i), kc,
+                      GEMM_MR, a_block + (size_t)block_rows * p0 + (size_t)i * kc);
+        }
+}
+
+/* One work item: rows [i0, i0 + m) and columns [j0, j0 + n) of C over all of K. Its rows start
+ * at row `r` of the packed A block. */
+static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int n,
+                      const float *a_block, int block_rows, int r, float *b_block, float alpha,
+                      float beta, float *C, int ldc) {
+    for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
+        int kc = gemm_min(GEMM_KC, K - p0);
+        const float *a = a_block + (size_t)block_rows * p0 + (size_t)r * kc;
+        gemm_pack(b_op->data + j0 * b_op->lane_stride + p0 * b_op->depth_stride,
+                  b_op->lane_stride, b_op->depth_stride, n, kc, GEMM_NR, b_block);
+        /* C already holds beta * C + the earlier depth blocks: add the rest with beta 1. */
+        float beta_now = p0 == 0 ? beta : 1.0f;
+        for (int i = 0; i < m; i += GEMM_MR)
+            for (int j = 0; j < n; j += GEMM_NR)
+                gemm_microkernel(kc, a + (size_t)i * kc, b_block + (size_t)j * kc,
+                                 gemm_min(GEMM_MR, m - i), gemm_min(GEMM_NR, n - j), alpha,
+                                 beta_now, C + (size_t)(i0 + i) * ldc + j0 + j, ldc);
+    }
 }
 
 /* The loops of the comment above, run by every thread of the team (or by one without OpenMP).
@@ -374,26 +400,17 @@ static void gemm_blocked(const GemmPlan *p, const GemmOperand *a_op, const GemmO
     int col_blocks = gemm_ceil_div(N, p->col_block);
     for (int ic = 0; ic < M; ic += p->mc) {
         int mc = gemm_min(p->mc, M - ic);
-        for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
-            int kc = gemm_min(GEMM_KC, K - p0);
-            #pragma omp for schedule(static)
-            for (int i = 0; i < mc; i += GEMM_MR)
-                gemm_pack(a_op->data + (ic + i) * a_op->lane_stride + p0 * a_op->depth_stride,
-                          a_op->lane_stride, a_op->depth_stride, gemm_min(GEMM_MR, mc - i), kc,
-                          GEMM_MR, a_block + (size_t)i * kc);
-            /* C already holds beta * C + the earlier depth blocks: add the rest with beta 1. */
-            float beta_now = p0 == 0 ? beta : 1.0f;
-            #pragma omp for collapse(2) schedule(dynamic, 1)
-            for (int r = 0; r < row_chunks; r++)
-                for (int c = 0; c < col_blocks; c++) {
-                    int i0 = r * p->row_chunk, j0 = c * p->col_block;
-                    if (i0 >= mc) continue;
-                    float *b_block = b_blocks + b_block_floats * gemm_thread_index();
-                    gemm_item(b_op, p0, kc, ic + i0, gemm_min(p->row_chunk, mc - i0), j0,
-                              gemm_min(p->col_block, N - j0), a_block + (size_t)i0 * kc, b_block,
-                              alpha, beta_now, C, ldc);
-                }
-        }
+        gemm_pack_a_block(a_op, ic, mc, K, p->mc, a_block);
+        #pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int c = 0; c < col_blocks; c++)
+            for (int q = 0; q < row_chunks; q++) {
+                int r = q * p->row_chunk, j0 = c * p->col_block;
+                if (r >= mc) continue;
+                float *b_block = b_blocks + b_block_floats * gemm_thread_index();
+                gemm_item(b_op, K, ic + r, gemm_min(p->row_chunk, mc - r), j0,
+                          gemm_min(p->col_block, N - j0), a_block, p->mc, r, b_block, alpha,
+                          beta, C, ldc);
+            }
     }
 }
 
@@ -425,7 +442,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
     GemmOperand b_op = {B, trans_b ? ldb : 1, trans_b ? 1 : ldb};
     int kc_max = gemm_min(GEMM_KC, K);
     size_t b_block_floats = (size_t)plan.col_block * kc_max;
-    float *a_block = gemm_alloc((size_t)plan.mc * kc_max);
+    float *a_block = gemm_alloc((size_t)plan.mc * K);
     float *b_blocks = gemm_alloc(b_block_floats * plan.threads);
     if (a_block && b_blocks) {
         #pragma omp parallel num_threads(plan.threads) if (plan.threads > 1)
