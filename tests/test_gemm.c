@@ -102,7 +102,7 @@ static void check_case(const GemmCase *c) {
 
 static void test_against_reference(void) {
     /* Tiny, odd, vector-shaped and K = 1 products; one micro-tile and depth block (384) exactly
-     * and one past; wider than a column block (480); and, last, A blocks over the 2M-float cap,
+     * and one past; wider than a column block (480); and, last, A blocks over the 1M-float cap,
      * so the rows split into several blocks. */
     const int sizes[][3] = {
         {1, 1, 1},     {7, 13, 17},   {33, 65, 129},   {1, 70, 45},    {50, 1, 45},
