@@ -34,8 +34,7 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- section: info (owned by the io work) ---- */
-
+/* ---- info ------------------------------------------------------------------------------- */
 
 typedef struct InfoTotals {
     size_t files, tensors;
@@ -146,9 +145,7 @@ static int info_main(int argc, char **argv) {
     return 0;
 }
 
-/* ---- end section: info ---- */
-
-/* ---- section: bench (each kernel work adds its benchmark here) ---- */
+/* ---- benchmarks ------------------------------------------------------------------------- */
 
 /* Parses a whole decimal argument in [lo, hi]; 0 on success. */
 static int bench_parse_int(const char *s, int lo, int hi, int *out) {
@@ -399,8 +396,6 @@ static int bench_gemm(int argc, char **argv) {
     free(g.A), free(g.B), free(g.C);
     return 0;
 }
-
-/* ---- end section: bench ---- */
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {

@@ -125,7 +125,7 @@ static inline float exp_nonpositive(float x) {
     return x < -87.3f ? 0.0f : (x == x ? y : x);
 }
 
-/* ---- section: GEMM (owned by the gemm work) --------------------------------------------- */
+/* ---- GEMM ------------------------------------------------------------------------------- */
 
 void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
                     int lda, const float *B, int ldb, float beta, float *C, int ldc) {
@@ -497,9 +497,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
     free(b_blocks);
 }
 
-/* ---- end section: GEMM ---- */
-
-/* ---- section: conv2d (owned by the conv work) ------------------------------------------- */
+/* ---- conv2d ----------------------------------------------------------------------------- */
 
 /* Convolution as GEMM over bands of output pixels (torch.nn.functional.conv2d semantics: zero
  * padding, no dilation). For each image and group the output pixels p = oh*Wo + ow are taken in
@@ -907,9 +905,7 @@ void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const
     }
 }
 
-/* ---- end section: conv2d ---- */
-
-/* ---- section: attention and rotary embedding (owned by the attention work) --------------- */
+/* ---- attention and rotary embedding ----------------------------------------------------- */
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -1442,9 +1438,7 @@ void rope_backward(int batch, int n, int heads, int head_dim, const float *cos_t
     }
 }
 
-/* ---- end section: attention and rotary embedding ---- */
-
-/* ---- section: norms, activations, resampling, elementwise (owned by the ops work) -------- */
+/* ---- norms, activations, resampling, elementwise ---------------------------------------- */
 
 /* OpenMP only where the work pays for waking the threads. Every such loop writes disjoint
  * outputs. */
@@ -2135,4 +2129,3 @@ float max_array(size_t n, const float *x) {
     return max;
 }
 
-/* ---- end section: norms, activations, resampling, elementwise ---- */
