@@ -251,7 +251,8 @@ static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const in
     int len = vsnprintf(name, sizeof name, name_fmt, ap);
     va_end(ap);
     *out = NULL;
-    if (len < 0 || (size_t)len >= sizeof name) return error_set(e, "tensor name too long: %s", name);
+    if (len < 0 || (size_t)len >= sizeof name)
+        return error_set(e, "tensor name too long: %s", name);
     if (p->check_only) return flux2_check_tensor(p->weights, name, ndim, shape, e);
     if (p->count == FLUX2_MAX_PART_TENSORS)
         return error_set(e, "more than %d tensors in one part of the model", p->count);
@@ -502,6 +503,12 @@ static Var *flux2_mod(Tape *t, const Tensor *mod, int b, int k, int dim) {
     return var_take(t, tensor_view(chunk, 1, (int64_t[]){dim}), false);
 }
 
+/* proj: [B, channels] (taken) -> linear_2(silu(linear_1(proj))): [B, dim] (TimestepEmbedding) */
+static Var *flux2_time_embed(Tape *t, Tensor *proj, Tensor *linear_1, Tensor *linear_2) {
+    Var *h = ag_linear(t, var_take(t, proj, false), param_var(t, linear_1), NULL);
+    return ag_linear(t, ag_silu(t, h), param_var(t, linear_2), NULL);
+}
+
 /* sigma (and guidance): [B] -> a timestep embedding; its modulations into s. */
 static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *guidance,
                               Flux2Step *s, Error *e) {
@@ -513,15 +520,10 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
     if (!t) error_set(e, "out of memory");
     else if (!flux2_conditioning_load(&w, &part, c, e)) {
         int B = s->batch, C = c->timestep_channels;
-        Var *ts = var_take(t, flux2_timestep_proj(sigma, B, C), false);
-        Var *temb = ag_linear(t, ag_silu(t, ag_linear(t, ts, param_var(t, w.time_1), NULL)),
-                              param_var(t, w.time_2), NULL);
-        if (guidance && c->guidance_embeds) {
-            Var *g = var_take(t, flux2_timestep_proj(guidance, B, C), false);
-            temb = ag_add(t, temb,
-                          ag_linear(t, ag_silu(t, ag_linear(t, g, param_var(t, w.guidance_1), NULL)),
-                                    param_var(t, w.guidance_2), NULL));
-        }
+        Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, B, C), w.time_1, w.time_2);
+        if (guidance && c->guidance_embeds)
+            temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, B, C),
+                                                    w.guidance_1, w.guidance_2));
         Var *act = ag_silu(t, temb);
         const char *part_name = "flux2 conditioning";
         status = flux2_result(t, ag_linear(t, act, param_var(t, w.mod_img), NULL), &s->mod_img,
@@ -576,6 +578,12 @@ static Var *flux2_heads(Tape *t, Var *x, Tensor *norm, int n, const Flux2Config 
     return norm ? ag_rmsnorm(t, y, param_var(t, norm), (float)c->eps) : y;
 }
 
+/* x: [1, N, dim] -> x W^T split into heads (and normalised) */
+static Var *flux2_project_heads(Tape *t, Var *x, Tensor *weight, Tensor *norm, int n,
+                                const Flux2Config *c) {
+    return flux2_heads(t, ag_linear(t, x, param_var(t, weight), NULL), norm, n, c);
+}
+
 /* x: [1, N, 2 hidden] -> silu(x[.., :hidden]) * x[.., hidden:] */
 static Var *flux2_swiglu(Tape *t, Var *x, int hidden) {
     return ag_mul(t, ag_silu(t, ag_slice(t, x, 2, 0, hidden)), ag_slice(t, x, 2, hidden, hidden));
@@ -609,12 +617,12 @@ static void flux2_double_block(Tape *t, const Flux2DoubleBlock *w, const Flux2Co
     }
     Var *ni = flux2_modulate(t, *img, mi[0], mi[1], c->eps);
     Var *nt = flux2_modulate(t, *txt, mt[0], mt[1], c->eps);
-    Var *q[2] = {flux2_heads(t, ag_linear(t, nt, param_var(t, w->add_q), NULL), w->norm_added_q, L, c),
-                 flux2_heads(t, ag_linear(t, ni, param_var(t, w->to_q), NULL), w->norm_q, T, c)};
-    Var *k[2] = {flux2_heads(t, ag_linear(t, nt, param_var(t, w->add_k), NULL), w->norm_added_k, L, c),
-                 flux2_heads(t, ag_linear(t, ni, param_var(t, w->to_k), NULL), w->norm_k, T, c)};
-    Var *v[2] = {flux2_heads(t, ag_linear(t, nt, param_var(t, w->add_v), NULL), NULL, L, c),
-                 flux2_heads(t, ag_linear(t, ni, param_var(t, w->to_v), NULL), NULL, T, c)};
+    Var *q[2] = {flux2_project_heads(t, nt, w->add_q, w->norm_added_q, L, c),
+                 flux2_project_heads(t, ni, w->to_q, w->norm_q, T, c)};
+    Var *k[2] = {flux2_project_heads(t, nt, w->add_k, w->norm_added_k, L, c),
+                 flux2_project_heads(t, ni, w->to_k, w->norm_k, T, c)};
+    Var *v[2] = {flux2_project_heads(t, nt, w->add_v, NULL, L, c),
+                 flux2_project_heads(t, ni, w->to_v, NULL, T, c)};
     Var *o = flux2_attention(t, ag_concat(t, q, 2, 1), ag_concat(t, k, 2, 1),
                              ag_concat(t, v, 2, 1), s, c);
 
@@ -634,16 +642,17 @@ static void flux2_double_block(Tape *t, const Flux2DoubleBlock *w, const Flux2Co
 static Var *flux2_single_block(Tape *t, const Flux2SingleBlock *w, const Flux2Config *c,
                                const Flux2Step *s, int b, Var *x) {
     int n = s->txt_len + s->img_len, d = c->dim;
-    Var *shift = flux2_mod(t, s->mod_single, b, 0, d), *scale = flux2_mod(t, s->mod_single, b, 1, d),
-        *gate = flux2_mod(t, s->mod_single, b, 2, d);
+    Var *shift = flux2_mod(t, s->mod_single, b, 0, d);
+    Var *scale = flux2_mod(t, s->mod_single, b, 1, d);
+    Var *gate = flux2_mod(t, s->mod_single, b, 2, d);
     /* [1, N, dim] -> [1, N, 3 dim + 2 mlp_hidden]: q, k, v, then the SwiGLU's gate and up */
     Var *proj = ag_linear(t, flux2_modulate(t, x, shift, scale, c->eps),
                           param_var(t, w->to_qkv_mlp), NULL);
     Var *q = flux2_heads(t, ag_slice(t, proj, 2, 0, d), w->norm_q, n, c);
     Var *k = flux2_heads(t, ag_slice(t, proj, 2, d, d), w->norm_k, n, c);
     Var *v = flux2_heads(t, ag_slice(t, proj, 2, 2 * d, d), NULL, n, c);
-    Var *parts[2] = {flux2_attention(t, q, k, v, s, c),
-                     flux2_swiglu(t, ag_slice(t, proj, 2, 3 * d, 2 * c->mlp_hidden), c->mlp_hidden)};
+    Var *mlp = ag_slice(t, proj, 2, 3 * d, 2 * c->mlp_hidden);
+    Var *parts[2] = {flux2_attention(t, q, k, v, s, c), flux2_swiglu(t, mlp, c->mlp_hidden)};
     Var *out = ag_linear(t, ag_concat(t, parts, 2, 2), param_var(t, w->to_out), NULL);
     return flux2_gated(t, x, gate, out);
 }

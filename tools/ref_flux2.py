@@ -9,8 +9,8 @@ the scheduler's sigma * 1000 by 1000) and the model multiplies by 1000 again; im
 has ids (0, y, x, 0), text token l has ids (0, 0, 0, l); guidance is None for klein.
 
 Writes (deterministic: re-running gives identical bytes):
-  tests/fixtures/tiny-flux2/transformer/           f32, sharded over 2 files with an index, klein-like
-                                                   (guidance_embeds false)
+  tests/fixtures/tiny-flux2/transformer/           f32, sharded over 2 files with an index,
+                                                   klein-like (guidance_embeds false)
   tests/fixtures/tiny-flux2-bf16/transformer/      the same weights in bf16 (one file)
   tests/fixtures/tiny-flux2-guidance/transformer/  f32, guidance_embeds true, one file
   tests/golden/flux2.safetensors:
