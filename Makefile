@@ -104,8 +104,9 @@ build/fuzz/%: tests/%.c io.c io.h
 
 bench: diamond
 	./diamond bench gemm 1024 1024 1024
-	./diamond bench conv 1 128 128 128 128 3 1 1
-	./diamond bench attention 1 24 4096 128
+	./diamond bench conv 1 128 256 256 128 3 1 1
+	./diamond bench conv 1 128 256 256 128 3 1 1 --groups 128
+	./diamond bench attention 1 24 1024 128
 
 PYTHON ?= /usr/bin/python3
 golden:
