@@ -783,7 +783,7 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
 
 /* ---- end section: flux2 ---- */
 
-/* ---- section: vae ------------------------------------------------------------------------------ */
+/* ---- section: vae ---------------------------------------------------------------------------- */
 
 #include <math.h>
 #include <string.h>
@@ -946,7 +946,8 @@ static int vae_weights_load(VaeDecoder *m, const StModel *st, Error *e) {
                 return -1;
         }
         snprintf(name, sizeof name, "decoder.up_blocks.%d.upsamplers.0.conv", b);
-        if (b < c->n_blocks - 1 && conv2d_load(&u->upsampler, st, out, out, 3, 1, 1, 1, true, name, e))
+        bool upsample = b < c->n_blocks - 1;
+        if (upsample && conv2d_load(&u->upsampler, st, out, out, 3, 1, 1, 1, true, name, e))
             return -1;
         in = out;
     }

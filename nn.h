@@ -98,7 +98,7 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
 
 /* ---- end section: flux2 ---- */
 
-/* ---- section: vae ------------------------------------------------------------------------------ */
+/* ---- section: vae ---------------------------------------------------------------------------- */
 
 /* The decoder half of diffusers' AutoencoderKLFlux2, with the FLUX.2 pipeline's latent
  * unpacking in front: packed transformer tokens in, an image in about [-1, 1] out. */
