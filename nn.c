@@ -796,61 +796,82 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
 /* Memory of a checkpointed decode with grad (f32, batch 1): every block boundary stays on the
  * tape until backward reaches it, plus one block's recomputed intermediates and gradients.
  * For the real config (block_out_channels 128, 256, 512, 512; 3 resnets per up block) at
- * 1024x1024 the boundaries are about 4.6 GB (mostly the 512x512 and 1024x1024 stages: up block
- * 2's resnets 3 x 256 MB and upsampler 1 GB, up block 3's resnets 3 x 512 MB), and the
- * largest block, an up block 3 resnet at 128 channels x 1024x1024, recomputes about seven
- * 512 MB tensors: a peak near 9-10 GB, against roughly 30 GB without checkpoints. The
- * attention adds O(N d): 512 channels x 128x128 tokens. */
+ * 1024x1024 the boundaries are about 4.6 GB, mostly the last two stages (up block 2: three
+ * 256 MB resnet outputs and a 1 GB upsampler output; up block 3: three 512 MB resnet outputs).
+ * The largest block, up block 3's first resnet (256 -> 128 channels at 1024x1024), recomputes
+ * and backpropagates about 7 GB more: a peak near 12 GB. Measured with tools/vae_peak.c at
+ * 256x256 (everything scales with the pixel count, x16 to 1024x1024): 288 MB of boundaries,
+ * a tape peak of 735 MB, process peak RSS 917 MB including 287 MB of weights. The attention
+ * is O(N d): 512 channels x 128x128 tokens, no N x N matrix. */
 
+/* An integer key of the config in lo..hi; the error names the key. */
+static int vae_config_int(const JsonValue *root, const char *key, int64_t lo, int64_t hi, int *out,
+                          Error *e) {
+    int64_t v;
+    if (json_get_int(root, key, &v, e)) return -1;
+    if (v < lo || v > hi)
+        return error_set(e, "%s: key '%s' is %lld, expected %lld..%lld", root->source, key,
+                         (long long)v, (long long)lo, (long long)hi);
+    *out = (int)v;
+    return 0;
+}
+
+/* The decoder's up blocks: decoder_block_out_channels when set, else block_out_channels, each
+ * a positive multiple of groups, and one "UpDecoderBlock2D" per entry in up_block_types. */
+static int vae_config_blocks(const JsonValue *root, VaeConfig *c, int64_t groups, Error *e) {
+    const JsonValue *dec = json_get(root, "decoder_block_out_channels");
+    const char *key = dec && dec->type != JSON_NULL ? "decoder_block_out_channels"
+                                                    : "block_out_channels";
+    int64_t blocks[VAE_MAX_BLOCKS];
+    size_t n = 0;
+    if (json_get_int_array(root, key, blocks, VAE_MAX_BLOCKS, &n, e)) return -1;
+    const char *src = root->source;
+    if (n < 1) return error_set(e, "%s: %s is empty", src, key);
+    for (size_t i = 0; i < n; i++) {
+        if (blocks[i] < 1 || blocks[i] > 1 << 16 || blocks[i] % groups)
+            return error_set(e, "%s: %s[%zu] = %lld is not a positive multiple of norm_num_groups"
+                             " %lld", src, key, i, (long long)blocks[i], (long long)groups);
+        c->block_out_channels[i] = (int)blocks[i];
+    }
+    c->n_blocks = (int)n;
+    const JsonValue *types = json_get(root, "up_block_types");
+    if (!types) return error_set(e, "%s: key 'up_block_types' is missing", src);
+    if (types->type != JSON_ARRAY || types->count != n)
+        return error_set(e, "%s: up_block_types must list one type per entry of %s", src, key);
+    for (size_t i = 0; i < n; i++)
+        if (types->items[i].type != JSON_STRING ||
+            strcmp(types->items[i].string, "UpDecoderBlock2D"))
+            return error_set(e, "%s: up_block_types[%zu] is not \"UpDecoderBlock2D\"", src, i);
+    return 0;
+}
+
+/* Every key FLUX.2's vae/config.json carries is required: a missing one is an error naming it,
+ * never a guessed default. */
 static int vae_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
-    int64_t latent, out, layers, groups, blocks[VAE_MAX_BLOCKS], patch[2];
-    size_t n_blocks = 0, n_patch = 0;
+    int64_t patch[2];
+    size_t n_patch = 0;
     double bn_eps;
-    const char *act;
-    if (json_get_int(root, "latent_channels", &latent, e) ||
-        json_get_int(root, "out_channels", &out, e) ||
-        json_get_int(root, "layers_per_block", &layers, e) ||
-        json_get_int(root, "norm_num_groups", &groups, e) ||
+    const char *act, *src = root->source;
+    if (vae_config_int(root, "latent_channels", 1, 1 << 16, &c->latent_channels, e) ||
+        vae_config_int(root, "out_channels", 1, 1 << 16, &c->out_channels, e) ||
+        vae_config_int(root, "layers_per_block", 0, 64, &c->layers_per_block, e) ||
+        vae_config_int(root, "norm_num_groups", 1, 1 << 16, &c->norm_num_groups, e) ||
         json_get_float(root, "batch_norm_eps", &bn_eps, e) ||
         json_get_string(root, "act_fn", &act, e) ||
         json_get_bool(root, "use_post_quant_conv", &c->use_post_quant_conv, e) ||
         json_get_bool(root, "mid_block_add_attention", &c->mid_block_add_attention, e) ||
         json_get_int_array(root, "patch_size", patch, 2, &n_patch, e))
         return -1;
-    /* the decoder takes decoder_block_out_channels when it is set, else block_out_channels */
-    const JsonValue *dec = json_get(root, "decoder_block_out_channels");
-    const char *key = dec && dec->type != JSON_NULL ? "decoder_block_out_channels"
-                                                    : "block_out_channels";
-    if (json_get_int_array(root, key, blocks, VAE_MAX_BLOCKS, &n_blocks, e)) return -1;
-    const char *src = root->source;
     if (strcmp(act, "silu") && strcmp(act, "swish"))
         return error_set(e, "%s: act_fn '%s' is not supported (only silu)", src, act);
     if (n_patch != 2 || patch[0] < 1 || patch[1] < 1 || patch[0] > 64 || patch[1] > 64)
         return error_set(e, "%s: patch_size must be two sizes in 1..64", src);
-    if (latent < 1 || latent > 1 << 16 || out < 1 || out > 1 << 16 || layers < 0 || layers > 64 ||
-        groups < 1 || n_blocks < 1 || !(bn_eps >= 0))
-        return error_set(e, "%s: latent_channels, out_channels, layers_per_block, norm_num_groups,"
-                            " batch_norm_eps or %s out of range", src, key);
-    for (size_t i = 0; i < n_blocks; i++)
-        if (blocks[i] < 1 || blocks[i] > 1 << 16 || blocks[i] % groups)
-            return error_set(e, "%s: %s[%zu] = %lld is not a positive multiple of norm_num_groups"
-                             " %lld", src, key, i, (long long)blocks[i], (long long)groups);
-    const JsonValue *types = json_get(root, "up_block_types");
-    if (!types) return error_set(e, "%s: key 'up_block_types' is missing", src);
-    if (types->type != JSON_ARRAY || types->count != n_blocks)
-        return error_set(e, "%s: up_block_types must list one type per entry of %s", src, key);
-    for (size_t i = 0; i < n_blocks; i++)
-        if (types->items[i].type != JSON_STRING ||
-            strcmp(types->items[i].string, "UpDecoderBlock2D"))
-            return error_set(e, "%s: up_block_types[%zu] is not \"UpDecoderBlock2D\"", src, i);
-    *c = (VaeConfig){.latent_channels = (int)latent, .out_channels = (int)out,
-                     .n_blocks = (int)n_blocks, .layers_per_block = (int)layers,
-                     .norm_num_groups = (int)groups, .patch_h = (int)patch[0],
-                     .patch_w = (int)patch[1], .batch_norm_eps = (float)bn_eps,
-                     .use_post_quant_conv = c->use_post_quant_conv,
-                     .mid_block_add_attention = c->mid_block_add_attention};
-    for (size_t i = 0; i < n_blocks; i++) c->block_out_channels[i] = (int)blocks[i];
-    return 0;
+    if (!(bn_eps >= 0.0 && bn_eps < 1.0))
+        return error_set(e, "%s: batch_norm_eps %g is out of range", src, bn_eps);
+    c->patch_h = (int)patch[0];
+    c->patch_w = (int)patch[1];
+    c->batch_norm_eps = (float)bn_eps;
+    return vae_config_blocks(root, c, c->norm_num_groups, e);
 }
 
 static void vae_resnet_free(VaeResnet *r) {
