@@ -801,8 +801,9 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * The largest block, up block 3's first resnet (256 -> 128 channels at 1024x1024), recomputes
  * and backpropagates about 7 GB more: a peak near 12 GB. Measured with tools/vae_peak.c at
  * 256x256 (everything scales with the pixel count, x16 to 1024x1024): 288 MB of boundaries,
- * a tape peak of 735 MB, process peak RSS 917 MB including 287 MB of weights. The attention
- * is O(N d): 512 channels x 128x128 tokens, no N x N matrix. */
+ * a tape peak of 735 MB, process peak RSS 917 MB including 287 MB of weights; without the
+ * checkpoints the tape peaks at 1747 MB (about 28 GB at 1024x1024). The attention is O(N d):
+ * 512 channels x 128x128 tokens, no N x N matrix. */
 
 /* An integer key of the config in lo..hi; the error names the key. */
 static int vae_config_int(const JsonValue *root, const char *key, int64_t lo, int64_t hi, int *out,
