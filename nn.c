@@ -805,6 +805,39 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * checkpoints the tape peaks at 1747 MB (about 28 GB at 1024x1024). The attention is O(N d):
  * 512 channels x 128x128 tokens, no N x N matrix. */
 
+/* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
+ * conv_shortcut when the channel count changes). */
+typedef struct VaeResnet {
+    NormParams norm1, norm2;
+    Conv2d conv1, conv2, conv_shortcut; /* conv_shortcut.weight NULL when in == out */
+    int groups;
+} VaeResnet;
+
+/* One head over all channels, with a residual: x + to_out(attention(group_norm(x))). */
+typedef struct VaeAttention {
+    NormParams group_norm;
+    Linear to_q, to_k, to_v, to_out;
+    int groups;
+} VaeAttention;
+
+typedef struct VaeUpBlock {
+    VaeResnet *resnets;  /* layers_per_block + 1 */
+    Conv2d upsampler;    /* nearest 2x then this 3x3 conv; weight NULL in the last block */
+} VaeUpBlock;
+
+struct VaeDecoder {
+    VaeConfig config;
+    Tensor *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
+    Conv2d post_quant_conv;   /* 1x1, weight NULL when use_post_quant_conv is false */
+    Conv2d conv_in;
+    VaeResnet mid_resnets[2];
+    VaeAttention mid_attention; /* weights NULL when mid_block_add_attention is false */
+    VaeUpBlock up_blocks[VAE_MAX_BLOCKS];
+    NormParams conv_norm_out;
+    Conv2d conv_out;
+    bool checkpoint; /* see vae_decoder_set_checkpoint */
+};
+
 /* An integer key of the config in lo..hi; the error names the key. */
 static int vae_config_int(const JsonValue *root, const char *key, int64_t lo, int64_t hi, int *out,
                           Error *e) {
@@ -1022,6 +1055,14 @@ void vae_decoder_free(VaeDecoder *m) {
     norm_free(&m->conv_norm_out);
     conv2d_free(&m->conv_out);
     free(m);
+}
+
+const VaeConfig *vae_decoder_config(const VaeDecoder *m) {
+    return &m->config;
+}
+
+void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint) {
+    m->checkpoint = checkpoint;
 }
 
 /* x: [B, C, H, W] -> SiLU(GroupNorm(x)) */

@@ -118,41 +118,8 @@ typedef struct VaeConfig {
     bool use_post_quant_conv, mid_block_add_attention;
 } VaeConfig;
 
-/* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
- * conv_shortcut when the channel count changes). */
-typedef struct VaeResnet {
-    NormParams norm1, norm2;
-    Conv2d conv1, conv2, conv_shortcut; /* conv_shortcut.weight NULL when in == out */
-    int groups;
-} VaeResnet;
-
-/* One head over all channels, with a residual: x + to_out(attention(group_norm(x))). */
-typedef struct VaeAttention {
-    NormParams group_norm;
-    Linear to_q, to_k, to_v, to_out;
-    int groups;
-} VaeAttention;
-
-typedef struct VaeUpBlock {
-    VaeResnet *resnets;  /* layers_per_block + 1 */
-    Conv2d upsampler;    /* nearest 2x then this 3x3 conv; weight NULL in the last block */
-} VaeUpBlock;
-
-typedef struct VaeDecoder {
-    VaeConfig config;
-    Tensor *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
-    Conv2d post_quant_conv;   /* 1x1, weight NULL when use_post_quant_conv is false */
-    Conv2d conv_in;
-    VaeResnet mid_resnets[2];
-    VaeAttention mid_attention; /* weights NULL when mid_block_add_attention is false */
-    VaeUpBlock up_blocks[VAE_MAX_BLOCKS];
-    NormParams conv_norm_out;
-    Conv2d conv_out;
-    /* Run each resnet, attention, upsampler and the output head through ag_checkpoint (the
-     * loader sets it): backward then holds block boundaries plus one block's intermediates.
-     * False keeps every intermediate: the same gradients, a faster backward, far more memory. */
-    bool checkpoint;
-} VaeDecoder;
+/* The loaded decoder: config, f32 weights, and whether blocks are checkpointed. */
+typedef struct VaeDecoder VaeDecoder;
 
 /* Reads <dir>/config.json and <dir>/diffusion_pytorch_model.safetensors (or any layout
  * st_model_open accepts in dir): F32/F16/BF16 weights, converted to f32. */
@@ -162,6 +129,11 @@ void vae_decoder_free(VaeDecoder *m);
  * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
  * d loss / d tokens flows back through it; weights get no gradient. */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
+const VaeConfig *vae_decoder_config(const VaeDecoder *m);
+/* On by default: each resnet, the attention, each upsampler and the output head run through
+ * ag_checkpoint, so backward holds block boundaries plus one block's intermediates. Off keeps
+ * every intermediate: the same gradients bit for bit, a faster backward, far more memory. */
+void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
 
 /* ---- end section: vae ---- */
 

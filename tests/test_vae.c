@@ -69,7 +69,7 @@ static Tensor *golden_tensor(const SafeTensors *st, const char *name, int ndim,
  * with the golden `want`.image / `want`.grad. Also checks that checkpointing changes nothing. */
 static void test_golden_case(VaeDecoder *m, const SafeTensors *st, const char *name,
                              const char *want, int B, int h, int w) {
-    const VaeConfig *c = &m->config;
+    const VaeConfig *c = vae_decoder_config(m);
     int packed = c->latent_channels * c->patch_h * c->patch_w;
     int up = 1 << (c->n_blocks - 1);
     int64_t H = (int64_t)h * c->patch_h * up, W = (int64_t)w * c->patch_w * up;
@@ -83,11 +83,11 @@ static void test_golden_case(VaeDecoder *m, const SafeTensors *st, const char *n
     snprintf(key, sizeof key, "%s.grad", want);
     Tensor *grad = golden_tensor(st, key, SHAPE(B, (int64_t)h * w, packed));
     if (tokens && r && image && grad) {
-        m->checkpoint = true;
+        vae_decoder_set_checkpoint(m, true);
         Decoded got = decode_with_grad(m, tokens, r, h, w);
-        m->checkpoint = false;
+        vae_decoder_set_checkpoint(m, false);
         Decoded plain = decode_with_grad(m, tokens, r, h, w);
-        m->checkpoint = true;
+        vae_decoder_set_checkpoint(m, true);
         char what[96];
         if (got.image && plain.image) {
             snprintf(what, sizeof what, "%s: image [%d, %d, %lld, %lld]", want, B, c->out_channels,
@@ -134,7 +134,7 @@ static double fd_loss(void *ctx) {
 }
 
 static void test_finite_differences(const VaeDecoder *m) {
-    const VaeConfig *c = &m->config;
+    const VaeConfig *c = vae_decoder_config(m);
     int h = 1, w = 2, packed = c->latent_channels * c->patch_h * c->patch_w;
     int up = 1 << (c->n_blocks - 1);
     FdCase fd = {.m = m, .h = h, .w = w,
@@ -159,9 +159,10 @@ static void test_finite_differences(const VaeDecoder *m) {
 
 /* A no-grad decode (how sampling runs) gives the same image as one that records. */
 static void test_no_grad_matches(const VaeDecoder *m, const SafeTensors *st) {
-    int packed = m->config.latent_channels * m->config.patch_h * m->config.patch_w;
+    const VaeConfig *c = vae_decoder_config(m);
+    int packed = c->latent_channels * c->patch_h * c->patch_w;
     Tensor *tokens = golden_tensor(st, "b.tokens", SHAPE(1, 3, packed));
-    Tensor *want = golden_tensor(st, "b.image", SHAPE(1, m->config.out_channels, 24, 8));
+    Tensor *want = golden_tensor(st, "b.image", SHAPE(1, c->out_channels, 24, 8));
     if (!tokens || !want) goto done;
     Tape *t = tape_new();
     tape_set_grad(t, false);
@@ -178,7 +179,8 @@ done:
 
 /* Tokens that do not match the grid or the packed channels fail the tape with a message. */
 static void test_bad_tokens(const VaeDecoder *m) {
-    int packed = m->config.latent_channels * m->config.patch_h * m->config.patch_w;
+    const VaeConfig *c = vae_decoder_config(m);
+    int packed = c->latent_channels * c->patch_h * c->patch_w;
     const int64_t shapes[2][3] = {{1, 5, packed}, {1, 6, packed + 1}};
     for (int i = 0; i < 2; i++) {
         Tensor *tokens = tensor_new(3, shapes[i]);

@@ -40,8 +40,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", e.msg);
         return 1;
     }
-    m->checkpoint = !(argc > 3 && !strcmp(argv[3], "plain"));
-    const VaeConfig *c = &m->config;
+    bool checkpoint = !(argc > 3 && !strcmp(argv[3], "plain"));
+    vae_decoder_set_checkpoint(m, checkpoint);
+    const VaeConfig *c = vae_decoder_config(m);
     int side = atoi(argv[2]), down = c->patch_h << (c->n_blocks - 1);
     int h = side / down, w = side / down, packed = c->latent_channels * c->patch_h * c->patch_w;
     double rss_model = peak_rss_mb();
@@ -66,7 +67,7 @@ int main(int argc, char **argv) {
     double t2 = now();
     if (rc) fprintf(stderr, "%s\n", e.msg);
     printf("%dx%d image (%dx%d tokens), %s: forward %.1f s, backward %.1f s\n", side, side, h, w,
-           m->checkpoint ? "checkpointed" : "plain", t1 - t0, t2 - t1);
+           checkpoint ? "checkpointed" : "plain", t1 - t0, t2 - t1);
     printf("tape: %.0f MB held after forward, peak %.0f MB; process peak RSS %.0f MB "
            "(%.0f MB after loading the weights)\n",
            after_forward / 1048576.0, tape_stats(t).peak_bytes / 1048576.0, peak_rss_mb(),
