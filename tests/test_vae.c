@@ -209,15 +209,29 @@ static int read_text(const char *path, char **out) {
     return 0;
 }
 
-/* Writes dir/config.json (the fixture's, with `rename_key` renamed when not NULL) and
- * dir/diffusion_pytorch_model.safetensors (the fixture's tensors, without `drop`, with
- * `reshape` stored as [numel]). */
-static int write_broken(const char *dir, const char *rename_key, const char *drop,
-                        const char *reshape) {
+/* Replaces the first `from` in buf (capacity cap) by `to`. */
+static void replace_text(char *buf, size_t cap, const char *from, const char *to) {
+    char *at = strstr(buf, from);
+    if (!at) return;
+    size_t n_from = strlen(from), n_to = strlen(to), tail = strlen(at + n_from);
+    if ((size_t)(at - buf) + n_to + tail + 1 > cap) return;
+    memmove(at + n_to, at + n_from, tail + 1);
+    memcpy(at, to, n_to);
+}
+
+/* How a copy of the f32 fixture differs from it: config.json text edits (from[i] -> to[i]),
+ * a tensor left out, a tensor stored flat as [numel]. */
+typedef struct FixtureEdit {
+    const char *from[2], *to[2];
+    const char *drop, *flatten;
+} FixtureEdit;
+
+/* Writes dir/config.json and dir/diffusion_pytorch_model.safetensors: the fixture, edited. */
+static int write_fixture_copy(const char *dir, const FixtureEdit *edit) {
     char path[512], *config = NULL;
     if (read_text(FIXTURE "/config.json", &config)) return -1;
-    char *at = rename_key ? strstr(config, rename_key) : NULL;
-    if (at) at[strlen(rename_key) - 2] = 'X'; /* the last letter inside the quotes */
+    for (int i = 0; i < 2 && edit->from[i]; i++)
+        replace_text(config, 1 << 16, edit->from[i], edit->to[i]);
     snprintf(path, sizeof path, "%s/config.json", dir);
     Error e = {{0}};
     int rc = write_file_atomic(path, config, strlen(config), &e);
@@ -228,11 +242,11 @@ static int write_broken(const char *dir, const char *rename_key, const char *dro
     StWriteTensor *ts = calloc(count, sizeof *ts);
     for (size_t i = 0; ts && i < count; i++) {
         const StTensor *s = st_at(st, i);
-        if (drop && !strcmp(s->name, drop)) continue;
+        if (edit->drop && !strcmp(s->name, edit->drop)) continue;
         ts[n] = (StWriteTensor){.name = s->name, .dtype = s->dtype, .ndim = s->ndim,
                                 .data = s->data};
         memcpy(ts[n].shape, s->shape, sizeof ts[n].shape);
-        if (reshape && !strcmp(s->name, reshape)) ts[n] = (StWriteTensor){
+        if (edit->flatten && !strcmp(s->name, edit->flatten)) ts[n] = (StWriteTensor){
             .name = s->name, .dtype = s->dtype, .ndim = 1, .shape = {s->numel}, .data = s->data};
         n++;
     }
@@ -243,10 +257,18 @@ static int write_broken(const char *dir, const char *rename_key, const char *dro
     return rc;
 }
 
-static void expect_load_error(const char *dir, const char *rename_key, const char *drop,
-                              const char *reshape, const char *want, const char *what) {
-    if (write_broken(dir, rename_key, drop, reshape)) {
-        CHECK(0, "%s: could not write the broken fixture", what);
+static void remove_fixture_copy(const char *dir) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
+    unlink(path);
+}
+
+static void expect_load_error(const char *dir, FixtureEdit edit, const char *want,
+                              const char *what) {
+    if (write_fixture_copy(dir, &edit)) {
+        CHECK(0, "%s: could not write the edited fixture", what);
         return;
     }
     VaeDecoder *m = NULL;
@@ -256,34 +278,42 @@ static void expect_load_error(const char *dir, const char *rename_key, const cha
     vae_decoder_free(m);
 }
 
-static void test_load_errors(void) {
-    char dir[] = "/tmp/diamond-test-vae-XXXXXX";
-    if (!mkdtemp(dir)) {
-        CHECK(0, "mkdtemp");
-        return;
-    }
-    expect_load_error(dir, NULL, "decoder.up_blocks.1.resnets.0.conv_shortcut.weight", NULL,
-                      "'decoder.up_blocks.1.resnets.0.conv_shortcut.weight'",
-                      "a missing tensor is named");
-    expect_load_error(dir, NULL, NULL, "decoder.mid_block.attentions.0.to_q.weight",
+/* use_post_quant_conv and mid_block_add_attention false: the same weights (the unused ones
+ * ignored) against golden case "c". */
+static void test_config_switches(const char *dir, const SafeTensors *st) {
+    FixtureEdit edit = {.from = {"\"use_post_quant_conv\": true",
+                                 "\"mid_block_add_attention\": true"},
+                        .to = {"\"use_post_quant_conv\": false",
+                               "\"mid_block_add_attention\": false"}};
+    VaeDecoder *m = NULL;
+    Error e = {{0}};
+    int rc = write_fixture_copy(dir, &edit) || vae_decoder_load(&m, dir, &e);
+    CHECK(rc == 0, "load with the config switches off: %s", e.msg);
+    if (m) test_golden_case(m, st, "c", "c", 1, 2, 2);
+    vae_decoder_free(m);
+}
+
+static void test_load_errors(const char *dir) {
+    const char *shortcut = "decoder.up_blocks.1.resnets.0.conv_shortcut.weight";
+    expect_load_error(dir, (FixtureEdit){.drop = shortcut}, shortcut, "a missing tensor is named");
+    expect_load_error(dir, (FixtureEdit){.flatten = "decoder.mid_block.attentions.0.to_q.weight"},
                       "'decoder.mid_block.attentions.0.to_q.weight' has shape [576]",
                       "a mis-shaped tensor is named");
-    expect_load_error(dir, NULL, "bn.running_var", NULL, "'bn.running_var'",
+    expect_load_error(dir, (FixtureEdit){.drop = "bn.running_var"}, "'bn.running_var'",
                       "the latent batch norm statistics are required");
-    expect_load_error(dir, "\"layers_per_block\"", NULL, NULL, "'layers_per_block' is missing",
-                      "a config key that is missing is named");
-    expect_load_error(dir, "\"patch_size\"", NULL, NULL, "'patch_size' is missing",
-                      "patch_size is required");
-    char path[512];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    unlink(path);
-    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
-    unlink(path);
+    expect_load_error(dir, (FixtureEdit){.from = {"\"layers_per_block\""}, .to = {"\"layers\""}},
+                      "'layers_per_block' is missing", "a config key that is missing is named");
+    expect_load_error(dir, (FixtureEdit){.from = {"\"patch_size\""}, .to = {"\"patch\""}},
+                      "'patch_size' is missing", "patch_size is required");
+    expect_load_error(dir, (FixtureEdit){.from = {"\"norm_num_groups\": 4"},
+                                         .to = {"\"norm_num_groups\": 5"}},
+                      "not a positive multiple of norm_num_groups",
+                      "channels that do not split into the groups are refused");
+    remove_fixture_copy(dir);
     VaeDecoder *m = NULL;
     Error e = {{0}};
     CHECK(vae_decoder_load(&m, dir, &e) != 0 && strstr(e.msg, "config.json"),
           "an empty directory names config.json: %s", e.msg);
-    rmdir(dir);
 }
 
 int main(void) {
@@ -302,7 +332,12 @@ int main(void) {
     /* bf16 weights widen exactly to f32, and the reference ran on those same widened values,
      * so the bf16 model has its own golden at the f32 tolerance. */
     if (m16 && st) test_golden_case(m16, st, "a", "bf16", 2, 2, 3);
-    test_load_errors();
+    char dir[] = "/tmp/diamond-test-vae-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp %s", dir);
+    if (st) test_config_switches(dir, st);
+    test_load_errors(dir);
+    remove_fixture_copy(dir);
+    rmdir(dir);
     vae_decoder_free(m);
     vae_decoder_free(m16);
     if (st) st_close(st);

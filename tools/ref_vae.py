@@ -196,10 +196,12 @@ def unpack_latents(tokens, p, config, h, w):
 def decode(tokens, p, config, h, w):
     g = config["norm_num_groups"]
     x = unpack_latents(tokens, p, config, h, w)
-    x = conv(x, p, "post_quant_conv", 0)
+    if config["use_post_quant_conv"]:
+        x = conv(x, p, "post_quant_conv", 0)
     x = conv(x, p, "decoder.conv_in", 1)
     x = resnet(x, p, "decoder.mid_block.resnets.0", g)
-    x = attention(x, p, "decoder.mid_block.attentions.0", g)
+    if config["mid_block_add_attention"]:
+        x = attention(x, p, "decoder.mid_block.attentions.0", g)
     x = resnet(x, p, "decoder.mid_block.resnets.1", g)
     n_blocks = len(config["block_out_channels"])
     for b in range(n_blocks):
@@ -212,11 +214,11 @@ def decode(tokens, p, config, h, w):
     return conv(x, p, "decoder.conv_out", 1)
 
 
-def run_case(weights, tokens, r, h, w):
+def run_case(weights, tokens, r, h, w, config=CONFIG):
     """image and d sum(image * r) / d tokens, in float64."""
     p = {k: v.double() for k, v in weights.items()}
     x = tokens.double().requires_grad_(True)
-    image = decode(x, p, CONFIG, h, w)
+    image = decode(x, p, config, h, w)
     (image * r.double()).sum().backward()
     return image.detach().float(), x.grad.float()
 
@@ -233,12 +235,15 @@ def main():
     packed = CONFIG["latent_channels"] * CONFIG["patch_size"][0] * CONFIG["patch_size"][1]
     up = CONFIG["patch_size"][0] * 2 ** (len(CONFIG["block_out_channels"]) - 1)
     golden = {}
-    # (name, batch, token rows h, token columns w): non-square grids, batch 2 and 1
-    for name, B, h, w in (("a", 2, 2, 3), ("b", 1, 3, 1)):
+    # (name, batch, token rows h, token columns w, config): non-square grids, batch 2 and 1;
+    # "c" runs the same weights with the config switches off (the test edits config.json)
+    variant = dict(CONFIG, use_post_quant_conv=False, mid_block_add_attention=False)
+    for name, B, h, w, config in (("a", 2, 2, 3, CONFIG), ("b", 1, 3, 1, CONFIG),
+                                  ("c", 1, 2, 2, variant)):
         tokens = torch.randn(B, h * w, packed, generator=gen, dtype=torch.float32)
         r = torch.randn(B, CONFIG["out_channels"], h * up, w * up, generator=gen,
                         dtype=torch.float32)
-        image, grad = run_case(weights, tokens, r, h, w)
+        image, grad = run_case(weights, tokens, r, h, w, config)
         golden.update({name + ".tokens": tokens, name + ".r": r, name + ".image": image,
                        name + ".grad": grad})
         if name == "a":
