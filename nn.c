@@ -799,11 +799,11 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * 1024x1024 the boundaries are about 4.6 GB, mostly the last two stages (up block 2: three
  * 256 MB resnet outputs and a 1 GB upsampler output; up block 3: three 512 MB resnet outputs).
  * The largest block, up block 3's first resnet (256 -> 128 channels at 1024x1024), recomputes
- * and backpropagates about 7 GB more: a peak near 12 GB. Measured with tools/vae_peak.c at
- * 256x256 (everything scales with the pixel count, x16 to 1024x1024): 288 MB of boundaries,
- * a tape peak of 735 MB, process peak RSS 917 MB including 287 MB of weights; without the
- * checkpoints the tape peaks at 1747 MB (about 28 GB at 1024x1024). The attention is O(N d):
- * 512 channels x 128x128 tokens, no N x N matrix. */
+ * and backpropagates about 7 GB more: a peak near 12 GB. Measured with tools/vae_peak.c
+ * (everything scales with the pixel count): at 512x512, 1153 MB of boundaries and a tape peak
+ * of 2939 MB (process peak RSS 2958 MB, weights included); at 256x256, 288 MB and 735 MB, and
+ * without the checkpoints 1747 MB (about 28 GB at 1024x1024). The attention is O(N d): 512
+ * channels x 128x128 tokens, no N x N matrix. */
 
 /* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
  * conv_shortcut when the channel count changes). */
