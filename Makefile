@@ -5,7 +5,8 @@
 #   make debug      ./build/debug/diamond at -O0 -g
 #   make fuzz       libFuzzer targets (clang) in build/fuzz/
 #   make bench      the standard benchmarks
-#   make golden     regenerate tests/golden/ with the PyTorch scripts in tools/ (needs python3-torch)
+#   make golden     regenerate tests/golden/ and tests/fixtures/ with the PyTorch scripts in tools/
+#                   (needs Debian's python3-torch)
 # Switches: NO_OMP=1 (no OpenMP), PORTABLE=1 (no -march=native), CC=clang.
 
 CC ?= cc
@@ -110,7 +111,7 @@ bench: diamond
 
 PYTHON ?= /usr/bin/python3
 golden:
-	for s in tools/golden_*.py; do $(PYTHON) $$s || exit 1; done
+	for s in tools/golden_*.py tools/ref_*.py; do $(PYTHON) $$s || exit 1; done
 
 clean:
 	rm -rf build diamond

@@ -1,9 +1,11 @@
 /* nn.c - layers and models built from tensor.c kernels through autograd.c ops. */
 #include "nn.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* ---- parameters and basic layers -------------------------------------------------------- */
 
@@ -114,8 +116,6 @@ void norm_free(NormParams *n) {
  * its weights converted from the mapped files just before and freed just after, one batch item at
  * a time on a short no-grad tape. Hidden states live between parts as plain tensors. */
 
-#include <math.h>
-#include <string.h>
 
 struct Flux2 {
     Flux2Config config;
