@@ -785,9 +785,6 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
 
 /* ---- section: vae ---------------------------------------------------------------------------- */
 
-#include <math.h>
-#include <string.h>
-
 /* diffusers' Decoder fixes the GroupNorm eps of its resnets, mid-block attention and
  * conv_norm_out at 1e-6; it is not in config.json. Only the latent batch norm uses the
  * config's batch_norm_eps. */
