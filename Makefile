@@ -5,7 +5,8 @@
 #   make debug      ./build/debug/diamond at -O0 -g
 #   make fuzz       libFuzzer targets (clang) in build/fuzz/
 #   make bench      the standard benchmarks
-#   make golden     regenerate tests/golden/ with the PyTorch scripts in tools/ (needs python3-torch)
+#   make golden     regenerate tests/golden/ and tests/fixtures/ with the PyTorch scripts in tools/
+#                   (needs Debian's python3-torch)
 # Switches: NO_OMP=1 (no OpenMP), PORTABLE=1 (no -march=native), CC=clang.
 
 CC ?= cc
@@ -104,12 +105,13 @@ build/fuzz/%: tests/%.c io.c io.h
 
 bench: diamond
 	./diamond bench gemm 1024 1024 1024
-	./diamond bench conv 1 128 128 128 128 3 1 1
-	./diamond bench attention 1 24 4096 128
+	./diamond bench conv 1 128 256 256 128 3 1 1
+	./diamond bench conv 1 128 256 256 128 3 1 1 --groups 128
+	./diamond bench attention 1 24 1024 128
 
 PYTHON ?= /usr/bin/python3
 golden:
-	for s in tools/golden_*.py; do $(PYTHON) $$s || exit 1; done
+	for s in tools/golden_*.py tools/ref_*.py; do $(PYTHON) $$s || exit 1; done
 
 clean:
 	rm -rf build diamond

@@ -34,8 +34,7 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- section: info (owned by the io work) ---- */
-
+/* ---- info ------------------------------------------------------------------------------- */
 
 typedef struct InfoTotals {
     size_t files, tensors;
@@ -146,9 +145,7 @@ static int info_main(int argc, char **argv) {
     return 0;
 }
 
-/* ---- end section: info ---- */
-
-/* ---- section: bench (each kernel work adds its benchmark here) ---- */
+/* ---- benchmarks ------------------------------------------------------------------------- */
 
 /* Parses a whole decimal argument in [lo, hi]; 0 on success. */
 static int bench_parse_int(const char *s, int lo, int hi, int *out) {
@@ -159,22 +156,10 @@ static int bench_parse_int(const char *s, int lo, int hi, int *out) {
     return 0;
 }
 
-/* One positive integer option of `bench conv`; 0 on success, an error message otherwise. */
-static int bench_conv_arg(const char *text, const char *name, int min, int *out) {
-    char *end;
-    long v = strtol(text, &end, 10);
-    if (*text == '\0' || *end != '\0' || v < min || v > 1000000) {
-        fprintf(stderr, "diamond bench conv: %s must be an integer >= %d, got '%s'\n", name, min,
-                text);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
-}
-
 /* Applies `--threads T` when it is the option at argv[i]; returns 0 when handled. */
 static int bench_threads_option(int argc, char **argv, int i, int *threads) {
-    if (strcmp(argv[i], "--threads") || i + 1 >= argc || bench_parse_int(argv[i + 1], 1, 1024, threads))
+    if (strcmp(argv[i], "--threads") || i + 1 >= argc ||
+        bench_parse_int(argv[i + 1], 1, 1024, threads))
         return -1;
 #ifdef _OPENMP
     omp_set_num_threads(*threads);
@@ -214,6 +199,14 @@ static void bench_time(void (*run)(void *), void *ctx, double *best, double *med
     qsort(times, (size_t)reps, sizeof times[0], compare_doubles);
     *best = times[0];
     *median = times[reps / 2];
+}
+
+/* Fills x with deterministic pseudo-random values in [-1, 1). */
+static void bench_fill(float *x, size_t n, unsigned long long *state) {
+    for (size_t i = 0; i < n; i++) {
+        *state = *state * 6364136223846793005ULL + 1442695040888963407ULL;
+        x[i] = (float)((*state >> 40) & 0xFFFF) / 32768.0f - 1.0f;
+    }
 }
 
 typedef struct AttentionBench {
@@ -258,11 +251,7 @@ static int bench_attention(int argc, char **argv) {
     if (ok) {
         unsigned long long state = 42;
         float *inputs[] = {a.q, a.k, a.v, a.dout};
-        for (int t = 0; t < 4; t++)
-            for (size_t i = 0; i < n; i++) {
-                state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-                inputs[t][i] = (float)((state >> 40) & 0xFFFF) / 32768.0f - 1.0f;
-            }
+        for (int t = 0; t < 4; t++) bench_fill(inputs[t], n, &state);
         double fwd_best, fwd_median, bwd_best, bwd_median;
         bench_time(attention_bench_forward, &a, &fwd_best, &fwd_median);
         bench_time(attention_bench_backward, &a, &bwd_best, &bwd_median);
@@ -280,95 +269,133 @@ static int bench_attention(int argc, char **argv) {
     return ok ? 0 : 1;
 }
 
-/* The best of a few runs (at least 3, or 1 s): the least disturbed by other processes. */
-static double bench_conv_best(const Conv2dShape *s, bool backward, const float *x, const float *w,
-                              const float *b, float *y, const float *dy, float *dx, float *dw,
-                              float *db) {
-    double best = 1e30, spent = 0.0;
-    for (int run = 0; run < 3 || (spent < 1.0 && run < 100); run++) {
-        double t0 = now_seconds();
-        conv2d_forward(s, x, w, b, y);
-        if (backward) conv2d_backward(s, x, w, dy, dx, dw, db);
-        double t = now_seconds() - t0;
-        spent += t;
-        if (t < best) best = t;
-    }
-    return best;
+typedef struct ConvBench {
+    Conv2dShape shape;
+    float *x, *w, *b, *y, *dy, *dx, *dw, *db;
+} ConvBench;
+
+static void conv_bench_forward(void *ctx) {
+    ConvBench *c = ctx;
+    conv2d_forward(&c->shape, c->x, c->w, c->b, c->y);
 }
 
-/* diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]: a square conv on
- * random data. args are the words after "conv". */
+static void conv_bench_forward_backward(void *ctx) {
+    ConvBench *c = ctx;
+    conv2d_forward(&c->shape, c->x, c->w, c->b, c->y);
+    conv2d_backward(&c->shape, c->x, c->w, c->dy, c->dx, c->dw, c->db);
+}
+
+/* diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]: a square kernel
+ * over random data. Forward flops 2 B Cout Ho Wo (Cin/G) K^2; the backward does twice that. */
 static int bench_conv(int argc, char **argv) {
     static const char *names[] = {"B", "CIN", "H", "W", "COUT", "K", "STRIDE", "PAD"};
-    int v[8], groups = 1, threads = 0;
-    if (argc < 8) {
-        fputs("usage: diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n",
-              stderr);
+    int v[8], groups = 1, threads = bench_threads_now();
+    if (argc < 11) {
+        fprintf(stderr, "diamond: usage: diamond bench conv B CIN H W COUT K STRIDE PAD "
+                        "[--groups G] [--threads T]\n");
         return 2;
     }
     for (int i = 0; i < 8; i++)
-        if (bench_conv_arg(argv[i], names[i], i == 7 ? 0 : 1, &v[i])) return 2;
-    for (int i = 8; i < argc; i++) {
-        bool has_value = i + 1 < argc;
-        if (!strcmp(argv[i], "--groups") && has_value) {
-            if (bench_conv_arg(argv[++i], "--groups", 1, &groups)) return 2;
-        } else if (!strcmp(argv[i], "--threads") && has_value) {
-            if (bench_conv_arg(argv[++i], "--threads", 1, &threads)) return 2;
-        } else {
-            fprintf(stderr, "diamond bench conv: unknown or incomplete option '%s'\n", argv[i]);
+        if (bench_parse_int(argv[3 + i], i == 7 ? 0 : 1, 1 << 16, &v[i])) {
+            fprintf(stderr, "diamond: bench conv: %s must be an integer in %d..65536, got '%s'\n",
+                    names[i], i == 7 ? 0 : 1, argv[3 + i]);
+            return 2;
+        }
+    for (int i = 11; i < argc; i += 2) {
+        bool is_groups = !strcmp(argv[i], "--groups") && i + 1 < argc;
+        if (is_groups ? bench_parse_int(argv[i + 1], 1, 1 << 16, &groups)
+                      : bench_threads_option(argc, argv, i, &threads)) {
+            fprintf(stderr, "diamond: bench conv: bad option '%s' (expected --groups G or "
+                            "--threads T)\n", argv[i]);
             return 2;
         }
     }
-    Conv2dShape s = {v[0], v[1], v[2], v[3], v[4], v[5], v[5], v[6], v[6], v[7], v[7], groups};
-    int Ho = conv2d_out_h(&s), Wo = conv2d_out_w(&s);
-    if (s.in_ch % groups || s.out_ch % groups || Ho < 1 || Wo < 1) {
-        fprintf(stderr, "diamond bench conv: CIN and COUT must be multiples of G and the kernel "
+    ConvBench c = {.shape = {v[0], v[1], v[2], v[3], v[4], v[5], v[5], v[6], v[6], v[7], v[7], groups}};
+    const Conv2dShape *s = &c.shape;
+    int Ho = conv2d_out_h(s), Wo = conv2d_out_w(s);
+    if (s->in_ch % groups || s->out_ch % groups || Ho < 1 || Wo < 1) {
+        fprintf(stderr, "diamond: bench conv: CIN and COUT must be multiples of G and the kernel "
                         "must fit the padded input\n");
         return 2;
     }
-#ifdef _OPENMP
-    if (threads) omp_set_num_threads(threads);
-    threads = omp_get_max_threads();
-#else
-    threads = 1;
-#endif
-    size_t nx = (size_t)s.batch * s.in_ch * s.in_h * s.in_w,
-           ny = (size_t)s.batch * s.out_ch * Ho * Wo;
-    size_t nw = (size_t)s.out_ch * (s.in_ch / groups) * s.kernel_h * s.kernel_w;
-    float *x = malloc(nx * sizeof *x), *dx = calloc(nx, sizeof *dx);
-    float *y = malloc(ny * sizeof *y), *dy = malloc(ny * sizeof *dy);
-    float *w = malloc(nw * sizeof *w), *dw = calloc(nw, sizeof *dw);
-    float *b = malloc((size_t)s.out_ch * sizeof *b), *db = calloc((size_t)s.out_ch, sizeof *db);
-    int status = 1;
-    if (!x || !dx || !y || !dy || !w || !dw || !b || !db) {
-        fprintf(stderr, "diamond bench conv: out of memory for the tensors\n");
-        goto done;
+    size_t nx = (size_t)s->batch * s->in_ch * s->in_h * s->in_w;
+    size_t ny = (size_t)s->batch * s->out_ch * Ho * Wo;
+    size_t nw = (size_t)s->out_ch * (s->in_ch / groups) * s->kernel_h * s->kernel_w;
+    float **arrays[] = {&c.x, &c.dx, &c.y, &c.dy, &c.w, &c.dw, &c.b, &c.db};
+    size_t counts[] = {nx, nx, ny, ny, nw, nw, (size_t)s->out_ch, (size_t)s->out_ch};
+    bool ok = true;
+    for (int i = 0; i < 8; i++) ok &= (*arrays[i] = calloc(counts[i], sizeof(float))) != NULL;
+    if (ok) {
+        unsigned long long state = 42;
+        bench_fill(c.x, nx, &state);
+        bench_fill(c.w, nw, &state);
+        bench_fill(c.b, (size_t)s->out_ch, &state);
+        bench_fill(c.dy, ny, &state);
+        double fwd_best, fwd_median, both_best, both_median;
+        bench_time(conv_bench_forward, &c, &fwd_best, &fwd_median);
+        bench_time(conv_bench_forward_backward, &c, &both_best, &both_median);
+        double flops = 2.0 * ny * (s->in_ch / groups) * s->kernel_h * s->kernel_w;
+        printf("conv B=%d Cin=%d %dx%d -> Cout=%d %dx%d k=%d stride=%d pad=%d groups=%d "
+               "threads=%d forward+backward best=%.3f ms median=%.3f ms (%.1f GFLOP/s at 3x "
+               "the forward's flops)\n", s->batch, s->in_ch, s->in_h, s->in_w, s->out_ch, Ho, Wo,
+               s->kernel_h, s->stride_h, s->pad_h, groups, threads, 1e3 * both_best,
+               1e3 * both_median, 3.0 * flops / both_best * 1e-9);
+        printf("conv B=%d Cin=%d %dx%d -> Cout=%d %dx%d k=%d stride=%d pad=%d groups=%d "
+               "threads=%d forward best=%.3f ms median=%.3f ms GFLOPS=%.1f\n", s->batch,
+               s->in_ch, s->in_h, s->in_w, s->out_ch, Ho, Wo, s->kernel_h, s->stride_h, s->pad_h,
+               groups, threads, 1e3 * fwd_best, 1e3 * fwd_median, flops / fwd_best * 1e-9);
+    } else {
+        fprintf(stderr, "diamond: bench conv: out of memory for the tensors\n");
     }
-    unsigned state = 1;
-    float *inputs[] = {x, dy, w, b};
-    size_t counts[] = {nx, ny, nw, (size_t)s.out_ch};
-    for (int k = 0; k < 4; k++)
-        for (size_t i = 0; i < counts[k]; i++) {
-            state = state * 1664525u + 1013904223u;
-            inputs[k][i] = (float)(state >> 8) / (float)(1u << 24) - 0.5f;
-        }
-    double flops = 2.0 * ny * (s.in_ch / groups) * s.kernel_h * s.kernel_w;
-    double fwd = bench_conv_best(&s, false, x, w, b, y, dy, dx, dw, db);
-    double both = bench_conv_best(&s, true, x, w, b, y, dy, dx, dw, db);
-    printf("conv B=%d Cin=%d %dx%d -> Cout=%d %dx%d, k=%d stride=%d pad=%d groups=%d threads=%d\n",
-           s.batch, s.in_ch, s.in_h, s.in_w, s.out_ch, Ho, Wo, s.kernel_h, s.stride_h, s.pad_h,
-           groups, threads);
-    printf("forward          %10.3f ms\n", 1e3 * fwd);
-    printf("forward+backward %10.3f ms  (%.1f GFLOPS counting 3x the forward's flops)\n",
-           1e3 * both, 3.0 * flops / both * 1e-9);
-    printf("forward GFLOPS=%.1f\n", flops / fwd * 1e-9);
-    status = 0;
-done:
-    free(x), free(dx), free(y), free(dy), free(w), free(dw), free(b), free(db);
-    return status;
+    for (int i = 0; i < 8; i++) free(*arrays[i]);
+    return ok ? 0 : 1;
 }
 
-/* ---- end section: bench ---- */
+typedef struct GemmBench {
+    int M, N, K;
+    float *A, *B, *C;
+} GemmBench;
+
+static void gemm_bench_run(void *ctx) {
+    GemmBench *g = ctx;
+    gemm(false, false, g->M, g->N, g->K, 1.0f, g->A, g->K, g->B, g->N, 0.0f, g->C, g->N);
+}
+
+/* diamond bench gemm M N K [--threads T]: C[M,N] = A[M,K] B[K,N], row-major, no transposes. */
+static int bench_gemm(int argc, char **argv) {
+    GemmBench g;
+    int threads = bench_threads_now();
+    if (argc < 6 || bench_parse_int(argv[3], 1, 1 << 16, &g.M) ||
+        bench_parse_int(argv[4], 1, 1 << 16, &g.N) || bench_parse_int(argv[5], 1, 1 << 16, &g.K)) {
+        fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--threads T], sizes 1..65536\n");
+        return 2;
+    }
+    for (int i = 6; i < argc; i += 2)
+        if (bench_threads_option(argc, argv, i, &threads)) {
+            fprintf(stderr, "diamond: bench gemm: bad option '%s' (expected --threads T)\n",
+                    argv[i]);
+            return 2;
+        }
+    size_t na = (size_t)g.M * g.K, nb = (size_t)g.K * g.N, nc = (size_t)g.M * g.N;
+    g.A = malloc(na * sizeof(float));
+    g.B = malloc(nb * sizeof(float));
+    g.C = malloc(nc * sizeof(float));
+    if (!g.A || !g.B || !g.C) {
+        fprintf(stderr, "diamond: bench gemm: out of memory for %dx%dx%d\n", g.M, g.N, g.K);
+        free(g.A), free(g.B), free(g.C);
+        return 1;
+    }
+    unsigned long long state = 42;
+    bench_fill(g.A, na, &state);
+    bench_fill(g.B, nb, &state);
+    double best, median;
+    bench_time(gemm_bench_run, &g, &best, &median);
+    double flops = 2.0 * g.M * g.N * g.K;
+    printf("gemm M=%d N=%d K=%d threads=%d best=%.3f ms median=%.3f ms GFLOPS=%.1f\n", g.M, g.N,
+           g.K, threads, 1e3 * best, 1e3 * median, flops / best * 1e-9);
+    free(g.A), free(g.B), free(g.C);
+    return 0;
+}
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
@@ -377,9 +404,11 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
+        if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
+        if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
-        if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc - 3, argv + 3);
-        fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n", argc >= 3 ? argv[2] : "");
+        fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n",
+                argc >= 3 ? argv[2] : "");
         return 2;
     }
     fprintf(stderr, "diamond: unknown command '%s' (see diamond --help)\n", argv[1]);

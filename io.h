@@ -20,7 +20,7 @@ int error_set(Error *e, const char *fmt, ...)
 #endif
     ;
 
-/* ---- section: JSON (owned by the io work) ---- */
+/* ---- bf16 and f16 ----------------------------------------------------------------------- */
 
 /* bf16 / f16 <-> f32. To-f32 is exact; from-f32 rounds to nearest even and keeps NaN a NaN. */
 float bf16_to_f32(uint16_t h);
@@ -29,6 +29,8 @@ float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 void bf16_to_f32_array(const uint16_t *src, float *dst, size_t n);
 void f16_to_f32_array(const uint16_t *src, float *dst, size_t n);
+
+/* ---- JSON ------------------------------------------------------------------------------- */
 
 /* JSON documents (config files, safetensors headers). A document owns a read-only tree of values.
  * Parsing is strict: RFC 8259 grammar, valid UTF-8, nothing but whitespace after the value, at
@@ -101,9 +103,7 @@ int write_file_atomic(const char *path, const void *data, size_t n, Error *e);
 int dir_list(const char *dir, char ***names, size_t *count, Error *e);
 void dir_list_free(char **names, size_t count);
 
-/* ---- end section: JSON ---- */
-
-/* ---- section: safetensors (owned by the io work) ---- */
+/* ---- safetensors ------------------------------------------------------------------------ */
 
 typedef enum DType {
     DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_F64,
@@ -177,9 +177,7 @@ int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n,
 size_t st_model_shard_count(const StModel *m);
 const SafeTensors *st_model_shard(const StModel *m, size_t i);
 
-/* ---- end section: safetensors ---- */
-
-/* ---- section: images (owned by the io work) ---- */
+/* ---- images ----------------------------------------------------------------------------- */
 
 /* Readers refuse images wider or taller than this, writers too. */
 #define IMAGE_MAX_SIDE 16384
@@ -200,7 +198,5 @@ int ppm_read(Image *out, const char *path, Error *e);
 int ppm_write(const char *path, const Image *img, Error *e);
 /* 8-bit RGB PNG, deflate "stored" (uncompressed) blocks: large but needs no zlib. */
 int png_write(const char *path, const Image *img, Error *e);
-
-/* ---- end section: images ---- */
 
 #endif

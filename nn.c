@@ -109,6 +109,680 @@ void norm_free(NormParams *n) {
     *n = (NormParams){0};
 }
 
+/* ---- section: flux2 ----------------------------------------------------------------------------
+ * Written from diffusers' transformer_flux2.py. One call: the conditioning (timestep embedding and
+ * the modulations every block shares) is computed once for the batch; then the input projections,
+ * each double-stream block, each single-stream block and the output layers run in turn, each with
+ * its weights converted from the mapped files just before and freed just after, one batch item at
+ * a time on a short no-grad tape. Hidden states live between parts as plain tensors. */
+
+
+struct Flux2 {
+    Flux2Config config;
+    StModel *weights;
+};
+
+/* ---- config ---- */
+
+/* A positive integer config value no larger than `max`. */
+static int flux2_config_int(const JsonValue *root, const char *key, int64_t max, int *out,
+                            Error *e) {
+    int64_t v;
+    if (json_get_int(root, key, &v, e)) return -1;
+    if (v < 1 || v > max)
+        return error_set(e, "%s: key '%s' is %lld, expected 1 .. %lld", root->source, key,
+                         (long long)v, (long long)max);
+    *out = (int)v;
+    return 0;
+}
+
+/* The keys with upstream defaults: patch_size (1) and out_channels (null: in_channels). */
+static int flux2_config_defaults(const JsonValue *root, Flux2Config *c, Error *e) {
+    c->patch_size = 1;
+    c->out_channels = c->in_channels;
+    const JsonValue *out = json_get(root, "out_channels");
+    return (json_get(root, "patch_size") &&
+            flux2_config_int(root, "patch_size", 64, &c->patch_size, e)) ||
+           (out && out->type != JSON_NULL &&
+            flux2_config_int(root, "out_channels", 1 << 20, &c->out_channels, e));
+}
+
+static int flux2_config_rope(const JsonValue *root, Flux2Config *c, Error *e) {
+    int64_t axes[FLUX2_AXES + 1];
+    size_t count;
+    if (json_get_int_array(root, "axes_dims_rope", axes, FLUX2_AXES + 1, &count, e)) return -1;
+    int64_t sum = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (axes[i] < 0 || axes[i] % 2 || axes[i] > c->head_dim)
+            return error_set(e, "%s: axes_dims_rope[%zu] = %lld is not an even size within the "
+                             "head", root->source, i, (long long)axes[i]);
+        sum += axes[i];
+        if (i < FLUX2_AXES) c->axes_dims[i] = (int)axes[i];
+    }
+    if (count != FLUX2_AXES || sum != c->head_dim)
+        return error_set(e, "%s: axes_dims_rope needs %d even sizes summing to attention_head_dim "
+                         "%d", root->source, FLUX2_AXES, c->head_dim);
+    return 0;
+}
+
+static int flux2_config_read(Flux2Config *c, const char *dir, Error *e) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+        return error_set(e, "path too long: %s", dir);
+    JsonDoc *doc;
+    if (json_parse_file(&doc, path, e)) return -1;
+    const JsonValue *root = json_root(doc);
+    const int64_t big = 1 << 20;
+    double mlp_ratio = 0.0;
+    int status = flux2_config_int(root, "in_channels", big, &c->in_channels, e) ||
+                 flux2_config_defaults(root, c, e) ||
+                 flux2_config_int(root, "num_layers", 4096, &c->num_layers, e) ||
+                 flux2_config_int(root, "num_single_layers", 4096, &c->num_single_layers, e) ||
+                 flux2_config_int(root, "num_attention_heads", 4096, &c->heads, e) ||
+                 flux2_config_int(root, "attention_head_dim", 4096, &c->head_dim, e) ||
+                 flux2_config_int(root, "joint_attention_dim", big, &c->joint_attention_dim, e) ||
+                 flux2_config_int(root, "timestep_guidance_channels", big, &c->timestep_channels,
+                                  e) ||
+                 json_get_float(root, "mlp_ratio", &mlp_ratio, e) ||
+                 json_get_float(root, "rope_theta", &c->rope_theta, e) ||
+                 json_get_float(root, "eps", &c->eps, e) ||
+                 json_get_bool(root, "guidance_embeds", &c->guidance_embeds, e) ||
+                 flux2_config_rope(root, c, e);
+    if (!status) {
+        c->dim = c->heads * c->head_dim;
+        double hidden = c->dim * mlp_ratio; /* Python's int() truncates */
+        if (c->dim > big || !(hidden >= 1.0 && hidden <= (double)big) || !(c->rope_theta > 0.0) ||
+            !(c->eps >= 0.0))
+            status = error_set(e, "%s: inner dim %d, mlp_ratio %g, rope_theta %g or eps %g is out "
+                               "of range", path, c->dim, mlp_ratio, c->rope_theta, c->eps);
+        c->mlp_hidden = (int)hidden;
+    }
+    json_free(doc);
+    return status;
+}
+
+/* ---- weights, converted part by part ---- */
+
+#define FLUX2_MAX_PART_TENSORS 16
+
+/* The tensors of one part of the model (a block, the conditioning, ...), converted to f32 for as
+ * long as the part runs and freed together. With check_only set, names and shapes are verified and
+ * nothing is read: flux2_load checks the whole model this way. */
+typedef struct Flux2Part {
+    const StModel *weights;
+    bool check_only;
+    int count;
+    Tensor *tensors[FLUX2_MAX_PART_TENSORS];
+} Flux2Part;
+
+static void flux2_part_free(Flux2Part *p) {
+    for (int i = 0; i < p->count; i++) tensor_free(p->tensors[i]);
+    p->count = 0;
+}
+
+static int flux2_check_tensor(const StModel *m, const char *name, int ndim, const int64_t *shape,
+                              Error *e) {
+    const StTensor *info = st_model_find(m, name);
+    if (!info) return error_set(e, "missing tensor '%s'", name);
+    bool same = info->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = info->shape[i] == shape[i];
+    if (same) return 0;
+    Tensor want = {.ndim = ndim}, got = {.ndim = info->ndim < TENSOR_MAX_DIMS ? info->ndim
+                                                                                : TENSOR_MAX_DIMS};
+    memcpy(want.shape, shape, (size_t)ndim * sizeof *shape);
+    for (int i = 0; i < got.ndim; i++) got.shape[i] = info->shape[i];
+    char w[128], g[128];
+    return error_set(e, "tensor '%s' has shape %s, the config implies %s", name,
+                     tensor_shape_str(&got, g, sizeof g), tensor_shape_str(&want, w, sizeof w));
+}
+
+/* The tensor named by name_fmt with exactly `shape`, owned by the part (NULL when checking). */
+static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const int64_t *shape,
+                        const char *name_fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 6, 7)))
+#endif
+    ;
+static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const int64_t *shape,
+                        const char *name_fmt, ...) {
+    char name[256];
+    va_list ap;
+    va_start(ap, name_fmt);
+    int len = vsnprintf(name, sizeof name, name_fmt, ap);
+    va_end(ap);
+    *out = NULL;
+    if (len < 0 || (size_t)len >= sizeof name)
+        return error_set(e, "tensor name too long: %s", name);
+    if (p->check_only) return flux2_check_tensor(p->weights, name, ndim, shape, e);
+    if (p->count == FLUX2_MAX_PART_TENSORS)
+        return error_set(e, "more than %d tensors in one part of the model", p->count);
+    if (param_load(p->weights, out, e, ndim, shape, "%s", name)) return -1;
+    p->tensors[p->count++] = *out;
+    return 0;
+}
+
+/* Everything that depends on sigma (and guidance) alone. */
+typedef struct Flux2Conditioning {
+    Tensor *time_1, *time_2, *guidance_1, *guidance_2;
+    Tensor *mod_img, *mod_txt, *mod_single, *norm_out;
+} Flux2Conditioning;
+
+static int flux2_conditioning_load(Flux2Conditioning *w, Flux2Part *p, const Flux2Config *c,
+                                   Error *e) {
+    const char *time = "time_guidance_embed.timestep_embedder";
+    const char *guide = "time_guidance_embed.guidance_embedder";
+    int d = c->dim;
+    *w = (Flux2Conditioning){0};
+    return flux2_weight(p, &w->time_1, e, SHAPE(d, c->timestep_channels), "%s.linear_1.weight",
+                        time) ||
+           flux2_weight(p, &w->time_2, e, SHAPE(d, d), "%s.linear_2.weight", time) ||
+           (c->guidance_embeds &&
+            (flux2_weight(p, &w->guidance_1, e, SHAPE(d, c->timestep_channels),
+                          "%s.linear_1.weight", guide) ||
+             flux2_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide))) ||
+           flux2_weight(p, &w->mod_img, e, SHAPE(6 * d, d),
+                        "double_stream_modulation_img.linear.weight") ||
+           flux2_weight(p, &w->mod_txt, e, SHAPE(6 * d, d),
+                        "double_stream_modulation_txt.linear.weight") ||
+           flux2_weight(p, &w->mod_single, e, SHAPE(3 * d, d),
+                        "single_stream_modulation.linear.weight") ||
+           flux2_weight(p, &w->norm_out, e, SHAPE(2 * d, d), "norm_out.linear.weight");
+}
+
+typedef struct Flux2Embedders {
+    Tensor *x_embedder, *context_embedder;
+} Flux2Embedders;
+
+static int flux2_embedders_load(Flux2Embedders *w, Flux2Part *p, const Flux2Config *c, Error *e) {
+    *w = (Flux2Embedders){0};
+    return flux2_weight(p, &w->x_embedder, e, SHAPE(c->dim, c->in_channels), "x_embedder.weight") ||
+           flux2_weight(p, &w->context_embedder, e, SHAPE(c->dim, c->joint_attention_dim),
+                        "context_embedder.weight");
+}
+
+static int flux2_output_load(Tensor **proj_out, Flux2Part *p, const Flux2Config *c, Error *e) {
+    int out = c->patch_size * c->patch_size * c->out_channels;
+    return flux2_weight(p, proj_out, e, SHAPE(out, c->dim), "proj_out.weight");
+}
+
+/* Image stream (to_*, norm_*, ff) and text stream (add_*, norm_added_*, ff_context). */
+typedef struct Flux2DoubleBlock {
+    Tensor *to_q, *to_k, *to_v, *to_out, *norm_q, *norm_k, *ff_in, *ff_out;
+    Tensor *add_q, *add_k, *add_v, *to_add_out, *norm_added_q, *norm_added_k, *ff_context_in,
+        *ff_context_out;
+} Flux2DoubleBlock;
+
+static int flux2_double_load(Flux2DoubleBlock *w, Flux2Part *p, const Flux2Config *c, int i,
+                             Error *e) {
+    const char *b = "transformer_blocks";
+    int d = c->dim, hd = c->head_dim, mlp = c->mlp_hidden;
+    *w = (Flux2DoubleBlock){0};
+    return flux2_weight(p, &w->to_q, e, SHAPE(d, d), "%s.%d.attn.to_q.weight", b, i) ||
+           flux2_weight(p, &w->to_k, e, SHAPE(d, d), "%s.%d.attn.to_k.weight", b, i) ||
+           flux2_weight(p, &w->to_v, e, SHAPE(d, d), "%s.%d.attn.to_v.weight", b, i) ||
+           flux2_weight(p, &w->to_out, e, SHAPE(d, d), "%s.%d.attn.to_out.0.weight", b, i) ||
+           flux2_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.attn.norm_q.weight", b, i) ||
+           flux2_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.attn.norm_k.weight", b, i) ||
+           flux2_weight(p, &w->ff_in, e, SHAPE(2 * mlp, d), "%s.%d.ff.linear_in.weight", b, i) ||
+           flux2_weight(p, &w->ff_out, e, SHAPE(d, mlp), "%s.%d.ff.linear_out.weight", b, i) ||
+           flux2_weight(p, &w->add_q, e, SHAPE(d, d), "%s.%d.attn.add_q_proj.weight", b, i) ||
+           flux2_weight(p, &w->add_k, e, SHAPE(d, d), "%s.%d.attn.add_k_proj.weight", b, i) ||
+           flux2_weight(p, &w->add_v, e, SHAPE(d, d), "%s.%d.attn.add_v_proj.weight", b, i) ||
+           flux2_weight(p, &w->to_add_out, e, SHAPE(d, d), "%s.%d.attn.to_add_out.weight", b, i) ||
+           flux2_weight(p, &w->norm_added_q, e, SHAPE(hd), "%s.%d.attn.norm_added_q.weight", b,
+                        i) ||
+           flux2_weight(p, &w->norm_added_k, e, SHAPE(hd), "%s.%d.attn.norm_added_k.weight", b,
+                        i) ||
+           flux2_weight(p, &w->ff_context_in, e, SHAPE(2 * mlp, d),
+                        "%s.%d.ff_context.linear_in.weight", b, i) ||
+           flux2_weight(p, &w->ff_context_out, e, SHAPE(d, mlp),
+                        "%s.%d.ff_context.linear_out.weight", b, i);
+}
+
+typedef struct Flux2SingleBlock {
+    Tensor *to_qkv_mlp, *to_out, *norm_q, *norm_k;
+} Flux2SingleBlock;
+
+static int flux2_single_load(Flux2SingleBlock *w, Flux2Part *p, const Flux2Config *c, int i,
+                             Error *e) {
+    const char *b = "single_transformer_blocks";
+    int d = c->dim, hd = c->head_dim, mlp = c->mlp_hidden;
+    *w = (Flux2SingleBlock){0};
+    return flux2_weight(p, &w->to_qkv_mlp, e, SHAPE(3 * d + 2 * mlp, d),
+                        "%s.%d.attn.to_qkv_mlp_proj.weight", b, i) ||
+           flux2_weight(p, &w->to_out, e, SHAPE(d, d + mlp), "%s.%d.attn.to_out.weight", b, i) ||
+           flux2_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.attn.norm_q.weight", b, i) ||
+           flux2_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.attn.norm_k.weight", b, i);
+}
+
+/* Every tensor the config implies, by name and shape, nothing converted. */
+static int flux2_check_weights(const Flux2 *m, Error *e) {
+    const Flux2Config *c = &m->config;
+    Flux2Part p = {.weights = m->weights, .check_only = true};
+    Flux2Conditioning cond;
+    Flux2Embedders emb;
+    Tensor *proj_out;
+    if (flux2_conditioning_load(&cond, &p, c, e) || flux2_embedders_load(&emb, &p, c, e) ||
+        flux2_output_load(&proj_out, &p, c, e))
+        return -1;
+    for (int i = 0; i < c->num_layers; i++) {
+        Flux2DoubleBlock w;
+        if (flux2_double_load(&w, &p, c, i, e)) return -1;
+    }
+    for (int i = 0; i < c->num_single_layers; i++) {
+        Flux2SingleBlock w;
+        if (flux2_single_load(&w, &p, c, i, e)) return -1;
+    }
+    return 0;
+}
+
+/* Puts "<what>: " before the message already in e. */
+static int flux2_error_context(Error *e, const char *what) {
+    if (!e) return -1;
+    char msg[sizeof e->msg];
+    memcpy(msg, e->msg, sizeof msg);
+    return error_set(e, "%s: %s", what, msg);
+}
+
+int flux2_load(Flux2 **out, const char *dir, Error *e) {
+    *out = NULL;
+    Flux2 *m = calloc(1, sizeof *m);
+    if (!m) return error_set(e, "out of memory loading %s", dir);
+    /* config and safetensors errors name their file; a weight's name needs the directory */
+    int status = flux2_config_read(&m->config, dir, e) || st_model_open(&m->weights, dir, e) ||
+                 (flux2_check_weights(m, e) && flux2_error_context(e, dir));
+    if (status) {
+        flux2_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+void flux2_free(Flux2 *m) {
+    if (!m) return;
+    st_model_close(m->weights);
+    free(m);
+}
+
+const Flux2Config *flux2_config(const Flux2 *m) { return &m->config; }
+
+/* ---- per-call tables ---- */
+
+/* What every block of one call shares. The modulations hold, per batch item, chunks of dim
+ * values: mod_img and mod_txt (shift, scale, gate) for attention then for the feed-forward,
+ * mod_single (shift, scale, gate), mod_out (scale, shift) for norm_out, in upstream's order. */
+typedef struct Flux2Step {
+    int batch, img_len, txt_len;
+    Tensor *mod_img, *mod_txt;   /* [B, 6 dim] */
+    Tensor *mod_single;          /* [B, 3 dim] */
+    Tensor *mod_out;             /* [B, 2 dim] */
+    Tensor *rope_cos, *rope_sin; /* [L + T, head_dim / 2], the text positions first */
+} Flux2Step;
+
+static void flux2_step_free(Flux2Step *s) {
+    tensor_free(s->mod_img);
+    tensor_free(s->mod_txt);
+    tensor_free(s->mod_single);
+    tensor_free(s->mod_out);
+    tensor_free(s->rope_cos);
+    tensor_free(s->rope_sin);
+}
+
+/* t: [B] -> [B, channels]: [cos | sin] of 1000 t * 10000^(-i / half), i < half, and a zero column
+ * when channels is odd (Timesteps with flip_sin_to_cos, no frequency shift). Computed in double. */
+static Tensor *flux2_timestep_proj(const float *t, int batch, int channels) {
+    Tensor *y = TENSOR_NEW(batch, channels);
+    if (!y) return NULL;
+    int half = channels / 2;
+    for (int b = 0; b < batch; b++)
+        for (int i = 0; i < half; i++) {
+            double angle = 1000.0 * t[b] * exp(-log(10000.0) * i / half);
+            y->data[(int64_t)b * channels + i] = (float)cos(angle);
+            y->data[(int64_t)b * channels + half + i] = (float)sin(angle);
+        }
+    return y;
+}
+
+/* cos, sin: [L + h w, head_dim / 2]. Text token l has ids (0, 0, 0, l), image token (y, x) has
+ * (0, y, x, 0). The pairs of axis a follow those of the axes before it; pair j of axis a turns by
+ * id[a] * theta^(-2j / axes_dims[a]) (get_1d_rotary_pos_embed, in double). */
+static int flux2_rope_tables(const Flux2Config *c, int L, int h, int w, Flux2Step *s) {
+    int64_t n = L + (int64_t)h * w, pairs = c->head_dim / 2;
+    s->rope_cos = TENSOR_NEW(n, pairs);
+    s->rope_sin = TENSOR_NEW(n, pairs);
+    if (!s->rope_cos || !s->rope_sin) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t img = i - L;
+        double id[FLUX2_AXES] = {0.0, img < 0 ? 0.0 : (double)(img / w),
+                                 img < 0 ? 0.0 : (double)(img % w), img < 0 ? (double)i : 0.0};
+        int64_t pair = 0;
+        for (int a = 0; a < FLUX2_AXES; a++)
+            for (int j = 0; j < c->axes_dims[a] / 2; j++, pair++) {
+                double angle = id[a] * pow(c->rope_theta, -2.0 * j / c->axes_dims[a]);
+                s->rope_cos->data[i * pairs + pair] = (float)cos(angle);
+                s->rope_sin->data[i * pairs + pair] = (float)sin(angle);
+            }
+    }
+    return 0;
+}
+
+/* ---- running parts on short tapes ---- */
+
+static Tape *flux2_tape(void) {
+    Tape *t = tape_new();
+    if (t) tape_set_grad(t, false);
+    return t;
+}
+
+/* A copy of v's value that outlives the tape, or an error naming the part that failed. */
+static int flux2_result(Tape *t, Var *v, Tensor **out, const char *part, Error *e) {
+    *out = NULL;
+    if (tape_check(t, e)) return flux2_error_context(e, part);
+    *out = tensor_clone(v->value);
+    return *out ? 0 : error_set(e, "%s: out of memory", part);
+}
+
+/* Frees the tensor in *slot and puts value there. */
+static void flux2_replace(Tensor **slot, Tensor *value) {
+    tensor_free(*slot);
+    *slot = value;
+}
+
+/* A leaf over batch item b of a tensor [B, ..] without copying: [1, ..]. */
+static Var *flux2_item(Tape *t, const Tensor *x, int b) {
+    int64_t shape[TENSOR_MAX_DIMS], per = x->numel / x->shape[0];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[0] = 1;
+    return var_take(t, tensor_view(x->data + b * per, x->ndim, shape), false);
+}
+
+/* Chunk k of batch item b of a modulation [B, n dim] as a [dim] leaf over its data. */
+static Var *flux2_mod(Tape *t, const Tensor *mod, int b, int k, int dim) {
+    float *chunk = mod->data + b * mod->shape[1] + (int64_t)k * dim;
+    return var_take(t, tensor_view(chunk, 1, (int64_t[]){dim}), false);
+}
+
+/* proj: [B, channels] (taken) -> linear_2(silu(linear_1(proj))): [B, dim] (TimestepEmbedding) */
+static Var *flux2_time_embed(Tape *t, Tensor *proj, Tensor *linear_1, Tensor *linear_2) {
+    Var *h = ag_linear(t, var_take(t, proj, false), param_var(t, linear_1), NULL);
+    return ag_linear(t, ag_silu(t, h), param_var(t, linear_2), NULL);
+}
+
+/* sigma (and guidance): [B] -> a timestep embedding; its modulations into s. */
+static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *guidance,
+                              Flux2Step *s, Error *e) {
+    const Flux2Config *c = &m->config;
+    Flux2Part part = {.weights = m->weights};
+    Flux2Conditioning w;
+    Tape *t = flux2_tape();
+    int status = -1;
+    if (!t) error_set(e, "out of memory");
+    else if (!flux2_conditioning_load(&w, &part, c, e)) {
+        int B = s->batch, C = c->timestep_channels;
+        Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, B, C), w.time_1, w.time_2);
+        if (guidance && c->guidance_embeds)
+            temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, B, C),
+                                                    w.guidance_1, w.guidance_2));
+        Var *act = ag_silu(t, temb);
+        const char *part_name = "flux2 conditioning";
+        status = flux2_result(t, ag_linear(t, act, param_var(t, w.mod_img), NULL), &s->mod_img,
+                              part_name, e) ||
+                 flux2_result(t, ag_linear(t, act, param_var(t, w.mod_txt), NULL), &s->mod_txt,
+                              part_name, e) ||
+                 flux2_result(t, ag_linear(t, act, param_var(t, w.mod_single), NULL),
+                              &s->mod_single, part_name, e) ||
+                 flux2_result(t, ag_linear(t, act, param_var(t, w.norm_out), NULL), &s->mod_out,
+                              part_name, e);
+    }
+    tape_free(t);
+    flux2_part_free(&part);
+    return status;
+}
+
+/* tokens: [B, T, in_channels], txt: [B, L, joint_attention_dim] -> img[b]: [1, T, dim],
+ * ctx[b]: [1, L, dim] */
+static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
+                       const Flux2Step *s, Tensor **img, Tensor **ctx, Error *e) {
+    Flux2Part part = {.weights = m->weights};
+    Flux2Embedders w;
+    int status = flux2_embedders_load(&w, &part, &m->config, e);
+    for (int b = 0; !status && b < s->batch; b++) {
+        Tape *t = flux2_tape();
+        Var *x = ag_linear(t, flux2_item(t, tokens, b), param_var(t, w.x_embedder), NULL);
+        Var *y = ag_linear(t, flux2_item(t, txt, b), param_var(t, w.context_embedder), NULL);
+        status = flux2_result(t, x, &img[b], "flux2 x_embedder", e) ||
+                 flux2_result(t, y, &ctx[b], "flux2 context_embedder", e);
+        tape_free(t);
+    }
+    flux2_part_free(&part);
+    return status;
+}
+
+/* ---- the layers of a block ---- */
+
+/* x: [1, N, dim] -> LayerNorm without affine, then * (1 + scale) + shift */
+static Var *flux2_modulate(Tape *t, Var *x, Var *shift, Var *scale, double eps) {
+    Var *n = ag_layernorm(t, x, NULL, NULL, (float)eps);
+    return ag_add_rows(t, ag_mul_rows(t, n, ag_affine(t, scale, 1.0f, 1.0f)), shift);
+}
+
+/* x + gate * y, the gated residual; x, y: [1, N, dim], gate: [dim] */
+static Var *flux2_gated(Tape *t, Var *x, Var *gate, Var *y) {
+    return ag_add(t, x, ag_mul_rows(t, y, gate));
+}
+
+/* x: [1, N, dim] -> [1, N, heads, head_dim], RMS-normalised per head when norm is not NULL */
+static Var *flux2_heads(Tape *t, Var *x, Tensor *norm, int n, const Flux2Config *c) {
+    Var *y = ag_reshape(t, x, 4, (int64_t[]){1, n, c->heads, c->head_dim});
+    return norm ? ag_rmsnorm(t, y, param_var(t, norm), (float)c->eps) : y;
+}
+
+/* x: [1, N, dim] -> x W^T split into heads (and normalised) */
+static Var *flux2_project_heads(Tape *t, Var *x, Tensor *weight, Tensor *norm, int n,
+                                const Flux2Config *c) {
+    return flux2_heads(t, ag_linear(t, x, param_var(t, weight), NULL), norm, n, c);
+}
+
+/* x: [1, N, 2 hidden] -> silu(x[.., :hidden]) * x[.., hidden:] */
+static Var *flux2_swiglu(Tape *t, Var *x, int hidden) {
+    return ag_mul(t, ag_silu(t, ag_slice(t, x, 2, 0, hidden)), ag_slice(t, x, 2, hidden, hidden));
+}
+
+/* x: [1, N, dim] -> linear_out(swiglu(linear_in(x))): [1, N, dim] */
+static Var *flux2_feed_forward(Tape *t, Var *x, Tensor *linear_in, Tensor *linear_out,
+                               const Flux2Config *c) {
+    Var *h = ag_linear(t, x, param_var(t, linear_in), NULL);
+    return ag_linear(t, flux2_swiglu(t, h, c->mlp_hidden), param_var(t, linear_out), NULL);
+}
+
+/* q, k, v: [1, L + T, heads, head_dim] over [text, image] -> RoPE on q and k, one attention over
+ * every token: [1, L + T, dim] */
+static Var *flux2_attention(Tape *t, Var *q, Var *k, Var *v, const Flux2Step *s,
+                            const Flux2Config *c) {
+    Var *cos = var_new(t, s->rope_cos, false), *sin = var_new(t, s->rope_sin, false);
+    Var *o = ag_attention(t, ag_rope(t, q, cos, sin), ag_rope(t, k, cos, sin), v,
+                          (float)(1.0 / sqrt(c->head_dim)), false, NULL);
+    return ag_reshape(t, o, 3, (int64_t[]){1, s->txt_len + s->img_len, c->dim});
+}
+
+/* Double-stream block on batch item b. img: [1, T, dim], txt: [1, L, dim], both updated. */
+static void flux2_double_block(Tape *t, const Flux2DoubleBlock *w, const Flux2Config *c,
+                               const Flux2Step *s, int b, Var **img, Var **txt) {
+    int L = s->txt_len, T = s->img_len;
+    Var *mi[6], *mt[6];
+    for (int k = 0; k < 6; k++) {
+        mi[k] = flux2_mod(t, s->mod_img, b, k, c->dim);
+        mt[k] = flux2_mod(t, s->mod_txt, b, k, c->dim);
+    }
+    Var *ni = flux2_modulate(t, *img, mi[0], mi[1], c->eps);
+    Var *nt = flux2_modulate(t, *txt, mt[0], mt[1], c->eps);
+    Var *q[2] = {flux2_project_heads(t, nt, w->add_q, w->norm_added_q, L, c),
+                 flux2_project_heads(t, ni, w->to_q, w->norm_q, T, c)};
+    Var *k[2] = {flux2_project_heads(t, nt, w->add_k, w->norm_added_k, L, c),
+                 flux2_project_heads(t, ni, w->to_k, w->norm_k, T, c)};
+    Var *v[2] = {flux2_project_heads(t, nt, w->add_v, NULL, L, c),
+                 flux2_project_heads(t, ni, w->to_v, NULL, T, c)};
+    Var *o = flux2_attention(t, ag_concat(t, q, 2, 1), ag_concat(t, k, 2, 1),
+                             ag_concat(t, v, 2, 1), s, c);
+
+    Var *x = flux2_gated(t, *img, mi[2],
+                         ag_linear(t, ag_slice(t, o, 1, L, T), param_var(t, w->to_out), NULL));
+    *img = flux2_gated(t, x, mi[5],
+                       flux2_feed_forward(t, flux2_modulate(t, x, mi[3], mi[4], c->eps), w->ff_in,
+                                          w->ff_out, c));
+    Var *y = flux2_gated(t, *txt, mt[2],
+                         ag_linear(t, ag_slice(t, o, 1, 0, L), param_var(t, w->to_add_out), NULL));
+    *txt = flux2_gated(t, y, mt[5],
+                       flux2_feed_forward(t, flux2_modulate(t, y, mt[3], mt[4], c->eps),
+                                          w->ff_context_in, w->ff_context_out, c));
+}
+
+/* Single-stream block on batch item b. x: [1, L + T, dim] -> the same */
+static Var *flux2_single_block(Tape *t, const Flux2SingleBlock *w, const Flux2Config *c,
+                               const Flux2Step *s, int b, Var *x) {
+    int n = s->txt_len + s->img_len, d = c->dim;
+    Var *shift = flux2_mod(t, s->mod_single, b, 0, d);
+    Var *scale = flux2_mod(t, s->mod_single, b, 1, d);
+    Var *gate = flux2_mod(t, s->mod_single, b, 2, d);
+    /* [1, N, dim] -> [1, N, 3 dim + 2 mlp_hidden]: q, k, v, then the SwiGLU's gate and up */
+    Var *proj = ag_linear(t, flux2_modulate(t, x, shift, scale, c->eps),
+                          param_var(t, w->to_qkv_mlp), NULL);
+    Var *q = flux2_heads(t, ag_slice(t, proj, 2, 0, d), w->norm_q, n, c);
+    Var *k = flux2_heads(t, ag_slice(t, proj, 2, d, d), w->norm_k, n, c);
+    Var *v = flux2_heads(t, ag_slice(t, proj, 2, 2 * d, d), NULL, n, c);
+    Var *mlp = ag_slice(t, proj, 2, 3 * d, 2 * c->mlp_hidden);
+    Var *parts[2] = {flux2_attention(t, q, k, v, s, c), flux2_swiglu(t, mlp, c->mlp_hidden)};
+    Var *out = ag_linear(t, ag_concat(t, parts, 2, 2), param_var(t, w->to_out), NULL);
+    return flux2_gated(t, x, gate, out);
+}
+
+/* ---- the parts of a call ---- */
+
+static int flux2_double_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **img,
+                            Tensor **txt, Error *e) {
+    char name[64];
+    snprintf(name, sizeof name, "flux2 transformer_blocks.%d", i);
+    Flux2Part part = {.weights = m->weights};
+    Flux2DoubleBlock w;
+    int status = flux2_double_load(&w, &part, &m->config, i, e);
+    for (int b = 0; !status && b < s->batch; b++) {
+        Tape *t = flux2_tape();
+        Var *x = var_new(t, img[b], false), *y = var_new(t, txt[b], false);
+        flux2_double_block(t, &w, &m->config, s, b, &x, &y);
+        Tensor *new_img = NULL, *new_txt = NULL;
+        status = flux2_result(t, x, &new_img, name, e) || flux2_result(t, y, &new_txt, name, e);
+        tape_free(t);
+        if (status) {
+            tensor_free(new_img);
+            break;
+        }
+        flux2_replace(&img[b], new_img);
+        flux2_replace(&txt[b], new_txt);
+    }
+    flux2_part_free(&part);
+    return status;
+}
+
+static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
+    char name[64];
+    snprintf(name, sizeof name, "flux2 single_transformer_blocks.%d", i);
+    Flux2Part part = {.weights = m->weights};
+    Flux2SingleBlock w;
+    int status = flux2_single_load(&w, &part, &m->config, i, e);
+    for (int b = 0; !status && b < s->batch; b++) {
+        Tape *t = flux2_tape();
+        Var *x = flux2_single_block(t, &w, &m->config, s, b, var_new(t, seq[b], false));
+        Tensor *next;
+        status = flux2_result(t, x, &next, name, e);
+        tape_free(t);
+        if (!status) flux2_replace(&seq[b], next);
+    }
+    flux2_part_free(&part);
+    return status;
+}
+
+/* txt[b]: [1, L, dim], img[b]: [1, T, dim] -> seq[b]: [1, L + T, dim], text first; frees both. */
+static int flux2_join(const Flux2Step *s, int dim, Tensor **txt, Tensor **img, Tensor **seq,
+                      Error *e) {
+    for (int b = 0; b < s->batch; b++) {
+        seq[b] = TENSOR_NEW(1, s->txt_len + s->img_len, dim);
+        if (!seq[b]) return error_set(e, "flux2: out of memory joining the streams");
+        memcpy(seq[b]->data, txt[b]->data, (size_t)txt[b]->numel * sizeof(float));
+        memcpy(seq[b]->data + txt[b]->numel, img[b]->data, (size_t)img[b]->numel * sizeof(float));
+        flux2_replace(&txt[b], NULL);
+        flux2_replace(&img[b], NULL);
+    }
+    return 0;
+}
+
+/* seq[b]: [1, L + T, dim] -> the image tokens through norm_out and proj_out into v[b]:
+ * [T, patch_size^2 out_channels] */
+static int flux2_output(const Flux2 *m, const Flux2Step *s, Tensor **seq, Tensor *v, Error *e) {
+    const Flux2Config *c = &m->config;
+    Flux2Part part = {.weights = m->weights};
+    Tensor *proj_out;
+    int status = flux2_output_load(&proj_out, &part, c, e);
+    for (int b = 0; !status && b < s->batch; b++) {
+        Tape *t = flux2_tape();
+        Var *img = ag_slice(t, var_new(t, seq[b], false), 1, s->txt_len, s->img_len);
+        Var *n = flux2_modulate(t, img, flux2_mod(t, s->mod_out, b, 1, c->dim),
+                                flux2_mod(t, s->mod_out, b, 0, c->dim), c->eps);
+        Var *y = ag_linear(t, n, param_var(t, proj_out), NULL);
+        status = tape_check(t, e) ? flux2_error_context(e, "flux2 output") : 0;
+        if (!status) memcpy(v->data + b * (v->numel / s->batch), y->value->data,
+                            (size_t)y->value->numel * sizeof(float));
+        tape_free(t);
+    }
+    flux2_part_free(&part);
+    return status;
+}
+
+static int flux2_check_inputs(const Flux2Config *c, const Tensor *tokens, int h, int w,
+                              const Tensor *txt, const float *sigma, Error *e) {
+    char s1[64], s2[64];
+    if (!tokens || !txt || !sigma) return error_set(e, "flux2: tokens, txt and sigma are required");
+    if (h < 1 || w < 1 || tokens->ndim != 3 || tokens->shape[0] < 1 ||
+        tokens->shape[1] != (int64_t)h * w || tokens->shape[2] != c->in_channels ||
+        txt->ndim != 3 || txt->shape[0] != tokens->shape[0] || txt->shape[1] < 1 ||
+        txt->shape[2] != c->joint_attention_dim || tokens->shape[0] > INT32_MAX ||
+        txt->shape[1] > INT32_MAX - tokens->shape[1])
+        return error_set(e, "flux2: tokens %s must be [B, %d x %d, %d] and txt %s [B, L, %d]",
+                         tensor_shape_str(tokens, s1, sizeof s1), h, w, c->in_channels,
+                         tensor_shape_str(txt, s2, sizeof s2), c->joint_attention_dim);
+    return 0;
+}
+
+int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tensor *txt,
+                  const float *sigma, const float *guidance, Tensor **velocity, Error *e) {
+    const Flux2Config *c = &m->config;
+    *velocity = NULL;
+    if (flux2_check_inputs(c, tokens, h, w, txt, sigma, e)) return -1;
+    Flux2Step s = {.batch = (int)tokens->shape[0], .img_len = h * w,
+                   .txt_len = (int)txt->shape[1]};
+    Tensor **img = calloc((size_t)s.batch * 3, sizeof *img);
+    Tensor **ctx = img + s.batch, **seq = ctx + s.batch;
+    Tensor *v = TENSOR_NEW(s.batch, s.img_len, c->patch_size * c->patch_size * c->out_channels);
+    int status = !img || !v || flux2_rope_tables(c, s.txt_len, h, w, &s)
+                     ? error_set(e, "flux2: out of memory")
+                     : flux2_conditioning(m, sigma, guidance, &s, e) ||
+                           flux2_embed(m, tokens, txt, &s, img, ctx, e);
+    for (int i = 0; !status && i < c->num_layers; i++)
+        status = flux2_double_run(m, i, &s, img, ctx, e);
+    if (!status) status = flux2_join(&s, c->dim, ctx, img, seq, e);
+    for (int i = 0; !status && i < c->num_single_layers; i++)
+        status = flux2_single_run(m, i, &s, seq, e);
+    if (!status) status = flux2_output(m, &s, seq, v, e);
+    for (int i = 0; img && i < 3 * s.batch; i++) tensor_free(img[i]);
+    free(img);
+    flux2_step_free(&s);
+    if (status) tensor_free(v);
+    else *velocity = v;
+    return status;
+}
+
+/* ---- end section: flux2 ---- */
+
 /* ---- section: segformer ---------------------------------------------------------------------- */
 
 /* Every LayerNorm and the batch norm: PyTorch's default, as upstream passes none. */
@@ -116,7 +790,8 @@ void norm_free(NormParams *n) {
 /* A bound on every size in config.json, so products of them stay far inside int. */
 #define SEGFORMER_MAX_SIZE 65536
 
-/* One Mix Transformer layer, with the hyper-parameters it needs to run alone under ag_checkpoint. */
+/* One Mix Transformer layer, with the hyper-parameters it needs to run alone under ag_checkpoint.
+ */
 typedef struct SegformerLayer {
     int heads, sr_ratio;
     bool gelu_tanh;
@@ -171,15 +846,16 @@ static int segformer_size(const JsonValue *root, const char *key, int max, int *
     int64_t v;
     if (json_get_int(root, key, &v, e)) return -1;
     if (v < 1 || v > max)
-        return error_set(e, "%s: key '%s' is %lld, expected 1..%d", root->source, key,
-                         (long long)v, max);
+        return error_set(e, "%s: key '%s' is %lld, expected 1..%d", root->source, key, (long long)v,
+                         max);
     *out = (int)v;
     return 0;
 }
 
 /* num_labels, or the size of id2label, which is what transformers writes instead. */
 static int segformer_num_labels(const JsonValue *root, int *out, Error *e) {
-    if (json_get(root, "num_labels")) return segformer_size(root, "num_labels", SEGFORMER_MAX_SIZE, out, e);
+    if (json_get(root, "num_labels"))
+        return segformer_size(root, "num_labels", SEGFORMER_MAX_SIZE, out, e);
     const JsonValue *labels = json_get(root, "id2label");
     if (!labels || labels->type != JSON_OBJECT || labels->count < 1)
         return error_set(e, "%s: neither 'num_labels' nor a non-empty 'id2label' is given",
@@ -193,8 +869,8 @@ static int segformer_activation(const JsonValue *root, bool *tanh_approx, Error 
     if (json_get_string(root, "hidden_act", &act, e)) return -1;
     *tanh_approx = strcmp(act, "gelu_new") == 0 || strcmp(act, "gelu_pytorch_tanh") == 0;
     if (!*tanh_approx && strcmp(act, "gelu") != 0)
-        return error_set(e, "%s: hidden_act '%s' is not supported (gelu, gelu_new, "
-                         "gelu_pytorch_tanh)", root->source, act);
+        return error_set(e, "%s: hidden_act '%s' is not one of gelu, gelu_new, gelu_pytorch_tanh",
+                         root->source, act);
     return 0;
 }
 
@@ -212,7 +888,8 @@ static int segformer_model_config(SegformerConfig *c, const JsonValue *root, Err
         segformer_stage_ints(root, "mlp_ratios", c->stages, c->mlp_ratios, e) ||
         segformer_size(root, "decoder_hidden_size", SEGFORMER_MAX_SIZE, &c->decoder_hidden_size,
                        e) ||
-        segformer_num_labels(root, &c->num_labels, e) || segformer_activation(root, &c->gelu_tanh, e))
+        segformer_num_labels(root, &c->num_labels, e) ||
+        segformer_activation(root, &c->gelu_tanh, e))
         return -1;
     if (channels != 3)
         return error_set(e, "%s: num_channels is %d, the detector takes RGB images", root->source,
@@ -258,10 +935,10 @@ static int segformer_input_size(SegformerConfig *c, const JsonValue *root, Error
     if (!size || size->type != JSON_OBJECT)
         return error_set(e, "%s: key 'size' must be {\"height\": h, \"width\": w} or a number",
                          root->source);
-    return segformer_size(size, "height", IMAGE_MAX_SIDE, &c->input_h, e) ||
-                   segformer_size(size, "width", IMAGE_MAX_SIDE, &c->input_w, e)
-               ? -1
-               : 0;
+    if (segformer_size(size, "height", IMAGE_MAX_SIDE, &c->input_h, e) ||
+        segformer_size(size, "width", IMAGE_MAX_SIDE, &c->input_w, e))
+        return -1;
+    return 0;
 }
 
 static int segformer_preprocessor_config(SegformerConfig *c, const JsonValue *root, Error *e) {
@@ -291,11 +968,10 @@ static int segformer_json(SegformerConfig *c, const char *dir, const char *file,
 
 int segformer_config_load(SegformerConfig *c, const char *dir, Error *e) {
     *c = (SegformerConfig){0};
-    return segformer_json(c, dir, "config.json", segformer_model_config, e) ||
-                   segformer_json(c, dir, "preprocessor_config.json",
-                                  segformer_preprocessor_config, e)
-               ? -1
-               : 0;
+    if (segformer_json(c, dir, "config.json", segformer_model_config, e) ||
+        segformer_json(c, dir, "preprocessor_config.json", segformer_preprocessor_config, e))
+        return -1;
+    return 0;
 }
 
 /* -- weights -- */
@@ -321,22 +997,21 @@ static int segformer_layer_load(SegformerLayer *l, const StModel *m, const Segfo
     char p[128], n[160];
     segformer_name(p, sizeof p, "segformer.encoder.block.%d.%d", i, j);
 #define NAME(suffix) segformer_name(n, sizeof n, "%s." suffix, p)
-    return norm_load(&l->norm1, m, C, true, NAME("layer_norm_1"), e) ||
-                   linear_load(&l->query, m, C, C, true, NAME("attention.self.query"), e) ||
-                   linear_load(&l->key, m, C, C, true, NAME("attention.self.key"), e) ||
-                   linear_load(&l->value, m, C, C, true, NAME("attention.self.value"), e) ||
-                   (r > 1 &&
-                    (conv2d_load(&l->sr, m, C, C, r, r, 0, 1, true, NAME("attention.self.sr"), e) ||
-                     norm_load(&l->sr_norm, m, C, true, NAME("attention.self.layer_norm"), e))) ||
-                   linear_load(&l->out, m, C, C, true, NAME("attention.output.dense"), e) ||
-                   norm_load(&l->norm2, m, C, true, NAME("layer_norm_2"), e) ||
-                   linear_load(&l->dense1, m, C, inner, true, NAME("mlp.dense1"), e) ||
-                   conv2d_load(&l->dwconv, m, inner, inner, 3, 1, 1, inner, true,
-                               NAME("mlp.dwconv.dwconv"), e) ||
-                   linear_load(&l->dense2, m, inner, C, true, NAME("mlp.dense2"), e)
-               ? -1
-               : 0;
+    int rc = norm_load(&l->norm1, m, C, true, NAME("layer_norm_1"), e) ||
+             linear_load(&l->query, m, C, C, true, NAME("attention.self.query"), e) ||
+             linear_load(&l->key, m, C, C, true, NAME("attention.self.key"), e) ||
+             linear_load(&l->value, m, C, C, true, NAME("attention.self.value"), e) ||
+             (r > 1 &&
+              (conv2d_load(&l->sr, m, C, C, r, r, 0, 1, true, NAME("attention.self.sr"), e) ||
+               norm_load(&l->sr_norm, m, C, true, NAME("attention.self.layer_norm"), e))) ||
+             linear_load(&l->out, m, C, C, true, NAME("attention.output.dense"), e) ||
+             norm_load(&l->norm2, m, C, true, NAME("layer_norm_2"), e) ||
+             linear_load(&l->dense1, m, C, inner, true, NAME("mlp.dense1"), e) ||
+             conv2d_load(&l->dwconv, m, inner, inner, 3, 1, 1, inner, true,
+                         NAME("mlp.dwconv.dwconv"), e) ||
+             linear_load(&l->dense2, m, inner, C, true, NAME("mlp.dense2"), e);
 #undef NAME
+    return rc ? -1 : 0;
 }
 
 static int segformer_stage_load(SegformerStage *s, const StModel *m, const SegformerConfig *c,
@@ -346,11 +1021,12 @@ static int segformer_stage_load(SegformerStage *s, const StModel *m, const Segfo
     if (conv2d_load(&s->patch_embed, m, in, C, k, c->strides[i], k / 2, 1, true,
                     segformer_name(n, sizeof n, "segformer.encoder.patch_embeddings.%d.proj", i),
                     e) ||
-        norm_load(&s->patch_norm, m, C, true,
-                  segformer_name(n, sizeof n, "segformer.encoder.patch_embeddings.%d.layer_norm", i),
-                  e) ||
-        norm_load(&s->norm, m, C, true, segformer_name(n, sizeof n, "segformer.encoder.layer_norm.%d", i),
-                  e) ||
+        norm_load(
+            &s->patch_norm, m, C, true,
+            segformer_name(n, sizeof n, "segformer.encoder.patch_embeddings.%d.layer_norm", i),
+            e) ||
+        norm_load(&s->norm, m, C, true,
+                  segformer_name(n, sizeof n, "segformer.encoder.layer_norm.%d", i), e) ||
         linear_load(&s->linear_c, m, C, c->decoder_hidden_size, true,
                     segformer_name(n, sizeof n, "decode_head.linear_c.%d.proj", i), e))
         return -1;
@@ -365,16 +1041,15 @@ static int segformer_stage_load(SegformerStage *s, const StModel *m, const Segfo
 static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
     const SegformerConfig *c = &s->config;
     int D = c->decoder_hidden_size;
-    return conv2d_load(&s->linear_fuse, m, D * c->stages, D, 1, 1, 0, 1, false,
-                       "decode_head.linear_fuse", e) ||
-                   norm_load(&s->batch_norm, m, D, true, "decode_head.batch_norm", e) ||
-                   param_load(m, &s->running_mean, e, SHAPE(D),
-                              "decode_head.batch_norm.running_mean") ||
-                   param_load(m, &s->running_var, e, SHAPE(D), "decode_head.batch_norm.running_var") ||
-                   conv2d_load(&s->classifier, m, D, c->num_labels, 1, 1, 0, 1, true,
-                               "decode_head.classifier", e)
-               ? -1
-               : 0;
+    if (conv2d_load(&s->linear_fuse, m, D * c->stages, D, 1, 1, 0, 1, false,
+                    "decode_head.linear_fuse", e) ||
+        norm_load(&s->batch_norm, m, D, true, "decode_head.batch_norm", e) ||
+        param_load(m, &s->running_mean, e, SHAPE(D), "decode_head.batch_norm.running_mean") ||
+        param_load(m, &s->running_var, e, SHAPE(D), "decode_head.batch_norm.running_var") ||
+        conv2d_load(&s->classifier, m, D, c->num_labels, 1, 1, 0, 1, true,
+                    "decode_head.classifier", e))
+        return -1;
+    return 0;
 }
 
 /* (x - mean) / std as (x + shift) * scale, per channel. */
@@ -430,12 +1105,10 @@ int segformer_load(Segformer **out, const char *dir, Error *e) {
     if (!s) return error_set(e, "out of memory loading the detector %s", dir);
     StModel *m = NULL;
     int rc = segformer_config_load(&s->config, dir, e) || st_model_open(&m, dir, e) ||
-                     segformer_pixel_load(s, e)
-                 ? -1
-                 : 0;
-    for (int i = 0; rc == 0 && i < s->config.stages; i++)
+             segformer_pixel_load(s, e);
+    for (int i = 0; !rc && i < s->config.stages; i++)
         rc = segformer_stage_load(&s->stages[i], m, &s->config, i, e);
-    if (rc == 0) rc = segformer_head_load(s, m, e);
+    if (!rc) rc = segformer_head_load(s, m, e);
     st_model_close(m);
     if (rc) {
         segformer_free(s);
@@ -475,8 +1148,8 @@ static Var *segformer_attention(Tape *t, const SegformerLayer *l, Var *x) {
     Var *q = ag_reshape(t, linear_apply(t, &l->query, x), 4, (int64_t[]){B, h * w, l->heads, D});
     Var *kv = x;
     if (l->sr_ratio > 1)
-        kv = segformer_layernorm(t, &l->sr_norm,
-                                 segformer_tokens(t, conv2d_apply(t, &l->sr, segformer_image(t, x))));
+        kv = segformer_layernorm(
+            t, &l->sr_norm, segformer_tokens(t, conv2d_apply(t, &l->sr, segformer_image(t, x))));
     if (!kv) return NULL;
     int64_t n_kv = kv->value->shape[1] * kv->value->shape[2];
     Var *k = ag_reshape(t, linear_apply(t, &l->key, kv), 4, (int64_t[]){B, n_kv, l->heads, D});
@@ -504,7 +1177,8 @@ static Var *segformer_layer(Tape *t, Var **inputs, void *ctx) {
 /* Overlapping patch embedding, the layers (each recomputed in backward), the stage norm.
  * x: [B, Cin, H, W] -> [B, h, w, C] */
 static Var *segformer_stage(Tape *t, const SegformerStage *s, Var *x) {
-    x = segformer_layernorm(t, &s->patch_norm, segformer_tokens(t, conv2d_apply(t, &s->patch_embed, x)));
+    x = segformer_layernorm(t, &s->patch_norm,
+                            segformer_tokens(t, conv2d_apply(t, &s->patch_embed, x)));
     for (int j = 0; j < s->n_layers; j++)
         x = ag_checkpoint(t, segformer_layer, &s->layers[j], &x, 1);
     return segformer_layernorm(t, &s->norm, x);

@@ -56,6 +56,48 @@ void norm_free(NormParams *n);
 /* A constant leaf over a parameter (NULL stays NULL, for optional biases). */
 Var *param_var(Tape *t, Tensor *p);
 
+/* ---- section: flux2 ---------------------------------------------------------------------------
+ * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin), forward
+ * only. The weights stay in the mapped safetensors files: each block's tensors are converted to
+ * f32 only while that block runs, so the memory a call needs is one block's weights plus the
+ * activations, not the whole model in f32. */
+
+/* RoPE axes: the pipeline's position ids are (T, H, W, L). */
+#define FLUX2_AXES 4
+
+/* transformer/config.json (absent patch_size = 1 and null out_channels = in_channels, as
+ * upstream). dim = heads * head_dim; mlp_hidden = int(dim * mlp_ratio). */
+typedef struct Flux2Config {
+    int patch_size, in_channels, out_channels;
+    int num_layers, num_single_layers;    /* double-stream, single-stream blocks */
+    int heads, head_dim, dim, mlp_hidden;
+    int joint_attention_dim;              /* the prompt embedding's width */
+    int timestep_channels;                /* timestep_guidance_channels */
+    int axes_dims[FLUX2_AXES];            /* axes_dims_rope; they sum to head_dim */
+    double rope_theta, eps;
+    bool guidance_embeds;
+} Flux2Config;
+
+typedef struct Flux2 Flux2;
+
+/* Opens <dir>/config.json and the weights in dir (one file or an index over shards) and checks
+ * that every tensor the config implies is there with its shape (an error names the first one that
+ * is not), without converting any. */
+int flux2_load(Flux2 **out, const char *dir, Error *e);
+void flux2_free(Flux2 *m);
+const Flux2Config *flux2_config(const Flux2 *m);
+
+/* The velocity at noise level sigma[b] (in [0, 1]; the model embeds sigma * 1000).
+ * tokens: [B, h*w, in_channels], the packed latent tokens of an h x w grid in row-major order;
+ * txt: [B, L, joint_attention_dim], the prompt embeddings; sigma: [B]; guidance: [B] or NULL
+ * (used only when the config has guidance_embeds, as upstream) -> *velocity: [B, h*w,
+ * patch_size^2 * out_channels], a new tensor the caller frees. Runs with grad off on short tapes
+ * of its own; the model holds no state between calls. */
+int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tensor *txt,
+                  const float *sigma, const float *guidance, Tensor **velocity, Error *e);
+
+/* ---- end section: flux2 ---- */
+
 /* ---- section: segformer ---------------------------------------------------------------------
  * The artifact detector: transformers' SegformerForSemanticSegmentation (a Mix Transformer
  * encoder of any size and the all-MLP decode head) behind DIAMOND's preprocessing, all as ag_* ops

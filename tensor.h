@@ -43,7 +43,7 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len);
 #define TENSOR_NEW(...) \
     tensor_new((int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__})
 
-/* ---- section: GEMM (owned by the gemm work) --------------------------------------------- */
+/* ---- GEMM ------------------------------------------------------------------------------- */
 
 /* C[M,N] = alpha * op(A) op(B) + beta * C, op(X) = X or X^T, leading dimensions in elements.
  * op(A) is [M,K] (A is [K,M] when trans_a), op(B) is [K,N] (B is [N,K] when trans_b).
@@ -54,9 +54,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
                     int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
-/* ---- end section: GEMM ---- */
-
-/* ---- section: conv2d (owned by the conv work) ------------------------------------------- */
+/* ---- conv2d ----------------------------------------------------------------------------- */
 
 typedef struct Conv2dShape {
     int batch, in_ch, in_h, in_w;
@@ -73,9 +71,7 @@ void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const 
 void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const float *dy,
                      float *dx, float *dw, float *db);
 
-/* ---- end section: conv2d ---- */
-
-/* ---- section: attention and rotary embedding (owned by the attention work) --------------- */
+/* ---- attention and rotary embedding ----------------------------------------------------- */
 
 typedef struct AttentionShape {
     int batch;
@@ -108,9 +104,7 @@ void rope_forward(int batch, int n, int heads, int head_dim, const float *cos, c
 void rope_backward(int batch, int n, int heads, int head_dim, const float *cos, const float *sin,
                    const float *dy, float *dx);
 
-/* ---- end section: attention and rotary embedding ---- */
-
-/* ---- section: norms, activations, resampling, elementwise (owned by the ops work) -------- */
+/* ---- norms, activations, resampling, elementwise ---------------------------------------- */
 
 /* LayerNorm over the last dim. x: [rows, C] -> y: [rows, C]; mean, rstd: [rows] saved for
  * backward; w, b: [C] or NULL (no affine). */
@@ -194,7 +188,5 @@ void sum_channels_add(int B, int C, int HW, const float *x, float *out);
 /* Reductions whose result depends on n alone, never on the thread count. */
 double sum_array(size_t n, const float *x);  /* 64 chunks summed in double, then in order */
 float max_array(size_t n, const float *x);   /* NaN if any value is NaN; -inf when n == 0 */
-
-/* ---- end section: norms, activations, resampling, elementwise ---- */
 
 #endif

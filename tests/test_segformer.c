@@ -66,8 +66,8 @@ static void check_case(const Segformer *m, const SafeTensors *g, const char *cas
         }
         Var *loss = ag_mean(t, ag_pow(t, mask, 2.0f));
         Error e = {{0}};
-        CHECK(tape_check(t, &e) == 0 && tape_backward(t, loss, &e) == 0, "%s forward and backward: %s",
-              case_name, e.msg);
+        CHECK(tape_check(t, &e) == 0 && tape_backward(t, loss, &e) == 0,
+              "%s forward and backward: %s", case_name, e.msg);
         if (loss && x->grad) {
             compare(case_name, "mask_small", small->value, small_want, MASK_RTOL, MASK_ATOL);
             compare(case_name, "mask", mask->value, mask_want, MASK_RTOL, MASK_ATOL);
@@ -86,8 +86,7 @@ static void check_case(const Segformer *m, const SafeTensors *g, const char *cas
 
 /* dir: a mkdtemp template. Each of config.json, preprocessor_config.json and model.safetensors is
  * the given text, or (NULL) a link to the fixture's; model is NULL when the caller writes it. */
-static bool scratch_make(char *dir, const char *config, const char *preprocessor,
-                         bool link_model) {
+static bool scratch_make(char *dir, const char *config, const char *preprocessor, bool link_model) {
     if (!mkdtemp(dir)) return false;
     const char *files[3] = {"config.json", "preprocessor_config.json", "model.safetensors"};
     const char *texts[3] = {config, preprocessor, NULL};
@@ -241,8 +240,8 @@ static void check_tensor_errors(void) {
         CHECK(write_altered_model(dir, missing, NULL), "write a model without %s", missing);
         expect_load_error(dir, "a missing tensor", (const char *[]){missing, "missing"}, 2);
         CHECK(write_altered_model(dir, NULL, misshaped), "write a model with %s flat", misshaped);
-        expect_load_error(dir, "a mis-shaped tensor", (const char *[]){misshaped, "[864]", "[96, 1, 3, 3]"},
-                          3);
+        expect_load_error(dir, "a mis-shaped tensor",
+                          (const char *[]){misshaped, "[864]", "[96, 1, 3, 3]"}, 3);
         scratch_remove(dir);
     }
 }
@@ -270,23 +269,31 @@ static void check_config_errors(void) {
     static const struct {
         const char *what, *from, *to, *want[2];
     } config_cases[] = {
-        {"heads that do not divide the hidden size", "\"num_attention_heads\": [\n    1,\n    2,\n    3",
-         "\"num_attention_heads\": [\n    1,\n    2,\n    5", {"config.json", "heads"}},
-        {"a per-stage list of the wrong length", "\"sr_ratios\": [\n    8,", "\"sr_ratios\": [\n",
+        {"heads that do not divide the hidden size",
+         "\"num_attention_heads\": [\n    1,\n    2,\n    3",
+         "\"num_attention_heads\": [\n    1,\n    2,\n    5",
+         {"config.json", "heads"}},
+        {"a per-stage list of the wrong length",
+         "\"sr_ratios\": [\n    8,",
+         "\"sr_ratios\": [\n",
          {"config.json", "sr_ratios"}},
         {"an unsupported activation", "\"gelu\"", "\"swish\"", {"config.json", "swish"}},
     };
     static const struct {
         const char *what, *text, *want[2];
     } pre_cases[] = {
-        {"a zero std", "{\"size\": {\"height\": 64, \"width\": 48}, \"image_mean\": [0, 0, 0], "
-                       "\"image_std\": [1, 0, 1]}",
+        {"a zero std",
+         "{\"size\": {\"height\": 64, \"width\": 48}, \"image_mean\": [0, 0, 0], "
+         "\"image_std\": [1, 0, 1]}",
          {"preprocessor_config.json", "image_std"}},
-        {"a mean of two numbers", "{\"size\": 64, \"image_mean\": [0, 0], \"image_std\": [1, 1, 1]}",
+        {"a mean of two numbers",
+         "{\"size\": 64, \"image_mean\": [0, 0], \"image_std\": [1, 1, 1]}",
          {"preprocessor_config.json", "image_mean"}},
-        {"a missing size", "{\"image_mean\": [0, 0, 0], \"image_std\": [1, 1, 1]}",
+        {"a missing size",
+         "{\"image_mean\": [0, 0, 0], \"image_std\": [1, 1, 1]}",
          {"preprocessor_config.json", "size"}},
-        {"a size of zero", "{\"size\": {\"height\": 0, \"width\": 48}, \"do_normalize\": false}",
+        {"a size of zero",
+         "{\"size\": {\"height\": 0, \"width\": 48}, \"do_normalize\": false}",
          {"preprocessor_config.json", "height"}},
     };
     for (size_t i = 0; i < sizeof config_cases / sizeof config_cases[0]; i++) {

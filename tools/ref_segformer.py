@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Writes the tiny SegFormer artifact-detector fixture and its golden file, for tests/test_segformer.c.
+"""Writes the tiny SegFormer artifact detector fixture and golden file for tests/test_segformer.c.
 
 The reference is a torch re-implementation of transformers' SegformerForSemanticSegmentation
 (src/transformers/models/segformer/modeling_segformer.py) with the upstream parameter names, in
@@ -269,7 +269,7 @@ def bf16_rounded(state):
             for k, v in state.items()}
 
 
-# ---- files -----------------------------------------------------------------------------------------
+# ---- files ---------------------------------------------------------------------------------
 
 def write_json(path, obj):
     with open(path, "w") as f:

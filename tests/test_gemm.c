@@ -1,0 +1,252 @@
+/* test_gemm.c - the blocked gemm() against the reference triple loop, against PyTorch, and
+ * against itself at other thread counts (bit for bit). */
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../tensor.h"
+#include "harness.h"
+
+/* Stands in for the columns of C between N and ldc, which gemm must never touch. */
+#define GAP_SENTINEL 12345.0f
+
+typedef struct GemmCase {
+    int M, N, K;
+    bool trans_a, trans_b;
+    float alpha, beta;
+    int pad; /* extra elements per row: leading dimension = row length + pad */
+} GemmCase;
+
+/* A product's operands and output, stored the way gemm reads them. */
+typedef struct GemmData {
+    int lda, ldb, ldc;
+    float *A, *B, *C;
+} GemmData;
+
+static float *random_matrix(int rows, int ld, unsigned long long *state) {
+    float *x = malloc((size_t)rows * ld * sizeof *x + 1);
+    for (size_t i = 0; i < (size_t)rows * ld; i++) x[i] = harness_rand(state);
+    return x;
+}
+
+/* C gets random values where beta reads them, NaN where beta == 0 promises not to, and the
+ * sentinel in the gap past column N. */
+static GemmData gemm_data_new(const GemmCase *c, unsigned long long seed) {
+    GemmData d;
+    unsigned long long state = seed;
+    int a_rows = c->trans_a ? c->K : c->M, a_cols = c->trans_a ? c->M : c->K;
+    int b_rows = c->trans_b ? c->N : c->K, b_cols = c->trans_b ? c->K : c->N;
+    d.lda = a_cols + c->pad, d.ldb = b_cols + c->pad, d.ldc = c->N + c->pad;
+    d.A = random_matrix(a_rows, d.lda, &state);
+    d.B = random_matrix(b_rows, d.ldb, &state);
+    d.C = random_matrix(c->M, d.ldc, &state);
+    for (int i = 0; i < c->M; i++)
+        for (int j = 0; j < d.ldc; j++)
+            if (j >= c->N) d.C[(size_t)i * d.ldc + j] = GAP_SENTINEL;
+            else if (c->beta == 0.0f) d.C[(size_t)i * d.ldc + j] = NAN;
+    return d;
+}
+
+static void gemm_data_free(GemmData *d) {
+    free(d->A), free(d->B), free(d->C);
+}
+
+static void run_gemm(const GemmCase *c, GemmData *d) {
+    gemm(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d->A, d->lda, d->B, d->ldb, c->beta,
+         d->C, d->ldc);
+}
+
+/* C's first N columns packed densely, for check_close. */
+static float *dense_c(const GemmCase *c, const GemmData *d) {
+    float *x = malloc((size_t)c->M * c->N * sizeof *x + 1);
+    for (int i = 0; i < c->M; i++)
+        memcpy(x + (size_t)i * c->N, d->C + (size_t)i * d->ldc, (size_t)c->N * sizeof *x);
+    return x;
+}
+
+static bool gap_untouched(const GemmCase *c, const GemmData *d) {
+    for (int i = 0; i < c->M; i++)
+        for (int j = c->N; j < d->ldc; j++)
+            if (d->C[(size_t)i * d->ldc + j] != GAP_SENTINEL) return false;
+    return true;
+}
+
+/* A float32 sum of K products of values in [-1, 1) drifts from the float64 reference by about
+ * eps * sqrt(K) * |partial sums|; we see up to 1e-6 * sqrt(K) and allow four times that. */
+static float gemm_atol(int K) {
+    return 4e-6f * sqrtf((float)(K > 1 ? K : 1));
+}
+
+static void check_case(const GemmCase *c) {
+    char what[160];
+    snprintf(what, sizeof what, "gemm %s%s M=%d N=%d K=%d alpha=%g beta=%g pad=%d",
+             c->trans_a ? "T" : "N", c->trans_b ? "T" : "N", c->M, c->N, c->K, c->alpha, c->beta,
+             c->pad);
+    GemmData got = gemm_data_new(c, 1000u + (unsigned)(c->M * 31 + c->N * 7 + c->K));
+    GemmData want = gemm_data_new(c, 1000u + (unsigned)(c->M * 31 + c->N * 7 + c->K));
+    run_gemm(c, &got);
+    gemm_reference(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, want.A, want.lda, want.B,
+                   want.ldb, c->beta, want.C, want.ldc);
+    float *g = dense_c(c, &got), *w = dense_c(c, &want);
+    check_close(what, g, w, (size_t)c->M * c->N, 1e-5f, gemm_atol(c->K) * fabsf(c->alpha));
+    CHECK(gap_untouched(c, &got), "%s: C outside its N columns untouched", what);
+    free(g), free(w);
+    gemm_data_free(&got), gemm_data_free(&want);
+}
+
+static void test_against_reference(void) {
+    /* Tiny, odd, vector-shaped and K = 1 products; one micro-tile and depth block (384) exactly
+     * and one past; wider than a column block (480); and, last, A blocks over the 1M-float cap,
+     * so the rows split into several blocks. */
+    const int sizes[][3] = {
+        {1, 1, 1},     {7, 13, 17},   {33, 65, 129},   {1, 70, 45},    {50, 1, 45},
+        {40, 37, 1},   {12, 32, 384}, {13, 33, 385},   {5, 1000, 3},   {1000, 5, 3},
+        {300, 500, 700}, {3000, 17, 800}, {13, 3, 200000},
+    };
+    const float scales[][2] = {{1.0f, 0.0f}, {0.5f, 1.0f}, {-1.5f, 0.25f}};
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
+        for (int t = 0; t < 4; t++) {
+            GemmCase c = {sizes[s][0], sizes[s][1], sizes[s][2], t & 1, t >> 1, 1.0f, 0.0f, 0};
+            /* big products once per transpose pair; every scale and padding on the rest */
+            int n_scales = c.M * c.N * c.K > 1000000 ? 1 : 3;
+            for (int v = 0; v < n_scales; v++) {
+                c.alpha = scales[v][0], c.beta = scales[v][1], c.pad = v * 3;
+                check_case(&c);
+            }
+        }
+}
+
+/* Nothing to add (K == 0 or alpha == 0): C = beta * C, and beta == 0 clears NaNs. */
+static void test_degenerate(void) {
+    GemmCase cases[] = {
+        {5, 7, 0, false, false, 1.0f, 0.0f, 2}, {5, 7, 0, false, true, 1.0f, 0.5f, 2},
+        {5, 7, 9, true, false, 0.0f, 0.0f, 1},  {5, 7, 9, false, false, 0.0f, 2.0f, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) check_case(&cases[i]);
+}
+
+/* The same product at 1, 2, 3 and 16 threads must agree bit for bit: the thread count changes
+ * how the work is split (column blocks, row chunks) but never the order of any K-sum. */
+static void test_thread_independence(void) {
+#ifdef _OPENMP
+    const GemmCase cases[] = {
+        {300, 500, 700, false, false, 1.0f, 0.0f, 0}, {257, 20, 800, true, true, 0.7f, 0.3f, 1},
+        {1024, 96, 100, false, true, 1.0f, 1.0f, 0}, {37, 1500, 390, true, false, -1.0f, 0.0f, 5},
+        {3000, 40, 800, false, false, 1.0f, 0.5f, 0},
+    };
+    const int thread_counts[] = {2, 3, 16};
+    int keep = omp_get_max_threads();
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const GemmCase *c = &cases[i];
+        GemmData one = gemm_data_new(c, 77 + i);
+        omp_set_num_threads(1);
+        run_gemm(c, &one);
+        for (size_t t = 0; t < sizeof thread_counts / sizeof thread_counts[0]; t++) {
+            int threads = thread_counts[t];
+            GemmData many = gemm_data_new(c, 77 + i);
+            omp_set_num_threads(threads);
+            run_gemm(c, &many);
+            bool same = !memcmp(one.C, many.C, (size_t)c->M * one.ldc * sizeof(float));
+            CHECK(same, "gemm M=%d N=%d K=%d: 1 and %d threads agree bit for bit", c->M, c->N, c->K,
+                  threads);
+            gemm_data_free(&many);
+        }
+        gemm_data_free(&one);
+    }
+    omp_set_num_threads(keep);
+#else
+    printf("  note: built without OpenMP, thread-count independence not exercised\n");
+#endif
+}
+
+/* The golden products of tools/golden_gemm.py (torch.matmul in float64). */
+static void test_against_pytorch(void) {
+    SafeTensors *st = golden_open("tests/golden/gemm.safetensors");
+    if (!st) return;
+    for (int i = 0;; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "case%d.params", i);
+        if (!st_find(st, name)) break;
+        float *p = golden_load(st, name, 7);
+        if (!p) break;
+        GemmCase c = {(int)p[0], (int)p[1], (int)p[2], p[3] != 0.0f, p[4] != 0.0f, p[5], p[6], 0};
+        size_t na = (size_t)c.M * c.K, nb = (size_t)c.K * c.N, nc = (size_t)c.M * c.N;
+        snprintf(name, sizeof name, "case%d.a", i);
+        float *A = golden_load(st, name, na);
+        snprintf(name, sizeof name, "case%d.b", i);
+        float *B = golden_load(st, name, nb);
+        snprintf(name, sizeof name, "case%d.c", i);
+        float *C = golden_load(st, name, nc);
+        snprintf(name, sizeof name, "case%d.out", i);
+        float *want = golden_load(st, name, nc);
+        if (A && B && C && want) {
+            gemm(c.trans_a, c.trans_b, c.M, c.N, c.K, c.alpha, A, c.trans_a ? c.M : c.K, B,
+                 c.trans_b ? c.K : c.N, c.beta, C, c.N);
+            snprintf(name, sizeof name, "gemm vs torch.matmul case %d (%dx%dx%d %s%s)", i, c.M, c.N,
+                     c.K, c.trans_a ? "T" : "N", c.trans_b ? "T" : "N");
+            check_close(name, C, want, nc, 1e-5f, gemm_atol(c.K) * fabsf(c.alpha));
+        }
+        free(p), free(A), free(B), free(C), free(want);
+    }
+    st_close(st);
+}
+
+/* The gradients of loss = sum(R * op(A) op(B)) are themselves products, so gemm with the other
+ * transpose flags must give what finite differences of gemm give:
+ *   d op(A) = R op(B)^T  and  d op(B) = op(A)^T R. */
+typedef struct GemmLoss {
+    GemmCase c;
+    GemmData d;
+    const float *R; /* [M, N] */
+    float *out;     /* [M, N] */
+} GemmLoss;
+
+static double gemm_loss(void *ctx) {
+    GemmLoss *l = ctx;
+    gemm(l->c.trans_a, l->c.trans_b, l->c.M, l->c.N, l->c.K, 1.0f, l->d.A, l->d.lda, l->d.B,
+         l->d.ldb, 0.0f, l->out, l->c.N);
+    double sum = 0.0;
+    for (size_t i = 0; i < (size_t)l->c.M * l->c.N; i++) sum += (double)l->R[i] * l->out[i];
+    return sum;
+}
+
+static void test_gradients(void) {
+    const int M = 5, N = 7, K = 9;
+    for (int t = 0; t < 4; t++) {
+        GemmLoss l = {{M, N, K, t & 1, t >> 1, 1.0f, 0.0f, 0}, {0}, NULL, NULL};
+        l.d = gemm_data_new(&l.c, 500 + t);
+        unsigned long long state = 900 + t;
+        float *R = random_matrix(M, N, &state);
+        float *dA = malloc(sizeof(float) * M * K), *dB = malloc(sizeof(float) * K * N);
+        l.R = R, l.out = malloc(sizeof(float) * M * N);
+        bool ta = l.c.trans_a, tb = l.c.trans_b;
+        /* A stored [M, K]: dA = R op(B)^T; stored [K, M]: dA = op(B) R^T. */
+        if (!ta) gemm(false, !tb, M, K, N, 1.0f, R, N, l.d.B, l.d.ldb, 0.0f, dA, K);
+        else gemm(tb, true, K, M, N, 1.0f, l.d.B, l.d.ldb, R, N, 0.0f, dA, M);
+        /* B stored [K, N]: dB = op(A)^T R; stored [N, K]: dB = R^T op(A). */
+        if (!tb) gemm(!ta, false, K, N, M, 1.0f, l.d.A, l.d.lda, R, N, 0.0f, dB, N);
+        else gemm(true, ta, N, K, M, 1.0f, R, N, l.d.A, l.d.lda, 0.0f, dB, K);
+        char what[64];
+        snprintf(what, sizeof what, "gemm %s%s d/dA", ta ? "T" : "N", tb ? "T" : "N");
+        check_gradient(what, gemm_loss, &l, l.d.A, dA, (size_t)M * K, 1, 1e-2f, 1e-3f, 1e-3f);
+        snprintf(what, sizeof what, "gemm %s%s d/dB", ta ? "T" : "N", tb ? "T" : "N");
+        check_gradient(what, gemm_loss, &l, l.d.B, dB, (size_t)K * N, 1, 1e-2f, 1e-3f, 1e-3f);
+        free(R), free(dA), free(dB), free(l.out);
+        gemm_data_free(&l.d);
+    }
+}
+
+int main(void) {
+    test_against_reference();
+    test_degenerate();
+    test_thread_independence();
+    test_gradients();
+    test_against_pytorch();
+    return harness_finish("test_gemm");
+}
