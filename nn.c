@@ -809,16 +809,15 @@ typedef struct SegformerStage {
     SegformerLayer *layers;
     int n_layers;
     NormParams norm;
-    Linear linear_c; /* the decode head's projection of this stage */
+    Conv2d head_proj; /* 1x1, C -> D: this stage's path through the head (segformer_head_fold);
+                       * stage 0's bias holds every constant of the head up to the ReLU */
 } SegformerStage;
 
 struct Segformer {
     SegformerConfig config;
     SegformerStage stages[SEGFORMER_MAX_STAGES];
     Tensor *pixel_shift, *pixel_scale; /* [3]: -mean and 1 / std */
-    Conv2d linear_fuse, classifier;
-    NormParams batch_norm;
-    Tensor *running_mean, *running_var;
+    Conv2d classifier;
 };
 
 /* -- config -- */
@@ -1026,9 +1025,7 @@ static int segformer_stage_load(SegformerStage *s, const StModel *m, const Segfo
             segformer_name(n, sizeof n, "segformer.encoder.patch_embeddings.%d.layer_norm", i),
             e) ||
         norm_load(&s->norm, m, C, true,
-                  segformer_name(n, sizeof n, "segformer.encoder.layer_norm.%d", i), e) ||
-        linear_load(&s->linear_c, m, C, c->decoder_hidden_size, true,
-                    segformer_name(n, sizeof n, "decode_head.linear_c.%d.proj", i), e))
+                  segformer_name(n, sizeof n, "segformer.encoder.layer_norm.%d", i), e))
         return -1;
     s->layers = calloc((size_t)c->depths[i], sizeof *s->layers);
     if (!s->layers) return error_set(e, "out of memory loading stage %d of the detector", i);
@@ -1038,18 +1035,84 @@ static int segformer_stage_load(SegformerStage *s, const StModel *m, const Segfo
     return 0;
 }
 
-static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
+/* The decode head up to its ReLU is linear, so it is folded into one projection per stage:
+ *     BN(fuse(concat_i(up(P_i x_i + b_i))))
+ *         = sum_i up(S W_i P_i x_i) + S (sum_i W_i b_i - mean) + beta
+ * with P_i, b_i the stage's linear_c, W_i its [D, D] block of linear_fuse (the concat puts the
+ * last stage first), S = diag(gamma / sqrt(var + eps)) and mean, beta the batch norm's. It holds
+ * because a 1x1 conv mixes channels while bilinear resizing mixes positions with weights summing
+ * to 1 (constants pass through). The 4D -> D conv at 1/4 of the input, the head's largest cost in
+ * time and memory, becomes a C_i -> D 1x1 conv at each stage's own resolution. */
+typedef struct SegformerHeadParts {
+    Tensor *fuse;       /* linear_fuse.weight: [D, n D, 1, 1] */
+    NormParams bn;      /* gamma, beta */
+    Tensor *mean, *var; /* running statistics */
+    Linear linear_c;    /* the stage being folded */
+    float *scale;       /* [D]: S */
+    double *bias_sum;   /* [D]: sum_i W_i b_i */
+} SegformerHeadParts;
+
+/* stages[i].head_proj weight = S W_i P_i; bias_sum += W_i b_i. */
+static int segformer_fold_stage(Segformer *s, int i, SegformerHeadParts *h, Error *e) {
+    const SegformerConfig *c = &s->config;
+    int D = c->decoder_hidden_size, C = c->hidden_sizes[i], n = c->stages;
+    const float *W = h->fuse->data + (size_t)(n - 1 - i) * D, *P = h->linear_c.weight->data;
+    const float *b = h->linear_c.bias->data;
+    Tensor *proj = TENSOR_NEW(D, C, 1, 1);
+    if (!proj) return error_set(e, "out of memory folding the decode head");
+    gemm(false, false, D, C, D, 1.0f, W, n * D, P, C, 0.0f, proj->data, C);
+    for (int o = 0; o < D; o++) {
+        for (int k = 0; k < C; k++) proj->data[(size_t)o * C + k] *= h->scale[o];
+        for (int k = 0; k < D; k++) h->bias_sum[o] += (double)W[(size_t)o * n * D + k] * b[k];
+    }
+    s->stages[i].head_proj = (Conv2d){.weight = proj, .stride = 1, .padding = 0, .groups = 1};
+    return 0;
+}
+
+static int segformer_head_fold(Segformer *s, const StModel *m, SegformerHeadParts *h, Error *e) {
     const SegformerConfig *c = &s->config;
     int D = c->decoder_hidden_size;
-    if (conv2d_load(&s->linear_fuse, m, D * c->stages, D, 1, 1, 0, 1, false,
-                    "decode_head.linear_fuse", e) ||
-        norm_load(&s->batch_norm, m, D, true, "decode_head.batch_norm", e) ||
-        param_load(m, &s->running_mean, e, SHAPE(D), "decode_head.batch_norm.running_mean") ||
-        param_load(m, &s->running_var, e, SHAPE(D), "decode_head.batch_norm.running_var") ||
-        conv2d_load(&s->classifier, m, D, c->num_labels, 1, 1, 0, 1, true,
-                    "decode_head.classifier", e))
+    if (param_load(m, &h->fuse, e, SHAPE(D, c->stages * D, 1, 1),
+                   "decode_head.linear_fuse.weight") ||
+        norm_load(&h->bn, m, D, true, "decode_head.batch_norm", e) ||
+        param_load(m, &h->mean, e, SHAPE(D), "decode_head.batch_norm.running_mean") ||
+        param_load(m, &h->var, e, SHAPE(D), "decode_head.batch_norm.running_var"))
         return -1;
+    h->scale = malloc((size_t)D * sizeof *h->scale);
+    h->bias_sum = calloc((size_t)D, sizeof *h->bias_sum);
+    if (!h->scale || !h->bias_sum)
+        return error_set(e, "out of memory folding the decode head");
+    for (int o = 0; o < D; o++)
+        h->scale[o] = h->bn.weight->data[o] / sqrtf(h->var->data[o] + SEGFORMER_NORM_EPS);
+    for (int i = 0; i < c->stages; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "decode_head.linear_c.%d.proj", i);
+        int rc = linear_load(&h->linear_c, m, c->hidden_sizes[i], D, true, name, e) ||
+                 segformer_fold_stage(s, i, h, e);
+        linear_free(&h->linear_c);
+        if (rc) return -1;
+    }
+    Tensor *bias = TENSOR_NEW(D);
+    if (!bias) return error_set(e, "out of memory folding the decode head");
+    for (int o = 0; o < D; o++)
+        bias->data[o] =
+            (float)(h->bn.bias->data[o] + h->scale[o] * (h->bias_sum[o] - h->mean->data[o]));
+    s->stages[0].head_proj.bias = bias;
     return 0;
+}
+
+static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
+    SegformerHeadParts h = {0};
+    int rc = segformer_head_fold(s, m, &h, e) ||
+             conv2d_load(&s->classifier, m, s->config.decoder_hidden_size, s->config.num_labels, 1,
+                         1, 0, 1, true, "decode_head.classifier", e);
+    tensor_free(h.fuse);
+    norm_free(&h.bn);
+    tensor_free(h.mean);
+    tensor_free(h.var);
+    free(h.scale);
+    free(h.bias_sum);
+    return rc ? -1 : 0;
 }
 
 /* (x - mean) / std as (x + shift) * scale, per channel. */
@@ -1087,15 +1150,11 @@ void segformer_free(Segformer *m) {
         for (int j = 0; j < s->n_layers; j++) segformer_layer_free(&s->layers[j]);
         free(s->layers);
         norm_free(&s->norm);
-        linear_free(&s->linear_c);
+        conv2d_free(&s->head_proj);
     }
     tensor_free(m->pixel_shift);
     tensor_free(m->pixel_scale);
-    conv2d_free(&m->linear_fuse);
     conv2d_free(&m->classifier);
-    norm_free(&m->batch_norm);
-    tensor_free(m->running_mean);
-    tensor_free(m->running_var);
     free(m);
 }
 
@@ -1184,22 +1243,18 @@ static Var *segformer_stage(Tape *t, const SegformerStage *s, Var *x) {
     return segformer_layernorm(t, &s->norm, x);
 }
 
-/* The all-MLP head: every stage projected to D channels and resized to stage 0's size, joined
- * last stage first, fused by a 1x1 conv, batch norm, ReLU, classifier.
- * states[i]: [B, h_i, w_i, C_i] -> logits: [B, L, h_0, w_0] */
-static Var *segformer_head(Tape *t, const Segformer *m, Var **states) {
-    int n = m->config.stages;
-    if (!states[0]) return NULL;
-    int64_t h = states[0]->value->shape[1], w = states[0]->value->shape[2];
-    Var *parts[SEGFORMER_MAX_STAGES];
-    for (int i = 0; i < n; i++)
-        parts[n - 1 - i] = segformer_resize(
-            t, segformer_image(t, linear_apply(t, &m->stages[i].linear_c, states[i])), h, w);
-    Var *y = conv2d_apply(t, &m->linear_fuse, ag_concat(t, parts, n, 1));
-    y = ag_batchnorm_eval(t, y, param_var(t, m->running_mean), param_var(t, m->running_var),
-                          param_var(t, m->batch_norm.weight), param_var(t, m->batch_norm.bias),
-                          SEGFORMER_NORM_EPS);
-    return conv2d_apply(t, &m->classifier, ag_relu(t, y));
+/* The all-MLP head, folded (segformer_head_fold): each stage projected to D channels and resized
+ * to stage 0's size, summed, ReLU, classifier.
+ * images[i]: [B, C_i, h_i, w_i] -> logits: [B, L, h_0, w_0] */
+static Var *segformer_head(Tape *t, const Segformer *m, Var **images) {
+    if (!images[0]) return NULL;
+    int64_t h = images[0]->value->shape[2], w = images[0]->value->shape[3];
+    Var *sum = NULL;
+    for (int i = 0; i < m->config.stages; i++) {
+        Var *y = segformer_resize(t, conv2d_apply(t, &m->stages[i].head_proj, images[i]), h, w);
+        sum = sum ? ag_add(t, sum, y) : y;
+    }
+    return conv2d_apply(t, &m->classifier, ag_relu(t, sum));
 }
 
 /* DIAMOND's preprocessing: [-1, 1] -> [0, 1] (clamped), resized, normalised per channel.
@@ -1217,12 +1272,10 @@ static Var *segformer_preprocess(Tape *t, const Segformer *m, Var *image) {
 Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small) {
     if (mask_small) *mask_small = NULL;
     Var *x = segformer_preprocess(t, m, image);
-    Var *states[SEGFORMER_MAX_STAGES] = {0};
-    for (int i = 0; i < m->config.stages; i++) {
-        states[i] = segformer_stage(t, &m->stages[i], x);
-        if (i + 1 < m->config.stages) x = segformer_image(t, states[i]);
-    }
-    Var *small = ag_sigmoid(t, segformer_head(t, m, states));
+    Var *images[SEGFORMER_MAX_STAGES] = {0}; /* each stage's output, the next stage's input */
+    for (int i = 0; i < m->config.stages; i++)
+        x = images[i] = segformer_image(t, segformer_stage(t, &m->stages[i], x));
+    Var *small = ag_sigmoid(t, segformer_head(t, m, images));
     /* the patch embedding's conv has accepted image, so it is [B, 3, H, W] from here on */
     if (!small) return NULL;
     if (mask_small) *mask_small = small;

@@ -103,7 +103,9 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * encoder of any size and the all-MLP decode head) behind DIAMOND's preprocessing, all as ag_* ops
  * so d loss / d image flows through every step. Upstream modeling_segformer.py is the spec:
  * dropout and drop-path are the identity (eval), every LayerNorm uses PyTorch's default eps 1e-5
- * (upstream ignores config.layer_norm_eps), the batch norm uses its running statistics. */
+ * (upstream ignores config.layer_norm_eps), the batch norm uses its running statistics. The
+ * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one 1x1 conv per
+ * stage when loading: the same function up to rounding, without the 4D-channel concat. */
 
 #define SEGFORMER_MAX_STAGES 8
 

@@ -242,6 +242,13 @@ static void check_tensor_errors(void) {
         CHECK(write_altered_model(dir, NULL, misshaped), "write a model with %s flat", misshaped);
         expect_load_error(dir, "a mis-shaped tensor",
                           (const char *[]){misshaped, "[864]", "[96, 1, 3, 3]"}, 3);
+        const char *head = "decode_head.linear_c.2.proj.bias";
+        CHECK(write_altered_model(dir, head, NULL), "write a model without %s", head);
+        expect_load_error(dir, "a missing head tensor", (const char *[]){head, "missing"}, 2);
+        const char *fuse = "decode_head.linear_fuse.weight";
+        CHECK(write_altered_model(dir, NULL, fuse), "write a model with %s flat", fuse);
+        expect_load_error(dir, "a mis-shaped head tensor",
+                          (const char *[]){fuse, "[1024]", "[16, 64, 1, 1]"}, 3);
         scratch_remove(dir);
     }
 }
