@@ -1155,3 +1155,504 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
 }
 
 /* ---- end section: vae ---- */
+
+/* ---- section: segformer ---------------------------------------------------------------------- */
+
+/* Every LayerNorm and the batch norm: PyTorch's default, as upstream passes none. */
+#define SEGFORMER_NORM_EPS 1e-5f
+/* A bound on every size in config.json, so products of them stay far inside int. */
+#define SEGFORMER_MAX_SIZE 65536
+
+/* One Mix Transformer layer, with the hyper-parameters it needs to run alone under ag_checkpoint.
+ */
+typedef struct SegformerLayer {
+    int heads, sr_ratio;
+    bool gelu_tanh;
+    NormParams norm1, norm2;
+    Linear query, key, value, out;
+    Conv2d sr; /* sequence reduction, with sr_norm, only when sr_ratio > 1 */
+    NormParams sr_norm;
+    Linear dense1, dense2;
+    Conv2d dwconv;
+} SegformerLayer;
+
+typedef struct SegformerStage {
+    Conv2d patch_embed;
+    NormParams patch_norm;
+    SegformerLayer *layers;
+    int n_layers;
+    NormParams norm;
+    Conv2d head_proj; /* 1x1, C -> D: this stage's path through the head (segformer_head_fold);
+                       * stage 0's bias holds every constant of the head up to the ReLU */
+} SegformerStage;
+
+struct Segformer {
+    SegformerConfig config;
+    SegformerStage stages[SEGFORMER_MAX_STAGES];
+    Tensor *pixel_shift, *pixel_scale; /* [3]: -mean and 1 / std */
+    Conv2d classifier;
+};
+
+/* -- config -- */
+
+/* The per-stage integer array `key` of config.json: one positive entry per stage. */
+static int segformer_stage_ints(const JsonValue *root, const char *key, int stages, int *out,
+                                Error *e) {
+    int64_t v[SEGFORMER_MAX_STAGES];
+    size_t n;
+    if (json_get_int_array(root, key, v, SEGFORMER_MAX_STAGES, &n, e)) return -1;
+    if ((int)n != stages)
+        return error_set(e, "%s: key '%s' has %zu entries, num_encoder_blocks is %d", root->source,
+                         key, n, stages);
+    for (int i = 0; i < stages; i++) {
+        if (v[i] < 1 || v[i] > SEGFORMER_MAX_SIZE)
+            return error_set(e, "%s: key '%s' entry %d is %lld, expected 1..%d", root->source, key,
+                             i, (long long)v[i], SEGFORMER_MAX_SIZE);
+        out[i] = (int)v[i];
+    }
+    return 0;
+}
+
+/* A positive integer of config.json at most SEGFORMER_MAX_SIZE. */
+static int segformer_size(const JsonValue *root, const char *key, int max, int *out, Error *e) {
+    int64_t v;
+    if (json_get_int(root, key, &v, e)) return -1;
+    if (v < 1 || v > max)
+        return error_set(e, "%s: key '%s' is %lld, expected 1..%d", root->source, key, (long long)v,
+                         max);
+    *out = (int)v;
+    return 0;
+}
+
+/* num_labels, or the size of id2label, which is what transformers writes instead. */
+static int segformer_num_labels(const JsonValue *root, int *out, Error *e) {
+    if (json_get(root, "num_labels"))
+        return segformer_size(root, "num_labels", SEGFORMER_MAX_SIZE, out, e);
+    const JsonValue *labels = json_get(root, "id2label");
+    if (!labels || labels->type != JSON_OBJECT || labels->count < 1)
+        return error_set(e, "%s: neither 'num_labels' nor a non-empty 'id2label' is given",
+                         root->source);
+    *out = (int)labels->count;
+    return 0;
+}
+
+static int segformer_activation(const JsonValue *root, bool *tanh_approx, Error *e) {
+    const char *act;
+    if (json_get_string(root, "hidden_act", &act, e)) return -1;
+    *tanh_approx = strcmp(act, "gelu_new") == 0 || strcmp(act, "gelu_pytorch_tanh") == 0;
+    if (!*tanh_approx && strcmp(act, "gelu") != 0)
+        return error_set(e, "%s: hidden_act '%s' is not one of gelu, gelu_new, gelu_pytorch_tanh",
+                         root->source, act);
+    return 0;
+}
+
+static int segformer_model_config(SegformerConfig *c, const JsonValue *root, Error *e) {
+    int channels = 3;
+    if (segformer_size(root, "num_encoder_blocks", SEGFORMER_MAX_STAGES, &c->stages, e) ||
+        (json_get(root, "num_channels") &&
+         segformer_size(root, "num_channels", SEGFORMER_MAX_SIZE, &channels, e)) ||
+        segformer_stage_ints(root, "hidden_sizes", c->stages, c->hidden_sizes, e) ||
+        segformer_stage_ints(root, "depths", c->stages, c->depths, e) ||
+        segformer_stage_ints(root, "num_attention_heads", c->stages, c->heads, e) ||
+        segformer_stage_ints(root, "sr_ratios", c->stages, c->sr_ratios, e) ||
+        segformer_stage_ints(root, "patch_sizes", c->stages, c->patch_sizes, e) ||
+        segformer_stage_ints(root, "strides", c->stages, c->strides, e) ||
+        segformer_stage_ints(root, "mlp_ratios", c->stages, c->mlp_ratios, e) ||
+        segformer_size(root, "decoder_hidden_size", SEGFORMER_MAX_SIZE, &c->decoder_hidden_size,
+                       e) ||
+        segformer_num_labels(root, &c->num_labels, e) ||
+        segformer_activation(root, &c->gelu_tanh, e))
+        return -1;
+    if (channels != 3)
+        return error_set(e, "%s: num_channels is %d, the detector takes RGB images", root->source,
+                         channels);
+    for (int i = 0; i < c->stages; i++)
+        if (c->hidden_sizes[i] % c->heads[i])
+            return error_set(e, "%s: hidden size %d of stage %d is not a multiple of its %d heads",
+                             root->source, c->hidden_sizes[i], i, c->heads[i]);
+    return 0;
+}
+
+/* An optional boolean, true when absent (the image processor's defaults). */
+static int segformer_flag(const JsonValue *root, const char *key, bool *out, Error *e) {
+    *out = true;
+    return json_get(root, key) ? json_get_bool(root, key, out, e) : 0;
+}
+
+/* image_mean or image_std: three finite numbers (std also nonzero). */
+static int segformer_rgb(const JsonValue *root, const char *key, bool nonzero, float *out,
+                         Error *e) {
+    const JsonValue *v = json_get(root, key);
+    if (!v || v->type != JSON_ARRAY || v->count != 3)
+        return error_set(e, "%s: key '%s' must be an array of 3 numbers", root->source, key);
+    for (int i = 0; i < 3; i++) {
+        const JsonValue *item = &v->items[i];
+        if (item->type != JSON_NUMBER || !isfinite(item->number) ||
+            (nonzero && item->number == 0.0))
+            return error_set(e, "%s: key '%s' entry %d must be a finite%s number", root->source,
+                             key, i, nonzero ? ", nonzero" : "");
+        out[i] = (float)item->number;
+    }
+    return 0;
+}
+
+/* size: {"height": h, "width": w}, or one number for a square (older feature extractors). */
+static int segformer_input_size(SegformerConfig *c, const JsonValue *root, Error *e) {
+    const JsonValue *size = json_get(root, "size");
+    if (size && size->type == JSON_NUMBER) {
+        if (segformer_size(root, "size", IMAGE_MAX_SIDE, &c->input_h, e)) return -1;
+        c->input_w = c->input_h;
+        return 0;
+    }
+    if (!size || size->type != JSON_OBJECT)
+        return error_set(e, "%s: key 'size' must be {\"height\": h, \"width\": w} or a number",
+                         root->source);
+    if (segformer_size(size, "height", IMAGE_MAX_SIDE, &c->input_h, e) ||
+        segformer_size(size, "width", IMAGE_MAX_SIDE, &c->input_w, e))
+        return -1;
+    return 0;
+}
+
+static int segformer_preprocessor_config(SegformerConfig *c, const JsonValue *root, Error *e) {
+    if (segformer_flag(root, "do_resize", &c->do_resize, e) ||
+        segformer_flag(root, "do_normalize", &c->do_normalize, e) ||
+        (c->do_resize && segformer_input_size(c, root, e)) ||
+        (c->do_normalize && (segformer_rgb(root, "image_mean", false, c->mean, e) ||
+                             segformer_rgb(root, "image_std", true, c->std, e))))
+        return -1;
+    return 0;
+}
+
+/* Parses <dir>/<file> and hands its root object to parse. */
+static int segformer_json(SegformerConfig *c, const char *dir, const char *file,
+                          int (*parse)(SegformerConfig *, const JsonValue *, Error *), Error *e) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/%s", dir, file) >= (int)sizeof path)
+        return error_set(e, "path too long: %s/%s", dir, file);
+    JsonDoc *doc;
+    if (json_parse_file(&doc, path, e)) return -1;
+    const JsonValue *root = json_root(doc);
+    int rc = root->type == JSON_OBJECT ? parse(c, root, e)
+                                       : error_set(e, "%s: expected a JSON object", path);
+    json_free(doc);
+    return rc;
+}
+
+int segformer_config_load(SegformerConfig *c, const char *dir, Error *e) {
+    *c = (SegformerConfig){0};
+    if (segformer_json(c, dir, "config.json", segformer_model_config, e) ||
+        segformer_json(c, dir, "preprocessor_config.json", segformer_preprocessor_config, e))
+        return -1;
+    return 0;
+}
+
+/* -- weights -- */
+
+/* printf into buf (always large enough for the upstream names), for the *_load prefixes. */
+static const char *segformer_name(char *buf, size_t len, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+static const char *segformer_name(char *buf, size_t len, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, len, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+static int segformer_layer_load(SegformerLayer *l, const StModel *m, const SegformerConfig *c,
+                                int i, int j, Error *e) {
+    int C = c->hidden_sizes[i], inner = C * c->mlp_ratios[i], r = c->sr_ratios[i];
+    *l = (SegformerLayer){.heads = c->heads[i], .sr_ratio = r, .gelu_tanh = c->gelu_tanh};
+    char p[128], n[160];
+    segformer_name(p, sizeof p, "segformer.encoder.block.%d.%d", i, j);
+#define NAME(suffix) segformer_name(n, sizeof n, "%s." suffix, p)
+    int rc = norm_load(&l->norm1, m, C, true, NAME("layer_norm_1"), e) ||
+             linear_load(&l->query, m, C, C, true, NAME("attention.self.query"), e) ||
+             linear_load(&l->key, m, C, C, true, NAME("attention.self.key"), e) ||
+             linear_load(&l->value, m, C, C, true, NAME("attention.self.value"), e) ||
+             (r > 1 &&
+              (conv2d_load(&l->sr, m, C, C, r, r, 0, 1, true, NAME("attention.self.sr"), e) ||
+               norm_load(&l->sr_norm, m, C, true, NAME("attention.self.layer_norm"), e))) ||
+             linear_load(&l->out, m, C, C, true, NAME("attention.output.dense"), e) ||
+             norm_load(&l->norm2, m, C, true, NAME("layer_norm_2"), e) ||
+             linear_load(&l->dense1, m, C, inner, true, NAME("mlp.dense1"), e) ||
+             conv2d_load(&l->dwconv, m, inner, inner, 3, 1, 1, inner, true,
+                         NAME("mlp.dwconv.dwconv"), e) ||
+             linear_load(&l->dense2, m, inner, C, true, NAME("mlp.dense2"), e);
+#undef NAME
+    return rc ? -1 : 0;
+}
+
+static int segformer_stage_load(SegformerStage *s, const StModel *m, const SegformerConfig *c,
+                                int i, Error *e) {
+    int C = c->hidden_sizes[i], in = i == 0 ? 3 : c->hidden_sizes[i - 1], k = c->patch_sizes[i];
+    char n[128];
+    if (conv2d_load(&s->patch_embed, m, in, C, k, c->strides[i], k / 2, 1, true,
+                    segformer_name(n, sizeof n, "segformer.encoder.patch_embeddings.%d.proj", i),
+                    e) ||
+        norm_load(
+            &s->patch_norm, m, C, true,
+            segformer_name(n, sizeof n, "segformer.encoder.patch_embeddings.%d.layer_norm", i),
+            e) ||
+        norm_load(&s->norm, m, C, true,
+                  segformer_name(n, sizeof n, "segformer.encoder.layer_norm.%d", i), e))
+        return -1;
+    s->layers = calloc((size_t)c->depths[i], sizeof *s->layers);
+    if (!s->layers) return error_set(e, "out of memory loading stage %d of the detector", i);
+    s->n_layers = c->depths[i];
+    for (int j = 0; j < s->n_layers; j++)
+        if (segformer_layer_load(&s->layers[j], m, c, i, j, e)) return -1;
+    return 0;
+}
+
+/* The decode head up to its ReLU is linear, so it is folded into one projection per stage:
+ *     BN(fuse(concat_i(up(P_i x_i + b_i))))
+ *         = sum_i up(S W_i P_i x_i) + S (sum_i W_i b_i - mean) + beta
+ * with P_i, b_i the stage's linear_c, W_i its [D, D] block of linear_fuse (the concat puts the
+ * last stage first), S = diag(gamma / sqrt(var + eps)) and mean, beta the batch norm's. It holds
+ * because a 1x1 conv mixes channels while bilinear resizing mixes positions with weights summing
+ * to 1 (constants pass through). The 4D -> D conv at 1/4 of the input, the head's largest cost in
+ * time and memory, becomes a C_i -> D 1x1 conv at each stage's own resolution. */
+typedef struct SegformerHeadParts {
+    Tensor *fuse;       /* linear_fuse.weight: [D, n D, 1, 1] */
+    NormParams bn;      /* gamma, beta */
+    Tensor *mean, *var; /* running statistics */
+    Linear linear_c;    /* the stage being folded */
+    float *scale;       /* [D]: S */
+    double *bias_sum;   /* [D]: sum_i W_i b_i */
+} SegformerHeadParts;
+
+/* stages[i].head_proj weight = S W_i P_i; bias_sum += W_i b_i. */
+static int segformer_fold_stage(Segformer *s, int i, SegformerHeadParts *h, Error *e) {
+    const SegformerConfig *c = &s->config;
+    int D = c->decoder_hidden_size, C = c->hidden_sizes[i], n = c->stages;
+    const float *W = h->fuse->data + (size_t)(n - 1 - i) * D, *P = h->linear_c.weight->data;
+    const float *b = h->linear_c.bias->data;
+    Tensor *proj = TENSOR_NEW(D, C, 1, 1);
+    if (!proj) return error_set(e, "out of memory folding the decode head");
+    gemm(false, false, D, C, D, 1.0f, W, n * D, P, C, 0.0f, proj->data, C);
+    for (int o = 0; o < D; o++) {
+        for (int k = 0; k < C; k++) proj->data[(size_t)o * C + k] *= h->scale[o];
+        for (int k = 0; k < D; k++) h->bias_sum[o] += (double)W[(size_t)o * n * D + k] * b[k];
+    }
+    s->stages[i].head_proj = (Conv2d){.weight = proj, .stride = 1, .padding = 0, .groups = 1};
+    return 0;
+}
+
+static int segformer_head_fold(Segformer *s, const StModel *m, SegformerHeadParts *h, Error *e) {
+    const SegformerConfig *c = &s->config;
+    int D = c->decoder_hidden_size;
+    if (param_load(m, &h->fuse, e, SHAPE(D, c->stages * D, 1, 1),
+                   "decode_head.linear_fuse.weight") ||
+        norm_load(&h->bn, m, D, true, "decode_head.batch_norm", e) ||
+        param_load(m, &h->mean, e, SHAPE(D), "decode_head.batch_norm.running_mean") ||
+        param_load(m, &h->var, e, SHAPE(D), "decode_head.batch_norm.running_var"))
+        return -1;
+    h->scale = malloc((size_t)D * sizeof *h->scale);
+    h->bias_sum = calloc((size_t)D, sizeof *h->bias_sum);
+    if (!h->scale || !h->bias_sum)
+        return error_set(e, "out of memory folding the decode head");
+    for (int o = 0; o < D; o++)
+        h->scale[o] = h->bn.weight->data[o] / sqrtf(h->var->data[o] + SEGFORMER_NORM_EPS);
+    for (int i = 0; i < c->stages; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "decode_head.linear_c.%d.proj", i);
+        int rc = linear_load(&h->linear_c, m, c->hidden_sizes[i], D, true, name, e) ||
+                 segformer_fold_stage(s, i, h, e);
+        linear_free(&h->linear_c);
+        if (rc) return -1;
+    }
+    Tensor *bias = TENSOR_NEW(D);
+    if (!bias) return error_set(e, "out of memory folding the decode head");
+    for (int o = 0; o < D; o++)
+        bias->data[o] =
+            (float)(h->bn.bias->data[o] + h->scale[o] * (h->bias_sum[o] - h->mean->data[o]));
+    s->stages[0].head_proj.bias = bias;
+    return 0;
+}
+
+static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
+    SegformerHeadParts h = {0};
+    int rc = segformer_head_fold(s, m, &h, e) ||
+             conv2d_load(&s->classifier, m, s->config.decoder_hidden_size, s->config.num_labels, 1,
+                         1, 0, 1, true, "decode_head.classifier", e);
+    tensor_free(h.fuse);
+    norm_free(&h.bn);
+    tensor_free(h.mean);
+    tensor_free(h.var);
+    free(h.scale);
+    free(h.bias_sum);
+    return rc ? -1 : 0;
+}
+
+/* (x - mean) / std as (x + shift) * scale, per channel. */
+static int segformer_pixel_load(Segformer *s, Error *e) {
+    s->pixel_shift = TENSOR_NEW(3);
+    s->pixel_scale = TENSOR_NEW(3);
+    if (!s->pixel_shift || !s->pixel_scale) return error_set(e, "out of memory");
+    for (int c = 0; c < 3; c++) {
+        s->pixel_shift->data[c] = -s->config.mean[c];
+        s->pixel_scale->data[c] = 1.0f / s->config.std[c];
+    }
+    return 0;
+}
+
+static void segformer_layer_free(SegformerLayer *l) {
+    norm_free(&l->norm1);
+    norm_free(&l->norm2);
+    norm_free(&l->sr_norm);
+    linear_free(&l->query);
+    linear_free(&l->key);
+    linear_free(&l->value);
+    linear_free(&l->out);
+    linear_free(&l->dense1);
+    linear_free(&l->dense2);
+    conv2d_free(&l->sr);
+    conv2d_free(&l->dwconv);
+}
+
+void segformer_free(Segformer *m) {
+    if (!m) return;
+    for (int i = 0; i < SEGFORMER_MAX_STAGES; i++) {
+        SegformerStage *s = &m->stages[i];
+        conv2d_free(&s->patch_embed);
+        norm_free(&s->patch_norm);
+        for (int j = 0; j < s->n_layers; j++) segformer_layer_free(&s->layers[j]);
+        free(s->layers);
+        norm_free(&s->norm);
+        conv2d_free(&s->head_proj);
+    }
+    tensor_free(m->pixel_shift);
+    tensor_free(m->pixel_scale);
+    conv2d_free(&m->classifier);
+    free(m);
+}
+
+int segformer_load(Segformer **out, const char *dir, Error *e) {
+    *out = NULL;
+    Segformer *s = calloc(1, sizeof *s);
+    if (!s) return error_set(e, "out of memory loading the detector %s", dir);
+    StModel *m = NULL;
+    int rc = segformer_config_load(&s->config, dir, e) || st_model_open(&m, dir, e) ||
+             segformer_pixel_load(s, e);
+    for (int i = 0; !rc && i < s->config.stages; i++)
+        rc = segformer_stage_load(&s->stages[i], m, &s->config, i, e);
+    if (!rc) rc = segformer_head_load(s, m, e);
+    st_model_close(m);
+    if (rc) {
+        segformer_free(s);
+        return -1;
+    }
+    *out = s;
+    return 0;
+}
+
+const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }
+
+/* -- forward -- */
+
+/* x: [B, C, h, w] -> [B, h, w, C]: the token sequence in row-major order, channels last */
+static Var *segformer_tokens(Tape *t, Var *x) { return ag_permute(t, x, (int[]){0, 2, 3, 1}); }
+/* x: [B, h, w, C] -> [B, C, h, w] */
+static Var *segformer_image(Tape *t, Var *x) { return ag_permute(t, x, (int[]){0, 3, 1, 2}); }
+
+static Var *segformer_layernorm(Tape *t, const NormParams *n, Var *x) {
+    return ag_layernorm(t, x, param_var(t, n->weight), param_var(t, n->bias), SEGFORMER_NORM_EPS);
+}
+
+/* x: [.., h, w] -> [.., out_h, out_w]; to the same size it is the identity, as in PyTorch. */
+static Var *segformer_resize(Tape *t, Var *x, int64_t out_h, int64_t out_w) {
+    const Tensor *v = x ? x->value : NULL;
+    if (v && v->ndim >= 2 && v->shape[v->ndim - 2] == out_h && v->shape[v->ndim - 1] == out_w)
+        return x;
+    return ag_resize_bilinear(t, x, (int)out_h, (int)out_w);
+}
+
+/* Efficient self-attention: keys and values come from the tokens reduced by an sr x sr conv.
+ * x: [B, h, w, C] -> [B, h, w, C] */
+static Var *segformer_attention(Tape *t, const SegformerLayer *l, Var *x) {
+    if (!x) return NULL;
+    int64_t B = x->value->shape[0], h = x->value->shape[1], w = x->value->shape[2];
+    int64_t C = x->value->shape[3], D = C / l->heads;
+    Var *q = ag_reshape(t, linear_apply(t, &l->query, x), 4, (int64_t[]){B, h * w, l->heads, D});
+    Var *kv = x;
+    if (l->sr_ratio > 1)
+        kv = segformer_layernorm(
+            t, &l->sr_norm, segformer_tokens(t, conv2d_apply(t, &l->sr, segformer_image(t, x))));
+    if (!kv) return NULL;
+    int64_t n_kv = kv->value->shape[1] * kv->value->shape[2];
+    Var *k = ag_reshape(t, linear_apply(t, &l->key, kv), 4, (int64_t[]){B, n_kv, l->heads, D});
+    Var *v = ag_reshape(t, linear_apply(t, &l->value, kv), 4, (int64_t[]){B, n_kv, l->heads, D});
+    Var *y = ag_attention(t, q, k, v, 1.0f / sqrtf((float)D), false, NULL);
+    return linear_apply(t, &l->out, ag_reshape(t, y, 4, (int64_t[]){B, h, w, C}));
+}
+
+/* Mix-FFN: dense1, 3x3 depthwise conv over the token image, GELU, dense2.
+ * x: [B, h, w, C] -> [B, h, w, C] */
+static Var *segformer_mix_ffn(Tape *t, const SegformerLayer *l, Var *x) {
+    Var *y = conv2d_apply(t, &l->dwconv, segformer_image(t, linear_apply(t, &l->dense1, x)));
+    return linear_apply(t, &l->dense2, segformer_tokens(t, ag_gelu(t, y, l->gelu_tanh)));
+}
+
+/* One layer, pre-norm: x + attn(LN1 x), then + MixFFN(LN2 .). A CheckpointFn: ctx is the layer.
+ * inputs[0]: [B, h, w, C] -> [B, h, w, C] */
+static Var *segformer_layer(Tape *t, Var **inputs, void *ctx) {
+    const SegformerLayer *l = ctx;
+    Var *x = inputs[0];
+    x = ag_add(t, x, segformer_attention(t, l, segformer_layernorm(t, &l->norm1, x)));
+    return ag_add(t, x, segformer_mix_ffn(t, l, segformer_layernorm(t, &l->norm2, x)));
+}
+
+/* Overlapping patch embedding, the layers (each recomputed in backward), the stage norm.
+ * x: [B, Cin, H, W] -> [B, h, w, C] */
+static Var *segformer_stage(Tape *t, const SegformerStage *s, Var *x) {
+    x = segformer_layernorm(t, &s->patch_norm,
+                            segformer_tokens(t, conv2d_apply(t, &s->patch_embed, x)));
+    for (int j = 0; j < s->n_layers; j++)
+        x = ag_checkpoint(t, segformer_layer, &s->layers[j], &x, 1);
+    return segformer_layernorm(t, &s->norm, x);
+}
+
+/* The all-MLP head, folded (segformer_head_fold): each stage projected to D channels and resized
+ * to stage 0's size, summed, ReLU, classifier.
+ * images[i]: [B, C_i, h_i, w_i] -> logits: [B, L, h_0, w_0] */
+static Var *segformer_head(Tape *t, const Segformer *m, Var **images) {
+    if (!images[0]) return NULL;
+    int64_t h = images[0]->value->shape[2], w = images[0]->value->shape[3];
+    Var *sum = NULL;
+    for (int i = 0; i < m->config.stages; i++) {
+        Var *y = segformer_resize(t, conv2d_apply(t, &m->stages[i].head_proj, images[i]), h, w);
+        sum = sum ? ag_add(t, sum, y) : y;
+    }
+    return conv2d_apply(t, &m->classifier, ag_relu(t, sum));
+}
+
+/* DIAMOND's preprocessing: [-1, 1] -> [0, 1] (clamped), resized, normalised per channel.
+ * image: [B, 3, H, W] -> [B, 3, h, w] */
+static Var *segformer_preprocess(Tape *t, const Segformer *m, Var *image) {
+    const SegformerConfig *c = &m->config;
+    Var *x = ag_clamp(t, ag_affine(t, image, 0.5f, 0.5f), 0.0f, 1.0f);
+    if (c->do_resize) x = segformer_resize(t, x, c->input_h, c->input_w);
+    if (c->do_normalize)
+        x = ag_mul_channels(t, ag_add_channels(t, x, param_var(t, m->pixel_shift)),
+                            param_var(t, m->pixel_scale));
+    return x;
+}
+
+Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small) {
+    if (mask_small) *mask_small = NULL;
+    Var *x = segformer_preprocess(t, m, image);
+    Var *images[SEGFORMER_MAX_STAGES] = {0}; /* each stage's output, the next stage's input */
+    for (int i = 0; i < m->config.stages; i++)
+        x = images[i] = segformer_image(t, segformer_stage(t, &m->stages[i], x));
+    Var *small = ag_sigmoid(t, segformer_head(t, m, images));
+    /* the patch embedding's conv has accepted image, so it is [B, 3, H, W] from here on */
+    if (!small) return NULL;
+    if (mask_small) *mask_small = small;
+    return segformer_resize(t, small, image->value->shape[2], image->value->shape[3]);
+}
+
+/* ---- end section: segformer ---- */

@@ -137,4 +137,49 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
 
 /* ---- end section: vae ---- */
 
+/* ---- section: segformer ---------------------------------------------------------------------
+ * The artifact detector: transformers' SegformerForSemanticSegmentation (a Mix Transformer
+ * encoder of any size and the all-MLP decode head) behind DIAMOND's preprocessing, all as ag_* ops
+ * so d loss / d image flows through every step. Upstream modeling_segformer.py is the spec:
+ * dropout and drop-path are the identity (eval), every LayerNorm uses PyTorch's default eps 1e-5
+ * (upstream ignores config.layer_norm_eps), the batch norm uses its running statistics. The
+ * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one 1x1 conv per
+ * stage when loading: the same function up to rounding, without the 4D-channel concat. */
+
+#define SEGFORMER_MAX_STAGES 8
+
+/* config.json (hidden_act "gelu" is the erf form; "gelu_new" / "gelu_pytorch_tanh" the tanh one)
+ * and preprocessor_config.json (size {height, width} or one number, image_mean, image_std,
+ * do_resize and do_normalize, both true when absent). */
+typedef struct SegformerConfig {
+    int stages;
+    int hidden_sizes[SEGFORMER_MAX_STAGES], depths[SEGFORMER_MAX_STAGES];
+    int heads[SEGFORMER_MAX_STAGES], sr_ratios[SEGFORMER_MAX_STAGES];
+    int patch_sizes[SEGFORMER_MAX_STAGES], strides[SEGFORMER_MAX_STAGES];
+    int mlp_ratios[SEGFORMER_MAX_STAGES];
+    int decoder_hidden_size, num_labels;
+    bool gelu_tanh;
+    bool do_resize, do_normalize;
+    int input_h, input_w; /* the network's input size when do_resize */
+    float mean[3], std[3];
+} SegformerConfig;
+
+typedef struct Segformer Segformer;
+
+/* Reads <dir>/config.json and <dir>/preprocessor_config.json; an error names the file and key. */
+int segformer_config_load(SegformerConfig *c, const char *dir, Error *e);
+/* Config and weights from a transformers directory (one .safetensors file or an index; f32, f16
+ * or bf16). A missing or mis-shaped tensor is an error naming it. */
+int segformer_load(Segformer **out, const char *dir, Error *e);
+void segformer_free(Segformer *m);
+const SegformerConfig *segformer_config(const Segformer *m);
+
+/* image: [B, 3, H, W] in [-1, 1] -> mask: [B, L, H, W] in [0, 1] (L = num_labels), the sigmoid
+ * map at 1/4 of the network's input resized bilinearly to the image. *mask_small (when not NULL)
+ * gets that map, [B, L, h/4, w/4]: backward releases it unless the caller calls var_keep on it.
+ * Each encoder layer runs under ag_checkpoint, so memory stays bounded on large inputs. */
+Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small);
+
+/* ---- end section: segformer ---- */
+
 #endif
