@@ -1656,3 +1656,315 @@ Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small
 }
 
 /* ---- end section: segformer ---- */
+
+/* ---- section: sampler ------------------------------------------------------------------------ */
+
+/* g / (||g|| + eps), as the official guidance.grad_norm_eps */
+#define SAMPLER_GRAD_NORM_EPS 1e-6
+/* the focal loss's log(1 - m + eps) */
+#define SAMPLER_FOCAL_EPS 1e-6f
+
+/* One "key=value" a spec accepts: a finite number in [lo, hi], a whole one when integer. */
+typedef struct SpecKey {
+    const char *name;
+    double *value;
+    double lo, hi;
+    bool integer;
+} SpecKey;
+
+/* Reads the "key=value,key=value" list after the colon of spec into the matching keys; `what`
+ * names the option in errors ("--lambda-schedule power"). */
+static int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
+                           Error *e) {
+    while (list && *list) {
+        const char *comma = strchr(list, ',');
+        size_t len = comma ? (size_t)(comma - list) : strlen(list);
+        const char *eq = memchr(list, '=', len);
+        if (!eq) return error_set(e, "%s: expected key=value, got '%.*s'", what, (int)len, list);
+        int k = 0;
+        while (k < n_keys && !(strlen(keys[k].name) == (size_t)(eq - list) &&
+                               !strncmp(keys[k].name, list, (size_t)(eq - list))))
+            k++;
+        if (k == n_keys)
+            return error_set(e, "%s: unknown key '%.*s'", what, (int)(eq - list), list);
+        char number[64];
+        size_t nlen = len - (size_t)(eq - list) - 1;
+        char *end = number;
+        double v = NAN;
+        if (nlen > 0 && nlen < sizeof number) {
+            memcpy(number, eq + 1, nlen);
+            number[nlen] = '\0';
+            v = strtod(number, &end);
+        }
+        if (nlen == 0 || nlen >= sizeof number || *end || !isfinite(v) || v < keys[k].lo ||
+            v > keys[k].hi || (keys[k].integer && v != floor(v)))
+            return error_set(e, "%s: %s must be %s in [%g, %g], got '%.*s'", what, keys[k].name,
+                             keys[k].integer ? "a whole number" : "a number", keys[k].lo,
+                             keys[k].hi, (int)nlen, eq + 1);
+        *keys[k].value = v;
+        list = comma ? comma + 1 : NULL;
+    }
+    return 0;
+}
+
+/* The type name before the colon of spec (or all of it) as an index into names, or -1. */
+static int spec_type(const char *spec, const char *const *names, int n_names) {
+    const char *colon = strchr(spec, ':');
+    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
+    for (int i = 0; i < n_names; i++)
+        if (strlen(names[i]) == len && !strncmp(names[i], spec, len)) return i;
+    return -1;
+}
+
+static const char *spec_keys_after_colon(const char *spec) {
+    const char *colon = strchr(spec, ':');
+    return colon ? colon + 1 : NULL;
+}
+
+int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
+    static const char *const names[] = {"constant", "linear", "power", "cosine", "hard_then_exp",
+                                        "exponential"};
+    int type = spec_type(spec, names, 6);
+    if (type < 0)
+        return error_set(e, "--lambda-schedule: unknown type in '%s' (expected constant, linear, "
+                            "power, cosine, hard_then_exp or exponential)", spec);
+    LambdaSchedule v = {.type = (LambdaType)type, .start = 12.0, .end = 1.0, .power = 2.0};
+    if (v.type == LAMBDA_HARD_THEN_EXP) v.start = 30.0, v.after = 2.0;
+    if (v.type == LAMBDA_EXPONENTIAL) v.start = 30.0, v.power = 5.0;
+    double warmup = v.type == LAMBDA_EXPONENTIAL ? 5 : 0, cooldown = v.type == LAMBDA_EXPONENTIAL ? 12 : 0;
+    const double big = 1e30;
+    const SpecKey value = {"value", &v.value, -big, big, false};
+    const SpecKey start = {"start", &v.start, -big, big, false};
+    const SpecKey end = {"end", &v.end, -big, big, false};
+    const SpecKey power = {"power", &v.power, 0.0, 1e6, false};
+    const SpecKey after = {"after", &v.after, -big, big, false};
+    const SpecKey keys[6][5] = {
+        {value},
+        {start, end},
+        {start, end, power},
+        {start, end},
+        {start, after, power},
+        {start, end, power, {"warmup", &warmup, 0, 1 << 20, true},
+         {"cooldown", &cooldown, 0, 1 << 20, true}},
+    };
+    static const int n_keys[6] = {1, 2, 3, 2, 3, 5};
+    char what[64];
+    snprintf(what, sizeof what, "--lambda-schedule %s", names[type]);
+    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e))
+        return -1;
+    v.warmup = (int)warmup;
+    v.cooldown = (int)cooldown;
+    *s = v;
+    return 0;
+}
+
+/* i / (N - 1), and 0 when N = 1 (where the official code divides by zero). */
+static double lambda_progress(int i, int span) {
+    return span > 1 ? (double)i / (double)(span - 1) : 0.0;
+}
+
+double lambda_schedule_at(const LambdaSchedule *s, int i, int steps) {
+    double u = lambda_progress(i, steps);
+    switch (s->type) {
+    case LAMBDA_CONSTANT: return s->value;
+    case LAMBDA_LINEAR: return s->start * (1.0 - u) + s->end * u;
+    case LAMBDA_POWER: return s->end + (s->start - s->end) * pow(1.0 - u, s->power);
+    case LAMBDA_COSINE: return s->end + (s->start - s->end) * 0.5 * (1.0 + cos(M_PI * u));
+    case LAMBDA_HARD_THEN_EXP: {
+        if (i == 0) return s->start;
+        double t = (double)(i - 1) / (double)(steps - 2 > 1 ? steps - 2 : 1);
+        return s->after * pow(1.0 - t, s->power);
+    }
+    case LAMBDA_EXPONENTIAL: {
+        if (i < s->warmup || i >= steps - s->cooldown) return 0.0;
+        u = lambda_progress(i - s->warmup, steps - s->warmup - s->cooldown);
+        return s->end + (s->start - s->end) * pow(1.0 - u, s->power);
+    }
+    }
+    return 0.0;
+}
+
+int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e) {
+    static const char *const names[] = {"mse", "power", "focal"};
+    int type = spec_type(spec, names, 3);
+    if (type < 0)
+        return error_set(e, "--loss: unknown type in '%s' (expected mse, power or focal)", spec);
+    ArtifactLoss v = {.type = (ArtifactLossType)type, .gamma = 2.0, .alpha = 1.0};
+    /* power needs gamma > 0 for a gradient at m = 0; a negative alpha would flip the push */
+    const SpecKey keys[3][2] = {
+        {{0}},
+        {{"gamma", &v.gamma, 1e-6, 1e6, false}},
+        {{"gamma", &v.gamma, 0.0, 1e6, false}, {"alpha", &v.alpha, 1e-30, 1e30, false}},
+    };
+    static const int n_keys[3] = {0, 1, 2};
+    char what[32];
+    snprintf(what, sizeof what, "--loss %s", names[type]);
+    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e)) return -1;
+    *l = v;
+    return 0;
+}
+
+/* mask: [B, ..] -> [1]: B times the mean over everything, that is the sum of per-sample means
+ * (every sample has the same pixel count). */
+Var *artifact_loss_apply(Tape *t, const ArtifactLoss *l, Var *mask) {
+    if (!mask) return NULL; /* the op that failed has recorded why in t */
+    float batch = (float)mask->value->shape[0];
+    Var *m = ag_clamp(t, mask, 0.0f, 1.0f), *per_pixel;
+    switch (l->type) {
+    case ARTIFACT_LOSS_MSE: per_pixel = ag_pow(t, m, 2.0f); break;
+    case ARTIFACT_LOSS_POWER: per_pixel = ag_pow(t, m, (float)l->gamma); break;
+    default: {
+        Var *one_minus = ag_affine(t, m, -1.0f, 1.0f);
+        Var *log_term = ag_log(t, ag_affine(t, one_minus, 1.0f, SAMPLER_FOCAL_EPS));
+        per_pixel = ag_scale(t, ag_mul(t, ag_pow(t, one_minus, (float)l->gamma), log_term),
+                             (float)-l->alpha);
+    }
+    }
+    return ag_scale(t, ag_mean(t, per_pixel), batch);
+}
+
+double flux2_empirical_mu(int image_seq_len, int steps) {
+    const double a1 = 8.73809524e-05, b1 = 1.89833333, a2 = 0.00016927, b2 = 0.45666666;
+    double seq = image_seq_len;
+    if (image_seq_len > 4300) return a2 * seq + b2;
+    double m200 = a2 * seq + b2, m10 = a1 * seq + b1;
+    double a = (m200 - m10) / 190.0, b = m200 - 200.0 * a;
+    return a * steps + b;
+}
+
+void flux2_sigmas(int steps, int image_seq_len, float *sigmas) {
+    double shift = exp(flux2_empirical_mu(image_seq_len, steps));
+    double delta = steps > 1 ? (1.0 / steps - 1.0) / (steps - 1) : 0.0;
+    for (int i = 0; i < steps; i++) {
+        double s = i == steps - 1 ? 1.0 / steps : 1.0 + i * delta; /* numpy's linspace */
+        sigmas[i] = (float)(shift / (shift + (1.0 / s - 1.0)));
+    }
+    sigmas[steps] = 0.0f;
+}
+
+/* The detector pass on the clean estimate: mask = detector(vae_decode(x0)), and unless every
+ * sample is gated, g = dL/dx0. x0: [B, T, C] -> *mask: [B, L, H, W], *grad: [B, T, C] or NULL
+ * (no backward ran); shifted[b] says whether sample b passed the gate. */
+static int sampler_guidance(const VaeDecoder *vae, const Segformer *detector,
+                            const SamplerOptions *o, Tensor *x0, int h, int w, Tensor **mask,
+                            Tensor **grad, bool *shifted, Error *e) {
+    *mask = *grad = NULL;
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the guidance tape");
+    Var *x = var_new(t, x0, true), *small = NULL;
+    Var *m = segformer_forward(t, detector, vae_decode(t, vae, x, h, w), &small);
+    Var *loss = artifact_loss_apply(t, &o->loss, m);
+    int rc = tape_check(t, e);
+    if (rc == 0 && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
+    int64_t B = x0->shape[0];
+    bool any = false;
+    for (int64_t b = 0; rc == 0 && b < B; b++) {
+        size_t per = (size_t)(small->value->numel / B);
+        shifted[b] = !(o->gate > 0.0f) || max_array(per, small->value->data + b * per) >= o->gate;
+        any |= shifted[b];
+    }
+    if (rc == 0 && any) {
+        rc = tape_backward(t, loss, e);
+        if (rc == 0 && !(*grad = x->grad ? tensor_clone(x->grad) : TENSOR_NEW(B, x0->shape[1],
+                                                                               x0->shape[2])))
+            rc = error_set(e, "out of memory");
+        for (int64_t b = 0; rc == 0 && b < B; b++) {
+            size_t per = (size_t)(x0->numel / B);
+            if (!shifted[b]) memset((*grad)->data + b * per, 0, per * sizeof(float));
+        }
+    }
+    tape_free(t);
+    return rc;
+}
+
+/* x += dt v, then for each shifted sample x -= lambda g / (||g|| + eps). */
+static void sampler_update(Tensor *x, const Tensor *v, float dt, float lambda, const Tensor *grad,
+                           const bool *shifted) {
+    axpy((size_t)x->numel, dt, v->data, x->data);
+    int64_t B = x->shape[0];
+    size_t per = (size_t)(x->numel / B);
+    for (int64_t b = 0; grad && b < B; b++) {
+        if (!shifted[b]) continue;
+        const float *g = grad->data + b * per;
+        double norm = 0.0;
+        for (size_t k = 0; k < per; k++) norm += (double)g[k] * g[k];
+        float scale = (float)(-(double)lambda / (sqrt(norm) + SAMPLER_GRAD_NORM_EPS));
+        axpy(per, scale, g, x->data + b * per);
+    }
+}
+
+/* x0 = x_t - sigma v, as a new tensor. */
+static Tensor *sampler_clean_estimate(const Tensor *x, const Tensor *v, float sigma) {
+    Tensor *x0 = tensor_clone(x);
+    if (x0) axpy((size_t)x0->numel, -sigma, v->data, x0->data);
+    return x0;
+}
+
+static int sampler_check(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
+                         const SamplerOptions *o, const Tensor *txt, const Tensor *latent, int h,
+                         int w, Error *e) {
+    const Flux2Config *fc = flux2_config(flow);
+    const VaeConfig *vc = vae_decoder_config(vae);
+    int packed = vc->latent_channels * vc->patch_h * vc->patch_w;
+    if (o->steps < 1) return error_set(e, "sampler: steps must be at least 1");
+    if (o->guide && !detector) return error_set(e, "sampler: guidance needs a detector");
+    if (latent->ndim != 3 || latent->shape[1] != (int64_t)h * w ||
+        latent->shape[2] != fc->in_channels)
+        return error_set(e, "sampler: latent must be [B, %d, %d] for a %dx%d token grid",
+                         h * w, fc->in_channels, h, w);
+    if (fc->in_channels != packed ||
+        fc->patch_size * fc->patch_size * fc->out_channels != fc->in_channels)
+        return error_set(e, "sampler: the flow model's %d channels do not match the VAE's %d "
+                            "packed latent channels", fc->in_channels, packed);
+    if (txt->ndim != 3 || txt->shape[0] != latent->shape[0] ||
+        txt->shape[2] != fc->joint_attention_dim)
+        return error_set(e, "sampler: prompt embeddings must be [%lld, L, %d]",
+                         (long long)latent->shape[0], fc->joint_attention_dim);
+    return 0;
+}
+
+/* One step: v, x0, the guidance when lambda_i != 0, the caller's look, the update. */
+static int sampler_step(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
+                        const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
+                        int i, const float *sigmas, float *scratch, bool *shifted,
+                        SamplerStepFn on_step, void *ctx, Error *e) {
+    int64_t B = latent->shape[0];
+    float *sigma_b = scratch, *guidance_b = scratch + B;
+    for (int64_t b = 0; b < B; b++) sigma_b[b] = sigmas[i], guidance_b[b] = o->guidance_scale;
+    float lambda = o->guide ? (float)lambda_schedule_at(&o->lambda, i, o->steps) : 0.0f;
+    Tensor *v = NULL, *x0 = NULL, *mask = NULL, *grad = NULL;
+    memset(shifted, 0, (size_t)B * sizeof *shifted);
+    int rc = flux2_forward(flow, latent, h, w, txt, sigma_b, guidance_b, &v, e);
+    if (rc == 0 && !(x0 = sampler_clean_estimate(latent, v, sigmas[i])))
+        rc = error_set(e, "out of memory");
+    if (rc == 0 && lambda != 0.0f)
+        rc = sampler_guidance(vae, detector, o, x0, h, w, &mask, &grad, shifted, e);
+    SamplerStep step = {i, o->steps, sigmas[i], sigmas[i + 1], lambda, latent, v, x0, mask, grad,
+                        shifted};
+    if (rc == 0 && on_step) rc = on_step(&step, ctx, e);
+    if (rc == 0) sampler_update(latent, v, sigmas[i + 1] - sigmas[i], lambda, grad, shifted);
+    tensor_free(v);
+    tensor_free(x0);
+    tensor_free(mask);
+    tensor_free(grad);
+    return rc;
+}
+
+int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
+                const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
+                SamplerStepFn on_step, void *ctx, Error *e) {
+    if (sampler_check(flow, vae, detector, o, txt, latent, h, w, e)) return -1;
+    int64_t B = latent->shape[0];
+    float *sigmas = malloc(((size_t)o->steps + 1 + 2 * (size_t)B) * sizeof *sigmas);
+    bool *shifted = calloc((size_t)B, sizeof *shifted);
+    int rc = sigmas && shifted ? 0 : error_set(e, "out of memory");
+    if (rc == 0) flux2_sigmas(o->steps, h * w, sigmas);
+    for (int i = 0; rc == 0 && i < o->steps; i++)
+        rc = sampler_step(flow, vae, detector, o, txt, latent, h, w, i, sigmas,
+                          sigmas + o->steps + 1, shifted, on_step, ctx, e);
+    free(sigmas);
+    free(shifted);
+    return rc;
+}
+
+/* ---- end section: sampler ---- */
