@@ -13,12 +13,16 @@
 #endif
 
 #include "io.h"
+#include "nn.h"
 #include "tensor.h"
 
 static const char *usage_text =
     "diamond - training-free artifact removal for rectified-flow image models (DIAMOND)\n"
     "\n"
     "usage:\n"
+    "  diamond generate --model DIR --embeddings FILE -W W -H H --steps N -o OUT.png|.ppm\n"
+    "                  [--detector DIR] [options]   sample an image with DIAMOND guidance\n"
+    "                                   (diamond generate --help for every option)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
     "  diamond bench gemm M N K [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
@@ -397,12 +401,422 @@ static int bench_gemm(int argc, char **argv) {
     return 0;
 }
 
+/* ---- sampler: diamond generate ---------------------------------------------------------- */
+
+static const char *generate_usage =
+    "usage: diamond generate --model DIR --embeddings FILE -W W -H H --steps N -o OUT.png|OUT.ppm\n"
+    "                        [--detector DIR] [--noise FILE] [--seed S[,S...]] [options]\n"
+    "\n"
+    "Samples FLUX.2 (transformer/ and vae/ of DIR, diffusers layout) with DIAMOND's artifact\n"
+    "guidance: each step decodes the clean estimate, runs the detector (DIR in the transformers\n"
+    "layout) on it and moves the latent by lambda along the normalised gradient of the loss.\n"
+    "\n"
+    "  --model DIR            the pipeline directory (DIR/transformer, DIR/vae)\n"
+    "  --detector DIR         the artifact detector (SegFormer); needed unless --no-guide\n"
+    "  --embeddings FILE      safetensors with prompt_embeds [L, D] (D = joint_attention_dim)\n"
+    "  --prompt TEXT          not available: the text encoder is not implemented yet; encode the\n"
+    "                         prompt elsewhere and pass --embeddings\n"
+    "  --noise FILE           safetensors with noise [T, C] or [B, T, C]: the packed initial latent\n"
+    "                         (T = (H/P) * (W/P) tokens, C = the transformer's in_channels).\n"
+    "                         Required for now: seed-based noise (PyTorch's generator) is not\n"
+    "                         merged yet\n"
+    "  --seed S[,S...]        one seed per image of the batch (names the outputs)\n"
+    "  --steps N              sampling steps (FLUX.2 klein: 4, FLUX.2 dev: 30)\n"
+    "  -W W, -H H             image size, multiples of P = 2^(len(block_out_channels)-1) *\n"
+    "                         patch_size of the VAE (16 for FLUX.2)\n"
+    "  --guidance-scale G     distilled guidance for models with guidance_embeds (default 4.0,\n"
+    "                         FLUX.2 dev); ignored by klein\n"
+    "  --lambda-schedule S    TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
+    "                           constant:value=0\n"
+    "                           linear:start=12,end=1\n"
+    "                           power:start=12,end=1,power=2\n"
+    "                           cosine:start=12,end=1\n"
+    "                           hard_then_exp:start=30,after=2,power=2\n"
+    "                           exponential:start=30,end=1,power=5,warmup=5,cooldown=12\n"
+    "                         (values shown are the official defaults; the FLUX.2 config's\n"
+    "                         exponential guides no step when N <= 17). Where the official\n"
+    "                         formulas divide by zero (N = 1, an exponential window of one step)\n"
+    "                         that step gets the start value\n"
+    "  --loss L               mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
+    "                         2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
+    "                         official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its weight\n"
+    "                         is large where the mask is small, the reverse of the usual focal loss\n"
+    "  --no-guide             plain sampling, no detector (the baseline)\n"
+    "  --gate T               skip the detector backward and the shift for a sample whose\n"
+    "                         detector max is below T at that step (default off, as official)\n"
+    "  --threads T            OpenMP threads\n"
+    "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image\n"
+    "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
+    "                         step (mask and grad where computed; grad before normalisation),\n"
+    "                         final.latent and final.image\n"
+    "  --quiet                no progress on stderr\n"
+    "\n"
+    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
+#define GENERATE_MAX_BATCH 64
+
+typedef struct GenerateArgs {
+    const char *model, *detector, *embeddings, *noise, *out, *dump;
+    uint64_t seeds[GENERATE_MAX_BATCH];
+    int n_seeds, steps, width, height;
+    SamplerOptions opt;
+    bool quiet;
+} GenerateArgs;
+
+/* "S" or "S,S,..." of whole numbers in 0..2^63. */
+static int generate_parse_seeds(const char *s, GenerateArgs *a) {
+    a->n_seeds = 0;
+    while (*s) {
+        char *end;
+        errno = 0;
+        if (*s == '-' || *s == '+' || a->n_seeds == GENERATE_MAX_BATCH) return -1;
+        unsigned long long v = strtoull(s, &end, 10);
+        if (end == s || errno || (*end && *end != ',')) return -1;
+        a->seeds[a->n_seeds++] = v;
+        s = *end ? end + 1 : end;
+    }
+    return a->n_seeds > 0 ? 0 : -1;
+}
+
+static int generate_parse_float(const char *s, float lo, float hi, float *out) {
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || *end || !(v >= lo && v <= hi)) return -1;
+    *out = (float)v;
+    return 0;
+}
+
+/* One option at argv[*i] (with its value when it takes one); 0, or -1 with the message in e. */
+static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error *e) {
+    const char *opt = argv[*i];
+    static const char *const valued[] = {"--model", "--detector", "--embeddings", "--noise",
+                                         "--seed", "--steps", "-W", "-H", "--guidance-scale",
+                                         "--lambda-schedule", "--loss", "--gate", "--threads",
+                                         "-o", "--dump", "--prompt"};
+    const char *val = NULL;
+    for (size_t k = 0; k < sizeof valued / sizeof *valued; k++)
+        if (!strcmp(opt, valued[k])) {
+            if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
+            val = argv[++*i];
+        }
+    int threads;
+    if (!strcmp(opt, "--no-guide")) a->opt.guide = false;
+    else if (!strcmp(opt, "--quiet")) a->quiet = true;
+    else if (!val) return error_set(e, "unknown option '%s'", opt);
+    else if (!strcmp(opt, "--model")) a->model = val;
+    else if (!strcmp(opt, "--detector")) a->detector = val;
+    else if (!strcmp(opt, "--embeddings")) a->embeddings = val;
+    else if (!strcmp(opt, "--noise")) a->noise = val;
+    else if (!strcmp(opt, "-o")) a->out = val;
+    else if (!strcmp(opt, "--dump")) a->dump = val;
+    else if (!strcmp(opt, "--prompt"))
+        return error_set(e, "--prompt: the text encoder is not implemented yet; encode the prompt "
+                            "elsewhere and pass --embeddings FILE (prompt_embeds [L, D])");
+    else if (!strcmp(opt, "--seed")) {
+        if (generate_parse_seeds(val, a))
+            return error_set(e, "--seed: expected S or S,S,... (at most %d whole numbers), got "
+                                "'%s'", GENERATE_MAX_BATCH, val);
+    } else if (!strcmp(opt, "--steps")) {
+        if (bench_parse_int(val, 1, 10000, &a->steps))
+            return error_set(e, "--steps: expected 1..10000, got '%s'", val);
+    } else if (!strcmp(opt, "-W") || !strcmp(opt, "-H")) {
+        if (bench_parse_int(val, 1, IMAGE_MAX_SIDE, opt[1] == 'W' ? &a->width : &a->height))
+            return error_set(e, "%s: expected a size in 1..%d, got '%s'", opt, IMAGE_MAX_SIDE, val);
+    } else if (!strcmp(opt, "--guidance-scale")) {
+        if (generate_parse_float(val, -1e6f, 1e6f, &a->opt.guidance_scale))
+            return error_set(e, "--guidance-scale: expected a number, got '%s'", val);
+    } else if (!strcmp(opt, "--gate")) {
+        if (generate_parse_float(val, 0.0f, 1.0f, &a->opt.gate))
+            return error_set(e, "--gate: expected a threshold in [0, 1], got '%s'", val);
+    } else if (!strcmp(opt, "--threads")) {
+        if (bench_threads_option(argc, argv, *i - 1, &threads))
+            return error_set(e, "--threads: expected 1..1024, got '%s'", val);
+    } else if (!strcmp(opt, "--lambda-schedule")) {
+        return lambda_schedule_parse(&a->opt.lambda, val, e);
+    } else if (!strcmp(opt, "--loss")) {
+        return artifact_loss_parse(&a->opt.loss, val, e);
+    }
+    return 0;
+}
+
+/* The command line into a, with defaults; 0, or -1 with the message in e (a usage error). */
+static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
+    *a = (GenerateArgs){.opt = {.guide = true, .guidance_scale = 4.0f}};
+    if (lambda_schedule_parse(&a->opt.lambda, "power", e) ||
+        artifact_loss_parse(&a->opt.loss, "power:gamma=3", e))
+        return -1;
+    for (int i = 0; i < argc; i++)
+        if (generate_option(argc, argv, &i, a, e)) return -1;
+    const char *missing = !a->model ? "--model DIR" : !a->embeddings ? "--embeddings FILE"
+                        : !a->out ? "-o OUT" : !a->steps ? "--steps N" : !a->width ? "-W W"
+                        : !a->height ? "-H H" : !a->detector && a->opt.guide ? "--detector DIR"
+                        : !a->noise ? "--noise FILE (seed-based noise is not merged yet)" : NULL;
+    if (missing) return error_set(e, "missing %s (see diamond generate --help)", missing);
+    const char *dot = strrchr(a->out, '.');
+    if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
+        return error_set(e, "-o %s: the name must end in .png or .ppm", a->out);
+    a->opt.steps = a->steps;
+    return 0;
+}
+
+/* The loaded models and inputs of one run. */
+typedef struct GenerateRun {
+    Flux2 *flow;
+    VaeDecoder *vae;
+    Segformer *detector;
+    Tensor *txt, *latent; /* [B, L, D], [B, T, C] */
+    int grid_h, grid_w;
+} GenerateRun;
+
+static void generate_run_free(GenerateRun *r) {
+    flux2_free(r->flow);
+    vae_decoder_free(r->vae);
+    segformer_free(r->detector);
+    tensor_free(r->txt);
+    tensor_free(r->latent);
+}
+
+/* The F32/F16/BF16 tensor `name` of path, of shape [.., rows, cols] with at most `lead` ones in
+ * front (or exactly [lead, rows, cols]), as [max(lead, 1), rows, cols]; rows < 0 takes any. */
+static int generate_read(const char *path, const char *name, int64_t rows, int64_t cols,
+                         Tensor **out, Error *e) {
+    SafeTensors *st;
+    *out = NULL;
+    if (st_open(&st, path, e)) return -1;
+    const StTensor *t = st_find(st, name);
+    int rc = 0;
+    if (!t) rc = error_set(e, "%s: no tensor '%s'", path, name);
+    else if ((t->ndim != 2 && t->ndim != 3) || (rows >= 0 && t->shape[t->ndim - 2] != rows) ||
+             t->shape[t->ndim - 1] != cols || t->numel == 0)
+        rc = error_set(e, "%s: '%s' must be [%s%lld, %lld] (or with a batch dim in front)", path,
+                       name, rows >= 0 ? "" : "L, ", (long long)(rows >= 0 ? rows : cols),
+                       (long long)cols);
+    if (rc == 0) {
+        int64_t B = t->ndim == 3 ? t->shape[0] : 1;
+        *out = TENSOR_NEW(B, t->shape[t->ndim - 2], cols);
+        rc = *out ? st_read_f32(st, name, (*out)->data, (*out)->numel, e)
+                  : error_set(e, "%s: out of memory for '%s'", path, name);
+    }
+    if (rc) tensor_free(*out), *out = NULL;
+    st_close(st);
+    return rc;
+}
+
+/* prompt_embeds [L, D] (or [1, L, D]) repeated over the batch. */
+static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
+    Tensor *one;
+    int D = flux2_config(r->flow)->joint_attention_dim;
+    if (generate_read(a->embeddings, "prompt_embeds", -1, D, &one, e)) return -1;
+    int rc = 0;
+    if (one->shape[0] != 1)
+        rc = error_set(e, "%s: prompt_embeds must hold one prompt, [L, %d]", a->embeddings, D);
+    else if (!(r->txt = TENSOR_NEW(batch, one->shape[1], D)))
+        rc = error_set(e, "out of memory for the embeddings");
+    for (int b = 0; rc == 0 && b < batch; b++)
+        memcpy(r->txt->data + b * one->numel, one->data, (size_t)one->numel * sizeof(float));
+    tensor_free(one);
+    return rc;
+}
+
+/* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other
+ * failures, 0 when ready. */
+static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/transformer", a->model);
+    if (flux2_load(&r->flow, dir, e)) return 1;
+    snprintf(dir, sizeof dir, "%s/vae", a->model);
+    if (vae_decoder_load(&r->vae, dir, e)) return 1;
+    if (a->opt.guide && segformer_load(&r->detector, a->detector, e)) return 1;
+    const VaeConfig *vc = vae_decoder_config(r->vae);
+    int up = 1 << (vc->n_blocks - 1), ph = vc->patch_h * up, pw = vc->patch_w * up;
+    if (a->width % pw || a->height % ph) {
+        error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
+                  a->width, a->height, pw, ph);
+        return 2;
+    }
+    r->grid_h = a->height / ph;
+    r->grid_w = a->width / pw;
+    int C = flux2_config(r->flow)->in_channels;
+    if (generate_read(a->noise, "noise", (int64_t)r->grid_h * r->grid_w, C, &r->latent, e))
+        return 1;
+    int batch = (int)r->latent->shape[0];
+    if (a->n_seeds && a->n_seeds != batch) {
+        error_set(e, "%d seeds for a noise batch of %d", a->n_seeds, batch);
+        return 2;
+    }
+    return generate_embeddings(a, r, batch, e) ? 1 : 0;
+}
+
+/* Every step's tensors for --dump, copied as they come. */
+typedef struct GenerateDump {
+    StWriteTensor *items;
+    size_t n, cap;
+} GenerateDump;
+
+static void generate_dump_free(GenerateDump *d) {
+    for (size_t i = 0; i < d->n; i++) {
+        free((char *)d->items[i].name);
+        free((void *)d->items[i].data);
+    }
+    free(d->items);
+}
+
+static int generate_dump_add(GenerateDump *d, const char *name, const float *data, int ndim,
+                             const int64_t *shape, Error *e) {
+    size_t n = 1;
+    for (int k = 0; k < ndim; k++) n *= (size_t)shape[k];
+    if (d->n == d->cap) {
+        size_t cap = d->cap ? 2 * d->cap : 64;
+        StWriteTensor *items = realloc(d->items, cap * sizeof *items);
+        if (!items) return error_set(e, "out of memory for the dump");
+        d->items = items;
+        d->cap = cap;
+    }
+    StWriteTensor *t = &d->items[d->n];
+    *t = (StWriteTensor){.name = strdup(name), .dtype = DTYPE_F32, .ndim = ndim};
+    memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
+    float *copy = malloc(n * sizeof *copy);
+    t->data = copy;
+    d->n++;
+    if (!t->name || !copy) return error_set(e, "out of memory for the dump");
+    memcpy(copy, data, n * sizeof *copy);
+    return 0;
+}
+
+static int generate_dump_tensor(GenerateDump *d, int step, const char *part, const Tensor *t,
+                                Error *e) {
+    char name[64];
+    snprintf(name, sizeof name, "step.%d.%s", step, part);
+    return generate_dump_add(d, name, t->data, t->ndim, t->shape, e);
+}
+
+typedef struct GenerateProgress {
+    GenerateDump *dump; /* NULL without --dump */
+    bool quiet;
+    double start;
+} GenerateProgress;
+
+/* step i/N, seconds per step and the time left, on stderr; the step's tensors into the dump. */
+static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
+    GenerateProgress *p = ctx;
+    if (!p->quiet) {
+        double per = (now_seconds() - p->start) / (s->index + 1);
+        fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n",
+                s->index + 1, s->steps, s->sigma, s->lambda, per, per * (s->steps - s->index - 1));
+    }
+    GenerateDump *d = p->dump;
+    if (!d) return 0;
+    const int64_t one = 1;
+    char name[64];
+    snprintf(name, sizeof name, "step.%d.sigma", s->index);
+    if (generate_dump_add(d, name, &s->sigma, 1, &one, e)) return -1;
+    snprintf(name, sizeof name, "step.%d.lambda", s->index);
+    if (generate_dump_add(d, name, &s->lambda, 1, &one, e) ||
+        generate_dump_tensor(d, s->index, "x_t", s->x_t, e) ||
+        generate_dump_tensor(d, s->index, "v", s->v, e) ||
+        generate_dump_tensor(d, s->index, "x0", s->x0, e) ||
+        (s->mask && generate_dump_tensor(d, s->index, "mask", s->mask, e)) ||
+        (s->grad && generate_dump_tensor(d, s->index, "grad", s->grad, e)))
+        return -1;
+    return 0;
+}
+
+/* The final latent's image, no gradient: [B, 3, H, W] in about [-1, 1]. */
+static int generate_decode(const GenerateRun *r, Tensor **image, Error *e) {
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the decoder");
+    tape_set_grad(t, false);
+    Var *img = vae_decode(t, r->vae, var_new(t, r->latent, false), r->grid_h, r->grid_w);
+    int rc = tape_check(t, e);
+    if (rc == 0 && !(*image = tensor_clone(img->value))) rc = error_set(e, "out of memory");
+    tape_free(t);
+    return rc;
+}
+
+/* Sample b of image [B, 3, H, W] as 8-bit RGB the official way: ((x + 1) / 2) clipped to
+ * [0, 1], times 255, truncated (NaN becomes 0). */
+static void generate_to_rgb(const Tensor *image, int64_t b, Image *out) {
+    int64_t H = image->shape[2], W = image->shape[3], plane = H * W;
+    const float *x = image->data + b * 3 * plane;
+    for (int64_t p = 0; p < plane; p++)
+        for (int c = 0; c < 3; c++) {
+            float v = (x[c * plane + p] + 1.0f) / 2.0f;
+            v = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
+            out->rgb[p * 3 + c] = (uint8_t)(v * 255.0f);
+        }
+}
+
+/* OUT for one image, else OUT with "-SEED" (or "-INDEX") before the extension. */
+static void generate_out_name(const GenerateArgs *a, int64_t b, int64_t batch, char *name,
+                              size_t len) {
+    const char *dot = strrchr(a->out, '.');
+    unsigned long long tag = a->n_seeds ? (unsigned long long)a->seeds[b] : (unsigned long long)b;
+    if (batch == 1) snprintf(name, len, "%s", a->out);
+    else snprintf(name, len, "%.*s-%llu%s", (int)(dot - a->out), a->out, tag, dot);
+}
+
+static int generate_write_images(const GenerateArgs *a, const Tensor *image, Error *e) {
+    Image img = {0};
+    if (image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e)) return -1;
+    int rc = 0;
+    bool png = !strcmp(strrchr(a->out, '.'), ".png");
+    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+        char name[4096];
+        generate_out_name(a, b, image->shape[0], name, sizeof name);
+        generate_to_rgb(image, b, &img);
+        rc = png ? png_write(name, &img, e) : ppm_write(name, &img, e);
+        if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", name);
+    }
+    image_free(&img);
+    return rc;
+}
+
+/* Sampling, the image files and the dump. */
+static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    GenerateDump dump = {0};
+    GenerateProgress progress = {a->dump ? &dump : NULL, a->quiet, now_seconds()};
+    Tensor *image = NULL;
+    int rc = sampler_run(r->flow, r->vae, r->detector, &a->opt, r->txt, r->latent, r->grid_h,
+                         r->grid_w, generate_on_step, &progress, e) ||
+             generate_decode(r, &image, e) || generate_write_images(a, image, e);
+    if (rc == 0 && a->dump)
+        rc = generate_dump_add(&dump, "final.latent", r->latent->data, r->latent->ndim,
+                               r->latent->shape, e) ||
+             generate_dump_add(&dump, "final.image", image->data, image->ndim, image->shape, e) ||
+             st_write(a->dump, dump.items, dump.n, e);
+    tensor_free(image);
+    generate_dump_free(&dump);
+    return rc ? -1 : 0;
+}
+
+/* diamond generate ...: 0 on success, 2 for a bad command line, 1 for anything else. */
+static int generate_main(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            fputs(generate_usage, stdout);
+            return 0;
+        }
+    GenerateArgs a;
+    GenerateRun r = {0};
+    Error e = {{0}};
+    if (generate_parse(argc, argv, &a, &e)) {
+        fprintf(stderr, "diamond generate: %s\n", e.msg);
+        return 2;
+    }
+    int rc = generate_load(&a, &r, &e);
+    if (rc == 0 && generate_sample(&a, &r, &e)) rc = 1;
+    if (rc) fprintf(stderr, "diamond generate: %s\n", e.msg);
+    generate_run_free(&r);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "generate")) return generate_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
