@@ -3,8 +3,12 @@
  * step's x_t, sigma, v, x0, mask, raw gradient and lambda, the final latent and image, for every
  * lambda schedule and loss, guided and plain, batch 1 and 2, with a gate. Also the schedules'
  * values (degenerate N included) and option errors, the losses' gradients by finite
- * differences, the FLUX.2 sigmas, batch independence and the sampler's input checks. */
+ * differences, the FLUX.2 sigmas, batch independence and the sampler's input checks; and
+ * `diamond generate` end to end: its --dump and images against the same golden run, its exit
+ * statuses on bad input. */
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "../nn.h"
 #include "harness.h"
@@ -334,7 +338,129 @@ static void test_sampler_errors(const Models *m) {
     tensor_free(wrong);
 }
 
-int main(void) {
+/* Runs a shell command quietly; its exit status (-1 when it did not exit). */
+static int run_quiet(const char *cmd) {
+    char line[8192];
+    snprintf(line, sizeof line, "%s >/dev/null 2>&1", cmd);
+    int status = system(line);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* The golden noise and prompt as the files `diamond generate` reads. */
+static int write_cli_inputs(const SafeTensors *g, const char *dir) {
+    float *noise = golden_load(g, "noise", 2 * 6 * 16), *txt = golden_load(g, "txt", 5 * 24);
+    char path[512];
+    Error e = {{0}};
+    int rc = noise && txt ? 0 : -1;
+    snprintf(path, sizeof path, "%s/noise.safetensors", dir);
+    StWriteTensor n = {"noise", DTYPE_F32, 3, {2, 6, 16}, noise};
+    if (rc == 0) rc = st_write(path, &n, 1, &e);
+    snprintf(path, sizeof path, "%s/emb.safetensors", dir);
+    StWriteTensor p = {"prompt_embeds", DTYPE_F32, 2, {5, 24}, txt};
+    if (rc == 0) rc = st_write(path, &p, 1, &e);
+    CHECK(rc == 0, "write the command's input files: %s", e.msg);
+    free(noise);
+    free(txt);
+    return rc;
+}
+
+/* Every dumped tensor against the golden "power" run, with its shape, and all 23 present. */
+static void check_cli_dump(const SafeTensors *g, const char *path) {
+    SafeTensors *d = golden_open(path);
+    if (!d) return;
+    CHECK(st_count(d) == 3 * 7 + 2, "dump holds 3 steps x 7 tensors + 2 finals: %zu", st_count(d));
+    for (size_t i = 0; i < st_count(d); i++) {
+        const StTensor *t = st_at(d, i);
+        char name[128];
+        snprintf(name, sizeof name, "power.%s", t->name);
+        const StTensor *want = st_find(g, name);
+        CHECK(want && want->ndim == t->ndim &&
+                  !memcmp(want->shape, t->shape, (size_t)t->ndim * sizeof *t->shape),
+              "dump %s has the golden's shape", t->name);
+        float *got = golden_load(d, t->name, (size_t)t->numel);
+        if (got && want) {
+            snprintf(name, sizeof name, "generate --dump %s", t->name);
+            float *w = golden_load(g, want->name, (size_t)want->numel);
+            if (w) check_close(name, got, w, (size_t)t->numel, REL, REL * max_abs(w, (size_t)t->numel));
+            free(w);
+        }
+        free(got);
+    }
+    st_close(d);
+}
+
+/* The PPM of sample b against the golden final image converted as upstream; +-1 allows a value
+ * within rounding of an integer boundary to truncate the other way. */
+static void check_cli_image(const SafeTensors *g, const char *path, int b) {
+    Image img = {0};
+    Error e = {{0}};
+    float *want = golden_load(g, "power.final.image", 2 * 3 * 16 * 24);
+    if (ppm_read(&img, path, &e) || !want || img.width != 24 || img.height != 16) {
+        CHECK(0, "read %s as a 24x16 image: %s", path, e.msg);
+    } else {
+        int worst = 0;
+        for (int p = 0; p < 16 * 24; p++)
+            for (int c = 0; c < 3; c++) {
+                float v = (want[(b * 3 + c) * 16 * 24 + p] + 1.0f) / 2.0f;
+                int expect = (int)((v < 0.0f ? 0.0f : v > 1.0f ? 1.0f : v) * 255.0f);
+                int diff = abs(img.rgb[p * 3 + c] - expect);
+                worst = diff > worst ? diff : worst;
+            }
+        CHECK(worst <= 1, "%s: pixels within 1 of the golden image's, worst %d", path, worst);
+    }
+    image_free(&img);
+    free(want);
+}
+
+/* `diamond generate` (next to this test's build directory) on the "power" case. */
+static void test_cli(const SafeTensors *g, const char *argv0) {
+    char binary[512], dir[] = "/tmp/test_sampler.XXXXXX", cmd[4096], path[600];
+    const char *slash = strstr(argv0, "/tests/");
+    snprintf(binary, sizeof binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
+             slash ? argv0 : "build");
+    if (access(binary, X_OK) != 0 || !mkdtemp(dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", binary);
+        return;
+    }
+    if (write_cli_inputs(g, dir) == 0) {
+        const char *base = "%s generate --model tests/fixtures/tiny-flux2 --detector "
+                           "tests/fixtures/tiny-detector --embeddings %s/emb.safetensors --noise "
+                           "%s/noise.safetensors --steps 3 -W 24 -H 16 --lambda-schedule "
+                           "power:start=0.8,end=0.2,power=2 --loss mse -o %s/out.ppm --quiet";
+        int n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
+        snprintf(cmd + n, sizeof cmd - (size_t)n, " --seed 11,12 --dump %s/dump.safetensors", dir);
+        CHECK(run_quiet(cmd) == 0, "diamond generate runs: %s", cmd);
+        snprintf(path, sizeof path, "%s/dump.safetensors", dir);
+        check_cli_dump(g, path);
+        for (int b = 0; b < 2; b++) {
+            snprintf(path, sizeof path, "%s/out-%d.ppm", dir, 11 + b);
+            check_cli_image(g, path, b);
+            remove(path);
+        }
+        static const struct {
+            const char *extra;
+            int status;
+        } bad[] = {{" -W 20", 2}, {" --loss focal:beta=1", 2}, {" --prompt cat", 2},
+                   {" --seed 1,2,3", 2}, {" --steps", 2}, {" --detector /nonexistent", 1},
+                   {" --embeddings /nonexistent.safetensors", 1}};
+        for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+            n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
+            snprintf(cmd + n, sizeof cmd - (size_t)n, "%s", bad[i].extra);
+            int status = run_quiet(cmd);
+            CHECK(status == bad[i].status, "generate ...%s exits %d: got %d", bad[i].extra,
+                  bad[i].status, status);
+        }
+    }
+    const char *files[] = {"dump.safetensors", "noise.safetensors", "emb.safetensors", "out.ppm"};
+    for (size_t i = 0; i < 4; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        remove(path);
+    }
+    rmdir(dir);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
     test_spec_errors();
     test_losses();
     test_sigmas();
@@ -349,6 +475,7 @@ int main(void) {
         for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) test_case(&m, g, &cases[c]);
         test_batch_independence(&m, g);
         test_sampler_errors(&m);
+        test_cli(g, argv[0]);
     }
     flux2_free(m.flow);
     vae_decoder_free(m.vae);
