@@ -98,6 +98,45 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
 
 /* ---- end section: flux2 ---- */
 
+/* ---- section: vae ---------------------------------------------------------------------------- */
+
+/* The decoder half of diffusers' AutoencoderKLFlux2, with the FLUX.2 pipeline's latent
+ * unpacking in front: packed transformer tokens in, an image in about [-1, 1] out. */
+
+#define VAE_MAX_BLOCKS 8
+
+/* From vae/config.json (the upstream keys). */
+typedef struct VaeConfig {
+    int latent_channels;     /* 32 for FLUX.2 */
+    int out_channels;        /* 3 */
+    int n_blocks;            /* entries of block_out_channels (and up_block_types) */
+    int block_out_channels[VAE_MAX_BLOCKS]; /* decoder_block_out_channels when set */
+    int layers_per_block;    /* each up block has layers_per_block + 1 resnets */
+    int norm_num_groups;
+    int patch_h, patch_w;    /* patch_size: tokens carry latent_channels * patch_h * patch_w */
+    float batch_norm_eps;
+    bool use_post_quant_conv, mid_block_add_attention;
+} VaeConfig;
+
+/* The loaded decoder: config, f32 weights, and whether blocks are checkpointed. */
+typedef struct VaeDecoder VaeDecoder;
+
+/* Reads <dir>/config.json and <dir>/diffusion_pytorch_model.safetensors (or any layout
+ * st_model_open accepts in dir): F32/F16/BF16 weights, converted to f32. */
+int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e);
+void vae_decoder_free(VaeDecoder *m);
+/* tokens: [B, h*w, latent_channels*patch_h*patch_w], row-major over the (h, w) token grid ->
+ * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
+ * d loss / d tokens flows back through it; weights get no gradient. */
+Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
+const VaeConfig *vae_decoder_config(const VaeDecoder *m);
+/* On by default: each resnet, the attention, each upsampler and the output head run through
+ * ag_checkpoint, so backward holds block boundaries plus one block's intermediates. Off keeps
+ * every intermediate: the same gradients bit for bit, a faster backward, far more memory. */
+void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
+
+/* ---- end section: vae ---- */
+
 /* ---- section: segformer ---------------------------------------------------------------------
  * The artifact detector: transformers' SegformerForSemanticSegmentation (a Mix Transformer
  * encoder of any size and the all-MLP decode head) behind DIAMOND's preprocessing, all as ag_* ops

@@ -1,0 +1,260 @@
+#!/usr/bin/python3
+"""Reference for the FLUX.2 VAE decoder (nn.c's vae section): a float64 torch re-implementation
+of diffusers' AutoencoderKLFlux2 decoder path (autoencoder_kl_flux2.py, autoencoders/vae.py
+Decoder, UNetMidBlock2D, UpDecoderBlock2D, ResnetBlock2D, Upsample2D, AttnProcessor2_0) and of
+the FLUX.2 pipeline's latent unpacking (pipeline_flux2_klein.py: _unpack_latents_with_ids, the
+bn de-normalisation, _unpatchify_latents), written from the upstream source.
+
+Writes, deterministically:
+  tests/fixtures/tiny-flux2/vae/       config.json + diffusion_pytorch_model.safetensors (F32)
+  tests/fixtures/tiny-flux2-bf16/vae/  the same weights rounded to BF16
+  tests/golden/vae.safetensors         tokens, r, image and d sum(image * r) / d tokens
+
+Run with /usr/bin/python3 (Debian's torch). No pip packages: safetensors is written by hand.
+
+`ref_vae.py --real-random DIR` instead writes the real FLUX.2 VAE config (upstream values) with
+random BF16 decoder weights into DIR (about 100 MB), for tools/vae_peak.c's memory measurement.
+"""
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+NORM_EPS = 1e-6  # diffusers' Decoder fixes every GroupNorm eps at 1e-6
+
+CONFIG = {
+    "_class_name": "AutoencoderKLFlux2",
+    "act_fn": "silu",
+    "batch_norm_eps": 0.0001,
+    "batch_norm_momentum": 0.1,
+    "block_out_channels": [8, 16, 24],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 4,
+    "out_channels": 3,
+    "patch_size": [2, 2],
+    "sample_size": 32,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "use_post_quant_conv": True,
+    "use_quant_conv": True,
+}
+
+# The FLUX.2 [klein] / [dev] vae/config.json values.
+REAL_CONFIG = dict(CONFIG, block_out_channels=[128, 256, 512, 512],
+                   down_block_types=["DownEncoderBlock2D"] * 4,
+                   up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=32,
+                   layers_per_block=2, norm_num_groups=32, sample_size=1024)
+
+
+# ---- safetensors, by hand ----
+
+def bf16_round(a):
+    """float32 array -> uint16 bf16 bits, round to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def write_safetensors(path, tensors, dtype="F32"):
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        a = np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
+        raw = (bf16_round(a) if dtype == "BF16" else a).astype("<u2" if dtype == "BF16" else "<f4")
+        raw = raw.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+
+
+def write_fixture(directory, weights, dtype, config=CONFIG):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    write_safetensors(os.path.join(directory, "diffusion_pytorch_model.safetensors"), weights,
+                      dtype)
+
+
+# ---- random weights with the real names; scaled so activations stay O(1) ----
+
+def make_weights(config, gen):
+    w = {}
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
+
+    def conv(name, cin, cout, k, gain=1.0):
+        w[name + ".weight"] = randn(cout, cin, k, k, scale=gain * (cin * k * k) ** -0.5)
+        w[name + ".bias"] = randn(cout, scale=0.1 * gain)
+
+    def norm(name, c):
+        w[name + ".weight"] = 1.0 + randn(c, scale=0.2)
+        w[name + ".bias"] = randn(c, scale=0.2)
+
+    def linear(name, cin, cout):
+        w[name + ".weight"] = randn(cout, cin, scale=cin ** -0.5)
+        w[name + ".bias"] = randn(cout, scale=0.1)
+
+    def resnet(name, cin, cout):
+        norm(name + ".norm1", cin)
+        conv(name + ".conv1", cin, cout, 3)
+        norm(name + ".norm2", cout)
+        conv(name + ".conv2", cout, cout, 3)
+        if cin != cout:
+            conv(name + ".conv_shortcut", cin, cout, 1)
+
+    lc = config["latent_channels"]
+    packed = lc * config["patch_size"][0] * config["patch_size"][1]
+    blocks = config["block_out_channels"]
+    top = blocks[-1]
+    w["bn.running_mean"] = randn(packed, scale=0.3)
+    # Variances down to 1e-3 make the eps values visible: batch_norm_eps 1e-4 in the latent
+    # statistics, and (through a quiet conv_in) the GroupNorm eps 1e-6 of the mid block: using
+    # one eps for the other moves the result by percents, far outside the test's tolerance.
+    u = torch.rand(packed, generator=gen, dtype=torch.float64)
+    w["bn.running_var"] = torch.exp(np.log(1e-3) + u * np.log(2e3)).float()
+    conv("post_quant_conv", lc, lc, 1)
+    conv("decoder.conv_in", lc, top, 3, gain=0.03)
+    resnet("decoder.mid_block.resnets.0", top, top)
+    prefix = "decoder.mid_block.attentions.0"
+    norm(prefix + ".group_norm", top)
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        linear(prefix + "." + proj, top, top)
+    resnet("decoder.mid_block.resnets.1", top, top)
+    cin = top
+    for b, cout in enumerate(reversed(blocks)):
+        for r in range(config["layers_per_block"] + 1):
+            resnet("decoder.up_blocks.%d.resnets.%d" % (b, r), cin if r == 0 else cout, cout)
+        if b < len(blocks) - 1:
+            conv("decoder.up_blocks.%d.upsamplers.0.conv" % b, cout, cout, 3)
+        cin = cout
+    norm("decoder.conv_norm_out", blocks[0])
+    conv("decoder.conv_out", blocks[0], config["out_channels"], 3)
+    return w
+
+
+# ---- the model, float64 ----
+
+def group_norm_silu(x, p, name, groups):
+    return F.silu(F.group_norm(x, groups, p[name + ".weight"], p[name + ".bias"], NORM_EPS))
+
+
+def conv(x, p, name, padding):
+    return F.conv2d(x, p[name + ".weight"], p[name + ".bias"], padding=padding)
+
+
+def resnet(x, p, name, groups):
+    h = conv(group_norm_silu(x, p, name + ".norm1", groups), p, name + ".conv1", 1)
+    h = conv(group_norm_silu(h, p, name + ".norm2", groups), p, name + ".conv2", 1)
+    if name + ".conv_shortcut.weight" in p:
+        x = conv(x, p, name + ".conv_shortcut", 0)
+    return x + h
+
+
+def attention(x, p, name, groups):
+    """Attention(heads = 1, dim_head = C, residual_connection, group_norm) on a 4-D input."""
+    B, C, H, W = x.shape
+    h = F.group_norm(x, groups, p[name + ".group_norm.weight"], p[name + ".group_norm.bias"],
+                     NORM_EPS)
+    h = h.view(B, C, H * W).transpose(1, 2)
+    q, k, v = (F.linear(h, p[name + "." + n + ".weight"], p[name + "." + n + ".bias"])
+               for n in ("to_q", "to_k", "to_v"))
+    o = torch.softmax(q @ k.transpose(1, 2) / C ** 0.5, dim=-1) @ v
+    o = F.linear(o, p[name + ".to_out.0.weight"], p[name + ".to_out.0.bias"])
+    return o.transpose(-1, -2).reshape(B, C, H, W) + x
+
+
+def unpack_latents(tokens, p, config, h, w):
+    """The pipeline between the transformer and vae.decode."""
+    B, T, ch = tokens.shape
+    x = tokens.view(B, h, w, ch).permute(0, 3, 1, 2)  # row-major token grid -> [B, ch, h, w]
+    std = torch.sqrt(p["bn.running_var"].view(1, -1, 1, 1) + config["batch_norm_eps"])
+    x = x * std + p["bn.running_mean"].view(1, -1, 1, 1)
+    ph, pw = config["patch_size"]
+    x = x.reshape(B, ch // (ph * pw), ph, pw, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(B, ch // (ph * pw), h * ph, w * pw)
+
+
+def decode(tokens, p, config, h, w):
+    g = config["norm_num_groups"]
+    x = unpack_latents(tokens, p, config, h, w)
+    if config["use_post_quant_conv"]:
+        x = conv(x, p, "post_quant_conv", 0)
+    x = conv(x, p, "decoder.conv_in", 1)
+    x = resnet(x, p, "decoder.mid_block.resnets.0", g)
+    if config["mid_block_add_attention"]:
+        x = attention(x, p, "decoder.mid_block.attentions.0", g)
+    x = resnet(x, p, "decoder.mid_block.resnets.1", g)
+    n_blocks = len(config["block_out_channels"])
+    for b in range(n_blocks):
+        for r in range(config["layers_per_block"] + 1):
+            x = resnet(x, p, "decoder.up_blocks.%d.resnets.%d" % (b, r), g)
+        if b < n_blocks - 1:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = conv(x, p, "decoder.up_blocks.%d.upsamplers.0.conv" % b, 1)
+    x = group_norm_silu(x, p, "decoder.conv_norm_out", g)
+    return conv(x, p, "decoder.conv_out", 1)
+
+
+def run_case(weights, tokens, r, h, w, config=CONFIG):
+    """image and d sum(image * r) / d tokens, in float64."""
+    p = {k: v.double() for k, v in weights.items()}
+    x = tokens.double().requires_grad_(True)
+    image = decode(x, p, config, h, w)
+    (image * r.double()).sum().backward()
+    return image.detach().float(), x.grad.float()
+
+
+def main():
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(20261126)
+    weights = make_weights(CONFIG, gen)
+    weights_bf16 = {k: torch.from_numpy((bf16_round(v.numpy()).astype(np.uint32) << 16)
+                                        .view(np.float32)) for k, v in weights.items()}
+    write_fixture(os.path.join(ROOT, "tests/fixtures/tiny-flux2/vae"), weights, "F32")
+    write_fixture(os.path.join(ROOT, "tests/fixtures/tiny-flux2-bf16/vae"), weights, "BF16")
+
+    packed = CONFIG["latent_channels"] * CONFIG["patch_size"][0] * CONFIG["patch_size"][1]
+    up = CONFIG["patch_size"][0] * 2 ** (len(CONFIG["block_out_channels"]) - 1)
+    golden = {}
+    # (name, batch, token rows h, token columns w, config): non-square grids, batch 2 and 1;
+    # "c" runs the same weights with the config switches off (the test edits config.json)
+    variant = dict(CONFIG, use_post_quant_conv=False, mid_block_add_attention=False)
+    for name, B, h, w, config in (("a", 2, 2, 3, CONFIG), ("b", 1, 3, 1, CONFIG),
+                                  ("c", 1, 2, 2, variant)):
+        tokens = torch.randn(B, h * w, packed, generator=gen, dtype=torch.float32)
+        r = torch.randn(B, CONFIG["out_channels"], h * up, w * up, generator=gen,
+                        dtype=torch.float32)
+        image, grad = run_case(weights, tokens, r, h, w, config)
+        golden.update({name + ".tokens": tokens, name + ".r": r, name + ".image": image,
+                       name + ".grad": grad})
+        if name == "a":
+            image, grad = run_case(weights_bf16, tokens, r, h, w)
+            golden.update({"bf16.image": image, "bf16.grad": grad})
+    write_safetensors(os.path.join(ROOT, "tests/golden/vae.safetensors"), golden)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--real-random":
+        write_fixture(sys.argv[2], make_weights(REAL_CONFIG, torch.Generator().manual_seed(1)),
+                      "BF16", REAL_CONFIG)
+    else:
+        main()
