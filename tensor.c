@@ -2209,9 +2209,14 @@ static float bits_float(uint32_t u) {
     return x;
 }
 
-/* Natural log of x in (0, 1] exactly as torch's avx_mathfun log256_ps computes it: Cephes'
- * polynomial, each product and sum rounded to float on its own (one statement each, so no
- * compiler fuses them into an FMA). */
+/* torch's AVX2 kernel is written with separate multiplies and adds, but its compiler fused
+ * some pairs into FMAs (GCC contracts a product whose only use is an add). The fmaf calls
+ * below sit exactly where those fusions are: with any of them as a separate multiply and add,
+ * about 1 value in 600 differs from torch in the last bit. Every other step rounds to float on
+ * its own statement, so no compiler can fuse more. */
+
+/* Natural log of x in (0, 1] as torch's avx_mathfun log256_ps computes it: Cephes' polynomial
+ * on the mantissa plus the exponent times ln 2 in two parts. */
 static float cephes_logf(float x) {
     uint32_t u = float_bits(x);
     float e = (float)((int32_t)(u >> 23) - 0x7f);
@@ -2227,24 +2232,17 @@ static float cephes_logf(float x) {
                                -1.2420140846E-1f, +1.4249322787E-1f, -1.6668057665E-1f,
                                +2.0000714765E-1f, -2.4999993993E-1f, +3.3333331174E-1f};
     float y = p[0];
-    for (int k = 1; k < 9; k++) {
-        y = y * x;
-        y = y + p[k];
-    }
+    for (int k = 1; k < 9; k++) y = fmaf(y, x, p[k]);
     y = y * x;
-    y = y * z;
-    float t = e * -2.12194440e-4f;
-    y = y + t;
-    t = z * 0.5f;
-    y = y - t;
-    t = e * 0.693359375f;
-    x = x + y;
-    x = x + t;
-    return x;
+    float e_low = e * -2.12194440e-4f;
+    y = fmaf(y, z, e_low);
+    y = fmaf(-z, 0.5f, y);
+    float sum = x + y;
+    return fmaf(e, 0.693359375f, sum);
 }
 
-/* sin and cos of x >= 0 exactly as torch's avx_mathfun sincos256_ps: reduce by multiples of
- * pi/4 in three float steps, evaluate both Cephes polynomials, pick and sign by octant. */
+/* sin and cos of x >= 0 as torch's avx_mathfun sincos256_ps: reduce by multiples of pi/4 in
+ * three steps, evaluate both Cephes polynomials, pick and sign them by octant. */
 static void cephes_sincosf(float x, float *s, float *c) {
     float y = x * 1.27323954473516f;  // 4 / pi
     int32_t j = (int32_t)y;
@@ -2252,33 +2250,24 @@ static void cephes_sincosf(float x, float *s, float *c) {
     y = (float)j;
     uint32_t sign_sin = (uint32_t)(j & 4) << 29;
     bool sin_from_sin_poly = (j & 2) == 0;
-    float t1 = y * -0.78515625f;
-    float t2 = y * -2.4187564849853515625e-4f;
-    float t3 = y * -3.77489497744594108e-8f;
-    x = x + t1;
-    x = x + t2;
-    x = x + t3;
+    x = fmaf(y, -0.78515625f, x);
+    x = fmaf(y, -2.4187564849853515625e-4f, x);
+    x = fmaf(y, -3.77489497744594108e-8f, x);
     uint32_t sign_cos = (uint32_t)(~(j - 2) & 4) << 29;
 
     float z = x * x;
     float yc = 2.443315711809948E-005f;  // cos polynomial on [-pi/4, pi/4]
-    yc = yc * z;
-    yc = yc + -1.388731625493765E-003f;
-    yc = yc * z;
-    yc = yc + 4.166664568298827E-002f;
-    yc = yc * z;
+    yc = fmaf(yc, z, -1.388731625493765E-003f);
+    yc = fmaf(yc, z, 4.166664568298827E-002f);
     yc = yc * z;
     float half_z = z * 0.5f;
-    yc = yc - half_z;
+    yc = fmaf(yc, z, -half_z);
     yc = yc + 1.0f;
     float ys = -1.9515295891E-4f;  // sin polynomial on [-pi/4, pi/4]
+    ys = fmaf(ys, z, 8.3321608736E-3f);
+    ys = fmaf(ys, z, -1.6666654611E-1f);
     ys = ys * z;
-    ys = ys + 8.3321608736E-3f;
-    ys = ys * z;
-    ys = ys + -1.6666654611E-1f;
-    ys = ys * z;
-    ys = ys * x;
-    ys = ys + x;
+    ys = fmaf(ys, x, x);
 
     // The kernel blends with masks and adds the unused lane as +0.0, which turns -0 into +0.
     float sin_part_s = sin_from_sin_poly ? ys : 0.0f;
