@@ -9,7 +9,8 @@ Every value comes from torch.Generator('cpu'). The file stores only float32, so:
                        random64() % 2^63 = ((d0 & 0x7fffffff) << 32) | d1 for two successive
                        draws d0, d1, so the stored draws are d0 & 0x7fffffff, d1, d2 & ..., d3, ...
   randn.<n>            torch.randn(n) from manual_seed(<seed of the case>); big sizes keep only
-  randn.<n>.head/.tail their first and last 64 values and .sum (summed in float64)
+  randn.<n>.head/.tail their first and last 64 values and .check, a checksum of every value's
+                       bits: sum of bits[i] * (i % 65521 + 1) mod 2^31 - 1, as 16-bit halves
   seq.<k>              successive randn calls on one generator (the stream carries over, and so
                        does the cached second Box-Muller value of the scalar path)
   latent.<C>x<h>x<w>   randn((1, C, h, w)) packed to tokens [h*w, C] as the Flux2 pipeline does
@@ -53,6 +54,13 @@ def mt_draws(seed):
     return (d >> 16).float(), (d & 0xFFFF).float()
 
 
+def bits_checksum(x):
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    weights = torch.arange(x.numel(), dtype=torch.int64) % 65521 + 1
+    c = int(((bits * weights) % (2**31 - 1)).sum()) % (2**31 - 1)
+    return torch.tensor([c >> 16, c & 0xFFFF], dtype=torch.float32)
+
+
 def randn(n, seed=RANDN_SEED):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
@@ -85,7 +93,7 @@ def main():
         x = randn(n)
         put(f"randn.{n}.head", x[:64])
         put(f"randn.{n}.tail", x[-64:])
-        put(f"randn.{n}.sum", x.double().sum().reshape(1))
+        put(f"randn.{n}.check", bits_checksum(x))
     for seed, sizes in SEQ:
         g = torch.Generator().manual_seed(seed)
         for k, n in enumerate(sizes):
