@@ -2129,7 +2129,6 @@ float max_array(size_t n, const float *x) {
     return max;
 }
 
-
 /* ---- random numbers (PyTorch's CPU generator) ------------------------------------------- */
 
 enum { MT_N = 624, MT_M = 397 };

@@ -116,6 +116,19 @@ static void test_sequence(const SafeTensors *st) {
     }
 }
 
+/* manual_seed drops the cached Box-Muller value, so a reseeded generator starts afresh. */
+static void test_reseed(const SafeTensors *st) {
+    float *want = golden_load(st, "reseed", 3);
+    TorchGenerator g;
+    float got[3];
+    torch_generator_seed(&g, 5);
+    torch_randn(&g, got, 1);
+    torch_generator_seed(&g, 5);
+    torch_randn(&g, got, 3);
+    if (want) check_bits("reseed", got, want, 3);
+    free(want);
+}
+
 static void test_latent(const SafeTensors *st, int C, int h, int w, uint64_t seed) {
     char name[64];
     snprintf(name, sizeof name, "latent.%dx%dx%d", C, h, w);
@@ -141,6 +154,7 @@ int main(void) {
     test_randn_big(st, 4096 * 3 + 5);
     test_randn_big(st, 128 * 64 * 64);
     test_sequence(st);
+    test_reseed(st);
     test_latent(st, 128, 16, 16, 0);
     test_latent(st, 128, 3, 5, 42);
     test_latent(st, 16, 4, 6, 4444);

@@ -13,6 +13,7 @@ Every value comes from torch.Generator('cpu'). The file stores only float32, so:
                        bits: sum of bits[i] * (i % 65521 + 1) mod 2^31 - 1, as 16-bit halves
   seq.<k>              successive randn calls on one generator (the stream carries over, and so
                        does the cached second Box-Muller value of the scalar path)
+  reseed               randn(3) after randn(1) and manual_seed(5) again: reseeding drops the cache
   latent.<C>x<h>x<w>   randn((1, C, h, w)) packed to tokens [h*w, C] as the Flux2 pipeline does
 Seeds above 2^32 are included because manual_seed keeps only their low 32 bits for mt19937.
 
@@ -98,6 +99,10 @@ def main():
         g = torch.Generator().manual_seed(seed)
         for k, n in enumerate(sizes):
             put(f"seq.{k}", torch.randn(n, generator=g, dtype=torch.float32))
+    g = torch.Generator().manual_seed(5)
+    torch.randn(1, generator=g)
+    g.manual_seed(5)
+    put("reseed", torch.randn(3, generator=g, dtype=torch.float32))
     for c, h, w, seed in LATENTS:
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((1, c, h, w), generator=g, dtype=torch.float32)
