@@ -405,7 +405,7 @@ static int bench_gemm(int argc, char **argv) {
 
 static const char *generate_usage =
     "usage: diamond generate --model DIR --embeddings FILE -W W -H H --steps N -o OUT.png|OUT.ppm\n"
-    "                        [--detector DIR] [--noise FILE] [--seed S[,S...]] [options]\n"
+    "                        [--detector DIR] --seed S[,S...] | --noise FILE [options]\n"
     "\n"
     "Samples FLUX.2 (transformer/ and vae/ of DIR, diffusers layout) with DIAMOND's artifact\n"
     "guidance: each step decodes the clean estimate, runs the detector (DIR in the transformers\n"
@@ -416,11 +416,12 @@ static const char *generate_usage =
     "  --embeddings FILE      safetensors with prompt_embeds [L, D] (D = joint_attention_dim)\n"
     "  --prompt TEXT          not available: the text encoder is not implemented yet; encode the\n"
     "                         prompt elsewhere and pass --embeddings\n"
-    "  --noise FILE           safetensors with noise [T, C] or [B, T, C]: the packed initial latent\n"
-    "                         (T = (H/P) * (W/P) tokens, C = the transformer's in_channels).\n"
-    "                         Required for now: seed-based noise (PyTorch's generator) is not\n"
-    "                         merged yet\n"
-    "  --seed S[,S...]        one seed per image of the batch (names the outputs)\n"
+    "  --seed S[,S...]        one image per seed: the initial latent is PyTorch's CPU\n"
+    "                         torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
+    "                         tokens, as the FLUX.2 pipeline with a CPU generator\n"
+    "  --noise FILE           instead, safetensors with noise [T, C] or [B, T, C]: the packed\n"
+    "                         initial latent (T = (H/P) * (W/P) tokens, C = the transformer's\n"
+    "                         in_channels); --seed then only names the outputs\n"
     "  --steps N              sampling steps (FLUX.2 klein: 4, FLUX.2 dev: 30)\n"
     "  -W W, -H H             image size, multiples of P = 2^(len(block_out_channels)-1) *\n"
     "                         patch_size of the VAE (16 for FLUX.2)\n"
@@ -439,8 +440,9 @@ static const char *generate_usage =
     "                         that step gets the start value\n"
     "  --loss L               mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
     "                         2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
-    "                         official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its weight\n"
-    "                         is large where the mask is small, the reverse of the usual focal loss\n"
+    "                         official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its\n"
+    "                         weight is large where the mask is small, the reverse of the usual\n"
+    "                         focal loss\n"
     "  --no-guide             plain sampling, no detector (the baseline)\n"
     "  --gate T               skip the detector backward and the shift for a sample whose\n"
     "                         detector max is below T at that step (default off, as official)\n"
@@ -550,7 +552,7 @@ static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
     const char *missing = !a->model ? "--model DIR" : !a->embeddings ? "--embeddings FILE"
                         : !a->out ? "-o OUT" : !a->steps ? "--steps N" : !a->width ? "-W W"
                         : !a->height ? "-H H" : !a->detector && a->opt.guide ? "--detector DIR"
-                        : !a->noise ? "--noise FILE (seed-based noise is not merged yet)" : NULL;
+                        : !a->noise && !a->n_seeds ? "--seed S (or --noise FILE)" : NULL;
     if (missing) return error_set(e, "missing %s (see diamond generate --help)", missing);
     const char *dot = strrchr(a->out, '.');
     if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
@@ -618,6 +620,19 @@ static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch,
     return rc;
 }
 
+/* One PyTorch-identical initial latent per seed: [n_seeds, T, C]. */
+static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    int C = flux2_config(r->flow)->in_channels;
+    int64_t T = (int64_t)r->grid_h * r->grid_w;
+    if (!(r->latent = TENSOR_NEW(a->n_seeds, T, C)))
+        return error_set(e, "out of memory for the initial latent");
+    for (int b = 0; b < a->n_seeds; b++)
+        if (latent_noise_tokens(a->seeds[b], C, r->grid_h, r->grid_w, r->latent->data + b * T * C,
+                                e))
+            return -1;
+    return 0;
+}
+
 /* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other
  * failures, 0 when ready. */
 static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
@@ -636,8 +651,9 @@ static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
     }
     r->grid_h = a->height / ph;
     r->grid_w = a->width / pw;
-    int C = flux2_config(r->flow)->in_channels;
-    if (generate_read(a->noise, "noise", (int64_t)r->grid_h * r->grid_w, C, &r->latent, e))
+    if (a->noise ? generate_read(a->noise, "noise", (int64_t)r->grid_h * r->grid_w,
+                                 flux2_config(r->flow)->in_channels, &r->latent, e)
+                 : generate_seed_noise(a, r, e))
         return 1;
     int batch = (int)r->latent->shape[0];
     if (a->n_seeds && a->n_seeds != batch) {

@@ -1731,7 +1731,8 @@ int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
     LambdaSchedule v = {.type = (LambdaType)type, .start = 12.0, .end = 1.0, .power = 2.0};
     if (v.type == LAMBDA_HARD_THEN_EXP) v.start = 30.0, v.after = 2.0;
     if (v.type == LAMBDA_EXPONENTIAL) v.start = 30.0, v.power = 5.0;
-    double warmup = v.type == LAMBDA_EXPONENTIAL ? 5 : 0, cooldown = v.type == LAMBDA_EXPONENTIAL ? 12 : 0;
+    bool exponential = v.type == LAMBDA_EXPONENTIAL;
+    double warmup = exponential ? 5 : 0, cooldown = exponential ? 12 : 0;
     const double big = 1e30;
     const SpecKey value = {"value", &v.value, -big, big, false};
     const SpecKey start = {"start", &v.start, -big, big, false};

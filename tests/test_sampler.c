@@ -88,7 +88,8 @@ static int check_step(const SamplerStep *s, void *ctx, Error *e) {
     (void)e;
     StepCheck *c = ctx;
     char name[128];
-#define STEP_NAME(part) (snprintf(name, sizeof name, "%s.step.%d.%s", c->name, s->index, part), name)
+#define STEP_NAME(part) \
+    (snprintf(name, sizeof name, "%s.step.%d.%s", c->name, s->index, part), name)
     compare(c->golden, STEP_NAME("x_t"), s->x_t->data, (size_t)s->x_t->numel);
     compare(c->golden, STEP_NAME("sigma"), &s->sigma, 1);
     compare(c->golden, STEP_NAME("lambda"), &s->lambda, 1);
@@ -110,7 +111,8 @@ static int case_inputs(const SafeTensors *g, int batch, Tensor **noise, Tensor *
     const StTensor *tn = st_find(g, "noise"), *tt = st_find(g, "txt");
     *noise = *txt = NULL;
     if (!tn || !tt) return -1;
-    float *n = golden_load(g, "noise", (size_t)tn->numel), *p = golden_load(g, "txt", (size_t)tt->numel);
+    float *n = golden_load(g, "noise", (size_t)tn->numel);
+    float *p = golden_load(g, "txt", (size_t)tt->numel);
     *noise = TENSOR_NEW(batch, tn->shape[1], tn->shape[2]);
     *txt = TENSOR_NEW(batch, tt->shape[0], tt->shape[1]);
     int rc = n && p && *noise && *txt ? 0 : -1;
@@ -205,7 +207,8 @@ static void test_schedules(const SafeTensors *g) {
         for (size_t k = 0; k < sizeof steps / sizeof *steps; k++) {
             float got[30];
             char name[128];
-            for (int i = 0; i < steps[k]; i++) got[i] = (float)lambda_schedule_at(&sched, i, steps[k]);
+            for (int i = 0; i < steps[k]; i++)
+                got[i] = (float)lambda_schedule_at(&sched, i, steps[k]);
             snprintf(name, sizeof name, "sched.%s.%d", specs[s], steps[k]);
             float *want = golden_load(g, name, (size_t)steps[k]);
             if (want) check_close(name, got, want, (size_t)steps[k], 1e-6f, 1e-6f);
@@ -381,7 +384,8 @@ static void check_cli_dump(const SafeTensors *g, const char *path) {
         if (got && want) {
             snprintf(name, sizeof name, "generate --dump %s", t->name);
             float *w = golden_load(g, want->name, (size_t)want->numel);
-            if (w) check_close(name, got, w, (size_t)t->numel, REL, REL * max_abs(w, (size_t)t->numel));
+            size_t n = (size_t)t->numel;
+            if (w) check_close(name, got, w, n, REL, REL * max_abs(w, n));
             free(w);
         }
         free(got);
@@ -412,6 +416,22 @@ static void check_cli_image(const SafeTensors *g, const char *path, int b) {
     free(want);
 }
 
+/* The initial latents of --seed 42,7 are PyTorch's, bit for bit (step.0.x_t of the dump). */
+static void check_cli_seed_noise(const SafeTensors *g, const char *dump) {
+    SafeTensors *d = golden_open(dump);
+    float *got = d ? golden_load(d, "step.0.x_t", 2 * 6 * 16) : NULL;
+    float *want42 = golden_load(g, "seed.42.noise", 6 * 16);
+    float *want7 = golden_load(g, "seed.7.noise", 6 * 16);
+    if (got && want42 && want7) {
+        check_close("--seed 42 initial latent", got, want42, 6 * 16, 0.0f, 0.0f);
+        check_close("--seed 7 initial latent", got + 6 * 16, want7, 6 * 16, 0.0f, 0.0f);
+    }
+    free(got);
+    free(want42);
+    free(want7);
+    st_close(d);
+}
+
 /* `diamond generate` (next to this test's build directory) on the "power" case. */
 static void test_cli(const SafeTensors *g, const char *argv0) {
     char binary[512], dir[] = "/tmp/test_sampler.XXXXXX", cmd[4096], path[600];
@@ -435,6 +455,16 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
         for (int b = 0; b < 2; b++) {
             snprintf(path, sizeof path, "%s/out-%d.ppm", dir, 11 + b);
             check_cli_image(g, path, b);
+            remove(path);
+        }
+        snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2 --no-guide "
+                 "--embeddings %s/emb.safetensors --seed 42,7 --steps 1 -W 24 -H 16 -o "
+                 "%s/out.ppm --dump %s/dump.safetensors --quiet", binary, dir, dir, dir);
+        CHECK(run_quiet(cmd) == 0, "diamond generate from seeds runs: %s", cmd);
+        snprintf(path, sizeof path, "%s/dump.safetensors", dir);
+        check_cli_seed_noise(g, path);
+        for (int b = 0; b < 2; b++) {
+            snprintf(path, sizeof path, "%s/out-%d.ppm", dir, b ? 7 : 42);
             remove(path);
         }
         static const struct {

@@ -21,6 +21,8 @@ Writes tests/golden/sampler.safetensors (float32):
   CASE.step.I.{x_t, sigma, v, x0, mask, grad, lambda}, CASE.final.latent, CASE.final.image
                                            mask and grad only where the detector / backward ran
   sched.SPEC.N                             lambda_i for i < N of a schedule spec
+  seed.S.noise [6, 16]                     the FLUX.2 pipeline's initial latent for seed S:
+                                           randn((1, C, h, w)) from a CPU generator, packed
 Run with /usr/bin/python3 (Debian's torch).
 """
 import json
@@ -59,7 +61,8 @@ CASES = [
     ("gate", 2, 3, True, "linear:start=0.8,end=0.2", "mse", 0.5),
 ]
 SCHEDULE_SPECS = ["constant", "linear", "power", "cosine", "hard_then_exp", "exponential",
-                  "power:start=25,end=1,power=2", "exponential:start=2,end=1,power=2,warmup=1,cooldown=1",
+                  "power:start=25,end=1,power=2",
+                  "exponential:start=2,end=1,power=2,warmup=1,cooldown=1",
                   "exponential:warmup=0,cooldown=0"]
 SCHEDULE_STEPS = [1, 2, 3, 5, 30]
 
@@ -98,7 +101,8 @@ def schedule(spec):
         if kind == "power":
             return p["end"] + (p["start"] - p["end"]) * (1 - progress(i, n)) ** p["power"]
         if kind == "cosine":
-            return p["end"] + (p["start"] - p["end"]) * 0.5 * (1 + math.cos(math.pi * progress(i, n)))
+            cosine = 0.5 * (1 + math.cos(math.pi * progress(i, n)))
+            return p["end"] + (p["start"] - p["end"]) * cosine
         if kind == "hard_then_exp":
             if i == 0:
                 return p["start"]
@@ -236,6 +240,9 @@ def main():
         at = schedule(spec)
         for n in SCHEDULE_STEPS:
             golden[f"sched.{spec}.{n}"] = torch.tensor([at(i, n) for i in range(n)], dtype=F64)
+    for seed in (42, 7):
+        latent = torch.randn(1, cin, H, W, generator=torch.Generator().manual_seed(seed))
+        golden[f"seed.{seed}.noise"] = latent.reshape(cin, H * W).T.double()
     ref_flux2.write(os.path.join(ROOT, "tests", "golden", "sampler.safetensors"),
                     ref_flux2.st_bytes([(k, v.detach(), "F32") for k, v in golden.items()]))
     print(f"sampler.safetensors: {len(golden)} tensors")
