@@ -448,6 +448,9 @@ static const char *generate_usage =
     "                         detector max is below T at that step (default off, as official)\n"
     "  --threads T            OpenMP threads\n"
     "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image\n"
+    "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
+    "                         one row per image: baseline | guided | detector heat maps of\n"
+    "                         both (0.6 jet + 0.4 image); prints the detector max of each\n"
     "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
     "                         step (mask and grad where computed; grad before normalisation),\n"
     "                         final.latent and final.image\n"
@@ -458,7 +461,7 @@ static const char *generate_usage =
 #define GENERATE_MAX_BATCH 64
 
 typedef struct GenerateArgs {
-    const char *model, *detector, *embeddings, *noise, *out, *dump;
+    const char *model, *detector, *embeddings, *noise, *out, *dump, *compare;
     uint64_t seeds[GENERATE_MAX_BATCH];
     int n_seeds, steps, width, height;
     SamplerOptions opt;
@@ -494,7 +497,7 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
     static const char *const valued[] = {"--model", "--detector", "--embeddings", "--noise",
                                          "--seed", "--steps", "-W", "-H", "--guidance-scale",
                                          "--lambda-schedule", "--loss", "--gate", "--threads",
-                                         "-o", "--dump", "--prompt"};
+                                         "-o", "--dump", "--prompt", "--compare"};
     const char *val = NULL;
     for (size_t k = 0; k < sizeof valued / sizeof *valued; k++)
         if (!strcmp(opt, valued[k])) {
@@ -511,6 +514,7 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
     else if (!strcmp(opt, "--noise")) a->noise = val;
     else if (!strcmp(opt, "-o")) a->out = val;
     else if (!strcmp(opt, "--dump")) a->dump = val;
+    else if (!strcmp(opt, "--compare")) a->compare = val;
     else if (!strcmp(opt, "--prompt"))
         return error_set(e, "--prompt: the text encoder is not implemented yet; encode the prompt "
                             "elsewhere and pass --embeddings FILE (prompt_embeds [L, D])");
@@ -554,9 +558,16 @@ static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
                         : !a->height ? "-H H" : !a->detector && a->opt.guide ? "--detector DIR"
                         : !a->noise && !a->n_seeds ? "--seed S (or --noise FILE)" : NULL;
     if (missing) return error_set(e, "missing %s (see diamond generate --help)", missing);
-    const char *dot = strrchr(a->out, '.');
-    if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
-        return error_set(e, "-o %s: the name must end in .png or .ppm", a->out);
+    const char *images[2] = {a->out, a->compare};
+    for (int k = 0; k < 2; k++) {
+        const char *dot = images[k] ? strrchr(images[k], '.') : ".png";
+        if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
+            return error_set(e, "%s %s: the name must end in .png or .ppm", k ? "--compare" : "-o",
+                             images[k]);
+    }
+    if (a->compare && !a->opt.guide)
+        return error_set(e, "--compare needs guidance (it runs the baseline itself): drop "
+                            "--no-guide");
     a->opt.steps = a->steps;
     return 0;
 }
@@ -737,12 +748,12 @@ static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
     return 0;
 }
 
-/* The final latent's image, no gradient: [B, 3, H, W] in about [-1, 1]. */
-static int generate_decode(const GenerateRun *r, Tensor **image, Error *e) {
+/* A latent's image, no gradient: [B, 3, H, W] in about [-1, 1]. */
+static int generate_decode(const GenerateRun *r, Tensor *latent, Tensor **image, Error *e) {
     Tape *t = tape_new();
     if (!t) return error_set(e, "out of memory for the decoder");
     tape_set_grad(t, false);
-    Var *img = vae_decode(t, r->vae, var_new(t, r->latent, false), r->grid_h, r->grid_w);
+    Var *img = vae_decode(t, r->vae, var_new(t, latent, false), r->grid_h, r->grid_w);
     int rc = tape_check(t, e);
     if (rc == 0 && !(*image = tensor_clone(img->value))) rc = error_set(e, "out of memory");
     tape_free(t);
@@ -787,14 +798,107 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
     return rc;
 }
 
-/* Sampling, the image files and the dump. */
+/* ---- sampler: --compare ---- */
+
+/* The detector on images [B, 3, H, W], no gradient: its full-size mask [B, L, H, W] and each
+ * sample's max over the map at 1/4 of its input (the artifact-frequency statistic). */
+static int generate_detect(const GenerateRun *r, Tensor *image, Tensor **mask, float *maxima,
+                           Error *e) {
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the detector");
+    tape_set_grad(t, false);
+    Var *small = NULL, *m = segformer_forward(t, r->detector, var_new(t, image, false), &small);
+    int rc = tape_check(t, e);
+    if (rc == 0 && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
+    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+        size_t per = (size_t)(small->value->numel / image->shape[0]);
+        maxima[b] = max_array(per, small->value->data + b * per);
+    }
+    tape_free(t);
+    return rc;
+}
+
+/* A jet colour map channel: centre 3 red, 2 green, 1 blue; v in [0, 1] -> [0, 1]. */
+static float jet(float v, float centre) {
+    float x = 1.5f - fabsf(4.0f * v - centre);
+    return x > 0.0f ? (x < 1.0f ? x : 1.0f) : 0.0f;
+}
+
+/* Row b of the comparison (4 panels of W x H): the baseline and guided images, then each with
+ * its mask as a heat map, 0.6 jet(mask) + 0.4 image as the official overlay. */
+static void generate_compare_row(Image *out, int64_t b, const Image panels[2],
+                                 Tensor *const masks[2]) {
+    int W = panels[0].width, H = panels[0].height;
+    for (int k = 0; k < 2; k++) {
+        const float *m = masks[k]->data + b * masks[k]->numel / masks[k]->shape[0];
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++) {
+                const uint8_t *src = &panels[k].rgb[((size_t)y * W + x) * 3];
+                uint8_t *plain = &out->rgb[(((size_t)(b * H + y)) * out->width + k * W + x) * 3];
+                uint8_t *heat = plain + (size_t)2 * W * 3;
+                float v = m[(size_t)y * W + x];
+                for (int c = 0; c < 3; c++) {
+                    plain[c] = src[c];
+                    heat[c] = (uint8_t)(0.6f * 255.0f * jet(v, 3.0f - c) + 0.4f * src[c]);
+                }
+            }
+    }
+}
+
+/* The baseline from the same initial latent and prompt, then baseline | guided | heat maps, one
+ * row per image, into --compare; the detector max of both on stderr. */
+static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initial,
+                            Tensor *guided, Error *e) {
+    SamplerOptions plain = a->opt;
+    plain.guide = false;
+    GenerateProgress progress = {NULL, a->quiet, now_seconds()};
+    if (!a->quiet) fprintf(stderr, "baseline:\n");
+    int64_t B = initial->shape[0], H = guided->shape[2], W = guided->shape[3];
+    Tensor *baseline = NULL, *masks[2] = {NULL, NULL};
+    float *maxima = calloc(2 * (size_t)B, sizeof *maxima);
+    Image out = {0}, panels[2] = {{0}, {0}};
+    int rc = maxima ? 0 : error_set(e, "out of memory");
+    if (rc == 0)
+        rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, initial, r->grid_h, r->grid_w,
+                         generate_on_step, &progress, e) ||
+             generate_decode(r, initial, &baseline, e) ||
+             generate_detect(r, baseline, &masks[0], maxima, e) ||
+             generate_detect(r, guided, &masks[1], maxima + B, e) ||
+             image_alloc(&out, (int)(4 * W), (int)(B * H), e) ||
+             image_alloc(&panels[0], (int)W, (int)H, e) ||
+             image_alloc(&panels[1], (int)W, (int)H, e);
+    for (int64_t b = 0; rc == 0 && b < B; b++) {
+        generate_to_rgb(baseline, b, &panels[0]);
+        generate_to_rgb(guided, b, &panels[1]);
+        generate_compare_row(&out, b, panels, masks);
+        fprintf(stderr, "image %lld: detector max %.4f (baseline) -> %.4f (guided)\n",
+                (long long)b, maxima[b], maxima[B + b]);
+    }
+    if (rc == 0)
+        rc = !strcmp(strrchr(a->compare, '.'), ".png") ? png_write(a->compare, &out, e)
+                                                       : ppm_write(a->compare, &out, e);
+    if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", a->compare);
+    image_free(&out);
+    image_free(&panels[0]);
+    image_free(&panels[1]);
+    tensor_free(baseline);
+    tensor_free(masks[0]);
+    tensor_free(masks[1]);
+    free(maxima);
+    return rc ? -1 : 0;
+}
+
+/* Sampling, the image files, the comparison and the dump. */
 static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     GenerateDump dump = {0};
     GenerateProgress progress = {a->dump ? &dump : NULL, a->quiet, now_seconds()};
-    Tensor *image = NULL;
+    Tensor *image = NULL, *initial = a->compare ? tensor_clone(r->latent) : NULL;
+    if (a->compare && !initial) return error_set(e, "out of memory for the baseline latent");
     int rc = sampler_run(r->flow, r->vae, r->detector, &a->opt, r->txt, r->latent, r->grid_h,
                          r->grid_w, generate_on_step, &progress, e) ||
-             generate_decode(r, &image, e) || generate_write_images(a, image, e);
+             generate_decode(r, r->latent, &image, e) || generate_write_images(a, image, e) ||
+             (a->compare && generate_compare(a, r, initial, image, e));
+    tensor_free(initial);
     if (rc == 0 && a->dump)
         rc = generate_dump_add(&dump, "final.latent", r->latent->data, r->latent->ndim,
                                r->latent->shape, e) ||

@@ -4,8 +4,8 @@
  * lambda schedule and loss, guided and plain, batch 1 and 2, with a gate. Also the schedules'
  * values (degenerate N included) and option errors, the losses' gradients by finite
  * differences, the FLUX.2 sigmas, batch independence and the sampler's input checks; and
- * `diamond generate` end to end: its --dump and images against the same golden run, its exit
- * statuses on bad input. */
+ * `diamond generate` end to end: its --dump, images and --compare strip against the same golden
+ * runs, noise from --seed against PyTorch's, its exit statuses on bad input. */
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -393,27 +393,53 @@ static void check_cli_dump(const SafeTensors *g, const char *path) {
     st_close(d);
 }
 
-/* The PPM of sample b against the golden final image converted as upstream; +-1 allows a value
- * within rounding of an integer boundary to truncate the other way. */
-static void check_cli_image(const SafeTensors *g, const char *path, int b) {
-    Image img = {0};
-    Error e = {{0}};
-    float *want = golden_load(g, "power.final.image", 2 * 3 * 16 * 24);
-    if (ppm_read(&img, path, &e) || !want || img.width != 24 || img.height != 16) {
-        CHECK(0, "read %s as a 24x16 image: %s", path, e.msg);
-    } else {
-        int worst = 0;
-        for (int p = 0; p < 16 * 24; p++)
+/* The largest difference between the 24x16 panel of img at (x0, y0) and sample b of a golden
+ * image [2, 3, 16, 24] converted as upstream: ((x + 1) / 2) clipped, times 255, truncated. */
+static int panel_diff(const Image *img, int x0, int y0, const float *want, int b) {
+    int worst = 0;
+    for (int y = 0; y < 16; y++)
+        for (int x = 0; x < 24; x++)
             for (int c = 0; c < 3; c++) {
-                float v = (want[(b * 3 + c) * 16 * 24 + p] + 1.0f) / 2.0f;
+                float v = (want[((b * 3 + c) * 16 + y) * 24 + x] + 1.0f) / 2.0f;
                 int expect = (int)((v < 0.0f ? 0.0f : v > 1.0f ? 1.0f : v) * 255.0f);
-                int diff = abs(img.rgb[p * 3 + c] - expect);
-                worst = diff > worst ? diff : worst;
+                int got = img->rgb[((size_t)(y0 + y) * img->width + x0 + x) * 3 + c];
+                worst = abs(got - expect) > worst ? abs(got - expect) : worst;
             }
-        CHECK(worst <= 1, "%s: pixels within 1 of the golden image's, worst %d", path, worst);
+    return worst;
+}
+
+/* The PPMs of both samples against the golden final image, and the --compare strip: its
+ * baseline panels against the golden plain run from the same noise, its guided panels against
+ * the guided golden image. +-1 allows a value within rounding of an integer boundary to
+ * truncate the other way. */
+static void check_cli_images(const SafeTensors *g, const char *dir) {
+    float *guided = golden_load(g, "power.final.image", 2 * 3 * 16 * 24);
+    float *plain = golden_load(g, "base2.final.image", 2 * 3 * 16 * 24);
+    char path[600];
+    for (int b = 0; guided && plain && b < 3; b++) {
+        Image img = {0};
+        Error e = {{0}};
+        if (b < 2) snprintf(path, sizeof path, "%s/out-%d.ppm", dir, 11 + b);
+        else snprintf(path, sizeof path, "%s/cmp.ppm", dir);
+        int w = b < 2 ? 24 : 4 * 24, h = b < 2 ? 16 : 2 * 16;
+        if (ppm_read(&img, path, &e) || img.width != w || img.height != h) {
+            CHECK(0, "read %s as a %dx%d image: %s", path, w, h, e.msg);
+        } else if (b < 2) {
+            int worst = panel_diff(&img, 0, 0, guided, b);
+            CHECK(worst <= 1, "%s: pixels within 1 of the golden image's, worst %d", path, worst);
+        } else {
+            for (int k = 0; k < 2; k++) {
+                int base = panel_diff(&img, 0, 16 * k, plain, k);
+                int steered = panel_diff(&img, 24, 16 * k, guided, k);
+                CHECK(base <= 1 && steered <= 1, "--compare row %d: baseline and guided panels "
+                      "within 1 of the golden runs, worst %d and %d", k, base, steered);
+            }
+        }
+        image_free(&img);
+        remove(path);
     }
-    image_free(&img);
-    free(want);
+    free(guided);
+    free(plain);
 }
 
 /* The initial latents of --seed 42,7 are PyTorch's, bit for bit (step.0.x_t of the dump). */
@@ -448,15 +474,12 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                            "%s/noise.safetensors --steps 3 -W 24 -H 16 --lambda-schedule "
                            "power:start=0.8,end=0.2,power=2 --loss mse -o %s/out.ppm --quiet";
         int n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
-        snprintf(cmd + n, sizeof cmd - (size_t)n, " --seed 11,12 --dump %s/dump.safetensors", dir);
+        snprintf(cmd + n, sizeof cmd - (size_t)n,
+                 " --seed 11,12 --dump %s/dump.safetensors --compare %s/cmp.ppm", dir, dir);
         CHECK(run_quiet(cmd) == 0, "diamond generate runs: %s", cmd);
         snprintf(path, sizeof path, "%s/dump.safetensors", dir);
         check_cli_dump(g, path);
-        for (int b = 0; b < 2; b++) {
-            snprintf(path, sizeof path, "%s/out-%d.ppm", dir, 11 + b);
-            check_cli_image(g, path, b);
-            remove(path);
-        }
+        check_cli_images(g, dir);
         snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2 --no-guide "
                  "--embeddings %s/emb.safetensors --seed 42,7 --steps 1 -W 24 -H 16 -o "
                  "%s/out.ppm --dump %s/dump.safetensors --quiet", binary, dir, dir, dir);
@@ -471,7 +494,8 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
             const char *extra;
             int status;
         } bad[] = {{" -W 20", 2}, {" --loss focal:beta=1", 2}, {" --prompt cat", 2},
-                   {" --seed 1,2,3", 2}, {" --steps", 2}, {" --detector /nonexistent", 1},
+                   {" --seed 1,2,3", 2}, {" --steps", 2}, {" --no-guide --compare x.png", 2},
+                   {" --compare x.jpg", 2}, {" --detector /nonexistent", 1},
                    {" --embeddings /nonexistent.safetensors", 1}};
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
