@@ -451,6 +451,9 @@ static const char *generate_usage =
     "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
     "                         one row per image: baseline | guided | detector heat maps of\n"
     "                         both (0.6 jet + 0.4 image); prints the detector max of each\n"
+    "  --save-steps DIR       DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
+    "                         DIR/step_III_overlay.png (its detector heat map, where the detector\n"
+    "                         ran); costs one more VAE decode per step. DIR must exist\n"
     "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
     "                         step (mask and grad where computed; grad before normalisation),\n"
     "                         final.latent and final.image\n"
@@ -461,7 +464,7 @@ static const char *generate_usage =
 #define GENERATE_MAX_BATCH 64
 
 typedef struct GenerateArgs {
-    const char *model, *detector, *embeddings, *noise, *out, *dump, *compare;
+    const char *model, *detector, *embeddings, *noise, *out, *dump, *compare, *save_steps;
     uint64_t seeds[GENERATE_MAX_BATCH];
     int n_seeds, steps, width, height;
     SamplerOptions opt;
@@ -497,7 +500,8 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
     static const char *const valued[] = {"--model", "--detector", "--embeddings", "--noise",
                                          "--seed", "--steps", "-W", "-H", "--guidance-scale",
                                          "--lambda-schedule", "--loss", "--gate", "--threads",
-                                         "-o", "--dump", "--prompt", "--compare"};
+                                         "-o", "--dump", "--prompt", "--compare",
+                                         "--save-steps"};
     const char *val = NULL;
     for (size_t k = 0; k < sizeof valued / sizeof *valued; k++)
         if (!strcmp(opt, valued[k])) {
@@ -515,6 +519,7 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
     else if (!strcmp(opt, "-o")) a->out = val;
     else if (!strcmp(opt, "--dump")) a->dump = val;
     else if (!strcmp(opt, "--compare")) a->compare = val;
+    else if (!strcmp(opt, "--save-steps")) a->save_steps = val;
     else if (!strcmp(opt, "--prompt"))
         return error_set(e, "--prompt: the text encoder is not implemented yet; encode the prompt "
                             "elsewhere and pass --embeddings FILE (prompt_embeds [L, D])");
@@ -717,37 +722,6 @@ static int generate_dump_tensor(GenerateDump *d, int step, const char *part, con
     return generate_dump_add(d, name, t->data, t->ndim, t->shape, e);
 }
 
-typedef struct GenerateProgress {
-    GenerateDump *dump; /* NULL without --dump */
-    bool quiet;
-    double start;
-} GenerateProgress;
-
-/* step i/N, seconds per step and the time left, on stderr; the step's tensors into the dump. */
-static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
-    GenerateProgress *p = ctx;
-    if (!p->quiet) {
-        double per = (now_seconds() - p->start) / (s->index + 1);
-        fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n",
-                s->index + 1, s->steps, s->sigma, s->lambda, per, per * (s->steps - s->index - 1));
-    }
-    GenerateDump *d = p->dump;
-    if (!d) return 0;
-    const int64_t one = 1;
-    char name[64];
-    snprintf(name, sizeof name, "step.%d.sigma", s->index);
-    if (generate_dump_add(d, name, &s->sigma, 1, &one, e)) return -1;
-    snprintf(name, sizeof name, "step.%d.lambda", s->index);
-    if (generate_dump_add(d, name, &s->lambda, 1, &one, e) ||
-        generate_dump_tensor(d, s->index, "x_t", s->x_t, e) ||
-        generate_dump_tensor(d, s->index, "v", s->v, e) ||
-        generate_dump_tensor(d, s->index, "x0", s->x0, e) ||
-        (s->mask && generate_dump_tensor(d, s->index, "mask", s->mask, e)) ||
-        (s->grad && generate_dump_tensor(d, s->index, "grad", s->grad, e)))
-        return -1;
-    return 0;
-}
-
 /* A latent's image, no gradient: [B, 3, H, W] in about [-1, 1]. */
 static int generate_decode(const GenerateRun *r, Tensor *latent, Tensor **image, Error *e) {
     Tape *t = tape_new();
@@ -773,13 +747,13 @@ static void generate_to_rgb(const Tensor *image, int64_t b, Image *out) {
         }
 }
 
-/* OUT for one image, else OUT with "-SEED" (or "-INDEX") before the extension. */
-static void generate_out_name(const GenerateArgs *a, int64_t b, int64_t batch, char *name,
-                              size_t len) {
-    const char *dot = strrchr(a->out, '.');
+/* path for one image, else path with "-SEED" (or "-INDEX") before the extension. */
+static void generate_out_name(const GenerateArgs *a, const char *path, int64_t b, int64_t batch,
+                              char *name, size_t len) {
+    const char *dot = strrchr(path, '.');
     unsigned long long tag = a->n_seeds ? (unsigned long long)a->seeds[b] : (unsigned long long)b;
-    if (batch == 1) snprintf(name, len, "%s", a->out);
-    else snprintf(name, len, "%.*s-%llu%s", (int)(dot - a->out), a->out, tag, dot);
+    if (batch == 1) snprintf(name, len, "%s", path);
+    else snprintf(name, len, "%.*s-%llu%s", (int)(dot - path), path, tag, dot);
 }
 
 static int generate_write_images(const GenerateArgs *a, const Tensor *image, Error *e) {
@@ -789,7 +763,7 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
     bool png = !strcmp(strrchr(a->out, '.'), ".png");
     for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
         char name[4096];
-        generate_out_name(a, b, image->shape[0], name, sizeof name);
+        generate_out_name(a, a->out, b, image->shape[0], name, sizeof name);
         generate_to_rgb(image, b, &img);
         rc = png ? png_write(name, &img, e) : ppm_write(name, &img, e);
         if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", name);
@@ -824,34 +798,103 @@ static float jet(float v, float centre) {
     return x > 0.0f ? (x < 1.0f ? x : 1.0f) : 0.0f;
 }
 
-/* Row b of the comparison (4 panels of W x H): the baseline and guided images, then each with
- * its mask as a heat map, 0.6 jet(mask) + 0.4 image as the official overlay. */
+/* src drawn into dst at (x0, y0), as itself or (heat) as the official overlay of its mask
+ * ([src.height, src.width] in [0, 1]): 0.6 jet(mask) + 0.4 image. */
+static void generate_panel(Image *dst, int x0, int y0, const Image *src, const float *heat) {
+    for (int y = 0; y < src->height; y++)
+        for (int x = 0; x < src->width; x++) {
+            const uint8_t *from = &src->rgb[((size_t)y * src->width + x) * 3];
+            uint8_t *to = &dst->rgb[((size_t)(y0 + y) * dst->width + x0 + x) * 3];
+            for (int c = 0; c < 3; c++)
+                to[c] = heat ? (uint8_t)(0.6f * 255.0f * jet(heat[(size_t)y * src->width + x],
+                                                             3.0f - c) + 0.4f * from[c])
+                             : from[c];
+        }
+}
+
+/* Row b of the comparison, 4 panels of W x H: the baseline and guided images, then each with
+ * its mask as a heat map. */
 static void generate_compare_row(Image *out, int64_t b, const Image panels[2],
                                  Tensor *const masks[2]) {
     int W = panels[0].width, H = panels[0].height;
     for (int k = 0; k < 2; k++) {
         const float *m = masks[k]->data + b * masks[k]->numel / masks[k]->shape[0];
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++) {
-                const uint8_t *src = &panels[k].rgb[((size_t)y * W + x) * 3];
-                uint8_t *plain = &out->rgb[(((size_t)(b * H + y)) * out->width + k * W + x) * 3];
-                uint8_t *heat = plain + (size_t)2 * W * 3;
-                float v = m[(size_t)y * W + x];
-                for (int c = 0; c < 3; c++) {
-                    plain[c] = src[c];
-                    heat[c] = (uint8_t)(0.6f * 255.0f * jet(v, 3.0f - c) + 0.4f * src[c]);
-                }
-            }
+        generate_panel(out, k * W, (int)b * H, &panels[k], NULL);
+        generate_panel(out, (2 + k) * W, (int)b * H, &panels[k], m);
     }
 }
 
+typedef struct GenerateProgress {
+    const GenerateArgs *args;
+    const GenerateRun *run;
+    GenerateDump *dump; /* NULL without --dump */
+    bool quiet;
+    double start;
+} GenerateProgress;
+
+/* --save-steps: DIR/step_III_x0.png, the decoded clean estimate, and where the detector ran
+ * DIR/step_III_overlay.png, its mask over it (one more VAE decode per step). */
+static int generate_save_step(const GenerateProgress *p, const SamplerStep *s, Error *e) {
+    const GenerateArgs *a = p->args;
+    Tensor *image = NULL;
+    Image img = {0}, heat = {0};
+    /* the decode only reads x0 (grad off), so the const is only set aside for var_new */
+    int rc = generate_decode(p->run, (Tensor *)s->x0, &image, e) ||
+             image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e) ||
+             image_alloc(&heat, img.width, img.height, e);
+    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+        char base[4096], name[4200];
+        generate_to_rgb(image, b, &img);
+        snprintf(base, sizeof base, "%s/step_%03d_x0.png", a->save_steps, s->index);
+        generate_out_name(a, base, b, image->shape[0], name, sizeof name);
+        rc = png_write(name, &img, e);
+        if (rc || !s->mask) continue;
+        generate_panel(&heat, 0, 0, &img, s->mask->data + b * s->mask->numel / s->mask->shape[0]);
+        snprintf(base, sizeof base, "%s/step_%03d_overlay.png", a->save_steps, s->index);
+        generate_out_name(a, base, b, image->shape[0], name, sizeof name);
+        rc = png_write(name, &heat, e);
+    }
+    image_free(&img);
+    image_free(&heat);
+    tensor_free(image);
+    return rc ? -1 : 0;
+}
+
+/* step i/N, seconds per step and the time left, on stderr; the step's tensors into the dump. */
+static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
+    GenerateProgress *p = ctx;
+    if (!p->quiet) {
+        double per = (now_seconds() - p->start) / (s->index + 1);
+        fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n",
+                s->index + 1, s->steps, s->sigma, s->lambda, per, per * (s->steps - s->index - 1));
+    }
+    if (p->args->save_steps && generate_save_step(p, s, e)) return -1;
+    GenerateDump *d = p->dump;
+    if (!d) return 0;
+    const int64_t one = 1;
+    char name[64];
+    snprintf(name, sizeof name, "step.%d.sigma", s->index);
+    if (generate_dump_add(d, name, &s->sigma, 1, &one, e)) return -1;
+    snprintf(name, sizeof name, "step.%d.lambda", s->index);
+    if (generate_dump_add(d, name, &s->lambda, 1, &one, e) ||
+        generate_dump_tensor(d, s->index, "x_t", s->x_t, e) ||
+        generate_dump_tensor(d, s->index, "v", s->v, e) ||
+        generate_dump_tensor(d, s->index, "x0", s->x0, e) ||
+        (s->mask && generate_dump_tensor(d, s->index, "mask", s->mask, e)) ||
+        (s->grad && generate_dump_tensor(d, s->index, "grad", s->grad, e)))
+        return -1;
+    return 0;
+}
+
 /* The baseline from the same initial latent and prompt, then baseline | guided | heat maps, one
- * row per image, into --compare; the detector max of both on stderr. */
+ * row per image, into --compare; the detector max of both on stdout. */
 static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initial,
                             Tensor *guided, Error *e) {
     SamplerOptions plain = a->opt;
     plain.guide = false;
-    GenerateProgress progress = {NULL, a->quiet, now_seconds()};
+    GenerateArgs plain_args = *a;
+    plain_args.save_steps = NULL; /* the steps saved are the guided run's */
+    GenerateProgress progress = {&plain_args, r, NULL, a->quiet, now_seconds()};
     if (!a->quiet) fprintf(stderr, "baseline:\n");
     int64_t B = initial->shape[0], H = guided->shape[2], W = guided->shape[3];
     Tensor *baseline = NULL, *masks[2] = {NULL, NULL};
@@ -871,7 +914,7 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
         generate_to_rgb(baseline, b, &panels[0]);
         generate_to_rgb(guided, b, &panels[1]);
         generate_compare_row(&out, b, panels, masks);
-        fprintf(stderr, "image %lld: detector max %.4f (baseline) -> %.4f (guided)\n",
+        printf("image %lld: detector max %.4f (baseline) -> %.4f (guided)\n",
                 (long long)b, maxima[b], maxima[B + b]);
     }
     if (rc == 0)
@@ -891,7 +934,7 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
 /* Sampling, the image files, the comparison and the dump. */
 static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     GenerateDump dump = {0};
-    GenerateProgress progress = {a->dump ? &dump : NULL, a->quiet, now_seconds()};
+    GenerateProgress progress = {a, r, a->dump ? &dump : NULL, a->quiet, now_seconds()};
     Tensor *image = NULL, *initial = a->compare ? tensor_clone(r->latent) : NULL;
     if (a->compare && !initial) return error_set(e, "out of memory for the baseline latent");
     int rc = sampler_run(r->flow, r->vae, r->detector, &a->opt, r->txt, r->latent, r->grid_h,

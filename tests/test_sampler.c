@@ -482,8 +482,17 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
         check_cli_images(g, dir);
         snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2 --no-guide "
                  "--embeddings %s/emb.safetensors --seed 42,7 --steps 1 -W 24 -H 16 -o "
-                 "%s/out.ppm --dump %s/dump.safetensors --quiet", binary, dir, dir, dir);
+                 "%s/out.ppm --dump %s/dump.safetensors --save-steps %s --quiet", binary, dir,
+                 dir, dir, dir);
         CHECK(run_quiet(cmd) == 0, "diamond generate from seeds runs: %s", cmd);
+        static const char *saved[] = {"step_000_x0-42.png", "step_000_x0-7.png",
+                                      "step_000_overlay-42.png"};
+        for (int k = 0; k < 3; k++) {
+            snprintf(path, sizeof path, "%s/%s", dir, saved[k]);
+            CHECK((access(path, R_OK) == 0) == (k < 2), "--save-steps %s %s", saved[k],
+                  k < 2 ? "written" : "not written (no detector ran)");
+            remove(path);
+        }
         snprintf(path, sizeof path, "%s/dump.safetensors", dir);
         check_cli_seed_noise(g, path);
         for (int b = 0; b < 2; b++) {
