@@ -594,21 +594,22 @@ static void generate_run_free(GenerateRun *r) {
     tensor_free(r->latent);
 }
 
-/* The F32/F16/BF16 tensor `name` of path, of shape [.., rows, cols] with at most `lead` ones in
- * front (or exactly [lead, rows, cols]), as [max(lead, 1), rows, cols]; rows < 0 takes any. */
+/* The F32/F16/BF16 tensor `name` of path, [rows, cols] or [B, rows, cols] (rows < 0: any
+ * count, shown as L), as a new [B, rows, cols] tensor (B = 1 for the 2-dim form). */
 static int generate_read(const char *path, const char *name, int64_t rows, int64_t cols,
                          Tensor **out, Error *e) {
     SafeTensors *st;
     *out = NULL;
     if (st_open(&st, path, e)) return -1;
     const StTensor *t = st_find(st, name);
+    char dims[32] = "L";
+    if (rows >= 0) snprintf(dims, sizeof dims, "%lld", (long long)rows);
     int rc = 0;
     if (!t) rc = error_set(e, "%s: no tensor '%s'", path, name);
     else if ((t->ndim != 2 && t->ndim != 3) || (rows >= 0 && t->shape[t->ndim - 2] != rows) ||
              t->shape[t->ndim - 1] != cols || t->numel == 0)
-        rc = error_set(e, "%s: '%s' must be [%s%lld, %lld] (or with a batch dim in front)", path,
-                       name, rows >= 0 ? "" : "L, ", (long long)(rows >= 0 ? rows : cols),
-                       (long long)cols);
+        rc = error_set(e, "%s: '%s' must be [%s, %lld] (or with a batch dim in front)", path,
+                       name, dims, (long long)cols);
     if (rc == 0) {
         int64_t B = t->ndim == 3 ? t->shape[0] : 1;
         *out = TENSOR_NEW(B, t->shape[t->ndim - 2], cols);
