@@ -1843,26 +1843,41 @@ void flux2_sigmas(int steps, int image_seq_len, float *sigmas) {
     sigmas[steps] = 0.0f;
 }
 
+/* Everything a run's steps share. */
+typedef struct SamplerRun {
+    const Flux2 *flow;
+    const VaeDecoder *vae;
+    const Segformer *detector;
+    const SamplerOptions *o;
+    const Tensor *txt;
+    int h, w;
+    float *sigmas;            /* [steps + 1] */
+    float *sigma_b, *guide_b; /* [B] the step's sigma and the guidance scale per sample */
+    bool *shifted;            /* [B] */
+    SamplerStepFn on_step;
+    void *ctx;
+} SamplerRun;
+
 /* The detector pass on the clean estimate: mask = detector(vae_decode(x0)), and unless every
  * sample is gated, g = dL/dx0. x0: [B, T, C] -> *mask: [B, L, H, W], *grad: [B, T, C] or NULL
- * (no backward ran); shifted[b] says whether sample b passed the gate. */
-static int sampler_guidance(const VaeDecoder *vae, const Segformer *detector,
-                            const SamplerOptions *o, Tensor *x0, int h, int w, Tensor **mask,
-                            Tensor **grad, bool *shifted, Error *e) {
+ * (no backward ran); r->shifted[b] says whether sample b passed the gate. */
+static int sampler_guidance(const SamplerRun *r, Tensor *x0, Tensor **mask, Tensor **grad,
+                            Error *e) {
     *mask = *grad = NULL;
     Tape *t = tape_new();
     if (!t) return error_set(e, "out of memory for the guidance tape");
     Var *x = var_new(t, x0, true), *small = NULL;
-    Var *m = segformer_forward(t, detector, vae_decode(t, vae, x, h, w), &small);
-    Var *loss = artifact_loss_apply(t, &o->loss, m);
+    Var *m = segformer_forward(t, r->detector, vae_decode(t, r->vae, x, r->h, r->w), &small);
+    Var *loss = artifact_loss_apply(t, &r->o->loss, m);
     int rc = tape_check(t, e);
     if (rc == 0 && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
     int64_t B = x0->shape[0];
     bool any = false;
     for (int64_t b = 0; rc == 0 && b < B; b++) {
         size_t per = (size_t)(small->value->numel / B);
-        shifted[b] = !(o->gate > 0.0f) || max_array(per, small->value->data + b * per) >= o->gate;
-        any |= shifted[b];
+        float gate = r->o->gate;
+        r->shifted[b] = !(gate > 0.0f) || max_array(per, small->value->data + b * per) >= gate;
+        any |= r->shifted[b];
     }
     if (rc == 0 && any) {
         rc = tape_backward(t, loss, e);
@@ -1871,7 +1886,7 @@ static int sampler_guidance(const VaeDecoder *vae, const Segformer *detector,
             rc = error_set(e, "out of memory");
         for (int64_t b = 0; rc == 0 && b < B; b++) {
             size_t per = (size_t)(x0->numel / B);
-            if (!shifted[b]) memset((*grad)->data + b * per, 0, per * sizeof(float));
+            if (!r->shifted[b]) memset((*grad)->data + b * per, 0, per * sizeof(float));
         }
     }
     tape_free(t);
@@ -1925,25 +1940,22 @@ static int sampler_check(const Flux2 *flow, const VaeDecoder *vae, const Segform
 }
 
 /* One step: v, x0, the guidance when lambda_i != 0, the caller's look, the update. */
-static int sampler_step(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
-                        const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
-                        int i, const float *sigmas, float *scratch, bool *shifted,
-                        SamplerStepFn on_step, void *ctx, Error *e) {
+static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
+    const SamplerOptions *o = r->o;
     int64_t B = latent->shape[0];
-    float *sigma_b = scratch, *guidance_b = scratch + B;
-    for (int64_t b = 0; b < B; b++) sigma_b[b] = sigmas[i], guidance_b[b] = o->guidance_scale;
+    for (int64_t b = 0; b < B; b++) r->sigma_b[b] = r->sigmas[i], r->guide_b[b] = o->guidance_scale;
     float lambda = o->guide ? (float)lambda_schedule_at(&o->lambda, i, o->steps) : 0.0f;
     Tensor *v = NULL, *x0 = NULL, *mask = NULL, *grad = NULL;
-    memset(shifted, 0, (size_t)B * sizeof *shifted);
-    int rc = flux2_forward(flow, latent, h, w, txt, sigma_b, guidance_b, &v, e);
-    if (rc == 0 && !(x0 = sampler_clean_estimate(latent, v, sigmas[i])))
+    memset(r->shifted, 0, (size_t)B * sizeof *r->shifted);
+    int rc = flux2_forward(r->flow, latent, r->h, r->w, r->txt, r->sigma_b, r->guide_b, &v, e);
+    if (rc == 0 && !(x0 = sampler_clean_estimate(latent, v, r->sigmas[i])))
         rc = error_set(e, "out of memory");
-    if (rc == 0 && lambda != 0.0f)
-        rc = sampler_guidance(vae, detector, o, x0, h, w, &mask, &grad, shifted, e);
-    SamplerStep step = {i, o->steps, sigmas[i], sigmas[i + 1], lambda, latent, v, x0, mask, grad,
-                        shifted};
-    if (rc == 0 && on_step) rc = on_step(&step, ctx, e);
-    if (rc == 0) sampler_update(latent, v, sigmas[i + 1] - sigmas[i], lambda, grad, shifted);
+    if (rc == 0 && lambda != 0.0f) rc = sampler_guidance(r, x0, &mask, &grad, e);
+    SamplerStep step = {i, o->steps, r->sigmas[i], r->sigmas[i + 1], lambda, latent, v, x0, mask,
+                        grad, r->shifted};
+    if (rc == 0 && r->on_step) rc = r->on_step(&step, r->ctx, e);
+    if (rc == 0)
+        sampler_update(latent, v, r->sigmas[i + 1] - r->sigmas[i], lambda, grad, r->shifted);
     tensor_free(v);
     tensor_free(x0);
     tensor_free(mask);
@@ -1955,16 +1967,19 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
                 const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
                 SamplerStepFn on_step, void *ctx, Error *e) {
     if (sampler_check(flow, vae, detector, o, txt, latent, h, w, e)) return -1;
-    int64_t B = latent->shape[0];
-    float *sigmas = malloc(((size_t)o->steps + 1 + 2 * (size_t)B) * sizeof *sigmas);
-    bool *shifted = calloc((size_t)B, sizeof *shifted);
-    int rc = sigmas && shifted ? 0 : error_set(e, "out of memory");
-    if (rc == 0) flux2_sigmas(o->steps, h * w, sigmas);
-    for (int i = 0; rc == 0 && i < o->steps; i++)
-        rc = sampler_step(flow, vae, detector, o, txt, latent, h, w, i, sigmas,
-                          sigmas + o->steps + 1, shifted, on_step, ctx, e);
-    free(sigmas);
-    free(shifted);
+    size_t B = (size_t)latent->shape[0];
+    SamplerRun r = {flow, vae, detector, o, txt, h, w, NULL, NULL, NULL, NULL, on_step, ctx};
+    r.sigmas = malloc(((size_t)o->steps + 1 + 2 * B) * sizeof *r.sigmas);
+    r.shifted = calloc(B, sizeof *r.shifted);
+    int rc = r.sigmas && r.shifted ? 0 : error_set(e, "out of memory");
+    if (rc == 0) {
+        r.sigma_b = r.sigmas + o->steps + 1;
+        r.guide_b = r.sigma_b + B;
+        flux2_sigmas(o->steps, h * w, r.sigmas);
+    }
+    for (int i = 0; rc == 0 && i < o->steps; i++) rc = sampler_step(&r, latent, i, e);
+    free(r.sigmas);
+    free(r.shifted);
     return rc;
 }
 
