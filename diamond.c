@@ -494,36 +494,25 @@ static int generate_parse_float(const char *s, float lo, float hi, float *out) {
     return 0;
 }
 
-/* One option at argv[*i] (with its value when it takes one); 0, or -1 with the message in e. */
-static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error *e) {
-    const char *opt = argv[*i];
-    static const char *const valued[] = {"--model", "--detector", "--embeddings", "--noise",
-                                         "--seed", "--steps", "-W", "-H", "--guidance-scale",
-                                         "--lambda-schedule", "--loss", "--gate", "--threads",
-                                         "-o", "--dump", "--prompt", "--compare",
-                                         "--save-steps"};
-    const char *val = NULL;
-    for (size_t k = 0; k < sizeof valued / sizeof *valued; k++)
-        if (!strcmp(opt, valued[k])) {
-            if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
-            val = argv[++*i];
-        }
+/* The field of a for an option that names a file or directory, or NULL. */
+static const char **generate_path_field(GenerateArgs *a, const char *opt) {
+    const struct {
+        const char *name;
+        const char **field;
+    } paths[] = {{"--model", &a->model}, {"--detector", &a->detector},
+                 {"--embeddings", &a->embeddings}, {"--noise", &a->noise}, {"-o", &a->out},
+                 {"--dump", &a->dump}, {"--compare", &a->compare},
+                 {"--save-steps", &a->save_steps}};
+    for (size_t k = 0; k < sizeof paths / sizeof *paths; k++)
+        if (!strcmp(opt, paths[k].name)) return paths[k].field;
+    return NULL;
+}
+
+/* An option of generate_takes_value with its value at argv[i]; 0, or -1 with the message in e. */
+static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, Error *e) {
+    const char *opt = argv[i - 1], *val = argv[i];
     int threads;
-    if (!strcmp(opt, "--no-guide")) a->opt.guide = false;
-    else if (!strcmp(opt, "--quiet")) a->quiet = true;
-    else if (!val) return error_set(e, "unknown option '%s'", opt);
-    else if (!strcmp(opt, "--model")) a->model = val;
-    else if (!strcmp(opt, "--detector")) a->detector = val;
-    else if (!strcmp(opt, "--embeddings")) a->embeddings = val;
-    else if (!strcmp(opt, "--noise")) a->noise = val;
-    else if (!strcmp(opt, "-o")) a->out = val;
-    else if (!strcmp(opt, "--dump")) a->dump = val;
-    else if (!strcmp(opt, "--compare")) a->compare = val;
-    else if (!strcmp(opt, "--save-steps")) a->save_steps = val;
-    else if (!strcmp(opt, "--prompt"))
-        return error_set(e, "--prompt: the text encoder is not implemented yet; encode the prompt "
-                            "elsewhere and pass --embeddings FILE (prompt_embeds [L, D])");
-    else if (!strcmp(opt, "--seed")) {
+    if (!strcmp(opt, "--seed")) {
         if (generate_parse_seeds(val, a))
             return error_set(e, "--seed: expected S or S,S,... (at most %d whole numbers), got "
                                 "'%s'", GENERATE_MAX_BATCH, val);
@@ -540,13 +529,37 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
         if (generate_parse_float(val, 0.0f, 1.0f, &a->opt.gate))
             return error_set(e, "--gate: expected a threshold in [0, 1], got '%s'", val);
     } else if (!strcmp(opt, "--threads")) {
-        if (bench_threads_option(argc, argv, *i - 1, &threads))
+        if (bench_threads_option(argc, argv, i - 1, &threads))
             return error_set(e, "--threads: expected 1..1024, got '%s'", val);
     } else if (!strcmp(opt, "--lambda-schedule")) {
         return lambda_schedule_parse(&a->opt.lambda, val, e);
-    } else if (!strcmp(opt, "--loss")) {
+    } else { /* --loss */
         return artifact_loss_parse(&a->opt.loss, val, e);
     }
+    return 0;
+}
+
+static bool generate_takes_value(const char *opt) {
+    static const char *const names[] = {"--seed", "--steps", "-W", "-H", "--guidance-scale",
+                                        "--gate", "--threads", "--lambda-schedule", "--loss"};
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++)
+        if (!strcmp(opt, names[k])) return true;
+    return false;
+}
+
+/* One option at argv[*i], moving *i past its value when it takes one. */
+static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error *e) {
+    const char *opt = argv[*i];
+    const char **path = generate_path_field(a, opt);
+    if (!strcmp(opt, "--prompt"))
+        return error_set(e, "--prompt: the text encoder is not implemented yet; encode the prompt "
+                            "elsewhere and pass --embeddings FILE (prompt_embeds [L, D])");
+    if (!strcmp(opt, "--no-guide")) a->opt.guide = false;
+    else if (!strcmp(opt, "--quiet")) a->quiet = true;
+    else if (!path && !generate_takes_value(opt)) return error_set(e, "unknown option '%s'", opt);
+    else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
+    else if (path) *path = argv[++*i];
+    else return generate_value_option(argc, argv, ++*i, a, e);
     return 0;
 }
 
