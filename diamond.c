@@ -671,7 +671,6 @@ static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
     if (flux2_load(&r->flow, dir, e)) return 1;
     snprintf(dir, sizeof dir, "%s/vae", a->model);
     if (vae_decoder_load(&r->vae, dir, e)) return 1;
-    if (a->opt.guide && segformer_load(&r->detector, a->detector, e)) return 1;
     const VaeConfig *vc = vae_decoder_config(r->vae);
     int up = 1 << (vc->n_blocks - 1), ph = vc->patch_h * up, pw = vc->patch_w * up;
     if (a->width % pw || a->height % ph) {
@@ -681,6 +680,7 @@ static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
     }
     r->grid_h = a->height / ph;
     r->grid_w = a->width / pw;
+    if (a->opt.guide && segformer_load(&r->detector, a->detector, e)) return 1;
     if (a->noise ? generate_read(a->noise, "noise", (int64_t)r->grid_h * r->grid_w,
                                  flux2_config(r->flow)->in_channels, &r->latent, e)
                  : generate_seed_noise(a, r, e))
