@@ -169,10 +169,8 @@ static int flux2_config_rope(const JsonValue *root, Flux2Config *c, Error *e) {
     return 0;
 }
 
-static int flux2_config_read(Flux2Config *c, const char *dir, Error *e) {
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return error_set(e, "path too long: %s", dir);
+/* path: a transformer/config.json */
+static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
     JsonDoc *doc;
     if (json_parse_file(&doc, path, e)) return -1;
     const JsonValue *root = json_root(doc);
@@ -209,12 +207,26 @@ static int flux2_config_read(Flux2Config *c, const char *dir, Error *e) {
 
 #define FLUX2_MAX_PART_TENSORS 16
 
-/* The tensors of one part of the model (a block, the conditioning, ...), converted to f32 for as
- * long as the part runs and freed together. With check_only set, names and shapes are verified and
- * nothing is read: flux2_load checks the whole model this way. */
+/* What flux2_weight does with each tensor a part names. */
+typedef enum Flux2PartMode {
+    FLUX2_CONVERT, /* read it into an f32 tensor the part owns */
+    FLUX2_CHECK,   /* verify its name and shape in the files, read nothing: flux2_load */
+    FLUX2_LIST,    /* add its name and shape to a list: flux2_load_config_only */
+} Flux2PartMode;
+
+/* Names (owned) and shapes. */
+typedef struct Flux2SpecList {
+    StTensorSpec *specs;
+    size_t count, capacity;
+} Flux2SpecList;
+
+/* The tensors of one part of the model (a block's attention inputs, the conditioning, ...),
+ * converted to f32 for as long as the part runs and freed together; or, in the other modes, the
+ * names and shapes of those tensors, so that the load functions below define them once. */
 typedef struct Flux2Part {
     const StModel *weights;
-    bool check_only;
+    Flux2PartMode mode;
+    Flux2SpecList *list; /* FLUX2_LIST */
     int count;
     Tensor *tensors[FLUX2_MAX_PART_TENSORS];
 } Flux2Part;
@@ -240,7 +252,30 @@ static int flux2_check_tensor(const StModel *m, const char *name, int ndim, cons
                      tensor_shape_str(&got, g, sizeof g), tensor_shape_str(&want, w, sizeof w));
 }
 
-/* The tensor named by name_fmt with exactly `shape`, owned by the part (NULL when checking). */
+static void flux2_spec_list_free(Flux2SpecList *l) {
+    for (size_t i = 0; i < l->count; i++) free((char *)l->specs[i].name);
+    free(l->specs);
+}
+
+static int flux2_spec_add(Flux2SpecList *l, const char *name, int ndim, const int64_t *shape,
+                          Error *e) {
+    if (l->count == l->capacity) {
+        size_t capacity = l->capacity ? 2 * l->capacity : 64;
+        StTensorSpec *grown = realloc(l->specs, capacity * sizeof *grown);
+        if (!grown) return error_set(e, "out of memory listing the tensors");
+        l->specs = grown;
+        l->capacity = capacity;
+    }
+    StTensorSpec *spec = &l->specs[l->count];
+    *spec = (StTensorSpec){.name = strdup(name), .ndim = ndim};
+    memcpy(spec->shape, shape, (size_t)ndim * sizeof *shape);
+    if (!spec->name) return error_set(e, "out of memory listing the tensors");
+    l->count++;
+    return 0;
+}
+
+/* The tensor named by name_fmt with exactly `shape`, owned by the part (NULL when only checking
+ * or listing). */
 static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const int64_t *shape,
                         const char *name_fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
@@ -257,7 +292,9 @@ static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const in
     *out = NULL;
     if (len < 0 || (size_t)len >= sizeof name)
         return error_set(e, "tensor name too long: %s", name);
-    if (p->check_only) return flux2_check_tensor(p->weights, name, ndim, shape, e);
+    *out = NULL;
+    if (p->mode == FLUX2_CHECK) return flux2_check_tensor(p->weights, name, ndim, shape, e);
+    if (p->mode == FLUX2_LIST) return flux2_spec_add(p->list, name, ndim, shape, e);
     if (p->count == FLUX2_MAX_PART_TENSORS)
         return error_set(e, "more than %d tensors in one part of the model", p->count);
     if (param_load(p->weights, out, e, ndim, shape, "%s", name)) return -1;
@@ -385,27 +422,26 @@ static int flux2_single_out_load(Tensor **to_out, Flux2Part *p, const Flux2Confi
                         "single_transformer_blocks.%d.attn.to_out.weight", i);
 }
 
-/* Every tensor the config implies, by name and shape, through a part that converts nothing. */
-static int flux2_check_weights(const Flux2 *m, Error *e) {
-    const Flux2Config *c = &m->config;
-    Flux2Part p = {.weights = m->weights, .check_only = true};
+/* Every tensor the config implies, by name and shape, through a part that converts nothing
+ * (mode FLUX2_CHECK or FLUX2_LIST). */
+static int flux2_walk_weights(const Flux2Config *c, Flux2Part *p, Error *e) {
     Flux2Conditioning cond;
     Flux2Embedders emb;
     Tensor *tensor;
-    if (flux2_conditioning_load(&cond, &p, c, e) || flux2_embedders_load(&emb, &p, c, e) ||
-        flux2_output_load(&tensor, &p, c, e))
+    if (flux2_conditioning_load(&cond, p, c, e) || flux2_embedders_load(&emb, p, c, e) ||
+        flux2_output_load(&tensor, p, c, e))
         return -1;
     for (int i = 0; i < c->num_layers; i++)
         for (int stream = 0; stream < FLUX2_STREAMS; stream++) {
             Flux2StreamIn in;
             Flux2StreamOut out;
-            if (flux2_stream_in_load(&in, &p, c, i, stream, e) ||
-                flux2_stream_out_load(&out, &p, c, i, stream, e))
+            if (flux2_stream_in_load(&in, p, c, i, stream, e) ||
+                flux2_stream_out_load(&out, p, c, i, stream, e))
                 return -1;
         }
     for (int i = 0; i < c->num_single_layers; i++) {
         Flux2SingleIn in;
-        if (flux2_single_in_load(&in, &p, c, i, e) || flux2_single_out_load(&tensor, &p, c, i, e))
+        if (flux2_single_in_load(&in, p, c, i, e) || flux2_single_out_load(&tensor, p, c, i, e))
             return -1;
     }
     return 0;
@@ -421,11 +457,35 @@ static int flux2_error_context(Error *e, const char *what) {
 
 int flux2_load(Flux2 **out, const char *dir, Error *e) {
     *out = NULL;
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+        return error_set(e, "path too long: %s", dir);
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
     /* config and safetensors errors name their file; a weight's name needs the directory */
-    int status = flux2_config_read(&m->config, dir, e) || st_model_open(&m->weights, dir, e) ||
-                 (flux2_check_weights(m, e) && flux2_error_context(e, dir));
+    int status = flux2_config_read(&m->config, path, e) || st_model_open(&m->weights, dir, e);
+    if (!status) {
+        Flux2Part check = {.weights = m->weights, .mode = FLUX2_CHECK};
+        status = flux2_walk_weights(&m->config, &check, e) && flux2_error_context(e, dir);
+    }
+    if (status) {
+        flux2_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e) {
+    *out = NULL;
+    Flux2 *m = calloc(1, sizeof *m);
+    if (!m) return error_set(e, "out of memory loading %s", config_path);
+    Flux2SpecList list = {0};
+    Flux2Part names = {.mode = FLUX2_LIST, .list = &list};
+    int status = flux2_config_read(&m->config, config_path, e) ||
+                 flux2_walk_weights(&m->config, &names, e) ||
+                 st_model_random(&m->weights, list.specs, list.count, seed, e);
+    flux2_spec_list_free(&list);
     if (status) {
         flux2_free(m);
         return -1;

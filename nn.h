@@ -85,6 +85,9 @@ typedef struct Flux2 Flux2;
  * that every tensor the config implies is there with its shape (an error names the first one that
  * is not), without converting any. */
 int flux2_load(Flux2 **out, const char *dir, Error *e);
+/* The model config_path describes, with st_model_random weights from seed instead of files (the
+ * same tensor names and shapes flux2_load checks): for timings and memory without the files. */
+int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e);
 void flux2_free(Flux2 *m);
 const Flux2Config *flux2_config(const Flux2 *m);
 
