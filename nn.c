@@ -702,8 +702,8 @@ static Var *flux2_feed_forward(Tape *t, Var *x, Tensor *linear_in, Tensor *linea
 /* ---- a block in pieces ----
  * Everything in a block but the attention works token by token, so it runs over chunks of
  * FLUX2_CHUNK_TOKENS tokens, each on a tape of its own freed as soon as the chunk's result is
- * copied out: the intermediates (the feed-forward's hidden layer alone is 3 to 9 dim per token)
- * then take memory for one chunk, not for the whole sequence. Between the pieces live only the
+ * copied out: the intermediates (a feed-forward's hidden layers alone are 12 dim floats per
+ * token) then take memory for one chunk, not for the whole sequence. Between the pieces live only the
  * joint queries, keys and values, the attention output and the hidden states. A weight product
  * gives each output element by the same sums however many rows it covers, so the result does not
  * depend on the chunk size. */
@@ -808,14 +808,16 @@ static int flux2_stream_qkv(Tape *t, int64_t start, int64_t n, void *ctx, Error 
 static int flux2_stream_update(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
     const Flux2StreamPass *p = ctx;
     const Flux2Config *c = p->c;
-    Var *mod[6];
-    for (int k = 2; k < 6; k++) mod[k] = flux2_mod(t, p->mod, p->b, k, c->dim);
+    Var *gate = flux2_mod(t, p->mod, p->b, 2, c->dim);
+    Var *ff_shift = flux2_mod(t, p->mod, p->b, 3, c->dim);
+    Var *ff_scale = flux2_mod(t, p->mod, p->b, 4, c->dim);
+    Var *ff_gate = flux2_mod(t, p->mod, p->b, 5, c->dim);
     Var *o = flux2_view(t, p->o, 1, p->offset + start, n);
-    Var *x = flux2_gated(t, flux2_view(t, p->x, 1, start, n), mod[2],
+    Var *x = flux2_gated(t, flux2_view(t, p->x, 1, start, n), gate,
                          ag_linear(t, o, param_var(t, p->out->out), NULL));
-    Var *ff = flux2_feed_forward(t, flux2_modulate(t, x, mod[3], mod[4], c->eps), p->out->ff_in,
-                                 p->out->ff_out, c);
-    return flux2_put(t, flux2_gated(t, x, mod[5], ff), p->y, start, 0, e);
+    Var *ff = flux2_feed_forward(t, flux2_modulate(t, x, ff_shift, ff_scale, c->eps),
+                                 p->out->ff_in, p->out->ff_out, c);
+    return flux2_put(t, flux2_gated(t, x, ff_gate, ff), p->y, start, 0, e);
 }
 
 /* Both streams' q, k, v, then the joint attention of each batch item into o[b]: [1, L + T, dim]. */

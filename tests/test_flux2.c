@@ -2,8 +2,8 @@
  *
  * Fixtures: tests/fixtures/tiny-flux2/transformer (f32, sharded, klein-like: no guidance
  * embedder), tiny-flux2-bf16 (the same weights in bf16), tiny-flux2-guidance (with a guidance
- * embedder). A 3 x 5 token grid, 7 text tokens. Broken copies for the error cases are made in a
- * fresh mkdtemp directory, removed at the end. */
+ * embedder). A 3 x 5 token grid (and a 17 x 16 one), 7 text tokens. Broken copies for the error
+ * cases are made in a fresh mkdtemp directory, removed at the end. */
 #include <math.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -82,6 +82,20 @@ static void test_golden(const SafeTensors *st) {
     }
     tensor_free(tokens2);
     tensor_free(txt2);
+
+    /* 17 x 16 image tokens: more than one of nn.c's chunks of tokens, and a chunk boundary inside
+     * each stream and inside the joint sequence. */
+    Tensor *big = golden_tensor(st, "tokens_big", SHAPE(1, 17 * 16, 16)), *v = NULL;
+    Error e = {{0}};
+    if (m && big && txt1) {
+        CHECK(flux2_forward(m, big, 17, 16, txt1, (float[]){0.4f}, NULL, &v, &e) == 0,
+              "17 x 16 grid: forward: %s", e.msg);
+        float *ref = v ? golden_load(st, "v_big", (size_t)v->numel) : NULL;
+        if (ref) check_close("17 x 16 grid, sigma 0.4", v->data, ref, (size_t)v->numel, RTOL, ATOL);
+        free(ref);
+    }
+    tensor_free(v);
+    tensor_free(big);
 
     /* The same weights rounded to bf16: the golden is computed from the rounded weights, so the
      * f32 tolerance holds. */
