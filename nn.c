@@ -302,32 +302,45 @@ static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const in
     return 0;
 }
 
-/* Everything that depends on sigma (and guidance) alone. */
-typedef struct Flux2Conditioning {
+/* The timestep (and guidance) embedding. */
+typedef struct Flux2TimeEmbed {
     Tensor *time_1, *time_2, *guidance_1, *guidance_2;
-    Tensor *mod_img, *mod_txt, *mod_single, *norm_out;
-} Flux2Conditioning;
+} Flux2TimeEmbed;
 
-static int flux2_conditioning_load(Flux2Conditioning *w, Flux2Part *p, const Flux2Config *c,
-                                   Error *e) {
+static int flux2_time_embed_load(Flux2TimeEmbed *w, Flux2Part *p, const Flux2Config *c,
+                                 Error *e) {
     const char *time = "time_guidance_embed.timestep_embedder";
     const char *guide = "time_guidance_embed.guidance_embedder";
     int d = c->dim;
-    *w = (Flux2Conditioning){0};
+    *w = (Flux2TimeEmbed){0};
     return flux2_weight(p, &w->time_1, e, SHAPE(d, c->timestep_channels), "%s.linear_1.weight",
                         time) ||
            flux2_weight(p, &w->time_2, e, SHAPE(d, d), "%s.linear_2.weight", time) ||
            (c->guidance_embeds &&
             (flux2_weight(p, &w->guidance_1, e, SHAPE(d, c->timestep_channels),
                           "%s.linear_1.weight", guide) ||
-             flux2_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide))) ||
-           flux2_weight(p, &w->mod_img, e, SHAPE(6 * d, d),
-                        "double_stream_modulation_img.linear.weight") ||
-           flux2_weight(p, &w->mod_txt, e, SHAPE(6 * d, d),
-                        "double_stream_modulation_txt.linear.weight") ||
-           flux2_weight(p, &w->mod_single, e, SHAPE(3 * d, d),
-                        "single_stream_modulation.linear.weight") ||
-           flux2_weight(p, &w->norm_out, e, SHAPE(2 * d, d), "norm_out.linear.weight");
+             flux2_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide)));
+}
+
+/* The modulations every block shares, each made from the embedding by one linear layer; their
+ * weights are converted one at a time (for klein-4B the two double-stream ones are 0.23 GB
+ * each in f32). */
+enum { FLUX2_MOD_IMG, FLUX2_MOD_TXT, FLUX2_MOD_SINGLE, FLUX2_MOD_OUT, FLUX2_MODS };
+
+static const struct {
+    const char *name;
+    int chunks; /* of dim values: the shifts, scales and gates */
+} flux2_modulations[FLUX2_MODS] = {
+    [FLUX2_MOD_IMG] = {"double_stream_modulation_img.linear.weight", 6},
+    [FLUX2_MOD_TXT] = {"double_stream_modulation_txt.linear.weight", 6},
+    [FLUX2_MOD_SINGLE] = {"single_stream_modulation.linear.weight", 3},
+    [FLUX2_MOD_OUT] = {"norm_out.linear.weight", 2},
+};
+
+static int flux2_modulation_load(Tensor **w, Flux2Part *p, const Flux2Config *c, int k,
+                                 Error *e) {
+    return flux2_weight(p, w, e, SHAPE(flux2_modulations[k].chunks * c->dim, c->dim), "%s",
+                        flux2_modulations[k].name);
 }
 
 typedef struct Flux2Embedders {
@@ -425,12 +438,13 @@ static int flux2_single_out_load(Tensor **to_out, Flux2Part *p, const Flux2Confi
 /* Every tensor the config implies, by name and shape, through a part that converts nothing
  * (mode FLUX2_CHECK or FLUX2_LIST). */
 static int flux2_walk_weights(const Flux2Config *c, Flux2Part *p, Error *e) {
-    Flux2Conditioning cond;
+    Flux2TimeEmbed time;
     Flux2Embedders emb;
     Tensor *tensor;
-    if (flux2_conditioning_load(&cond, p, c, e) || flux2_embedders_load(&emb, p, c, e) ||
-        flux2_output_load(&tensor, p, c, e))
-        return -1;
+    if (flux2_time_embed_load(&time, p, c, e)) return -1;
+    for (int k = 0; k < FLUX2_MODS; k++)
+        if (flux2_modulation_load(&tensor, p, c, k, e)) return -1;
+    if (flux2_embedders_load(&emb, p, c, e) || flux2_output_load(&tensor, p, c, e)) return -1;
     for (int i = 0; i < c->num_layers; i++)
         for (int stream = 0; stream < FLUX2_STREAMS; stream++) {
             Flux2StreamIn in;
@@ -610,29 +624,28 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
                               Flux2Step *s, Error *e) {
     const Flux2Config *c = &m->config;
     Flux2Part part = {.weights = m->weights};
-    Flux2Conditioning w;
+    Flux2TimeEmbed w;
     Tape *t = flux2_tape();
-    int status = -1;
-    if (!t) error_set(e, "out of memory");
-    else if (!flux2_conditioning_load(&w, &part, c, e)) {
+    int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
+    Var *act = NULL;
+    if (!status) {
         int B = s->batch, C = c->timestep_channels;
         Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, B, C), w.time_1, w.time_2);
         if (guidance && c->guidance_embeds)
             temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, B, C),
                                                     w.guidance_1, w.guidance_2));
-        Var *act = ag_silu(t, temb);
-        const char *part_name = "flux2 conditioning";
-        status = flux2_result(t, ag_linear(t, act, param_var(t, w.mod_img), NULL), &s->mod_img,
-                              part_name, e) ||
-                 flux2_result(t, ag_linear(t, act, param_var(t, w.mod_txt), NULL), &s->mod_txt,
-                              part_name, e) ||
-                 flux2_result(t, ag_linear(t, act, param_var(t, w.mod_single), NULL),
-                              &s->mod_single, part_name, e) ||
-                 flux2_result(t, ag_linear(t, act, param_var(t, w.norm_out), NULL), &s->mod_out,
-                              part_name, e);
+        act = ag_silu(t, temb);
+    }
+    flux2_part_free(&part);
+    Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
+    for (int k = 0; !status && k < FLUX2_MODS; k++) {
+        Tensor *weight;
+        status = flux2_modulation_load(&weight, &part, c, k, e) ||
+                 flux2_result(t, ag_linear(t, act, param_var(t, weight), NULL), mods[k],
+                              "flux2 conditioning", e);
+        flux2_part_free(&part);
     }
     tape_free(t);
-    flux2_part_free(&part);
     return status;
 }
 
