@@ -1689,9 +1689,10 @@ static uint64_t mix64(uint64_t x) {
 /* The values of a synthetic tensor: element i from a hash of (seed, name, i) alone, so any
  * element can be made independently, in any order, by any thread. */
 static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64_t n, Error *e) {
+    char buf[PRINTABLE_BYTES];
     if (n != t->numel)
-        return error_set(e, "%s: tensor '%s' has %lld elements, %lld requested", m->path, t->name,
-                         (long long)t->numel, (long long)n);
+        return error_set(e, "%s: tensor '%s' has %lld elements, %lld requested", m->path,
+                         printable(t->name, buf, sizeof buf), (long long)t->numel, (long long)n);
     uint64_t key = mix64(name_hash(t->name) ^ mix64(m->seed));
     bool matrix = t->ndim >= 2;
     float scale = matrix ? 1.0f / sqrtf((float)t->shape[t->ndim - 1]) : 0.1f;

@@ -965,7 +965,7 @@ static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
  * to_out are converted one after the other. */
 static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
     Flux2Part part = {.weights = m->weights};
-    Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden), *to_out;
+    Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden), *to_out = NULL;
     int status = !hidden ? error_set(e, "out of memory")
                          : flux2_single_attention(m, i, s, seq, hidden, e) ||
                                flux2_single_out_load(&to_out, &part, &m->config, i, e);
