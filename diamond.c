@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #ifdef _OPENMP
@@ -27,6 +28,9 @@ static const char *usage_text =
     "  diamond bench gemm M N K [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
     "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
+    "  diamond bench flux2 (--config FILE | --model DIR) -W PIXELS -H PIXELS [--text-len L]\n"
+    "                    [--threads T]    one FLUX.2 transformer forward: random weights from a\n"
+    "                                     config.json, or a transformer directory's weights\n"
     "  diamond help                     this text\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
@@ -399,6 +403,70 @@ static int bench_gemm(int argc, char **argv) {
            g.K, threads, 1e3 * best, 1e3 * median, flops / best * 1e-9);
     free(g.A), free(g.B), free(g.C);
     return 0;
+}
+
+/* diamond bench flux2 (--config FILE | --model DIR) -W PIXELS -H PIXELS [--text-len L]
+ * [--threads T]: one FLUX.2 transformer forward (batch 1, sigma 0.5) on random latent tokens and
+ * prompt embeddings, with random weights made on the fly from a transformer/config.json (no files
+ * read: the timing of the real model without its 8 GB) or with a transformer directory's weights.
+ * A W x H image has (H/16) x (W/16) latent tokens: the VAE's 8x downsampling, then 2x2 packing.
+ * Prints the seconds of the forward and the process's peak resident memory. */
+static int bench_flux2(int argc, char **argv) {
+    const char *config = NULL, *dir = NULL;
+    int width = 0, height = 0, text_len = 512, threads = bench_threads_now();
+    for (int i = 3; i < argc; i += 2) {
+        const char *opt = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
+        bool ok = value != NULL;
+        if (ok && !strcmp(opt, "--config")) config = value;
+        else if (ok && !strcmp(opt, "--model")) dir = value;
+        else if (ok && !strcmp(opt, "-W")) ok = !bench_parse_int(value, 16, IMAGE_MAX_SIDE, &width);
+        else if (ok && !strcmp(opt, "-H")) ok = !bench_parse_int(value, 16, IMAGE_MAX_SIDE, &height);
+        else if (ok && !strcmp(opt, "--text-len")) ok = !bench_parse_int(value, 1, 1 << 16, &text_len);
+        else ok = !bench_threads_option(argc, argv, i, &threads);
+        if (!ok) {
+            fprintf(stderr, "diamond: bench flux2: bad option '%s'\n", opt);
+            return 2;
+        }
+    }
+    if (!config == !dir || width % 16 || height % 16 || !width || !height) {
+        fprintf(stderr, "diamond: usage: diamond bench flux2 (--config FILE | --model DIR) -W PIXELS "
+                        "-H PIXELS [--text-len L] [--threads T], sizes multiples of 16\n");
+        return 2;
+    }
+    Flux2 *m = NULL;
+    Error e = {{0}};
+    if (config ? flux2_load_config_only(&m, config, 42, &e) : flux2_load(&m, dir, &e)) {
+        fprintf(stderr, "diamond bench flux2: %s\n", e.msg);
+        return 1;
+    }
+    const Flux2Config *c = flux2_config(m);
+    int h = height / 16, w = width / 16;
+    Tensor *tokens = TENSOR_NEW(1, (int64_t)h * w, c->in_channels);
+    Tensor *txt = TENSOR_NEW(1, text_len, c->joint_attention_dim);
+    Tensor *v = NULL;
+    int rc = !tokens || !txt;
+    if (rc) snprintf(e.msg, sizeof e.msg, "out of memory for the inputs");
+    else {
+        unsigned long long state = 42;
+        bench_fill(tokens->data, (size_t)tokens->numel, &state);
+        bench_fill(txt->data, (size_t)txt->numel, &state);
+        double t0 = now_seconds();
+        rc = flux2_forward(m, tokens, h, w, txt, (float[]){0.5f}, NULL, &v, &e);
+        double seconds = now_seconds() - t0;
+        struct rusage usage;
+        getrusage(RUSAGE_SELF, &usage); /* ru_maxrss is in KiB on Linux */
+        if (!rc)
+            printf("flux2 %dx%d (%d image + %d text tokens) dim=%d blocks=%d+%d weights=%s "
+                   "threads=%d forward=%.2f s peak RSS=%.0f MiB\n", width, height, h * w, text_len,
+                   c->dim, c->num_layers, c->num_single_layers, config ? "random" : "files",
+                   threads, seconds, (double)usage.ru_maxrss / 1024.0);
+    }
+    if (rc) fprintf(stderr, "diamond bench flux2: %s\n", e.msg);
+    tensor_free(v);
+    tensor_free(tokens);
+    tensor_free(txt);
+    flux2_free(m);
+    return rc ? 1 : 0;
 }
 
 /* ---- sampler: diamond generate ---------------------------------------------------------- */
@@ -998,6 +1066,7 @@ int main(int argc, char **argv) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
+        if (argc >= 3 && !strcmp(argv[2], "flux2")) return bench_flux2(argc, argv);
         fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n",
                 argc >= 3 ? argv[2] : "");
         return 2;

@@ -58,9 +58,10 @@ Var *param_var(Tape *t, Tensor *p);
 
 /* ---- section: flux2 ---------------------------------------------------------------------------
  * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin), forward
- * only. The weights stay in the mapped safetensors files: each block's tensors are converted to
- * f32 only while that block runs, so the memory a call needs is one block's weights plus the
- * activations, not the whole model in f32. */
+ * only. The weights stay in the mapped safetensors files: each part of a block (its attention
+ * inputs, each stream's output and feed-forward) is converted to f32 only while it runs, and the
+ * token-wise layers run over chunks of tokens, so the memory a call needs is one part's weights
+ * plus a few [tokens, dim] tensors, not the whole model in f32. */
 
 /* RoPE axes: the pipeline's position ids are (T, H, W, L). */
 #define FLUX2_AXES 4
@@ -84,6 +85,9 @@ typedef struct Flux2 Flux2;
  * that every tensor the config implies is there with its shape (an error names the first one that
  * is not), without converting any. */
 int flux2_load(Flux2 **out, const char *dir, Error *e);
+/* The model config_path describes, with st_model_random weights from seed instead of files (the
+ * same tensor names and shapes flux2_load checks): for timings and memory without the files. */
+int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e);
 void flux2_free(Flux2 *m);
 const Flux2Config *flux2_config(const Flux2 *m);
 

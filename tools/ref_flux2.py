@@ -20,6 +20,8 @@ Writes (deterministic: re-running gives identical bytes):
     v_bf16                                          bf16 fixture at sigma 0.7 (weights as rounded)
     v_guidance                                      guidance fixture at sigma 0.5, guidance 3.5
     schedule.<steps>_<seq>                          the klein sigmas (N values, then 0)
+    tokens_big [1, 272, 16], v_big                  grid h=17, w=16 with txt1 at sigma 0.4: more
+                                                    tokens than one of nn.c's chunks (256)
 Run with /usr/bin/python3 (Debian's torch).
 """
 import json
@@ -373,6 +375,10 @@ def main():
     ]
     for steps, seq in [(4, 4096), (4, 1024), (50, 4096), (4, 8192), (1, 15)]:
         golden.append((f"schedule.{steps}_{seq}", klein_sigmas(steps, seq)))
+    hb, wb = 17, 16
+    tokens_big = torch.randn(1, hb * wb, cin, generator=gen, dtype=F64).float().double()
+    golden += [("tokens_big", tokens_big),
+               ("v_big", forward(weights, CONFIG, tokens_big, hb, wb, txt1, sig(0.4)))]
     write(os.path.join(ROOT, "tests", "golden", "flux2.safetensors"),
           st_bytes([(n, t, "F32") for n, t in golden]))
 
