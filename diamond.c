@@ -1146,6 +1146,7 @@ typedef struct EvalCsv {
 static void eval_csv_free(EvalCsv *c) {
     for (size_t i = 0; i < c->n; i++) free(c->rows[i].embeddings), free(c->rows[i].path);
     free(c->rows);
+    *c = (EvalCsv){0};
 }
 
 /* The whole file as a NUL-terminated string. */
@@ -1284,8 +1285,8 @@ static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e)
         emb_col = eval_csv_column(header, n_header, "embeddings");
         seed_col = eval_csv_column(header, n_header, "seed");
         if (emb_col < 0 && eval_csv_column(header, n_header, "prompt") >= 0)
-            rc = error_set(e, "%s: a `prompt` column needs the text encoder, which is not "
-                              "implemented yet; encode the prompts elsewhere and give an "
+            rc = error_set(e, "%s: a `prompt` column needs the text encoder: the text encoder "
+                              "is not implemented yet; encode the prompts elsewhere and give an "
                               "`embeddings` column (safetensors files with prompt_embeds [L, D])",
                            path);
         else if (emb_col < 0 || (need_seed && seed_col < 0))
