@@ -1197,7 +1197,8 @@ static int eval_csv_record(const char *text, size_t len, size_t *pos, char *buf,
                 buf[out++] = text[p];
             }
             p++;
-            if (p < len && text[p] != ',' && text[p] != '\n' && text[p] != '\r')
+            if (p + 1 < len && text[p] == '\r' && text[p + 1] == '\n') p++;
+            if (p < len && text[p] != ',' && text[p] != '\n')
                 return error_set(e, "%s:%d: text after a quoted field", path, line);
         } else {
             for (; p < len && text[p] != ',' && text[p] != '\n'; p++) {
@@ -1206,10 +1207,9 @@ static int eval_csv_record(const char *text, size_t len, size_t *pos, char *buf,
                                         "whole field)", path, line);
                 buf[out++] = text[p];
             }
-            if (out > 0 && buf[out - 1] == '\r' && (p >= len || text[p] == '\n')) out--;
+            if (out > 0 && buf[out - 1] == '\r' && (p >= len || text[p] == '\n')) out--; /* CRLF */
         }
         buf[out++] = '\0';
-        if (p < len && text[p] == '\r') p++;
         if (p >= len || text[p] == '\n') break;
         p++; /* the comma */
     }
@@ -1336,26 +1336,19 @@ static int eval_parse_shard(const char *s, int *shard, int *shards) {
     return *shard < *shards ? 0 : -1;
 }
 
-/* An option of eval (a->search false) or search-seeds at argv[*i]. */
-static int eval_option(int argc, char **argv, int *i, EvalArgs *a, Error *e) {
-    const char *opt = argv[*i], *val = *i + 1 < argc ? argv[*i + 1] : NULL;
-    bool search = a->search;
-    if (eval_shared_option(opt)) {
-        a->sampling = true;
-        return generate_option(argc, argv, i, &a->gen, e);
-    }
-    if (!strcmp(opt, "--quiet")) a->gen.quiet = true;
-    else if (!search && !strcmp(opt, "--merge")) a->merge = true;
-    else if (!strcmp(opt, "--prompt"))
-        return error_set(e, "--prompt: the text encoder is not implemented yet; give a CSV with "
-                            "an `embeddings` column");
-    else if (strcmp(opt, "--csv") && strcmp(opt, "--out") && (search || strcmp(opt, "--json")) &&
-             (search || strcmp(opt, "--shard")) &&
-             (!search || (strcmp(opt, "--start") && strcmp(opt, "--max-tries") &&
-                          strcmp(opt, "--threshold"))))
-        return error_set(e, "unknown option '%s'", opt);
-    else if (!val) return error_set(e, "%s needs a value", opt);
-    else if (++*i, !strcmp(opt, "--csv")) a->csv = val;
+/* Whether opt is an option with a value of eval (search false) or of search-seeds. */
+static bool eval_takes_value(const char *opt, bool search) {
+    static const char *const names[][3] = {{"--csv", "--out", NULL}, {"--json", "--shard", NULL},
+                                           {"--start", "--max-tries", "--threshold"}};
+    for (int set = 0; set < 3; set++)
+        for (int k = 0; k < 3 && names[set][k]; k++)
+            if (!strcmp(opt, names[set][k]) && (set == 0 || (set == 2) == search)) return true;
+    return false;
+}
+
+/* The value of an option of eval_takes_value. */
+static int eval_value_option(const char *opt, const char *val, EvalArgs *a, Error *e) {
+    if (!strcmp(opt, "--csv")) a->csv = val;
     else if (!strcmp(opt, "--out")) a->out = val;
     else if (!strcmp(opt, "--json")) a->json = val;
     else if (!strcmp(opt, "--shard")) {
@@ -1367,9 +1360,27 @@ static int eval_option(int argc, char **argv, int *i, EvalArgs *a, Error *e) {
     } else if (!strcmp(opt, "--max-tries")) {
         if (bench_parse_int(val, 1, 1 << 30, &a->max_tries))
             return error_set(e, "--max-tries: expected a whole number >= 1, got '%s'", val);
-    } else if (generate_parse_float(val, 0.0f, 1.0f, &a->threshold)) {
+    } else if (generate_parse_float(val, 0.0f, 1.0f, &a->threshold)) { /* --threshold */
         return error_set(e, "--threshold: expected a number in [0, 1], got '%s'", val);
     }
+    return 0;
+}
+
+/* An option of eval (a->search false) or search-seeds at argv[*i], moving *i past its value. */
+static int eval_option(int argc, char **argv, int *i, EvalArgs *a, Error *e) {
+    const char *opt = argv[*i];
+    if (eval_shared_option(opt)) {
+        a->sampling = true;
+        return generate_option(argc, argv, i, &a->gen, e);
+    }
+    if (!strcmp(opt, "--quiet")) a->gen.quiet = true;
+    else if (!a->search && !strcmp(opt, "--merge")) a->merge = true;
+    else if (!strcmp(opt, "--prompt"))
+        return error_set(e, "--prompt: the text encoder is not implemented yet; give a CSV with "
+                            "an `embeddings` column");
+    else if (!eval_takes_value(opt, a->search)) return error_set(e, "unknown option '%s'", opt);
+    else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
+    else return eval_value_option(opt, argv[++*i], a, e);
     return 0;
 }
 
@@ -1851,7 +1862,7 @@ static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     free(seeds);
     free(found);
     generate_run_free(&r);
-    return rc;
+    return rc == 2 ? 2 : rc ? 1 : 0; /* 2: a size the model cannot make */
 }
 
 /* diamond search-seeds ...: 0 on success, 2 for a bad command line, 1 for anything else. */
