@@ -22,14 +22,15 @@ import struct
 
 import torch
 
-STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64}
+FLOATING = {"F32": torch.float32, "BF16": torch.bfloat16}  # what floating tensors are stored as
+READABLE = {"F32": torch.float32, "I64": torch.int64}
 
 
 def tensor_bytes(t, dtype="F32"):
     """(dtype name, little-endian bytes) of t: floating as `dtype`, int64 as I64."""
     t = t.detach()
     if t.is_floating_point():
-        t = t.to(STORED[dtype])
+        t = t.to(FLOATING[dtype])
     t = t.contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the raw 16 bits
         return "BF16", t.view(torch.int16).numpy().astype("<i2").tobytes()
@@ -90,9 +91,12 @@ def read(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in ("F32", "I64"):
+        if info["dtype"] not in READABLE:
             raise SystemExit(f"{path}: '{name}' is {info['dtype']}, only F32 and I64 are read")
-        a, b = info["data_offsets"]
+        dtype, (a, b) = READABLE[info["dtype"]], info["data_offsets"]
+        if a == b:  # torch.frombuffer refuses an empty buffer
+            out[name] = torch.zeros(info["shape"], dtype=dtype)
+            continue
         raw = bytearray(data[8 + n + a:8 + n + b])
-        out[name] = torch.frombuffer(raw, dtype=STORED[info["dtype"]]).reshape(info["shape"]).clone()
+        out[name] = torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]).clone()
     return out
