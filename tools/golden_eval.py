@@ -22,12 +22,12 @@ Writes tests/golden/eval.safetensors. For each case i:
                           MAE, MAE(A), MAE(NA)
 Run with Debian's python3 (it has torch): /usr/bin/python3 tools/golden_eval.py
 """
-import json
 import os
-import struct
 
 import torch
 import torch.nn.functional as F
+
+import safetensors_file
 
 THRESHOLD = 0.5
 
@@ -42,24 +42,6 @@ CASES = [
     (20, 12, 5, 3, "mixed_same"),
     (1, 1, 1, 1, "mixed"),
 ]
-
-
-def write_safetensors(path, tensors):
-    """tensors: list of (name, tensor), stored little-endian F32."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors:
-        data = t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for b in blobs:
-            f.write(b)
 
 
 def make_map(h, w, kind, gen):
@@ -117,7 +99,7 @@ def main():
                t[:, 3].mean() * 100, t[:, 4].mean(), t[:, 5].mean(), t[:, 6].mean()]
     tensors.append(("summary", torch.tensor([float(v) for v in summary], dtype=torch.float64)))
     out = os.path.join(os.path.dirname(__file__), "..", "tests", "golden", "eval.safetensors")
-    write_safetensors(out, tensors)
+    safetensors_file.write(out, [(name, t.double()) for name, t in tensors])
     print("wrote", out, "summary", [round(float(v), 4) for v in summary])
 
 
