@@ -971,7 +971,8 @@ static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
         fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n",
                 s->index + 1, s->steps, s->sigma, s->lambda, per, per * (s->steps - s->index - 1));
     }
-    if (p->args->save_steps && generate_save_step(p, s, e)) return -1;
+    if (p->args->save_steps && (dir_make(p->args->save_steps, e) || generate_save_step(p, s, e)))
+        return -1;
     GenerateDump *d = p->dump;
     if (!d) return 0;
     const int64_t one = 1;
@@ -1668,7 +1669,7 @@ static int eval_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     char settings[1024];
     eval_settings(&a->gen, settings, sizeof settings);
     EvalItem *items = malloc(csv->n * sizeof *items);
-    int rc = items ? 0 : error_set(e, "out of memory");
+    int rc = items ? dir_make(a->out, e) : error_set(e, "out of memory");
     size_t n = 0, mine = 0;
     for (size_t i = 0; i < csv->n; i++) mine += (int64_t)i % a->shards == a->shard;
     for (size_t i = 0; rc == 0 && i < csv->n; i++) {
