@@ -528,7 +528,7 @@ static const char *generate_usage =
     "                         both (0.6 jet + 0.4 image); prints the detector max of each\n"
     "  --save-steps DIR       DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
     "                         DIR/step_III_overlay.png (its detector heat map, where the detector\n"
-    "                         ran); costs one more VAE decode per step. DIR must exist\n"
+    "                         ran); costs one more VAE decode per step; DIR is created\n"
     "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
     "                         step (mask and grad where computed; grad before normalisation),\n"
     "                         final.latent and final.image\n"
