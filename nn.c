@@ -822,6 +822,21 @@ typedef struct VaeUpBlock {
     Conv2d upsampler;    /* nearest 2x then this 3x3 conv; weight NULL in the last block */
 } VaeUpBlock;
 
+/* The checkpoint plan, made at load (see vae_layer_apply and vae_stage_apply): a layer is an
+ * optional upsampler, then a resnet or the attention, then optionally the output head. */
+typedef struct VaeLayer {
+    const VaeDecoder *model;
+    const Conv2d *upsampler;
+    const VaeResnet *resnet;
+    const VaeAttention *attention;
+    bool head;
+} VaeLayer;
+
+typedef struct VaeStage {
+    VaeLayer *layers;
+    int n_layers;
+} VaeStage;
+
 struct VaeDecoder {
     VaeConfig config;
     Tensor *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
@@ -832,6 +847,8 @@ struct VaeDecoder {
     VaeUpBlock up_blocks[VAE_MAX_BLOCKS];
     NormParams conv_norm_out;
     Conv2d conv_out;
+    VaeLayer *layers; /* every layer of the decoder in order, split into stages */
+    VaeStage stages[VAE_MAX_BLOCKS];
     bool checkpoint; /* see vae_decoder_set_checkpoint */
 };
 
@@ -1011,6 +1028,34 @@ static int vae_weights_load(VaeDecoder *m, const StModel *st, Error *e) {
                : 0;
 }
 
+/* Stage 0 is the mid block and up block 0's resnets; stage b > 0 starts with up block b-1's
+ * upsampler (joined to the first resnet of up block b) and holds up block b's resnets; the
+ * head joins the last layer. Every stage ends at a resolution before an upsampler, where the
+ * tensors are 4x smaller than just after it. */
+static int vae_plan(VaeDecoder *m, Error *e) {
+    const VaeConfig *c = &m->config;
+    int per_block = c->layers_per_block + 1;
+    m->layers = calloc((size_t)(3 + c->n_blocks * per_block), sizeof *m->layers);
+    if (!m->layers) return error_set(e, "out of memory loading the VAE decoder");
+    VaeLayer *l = m->layers;
+    for (int b = 0; b < c->n_blocks; b++) {
+        m->stages[b].layers = l;
+        if (b == 0) {
+            *l++ = (VaeLayer){.model = m, .resnet = &m->mid_resnets[0]};
+            if (c->mid_block_add_attention)
+                *l++ = (VaeLayer){.model = m, .attention = &m->mid_attention};
+            *l++ = (VaeLayer){.model = m, .resnet = &m->mid_resnets[1]};
+        }
+        for (int r = 0; r < per_block; r++)
+            *l++ = (VaeLayer){.model = m,
+                              .upsampler = b > 0 && r == 0 ? &m->up_blocks[b - 1].upsampler : NULL,
+                              .resnet = &m->up_blocks[b].resnets[r]};
+        m->stages[b].n_layers = (int)(l - m->stages[b].layers);
+    }
+    l[-1].head = true;
+    return 0;
+}
+
 int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
     *out = NULL;
     char path[4096];
@@ -1022,7 +1067,7 @@ int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
     JsonDoc *doc = NULL;
     StModel *st = NULL;
     int rc = json_parse_file(&doc, path, e) || vae_config_read(&m->config, json_root(doc), e) ||
-             st_model_open(&st, dir, e) || vae_weights_load(m, st, e);
+             st_model_open(&st, dir, e) || vae_weights_load(m, st, e) || vae_plan(m, e);
     json_free(doc);
     st_model_close(st);
     if (rc) {
@@ -1051,6 +1096,7 @@ void vae_decoder_free(VaeDecoder *m) {
     }
     norm_free(&m->conv_norm_out);
     conv2d_free(&m->conv_out);
+    free(m->layers);
     free(m);
 }
 
@@ -1068,13 +1114,30 @@ static Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
                                    VAE_NORM_EPS));
 }
 
-/* The blocks below are CheckpointFns over one input; ctx points at their weights.
- * x: [B, in, H, W] -> [B, out, H, W] */
-static Var *vae_resnet_apply(Tape *t, Var **inputs, void *ctx) {
+/* One block, through ag_checkpoint when the model asks for it. The functions only read ctx,
+ * so handing them the const weights through CheckpointFn's void * is safe. */
+static Var *vae_block(Tape *t, const VaeDecoder *m, CheckpointFn fn, const void *ctx, Var **in,
+                      int n_in) {
+    if (m->checkpoint) return ag_checkpoint(t, fn, (void *)ctx, in, n_in);
+    for (int i = 0; i < n_in; i++)
+        if (!in[i]) return NULL;
+    return fn(t, in, (void *)ctx);
+}
+
+/* The innermost checkpoints, "units": each is one or two 3x3 convolutions, so a unit's
+ * recomputation holds its input, a normalised copy, the conv output and their gradients. */
+
+/* x: [B, in, H, W] -> h = conv1(SiLU(norm1(x))): [B, out, H, W] */
+static Var *vae_resnet_in_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeResnet *r = ctx;
+    return conv2d_apply(t, &r->conv1, vae_norm_silu(t, &r->norm1, r->groups, inputs[0]));
+}
+
+/* inputs x: [B, in, H, W], h: [B, out, H, W] -> skip(x) + conv2(SiLU(norm2(h))) */
+static Var *vae_resnet_out_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeResnet *r = ctx;
     Var *x = inputs[0];
-    Var *h = conv2d_apply(t, &r->conv1, vae_norm_silu(t, &r->norm1, r->groups, x));
-    h = conv2d_apply(t, &r->conv2, vae_norm_silu(t, &r->norm2, r->groups, h));
+    Var *h = conv2d_apply(t, &r->conv2, vae_norm_silu(t, &r->norm2, r->groups, inputs[1]));
     Var *skip = r->conv_shortcut.weight ? conv2d_apply(t, &r->conv_shortcut, x) : x;
     return ag_add(t, skip, h);
 }
@@ -1112,11 +1175,33 @@ static Var *vae_head_apply(Tape *t, Var **inputs, void *ctx) {
                                                        m->config.norm_num_groups, inputs[0]));
 }
 
-/* One block, through ag_checkpoint when the model asks for it. The functions only read ctx,
- * so handing them the const weights through CheckpointFn's void * is safe. */
-static Var *vae_block(Tape *t, const VaeDecoder *m, CheckpointFn fn, const void *ctx, Var *x) {
-    if (m->checkpoint) return ag_checkpoint(t, fn, (void *)ctx, &x, 1);
-    return x ? fn(t, &x, (void *)ctx) : NULL;
+/* The middle checkpoints, "layers": an optional upsampler, then a resnet or the attention,
+ * then optionally the head. The upsampler joins the resnet after it, and the head the resnet
+ * before it, so that neither a 2x-upsampled tensor nor the last full-resolution resnet output
+ * is a boundary held across the stage. x: [B, C, H, W] -> [B, C', H', W'] */
+static Var *vae_layer_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeLayer *l = ctx;
+    const VaeDecoder *m = l->model;
+    Var *x = inputs[0];
+    if (l->upsampler) x = vae_block(t, m, vae_upsample_apply, l->upsampler, &x, 1);
+    if (l->attention) x = vae_block(t, m, vae_attention_apply, l->attention, &x, 1);
+    if (l->resnet) {
+        Var *h = vae_block(t, m, vae_resnet_in_apply, l->resnet, &x, 1);
+        x = vae_block(t, m, vae_resnet_out_apply, l->resnet, (Var *[]){x, h}, 2);
+    }
+    if (l->head) x = vae_block(t, m, vae_head_apply, m, &x, 1);
+    return x;
+}
+
+/* The outer checkpoints, "stages": the layers between two upsamplers, at one resolution. Only
+ * stage outputs are held across the whole decode; during backward one stage's layer outputs
+ * and one layer's unit outputs add to them. */
+static Var *vae_stage_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeStage *s = ctx;
+    Var *x = inputs[0];
+    for (int i = 0; i < s->n_layers; i++)
+        x = vae_block(t, s->layers[i].model, vae_layer_apply, &s->layers[i], &x, 1);
+    return x;
 }
 
 /* tokens: [B, h*w, C*ph*pw] -> latent [B, C, h*ph, w*pw]: the FLUX.2 pipeline's
@@ -1142,16 +1227,8 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     Var *x = vae_unpack(t, m, tokens, h, w);
     if (c->use_post_quant_conv) x = conv2d_apply(t, &m->post_quant_conv, x);
     x = conv2d_apply(t, &m->conv_in, x);
-    x = vae_block(t, m, vae_resnet_apply, &m->mid_resnets[0], x);
-    if (c->mid_block_add_attention) x = vae_block(t, m, vae_attention_apply, &m->mid_attention, x);
-    x = vae_block(t, m, vae_resnet_apply, &m->mid_resnets[1], x);
-    for (int b = 0; b < c->n_blocks; b++) {
-        const VaeUpBlock *u = &m->up_blocks[b];
-        for (int r = 0; r <= c->layers_per_block; r++)
-            x = vae_block(t, m, vae_resnet_apply, &u->resnets[r], x);
-        if (u->upsampler.weight) x = vae_block(t, m, vae_upsample_apply, &u->upsampler, x);
-    }
-    return vae_block(t, m, vae_head_apply, m, x);
+    for (int s = 0; s < c->n_blocks; s++) x = vae_block(t, m, vae_stage_apply, &m->stages[s], &x, 1);
+    return x;
 }
 
 /* ---- end section: vae ---- */
