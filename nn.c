@@ -1133,13 +1133,16 @@ static Var *vae_resnet_in_apply(Tape *t, Var **inputs, void *ctx) {
     return conv2d_apply(t, &r->conv1, vae_norm_silu(t, &r->norm1, r->groups, inputs[0]));
 }
 
-/* inputs x: [B, in, H, W], h: [B, out, H, W] -> skip(x) + conv2(SiLU(norm2(h))) */
-static Var *vae_resnet_out_apply(Tape *t, Var **inputs, void *ctx) {
+/* h: [B, out, H, W] -> conv2(SiLU(norm2(h))) */
+static Var *vae_resnet_mid_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeResnet *r = ctx;
-    Var *x = inputs[0];
-    Var *h = conv2d_apply(t, &r->conv2, vae_norm_silu(t, &r->norm2, r->groups, inputs[1]));
-    Var *skip = r->conv_shortcut.weight ? conv2d_apply(t, &r->conv_shortcut, x) : x;
-    return ag_add(t, skip, h);
+    return conv2d_apply(t, &r->conv2, vae_norm_silu(t, &r->norm2, r->groups, inputs[0]));
+}
+
+/* x: [B, in, H, W] -> conv_shortcut(x): [B, out, H, W] */
+static Var *vae_shortcut_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeResnet *r = ctx;
+    return conv2d_apply(t, &r->conv_shortcut, inputs[0]);
 }
 
 /* x: [B, C, H, W] -> x + to_out(attention(group_norm(x))), one head of C dims over the H*W
@@ -1186,8 +1189,10 @@ static Var *vae_layer_apply(Tape *t, Var **inputs, void *ctx) {
     if (l->upsampler) x = vae_block(t, m, vae_upsample_apply, l->upsampler, &x, 1);
     if (l->attention) x = vae_block(t, m, vae_attention_apply, l->attention, &x, 1);
     if (l->resnet) {
-        Var *h = vae_block(t, m, vae_resnet_in_apply, l->resnet, &x, 1);
-        x = vae_block(t, m, vae_resnet_out_apply, l->resnet, (Var *[]){x, h}, 2);
+        const VaeResnet *r = l->resnet;
+        Var *h = vae_block(t, m, vae_resnet_in_apply, r, &x, 1);
+        Var *skip = r->conv_shortcut.weight ? vae_block(t, m, vae_shortcut_apply, r, &x, 1) : x;
+        x = ag_add(t, skip, vae_block(t, m, vae_resnet_mid_apply, r, &h, 1));
     }
     if (l->head) x = vae_block(t, m, vae_head_apply, m, &x, 1);
     return x;
