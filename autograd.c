@@ -829,6 +829,40 @@ Var *ag_groupnorm(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
     return t->failed ? NULL : y;
 }
 
+/* in: x, w, b; saved: mean, rstd [B, groups] */
+static void groupnorm_silu_node_backward(Tape *t, Node *n) {
+    (void)t;
+    struct NormParams p = n->p.norm;
+    groupnorm_silu_backward((int)p.rows, (int)p.C, (int)p.HW, p.groups, data(n->in[0]),
+                            data(n->in[1]), data(n->in[2]), n->saved[0]->data, n->saved[1]->data,
+                            grad(n->out), grad(n->in[0]), grad(n->in[1]), grad(n->in[2]));
+}
+
+Var *ag_groupnorm_silu(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
+    const char *op = "groupnorm_silu";
+    struct NormParams p = {.groups = groups, .eps = eps};
+    if (!ready(t, op, 1, &x) || !ready_optional(t, op, w) || !ready_optional(t, op, b) ||
+        !channels_of(t, op, x, &p) || !check_vector(t, op, "weight", w, p.C) ||
+        !check_vector(t, op, "bias", b, p.C))
+        return NULL;
+    if (groups < 1 || p.C % groups)
+        return fail(t, "groupnorm_silu: %lld channels do not split into %d groups",
+                    (long long)p.C, groups);
+    Var *y = result_like(t, x);
+    int64_t stats = p.rows * groups;
+    Tensor *mean = y ? tape_tensor(t, MEM_SAVED, 1, &stats) : NULL;
+    Tensor *rstd = mean ? tape_tensor(t, MEM_SAVED, 1, &stats) : NULL;
+    Node *n = NULL;
+    if (rstd && record(t, y, groupnorm_silu_node_backward, 3, (Var *[]){x, w, b}, &n)) {
+        groupnorm_silu_forward((int)p.rows, (int)p.C, (int)p.HW, groups, eps, data(x), data(w),
+                               data(b), data(y), mean->data, rstd->data);
+        if (n) n->p.norm = p;
+    }
+    save(t, n, 0, mean);
+    save(t, n, 1, rstd);
+    return t->failed ? NULL : y;
+}
+
 /* in: x, w; saved: rstd [rows] */
 static void rmsnorm_node_backward(Tape *t, Node *n) {
     (void)t;

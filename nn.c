@@ -1110,8 +1110,8 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint) {
 
 /* x: [B, C, H, W] -> SiLU(GroupNorm(x)) */
 static Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
-    return ag_silu(t, ag_groupnorm(t, x, groups, param_var(t, n->weight), param_var(t, n->bias),
-                                   VAE_NORM_EPS));
+    return ag_groupnorm_silu(t, x, groups, param_var(t, n->weight), param_var(t, n->bias),
+                             VAE_NORM_EPS);
 }
 
 /* One block, through ag_checkpoint when the model asks for it. The functions only read ctx,
