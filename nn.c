@@ -790,17 +790,19 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * config's batch_norm_eps. */
 #define VAE_NORM_EPS 1e-6f
 
-/* Memory of a checkpointed decode with grad (f32, batch 1): every block boundary stays on the
- * tape until backward reaches it, plus one block's recomputed intermediates and gradients.
- * For the real config (block_out_channels 128, 256, 512, 512; 3 resnets per up block) at
- * 1024x1024 the boundaries are about 4.6 GB, mostly the last two stages (up block 2: three
- * 256 MB resnet outputs and a 1 GB upsampler output; up block 3: three 512 MB resnet outputs).
- * The largest block, up block 3's first resnet (256 -> 128 channels at 1024x1024), recomputes
- * and backpropagates about 7 GB more: a peak near 12 GB. Measured with tools/vae_peak.c
- * (everything scales with the pixel count): at 512x512, 1153 MB of boundaries and a tape peak
- * of 2939 MB (process peak RSS 2958 MB, weights included); at 256x256, 288 MB and 735 MB, and
- * without the checkpoints 1747 MB (about 28 GB at 1024x1024). The attention is O(N d): 512
- * channels x 128x128 tokens, no N x N matrix. */
+/* Memory of a checkpointed decode with grad (f32, batch 1). Checkpoints nest three deep (see
+ * vae_plan): stages, which end where the resolution is 4x smaller than after the next
+ * upsampler; layers (a resnet, with the upsampler before it or the head after it joined in);
+ * units (one conv path each). Only stage outputs stay across the whole decode; in backward one
+ * stage's layer outputs, one layer's unit outputs and one unit's recomputation add to them, and
+ * ag_checkpoint releases each boundary before recomputing it. The peak is in the first unit of
+ * the last stage, conv1(SiLU(norm1(up))) with up the upsampled block_out_channels[1]-channel
+ * tensor at full resolution: up and its gradient, SiLU(norm1(up)) and its gradient (one tensor
+ * each, as ag_groupnorm_silu keeps no normalised copy), conv1's output and its gradient. For the
+ * real config (block_out_channels 128, 256, 512, 512) at 1024x1024 that is 4 x 1 GB + 2 x 0.5
+ * GB. Measured with tools/vae_peak.c, the tape's peak (values + saved data + gradients) scales
+ * with the pixel count: MEASURED_NUMBERS
+ * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
 
 /* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
  * conv_shortcut when the channel count changes). */
@@ -1124,8 +1126,9 @@ static Var *vae_block(Tape *t, const VaeDecoder *m, CheckpointFn fn, const void 
     return fn(t, in, (void *)ctx);
 }
 
-/* The innermost checkpoints, "units": each is one or two 3x3 convolutions, so a unit's
- * recomputation holds its input, a normalised copy, the conv output and their gradients. */
+/* The innermost checkpoints, "units": one conv path each (conv1 or conv2 after SiLU(GroupNorm),
+ * the shortcut, the upsampler, the head), so a unit's recomputation holds at most its input's
+ * gradient, one normalised tensor, the conv output and their gradients. */
 
 /* x: [B, in, H, W] -> h = conv1(SiLU(norm1(x))): [B, out, H, W] */
 static Var *vae_resnet_in_apply(Tape *t, Var **inputs, void *ctx) {
