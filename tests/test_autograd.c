@@ -423,6 +423,20 @@ static void test_checkpoint(void) {
           "checkpoint with grad off: nothing recorded, only the output kept (%zu bytes)",
           s.value_bytes);
     tape_free(t);
+
+    /* backward releases a checkpoint's output before recomputing it, unless it is kept */
+    t = tape_new();
+    p = (Block){var_new(t, w1, false), var_new(t, b1, false), var_new(t, w2, false)};
+    x = var_new(t, xt, true);
+    y = ag_checkpoint(t, block, &p, &x, 1);
+    var_keep(y);
+    Tensor *before = y ? tensor_clone(y->value) : NULL;
+    Error e = {{0}};
+    int rc = y ? tape_backward(t, ag_mean(t, ag_pow(t, y, 2.0f)), &e) : -1;
+    CHECK(rc == 0 && y->value && same_bits(before, y->value),
+          "checkpoint: a kept output stays readable and unchanged after backward %s", e.msg);
+    tensor_free(before);
+    tape_free(t);
     tensor_free(xt);
     tensor_free(w1);
     tensor_free(b1);
