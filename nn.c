@@ -800,8 +800,13 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * tensor at full resolution: up and its gradient, SiLU(norm1(up)) and its gradient (one tensor
  * each, as ag_groupnorm_silu keeps no normalised copy), conv1's output and its gradient. For the
  * real config (block_out_channels 128, 256, 512, 512) at 1024x1024 that is 4 x 1 GB + 2 x 0.5
- * GB. Measured with tools/vae_peak.c, the tape's peak (values + saved data + gradients) scales
- * with the pixel count: MEASURED_NUMBERS
+ * GB, plus the stage's input and its gradient (2 x 256 MB): the 5.8 GB below. Measured with
+ * tools/vae_peak.c (random bf16 weights in the real config), the tape's peak (values + saved data + gradients) scales with the pixel count:
+ * 91 MB at 128x128, 365 MB at 256x256, 1459 MB at 512x512 (process peak RSS 1653 MB, the f32
+ * weights included), so about 5.8 GB at 1024x1024. One level of checkpoints over the same
+ * blocks with a separate GroupNorm and SiLU peaked at 2939 MB at 512x512 (about 12 GB at
+ * 1024x1024); none at all, 1747 MB at 256x256 (about 28 GB at 1024x1024). The price is time:
+ * each unit runs forward up to four times, so backward takes 5-7x the forward.
  * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
 
 /* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
