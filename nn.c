@@ -801,8 +801,8 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * each, as ag_groupnorm_silu keeps no normalised copy), conv1's output and its gradient. For the
  * real config (block_out_channels 128, 256, 512, 512) at 1024x1024 that is 4 x 1 GB + 2 x 0.5
  * GB, plus the stage's input and its gradient (2 x 256 MB): the 5.8 GB below. Measured with
- * tools/vae_peak.c (random bf16 weights in the real config), the tape's peak (values + saved data + gradients) scales with the pixel count:
- * 91 MB at 128x128, 365 MB at 256x256, 1459 MB at 512x512 (process peak RSS 1653 MB, the f32
+ * tools/vae_peak.c (random bf16 weights in the real config), the tape's peak (values + saved
+ * data + gradients) scales with the pixel count: 91 MB at 128x128, 365 MB at 256x256, 1459 MB at 512x512 (process peak RSS 1653 MB, the f32
  * weights included), so about 5.8 GB at 1024x1024. One level of checkpoints over the same
  * blocks with a separate GroupNorm and SiLU peaked at 2939 MB at 512x512 (about 12 GB at
  * 1024x1024); none at all, 1747 MB at 256x256 (about 28 GB at 1024x1024). The price is time:
