@@ -802,11 +802,12 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * real config (block_out_channels 128, 256, 512, 512) at 1024x1024 that is 4 x 1 GB + 2 x 0.5
  * GB, plus the stage's input and its gradient (2 x 256 MB): the 5.8 GB below. Measured with
  * tools/vae_peak.c (random bf16 weights in the real config), the tape's peak (values + saved
- * data + gradients) scales with the pixel count: 91 MB at 128x128, 365 MB at 256x256, 1459 MB at 512x512 (process peak RSS 1653 MB, the f32
- * weights included), so about 5.8 GB at 1024x1024. One level of checkpoints over the same
- * blocks with a separate GroupNorm and SiLU peaked at 2939 MB at 512x512 (about 12 GB at
- * 1024x1024); none at all, 1747 MB at 256x256 (about 28 GB at 1024x1024). The price is time:
- * each unit runs forward up to four times, so backward takes 5-7x the forward.
+ * data + gradients) scales with the pixel count: 91 MB at 128x128, 365 MB at 256x256, 1459 MB
+ * at 512x512 (process peak RSS 1653 MB, the f32 weights included), so about 5.8 GB at
+ * 1024x1024. One level of checkpoints over the same blocks with a separate GroupNorm and SiLU
+ * peaked at 2939 MB at 512x512 (about 12 GB at 1024x1024); none at all, 1747 MB at 256x256
+ * (about 28 GB at 1024x1024). The price is time: each unit runs forward up to four times, so
+ * backward takes 5-7x the forward.
  * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
 
 /* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
@@ -1240,7 +1241,8 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     Var *x = vae_unpack(t, m, tokens, h, w);
     if (c->use_post_quant_conv) x = conv2d_apply(t, &m->post_quant_conv, x);
     x = conv2d_apply(t, &m->conv_in, x);
-    for (int s = 0; s < c->n_blocks; s++) x = vae_block(t, m, vae_stage_apply, &m->stages[s], &x, 1);
+    for (int s = 0; s < c->n_blocks; s++)
+        x = vae_block(t, m, vae_stage_apply, &m->stages[s], &x, 1);
     return x;
 }
 
