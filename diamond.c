@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #ifdef _OPENMP
@@ -13,16 +14,23 @@
 #endif
 
 #include "io.h"
+#include "nn.h"
 #include "tensor.h"
 
 static const char *usage_text =
     "diamond - training-free artifact removal for rectified-flow image models (DIAMOND)\n"
     "\n"
     "usage:\n"
+    "  diamond generate --model DIR --embeddings FILE -W W -H H --steps N -o OUT.png|.ppm\n"
+    "                  [--detector DIR] [options]   sample an image with DIAMOND guidance\n"
+    "                                   (diamond generate --help for every option)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
     "  diamond bench gemm M N K [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
     "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
+    "  diamond bench flux2 (--config FILE | --model DIR) -W PIXELS -H PIXELS [--text-len L]\n"
+    "                    [--threads T]    one FLUX.2 transformer forward: random weights from a\n"
+    "                                     config.json, or a transformer directory's weights\n"
     "  diamond help                     this text\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
@@ -397,16 +405,668 @@ static int bench_gemm(int argc, char **argv) {
     return 0;
 }
 
+/* diamond bench flux2 (--config FILE | --model DIR) -W PIXELS -H PIXELS [--text-len L]
+ * [--threads T]: one FLUX.2 transformer forward (batch 1, sigma 0.5) on random latent tokens and
+ * prompt embeddings, with random weights made on the fly from a transformer/config.json (no files
+ * read: the timing of the real model without its 8 GB) or with a transformer directory's weights.
+ * A W x H image has (H/16) x (W/16) latent tokens: the VAE's 8x downsampling, then 2x2 packing.
+ * Prints the seconds of the forward and the process's peak resident memory. */
+static int bench_flux2(int argc, char **argv) {
+    const char *config = NULL, *dir = NULL;
+    int width = 0, height = 0, text_len = 512, threads = bench_threads_now();
+    for (int i = 3; i < argc; i += 2) {
+        const char *opt = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
+        bool ok = value != NULL;
+        if (ok && !strcmp(opt, "--config")) config = value;
+        else if (ok && !strcmp(opt, "--model")) dir = value;
+        else if (ok && !strcmp(opt, "-W")) ok = !bench_parse_int(value, 16, IMAGE_MAX_SIDE, &width);
+        else if (ok && !strcmp(opt, "-H")) ok = !bench_parse_int(value, 16, IMAGE_MAX_SIDE, &height);
+        else if (ok && !strcmp(opt, "--text-len")) ok = !bench_parse_int(value, 1, 1 << 16, &text_len);
+        else ok = !bench_threads_option(argc, argv, i, &threads);
+        if (!ok) {
+            fprintf(stderr, "diamond: bench flux2: bad option '%s'\n", opt);
+            return 2;
+        }
+    }
+    if (!config == !dir || width % 16 || height % 16 || !width || !height) {
+        fprintf(stderr, "diamond: usage: diamond bench flux2 (--config FILE | --model DIR) -W PIXELS "
+                        "-H PIXELS [--text-len L] [--threads T], sizes multiples of 16\n");
+        return 2;
+    }
+    Flux2 *m = NULL;
+    Error e = {{0}};
+    if (config ? flux2_load_config_only(&m, config, 42, &e) : flux2_load(&m, dir, &e)) {
+        fprintf(stderr, "diamond bench flux2: %s\n", e.msg);
+        return 1;
+    }
+    const Flux2Config *c = flux2_config(m);
+    int h = height / 16, w = width / 16;
+    Tensor *tokens = TENSOR_NEW(1, (int64_t)h * w, c->in_channels);
+    Tensor *txt = TENSOR_NEW(1, text_len, c->joint_attention_dim);
+    Tensor *v = NULL;
+    int rc = !tokens || !txt;
+    if (rc) snprintf(e.msg, sizeof e.msg, "out of memory for the inputs");
+    else {
+        unsigned long long state = 42;
+        bench_fill(tokens->data, (size_t)tokens->numel, &state);
+        bench_fill(txt->data, (size_t)txt->numel, &state);
+        double t0 = now_seconds();
+        rc = flux2_forward(m, tokens, h, w, txt, (float[]){0.5f}, NULL, &v, &e);
+        double seconds = now_seconds() - t0;
+        struct rusage usage;
+        getrusage(RUSAGE_SELF, &usage); /* ru_maxrss is in KiB on Linux */
+        if (!rc)
+            printf("flux2 %dx%d (%d image + %d text tokens) dim=%d blocks=%d+%d weights=%s "
+                   "threads=%d forward=%.2f s peak RSS=%.0f MiB\n", width, height, h * w, text_len,
+                   c->dim, c->num_layers, c->num_single_layers, config ? "random" : "files",
+                   threads, seconds, (double)usage.ru_maxrss / 1024.0);
+    }
+    if (rc) fprintf(stderr, "diamond bench flux2: %s\n", e.msg);
+    tensor_free(v);
+    tensor_free(tokens);
+    tensor_free(txt);
+    flux2_free(m);
+    return rc ? 1 : 0;
+}
+
+/* ---- sampler: diamond generate ---------------------------------------------------------- */
+
+static const char *generate_usage =
+    "usage: diamond generate --model DIR --embeddings FILE -W W -H H --steps N -o OUT.png|OUT.ppm\n"
+    "                        [--detector DIR] --seed S[,S...] | --noise FILE [options]\n"
+    "\n"
+    "Samples FLUX.2 (transformer/ and vae/ of DIR, diffusers layout) with DIAMOND's artifact\n"
+    "guidance: each step decodes the clean estimate, runs the detector (DIR in the transformers\n"
+    "layout) on it and moves the latent by lambda along the normalised gradient of the loss.\n"
+    "\n"
+    "  --model DIR            the pipeline directory (DIR/transformer, DIR/vae)\n"
+    "  --detector DIR         the artifact detector (SegFormer); needed unless --no-guide\n"
+    "  --embeddings FILE      safetensors with prompt_embeds [L, D] (D = joint_attention_dim)\n"
+    "  --prompt TEXT          not available: the text encoder is not implemented yet; encode the\n"
+    "                         prompt elsewhere and pass --embeddings\n"
+    "  --seed S[,S...]        one image per seed: the initial latent is PyTorch's CPU\n"
+    "                         torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
+    "                         tokens, as the FLUX.2 pipeline with a CPU generator\n"
+    "  --noise FILE           instead, safetensors with noise [T, C] or [B, T, C]: the packed\n"
+    "                         initial latent (T = (H/P) * (W/P) tokens, C = the transformer's\n"
+    "                         in_channels); --seed then only names the outputs\n"
+    "  --steps N              sampling steps (FLUX.2 klein: 4, FLUX.2 dev: 30)\n"
+    "  -W W, -H H             image size, multiples of P = 2^(len(block_out_channels)-1) *\n"
+    "                         patch_size of the VAE (16 for FLUX.2)\n"
+    "  --guidance-scale G     distilled guidance for models with guidance_embeds (default 4.0,\n"
+    "                         FLUX.2 dev); ignored by klein\n"
+    "  --lambda-schedule S    TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
+    "                           constant:value=0\n"
+    "                           linear:start=12,end=1\n"
+    "                           power:start=12,end=1,power=2\n"
+    "                           cosine:start=12,end=1\n"
+    "                           hard_then_exp:start=30,after=2,power=2\n"
+    "                           exponential:start=30,end=1,power=5,warmup=5,cooldown=12\n"
+    "                         (values shown are the official defaults; the FLUX.2 config's\n"
+    "                         exponential guides no step when N <= 17). Where the official\n"
+    "                         formulas divide by zero (N = 1, an exponential window of one step)\n"
+    "                         that step gets the start value\n"
+    "  --loss L               mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
+    "                         2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
+    "                         official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its\n"
+    "                         weight is large where the mask is small, the reverse of the usual\n"
+    "                         focal loss\n"
+    "  --no-guide             plain sampling, no detector (the baseline)\n"
+    "  --gate T               skip the detector backward and the shift for a sample whose\n"
+    "                         detector max is below T at that step (default off, as official)\n"
+    "  --threads T            OpenMP threads\n"
+    "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image\n"
+    "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
+    "                         one row per image: baseline | guided | detector heat maps of\n"
+    "                         both (0.6 jet + 0.4 image); prints the detector max of each\n"
+    "  --save-steps DIR       DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
+    "                         DIR/step_III_overlay.png (its detector heat map, where the detector\n"
+    "                         ran); costs one more VAE decode per step. DIR must exist\n"
+    "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
+    "                         step (mask and grad where computed; grad before normalisation),\n"
+    "                         final.latent and final.image\n"
+    "  --quiet                no progress on stderr\n"
+    "\n"
+    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
+#define GENERATE_MAX_BATCH 64
+
+typedef struct GenerateArgs {
+    const char *model, *detector, *embeddings, *noise, *out, *dump, *compare, *save_steps;
+    uint64_t seeds[GENERATE_MAX_BATCH];
+    int n_seeds, steps, width, height;
+    SamplerOptions opt;
+    bool quiet;
+} GenerateArgs;
+
+/* "S" or "S,S,..." of whole numbers in 0..2^63. */
+static int generate_parse_seeds(const char *s, GenerateArgs *a) {
+    a->n_seeds = 0;
+    while (*s) {
+        char *end;
+        errno = 0;
+        if (*s == '-' || *s == '+' || a->n_seeds == GENERATE_MAX_BATCH) return -1;
+        unsigned long long v = strtoull(s, &end, 10);
+        if (end == s || errno || (*end && *end != ',')) return -1;
+        a->seeds[a->n_seeds++] = v;
+        s = *end ? end + 1 : end;
+    }
+    return a->n_seeds > 0 ? 0 : -1;
+}
+
+static int generate_parse_float(const char *s, float lo, float hi, float *out) {
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || *end || !(v >= lo && v <= hi)) return -1;
+    *out = (float)v;
+    return 0;
+}
+
+/* The field of a for an option that names a file or directory, or NULL. */
+static const char **generate_path_field(GenerateArgs *a, const char *opt) {
+    const struct {
+        const char *name;
+        const char **field;
+    } paths[] = {{"--model", &a->model}, {"--detector", &a->detector},
+                 {"--embeddings", &a->embeddings}, {"--noise", &a->noise}, {"-o", &a->out},
+                 {"--dump", &a->dump}, {"--compare", &a->compare},
+                 {"--save-steps", &a->save_steps}};
+    for (size_t k = 0; k < sizeof paths / sizeof *paths; k++)
+        if (!strcmp(opt, paths[k].name)) return paths[k].field;
+    return NULL;
+}
+
+/* An option of generate_takes_value with its value at argv[i]; 0, or -1 with the message in e. */
+static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, Error *e) {
+    const char *opt = argv[i - 1], *val = argv[i];
+    int threads;
+    if (!strcmp(opt, "--seed")) {
+        if (generate_parse_seeds(val, a))
+            return error_set(e, "--seed: expected S or S,S,... (at most %d whole numbers), got "
+                                "'%s'", GENERATE_MAX_BATCH, val);
+    } else if (!strcmp(opt, "--steps")) {
+        if (bench_parse_int(val, 1, 10000, &a->steps))
+            return error_set(e, "--steps: expected 1..10000, got '%s'", val);
+    } else if (!strcmp(opt, "-W") || !strcmp(opt, "-H")) {
+        if (bench_parse_int(val, 1, IMAGE_MAX_SIDE, opt[1] == 'W' ? &a->width : &a->height))
+            return error_set(e, "%s: expected a size in 1..%d, got '%s'", opt, IMAGE_MAX_SIDE, val);
+    } else if (!strcmp(opt, "--guidance-scale")) {
+        if (generate_parse_float(val, -1e6f, 1e6f, &a->opt.guidance_scale))
+            return error_set(e, "--guidance-scale: expected a number, got '%s'", val);
+    } else if (!strcmp(opt, "--gate")) {
+        if (generate_parse_float(val, 0.0f, 1.0f, &a->opt.gate))
+            return error_set(e, "--gate: expected a threshold in [0, 1], got '%s'", val);
+    } else if (!strcmp(opt, "--threads")) {
+        if (bench_threads_option(argc, argv, i - 1, &threads))
+            return error_set(e, "--threads: expected 1..1024, got '%s'", val);
+    } else if (!strcmp(opt, "--lambda-schedule")) {
+        return lambda_schedule_parse(&a->opt.lambda, val, e);
+    } else { /* --loss */
+        return artifact_loss_parse(&a->opt.loss, val, e);
+    }
+    return 0;
+}
+
+static bool generate_takes_value(const char *opt) {
+    static const char *const names[] = {"--seed", "--steps", "-W", "-H", "--guidance-scale",
+                                        "--gate", "--threads", "--lambda-schedule", "--loss"};
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++)
+        if (!strcmp(opt, names[k])) return true;
+    return false;
+}
+
+/* One option at argv[*i], moving *i past its value when it takes one. */
+static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error *e) {
+    const char *opt = argv[*i];
+    const char **path = generate_path_field(a, opt);
+    if (!strcmp(opt, "--prompt"))
+        return error_set(e, "--prompt: the text encoder is not implemented yet; encode the prompt "
+                            "elsewhere and pass --embeddings FILE (prompt_embeds [L, D])");
+    if (!strcmp(opt, "--no-guide")) a->opt.guide = false;
+    else if (!strcmp(opt, "--quiet")) a->quiet = true;
+    else if (!path && !generate_takes_value(opt)) return error_set(e, "unknown option '%s'", opt);
+    else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
+    else if (path) *path = argv[++*i];
+    else return generate_value_option(argc, argv, ++*i, a, e);
+    return 0;
+}
+
+/* The command line into a, with defaults; 0, or -1 with the message in e (a usage error). */
+static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
+    *a = (GenerateArgs){.opt = {.guide = true, .guidance_scale = 4.0f}};
+    if (lambda_schedule_parse(&a->opt.lambda, "power", e) ||
+        artifact_loss_parse(&a->opt.loss, "power:gamma=3", e))
+        return -1;
+    for (int i = 0; i < argc; i++)
+        if (generate_option(argc, argv, &i, a, e)) return -1;
+    const char *missing = !a->model ? "--model DIR" : !a->embeddings ? "--embeddings FILE"
+                        : !a->out ? "-o OUT" : !a->steps ? "--steps N" : !a->width ? "-W W"
+                        : !a->height ? "-H H" : !a->detector && a->opt.guide ? "--detector DIR"
+                        : !a->noise && !a->n_seeds ? "--seed S (or --noise FILE)" : NULL;
+    if (missing) return error_set(e, "missing %s (see diamond generate --help)", missing);
+    const char *images[2] = {a->out, a->compare};
+    for (int k = 0; k < 2; k++) {
+        const char *dot = images[k] ? strrchr(images[k], '.') : ".png";
+        if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
+            return error_set(e, "%s %s: the name must end in .png or .ppm", k ? "--compare" : "-o",
+                             images[k]);
+    }
+    if (a->compare && !a->opt.guide)
+        return error_set(e, "--compare needs guidance (it runs the baseline itself): drop "
+                            "--no-guide");
+    a->opt.steps = a->steps;
+    return 0;
+}
+
+/* The loaded models and inputs of one run. */
+typedef struct GenerateRun {
+    Flux2 *flow;
+    VaeDecoder *vae;
+    Segformer *detector;
+    Tensor *txt, *latent; /* [B, L, D], [B, T, C] */
+    int grid_h, grid_w;
+} GenerateRun;
+
+static void generate_run_free(GenerateRun *r) {
+    flux2_free(r->flow);
+    vae_decoder_free(r->vae);
+    segformer_free(r->detector);
+    tensor_free(r->txt);
+    tensor_free(r->latent);
+}
+
+/* The F32/F16/BF16 tensor `name` of path, [rows, cols] or [B, rows, cols] (rows < 0: any
+ * count, shown as L), as a new [B, rows, cols] tensor (B = 1 for the 2-dim form). */
+static int generate_read(const char *path, const char *name, int64_t rows, int64_t cols,
+                         Tensor **out, Error *e) {
+    SafeTensors *st;
+    *out = NULL;
+    if (st_open(&st, path, e)) return -1;
+    const StTensor *t = st_find(st, name);
+    char dims[32] = "L";
+    if (rows >= 0) snprintf(dims, sizeof dims, "%lld", (long long)rows);
+    int rc = 0;
+    if (!t) rc = error_set(e, "%s: no tensor '%s'", path, name);
+    else if ((t->ndim != 2 && t->ndim != 3) || (rows >= 0 && t->shape[t->ndim - 2] != rows) ||
+             t->shape[t->ndim - 1] != cols || t->numel == 0)
+        rc = error_set(e, "%s: '%s' must be [%s, %lld] (or with a batch dim in front)", path,
+                       name, dims, (long long)cols);
+    if (rc == 0) {
+        int64_t B = t->ndim == 3 ? t->shape[0] : 1;
+        *out = TENSOR_NEW(B, t->shape[t->ndim - 2], cols);
+        rc = *out ? st_read_f32(st, name, (*out)->data, (*out)->numel, e)
+                  : error_set(e, "%s: out of memory for '%s'", path, name);
+    }
+    if (rc) tensor_free(*out), *out = NULL;
+    st_close(st);
+    return rc;
+}
+
+/* prompt_embeds [L, D] (or [1, L, D]) repeated over the batch. */
+static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
+    Tensor *one;
+    int D = flux2_config(r->flow)->joint_attention_dim;
+    if (generate_read(a->embeddings, "prompt_embeds", -1, D, &one, e)) return -1;
+    int rc = 0;
+    if (one->shape[0] != 1)
+        rc = error_set(e, "%s: prompt_embeds must hold one prompt, [L, %d]", a->embeddings, D);
+    else if (!(r->txt = TENSOR_NEW(batch, one->shape[1], D)))
+        rc = error_set(e, "out of memory for the embeddings");
+    for (int b = 0; rc == 0 && b < batch; b++)
+        memcpy(r->txt->data + b * one->numel, one->data, (size_t)one->numel * sizeof(float));
+    tensor_free(one);
+    return rc;
+}
+
+/* One PyTorch-identical initial latent per seed: [n_seeds, T, C]. */
+static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    int C = flux2_config(r->flow)->in_channels;
+    int64_t T = (int64_t)r->grid_h * r->grid_w;
+    if (!(r->latent = TENSOR_NEW(a->n_seeds, T, C)))
+        return error_set(e, "out of memory for the initial latent");
+    for (int b = 0; b < a->n_seeds; b++)
+        if (latent_noise_tokens(a->seeds[b], C, r->grid_h, r->grid_w, r->latent->data + b * T * C,
+                                e))
+            return -1;
+    return 0;
+}
+
+/* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other
+ * failures, 0 when ready. */
+static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/transformer", a->model);
+    if (flux2_load(&r->flow, dir, e)) return 1;
+    snprintf(dir, sizeof dir, "%s/vae", a->model);
+    if (vae_decoder_load(&r->vae, dir, e)) return 1;
+    const VaeConfig *vc = vae_decoder_config(r->vae);
+    int up = 1 << (vc->n_blocks - 1), ph = vc->patch_h * up, pw = vc->patch_w * up;
+    if (a->width % pw || a->height % ph) {
+        error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
+                  a->width, a->height, pw, ph);
+        return 2;
+    }
+    r->grid_h = a->height / ph;
+    r->grid_w = a->width / pw;
+    if (a->opt.guide && segformer_load(&r->detector, a->detector, e)) return 1;
+    if (a->noise ? generate_read(a->noise, "noise", (int64_t)r->grid_h * r->grid_w,
+                                 flux2_config(r->flow)->in_channels, &r->latent, e)
+                 : generate_seed_noise(a, r, e))
+        return 1;
+    int batch = (int)r->latent->shape[0];
+    if (a->n_seeds && a->n_seeds != batch) {
+        error_set(e, "%d seeds for a noise batch of %d", a->n_seeds, batch);
+        return 2;
+    }
+    return generate_embeddings(a, r, batch, e) ? 1 : 0;
+}
+
+/* Every step's tensors for --dump, copied as they come. */
+typedef struct GenerateDump {
+    StWriteTensor *items;
+    size_t n, cap;
+} GenerateDump;
+
+static void generate_dump_free(GenerateDump *d) {
+    for (size_t i = 0; i < d->n; i++) {
+        free((char *)d->items[i].name);
+        free((void *)d->items[i].data);
+    }
+    free(d->items);
+}
+
+static int generate_dump_add(GenerateDump *d, const char *name, const float *data, int ndim,
+                             const int64_t *shape, Error *e) {
+    size_t n = 1;
+    for (int k = 0; k < ndim; k++) n *= (size_t)shape[k];
+    if (d->n == d->cap) {
+        size_t cap = d->cap ? 2 * d->cap : 64;
+        StWriteTensor *items = realloc(d->items, cap * sizeof *items);
+        if (!items) return error_set(e, "out of memory for the dump");
+        d->items = items;
+        d->cap = cap;
+    }
+    StWriteTensor *t = &d->items[d->n];
+    *t = (StWriteTensor){.name = strdup(name), .dtype = DTYPE_F32, .ndim = ndim};
+    memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
+    float *copy = malloc(n * sizeof *copy);
+    t->data = copy;
+    d->n++;
+    if (!t->name || !copy) return error_set(e, "out of memory for the dump");
+    memcpy(copy, data, n * sizeof *copy);
+    return 0;
+}
+
+static int generate_dump_tensor(GenerateDump *d, int step, const char *part, const Tensor *t,
+                                Error *e) {
+    char name[64];
+    snprintf(name, sizeof name, "step.%d.%s", step, part);
+    return generate_dump_add(d, name, t->data, t->ndim, t->shape, e);
+}
+
+/* A latent's image, no gradient: [B, 3, H, W] in about [-1, 1]. */
+static int generate_decode(const GenerateRun *r, Tensor *latent, Tensor **image, Error *e) {
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the decoder");
+    tape_set_grad(t, false);
+    Var *img = vae_decode(t, r->vae, var_new(t, latent, false), r->grid_h, r->grid_w);
+    int rc = tape_check(t, e);
+    if (rc == 0 && !(*image = tensor_clone(img->value))) rc = error_set(e, "out of memory");
+    tape_free(t);
+    return rc;
+}
+
+/* Sample b of image [B, 3, H, W] as 8-bit RGB the official way: ((x + 1) / 2) clipped to
+ * [0, 1], times 255, truncated (NaN becomes 0). */
+static void generate_to_rgb(const Tensor *image, int64_t b, Image *out) {
+    int64_t H = image->shape[2], W = image->shape[3], plane = H * W;
+    const float *x = image->data + b * 3 * plane;
+    for (int64_t p = 0; p < plane; p++)
+        for (int c = 0; c < 3; c++) {
+            float v = (x[c * plane + p] + 1.0f) / 2.0f;
+            v = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
+            out->rgb[p * 3 + c] = (uint8_t)(v * 255.0f);
+        }
+}
+
+/* path for one image, else path with "-SEED" (or "-INDEX") before the extension. */
+static void generate_out_name(const GenerateArgs *a, const char *path, int64_t b, int64_t batch,
+                              char *name, size_t len) {
+    const char *dot = strrchr(path, '.');
+    unsigned long long tag = a->n_seeds ? (unsigned long long)a->seeds[b] : (unsigned long long)b;
+    if (batch == 1) snprintf(name, len, "%s", path);
+    else snprintf(name, len, "%.*s-%llu%s", (int)(dot - path), path, tag, dot);
+}
+
+static int generate_write_images(const GenerateArgs *a, const Tensor *image, Error *e) {
+    Image img = {0};
+    if (image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e)) return -1;
+    int rc = 0;
+    bool png = !strcmp(strrchr(a->out, '.'), ".png");
+    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+        char name[4096];
+        generate_out_name(a, a->out, b, image->shape[0], name, sizeof name);
+        generate_to_rgb(image, b, &img);
+        rc = png ? png_write(name, &img, e) : ppm_write(name, &img, e);
+        if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", name);
+    }
+    image_free(&img);
+    return rc;
+}
+
+/* ---- sampler: --compare ---- */
+
+/* The detector on images [B, 3, H, W], no gradient: its full-size mask [B, L, H, W] and each
+ * sample's max over the map at 1/4 of its input (the artifact-frequency statistic). */
+static int generate_detect(const GenerateRun *r, Tensor *image, Tensor **mask, float *maxima,
+                           Error *e) {
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the detector");
+    tape_set_grad(t, false);
+    Var *small = NULL, *m = segformer_forward(t, r->detector, var_new(t, image, false), &small);
+    int rc = tape_check(t, e);
+    if (rc == 0 && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
+    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+        size_t per = (size_t)(small->value->numel / image->shape[0]);
+        maxima[b] = max_array(per, small->value->data + b * per);
+    }
+    tape_free(t);
+    return rc;
+}
+
+/* A jet colour map channel: centre 3 red, 2 green, 1 blue; v in [0, 1] -> [0, 1]. */
+static float jet(float v, float centre) {
+    float x = 1.5f - fabsf(4.0f * v - centre);
+    return x > 0.0f ? (x < 1.0f ? x : 1.0f) : 0.0f;
+}
+
+/* src drawn into dst at (x0, y0), as itself or (heat) as the official overlay of its mask
+ * ([src.height, src.width] in [0, 1]): 0.6 jet(mask) + 0.4 image. */
+static void generate_panel(Image *dst, int x0, int y0, const Image *src, const float *heat) {
+    for (int y = 0; y < src->height; y++)
+        for (int x = 0; x < src->width; x++) {
+            const uint8_t *from = &src->rgb[((size_t)y * src->width + x) * 3];
+            uint8_t *to = &dst->rgb[((size_t)(y0 + y) * dst->width + x0 + x) * 3];
+            for (int c = 0; c < 3; c++)
+                to[c] = heat ? (uint8_t)(0.6f * 255.0f * jet(heat[(size_t)y * src->width + x],
+                                                             3.0f - c) + 0.4f * from[c])
+                             : from[c];
+        }
+}
+
+/* Row b of the comparison, 4 panels of W x H: the baseline and guided images, then each with
+ * its mask as a heat map. */
+static void generate_compare_row(Image *out, int64_t b, const Image panels[2],
+                                 Tensor *const masks[2]) {
+    int W = panels[0].width, H = panels[0].height;
+    for (int k = 0; k < 2; k++) {
+        const float *m = masks[k]->data + b * masks[k]->numel / masks[k]->shape[0];
+        generate_panel(out, k * W, (int)b * H, &panels[k], NULL);
+        generate_panel(out, (2 + k) * W, (int)b * H, &panels[k], m);
+    }
+}
+
+typedef struct GenerateProgress {
+    const GenerateArgs *args;
+    const GenerateRun *run;
+    GenerateDump *dump; /* NULL without --dump */
+    bool quiet;
+    double start;
+} GenerateProgress;
+
+/* --save-steps: DIR/step_III_x0.png, the decoded clean estimate, and where the detector ran
+ * DIR/step_III_overlay.png, its mask over it (one more VAE decode per step). */
+static int generate_save_step(const GenerateProgress *p, const SamplerStep *s, Error *e) {
+    const GenerateArgs *a = p->args;
+    Tensor *image = NULL;
+    Image img = {0}, heat = {0};
+    /* the decode only reads x0 (grad off), so the const is only set aside for var_new */
+    int rc = generate_decode(p->run, (Tensor *)s->x0, &image, e) ||
+             image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e) ||
+             image_alloc(&heat, img.width, img.height, e);
+    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+        char base[4096], name[4200];
+        generate_to_rgb(image, b, &img);
+        snprintf(base, sizeof base, "%s/step_%03d_x0.png", a->save_steps, s->index);
+        generate_out_name(a, base, b, image->shape[0], name, sizeof name);
+        rc = png_write(name, &img, e);
+        if (rc || !s->mask) continue;
+        generate_panel(&heat, 0, 0, &img, s->mask->data + b * s->mask->numel / s->mask->shape[0]);
+        snprintf(base, sizeof base, "%s/step_%03d_overlay.png", a->save_steps, s->index);
+        generate_out_name(a, base, b, image->shape[0], name, sizeof name);
+        rc = png_write(name, &heat, e);
+    }
+    image_free(&img);
+    image_free(&heat);
+    tensor_free(image);
+    return rc ? -1 : 0;
+}
+
+/* step i/N, seconds per step and the time left, on stderr; the step's tensors into the dump. */
+static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
+    GenerateProgress *p = ctx;
+    if (!p->quiet) {
+        double per = (now_seconds() - p->start) / (s->index + 1);
+        fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n",
+                s->index + 1, s->steps, s->sigma, s->lambda, per, per * (s->steps - s->index - 1));
+    }
+    if (p->args->save_steps && generate_save_step(p, s, e)) return -1;
+    GenerateDump *d = p->dump;
+    if (!d) return 0;
+    const int64_t one = 1;
+    char name[64];
+    snprintf(name, sizeof name, "step.%d.sigma", s->index);
+    if (generate_dump_add(d, name, &s->sigma, 1, &one, e)) return -1;
+    snprintf(name, sizeof name, "step.%d.lambda", s->index);
+    if (generate_dump_add(d, name, &s->lambda, 1, &one, e) ||
+        generate_dump_tensor(d, s->index, "x_t", s->x_t, e) ||
+        generate_dump_tensor(d, s->index, "v", s->v, e) ||
+        generate_dump_tensor(d, s->index, "x0", s->x0, e) ||
+        (s->mask && generate_dump_tensor(d, s->index, "mask", s->mask, e)) ||
+        (s->grad && generate_dump_tensor(d, s->index, "grad", s->grad, e)))
+        return -1;
+    return 0;
+}
+
+/* The baseline from the same initial latent and prompt, then baseline | guided | heat maps, one
+ * row per image, into --compare; the detector max of both on stdout. */
+static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initial,
+                            Tensor *guided, Error *e) {
+    SamplerOptions plain = a->opt;
+    plain.guide = false;
+    GenerateArgs plain_args = *a;
+    plain_args.save_steps = NULL; /* the steps saved are the guided run's */
+    GenerateProgress progress = {&plain_args, r, NULL, a->quiet, now_seconds()};
+    if (!a->quiet) fprintf(stderr, "baseline:\n");
+    int64_t B = initial->shape[0], H = guided->shape[2], W = guided->shape[3];
+    Tensor *baseline = NULL, *masks[2] = {NULL, NULL};
+    float *maxima = calloc(2 * (size_t)B, sizeof *maxima);
+    Image out = {0}, panels[2] = {{0}, {0}};
+    int rc = maxima ? 0 : error_set(e, "out of memory");
+    if (rc == 0)
+        rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, initial, r->grid_h, r->grid_w,
+                         generate_on_step, &progress, e) ||
+             generate_decode(r, initial, &baseline, e) ||
+             generate_detect(r, baseline, &masks[0], maxima, e) ||
+             generate_detect(r, guided, &masks[1], maxima + B, e) ||
+             image_alloc(&out, (int)(4 * W), (int)(B * H), e) ||
+             image_alloc(&panels[0], (int)W, (int)H, e) ||
+             image_alloc(&panels[1], (int)W, (int)H, e);
+    for (int64_t b = 0; rc == 0 && b < B; b++) {
+        generate_to_rgb(baseline, b, &panels[0]);
+        generate_to_rgb(guided, b, &panels[1]);
+        generate_compare_row(&out, b, panels, masks);
+        printf("image %lld: detector max %.4f (baseline) -> %.4f (guided)\n",
+                (long long)b, maxima[b], maxima[B + b]);
+    }
+    if (rc == 0)
+        rc = !strcmp(strrchr(a->compare, '.'), ".png") ? png_write(a->compare, &out, e)
+                                                       : ppm_write(a->compare, &out, e);
+    if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", a->compare);
+    image_free(&out);
+    image_free(&panels[0]);
+    image_free(&panels[1]);
+    tensor_free(baseline);
+    tensor_free(masks[0]);
+    tensor_free(masks[1]);
+    free(maxima);
+    return rc ? -1 : 0;
+}
+
+/* Sampling, the image files, the comparison and the dump. */
+static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    GenerateDump dump = {0};
+    GenerateProgress progress = {a, r, a->dump ? &dump : NULL, a->quiet, now_seconds()};
+    Tensor *image = NULL, *initial = a->compare ? tensor_clone(r->latent) : NULL;
+    if (a->compare && !initial) return error_set(e, "out of memory for the baseline latent");
+    int rc = sampler_run(r->flow, r->vae, r->detector, &a->opt, r->txt, r->latent, r->grid_h,
+                         r->grid_w, generate_on_step, &progress, e) ||
+             generate_decode(r, r->latent, &image, e) || generate_write_images(a, image, e) ||
+             (a->compare && generate_compare(a, r, initial, image, e));
+    tensor_free(initial);
+    if (rc == 0 && a->dump)
+        rc = generate_dump_add(&dump, "final.latent", r->latent->data, r->latent->ndim,
+                               r->latent->shape, e) ||
+             generate_dump_add(&dump, "final.image", image->data, image->ndim, image->shape, e) ||
+             st_write(a->dump, dump.items, dump.n, e);
+    tensor_free(image);
+    generate_dump_free(&dump);
+    return rc ? -1 : 0;
+}
+
+/* diamond generate ...: 0 on success, 2 for a bad command line, 1 for anything else. */
+static int generate_main(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            fputs(generate_usage, stdout);
+            return 0;
+        }
+    GenerateArgs a;
+    GenerateRun r = {0};
+    Error e = {{0}};
+    if (generate_parse(argc, argv, &a, &e)) {
+        fprintf(stderr, "diamond generate: %s\n", e.msg);
+        return 2;
+    }
+    int rc = generate_load(&a, &r, &e);
+    if (rc == 0 && generate_sample(&a, &r, &e)) rc = 1;
+    if (rc) fprintf(stderr, "diamond generate: %s\n", e.msg);
+    generate_run_free(&r);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "generate")) return generate_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
+        if (argc >= 3 && !strcmp(argv[2], "flux2")) return bench_flux2(argc, argv);
         fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n",
                 argc >= 3 ? argv[2] : "");
         return 2;

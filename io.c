@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1501,6 +1502,8 @@ struct StModel {
     size_t *tensor_shard; /* the shard each tensor lives in */
     size_t count;
     NameTable names; /* name -> index into tensors */
+    StTensor *synthetic; /* st_model_random's tensors (their names owned), else NULL */
+    uint64_t seed;
 };
 
 static int st_model_index_names(StModel *m, Error *e) {
@@ -1650,6 +1653,8 @@ int st_model_open(StModel **out, const char *path, Error *e) {
 
 void st_model_close(StModel *m) {
     if (!m) return;
+    for (size_t i = 0; m->synthetic && i < m->count; i++) free((char *)m->synthetic[i].name);
+    free(m->synthetic);
     for (size_t i = 0; i < m->shard_count; i++) st_close(m->shards[i]);
     free(m->shards);
     free(m->tensors);
@@ -1672,12 +1677,86 @@ const StTensor *st_model_find(const StModel *m, const char *name) {
     return name_table_find(&m->names, name, &i) ? m->tensors[i] : NULL;
 }
 
+/* ---- synthetic models ---- */
+
+/* splitmix64's finaliser: every input bit reaches every output bit. */
+static uint64_t mix64(uint64_t x) {
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9u;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBu;
+    return x ^ (x >> 31);
+}
+
+/* The values of a synthetic tensor: element i from a hash of (seed, name, i) alone, so any
+ * element can be made independently, in any order, by any thread. */
+static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64_t n, Error *e) {
+    char buf[PRINTABLE_BYTES];
+    if (n != t->numel)
+        return error_set(e, "%s: tensor '%s' has %lld elements, %lld requested", m->path,
+                         printable(t->name, buf, sizeof buf), (long long)t->numel, (long long)n);
+    uint64_t key = mix64(name_hash(t->name) ^ mix64(m->seed));
+    bool matrix = t->ndim >= 2;
+    float scale = matrix ? 1.0f / sqrtf((float)t->shape[t->ndim - 1]) : 0.1f;
+    float offset = matrix ? 0.0f : 1.0f;
+    #pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; i++) {
+        /* the top 24 bits -> uniform in [-1, 1), exact in float */
+        float u = (float)(mix64(key + (uint64_t)i * 0x9E3779B97F4A7C15u) >> 40) / 8388608.0f - 1.0f;
+        dst[i] = offset + scale * u;
+    }
+    return 0;
+}
+
+/* Checks one spec and makes its tensor (name copied). */
+static int st_random_tensor(const char *path, const StTensorSpec *spec, size_t i, StTensor *t,
+                            Error *e) {
+    if (!spec->name) return error_set(e, "%s: tensor %zu has no name", path, i);
+    char buf[PRINTABLE_BYTES];
+    if (spec->ndim < 0 || spec->ndim > ST_MAX_DIMS)
+        return error_set(e, "%s: tensor '%s' has %d dims, expected 0 .. %d", path,
+                         printable(spec->name, buf, sizeof buf), spec->ndim, ST_MAX_DIMS);
+    *t = (StTensor){.dtype = DTYPE_F32, .ndim = spec->ndim, .numel = 1};
+    for (int d = 0; d < spec->ndim; d++) {
+        int64_t size = spec->shape[d];
+        if (size < 0 || (size > 0 && t->numel > INT64_MAX / 4 / size))
+            return error_set(e, "%s: tensor '%s' has a negative or too large shape", path,
+                             printable(spec->name, buf, sizeof buf));
+        t->shape[d] = size;
+        t->numel *= size;
+    }
+    t->name = strdup(spec->name);
+    return t->name ? 0 : error_set(e, "%s: out of memory", path);
+}
+
+int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed, Error *e) {
+    *out = NULL;
+    char path[64];
+    snprintf(path, sizeof path, "random model (seed %llu)", (unsigned long long)seed);
+    StModel *m = calloc(1, sizeof *m);
+    int rc = m && (m->path = strdup(path)) && st_model_alloc(m, 0, n, e) == 0 &&
+                     (m->synthetic = calloc(n ? n : 1, sizeof *m->synthetic))
+                 ? 0
+                 : error_set(e, "%s: out of memory", path);
+    if (m) m->seed = seed;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        rc = st_random_tensor(path, &specs[i], i, &m->synthetic[i], e);
+        if (rc == 0) m->tensors[m->count++] = &m->synthetic[i];
+    }
+    if (rc == 0) rc = st_model_index_names(m, e);
+    if (rc) {
+        st_model_close(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
 int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n, Error *e) {
     size_t i;
     if (!name_table_find(&m->names, name, &i)) {
         char buf[PRINTABLE_BYTES];
         return error_set(e, "%s: no tensor named '%s'", m->path, printable(name, buf, sizeof buf));
     }
+    if (m->synthetic) return st_random_read(m, &m->synthetic[i], dst, n, e);
     return tensor_read_f32(m->tensors[i], st_path(m->shards[m->tensor_shard[i]]), dst, n, e);
 }
 

@@ -177,6 +177,22 @@ int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n,
 size_t st_model_shard_count(const StModel *m);
 const SafeTensors *st_model_shard(const StModel *m, size_t i);
 
+/* The name and shape of one tensor of a synthetic model. */
+typedef struct StTensorSpec {
+    const char *name;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+} StTensorSpec;
+
+/* A model made from names and shapes alone, to run a model without its files (timings, memory):
+ * no storage is allocated for the weights. Its tensors are F32 with data NULL and nbytes 0, and it
+ * has no shards, so ONLY st_model_read_f32 may read them: it makes each value on the fly from a
+ * hash of (seed, tensor name, element index), the same on every read: uniform(-1, 1) / sqrt(last
+ * dim) for tensors of two or more dims (products keep activations O(1)), 1 + 0.1 uniform(-1, 1)
+ * for the others (norm weights and variances stay positive). Names are copied; a repeated name,
+ * a negative dim or more than ST_MAX_DIMS dims is an error. */
+int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed, Error *e);
+
 /* ---- images ----------------------------------------------------------------------------- */
 
 /* Readers refuse images wider or taller than this, writers too. */

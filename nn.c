@@ -112,9 +112,13 @@ void norm_free(NormParams *n) {
 /* ---- section: flux2 ----------------------------------------------------------------------------
  * Written from diffusers' transformer_flux2.py. One call: the conditioning (timestep embedding and
  * the modulations every block shares) is computed once for the batch; then the input projections,
- * each double-stream block, each single-stream block and the output layers run in turn, each with
- * its weights converted from the mapped files just before and freed just after, one batch item at
- * a time on a short no-grad tape. Hidden states live between parts as plain tensors. */
+ * each double-stream block, each single-stream block and the output layers run in turn. Each runs
+ * in parts (a block's attention inputs, then its outputs and feed-forwards) whose weights are
+ * converted from the mapped files just before and freed just after, on short no-grad tapes, one
+ * batch item and, for the token-wise layers, one chunk of tokens at a time. Hidden states live
+ * between parts as plain tensors. Peak memory is one part's weights plus a few [tokens, dim]
+ * tensors: for klein-4B about 0.38 GB of f32 weights and, at 4096 + 512 tokens, 0.5 GB of
+ * activations. */
 
 
 struct Flux2 {
@@ -165,10 +169,8 @@ static int flux2_config_rope(const JsonValue *root, Flux2Config *c, Error *e) {
     return 0;
 }
 
-static int flux2_config_read(Flux2Config *c, const char *dir, Error *e) {
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return error_set(e, "path too long: %s", dir);
+/* path: a transformer/config.json */
+static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
     JsonDoc *doc;
     if (json_parse_file(&doc, path, e)) return -1;
     const JsonValue *root = json_root(doc);
@@ -205,12 +207,26 @@ static int flux2_config_read(Flux2Config *c, const char *dir, Error *e) {
 
 #define FLUX2_MAX_PART_TENSORS 16
 
-/* The tensors of one part of the model (a block, the conditioning, ...), converted to f32 for as
- * long as the part runs and freed together. With check_only set, names and shapes are verified and
- * nothing is read: flux2_load checks the whole model this way. */
+/* What flux2_weight does with each tensor a part names. */
+typedef enum Flux2PartMode {
+    FLUX2_CONVERT, /* read it into an f32 tensor the part owns */
+    FLUX2_CHECK,   /* verify its name and shape in the files, read nothing: flux2_load */
+    FLUX2_LIST,    /* add its name and shape to a list: flux2_load_config_only */
+} Flux2PartMode;
+
+/* Names (owned) and shapes. */
+typedef struct Flux2SpecList {
+    StTensorSpec *specs;
+    size_t count, capacity;
+} Flux2SpecList;
+
+/* The tensors of one part of the model (a block's attention inputs, the conditioning, ...),
+ * converted to f32 for as long as the part runs and freed together; or, in the other modes, the
+ * names and shapes of those tensors, so that the load functions below define them once. */
 typedef struct Flux2Part {
     const StModel *weights;
-    bool check_only;
+    Flux2PartMode mode;
+    Flux2SpecList *list; /* FLUX2_LIST */
     int count;
     Tensor *tensors[FLUX2_MAX_PART_TENSORS];
 } Flux2Part;
@@ -236,7 +252,30 @@ static int flux2_check_tensor(const StModel *m, const char *name, int ndim, cons
                      tensor_shape_str(&got, g, sizeof g), tensor_shape_str(&want, w, sizeof w));
 }
 
-/* The tensor named by name_fmt with exactly `shape`, owned by the part (NULL when checking). */
+static void flux2_spec_list_free(Flux2SpecList *l) {
+    for (size_t i = 0; i < l->count; i++) free((char *)l->specs[i].name);
+    free(l->specs);
+}
+
+static int flux2_spec_add(Flux2SpecList *l, const char *name, int ndim, const int64_t *shape,
+                          Error *e) {
+    if (l->count == l->capacity) {
+        size_t capacity = l->capacity ? 2 * l->capacity : 64;
+        StTensorSpec *grown = realloc(l->specs, capacity * sizeof *grown);
+        if (!grown) return error_set(e, "out of memory listing the tensors");
+        l->specs = grown;
+        l->capacity = capacity;
+    }
+    StTensorSpec *spec = &l->specs[l->count];
+    *spec = (StTensorSpec){.name = strdup(name), .ndim = ndim};
+    memcpy(spec->shape, shape, (size_t)ndim * sizeof *shape);
+    if (!spec->name) return error_set(e, "out of memory listing the tensors");
+    l->count++;
+    return 0;
+}
+
+/* The tensor named by name_fmt with exactly `shape`, owned by the part (NULL when only checking
+ * or listing). */
 static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const int64_t *shape,
                         const char *name_fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
@@ -253,7 +292,9 @@ static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const in
     *out = NULL;
     if (len < 0 || (size_t)len >= sizeof name)
         return error_set(e, "tensor name too long: %s", name);
-    if (p->check_only) return flux2_check_tensor(p->weights, name, ndim, shape, e);
+    *out = NULL;
+    if (p->mode == FLUX2_CHECK) return flux2_check_tensor(p->weights, name, ndim, shape, e);
+    if (p->mode == FLUX2_LIST) return flux2_spec_add(p->list, name, ndim, shape, e);
     if (p->count == FLUX2_MAX_PART_TENSORS)
         return error_set(e, "more than %d tensors in one part of the model", p->count);
     if (param_load(p->weights, out, e, ndim, shape, "%s", name)) return -1;
@@ -261,32 +302,45 @@ static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const in
     return 0;
 }
 
-/* Everything that depends on sigma (and guidance) alone. */
-typedef struct Flux2Conditioning {
+/* The timestep (and guidance) embedding. */
+typedef struct Flux2TimeEmbed {
     Tensor *time_1, *time_2, *guidance_1, *guidance_2;
-    Tensor *mod_img, *mod_txt, *mod_single, *norm_out;
-} Flux2Conditioning;
+} Flux2TimeEmbed;
 
-static int flux2_conditioning_load(Flux2Conditioning *w, Flux2Part *p, const Flux2Config *c,
-                                   Error *e) {
+static int flux2_time_embed_load(Flux2TimeEmbed *w, Flux2Part *p, const Flux2Config *c,
+                                 Error *e) {
     const char *time = "time_guidance_embed.timestep_embedder";
     const char *guide = "time_guidance_embed.guidance_embedder";
     int d = c->dim;
-    *w = (Flux2Conditioning){0};
+    *w = (Flux2TimeEmbed){0};
     return flux2_weight(p, &w->time_1, e, SHAPE(d, c->timestep_channels), "%s.linear_1.weight",
                         time) ||
            flux2_weight(p, &w->time_2, e, SHAPE(d, d), "%s.linear_2.weight", time) ||
            (c->guidance_embeds &&
             (flux2_weight(p, &w->guidance_1, e, SHAPE(d, c->timestep_channels),
                           "%s.linear_1.weight", guide) ||
-             flux2_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide))) ||
-           flux2_weight(p, &w->mod_img, e, SHAPE(6 * d, d),
-                        "double_stream_modulation_img.linear.weight") ||
-           flux2_weight(p, &w->mod_txt, e, SHAPE(6 * d, d),
-                        "double_stream_modulation_txt.linear.weight") ||
-           flux2_weight(p, &w->mod_single, e, SHAPE(3 * d, d),
-                        "single_stream_modulation.linear.weight") ||
-           flux2_weight(p, &w->norm_out, e, SHAPE(2 * d, d), "norm_out.linear.weight");
+             flux2_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide)));
+}
+
+/* The modulations every block shares, each made from the embedding by one linear layer; their
+ * weights are converted one at a time (for klein-4B the two double-stream ones are 0.23 GB
+ * each in f32). */
+enum { FLUX2_MOD_IMG, FLUX2_MOD_TXT, FLUX2_MOD_SINGLE, FLUX2_MOD_OUT, FLUX2_MODS };
+
+static const struct {
+    const char *name;
+    int chunks; /* of dim values: the shifts, scales and gates */
+} flux2_modulations[FLUX2_MODS] = {
+    [FLUX2_MOD_IMG] = {"double_stream_modulation_img.linear.weight", 6},
+    [FLUX2_MOD_TXT] = {"double_stream_modulation_txt.linear.weight", 6},
+    [FLUX2_MOD_SINGLE] = {"single_stream_modulation.linear.weight", 3},
+    [FLUX2_MOD_OUT] = {"norm_out.linear.weight", 2},
+};
+
+static int flux2_modulation_load(Tensor **w, Flux2Part *p, const Flux2Config *c, int k,
+                                 Error *e) {
+    return flux2_weight(p, w, e, SHAPE(flux2_modulations[k].chunks * c->dim, c->dim), "%s",
+                        flux2_modulations[k].name);
 }
 
 typedef struct Flux2Embedders {
@@ -305,73 +359,104 @@ static int flux2_output_load(Tensor **proj_out, Flux2Part *p, const Flux2Config 
     return flux2_weight(p, proj_out, e, SHAPE(out, c->dim), "proj_out.weight");
 }
 
-/* Image stream (to_*, norm_*, ff) and text stream (add_*, norm_added_*, ff_context). */
-typedef struct Flux2DoubleBlock {
-    Tensor *to_q, *to_k, *to_v, *to_out, *norm_q, *norm_k, *ff_in, *ff_out;
-    Tensor *add_q, *add_k, *add_v, *to_add_out, *norm_added_q, *norm_added_k, *ff_context_in,
-        *ff_context_out;
-} Flux2DoubleBlock;
+/* The two streams of a double block (the joint sequence puts the text first). */
+enum { FLUX2_IMAGE, FLUX2_TEXT, FLUX2_STREAMS };
 
-static int flux2_double_load(Flux2DoubleBlock *w, Flux2Part *p, const Flux2Config *c, int i,
-                             Error *e) {
+/* The names of a stream's weights under transformer_blocks.N: the image stream's are to_*,
+ * norm_*, to_out.0 and ff; the text stream's add_*_proj, norm_added_*, to_add_out, ff_context. */
+typedef struct Flux2StreamNames {
+    const char *q, *k, *v, *norm_q, *norm_k, *out, *ff;
+} Flux2StreamNames;
+
+static const Flux2StreamNames flux2_stream_names[FLUX2_STREAMS] = {
+    [FLUX2_IMAGE] = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.norm_q", "attn.norm_k",
+                     "attn.to_out.0", "ff"},
+    [FLUX2_TEXT] = {"attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_q",
+                    "attn.norm_added_k", "attn.to_add_out", "ff_context"},
+};
+
+/* A stream's weights before the joint attention: Q, K, V and the per-head norms of Q and K. */
+typedef struct Flux2StreamIn {
+    Tensor *q, *k, *v, *norm_q, *norm_k;
+} Flux2StreamIn;
+
+static int flux2_stream_in_load(Flux2StreamIn *w, Flux2Part *p, const Flux2Config *c, int block,
+                                int stream, Error *e) {
+    const Flux2StreamNames *n = &flux2_stream_names[stream];
     const char *b = "transformer_blocks";
-    int d = c->dim, hd = c->head_dim, mlp = c->mlp_hidden;
-    *w = (Flux2DoubleBlock){0};
-    return flux2_weight(p, &w->to_q, e, SHAPE(d, d), "%s.%d.attn.to_q.weight", b, i) ||
-           flux2_weight(p, &w->to_k, e, SHAPE(d, d), "%s.%d.attn.to_k.weight", b, i) ||
-           flux2_weight(p, &w->to_v, e, SHAPE(d, d), "%s.%d.attn.to_v.weight", b, i) ||
-           flux2_weight(p, &w->to_out, e, SHAPE(d, d), "%s.%d.attn.to_out.0.weight", b, i) ||
-           flux2_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.attn.norm_q.weight", b, i) ||
-           flux2_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.attn.norm_k.weight", b, i) ||
-           flux2_weight(p, &w->ff_in, e, SHAPE(2 * mlp, d), "%s.%d.ff.linear_in.weight", b, i) ||
-           flux2_weight(p, &w->ff_out, e, SHAPE(d, mlp), "%s.%d.ff.linear_out.weight", b, i) ||
-           flux2_weight(p, &w->add_q, e, SHAPE(d, d), "%s.%d.attn.add_q_proj.weight", b, i) ||
-           flux2_weight(p, &w->add_k, e, SHAPE(d, d), "%s.%d.attn.add_k_proj.weight", b, i) ||
-           flux2_weight(p, &w->add_v, e, SHAPE(d, d), "%s.%d.attn.add_v_proj.weight", b, i) ||
-           flux2_weight(p, &w->to_add_out, e, SHAPE(d, d), "%s.%d.attn.to_add_out.weight", b, i) ||
-           flux2_weight(p, &w->norm_added_q, e, SHAPE(hd), "%s.%d.attn.norm_added_q.weight", b,
-                        i) ||
-           flux2_weight(p, &w->norm_added_k, e, SHAPE(hd), "%s.%d.attn.norm_added_k.weight", b,
-                        i) ||
-           flux2_weight(p, &w->ff_context_in, e, SHAPE(2 * mlp, d),
-                        "%s.%d.ff_context.linear_in.weight", b, i) ||
-           flux2_weight(p, &w->ff_context_out, e, SHAPE(d, mlp),
-                        "%s.%d.ff_context.linear_out.weight", b, i);
+    int d = c->dim, hd = c->head_dim;
+    *w = (Flux2StreamIn){0};
+    return flux2_weight(p, &w->q, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->q) ||
+           flux2_weight(p, &w->k, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->k) ||
+           flux2_weight(p, &w->v, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->v) ||
+           flux2_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_q) ||
+           flux2_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_k);
 }
 
-typedef struct Flux2SingleBlock {
-    Tensor *to_qkv_mlp, *to_out, *norm_q, *norm_k;
-} Flux2SingleBlock;
+/* A stream's weights after it: the attention output projection and the SwiGLU feed-forward. */
+typedef struct Flux2StreamOut {
+    Tensor *out, *ff_in, *ff_out;
+} Flux2StreamOut;
 
-static int flux2_single_load(Flux2SingleBlock *w, Flux2Part *p, const Flux2Config *c, int i,
-                             Error *e) {
+static int flux2_stream_out_load(Flux2StreamOut *w, Flux2Part *p, const Flux2Config *c, int block,
+                                 int stream, Error *e) {
+    const Flux2StreamNames *n = &flux2_stream_names[stream];
+    const char *b = "transformer_blocks";
+    int d = c->dim, mlp = c->mlp_hidden;
+    *w = (Flux2StreamOut){0};
+    return flux2_weight(p, &w->out, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->out) ||
+           flux2_weight(p, &w->ff_in, e, SHAPE(2 * mlp, d), "%s.%d.%s.linear_in.weight", b,
+                        block, n->ff) ||
+           flux2_weight(p, &w->ff_out, e, SHAPE(d, mlp), "%s.%d.%s.linear_out.weight", b, block,
+                        n->ff);
+}
+
+/* A single-stream block's weights before attention: the fused projection to Q, K, V and the
+ * SwiGLU's gate and up, and the per-head norms of Q and K. */
+typedef struct Flux2SingleIn {
+    Tensor *to_qkv_mlp, *norm_q, *norm_k;
+} Flux2SingleIn;
+
+static int flux2_single_in_load(Flux2SingleIn *w, Flux2Part *p, const Flux2Config *c, int i,
+                                Error *e) {
     const char *b = "single_transformer_blocks";
     int d = c->dim, hd = c->head_dim, mlp = c->mlp_hidden;
-    *w = (Flux2SingleBlock){0};
+    *w = (Flux2SingleIn){0};
     return flux2_weight(p, &w->to_qkv_mlp, e, SHAPE(3 * d + 2 * mlp, d),
                         "%s.%d.attn.to_qkv_mlp_proj.weight", b, i) ||
-           flux2_weight(p, &w->to_out, e, SHAPE(d, d + mlp), "%s.%d.attn.to_out.weight", b, i) ||
            flux2_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.attn.norm_q.weight", b, i) ||
            flux2_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.attn.norm_k.weight", b, i);
 }
 
-/* Every tensor the config implies, by name and shape, nothing converted. */
-static int flux2_check_weights(const Flux2 *m, Error *e) {
-    const Flux2Config *c = &m->config;
-    Flux2Part p = {.weights = m->weights, .check_only = true};
-    Flux2Conditioning cond;
+/* ... and after it: to_out over [attention output | SwiGLU output]. */
+static int flux2_single_out_load(Tensor **to_out, Flux2Part *p, const Flux2Config *c, int i,
+                                 Error *e) {
+    return flux2_weight(p, to_out, e, SHAPE(c->dim, c->dim + c->mlp_hidden),
+                        "single_transformer_blocks.%d.attn.to_out.weight", i);
+}
+
+/* Every tensor the config implies, by name and shape, through a part that converts nothing
+ * (mode FLUX2_CHECK or FLUX2_LIST). */
+static int flux2_walk_weights(const Flux2Config *c, Flux2Part *p, Error *e) {
+    Flux2TimeEmbed time;
     Flux2Embedders emb;
-    Tensor *proj_out;
-    if (flux2_conditioning_load(&cond, &p, c, e) || flux2_embedders_load(&emb, &p, c, e) ||
-        flux2_output_load(&proj_out, &p, c, e))
-        return -1;
-    for (int i = 0; i < c->num_layers; i++) {
-        Flux2DoubleBlock w;
-        if (flux2_double_load(&w, &p, c, i, e)) return -1;
-    }
+    Tensor *tensor;
+    if (flux2_time_embed_load(&time, p, c, e)) return -1;
+    for (int k = 0; k < FLUX2_MODS; k++)
+        if (flux2_modulation_load(&tensor, p, c, k, e)) return -1;
+    if (flux2_embedders_load(&emb, p, c, e) || flux2_output_load(&tensor, p, c, e)) return -1;
+    for (int i = 0; i < c->num_layers; i++)
+        for (int stream = 0; stream < FLUX2_STREAMS; stream++) {
+            Flux2StreamIn in;
+            Flux2StreamOut out;
+            if (flux2_stream_in_load(&in, p, c, i, stream, e) ||
+                flux2_stream_out_load(&out, p, c, i, stream, e))
+                return -1;
+        }
     for (int i = 0; i < c->num_single_layers; i++) {
-        Flux2SingleBlock w;
-        if (flux2_single_load(&w, &p, c, i, e)) return -1;
+        Flux2SingleIn in;
+        if (flux2_single_in_load(&in, p, c, i, e) || flux2_single_out_load(&tensor, p, c, i, e))
+            return -1;
     }
     return 0;
 }
@@ -386,11 +471,35 @@ static int flux2_error_context(Error *e, const char *what) {
 
 int flux2_load(Flux2 **out, const char *dir, Error *e) {
     *out = NULL;
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+        return error_set(e, "path too long: %s", dir);
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
     /* config and safetensors errors name their file; a weight's name needs the directory */
-    int status = flux2_config_read(&m->config, dir, e) || st_model_open(&m->weights, dir, e) ||
-                 (flux2_check_weights(m, e) && flux2_error_context(e, dir));
+    int status = flux2_config_read(&m->config, path, e) || st_model_open(&m->weights, dir, e);
+    if (!status) {
+        Flux2Part check = {.weights = m->weights, .mode = FLUX2_CHECK};
+        status = flux2_walk_weights(&m->config, &check, e) && flux2_error_context(e, dir);
+    }
+    if (status) {
+        flux2_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e) {
+    *out = NULL;
+    Flux2 *m = calloc(1, sizeof *m);
+    if (!m) return error_set(e, "out of memory loading %s", config_path);
+    Flux2SpecList list = {0};
+    Flux2Part names = {.mode = FLUX2_LIST, .list = &list};
+    int status = flux2_config_read(&m->config, config_path, e) ||
+                 flux2_walk_weights(&m->config, &names, e) ||
+                 st_model_random(&m->weights, list.specs, list.count, seed, e);
+    flux2_spec_list_free(&list);
     if (status) {
         flux2_free(m);
         return -1;
@@ -489,12 +598,13 @@ static void flux2_replace(Tensor **slot, Tensor *value) {
     *slot = value;
 }
 
-/* A leaf over batch item b of a tensor [B, ..] without copying: [1, ..]. */
-static Var *flux2_item(Tape *t, const Tensor *x, int b) {
-    int64_t shape[TENSOR_MAX_DIMS], per = x->numel / x->shape[0];
+/* A leaf over elements [start, start + n) of dim `dim` of x, without copying: [.., N, ..] ->
+ * [.., n, ..]. The dims before `dim` must be 1, so that the elements are contiguous. */
+static Var *flux2_view(Tape *t, const Tensor *x, int dim, int64_t start, int64_t n) {
+    int64_t shape[TENSOR_MAX_DIMS], per = x->numel / x->shape[dim];
     memcpy(shape, x->shape, sizeof shape);
-    shape[0] = 1;
-    return var_take(t, tensor_view(x->data + b * per, x->ndim, shape), false);
+    shape[dim] = n;
+    return var_take(t, tensor_view(x->data + start * per, x->ndim, shape), false);
 }
 
 /* Chunk k of batch item b of a modulation [B, n dim] as a [dim] leaf over its data. */
@@ -514,29 +624,28 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
                               Flux2Step *s, Error *e) {
     const Flux2Config *c = &m->config;
     Flux2Part part = {.weights = m->weights};
-    Flux2Conditioning w;
+    Flux2TimeEmbed w;
     Tape *t = flux2_tape();
-    int status = -1;
-    if (!t) error_set(e, "out of memory");
-    else if (!flux2_conditioning_load(&w, &part, c, e)) {
+    int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
+    Var *act = NULL;
+    if (!status) {
         int B = s->batch, C = c->timestep_channels;
         Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, B, C), w.time_1, w.time_2);
         if (guidance && c->guidance_embeds)
             temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, B, C),
                                                     w.guidance_1, w.guidance_2));
-        Var *act = ag_silu(t, temb);
-        const char *part_name = "flux2 conditioning";
-        status = flux2_result(t, ag_linear(t, act, param_var(t, w.mod_img), NULL), &s->mod_img,
-                              part_name, e) ||
-                 flux2_result(t, ag_linear(t, act, param_var(t, w.mod_txt), NULL), &s->mod_txt,
-                              part_name, e) ||
-                 flux2_result(t, ag_linear(t, act, param_var(t, w.mod_single), NULL),
-                              &s->mod_single, part_name, e) ||
-                 flux2_result(t, ag_linear(t, act, param_var(t, w.norm_out), NULL), &s->mod_out,
-                              part_name, e);
+        act = ag_silu(t, temb);
+    }
+    flux2_part_free(&part);
+    Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
+    for (int k = 0; !status && k < FLUX2_MODS; k++) {
+        Tensor *weight;
+        status = flux2_modulation_load(&weight, &part, c, k, e) ||
+                 flux2_result(t, ag_linear(t, act, param_var(t, weight), NULL), mods[k],
+                              "flux2 conditioning", e);
+        flux2_part_free(&part);
     }
     tape_free(t);
-    flux2_part_free(&part);
     return status;
 }
 
@@ -549,8 +658,8 @@ static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
     int status = flux2_embedders_load(&w, &part, &m->config, e);
     for (int b = 0; !status && b < s->batch; b++) {
         Tape *t = flux2_tape();
-        Var *x = ag_linear(t, flux2_item(t, tokens, b), param_var(t, w.x_embedder), NULL);
-        Var *y = ag_linear(t, flux2_item(t, txt, b), param_var(t, w.context_embedder), NULL);
+        Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), param_var(t, w.x_embedder), NULL);
+        Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), param_var(t, w.context_embedder), NULL);
         status = flux2_result(t, x, &img[b], "flux2 x_embedder", e) ||
                  flux2_result(t, y, &ctx[b], "flux2 context_embedder", e);
         tape_free(t);
@@ -572,16 +681,23 @@ static Var *flux2_gated(Tape *t, Var *x, Var *gate, Var *y) {
     return ag_add(t, x, ag_mul_rows(t, y, gate));
 }
 
-/* x: [1, N, dim] -> [1, N, heads, head_dim], RMS-normalised per head when norm is not NULL */
-static Var *flux2_heads(Tape *t, Var *x, Tensor *norm, int n, const Flux2Config *c) {
+/* x: [1, n, dim] -> [1, n, heads, head_dim], RMS-normalised per head when norm is not NULL */
+static Var *flux2_heads(Tape *t, Var *x, Tensor *norm, int64_t n, const Flux2Config *c) {
     Var *y = ag_reshape(t, x, 4, (int64_t[]){1, n, c->heads, c->head_dim});
     return norm ? ag_rmsnorm(t, y, param_var(t, norm), (float)c->eps) : y;
 }
 
-/* x: [1, N, dim] -> x W^T split into heads (and normalised) */
-static Var *flux2_project_heads(Tape *t, Var *x, Tensor *weight, Tensor *norm, int n,
+/* x: [1, n, dim] -> x W^T split into heads (and normalised) */
+static Var *flux2_project_heads(Tape *t, Var *x, Tensor *weight, Tensor *norm, int64_t n,
                                 const Flux2Config *c) {
     return flux2_heads(t, ag_linear(t, x, param_var(t, weight), NULL), norm, n, c);
+}
+
+/* x: [1, n, heads, head_dim], the tokens at positions pos .. pos + n - 1 of the joint sequence
+ * -> RoPE applied */
+static Var *flux2_rotate(Tape *t, Var *x, const Flux2Step *s, int64_t pos, int64_t n) {
+    return ag_rope(t, x, flux2_view(t, s->rope_cos, 0, pos, n),
+                   flux2_view(t, s->rope_sin, 0, pos, n));
 }
 
 /* x: [1, N, 2 hidden] -> silu(x[.., :hidden]) * x[.., hidden:] */
@@ -596,110 +712,278 @@ static Var *flux2_feed_forward(Tape *t, Var *x, Tensor *linear_in, Tensor *linea
     return ag_linear(t, flux2_swiglu(t, h, c->mlp_hidden), param_var(t, linear_out), NULL);
 }
 
-/* q, k, v: [1, L + T, heads, head_dim] over [text, image] -> RoPE on q and k, one attention over
- * every token: [1, L + T, dim] */
-static Var *flux2_attention(Tape *t, Var *q, Var *k, Var *v, const Flux2Step *s,
-                            const Flux2Config *c) {
-    Var *cos = var_new(t, s->rope_cos, false), *sin = var_new(t, s->rope_sin, false);
-    Var *o = ag_attention(t, ag_rope(t, q, cos, sin), ag_rope(t, k, cos, sin), v,
-                          (float)(1.0 / sqrt(c->head_dim)), false, NULL);
-    return ag_reshape(t, o, 3, (int64_t[]){1, s->txt_len + s->img_len, c->dim});
-}
+/* ---- a block in pieces ----
+ * Everything in a block but the attention works token by token, so it runs over chunks of
+ * FLUX2_CHUNK_TOKENS tokens, each on a tape of its own freed as soon as the chunk's result is
+ * copied out: the intermediates (a feed-forward's hidden layers alone are 12 dim floats per
+ * token) then take memory for one chunk, not for the whole sequence. Between the pieces live only the
+ * joint queries, keys and values, the attention output and the hidden states. A weight product
+ * gives each output element by the same sums however many rows it covers, so the result does not
+ * depend on the chunk size. */
+#define FLUX2_CHUNK_TOKENS 256
 
-/* Double-stream block on batch item b. img: [1, T, dim], txt: [1, L, dim], both updated. */
-static void flux2_double_block(Tape *t, const Flux2DoubleBlock *w, const Flux2Config *c,
-                               const Flux2Step *s, int b, Var **img, Var **txt) {
-    int L = s->txt_len, T = s->img_len;
-    Var *mi[6], *mt[6];
-    for (int k = 0; k < 6; k++) {
-        mi[k] = flux2_mod(t, s->mod_img, b, k, c->dim);
-        mt[k] = flux2_mod(t, s->mod_txt, b, k, c->dim);
+/* fn over tokens [start, start + n) on a fresh no-grad tape, for every chunk of [0, count). */
+typedef int (*Flux2ChunkFn)(Tape *t, int64_t start, int64_t n, void *ctx, Error *e);
+
+static int flux2_chunks(int64_t count, Flux2ChunkFn fn, void *ctx, Error *e) {
+    int status = 0;
+    for (int64_t start = 0; !status && start < count; start += FLUX2_CHUNK_TOKENS) {
+        int64_t n = count - start < FLUX2_CHUNK_TOKENS ? count - start : FLUX2_CHUNK_TOKENS;
+        Tape *t = flux2_tape();
+        status = t ? fn(t, start, n, ctx, e) : error_set(e, "out of memory");
+        tape_free(t);
     }
-    Var *ni = flux2_modulate(t, *img, mi[0], mi[1], c->eps);
-    Var *nt = flux2_modulate(t, *txt, mt[0], mt[1], c->eps);
-    Var *q[2] = {flux2_project_heads(t, nt, w->add_q, w->norm_added_q, L, c),
-                 flux2_project_heads(t, ni, w->to_q, w->norm_q, T, c)};
-    Var *k[2] = {flux2_project_heads(t, nt, w->add_k, w->norm_added_k, L, c),
-                 flux2_project_heads(t, ni, w->to_k, w->norm_k, T, c)};
-    Var *v[2] = {flux2_project_heads(t, nt, w->add_v, NULL, L, c),
-                 flux2_project_heads(t, ni, w->to_v, NULL, T, c)};
-    Var *o = flux2_attention(t, ag_concat(t, q, 2, 1), ag_concat(t, k, 2, 1),
-                             ag_concat(t, v, 2, 1), s, c);
-
-    Var *x = flux2_gated(t, *img, mi[2],
-                         ag_linear(t, ag_slice(t, o, 1, L, T), param_var(t, w->to_out), NULL));
-    *img = flux2_gated(t, x, mi[5],
-                       flux2_feed_forward(t, flux2_modulate(t, x, mi[3], mi[4], c->eps), w->ff_in,
-                                          w->ff_out, c));
-    Var *y = flux2_gated(t, *txt, mt[2],
-                         ag_linear(t, ag_slice(t, o, 1, 0, L), param_var(t, w->to_add_out), NULL));
-    *txt = flux2_gated(t, y, mt[5],
-                       flux2_feed_forward(t, flux2_modulate(t, y, mt[3], mt[4], c->eps),
-                                          w->ff_context_in, w->ff_context_out, c));
+    return status;
 }
 
-/* Single-stream block on batch item b. x: [1, L + T, dim] -> the same */
-static Var *flux2_single_block(Tape *t, const Flux2SingleBlock *w, const Flux2Config *c,
-                               const Flux2Step *s, int b, Var *x) {
-    int n = s->txt_len + s->img_len, d = c->dim;
-    Var *shift = flux2_mod(t, s->mod_single, b, 0, d);
-    Var *scale = flux2_mod(t, s->mod_single, b, 1, d);
-    Var *gate = flux2_mod(t, s->mod_single, b, 2, d);
-    /* [1, N, dim] -> [1, N, 3 dim + 2 mlp_hidden]: q, k, v, then the SwiGLU's gate and up */
-    Var *proj = ag_linear(t, flux2_modulate(t, x, shift, scale, c->eps),
-                          param_var(t, w->to_qkv_mlp), NULL);
-    Var *q = flux2_heads(t, ag_slice(t, proj, 2, 0, d), w->norm_q, n, c);
-    Var *k = flux2_heads(t, ag_slice(t, proj, 2, d, d), w->norm_k, n, c);
-    Var *v = flux2_heads(t, ag_slice(t, proj, 2, 2 * d, d), NULL, n, c);
-    Var *mlp = ag_slice(t, proj, 2, 3 * d, 2 * c->mlp_hidden);
-    Var *parts[2] = {flux2_attention(t, q, k, v, s, c), flux2_swiglu(t, mlp, c->mlp_hidden)};
-    Var *out = ag_linear(t, ag_concat(t, parts, 2, 2), param_var(t, w->to_out), NULL);
-    return flux2_gated(t, x, gate, out);
+/* Copies v's value [1, n, ..] into tokens [start, start + n) of dst: [1, N, ..], from column col
+ * of each token's row on. */
+static int flux2_put(Tape *t, Var *v, Tensor *dst, int64_t start, int64_t col, Error *e) {
+    if (tape_check(t, e)) return -1;
+    const Tensor *src = v->value;
+    int64_t n = src->shape[1], width = src->numel / n, row = dst->numel / dst->shape[1];
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst->data + (start + i) * row + col, src->data + i * width,
+               (size_t)width * sizeof(float));
+    return 0;
 }
 
-/* ---- the parts of a call ---- */
+/* One batch item's joint attention: q and k normalised and rotated, v;
+ * each [1, L + T, heads, head_dim] over [text, image]. */
+typedef struct Flux2Joint {
+    Tensor *q, *k, *v;
+} Flux2Joint;
 
+static int flux2_joint_alloc(Flux2Joint *a, const Flux2Step *s, const Flux2Config *c, Error *e) {
+    int64_t n = s->txt_len + s->img_len;
+    a->q = TENSOR_NEW(1, n, c->heads, c->head_dim);
+    a->k = TENSOR_NEW(1, n, c->heads, c->head_dim);
+    a->v = TENSOR_NEW(1, n, c->heads, c->head_dim);
+    return a->q && a->k && a->v ? 0 : error_set(e, "out of memory");
+}
+
+static void flux2_joint_free(Flux2Joint *a) {
+    tensor_free(a->q);
+    tensor_free(a->k);
+    tensor_free(a->v);
+}
+
+/* One attention over every token -> columns [0, dim) of dst: [1, L + T, ..] */
+static int flux2_attend(const Flux2Joint *a, const Flux2Config *c, Tensor *dst, Error *e) {
+    Tape *t = flux2_tape();
+    if (!t) return error_set(e, "out of memory");
+    Var *o = ag_attention(t, var_new(t, a->q, false), var_new(t, a->k, false),
+                          var_new(t, a->v, false), (float)(1.0 / sqrt(c->head_dim)), false, NULL);
+    int status = flux2_put(t, o, dst, 0, 0, e);
+    tape_free(t);
+    return status;
+}
+
+/* One stream of one batch item in a double block. */
+typedef struct Flux2StreamPass {
+    const Flux2Config *c;
+    const Flux2Step *s;
+    int b;
+    int64_t offset;          /* where the stream starts in the joint sequence */
+    const Tensor *x;         /* its hidden states [1, n, dim] */
+    const Tensor *mod;       /* its modulation [B, 6 dim] */
+    const Flux2StreamIn *in; /* before the attention: into joint */
+    const Flux2Joint *joint;
+    const Flux2StreamOut *out; /* after it: from o into y */
+    const Tensor *o;         /* the attention output [1, L + T, dim] */
+    Tensor *y;               /* the new hidden states [1, n, dim] */
+} Flux2StreamPass;
+
+static Flux2StreamPass flux2_stream_pass(const Flux2 *m, const Flux2Step *s, int stream, int b,
+                                         const Tensor *x) {
+    return (Flux2StreamPass){.c = &m->config, .s = s, .b = b, .x = x,
+                             .offset = stream == FLUX2_TEXT ? 0 : s->txt_len,
+                             .mod = stream == FLUX2_TEXT ? s->mod_txt : s->mod_img};
+}
+
+/* Tokens [start, start + n) of a stream -> their rows of the joint q, k, v */
+static int flux2_stream_qkv(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
+    const Flux2StreamPass *p = ctx;
+    const Flux2Config *c = p->c;
+    const Flux2StreamIn *w = p->in;
+    int64_t pos = p->offset + start;
+    Var *shift = flux2_mod(t, p->mod, p->b, 0, c->dim);
+    Var *scale = flux2_mod(t, p->mod, p->b, 1, c->dim);
+    Var *x = flux2_modulate(t, flux2_view(t, p->x, 1, start, n), shift, scale, c->eps);
+    Var *q = flux2_rotate(t, flux2_project_heads(t, x, w->q, w->norm_q, n, c), p->s, pos, n);
+    Var *k = flux2_rotate(t, flux2_project_heads(t, x, w->k, w->norm_k, n, c), p->s, pos, n);
+    Var *v = flux2_project_heads(t, x, w->v, NULL, n, c);
+    return flux2_put(t, q, p->joint->q, pos, 0, e) || flux2_put(t, k, p->joint->k, pos, 0, e) ||
+           flux2_put(t, v, p->joint->v, pos, 0, e);
+}
+
+/* Tokens [start, start + n) of a stream: x + gate * out(o), then + gate' * ff(modulate(..)) */
+static int flux2_stream_update(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
+    const Flux2StreamPass *p = ctx;
+    const Flux2Config *c = p->c;
+    Var *gate = flux2_mod(t, p->mod, p->b, 2, c->dim);
+    Var *ff_shift = flux2_mod(t, p->mod, p->b, 3, c->dim);
+    Var *ff_scale = flux2_mod(t, p->mod, p->b, 4, c->dim);
+    Var *ff_gate = flux2_mod(t, p->mod, p->b, 5, c->dim);
+    Var *o = flux2_view(t, p->o, 1, p->offset + start, n);
+    Var *x = flux2_gated(t, flux2_view(t, p->x, 1, start, n), gate,
+                         ag_linear(t, o, param_var(t, p->out->out), NULL));
+    Var *ff = flux2_feed_forward(t, flux2_modulate(t, x, ff_shift, ff_scale, c->eps),
+                                 p->out->ff_in, p->out->ff_out, c);
+    return flux2_put(t, flux2_gated(t, x, ff_gate, ff), p->y, start, 0, e);
+}
+
+/* Both streams' q, k, v, then the joint attention of each batch item into o[b]: [1, L + T, dim]. */
+static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **img,
+                                  Tensor **txt, Tensor **o, Error *e) {
+    const Flux2Config *c = &m->config;
+    Flux2Part part = {.weights = m->weights};
+    Flux2StreamIn w[FLUX2_STREAMS];
+    int status = flux2_stream_in_load(&w[FLUX2_IMAGE], &part, c, i, FLUX2_IMAGE, e) ||
+                 flux2_stream_in_load(&w[FLUX2_TEXT], &part, c, i, FLUX2_TEXT, e);
+    for (int b = 0; !status && b < s->batch; b++) {
+        Flux2Joint joint = {0};
+        status = flux2_joint_alloc(&joint, s, c, e);
+        for (int stream = 0; !status && stream < FLUX2_STREAMS; stream++) {
+            Flux2StreamPass p = flux2_stream_pass(m, s, stream, b,
+                                                  stream == FLUX2_TEXT ? txt[b] : img[b]);
+            p.in = &w[stream];
+            p.joint = &joint;
+            status = flux2_chunks(p.x->shape[1], flux2_stream_qkv, &p, e);
+        }
+        if (!status && !(o[b] = TENSOR_NEW(1, s->txt_len + s->img_len, c->dim)))
+            status = error_set(e, "out of memory");
+        if (!status) status = flux2_attend(&joint, c, o[b], e);
+        flux2_joint_free(&joint);
+    }
+    flux2_part_free(&part);
+    return status;
+}
+
+/* One stream after the attention: x[b] replaced by its new hidden states. */
+static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int stream, Tensor **x,
+                               Tensor **o, Error *e) {
+    Flux2Part part = {.weights = m->weights};
+    Flux2StreamOut w;
+    int status = flux2_stream_out_load(&w, &part, &m->config, i, stream, e);
+    for (int b = 0; !status && b < s->batch; b++) {
+        Flux2StreamPass p = flux2_stream_pass(m, s, stream, b, x[b]);
+        p.out = &w;
+        p.o = o[b];
+        p.y = tensor_new(x[b]->ndim, x[b]->shape);
+        status = !p.y ? error_set(e, "out of memory")
+                      : flux2_chunks(x[b]->shape[1], flux2_stream_update, &p, e);
+        if (status) tensor_free(p.y);
+        else flux2_replace(&x[b], p.y);
+    }
+    flux2_part_free(&part);
+    return status;
+}
+
+/* Double-stream block i: img[b]: [1, T, dim], txt[b]: [1, L, dim], both replaced. The weights
+ * are converted in three parts (both streams' q, k, v; then each stream's output projection and
+ * feed-forward), so at most one stream's feed-forward is in f32 at a time. */
 static int flux2_double_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **img,
                             Tensor **txt, Error *e) {
+    Tensor **o = calloc((size_t)s->batch, sizeof *o);
+    int status = !o ? error_set(e, "out of memory")
+                    : flux2_double_attention(m, i, s, img, txt, o, e) ||
+                          flux2_double_update(m, i, s, FLUX2_IMAGE, img, o, e) ||
+                          flux2_double_update(m, i, s, FLUX2_TEXT, txt, o, e);
+    for (int b = 0; o && b < s->batch; b++) tensor_free(o[b]);
+    free(o);
+    if (!status) return 0;
     char name[64];
     snprintf(name, sizeof name, "flux2 transformer_blocks.%d", i);
+    return flux2_error_context(e, name);
+}
+
+/* One batch item of a single-stream block. */
+typedef struct Flux2SinglePass {
+    const Flux2Config *c;
+    const Flux2Step *s;
+    int b;
+    const Tensor *x;         /* the hidden states [1, L + T, dim] */
+    const Flux2SingleIn *in; /* before the attention: into joint and hidden */
+    const Flux2Joint *joint;
+    Tensor *hidden;          /* [1, L + T, dim + mlp_hidden]: [attention output | SwiGLU output] */
+    Tensor *to_out;          /* after it: from hidden into y */
+    Tensor *y;               /* the new hidden states [1, L + T, dim] */
+} Flux2SinglePass;
+
+/* Tokens [start, start + n) -> their rows of the joint q, k, v and their SwiGLU output */
+static int flux2_single_qkv_mlp(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
+    const Flux2SinglePass *p = ctx;
+    const Flux2Config *c = p->c;
+    int d = c->dim;
+    Var *shift = flux2_mod(t, p->s->mod_single, p->b, 0, d);
+    Var *scale = flux2_mod(t, p->s->mod_single, p->b, 1, d);
+    Var *x = flux2_modulate(t, flux2_view(t, p->x, 1, start, n), shift, scale, c->eps);
+    /* [1, n, dim] -> [1, n, 3 dim + 2 mlp_hidden]: q, k, v, then the SwiGLU's gate and up */
+    Var *proj = ag_linear(t, x, param_var(t, p->in->to_qkv_mlp), NULL);
+    Var *q = flux2_heads(t, ag_slice(t, proj, 2, 0, d), p->in->norm_q, n, c);
+    Var *k = flux2_heads(t, ag_slice(t, proj, 2, d, d), p->in->norm_k, n, c);
+    Var *v = flux2_heads(t, ag_slice(t, proj, 2, 2 * d, d), NULL, n, c);
+    Var *mlp = flux2_swiglu(t, ag_slice(t, proj, 2, 3 * d, 2 * c->mlp_hidden), c->mlp_hidden);
+    return flux2_put(t, flux2_rotate(t, q, p->s, start, n), p->joint->q, start, 0, e) ||
+           flux2_put(t, flux2_rotate(t, k, p->s, start, n), p->joint->k, start, 0, e) ||
+           flux2_put(t, v, p->joint->v, start, 0, e) || flux2_put(t, mlp, p->hidden, start, d, e);
+}
+
+/* Tokens [start, start + n): x + gate * to_out(hidden) */
+static int flux2_single_update(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
+    const Flux2SinglePass *p = ctx;
+    Var *out = ag_linear(t, flux2_view(t, p->hidden, 1, start, n),
+                         param_var(t, p->to_out), NULL);
+    Var *gate = flux2_mod(t, p->s->mod_single, p->b, 2, p->c->dim);
+    return flux2_put(t, flux2_gated(t, flux2_view(t, p->x, 1, start, n), gate, out), p->y, start,
+                     0, e);
+}
+
+/* The part before to_out for every batch item: hidden[b]: [1, L + T, dim + mlp_hidden]. */
+static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq,
+                                  Tensor **hidden, Error *e) {
+    const Flux2Config *c = &m->config;
     Flux2Part part = {.weights = m->weights};
-    Flux2DoubleBlock w;
-    int status = flux2_double_load(&w, &part, &m->config, i, e);
+    Flux2SingleIn w;
+    int status = flux2_single_in_load(&w, &part, c, i, e);
     for (int b = 0; !status && b < s->batch; b++) {
-        Tape *t = flux2_tape();
-        Var *x = var_new(t, img[b], false), *y = var_new(t, txt[b], false);
-        flux2_double_block(t, &w, &m->config, s, b, &x, &y);
-        Tensor *new_img = NULL, *new_txt = NULL;
-        status = flux2_result(t, x, &new_img, name, e) || flux2_result(t, y, &new_txt, name, e);
-        tape_free(t);
-        if (status) {
-            tensor_free(new_img);
-            break;
-        }
-        flux2_replace(&img[b], new_img);
-        flux2_replace(&txt[b], new_txt);
+        Flux2Joint joint = {0};
+        Flux2SinglePass p = {.c = c, .s = s, .b = b, .x = seq[b], .in = &w, .joint = &joint};
+        hidden[b] = p.hidden = TENSOR_NEW(1, seq[b]->shape[1], c->dim + c->mlp_hidden);
+        status = !p.hidden ? error_set(e, "out of memory")
+                           : flux2_joint_alloc(&joint, s, c, e) ||
+                                 flux2_chunks(seq[b]->shape[1], flux2_single_qkv_mlp, &p, e) ||
+                                 flux2_attend(&joint, c, p.hidden, e);
+        flux2_joint_free(&joint);
     }
     flux2_part_free(&part);
     return status;
 }
 
+/* Single-stream block i: seq[b]: [1, L + T, dim], replaced. The fused input projection and
+ * to_out are converted one after the other. */
 static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
-    char name[64];
-    snprintf(name, sizeof name, "flux2 single_transformer_blocks.%d", i);
     Flux2Part part = {.weights = m->weights};
-    Flux2SingleBlock w;
-    int status = flux2_single_load(&w, &part, &m->config, i, e);
+    Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden), *to_out = NULL;
+    int status = !hidden ? error_set(e, "out of memory")
+                         : flux2_single_attention(m, i, s, seq, hidden, e) ||
+                               flux2_single_out_load(&to_out, &part, &m->config, i, e);
     for (int b = 0; !status && b < s->batch; b++) {
-        Tape *t = flux2_tape();
-        Var *x = flux2_single_block(t, &w, &m->config, s, b, var_new(t, seq[b], false));
-        Tensor *next;
-        status = flux2_result(t, x, &next, name, e);
-        tape_free(t);
-        if (!status) flux2_replace(&seq[b], next);
+        Flux2SinglePass p = {.c = &m->config, .s = s, .b = b, .x = seq[b], .hidden = hidden[b],
+                             .to_out = to_out, .y = tensor_new(seq[b]->ndim, seq[b]->shape)};
+        status = !p.y ? error_set(e, "out of memory")
+                      : flux2_chunks(seq[b]->shape[1], flux2_single_update, &p, e);
+        if (status) tensor_free(p.y);
+        else flux2_replace(&seq[b], p.y);
     }
     flux2_part_free(&part);
-    return status;
+    for (int b = 0; hidden && b < s->batch; b++) tensor_free(hidden[b]);
+    free(hidden);
+    if (!status) return 0;
+    char name[64];
+    snprintf(name, sizeof name, "flux2 single_transformer_blocks.%d", i);
+    return flux2_error_context(e, name);
 }
 
 /* txt[b]: [1, L, dim], img[b]: [1, T, dim] -> seq[b]: [1, L + T, dim], text first; frees both. */
@@ -1748,3 +2032,331 @@ Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small
 }
 
 /* ---- end section: segformer ---- */
+
+/* ---- section: sampler ------------------------------------------------------------------------ */
+
+/* g / (||g|| + eps), as the official guidance.grad_norm_eps */
+#define SAMPLER_GRAD_NORM_EPS 1e-6
+/* the focal loss's log(1 - m + eps) */
+#define SAMPLER_FOCAL_EPS 1e-6f
+
+/* One "key=value" a spec accepts: a finite number in [lo, hi], a whole one when integer. */
+typedef struct SpecKey {
+    const char *name;
+    double *value;
+    double lo, hi;
+    bool integer;
+} SpecKey;
+
+/* Reads the "key=value,key=value" list after the colon of spec into the matching keys; `what`
+ * names the option in errors ("--lambda-schedule power"). */
+static int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
+                           Error *e) {
+    while (list && *list) {
+        const char *comma = strchr(list, ',');
+        size_t len = comma ? (size_t)(comma - list) : strlen(list);
+        const char *eq = memchr(list, '=', len);
+        if (!eq) return error_set(e, "%s: expected key=value, got '%.*s'", what, (int)len, list);
+        int k = 0;
+        while (k < n_keys && !(strlen(keys[k].name) == (size_t)(eq - list) &&
+                               !strncmp(keys[k].name, list, (size_t)(eq - list))))
+            k++;
+        if (k == n_keys)
+            return error_set(e, "%s: unknown key '%.*s'", what, (int)(eq - list), list);
+        char number[64];
+        size_t nlen = len - (size_t)(eq - list) - 1;
+        char *end = number;
+        double v = NAN;
+        if (nlen > 0 && nlen < sizeof number) {
+            memcpy(number, eq + 1, nlen);
+            number[nlen] = '\0';
+            v = strtod(number, &end);
+        }
+        if (nlen == 0 || nlen >= sizeof number || *end || !isfinite(v) || v < keys[k].lo ||
+            v > keys[k].hi || (keys[k].integer && v != floor(v)))
+            return error_set(e, "%s: %s must be %s in [%g, %g], got '%.*s'", what, keys[k].name,
+                             keys[k].integer ? "a whole number" : "a number", keys[k].lo,
+                             keys[k].hi, (int)nlen, eq + 1);
+        *keys[k].value = v;
+        list = comma ? comma + 1 : NULL;
+    }
+    return 0;
+}
+
+/* The type name before the colon of spec (or all of it) as an index into names, or -1. */
+static int spec_type(const char *spec, const char *const *names, int n_names) {
+    const char *colon = strchr(spec, ':');
+    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
+    for (int i = 0; i < n_names; i++)
+        if (strlen(names[i]) == len && !strncmp(names[i], spec, len)) return i;
+    return -1;
+}
+
+static const char *spec_keys_after_colon(const char *spec) {
+    const char *colon = strchr(spec, ':');
+    return colon ? colon + 1 : NULL;
+}
+
+int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
+    static const char *const names[] = {"constant", "linear", "power", "cosine", "hard_then_exp",
+                                        "exponential"};
+    int type = spec_type(spec, names, 6);
+    if (type < 0)
+        return error_set(e, "--lambda-schedule: unknown type in '%s' (expected constant, linear, "
+                            "power, cosine, hard_then_exp or exponential)", spec);
+    LambdaSchedule v = {.type = (LambdaType)type, .start = 12.0, .end = 1.0, .power = 2.0};
+    if (v.type == LAMBDA_HARD_THEN_EXP) v.start = 30.0, v.after = 2.0;
+    if (v.type == LAMBDA_EXPONENTIAL) v.start = 30.0, v.power = 5.0;
+    bool exponential = v.type == LAMBDA_EXPONENTIAL;
+    double warmup = exponential ? 5 : 0, cooldown = exponential ? 12 : 0;
+    const double big = 1e30;
+    const SpecKey value = {"value", &v.value, -big, big, false};
+    const SpecKey start = {"start", &v.start, -big, big, false};
+    const SpecKey end = {"end", &v.end, -big, big, false};
+    const SpecKey power = {"power", &v.power, 0.0, 1e6, false};
+    const SpecKey after = {"after", &v.after, -big, big, false};
+    const SpecKey keys[6][5] = {
+        {value},
+        {start, end},
+        {start, end, power},
+        {start, end},
+        {start, after, power},
+        {start, end, power, {"warmup", &warmup, 0, 1 << 20, true},
+         {"cooldown", &cooldown, 0, 1 << 20, true}},
+    };
+    static const int n_keys[6] = {1, 2, 3, 2, 3, 5};
+    char what[64];
+    snprintf(what, sizeof what, "--lambda-schedule %s", names[type]);
+    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e))
+        return -1;
+    v.warmup = (int)warmup;
+    v.cooldown = (int)cooldown;
+    *s = v;
+    return 0;
+}
+
+/* i / (N - 1), and 0 when N = 1 (where the official code divides by zero). */
+static double lambda_progress(int i, int span) {
+    return span > 1 ? (double)i / (double)(span - 1) : 0.0;
+}
+
+double lambda_schedule_at(const LambdaSchedule *s, int i, int steps) {
+    double u = lambda_progress(i, steps);
+    switch (s->type) {
+    case LAMBDA_CONSTANT: return s->value;
+    case LAMBDA_LINEAR: return s->start * (1.0 - u) + s->end * u;
+    case LAMBDA_POWER: return s->end + (s->start - s->end) * pow(1.0 - u, s->power);
+    case LAMBDA_COSINE: return s->end + (s->start - s->end) * 0.5 * (1.0 + cos(M_PI * u));
+    case LAMBDA_HARD_THEN_EXP: {
+        if (i == 0) return s->start;
+        double t = (double)(i - 1) / (double)(steps - 2 > 1 ? steps - 2 : 1);
+        return s->after * pow(1.0 - t, s->power);
+    }
+    case LAMBDA_EXPONENTIAL: {
+        if (i < s->warmup || i >= steps - s->cooldown) return 0.0;
+        u = lambda_progress(i - s->warmup, steps - s->warmup - s->cooldown);
+        return s->end + (s->start - s->end) * pow(1.0 - u, s->power);
+    }
+    }
+    return 0.0;
+}
+
+int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e) {
+    static const char *const names[] = {"mse", "power", "focal"};
+    int type = spec_type(spec, names, 3);
+    if (type < 0)
+        return error_set(e, "--loss: unknown type in '%s' (expected mse, power or focal)", spec);
+    ArtifactLoss v = {.type = (ArtifactLossType)type, .gamma = 2.0, .alpha = 1.0};
+    /* power needs gamma > 0 for a gradient at m = 0; a negative alpha would flip the push */
+    const SpecKey keys[3][2] = {
+        {{0}},
+        {{"gamma", &v.gamma, 1e-6, 1e6, false}},
+        {{"gamma", &v.gamma, 0.0, 1e6, false}, {"alpha", &v.alpha, 1e-30, 1e30, false}},
+    };
+    static const int n_keys[3] = {0, 1, 2};
+    char what[32];
+    snprintf(what, sizeof what, "--loss %s", names[type]);
+    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e)) return -1;
+    *l = v;
+    return 0;
+}
+
+/* mask: [B, ..] -> [1]: B times the mean over everything, that is the sum of per-sample means
+ * (every sample has the same pixel count). */
+Var *artifact_loss_apply(Tape *t, const ArtifactLoss *l, Var *mask) {
+    if (!mask) return NULL; /* the op that failed has recorded why in t */
+    float batch = (float)mask->value->shape[0];
+    Var *m = ag_clamp(t, mask, 0.0f, 1.0f), *per_pixel;
+    switch (l->type) {
+    case ARTIFACT_LOSS_MSE: per_pixel = ag_pow(t, m, 2.0f); break;
+    case ARTIFACT_LOSS_POWER: per_pixel = ag_pow(t, m, (float)l->gamma); break;
+    default: {
+        Var *one_minus = ag_affine(t, m, -1.0f, 1.0f);
+        Var *log_term = ag_log(t, ag_affine(t, one_minus, 1.0f, SAMPLER_FOCAL_EPS));
+        per_pixel = ag_scale(t, ag_mul(t, ag_pow(t, one_minus, (float)l->gamma), log_term),
+                             (float)-l->alpha);
+    }
+    }
+    return ag_scale(t, ag_mean(t, per_pixel), batch);
+}
+
+double flux2_empirical_mu(int image_seq_len, int steps) {
+    const double a1 = 8.73809524e-05, b1 = 1.89833333, a2 = 0.00016927, b2 = 0.45666666;
+    double seq = image_seq_len;
+    if (image_seq_len > 4300) return a2 * seq + b2;
+    double m200 = a2 * seq + b2, m10 = a1 * seq + b1;
+    double a = (m200 - m10) / 190.0, b = m200 - 200.0 * a;
+    return a * steps + b;
+}
+
+void flux2_sigmas(int steps, int image_seq_len, float *sigmas) {
+    double shift = exp(flux2_empirical_mu(image_seq_len, steps));
+    double delta = steps > 1 ? (1.0 / steps - 1.0) / (steps - 1) : 0.0;
+    for (int i = 0; i < steps; i++) {
+        double s = i == steps - 1 ? 1.0 / steps : 1.0 + i * delta; /* numpy's linspace */
+        sigmas[i] = (float)(shift / (shift + (1.0 / s - 1.0)));
+    }
+    sigmas[steps] = 0.0f;
+}
+
+/* Everything a run's steps share. */
+typedef struct SamplerRun {
+    const Flux2 *flow;
+    const VaeDecoder *vae;
+    const Segformer *detector;
+    const SamplerOptions *o;
+    const Tensor *txt;
+    int h, w;
+    float *sigmas;            /* [steps + 1] */
+    float *sigma_b, *guide_b; /* [B] the step's sigma and the guidance scale per sample */
+    bool *shifted;            /* [B] */
+    SamplerStepFn on_step;
+    void *ctx;
+} SamplerRun;
+
+/* The detector pass on the clean estimate: mask = detector(vae_decode(x0)), and unless every
+ * sample is gated, g = dL/dx0. x0: [B, T, C] -> *mask: [B, L, H, W], *grad: [B, T, C] or NULL
+ * (no backward ran); r->shifted[b] says whether sample b passed the gate. */
+static int sampler_guidance(const SamplerRun *r, Tensor *x0, Tensor **mask, Tensor **grad,
+                            Error *e) {
+    *mask = *grad = NULL;
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the guidance tape");
+    Var *x = var_new(t, x0, true), *small = NULL;
+    Var *m = segformer_forward(t, r->detector, vae_decode(t, r->vae, x, r->h, r->w), &small);
+    Var *loss = artifact_loss_apply(t, &r->o->loss, m);
+    int rc = tape_check(t, e);
+    if (rc == 0 && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
+    int64_t B = x0->shape[0];
+    bool any = false;
+    for (int64_t b = 0; rc == 0 && b < B; b++) {
+        size_t per = (size_t)(small->value->numel / B);
+        float gate = r->o->gate;
+        r->shifted[b] = !(gate > 0.0f) || max_array(per, small->value->data + b * per) >= gate;
+        any |= r->shifted[b];
+    }
+    if (rc == 0 && any) {
+        rc = tape_backward(t, loss, e);
+        if (rc == 0 && !(*grad = x->grad ? tensor_clone(x->grad) : TENSOR_NEW(B, x0->shape[1],
+                                                                               x0->shape[2])))
+            rc = error_set(e, "out of memory");
+        for (int64_t b = 0; rc == 0 && b < B; b++) {
+            size_t per = (size_t)(x0->numel / B);
+            if (!r->shifted[b]) memset((*grad)->data + b * per, 0, per * sizeof(float));
+        }
+    }
+    tape_free(t);
+    return rc;
+}
+
+/* x += dt v, then for each shifted sample x -= lambda g / (||g|| + eps). */
+static void sampler_update(Tensor *x, const Tensor *v, float dt, float lambda, const Tensor *grad,
+                           const bool *shifted) {
+    axpy((size_t)x->numel, dt, v->data, x->data);
+    int64_t B = x->shape[0];
+    size_t per = (size_t)(x->numel / B);
+    for (int64_t b = 0; grad && b < B; b++) {
+        if (!shifted[b]) continue;
+        const float *g = grad->data + b * per;
+        double norm = 0.0;
+        for (size_t k = 0; k < per; k++) norm += (double)g[k] * g[k];
+        float scale = (float)(-(double)lambda / (sqrt(norm) + SAMPLER_GRAD_NORM_EPS));
+        axpy(per, scale, g, x->data + b * per);
+    }
+}
+
+/* x0 = x_t - sigma v, as a new tensor. */
+static Tensor *sampler_clean_estimate(const Tensor *x, const Tensor *v, float sigma) {
+    Tensor *x0 = tensor_clone(x);
+    if (x0) axpy((size_t)x0->numel, -sigma, v->data, x0->data);
+    return x0;
+}
+
+static int sampler_check(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
+                         const SamplerOptions *o, const Tensor *txt, const Tensor *latent, int h,
+                         int w, Error *e) {
+    const Flux2Config *fc = flux2_config(flow);
+    const VaeConfig *vc = vae_decoder_config(vae);
+    int packed = vc->latent_channels * vc->patch_h * vc->patch_w;
+    if (o->steps < 1) return error_set(e, "sampler: steps must be at least 1");
+    if (o->guide && !detector) return error_set(e, "sampler: guidance needs a detector");
+    if (latent->ndim != 3 || latent->shape[1] != (int64_t)h * w ||
+        latent->shape[2] != fc->in_channels)
+        return error_set(e, "sampler: latent must be [B, %d, %d] for a %dx%d token grid",
+                         h * w, fc->in_channels, h, w);
+    if (fc->in_channels != packed ||
+        fc->patch_size * fc->patch_size * fc->out_channels != fc->in_channels)
+        return error_set(e, "sampler: the flow model's %d channels do not match the VAE's %d "
+                            "packed latent channels", fc->in_channels, packed);
+    if (txt->ndim != 3 || txt->shape[0] != latent->shape[0] ||
+        txt->shape[2] != fc->joint_attention_dim)
+        return error_set(e, "sampler: prompt embeddings must be [%lld, L, %d]",
+                         (long long)latent->shape[0], fc->joint_attention_dim);
+    return 0;
+}
+
+/* One step: v, x0, the guidance when lambda_i != 0, the caller's look, the update. */
+static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
+    const SamplerOptions *o = r->o;
+    int64_t B = latent->shape[0];
+    for (int64_t b = 0; b < B; b++) r->sigma_b[b] = r->sigmas[i], r->guide_b[b] = o->guidance_scale;
+    float lambda = o->guide ? (float)lambda_schedule_at(&o->lambda, i, o->steps) : 0.0f;
+    Tensor *v = NULL, *x0 = NULL, *mask = NULL, *grad = NULL;
+    memset(r->shifted, 0, (size_t)B * sizeof *r->shifted);
+    int rc = flux2_forward(r->flow, latent, r->h, r->w, r->txt, r->sigma_b, r->guide_b, &v, e);
+    if (rc == 0 && !(x0 = sampler_clean_estimate(latent, v, r->sigmas[i])))
+        rc = error_set(e, "out of memory");
+    if (rc == 0 && lambda != 0.0f) rc = sampler_guidance(r, x0, &mask, &grad, e);
+    SamplerStep step = {i, o->steps, r->sigmas[i], r->sigmas[i + 1], lambda, latent, v, x0, mask,
+                        grad, r->shifted};
+    if (rc == 0 && r->on_step) rc = r->on_step(&step, r->ctx, e);
+    if (rc == 0)
+        sampler_update(latent, v, r->sigmas[i + 1] - r->sigmas[i], lambda, grad, r->shifted);
+    tensor_free(v);
+    tensor_free(x0);
+    tensor_free(mask);
+    tensor_free(grad);
+    return rc;
+}
+
+int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
+                const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
+                SamplerStepFn on_step, void *ctx, Error *e) {
+    if (sampler_check(flow, vae, detector, o, txt, latent, h, w, e)) return -1;
+    size_t B = (size_t)latent->shape[0];
+    SamplerRun r = {flow, vae, detector, o, txt, h, w, NULL, NULL, NULL, NULL, on_step, ctx};
+    r.sigmas = malloc(((size_t)o->steps + 1 + 2 * B) * sizeof *r.sigmas);
+    r.shifted = calloc(B, sizeof *r.shifted);
+    int rc = r.sigmas && r.shifted ? 0 : error_set(e, "out of memory");
+    if (rc == 0) {
+        r.sigma_b = r.sigmas + o->steps + 1;
+        r.guide_b = r.sigma_b + B;
+        flux2_sigmas(o->steps, h * w, r.sigmas);
+    }
+    for (int i = 0; rc == 0 && i < o->steps; i++) rc = sampler_step(&r, latent, i, e);
+    free(r.sigmas);
+    free(r.shifted);
+    return rc;
+}
+
+/* ---- end section: sampler ---- */

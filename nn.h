@@ -58,9 +58,10 @@ Var *param_var(Tape *t, Tensor *p);
 
 /* ---- section: flux2 ---------------------------------------------------------------------------
  * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin), forward
- * only. The weights stay in the mapped safetensors files: each block's tensors are converted to
- * f32 only while that block runs, so the memory a call needs is one block's weights plus the
- * activations, not the whole model in f32. */
+ * only. The weights stay in the mapped safetensors files: each part of a block (its attention
+ * inputs, each stream's output and feed-forward) is converted to f32 only while it runs, and the
+ * token-wise layers run over chunks of tokens, so the memory a call needs is one part's weights
+ * plus a few [tokens, dim] tensors, not the whole model in f32. */
 
 /* RoPE axes: the pipeline's position ids are (T, H, W, L). */
 #define FLUX2_AXES 4
@@ -84,6 +85,9 @@ typedef struct Flux2 Flux2;
  * that every tensor the config implies is there with its shape (an error names the first one that
  * is not), without converting any. */
 int flux2_load(Flux2 **out, const char *dir, Error *e);
+/* The model config_path describes, with st_model_random weights from seed instead of files (the
+ * same tensor names and shapes flux2_load checks): for timings and memory without the files. */
+int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e);
 void flux2_free(Flux2 *m);
 const Flux2Config *flux2_config(const Flux2 *m);
 
@@ -182,5 +186,95 @@ const SegformerConfig *segformer_config(const Segformer *m);
 Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small);
 
 /* ---- end section: segformer ---- */
+
+/* ---- section: sampler ------------------------------------------------------------------------
+ * DIAMOND's guided sampling (arXiv 2602.00883, as gmum/DIAMOND's FLUX.2 loop does it). Per step:
+ * the flow model's velocity v (no gradient), the clean estimate x0 = x_t - sigma v, the detector's
+ * mask on vae_decode(x0), an artifact loss L on it, g = dL/dx0 (= dL/dx_t with v held constant),
+ * and the Euler step pushed against g:
+ *     x_next = x_t + (sigma_next - sigma) v - lambda_i g / (||g|| + 1e-6)
+ * The norm is taken per sample (the official code, batch 1 only, takes it over the batch). */
+
+typedef enum LambdaType {
+    LAMBDA_CONSTANT, LAMBDA_LINEAR, LAMBDA_POWER, LAMBDA_COSINE, LAMBDA_HARD_THEN_EXP,
+    LAMBDA_EXPONENTIAL,
+} LambdaType;
+
+/* The guidance strength lambda_i of step i of N, with the official formulas (see
+ * lambda_schedule_at). Each type reads only its own fields. */
+typedef struct LambdaSchedule {
+    LambdaType type;
+    double value;             /* constant */
+    double start, end, power; /* linear, cosine (no power), power, exponential, hard_then_exp */
+    double after;             /* hard_then_exp */
+    int warmup, cooldown;     /* exponential */
+} LambdaSchedule;
+
+/* "TYPE" or "TYPE:key=value,..." (e.g. "power:start=25,end=1,power=2"); keys left out take the
+ * official config's values: constant value=0; linear, cosine start=12,end=1; power start=12,
+ * end=1,power=2; hard_then_exp start=30,after=2,power=2; exponential start=30,end=1,power=5,
+ * warmup=5,cooldown=12. An unknown type or key or a bad number is an error naming it. */
+int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e);
+/* lambda_i for 0 <= i < steps. Where the official formulas divide by zero (u = i / (N - 1) at
+ * N = 1; exponential's u = (i - warmup) / (N - warmup - cooldown - 1) with one step left in the
+ * window) u is 0: the only step gets the start value. */
+double lambda_schedule_at(const LambdaSchedule *s, int i, int steps);
+
+typedef enum ArtifactLossType { ARTIFACT_LOSS_MSE, ARTIFACT_LOSS_POWER, ARTIFACT_LOSS_FOCAL }
+    ArtifactLossType;
+
+/* On the mask m clamped to [0, 1]: mse m^2; power m^gamma; focal
+ * -alpha (1 - m)^gamma log(1 - m + 1e-6), the official weight kept as it is (it is large where
+ * m is small, the opposite of the usual focal term). */
+typedef struct ArtifactLoss {
+    ArtifactLossType type;
+    double gamma, alpha;
+} ArtifactLoss;
+
+/* "mse", "power[:gamma=G]" (default 2), "focal[:gamma=G,alpha=A]" (defaults 2 and 1). */
+int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e);
+/* mask: [B, ..] -> [1]: the sum over samples of each sample's mean over its pixels, so that a
+ * sample's gradient does not depend on the others in the batch (for B = 1, the official mean). */
+Var *artifact_loss_apply(Tape *t, const ArtifactLoss *l, Var *mask);
+
+/* FLUX.2's "empirical mu" for image_seq_len latent tokens and N steps. */
+double flux2_empirical_mu(int image_seq_len, int steps);
+/* sigmas[0 .. steps]: linspace(1, 1/N, N) shifted by exp(mu) / (exp(mu) + (1/s - 1)), computed
+ * in double and rounded to float (as the scheduler stores them), then sigmas[steps] = 0. */
+void flux2_sigmas(int steps, int image_seq_len, float *sigmas);
+
+typedef struct SamplerOptions {
+    int steps;
+    bool guide;            /* false: plain Euler sampling, the detector never runs */
+    LambdaSchedule lambda;
+    ArtifactLoss loss;
+    float guidance_scale;  /* distilled guidance for models with guidance_embeds, else unused */
+    float gate;            /* > 0: a sample whose detector max (the map at 1/4 of the detector's
+                              input) is below gate gets no shift at that step; 0: off (official) */
+} SamplerOptions;
+
+/* What one step computed, handed to the caller before the latent moves on. */
+typedef struct SamplerStep {
+    int index, steps;
+    float sigma, sigma_next, lambda;
+    const Tensor *x_t, *v, *x0; /* [B, T, C] */
+    const Tensor *mask;         /* [B, labels, H, W] the detector's mask; NULL when it did not
+                                   run (no guidance, or lambda_i = 0 as upstream skips it) */
+    const Tensor *grad;         /* [B, T, C] raw dL/dx0, zero for gated samples; NULL when no
+                                   backward ran */
+    const bool *shifted;        /* [B] whether the sample was moved along its gradient */
+} SamplerStep;
+
+/* Returns 0 to go on, or -1 with a message in e to stop the sampler. */
+typedef int (*SamplerStepFn)(const SamplerStep *step, void *ctx, Error *e);
+
+/* Runs o->steps steps on latent ([B, h*w, C] packed tokens: the initial noise in, the final
+ * latent out) with txt [B, L, joint_attention_dim]. detector may be NULL when !o->guide.
+ * on_step (may be NULL) sees every step. */
+int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
+                const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
+                SamplerStepFn on_step, void *ctx, Error *e);
+
+/* ---- end section: sampler ---- */
 
 #endif

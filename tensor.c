@@ -2236,3 +2236,203 @@ float max_array(size_t n, const float *x) {
     return max;
 }
 
+/* ---- random numbers (PyTorch's CPU generator) ------------------------------------------- */
+
+enum { MT_N = 624, MT_M = 397 };
+
+void torch_generator_seed(TorchGenerator *g, uint64_t seed) {
+    g->state[0] = (uint32_t)(seed & 0xffffffffu);
+    for (uint32_t j = 1; j < MT_N; j++)
+        g->state[j] = 1812433253u * (g->state[j - 1] ^ (g->state[j - 1] >> 30)) + j;
+    g->next = MT_N;  // the first draw regenerates the whole state, as in torch
+    g->has_cached_normal = false;
+    g->cached_normal = 0.0;
+}
+
+// Replaces all 624 words at once; word k mixes k, k + 1 and k + 397 (mod 624).
+static void mt19937_regenerate(uint32_t *state) {
+    for (int k = 0; k < MT_N; k++) {
+        uint32_t y = (state[k] & 0x80000000u) | (state[(k + 1) % MT_N] & 0x7fffffffu);
+        state[k] = state[(k + MT_M) % MT_N] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+}
+
+uint32_t torch_generator_random(TorchGenerator *g) {
+    if (g->next >= MT_N) {
+        mt19937_regenerate(g->state);
+        g->next = 0;
+    }
+    uint32_t y = g->state[g->next++];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= y >> 18;
+    return y;
+}
+
+// torch's uniform_real_distribution<float>(0, 1): the low 24 bits of one draw, in [0, 1).
+static float uniform_float(TorchGenerator *g) {
+    return (float)(torch_generator_random(g) & 0xffffffu) * (1.0f / 16777216.0f);
+}
+
+// uniform_real_distribution<double>(0, 1): the low 53 bits of random64(), which puts the first
+// of its two draws in the high word.
+static double uniform_double(TorchGenerator *g) {
+    uint64_t hi = torch_generator_random(g);
+    uint64_t lo = torch_generator_random(g);
+    uint64_t bits = ((hi << 32) | lo) & ((UINT64_C(1) << 53) - 1);
+    return (double)bits * (1.0 / 9007199254740992.0);
+}
+
+// torch's normal_distribution<double> for tensors under 16 values: Box-Muller in double, which
+// returns r cos(theta) and keeps r sin(theta) in the generator for the next scalar draw.
+static double normal_double(TorchGenerator *g) {
+    if (g->has_cached_normal) {
+        g->has_cached_normal = false;
+        return g->cached_normal;
+    }
+    const double pi = 3.14159265358979323846;
+    double u1 = uniform_double(g);
+    double u2 = uniform_double(g);
+    double r = sqrt(-2.0 * log(1.0 - u2));
+    double theta = 2.0 * pi * u1;
+    g->cached_normal = r * sin(theta);
+    g->has_cached_normal = true;
+    return r * cos(theta);
+}
+
+/* The float bits of x and back: the AVX2 kernel's log and sincos work on exponent and sign
+ * bits directly. */
+static uint32_t float_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+static float bits_float(uint32_t u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* torch's AVX2 kernel is written with separate multiplies and adds, but its compiler fused
+ * some pairs into FMAs (GCC contracts a product whose only use is an add). The fmaf calls
+ * below sit exactly where those fusions are: with any of them as a separate multiply and add,
+ * about 1 value in 600 differs from torch in the last bit. Every other step rounds to float on
+ * its own statement, so no compiler can fuse more. */
+
+/* Natural log of x in (0, 1] as torch's avx_mathfun log256_ps computes it: Cephes' polynomial
+ * on the mantissa plus the exponent times ln 2 in two parts. */
+static float cephes_logf(float x) {
+    uint32_t u = float_bits(x);
+    float e = (float)((int32_t)(u >> 23) - 0x7f);
+    e = e + 1.0f;
+    x = bits_float((u & ~0x7f800000u) | float_bits(0.5f));  // mantissa in [0.5, 1)
+    bool small = x < 0.707106781186547524f;
+    float extra = small ? x : 0.0f;
+    x = x - 1.0f;
+    e = e - (small ? 1.0f : 0.0f);
+    x = x + extra;
+    float z = x * x;
+    static const float p[9] = {7.0376836292E-2f,  -1.1514610310E-1f, 1.1676998740E-1f,
+                               -1.2420140846E-1f, +1.4249322787E-1f, -1.6668057665E-1f,
+                               +2.0000714765E-1f, -2.4999993993E-1f, +3.3333331174E-1f};
+    float y = p[0];
+    for (int k = 1; k < 9; k++) y = fmaf(y, x, p[k]);
+    y = y * x;
+    float e_low = e * -2.12194440e-4f;
+    y = fmaf(y, z, e_low);
+    y = fmaf(-z, 0.5f, y);
+    float sum = x + y;
+    return fmaf(e, 0.693359375f, sum);
+}
+
+/* sin and cos of x >= 0 as torch's avx_mathfun sincos256_ps: reduce by multiples of pi/4 in
+ * three steps, evaluate both Cephes polynomials, pick and sign them by octant. */
+static void cephes_sincosf(float x, float *s, float *c) {
+    float y = x * 1.27323954473516f;  // 4 / pi
+    int32_t j = (int32_t)y;
+    j = (j + 1) & ~1;
+    y = (float)j;
+    uint32_t sign_sin = (uint32_t)(j & 4) << 29;
+    bool sin_from_sin_poly = (j & 2) == 0;
+    x = fmaf(y, -0.78515625f, x);
+    x = fmaf(y, -2.4187564849853515625e-4f, x);
+    x = fmaf(y, -3.77489497744594108e-8f, x);
+    uint32_t sign_cos = (uint32_t)(~(j - 2) & 4) << 29;
+
+    float z = x * x;
+    float yc = 2.443315711809948E-005f;  // cos polynomial on [-pi/4, pi/4]
+    yc = fmaf(yc, z, -1.388731625493765E-003f);
+    yc = fmaf(yc, z, 4.166664568298827E-002f);
+    yc = yc * z;
+    float half_z = z * 0.5f;
+    yc = fmaf(yc, z, -half_z);
+    yc = yc + 1.0f;
+    float ys = -1.9515295891E-4f;  // sin polynomial on [-pi/4, pi/4]
+    ys = fmaf(ys, z, 8.3321608736E-3f);
+    ys = fmaf(ys, z, -1.6666654611E-1f);
+    ys = ys * z;
+    ys = fmaf(ys, x, x);
+
+    // The kernel blends with masks and adds the unused lane as +0.0, which turns -0 into +0.
+    float sin_part_s = sin_from_sin_poly ? ys : 0.0f;
+    float sin_part_c = sin_from_sin_poly ? 0.0f : yc;
+    ys = ys - sin_part_s;
+    yc = yc - sin_part_c;
+    float sin_val = sin_part_c + sin_part_s;
+    float cos_val = yc + ys;
+    *s = bits_float(float_bits(sin_val) ^ sign_sin);
+    *c = bits_float(float_bits(cos_val) ^ sign_cos);
+}
+
+// data[0..16): uniforms in [0, 1) -> normals. Pairs (j, j + 8) share one Box-Muller draw.
+static void box_muller_16(float *data) {
+    const float two_pi = (float)(2.0 * 3.14159265358979323846);
+    for (int j = 0; j < 8; j++) {
+        float u1 = 1.0f - data[j];  // (0, 1] for the log
+        float u2 = data[j + 8];
+        float log_u1 = cephes_logf(u1);
+        float radius = sqrtf(-2.0f * log_u1);
+        float theta = two_pi * u2;
+        float s, c;
+        cephes_sincosf(theta, &s, &c);
+        // torch stores fma(n, std, mean) with std 1, mean 0: adding +0 turns -0 into +0.
+        data[j] = radius * c + 0.0f;
+        data[j + 8] = radius * s + 0.0f;
+    }
+}
+
+/* torch's normal_fill for n >= 16: n uniforms, Box-Muller on whole blocks of 16; when n is not
+ * a multiple of 16, 16 fresh uniforms replace the last 16 values and are transformed again. */
+static void randn_blocks(TorchGenerator *g, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = uniform_float(g);
+    for (size_t i = 0; i + 16 <= n; i += 16) box_muller_16(out + i);
+    if (n % 16 != 0) {
+        float *tail = out + n - 16;
+        for (int i = 0; i < 16; i++) tail[i] = uniform_float(g);
+        box_muller_16(tail);
+    }
+}
+
+void torch_randn(TorchGenerator *g, float *out, size_t n) {
+    if (n >= 16) {
+        randn_blocks(g, out, n);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) out[i] = (float)normal_double(g);
+}
+
+int latent_noise_tokens(uint64_t seed, int channels, int grid_h, int grid_w, float *tokens,
+                        Error *e) {
+    size_t T = (size_t)grid_h * (size_t)grid_w, C = (size_t)channels;
+    float *x = malloc(C * T * sizeof *x);  // x: [C, T] as torch draws it
+    if (!x) return error_set(e, "latent noise: out of memory for %zu x %zu values", C, T);
+    TorchGenerator g;
+    torch_generator_seed(&g, seed);
+    torch_randn(&g, x, C * T);
+    for (size_t t = 0; t < T; t++)
+        for (size_t c = 0; c < C; c++) tokens[t * C + c] = x[c * T + t];
+    free(x);
+    return 0;
+}

@@ -197,4 +197,30 @@ void sum_channels_add(int B, int C, int HW, const float *x, float *out);
 double sum_array(size_t n, const float *x);  /* 64 chunks summed in double, then in order */
 float max_array(size_t n, const float *x);   /* NaN if any value is NaN; -inf when n == 0 */
 
+/* ---- random numbers (PyTorch's CPU generator) ------------------------------------------- */
+
+/* torch.Generator('cpu'): mt19937 plus the cached second value of its scalar Box-Muller.
+ * Seeding and drawing reproduce torch 1.13 bit for bit, so a seed gives the same initial
+ * latent as the diffusers pipelines with a CPU generator. */
+typedef struct TorchGenerator {
+    uint32_t state[624];
+    int next;                   /* index of the next word of state to temper and return */
+    bool has_cached_normal;     /* the scalar path's spare r * sin(theta), as torch keeps it */
+    double cached_normal;
+} TorchGenerator;
+
+/* manual_seed(seed): mt19937 is seeded with the low 32 bits of seed (as torch does). */
+void torch_generator_seed(TorchGenerator *g, uint64_t seed);
+/* The next raw 32-bit mt19937 draw (torch's random()). */
+uint32_t torch_generator_random(TorchGenerator *g);
+/* One torch.randn(n) call in float32 (n = numel of the whole tensor); successive calls continue
+ * the stream exactly as successive torch.randn calls on the same generator. For n >= 16 this
+ * follows torch's AVX2 kernel (its polynomial log/sincos), which x86 CPUs with AVX2 run; torch
+ * on CPUs without AVX2 (or ATEN_CPU_CAPABILITY=default) uses libm and differs in the last bits. */
+void torch_randn(TorchGenerator *g, float *out, size_t n);
+/* The Flux2 pipeline's initial latent for seed: randn((1, C, grid_h, grid_w)) from a fresh CPU
+ * generator, packed to tokens. -> tokens: [grid_h * grid_w, C]. Fails only when out of memory. */
+int latent_noise_tokens(uint64_t seed, int channels, int grid_h, int grid_w, float *tokens,
+                        Error *e);
+
 #endif

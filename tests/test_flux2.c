@@ -2,8 +2,9 @@
  *
  * Fixtures: tests/fixtures/tiny-flux2/transformer (f32, sharded, klein-like: no guidance
  * embedder), tiny-flux2-bf16 (the same weights in bf16), tiny-flux2-guidance (with a guidance
- * embedder). A 3 x 5 token grid, 7 text tokens. Broken copies for the error cases are made in a
- * fresh mkdtemp directory, removed at the end. */
+ * embedder). A 3 x 5 token grid (and a 17 x 16 one), 7 text tokens. Broken copies for the error
+ * cases are made in a fresh mkdtemp directory, removed at the end. */
+#include <math.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -81,6 +82,20 @@ static void test_golden(const SafeTensors *st) {
     }
     tensor_free(tokens2);
     tensor_free(txt2);
+
+    /* 17 x 16 image tokens: more than one of nn.c's chunks of tokens, and a chunk boundary inside
+     * each stream and inside the joint sequence. */
+    Tensor *big = golden_tensor(st, "tokens_big", SHAPE(1, 17 * 16, 16)), *v = NULL;
+    Error e = {{0}};
+    if (m && big && txt1) {
+        CHECK(flux2_forward(m, big, 17, 16, txt1, (float[]){0.4f}, NULL, &v, &e) == 0,
+              "17 x 16 grid: forward: %s", e.msg);
+        float *ref = v ? golden_load(st, "v_big", (size_t)v->numel) : NULL;
+        if (ref) check_close("17 x 16 grid, sigma 0.4", v->data, ref, (size_t)v->numel, RTOL, ATOL);
+        free(ref);
+    }
+    tensor_free(v);
+    tensor_free(big);
 
     /* The same weights rounded to bf16: the golden is computed from the rounded weights, so the
      * f32 tolerance holds. */
@@ -269,6 +284,45 @@ static void test_errors(void) {
                       "axes_dims_rope", NULL);
 }
 
+/* flux2_load_config_only: the tiny config with made-up weights loads and runs (on a grid of
+ * more than one chunk of tokens), the same seed gives the same bits, another seed others. */
+static void test_config_only(void) {
+    Flux2 *m = NULL, *same = NULL, *other = NULL;
+    Error e = {{0}};
+    CHECK(flux2_load_config_only(&m, FIXTURE "/config.json", 1, &e) == 0 &&
+              flux2_load_config_only(&same, FIXTURE "/config.json", 1, &e) == 0 &&
+              flux2_load_config_only(&other, FIXTURE "/config.json", 2, &e) == 0,
+          "config-only load: %s", e.msg);
+    Flux2 *absent = NULL;
+    CHECK(flux2_load_config_only(&absent, "tests/fixtures/absent.json", 1, &e) != 0 && !absent &&
+              strstr(e.msg, "absent.json"),
+          "a missing config is named: %s", e.msg);
+    int h = 17, w = 16;
+    Tensor *tokens = TENSOR_NEW(1, h * w, 16), *txt = TENSOR_NEW(1, 7, 24);
+    unsigned long long state = 5;
+    for (int64_t i = 0; tokens && i < tokens->numel; i++) tokens->data[i] = harness_rand(&state);
+    for (int64_t i = 0; txt && i < txt->numel; i++) txt->data[i] = harness_rand(&state);
+    Tensor *v[3] = {NULL, NULL, NULL};
+    Flux2 *models[3] = {m, same, other};
+    for (int k = 0; k < 3 && m && same && other; k++)
+        CHECK(flux2_forward(models[k], tokens, h, w, txt, (float[]){0.6f}, NULL, &v[k], &e) == 0,
+              "config-only forward %d: %s", k, e.msg);
+    if (v[0] && v[1] && v[2]) {
+        bool finite = true;
+        for (int64_t i = 0; i < v[0]->numel; i++) finite &= fabsf(v[0]->data[i]) < 1e3f;
+        size_t bytes = (size_t)v[0]->numel * sizeof(float);
+        CHECK(finite, "config-only velocity is finite and O(1): %g", v[0]->data[0]);
+        CHECK(!memcmp(v[0]->data, v[1]->data, bytes), "the same seed gives the same velocity");
+        CHECK(memcmp(v[0]->data, v[2]->data, bytes), "another seed gives another velocity");
+    }
+    for (int k = 0; k < 3; k++) {
+        tensor_free(v[k]);
+        flux2_free(models[k]);
+    }
+    tensor_free(tokens);
+    tensor_free(txt);
+}
+
 int main(void) {
     SafeTensors *st = golden_open("tests/golden/flux2.safetensors");
     if (st) {
@@ -276,5 +330,6 @@ int main(void) {
         st_close(st);
     }
     test_errors();
+    test_config_only();
     return harness_finish("test_flux2");
 }

@@ -818,6 +818,66 @@ static void test_sharded(const char *base) {
 
 /* ---- atomic writes and directories -------------------------------------------------------------- */
 
+/* st_model_random: names and shapes without files, values made on every read. */
+static void test_random_model(void) {
+    const StTensorSpec specs[] = {
+        {"blocks.0.proj.weight", 2, {3, 16}},
+        {"blocks.0.norm.weight", 1, {5}},
+        {"conv.weight", 4, {2, 3, 3, 3}},
+    };
+    StModel *m = NULL, *again = NULL, *other = NULL;
+    Error e = {{0}};
+    CHECK(st_model_random(&m, specs, 3, 7, &e) == 0, "random model (%s)", e.msg);
+    if (!m) return;
+    const StTensor *t = st_model_find(m, "conv.weight");
+    CHECK(st_model_count(m) == 3 && st_model_shard_count(m) == 0 && !st_model_shard(m, 0),
+          "3 tensors, no shards");
+    CHECK(t && t->ndim == 4 && t->shape[3] == 3 && t->numel == 54 && t->dtype == DTYPE_F32 &&
+              t->data == NULL && t->nbytes == 0 && !strcmp(st_model_at(m, 0)->name, specs[0].name),
+          "tensors by name and shape, no data");
+    CHECK(!st_model_find(m, "absent"), "absent names are not found");
+
+    float w[48], w2[48], norm[5], other_w[48];
+    bool in_range = st_model_read_f32(m, specs[0].name, w, 48, &e) == 0, varied = false;
+    for (int i = 0; i < 48; i++) {
+        in_range &= w[i] >= -0.25f && w[i] < 0.25f; /* uniform(-1, 1) / sqrt(16) */
+        varied |= w[i] != w[0];
+    }
+    CHECK(in_range && varied, "a matrix is uniform(-1, 1) / sqrt(its last dim): %g", w[0]);
+    in_range = st_model_read_f32(m, specs[1].name, norm, 5, &e) == 0;
+    for (int i = 0; i < 5; i++) in_range &= norm[i] >= 0.9f && norm[i] < 1.1f;
+    CHECK(in_range, "a vector is 1 + 0.1 uniform(-1, 1): %g", norm[0]);
+
+    /* the same seed and name give the same values whatever the rest of the model */
+    CHECK(st_model_random(&again, specs, 1, 7, &e) == 0 &&
+              st_model_read_f32(again, specs[0].name, w2, 48, &e) == 0 &&
+              !memcmp(w, w2, sizeof w) && st_model_read_f32(m, specs[0].name, w2, 48, &e) == 0 &&
+              !memcmp(w, w2, sizeof w),
+          "values repeat for the same seed and name (%s)", e.msg);
+    CHECK(st_model_random(&other, specs, 1, 8, &e) == 0 &&
+              st_model_read_f32(other, specs[0].name, other_w, 48, &e) == 0 &&
+              memcmp(w, other_w, sizeof w),
+          "another seed gives other values (%s)", e.msg);
+    CHECK(st_model_read_f32(m, specs[0].name, w, 47, &e) != 0 && contains(e.msg, "48 elements"),
+          "a wrong count is refused (%s)", e.msg);
+    CHECK(st_model_read_f32(m, "absent", w, 1, &e) != 0 && contains(e.msg, "no tensor named"),
+          "an absent name is refused (%s)", e.msg);
+    st_model_close(m);
+    st_model_close(again);
+    st_model_close(other);
+
+    const StTensorSpec twice[] = {{"x", 1, {2}}, {"x", 1, {3}}};
+    const StTensorSpec deep[] = {{"x", ST_MAX_DIMS + 1, {1}}};
+    const StTensorSpec negative[] = {{"x", 2, {2, -1}}};
+    m = NULL;
+    CHECK(st_model_random(&m, twice, 2, 1, &e) != 0 && !m && contains(e.msg, "duplicate"),
+          "a repeated name is refused (%s)", e.msg);
+    CHECK(st_model_random(&m, deep, 1, 1, &e) != 0 && !m && contains(e.msg, "dims"),
+          "too many dims are refused (%s)", e.msg);
+    CHECK(st_model_random(&m, negative, 1, 1, &e) != 0 && !m && contains(e.msg, "shape"),
+          "a negative dim is refused (%s)", e.msg);
+}
+
 static void test_atomic(const char *base) {
     char *dir = join(base, "atomic");
     mkdir(dir, 0777);
@@ -1065,6 +1125,7 @@ int main(void) {
     test_roundtrip(tmp);
     test_malformed(tmp);
     test_sharded(tmp);
+    test_random_model();
     test_atomic(tmp);
     char *images = join(tmp, "images");
     mkdir(images, 0777);
