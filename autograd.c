@@ -359,6 +359,17 @@ static void consume(Tape *t, Node *n) {
     var_release_grad(out);
 }
 
+/* Runs t's nodes in reverse, consuming them, once the output's gradient is seeded. */
+static int backward_nodes(Tape *t, Error *e) {
+    for (size_t i = t->n_nodes; i-- > 0;) {
+        Node *n = t->nodes[i];
+        if (n->out->grad && !t->failed && ensure_input_grads(t, n)) n->backward(t, n);
+        consume(t, n);
+    }
+    t->n_nodes = 0;
+    return tape_check(t, e);
+}
+
 /* Seeds out's gradient with dout and runs t's nodes in reverse, consuming them. */
 static int backward_run(Tape *t, Var *out, const Tensor *dout, Error *e) {
     if (!out->leaf && !out->producer && out->requires_grad)
@@ -373,13 +384,7 @@ static int backward_run(Tape *t, Var *out, const Tensor *dout, Error *e) {
     } else {
         for (int64_t i = 0; i < dout->numel; i++) out->grad->data[i] += dout->data[i];
     }
-    for (size_t i = t->n_nodes; i-- > 0;) {
-        Node *n = t->nodes[i];
-        if (n->out->grad && !t->failed && ensure_input_grads(t, n)) n->backward(t, n);
-        consume(t, n);
-    }
-    t->n_nodes = 0;
-    return tape_check(t, e);
+    return backward_nodes(t, e);
 }
 
 /* Checks the state common to both entry points. */
@@ -445,16 +450,36 @@ static Var *run_segment(Tape *t, Tape *scratch, CheckpointFn fn, void *ctx, Var 
     return out;
 }
 
+/* Backpropagates dy, the gradient of a checkpoint's output y, from out, fn's recomputed output.
+ * When out is a fresh result of the scratch tape, dy moves to it rather than being copied, so
+ * the two never coexist (the values are the same, so gradients stay bitwise exact). */
+static int checkpoint_seed_and_run(Tape *scratch, Var *out, Var *y, Error *e) {
+    if (out->tape != scratch || out->grad || !out->producer)
+        return backward_run(scratch, out, y->grad, e);
+    size_t bytes = tensor_bytes(y->grad);
+    account(y->tape, MEM_GRAD, bytes, false);
+    account(scratch, MEM_GRAD, bytes, true);
+    out->grad = y->grad;
+    y->grad = NULL;
+    return backward_nodes(scratch, e);
+}
+
 static void checkpoint_backward(Tape *t, Node *n) {
+    Var *y = n->out;
+    /* Every consumer of y has run its backward, and the recomputation makes y's value again:
+     * release the forward's copy first (as consume() would right after), so that nested
+     * checkpoints do not hold each boundary twice. `shape` keeps only y's shape. */
+    Tensor shape = *y->value;
+    if (!y->keep) var_release_value(y);
     Tape *scratch = tape_child(t, true);
     if (!scratch) return;
     Var *out = run_segment(t, scratch, n->p.checkpoint.fn, n->p.checkpoint.ctx, n->in);
     char a[64], b[64];
     Error e = {{0}};
-    if (out && !tensor_same_shape(out->value, n->out->value))
+    if (out && !tensor_same_shape(out->value, &shape))
         fail(t, "checkpoint: the recomputation gave %s where the forward gave %s",
-             shape_of(out, a, sizeof a), shape_of(n->out, b, sizeof b));
-    else if (out && out->requires_grad && backward_run(scratch, out, n->out->grad, &e) != 0)
+             shape_of(out, a, sizeof a), tensor_shape_str(&shape, b, sizeof b));
+    else if (out && out->requires_grad && checkpoint_seed_and_run(scratch, out, y, &e) != 0)
         fail(t, "checkpoint: %s", e.msg);
     tape_free(scratch);
 }
@@ -797,6 +822,40 @@ Var *ag_groupnorm(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
     if (rstd && record(t, y, groupnorm_node_backward, 3, (Var *[]){x, w, b}, &n)) {
         groupnorm_forward((int)p.rows, (int)p.C, (int)p.HW, groups, eps, data(x), data(w), data(b),
                           data(y), mean->data, rstd->data);
+        if (n) n->p.norm = p;
+    }
+    save(t, n, 0, mean);
+    save(t, n, 1, rstd);
+    return t->failed ? NULL : y;
+}
+
+/* in: x, w, b; saved: mean, rstd [B, groups] */
+static void groupnorm_silu_node_backward(Tape *t, Node *n) {
+    (void)t;
+    struct NormParams p = n->p.norm;
+    groupnorm_silu_backward((int)p.rows, (int)p.C, (int)p.HW, p.groups, data(n->in[0]),
+                            data(n->in[1]), data(n->in[2]), n->saved[0]->data, n->saved[1]->data,
+                            grad(n->out), grad(n->in[0]), grad(n->in[1]), grad(n->in[2]));
+}
+
+Var *ag_groupnorm_silu(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
+    const char *op = "groupnorm_silu";
+    struct NormParams p = {.groups = groups, .eps = eps};
+    if (!ready(t, op, 1, &x) || !ready_optional(t, op, w) || !ready_optional(t, op, b) ||
+        !channels_of(t, op, x, &p) || !check_vector(t, op, "weight", w, p.C) ||
+        !check_vector(t, op, "bias", b, p.C))
+        return NULL;
+    if (groups < 1 || p.C % groups)
+        return fail(t, "groupnorm_silu: %lld channels do not split into %d groups",
+                    (long long)p.C, groups);
+    Var *y = result_like(t, x);
+    int64_t stats = p.rows * groups;
+    Tensor *mean = y ? tape_tensor(t, MEM_SAVED, 1, &stats) : NULL;
+    Tensor *rstd = mean ? tape_tensor(t, MEM_SAVED, 1, &stats) : NULL;
+    Node *n = NULL;
+    if (rstd && record(t, y, groupnorm_silu_node_backward, 3, (Var *[]){x, w, b}, &n)) {
+        groupnorm_silu_forward((int)p.rows, (int)p.C, (int)p.HW, groups, eps, data(x), data(w),
+                               data(b), data(y), mean->data, rstd->data);
         if (n) n->p.norm = p;
     }
     save(t, n, 0, mean);

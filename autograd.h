@@ -118,6 +118,9 @@ Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin);
 Var *ag_layernorm(Tape *t, Var *x, Var *w, Var *b, float eps);
 /* x: [B, C, ..], w, b: [C] -> y: [B, C, ..], normalised over each group of C/groups channels */
 Var *ag_groupnorm(Tape *t, Var *x, int groups, Var *w, Var *b, float eps);
+/* SiLU(ag_groupnorm(x, ...)) as one op: keeps only x and the statistics for backward, not the
+ * normalised tensor (nor its gradient), so decoders that pair the two hold one tensor less. */
+Var *ag_groupnorm_silu(Tape *t, Var *x, int groups, Var *w, Var *b, float eps);
 /* x: [.., C], w: [C] -> y: [.., C] */
 Var *ag_rmsnorm(Tape *t, Var *x, Var *w, float eps);
 /* x: [B, C, ..]; mean, var (constant), w, b: [C] -> y: [B, C, ..] with running statistics */

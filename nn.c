@@ -1074,17 +1074,25 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * config's batch_norm_eps. */
 #define VAE_NORM_EPS 1e-6f
 
-/* Memory of a checkpointed decode with grad (f32, batch 1): every block boundary stays on the
- * tape until backward reaches it, plus one block's recomputed intermediates and gradients.
- * For the real config (block_out_channels 128, 256, 512, 512; 3 resnets per up block) at
- * 1024x1024 the boundaries are about 4.6 GB, mostly the last two stages (up block 2: three
- * 256 MB resnet outputs and a 1 GB upsampler output; up block 3: three 512 MB resnet outputs).
- * The largest block, up block 3's first resnet (256 -> 128 channels at 1024x1024), recomputes
- * and backpropagates about 7 GB more: a peak near 12 GB. Measured with tools/vae_peak.c
- * (everything scales with the pixel count): at 512x512, 1153 MB of boundaries and a tape peak
- * of 2939 MB (process peak RSS 2958 MB, weights included); at 256x256, 288 MB and 735 MB, and
- * without the checkpoints 1747 MB (about 28 GB at 1024x1024). The attention is O(N d): 512
- * channels x 128x128 tokens, no N x N matrix. */
+/* Memory of a checkpointed decode with grad (f32, batch 1). Checkpoints nest three deep (see
+ * vae_plan): stages, which end where the resolution is 4x smaller than after the next
+ * upsampler; layers (a resnet, with the upsampler before it or the head after it joined in);
+ * units (one conv path each). Only stage outputs stay across the whole decode; in backward one
+ * stage's layer outputs, one layer's unit outputs and one unit's recomputation add to them, and
+ * ag_checkpoint releases each boundary before recomputing it. The peak is in the first unit of
+ * the last stage, conv1(SiLU(norm1(up))) with up the upsampled block_out_channels[1]-channel
+ * tensor at full resolution: up and its gradient, SiLU(norm1(up)) and its gradient (one tensor
+ * each, as ag_groupnorm_silu keeps no normalised copy), conv1's output and its gradient. For the
+ * real config (block_out_channels 128, 256, 512, 512) at 1024x1024 that is 4 x 1 GB + 2 x 0.5
+ * GB, plus the stage's input and its gradient (2 x 256 MB): the 5.8 GB below. Measured with
+ * tools/vae_peak.c (random bf16 weights in the real config), the tape's peak (values + saved
+ * data + gradients) scales with the pixel count: 91 MB at 128x128, 365 MB at 256x256, 1459 MB
+ * at 512x512 (process peak RSS 1653 MB, the f32 weights included), so about 5.8 GB at
+ * 1024x1024. One level of checkpoints over the same blocks with a separate GroupNorm and SiLU
+ * peaked at 2939 MB at 512x512 (about 12 GB at 1024x1024); none at all, 1747 MB at 256x256
+ * (about 28 GB at 1024x1024). The price is time: each unit runs forward up to four times, so
+ * backward takes 5-7x the forward.
+ * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
 
 /* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
  * conv_shortcut when the channel count changes). */
@@ -1106,6 +1114,21 @@ typedef struct VaeUpBlock {
     Conv2d upsampler;    /* nearest 2x then this 3x3 conv; weight NULL in the last block */
 } VaeUpBlock;
 
+/* The checkpoint plan, made at load (see vae_layer_apply and vae_stage_apply): a layer is an
+ * optional upsampler, then a resnet or the attention, then optionally the output head. */
+typedef struct VaeLayer {
+    const VaeDecoder *model;
+    const Conv2d *upsampler;
+    const VaeResnet *resnet;
+    const VaeAttention *attention;
+    bool head;
+} VaeLayer;
+
+typedef struct VaeStage {
+    VaeLayer *layers;
+    int n_layers;
+} VaeStage;
+
 struct VaeDecoder {
     VaeConfig config;
     Tensor *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
@@ -1116,6 +1139,8 @@ struct VaeDecoder {
     VaeUpBlock up_blocks[VAE_MAX_BLOCKS];
     NormParams conv_norm_out;
     Conv2d conv_out;
+    VaeLayer *layers; /* every layer of the decoder in order, split into stages */
+    VaeStage stages[VAE_MAX_BLOCKS];
     bool checkpoint; /* see vae_decoder_set_checkpoint */
 };
 
@@ -1295,6 +1320,34 @@ static int vae_weights_load(VaeDecoder *m, const StModel *st, Error *e) {
                : 0;
 }
 
+/* Stage 0 is the mid block and up block 0's resnets; stage b > 0 starts with up block b-1's
+ * upsampler (joined to the first resnet of up block b) and holds up block b's resnets; the
+ * head joins the last layer. Every stage ends at a resolution before an upsampler, where the
+ * tensors are 4x smaller than just after it. */
+static int vae_plan(VaeDecoder *m, Error *e) {
+    const VaeConfig *c = &m->config;
+    int per_block = c->layers_per_block + 1;
+    m->layers = calloc((size_t)(3 + c->n_blocks * per_block), sizeof *m->layers);
+    if (!m->layers) return error_set(e, "out of memory loading the VAE decoder");
+    VaeLayer *l = m->layers;
+    for (int b = 0; b < c->n_blocks; b++) {
+        m->stages[b].layers = l;
+        if (b == 0) {
+            *l++ = (VaeLayer){.model = m, .resnet = &m->mid_resnets[0]};
+            if (c->mid_block_add_attention)
+                *l++ = (VaeLayer){.model = m, .attention = &m->mid_attention};
+            *l++ = (VaeLayer){.model = m, .resnet = &m->mid_resnets[1]};
+        }
+        for (int r = 0; r < per_block; r++)
+            *l++ = (VaeLayer){.model = m,
+                              .upsampler = b > 0 && r == 0 ? &m->up_blocks[b - 1].upsampler : NULL,
+                              .resnet = &m->up_blocks[b].resnets[r]};
+        m->stages[b].n_layers = (int)(l - m->stages[b].layers);
+    }
+    l[-1].head = true;
+    return 0;
+}
+
 int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
     *out = NULL;
     char path[4096];
@@ -1306,7 +1359,7 @@ int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
     JsonDoc *doc = NULL;
     StModel *st = NULL;
     int rc = json_parse_file(&doc, path, e) || vae_config_read(&m->config, json_root(doc), e) ||
-             st_model_open(&st, dir, e) || vae_weights_load(m, st, e);
+             st_model_open(&st, dir, e) || vae_weights_load(m, st, e) || vae_plan(m, e);
     json_free(doc);
     st_model_close(st);
     if (rc) {
@@ -1335,6 +1388,7 @@ void vae_decoder_free(VaeDecoder *m) {
     }
     norm_free(&m->conv_norm_out);
     conv2d_free(&m->conv_out);
+    free(m->layers);
     free(m);
 }
 
@@ -1348,19 +1402,40 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint) {
 
 /* x: [B, C, H, W] -> SiLU(GroupNorm(x)) */
 static Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
-    return ag_silu(t, ag_groupnorm(t, x, groups, param_var(t, n->weight), param_var(t, n->bias),
-                                   VAE_NORM_EPS));
+    return ag_groupnorm_silu(t, x, groups, param_var(t, n->weight), param_var(t, n->bias),
+                             VAE_NORM_EPS);
 }
 
-/* The blocks below are CheckpointFns over one input; ctx points at their weights.
- * x: [B, in, H, W] -> [B, out, H, W] */
-static Var *vae_resnet_apply(Tape *t, Var **inputs, void *ctx) {
+/* One block, through ag_checkpoint when the model asks for it. The functions only read ctx,
+ * so handing them the const weights through CheckpointFn's void * is safe. */
+static Var *vae_block(Tape *t, const VaeDecoder *m, CheckpointFn fn, const void *ctx, Var **in,
+                      int n_in) {
+    if (m->checkpoint) return ag_checkpoint(t, fn, (void *)ctx, in, n_in);
+    for (int i = 0; i < n_in; i++)
+        if (!in[i]) return NULL;
+    return fn(t, in, (void *)ctx);
+}
+
+/* The innermost checkpoints, "units": one conv path each (conv1 or conv2 after SiLU(GroupNorm),
+ * the shortcut, the upsampler, the head), so a unit's recomputation holds at most its input's
+ * gradient, one normalised tensor, the conv output and their gradients. */
+
+/* x: [B, in, H, W] -> h = conv1(SiLU(norm1(x))): [B, out, H, W] */
+static Var *vae_resnet_in_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeResnet *r = ctx;
-    Var *x = inputs[0];
-    Var *h = conv2d_apply(t, &r->conv1, vae_norm_silu(t, &r->norm1, r->groups, x));
-    h = conv2d_apply(t, &r->conv2, vae_norm_silu(t, &r->norm2, r->groups, h));
-    Var *skip = r->conv_shortcut.weight ? conv2d_apply(t, &r->conv_shortcut, x) : x;
-    return ag_add(t, skip, h);
+    return conv2d_apply(t, &r->conv1, vae_norm_silu(t, &r->norm1, r->groups, inputs[0]));
+}
+
+/* h: [B, out, H, W] -> conv2(SiLU(norm2(h))) */
+static Var *vae_resnet_mid_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeResnet *r = ctx;
+    return conv2d_apply(t, &r->conv2, vae_norm_silu(t, &r->norm2, r->groups, inputs[0]));
+}
+
+/* x: [B, in, H, W] -> conv_shortcut(x): [B, out, H, W] */
+static Var *vae_shortcut_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeResnet *r = ctx;
+    return conv2d_apply(t, &r->conv_shortcut, inputs[0]);
 }
 
 /* x: [B, C, H, W] -> x + to_out(attention(group_norm(x))), one head of C dims over the H*W
@@ -1396,11 +1471,35 @@ static Var *vae_head_apply(Tape *t, Var **inputs, void *ctx) {
                                                        m->config.norm_num_groups, inputs[0]));
 }
 
-/* One block, through ag_checkpoint when the model asks for it. The functions only read ctx,
- * so handing them the const weights through CheckpointFn's void * is safe. */
-static Var *vae_block(Tape *t, const VaeDecoder *m, CheckpointFn fn, const void *ctx, Var *x) {
-    if (m->checkpoint) return ag_checkpoint(t, fn, (void *)ctx, &x, 1);
-    return x ? fn(t, &x, (void *)ctx) : NULL;
+/* The middle checkpoints, "layers": an optional upsampler, then a resnet or the attention,
+ * then optionally the head. The upsampler joins the resnet after it, and the head the resnet
+ * before it, so that neither a 2x-upsampled tensor nor the last full-resolution resnet output
+ * is a boundary held across the stage. x: [B, C, H, W] -> [B, C', H', W'] */
+static Var *vae_layer_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeLayer *l = ctx;
+    const VaeDecoder *m = l->model;
+    Var *x = inputs[0];
+    if (l->upsampler) x = vae_block(t, m, vae_upsample_apply, l->upsampler, &x, 1);
+    if (l->attention) x = vae_block(t, m, vae_attention_apply, l->attention, &x, 1);
+    if (l->resnet) {
+        const VaeResnet *r = l->resnet;
+        Var *h = vae_block(t, m, vae_resnet_in_apply, r, &x, 1);
+        Var *skip = r->conv_shortcut.weight ? vae_block(t, m, vae_shortcut_apply, r, &x, 1) : x;
+        x = ag_add(t, skip, vae_block(t, m, vae_resnet_mid_apply, r, &h, 1));
+    }
+    if (l->head) x = vae_block(t, m, vae_head_apply, m, &x, 1);
+    return x;
+}
+
+/* The outer checkpoints, "stages": the layers between two upsamplers, at one resolution. Only
+ * stage outputs are held across the whole decode; during backward one stage's layer outputs
+ * and one layer's unit outputs add to them. */
+static Var *vae_stage_apply(Tape *t, Var **inputs, void *ctx) {
+    const VaeStage *s = ctx;
+    Var *x = inputs[0];
+    for (int i = 0; i < s->n_layers; i++)
+        x = vae_block(t, s->layers[i].model, vae_layer_apply, &s->layers[i], &x, 1);
+    return x;
 }
 
 /* tokens: [B, h*w, C*ph*pw] -> latent [B, C, h*ph, w*pw]: the FLUX.2 pipeline's
@@ -1426,16 +1525,9 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     Var *x = vae_unpack(t, m, tokens, h, w);
     if (c->use_post_quant_conv) x = conv2d_apply(t, &m->post_quant_conv, x);
     x = conv2d_apply(t, &m->conv_in, x);
-    x = vae_block(t, m, vae_resnet_apply, &m->mid_resnets[0], x);
-    if (c->mid_block_add_attention) x = vae_block(t, m, vae_attention_apply, &m->mid_attention, x);
-    x = vae_block(t, m, vae_resnet_apply, &m->mid_resnets[1], x);
-    for (int b = 0; b < c->n_blocks; b++) {
-        const VaeUpBlock *u = &m->up_blocks[b];
-        for (int r = 0; r <= c->layers_per_block; r++)
-            x = vae_block(t, m, vae_resnet_apply, &u->resnets[r], x);
-        if (u->upsampler.weight) x = vae_block(t, m, vae_upsample_apply, &u->upsampler, x);
-    }
-    return vae_block(t, m, vae_head_apply, m, x);
+    for (int s = 0; s < c->n_blocks; s++)
+        x = vae_block(t, m, vae_stage_apply, &m->stages[s], &x, 1);
+    return x;
 }
 
 /* ---- end section: vae ---- */

@@ -134,9 +134,10 @@ void vae_decoder_free(VaeDecoder *m);
  * d loss / d tokens flows back through it; weights get no gradient. */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
 const VaeConfig *vae_decoder_config(const VaeDecoder *m);
-/* On by default: each resnet, the attention, each upsampler and the output head run through
- * ag_checkpoint, so backward holds block boundaries plus one block's intermediates. Off keeps
- * every intermediate: the same gradients bit for bit, a faster backward, far more memory. */
+/* On by default: nested ag_checkpoints (stages > layers > units, see nn.c), so backward holds
+ * stage outputs plus one stage's layer outputs and one layer's intermediates; each unit's
+ * forward runs up to four times. Off keeps every intermediate: the same gradients bit for
+ * bit, a faster backward, far more memory. */
 void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
 
 /* ---- end section: vae ---- */

@@ -1830,6 +1830,113 @@ void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
     }
 }
 
+/* ---- groupnorm + silu ---- */
+
+/* u = GroupNorm(x) at one element of channel c, as groupnorm_forward computes it */
+static inline float groupnorm_value(float x, float m, float scale, float shift) {
+    return (x - m) * scale + shift;
+}
+
+/* SiLU(GroupNorm(x)) in one pass: nothing between the two is stored. */
+void groupnorm_silu_forward(int B, int C, int HW, int groups, float eps, const float *x,
+                            const float *w, const float *b, float *y, float *mean, float *rstd) {
+    int group_ch = C / groups;
+    size_t group_len = (size_t)group_ch * HW;
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
+    for (int bg = 0; bg < B * groups; bg++) {
+        const float *xg = x + (size_t)bg * group_len;
+        float *yg = y + (size_t)bg * group_len;
+        float m, s;
+        norm_stats(group_len, xg, eps, &m, &s);
+        for (int k = 0; k < group_ch; k++) {
+            int c = (bg % groups) * group_ch + k;
+            float scale = s * (w ? w[c] : 1.0f), shift = b ? b[c] : 0.0f;
+            const float *xc = xg + (size_t)k * HW;
+            float *yc = yg + (size_t)k * HW;
+            for (int i = 0; i < HW; i++) {
+                float slope, u = groupnorm_value(xc[i], m, scale, shift);
+                yc[i] = u * sigmoid_scalar(u, &slope);
+            }
+        }
+        mean[bg] = m;
+        rstd[bg] = s;
+    }
+}
+
+/* du = dy * SiLU'(u) over one channel plane of HW values, u recomputed from x and the group's
+ * statistics; returns sum(du) and sum(du * xhat) in double. */
+static void silu_grad_sums(int HW, const float *x, const float *dy, float m, float s, float scale,
+                           float shift, double *sum_du, double *sum_du_xhat) {
+    double s_du = 0.0, s_du_xhat = 0.0;
+    for (int i = 0; i < HW; i++) {
+        float slope, u = groupnorm_value(x[i], m, scale, shift);
+        float sig = sigmoid_scalar(u, &slope);
+        float du = dy[i] * (sig + u * slope);
+        s_du += du;
+        s_du_xhat += du * ((x[i] - m) * s);
+    }
+    *sum_du = s_du;
+    *sum_du_xhat = s_du_xhat;
+}
+
+/* groupnorm_backward applied to du = dy * SiLU'(u), with u recomputed from x, the statistics,
+ * w and b instead of read back: the memory of one tensor less in forward and in backward. */
+void groupnorm_silu_backward(int B, int C, int HW, int groups, const float *x, const float *w,
+                             const float *b, const float *mean, const float *rstd, const float *dy,
+                             float *dx, float *dw, float *db) {
+    int group_ch = C / groups;
+    size_t group_len = (size_t)group_ch * HW;
+    if (dx) {
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
+        for (int bg = 0; bg < B * groups; bg++) {
+            int c0 = (bg % groups) * group_ch;
+            const float *xg = x + (size_t)bg * group_len, *dyg = dy + (size_t)bg * group_len;
+            float *dxg = dx + (size_t)bg * group_len;
+            float m = mean[bg], s = rstd[bg];
+            double sum_g = 0.0, sum_g_xhat = 0.0; /* g = du * w[c] */
+            for (int k = 0; k < group_ch; k++) {
+                float wc = w ? w[c0 + k] : 1.0f, shift = b ? b[c0 + k] : 0.0f;
+                double s_du, s_du_xhat;
+                silu_grad_sums(HW, xg + (size_t)k * HW, dyg + (size_t)k * HW, m, s, s * wc, shift,
+                               &s_du, &s_du_xhat);
+                sum_g += wc * s_du;
+                sum_g_xhat += wc * s_du_xhat;
+            }
+            float mean_g = (float)(sum_g / group_len);
+            float mean_g_xhat = (float)(sum_g_xhat / group_len);
+            for (int k = 0; k < group_ch; k++) {
+                float wc = w ? w[c0 + k] : 1.0f, shift = b ? b[c0 + k] : 0.0f;
+                const float *xc = xg + (size_t)k * HW, *dyc = dyg + (size_t)k * HW;
+                float *dxc = dxg + (size_t)k * HW;
+                for (int i = 0; i < HW; i++) {
+                    float slope, u = groupnorm_value(xc[i], m, s * wc, shift);
+                    float sig = sigmoid_scalar(u, &slope);
+                    float g = dyc[i] * (sig + u * slope) * wc;
+                    float xhat = (xc[i] - m) * s;
+                    dxc[i] += s * (g - mean_g - xhat * mean_g_xhat);
+                }
+            }
+        }
+    }
+    if (!dw && !db) return;
+#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && C > 1)
+    for (int c = 0; c < C; c++) {
+        int g = c / group_ch;
+        float wc = w ? w[c] : 1.0f, shift = b ? b[c] : 0.0f;
+        double s_du = 0.0, s_du_xhat = 0.0;
+        for (int bi = 0; bi < B; bi++) {
+            size_t plane = ((size_t)bi * C + c) * HW;
+            float m = mean[(size_t)bi * groups + g], s = rstd[(size_t)bi * groups + g];
+            double a, a_xhat;
+            silu_grad_sums(HW, x + plane, dy + plane, m, s, s * wc, shift, &a, &a_xhat);
+            s_du += a;
+            s_du_xhat += a_xhat;
+        }
+        if (dw) dw[c] += (float)s_du_xhat;
+        if (db) db[c] += (float)s_du;
+    }
+}
+
 /* x < 0 ? 0 : x keeps a NaN a NaN, as torch.relu does. */
 void relu_forward(size_t n, const float *x, float *y) {
 #pragma omp parallel for if (n >= PARALLEL_MIN)

@@ -140,6 +140,14 @@ void gelu_forward(size_t n, bool tanh_approx, const float *x, float *y);
 void gelu_backward(size_t n, bool tanh_approx, const float *x, const float *dy, float *dx);
 void silu_forward(size_t n, const float *x, float *y);
 void silu_backward(size_t n, const float *x, const float *dy, float *dx);
+/* SiLU(GroupNorm(x)) fused, shapes as groupnorm_forward: backward recomputes the normalised
+ * value from x, the statistics, w and b (NULL: no affine), so neither it nor its gradient is
+ * ever stored. */
+void groupnorm_silu_forward(int B, int C, int HW, int groups, float eps, const float *x,
+                            const float *w, const float *b, float *y, float *mean, float *rstd);
+void groupnorm_silu_backward(int B, int C, int HW, int groups, const float *x, const float *w,
+                             const float *b, const float *mean, const float *rstd, const float *dy,
+                             float *dx, float *dw, float *db);
 void relu_forward(size_t n, const float *x, float *y);
 void relu_backward(size_t n, const float *x, const float *dy, float *dx);
 void sigmoid_forward(size_t n, const float *x, float *y);

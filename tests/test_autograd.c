@@ -153,6 +153,11 @@ static Var *graph_conv(Tape *t, Var **in) {
     return ag_sigmoid(t, h);
 }
 
+/* x [2, 6, 3, 5] -> SiLU(GroupNorm(x)) in 3 groups, fused. in: x, w, b [6] */
+static Var *graph_groupnorm_silu(Tape *t, Var **in) {
+    return ag_groupnorm_silu(t, in[0], 3, in[1], in[2], 1e-5f);
+}
+
 /* relu, clamp, pow, scale, affine, log, mul (with both operands the same Var), add.
  * in: a, b (away from the kinks), c (positive) [3, 17] */
 static Var *graph_pointwise(Tape *t, Var **in) {
@@ -216,7 +221,10 @@ static void test_finite_differences(void) {
     push_away(pointwise.in[1], 0.5f, 0.05f);
     GradCase structure = {"structure", graph_structure, 2, {RAND(1, 2, 3, 4, 5), RAND(1, 3, 4)},
                           {true, true}, NULL};
-    GradCase *cases[] = {&dense, &self, &cross, &conv, &pointwise, &structure};
+    GradCase gn_silu = {"groupnorm_silu", graph_groupnorm_silu, 3,
+                        {RAND(1, 2, 6, 3, 5), RAND(0.5f, 6), RAND(0.5f, 6)}, {true, true, true},
+                        NULL};
+    GradCase *cases[] = {&dense, &self, &cross, &conv, &pointwise, &structure, &gn_silu};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         check_case(cases[i]);
         free_case(cases[i]);
@@ -415,10 +423,62 @@ static void test_checkpoint(void) {
           "checkpoint with grad off: nothing recorded, only the output kept (%zu bytes)",
           s.value_bytes);
     tape_free(t);
+
+    /* backward releases a checkpoint's output before recomputing it, unless it is kept */
+    t = tape_new();
+    p = (Block){var_new(t, w1, false), var_new(t, b1, false), var_new(t, w2, false)};
+    x = var_new(t, xt, true);
+    y = ag_checkpoint(t, block, &p, &x, 1);
+    var_keep(y);
+    Tensor *before = y ? tensor_clone(y->value) : NULL;
+    Error e = {{0}};
+    int rc = y ? tape_backward(t, ag_mean(t, ag_pow(t, y, 2.0f)), &e) : -1;
+    CHECK(rc == 0 && y->value && same_bits(before, y->value),
+          "checkpoint: a kept output stays readable and unchanged after backward %s", e.msg);
+    tensor_free(before);
+    tape_free(t);
     tensor_free(xt);
     tensor_free(w1);
     tensor_free(b1);
     tensor_free(w2);
+}
+
+/* The fused op gives ag_silu(ag_groupnorm(..)) bit for bit forward, and its gradients to
+ * rounding (its backward sums in another order). */
+static void test_groupnorm_silu_matches(void) {
+    Tensor *xt = RAND(1, 2, 8, 5, 7), *wt = RAND(0.5f, 8), *bt = RAND(0.5f, 8);
+    Tensor *y[2] = {0}, *dx[2] = {0}, *dw[2] = {0};
+    for (int fused = 0; fused < 2; fused++) {
+        Tape *t = tape_new();
+        Var *x = var_new(t, xt, true), *w = var_new(t, wt, true), *b = var_new(t, bt, false);
+        Var *h = fused ? ag_groupnorm_silu(t, x, 4, w, b, 1e-6f)
+                       : ag_silu(t, ag_groupnorm(t, x, 4, w, b, 1e-6f));
+        if (h) y[fused] = tensor_clone(h->value);
+        Error e = {{0}};
+        if (!h || tape_backward(t, ag_mean(t, ag_pow(t, h, 2.0f)), &e)) {
+            CHECK(0, "groupnorm_silu (fused %d): %s", fused, e.msg);
+        } else {
+            dx[fused] = tensor_clone(x->grad);
+            dw[fused] = tensor_clone(w->grad);
+        }
+        tape_free(t);
+    }
+    CHECK(same_bits(y[0], y[1]), "groupnorm_silu: the same bits as silu(groupnorm)");
+    float diff = 0.0f;
+    for (int64_t i = 0; dx[0] && dx[1] && i < dx[0]->numel; i++)
+        diff = fmaxf(diff, fabsf(dx[0]->data[i] - dx[1]->data[i]));
+    for (int64_t i = 0; dw[0] && dw[1] && i < dw[0]->numel; i++)
+        diff = fmaxf(diff, fabsf(dw[0]->data[i] - dw[1]->data[i]));
+    CHECK(dx[0] && dx[1] && dw[0] && dw[1] && diff < 1e-6f,
+          "groupnorm_silu: gradients within %g of silu(groupnorm)'s", diff);
+    for (int i = 0; i < 2; i++) {
+        tensor_free(y[i]);
+        tensor_free(dx[i]);
+        tensor_free(dw[i]);
+    }
+    tensor_free(xt);
+    tensor_free(wt);
+    tensor_free(bt);
 }
 
 /* ---- 5. memory released by backward ------------------------------------------------------ */
@@ -514,6 +574,9 @@ static Var *op_attention_valid(Tape *t, Var **in) {
 static Var *op_rope(Tape *t, Var **in) { return ag_rope(t, in[0], in[1], in[1]); }
 static Var *op_layernorm(Tape *t, Var **in) { return ag_layernorm(t, in[0], in[1], NULL, 1e-5f); }
 static Var *op_groupnorm(Tape *t, Var **in) { return ag_groupnorm(t, in[0], 3, NULL, NULL, 1e-5f); }
+static Var *op_groupnorm_silu(Tape *t, Var **in) {
+    return ag_groupnorm_silu(t, in[0], 3, NULL, NULL, 1e-5f);
+}
 static Var *op_batchnorm(Tape *t, Var **in) {
     return ag_batchnorm_eval(t, in[0], in[1], in[1], NULL, NULL, 1e-5f);
 }
@@ -562,6 +625,8 @@ static void test_errors(void) {
                    NULL, "weight");
     expect_failure("groupnorm of 4 channels in 3 groups", op_groupnorm, 1, (Tensor *[]){img}, NULL,
                    "groups");
+    expect_failure("groupnorm_silu of 4 channels in 3 groups", op_groupnorm_silu, 1,
+                   (Tensor *[]){img}, NULL, "groups");
     expect_failure("batchnorm with running stats that require grad", op_batchnorm, 2,
                    (Tensor *[]){img, v4}, (const bool[]){false, true}, "constant");
     expect_failure("add of [2, 3] and [3, 4]", op_add, 2, (Tensor *[]){m23, m34}, NULL, "differ");
@@ -748,6 +813,7 @@ static void test_golden(void) {
 
 int main(void) {
     test_finite_differences();
+    test_groupnorm_silu_matches();
     test_structure_values();
     test_accumulation();
     test_no_grad();

@@ -161,6 +161,43 @@ static void fd_groupnorm(int B, int C, int HW, int groups, bool affine) {
     problem_free(&p);
 }
 
+static void groupnorm_silu_problem(Problem *p) {
+    groupnorm_silu_forward(p->d[0], p->d[1], p->d[2], p->d[3], p->k[0], p->in[0], p->in[1],
+                           p->in[2], p->out, p->saved[0], p->saved[1]);
+}
+
+/* The fused SiLU(GroupNorm(x)): the same sizes as fd_groupnorm's */
+static void fd_groupnorm_silu(int B, int C, int HW, int groups, bool affine) {
+    unsigned long long seed = 29 + (unsigned)(C * groups);
+    Problem p = {.forward = groupnorm_silu_problem, .d = {B, C, HW, groups}, .k = {1e-5f}};
+    size_t n = (size_t)B * C * HW;
+    if ((size_t)C / groups * HW < 8) p.step = 1e-3f;
+    p.in[0] = rand_array(n, 1.5f, -0.2f, &seed);
+    if (affine) {
+        p.in[1] = rand_array((size_t)C, 1.0f, 0.5f, &seed);
+        p.in[2] = rand_array((size_t)C, 1.0f, 0.0f, &seed);
+    }
+    p.saved[0] = zeros((size_t)B * groups);
+    p.saved[1] = zeros((size_t)B * groups);
+    problem_outputs(&p, n, &seed);
+    float *dx = zeros(n), *dw = zeros((size_t)C), *db = zeros((size_t)C);
+    p.forward(&p);
+    groupnorm_silu_backward(B, C, HW, groups, p.in[0], p.in[1], p.in[2], p.saved[0], p.saved[1],
+                            p.r, dx, affine ? dw : NULL, affine ? db : NULL);
+    char what[96];
+    snprintf(what, sizeof what, "groupnorm_silu [%d, %d, %d] groups %d%s dx", B, C, HW, groups,
+             affine ? " affine" : "");
+    fd_check(what, &p, p.in[0], dx, n);
+    if (affine) {
+        snprintf(what, sizeof what, "groupnorm_silu [%d, %d, %d] groups %d dw", B, C, HW, groups);
+        fd_check(what, &p, p.in[1], dw, (size_t)C);
+        snprintf(what, sizeof what, "groupnorm_silu [%d, %d, %d] groups %d db", B, C, HW, groups);
+        fd_check(what, &p, p.in[2], db, (size_t)C);
+    }
+    free(dx), free(dw), free(db);
+    problem_free(&p);
+}
+
 static void rmsnorm_problem(Problem *p) {
     rmsnorm_forward(p->d[0], p->d[1], p->k[0], p->in[0], p->in[1], p->out, p->saved[0]);
 }
@@ -384,6 +421,10 @@ static void finite_difference_tests(void) {
     fd_groupnorm(1, 4, 7, 1, true);
     fd_groupnorm(2, 5, 3, 5, true);
     fd_groupnorm(2, 6, 4, 2, false);
+    fd_groupnorm_silu(2, 6, 5, 3, true);
+    fd_groupnorm_silu(1, 4, 7, 1, true);
+    fd_groupnorm_silu(2, 5, 3, 5, true);
+    fd_groupnorm_silu(2, 6, 4, 2, false);
     fd_rmsnorm(3, 17);
     fd_rmsnorm(1, 1);
     fd_batchnorm(2, 3, 7);
@@ -468,6 +509,36 @@ static void golden_groupnorm(const SafeTensors *st) {
             compare(st, name, "y", y, n, GOLDEN_RTOL, GOLDEN_ATOL);
             compare(st, name, "mean", mean, n_stats, GOLDEN_RTOL, GOLDEN_ATOL);
             compare(st, name, "rstd", rstd, n_stats, GOLDEN_RTOL, GOLDEN_ATOL);
+            compare(st, name, "dx", dx, n, GOLDEN_RTOL, GOLDEN_ATOL);
+            if (dw) compare(st, name, "dw", dw, (size_t)C, GOLDEN_RTOL, GOLDEN_ATOL);
+            if (db) compare(st, name, "db", db, (size_t)C, GOLDEN_RTOL, GOLDEN_ATOL);
+        }
+        free(x), free(dy), free(w), free(b), free(y), free(mean), free(rstd);
+        free(dx), free(dw), free(db);
+    }
+}
+
+/* The same cases as golden_groupnorm, through the fused SiLU(GroupNorm(x)) */
+static void golden_groupnorm_silu(const SafeTensors *st) {
+    static const struct { int B, C, HW, groups; bool affine; float eps; } cases[] = {
+        {2, 6, 7, 3, true, 1e-5f}, {1, 4, 9, 1, true, 1e-6f}, {2, 5, 3, 5, false, 1e-6f},
+        {1, 64, 33, 32, true, 1e-6f}, {3, 3, 1, 3, true, 1e-5f}, {2, 34, 17, 2, false, 1e-5f}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int B = cases[i].B, C = cases[i].C, HW = cases[i].HW, G = cases[i].groups;
+        size_t n = (size_t)B * C * HW, n_stats = (size_t)B * G;
+        char name[32];
+        snprintf(name, sizeof name, "groupnorm_silu%zu", i);
+        float *x = golden(st, name, "x", n), *dy = golden(st, name, "dy", n);
+        float *w = cases[i].affine ? golden(st, name, "w", (size_t)C) : NULL;
+        float *b = cases[i].affine ? golden(st, name, "b", (size_t)C) : NULL;
+        float *y = zeros(n), *mean = zeros(n_stats), *rstd = zeros(n_stats);
+        float *dx = zeros(n), *dw = w ? zeros((size_t)C) : NULL, *db = b ? zeros((size_t)C) : NULL;
+        if (x && dy && (w || !cases[i].affine) && (b || !cases[i].affine)) {
+            groupnorm_silu_forward(B, C, HW, G, cases[i].eps, x, w, b, y, mean, rstd);
+            for (int k = 0; k < 2; k++)
+                groupnorm_silu_backward(B, C, HW, G, x, w, b, mean, rstd, dy, dx, dw, db);
+            halve(n, dx), halve((size_t)C, dw), halve((size_t)C, db);
+            compare(st, name, "y", y, n, GOLDEN_RTOL, GOLDEN_ATOL);
             compare(st, name, "dx", dx, n, GOLDEN_RTOL, GOLDEN_ATOL);
             if (dw) compare(st, name, "dw", dw, (size_t)C, GOLDEN_RTOL, GOLDEN_ATOL);
             if (db) compare(st, name, "db", db, (size_t)C, GOLDEN_RTOL, GOLDEN_ATOL);
@@ -728,6 +799,7 @@ static void golden_tests(void) {
     if (!st) return;
     golden_layernorm(st);
     golden_groupnorm(st);
+    golden_groupnorm_silu(st);
     golden_rmsnorm(st);
     golden_batchnorm(st);
     golden_activations(st);

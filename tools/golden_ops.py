@@ -157,5 +157,16 @@ for i, count in enumerate([1, 17, 40009]):
     put(f"reduce{i}.sum", x.double().sum().reshape(1))
     put(f"reduce{i}.max", x.max().reshape(1))
 
+# ---- groupnorm + silu fused (appended last so the cases above keep their random inputs):
+# the groupnorm shapes again ----
+for i, (B, C, HW, G, affine, eps) in enumerate([(2, 6, 7, 3, True, 1e-5), (1, 4, 9, 1, True, 1e-6),
+                                                 (2, 5, 3, 5, False, 1e-6), (1, 64, 33, 32, True, 1e-6),
+                                                 (3, 3, 1, 3, True, 1e-5), (2, 34, 17, 2, False, 1e-5)]):
+    name = f"groupnorm_silu{i}"
+    x = randn(B, C, HW, scale=1.5) - 0.3
+    w, b = (randn(C), randn(C)) if affine else (None, None)
+    run(name, lambda x, w, b: F.silu(F.group_norm(x, G, w, b, eps)), [("x", x)],
+        [("w", w), ("b", b)])
+
 safetensors_file.write(OUT, tensors)
 print(f"wrote {len(tensors)} tensors, {os.path.getsize(OUT)} bytes to {os.path.normpath(OUT)}")
