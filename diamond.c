@@ -499,7 +499,10 @@ static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) 
     m->tokens = bench_random(TENSOR_NEW(1, (int64_t)m->h * m->w, fc->in_channels), &state);
     m->txt = bench_random(TENSOR_NEW(1, a->text_len, fc->joint_attention_dim), &state);
     m->image = bench_random(TENSOR_NEW(1, 3, a->height, a->width), &state);
-    if (!m->tokens || !m->txt || !m->image) return error_set(e, "out of memory for the inputs"), 1;
+    if (!m->tokens || !m->txt || !m->image) {
+        error_set(e, "out of memory for the inputs");
+        return 1;
+    }
     return 0;
 }
 
