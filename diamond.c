@@ -8,6 +8,7 @@
 
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -24,6 +25,12 @@ static const char *usage_text =
     "  diamond generate --model DIR --embeddings FILE -W W -H H --steps N -o OUT.png|.ppm\n"
     "                  [--detector DIR] [options]   sample an image with DIAMOND guidance\n"
     "                                   (diamond generate --help for every option)\n"
+    "  diamond eval --model DIR --detector DIR --csv FILE --out DIR [options]\n"
+    "                                   baseline vs guided over an embeddings,seed CSV: images,\n"
+    "                                   the paper's metrics (resumable, --shard I/N, --merge)\n"
+    "  diamond search-seeds --model DIR --detector DIR --csv IN --out OUT.csv [options]\n"
+    "                                   the official seed search for an evaluation set\n"
+    "                                   (diamond eval --help for both)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
     "  diamond bench gemm M N K [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
@@ -740,7 +747,7 @@ static const char *generate_usage =
     "                         both (0.6 jet + 0.4 image); prints the detector max of each\n"
     "  --save-steps DIR       DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
     "                         DIR/step_III_overlay.png (its detector heat map, where the detector\n"
-    "                         ran); costs one more VAE decode per step. DIR must exist\n"
+    "                         ran); costs one more VAE decode per step; DIR is created\n"
     "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
     "                         step (mask and grad where computed; grad before normalisation),\n"
     "                         final.latent and final.image\n"
@@ -850,12 +857,16 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
     return 0;
 }
 
+/* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
+static int generate_defaults(GenerateArgs *a, Error *e) {
+    *a = (GenerateArgs){.opt = {.guide = true, .guidance_scale = 4.0f}};
+    return lambda_schedule_parse(&a->opt.lambda, "power", e) ||
+           artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;
+}
+
 /* The command line into a, with defaults; 0, or -1 with the message in e (a usage error). */
 static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
-    *a = (GenerateArgs){.opt = {.guide = true, .guidance_scale = 4.0f}};
-    if (lambda_schedule_parse(&a->opt.lambda, "power", e) ||
-        artifact_loss_parse(&a->opt.loss, "power:gamma=3", e))
-        return -1;
+    if (generate_defaults(a, e)) return -1;
     for (int i = 0; i < argc; i++)
         if (generate_option(argc, argv, &i, a, e)) return -1;
     const char *missing = !a->model ? "--model DIR" : !a->embeddings ? "--embeddings FILE"
@@ -950,9 +961,9 @@ static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) 
     return 0;
 }
 
-/* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other
- * failures, 0 when ready. */
-static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
+/* The flow model, the VAE, the image grid and (when guiding) the detector; returns 2 for sizes
+ * the model cannot make, 1 for other failures, 0 when ready. */
+static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e) {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/transformer", a->model);
     if (flux2_load(&r->flow, dir, e)) return 1;
@@ -967,7 +978,14 @@ static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
     }
     r->grid_h = a->height / ph;
     r->grid_w = a->width / pw;
-    if (a->opt.guide && segformer_load(&r->detector, a->detector, e)) return 1;
+    return a->opt.guide && segformer_load(&r->detector, a->detector, e) ? 1 : 0;
+}
+
+/* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other
+ * failures, 0 when ready. */
+static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    int rc = generate_load_models(a, r, e);
+    if (rc) return rc;
     if (a->noise ? generate_read(a->noise, "noise", (int64_t)r->grid_h * r->grid_w,
                                  flux2_config(r->flow)->in_channels, &r->latent, e)
                  : generate_seed_noise(a, r, e))
@@ -1075,16 +1093,19 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
 
 /* ---- sampler: --compare ---- */
 
-/* The detector on images [B, 3, H, W], no gradient: its full-size mask [B, L, H, W] and each
- * sample's max over the map at 1/4 of its input (the artifact-frequency statistic). */
-static int generate_detect(const GenerateRun *r, Tensor *image, Tensor **mask, float *maxima,
-                           Error *e) {
+/* The detector on images [B, 3, H, W], no gradient: its full-size mask [B, L, H, W] and its map
+ * at 1/4 of its input [B, L, h, w] (each when not NULL), and each sample's max over that map
+ * (the artifact-frequency statistic). */
+static int generate_detect(const GenerateRun *r, Tensor *image, Tensor **mask, Tensor **small_map,
+                           float *maxima, Error *e) {
     Tape *t = tape_new();
     if (!t) return error_set(e, "out of memory for the detector");
     tape_set_grad(t, false);
     Var *small = NULL, *m = segformer_forward(t, r->detector, var_new(t, image, false), &small);
     int rc = tape_check(t, e);
-    if (rc == 0 && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
+    if (rc == 0 && mask && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
+    if (rc == 0 && small_map && !(*small_map = tensor_clone(small->value)))
+        rc = error_set(e, "out of memory");
     for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
         size_t per = (size_t)(small->value->numel / image->shape[0]);
         maxima[b] = max_array(per, small->value->data + b * per);
@@ -1169,7 +1190,8 @@ static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
         fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n",
                 s->index + 1, s->steps, s->sigma, s->lambda, per, per * (s->steps - s->index - 1));
     }
-    if (p->args->save_steps && generate_save_step(p, s, e)) return -1;
+    if (p->args->save_steps && (dir_make(p->args->save_steps, e) || generate_save_step(p, s, e)))
+        return -1;
     GenerateDump *d = p->dump;
     if (!d) return 0;
     const int64_t one = 1;
@@ -1206,8 +1228,8 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
         rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, initial, r->grid_h, r->grid_w,
                          generate_on_step, &progress, e) ||
              generate_decode(r, initial, &baseline, e) ||
-             generate_detect(r, baseline, &masks[0], maxima, e) ||
-             generate_detect(r, guided, &masks[1], maxima + B, e) ||
+             generate_detect(r, baseline, &masks[0], NULL, maxima, e) ||
+             generate_detect(r, guided, &masks[1], NULL, maxima + B, e) ||
              image_alloc(&out, (int)(4 * W), (int)(B * H), e) ||
              image_alloc(&panels[0], (int)W, (int)H, e) ||
              image_alloc(&panels[1], (int)W, (int)H, e);
@@ -1274,6 +1296,812 @@ static int generate_main(int argc, char **argv) {
     return rc;
 }
 
+/* ---- eval: diamond eval, diamond search-seeds ------------------------------------------- */
+
+static const char *eval_usage =
+    "usage: diamond eval --model DIR --detector DIR --csv FILE --out DIR --steps N -W W -H H\n"
+    "                    [sampling options] [--json FILE] [--shard I/N] [--quiet]\n"
+    "       diamond eval --merge --out DIR [--json FILE]\n"
+    "       diamond search-seeds --model DIR --detector DIR --csv IN --out OUT.csv --steps N\n"
+    "                    -W W -H H [--start 4444] [--max-tries 1000] [--threshold 0.5]\n"
+    "                    [sampling options] [--quiet]\n"
+    "\n"
+    "eval runs each row of an `embeddings,seed` CSV twice from the same noise (seed as\n"
+    "generate --seed): plain (the baseline) and guided. Into --out go item_NNNNNN_baseline.png,\n"
+    "item_NNNNNN_guided.png and item_NNNNNN.json (NNNNNN = the row's index, counting data rows\n"
+    "from 0; each file written atomically, the JSON last). A row whose JSON is there already is\n"
+    "not run again (resume) once its row, embeddings, seed and sampling settings match. The\n"
+    "official metrics (gmum/DIAMOND metrics.py) come from the 8-bit images and the detector's\n"
+    "map at 1/4 of its input, threshold 0.5: artifact frequency (% of images whose map max is at\n"
+    "least 0.5), artifact pixel ratio (% of map values, averaged over images), MAE vs the\n"
+    "baseline on the 0..255 scale, and MAE(A) / MAE(NA) inside / outside the baseline's mask\n"
+    "(its map resized to the image, >= 0.5); an image without artifact pixels adds 0 to MAE(A).\n"
+    "Each figure is the mean over images.\n"
+    "\n"
+    "  --csv FILE         header `embeddings,seed` (other columns are ignored, quoted fields may\n"
+    "                     hold commas); embeddings paths are relative to the CSV's directory\n"
+    "  --out DIR          the results directory (must exist)\n"
+    "  --json FILE        the overall figures: {\"n\", \"baseline\": {\"artifact_freq\",\n"
+    "                     \"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}\n"
+    "  --shard I/N        only rows whose index % N == I (several processes or machines)\n"
+    "  --merge            the table and --json over every item_*.json in --out, by row index\n"
+    "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
+    "                     --threads as in diamond generate --help\n"
+    "\n"
+    "search-seeds is the official data set search: one seed counter, never reset, from --start;\n"
+    "for each row of IN (an `embeddings` column) it tries consecutive seeds, at most\n"
+    "--max-tries, and keeps the first whose plain image has a detector max (over the mask\n"
+    "resized to the image, as upstream's max_confidence) >= --threshold. OUT gets `embeddings,\n"
+    "seed` (rewritten atomically after each row; paths as in IN when OUT is in IN's directory,\n"
+    "else absolute); rows with no hit are reported on stderr and left out.\n"
+    "\n"
+    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
+#define EVAL_THRESHOLD 0.5f
+
+/* The options of eval and search-seeds. The model and sampling options are generate's. */
+typedef struct EvalArgs {
+    GenerateArgs gen;
+    const char *csv, *out, *json;
+    int shard, shards;
+    bool merge, search, sampling; /* sampling: a model or sampling option was given */
+    uint64_t start;
+    int max_tries;
+    float threshold;
+} EvalArgs;
+
+/* One data row of a CSV. */
+typedef struct EvalRow {
+    int64_t index;      /* among the data rows, from 0 */
+    char *embeddings;   /* as written */
+    char *path;         /* resolved against the CSV's directory */
+    uint64_t seed;
+} EvalRow;
+
+typedef struct EvalCsv {
+    EvalRow *rows;
+    size_t n;
+} EvalCsv;
+
+static void eval_csv_free(EvalCsv *c) {
+    for (size_t i = 0; i < c->n; i++) free(c->rows[i].embeddings), free(c->rows[i].path);
+    free(c->rows);
+    *c = (EvalCsv){0};
+}
+
+/* The whole file as a NUL-terminated string. */
+static int eval_read_text(const char *path, char **text, size_t *len, Error *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n - 1, f);
+        if (n + 1 < cap) break;
+        char *grown = realloc(buf, 2 * cap);
+        if (!grown) free(buf);
+        buf = grown;
+        cap *= 2;
+    }
+    int failed = ferror(f);
+    fclose(f);
+    if (!buf) return error_set(e, "%s: out of memory", path);
+    if (failed) {
+        free(buf);
+        return error_set(e, "%s: read error", path);
+    }
+    buf[n] = '\0';
+    *text = buf;
+    *len = n;
+    return 0;
+}
+
+#define EVAL_CSV_MAX_FIELDS 32
+
+/* The record at text[*pos] (RFC 4180: fields split by commas, a quoted field may hold commas,
+ * newlines and "" for a quote) into fields[0 .. *count), pointers into buf, which the record
+ * overwrites; *pos moves past the record's line end. */
+static int eval_csv_record(const char *text, size_t len, size_t *pos, char *buf, char **fields,
+                           int *count, const char *path, int line, Error *e) {
+    size_t p = *pos, out = 0;
+    *count = 0;
+    for (;;) {
+        if (*count == EVAL_CSV_MAX_FIELDS)
+            return error_set(e, "%s:%d: more than %d fields", path, line, EVAL_CSV_MAX_FIELDS);
+        fields[(*count)++] = buf + out;
+        if (p < len && text[p] == '"') {
+            for (p++;; p++) {
+                if (p >= len) return error_set(e, "%s:%d: unterminated quoted field", path, line);
+                if (text[p] == '"' && (p + 1 >= len || text[p + 1] != '"')) break;
+                if (text[p] == '"') p++;
+                buf[out++] = text[p];
+            }
+            p++;
+            if (p + 1 < len && text[p] == '\r' && text[p + 1] == '\n') p++;
+            if (p < len && text[p] != ',' && text[p] != '\n')
+                return error_set(e, "%s:%d: text after a quoted field", path, line);
+        } else {
+            for (; p < len && text[p] != ',' && text[p] != '\n'; p++) {
+                if (text[p] == '"')
+                    return error_set(e, "%s:%d: a quote inside an unquoted field (quote the "
+                                        "whole field)", path, line);
+                buf[out++] = text[p];
+            }
+            if (out > 0 && buf[out - 1] == '\r' && (p >= len || text[p] == '\n')) out--; /* CRLF */
+        }
+        buf[out++] = '\0';
+        if (p >= len || text[p] == '\n') break;
+        p++; /* the comma */
+    }
+    *pos = p < len ? p + 1 : p;
+    return 0;
+}
+
+/* The column named name in the header, or -1. Spaces around names are ignored. */
+static int eval_csv_column(char **header, int count, const char *name) {
+    for (int k = 0; k < count; k++) {
+        const char *h = header[k];
+        while (*h == ' ') h++;
+        size_t n = strlen(h);
+        while (n > 0 && h[n - 1] == ' ') n--;
+        if (n == strlen(name) && !strncmp(h, name, n)) return k;
+    }
+    return -1;
+}
+
+/* A whole decimal seed in 0 .. 2^63 - 1 (a JSON integer). */
+static int eval_parse_seed(const char *s, uint64_t *seed) {
+    char *end;
+    errno = 0;
+    if (*s < '0' || *s > '9') return -1;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end || v > (unsigned long long)INT64_MAX) return -1;
+    *seed = v;
+    return 0;
+}
+
+/* path relative to the directory of csv (as written when absolute). */
+static char *eval_resolve(const char *csv, const char *path) {
+    const char *slash = strrchr(csv, '/');
+    int dir = path[0] == '/' || !slash ? 0 : (int)(slash - csv) + 1;
+    size_t n = (size_t)dir + strlen(path) + 1;
+    char *out = malloc(n);
+    if (out) snprintf(out, n, "%.*s%s", dir, csv, path);
+    return out;
+}
+
+/* One data row into c (seed_col < 0: no seed column). */
+static int eval_csv_add(EvalCsv *c, char **fields, int emb_col, int seed_col, const char *path,
+                        int line, Error *e) {
+    EvalRow *rows = realloc(c->rows, (c->n + 1) * sizeof *rows);
+    if (!rows) return error_set(e, "%s: out of memory", path);
+    c->rows = rows;
+    EvalRow *r = &rows[c->n];
+    *r = (EvalRow){.index = (int64_t)c->n};
+    if (!fields[emb_col][0]) return error_set(e, "%s:%d: empty embeddings path", path, line);
+    if (seed_col >= 0 && eval_parse_seed(fields[seed_col], &r->seed))
+        return error_set(e, "%s:%d: seed must be a whole number in 0..2^63-1, got '%s'", path,
+                         line, fields[seed_col]);
+    r->embeddings = strdup(fields[emb_col]);
+    r->path = eval_resolve(path, fields[emb_col]);
+    c->n++;
+    if (!r->embeddings || !r->path) return error_set(e, "%s: out of memory", path);
+    return 0;
+}
+
+/* An `embeddings[,seed]` CSV (need_seed: the seed column too). Blank lines are skipped and do
+ * not count as rows; every row has the header's number of fields. */
+static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e) {
+    char *text = NULL, *buf = NULL, *fields[EVAL_CSV_MAX_FIELDS], *header[EVAL_CSV_MAX_FIELDS];
+    size_t len = 0, pos = 0;
+    *c = (EvalCsv){0};
+    if (eval_read_text(path, &text, &len, e)) return -1;
+    if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) pos = 3;
+    char *head = malloc(len + 1);
+    int rc = (buf = malloc(len + 1)) && head ? 0 : error_set(e, "%s: out of memory", path);
+    int line = 1, n_header = 0, emb_col = -1, seed_col = -1;
+    if (rc == 0) rc = eval_csv_record(text, len, &pos, head, header, &n_header, path, line, e);
+    if (rc == 0) {
+        emb_col = eval_csv_column(header, n_header, "embeddings");
+        seed_col = eval_csv_column(header, n_header, "seed");
+        if (emb_col < 0 && eval_csv_column(header, n_header, "prompt") >= 0)
+            rc = error_set(e, "%s: a `prompt` column needs the text encoder: the text encoder "
+                              "is not implemented yet; encode the prompts elsewhere and give an "
+                              "`embeddings` column (safetensors files with prompt_embeds [L, D])",
+                           path);
+        else if (emb_col < 0 || (need_seed && seed_col < 0))
+            rc = error_set(e, "%s: the header must name the columns `embeddings%s` (got '%s%s')",
+                           path, need_seed ? ",seed" : "", header[0], n_header > 1 ? ",..." : "");
+    }
+    while (rc == 0 && pos < len) {
+        int count, start_line = ++line;
+        size_t from = pos;
+        rc = eval_csv_record(text, len, &pos, buf, fields, &count, path, start_line, e);
+        for (size_t p = from; p + 1 < pos; p++) line += text[p] == '\n'; /* quoted newlines */
+        if (rc || (count == 1 && !fields[0][0])) continue;
+        if (count != n_header)
+            rc = error_set(e, "%s:%d: %d fields, the header has %d", path, start_line, count,
+                           n_header);
+        else
+            rc = eval_csv_add(c, fields, emb_col, need_seed ? seed_col : -1, path, start_line, e);
+    }
+    if (rc == 0 && c->n == 0) rc = error_set(e, "%s: no data rows", path);
+    free(text);
+    free(buf);
+    free(head);
+    if (rc) eval_csv_free(c);
+    return rc;
+}
+
+/* ---- eval: options ---- */
+
+/* generate's options that eval and search-seeds share. */
+static bool eval_shared_option(const char *opt) {
+    static const char *const names[] = {"--model", "--detector", "--steps", "-W", "-H",
+                                        "--guidance-scale", "--lambda-schedule", "--loss",
+                                        "--gate", "--threads"};
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++)
+        if (!strcmp(opt, names[k])) return true;
+    return false;
+}
+
+/* "I/N" with 0 <= I < N. */
+static int eval_parse_shard(const char *s, int *shard, int *shards) {
+    char *slash = strchr(s, '/');
+    char part[32];
+    if (!slash || (size_t)(slash - s) >= sizeof part) return -1;
+    snprintf(part, sizeof part, "%.*s", (int)(slash - s), s);
+    if (bench_parse_int(part, 0, 1 << 20, shard) || bench_parse_int(slash + 1, 1, 1 << 20, shards))
+        return -1;
+    return *shard < *shards ? 0 : -1;
+}
+
+/* Whether opt is an option with a value of eval (search false) or of search-seeds. */
+static bool eval_takes_value(const char *opt, bool search) {
+    static const char *const names[][3] = {{"--csv", "--out", NULL}, {"--json", "--shard", NULL},
+                                           {"--start", "--max-tries", "--threshold"}};
+    for (int set = 0; set < 3; set++)
+        for (int k = 0; k < 3 && names[set][k]; k++)
+            if (!strcmp(opt, names[set][k]) && (set == 0 || (set == 2) == search)) return true;
+    return false;
+}
+
+/* The value of an option of eval_takes_value. */
+static int eval_value_option(const char *opt, const char *val, EvalArgs *a, Error *e) {
+    if (!strcmp(opt, "--csv")) a->csv = val;
+    else if (!strcmp(opt, "--out")) a->out = val;
+    else if (!strcmp(opt, "--json")) a->json = val;
+    else if (!strcmp(opt, "--shard")) {
+        if (eval_parse_shard(val, &a->shard, &a->shards))
+            return error_set(e, "--shard: expected I/N with 0 <= I < N, got '%s'", val);
+    } else if (!strcmp(opt, "--start")) {
+        if (eval_parse_seed(val, &a->start))
+            return error_set(e, "--start: expected a seed in 0..2^63-1, got '%s'", val);
+    } else if (!strcmp(opt, "--max-tries")) {
+        if (bench_parse_int(val, 1, 1 << 30, &a->max_tries))
+            return error_set(e, "--max-tries: expected a whole number >= 1, got '%s'", val);
+    } else if (generate_parse_float(val, 0.0f, 1.0f, &a->threshold)) { /* --threshold */
+        return error_set(e, "--threshold: expected a number in [0, 1], got '%s'", val);
+    }
+    return 0;
+}
+
+/* An option of eval (a->search false) or search-seeds at argv[*i], moving *i past its value. */
+static int eval_option(int argc, char **argv, int *i, EvalArgs *a, Error *e) {
+    const char *opt = argv[*i];
+    if (eval_shared_option(opt)) {
+        a->sampling = true;
+        return generate_option(argc, argv, i, &a->gen, e);
+    }
+    if (!strcmp(opt, "--quiet")) a->gen.quiet = true;
+    else if (!a->search && !strcmp(opt, "--merge")) a->merge = true;
+    else if (!strcmp(opt, "--prompt"))
+        return error_set(e, "--prompt: the text encoder is not implemented yet; give a CSV with "
+                            "an `embeddings` column");
+    else if (!eval_takes_value(opt, a->search)) return error_set(e, "unknown option '%s'", opt);
+    else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
+    else return eval_value_option(opt, argv[++*i], a, e);
+    return 0;
+}
+
+/* The command line of eval or search-seeds into a; 0, or -1 with a usage error in e. */
+static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e) {
+    *a = (EvalArgs){.search = search, .shards = 1, .start = 4444, .max_tries = 1000,
+                    .threshold = EVAL_THRESHOLD};
+    if (generate_defaults(&a->gen, e)) return -1;
+    for (int i = 0; i < argc; i++)
+        if (eval_option(argc, argv, &i, a, e)) return -1;
+    const GenerateArgs *g = &a->gen;
+    if (a->merge) {
+        if (a->sampling || a->csv || a->shards > 1)
+            return error_set(e, "--merge takes only --out DIR and --json FILE");
+        return a->out ? 0 : error_set(e, "missing --out DIR");
+    }
+    const char *missing = !a->csv ? "--csv FILE" : !a->out ? "--out" : !g->model ? "--model DIR"
+                        : !g->detector ? "--detector DIR" : !g->steps ? "--steps N"
+                        : !g->width ? "-W W" : !g->height ? "-H H" : NULL;
+    if (missing) return error_set(e, "missing %s (see diamond %s --help)", missing,
+                                  search ? "search-seeds" : "eval");
+    a->gen.opt.steps = g->steps;
+    return 0;
+}
+
+/* The sampling settings an item was made with, compared on resume and merge (paths are left
+ * out: shards may run on machines that keep the models elsewhere). */
+static void eval_settings(const GenerateArgs *g, char *out, size_t len) {
+    static const char *const lambdas[] = {"constant", "linear", "power", "cosine",
+                                          "hard_then_exp", "exponential"};
+    static const char *const losses[] = {"mse", "power", "focal"};
+    const LambdaSchedule *l = &g->opt.lambda;
+    snprintf(out, len, "steps=%d size=%dx%d guidance_scale=%.9g gate=%.9g lambda=%s:value=%.17g,"
+             "start=%.17g,end=%.17g,power=%.17g,after=%.17g,warmup=%d,cooldown=%d "
+             "loss=%s:gamma=%.17g,alpha=%.17g", g->steps, g->width, g->height,
+             g->opt.guidance_scale, g->opt.gate, lambdas[l->type], l->value, l->start, l->end,
+             l->power, l->after, l->warmup, l->cooldown, losses[g->opt.loss.type],
+             g->opt.loss.gamma, g->opt.loss.alpha);
+}
+
+/* ---- eval: item files ---- */
+
+/* One evaluated row as its item file holds it. */
+typedef struct EvalItem {
+    int64_t row;
+    uint64_t seed;
+    ImageMetrics m;
+} EvalItem;
+
+/* s as a JSON string. */
+static void eval_json_string(FILE *f, const char *s) {
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\') fprintf(f, "\\%c", *p);
+        else if (*p < 0x20) fprintf(f, "\\u%04x", *p);
+        else fputc(*p, f);
+    }
+    fputc('"', f);
+}
+
+/* Text made by write(f, ctx) on a memory stream, written atomically to path. */
+static int eval_write_text(const char *path, void (*write)(FILE *, const void *),
+                           const void *ctx, Error *e) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return error_set(e, "%s: out of memory", path);
+    write(f, ctx);
+    int rc = fclose(f) ? error_set(e, "%s: out of memory", path)
+                       : write_file_atomic(path, text, len, e);
+    free(text);
+    return rc;
+}
+
+typedef struct EvalItemFile {
+    const EvalItem *item;
+    const char *embeddings, *settings;
+} EvalItemFile;
+
+static void eval_item_write(FILE *f, const void *ctx) {
+    const EvalItemFile *x = ctx;
+    const ImageMetrics *m = &x->item->m;
+    long long row = (long long)x->item->row;
+    fprintf(f, "{\"row\": %lld, \"embeddings\": ", row);
+    eval_json_string(f, x->embeddings);
+    fprintf(f, ", \"seed\": %llu, \"settings\": ", (unsigned long long)x->item->seed);
+    eval_json_string(f, x->settings);
+    fprintf(f, ",\n \"baseline\": {\"image\": \"item_%06lld_baseline.png\", \"max\": %.9g, "
+               "\"artifact\": %s, \"pixel_ratio\": %.17g},\n", row, m->baseline_max,
+            m->baseline_artifact ? "true" : "false", m->baseline_pixel_ratio);
+    fprintf(f, " \"guided\": {\"image\": \"item_%06lld_guided.png\", \"max\": %.9g, "
+               "\"artifact\": %s, \"pixel_ratio\": %.17g},\n", row, m->guided_max,
+            m->guided_artifact ? "true" : "false", m->guided_pixel_ratio);
+    fprintf(f, " \"mae\": %.17g, \"mae_a\": %.17g, \"mae_na\": %.17g, \"artifact_pixels\": %lld}\n",
+            m->mae, m->mae_a, m->mae_na, (long long)m->artifact_pixels);
+}
+
+/* One run's figures ("baseline" or "guided") of an item file. */
+static int eval_item_side(const JsonValue *root, const char *side, float *max, bool *artifact,
+                          double *ratio, Error *e) {
+    const JsonValue *o = json_get(root, side);
+    double v;
+    if (!o || o->type != JSON_OBJECT)
+        return error_set(e, "%s: key '%s' is missing or not an object", root->source, side);
+    if (json_get_float(o, "max", &v, e) || json_get_bool(o, "artifact", artifact, e) ||
+        json_get_float(o, "pixel_ratio", ratio, e))
+        return -1;
+    *max = (float)v;
+    return 0;
+}
+
+/* An item file into it; *embeddings and *settings point into *doc (json_free it). */
+static int eval_item_read(const char *path, EvalItem *it, const char **embeddings,
+                          const char **settings, JsonDoc **doc, Error *e) {
+    int64_t row, seed, pixels;
+    if (json_parse_file(doc, path, e)) return -1;
+    const JsonValue *r = json_root(*doc);
+    ImageMetrics *m = &it->m;
+    if (json_get_int(r, "row", &row, e) || json_get_int(r, "seed", &seed, e) ||
+        json_get_string(r, "embeddings", embeddings, e) ||
+        json_get_string(r, "settings", settings, e) ||
+        eval_item_side(r, "baseline", &m->baseline_max, &m->baseline_artifact,
+                       &m->baseline_pixel_ratio, e) ||
+        eval_item_side(r, "guided", &m->guided_max, &m->guided_artifact, &m->guided_pixel_ratio,
+                       e) ||
+        json_get_float(r, "mae", &m->mae, e) || json_get_float(r, "mae_a", &m->mae_a, e) ||
+        json_get_float(r, "mae_na", &m->mae_na, e) ||
+        json_get_int(r, "artifact_pixels", &pixels, e))
+        return -1;
+    if (row < 0 || seed < 0) return error_set(e, "%s: negative row or seed", path);
+    it->row = row;
+    it->seed = (uint64_t)seed;
+    m->artifact_pixels = pixels;
+    return 0;
+}
+
+static void eval_item_path(const EvalArgs *a, int64_t row, const char *suffix, char *path,
+                           size_t len) {
+    snprintf(path, len, "%s/item_%06lld%s", a->out, (long long)row, suffix);
+}
+
+/* 1 when row has no item file yet; 0 when it has one for the same row, embeddings, seed and
+ * settings (read into it); -1 for another item or a broken file. */
+static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *settings,
+                          EvalItem *it, Error *e) {
+    char path[4200];
+    eval_item_path(a, row->index, ".json", path, sizeof path);
+    if (access(path, F_OK) != 0) return 1;
+    JsonDoc *doc = NULL;
+    const char *emb, *set;
+    int rc = eval_item_read(path, it, &emb, &set, &doc, e);
+    if (rc == 0 && (it->row != row->index || it->seed != row->seed || strcmp(emb, row->embeddings)))
+        rc = error_set(e, "%s: made for row %lld (%s, seed %llu), but row %lld is %s, seed %llu: "
+                          "use another --out", path, (long long)it->row, emb,
+                       (unsigned long long)it->seed, (long long)row->index, row->embeddings,
+                       (unsigned long long)row->seed);
+    else if (rc == 0 && strcmp(set, settings))
+        rc = error_set(e, "%s: made with other settings (%s; now %s): use another --out", path,
+                       set, settings);
+    json_free(doc);
+    return rc;
+}
+
+/* ---- eval: running the rows ---- */
+
+/* r->latent and r->txt for one row: the seed's noise and the row's prompt_embeds, batch 1. */
+static int eval_row_inputs(const EvalArgs *a, GenerateRun *r, const char *embeddings,
+                           uint64_t seed, Error *e) {
+    GenerateArgs g = a->gen;
+    g.embeddings = embeddings;
+    g.seeds[0] = seed;
+    g.n_seeds = 1;
+    tensor_free(r->latent);
+    tensor_free(r->txt);
+    r->latent = r->txt = NULL;
+    return generate_seed_noise(&g, r, e) || generate_embeddings(&g, r, 1, e) ? -1 : 0;
+}
+
+/* The final latent's 8-bit image, as the PNG will hold it. */
+static int eval_image(const GenerateRun *r, Tensor *latent, Image *img, Error *e) {
+    Tensor *image = NULL;
+    int rc = generate_decode(r, latent, &image, e) ||
+             image_alloc(img, (int)image->shape[3], (int)image->shape[2], e);
+    if (rc == 0) generate_to_rgb(image, 0, img);
+    tensor_free(image);
+    return rc ? -1 : 0;
+}
+
+/* The detector's map at 1/4 of its input ([1, 1, h, w]) for an 8-bit image, read back as
+ * upstream's metrics read the PNG (value / 255, here as 2 value / 255 - 1 in [-1, 1]). */
+static int eval_detect(const GenerateRun *r, const Image *img, Tensor **map, Error *e) {
+    int64_t plane = (int64_t)img->width * img->height;
+    Tensor *x = TENSOR_NEW(1, 3, img->height, img->width);
+    float max;
+    if (!x) return error_set(e, "out of memory");
+    for (int64_t p = 0; p < plane; p++)
+        for (int c = 0; c < 3; c++) x->data[c * plane + p] = 2.0f * img->rgb[3 * p + c] / 255.0f - 1.0f;
+    int rc = generate_detect(r, x, NULL, map, &max, e);
+    tensor_free(x);
+    if (rc == 0 && (*map)->shape[1] != 1)
+        rc = error_set(e, "the detector has %lld labels; the metrics need 1",
+                       (long long)(*map)->shape[1]);
+    return rc;
+}
+
+/* Baseline and guided run of one row: both PNGs, then the item file; the metrics into it. */
+static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const char *settings,
+                    EvalItem *it, Error *e) {
+    SamplerOptions plain = a->gen.opt;
+    plain.guide = false;
+    Tensor *baseline = NULL, *maps[2] = {NULL, NULL};
+    Image img[2] = {{0}, {0}};
+    char path[2][4200];
+    eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0]);
+    eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1]);
+    int rc = eval_row_inputs(a, r, row->path, row->seed, e) ||
+             !(baseline = tensor_clone(r->latent)) ||
+             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, baseline, r->grid_h, r->grid_w,
+                         NULL, NULL, e) ||
+             sampler_run(r->flow, r->vae, r->detector, &a->gen.opt, r->txt, r->latent, r->grid_h,
+                         r->grid_w, NULL, NULL, e) ||
+             eval_image(r, baseline, &img[0], e) || eval_image(r, r->latent, &img[1], e) ||
+             png_write(path[0], &img[0], e) || png_write(path[1], &img[1], e) ||
+             eval_detect(r, &img[0], &maps[0], e) || eval_detect(r, &img[1], &maps[1], e);
+    if (rc && !e->msg[0]) error_set(e, "out of memory");
+    *it = (EvalItem){.row = row->index, .seed = row->seed};
+    if (rc == 0)
+        rc = metrics_image(img[0].rgb, img[1].rgb, img[0].height, img[0].width, maps[0]->data,
+                           maps[1]->data, (int)maps[0]->shape[2], (int)maps[0]->shape[3],
+                           EVAL_THRESHOLD, &it->m, e);
+    if (rc == 0) {
+        EvalItemFile file = {it, row->embeddings, settings};
+        eval_item_path(a, row->index, ".json", path[0], sizeof path[0]);
+        rc = eval_write_text(path[0], eval_item_write, &file, e);
+    }
+    tensor_free(baseline);
+    tensor_free(maps[0]);
+    tensor_free(maps[1]);
+    image_free(&img[0]);
+    image_free(&img[1]);
+    return rc ? -1 : 0;
+}
+
+/* ---- eval: the table ---- */
+
+static void eval_summary_write(FILE *f, const void *ctx) {
+    const EvalSummary *s = ctx;
+    fprintf(f, "{\"n\": %lld,\n \"baseline\": {\"artifact_freq\": %.17g, \"pixel_ratio\": %.17g},\n"
+               " \"guided\": {\"artifact_freq\": %.17g, \"pixel_ratio\": %.17g},\n"
+               " \"mae\": %.17g, \"mae_a\": %.17g, \"mae_na\": %.17g}\n", (long long)s->n,
+            s->baseline_artifact_freq, s->baseline_pixel_ratio, s->guided_artifact_freq,
+            s->guided_pixel_ratio, s->mae, s->mae_a, s->mae_na);
+}
+
+/* Per image and overall on stdout, --json when asked. items are in row order. */
+static int eval_report(const EvalArgs *a, const EvalItem *items, size_t n, Error *e) {
+    ImageMetrics *m = malloc((n ? n : 1) * sizeof *m);
+    if (!m) return error_set(e, "out of memory");
+    printf("%6s %20s %9s %9s %10s %10s %8s %8s %8s\n", "row", "seed", "max base", "max guid",
+           "ratio% b", "ratio% g", "MAE", "MAE(A)", "MAE(NA)");
+    for (size_t i = 0; i < n; i++) {
+        const ImageMetrics *x = &items[i].m;
+        m[i] = *x;
+        printf("%6lld %20llu %9.4f %9.4f %10.4f %10.4f %8.3f %8.3f %8.3f\n",
+               (long long)items[i].row, (unsigned long long)items[i].seed, x->baseline_max,
+               x->guided_max, 100.0 * x->baseline_pixel_ratio, 100.0 * x->guided_pixel_ratio,
+               x->mae, x->mae_a, x->mae_na);
+    }
+    EvalSummary s;
+    metrics_summarize(m, n, &s);
+    free(m);
+    printf("\noverall, %lld images        baseline     guided\n", (long long)s.n);
+    printf("artifact frequency %%   %10.2f %10.2f\n", s.baseline_artifact_freq,
+           s.guided_artifact_freq);
+    printf("artifact pixel ratio %% %10.4f %10.4f\n", s.baseline_pixel_ratio, s.guided_pixel_ratio);
+    printf("MAE                               %10.3f\n", s.mae);
+    printf("MAE(A)                            %10.3f\n", s.mae_a);
+    printf("MAE(NA)                           %10.3f\n", s.mae_na);
+    return a->json ? eval_write_text(a->json, eval_summary_write, &s, e) : 0;
+}
+
+/* Every row of this shard, run or (already done) read back, then the report. */
+static int eval_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
+    GenerateRun r = {0};
+    char settings[1024];
+    eval_settings(&a->gen, settings, sizeof settings);
+    EvalItem *items = malloc(csv->n * sizeof *items);
+    int rc = items ? dir_make(a->out, e) : error_set(e, "out of memory");
+    size_t n = 0, mine = 0;
+    for (size_t i = 0; i < csv->n; i++) mine += (int64_t)i % a->shards == a->shard;
+    for (size_t i = 0; rc == 0 && i < csv->n; i++) {
+        const EvalRow *row = &csv->rows[i];
+        if (row->index % a->shards != a->shard) continue;
+        int todo = eval_item_done(a, row, settings, &items[n], e);
+        double t0 = now_seconds();
+        if (todo == 1 && !r.flow && (rc = generate_load_models(&a->gen, &r, e))) break;
+        if (todo == 1 && eval_row(a, &r, row, settings, &items[n], e)) todo = -1;
+        if (todo < 0) {
+            rc = 1;
+        } else if (!a->gen.quiet) {
+            char took[32] = "done before";
+            if (todo) snprintf(took, sizeof took, "%.1f s", now_seconds() - t0);
+            fprintf(stderr, "[%zu/%zu] row %lld seed %llu: detector max %.4f -> %.4f, MAE %.3f "
+                    "(%s)\n", n + 1, mine, (long long)row->index, (unsigned long long)row->seed,
+                    items[n].m.baseline_max, items[n].m.guided_max, items[n].m.mae, took);
+        }
+        n++;
+    }
+    if (rc == 0) rc = eval_report(a, items, n, e);
+    free(items);
+    generate_run_free(&r);
+    return rc == 2 ? 2 : rc ? 1 : 0; /* 2: a size the model cannot make */
+}
+
+/* ---- eval: --merge ---- */
+
+static int eval_item_compare(const void *x, const void *y) {
+    int64_t a = ((const EvalItem *)x)->row, b = ((const EvalItem *)y)->row;
+    return (a > b) - (a < b);
+}
+
+/* True for "item_<digits>.json". */
+static bool eval_is_item_name(const char *name) {
+    size_t n = strlen(name);
+    if (n <= 10 || strncmp(name, "item_", 5) || strcmp(name + n - 5, ".json")) return false;
+    for (size_t k = 5; k < n - 5; k++)
+        if (name[k] < '0' || name[k] > '9') return false;
+    return true;
+}
+
+/* Every item file of --out, in row order: all made with the same settings, no row twice. */
+static int eval_merge(const EvalArgs *a, Error *e) {
+    char **names, first[1024] = "", path[4200];
+    size_t count, n = 0;
+    if (dir_list(a->out, &names, &count, e)) return 1;
+    EvalItem *items = malloc((count ? count : 1) * sizeof *items);
+    int rc = items ? 0 : error_set(e, "out of memory");
+    for (size_t i = 0; rc == 0 && i < count; i++) {
+        if (!eval_is_item_name(names[i])) continue;
+        JsonDoc *doc = NULL;
+        const char *emb, *settings;
+        snprintf(path, sizeof path, "%s/%s", a->out, names[i]);
+        rc = eval_item_read(path, &items[n], &emb, &settings, &doc, e);
+        if (rc == 0 && n == 0) snprintf(first, sizeof first, "%s", settings);
+        else if (rc == 0 && strcmp(first, settings))
+            rc = error_set(e, "%s: made with other settings than the first item (%s; first %s)",
+                           path, settings, first);
+        n += rc == 0;
+        json_free(doc);
+    }
+    dir_list_free(names, count);
+    if (rc == 0 && n == 0) rc = error_set(e, "%s: no item_*.json files", a->out);
+    if (rc == 0) qsort(items, n, sizeof *items, eval_item_compare);
+    for (size_t i = 1; rc == 0 && i < n; i++)
+        if (items[i].row == items[i - 1].row)
+            rc = error_set(e, "%s: two item files for row %lld", a->out, (long long)items[i].row);
+    if (rc == 0 && items[n - 1].row != (int64_t)n - 1)
+        fprintf(stderr, "diamond eval --merge: warning: %zu items but rows up to %lld: some rows "
+                        "are missing\n", n, (long long)items[n - 1].row);
+    if (rc == 0) rc = eval_report(a, items, n, e);
+    free(items);
+    return rc ? 1 : 0;
+}
+
+/* diamond eval ...: 0 on success, 2 for a bad command line, 1 for anything else. */
+static int eval_main(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            fputs(eval_usage, stdout);
+            return 0;
+        }
+    EvalArgs a;
+    Error e = {{0}};
+    EvalCsv csv = {0};
+    int rc = eval_parse(argc, argv, false, &a, &e) ? 2 : 0;
+    if (rc == 0 && a.merge) rc = eval_merge(&a, &e);
+    else if (rc == 0) rc = eval_csv_read(a.csv, true, &csv, &e) ? 1 : eval_run(&a, &csv, &e);
+    if (rc) fprintf(stderr, "diamond eval: %s\n", e.msg);
+    eval_csv_free(&csv);
+    return rc;
+}
+
+/* ---- search-seeds ---- */
+
+/* The detector max of the plain image of one seed (upstream's max_confidence: the max of the
+ * mask resized to the image, on the float image). */
+static int search_try(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint64_t seed,
+                      float *max, Error *e) {
+    SamplerOptions plain = a->gen.opt;
+    plain.guide = false;
+    Tensor *image = NULL, *mask = NULL;
+    float small_max;
+    int rc = eval_row_inputs(a, r, row->path, seed, e) ||
+             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->latent, r->grid_h, r->grid_w,
+                         NULL, NULL, e) ||
+             generate_decode(r, r->latent, &image, e) ||
+             generate_detect(r, image, &mask, NULL, &small_max, e);
+    if (rc == 0) *max = max_array((size_t)mask->numel, mask->data);
+    tensor_free(image);
+    tensor_free(mask);
+    return rc ? -1 : 0;
+}
+
+/* A CSV field, quoted when it holds a comma, quote or line break. */
+static void search_csv_field(FILE *f, const char *s) {
+    if (!strpbrk(s, ",\"\r\n")) {
+        fputs(s, f);
+        return;
+    }
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"') fputc('"', f);
+        fputc(*s, f);
+    }
+    fputc('"', f);
+}
+
+typedef struct SearchHits {
+    const EvalArgs *args;
+    const EvalCsv *csv;
+    const uint64_t *seeds;
+    const bool *found;
+    size_t done;
+} SearchHits;
+
+/* The embeddings path for OUT: as written in IN when both are in one directory, else absolute. */
+static void search_out_path(FILE *f, const SearchHits *h, const EvalRow *row) {
+    const char *in = h->args->csv, *out = h->args->out;
+    const char *a = strrchr(in, '/'), *b = strrchr(out, '/');
+    size_t la = a ? (size_t)(a - in) : 0, lb = b ? (size_t)(b - out) : 0;
+    bool same_dir = la == lb && !strncmp(in, out, la);
+    char *real = row->embeddings[0] == '/' || same_dir ? NULL : realpath(row->path, NULL);
+    search_csv_field(f, real ? real : row->embeddings[0] == '/' || same_dir ? row->embeddings
+                                                                             : row->path);
+    free(real);
+}
+
+static void search_write(FILE *f, const void *ctx) {
+    const SearchHits *h = ctx;
+    fputs("embeddings,seed\n", f);
+    for (size_t i = 0; i < h->done; i++) {
+        if (!h->found[i]) continue;
+        search_out_path(f, h, &h->csv->rows[i]);
+        fprintf(f, ",%llu\n", (unsigned long long)h->seeds[i]);
+    }
+}
+
+/* One seed counter over all rows, never reset; OUT rewritten after each row. */
+static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
+    GenerateRun r = {0};
+    uint64_t *seeds = calloc(csv->n, sizeof *seeds), next = a->start;
+    bool *found = calloc(csv->n, sizeof *found);
+    SearchHits hits = {a, csv, seeds, found, 0};
+    int rc = seeds && found ? generate_load_models(&a->gen, &r, e) : error_set(e, "out of memory");
+    size_t misses = 0;
+    for (size_t i = 0; rc == 0 && i < csv->n; i++) {
+        const EvalRow *row = &csv->rows[i];
+        float max = 0.0f;
+        uint64_t first = next;
+        for (int t = 0; rc == 0 && t < a->max_tries && !found[i]; t++) {
+            seeds[i] = next++;
+            rc = search_try(a, &r, row, seeds[i], &max, e) ? 1 : 0;
+            found[i] = rc == 0 && max >= a->threshold;
+            if (rc == 0 && !a->gen.quiet)
+                fprintf(stderr, "row %zu seed %llu: detector max %.4f%s\n", i,
+                        (unsigned long long)seeds[i], max, found[i] ? " (kept)" : "");
+        }
+        if (rc == 0 && !found[i]) {
+            misses++;
+            fprintf(stderr, "diamond search-seeds: row %zu (%s): no detector max >= %g in seeds "
+                            "%llu..%llu; left out\n", i, row->embeddings, a->threshold,
+                    (unsigned long long)first, (unsigned long long)(next - 1));
+        }
+        hits.done = i + 1;
+        if (rc == 0 && eval_write_text(a->out, search_write, &hits, e)) rc = 1;
+    }
+    if (rc == 0 && !a->gen.quiet)
+        fprintf(stderr, "wrote %s: %zu of %zu rows with a seed\n", a->out, csv->n - misses, csv->n);
+    free(seeds);
+    free(found);
+    generate_run_free(&r);
+    return rc == 2 ? 2 : rc ? 1 : 0; /* 2: a size the model cannot make */
+}
+
+/* diamond search-seeds ...: 0 on success, 2 for a bad command line, 1 for anything else. */
+static int search_main(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            fputs(eval_usage, stdout);
+            return 0;
+        }
+    EvalArgs a;
+    Error e = {{0}};
+    EvalCsv csv = {0};
+    int rc = eval_parse(argc, argv, true, &a, &e) ? 2 : 0;
+    if (rc == 0) rc = eval_csv_read(a.csv, false, &csv, &e) ? 1 : search_run(&a, &csv, &e);
+    if (rc) fprintf(stderr, "diamond search-seeds: %s\n", e.msg);
+    eval_csv_free(&csv);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
@@ -1281,6 +2109,8 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "generate")) return generate_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "search-seeds")) return search_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);

@@ -946,6 +946,14 @@ void dir_list_free(char **names, size_t count) {
     free(names);
 }
 
+int dir_make(const char *dir, Error *e) {
+    struct stat sb;
+    if (mkdir(dir, 0777) == 0 || (errno == EEXIST && stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode)))
+        return 0;
+    return error_set(e, "%s: cannot create directory: %s", dir,
+                     errno == EEXIST ? "a file of that name exists" : strerror(errno));
+}
+
 int dir_list(const char *dir, char ***names, size_t *count, Error *e) {
     *names = NULL;
     *count = 0;

@@ -102,6 +102,8 @@ int write_file_atomic(const char *path, const void *data, size_t n, Error *e);
 /* The entry names of a directory without "." and "..", sorted bytewise; free with dir_list_free. */
 int dir_list(const char *dir, char ***names, size_t *count, Error *e);
 void dir_list_free(char **names, size_t count);
+/* Creates directory `dir` (one level) unless it already is one. */
+int dir_make(const char *dir, Error *e);
 
 /* ---- safetensors ------------------------------------------------------------------------ */
 

@@ -2300,3 +2300,88 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
 }
 
 /* ---- end section: sampler ---- */
+
+/* ---- section: metrics ------------------------------------------------------------------------ */
+
+int metrics_artifact_mask(const float *map, int h, int w, int H, int W, float threshold,
+                          uint8_t *mask, Error *e) {
+    float *up = malloc((size_t)H * W * sizeof *up);
+    if (!up) return error_set(e, "out of memory for a %dx%d artifact mask", W, H);
+    resize_bilinear_forward(1, h, w, H, W, map, up);
+    for (size_t p = 0; p < (size_t)H * W; p++) mask[p] = up[p] >= threshold;
+    free(up);
+    return 0;
+}
+
+/* The share of the n map values at or above threshold. */
+static double metrics_pixel_ratio(const float *map, size_t n, float threshold) {
+    size_t hits = 0;
+    for (size_t i = 0; i < n; i++) hits += map[i] >= threshold;
+    return (double)hits / (double)n;
+}
+
+/* The absolute differences of [H, W, 3] images summed over all values and over the values of
+ * masked pixels (integers: exact, in any order). A region's mean is its sum over its values,
+ * with at least one value as the official clamp_min(1.0) does. */
+static void metrics_mae(const uint8_t *baseline, const uint8_t *guided, const uint8_t *mask,
+                        size_t pixels, ImageMetrics *out) {
+    int64_t all = 0, inside = 0, masked = 0;
+    for (size_t p = 0; p < pixels; p++) {
+        int64_t d = 0;
+        for (int c = 0; c < 3; c++) d += abs((int)guided[3 * p + c] - (int)baseline[3 * p + c]);
+        all += d;
+        if (mask[p]) inside += d, masked++;
+    }
+    int64_t values = 3 * (int64_t)pixels, in_values = 3 * masked, out_values = values - in_values;
+    out->artifact_pixels = masked;
+    out->mae = (double)all / (double)values;
+    out->mae_a = (double)inside / (double)(in_values > 0 ? in_values : 1);
+    out->mae_na = (double)(all - inside) / (double)(out_values > 0 ? out_values : 1);
+}
+
+int metrics_image(const uint8_t *baseline, const uint8_t *guided, int H, int W,
+                  const float *baseline_map, const float *guided_map, int h, int w,
+                  float threshold, ImageMetrics *out, Error *e) {
+    size_t cells = (size_t)h * w, pixels = (size_t)H * W;
+    if (h < 1 || w < 1 || H < 1 || W < 1)
+        return error_set(e, "metrics: empty image %dx%d or map %dx%d", W, H, w, h);
+    uint8_t *mask = malloc(pixels);
+    if (!mask) return error_set(e, "out of memory for a %dx%d artifact mask", W, H);
+    int rc = metrics_artifact_mask(baseline_map, h, w, H, W, threshold, mask, e);
+    if (rc == 0) {
+        out->baseline_max = max_array(cells, baseline_map);
+        out->guided_max = max_array(cells, guided_map);
+        out->baseline_artifact = out->baseline_max >= threshold;
+        out->guided_artifact = out->guided_max >= threshold;
+        out->baseline_pixel_ratio = metrics_pixel_ratio(baseline_map, cells, threshold);
+        out->guided_pixel_ratio = metrics_pixel_ratio(guided_map, cells, threshold);
+        metrics_mae(baseline, guided, mask, pixels, out);
+    }
+    free(mask);
+    return rc;
+}
+
+void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
+    *out = (EvalSummary){.n = (int64_t)n};
+    for (size_t i = 0; i < n; i++) {
+        const ImageMetrics *m = &items[i];
+        out->baseline_artifact_freq += m->baseline_artifact;
+        out->guided_artifact_freq += m->guided_artifact;
+        out->baseline_pixel_ratio += m->baseline_pixel_ratio;
+        out->guided_pixel_ratio += m->guided_pixel_ratio;
+        out->mae += m->mae;
+        out->mae_a += m->mae_a;
+        out->mae_na += m->mae_na;
+    }
+    if (n == 0) return;
+    double percent = 100.0 / (double)n, mean = 1.0 / (double)n;
+    out->baseline_artifact_freq *= percent;
+    out->guided_artifact_freq *= percent;
+    out->baseline_pixel_ratio *= percent;
+    out->guided_pixel_ratio *= percent;
+    out->mae *= mean;
+    out->mae_a *= mean;
+    out->mae_na *= mean;
+}
+
+/* ---- end section: metrics ---- */

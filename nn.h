@@ -282,4 +282,45 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
 
 /* ---- end section: sampler ---- */
 
+/* ---- section: metrics ------------------------------------------------------------------------
+ * DIAMOND's evaluation metrics as gmum/DIAMOND's src/tasks/metrics.py computes them, from the
+ * saved 8-bit images ([H, W, 3], the baseline and the guided run from the same noise) and the
+ * detector's sigmoid maps at 1/4 of its input ([h, w], one label). Sums over pixels are exact
+ * (integers); the means are in double, where the official code uses float32. */
+
+/* One image pair's metrics. Fractions here; metrics_summarize makes percentages. */
+typedef struct ImageMetrics {
+    float baseline_max, guided_max;                  /* the maps' maxima */
+    bool baseline_artifact, guided_artifact;         /* map max >= threshold */
+    double baseline_pixel_ratio, guided_pixel_ratio; /* share of map values >= threshold */
+    double mae;                  /* mean |guided - baseline| over pixels and channels, 0..255 */
+    double mae_a, mae_na;        /* the same inside / outside the baseline's artifact mask; a
+                                    region with no pixels gives 0 (official clamp_min(1)) */
+    int64_t artifact_pixels;     /* pixels inside the baseline's mask */
+} ImageMetrics;
+
+/* The baseline's artifact mask: map [h, w] resized bilinearly (align_corners=False) to
+ * [H, W], 1 where >= threshold, else 0. -> mask: [H, W] */
+int metrics_artifact_mask(const float *map, int h, int w, int H, int W, float threshold,
+                          uint8_t *mask, Error *e);
+
+/* The metrics of one pair. baseline, guided: [H, W, 3]; baseline_map, guided_map: [h, w]. */
+int metrics_image(const uint8_t *baseline, const uint8_t *guided, int H, int W,
+                  const float *baseline_map, const float *guided_map, int h, int w,
+                  float threshold, ImageMetrics *out, Error *e);
+
+/* The paper's table over n images: every figure is the plain mean over images (an image with
+ * no artifact pixels adds 0 to mae_a), frequencies and ratios in percent. */
+typedef struct EvalSummary {
+    int64_t n;
+    double baseline_artifact_freq, baseline_pixel_ratio; /* % */
+    double guided_artifact_freq, guided_pixel_ratio;     /* % */
+    double mae, mae_a, mae_na;                           /* 0..255 */
+} EvalSummary;
+
+/* Sums in the order given, so equal lists give equal summaries bit for bit. */
+void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out);
+
+/* ---- end section: metrics ---- */
+
 #endif

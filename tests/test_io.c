@@ -916,6 +916,13 @@ static void test_atomic(const char *base) {
           "dir_list sorted, without . and ..");
     dir_list_free(names, count);
     CHECK(dir_list(path, &names, &count, &e) != 0 && contains(e.msg, "cannot open directory"), "dir_list on a file");
+
+    char *made = join(dir, "made");
+    CHECK(dir_make(made, &e) == 0 && dir_make(made, &e) == 0 && dir_entries(made) == 0,
+          "dir_make creates a directory and accepts an existing one");
+    CHECK(dir_make(path, &e) != 0 && contains(e.msg, path) && contains(e.msg, "file"),
+          "dir_make over a file names it (%s)", e.msg);
+    free(made);
     free(path);
     free(dir);
 }

@@ -15,12 +15,12 @@ norm's num_batches_tracked) unchanged. The state dict is checked against the con
 is written.
 """
 import argparse
-import json
 import os
 import re
-import struct
 
 import torch
+
+import safetensors_file
 
 # nvidia/mit-b5 with DiffDoctor's one-label head.
 MIT_B5 = {
@@ -50,41 +50,6 @@ DIFFDOCTOR_PREPROCESSOR = {
     "image_mean": [0.485, 0.456, 0.406],
     "image_std": [0.229, 0.224, 0.225],
 }
-
-DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
-
-
-def tensor_bytes(t, dtype):
-    """Little-endian bytes of t: floating tensors as float32 or bfloat16, integers as they are."""
-    if t.is_floating_point():
-        t = t.detach().to(torch.float32 if dtype == "f32" else torch.bfloat16)
-    t = t.contiguous()
-    if t.dtype not in DTYPES:
-        raise SystemExit(f"cannot store a tensor of dtype {t.dtype}")
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the raw 16 bits
-        return "BF16", t.view(torch.int16).numpy().astype("<i2").tobytes()
-    return DTYPES[t.dtype], t.numpy().astype("<f4" if t.dtype == torch.float32 else "<i8").tobytes()
-
-
-def write_safetensors(path, tensors, dtype):
-    """The safetensors format: 8-byte little-endian header length, JSON header, raw data."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        kind, data = tensor_bytes(t, dtype)
-        header[name] = {"dtype": kind, "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(tmp, path)
-
 
 def check_state(state, config):
     """Stops with a message when the state dict and the config disagree on the architecture."""
@@ -117,19 +82,19 @@ def load_state(path):
     return state
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+def write_detector(out_dir, state, dtype, config=MIT_B5, preprocessor=DIFFDOCTOR_PREPROCESSOR):
+    """The detector directory: config.json, preprocessor_config.json, model.safetensors with the
+    floating tensors as dtype ("F32" or "BF16")."""
+    safetensors_file.write_json(os.path.join(out_dir, "config.json"), config)
+    safetensors_file.write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor)
+    safetensors_file.write(os.path.join(out_dir, "model.safetensors"), state, dtype,
+                           metadata={"format": "pt"})
 
 
 def convert(pickle_path, out_dir, dtype, config=MIT_B5, preprocessor=DIFFDOCTOR_PREPROCESSOR):
     state = load_state(pickle_path)
     check_state(state, config)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "config.json"), config)
-    write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), state, dtype)
+    write_detector(out_dir, state, dtype, config, preprocessor)
 
 
 def main():
@@ -138,7 +103,7 @@ def main():
     parser.add_argument("out_dir", help="the detector directory to write")
     parser.add_argument("--bf16", action="store_true", help="store the weights as bfloat16")
     args = parser.parse_args()
-    convert(args.checkpoint, args.out_dir, "bf16" if args.bf16 else "f32")
+    convert(args.checkpoint, args.out_dir, "BF16" if args.bf16 else "F32")
     print(f"wrote {args.out_dir}")
 
 

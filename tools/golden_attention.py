@@ -10,12 +10,12 @@ the reference saw. Everything is stored as float32 in tests/golden/attention.saf
   rope.config [B, N, H, D], rope.x .cos .sin .dy, rope.y .dx
 Run with /usr/bin/python3 (Debian's torch).
 """
-import json
 import math
 import os
-import struct
 
 import torch
+
+import safetensors_file
 
 torch.manual_seed(0)
 
@@ -89,24 +89,6 @@ def rope_case(B, N, H, D):
     return {f"rope.{key}": t.detach() for key, t in tensors.items()}
 
 
-def write_safetensors(path, tensors):
-    """The safetensors format by hand: 8-byte little-endian header length, JSON header, data."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        data = t.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-
-
 def main():
     tensors = {}
     # grouped-query, causal, one batch row with padded keys
@@ -126,7 +108,7 @@ def main():
     tensors.update(rope_case(B=2, N=7, H=3, D=16))
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden",
                         "attention.safetensors")
-    write_safetensors(os.path.normpath(path), tensors)
+    safetensors_file.write(os.path.normpath(path), tensors)
     print(f"wrote {os.path.normpath(path)}: {len(tensors)} tensors")
 
 

@@ -22,34 +22,16 @@ Inputs and parameters are float32; everything is computed in float64 from those 
 and stored as float32. Names: the first model's parameters as below, "cos", "sin" (its rotary
 tables, [12, 4]), "loss", "grad_<name>" for every parameter; the second model's the same with
 the prefix "det.", its constants (normalisation, running statistics) without gradients."""
-import json
 import math
 import os
-import struct
 
 import torch
 import torch.nn.functional as F
 
+import safetensors_file
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden",
                    "autograd.safetensors")
-
-
-def write_safetensors(path, tensors):
-    """The safetensors layout: header length (u64 LE), a JSON header, the raw float32 data."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        raw = t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for raw in blobs:
-            f.write(raw)
 
 
 def rope(x, cos, sin):
@@ -146,7 +128,7 @@ def main():
         out["grad_" + name] = leaf.grad
     det = detector_case(randn)
     out.update(det)
-    write_safetensors(OUT, out)
+    safetensors_file.write(OUT, out)
     print(f"wrote {OUT}: losses {loss.item():.9g}, {det['det.loss'].item():.9g}")
 
 

@@ -10,11 +10,11 @@ in float32; everything is computed in float64 and stored as float32.
 
 Run with Debian's python (it has torch): /usr/bin/python3 tools/golden_conv.py
 """
-import json
 import os
-import struct
 
 import torch
+
+import safetensors_file
 
 # name: (batch, in_ch, in_h, in_w, out_ch, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
 #        groups, bias)
@@ -54,25 +54,6 @@ def conv_case(cfg, gen):
     return out
 
 
-def write_safetensors(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        data = t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(tmp, path)
-
-
 def main():
     gen = torch.Generator().manual_seed(20240601)
     tensors = {}
@@ -81,7 +62,7 @@ def main():
             tensors[f"{name}.{key}"] = t
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, "tests", "golden", "conv.safetensors")
-    write_safetensors(path, tensors)
+    safetensors_file.write(path, tensors)
     print(f"wrote {path}: {len(CONFIGS)} configurations, {os.path.getsize(path)} bytes")
 
 

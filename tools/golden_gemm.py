@@ -8,11 +8,11 @@ Writes tests/golden/gemm.safetensors. For each case i:
   case{i}.out          alpha * op(A) @ op(B) + beta * C, computed in float64, stored float32
 Run with Debian's python3 (it has torch): /usr/bin/python3 tools/golden_gemm.py
 """
-import json
 import os
-import struct
 
 import torch
+
+import safetensors_file
 
 # M, N, K, trans_a, trans_b, alpha, beta: odd sizes, every transpose pair, sizes past the
 # micro-tile and cache blocks (KC = 384), and a product of vectors.
@@ -25,24 +25,6 @@ CASES = [
     (45, 1, 9, True, True, 1.0, 0.25),
     (200, 150, 400, False, False, 1.0, 0.0),
 ]
-
-
-def write_safetensors(path, tensors):
-    """tensors: list of (name, float32 tensor). Little-endian F32, as the format requires."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors:
-        data = t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for b in blobs:
-            f.write(b)
 
 
 def main():
@@ -60,8 +42,7 @@ def main():
                     (f"case{i}.c", c), (f"case{i}.out", out)]
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     path = os.path.join(root, "tests", "golden", "gemm.safetensors")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_safetensors(path, tensors)
+    safetensors_file.write(path, tensors)
     print(f"wrote {os.path.normpath(path)} ({len(CASES)} cases)")
 
 

@@ -1,6 +1,6 @@
 """Writes tests/golden/io.safetensors: a safetensors file made without our C code, for test_io.
 
-The file is packed by hand (struct + json) the way the safetensors format says: an 8-byte
+The file is packed by hand (safetensors_file.frame) the way the safetensors format says: an 8-byte
 little-endian header length, a JSON header padded with spaces to a multiple of 8 bytes, then the
 raw little-endian data. The data area is laid out in a different order from the header, and the
 header goes through json.dumps with ensure_ascii, so names arrive as \\uXXXX escapes and
@@ -11,12 +11,13 @@ surrogate pairs. Expected conversions come from PyTorch:
   round_src_to_f16  torch's .half() of them;         round_src_to_bf16 torch's .bfloat16()
   f32 / f32_as_f64  the same values as F32 and F64;  i64; scalar (shape []); empty (shape [0, 3])
 Run with /usr/bin/python3 (Debian's torch)."""
-import json
 import os
 import struct
 
 import numpy as np
 import torch
+
+import safetensors_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden", "io.safetensors")
 rng = np.random.default_rng(20240611)
@@ -98,12 +99,9 @@ def main():
         offset += len(raw)
     ordered = {"__metadata__": {"format": "pt", "written_by": "tools/golden_io.py"}}
     ordered.update({name: header[name] for name, _, _, _ in tensors})
-    text = json.dumps(ordered).encode("ascii")
-    text += b" " * ((8 - len(text) % 8) % 8)
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + data)
-    print(f"wrote {OUT}: {len(tensors)} tensors, {8 + len(text) + len(data)} bytes")
+    blob = safetensors_file.frame(ordered, data, compact=False)  # json.dumps' spaced separators
+    safetensors_file.write_bytes(OUT, blob)
+    print(f"wrote {OUT}: {len(tensors)} tensors, {len(blob)} bytes")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ bilinear resize, which is computed in float32 because its sampling positions fol
 float arithmetic (a float64 run would place the samples slightly differently).
 Names are "<case>.<tensor>"; the shapes of the cases are listed in the loops below and again in
 tests/test_ops.c."""
-import json
 import os
-import struct
 
 import torch
 import torch.nn.functional as F
+
+import safetensors_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden",
                    "ops.safetensors")
@@ -157,23 +157,5 @@ for i, count in enumerate([1, 17, 40009]):
     put(f"reduce{i}.sum", x.double().sum().reshape(1))
     put(f"reduce{i}.max", x.max().reshape(1))
 
-
-def write_safetensors(path, named):
-    header, offset, blobs = {}, 0, []
-    for name, t in named.items():
-        raw = t.numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for raw in blobs:
-            f.write(raw)
-
-
-write_safetensors(OUT, tensors)
+safetensors_file.write(OUT, tensors)
 print(f"wrote {len(tensors)} tensors, {os.path.getsize(OUT)} bytes to {os.path.normpath(OUT)}")

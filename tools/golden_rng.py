@@ -21,11 +21,11 @@ Caveat: for n >= 16 torch picks its Box-Muller kernel by CPU capability. This fi
 a machine where torch reports "CPU capability usage: AVX2" (AVX512 gives the same values); with
 ATEN_CPU_CAPABILITY=default, or on CPUs without AVX2, torch uses libm's logf/cosf/sinf instead
 and the last bits differ. The C code follows the AVX2 kernel."""
-import json
 import os
-import struct
 
 import torch
+
+import safetensors_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden",
                    "rng.safetensors")
@@ -66,23 +66,6 @@ def randn(n, seed=RANDN_SEED):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
-def save(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        data = t.numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for b in blobs:
-            f.write(b)
-
-
 def main():
     for seed in MT_SEEDS:
         hi, lo = mt_draws(seed)
@@ -108,7 +91,7 @@ def main():
         x = torch.randn((1, c, h, w), generator=g, dtype=torch.float32)
         put(f"latent.{c}x{h}x{w}", x.reshape(c, h * w).T)
     print(torch.__config__.show().split("CPU capability usage: ")[1].split()[0])
-    save(OUT, tensors)
+    safetensors_file.write(OUT, tensors, compact=False)  # spaced JSON, as the file was first written
     print(f"wrote {OUT}: {len(tensors)} tensors, {os.path.getsize(OUT)} bytes")
 
 

@@ -24,12 +24,12 @@ Writes (deterministic: re-running gives identical bytes):
                                                     tokens than one of nn.c's chunks (256)
 Run with /usr/bin/python3 (Debian's torch).
 """
-import json
 import math
 import os
-import struct
 
 import torch
+
+import safetensors_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 F64 = torch.float64
@@ -284,33 +284,8 @@ def klein_sigmas(steps, seq):
 
 # ---- files -------------------------------------------------------------------------------------
 
-def st_bytes(tensors):
-    """tensors: list of (name, tensor, dtype "F32" | "BF16") -> safetensors bytes."""
-    header, blobs, offset = {}, [], 0
-    for name, t, dtype in tensors:
-        t = t.contiguous()
-        if dtype == "F32":
-            raw = t.float().numpy().astype("<f4").tobytes()
-        else:
-            raw = t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
-        header[name] = {"dtype": dtype, "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
-
-
-def write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def write_config(directory, cfg):
-    write(os.path.join(directory, "config.json"),
-          (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    safetensors_file.write_json(os.path.join(directory, "config.json"), cfg, sort_keys=True)
 
 
 def write_sharded(directory, weights, shards=2):
@@ -320,18 +295,18 @@ def write_sharded(directory, weights, shards=2):
     for s in range(shards):
         file = f"diffusion_pytorch_model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = names[s * per:(s + 1) * per]
-        write(os.path.join(directory, file), st_bytes([(n, weights[n], "F32") for n in part]))
+        safetensors_file.write(os.path.join(directory, file), [(n, weights[n]) for n in part])
         for n in part:
             weight_map[n] = file
             total += weights[n].numel() * 4
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write(os.path.join(directory, "diffusion_pytorch_model.safetensors.index.json"),
-          (json.dumps(index, indent=2) + "\n").encode())
+    safetensors_file.write_json(
+        os.path.join(directory, "diffusion_pytorch_model.safetensors.index.json"), index)
 
 
 def write_single(directory, weights, dtype):
-    write(os.path.join(directory, "diffusion_pytorch_model.safetensors"),
-          st_bytes([(n, w, dtype) for n, w in weights.items()]))
+    safetensors_file.write(os.path.join(directory, "diffusion_pytorch_model.safetensors"), weights,
+                           dtype)
 
 
 def main():
@@ -379,8 +354,7 @@ def main():
     tokens_big = torch.randn(1, hb * wb, cin, generator=gen, dtype=F64).float().double()
     golden += [("tokens_big", tokens_big),
                ("v_big", forward(weights, CONFIG, tokens_big, hb, wb, txt1, sig(0.4)))]
-    write(os.path.join(ROOT, "tests", "golden", "flux2.safetensors"),
-          st_bytes([(n, t, "F32") for n, t in golden]))
+    safetensors_file.write(os.path.join(ROOT, "tests", "golden", "flux2.safetensors"), golden)
 
 
 if __name__ == "__main__":

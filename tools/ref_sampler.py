@@ -25,10 +25,8 @@ Writes tests/golden/sampler.safetensors (float32):
                                            randn((1, C, h, w)) from a CPU generator, packed
 Run with /usr/bin/python3 (Debian's torch).
 """
-import json
 import math
 import os
-import struct
 import sys
 
 import torch
@@ -37,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ref_flux2  # noqa: E402
 import ref_segformer  # noqa: E402
 import ref_vae  # noqa: E402
+import safetensors_file  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 F64 = torch.float64
@@ -133,27 +132,11 @@ def loss_fn(spec):
 
 # ---- fixtures ---------------------------------------------------------------------------------
 
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        raw = bytearray(data[8 + n + a:8 + n + b])
-        dtype = {"F32": torch.float32, "I64": torch.int64}[info["dtype"]]
-        out[name] = torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]).clone()
-    return out
-
-
 def read_dir(directory):
     out = {}
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
-            out.update(read_safetensors(os.path.join(directory, name)))
+            out.update(safetensors_file.read(os.path.join(directory, name)))
     return out
 
 
@@ -243,8 +226,7 @@ def main():
     for seed in (42, 7):
         latent = torch.randn(1, cin, H, W, generator=torch.Generator().manual_seed(seed))
         golden[f"seed.{seed}.noise"] = latent.reshape(cin, H * W).T.double()
-    ref_flux2.write(os.path.join(ROOT, "tests", "golden", "sampler.safetensors"),
-                    ref_flux2.st_bytes([(k, v.detach(), "F32") for k, v in golden.items()]))
+    safetensors_file.write(os.path.join(ROOT, "tests", "golden", "sampler.safetensors"), golden)
     print(f"sampler.safetensors: {len(golden)} tensors")
 
 

@@ -22,10 +22,8 @@ on a torch.save'd state dict of this model: the converted tensors must equal the
 
 Run with Debian's python (it has torch): /usr/bin/python3 tools/ref_segformer.py
 """
-import json
 import math
 import os
-import struct
 import sys
 import tempfile
 
@@ -35,38 +33,17 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convert_diffdoctor  # noqa: E402
+import safetensors_file  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-detector")
 FIXTURE_BF16 = os.path.join(ROOT, "tests", "fixtures", "tiny-detector-bf16")
 GOLDEN = os.path.join(ROOT, "tests", "golden", "segformer.safetensors")
 
-CONFIG = {
-    "architectures": ["SegformerForSemanticSegmentation"],
-    "model_type": "segformer",
-    "num_channels": 3,
-    "num_encoder_blocks": 4,
-    "hidden_sizes": [8, 16, 24, 32],
-    "depths": [2, 2, 2, 2],
-    "num_attention_heads": [1, 2, 3, 4],
-    "sr_ratios": [8, 4, 2, 1],
-    "patch_sizes": [7, 3, 3, 3],
-    "strides": [4, 2, 2, 2],
-    "mlp_ratios": [4, 4, 4, 4],
-    "decoder_hidden_size": 16,
-    "num_labels": 1,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-6,
-    "reshape_last_stage": True,
-}
-PREPROCESSOR = {
-    "image_processor_type": "SegformerImageProcessor",
-    "do_resize": True,
-    "size": {"height": 64, "width": 48},
-    "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-}
+# nvidia/mit-b5's layout, shrunk; the preprocessor as DIAMOND's but with a small, non-square size.
+CONFIG = dict(convert_diffdoctor.MIT_B5, hidden_sizes=[8, 16, 24, 32], depths=[2, 2, 2, 2],
+              num_attention_heads=[1, 2, 3, 4], decoder_hidden_size=16)
+PREPROCESSOR = dict(convert_diffdoctor.DIFFDOCTOR_PREPROCESSOR, size={"height": 64, "width": 48})
 
 
 # ---- the model, after modeling_segformer.py (eval mode) ----------------------------------------
@@ -269,18 +246,7 @@ def bf16_rounded(state):
             for k, v in state.items()}
 
 
-# ---- files ---------------------------------------------------------------------------------
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def write_golden(path, tensors):
-    convert_diffdoctor.write_safetensors(
-        path, {k: v.detach().to(torch.float32) for k, v in tensors.items()}, "f32")
-
+# ---- cases, and the converter checked against the fixtures ---------------------------------
 
 def run_case(model, pre, image):
     x = image.double().requires_grad_()
@@ -295,7 +261,7 @@ def check_converter(state):
     with tempfile.TemporaryDirectory() as tmp:
         pickle = os.path.join(tmp, "ad_pytorch_model.bin")
         torch.save(state, pickle)
-        for dtype, fixture in (("f32", FIXTURE), ("bf16", FIXTURE_BF16)):
+        for dtype, fixture in (("F32", FIXTURE), ("BF16", FIXTURE_BF16)):
             out = os.path.join(tmp, dtype)
             convert_diffdoctor.convert(pickle, out, dtype, CONFIG, PREPROCESSOR)
             for name in ("model.safetensors", "config.json", "preprocessor_config.json"):
@@ -314,11 +280,8 @@ def main():
         init_weights(model, gen)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    for path, dtype in ((FIXTURE, "f32"), (FIXTURE_BF16, "bf16")):
-        os.makedirs(path, exist_ok=True)
-        write_json(os.path.join(path, "config.json"), CONFIG)
-        write_json(os.path.join(path, "preprocessor_config.json"), PREPROCESSOR)
-        convert_diffdoctor.write_safetensors(os.path.join(path, "model.safetensors"), state, dtype)
+    for path, dtype in ((FIXTURE, "F32"), (FIXTURE_BF16, "BF16")):
+        convert_diffdoctor.write_detector(path, state, dtype, CONFIG, PREPROCESSOR)
     check_converter(state)
 
     resize_image = torch.rand(2, 3, 48, 80, generator=gen) * 2.4 - 1.2  # some pixels clamp
@@ -341,7 +304,7 @@ def main():
         if key.endswith("mask_small"):
             m = golden[key]
             print(f"{key}: min {m.min().item():.3f} max {m.max().item():.3f}")
-    write_golden(GOLDEN, golden)
+    safetensors_file.write(GOLDEN, golden, metadata={"format": "pt"})
 
 
 if __name__ == "__main__":

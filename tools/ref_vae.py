@@ -15,14 +15,14 @@ Run with /usr/bin/python3 (Debian's torch). No pip packages: safetensors is writ
 `ref_vae.py --real-random DIR` instead writes the real FLUX.2 VAE config (upstream values) with
 random BF16 decoder weights into DIR (about 100 MB), for tools/vae_peak.c's memory measurement.
 """
-import json
 import os
-import struct
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import safetensors_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 NORM_EPS = 1e-6  # diffusers' Decoder fixes every GroupNorm eps at 1e-6
@@ -55,42 +55,10 @@ REAL_CONFIG = dict(CONFIG, block_out_channels=[128, 256, 512, 512],
                    layers_per_block=2, norm_num_groups=32, sample_size=1024)
 
 
-# ---- safetensors, by hand ----
-
-def bf16_round(a):
-    """float32 array -> uint16 bf16 bits, round to nearest even."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return u.astype(np.uint16)
-
-
-def write_safetensors(path, tensors, dtype="F32"):
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        a = np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
-        raw = (bf16_round(a) if dtype == "BF16" else a).astype("<u2" if dtype == "BF16" else "<f4")
-        raw = raw.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for b in blobs:
-            f.write(b)
-
-
 def write_fixture(directory, weights, dtype, config=CONFIG):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    write_safetensors(os.path.join(directory, "diffusion_pytorch_model.safetensors"), weights,
-                      dtype)
+    safetensors_file.write_json(os.path.join(directory, "config.json"), config, sort_keys=True)
+    safetensors_file.write(os.path.join(directory, "diffusion_pytorch_model.safetensors"), weights,
+                           dtype)
 
 
 # ---- random weights with the real names; scaled so activations stay O(1) ----
@@ -227,8 +195,7 @@ def main():
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(20261126)
     weights = make_weights(CONFIG, gen)
-    weights_bf16 = {k: torch.from_numpy((bf16_round(v.numpy()).astype(np.uint32) << 16)
-                                        .view(np.float32)) for k, v in weights.items()}
+    weights_bf16 = {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
     write_fixture(os.path.join(ROOT, "tests/fixtures/tiny-flux2/vae"), weights, "F32")
     write_fixture(os.path.join(ROOT, "tests/fixtures/tiny-flux2-bf16/vae"), weights, "BF16")
 
@@ -249,7 +216,7 @@ def main():
         if name == "a":
             image, grad = run_case(weights_bf16, tokens, r, h, w)
             golden.update({"bf16.image": image, "bf16.grad": grad})
-    write_safetensors(os.path.join(ROOT, "tests/golden/vae.safetensors"), golden)
+    safetensors_file.write(os.path.join(ROOT, "tests/golden/vae.safetensors"), golden)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,370 @@
+/* test_eval.c - DIAMOND's evaluation: the metrics (nn.c's metrics section) against
+ * tools/golden_eval.py, which computes them with the official formulas of gmum/DIAMOND's
+ * metrics.py in torch; `diamond eval` end to end on the tiny fixtures (files written, resume,
+ * shards merged equal to one run, a quoted path with a comma, settings checked on resume) and
+ * `diamond search-seeds` (one seed counter over the prompts, rows without a hit left out);
+ * exit statuses on bad input. */
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../nn.h"
+#include "harness.h"
+
+#define GOLDEN "tests/golden/eval.safetensors"
+#define CASES 6
+
+/* The metrics come as doubles from exact integer sums; the golden stores them as float32. */
+#define METRIC_RTOL 1e-6f
+#define METRIC_ATOL 1e-6f
+
+/* [H, W, 3] 8-bit values stored as floats -> bytes. */
+static uint8_t *golden_image(const SafeTensors *g, const char *name, size_t n) {
+    float *f = golden_load(g, name, n);
+    uint8_t *u = malloc(n);
+    for (size_t i = 0; f && u && i < n; i++) u[i] = (uint8_t)f[i];
+    free(f);
+    if (!f) free(u);
+    return f ? u : NULL;
+}
+
+/* One golden case through metrics_image; its metrics into m. */
+static void test_metric_case(const SafeTensors *g, int k, ImageMetrics *m) {
+    char name[64];
+    snprintf(name, sizeof name, "case%d.size", k);
+    float *size = golden_load(g, name, 4);
+    if (!size) return;
+    int H = (int)size[0], W = (int)size[1], h = (int)size[2], w = (int)size[3];
+    size_t n = (size_t)H * W * 3, cells = (size_t)h * w;
+    free(size);
+#define LOAD(part, count) (snprintf(name, sizeof name, "case%d." part, k), golden_load(g, name, count))
+    uint8_t *base = (snprintf(name, sizeof name, "case%d.baseline", k), golden_image(g, name, n));
+    uint8_t *guided = (snprintf(name, sizeof name, "case%d.guided", k), golden_image(g, name, n));
+    float *bmap = LOAD("bmap", cells), *gmap = LOAD("gmap", cells), *want = LOAD("metrics", 8);
+#undef LOAD
+    Error e = {{0}};
+    if (base && guided && bmap && gmap && want) {
+        int rc = metrics_image(base, guided, H, W, bmap, gmap, h, w, 0.5f, m, &e);
+        CHECK(rc == 0, "metrics_image case %d: %s", k, e.msg);
+        float got[8] = {m->baseline_artifact, m->guided_artifact, (float)m->baseline_pixel_ratio,
+                        (float)m->guided_pixel_ratio, (float)m->mae, (float)m->mae_a,
+                        (float)m->mae_na, (float)m->artifact_pixels};
+        snprintf(name, sizeof name, "case %d (%dx%d image, %dx%d map) metrics", k, W, H, w, h);
+        check_close(name, got, want, 8, METRIC_RTOL, METRIC_ATOL);
+        CHECK(m->baseline_max == max_array(cells, bmap), "case %d: baseline max", k);
+    }
+    free(base);
+    free(guided);
+    free(bmap);
+    free(gmap);
+    free(want);
+}
+
+static void test_metrics(void) {
+    SafeTensors *g = golden_open(GOLDEN);
+    if (!g) return;
+    ImageMetrics m[CASES] = {{0}};
+    for (int k = 0; k < CASES; k++) test_metric_case(g, k, &m[k]);
+    EvalSummary s;
+    metrics_summarize(m, CASES, &s);
+    float got[8] = {(float)s.n, (float)s.baseline_artifact_freq, (float)s.baseline_pixel_ratio,
+                    (float)s.guided_artifact_freq, (float)s.guided_pixel_ratio, (float)s.mae,
+                    (float)s.mae_a, (float)s.mae_na};
+    float *want = golden_load(g, "summary", 8);
+    if (want) check_close("summary over the cases (n, freq %, ratio %, MAEs)", got, want, 8,
+                          METRIC_RTOL, METRIC_ATOL);
+    free(want);
+    CHECK(m[2].artifact_pixels == 0 && m[2].mae_a == 0.0 && m[2].mae_na == m[2].mae,
+          "a clean baseline adds 0 to MAE(A), MAE(NA) = MAE");
+    CHECK(m[3].mae_na == 0.0 && m[3].mae_a == m[3].mae, "an all-artifact baseline: MAE(A) = MAE");
+    CHECK(m[4].mae == 0.0, "equal images: MAE 0");
+    metrics_summarize(m, 0, &s);
+    CHECK(s.n == 0 && s.mae == 0.0, "an empty summary is zeros");
+    st_close(g);
+}
+
+/* ---- the commands ---- */
+
+typedef struct Cli {
+    char binary[512], dir[64], cmd[8192];
+} Cli;
+
+/* The command's exit status, its output into dir/log. */
+static int run(Cli *c, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static int run(Cli *c, const char *fmt, ...) {
+    char args[6000];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    snprintf(c->cmd, sizeof c->cmd, "%s %s >%s/log 2>&1", c->binary, args, c->dir);
+    int status = system(c->cmd);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* The whole file, NUL-terminated, or NULL. */
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *copy = malloc(n + 1);
+    if (copy) memcpy(copy, buf, n + 1);
+    return copy;
+}
+
+static bool same_file_text(const char *a, const char *b) {
+    char *x = slurp(a), *y = slurp(b);
+    bool same = x && y && !strcmp(x, y);
+    free(x);
+    free(y);
+    return same;
+}
+
+/* Whether dir/log holds text. */
+static bool log_has(const Cli *c, const char *text) {
+    char path[128];
+    snprintf(path, sizeof path, "%s/log", c->dir);
+    char *log = slurp(path);
+    bool has = log && strstr(log, text);
+    free(log);
+    return has;
+}
+
+/* prompt_embeds [5, 24] (the tiny flow model's joint_attention_dim), random. */
+static int write_embeddings(const char *path, unsigned long long seed) {
+    float x[5 * 24];
+    for (int i = 0; i < 5 * 24; i++) x[i] = harness_rand(&seed);
+    StWriteTensor t = {"prompt_embeds", DTYPE_F32, 2, {5, 24}, x};
+    Error e = {{0}};
+    return st_write(path, &t, 1, &e);
+}
+
+static int write_text(const char *path, const char *text) {
+    Error e = {{0}};
+    return write_file_atomic(path, text, strlen(text), &e);
+}
+
+/* one thread: the tiny models gain nothing from more, and spinning OpenMP threads on a busy
+ * machine cost seconds */
+#define MODELS_LOUD "--model tests/fixtures/tiny-flux2 --detector tests/fixtures/tiny-detector " \
+                    "--steps 2 -W 24 -H 16 --threads 1"
+#define MODELS MODELS_LOUD " --quiet"
+#define GUIDE "--lambda-schedule linear:start=0.8,end=0.2 --loss mse"
+
+static ino_t inode(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0 ? sb.st_ino : 0;
+}
+
+/* Unsharded run, resume, shards and merge, settings check. */
+static void test_eval_run(Cli *c) {
+    char path[256], path2[256];
+    const char *d = c->dir;
+    int rc = run(c, "eval %s %s --csv %s/set.csv --out %s/all --json %s/all.json", MODELS, GUIDE,
+                 d, d, d);
+    CHECK(rc == 0, "eval runs (status %d): %s", rc, c->cmd);
+    static const char *files[] = {"item_000000.json", "item_000000_baseline.png",
+                                  "item_000000_guided.png", "item_000001.json",
+                                  "item_000001_baseline.png", "item_000001_guided.png"};
+    for (int k = 0; k < 6; k++) {
+        snprintf(path, sizeof path, "%s/all/%s", d, files[k]);
+        CHECK(access(path, R_OK) == 0, "eval wrote %s", files[k]);
+    }
+    JsonDoc *doc = NULL;
+    Error e = {{0}};
+    int64_t n = 0;
+    double mae = -1.0;
+    snprintf(path, sizeof path, "%s/all.json", d);
+    rc = json_parse_file(&doc, path, &e) || json_get_int(json_root(doc), "n", &n, &e) ||
+         json_get_float(json_root(doc), "mae", &mae, &e) ||
+         !json_get(json_root(doc), "baseline") || !json_get(json_root(doc), "guided");
+    CHECK(rc == 0 && n == 2 && mae > 0.0 && mae <= 255.0, "--json holds n = 2 and an MAE in "
+          "(0, 255]: %s", e.msg);
+    json_free(doc);
+    snprintf(path, sizeof path, "%s/all/item_000001.json", d);
+    char *item = slurp(path);
+    CHECK(item && strstr(item, "\"embeddings\": \"b,c.safetensors\"") && strstr(item, "\"seed\": 7,"),
+          "the quoted path with a comma and its seed are in row 1's item");
+    free(item);
+
+    ino_t before = inode(path);
+    rc = run(c, "eval %s %s --csv %s/set.csv --out %s/all --json %s/again.json", MODELS, GUIDE,
+             d, d, d);
+    snprintf(path2, sizeof path2, "%s/again.json", d);
+    snprintf(path, sizeof path, "%s/all.json", d);
+    CHECK(rc == 0 && same_file_text(path, path2), "a second run resumes to the same figures");
+    snprintf(path, sizeof path, "%s/all/item_000001.json", d);
+    CHECK(before != 0 && inode(path) == before, "resume leaves finished items alone");
+
+    rc = run(c, "eval %s %s --csv %s/set.csv --out %s/shards --shard 1/2", MODELS, GUIDE, d, d) ||
+         run(c, "eval %s %s --csv %s/set.csv --out %s/shards --shard 0/2", MODELS, GUIDE, d, d);
+    CHECK(rc == 0, "shards 1/2 and 0/2 run");
+    snprintf(path, sizeof path, "%s/shards/item_000001.json", d);
+    snprintf(path2, sizeof path2, "%s/all/item_000001.json", d);
+    CHECK(same_file_text(path, path2), "a shard's item equals the unsharded run's");
+    rc = run(c, "eval --merge --out %s/shards --json %s/merged.json", d, d);
+    snprintf(path, sizeof path, "%s/all.json", d);
+    snprintf(path2, sizeof path2, "%s/merged.json", d);
+    CHECK(rc == 0 && same_file_text(path, path2), "--merge of the shards equals the unsharded "
+          "--json");
+    rc = run(c, "eval %s --csv %s/set.csv --out %s/all", MODELS, d, d);
+    CHECK(rc == 1 && log_has(c, "other settings"), "resume with other settings fails (1): %d", rc);
+}
+
+/* Exit statuses on bad input. */
+static void test_eval_errors(Cli *c) {
+    const char *d = c->dir;
+    static const struct {
+        const char *csv_text, *extra;
+        int status;
+        const char *says;
+    } bad[] = {
+        {NULL, "--csv /nonexistent.csv", 1, "cannot open"},
+        {"emb,seed\na.safetensors,1\n", "", 1, "header"},
+        {"prompt,seed\na cat,1\n", "", 1, "text encoder is not implemented yet"},
+        {"embeddings,seed\na.safetensors,-1\n", "", 1, "seed"},
+        {"embeddings,seed\n\"a.safetensors,1\n", "", 1, "unterminated"},
+        {"embeddings,seed\na.safetensors\n", "", 1, "fields"},
+        {"embeddings,seed\nmissing.safetensors,1\n", "", 1, "missing.safetensors"},
+        {"embeddings,seed\n", "", 1, "no data rows"},
+        {"embeddings,seed\na.safetensors,1\n", "--shard 2/2", 2, "--shard"},
+        {"embeddings,seed\na.safetensors,1\n", "--shard 1", 2, "--shard"},
+        {"embeddings,seed\na.safetensors,1\n", "--shard x/2", 2, "--shard"},
+        {"embeddings,seed\na.safetensors,1\n", "--prompt cat", 2, "not implemented yet"},
+        {"embeddings,seed\na.safetensors,1\n", "--seed 3", 2, "unknown option"},
+        {"embeddings,seed\na.safetensors,1\n", "-W 20", 2, "multiple"},
+    };
+    char path[256];
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        snprintf(path, sizeof path, "%s/bad.csv", d);
+        if (bad[i].csv_text) write_text(path, bad[i].csv_text);
+        int rc = run(c, "eval %s --out %s/err --csv %s/bad.csv %s", MODELS, d, d, bad[i].extra);
+        CHECK(rc == bad[i].status && log_has(c, bad[i].says), "eval on bad input %zu (%s) exits "
+              "%d naming '%s': got %d", i, bad[i].extra, bad[i].status, bad[i].says, rc);
+    }
+    CHECK(run(c, "eval --out %s/err --steps 2", d) == 2, "eval without --csv exits 2");
+    CHECK(run(c, "eval --merge --out %s/err --csv x.csv", d) == 2, "--merge with --csv exits 2");
+    CHECK(run(c, "eval --merge --out %s/err", d) == 1 && log_has(c, "no item"),
+          "--merge of an empty directory exits 1");
+    CHECK(run(c, "search-seeds %s --csv %s/set.csv", MODELS, d) == 2,
+          "search-seeds without --out exits 2");
+}
+
+/* The detector max of each of the first `tries` seeds from 100 for one prompt, read from the
+ * log of a search that keeps nothing (threshold 1). */
+static int probe_maxima(Cli *c, float *maxima, int tries) {
+    int rc = run(c, "search-seeds %s --csv %s/one.csv --out %s/probe.csv --start 100 "
+                 "--max-tries %d --threshold 1", MODELS_LOUD, c->dir, c->dir, tries);
+    char path[128];
+    snprintf(path, sizeof path, "%s/log", c->dir);
+    char *log = slurp(path);
+    int found = 0;
+    for (const char *p = log; rc == 0 && p && (p = strstr(p, "seed ")); p++) {
+        unsigned long long seed;
+        float max;
+        if (sscanf(p, "seed %llu: detector max %f", &seed, &max) == 2 && seed >= 100 &&
+            seed < 100 + (unsigned)tries)
+            maxima[seed - 100] = max, found++;
+    }
+    free(log);
+    return found == tries ? 0 : -1;
+}
+
+/* Two rows with the same embeddings, so a seed's max is the same for both: the kept seeds
+ * follow from the probe's maxima with one counter that goes on from row to row. */
+static void test_search(Cli *c) {
+    const char *d = c->dir;
+    char path[256], want[256], csv[128];
+    float m[6];
+    snprintf(path, sizeof path, "%s/one.csv", d);
+    write_text(path, "embeddings\na.safetensors\n");
+    snprintf(path, sizeof path, "%s/two.csv", d);
+    write_text(path, "prompt,embeddings\n\"a cat, sitting\",a.safetensors\ndog,a.safetensors\n");
+    if (probe_maxima(c, m, 6)) {
+        CHECK(0, "search-seeds prints every seed's detector max: %s", c->cmd);
+        return;
+    }
+    /* a threshold halfway between the first seed's max and the next larger one */
+    float t = 2.0f;
+    for (int k = 1; k < 6; k++)
+        if (m[k] > m[0] + 1e-3f && m[k] < t) t = m[k];
+    t = t > 1.0f ? 1.0f : 0.5f * (m[0] + t);
+    uint64_t next = 100, kept[2];
+    bool hit[2];
+    int n = snprintf(want, sizeof want, "embeddings,seed\n");
+    for (int row = 0; row < 2; row++) {
+        hit[row] = false;
+        for (int k = 0; k < 3 && !hit[row]; k++) kept[row] = next++, hit[row] = m[kept[row] - 100] >= t;
+        if (hit[row]) n += snprintf(want + n, sizeof want - (size_t)n, "a.safetensors,%llu\n",
+                                    (unsigned long long)kept[row]);
+    }
+    int rc = run(c, "search-seeds %s --csv %s/two.csv --out %s/seeds.csv --start 100 "
+                 "--max-tries 3 --threshold %.6f", MODELS, d, d, t);
+    snprintf(csv, sizeof csv, "%s/seeds.csv", d);
+    char *got = slurp(csv);
+    CHECK(rc == 0 && got && !strcmp(got, want), "search-seeds at threshold %.4f (maxima %.4f "
+          "%.4f %.4f %.4f %.4f %.4f) writes\n%s        got\n%s", t, m[0], m[1], m[2], m[3], m[4],
+          m[5], want, got ? got : "(nothing)");
+    CHECK(!hit[0] || !hit[1] || kept[1] > kept[0], "the counter is not reset between prompts");
+    free(got);
+    rc = run(c, "search-seeds %s --csv %s/two.csv --out %s/seeds.csv --max-tries 2 --threshold 1",
+             MODELS, d, d);
+    got = slurp(csv);
+    CHECK(rc == 0 && got && !strcmp(got, "embeddings,seed\n") && log_has(c, "4446..4447"),
+          "rows without a hit are left out and named on stderr with their seeds");
+    free(got);
+}
+
+/* Every file the commands left in dir, then dir. */
+static void remove_tree(const char *dir) {
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (strncmp(dir, "/tmp/test_eval.", 15) == 0 && system(cmd) != 0) printf("could not remove %s\n", dir);
+}
+
+static void test_cli(const char *argv0) {
+    Cli c;
+    const char *slash = strstr(argv0, "/tests/");
+    snprintf(c.binary, sizeof c.binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
+             slash ? argv0 : "build");
+    snprintf(c.dir, sizeof c.dir, "/tmp/test_eval.XXXXXX");
+    if (access(c.binary, X_OK) != 0 || !mkdtemp(c.dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", c.binary);
+        return;
+    }
+    char path[256];
+    int rc = 0;
+    static const char *dirs[] = {"all", "shards", "err"};
+    for (int k = 0; k < 3; k++) {
+        snprintf(path, sizeof path, "%s/%s", c.dir, dirs[k]);
+        rc |= mkdir(path, 0755);
+    }
+    snprintf(path, sizeof path, "%s/a.safetensors", c.dir);
+    rc |= write_embeddings(path, 1);
+    snprintf(path, sizeof path, "%s/b,c.safetensors", c.dir);
+    rc |= write_embeddings(path, 2);
+    snprintf(path, sizeof path, "%s/set.csv", c.dir);
+    rc |= write_text(path, "embeddings,seed\r\na.safetensors,4444\r\n\r\n\"b,c.safetensors\",7\r\n");
+    CHECK(rc == 0, "write the test's inputs into %s", c.dir);
+    if (rc == 0) {
+        test_eval_run(&c);
+        test_eval_errors(&c);
+        test_search(&c);
+    }
+    remove_tree(c.dir);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    test_metrics();
+    test_cli(argv[0]);
+    return harness_finish("test_eval");
+}
