@@ -634,7 +634,7 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
     const Flux2Config *fc = flux2_config(m->flow);
     const SegformerConfig *sc = segformer_config(m->detector);
     printf("bench %s: %dx%d image, %dx%d latent tokens + %d text tokens, transformer dim %d with "
-           "%d+%d blocks, detector input %dx%d, %s weights, %d threads\n", name, a.width, a.height,
+           "%d+%d blocks, detector input %dx%d, %s weights, threads %d\n", name, a.width, a.height,
            m->w, m->h, a.text_len, fc->dim, fc->num_layers, fc->num_single_layers,
            sc->do_resize ? sc->input_w : a.width, sc->do_resize ? sc->input_h : a.height,
            a.config_only ? "random (config only)" : "file", a.threads);
