@@ -35,9 +35,12 @@ static const char *usage_text =
     "  diamond bench gemm M N K [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
     "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
-    "  diamond bench flux2 (--config FILE | --model DIR) -W PIXELS -H PIXELS [--text-len L]\n"
-    "                    [--threads T]    one FLUX.2 transformer forward: random weights from a\n"
-    "                                     config.json, or a transformer directory's weights\n"
+    "  diamond bench model --model DIR --detector DIR -W W -H H [--config-only]\n"
+    "                    [--text-len L] [--threads T]   seconds of one transformer forward, the\n"
+    "                                     VAE decode and the detector, each with and without its\n"
+    "                                     backward, and peak memory; --config-only reads only\n"
+    "                                     the config files (random weights)\n"
+    "  diamond bench step (the same options)   one unguided and one guided sampler step\n"
     "  diamond help                     this text\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
@@ -412,68 +415,284 @@ static int bench_gemm(int argc, char **argv) {
     return 0;
 }
 
-/* diamond bench flux2 (--config FILE | --model DIR) -W PIXELS -H PIXELS [--text-len L]
- * [--threads T]: one FLUX.2 transformer forward (batch 1, sigma 0.5) on random latent tokens and
- * prompt embeddings, with random weights made on the fly from a transformer/config.json (no files
- * read: the timing of the real model without its 8 GB) or with a transformer directory's weights.
- * A W x H image has (H/16) x (W/16) latent tokens: the VAE's 8x downsampling, then 2x2 packing.
- * Prints the seconds of the forward and the process's peak resident memory. */
-static int bench_flux2(int argc, char **argv) {
-    const char *config = NULL, *dir = NULL;
-    int width = 0, height = 0, text_len = 512, threads = bench_threads_now();
-    for (int i = 3; i < argc; i += 2) {
+/* ---- benchmarks: the models ---- */
+
+/* The command line of bench model and bench step. */
+typedef struct BenchModelArgs {
+    const char *model, *detector;
+    int width, height, text_len, threads;
+    bool config_only;
+} BenchModelArgs;
+
+/* The loaded models and their random inputs. */
+typedef struct BenchModels {
+    Flux2 *flow;
+    VaeDecoder *vae;
+    Segformer *detector;
+    Tensor *tokens, *txt, *image; /* [1, h*w, C] latent tokens, [1, L, D] prompt, [1, 3, H, W] */
+    int h, w;                     /* the latent token grid */
+} BenchModels;
+
+static void bench_models_free(BenchModels *m) {
+    flux2_free(m->flow);
+    vae_decoder_free(m->vae);
+    segformer_free(m->detector);
+    tensor_free(m->tokens);
+    tensor_free(m->txt);
+    tensor_free(m->image);
+}
+
+/* --model DIR --detector DIR -W W -H H [--config-only] [--text-len L] [--threads T] from
+ * argv[3]; 0 on success, else the bad option in *bad. */
+static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, const char **bad) {
+    *a = (BenchModelArgs){.text_len = 512, .threads = bench_threads_now()};
+    for (int i = 3; i < argc; i++) {
         const char *opt = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
-        bool ok = value != NULL;
-        if (ok && !strcmp(opt, "--config")) config = value;
-        else if (ok && !strcmp(opt, "--model")) dir = value;
-        else if (ok && !strcmp(opt, "-W")) ok = !bench_parse_int(value, 16, IMAGE_MAX_SIDE, &width);
-        else if (ok && !strcmp(opt, "-H")) ok = !bench_parse_int(value, 16, IMAGE_MAX_SIDE, &height);
-        else if (ok && !strcmp(opt, "--text-len")) ok = !bench_parse_int(value, 1, 1 << 16, &text_len);
-        else ok = !bench_threads_option(argc, argv, i, &threads);
-        if (!ok) {
-            fprintf(stderr, "diamond: bench flux2: bad option '%s'\n", opt);
-            return 2;
+        bool ok = true;
+        *bad = opt;
+        if (!strcmp(opt, "--config-only")) {
+            a->config_only = true;
+            continue;
         }
+        if (!value) return -1;
+        if (!strcmp(opt, "--model")) a->model = value;
+        else if (!strcmp(opt, "--detector")) a->detector = value;
+        else if (!strcmp(opt, "-W")) ok = !bench_parse_int(value, 1, IMAGE_MAX_SIDE, &a->width);
+        else if (!strcmp(opt, "-H")) ok = !bench_parse_int(value, 1, IMAGE_MAX_SIDE, &a->height);
+        else if (!strcmp(opt, "--text-len")) ok = !bench_parse_int(value, 1, 1 << 16, &a->text_len);
+        else ok = !bench_threads_option(argc, argv, i, &a->threads);
+        if (!ok) return -1;
+        i++;
     }
-    if (!config == !dir || width % 16 || height % 16 || !width || !height) {
-        fprintf(stderr, "diamond: usage: diamond bench flux2 (--config FILE | --model DIR) -W PIXELS "
-                        "-H PIXELS [--text-len L] [--threads T], sizes multiples of 16\n");
+    *bad = "--model, --detector, -W and -H";
+    return a->model && a->detector && a->width && a->height ? 0 : -1;
+}
+
+/* Random values in [-1, 1) for t. */
+static Tensor *bench_random(Tensor *t, unsigned long long *state) {
+    if (t) bench_fill(t->data, (size_t)t->numel, state);
+    return t;
+}
+
+/* The flow model and VAE of a diffusers directory and the detector, from their files or (config
+ * only) from their config files with random weights; random inputs for a W x H image. Returns 2
+ * for a size the VAE cannot make, 1 for other failures. */
+static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) {
+    const uint64_t seed = 42;
+    char path[4096];
+    snprintf(path, sizeof path, a->config_only ? "%s/transformer/config.json" : "%s/transformer",
+             a->model);
+    if (a->config_only ? flux2_load_config_only(&m->flow, path, seed, e)
+                       : flux2_load(&m->flow, path, e))
+        return 1;
+    snprintf(path, sizeof path, "%s/vae", a->model);
+    if (a->config_only ? vae_decoder_load_config_only(&m->vae, path, seed, e)
+                       : vae_decoder_load(&m->vae, path, e))
+        return 1;
+    if (a->config_only ? segformer_load_config_only(&m->detector, a->detector, seed, e)
+                       : segformer_load(&m->detector, a->detector, e))
+        return 1;
+    const VaeConfig *vc = vae_decoder_config(m->vae);
+    int up = 1 << (vc->n_blocks - 1), ph = vc->patch_h * up, pw = vc->patch_w * up;
+    if (a->width % pw || a->height % ph) {
+        error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
+                  a->width, a->height, pw, ph);
         return 2;
     }
-    Flux2 *m = NULL;
-    Error e = {{0}};
-    if (config ? flux2_load_config_only(&m, config, 42, &e) : flux2_load(&m, dir, &e)) {
-        fprintf(stderr, "diamond bench flux2: %s\n", e.msg);
+    m->h = a->height / ph;
+    m->w = a->width / pw;
+    const Flux2Config *fc = flux2_config(m->flow);
+    unsigned long long state = 42;
+    m->tokens = bench_random(TENSOR_NEW(1, (int64_t)m->h * m->w, fc->in_channels), &state);
+    m->txt = bench_random(TENSOR_NEW(1, a->text_len, fc->joint_attention_dim), &state);
+    m->image = bench_random(TENSOR_NEW(1, 3, a->height, a->width), &state);
+    if (!m->tokens || !m->txt || !m->image) {
+        error_set(e, "out of memory for the inputs");
         return 1;
     }
-    const Flux2Config *c = flux2_config(m);
-    int h = height / 16, w = width / 16;
-    Tensor *tokens = TENSOR_NEW(1, (int64_t)h * w, c->in_channels);
-    Tensor *txt = TENSOR_NEW(1, text_len, c->joint_attention_dim);
+    return 0;
+}
+
+/* One part of a model benchmark: 0, or -1 with a message in e. */
+typedef int (*BenchPart)(const BenchModels *m, Error *e);
+
+/* One transformer forward, as one sampling step runs it (sigma 0.5). */
+static int bench_transformer(const BenchModels *m, Error *e) {
     Tensor *v = NULL;
-    int rc = !tokens || !txt;
-    if (rc) snprintf(e.msg, sizeof e.msg, "out of memory for the inputs");
-    else {
-        unsigned long long state = 42;
-        bench_fill(tokens->data, (size_t)tokens->numel, &state);
-        bench_fill(txt->data, (size_t)txt->numel, &state);
-        double t0 = now_seconds();
-        rc = flux2_forward(m, tokens, h, w, txt, (float[]){0.5f}, NULL, &v, &e);
-        double seconds = now_seconds() - t0;
-        struct rusage usage;
-        getrusage(RUSAGE_SELF, &usage); /* ru_maxrss is in KiB on Linux */
-        if (!rc)
-            printf("flux2 %dx%d (%d image + %d text tokens) dim=%d blocks=%d+%d weights=%s "
-                   "threads=%d forward=%.2f s peak RSS=%.0f MiB\n", width, height, h * w, text_len,
-                   c->dim, c->num_layers, c->num_single_layers, config ? "random" : "files",
-                   threads, seconds, (double)usage.ru_maxrss / 1024.0);
-    }
-    if (rc) fprintf(stderr, "diamond bench flux2: %s\n", e.msg);
+    int rc = flux2_forward(m->flow, m->tokens, m->h, m->w, m->txt, (float[]){0.5f},
+                           (float[]){4.0f}, &v, e);
     tensor_free(v);
-    tensor_free(tokens);
-    tensor_free(txt);
-    flux2_free(m);
-    return rc ? 1 : 0;
+    return rc;
+}
+
+/* f(tokens or image) on a fresh tape, without gradients or with d mean(f) / d input. */
+static int bench_pass(const BenchModels *m, bool vae, bool backward, Error *e) {
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the tape");
+    tape_set_grad(t, backward);
+    Var *x = var_new(t, vae ? m->tokens : m->image, backward);
+    Var *y = vae ? vae_decode(t, m->vae, x, m->h, m->w) : segformer_forward(t, m->detector, x, NULL);
+    Var *loss = ag_mean(t, y);
+    int rc = tape_check(t, e);
+    if (rc == 0 && backward) rc = tape_backward(t, loss, e);
+    tape_free(t);
+    return rc;
+}
+
+static int bench_vae_forward(const BenchModels *m, Error *e) {
+    return bench_pass(m, true, false, e);
+}
+
+static int bench_vae_backward(const BenchModels *m, Error *e) {
+    return bench_pass(m, true, true, e);
+}
+
+static int bench_detector_forward(const BenchModels *m, Error *e) {
+    return bench_pass(m, false, false, e);
+}
+
+static int bench_detector_backward(const BenchModels *m, Error *e) {
+    return bench_pass(m, false, true, e);
+}
+
+/* One sampler step from the random latent, as generate runs it: the transformer and the Euler
+ * update, and with guide the decode of the clean estimate, the detector, their backward to the
+ * latent and the shift (lambda 1, the FLUX.2 config's power-3 loss, no gate). */
+static int bench_step(const BenchModels *m, bool guide, Error *e) {
+    SamplerOptions o = {.steps = 1, .guide = guide, .guidance_scale = 4.0f,
+                        .lambda = {.type = LAMBDA_CONSTANT, .value = 1.0},
+                        .loss = {.type = ARTIFACT_LOSS_POWER, .gamma = 3.0}};
+    Tensor *latent = tensor_clone(m->tokens);
+    int rc = latent ? sampler_run(m->flow, m->vae, m->detector, &o, m->txt, latent, m->h, m->w,
+                                  NULL, NULL, e)
+                    : error_set(e, "out of memory for the latent");
+    tensor_free(latent);
+    return rc;
+}
+
+static int bench_step_plain(const BenchModels *m, Error *e) {
+    return bench_step(m, false, e);
+}
+
+static int bench_step_guided(const BenchModels *m, Error *e) {
+    return bench_step(m, true, e);
+}
+
+typedef struct BenchPartRun {
+    BenchPart part;
+    const BenchModels *m;
+    int rc;
+    Error e;
+} BenchPartRun;
+
+static void bench_part_run(void *ctx) {
+    BenchPartRun *r = ctx;
+    if (r->rc == 0) r->rc = r->part(r->m, &r->e);
+}
+
+static double bench_peak_rss_mib(void) {
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage); /* ru_maxrss is in KiB on Linux */
+    return (double)usage.ru_maxrss / 1024.0;
+}
+
+/* The seconds of one call of part: that call alone when it takes half a second or more (the real
+ * models take minutes), else the median of bench_time's repetitions after it. Prints a line. */
+static int bench_part(const char *what, BenchPart part, const BenchModels *m, double *seconds,
+                      Error *e) {
+    BenchPartRun r = {part, m, 0, {{0}}};
+    double t0 = now_seconds(), best;
+    bench_part_run(&r);
+    *seconds = now_seconds() - t0;
+    if (r.rc == 0 && *seconds < 0.5) bench_time(bench_part_run, &r, &best, seconds);
+    if (r.rc) {
+        *e = r.e;
+        return -1;
+    }
+    printf("  %-46s %9.3f s   (peak RSS so far %.0f MiB)\n", what, *seconds, bench_peak_rss_mib());
+    fflush(stdout);
+    return 0;
+}
+
+/* Parses, loads and prints the heading of bench model / bench step; 0 when ready, else the exit
+ * status (the models may be partly loaded: free them). */
+static int bench_models_open(int argc, char **argv, const char *name, BenchModels *m) {
+    BenchModelArgs a;
+    const char *bad;
+    Error e = {{0}};
+    if (bench_model_parse(argc, argv, &a, &bad)) {
+        fprintf(stderr, "diamond: bench %s: bad or missing option %s\nusage: diamond bench %s "
+                        "--model DIR --detector DIR -W W -H H [--config-only] [--text-len L] "
+                        "[--threads T]\n", name, bad, name);
+        return 2;
+    }
+    int rc = bench_models_load(&a, m, &e);
+    if (rc) {
+        fprintf(stderr, "diamond bench %s: %s\n", name, e.msg);
+        return rc;
+    }
+    const Flux2Config *fc = flux2_config(m->flow);
+    const SegformerConfig *sc = segformer_config(m->detector);
+    printf("bench %s: %dx%d image, %dx%d latent tokens + %d text tokens, transformer dim %d with "
+           "%d+%d blocks, detector input %dx%d, %s weights, threads %d\n", name, a.width, a.height,
+           m->w, m->h, a.text_len, fc->dim, fc->num_layers, fc->num_single_layers,
+           sc->do_resize ? sc->input_w : a.width, sc->do_resize ? sc->input_h : a.height,
+           a.config_only ? "random (config only)" : "file", a.threads);
+    printf("  models loaded                                                (peak RSS so far %.0f MiB)\n",
+           bench_peak_rss_mib());
+    return 0;
+}
+
+/* diamond bench model --model DIR --detector DIR -W W -H H [--config-only] [--text-len L]
+ * [--threads T]: each model part of a guided step alone, batch 1, on random inputs: one
+ * transformer forward, the VAE decode and the detector with and without their backward to the
+ * input (the loss is the output's mean). With --config-only no weight file is read (the real
+ * sizes' timings without their files). */
+static int bench_model(int argc, char **argv) {
+    static const struct {
+        const char *what;
+        BenchPart part;
+    } parts[] = {
+        {"transformer forward (one step)", bench_transformer},
+        {"VAE decode forward", bench_vae_forward},
+        {"VAE decode forward+backward (to the latent)", bench_vae_backward},
+        {"detector forward", bench_detector_forward},
+        {"detector forward+backward (to the image)", bench_detector_backward},
+    };
+    BenchModels m = {0};
+    Error e = {{0}};
+    int rc = bench_models_open(argc, argv, "model", &m);
+    double seconds;
+    for (size_t i = 0; rc == 0 && i < sizeof parts / sizeof *parts; i++)
+        if (bench_part(parts[i].what, parts[i].part, &m, &seconds, &e)) {
+            fprintf(stderr, "diamond bench model: %s: %s\n", parts[i].what, e.msg);
+            rc = 1;
+        }
+    if (rc == 0) printf("  peak RSS %.0f MiB\n", bench_peak_rss_mib());
+    bench_models_free(&m);
+    return rc;
+}
+
+/* diamond bench step (the same options): one unguided sampler step (transformer forward and the
+ * Euler update) and one guided step (plus the VAE decode and detector forward and backward to the
+ * latent, and the shift), batch 1, through sampler_run as generate runs them, and their ratio. */
+static int bench_step_main(int argc, char **argv) {
+    BenchModels m = {0};
+    Error e = {{0}};
+    int rc = bench_models_open(argc, argv, "step", &m);
+    double plain = 0.0, guided = 0.0;
+    if (rc == 0 && (bench_part("unguided step (transformer + Euler)", bench_step_plain, &m,
+                               &plain, &e) ||
+                    bench_part("guided step (+ VAE, detector, backward, shift)",
+                               bench_step_guided, &m, &guided, &e))) {
+        fprintf(stderr, "diamond bench step: %s\n", e.msg);
+        rc = 1;
+    }
+    if (rc == 0)
+        printf("  guided / unguided %.2fx\n  peak RSS %.0f MiB\n", guided / plain,
+               bench_peak_rss_mib());
+    bench_models_free(&m);
+    return rc;
 }
 
 /* ---- sampler: diamond generate ---------------------------------------------------------- */
@@ -1896,7 +2115,8 @@ int main(int argc, char **argv) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
-        if (argc >= 3 && !strcmp(argv[2], "flux2")) return bench_flux2(argc, argv);
+        if (argc >= 3 && !strcmp(argv[2], "model")) return bench_model(argc, argv);
+        if (argc >= 3 && !strcmp(argv[2], "step")) return bench_step_main(argc, argv);
         fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n",
                 argc >= 3 ? argv[2] : "");
         return 2;

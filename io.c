@@ -1511,6 +1511,7 @@ struct StModel {
     size_t count;
     NameTable names; /* name -> index into tensors */
     StTensor *synthetic; /* st_model_random's tensors (their names owned), else NULL */
+    bool any;            /* st_model_random_any's model */
     uint64_t seed;
 };
 
@@ -1694,16 +1695,14 @@ static uint64_t mix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-/* The values of a synthetic tensor: element i from a hash of (seed, name, i) alone, so any
- * element can be made independently, in any order, by any thread. */
-static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64_t n, Error *e) {
-    char buf[PRINTABLE_BYTES];
-    if (n != t->numel)
-        return error_set(e, "%s: tensor '%s' has %lld elements, %lld requested", m->path,
-                         printable(t->name, buf, sizeof buf), (long long)t->numel, (long long)n);
-    uint64_t key = mix64(name_hash(t->name) ^ mix64(m->seed));
-    bool matrix = t->ndim >= 2;
-    float scale = matrix ? 1.0f / sqrtf((float)t->shape[t->ndim - 1]) : 0.1f;
+/* Element i from a hash of (seed, name, i) alone, so any element can be made independently, in
+ * any order, by any thread. */
+void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst) {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; d++) n *= shape[d];
+    uint64_t key = mix64(name_hash(name) ^ mix64(seed));
+    bool matrix = ndim >= 2;
+    float scale = matrix ? 1.0f / sqrtf((float)shape[ndim - 1]) : 0.1f;
     float offset = matrix ? 0.0f : 1.0f;
     #pragma omp parallel for schedule(static) if (n > (1 << 16))
     for (int64_t i = 0; i < n; i++) {
@@ -1711,6 +1710,14 @@ static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64
         float u = (float)(mix64(key + (uint64_t)i * 0x9E3779B97F4A7C15u) >> 40) / 8388608.0f - 1.0f;
         dst[i] = offset + scale * u;
     }
+}
+
+static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64_t n, Error *e) {
+    char buf[PRINTABLE_BYTES];
+    if (n != t->numel)
+        return error_set(e, "%s: tensor '%s' has %lld elements, %lld requested", m->path,
+                         printable(t->name, buf, sizeof buf), (long long)t->numel, (long long)n);
+    st_random_fill(m->seed, t->name, t->ndim, t->shape, dst);
     return 0;
 }
 
@@ -1756,6 +1763,17 @@ int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t
     }
     *out = m;
     return 0;
+}
+
+int st_model_random_any(StModel **out, uint64_t seed, Error *e) {
+    if (st_model_random(out, NULL, 0, seed, e)) return -1;
+    (*out)->any = true;
+    return 0;
+}
+
+bool st_model_random_any_seed(const StModel *m, uint64_t *seed) {
+    if (m->any) *seed = m->seed;
+    return m->any;
 }
 
 int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n, Error *e) {

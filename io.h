@@ -194,6 +194,15 @@ typedef struct StTensorSpec {
  * for the others (norm weights and variances stay positive). Names are copied; a repeated name,
  * a negative dim or more than ST_MAX_DIMS dims is an error. */
 int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed, Error *e);
+/* A synthetic model of any tensor at any shape, for loaders that know the shapes they want (nn.c's
+ * param_load): it lists no tensors and st_model_find finds none; st_model_random_any_seed tells
+ * it apart, and st_random_fill makes each tensor's values. */
+int st_model_random_any(StModel **out, uint64_t seed, Error *e);
+/* true, with its seed in *seed, when m came from st_model_random_any. */
+bool st_model_random_any_seed(const StModel *m, uint64_t *seed);
+/* The values st_model_random's model of that seed gives the tensor (name, shape) into
+ * dst[product of shape]. */
+void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst);
 
 /* ---- images ----------------------------------------------------------------------------- */
 

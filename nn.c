@@ -18,6 +18,13 @@ int param_load(const StModel *m, Tensor **out, Error *e, int ndim, const int64_t
     va_end(ap);
     *out = NULL;
     if (len < 0 || (size_t)len >= sizeof name) return error_set(e, "tensor name too long: %s", name);
+    uint64_t seed;
+    if (st_model_random_any_seed(m, &seed)) {
+        if (!(*out = tensor_new(ndim, shape)))
+            return error_set(e, "out of memory making tensor '%s'", name);
+        st_random_fill(seed, name, ndim, shape, (*out)->data);
+        return 0;
+    }
     const StTensor *info = st_model_find(m, name);
     if (!info) return error_set(e, "missing tensor '%s'", name);
     bool same = info->ndim == ndim;
@@ -40,6 +47,12 @@ int param_load(const StModel *m, Tensor **out, Error *e, int ndim, const int64_t
     }
     *out = t;
     return 0;
+}
+
+/* The weights a loader reads through param_load: the safetensors in dir, or with `random` each
+ * tensor made from seed at the shape the loader asks for (config-only loading). */
+static int weights_open(StModel **out, const char *dir, bool random, uint64_t seed, Error *e) {
+    return random ? st_model_random_any(out, seed, e) : st_model_open(out, dir, e);
 }
 
 Var *param_var(Tape *t, Tensor *p) {
@@ -1348,7 +1361,9 @@ static int vae_plan(VaeDecoder *m, Error *e) {
     return 0;
 }
 
-int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
+/* vae_decoder_load, or with `random` its config-only twin. */
+static int vae_decoder_open(VaeDecoder **out, const char *dir, bool random, uint64_t seed,
+                            Error *e) {
     *out = NULL;
     char path[4096];
     if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
@@ -1359,7 +1374,8 @@ int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
     JsonDoc *doc = NULL;
     StModel *st = NULL;
     int rc = json_parse_file(&doc, path, e) || vae_config_read(&m->config, json_root(doc), e) ||
-             st_model_open(&st, dir, e) || vae_weights_load(m, st, e) || vae_plan(m, e);
+             weights_open(&st, dir, random, seed, e) || vae_weights_load(m, st, e) ||
+             vae_plan(m, e);
     json_free(doc);
     st_model_close(st);
     if (rc) {
@@ -1368,6 +1384,14 @@ int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
     }
     *out = m;
     return 0;
+}
+
+int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
+    return vae_decoder_open(out, dir, false, 0, e);
+}
+
+int vae_decoder_load_config_only(VaeDecoder **out, const char *dir, uint64_t seed, Error *e) {
+    return vae_decoder_open(out, dir, true, seed, e);
 }
 
 void vae_decoder_free(VaeDecoder *m) {
@@ -1907,13 +1931,14 @@ void segformer_free(Segformer *m) {
     free(m);
 }
 
-int segformer_load(Segformer **out, const char *dir, Error *e) {
+/* segformer_load, or with `random` its config-only twin. */
+static int segformer_open(Segformer **out, const char *dir, bool random, uint64_t seed, Error *e) {
     *out = NULL;
     Segformer *s = calloc(1, sizeof *s);
     if (!s) return error_set(e, "out of memory loading the detector %s", dir);
     StModel *m = NULL;
-    int rc = segformer_config_load(&s->config, dir, e) || st_model_open(&m, dir, e) ||
-             segformer_pixel_load(s, e);
+    int rc = segformer_config_load(&s->config, dir, e) ||
+             weights_open(&m, dir, random, seed, e) || segformer_pixel_load(s, e);
     for (int i = 0; !rc && i < s->config.stages; i++)
         rc = segformer_stage_load(&s->stages[i], m, &s->config, i, e);
     if (!rc) rc = segformer_head_load(s, m, e);
@@ -1924,6 +1949,14 @@ int segformer_load(Segformer **out, const char *dir, Error *e) {
     }
     *out = s;
     return 0;
+}
+
+int segformer_load(Segformer **out, const char *dir, Error *e) {
+    return segformer_open(out, dir, false, 0, e);
+}
+
+int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e) {
+    return segformer_open(out, dir, true, seed, e);
 }
 
 const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }

@@ -128,6 +128,9 @@ typedef struct VaeDecoder VaeDecoder;
 /* Reads <dir>/config.json and <dir>/diffusion_pytorch_model.safetensors (or any layout
  * st_model_open accepts in dir): F32/F16/BF16 weights, converted to f32. */
 int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e);
+/* The decoder <dir>/config.json describes, with weights made from seed by st_random_fill at the
+ * shapes the config implies (no weight file is read): for timings and memory without the files. */
+int vae_decoder_load_config_only(VaeDecoder **out, const char *dir, uint64_t seed, Error *e);
 void vae_decoder_free(VaeDecoder *m);
 /* tokens: [B, h*w, latent_channels*patch_h*patch_w], row-major over the (h, w) token grid ->
  * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
@@ -176,6 +179,9 @@ int segformer_config_load(SegformerConfig *c, const char *dir, Error *e);
 /* Config and weights from a transformers directory (one .safetensors file or an index; f32, f16
  * or bf16). A missing or mis-shaped tensor is an error naming it. */
 int segformer_load(Segformer **out, const char *dir, Error *e);
+/* The detector dir's two config files describe, with weights made from seed by st_random_fill at
+ * the shapes the config implies (no weight file is read): for timings and memory without them. */
+int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e);
 void segformer_free(Segformer *m);
 const SegformerConfig *segformer_config(const Segformer *m);
 

@@ -1,0 +1,181 @@
+/* test_config_only.c - loading models from their config files alone, with random weights made at
+ * the shapes the loaders ask for (st_model_random_any through param_load), for `bench model`. */
+#include <math.h>
+#include <string.h>
+
+#include "../nn.h"
+#include "harness.h"
+
+/* st_random_fill gives what st_model_random's model reads, for a matrix and a vector. */
+static void test_fill_matches_random_model(void) {
+    StTensorSpec specs[] = {{"w", 2, {5, 7}}, {"b", 1, {9}}};
+    StModel *m = NULL;
+    Error e = {{0}};
+    CHECK(st_model_random(&m, specs, 2, 11, &e) == 0, "random model: %s", e.msg);
+    for (int k = 0; m && k < 2; k++) {
+        float read[35], filled[35];
+        int64_t n = specs[k].ndim == 2 ? 35 : 9;
+        CHECK(st_model_read_f32(m, specs[k].name, read, n, &e) == 0, "read %s", specs[k].name);
+        st_random_fill(11, specs[k].name, specs[k].ndim, specs[k].shape, filled);
+        CHECK(!memcmp(read, filled, (size_t)n * sizeof(float)),
+              "st_random_fill gives st_model_random's values for '%s'", specs[k].name);
+    }
+    st_model_close(m);
+}
+
+/* param_load on st_model_random_any: any name at the shape asked for, the same bits each time. */
+static void test_param_load_any(void) {
+    StModel *m = NULL;
+    Error e = {{0}};
+    uint64_t seed = 0;
+    CHECK(st_model_random_any(&m, 3, &e) == 0 && st_model_random_any_seed(m, &seed) && seed == 3,
+          "random-any model: %s", e.msg);
+    if (!m) return;
+    CHECK(!st_model_find(m, "a.weight") && st_model_count(m) == 0, "it lists no tensors");
+    Tensor *a = NULL, *b = NULL, *v = NULL;
+    CHECK(param_load(m, &a, &e, SHAPE(4, 3, 3), "block.%d.weight", 2) == 0 &&
+              param_load(m, &b, &e, SHAPE(4, 3, 3), "block.2.weight") == 0 &&
+              param_load(m, &v, &e, SHAPE(4), "block.2.bias") == 0,
+          "param_load makes any tensor: %s", e.msg);
+    if (a && b && v) {
+        float want[36];
+        st_random_fill(3, "block.2.weight", 3, (int64_t[]){4, 3, 3}, want);
+        CHECK(a->ndim == 3 && a->shape[0] == 4 && a->shape[2] == 3, "at the shape asked for");
+        CHECK(!memcmp(a->data, b->data, sizeof want) && !memcmp(a->data, want, sizeof want),
+              "the same name gives the same bits, st_random_fill's");
+        bool scaled = true, positive = true;
+        for (int i = 0; i < 36; i++) scaled &= fabsf(a->data[i]) <= 1.0f / sqrtf(3.0f);
+        for (int i = 0; i < 4; i++) positive &= v->data[i] >= 0.9f && v->data[i] <= 1.1f;
+        CHECK(scaled && positive, "uniform / sqrt(last dim) for matrices, 1 + 0.1 u for vectors");
+    }
+    tensor_free(a);
+    tensor_free(b);
+    tensor_free(v);
+    st_model_close(m);
+}
+
+/* The tiny VAE's config with random weights: it decodes, the same seed gives the same image and
+ * another seed another, and its config is vae_decoder_load's. */
+static void test_vae_config_only(void) {
+    const char *dir = "tests/fixtures/tiny-flux2/vae";
+    VaeDecoder *m[3] = {NULL, NULL, NULL}, *real = NULL;
+    Error e = {{0}};
+    CHECK(vae_decoder_load_config_only(&m[0], dir, 1, &e) == 0 &&
+              vae_decoder_load_config_only(&m[1], dir, 1, &e) == 0 &&
+              vae_decoder_load_config_only(&m[2], dir, 2, &e) == 0 &&
+              vae_decoder_load(&real, dir, &e) == 0,
+          "VAE config-only load: %s", e.msg);
+    VaeDecoder *absent = NULL;
+    CHECK(vae_decoder_load_config_only(&absent, "tests/fixtures/absent", 1, &e) != 0 && !absent &&
+              strstr(e.msg, "absent/config.json"),
+          "a missing VAE config is named: %s", e.msg);
+    if (m[0] && m[1] && m[2] && real) {
+        CHECK(!memcmp(vae_decoder_config(m[0]), vae_decoder_config(real), sizeof(VaeConfig)),
+              "the config is the loaded model's");
+        const VaeConfig *c = vae_decoder_config(m[0]);
+        int h = 3, w = 2, packed = c->latent_channels * c->patch_h * c->patch_w;
+        Tensor *tokens = TENSOR_NEW(1, h * w, packed), *image[3] = {NULL, NULL, NULL};
+        unsigned long long state = 9;
+        for (int64_t i = 0; tokens && i < tokens->numel; i++) tokens->data[i] = harness_rand(&state);
+        for (int k = 0; k < 3 && tokens; k++) {
+            Tape *t = tape_new();
+            tape_set_grad(t, false);
+            Var *y = vae_decode(t, m[k], var_new(t, tokens, false), h, w);
+            CHECK(tape_check(t, &e) == 0, "config-only decode %d: %s", k, e.msg);
+            image[k] = y ? tensor_clone(y->value) : NULL;
+            tape_free(t);
+        }
+        if (image[0] && image[1] && image[2]) {
+            size_t bytes = (size_t)image[0]->numel * sizeof(float);
+            bool finite = true;
+            for (int64_t i = 0; i < image[0]->numel; i++) finite &= fabsf(image[0]->data[i]) < 1e3f;
+            CHECK(finite, "the random decoder's image is finite and O(1)");
+            CHECK(!memcmp(image[0]->data, image[1]->data, bytes), "the same seed, the same image");
+            CHECK(memcmp(image[0]->data, image[2]->data, bytes), "another seed, another image");
+        }
+        for (int k = 0; k < 3; k++) tensor_free(image[k]);
+        tensor_free(tokens);
+    }
+    for (int k = 0; k < 3; k++) vae_decoder_free(m[k]);
+    vae_decoder_free(real);
+}
+
+/* The tiny detector's config files with random weights: the same checks. */
+static void test_segformer_config_only(void) {
+    const char *dir = "tests/fixtures/tiny-detector";
+    Segformer *m[3] = {NULL, NULL, NULL}, *real = NULL;
+    Error e = {{0}};
+    CHECK(segformer_load_config_only(&m[0], dir, 1, &e) == 0 &&
+              segformer_load_config_only(&m[1], dir, 1, &e) == 0 &&
+              segformer_load_config_only(&m[2], dir, 2, &e) == 0 && segformer_load(&real, dir, &e) == 0,
+          "detector config-only load: %s", e.msg);
+    Segformer *absent = NULL;
+    CHECK(segformer_load_config_only(&absent, "tests/fixtures/absent", 1, &e) != 0 && !absent &&
+              strstr(e.msg, "absent/config.json"),
+          "a missing detector config is named: %s", e.msg);
+    if (!(m[0] && m[1] && m[2] && real)) goto done;
+    CHECK(!memcmp(segformer_config(m[0]), segformer_config(real), sizeof(SegformerConfig)),
+          "the config is the loaded model's");
+    Tensor *image = TENSOR_NEW(1, 3, 20, 28), *mask[3] = {NULL, NULL, NULL};
+    unsigned long long state = 4;
+    for (int64_t i = 0; image && i < image->numel; i++) image->data[i] = harness_rand(&state);
+    for (int k = 0; k < 3 && image; k++) {
+        Tape *t = tape_new();
+        tape_set_grad(t, false);
+        Var *y = segformer_forward(t, m[k], var_new(t, image, false), NULL);
+        CHECK(tape_check(t, &e) == 0, "config-only detector %d: %s", k, e.msg);
+        mask[k] = y ? tensor_clone(y->value) : NULL;
+        tape_free(t);
+    }
+    if (mask[0] && mask[1] && mask[2]) {
+        size_t bytes = (size_t)mask[0]->numel * sizeof(float);
+        bool in_range = true;
+        for (int64_t i = 0; i < mask[0]->numel; i++)
+            in_range &= mask[0]->data[i] >= 0.0f && mask[0]->data[i] <= 1.0f;
+        CHECK(in_range, "the random detector's mask is in [0, 1]");
+        CHECK(!memcmp(mask[0]->data, mask[1]->data, bytes), "the same seed, the same mask");
+        CHECK(memcmp(mask[0]->data, mask[2]->data, bytes), "another seed, another mask");
+    }
+    for (int k = 0; k < 3; k++) tensor_free(mask[k]);
+    tensor_free(image);
+done:
+    for (int k = 0; k < 3; k++) segformer_free(m[k]);
+    segformer_free(real);
+}
+
+/* The real sizes' config fixtures (FLUX.2's VAE, MiT-b5) load config-only; they are not run
+ * here (minutes on two cores: `diamond bench model --config-only` times them). */
+static void test_real_configs(void) {
+    VaeDecoder *vae = NULL;
+    Segformer *det = NULL;
+    Error e = {{0}};
+    CHECK(vae_decoder_load_config_only(&vae, "tests/fixtures/klein-4b-config/vae", 1, &e) == 0,
+          "FLUX.2 VAE config-only: %s", e.msg);
+    if (vae) {
+        const VaeConfig *c = vae_decoder_config(vae);
+        CHECK(c->latent_channels == 32 && c->n_blocks == 4 && c->block_out_channels[0] == 128 &&
+                  c->block_out_channels[3] == 512 && c->layers_per_block == 2 &&
+                  c->norm_num_groups == 32 && c->patch_h == 2 && c->patch_w == 2,
+              "the FLUX.2 VAE config");
+    }
+    CHECK(segformer_load_config_only(&det, "tests/fixtures/mit-b5-config", 1, &e) == 0,
+          "MiT-b5 config-only: %s", e.msg);
+    if (det) {
+        const SegformerConfig *c = segformer_config(det);
+        CHECK(c->stages == 4 && c->depths[2] == 40 && c->hidden_sizes[3] == 512 &&
+                  c->decoder_hidden_size == 768 && c->num_labels == 1 && c->input_h == 512 &&
+                  c->input_w == 512 && !c->gelu_tanh,
+              "the MiT-b5 config");
+    }
+    vae_decoder_free(vae);
+    segformer_free(det);
+}
+
+int main(void) {
+    test_fill_matches_random_model();
+    test_param_load_any();
+    test_vae_config_only();
+    test_segformer_config_only();
+    test_real_configs();
+    return harness_finish("test_config_only");
+}
