@@ -202,18 +202,6 @@ static void unmap_file(MappedFile *m) {
 
 /* ---- f16 / bf16 ---- */
 
-static uint32_t float_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static float bits_float(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /* bf16 is the top half of an f32. */
 float bf16_to_f32(uint16_t h) {
     return bits_float((uint32_t)h << 16);

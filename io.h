@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* ---- errors ---------------------------------------------------------------------------------
  * Functions that can fail return 0 on success and -1 on failure, filling an Error with one line
@@ -21,6 +22,19 @@ int error_set(Error *e, const char *fmt, ...)
     ;
 
 /* ---- bf16 and f16 ----------------------------------------------------------------------- */
+
+/* The bits of a float and back (bit-level conversions and math). */
+static inline uint32_t float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float bits_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 /* bf16 / f16 <-> f32. To-f32 is exact; from-f32 rounds to nearest even and keeps NaN a NaN. */
 float bf16_to_f32(uint16_t h);

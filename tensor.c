@@ -2301,20 +2301,6 @@ static double normal_double(TorchGenerator *g) {
     return r * cos(theta);
 }
 
-/* The float bits of x and back: the AVX2 kernel's log and sincos work on exponent and sign
- * bits directly. */
-static uint32_t float_bits(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
-}
-
-static float bits_float(uint32_t u) {
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
 /* torch's AVX2 kernel is written with separate multiplies and adds, but its compiler fused
  * some pairs into FMAs (GCC contracts a product whose only use is an add). The fmaf calls
  * below sit exactly where those fusions are: with any of them as a separate multiply and add,
