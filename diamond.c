@@ -1275,13 +1275,19 @@ static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     return rc ? -1 : 0;
 }
 
+/* Whether a command's arguments include --help or -h. */
+static bool asks_for_help(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return true;
+    return false;
+}
+
 /* diamond generate ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int generate_main(int argc, char **argv) {
-    for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(generate_usage, stdout);
-            return 0;
-        }
+    if (asks_for_help(argc, argv)) {
+        fputs(generate_usage, stdout);
+        return 0;
+    }
     GenerateArgs a;
     GenerateRun r = {0};
     Error e = {{0}};
@@ -1967,11 +1973,10 @@ static int eval_merge(const EvalArgs *a, Error *e) {
 
 /* diamond eval ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int eval_main(int argc, char **argv) {
-    for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(eval_usage, stdout);
-            return 0;
-        }
+    if (asks_for_help(argc, argv)) {
+        fputs(eval_usage, stdout);
+        return 0;
+    }
     EvalArgs a;
     Error e = {{0}};
     EvalCsv csv = {0};
@@ -2087,11 +2092,10 @@ static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
 
 /* diamond search-seeds ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int search_main(int argc, char **argv) {
-    for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(eval_usage, stdout);
-            return 0;
-        }
+    if (asks_for_help(argc, argv)) {
+        fputs(eval_usage, stdout);
+        return 0;
+    }
     EvalArgs a;
     Error e = {{0}};
     EvalCsv csv = {0};
