@@ -749,8 +749,9 @@ static const char *generate_usage =
     "                         DIR/step_III_overlay.png (its detector heat map, where the detector\n"
     "                         ran); costs one more VAE decode per step; DIR is created\n"
     "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
-    "                         step (mask and grad where computed; grad before normalisation),\n"
-    "                         final.latent and final.image\n"
+    "                         step, final.latent and final.image; grad is before normalisation;\n"
+    "                         a guided run also runs the detector on steps with lambda 0 for it\n"
+    "                         (the image is the same); --no-guide runs have no mask or grad\n"
     "  --quiet                no progress on stderr\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
@@ -1260,7 +1261,9 @@ static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     GenerateProgress progress = {a, r, a->dump ? &dump : NULL, a->quiet, now_seconds()};
     Tensor *image = NULL, *initial = a->compare ? tensor_clone(r->latent) : NULL;
     if (a->compare && !initial) return error_set(e, "out of memory for the baseline latent");
-    int rc = sampler_run(r->flow, r->vae, r->detector, &a->opt, r->txt, r->latent, r->grid_h,
+    SamplerOptions opt = a->opt;
+    opt.inspect_every_step = a->dump != NULL;
+    int rc = sampler_run(r->flow, r->vae, r->detector, &opt, r->txt, r->latent, r->grid_h,
                          r->grid_w, generate_on_step, &progress, e) ||
              generate_decode(r, r->latent, &image, e) || generate_write_images(a, image, e) ||
              (a->compare && generate_compare(a, r, initial, image, e));

@@ -2354,12 +2354,14 @@ static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     int64_t B = latent->shape[0];
     for (int64_t b = 0; b < B; b++) r->sigma_b[b] = r->sigmas[i], r->guide_b[b] = o->guidance_scale;
     float lambda = o->guide ? (float)lambda_schedule_at(&o->lambda, i, o->steps) : 0.0f;
+    bool detect = lambda != 0.0f || (o->inspect_every_step && r->detector);
     Tensor *v = NULL, *x0 = NULL, *mask = NULL, *grad = NULL;
     memset(r->shifted, 0, (size_t)B * sizeof *r->shifted);
     int rc = flux2_forward(r->flow, latent, r->h, r->w, r->txt, r->sigma_b, r->guide_b, &v, e);
     if (rc == 0 && !(x0 = sampler_clean_estimate(latent, v, r->sigmas[i])))
         rc = error_set(e, "out of memory");
-    if (rc == 0 && lambda != 0.0f) rc = sampler_guidance(r, x0, &mask, &grad, e);
+    if (rc == 0 && detect) rc = sampler_guidance(r, x0, &mask, &grad, e);
+    for (int64_t b = 0; lambda == 0.0f && b < B; b++) r->shifted[b] = false;
     SamplerStep step = {i, o->steps, r->sigmas[i], r->sigmas[i + 1], lambda, latent, v, x0, mask,
                         grad, r->shifted};
     if (rc == 0 && r->on_step) rc = r->on_step(&step, r->ctx, e);

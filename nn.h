@@ -257,6 +257,10 @@ typedef struct SamplerOptions {
     float guidance_scale;  /* distilled guidance for models with guidance_embeds, else unused */
     float gate;            /* > 0: a sample whose detector max (the map at 1/4 of the detector's
                               input) is below gate gets no shift at that step; 0: off (official) */
+    bool inspect_every_step; /* also run the detector and its backward where they would be
+                                skipped (lambda_i = 0, or a baseline run given a detector), so
+                                every step reports mask and grad; the latent moves exactly as
+                                without it */
 } SamplerOptions;
 
 /* What one step computed, handed to the caller before the latent moves on. */
@@ -265,7 +269,8 @@ typedef struct SamplerStep {
     float sigma, sigma_next, lambda;
     const Tensor *x_t, *v, *x0; /* [B, T, C] */
     const Tensor *mask;         /* [B, labels, H, W] the detector's mask; NULL when it did not
-                                   run (no guidance, or lambda_i = 0 as upstream skips it) */
+                                   run (no guidance, or lambda_i = 0 as upstream skips it,
+                                   unless inspect_every_step) */
     const Tensor *grad;         /* [B, T, C] raw dL/dx0, zero for gated samples; NULL when no
                                    backward ran */
     const bool *shifted;        /* [B] whether the sample was moved along its gradient */
@@ -275,8 +280,8 @@ typedef struct SamplerStep {
 typedef int (*SamplerStepFn)(const SamplerStep *step, void *ctx, Error *e);
 
 /* Runs o->steps steps on latent ([B, h*w, C] packed tokens: the initial noise in, the final
- * latent out) with txt [B, L, joint_attention_dim]. detector may be NULL when !o->guide.
- * on_step (may be NULL) sees every step. */
+ * latent out) with txt [B, L, joint_attention_dim]. detector may be NULL when !o->guide (and
+ * is then used only by inspect_every_step). on_step (may be NULL) sees every step. */
 int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
                 const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
                 SamplerStepFn on_step, void *ctx, Error *e);

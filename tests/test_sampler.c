@@ -190,6 +190,56 @@ static void test_batch_independence(const Models *m, const SafeTensors *g) {
     tensor_free(txt);
 }
 
+typedef struct InspectCount {
+    int steps_with_mask, steps_with_grad;
+} InspectCount;
+
+static int count_inspected(const SamplerStep *s, void *ctx, Error *e) {
+    (void)e;
+    InspectCount *c = ctx;
+    c->steps_with_mask += s->mask != NULL;
+    c->steps_with_grad += s->grad != NULL;
+    return 0;
+}
+
+/* inspect_every_step (what --dump sets) reports mask and grad on the lambda = 0 warm-up and
+ * cool-down steps of "exponential" too, and the run ends on the same latent bit for bit. */
+static void test_inspect_every_step(const Models *m, const SafeTensors *g) {
+    const Case *c = &cases[7]; /* "exponential", warmup 1: lambda_0 = 0 */
+    SamplerOptions o;
+    Error e = {{0}};
+    Tensor *plain = NULL, *inspected = NULL, *txt = NULL;
+    InspectCount counts[2] = {{0, 0}, {0, 0}};
+    int rc = case_options(c, &o, &e) || case_inputs(g, 1, &plain, &txt) ? -1 : 0;
+    if (rc == 0) rc = (inspected = tensor_clone(plain)) ? 0 : -1;
+    CHECK(rc == 0 && lambda_schedule_at(&o.lambda, 0, c->steps) == 0.0,
+          "inspect: inputs, and lambda_0 = 0: %s", e.msg);
+    if (rc == 0)
+        rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, plain, GRID_H, GRID_W,
+                         count_inspected, &counts[0], &e);
+    o.inspect_every_step = true;
+    if (rc == 0)
+        rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, inspected, GRID_H, GRID_W,
+                         count_inspected, &counts[1], &e);
+    CHECK(rc == 0, "inspect runs: %s", e.msg);
+    int guided_steps = 0;
+    for (int i = 0; i < c->steps; i++)
+        guided_steps += lambda_schedule_at(&o.lambda, i, c->steps) != 0.0;
+    if (rc == 0) {
+        CHECK(counts[0].steps_with_mask == guided_steps && counts[0].steps_with_grad == guided_steps,
+              "inspect off: mask and grad only on the %d steps with lambda != 0 (%d, %d)",
+              guided_steps, counts[0].steps_with_mask, counts[0].steps_with_grad);
+        CHECK(counts[1].steps_with_mask == c->steps && counts[1].steps_with_grad == c->steps,
+              "inspect on: mask and grad on every step (%d, %d of %d)",
+              counts[1].steps_with_mask, counts[1].steps_with_grad, c->steps);
+        CHECK(memcmp(plain->data, inspected->data, (size_t)plain->numel * sizeof(float)) == 0,
+              "inspect on: the same final latent bit for bit");
+    }
+    tensor_free(plain);
+    tensor_free(inspected);
+    tensor_free(txt);
+}
+
 /* lambda_i of the bare defaults and of explicit specs at N = 1, 2, 3, 5, 30. */
 static void test_schedules(const SafeTensors *g) {
     static const char *specs[] = {"constant", "linear", "power", "cosine", "hard_then_exp",
@@ -537,6 +587,7 @@ int main(int argc, char **argv) {
         test_schedules(g);
         for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) test_case(&m, g, &cases[c]);
         test_batch_independence(&m, g);
+        test_inspect_every_step(&m, g);
         test_sampler_errors(&m);
         test_cli(g, argv[0]);
     }
