@@ -1685,19 +1685,24 @@ static uint64_t mix64(uint64_t x) {
 
 /* Element i from a hash of (seed, name, i) alone, so any element can be made independently, in
  * any order, by any thread. */
-void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst) {
-    int64_t n = 1;
-    for (int d = 0; d < ndim; d++) n *= shape[d];
+void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst) {
     uint64_t key = mix64(name_hash(name) ^ mix64(seed));
-    bool matrix = ndim >= 2;
-    float scale = matrix ? 1.0f / sqrtf((float)shape[ndim - 1]) : 0.1f;
-    float offset = matrix ? 0.0f : 1.0f;
     #pragma omp parallel for schedule(static) if (n > (1 << 16))
     for (int64_t i = 0; i < n; i++) {
         /* the top 24 bits -> uniform in [-1, 1), exact in float */
-        float u = (float)(mix64(key + (uint64_t)i * 0x9E3779B97F4A7C15u) >> 40) / 8388608.0f - 1.0f;
-        dst[i] = offset + scale * u;
+        dst[i] = (float)(mix64(key + (uint64_t)i * 0x9E3779B97F4A7C15u) >> 40) / 8388608.0f - 1.0f;
     }
+}
+
+void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst) {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; d++) n *= shape[d];
+    bool matrix = ndim >= 2;
+    float scale = matrix ? 1.0f / sqrtf((float)shape[ndim - 1]) : 0.1f;
+    float offset = matrix ? 0.0f : 1.0f;
+    st_uniform_fill(seed, name, n, dst);
+    #pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; i++) dst[i] = offset + scale * dst[i];
 }
 
 static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64_t n, Error *e) {

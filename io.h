@@ -217,6 +217,8 @@ bool st_model_random_any_seed(const StModel *m, uint64_t *seed);
 /* The values st_model_random's model of that seed gives the tensor (name, shape) into
  * dst[product of shape]. */
 void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst);
+/* dst[0 .. n-1] uniform in [-1, 1) from a hash of (seed, name, index): st_random_fill's source. */
+void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst);
 
 /* ---- images ----------------------------------------------------------------------------- */
 

@@ -9,16 +9,50 @@
 
 /* ---- parameters and basic layers -------------------------------------------------------- */
 
-int param_load(const StModel *m, Tensor **out, Error *e, int ndim, const int64_t *shape,
-               const char *name_fmt, ...) {
-    char name[256];
-    va_list ap;
-    va_start(ap, name_fmt);
-    int len = vsnprintf(name, sizeof name, name_fmt, ap);
-    va_end(ap);
-    *out = NULL;
-    if (len < 0 || (size_t)len >= sizeof name) return error_set(e, "tensor name too long: %s", name);
+typedef struct ParamEntry {
+    char *name;
+    Var *var;
+    bool buffer;
+} ParamEntry;
+
+struct Params {
+    Tape *tape; /* owns every leaf, its value and its gradient */
+    const StModel *source; /* NULL: fresh weights from init_seed */
+    uint64_t init_seed;
+    ParamEntry *entries;
+    int n, cap;
+};
+
+Params *params_new(const StModel *source) {
+    Params *p = calloc(1, sizeof *p);
+    if (p && !(p->tape = tape_new())) {
+        free(p);
+        return NULL;
+    }
+    if (p) p->source = source;
+    return p;
+}
+
+Params *params_new_init(uint64_t seed) {
+    Params *p = params_new(NULL);
+    if (p) p->init_seed = seed;
+    return p;
+}
+
+void params_free(Params *p) {
+    if (!p) return;
+    for (int i = 0; i < p->n; i++) free(p->entries[i].name);
+    free(p->entries);
+    tape_free(p->tape);
+    free(p);
+}
+
+/* The source's tensor `name` as a new f32 tensor of exactly `shape` (or, for config-only
+ * weights, st_random_fill's values for that name and shape). */
+static int params_read(const StModel *m, const char *name, int ndim, const int64_t *shape,
+                       Tensor **out, Error *e) {
     uint64_t seed;
+    *out = NULL;
     if (st_model_random_any_seed(m, &seed)) {
         if (!(*out = tensor_new(ndim, shape)))
             return error_set(e, "out of memory making tensor '%s'", name);
@@ -49,77 +83,150 @@ int param_load(const StModel *m, Tensor **out, Error *e, int ndim, const int64_t
     return 0;
 }
 
-/* The weights a loader reads through param_load: the safetensors in dir, or with `random` each
- * tensor made from seed at the shape the loader asks for (config-only loading). */
-static int weights_open(StModel **out, const char *dir, bool random, uint64_t seed, Error *e) {
-    return random ? st_model_random_any(out, seed, e) : st_model_open(out, dir, e);
+static bool ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+/* A fresh tensor `name` as PyTorch's layers initialise themselves, by name and shape:
+ * matrices and kernels uniform in +-1/sqrt(fan_in) (nn.Linear's and nn.Conv2d's bound, with
+ * fan_in = numel / shape[0]), biases and running means 0, norm weights and running variances 1. */
+static int params_init_tensor(uint64_t seed, const char *name, int ndim, const int64_t *shape,
+                              Tensor **out, Error *e) {
+    if (!(*out = tensor_new(ndim, shape)))
+        return error_set(e, "out of memory making tensor '%s'", name);
+    Tensor *t = *out;
+    if (ndim >= 2 && t->numel > 0) {
+        float bound = 1.0f / sqrtf((float)(t->numel / shape[0]));
+        st_uniform_fill(seed, name, t->numel, t->data);
+        for (int64_t i = 0; i < t->numel; i++) t->data[i] *= bound;
+        return 0;
+    }
+    bool zero = ends_with(name, ".bias") || ends_with(name, "running_mean");
+    for (int64_t i = 0; i < t->numel; i++) t->data[i] = zero ? 0.0f : 1.0f;
+    return 0;
+}
+
+/* Reads the named tensor into a new entry. */
+static Var *params_add(Params *p, bool buffer, Error *e, int ndim, const int64_t *shape,
+                       const char *fmt, va_list ap) {
+    char name[256];
+    int len = vsnprintf(name, sizeof name, fmt, ap);
+    if (len < 0 || (size_t)len >= sizeof name) {
+        error_set(e, "tensor name too long: %s", name);
+        return NULL;
+    }
+    if (p->n == p->cap) {
+        int cap = p->cap ? 2 * p->cap : 64;
+        ParamEntry *grown = realloc(p->entries, (size_t)cap * sizeof *grown);
+        if (!grown) {
+            error_set(e, "out of memory loading tensor '%s'", name);
+            return NULL;
+        }
+        p->entries = grown;
+        p->cap = cap;
+    }
+    Tensor *value;
+    if (p->source ? params_read(p->source, name, ndim, shape, &value, e)
+                  : params_init_tensor(p->init_seed, name, ndim, shape, &value, e))
+        return NULL;
+    char *copy = strdup(name);
+    Var *v = copy ? var_take(p->tape, value, false) : (tensor_free(value), NULL);
+    if (!v) {
+        free(copy);
+        error_set(e, "out of memory loading tensor '%s'", name);
+        return NULL;
+    }
+    p->entries[p->n++] = (ParamEntry){copy, v, buffer};
+    return v;
+}
+
+Var *params_load(Params *p, Error *e, int ndim, const int64_t *shape, const char *name_fmt, ...) {
+    va_list ap;
+    va_start(ap, name_fmt);
+    Var *v = params_add(p, false, e, ndim, shape, name_fmt, ap);
+    va_end(ap);
+    return v;
+}
+
+Var *params_load_buffer(Params *p, Error *e, int ndim, const int64_t *shape,
+                        const char *name_fmt, ...) {
+    va_list ap;
+    va_start(ap, name_fmt);
+    Var *v = params_add(p, true, e, ndim, shape, name_fmt, ap);
+    va_end(ap);
+    return v;
+}
+
+Var *params_constant(Params *p, Tensor *value, Error *e) {
+    Var *v = var_take(p->tape, value, false);
+    if (!v) error_set(e, "out of memory");
+    return v;
+}
+
+int params_count(const Params *p) { return p->n; }
+const char *params_name(const Params *p, int i) { return p->entries[i].name; }
+Var *params_var(const Params *p, int i) { return p->entries[i].var; }
+bool params_is_buffer(const Params *p, int i) { return p->entries[i].buffer; }
+
+void params_set_trainable(Params *p, bool trainable) {
+    for (int i = 0; i < p->n; i++)
+        if (!p->entries[i].buffer) p->entries[i].var->requires_grad = trainable;
+}
+
+/* The weights of the tensors loaders ask params_load for: the safetensors in dir, st_random_fill
+ * values from seed (config-only: timings and memory without the files), or fresh weights from
+ * seed (training from scratch). *st stays open for the loading; the caller closes it. */
+static int params_open(Params **p, StModel **st, const char *dir, WeightSource source,
+                       uint64_t seed, Error *e) {
+    *p = NULL;
+    *st = NULL;
+    if ((source == WEIGHTS_FILES && st_model_open(st, dir, e)) ||
+        (source == WEIGHTS_CONFIG_ONLY && st_model_random_any(st, seed, e)))
+        return -1;
+    *p = source == WEIGHTS_FRESH ? params_new_init(seed) : params_new(*st);
+    return *p ? 0 : error_set(e, "out of memory");
 }
 
 Var *param_var(Tape *t, Tensor *p) {
     return p ? var_new(t, p, false) : NULL;
 }
 
-int linear_load(Linear *l, const StModel *m, int in, int out, bool bias, const char *prefix,
-                Error *e) {
+int linear_load(Linear *l, Params *p, int in, int out, bool bias, const char *prefix, Error *e) {
     *l = (Linear){0};
-    if (param_load(m, &l->weight, e, SHAPE(out, in), "%s.weight", prefix) ||
-        (bias && param_load(m, &l->bias, e, SHAPE(out), "%s.bias", prefix))) {
-        linear_free(l);
+    if (!(l->weight = params_load(p, e, SHAPE(out, in), "%s.weight", prefix)) ||
+        (bias && !(l->bias = params_load(p, e, SHAPE(out), "%s.bias", prefix))))
         return -1;
-    }
     return 0;
 }
 
-void linear_free(Linear *l) {
-    tensor_free(l->weight);
-    tensor_free(l->bias);
-    *l = (Linear){0};
-}
-
 Var *linear_apply(Tape *t, const Linear *l, Var *x) {
-    return ag_linear(t, x, param_var(t, l->weight), param_var(t, l->bias));
+    return ag_linear(t, x, l->weight, l->bias);
 }
 
-int conv2d_load(Conv2d *c, const StModel *m, int in, int out, int kernel, int stride, int padding,
+int conv2d_load(Conv2d *c, Params *p, int in, int out, int kernel, int stride, int padding,
                 int groups, bool bias, const char *prefix, Error *e) {
     *c = (Conv2d){.stride = stride, .padding = padding, .groups = groups};
     if (groups < 1 || in % groups || out % groups)
         return error_set(e, "%s: %d -> %d channels do not split into %d groups", prefix, in, out,
                          groups);
-    if (param_load(m, &c->weight, e, SHAPE(out, in / groups, kernel, kernel), "%s.weight", prefix) ||
-        (bias && param_load(m, &c->bias, e, SHAPE(out), "%s.bias", prefix))) {
-        conv2d_free(c);
+    if (!(c->weight = params_load(p, e, SHAPE(out, in / groups, kernel, kernel), "%s.weight",
+                                  prefix)) ||
+        (bias && !(c->bias = params_load(p, e, SHAPE(out), "%s.bias", prefix))))
         return -1;
-    }
     return 0;
-}
-
-void conv2d_free(Conv2d *c) {
-    tensor_free(c->weight);
-    tensor_free(c->bias);
-    c->weight = c->bias = NULL;
 }
 
 Var *conv2d_apply(Tape *t, const Conv2d *c, Var *x) {
-    return ag_conv2d(t, x, param_var(t, c->weight), param_var(t, c->bias), c->stride, c->padding,
-                     c->groups);
+    return ag_conv2d(t, x, c->weight, c->bias, c->stride, c->padding, c->groups);
 }
 
-int norm_load(NormParams *n, const StModel *m, int channels, bool bias, const char *prefix,
-              Error *e) {
+int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *prefix, Error *e) {
     *n = (NormParams){0};
-    if (param_load(m, &n->weight, e, SHAPE(channels), "%s.weight", prefix) ||
-        (bias && param_load(m, &n->bias, e, SHAPE(channels), "%s.bias", prefix))) {
-        norm_free(n);
+    if (!(n->weight = params_load(p, e, SHAPE(channels), "%s.weight", prefix)) ||
+        (bias && !(n->bias = params_load(p, e, SHAPE(channels), "%s.bias", prefix))))
         return -1;
-    }
     return 0;
-}
-
-void norm_free(NormParams *n) {
-    tensor_free(n->weight);
-    tensor_free(n->bias);
-    *n = (NormParams){0};
 }
 
 /* ---- section: flux2 ----------------------------------------------------------------------------
@@ -310,7 +417,7 @@ static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const in
     if (p->mode == FLUX2_LIST) return flux2_spec_add(p->list, name, ndim, shape, e);
     if (p->count == FLUX2_MAX_PART_TENSORS)
         return error_set(e, "more than %d tensors in one part of the model", p->count);
-    if (param_load(p->weights, out, e, ndim, shape, "%s", name)) return -1;
+    if (params_read(p->weights, name, ndim, shape, out, e)) return -1;
     p->tensors[p->count++] = *out;
     return 0;
 }
@@ -1144,7 +1251,8 @@ typedef struct VaeStage {
 
 struct VaeDecoder {
     VaeConfig config;
-    Tensor *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
+    Params *params;
+    Var *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
     Conv2d post_quant_conv;   /* 1x1, weight NULL when use_post_quant_conv is false */
     Conv2d conv_in;
     VaeResnet mid_resnets[2];
@@ -1227,18 +1335,10 @@ static int vae_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
     return vae_config_blocks(root, c, c->norm_num_groups, e);
 }
 
-static void vae_resnet_free(VaeResnet *r) {
-    norm_free(&r->norm1);
-    norm_free(&r->norm2);
-    conv2d_free(&r->conv1);
-    conv2d_free(&r->conv2);
-    conv2d_free(&r->conv_shortcut);
-}
-
 /* "<prefix>.<part>" in the caller's name buffer */
 #define VAE_NAME(part) (snprintf(name, sizeof name, "%s.%s", prefix, part), name)
 
-static int vae_resnet_load(VaeResnet *r, const StModel *st, int in, int out, int groups,
+static int vae_resnet_load(VaeResnet *r, Params *st, int in, int out, int groups,
                            const char *prefix, Error *e) {
     char name[192];
     r->groups = groups;
@@ -1253,15 +1353,7 @@ static int vae_resnet_load(VaeResnet *r, const StModel *st, int in, int out, int
     return 0;
 }
 
-static void vae_attention_free(VaeAttention *a) {
-    norm_free(&a->group_norm);
-    linear_free(&a->to_q);
-    linear_free(&a->to_k);
-    linear_free(&a->to_v);
-    linear_free(&a->to_out);
-}
-
-static int vae_attention_load(VaeAttention *a, const StModel *st, int channels, int groups,
+static int vae_attention_load(VaeAttention *a, Params *st, int channels, int groups,
                               const char *prefix, Error *e) {
     char name[192];
     a->groups = groups;
@@ -1275,21 +1367,27 @@ static int vae_attention_load(VaeAttention *a, const StModel *st, int channels, 
 }
 #undef VAE_NAME
 
-/* bn.running_mean and sqrt(bn.running_var + batch_norm_eps) over the packed channels. */
-static int vae_latent_stats_load(VaeDecoder *m, const StModel *st, Error *e) {
+/* bn.running_mean, and sqrt(bn.running_var + batch_norm_eps) as a constant, over the packed
+ * channels. */
+static int vae_latent_stats_load(VaeDecoder *m, Params *st, Error *e) {
     int packed = m->config.latent_channels * m->config.patch_h * m->config.patch_w;
-    if (param_load(st, &m->bn_mean, e, SHAPE(packed), "bn.running_mean") ||
-        param_load(st, &m->bn_std, e, SHAPE(packed), "bn.running_var"))
+    Var *var;
+    if (!(m->bn_mean = params_load_buffer(st, e, SHAPE(packed), "bn.running_mean")) ||
+        !(var = params_load_buffer(st, e, SHAPE(packed), "bn.running_var")))
         return -1;
-    for (int i = 0; i < packed; i++) {
-        if (!(m->bn_std->data[i] >= 0.0f))
+    Tensor *std = TENSOR_NEW(packed);
+    for (int i = 0; std && i < packed; i++) {
+        float v = var->value->data[i];
+        if (!(v >= 0.0f)) {
+            tensor_free(std);
             return error_set(e, "tensor 'bn.running_var' has a negative or NaN entry at %d", i);
-        m->bn_std->data[i] = sqrtf(m->bn_std->data[i] + m->config.batch_norm_eps);
+        }
+        std->data[i] = sqrtf(v + m->config.batch_norm_eps);
     }
-    return 0;
+    return (m->bn_std = params_constant(st, std, e)) ? 0 : -1;
 }
 
-static int vae_weights_load(VaeDecoder *m, const StModel *st, Error *e) {
+static int vae_weights_load(VaeDecoder *m, Params *st, Error *e) {
     const VaeConfig *c = &m->config;
     int groups = c->norm_num_groups, top = c->block_out_channels[c->n_blocks - 1];
     char name[192];
@@ -1362,7 +1460,7 @@ static int vae_plan(VaeDecoder *m, Error *e) {
 }
 
 /* vae_decoder_load, or with `random` its config-only twin. */
-static int vae_decoder_open(VaeDecoder **out, const char *dir, bool random, uint64_t seed,
+static int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
                             Error *e) {
     *out = NULL;
     char path[4096];
@@ -1374,8 +1472,8 @@ static int vae_decoder_open(VaeDecoder **out, const char *dir, bool random, uint
     JsonDoc *doc = NULL;
     StModel *st = NULL;
     int rc = json_parse_file(&doc, path, e) || vae_config_read(&m->config, json_root(doc), e) ||
-             weights_open(&st, dir, random, seed, e) || vae_weights_load(m, st, e) ||
-             vae_plan(m, e);
+             params_open(&m->params, &st, dir, source, seed, e) ||
+             vae_weights_load(m, m->params, e) || vae_plan(m, e);
     json_free(doc);
     st_model_close(st);
     if (rc) {
@@ -1387,33 +1485,27 @@ static int vae_decoder_open(VaeDecoder **out, const char *dir, bool random, uint
 }
 
 int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
-    return vae_decoder_open(out, dir, false, 0, e);
+    return vae_decoder_open(out, dir, WEIGHTS_FILES, 0, e);
 }
 
 int vae_decoder_load_config_only(VaeDecoder **out, const char *dir, uint64_t seed, Error *e) {
-    return vae_decoder_open(out, dir, true, seed, e);
+    return vae_decoder_open(out, dir, WEIGHTS_CONFIG_ONLY, seed, e);
+}
+
+int vae_decoder_init(VaeDecoder **out, const char *dir, uint64_t seed, Error *e) {
+    return vae_decoder_open(out, dir, WEIGHTS_FRESH, seed, e);
 }
 
 void vae_decoder_free(VaeDecoder *m) {
     if (!m) return;
-    tensor_free(m->bn_mean);
-    tensor_free(m->bn_std);
-    conv2d_free(&m->post_quant_conv);
-    conv2d_free(&m->conv_in);
-    vae_resnet_free(&m->mid_resnets[0]);
-    vae_resnet_free(&m->mid_resnets[1]);
-    vae_attention_free(&m->mid_attention);
-    for (int b = 0; b < VAE_MAX_BLOCKS; b++) {
-        VaeUpBlock *u = &m->up_blocks[b];
-        for (int r = 0; u->resnets && r <= m->config.layers_per_block; r++)
-            vae_resnet_free(&u->resnets[r]);
-        free(u->resnets);
-        conv2d_free(&u->upsampler);
-    }
-    norm_free(&m->conv_norm_out);
-    conv2d_free(&m->conv_out);
+    for (int b = 0; b < VAE_MAX_BLOCKS; b++) free(m->up_blocks[b].resnets);
     free(m->layers);
+    params_free(m->params);
     free(m);
+}
+
+Params *vae_decoder_params(VaeDecoder *m) {
+    return m->params;
 }
 
 const VaeConfig *vae_decoder_config(const VaeDecoder *m) {
@@ -1426,8 +1518,7 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint) {
 
 /* x: [B, C, H, W] -> SiLU(GroupNorm(x)) */
 static Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
-    return ag_groupnorm_silu(t, x, groups, param_var(t, n->weight), param_var(t, n->bias),
-                             VAE_NORM_EPS);
+    return ag_groupnorm_silu(t, x, groups, n->weight, n->bias, VAE_NORM_EPS);
 }
 
 /* One block, through ag_checkpoint when the model asks for it. The functions only read ctx,
@@ -1469,8 +1560,8 @@ static Var *vae_attention_apply(Tape *t, Var **inputs, void *ctx) {
     Var *x = inputs[0];
     int64_t B = x->value->shape[0], C = x->value->shape[1];
     int64_t N = x->value->shape[2] * x->value->shape[3];
-    Var *n = ag_groupnorm(t, x, a->groups, param_var(t, a->group_norm.weight),
-                          param_var(t, a->group_norm.bias), VAE_NORM_EPS);
+    Var *n = ag_groupnorm(t, x, a->groups, a->group_norm.weight, a->group_norm.bias,
+                          VAE_NORM_EPS);
     Var *seq = ag_transpose(t, ag_reshape(t, n, 3, (int64_t[]){B, C, N}), 1, 2); /* [B, N, C] */
     const int64_t heads[4] = {B, N, 1, C};
     Var *q = ag_reshape(t, linear_apply(t, &a->to_q, seq), 4, heads);
@@ -1533,8 +1624,8 @@ static Var *vae_stage_apply(Tape *t, Var **inputs, void *ctx) {
 static Var *vae_unpack(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     const VaeConfig *c = &m->config;
     int64_t C = c->latent_channels, ph = c->patch_h, pw = c->patch_w;
-    Var *x = ag_add_rows(t, ag_mul_rows(t, tokens, param_var(t, m->bn_std)),
-                         param_var(t, m->bn_mean)); /* also checks the packed channel count */
+    /* ag_mul_rows also checks the packed channel count */
+    Var *x = ag_add_rows(t, ag_mul_rows(t, tokens, m->bn_std), m->bn_mean);
     if (!x) return NULL;
     int64_t B = x->value->shape[0]; /* the reshape below checks h*w against the token count */
     x = ag_reshape(t, x, 5, (int64_t[]){B * h, w, C, ph, pw});
@@ -1588,8 +1679,9 @@ typedef struct SegformerStage {
 
 struct Segformer {
     SegformerConfig config;
+    Params *params;
     SegformerStage stages[SEGFORMER_MAX_STAGES];
-    Tensor *pixel_shift, *pixel_scale; /* [3]: -mean and 1 / std */
+    Var *pixel_shift, *pixel_scale; /* [3]: -mean and 1 / std */
     Conv2d classifier;
 };
 
@@ -1762,7 +1854,7 @@ static const char *segformer_name(char *buf, size_t len, const char *fmt, ...) {
     return buf;
 }
 
-static int segformer_layer_load(SegformerLayer *l, const StModel *m, const SegformerConfig *c,
+static int segformer_layer_load(SegformerLayer *l, Params *m, const SegformerConfig *c,
                                 int i, int j, Error *e) {
     int C = c->hidden_sizes[i], inner = C * c->mlp_ratios[i], r = c->sr_ratios[i];
     *l = (SegformerLayer){.heads = c->heads[i], .sr_ratio = r, .gelu_tanh = c->gelu_tanh};
@@ -1786,7 +1878,7 @@ static int segformer_layer_load(SegformerLayer *l, const StModel *m, const Segfo
     return rc ? -1 : 0;
 }
 
-static int segformer_stage_load(SegformerStage *s, const StModel *m, const SegformerConfig *c,
+static int segformer_stage_load(SegformerStage *s, Params *m, const SegformerConfig *c,
                                 int i, Error *e) {
     int C = c->hidden_sizes[i], in = i == 0 ? 3 : c->hidden_sizes[i - 1], k = c->patch_sizes[i];
     char n[128];
@@ -1817,9 +1909,10 @@ static int segformer_stage_load(SegformerStage *s, const StModel *m, const Segfo
  * to 1 (constants pass through). The 4D -> D conv at 1/4 of the input, the head's largest cost in
  * time and memory, becomes a C_i -> D 1x1 conv at each stage's own resolution. */
 typedef struct SegformerHeadParts {
-    Tensor *fuse;       /* linear_fuse.weight: [D, n D, 1, 1] */
+    Params *params;     /* the head's own tensors, freed once folded */
+    Var *fuse;          /* linear_fuse.weight: [D, n D, 1, 1] */
     NormParams bn;      /* gamma, beta */
-    Tensor *mean, *var; /* running statistics */
+    Var *mean, *var;    /* running statistics */
     Linear linear_c;    /* the stage being folded */
     float *scale;       /* [D]: S */
     double *bias_sum;   /* [D]: sum_i W_i b_i */
@@ -1829,8 +1922,8 @@ typedef struct SegformerHeadParts {
 static int segformer_fold_stage(Segformer *s, int i, SegformerHeadParts *h, Error *e) {
     const SegformerConfig *c = &s->config;
     int D = c->decoder_hidden_size, C = c->hidden_sizes[i], n = c->stages;
-    const float *W = h->fuse->data + (size_t)(n - 1 - i) * D, *P = h->linear_c.weight->data;
-    const float *b = h->linear_c.bias->data;
+    const float *W = h->fuse->value->data + (size_t)(n - 1 - i) * D;
+    const float *P = h->linear_c.weight->value->data, *b = h->linear_c.bias->value->data;
     Tensor *proj = TENSOR_NEW(D, C, 1, 1);
     if (!proj) return error_set(e, "out of memory folding the decode head");
     gemm(false, false, D, C, D, 1.0f, W, n * D, P, C, 0.0f, proj->data, C);
@@ -1838,51 +1931,50 @@ static int segformer_fold_stage(Segformer *s, int i, SegformerHeadParts *h, Erro
         for (int k = 0; k < C; k++) proj->data[(size_t)o * C + k] *= h->scale[o];
         for (int k = 0; k < D; k++) h->bias_sum[o] += (double)W[(size_t)o * n * D + k] * b[k];
     }
-    s->stages[i].head_proj = (Conv2d){.weight = proj, .stride = 1, .padding = 0, .groups = 1};
-    return 0;
+    s->stages[i].head_proj = (Conv2d){.stride = 1, .padding = 0, .groups = 1};
+    return (s->stages[i].head_proj.weight = params_constant(s->params, proj, e)) ? 0 : -1;
 }
 
-static int segformer_head_fold(Segformer *s, const StModel *m, SegformerHeadParts *h, Error *e) {
+static int segformer_head_fold(Segformer *s, SegformerHeadParts *h, Error *e) {
     const SegformerConfig *c = &s->config;
     int D = c->decoder_hidden_size;
-    if (param_load(m, &h->fuse, e, SHAPE(D, c->stages * D, 1, 1),
-                   "decode_head.linear_fuse.weight") ||
-        norm_load(&h->bn, m, D, true, "decode_head.batch_norm", e) ||
-        param_load(m, &h->mean, e, SHAPE(D), "decode_head.batch_norm.running_mean") ||
-        param_load(m, &h->var, e, SHAPE(D), "decode_head.batch_norm.running_var"))
+    Params *p = h->params;
+    if (!(h->fuse = params_load(p, e, SHAPE(D, c->stages * D, 1, 1),
+                                "decode_head.linear_fuse.weight")) ||
+        norm_load(&h->bn, p, D, true, "decode_head.batch_norm", e) ||
+        !(h->mean = params_load_buffer(p, e, SHAPE(D), "decode_head.batch_norm.running_mean")) ||
+        !(h->var = params_load_buffer(p, e, SHAPE(D), "decode_head.batch_norm.running_var")))
         return -1;
     h->scale = malloc((size_t)D * sizeof *h->scale);
     h->bias_sum = calloc((size_t)D, sizeof *h->bias_sum);
     if (!h->scale || !h->bias_sum)
         return error_set(e, "out of memory folding the decode head");
     for (int o = 0; o < D; o++)
-        h->scale[o] = h->bn.weight->data[o] / sqrtf(h->var->data[o] + SEGFORMER_NORM_EPS);
+        h->scale[o] = h->bn.weight->value->data[o] /
+                      sqrtf(h->var->value->data[o] + SEGFORMER_NORM_EPS);
     for (int i = 0; i < c->stages; i++) {
         char name[64];
         snprintf(name, sizeof name, "decode_head.linear_c.%d.proj", i);
-        int rc = linear_load(&h->linear_c, m, c->hidden_sizes[i], D, true, name, e) ||
-                 segformer_fold_stage(s, i, h, e);
-        linear_free(&h->linear_c);
-        if (rc) return -1;
+        if (linear_load(&h->linear_c, p, c->hidden_sizes[i], D, true, name, e) ||
+            segformer_fold_stage(s, i, h, e))
+            return -1;
     }
     Tensor *bias = TENSOR_NEW(D);
     if (!bias) return error_set(e, "out of memory folding the decode head");
     for (int o = 0; o < D; o++)
-        bias->data[o] =
-            (float)(h->bn.bias->data[o] + h->scale[o] * (h->bias_sum[o] - h->mean->data[o]));
-    s->stages[0].head_proj.bias = bias;
-    return 0;
+        bias->data[o] = (float)(h->bn.bias->value->data[o] +
+                                h->scale[o] * (h->bias_sum[o] - h->mean->value->data[o]));
+    return (s->stages[0].head_proj.bias = params_constant(s->params, bias, e)) ? 0 : -1;
 }
 
 static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
-    SegformerHeadParts h = {0};
-    int rc = segformer_head_fold(s, m, &h, e) ||
-             conv2d_load(&s->classifier, m, s->config.decoder_hidden_size, s->config.num_labels, 1,
-                         1, 0, 1, true, "decode_head.classifier", e);
-    tensor_free(h.fuse);
-    norm_free(&h.bn);
-    tensor_free(h.mean);
-    tensor_free(h.var);
+    SegformerHeadParts h = {.params = params_new(m)};
+    int rc = h.params ? 0 : error_set(e, "out of memory");
+    if (rc == 0)
+        rc = segformer_head_fold(s, &h, e) ||
+             conv2d_load(&s->classifier, s->params, s->config.decoder_hidden_size,
+                         s->config.num_labels, 1, 1, 0, 1, true, "decode_head.classifier", e);
+    params_free(h.params);
     free(h.scale);
     free(h.bias_sum);
     return rc ? -1 : 0;
@@ -1890,57 +1982,38 @@ static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
 
 /* (x - mean) / std as (x + shift) * scale, per channel. */
 static int segformer_pixel_load(Segformer *s, Error *e) {
-    s->pixel_shift = TENSOR_NEW(3);
-    s->pixel_scale = TENSOR_NEW(3);
-    if (!s->pixel_shift || !s->pixel_scale) return error_set(e, "out of memory");
-    for (int c = 0; c < 3; c++) {
-        s->pixel_shift->data[c] = -s->config.mean[c];
-        s->pixel_scale->data[c] = 1.0f / s->config.std[c];
+    Tensor *shift = TENSOR_NEW(3), *scale = TENSOR_NEW(3);
+    for (int c = 0; shift && scale && c < 3; c++) {
+        shift->data[c] = -s->config.mean[c];
+        scale->data[c] = 1.0f / s->config.std[c];
     }
-    return 0;
-}
-
-static void segformer_layer_free(SegformerLayer *l) {
-    norm_free(&l->norm1);
-    norm_free(&l->norm2);
-    norm_free(&l->sr_norm);
-    linear_free(&l->query);
-    linear_free(&l->key);
-    linear_free(&l->value);
-    linear_free(&l->out);
-    linear_free(&l->dense1);
-    linear_free(&l->dense2);
-    conv2d_free(&l->sr);
-    conv2d_free(&l->dwconv);
+    s->pixel_shift = params_constant(s->params, shift, e);
+    s->pixel_scale = params_constant(s->params, scale, e);
+    return s->pixel_shift && s->pixel_scale ? 0 : -1;
 }
 
 void segformer_free(Segformer *m) {
     if (!m) return;
-    for (int i = 0; i < SEGFORMER_MAX_STAGES; i++) {
-        SegformerStage *s = &m->stages[i];
-        conv2d_free(&s->patch_embed);
-        norm_free(&s->patch_norm);
-        for (int j = 0; j < s->n_layers; j++) segformer_layer_free(&s->layers[j]);
-        free(s->layers);
-        norm_free(&s->norm);
-        conv2d_free(&s->head_proj);
-    }
-    tensor_free(m->pixel_shift);
-    tensor_free(m->pixel_scale);
-    conv2d_free(&m->classifier);
+    for (int i = 0; i < SEGFORMER_MAX_STAGES; i++) free(m->stages[i].layers);
+    params_free(m->params);
     free(m);
 }
 
+Params *segformer_params(Segformer *m) {
+    return m->params;
+}
+
 /* segformer_load, or with `random` its config-only twin. */
-static int segformer_open(Segformer **out, const char *dir, bool random, uint64_t seed, Error *e) {
+static int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
+                          Error *e) {
     *out = NULL;
     Segformer *s = calloc(1, sizeof *s);
     if (!s) return error_set(e, "out of memory loading the detector %s", dir);
     StModel *m = NULL;
     int rc = segformer_config_load(&s->config, dir, e) ||
-             weights_open(&m, dir, random, seed, e) || segformer_pixel_load(s, e);
+             params_open(&s->params, &m, dir, source, seed, e) || segformer_pixel_load(s, e);
     for (int i = 0; !rc && i < s->config.stages; i++)
-        rc = segformer_stage_load(&s->stages[i], m, &s->config, i, e);
+        rc = segformer_stage_load(&s->stages[i], s->params, &s->config, i, e);
     if (!rc) rc = segformer_head_load(s, m, e);
     st_model_close(m);
     if (rc) {
@@ -1952,11 +2025,15 @@ static int segformer_open(Segformer **out, const char *dir, bool random, uint64_
 }
 
 int segformer_load(Segformer **out, const char *dir, Error *e) {
-    return segformer_open(out, dir, false, 0, e);
+    return segformer_open(out, dir, WEIGHTS_FILES, 0, e);
 }
 
 int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e) {
-    return segformer_open(out, dir, true, seed, e);
+    return segformer_open(out, dir, WEIGHTS_CONFIG_ONLY, seed, e);
+}
+
+int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e) {
+    return segformer_open(out, dir, WEIGHTS_FRESH, seed, e);
 }
 
 const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }
@@ -1969,7 +2046,7 @@ static Var *segformer_tokens(Tape *t, Var *x) { return ag_permute(t, x, (int[]){
 static Var *segformer_image(Tape *t, Var *x) { return ag_permute(t, x, (int[]){0, 3, 1, 2}); }
 
 static Var *segformer_layernorm(Tape *t, const NormParams *n, Var *x) {
-    return ag_layernorm(t, x, param_var(t, n->weight), param_var(t, n->bias), SEGFORMER_NORM_EPS);
+    return ag_layernorm(t, x, n->weight, n->bias, SEGFORMER_NORM_EPS);
 }
 
 /* x: [.., h, w] -> [.., out_h, out_w]; to the same size it is the identity, as in PyTorch. */
@@ -2046,8 +2123,7 @@ static Var *segformer_preprocess(Tape *t, const Segformer *m, Var *image) {
     Var *x = ag_clamp(t, ag_affine(t, image, 0.5f, 0.5f), 0.0f, 1.0f);
     if (c->do_resize) x = segformer_resize(t, x, c->input_h, c->input_w);
     if (c->do_normalize)
-        x = ag_mul_channels(t, ag_add_channels(t, x, param_var(t, m->pixel_shift)),
-                            param_var(t, m->pixel_scale));
+        x = ag_mul_channels(t, ag_add_channels(t, x, m->pixel_shift), m->pixel_scale);
     return x;
 }
 

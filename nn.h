@@ -1,9 +1,9 @@
 /* nn.h - layers and models built from tensor.c kernels through autograd.c ops.
  *
  * Models read their architecture from config files and their weights from safetensors by the
- * real upstream tensor names. Parameters are f32 Tensors owned by the model; a forward pass wraps
- * them as constant leaves (var_new(t, w, false)) on the caller's tape, so gradients flow to the
- * inputs only. */
+ * real upstream tensor names. The VAE and the detector hold their weights in a Params (f32 leaves
+ * on a tape of the model's own, used by every forward pass on the caller's tape): by default they
+ * need no gradient, so gradients flow to the inputs only; a trainer makes them trainable. */
 #ifndef DIAMOND_NN_H
 #define DIAMOND_NN_H
 
@@ -11,49 +11,86 @@
 
 /* ---- parameters and basic layers -------------------------------------------------------- */
 
-/* Reads the F32/F16/BF16 tensor named by name_fmt (printf-style) from m as a new f32 Tensor
- * of exactly `shape`. A missing tensor or another shape is an error naming the tensor. */
-int param_load(const StModel *m, Tensor **out, Error *e, int ndim, const int64_t *shape,
-               const char *name_fmt, ...)
+/* A model's parameters: f32 leaves on one tape the model owns, each under its upstream name, so
+ * that a forward pass uses them on any tape (gradients accumulate in their Var's grad when
+ * trainable) and a trainer can enumerate, update and save them. Three kinds:
+ *   parameters  named, read from a source, trained when the set is trainable;
+ *   buffers     named, read from a source and saved, never trained (batch-norm statistics);
+ *   constants   unnamed values derived while loading (folded layers, reciprocals), never saved.
+ * The source (an StModel: files, or config-only random weights) must stay open while loading. */
+typedef struct Params Params;
+
+/* NULL when out of memory. */
+Params *params_new(const StModel *source);
+/* Loads make fresh weights from seed instead, as PyTorch's layers initialise themselves
+ * (matrices and kernels uniform in +-1/sqrt(fan_in), biases and running means 0, norm weights and
+ * running variances 1): a model to train from scratch. */
+Params *params_new_init(uint64_t seed);
+void params_free(Params *p);
+/* The F32/F16/BF16 tensor named by name_fmt (printf-style) in the source, as a new f32 leaf of
+ * exactly `shape`; NULL with an error naming the tensor when it is missing or has another shape. */
+Var *params_load(Params *p, Error *e, int ndim, const int64_t *shape, const char *name_fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
-    __attribute__((format(printf, 6, 7)))
+    __attribute__((format(printf, 5, 6)))
 #endif
     ;
+/* The same for a buffer. */
+Var *params_load_buffer(Params *p, Error *e, int ndim, const int64_t *shape,
+                        const char *name_fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 5, 6)))
+#endif
+    ;
+/* A constant leaf that takes ownership of value (NULL when value is NULL or out of memory). */
+Var *params_constant(Params *p, Tensor *value, Error *e);
+
+/* The named entries, parameters and buffers, in loading order. */
+int params_count(const Params *p);
+const char *params_name(const Params *p, int i);
+Var *params_var(const Params *p, int i);
+bool params_is_buffer(const Params *p, int i);
+/* Parameters (not buffers, not constants) require grad from now on, or no longer. */
+void params_set_trainable(Params *p, bool trainable);
+
+/* Where a model loader takes its weights from. */
+typedef enum WeightSource {
+    WEIGHTS_FILES,       /* the safetensors files in the model's directory */
+    WEIGHTS_CONFIG_ONLY, /* st_random_fill values: timings and memory without the files */
+    WEIGHTS_FRESH,       /* params_new_init's: a model to train from scratch */
+} WeightSource;
+
 /* SHAPE(a, b, c) stands for the (ndim, shape) argument pair:
- *     param_load(m, &w, e, SHAPE(out, in), "blocks.%d.proj.weight", i) */
+ *     params_load(p, e, SHAPE(out, in), "blocks.%d.proj.weight", i) */
 #define SHAPE(...) (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__}
 
-/* y = x W^T + b. weight: [out, in], bias: [out] or NULL. Names: <prefix>.weight, <prefix>.bias */
+/* y = x W^T + b. weight: [out, in], bias: [out] or NULL. Names: <prefix>.weight, <prefix>.bias.
+ * The layers below hold leaves of a Params, which frees them. */
 typedef struct Linear {
-    Tensor *weight, *bias;
+    Var *weight, *bias;
 } Linear;
-int linear_load(Linear *l, const StModel *m, int in, int out, bool bias, const char *prefix,
-                Error *e);
-void linear_free(Linear *l);
+int linear_load(Linear *l, Params *p, int in, int out, bool bias, const char *prefix, Error *e);
 /* x: [.., in] -> [.., out] */
 Var *linear_apply(Tape *t, const Linear *l, Var *x);
 
 /* weight: [out, in/groups, k, k], bias: [out] or NULL. Names: <prefix>.weight, <prefix>.bias */
 typedef struct Conv2d {
-    Tensor *weight, *bias;
+    Var *weight, *bias;
     int stride, padding, groups;
 } Conv2d;
-int conv2d_load(Conv2d *c, const StModel *m, int in, int out, int kernel, int stride, int padding,
+int conv2d_load(Conv2d *c, Params *p, int in, int out, int kernel, int stride, int padding,
                 int groups, bool bias, const char *prefix, Error *e);
-void conv2d_free(Conv2d *c);
 /* x: [B, in, H, W] -> [B, out, Ho, Wo] */
 Var *conv2d_apply(Tape *t, const Conv2d *c, Var *x);
 
 /* The affine part of a LayerNorm / GroupNorm / RMSNorm: weight [C] and optional bias [C].
  * Names: <prefix>.weight, <prefix>.bias */
 typedef struct NormParams {
-    Tensor *weight, *bias;
+    Var *weight, *bias;
 } NormParams;
-int norm_load(NormParams *n, const StModel *m, int channels, bool bias, const char *prefix,
-              Error *e);
-void norm_free(NormParams *n);
+int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *prefix, Error *e);
 
-/* A constant leaf over a parameter (NULL stays NULL, for optional biases). */
+/* A constant leaf over a tensor the caller keeps (NULL stays NULL), for weights that live only
+ * for one call, such as FLUX.2's converted parts. */
 Var *param_var(Tape *t, Tensor *p);
 
 /* ---- section: flux2 ---------------------------------------------------------------------------
@@ -131,12 +168,16 @@ int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e);
 /* The decoder <dir>/config.json describes, with weights made from seed by st_random_fill at the
  * shapes the config implies (no weight file is read): for timings and memory without the files. */
 int vae_decoder_load_config_only(VaeDecoder **out, const char *dir, uint64_t seed, Error *e);
+/* The decoder <dir>/config.json describes with fresh weights from seed (params_new_init). */
+int vae_decoder_init(VaeDecoder **out, const char *dir, uint64_t seed, Error *e);
 void vae_decoder_free(VaeDecoder *m);
 /* tokens: [B, h*w, latent_channels*patch_h*patch_w], row-major over the (h, w) token grid ->
  * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
  * d loss / d tokens flows back through it; weights get no gradient. */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
 const VaeConfig *vae_decoder_config(const VaeDecoder *m);
+/* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
+Params *vae_decoder_params(VaeDecoder *m);
 /* On by default: nested ag_checkpoints (stages > layers > units, see nn.c), so backward holds
  * stage outputs plus one stage's layer outputs and one layer's intermediates; each unit's
  * forward runs up to four times. Off keeps every intermediate: the same gradients bit for
@@ -182,8 +223,13 @@ int segformer_load(Segformer **out, const char *dir, Error *e);
 /* The detector dir's two config files describe, with weights made from seed by st_random_fill at
  * the shapes the config implies (no weight file is read): for timings and memory without them. */
 int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e);
+/* The detector dir's config files describe with fresh weights from seed (params_new_init). */
+int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e);
 void segformer_free(Segformer *m);
 const SegformerConfig *segformer_config(const Segformer *m);
+/* Its encoder's weights and the classifier as parameters; the folded decode head, and the
+ * preprocessing, as constants. */
+Params *segformer_params(Segformer *m);
 
 /* image: [B, 3, H, W] in [-1, 1] -> mask: [B, L, H, W] in [0, 1] (L = num_labels), the sigmoid
  * map at 1/4 of the network's input resized bilinearly to the image. *mask_small (when not NULL)

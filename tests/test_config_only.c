@@ -1,5 +1,5 @@
 /* test_config_only.c - loading models from their config files alone, with random weights made at
- * the shapes the loaders ask for (st_model_random_any through param_load), for `bench model`. */
+ * the shapes the loaders ask for (st_model_random_any through params_load), for `bench model`. */
 #include <math.h>
 #include <string.h>
 
@@ -23,8 +23,8 @@ static void test_fill_matches_random_model(void) {
     st_model_close(m);
 }
 
-/* param_load on st_model_random_any: any name at the shape asked for, the same bits each time. */
-static void test_param_load_any(void) {
+/* params_load on st_model_random_any: any name at the shape asked for, the same bits each time. */
+static void test_params_load_any(void) {
     StModel *m = NULL;
     Error e = {{0}};
     uint64_t seed = 0;
@@ -32,25 +32,25 @@ static void test_param_load_any(void) {
           "random-any model: %s", e.msg);
     if (!m) return;
     CHECK(!st_model_find(m, "a.weight") && st_model_count(m) == 0, "it lists no tensors");
-    Tensor *a = NULL, *b = NULL, *v = NULL;
-    CHECK(param_load(m, &a, &e, SHAPE(4, 3, 3), "block.%d.weight", 2) == 0 &&
-              param_load(m, &b, &e, SHAPE(4, 3, 3), "block.2.weight") == 0 &&
-              param_load(m, &v, &e, SHAPE(4), "block.2.bias") == 0,
-          "param_load makes any tensor: %s", e.msg);
+    Params *p = params_new(m);
+    Var *a = NULL, *b = NULL, *v = NULL;
+    CHECK(p && (a = params_load(p, &e, SHAPE(4, 3, 3), "block.%d.weight", 2)) &&
+              (b = params_load(p, &e, SHAPE(4, 3, 3), "block.2.weight")) &&
+              (v = params_load(p, &e, SHAPE(4), "block.2.bias")),
+          "params_load makes any tensor: %s", e.msg);
     if (a && b && v) {
         float want[36];
         st_random_fill(3, "block.2.weight", 3, (int64_t[]){4, 3, 3}, want);
-        CHECK(a->ndim == 3 && a->shape[0] == 4 && a->shape[2] == 3, "at the shape asked for");
-        CHECK(!memcmp(a->data, b->data, sizeof want) && !memcmp(a->data, want, sizeof want),
+        const Tensor *ta = a->value, *tv = v->value;
+        CHECK(ta->ndim == 3 && ta->shape[0] == 4 && ta->shape[2] == 3, "at the shape asked for");
+        CHECK(!memcmp(ta->data, b->value->data, sizeof want) && !memcmp(ta->data, want, sizeof want),
               "the same name gives the same bits, st_random_fill's");
         bool scaled = true, positive = true;
-        for (int i = 0; i < 36; i++) scaled &= fabsf(a->data[i]) <= 1.0f / sqrtf(3.0f);
-        for (int i = 0; i < 4; i++) positive &= v->data[i] >= 0.9f && v->data[i] <= 1.1f;
+        for (int i = 0; i < 36; i++) scaled &= fabsf(ta->data[i]) <= 1.0f / sqrtf(3.0f);
+        for (int i = 0; i < 4; i++) positive &= tv->data[i] >= 0.9f && tv->data[i] <= 1.1f;
         CHECK(scaled && positive, "uniform / sqrt(last dim) for matrices, 1 + 0.1 u for vectors");
     }
-    tensor_free(a);
-    tensor_free(b);
-    tensor_free(v);
+    params_free(p);
     st_model_close(m);
 }
 
@@ -173,7 +173,7 @@ static void test_real_configs(void) {
 
 int main(void) {
     test_fill_matches_random_model();
-    test_param_load_any();
+    test_params_load_any();
     test_vae_config_only();
     test_segformer_config_only();
     test_real_configs();
