@@ -241,9 +241,15 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
  * activations. */
 
 
+typedef struct Flux2Weights Flux2Weights;
+
+/* Streaming (flux2_load): weights stay in the files and params is NULL. Resident
+ * (flux2_load_params): every weight is a leaf of params, reached through resident. */
 struct Flux2 {
     Flux2Config config;
     StModel *weights;
+    Params *params;
+    Flux2Weights *resident;
 };
 
 /* ---- config ---- */
@@ -318,6 +324,7 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
             status = error_set(e, "%s: inner dim %d, mlp_ratio %g, rope_theta %g or eps %g is out "
                                "of range", path, c->dim, mlp_ratio, c->rope_theta, c->eps);
         c->mlp_hidden = (int)hidden;
+        c->mlp_ratio = mlp_ratio;
     }
     json_free(doc);
     return status;
@@ -325,13 +332,12 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
 
 /* ---- weights, converted part by part ---- */
 
-#define FLUX2_MAX_PART_TENSORS 16
-
 /* What flux2_weight does with each tensor a part names. */
 typedef enum Flux2PartMode {
-    FLUX2_CONVERT, /* read it into an f32 tensor the part owns */
-    FLUX2_CHECK,   /* verify its name and shape in the files, read nothing: flux2_load */
-    FLUX2_LIST,    /* add its name and shape to a list: flux2_load_config_only */
+    FLUX2_CONVERT,  /* read it into an f32 leaf of the part's own tape */
+    FLUX2_CHECK,    /* verify its name and shape in the files, read nothing: flux2_load */
+    FLUX2_LIST,     /* add its name and shape to a list: flux2_load_config_only */
+    FLUX2_RESIDENT, /* load it into the model's Params: flux2_load_params */
 } Flux2PartMode;
 
 /* Names (owned) and shapes. */
@@ -341,19 +347,20 @@ typedef struct Flux2SpecList {
 } Flux2SpecList;
 
 /* The tensors of one part of the model (a block's attention inputs, the conditioning, ...),
- * converted to f32 for as long as the part runs and freed together; or, in the other modes, the
- * names and shapes of those tensors, so that the load functions below define them once. */
+ * converted to f32 leaves for as long as the part runs and freed together; or, in the other modes,
+ * the names and shapes of those tensors, or the model's resident leaves, so that the load
+ * functions below define them once. */
 typedef struct Flux2Part {
     const StModel *weights;
     Flux2PartMode mode;
     Flux2SpecList *list; /* FLUX2_LIST */
-    int count;
-    Tensor *tensors[FLUX2_MAX_PART_TENSORS];
+    Params *params;      /* FLUX2_RESIDENT */
+    Tape *tape;          /* FLUX2_CONVERT: owns the converted leaves, made at the first one */
 } Flux2Part;
 
 static void flux2_part_free(Flux2Part *p) {
-    for (int i = 0; i < p->count; i++) tensor_free(p->tensors[i]);
-    p->count = 0;
+    tape_free(p->tape);
+    p->tape = NULL;
 }
 
 static int flux2_check_tensor(const StModel *m, const char *name, int ndim, const int64_t *shape,
@@ -394,15 +401,15 @@ static int flux2_spec_add(Flux2SpecList *l, const char *name, int ndim, const in
     return 0;
 }
 
-/* The tensor named by name_fmt with exactly `shape`, owned by the part (NULL when only checking
- * or listing). */
-static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const int64_t *shape,
+/* The tensor named by name_fmt with exactly `shape` as a leaf, owned by the part or the model's
+ * Params (NULL when only checking or listing). */
+static int flux2_weight(Flux2Part *p, Var **out, Error *e, int ndim, const int64_t *shape,
                         const char *name_fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 6, 7)))
 #endif
     ;
-static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const int64_t *shape,
+static int flux2_weight(Flux2Part *p, Var **out, Error *e, int ndim, const int64_t *shape,
                         const char *name_fmt, ...) {
     char name[256];
     va_list ap;
@@ -412,19 +419,21 @@ static int flux2_weight(Flux2Part *p, Tensor **out, Error *e, int ndim, const in
     *out = NULL;
     if (len < 0 || (size_t)len >= sizeof name)
         return error_set(e, "tensor name too long: %s", name);
-    *out = NULL;
     if (p->mode == FLUX2_CHECK) return flux2_check_tensor(p->weights, name, ndim, shape, e);
     if (p->mode == FLUX2_LIST) return flux2_spec_add(p->list, name, ndim, shape, e);
-    if (p->count == FLUX2_MAX_PART_TENSORS)
-        return error_set(e, "more than %d tensors in one part of the model", p->count);
-    if (params_read(p->weights, name, ndim, shape, out, e)) return -1;
-    p->tensors[p->count++] = *out;
-    return 0;
+    if (p->mode == FLUX2_RESIDENT)
+        return (*out = params_load(p->params, e, ndim, shape, "%s", name)) ? 0 : -1;
+    Tensor *value;
+    if ((!p->tape && !(p->tape = tape_new())) ||
+        params_read(p->weights, name, ndim, shape, &value, e))
+        return p->tape ? -1 : error_set(e, "out of memory loading tensor '%s'", name);
+    *out = var_take(p->tape, value, false);
+    return *out ? 0 : error_set(e, "out of memory loading tensor '%s'", name);
 }
 
 /* The timestep (and guidance) embedding. */
 typedef struct Flux2TimeEmbed {
-    Tensor *time_1, *time_2, *guidance_1, *guidance_2;
+    Var *time_1, *time_2, *guidance_1, *guidance_2;
 } Flux2TimeEmbed;
 
 static int flux2_time_embed_load(Flux2TimeEmbed *w, Flux2Part *p, const Flux2Config *c,
@@ -457,14 +466,14 @@ static const struct {
     [FLUX2_MOD_OUT] = {"norm_out.linear.weight", 2},
 };
 
-static int flux2_modulation_load(Tensor **w, Flux2Part *p, const Flux2Config *c, int k,
+static int flux2_modulation_load(Var **w, Flux2Part *p, const Flux2Config *c, int k,
                                  Error *e) {
     return flux2_weight(p, w, e, SHAPE(flux2_modulations[k].chunks * c->dim, c->dim), "%s",
                         flux2_modulations[k].name);
 }
 
 typedef struct Flux2Embedders {
-    Tensor *x_embedder, *context_embedder;
+    Var *x_embedder, *context_embedder;
 } Flux2Embedders;
 
 static int flux2_embedders_load(Flux2Embedders *w, Flux2Part *p, const Flux2Config *c, Error *e) {
@@ -474,7 +483,7 @@ static int flux2_embedders_load(Flux2Embedders *w, Flux2Part *p, const Flux2Conf
                         "context_embedder.weight");
 }
 
-static int flux2_output_load(Tensor **proj_out, Flux2Part *p, const Flux2Config *c, Error *e) {
+static int flux2_output_load(Var **proj_out, Flux2Part *p, const Flux2Config *c, Error *e) {
     int out = c->patch_size * c->patch_size * c->out_channels;
     return flux2_weight(p, proj_out, e, SHAPE(out, c->dim), "proj_out.weight");
 }
@@ -497,7 +506,7 @@ static const Flux2StreamNames flux2_stream_names[FLUX2_STREAMS] = {
 
 /* A stream's weights before the joint attention: Q, K, V and the per-head norms of Q and K. */
 typedef struct Flux2StreamIn {
-    Tensor *q, *k, *v, *norm_q, *norm_k;
+    Var *q, *k, *v, *norm_q, *norm_k;
 } Flux2StreamIn;
 
 static int flux2_stream_in_load(Flux2StreamIn *w, Flux2Part *p, const Flux2Config *c, int block,
@@ -515,7 +524,7 @@ static int flux2_stream_in_load(Flux2StreamIn *w, Flux2Part *p, const Flux2Confi
 
 /* A stream's weights after it: the attention output projection and the SwiGLU feed-forward. */
 typedef struct Flux2StreamOut {
-    Tensor *out, *ff_in, *ff_out;
+    Var *out, *ff_in, *ff_out;
 } Flux2StreamOut;
 
 static int flux2_stream_out_load(Flux2StreamOut *w, Flux2Part *p, const Flux2Config *c, int block,
@@ -534,7 +543,7 @@ static int flux2_stream_out_load(Flux2StreamOut *w, Flux2Part *p, const Flux2Con
 /* A single-stream block's weights before attention: the fused projection to Q, K, V and the
  * SwiGLU's gate and up, and the per-head norms of Q and K. */
 typedef struct Flux2SingleIn {
-    Tensor *to_qkv_mlp, *norm_q, *norm_k;
+    Var *to_qkv_mlp, *norm_q, *norm_k;
 } Flux2SingleIn;
 
 static int flux2_single_in_load(Flux2SingleIn *w, Flux2Part *p, const Flux2Config *c, int i,
@@ -549,36 +558,76 @@ static int flux2_single_in_load(Flux2SingleIn *w, Flux2Part *p, const Flux2Confi
 }
 
 /* ... and after it: to_out over [attention output | SwiGLU output]. */
-static int flux2_single_out_load(Tensor **to_out, Flux2Part *p, const Flux2Config *c, int i,
+static int flux2_single_out_load(Var **to_out, Flux2Part *p, const Flux2Config *c, int i,
                                  Error *e) {
     return flux2_weight(p, to_out, e, SHAPE(c->dim, c->dim + c->mlp_hidden),
                         "single_transformer_blocks.%d.attn.to_out.weight", i);
 }
 
-/* Every tensor the config implies, by name and shape, through a part that converts nothing
- * (mode FLUX2_CHECK or FLUX2_LIST). */
-static int flux2_walk_weights(const Flux2Config *c, Flux2Part *p, Error *e) {
+/* Every weight of the model, in the order flux2_walk_weights names them (the order a resident
+ * model's Params holds and saves them in). */
+struct Flux2Weights {
     Flux2TimeEmbed time;
-    Flux2Embedders emb;
-    Tensor *tensor;
-    if (flux2_time_embed_load(&time, p, c, e)) return -1;
+    Var *mods[FLUX2_MODS];
+    Flux2Embedders embedders;
+    Var *proj_out;
+    Flux2StreamIn *stream_in;   /* [num_layers][FLUX2_STREAMS] */
+    Flux2StreamOut *stream_out; /* [num_layers][FLUX2_STREAMS] */
+    Flux2SingleIn *single_in;   /* [num_single_layers] */
+    Var **single_out;           /* [num_single_layers] */
+};
+
+static void flux2_weights_free(Flux2Weights *w) {
+    if (!w) return;
+    free(w->stream_in);
+    free(w->stream_out);
+    free(w->single_in);
+    free(w->single_out);
+    free(w);
+}
+
+static Flux2Weights *flux2_weights_new(const Flux2Config *c) {
+    Flux2Weights *w = calloc(1, sizeof *w);
+    size_t doubles = (size_t)c->num_layers * FLUX2_STREAMS, singles = (size_t)c->num_single_layers;
+    if (w) {
+        w->stream_in = calloc(doubles, sizeof *w->stream_in);
+        w->stream_out = calloc(doubles, sizeof *w->stream_out);
+        w->single_in = calloc(singles, sizeof *w->single_in);
+        w->single_out = calloc(singles, sizeof *w->single_out);
+    }
+    if (w && w->stream_in && w->stream_out && w->single_in && w->single_out) return w;
+    flux2_weights_free(w);
+    return NULL;
+}
+
+/* Every tensor the config implies, by name and shape, through p into w: checked or listed (the
+ * Vars stay NULL) or loaded as the resident model's leaves. */
+static int flux2_walk_weights(const Flux2Config *c, Flux2Part *p, Flux2Weights *w, Error *e) {
+    if (flux2_time_embed_load(&w->time, p, c, e)) return -1;
     for (int k = 0; k < FLUX2_MODS; k++)
-        if (flux2_modulation_load(&tensor, p, c, k, e)) return -1;
-    if (flux2_embedders_load(&emb, p, c, e) || flux2_output_load(&tensor, p, c, e)) return -1;
+        if (flux2_modulation_load(&w->mods[k], p, c, k, e)) return -1;
+    if (flux2_embedders_load(&w->embedders, p, c, e) || flux2_output_load(&w->proj_out, p, c, e))
+        return -1;
     for (int i = 0; i < c->num_layers; i++)
         for (int stream = 0; stream < FLUX2_STREAMS; stream++) {
-            Flux2StreamIn in;
-            Flux2StreamOut out;
-            if (flux2_stream_in_load(&in, p, c, i, stream, e) ||
-                flux2_stream_out_load(&out, p, c, i, stream, e))
+            int k = i * FLUX2_STREAMS + stream;
+            if (flux2_stream_in_load(&w->stream_in[k], p, c, i, stream, e) ||
+                flux2_stream_out_load(&w->stream_out[k], p, c, i, stream, e))
                 return -1;
         }
-    for (int i = 0; i < c->num_single_layers; i++) {
-        Flux2SingleIn in;
-        if (flux2_single_in_load(&in, p, c, i, e) || flux2_single_out_load(&tensor, p, c, i, e))
+    for (int i = 0; i < c->num_single_layers; i++)
+        if (flux2_single_in_load(&w->single_in[i], p, c, i, e) ||
+            flux2_single_out_load(&w->single_out[i], p, c, i, e))
             return -1;
-    }
     return 0;
+}
+
+/* The same with the Vars thrown away: flux2_load's check and config-only's list of names. */
+static int flux2_walk_names(const Flux2Config *c, Flux2Part *p, Error *e) {
+    Flux2Weights *w = flux2_weights_new(c);
+    int status = w ? flux2_walk_weights(c, p, w, e) : error_set(e, "out of memory");
+    flux2_weights_free(w);
+    return status;
 }
 
 /* Puts "<what>: " before the message already in e. */
@@ -589,18 +638,24 @@ static int flux2_error_context(Error *e, const char *what) {
     return error_set(e, "%s: %s", what, msg);
 }
 
+/* path: dir/config.json, or an error when dir is too long. */
+static int flux2_config_path(char *path, size_t size, const char *dir, Error *e) {
+    if (snprintf(path, size, "%s/config.json", dir) >= (int)size)
+        return error_set(e, "path too long: %s", dir);
+    return 0;
+}
+
 int flux2_load(Flux2 **out, const char *dir, Error *e) {
     *out = NULL;
     char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return error_set(e, "path too long: %s", dir);
+    if (flux2_config_path(path, sizeof path, dir, e)) return -1;
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
     /* config and safetensors errors name their file; a weight's name needs the directory */
     int status = flux2_config_read(&m->config, path, e) || st_model_open(&m->weights, dir, e);
     if (!status) {
         Flux2Part check = {.weights = m->weights, .mode = FLUX2_CHECK};
-        status = flux2_walk_weights(&m->config, &check, e) && flux2_error_context(e, dir);
+        status = flux2_walk_names(&m->config, &check, e) && flux2_error_context(e, dir);
     }
     if (status) {
         flux2_free(m);
@@ -617,7 +672,7 @@ int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, 
     Flux2SpecList list = {0};
     Flux2Part names = {.mode = FLUX2_LIST, .list = &list};
     int status = flux2_config_read(&m->config, config_path, e) ||
-                 flux2_walk_weights(&m->config, &names, e) ||
+                 flux2_walk_names(&m->config, &names, e) ||
                  st_model_random(&m->weights, list.specs, list.count, seed, e);
     flux2_spec_list_free(&list);
     if (status) {
@@ -628,13 +683,47 @@ int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, 
     return 0;
 }
 
+int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
+                      Error *e) {
+    *out = NULL;
+    char path[4096];
+    if (flux2_config_path(path, sizeof path, dir, e)) return -1;
+    Flux2 *m = calloc(1, sizeof *m);
+    if (!m) return error_set(e, "out of memory loading %s", dir);
+    StModel *st = NULL;
+    int status = flux2_config_read(&m->config, path, e) ||
+                 params_open(&m->params, &st, dir, source, seed, e);
+    if (!status && !(m->resident = flux2_weights_new(&m->config)))
+        status = error_set(e, "out of memory loading %s", dir);
+    if (!status) {
+        Flux2Part part = {.mode = FLUX2_RESIDENT, .params = m->params};
+        status = flux2_walk_weights(&m->config, &part, m->resident, e) &&
+                 flux2_error_context(e, dir);
+    }
+    st_model_close(st);
+    if (status) {
+        flux2_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+int flux2_init(Flux2 **out, const char *dir, uint64_t seed, Error *e) {
+    return flux2_load_params(out, dir, WEIGHTS_FRESH, seed, e);
+}
+
 void flux2_free(Flux2 *m) {
     if (!m) return;
     st_model_close(m->weights);
+    flux2_weights_free(m->resident);
+    params_free(m->params);
     free(m);
 }
 
 const Flux2Config *flux2_config(const Flux2 *m) { return &m->config; }
+
+Params *flux2_params(Flux2 *m) { return m->params; }
 
 /* ---- per-call tables ---- */
 
@@ -727,16 +816,28 @@ static Var *flux2_view(Tape *t, const Tensor *x, int dim, int64_t start, int64_t
     return var_take(t, tensor_view(x->data + start * per, x->ndim, shape), false);
 }
 
-/* Chunk k of batch item b of a modulation [B, n dim] as a [dim] leaf over its data. */
-static Var *flux2_mod(Tape *t, const Tensor *mod, int b, int k, int dim) {
-    float *chunk = mod->data + b * mod->shape[1] + (int64_t)k * dim;
-    return var_take(t, tensor_view(chunk, 1, (int64_t[]){dim}), false);
+/* Batch item b of a modulation [B, n dim] as a [1, n dim] leaf over its data. */
+static Var *flux2_mod_row(Tape *t, const Tensor *mod, int b) {
+    int64_t cols = mod->shape[1];
+    return var_take(t, tensor_view(mod->data + b * cols, 2, (int64_t[]){1, cols}), false);
 }
 
 /* proj: [B, channels] (taken) -> linear_2(silu(linear_1(proj))): [B, dim] (TimestepEmbedding) */
-static Var *flux2_time_embed(Tape *t, Tensor *proj, Tensor *linear_1, Tensor *linear_2) {
-    Var *h = ag_linear(t, var_take(t, proj, false), param_var(t, linear_1), NULL);
-    return ag_linear(t, ag_silu(t, h), param_var(t, linear_2), NULL);
+static Var *flux2_time_embed(Tape *t, Tensor *proj, Var *linear_1, Var *linear_2) {
+    Var *h = ag_linear(t, var_take(t, proj, false), linear_1, NULL);
+    return ag_linear(t, ag_silu(t, h), linear_2, NULL);
+}
+
+/* sigma (and guidance): [B] -> silu(timestep embedding): [B, dim], what each modulation is made
+ * from by one linear layer. */
+static Var *flux2_time_act(Tape *t, const Flux2TimeEmbed *w, const Flux2Config *c,
+                           const float *sigma, const float *guidance, int batch) {
+    int C = c->timestep_channels;
+    Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, batch, C), w->time_1, w->time_2);
+    if (guidance && c->guidance_embeds)
+        temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, batch, C),
+                                                w->guidance_1, w->guidance_2));
+    return ag_silu(t, temb);
 }
 
 /* sigma (and guidance): [B] -> a timestep embedding; its modulations into s. */
@@ -747,22 +848,14 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
     Flux2TimeEmbed w;
     Tape *t = flux2_tape();
     int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
-    Var *act = NULL;
-    if (!status) {
-        int B = s->batch, C = c->timestep_channels;
-        Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, B, C), w.time_1, w.time_2);
-        if (guidance && c->guidance_embeds)
-            temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, B, C),
-                                                    w.guidance_1, w.guidance_2));
-        act = ag_silu(t, temb);
-    }
+    Var *act = status ? NULL : flux2_time_act(t, &w, c, sigma, guidance, s->batch);
     flux2_part_free(&part);
     Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
     for (int k = 0; !status && k < FLUX2_MODS; k++) {
-        Tensor *weight;
+        Var *weight;
         status = flux2_modulation_load(&weight, &part, c, k, e) ||
-                 flux2_result(t, ag_linear(t, act, param_var(t, weight), NULL), mods[k],
-                              "flux2 conditioning", e);
+                 flux2_result(t, ag_linear(t, act, weight, NULL), mods[k], "flux2 conditioning",
+                              e);
         flux2_part_free(&part);
     }
     tape_free(t);
@@ -778,8 +871,8 @@ static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
     int status = flux2_embedders_load(&w, &part, &m->config, e);
     for (int b = 0; !status && b < s->batch; b++) {
         Tape *t = flux2_tape();
-        Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), param_var(t, w.x_embedder), NULL);
-        Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), param_var(t, w.context_embedder), NULL);
+        Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), w.x_embedder, NULL);
+        Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), w.context_embedder, NULL);
         status = flux2_result(t, x, &img[b], "flux2 x_embedder", e) ||
                  flux2_result(t, y, &ctx[b], "flux2 context_embedder", e);
         tape_free(t);
@@ -788,48 +881,131 @@ static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
     return status;
 }
 
-/* ---- the layers of a block ---- */
+/* ---- the layers of a block ----
+ * One definition of the math for both paths: hidden states x: [B, N, dim] (the streaming path's
+ * B is 1 and its N one chunk of tokens), modulations [B, n dim] of n chunks of dim values. */
 
-/* x: [1, N, dim] -> LayerNorm without affine, then * (1 + scale) + shift */
+/* The size of dim d of x (0 when an earlier op failed, which the tape has recorded). */
+static int64_t flux2_size(const Var *x, int d) {
+    return x && x->value ? x->value->shape[d] : 0;
+}
+
+/* Chunk k of a modulation [B, n dim] -> [B, dim] */
+static Var *flux2_mod(Tape *t, Var *mod, int k, int dim) {
+    return ag_slice(t, mod, 1, (int64_t)k * dim, dim);
+}
+
+/* v: [B, dim] -> [B, n, dim], v on each of n rows: a product with a column of ones, so that
+ * backward sums the rows' gradients into v. */
+static Var *flux2_rows(Tape *t, Var *v, int64_t n) {
+    int64_t batch = flux2_size(v, 0), dim = flux2_size(v, 1);
+    Tensor *ones = TENSOR_NEW(batch, n, 1);
+    for (int64_t i = 0; ones && i < ones->numel; i++) ones->data[i] = 1.0f;
+    return ag_matmul(t, var_take(t, ones, false), ag_reshape(t, v, 3, (int64_t[]){batch, 1, dim}));
+}
+
+/* x: [B, N, dim] -> LayerNorm without affine, then * (1 + scale) + shift; shift, scale: [B, dim] */
 static Var *flux2_modulate(Tape *t, Var *x, Var *shift, Var *scale, double eps) {
-    Var *n = ag_layernorm(t, x, NULL, NULL, (float)eps);
-    return ag_add_rows(t, ag_mul_rows(t, n, ag_affine(t, scale, 1.0f, 1.0f)), shift);
+    int64_t n = flux2_size(x, 1);
+    Var *y = ag_layernorm(t, x, NULL, NULL, (float)eps);
+    y = ag_mul(t, y, flux2_rows(t, ag_affine(t, scale, 1.0f, 1.0f), n));
+    return ag_add(t, y, flux2_rows(t, shift, n));
 }
 
-/* x + gate * y, the gated residual; x, y: [1, N, dim], gate: [dim] */
+/* x + gate * y, the gated residual; x, y: [B, N, dim], gate: [B, dim] */
 static Var *flux2_gated(Tape *t, Var *x, Var *gate, Var *y) {
-    return ag_add(t, x, ag_mul_rows(t, y, gate));
+    return ag_add(t, x, ag_mul(t, y, flux2_rows(t, gate, flux2_size(y, 1))));
 }
 
-/* x: [1, n, dim] -> [1, n, heads, head_dim], RMS-normalised per head when norm is not NULL */
-static Var *flux2_heads(Tape *t, Var *x, Tensor *norm, int64_t n, const Flux2Config *c) {
-    Var *y = ag_reshape(t, x, 4, (int64_t[]){1, n, c->heads, c->head_dim});
-    return norm ? ag_rmsnorm(t, y, param_var(t, norm), (float)c->eps) : y;
+/* x: [B, n, dim] -> [B, n, heads, head_dim], RMS-normalised per head when norm is not NULL */
+static Var *flux2_heads(Tape *t, Var *x, Var *norm, const Flux2Config *c) {
+    int64_t shape[4] = {flux2_size(x, 0), flux2_size(x, 1), c->heads, c->head_dim};
+    Var *y = ag_reshape(t, x, 4, shape);
+    return norm ? ag_rmsnorm(t, y, norm, (float)c->eps) : y;
 }
 
-/* x: [1, n, dim] -> x W^T split into heads (and normalised) */
-static Var *flux2_project_heads(Tape *t, Var *x, Tensor *weight, Tensor *norm, int64_t n,
-                                const Flux2Config *c) {
-    return flux2_heads(t, ag_linear(t, x, param_var(t, weight), NULL), norm, n, c);
+/* x: [B, n, dim] -> x W^T split into heads (and normalised) */
+static Var *flux2_project_heads(Tape *t, Var *x, Var *weight, Var *norm, const Flux2Config *c) {
+    return flux2_heads(t, ag_linear(t, x, weight, NULL), norm, c);
 }
 
-/* x: [1, n, heads, head_dim], the tokens at positions pos .. pos + n - 1 of the joint sequence
+/* x: [B, n, heads, head_dim], the tokens at positions pos .. pos + n - 1 of the joint sequence
  * -> RoPE applied */
-static Var *flux2_rotate(Tape *t, Var *x, const Flux2Step *s, int64_t pos, int64_t n) {
+static Var *flux2_rotate(Tape *t, Var *x, const Flux2Step *s, int64_t pos) {
+    int64_t n = flux2_size(x, 1);
     return ag_rope(t, x, flux2_view(t, s->rope_cos, 0, pos, n),
                    flux2_view(t, s->rope_sin, 0, pos, n));
 }
 
-/* x: [1, N, 2 hidden] -> silu(x[.., :hidden]) * x[.., hidden:] */
+/* x: [B, N, 2 hidden] -> silu(x[.., :hidden]) * x[.., hidden:] */
 static Var *flux2_swiglu(Tape *t, Var *x, int hidden) {
     return ag_mul(t, ag_silu(t, ag_slice(t, x, 2, 0, hidden)), ag_slice(t, x, 2, hidden, hidden));
 }
 
-/* x: [1, N, dim] -> linear_out(swiglu(linear_in(x))): [1, N, dim] */
-static Var *flux2_feed_forward(Tape *t, Var *x, Tensor *linear_in, Tensor *linear_out,
+/* x: [B, N, dim] -> linear_out(swiglu(linear_in(x))): [B, N, dim] */
+static Var *flux2_feed_forward(Tape *t, Var *x, Var *linear_in, Var *linear_out,
                                const Flux2Config *c) {
-    Var *h = ag_linear(t, x, param_var(t, linear_in), NULL);
-    return ag_linear(t, flux2_swiglu(t, h, c->mlp_hidden), param_var(t, linear_out), NULL);
+    Var *h = ag_linear(t, x, linear_in, NULL);
+    return ag_linear(t, flux2_swiglu(t, h, c->mlp_hidden), linear_out, NULL);
+}
+
+/* q, k, v: [B, N, heads, head_dim] -> the attention output [B, N, dim] */
+static Var *flux2_attention(Tape *t, const Flux2Config *c, Var *q, Var *k, Var *v) {
+    Var *o = ag_attention(t, q, k, v, (float)(1.0 / sqrt(c->head_dim)), false, NULL);
+    return ag_reshape(t, o, 3, (int64_t[]){flux2_size(o, 0), flux2_size(o, 1), c->dim});
+}
+
+/* A double block's stream before the joint attention. x: [B, n, dim], tokens at positions pos ..
+ * pos + n - 1 of the joint sequence; mod: [B, 6 dim] -> qkv: q, k, v [B, n, heads, head_dim], q
+ * and k normalised and rotated. */
+static void flux2_stream_in(Tape *t, const Flux2StreamIn *w, const Flux2Config *c,
+                            const Flux2Step *s, Var *x, Var *mod, int64_t pos, Var **qkv) {
+    Var *y = flux2_modulate(t, x, flux2_mod(t, mod, 0, c->dim), flux2_mod(t, mod, 1, c->dim),
+                            c->eps);
+    qkv[0] = flux2_rotate(t, flux2_project_heads(t, y, w->q, w->norm_q, c), s, pos);
+    qkv[1] = flux2_rotate(t, flux2_project_heads(t, y, w->k, w->norm_k, c), s, pos);
+    qkv[2] = flux2_project_heads(t, y, w->v, NULL, c);
+}
+
+/* ... and after it. x: [B, n, dim], o: its rows of the attention output [B, n, dim] ->
+ * x + gate * out(o), then + gate' * ff(modulate(..)) */
+static Var *flux2_stream_out(Tape *t, const Flux2StreamOut *w, const Flux2Config *c, Var *x,
+                             Var *o, Var *mod) {
+    int d = c->dim;
+    x = flux2_gated(t, x, flux2_mod(t, mod, 2, d), ag_linear(t, o, w->out, NULL));
+    Var *y = flux2_modulate(t, x, flux2_mod(t, mod, 3, d), flux2_mod(t, mod, 4, d), c->eps);
+    return flux2_gated(t, x, flux2_mod(t, mod, 5, d), flux2_feed_forward(t, y, w->ff_in,
+                                                                        w->ff_out, c));
+}
+
+/* A single block before the attention. x: [B, n, dim] at positions pos .. pos + n - 1; mod:
+ * [B, 3 dim] -> out: q, k, v [B, n, heads, head_dim] (q, k normalised and rotated) and the
+ * SwiGLU output [B, n, mlp_hidden] */
+static void flux2_single_in(Tape *t, const Flux2SingleIn *w, const Flux2Config *c,
+                            const Flux2Step *s, Var *x, Var *mod, int64_t pos, Var **out) {
+    int d = c->dim;
+    Var *y = flux2_modulate(t, x, flux2_mod(t, mod, 0, d), flux2_mod(t, mod, 1, d), c->eps);
+    /* [B, n, dim] -> [B, n, 3 dim + 2 mlp_hidden]: q, k, v, then the SwiGLU's gate and up */
+    Var *proj = ag_linear(t, y, w->to_qkv_mlp, NULL);
+    out[0] = flux2_rotate(t, flux2_heads(t, ag_slice(t, proj, 2, 0, d), w->norm_q, c), s, pos);
+    out[1] = flux2_rotate(t, flux2_heads(t, ag_slice(t, proj, 2, d, d), w->norm_k, c), s, pos);
+    out[2] = flux2_heads(t, ag_slice(t, proj, 2, 2 * d, d), NULL, c);
+    out[3] = flux2_swiglu(t, ag_slice(t, proj, 2, 3 * d, 2 * c->mlp_hidden), c->mlp_hidden);
+}
+
+/* ... and after it. x: [B, n, dim], hidden: [B, n, dim + mlp_hidden] = [attention output |
+ * SwiGLU output] -> x + gate * to_out(hidden) */
+static Var *flux2_single_out(Tape *t, Var *to_out, const Flux2Config *c, Var *x, Var *hidden,
+                             Var *mod) {
+    return flux2_gated(t, x, flux2_mod(t, mod, 2, c->dim), ag_linear(t, hidden, to_out, NULL));
+}
+
+/* img: [B, T, dim], mod: [B, 2 dim] (scale, shift) -> proj_out(norm_out(img)):
+ * [B, T, patch_size^2 out_channels] */
+static Var *flux2_final(Tape *t, Var *proj_out, const Flux2Config *c, Var *img, Var *mod) {
+    Var *y = flux2_modulate(t, img, flux2_mod(t, mod, 1, c->dim), flux2_mod(t, mod, 0, c->dim),
+                            c->eps);
+    return ag_linear(t, y, proj_out, NULL);
 }
 
 /* ---- a block in pieces ----
@@ -892,8 +1068,8 @@ static void flux2_joint_free(Flux2Joint *a) {
 static int flux2_attend(const Flux2Joint *a, const Flux2Config *c, Tensor *dst, Error *e) {
     Tape *t = flux2_tape();
     if (!t) return error_set(e, "out of memory");
-    Var *o = ag_attention(t, var_new(t, a->q, false), var_new(t, a->k, false),
-                          var_new(t, a->v, false), (float)(1.0 / sqrt(c->head_dim)), false, NULL);
+    Var *o = flux2_attention(t, c, var_new(t, a->q, false), var_new(t, a->k, false),
+                             var_new(t, a->v, false));
     int status = flux2_put(t, o, dst, 0, 0, e);
     tape_free(t);
     return status;
@@ -924,33 +1100,22 @@ static Flux2StreamPass flux2_stream_pass(const Flux2 *m, const Flux2Step *s, int
 /* Tokens [start, start + n) of a stream -> their rows of the joint q, k, v */
 static int flux2_stream_qkv(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
     const Flux2StreamPass *p = ctx;
-    const Flux2Config *c = p->c;
-    const Flux2StreamIn *w = p->in;
     int64_t pos = p->offset + start;
-    Var *shift = flux2_mod(t, p->mod, p->b, 0, c->dim);
-    Var *scale = flux2_mod(t, p->mod, p->b, 1, c->dim);
-    Var *x = flux2_modulate(t, flux2_view(t, p->x, 1, start, n), shift, scale, c->eps);
-    Var *q = flux2_rotate(t, flux2_project_heads(t, x, w->q, w->norm_q, n, c), p->s, pos, n);
-    Var *k = flux2_rotate(t, flux2_project_heads(t, x, w->k, w->norm_k, n, c), p->s, pos, n);
-    Var *v = flux2_project_heads(t, x, w->v, NULL, n, c);
-    return flux2_put(t, q, p->joint->q, pos, 0, e) || flux2_put(t, k, p->joint->k, pos, 0, e) ||
-           flux2_put(t, v, p->joint->v, pos, 0, e);
+    Var *qkv[3];
+    flux2_stream_in(t, p->in, p->c, p->s, flux2_view(t, p->x, 1, start, n),
+                    flux2_mod_row(t, p->mod, p->b), pos, qkv);
+    return flux2_put(t, qkv[0], p->joint->q, pos, 0, e) ||
+           flux2_put(t, qkv[1], p->joint->k, pos, 0, e) ||
+           flux2_put(t, qkv[2], p->joint->v, pos, 0, e);
 }
 
 /* Tokens [start, start + n) of a stream: x + gate * out(o), then + gate' * ff(modulate(..)) */
 static int flux2_stream_update(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
     const Flux2StreamPass *p = ctx;
-    const Flux2Config *c = p->c;
-    Var *gate = flux2_mod(t, p->mod, p->b, 2, c->dim);
-    Var *ff_shift = flux2_mod(t, p->mod, p->b, 3, c->dim);
-    Var *ff_scale = flux2_mod(t, p->mod, p->b, 4, c->dim);
-    Var *ff_gate = flux2_mod(t, p->mod, p->b, 5, c->dim);
-    Var *o = flux2_view(t, p->o, 1, p->offset + start, n);
-    Var *x = flux2_gated(t, flux2_view(t, p->x, 1, start, n), gate,
-                         ag_linear(t, o, param_var(t, p->out->out), NULL));
-    Var *ff = flux2_feed_forward(t, flux2_modulate(t, x, ff_shift, ff_scale, c->eps),
-                                 p->out->ff_in, p->out->ff_out, c);
-    return flux2_put(t, flux2_gated(t, x, ff_gate, ff), p->y, start, 0, e);
+    Var *y = flux2_stream_out(t, p->out, p->c, flux2_view(t, p->x, 1, start, n),
+                              flux2_view(t, p->o, 1, p->offset + start, n),
+                              flux2_mod_row(t, p->mod, p->b));
+    return flux2_put(t, y, p->y, start, 0, e);
 }
 
 /* Both streams' q, k, v, then the joint attention of each batch item into o[b]: [1, L + T, dim]. */
@@ -1027,37 +1192,29 @@ typedef struct Flux2SinglePass {
     const Flux2SingleIn *in; /* before the attention: into joint and hidden */
     const Flux2Joint *joint;
     Tensor *hidden;          /* [1, L + T, dim + mlp_hidden]: [attention output | SwiGLU output] */
-    Tensor *to_out;          /* after it: from hidden into y */
+    Var *to_out;             /* after it: from hidden into y */
     Tensor *y;               /* the new hidden states [1, L + T, dim] */
 } Flux2SinglePass;
 
 /* Tokens [start, start + n) -> their rows of the joint q, k, v and their SwiGLU output */
 static int flux2_single_qkv_mlp(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
     const Flux2SinglePass *p = ctx;
-    const Flux2Config *c = p->c;
-    int d = c->dim;
-    Var *shift = flux2_mod(t, p->s->mod_single, p->b, 0, d);
-    Var *scale = flux2_mod(t, p->s->mod_single, p->b, 1, d);
-    Var *x = flux2_modulate(t, flux2_view(t, p->x, 1, start, n), shift, scale, c->eps);
-    /* [1, n, dim] -> [1, n, 3 dim + 2 mlp_hidden]: q, k, v, then the SwiGLU's gate and up */
-    Var *proj = ag_linear(t, x, param_var(t, p->in->to_qkv_mlp), NULL);
-    Var *q = flux2_heads(t, ag_slice(t, proj, 2, 0, d), p->in->norm_q, n, c);
-    Var *k = flux2_heads(t, ag_slice(t, proj, 2, d, d), p->in->norm_k, n, c);
-    Var *v = flux2_heads(t, ag_slice(t, proj, 2, 2 * d, d), NULL, n, c);
-    Var *mlp = flux2_swiglu(t, ag_slice(t, proj, 2, 3 * d, 2 * c->mlp_hidden), c->mlp_hidden);
-    return flux2_put(t, flux2_rotate(t, q, p->s, start, n), p->joint->q, start, 0, e) ||
-           flux2_put(t, flux2_rotate(t, k, p->s, start, n), p->joint->k, start, 0, e) ||
-           flux2_put(t, v, p->joint->v, start, 0, e) || flux2_put(t, mlp, p->hidden, start, d, e);
+    Var *out[4];
+    flux2_single_in(t, p->in, p->c, p->s, flux2_view(t, p->x, 1, start, n),
+                    flux2_mod_row(t, p->s->mod_single, p->b), start, out);
+    return flux2_put(t, out[0], p->joint->q, start, 0, e) ||
+           flux2_put(t, out[1], p->joint->k, start, 0, e) ||
+           flux2_put(t, out[2], p->joint->v, start, 0, e) ||
+           flux2_put(t, out[3], p->hidden, start, p->c->dim, e);
 }
 
 /* Tokens [start, start + n): x + gate * to_out(hidden) */
 static int flux2_single_update(Tape *t, int64_t start, int64_t n, void *ctx, Error *e) {
     const Flux2SinglePass *p = ctx;
-    Var *out = ag_linear(t, flux2_view(t, p->hidden, 1, start, n),
-                         param_var(t, p->to_out), NULL);
-    Var *gate = flux2_mod(t, p->s->mod_single, p->b, 2, p->c->dim);
-    return flux2_put(t, flux2_gated(t, flux2_view(t, p->x, 1, start, n), gate, out), p->y, start,
-                     0, e);
+    Var *y = flux2_single_out(t, p->to_out, p->c, flux2_view(t, p->x, 1, start, n),
+                              flux2_view(t, p->hidden, 1, start, n),
+                              flux2_mod_row(t, p->s->mod_single, p->b));
+    return flux2_put(t, y, p->y, start, 0, e);
 }
 
 /* The part before to_out for every batch item: hidden[b]: [1, L + T, dim + mlp_hidden]. */
@@ -1085,7 +1242,8 @@ static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
  * to_out are converted one after the other. */
 static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
     Flux2Part part = {.weights = m->weights};
-    Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden), *to_out = NULL;
+    Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden);
+    Var *to_out = NULL;
     int status = !hidden ? error_set(e, "out of memory")
                          : flux2_single_attention(m, i, s, seq, hidden, e) ||
                                flux2_single_out_load(&to_out, &part, &m->config, i, e);
@@ -1125,14 +1283,12 @@ static int flux2_join(const Flux2Step *s, int dim, Tensor **txt, Tensor **img, T
 static int flux2_output(const Flux2 *m, const Flux2Step *s, Tensor **seq, Tensor *v, Error *e) {
     const Flux2Config *c = &m->config;
     Flux2Part part = {.weights = m->weights};
-    Tensor *proj_out;
+    Var *proj_out;
     int status = flux2_output_load(&proj_out, &part, c, e);
     for (int b = 0; !status && b < s->batch; b++) {
         Tape *t = flux2_tape();
         Var *img = ag_slice(t, var_new(t, seq[b], false), 1, s->txt_len, s->img_len);
-        Var *n = flux2_modulate(t, img, flux2_mod(t, s->mod_out, b, 1, c->dim),
-                                flux2_mod(t, s->mod_out, b, 0, c->dim), c->eps);
-        Var *y = ag_linear(t, n, param_var(t, proj_out), NULL);
+        Var *y = flux2_final(t, proj_out, c, img, flux2_mod_row(t, s->mod_out, b));
         status = tape_check(t, e) ? flux2_error_context(e, "flux2 output") : 0;
         if (!status) memcpy(v->data + b * (v->numel / s->batch), y->value->data,
                             (size_t)y->value->numel * sizeof(float));
@@ -1157,11 +1313,84 @@ static int flux2_check_inputs(const Flux2Config *c, const Tensor *tokens, int h,
     return 0;
 }
 
+/* ---- the whole model on one tape ----
+ * A resident model's forward as one graph over the batch: the same layer functions as the
+ * streaming path, with every weight a leaf of the model's Params, so gradients reach the inputs
+ * and (when trainable) every parameter. Memory is every intermediate of the batch: for small
+ * models. */
+
+/* Double-stream block i: img: [B, T, dim], txt: [B, L, dim], both replaced. */
+static void flux2_double_graph(Tape *t, const Flux2 *m, int i, const Flux2Step *s,
+                               Var *const *mods, Var **img, Var **txt) {
+    const Flux2Config *c = &m->config;
+    const Flux2StreamIn *in = &m->resident->stream_in[i * FLUX2_STREAMS];
+    const Flux2StreamOut *out = &m->resident->stream_out[i * FLUX2_STREAMS];
+    Var *img_qkv[3], *txt_qkv[3], *joint[3];
+    flux2_stream_in(t, &in[FLUX2_IMAGE], c, s, *img, mods[FLUX2_MOD_IMG], s->txt_len, img_qkv);
+    flux2_stream_in(t, &in[FLUX2_TEXT], c, s, *txt, mods[FLUX2_MOD_TXT], 0, txt_qkv);
+    for (int k = 0; k < 3; k++) joint[k] = ag_concat(t, (Var *[]){txt_qkv[k], img_qkv[k]}, 2, 1);
+    Var *o = flux2_attention(t, c, joint[0], joint[1], joint[2]);
+    *img = flux2_stream_out(t, &out[FLUX2_IMAGE], c, *img,
+                            ag_slice(t, o, 1, s->txt_len, s->img_len), mods[FLUX2_MOD_IMG]);
+    *txt = flux2_stream_out(t, &out[FLUX2_TEXT], c, *txt, ag_slice(t, o, 1, 0, s->txt_len),
+                            mods[FLUX2_MOD_TXT]);
+}
+
+/* Single-stream block i: x: [B, L + T, dim] -> the same. */
+static Var *flux2_single_graph(Tape *t, const Flux2 *m, int i, const Flux2Step *s, Var *mod,
+                               Var *x) {
+    const Flux2Config *c = &m->config;
+    Var *in[4];
+    flux2_single_in(t, &m->resident->single_in[i], c, s, x, mod, 0, in);
+    Var *hidden = ag_concat(t, (Var *[]){flux2_attention(t, c, in[0], in[1], in[2]), in[3]}, 2, 2);
+    return flux2_single_out(t, m->resident->single_out[i], c, x, hidden, mod);
+}
+
+Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
+                         const float *sigma, const float *guidance) {
+    const Flux2Config *c = &m->config;
+    const Flux2Weights *wt = m->resident;
+    Flux2Step s = {.batch = (int)flux2_size(tokens, 0), .img_len = h * w,
+                   .txt_len = (int)flux2_size(txt, 1)};
+    /* the tables become the tape's (var_take of a table that failed fails the tape) */
+    flux2_rope_tables(c, s.txt_len, h, w, &s);
+    var_take(t, s.rope_cos, false);
+    var_take(t, s.rope_sin, false);
+    if (!wt) /* a streaming model: the tape fails with "linear: argument 2 is NULL" */
+        return ag_linear(t, tokens, NULL, NULL);
+    Var *act = flux2_time_act(t, &wt->time, c, sigma, guidance, s.batch);
+    Var *mods[FLUX2_MODS];
+    for (int k = 0; k < FLUX2_MODS; k++) mods[k] = ag_linear(t, act, wt->mods[k], NULL);
+    Var *img = ag_linear(t, tokens, wt->embedders.x_embedder, NULL);
+    Var *ctx = ag_linear(t, txt, wt->embedders.context_embedder, NULL);
+    for (int i = 0; i < c->num_layers; i++) flux2_double_graph(t, m, i, &s, mods, &img, &ctx);
+    Var *x = ag_concat(t, (Var *[]){ctx, img}, 2, 1);
+    for (int i = 0; i < c->num_single_layers; i++)
+        x = flux2_single_graph(t, m, i, &s, mods[FLUX2_MOD_SINGLE], x);
+    return flux2_final(t, wt->proj_out, c, ag_slice(t, x, 1, s.txt_len, s.img_len),
+                       mods[FLUX2_MOD_OUT]);
+}
+
+/* flux2_forward of a resident model: the graph with grad off. */
+static int flux2_forward_resident(const Flux2 *m, const Tensor *tokens, int h, int w,
+                                  const Tensor *txt, const float *sigma, const float *guidance,
+                                  Tensor **velocity, Error *e) {
+    Tape *t = flux2_tape();
+    if (!t) return error_set(e, "out of memory");
+    Var *v = flux2_forward_graph(t, m, flux2_view(t, tokens, 0, 0, tokens->shape[0]), h, w,
+                                 flux2_view(t, txt, 0, 0, txt->shape[0]), sigma, guidance);
+    int status = flux2_result(t, v, velocity, "flux2", e);
+    tape_free(t);
+    return status;
+}
+
 int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tensor *txt,
                   const float *sigma, const float *guidance, Tensor **velocity, Error *e) {
     const Flux2Config *c = &m->config;
     *velocity = NULL;
     if (flux2_check_inputs(c, tokens, h, w, txt, sigma, e)) return -1;
+    if (m->resident)
+        return flux2_forward_resident(m, tokens, h, w, txt, sigma, guidance, velocity, e);
     Flux2Step s = {.batch = (int)tokens->shape[0], .img_len = h * w,
                    .txt_len = (int)txt->shape[1]};
     Tensor **img = calloc((size_t)s.batch * 3, sizeof *img);

@@ -94,11 +94,13 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
 Var *param_var(Tape *t, Tensor *p);
 
 /* ---- section: flux2 ---------------------------------------------------------------------------
- * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin), forward
- * only. The weights stay in the mapped safetensors files: each part of a block (its attention
- * inputs, each stream's output and feed-forward) is converted to f32 only while it runs, and the
- * token-wise layers run over chunks of tokens, so the memory a call needs is one part's weights
- * plus a few [tokens, dim] tensors, not the whole model in f32. */
+ * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin). Loaded
+ * by flux2_load (streaming, forward only), the weights stay in the mapped safetensors files: each
+ * part of a block (its attention inputs, each stream's output and feed-forward) is converted to
+ * f32 only while it runs, and the token-wise layers run over chunks of tokens, so the memory a
+ * call needs is one part's weights plus a few [tokens, dim] tensors, not the whole model in f32.
+ * Loaded by flux2_load_params (resident, for small models), every weight is an f32 leaf of a
+ * Params and the forward is one graph that can be trained. */
 
 /* RoPE axes: the pipeline's position ids are (T, H, W, L). */
 #define FLUX2_AXES 4
@@ -109,6 +111,7 @@ typedef struct Flux2Config {
     int patch_size, in_channels, out_channels;
     int num_layers, num_single_layers;    /* double-stream, single-stream blocks */
     int heads, head_dim, dim, mlp_hidden;
+    double mlp_ratio;                     /* as the file gives it (mlp_hidden derives from it) */
     int joint_attention_dim;              /* the prompt embedding's width */
     int timestep_channels;                /* timestep_guidance_channels */
     int axes_dims[FLUX2_AXES];            /* axes_dims_rope; they sum to head_dim */
@@ -125,8 +128,17 @@ int flux2_load(Flux2 **out, const char *dir, Error *e);
 /* The model config_path describes, with st_model_random weights from seed instead of files (the
  * same tensor names and shapes flux2_load checks): for timings and memory without the files. */
 int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e);
+/* A resident model: every weight converted once into a Params (f32 leaves, in memory all the
+ * time), from the files in dir, st_random_fill values (WEIGHTS_CONFIG_ONLY) or fresh weights
+ * (WEIGHTS_FRESH), seed for the last two. For small models: training, and flux2_forward_graph. */
+int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
+                      Error *e);
+/* The model <dir>/config.json describes with fresh weights from seed (params_new_init). */
+int flux2_init(Flux2 **out, const char *dir, uint64_t seed, Error *e);
 void flux2_free(Flux2 *m);
 const Flux2Config *flux2_config(const Flux2 *m);
+/* A resident model's weights (all parameters), by their upstream names; NULL when streaming. */
+Params *flux2_params(Flux2 *m);
 
 /* The velocity at noise level sigma[b] (in [0, 1]; the model embeds sigma * 1000).
  * tokens: [B, h*w, in_channels], the packed latent tokens of an h x w grid in row-major order;
@@ -136,6 +148,13 @@ const Flux2Config *flux2_config(const Flux2 *m);
  * of its own; the model holds no state between calls. */
 int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tensor *txt,
                   const float *sigma, const float *guidance, Tensor **velocity, Error *e);
+
+/* The same forward as ag_* ops on t, for a resident model, over the whole batch at once:
+ * tokens: [B, h*w, in_channels], txt: [B, L, joint_attention_dim] -> [B, h*w, patch_size^2 *
+ * out_channels]. Gradients flow to tokens, txt and (when trainable) every parameter. sigma (and
+ * guidance) as flux2_forward. With a streaming model the tape fails. */
+Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
+                         const float *sigma, const float *guidance);
 
 /* ---- end section: flux2 ---- */
 
