@@ -323,12 +323,201 @@ static void test_config_only(void) {
     tensor_free(txt);
 }
 
+/* ---- the resident model and its graph ---- */
+
+static Flux2 *load_resident(const char *dir) {
+    Flux2 *m = NULL;
+    Error e = {{0}};
+    CHECK(flux2_load_params(&m, dir, WEIGHTS_FILES, 0, &e) == 0, "resident load %s: %s", dir,
+          e.msg);
+    return m;
+}
+
+/* The graph path (flux2_forward of a resident model) gives the streaming path's velocity on each
+ * fixture, batch 2 with two sigmas (and guidances): the same ops over the whole batch at once. */
+static void test_graph_matches_streaming(const SafeTensors *st) {
+    static const char *dirs[] = {FIXTURE, "tests/fixtures/tiny-flux2-bf16/transformer",
+                                 "tests/fixtures/tiny-flux2-guidance/transformer"};
+    Tensor *tokens = golden_tensor(st, "tokens2", SHAPE(2, 15, 16));
+    Tensor *txt = golden_tensor(st, "txt2", SHAPE(2, 7, 24));
+    for (int i = 0; i < 3 && tokens && txt; i++) {
+        Flux2 *streaming = load(dirs[i]), *resident = load_resident(dirs[i]);
+        Tensor *a = NULL, *b = NULL;
+        Error e = {{0}};
+        float sigma[2] = {0.9f, 0.2f}, guidance[2] = {3.5f, 2.0f};
+        if (streaming && resident)
+            CHECK(flux2_forward(streaming, tokens, GRID_H, GRID_W, txt, sigma, guidance, &a, &e) ==
+                          0 &&
+                      flux2_forward(resident, tokens, GRID_H, GRID_W, txt, sigma, guidance, &b,
+                                    &e) == 0,
+                  "%s: both paths run: %s", dirs[i], e.msg);
+        CHECK(resident && flux2_params(resident) && streaming && !flux2_params(streaming),
+              "%s: only the resident model has Params", dirs[i]);
+        if (a && b) {
+            char what[160];
+            snprintf(what, sizeof what, "%s: graph path = streaming path", dirs[i]);
+            check_close(what, b->data, a->data, (size_t)a->numel, 1e-5f, 1e-5f);
+        }
+        tensor_free(a);
+        tensor_free(b);
+        flux2_free(streaming);
+        flux2_free(resident);
+    }
+    tensor_free(tokens);
+    tensor_free(txt);
+}
+
+/* sum(probe * v) of the fixture at tokens2, txt2 (grad off), for finite differences. */
+typedef struct ProbeLoss {
+    const Flux2 *m;
+    Tensor *tokens, *txt, *probe;
+} ProbeLoss;
+
+static const float PROBE_SIGMA[2] = {0.9f, 0.2f};
+
+static double probe_loss(void *ctx) {
+    ProbeLoss *p = ctx;
+    Tape *t = tape_new();
+    tape_set_grad(t, false);
+    Var *v = flux2_forward_graph(t, p->m, var_new(t, p->tokens, false), GRID_H, GRID_W,
+                                 var_new(t, p->txt, false), PROBE_SIGMA, NULL);
+    double sum = 0.0;
+    for (int64_t i = 0; v && i < v->value->numel; i++)
+        sum += (double)v->value->data[i] * p->probe->data[i];
+    tape_free(t);
+    return sum;
+}
+
+static Var *find_param(const Params *p, const char *name) {
+    for (int i = 0; i < params_count(p); i++)
+        if (!strcmp(params_name(p, i), name)) return params_var(p, i);
+    return NULL;
+}
+
+/* d sum(probe * v) / d (tokens, txt, weights of every kind) against PyTorch (float64), and
+ * finite differences on the inputs and on a few weights. */
+static void test_graph_gradients(const SafeTensors *st) {
+    static const char *names[] = {
+        "x_embedder.weight",
+        "context_embedder.weight",
+        "time_guidance_embed.timestep_embedder.linear_1.weight",
+        "time_guidance_embed.timestep_embedder.linear_2.weight",
+        "double_stream_modulation_img.linear.weight",
+        "single_stream_modulation.linear.weight",
+        "transformer_blocks.0.attn.to_q.weight",
+        "transformer_blocks.0.attn.norm_added_k.weight",
+        "transformer_blocks.1.attn.to_add_out.weight",
+        "transformer_blocks.0.ff.linear_in.weight",
+        "transformer_blocks.1.ff_context.linear_out.weight",
+        "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+        "single_transformer_blocks.1.attn.to_out.weight",
+        "single_transformer_blocks.1.attn.norm_q.weight",
+        "norm_out.linear.weight",
+        "proj_out.weight",
+    };
+    Flux2 *m = load_resident(FIXTURE);
+    ProbeLoss p = {.m = m, .tokens = golden_tensor(st, "tokens2", SHAPE(2, 15, 16)),
+                   .txt = golden_tensor(st, "txt2", SHAPE(2, 7, 24)),
+                   .probe = golden_tensor(st, "grad.probe", SHAPE(2, 15, 16))};
+    if (!m || !p.tokens || !p.txt || !p.probe) goto done;
+    Params *params = flux2_params(m);
+    params_set_trainable(params, true);
+    Tape *t = tape_new();
+    Var *tokens = var_new(t, p.tokens, true), *txt = var_new(t, p.txt, true);
+    Var *v = flux2_forward_graph(t, m, tokens, GRID_H, GRID_W, txt, PROBE_SIGMA, NULL);
+    Var *loss = ag_sum(t, ag_mul(t, v, var_new(t, p.probe, false)));
+    Error e = {{0}};
+    CHECK(tape_check(t, &e) == 0 && tape_backward(t, loss, &e) == 0, "graph backward: %s", e.msg);
+    /* float32 against float64 through ~100 ops; the worst differences are ~7e-6 */
+    const float rtol = 1e-3f, atol = 2e-5f;
+    struct { const char *name; Var *var; } inputs[] = {{"tokens", tokens}, {"txt", txt}};
+    for (int i = 0; i < 2; i++) {
+        char key[64];
+        snprintf(key, sizeof key, "grad.%s", inputs[i].name);
+        Tensor *g = inputs[i].var->grad;
+        float *want = g ? golden_load(st, key, (size_t)g->numel) : NULL;
+        CHECK(g != NULL, "d loss / d %s exists", inputs[i].name);
+        if (want) check_close(key, g->data, want, (size_t)g->numel, rtol, atol);
+        free(want);
+    }
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char key[160];
+        snprintf(key, sizeof key, "grad.%s", names[i]);
+        Var *w = find_param(params, names[i]);
+        float *want = w && w->grad ? golden_load(st, key, (size_t)w->grad->numel) : NULL;
+        CHECK(w && w->grad, "%s has a gradient", names[i]);
+        if (want) check_close(key, w->grad->data, want, (size_t)w->grad->numel, rtol, atol);
+        free(want);
+    }
+    /* Finite differences in float32: central steps of 1e-2 on a loss of O(10). */
+    if (tokens->grad)
+        check_gradient("FD d loss / d tokens", probe_loss, &p, p.tokens->data, tokens->grad->data,
+                       (size_t)p.tokens->numel, 13, 1e-2f, 2e-2f, 2e-3f);
+    if (txt->grad)
+        check_gradient("FD d loss / d txt", probe_loss, &p, p.txt->data, txt->grad->data,
+                       (size_t)p.txt->numel, 11, 1e-2f, 2e-2f, 2e-3f);
+    static const char *fd_names[] = {
+        "time_guidance_embed.timestep_embedder.linear_1.weight",
+        "double_stream_modulation_txt.linear.weight",
+        "transformer_blocks.1.attn.add_v_proj.weight",
+        "transformer_blocks.0.attn.norm_k.weight",
+        "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+        "norm_out.linear.weight",
+    };
+    for (size_t i = 0; i < sizeof fd_names / sizeof *fd_names; i++) {
+        Var *w = find_param(params, fd_names[i]);
+        char what[160];
+        snprintf(what, sizeof what, "FD d loss / d %s", fd_names[i]);
+        CHECK(w && w->grad, "%s has a gradient", fd_names[i]);
+        if (w && w->grad)
+            check_gradient(what, probe_loss, &p, w->value->data, w->grad->data,
+                           (size_t)w->value->numel, (size_t)w->value->numel / 23 + 1, 1e-2f,
+                           2e-2f, 2e-3f);
+    }
+    tape_free(t);
+done:
+    tensor_free(p.tokens);
+    tensor_free(p.txt);
+    tensor_free(p.probe);
+    flux2_free(m);
+}
+
+/* flux2_init: fresh weights by name (matrices uniform in +-1/sqrt(fan_in), RMSNorm scales 1),
+ * the same for the same seed, and a forward that runs. */
+static void test_init(void) {
+    Flux2 *a = NULL, *b = NULL;
+    Error e = {{0}};
+    CHECK(flux2_init(&a, FIXTURE, 7, &e) == 0 && flux2_init(&b, FIXTURE, 7, &e) == 0,
+          "flux2_init: %s", e.msg);
+    if (!a || !b) goto done;
+    Params *pa = flux2_params(a), *pb = flux2_params(b);
+    bool same = params_count(pa) == params_count(pb) && params_count(pa) > 0, bounded = true;
+    for (int i = 0; same && i < params_count(pa); i++) {
+        const Tensor *x = params_var(pa, i)->value, *y = params_var(pb, i)->value;
+        same = !memcmp(x->data, y->data, (size_t)x->numel * sizeof(float));
+        float bound = x->ndim == 2 ? 1.0f / sqrtf((float)x->shape[1]) : 1.0f;
+        for (int64_t k = 0; k < x->numel; k++)
+            bounded &= x->ndim == 2 ? fabsf(x->data[k]) <= bound : x->data[k] == 1.0f;
+    }
+    CHECK(same, "the same seed gives the same fresh weights");
+    CHECK(bounded, "fresh matrices within +-1/sqrt(fan_in), norm scales 1");
+    Var *w = find_param(pa, "transformer_blocks.1.ff.linear_out.weight");
+    CHECK(w && w->value->shape[0] == 32 && w->value->shape[1] == 96,
+          "fresh weights carry the upstream names and shapes");
+done:
+    flux2_free(a);
+    flux2_free(b);
+}
+
 int main(void) {
     SafeTensors *st = golden_open("tests/golden/flux2.safetensors");
     if (st) {
         test_golden(st);
+        test_graph_matches_streaming(st);
+        test_graph_gradients(st);
         st_close(st);
     }
+    test_init();
     test_errors();
     test_config_only();
     return harness_finish("test_flux2");

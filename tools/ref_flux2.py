@@ -22,6 +22,9 @@ Writes (deterministic: re-running gives identical bytes):
     schedule.<steps>_<seq>                          the klein sigmas (N values, then 0)
     tokens_big [1, 272, 16], v_big                  grid h=17, w=16 with txt1 at sigma 0.4: more
                                                     tokens than one of nn.c's chunks (256)
+    grad.probe [2, 15, 16]                          r: the loss sum(r * v) of tokens2, txt2 at
+                                                    sigmas (0.9, 0.2) ...
+    grad.tokens, grad.txt, grad.<param name>        ... and its gradients (GRAD_PARAMS)
 Run with /usr/bin/python3 (Debian's torch).
 """
 import math
@@ -309,6 +312,37 @@ def write_single(directory, weights, dtype):
                            dtype)
 
 
+# A few weights of each kind whose d loss / d weight the C test compares.
+GRAD_PARAMS = [
+    "x_embedder.weight",
+    "context_embedder.weight",
+    "time_guidance_embed.timestep_embedder.linear_1.weight",
+    "time_guidance_embed.timestep_embedder.linear_2.weight",
+    "double_stream_modulation_img.linear.weight",
+    "single_stream_modulation.linear.weight",
+    "transformer_blocks.0.attn.to_q.weight",
+    "transformer_blocks.0.attn.norm_added_k.weight",
+    "transformer_blocks.1.attn.to_add_out.weight",
+    "transformer_blocks.0.ff.linear_in.weight",
+    "transformer_blocks.1.ff_context.linear_out.weight",
+    "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+    "single_transformer_blocks.1.attn.to_out.weight",
+    "single_transformer_blocks.1.attn.norm_q.weight",
+    "norm_out.linear.weight",
+    "proj_out.weight",
+]
+
+
+def gradients(weights, cfg, tokens, h, w, txt, sigma, probe):
+    """d sum(probe * v) / d (tokens, txt, every weight), in float64."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
+    tokens = tokens.clone().requires_grad_(True)
+    txt = txt.clone().requires_grad_(True)
+    (probe * forward(leaves, cfg, tokens, h, w, txt, sigma)).sum().backward()
+    out = [("grad.tokens", tokens.grad), ("grad.txt", txt.grad)]
+    return out + [("grad." + k, leaves[k].grad) for k in GRAD_PARAMS]
+
+
 def main():
     gen = torch.Generator().manual_seed(2026)
     weights = make_weights(CONFIG, gen)
@@ -354,6 +388,9 @@ def main():
     tokens_big = torch.randn(1, hb * wb, cin, generator=gen, dtype=F64).float().double()
     golden += [("tokens_big", tokens_big),
                ("v_big", forward(weights, CONFIG, tokens_big, hb, wb, txt1, sig(0.4)))]
+    probe = torch.randn(2, h * w, cin, generator=gen, dtype=F64).float().double()
+    golden += [("grad.probe", probe)]
+    golden += gradients(weights, CONFIG, tokens2, h, w, txt2, sig(0.9, 0.2), probe)
     safetensors_file.write(os.path.join(ROOT, "tests", "golden", "flux2.safetensors"), golden)
 
 
