@@ -1,6 +1,7 @@
 /* nn.c - layers and models built from tensor.c kernels through autograd.c ops. */
 #include "nn.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1415,6 +1416,241 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
 }
 
 /* ---- end section: flux2 ---- */
+
+/* ---- section: text encoder ------------------------------------------------------------------
+ * diamond's own prompt encoder for the tiny models (issue 5): characters in, prompt embeddings
+ * [B, max_length, hidden_size] out, fed to FLUX.2's context_embedder like real ones. Token and
+ * position embeddings, pre-norm transformer layers (self-attention that ignores the padding keys,
+ * a GELU MLP), a final LayerNorm. The lookup is a product of one-hot rows with the embedding
+ * table, so that its gradient is the matmul's. */
+
+typedef struct TextLayer {
+    NormParams norm1, norm2;
+    Linear to_q, to_k, to_v, to_out, fc1, fc2;
+} TextLayer;
+
+struct TextEncoder {
+    TextEncoderConfig config;
+    Params *params;
+    Var *token_embedding;    /* [V + 1, D], row 0 the padding */
+    Var *position_embedding; /* [L, D] */
+    TextLayer *layers;
+    NormParams final_norm;
+};
+
+/* vocab: distinct printable ASCII characters, none lower-case (prompts are upper-cased). */
+static int text_vocab_check(const char *vocab, const char *path, Error *e) {
+    size_t n = strlen(vocab);
+    if (n < 1 || n > TEXT_ENCODER_MAX_VOCAB)
+        return error_set(e, "%s: vocab has %zu characters, expected 1 .. %d", path, n,
+                         TEXT_ENCODER_MAX_VOCAB);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)vocab[i];
+        if (ch <= ' ' || ch > '~' || (ch >= 'a' && ch <= 'z') || strchr(vocab + i + 1, ch))
+            return error_set(e, "%s: vocab character %zu ('%c') is repeated, lower-case or not "
+                             "printable ASCII", path, i, ch > ' ' && ch <= '~' ? ch : '?');
+    }
+    return 0;
+}
+
+static int text_config_int(const JsonValue *root, const char *key, int64_t max, int *out,
+                           Error *e) {
+    int64_t v;
+    if (json_get_int(root, key, &v, e)) return -1;
+    if (v < 1 || v > max)
+        return error_set(e, "%s: key '%s' is %lld, expected 1 .. %lld", root->source, key,
+                         (long long)v, (long long)max);
+    *out = (int)v;
+    return 0;
+}
+
+/* path: a text_encoder/config.json */
+static int text_config_read(TextEncoderConfig *c, const char *path, Error *e) {
+    JsonDoc *doc;
+    if (json_parse_file(&doc, path, e)) return -1;
+    const JsonValue *root = json_root(doc);
+    const char *cls = NULL, *vocab = NULL;
+    const int64_t big = 1 << 16;
+    int status = json_get_string(root, "_class_name", &cls, e);
+    if (!status && strcmp(cls, "DiamondCharEncoder"))
+        status = error_set(e, "%s: _class_name is '%s', expected 'DiamondCharEncoder'", path, cls);
+    status = status || json_get_string(root, "vocab", &vocab, e) ||
+                 text_config_int(root, "max_length", 4096, &c->max_length, e) ||
+                 text_config_int(root, "hidden_size", big, &c->hidden_size, e) ||
+                 text_config_int(root, "num_layers", 256, &c->num_layers, e) ||
+                 text_config_int(root, "num_heads", 256, &c->num_heads, e) ||
+                 text_config_int(root, "intermediate_size", big, &c->intermediate_size, e) ||
+                 json_get_float(root, "layer_norm_eps", &c->layer_norm_eps, e);
+    if (!status) status = text_vocab_check(vocab, path, e);
+    if (!status && (c->hidden_size % c->num_heads || !(c->layer_norm_eps >= 0.0)))
+        status = error_set(e, "%s: hidden_size %d does not split into %d heads, or "
+                           "layer_norm_eps %g is negative", path, c->hidden_size, c->num_heads,
+                           c->layer_norm_eps);
+    if (!status) {
+        c->vocab_size = (int)strlen(vocab);
+        memcpy(c->vocab, vocab, (size_t)c->vocab_size + 1);
+    }
+    json_free(doc);
+    return status;
+}
+
+static int text_layer_load(TextLayer *l, Params *p, const TextEncoderConfig *c, int i,
+                           Error *e) {
+    int d = c->hidden_size, mlp = c->intermediate_size;
+    char prefix[64], name[96];
+#define TEXT_NAME(part) (snprintf(name, sizeof name, "%s." part, prefix), name)
+    snprintf(prefix, sizeof prefix, "layers.%d", i);
+    return norm_load(&l->norm1, p, d, true, TEXT_NAME("norm1"), e) ||
+           linear_load(&l->to_q, p, d, d, true, TEXT_NAME("attn.to_q"), e) ||
+           linear_load(&l->to_k, p, d, d, true, TEXT_NAME("attn.to_k"), e) ||
+           linear_load(&l->to_v, p, d, d, true, TEXT_NAME("attn.to_v"), e) ||
+           linear_load(&l->to_out, p, d, d, true, TEXT_NAME("attn.to_out"), e) ||
+           norm_load(&l->norm2, p, d, true, TEXT_NAME("norm2"), e) ||
+           linear_load(&l->fc1, p, d, mlp, true, TEXT_NAME("mlp.fc1"), e) ||
+           linear_load(&l->fc2, p, mlp, d, true, TEXT_NAME("mlp.fc2"), e);
+#undef TEXT_NAME
+}
+
+static int text_weights_load(TextEncoder *m, Error *e) {
+    const TextEncoderConfig *c = &m->config;
+    int d = c->hidden_size;
+    if (!(m->token_embedding = params_load(m->params, e, SHAPE(c->vocab_size + 1, d),
+                                           "token_embedding.weight")) ||
+        !(m->position_embedding = params_load(m->params, e, SHAPE(c->max_length, d),
+                                              "position_embedding.weight")))
+        return -1;
+    for (int i = 0; i < c->num_layers; i++)
+        if (text_layer_load(&m->layers[i], m->params, c, i, e)) return -1;
+    return norm_load(&m->final_norm, m->params, d, true, "final_norm", e);
+}
+
+int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource source,
+                             uint64_t seed, Error *e) {
+    *out = NULL;
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+        return error_set(e, "path too long: %s", dir);
+    TextEncoder *m = calloc(1, sizeof *m);
+    if (!m) return error_set(e, "out of memory loading %s", dir);
+    StModel *st = NULL;
+    int status = text_config_read(&m->config, path, e);
+    if (!status && !(m->layers = calloc((size_t)m->config.num_layers, sizeof *m->layers)))
+        status = error_set(e, "out of memory loading %s", dir);
+    if (!status) status = params_open(&m->params, &st, dir, source, seed, e);
+    if (!status && text_weights_load(m, e)) status = flux2_error_context(e, dir);
+    st_model_close(st);
+    if (status) {
+        text_encoder_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+int text_encoder_load(TextEncoder **out, const char *dir, Error *e) {
+    return text_encoder_load_params(out, dir, WEIGHTS_FILES, 0, e);
+}
+
+int text_encoder_init(TextEncoder **out, const char *dir, uint64_t seed, Error *e) {
+    return text_encoder_load_params(out, dir, WEIGHTS_FRESH, seed, e);
+}
+
+void text_encoder_free(TextEncoder *m) {
+    if (!m) return;
+    params_free(m->params);
+    free(m->layers);
+    free(m);
+}
+
+const TextEncoderConfig *text_encoder_config(const TextEncoder *m) { return &m->config; }
+
+Params *text_encoder_params(TextEncoder *m) { return m->params; }
+
+int text_encoder_tokenize(const TextEncoder *m, const char *prompt, int *ids, int *length,
+                          Error *e) {
+    const TextEncoderConfig *c = &m->config;
+    size_t n = strlen(prompt);
+    if (n > (size_t)c->max_length)
+        return error_set(e, "prompt '%s' has %zu characters, the text encoder takes at most %d",
+                         prompt, n, c->max_length);
+    for (int i = 0; i < c->max_length; i++) ids[i] = 0;
+    for (size_t i = 0; i < n; i++) {
+        int ch = toupper((unsigned char)prompt[i]);
+        const char *at = ch ? strchr(c->vocab, ch) : NULL;
+        if (!at)
+            return error_set(e, "prompt '%s': character '%c' is not in the text encoder's "
+                             "vocabulary \"%s\"", prompt, prompt[i], c->vocab);
+        ids[i] = (int)(at - c->vocab) + 1;
+    }
+    *length = (int)n;
+    return 0;
+}
+
+/* The prompts as one-hot rows: [B, L, V + 1]; valid[b] gets prompt b's length (at least 1, so
+ * that an empty prompt's rows attend to its first padding position rather than to nothing). */
+static Tensor *text_one_hot(const TextEncoder *m, const char *const *prompts, int batch,
+                            int *valid, Error *e) {
+    const TextEncoderConfig *c = &m->config;
+    int L = c->max_length, V = c->vocab_size + 1;
+    Tensor *x = TENSOR_NEW(batch, L, V);
+    int *ids = malloc((size_t)L * sizeof *ids);
+    int status = !x || !ids ? error_set(e, "out of memory encoding prompts") : 0;
+    for (int b = 0; !status && b < batch; b++) {
+        status = text_encoder_tokenize(m, prompts[b], ids, &valid[b], e);
+        for (int i = 0; !status && i < L; i++) x->data[((int64_t)b * L + i) * V + ids[i]] = 1.0f;
+        if (valid[b] < 1) valid[b] = 1;
+    }
+    free(ids);
+    if (!status) return x;
+    tensor_free(x);
+    return NULL;
+}
+
+/* x: [B, L, D] -> x + attn(norm1(x)), then + mlp(norm2(..)); keys j >= valid[b] ignored */
+static Var *text_layer_apply(Tape *t, const TextLayer *l, const TextEncoderConfig *c, Var *x,
+                             int batch, const int *valid) {
+    int L = c->max_length, d = c->hidden_size, hd = d / c->num_heads;
+    float eps = (float)c->layer_norm_eps;
+    int64_t heads[4] = {batch, L, c->num_heads, hd};
+    Var *h = ag_layernorm(t, x, l->norm1.weight, l->norm1.bias, eps);
+    Var *q = ag_reshape(t, linear_apply(t, &l->to_q, h), 4, heads);
+    Var *k = ag_reshape(t, linear_apply(t, &l->to_k, h), 4, heads);
+    Var *v = ag_reshape(t, linear_apply(t, &l->to_v, h), 4, heads);
+    Var *o = ag_attention(t, q, k, v, (float)(1.0 / sqrt(hd)), false, valid);
+    x = ag_add(t, x, linear_apply(t, &l->to_out, ag_reshape(t, o, 3, (int64_t[]){batch, L, d})));
+    h = ag_layernorm(t, x, l->norm2.weight, l->norm2.bias, eps);
+    return ag_add(t, x, linear_apply(t, &l->fc2, ag_gelu(t, linear_apply(t, &l->fc1, h), false)));
+}
+
+Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int batch, Error *e) {
+    const TextEncoderConfig *c = &m->config;
+    int L = c->max_length, d = c->hidden_size;
+    if (batch < 1) {
+        error_set(e, "text_encode: batch %d, expected at least 1", batch);
+        return NULL;
+    }
+    int *valid = malloc((size_t)batch * sizeof *valid);
+    Tensor *one_hot = valid ? text_one_hot(m, prompts, batch, valid, e) : NULL;
+    if (!one_hot) {
+        if (!valid) error_set(e, "out of memory encoding prompts");
+        free(valid);
+        return NULL;
+    }
+    /* [B, L, V + 1] [V + 1, D] -> [B, L, D], plus the position rows: [B, L D] + [L D] */
+    Var *x = ag_matmul(t, var_take(t, one_hot, false), m->token_embedding);
+    Var *pos = ag_reshape(t, m->position_embedding, 1, (int64_t[]){(int64_t)L * d});
+    x = ag_add_rows(t, ag_reshape(t, x, 2, (int64_t[]){batch, (int64_t)L * d}), pos);
+    x = ag_reshape(t, x, 3, (int64_t[]){batch, L, d});
+    for (int i = 0; i < c->num_layers; i++)
+        x = text_layer_apply(t, &m->layers[i], c, x, batch, valid);
+    free(valid); /* ag_attention copies it */
+    Var *y = ag_layernorm(t, x, m->final_norm.weight, m->final_norm.bias,
+                          (float)c->layer_norm_eps);
+    if (tape_check(t, e)) return NULL;
+    return y;
+}
+
+/* ---- end section: text encoder ---- */
 
 /* ---- section: vae ---------------------------------------------------------------------------- */
 

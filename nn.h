@@ -158,6 +158,52 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
 
 /* ---- end section: flux2 ---- */
 
+/* ---- section: text encoder ------------------------------------------------------------------
+ * diamond's own character-level prompt encoder for the tiny models: the prompt upper-cased, each
+ * vocab character one token (ids 1 .. V, 0 the padding up to max_length), token plus position
+ * embeddings, num_layers pre-norm transformer layers (self-attention over the prompt's own
+ * tokens, a GELU MLP), a final LayerNorm -> [B, max_length, hidden_size] prompt embeddings for
+ * FLUX.2's context_embedder (hidden_size = the transformer's joint_attention_dim).
+ * <dir>/config.json: {"_class_name": "DiamondCharEncoder", "vocab": "AB..", "max_length",
+ * "hidden_size", "num_layers", "num_heads", "intermediate_size", "layer_norm_eps"};
+ * <dir>/model.safetensors: token_embedding.weight [V + 1, D], position_embedding.weight [L, D],
+ * layers.N.{norm1, attn.to_q, attn.to_k, attn.to_v, attn.to_out, norm2, mlp.fc1, mlp.fc2}.
+ * {weight, bias}, final_norm.{weight, bias}. */
+
+#define TEXT_ENCODER_MAX_VOCAB 128
+
+typedef struct TextEncoderConfig {
+    char vocab[TEXT_ENCODER_MAX_VOCAB + 1]; /* character i has id i + 1 */
+    int vocab_size;                         /* V */
+    int max_length, hidden_size, num_layers, num_heads, intermediate_size;
+    double layer_norm_eps;
+} TextEncoderConfig;
+
+typedef struct TextEncoder TextEncoder;
+
+/* Config and weights from dir (the safetensors files, st_random_fill values or fresh weights
+ * from seed, as WeightSource says); an error names the file, key or tensor. */
+int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource source,
+                             uint64_t seed, Error *e);
+/* The same from the files. */
+int text_encoder_load(TextEncoder **out, const char *dir, Error *e);
+/* Fresh weights from seed for the config in dir: a model to train. */
+int text_encoder_init(TextEncoder **out, const char *dir, uint64_t seed, Error *e);
+void text_encoder_free(TextEncoder *m);
+const TextEncoderConfig *text_encoder_config(const TextEncoder *m);
+/* Every weight as a parameter. */
+Params *text_encoder_params(TextEncoder *m);
+
+/* prompt -> ids[0 .. max_length) (0 after the prompt), *length = its characters. An unknown
+ * character or a prompt longer than max_length is an error naming it. */
+int text_encoder_tokenize(const TextEncoder *m, const char *prompt, int *ids, int *length,
+                          Error *e);
+/* prompts[0 .. batch) -> [B, max_length, hidden_size]. NULL with e filled when a prompt does not
+ * tokenize or an op fails. Gradients reach the weights when they are trainable. */
+Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int batch, Error *e);
+
+/* ---- end section: text encoder ---- */
+
 /* ---- section: vae ---------------------------------------------------------------------------- */
 
 /* The decoder half of diffusers' AutoencoderKLFlux2, with the FLUX.2 pipeline's latent
