@@ -1415,6 +1415,58 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
     return status;
 }
 
+/* ---- saving a resident model ---- */
+
+/* v in the fewest significant digits that read back as the same double ("1e-06", "3", "0.5"). */
+static void json_number(char *buf, size_t size, double v) {
+    for (int digits = 1; digits <= 17; digits++) {
+        snprintf(buf, size, "%.*g", digits, v);
+        if (strtod(buf, NULL) == v) return;
+    }
+}
+
+/* <dir>/<name> into path, or an error when too long. */
+static int join_path(char *path, size_t size, const char *dir, const char *name, Error *e) {
+    if (snprintf(path, size, "%s/%s", dir, name) >= (int)size)
+        return error_set(e, "path too long: %s/%s", dir, name);
+    return 0;
+}
+
+/* The config as diffusers writes it (keys sorted), so that flux2_config_read reads it back. */
+static int flux2_config_write(const Flux2Config *c, const char *path, Error *e) {
+    char eps[32], ratio[32], theta[32], text[2048];
+    json_number(eps, sizeof eps, c->eps);
+    json_number(ratio, sizeof ratio, c->mlp_ratio);
+    json_number(theta, sizeof theta, c->rope_theta);
+    int n = snprintf(text, sizeof text,
+                     "{\n  \"_class_name\": \"Flux2Transformer2DModel\",\n"
+                     "  \"attention_head_dim\": %d,\n"
+                     "  \"axes_dims_rope\": [\n    %d,\n    %d,\n    %d,\n    %d\n  ],\n"
+                     "  \"eps\": %s,\n  \"guidance_embeds\": %s,\n  \"in_channels\": %d,\n"
+                     "  \"joint_attention_dim\": %d,\n  \"mlp_ratio\": %s,\n"
+                     "  \"num_attention_heads\": %d,\n  \"num_layers\": %d,\n"
+                     "  \"num_single_layers\": %d,\n  \"out_channels\": %d,\n"
+                     "  \"patch_size\": %d,\n  \"rope_theta\": %s,\n"
+                     "  \"timestep_guidance_channels\": %d\n}\n",
+                     c->head_dim, c->axes_dims[0], c->axes_dims[1], c->axes_dims[2],
+                     c->axes_dims[3], eps, c->guidance_embeds ? "true" : "false", c->in_channels,
+                     c->joint_attention_dim, ratio, c->heads, c->num_layers,
+                     c->num_single_layers, c->out_channels, c->patch_size, theta,
+                     c->timestep_channels);
+    return write_file_atomic(path, text, (size_t)n, e);
+}
+
+int flux2_save(const Flux2 *m, const char *dir, Error *e) {
+    char path[4096];
+    if (!m->params)
+        return error_set(e, "flux2_save %s: only a resident model (flux2_load_params) is saved",
+                         dir);
+    return dir_make(dir, e) || join_path(path, sizeof path, dir, "config.json", e) ||
+           flux2_config_write(&m->config, path, e) ||
+           join_path(path, sizeof path, dir, "diffusion_pytorch_model.safetensors", e) ||
+           params_save(m->params, path, e);
+}
+
 /* ---- end section: flux2 ---- */
 
 /* ---- section: text encoder ------------------------------------------------------------------
@@ -1648,6 +1700,34 @@ Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int 
                           (float)c->layer_norm_eps);
     if (tape_check(t, e)) return NULL;
     return y;
+}
+
+/* The config with the vocab as a JSON string (its characters are printable ASCII). */
+static int text_config_write(const TextEncoderConfig *c, const char *path, Error *e) {
+    char vocab[2 * TEXT_ENCODER_MAX_VOCAB + 1], eps[32], text[1024];
+    size_t k = 0;
+    for (int i = 0; i < c->vocab_size; i++) {
+        if (c->vocab[i] == '"' || c->vocab[i] == '\\') vocab[k++] = '\\';
+        vocab[k++] = c->vocab[i];
+    }
+    vocab[k] = '\0';
+    json_number(eps, sizeof eps, c->layer_norm_eps);
+    int n = snprintf(text, sizeof text,
+                     "{\n  \"_class_name\": \"DiamondCharEncoder\",\n  \"vocab\": \"%s\",\n"
+                     "  \"max_length\": %d,\n  \"hidden_size\": %d,\n  \"num_layers\": %d,\n"
+                     "  \"num_heads\": %d,\n  \"intermediate_size\": %d,\n"
+                     "  \"layer_norm_eps\": %s\n}\n",
+                     vocab, c->max_length, c->hidden_size, c->num_layers, c->num_heads,
+                     c->intermediate_size, eps);
+    return write_file_atomic(path, text, (size_t)n, e);
+}
+
+int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
+    char path[4096];
+    return dir_make(dir, e) || join_path(path, sizeof path, dir, "config.json", e) ||
+           text_config_write(&m->config, path, e) ||
+           join_path(path, sizeof path, dir, "model.safetensors", e) ||
+           params_save(m->params, path, e);
 }
 
 /* ---- end section: text encoder ---- */
@@ -2777,6 +2857,121 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
 }
 
 /* ---- end section: training ---- */
+
+/* ---- section: text+flow training --------------------------------------------------------------
+ * The transformer and the text encoder trained together on the rectified-flow objective, as
+ * FLUX-style trainers do it: per sample a clean latent x0 (the VAE tokens of the prompt's image),
+ * noise n ~ N(0, 1), a noise level sigma from a logit-normal, x_t = (1 - sigma) x0 + sigma n, and
+ * the mean squared error between the model's velocity at (x_t, sigma, prompt) and the target
+ * v = n - x0, so that x0 = x_t - sigma v as the sampler assumes. */
+
+struct FlowTrainer {
+    FlowTrainOptions o;
+    Flux2 *flow;
+    TextEncoder *text;
+    int channels;                       /* in_channels */
+    char (*prompts)[FLOW_PROMPT_MAX];   /* [batch] */
+    const char **prompt_list;           /* [batch] pointers into prompts */
+    float *x0, *noise;                  /* [batch, h w, channels] */
+    float *sigma;                       /* [batch] */
+};
+
+/* splitmix64's finaliser: one 64-bit value from (seed, step) for the step's generator. */
+static uint64_t flow_mix(uint64_t seed, int64_t step) {
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull * (uint64_t)(step + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+void flow_noise(uint64_t seed, int64_t step, int batch, int64_t per_sample, double logit_mean,
+                double logit_std, float *noise, float *sigma) {
+    TorchGenerator g;
+    torch_generator_seed(&g, flow_mix(seed, step));
+    torch_randn(&g, noise, (size_t)batch * (size_t)per_sample);
+    torch_randn(&g, sigma, (size_t)batch);
+    for (int b = 0; b < batch; b++)
+        sigma[b] = (float)(1.0 / (1.0 + exp(-(logit_mean + logit_std * sigma[b]))));
+}
+
+void flow_trainer_free(FlowTrainer *f) {
+    if (!f) return;
+    free(f->prompts);
+    free(f->prompt_list);
+    free(f->x0);
+    free(f->noise);
+    free(f->sigma);
+    free(f);
+}
+
+/* mean((flow(x_t, sigma, text(prompts)) - (n - x0))^2) over batch `step` */
+static Var *flow_loss(Tape *t, int64_t step, void *ctx, Error *e) {
+    FlowTrainer *f = ctx;
+    const FlowTrainOptions *o = &f->o;
+    int64_t tokens = (int64_t)o->h * o->w, per = tokens * f->channels;
+    if (o->data(step, o->batch, f->prompts, f->x0, o->data_ctx, e)) return NULL;
+    for (int b = 0; b < o->batch; b++) f->prompts[b][FLOW_PROMPT_MAX - 1] = '\0';
+    flow_noise(o->seed, step, o->batch, per, o->logit_mean, o->logit_std, f->noise, f->sigma);
+    Tensor *x_t = TENSOR_NEW(o->batch, tokens, f->channels);
+    Tensor *minus_target = TENSOR_NEW(o->batch, tokens, f->channels);
+    for (int64_t i = 0; x_t && minus_target && i < x_t->numel; i++) {
+        float s = f->sigma[i / per], x0 = f->x0[i], n = f->noise[i];
+        x_t->data[i] = (1.0f - s) * x0 + s * n;
+        minus_target->data[i] = x0 - n;
+    }
+    Var *x = var_take(t, x_t, false), *minus = var_take(t, minus_target, false);
+    Var *txt = text_encode(t, f->text, f->prompt_list, o->batch, e);
+    if (!txt) return NULL;
+    Var *v = flux2_forward_graph(t, f->flow, x, o->h, o->w, txt, f->sigma, NULL);
+    Var *d = ag_add(t, v, minus);
+    Var *loss = ag_mean(t, ag_mul(t, d, d));
+    return tape_check(t, e) ? NULL : loss;
+}
+
+static int flow_trainer_check(const Flux2 *flow, const TextEncoder *text,
+                              const FlowTrainOptions *o, Error *e) {
+    const Flux2Config *c = flux2_config(flow);
+    const TextEncoderConfig *tc = text_encoder_config(text);
+    if (!flow->resident)
+        return error_set(e, "text+flow training needs a resident transformer (flux2_load_params)");
+    if (tc->hidden_size != c->joint_attention_dim)
+        return error_set(e, "the text encoder's hidden_size %d is not the transformer's "
+                         "joint_attention_dim %d", tc->hidden_size, c->joint_attention_dim);
+    if (o->batch < 1 || o->h < 1 || o->w < 1 || !o->data || !(o->logit_std >= 0.0))
+        return error_set(e, "text+flow training: batch %d, grid %d x %d, logit_std %g or the data "
+                         "source is invalid", o->batch, o->h, o->w, o->logit_std);
+    return 0;
+}
+
+int flow_train_task(TrainTask *task, FlowTrainer **out, Flux2 *flow, TextEncoder *text,
+                    const FlowTrainOptions *o, Error *e) {
+    *out = NULL;
+    if (flow_trainer_check(flow, text, o, e)) return -1;
+    FlowTrainer *f = calloc(1, sizeof *f);
+    size_t B = (size_t)o->batch, n = B * (size_t)o->h * (size_t)o->w *
+                                     (size_t)flux2_config(flow)->in_channels;
+    if (f) {
+        *f = (FlowTrainer){.o = *o, .flow = flow, .text = text,
+                           .channels = flux2_config(flow)->in_channels,
+                           .prompts = calloc(B, sizeof *f->prompts),
+                           .prompt_list = calloc(B, sizeof *f->prompt_list),
+                           .x0 = malloc(n * sizeof(float)), .noise = malloc(n * sizeof(float)),
+                           .sigma = malloc(B * sizeof(float))};
+    }
+    if (!f || !f->prompts || !f->prompt_list || !f->x0 || !f->noise || !f->sigma) {
+        flow_trainer_free(f);
+        return error_set(e, "out of memory for text+flow training");
+    }
+    for (size_t b = 0; b < B; b++) f->prompt_list[b] = f->prompts[b];
+    params_set_trainable(flux2_params(flow), true);
+    params_set_trainable(text_encoder_params(text), true);
+    *task = (TrainTask){.groups = {flux2_params(flow), text_encoder_params(text)}, .n_groups = 2,
+                        .loss = flow_loss, .ctx = f};
+    *out = f;
+    return 0;
+}
+
+/* ---- end section: text+flow training ---- */
 
 /* ---- section: sampler ------------------------------------------------------------------------ */
 

@@ -155,6 +155,9 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * guidance) as flux2_forward. With a streaming model the tape fails. */
 Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
                          const float *sigma, const float *guidance);
+/* A resident model into dir (made when absent): config.json and
+ * diffusion_pytorch_model.safetensors (f32, upstream names), which flux2_load reads back. */
+int flux2_save(const Flux2 *m, const char *dir, Error *e);
 
 /* ---- end section: flux2 ---- */
 
@@ -201,6 +204,8 @@ int text_encoder_tokenize(const TextEncoder *m, const char *prompt, int *ids, in
 /* prompts[0 .. batch) -> [B, max_length, hidden_size]. NULL with e filled when a prompt does not
  * tokenize or an op fails. Gradients reach the weights when they are trainable. */
 Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int batch, Error *e);
+/* Into dir (made when absent): config.json and model.safetensors, which text_encoder_load reads. */
+int text_encoder_save(const TextEncoder *m, const char *dir, Error *e);
 
 /* ---- end section: text encoder ---- */
 
@@ -366,6 +371,44 @@ double train_lr(const TrainOptions *o, int64_t step);
 int train_run(const TrainTask *task, const TrainOptions *o, Error *e);
 
 /* ---- end section: training ---- */
+
+/* ---- section: text+flow training --------------------------------------------------------------
+ * The transformer (resident) and the text encoder trained together on the rectified-flow loss:
+ * x_t = (1 - sigma) x0 + sigma n, target v = n - x0 (x0 = x_t - sigma v, as the sampler steps),
+ * MSE(flux2(x_t, sigma, text_encode(prompt)), v); sigma = sigmoid(mean + std N(0, 1)), the
+ * logit-normal of SD3 / FLUX trainers (mean 0, std 1). */
+
+#define FLOW_PROMPT_MAX 64
+
+/* The data of batch `step`: batch prompts (NUL-terminated) and their clean latent tokens
+ * x0: [batch, h*w, in_channels] (the VAE encoder's packed tokens of each prompt's image). Must
+ * depend only on step and the source's own state fixed in advance, so that runs repeat. */
+typedef int (*FlowBatchFn)(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], float *x0,
+                           void *ctx, Error *e);
+
+typedef struct FlowTrainOptions {
+    int batch;
+    int h, w;                      /* the latent token grid */
+    uint64_t seed;                 /* of the noise and the sigmas */
+    double logit_mean, logit_std;  /* sigma's logit-normal */
+    FlowBatchFn data;
+    void *data_ctx;
+} FlowTrainOptions;
+
+typedef struct FlowTrainer FlowTrainer;
+
+/* A TrainTask over both models' parameters (made trainable) whose loss is the rectified-flow MSE
+ * of batch `step`. flow must be resident and text's hidden_size its joint_attention_dim. *out
+ * holds the batch buffers; free it after training. */
+int flow_train_task(TrainTask *task, FlowTrainer **out, Flux2 *flow, TextEncoder *text,
+                    const FlowTrainOptions *o, Error *e);
+void flow_trainer_free(FlowTrainer *f);
+/* Step `step`'s noise n: [batch, per_sample] (torch.randn from a generator seeded by a hash of
+ * seed and step) and then sigma: [batch], as the loss draws them. */
+void flow_noise(uint64_t seed, int64_t step, int batch, int64_t per_sample, double logit_mean,
+                double logit_std, float *noise, float *sigma);
+
+/* ---- end section: text+flow training ---- */
 
 /* ---- section: sampler ------------------------------------------------------------------------
  * DIAMOND's guided sampling (arXiv 2602.00883, as gmum/DIAMOND's FLUX.2 loop does it). Per step:
