@@ -698,8 +698,9 @@ static int bench_step_main(int argc, char **argv) {
 /* ---- sampler: diamond generate ---------------------------------------------------------- */
 
 static const char *generate_usage =
-    "usage: diamond generate --model DIR --embeddings FILE -W W -H H --steps N -o OUT.png|OUT.ppm\n"
-    "                        [--detector DIR] --seed S[,S...] | --noise FILE [options]\n"
+    "usage: diamond generate --model DIR --embeddings FILE|--prompt TEXT -W W -H H --steps N\n"
+    "                        -o OUT.png|OUT.ppm [--detector DIR] --seed S[,S...] | --noise FILE\n"
+    "                        [options]\n"
     "\n"
     "Samples FLUX.2 (transformer/ and vae/ of DIR, diffusers layout) with DIAMOND's artifact\n"
     "guidance: each step decodes the clean estimate, runs the detector (DIR in the transformers\n"
@@ -708,8 +709,8 @@ static const char *generate_usage =
     "  --model DIR            the pipeline directory (DIR/transformer, DIR/vae)\n"
     "  --detector DIR         the artifact detector (SegFormer); needed unless --no-guide\n"
     "  --embeddings FILE      safetensors with prompt_embeds [L, D] (D = joint_attention_dim)\n"
-    "  --prompt TEXT          not available: the text encoder is not implemented yet; encode the\n"
-    "                         prompt elsewhere and pass --embeddings\n"
+    "  --prompt TEXT          instead, the prompt through DIR/text_encoder (diamond's character\n"
+    "                         encoder, the tiny models' only; for FLUX.2 use --embeddings)\n"
     "  --seed S[,S...]        one image per seed: the initial latent is PyTorch's CPU\n"
     "                         torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
     "                         tokens, as the FLUX.2 pipeline with a CPU generator\n"
@@ -760,6 +761,7 @@ static const char *generate_usage =
 
 typedef struct GenerateArgs {
     const char *model, *detector, *embeddings, *noise, *out, *dump, *compare, *save_steps;
+    const char *prompt;
     uint64_t seeds[GENERATE_MAX_BATCH];
     int n_seeds, steps, width, height;
     SamplerOptions opt;
@@ -826,6 +828,8 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
     } else if (!strcmp(opt, "--threads")) {
         if (bench_threads_option(argc, argv, i - 1, &threads))
             return error_set(e, "--threads: expected 1..1024, got '%s'", val);
+    } else if (!strcmp(opt, "--prompt")) {
+        a->prompt = val;
     } else if (!strcmp(opt, "--lambda-schedule")) {
         return lambda_schedule_parse(&a->opt.lambda, val, e);
     } else { /* --loss */
@@ -836,7 +840,8 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
 
 static bool generate_takes_value(const char *opt) {
     static const char *const names[] = {"--seed", "--steps", "-W", "-H", "--guidance-scale",
-                                        "--gate", "--threads", "--lambda-schedule", "--loss"};
+                                        "--gate", "--threads", "--lambda-schedule", "--loss",
+                                        "--prompt"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;
@@ -846,9 +851,6 @@ static bool generate_takes_value(const char *opt) {
 static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error *e) {
     const char *opt = argv[*i];
     const char **path = generate_path_field(a, opt);
-    if (!strcmp(opt, "--prompt"))
-        return error_set(e, "--prompt: the text encoder is not implemented yet; encode the prompt "
-                            "elsewhere and pass --embeddings FILE (prompt_embeds [L, D])");
     if (!strcmp(opt, "--no-guide")) a->opt.guide = false;
     else if (!strcmp(opt, "--quiet")) a->quiet = true;
     else if (!path && !generate_takes_value(opt)) return error_set(e, "unknown option '%s'", opt);
@@ -870,7 +872,10 @@ static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
     if (generate_defaults(a, e)) return -1;
     for (int i = 0; i < argc; i++)
         if (generate_option(argc, argv, &i, a, e)) return -1;
-    const char *missing = !a->model ? "--model DIR" : !a->embeddings ? "--embeddings FILE"
+    if (a->embeddings && a->prompt)
+        return error_set(e, "--embeddings and --prompt: give one of them");
+    const char *missing = !a->model ? "--model DIR"
+                        : !a->embeddings && !a->prompt ? "--embeddings FILE (or --prompt TEXT)"
                         : !a->out ? "-o OUT" : !a->steps ? "--steps N" : !a->width ? "-W W"
                         : !a->height ? "-H H" : !a->detector && a->opt.guide ? "--detector DIR"
                         : !a->noise && !a->n_seeds ? "--seed S (or --noise FILE)" : NULL;
@@ -949,6 +954,34 @@ static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch,
     return rc;
 }
 
+/* The prompt through <model>/text_encoder, repeated over the batch. */
+static int generate_prompt(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/text_encoder", a->model);
+    TextEncoder *text = NULL;
+    if (text_encoder_load(&text, dir, e)) return -1;
+    int D = flux2_config(r->flow)->joint_attention_dim, rc = 0;
+    Tape *t = tape_new();
+    Var *one = NULL;
+    if (!t) rc = error_set(e, "out of memory for the text encoder");
+    else if (text_encoder_config(text)->hidden_size != D)
+        rc = error_set(e, "%s: hidden_size %d is not the transformer's joint_attention_dim %d",
+                       dir, text_encoder_config(text)->hidden_size, D);
+    if (rc == 0) {
+        tape_set_grad(t, false);
+        one = text_encode(t, text, &a->prompt, 1, e);
+        rc = one ? 0 : -1;
+    }
+    if (rc == 0 && !(r->txt = TENSOR_NEW(batch, one->value->shape[1], D)))
+        rc = error_set(e, "out of memory for the prompt embeddings");
+    for (int b = 0; rc == 0 && b < batch; b++)
+        memcpy(r->txt->data + b * one->value->numel, one->value->data,
+               (size_t)one->value->numel * sizeof(float));
+    tape_free(t);
+    text_encoder_free(text);
+    return rc;
+}
+
 /* One PyTorch-identical initial latent per seed: [n_seeds, T, C]. */
 static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) {
     int C = flux2_config(r->flow)->in_channels;
@@ -996,7 +1029,8 @@ static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
         error_set(e, "%d seeds for a noise batch of %d", a->n_seeds, batch);
         return 2;
     }
-    return generate_embeddings(a, r, batch, e) ? 1 : 0;
+    return (a->prompt ? generate_prompt(a, r, batch, e) : generate_embeddings(a, r, batch, e))
+               ? 1 : 0;
 }
 
 /* Every step's tensors for --dump, copied as they come. */

@@ -1,9 +1,13 @@
 /* test_text_encoder.c - diamond's character-level text encoder against
  * tools/golden_text_encoder.py (PyTorch, float64): the embeddings of three prompts (mixed case,
  * full length, empty), the gradient of sum(probe * out) for every weight, finite differences on a
- * few, and the tokenizer's errors. Fixture: tests/fixtures/tiny-text-encoder. */
+ * few, and the tokenizer's errors. Fixture: tests/fixtures/tiny-text-encoder. Then
+ * `diamond generate --prompt` on tests/fixtures/tiny-flux2 (whose text_encoder/ matches its
+ * transformer): the same image as --embeddings with the encoder's output. */
 #include <math.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "../nn.h"
 #include "harness.h"
@@ -128,12 +132,77 @@ static void test_tokenize(void) {
           "another model's config is refused: %s", e.msg);
 }
 
-int main(void) {
+static int run_quiet(const char *cmd) {
+    char line[8192];
+    snprintf(line, sizeof line, "%s >/dev/null 2>&1", cmd);
+    int status = system(line);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static bool same_file(const char *a, const char *b) {
+    FILE *f = fopen(a, "rb"), *g = fopen(b, "rb");
+    bool same = f && g;
+    for (int x = 0, y = 0; same && (x != EOF || y != EOF);) {
+        x = fgetc(f);
+        y = fgetc(g);
+        same = x == y;
+    }
+    if (f) fclose(f);
+    if (g) fclose(g);
+    return same;
+}
+
+static void test_generate_prompt(const char *argv0) {
+    char binary[512], dir[] = "/tmp/test_text_encoder.XXXXXX", cmd[4096], path[600];
+    const char *slash = strstr(argv0, "/tests/");
+    snprintf(binary, sizeof binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
+             slash ? argv0 : "build");
+    if (access(binary, X_OK) != 0 || !mkdtemp(dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", binary);
+        return;
+    }
+    TextEncoder *m = NULL;
+    Error e = {{0}};
+    CHECK(text_encoder_load(&m, "tests/fixtures/tiny-flux2/text_encoder", &e) == 0, "load: %s",
+          e.msg);
+    Tape *t = tape_new();
+    Var *y = m ? text_encode(t, m, (const char *[]){"k9"}, 1, &e) : NULL;
+    snprintf(path, sizeof path, "%s/emb.safetensors", dir);
+    StWriteTensor emb = {"prompt_embeds", DTYPE_F32, 2, {6, 24}, y ? y->value->data : NULL};
+    CHECK(y && st_write(path, &emb, 1, &e) == 0, "write the embeddings: %s", e.msg);
+    const char *base = "%s generate --model tests/fixtures/tiny-flux2 --no-guide --seed 3 "
+                       "--steps 2 -W 24 -H 16 --quiet -o %s/%s.ppm %s";
+    snprintf(cmd, sizeof cmd, base, binary, dir, "prompt", "--prompt k9");
+    CHECK(run_quiet(cmd) == 0, "generate --prompt runs: %s", cmd);
+    char arg[700];
+    snprintf(arg, sizeof arg, "--embeddings %s", path);
+    snprintf(cmd, sizeof cmd, base, binary, dir, "emb", arg);
+    CHECK(run_quiet(cmd) == 0, "generate --embeddings runs: %s", cmd);
+    char a[600], b[600];
+    snprintf(a, sizeof a, "%s/prompt.ppm", dir);
+    snprintf(b, sizeof b, "%s/emb.ppm", dir);
+    CHECK(same_file(a, b), "--prompt k9 gives the image of --embeddings text_encode(k9)");
+    snprintf(cmd, sizeof cmd, base, binary, dir, "bad", "--prompt k-9");
+    CHECK(run_quiet(cmd) == 1, "an unknown character in --prompt is a runtime error (exit 1)");
+    snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2-bf16 --no-guide "
+             "--seed 3 --steps 2 -W 24 -H 16 --quiet -o %s/x.ppm --prompt k9", binary, dir);
+    CHECK(run_quiet(cmd) == 1, "--prompt with a model without text_encoder/ fails (exit 1)");
+    remove(a);
+    remove(b);
+    remove(path);
+    rmdir(dir);
+    tape_free(t);
+    text_encoder_free(m);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
     SafeTensors *st = golden_open("tests/golden/text_encoder.safetensors");
     if (st) {
         test_golden(st);
         st_close(st);
     }
     test_tokenize();
+    test_generate_prompt(argv[0]);
     return harness_finish("test_text_encoder");
 }

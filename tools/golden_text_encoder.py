@@ -7,6 +7,8 @@ embeddings, pre-norm layers x + attn(LN1(x)), x + fc2(gelu(fc1(LN2(x)))) with nn
 
 Writes (deterministic: re-running gives identical bytes):
   tests/fixtures/tiny-text-encoder/{config.json, model.safetensors}   f32 weights
+  tests/fixtures/tiny-flux2/text_encoder/    hidden_size 24 (tiny-flux2's joint_attention_dim),
+                                             for `diamond generate --prompt`
   tests/golden/text_encoder.safetensors:
     out [3, 6, 16]            the prompts PROMPTS encoded
     probe [3, 6, 16]          r: the loss sum(r * out) ...
@@ -120,6 +122,12 @@ def main():
     os.makedirs(d, exist_ok=True)
     safetensors_file.write_json(os.path.join(d, "config.json"), CONFIG)
     safetensors_file.write(os.path.join(d, "model.safetensors"), weights)
+
+    flux_cfg = dict(CONFIG, hidden_size=24, num_heads=3, intermediate_size=48)
+    d = os.path.join(ROOT, "tests", "fixtures", "tiny-flux2", "text_encoder")
+    os.makedirs(d, exist_ok=True)
+    safetensors_file.write_json(os.path.join(d, "config.json"), flux_cfg)
+    safetensors_file.write(os.path.join(d, "model.safetensors"), make_weights(flux_cfg, gen))
 
     leaves = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
     out = encode(leaves, CONFIG, PROMPTS)
