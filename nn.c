@@ -239,8 +239,8 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
  * batch item and, for the token-wise layers, one chunk of tokens at a time. Hidden states live
  * between parts as plain tensors. Peak memory is one part's weights plus a few [tokens, dim]
  * tensors: for klein-4B about 0.38 GB of f32 weights and, at 4096 + 512 tokens, 0.5 GB of
- * activations. */
-
+ * activations. A resident model (small ones, to train) instead holds every weight as a leaf of a
+ * Params and runs the same layer functions as one graph over the batch (flux2_forward_graph). */
 
 typedef struct Flux2Weights Flux2Weights;
 

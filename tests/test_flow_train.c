@@ -140,7 +140,8 @@ static Losses train(int batch, int64_t steps, double *seconds) {
                       .warmup = 2, .clip = 1.0, .on_step = record_loss, .ctx = &l};
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    CHECK(flow_train_task(&task, &f, r.flow, r.text, &r.o, &e) == 0 && train_run(&task, &o, &e) == 0,
+    CHECK(flow_train_task(&task, &f, r.flow, r.text, &r.o, &e) == 0 &&
+              train_run(&task, &o, &e) == 0,
           "train %lld steps at batch %d: %s", (long long)steps, batch, e.msg);
     clock_gettime(CLOCK_MONOTONIC, &b);
     if (seconds) *seconds = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);

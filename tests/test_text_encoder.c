@@ -29,7 +29,8 @@ static double probe_loss(void *ctx) {
     tape_set_grad(t, false);
     Var *y = text_encode(t, p->m, PROMPTS, BATCH, NULL);
     double sum = 0.0;
-    for (int64_t i = 0; y && i < y->value->numel; i++) sum += (double)y->value->data[i] * p->probe[i];
+    for (int64_t i = 0; y && i < y->value->numel; i++)
+        sum += (double)y->value->data[i] * p->probe[i];
     tape_free(t);
     return sum;
 }
@@ -71,7 +72,8 @@ static void test_golden(const SafeTensors *st) {
             snprintf(key, sizeof key, "grad.%s", params_name(params, i));
             Var *w = params_var(params, i);
             float *g = golden_load(st, key, (size_t)w->value->numel);
-            if (g && w->grad) check_close(key, w->grad->data, g, (size_t)w->value->numel, 1e-4f, 1e-5f);
+            if (g && w->grad)
+                check_close(key, w->grad->data, g, (size_t)w->value->numel, 1e-4f, 1e-5f);
             CHECK(w->grad != NULL, "%s has a gradient", key);
             free(g);
         }
