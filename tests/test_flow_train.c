@@ -79,7 +79,7 @@ static void test_loss_by_hand(void) {
     char prompts[3][FLOW_PROMPT_MAX];
     word_batch(3, 3, prompts, x0, &r.data, &e);
     flow_noise(5, 3, 3, per, 0.0, 1.0, noise, sigma);
-    Tensor *x_t = TENSOR_NEW(3, GRID_H * GRID_W, 32), *v = NULL;
+    Tensor *x_t = TENSOR_NEW(3, GRID_H * GRID_W, flux2_config(r.flow)->in_channels), *v = NULL;
     for (int64_t i = 0; i < n; i++)
         x_t->data[i] = (1.0f - sigma[i / per]) * x0[i] + sigma[i / per] * noise[i];
     Tape *u = tape_new();
@@ -192,7 +192,8 @@ static void test_save(void) {
         CHECK(x && y && !memcmp(x->value->data, y->value->data,
                                 (size_t)x->value->numel * sizeof(float)),
               "the loaded text encoder gives the same embeddings: %s", e.msg);
-        Tensor *tokens = TENSOR_NEW(1, GRID_H * GRID_W, 32), *v1 = NULL, *v2 = NULL;
+        Tensor *tokens = TENSOR_NEW(1, GRID_H * GRID_W, flux2_config(flow)->in_channels);
+        Tensor *v1 = NULL, *v2 = NULL;
         unsigned long long state = 3;
         for (int64_t i = 0; i < tokens->numel; i++) tokens->data[i] = harness_rand(&state);
         if (x)
