@@ -1716,6 +1716,7 @@ static void eval_item_write(FILE *f, const void *ctx) {
 /* The oracle's verdicts of an item file, when it has them. */
 static int eval_item_oracle(const JsonValue *root, ImageMetrics *m, Error *e) {
     const JsonValue *o = json_get(root, "oracle");
+    m->oracle = false;
     if (!o) return 0;
     if (o->type != JSON_OBJECT) return error_set(e, "%s: key 'oracle' is not an object", root->source);
     m->oracle = true;
