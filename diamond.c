@@ -1737,8 +1737,29 @@ static void eval_item_write(FILE *f, const void *ctx) {
     fprintf(f, " \"guided\": {\"image\": \"item_%06lld_guided.png\", \"max\": %.9g, "
                "\"artifact\": %s, \"pixel_ratio\": %.17g},\n", row, m->guided_max,
             m->guided_artifact ? "true" : "false", m->guided_pixel_ratio);
-    fprintf(f, " \"mae\": %.17g, \"mae_a\": %.17g, \"mae_na\": %.17g, \"artifact_pixels\": %lld}\n",
+    fprintf(f, " \"mae\": %.17g, \"mae_a\": %.17g, \"mae_na\": %.17g, \"artifact_pixels\": %lld",
             m->mae, m->mae_a, m->mae_na, (long long)m->artifact_pixels);
+    if (m->oracle)
+        fprintf(f, ",\n \"oracle\": {\"baseline_legible\": %s, \"baseline_reads\": %s, "
+                   "\"guided_legible\": %s, \"guided_reads\": %s}",
+                m->baseline_legible ? "true" : "false", m->baseline_reads ? "true" : "false",
+                m->guided_legible ? "true" : "false", m->guided_reads ? "true" : "false");
+    fprintf(f, "}\n");
+}
+
+/* The oracle's verdicts of an item file, when it has them. */
+static int eval_item_oracle(const JsonValue *root, ImageMetrics *m, Error *e) {
+    const JsonValue *o = json_get(root, "oracle");
+    m->oracle = false;
+    if (!o) return 0;
+    if (o->type != JSON_OBJECT) return error_set(e, "%s: key 'oracle' is not an object", root->source);
+    m->oracle = true;
+    return json_get_bool(o, "baseline_legible", &m->baseline_legible, e) ||
+                   json_get_bool(o, "baseline_reads", &m->baseline_reads, e) ||
+                   json_get_bool(o, "guided_legible", &m->guided_legible, e) ||
+                   json_get_bool(o, "guided_reads", &m->guided_reads, e)
+               ? -1
+               : 0;
 }
 
 /* One run's figures ("baseline" or "guided") of an item file. */
@@ -1771,7 +1792,7 @@ static int eval_item_read(const char *path, EvalItem *it, const char **embedding
                        e) ||
         json_get_float(r, "mae", &m->mae, e) || json_get_float(r, "mae_a", &m->mae_a, e) ||
         json_get_float(r, "mae_na", &m->mae_na, e) ||
-        json_get_int(r, "artifact_pixels", &pixels, e))
+        json_get_int(r, "artifact_pixels", &pixels, e) || eval_item_oracle(r, m, e))
         return -1;
     if (row < 0 || seed < 0) return error_set(e, "%s: negative row or seed", path);
     it->row = row;
@@ -1889,13 +1910,28 @@ static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const
 
 /* ---- eval: the table ---- */
 
+/* One run's figures in the --json file. */
+static void eval_summary_side(FILE *f, const EvalSummary *s, bool guided) {
+    fprintf(f, "{\"artifact_freq\": %.17g, \"pixel_ratio\": %.17g",
+            guided ? s->guided_artifact_freq : s->baseline_artifact_freq,
+            guided ? s->guided_pixel_ratio : s->baseline_pixel_ratio);
+    if (s->oracle_n)
+        fprintf(f, ", \"oracle_artifact_freq\": %.17g, \"oracle_read_acc\": %.17g",
+                guided ? s->guided_oracle_artifact_freq : s->baseline_oracle_artifact_freq,
+                guided ? s->guided_oracle_read_acc : s->baseline_oracle_read_acc);
+    fprintf(f, "}");
+}
+
 static void eval_summary_write(FILE *f, const void *ctx) {
     const EvalSummary *s = ctx;
-    fprintf(f, "{\"n\": %lld,\n \"baseline\": {\"artifact_freq\": %.17g, \"pixel_ratio\": %.17g},\n"
-               " \"guided\": {\"artifact_freq\": %.17g, \"pixel_ratio\": %.17g},\n"
-               " \"mae\": %.17g, \"mae_a\": %.17g, \"mae_na\": %.17g}\n", (long long)s->n,
-            s->baseline_artifact_freq, s->baseline_pixel_ratio, s->guided_artifact_freq,
-            s->guided_pixel_ratio, s->mae, s->mae_a, s->mae_na);
+    fprintf(f, "{\"n\": %lld,\n \"baseline\": ", (long long)s->n);
+    eval_summary_side(f, s, false);
+    fprintf(f, ",\n \"guided\": ");
+    eval_summary_side(f, s, true);
+    fprintf(f, ",\n \"mae\": %.17g, \"mae_a\": %.17g, \"mae_na\": %.17g", s->mae, s->mae_a,
+            s->mae_na);
+    if (s->oracle_n) fprintf(f, ", \"oracle_n\": %lld", (long long)s->oracle_n);
+    fprintf(f, "}\n");
 }
 
 /* Per image and overall on stdout, --json when asked. items are in row order. */
@@ -1922,6 +1958,13 @@ static int eval_report(const EvalArgs *a, const EvalItem *items, size_t n, Error
     printf("MAE                               %10.3f\n", s.mae);
     printf("MAE(A)                            %10.3f\n", s.mae_a);
     printf("MAE(NA)                           %10.3f\n", s.mae_na);
+    if (s.oracle_n) {
+        printf("oracle, %lld images\n", (long long)s.oracle_n);
+        printf("artifact frequency %%   %10.2f %10.2f\n", s.baseline_oracle_artifact_freq,
+               s.guided_oracle_artifact_freq);
+        printf("read accuracy %%        %10.2f %10.2f\n", s.baseline_oracle_read_acc,
+               s.guided_oracle_read_acc);
+    }
     return a->json ? eval_write_text(a->json, eval_summary_write, &s, e) : 0;
 }
 

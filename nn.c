@@ -3363,6 +3363,38 @@ int metrics_image(const uint8_t *baseline, const uint8_t *guided, int H, int W,
     return rc;
 }
 
+int metrics_oracle(const uint8_t *baseline, const uint8_t *guided, int H, int W,
+                   const char *prompt, ImageMetrics *out, Error *e) {
+    OracleResult read[2];
+    if (oracle_read(baseline, W, H, &read[0], e) || oracle_read(guided, W, H, &read[1], e))
+        return -1;
+    out->oracle = true;
+    out->baseline_legible = read[0].all_legible;
+    out->guided_legible = read[1].all_legible;
+    out->baseline_reads = oracle_reads_as(&read[0], prompt);
+    out->guided_reads = oracle_reads_as(&read[1], prompt);
+    return 0;
+}
+
+/* The oracle's percentages over the items it read. */
+static void metrics_summarize_oracle(const ImageMetrics *items, size_t n, EvalSummary *out) {
+    for (size_t i = 0; i < n; i++) {
+        const ImageMetrics *m = &items[i];
+        if (!m->oracle) continue;
+        out->oracle_n++;
+        out->baseline_oracle_artifact_freq += !m->baseline_legible;
+        out->guided_oracle_artifact_freq += !m->guided_legible;
+        out->baseline_oracle_read_acc += m->baseline_reads;
+        out->guided_oracle_read_acc += m->guided_reads;
+    }
+    if (out->oracle_n == 0) return;
+    double percent = 100.0 / (double)out->oracle_n;
+    out->baseline_oracle_artifact_freq *= percent;
+    out->guided_oracle_artifact_freq *= percent;
+    out->baseline_oracle_read_acc *= percent;
+    out->guided_oracle_read_acc *= percent;
+}
+
 void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
     *out = (EvalSummary){.n = (int64_t)n};
     for (size_t i = 0; i < n; i++) {
@@ -3375,6 +3407,7 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
         out->mae_a += m->mae_a;
         out->mae_na += m->mae_na;
     }
+    metrics_summarize_oracle(items, n, out);
     if (n == 0) return;
     double percent = 100.0 / (double)n, mean = 1.0 / (double)n;
     out->baseline_artifact_freq *= percent;

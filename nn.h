@@ -520,6 +520,10 @@ typedef struct ImageMetrics {
     double mae_a, mae_na;        /* the same inside / outside the baseline's artifact mask; a
                                     region with no pixels gives 0 (official clamp_min(1)) */
     int64_t artifact_pixels;     /* pixels inside the baseline's mask */
+    /* The oracle's reading of both images (metrics_oracle; the embedded words world only) */
+    bool oracle;                           /* it ran */
+    bool baseline_legible, guided_legible; /* every glyph a legible symbol: no oracle artifact */
+    bool baseline_reads, guided_reads;     /* legible and reading as the prompt */
 } ImageMetrics;
 
 /* The baseline's artifact mask: map [h, w] resized bilinearly (align_corners=False) to
@@ -532,13 +536,22 @@ int metrics_image(const uint8_t *baseline, const uint8_t *guided, int H, int W,
                   const float *baseline_map, const float *guided_map, int h, int w,
                   float threshold, ImageMetrics *out, Error *e);
 
+/* The oracle's verdict on a pair of WORLD_W x WORLD_H images made for prompt, into out's oracle
+ * fields: an independent check that guidance fixes glyphs rather than fooling the detector. */
+int metrics_oracle(const uint8_t *baseline, const uint8_t *guided, int H, int W,
+                   const char *prompt, ImageMetrics *out, Error *e);
+
 /* The paper's table over n images: every figure is the plain mean over images (an image with
- * no artifact pixels adds 0 to mae_a), frequencies and ratios in percent. */
+ * no artifact pixels adds 0 to mae_a), frequencies and ratios in percent; the oracle's figures
+ * over the oracle_n images it read. */
 typedef struct EvalSummary {
     int64_t n;
     double baseline_artifact_freq, baseline_pixel_ratio; /* % */
     double guided_artifact_freq, guided_pixel_ratio;     /* % */
     double mae, mae_a, mae_na;                           /* 0..255 */
+    int64_t oracle_n;
+    double baseline_oracle_artifact_freq, guided_oracle_artifact_freq; /* % with an illegible glyph */
+    double baseline_oracle_read_acc, guided_oracle_read_acc;           /* % reading as the prompt */
 } EvalSummary;
 
 /* Sums in the order given, so equal lists give equal summaries bit for bit. */

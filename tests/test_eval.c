@@ -84,6 +84,43 @@ static void test_metrics(void) {
     st_close(g);
 }
 
+/* The oracle's verdicts on a clean render (reads as its word) and on a corrupted one (an
+ * illegible glyph), and their percentages over the items the oracle read. */
+static void test_oracle_metrics(void) {
+    static const char *const words[] = {"AB", "K9", "ZERO", "Q7X"};
+    ImageMetrics m[5] = {{0}};
+    Error e = {{0}};
+    uint8_t clean[WORLD_H * WORLD_W * 3], broken[WORLD_H * WORLD_W * 3], mask[WORLD_H * WORLD_W];
+    int broken_read = 0;
+    for (int k = 0; k < 4; k++) {
+        WorldScene scene;
+        int rc = world_scene(40 + (uint64_t)k, words[k], &scene, &e);
+        if (rc == 0) {
+            world_render(&scene, clean);
+            rc = world_corrupt(70 + (uint64_t)k, &scene, WORLD_REMOVE_STROKE, broken, mask, NULL,
+                               &e) ||
+                 metrics_oracle(clean, broken, WORLD_H, WORLD_W, words[k], &m[k], &e);
+        }
+        CHECK(rc == 0 && m[k].oracle, "oracle on '%s': %s", words[k], e.msg);
+        CHECK(m[k].baseline_legible && m[k].baseline_reads, "a clean '%s' reads as itself",
+              words[k]);
+        broken_read += m[k].guided_reads;
+    }
+    CHECK(broken_read < 4, "corrupted renders do not all read as their word (%d of 4 do)",
+          broken_read);
+    EvalSummary s;
+    metrics_summarize(m, 5, &s); /* m[4]: an item the oracle did not read */
+    double want_acc = 100.0 * broken_read / 4.0, want_freq = 0.0;
+    for (int k = 0; k < 4; k++) want_freq += 25.0 * !m[k].guided_legible;
+    CHECK(s.n == 5 && s.oracle_n == 4 && s.baseline_oracle_artifact_freq == 0.0 &&
+              s.baseline_oracle_read_acc == 100.0 && s.guided_oracle_read_acc == want_acc &&
+              s.guided_oracle_artifact_freq == want_freq,
+          "oracle percentages over the 4 items it read: %g %g %g %g", s.baseline_oracle_read_acc,
+          s.guided_oracle_read_acc, s.baseline_oracle_artifact_freq, s.guided_oracle_artifact_freq);
+    CHECK(metrics_oracle(clean, broken, WORLD_H - 1, WORLD_W, "AB", &m[4], &e) != 0,
+          "the oracle refuses another image size: %s", e.msg);
+}
+
 /* ---- the commands ---- */
 
 typedef struct Cli {
@@ -365,6 +402,7 @@ static void test_cli(const char *argv0) {
 int main(int argc, char **argv) {
     (void)argc;
     test_metrics();
+    test_oracle_metrics();
     test_cli(argv[0]);
     return harness_finish("test_eval");
 }
