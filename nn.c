@@ -189,10 +189,6 @@ static int params_open(Params **p, StModel **st, const char *dir, WeightSource s
     return *p ? 0 : error_set(e, "out of memory");
 }
 
-Var *param_var(Tape *t, Tensor *p) {
-    return p ? var_new(t, p, false) : NULL;
-}
-
 int linear_load(Linear *l, Params *p, int in, int out, bool bias, const char *prefix, Error *e) {
     *l = (Linear){0};
     if (!(l->weight = params_load(p, e, SHAPE(out, in), "%s.weight", prefix)) ||

@@ -89,10 +89,6 @@ typedef struct NormParams {
 } NormParams;
 int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *prefix, Error *e);
 
-/* A constant leaf over a tensor the caller keeps (NULL stays NULL), for weights that live only
- * for one call, such as FLUX.2's converted parts. */
-Var *param_var(Tape *t, Tensor *p);
-
 /* ---- section: flux2 ---------------------------------------------------------------------------
  * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin). Loaded
  * by flux2_load (streaming, forward only), the weights stay in the mapped safetensors files: each
