@@ -26,7 +26,7 @@ static const char *usage_text =
     "                  [--detector DIR] [options]   sample an image with DIAMOND guidance\n"
     "                                   (diamond generate --help for every option)\n"
     "  diamond eval --model DIR --detector DIR --csv FILE --out DIR [options]\n"
-    "                                   baseline vs guided over an embeddings,seed CSV: images,\n"
+    "                                   baseline vs guided over a prompt,seed CSV: images,  \n"
     "                                   the paper's metrics (resumable, --shard I/N, --merge)\n"
     "  diamond search-seeds --model DIR --detector DIR --csv IN --out OUT.csv [options]\n"
     "                                   the official seed search for an evaluation set\n"
@@ -899,11 +899,13 @@ typedef struct GenerateRun {
     Flux2 *flow;
     VaeDecoder *vae;
     Segformer *detector;
+    TextEncoder *text; /* loaded by the first prompt */
     Tensor *txt, *latent; /* [B, L, D], [B, T, C] */
     int grid_h, grid_w;
 } GenerateRun;
 
 static void generate_run_free(GenerateRun *r) {
+    text_encoder_free(r->text);
     flux2_free(r->flow);
     vae_decoder_free(r->vae);
     segformer_free(r->detector);
@@ -954,31 +956,33 @@ static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch,
     return rc;
 }
 
-/* The prompt through <model>/text_encoder, repeated over the batch. */
-static int generate_prompt(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
+/* <model>/text_encoder, once, checked against the transformer. */
+static int generate_text_encoder(const GenerateArgs *a, GenerateRun *r, Error *e) {
+    if (r->text) return 0;
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/text_encoder", a->model);
-    TextEncoder *text = NULL;
-    if (text_encoder_load(&text, dir, e)) return -1;
-    int D = flux2_config(r->flow)->joint_attention_dim, rc = 0;
+    if (text_encoder_load(&r->text, dir, e)) return -1;
+    int D = flux2_config(r->flow)->joint_attention_dim;
+    if (text_encoder_config(r->text)->hidden_size != D)
+        return error_set(e, "%s: hidden_size %d is not the transformer's joint_attention_dim %d",
+                         dir, text_encoder_config(r->text)->hidden_size, D);
+    return 0;
+}
+
+/* The prompt through <model>/text_encoder, repeated over the batch. */
+static int generate_prompt(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
+    if (generate_text_encoder(a, r, e)) return -1;
     Tape *t = tape_new();
-    Var *one = NULL;
-    if (!t) rc = error_set(e, "out of memory for the text encoder");
-    else if (text_encoder_config(text)->hidden_size != D)
-        rc = error_set(e, "%s: hidden_size %d is not the transformer's joint_attention_dim %d",
-                       dir, text_encoder_config(text)->hidden_size, D);
-    if (rc == 0) {
-        tape_set_grad(t, false);
-        one = text_encode(t, text, &a->prompt, 1, e);
-        rc = one ? 0 : -1;
-    }
-    if (rc == 0 && !(r->txt = TENSOR_NEW(batch, one->value->shape[1], D)))
+    if (!t) return error_set(e, "out of memory for the text encoder");
+    tape_set_grad(t, false);
+    Var *one = text_encode(t, r->text, &a->prompt, 1, e);
+    int rc = one ? 0 : -1;
+    if (rc == 0 && !(r->txt = TENSOR_NEW(batch, one->value->shape[1], one->value->shape[2])))
         rc = error_set(e, "out of memory for the prompt embeddings");
     for (int b = 0; rc == 0 && b < batch; b++)
         memcpy(r->txt->data + b * one->value->numel, one->value->data,
                (size_t)one->value->numel * sizeof(float));
     tape_free(t);
-    text_encoder_free(text);
     return rc;
 }
 
@@ -1349,8 +1353,8 @@ static const char *eval_usage =
     "                    -W W -H H [--start 4444] [--max-tries 1000] [--threshold 0.5]\n"
     "                    [sampling options] [--quiet]\n"
     "\n"
-    "eval runs each row of an `embeddings,seed` CSV twice from the same noise (seed as\n"
-    "generate --seed): plain (the baseline) and guided. Into --out go item_NNNNNN_baseline.png,\n"
+    "eval runs each row of a `prompt,seed` or `embeddings,seed` CSV twice from the same noise\n"
+    "(seed as generate --seed): plain (the baseline) and guided. Into --out go item_NNNNNN_baseline.png,\n"
     "item_NNNNNN_guided.png and item_NNNNNN.json (NNNNNN = the row's index, counting data rows\n"
     "from 0; each file written atomically, the JSON last). A row whose JSON is there already is\n"
     "not run again (resume) once its row, embeddings, seed and sampling settings match. The\n"
@@ -1361,22 +1365,27 @@ static const char *eval_usage =
     "(its map resized to the image, >= 0.5); an image without artifact pixels adds 0 to MAE(A).\n"
     "Each figure is the mean over images.\n"
     "\n"
-    "  --csv FILE         header `embeddings,seed` (other columns are ignored, quoted fields may\n"
-    "                     hold commas); embeddings paths are relative to the CSV's directory\n"
+    "  --csv FILE         header `prompt,seed` (prompts through DIR/text_encoder) or\n"
+    "                     `embeddings,seed` (paths relative to the CSV's directory; with both\n"
+    "                     columns the embeddings are used); other columns are ignored, quoted\n"
+    "                     fields may hold commas\n"
     "  --out DIR          the results directory (must exist)\n"
     "  --json FILE        the overall figures: {\"n\", \"baseline\": {\"artifact_freq\",\n"
-    "                     \"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}\n"
+    "                     \"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}; for\n"
+    "                     prompts in the embedded words world (64x32 images) also the oracle's\n"
+    "                     \"oracle_artifact_freq\" (% with an illegible glyph) and\n"
+    "                     \"oracle_read_acc\" (% reading as the prompt) in baseline and guided\n"
     "  --shard I/N        only rows whose index % N == I (several processes or machines)\n"
     "  --merge            the table and --json over every item_*.json in --out, by row index\n"
     "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
     "                     --threads as in diamond generate --help\n"
     "\n"
     "search-seeds is the official data set search: one seed counter, never reset, from --start;\n"
-    "for each row of IN (an `embeddings` column) it tries consecutive seeds, at most\n"
+    "for each row of IN (a `prompt` or `embeddings` column) it tries consecutive seeds, at most\n"
     "--max-tries, and keeps the first whose plain image has a detector max (over the mask\n"
-    "resized to the image, as upstream's max_confidence) >= --threshold. OUT gets `embeddings,\n"
-    "seed` (rewritten atomically after each row; paths as in IN when OUT is in IN's directory,\n"
-    "else absolute); rows with no hit are reported on stderr and left out.\n"
+    "resized to the image, as upstream's max_confidence) >= --threshold. OUT gets `prompt,seed`\n"
+    "or `embeddings,seed` (rewritten atomically after each row; paths as in IN when OUT is in\n"
+    "IN's directory, else absolute); rows with no hit are reported on stderr and left out.\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
@@ -1396,18 +1405,20 @@ typedef struct EvalArgs {
 /* One data row of a CSV. */
 typedef struct EvalRow {
     int64_t index;      /* among the data rows, from 0 */
-    char *embeddings;   /* as written */
-    char *path;         /* resolved against the CSV's directory */
+    char *input;        /* the prompt, or the embeddings path as written */
+    char *path;         /* the embeddings path resolved against the CSV's directory; NULL for a
+                           prompt */
     uint64_t seed;
 } EvalRow;
 
 typedef struct EvalCsv {
     EvalRow *rows;
     size_t n;
+    bool prompts; /* a `prompt` column (through the text encoder), not `embeddings` */
 } EvalCsv;
 
 static void eval_csv_free(EvalCsv *c) {
-    for (size_t i = 0; i < c->n; i++) free(c->rows[i].embeddings), free(c->rows[i].path);
+    for (size_t i = 0; i < c->n; i++) free(c->rows[i].input), free(c->rows[i].path);
     free(c->rows);
     *c = (EvalCsv){0};
 }
@@ -1513,27 +1524,30 @@ static char *eval_resolve(const char *csv, const char *path) {
     return out;
 }
 
-/* One data row into c (seed_col < 0: no seed column). */
-static int eval_csv_add(EvalCsv *c, char **fields, int emb_col, int seed_col, const char *path,
+/* One data row into c: its prompt or embeddings from column col, its seed from seed_col (< 0:
+ * none). */
+static int eval_csv_add(EvalCsv *c, char **fields, int col, int seed_col, const char *path,
                         int line, Error *e) {
     EvalRow *rows = realloc(c->rows, (c->n + 1) * sizeof *rows);
     if (!rows) return error_set(e, "%s: out of memory", path);
     c->rows = rows;
     EvalRow *r = &rows[c->n];
     *r = (EvalRow){.index = (int64_t)c->n};
-    if (!fields[emb_col][0]) return error_set(e, "%s:%d: empty embeddings path", path, line);
+    if (!fields[col][0])
+        return error_set(e, "%s:%d: empty %s", path, line, c->prompts ? "prompt" : "embeddings path");
     if (seed_col >= 0 && eval_parse_seed(fields[seed_col], &r->seed))
         return error_set(e, "%s:%d: seed must be a whole number in 0..2^63-1, got '%s'", path,
                          line, fields[seed_col]);
-    r->embeddings = strdup(fields[emb_col]);
-    r->path = eval_resolve(path, fields[emb_col]);
+    r->input = strdup(fields[col]);
+    r->path = c->prompts ? NULL : eval_resolve(path, fields[col]);
     c->n++;
-    if (!r->embeddings || !r->path) return error_set(e, "%s: out of memory", path);
+    if (!r->input || (!c->prompts && !r->path)) return error_set(e, "%s: out of memory", path);
     return 0;
 }
 
-/* An `embeddings[,seed]` CSV (need_seed: the seed column too). Blank lines are skipped and do
- * not count as rows; every row has the header's number of fields. */
+/* A `prompt[,seed]` or `embeddings[,seed]` CSV (need_seed: the seed column too; with both
+ * columns, the embeddings). Blank lines are skipped and do not count as rows; every row has the
+ * header's number of fields. */
 static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e) {
     char *text = NULL, *buf = NULL, *fields[EVAL_CSV_MAX_FIELDS], *header[EVAL_CSV_MAX_FIELDS];
     size_t len = 0, pos = 0;
@@ -1542,19 +1556,16 @@ static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e)
     if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) pos = 3;
     char *head = malloc(len + 1);
     int rc = (buf = malloc(len + 1)) && head ? 0 : error_set(e, "%s: out of memory", path);
-    int line = 1, n_header = 0, emb_col = -1, seed_col = -1;
+    int line = 1, n_header = 0, col = -1, seed_col = -1;
     if (rc == 0) rc = eval_csv_record(text, len, &pos, head, header, &n_header, path, line, e);
     if (rc == 0) {
-        emb_col = eval_csv_column(header, n_header, "embeddings");
+        col = eval_csv_column(header, n_header, "embeddings");
+        if (col < 0 && (col = eval_csv_column(header, n_header, "prompt")) >= 0) c->prompts = true;
         seed_col = eval_csv_column(header, n_header, "seed");
-        if (emb_col < 0 && eval_csv_column(header, n_header, "prompt") >= 0)
-            rc = error_set(e, "%s: a `prompt` column needs the text encoder: the text encoder "
-                              "is not implemented yet; encode the prompts elsewhere and give an "
-                              "`embeddings` column (safetensors files with prompt_embeds [L, D])",
-                           path);
-        else if (emb_col < 0 || (need_seed && seed_col < 0))
-            rc = error_set(e, "%s: the header must name the columns `embeddings%s` (got '%s%s')",
-                           path, need_seed ? ",seed" : "", header[0], n_header > 1 ? ",..." : "");
+        if (col < 0 || (need_seed && seed_col < 0))
+            rc = error_set(e, "%s: the header must name the columns `prompt%s` or `embeddings%s` "
+                              "(got '%s%s')", path, need_seed ? ",seed" : "",
+                           need_seed ? ",seed" : "", header[0], n_header > 1 ? ",..." : "");
     }
     while (rc == 0 && pos < len) {
         int count, start_line = ++line;
@@ -1566,7 +1577,7 @@ static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e)
             rc = error_set(e, "%s:%d: %d fields, the header has %d", path, start_line, count,
                            n_header);
         else
-            rc = eval_csv_add(c, fields, emb_col, need_seed ? seed_col : -1, path, start_line, e);
+            rc = eval_csv_add(c, fields, col, need_seed ? seed_col : -1, path, start_line, e);
     }
     if (rc == 0 && c->n == 0) rc = error_set(e, "%s: no data rows", path);
     free(text);
@@ -1638,9 +1649,9 @@ static int eval_option(int argc, char **argv, int *i, EvalArgs *a, Error *e) {
     }
     if (!strcmp(opt, "--quiet")) a->gen.quiet = true;
     else if (!a->search && !strcmp(opt, "--merge")) a->merge = true;
-    else if (!strcmp(opt, "--prompt"))
-        return error_set(e, "--prompt: the text encoder is not implemented yet; give a CSV with "
-                            "an `embeddings` column");
+    else if (!strcmp(opt, "--prompt") || !strcmp(opt, "--embeddings"))
+        return error_set(e, "%s: the prompts come from the CSV's `prompt` or `embeddings` column",
+                         opt);
     else if (!eval_takes_value(opt, a->search)) return error_set(e, "unknown option '%s'", opt);
     else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
     else return eval_value_option(opt, argv[++*i], a, e);
@@ -1720,15 +1731,17 @@ static int eval_write_text(const char *path, void (*write)(FILE *, const void *)
 
 typedef struct EvalItemFile {
     const EvalItem *item;
-    const char *embeddings, *settings;
+    const EvalRow *row;
+    bool prompt; /* the row's input is a prompt, not an embeddings path */
+    const char *settings;
 } EvalItemFile;
 
 static void eval_item_write(FILE *f, const void *ctx) {
     const EvalItemFile *x = ctx;
     const ImageMetrics *m = &x->item->m;
     long long row = (long long)x->item->row;
-    fprintf(f, "{\"row\": %lld, \"embeddings\": ", row);
-    eval_json_string(f, x->embeddings);
+    fprintf(f, "{\"row\": %lld, \"%s\": ", row, x->prompt ? "prompt" : "embeddings");
+    eval_json_string(f, x->row->input);
     fprintf(f, ", \"seed\": %llu, \"settings\": ", (unsigned long long)x->item->seed);
     eval_json_string(f, x->settings);
     fprintf(f, ",\n \"baseline\": {\"image\": \"item_%06lld_baseline.png\", \"max\": %.9g, "
@@ -1776,15 +1789,16 @@ static int eval_item_side(const JsonValue *root, const char *side, float *max, b
     return 0;
 }
 
-/* An item file into it; *embeddings and *settings point into *doc (json_free it). */
-static int eval_item_read(const char *path, EvalItem *it, const char **embeddings,
+/* An item file into it; *input (its prompt or embeddings) and *settings point into *doc
+ * (json_free it). */
+static int eval_item_read(const char *path, EvalItem *it, const char **input,
                           const char **settings, JsonDoc **doc, Error *e) {
     int64_t row, seed, pixels;
     if (json_parse_file(doc, path, e)) return -1;
     const JsonValue *r = json_root(*doc);
     ImageMetrics *m = &it->m;
     if (json_get_int(r, "row", &row, e) || json_get_int(r, "seed", &seed, e) ||
-        json_get_string(r, "embeddings", embeddings, e) ||
+        json_get_string(r, json_get(r, "prompt") ? "prompt" : "embeddings", input, e) ||
         json_get_string(r, "settings", settings, e) ||
         eval_item_side(r, "baseline", &m->baseline_max, &m->baseline_artifact,
                        &m->baseline_pixel_ratio, e) ||
@@ -1806,7 +1820,7 @@ static void eval_item_path(const EvalArgs *a, int64_t row, const char *suffix, c
     snprintf(path, len, "%s/item_%06lld%s", a->out, (long long)row, suffix);
 }
 
-/* 1 when row has no item file yet; 0 when it has one for the same row, embeddings, seed and
+/* 1 when row has no item file yet; 0 when it has one for the same row, input, seed and
  * settings (read into it); -1 for another item or a broken file. */
 static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *settings,
                           EvalItem *it, Error *e) {
@@ -1814,12 +1828,12 @@ static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *set
     eval_item_path(a, row->index, ".json", path, sizeof path);
     if (access(path, F_OK) != 0) return 1;
     JsonDoc *doc = NULL;
-    const char *emb, *set;
-    int rc = eval_item_read(path, it, &emb, &set, &doc, e);
-    if (rc == 0 && (it->row != row->index || it->seed != row->seed || strcmp(emb, row->embeddings)))
+    const char *input, *set;
+    int rc = eval_item_read(path, it, &input, &set, &doc, e);
+    if (rc == 0 && (it->row != row->index || it->seed != row->seed || strcmp(input, row->input)))
         rc = error_set(e, "%s: made for row %lld (%s, seed %llu), but row %lld is %s, seed %llu: "
-                          "use another --out", path, (long long)it->row, emb,
-                       (unsigned long long)it->seed, (long long)row->index, row->embeddings,
+                          "use another --out", path, (long long)it->row, input,
+                       (unsigned long long)it->seed, (long long)row->index, row->input,
                        (unsigned long long)row->seed);
     else if (rc == 0 && strcmp(set, settings))
         rc = error_set(e, "%s: made with other settings (%s; now %s): use another --out", path,
@@ -1830,17 +1844,22 @@ static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *set
 
 /* ---- eval: running the rows ---- */
 
-/* r->latent and r->txt for one row: the seed's noise and the row's prompt_embeds, batch 1. */
-static int eval_row_inputs(const EvalArgs *a, GenerateRun *r, const char *embeddings,
-                           uint64_t seed, Error *e) {
+/* r->latent and r->txt for one row: the seed's noise and the row's prompt (through the text
+ * encoder) or prompt_embeds, batch 1. */
+static int eval_row_inputs(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint64_t seed,
+                           Error *e) {
     GenerateArgs g = a->gen;
-    g.embeddings = embeddings;
+    g.prompt = row->path ? NULL : row->input;
+    g.embeddings = row->path;
     g.seeds[0] = seed;
     g.n_seeds = 1;
     tensor_free(r->latent);
     tensor_free(r->txt);
     r->latent = r->txt = NULL;
-    return generate_seed_noise(&g, r, e) || generate_embeddings(&g, r, 1, e) ? -1 : 0;
+    return generate_seed_noise(&g, r, e) ||
+                   (g.prompt ? generate_prompt(&g, r, 1, e) : generate_embeddings(&g, r, 1, e))
+               ? -1
+               : 0;
 }
 
 /* The final latent's 8-bit image, as the PNG will hold it. */
@@ -1880,7 +1899,7 @@ static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const
     char path[2][4200];
     eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0]);
     eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1]);
-    int rc = eval_row_inputs(a, r, row->path, row->seed, e) ||
+    int rc = eval_row_inputs(a, r, row, row->seed, e) ||
              !(baseline = tensor_clone(r->latent)) ||
              sampler_run(r->flow, r->vae, NULL, &plain, r->txt, baseline, r->grid_h, r->grid_w,
                          NULL, NULL, e) ||
@@ -1895,8 +1914,11 @@ static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const
         rc = metrics_image(img[0].rgb, img[1].rgb, img[0].height, img[0].width, maps[0]->data,
                            maps[1]->data, (int)maps[0]->shape[2], (int)maps[0]->shape[3],
                            EVAL_THRESHOLD, &it->m, e);
+    bool world = img[0].width == WORLD_W && img[0].height == WORLD_H;
+    if (rc == 0 && !row->path && world)
+        rc = metrics_oracle(img[0].rgb, img[1].rgb, WORLD_H, WORLD_W, row->input, &it->m, e);
     if (rc == 0) {
-        EvalItemFile file = {it, row->embeddings, settings};
+        EvalItemFile file = {it, row, !row->path, settings};
         eval_item_path(a, row->index, ".json", path[0], sizeof path[0]);
         rc = eval_write_text(path[0], eval_item_write, &file, e);
     }
@@ -2078,7 +2100,7 @@ static int search_try(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uin
     plain.guide = false;
     Tensor *image = NULL, *mask = NULL;
     float small_max;
-    int rc = eval_row_inputs(a, r, row->path, seed, e) ||
+    int rc = eval_row_inputs(a, r, row, seed, e) ||
              sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->latent, r->grid_h, r->grid_w,
                          NULL, NULL, e) ||
              generate_decode(r, r->latent, &image, e) ||
@@ -2111,24 +2133,28 @@ typedef struct SearchHits {
     size_t done;
 } SearchHits;
 
-/* The embeddings path for OUT: as written in IN when both are in one directory, else absolute. */
-static void search_out_path(FILE *f, const SearchHits *h, const EvalRow *row) {
+/* The row's input for OUT: a prompt as it is; an embeddings path as written in IN when both are
+ * in one directory, else absolute. */
+static void search_out_input(FILE *f, const SearchHits *h, const EvalRow *row) {
+    if (!row->path) {
+        search_csv_field(f, row->input);
+        return;
+    }
     const char *in = h->args->csv, *out = h->args->out;
     const char *a = strrchr(in, '/'), *b = strrchr(out, '/');
     size_t la = a ? (size_t)(a - in) : 0, lb = b ? (size_t)(b - out) : 0;
     bool same_dir = la == lb && !strncmp(in, out, la);
-    char *real = row->embeddings[0] == '/' || same_dir ? NULL : realpath(row->path, NULL);
-    search_csv_field(f, real ? real : row->embeddings[0] == '/' || same_dir ? row->embeddings
-                                                                             : row->path);
+    char *real = row->input[0] == '/' || same_dir ? NULL : realpath(row->path, NULL);
+    search_csv_field(f, real ? real : row->input[0] == '/' || same_dir ? row->input : row->path);
     free(real);
 }
 
 static void search_write(FILE *f, const void *ctx) {
     const SearchHits *h = ctx;
-    fputs("embeddings,seed\n", f);
+    fputs(h->csv->prompts ? "prompt,seed\n" : "embeddings,seed\n", f);
     for (size_t i = 0; i < h->done; i++) {
         if (!h->found[i]) continue;
-        search_out_path(f, h, &h->csv->rows[i]);
+        search_out_input(f, h, &h->csv->rows[i]);
         fprintf(f, ",%llu\n", (unsigned long long)h->seeds[i]);
     }
 }
@@ -2156,7 +2182,7 @@ static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
         if (rc == 0 && !found[i]) {
             misses++;
             fprintf(stderr, "diamond search-seeds: row %zu (%s): no detector max >= %g in seeds "
-                            "%llu..%llu; left out\n", i, row->embeddings, a->threshold,
+                            "%llu..%llu; left out\n", i, row->input, a->threshold,
                     (unsigned long long)first, (unsigned long long)(next - 1));
         }
         hits.done = i + 1;

@@ -266,7 +266,7 @@ static void test_eval_errors(Cli *c) {
     } bad[] = {
         {NULL, "--csv /nonexistent.csv", 1, "cannot open"},
         {"emb,seed\na.safetensors,1\n", "", 1, "header"},
-        {"prompt,seed\na cat,1\n", "", 1, "text encoder is not implemented yet"},
+        {"prompt,seed\na cat,1\n", "", 1, "character ' '"},
         {"embeddings,seed\na.safetensors,-1\n", "", 1, "seed"},
         {"embeddings,seed\n\"a.safetensors,1\n", "", 1, "unterminated"},
         {"embeddings,seed\na.safetensors\n", "", 1, "fields"},
@@ -275,7 +275,7 @@ static void test_eval_errors(Cli *c) {
         {"embeddings,seed\na.safetensors,1\n", "--shard 2/2", 2, "--shard"},
         {"embeddings,seed\na.safetensors,1\n", "--shard 1", 2, "--shard"},
         {"embeddings,seed\na.safetensors,1\n", "--shard x/2", 2, "--shard"},
-        {"embeddings,seed\na.safetensors,1\n", "--prompt cat", 2, "not implemented yet"},
+        {"embeddings,seed\na.safetensors,1\n", "--prompt cat", 2, "CSV's"},
         {"embeddings,seed\na.safetensors,1\n", "--seed 3", 2, "unknown option"},
         {"embeddings,seed\na.safetensors,1\n", "-W 20", 2, "multiple"},
     };
@@ -293,6 +293,33 @@ static void test_eval_errors(Cli *c) {
           "--merge of an empty directory exits 1");
     CHECK(run(c, "search-seeds %s --csv %s/set.csv", MODELS, d) == 2,
           "search-seeds without --out exits 2");
+}
+
+/* A `prompt,seed` CSV goes through <model>/text_encoder: eval writes the prompt into the item
+ * and resumes on it; search-seeds writes `prompt,seed`. */
+static void test_prompts(Cli *c) {
+    const char *d = c->dir;
+    char path[256];
+    snprintf(path, sizeof path, "%s/prompts.csv", d);
+    write_text(path, "prompt,seed\nCAT,3\nk9,5\n");
+    int rc = run(c, "eval %s %s --csv %s/prompts.csv --out %s/prompts --json %s/prompts.json",
+                 MODELS, GUIDE, d, d, d);
+    snprintf(path, sizeof path, "%s/prompts/item_000001.json", d);
+    char *item = slurp(path);
+    CHECK(rc == 0 && item && strstr(item, "\"prompt\": \"k9\"") && !strstr(item, "\"oracle\""),
+          "eval over prompts (%d): the item names its prompt; no oracle off the world's size", rc);
+    free(item);
+    ino_t before = inode(path);
+    rc = run(c, "eval %s %s --csv %s/prompts.csv --out %s/prompts", MODELS, GUIDE, d, d);
+    CHECK(rc == 0 && inode(path) == before, "eval over prompts resumes");
+    snprintf(path, sizeof path, "%s/prompts.csv", d);
+    rc = run(c, "search-seeds %s --csv %s --out %s/found.csv --max-tries 2 --threshold 0", MODELS,
+             path, d);
+    snprintf(path, sizeof path, "%s/found.csv", d);
+    char *found = slurp(path);
+    CHECK(rc == 0 && found && !strcmp(found, "prompt,seed\nCAT,4444\nk9,4445\n"),
+          "search-seeds over prompts keeps the first seed at threshold 0: %s", found ? found : "");
+    free(found);
 }
 
 /* The detector max of each of the first `tries` seeds from 100 for one prompt, read from the
@@ -379,8 +406,8 @@ static void test_cli(const char *argv0) {
     }
     char path[256];
     int rc = 0;
-    static const char *dirs[] = {"all", "shards", "err"};
-    for (int k = 0; k < 3; k++) {
+    static const char *dirs[] = {"all", "shards", "err", "prompts"};
+    for (int k = 0; k < 4; k++) {
         snprintf(path, sizeof path, "%s/%s", c.dir, dirs[k]);
         rc |= mkdir(path, 0755);
     }
@@ -395,6 +422,7 @@ static void test_cli(const char *argv0) {
         test_eval_run(&c);
         test_eval_errors(&c);
         test_search(&c);
+        test_prompts(&c);
     }
     remove_tree(c.dir);
 }
