@@ -1890,44 +1890,64 @@ static int eval_detect(const GenerateRun *r, const Image *img, Tensor **map, Err
     return rc;
 }
 
-/* Baseline and guided run of one row: both PNGs, then the item file; the metrics into it. */
-static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const char *settings,
-                    EvalItem *it, Error *e) {
+/* One evaluated pair: the baseline and guided 8-bit images, the detector's maps at 1/4 of its
+ * input ([1, 1, h, w]) and the metrics. */
+typedef struct EvalPair {
+    Image img[2];     /* baseline, guided */
+    Tensor *maps[2];
+    ImageMetrics m;
+} EvalPair;
+
+static void eval_pair_free(EvalPair *p) {
+    for (int k = 0; k < 2; k++) image_free(&p->img[k]), tensor_free(p->maps[k]);
+    *p = (EvalPair){0};
+}
+
+/* Baseline and guided run of row with seed; the oracle too for world-sized prompt rows. */
+static int eval_pair(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint64_t seed,
+                     EvalPair *p, Error *e) {
     SamplerOptions plain = a->gen.opt;
     plain.guide = false;
-    Tensor *baseline = NULL, *maps[2] = {NULL, NULL};
-    Image img[2] = {{0}, {0}};
-    char path[2][4200];
-    eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0]);
-    eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1]);
-    int rc = eval_row_inputs(a, r, row, row->seed, e) ||
-             !(baseline = tensor_clone(r->latent)) ||
+    Tensor *baseline = NULL;
+    *p = (EvalPair){0};
+    int rc = eval_row_inputs(a, r, row, seed, e) || !(baseline = tensor_clone(r->latent)) ||
              sampler_run(r->flow, r->vae, NULL, &plain, r->txt, baseline, r->grid_h, r->grid_w,
                          NULL, NULL, e) ||
              sampler_run(r->flow, r->vae, r->detector, &a->gen.opt, r->txt, r->latent, r->grid_h,
                          r->grid_w, NULL, NULL, e) ||
-             eval_image(r, baseline, &img[0], e) || eval_image(r, r->latent, &img[1], e) ||
-             png_write(path[0], &img[0], e) || png_write(path[1], &img[1], e) ||
-             eval_detect(r, &img[0], &maps[0], e) || eval_detect(r, &img[1], &maps[1], e);
+             eval_image(r, baseline, &p->img[0], e) || eval_image(r, r->latent, &p->img[1], e) ||
+             eval_detect(r, &p->img[0], &p->maps[0], e) ||
+             eval_detect(r, &p->img[1], &p->maps[1], e);
     if (rc && !e->msg[0]) error_set(e, "out of memory");
-    *it = (EvalItem){.row = row->index, .seed = row->seed};
     if (rc == 0)
-        rc = metrics_image(img[0].rgb, img[1].rgb, img[0].height, img[0].width, maps[0]->data,
-                           maps[1]->data, (int)maps[0]->shape[2], (int)maps[0]->shape[3],
-                           EVAL_THRESHOLD, &it->m, e);
-    bool world = img[0].width == WORLD_W && img[0].height == WORLD_H;
+        rc = metrics_image(p->img[0].rgb, p->img[1].rgb, p->img[0].height, p->img[0].width,
+                           p->maps[0]->data, p->maps[1]->data, (int)p->maps[0]->shape[2],
+                           (int)p->maps[0]->shape[3], EVAL_THRESHOLD, &p->m, e);
+    bool world = p->img[0].width == WORLD_W && p->img[0].height == WORLD_H;
     if (rc == 0 && !row->path && world)
-        rc = metrics_oracle(img[0].rgb, img[1].rgb, WORLD_H, WORLD_W, row->input, &it->m, e);
+        rc = metrics_oracle(p->img[0].rgb, p->img[1].rgb, WORLD_H, WORLD_W, row->input, &p->m, e);
+    tensor_free(baseline);
+    if (rc) eval_pair_free(p);
+    return rc ? -1 : 0;
+}
+
+/* One row: its pair, both PNGs, then the item file; the metrics into it. */
+static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const char *settings,
+                    EvalItem *it, Error *e) {
+    EvalPair p;
+    char path[2][4200];
+    eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0]);
+    eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1]);
+    *it = (EvalItem){.row = row->index, .seed = row->seed};
+    if (eval_pair(a, r, row, row->seed, &p, e)) return -1;
+    it->m = p.m;
+    int rc = png_write(path[0], &p.img[0], e) || png_write(path[1], &p.img[1], e);
     if (rc == 0) {
         EvalItemFile file = {it, row, !row->path, settings};
         eval_item_path(a, row->index, ".json", path[0], sizeof path[0]);
         rc = eval_write_text(path[0], eval_item_write, &file, e);
     }
-    tensor_free(baseline);
-    tensor_free(maps[0]);
-    tensor_free(maps[1]);
-    image_free(&img[0]);
-    image_free(&img[1]);
+    eval_pair_free(&p);
     return rc ? -1 : 0;
 }
 
