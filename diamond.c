@@ -2233,11 +2233,275 @@ static int search_main(int argc, char **argv) {
     return rc;
 }
 
-int main(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-        fputs(usage_text, argc < 2 ? stderr : stdout);
-        return argc < 2 ? 2 : 0;
+/* ---- demo ---------------------------------------------------------------------------------- */
+
+static const char *demo_usage =
+    "usage: diamond [demo] [--weights DIR] [-o FILE] [--pairs N] [--threads T] [--quiet]\n"
+    "\n"
+    "DIAMOND on the embedded models (weights/: a tiny FLUX.2 transformer, VAE and text encoder\n"
+    "and a tiny SegFormer detector, all trained by diamond itself in the procedural words world).\n"
+    "It draws words, searches noise seeds whose plain (baseline) image the detector flags, runs\n"
+    "each such pair again with guidance, and writes one row per pair: baseline | DIAMOND | the\n"
+    "detector's heat map of each, 4x enlarged; stdout gets the detector's maximum, what the\n"
+    "independent oracle reads, and the MAE of each pair.\n"
+    "\n"
+    "  --weights DIR   the embedded models (default: weights, else weights/ beside the binary)\n"
+    "  -o FILE         the picture (default diamond-demo.png; .png or .ppm)\n"
+    "  --pairs N       pairs to show (default 4, at most 16)\n"
+    "  --threads T     OpenMP threads\n"
+    "  --quiet         no progress on stderr\n"
+    "\n"
+    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
+/* The demo's sampling: the settings the README's eval table uses. */
+#define DEMO_STEPS 8
+#define DEMO_SCHEDULE "linear:start=12,end=1"
+#define DEMO_LOSS "mse"
+/* Words come from world scenes of these seeds (never a training scene: training draws its
+ * scenes from hashes of the step); noise seeds count up from DEMO_NOISE_SEED. */
+#define DEMO_WORD_SEED 900000000u
+#define DEMO_NOISE_SEED 900000000u
+#define DEMO_WORDS 24
+#define DEMO_TRIES 6
+#define DEMO_MAX_PAIRS 16
+#define DEMO_ZOOM 4
+
+typedef struct DemoArgs {
+    const char *weights, *out;
+    int pairs, threads;
+    bool quiet;
+} DemoArgs;
+
+static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Error *e) {
+    static char beside[4096];
+    *a = (DemoArgs){.out = "diamond-demo.png", .pairs = 4};
+    for (int i = 0; i < argc; i++) {
+        const char *opt = argv[i];
+        if (!strcmp(opt, "--quiet")) {
+            a->quiet = true;
+            continue;
+        }
+        if (i + 1 >= argc) return error_set(e, "%s: missing value (or unknown option)", opt);
+        const char *val = argv[++i];
+        char *end;
+        long v = strtol(val, &end, 10);
+        if (!strcmp(opt, "--weights")) a->weights = val;
+        else if (!strcmp(opt, "-o")) a->out = val;
+        else if (!strcmp(opt, "--pairs") && !*end && v >= 1 && v <= DEMO_MAX_PAIRS) a->pairs = (int)v;
+        else if (!strcmp(opt, "--threads") && !*end && v >= 1 && v <= 4096) a->threads = (int)v;
+        else return error_set(e, "bad option or value: %s %s (see diamond demo --help)", opt, val);
     }
+    const char *dot = strrchr(a->out, '.');
+    if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
+        return error_set(e, "-o %s: the picture must be .png or .ppm", a->out);
+    if (a->weights) return 0;
+    a->weights = "weights";
+    const char *slash = strrchr(argv0, '/');
+    if (access("weights/transformer/config.json", R_OK) != 0 && slash)
+        snprintf(beside, sizeof beside, "%.*s/weights", (int)(slash - argv0), argv0),
+            a->weights = beside;
+    return 0;
+}
+
+/* eval's settings for the embedded models. */
+static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t len, Error *e) {
+    *a = (EvalArgs){.threshold = EVAL_THRESHOLD};
+    GenerateArgs *g = &a->gen;
+    snprintf(detector, len, "%s/detector", d->weights);
+    *g = (GenerateArgs){.model = d->weights, .detector = detector, .steps = DEMO_STEPS,
+                        .width = WORLD_W, .height = WORLD_H, .quiet = true,
+                        .opt = {.steps = DEMO_STEPS, .guide = true, .guidance_scale = 1.0f}};
+    return lambda_schedule_parse(&g->opt.lambda, DEMO_SCHEDULE, e) ||
+                   artifact_loss_parse(&g->opt.loss, DEMO_LOSS, e)
+               ? -1
+               : 0;
+}
+
+/* One shown pair. */
+typedef struct DemoPair {
+    char word[WORLD_WORD_MAX + 1];
+    uint64_t seed;
+    EvalPair p;
+} DemoPair;
+
+/* Words and seeds until `want` pairs whose baseline the detector flags (or the words run out). */
+static int demo_search(const DemoArgs *d, const EvalArgs *a, GenerateRun *r, DemoPair *pairs,
+                       int *found, Error *e) {
+    uint64_t next = DEMO_NOISE_SEED;
+    *found = 0;
+    for (int k = 0; k < DEMO_WORDS && *found < d->pairs; k++) {
+        WorldScene scene;
+        if (world_scene(DEMO_WORD_SEED + (uint64_t)k, NULL, &scene, e)) return -1;
+        EvalRow row = {.input = scene.word};
+        for (int t = 0; t < DEMO_TRIES; t++) {
+            float max;
+            uint64_t seed = next++;
+            if (search_try(a, r, &row, seed, &max, e)) return -1;
+            if (!d->quiet)
+                fprintf(stderr, "%-4s seed %llu: detector max %.3f%s\n", scene.word,
+                        (unsigned long long)seed, max, max >= a->threshold ? " (kept)" : "");
+            if (max < a->threshold) continue;
+            DemoPair *p = &pairs[(*found)++];
+            snprintf(p->word, sizeof p->word, "%s", scene.word);
+            p->seed = seed;
+            if (eval_pair(a, r, &row, seed, &p->p, e)) return -1;
+            break;
+        }
+    }
+    return 0;
+}
+
+/* text in the world's font, cells of `scale` pixels, colour rgb, from (x, y); symbols outside
+ * the font (spaces) leave a gap. */
+static void demo_text(Image *img, int x, int y, const char *text, int scale, const uint8_t *rgb) {
+    for (; *text; text++, x += (WORLD_FONT_W + 1) * scale) {
+        uint8_t rows[WORLD_FONT_H];
+        if (world_glyph_rows(*text, rows) < 0) continue;
+        for (int r = 0; r < WORLD_FONT_H * scale; r++)
+            for (int c = 0; c < WORLD_FONT_W * scale; c++) {
+                int px = x + c, py = y + r;
+                bool ink = rows[r / scale] >> (WORLD_FONT_W - 1 - c / scale) & 1;
+                if (ink && px >= 0 && py >= 0 && px < img->width && py < img->height)
+                    memcpy(&img->rgb[((size_t)py * img->width + px) * 3], rgb, 3);
+            }
+    }
+}
+
+/* src enlarged DEMO_ZOOM times at (x0, y0), as itself or under its heat map (its map [h, w] at
+ * 1/4 of the detector's input, resized bilinearly to the image as the metrics do). */
+static int demo_panel(Image *dst, int x0, int y0, const Image *src, const Tensor *map, Error *e) {
+    Image big = {0};
+    float *heat = NULL, *heat_big = NULL;
+    int W = src->width * DEMO_ZOOM, H = src->height * DEMO_ZOOM;
+    int rc = image_alloc(&big, W, H, e);
+    if (rc == 0 && map) {
+        heat = malloc((size_t)src->width * src->height * sizeof *heat);
+        heat_big = malloc((size_t)W * H * sizeof *heat_big);
+        if (!heat || !heat_big) rc = error_set(e, "out of memory");
+    }
+    if (rc == 0 && map)
+        resize_bilinear_forward(1, (int)map->shape[2], (int)map->shape[3], src->height,
+                                src->width, map->data, heat);
+    for (int y = 0; rc == 0 && y < H; y++)
+        for (int x = 0; x < W; x++) {
+            size_t from = (size_t)(y / DEMO_ZOOM) * src->width + x / DEMO_ZOOM;
+            memcpy(&big.rgb[((size_t)y * W + x) * 3], &src->rgb[from * 3], 3);
+            if (heat) heat_big[(size_t)y * W + x] = heat[from];
+        }
+    if (rc == 0) generate_panel(dst, x0, y0, &big, heat_big);
+    image_free(&big);
+    free(heat);
+    free(heat_big);
+    return rc;
+}
+
+/* The picture: a title row, then per pair a caption and baseline | DIAMOND | both heat maps. */
+static int demo_picture(const DemoArgs *d, const DemoPair *pairs, int n, Error *e) {
+    static const uint8_t white[3] = {255, 255, 255}, grey[3] = {170, 170, 170};
+    static const char *const titles[4] = {"BASELINE", "DIAMOND", "BASELINE MAP", "DIAMOND MAP"};
+    const int pw = WORLD_W * DEMO_ZOOM, ph = WORLD_H * DEMO_ZOOM, gap = 8, title = 30, caption = 22;
+    Image out = {0};
+    if (image_alloc(&out, 4 * pw + 5 * gap, title + n * (caption + ph + gap), e)) return -1;
+    memset(out.rgb, 24, (size_t)out.width * out.height * 3);
+    for (int k = 0; k < 4; k++) demo_text(&out, gap + k * (pw + gap), 8, titles[k], 2, white);
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        int y = title + i * (caption + ph + gap);
+        char text[64];
+        snprintf(text, sizeof text, "%.*s  SEED %llu", WORLD_WORD_MAX, pairs[i].word,
+                 (unsigned long long)pairs[i].seed);
+        demo_text(&out, gap, y + 4, text, 2, grey);
+        for (int k = 0; rc == 0 && k < 4; k++)
+            rc = demo_panel(&out, gap + k * (pw + gap), y + caption, &pairs[i].p.img[k % 2],
+                            k < 2 ? NULL : pairs[i].p.maps[k % 2], e);
+    }
+    if (rc == 0)
+        rc = !strcmp(strrchr(d->out, '.'), ".png") ? png_write(d->out, &out, e)
+                                                  : ppm_write(d->out, &out, e);
+    image_free(&out);
+    return rc ? -1 : 0;
+}
+
+/* Per pair and overall on stdout. */
+static void demo_report(const DemoPair *pairs, int n, double seconds) {
+    ImageMetrics m[DEMO_MAX_PAIRS];
+    printf("%-5s %10s %17s %17s %8s\n", "word", "seed", "detector max", "oracle reads",
+           "MAE");
+    for (int i = 0; i < n; i++) {
+        const ImageMetrics *x = &pairs[i].p.m;
+        m[i] = *x;
+        printf("%-5s %10llu %7.3f -> %6.3f %7s -> %6s %8.2f\n", pairs[i].word,
+               (unsigned long long)pairs[i].seed, x->baseline_max, x->guided_max,
+               x->baseline_reads ? "yes" : "no", x->guided_reads ? "yes" : "no", x->mae);
+    }
+    EvalSummary s;
+    metrics_summarize(m, (size_t)n, &s);
+    printf("\n%d pairs, %.1f s      baseline   DIAMOND\n", n, seconds);
+    printf("detector artifact frequency %% %8.1f %9.1f\n", s.baseline_artifact_freq,
+           s.guided_artifact_freq);
+    printf("oracle artifact frequency %%   %8.1f %9.1f\n", s.baseline_oracle_artifact_freq,
+           s.guided_oracle_artifact_freq);
+    printf("oracle read accuracy %%        %8.1f %9.1f\n", s.baseline_oracle_read_acc,
+           s.guided_oracle_read_acc);
+    printf("MAE vs baseline (0..255)              %9.2f\n", s.mae);
+}
+
+static int demo_run(const DemoArgs *d, Error *e) {
+    double start = now_seconds();
+    EvalArgs a;
+    GenerateRun r = {0};
+    DemoPair pairs[DEMO_MAX_PAIRS] = {0};
+    char detector[4200];
+    int found = 0;
+    int rc = demo_eval_args(d, &a, detector, sizeof detector, e);
+    if (rc == 0 && generate_load_models(&a.gen, &r, e)) {
+        char why[sizeof e->msg];
+        snprintf(why, sizeof why, "%s", e->msg);
+        rc = error_set(e, "%s (the embedded models: `make weights` trains them, --weights DIR "
+                          "points elsewhere)", why);
+    }
+    if (rc == 0) rc = demo_search(d, &a, &r, pairs, &found, e);
+    if (rc == 0 && found == 0)
+        rc = error_set(e, "no word of the %d tried had a seed the detector flags", DEMO_WORDS);
+    if (rc == 0) rc = demo_picture(d, pairs, found, e);
+    if (rc == 0) {
+        demo_report(pairs, found, now_seconds() - start);
+        if (!d->quiet) fprintf(stderr, "wrote %s\n", d->out);
+    }
+    for (int i = 0; i < found; i++) eval_pair_free(&pairs[i].p);
+    generate_run_free(&r);
+    return rc ? -1 : 0;
+}
+
+/* diamond [demo] ...: 0 on success, 2 for a bad command line, 1 for anything else. */
+static int demo_main(int argc, char **argv, const char *argv0) {
+    if (asks_for_help(argc, argv)) {
+        fputs(demo_usage, stdout);
+        return 0;
+    }
+    DemoArgs d;
+    Error e = {{0}};
+    if (demo_parse(argc, argv, &d, argv0, &e)) {
+        fprintf(stderr, "diamond demo: %s\n", e.msg);
+        return 2;
+    }
+#ifdef _OPENMP
+    if (d.threads > 0) omp_set_num_threads(d.threads);
+#endif
+    if (demo_run(&d, &e)) {
+        fprintf(stderr, "diamond demo: %s\n", e.msg);
+        return 1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return demo_main(0, argv + 1, argv[0]);
+    if (!strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        fputs(usage_text, stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "demo")) return demo_main(argc - 2, argv + 2, argv[0]);
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "generate")) return generate_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);

@@ -1,0 +1,119 @@
+/* test_demo.c - `diamond demo` (and `diamond` alone) end to end: on the tiny random fixtures laid
+ * out as an embedded weights directory it finds flagged pairs, writes the picture at its size and
+ * prints the table; bad options exit 2; a missing weights directory exits 1 saying how to make
+ * one; with trained weights in weights/ the real demo runs too. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../io.h"
+#include "harness.h"
+
+typedef struct Cli {
+    char binary[512], dir[64], cmd[4096], log[128];
+} Cli;
+
+/* The command's exit status; stdout and stderr into c->log. */
+static int run(Cli *c, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static int run(Cli *c, const char *fmt, ...) {
+    char args[3072];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    snprintf(c->cmd, sizeof c->cmd, "%s %s > %s 2>&1", c->binary, args, c->log);
+    int rc = system(c->cmd);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+static bool log_has(const Cli *c, const char *needle) {
+    FILE *f = fopen(c->log, "r");
+    char buf[8192] = {0};
+    size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+    if (f) fclose(f);
+    buf[n] = 0;
+    return strstr(buf, needle) != NULL;
+}
+
+/* The fixtures as weights/ lays out its models. */
+static int fixture_weights(const Cli *c, char *dir, size_t len) {
+    static const char *const links[][2] = {
+        {"transformer", "tiny-flux2/transformer"}, {"vae", "tiny-flux2/vae"},
+        {"text_encoder", "tiny-flux2/text_encoder"}, {"detector", "tiny-detector"}};
+    char cwd[1024], from[1600], to[1600];
+    if (!getcwd(cwd, sizeof cwd)) return -1;
+    snprintf(dir, len, "%s/weights", c->dir);
+    if (mkdir(dir, 0755)) return -1;
+    for (int k = 0; k < 4; k++) {
+        snprintf(from, sizeof from, "%s/tests/fixtures/%s", cwd, links[k][1]);
+        snprintf(to, sizeof to, "%s/%s", dir, links[k][0]);
+        if (symlink(from, to)) return -1;
+    }
+    return 0;
+}
+
+static void test_fixture_demo(Cli *c) {
+    char weights[256], out[256];
+    if (fixture_weights(c, weights, sizeof weights)) {
+        CHECK(0, "lay out the fixtures in %s", c->dir);
+        return;
+    }
+    snprintf(out, sizeof out, "%s/demo.ppm", c->dir);
+    int rc = run(c, "demo --weights %s -o %s --pairs 2 --threads 1", weights, out);
+    CHECK(rc == 0 && log_has(c, "2 pairs") && log_has(c, "detector artifact frequency %") &&
+              log_has(c, "oracle read accuracy"),
+          "the demo runs on the fixtures and prints its table (%d): %s", rc, c->cmd);
+    Image img = {0};
+    Error e = {{0}};
+    CHECK(ppm_read(&img, out, &e) == 0 && img.width == 4 * 4 * WORLD_W + 5 * 8 &&
+              img.height == 30 + 2 * (22 + 4 * WORLD_H + 8),
+          "the picture has two rows of four 4x panels: %dx%d %s", img.width, img.height, e.msg);
+    image_free(&img);
+    CHECK(run(c, "demo --weights %s --pairs 0", weights) == 2, "--pairs 0 exits 2");
+    CHECK(run(c, "demo --weights %s -o x.jpg", weights) == 2 && log_has(c, ".png or .ppm"),
+          "an unknown picture type exits 2");
+    CHECK(run(c, "demo --bogus 1") == 2, "an unknown option exits 2");
+    CHECK(run(c, "demo --weights %s/none -o %s", c->dir, out) == 1 && log_has(c, "make weights"),
+          "missing weights exit 1 and say how to make them");
+    CHECK(run(c, "demo --help") == 0 && log_has(c, "usage: diamond [demo]"), "demo --help");
+}
+
+/* The shipped models, once `make weights` has trained them. */
+static void test_embedded_demo(Cli *c) {
+    if (access("weights/transformer/diffusion_pytorch_model.safetensors", R_OK) != 0) {
+        printf("  (no trained weights in weights/: the embedded demo is not run)\n");
+        return;
+    }
+    char out[256];
+    snprintf(out, sizeof out, "%s/embedded.png", c->dir);
+    int rc = run(c, "demo -o %s --pairs 1 --quiet", out);
+    CHECK(rc == 0 && access(out, R_OK) == 0 && log_has(c, "1 pairs"),
+          "the embedded demo runs and writes its picture (%d)", rc);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    Cli c;
+    const char *slash = strstr(argv[0], "/tests/");
+    snprintf(c.binary, sizeof c.binary, "%.*s/diamond", slash ? (int)(slash - argv[0]) : 5,
+             slash ? argv[0] : "build");
+    snprintf(c.dir, sizeof c.dir, "/tmp/test_demo.XXXXXX");
+    if (access(c.binary, X_OK) != 0 || !mkdtemp(c.dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", c.binary);
+        return harness_finish("test_demo");
+    }
+    snprintf(c.log, sizeof c.log, "%s/log", c.dir);
+    test_fixture_demo(&c);
+    test_embedded_demo(&c);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", c.dir);
+    if (system(cmd) != 0) printf("could not remove %s\n", c.dir);
+    return harness_finish("test_demo");
+}
