@@ -1673,8 +1673,9 @@ typedef struct SegformerStage {
     SegformerLayer *layers;
     int n_layers;
     NormParams norm;
-    Conv2d head_proj; /* 1x1, C -> D: this stage's path through the head (segformer_head_fold);
-                       * stage 0's bias holds every constant of the head up to the ReLU */
+    Linear head_proj; /* C -> D: this stage's path through the head up to the ReLU. Loaded, it
+                       * is folded (segformer_head_fold) and stage 0's bias holds every constant;
+                       * made fresh, it is the stage's linear_c, trainable (segformer_head_init) */
 } SegformerStage;
 
 struct Segformer {
@@ -1683,6 +1684,7 @@ struct Segformer {
     SegformerStage stages[SEGFORMER_MAX_STAGES];
     Var *pixel_shift, *pixel_scale; /* [3]: -mean and 1 / std */
     Conv2d classifier;
+    bool head_is_linear_c; /* head_proj are linear_c under an identity fuse and batch norm */
 };
 
 /* -- config -- */
@@ -1924,14 +1926,14 @@ static int segformer_fold_stage(Segformer *s, int i, SegformerHeadParts *h, Erro
     int D = c->decoder_hidden_size, C = c->hidden_sizes[i], n = c->stages;
     const float *W = h->fuse->value->data + (size_t)(n - 1 - i) * D;
     const float *P = h->linear_c.weight->value->data, *b = h->linear_c.bias->value->data;
-    Tensor *proj = TENSOR_NEW(D, C, 1, 1);
+    Tensor *proj = TENSOR_NEW(D, C);
     if (!proj) return error_set(e, "out of memory folding the decode head");
     gemm(false, false, D, C, D, 1.0f, W, n * D, P, C, 0.0f, proj->data, C);
     for (int o = 0; o < D; o++) {
         for (int k = 0; k < C; k++) proj->data[(size_t)o * C + k] *= h->scale[o];
         for (int k = 0; k < D; k++) h->bias_sum[o] += (double)W[(size_t)o * n * D + k] * b[k];
     }
-    s->stages[i].head_proj = (Conv2d){.stride = 1, .padding = 0, .groups = 1};
+    s->stages[i].head_proj = (Linear){0};
     return (s->stages[i].head_proj.weight = params_constant(s->params, proj, e)) ? 0 : -1;
 }
 
@@ -1967,17 +1969,38 @@ static int segformer_head_fold(Segformer *s, SegformerHeadParts *h, Error *e) {
     return (s->stages[0].head_proj.bias = params_constant(s->params, bias, e)) ? 0 : -1;
 }
 
-static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
+/* A fresh head to train: each stage's linear_c as its projection, the fuse and the batch norm
+ * left out as the identity (segformer_save writes them so). Every set of folded projections is
+ * such a head, so training these is training the upstream head with its batch norm frozen. */
+static int segformer_head_init(Segformer *s, Error *e) {
+    const SegformerConfig *c = &s->config;
+    for (int i = 0; i < c->stages; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "decode_head.linear_c.%d.proj", i);
+        if (linear_load(&s->stages[i].head_proj, s->params, c->hidden_sizes[i],
+                        c->decoder_hidden_size, true, name, e))
+            return -1;
+    }
+    s->head_is_linear_c = true;
+    return 0;
+}
+
+static int segformer_head_fold_load(Segformer *s, const StModel *m, Error *e) {
     SegformerHeadParts h = {.params = params_new(m)};
-    int rc = h.params ? 0 : error_set(e, "out of memory");
-    if (rc == 0)
-        rc = segformer_head_fold(s, &h, e) ||
-             conv2d_load(&s->classifier, s->params, s->config.decoder_hidden_size,
-                         s->config.num_labels, 1, 1, 0, 1, true, "decode_head.classifier", e);
+    int rc = h.params ? segformer_head_fold(s, &h, e) : error_set(e, "out of memory");
     params_free(h.params);
     free(h.scale);
     free(h.bias_sum);
     return rc ? -1 : 0;
+}
+
+static int segformer_head_load(Segformer *s, const StModel *m, WeightSource source, Error *e) {
+    if ((source == WEIGHTS_FRESH ? segformer_head_init(s, e)
+                                 : segformer_head_fold_load(s, m, e)) ||
+        conv2d_load(&s->classifier, s->params, s->config.decoder_hidden_size,
+                    s->config.num_labels, 1, 1, 0, 1, true, "decode_head.classifier", e))
+        return -1;
+    return 0;
 }
 
 /* (x - mean) / std as (x + shift) * scale, per channel. */
@@ -2003,7 +2026,7 @@ Params *segformer_params(Segformer *m) {
     return m->params;
 }
 
-/* segformer_load, or with `random` its config-only twin. */
+/* The detector dir's config describes, with its weights from source. */
 static int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
                           Error *e) {
     *out = NULL;
@@ -2014,7 +2037,7 @@ static int segformer_open(Segformer **out, const char *dir, WeightSource source,
              params_open(&s->params, &m, dir, source, seed, e) || segformer_pixel_load(s, e);
     for (int i = 0; !rc && i < s->config.stages; i++)
         rc = segformer_stage_load(&s->stages[i], s->params, &s->config, i, e);
-    if (!rc) rc = segformer_head_load(s, m, e);
+    if (!rc) rc = segformer_head_load(s, m, source, e);
     st_model_close(m);
     if (rc) {
         segformer_free(s);
@@ -2037,6 +2060,190 @@ int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e) {
 }
 
 const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }
+
+/* -- saving -- */
+
+/* A growing text for the config files; `failed` once out of memory. */
+typedef struct SegformerText {
+    char *data;
+    size_t len, cap;
+    bool failed;
+} SegformerText;
+
+static void segformer_text_add(SegformerText *b, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static void segformer_text_add(SegformerText *b, const char *fmt, ...) {
+    va_list ap, again;
+    va_start(ap, fmt);
+    va_copy(again, ap);
+    int n = b->failed ? -1 : vsnprintf(NULL, 0, fmt, ap);
+    if (n < 0) {
+        b->failed = true;
+    } else if (b->len + (size_t)n + 1 > b->cap) {
+        size_t cap = 2 * (b->len + (size_t)n + 1);
+        char *grown = realloc(b->data, cap);
+        b->failed = !grown;
+        if (grown) {
+            b->data = grown;
+            b->cap = cap;
+        }
+    }
+    if (!b->failed) b->len += (size_t)vsnprintf(b->data + b->len, b->cap - b->len, fmt, again);
+    va_end(again);
+    va_end(ap);
+}
+
+/* `"key": [v0, v1, ..],` */
+static void segformer_text_ints(SegformerText *b, const char *key, const int *v, int n) {
+    segformer_text_add(b, "  \"%s\": [", key);
+    for (int i = 0; i < n; i++) segformer_text_add(b, "%s%d", i ? ", " : "", v[i]);
+    segformer_text_add(b, "],\n");
+}
+
+static int segformer_text_write(SegformerText *b, const char *dir, const char *file, Error *e) {
+    char path[4096];
+    int rc;
+    if (b->failed)
+        rc = error_set(e, "out of memory writing %s/%s", dir, file);
+    else if (snprintf(path, sizeof path, "%s/%s", dir, file) >= (int)sizeof path)
+        rc = error_set(e, "path too long: %s/%s", dir, file);
+    else
+        rc = write_file_atomic(path, b->data, b->len, e);
+    free(b->data);
+    *b = (SegformerText){0};
+    return rc;
+}
+
+/* config.json as transformers writes a SegformerConfig (the keys it reads, and num_labels with
+ * the id2label it implies). */
+static int segformer_save_config(const SegformerConfig *c, const char *dir, Error *e) {
+    SegformerText b = {0};
+    segformer_text_add(&b, "{\n  \"architectures\": [\"SegformerForSemanticSegmentation\"],\n"
+                           "  \"model_type\": \"segformer\",\n  \"num_channels\": 3,\n"
+                           "  \"num_encoder_blocks\": %d,\n", c->stages);
+    segformer_text_ints(&b, "hidden_sizes", c->hidden_sizes, c->stages);
+    segformer_text_ints(&b, "depths", c->depths, c->stages);
+    segformer_text_ints(&b, "num_attention_heads", c->heads, c->stages);
+    segformer_text_ints(&b, "sr_ratios", c->sr_ratios, c->stages);
+    segformer_text_ints(&b, "patch_sizes", c->patch_sizes, c->stages);
+    segformer_text_ints(&b, "strides", c->strides, c->stages);
+    segformer_text_ints(&b, "mlp_ratios", c->mlp_ratios, c->stages);
+    segformer_text_add(&b, "  \"decoder_hidden_size\": %d,\n  \"hidden_act\": \"%s\",\n"
+                           "  \"hidden_dropout_prob\": 0.0,\n"
+                           "  \"attention_probs_dropout_prob\": 0.0,\n"
+                           "  \"classifier_dropout_prob\": 0.1,\n  \"drop_path_rate\": 0.1,\n"
+                           "  \"initializer_range\": 0.02,\n  \"layer_norm_eps\": 1e-06,\n"
+                           "  \"reshape_last_stage\": true,\n"
+                           "  \"semantic_loss_ignore_index\": 255,\n  \"num_labels\": %d,\n"
+                           "  \"id2label\": {",
+                       c->decoder_hidden_size, c->gelu_tanh ? "gelu_new" : "gelu", c->num_labels);
+    for (int i = 0; i < c->num_labels; i++)
+        segformer_text_add(&b, "%s\"%d\": \"LABEL_%d\"", i ? ", " : "", i, i);
+    segformer_text_add(&b, "},\n  \"label2id\": {");
+    for (int i = 0; i < c->num_labels; i++)
+        segformer_text_add(&b, "%s\"LABEL_%d\": %d", i ? ", " : "", i, i);
+    segformer_text_add(&b, "}\n}\n");
+    return segformer_text_write(&b, dir, "config.json", e);
+}
+
+/* preprocessor_config.json as SegformerImageProcessor writes it. */
+static int segformer_save_preprocessor(const SegformerConfig *c, const char *dir, Error *e) {
+    SegformerText b = {0};
+    segformer_text_add(&b, "{\n  \"image_processor_type\": \"SegformerImageProcessor\",\n"
+                           "  \"do_resize\": %s,\n", c->do_resize ? "true" : "false");
+    if (c->do_resize)
+        segformer_text_add(&b, "  \"size\": {\"height\": %d, \"width\": %d},\n",
+                           c->input_h, c->input_w);
+    segformer_text_add(&b, "  \"resample\": 2,\n  \"do_rescale\": true,\n"
+                           "  \"rescale_factor\": 0.00392156862745098,\n"
+                           "  \"do_reduce_labels\": false,\n  \"do_normalize\": %s",
+                       c->do_normalize ? "true" : "false");
+    if (c->do_normalize)
+        segformer_text_add(&b, ",\n  \"image_mean\": [%.9g, %.9g, %.9g],\n"
+                               "  \"image_std\": [%.9g, %.9g, %.9g]",
+                           c->mean[0], c->mean[1], c->mean[2], c->std[0], c->std[1], c->std[2]);
+    segformer_text_add(&b, "\n}\n");
+    return segformer_text_write(&b, dir, "preprocessor_config.json", e);
+}
+
+/* The tensors segformer_head_init leaves out, as the identity: linear_fuse [I .. I] and a batch
+ * norm whose scale gamma / sqrt(var + eps) is exactly 1 in float (gamma = sqrt(1 + eps), var 1:
+ * the loader computes the same sqrtf and divides it by itself). */
+typedef struct SegformerIdentityHead {
+    Tensor *fuse, *gamma, *beta, *mean, *var;
+    int64_t batches; /* num_batches_tracked */
+} SegformerIdentityHead;
+
+static void segformer_identity_head_free(SegformerIdentityHead *h) {
+    tensor_free(h->fuse);
+    tensor_free(h->gamma);
+    tensor_free(h->beta);
+    tensor_free(h->mean);
+    tensor_free(h->var);
+}
+
+static int segformer_identity_head(const SegformerConfig *c, SegformerIdentityHead *h, Error *e) {
+    int64_t D = c->decoder_hidden_size, n = c->stages;
+    *h = (SegformerIdentityHead){.fuse = TENSOR_NEW(D, n * D, 1, 1), .gamma = TENSOR_NEW(D),
+                                 .beta = TENSOR_NEW(D), .mean = TENSOR_NEW(D),
+                                 .var = TENSOR_NEW(D)};
+    if (!h->fuse || !h->gamma || !h->beta || !h->mean || !h->var) {
+        segformer_identity_head_free(h);
+        return error_set(e, "out of memory saving the detector");
+    }
+    for (int64_t o = 0; o < D; o++) {
+        for (int64_t k = 0; k < n; k++) h->fuse->data[o * n * D + k * D + o] = 1.0f;
+        h->gamma->data[o] = sqrtf(1.0f + SEGFORMER_NORM_EPS);
+        h->var->data[o] = 1.0f;
+    }
+    return 0;
+}
+
+static StWriteTensor segformer_write_f32(const char *name, const Tensor *t) {
+    StWriteTensor w = {.name = name, .dtype = DTYPE_F32, .ndim = t->ndim, .data = t->data};
+    for (int d = 0; d < t->ndim; d++) w.shape[d] = t->shape[d];
+    return w;
+}
+
+static int segformer_save_weights(const Segformer *m, const char *dir, Error *e) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/model.safetensors", dir) >= (int)sizeof path)
+        return error_set(e, "path too long: %s/model.safetensors", dir);
+    SegformerIdentityHead h;
+    if (segformer_identity_head(&m->config, &h, e)) return -1;
+    int n = params_count(m->params);
+    StWriteTensor *list = malloc((size_t)(n + 6) * sizeof *list);
+    if (!list) {
+        segformer_identity_head_free(&h);
+        return error_set(e, "out of memory saving the detector");
+    }
+    for (int i = 0; i < n; i++)
+        list[i] = segformer_write_f32(params_name(m->params, i), params_var(m->params, i)->value);
+    list[n] = segformer_write_f32("decode_head.linear_fuse.weight", h.fuse);
+    list[n + 1] = segformer_write_f32("decode_head.batch_norm.weight", h.gamma);
+    list[n + 2] = segformer_write_f32("decode_head.batch_norm.bias", h.beta);
+    list[n + 3] = segformer_write_f32("decode_head.batch_norm.running_mean", h.mean);
+    list[n + 4] = segformer_write_f32("decode_head.batch_norm.running_var", h.var);
+    list[n + 5] = (StWriteTensor){.name = "decode_head.batch_norm.num_batches_tracked",
+                                  .dtype = DTYPE_I64, .ndim = 0, .data = &h.batches};
+    int rc = st_write(path, list, (size_t)n + 6, e);
+    free(list);
+    segformer_identity_head_free(&h);
+    return rc;
+}
+
+int segformer_save(const Segformer *m, const char *dir, Error *e) {
+    if (!m->head_is_linear_c)
+        return error_set(e, "saving the detector to %s: its decode head was folded when loaded; "
+                            "only a detector made by segformer_init can be saved", dir);
+    if (dir_make(dir, e) || segformer_save_config(&m->config, dir, e) ||
+        segformer_save_preprocessor(&m->config, dir, e) || segformer_save_weights(m, dir, e))
+        return -1;
+    return 0;
+}
 
 /* -- forward -- */
 
@@ -2102,15 +2309,16 @@ static Var *segformer_stage(Tape *t, const SegformerStage *s, Var *x) {
     return segformer_layernorm(t, &s->norm, x);
 }
 
-/* The all-MLP head, folded (segformer_head_fold): each stage projected to D channels and resized
- * to stage 0's size, summed, ReLU, classifier.
- * images[i]: [B, C_i, h_i, w_i] -> logits: [B, L, h_0, w_0] */
-static Var *segformer_head(Tape *t, const Segformer *m, Var **images) {
-    if (!images[0]) return NULL;
-    int64_t h = images[0]->value->shape[2], w = images[0]->value->shape[3];
+/* The all-MLP head as folded (segformer_head_fold) or fresh (segformer_head_init): each stage
+ * projected to D channels and resized to stage 0's size, summed, ReLU, classifier.
+ * tokens[i]: [B, h_i, w_i, C_i] -> logits: [B, L, h_0, w_0] */
+static Var *segformer_head(Tape *t, const Segformer *m, Var **tokens) {
+    if (!tokens[0]) return NULL;
+    int64_t h = tokens[0]->value->shape[1], w = tokens[0]->value->shape[2];
     Var *sum = NULL;
     for (int i = 0; i < m->config.stages; i++) {
-        Var *y = segformer_resize(t, conv2d_apply(t, &m->stages[i].head_proj, images[i]), h, w);
+        Var *y = segformer_image(t, linear_apply(t, &m->stages[i].head_proj, tokens[i]));
+        y = segformer_resize(t, y, h, w);
         sum = sum ? ag_add(t, sum, y) : y;
     }
     return conv2d_apply(t, &m->classifier, ag_relu(t, sum));
@@ -2127,13 +2335,17 @@ static Var *segformer_preprocess(Tape *t, const Segformer *m, Var *image) {
     return x;
 }
 
+Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image) {
+    Var *x = segformer_preprocess(t, m, image);
+    Var *tokens[SEGFORMER_MAX_STAGES] = {0}; /* each stage's output; as an image the next's input */
+    for (int i = 0; i < m->config.stages; i++)
+        x = segformer_image(t, tokens[i] = segformer_stage(t, &m->stages[i], x));
+    return segformer_head(t, m, tokens);
+}
+
 Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small) {
     if (mask_small) *mask_small = NULL;
-    Var *x = segformer_preprocess(t, m, image);
-    Var *images[SEGFORMER_MAX_STAGES] = {0}; /* each stage's output, the next stage's input */
-    for (int i = 0; i < m->config.stages; i++)
-        x = images[i] = segformer_image(t, segformer_stage(t, &m->stages[i], x));
-    Var *small = ag_sigmoid(t, segformer_head(t, m, images));
+    Var *small = ag_sigmoid(t, segformer_forward_logits(t, m, image));
     /* the patch embedding's conv has accepted image, so it is [B, 3, H, W] from here on */
     if (!small) return NULL;
     if (mask_small) *mask_small = small;

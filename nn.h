@@ -223,12 +223,22 @@ int segformer_load(Segformer **out, const char *dir, Error *e);
 /* The detector dir's two config files describe, with weights made from seed by st_random_fill at
  * the shapes the config implies (no weight file is read): for timings and memory without them. */
 int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e);
-/* The detector dir's config files describe with fresh weights from seed (params_new_init). */
+/* The detector dir's config files describe with fresh weights from seed (params_new_init), to
+ * train: its decode head is not folded but each stage's decode_head.linear_c.{i}.proj (weight and
+ * bias) as a parameter, with linear_fuse [I .. I] and the batch norm the identity, which every
+ * folded head is equal to (the same function class as the upstream head with its batch norm
+ * frozen). */
 int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e);
+/* Writes a detector made by segformer_init as a transformers directory that segformer_load reads
+ * back as the same detector: <dir>/config.json (SegformerForSemanticSegmentation),
+ * <dir>/preprocessor_config.json and <dir>/model.safetensors with every upstream tensor (the
+ * identity linear_fuse and batch norm included). dir is created when missing; files are replaced
+ * atomically. A loaded (folded) detector is an error. */
+int segformer_save(const Segformer *m, const char *dir, Error *e);
 void segformer_free(Segformer *m);
 const SegformerConfig *segformer_config(const Segformer *m);
-/* Its encoder's weights and the classifier as parameters; the folded decode head, and the
- * preprocessing, as constants. */
+/* Its encoder's weights and the classifier as parameters, and the decode head's linear_c when
+ * made by segformer_init; a loaded decode head (folded), and the preprocessing, as constants. */
 Params *segformer_params(Segformer *m);
 
 /* image: [B, 3, H, W] in [-1, 1] -> mask: [B, L, H, W] in [0, 1] (L = num_labels), the sigmoid
@@ -236,6 +246,9 @@ Params *segformer_params(Segformer *m);
  * gets that map, [B, L, h/4, w/4]: backward releases it unless the caller calls var_keep on it.
  * Each encoder layer runs under ag_checkpoint, so memory stays bounded on large inputs. */
 Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small);
+/* The same network's logits before the sigmoid, for training losses.
+ * image: [B, 3, H, W] in [-1, 1] -> logits: [B, L, h/4, w/4] (h, w: the network's input) */
+Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image);
 
 /* ---- end section: segformer ---- */
 
