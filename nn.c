@@ -1,6 +1,7 @@
 /* nn.c - layers and models built from tensor.c kernels through autograd.c ops. */
 #include "nn.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -2524,6 +2525,233 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
 }
 
 /* ---- end section: training ---- */
+
+/* ---- section: detector_train ----------------------------------------------------------------- */
+
+static uint64_t detector_mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* The seed of example `index` of batch `step`. */
+static uint64_t detector_seed(uint64_t seed, int64_t step, int index) {
+    return detector_mix(detector_mix(detector_mix(seed) ^ (uint64_t)step) ^ (uint64_t)index);
+}
+
+/* An integer in lo .. hi from the state. */
+static int detector_uniform(uint64_t *state, int lo, int hi) {
+    *state = detector_mix(*state);
+    return lo + (int)(*state % (uint64_t)(hi - lo + 1));
+}
+
+static void detector_fill(uint8_t *rgb, int W, int x0, int y0, int w, int h, const uint8_t *c) {
+    for (int y = y0; y < y0 + h; y++)
+        for (int x = x0; x < x0 + w; x++) memcpy(rgb + ((size_t)y * W + x) * 3, c, 3);
+}
+
+/* A stand-in for the words world until it lands: a flat background and 2..4 ink bars; the
+ * corruption a square of a colour between the two, 3..8 pixels, somewhere on the bars. */
+int detector_example(uint64_t seed, bool corrupt, int H, int W, uint8_t *rgb, uint8_t *mask,
+                     Error *e) {
+    if (H < 16 || W < 16) return error_set(e, "detector example: %dx%d is too small", W, H);
+    uint64_t r = seed;
+    uint8_t bg[3], ink[3], mix[3];
+    for (int c = 0; c < 3; c++) {
+        bg[c] = (uint8_t)detector_uniform(&r, 0, 100);
+        ink[c] = (uint8_t)detector_uniform(&r, 155, 255);
+        mix[c] = (uint8_t)((bg[c] + ink[c]) / 2);
+    }
+    detector_fill(rgb, W, 0, 0, W, H, bg);
+    memset(mask, 0, (size_t)H * W);
+    int bars = detector_uniform(&r, 2, 4), bar_w = W / (2 * bars);
+    for (int i = 0; i < bars; i++)
+        detector_fill(rgb, W, i * 2 * bar_w + bar_w / 2, H / 4, bar_w, H / 2, ink);
+    if (!corrupt) return 0;
+    int size = detector_uniform(&r, 3, 8), x0 = detector_uniform(&r, 0, W - size);
+    int y0 = detector_uniform(&r, H / 4 - size / 2, 3 * H / 4 - size / 2);
+    detector_fill(rgb, W, x0, y0, size, size, mix);
+    for (int y = y0; y < y0 + size; y++) memset(mask + (size_t)y * W + x0, 1, (size_t)size);
+    return 0;
+}
+
+int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e) {
+    if (h < 1 || w < 1 || H % h || W % w)
+        return error_set(e, "detector target: a %dx%d mask does not pool to a %dx%d map", W, H, w,
+                         h);
+    int ch = H / h, cw = W / w;
+    for (int i = 0; i < h; i++)
+        for (int j = 0; j < w; j++) {
+            bool any = false;
+            for (int y = i * ch; y < (i + 1) * ch && !any; y++)
+                for (int x = j * cw; x < (j + 1) * cw && !any; x++) any = mask[(size_t)y * W + x];
+            target[(size_t)i * w + j] = any ? 1.0f : 0.0f;
+        }
+    return 0;
+}
+
+/* log sigmoid(x), held at log(FLT_MIN) where the sigmoid underflows. */
+static Var *detector_log_sigmoid(Tape *t, Var *x) {
+    return ag_log(t, ag_clamp(t, ag_sigmoid(t, x), FLT_MIN, 1.0f));
+}
+
+Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight) {
+    if (!target) return NULL;
+    Tensor *pos = tensor_new(target->value->ndim, target->value->shape);
+    Tensor *neg = tensor_new(target->value->ndim, target->value->shape);
+    for (int64_t i = 0; pos && neg && i < pos->numel; i++) {
+        pos->data[i] = pos_weight * target->value->data[i];
+        neg->data[i] = 1.0f - target->value->data[i];
+    }
+    Var *terms = ag_add(t, ag_mul(t, detector_log_sigmoid(t, logits), var_take(t, pos, false)),
+                        ag_mul(t, detector_log_sigmoid(t, ag_scale(t, logits, -1.0f)),
+                               var_take(t, neg, false)));
+    return ag_scale(t, ag_mean(t, terms), -1.0f);
+}
+
+struct DetectorTrainer {
+    Segformer *model;
+    DetectorTrainOptions options;
+    int H, W; /* the images: the detector's input size */
+};
+
+/* rgb: [H, W, 3] -> x: [3, H, W] in [-1, 1], as the sampler's images */
+static void detector_image(const uint8_t *rgb, int H, int W, float *x) {
+    for (int c = 0; c < 3; c++)
+        for (int64_t p = 0; p < (int64_t)H * W; p++)
+            x[c * (int64_t)H * W + p] = (float)rgb[p * 3 + c] / 127.5f - 1.0f;
+}
+
+/* Examples 0 .. n-1 of batch `step`, those from index n_clean on corrupted -> images
+ * [n, 3, H, W], masks [n, H, W] (as floats 0 / 1). */
+static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, int H, int W,
+                             Tensor **images, Tensor **masks, Error *e) {
+    *images = TENSOR_NEW(n, 3, H, W);
+    *masks = TENSOR_NEW(n, H, W);
+    uint8_t *rgb = malloc((size_t)H * W * 3), *mask = malloc((size_t)H * W);
+    int rc = *images && *masks && rgb && mask ? 0 : error_set(e, "out of memory for a batch");
+    for (int b = 0; rc == 0 && b < n; b++) {
+        rc = detector_example(detector_seed(seed, step, b), b >= n_clean, H,
+                              W, rgb, mask, e);
+        detector_image(rgb, H, W, (*images)->data + (size_t)b * 3 * H * W);
+        for (int64_t p = 0; p < (int64_t)H * W; p++)
+            (*masks)->data[(size_t)b * H * W + p] = mask[p];
+    }
+    free(rgb);
+    free(mask);
+    if (rc) {
+        tensor_free(*images);
+        tensor_free(*masks);
+        *images = *masks = NULL;
+    }
+    return rc;
+}
+
+int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
+                   Error *e) {
+    int n = d->options.batch;
+    return detector_examples(d->options.seed, step, n, n - n / 2, d->H, d->W, images, masks, e);
+}
+
+/* masks: [B, H, W] -> target: [B, 1, h, w] */
+static Tensor *detector_targets(const Tensor *masks, int64_t h, int64_t w, Error *e) {
+    int64_t B = masks->shape[0], H = masks->shape[1], W = masks->shape[2];
+    Tensor *target = TENSOR_NEW(B, 1, h, w);
+    uint8_t *mask = malloc((size_t)(H * W));
+    int rc = target && mask ? 0 : error_set(e, "out of memory for the targets");
+    for (int64_t b = 0; rc == 0 && b < B; b++) {
+        for (int64_t p = 0; p < H * W; p++) mask[p] = masks->data[b * H * W + p] != 0.0f;
+        rc = detector_target(mask, (int)H, (int)W, (int)h, (int)w, target->data + b * h * w, e);
+    }
+    free(mask);
+    if (rc) {
+        tensor_free(target);
+        return NULL;
+    }
+    return target;
+}
+
+/* TrainTask.loss: BCE of the logits of batch `step` against its pooled masks. */
+static Var *detector_train_loss(Tape *t, int64_t step, void *ctx, Error *e) {
+    const DetectorTrainer *d = ctx;
+    Tensor *images, *masks;
+    if (detector_batch(d, step, &images, &masks, e)) return NULL;
+    Var *logits = segformer_forward_logits(t, d->model, var_take(t, images, false));
+    Tensor *target = NULL;
+    if (tape_check(t, e) == 0)
+        target = detector_targets(masks, logits->value->shape[2], logits->value->shape[3], e);
+    tensor_free(masks);
+    if (!target) return NULL;
+    return detector_bce_loss(t, logits, var_take(t, target, false), d->options.pos_weight);
+}
+
+int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
+                        const DetectorTrainOptions *o, Error *e) {
+    *out = NULL;
+    const SegformerConfig *c = segformer_config(m);
+    if (!m->head_is_linear_c)
+        return error_set(e, "detector training: the detector must be made by segformer_init");
+    if (c->num_labels != 1 || !c->do_resize)
+        return error_set(e, "detector training: needs num_labels 1 and an input size "
+                            "(do_resize), the detector has %d labels%s", c->num_labels,
+                         c->do_resize ? "" : " and no input size");
+    if (o->batch < 1 || !(o->pos_weight > 0.0f))
+        return error_set(e, "detector training: batch must be >= 1 and pos_weight > 0");
+    DetectorTrainer *d = malloc(sizeof *d);
+    if (!d) return error_set(e, "out of memory");
+    *d = (DetectorTrainer){.model = m, .options = *o, .H = c->input_h, .W = c->input_w};
+    *task = (TrainTask){.groups = {m->params}, .n_groups = 1, .loss = detector_train_loss,
+                        .ctx = d};
+    *out = d;
+    return 0;
+}
+
+void detector_trainer_free(DetectorTrainer *d) { free(d); }
+
+/* Flags of n examples (the first `clean` of them clean): logit max >= 0, i.e. sigmoid >= 0.5. */
+static int detector_flags(const Segformer *m, uint64_t seed, int64_t chunk, int n, int clean,
+                          int H, int W, int *flagged, Error *e) {
+    Tensor *images, *masks;
+    if (detector_examples(seed, chunk, n, clean, H, W, &images, &masks, e)) return -1;
+    tensor_free(masks);
+    Tape *t = tape_new();
+    if (!t) {
+        tensor_free(images);
+        return error_set(e, "out of memory");
+    }
+    tape_set_grad(t, false);
+    Var *logits = segformer_forward_logits(t, m, var_take(t, images, false));
+    int rc = tape_check(t, e);
+    for (int b = 0; rc == 0 && b < n; b++) {
+        int64_t per = logits->value->numel / n;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < per; i++) top = fmaxf(top, logits->value->data[b * per + i]);
+        flagged[b] = top >= 0.0f;
+    }
+    tape_free(t);
+    return rc;
+}
+
+int detector_accuracy(const Segformer *m, uint64_t seed, int n, int H, int W,
+                      DetectorAccuracy *out, Error *e) {
+    enum { CHUNK = 16 };
+    *out = (DetectorAccuracy){.n = n};
+    int passed = 0, caught = 0;
+    for (int64_t chunk = 0; chunk * CHUNK < n; chunk++) {
+        int k = (int)(n - chunk * CHUNK < CHUNK ? n - chunk * CHUNK : CHUNK), flagged[2 * CHUNK];
+        if (detector_flags(m, seed, chunk, 2 * k, k, H, W, flagged, e)) return -1;
+        for (int b = 0; b < k; b++) {
+            passed += !flagged[b];
+            caught += flagged[k + b];
+        }
+    }
+    out->clean_passed = n ? (double)passed / n : 0.0;
+    out->corrupt_flagged = n ? (double)caught / n : 0.0;
+    return 0;
+}
+
+/* ---- end section: detector_train ---- */
 
 /* ---- section: sampler ------------------------------------------------------------------------ */
 

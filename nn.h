@@ -315,6 +315,57 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e);
 
 /* ---- end section: training ---- */
 
+/* ---- section: detector_train ----------------------------------------------------------------
+ * Training the detector (made by segformer_init) as DiffDoctor trained theirs: a per-pixel
+ * target at the map's resolution and binary cross-entropy on the logits. A batch holds clean
+ * renders (all-zero target), then as many corrupted ones, each made from (seed, step, index)
+ * alone. The target of a map cell is 1 when any pixel it covers is corrupted
+ * (max-pooling the exact pixel mask): the detector's decision is "map max >= 0.5", and a thin
+ * broken stroke covers a few pixels of a cell, so an average-pooled target would teach the map to
+ * stay below 0.5 over most artifacts. */
+
+/* An example image: rgb [H, W, 3] and mask [H, W] (1 on every corrupted pixel, all 0 when
+ * !corrupt), from seed alone. */
+int detector_example(uint64_t seed, bool corrupt, int H, int W, uint8_t *rgb, uint8_t *mask,
+                     Error *e);
+/* mask: [H, W] -> target: [h, w], 1 where any pixel of the cell is masked; H, W must be
+ * multiples of h, w. */
+int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e);
+/* The mean over cells of torch's BCEWithLogitsLoss with pos_weight: pos_weight y softplus(-z) +
+ * (1 - y) softplus(z), as -(pos_weight y log sigmoid(z) + (1 - y) log sigmoid(-z)); where a
+ * sigmoid underflows (|z| > 87) the log is held at log(FLT_MIN), as torch's BCELoss clamps it.
+ * logits, target (constant): [B, L, h, w] -> [1] */
+Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight);
+
+typedef struct DetectorTrainOptions {
+    int batch;        /* images per step, half of them corrupted */
+    uint64_t seed;    /* the data's seed */
+    float pos_weight; /* BCE weight of the target's positive cells (1: plain BCE) */
+} DetectorTrainOptions;
+
+typedef struct DetectorTrainer DetectorTrainer;
+
+/* A TrainTask over m's parameters (m must outlive it): the loss of step s on batch s. Images are
+ * the detector's input size (preprocessor size; do_resize must be on). */
+int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
+                        const DetectorTrainOptions *o, Error *e);
+void detector_trainer_free(DetectorTrainer *d);
+/* Batch `step`: images [B, 3, H, W] in [-1, 1] and the masks [B, H, W], new tensors. */
+int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
+                   Error *e);
+
+/* The detector's decisions (map max >= 0.5) on n clean and n corrupted examples from seed (keep
+ * it apart from the training seeds): the share of clean ones passed and of corrupted ones
+ * flagged. Images of size H x W. */
+typedef struct DetectorAccuracy {
+    int n;
+    double clean_passed, corrupt_flagged;
+} DetectorAccuracy;
+int detector_accuracy(const Segformer *m, uint64_t seed, int n, int H, int W,
+                      DetectorAccuracy *out, Error *e);
+
+/* ---- end section: detector_train ---- */
+
 /* ---- section: sampler ------------------------------------------------------------------------
  * DIAMOND's guided sampling (arXiv 2602.00883, as gmum/DIAMOND's FLUX.2 loop does it). Per step:
  * the flow model's velocity v (no gradient), the clean estimate x0 = x_t - sigma v, the detector's
