@@ -2540,39 +2540,13 @@ static uint64_t detector_seed(uint64_t seed, int64_t step, int index) {
     return detector_mix(detector_mix(detector_mix(seed) ^ (uint64_t)step) ^ (uint64_t)index);
 }
 
-/* An integer in lo .. hi from the state. */
-static int detector_uniform(uint64_t *state, int lo, int hi) {
-    *state = detector_mix(*state);
-    return lo + (int)(*state % (uint64_t)(hi - lo + 1));
-}
-
-static void detector_fill(uint8_t *rgb, int W, int x0, int y0, int w, int h, const uint8_t *c) {
-    for (int y = y0; y < y0 + h; y++)
-        for (int x = x0; x < x0 + w; x++) memcpy(rgb + ((size_t)y * W + x) * 3, c, 3);
-}
-
-/* A stand-in for the words world until it lands: a flat background and 2..4 ink bars; the
- * corruption a square of a colour between the two, 3..8 pixels, somewhere on the bars. */
-int detector_example(uint64_t seed, bool corrupt, int H, int W, uint8_t *rgb, uint8_t *mask,
-                     Error *e) {
-    if (H < 16 || W < 16) return error_set(e, "detector example: %dx%d is too small", W, H);
-    uint64_t r = seed;
-    uint8_t bg[3], ink[3], mix[3];
-    for (int c = 0; c < 3; c++) {
-        bg[c] = (uint8_t)detector_uniform(&r, 0, 100);
-        ink[c] = (uint8_t)detector_uniform(&r, 155, 255);
-        mix[c] = (uint8_t)((bg[c] + ink[c]) / 2);
-    }
-    detector_fill(rgb, W, 0, 0, W, H, bg);
-    memset(mask, 0, (size_t)H * W);
-    int bars = detector_uniform(&r, 2, 4), bar_w = W / (2 * bars);
-    for (int i = 0; i < bars; i++)
-        detector_fill(rgb, W, i * 2 * bar_w + bar_w / 2, H / 4, bar_w, H / 2, ink);
-    if (!corrupt) return 0;
-    int size = detector_uniform(&r, 3, 8), x0 = detector_uniform(&r, 0, W - size);
-    int y0 = detector_uniform(&r, H / 4 - size / 2, 3 * H / 4 - size / 2);
-    detector_fill(rgb, W, x0, y0, size, size, mix);
-    for (int y = y0; y < y0 + size; y++) memset(mask + (size_t)y * W + x0, 1, (size_t)size);
+int detector_example(uint64_t seed, bool corrupt, uint8_t *rgb, uint8_t *mask, Error *e) {
+    WorldScene scene;
+    if (world_scene(seed, NULL, &scene, e)) return -1;
+    if (corrupt)
+        return world_corrupt(detector_mix(seed), &scene, WORLD_CORRUPT_ANY, rgb, mask, NULL, e);
+    world_render(&scene, rgb);
+    memset(mask, 0, (size_t)WORLD_H * WORLD_W);
     return 0;
 }
 
@@ -2613,33 +2587,31 @@ Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight) {
 struct DetectorTrainer {
     Segformer *model;
     DetectorTrainOptions options;
-    int H, W; /* the images: the detector's input size */
 };
 
+#define DETECTOR_PIXELS ((size_t)WORLD_H * WORLD_W)
+
 /* rgb: [H, W, 3] -> x: [3, H, W] in [-1, 1], as the sampler's images */
-static void detector_image(const uint8_t *rgb, int H, int W, float *x) {
+static void detector_image(const uint8_t *rgb, float *x) {
     for (int c = 0; c < 3; c++)
-        for (int64_t p = 0; p < (int64_t)H * W; p++)
-            x[c * (int64_t)H * W + p] = (float)rgb[p * 3 + c] / 127.5f - 1.0f;
+        for (size_t p = 0; p < DETECTOR_PIXELS; p++)
+            x[c * DETECTOR_PIXELS + p] = (float)rgb[p * 3 + c] / 127.5f - 1.0f;
 }
 
 /* Examples 0 .. n-1 of batch `step`, those from index n_clean on corrupted -> images
  * [n, 3, H, W], masks [n, H, W] (as floats 0 / 1). */
-static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, int H, int W,
-                             Tensor **images, Tensor **masks, Error *e) {
-    *images = TENSOR_NEW(n, 3, H, W);
-    *masks = TENSOR_NEW(n, H, W);
-    uint8_t *rgb = malloc((size_t)H * W * 3), *mask = malloc((size_t)H * W);
-    int rc = *images && *masks && rgb && mask ? 0 : error_set(e, "out of memory for a batch");
+static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, Tensor **images,
+                             Tensor **masks, Error *e) {
+    *images = TENSOR_NEW(n, 3, WORLD_H, WORLD_W);
+    *masks = TENSOR_NEW(n, WORLD_H, WORLD_W);
+    uint8_t rgb[DETECTOR_PIXELS * 3], mask[DETECTOR_PIXELS];
+    int rc = *images && *masks ? 0 : error_set(e, "out of memory for a batch");
     for (int b = 0; rc == 0 && b < n; b++) {
-        rc = detector_example(detector_seed(seed, step, b), b >= n_clean, H,
-                              W, rgb, mask, e);
-        detector_image(rgb, H, W, (*images)->data + (size_t)b * 3 * H * W);
-        for (int64_t p = 0; p < (int64_t)H * W; p++)
-            (*masks)->data[(size_t)b * H * W + p] = mask[p];
+        rc = detector_example(detector_seed(seed, step, b), b >= n_clean, rgb, mask, e);
+        detector_image(rgb, (*images)->data + (size_t)b * 3 * DETECTOR_PIXELS);
+        for (size_t p = 0; p < DETECTOR_PIXELS; p++)
+            (*masks)->data[(size_t)b * DETECTOR_PIXELS + p] = mask[p];
     }
-    free(rgb);
-    free(mask);
     if (rc) {
         tensor_free(*images);
         tensor_free(*masks);
@@ -2651,7 +2623,7 @@ static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, in
 int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
                    Error *e) {
     int n = d->options.batch;
-    return detector_examples(d->options.seed, step, n, n - n / 2, d->H, d->W, images, masks, e);
+    return detector_examples(d->options.seed, step, n, n - n / 2, images, masks, e);
 }
 
 /* masks: [B, H, W] -> target: [B, 1, h, w] */
@@ -2692,15 +2664,14 @@ int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
     const SegformerConfig *c = segformer_config(m);
     if (!m->head_is_linear_c)
         return error_set(e, "detector training: the detector must be made by segformer_init");
-    if (c->num_labels != 1 || !c->do_resize)
-        return error_set(e, "detector training: needs num_labels 1 and an input size "
-                            "(do_resize), the detector has %d labels%s", c->num_labels,
-                         c->do_resize ? "" : " and no input size");
+    if (c->num_labels != 1)
+        return error_set(e, "detector training: needs num_labels 1, the detector has %d",
+                         c->num_labels);
     if (o->batch < 1 || !(o->pos_weight > 0.0f))
         return error_set(e, "detector training: batch must be >= 1 and pos_weight > 0");
     DetectorTrainer *d = malloc(sizeof *d);
     if (!d) return error_set(e, "out of memory");
-    *d = (DetectorTrainer){.model = m, .options = *o, .H = c->input_h, .W = c->input_w};
+    *d = (DetectorTrainer){.model = m, .options = *o};
     *task = (TrainTask){.groups = {m->params}, .n_groups = 1, .loss = detector_train_loss,
                         .ctx = d};
     *out = d;
@@ -2711,9 +2682,9 @@ void detector_trainer_free(DetectorTrainer *d) { free(d); }
 
 /* Flags of n examples (the first `clean` of them clean): logit max >= 0, i.e. sigmoid >= 0.5. */
 static int detector_flags(const Segformer *m, uint64_t seed, int64_t chunk, int n, int clean,
-                          int H, int W, int *flagged, Error *e) {
+                          int *flagged, Error *e) {
     Tensor *images, *masks;
-    if (detector_examples(seed, chunk, n, clean, H, W, &images, &masks, e)) return -1;
+    if (detector_examples(seed, chunk, n, clean, &images, &masks, e)) return -1;
     tensor_free(masks);
     Tape *t = tape_new();
     if (!t) {
@@ -2733,14 +2704,14 @@ static int detector_flags(const Segformer *m, uint64_t seed, int64_t chunk, int 
     return rc;
 }
 
-int detector_accuracy(const Segformer *m, uint64_t seed, int n, int H, int W,
-                      DetectorAccuracy *out, Error *e) {
+int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy *out,
+                      Error *e) {
     enum { CHUNK = 16 };
     *out = (DetectorAccuracy){.n = n};
     int passed = 0, caught = 0;
     for (int64_t chunk = 0; chunk * CHUNK < n; chunk++) {
         int k = (int)(n - chunk * CHUNK < CHUNK ? n - chunk * CHUNK : CHUNK), flagged[2 * CHUNK];
-        if (detector_flags(m, seed, chunk, 2 * k, k, H, W, flagged, e)) return -1;
+        if (detector_flags(m, seed, chunk, 2 * k, k, flagged, e)) return -1;
         for (int b = 0; b < k; b++) {
             passed += !flagged[b];
             caught += flagged[k + b];

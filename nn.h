@@ -324,10 +324,10 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e);
  * broken stroke covers a few pixels of a cell, so an average-pooled target would teach the map to
  * stay below 0.5 over most artifacts. */
 
-/* An example image: rgb [H, W, 3] and mask [H, W] (1 on every corrupted pixel, all 0 when
- * !corrupt), from seed alone. */
-int detector_example(uint64_t seed, bool corrupt, int H, int W, uint8_t *rgb, uint8_t *mask,
-                     Error *e);
+/* An example of the words world from seed alone: a random scene, rendered clean or damaged by
+ * world_corrupt. rgb: [WORLD_H, WORLD_W, 3], mask: [WORLD_H, WORLD_W], 1 on every corrupted
+ * pixel (and its edge, see world_corrupt), all 0 when !corrupt. */
+int detector_example(uint64_t seed, bool corrupt, uint8_t *rgb, uint8_t *mask, Error *e);
 /* mask: [H, W] -> target: [h, w], 1 where any pixel of the cell is masked; H, W must be
  * multiples of h, w. */
 int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e);
@@ -345,24 +345,25 @@ typedef struct DetectorTrainOptions {
 
 typedef struct DetectorTrainer DetectorTrainer;
 
-/* A TrainTask over m's parameters (m must outlive it): the loss of step s on batch s. Images are
- * the detector's input size (preprocessor size; do_resize must be on). */
+/* A TrainTask over m's parameters (m must outlive it): the loss of step s on batch s. The map
+ * (1/4 of the detector's input) must divide the world's WORLD_H x WORLD_W images. */
 int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
                         const DetectorTrainOptions *o, Error *e);
 void detector_trainer_free(DetectorTrainer *d);
-/* Batch `step`: images [B, 3, H, W] in [-1, 1] and the masks [B, H, W], new tensors. */
+/* Batch `step`: images [B, 3, WORLD_H, WORLD_W] in [-1, 1] and the masks [B, WORLD_H, WORLD_W]
+ * (0 or 1), new tensors. */
 int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
                    Error *e);
 
 /* The detector's decisions (map max >= 0.5) on n clean and n corrupted examples from seed (keep
  * it apart from the training seeds): the share of clean ones passed and of corrupted ones
- * flagged. Images of size H x W. */
+ * flagged. */
 typedef struct DetectorAccuracy {
     int n;
     double clean_passed, corrupt_flagged;
 } DetectorAccuracy;
-int detector_accuracy(const Segformer *m, uint64_t seed, int n, int H, int W,
-                      DetectorAccuracy *out, Error *e);
+int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy *out,
+                      Error *e);
 
 /* ---- end section: detector_train ---- */
 
