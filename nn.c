@@ -2598,8 +2598,9 @@ static void detector_image(const uint8_t *rgb, float *x) {
             x[c * DETECTOR_PIXELS + p] = (float)rgb[p * 3 + c] / 127.5f - 1.0f;
 }
 
-/* Examples 0 .. n-1 of batch `step`, those from index n_clean on corrupted -> images
- * [n, 3, H, W], masks [n, H, W] (as floats 0 / 1). */
+/* Examples 0 .. n-1 of batch `step`, those from index n_clean on corrupted, each of the scene of
+ * the clean example n_clean before it (so the batch shows what the corruption changed) ->
+ * images [n, 3, H, W], masks [n, H, W] (as floats 0 / 1). */
 static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, Tensor **images,
                              Tensor **masks, Error *e) {
     *images = TENSOR_NEW(n, 3, WORLD_H, WORLD_W);
@@ -2607,7 +2608,8 @@ static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, Te
     uint8_t rgb[DETECTOR_PIXELS * 3], mask[DETECTOR_PIXELS];
     int rc = *images && *masks ? 0 : error_set(e, "out of memory for a batch");
     for (int b = 0; rc == 0 && b < n; b++) {
-        rc = detector_example(detector_seed(seed, step, b), b >= n_clean, rgb, mask, e);
+        int scene = b >= n_clean && n_clean > 0 ? (b - n_clean) % n_clean : b;
+        rc = detector_example(detector_seed(seed, step, scene), b >= n_clean, rgb, mask, e);
         detector_image(rgb, (*images)->data + (size_t)b * 3 * DETECTOR_PIXELS);
         for (size_t p = 0; p < DETECTOR_PIXELS; p++)
             (*masks)->data[(size_t)b * DETECTOR_PIXELS + p] = mask[p];

@@ -306,7 +306,7 @@ static void check_training(void) {
         rc = train_run(&task, &to, &e);
         double seconds = (now() - start) / 20.0;
         CHECK(rc == 0, "20 training steps: %s", e.msg);
-        CHECK(log.last_loss < 0.5 * log.first_loss, "the loss falls: %.4f -> %.4f", log.first_loss,
+        CHECK(log.last_loss < 0.7 * log.first_loss, "the loss falls: %.4f -> %.4f", log.first_loss,
               log.last_loss);
         printf("  detector training: %.3f s per step (batch 32), loss %.4f -> %.4f\n", seconds,
                log.first_loss, log.last_loss);
