@@ -192,8 +192,9 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
  * so d loss / d image flows through every step. Upstream modeling_segformer.py is the spec:
  * dropout and drop-path are the identity (eval), every LayerNorm uses PyTorch's default eps 1e-5
  * (upstream ignores config.layer_norm_eps), the batch norm uses its running statistics. The
- * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one 1x1 conv per
- * stage when loading: the same function up to rounding, without the 4D-channel concat. */
+ * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one projection per
+ * stage when loading: the same function up to rounding, without the 4D-channel concat. A detector
+ * to train (segformer_init) has those projections as its linear_c parameters instead. */
 
 #define SEGFORMER_MAX_STAGES 8
 
