@@ -2,6 +2,7 @@
 #include "nn.h"
 
 #include <ctype.h>
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -2214,8 +2215,9 @@ typedef struct SegformerStage {
     SegformerLayer *layers;
     int n_layers;
     NormParams norm;
-    Conv2d head_proj; /* 1x1, C -> D: this stage's path through the head (segformer_head_fold);
-                       * stage 0's bias holds every constant of the head up to the ReLU */
+    Linear head_proj; /* C -> D: this stage's path through the head up to the ReLU. Loaded, it
+                       * is folded (segformer_head_fold) and stage 0's bias holds every constant;
+                       * made fresh, it is the stage's linear_c, trainable (segformer_head_init) */
 } SegformerStage;
 
 struct Segformer {
@@ -2224,6 +2226,7 @@ struct Segformer {
     SegformerStage stages[SEGFORMER_MAX_STAGES];
     Var *pixel_shift, *pixel_scale; /* [3]: -mean and 1 / std */
     Conv2d classifier;
+    bool head_is_linear_c; /* head_proj are linear_c under an identity fuse and batch norm */
 };
 
 /* -- config -- */
@@ -2465,14 +2468,14 @@ static int segformer_fold_stage(Segformer *s, int i, SegformerHeadParts *h, Erro
     int D = c->decoder_hidden_size, C = c->hidden_sizes[i], n = c->stages;
     const float *W = h->fuse->value->data + (size_t)(n - 1 - i) * D;
     const float *P = h->linear_c.weight->value->data, *b = h->linear_c.bias->value->data;
-    Tensor *proj = TENSOR_NEW(D, C, 1, 1);
+    Tensor *proj = TENSOR_NEW(D, C);
     if (!proj) return error_set(e, "out of memory folding the decode head");
     gemm(false, false, D, C, D, 1.0f, W, n * D, P, C, 0.0f, proj->data, C);
     for (int o = 0; o < D; o++) {
         for (int k = 0; k < C; k++) proj->data[(size_t)o * C + k] *= h->scale[o];
         for (int k = 0; k < D; k++) h->bias_sum[o] += (double)W[(size_t)o * n * D + k] * b[k];
     }
-    s->stages[i].head_proj = (Conv2d){.stride = 1, .padding = 0, .groups = 1};
+    s->stages[i].head_proj = (Linear){0};
     return (s->stages[i].head_proj.weight = params_constant(s->params, proj, e)) ? 0 : -1;
 }
 
@@ -2508,17 +2511,38 @@ static int segformer_head_fold(Segformer *s, SegformerHeadParts *h, Error *e) {
     return (s->stages[0].head_proj.bias = params_constant(s->params, bias, e)) ? 0 : -1;
 }
 
-static int segformer_head_load(Segformer *s, const StModel *m, Error *e) {
+/* A fresh head to train: each stage's linear_c as its projection, the fuse and the batch norm
+ * left out as the identity (segformer_save writes them so). Every set of folded projections is
+ * such a head, so training these is training the upstream head with its batch norm frozen. */
+static int segformer_head_init(Segformer *s, Error *e) {
+    const SegformerConfig *c = &s->config;
+    for (int i = 0; i < c->stages; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "decode_head.linear_c.%d.proj", i);
+        if (linear_load(&s->stages[i].head_proj, s->params, c->hidden_sizes[i],
+                        c->decoder_hidden_size, true, name, e))
+            return -1;
+    }
+    s->head_is_linear_c = true;
+    return 0;
+}
+
+static int segformer_head_fold_load(Segformer *s, const StModel *m, Error *e) {
     SegformerHeadParts h = {.params = params_new(m)};
-    int rc = h.params ? 0 : error_set(e, "out of memory");
-    if (rc == 0)
-        rc = segformer_head_fold(s, &h, e) ||
-             conv2d_load(&s->classifier, s->params, s->config.decoder_hidden_size,
-                         s->config.num_labels, 1, 1, 0, 1, true, "decode_head.classifier", e);
+    int rc = h.params ? segformer_head_fold(s, &h, e) : error_set(e, "out of memory");
     params_free(h.params);
     free(h.scale);
     free(h.bias_sum);
     return rc ? -1 : 0;
+}
+
+static int segformer_head_load(Segformer *s, const StModel *m, WeightSource source, Error *e) {
+    if ((source == WEIGHTS_FRESH ? segformer_head_init(s, e)
+                                 : segformer_head_fold_load(s, m, e)) ||
+        conv2d_load(&s->classifier, s->params, s->config.decoder_hidden_size,
+                    s->config.num_labels, 1, 1, 0, 1, true, "decode_head.classifier", e))
+        return -1;
+    return 0;
 }
 
 /* (x - mean) / std as (x + shift) * scale, per channel. */
@@ -2544,7 +2568,7 @@ Params *segformer_params(Segformer *m) {
     return m->params;
 }
 
-/* segformer_load, or with `random` its config-only twin. */
+/* The detector dir's config describes, with its weights from source. */
 static int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
                           Error *e) {
     *out = NULL;
@@ -2555,7 +2579,7 @@ static int segformer_open(Segformer **out, const char *dir, WeightSource source,
              params_open(&s->params, &m, dir, source, seed, e) || segformer_pixel_load(s, e);
     for (int i = 0; !rc && i < s->config.stages; i++)
         rc = segformer_stage_load(&s->stages[i], s->params, &s->config, i, e);
-    if (!rc) rc = segformer_head_load(s, m, e);
+    if (!rc) rc = segformer_head_load(s, m, source, e);
     st_model_close(m);
     if (rc) {
         segformer_free(s);
@@ -2578,6 +2602,190 @@ int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e) {
 }
 
 const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }
+
+/* -- saving -- */
+
+/* A growing text for the config files; `failed` once out of memory. */
+typedef struct SegformerText {
+    char *data;
+    size_t len, cap;
+    bool failed;
+} SegformerText;
+
+static void segformer_text_add(SegformerText *b, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static void segformer_text_add(SegformerText *b, const char *fmt, ...) {
+    va_list ap, again;
+    va_start(ap, fmt);
+    va_copy(again, ap);
+    int n = b->failed ? -1 : vsnprintf(NULL, 0, fmt, ap);
+    if (n < 0) {
+        b->failed = true;
+    } else if (b->len + (size_t)n + 1 > b->cap) {
+        size_t cap = 2 * (b->len + (size_t)n + 1);
+        char *grown = realloc(b->data, cap);
+        b->failed = !grown;
+        if (grown) {
+            b->data = grown;
+            b->cap = cap;
+        }
+    }
+    if (!b->failed) b->len += (size_t)vsnprintf(b->data + b->len, b->cap - b->len, fmt, again);
+    va_end(again);
+    va_end(ap);
+}
+
+/* `"key": [v0, v1, ..],` */
+static void segformer_text_ints(SegformerText *b, const char *key, const int *v, int n) {
+    segformer_text_add(b, "  \"%s\": [", key);
+    for (int i = 0; i < n; i++) segformer_text_add(b, "%s%d", i ? ", " : "", v[i]);
+    segformer_text_add(b, "],\n");
+}
+
+static int segformer_text_write(SegformerText *b, const char *dir, const char *file, Error *e) {
+    char path[4096];
+    int rc;
+    if (b->failed)
+        rc = error_set(e, "out of memory writing %s/%s", dir, file);
+    else if (snprintf(path, sizeof path, "%s/%s", dir, file) >= (int)sizeof path)
+        rc = error_set(e, "path too long: %s/%s", dir, file);
+    else
+        rc = write_file_atomic(path, b->data, b->len, e);
+    free(b->data);
+    *b = (SegformerText){0};
+    return rc;
+}
+
+/* config.json as transformers writes a SegformerConfig (the keys it reads, and num_labels with
+ * the id2label it implies). */
+static int segformer_save_config(const SegformerConfig *c, const char *dir, Error *e) {
+    SegformerText b = {0};
+    segformer_text_add(&b, "{\n  \"architectures\": [\"SegformerForSemanticSegmentation\"],\n"
+                           "  \"model_type\": \"segformer\",\n  \"num_channels\": 3,\n"
+                           "  \"num_encoder_blocks\": %d,\n", c->stages);
+    segformer_text_ints(&b, "hidden_sizes", c->hidden_sizes, c->stages);
+    segformer_text_ints(&b, "depths", c->depths, c->stages);
+    segformer_text_ints(&b, "num_attention_heads", c->heads, c->stages);
+    segformer_text_ints(&b, "sr_ratios", c->sr_ratios, c->stages);
+    segformer_text_ints(&b, "patch_sizes", c->patch_sizes, c->stages);
+    segformer_text_ints(&b, "strides", c->strides, c->stages);
+    segformer_text_ints(&b, "mlp_ratios", c->mlp_ratios, c->stages);
+    segformer_text_add(&b, "  \"decoder_hidden_size\": %d,\n  \"hidden_act\": \"%s\",\n"
+                           "  \"hidden_dropout_prob\": 0.0,\n"
+                           "  \"attention_probs_dropout_prob\": 0.0,\n"
+                           "  \"classifier_dropout_prob\": 0.1,\n  \"drop_path_rate\": 0.1,\n"
+                           "  \"initializer_range\": 0.02,\n  \"layer_norm_eps\": 1e-06,\n"
+                           "  \"reshape_last_stage\": true,\n"
+                           "  \"semantic_loss_ignore_index\": 255,\n  \"num_labels\": %d,\n"
+                           "  \"id2label\": {",
+                       c->decoder_hidden_size, c->gelu_tanh ? "gelu_new" : "gelu", c->num_labels);
+    for (int i = 0; i < c->num_labels; i++)
+        segformer_text_add(&b, "%s\"%d\": \"LABEL_%d\"", i ? ", " : "", i, i);
+    segformer_text_add(&b, "},\n  \"label2id\": {");
+    for (int i = 0; i < c->num_labels; i++)
+        segformer_text_add(&b, "%s\"LABEL_%d\": %d", i ? ", " : "", i, i);
+    segformer_text_add(&b, "}\n}\n");
+    return segformer_text_write(&b, dir, "config.json", e);
+}
+
+/* preprocessor_config.json as SegformerImageProcessor writes it. */
+static int segformer_save_preprocessor(const SegformerConfig *c, const char *dir, Error *e) {
+    SegformerText b = {0};
+    segformer_text_add(&b, "{\n  \"image_processor_type\": \"SegformerImageProcessor\",\n"
+                           "  \"do_resize\": %s,\n", c->do_resize ? "true" : "false");
+    if (c->do_resize)
+        segformer_text_add(&b, "  \"size\": {\"height\": %d, \"width\": %d},\n",
+                           c->input_h, c->input_w);
+    segformer_text_add(&b, "  \"resample\": 2,\n  \"do_rescale\": true,\n"
+                           "  \"rescale_factor\": 0.00392156862745098,\n"
+                           "  \"do_reduce_labels\": false,\n  \"do_normalize\": %s",
+                       c->do_normalize ? "true" : "false");
+    if (c->do_normalize)
+        segformer_text_add(&b, ",\n  \"image_mean\": [%.9g, %.9g, %.9g],\n"
+                               "  \"image_std\": [%.9g, %.9g, %.9g]",
+                           c->mean[0], c->mean[1], c->mean[2], c->std[0], c->std[1], c->std[2]);
+    segformer_text_add(&b, "\n}\n");
+    return segformer_text_write(&b, dir, "preprocessor_config.json", e);
+}
+
+/* The tensors segformer_head_init leaves out, as the identity: linear_fuse [I .. I] and a batch
+ * norm whose scale gamma / sqrt(var + eps) is exactly 1 in float (gamma = sqrt(1 + eps), var 1:
+ * the loader computes the same sqrtf and divides it by itself). */
+typedef struct SegformerIdentityHead {
+    Tensor *fuse, *gamma, *beta, *mean, *var;
+    int64_t batches; /* num_batches_tracked */
+} SegformerIdentityHead;
+
+static void segformer_identity_head_free(SegformerIdentityHead *h) {
+    tensor_free(h->fuse);
+    tensor_free(h->gamma);
+    tensor_free(h->beta);
+    tensor_free(h->mean);
+    tensor_free(h->var);
+}
+
+static int segformer_identity_head(const SegformerConfig *c, SegformerIdentityHead *h, Error *e) {
+    int64_t D = c->decoder_hidden_size, n = c->stages;
+    *h = (SegformerIdentityHead){.fuse = TENSOR_NEW(D, n * D, 1, 1), .gamma = TENSOR_NEW(D),
+                                 .beta = TENSOR_NEW(D), .mean = TENSOR_NEW(D),
+                                 .var = TENSOR_NEW(D)};
+    if (!h->fuse || !h->gamma || !h->beta || !h->mean || !h->var) {
+        segformer_identity_head_free(h);
+        return error_set(e, "out of memory saving the detector");
+    }
+    for (int64_t o = 0; o < D; o++) {
+        for (int64_t k = 0; k < n; k++) h->fuse->data[o * n * D + k * D + o] = 1.0f;
+        h->gamma->data[o] = sqrtf(1.0f + SEGFORMER_NORM_EPS);
+        h->var->data[o] = 1.0f;
+    }
+    return 0;
+}
+
+static StWriteTensor segformer_write_f32(const char *name, const Tensor *t) {
+    StWriteTensor w = {.name = name, .dtype = DTYPE_F32, .ndim = t->ndim, .data = t->data};
+    for (int d = 0; d < t->ndim; d++) w.shape[d] = t->shape[d];
+    return w;
+}
+
+static int segformer_save_weights(const Segformer *m, const char *dir, Error *e) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/model.safetensors", dir) >= (int)sizeof path)
+        return error_set(e, "path too long: %s/model.safetensors", dir);
+    SegformerIdentityHead h;
+    if (segformer_identity_head(&m->config, &h, e)) return -1;
+    int n = params_count(m->params);
+    StWriteTensor *list = malloc((size_t)(n + 6) * sizeof *list);
+    if (!list) {
+        segformer_identity_head_free(&h);
+        return error_set(e, "out of memory saving the detector");
+    }
+    for (int i = 0; i < n; i++)
+        list[i] = segformer_write_f32(params_name(m->params, i), params_var(m->params, i)->value);
+    list[n] = segformer_write_f32("decode_head.linear_fuse.weight", h.fuse);
+    list[n + 1] = segformer_write_f32("decode_head.batch_norm.weight", h.gamma);
+    list[n + 2] = segformer_write_f32("decode_head.batch_norm.bias", h.beta);
+    list[n + 3] = segformer_write_f32("decode_head.batch_norm.running_mean", h.mean);
+    list[n + 4] = segformer_write_f32("decode_head.batch_norm.running_var", h.var);
+    list[n + 5] = (StWriteTensor){.name = "decode_head.batch_norm.num_batches_tracked",
+                                  .dtype = DTYPE_I64, .ndim = 0, .data = &h.batches};
+    int rc = st_write(path, list, (size_t)n + 6, e);
+    free(list);
+    segformer_identity_head_free(&h);
+    return rc;
+}
+
+int segformer_save(const Segformer *m, const char *dir, Error *e) {
+    if (!m->head_is_linear_c)
+        return error_set(e, "saving the detector to %s: its decode head was folded when loaded; "
+                            "only a detector made by segformer_init can be saved", dir);
+    if (dir_make(dir, e) || segformer_save_config(&m->config, dir, e) ||
+        segformer_save_preprocessor(&m->config, dir, e) || segformer_save_weights(m, dir, e))
+        return -1;
+    return 0;
+}
 
 /* -- forward -- */
 
@@ -2643,15 +2851,16 @@ static Var *segformer_stage(Tape *t, const SegformerStage *s, Var *x) {
     return segformer_layernorm(t, &s->norm, x);
 }
 
-/* The all-MLP head, folded (segformer_head_fold): each stage projected to D channels and resized
- * to stage 0's size, summed, ReLU, classifier.
- * images[i]: [B, C_i, h_i, w_i] -> logits: [B, L, h_0, w_0] */
-static Var *segformer_head(Tape *t, const Segformer *m, Var **images) {
-    if (!images[0]) return NULL;
-    int64_t h = images[0]->value->shape[2], w = images[0]->value->shape[3];
+/* The all-MLP head as folded (segformer_head_fold) or fresh (segformer_head_init): each stage
+ * projected to D channels and resized to stage 0's size, summed, ReLU, classifier.
+ * tokens[i]: [B, h_i, w_i, C_i] -> logits: [B, L, h_0, w_0] */
+static Var *segformer_head(Tape *t, const Segformer *m, Var **tokens) {
+    if (!tokens[0]) return NULL;
+    int64_t h = tokens[0]->value->shape[1], w = tokens[0]->value->shape[2];
     Var *sum = NULL;
     for (int i = 0; i < m->config.stages; i++) {
-        Var *y = segformer_resize(t, conv2d_apply(t, &m->stages[i].head_proj, images[i]), h, w);
+        Var *y = segformer_image(t, linear_apply(t, &m->stages[i].head_proj, tokens[i]));
+        y = segformer_resize(t, y, h, w);
         sum = sum ? ag_add(t, sum, y) : y;
     }
     return conv2d_apply(t, &m->classifier, ag_relu(t, sum));
@@ -2668,13 +2877,17 @@ static Var *segformer_preprocess(Tape *t, const Segformer *m, Var *image) {
     return x;
 }
 
+Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image) {
+    Var *x = segformer_preprocess(t, m, image);
+    Var *tokens[SEGFORMER_MAX_STAGES] = {0}; /* each stage's output; as an image the next's input */
+    for (int i = 0; i < m->config.stages; i++)
+        x = segformer_image(t, tokens[i] = segformer_stage(t, &m->stages[i], x));
+    return segformer_head(t, m, tokens);
+}
+
 Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small) {
     if (mask_small) *mask_small = NULL;
-    Var *x = segformer_preprocess(t, m, image);
-    Var *images[SEGFORMER_MAX_STAGES] = {0}; /* each stage's output, the next stage's input */
-    for (int i = 0; i < m->config.stages; i++)
-        x = images[i] = segformer_image(t, segformer_stage(t, &m->stages[i], x));
-    Var *small = ag_sigmoid(t, segformer_head(t, m, images));
+    Var *small = ag_sigmoid(t, segformer_forward_logits(t, m, image));
     /* the patch embedding's conv has accepted image, so it is [B, 3, H, W] from here on */
     if (!small) return NULL;
     if (mask_small) *mask_small = small;
@@ -2968,6 +3181,206 @@ int flow_train_task(TrainTask *task, FlowTrainer **out, Flux2 *flow, TextEncoder
 }
 
 /* ---- end section: text+flow training ---- */
+
+/* ---- section: detector_train ----------------------------------------------------------------- */
+
+static uint64_t detector_mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* The seed of example `index` of batch `step`. */
+static uint64_t detector_seed(uint64_t seed, int64_t step, int index) {
+    return detector_mix(detector_mix(detector_mix(seed) ^ (uint64_t)step) ^ (uint64_t)index);
+}
+
+int detector_example(uint64_t seed, bool corrupt, uint8_t *rgb, uint8_t *mask, Error *e) {
+    WorldScene scene;
+    if (world_scene(seed, NULL, &scene, e)) return -1;
+    if (corrupt)
+        return world_corrupt(detector_mix(seed), &scene, WORLD_CORRUPT_ANY, rgb, mask, NULL, e);
+    world_render(&scene, rgb);
+    memset(mask, 0, (size_t)WORLD_H * WORLD_W);
+    return 0;
+}
+
+int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e) {
+    if (h < 1 || w < 1 || H % h || W % w)
+        return error_set(e, "detector target: a %dx%d mask does not pool to a %dx%d map", W, H, w,
+                         h);
+    int ch = H / h, cw = W / w;
+    for (int i = 0; i < h; i++)
+        for (int j = 0; j < w; j++) {
+            bool any = false;
+            for (int y = i * ch; y < (i + 1) * ch && !any; y++)
+                for (int x = j * cw; x < (j + 1) * cw && !any; x++) any = mask[(size_t)y * W + x];
+            target[(size_t)i * w + j] = any ? 1.0f : 0.0f;
+        }
+    return 0;
+}
+
+/* log sigmoid(x), held at log(FLT_MIN) where the sigmoid underflows. */
+static Var *detector_log_sigmoid(Tape *t, Var *x) {
+    return ag_log(t, ag_clamp(t, ag_sigmoid(t, x), FLT_MIN, 1.0f));
+}
+
+Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight) {
+    if (!target) return NULL;
+    Tensor *pos = tensor_new(target->value->ndim, target->value->shape);
+    Tensor *neg = tensor_new(target->value->ndim, target->value->shape);
+    for (int64_t i = 0; pos && neg && i < pos->numel; i++) {
+        pos->data[i] = pos_weight * target->value->data[i];
+        neg->data[i] = 1.0f - target->value->data[i];
+    }
+    Var *terms = ag_add(t, ag_mul(t, detector_log_sigmoid(t, logits), var_take(t, pos, false)),
+                        ag_mul(t, detector_log_sigmoid(t, ag_scale(t, logits, -1.0f)),
+                               var_take(t, neg, false)));
+    return ag_scale(t, ag_mean(t, terms), -1.0f);
+}
+
+struct DetectorTrainer {
+    Segformer *model;
+    DetectorTrainOptions options;
+};
+
+#define DETECTOR_PIXELS ((size_t)WORLD_H * WORLD_W)
+
+/* rgb: [H, W, 3] -> x: [3, H, W] in [-1, 1], as the sampler's images */
+static void detector_image(const uint8_t *rgb, float *x) {
+    for (int c = 0; c < 3; c++)
+        for (size_t p = 0; p < DETECTOR_PIXELS; p++)
+            x[c * DETECTOR_PIXELS + p] = (float)rgb[p * 3 + c] / 127.5f - 1.0f;
+}
+
+/* Examples 0 .. n-1 of batch `step`, those from index n_clean on corrupted, each of the scene of
+ * the clean example n_clean before it (so the batch shows what the corruption changed) ->
+ * images [n, 3, H, W], masks [n, H, W] (as floats 0 / 1). */
+static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, Tensor **images,
+                             Tensor **masks, Error *e) {
+    *images = TENSOR_NEW(n, 3, WORLD_H, WORLD_W);
+    *masks = TENSOR_NEW(n, WORLD_H, WORLD_W);
+    uint8_t rgb[DETECTOR_PIXELS * 3], mask[DETECTOR_PIXELS];
+    int rc = *images && *masks ? 0 : error_set(e, "out of memory for a batch");
+    for (int b = 0; rc == 0 && b < n; b++) {
+        int scene = b >= n_clean && n_clean > 0 ? (b - n_clean) % n_clean : b;
+        rc = detector_example(detector_seed(seed, step, scene), b >= n_clean, rgb, mask, e);
+        detector_image(rgb, (*images)->data + (size_t)b * 3 * DETECTOR_PIXELS);
+        for (size_t p = 0; p < DETECTOR_PIXELS; p++)
+            (*masks)->data[(size_t)b * DETECTOR_PIXELS + p] = mask[p];
+    }
+    if (rc) {
+        tensor_free(*images);
+        tensor_free(*masks);
+        *images = *masks = NULL;
+    }
+    return rc;
+}
+
+int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
+                   Error *e) {
+    int n = d->options.batch;
+    return detector_examples(d->options.seed, step, n, n - n / 2, images, masks, e);
+}
+
+/* masks: [B, H, W] -> target: [B, 1, h, w] */
+static Tensor *detector_targets(const Tensor *masks, int64_t h, int64_t w, Error *e) {
+    int64_t B = masks->shape[0], H = masks->shape[1], W = masks->shape[2];
+    Tensor *target = TENSOR_NEW(B, 1, h, w);
+    uint8_t *mask = malloc((size_t)(H * W));
+    int rc = target && mask ? 0 : error_set(e, "out of memory for the targets");
+    for (int64_t b = 0; rc == 0 && b < B; b++) {
+        for (int64_t p = 0; p < H * W; p++) mask[p] = masks->data[b * H * W + p] != 0.0f;
+        rc = detector_target(mask, (int)H, (int)W, (int)h, (int)w, target->data + b * h * w, e);
+    }
+    free(mask);
+    if (rc) {
+        tensor_free(target);
+        return NULL;
+    }
+    return target;
+}
+
+/* TrainTask.loss: BCE of the logits of batch `step` against its pooled masks. */
+static Var *detector_train_loss(Tape *t, int64_t step, void *ctx, Error *e) {
+    const DetectorTrainer *d = ctx;
+    Tensor *images, *masks;
+    if (detector_batch(d, step, &images, &masks, e)) return NULL;
+    Var *logits = segformer_forward_logits(t, d->model, var_take(t, images, false));
+    Tensor *target = NULL;
+    if (tape_check(t, e) == 0)
+        target = detector_targets(masks, logits->value->shape[2], logits->value->shape[3], e);
+    tensor_free(masks);
+    if (!target) return NULL;
+    return detector_bce_loss(t, logits, var_take(t, target, false), d->options.pos_weight);
+}
+
+int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
+                        const DetectorTrainOptions *o, Error *e) {
+    *out = NULL;
+    const SegformerConfig *c = segformer_config(m);
+    if (!m->head_is_linear_c)
+        return error_set(e, "detector training: the detector must be made by segformer_init");
+    if (c->num_labels != 1)
+        return error_set(e, "detector training: needs num_labels 1, the detector has %d",
+                         c->num_labels);
+    if (o->batch < 1 || !(o->pos_weight > 0.0f))
+        return error_set(e, "detector training: batch must be >= 1 and pos_weight > 0");
+    DetectorTrainer *d = malloc(sizeof *d);
+    if (!d) return error_set(e, "out of memory");
+    *d = (DetectorTrainer){.model = m, .options = *o};
+    *task = (TrainTask){.groups = {m->params}, .n_groups = 1, .loss = detector_train_loss,
+                        .ctx = d};
+    *out = d;
+    return 0;
+}
+
+void detector_trainer_free(DetectorTrainer *d) { free(d); }
+
+/* Flags of n examples (the first `clean` of them clean): logit max >= 0, i.e. sigmoid >= 0.5. */
+static int detector_flags(const Segformer *m, uint64_t seed, int64_t chunk, int n, int clean,
+                          int *flagged, Error *e) {
+    Tensor *images, *masks;
+    if (detector_examples(seed, chunk, n, clean, &images, &masks, e)) return -1;
+    tensor_free(masks);
+    Tape *t = tape_new();
+    if (!t) {
+        tensor_free(images);
+        return error_set(e, "out of memory");
+    }
+    tape_set_grad(t, false);
+    Var *logits = segformer_forward_logits(t, m, var_take(t, images, false));
+    int rc = tape_check(t, e);
+    for (int b = 0; rc == 0 && b < n; b++) {
+        int64_t per = logits->value->numel / n;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < per; i++) top = fmaxf(top, logits->value->data[b * per + i]);
+        flagged[b] = top >= 0.0f;
+    }
+    tape_free(t);
+    return rc;
+}
+
+int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy *out,
+                      Error *e) {
+    enum { CHUNK = 16 };
+    *out = (DetectorAccuracy){.n = n};
+    int passed = 0, caught = 0;
+    for (int64_t chunk = 0; chunk * CHUNK < n; chunk++) {
+        int k = (int)(n - chunk * CHUNK < CHUNK ? n - chunk * CHUNK : CHUNK), flagged[2 * CHUNK];
+        if (detector_flags(m, seed, chunk, 2 * k, k, flagged, e)) return -1;
+        for (int b = 0; b < k; b++) {
+            passed += !flagged[b];
+            caught += flagged[k + b];
+        }
+    }
+    out->clean_passed = n ? (double)passed / n : 0.0;
+    out->corrupt_flagged = n ? (double)caught / n : 0.0;
+    return 0;
+}
+
+/* ---- end section: detector_train ---- */
 
 /* ---- section: sampler ------------------------------------------------------------------------ */
 

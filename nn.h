@@ -258,8 +258,9 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
  * so d loss / d image flows through every step. Upstream modeling_segformer.py is the spec:
  * dropout and drop-path are the identity (eval), every LayerNorm uses PyTorch's default eps 1e-5
  * (upstream ignores config.layer_norm_eps), the batch norm uses its running statistics. The
- * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one 1x1 conv per
- * stage when loading: the same function up to rounding, without the 4D-channel concat. */
+ * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one projection per
+ * stage when loading: the same function up to rounding, without the 4D-channel concat. A detector
+ * to train (segformer_init) has those projections as its linear_c parameters instead. */
 
 #define SEGFORMER_MAX_STAGES 8
 
@@ -289,12 +290,22 @@ int segformer_load(Segformer **out, const char *dir, Error *e);
 /* The detector dir's two config files describe, with weights made from seed by st_random_fill at
  * the shapes the config implies (no weight file is read): for timings and memory without them. */
 int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e);
-/* The detector dir's config files describe with fresh weights from seed (params_new_init). */
+/* The detector dir's config files describe with fresh weights from seed (params_new_init), to
+ * train: its decode head is not folded but each stage's decode_head.linear_c.{i}.proj (weight and
+ * bias) as a parameter, with linear_fuse [I .. I] and the batch norm the identity, which every
+ * folded head is equal to (the same function class as the upstream head with its batch norm
+ * frozen). */
 int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e);
+/* Writes a detector made by segformer_init as a transformers directory that segformer_load reads
+ * back as the same detector: <dir>/config.json (SegformerForSemanticSegmentation),
+ * <dir>/preprocessor_config.json and <dir>/model.safetensors with every upstream tensor (the
+ * identity linear_fuse and batch norm included). dir is created when missing; files are replaced
+ * atomically. A loaded (folded) detector is an error. */
+int segformer_save(const Segformer *m, const char *dir, Error *e);
 void segformer_free(Segformer *m);
 const SegformerConfig *segformer_config(const Segformer *m);
-/* Its encoder's weights and the classifier as parameters; the folded decode head, and the
- * preprocessing, as constants. */
+/* Its encoder's weights and the classifier as parameters, and the decode head's linear_c when
+ * made by segformer_init; a loaded decode head (folded), and the preprocessing, as constants. */
 Params *segformer_params(Segformer *m);
 
 /* image: [B, 3, H, W] in [-1, 1] -> mask: [B, L, H, W] in [0, 1] (L = num_labels), the sigmoid
@@ -302,6 +313,9 @@ Params *segformer_params(Segformer *m);
  * gets that map, [B, L, h/4, w/4]: backward releases it unless the caller calls var_keep on it.
  * Each encoder layer runs under ag_checkpoint, so memory stays bounded on large inputs. */
 Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small);
+/* The same network's logits before the sigmoid, for training losses.
+ * image: [B, 3, H, W] in [-1, 1] -> logits: [B, L, h/4, w/4] (h, w: the network's input) */
+Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image);
 
 /* ---- end section: segformer ---- */
 
@@ -405,6 +419,58 @@ void flow_noise(uint64_t seed, int64_t step, int batch, int64_t per_sample, doub
                 double logit_std, float *noise, float *sigma);
 
 /* ---- end section: text+flow training ---- */
+
+/* ---- section: detector_train ----------------------------------------------------------------
+ * Training the detector (made by segformer_init) as DiffDoctor trained theirs: a per-pixel
+ * target at the map's resolution and binary cross-entropy on the logits. A batch holds clean
+ * renders (all-zero target), then as many corrupted ones, each made from (seed, step, index)
+ * alone. The target of a map cell is 1 when any pixel it covers is corrupted
+ * (max-pooling the exact pixel mask): the detector's decision is "map max >= 0.5", and a thin
+ * broken stroke covers a few pixels of a cell, so an average-pooled target would teach the map to
+ * stay below 0.5 over most artifacts. */
+
+/* An example of the words world from seed alone: a random scene, rendered clean or damaged by
+ * world_corrupt. rgb: [WORLD_H, WORLD_W, 3], mask: [WORLD_H, WORLD_W], 1 on every corrupted
+ * pixel (and its edge, see world_corrupt), all 0 when !corrupt. */
+int detector_example(uint64_t seed, bool corrupt, uint8_t *rgb, uint8_t *mask, Error *e);
+/* mask: [H, W] -> target: [h, w], 1 where any pixel of the cell is masked; H, W must be
+ * multiples of h, w. */
+int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e);
+/* The mean over cells of torch's BCEWithLogitsLoss with pos_weight: pos_weight y softplus(-z) +
+ * (1 - y) softplus(z), as -(pos_weight y log sigmoid(z) + (1 - y) log sigmoid(-z)); where a
+ * sigmoid underflows (|z| > 87) the log is held at log(FLT_MIN), as torch's BCELoss clamps it.
+ * logits, target (constant): [B, L, h, w] -> [1] */
+Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight);
+
+typedef struct DetectorTrainOptions {
+    int batch;        /* images per step, half of them corrupted */
+    uint64_t seed;    /* the data's seed */
+    float pos_weight; /* BCE weight of the target's positive cells (1: plain BCE) */
+} DetectorTrainOptions;
+
+typedef struct DetectorTrainer DetectorTrainer;
+
+/* A TrainTask over m's parameters (m must outlive it): the loss of step s on batch s. The map
+ * (1/4 of the detector's input) must divide the world's WORLD_H x WORLD_W images. */
+int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
+                        const DetectorTrainOptions *o, Error *e);
+void detector_trainer_free(DetectorTrainer *d);
+/* Batch `step`: images [B, 3, WORLD_H, WORLD_W] in [-1, 1] and the masks [B, WORLD_H, WORLD_W]
+ * (0 or 1), new tensors. */
+int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
+                   Error *e);
+
+/* The detector's decisions (map max >= 0.5) on n clean and n corrupted examples from seed (keep
+ * it apart from the training seeds): the share of clean ones passed and of corrupted ones
+ * flagged. */
+typedef struct DetectorAccuracy {
+    int n;
+    double clean_passed, corrupt_flagged;
+} DetectorAccuracy;
+int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy *out,
+                      Error *e);
+
+/* ---- end section: detector_train ---- */
 
 /* ---- section: sampler ------------------------------------------------------------------------
  * DIAMOND's guided sampling (arXiv 2602.00883, as gmum/DIAMOND's FLUX.2 loop does it). Per step:

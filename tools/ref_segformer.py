@@ -20,6 +20,17 @@ the network sees a 36x44 image, so every stage has odd sizes). Weights are drawn
 everything is computed in float64 and stored as float32. It also checks tools/convert_diffdoctor.py
 on a torch.save'd state dict of this model: the converted tensors must equal the fixture's bytes.
 
+It also writes the trainable detector's reference (segformer_init's head: each stage's
+linear_c, with linear_fuse = [I .. I] and an identity batch norm: gamma = sqrt(1 + eps) in
+float32, running_var 1, so gamma / sqrt(var + eps) is exactly 1 in float32):
+  tests/fixtures/tiny-detector-train/ the fixture's encoder, a random linear_c and classifier, the
+                                      identity fuse and batch norm; every upstream tensor name
+  tests/golden/detector_train.safetensors
+      image [2, 3, 64, 48], mask [2, 64, 48] (exact pixel mask: image 0 clean, image 1 two
+      rectangles), target [2, 1, 16, 12] = max_pool2d(mask, 4), logits, loss =
+      BCEWithLogitsLoss(pos_weight=POS_WEIGHT) (mean), and grad.<name> = d loss / d <name> for
+      the parameters in TRAIN_GRADS.
+
 Run with Debian's python (it has torch): /usr/bin/python3 tools/ref_segformer.py
 """
 import math
@@ -39,6 +50,15 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-detector")
 FIXTURE_BF16 = os.path.join(ROOT, "tests", "fixtures", "tiny-detector-bf16")
 GOLDEN = os.path.join(ROOT, "tests", "golden", "segformer.safetensors")
+TRAIN_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-detector-train")
+TRAIN_GOLDEN = os.path.join(ROOT, "tests", "golden", "detector_train.safetensors")
+POS_WEIGHT = 3.0
+TRAIN_GRADS = ["decode_head.linear_c.0.proj.weight", "decode_head.linear_c.3.proj.bias",
+               "decode_head.classifier.weight", "decode_head.classifier.bias",
+               "segformer.encoder.patch_embeddings.0.proj.weight",
+               "segformer.encoder.block.1.0.attention.self.sr.weight",
+               "segformer.encoder.block.3.1.mlp.dense2.weight",
+               "segformer.encoder.layer_norm.2.weight"]
 
 # nvidia/mit-b5's layout, shrunk; the preprocessor as DIAMOND's but with a small, non-square size.
 CONFIG = dict(convert_diffdoctor.MIT_B5, hidden_sizes=[8, 16, 24, 32], depths=[2, 2, 2, 2],
@@ -305,6 +325,52 @@ def main():
             m = golden[key]
             print(f"{key}: min {m.min().item():.3f} max {m.max().item():.3f}")
     safetensors_file.write(GOLDEN, golden, metadata={"format": "pt"})
+    train_reference(state, gen)
+
+
+# ---- the trainable detector --------------------------------------------------------------------
+
+def identity_head(state, gen):
+    """state with a random linear_c and classifier, linear_fuse = [I .. I] (the concat puts the
+    last stage first, all blocks are I) and a batch norm that is the identity."""
+    d, n = CONFIG["decoder_hidden_size"], CONFIG["num_encoder_blocks"]
+    state = dict(state)
+    for i, hs in enumerate(CONFIG["hidden_sizes"]):
+        state[f"decode_head.linear_c.{i}.proj.weight"] = torch.randn(d, hs, generator=gen) / math.sqrt(hs)
+        state[f"decode_head.linear_c.{i}.proj.bias"] = 0.1 * torch.randn(d, generator=gen)
+    state["decode_head.linear_fuse.weight"] = torch.eye(d).repeat(1, n).view(d, n * d, 1, 1)
+    eps = torch.tensor(1e-5, dtype=torch.float32)
+    state["decode_head.batch_norm.weight"] = torch.full((d,), 1.0) * torch.sqrt(1 + eps)
+    state["decode_head.batch_norm.bias"] = torch.zeros(d)
+    state["decode_head.batch_norm.running_mean"] = torch.zeros(d)
+    state["decode_head.batch_norm.running_var"] = torch.ones(d)
+    state["decode_head.batch_norm.num_batches_tracked"] = torch.tensor(0)
+    return state
+
+
+def train_reference(state, gen):
+    """The golden data of tests/test_detector_train.c (see the module docstring)."""
+    state = identity_head(state, gen)
+    model = SegformerForSemanticSegmentation(CONFIG).eval().double()
+    model.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    convert_diffdoctor.write_detector(TRAIN_FIXTURE, state, "F32", CONFIG, PREPROCESSOR)
+    image = torch.rand(2, 3, 64, 48, generator=gen) * 2 - 1
+    mask = torch.zeros(2, 64, 48)
+    mask[1, 5:9, 7:10] = 1   # inside one 4x4 cell and across its neighbours
+    mask[1, 30:45, 20:41] = 1
+    target = F.max_pool2d(mask.unsqueeze(1), 4)
+    logits, _, _ = detector(model, PREPROCESSOR, image.double())
+    loss = F.binary_cross_entropy_with_logits(
+        logits, target.double(), pos_weight=torch.tensor([POS_WEIGHT], dtype=torch.float64))
+    loss.backward()
+    params = dict(model.named_parameters())
+    golden = {"image": image, "mask": mask, "target": target, "logits": logits,
+              "loss": loss.reshape(1)}
+    for name in TRAIN_GRADS:
+        golden[f"grad.{name}"] = params[name].grad
+    print(f"detector_train: loss {loss.item():.6f}, logits in [{logits.min().item():.3f}, "
+          f"{logits.max().item():.3f}]")
+    safetensors_file.write(TRAIN_GOLDEN, golden, metadata={"format": "pt"})
 
 
 if __name__ == "__main__":
