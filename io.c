@@ -2379,8 +2379,9 @@ static bool world_bit(const uint64_t bits[WORLD_H], int x, int y) {
     return x >= 0 && x < WORLD_W && y >= 0 && y < WORLD_H && (bits[y] >> x & 1);
 }
 
-/* The lower half's strokes run down: below each ink pixel of the lower half, each pixel column
- * (and the one beside it) drips for 0 .. `reach` px, widening by a pixel after the third. */
+/* The lower half's strokes run down: each pixel column of the box and its rim drips (seven in
+ * ten do) 2 .. `reach` px below every ink pixel of the lower half, taking ink from the columns
+ * beside it too past the third pixel, so drips widen as they fall. */
 static void world_melt(WorldRng *g, const WorldScene *s, int glyph, uint8_t *rgb) {
     WorldBox b = s->glyph[glyph];
     int split = b.y + b.h / 2, reach = world_between(g, 4, 9);
