@@ -344,8 +344,8 @@ int world_corrupt(uint64_t seed, const WorldScene *s, int type, uint8_t *rgb, ui
  *     way. The distance is 1 - IoU of the two pixel sets (mismatched pixels over pixels inked in
  *     either); each symbol keeps its least distance over thresholds, scales and shifts;
  *   - a glyph is legible when its best distance is at most ORACLE_MATCH_MAX and the best other
- *     symbol's is at least ORACLE_MARGIN_MIN farther. Clean renders match at 0 and at most
- *     about 0.1 blurred and noisy; damaged glyphs mostly lie above 0.2; two symbols of the font
+ *     symbol's is at least ORACLE_MARGIN_MIN farther. Renders match at 0 sharp and at most
+ *     about 0.15 noisy and blurred; damaged glyphs mostly lie above 0.2; two symbols of the font
  *     are at least 0.13 apart as seen after blur (tests/test_world.c measures all of these). */
 #define ORACLE_MIN_CONTRAST 40.0
 #define ORACLE_FAR_CUT 0.75

@@ -39,6 +39,16 @@ static void box_blur(uint8_t *rgb) {
             }
 }
 
+/* Colours a bit off: every channel ramps by -12 .. +12 levels from left to right. */
+static void add_ramp(uint8_t *rgb) {
+    for (int y = 0; y < WORLD_H; y++)
+        for (int x = 0; x < WORLD_W; x++)
+            for (int k = 0; k < 3; k++) {
+                int v = rgb[(y * WORLD_W + x) * 3 + k] + (24 * x) / (WORLD_W - 1) - 12;
+                rgb[(y * WORLD_W + x) * 3 + k] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+            }
+}
+
 static bool contains(const char *s, const char *needle) {
     return strstr(s, needle) != NULL;
 }
@@ -230,9 +240,9 @@ static void test_every_symbol(void) {
           margin_sharp, ORACLE_MARGIN_MIN + 0.04, margin_blurred);
 }
 
-enum { CLEAN, NOISY, BLURRED, NOISY_BLURRED, BLURRED_NOISY, LOOKS };
+enum { CLEAN, NOISY, BLURRED, NOISY_BLURRED, RAMPED, BLURRED_NOISY, LOOKS };
 static const char *const look_names[LOOKS] = {
-    "clean", "noise (sigma 6)", "3x3 box blur", "noise then blur", "blur then noise",
+    "clean", "noise (sigma 6)", "3x3 box blur", "noise then blur", "ramp, noise, blur", "blur then noise",
 };
 
 static void test_clean_reads(void) {
@@ -248,8 +258,9 @@ static void test_clean_reads(void) {
         for (int v = 0; v < LOOKS; v++) {
             uint8_t rgb[BYTES];
             world_render(&s, rgb);
-            if (v == NOISY || v == NOISY_BLURRED) add_noise(rgb, &state, 6.0);
-            if (v == BLURRED || v == NOISY_BLURRED || v == BLURRED_NOISY) box_blur(rgb);
+            if (v == RAMPED) add_ramp(rgb);
+            if (v == NOISY || v == NOISY_BLURRED || v == RAMPED) add_noise(rgb, &state, 6.0);
+            if (v == BLURRED || v == NOISY_BLURRED || v == RAMPED || v == BLURRED_NOISY) box_blur(rgb);
             if (v == BLURRED_NOISY) add_noise(rgb, &state, 6.0);
             OracleResult r;
             oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
@@ -260,14 +271,17 @@ static void test_clean_reads(void) {
         }
     }
     for (int v = 0; v < LOOKS; v++)
-        printf("  oracle: %-16s %4d / %d read (%.2f%%), worst distance read %.3f\n", look_names[v], read[v], SEEDS,
+        printf("  oracle: %-17s %4d / %d read (%.2f%%), worst distance read %.3f\n", look_names[v], read[v], SEEDS,
                100.0 * read[v] / SEEDS, worst[v]);
     for (int v = CLEAN; v <= NOISY_BLURRED; v++)
         CHECK(read[v] == SEEDS, "oracle: %s renders of %d random scenes all read as their word (first miss: seed %d)",
               look_names[v], SEEDS, first_miss[v]);
-    /* the harshest look: full-strength noise on 2 px strokes already blurred to 2/3 contrast */
-    CHECK(read[BLURRED_NOISY] >= SEEDS * 95 / 100, "oracle: %s renders read >= 95%% (%.2f%%)",
-          look_names[BLURRED_NOISY], 100.0 * read[BLURRED_NOISY] / SEEDS);
+    /* the harsher looks: colours off as well, or full-strength noise on 2 px strokes already
+     * blurred to 2/3 of their contrast; what fails there is mostly a blurred diagonal (N, W, M)
+     * cut off from its stems where noise joined the glyph to its neighbour */
+    for (int v = RAMPED; v <= BLURRED_NOISY; v++)
+        CHECK(read[v] >= SEEDS * 97 / 100, "oracle: %s renders read >= 97%% (%.2f%%)", look_names[v],
+              100.0 * read[v] / SEEDS);
 }
 
 static void test_blank_and_sizes(void) {
