@@ -4,6 +4,8 @@
  * The rates are measured over fixed seeds and printed; the thresholds the tests hold them to are
  * stated where they are checked. */
 #include <stdint.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "harness.h"
 
@@ -420,7 +422,69 @@ static void test_corruptions(void) {
     printf("  corruption all types     flagged %5.1f%%\n", 100.0 * total_flagged / (SEEDS * WORLD_CORRUPTION_COUNT));
 }
 
-int main(void) {
+/* ---- the command: diamond world ----------------------------------------------------------------- */
+
+/* The exit status of `binary args` run with its output into log. */
+static int run_command(const char *binary, const char *args, const char *log) {
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s %s >%s 2>&1", binary, args, log);
+    int status = system(cmd);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* diamond world writes the render, its corruption and the mask side by side, 4x; bad options
+ * exit 2. */
+static void test_cli(const char *argv0) {
+    char binary[512], dir[64] = "/tmp/test_world.XXXXXX", out[256], log[256], args[512];
+    const char *slash = strstr(argv0, "/tests/");
+    snprintf(binary, sizeof binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5, slash ? argv0 : "build");
+    if (access(binary, X_OK) != 0 || !mkdtemp(dir)) {
+        CHECK(0, "cli: %s is built and a temporary directory can be made", binary);
+        return;
+    }
+    snprintf(out, sizeof out, "%s/w.ppm", dir);
+    snprintf(log, sizeof log, "%s/log", dir);
+    snprintf(args, sizeof args, "world --word ab12 --seed 7 --corrupt --type melt -o %s", out);
+    int rc = run_command(binary, args, log);
+    Image img = {0};
+    Error e = {{0}};
+    bool read = rc == 0 && ppm_read(&img, out, &e) == 0;
+    CHECK(read && img.width == (3 * (WORLD_W + 2) - 2) * 4 && img.height == WORLD_H * 4,
+          "cli: diamond world --corrupt writes three panels 4x (exit %d, %dx%d)", rc, img.width, img.height);
+    if (read) {
+        WorldScene s;
+        uint8_t want[3][BYTES], mask[PIXELS];
+        world_scene(7, "AB12", &s, &e);
+        world_render(&s, want[0]);
+        world_corrupt(7, &s, WORLD_MELT, want[1], mask, NULL, &e);
+        for (int p = 0; p < PIXELS; p++) memset(want[2] + p * 3, mask[p] ? 255 : 0, 3);
+        int differ = 0;
+        for (int panel = 0; panel < 3; panel++)
+            for (int y = 0; y < img.height; y++)
+                for (int x = 0; x < WORLD_W * 4; x++) {
+                    const uint8_t *got = img.rgb + ((size_t)y * img.width + panel * (WORLD_W + 2) * 4 + x) * 3;
+                    differ += memcmp(got, want[panel] + ((y / 4) * WORLD_W + x / 4) * 3, 3) != 0;
+                }
+        CHECK(differ == 0, "cli: the panels are the render, its melt corruption and the mask (%d pixels differ)",
+              differ);
+    }
+    image_free(&img);
+    static const char *const bad[] = {
+        "world -o %s/x.png --word A-B", "world --corrupt --type nope -o %s/x.png", "world --type melt -o %s/x.png",
+        "world --seed -1 -o %s/x.png", "world --word AB -o %s/x.jpg", "world --word AB",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(args, sizeof args, bad[i], dir);
+        rc = run_command(binary, args, log);
+        CHECK(rc == 2, "cli: '%s' exits 2 (%d)", bad[i], rc);
+    }
+    char cleanup[128];
+    snprintf(cleanup, sizeof cleanup, "rm -rf '%s'", dir);
+    if (system(cleanup) != 0) printf("could not remove %s\n", dir);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
     test_font();
     test_scenes();
     test_words();
@@ -430,5 +494,6 @@ int main(void) {
     test_blank_and_sizes();
     test_corruption_api();
     test_corruptions();
+    test_cli(argv[0]);
     return harness_finish("test_world");
 }
