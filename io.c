@@ -2262,8 +2262,8 @@ const char *world_corruption_name(int type) {
 /* A damage must move at least this fraction of the glyph's ink pixels' worth of pixels across
  * the half-way line between text and background colour; a proposal short of it (a bar along an
  * existing stroke, a blend with a look-alike) is redrawn, at most WORLD_DAMAGE_TRIES times, and
- * the strongest proposal kept. Below about a quarter the oracle still reads many damaged glyphs
- * (tests/test_world.c measures the rate per type). */
+ * the strongest proposal kept. Weaker damage is often still read as the glyph, by people and
+ * by the oracle alike (tests/test_world.c measures, per type, how many damaged words it reads). */
 #define WORLD_DAMAGE_MIN 0.3
 #define WORLD_DAMAGE_TRIES 16
 
