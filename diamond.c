@@ -22,6 +22,8 @@ static const char *usage_text =
     "diamond - training-free artifact removal for rectified-flow image models (DIAMOND)\n"
     "\n"
     "usage:\n"
+    "  diamond [demo] [--weights DIR] [-o diamond-demo.png]\n"
+    "                                   DIAMOND on the embedded models, in seconds\n"
     "  diamond generate --model DIR --prompt TEXT|--embeddings FILE -W W -H H --steps N\n"
     "                  -o OUT.png|.ppm [--detector DIR] [options]\n"
     "                                   sample an image with DIAMOND guidance\n"
@@ -32,6 +34,10 @@ static const char *usage_text =
     "  diamond search-seeds --model DIR --detector DIR --csv IN --out OUT.csv [options]\n"
     "                                   the official seed search for an evaluation set\n"
     "                                   (diamond eval --help for both)\n"
+    "  diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png\n"
+    "                                   a scene of the words world, its corruption and mask\n"
+    "  diamond train vae|text+flow|detector --config DIR --out DIR [options]\n"
+    "                                   train an embedded model (`make weights` trains all)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
     "  diamond bench gemm M N K [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
@@ -2233,6 +2239,134 @@ static int search_main(int argc, char **argv) {
     return rc;
 }
 
+/* ---- world: diamond world ------------------------------------------------------------------ */
+
+static const char *world_usage =
+    "usage: diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png|.ppm\n"
+    "  a scene of the words world (WORD: 2-4 letters or digits, drawn from the seed when absent),\n"
+    "  and with --corrupt its corruption (of type NAME, drawn when absent) and mask beside it,\n"
+    "  enlarged 4x; prints what the oracle reads in each\n";
+
+typedef struct WorldArgs {
+    const char *word, *out;
+    uint64_t seed;
+    bool corrupt;
+    int type;
+} WorldArgs;
+
+static int world_parse_type(const char *name) {
+    for (int t = 0; t < WORLD_CORRUPTION_COUNT; t++)
+        if (!strcmp(name, world_corruption_name(t))) return t;
+    return -1;
+}
+
+static int world_parse(int argc, char **argv, WorldArgs *a, Error *e) {
+    *a = (WorldArgs){.type = WORLD_CORRUPT_ANY};
+    const char *type = NULL;
+    for (int i = 0; i < argc; i++) {
+        bool has_value = i + 1 < argc;
+        if (!strcmp(argv[i], "--corrupt")) {
+            a->corrupt = true;
+        } else if (!strcmp(argv[i], "--word") && has_value) {
+            a->word = argv[++i];
+        } else if (!strcmp(argv[i], "-o") && has_value) {
+            a->out = argv[++i];
+        } else if (!strcmp(argv[i], "--type") && has_value) {
+            type = argv[++i];
+        } else if (!strcmp(argv[i], "--seed") && has_value) {
+            if (eval_parse_seed(argv[++i], &a->seed))
+                return error_set(e, "--seed '%s' is not a whole number in 0..2^63-1", argv[i]);
+        } else {
+            return error_set(e, "unknown option or missing value: '%s'", argv[i]);
+        }
+    }
+    WorldScene check;
+    if (a->word && world_scene(0, a->word, &check, e)) return -1;
+    if (!a->out) return error_set(e, "-o OUT.png|.ppm is required");
+    const char *dot = strrchr(a->out, '.');
+    if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
+        return error_set(e, "-o '%s': the name must end in .png or .ppm", a->out);
+    if (type && !a->corrupt) return error_set(e, "--type needs --corrupt");
+    if (type && (a->type = world_parse_type(type)) < 0) {
+        char names[256] = "";
+        for (int t = 0; t < WORLD_CORRUPTION_COUNT; t++)
+            snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", t ? ", " : "",
+                     world_corruption_name(t));
+        return error_set(e, "--type '%s' is not one of %s", type, names);
+    }
+    return 0;
+}
+
+/* Panel `index` of out (panels WORLD_W x WORLD_H with a 2 px gap, enlarged `zoom` times) from
+ * rgb, or from a mask shown white on black when rgb is NULL. */
+static void world_panel(Image *out, int index, int zoom, const uint8_t *rgb, const uint8_t *mask) {
+    for (int y = 0; y < WORLD_H * zoom; y++)
+        for (int x = 0; x < WORLD_W * zoom; x++) {
+            int p = (y / zoom) * WORLD_W + x / zoom;
+            uint8_t *dst = out->rgb + ((size_t)y * (size_t)out->width + (size_t)(index * (WORLD_W + 2) * zoom + x)) * 3;
+            if (rgb) memcpy(dst, rgb + (size_t)p * 3, 3);
+            else memset(dst, mask[p] ? 255 : 0, 3);
+        }
+}
+
+static void world_print_reading(const char *what, const uint8_t *rgb, const char *word) {
+    OracleResult r;
+    Error e = {{0}};
+    oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
+    printf("%s: the oracle reads '%s' (%s)\n", what, r.text,
+           oracle_reads_as(&r, word) ? "as the word" : r.all_legible ? "legible, another word" : "illegible");
+}
+
+static int world_run(const WorldArgs *a, Error *e) {
+    enum { ZOOM = 4 };
+    WorldScene s;
+    uint8_t clean[WORLD_W * WORLD_H * 3], damaged[WORLD_W * WORLD_H * 3], mask[WORLD_W * WORLD_H];
+    WorldDamage d;
+    if (world_scene(a->seed, a->word, &s, e)) return -1;
+    world_render(&s, clean);
+    printf("word %s, scale %dx%d, text (%d, %d, %d) on (%d, %d, %d)\n", s.word, s.scale_x, s.scale_y, s.ink[0],
+           s.ink[1], s.ink[2], s.background[0], s.background[1], s.background[2]);
+    world_print_reading("render", clean, s.word);
+    if (a->corrupt) {
+        if (world_corrupt(a->seed, &s, a->type, damaged, mask, &d, e)) return -1;
+        printf("corruption %s on glyph %d", world_corruption_name(d.type), d.glyph[0] + 1);
+        if (d.count == 2) printf(" and %d", d.glyph[1] + 1);
+        printf(": %d pixels changed\n", d.changed);
+        world_print_reading("corrupted", damaged, s.word);
+    }
+    int panels = a->corrupt ? 3 : 1;
+    Image out = {0};
+    if (image_alloc(&out, (panels * (WORLD_W + 2) - 2) * ZOOM, WORLD_H * ZOOM, e)) return -1;
+    memset(out.rgb, 128, (size_t)out.width * (size_t)out.height * 3);
+    world_panel(&out, 0, ZOOM, clean, NULL);
+    if (a->corrupt) {
+        world_panel(&out, 1, ZOOM, damaged, NULL);
+        world_panel(&out, 2, ZOOM, NULL, mask);
+    }
+    int rc = !strcmp(strrchr(a->out, '.'), ".png") ? png_write(a->out, &out, e) : ppm_write(a->out, &out, e);
+    if (rc == 0) fprintf(stderr, "wrote %s\n", a->out);
+    image_free(&out);
+    return rc;
+}
+
+static int world_main(int argc, char **argv) {
+    if (argc >= 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) {
+        fputs(world_usage, stdout);
+        return 0;
+    }
+    WorldArgs a;
+    Error e = {{0}};
+    if (world_parse(argc, argv, &a, &e)) {
+        fprintf(stderr, "diamond world: %s\n%s", e.msg, world_usage);
+        return 2;
+    }
+    if (world_run(&a, &e)) {
+        fprintf(stderr, "diamond world: %s\n", e.msg);
+        return 1;
+    }
+    return 0;
+}
+
 /* ---- train ------------------------------------------------------------------------------- */
 
 static const char *train_usage =
@@ -2721,10 +2855,12 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "demo")) return demo_main(argc - 2, argv + 2, argv[0]);
     if (!strcmp(argv[1], "train")) return train_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "world")) return world_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "generate")) return generate_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "search-seeds")) return search_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "world")) return world_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);

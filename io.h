@@ -315,7 +315,7 @@ const char *world_corruption_name(int type);
 typedef struct WorldDamage {
     int type;
     int count;                   /* glyphs damaged: 1 or 2 */
-    int glyph[2];                /* their indices in the word */
+    int glyph[2];                /* their indices in the word; glyph[1] is -1 when count is 1 */
     int changed;                 /* pixels that differ from the clean render */
 } WorldDamage;
 
@@ -328,25 +328,37 @@ int world_corrupt(uint64_t seed, const WorldScene *s, int type, uint8_t *rgb, ui
                   WorldDamage *damage, Error *e);
 
 /* ---- the oracle ----
- * Reads a WORLD_W x WORLD_H image: the background is the per-channel median of the border
- * pixels; the text colour is the mean of the pixels at least half as far from it as the
- * farthest one; a pixel is ink when it is farther than half the text colour's distance (and at
- * least ORACLE_MIN_CONTRAST) from the background, isolated ink pixels dropped. Glyphs are the
- * runs of columns holding ink. Each is matched against every symbol at scale WORLD_SCALE_X x
- * WORLD_SCALE_Y_MIN..MAX, its ink box aligned with the glyph's and shifted by -1..+1 pixels;
- * the distance is 1 - IoU of the two ink sets (mismatched pixels over pixels inked in either).
- * A glyph is legible when its best distance is at most ORACLE_MATCH_MAX and the best other
- * symbol's is at least ORACLE_MARGIN_MIN farther. */
+ * Reads a WORLD_W x WORLD_H image, deterministically, for evaluation only:
+ *   - background: the per-channel median of the one pixel border;
+ *   - text level: the mean distance from the background (RGB, Euclidean) of the pixels at least
+ *     ORACLE_FAR_CUT as far as the farthest one (the far colour cluster); no ink at all when it
+ *     is below ORACLE_MIN_CONTRAST (a blank or nearly uniform image);
+ *   - ink at threshold f: pixels farther than f * level, ink pixels without an ink neighbour
+ *     dropped as noise. A sharp render gives the same ink at every f of ORACLE_FRACTIONS; a
+ *     blurred one (whose thin strokes never reach the text colour) keeps its shape at one of
+ *     them: the half-way point between the colours lies between 0.5 and 0.85 of the level;
+ *   - glyphs: runs of columns holding at least ORACLE_COLUMN_MIN ink pixels at the lowest f, a
+ *     run wider than a glyph and its rim split again at the next f (blur and noise can join two
+ *     glyphs at a low threshold, a blurred diagonal falls apart at a high one);
+ *   - matching, at every f: the glyph's ink (its runs at that f) against every symbol at scale
+ *     WORLD_SCALE_X x WORLD_SCALE_Y_MIN..MAX, drawn sharp and as a 3x3 box blur thresholded at
+ *     half, with the two ink boxes' top-left corners aligned and shifted by -1..+1 pixels each
+ *     way. The distance is 1 - IoU of the two pixel sets (mismatched pixels over pixels inked in
+ *     either); each symbol keeps its least distance over thresholds, scales and shifts;
+ *   - a glyph is legible when its best distance is at most ORACLE_MATCH_MAX and the best other
+ *     symbol's is at least ORACLE_MARGIN_MIN farther. Renders match at 0 sharp and at most
+ *     about 0.15 noisy and blurred; damaged glyphs mostly lie above 0.2; two symbols of the font
+ *     are at least 0.13 apart as seen after blur (tests/test_world.c measures all of these). */
 #define ORACLE_MIN_CONTRAST 40.0
 #define ORACLE_FAR_CUT 0.75
-#define ORACLE_FRACTIONS 0.45, 0.55, 0.65, 0.75
+#define ORACLE_FRACTIONS 0.45, 0.55, 0.65, 0.75, 0.85
 #define ORACLE_COLUMN_MIN 2
 #define ORACLE_MATCH_MAX 0.2
 #define ORACLE_MARGIN_MIN 0.08
 #define ORACLE_MAX_GLYPHS (WORLD_W / 2)
 
 typedef struct OracleGlyph {
-    WorldBox box;      /* the glyph's ink bounding box */
+    WorldBox box;      /* the glyph's ink bounding box where it was found */
     char symbol;       /* the best matching symbol */
     float score;       /* its distance, 0 (exact) .. 1 */
     float second;      /* the best other symbol's distance */
