@@ -157,6 +157,11 @@ typedef struct VaeConfig {
     int patch_h, patch_w;    /* patch_size: tokens carry latent_channels * patch_h * patch_w */
     float batch_norm_eps;
     bool use_post_quant_conv, mid_block_add_attention;
+    /* The encoder's keys, read only by the encoder's loaders (a decoder needs none of them). */
+    int in_channels;         /* 3 */
+    int n_down_blocks;       /* entries of block_out_channels (and down_block_types) */
+    int down_block_out_channels[VAE_MAX_BLOCKS]; /* block_out_channels */
+    bool use_quant_conv;
 } VaeConfig;
 
 /* The loaded decoder: config, f32 weights, and whether blocks are checkpointed. */
@@ -183,6 +188,32 @@ Params *vae_decoder_params(VaeDecoder *m);
  * forward runs up to four times. Off keeps every intermediate: the same gradients bit for
  * bit, a faster backward, far more memory. */
 void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
+
+/* The encoder half of AutoencoderKLFlux2, with the FLUX.2 pipeline's latent packing behind it:
+ * an image in [-1, 1] in, normalised transformer tokens out (what vae_decode takes). It reads the
+ * same directory as the decoder (the encoder.*, quant_conv.* and bn.* tensors). No checkpoints:
+ * it runs on the small images of training, where memory is no concern. */
+typedef struct VaeEncoder VaeEncoder;
+
+int vae_encoder_load(VaeEncoder **out, const char *dir, Error *e);
+/* The encoder <dir>/config.json describes with fresh weights from seed (params_new_init). */
+int vae_encoder_init(VaeEncoder **out, const char *dir, uint64_t seed, Error *e);
+void vae_encoder_free(VaeEncoder *m);
+const VaeConfig *vae_encoder_config(const VaeEncoder *m);
+/* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
+Params *vae_encoder_params(VaeEncoder *m);
+/* image: [B, in_channels, H, W], H and W multiples of 2^(n_down_blocks-1) -> the mean of the
+ * latent distribution (its mode), [B, latent_channels, H/2^(n-1), W/2^(n-1)]; *logvar (when not
+ * NULL) gets its log-variance clamped to [-30, 20], as diffusers' DiagonalGaussianDistribution. */
+Var *vae_encode_moments(Tape *t, const VaeEncoder *m, Var *image, Var **logvar);
+/* image: [B, in_channels, H, W] -> tokens [B, h*w, latent_channels*patch_h*patch_w], the
+ * pipeline's patchified, bn-normalised, packed latent (*h, *w: the token grid); vae_decode
+ * inverts the packing. H and W must be multiples of patch * 2^(n_down_blocks-1). */
+Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w);
+/* New latent statistics, [latent_channels*patch_h*patch_w] each, into bn.running_mean and
+ * bn.running_var of both halves (either may be NULL), and into what they derive from them. */
+int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
+                         Error *e);
 
 /* ---- end section: vae ---- */
 
