@@ -1888,6 +1888,14 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
     return ag_mul_rows(t, ag_add_rows(t, tokens, m->bn_neg_mean), m->bn_rstd);
 }
 
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image) {
+    int h, w;
+    Var *tokens = vae_encode(t, enc, image, &h, &w);
+    if (!tokens) return NULL;
+    Var *error = ag_add(t, vae_decode(t, dec, tokens, h, w), ag_scale(t, image, -1.0f));
+    return ag_mean(t, ag_mul(t, error, error));
+}
+
 /* ---- end section: vae ---- */
 
 /* ---- section: segformer ---------------------------------------------------------------------- */

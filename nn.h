@@ -214,6 +214,9 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w);
  * bn.running_var of both halves (either may be NULL), and into what they derive from them. */
 int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
                          Error *e);
+/* image: [B, in_channels, H, W] -> [1], the training loss mean((decode(encode(image)) - image)^2)
+ * (H and W as vae_encode wants them; out_channels must equal in_channels). */
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image);
 
 /* ---- end section: vae ---- */
 
