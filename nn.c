@@ -2393,6 +2393,177 @@ Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small
 
 /* ---- end section: segformer ---- */
 
+/* ---- section: training ----------------------------------------------------------------------- */
+
+/* Updates wake the threads only past this many elements (each element is independent). */
+#define ADAMW_PARALLEL_MIN ((int64_t)1 << 15)
+
+/* One parameter's moments and step count. */
+typedef struct AdamWSlot {
+    Var *param;
+    float *m, *v; /* [numel] each */
+    int64_t step;
+} AdamWSlot;
+
+struct AdamW {
+    AdamWOptions o;
+    AdamWSlot *slots;
+    int n;
+};
+
+int adamw_new(AdamW **out, Params *const *groups, int n_groups, const AdamWOptions *o, Error *e) {
+    *out = NULL;
+    AdamW *a = calloc(1, sizeof *a);
+    int total = 0;
+    for (int g = 0; g < n_groups; g++) total += params_count(groups[g]);
+    if (!a || !(a->slots = calloc((size_t)(total ? total : 1), sizeof *a->slots))) {
+        free(a);
+        return error_set(e, "out of memory for the optimizer");
+    }
+    a->o = *o;
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < params_count(groups[g]); i++) {
+            if (params_is_buffer(groups[g], i)) continue;
+            AdamWSlot *s = &a->slots[a->n++];
+            s->param = params_var(groups[g], i);
+            size_t n = (size_t)s->param->value->numel;
+            s->m = calloc(n ? n : 1, sizeof *s->m);
+            s->v = calloc(n ? n : 1, sizeof *s->v);
+            if (!s->m || !s->v) {
+                adamw_free(a);
+                return error_set(e, "out of memory for the optimizer's moments");
+            }
+        }
+    *out = a;
+    return 0;
+}
+
+void adamw_free(AdamW *a) {
+    if (!a) return;
+    for (int i = 0; i < a->n; i++) {
+        free(a->slots[i].m);
+        free(a->slots[i].v);
+    }
+    free(a->slots);
+    free(a);
+}
+
+/* torch's update, in its order of float operations:
+ *     p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+ *     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) */
+static void adamw_update(const AdamWOptions *o, AdamWSlot *s, float lr) {
+    Tensor *p = s->param->value;
+    const float *g = s->param->grad->data;
+    s->step++;
+    bool decay = p->ndim >= 2 && o->weight_decay != 0.0f;
+    float keep = 1.0f - lr * o->weight_decay;
+    float step_size = (float)(lr / (1.0 - pow(o->beta1, (double)s->step)));
+    float root2 = (float)sqrt(1.0 - pow(o->beta2, (double)s->step));
+    #pragma omp parallel for schedule(static) if (p->numel > ADAMW_PARALLEL_MIN)
+    for (int64_t i = 0; i < p->numel; i++) {
+        if (decay) p->data[i] *= keep;
+        s->m[i] = o->beta1 * s->m[i] + (1.0f - o->beta1) * g[i];
+        s->v[i] = o->beta2 * s->v[i] + (1.0f - o->beta2) * g[i] * g[i];
+        p->data[i] -= step_size * (s->m[i] / (sqrtf(s->v[i]) / root2 + o->eps));
+    }
+}
+
+void adamw_step(AdamW *a, float lr) {
+    for (int i = 0; i < a->n; i++)
+        if (a->slots[i].param->grad) adamw_update(&a->o, &a->slots[i], lr);
+}
+
+void params_zero_grad(Params *const *groups, int n_groups) {
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < params_count(groups[g]); i++) var_zero_grad(params_var(groups[g], i));
+}
+
+double params_clip_grad_norm(Params *const *groups, int n_groups, double max_norm) {
+    double sum = 0.0;
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < params_count(groups[g]); i++) {
+            const Tensor *grad = params_var(groups[g], i)->grad;
+            for (int64_t k = 0; grad && k < grad->numel; k++)
+                sum += (double)grad->data[k] * grad->data[k];
+        }
+    double norm = sqrt(sum);
+    if (!(norm > max_norm)) return norm;
+    float scale = (float)(max_norm / (norm + 1e-6));
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < params_count(groups[g]); i++) {
+            Tensor *grad = params_var(groups[g], i)->grad;
+            for (int64_t k = 0; grad && k < grad->numel; k++) grad->data[k] *= scale;
+        }
+    return norm;
+}
+
+int params_save(const Params *p, const char *path, Error *e) {
+    int n = params_count(p);
+    StWriteTensor *items = calloc((size_t)(n ? n : 1), sizeof *items);
+    if (!items) return error_set(e, "out of memory saving %s", path);
+    for (int i = 0; i < n; i++) {
+        const Tensor *v = params_var(p, i)->value;
+        items[i] = (StWriteTensor){.name = params_name(p, i), .dtype = DTYPE_F32,
+                                   .ndim = v->ndim, .data = v->data};
+        for (int d = 0; d < v->ndim; d++) items[i].shape[d] = v->shape[d];
+    }
+    int rc = st_write(path, items, (size_t)n, e);
+    free(items);
+    return rc;
+}
+
+double train_lr(const TrainOptions *o, int64_t step) {
+    double peak = o->adamw.lr;
+    if (step < o->warmup) return peak * (double)(step + 1) / (double)o->warmup;
+    int64_t span = o->steps - o->warmup;
+    double u = span > 1 ? (double)(step - o->warmup) / (double)(span - 1) : 0.0;
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + cos(M_PI * u)));
+}
+
+/* One step's loss, backward, clipping and update. */
+static int train_step(const TrainTask *task, const TrainOptions *o, AdamW *a, int64_t step,
+                      TrainStep *info, Error *e) {
+    params_zero_grad(task->groups, task->n_groups);
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the training tape");
+    Var *loss = task->loss(t, step, task->ctx, e);
+    int rc = loss ? tape_check(t, e) : -1;
+    if (rc == 0 && loss->value->numel != 1)
+        rc = error_set(e, "training: the loss must be one number");
+    if (rc == 0 && !isfinite(loss->value->data[0]))
+        rc = error_set(e, "training: the loss is not finite at step %lld", (long long)step);
+    if (rc == 0) rc = tape_backward(t, loss, e);
+    if (rc == 0) {
+        info->loss = loss->value->data[0];
+        info->grad_norm = params_clip_grad_norm(task->groups, task->n_groups,
+                                                o->clip > 0.0 ? o->clip : INFINITY);
+        if (!isfinite(info->grad_norm))
+            rc = error_set(e, "training: the gradient is not finite at step %lld",
+                           (long long)step);
+    }
+    if (rc == 0) adamw_step(a, (float)info->lr);
+    tape_free(t);
+    return rc;
+}
+
+int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
+    AdamW *a;
+    if (o->steps < 1 || o->warmup < 0) return error_set(e, "training: steps must be >= 1");
+    if (adamw_new(&a, task->groups, task->n_groups, &o->adamw, e)) return -1;
+    for (int g = 0; g < task->n_groups; g++) params_set_trainable(task->groups[g], true);
+    int rc = 0;
+    for (int64_t step = 0; rc == 0 && step < o->steps; step++) {
+        TrainStep info = {.step = step, .steps = o->steps, .lr = train_lr(o, step)};
+        rc = train_step(task, o, a, step, &info, e);
+        if (rc == 0 && o->on_step) rc = o->on_step(&info, o->ctx, e);
+    }
+    for (int g = 0; g < task->n_groups; g++) params_set_trainable(task->groups[g], false);
+    adamw_free(a);
+    return rc;
+}
+
+/* ---- end section: training ---- */
+
 /* ---- section: sampler ------------------------------------------------------------------------ */
 
 /* g / (||g|| + eps), as the official guidance.grad_norm_eps */

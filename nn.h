@@ -273,6 +273,69 @@ Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small
 
 /* ---- end section: segformer ---- */
 
+/* ---- section: training -------------------------------------------------------------------
+ * Training the tiny models diamond ships: AdamW over the parameters of one or more Params,
+ * gradient clipping, a warm-up + cosine learning rate, and a loop over a model's TrainTask. */
+
+/* torch.optim.AdamW's settings (its defaults: 1e-3, 0.9, 0.999, 1e-8, 1e-2). */
+typedef struct AdamWOptions {
+    float lr, beta1, beta2, eps, weight_decay;
+} AdamWOptions;
+
+typedef struct AdamW AdamW;
+
+/* Moments for every parameter (not buffers) of groups[0 .. n_groups-1]. */
+int adamw_new(AdamW **out, Params *const *groups, int n_groups, const AdamWOptions *o, Error *e);
+void adamw_free(AdamW *a);
+/* One torch.optim.AdamW step at learning rate lr for every parameter that has a gradient. As in
+ * torch with zero_grad(set_to_none=False), a parameter the loss once reached keeps a (zeroed)
+ * gradient and is updated on every later step; one never reached is left alone. The weight
+ * decay applies to tensors of two or more dims only (matrices, kernels, embeddings), as the usual
+ * parameter groups do; biases and norm weights get none. */
+void adamw_step(AdamW *a, float lr);
+
+void params_zero_grad(Params *const *groups, int n_groups);
+/* torch.nn.utils.clip_grad_norm_: the 2-norm of every parameter gradient together; when above
+ * max_norm, every gradient is scaled by max_norm / (norm + 1e-6). Returns the norm before. */
+double params_clip_grad_norm(Params *const *groups, int n_groups, double max_norm);
+/* Every named entry (parameters and buffers) as F32 into one safetensors file, atomically. */
+int params_save(const Params *p, const char *path, Error *e);
+
+#define TRAIN_MAX_GROUPS 4
+
+/* What a trainer trains: its parameter groups, and the loss of batch `step` built on t; the batch
+ * must depend only on the step and the task's own seed, so runs repeat exactly. */
+typedef struct TrainTask {
+    Params *groups[TRAIN_MAX_GROUPS];
+    int n_groups;
+    Var *(*loss)(Tape *t, int64_t step, void *ctx, Error *e);
+    void *ctx;
+} TrainTask;
+
+/* What one step did, for progress and logs. */
+typedef struct TrainStep {
+    int64_t step, steps;
+    double loss, grad_norm, lr;
+} TrainStep;
+
+typedef struct TrainOptions {
+    int64_t steps;
+    AdamWOptions adamw;   /* adamw.lr is the peak learning rate */
+    int64_t warmup;       /* linear warm-up over this many steps, then cosine decay to lr / 10 */
+    double clip;          /* the largest gradient norm; 0: no clipping */
+    /* sees every step (may be NULL); returns 0 to go on, -1 (with e set) to stop */
+    int (*on_step)(const TrainStep *s, void *ctx, Error *e);
+    void *ctx;
+} TrainOptions;
+
+/* The learning rate of step (0-based) under o's schedule. */
+double train_lr(const TrainOptions *o, int64_t step);
+/* o->steps steps of: zero the gradients, the loss on a fresh tape, backward, clip, AdamW. A
+ * loss that is not finite stops the run with an error naming the step. */
+int train_run(const TrainTask *task, const TrainOptions *o, Error *e);
+
+/* ---- end section: training ---- */
+
 /* ---- section: sampler ------------------------------------------------------------------------
  * DIAMOND's guided sampling (arXiv 2602.00883, as gmum/DIAMOND's FLUX.2 loop does it). Per step:
  * the flow model's velocity v (no gradient), the clean estimate x0 = x_t - sigma v, the detector's
