@@ -2978,3 +2978,222 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
 }
 
 /* ---- end section: metrics ---- */
+
+/* ---- section: vae_train ----------------------------------------------------------------------- */
+
+/* Reconstruction only, no KL term: everything diamond does with the latent uses the mode (the
+ * mean), never a sample, so the log-variance half is never read; the mean's scale, which a KL
+ * term would keep near 1, is set afterwards by the batch-norm statistics (vae_fit_latent_stats),
+ * which the flow model sees through. Mean squared error rather than L1: smooth at 0, and at these
+ * sizes the decoded strokes come out sharp enough (see the report's measurements). */
+
+struct VaeTrainer {
+    VaeEncoder *enc;
+    VaeDecoder *dec;
+    VaeTrainOptions o;
+};
+
+uint64_t vae_image_index(uint64_t seed, uint64_t k) {
+    /* splitmix64's finaliser over seed and k combined */
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + k + 0x632BE59BD9B4E019ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* Images vae_image_index(seed, first + i) for i < n: [n, channels, height, width]. */
+static int vae_images(const VaeTrainer *tr, uint64_t seed, uint64_t first, int n, Tensor **out,
+                      Error *e) {
+    const VaeTrainOptions *o = &tr->o;
+    int C = vae_encoder_config(tr->enc)->in_channels;
+    Tensor *images = TENSOR_NEW(n, C, o->height, o->width);
+    if (!images) return error_set(e, "out of memory for a batch of %d images", n);
+    size_t each = (size_t)C * o->height * o->width;
+    for (int i = 0; i < n; i++)
+        if (o->image(vae_image_index(seed, first + (uint64_t)i), C, o->height, o->width,
+                     images->data + i * each, o->image_ctx, e)) {
+            tensor_free(images);
+            return -1;
+        }
+    *out = images;
+    return 0;
+}
+
+int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e) {
+    return vae_images(tr, tr->o.seed, (uint64_t)step * (uint64_t)tr->o.batch, tr->o.batch, images,
+                      e);
+}
+
+static Var *vae_train_loss(Tape *t, int64_t step, void *ctx, Error *e) {
+    const VaeTrainer *tr = ctx;
+    Tensor *images;
+    if (vae_batch(tr, step, &images, e)) return NULL;
+    Var *loss = vae_reconstruction_loss(t, tr->enc, tr->dec, var_take(t, images, false));
+    return tape_check(t, e) ? NULL : loss;
+}
+
+int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecoder *dec,
+                   const VaeTrainOptions *o, Error *e) {
+    *out = NULL;
+    const VaeConfig *c = vae_encoder_config(enc);
+    int scale = c->patch_h << (c->n_down_blocks - 1);
+    if (o->batch < 1 || !o->image)
+        return error_set(e, "VAE training: needs a batch of at least 1 and an image source");
+    if (o->height < 1 || o->width < 1 || o->height % scale || o->width % scale)
+        return error_set(e, "VAE training: images of %d x %d, expected positive multiples of %d",
+                         o->height, o->width, scale);
+    if (c->in_channels != vae_decoder_config(dec)->out_channels)
+        return error_set(e, "VAE training: the encoder takes %d channels, the decoder makes %d",
+                         c->in_channels, vae_decoder_config(dec)->out_channels);
+    VaeTrainer *tr = calloc(1, sizeof *tr);
+    if (!tr) return error_set(e, "out of memory");
+    *tr = (VaeTrainer){.enc = enc, .dec = dec, .o = *o};
+    vae_decoder_set_checkpoint(dec, false);
+    *task = (TrainTask){.groups = {vae_encoder_params(enc), vae_decoder_params(dec)},
+                        .n_groups = 2, .loss = vae_train_loss, .ctx = tr};
+    *out = tr;
+    return 0;
+}
+
+void vae_trainer_free(VaeTrainer *tr) {
+    free(tr);
+}
+
+/* Running per-channel moments of the packed latents: count, mean and the sum of squared
+ * deviations (m2), merged batch by batch (Chan et al.), in double. */
+typedef struct VaeMoments {
+    int64_t count;
+    double *mean, *m2; /* [P] each */
+} VaeMoments;
+
+/* x: [rows, P] merged into m: the batch's own mean and m2 in two passes, then combined. */
+static void vae_moments_add(VaeMoments *m, const float *x, int64_t rows, int P) {
+    for (int k = 0; k < P; k++) {
+        double mean = 0.0, m2 = 0.0;
+        for (int64_t r = 0; r < rows; r++) mean += x[r * P + k];
+        mean /= (double)rows;
+        for (int64_t r = 0; r < rows; r++) {
+            double d = x[r * P + k] - mean;
+            m2 += d * d;
+        }
+        double n = (double)m->count, total = n + (double)rows, delta = mean - m->mean[k];
+        m->mean[k] += delta * (double)rows / total;
+        m->m2[k] += m2 + delta * delta * n * (double)rows / total;
+    }
+    m->count += rows;
+}
+
+/* The packed latents [n, h*w, P] of images (before the bn normalisation) into m. */
+static int vae_latent_moments(const VaeTrainer *tr, Tensor *images, VaeMoments *m, Error *e) {
+    const VaeConfig *c = vae_encoder_config(tr->enc);
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory");
+    tape_set_grad(t, false);
+    Var *latent = vae_encode_moments(t, tr->enc, var_new(t, images, false), NULL);
+    Var *packed = latent ? vae_pack(t, c, latent, (int)(latent->value->shape[2] / c->patch_h),
+                                    (int)(latent->value->shape[3] / c->patch_w))
+                         : NULL;
+    int rc = tape_check(t, e);
+    if (rc == 0) {
+        int64_t P = packed->value->shape[2];
+        vae_moments_add(m, packed->value->data, packed->value->numel / P, (int)P);
+    }
+    tape_free(t);
+    return rc;
+}
+
+int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) {
+    const VaeConfig *c = vae_encoder_config(tr->enc);
+    int P = c->latent_channels * c->patch_h * c->patch_w;
+    if (n_images < 1) return error_set(e, "latent statistics need at least one image");
+    VaeMoments m = {.mean = calloc((size_t)P, sizeof(double)),
+                    .m2 = calloc((size_t)P, sizeof(double))};
+    float *stats = calloc((size_t)2 * P, sizeof *stats); /* mean, then variance */
+    int rc = m.mean && m.m2 && stats ? 0 : error_set(e, "out of memory");
+    for (int first = 0; rc == 0 && first < n_images; first += tr->o.batch) {
+        int n = n_images - first < tr->o.batch ? n_images - first : tr->o.batch;
+        Tensor *images = NULL;
+        rc = vae_images(tr, seed, (uint64_t)first, n, &images, e) ||
+             vae_latent_moments(tr, images, &m, e);
+        tensor_free(images);
+    }
+    if (rc == 0 && m.count < 2) rc = error_set(e, "latent statistics need two latent pixels");
+    if (rc == 0) {
+        for (int k = 0; k < P; k++) {
+            stats[k] = (float)m.mean[k];
+            stats[P + k] = (float)(m.m2[k] / (double)(m.count - 1));
+        }
+        rc = vae_set_latent_stats(tr->enc, tr->dec, stats, stats + P, e);
+    }
+    free(m.mean);
+    free(m.m2);
+    free(stats);
+    return rc;
+}
+
+/* path's whole contents, NUL-terminated, into a new buffer. */
+static int vae_read_text(const char *path, char **out, size_t *len, Error *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return error_set(e, "cannot open %s", path);
+    char *buf = NULL;
+    long size = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
+    if (size >= 0 && fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)size + 1)) &&
+        fread(buf, 1, (size_t)size, f) == (size_t)size) {
+        buf[size] = 0;
+        *out = buf;
+        *len = (size_t)size;
+        fclose(f);
+        return 0;
+    }
+    free(buf);
+    fclose(f);
+    return error_set(e, "cannot read %s", path);
+}
+
+/* The entries of p as F32 tensors appended to items[*n], skipping names already there. */
+static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {
+    for (int i = 0; i < params_count(p); i++) {
+        const char *name = params_name(p, i);
+        bool seen = false;
+        for (size_t j = 0; j < *n && !seen; j++) seen = !strcmp(items[j].name, name);
+        if (seen) continue;
+        const Tensor *v = params_var(p, i)->value;
+        items[*n] = (StWriteTensor){.name = name, .dtype = DTYPE_F32, .ndim = v->ndim,
+                                    .data = v->data};
+        for (int d = 0; d < v->ndim; d++) items[*n].shape[d] = v->shape[d];
+        (*n)++;
+    }
+}
+
+int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
+             const char *out_dir, Error *e) {
+    char path[4096];
+    char *config = NULL;
+    size_t len = 0;
+    if (snprintf(path, sizeof path, "%s/config.json", config_dir) >= (int)sizeof path)
+        return error_set(e, "VAE directory name too long: %s", config_dir);
+    if (vae_read_text(path, &config, &len, e)) return -1;
+    int rc = dir_make(out_dir, e);
+    if (rc == 0 && snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors",
+                            out_dir) >= (int)sizeof path)
+        rc = error_set(e, "VAE directory name too long: %s", out_dir);
+    if (rc == 0) {
+        snprintf(path, sizeof path, "%s/config.json", out_dir);
+        rc = write_file_atomic(path, config, len, e);
+    }
+    free(config);
+    const Params *pe = enc->params, *pd = dec->params;
+    StWriteTensor *items = calloc((size_t)(params_count(pe) + params_count(pd)), sizeof *items);
+    if (rc == 0 && !items) rc = error_set(e, "out of memory saving the VAE");
+    if (rc == 0) {
+        size_t n = 0;
+        vae_save_entries(pe, items, &n);
+        vae_save_entries(pd, items, &n);
+        snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", out_dir);
+        rc = st_write(path, items, n, e);
+    }
+    free(items);
+    return rc;
+}
+
+/* ---- end section: vae_train ---- */

@@ -472,4 +472,46 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out);
 
 /* ---- end section: metrics ---- */
 
+/* ---- section: vae_train -----------------------------------------------------------------------
+ * Training the tiny VAE: both halves together on the reconstruction loss, then the latent
+ * batch-norm statistics measured on the trained encoder, then one diffusers directory. */
+
+/* Image number `index` of a stream as [channels, height, width] floats in [-1, 1] (the world's
+ * renders, rgb / 127.5 - 1): it must depend only on index and ctx. */
+typedef int (*VaeImageFn)(uint64_t index, int channels, int height, int width, float *chw,
+                          void *ctx, Error *e);
+
+typedef struct VaeTrainOptions {
+    int batch;           /* images per step */
+    int height, width;   /* multiples of patch * 2^(blocks-1) */
+    uint64_t seed;       /* batch `step` holds images vae_image_index(seed, step * batch + i) */
+    VaeImageFn image;
+    void *image_ctx;
+} VaeTrainOptions;
+
+typedef struct VaeTrainer VaeTrainer;
+
+/* A TrainTask over both halves' parameters (enc, dec and o->image_ctx must outlive it): the loss
+ * of step s is vae_reconstruction_loss on batch s. Turns dec's checkpoints off: at training sizes
+ * memory is small and a checkpointed backward is several times slower. */
+int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecoder *dec,
+                   const VaeTrainOptions *o, Error *e);
+void vae_trainer_free(VaeTrainer *tr);
+/* The image number of draw k from seed (a 64-bit mix, so seeds give unrelated streams). */
+uint64_t vae_image_index(uint64_t seed, uint64_t k);
+/* Batch `step`: images [batch, channels, height, width], a new tensor. */
+int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e);
+/* Measures bn.running_mean / bn.running_var (the unbiased variance, what BatchNorm's running
+ * estimate tends to) of the packed latents of n_images images of stream seed (keep it apart from
+ * the training seed) and sets them in both halves with vae_set_latent_stats, so the flow model
+ * sees latents of mean 0 and variance 1 per packed channel. */
+int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e);
+/* Writes out_dir/config.json (a copy of config_dir's) and out_dir/diffusion_pytorch_model.
+ * safetensors with every tensor of both halves (bn.* once) under the diffusers names, F32:
+ * vae_decoder_load and vae_encoder_load read it back. */
+int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
+             const char *out_dir, Error *e);
+
+/* ---- end section: vae_train ---- */
+
 #endif
