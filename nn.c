@@ -3001,6 +3001,23 @@ uint64_t vae_image_index(uint64_t seed, uint64_t k) {
     return x ^ (x >> 31);
 }
 
+int vae_world_image(uint64_t index, int channels, int height, int width, float *chw, void *ctx,
+                    Error *e) {
+    (void)ctx;
+    if (channels != 3 || height != WORLD_H || width != WORLD_W)
+        return error_set(e, "the world's images are 3 x %d x %d, not %d x %d x %d", WORLD_H,
+                         WORLD_W, channels, height, width);
+    WorldScene scene;
+    uint8_t rgb[WORLD_H * WORLD_W * 3];
+    if (world_scene(index, NULL, &scene, e)) return -1;
+    world_render(&scene, rgb);
+    /* [H, W, 3] bytes -> [3, H, W] in [-1, 1]: the inverse of the sampler's ((x + 1) / 2) * 255 */
+    for (int c = 0; c < 3; c++)
+        for (int i = 0; i < WORLD_H * WORLD_W; i++)
+            chw[c * WORLD_H * WORLD_W + i] = (float)rgb[i * 3 + c] / 127.5f - 1.0f;
+    return 0;
+}
+
 /* Images vae_image_index(seed, first + i) for i < n: [n, channels, height, width]. */
 static int vae_images(const VaeTrainer *tr, uint64_t seed, uint64_t first, int n, Tensor **out,
                       Error *e) {

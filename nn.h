@@ -481,6 +481,11 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out);
 typedef int (*VaeImageFn)(uint64_t index, int channels, int height, int width, float *chw,
                           void *ctx, Error *e);
 
+/* A VaeImageFn: the words world's scene `index` (world_scene with a drawn word), rendered,
+ * [3, WORLD_H, WORLD_W]; ctx is unused. */
+int vae_world_image(uint64_t index, int channels, int height, int width, float *chw, void *ctx,
+                    Error *e);
+
 typedef struct VaeTrainOptions {
     int batch;           /* images per step */
     int height, width;   /* multiples of patch * 2^(blocks-1) */
