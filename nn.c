@@ -1794,7 +1794,8 @@ typedef struct VaeStage {
 struct VaeDecoder {
     VaeConfig config;
     Params *params;
-    Var *bn_mean, *bn_std; /* [latent_channels * patch_h * patch_w]; std = sqrt(var + eps) */
+    Var *bn_mean, *bn_var; /* buffers, [latent_channels * patch_h * patch_w] */
+    Var *bn_std;           /* a constant, sqrt(bn_var + batch_norm_eps) */
     Conv2d post_quant_conv;   /* 1x1, weight NULL when use_post_quant_conv is false */
     Conv2d conv_in;
     VaeResnet mid_resnets[2];
@@ -1819,33 +1820,40 @@ static int vae_config_int(const JsonValue *root, const char *key, int64_t lo, in
     return 0;
 }
 
-/* The decoder's up blocks: decoder_block_out_channels when set, else block_out_channels, each
- * a positive multiple of groups, and one "UpDecoderBlock2D" per entry in up_block_types. */
+/* The channel list `key` (at most VAE_MAX_BLOCKS entries, each a positive multiple of groups)
+ * into blocks and *n, with one `type` per entry in the list `types_key`. */
+static int vae_config_channels(const JsonValue *root, const char *key, const char *types_key,
+                               const char *type, int64_t groups, int *blocks, int *n_blocks,
+                               Error *e) {
+    int64_t values[VAE_MAX_BLOCKS];
+    size_t n = 0;
+    if (json_get_int_array(root, key, values, VAE_MAX_BLOCKS, &n, e)) return -1;
+    const char *src = root->source;
+    if (n < 1) return error_set(e, "%s: %s is empty", src, key);
+    for (size_t i = 0; i < n; i++) {
+        if (values[i] < 1 || values[i] > 1 << 16 || values[i] % groups)
+            return error_set(e, "%s: %s[%zu] = %lld is not a positive multiple of norm_num_groups"
+                             " %lld", src, key, i, (long long)values[i], (long long)groups);
+        blocks[i] = (int)values[i];
+    }
+    *n_blocks = (int)n;
+    const JsonValue *types = json_get(root, types_key);
+    if (!types) return error_set(e, "%s: key '%s' is missing", src, types_key);
+    if (types->type != JSON_ARRAY || types->count != n)
+        return error_set(e, "%s: %s must list one type per entry of %s", src, types_key, key);
+    for (size_t i = 0; i < n; i++)
+        if (types->items[i].type != JSON_STRING || strcmp(types->items[i].string, type))
+            return error_set(e, "%s: %s[%zu] is not \"%s\"", src, types_key, i, type);
+    return 0;
+}
+
+/* The decoder's up blocks: decoder_block_out_channels when set, else block_out_channels. */
 static int vae_config_blocks(const JsonValue *root, VaeConfig *c, int64_t groups, Error *e) {
     const JsonValue *dec = json_get(root, "decoder_block_out_channels");
     const char *key = dec && dec->type != JSON_NULL ? "decoder_block_out_channels"
                                                     : "block_out_channels";
-    int64_t blocks[VAE_MAX_BLOCKS];
-    size_t n = 0;
-    if (json_get_int_array(root, key, blocks, VAE_MAX_BLOCKS, &n, e)) return -1;
-    const char *src = root->source;
-    if (n < 1) return error_set(e, "%s: %s is empty", src, key);
-    for (size_t i = 0; i < n; i++) {
-        if (blocks[i] < 1 || blocks[i] > 1 << 16 || blocks[i] % groups)
-            return error_set(e, "%s: %s[%zu] = %lld is not a positive multiple of norm_num_groups"
-                             " %lld", src, key, i, (long long)blocks[i], (long long)groups);
-        c->block_out_channels[i] = (int)blocks[i];
-    }
-    c->n_blocks = (int)n;
-    const JsonValue *types = json_get(root, "up_block_types");
-    if (!types) return error_set(e, "%s: key 'up_block_types' is missing", src);
-    if (types->type != JSON_ARRAY || types->count != n)
-        return error_set(e, "%s: up_block_types must list one type per entry of %s", src, key);
-    for (size_t i = 0; i < n; i++)
-        if (types->items[i].type != JSON_STRING ||
-            strcmp(types->items[i].string, "UpDecoderBlock2D"))
-            return error_set(e, "%s: up_block_types[%zu] is not \"UpDecoderBlock2D\"", src, i);
-    return 0;
+    return vae_config_channels(root, key, "up_block_types", "UpDecoderBlock2D", groups,
+                               c->block_out_channels, &c->n_blocks, e);
 }
 
 /* Every key FLUX.2's vae/config.json carries is required: a missing one is an error naming it,
@@ -1909,22 +1917,37 @@ static int vae_attention_load(VaeAttention *a, Params *st, int channels, int gro
 }
 #undef VAE_NAME
 
-/* bn.running_mean, and sqrt(bn.running_var + batch_norm_eps) as a constant, over the packed
- * channels. */
-static int vae_latent_stats_load(VaeDecoder *m, Params *st, Error *e) {
-    int packed = m->config.latent_channels * m->config.patch_h * m->config.patch_w;
-    Var *var;
-    if (!(m->bn_mean = params_load_buffer(st, e, SHAPE(packed), "bn.running_mean")) ||
-        !(var = params_load_buffer(st, e, SHAPE(packed), "bn.running_var")))
+/* bn.running_mean and bn.running_var over the packed channels: buffers of either half. */
+static int vae_latent_stats_load(const VaeConfig *c, Params *st, Var **mean, Var **var, Error *e) {
+    int packed = c->latent_channels * c->patch_h * c->patch_w;
+    if (!(*mean = params_load_buffer(st, e, SHAPE(packed), "bn.running_mean")) ||
+        !(*var = params_load_buffer(st, e, SHAPE(packed), "bn.running_var")))
         return -1;
-    Tensor *std = TENSOR_NEW(packed);
-    for (int i = 0; std && i < packed; i++) {
+    return 0;
+}
+
+/* std[i] = sqrt(var[i] + batch_norm_eps), or its reciprocal, into the [packed] tensor std. */
+static int vae_latent_std(const VaeConfig *c, const Var *var, bool reciprocal, Tensor *std,
+                          Error *e) {
+    for (int64_t i = 0; i < std->numel; i++) {
         float v = var->value->data[i];
-        if (!(v >= 0.0f)) {
-            tensor_free(std);
-            return error_set(e, "tensor 'bn.running_var' has a negative or NaN entry at %d", i);
-        }
-        std->data[i] = sqrtf(v + m->config.batch_norm_eps);
+        if (!(v >= 0.0f))
+            return error_set(e, "tensor 'bn.running_var' has a negative or NaN entry at %lld",
+                             (long long)i);
+        float s = sqrtf(v + c->batch_norm_eps);
+        std->data[i] = reciprocal ? 1.0f / s : s;
+    }
+    return 0;
+}
+
+/* The statistics, with sqrt(bn.running_var + batch_norm_eps) as a constant. */
+static int vae_decoder_stats_load(VaeDecoder *m, Params *st, Error *e) {
+    if (vae_latent_stats_load(&m->config, st, &m->bn_mean, &m->bn_var, e)) return -1;
+    Tensor *std = tensor_new(1, m->bn_var->value->shape);
+    if (!std) return error_set(e, "out of memory loading the VAE");
+    if (vae_latent_std(&m->config, m->bn_var, false, std, e)) {
+        tensor_free(std);
+        return -1;
     }
     return (m->bn_std = params_constant(st, std, e)) ? 0 : -1;
 }
@@ -1933,7 +1956,7 @@ static int vae_weights_load(VaeDecoder *m, Params *st, Error *e) {
     const VaeConfig *c = &m->config;
     int groups = c->norm_num_groups, top = c->block_out_channels[c->n_blocks - 1];
     char name[192];
-    if (vae_latent_stats_load(m, st, e) ||
+    if (vae_decoder_stats_load(m, st, e) ||
         (c->use_post_quant_conv &&
          conv2d_load(&m->post_quant_conv, st, c->latent_channels, c->latent_channels, 1, 1, 0, 1,
                      true, "post_quant_conv", e)) ||
@@ -2185,6 +2208,234 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     for (int s = 0; s < c->n_blocks; s++)
         x = vae_block(t, m, vae_stage_apply, &m->stages[s], &x, 1);
     return x;
+}
+
+/* ---- the encoder ---- */
+
+/* layers_per_block resnets, then (all but the last block) the downsampler: one zero row and
+ * column padded at the bottom and right, then a 3x3 conv of stride 2 without padding. */
+typedef struct VaeDownBlock {
+    VaeResnet *resnets;
+    Conv2d downsampler; /* weight NULL in the last block */
+} VaeDownBlock;
+
+struct VaeEncoder {
+    VaeConfig config;
+    Params *params;
+    Var *bn_mean, *bn_var;      /* buffers, [latent_channels * patch_h * patch_w] */
+    Var *bn_neg_mean, *bn_rstd; /* constants: -bn_mean, 1 / sqrt(bn_var + batch_norm_eps) */
+    Conv2d conv_in;
+    VaeDownBlock down_blocks[VAE_MAX_BLOCKS];
+    VaeResnet mid_resnets[2];
+    VaeAttention mid_attention; /* weights NULL when mid_block_add_attention is false */
+    NormParams conv_norm_out;
+    Conv2d conv_out;            /* to 2 * latent_channels: the mean, then the log-variance */
+    Conv2d quant_conv;          /* 1x1, weight NULL when use_quant_conv is false */
+};
+
+/* The keys only the encoder reads; block_out_channels is the encoder's even when the decoder
+ * has decoder_block_out_channels. */
+static int vae_encoder_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
+    if (vae_config_read(c, root, e) ||
+        vae_config_int(root, "in_channels", 1, 1 << 16, &c->in_channels, e) ||
+        json_get_bool(root, "use_quant_conv", &c->use_quant_conv, e))
+        return -1;
+    return vae_config_channels(root, "block_out_channels", "down_block_types",
+                               "DownEncoderBlock2D", c->norm_num_groups, c->down_block_out_channels,
+                               &c->n_down_blocks, e);
+}
+
+/* (x - bn_mean) / sqrt(bn_var + eps) as x + bn_neg_mean, times bn_rstd: recomputes both
+ * constants from the buffers. */
+static int vae_encoder_stats_derive(VaeEncoder *m, Error *e) {
+    for (int64_t i = 0; i < m->bn_mean->value->numel; i++)
+        m->bn_neg_mean->value->data[i] = -m->bn_mean->value->data[i];
+    return vae_latent_std(&m->config, m->bn_var, true, m->bn_rstd->value, e);
+}
+
+static int vae_encoder_stats_load(VaeEncoder *m, Params *st, Error *e) {
+    if (vae_latent_stats_load(&m->config, st, &m->bn_mean, &m->bn_var, e)) return -1;
+    if (!(m->bn_neg_mean = params_constant(st, tensor_new(1, m->bn_mean->value->shape), e)) ||
+        !(m->bn_rstd = params_constant(st, tensor_new(1, m->bn_var->value->shape), e)))
+        return -1;
+    return vae_encoder_stats_derive(m, e);
+}
+
+static int vae_encoder_weights_load(VaeEncoder *m, Params *st, Error *e) {
+    const VaeConfig *c = &m->config;
+    int groups = c->norm_num_groups, n = c->n_down_blocks;
+    int bottom = c->down_block_out_channels[0], top = c->down_block_out_channels[n - 1];
+    int moments = 2 * c->latent_channels;
+    char name[192];
+    if (vae_encoder_stats_load(m, st, e) ||
+        conv2d_load(&m->conv_in, st, c->in_channels, bottom, 3, 1, 1, 1, true, "encoder.conv_in",
+                    e))
+        return -1;
+    /* the first resnet of each block changes channels */
+    int in = bottom;
+    for (int b = 0; b < n; b++) {
+        int out = c->down_block_out_channels[b];
+        VaeDownBlock *d = &m->down_blocks[b];
+        /* one spare entry, so that layers_per_block 0 never asks calloc for 0 bytes */
+        d->resnets = calloc((size_t)c->layers_per_block + 1, sizeof *d->resnets);
+        if (!d->resnets) return error_set(e, "out of memory loading the VAE encoder");
+        for (int r = 0; r < c->layers_per_block; r++) {
+            snprintf(name, sizeof name, "encoder.down_blocks.%d.resnets.%d", b, r);
+            if (vae_resnet_load(&d->resnets[r], st, r == 0 ? in : out, out, groups, name, e))
+                return -1;
+        }
+        snprintf(name, sizeof name, "encoder.down_blocks.%d.downsamplers.0.conv", b);
+        if (b < n - 1 && conv2d_load(&d->downsampler, st, out, out, 3, 2, 0, 1, true, name, e))
+            return -1;
+        in = out;
+    }
+    if (vae_resnet_load(&m->mid_resnets[0], st, top, top, groups, "encoder.mid_block.resnets.0",
+                        e) ||
+        (c->mid_block_add_attention &&
+         vae_attention_load(&m->mid_attention, st, top, groups, "encoder.mid_block.attentions.0",
+                            e)) ||
+        vae_resnet_load(&m->mid_resnets[1], st, top, top, groups, "encoder.mid_block.resnets.1",
+                        e) ||
+        norm_load(&m->conv_norm_out, st, top, true, "encoder.conv_norm_out", e) ||
+        conv2d_load(&m->conv_out, st, top, moments, 3, 1, 1, 1, true, "encoder.conv_out", e) ||
+        (c->use_quant_conv &&
+         conv2d_load(&m->quant_conv, st, moments, moments, 1, 1, 0, 1, true, "quant_conv", e)))
+        return -1;
+    return 0;
+}
+
+static int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source,
+                            uint64_t seed, Error *e) {
+    *out = NULL;
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+        return error_set(e, "VAE directory name too long: %s", dir);
+    VaeEncoder *m = calloc(1, sizeof *m);
+    if (!m) return error_set(e, "out of memory loading the VAE encoder");
+    JsonDoc *doc = NULL;
+    StModel *st = NULL;
+    int rc = json_parse_file(&doc, path, e) ||
+             vae_encoder_config_read(&m->config, json_root(doc), e) ||
+             params_open(&m->params, &st, dir, source, seed, e) ||
+             vae_encoder_weights_load(m, m->params, e);
+    json_free(doc);
+    st_model_close(st);
+    if (rc) {
+        vae_encoder_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+int vae_encoder_load(VaeEncoder **out, const char *dir, Error *e) {
+    return vae_encoder_open(out, dir, WEIGHTS_FILES, 0, e);
+}
+
+int vae_encoder_init(VaeEncoder **out, const char *dir, uint64_t seed, Error *e) {
+    return vae_encoder_open(out, dir, WEIGHTS_FRESH, seed, e);
+}
+
+void vae_encoder_free(VaeEncoder *m) {
+    if (!m) return;
+    for (int b = 0; b < VAE_MAX_BLOCKS; b++) free(m->down_blocks[b].resnets);
+    params_free(m->params);
+    free(m);
+}
+
+const VaeConfig *vae_encoder_config(const VaeEncoder *m) {
+    return &m->config;
+}
+
+Params *vae_encoder_params(VaeEncoder *m) {
+    return m->params;
+}
+
+static void vae_stats_copy(Var *to_mean, Var *to_var, const float *mean, const float *var) {
+    memcpy(to_mean->value->data, mean, (size_t)to_mean->value->numel * sizeof *mean);
+    memcpy(to_var->value->data, var, (size_t)to_var->value->numel * sizeof *var);
+}
+
+int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
+                         Error *e) {
+    if (enc) {
+        vae_stats_copy(enc->bn_mean, enc->bn_var, mean, var);
+        if (vae_encoder_stats_derive(enc, e)) return -1;
+    }
+    if (dec) {
+        vae_stats_copy(dec->bn_mean, dec->bn_var, mean, var);
+        if (vae_latent_std(&dec->config, dec->bn_var, false, dec->bn_std->value, e)) return -1;
+    }
+    return 0;
+}
+
+/* x: [B, C, H, W] -> [B, in, H, W] -> the resnet's output, without checkpoints */
+static Var *vae_resnet_forward(Tape *t, const VaeResnet *r, Var *x) {
+    Var *h = vae_resnet_in_apply(t, &x, (void *)r);
+    Var *skip = r->conv_shortcut.weight ? conv2d_apply(t, &r->conv_shortcut, x) : x;
+    return ag_add(t, skip, vae_resnet_mid_apply(t, &h, (void *)r));
+}
+
+/* x: [B, C, H, W] -> [B, C, H+1, W+1], zeros in the new last row and column: upstream's
+ * F.pad(x, (0, 1, 0, 1)) before its stride-2 conv without padding. */
+static Var *vae_pad_bottom_right(Tape *t, Var *x) {
+    if (!x) return NULL;
+    const int64_t *s = x->value->shape;
+    Var *column = var_take(t, TENSOR_NEW(s[0], s[1], s[2], 1), false);
+    Var *wide = ag_concat(t, (Var *[]){x, column}, 2, 3);
+    Var *row = var_take(t, TENSOR_NEW(s[0], s[1], 1, s[3] + 1), false);
+    return ag_concat(t, (Var *[]){wide, row}, 2, 2);
+}
+
+Var *vae_encode_moments(Tape *t, const VaeEncoder *m, Var *image, Var **logvar) {
+    const VaeConfig *c = &m->config;
+    if (logvar) *logvar = NULL;
+    Var *x = conv2d_apply(t, &m->conv_in, image);
+    for (int b = 0; b < c->n_down_blocks; b++) {
+        const VaeDownBlock *d = &m->down_blocks[b];
+        for (int r = 0; r < c->layers_per_block; r++) x = vae_resnet_forward(t, &d->resnets[r], x);
+        if (d->downsampler.weight) x = conv2d_apply(t, &d->downsampler, vae_pad_bottom_right(t, x));
+    }
+    x = vae_resnet_forward(t, &m->mid_resnets[0], x);
+    if (c->mid_block_add_attention && x) x = vae_attention_apply(t, &x, (void *)&m->mid_attention);
+    x = vae_resnet_forward(t, &m->mid_resnets[1], x);
+    x = conv2d_apply(t, &m->conv_out, vae_norm_silu(t, &m->conv_norm_out, c->norm_num_groups, x));
+    if (c->use_quant_conv) x = conv2d_apply(t, &m->quant_conv, x);
+    if (logvar)
+        *logvar = ag_clamp(t, ag_slice(t, x, 1, c->latent_channels, c->latent_channels), -30.0f,
+                           20.0f);
+    return ag_slice(t, x, 1, 0, c->latent_channels);
+}
+
+/* latent [B, C, h*ph, w*pw] -> tokens [B, h*w, C*ph*pw], vae_unpack's inverse before the
+ * normalisation: pixel (y*ph + pi, x*pw + pj) of channel c is packed channel c*ph*pw + pi*pw + pj
+ * of token (y, x). */
+static Var *vae_pack(Tape *t, const VaeConfig *c, Var *latent, int h, int w) {
+    int64_t C = c->latent_channels, ph = c->patch_h, pw = c->patch_w;
+    int64_t B = latent->value->shape[0];
+    Var *x = ag_reshape(t, latent, 4, (int64_t[]){B, C, h, ph * w * pw});
+    x = ag_permute(t, x, (int[]){0, 2, 1, 3}); /* [B, h, C, ph*w*pw] */
+    x = ag_reshape(t, x, 5, (int64_t[]){B * h, C, ph, w, pw});
+    x = ag_permute(t, x, (int[]){0, 3, 1, 2, 4}); /* [B*h, w, C, ph, pw] */
+    return ag_reshape(t, x, 3, (int64_t[]){B, (int64_t)h * w, C * ph * pw});
+}
+
+Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
+    const VaeConfig *c = &m->config;
+    Var *latent = vae_encode_moments(t, m, image, NULL);
+    if (!latent) return NULL;
+    *h = (int)(latent->value->shape[2] / c->patch_h);
+    *w = (int)(latent->value->shape[3] / c->patch_w);
+    Var *tokens = vae_pack(t, c, latent, *h, *w);
+    return ag_mul_rows(t, ag_add_rows(t, tokens, m->bn_neg_mean), m->bn_rstd);
+}
+
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image) {
+    int h, w;
+    Var *tokens = vae_encode(t, enc, image, &h, &w);
+    if (!tokens) return NULL;
+    Var *error = ag_add(t, vae_decode(t, dec, tokens, h, w), ag_scale(t, image, -1.0f));
+    return ag_mean(t, ag_mul(t, error, error));
 }
 
 /* ---- end section: vae ---- */
@@ -3829,3 +4080,239 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
 }
 
 /* ---- end section: metrics ---- */
+
+/* ---- section: vae_train ----------------------------------------------------------------------- */
+
+/* Reconstruction only, no KL term: everything diamond does with the latent uses the mode (the
+ * mean), never a sample, so the log-variance half is never read; the mean's scale, which a KL
+ * term would keep near 1, is set afterwards by the batch-norm statistics (vae_fit_latent_stats),
+ * which the flow model sees through. Mean squared error rather than L1: smooth at 0, and at these
+ * sizes the decoded strokes come out sharp enough (see the report's measurements). */
+
+struct VaeTrainer {
+    VaeEncoder *enc;
+    VaeDecoder *dec;
+    VaeTrainOptions o;
+};
+
+uint64_t vae_image_index(uint64_t seed, uint64_t k) {
+    /* splitmix64's finaliser over seed and k combined */
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + k + 0x632BE59BD9B4E019ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+int vae_world_image(uint64_t index, int channels, int height, int width, float *chw, void *ctx,
+                    Error *e) {
+    (void)ctx;
+    if (channels != 3 || height != WORLD_H || width != WORLD_W)
+        return error_set(e, "the world's images are 3 x %d x %d, not %d x %d x %d", WORLD_H,
+                         WORLD_W, channels, height, width);
+    WorldScene scene;
+    uint8_t rgb[WORLD_H * WORLD_W * 3];
+    if (world_scene(index, NULL, &scene, e)) return -1;
+    world_render(&scene, rgb);
+    /* [H, W, 3] bytes -> [3, H, W] in [-1, 1]: the inverse of the sampler's ((x + 1) / 2) * 255 */
+    for (int c = 0; c < 3; c++)
+        for (int i = 0; i < WORLD_H * WORLD_W; i++)
+            chw[c * WORLD_H * WORLD_W + i] = (float)rgb[i * 3 + c] / 127.5f - 1.0f;
+    return 0;
+}
+
+/* Images vae_image_index(seed, first + i) for i < n: [n, channels, height, width]. */
+static int vae_images(const VaeTrainer *tr, uint64_t seed, uint64_t first, int n, Tensor **out,
+                      Error *e) {
+    const VaeTrainOptions *o = &tr->o;
+    int C = vae_encoder_config(tr->enc)->in_channels;
+    Tensor *images = TENSOR_NEW(n, C, o->height, o->width);
+    if (!images) return error_set(e, "out of memory for a batch of %d images", n);
+    size_t each = (size_t)C * o->height * o->width;
+    for (int i = 0; i < n; i++)
+        if (o->image(vae_image_index(seed, first + (uint64_t)i), C, o->height, o->width,
+                     images->data + i * each, o->image_ctx, e)) {
+            tensor_free(images);
+            return -1;
+        }
+    *out = images;
+    return 0;
+}
+
+int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e) {
+    return vae_images(tr, tr->o.seed, (uint64_t)step * (uint64_t)tr->o.batch, tr->o.batch, images,
+                      e);
+}
+
+static Var *vae_train_loss(Tape *t, int64_t step, void *ctx, Error *e) {
+    const VaeTrainer *tr = ctx;
+    Tensor *images;
+    if (vae_batch(tr, step, &images, e)) return NULL;
+    Var *loss = vae_reconstruction_loss(t, tr->enc, tr->dec, var_take(t, images, false));
+    return tape_check(t, e) ? NULL : loss;
+}
+
+int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecoder *dec,
+                   const VaeTrainOptions *o, Error *e) {
+    *out = NULL;
+    const VaeConfig *c = vae_encoder_config(enc);
+    int scale = c->patch_h << (c->n_down_blocks - 1);
+    if (o->batch < 1 || !o->image)
+        return error_set(e, "VAE training: needs a batch of at least 1 and an image source");
+    if (o->height < 1 || o->width < 1 || o->height % scale || o->width % scale)
+        return error_set(e, "VAE training: images of %d x %d, expected positive multiples of %d",
+                         o->height, o->width, scale);
+    if (c->in_channels != vae_decoder_config(dec)->out_channels)
+        return error_set(e, "VAE training: the encoder takes %d channels, the decoder makes %d",
+                         c->in_channels, vae_decoder_config(dec)->out_channels);
+    VaeTrainer *tr = calloc(1, sizeof *tr);
+    if (!tr) return error_set(e, "out of memory");
+    *tr = (VaeTrainer){.enc = enc, .dec = dec, .o = *o};
+    vae_decoder_set_checkpoint(dec, false);
+    *task = (TrainTask){.groups = {vae_encoder_params(enc), vae_decoder_params(dec)},
+                        .n_groups = 2, .loss = vae_train_loss, .ctx = tr};
+    *out = tr;
+    return 0;
+}
+
+void vae_trainer_free(VaeTrainer *tr) {
+    free(tr);
+}
+
+/* Running per-channel moments of the packed latents: count, mean and the sum of squared
+ * deviations (m2), merged batch by batch (Chan et al.), in double. */
+typedef struct VaeMoments {
+    int64_t count;
+    double *mean, *m2; /* [P] each */
+} VaeMoments;
+
+/* x: [rows, P] merged into m: the batch's own mean and m2 in two passes, then combined. */
+static void vae_moments_add(VaeMoments *m, const float *x, int64_t rows, int P) {
+    for (int k = 0; k < P; k++) {
+        double mean = 0.0, m2 = 0.0;
+        for (int64_t r = 0; r < rows; r++) mean += x[r * P + k];
+        mean /= (double)rows;
+        for (int64_t r = 0; r < rows; r++) {
+            double d = x[r * P + k] - mean;
+            m2 += d * d;
+        }
+        double n = (double)m->count, total = n + (double)rows, delta = mean - m->mean[k];
+        m->mean[k] += delta * (double)rows / total;
+        m->m2[k] += m2 + delta * delta * n * (double)rows / total;
+    }
+    m->count += rows;
+}
+
+/* The packed latents [n, h*w, P] of images (before the bn normalisation) into m. */
+static int vae_latent_moments(const VaeTrainer *tr, Tensor *images, VaeMoments *m, Error *e) {
+    const VaeConfig *c = vae_encoder_config(tr->enc);
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory");
+    tape_set_grad(t, false);
+    Var *latent = vae_encode_moments(t, tr->enc, var_new(t, images, false), NULL);
+    Var *packed = latent ? vae_pack(t, c, latent, (int)(latent->value->shape[2] / c->patch_h),
+                                    (int)(latent->value->shape[3] / c->patch_w))
+                         : NULL;
+    int rc = tape_check(t, e);
+    if (rc == 0) {
+        int64_t P = packed->value->shape[2];
+        vae_moments_add(m, packed->value->data, packed->value->numel / P, (int)P);
+    }
+    tape_free(t);
+    return rc;
+}
+
+int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) {
+    const VaeConfig *c = vae_encoder_config(tr->enc);
+    int P = c->latent_channels * c->patch_h * c->patch_w;
+    if (n_images < 1) return error_set(e, "latent statistics need at least one image");
+    VaeMoments m = {.mean = calloc((size_t)P, sizeof(double)),
+                    .m2 = calloc((size_t)P, sizeof(double))};
+    float *stats = calloc((size_t)2 * P, sizeof *stats); /* mean, then variance */
+    int rc = m.mean && m.m2 && stats ? 0 : error_set(e, "out of memory");
+    for (int first = 0; rc == 0 && first < n_images; first += tr->o.batch) {
+        int n = n_images - first < tr->o.batch ? n_images - first : tr->o.batch;
+        Tensor *images = NULL;
+        rc = vae_images(tr, seed, (uint64_t)first, n, &images, e) ||
+             vae_latent_moments(tr, images, &m, e);
+        tensor_free(images);
+    }
+    if (rc == 0 && m.count < 2) rc = error_set(e, "latent statistics need two latent pixels");
+    if (rc == 0) {
+        for (int k = 0; k < P; k++) {
+            stats[k] = (float)m.mean[k];
+            stats[P + k] = (float)(m.m2[k] / (double)(m.count - 1));
+        }
+        rc = vae_set_latent_stats(tr->enc, tr->dec, stats, stats + P, e);
+    }
+    free(m.mean);
+    free(m.m2);
+    free(stats);
+    return rc;
+}
+
+/* path's whole contents, NUL-terminated, into a new buffer. */
+static int vae_read_text(const char *path, char **out, size_t *len, Error *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return error_set(e, "cannot open %s", path);
+    char *buf = NULL;
+    long size = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
+    if (size >= 0 && fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)size + 1)) &&
+        fread(buf, 1, (size_t)size, f) == (size_t)size) {
+        buf[size] = 0;
+        *out = buf;
+        *len = (size_t)size;
+        fclose(f);
+        return 0;
+    }
+    free(buf);
+    fclose(f);
+    return error_set(e, "cannot read %s", path);
+}
+
+/* The entries of p as F32 tensors appended to items[*n], skipping names already there. */
+static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {
+    for (int i = 0; i < params_count(p); i++) {
+        const char *name = params_name(p, i);
+        bool seen = false;
+        for (size_t j = 0; j < *n && !seen; j++) seen = !strcmp(items[j].name, name);
+        if (seen) continue;
+        const Tensor *v = params_var(p, i)->value;
+        items[*n] = (StWriteTensor){.name = name, .dtype = DTYPE_F32, .ndim = v->ndim,
+                                    .data = v->data};
+        for (int d = 0; d < v->ndim; d++) items[*n].shape[d] = v->shape[d];
+        (*n)++;
+    }
+}
+
+int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
+             const char *out_dir, Error *e) {
+    char path[4096];
+    char *config = NULL;
+    size_t len = 0;
+    if (snprintf(path, sizeof path, "%s/config.json", config_dir) >= (int)sizeof path)
+        return error_set(e, "VAE directory name too long: %s", config_dir);
+    if (vae_read_text(path, &config, &len, e)) return -1;
+    int rc = dir_make(out_dir, e);
+    if (rc == 0 && snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors",
+                            out_dir) >= (int)sizeof path)
+        rc = error_set(e, "VAE directory name too long: %s", out_dir);
+    if (rc == 0) {
+        snprintf(path, sizeof path, "%s/config.json", out_dir);
+        rc = write_file_atomic(path, config, len, e);
+    }
+    free(config);
+    const Params *pe = enc->params, *pd = dec->params;
+    StWriteTensor *items = calloc((size_t)(params_count(pe) + params_count(pd)), sizeof *items);
+    if (rc == 0 && !items) rc = error_set(e, "out of memory saving the VAE");
+    if (rc == 0) {
+        size_t n = 0;
+        vae_save_entries(pe, items, &n);
+        vae_save_entries(pd, items, &n);
+        snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", out_dir);
+        rc = st_write(path, items, n, e);
+    }
+    free(items);
+    return rc;
+}
+
+/* ---- end section: vae_train ---- */

@@ -223,6 +223,11 @@ typedef struct VaeConfig {
     int patch_h, patch_w;    /* patch_size: tokens carry latent_channels * patch_h * patch_w */
     float batch_norm_eps;
     bool use_post_quant_conv, mid_block_add_attention;
+    /* The encoder's keys, read only by the encoder's loaders (a decoder needs none of them). */
+    int in_channels;         /* 3 */
+    int n_down_blocks;       /* entries of block_out_channels (and down_block_types) */
+    int down_block_out_channels[VAE_MAX_BLOCKS]; /* block_out_channels */
+    bool use_quant_conv;
 } VaeConfig;
 
 /* The loaded decoder: config, f32 weights, and whether blocks are checkpointed. */
@@ -249,6 +254,35 @@ Params *vae_decoder_params(VaeDecoder *m);
  * forward runs up to four times. Off keeps every intermediate: the same gradients bit for
  * bit, a faster backward, far more memory. */
 void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
+
+/* The encoder half of AutoencoderKLFlux2, with the FLUX.2 pipeline's latent packing behind it:
+ * an image in [-1, 1] in, normalised transformer tokens out (what vae_decode takes). It reads the
+ * same directory as the decoder (the encoder.*, quant_conv.* and bn.* tensors). No checkpoints:
+ * it runs on the small images of training, where memory is no concern. */
+typedef struct VaeEncoder VaeEncoder;
+
+int vae_encoder_load(VaeEncoder **out, const char *dir, Error *e);
+/* The encoder <dir>/config.json describes with fresh weights from seed (params_new_init). */
+int vae_encoder_init(VaeEncoder **out, const char *dir, uint64_t seed, Error *e);
+void vae_encoder_free(VaeEncoder *m);
+const VaeConfig *vae_encoder_config(const VaeEncoder *m);
+/* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
+Params *vae_encoder_params(VaeEncoder *m);
+/* image: [B, in_channels, H, W], H and W multiples of 2^(n_down_blocks-1) -> the mean of the
+ * latent distribution (its mode), [B, latent_channels, H/2^(n-1), W/2^(n-1)]; *logvar (when not
+ * NULL) gets its log-variance clamped to [-30, 20], as diffusers' DiagonalGaussianDistribution. */
+Var *vae_encode_moments(Tape *t, const VaeEncoder *m, Var *image, Var **logvar);
+/* image: [B, in_channels, H, W] -> tokens [B, h*w, latent_channels*patch_h*patch_w], the
+ * pipeline's patchified, bn-normalised, packed latent (*h, *w: the token grid); vae_decode
+ * inverts the packing. H and W must be multiples of patch * 2^(n_down_blocks-1). */
+Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w);
+/* New latent statistics, [latent_channels*patch_h*patch_w] each, into bn.running_mean and
+ * bn.running_var of both halves (either may be NULL), and into what they derive from them. */
+int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
+                         Error *e);
+/* image: [B, in_channels, H, W] -> [1], the training loss mean((decode(encode(image)) - image)^2)
+ * (H and W as vae_encode wants them; out_channels must equal in_channels). */
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image);
 
 /* ---- end section: vae ---- */
 
@@ -620,5 +654,52 @@ typedef struct EvalSummary {
 void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out);
 
 /* ---- end section: metrics ---- */
+
+/* ---- section: vae_train -----------------------------------------------------------------------
+ * Training the tiny VAE: both halves together on the reconstruction loss, then the latent
+ * batch-norm statistics measured on the trained encoder, then one diffusers directory. */
+
+/* Image number `index` of a stream as [channels, height, width] floats in [-1, 1] (the world's
+ * renders, rgb / 127.5 - 1): it must depend only on index and ctx. */
+typedef int (*VaeImageFn)(uint64_t index, int channels, int height, int width, float *chw,
+                          void *ctx, Error *e);
+
+/* A VaeImageFn: the words world's scene `index` (world_scene with a drawn word), rendered,
+ * [3, WORLD_H, WORLD_W]; ctx is unused. */
+int vae_world_image(uint64_t index, int channels, int height, int width, float *chw, void *ctx,
+                    Error *e);
+
+typedef struct VaeTrainOptions {
+    int batch;           /* images per step */
+    int height, width;   /* multiples of patch * 2^(blocks-1) */
+    uint64_t seed;       /* batch `step` holds images vae_image_index(seed, step * batch + i) */
+    VaeImageFn image;
+    void *image_ctx;
+} VaeTrainOptions;
+
+typedef struct VaeTrainer VaeTrainer;
+
+/* A TrainTask over both halves' parameters (enc, dec and o->image_ctx must outlive it): the loss
+ * of step s is vae_reconstruction_loss on batch s. Turns dec's checkpoints off: at training sizes
+ * memory is small and a checkpointed backward is several times slower. */
+int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecoder *dec,
+                   const VaeTrainOptions *o, Error *e);
+void vae_trainer_free(VaeTrainer *tr);
+/* The image number of draw k from seed (a 64-bit mix, so seeds give unrelated streams). */
+uint64_t vae_image_index(uint64_t seed, uint64_t k);
+/* Batch `step`: images [batch, channels, height, width], a new tensor. */
+int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e);
+/* Measures bn.running_mean / bn.running_var (the unbiased variance, what BatchNorm's running
+ * estimate tends to) of the packed latents of n_images images of stream seed (keep it apart from
+ * the training seed) and sets them in both halves with vae_set_latent_stats, so the flow model
+ * sees latents of mean 0 and variance 1 per packed channel. */
+int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e);
+/* Writes out_dir/config.json (a copy of config_dir's) and out_dir/diffusion_pytorch_model.
+ * safetensors with every tensor of both halves (bn.* once) under the diffusers names, F32:
+ * vae_decoder_load and vae_encoder_load read it back. */
+int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
+             const char *out_dir, Error *e);
+
+/* ---- end section: vae_train ---- */
 
 #endif

@@ -5,10 +5,21 @@ Decoder, UNetMidBlock2D, UpDecoderBlock2D, ResnetBlock2D, Upsample2D, AttnProces
 the FLUX.2 pipeline's latent unpacking (pipeline_flux2_klein.py: _unpack_latents_with_ids, the
 bn de-normalisation, _unpatchify_latents), written from the upstream source.
 
+The encoder half (vae.py Encoder, DownEncoderBlock2D, Downsample2D with padding 0, the
+mid block, double_z, quant_conv, DiagonalGaussianDistribution's mean and clamped logvar) and
+the pipeline's packing of an encoded image (pipeline_flux2_klein.py: _encode_vae_image's
+argmax latents, _patchify_latents, the bn normalisation, _pack_latents) likewise.
+
 Writes, deterministically:
-  tests/fixtures/tiny-flux2/vae/       config.json + diffusion_pytorch_model.safetensors (F32)
-  tests/fixtures/tiny-flux2-bf16/vae/  the same weights rounded to BF16
+  tests/fixtures/tiny-flux2/vae/       config.json + diffusion_pytorch_model.safetensors (F32):
+                                       decoder and (from a generator of their own, so the
+                                       decoder's tensors and goldens do not move) encoder weights
+  tests/fixtures/tiny-flux2-bf16/vae/  the decoder weights rounded to BF16
   tests/golden/vae.safetensors         tokens, r, image and d sum(image * r) / d tokens
+  tests/golden/vae_encoder.safetensors the encoder's moments and tokens and d loss / d image for
+                                       a weighted sum of them; the reconstruction loss
+                                       mean((decode(encode(x)) - x)^2), d loss / d image and
+                                       d loss / d every encoder and decoder parameter
 
 Run with /usr/bin/python3 (Debian's torch). No pip packages: safetensors is written by hand.
 
@@ -119,6 +130,52 @@ def make_weights(config, gen):
     return w
 
 
+def make_encoder_weights(config, gen):
+    """The encoder's tensors (and quant_conv), scaled like make_weights'."""
+    w = {}
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
+
+    def conv(name, cin, cout, k):
+        w[name + ".weight"] = randn(cout, cin, k, k, scale=(cin * k * k) ** -0.5)
+        w[name + ".bias"] = randn(cout, scale=0.1)
+
+    def norm(name, c):
+        w[name + ".weight"] = 1.0 + randn(c, scale=0.2)
+        w[name + ".bias"] = randn(c, scale=0.2)
+
+    def resnet(name, cin, cout):
+        norm(name + ".norm1", cin)
+        conv(name + ".conv1", cin, cout, 3)
+        norm(name + ".norm2", cout)
+        conv(name + ".conv2", cout, cout, 3)
+        if cin != cout:
+            conv(name + ".conv_shortcut", cin, cout, 1)
+
+    blocks = config["block_out_channels"]
+    top, moments = blocks[-1], 2 * config["latent_channels"]
+    conv("encoder.conv_in", config["in_channels"], blocks[0], 3)
+    cin = blocks[0]
+    for b, cout in enumerate(blocks):
+        for r in range(config["layers_per_block"]):
+            resnet("encoder.down_blocks.%d.resnets.%d" % (b, r), cin if r == 0 else cout, cout)
+        if b < len(blocks) - 1:
+            conv("encoder.down_blocks.%d.downsamplers.0.conv" % b, cout, cout, 3)
+        cin = cout
+    resnet("encoder.mid_block.resnets.0", top, top)
+    prefix = "encoder.mid_block.attentions.0"
+    norm(prefix + ".group_norm", top)
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        w[prefix + "." + proj + ".weight"] = randn(top, top, scale=top ** -0.5)
+        w[prefix + "." + proj + ".bias"] = randn(top, scale=0.1)
+    resnet("encoder.mid_block.resnets.1", top, top)
+    norm("encoder.conv_norm_out", top)
+    conv("encoder.conv_out", top, moments, 3)
+    conv("quant_conv", moments, moments, 1)
+    return w
+
+
 # ---- the model, float64 ----
 
 def group_norm_silu(x, p, name, groups):
@@ -182,6 +239,69 @@ def decode(tokens, p, config, h, w):
     return conv(x, p, "decoder.conv_out", 1)
 
 
+def encode_moments(image, p, config):
+    """Encoder + quant_conv -> (mean, logvar) of DiagonalGaussianDistribution."""
+    g, lc = config["norm_num_groups"], config["latent_channels"]
+    x = conv(image, p, "encoder.conv_in", 1)
+    n_blocks = len(config["block_out_channels"])
+    for b in range(n_blocks):
+        for r in range(config["layers_per_block"]):
+            x = resnet(x, p, "encoder.down_blocks.%d.resnets.%d" % (b, r), g)
+        if b < n_blocks - 1:  # Downsample2D(padding=0): pad right and bottom, stride-2 conv
+            x = F.conv2d(F.pad(x, (0, 1, 0, 1)),
+                         p["encoder.down_blocks.%d.downsamplers.0.conv.weight" % b],
+                         p["encoder.down_blocks.%d.downsamplers.0.conv.bias" % b], stride=2)
+    x = resnet(x, p, "encoder.mid_block.resnets.0", g)
+    if config["mid_block_add_attention"]:
+        x = attention(x, p, "encoder.mid_block.attentions.0", g)
+    x = resnet(x, p, "encoder.mid_block.resnets.1", g)
+    x = conv(group_norm_silu(x, p, "encoder.conv_norm_out", g), p, "encoder.conv_out", 1)
+    if config["use_quant_conv"]:
+        x = conv(x, p, "quant_conv", 0)
+    mean, logvar = torch.chunk(x, 2, dim=1)
+    assert mean.shape[1] == lc
+    return mean, torch.clamp(logvar, -30.0, 20.0)
+
+
+def pack_latents(mean, p, config):
+    """The pipeline after vae.encode: patchify, bn-normalise, pack -> ([B, h*w, ch], h, w)."""
+    B, C, H, W = mean.shape
+    ph, pw = config["patch_size"]
+    x = mean.view(B, C, H // ph, ph, W // pw, pw).permute(0, 1, 3, 5, 2, 4)
+    x = x.reshape(B, C * ph * pw, H // ph, W // pw)
+    std = torch.sqrt(p["bn.running_var"].view(1, -1, 1, 1) + config["batch_norm_eps"])
+    x = (x - p["bn.running_mean"].view(1, -1, 1, 1)) / std
+    return x.reshape(B, C * ph * pw, -1).permute(0, 2, 1), H // ph, W // pw
+
+
+def encoder_goldens(weights, gen, config=CONFIG):
+    """Inputs from gen; outputs and gradients in float64, stored f32."""
+    p = {k: v.double().requires_grad_(not k.startswith("bn.")) for k, v in weights.items()}
+    golden = {}
+    # encoder alone: moments, tokens, d (sum(tokens * r) + sum(logvar * s)) / d image
+    image = torch.rand(2, config["in_channels"], 16, 24, generator=gen) * 2 - 1
+    x = image.double().requires_grad_(True)
+    mean, logvar = encode_moments(x, p, config)
+    tokens, h, w = pack_latents(mean, p, config)
+    r = torch.randn(tokens.shape, generator=gen)
+    s = torch.randn(logvar.shape, generator=gen)
+    ((tokens * r.double()).sum() + (logvar * s.double()).sum()).backward()
+    golden.update({"enc.image": image, "enc.r": r, "enc.s": s, "enc.mean": mean.detach(),
+                   "enc.logvar": logvar.detach(), "enc.tokens": tokens.detach(),
+                   "enc.grad": x.grad})
+    # the training loss through both halves, with every parameter's gradient
+    for v in p.values():
+        v.grad = None
+    image = torch.rand(2, config["in_channels"], 16, 8, generator=gen) * 2 - 1
+    x = image.double().requires_grad_(True)
+    tokens, h, w = pack_latents(encode_moments(x, p, config)[0], p, config)
+    loss = ((decode(tokens, p, config, h, w) - x) ** 2).mean()
+    loss.backward()
+    golden.update({"ae.image": image, "ae.loss": loss.detach().view(1), "ae.grad": x.grad})
+    golden.update({"ae.grad." + k: v.grad for k, v in p.items() if v.grad is not None})
+    return {k: v.float() for k, v in golden.items()}
+
+
 def run_case(weights, tokens, r, h, w, config=CONFIG):
     """image and d sum(image * r) / d tokens, in float64."""
     p = {k: v.double() for k, v in weights.items()}
@@ -196,8 +316,13 @@ def main():
     gen = torch.Generator().manual_seed(20261126)
     weights = make_weights(CONFIG, gen)
     weights_bf16 = {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
-    write_fixture(os.path.join(ROOT, "tests/fixtures/tiny-flux2/vae"), weights, "F32")
+    enc_gen = torch.Generator().manual_seed(20261127)
+    encoder_weights = make_encoder_weights(CONFIG, enc_gen)
+    write_fixture(os.path.join(ROOT, "tests/fixtures/tiny-flux2/vae"),
+                  dict(weights, **encoder_weights), "F32")
     write_fixture(os.path.join(ROOT, "tests/fixtures/tiny-flux2-bf16/vae"), weights, "BF16")
+    safetensors_file.write(os.path.join(ROOT, "tests/golden/vae_encoder.safetensors"),
+                           encoder_goldens(dict(weights, **encoder_weights), enc_gen))
 
     packed = CONFIG["latent_channels"] * CONFIG["patch_size"][0] * CONFIG["patch_size"][1]
     up = CONFIG["patch_size"][0] * 2 ** (len(CONFIG["block_out_channels"]) - 1)
