@@ -2454,7 +2454,94 @@ static int train_detector_save(void *state, const TrainArgs *a, Error *e) {
     return 0;
 }
 
+/* vae: both halves fresh from the config, vae_train_task on world images; then the latent
+ * statistics on held-out images and vae_save. */
+typedef struct VaeRun {
+    VaeEncoder *encoder;
+    VaeDecoder *decoder;
+    VaeTrainer *trainer;
+} VaeRun;
+
+static void train_vae_close(void *state) {
+    VaeRun *v = state;
+    vae_trainer_free(v->trainer);
+    vae_encoder_free(v->encoder);
+    vae_decoder_free(v->decoder);
+    free(v);
+}
+
+static int train_vae_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
+    VaeRun *v = calloc(1, sizeof *v);
+    if (!v) return error_set(e, "out of memory");
+    *state = v;
+    VaeTrainOptions o = {.batch = a->batch, .height = WORLD_H, .width = WORLD_W,
+                         .seed = a->seed, .image = vae_world_image};
+    return vae_encoder_init(&v->encoder, a->config, a->seed, e) ||
+                   vae_decoder_init(&v->decoder, a->config, a->seed, e) ||
+                   vae_train_task(task, &v->trainer, v->encoder, v->decoder, &o, e)
+               ? -1
+               : 0;
+}
+
+static int train_vae_save(void *state, const TrainArgs *a, Error *e) {
+    VaeRun *v = state;
+    return vae_fit_latent_stats(v->trainer, TRAIN_HELD_OUT_SEED, 1024, e) ||
+                   vae_save(v->encoder, v->decoder, a->config, a->out, e)
+               ? -1
+               : 0;
+}
+
+/* text+flow: transformer and text encoder fresh from <config>/transformer and
+ * <config>/text_encoder, trained on the latents of the trained VAE in --vae. */
+typedef struct FlowRun {
+    VaeEncoder *vae;
+    Flux2 *flow;
+    TextEncoder *text;
+    FlowTrainer *trainer;
+    FlowWorld world;
+} FlowRun;
+
+static void train_flow_close(void *state) {
+    FlowRun *f = state;
+    flow_trainer_free(f->trainer);
+    flux2_free(f->flow);
+    text_encoder_free(f->text);
+    vae_encoder_free(f->vae);
+    free(f);
+}
+
+static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
+    FlowRun *f = calloc(1, sizeof *f);
+    char dir[2][4200];
+    if (!f) return error_set(e, "out of memory");
+    *state = f;
+    if (!a->vae) return error_set(e, "text+flow trains on a VAE's latents: give --vae DIR");
+    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->config);
+    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->config);
+    if (vae_encoder_load(&f->vae, a->vae, e) || flux2_init(&f->flow, dir[0], a->seed, e) ||
+        text_encoder_init(&f->text, dir[1], a->seed, e))
+        return -1;
+    const VaeConfig *vc = vae_encoder_config(f->vae);
+    int up = 1 << (vc->n_down_blocks - 1);
+    f->world = (FlowWorld){f->vae, a->seed, WORLD_H / (vc->patch_h * up),
+                           WORLD_W / (vc->patch_w * up), flux2_config(f->flow)->in_channels};
+    FlowTrainOptions o = {.batch = a->batch, .h = f->world.h, .w = f->world.w, .seed = a->seed,
+                          .logit_mean = 0.0, .logit_std = 1.0, .data = flow_world_batch,
+                          .data_ctx = &f->world};
+    return flow_train_task(task, &f->trainer, f->flow, f->text, &o, e);
+}
+
+static int train_flow_save(void *state, const TrainArgs *a, Error *e) {
+    FlowRun *f = state;
+    char dir[2][4200];
+    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->out);
+    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->out);
+    return flux2_save(f->flow, dir[0], e) || text_encoder_save(f->text, dir[1], e) ? -1 : 0;
+}
+
 static const Trainer trainers[] = {
+    {"vae", 3000, 100, 16, 2e-3f, train_vae_open, train_vae_save, train_vae_close},
+    {"text+flow", 12000, 300, 16, 1e-3f, train_flow_open, train_flow_save, train_flow_close},
     {"detector", 5000, 250, 32, 5e-3f, train_detector_open, train_detector_save,
      train_detector_close},
 };

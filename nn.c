@@ -3431,6 +3431,39 @@ int flow_train_task(TrainTask *task, FlowTrainer **out, Flux2 *flow, TextEncoder
     return 0;
 }
 
+int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], float *x0,
+                     void *ctx, Error *e) {
+    const FlowWorld *world = ctx;
+    Tensor *images = TENSOR_NEW(batch, 3, WORLD_H, WORLD_W);
+    if (!images) return error_set(e, "out of memory for a batch of world images");
+    int64_t plane = 3 * WORLD_H * WORLD_W;
+    int rc = 0;
+    for (int b = 0; rc == 0 && b < batch; b++) {
+        uint64_t index = vae_image_index(world->seed, (uint64_t)step * (uint64_t)batch + (uint64_t)b);
+        WorldScene scene;
+        rc = world_scene(index, NULL, &scene, e) ||
+             vae_world_image(index, 3, WORLD_H, WORLD_W, images->data + b * plane, NULL, e);
+        if (rc == 0) snprintf(prompts[b], FLOW_PROMPT_MAX, "%s", scene.word);
+    }
+    Tape *t = rc == 0 ? tape_new() : NULL;
+    if (rc == 0 && !t) rc = error_set(e, "out of memory");
+    if (rc == 0) {
+        int h = 0, w = 0;
+        tape_set_grad(t, false);
+        Var *tokens = vae_encode(t, world->vae, var_new(t, images, false), &h, &w);
+        rc = tape_check(t, e);
+        const Tensor *v = rc == 0 ? tokens->value : NULL;
+        if (v && (v->shape[1] != (int64_t)world->h * world->w || v->shape[2] != world->channels))
+            rc = error_set(e, "the VAE makes %dx%d tokens of %lld channels, the flow model takes "
+                              "%dx%d of %d", h, w, (long long)v->shape[2], world->h, world->w,
+                           world->channels);
+        if (rc == 0) memcpy(x0, v->data, (size_t)v->numel * sizeof(float));
+    }
+    tape_free(t);
+    tensor_free(images);
+    return rc;
+}
+
 /* ---- end section: text+flow training ---- */
 
 /* ---- section: detector_train ----------------------------------------------------------------- */

@@ -452,6 +452,17 @@ void flow_trainer_free(FlowTrainer *f);
 void flow_noise(uint64_t seed, int64_t step, int batch, int64_t per_sample, double logit_mean,
                 double logit_std, float *noise, float *sigma);
 
+/* The words world as a FlowBatchFn: sample b of batch `step` is the world scene
+ * vae_image_index(seed, step * batch + b) (a drawn word), its word the prompt and its image's VAE
+ * tokens the clean latent x0 (the encoder run without gradients). */
+typedef struct FlowWorld {
+    const VaeEncoder *vae;
+    uint64_t seed;
+    int h, w, channels; /* the token grid and width x0 holds: the VAE's must match */
+} FlowWorld;
+int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], float *x0,
+                     void *ctx, Error *e);
+
 /* ---- end section: text+flow training ---- */
 
 /* ---- section: detector_train ----------------------------------------------------------------
