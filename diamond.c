@@ -2243,15 +2243,19 @@ static int search_main(int argc, char **argv) {
 
 static const char *world_usage =
     "usage: diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png|.ppm\n"
+    "       diamond world --list N [--seed S]\n"
     "  a scene of the words world (WORD: 2-4 letters or digits, drawn from the seed when absent),\n"
     "  and with --corrupt its corruption (of type NAME, drawn when absent) and mask beside it,\n"
-    "  enlarged 4x; prints what the oracle reads in each\n";
+    "  enlarged 4x; prints what the oracle reads in each. --list prints a `prompt` CSV of the\n"
+    "  words of the scenes of seeds S .. S+N-1 instead (an evaluation set for eval and\n"
+    "  search-seeds)\n";
 
 typedef struct WorldArgs {
     const char *word, *out;
     uint64_t seed;
     bool corrupt;
     int type;
+    long list; /* > 0: print this many words instead of a picture */
 } WorldArgs;
 
 static int world_parse_type(const char *name) {
@@ -2276,12 +2280,20 @@ static int world_parse(int argc, char **argv, WorldArgs *a, Error *e) {
         } else if (!strcmp(argv[i], "--seed") && has_value) {
             if (eval_parse_seed(argv[++i], &a->seed))
                 return error_set(e, "--seed '%s' is not a whole number in 0..2^63-1", argv[i]);
+        } else if (!strcmp(argv[i], "--list") && has_value) {
+            char *end;
+            a->list = strtol(argv[++i], &end, 10);
+            if (*end || a->list < 1 || a->list > 1000000)
+                return error_set(e, "--list '%s' is not a count in 1..1000000", argv[i]);
         } else {
             return error_set(e, "unknown option or missing value: '%s'", argv[i]);
         }
     }
     WorldScene check;
     if (a->word && world_scene(0, a->word, &check, e)) return -1;
+    if (a->list && (a->word || a->corrupt || a->out))
+        return error_set(e, "--list takes only --seed");
+    if (a->list) return 0;
     if (!a->out) return error_set(e, "-o OUT.png|.ppm is required");
     const char *dot = strrchr(a->out, '.');
     if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
@@ -2317,8 +2329,20 @@ static void world_print_reading(const char *what, const uint8_t *rgb, const char
            oracle_reads_as(&r, word) ? "as the word" : r.all_legible ? "legible, another word" : "illegible");
 }
 
+/* The `prompt` CSV of --list. */
+static int world_list(const WorldArgs *a, Error *e) {
+    printf("prompt\n");
+    for (long i = 0; i < a->list; i++) {
+        WorldScene s;
+        if (world_scene(a->seed + (uint64_t)i, NULL, &s, e)) return -1;
+        printf("%s\n", s.word);
+    }
+    return 0;
+}
+
 static int world_run(const WorldArgs *a, Error *e) {
     enum { ZOOM = 4 };
+    if (a->list) return world_list(a, e);
     WorldScene s;
     uint8_t clean[WORLD_W * WORLD_H * 3], damaged[WORLD_W * WORLD_H * 3], mask[WORLD_W * WORLD_H];
     WorldDamage d;

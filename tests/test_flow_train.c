@@ -251,7 +251,50 @@ static void test_errors(void) {
     text_encoder_free(text);
 }
 
+/* flow_world_batch: sample b's prompt is its scene's word and its x0 the VAE tokens of that
+ * scene's image; a flow grid the VAE does not make is refused. */
+static void test_world_batch(void) {
+    VaeEncoder *vae = NULL;
+    Error e = {{0}};
+    if (vae_encoder_load(&vae, "tests/fixtures/tiny-flux2/vae", &e)) {
+        CHECK(0, "load the tiny VAE encoder: %s", e.msg);
+        return;
+    }
+    const VaeConfig *c = vae_encoder_config(vae);
+    int up = 1 << (c->n_down_blocks - 1), h = WORLD_H / (c->patch_h * up);
+    int w = WORLD_W / (c->patch_w * up), C = c->latent_channels * c->patch_h * c->patch_w;
+    FlowWorld world = {vae, 11, h, w, C};
+    char prompts[3][FLOW_PROMPT_MAX];
+    float *x0 = malloc((size_t)3 * h * w * C * sizeof *x0);
+    Tensor *image = TENSOR_NEW(1, 3, WORLD_H, WORLD_W);
+    int rc = x0 && image ? flow_world_batch(2, 3, prompts, x0, &world, &e) : -1;
+    CHECK(rc == 0, "a batch of 3 from the world: %s", e.msg);
+    for (int b = 0; rc == 0 && b < 3; b++) {
+        uint64_t index = vae_image_index(11, 2 * 3 + (uint64_t)b);
+        WorldScene scene;
+        world_scene(index, NULL, &scene, &e);
+        CHECK(!strcmp(prompts[b], scene.word), "sample %d's prompt '%s' is its scene's word '%s'",
+              b, prompts[b], scene.word);
+        vae_world_image(index, 3, WORLD_H, WORLD_W, image->data, NULL, &e);
+        Tape *t = tape_new();
+        tape_set_grad(t, false);
+        int gh, gw;
+        Var *tokens = vae_encode(t, vae, var_new(t, image, false), &gh, &gw);
+        if (tokens)
+            check_close("sample's x0: the VAE tokens of its image", x0 + (size_t)b * h * w * C,
+                        tokens->value->data, (size_t)h * w * C, 0.0f, 0.0f);
+        tape_free(t);
+    }
+    world.channels = C + 1;
+    CHECK(flow_world_batch(0, 1, prompts, x0, &world, &e) != 0 && strstr(e.msg, "tokens"),
+          "a flow model of another width is refused: %s", e.msg);
+    free(x0);
+    tensor_free(image);
+    vae_encoder_free(vae);
+}
+
 int main(void) {
+    test_world_batch();
     test_loss_by_hand();
     test_training();
     test_save();

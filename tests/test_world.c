@@ -469,9 +469,26 @@ static void test_cli(const char *argv0) {
               differ);
     }
     image_free(&img);
+    /* --list: a prompt CSV of the scenes' words */
+    rc = run_command(binary, "world --list 3 --seed 40", log);
+    FILE *f = fopen(log, "r");
+    char listed[64] = {0}, want_list[64] = "prompt\n";
+    if (f) {
+        size_t n = fread(listed, 1, sizeof listed - 1, f);
+        listed[n] = 0;
+        fclose(f);
+    }
+    for (uint64_t k = 0; k < 3; k++) {
+        WorldScene s;
+        world_scene(40 + k, NULL, &s, &e);
+        snprintf(want_list + strlen(want_list), sizeof want_list - strlen(want_list), "%s\n", s.word);
+    }
+    CHECK(rc == 0 && !strcmp(listed, want_list), "cli: --list 3 prints the words of scenes 40..42: %s",
+          listed);
     static const char *const bad[] = {
         "world -o %s/x.png --word A-B", "world --corrupt --type nope -o %s/x.png", "world --type melt -o %s/x.png",
         "world --seed -1 -o %s/x.png", "world --word AB -o %s/x.jpg", "world --word AB",
+        "world --list 0", "world --list 3 -o %s/x.png",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         snprintf(args, sizeof args, bad[i], dir);
