@@ -7,6 +7,7 @@
 #   make bench      the standard benchmarks
 #   make golden     regenerate tests/golden/ and tests/fixtures/ with the PyTorch scripts in tools/
 #                   (needs Debian's python3-torch)
+#   make -j2 weights  train the embedded models in weights/ from scratch (see weights/README.md)
 # Switches: NO_OMP=1 (no OpenMP), PORTABLE=1 (no -march=native), CC=clang.
 
 CC ?= cc
@@ -57,7 +58,8 @@ HEADERS = $(wildcard *.h)
 TEST_SRC = $(wildcard tests/test_*.c)
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test asan debug fuzz bench golden clean info-flags
+.PHONY: all test asan debug fuzz bench golden clean info-flags weights weights-vae weights-detector \
+        weights-flow weights-vae-decoder
 all: info-flags diamond
 
 info-flags:
@@ -108,6 +110,27 @@ bench: diamond
 	./diamond bench conv 1 128 256 256 128 3 1 1
 	./diamond bench conv 1 128 256 256 128 3 1 1 --groups 128
 	./diamond bench attention 1 24 1024 128
+
+# The embedded models, trained from scratch by diamond itself into weights/ (see weights/README.md).
+# Two jobs at a time, one thread each: the VAE beside the detector, then the flow model (on the
+# VAE's latents) beside a longer training of the VAE's decoder alone (the encoder, so the latent
+# space, stays fixed). OMP_WAIT_POLICY=passive: idle OpenMP threads must not spin.
+TRAIN = OMP_WAIT_POLICY=passive ./diamond train
+weights: weights-detector weights-flow weights-vae-decoder
+weights-vae: diamond
+	mkdir -p weights/logs
+	$(TRAIN) vae --config weights/vae --out weights/vae --threads 1 --log weights/logs/vae.csv \
+	    --quiet
+weights-detector: diamond
+	mkdir -p weights/logs
+	$(TRAIN) detector --config weights/detector --out weights/detector --threads 1 \
+	    --log weights/logs/detector.csv --quiet
+weights-flow: weights-vae
+	$(TRAIN) text+flow --config weights --vae weights/vae --out weights --threads 1 \
+	    --log weights/logs/flow.csv --quiet
+weights-vae-decoder: weights-vae
+	$(TRAIN) vae-decoder --config weights/vae --vae weights/vae --out weights/vae --steps 5000 \
+	    --threads 1 --log weights/logs/vae-decoder.csv --quiet
 
 PYTHON ?= /usr/bin/python3
 golden:

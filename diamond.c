@@ -2515,6 +2515,26 @@ static int train_vae_save(void *state, const TrainArgs *a, Error *e) {
                : 0;
 }
 
+/* vae-decoder: the trained VAE of --vae, its decoder trained on (on images of another stream),
+ * its encoder and latent statistics kept, so a flow model trained on its latents stays valid. */
+static int train_vae_decoder_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
+    VaeRun *v = calloc(1, sizeof *v);
+    if (!v) return error_set(e, "out of memory");
+    *state = v;
+    if (!a->vae) return error_set(e, "vae-decoder fine-tunes a trained VAE: give --vae DIR");
+    VaeTrainOptions o = {.batch = a->batch, .height = WORLD_H, .width = WORLD_W,
+                         .seed = a->seed + 1, .image = vae_world_image, .decoder_only = true};
+    return vae_encoder_load(&v->encoder, a->vae, e) || vae_decoder_load(&v->decoder, a->vae, e) ||
+                   vae_train_task(task, &v->trainer, v->encoder, v->decoder, &o, e)
+               ? -1
+               : 0;
+}
+
+static int train_vae_decoder_save(void *state, const TrainArgs *a, Error *e) {
+    VaeRun *v = state;
+    return vae_save(v->encoder, v->decoder, a->config, a->out, e);
+}
+
 /* text+flow: transformer and text encoder fresh from <config>/transformer and
  * <config>/text_encoder, trained on the latents of the trained VAE in --vae. */
 typedef struct FlowRun {
@@ -2564,7 +2584,9 @@ static int train_flow_save(void *state, const TrainArgs *a, Error *e) {
 }
 
 static const Trainer trainers[] = {
-    {"vae", 3000, 100, 16, 2e-3f, train_vae_open, train_vae_save, train_vae_close},
+    {"vae", 2500, 100, 8, 2e-3f, train_vae_open, train_vae_save, train_vae_close},
+    {"vae-decoder", 3000, 100, 8, 1e-3f, train_vae_decoder_open, train_vae_decoder_save,
+     train_vae_close},
     {"text+flow", 12000, 300, 16, 1e-3f, train_flow_open, train_flow_save, train_flow_close},
     {"detector", 5000, 250, 32, 5e-3f, train_detector_open, train_detector_save,
      train_detector_close},

@@ -4203,6 +4203,8 @@ int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecode
     vae_decoder_set_checkpoint(dec, false);
     *task = (TrainTask){.groups = {vae_encoder_params(enc), vae_decoder_params(dec)},
                         .n_groups = 2, .loss = vae_train_loss, .ctx = tr};
+    if (o->decoder_only) *task = (TrainTask){.groups = {vae_decoder_params(dec)}, .n_groups = 1,
+                                             .loss = vae_train_loss, .ctx = tr};
     *out = tr;
     return 0;
 }

@@ -686,6 +686,8 @@ typedef struct VaeTrainOptions {
     uint64_t seed;       /* batch `step` holds images vae_image_index(seed, step * batch + i) */
     VaeImageFn image;
     void *image_ctx;
+    bool decoder_only;   /* train the decoder alone: the encoder, and so the latent space a flow
+                            model has learned, stays as it is (a finer decoder afterwards) */
 } VaeTrainOptions;
 
 typedef struct VaeTrainer VaeTrainer;

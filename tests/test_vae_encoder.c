@@ -386,6 +386,41 @@ done:
     vae_decoder_free(dec);
 }
 
+/* decoder_only: the decoder's weights move, the encoder's (the latent space) do not. */
+static void test_decoder_only(void) {
+    VaeEncoder *enc = NULL;
+    VaeDecoder *dec = NULL;
+    Error e = {{0}};
+    TrainTask task;
+    VaeTrainer *tr = NULL;
+    const VaeTrainOptions o = {.batch = 2, .height = 32, .width = 64, .seed = 9,
+                               .image = vae_world_image, .decoder_only = true};
+    int rc = vae_encoder_init(&enc, TRAIN_CONFIG, 1, &e) ||
+             vae_decoder_init(&dec, TRAIN_CONFIG, 2, &e) ||
+             vae_train_task(&task, &tr, enc, dec, &o, &e);
+    CHECK(rc == 0 && task.n_groups == 1 && task.groups[0] == vae_decoder_params(dec),
+          "a decoder-only task trains the decoder's parameters alone: %s", e.msg);
+    Params *pe = enc ? vae_encoder_params(enc) : NULL, *pd = dec ? vae_decoder_params(dec) : NULL;
+    int ie = 0, id = 0; /* the first parameter (not a buffer) of each */
+    while (pe && ie < params_count(pe) && params_is_buffer(pe, ie)) ie++;
+    while (pd && id < params_count(pd) && params_is_buffer(pd, id)) id++;
+    Tensor *enc_before = rc == 0 ? tensor_clone(params_var(pe, ie)->value) : NULL;
+    Tensor *dec_before = rc == 0 ? tensor_clone(params_var(pd, id)->value) : NULL;
+    const TrainOptions to = {.steps = 2, .adamw = {5e-3f, 0.9f, 0.999f, 1e-8f, 0.01f}};
+    if (rc == 0 && enc_before && dec_before) {
+        rc = train_run(&task, &to, &e);
+        size_t ne = (size_t)enc_before->numel, nd = (size_t)dec_before->numel;
+        CHECK(rc == 0 && !memcmp(enc_before->data, params_var(pe, ie)->value->data, ne * 4) &&
+                  memcmp(dec_before->data, params_var(pd, id)->value->data, nd * 4) != 0,
+              "after 2 steps the encoder is unchanged and the decoder is not: %s", e.msg);
+    }
+    tensor_free(enc_before);
+    tensor_free(dec_before);
+    vae_trainer_free(tr);
+    vae_encoder_free(enc);
+    vae_decoder_free(dec);
+}
+
 /* An encoder needs its own tensors: a decoder-only directory is refused with the first missing
  * one named. */
 static void test_encoder_missing(void) {
@@ -410,6 +445,7 @@ int main(void) {
     }
     test_encoder_missing();
     test_training();
+    test_decoder_only();
     vae_encoder_free(enc);
     vae_decoder_free(dec);
     if (st) st_close(st);
