@@ -4122,6 +4122,11 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
  * which the flow model sees through. Mean squared error rather than L1: smooth at 0, and at these
  * sizes the decoded strokes come out sharp enough (see the report's measurements). */
 
+/* The shipped config (weights/vae/config.json: block_out_channels 16, 32, 64, 8 groups, latent
+ * channels 8, one resnet per down block) was picked by speed: one batch-16 step on 64 x 32 images,
+ * one thread of a shared 2-core Xeon, took 0.62 s of CPU, against 1.1 s for 32, 64, 64 and 1.6 s
+ * for 32, 64, 128. Its profile: GEMM 42%, im2col/col2im 13%, the fused GroupNorm + SiLU 20%. */
+
 struct VaeTrainer {
     VaeEncoder *enc;
     VaeDecoder *dec;
