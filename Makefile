@@ -59,7 +59,7 @@ TEST_SRC = $(wildcard tests/test_*.c)
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
 .PHONY: all test asan debug fuzz bench golden clean info-flags weights weights-vae weights-detector \
-        weights-flow weights-vae-decoder
+        weights-flow weights-vae-decoder weights-flow2
 all: info-flags diamond
 
 info-flags:
@@ -114,9 +114,10 @@ bench: diamond
 # The embedded models, trained from scratch by diamond itself into weights/ (see weights/README.md).
 # Two jobs at a time, one thread each: the VAE beside the detector, then the flow model (on the
 # VAE's latents) beside a longer training of the VAE's decoder alone (the encoder, so the latent
-# space, stays fixed). OMP_WAIT_POLICY=passive: idle OpenMP threads must not spin.
+# space, stays fixed), then the flow model's second stage. OMP_WAIT_POLICY=passive: idle OpenMP
+# threads must not spin.
 TRAIN = OMP_WAIT_POLICY=passive ./diamond train
-weights: weights-detector weights-flow weights-vae-decoder
+weights: weights-detector weights-flow2 weights-vae-decoder
 weights-vae: diamond
 	mkdir -p weights/logs
 	$(TRAIN) vae --config weights/vae --out weights/vae --threads 1 --log weights/logs/vae.csv \
@@ -128,6 +129,11 @@ weights-detector: diamond
 weights-flow: weights-vae
 	$(TRAIN) text+flow --config weights --vae weights/vae --out weights --threads 1 \
 	    --log weights/logs/flow.csv --quiet
+# a second stage from the first's weights, on other batches, at a lower peak learning rate
+weights-flow2: weights-flow weights-vae-decoder
+	$(TRAIN) text+flow --config weights --vae weights/vae --init weights --out weights \
+	    --steps 11000 --lr 5e-4 --warmup 200 --seed 1 --threads 1 --log weights/logs/flow2.csv \
+	    --quiet
 weights-vae-decoder: weights-vae
 	$(TRAIN) vae-decoder --config weights/vae --vae weights/vae --out weights/vae --steps 5000 \
 	    --threads 1 --log weights/logs/vae-decoder.csv --quiet

@@ -2409,7 +2409,10 @@ static const char *train_usage =
     "  --warmup N       warm-up steps (default: the model's)\n"
     "  --clip C         the largest gradient norm (default 1; 0: off)\n"
     "  --seed S         weights and batches (default 0)\n"
-    "  --vae DIR        text+flow: the trained VAE whose latents the flow model learns\n"
+    "  --vae DIR        text+flow, vae-decoder: the trained VAE (whose latents the flow model\n"
+    "                   learns; whose decoder vae-decoder trains on)\n"
+    "  --init DIR       text+flow: start from the trained models in DIR instead of fresh\n"
+    "                   weights (a second stage; give it another --seed for other batches)\n"
     "  --log FILE       CSV step,loss,grad_norm,lr,seconds (written as it goes)\n"
     "  --threads T      OpenMP threads\n"
     "  --quiet          no progress on stderr\n"
@@ -2417,7 +2420,7 @@ static const char *train_usage =
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
 typedef struct TrainArgs {
-    const char *what, *config, *out, *vae, *log;
+    const char *what, *config, *out, *vae, *init, *log;
     int64_t steps, warmup;
     int batch, threads;
     float lr;
@@ -2560,10 +2563,13 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
     if (!f) return error_set(e, "out of memory");
     *state = f;
     if (!a->vae) return error_set(e, "text+flow trains on a VAE's latents: give --vae DIR");
-    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->config);
-    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->config);
-    if (vae_encoder_load(&f->vae, a->vae, e) || flux2_init(&f->flow, dir[0], a->seed, e) ||
-        text_encoder_init(&f->text, dir[1], a->seed, e))
+    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->init ? a->init : a->config);
+    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->init ? a->init : a->config);
+    if (vae_encoder_load(&f->vae, a->vae, e) ||
+        (a->init ? flux2_load_params(&f->flow, dir[0], WEIGHTS_FILES, 0, e) ||
+                       text_encoder_load(&f->text, dir[1], e)
+                 : flux2_init(&f->flow, dir[0], a->seed, e) ||
+                       text_encoder_init(&f->text, dir[1], a->seed, e)))
         return -1;
     const VaeConfig *vc = vae_encoder_config(f->vae);
     int up = 1 << (vc->n_down_blocks - 1);
@@ -2616,6 +2622,7 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
         if (!strcmp(opt, "--config")) a->config = val;
         else if (!strcmp(opt, "--out")) a->out = val;
         else if (!strcmp(opt, "--vae")) a->vae = val;
+        else if (!strcmp(opt, "--init")) a->init = val;
         else if (!strcmp(opt, "--log")) a->log = val;
         else if (!strcmp(opt, "--steps") || !strcmp(opt, "--warmup") || !strcmp(opt, "--seed") ||
                  !strcmp(opt, "--batch") || !strcmp(opt, "--threads")) {
