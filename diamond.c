@@ -2497,17 +2497,27 @@ static void train_vae_close(void *state) {
     free(v);
 }
 
-static int train_vae_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
+/* Both halves fresh from the config (vae), or the trained VAE of --vae with its decoder alone
+ * to train, on images of another stream than its first training's (vae-decoder). */
+static int train_vae_setup(const TrainArgs *a, TrainTask *task, void **state, bool decoder_only,
+                           Error *e) {
     VaeRun *v = calloc(1, sizeof *v);
     if (!v) return error_set(e, "out of memory");
     *state = v;
+    if (decoder_only && !a->vae)
+        return error_set(e, "vae-decoder trains a trained VAE's decoder: give --vae DIR");
     VaeTrainOptions o = {.batch = a->batch, .height = WORLD_H, .width = WORLD_W,
-                         .seed = a->seed, .image = vae_world_image};
-    return vae_encoder_init(&v->encoder, a->config, a->seed, e) ||
-                   vae_decoder_init(&v->decoder, a->config, a->seed, e) ||
-                   vae_train_task(task, &v->trainer, v->encoder, v->decoder, &o, e)
-               ? -1
-               : 0;
+                         .seed = a->seed + decoder_only, .image = vae_world_image,
+                         .decoder_only = decoder_only};
+    int rc = decoder_only ? vae_encoder_load(&v->encoder, a->vae, e) ||
+                                vae_decoder_load(&v->decoder, a->vae, e)
+                          : vae_encoder_init(&v->encoder, a->config, a->seed, e) ||
+                                vae_decoder_init(&v->decoder, a->config, a->seed, e);
+    return rc || vae_train_task(task, &v->trainer, v->encoder, v->decoder, &o, e) ? -1 : 0;
+}
+
+static int train_vae_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
+    return train_vae_setup(a, task, state, false, e);
 }
 
 static int train_vae_save(void *state, const TrainArgs *a, Error *e) {
@@ -2518,19 +2528,10 @@ static int train_vae_save(void *state, const TrainArgs *a, Error *e) {
                : 0;
 }
 
-/* vae-decoder: the trained VAE of --vae, its decoder trained on (on images of another stream),
- * its encoder and latent statistics kept, so a flow model trained on its latents stays valid. */
+/* vae-decoder: the decoder of a trained VAE; its encoder and latent statistics are kept, so a
+ * flow model trained on its latents stays valid. */
 static int train_vae_decoder_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
-    VaeRun *v = calloc(1, sizeof *v);
-    if (!v) return error_set(e, "out of memory");
-    *state = v;
-    if (!a->vae) return error_set(e, "vae-decoder fine-tunes a trained VAE: give --vae DIR");
-    VaeTrainOptions o = {.batch = a->batch, .height = WORLD_H, .width = WORLD_W,
-                         .seed = a->seed + 1, .image = vae_world_image, .decoder_only = true};
-    return vae_encoder_load(&v->encoder, a->vae, e) || vae_decoder_load(&v->decoder, a->vae, e) ||
-                   vae_train_task(task, &v->trainer, v->encoder, v->decoder, &o, e)
-               ? -1
-               : 0;
+    return train_vae_setup(a, task, state, true, e);
 }
 
 static int train_vae_decoder_save(void *state, const TrainArgs *a, Error *e) {
