@@ -2315,9 +2315,13 @@ static void world_panel(Image *out, int index, int zoom, const uint8_t *rgb, con
     for (int y = 0; y < WORLD_H * zoom; y++)
         for (int x = 0; x < WORLD_W * zoom; x++) {
             int p = (y / zoom) * WORLD_W + x / zoom;
-            uint8_t *dst = out->rgb + ((size_t)y * (size_t)out->width + (size_t)(index * (WORLD_W + 2) * zoom + x)) * 3;
-            if (rgb) memcpy(dst, rgb + (size_t)p * 3, 3);
-            else memset(dst, mask[p] ? 255 : 0, 3);
+            uint8_t *dst =
+                out->rgb +
+                ((size_t)y * (size_t)out->width + (size_t)(index * (WORLD_W + 2) * zoom + x)) * 3;
+            if (rgb)
+                memcpy(dst, rgb + (size_t)p * 3, 3);
+            else
+                memset(dst, mask[p] ? 255 : 0, 3);
         }
 }
 
@@ -2326,7 +2330,9 @@ static void world_print_reading(const char *what, const uint8_t *rgb, const char
     Error e = {{0}};
     oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
     printf("%s: the oracle reads '%s' (%s)\n", what, r.text,
-           oracle_reads_as(&r, word) ? "as the word" : r.all_legible ? "legible, another word" : "illegible");
+           oracle_reads_as(&r, word) ? "as the word"
+           : r.all_legible           ? "legible, another word"
+                                     : "illegible");
 }
 
 /* The `prompt` CSV of --list. */
@@ -2348,8 +2354,9 @@ static int world_run(const WorldArgs *a, Error *e) {
     WorldDamage d;
     if (world_scene(a->seed, a->word, &s, e)) return -1;
     world_render(&s, clean);
-    printf("word %s, scale %dx%d, text (%d, %d, %d) on (%d, %d, %d)\n", s.word, s.scale_x, s.scale_y, s.ink[0],
-           s.ink[1], s.ink[2], s.background[0], s.background[1], s.background[2]);
+    printf("word %s, scale %dx%d, text (%d, %d, %d) on (%d, %d, %d)\n", s.word, s.scale_x,
+           s.scale_y, s.ink[0], s.ink[1], s.ink[2], s.background[0], s.background[1],
+           s.background[2]);
     world_print_reading("render", clean, s.word);
     if (a->corrupt) {
         if (world_corrupt(a->seed, &s, a->type, damaged, mask, &d, e)) return -1;
@@ -2367,7 +2374,8 @@ static int world_run(const WorldArgs *a, Error *e) {
         world_panel(&out, 1, ZOOM, damaged, NULL);
         world_panel(&out, 2, ZOOM, NULL, mask);
     }
-    int rc = !strcmp(strrchr(a->out, '.'), ".png") ? png_write(a->out, &out, e) : ppm_write(a->out, &out, e);
+    int rc = !strcmp(strrchr(a->out, '.'), ".png") ? png_write(a->out, &out, e)
+                                                   : ppm_write(a->out, &out, e);
     if (rc == 0) fprintf(stderr, "wrote %s\n", a->out);
     image_free(&out);
     return rc;

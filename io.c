@@ -2160,8 +2160,8 @@ static int world_set_word(WorldScene *s, const char *word, Error *e) {
     for (size_t i = 0; i < n; i++) {
         int symbol = world_symbol_index(word[i]);
         if (symbol < 0)
-            return error_set(e, "word '%s': character %zu ('%c') is not a letter or digit", word, i + 1,
-                             word[i]);
+            return error_set(e, "word '%s': character %zu ('%c') is not a letter or digit", word,
+                             i + 1, word[i]);
         s->word[i] = WORLD_ALPHABET[symbol];
     }
     s->word[n] = '\0';
@@ -2183,7 +2183,8 @@ static void world_pick_colours(WorldRng *g, WorldScene *s) {
             s->background[k] = (uint8_t)world_below(g, 256);
             s->ink[k] = (uint8_t)world_below(g, 256);
         }
-        if (fabs(world_luminance(s->background) - world_luminance(s->ink)) >= WORLD_MIN_CONTRAST * 255.0)
+        if (fabs(world_luminance(s->background) - world_luminance(s->ink)) >=
+            WORLD_MIN_CONTRAST * 255.0)
             return;
     }
     memset(s->ink, world_luminance(s->background) > 127.5 ? 0 : 255, sizeof s->ink);
@@ -2210,7 +2211,8 @@ static void world_place(WorldRng *g, WorldScene *s) {
 
 int world_scene(uint64_t seed, const char *word, WorldScene *out, Error *e) {
     memset(out, 0, sizeof *out);
-    WorldRng word_rng = world_rng(seed, WORLD_STREAM_WORD), layout = world_rng(seed, WORLD_STREAM_LAYOUT);
+    WorldRng word_rng = world_rng(seed, WORLD_STREAM_WORD),
+             layout = world_rng(seed, WORLD_STREAM_LAYOUT);
     if (word) {
         if (world_set_word(out, word, e)) return -1;
     } else {
@@ -2250,8 +2252,8 @@ static void world_draw_symbol(uint8_t *rgb, int symbol, int x, int y, int scale_
 void world_render(const WorldScene *s, uint8_t *rgb) {
     for (int i = 0; i < WORLD_W * WORLD_H; i++) memcpy(rgb + (size_t)i * 3, s->background, 3);
     for (int i = 0; i < s->length; i++)
-        world_draw_symbol(rgb, world_symbol_index(s->word[i]), s->glyph[i].x, s->glyph[i].y, s->scale_x,
-                          s->scale_y, s->ink);
+        world_draw_symbol(rgb, world_symbol_index(s->word[i]), s->glyph[i].x, s->glyph[i].y,
+                          s->scale_x, s->scale_y, s->ink);
 }
 
 /* -- corruptions -- */
@@ -2312,7 +2314,8 @@ static int world_glyph_ink(const WorldScene *s, const uint8_t *rgb, int glyph) {
 }
 
 /* A uniformly drawn ink pixel of the glyph into (*x, *y); the box's centre when it has none. */
-static void world_random_ink(WorldRng *g, const WorldScene *s, int glyph, const uint8_t *rgb, int *x, int *y) {
+static void world_random_ink(WorldRng *g, const WorldScene *s, int glyph, const uint8_t *rgb,
+                             int *x, int *y) {
     WorldBox b = s->glyph[glyph];
     int n = world_glyph_ink(s, rgb, glyph), pick = n ? world_below(g, n) : -1;
     *x = b.x + b.w / 2;
@@ -2344,7 +2347,8 @@ static void world_add_stroke(WorldRng *g, const WorldScene *s, int glyph, uint8_
     int x0, y0;
     world_random_ink(g, s, glyph, rgb, &x0, &y0);
     int kind = world_below(g, 3);
-    int far_x = x0 - b.x < b.w / 2 ? b.x + b.w - 2 : b.x, far_y = y0 - b.y < b.h / 2 ? b.y + b.h - 2 : b.y;
+    int far_x = x0 - b.x < b.w / 2 ? b.x + b.w - 2 : b.x,
+        far_y = y0 - b.y < b.h / 2 ? b.y + b.h - 2 : b.y;
     int x1 = kind == 1 ? x0 : far_x, y1 = kind == 0 ? y0 : far_y;
     int steps = abs(x1 - x0) > abs(y1 - y0) ? abs(x1 - x0) : abs(y1 - y0);
     for (int i = 0; i <= steps; i++) {
@@ -2357,8 +2361,10 @@ static void world_add_stroke(WorldRng *g, const WorldScene *s, int glyph, uint8_
 /* Another symbol in the text colour over the glyph, offset by up to a cell each way, kept to
  * the box and a one pixel rim. */
 static void world_blend(WorldRng *g, const WorldScene *s, int glyph, uint8_t *rgb) {
-    int other = (world_symbol_index(s->word[glyph]) + 1 + world_below(g, WORLD_SYMBOLS - 1)) % WORLD_SYMBOLS;
-    int dx = world_between(g, -s->scale_x, s->scale_x), dy = world_between(g, -s->scale_y, s->scale_y);
+    int other = (world_symbol_index(s->word[glyph]) + 1 + world_below(g, WORLD_SYMBOLS - 1)) %
+                WORLD_SYMBOLS;
+    int dx = world_between(g, -s->scale_x, s->scale_x),
+        dy = world_between(g, -s->scale_y, s->scale_y);
     WorldBox b = s->glyph[glyph], clip = world_grow(b, 1, 1);
     uint8_t mark[WORLD_IMAGE_BYTES];
     memset(mark, 0, sizeof mark);
@@ -2460,7 +2466,8 @@ static int world_flipped(const WorldScene *s, const uint8_t *a, const uint8_t *b
 }
 
 /* Damages one glyph of rgb with proposals of `type` until one is strong enough. */
-static void world_damage_glyph(WorldRng *g, const WorldScene *s, int type, int glyph, uint8_t *rgb) {
+static void world_damage_glyph(WorldRng *g, const WorldScene *s, int type, int glyph,
+                               uint8_t *rgb) {
     uint8_t before[WORLD_IMAGE_BYTES], best[WORLD_IMAGE_BYTES];
     memcpy(before, rgb, sizeof before);
     int need = (int)ceil(WORLD_DAMAGE_MIN * world_glyph_ink(s, before, glyph)), best_flips = -1;
@@ -2491,7 +2498,8 @@ static int world_mask(const uint8_t *clean, const uint8_t *rgb, uint8_t *mask) {
             uint8_t near = 0;
             for (int ny = y - 1; ny <= y + 1; ny++)
                 for (int nx = x - 1; nx <= x + 1; nx++)
-                    if (nx >= 0 && nx < WORLD_W && ny >= 0 && ny < WORLD_H) near |= changed[ny * WORLD_W + nx];
+                    if (nx >= 0 && nx < WORLD_W && ny >= 0 && ny < WORLD_H)
+                        near |= changed[ny * WORLD_W + nx];
             mask[y * WORLD_W + x] = near;
         }
     return n;
@@ -2500,13 +2508,15 @@ static int world_mask(const uint8_t *clean, const uint8_t *rgb, uint8_t *mask) {
 /* A scene world_scene could have made: a word of the alphabet, glyph boxes inside the image. */
 static int world_check_scene(const WorldScene *s, Error *e) {
     if (s->length < WORLD_WORD_MIN || s->length > WORLD_WORD_MAX)
-        return error_set(e, "scene: word length %d is outside %d..%d", s->length, WORLD_WORD_MIN, WORLD_WORD_MAX);
+        return error_set(e, "scene: word length %d is outside %d..%d", s->length, WORLD_WORD_MIN,
+                         WORLD_WORD_MAX);
     for (int i = 0; i < s->length; i++) {
         WorldBox b = s->glyph[i];
         if (world_symbol_index(s->word[i]) < 0)
             return error_set(e, "scene: glyph %d ('%c') is not a letter or digit", i, s->word[i]);
         if (b.x < 0 || b.y < 0 || b.x + b.w > WORLD_W || b.y + b.h > WORLD_H)
-            return error_set(e, "scene: glyph %d's box leaves the %dx%d image", i, WORLD_W, WORLD_H);
+            return error_set(e, "scene: glyph %d's box leaves the %dx%d image", i, WORLD_W,
+                             WORLD_H);
     }
     return 0;
 }
@@ -2514,7 +2524,8 @@ static int world_check_scene(const WorldScene *s, Error *e) {
 int world_corrupt(uint64_t seed, const WorldScene *s, int type, uint8_t *rgb, uint8_t *mask,
                   WorldDamage *damage, Error *e) {
     if (type != WORLD_CORRUPT_ANY && !world_corruption_name(type))
-        return error_set(e, "corruption type %d is not one of 0..%d", type, WORLD_CORRUPTION_COUNT - 1);
+        return error_set(e, "corruption type %d is not one of 0..%d", type,
+                         WORLD_CORRUPTION_COUNT - 1);
     if (world_check_scene(s, e)) return -1;
     WorldRng g = world_rng(seed, WORLD_STREAM_CORRUPT);
     /* drawn whether or not it is used, so a given type sees the same glyphs and shapes */
@@ -2548,7 +2559,8 @@ static void oracle_background(const uint8_t *rgb, uint8_t bg[3]) {
     for (int y = 0; y < WORLD_H; y++)
         for (int x = 0; x < WORLD_W; x++) {
             if (y != 0 && y != WORLD_H - 1 && x != 0 && x != WORLD_W - 1) continue;
-            for (int k = 0; k < 3; k++) histogram[k][rgb[((size_t)y * WORLD_W + (size_t)x) * 3 + k]]++;
+            for (int k = 0; k < 3; k++)
+                histogram[k][rgb[((size_t)y * WORLD_W + (size_t)x) * 3 + k]]++;
             n++;
         }
     for (int k = 0; k < 3; k++) {
@@ -2588,7 +2600,8 @@ static void oracle_threshold(const OracleInk *ink, double fraction, uint64_t bit
     for (int y = 0; y < WORLD_H; y++) {
         bits[y] = 0;
         for (int x = 0; x < WORLD_W && ink->level >= ORACLE_MIN_CONTRAST; x++)
-            if (ink->distance2[y * WORLD_W + x] > threshold * threshold) bits[y] |= (uint64_t)1 << x;
+            if (ink->distance2[y * WORLD_W + x] > threshold * threshold)
+                bits[y] |= (uint64_t)1 << x;
     }
 }
 
@@ -2597,7 +2610,8 @@ static void oracle_drop_specks(uint64_t ink[WORLD_H]) {
     uint64_t keep[WORLD_H];
     for (int y = 0; y < WORLD_H; y++) {
         uint64_t up = y > 0 ? ink[y - 1] : 0, down = y + 1 < WORLD_H ? ink[y + 1] : 0;
-        uint64_t around = up | down, near = around | around << 1 | around >> 1 | ink[y] << 1 | ink[y] >> 1;
+        uint64_t around = up | down,
+                 near = around | around << 1 | around >> 1 | ink[y] << 1 | ink[y] >> 1;
         keep[y] = ink[y] & near;
     }
     memcpy(ink, keep, sizeof keep);
@@ -2655,13 +2669,14 @@ static void oracle_template(int symbol, int scale_y, bool blurred, OracleTemplat
 static void oracle_templates(OracleTemplates templates) {
     for (int k = 0; k < WORLD_SYMBOLS; k++)
         for (int i = 0; i < ORACLE_SCALES * ORACLE_LOOKS; i++)
-            oracle_template(k, WORLD_SCALE_Y_MIN + i / ORACLE_LOOKS, i % ORACLE_LOOKS, &templates[k][i]);
+            oracle_template(k, WORLD_SCALE_Y_MIN + i / ORACLE_LOOKS, i % ORACLE_LOOKS,
+                            &templates[k][i]);
 }
 
 /* 1 - IoU of a glyph's ink (rows [top, bottom] of `ink`, already cut to its columns) and a
  * template whose box starts at (x, y); template pixels off the image count as mismatched. */
-static double oracle_distance(const uint64_t ink[WORLD_H], int top, int bottom, const OracleTemplate *t, int x,
-                              int y) {
+static double oracle_distance(const uint64_t ink[WORLD_H], int top, int bottom,
+                              const OracleTemplate *t, int x, int y) {
     int from = top < y ? top : y, to = bottom > y + t->rows - 1 ? bottom : y + t->rows - 1;
     int mismatched = 0, either = 0;
     for (int py = from; py <= to; py++) {
@@ -2684,11 +2699,13 @@ static double oracle_distance(const uint64_t ink[WORLD_H], int top, int bottom, 
 /* The least distance of each symbol to the ink of columns [x0, x1] of bits, over every template
  * and -1..+1 pixel shifts of the ink boxes' alignment, folded into best[]; the ink's box into
  * *box (left alone when the columns hold no ink). */
-static void oracle_match_bits(const uint64_t bits[WORLD_H], int x0, int x1, const OracleTemplates templates,
-                              double best[WORLD_SYMBOLS], WorldBox *box) {
+static void oracle_match_bits(const uint64_t bits[WORLD_H], int x0, int x1,
+                              const OracleTemplates templates, double best[WORLD_SYMBOLS],
+                              WorldBox *box) {
     x0 = x0 < 0 ? 0 : x0;
     x1 = x1 >= WORLD_W ? WORLD_W - 1 : x1;
-    uint64_t columns = (x1 - x0 + 1 >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << (x1 - x0 + 1)) - 1)) << x0;
+    uint64_t columns = (x1 - x0 + 1 >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << (x1 - x0 + 1)) - 1))
+                       << x0;
     uint64_t ink[WORLD_H], seen = 0;
     int top = WORLD_H, bottom = -1;
     for (int y = 0; y < WORLD_H; y++) {
@@ -2709,7 +2726,8 @@ static void oracle_match_bits(const uint64_t bits[WORLD_H], int x0, int x1, cons
             const OracleTemplate *t = &templates[k][i];
             for (int dy = -1; dy <= 1; dy++)
                 for (int dx = -1; dx <= 1; dx++) {
-                    double d = oracle_distance(ink, top, bottom, t, left + dx - t->left, top + dy - t->top);
+                    double d = oracle_distance(ink, top, bottom, t, left + dx - t->left,
+                                               top + dy - t->top);
                     best[k] = d < best[k] ? d : best[k];
                 }
         }
@@ -2722,7 +2740,8 @@ typedef struct OracleCores {
 } OracleCores;
 
 /* Runs of columns holding at least ORACLE_COLUMN_MIN ink pixels, as [x0[i], x1[i]]; their count. */
-static int oracle_runs(const uint64_t bits[WORLD_H], int x0[ORACLE_MAX_GLYPHS], int x1[ORACLE_MAX_GLYPHS]) {
+static int oracle_runs(const uint64_t bits[WORLD_H], int x0[ORACLE_MAX_GLYPHS],
+                       int x1[ORACLE_MAX_GLYPHS]) {
     int count[WORLD_W] = {0}, n = 0;
     for (int y = 0; y < WORLD_H; y++)
         for (int x = 0; x < WORLD_W; x++) count[x] += (int)(bits[y] >> x & 1);
@@ -2744,9 +2763,11 @@ static void oracle_bits(const OracleInk *ink, double fraction, uint64_t bits[WOR
  * runs, each one wider than a glyph and its one pixel rim split again at the next threshold
  * (lower thresholds keep a blurred diagonal in one piece, higher ones keep glyphs apart that
  * blur and noise have joined), the widest kept as they are at the last. */
-static void oracle_segment_range(const OracleInk *ink, size_t level, int lo, int hi, OracleCores *cores) {
+static void oracle_segment_range(const OracleInk *ink, size_t level, int lo, int hi,
+                                 OracleCores *cores) {
     static const double fractions[] = {ORACLE_FRACTIONS};
-    uint64_t bits[WORLD_H], columns = (hi - lo + 1 >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << (hi - lo + 1)) - 1)) << lo;
+    uint64_t bits[WORLD_H],
+        columns = (hi - lo + 1 >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << (hi - lo + 1)) - 1)) << lo;
     int x0[ORACLE_MAX_GLYPHS], x1[ORACLE_MAX_GLYPHS];
     oracle_bits(ink, fractions[level], bits);
     for (int y = 0; y < WORLD_H; y++) bits[y] &= columns;
@@ -2770,9 +2791,10 @@ static int oracle_segment(const OracleInk *ink, OracleCores *cores) {
 
 /* The columns [*lo, *hi] of glyph `glyph` in bits: the runs that overlap its core and no other
  * one, with a column more on each side that no other run holds; false when there are none. */
-static bool oracle_glyph_columns(const uint64_t bits[WORLD_H], const OracleCores *cores, int glyph, int *lo,
-                                 int *hi) {
-    int x0[ORACLE_MAX_GLYPHS], x1[ORACLE_MAX_GLYPHS], runs = oracle_runs(bits, x0, x1), first = -1, last = -1;
+static bool oracle_glyph_columns(const uint64_t bits[WORLD_H], const OracleCores *cores, int glyph,
+                                 int *lo, int *hi) {
+    int x0[ORACLE_MAX_GLYPHS], x1[ORACLE_MAX_GLYPHS], runs = oracle_runs(bits, x0, x1), first = -1,
+                                                      last = -1;
     for (int i = 0; i < runs; i++) {
         int overlapped = 0, mine = 0;
         for (int c = 0; c < cores->count; c++)
@@ -2792,8 +2814,8 @@ static bool oracle_glyph_columns(const uint64_t bits[WORLD_H], const OracleCores
 
 /* Matches glyph `glyph` at every threshold of ORACLE_FRACTIONS (a blurred image keeps its shape
  * at one of them, a sharp one at all). */
-static void oracle_match(const OracleInk *ink, const OracleCores *cores, int glyph, const OracleTemplates templates,
-                         OracleGlyph *out) {
+static void oracle_match(const OracleInk *ink, const OracleCores *cores, int glyph,
+                         const OracleTemplates templates, OracleGlyph *out) {
     static const double fractions[] = {ORACLE_FRACTIONS};
     double best[WORLD_SYMBOLS];
     for (int k = 0; k < WORLD_SYMBOLS; k++) best[k] = 1.0;
@@ -2826,7 +2848,8 @@ int oracle_read(const uint8_t *rgb, int width, int height, OracleResult *r, Erro
     memset(r, 0, sizeof *r);
     if (!rgb) return error_set(e, "oracle: no image");
     if (width != WORLD_W || height != WORLD_H)
-        return error_set(e, "oracle: image is %dx%d, expected %dx%d", width, height, WORLD_W, WORLD_H);
+        return error_set(e, "oracle: image is %dx%d, expected %dx%d", width, height, WORLD_W,
+                         WORLD_H);
     OracleTemplates templates;
     oracle_templates(templates);
     OracleInk ink;
@@ -2848,7 +2871,8 @@ int oracle_read(const uint8_t *rgb, int width, int height, OracleResult *r, Erro
 bool oracle_reads_as(const OracleResult *r, const char *prompt) {
     if (!r->all_legible || !prompt || strlen(prompt) != (size_t)r->count) return false;
     for (int i = 0; i < r->count; i++)
-        if (world_symbol_index(prompt[i]) < 0 || WORLD_ALPHABET[world_symbol_index(prompt[i])] != r->text[i])
+        if (world_symbol_index(prompt[i]) < 0 ||
+            WORLD_ALPHABET[world_symbol_index(prompt[i])] != r->text[i])
             return false;
     return true;
 }

@@ -11,7 +11,7 @@
 
 enum { PIXELS = WORLD_W * WORLD_H, BYTES = PIXELS * 3 };
 
-/* ---- image degradations, as a small generative model's samples show them ---------------------- */
+/* ---- image degradations, as a small generative model's samples show them --------------------- */
 
 /* Adds noise of standard deviation sigma (a sum of four uniforms: Gaussian-ish), clamped. */
 static void add_noise(uint8_t *rgb, unsigned long long *state, double sigma) {
@@ -61,7 +61,7 @@ static int popcount8(unsigned v) {
     return n;
 }
 
-/* ---- the font ----------------------------------------------------------------------------------- */
+/* ---- the font -------------------------------------------------------------------------------- */
 
 static void test_font(void) {
     uint8_t rows[WORLD_SYMBOLS][WORLD_FONT_H], lower[WORLD_FONT_H];
@@ -77,7 +77,8 @@ static void test_font(void) {
             bad += memcmp(lower, rows[k], sizeof lower) != 0;
         }
     }
-    CHECK(bad == 0 && empty == 0, "font: all %d symbols have rows (either case), none nearly empty", WORLD_SYMBOLS);
+    CHECK(bad == 0 && empty == 0, "font: all %d symbols have rows (either case), none nearly empty",
+          WORLD_SYMBOLS);
     CHECK(world_glyph_rows('-', lower) == -1 && world_glyph_rows('\0', lower) == -1 &&
               world_glyph_rows(' ', lower) == -1,
           "font: characters outside the alphabet have no rows");
@@ -97,7 +98,7 @@ static void test_font(void) {
           WORLD_ALPHABET[pair_a], WORLD_ALPHABET[pair_b], closest);
 }
 
-/* ---- scenes ------------------------------------------------------------------------------------- */
+/* ---- scenes ---------------------------------------------------------------------------------- */
 
 static double luminance(const uint8_t c[3]) {
     return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
@@ -107,7 +108,8 @@ static double luminance(const uint8_t c[3]) {
  * the spacing, and a render of exactly the font's cells in two colours. */
 static void test_scenes(void) {
     enum { SEEDS = 500 };
-    int bad_word = 0, bad_colour = 0, bad_box = 0, bad_render = 0, lengths[WORLD_WORD_MAX + 1] = {0};
+    int bad_word = 0, bad_colour = 0, bad_box = 0, bad_render = 0,
+        lengths[WORLD_WORD_MAX + 1] = {0};
     int scales[WORLD_SCALE_Y_MAX + 1] = {0}, jittered = 0;
     Error e = {{0}};
     for (uint64_t seed = 0; seed < SEEDS; seed++) {
@@ -118,13 +120,14 @@ static void test_scenes(void) {
         }
         lengths[s.length]++;
         scales[s.scale_y]++;
-        bad_word += (int)strlen(s.word) != s.length || strspn(s.word, WORLD_ALPHABET) != strlen(s.word);
+        bad_word +=
+            (int)strlen(s.word) != s.length || strspn(s.word, WORLD_ALPHABET) != strlen(s.word);
         bad_colour += fabs(luminance(s.ink) - luminance(s.background)) < WORLD_MIN_CONTRAST * 255.0;
         for (int i = 0; i < s.length; i++) {
             WorldBox b = s.glyph[i];
-            bad_box += b.x < WORLD_MARGIN || b.y < WORLD_MARGIN || b.x + b.w > WORLD_W - WORLD_MARGIN ||
-                       b.y + b.h > WORLD_H - WORLD_MARGIN || b.w != WORLD_FONT_W * s.scale_x ||
-                       b.h != WORLD_FONT_H * s.scale_y;
+            bad_box += b.x < WORLD_MARGIN || b.y < WORLD_MARGIN ||
+                       b.x + b.w > WORLD_W - WORLD_MARGIN || b.y + b.h > WORLD_H - WORLD_MARGIN ||
+                       b.w != WORLD_FONT_W * s.scale_x || b.h != WORLD_FONT_H * s.scale_y;
             if (i > 0) {
                 bad_box += b.x != s.glyph[i - 1].x + s.glyph[i - 1].w + WORLD_SPACING;
                 jittered += b.y != s.glyph[i - 1].y;
@@ -139,18 +142,23 @@ static void test_scenes(void) {
             for (int y = 0; y < s.glyph[i].h; y++)
                 for (int x = 0; x < s.glyph[i].w; x++)
                     if (rows[y / s.scale_y] >> (WORLD_FONT_W - 1 - x / s.scale_x) & 1)
-                        memcpy(want + ((s.glyph[i].y + y) * WORLD_W + s.glyph[i].x + x) * 3, s.ink, 3);
+                        memcpy(want + ((s.glyph[i].y + y) * WORLD_W + s.glyph[i].x + x) * 3, s.ink,
+                               3);
         }
         bad_render += memcmp(rgb, want, sizeof rgb) != 0;
     }
     CHECK(bad_word == 0, "scenes: %d seeds give words of the alphabet (%d bad)", SEEDS, bad_word);
-    CHECK(bad_colour == 0, "scenes: luminance contrast >= %.2f of the range (%d short)", WORLD_MIN_CONTRAST, bad_colour);
-    CHECK(bad_box == 0, "scenes: glyph boxes inside the %d px margin, %d px apart, at the scale (%d bad)",
+    CHECK(bad_colour == 0, "scenes: luminance contrast >= %.2f of the range (%d short)",
+          WORLD_MIN_CONTRAST, bad_colour);
+    CHECK(bad_box == 0,
+          "scenes: glyph boxes inside the %d px margin, %d px apart, at the scale (%d bad)",
           WORLD_MARGIN, WORLD_SPACING, bad_box);
-    CHECK(bad_render == 0, "scenes: renders hold exactly the font's cells in two colours (%d differ)", bad_render);
-    CHECK(lengths[2] > 0 && lengths[3] > 0 && lengths[4] > 0 && scales[2] > 0 && scales[3] > 0 && jittered > 0,
-          "scenes: lengths 2/3/4 %d/%d/%d, scale_y 2/3 %d/%d, %d jittered neighbours", lengths[2], lengths[3],
-          lengths[4], scales[2], scales[3], jittered);
+    CHECK(bad_render == 0,
+          "scenes: renders hold exactly the font's cells in two colours (%d differ)", bad_render);
+    CHECK(lengths[2] > 0 && lengths[3] > 0 && lengths[4] > 0 && scales[2] > 0 && scales[3] > 0 &&
+              jittered > 0,
+          "scenes: lengths 2/3/4 %d/%d/%d, scale_y 2/3 %d/%d, %d jittered neighbours", lengths[2],
+          lengths[3], lengths[4], scales[2], scales[3], jittered);
 }
 
 static void test_words(void) {
@@ -162,7 +170,8 @@ static void test_words(void) {
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         e.msg[0] = '\0';
         int rc = world_scene(1, bad[i], &s, &e);
-        CHECK(rc == -1 && contains(e.msg, bad[i]), "words: '%s' refused, naming it: %s", bad[i], e.msg);
+        CHECK(rc == -1 && contains(e.msg, bad[i]), "words: '%s' refused, naming it: %s", bad[i],
+              e.msg);
     }
     WorldScene a, b;
     world_scene(7, "XY", &a, &e);
@@ -171,7 +180,7 @@ static void test_words(void) {
           "words: a given word changes neither colours nor scale of the seed's scene");
 }
 
-/* ---- determinism -------------------------------------------------------------------------------- */
+/* ---- determinism ----------------------------------------------------------------------------- */
 
 static void test_determinism(void) {
     Error e = {{0}};
@@ -189,17 +198,20 @@ static void test_determinism(void) {
         distinct += memcmp(a, c, sizeof a) != 0;
         world_corrupt(seed, &s1, WORLD_CORRUPT_ANY, a, ma, &da, &e);
         world_corrupt(seed, &s2, WORLD_CORRUPT_ANY, b, mb, &db, &e);
-        differ += memcmp(a, b, sizeof a) != 0 || memcmp(ma, mb, sizeof ma) != 0 || memcmp(&da, &db, sizeof da) != 0;
+        differ += memcmp(a, b, sizeof a) != 0 || memcmp(ma, mb, sizeof ma) != 0 ||
+                  memcmp(&da, &db, sizeof da) != 0;
         OracleResult ra, rb;
         oracle_read(a, WORLD_W, WORLD_H, &ra, &e);
         oracle_read(b, WORLD_W, WORLD_H, &rb, &e);
         differ += memcmp(&ra, &rb, sizeof ra) != 0;
     }
-    CHECK(differ == 0, "determinism: same seed, same scene, render, corruption, mask and reading (%d differ)", differ);
+    CHECK(differ == 0,
+          "determinism: same seed, same scene, render, corruption, mask and reading (%d differ)",
+          differ);
     CHECK(distinct == 50, "determinism: other seeds give other renders (%d of 50)", distinct);
 }
 
-/* ---- the oracle on clean renders ---------------------------------------------------------------- */
+/* ---- the oracle on clean renders ------------------------------------------------------------- */
 
 /* Every symbol at both scales, inside a word, read back; the least margin to the next best
  * symbol, sharp and blurred, is the font's separation as the oracle sees it. */
@@ -211,7 +223,8 @@ static void test_every_symbol(void) {
     for (int k = 0; k < WORLD_SYMBOLS; k++) {
         bool seen[WORLD_SCALE_Y_MAX + 1] = {false};
         for (uint64_t seed = 0; seed < 64; seed++) {
-            char word[3] = {WORLD_ALPHABET[k], WORLD_ALPHABET[(k + 1 + seed) % WORLD_SYMBOLS], '\0'};
+            char word[3] = {WORLD_ALPHABET[k], WORLD_ALPHABET[(k + 1 + seed) % WORLD_SYMBOLS],
+                            '\0'};
             WorldScene s;
             uint8_t rgb[BYTES];
             world_scene(seed, word, &s, &e);
@@ -233,18 +246,20 @@ static void test_every_symbol(void) {
         covered += seen[2] && seen[3];
     }
     CHECK(covered == WORLD_SYMBOLS && misread == 0,
-          "oracle: every symbol at scale_y 2 and 3, sharp and blurred, reads back (%d of %d covered, %d misread)",
+          "oracle: every symbol at scale_y 2 and 3, sharp and blurred, reads back (%d of %d "
+          "covered, %d misread)",
           covered, WORLD_SYMBOLS, misread);
-    printf("  oracle: least margin to the next symbol: sharp %.3f (%c), blurred %.3f (%c)\n", margin_sharp,
-           worst_sharp, margin_blurred, worst_blurred);
+    printf("  oracle: least margin to the next symbol: sharp %.3f (%c), blurred %.3f (%c)\n",
+           margin_sharp, worst_sharp, margin_blurred, worst_blurred);
     CHECK(margin_sharp >= 2 * ORACLE_MARGIN_MIN && margin_blurred >= ORACLE_MARGIN_MIN + 0.04,
-          "oracle: symbols separated by >= %.2f sharp (%.3f) and >= %.2f blurred (%.3f)", 2 * ORACLE_MARGIN_MIN,
-          margin_sharp, ORACLE_MARGIN_MIN + 0.04, margin_blurred);
+          "oracle: symbols separated by >= %.2f sharp (%.3f) and >= %.2f blurred (%.3f)",
+          2 * ORACLE_MARGIN_MIN, margin_sharp, ORACLE_MARGIN_MIN + 0.04, margin_blurred);
 }
 
 enum { CLEAN, NOISY, BLURRED, NOISY_BLURRED, RAMPED, BLURRED_NOISY, LOOKS };
 static const char *const look_names[LOOKS] = {
-    "clean", "noise (sigma 6)", "3x3 box blur", "noise then blur", "ramp, noise, blur", "blur then noise",
+    "clean",           "noise (sigma 6)",   "3x3 box blur",
+    "noise then blur", "ramp, noise, blur", "blur then noise",
 };
 
 static void test_clean_reads(void) {
@@ -262,7 +277,8 @@ static void test_clean_reads(void) {
             world_render(&s, rgb);
             if (v == RAMPED) add_ramp(rgb);
             if (v == NOISY || v == NOISY_BLURRED || v == RAMPED) add_noise(rgb, &state, 6.0);
-            if (v == BLURRED || v == NOISY_BLURRED || v == RAMPED || v == BLURRED_NOISY) box_blur(rgb);
+            if (v == BLURRED || v == NOISY_BLURRED || v == RAMPED || v == BLURRED_NOISY)
+                box_blur(rgb);
             if (v == BLURRED_NOISY) add_noise(rgb, &state, 6.0);
             OracleResult r;
             oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
@@ -273,17 +289,18 @@ static void test_clean_reads(void) {
         }
     }
     for (int v = 0; v < LOOKS; v++)
-        printf("  oracle: %-17s %4d / %d read (%.2f%%), worst distance read %.3f\n", look_names[v], read[v], SEEDS,
-               100.0 * read[v] / SEEDS, worst[v]);
+        printf("  oracle: %-17s %4d / %d read (%.2f%%), worst distance read %.3f\n", look_names[v],
+               read[v], SEEDS, 100.0 * read[v] / SEEDS, worst[v]);
     for (int v = CLEAN; v <= NOISY_BLURRED; v++)
-        CHECK(read[v] == SEEDS, "oracle: %s renders of %d random scenes all read as their word (first miss: seed %d)",
+        CHECK(read[v] == SEEDS,
+              "oracle: %s renders of %d random scenes all read as their word (first miss: seed %d)",
               look_names[v], SEEDS, first_miss[v]);
     /* the harsher looks: colours off as well, or full-strength noise on 2 px strokes already
      * blurred to 2/3 of their contrast; what fails there is mostly a blurred diagonal (N, W, M)
      * cut off from its stems where noise joined the glyph to its neighbour */
     for (int v = RAMPED; v <= BLURRED_NOISY; v++)
-        CHECK(read[v] >= SEEDS * 97 / 100, "oracle: %s renders read >= 97%% (%.2f%%)", look_names[v],
-              100.0 * read[v] / SEEDS);
+        CHECK(read[v] >= SEEDS * 97 / 100, "oracle: %s renders read >= 97%% (%.2f%%)",
+              look_names[v], 100.0 * read[v] / SEEDS);
 }
 
 static void test_blank_and_sizes(void) {
@@ -292,12 +309,14 @@ static void test_blank_and_sizes(void) {
     unsigned long long state = 99;
     bool none = true;
     for (int trial = 0; trial < 8; trial++) {
-        uint8_t colour[3] = {(uint8_t)(trial * 37), (uint8_t)(255 - trial * 29), (uint8_t)(trial * 91)};
+        uint8_t colour[3] = {(uint8_t)(trial * 37), (uint8_t)(255 - trial * 29),
+                             (uint8_t)(trial * 91)};
         for (int p = 0; p < PIXELS; p++) memcpy(rgb + p * 3, colour, 3);
         if (trial % 2) add_noise(rgb, &state, 6.0);
         OracleResult r;
         int rc = oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
-        none = none && rc == 0 && r.count == 0 && !r.all_legible && r.text[0] == '\0' && !oracle_reads_as(&r, "AB");
+        none = none && rc == 0 && r.count == 0 && !r.all_legible && r.text[0] == '\0' &&
+               !oracle_reads_as(&r, "AB");
     }
     CHECK(none, "oracle: blank images, plain and noisy, hold no glyphs and are not legible");
     OracleResult r;
@@ -306,32 +325,37 @@ static void test_blank_and_sizes(void) {
           "oracle: a 63x32 image refused: %s", e.msg);
     CHECK(oracle_read(rgb, WORLD_W, 2 * WORLD_H, &r, &e) == -1 && contains(e.msg, "64x64"),
           "oracle: a 64x64 image refused: %s", e.msg);
-    CHECK(oracle_read(NULL, WORLD_W, WORLD_H, &r, &e) == -1, "oracle: no pixels refused: %s", e.msg);
+    CHECK(oracle_read(NULL, WORLD_W, WORLD_H, &r, &e) == -1, "oracle: no pixels refused: %s",
+          e.msg);
     WorldScene s;
     world_scene(3, "AB", &s, &e);
     world_render(&s, rgb);
     oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
     CHECK(oracle_reads_as(&r, "AB") && oracle_reads_as(&r, "ab") && !oracle_reads_as(&r, "A") &&
-              !oracle_reads_as(&r, "ABC") && !oracle_reads_as(&r, "AC") && !oracle_reads_as(&r, NULL),
+              !oracle_reads_as(&r, "ABC") && !oracle_reads_as(&r, "AC") &&
+              !oracle_reads_as(&r, NULL),
           "oracle: reads_as compares the whole word, ignoring case (read '%s')", r.text);
 }
 
-/* ---- corruptions -------------------------------------------------------------------------------- */
+/* ---- corruptions ----------------------------------------------------------------------------- */
 
 static void test_corruption_api(void) {
     bool names = true;
     for (int t = 0; t < WORLD_CORRUPTION_COUNT; t++) {
         names = names && world_corruption_name(t) && world_corruption_name(t)[0];
-        for (int u = 0; u < t && names; u++) names = strcmp(world_corruption_name(t), world_corruption_name(u)) != 0;
+        for (int u = 0; u < t && names; u++)
+            names = strcmp(world_corruption_name(t), world_corruption_name(u)) != 0;
     }
     CHECK(names && WORLD_CORRUPTION_COUNT == 6 && !world_corruption_name(-1) &&
               !world_corruption_name(WORLD_CORRUPTION_COUNT),
-          "corruptions: %d types with distinct names, none outside the range", WORLD_CORRUPTION_COUNT);
+          "corruptions: %d types with distinct names, none outside the range",
+          WORLD_CORRUPTION_COUNT);
     WorldScene s;
     Error e = {{0}};
     uint8_t rgb[BYTES], mask[PIXELS];
     world_scene(5, NULL, &s, &e);
-    CHECK(world_corrupt(1, &s, WORLD_CORRUPTION_COUNT, rgb, mask, NULL, &e) == -1 && contains(e.msg, "type 6"),
+    CHECK(world_corrupt(1, &s, WORLD_CORRUPTION_COUNT, rgb, mask, NULL, &e) == -1 &&
+              contains(e.msg, "type 6"),
           "corruptions: an unknown type refused: %s", e.msg);
     WorldScene broken = s;
     broken.length = 0;
@@ -350,24 +374,27 @@ static void test_corruption_api(void) {
     }
     bool all = true;
     for (int t = 0; t < WORLD_CORRUPTION_COUNT; t++) all = all && drawn[t] > 20;
-    CHECK(all && twice > 30 && twice < 120, "corruptions: drawn types all occur, two glyphs in %d of 300", twice);
+    CHECK(all && twice > 30 && twice < 120,
+          "corruptions: drawn types all occur, two glyphs in %d of 300", twice);
 }
 
 /* The mask of one corruption: 0/1, and exactly the changed pixels dilated by one. Returns the
  * number of problems found. Changed pixels must also lie near the damaged glyphs: within their
  * box, one pixel either side, three above (a displaced part) and anywhere below (drips). */
-static int mask_problems(const WorldScene *s, const uint8_t *clean, const uint8_t *rgb, const uint8_t *mask,
-                         const WorldDamage *d) {
+static int mask_problems(const WorldScene *s, const uint8_t *clean, const uint8_t *rgb,
+                         const uint8_t *mask, const WorldDamage *d) {
     int problems = 0, changed = 0, marked = 0;
     for (int y = 0; y < WORLD_H; y++)
         for (int x = 0; x < WORLD_W; x++) {
             int p = y * WORLD_W + x;
             bool differs = false, near = false;
-            for (int k = 0; k < 3; k++) differs = differs || abs(clean[p * 3 + k] - rgb[p * 3 + k]) > 0;
+            for (int k = 0; k < 3; k++)
+                differs = differs || abs(clean[p * 3 + k] - rgb[p * 3 + k]) > 0;
             for (int ny = y - 1; ny <= y + 1; ny++)
                 for (int nx = x - 1; nx <= x + 1; nx++)
                     if (nx >= 0 && nx < WORLD_W && ny >= 0 && ny < WORLD_H)
-                        near = near || memcmp(clean + (ny * WORLD_W + nx) * 3, rgb + (ny * WORLD_W + nx) * 3, 3);
+                        near = near || memcmp(clean + (ny * WORLD_W + nx) * 3,
+                                              rgb + (ny * WORLD_W + nx) * 3, 3);
             changed += differs;
             marked += mask[p] != 0;
             problems += mask[p] > 1 || (differs && !mask[p]) || (mask[p] && !near);
@@ -400,8 +427,10 @@ static void test_corruptions(void) {
                 bad_damage++;
                 continue;
             }
-            bad_damage += d.type != t || d.count < 1 || d.count > 2 || d.glyph[0] < 0 || d.glyph[0] >= s.length ||
-                          (d.count == 2 && (d.glyph[1] < 0 || d.glyph[1] >= s.length || d.glyph[1] == d.glyph[0]));
+            bad_damage += d.type != t || d.count < 1 || d.count > 2 || d.glyph[0] < 0 ||
+                          d.glyph[0] >= s.length ||
+                          (d.count == 2 &&
+                           (d.glyph[1] < 0 || d.glyph[1] >= s.length || d.glyph[1] == d.glyph[0]));
             if (bad_damage) continue;
             problems += mask_problems(&s, clean, rgb, mask, &d);
             changed += d.changed;
@@ -410,19 +439,22 @@ static void test_corruptions(void) {
             flagged += !oracle_reads_as(&r, s.word);
         }
         total_flagged += flagged;
-        printf("  corruption %-14s flagged %5.1f%% of %d, %.1f pixels changed on average\n", world_corruption_name(t),
-               100.0 * flagged / SEEDS, SEEDS, (double)changed / SEEDS);
-        CHECK(bad_damage == 0, "corruption %s: damage reports its type and glyphs (%d bad)", world_corruption_name(t),
-              bad_damage);
-        CHECK(problems == 0, "corruption %s: masks are 0/1, non-empty, the changed pixels dilated by one, "
-              "changes within the damaged glyphs (%d problems)", world_corruption_name(t), problems);
+        printf("  corruption %-14s flagged %5.1f%% of %d, %.1f pixels changed on average\n",
+               world_corruption_name(t), 100.0 * flagged / SEEDS, SEEDS, (double)changed / SEEDS);
+        CHECK(bad_damage == 0, "corruption %s: damage reports its type and glyphs (%d bad)",
+              world_corruption_name(t), bad_damage);
+        CHECK(problems == 0,
+              "corruption %s: masks are 0/1, non-empty, the changed pixels dilated by one, "
+              "changes within the damaged glyphs (%d problems)",
+              world_corruption_name(t), problems);
         CHECK(flagged >= SEEDS * 85 / 100, "corruption %s: >= 85%% flagged by the oracle (%.1f%%)",
               world_corruption_name(t), 100.0 * flagged / SEEDS);
     }
-    printf("  corruption all types     flagged %5.1f%%\n", 100.0 * total_flagged / (SEEDS * WORLD_CORRUPTION_COUNT));
+    printf("  corruption all types     flagged %5.1f%%\n",
+           100.0 * total_flagged / (SEEDS * WORLD_CORRUPTION_COUNT));
 }
 
-/* ---- the command: diamond world ----------------------------------------------------------------- */
+/* ---- the command: diamond world -------------------------------------------------------------- */
 
 /* The exit status of `binary args` run with its output into log. */
 static int run_command(const char *binary, const char *args, const char *log) {
@@ -437,7 +469,8 @@ static int run_command(const char *binary, const char *args, const char *log) {
 static void test_cli(const char *argv0) {
     char binary[512], dir[64] = "/tmp/test_world.XXXXXX", out[256], log[256], args[512];
     const char *slash = strstr(argv0, "/tests/");
-    snprintf(binary, sizeof binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5, slash ? argv0 : "build");
+    snprintf(binary, sizeof binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
+             slash ? argv0 : "build");
     if (access(binary, X_OK) != 0 || !mkdtemp(dir)) {
         CHECK(0, "cli: %s is built and a temporary directory can be made", binary);
         return;
@@ -450,7 +483,8 @@ static void test_cli(const char *argv0) {
     Error e = {{0}};
     bool read = rc == 0 && ppm_read(&img, out, &e) == 0;
     CHECK(read && img.width == (3 * (WORLD_W + 2) - 2) * 4 && img.height == WORLD_H * 4,
-          "cli: diamond world --corrupt writes three panels 4x (exit %d, %dx%d)", rc, img.width, img.height);
+          "cli: diamond world --corrupt writes three panels 4x (exit %d, %dx%d)", rc, img.width,
+          img.height);
     if (read) {
         WorldScene s;
         uint8_t want[3][BYTES], mask[PIXELS];
@@ -462,10 +496,12 @@ static void test_cli(const char *argv0) {
         for (int panel = 0; panel < 3; panel++)
             for (int y = 0; y < img.height; y++)
                 for (int x = 0; x < WORLD_W * 4; x++) {
-                    const uint8_t *got = img.rgb + ((size_t)y * img.width + panel * (WORLD_W + 2) * 4 + x) * 3;
+                    const uint8_t *got =
+                        img.rgb + ((size_t)y * img.width + panel * (WORLD_W + 2) * 4 + x) * 3;
                     differ += memcmp(got, want[panel] + ((y / 4) * WORLD_W + x / 4) * 3, 3) != 0;
                 }
-        CHECK(differ == 0, "cli: the panels are the render, its melt corruption and the mask (%d pixels differ)",
+        CHECK(differ == 0,
+              "cli: the panels are the render, its melt corruption and the mask (%d pixels differ)",
               differ);
     }
     image_free(&img);
@@ -481,14 +517,20 @@ static void test_cli(const char *argv0) {
     for (uint64_t k = 0; k < 3; k++) {
         WorldScene s;
         world_scene(40 + k, NULL, &s, &e);
-        snprintf(want_list + strlen(want_list), sizeof want_list - strlen(want_list), "%s\n", s.word);
+        snprintf(want_list + strlen(want_list), sizeof want_list - strlen(want_list), "%s\n",
+                 s.word);
     }
-    CHECK(rc == 0 && !strcmp(listed, want_list), "cli: --list 3 prints the words of scenes 40..42: %s",
-          listed);
+    CHECK(rc == 0 && !strcmp(listed, want_list),
+          "cli: --list 3 prints the words of scenes 40..42: %s", listed);
     static const char *const bad[] = {
-        "world -o %s/x.png --word A-B", "world --corrupt --type nope -o %s/x.png", "world --type melt -o %s/x.png",
-        "world --seed -1 -o %s/x.png", "world --word AB -o %s/x.jpg", "world --word AB",
-        "world --list 0", "world --list 3 -o %s/x.png",
+        "world -o %s/x.png --word A-B",
+        "world --corrupt --type nope -o %s/x.png",
+        "world --type melt -o %s/x.png",
+        "world --seed -1 -o %s/x.png",
+        "world --word AB -o %s/x.jpg",
+        "world --word AB",
+        "world --list 0",
+        "world --list 3 -o %s/x.png",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         snprintf(args, sizeof args, bad[i], dir);
