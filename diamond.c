@@ -36,7 +36,7 @@ static const char *usage_text =
     "                                   (diamond eval --help for both)\n"
     "  diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png\n"
     "                                   a scene of the words world, its corruption and mask\n"
-    "  diamond train vae|text+flow|detector --config DIR --out DIR [options]\n"
+    "  diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"
     "                                   train an embedded model (`make weights` trains all)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
     "  diamond bench gemm M N K [--threads T]\n"
@@ -2402,14 +2402,15 @@ static int world_main(int argc, char **argv) {
 /* ---- train ------------------------------------------------------------------------------- */
 
 static const char *train_usage =
-    "usage: diamond train vae|text+flow|detector --config DIR --out DIR [options]\n"
+    "usage: diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"
     "\n"
     "Trains one of the embedded models from scratch, from seeded weights and seeded batches of\n"
     "the procedural words world (so a run repeats exactly), with AdamW, gradient clipping and a\n"
     "linear warm-up then cosine learning rate. --config DIR holds the model's config files\n"
     "(weights/vae, weights/detector; for text+flow the pipeline root with transformer/ and\n"
     "text_encoder/); --out DIR gets the same layout with the trained weights (written at the\n"
-    "end, atomically). `make weights` runs all three in order.\n"
+    "end, atomically). vae-decoder trains the decoder of the trained VAE in --vae alone (its\n"
+    "encoder, so its latent space, is kept). `make -j2 weights` runs the whole recipe.\n"
     "\n"
     "  --steps N        optimizer steps (default: the model's)\n"
     "  --batch B        images per step (default: the model's)\n"
@@ -2426,6 +2427,9 @@ static const char *train_usage =
     "  --quiet          no progress on stderr\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
+/* Directory arguments stay below this, so <dir>/<model>/<file> fits the path buffers. */
+#define TRAIN_MAX_PATH 4000
 
 typedef struct TrainArgs {
     const char *what, *config, *out, *vae, *init, *log;
@@ -2512,8 +2516,6 @@ static int train_vae_setup(const TrainArgs *a, TrainTask *task, void **state, bo
     VaeRun *v = calloc(1, sizeof *v);
     if (!v) return error_set(e, "out of memory");
     *state = v;
-    if (decoder_only && !a->vae)
-        return error_set(e, "vae-decoder trains a trained VAE's decoder: give --vae DIR");
     VaeTrainOptions o = {.batch = a->batch, .height = WORLD_H, .width = WORLD_W,
                          .seed = a->seed + decoder_only, .image = vae_world_image,
                          .decoder_only = decoder_only};
@@ -2571,7 +2573,6 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
     char dir[2][4200];
     if (!f) return error_set(e, "out of memory");
     *state = f;
-    if (!a->vae) return error_set(e, "text+flow trains on a VAE's latents: give --vae DIR");
     snprintf(dir[0], sizeof dir[0], "%s/transformer", a->init ? a->init : a->config);
     snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->init ? a->init : a->config);
     if (vae_encoder_load(&f->vae, a->vae, e) ||
@@ -2616,7 +2617,7 @@ static const Trainer *train_find(const char *name) {
 static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
     *a = (TrainArgs){.clip = 1.0, .steps = -1, .warmup = -1, .batch = -1, .lr = -1.0f};
     if (argc < 1 || !train_find(argv[0]))
-        return error_set(e, "train: say what to train: vae, text+flow or detector");
+        return error_set(e, "train: say what to train: vae, vae-decoder, text+flow or detector");
     a->what = argv[0];
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
@@ -2655,6 +2656,15 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
             return error_set(e, "unknown option '%s' (see diamond train --help)", opt);
     }
     if (!a->config || !a->out) return error_set(e, "train: --config DIR and --out DIR are needed");
+    bool on_a_vae = !strcmp(a->what, "text+flow") || !strcmp(a->what, "vae-decoder");
+    if (on_a_vae && !a->vae)
+        return error_set(e, "%s trains on a trained VAE: give --vae DIR", a->what);
+    if (!on_a_vae && a->vae) return error_set(e, "--vae is for text+flow and vae-decoder");
+    if (a->init && strcmp(a->what, "text+flow")) return error_set(e, "--init is for text+flow");
+    const char *paths[] = {a->config, a->out, a->vae, a->init};
+    for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
+        if (paths[i] && strlen(paths[i]) > TRAIN_MAX_PATH)
+            return error_set(e, "path too long: %.40s...", paths[i]);
     return 0;
 }
 
@@ -2683,7 +2693,8 @@ static int train_on_step(const TrainStep *s, void *ctx, Error *e) {
     bool last = s->step + 1 == s->steps;
     if (!p->a->quiet && (now - p->last_print >= 1.0 || last)) {
         double per = elapsed / (double)(s->step + 1);
-        fprintf(stderr, "\r%s: step %lld/%lld  loss %.5f  |g| %.3f  lr %.2e  %.3f s/step  ETA %.0f s   %s",
+        fprintf(stderr,
+                "\r%s: step %lld/%lld  loss %.5f  |g| %.3f  lr %.2e  %.3f s/step  ETA %.0f s   %s",
                 p->a->what, (long long)s->step + 1, (long long)s->steps, s->loss, s->grad_norm,
                 s->lr, per, per * (double)(s->steps - s->step - 1), last ? "\n" : "");
         p->last_print = now;
@@ -2771,10 +2782,10 @@ typedef struct DemoArgs {
     const char *weights, *out;
     int pairs, threads;
     bool quiet;
+    char beside[4096]; /* weights/ beside the binary, when that is where they are */
 } DemoArgs;
 
 static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Error *e) {
-    static char beside[4096];
     *a = (DemoArgs){.out = "diamond-demo.png", .pairs = 4};
     for (int i = 0; i < argc; i++) {
         const char *opt = argv[i];
@@ -2788,7 +2799,8 @@ static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Err
         long v = strtol(val, &end, 10);
         if (!strcmp(opt, "--weights")) a->weights = val;
         else if (!strcmp(opt, "-o")) a->out = val;
-        else if (!strcmp(opt, "--pairs") && !*end && v >= 1 && v <= DEMO_MAX_PAIRS) a->pairs = (int)v;
+        else if (!strcmp(opt, "--pairs") && !*end && v >= 1 && v <= DEMO_MAX_PAIRS)
+            a->pairs = (int)v;
         else if (!strcmp(opt, "--threads") && !*end && v >= 1 && v <= 4096) a->threads = (int)v;
         else return error_set(e, "bad option or value: %s %s (see diamond demo --help)", opt, val);
     }
@@ -2799,8 +2811,8 @@ static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Err
     a->weights = "weights";
     const char *slash = strrchr(argv0, '/');
     if (access("weights/transformer/config.json", R_OK) != 0 && slash)
-        snprintf(beside, sizeof beside, "%.*s/weights", (int)(slash - argv0), argv0),
-            a->weights = beside;
+        snprintf(a->beside, sizeof a->beside, "%.*s/weights", (int)(slash - argv0), argv0),
+            a->weights = a->beside;
     return 0;
 }
 

@@ -209,7 +209,7 @@ typedef struct StTensorSpec {
  * a negative dim or more than ST_MAX_DIMS dims is an error. */
 int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed, Error *e);
 /* A synthetic model of any tensor at any shape, for loaders that know the shapes they want (nn.c's
- * param_load): it lists no tensors and st_model_find finds none; st_model_random_any_seed tells
+ * params_load): it lists no tensors and st_model_find finds none; st_model_random_any_seed tells
  * it apart, and st_random_fill makes each tensor's values. */
 int st_model_random_any(StModel **out, uint64_t seed, Error *e);
 /* true, with its seed in *seed, when m came from st_model_random_any. */

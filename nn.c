@@ -1350,10 +1350,11 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
     const Flux2Weights *wt = m->resident;
     Flux2Step s = {.batch = (int)flux2_size(tokens, 0), .img_len = h * w,
                    .txt_len = (int)flux2_size(txt, 1)};
-    /* the tables become the tape's (var_take of a table that failed fails the tape) */
+    /* the tables become the tape's; when either is missing (out of memory, or a tape that has
+     * failed already, which frees them) nothing reads them */
     flux2_rope_tables(c, s.txt_len, h, w, &s);
-    var_take(t, s.rope_cos, false);
-    var_take(t, s.rope_sin, false);
+    Var *cos = var_take(t, s.rope_cos, false), *sin = var_take(t, s.rope_sin, false);
+    if (!cos || !sin) return NULL;
     if (!wt) /* a streaming model: the tape fails with "linear: argument 2 is NULL" */
         return ag_linear(t, tokens, NULL, NULL);
     Var *act = flux2_time_act(t, &wt->time, c, sigma, guidance, s.batch);
@@ -1647,7 +1648,7 @@ static Tensor *text_one_hot(const TextEncoder *m, const char *const *prompts, in
     for (int b = 0; !status && b < batch; b++) {
         status = text_encoder_tokenize(m, prompts[b], ids, &valid[b], e);
         for (int i = 0; !status && i < L; i++) x->data[((int64_t)b * L + i) * V + ids[i]] = 1.0f;
-        if (valid[b] < 1) valid[b] = 1;
+        if (!status && valid[b] < 1) valid[b] = 1;
     }
     free(ids);
     if (!status) return x;
@@ -2024,7 +2025,7 @@ static int vae_plan(VaeDecoder *m, Error *e) {
     return 0;
 }
 
-/* vae_decoder_load, or with `random` its config-only twin. */
+/* vae_decoder_load and its kin: the weights from source (files, config-only values or fresh). */
 static int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
                             Error *e) {
     *out = NULL;
@@ -3302,7 +3303,8 @@ static int train_step(const TrainTask *task, const TrainOptions *o, AdamW *a, in
 
 int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
     AdamW *a;
-    if (o->steps < 1 || o->warmup < 0) return error_set(e, "training: steps must be >= 1");
+    if (o->steps < 1) return error_set(e, "training: steps must be >= 1");
+    if (o->warmup < 0) return error_set(e, "training: warmup must be >= 0");
     if (adamw_new(&a, task->groups, task->n_groups, &o->adamw, e)) return -1;
     for (int g = 0; g < task->n_groups; g++) params_set_trainable(task->groups[g], true);
     int rc = 0;
@@ -3423,8 +3425,6 @@ int flow_train_task(TrainTask *task, FlowTrainer **out, Flux2 *flow, TextEncoder
         return error_set(e, "out of memory for text+flow training");
     }
     for (size_t b = 0; b < B; b++) f->prompt_list[b] = f->prompts[b];
-    params_set_trainable(flux2_params(flow), true);
-    params_set_trainable(text_encoder_params(text), true);
     *task = (TrainTask){.groups = {flux2_params(flow), text_encoder_params(text)}, .n_groups = 2,
                         .loss = flow_loss, .ctx = f};
     *out = f;
@@ -3550,6 +3550,7 @@ static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, Te
     for (int b = 0; rc == 0 && b < n; b++) {
         int scene = b >= n_clean && n_clean > 0 ? (b - n_clean) % n_clean : b;
         rc = detector_example(detector_seed(seed, step, scene), b >= n_clean, rgb, mask, e);
+        if (rc) break;
         detector_image(rgb, (*images)->data + (size_t)b * 3 * DETECTOR_PIXELS);
         for (size_t p = 0; p < DETECTOR_PIXELS; p++)
             (*masks)->data[(size_t)b * DETECTOR_PIXELS + p] = mask[p];
@@ -4206,10 +4207,9 @@ int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecode
     if (!tr) return error_set(e, "out of memory");
     *tr = (VaeTrainer){.enc = enc, .dec = dec, .o = *o};
     vae_decoder_set_checkpoint(dec, false);
-    *task = (TrainTask){.groups = {vae_encoder_params(enc), vae_decoder_params(dec)},
-                        .n_groups = 2, .loss = vae_train_loss, .ctx = tr};
-    if (o->decoder_only) *task = (TrainTask){.groups = {vae_decoder_params(dec)}, .n_groups = 1,
-                                             .loss = vae_train_loss, .ctx = tr};
+    Params *enc_p = vae_encoder_params(enc), *dec_p = vae_decoder_params(dec);
+    *task = (TrainTask){.groups = {o->decoder_only ? dec_p : enc_p, dec_p},
+                        .n_groups = o->decoder_only ? 1 : 2, .loss = vae_train_loss, .ctx = tr};
     *out = tr;
     return 0;
 }

@@ -1,9 +1,10 @@
 /* nn.h - layers and models built from tensor.c kernels through autograd.c ops.
  *
  * Models read their architecture from config files and their weights from safetensors by the
- * real upstream tensor names. The VAE and the detector hold their weights in a Params (f32 leaves
- * on a tape of the model's own, used by every forward pass on the caller's tape): by default they
- * need no gradient, so gradients flow to the inputs only; a trainer makes them trainable. */
+ * real upstream tensor names. They hold their weights in a Params (f32 leaves on a tape of the
+ * model's own, used by every forward pass on the caller's tape; FLUX.2 only when loaded resident):
+ * by default they need no gradient, so gradients flow to the inputs only; a trainer makes them
+ * trainable. */
 #ifndef DIAMOND_NN_H
 #define DIAMOND_NN_H
 
@@ -22,9 +23,9 @@ typedef struct Params Params;
 
 /* NULL when out of memory. */
 Params *params_new(const StModel *source);
-/* Loads make fresh weights from seed instead, as PyTorch's layers initialise themselves
- * (matrices and kernels uniform in +-1/sqrt(fan_in), biases and running means 0, norm weights and
- * running variances 1): a model to train from scratch. */
+/* Loads make fresh weights from seed instead: matrices, kernels and embeddings uniform in
+ * +-1/sqrt(fan_in) (the bound of PyTorch's nn.Linear and nn.Conv2d weights), biases and running
+ * means 0, norm weights and running variances 1: a model to train from scratch. */
 Params *params_new_init(uint64_t seed);
 void params_free(Params *p);
 /* The F32/F16/BF16 tensor named by name_fmt (printf-style) in the source, as a new f32 leaf of
@@ -244,7 +245,7 @@ int vae_decoder_init(VaeDecoder **out, const char *dir, uint64_t seed, Error *e)
 void vae_decoder_free(VaeDecoder *m);
 /* tokens: [B, h*w, latent_channels*patch_h*patch_w], row-major over the (h, w) token grid ->
  * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
- * d loss / d tokens flows back through it; weights get no gradient. */
+ * d loss / d tokens flows back through it (and to the weights when they are trainable). */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
 const VaeConfig *vae_decoder_config(const VaeDecoder *m);
 /* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
@@ -441,7 +442,7 @@ typedef struct FlowTrainOptions {
 
 typedef struct FlowTrainer FlowTrainer;
 
-/* A TrainTask over both models' parameters (made trainable) whose loss is the rectified-flow MSE
+/* A TrainTask over both models' parameters whose loss is the rectified-flow MSE
  * of batch `step`. flow must be resident and text's hidden_size its joint_attention_dim. *out
  * holds the batch buffers; free it after training. */
 int flow_train_task(TrainTask *task, FlowTrainer **out, Flux2 *flow, TextEncoder *text,
