@@ -2766,8 +2766,8 @@ static const char *demo_usage =
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
 /* The demo's sampling: the settings the README's eval table uses. */
-#define DEMO_STEPS 8
-#define DEMO_SCHEDULE "linear:start=12,end=1"
+#define DEMO_STEPS 16
+#define DEMO_SCHEDULE "linear:start=4,end=0.5"
 #define DEMO_LOSS "mse"
 /* Words come from world scenes of these seeds (never a training scene: training draws its
  * scenes from hashes of the step); noise seeds count up from DEMO_NOISE_SEED. */
