@@ -748,6 +748,9 @@ static const char *generate_usage =
     "  --no-guide             plain sampling, no detector (the baseline)\n"
     "  --gate T               skip the detector backward and the shift for a sample whose\n"
     "                         detector max is below T at that step (default off, as official)\n"
+    "  --mu M                 shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
+    "                         mu for the token count (made for thousands of tokens; the\n"
+    "                         embedded models use 0: no shift)\n"
     "  --threads T            OpenMP threads\n"
     "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image\n"
     "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
@@ -832,6 +835,12 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
     } else if (!strcmp(opt, "--gate")) {
         if (generate_parse_float(val, 0.0f, 1.0f, &a->opt.gate))
             return error_set(e, "--gate: expected a threshold in [0, 1], got '%s'", val);
+    } else if (!strcmp(opt, "--mu")) {
+        float mu;
+        if (generate_parse_float(val, -10.0f, 10.0f, &mu))
+            return error_set(e, "--mu: expected a number in [-10, 10], got '%s'", val);
+        a->opt.set_mu = true;
+        a->opt.mu = mu;
     } else if (!strcmp(opt, "--threads")) {
         if (bench_threads_option(argc, argv, i - 1, &threads))
             return error_set(e, "--threads: expected 1..1024, got '%s'", val);
@@ -848,7 +857,7 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
 static bool generate_takes_value(const char *opt) {
     static const char *const names[] = {"--seed", "--steps", "-W", "-H", "--guidance-scale",
                                         "--gate", "--threads", "--lambda-schedule", "--loss",
-                                        "--prompt"};
+                                        "--prompt", "--mu"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;
@@ -1385,7 +1394,7 @@ static const char *eval_usage =
     "  --shard I/N        only rows whose index % N == I (several processes or machines)\n"
     "  --merge            the table and --json over every item_*.json in --out, by row index\n"
     "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
-    "                     --threads as in diamond generate --help\n"
+    "                     --mu, --threads as in diamond generate --help\n"
     "\n"
     "search-seeds is the official data set search: one seed counter, never reset, from --start;\n"
     "for each row of IN (a `prompt` or `embeddings` column) it tries consecutive seeds, at most\n"
@@ -1600,7 +1609,7 @@ static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e)
 static bool eval_shared_option(const char *opt) {
     static const char *const names[] = {"--model", "--detector", "--steps", "-W", "-H",
                                         "--guidance-scale", "--lambda-schedule", "--loss",
-                                        "--gate", "--threads"};
+                                        "--gate", "--threads", "--mu"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;
@@ -1700,6 +1709,7 @@ static void eval_settings(const GenerateArgs *g, char *out, size_t len) {
              g->opt.guidance_scale, g->opt.gate, lambdas[l->type], l->value, l->start, l->end,
              l->power, l->after, l->warmup, l->cooldown, losses[g->opt.loss.type],
              g->opt.loss.gamma, g->opt.loss.alpha);
+    if (g->opt.set_mu) snprintf(out + strlen(out), len - strlen(out), " mu=%.17g", g->opt.mu);
 }
 
 /* ---- eval: item files ---- */
@@ -2769,6 +2779,9 @@ static const char *demo_usage =
 #define DEMO_STEPS 16
 #define DEMO_SCHEDULE "linear:start=4,end=0.5"
 #define DEMO_LOSS "mse"
+/* No shift of the sigma schedule: FLUX.2's empirical mu, made for thousands of tokens, leaves the
+ * last sigma near 0.3 at the embedded models' 32 tokens. */
+#define DEMO_MU 0.0
 /* Words come from world scenes of these seeds (never a training scene: training draws its
  * scenes from hashes of the step); noise seeds count up from DEMO_NOISE_SEED. */
 #define DEMO_WORD_SEED 900000000u
@@ -2823,7 +2836,8 @@ static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t
     snprintf(detector, len, "%s/detector", d->weights);
     *g = (GenerateArgs){.model = d->weights, .detector = detector, .steps = DEMO_STEPS,
                         .width = WORLD_W, .height = WORLD_H, .quiet = true,
-                        .opt = {.steps = DEMO_STEPS, .guide = true, .guidance_scale = 1.0f}};
+                        .opt = {.steps = DEMO_STEPS, .guide = true, .guidance_scale = 1.0f,
+                                .set_mu = true, .mu = DEMO_MU}};
     return lambda_schedule_parse(&g->opt.lambda, DEMO_SCHEDULE, e) ||
                    artifact_loss_parse(&g->opt.loss, DEMO_LOSS, e)
                ? -1

@@ -3844,7 +3844,11 @@ double flux2_empirical_mu(int image_seq_len, int steps) {
 }
 
 void flux2_sigmas(int steps, int image_seq_len, float *sigmas) {
-    double shift = exp(flux2_empirical_mu(image_seq_len, steps));
+    flux2_sigmas_shifted(steps, flux2_empirical_mu(image_seq_len, steps), sigmas);
+}
+
+void flux2_sigmas_shifted(int steps, double mu, float *sigmas) {
+    double shift = exp(mu);
     double delta = steps > 1 ? (1.0 / steps - 1.0) / (steps - 1) : 0.0;
     for (int i = 0; i < steps; i++) {
         double s = i == steps - 1 ? 1.0 / steps : 1.0 + i * delta; /* numpy's linspace */
@@ -3987,7 +3991,8 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
     if (rc == 0) {
         r.sigma_b = r.sigmas + o->steps + 1;
         r.guide_b = r.sigma_b + B;
-        flux2_sigmas(o->steps, h * w, r.sigmas);
+        if (o->set_mu) flux2_sigmas_shifted(o->steps, o->mu, r.sigmas);
+        else flux2_sigmas(o->steps, h * w, r.sigmas);
     }
     for (int i = 0; rc == 0 && i < o->steps; i++) rc = sampler_step(&r, latent, i, e);
     free(r.sigmas);

@@ -572,6 +572,8 @@ Var *artifact_loss_apply(Tape *t, const ArtifactLoss *l, Var *mask);
 double flux2_empirical_mu(int image_seq_len, int steps);
 /* sigmas[0 .. steps]: linspace(1, 1/N, N) shifted by exp(mu) / (exp(mu) + (1/s - 1)), computed
  * in double and rounded to float (as the scheduler stores them), then sigmas[steps] = 0. */
+void flux2_sigmas_shifted(int steps, double mu, float *sigmas);
+/* The same with FLUX.2's empirical mu for image_seq_len tokens (the pipeline's schedule). */
 void flux2_sigmas(int steps, int image_seq_len, float *sigmas);
 
 typedef struct SamplerOptions {
@@ -582,6 +584,10 @@ typedef struct SamplerOptions {
     float guidance_scale;  /* distilled guidance for models with guidance_embeds, else unused */
     float gate;            /* > 0: a sample whose detector max (the map at 1/4 of the detector's
                               input) is below gate gets no shift at that step; 0: off (official) */
+    bool set_mu;           /* the schedule's shift is mu below, not FLUX.2's empirical mu for
+                              the token count (made for thousands of tokens: at a few dozen it
+                              leaves the last sigma near 0.3 and little room for guidance) */
+    double mu;
     bool inspect_every_step; /* also run the detector and its backward where they would be
                                 skipped (lambda_i = 0, or a baseline run given a detector), so
                                 every step reports mask and grad; the latent moves exactly as

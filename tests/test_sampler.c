@@ -366,7 +366,15 @@ static void test_sigmas(void) {
         float *want = golden_load(g, name, (size_t)runs[r][0] + 1);
         if (want) check_close(name, got, want, (size_t)runs[r][0] + 1, 1e-6f, 0.0f);
         free(want);
+        float shifted[51];
+        flux2_sigmas_shifted(runs[r][0], flux2_empirical_mu(runs[r][1], runs[r][0]), shifted);
+        CHECK(!memcmp(got, shifted, ((size_t)runs[r][0] + 1) * sizeof(float)),
+              "%s: flux2_sigmas is flux2_sigmas_shifted at the empirical mu", name);
     }
+    /* mu = 0: exp(0) = 1 shifts nothing, the schedule is numpy's linspace(1, 1/N, N), then 0 */
+    float plain[9], want[9] = {1.0f, 0.875f, 0.75f, 0.625f, 0.5f, 0.375f, 0.25f, 0.125f, 0.0f};
+    flux2_sigmas_shifted(8, 0.0, plain);
+    check_close("mu 0: linspace(1, 1/8, 8)", plain, want, 9, 1e-7f, 0.0f);
     st_close(g);
 }
 
@@ -555,7 +563,8 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
         } bad[] = {{" -W 20", 2}, {" --loss focal:beta=1", 2}, {" --prompt cat", 2},
                    {" --seed 1,2,3", 2}, {" --steps", 2}, {" --no-guide --compare x.png", 2},
                    {" --compare x.jpg", 2}, {" --detector /nonexistent", 1},
-                   {" --embeddings /nonexistent.safetensors", 1}};
+                   {" --embeddings /nonexistent.safetensors", 1}, {" --mu 11", 2},
+                   {" --mu x", 2}};
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
             snprintf(cmd + n, sizeof cmd - (size_t)n, "%s", bad[i].extra);
