@@ -1439,33 +1439,6 @@ static void eval_csv_free(EvalCsv *c) {
     *c = (EvalCsv){0};
 }
 
-/* The whole file as a NUL-terminated string. */
-static int eval_read_text(const char *path, char **text, size_t *len, Error *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        n += fread(buf + n, 1, cap - n - 1, f);
-        if (n + 1 < cap) break;
-        char *grown = realloc(buf, 2 * cap);
-        if (!grown) free(buf);
-        buf = grown;
-        cap *= 2;
-    }
-    int failed = ferror(f);
-    fclose(f);
-    if (!buf) return error_set(e, "%s: out of memory", path);
-    if (failed) {
-        free(buf);
-        return error_set(e, "%s: read error", path);
-    }
-    buf[n] = '\0';
-    *text = buf;
-    *len = n;
-    return 0;
-}
-
 #define EVAL_CSV_MAX_FIELDS 32
 
 /* The record at text[*pos] (RFC 4180: fields split by commas, a quoted field may hold commas,
@@ -1568,7 +1541,7 @@ static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e)
     char *text = NULL, *buf = NULL, *fields[EVAL_CSV_MAX_FIELDS], *header[EVAL_CSV_MAX_FIELDS];
     size_t len = 0, pos = 0;
     *c = (EvalCsv){0};
-    if (eval_read_text(path, &text, &len, e)) return -1;
+    if (file_read_all(path, &text, &len, e)) return -1;
     if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) pos = 3;
     char *head = malloc(len + 1);
     int rc = (buf = malloc(len + 1)) && head ? 0 : error_set(e, "%s: out of memory", path);

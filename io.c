@@ -917,6 +917,32 @@ void atomic_abort(AtomicFile *f) {
     atomic_free(f);
 }
 
+int file_read_all(const char *path, char **text, size_t *len, Error *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n - 1, f);
+        if (n + 1 < cap) break;
+        char *grown = realloc(buf, 2 * cap);
+        if (!grown) free(buf);
+        buf = grown;
+        cap *= 2;
+    }
+    int failed = ferror(f);
+    fclose(f);
+    if (!buf) return error_set(e, "%s: out of memory", path);
+    if (failed) {
+        free(buf);
+        return error_set(e, "%s: read error", path);
+    }
+    buf[n] = '\0';
+    *text = buf;
+    *len = n;
+    return 0;
+}
+
 int write_file_atomic(const char *path, const void *data, size_t n, Error *e) {
     AtomicFile *f;
     if (atomic_open(&f, path, e)) return -1;

@@ -253,8 +253,8 @@ struct Flux2 {
 /* ---- config ---- */
 
 /* A positive integer config value no larger than `max`. */
-static int flux2_config_int(const JsonValue *root, const char *key, int64_t max, int *out,
-                            Error *e) {
+static int config_positive_int(const JsonValue *root, const char *key, int64_t max, int *out,
+                               Error *e) {
     int64_t v;
     if (json_get_int(root, key, &v, e)) return -1;
     if (v < 1 || v > max)
@@ -270,9 +270,9 @@ static int flux2_config_defaults(const JsonValue *root, Flux2Config *c, Error *e
     c->out_channels = c->in_channels;
     const JsonValue *out = json_get(root, "out_channels");
     return (json_get(root, "patch_size") &&
-            flux2_config_int(root, "patch_size", 64, &c->patch_size, e)) ||
+            config_positive_int(root, "patch_size", 64, &c->patch_size, e)) ||
            (out && out->type != JSON_NULL &&
-            flux2_config_int(root, "out_channels", 1 << 20, &c->out_channels, e));
+            config_positive_int(root, "out_channels", 1 << 20, &c->out_channels, e));
 }
 
 static int flux2_config_rope(const JsonValue *root, Flux2Config *c, Error *e) {
@@ -300,14 +300,14 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
     const JsonValue *root = json_root(doc);
     const int64_t big = 1 << 20;
     double mlp_ratio = 0.0;
-    int status = flux2_config_int(root, "in_channels", big, &c->in_channels, e) ||
+    int status = config_positive_int(root, "in_channels", big, &c->in_channels, e) ||
                  flux2_config_defaults(root, c, e) ||
-                 flux2_config_int(root, "num_layers", 4096, &c->num_layers, e) ||
-                 flux2_config_int(root, "num_single_layers", 4096, &c->num_single_layers, e) ||
-                 flux2_config_int(root, "num_attention_heads", 4096, &c->heads, e) ||
-                 flux2_config_int(root, "attention_head_dim", 4096, &c->head_dim, e) ||
-                 flux2_config_int(root, "joint_attention_dim", big, &c->joint_attention_dim, e) ||
-                 flux2_config_int(root, "timestep_guidance_channels", big, &c->timestep_channels,
+                 config_positive_int(root, "num_layers", 4096, &c->num_layers, e) ||
+                 config_positive_int(root, "num_single_layers", 4096, &c->num_single_layers, e) ||
+                 config_positive_int(root, "num_attention_heads", 4096, &c->heads, e) ||
+                 config_positive_int(root, "attention_head_dim", 4096, &c->head_dim, e) ||
+                 config_positive_int(root, "joint_attention_dim", big, &c->joint_attention_dim, e) ||
+                 config_positive_int(root, "timestep_guidance_channels", big, &c->timestep_channels,
                                   e) ||
                  json_get_float(root, "mlp_ratio", &mlp_ratio, e) ||
                  json_get_float(root, "rope_theta", &c->rope_theta, e) ||
@@ -1503,17 +1503,6 @@ static int text_vocab_check(const char *vocab, const char *path, Error *e) {
     return 0;
 }
 
-static int text_config_int(const JsonValue *root, const char *key, int64_t max, int *out,
-                           Error *e) {
-    int64_t v;
-    if (json_get_int(root, key, &v, e)) return -1;
-    if (v < 1 || v > max)
-        return error_set(e, "%s: key '%s' is %lld, expected 1 .. %lld", root->source, key,
-                         (long long)v, (long long)max);
-    *out = (int)v;
-    return 0;
-}
-
 /* path: a text_encoder/config.json */
 static int text_config_read(TextEncoderConfig *c, const char *path, Error *e) {
     JsonDoc *doc;
@@ -1525,11 +1514,11 @@ static int text_config_read(TextEncoderConfig *c, const char *path, Error *e) {
     if (!status && strcmp(cls, "DiamondCharEncoder"))
         status = error_set(e, "%s: _class_name is '%s', expected 'DiamondCharEncoder'", path, cls);
     status = status || json_get_string(root, "vocab", &vocab, e) ||
-                 text_config_int(root, "max_length", 4096, &c->max_length, e) ||
-                 text_config_int(root, "hidden_size", big, &c->hidden_size, e) ||
-                 text_config_int(root, "num_layers", 256, &c->num_layers, e) ||
-                 text_config_int(root, "num_heads", 256, &c->num_heads, e) ||
-                 text_config_int(root, "intermediate_size", big, &c->intermediate_size, e) ||
+                 config_positive_int(root, "max_length", 4096, &c->max_length, e) ||
+                 config_positive_int(root, "hidden_size", big, &c->hidden_size, e) ||
+                 config_positive_int(root, "num_layers", 256, &c->num_layers, e) ||
+                 config_positive_int(root, "num_heads", 256, &c->num_heads, e) ||
+                 config_positive_int(root, "intermediate_size", big, &c->intermediate_size, e) ||
                  json_get_float(root, "layer_norm_eps", &c->layer_norm_eps, e);
     if (!status) status = text_vocab_check(vocab, path, e);
     if (!status && (c->hidden_size % c->num_heads || !(c->layer_norm_eps >= 0.0)))
@@ -4295,25 +4284,6 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) 
     return rc;
 }
 
-/* path's whole contents, NUL-terminated, into a new buffer. */
-static int vae_read_text(const char *path, char **out, size_t *len, Error *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return error_set(e, "cannot open %s", path);
-    char *buf = NULL;
-    long size = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
-    if (size >= 0 && fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)size + 1)) &&
-        fread(buf, 1, (size_t)size, f) == (size_t)size) {
-        buf[size] = 0;
-        *out = buf;
-        *len = (size_t)size;
-        fclose(f);
-        return 0;
-    }
-    free(buf);
-    fclose(f);
-    return error_set(e, "cannot read %s", path);
-}
-
 /* The entries of p as F32 tensors appended to items[*n], skipping names already there. */
 static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {
     for (int i = 0; i < params_count(p); i++) {
@@ -4336,7 +4306,7 @@ int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_di
     size_t len = 0;
     if (snprintf(path, sizeof path, "%s/config.json", config_dir) >= (int)sizeof path)
         return error_set(e, "VAE directory name too long: %s", config_dir);
-    if (vae_read_text(path, &config, &len, e)) return -1;
+    if (file_read_all(path, &config, &len, e)) return -1;
     int rc = dir_make(out_dir, e);
     if (rc == 0 && snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors",
                             out_dir) >= (int)sizeof path)
