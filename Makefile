@@ -59,7 +59,7 @@ TEST_SRC = $(wildcard tests/test_*.c)
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
 .PHONY: all test asan debug fuzz bench golden clean info-flags weights weights-vae weights-detector \
-        weights-flow weights-vae-decoder weights-flow2
+        weights-flow weights-vae-decoder
 all: info-flags diamond
 
 info-flags:
@@ -113,11 +113,11 @@ bench: diamond
 
 # The embedded models, trained from scratch by diamond itself into weights/ (see weights/README.md).
 # Two jobs at a time, one thread each: the VAE beside the detector, then the flow model (on the
-# VAE's latents) beside a longer training of the VAE's decoder alone (the encoder, so the latent
-# space, stays fixed), then the flow model's second stage. OMP_WAIT_POLICY=passive: idle OpenMP
-# threads must not spin.
+# VAE's latents, saved as the moving average of its weights) beside a longer training of the VAE's
+# decoder alone on noisy latents (the encoder, so the latent space, stays fixed).
+# OMP_WAIT_POLICY=passive: idle OpenMP threads must not spin.
 TRAIN = OMP_WAIT_POLICY=passive ./diamond train
-weights: weights-detector weights-flow2 weights-vae-decoder
+weights: weights-detector weights-flow weights-vae-decoder
 weights-vae: diamond
 	mkdir -p weights/logs
 	$(TRAIN) vae --config weights/vae --out weights/vae --threads 1 --log weights/logs/vae.csv \
@@ -127,16 +127,11 @@ weights-detector: diamond
 	$(TRAIN) detector --config weights/detector --out weights/detector --threads 1 \
 	    --log weights/logs/detector.csv --quiet
 weights-flow: weights-vae
-	$(TRAIN) text+flow --config weights --vae weights/vae --out weights --threads 1 \
-	    --log weights/logs/flow.csv --quiet
-# a second stage from the first's weights, on other batches, at a lower peak learning rate
-weights-flow2: weights-flow weights-vae-decoder
-	$(TRAIN) text+flow --config weights --vae weights/vae --init weights --out weights \
-	    --steps 11000 --lr 5e-4 --warmup 200 --seed 1 --threads 1 --log weights/logs/flow2.csv \
-	    --quiet
+	$(TRAIN) text+flow --config weights --vae weights/vae --out weights --steps 30000 --ema 0.999 \
+	    --threads 1 --log weights/logs/flow.csv --quiet
 weights-vae-decoder: weights-vae
 	$(TRAIN) vae-decoder --config weights/vae --vae weights/vae --out weights/vae --steps 5000 \
-	    --threads 1 --log weights/logs/vae-decoder.csv --quiet
+	    --latent-noise 0.2 --threads 1 --log weights/logs/vae-decoder.csv --quiet
 
 PYTHON ?= /usr/bin/python3
 golden:

@@ -2400,11 +2400,16 @@ static const char *train_usage =
     "  --lr LR          peak learning rate (default: the model's)\n"
     "  --warmup N       warm-up steps (default: the model's)\n"
     "  --clip C         the largest gradient norm (default 1; 0: off)\n"
+    "  --ema D          save the moving average of the weights over the steps, decay D\n"
+    "                   (e.g. 0.999; default 0: the last step's weights)\n"
     "  --seed S         weights and batches (default 0)\n"
     "  --vae DIR        text+flow, vae-decoder: the trained VAE (whose latents the flow model\n"
     "                   learns; whose decoder vae-decoder trains on)\n"
     "  --init DIR       text+flow: start from the trained models in DIR instead of fresh\n"
     "                   weights (a second stage; give it another --seed for other batches)\n"
+    "  --latent-noise S vae-decoder: add Gaussian noise of std S to the normalised latent\n"
+    "                   tokens before decoding (a decoder for the flow model's inexact\n"
+    "                   latents; default 0)\n"
     "  --log FILE       CSV step,loss,grad_norm,lr,seconds (written as it goes)\n"
     "  --threads T      OpenMP threads\n"
     "  --quiet          no progress on stderr\n"
@@ -2418,7 +2423,7 @@ typedef struct TrainArgs {
     const char *what, *config, *out, *vae, *init, *log;
     int64_t steps, warmup;
     int batch, threads;
-    float lr;
+    float lr, latent_noise, ema;
     double clip;
     uint64_t seed;
     bool quiet;
@@ -2501,7 +2506,7 @@ static int train_vae_setup(const TrainArgs *a, TrainTask *task, void **state, bo
     *state = v;
     VaeTrainOptions o = {.batch = a->batch, .height = WORLD_H, .width = WORLD_W,
                          .seed = a->seed + decoder_only, .image = vae_world_image,
-                         .decoder_only = decoder_only};
+                         .decoder_only = decoder_only, .latent_noise = a->latent_noise};
     int rc = decoder_only ? vae_encoder_load(&v->encoder, a->vae, e) ||
                                 vae_decoder_load(&v->decoder, a->vae, e)
                           : vae_encoder_init(&v->encoder, a->config, a->seed, e) ||
@@ -2629,12 +2634,17 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
             else if (!strcmp(opt, "--seed")) a->seed = v;
             else if (!strcmp(opt, "--batch")) a->batch = (int)v;
             else a->threads = (int)v;
-        } else if (!strcmp(opt, "--lr") || !strcmp(opt, "--clip")) {
+        } else if (!strcmp(opt, "--lr") || !strcmp(opt, "--clip") ||
+                   !strcmp(opt, "--latent-noise") || !strcmp(opt, "--ema")) {
             double v = strtod(val, &end);
-            if (*end || end == val || !(v >= 0.0 && v < 1e6) || (v == 0.0 && opt[2] == 'l'))
+            bool is_lr = !strcmp(opt, "--lr"), is_ema = !strcmp(opt, "--ema");
+            if (*end || end == val || !(v >= 0.0 && v < 1e6) || (v == 0.0 && is_lr) ||
+                (is_ema && v >= 1.0))
                 return error_set(e, "%s: '%s' is not a number in range", opt, val);
-            if (opt[2] == 'l') a->lr = (float)v;
-            else a->clip = v;
+            if (is_lr) a->lr = (float)v;
+            else if (is_ema) a->ema = (float)v;
+            else if (!strcmp(opt, "--clip")) a->clip = v;
+            else a->latent_noise = (float)v;
         } else
             return error_set(e, "unknown option '%s' (see diamond train --help)", opt);
     }
@@ -2644,6 +2654,8 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
         return error_set(e, "%s trains on a trained VAE: give --vae DIR", a->what);
     if (!on_a_vae && a->vae) return error_set(e, "--vae is for text+flow and vae-decoder");
     if (a->init && strcmp(a->what, "text+flow")) return error_set(e, "--init is for text+flow");
+    if (a->latent_noise > 0.0f && strcmp(a->what, "vae-decoder"))
+        return error_set(e, "--latent-noise is for vae-decoder");
     const char *paths[] = {a->config, a->out, a->vae, a->init};
     for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
         if (paths[i] && strlen(paths[i]) > TRAIN_MAX_PATH)
@@ -2693,7 +2705,7 @@ static int train_run_command(const TrainArgs *a, const Trainer *t, Error *e) {
         return error_set(e, "%s: %s", a->log, strerror(errno));
     if (progress.log) fprintf(progress.log, "step,loss,grad_norm,lr,seconds\n");
     TrainOptions o = {.steps = a->steps, .adamw = {a->lr, 0.9f, 0.999f, 1e-8f, 0.01f},
-                      .warmup = a->warmup, .clip = a->clip, .on_step = train_on_step,
+                      .warmup = a->warmup, .clip = a->clip, .ema = a->ema, .on_step = train_on_step,
                       .ctx = &progress};
     int rc = dir_make(a->out, e) || t->open(a, &task, &state, e) || train_run(&task, &o, e) ||
              t->save(state, a, e);

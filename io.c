@@ -2216,7 +2216,15 @@ static void world_pick_colours(WorldRng *g, WorldScene *s) {
     memset(s->ink, world_luminance(s->background) > 127.5 ? 0 : 255, sizeof s->ink);
 }
 
-/* The scale, the word's position and the per-glyph vertical jitter. */
+/* A coordinate within shift of the middle of lo .. hi, and inside it. */
+static int world_near_centre(WorldRng *g, int lo, int hi, int shift) {
+    int mid = (lo + hi) / 2;
+    return world_between(g, mid - shift < lo ? lo : mid - shift,
+                         mid + shift > hi ? hi : mid + shift);
+}
+
+/* The scale, the word's position (centred, give or take WORLD_SHIFT_X and WORLD_SHIFT_Y) and the
+ * per-glyph vertical jitter. */
 static void world_place(WorldRng *g, WorldScene *s) {
     s->scale_x = WORLD_SCALE_X;
     s->scale_y = world_between(g, WORLD_SCALE_Y_MIN, WORLD_SCALE_Y_MAX);
@@ -2229,8 +2237,9 @@ static void world_place(WorldRng *g, WorldScene *s) {
         dy_min = dy[i] < dy_min ? dy[i] : dy_min;
         dy_max = dy[i] > dy_max ? dy[i] : dy_max;
     }
-    int x0 = world_between(g, WORLD_MARGIN, WORLD_W - WORLD_MARGIN - word_w);
-    int y0 = world_between(g, WORLD_MARGIN - dy_min, WORLD_H - WORLD_MARGIN - glyph_h - dy_max);
+    int x0 = world_near_centre(g, WORLD_MARGIN, WORLD_W - WORLD_MARGIN - word_w, WORLD_SHIFT_X);
+    int y0 = world_near_centre(g, WORLD_MARGIN - dy_min, WORLD_H - WORLD_MARGIN - glyph_h - dy_max,
+                               WORLD_SHIFT_Y);
     for (int i = 0; i < s->length; i++)
         s->glyph[i] = (WorldBox){x0 + i * (glyph_w + WORLD_SPACING), y0 + dy[i], glyph_w, glyph_h};
 }

@@ -266,9 +266,14 @@ int png_write(const char *path, const Image *img, Error *e);
 #define WORLD_SCALE_X 2
 #define WORLD_SCALE_Y_MIN 2
 #define WORLD_SCALE_Y_MAX 3
-/* Pixels between glyph boxes, and the least space between the word and the image border. */
-#define WORLD_SPACING 2
+/* Pixels between glyph boxes, and the least space between the word and the image border. A glyph
+ * box and its spacing are 16 pixels wide: with the word centred, each glyph fills two columns of
+ * the embedded models' 8x8-pixel latent tokens, give or take WORLD_SHIFT_X. */
+#define WORLD_SPACING 6
 #define WORLD_MARGIN 2
+/* The word is centred, shifted by at most this many pixels each way. */
+#define WORLD_SHIFT_X 1
+#define WORLD_SHIFT_Y 3
 /* Background and text differ in luminance (Rec. 709 weights) by at least this fraction of 255. */
 #define WORLD_MIN_CONTRAST 0.35
 
@@ -293,8 +298,9 @@ int world_glyph_rows(char c, uint8_t rows[WORLD_FONT_H]);
 
 /* A scene from seed: word (its letters upper-cased) or, when NULL, a word of uniformly drawn
  * length and symbols; colours with WORLD_MIN_CONTRAST; scale_y; a position keeping the word
- * WORLD_MARGIN pixels inside the image; and in half the scenes a -1/0/+1 pixel vertical offset
- * per glyph. Fails, naming the word, when it is too short, too long or has another character. */
+ * WORLD_MARGIN pixels inside the image and near its centre (WORLD_SHIFT_X, _Y); and in half the
+ * scenes a -1/0/+1 pixel vertical offset per glyph. Fails, naming the word, when it is too short,
+ * too long or has another character. */
 int world_scene(uint64_t seed, const char *word, WorldScene *out, Error *e);
 /* Draws s into rgb [WORLD_H, WORLD_W, 3]: hard-edged pixels, ink or background only. */
 void world_render(const WorldScene *s, uint8_t *rgb);

@@ -2420,10 +2420,12 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
     return ag_mul_rows(t, ag_add_rows(t, tokens, m->bn_neg_mean), m->bn_rstd);
 }
 
-Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image) {
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
+                             const Tensor *noise) {
     int h, w;
     Var *tokens = vae_encode(t, enc, image, &h, &w);
     if (!tokens) return NULL;
+    if (noise) tokens = ag_add(t, tokens, var_take(t, tensor_clone(noise), false));
     Var *error = ag_add(t, vae_decode(t, dec, tokens, h, w), ag_scale(t, image, -1.0f));
     return ag_mean(t, ag_mul(t, error, error));
 }
@@ -3264,6 +3266,75 @@ double train_lr(const TrainOptions *o, int64_t step) {
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + cos(M_PI * u)));
 }
 
+struct ParamAverage {
+    float decay;
+    int n;
+    bool started;
+    Var **param; /* [n] */
+    float **avg; /* [n][numel] */
+};
+
+int param_average_new(ParamAverage **out, Params *const *groups, int n_groups, float decay,
+                      Error *e) {
+    *out = NULL;
+    if (!(decay > 0.0f && decay < 1.0f))
+        return error_set(e, "the parameters' average: decay %g is not in (0, 1)", decay);
+    int total = 0;
+    for (int g = 0; g < n_groups; g++) total += params_count(groups[g]);
+    ParamAverage *a = calloc(1, sizeof *a);
+    if (a) {
+        a->decay = decay;
+        a->param = calloc((size_t)(total ? total : 1), sizeof *a->param);
+        a->avg = calloc((size_t)(total ? total : 1), sizeof *a->avg);
+    }
+    if (!a || !a->param || !a->avg) {
+        param_average_free(a);
+        return error_set(e, "out of memory for the parameters' average");
+    }
+    for (int g = 0; g < n_groups; g++)
+        for (int i = 0; i < params_count(groups[g]); i++) {
+            if (params_is_buffer(groups[g], i)) continue;
+            Var *p = params_var(groups[g], i);
+            a->param[a->n] = p;
+            if (!(a->avg[a->n++] = malloc((size_t)(p->value->numel ? p->value->numel : 1) *
+                                          sizeof(float)))) {
+                param_average_free(a);
+                return error_set(e, "out of memory for the parameters' average");
+            }
+        }
+    *out = a;
+    return 0;
+}
+
+void param_average_free(ParamAverage *a) {
+    if (!a) return;
+    for (int i = 0; i < a->n; i++) free(a->avg[i]);
+    free(a->avg);
+    free(a->param);
+    free(a);
+}
+
+void param_average_update(ParamAverage *a) {
+    float keep = a->decay, mix = 1.0f - a->decay;
+    for (int i = 0; i < a->n; i++) {
+        const Tensor *p = a->param[i]->value;
+        float *avg = a->avg[i];
+        if (!a->started) {
+            memcpy(avg, p->data, (size_t)p->numel * sizeof(float));
+            continue;
+        }
+        for (int64_t k = 0; k < p->numel; k++) avg[k] = keep * avg[k] + mix * p->data[k];
+    }
+    a->started = true;
+}
+
+void param_average_store(const ParamAverage *a) {
+    if (!a->started) return;
+    for (int i = 0; i < a->n; i++)
+        memcpy(a->param[i]->value->data, a->avg[i],
+               (size_t)a->param[i]->value->numel * sizeof(float));
+}
+
 /* One step's loss, backward, clipping and update. */
 static int train_step(const TrainTask *task, const TrainOptions *o, AdamW *a, int64_t step,
                       TrainStep *info, Error *e) {
@@ -3294,15 +3365,23 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
     AdamW *a;
     if (o->steps < 1) return error_set(e, "training: steps must be >= 1");
     if (o->warmup < 0) return error_set(e, "training: warmup must be >= 0");
+    ParamAverage *avg = NULL;
     if (adamw_new(&a, task->groups, task->n_groups, &o->adamw, e)) return -1;
+    if (o->ema != 0.0f && param_average_new(&avg, task->groups, task->n_groups, o->ema, e)) {
+        adamw_free(a);
+        return -1;
+    }
     for (int g = 0; g < task->n_groups; g++) params_set_trainable(task->groups[g], true);
     int rc = 0;
     for (int64_t step = 0; rc == 0 && step < o->steps; step++) {
         TrainStep info = {.step = step, .steps = o->steps, .lr = train_lr(o, step)};
         rc = train_step(task, o, a, step, &info, e);
+        if (rc == 0 && avg) param_average_update(avg);
         if (rc == 0 && o->on_step) rc = o->on_step(&info, o->ctx, e);
     }
+    if (rc == 0 && avg) param_average_store(avg);
     for (int g = 0; g < task->n_groups; g++) params_set_trainable(task->groups[g], false);
+    param_average_free(avg);
     adamw_free(a);
     return rc;
 }
@@ -4176,11 +4255,34 @@ int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e) {
                       e);
 }
 
+/* Batch `step`'s latent noise: [batch, tokens, channels], latent_noise * N(0, 1) from a
+ * generator seeded by (seed, step) through vae_image_index's mix; NULL when latent_noise is 0. */
+static int vae_latent_noise(const VaeTrainer *tr, int64_t step, Tensor **out, Error *e) {
+    const VaeConfig *c = vae_encoder_config(tr->enc);
+    int scale = c->patch_h << (c->n_down_blocks - 1);
+    int64_t tokens = (int64_t)(tr->o.height / scale) * (tr->o.width / scale);
+    *out = NULL;
+    if (tr->o.latent_noise == 0.0f) return 0;
+    Tensor *n = TENSOR_NEW(tr->o.batch, tokens, c->latent_channels * c->patch_h * c->patch_w);
+    if (!n) return error_set(e, "out of memory for the latent noise");
+    TorchGenerator g;
+    torch_generator_seed(&g, vae_image_index(~tr->o.seed, (uint64_t)step));
+    torch_randn(&g, n->data, (size_t)n->numel);
+    for (int64_t i = 0; i < n->numel; i++) n->data[i] *= tr->o.latent_noise;
+    *out = n;
+    return 0;
+}
+
 static Var *vae_train_loss(Tape *t, int64_t step, void *ctx, Error *e) {
     const VaeTrainer *tr = ctx;
-    Tensor *images;
-    if (vae_batch(tr, step, &images, e)) return NULL;
-    Var *loss = vae_reconstruction_loss(t, tr->enc, tr->dec, var_take(t, images, false));
+    Tensor *images, *noise;
+    if (vae_latent_noise(tr, step, &noise, e)) return NULL;
+    if (vae_batch(tr, step, &images, e)) {
+        tensor_free(noise);
+        return NULL;
+    }
+    Var *loss = vae_reconstruction_loss(t, tr->enc, tr->dec, var_take(t, images, false), noise);
+    tensor_free(noise);
     return tape_check(t, e) ? NULL : loss;
 }
 

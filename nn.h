@@ -281,9 +281,11 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w);
  * bn.running_var of both halves (either may be NULL), and into what they derive from them. */
 int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
                          Error *e);
-/* image: [B, in_channels, H, W] -> [1], the training loss mean((decode(encode(image)) - image)^2)
- * (H and W as vae_encode wants them; out_channels must equal in_channels). */
-Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image);
+/* image: [B, in_channels, H, W] -> [1], the training loss mean((decode(encode(image) + noise) -
+ * image)^2) (H and W as vae_encode wants them; out_channels must equal in_channels); noise: NULL
+ * or [B, tokens, packed channels] like encode's tokens, added to them. */
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
+                             const Tensor *noise);
 
 /* ---- end section: vae ---- */
 
@@ -375,6 +377,18 @@ void adamw_free(AdamW *a);
  * parameter groups do; biases and norm weights get none. */
 void adamw_step(AdamW *a, float lr);
 
+/* An exponential moving average of every parameter (not buffers) of groups, as
+ * torch.optim.swa_utils.AveragedModel with avg_fn(avg, p) = decay avg + (1 - decay) p: the first
+ * update copies the parameters, each later one mixes them in. Diffusion trainers sample from such
+ * an average: it smooths out the last steps' noise. */
+typedef struct ParamAverage ParamAverage;
+int param_average_new(ParamAverage **out, Params *const *groups, int n_groups, float decay,
+                      Error *e);
+void param_average_free(ParamAverage *a);
+void param_average_update(ParamAverage *a);
+/* The average into the parameters themselves (nothing when no update happened). */
+void param_average_store(const ParamAverage *a);
+
 void params_zero_grad(Params *const *groups, int n_groups);
 /* torch.nn.utils.clip_grad_norm_: the 2-norm of every parameter gradient together; when above
  * max_norm, every gradient is scaled by max_norm / (norm + 1e-6). Returns the norm before. */
@@ -404,6 +418,8 @@ typedef struct TrainOptions {
     AdamWOptions adamw;   /* adamw.lr is the peak learning rate */
     int64_t warmup;       /* linear warm-up over this many steps, then cosine decay to lr / 10 */
     double clip;          /* the largest gradient norm; 0: no clipping */
+    float ema;            /* > 0: the parameters end as their moving average (ParamAverage) of
+                             this decay over the steps, e.g. 0.999; 0: as the last step left them */
     /* sees every step (may be NULL); returns 0 to go on, -1 (with e set) to stop */
     int (*on_step)(const TrainStep *s, void *ctx, Error *e);
     void *ctx;
@@ -695,6 +711,9 @@ typedef struct VaeTrainOptions {
     void *image_ctx;
     bool decoder_only;   /* train the decoder alone: the encoder, and so the latent space a flow
                             model has learned, stays as it is (a finer decoder afterwards) */
+    float latent_noise;  /* the std of Gaussian noise added to the (normalised) tokens before
+                            decoding, so that the decoder also draws clean images from the
+                            inexact latents a flow model samples; 0: none */
 } VaeTrainOptions;
 
 typedef struct VaeTrainer VaeTrainer;

@@ -1,7 +1,8 @@
 /* test_demo.c - `diamond demo` (and `diamond` alone) end to end: on the tiny random fixtures laid
  * out as an embedded weights directory it finds flagged pairs, writes the picture at its size and
  * prints the table; bad options exit 2; a missing weights directory exits 1 saying how to make
- * one; with trained weights in weights/ the real demo runs too. */
+ * one; with trained weights in weights/ the real demo runs too. Also `diamond train`'s usage
+ * errors. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,6 +86,21 @@ static void test_fixture_demo(Cli *c) {
     CHECK(run(c, "demo --help") == 0 && log_has(c, "usage: diamond [demo]"), "demo --help");
 }
 
+/* `diamond train`'s command line: what it refuses exits 2 before anything is read or trained. */
+static void test_train_usage(Cli *c) {
+    CHECK(run(c, "train bogus --config x --out y") == 2 && log_has(c, "say what to train"),
+          "an unknown model exits 2");
+    CHECK(run(c, "train vae --config x --out y --ema 1") == 2 && log_has(c, "--ema"),
+          "--ema 1 exits 2 (a decay must be below 1)");
+    CHECK(run(c, "train vae --config x --out y --latent-noise 0.1") == 2 &&
+              log_has(c, "--latent-noise is for vae-decoder"),
+          "--latent-noise outside vae-decoder exits 2");
+    CHECK(run(c, "train text+flow --config x --out y") == 2 && log_has(c, "give --vae"),
+          "text+flow without --vae exits 2");
+    CHECK(run(c, "train --help") == 0 && log_has(c, "--latent-noise S") && log_has(c, "--ema D"),
+          "train --help lists --ema and --latent-noise");
+}
+
 /* The shipped models, once `make weights` has trained them. */
 static void test_embedded_demo(Cli *c) {
     if (access("weights/transformer/diffusion_pytorch_model.safetensors", R_OK) != 0) {
@@ -111,6 +127,7 @@ int main(int argc, char **argv) {
     }
     snprintf(c.log, sizeof c.log, "%s/log", c.dir);
     test_fixture_demo(&c);
+    test_train_usage(&c);
     test_embedded_demo(&c);
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", c.dir);

@@ -145,7 +145,7 @@ static void test_reconstruction_golden(VaeEncoder *enc, VaeDecoder *dec, const S
         zero_grads(pd);
         Tape *t = tape_new();
         Var *x = var_new(t, image, true);
-        Var *loss = vae_reconstruction_loss(t, enc, dec, x);
+        Var *loss = vae_reconstruction_loss(t, enc, dec, x, NULL);
         Error e = {{0}};
         int rc = tape_check(t, &e) || tape_backward(t, loss, &e);
         CHECK(rc == 0, "reconstruction loss + backward (checkpoint %d): %s", checkpoint, e.msg);
@@ -185,7 +185,7 @@ static double fd_loss(void *ctx) {
     FdCase *c = ctx;
     Tape *t = tape_new();
     tape_set_grad(t, false);
-    Var *loss = vae_reconstruction_loss(t, c->enc, c->dec, var_new(t, c->image, false));
+    Var *loss = vae_reconstruction_loss(t, c->enc, c->dec, var_new(t, c->image, false), NULL);
     double value = loss ? loss->value->data[0] : NAN;
     tape_free(t);
     return value;
@@ -212,7 +212,7 @@ static void test_finite_differences(VaeEncoder *enc, VaeDecoder *dec) {
     Tape *t = tape_new();
     Var *x = var_new(t, fd.image, true);
     Error e = {{0}};
-    int rc = tape_backward(t, vae_reconstruction_loss(t, enc, dec, x), &e);
+    int rc = tape_backward(t, vae_reconstruction_loss(t, enc, dec, x, NULL), &e);
     CHECK(rc == 0, "reconstruction loss for finite differences: %s", e.msg);
     /* Central differences over f32 passes with eps 1e-2 (smaller steps drown in the f32
      * rounding of the loss): measured, the worst point differs by 0.55% (post_quant_conv, where
@@ -270,7 +270,7 @@ static double held_out_loss(VaeEncoder *enc, VaeDecoder *dec, const VaeTrainOpti
         Tape *t = tape_new();
         tape_set_grad(t, false);
         Var *loss = vae_batch(tr, b, &images, &e) == 0
-                        ? vae_reconstruction_loss(t, enc, dec, var_take(t, images, false))
+                        ? vae_reconstruction_loss(t, enc, dec, var_take(t, images, false), NULL)
                         : NULL;
         total += loss ? loss->value->data[0] : NAN;
         tape_free(t);
@@ -421,6 +421,45 @@ static void test_decoder_only(void) {
     vae_decoder_free(dec);
 }
 
+/* The loss of batch 0 of a decoder-only task with latent_noise `noise` (NAN on failure). */
+static double noisy_loss(VaeEncoder *enc, VaeDecoder *dec, float noise) {
+    Error e = {{0}};
+    TrainTask task;
+    VaeTrainer *tr = NULL;
+    const VaeTrainOptions o = {.batch = 2, .height = 32, .width = 64, .seed = 9,
+                               .image = vae_world_image, .decoder_only = true,
+                               .latent_noise = noise};
+    double loss = NAN;
+    Tape *t = tape_new();
+    if (t && vae_train_task(&task, &tr, enc, dec, &o, &e) == 0) {
+        Var *l = task.loss(t, 0, task.ctx, &e);
+        if (l) loss = l->value->data[0];
+    }
+    CHECK(!isnan(loss), "loss with latent noise %g: %s", noise, e.msg);
+    tape_free(t);
+    vae_trainer_free(tr);
+    return loss;
+}
+
+/* latent_noise: the tokens get noise before decoding (another loss), the same on every run. */
+static void test_latent_noise(void) {
+    VaeEncoder *enc = NULL;
+    VaeDecoder *dec = NULL;
+    Error e = {{0}};
+    int rc = vae_encoder_init(&enc, TRAIN_CONFIG, 1, &e) ||
+             vae_decoder_init(&dec, TRAIN_CONFIG, 2, &e);
+    CHECK(rc == 0, "fresh VAE: %s", e.msg);
+    if (rc == 0) {
+        double clean = noisy_loss(enc, dec, 0.0f), noisy = noisy_loss(enc, dec, 0.5f),
+               again = noisy_loss(enc, dec, 0.5f);
+        printf("  decoder-only loss: clean latents %.6f, noise 0.5 %.6f\n", clean, noisy);
+        CHECK(noisy != clean && noisy == again,
+              "noise changes the loss (%.9g vs %.9g) and repeats (%.9g)", noisy, clean, again);
+    }
+    vae_encoder_free(enc);
+    vae_decoder_free(dec);
+}
+
 /* An encoder needs its own tensors: a decoder-only directory is refused with the first missing
  * one named. */
 static void test_encoder_missing(void) {
@@ -446,6 +485,7 @@ int main(void) {
     test_encoder_missing();
     test_training();
     test_decoder_only();
+    test_latent_noise();
     vae_encoder_free(enc);
     vae_decoder_free(dec);
     if (st) st_close(st);

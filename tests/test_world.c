@@ -110,7 +110,7 @@ static void test_scenes(void) {
     enum { SEEDS = 500 };
     int bad_word = 0, bad_colour = 0, bad_box = 0, bad_render = 0,
         lengths[WORLD_WORD_MAX + 1] = {0};
-    int scales[WORLD_SCALE_Y_MAX + 1] = {0}, jittered = 0;
+    int scales[WORLD_SCALE_Y_MAX + 1] = {0}, jittered = 0, off_centre = 0;
     Error e = {{0}};
     for (uint64_t seed = 0; seed < SEEDS; seed++) {
         WorldScene s;
@@ -123,6 +123,11 @@ static void test_scenes(void) {
         bad_word +=
             (int)strlen(s.word) != s.length || strspn(s.word, WORLD_ALPHABET) != strlen(s.word);
         bad_colour += fabs(luminance(s.ink) - luminance(s.background)) < WORLD_MIN_CONTRAST * 255.0;
+        /* centred give or take the shifts (+-1 of the rounding): each glyph and its spacing
+         * then fill two 8-pixel token columns, the box 2..4 pixels into the first */
+        int word_w = s.glyph[s.length - 1].x + s.glyph[s.length - 1].w - s.glyph[0].x;
+        off_centre += abs(2 * s.glyph[0].x + word_w - WORLD_W) > 2 * WORLD_SHIFT_X + 2 ||
+                      s.glyph[0].x % 8 < 2 || s.glyph[0].x % 8 > 4;
         for (int i = 0; i < s.length; i++) {
             WorldBox b = s.glyph[i];
             bad_box += b.x < WORLD_MARGIN || b.y < WORLD_MARGIN ||
@@ -153,6 +158,8 @@ static void test_scenes(void) {
     CHECK(bad_box == 0,
           "scenes: glyph boxes inside the %d px margin, %d px apart, at the scale (%d bad)",
           WORLD_MARGIN, WORLD_SPACING, bad_box);
+    CHECK(off_centre == 0, "scenes: words centred within %d px, glyphs on the token grid (%d off)",
+          WORLD_SHIFT_X, off_centre);
     CHECK(bad_render == 0,
           "scenes: renders hold exactly the font's cells in two colours (%d differ)", bad_render);
     CHECK(lengths[2] > 0 && lengths[3] > 0 && lengths[4] > 0 && scales[2] > 0 && scales[3] > 0 &&
