@@ -2421,11 +2421,11 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
 }
 
 Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
-                             const Tensor *noise) {
+                             Var *noise) {
     int h, w;
     Var *tokens = vae_encode(t, enc, image, &h, &w);
     if (!tokens) return NULL;
-    if (noise) tokens = ag_add(t, tokens, var_take(t, tensor_clone(noise), false));
+    if (noise) tokens = ag_add(t, tokens, noise);
     Var *error = ag_add(t, vae_decode(t, dec, tokens, h, w), ag_scale(t, image, -1.0f));
     return ag_mean(t, ag_mul(t, error, error));
 }
@@ -4281,8 +4281,8 @@ static Var *vae_train_loss(Tape *t, int64_t step, void *ctx, Error *e) {
         tensor_free(noise);
         return NULL;
     }
-    Var *loss = vae_reconstruction_loss(t, tr->enc, tr->dec, var_take(t, images, false), noise);
-    tensor_free(noise);
+    Var *loss = vae_reconstruction_loss(t, tr->enc, tr->dec, var_take(t, images, false),
+                                        noise ? var_take(t, noise, false) : NULL);
     return tape_check(t, e) ? NULL : loss;
 }
 

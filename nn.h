@@ -285,7 +285,7 @@ int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, co
  * image)^2) (H and W as vae_encode wants them; out_channels must equal in_channels); noise: NULL
  * or [B, tokens, packed channels] like encode's tokens, added to them. */
 Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
-                             const Tensor *noise);
+                             Var *noise);
 
 /* ---- end section: vae ---- */
 
