@@ -2762,7 +2762,7 @@ static const char *demo_usage =
 
 /* The demo's sampling: the settings the README's eval table uses. */
 #define DEMO_STEPS 16
-#define DEMO_SCHEDULE "linear:start=4,end=0.5"
+#define DEMO_SCHEDULE "linear:start=2,end=0.2"
 #define DEMO_LOSS "mse"
 /* No shift of the sigma schedule: FLUX.2's empirical mu, made for thousands of tokens, leaves the
  * last sigma near 0.3 at the embedded models' 32 tokens. */
