@@ -3014,13 +3014,14 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(argv[1], "demo")) return demo_main(argc - 2, argv + 2, argv[0]);
+    /* `diamond --weights DIR -o FILE ...`: the demo's options without the word demo */
+    if (argv[1][0] == '-') return demo_main(argc - 1, argv + 1, argv[0]);
     if (!strcmp(argv[1], "train")) return train_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "world")) return world_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "generate")) return generate_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "search-seeds")) return search_main(argc - 2, argv + 2);
-    if (!strcmp(argv[1], "world")) return world_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
