@@ -352,14 +352,18 @@ static void check_save_round_trip(VaeEncoder *enc, VaeDecoder *dec, const VaeTra
     rmdir(dir);
 }
 
+/* Both halves with fresh weights (seeds 1 and 2) in the shipped config. */
+static int fresh_vae(VaeEncoder **enc, VaeDecoder **dec, Error *e) {
+    return vae_encoder_init(enc, TRAIN_CONFIG, 1, e) || vae_decoder_init(dec, TRAIN_CONFIG, 2, e);
+}
+
 /* 20 AdamW steps on world images from fresh weights in the shipped config: the loss on
  * held-out world images falls; then the latent statistics and the saved directory. */
 static void test_training(void) {
     VaeEncoder *enc = NULL;
     VaeDecoder *dec = NULL;
     Error e = {{0}};
-    int rc = vae_encoder_init(&enc, TRAIN_CONFIG, 1, &e) ||
-             vae_decoder_init(&dec, TRAIN_CONFIG, 2, &e);
+    int rc = fresh_vae(&enc, &dec, &e);
     CHECK(rc == 0, "fresh VAE from %s: %s", TRAIN_CONFIG, e.msg);
     const VaeTrainOptions o = {.batch = 4, .height = 32, .width = 64, .seed = 5,
                                .image = vae_world_image};
@@ -395,9 +399,7 @@ static void test_decoder_only(void) {
     VaeTrainer *tr = NULL;
     const VaeTrainOptions o = {.batch = 2, .height = 32, .width = 64, .seed = 9,
                                .image = vae_world_image, .decoder_only = true};
-    int rc = vae_encoder_init(&enc, TRAIN_CONFIG, 1, &e) ||
-             vae_decoder_init(&dec, TRAIN_CONFIG, 2, &e) ||
-             vae_train_task(&task, &tr, enc, dec, &o, &e);
+    int rc = fresh_vae(&enc, &dec, &e) || vae_train_task(&task, &tr, enc, dec, &o, &e);
     CHECK(rc == 0 && task.n_groups == 1 && task.groups[0] == vae_decoder_params(dec),
           "a decoder-only task trains the decoder's parameters alone: %s", e.msg);
     Params *pe = enc ? vae_encoder_params(enc) : NULL, *pd = dec ? vae_decoder_params(dec) : NULL;
@@ -446,8 +448,7 @@ static void test_latent_noise(void) {
     VaeEncoder *enc = NULL;
     VaeDecoder *dec = NULL;
     Error e = {{0}};
-    int rc = vae_encoder_init(&enc, TRAIN_CONFIG, 1, &e) ||
-             vae_decoder_init(&dec, TRAIN_CONFIG, 2, &e);
+    int rc = fresh_vae(&enc, &dec, &e);
     CHECK(rc == 0, "fresh VAE: %s", e.msg);
     if (rc == 0) {
         double clean = noisy_loss(enc, dec, 0.0f), noisy = noisy_loss(enc, dec, 0.5f),
