@@ -570,7 +570,7 @@ static int bench_step(const BenchModels *m, bool guide, Error *e) {
                         .lambda = {.type = LAMBDA_CONSTANT, .value = 1.0},
                         .loss = {.type = ARTIFACT_LOSS_POWER, .gamma = 3.0}};
     Tensor *latent = tensor_clone(m->tokens);
-    int rc = latent ? sampler_run(m->flow, m->vae, m->detector, &o, m->txt, latent, m->h, m->w,
+    int rc = latent ? sampler_run(m->flow, m->vae, m->detector, &o, m->txt, NULL, latent, m->h, m->w,
                                   NULL, NULL, e)
                     : error_set(e, "out of memory for the latent");
     tensor_free(latent);
@@ -729,6 +729,11 @@ static const char *generate_usage =
     "                         patch_size of the VAE (16 for FLUX.2)\n"
     "  --guidance-scale G     distilled guidance for models with guidance_embeds (default 4.0,\n"
     "                         FLUX.2 dev); ignored by klein\n"
+    "  --cfg S                classifier-free guidance, as FLUX.2 klein base pipelines apply\n"
+    "                         their guidance_scale (e.g. 4): each step also runs the\n"
+    "                         transformer on the negative prompt, v = v_neg + S (v - v_neg);\n"
+    "                         default 1: off (distilled models); needs --prompt\n"
+    "  --negative-prompt TEXT the negative prompt of --cfg (default: empty)\n"
     "  --lambda-schedule S    TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
     "                           constant:value=0\n"
     "                           linear:start=12,end=1\n"
@@ -771,7 +776,7 @@ static const char *generate_usage =
 
 typedef struct GenerateArgs {
     const char *model, *detector, *embeddings, *noise, *out, *dump, *compare, *save_steps;
-    const char *prompt;
+    const char *prompt, *negative; /* negative: the negative prompt of opt.cfg_scale > 1 */
     uint64_t seeds[GENERATE_MAX_BATCH];
     int n_seeds, steps, width, height;
     SamplerOptions opt;
@@ -832,6 +837,9 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
     } else if (!strcmp(opt, "--guidance-scale")) {
         if (generate_parse_float(val, -1e6f, 1e6f, &a->opt.guidance_scale))
             return error_set(e, "--guidance-scale: expected a number, got '%s'", val);
+    } else if (!strcmp(opt, "--cfg")) {
+        if (generate_parse_float(val, 1.0f, 100.0f, &a->opt.cfg_scale))
+            return error_set(e, "--cfg: expected a scale in [1, 100], got '%s'", val);
     } else if (!strcmp(opt, "--gate")) {
         if (generate_parse_float(val, 0.0f, 1.0f, &a->opt.gate))
             return error_set(e, "--gate: expected a threshold in [0, 1], got '%s'", val);
@@ -846,6 +854,8 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
             return error_set(e, "--threads: expected 1..1024, got '%s'", val);
     } else if (!strcmp(opt, "--prompt")) {
         a->prompt = val;
+    } else if (!strcmp(opt, "--negative-prompt")) {
+        a->negative = val;
     } else if (!strcmp(opt, "--lambda-schedule")) {
         return lambda_schedule_parse(&a->opt.lambda, val, e);
     } else { /* --loss */
@@ -857,7 +867,7 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
 static bool generate_takes_value(const char *opt) {
     static const char *const names[] = {"--seed", "--steps", "-W", "-H", "--guidance-scale",
                                         "--gate", "--threads", "--lambda-schedule", "--loss",
-                                        "--prompt", "--mu"};
+                                        "--prompt", "--mu", "--cfg", "--negative-prompt"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;
@@ -890,6 +900,11 @@ static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
         if (generate_option(argc, argv, &i, a, e)) return -1;
     if (a->embeddings && a->prompt)
         return error_set(e, "--embeddings and --prompt: give one of them");
+    if (a->opt.cfg_scale > 1.0f && a->embeddings)
+        return error_set(e, "--cfg runs the negative prompt through DIR/text_encoder: it needs "
+                            "--prompt, not --embeddings");
+    if (a->negative && !(a->opt.cfg_scale > 1.0f))
+        return error_set(e, "--negative-prompt is for --cfg S with S > 1");
     const char *missing = !a->model ? "--model DIR"
                         : !a->embeddings && !a->prompt ? "--embeddings FILE (or --prompt TEXT)"
                         : !a->out ? "-o OUT" : !a->steps ? "--steps N" : !a->width ? "-W W"
@@ -917,6 +932,7 @@ typedef struct GenerateRun {
     Segformer *detector;
     TextEncoder *text; /* loaded by the first prompt */
     Tensor *txt, *latent; /* [B, L, D], [B, T, C] */
+    Tensor *negative;     /* [B, L, D] the negative prompt's, with classifier-free guidance */
     int grid_h, grid_w;
 } GenerateRun;
 
@@ -926,6 +942,7 @@ static void generate_run_free(GenerateRun *r) {
     vae_decoder_free(r->vae);
     segformer_free(r->detector);
     tensor_free(r->txt);
+    tensor_free(r->negative);
     tensor_free(r->latent);
 }
 
@@ -985,21 +1002,30 @@ static int generate_text_encoder(const GenerateArgs *a, GenerateRun *r, Error *e
     return 0;
 }
 
-/* The prompt through <model>/text_encoder, repeated over the batch. */
-static int generate_prompt(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
-    if (generate_text_encoder(a, r, e)) return -1;
+/* prompt through r->text, repeated over the batch -> *out: [batch, L, D] */
+static int generate_encode(GenerateRun *r, const char *prompt, int batch, Tensor **out,
+                           Error *e) {
     Tape *t = tape_new();
     if (!t) return error_set(e, "out of memory for the text encoder");
     tape_set_grad(t, false);
-    Var *one = text_encode(t, r->text, &a->prompt, 1, e);
+    Var *one = text_encode(t, r->text, &prompt, 1, e);
     int rc = one ? 0 : -1;
-    if (rc == 0 && !(r->txt = TENSOR_NEW(batch, one->value->shape[1], one->value->shape[2])))
+    if (rc == 0 && !(*out = TENSOR_NEW(batch, one->value->shape[1], one->value->shape[2])))
         rc = error_set(e, "out of memory for the prompt embeddings");
     for (int b = 0; rc == 0 && b < batch; b++)
-        memcpy(r->txt->data + b * one->value->numel, one->value->data,
+        memcpy((*out)->data + b * one->value->numel, one->value->data,
                (size_t)one->value->numel * sizeof(float));
     tape_free(t);
     return rc;
+}
+
+/* The prompt (and with --cfg the negative prompt) through <model>/text_encoder, repeated over
+ * the batch. */
+static int generate_prompt(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
+    if (generate_text_encoder(a, r, e) || generate_encode(r, a->prompt, batch, &r->txt, e))
+        return -1;
+    if (!(a->opt.cfg_scale > 1.0f)) return 0;
+    return generate_encode(r, a->negative ? a->negative : "", batch, &r->negative, e);
 }
 
 /* One PyTorch-identical initial latent per seed: [n_seeds, T, C]. */
@@ -1280,7 +1306,7 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
     Image out = {0}, panels[2] = {{0}, {0}};
     int rc = maxima ? 0 : error_set(e, "out of memory");
     if (rc == 0)
-        rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, initial, r->grid_h, r->grid_w,
+        rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, initial, r->grid_h, r->grid_w,
                          generate_on_step, &progress, e) ||
              generate_decode(r, initial, &baseline, e) ||
              generate_detect(r, baseline, &masks[0], NULL, maxima, e) ||
@@ -1317,7 +1343,7 @@ static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     if (a->compare && !initial) return error_set(e, "out of memory for the baseline latent");
     SamplerOptions opt = a->opt;
     opt.inspect_every_step = a->dump != NULL;
-    int rc = sampler_run(r->flow, r->vae, r->detector, &opt, r->txt, r->latent, r->grid_h,
+    int rc = sampler_run(r->flow, r->vae, r->detector, &opt, r->txt, r->negative, r->latent, r->grid_h,
                          r->grid_w, generate_on_step, &progress, e) ||
              generate_decode(r, r->latent, &image, e) || generate_write_images(a, image, e) ||
              (a->compare && generate_compare(a, r, initial, image, e));
@@ -1394,7 +1420,8 @@ static const char *eval_usage =
     "  --shard I/N        only rows whose index % N == I (several processes or machines)\n"
     "  --merge            the table and --json over every item_*.json in --out, by row index\n"
     "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
-    "                     --mu, --threads as in diamond generate --help\n"
+    "                     --mu, --cfg, --negative-prompt, --threads as in diamond generate\n"
+    "                     --help\n"
     "\n"
     "search-seeds is the official data set search: one seed counter, never reset, from --start;\n"
     "for each row of IN (a `prompt` or `embeddings` column) it tries consecutive seeds, at most\n"
@@ -1582,7 +1609,8 @@ static int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e)
 static bool eval_shared_option(const char *opt) {
     static const char *const names[] = {"--model", "--detector", "--steps", "-W", "-H",
                                         "--guidance-scale", "--lambda-schedule", "--loss",
-                                        "--gate", "--threads", "--mu"};
+                                        "--gate", "--threads", "--mu", "--cfg",
+                                        "--negative-prompt"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;
@@ -1683,6 +1711,9 @@ static void eval_settings(const GenerateArgs *g, char *out, size_t len) {
              l->power, l->after, l->warmup, l->cooldown, losses[g->opt.loss.type],
              g->opt.loss.gamma, g->opt.loss.alpha);
     if (g->opt.set_mu) snprintf(out + strlen(out), len - strlen(out), " mu=%.17g", g->opt.mu);
+    if (g->opt.cfg_scale > 1.0f)
+        snprintf(out + strlen(out), len - strlen(out), " cfg=%.9g negative=\"%s\"",
+                 g->opt.cfg_scale, g->negative ? g->negative : "");
 }
 
 /* ---- eval: item files ---- */
@@ -1843,9 +1874,13 @@ static int eval_row_inputs(const EvalArgs *a, GenerateRun *r, const EvalRow *row
     g.embeddings = row->path;
     g.seeds[0] = seed;
     g.n_seeds = 1;
+    if (row->path && g.opt.cfg_scale > 1.0f)
+        return error_set(e, "%s: --cfg needs prompts (the negative one goes through the text "
+                            "encoder), not embeddings", row->path);
     tensor_free(r->latent);
     tensor_free(r->txt);
-    r->latent = r->txt = NULL;
+    tensor_free(r->negative);
+    r->latent = r->txt = r->negative = NULL;
     return generate_seed_noise(&g, r, e) ||
                    (g.prompt ? generate_prompt(&g, r, 1, e) : generate_embeddings(&g, r, 1, e))
                ? -1
@@ -1900,9 +1935,9 @@ static int eval_pair(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint
     Tensor *baseline = NULL;
     *p = (EvalPair){0};
     int rc = eval_row_inputs(a, r, row, seed, e) || !(baseline = tensor_clone(r->latent)) ||
-             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, baseline, r->grid_h, r->grid_w,
+             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, baseline, r->grid_h, r->grid_w,
                          NULL, NULL, e) ||
-             sampler_run(r->flow, r->vae, r->detector, &a->gen.opt, r->txt, r->latent, r->grid_h,
+             sampler_run(r->flow, r->vae, r->detector, &a->gen.opt, r->txt, r->negative, r->latent, r->grid_h,
                          r->grid_w, NULL, NULL, e) ||
              eval_image(r, baseline, &p->img[0], e) || eval_image(r, r->latent, &p->img[1], e) ||
              eval_detect(r, &p->img[0], &p->maps[0], e) ||
@@ -2111,7 +2146,7 @@ static int search_try(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uin
     Tensor *image = NULL, *mask = NULL;
     float small_max;
     int rc = eval_row_inputs(a, r, row, seed, e) ||
-             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->latent, r->grid_h, r->grid_w,
+             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, r->latent, r->grid_h, r->grid_w,
                          NULL, NULL, e) ||
              generate_decode(r, r->latent, &image, e) ||
              generate_detect(r, image, &mask, NULL, &small_max, e);
@@ -2407,6 +2442,9 @@ static const char *train_usage =
     "                   learns; whose decoder vae-decoder trains on)\n"
     "  --init DIR       text+flow: start from the trained models in DIR instead of fresh\n"
     "                   weights (a second stage; give it another --seed for other batches)\n"
+    "  --uncond P       text+flow: train a share P of the samples on the empty prompt, so\n"
+    "                   the model also predicts the unconditional velocity that\n"
+    "                   classifier-free guidance (--cfg) needs (e.g. 0.1; default 0)\n"
     "  --latent-noise S vae-decoder: add Gaussian noise of std S to the normalised latent\n"
     "                   tokens before decoding (a decoder for the flow model's inexact\n"
     "                   latents; default 0)\n"
@@ -2424,7 +2462,7 @@ typedef struct TrainArgs {
     int64_t steps, warmup;
     int batch, threads;
     float lr, latent_noise, ema;
-    double clip;
+    double clip, uncond;
     uint64_t seed;
     bool quiet;
 } TrainArgs;
@@ -2574,7 +2612,8 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
     f->world = (FlowWorld){f->vae, a->seed, WORLD_H / (vc->patch_h * up),
                            WORLD_W / (vc->patch_w * up), flux2_config(f->flow)->in_channels};
     FlowTrainOptions o = {.batch = a->batch, .h = f->world.h, .w = f->world.w, .seed = a->seed,
-                          .logit_mean = 0.0, .logit_std = 1.0, .data = flow_world_batch,
+                          .logit_mean = 0.0, .logit_std = 1.0, .uncond = a->uncond,
+                          .data = flow_world_batch,
                           .data_ctx = &f->world};
     return flow_train_task(task, &f->trainer, f->flow, f->text, &o, e);
 }
@@ -2635,14 +2674,17 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
             else if (!strcmp(opt, "--batch")) a->batch = (int)v;
             else a->threads = (int)v;
         } else if (!strcmp(opt, "--lr") || !strcmp(opt, "--clip") ||
-                   !strcmp(opt, "--latent-noise") || !strcmp(opt, "--ema")) {
+                   !strcmp(opt, "--latent-noise") || !strcmp(opt, "--ema") ||
+                   !strcmp(opt, "--uncond")) {
             double v = strtod(val, &end);
-            bool is_lr = !strcmp(opt, "--lr"), is_ema = !strcmp(opt, "--ema");
+            bool is_lr = !strcmp(opt, "--lr"), is_ema = !strcmp(opt, "--ema"),
+                 is_uncond = !strcmp(opt, "--uncond");
             if (*end || end == val || !(v >= 0.0 && v < 1e6) || (v == 0.0 && is_lr) ||
-                (is_ema && v >= 1.0))
+                ((is_ema || is_uncond) && v >= 1.0))
                 return error_set(e, "%s: '%s' is not a number in range", opt, val);
             if (is_lr) a->lr = (float)v;
             else if (is_ema) a->ema = (float)v;
+            else if (is_uncond) a->uncond = v;
             else if (!strcmp(opt, "--clip")) a->clip = v;
             else a->latent_noise = (float)v;
         } else
@@ -2656,6 +2698,8 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
     if (a->init && strcmp(a->what, "text+flow")) return error_set(e, "--init is for text+flow");
     if (a->latent_noise > 0.0f && strcmp(a->what, "vae-decoder"))
         return error_set(e, "--latent-noise is for vae-decoder");
+    if (a->uncond > 0.0 && strcmp(a->what, "text+flow"))
+        return error_set(e, "--uncond is for text+flow");
     const char *paths[] = {a->config, a->out, a->vae, a->init};
     for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
         if (paths[i] && strlen(paths[i]) > TRAIN_MAX_PATH)

@@ -3424,6 +3424,11 @@ void flow_noise(uint64_t seed, int64_t step, int batch, int64_t per_sample, doub
         sigma[b] = (float)(1.0 / (1.0 + exp(-(logit_mean + logit_std * sigma[b]))));
 }
 
+bool flow_drops_prompt(uint64_t seed, int64_t step, int b, double uncond) {
+    uint64_t h = flow_mix(flow_mix(seed, step) ^ 0x5eed0d209ull, b);
+    return (double)(h >> 11) * 0x1.0p-53 < uncond;
+}
+
 void flow_trainer_free(FlowTrainer *f) {
     if (!f) return;
     free(f->prompts);
@@ -3440,7 +3445,10 @@ static Var *flow_loss(Tape *t, int64_t step, void *ctx, Error *e) {
     const FlowTrainOptions *o = &f->o;
     int64_t tokens = (int64_t)o->h * o->w, per = tokens * f->channels;
     if (o->data(step, o->batch, f->prompts, f->x0, o->data_ctx, e)) return NULL;
-    for (int b = 0; b < o->batch; b++) f->prompts[b][FLOW_PROMPT_MAX - 1] = '\0';
+    for (int b = 0; b < o->batch; b++) {
+        f->prompts[b][FLOW_PROMPT_MAX - 1] = '\0';
+        if (flow_drops_prompt(o->seed, step, b, o->uncond)) f->prompts[b][0] = '\0';
+    }
     flow_noise(o->seed, step, o->batch, per, o->logit_mean, o->logit_std, f->noise, f->sigma);
     Tensor *x_t = TENSOR_NEW(o->batch, tokens, f->channels);
     Tensor *minus_target = TENSOR_NEW(o->batch, tokens, f->channels);
@@ -3467,9 +3475,11 @@ static int flow_trainer_check(const Flux2 *flow, const TextEncoder *text,
     if (tc->hidden_size != c->joint_attention_dim)
         return error_set(e, "the text encoder's hidden_size %d is not the transformer's "
                          "joint_attention_dim %d", tc->hidden_size, c->joint_attention_dim);
-    if (o->batch < 1 || o->h < 1 || o->w < 1 || !o->data || !(o->logit_std >= 0.0))
-        return error_set(e, "text+flow training: batch %d, grid %d x %d, logit_std %g or the data "
-                         "source is invalid", o->batch, o->h, o->w, o->logit_std);
+    if (o->batch < 1 || o->h < 1 || o->w < 1 || !o->data || !(o->logit_std >= 0.0) ||
+        !(o->uncond >= 0.0 && o->uncond < 1.0))
+        return error_set(e, "text+flow training: batch %d, grid %d x %d, logit_std %g, uncond %g "
+                         "or the data source is invalid", o->batch, o->h, o->w, o->logit_std,
+                         o->uncond);
     return 0;
 }
 
@@ -3931,7 +3941,7 @@ typedef struct SamplerRun {
     const VaeDecoder *vae;
     const Segformer *detector;
     const SamplerOptions *o;
-    const Tensor *txt;
+    const Tensor *txt, *negative;
     int h, w;
     float *sigmas;            /* [steps + 1] */
     float *sigma_b, *guide_b; /* [B] the step's sigma and the guidance scale per sample */
@@ -3999,8 +4009,8 @@ static Tensor *sampler_clean_estimate(const Tensor *x, const Tensor *v, float si
 }
 
 static int sampler_check(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
-                         const SamplerOptions *o, const Tensor *txt, const Tensor *latent, int h,
-                         int w, Error *e) {
+                         const SamplerOptions *o, const Tensor *txt, const Tensor *negative,
+                         const Tensor *latent, int h, int w, Error *e) {
     const Flux2Config *fc = flux2_config(flow);
     const VaeConfig *vc = vae_decoder_config(vae);
     int packed = vc->latent_channels * vc->patch_h * vc->patch_w;
@@ -4018,6 +4028,32 @@ static int sampler_check(const Flux2 *flow, const VaeDecoder *vae, const Segform
         txt->shape[2] != fc->joint_attention_dim)
         return error_set(e, "sampler: prompt embeddings must be [%lld, L, %d]",
                          (long long)latent->shape[0], fc->joint_attention_dim);
+    if (o->cfg_scale > 1.0f &&
+        (!negative || negative->ndim != 3 || negative->shape[0] != latent->shape[0] ||
+         negative->shape[2] != fc->joint_attention_dim))
+        return error_set(e, "sampler: classifier-free guidance needs negative prompt embeddings "
+                            "[%lld, L, %d]", (long long)latent->shape[0],
+                         fc->joint_attention_dim);
+    return 0;
+}
+
+/* The velocity at the step's sigma on the prompt, and with classifier-free guidance moved away
+ * from the one on the negative prompt: v = v_neg + s (v - v_neg). -> *v: [B, T, C] */
+static int sampler_velocity(const SamplerRun *r, const Tensor *latent, Tensor **v, Error *e) {
+    if (flux2_forward(r->flow, latent, r->h, r->w, r->txt, r->sigma_b, r->guide_b, v, e))
+        return -1;
+    float s = r->o->cfg_scale;
+    if (!(s > 1.0f)) return 0;
+    Tensor *v_neg = NULL;
+    if (flux2_forward(r->flow, latent, r->h, r->w, r->negative, r->sigma_b, r->guide_b, &v_neg,
+                      e)) {
+        tensor_free(*v);
+        *v = NULL;
+        return -1;
+    }
+    for (int64_t i = 0; i < v_neg->numel; i++)
+        (*v)->data[i] = v_neg->data[i] + s * ((*v)->data[i] - v_neg->data[i]);
+    tensor_free(v_neg);
     return 0;
 }
 
@@ -4030,7 +4066,7 @@ static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     bool detect = lambda != 0.0f || (o->inspect_every_step && r->detector);
     Tensor *v = NULL, *x0 = NULL, *mask = NULL, *grad = NULL;
     memset(r->shifted, 0, (size_t)B * sizeof *r->shifted);
-    int rc = flux2_forward(r->flow, latent, r->h, r->w, r->txt, r->sigma_b, r->guide_b, &v, e);
+    int rc = sampler_velocity(r, latent, &v, e);
     if (rc == 0 && !(x0 = sampler_clean_estimate(latent, v, r->sigmas[i])))
         rc = error_set(e, "out of memory");
     if (rc == 0 && detect) rc = sampler_guidance(r, x0, &mask, &grad, e);
@@ -4048,11 +4084,12 @@ static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
 }
 
 int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
-                const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
-                SamplerStepFn on_step, void *ctx, Error *e) {
-    if (sampler_check(flow, vae, detector, o, txt, latent, h, w, e)) return -1;
+                const SamplerOptions *o, const Tensor *txt, const Tensor *negative,
+                Tensor *latent, int h, int w, SamplerStepFn on_step, void *ctx, Error *e) {
+    if (sampler_check(flow, vae, detector, o, txt, negative, latent, h, w, e)) return -1;
     size_t B = (size_t)latent->shape[0];
-    SamplerRun r = {flow, vae, detector, o, txt, h, w, NULL, NULL, NULL, NULL, on_step, ctx};
+    SamplerRun r = {flow,     vae,  detector, o,    txt,     negative, h,
+                    w,        NULL, NULL,     NULL, NULL,    on_step,  ctx};
     r.sigmas = malloc(((size_t)o->steps + 1 + 2 * B) * sizeof *r.sigmas);
     r.shifted = calloc(B, sizeof *r.shifted);
     int rc = r.sigmas && r.shifted ? 0 : error_set(e, "out of memory");

@@ -452,6 +452,9 @@ typedef struct FlowTrainOptions {
     int h, w;                      /* the latent token grid */
     uint64_t seed;                 /* of the noise and the sigmas */
     double logit_mean, logit_std;  /* sigma's logit-normal */
+    double uncond;                 /* the share of samples whose prompt is dropped (made empty),
+                                      so the model also learns the unconditional velocity that
+                                      classifier-free guidance needs; drawn from (seed, step, b) */
     FlowBatchFn data;
     void *data_ctx;
 } FlowTrainOptions;
@@ -468,6 +471,9 @@ void flow_trainer_free(FlowTrainer *f);
  * seed and step) and then sigma: [batch], as the loss draws them. */
 void flow_noise(uint64_t seed, int64_t step, int batch, int64_t per_sample, double logit_mean,
                 double logit_std, float *noise, float *sigma);
+/* Whether sample b of batch `step` trains with the empty prompt: a hash of (seed, step, b) below
+ * uncond of its range. */
+bool flow_drops_prompt(uint64_t seed, int64_t step, int b, double uncond);
 
 /* The words world as a FlowBatchFn: sample b of batch `step` is the world scene
  * vae_image_index(seed, step * batch + b) (a drawn word), its word the prompt and its image's VAE
@@ -598,6 +604,10 @@ typedef struct SamplerOptions {
     LambdaSchedule lambda;
     ArtifactLoss loss;
     float guidance_scale;  /* distilled guidance for models with guidance_embeds, else unused */
+    float cfg_scale;       /* > 1: classifier-free guidance, as FLUX.2 klein base pipelines
+                              apply their guidance_scale: v = v_neg + cfg_scale (v - v_neg),
+                              v_neg the velocity on the negative prompt (two transformer passes
+                              a step); <= 1: off (distilled models) */
     float gate;            /* > 0: a sample whose detector max (the map at 1/4 of the detector's
                               input) is below gate gets no shift at that step; 0: off (official) */
     bool set_mu;           /* the schedule's shift is mu below, not FLUX.2's empirical mu for
@@ -614,7 +624,7 @@ typedef struct SamplerOptions {
 typedef struct SamplerStep {
     int index, steps;
     float sigma, sigma_next, lambda;
-    const Tensor *x_t, *v, *x0; /* [B, T, C] */
+    const Tensor *x_t, *v, *x0; /* [B, T, C]; v after classifier-free guidance */
     const Tensor *mask;         /* [B, labels, H, W] the detector's mask; NULL when it did not
                                    run (no guidance, or lambda_i = 0 as upstream skips it,
                                    unless inspect_every_step) */
@@ -627,11 +637,13 @@ typedef struct SamplerStep {
 typedef int (*SamplerStepFn)(const SamplerStep *step, void *ctx, Error *e);
 
 /* Runs o->steps steps on latent ([B, h*w, C] packed tokens: the initial noise in, the final
- * latent out) with txt [B, L, joint_attention_dim]. detector may be NULL when !o->guide (and
- * is then used only by inspect_every_step). on_step (may be NULL) sees every step. */
+ * latent out) with txt [B, L, joint_attention_dim] and, when o->cfg_scale > 1, the negative
+ * prompt's negative [B, L', joint_attention_dim] (else unused, may be NULL). detector may be
+ * NULL when !o->guide (and is then used only by inspect_every_step). on_step (may be NULL) sees
+ * every step. */
 int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detector,
-                const SamplerOptions *o, const Tensor *txt, Tensor *latent, int h, int w,
-                SamplerStepFn on_step, void *ctx, Error *e);
+                const SamplerOptions *o, const Tensor *txt, const Tensor *negative,
+                Tensor *latent, int h, int w, SamplerStepFn on_step, void *ctx, Error *e);
 
 /* ---- end section: sampler ---- */
 

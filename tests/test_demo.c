@@ -100,10 +100,16 @@ static void test_train_usage(Cli *c) {
     CHECK(run(c, "train vae --config x --out y --latent-noise 0.1") == 2 &&
               log_has(c, "--latent-noise is for vae-decoder"),
           "--latent-noise outside vae-decoder exits 2");
+    CHECK(run(c, "train vae --config x --out y --uncond 0.1") == 2 &&
+              log_has(c, "--uncond is for text+flow"),
+          "--uncond outside text+flow exits 2");
+    CHECK(run(c, "train text+flow --config x --out y --vae z --uncond 1") == 2 &&
+              log_has(c, "--uncond"), "--uncond 1 exits 2 (a share below 1)");
     CHECK(run(c, "train text+flow --config x --out y") == 2 && log_has(c, "give --vae"),
           "text+flow without --vae exits 2");
-    CHECK(run(c, "train --help") == 0 && log_has(c, "--latent-noise S") && log_has(c, "--ema D"),
-          "train --help lists --ema and --latent-noise");
+    CHECK(run(c, "train --help") == 0 && log_has(c, "--latent-noise S") && log_has(c, "--ema D") &&
+              log_has(c, "--uncond P"),
+          "train --help lists --ema, --latent-noise and --uncond");
 }
 
 /* The shipped models, once `make weights` has trained them. */

@@ -62,10 +62,11 @@ static void unload(Run *r) {
 }
 
 /* The loss of step 3 equals mean((v - (n - x0))^2) recomputed from flow_noise, the word data and
- * flux2_forward of the prompt embeddings. */
-static void test_loss_by_hand(void) {
+ * flux2_forward of the prompt embeddings, the prompts flow_drops_prompt drops made empty. */
+static void test_loss_by_hand(double uncond) {
     Run r;
     if (load(&r, 3, 11)) return;
+    r.o.uncond = uncond;
     TrainTask task;
     FlowTrainer *f = NULL;
     Error e = {{0}};
@@ -78,6 +79,12 @@ static void test_loss_by_hand(void) {
     float sigma[3];
     char prompts[3][FLOW_PROMPT_MAX];
     word_batch(3, 3, prompts, x0, &r.data, &e);
+    int dropped = 0;
+    for (int b = 0; b < 3; b++)
+        if (flow_drops_prompt(5, 3, b, uncond)) prompts[b][0] = '\0', dropped++;
+    CHECK(uncond == 0.0 ? dropped == 0 : dropped > 0 && dropped < 3,
+          "uncond %g: %d of the 3 prompts dropped (the test wants none, or some but not all)",
+          uncond, dropped);
     flow_noise(5, 3, 3, per, 0.0, 1.0, noise, sigma);
     Tensor *x_t = TENSOR_NEW(3, GRID_H * GRID_W, flux2_config(r.flow)->in_channels), *v = NULL;
     for (int64_t i = 0; i < n; i++)
@@ -94,7 +101,9 @@ static void test_loss_by_hand(void) {
             sum += d * d;
         }
         float want = (float)(sum / (double)n);
-        check_close("flow loss = mean((v - (n - x0))^2)", loss->value->data, &want, 1, 1e-5f, 0.0f);
+        check_close(uncond == 0.0 ? "flow loss = mean((v - (n - x0))^2)"
+                                  : "flow loss with dropped prompts = mean((v - (n - x0))^2)",
+                    loss->value->data, &want, 1, 1e-5f, 0.0f);
         CHECK(sigma[0] > 0.0f && sigma[0] < 1.0f && sigma[0] != sigma[1],
               "sigmas are drawn per sample in (0, 1): %g %g %g", sigma[0], sigma[1], sigma[2]);
     }
@@ -106,6 +115,25 @@ static void test_loss_by_hand(void) {
     free(noise);
     flow_trainer_free(f);
     unload(&r);
+}
+
+/* flow_drops_prompt: never at 0, at about the asked rate, the same draw for the same inputs, and
+ * other draws for another seed. */
+static void test_drops_prompt(void) {
+    int never = 0, quarter = 0, again = 0, other = 0;
+    for (int64_t step = 0; step < 1000; step++)
+        for (int b = 0; b < 4; b++) {
+            never += flow_drops_prompt(7, step, b, 0.0);
+            bool d = flow_drops_prompt(7, step, b, 0.25);
+            quarter += d;
+            again += d == flow_drops_prompt(7, step, b, 0.25);
+            other += d != flow_drops_prompt(8, step, b, 0.25);
+        }
+    CHECK(never == 0, "uncond 0 drops no prompt (%d of 4000)", never);
+    CHECK(quarter > 920 && quarter < 1080, "uncond 0.25 drops about a quarter: %d of 4000",
+          quarter);
+    CHECK(again == 4000, "the draw repeats (%d of 4000)", again);
+    CHECK(other > 1000, "another seed draws otherwise (%d of 4000 differ)", other);
 }
 
 typedef struct Losses {
@@ -295,7 +323,9 @@ static void test_world_batch(void) {
 
 int main(void) {
     test_world_batch();
-    test_loss_by_hand();
+    test_loss_by_hand(0.0);
+    test_loss_by_hand(0.5);
+    test_drops_prompt();
     test_training();
     test_save();
     test_errors();

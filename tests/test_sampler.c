@@ -30,31 +30,33 @@
  * mask, a whole-batch norm) moves values by 1e-2 or more. */
 #define REL 2e-4f
 
-/* name, batch, steps, guided, schedule, loss, gate: as CASES in tools/ref_sampler.py */
+/* name, batch, steps, guided, schedule, loss, gate, cfg scale (0: off): as CASES in
+ * tools/ref_sampler.py */
 typedef struct Case {
     const char *name;
     int batch, steps;
     bool guide;
     const char *schedule, *loss;
-    float gate;
+    float gate, cfg;
 } Case;
 
 static const Case cases[] = {
-    {"base1", 1, 3, false, "constant", "mse", 0.0f},
-    {"base2", 2, 3, false, "constant", "mse", 0.0f},
-    {"constant", 1, 3, true, "constant:value=0.5", "mse", 0.0f},
-    {"linear", 1, 3, true, "linear:start=0.8,end=0.2", "mse", 0.0f},
-    {"power", 2, 3, true, "power:start=0.8,end=0.2,power=2", "mse", 0.0f},
-    {"cosine", 1, 3, true, "cosine:start=0.8,end=0.2", "mse", 0.0f},
-    {"hard_then_exp", 2, 4, true, "hard_then_exp:start=0.8,after=0.4,power=2", "mse", 0.0f},
+    {"base1", 1, 3, false, "constant", "mse", 0.0f, 0.0f},
+    {"base2", 2, 3, false, "constant", "mse", 0.0f, 0.0f},
+    {"constant", 1, 3, true, "constant:value=0.5", "mse", 0.0f, 0.0f},
+    {"linear", 1, 3, true, "linear:start=0.8,end=0.2", "mse", 0.0f, 0.0f},
+    {"power", 2, 3, true, "power:start=0.8,end=0.2,power=2", "mse", 0.0f, 0.0f},
+    {"cosine", 1, 3, true, "cosine:start=0.8,end=0.2", "mse", 0.0f, 0.0f},
+    {"hard_then_exp", 2, 4, true, "hard_then_exp:start=0.8,after=0.4,power=2", "mse", 0.0f, 0.0f},
     {"exponential", 1, 4, true, "exponential:start=0.8,end=0.2,power=3,warmup=1,cooldown=1",
-     "mse", 0.0f},
+     "mse", 0.0f, 0.0f},
     {"exponential_one", 1, 3, true, "exponential:start=0.6,end=0.2,power=2,warmup=1,cooldown=1",
-     "mse", 0.0f},
-    {"loss_power", 2, 3, true, "linear:start=0.8,end=0.2", "power:gamma=3", 0.0f},
-    {"loss_focal", 2, 3, true, "linear:start=0.8,end=0.2", "focal:gamma=2,alpha=1", 0.0f},
-    {"one_step", 1, 1, true, "linear:start=0.5,end=0.1", "mse", 0.0f},
-    {"gate", 2, 3, true, "linear:start=0.8,end=0.2", "mse", 0.5f},
+     "mse", 0.0f, 0.0f},
+    {"loss_power", 2, 3, true, "linear:start=0.8,end=0.2", "power:gamma=3", 0.0f, 0.0f},
+    {"loss_focal", 2, 3, true, "linear:start=0.8,end=0.2", "focal:gamma=2,alpha=1", 0.0f, 0.0f},
+    {"one_step", 1, 1, true, "linear:start=0.5,end=0.1", "mse", 0.0f, 0.0f},
+    {"gate", 2, 3, true, "linear:start=0.8,end=0.2", "mse", 0.5f, 0.0f},
+    {"cfg", 2, 3, true, "linear:start=0.8,end=0.2", "mse", 0.0f, 3.0f},
 };
 
 typedef struct Models {
@@ -106,29 +108,36 @@ static int check_step(const SamplerStep *s, void *ctx, Error *e) {
     return 0;
 }
 
+/* The golden prompt embeddings `name` ([L, D]) repeated `batch` times: [batch, L, D]. */
+static Tensor *case_prompt(const SafeTensors *g, const char *name, int batch) {
+    const StTensor *tt = st_find(g, name);
+    if (!tt) return NULL;
+    float *p = golden_load(g, name, (size_t)tt->numel);
+    Tensor *txt = TENSOR_NEW(batch, tt->shape[0], tt->shape[1]);
+    for (int b = 0; p && txt && b < batch; b++)
+        memcpy(txt->data + b * tt->numel, p, (size_t)tt->numel * sizeof(float));
+    if (!p) tensor_free(txt), txt = NULL;
+    free(p);
+    return txt;
+}
+
 /* The golden noise's first `batch` samples and the prompt repeated `batch` times. */
 static int case_inputs(const SafeTensors *g, int batch, Tensor **noise, Tensor **txt) {
-    const StTensor *tn = st_find(g, "noise"), *tt = st_find(g, "txt");
+    const StTensor *tn = st_find(g, "noise");
     *noise = *txt = NULL;
-    if (!tn || !tt) return -1;
+    if (!tn) return -1;
     float *n = golden_load(g, "noise", (size_t)tn->numel);
-    float *p = golden_load(g, "txt", (size_t)tt->numel);
     *noise = TENSOR_NEW(batch, tn->shape[1], tn->shape[2]);
-    *txt = TENSOR_NEW(batch, tt->shape[0], tt->shape[1]);
-    int rc = n && p && *noise && *txt ? 0 : -1;
-    if (rc == 0) {
-        memcpy((*noise)->data, n, (size_t)(*noise)->numel * sizeof(float));
-        for (int b = 0; b < batch; b++)
-            memcpy((*txt)->data + b * tt->numel, p, (size_t)tt->numel * sizeof(float));
-    }
+    *txt = case_prompt(g, "txt", batch);
+    int rc = n && *noise && *txt ? 0 : -1;
+    if (rc == 0) memcpy((*noise)->data, n, (size_t)(*noise)->numel * sizeof(float));
     free(n);
-    free(p);
     return rc;
 }
 
 static int case_options(const Case *c, SamplerOptions *o, Error *e) {
     *o = (SamplerOptions){.steps = c->steps, .guide = c->guide, .guidance_scale = 4.0f,
-                          .gate = c->gate};
+                          .gate = c->gate, .cfg_scale = c->cfg};
     return lambda_schedule_parse(&o->lambda, c->schedule, e) ||
            artifact_loss_parse(&o->loss, c->loss, e);
 }
@@ -146,14 +155,15 @@ static Tensor *decode_image(const VaeDecoder *vae, Tensor *latent) {
 static void test_case(const Models *m, const SafeTensors *g, const Case *c) {
     SamplerOptions o;
     Error e = {{0}};
-    Tensor *noise, *txt;
-    if (case_options(c, &o, &e) || case_inputs(g, c->batch, &noise, &txt)) {
+    Tensor *noise, *txt, *negative = c->cfg > 0.0f ? case_prompt(g, "neg_txt", c->batch) : NULL;
+    if (case_options(c, &o, &e) || case_inputs(g, c->batch, &noise, &txt) ||
+        (c->cfg > 0.0f && !negative)) {
         CHECK(0, "%s: options or inputs: %s", c->name, e.msg);
         return;
     }
     StepCheck check = {g, c->name, 0};
-    int rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, noise, GRID_H, GRID_W, check_step,
-                         &check, &e);
+    int rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, negative, noise, GRID_H, GRID_W,
+                         check_step, &check, &e);
     CHECK(rc == 0 && check.seen == c->steps, "%s: sampler ran %d of %d steps: %s", c->name,
           check.seen, c->steps, e.msg);
     char name[128];
@@ -165,6 +175,7 @@ static void test_case(const Models *m, const SafeTensors *g, const Case *c) {
     tensor_free(image);
     tensor_free(noise);
     tensor_free(txt);
+    tensor_free(negative);
 }
 
 /* Sample 0 of a batch of 2 ends where it ends alone: per-sample loss and gradient norm. */
@@ -177,7 +188,7 @@ static void test_batch_independence(const Models *m, const SafeTensors *g) {
         CHECK(0, "batch independence: inputs: %s", e.msg);
         return;
     }
-    int rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, noise, GRID_H, GRID_W, NULL, NULL,
+    int rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, noise, GRID_H, GRID_W, NULL, NULL,
                          &e);
     float *want = golden_load(g, "power.final.latent", 2 * (size_t)noise->numel);
     if (rc == 0 && want)
@@ -215,11 +226,11 @@ static void test_inspect_every_step(const Models *m, const SafeTensors *g) {
     CHECK(rc == 0 && lambda_schedule_at(&o.lambda, 0, c->steps) == 0.0,
           "inspect: inputs, and lambda_0 = 0: %s", e.msg);
     if (rc == 0)
-        rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, plain, GRID_H, GRID_W,
+        rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, plain, GRID_H, GRID_W,
                          count_inspected, &counts[0], &e);
     o.inspect_every_step = true;
     if (rc == 0)
-        rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, inspected, GRID_H, GRID_W,
+        rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, inspected, GRID_H, GRID_W,
                          count_inspected, &counts[1], &e);
     CHECK(rc == 0, "inspect runs: %s", e.msg);
     int guided_steps = 0;
@@ -385,14 +396,21 @@ static void test_sampler_errors(const Models *m) {
     lambda_schedule_parse(&o.lambda, "constant:value=1", &e);
     artifact_loss_parse(&o.loss, "mse", &e);
     Tensor *x = TENSOR_NEW(1, 6, 16), *txt = TENSOR_NEW(1, 5, 24), *wrong = TENSOR_NEW(1, 5, 16);
-    CHECK(sampler_run(m->flow, m->vae, NULL, &o, txt, x, GRID_H, GRID_W, NULL, NULL, &e) != 0 &&
+    CHECK(sampler_run(m->flow, m->vae, NULL, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL, &e) != 0 &&
               strstr(e.msg, "detector"), "guidance without a detector: %s", e.msg);
-    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, wrong, GRID_H, GRID_W, NULL, NULL,
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, wrong, GRID_H, GRID_W, NULL, NULL,
                       &e) != 0 && strstr(e.msg, "latent"), "a latent of another size: %s", e.msg);
-    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, wrong, x, GRID_H, GRID_W, NULL, NULL, &e) !=
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, wrong, NULL, x, GRID_H, GRID_W, NULL, NULL, &e) !=
               0 && strstr(e.msg, "embeddings"), "embeddings of another width: %s", e.msg);
+    o.cfg_scale = 2.0f;
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL,
+                      &e) != 0 && strstr(e.msg, "negative"), "cfg without a negative: %s", e.msg);
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, wrong, x, GRID_H, GRID_W, NULL, NULL,
+                      &e) != 0 && strstr(e.msg, "negative"), "cfg, a negative of another width: %s",
+          e.msg);
+    o.cfg_scale = 0.0f;
     o.steps = 0;
-    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, x, GRID_H, GRID_W, NULL, NULL, &e) !=
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL, &e) !=
               0 && strstr(e.msg, "steps"), "zero steps: %s", e.msg);
     tensor_free(x);
     tensor_free(txt);
@@ -564,7 +582,8 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                    {" --seed 1,2,3", 2}, {" --steps", 2}, {" --no-guide --compare x.png", 2},
                    {" --compare x.jpg", 2}, {" --detector /nonexistent", 1},
                    {" --embeddings /nonexistent.safetensors", 1}, {" --mu 11", 2},
-                   {" --mu x", 2}};
+                   {" --mu x", 2}, {" --cfg 3", 2}, {" --cfg 0.5", 2},
+                   {" --negative-prompt x", 2}};
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
             snprintf(cmd + n, sizeof cmd - (size_t)n, "%s", bad[i].extra);

@@ -7,6 +7,8 @@ tools/ref_flux2.py's transformer (tests/fixtures/tiny-flux2/transformer), tools/
 decoder (tests/fixtures/tiny-flux2/vae) and tools/ref_segformer.py's detector
 (tests/fixtures/tiny-detector), each loaded from the fixture files. Per step i:
     v = flow(x_t, sigma_i)                      (no gradient)
+    with classifier-free guidance (the "cfg" case, as diffusers' Flux2KleinPipeline for base
+    models): v = v_neg + cfg (v - v_neg), v_neg = flow(x_t, sigma_i) on the negative embeddings
     x0 = x_t - sigma_i v
     mask = detector(vae_decode(x0)) at image size; L = sum over samples of mean(loss(mask))
     g = dL/dx0; each sample b with detector max >= gate (gate 0: all) is shifted:
@@ -18,6 +20,7 @@ exponential window of one step; here (as in nn.c) u = 0 there.
 
 Writes tests/golden/sampler.safetensors (float32):
   noise [2, 6, 16], txt [5, 24]            the inputs every case shares (batch 1 takes noise[0])
+  neg_txt [4, 24]                          the "cfg" case's negative prompt embeddings
   CASE.step.I.{x_t, sigma, v, x0, mask, grad, lambda}, CASE.final.latent, CASE.final.image
                                            mask and grad only where the detector / backward ran
   sched.SPEC.N                             lambda_i for i < N of a schedule spec
@@ -41,7 +44,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 F64 = torch.float64
 H, W, L = 2, 3, 5  # token grid, prompt length
 
-# name, batch, steps, guided, lambda schedule, loss, gate (kept in step with tests/test_sampler.c)
+# name, batch, steps, guided, lambda schedule, loss, gate[, cfg scale] (kept in step with
+# tests/test_sampler.c)
 CASES = [
     ("base1", 1, 3, False, "constant", "mse", 0.0),
     ("base2", 2, 3, False, "constant", "mse", 0.0),
@@ -58,6 +62,7 @@ CASES = [
     ("loss_focal", 2, 3, True, "linear:start=0.8,end=0.2", "focal:gamma=2,alpha=1", 0.0),
     ("one_step", 1, 1, True, "linear:start=0.5,end=0.1", "mse", 0.0),
     ("gate", 2, 3, True, "linear:start=0.8,end=0.2", "mse", 0.5),
+    ("cfg", 2, 3, True, "linear:start=0.8,end=0.2", "mse", 0.0, 3.0),
 ]
 SCHEDULE_SPECS = ["constant", "linear", "power", "cosine", "hard_then_exp", "exponential",
                   "power:start=25,end=1,power=2",
@@ -168,17 +173,21 @@ def f32(x):
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-def run_case(models, name, batch, steps, guided, spec, loss_spec, gate, noise, txt):
+def run_case(models, name, batch, steps, guided, spec, loss_spec, gate, cfg, noise, txt, neg_txt):
     lam_at, loss = schedule(spec), loss_fn(loss_spec)
     sigmas = ref_flux2.klein_sigmas(steps, H * W).float().double()
     x = noise[:batch].clone()
     txt = txt.expand(batch, -1, -1)
+    neg_txt = neg_txt.expand(batch, -1, -1)
     out = {}
     for i in range(steps):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
         lam = f32(lam_at(i, steps)) if guided else 0.0
         with torch.no_grad():
             v = models.velocity(x, s, txt)
+            if cfg > 1.0:
+                v_neg = models.velocity(x, s, neg_txt)
+                v = v_neg + cfg * (v - v_neg)
         x0 = x - s * v
         p = f"{name}.step.{i}."
         out.update({p + "x_t": x, p + "sigma": torch.tensor([s]), p + "v": v, p + "x0": x0,
@@ -215,10 +224,14 @@ def main():
     cin, jd = ref_flux2.CONFIG["in_channels"], ref_flux2.CONFIG["joint_attention_dim"]
     noise = torch.randn(2, H * W, cin, generator=gen, dtype=torch.float32).double()
     txt = torch.randn(L, jd, generator=gen, dtype=torch.float32).double()
+    neg_txt = torch.randn(L - 1, jd, generator=gen, dtype=torch.float32).double()
     models = Models()
-    golden = {"noise": noise, "txt": txt}
+    golden = {"noise": noise, "txt": txt, "neg_txt": neg_txt}
     for case in CASES:
-        golden.update(run_case(models, *case, noise, txt))
+        name, batch, steps, guided, spec, loss_spec, gate = case[:7]
+        cfg = case[7] if len(case) > 7 else 1.0
+        golden.update(run_case(models, name, batch, steps, guided, spec, loss_spec, gate, cfg,
+                               noise, txt, neg_txt))
     for spec in SCHEDULE_SPECS:
         at = schedule(spec)
         for n in SCHEDULE_STEPS:
