@@ -2445,6 +2445,13 @@ static const char *train_usage =
     "  --uncond P       text+flow: train a share P of the samples on the empty prompt, so\n"
     "                   the model also predicts the unconditional velocity that\n"
     "                   classifier-free guidance (--cfg) needs (e.g. 0.1; default 0)\n"
+    "  --flow DIR       detector: also train on the images of the trained pipeline in DIR\n"
+    "                   (transformer/, text_encoder/, vae/), sampled as the demo samples,\n"
+    "                   labelled by the oracle (its illegible glyphs' boxes are the\n"
+    "                   artifacts): half of every batch, a tenth of them held out\n"
+    "  --samples N      detector --flow: how many images (default 2000)\n"
+    "  --exclude CSV    detector --flow: never sample a prompt of this CSV's `prompt`\n"
+    "                   column (the evaluation's)\n"
     "  --latent-noise S vae-decoder: add Gaussian noise of std S to the normalised latent\n"
     "                   tokens before decoding (a decoder for the flow model's inexact\n"
     "                   latents; default 0)\n"
@@ -2454,13 +2461,21 @@ static const char *train_usage =
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
+/* How the embedded models are sampled, in the demo, the README's eval table and the detector's
+ * labelled samples: 16 steps; no shift of the sigma schedule (FLUX.2's empirical mu, made for
+ * thousands of tokens, leaves the last sigma near 0.3 at the embedded models' 32 tokens);
+ * classifier-free guidance on the empty prompt. */
+#define EMBEDDED_STEPS 16
+#define EMBEDDED_MU 0.0
+#define EMBEDDED_CFG 3.0f
+
 /* Directory arguments stay below this, so <dir>/<model>/<file> fits the path buffers. */
 #define TRAIN_MAX_PATH 4000
 
 typedef struct TrainArgs {
-    const char *what, *config, *out, *vae, *init, *log;
+    const char *what, *config, *out, *vae, *init, *log, *flow, *exclude;
     int64_t steps, warmup;
-    int batch, threads;
+    int batch, threads, samples;
     float lr, latent_noise, ema;
     double clip, uncond;
     uint64_t seed;
@@ -2481,17 +2496,82 @@ typedef struct Trainer {
 /* Held-out examples for the accuracy a trainer reports: no training batch uses this seed. */
 #define TRAIN_HELD_OUT_SEED 987654321u
 
-/* detector: segformer_init from the config files, detector_train_task, segformer_save. */
+/* detector: segformer_init from the config files, detector_train_task, segformer_save; with
+ * --flow, first the flow model's own images labelled by the oracle. */
 typedef struct DetectorRun {
     Segformer *model;
     DetectorTrainer *trainer;
+    DetectorSamples samples;
 } DetectorRun;
+
+/* The labelled samples' seed (their words and noise), apart from every other stream. */
+#define TRAIN_SAMPLE_SEED 314159265u
 
 static void train_detector_close(void *state) {
     DetectorRun *d = state;
     detector_trainer_free(d->trainer);
     segformer_free(d->model);
+    detector_samples_free(&d->samples);
     free(d);
+}
+
+static int train_samples_progress(int done, int n, void *ctx) {
+    (void)ctx;
+    fprintf(stderr, "\rdetector: flow model samples %d/%d%s", done, n, done == n ? "\n" : "");
+    return 0;
+}
+
+/* The prompts of a CSV's `prompt` column (new strings into *words, *n of them), or none. */
+static int train_exclude_words(const char *path, char ***words, int *n, Error *e) {
+    EvalCsv c = {0};
+    *words = NULL;
+    *n = 0;
+    if (!path) return 0;
+    if (eval_csv_read(path, false, &c, e)) return -1;
+    int rc = c.prompts ? 0 : error_set(e, "%s: --exclude needs a `prompt` column", path);
+    if (rc == 0 && !(*words = calloc(c.n, sizeof **words))) rc = error_set(e, "out of memory");
+    for (size_t i = 0; rc == 0 && i < c.n; i++) {
+        (*words)[i] = c.rows[i].input;
+        c.rows[i].input = NULL;
+        (*n)++;
+    }
+    eval_csv_free(&c);
+    return rc;
+}
+
+/* --samples images from the pipeline in --flow (transformer/, text_encoder/, vae/), sampled as
+ * the demo and eval sample the embedded models, words of --exclude never drawn. */
+static int train_detector_samples(const TrainArgs *a, DetectorSamples *out, Error *e) {
+    Flux2 *flow = NULL;
+    TextEncoder *text = NULL;
+    VaeDecoder *vae = NULL;
+    char **exclude = NULL, dir[3][4200];
+    int n_exclude = 0;
+    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->flow);
+    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->flow);
+    snprintf(dir[2], sizeof dir[2], "%s/vae", a->flow);
+    DetectorSampleOptions o = {.n = a->samples, .batch = 32, .seed = TRAIN_SAMPLE_SEED,
+                               .sampler = {.steps = EMBEDDED_STEPS, .guidance_scale = 1.0f,
+                                           .cfg_scale = EMBEDDED_CFG, .set_mu = true,
+                                           .mu = EMBEDDED_MU},
+                               .on_batch = a->quiet ? NULL : train_samples_progress};
+    int rc = train_exclude_words(a->exclude, &exclude, &n_exclude, e) ||
+                     flux2_load_params(&flow, dir[0], WEIGHTS_FILES, 0, e) ||
+                     text_encoder_load(&text, dir[1], e) || vae_decoder_load(&vae, dir[2], e)
+                 ? -1
+                 : 0;
+    o.exclude = (const char *const *)exclude;
+    o.n_exclude = n_exclude;
+    if (rc == 0) rc = detector_samples_make(flow, text, vae, &o, out, e);
+    if (rc == 0 && !a->quiet)
+        fprintf(stderr, "detector: the oracle flags %d of the %d samples\n", out->flagged,
+                out->n);
+    for (int i = 0; i < n_exclude; i++) free(exclude[i]);
+    free(exclude);
+    flux2_free(flow);
+    text_encoder_free(text);
+    vae_decoder_free(vae);
+    return rc;
 }
 
 static int train_detector_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
@@ -2499,23 +2579,37 @@ static int train_detector_open(const TrainArgs *a, TrainTask *task, void **state
     if (!d) return error_set(e, "out of memory");
     *state = d;
     DetectorTrainOptions o = {.batch = a->batch, .seed = a->seed, .pos_weight = 2.0f};
+    if (a->flow) {
+        if (train_detector_samples(a, &d->samples, e)) return -1;
+        o.samples = &d->samples;
+        o.held_out = d->samples.n / 10;
+    }
     return segformer_init(&d->model, a->config, a->seed, e) ||
                    detector_train_task(task, &d->trainer, d->model, &o, e)
                ? -1
                : 0;
 }
 
-/* Saves, then measures the decisions on held-out examples (a seed training never draws). */
+/* Saves, then measures the decisions on held-out examples (a seed training never draws, and the
+ * samples training left out). */
 static int train_detector_save(void *state, const TrainArgs *a, Error *e) {
     DetectorRun *d = state;
-    DetectorAccuracy acc;
+    DetectorAccuracy acc, sampled = {0};
+    int held_out = d->samples.n / 10;
     if (segformer_save(d->model, a->out, e) ||
-        detector_accuracy(d->model, TRAIN_HELD_OUT_SEED, 400, &acc, e))
+        detector_accuracy(d->model, TRAIN_HELD_OUT_SEED, 400, &acc, e) ||
+        (held_out && detector_sample_accuracy(d->model, &d->samples, d->samples.n - held_out,
+                                              held_out, &sampled, e)))
         return -1;
-    if (!a->quiet)
-        fprintf(stderr, "detector on %d held-out clean / corrupted renders: %.1f%% passed, "
-                        "%.1f%% flagged\n", acc.n, 100.0 * acc.clean_passed,
-                100.0 * acc.corrupt_flagged);
+    if (a->quiet) return 0;
+    fprintf(stderr, "detector on %d held-out clean / corrupted renders: %.1f%% passed, "
+                    "%.1f%% flagged\n", acc.clean, 100.0 * acc.clean_passed,
+            100.0 * acc.corrupt_flagged);
+    if (held_out)
+        fprintf(stderr, "detector on %d held-out flow model samples: of the %d the oracle reads "
+                        "%.1f%% passed, of the %d it flags %.1f%% flagged\n", held_out,
+                sampled.clean, 100.0 * sampled.clean_passed, held_out - sampled.clean,
+                100.0 * sampled.corrupt_flagged);
     return 0;
 }
 
@@ -2660,18 +2754,23 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
         else if (!strcmp(opt, "--out")) a->out = val;
         else if (!strcmp(opt, "--vae")) a->vae = val;
         else if (!strcmp(opt, "--init")) a->init = val;
+        else if (!strcmp(opt, "--flow")) a->flow = val;
+        else if (!strcmp(opt, "--exclude")) a->exclude = val;
         else if (!strcmp(opt, "--log")) a->log = val;
         else if (!strcmp(opt, "--steps") || !strcmp(opt, "--warmup") || !strcmp(opt, "--seed") ||
-                 !strcmp(opt, "--batch") || !strcmp(opt, "--threads")) {
+                 !strcmp(opt, "--batch") || !strcmp(opt, "--threads") ||
+                 !strcmp(opt, "--samples")) {
             unsigned long long v = strtoull(val, &end, 10);
             bool bad = val[0] == '-' || *end || end == val || errno || v > (1ull << 40);
             if (bad || (v == 0 && strcmp(opt, "--warmup") && strcmp(opt, "--seed")) ||
-                (v > 4096 && (!strcmp(opt, "--batch") || !strcmp(opt, "--threads"))))
+                (v > 4096 && (!strcmp(opt, "--batch") || !strcmp(opt, "--threads"))) ||
+                (v > 100000 && !strcmp(opt, "--samples")))
                 return error_set(e, "%s: '%s' is not a whole number in range", opt, val);
             if (!strcmp(opt, "--steps")) a->steps = (int64_t)v;
             else if (!strcmp(opt, "--warmup")) a->warmup = (int64_t)v;
             else if (!strcmp(opt, "--seed")) a->seed = v;
             else if (!strcmp(opt, "--batch")) a->batch = (int)v;
+            else if (!strcmp(opt, "--samples")) a->samples = (int)v;
             else a->threads = (int)v;
         } else if (!strcmp(opt, "--lr") || !strcmp(opt, "--clip") ||
                    !strcmp(opt, "--latent-noise") || !strcmp(opt, "--ema") ||
@@ -2700,7 +2799,14 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
         return error_set(e, "--latent-noise is for vae-decoder");
     if (a->uncond > 0.0 && strcmp(a->what, "text+flow"))
         return error_set(e, "--uncond is for text+flow");
-    const char *paths[] = {a->config, a->out, a->vae, a->init};
+    if ((a->flow || a->exclude || a->samples) && strcmp(a->what, "detector"))
+        return error_set(e, "--flow, --samples and --exclude are for detector");
+    if ((a->exclude || a->samples) && !a->flow)
+        return error_set(e, "--samples and --exclude need --flow DIR");
+    if (a->flow && !a->samples) a->samples = 2000;
+    if (a->flow && a->samples < 10)
+        return error_set(e, "--samples: at least 10 (a tenth is held out)");
+    const char *paths[] = {a->config, a->out, a->vae, a->init, a->flow};
     for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
         if (paths[i] && strlen(paths[i]) > TRAIN_MAX_PATH)
             return error_set(e, "path too long: %.40s...", paths[i]);
@@ -2804,13 +2910,9 @@ static const char *demo_usage =
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
-/* The demo's sampling: the settings the README's eval table uses. */
-#define DEMO_STEPS 16
+/* The demo's guidance: the settings the README's eval table uses. */
 #define DEMO_SCHEDULE "linear:start=2,end=0.2"
 #define DEMO_LOSS "mse"
-/* No shift of the sigma schedule: FLUX.2's empirical mu, made for thousands of tokens, leaves the
- * last sigma near 0.3 at the embedded models' 32 tokens. */
-#define DEMO_MU 0.0
 /* Words come from world scenes of these seeds (never a training scene: training draws its
  * scenes from hashes of the step); noise seeds count up from DEMO_NOISE_SEED. */
 #define DEMO_WORD_SEED 900000000u
@@ -2863,10 +2965,11 @@ static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t
     *a = (EvalArgs){.threshold = EVAL_THRESHOLD};
     GenerateArgs *g = &a->gen;
     snprintf(detector, len, "%s/detector", d->weights);
-    *g = (GenerateArgs){.model = d->weights, .detector = detector, .steps = DEMO_STEPS,
+    *g = (GenerateArgs){.model = d->weights, .detector = detector, .steps = EMBEDDED_STEPS,
                         .width = WORLD_W, .height = WORLD_H, .quiet = true,
-                        .opt = {.steps = DEMO_STEPS, .guide = true, .guidance_scale = 1.0f,
-                                .set_mu = true, .mu = DEMO_MU}};
+                        .opt = {.steps = EMBEDDED_STEPS, .guide = true, .guidance_scale = 1.0f,
+                                .cfg_scale = EMBEDDED_CFG, .set_mu = true,
+                                .mu = EMBEDDED_MU}};
     return lambda_schedule_parse(&g->opt.lambda, DEMO_SCHEDULE, e) ||
                    artifact_loss_parse(&g->opt.loss, DEMO_LOSS, e)
                ? -1

@@ -2912,4 +2912,21 @@ bool oracle_reads_as(const OracleResult *r, const char *prompt) {
     return true;
 }
 
+int oracle_artifact_mask(const OracleResult *r, uint8_t *mask) {
+    memset(mask, 0, (size_t)WORLD_H * WORLD_W);
+    int illegible = 0;
+    for (int i = 0; i < r->count; i++) {
+        if (r->glyph[i].legible) continue;
+        WorldBox b = r->glyph[i].box;
+        if (b.h < 1) b.y = 0, b.h = WORLD_H; /* never matched: its columns, every row */
+        int x0 = b.x > 0 ? b.x - 1 : 0, y0 = b.y > 0 ? b.y - 1 : 0;
+        int x1 = b.x + b.w < WORLD_W ? b.x + b.w : WORLD_W - 1;
+        int y1 = b.y + b.h < WORLD_H ? b.y + b.h : WORLD_H - 1;
+        for (int y = y0; y <= y1; y++)
+            memset(mask + (size_t)y * WORLD_W + x0, 1, (size_t)(x1 - x0 + 1));
+        illegible++;
+    }
+    return illegible;
+}
+
 /* ---- end section: words world ---- */

@@ -387,6 +387,10 @@ typedef struct OracleResult {
 int oracle_read(const uint8_t *rgb, int width, int height, OracleResult *r, Error *e);
 /* true when every glyph is legible and the text equals prompt, ignoring case. */
 bool oracle_reads_as(const OracleResult *r, const char *prompt);
+/* The oracle's artifacts as a pixel mask [WORLD_H, WORLD_W]: 1 on the ink box of every glyph it
+ * could not read (its columns when no shape was matched), grown by one pixel each way, 0
+ * elsewhere. Returns the number of such glyphs. */
+int oracle_artifact_mask(const OracleResult *r, uint8_t *mask);
 
 /* ---- end section: words world ---- */
 

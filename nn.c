@@ -3616,22 +3616,50 @@ static void detector_image(const uint8_t *rgb, float *x) {
             x[c * DETECTOR_PIXELS + p] = (float)rgb[p * 3 + c] / 127.5f - 1.0f;
 }
 
+/* rgb [H, W, 3] and mask [H, W] (0 / 1) -> image [3, H, W] in [-1, 1] and mask_f [H, W] */
+static void detector_put(const uint8_t *rgb, const uint8_t *mask, float *image, float *mask_f) {
+    detector_image(rgb, image);
+    for (size_t p = 0; p < DETECTOR_PIXELS; p++) mask_f[p] = mask[p];
+}
+
 /* Examples 0 .. n-1 of batch `step`, those from index n_clean on corrupted, each of the scene of
  * the clean example n_clean before it (so the batch shows what the corruption changed) ->
  * images [n, 3, H, W], masks [n, H, W] (as floats 0 / 1). */
-static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, Tensor **images,
-                             Tensor **masks, Error *e) {
+static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, float *images,
+                             float *masks, Error *e) {
+    uint8_t rgb[DETECTOR_PIXELS * 3], mask[DETECTOR_PIXELS];
+    for (int b = 0; b < n; b++) {
+        int scene = b >= n_clean && n_clean > 0 ? (b - n_clean) % n_clean : b;
+        if (detector_example(detector_seed(seed, step, scene), b >= n_clean, rgb, mask, e))
+            return -1;
+        detector_put(rgb, mask, images + (size_t)b * 3 * DETECTOR_PIXELS,
+                     masks + (size_t)b * DETECTOR_PIXELS);
+    }
+    return 0;
+}
+
+/* Batch `step`'s sample b: one of the samples before the held-out ones, drawn uniformly. */
+static int detector_sample_index(const DetectorTrainOptions *o, int64_t step, int b) {
+    uint64_t pool = (uint64_t)(o->samples->n - o->held_out);
+    return (int)(detector_seed(detector_mix(o->seed), step, b) % pool);
+}
+
+int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
+                   Error *e) {
+    const DetectorTrainOptions *o = &d->options;
+    int n = o->batch, renders = o->samples ? n - n / 2 : n;
     *images = TENSOR_NEW(n, 3, WORLD_H, WORLD_W);
     *masks = TENSOR_NEW(n, WORLD_H, WORLD_W);
-    uint8_t rgb[DETECTOR_PIXELS * 3], mask[DETECTOR_PIXELS];
     int rc = *images && *masks ? 0 : error_set(e, "out of memory for a batch");
-    for (int b = 0; rc == 0 && b < n; b++) {
-        int scene = b >= n_clean && n_clean > 0 ? (b - n_clean) % n_clean : b;
-        rc = detector_example(detector_seed(seed, step, scene), b >= n_clean, rgb, mask, e);
-        if (rc) break;
-        detector_image(rgb, (*images)->data + (size_t)b * 3 * DETECTOR_PIXELS);
-        for (size_t p = 0; p < DETECTOR_PIXELS; p++)
-            (*masks)->data[(size_t)b * DETECTOR_PIXELS + p] = mask[p];
+    if (rc == 0)
+        rc = detector_examples(o->seed, step, renders, renders - renders / 2, (*images)->data,
+                               (*masks)->data, e);
+    for (int b = renders; rc == 0 && b < n; b++) {
+        size_t k = (size_t)detector_sample_index(o, step, b);
+        detector_put(o->samples->rgb + k * DETECTOR_PIXELS * 3,
+                     o->samples->mask + k * DETECTOR_PIXELS,
+                     (*images)->data + (size_t)b * 3 * DETECTOR_PIXELS,
+                     (*masks)->data + (size_t)b * DETECTOR_PIXELS);
     }
     if (rc) {
         tensor_free(*images);
@@ -3639,12 +3667,6 @@ static int detector_examples(uint64_t seed, int64_t step, int n, int n_clean, Te
         *images = *masks = NULL;
     }
     return rc;
-}
-
-int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
-                   Error *e) {
-    int n = d->options.batch;
-    return detector_examples(d->options.seed, step, n, n - n / 2, images, masks, e);
 }
 
 /* masks: [B, H, W] -> target: [B, 1, h, w] */
@@ -3690,6 +3712,9 @@ int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
                          c->num_labels);
     if (o->batch < 1 || !(o->pos_weight > 0.0f))
         return error_set(e, "detector training: batch must be >= 1 and pos_weight > 0");
+    if (o->samples && (o->held_out < 0 || o->held_out >= o->samples->n))
+        return error_set(e, "detector training: %d samples, %d held out: none left to train on",
+                         o->samples->n, o->held_out);
     DetectorTrainer *d = malloc(sizeof *d);
     if (!d) return error_set(e, "out of memory");
     *d = (DetectorTrainer){.model = m, .options = *o};
@@ -3701,12 +3726,9 @@ int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
 
 void detector_trainer_free(DetectorTrainer *d) { free(d); }
 
-/* Flags of n examples (the first `clean` of them clean): logit max >= 0, i.e. sigmoid >= 0.5. */
-static int detector_flags(const Segformer *m, uint64_t seed, int64_t chunk, int n, int clean,
-                          int *flagged, Error *e) {
-    Tensor *images, *masks;
-    if (detector_examples(seed, chunk, n, clean, &images, &masks, e)) return -1;
-    tensor_free(masks);
+/* The detector's decision on each of images [n, 3, H, W] (taken): logit max >= 0, i.e. sigmoid
+ * >= 0.5. */
+static int detector_decide(const Segformer *m, Tensor *images, int n, int *flagged, Error *e) {
     Tape *t = tape_new();
     if (!t) {
         tensor_free(images);
@@ -3725,13 +3747,28 @@ static int detector_flags(const Segformer *m, uint64_t seed, int64_t chunk, int 
     return rc;
 }
 
+/* Flags of n examples (the first `clean` of them clean). */
+static int detector_flags(const Segformer *m, uint64_t seed, int64_t chunk, int n, int clean,
+                          int *flagged, Error *e) {
+    Tensor *images = TENSOR_NEW(n, 3, WORLD_H, WORLD_W), *masks = TENSOR_NEW(n, WORLD_H, WORLD_W);
+    int rc = images && masks ? 0 : error_set(e, "out of memory");
+    if (rc == 0) rc = detector_examples(seed, chunk, n, clean, images->data, masks->data, e);
+    tensor_free(masks);
+    if (rc) {
+        tensor_free(images);
+        return -1;
+    }
+    return detector_decide(m, images, n, flagged, e);
+}
+
+enum { DETECTOR_CHUNK = 16 };
+
 int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy *out,
                       Error *e) {
-    enum { CHUNK = 16 };
-    *out = (DetectorAccuracy){.n = n};
+    *out = (DetectorAccuracy){.n = 2 * n, .clean = n};
     int passed = 0, caught = 0;
-    for (int64_t chunk = 0; chunk * CHUNK < n; chunk++) {
-        int k = (int)(n - chunk * CHUNK < CHUNK ? n - chunk * CHUNK : CHUNK), flagged[2 * CHUNK];
+    for (int64_t chunk = 0; chunk * DETECTOR_CHUNK < n; chunk++) {
+        int k = (int)(n - chunk * DETECTOR_CHUNK < DETECTOR_CHUNK ? n - chunk * DETECTOR_CHUNK : DETECTOR_CHUNK), flagged[2 * DETECTOR_CHUNK];
         if (detector_flags(m, seed, chunk, 2 * k, k, flagged, e)) return -1;
         for (int b = 0; b < k; b++) {
             passed += !flagged[b];
@@ -3741,6 +3778,147 @@ int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy
     out->clean_passed = n ? (double)passed / n : 0.0;
     out->corrupt_flagged = n ? (double)caught / n : 0.0;
     return 0;
+}
+
+int detector_sample_accuracy(const Segformer *m, const DetectorSamples *s, int first, int count,
+                             DetectorAccuracy *out, Error *e) {
+    *out = (DetectorAccuracy){.n = count};
+    if (first < 0 || count < 0 || first > s->n - count)
+        return error_set(e, "detector accuracy: samples %d .. %d of %d", first, first + count, s->n);
+    int clean = 0, passed = 0, caught = 0;
+    for (int at = first; at < first + count; at += DETECTOR_CHUNK) {
+        int k = first + count - at < DETECTOR_CHUNK ? first + count - at : DETECTOR_CHUNK;
+        int flagged[DETECTOR_CHUNK];
+        Tensor *images = TENSOR_NEW(k, 3, WORLD_H, WORLD_W);
+        if (!images) return error_set(e, "out of memory");
+        for (int b = 0; b < k; b++)
+            detector_image(s->rgb + (size_t)(at + b) * DETECTOR_PIXELS * 3,
+                           images->data + (size_t)b * 3 * DETECTOR_PIXELS);
+        if (detector_decide(m, images, k, flagged, e)) return -1;
+        for (int b = 0; b < k; b++) {
+            const uint8_t *mask = s->mask + (size_t)(at + b) * DETECTOR_PIXELS;
+            bool artifact = memchr(mask, 1, DETECTOR_PIXELS) != NULL;
+            clean += !artifact;
+            passed += !artifact && !flagged[b];
+            caught += artifact && flagged[b];
+        }
+    }
+    out->clean = clean;
+    out->clean_passed = clean ? (double)passed / clean : 0.0;
+    out->corrupt_flagged = count - clean ? (double)caught / (count - clean) : 0.0;
+    return 0;
+}
+
+/* ---- the flow model's samples, labelled by the oracle ---- */
+
+void detector_samples_free(DetectorSamples *s) {
+    free(s->words);
+    free(s->rgb);
+    free(s->mask);
+    *s = (DetectorSamples){0};
+}
+
+static bool detector_excluded(const DetectorSampleOptions *o, const char *word) {
+    for (int k = 0; k < o->n_exclude; k++) {
+        const char *x = o->exclude[k];
+        size_t i = 0;
+        while (x[i] && word[i] && toupper((unsigned char)x[i]) == toupper((unsigned char)word[i]))
+            i++;
+        if (!x[i] && !word[i]) return true;
+    }
+    return false;
+}
+
+/* Sample i's word: the first scene drawn from (seed, i, attempt) whose word is not excluded. */
+static int detector_sample_word(const DetectorSampleOptions *o, int i, char *word, Error *e) {
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        WorldScene scene;
+        if (world_scene(detector_seed(o->seed, i, attempt), NULL, &scene, e)) return -1;
+        if (!detector_excluded(o, scene.word)) {
+            memcpy(word, scene.word, sizeof scene.word);
+            return 0;
+        }
+    }
+    return error_set(e, "detector samples: 1000 words drawn for sample %d, all excluded", i);
+}
+
+/* x [3, H, W] in [-1, 1] -> rgb [H, W, 3] as the sampler's images are saved: ((x + 1) / 2)
+ * clipped to [0, 1], times 255, truncated. */
+static void detector_to_rgb(const float *x, uint8_t *rgb) {
+    for (size_t p = 0; p < DETECTOR_PIXELS; p++)
+        for (int c = 0; c < 3; c++) {
+            float v = (x[c * DETECTOR_PIXELS + p] + 1.0f) / 2.0f;
+            v = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
+            rgb[p * 3 + c] = (uint8_t)(v * 255.0f);
+        }
+}
+
+/* Samples first .. first+count-1: words, noise, the sampler, the decoder, the oracle. */
+static int detector_samples_batch(const Flux2 *flow, const TextEncoder *text,
+                                  const VaeDecoder *vae, const DetectorSampleOptions *o, int h,
+                                  int w, int first, int count, DetectorSamples *s, Error *e) {
+    int64_t per = (int64_t)h * w * flux2_config(flow)->in_channels;
+    const char **prompts = malloc(2 * (size_t)count * sizeof *prompts);
+    Tensor *latent = TENSOR_NEW(count, (int64_t)h * w, flux2_config(flow)->in_channels);
+    Tape *t = tape_new();
+    int rc = prompts && latent && t ? 0 : error_set(e, "out of memory for the samples");
+    for (int b = 0; rc == 0 && b < count; b++) {
+        rc = detector_sample_word(o, first + b, s->words[first + b], e);
+        prompts[b] = s->words[first + b];
+        prompts[count + b] = "";
+        TorchGenerator g;
+        torch_generator_seed(&g, detector_seed(detector_mix(o->seed), first + b, -1));
+        torch_randn(&g, latent->data + b * per, (size_t)per);
+    }
+    if (rc == 0) tape_set_grad(t, false);
+    Var *txt = rc == 0 ? text_encode(t, text, prompts, count, e) : NULL;
+    Var *neg = txt && o->sampler.cfg_scale > 1.0f ? text_encode(t, text, prompts + count, count, e)
+                                                  : NULL;
+    if (rc == 0 && (!txt || (o->sampler.cfg_scale > 1.0f && !neg))) rc = -1;
+    if (rc == 0)
+        rc = sampler_run(flow, vae, NULL, &o->sampler, txt->value, neg ? neg->value : NULL, latent,
+                         h, w, NULL, NULL, e);
+    Var *image = rc == 0 ? vae_decode(t, vae, var_new(t, latent, false), h, w) : NULL;
+    if (rc == 0) rc = tape_check(t, e);
+    if (rc == 0 && (image->value->shape[2] != WORLD_H || image->value->shape[3] != WORLD_W))
+        rc = error_set(e, "detector samples: the VAE makes %lldx%lld images, the world is %dx%d",
+                       (long long)image->value->shape[3], (long long)image->value->shape[2],
+                       WORLD_W, WORLD_H);
+    for (int b = 0; rc == 0 && b < count; b++) {
+        size_t i = (size_t)(first + b);
+        OracleResult r;
+        detector_to_rgb(image->value->data + (size_t)b * 3 * DETECTOR_PIXELS,
+                        s->rgb + i * DETECTOR_PIXELS * 3);
+        rc = oracle_read(s->rgb + i * DETECTOR_PIXELS * 3, WORLD_W, WORLD_H, &r, e);
+        if (rc == 0) s->flagged += oracle_artifact_mask(&r, s->mask + i * DETECTOR_PIXELS) > 0;
+    }
+    tape_free(t);
+    tensor_free(latent);
+    free(prompts);
+    return rc;
+}
+
+int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeDecoder *vae,
+                          const DetectorSampleOptions *o, DetectorSamples *out, Error *e) {
+    *out = (DetectorSamples){0};
+    const VaeConfig *vc = vae_decoder_config(vae);
+    int up = 1 << (vc->n_blocks - 1);
+    int h = WORLD_H / (vc->patch_h * up), w = WORLD_W / (vc->patch_w * up);
+    if (o->n < 1 || o->batch < 1 || o->sampler.guide || h < 1 || w < 1)
+        return error_set(e, "detector samples: n %d, batch %d, guided sampling or a VAE too "
+                            "coarse for the world", o->n, o->batch);
+    *out = (DetectorSamples){.n = o->n, .words = calloc((size_t)o->n, sizeof *out->words),
+                             .rgb = malloc((size_t)o->n * DETECTOR_PIXELS * 3),
+                             .mask = malloc((size_t)o->n * DETECTOR_PIXELS)};
+    int rc = out->words && out->rgb && out->mask ? 0 : error_set(e, "out of memory for samples");
+    for (int first = 0; rc == 0 && first < o->n; first += o->batch) {
+        int count = o->n - first < o->batch ? o->n - first : o->batch;
+        rc = detector_samples_batch(flow, text, vae, o, h, w, first, count, out, e);
+        if (rc == 0 && o->on_batch && o->on_batch(first + count, o->n, o->ctx))
+            rc = error_set(e, "detector samples: stopped");
+    }
+    if (rc) detector_samples_free(out);
+    return rc;
 }
 
 /* ---- end section: detector_train ---- */

@@ -488,58 +488,6 @@ int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], 
 
 /* ---- end section: text+flow training ---- */
 
-/* ---- section: detector_train ----------------------------------------------------------------
- * Training the detector (made by segformer_init) as DiffDoctor trained theirs: a per-pixel
- * target at the map's resolution and binary cross-entropy on the logits. A batch holds clean
- * renders (all-zero target), then as many corrupted ones, each made from (seed, step, index)
- * alone. The target of a map cell is 1 when any pixel it covers is corrupted
- * (max-pooling the exact pixel mask): the detector's decision is "map max >= 0.5", and a thin
- * broken stroke covers a few pixels of a cell, so an average-pooled target would teach the map to
- * stay below 0.5 over most artifacts. */
-
-/* An example of the words world from seed alone: a random scene, rendered clean or damaged by
- * world_corrupt. rgb: [WORLD_H, WORLD_W, 3], mask: [WORLD_H, WORLD_W], 1 on every corrupted
- * pixel (and its edge, see world_corrupt), all 0 when !corrupt. */
-int detector_example(uint64_t seed, bool corrupt, uint8_t *rgb, uint8_t *mask, Error *e);
-/* mask: [H, W] -> target: [h, w], 1 where any pixel of the cell is masked; H, W must be
- * multiples of h, w. */
-int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e);
-/* The mean over cells of torch's BCEWithLogitsLoss with pos_weight: pos_weight y softplus(-z) +
- * (1 - y) softplus(z), as -(pos_weight y log sigmoid(z) + (1 - y) log sigmoid(-z)); where a
- * sigmoid underflows (|z| > 87) the log is held at log(FLT_MIN), as torch's BCELoss clamps it.
- * logits, target (constant): [B, L, h, w] -> [1] */
-Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight);
-
-typedef struct DetectorTrainOptions {
-    int batch;        /* images per step, half of them corrupted */
-    uint64_t seed;    /* the data's seed */
-    float pos_weight; /* BCE weight of the target's positive cells (1: plain BCE) */
-} DetectorTrainOptions;
-
-typedef struct DetectorTrainer DetectorTrainer;
-
-/* A TrainTask over m's parameters (m must outlive it): the loss of step s on batch s. The map
- * (1/4 of the detector's input) must divide the world's WORLD_H x WORLD_W images. */
-int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
-                        const DetectorTrainOptions *o, Error *e);
-void detector_trainer_free(DetectorTrainer *d);
-/* Batch `step`: images [B, 3, WORLD_H, WORLD_W] in [-1, 1] and the masks [B, WORLD_H, WORLD_W]
- * (0 or 1), new tensors. */
-int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
-                   Error *e);
-
-/* The detector's decisions (map max >= 0.5) on n clean and n corrupted examples from seed (keep
- * it apart from the training seeds): the share of clean ones passed and of corrupted ones
- * flagged. */
-typedef struct DetectorAccuracy {
-    int n;
-    double clean_passed, corrupt_flagged;
-} DetectorAccuracy;
-int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy *out,
-                      Error *e);
-
-/* ---- end section: detector_train ---- */
-
 /* ---- section: sampler ------------------------------------------------------------------------
  * DIAMOND's guided sampling (arXiv 2602.00883, as gmum/DIAMOND's FLUX.2 loop does it). Per step:
  * the flow model's velocity v (no gradient), the clean estimate x0 = x_t - sigma v, the detector's
@@ -646,6 +594,96 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
                 Tensor *latent, int h, int w, SamplerStepFn on_step, void *ctx, Error *e);
 
 /* ---- end section: sampler ---- */
+
+/* ---- section: detector_train ----------------------------------------------------------------
+ * Training the detector (made by segformer_init) as DiffDoctor trained theirs: a per-pixel
+ * target at the map's resolution and binary cross-entropy on the logits. A batch holds clean
+ * renders (all-zero target), then as many corrupted ones, each made from (seed, step, index)
+ * alone. The target of a map cell is 1 when any pixel it covers is corrupted
+ * (max-pooling the exact pixel mask): the detector's decision is "map max >= 0.5", and a thin
+ * broken stroke covers a few pixels of a cell, so an average-pooled target would teach the map to
+ * stay below 0.5 over most artifacts. */
+
+/* An example of the words world from seed alone: a random scene, rendered clean or damaged by
+ * world_corrupt. rgb: [WORLD_H, WORLD_W, 3], mask: [WORLD_H, WORLD_W], 1 on every corrupted
+ * pixel (and its edge, see world_corrupt), all 0 when !corrupt. */
+int detector_example(uint64_t seed, bool corrupt, uint8_t *rgb, uint8_t *mask, Error *e);
+/* mask: [H, W] -> target: [h, w], 1 where any pixel of the cell is masked; H, W must be
+ * multiples of h, w. */
+int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e);
+/* The mean over cells of torch's BCEWithLogitsLoss with pos_weight: pos_weight y softplus(-z) +
+ * (1 - y) softplus(z), as -(pos_weight y log sigmoid(z) + (1 - y) log sigmoid(-z)); where a
+ * sigmoid underflows (|z| > 87) the log is held at log(FLT_MIN), as torch's BCELoss clamps it.
+ * logits, target (constant): [B, L, h, w] -> [1] */
+Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight);
+
+/* The flow model's own images labelled by the oracle, as DiffDoctor labelled real generations
+ * by hand: detector data that shows what the flow model gets wrong. */
+typedef struct DetectorSamples {
+    int n;
+    char (*words)[WORLD_WORD_MAX + 1]; /* [n] the prompts */
+    uint8_t *rgb;                      /* [n, WORLD_H, WORLD_W, 3] */
+    uint8_t *mask;                     /* [n, WORLD_H, WORLD_W] oracle_artifact_mask */
+    int flagged;                       /* images with an illegible glyph */
+} DetectorSamples;
+
+/* How the samples are made: n words drawn from seed (world_scene's) skipping those in exclude,
+ * each sampled from its own seeded noise as the sampler's options say (o->guide must be false),
+ * batch images at a time. */
+typedef struct DetectorSampleOptions {
+    int n, batch;
+    uint64_t seed;
+    SamplerOptions sampler;
+    const char *const *exclude; /* prompts never drawn (an evaluation's), case-insensitive */
+    int n_exclude;
+    /* called after each batch with the images done (may be NULL); nonzero stops */
+    int (*on_batch)(int done, int n, void *ctx);
+    void *ctx;
+} DetectorSampleOptions;
+
+/* Runs the flow model (text: its prompt encoder; vae: its decoder) as o says and labels every
+ * image by the oracle, into *out (free with detector_samples_free). */
+int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeDecoder *vae,
+                          const DetectorSampleOptions *o, DetectorSamples *out, Error *e);
+void detector_samples_free(DetectorSamples *s);
+
+typedef struct DetectorTrainOptions {
+    int batch;        /* images per step: half of them the flow model's samples when there are
+                         samples, the rest half clean and half corrupted renders */
+    uint64_t seed;    /* the data's seed */
+    float pos_weight; /* BCE weight of the target's positive cells (1: plain BCE) */
+    const DetectorSamples *samples; /* NULL, or labelled samples to mix in (must outlive the
+                                       task); the last held_out of them are never drawn */
+    int held_out;
+} DetectorTrainOptions;
+
+typedef struct DetectorTrainer DetectorTrainer;
+
+/* A TrainTask over m's parameters (m must outlive it): the loss of step s on batch s. The map
+ * (1/4 of the detector's input) must divide the world's WORLD_H x WORLD_W images. */
+int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
+                        const DetectorTrainOptions *o, Error *e);
+void detector_trainer_free(DetectorTrainer *d);
+/* Batch `step`: images [B, 3, WORLD_H, WORLD_W] in [-1, 1] and the masks [B, WORLD_H, WORLD_W]
+ * (0 or 1), new tensors. */
+int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tensor **masks,
+                   Error *e);
+
+/* The detector's decisions (map max >= 0.5) on n clean and n corrupted examples from seed (keep
+ * it apart from the training seeds): the share of clean ones passed and of corrupted ones
+ * flagged. */
+typedef struct DetectorAccuracy {
+    int n, clean; /* examples, and the clean ones among them */
+    double clean_passed, corrupt_flagged;
+} DetectorAccuracy;
+int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy *out,
+                      Error *e);
+/* The same on samples first .. first+count-1 of s: of those the oracle passed, the share the
+ * detector passed; of those it flagged, the share flagged (clean_passed, corrupt_flagged). */
+int detector_sample_accuracy(const Segformer *m, const DetectorSamples *s, int first, int count,
+                             DetectorAccuracy *out, Error *e);
+
+/* ---- end section: detector_train ---- */
 
 /* ---- section: metrics ------------------------------------------------------------------------
  * DIAMOND's evaluation metrics as gmum/DIAMOND's src/tasks/metrics.py computes them, from the

@@ -105,11 +105,17 @@ static void test_train_usage(Cli *c) {
           "--uncond outside text+flow exits 2");
     CHECK(run(c, "train text+flow --config x --out y --vae z --uncond 1") == 2 &&
               log_has(c, "--uncond"), "--uncond 1 exits 2 (a share below 1)");
+    CHECK(run(c, "train vae --config x --out y --flow z") == 2 &&
+              log_has(c, "are for detector"), "--flow outside detector exits 2");
+    CHECK(run(c, "train detector --config x --out y --samples 100") == 2 &&
+              log_has(c, "need --flow"), "--samples without --flow exits 2");
+    CHECK(run(c, "train detector --config x --out y --flow z --samples 5") == 2 &&
+              log_has(c, "at least 10"), "--samples 5 exits 2");
     CHECK(run(c, "train text+flow --config x --out y") == 2 && log_has(c, "give --vae"),
           "text+flow without --vae exits 2");
     CHECK(run(c, "train --help") == 0 && log_has(c, "--latent-noise S") && log_has(c, "--ema D") &&
-              log_has(c, "--uncond P"),
-          "train --help lists --ema, --latent-noise and --uncond");
+              log_has(c, "--uncond P") && log_has(c, "--flow DIR") && log_has(c, "--exclude CSV"),
+          "train --help lists --ema, --latent-noise, --uncond, --flow and --exclude");
 }
 
 /* The shipped models, once `make weights` has trained them. */

@@ -1,7 +1,8 @@
 /* test_detector_train.c - the trainable detector (segformer_init's head), its loss and its
  * training: d loss / d parameters against PyTorch (tools/ref_segformer.py) and by finite
  * differences, segformer_save read back by segformer_load as the same detector with every
- * upstream tensor, the max-pooled target, and 20 AdamW steps on the shipped tiny config. */
+ * upstream tensor, the max-pooled target, and 20 AdamW steps on the shipped tiny config; the flow
+ * model's samples labelled by the oracle, and batches mixing them in. */
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
@@ -315,9 +316,130 @@ static void check_training(void) {
     segformer_free(m);
 }
 
+#define SAMPLE_PIXELS ((size_t)WORLD_H * WORLD_W)
+
+/* detector_samples_make on fresh models of the shipped configs (their images are noise, which
+ * is all this needs): it repeats, never draws an excluded word, and each mask is the oracle's
+ * reading of its image. */
+static void check_samples(void) {
+    Flux2 *flow = NULL;
+    TextEncoder *text = NULL;
+    VaeDecoder *vae = NULL;
+    Error e = {{0}};
+    int rc = flux2_init(&flow, "weights/transformer", 1, &e) ||
+             text_encoder_init(&text, "weights/text_encoder", 2, &e) ||
+             vae_decoder_init(&vae, "weights/vae", 3, &e);
+    CHECK(rc == 0, "fresh models from the shipped configs: %s", e.msg);
+    DetectorSamples a = {0}, b = {0}, c = {0};
+    DetectorSampleOptions o = {.n = 6, .batch = 4, .seed = 9,
+                               .sampler = {.steps = 2, .guidance_scale = 1.0f, .cfg_scale = 2.0f,
+                                           .set_mu = true, .mu = 0.0}};
+    if (rc == 0) rc = detector_samples_make(flow, text, vae, &o, &a, &e) ||
+                      detector_samples_make(flow, text, vae, &o, &b, &e);
+    CHECK(rc == 0 && a.n == 6, "6 samples, two batches: %s", e.msg);
+    if (rc == 0) {
+        CHECK(!memcmp(a.rgb, b.rgb, 6 * SAMPLE_PIXELS * 3) &&
+                  !memcmp(a.mask, b.mask, 6 * SAMPLE_PIXELS) &&
+                  !memcmp(a.words, b.words, sizeof *a.words * 6),
+              "a second run repeats every image, mask and word");
+        int flagged = 0, wrong = 0;
+        for (int i = 0; i < 6; i++) {
+            OracleResult r;
+            uint8_t mask[SAMPLE_PIXELS];
+            oracle_read(a.rgb + i * SAMPLE_PIXELS * 3, WORLD_W, WORLD_H, &r, &e);
+            flagged += oracle_artifact_mask(&r, mask) > 0;
+            wrong += memcmp(mask, a.mask + i * SAMPLE_PIXELS, SAMPLE_PIXELS) != 0;
+        }
+        CHECK(wrong == 0 && flagged == a.flagged,
+              "masks are the oracle's (%d differ), %d flagged (counted %d)", wrong, a.flagged,
+              flagged);
+        const char *exclude[] = {a.words[0], a.words[3]};
+        o.exclude = exclude;
+        o.n_exclude = 2;
+        rc = detector_samples_make(flow, text, vae, &o, &c, &e);
+        int drawn = 0, same = 0;
+        for (int i = 0; rc == 0 && i < 6; i++) {
+            drawn += !strcmp(c.words[i], a.words[0]) || !strcmp(c.words[i], a.words[3]);
+            same += !strcmp(c.words[i], a.words[i]);
+        }
+        CHECK(rc == 0 && drawn == 0 && same == 4,
+              "excluded words are never drawn (%d drawn); the others stay (%d of 4): %s", drawn,
+              same, e.msg);
+    }
+    o.sampler.guide = true;
+    CHECK(detector_samples_make(flow, text, vae, &o, &c, &e) != 0, "guided sampling refused");
+    detector_samples_free(&a);
+    detector_samples_free(&b);
+    detector_samples_free(&c);
+    flux2_free(flow);
+    text_encoder_free(text);
+    vae_decoder_free(vae);
+}
+
+/* With samples, a batch is the renders of a half-size batch without them, then samples from
+ * before the held-out ones, with their masks. */
+static void check_sample_batches(void) {
+    enum { N = 10, HELD = 3 };
+    DetectorSamples s = {.n = N, .rgb = malloc(N * SAMPLE_PIXELS * 3),
+                         .mask = malloc(N * SAMPLE_PIXELS)};
+    for (size_t i = 0; s.rgb && s.mask && i < N; i++) {
+        memset(s.rgb + i * SAMPLE_PIXELS * 3, (int)(20 * i + 5), SAMPLE_PIXELS * 3);
+        memset(s.mask + i * SAMPLE_PIXELS, 0, SAMPLE_PIXELS);
+        s.mask[i * SAMPLE_PIXELS + i] = 1;
+    }
+    Segformer *m = NULL;
+    DetectorTrainer *with = NULL, *without = NULL;
+    TrainTask task;
+    Error e = {{0}};
+    DetectorTrainOptions o = {.batch = 8, .seed = 5, .pos_weight = 1.0f, .samples = &s,
+                              .held_out = HELD};
+    DetectorTrainOptions half = {.batch = 4, .seed = 5, .pos_weight = 1.0f};
+    int rc = segformer_init(&m, SHIPPED, 3, &e) || detector_train_task(&task, &with, m, &o, &e) ||
+             detector_train_task(&task, &without, m, &half, &e);
+    CHECK(rc == 0, "tasks with and without samples: %s", e.msg);
+    int renders_differ = 0, not_a_sample = 0, held_drawn = 0, seen[N] = {0};
+    for (int64_t step = 0; rc == 0 && step < 40; step++) {
+        Tensor *x, *mx, *y, *my;
+        if (detector_batch(with, step, &x, &mx, &e) || detector_batch(without, step, &y, &my, &e)) {
+            CHECK(0, "batches: %s", e.msg);
+            break;
+        }
+        renders_differ += memcmp(x->data, y->data, (size_t)y->numel * sizeof(float)) != 0 ||
+                          memcmp(mx->data, my->data, (size_t)my->numel * sizeof(float)) != 0;
+        for (int b = 4; b < 8; b++) {
+            const float *img = x->data + (size_t)b * 3 * SAMPLE_PIXELS;
+            int k = (int)lroundf(((img[0] + 1.0f) * 127.5f - 5.0f) / 20.0f);
+            bool ok = k >= 0 && k < N && fabsf(img[0] - ((20 * k + 5) / 127.5f - 1.0f)) < 1e-6f;
+            for (size_t p = 0; ok && p < SAMPLE_PIXELS; p++)
+                ok = mx->data[(size_t)b * SAMPLE_PIXELS + p] == (p == (size_t)k ? 1.0f : 0.0f);
+            not_a_sample += !ok;
+            if (ok) held_drawn += k >= N - HELD, seen[k]++;
+        }
+        tensor_free(x), tensor_free(mx), tensor_free(y), tensor_free(my);
+    }
+    int drawn = 0;
+    for (int k = 0; k < N - HELD; k++) drawn += seen[k] > 0;
+    CHECK(renders_differ == 0, "the first half is the half-size batch of renders (%d differ)",
+          renders_differ);
+    CHECK(not_a_sample == 0 && held_drawn == 0 && drawn == N - HELD,
+          "the second half: samples with their masks (%d not), never held-out ones (%d), every "
+          "other one drawn (%d of %d)", not_a_sample, held_drawn, drawn, N - HELD);
+    o.held_out = N;
+    DetectorTrainer *none = NULL;
+    CHECK(detector_train_task(&task, &none, m, &o, &e) != 0 && !none,
+          "all samples held out refused: %s", e.msg);
+    detector_trainer_free(with);
+    detector_trainer_free(without);
+    segformer_free(m);
+    free(s.rgb);
+    free(s.mask);
+}
+
 int main(void) {
     check_against_torch();
     check_save_load();
     check_training();
+    check_samples();
+    check_sample_batches();
     return harness_finish("test_detector_train");
 }

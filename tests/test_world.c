@@ -473,6 +473,52 @@ static int run_command(const char *binary, const char *args, const char *log) {
 
 /* diamond world writes the render, its corruption and the mask side by side, 4x; bad options
  * exit 2. */
+/* oracle_artifact_mask: nothing on clean renders; on damaged ones exactly the illegible glyphs'
+ * boxes grown by a pixel (inside the image), and the damage lies within them. */
+static void test_artifact_mask(void) {
+    int clean_marked = 0, count_wrong = 0, outside = 0, missed = 0, damaged = 0;
+    for (uint64_t seed = 0; seed < 200; seed++) {
+        WorldScene s;
+        Error e = {{0}};
+        uint8_t rgb[WORLD_H * WORLD_W * 3], mask[WORLD_H * WORLD_W], marked[WORLD_H * WORLD_W];
+        OracleResult r;
+        world_scene(seed + 5000, NULL, &s, &e);
+        world_render(&s, rgb);
+        oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
+        clean_marked += oracle_artifact_mask(&r, marked) != 0 || memchr(marked, 1, sizeof marked);
+        world_corrupt(seed, &s, WORLD_CORRUPT_ANY, rgb, mask, NULL, &e);
+        oracle_read(rgb, WORLD_W, WORLD_H, &r, &e);
+        int illegible = 0, n = oracle_artifact_mask(&r, marked);
+        for (int i = 0; i < r.count; i++) illegible += !r.glyph[i].legible;
+        count_wrong += n != illegible;
+        for (int y = 0; y < WORLD_H; y++)
+            for (int x = 0; x < WORLD_W; x++) {
+                bool in = false;
+                for (int i = 0; i < r.count; i++) {
+                    WorldBox b = r.glyph[i].box;
+                    if (b.h < 1) b.y = 0, b.h = WORLD_H;
+                    in |= !r.glyph[i].legible && x >= b.x - 1 && x <= b.x + b.w && y >= b.y - 1 &&
+                          y <= b.y + b.h;
+                }
+                outside += marked[y * WORLD_W + x] != in;
+            }
+        if (n == 0) continue;
+        damaged++;
+        /* a corrupted pixel, not a marked one: the damage should mostly be where the oracle
+           failed to read */
+        int hit = 0;
+        for (int p = 0; p < WORLD_H * WORLD_W; p++) hit += mask[p] && marked[p];
+        missed += hit == 0;
+    }
+    CHECK(clean_marked == 0, "clean renders: nothing marked (%d of 200 marked)", clean_marked);
+    CHECK(count_wrong == 0, "the count returned is the illegible glyphs' (%d wrong)", count_wrong);
+    CHECK(outside == 0, "marked = the illegible glyphs' boxes grown by a pixel (%d pixels off)",
+          outside);
+    CHECK(damaged > 150 && missed <= damaged / 10,
+          "damaged renders: %d with an illegible glyph, %d of them marked away from the damage",
+          damaged, missed);
+}
+
 static void test_cli(const char *argv0) {
     char binary[512], dir[64] = "/tmp/test_world.XXXXXX", out[256], log[256], args[512];
     const char *slash = strstr(argv0, "/tests/");
@@ -560,6 +606,7 @@ int main(int argc, char **argv) {
     test_blank_and_sizes();
     test_corruption_api();
     test_corruptions();
+    test_artifact_mask();
     test_cli(argv[0]);
     return harness_finish("test_world");
 }
