@@ -2467,7 +2467,7 @@ static const char *train_usage =
  * classifier-free guidance on the empty prompt. */
 #define EMBEDDED_STEPS 16
 #define EMBEDDED_MU 0.0
-#define EMBEDDED_CFG 3.0f
+#define EMBEDDED_CFG 4.0f
 
 /* Directory arguments stay below this, so <dir>/<model>/<file> fits the path buffers. */
 #define TRAIN_MAX_PATH 4000
