@@ -570,8 +570,8 @@ static int bench_step(const BenchModels *m, bool guide, Error *e) {
                         .lambda = {.type = LAMBDA_CONSTANT, .value = 1.0},
                         .loss = {.type = ARTIFACT_LOSS_POWER, .gamma = 3.0}};
     Tensor *latent = tensor_clone(m->tokens);
-    int rc = latent ? sampler_run(m->flow, m->vae, m->detector, &o, m->txt, NULL, latent, m->h, m->w,
-                                  NULL, NULL, e)
+    int rc = latent ? sampler_run(m->flow, m->vae, m->detector, &o, m->txt, NULL, latent, m->h,
+                                  m->w, NULL, NULL, e)
                     : error_set(e, "out of memory for the latent");
     tensor_free(latent);
     return rc;
@@ -1306,8 +1306,8 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
     Image out = {0}, panels[2] = {{0}, {0}};
     int rc = maxima ? 0 : error_set(e, "out of memory");
     if (rc == 0)
-        rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, initial, r->grid_h, r->grid_w,
-                         generate_on_step, &progress, e) ||
+        rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, initial, r->grid_h,
+                         r->grid_w, generate_on_step, &progress, e) ||
              generate_decode(r, initial, &baseline, e) ||
              generate_detect(r, baseline, &masks[0], NULL, maxima, e) ||
              generate_detect(r, guided, &masks[1], NULL, maxima + B, e) ||
@@ -1343,8 +1343,8 @@ static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     if (a->compare && !initial) return error_set(e, "out of memory for the baseline latent");
     SamplerOptions opt = a->opt;
     opt.inspect_every_step = a->dump != NULL;
-    int rc = sampler_run(r->flow, r->vae, r->detector, &opt, r->txt, r->negative, r->latent, r->grid_h,
-                         r->grid_w, generate_on_step, &progress, e) ||
+    int rc = sampler_run(r->flow, r->vae, r->detector, &opt, r->txt, r->negative, r->latent,
+                         r->grid_h, r->grid_w, generate_on_step, &progress, e) ||
              generate_decode(r, r->latent, &image, e) || generate_write_images(a, image, e) ||
              (a->compare && generate_compare(a, r, initial, image, e));
     tensor_free(initial);
@@ -1935,10 +1935,10 @@ static int eval_pair(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint
     Tensor *baseline = NULL;
     *p = (EvalPair){0};
     int rc = eval_row_inputs(a, r, row, seed, e) || !(baseline = tensor_clone(r->latent)) ||
-             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, baseline, r->grid_h, r->grid_w,
-                         NULL, NULL, e) ||
-             sampler_run(r->flow, r->vae, r->detector, &a->gen.opt, r->txt, r->negative, r->latent, r->grid_h,
+             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, baseline, r->grid_h,
                          r->grid_w, NULL, NULL, e) ||
+             sampler_run(r->flow, r->vae, r->detector, &a->gen.opt, r->txt, r->negative, r->latent,
+                         r->grid_h, r->grid_w, NULL, NULL, e) ||
              eval_image(r, baseline, &p->img[0], e) || eval_image(r, r->latent, &p->img[1], e) ||
              eval_detect(r, &p->img[0], &p->maps[0], e) ||
              eval_detect(r, &p->img[1], &p->maps[1], e);
@@ -2146,8 +2146,8 @@ static int search_try(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uin
     Tensor *image = NULL, *mask = NULL;
     float small_max;
     int rc = eval_row_inputs(a, r, row, seed, e) ||
-             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, r->latent, r->grid_h, r->grid_w,
-                         NULL, NULL, e) ||
+             sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, r->latent, r->grid_h,
+                         r->grid_w, NULL, NULL, e) ||
              generate_decode(r, r->latent, &image, e) ||
              generate_detect(r, image, &mask, NULL, &small_max, e);
     if (rc == 0) *max = max_array((size_t)mask->numel, mask->data);

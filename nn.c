@@ -3768,7 +3768,8 @@ int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy
     *out = (DetectorAccuracy){.n = 2 * n, .clean = n};
     int passed = 0, caught = 0;
     for (int64_t chunk = 0; chunk * DETECTOR_CHUNK < n; chunk++) {
-        int k = (int)(n - chunk * DETECTOR_CHUNK < DETECTOR_CHUNK ? n - chunk * DETECTOR_CHUNK : DETECTOR_CHUNK), flagged[2 * DETECTOR_CHUNK];
+        int64_t left = n - chunk * DETECTOR_CHUNK;
+        int k = (int)(left < DETECTOR_CHUNK ? left : DETECTOR_CHUNK), flagged[2 * DETECTOR_CHUNK];
         if (detector_flags(m, seed, chunk, 2 * k, k, flagged, e)) return -1;
         for (int b = 0; b < k; b++) {
             passed += !flagged[b];
@@ -3784,7 +3785,8 @@ int detector_sample_accuracy(const Segformer *m, const DetectorSamples *s, int f
                              DetectorAccuracy *out, Error *e) {
     *out = (DetectorAccuracy){.n = count};
     if (first < 0 || count < 0 || first > s->n - count)
-        return error_set(e, "detector accuracy: samples %d .. %d of %d", first, first + count, s->n);
+        return error_set(e, "detector accuracy: samples %d .. %d of %d", first, first + count,
+                         s->n);
     int clean = 0, passed = 0, caught = 0;
     for (int at = first; at < first + count; at += DETECTOR_CHUNK) {
         int k = first + count - at < DETECTOR_CHUNK ? first + count - at : DETECTOR_CHUNK;
@@ -4266,8 +4268,8 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
                 Tensor *latent, int h, int w, SamplerStepFn on_step, void *ctx, Error *e) {
     if (sampler_check(flow, vae, detector, o, txt, negative, latent, h, w, e)) return -1;
     size_t B = (size_t)latent->shape[0];
-    SamplerRun r = {flow,     vae,  detector, o,    txt,     negative, h,
-                    w,        NULL, NULL,     NULL, NULL,    on_step,  ctx};
+    SamplerRun r = {.flow = flow, .vae = vae, .detector = detector, .o = o, .txt = txt,
+                    .negative = negative, .h = h, .w = w, .on_step = on_step, .ctx = ctx};
     r.sigmas = malloc(((size_t)o->steps + 1 + 2 * B) * sizeof *r.sigmas);
     r.shifted = calloc(B, sizeof *r.shifted);
     int rc = r.sigmas && r.shifted ? 0 : error_set(e, "out of memory");

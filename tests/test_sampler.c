@@ -188,8 +188,8 @@ static void test_batch_independence(const Models *m, const SafeTensors *g) {
         CHECK(0, "batch independence: inputs: %s", e.msg);
         return;
     }
-    int rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, noise, GRID_H, GRID_W, NULL, NULL,
-                         &e);
+    int rc = sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, noise, GRID_H, GRID_W, NULL,
+                         NULL, &e);
     float *want = golden_load(g, "power.final.latent", 2 * (size_t)noise->numel);
     if (rc == 0 && want)
         check_close("power: sample 0 alone = sample 0 of the batch", noise->data, want,
@@ -396,12 +396,14 @@ static void test_sampler_errors(const Models *m) {
     lambda_schedule_parse(&o.lambda, "constant:value=1", &e);
     artifact_loss_parse(&o.loss, "mse", &e);
     Tensor *x = TENSOR_NEW(1, 6, 16), *txt = TENSOR_NEW(1, 5, 24), *wrong = TENSOR_NEW(1, 5, 16);
-    CHECK(sampler_run(m->flow, m->vae, NULL, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL, &e) != 0 &&
-              strstr(e.msg, "detector"), "guidance without a detector: %s", e.msg);
-    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, wrong, GRID_H, GRID_W, NULL, NULL,
-                      &e) != 0 && strstr(e.msg, "latent"), "a latent of another size: %s", e.msg);
-    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, wrong, NULL, x, GRID_H, GRID_W, NULL, NULL, &e) !=
-              0 && strstr(e.msg, "embeddings"), "embeddings of another width: %s", e.msg);
+    CHECK(sampler_run(m->flow, m->vae, NULL, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL, &e) !=
+              0 && strstr(e.msg, "detector"), "guidance without a detector: %s", e.msg);
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, wrong, GRID_H, GRID_W, NULL,
+                      NULL, &e) != 0 && strstr(e.msg, "latent"), "a latent of another size: %s",
+          e.msg);
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, wrong, NULL, x, GRID_H, GRID_W, NULL, NULL,
+                      &e) != 0 && strstr(e.msg, "embeddings"), "embeddings of another width: %s",
+          e.msg);
     o.cfg_scale = 2.0f;
     CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL,
                       &e) != 0 && strstr(e.msg, "negative"), "cfg without a negative: %s", e.msg);
@@ -410,8 +412,8 @@ static void test_sampler_errors(const Models *m) {
           e.msg);
     o.cfg_scale = 0.0f;
     o.steps = 0;
-    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL, &e) !=
-              0 && strstr(e.msg, "steps"), "zero steps: %s", e.msg);
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL,
+                      &e) != 0 && strstr(e.msg, "steps"), "zero steps: %s", e.msg);
     tensor_free(x);
     tensor_free(txt);
     tensor_free(wrong);
