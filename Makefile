@@ -85,9 +85,13 @@ $(BUILD)/tests:
 
 # Each test binary prints "<name>: N passed, M failed"; the last line adds them up.
 # A binary that dies without its summary line counts as one failure.
+# A test that exits non-zero without reporting a failure of its own (a crash, or a leak the
+# sanitizer found after the test's summary) counts as one failure.
 test: info-flags $(TEST_BIN) $(BUILD)/diamond
-	@for t in $(TEST_BIN); do $$t; rc=$$?; \
-	    if [ $$rc -gt 1 ]; then echo "$$t: 0 passed, 1 failed (crashed, exit status $$rc)"; fi; \
+	@for t in $(TEST_BIN); do $$t > $(BUILD)/one-test.log; rc=$$?; cat $(BUILD)/one-test.log; \
+	    if [ $$rc -ne 0 ] && ! grep -q ' [1-9][0-9]* failed$$' $(BUILD)/one-test.log; then \
+	        echo "$$t: 0 passed, 1 failed (exit status $$rc: crashed, or the sanitizer failed it)"; \
+	    fi; \
 	done | tee $(BUILD)/test.log; \
 	awk '/: [0-9]+ passed, [0-9]+ failed$$/ {p += $$(NF-3); f += $$(NF-1)} \
 	     END {printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0)}' $(BUILD)/test.log

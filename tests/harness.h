@@ -137,6 +137,7 @@ static inline float harness_rand(unsigned long long *state) {
 
 static inline int harness_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, harness.passed, harness.failed);
+    fflush(stdout); /* before a sanitizer's exit-time report, which ends the process at once */
     return harness.failed ? 1 : 0;
 }
 

@@ -366,11 +366,12 @@ static void check_samples(void) {
               "excluded words are never drawn (%d drawn); the others stay (%d of 4): %s", drawn,
               same, e.msg);
     }
+    detector_samples_free(&c);
     o.sampler.guide = true;
-    CHECK(detector_samples_make(flow, text, vae, &o, &c, &e) != 0, "guided sampling refused");
+    CHECK(detector_samples_make(flow, text, vae, &o, &c, &e) != 0 && !c.rgb,
+          "guided sampling refused, nothing allocated");
     detector_samples_free(&a);
     detector_samples_free(&b);
-    detector_samples_free(&c);
     flux2_free(flow);
     text_encoder_free(text);
     vae_decoder_free(vae);
