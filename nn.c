@@ -85,6 +85,13 @@ static int params_read(const StModel *m, const char *name, int ndim, const int64
     return 0;
 }
 
+/* t as an F32 entry of a safetensors file to write (pointing at t's data). */
+static StWriteTensor st_entry_f32(const char *name, const Tensor *t) {
+    StWriteTensor w = {.name = name, .dtype = DTYPE_F32, .ndim = t->ndim, .data = t->data};
+    for (int d = 0; d < t->ndim; d++) w.shape[d] = t->shape[d];
+    return w;
+}
+
 static bool ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), k = strlen(suffix);
     return n >= k && !strcmp(s + n - k, suffix);
@@ -2987,12 +2994,6 @@ static int segformer_identity_head(const SegformerConfig *c, SegformerIdentityHe
     return 0;
 }
 
-static StWriteTensor segformer_write_f32(const char *name, const Tensor *t) {
-    StWriteTensor w = {.name = name, .dtype = DTYPE_F32, .ndim = t->ndim, .data = t->data};
-    for (int d = 0; d < t->ndim; d++) w.shape[d] = t->shape[d];
-    return w;
-}
-
 static int segformer_save_weights(const Segformer *m, const char *dir, Error *e) {
     char path[4096];
     if (snprintf(path, sizeof path, "%s/model.safetensors", dir) >= (int)sizeof path)
@@ -3006,12 +3007,12 @@ static int segformer_save_weights(const Segformer *m, const char *dir, Error *e)
         return error_set(e, "out of memory saving the detector");
     }
     for (int i = 0; i < n; i++)
-        list[i] = segformer_write_f32(params_name(m->params, i), params_var(m->params, i)->value);
-    list[n] = segformer_write_f32("decode_head.linear_fuse.weight", h.fuse);
-    list[n + 1] = segformer_write_f32("decode_head.batch_norm.weight", h.gamma);
-    list[n + 2] = segformer_write_f32("decode_head.batch_norm.bias", h.beta);
-    list[n + 3] = segformer_write_f32("decode_head.batch_norm.running_mean", h.mean);
-    list[n + 4] = segformer_write_f32("decode_head.batch_norm.running_var", h.var);
+        list[i] = st_entry_f32(params_name(m->params, i), params_var(m->params, i)->value);
+    list[n] = st_entry_f32("decode_head.linear_fuse.weight", h.fuse);
+    list[n + 1] = st_entry_f32("decode_head.batch_norm.weight", h.gamma);
+    list[n + 2] = st_entry_f32("decode_head.batch_norm.bias", h.beta);
+    list[n + 3] = st_entry_f32("decode_head.batch_norm.running_mean", h.mean);
+    list[n + 4] = st_entry_f32("decode_head.batch_norm.running_var", h.var);
     list[n + 5] = (StWriteTensor){.name = "decode_head.batch_norm.num_batches_tracked",
                                   .dtype = DTYPE_I64, .ndim = 0, .data = &h.batches};
     int rc = st_write(path, list, (size_t)n + 6, e);
@@ -3247,12 +3248,7 @@ int params_save(const Params *p, const char *path, Error *e) {
     int n = params_count(p);
     StWriteTensor *items = calloc((size_t)(n ? n : 1), sizeof *items);
     if (!items) return error_set(e, "out of memory saving %s", path);
-    for (int i = 0; i < n; i++) {
-        const Tensor *v = params_var(p, i)->value;
-        items[i] = (StWriteTensor){.name = params_name(p, i), .dtype = DTYPE_F32,
-                                   .ndim = v->ndim, .data = v->data};
-        for (int d = 0; d < v->ndim; d++) items[i].shape[d] = v->shape[d];
-    }
+    for (int i = 0; i < n; i++) items[i] = st_entry_f32(params_name(p, i), params_var(p, i)->value);
     int rc = st_write(path, items, (size_t)n, e);
     free(items);
     return rc;
@@ -4610,11 +4606,7 @@ static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {
         bool seen = false;
         for (size_t j = 0; j < *n && !seen; j++) seen = !strcmp(items[j].name, name);
         if (seen) continue;
-        const Tensor *v = params_var(p, i)->value;
-        items[*n] = (StWriteTensor){.name = name, .dtype = DTYPE_F32, .ndim = v->ndim,
-                                    .data = v->data};
-        for (int d = 0; d < v->ndim; d++) items[*n].shape[d] = v->shape[d];
-        (*n)++;
+        items[(*n)++] = st_entry_f32(name, params_var(p, i)->value);
     }
 }
 
