@@ -1134,17 +1134,12 @@ static int generate_decode(const GenerateRun *r, Tensor *latent, Tensor **image,
     return rc;
 }
 
-/* Sample b of image [B, 3, H, W] as 8-bit RGB the official way: ((x + 1) / 2) clipped to
- * [0, 1], times 255, truncated (NaN becomes 0). */
+/* Sample b of image [B, 3, H, W] as 8-bit RGB the official way (image_from_signed; NaN becomes
+ * 0). */
 static void generate_to_rgb(const Tensor *image, int64_t b, Image *out) {
-    int64_t H = image->shape[2], W = image->shape[3], plane = H * W;
-    const float *x = image->data + b * 3 * plane;
-    for (int64_t p = 0; p < plane; p++)
-        for (int c = 0; c < 3; c++) {
-            float v = (x[c * plane + p] + 1.0f) / 2.0f;
-            v = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
-            out->rgb[p * 3 + c] = (uint8_t)(v * 255.0f);
-        }
+    int64_t plane = image->shape[2] * image->shape[3];
+    image_from_signed(image->data + b * 3 * plane, (int)image->shape[3], (int)image->shape[2],
+                      out->rgb);
 }
 
 /* path for one image, else path with "-SEED" (or "-INDEX") before the extension. */
@@ -2502,6 +2497,7 @@ typedef struct DetectorRun {
     Segformer *model;
     DetectorTrainer *trainer;
     DetectorSamples samples;
+    int held_out; /* the last samples, never trained on: a tenth */
 } DetectorRun;
 
 /* The labelled samples' seed (their words and noise), apart from every other stream. */
@@ -2582,7 +2578,7 @@ static int train_detector_open(const TrainArgs *a, TrainTask *task, void **state
     if (a->flow) {
         if (train_detector_samples(a, &d->samples, e)) return -1;
         o.samples = &d->samples;
-        o.held_out = d->samples.n / 10;
+        o.held_out = d->held_out = d->samples.n / 10;
     }
     return segformer_init(&d->model, a->config, a->seed, e) ||
                    detector_train_task(task, &d->trainer, d->model, &o, e)
@@ -2595,7 +2591,7 @@ static int train_detector_open(const TrainArgs *a, TrainTask *task, void **state
 static int train_detector_save(void *state, const TrainArgs *a, Error *e) {
     DetectorRun *d = state;
     DetectorAccuracy acc, sampled = {0};
-    int held_out = d->samples.n / 10;
+    int held_out = d->held_out;
     if (segformer_save(d->model, a->out, e) ||
         detector_accuracy(d->model, TRAIN_HELD_OUT_SEED, 400, &acc, e) ||
         (held_out && detector_sample_accuracy(d->model, &d->samples, d->samples.n - held_out,

@@ -1823,6 +1823,16 @@ static size_t image_bytes(const Image *img) {
     return (size_t)img->width * (size_t)img->height * 3;
 }
 
+void image_from_signed(const float *chw, int width, int height, uint8_t *rgb) {
+    size_t plane = (size_t)width * (size_t)height;
+    for (size_t p = 0; p < plane; p++)
+        for (int c = 0; c < 3; c++) {
+            float v = (chw[c * plane + p] + 1.0f) / 2.0f;
+            v = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
+            rgb[p * 3 + c] = (uint8_t)(v * 255.0f);
+        }
+}
+
 int image_alloc(Image *img, int width, int height, Error *e) {
     img->width = img->height = 0;
     img->rgb = NULL;

@@ -237,6 +237,9 @@ typedef struct Image {
 /* Zero-filled pixels for 1 <= width, height <= IMAGE_MAX_SIDE. */
 int image_alloc(Image *img, int width, int height, Error *e);
 void image_free(Image *img);
+/* A model's image chw [3, height, width] in [-1, 1] -> rgb [height, width, 3] as the pipelines
+ * save it: ((x + 1) / 2) clipped to [0, 1], times 255, truncated (NaN becomes 0). */
+void image_from_signed(const float *chw, int width, int height, uint8_t *rgb);
 
 /* Binary PPM (P6) with maxval 255; bytes after the first image are ignored. */
 int ppm_parse(Image *out, const void *bytes, size_t size, const char *source, Error *e);

@@ -3840,17 +3840,6 @@ static int detector_sample_word(const DetectorSampleOptions *o, int i, char *wor
     return error_set(e, "detector samples: 1000 words drawn for sample %d, all excluded", i);
 }
 
-/* x [3, H, W] in [-1, 1] -> rgb [H, W, 3] as the sampler's images are saved: ((x + 1) / 2)
- * clipped to [0, 1], times 255, truncated. */
-static void detector_to_rgb(const float *x, uint8_t *rgb) {
-    for (size_t p = 0; p < DETECTOR_PIXELS; p++)
-        for (int c = 0; c < 3; c++) {
-            float v = (x[c * DETECTOR_PIXELS + p] + 1.0f) / 2.0f;
-            v = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
-            rgb[p * 3 + c] = (uint8_t)(v * 255.0f);
-        }
-}
-
 /* Samples first .. first+count-1: words, noise, the sampler, the decoder, the oracle. */
 static int detector_samples_batch(const Flux2 *flow, const TextEncoder *text,
                                   const VaeDecoder *vae, const DetectorSampleOptions *o, int h,
@@ -3885,8 +3874,8 @@ static int detector_samples_batch(const Flux2 *flow, const TextEncoder *text,
     for (int b = 0; rc == 0 && b < count; b++) {
         size_t i = (size_t)(first + b);
         OracleResult r;
-        detector_to_rgb(image->value->data + (size_t)b * 3 * DETECTOR_PIXELS,
-                        s->rgb + i * DETECTOR_PIXELS * 3);
+        image_from_signed(image->value->data + (size_t)b * 3 * DETECTOR_PIXELS, WORLD_W, WORLD_H,
+                          s->rgb + i * DETECTOR_PIXELS * 3);
         rc = oracle_read(s->rgb + i * DETECTOR_PIXELS * 3, WORLD_W, WORLD_H, &r, e);
         if (rc == 0) s->flagged += oracle_artifact_mask(&r, s->mask + i * DETECTOR_PIXELS) > 0;
     }
