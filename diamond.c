@@ -893,6 +893,13 @@ static int generate_defaults(GenerateArgs *a, Error *e) {
            artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;
 }
 
+/* --negative-prompt only with classifier-free guidance on. */
+static int generate_check_negative(const GenerateArgs *a, Error *e) {
+    if (a->negative && !(a->opt.cfg_scale > 1.0f))
+        return error_set(e, "--negative-prompt is for --cfg S with S > 1");
+    return 0;
+}
+
 /* The command line into a, with defaults; 0, or -1 with the message in e (a usage error). */
 static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
     if (generate_defaults(a, e)) return -1;
@@ -903,8 +910,7 @@ static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
     if (a->opt.cfg_scale > 1.0f && a->embeddings)
         return error_set(e, "--cfg runs the negative prompt through DIR/text_encoder: it needs "
                             "--prompt, not --embeddings");
-    if (a->negative && !(a->opt.cfg_scale > 1.0f))
-        return error_set(e, "--negative-prompt is for --cfg S with S > 1");
+    if (generate_check_negative(a, e)) return -1;
     const char *missing = !a->model ? "--model DIR"
                         : !a->embeddings && !a->prompt ? "--embeddings FILE (or --prompt TEXT)"
                         : !a->out ? "-o OUT" : !a->steps ? "--steps N" : !a->width ? "-W W"
@@ -1688,6 +1694,7 @@ static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e)
                         : !g->width ? "-W W" : !g->height ? "-H H" : NULL;
     if (missing) return error_set(e, "missing %s (see diamond %s --help)", missing,
                                   search ? "search-seeds" : "eval");
+    if (generate_check_negative(g, e)) return -1;
     a->gen.opt.steps = g->steps;
     return 0;
 }

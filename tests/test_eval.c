@@ -278,6 +278,9 @@ static void test_eval_errors(Cli *c) {
         {"embeddings,seed\na.safetensors,1\n", "--prompt cat", 2, "CSV's"},
         {"embeddings,seed\na.safetensors,1\n", "--seed 3", 2, "unknown option"},
         {"embeddings,seed\na.safetensors,1\n", "-W 20", 2, "multiple"},
+        {"embeddings,seed\na.safetensors,1\n", "--negative-prompt x", 2, "--cfg"},
+        {"embeddings,seed\na.safetensors,1\n", "--cfg 0.5", 2, "--cfg"},
+        {"embeddings,seed\na.safetensors,1\n", "--cfg 2", 1, "needs prompts"},
     };
     char path[256];
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
