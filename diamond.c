@@ -499,8 +499,8 @@ static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) 
     if (a->config_only ? segformer_load_config_only(&m->detector, a->detector, seed, e)
                        : segformer_load(&m->detector, a->detector, e))
         return 1;
-    const VaeConfig *vc = vae_decoder_config(m->vae);
-    int up = 1 << (vc->n_blocks - 1), ph = vc->patch_h * up, pw = vc->patch_w * up;
+    int ph, pw;
+    vae_decoder_token_size(m->vae, &ph, &pw);
     if (a->width % pw || a->height % ph) {
         error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
                   a->width, a->height, pw, ph);
@@ -1055,8 +1055,8 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
     if (flux2_load(&r->flow, dir, e)) return 1;
     snprintf(dir, sizeof dir, "%s/vae", a->model);
     if (vae_decoder_load(&r->vae, dir, e)) return 1;
-    const VaeConfig *vc = vae_decoder_config(r->vae);
-    int up = 1 << (vc->n_blocks - 1), ph = vc->patch_h * up, pw = vc->patch_w * up;
+    int ph, pw;
+    vae_decoder_token_size(r->vae, &ph, &pw);
     if (a->width % pw || a->height % ph) {
         error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
                   a->width, a->height, pw, ph);
@@ -2704,10 +2704,10 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
                  : flux2_init(&f->flow, dir[0], a->seed, e) ||
                        text_encoder_init(&f->text, dir[1], a->seed, e)))
         return -1;
-    const VaeConfig *vc = vae_encoder_config(f->vae);
-    int up = 1 << (vc->n_down_blocks - 1);
-    f->world = (FlowWorld){f->vae, a->seed, WORLD_H / (vc->patch_h * up),
-                           WORLD_W / (vc->patch_w * up), flux2_config(f->flow)->in_channels};
+    int rows, cols;
+    vae_encoder_token_size(f->vae, &rows, &cols);
+    f->world = (FlowWorld){f->vae, a->seed, WORLD_H / rows, WORLD_W / cols,
+                           flux2_config(f->flow)->in_channels};
     FlowTrainOptions o = {.batch = a->batch, .h = f->world.h, .w = f->world.w, .seed = a->seed,
                           .logit_mean = 0.0, .logit_std = 1.0, .uncond = a->uncond,
                           .data = flow_world_batch,

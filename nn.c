@@ -2074,6 +2074,12 @@ const VaeConfig *vae_decoder_config(const VaeDecoder *m) {
     return &m->config;
 }
 
+void vae_decoder_token_size(const VaeDecoder *m, int *rows, int *cols) {
+    const VaeConfig *c = vae_decoder_config(m);
+    *rows = c->patch_h << (c->n_blocks - 1);
+    *cols = c->patch_w << (c->n_blocks - 1);
+}
+
 void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint) {
     m->checkpoint = checkpoint;
 }
@@ -2342,6 +2348,12 @@ void vae_encoder_free(VaeEncoder *m) {
 
 const VaeConfig *vae_encoder_config(const VaeEncoder *m) {
     return &m->config;
+}
+
+void vae_encoder_token_size(const VaeEncoder *m, int *rows, int *cols) {
+    const VaeConfig *c = vae_encoder_config(m);
+    *rows = c->patch_h << (c->n_down_blocks - 1);
+    *cols = c->patch_w << (c->n_down_blocks - 1);
 }
 
 Params *vae_encoder_params(VaeEncoder *m) {
@@ -3888,9 +3900,9 @@ static int detector_samples_batch(const Flux2 *flow, const TextEncoder *text,
 int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeDecoder *vae,
                           const DetectorSampleOptions *o, DetectorSamples *out, Error *e) {
     *out = (DetectorSamples){0};
-    const VaeConfig *vc = vae_decoder_config(vae);
-    int up = 1 << (vc->n_blocks - 1);
-    int h = WORLD_H / (vc->patch_h * up), w = WORLD_W / (vc->patch_w * up);
+    int rows, cols;
+    vae_decoder_token_size(vae, &rows, &cols);
+    int h = WORLD_H / rows, w = WORLD_W / cols;
     if (o->n < 1 || o->batch < 1 || o->sampler.guide || h < 1 || w < 1)
         return error_set(e, "detector samples: n %d, batch %d, guided sampling or a VAE too "
                             "coarse for the world", o->n, o->batch);
@@ -4461,8 +4473,9 @@ int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e) {
  * generator seeded by (seed, step) through vae_image_index's mix; NULL when latent_noise is 0. */
 static int vae_latent_noise(const VaeTrainer *tr, int64_t step, Tensor **out, Error *e) {
     const VaeConfig *c = vae_encoder_config(tr->enc);
-    int scale = c->patch_h << (c->n_down_blocks - 1);
-    int64_t tokens = (int64_t)(tr->o.height / scale) * (tr->o.width / scale);
+    int rows, cols;
+    vae_encoder_token_size(tr->enc, &rows, &cols);
+    int64_t tokens = (int64_t)(tr->o.height / rows) * (tr->o.width / cols);
     *out = NULL;
     if (tr->o.latent_noise == 0.0f) return 0;
     Tensor *n = TENSOR_NEW(tr->o.batch, tokens, c->latent_channels * c->patch_h * c->patch_w);
@@ -4492,12 +4505,13 @@ int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecode
                    const VaeTrainOptions *o, Error *e) {
     *out = NULL;
     const VaeConfig *c = vae_encoder_config(enc);
-    int scale = c->patch_h << (c->n_down_blocks - 1);
+    int rows, cols;
+    vae_encoder_token_size(enc, &rows, &cols);
     if (o->batch < 1 || !o->image)
         return error_set(e, "VAE training: needs a batch of at least 1 and an image source");
-    if (o->height < 1 || o->width < 1 || o->height % scale || o->width % scale)
-        return error_set(e, "VAE training: images of %d x %d, expected positive multiples of %d",
-                         o->height, o->width, scale);
+    if (o->height < 1 || o->width < 1 || o->height % rows || o->width % cols)
+        return error_set(e, "VAE training: images of %d x %d, expected positive multiples of "
+                            "%d x %d", o->width, o->height, cols, rows);
     if (c->in_channels != vae_decoder_config(dec)->out_channels)
         return error_set(e, "VAE training: the encoder takes %d channels, the decoder makes %d",
                          c->in_channels, vae_decoder_config(dec)->out_channels);

@@ -248,6 +248,9 @@ void vae_decoder_free(VaeDecoder *m);
  * d loss / d tokens flows back through it (and to the weights when they are trainable). */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
 const VaeConfig *vae_decoder_config(const VaeDecoder *m);
+/* The pixels one latent token becomes in the decoder's image: patch_h * 2^(n_blocks - 1) rows
+ * by patch_w * 2^(n_blocks - 1) columns. */
+void vae_decoder_token_size(const VaeDecoder *m, int *rows, int *cols);
 /* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
 Params *vae_decoder_params(VaeDecoder *m);
 /* On by default: nested ag_checkpoints (stages > layers > units, see nn.c), so backward holds
@@ -267,6 +270,9 @@ int vae_encoder_load(VaeEncoder **out, const char *dir, Error *e);
 int vae_encoder_init(VaeEncoder **out, const char *dir, uint64_t seed, Error *e);
 void vae_encoder_free(VaeEncoder *m);
 const VaeConfig *vae_encoder_config(const VaeEncoder *m);
+/* The pixels of the encoder's image one latent token covers (its down blocks, as
+ * vae_decoder_token_size). */
+void vae_encoder_token_size(const VaeEncoder *m, int *rows, int *cols);
 /* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
 Params *vae_encoder_params(VaeEncoder *m);
 /* image: [B, in_channels, H, W], H and W multiples of 2^(n_down_blocks-1) -> the mean of the
