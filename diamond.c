@@ -438,6 +438,7 @@ typedef struct BenchModels {
     Segformer *detector;
     Tensor *tokens, *txt, *image; /* [1, h*w, C] latent tokens, [1, L, D] prompt, [1, 3, H, W] */
     int h, w;                     /* the latent token grid */
+    bool vae_checkpointed;        /* as generate decides it (vae_decoder_checkpoint_for) */
 } BenchModels;
 
 static void bench_models_free(BenchModels *m) {
@@ -508,6 +509,7 @@ static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) 
     }
     m->h = a->height / ph;
     m->w = a->width / pw;
+    m->vae_checkpointed = vae_decoder_checkpoint_for(m->vae, 1, a->height, a->width);
     const Flux2Config *fc = flux2_config(m->flow);
     unsigned long long state = 42;
     m->tokens = bench_random(TENSOR_NEW(1, (int64_t)m->h * m->w, fc->in_channels), &state);
@@ -641,9 +643,10 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
     const Flux2Config *fc = flux2_config(m->flow);
     const SegformerConfig *sc = segformer_config(m->detector);
     printf("bench %s: %dx%d image, %dx%d latent tokens + %d text tokens, transformer dim %d with "
-           "%d+%d blocks, detector input %dx%d, %s weights, threads %d\n", name, a.width, a.height,
-           m->w, m->h, a.text_len, fc->dim, fc->num_layers, fc->num_single_layers,
-           sc->do_resize ? sc->input_w : a.width, sc->do_resize ? sc->input_h : a.height,
+           "%d+%d blocks, detector input %dx%d, VAE checkpoints %s, %s weights, threads %d\n", name,
+           a.width, a.height, m->w, m->h, a.text_len, fc->dim, fc->num_layers,
+           fc->num_single_layers, sc->do_resize ? sc->input_w : a.width,
+           sc->do_resize ? sc->input_h : a.height, m->vae_checkpointed ? "on" : "off",
            a.config_only ? "random (config only)" : "file", a.threads);
     printf("  models loaded                                                (peak RSS so far %.0f MiB)\n",
            bench_peak_rss_mib());
@@ -1064,6 +1067,7 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
     }
     r->grid_h = a->height / ph;
     r->grid_w = a->width / pw;
+    vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height, a->width);
     return a->opt.guide && segformer_load(&r->detector, a->detector, e) ? 1 : 0;
 }
 

@@ -1748,9 +1748,10 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
  * data + gradients) scales with the pixel count: 91 MB at 128x128, 365 MB at 256x256, 1459 MB
  * at 512x512 (process peak RSS 1653 MB, the f32 weights included), so about 5.8 GB at
  * 1024x1024. One level of checkpoints over the same blocks with a separate GroupNorm and SiLU
- * peaked at 2939 MB at 512x512 (about 12 GB at 1024x1024); none at all, 1747 MB at 256x256
- * (about 28 GB at 1024x1024). The price is time: each unit runs forward up to four times, so
- * backward takes 5-7x the forward.
+ * peaked at 2939 MB at 512x512 (about 12 GB at 1024x1024); none at all, 1311 MB at 256x256
+ * (about 21 GB at 1024x1024). The price is time: each unit runs forward up to four times, so
+ * backward takes 5-7x the forward; vae_decoder_checkpoint_for leaves them off for decodes
+ * small enough to hold whole.
  * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
 
 /* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
@@ -2082,6 +2083,24 @@ void vae_decoder_token_size(const VaeDecoder *m, int *rows, int *cols) {
 
 void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint) {
     m->checkpoint = checkpoint;
+}
+
+size_t vae_decode_plain_bytes(const VaeDecoder *m, int batch, int height, int width) {
+    const VaeConfig *c = &m->config;
+    double floats = 0.0; /* resnet outputs, summed over the decode */
+    for (int s = 0; s < c->n_blocks; s++) {
+        int shrink = c->n_blocks - 1 - s; /* stage s runs at 1 / 2^shrink of the image's side */
+        double pixels = (double)(height >> shrink) * (double)(width >> shrink);
+        int resnets = c->layers_per_block + 1 + (s == 0 ? 2 : 0); /* the mid block's two */
+        floats += resnets * pixels * c->block_out_channels[shrink];
+    }
+    double bytes = VAE_PLAIN_TENSORS_PER_RESNET * sizeof(float) * (double)batch * floats;
+    return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
+}
+
+bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width) {
+    m->checkpoint = vae_decode_plain_bytes(m, batch, height, width) > VAE_PLAIN_MAX_BYTES;
+    return m->checkpoint;
 }
 
 /* x: [B, C, H, W] -> SiLU(GroupNorm(x)) */

@@ -258,6 +258,18 @@ Params *vae_decoder_params(VaeDecoder *m);
  * forward runs up to four times. Off keeps every intermediate: the same gradients bit for
  * bit, a faster backward, far more memory. */
 void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
+/* An upper estimate of the memory a decode with grad of `batch` images of height x width holds
+ * without checkpoints: VAE_PLAIN_TENSORS_PER_RESNET f32 tensors the size of each resnet's
+ * output (values, saved inputs, gradients, the upsamplers' and attention's share). Measured
+ * tape peaks are 7.0 of them for the real config at 256x256 (1311 MB) and 8.6 for the embedded
+ * one at 64x64 (9 MB); tests/test_vae.c checks the bound. */
+#define VAE_PLAIN_TENSORS_PER_RESNET 10
+size_t vae_decode_plain_bytes(const VaeDecoder *m, int batch, int height, int width);
+/* Checkpoints on exactly when that estimate exceeds VAE_PLAIN_MAX_BYTES, and the choice: a
+ * small image gets the plain backward (about half the time of a checkpointed one), a large one
+ * the bounded memory (the real config plain at 1024x1024 would need about 21 GB). */
+#define VAE_PLAIN_MAX_BYTES ((size_t)1 << 30)
+bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width);
 
 /* The encoder half of AutoencoderKLFlux2, with the FLUX.2 pipeline's latent packing behind it:
  * an image in [-1, 1] in, normalised transformer tokens out (what vae_decode takes). It reads the

@@ -133,6 +133,68 @@ static double fd_loss(void *ctx) {
     return loss;
 }
 
+/* ---- checkpoint policy ---- */
+
+/* The tape's peak over a plain decode with grad of a batch of height x width images. */
+static size_t plain_peak(VaeDecoder *m, int batch, int height, int width) {
+    const VaeConfig *c = vae_decoder_config(m);
+    int rows, cols;
+    vae_decoder_token_size(m, &rows, &cols);
+    int h = height / rows, w = width / cols;
+    Tensor *tokens = TENSOR_NEW(batch, (int64_t)h * w, c->latent_channels * c->patch_h * c->patch_w);
+    for (int64_t i = 0; tokens && i < tokens->numel; i++) tokens->data[i] = sinf(0.37f * (float)i);
+    vae_decoder_set_checkpoint(m, false);
+    Tape *t = tape_new();
+    Var *x = var_new(t, tokens, true);
+    Var *loss = ag_sum(t, vae_decode(t, m, x, h, w));
+    Error e = {{0}};
+    int rc = tape_check(t, &e) || tape_backward(t, loss, &e);
+    CHECK(rc == 0, "plain decode + backward %dx%d: %s", width, height, e.msg);
+    size_t peak = tape_stats(t).peak_bytes;
+    tape_free(t);
+    tensor_free(tokens);
+    vae_decoder_set_checkpoint(m, true);
+    return peak;
+}
+
+/* vae_decode_plain_bytes bounds the measured peak of a plain decode from above, by less than
+ * 2x, at several sizes and batches of two configs; vae_decoder_checkpoint_for turns the
+ * checkpoints off below VAE_PLAIN_MAX_BYTES and on above it. */
+static void test_checkpoint_policy(VaeDecoder *tiny) {
+    VaeDecoder *embedded = NULL;
+    Error e = {{0}};
+    CHECK(vae_decoder_load(&embedded, "weights/vae", &e) == 0, "load weights/vae: %s", e.msg);
+    const struct {
+        VaeDecoder *m;
+        const char *name;
+        int batch, height, width;
+    } cases[] = {{tiny, "tiny", 1, 32, 32},         {tiny, "tiny", 2, 32, 64},
+                 {embedded, "embedded", 1, 32, 64}, {embedded, "embedded", 1, 64, 64},
+                 {embedded, "embedded", 3, 32, 64}};
+    for (size_t i = 0; embedded && i < sizeof cases / sizeof *cases; i++) {
+        size_t peak = plain_peak(cases[i].m, cases[i].batch, cases[i].height, cases[i].width);
+        size_t estimate =
+            vae_decode_plain_bytes(cases[i].m, cases[i].batch, cases[i].height, cases[i].width);
+        CHECK(peak > 0 && peak <= estimate && estimate < 2 * peak,
+              "%s VAE, %d x %dx%d: the plain decode's estimate %zu bytes bounds its measured "
+              "peak %zu within 2x", cases[i].name, cases[i].batch, cases[i].width,
+              cases[i].height, estimate, peak);
+    }
+    if (embedded) {
+        CHECK(vae_decode_plain_bytes(embedded, 4, 64, 64) ==
+                  4 * vae_decode_plain_bytes(embedded, 1, 64, 64),
+              "the estimate grows with the batch");
+        CHECK(!vae_decoder_checkpoint_for(embedded, 1, 32, 64),
+              "a 64x32 decode runs without checkpoints");
+        size_t big = vae_decode_plain_bytes(embedded, 1, 1024, 1024);
+        CHECK(big > VAE_PLAIN_MAX_BYTES && vae_decoder_checkpoint_for(embedded, 1, 1024, 1024),
+              "a 1024x1024 decode (estimate %zu bytes) runs with checkpoints", big);
+        CHECK(vae_decode_plain_bytes(embedded, 1, 1 << 30, 1 << 30) == SIZE_MAX,
+              "an absurd size saturates the estimate");
+    }
+    vae_decoder_free(embedded);
+}
+
 static void test_finite_differences(const VaeDecoder *m) {
     const VaeConfig *c = vae_decoder_config(m);
     int h = 1, w = 2, packed = c->latent_channels * c->patch_h * c->patch_w;
@@ -328,6 +390,7 @@ int main(void) {
         test_no_grad_matches(m, st);
         test_bad_tokens(m);
         test_finite_differences(m);
+        test_checkpoint_policy(m);
     }
     /* bf16 weights widen exactly to f32, and the reference ran on those same widened values,
      * so the bf16 model has its own golden at the f32 tolerance. */
