@@ -1935,22 +1935,38 @@ int ppm_write(const char *path, const Image *img, Error *e) {
 
 /* ---- PNG ---- */
 
-/* Deflate's stored blocks hold at most 65535 bytes each. */
-#define PNG_STORED_BLOCK 65535
+/* The image data is one zlib stream (RFC 1950) holding one deflate block (RFC 1951) with the
+ * fixed Huffman codes: each scanline behind the PNG filter that makes its bytes smallest, then
+ * LZ77 matches found through hash chains. Matches stay inside a segment of DEFLATE_SEGMENT
+ * filtered bytes, so the writer holds one segment, not the image; the compressed bytes leave in
+ * IDAT chunks of up to PNG_IDAT_BYTES. */
+#define DEFLATE_SEGMENT 65536
+#define DEFLATE_WINDOW 32768 /* the farthest a match may point back */
+#define DEFLATE_MIN_MATCH 3
+#define DEFLATE_MAX_MATCH 258
+#define DEFLATE_HASH_BITS 15
+#define DEFLATE_MAX_CHAIN 64 /* candidates tried per position: enough for pictures of blocks */
+#define DEFLATE_END_OF_BLOCK 256
+#define PNG_IDAT_BYTES 65536
+#define PNG_FILTERS 5 /* none, sub, up, average, Paeth */
 /* Adler-32 sums stay below 2^32 for this many bytes between reductions (zlib's NMAX). */
 #define ADLER_RUN 5552
 
-/* Streams a PNG: chunk CRCs, the zlib stream's Adler-32 and the stored blocks are computed on
- * the way, so no copy of the image is made. */
 typedef struct PngWriter {
     AtomicFile *file;
     Error *e;
     uint32_t crc_table[256];
     uint32_t crc;              /* of the chunk being written */
-    uint32_t adler_a, adler_b; /* of the scanlines */
-    uint64_t scanline_bytes_left;
-    size_t block_len;
-    unsigned char block[PNG_STORED_BLOCK];
+    uint32_t adler_a, adler_b; /* of the filtered scanlines */
+    uint64_t bits;             /* deflate output not yet in whole bytes, first bit lowest */
+    int n_bits;
+    size_t idat_len;
+    unsigned char idat[PNG_IDAT_BYTES + 8];
+    size_t segment_len;
+    unsigned char segment[DEFLATE_SEGMENT];
+    int32_t head[1 << DEFLATE_HASH_BITS]; /* last position + 1 of each hash in the segment */
+    int32_t prev[DEFLATE_SEGMENT];        /* the position + 1 before it with the same hash */
+    unsigned char *rows;       /* [PNG_FILTERS][1 + 3 width]: a scanline under each filter */
 } PngWriter;
 
 /* CRC-32 as PNG and zlib use it: reflected polynomial 0xEDB88320. */
@@ -1983,69 +1999,205 @@ static int png_put(PngWriter *w, const void *data, size_t n) {
     return atomic_write(w->file, data, n, w->e);
 }
 
-static int png_chunk_begin(PngWriter *w, const char type[4], uint32_t length) {
-    unsigned char len[4];
+static int png_chunk(PngWriter *w, const char type[4], const unsigned char *data, uint32_t length) {
+    unsigned char len[4], crc[4];
     store_be32(len, length);
     w->crc = 0xffffffffu;
-    return atomic_write(w->file, len, 4, w->e) || png_put(w, type, 4) ? -1 : 0;
-}
-
-static int png_chunk_end(PngWriter *w) {
-    unsigned char crc[4];
+    if (atomic_write(w->file, len, 4, w->e) || png_put(w, type, 4) || png_put(w, data, length))
+        return -1;
     store_be32(crc, w->crc ^ 0xffffffffu);
     return atomic_write(w->file, crc, 4, w->e);
 }
 
-static int png_chunk(PngWriter *w, const char type[4], const unsigned char *data, uint32_t length) {
-    return png_chunk_begin(w, type, length) || png_put(w, data, length) || png_chunk_end(w) ? -1 : 0;
+/* The compressed bytes so far as one IDAT chunk. */
+static int png_flush_idat(PngWriter *w) {
+    int rc = w->idat_len ? png_chunk(w, "IDAT", w->idat, (uint32_t)w->idat_len) : 0;
+    w->idat_len = 0;
+    return rc;
 }
 
-/* Emits the filled block; the last one is marked final. */
-static int png_flush_block(PngWriter *w) {
-    uint16_t len = (uint16_t)w->block_len;
-    unsigned char header[5] = {w->scanline_bytes_left == 0 ? 1 : 0, (unsigned char)(len & 0xff),
-                               (unsigned char)(len >> 8), (unsigned char)(~len & 0xff),
-                               (unsigned char)((uint16_t)~len >> 8)};
-    w->block_len = 0;
-    return png_put(w, header, sizeof header) || png_put(w, w->block, len) ? -1 : 0;
+/* Appends the n lowest bits of value, first bit lowest (deflate's order for all but Huffman
+ * codes); n <= 32. */
+static int deflate_bits(PngWriter *w, uint32_t value, int n) {
+    w->bits |= (uint64_t)value << w->n_bits;
+    w->n_bits += n;
+    while (w->n_bits >= 8) {
+        w->idat[w->idat_len++] = (unsigned char)w->bits;
+        w->bits >>= 8;
+        w->n_bits -= 8;
+    }
+    return w->idat_len >= PNG_IDAT_BYTES ? png_flush_idat(w) : 0;
 }
 
-/* Scanline bytes into stored blocks. */
+/* A Huffman code of n bits, sent from its highest bit down. */
+static int deflate_code(PngWriter *w, uint32_t code, int n) {
+    uint32_t reversed = 0;
+    for (int i = 0; i < n; i++) reversed |= (code >> i & 1) << (n - 1 - i);
+    return deflate_bits(w, reversed, n);
+}
+
+/* Literal/length symbol 0..287 in the fixed code (RFC 1951 3.2.6). */
+static int deflate_symbol(PngWriter *w, int symbol) {
+    if (symbol < 144) return deflate_code(w, 0x30 + (uint32_t)symbol, 8);
+    if (symbol < 256) return deflate_code(w, 0x190 + (uint32_t)(symbol - 144), 9);
+    if (symbol < 280) return deflate_code(w, (uint32_t)(symbol - 256), 7);
+    return deflate_code(w, 0xC0 + (uint32_t)(symbol - 280), 8);
+}
+
+/* A match of `length` (3..258) bytes `distance` (1..32768) back: length symbol and extra bits,
+ * distance code (5 bits in the fixed code) and extra bits. */
+static int deflate_match(PngWriter *w, int length, int distance) {
+    static const uint16_t length_base[29] = {3,  4,  5,  6,  7,  8,  9,  10, 11,  13,
+                                             15, 17, 19, 23, 27, 31, 35, 43, 51,  59,
+                                             67, 83, 99, 115, 131, 163, 195, 227, 258};
+    static const uint8_t length_extra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2,
+                                             2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
+    static const uint16_t distance_base[30] = {
+        1,   2,   3,   4,   5,   7,    9,    13,   17,   25,   33,   49,   65,    97,    129,
+        193, 257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
+    int l = 28, d = 29;
+    while (length_base[l] > length) l--;
+    while (distance_base[d] > distance) d--;
+    return deflate_symbol(w, 257 + l) ||
+                   deflate_bits(w, (uint32_t)(length - length_base[l]), length_extra[l]) ||
+                   deflate_code(w, (uint32_t)d, 5) ||
+                   deflate_bits(w, (uint32_t)(distance - distance_base[d]), d < 4 ? 0 : d / 2 - 1)
+               ? -1
+               : 0;
+}
+
+static uint32_t deflate_hash(const unsigned char *p) {
+    uint32_t v = (uint32_t)p[0] << 16 | (uint32_t)p[1] << 8 | p[2];
+    return (v * 2654435761u) >> (32 - DEFLATE_HASH_BITS);
+}
+
+/* Position i of the segment into its hash chain (it needs DEFLATE_MIN_MATCH bytes from i). */
+static void deflate_insert(PngWriter *w, size_t i) {
+    if (i + DEFLATE_MIN_MATCH > w->segment_len) return;
+    uint32_t h = deflate_hash(w->segment + i);
+    w->prev[i] = w->head[h];
+    w->head[h] = (int32_t)i + 1;
+}
+
+/* The longest earlier match for position i through its hash chain: its length (0 when under
+ * DEFLATE_MIN_MATCH) and *distance. */
+static int deflate_longest(const PngWriter *w, size_t i, int *distance) {
+    const unsigned char *s = w->segment;
+    size_t limit = w->segment_len - i < DEFLATE_MAX_MATCH ? w->segment_len - i : DEFLATE_MAX_MATCH;
+    int best = 0;
+    if (limit < DEFLATE_MIN_MATCH) return 0;
+    int32_t candidate = w->head[deflate_hash(s + i)];
+    for (int tries = 0; candidate > 0 && tries < DEFLATE_MAX_CHAIN; tries++) {
+        size_t j = (size_t)candidate - 1;
+        if (i - j > DEFLATE_WINDOW) break;
+        size_t n = 0;
+        while (n < limit && s[j + n] == s[i + n]) n++;
+        if ((int)n > best) {
+            best = (int)n;
+            *distance = (int)(i - j);
+            if (n == limit) break;
+        }
+        candidate = w->prev[j];
+    }
+    return best >= DEFLATE_MIN_MATCH ? best : 0;
+}
+
+/* The segment's bytes as literals and greedy matches; then an empty segment. */
+static int deflate_segment(PngWriter *w) {
+    memset(w->head, 0, sizeof w->head);
+    for (size_t i = 0; i < w->segment_len;) {
+        int distance = 0, length = deflate_longest(w, i, &distance);
+        if (length == 0 ? deflate_symbol(w, w->segment[i]) : deflate_match(w, length, distance))
+            return -1;
+        for (size_t end = i + (length ? (size_t)length : 1); i < end; i++) deflate_insert(w, i);
+    }
+    w->segment_len = 0;
+    return 0;
+}
+
+/* Filtered scanline bytes into the stream. */
 static int png_feed(PngWriter *w, const unsigned char *p, size_t n) {
     adler_update(&w->adler_a, &w->adler_b, p, n);
     while (n > 0) {
-        size_t take = PNG_STORED_BLOCK - w->block_len;
+        if (w->segment_len == DEFLATE_SEGMENT && deflate_segment(w)) return -1;
+        size_t take = DEFLATE_SEGMENT - w->segment_len;
         if (take > n) take = n;
-        memcpy(w->block + w->block_len, p, take);
-        w->block_len += take;
-        w->scanline_bytes_left -= take;
+        memcpy(w->segment + w->segment_len, p, take);
+        w->segment_len += take;
         p += take;
         n -= take;
-        if ((w->block_len == PNG_STORED_BLOCK || w->scanline_bytes_left == 0) && png_flush_block(w)) return -1;
     }
     return 0;
 }
 
-/* One IDAT chunk: a zlib stream of stored blocks holding each row behind filter byte 0 (none). */
+/* PNG's Paeth predictor: of left, up and up-left, the one nearest left + up - up_left. */
+static int png_paeth(int left, int up, int up_left) {
+    int p = left + up - up_left, dl = abs(p - left), du = abs(p - up), dul = abs(p - up_left);
+    return dl <= du && dl <= dul ? left : du <= dul ? up : up_left;
+}
+
+/* row [n] (3 bytes a pixel) under filter type into out: out[0] = type, out[1..n] the
+ * differences from the prediction; prev is the row above (NULL for the first: all zeros). */
+static void png_filter_row(int type, const unsigned char *row, const unsigned char *prev,
+                           size_t n, unsigned char *out) {
+    out[0] = (unsigned char)type;
+    for (size_t i = 0; i < n; i++) {
+        int left = i >= 3 ? row[i - 3] : 0, up = prev ? prev[i] : 0;
+        int up_left = prev && i >= 3 ? prev[i - 3] : 0;
+        int predicted = type == 1   ? left
+                        : type == 2 ? up
+                        : type == 3 ? (left + up) / 2
+                        : type == 4 ? png_paeth(left, up, up_left)
+                                    : 0;
+        out[i + 1] = (unsigned char)(row[i] - predicted);
+    }
+}
+
+/* The filtered scanline whose bytes, read as signed, have the least absolute sum (the PNG
+ * specification's suggested heuristic). */
+static const unsigned char *png_best_row(PngWriter *w, const unsigned char *row,
+                                         const unsigned char *prev, size_t n) {
+    const unsigned char *best = NULL;
+    uint64_t best_cost = UINT64_MAX;
+    for (int type = 0; type < PNG_FILTERS; type++) {
+        unsigned char *out = w->rows + (size_t)type * (n + 1);
+        png_filter_row(type, row, prev, n, out);
+        uint64_t cost = 0;
+        for (size_t i = 1; i <= n; i++) cost += out[i] < 128 ? out[i] : 256 - out[i];
+        if (cost < best_cost) {
+            best_cost = cost;
+            best = out;
+        }
+    }
+    return best;
+}
+
+/* The IDAT chunks: zlib header, one final fixed-Huffman block of the filtered scanlines, the
+ * end-of-block code, the Adler-32 of the scanlines. */
 static int png_write_idat(PngWriter *w, const Image *img) {
-    uint64_t row_bytes = (uint64_t)img->width * 3;
-    uint64_t scanlines = (uint64_t)img->height * (1 + row_bytes);
-    uint64_t blocks = (scanlines + PNG_STORED_BLOCK - 1) / PNG_STORED_BLOCK;
-    uint64_t length = 2 + 5 * blocks + scanlines + 4; /* under 2^31 for IMAGE_MAX_SIDE images */
-    static const unsigned char zlib_header[2] = {0x78, 0x01}; /* deflate, 32K window; 0x7801 % 31 == 0 */
-    static const unsigned char filter_none = 0;
+    size_t row_bytes = (size_t)img->width * 3;
+    static const unsigned char zlib_header[2] = {0x78, 0x01}; /* deflate, 32K window; % 31 == 0 */
     w->adler_a = 1;
     w->adler_b = 0;
-    w->scanline_bytes_left = scanlines;
-    w->block_len = 0;
-    if (png_chunk_begin(w, "IDAT", (uint32_t)length) || png_put(w, zlib_header, 2)) return -1;
+    w->bits = 0;
+    w->n_bits = 0;
+    w->segment_len = 0;
+    memcpy(w->idat, zlib_header, 2);
+    w->idat_len = 2;
+    if (deflate_bits(w, 1 | 1 << 1, 3)) return -1; /* BFINAL 1, BTYPE 01: fixed codes */
     for (int y = 0; y < img->height; y++) {
-        if (png_feed(w, &filter_none, 1) || png_feed(w, img->rgb + (size_t)y * row_bytes, (size_t)row_bytes))
+        const unsigned char *row = img->rgb + (size_t)y * row_bytes;
+        if (png_feed(w, png_best_row(w, row, y ? row - row_bytes : NULL, row_bytes), row_bytes + 1))
             return -1;
     }
+    if (deflate_segment(w) || deflate_symbol(w, DEFLATE_END_OF_BLOCK) ||
+        deflate_bits(w, 0, (8 - w->n_bits) % 8))
+        return -1;
     unsigned char adler[4];
     store_be32(adler, w->adler_b << 16 | w->adler_a);
-    return png_put(w, adler, 4) || png_chunk_end(w) ? -1 : 0;
+    for (int i = 0; i < 4; i++)
+        if (deflate_bits(w, adler[i], 8)) return -1;
+    return png_flush_idat(w);
 }
 
 static int png_write_all(PngWriter *w, const Image *img) {
@@ -2064,13 +2216,20 @@ static int png_write_all(PngWriter *w, const Image *img) {
 int png_write(const char *path, const Image *img, Error *e) {
     if (image_check(path, img, e)) return -1;
     PngWriter *w = malloc(sizeof *w);
-    if (!w) return error_set(e, "%s: out of memory", path);
+    unsigned char *rows = malloc(PNG_FILTERS * ((size_t)img->width * 3 + 1));
+    if (!w || !rows) {
+        free(w);
+        free(rows);
+        return error_set(e, "%s: out of memory", path);
+    }
+    w->rows = rows;
     w->e = e;
     crc_table_init(w->crc_table);
     int rc = atomic_open(&w->file, path, e);
     if (rc == 0) rc = png_write_all(w, img);
     if (rc == 0) rc = atomic_commit(w->file, e);
     else if (w->file) atomic_abort(w->file);
+    free(w->rows);
     free(w);
     return rc;
 }

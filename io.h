@@ -245,7 +245,7 @@ void image_from_signed(const float *chw, int width, int height, uint8_t *rgb);
 int ppm_parse(Image *out, const void *bytes, size_t size, const char *source, Error *e);
 int ppm_read(Image *out, const char *path, Error *e);
 int ppm_write(const char *path, const Image *img, Error *e);
-/* 8-bit RGB PNG, deflate "stored" (uncompressed) blocks: large but needs no zlib. */
+/* 8-bit RGB PNG, compressed by our own deflate (per-row filters, LZ77, fixed Huffman codes). */
 int png_write(const char *path, const Image *img, Error *e);
 
 /* ---- section: words world -------------------------------------------------------------------

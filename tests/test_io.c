@@ -1032,9 +1032,134 @@ static uint32_t slow_adler32(const unsigned char *p, size_t n) {
     return b << 16 | a;
 }
 
-/* Checks signature, chunk CRCs, IHDR, the zlib stream of stored blocks and its Adler-32, and
- * that the scanlines (filter 0) hold img. Reports each failure; returns whether all passed. */
-static bool verify_png(const char *path, const Image *img) {
+/* Deflate's bits, first bit of each byte lowest; reading past the end marks it bad. */
+typedef struct BitReader {
+    const unsigned char *p;
+    size_t n, pos; /* pos in bits */
+    bool bad;
+} BitReader;
+
+static uint32_t read_bits(BitReader *b, int n) {
+    uint32_t v = 0;
+    for (int i = 0; i < n; i++, b->pos++) {
+        if (b->pos / 8 >= b->n) {
+            b->bad = true;
+            return 0;
+        }
+        v |= (uint32_t)(b->p[b->pos / 8] >> (b->pos % 8) & 1) << i;
+    }
+    return v;
+}
+
+/* A literal/length symbol of the fixed code, bit by bit as RFC 1951 3.2.6 tabulates it:
+ * 7-bit codes 0-23 are 256-279, 8-bit 48-191 are 0-143 and 192-199 are 280-287, 9-bit 400-511
+ * are 144-255. */
+static int fixed_symbol(BitReader *b) {
+    uint32_t code = 0;
+    for (int len = 1; len <= 9 && !b->bad; len++) {
+        code = code << 1 | read_bits(b, 1);
+        if (len == 7 && code <= 23) return 256 + (int)code;
+        if (len == 8 && code >= 48 && code <= 191) return (int)code - 48;
+        if (len == 8 && code >= 192 && code <= 199) return 280 + (int)code - 192;
+        if (len == 9 && code >= 400) return 144 + (int)code - 400;
+    }
+    return -1;
+}
+
+/* A zlib stream of fixed-Huffman deflate blocks (all png_write and the golden use) inflated
+ * into out (at most cap bytes); its length, or -1 when the stream is malformed, uses another
+ * block type, points outside what was written or fails its Adler-32. */
+static long inflate_fixed(const unsigned char *z, size_t n, unsigned char *out, size_t cap) {
+    int length_base[29], length_extra[29], distance_base[30], distance_extra[30];
+    for (int c = 0; c < 29; c++) { /* RFC 1951 3.2.5, from the rule behind its table */
+        length_extra[c] = c < 8 || c == 28 ? 0 : (c - 4) / 4;
+        length_base[c] = c == 0 ? 3 : c == 28 ? 258 : length_base[c - 1] + (1 << length_extra[c - 1]);
+    }
+    for (int d = 0; d < 30; d++) {
+        distance_extra[d] = d < 4 ? 0 : d / 2 - 1;
+        distance_base[d] = d == 0 ? 1 : distance_base[d - 1] + (1 << distance_extra[d - 1]);
+    }
+    if (n < 6 || (z[0] & 0x0f) != 8 || (z[0] * 256 + z[1]) % 31 != 0 || (z[1] & 0x20)) return -1;
+    BitReader b = {z + 2, n - 6, 0, false};
+    size_t len = 0;
+    bool final = false;
+    while (!final && !b.bad) {
+        final = read_bits(&b, 1);
+        if (read_bits(&b, 2) != 1) return -1;
+        for (int symbol; (symbol = fixed_symbol(&b)) != 256;) {
+            if (symbol < 0 || symbol > 285 || b.bad) return -1;
+            if (symbol < 256) {
+                if (len == cap) return -1;
+                out[len++] = (unsigned char)symbol;
+                continue;
+            }
+            int l = symbol - 257, length = length_base[l] + (int)read_bits(&b, length_extra[l]);
+            uint32_t d = 0;
+            for (int i = 0; i < 5; i++) d = d << 1 | read_bits(&b, 1);
+            if (d > 29) return -1;
+            size_t distance = (size_t)distance_base[d] + read_bits(&b, distance_extra[d]);
+            if (distance > len || (size_t)length > cap - len) return -1;
+            for (int i = 0; i < length; i++, len++) out[len] = out[len - distance];
+        }
+    }
+    if (b.bad || (b.pos + 7) / 8 != n - 6) return -1; /* the Adler-32 follows the last byte */
+    return be32(z + n - 4) == slow_adler32(out, len) ? (long)len : -1;
+}
+
+/* The rows of `raw` (filter byte, then 3 * width bytes) reversed into pixels as the PNG
+ * specification defines each filter; false for an unknown filter type. */
+static bool unfilter(unsigned char *raw, int width, int height, unsigned char *rgb) {
+    size_t row = (size_t)width * 3;
+    for (int y = 0; y < height; y++) {
+        const unsigned char *in = raw + (size_t)y * (row + 1) + 1;
+        unsigned char *out = rgb + (size_t)y * row, *up = y ? out - row : NULL;
+        int type = in[-1];
+        if (type > 4) return false;
+        for (size_t i = 0; i < row; i++) {
+            int a = i >= 3 ? out[i - 3] : 0, b = up ? up[i] : 0, c = up && i >= 3 ? up[i - 3] : 0;
+            int p = a + b - c, pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
+            int paeth = pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+            int predicted = type == 0 ? 0 : type == 1 ? a : type == 2 ? b : type == 3 ? (a + b) / 2 : paeth;
+            out[i] = (unsigned char)(in[i] + predicted);
+        }
+    }
+    return true;
+}
+
+/* The golden: zlib's own fixed-Huffman stream (tools/golden_deflate.py) of a pattern made here
+ * too, so the inflater that checks png_write is itself checked against zlib. */
+static void test_inflate_golden(void) {
+    enum { N = 100000 };
+    unsigned char *want = malloc(N), *got = malloc(N + 1);
+    uint32_t x = 12345;
+    for (int i = 0; i < N; i++) {
+        if (i < 20000) {
+            x = (x * 1103515245u + 12345u) & 0x7fffffffu;
+            want[i] = (unsigned char)(x >> 16 & 255);
+        } else {
+            want[i] = i < 50000 ? (unsigned char)(i / 7 % 251) : i < 80000 ? 0 : want[i - 31000] ^ (i % 1000 == 0);
+        }
+    }
+    size_t size = 0;
+    unsigned char *z = read_bytes("tests/golden/deflate_fixed.z", &size);
+    CHECK(z != NULL, "read tests/golden/deflate_fixed.z");
+    long len = z ? inflate_fixed(z, size, got, N + 1) : -1;
+    CHECK(len == N && !memcmp(got, want, N), "the test inflater reads zlib's fixed-Huffman stream "
+          "(%zu bytes) back to the %d bytes it was made from (got %ld)", size, N, len);
+    if (z) { /* a flipped bit in the data fails it */
+        z[size / 2] ^= 0x10;
+        len = inflate_fixed(z, size, got, N + 1);
+        CHECK(len < 0 || memcmp(got, want, N), "the test inflater notices a flipped bit");
+    }
+    free(z);
+    free(want);
+    free(got);
+}
+
+/* Checks signature, chunk CRCs, IHDR, the zlib stream in the IDAT chunks (inflated by the
+ * simple inflater above, Adler-32 checked) and that its filtered scanlines give back img.
+ * Reports each failure; returns whether all passed. */
+static bool verify_png(const char *path, const Image *img, size_t *file_size) {
     size_t size = 0, pos = 8, idat_len = 0, chunks = 0, bad_crc = 0;
     unsigned char *png = read_bytes(path, &size);
     unsigned char *idat = malloc(size + 1);
@@ -1061,58 +1186,76 @@ static bool verify_png(const char *path, const Image *img) {
     CHECK(ihdr_ok, "%s: IHDR first, 8-bit RGB, %dx%d", path, img->width, img->height);
     CHECK(iend_last, "%s: IEND last", path);
 
-    /* zlib: CMF FLG, stored blocks (BFINAL, BTYPE 00, LEN, NLEN, bytes), Adler-32 big-endian. */
-    size_t row = (size_t)img->width * 3, raw_len = 0, blocks = 0, p = 2;
-    unsigned char *raw = malloc(idat_len + 1);
-    bool zlib_ok = idat_len >= 6 && (idat[0] & 0x0f) == 8 && (idat[0] * 256 + idat[1]) % 31 == 0 && !(idat[1] & 0x20);
-    bool final = false;
-    while (zlib_ok && !final) {
-        if (p + 5 > idat_len || (idat[p] & 0x06) != 0) {
-            zlib_ok = false;
-            break;
-        }
-        final = idat[p] & 1;
-        uint32_t len = idat[p + 1] | idat[p + 2] << 8, nlen = idat[p + 3] | idat[p + 4] << 8;
-        if ((len ^ 0xffffu) != nlen || p + 5 + len > idat_len) {
-            zlib_ok = false;
-            break;
-        }
-        memcpy(raw + raw_len, idat + p + 5, len);
-        raw_len += len;
-        p += 5 + len;
-        blocks++;
-    }
-    CHECK(zlib_ok && p + 4 == idat_len, "%s: zlib header and %zu stored blocks, the last final", path, blocks);
-    CHECK(zlib_ok && p + 4 <= idat_len && be32(idat + p) == slow_adler32(raw, raw_len), "%s: Adler-32", path);
-    bool pixels = raw_len == (size_t)img->height * (row + 1);
-    for (int y = 0; pixels && y < img->height; y++)
-        pixels = raw[(size_t)y * (row + 1)] == 0 && !memcmp(raw + (size_t)y * (row + 1) + 1, img->rgb + (size_t)y * row, row);
-    CHECK(pixels, "%s: scanlines hold the image", path);
+    size_t row = (size_t)img->width * 3, raw_cap = (size_t)img->height * (row + 1);
+    unsigned char *raw = malloc(raw_cap + 1), *rgb = malloc(raw_cap);
+    long raw_len = inflate_fixed(idat, idat_len, raw, raw_cap + 1);
+    CHECK(raw_len >= 0, "%s: a zlib stream of fixed-Huffman blocks, Adler-32 right", path);
+    bool pixels = raw_len == (long)raw_cap && unfilter(raw, img->width, img->height, rgb) &&
+                  !memcmp(rgb, img->rgb, (size_t)img->height * row);
+    CHECK(pixels, "%s: the unfiltered scanlines hold the image", path);
+    if (file_size) *file_size = size;
+    free(rgb);
     free(raw);
     free(idat);
     free(png);
-    return ok && bad_crc == 0 && ihdr_ok && iend_last && zlib_ok && pixels;
+    return ok && bad_crc == 0 && ihdr_ok && iend_last && pixels;
+}
+
+/* A picture like the demo's: flat blocks of a few colours, each pixel repeated scale x scale. */
+static void fill_blocks(Image *img, int scale) {
+    for (int y = 0; y < img->height; y++)
+        for (int x = 0; x < img->width; x++)
+            for (int k = 0; k < 3; k++)
+                img->rgb[((size_t)y * img->width + x) * 3 + k] =
+                    (unsigned char)((x / scale / 5 + y / scale / 3) % 4 * 60 + k * 20);
+}
+
+/* Noise no filter or match can shrink: the fixed code's 9-bit literals, stream longer than
+ * the image. */
+static void fill_noise(Image *img) {
+    uint32_t x = 7;
+    for (size_t i = 0; i < (size_t)img->width * img->height * 3; i++) {
+        x = x * 1664525u + 1013904223u;
+        img->rgb[i] = (unsigned char)(x >> 24);
+    }
 }
 
 static void test_png(const char *dir) {
     CHECK(slow_crc32((const unsigned char *)"123456789", 9) == 0xCBF43926u, "test CRC-32 check value");
     CHECK(slow_adler32((const unsigned char *)"Wikipedia", 9) == 0x11E60398u, "test Adler-32 check value");
-    /* 1x1, a small odd size, scanlines over several blocks, and scanlines of exactly one and
-     * exactly two full 65535-byte blocks (15 rows of 1 + 1456 * 3 bytes; 1542 rows of 1 + 28 * 3). */
+    test_inflate_golden();
+    /* 1x1, a small odd size, scanlines over several 64 KiB deflate segments and IDAT chunks,
+     * and scanlines ending exactly at a segment's end (15 rows of 1 + 1456 * 3 bytes is 65535,
+     * 1542 rows of 1 + 28 * 3 are 131082) */
     static const int sizes[][2] = {{1, 1}, {7, 5}, {300, 300}, {1456, 15}, {28, 1542}};
     char *path = join(dir, "img.png");
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
-        Image img;
-        Error e = {{0}};
-        if (image_alloc(&img, sizes[i][0], sizes[i][1], &e)) continue;
-        fill_pattern(&img);
-        CHECK(png_write(path, &img, &e) == 0, "png_write %dx%d (%s)", img.width, img.height, e.msg);
-        verify_png(path, &img);
-        image_free(&img);
+        for (int kind = 0; kind < 3; kind++) {
+            Image img;
+            Error e = {{0}};
+            if (image_alloc(&img, sizes[i][0], sizes[i][1], &e)) continue;
+            if (kind == 0) fill_pattern(&img);
+            if (kind == 1) fill_blocks(&img, 4);
+            if (kind == 2) fill_noise(&img);
+            CHECK(png_write(path, &img, &e) == 0, "png_write %dx%d (%s)", img.width, img.height, e.msg);
+            verify_png(path, &img, NULL);
+            image_free(&img);
+        }
+    }
+    /* the demo's kind of picture compresses: a 1000x600 picture of 4x4 blocks */
+    Image blocks;
+    Error e = {{0}};
+    size_t size = 0;
+    if (image_alloc(&blocks, 1000, 600, &e) == 0) {
+        fill_blocks(&blocks, 4);
+        CHECK(png_write(path, &blocks, &e) == 0, "png_write 1000x600 blocks (%s)", e.msg);
+        bool valid = verify_png(path, &blocks, &size);
+        CHECK(valid && size < 1000 * 600 * 3 / 50,
+              "a 1000x600 picture of 4x4 blocks takes %zu bytes, under 2%% of its 1800000", size);
+        image_free(&blocks);
     }
     CHECK(dir_entries(dir) == 1, "png_write leaves no temporary file");
     Image none = {3, 0, NULL};
-    Error e = {{0}};
     CHECK(png_write(path, &none, &e) != 0 && contains(e.msg, "outside"), "png_write refuses height 0");
     remove(path);
     free(path);
