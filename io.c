@@ -1702,8 +1702,7 @@ const StTensor *st_model_find(const StModel *m, const char *name) {
 
 /* ---- synthetic models ---- */
 
-/* splitmix64's finaliser: every input bit reaches every output bit. */
-static uint64_t mix64(uint64_t x) {
+uint64_t mix64(uint64_t x) {
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9u;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBu;
     return x ^ (x >> 31);

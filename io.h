@@ -222,6 +222,9 @@ bool st_model_random_any_seed(const StModel *m, uint64_t *seed);
 void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst);
 /* dst[0 .. n-1] uniform in [-1, 1) from a hash of (seed, name, index): st_random_fill's source. */
 void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst);
+/* splitmix64's finaliser, a bijection of 64-bit values in which every input bit reaches every
+ * output bit: the hash behind every seeded stream (random weights, training batches, scenes). */
+uint64_t mix64(uint64_t x);
 
 /* ---- images ----------------------------------------------------------------------------- */
 

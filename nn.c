@@ -3433,12 +3433,9 @@ struct FlowTrainer {
     float *sigma;                       /* [batch] */
 };
 
-/* splitmix64's finaliser: one 64-bit value from (seed, step) for the step's generator. */
+/* One 64-bit value from (seed, step) for the step's generator. */
 static uint64_t flow_mix(uint64_t seed, int64_t step) {
-    uint64_t z = seed + 0x9E3779B97F4A7C15ull * (uint64_t)(step + 1);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
+    return mix64(seed + 0x9E3779B97F4A7C15ull * (uint64_t)(step + 1));
 }
 
 void flow_noise(uint64_t seed, int64_t step, int batch, int64_t per_sample, double logit_mean,
@@ -3574,10 +3571,7 @@ int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], 
 /* ---- section: detector_train ----------------------------------------------------------------- */
 
 static uint64_t detector_mix(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
+    return mix64(x + 0x9e3779b97f4a7c15ull);
 }
 
 /* The seed of example `index` of batch `step`. */
@@ -4441,11 +4435,7 @@ struct VaeTrainer {
 };
 
 uint64_t vae_image_index(uint64_t seed, uint64_t k) {
-    /* splitmix64's finaliser over seed and k combined */
-    uint64_t x = seed * 0x9E3779B97F4A7C15ull + k + 0x632BE59BD9B4E019ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
+    return mix64(seed * 0x9E3779B97F4A7C15ull + k + 0x632BE59BD9B4E019ull);
 }
 
 int vae_world_image(uint64_t index, int channels, int height, int width, float *chw, void *ctx,
