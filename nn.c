@@ -49,6 +49,24 @@ void params_free(Params *p) {
     free(p);
 }
 
+/* 0 when m holds tensor `name` with exactly `shape`; otherwise an error naming both shapes. */
+static int params_check_shape(const StModel *m, const char *name, int ndim, const int64_t *shape,
+                              Error *e) {
+    const StTensor *info = st_model_find(m, name);
+    if (!info) return error_set(e, "missing tensor '%s'", name);
+    bool same = info->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = info->shape[i] == shape[i];
+    if (same) return 0;
+    char want[128], got[128];
+    Tensor wanted = {.ndim = ndim}, found = {.ndim = info->ndim};
+    for (int i = 0; i < ndim && i < TENSOR_MAX_DIMS; i++) wanted.shape[i] = shape[i];
+    for (int i = 0; i < info->ndim && i < TENSOR_MAX_DIMS; i++) found.shape[i] = info->shape[i];
+    if (info->ndim > TENSOR_MAX_DIMS) found.ndim = TENSOR_MAX_DIMS;
+    return error_set(e, "tensor '%s' has shape %s, the config implies %s", name,
+                     tensor_shape_str(&found, got, sizeof got),
+                     tensor_shape_str(&wanted, want, sizeof want));
+}
+
 /* The source's tensor `name` as a new f32 tensor of exactly `shape` (or, for config-only
  * weights, st_random_fill's values for that name and shape). */
 static int params_read(const StModel *m, const char *name, int ndim, const int64_t *shape,
@@ -61,20 +79,7 @@ static int params_read(const StModel *m, const char *name, int ndim, const int64
         st_random_fill(seed, name, ndim, shape, (*out)->data);
         return 0;
     }
-    const StTensor *info = st_model_find(m, name);
-    if (!info) return error_set(e, "missing tensor '%s'", name);
-    bool same = info->ndim == ndim;
-    for (int i = 0; same && i < ndim; i++) same = info->shape[i] == shape[i];
-    if (!same) {
-        char want[128], got[128];
-        Tensor wanted = {.ndim = ndim}, found = {.ndim = info->ndim};
-        for (int i = 0; i < ndim && i < TENSOR_MAX_DIMS; i++) wanted.shape[i] = shape[i];
-        for (int i = 0; i < info->ndim && i < TENSOR_MAX_DIMS; i++) found.shape[i] = info->shape[i];
-        if (info->ndim > TENSOR_MAX_DIMS) found.ndim = TENSOR_MAX_DIMS;
-        return error_set(e, "tensor '%s' has shape %s, the config implies %s", name,
-                         tensor_shape_str(&found, got, sizeof got),
-                         tensor_shape_str(&wanted, want, sizeof want));
-    }
+    if (params_check_shape(m, name, ndim, shape, e)) return -1;
     Tensor *t = tensor_new(ndim, shape);
     if (!t) return error_set(e, "out of memory loading tensor '%s'", name);
     if (st_model_read_f32(m, name, t->data, t->numel, e)) {
@@ -368,22 +373,6 @@ static void flux2_part_free(Flux2Part *p) {
     p->tape = NULL;
 }
 
-static int flux2_check_tensor(const StModel *m, const char *name, int ndim, const int64_t *shape,
-                              Error *e) {
-    const StTensor *info = st_model_find(m, name);
-    if (!info) return error_set(e, "missing tensor '%s'", name);
-    bool same = info->ndim == ndim;
-    for (int i = 0; same && i < ndim; i++) same = info->shape[i] == shape[i];
-    if (same) return 0;
-    Tensor want = {.ndim = ndim}, got = {.ndim = info->ndim < TENSOR_MAX_DIMS ? info->ndim
-                                                                                : TENSOR_MAX_DIMS};
-    memcpy(want.shape, shape, (size_t)ndim * sizeof *shape);
-    for (int i = 0; i < got.ndim; i++) got.shape[i] = info->shape[i];
-    char w[128], g[128];
-    return error_set(e, "tensor '%s' has shape %s, the config implies %s", name,
-                     tensor_shape_str(&got, g, sizeof g), tensor_shape_str(&want, w, sizeof w));
-}
-
 static void flux2_spec_list_free(Flux2SpecList *l) {
     for (size_t i = 0; i < l->count; i++) free((char *)l->specs[i].name);
     free(l->specs);
@@ -424,7 +413,7 @@ static int flux2_weight(Flux2Part *p, Var **out, Error *e, int ndim, const int64
     *out = NULL;
     if (len < 0 || (size_t)len >= sizeof name)
         return error_set(e, "tensor name too long: %s", name);
-    if (p->mode == FLUX2_CHECK) return flux2_check_tensor(p->weights, name, ndim, shape, e);
+    if (p->mode == FLUX2_CHECK) return params_check_shape(p->weights, name, ndim, shape, e);
     if (p->mode == FLUX2_LIST) return flux2_spec_add(p->list, name, ndim, shape, e);
     if (p->mode == FLUX2_RESIDENT)
         return (*out = params_load(p->params, e, ndim, shape, "%s", name)) ? 0 : -1;
