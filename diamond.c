@@ -125,8 +125,8 @@ static int info_dir(const char *dir, bool top, InfoTotals *totals, Error *e) {
         char path[4096];
         struct stat sb;
         if (names[i][0] == '.') continue;
-        if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, names[i]) >= sizeof path) {
-            rc = error_set(e, "%s/%s: path too long", dir, names[i]);
+        if (path_join(path, sizeof path, dir, names[i], e)) {
+            rc = -1;
         } else if (stat(path, &sb) != 0) {
             continue;
         } else if (S_ISDIR(sb.st_mode)) {
@@ -488,12 +488,12 @@ static Tensor *bench_random(Tensor *t, unsigned long long *state) {
 static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) {
     const uint64_t seed = 42;
     char path[4096];
-    snprintf(path, sizeof path, a->config_only ? "%s/transformer/config.json" : "%s/transformer",
-             a->model);
-    if (a->config_only ? flux2_load_config_only(&m->flow, path, seed, e)
-                       : flux2_load(&m->flow, path, e))
+    if (path_join(path, sizeof path, a->model,
+                  a->config_only ? "transformer/config.json" : "transformer", e) ||
+        (a->config_only ? flux2_load_config_only(&m->flow, path, seed, e)
+                        : flux2_load(&m->flow, path, e)) ||
+        path_join(path, sizeof path, a->model, "vae", e))
         return 1;
-    snprintf(path, sizeof path, "%s/vae", a->model);
     if (a->config_only ? vae_decoder_load_config_only(&m->vae, path, seed, e)
                        : vae_decoder_load(&m->vae, path, e))
         return 1;
@@ -1002,8 +1002,9 @@ static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch,
 static int generate_text_encoder(const GenerateArgs *a, GenerateRun *r, Error *e) {
     if (r->text) return 0;
     char dir[4096];
-    snprintf(dir, sizeof dir, "%s/text_encoder", a->model);
-    if (text_encoder_load(&r->text, dir, e)) return -1;
+    if (path_join(dir, sizeof dir, a->model, "text_encoder", e) ||
+        text_encoder_load(&r->text, dir, e))
+        return -1;
     int D = flux2_config(r->flow)->joint_attention_dim;
     if (text_encoder_config(r->text)->hidden_size != D)
         return error_set(e, "%s: hidden_size %d is not the transformer's joint_attention_dim %d",
@@ -1054,10 +1055,9 @@ static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) 
  * the model cannot make, 1 for other failures, 0 when ready. */
 static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e) {
     char dir[4096];
-    snprintf(dir, sizeof dir, "%s/transformer", a->model);
-    if (flux2_load(&r->flow, dir, e)) return 1;
-    snprintf(dir, sizeof dir, "%s/vae", a->model);
-    if (vae_decoder_load(&r->vae, dir, e)) return 1;
+    if (path_join(dir, sizeof dir, a->model, "transformer", e) || flux2_load(&r->flow, dir, e) ||
+        path_join(dir, sizeof dir, a->model, "vae", e) || vae_decoder_load(&r->vae, dir, e))
+        return 1;
     int ph, pw;
     vae_decoder_token_size(r->vae, &ph, &pw);
     if (a->width % pw || a->height % ph) {
@@ -2101,8 +2101,10 @@ static int eval_merge(const EvalArgs *a, Error *e) {
         if (!eval_is_item_name(names[i])) continue;
         JsonDoc *doc = NULL;
         const char *emb, *settings;
-        snprintf(path, sizeof path, "%s/%s", a->out, names[i]);
-        rc = eval_item_read(path, &items[n], &emb, &settings, &doc, e);
+        rc = path_join(path, sizeof path, a->out, names[i], e) ||
+                     eval_item_read(path, &items[n], &emb, &settings, &doc, e)
+                 ? -1
+                 : 0;
         if (rc == 0 && n == 0) snprintf(first, sizeof first, "%s", settings);
         else if (rc == 0 && strcmp(first, settings))
             rc = error_set(e, "%s: made with other settings than the first item (%s; first %s)",
@@ -2554,15 +2556,15 @@ static int train_detector_samples(const TrainArgs *a, DetectorSamples *out, Erro
     VaeDecoder *vae = NULL;
     char **exclude = NULL, dir[3][4200];
     int n_exclude = 0;
-    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->flow);
-    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->flow);
-    snprintf(dir[2], sizeof dir[2], "%s/vae", a->flow);
     DetectorSampleOptions o = {.n = a->samples, .batch = 32, .seed = TRAIN_SAMPLE_SEED,
                                .sampler = {.steps = EMBEDDED_STEPS, .guidance_scale = 1.0f,
                                            .cfg_scale = EMBEDDED_CFG, .set_mu = true,
                                            .mu = EMBEDDED_MU},
                                .on_batch = a->quiet ? NULL : train_samples_progress};
     int rc = train_exclude_words(a->exclude, &exclude, &n_exclude, e) ||
+                     path_join(dir[0], sizeof dir[0], a->flow, "transformer", e) ||
+                     path_join(dir[1], sizeof dir[1], a->flow, "text_encoder", e) ||
+                     path_join(dir[2], sizeof dir[2], a->flow, "vae", e) ||
                      flux2_load_params(&flow, dir[0], WEIGHTS_FILES, 0, e) ||
                      text_encoder_load(&text, dir[1], e) || vae_decoder_load(&vae, dir[2], e)
                  ? -1
@@ -2700,9 +2702,10 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
     char dir[2][4200];
     if (!f) return error_set(e, "out of memory");
     *state = f;
-    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->init ? a->init : a->config);
-    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->init ? a->init : a->config);
-    if (vae_encoder_load(&f->vae, a->vae, e) ||
+    const char *from = a->init ? a->init : a->config;
+    if (path_join(dir[0], sizeof dir[0], from, "transformer", e) ||
+        path_join(dir[1], sizeof dir[1], from, "text_encoder", e) ||
+        vae_encoder_load(&f->vae, a->vae, e) ||
         (a->init ? flux2_load_params(&f->flow, dir[0], WEIGHTS_FILES, 0, e) ||
                        text_encoder_load(&f->text, dir[1], e)
                  : flux2_init(&f->flow, dir[0], a->seed, e) ||
@@ -2722,9 +2725,11 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
 static int train_flow_save(void *state, const TrainArgs *a, Error *e) {
     FlowRun *f = state;
     char dir[2][4200];
-    snprintf(dir[0], sizeof dir[0], "%s/transformer", a->out);
-    snprintf(dir[1], sizeof dir[1], "%s/text_encoder", a->out);
-    return flux2_save(f->flow, dir[0], e) || text_encoder_save(f->text, dir[1], e) ? -1 : 0;
+    return path_join(dir[0], sizeof dir[0], a->out, "transformer", e) ||
+                   path_join(dir[1], sizeof dir[1], a->out, "text_encoder", e) ||
+                   flux2_save(f->flow, dir[0], e) || text_encoder_save(f->text, dir[1], e)
+               ? -1
+               : 0;
 }
 
 static const Trainer trainers[] = {
@@ -2971,7 +2976,7 @@ static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Err
 static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t len, Error *e) {
     *a = (EvalArgs){.threshold = EVAL_THRESHOLD};
     GenerateArgs *g = &a->gen;
-    snprintf(detector, len, "%s/detector", d->weights);
+    if (path_join(detector, len, d->weights, "detector", e)) return -1;
     *g = (GenerateArgs){.model = d->weights, .detector = detector, .steps = EMBEDDED_STEPS,
                         .width = WORLD_W, .height = WORLD_H, .quiet = true,
                         .opt = {.steps = EMBEDDED_STEPS, .guide = true, .guidance_scale = 1.0f,

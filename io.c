@@ -135,12 +135,10 @@ static const char *format_shape(int ndim, const int64_t *shape, char *buf, size_
     return buf;
 }
 
-/* dir + "/" + name, malloc'd. */
-static char *path_join(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *path = malloc(n);
-    if (path) snprintf(path, n, "%s/%s", dir, name);
-    return path;
+int path_join(char *path, size_t size, const char *dir, const char *name, Error *e) {
+    int n = snprintf(path, size, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= size) return error_set(e, "path too long: %s/%s", dir, name);
+    return 0;
 }
 
 /* The directory part of path ("." when it has none), malloc'd. */
@@ -1570,11 +1568,9 @@ static bool shard_name_valid(const char *name) {
 static int st_model_shard_for(StModel *m, NameTable *opened, const char *dir, const char *file, size_t *shard,
                               Error *e) {
     if (name_table_find(opened, file, shard)) return 0;
-    char *path = path_join(dir, file);
-    if (!path) return error_set(e, "%s: out of memory", m->path);
-    int rc = st_open(&m->shards[m->shard_count], path, e);
-    free(path);
-    if (rc) return -1;
+    char path[4096];
+    if (path_join(path, sizeof path, dir, file, e) || st_open(&m->shards[m->shard_count], path, e))
+        return -1;
     *shard = m->shard_count++;
     name_table_insert(opened, file, *shard);
     return 0;
@@ -1642,13 +1638,12 @@ static int st_model_open_dir(StModel *m, const char *dir, Error *e) {
         }
     }
     int rc;
-    char *path = NULL;
+    char path[4096];
     if (indexes > 1) rc = error_set(e, "%s: %zu *.safetensors.index.json files; name one", dir, indexes);
     else if (indexes == 0 && files > 1) rc = error_set(e, "%s: %zu .safetensors files and no index; name one", dir, files);
     else if (indexes == 0 && files == 0) rc = error_set(e, "%s: no .safetensors file or index", dir);
-    else if (!(path = path_join(dir, index ? index : file))) rc = error_set(e, "%s: out of memory", dir);
+    else if (path_join(path, sizeof path, dir, index ? index : file, e)) rc = -1;
     else rc = index ? st_model_open_index(m, path, e) : st_model_open_file(m, path, e);
-    free(path);
     dir_list_free(names, count);
     return rc;
 }

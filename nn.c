@@ -634,9 +634,7 @@ static int flux2_error_context(Error *e, const char *what) {
 
 /* path: dir/config.json, or an error when dir is too long. */
 static int flux2_config_path(char *path, size_t size, const char *dir, Error *e) {
-    if (snprintf(path, size, "%s/config.json", dir) >= (int)size)
-        return error_set(e, "path too long: %s", dir);
-    return 0;
+    return path_join(path, size, dir, "config.json", e);
 }
 
 int flux2_load(Flux2 **out, const char *dir, Error *e) {
@@ -1419,12 +1417,6 @@ static void json_number(char *buf, size_t size, double v) {
     }
 }
 
-/* <dir>/<name> into path, or an error when too long. */
-static int join_path(char *path, size_t size, const char *dir, const char *name, Error *e) {
-    if (snprintf(path, size, "%s/%s", dir, name) >= (int)size)
-        return error_set(e, "path too long: %s/%s", dir, name);
-    return 0;
-}
 
 /* The config as diffusers writes it (keys sorted), so that flux2_config_read reads it back. */
 static int flux2_config_write(const Flux2Config *c, const char *path, Error *e) {
@@ -1455,9 +1447,9 @@ int flux2_save(const Flux2 *m, const char *dir, Error *e) {
     if (!m->params)
         return error_set(e, "flux2_save %s: only a resident model (flux2_load_params) is saved",
                          dir);
-    return dir_make(dir, e) || join_path(path, sizeof path, dir, "config.json", e) ||
+    return dir_make(dir, e) || path_join(path, sizeof path, dir, "config.json", e) ||
            flux2_config_write(&m->config, path, e) ||
-           join_path(path, sizeof path, dir, "diffusion_pytorch_model.safetensors", e) ||
+           path_join(path, sizeof path, dir, "diffusion_pytorch_model.safetensors", e) ||
            params_save(m->params, path, e);
 }
 
@@ -1563,8 +1555,7 @@ int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource so
                              uint64_t seed, Error *e) {
     *out = NULL;
     char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return error_set(e, "path too long: %s", dir);
+    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     TextEncoder *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
     StModel *st = NULL;
@@ -1707,9 +1698,9 @@ static int text_config_write(const TextEncoderConfig *c, const char *path, Error
 
 int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
     char path[4096];
-    return dir_make(dir, e) || join_path(path, sizeof path, dir, "config.json", e) ||
+    return dir_make(dir, e) || path_join(path, sizeof path, dir, "config.json", e) ||
            text_config_write(&m->config, path, e) ||
-           join_path(path, sizeof path, dir, "model.safetensors", e) ||
+           path_join(path, sizeof path, dir, "model.safetensors", e) ||
            params_save(m->params, path, e);
 }
 
@@ -2016,8 +2007,7 @@ static int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource sour
                             Error *e) {
     *out = NULL;
     char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return error_set(e, "VAE directory name too long: %s", dir);
+    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     VaeDecoder *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading the VAE decoder");
     m->checkpoint = true;
@@ -2319,8 +2309,7 @@ static int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource sour
                             uint64_t seed, Error *e) {
     *out = NULL;
     char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return error_set(e, "VAE directory name too long: %s", dir);
+    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     VaeEncoder *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading the VAE encoder");
     JsonDoc *doc = NULL;
@@ -2633,8 +2622,7 @@ static int segformer_preprocessor_config(SegformerConfig *c, const JsonValue *ro
 static int segformer_json(SegformerConfig *c, const char *dir, const char *file,
                           int (*parse)(SegformerConfig *, const JsonValue *, Error *), Error *e) {
     char path[4096];
-    if (snprintf(path, sizeof path, "%s/%s", dir, file) >= (int)sizeof path)
-        return error_set(e, "path too long: %s/%s", dir, file);
+    if (path_join(path, sizeof path, dir, file, e)) return -1;
     JsonDoc *doc;
     if (json_parse_file(&doc, path, e)) return -1;
     const JsonValue *root = json_root(doc);
@@ -2920,8 +2908,8 @@ static int segformer_text_write(SegformerText *b, const char *dir, const char *f
     int rc;
     if (b->failed)
         rc = error_set(e, "out of memory writing %s/%s", dir, file);
-    else if (snprintf(path, sizeof path, "%s/%s", dir, file) >= (int)sizeof path)
-        rc = error_set(e, "path too long: %s/%s", dir, file);
+    else if (path_join(path, sizeof path, dir, file, e))
+        rc = -1;
     else
         rc = write_file_atomic(path, b->data, b->len, e);
     free(b->data);
@@ -3016,8 +3004,7 @@ static int segformer_identity_head(const SegformerConfig *c, SegformerIdentityHe
 
 static int segformer_save_weights(const Segformer *m, const char *dir, Error *e) {
     char path[4096];
-    if (snprintf(path, sizeof path, "%s/model.safetensors", dir) >= (int)sizeof path)
-        return error_set(e, "path too long: %s/model.safetensors", dir);
+    if (path_join(path, sizeof path, dir, "model.safetensors", e)) return -1;
     SegformerIdentityHead h;
     if (segformer_identity_head(&m->config, &h, e)) return -1;
     int n = params_count(m->params);
@@ -4616,17 +4603,12 @@ int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_di
     char path[4096];
     char *config = NULL;
     size_t len = 0;
-    if (snprintf(path, sizeof path, "%s/config.json", config_dir) >= (int)sizeof path)
-        return error_set(e, "VAE directory name too long: %s", config_dir);
+    if (path_join(path, sizeof path, config_dir, "config.json", e)) return -1;
     if (file_read_all(path, &config, &len, e)) return -1;
-    int rc = dir_make(out_dir, e);
-    if (rc == 0 && snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors",
-                            out_dir) >= (int)sizeof path)
-        rc = error_set(e, "VAE directory name too long: %s", out_dir);
-    if (rc == 0) {
-        snprintf(path, sizeof path, "%s/config.json", out_dir);
-        rc = write_file_atomic(path, config, len, e);
-    }
+    int rc = dir_make(out_dir, e) || path_join(path, sizeof path, out_dir, "config.json", e) ||
+                     write_file_atomic(path, config, len, e)
+                 ? -1
+                 : 0;
     free(config);
     const Params *pe = enc->params, *pd = dec->params;
     StWriteTensor *items = calloc((size_t)(params_count(pe) + params_count(pd)), sizeof *items);
@@ -4635,8 +4617,10 @@ int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_di
         size_t n = 0;
         vae_save_entries(pe, items, &n);
         vae_save_entries(pd, items, &n);
-        snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", out_dir);
-        rc = st_write(path, items, n, e);
+        rc = path_join(path, sizeof path, out_dir, "diffusion_pytorch_model.safetensors", e) ||
+                     st_write(path, items, n, e)
+                 ? -1
+                 : 0;
     }
     free(items);
     return rc;
