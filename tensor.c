@@ -1863,29 +1863,62 @@ void groupnorm_silu_forward(int B, int C, int HW, int groups, float eps, const f
     }
 }
 
-/* du = dy * SiLU'(u) over one channel plane of HW values, u recomputed from x and the group's
- * statistics; returns sum(du) and sum(du * xhat) in double. */
+/* Values per chunk of the SiLU backward: small enough for the stack, long enough to vectorise. */
+#define SILU_GRAD_CHUNK 256
+
+/* du[i] = dy[i] SiLU'(u_i), u_i = (x[i] - m) scale + shift, for n <= SILU_GRAD_CHUNK values:
+ * elementwise, so that it vectorises. */
+static void silu_grad_chunk(int n, const float *x, const float *dy, float m, float scale,
+                            float shift, float *du) {
+    for (int i = 0; i < n; i++) {
+        float slope, u = groupnorm_value(x[i], m, scale, shift);
+        float sig = sigmoid_scalar(u, &slope);
+        du[i] = dy[i] * (sig + u * slope);
+    }
+}
+
+/* Over one plane of HW values: the sums of du and of du * xhat (xhat = (x - m) s), in double,
+ * in order. */
 static void silu_grad_sums(int HW, const float *x, const float *dy, float m, float s, float scale,
                            float shift, double *sum_du, double *sum_du_xhat) {
     double s_du = 0.0, s_du_xhat = 0.0;
-    for (int i = 0; i < HW; i++) {
-        float slope, u = groupnorm_value(x[i], m, scale, shift);
-        float sig = sigmoid_scalar(u, &slope);
-        float du = dy[i] * (sig + u * slope);
-        s_du += du;
-        s_du_xhat += du * ((x[i] - m) * s);
+    float du[SILU_GRAD_CHUNK];
+    for (int i0 = 0; i0 < HW; i0 += SILU_GRAD_CHUNK) {
+        int n = HW - i0 < SILU_GRAD_CHUNK ? HW - i0 : SILU_GRAD_CHUNK;
+        silu_grad_chunk(n, x + i0, dy + i0, m, scale, shift, du);
+        for (int i = 0; i < n; i++) {
+            s_du += du[i];
+            s_du_xhat += du[i] * ((x[i0 + i] - m) * s);
+        }
     }
     *sum_du = s_du;
     *sum_du_xhat = s_du_xhat;
 }
 
+/* dx[i] += s (du[i] wc - mean_g - xhat_i mean_g_xhat) over one plane of HW values. */
+static void groupnorm_silu_dx(int HW, const float *x, const float *dy, float m, float s,
+                              float wc, float shift, float mean_g, float mean_g_xhat, float *dx) {
+    float du[SILU_GRAD_CHUNK];
+    for (int i0 = 0; i0 < HW; i0 += SILU_GRAD_CHUNK) {
+        int n = HW - i0 < SILU_GRAD_CHUNK ? HW - i0 : SILU_GRAD_CHUNK;
+        silu_grad_chunk(n, x + i0, dy + i0, m, s * wc, shift, du);
+        for (int i = 0; i < n; i++) {
+            float g = du[i] * wc, xhat = (x[i0 + i] - m) * s;
+            dx[i0 + i] += s * (g - mean_g - xhat * mean_g_xhat);
+        }
+    }
+}
+
 /* groupnorm_backward applied to du = dy * SiLU'(u), with u recomputed from x, the statistics,
- * w and b instead of read back: the memory of one tensor less in forward and in backward. */
+ * w and b instead of read back: the memory of one tensor less in forward and in backward. The
+ * per-plane sums dx needs are kept (when there is memory for them) for dw and db. */
 void groupnorm_silu_backward(int B, int C, int HW, int groups, const float *x, const float *w,
                              const float *b, const float *mean, const float *rstd, const float *dy,
                              float *dx, float *dw, float *db) {
     int group_ch = C / groups;
     size_t group_len = (size_t)group_ch * HW;
+    /* [B * C][2]: each plane's sums of du and du * xhat */
+    double *sums = dx && (dw || db) ? malloc((size_t)B * C * 2 * sizeof *sums) : NULL;
     if (dx) {
 #pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
         for (int bg = 0; bg < B * groups; bg++) {
@@ -1899,23 +1932,20 @@ void groupnorm_silu_backward(int B, int C, int HW, int groups, const float *x, c
                 double s_du, s_du_xhat;
                 silu_grad_sums(HW, xg + (size_t)k * HW, dyg + (size_t)k * HW, m, s, s * wc, shift,
                                &s_du, &s_du_xhat);
+                if (sums) {
+                    size_t plane = (size_t)bg * group_ch + (size_t)k; /* = bi * C + c0 + k */
+                    sums[2 * plane] = s_du;
+                    sums[2 * plane + 1] = s_du_xhat;
+                }
                 sum_g += wc * s_du;
                 sum_g_xhat += wc * s_du_xhat;
             }
             float mean_g = (float)(sum_g / group_len);
             float mean_g_xhat = (float)(sum_g_xhat / group_len);
-            for (int k = 0; k < group_ch; k++) {
-                float wc = w ? w[c0 + k] : 1.0f, shift = b ? b[c0 + k] : 0.0f;
-                const float *xc = xg + (size_t)k * HW, *dyc = dyg + (size_t)k * HW;
-                float *dxc = dxg + (size_t)k * HW;
-                for (int i = 0; i < HW; i++) {
-                    float slope, u = groupnorm_value(xc[i], m, s * wc, shift);
-                    float sig = sigmoid_scalar(u, &slope);
-                    float g = dyc[i] * (sig + u * slope) * wc;
-                    float xhat = (xc[i] - m) * s;
-                    dxc[i] += s * (g - mean_g - xhat * mean_g_xhat);
-                }
-            }
+            for (int k = 0; k < group_ch; k++)
+                groupnorm_silu_dx(HW, xg + (size_t)k * HW, dyg + (size_t)k * HW, m, s,
+                                  w ? w[c0 + k] : 1.0f, b ? b[c0 + k] : 0.0f, mean_g, mean_g_xhat,
+                                  dxg + (size_t)k * HW);
         }
     }
     if (!dw && !db) return;
@@ -1925,16 +1955,23 @@ void groupnorm_silu_backward(int B, int C, int HW, int groups, const float *x, c
         float wc = w ? w[c] : 1.0f, shift = b ? b[c] : 0.0f;
         double s_du = 0.0, s_du_xhat = 0.0;
         for (int bi = 0; bi < B; bi++) {
-            size_t plane = ((size_t)bi * C + c) * HW;
+            size_t plane = (size_t)bi * C + c;
             float m = mean[(size_t)bi * groups + g], s = rstd[(size_t)bi * groups + g];
             double a, a_xhat;
-            silu_grad_sums(HW, x + plane, dy + plane, m, s, s * wc, shift, &a, &a_xhat);
+            if (sums) {
+                a = sums[2 * plane];
+                a_xhat = sums[2 * plane + 1];
+            } else {
+                silu_grad_sums(HW, x + plane * HW, dy + plane * HW, m, s, s * wc, shift, &a,
+                               &a_xhat);
+            }
             s_du += a;
             s_du_xhat += a_xhat;
         }
         if (dw) dw[c] += (float)s_du_xhat;
         if (db) db[c] += (float)s_du;
     }
+    free(sums);
 }
 
 /* x < 0 ? 0 : x keeps a NaN a NaN, as torch.relu does. */
