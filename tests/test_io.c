@@ -878,6 +878,19 @@ static void test_random_model(void) {
           "a negative dim is refused (%s)", e.msg);
 }
 
+/* path_join: dir/name when it fits, a clear error naming both when it does not. */
+static void test_path_join(void) {
+    char path[16];
+    Error e = {{0}};
+    CHECK(path_join(path, sizeof path, "a/b", "c.json", &e) == 0 && !strcmp(path, "a/b/c.json"),
+          "path_join a/b + c.json (got %s)", path);
+    CHECK(path_join(path, sizeof path, "dir", "exactly.fit", &e) == 0 && strlen(path) == 15,
+          "path_join fills the buffer to its last byte (got %s)", path);
+    CHECK(path_join(path, sizeof path, "dir", "one_too_long", &e) != 0 &&
+              contains(e.msg, "path too long") && contains(e.msg, "dir/one_too_long"),
+          "path_join refuses a path one byte too long (%s)", e.msg);
+}
+
 static void test_atomic(const char *base) {
     char *dir = join(base, "atomic");
     mkdir(dir, 0777);
@@ -1276,6 +1289,7 @@ int main(void) {
     test_malformed(tmp);
     test_sharded(tmp);
     test_random_model();
+    test_path_join();
     test_atomic(tmp);
     char *images = join(tmp, "images");
     mkdir(images, 0777);
