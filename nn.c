@@ -632,15 +632,10 @@ static int flux2_error_context(Error *e, const char *what) {
     return error_set(e, "%s: %s", what, msg);
 }
 
-/* path: dir/config.json, or an error when dir is too long. */
-static int flux2_config_path(char *path, size_t size, const char *dir, Error *e) {
-    return path_join(path, size, dir, "config.json", e);
-}
-
 int flux2_load(Flux2 **out, const char *dir, Error *e) {
     *out = NULL;
     char path[4096];
-    if (flux2_config_path(path, sizeof path, dir, e)) return -1;
+    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
     /* config and safetensors errors name their file; a weight's name needs the directory */
@@ -679,7 +674,7 @@ int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_
                       Error *e) {
     *out = NULL;
     char path[4096];
-    if (flux2_config_path(path, sizeof path, dir, e)) return -1;
+    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
     StModel *st = NULL;
@@ -1416,7 +1411,6 @@ static void json_number(char *buf, size_t size, double v) {
         if (strtod(buf, NULL) == v) return;
     }
 }
-
 
 /* The config as diffusers writes it (keys sorted), so that flux2_config_read reads it back. */
 static int flux2_config_write(const Flux2Config *c, const char *path, Error *e) {
