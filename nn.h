@@ -261,7 +261,7 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
 /* An upper estimate of the memory a decode with grad of `batch` images of height x width holds
  * without checkpoints: VAE_PLAIN_TENSORS_PER_RESNET f32 tensors the size of each resnet's
  * output (values, saved inputs, gradients, the upsamplers' and attention's share). Measured
- * tape peaks are 7.0 of them for the real config at 256x256 (1311 MB) and 8.6 for the embedded
+ * tape peaks are 7.4 of them for the real config at 256x256 (1311 MiB) and 8.6 for the embedded
  * one at 64x64 (9 MB); tests/test_vae.c checks the bound. */
 #define VAE_PLAIN_TENSORS_PER_RESNET 10
 size_t vae_decode_plain_bytes(const VaeDecoder *m, int batch, int height, int width);
