@@ -39,7 +39,7 @@ static const char *usage_text =
     "  diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"
     "                                   train an embedded model (`make weights` trains all)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
-    "  diamond bench gemm M N K [--threads T]\n"
+    "  diamond bench gemm M N K [--trans-a] [--trans-b] [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
     "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
     "  diamond bench model --model DIR --detector DIR -W W -H H [--config-only]\n"
@@ -378,29 +378,40 @@ static int bench_conv(int argc, char **argv) {
 
 typedef struct GemmBench {
     int M, N, K;
+    bool trans_a, trans_b;
     float *A, *B, *C;
 } GemmBench;
 
 static void gemm_bench_run(void *ctx) {
     GemmBench *g = ctx;
-    gemm(false, false, g->M, g->N, g->K, 1.0f, g->A, g->K, g->B, g->N, 0.0f, g->C, g->N);
+    gemm(g->trans_a, g->trans_b, g->M, g->N, g->K, 1.0f, g->A, g->trans_a ? g->M : g->K, g->B,
+         g->trans_b ? g->K : g->N, 0.0f, g->C, g->N);
 }
 
-/* diamond bench gemm M N K [--threads T]: C[M,N] = A[M,K] B[K,N], row-major, no transposes. */
+/* diamond bench gemm M N K [--trans-a] [--trans-b] [--threads T]: C[M,N] = op(A) op(B),
+ * row-major; --trans-a stores A as [K,M], --trans-b B as [N,K] (a linear layer's weight). */
 static int bench_gemm(int argc, char **argv) {
-    GemmBench g;
+    GemmBench g = {0};
     int threads = bench_threads_now();
     if (argc < 6 || bench_parse_int(argv[3], 1, 1 << 16, &g.M) ||
         bench_parse_int(argv[4], 1, 1 << 16, &g.N) || bench_parse_int(argv[5], 1, 1 << 16, &g.K)) {
-        fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--threads T], sizes 1..65536\n");
+        fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--trans-a] [--trans-b] "
+                        "[--threads T], sizes 1..65536\n");
         return 2;
     }
-    for (int i = 6; i < argc; i += 2)
-        if (bench_threads_option(argc, argv, i, &threads)) {
-            fprintf(stderr, "diamond: bench gemm: bad option '%s' (expected --threads T)\n",
-                    argv[i]);
+    for (int i = 6; i < argc; i++) {
+        if (!strcmp(argv[i], "--trans-a")) {
+            g.trans_a = true;
+        } else if (!strcmp(argv[i], "--trans-b")) {
+            g.trans_b = true;
+        } else if (bench_threads_option(argc, argv, i, &threads) == 0) {
+            i++;
+        } else {
+            fprintf(stderr, "diamond: bench gemm: bad option '%s' (expected --trans-a, --trans-b "
+                            "or --threads T)\n", argv[i]);
             return 2;
         }
+    }
     size_t na = (size_t)g.M * g.K, nb = (size_t)g.K * g.N, nc = (size_t)g.M * g.N;
     g.A = malloc(na * sizeof(float));
     g.B = malloc(nb * sizeof(float));
@@ -416,8 +427,9 @@ static int bench_gemm(int argc, char **argv) {
     double best, median;
     bench_time(gemm_bench_run, &g, &best, &median);
     double flops = 2.0 * g.M * g.N * g.K;
-    printf("gemm M=%d N=%d K=%d threads=%d best=%.3f ms median=%.3f ms GFLOPS=%.1f\n", g.M, g.N,
-           g.K, threads, 1e3 * best, 1e3 * median, flops / best * 1e-9);
+    printf("gemm M=%d N=%d K=%d%s%s threads=%d best=%.3f ms median=%.3f ms GFLOPS=%.1f\n", g.M,
+           g.N, g.K, g.trans_a ? " trans_a" : "", g.trans_b ? " trans_b" : "", threads, 1e3 * best,
+           1e3 * median, flops / best * 1e-9);
     free(g.A), free(g.B), free(g.C);
     return 0;
 }
@@ -1152,13 +1164,16 @@ static void generate_to_rgb(const Tensor *image, int64_t b, Image *out) {
                       out->rgb);
 }
 
-/* path for one image, else path with "-SEED" (or "-INDEX") before the extension. */
-static void generate_out_name(const GenerateArgs *a, const char *path, int64_t b, int64_t batch,
-                              char *name, size_t len) {
+/* path for one image, else path with "-SEED" (or "-INDEX") before the extension (path has
+ * one); an error when that does not fit in len. */
+static int generate_out_name(const GenerateArgs *a, const char *path, int64_t b, int64_t batch,
+                             char *name, size_t len, Error *e) {
     const char *dot = strrchr(path, '.');
     unsigned long long tag = a->n_seeds ? (unsigned long long)a->seeds[b] : (unsigned long long)b;
-    if (batch == 1) snprintf(name, len, "%s", path);
-    else snprintf(name, len, "%.*s-%llu%s", (int)(dot - path), path, tag, dot);
+    int n = batch == 1 ? snprintf(name, len, "%s", path)
+                       : snprintf(name, len, "%.*s-%llu%s", (int)(dot - path), path, tag, dot);
+    if (n < 0 || (size_t)n >= len) return error_set(e, "output path too long: %s", path);
+    return 0;
 }
 
 static int generate_write_images(const GenerateArgs *a, const Tensor *image, Error *e) {
@@ -1168,7 +1183,7 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
     bool png = !strcmp(strrchr(a->out, '.'), ".png");
     for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
         char name[4096];
-        generate_out_name(a, a->out, b, image->shape[0], name, sizeof name);
+        if ((rc = generate_out_name(a, a->out, b, image->shape[0], name, sizeof name, e))) break;
         generate_to_rgb(image, b, &img);
         rc = png ? png_write(name, &img, e) : ppm_write(name, &img, e);
         if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", name);
@@ -1251,16 +1266,18 @@ static int generate_save_step(const GenerateProgress *p, const SamplerStep *s, E
              image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e) ||
              image_alloc(&heat, img.width, img.height, e);
     for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
-        char base[4096], name[4200];
+        char file[64], base[4096], name[4096];
         generate_to_rgb(image, b, &img);
-        snprintf(base, sizeof base, "%s/step_%03d_x0.png", a->save_steps, s->index);
-        generate_out_name(a, base, b, image->shape[0], name, sizeof name);
-        rc = png_write(name, &img, e);
+        snprintf(file, sizeof file, "step_%03d_x0.png", s->index);
+        rc = path_join(base, sizeof base, a->save_steps, file, e) ||
+             generate_out_name(a, base, b, image->shape[0], name, sizeof name, e) ||
+             png_write(name, &img, e);
         if (rc || !s->mask) continue;
         generate_panel(&heat, 0, 0, &img, s->mask->data + b * s->mask->numel / s->mask->shape[0]);
-        snprintf(base, sizeof base, "%s/step_%03d_overlay.png", a->save_steps, s->index);
-        generate_out_name(a, base, b, image->shape[0], name, sizeof name);
-        rc = png_write(name, &heat, e);
+        snprintf(file, sizeof file, "step_%03d_overlay.png", s->index);
+        rc = path_join(base, sizeof base, a->save_steps, file, e) ||
+             generate_out_name(a, base, b, image->shape[0], name, sizeof name, e) ||
+             png_write(name, &heat, e);
     }
     image_free(&img);
     image_free(&heat);
@@ -1842,17 +1859,20 @@ static int eval_item_read(const char *path, EvalItem *it, const char **input,
     return 0;
 }
 
-static void eval_item_path(const EvalArgs *a, int64_t row, const char *suffix, char *path,
-                           size_t len) {
-    snprintf(path, len, "%s/item_%06lld%s", a->out, (long long)row, suffix);
+/* OUT/item_ROW{suffix}; suffix is one of the short constants below. */
+static int eval_item_path(const EvalArgs *a, int64_t row, const char *suffix, char *path,
+                          size_t len, Error *e) {
+    char file[64];
+    snprintf(file, sizeof file, "item_%06lld%s", (long long)row, suffix);
+    return path_join(path, len, a->out, file, e);
 }
 
 /* 1 when row has no item file yet; 0 when it has one for the same row, input, seed and
  * settings (read into it); -1 for another item or a broken file. */
 static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *settings,
                           EvalItem *it, Error *e) {
-    char path[4200];
-    eval_item_path(a, row->index, ".json", path, sizeof path);
+    char path[4096];
+    if (eval_item_path(a, row->index, ".json", path, sizeof path, e)) return -1;
     if (access(path, F_OK) != 0) return 1;
     JsonDoc *doc = NULL;
     const char *input, *set;
@@ -1965,17 +1985,18 @@ static int eval_pair(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint
 static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const char *settings,
                     EvalItem *it, Error *e) {
     EvalPair p;
-    char path[2][4200];
-    eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0]);
-    eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1]);
+    char path[2][4096];
     *it = (EvalItem){.row = row->index, .seed = row->seed};
-    if (eval_pair(a, r, row, row->seed, &p, e)) return -1;
+    if (eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0], e) ||
+        eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1], e) ||
+        eval_pair(a, r, row, row->seed, &p, e))
+        return -1;
     it->m = p.m;
     int rc = png_write(path[0], &p.img[0], e) || png_write(path[1], &p.img[1], e);
     if (rc == 0) {
         EvalItemFile file = {it, row, !row->path, settings};
-        eval_item_path(a, row->index, ".json", path[0], sizeof path[0]);
-        rc = eval_write_text(path[0], eval_item_write, &file, e);
+        rc = eval_item_path(a, row->index, ".json", path[0], sizeof path[0], e) ||
+             eval_write_text(path[0], eval_item_write, &file, e);
     }
     eval_pair_free(&p);
     return rc ? -1 : 0;

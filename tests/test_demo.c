@@ -118,6 +118,17 @@ static void test_train_usage(Cli *c) {
           "train --help lists --ema, --latent-noise, --uncond, --flow and --exclude");
 }
 
+/* bench gemm's transposes: op(A) and op(B) as named on its line; an unknown option exits 2. */
+static void test_bench_gemm_options(Cli *c) {
+    CHECK(run(c, "bench gemm 7 5 3 --trans-a --trans-b --threads 1") == 0 &&
+              log_has(c, "M=7 N=5 K=3 trans_a trans_b threads=1") && log_has(c, "GFLOPS="),
+          "bench gemm --trans-a --trans-b runs and says so");
+    CHECK(run(c, "bench gemm 7 5 3 --threads 1 --trans-b") == 0 &&
+              log_has(c, "K=3 trans_b threads=1"), "bench gemm takes its options in any order");
+    CHECK(run(c, "bench gemm 7 5 3 --trans-c") == 2 && log_has(c, "bad option '--trans-c'"),
+          "bench gemm --trans-c exits 2");
+}
+
 /* The shipped models, once `make weights` has trained them. */
 static void test_embedded_demo(Cli *c) {
     if (access("weights/transformer/diffusion_pytorch_model.safetensors", R_OK) != 0) {
@@ -145,6 +156,7 @@ int main(int argc, char **argv) {
     snprintf(c.log, sizeof c.log, "%s/log", c.dir);
     test_fixture_demo(&c);
     test_train_usage(&c);
+    test_bench_gemm_options(&c);
     test_embedded_demo(&c);
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", c.dir);
