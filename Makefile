@@ -2,6 +2,8 @@
 #   make            ./diamond (optimised; OpenMP and -march=native when the compiler has them)
 #   make test       build and run every test; ends with "N passed, M failed"
 #   make asan       the tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make msan       the tests under clang's MemorySanitizer (no value read before it is set;
+#                   without OpenMP, whose runtime it cannot see into)
 #   make debug      ./build/debug/diamond at -O0 -g
 #   make fuzz       libFuzzer targets (clang) in build/fuzz/
 #   make bench      the standard benchmarks
@@ -58,7 +60,7 @@ HEADERS = $(wildcard *.h)
 TEST_SRC = $(wildcard tests/test_*.c)
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test asan debug fuzz bench golden clean info-flags weights weights-vae weights-detector \
+.PHONY: all test asan msan debug fuzz bench golden clean info-flags weights weights-vae weights-detector \
         weights-flow weights-vae-decoder weights-flow-cfg
 all: info-flags diamond
 
@@ -99,6 +101,10 @@ test: info-flags $(TEST_BIN) $(BUILD)/diamond
 asan:
 	$(MAKE) test BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer" \
 	    SANITIZE="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
+
+msan:
+	$(MAKE) test BUILD=build/msan CC=clang NO_OMP=1 OPT="-O1 -g -fno-omit-frame-pointer" \
+	    SANITIZE="-fsanitize=memory -fsanitize-memory-track-origins"
 
 debug:
 	$(MAKE) $(BUILD)/debug/diamond BUILD=build/debug OPT="-O0 -g"
