@@ -122,7 +122,7 @@ static int info_dir(const char *dir, bool top, InfoTotals *totals, Error *e) {
     if (dir_list(dir, &names, &count, e)) return -1;
     int rc = 0;
     for (size_t i = 0; i < count && rc == 0; i++) {
-        char path[4096];
+        char path[PATH_BYTES];
         struct stat sb;
         if (names[i][0] == '.') continue;
         if (path_join(path, sizeof path, dir, names[i], e)) {
@@ -499,7 +499,7 @@ static Tensor *bench_random(Tensor *t, unsigned long long *state) {
  * for a size the VAE cannot make, 1 for other failures. */
 static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) {
     const uint64_t seed = 42;
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, a->model,
                   a->config_only ? "transformer/config.json" : "transformer", e) ||
         (a->config_only ? flux2_load_config_only(&m->flow, path, seed, e)
@@ -1013,7 +1013,7 @@ static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch,
 /* <model>/text_encoder, once, checked against the transformer. */
 static int generate_text_encoder(const GenerateArgs *a, GenerateRun *r, Error *e) {
     if (r->text) return 0;
-    char dir[4096];
+    char dir[PATH_BYTES];
     if (path_join(dir, sizeof dir, a->model, "text_encoder", e) ||
         text_encoder_load(&r->text, dir, e))
         return -1;
@@ -1066,7 +1066,7 @@ static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) 
 /* The flow model, the VAE, the image grid and (when guiding) the detector; returns 2 for sizes
  * the model cannot make, 1 for other failures, 0 when ready. */
 static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e) {
-    char dir[4096];
+    char dir[PATH_BYTES];
     if (path_join(dir, sizeof dir, a->model, "transformer", e) || flux2_load(&r->flow, dir, e) ||
         path_join(dir, sizeof dir, a->model, "vae", e) || vae_decoder_load(&r->vae, dir, e))
         return 1;
@@ -1182,7 +1182,7 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
     int rc = 0;
     bool png = !strcmp(strrchr(a->out, '.'), ".png");
     for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
-        char name[4096];
+        char name[PATH_BYTES];
         if ((rc = generate_out_name(a, a->out, b, image->shape[0], name, sizeof name, e))) break;
         generate_to_rgb(image, b, &img);
         rc = png ? png_write(name, &img, e) : ppm_write(name, &img, e);
@@ -1266,7 +1266,7 @@ static int generate_save_step(const GenerateProgress *p, const SamplerStep *s, E
              image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e) ||
              image_alloc(&heat, img.width, img.height, e);
     for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
-        char file[64], base[4096], name[4096];
+        char file[64], base[PATH_BYTES], name[PATH_BYTES];
         generate_to_rgb(image, b, &img);
         snprintf(file, sizeof file, "step_%03d_x0.png", s->index);
         rc = path_join(base, sizeof base, a->save_steps, file, e) ||
@@ -1871,7 +1871,7 @@ static int eval_item_path(const EvalArgs *a, int64_t row, const char *suffix, ch
  * settings (read into it); -1 for another item or a broken file. */
 static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *settings,
                           EvalItem *it, Error *e) {
-    char path[4096];
+    char path[PATH_BYTES];
     if (eval_item_path(a, row->index, ".json", path, sizeof path, e)) return -1;
     if (access(path, F_OK) != 0) return 1;
     JsonDoc *doc = NULL;
@@ -1985,7 +1985,7 @@ static int eval_pair(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint
 static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const char *settings,
                     EvalItem *it, Error *e) {
     EvalPair p;
-    char path[2][4096];
+    char path[2][PATH_BYTES];
     *it = (EvalItem){.row = row->index, .seed = row->seed};
     if (eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0], e) ||
         eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1], e) ||
@@ -2113,7 +2113,7 @@ static bool eval_is_item_name(const char *name) {
 
 /* Every item file of --out, in row order: all made with the same settings, no row twice. */
 static int eval_merge(const EvalArgs *a, Error *e) {
-    char **names, first[1024] = "", path[4200];
+    char **names, first[1024] = "", path[PATH_BYTES];
     size_t count, n = 0;
     if (dir_list(a->out, &names, &count, e)) return 1;
     EvalItem *items = malloc((count ? count : 1) * sizeof *items);
@@ -2575,7 +2575,7 @@ static int train_detector_samples(const TrainArgs *a, DetectorSamples *out, Erro
     Flux2 *flow = NULL;
     TextEncoder *text = NULL;
     VaeDecoder *vae = NULL;
-    char **exclude = NULL, dir[3][4200];
+    char **exclude = NULL, dir[3][PATH_BYTES];
     int n_exclude = 0;
     DetectorSampleOptions o = {.n = a->samples, .batch = 32, .seed = TRAIN_SAMPLE_SEED,
                                .sampler = {.steps = EMBEDDED_STEPS, .guidance_scale = 1.0f,
@@ -2720,7 +2720,7 @@ static void train_flow_close(void *state) {
 
 static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Error *e) {
     FlowRun *f = calloc(1, sizeof *f);
-    char dir[2][4200];
+    char dir[2][PATH_BYTES];
     if (!f) return error_set(e, "out of memory");
     *state = f;
     const char *from = a->init ? a->init : a->config;
@@ -2745,7 +2745,7 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
 
 static int train_flow_save(void *state, const TrainArgs *a, Error *e) {
     FlowRun *f = state;
-    char dir[2][4200];
+    char dir[2][PATH_BYTES];
     return path_join(dir[0], sizeof dir[0], a->out, "transformer", e) ||
                    path_join(dir[1], sizeof dir[1], a->out, "text_encoder", e) ||
                    flux2_save(f->flow, dir[0], e) || text_encoder_save(f->text, dir[1], e)
@@ -2959,7 +2959,7 @@ typedef struct DemoArgs {
     const char *weights, *out;
     int pairs, threads;
     bool quiet;
-    char beside[4096]; /* weights/ beside the binary, when that is where they are */
+    char beside[PATH_BYTES]; /* weights/ beside the binary, when that is where they are */
 } DemoArgs;
 
 static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Error *e) {
@@ -2987,9 +2987,12 @@ static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Err
     if (a->weights) return 0;
     a->weights = "weights";
     const char *slash = strrchr(argv0, '/');
-    if (access("weights/transformer/config.json", R_OK) != 0 && slash)
-        snprintf(a->beside, sizeof a->beside, "%.*s/weights", (int)(slash - argv0), argv0),
-            a->weights = a->beside;
+    if (access("weights/transformer/config.json", R_OK) == 0 || !slash) return 0;
+    int n = snprintf(a->beside, sizeof a->beside, "%.*s/weights", (int)(slash - argv0), argv0);
+    if (n < 0 || (size_t)n >= sizeof a->beside)
+        return error_set(e, "the binary's directory is too long a path: %.*s", (int)(slash - argv0),
+                         argv0);
+    a->weights = a->beside;
     return 0;
 }
 
@@ -3143,7 +3146,7 @@ static int demo_run(const DemoArgs *d, Error *e) {
     EvalArgs a;
     GenerateRun r = {0};
     DemoPair pairs[DEMO_MAX_PAIRS] = {0};
-    char detector[4200];
+    char detector[PATH_BYTES];
     int found = 0;
     int rc = demo_eval_args(d, &a, detector, sizeof detector, e);
     if (rc == 0 && generate_load_models(&a.gen, &r, e)) {

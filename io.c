@@ -1568,7 +1568,7 @@ static bool shard_name_valid(const char *name) {
 static int st_model_shard_for(StModel *m, NameTable *opened, const char *dir, const char *file, size_t *shard,
                               Error *e) {
     if (name_table_find(opened, file, shard)) return 0;
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, file, e) || st_open(&m->shards[m->shard_count], path, e))
         return -1;
     *shard = m->shard_count++;
@@ -1638,7 +1638,7 @@ static int st_model_open_dir(StModel *m, const char *dir, Error *e) {
         }
     }
     int rc;
-    char path[4096];
+    char path[PATH_BYTES];
     if (indexes > 1) rc = error_set(e, "%s: %zu *.safetensors.index.json files; name one", dir, indexes);
     else if (indexes == 0 && files > 1) rc = error_set(e, "%s: %zu .safetensors files and no index; name one", dir, files);
     else if (indexes == 0 && files == 0) rc = error_set(e, "%s: no .safetensors file or index", dir);

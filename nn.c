@@ -634,7 +634,7 @@ static int flux2_error_context(Error *e, const char *what) {
 
 int flux2_load(Flux2 **out, const char *dir, Error *e) {
     *out = NULL;
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
@@ -673,7 +673,7 @@ int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, 
 int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
                       Error *e) {
     *out = NULL;
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
@@ -1437,7 +1437,7 @@ static int flux2_config_write(const Flux2Config *c, const char *path, Error *e) 
 }
 
 int flux2_save(const Flux2 *m, const char *dir, Error *e) {
-    char path[4096];
+    char path[PATH_BYTES];
     if (!m->params)
         return error_set(e, "flux2_save %s: only a resident model (flux2_load_params) is saved",
                          dir);
@@ -1548,7 +1548,7 @@ static int text_weights_load(TextEncoder *m, Error *e) {
 int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource source,
                              uint64_t seed, Error *e) {
     *out = NULL;
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     TextEncoder *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
@@ -1691,7 +1691,7 @@ static int text_config_write(const TextEncoderConfig *c, const char *path, Error
 }
 
 int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
-    char path[4096];
+    char path[PATH_BYTES];
     return dir_make(dir, e) || path_join(path, sizeof path, dir, "config.json", e) ||
            text_config_write(&m->config, path, e) ||
            path_join(path, sizeof path, dir, "model.safetensors", e) ||
@@ -2000,7 +2000,7 @@ static int vae_plan(VaeDecoder *m, Error *e) {
 static int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
                             Error *e) {
     *out = NULL;
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     VaeDecoder *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading the VAE decoder");
@@ -2302,7 +2302,7 @@ static int vae_encoder_weights_load(VaeEncoder *m, Params *st, Error *e) {
 static int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source,
                             uint64_t seed, Error *e) {
     *out = NULL;
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     VaeEncoder *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading the VAE encoder");
@@ -2615,7 +2615,7 @@ static int segformer_preprocessor_config(SegformerConfig *c, const JsonValue *ro
 /* Parses <dir>/<file> and hands its root object to parse. */
 static int segformer_json(SegformerConfig *c, const char *dir, const char *file,
                           int (*parse)(SegformerConfig *, const JsonValue *, Error *), Error *e) {
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, file, e)) return -1;
     JsonDoc *doc;
     if (json_parse_file(&doc, path, e)) return -1;
@@ -2898,7 +2898,7 @@ static void segformer_text_ints(SegformerText *b, const char *key, const int *v,
 }
 
 static int segformer_text_write(SegformerText *b, const char *dir, const char *file, Error *e) {
-    char path[4096];
+    char path[PATH_BYTES];
     int rc;
     if (b->failed)
         rc = error_set(e, "out of memory writing %s/%s", dir, file);
@@ -2997,7 +2997,7 @@ static int segformer_identity_head(const SegformerConfig *c, SegformerIdentityHe
 }
 
 static int segformer_save_weights(const Segformer *m, const char *dir, Error *e) {
-    char path[4096];
+    char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "model.safetensors", e)) return -1;
     SegformerIdentityHead h;
     if (segformer_identity_head(&m->config, &h, e)) return -1;
@@ -4594,7 +4594,7 @@ static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {
 
 int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
              const char *out_dir, Error *e) {
-    char path[4096];
+    char path[PATH_BYTES];
     char *config = NULL;
     size_t len = 0;
     if (path_join(path, sizeof path, config_dir, "config.json", e)) return -1;
