@@ -3200,19 +3200,23 @@ void adamw_free(AdamW *a) {
  *     p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
  *     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) */
 static void adamw_update(const AdamWOptions *o, AdamWSlot *s, float lr) {
-    Tensor *p = s->param->value;
-    const float *g = s->param->grad->data;
+    const Tensor *p = s->param->value;
+    float *restrict w = p->data, *restrict m = s->m, *restrict v = s->v;
+    const float *restrict g = s->param->grad->data;
     s->step++;
+    /* no decay is a multiplication by 1, which changes no float */
     bool decay = p->ndim >= 2 && o->weight_decay != 0.0f;
-    float keep = 1.0f - lr * o->weight_decay;
+    float keep = decay ? 1.0f - lr * o->weight_decay : 1.0f;
     float step_size = (float)(lr / (1.0 - pow(o->beta1, (double)s->step)));
     float root2 = (float)sqrt(1.0 - pow(o->beta2, (double)s->step));
-    #pragma omp parallel for schedule(static) if (p->numel > ADAMW_PARALLEL_MIN)
-    for (int64_t i = 0; i < p->numel; i++) {
-        if (decay) p->data[i] *= keep;
-        s->m[i] = o->beta1 * s->m[i] + (1.0f - o->beta1) * g[i];
-        s->v[i] = o->beta2 * s->v[i] + (1.0f - o->beta2) * g[i] * g[i];
-        p->data[i] -= step_size * (s->m[i] / (sqrtf(s->v[i]) / root2 + o->eps));
+    float b1 = o->beta1, b2 = o->beta2, eps = o->eps;
+    int64_t n = p->numel;
+    #pragma omp parallel for schedule(static) if (n > ADAMW_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        w[i] *= keep;
+        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+        w[i] -= step_size * (m[i] / (sqrtf(v[i]) / root2 + eps));
     }
 }
 

@@ -320,6 +320,50 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
 #endif
 #endif
 
+#if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+/* dst[k * width + l] = src[l * lane_stride + k] for 8 lanes l and 8 depth steps k: the eight
+ * lanes' rows loaded, transposed in registers (pairs of rows interleaved, then pairs of pairs,
+ * then the 128-bit halves swapped), stored as eight depth rows of the panel. Lanes a..h:
+ *   t: a0 b0 a1 b1 | a4 b4 a5 b5    s: a0 b0 c0 d0 | a4 b4 c4 d4    out: a0 .. h0, a4 .. h4 */
+static void gemm_transpose8x8(const float *src, ptrdiff_t lane_stride, float *dst, int width) {
+    __m256 r[8], t[8], s[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lane_stride);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);     /* depths 0 1 | 4 5 of lanes i, i+1 */
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); /* depths 2 3 | 6 7 */
+    }
+    for (int i = 0; i < 8; i += 4) {
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));         /* 0 | 4 */
+        s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));     /* 1 | 5 */
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0)); /* 2 | 6 */
+        s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2)); /* 3 | 7 */
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(dst + (size_t)k * width, _mm256_permute2f128_ps(s[k], s[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (size_t)(k + 4) * width,
+                         _mm256_permute2f128_ps(s[k], s[k + 4], 0x31));
+    }
+}
+#endif
+
+/* panel[k * width + l] = src[l * lane_stride + k] for lanes [0, lanes) and depths [k0, k1):
+ * in 8x8 blocks where the instruction set has them, element by element for the rest. */
+static void gemm_transpose_block(const float *src, ptrdiff_t lane_stride, int lanes, int k0,
+                                 int k1, float *panel, int width) {
+    int full_lanes = 0, full_k1 = k0;
+#if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+    full_lanes = lanes / 8 * 8;
+    full_k1 = k0 + (k1 - k0) / 8 * 8;
+    for (int l = 0; l < full_lanes; l += 8)
+        for (int k = k0; k < full_k1; k += 8)
+            gemm_transpose8x8(src + l * lane_stride + k, lane_stride, panel + (size_t)k * width + l,
+                              width);
+#endif
+    for (int l = 0; l < lanes; l++)
+        for (int k = l < full_lanes ? full_k1 : k0; k < k1; k++)
+            panel[(size_t)k * width + l] = src[l * lane_stride + k];
+}
+
 /* Packs `lanes` lanes of `depth` elements into ceil(lanes / width) micro-panels, panel p at
  * dst + p * width * depth laid out [depth][width], zero-filling the lanes past `lanes` in the
  * last one. Element (lane l, depth k) of the source is src[l * lane_stride + k * depth_stride];
@@ -338,15 +382,14 @@ static void gemm_pack(const float *src, ptrdiff_t lane_stride, ptrdiff_t depth_s
             }
         return;
     }
-    /* A transpose, a 64-byte line of each lane at a time so reads and writes stay in L1. */
+    /* A transpose (depth_stride is 1), a 64-byte line of each lane at a time so reads and
+     * writes stay in L1. */
     for (int l0 = 0; l0 < lanes; l0 += width) {
         float *panel = dst + (size_t)l0 * depth;
         int n = gemm_min(width, lanes - l0);
         for (int k0 = 0; k0 < depth; k0 += GEMM_PACK_CHUNK) {
             int k1 = gemm_min(k0 + GEMM_PACK_CHUNK, depth);
-            for (int l = 0; l < n; l++)
-                for (int k = k0; k < k1; k++)
-                    panel[(size_t)k * width + l] = src[(l0 + l) * lane_stride + k * depth_stride];
+            gemm_transpose_block(src + l0 * lane_stride, lane_stride, n, k0, k1, panel, width);
             for (int k = k0; k < k1; k++)
                 for (int l = n; l < width; l++) panel[(size_t)k * width + l] = 0.0f;
         }
