@@ -61,13 +61,14 @@ HEADERS = $(wildcard *.h)
 TEST_SRC = $(wildcard tests/test_*.c)
 TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test asan msan debug fuzz bench golden clean info-flags weights weights-vae weights-detector \
-        weights-flow weights-vae-decoder weights-flow-cfg
+.PHONY: all diamond test asan msan debug fuzz bench golden clean info-flags weights weights-vae \
+        weights-detector weights-flow weights-vae-decoder weights-flow-cfg
 all: info-flags diamond
 
 info-flags:
 	@echo "diamond build: CC=$(CC) arch=$(ARCH_MSG) openmp=$(OMP_MSG)"
 
+# Phony, so ./diamond is always the build just made, also after a build with another BUILD dir.
 diamond: $(BUILD)/diamond
 	cp $< $@
 
