@@ -68,9 +68,10 @@ all: info-flags diamond
 info-flags:
 	@echo "diamond build: CC=$(CC) arch=$(ARCH_MSG) openmp=$(OMP_MSG)"
 
-# Phony, so ./diamond is always the build just made, also after a build with another BUILD dir.
+# Phony, so ./diamond is always the build just made, also after a build with another BUILD dir;
+# replaced by a rename, so a ./diamond still running keeps its own file.
 diamond: $(BUILD)/diamond
-	cp $< $@
+	cp $< $@.tmp && mv -f $@.tmp $@
 
 $(BUILD)/%.o: %.c $(HEADERS) | $(BUILD)/tests
 	$(CC) $(CFLAGS) -c $< -o $@
@@ -158,4 +159,4 @@ golden:
 	$(PYTHON) tools/ref_sampler.py # last: it runs the fixtures the others write
 
 clean:
-	rm -rf build diamond
+	rm -rf build diamond diamond.tmp
