@@ -144,7 +144,7 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 
 /* The blocked GEMM, in the BLIS / GotoBLAS way. Loops, outermost first:
  *   rows of C in blocks of mc              A block [mc, K] packed once, shared by the threads
- *     work items, in parallel: column blocks of up to GEMM_NC (x row chunks when N is narrow)
+ *     work items, in parallel: row chunks x column blocks of up to GEMM_NC (gemm_plan)
  *       K in blocks of GEMM_KC             the item packs its B block [kc, nb] (core's L2);
  *                                          the only split of the K-sum, fixed by K alone
  *         rows in steps of GEMM_MR         A micro-panel [kc, MR] stays in L1
@@ -405,8 +405,25 @@ typedef struct GemmPlan {
     int row_chunk; /* rows per work item inside an A block */
 } GemmPlan;
 
-/* Equal-sized blocks (rounded up to the tile size) so the threads get equal work: column blocks
- * number a multiple of the thread count when N allows, and narrow products are split by rows. */
+/* What an item of rows x cols costs besides its rows x cols multiply-adds per depth step, in
+ * multiply-adds per row and per column: its A rows stream in from the shared block (L3) and its
+ * B columns are packed from memory, where a multiply-add of the micro-kernel reads from L1. */
+#define GEMM_ITEM_EDGE_COST 32
+
+/* The time of one row block split into row_chunks x col_blocks items (per depth step, in
+ * multiply-adds): the items run in waves of `threads`, each item its area plus its edge. */
+static double gemm_grid_cost(int mc, int N, int row_chunks, int col_blocks, int threads) {
+    int rows = gemm_round_up(gemm_ceil_div(mc, row_chunks), GEMM_MR);
+    int cols = gemm_round_up(gemm_ceil_div(N, col_blocks), GEMM_NR);
+    int items = gemm_ceil_div(mc, rows) * gemm_ceil_div(N, cols);
+    double item = (double)rows * cols + GEMM_ITEM_EDGE_COST * (double)(rows + cols);
+    return gemm_ceil_div(items, threads) * item;
+}
+
+/* One thread: column blocks of GEMM_NC (its B block fits the core's L2). More: the grid of row
+ * chunks x column blocks (column blocks still at most GEMM_NC wide) of the least
+ * gemm_grid_cost, so that every thread gets equal work in tiles that reuse their A rows and B
+ * columns over each other: a tall narrow item re-reads its rows from L3 for few columns. */
 static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     GemmPlan p;
     double work = (double)M * N * K;
@@ -414,14 +431,18 @@ static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     int mc_max = GEMM_A_BLOCK_FLOATS / K / GEMM_MR * GEMM_MR;
     if (mc_max < GEMM_MR) mc_max = GEMM_MR;
     p.mc = gemm_round_up(gemm_ceil_div(M, gemm_ceil_div(M, mc_max)), GEMM_MR);
-    int col_tiles = gemm_ceil_div(N, GEMM_NR);
-    int col_blocks = gemm_round_up(gemm_ceil_div(N, GEMM_NC), p.threads);
-    col_blocks = gemm_min(col_blocks, col_tiles);
-    p.col_block = gemm_round_up(gemm_ceil_div(N, col_blocks), GEMM_NR);
-    col_blocks = gemm_ceil_div(N, p.col_block);
-    int row_chunks = gemm_min(gemm_ceil_div(p.threads, col_blocks), gemm_ceil_div(p.mc, GEMM_MR));
-    p.row_chunk = gemm_round_up(gemm_ceil_div(p.mc, row_chunks), GEMM_MR);
-    p.threads = gemm_min(p.threads, col_blocks * gemm_ceil_div(p.mc, p.row_chunk));
+    int row_panels = gemm_ceil_div(p.mc, GEMM_MR), col_tiles = gemm_ceil_div(N, GEMM_NR);
+    int fewest_cols = gemm_ceil_div(N, GEMM_NC), best_rows = 1, best_cols = fewest_cols;
+    double best = gemm_grid_cost(p.mc, N, best_rows, best_cols, p.threads);
+    for (int r = 1; p.threads > 1 && r <= gemm_min(row_panels, p.threads); r++)
+        for (int c = fewest_cols; c <= gemm_min(col_tiles, fewest_cols + 2 * p.threads); c++) {
+            double cost = gemm_grid_cost(p.mc, N, r, c, p.threads);
+            if (cost < best) best = cost, best_rows = r, best_cols = c;
+        }
+    p.row_chunk = gemm_round_up(gemm_ceil_div(p.mc, best_rows), GEMM_MR);
+    p.col_block = gemm_round_up(gemm_ceil_div(N, best_cols), GEMM_NR);
+    int items = gemm_ceil_div(p.mc, p.row_chunk) * gemm_ceil_div(N, p.col_block);
+    p.threads = gemm_min(p.threads, items);
     return p;
 }
 
