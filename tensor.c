@@ -568,11 +568,17 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
  * bands of consecutive pixels; im2col_band copies the receptive fields of one band into
  * col: [K, n] with K = Cin/g*kh*kw, and one GEMM gives y_band[Cout/g, n] = w_g[Cout/g, K] col.
  *
- * Scratch bound: a band holds n = min(Ho*Wo, max(CONV_BAND_MIN_PIXELS, CONV_COL_BUDGET / K))
- * pixels, so col takes at most max(4 MiB, 512 * K bytes): 4 MiB for a 3x3 conv over 128 or 512
- * channels at any image size. Forward and backward each use one such buffer (backward reuses it
- * for x's columns and then for their gradient). A 1x1 stride-1 unpadded conv needs no col: its
- * col is x itself. Depthwise convs take a direct loop and Wo*kh*kw floats per thread. */
+ * Scratch bound: a band holds n = min(Ho*Wo, max(CONV_BAND_MIN_PIXELS, budget / K)) pixels, so
+ * col takes at most max(budget, 512 * K bytes). The backward's budget is CONV_COL_BUDGET (4 MiB
+ * for a 3x3 conv over 128 or 512 channels at any image size): its sums over pixels (dw) and over
+ * overlapping receptive fields (dx) run band by band, so the band must not depend on the thread
+ * count for the results not to. The forward's results do not depend on the band (each output is
+ * one GEMM K-sum), and its budget grows with the threads, CONV_COL_BUDGET per two of them: with
+ * many threads a 4 MiB band's GEMM is too small to share (on a 16-core machine, 32 MiB bands ran
+ * 3x3 convs over 128-512 channels 1.3-1.9x faster; on 2 threads a larger band spills the cache
+ * and is slower). Forward and backward each use one buffer (backward reuses it for x's columns
+ * and then for their gradient). A 1x1 stride-1 unpadded conv needs no col: its col is x itself.
+ * Depthwise convs take a direct loop and Wo*kh*kw floats per thread. */
 #define CONV_COL_BUDGET      (1 << 20) /* floats in one im2col band: 4 MiB */
 #define CONV_BAND_MIN_PIXELS 128       /* thinner bands starve the GEMM */
 
@@ -603,7 +609,18 @@ typedef struct ConvDims {
     bool pointwise; /* 1x1, stride 1, no padding: col is x itself */
 } ConvDims;
 
-static ConvDims conv_dims(const Conv2dShape *s) {
+/* The forward's im2col budget in floats: CONV_COL_BUDGET per two threads, at least one. */
+static int conv_forward_budget(void) {
+    int threads = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel()) threads = omp_get_max_threads();
+#endif
+    int pairs = threads / 2 > 1 ? threads / 2 : 1;
+    return CONV_COL_BUDGET * (pairs < 64 ? pairs : 64);
+}
+
+/* budget: floats of im2col scratch for a band (CONV_COL_BUDGET, or conv_forward_budget()). */
+static ConvDims conv_dims(const Conv2dShape *s, int budget) {
     ConvDims d;
     d.out_h = conv2d_out_h(s);
     d.out_w = conv2d_out_w(s);
@@ -614,7 +631,7 @@ static ConvDims conv_dims(const Conv2dShape *s) {
     d.col_rows = d.in_per_group * s->kernel_h * s->kernel_w;
     d.pointwise = s->kernel_h == 1 && s->kernel_w == 1 && s->stride_h == 1 && s->stride_w == 1 &&
                   s->pad_h == 0 && s->pad_w == 0;
-    int band = CONV_COL_BUDGET / (d.col_rows > 0 ? d.col_rows : 1);
+    int band = budget / (d.col_rows > 0 ? d.col_rows : 1);
     if (band < CONV_BAND_MIN_PIXELS) band = CONV_BAND_MIN_PIXELS;
     d.band = d.pointwise || band > d.pixels ? d.pixels : band;
     return d;
@@ -949,7 +966,7 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
 void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const float *b,
                     float *y) {
     if (conv_shape_empty(s)) return;
-    ConvDims d = conv_dims(s);
+    ConvDims d = conv_dims(s, conv_forward_budget());
     if (conv_is_depthwise(s))
         depthwise_forward(s, &d, x, w, b, y);
     else
@@ -959,7 +976,7 @@ void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const 
 void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const float *dy,
                      float *dx, float *dw, float *db) {
     if (conv_shape_empty(s)) return;
-    ConvDims d = conv_dims(s);
+    ConvDims d = conv_dims(s, CONV_COL_BUDGET);
     if (db) conv_bias_backward(s->batch, s->out_ch, d.pixels, dy, db);
     if (conv_is_depthwise(s)) {
         if (dx) depthwise_backward_dx(s, &d, w, dy, dx);
