@@ -1,9 +1,12 @@
 # diamond - build, test, benchmark.
 #   make            ./diamond (optimised; OpenMP and -march=native when the compiler has them)
-#   make test       build and run every test; ends with "N passed, M failed"
+#   make test       build and run every test; ends with "N passed, M failed" (TESTS="gemm conv":
+#                   those alone)
 #   make asan       the tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make msan       the tests under clang's MemorySanitizer (no value read before it is set;
 #                   without OpenMP, whose runtime it cannot see into)
+#   make test-arm64 the tests of an ARM64 (NEON) cross build run under qemu-aarch64 (Debian:
+#                   apt install gcc-aarch64-linux-gnu qemu-user)
 #   make debug      ./build/debug/diamond at -O0 -g
 #   make fuzz       libFuzzer targets (clang) in build/fuzz/
 #   make bench      the standard benchmarks
@@ -59,9 +62,11 @@ LIB_SRC = io.c tensor.c $(wildcard autograd.c) $(wildcard nn.c)
 LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/%.o)
 HEADERS = $(wildcard *.h)
 TEST_SRC = $(wildcard tests/test_*.c)
-TEST_BIN = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+# TESTS="gemm conv" runs tests/test_gemm.c and tests/test_conv.c alone; every test by default.
+TESTS ?= $(TEST_SRC:tests/test_%.c=%)
+TEST_BIN = $(TESTS:%=$(BUILD)/tests/test_%)
 
-.PHONY: all diamond test asan msan debug fuzz bench golden clean info-flags weights weights-vae \
+.PHONY: all diamond test test-arm64 asan msan debug fuzz bench golden clean info-flags weights weights-vae \
         weights-detector weights-flow weights-vae-decoder weights-flow-cfg
 all: info-flags diamond
 
@@ -92,8 +97,11 @@ $(BUILD)/tests:
 # A binary that dies without its summary line counts as one failure.
 # A test that exits non-zero without reporting a failure of its own (a crash, or a leak the
 # sanitizer found after the test's summary) counts as one failure.
+# TEST_RUNNER (e.g. an emulator) runs each test binary and, through the tests, the diamond
+# binary they call.
 test: info-flags $(TEST_BIN) $(BUILD)/diamond
-	@for t in $(TEST_BIN); do $$t > $(BUILD)/one-test.log; rc=$$?; cat $(BUILD)/one-test.log; \
+	@for t in $(TEST_BIN); do $(TEST_RUNNER) $$t > $(BUILD)/one-test.log; rc=$$?; \
+	    cat $(BUILD)/one-test.log; \
 	    if [ $$rc -ne 0 ] && ! grep -q ' [1-9][0-9]* failed$$' $(BUILD)/one-test.log; then \
 	        echo "$$t: 0 passed, 1 failed (exit status $$rc: crashed, or the sanitizer failed it)"; \
 	    fi; \
@@ -108,6 +116,10 @@ asan:
 msan:
 	$(MAKE) test BUILD=build/msan CC=clang NO_OMP=1 OPT="-O1 -g -fno-omit-frame-pointer" \
 	    SANITIZE="-fsanitize=memory -fsanitize-memory-track-origins"
+
+ARM64_QEMU = qemu-aarch64 -L /usr/aarch64-linux-gnu
+test-arm64:
+	TEST_RUNNER="$(ARM64_QEMU)" $(MAKE) test BUILD=build/arm64 CC=aarch64-linux-gnu-gcc
 
 debug:
 	$(MAKE) $(BUILD)/debug/diamond BUILD=build/debug OPT="-O0 -g"

@@ -135,6 +135,20 @@ static inline float harness_rand(unsigned long long *state) {
     return (float)((*state >> 40) & 0xFFFFFF) / (float)0x800000 - 1.0f;
 }
 
+/* The diamond binary of the build a test was built in (<build>/tests/test_x -> <build>/diamond;
+ * build/diamond when argv0 says nothing): its file into path, and the command that runs it into
+ * command, behind $TEST_RUNNER when that is set (an emulator for a cross build: `make
+ * test-arm64`). Returns 0, or -1 when either does not fit. */
+static inline int harness_binary(const char *argv0, char *path, size_t path_size, char *command,
+                                 size_t command_size) {
+    const char *slash = strstr(argv0, "/tests/"), *runner = getenv("TEST_RUNNER");
+    int n = snprintf(path, path_size, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
+                     slash ? argv0 : "build");
+    int m = snprintf(command, command_size, "%s%s%s", runner ? runner : "", runner ? " " : "",
+                     path);
+    return n < 0 || (size_t)n >= path_size || m < 0 || (size_t)m >= command_size ? -1 : 0;
+}
+
 static inline int harness_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, harness.passed, harness.failed);
     fflush(stdout); /* before a sanitizer's exit-time report, which ends the process at once */

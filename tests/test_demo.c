@@ -14,10 +14,10 @@
 #include "harness.h"
 
 typedef struct Cli {
-    char binary[512], dir[64], cmd[4096], log[128];
+    char binary[1024], dir[64], cmd[4096], log[128];
 } Cli;
 
-/* The command's exit status; stdout and stderr into c->log. */
+/* The command's exit status (-1 when it does not fit c->cmd); stdout and stderr into c->log. */
 static int run(Cli *c, const char *fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 2, 3)))
@@ -29,7 +29,8 @@ static int run(Cli *c, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    snprintf(c->cmd, sizeof c->cmd, "%s %s > %s 2>&1", c->binary, args, c->log);
+    int n = snprintf(c->cmd, sizeof c->cmd, "%s %s > %s 2>&1", c->binary, args, c->log);
+    if (n < 0 || (size_t)n >= sizeof c->cmd) return -1;
     int rc = system(c->cmd);
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
@@ -145,12 +146,11 @@ static void test_embedded_demo(Cli *c) {
 int main(int argc, char **argv) {
     (void)argc;
     Cli c;
-    const char *slash = strstr(argv[0], "/tests/");
-    snprintf(c.binary, sizeof c.binary, "%.*s/diamond", slash ? (int)(slash - argv[0]) : 5,
-             slash ? argv[0] : "build");
+    char file[512];
+    int named = harness_binary(argv[0], file, sizeof file, c.binary, sizeof c.binary);
     snprintf(c.dir, sizeof c.dir, "/tmp/test_demo.XXXXXX");
-    if (access(c.binary, X_OK) != 0 || !mkdtemp(c.dir)) {
-        CHECK(0, "%s is built and a temporary directory can be made", c.binary);
+    if (named != 0 || access(file, X_OK) != 0 || !mkdtemp(c.dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", file);
         return harness_finish("test_demo");
     }
     snprintf(c.log, sizeof c.log, "%s/log", c.dir);

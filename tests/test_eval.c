@@ -124,7 +124,7 @@ static void test_oracle_metrics(void) {
 /* ---- the commands ---- */
 
 typedef struct Cli {
-    char binary[512], dir[64], cmd[8192];
+    char binary[1024], dir[64], cmd[8192];
 } Cli;
 
 /* The command's exit status, its output into dir/log. */
@@ -399,12 +399,11 @@ static void remove_tree(const char *dir) {
 
 static void test_cli(const char *argv0) {
     Cli c;
-    const char *slash = strstr(argv0, "/tests/");
-    snprintf(c.binary, sizeof c.binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
-             slash ? argv0 : "build");
+    char file[512];
+    int named = harness_binary(argv0, file, sizeof file, c.binary, sizeof c.binary);
     snprintf(c.dir, sizeof c.dir, "/tmp/test_eval.XXXXXX");
-    if (access(c.binary, X_OK) != 0 || !mkdtemp(c.dir)) {
-        CHECK(0, "%s is built and a temporary directory can be made", c.binary);
+    if (named != 0 || access(file, X_OK) != 0 || !mkdtemp(c.dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", file);
         return;
     }
     char path[256];

@@ -155,12 +155,10 @@ static bool same_file(const char *a, const char *b) {
 }
 
 static void test_generate_prompt(const char *argv0) {
-    char binary[512], dir[] = "/tmp/test_text_encoder.XXXXXX", cmd[4096], path[600];
-    const char *slash = strstr(argv0, "/tests/");
-    snprintf(binary, sizeof binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
-             slash ? argv0 : "build");
-    if (access(binary, X_OK) != 0 || !mkdtemp(dir)) {
-        CHECK(0, "%s is built and a temporary directory can be made", binary);
+    char binary[1024], file[512], dir[] = "/tmp/test_text_encoder.XXXXXX", cmd[4096], path[600];
+    int named = harness_binary(argv0, file, sizeof file, binary, sizeof binary);
+    if (named != 0 || access(file, X_OK) != 0 || !mkdtemp(dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", file);
         return;
     }
     TextEncoder *m = NULL;

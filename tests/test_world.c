@@ -520,12 +520,11 @@ static void test_artifact_mask(void) {
 }
 
 static void test_cli(const char *argv0) {
-    char binary[512], dir[64] = "/tmp/test_world.XXXXXX", out[256], log[256], args[512];
-    const char *slash = strstr(argv0, "/tests/");
-    snprintf(binary, sizeof binary, "%.*s/diamond", slash ? (int)(slash - argv0) : 5,
-             slash ? argv0 : "build");
-    if (access(binary, X_OK) != 0 || !mkdtemp(dir)) {
-        CHECK(0, "cli: %s is built and a temporary directory can be made", binary);
+    char binary[1024], file[512], dir[64] = "/tmp/test_world.XXXXXX", out[256], log[256],
+        args[512];
+    int named = harness_binary(argv0, file, sizeof file, binary, sizeof binary);
+    if (named != 0 || access(file, X_OK) != 0 || !mkdtemp(dir)) {
+        CHECK(0, "cli: %s is built and a temporary directory can be made", file);
         return;
     }
     snprintf(out, sizeof out, "%s/w.ppm", dir);
