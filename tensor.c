@@ -434,8 +434,10 @@ static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     int row_panels = gemm_ceil_div(p.mc, GEMM_MR), col_tiles = gemm_ceil_div(N, GEMM_NR);
     int fewest_cols = gemm_ceil_div(N, GEMM_NC), best_rows = 1, best_cols = fewest_cols;
     double best = gemm_grid_cost(p.mc, N, best_rows, best_cols, p.threads);
+    /* r row chunks need at most 2 threads / r more column blocks than the fewest to give every
+     * thread two items: O(threads log threads) grids. */
     for (int r = 1; p.threads > 1 && r <= gemm_min(row_panels, p.threads); r++)
-        for (int c = fewest_cols; c <= gemm_min(col_tiles, fewest_cols + 2 * p.threads); c++) {
+        for (int c = fewest_cols; c <= gemm_min(col_tiles, fewest_cols + 2 * p.threads / r); c++) {
             double cost = gemm_grid_cost(p.mc, N, r, c, p.threads);
             if (cost < best) best = cost, best_rows = r, best_cols = c;
         }
@@ -575,10 +577,10 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
  * count for the results not to. The forward's results do not depend on the band (each output is
  * one GEMM K-sum), and its budget grows with the threads, CONV_COL_BUDGET per two of them: with
  * many threads a 4 MiB band's GEMM is too small to share (on a 16-core machine, 32 MiB bands ran
- * 3x3 convs over 128-512 channels 1.3-1.9x faster; on 2 threads a larger band spills the cache
- * and is slower). Forward and backward each use one buffer (backward reuses it for x's columns
- * and then for their gradient). A 1x1 stride-1 unpadded conv needs no col: its col is x itself.
- * Depthwise convs take a direct loop and Wo*kh*kw floats per thread. */
+ * 3x3 convs over 128-512 channels 1.3-1.9x faster; on one or two threads here they ran
+ * 128-channel convs up to 20% slower). Forward and backward each use one buffer (backward
+ * reuses it for x's columns and then for their gradient). A 1x1 stride-1 unpadded conv needs no
+ * col: its col is x itself. Depthwise convs take a direct loop and Wo*kh*kw floats per thread. */
 #define CONV_COL_BUDGET      (1 << 20) /* floats in one im2col band: 4 MiB */
 #define CONV_BAND_MIN_PIXELS 128       /* thinner bands starve the GEMM */
 
