@@ -43,10 +43,11 @@ static const char *usage_text =
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
     "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
     "  diamond bench model --model DIR --detector DIR -W W -H H [--config-only]\n"
-    "                    [--text-len L] [--threads T]   seconds of one transformer forward, the\n"
-    "                                     VAE decode and the detector, each with and without its\n"
-    "                                     backward, and peak memory; --config-only reads only\n"
-    "                                     the config files (random weights)\n"
+    "                    [--text-len L] [--vae-memory MB] [--threads T]\n"
+    "                                     seconds of one transformer forward, the VAE decode\n"
+    "                                     and the detector, each with and without its backward,\n"
+    "                                     and peak memory; --config-only reads only the config\n"
+    "                                     files (random weights); --vae-memory as generate's\n"
     "  diamond bench step (the same options)   one unguided and one guided sampler step\n"
     "  diamond help                     this text\n"
     "\n"
@@ -178,6 +179,15 @@ static int bench_parse_int(const char *s, int lo, int hi, int *out) {
     long v = strtol(s, &end, 10);
     if (end == s || *end != '\0' || v < lo || v > hi) return -1;
     *out = (int)v;
+    return 0;
+}
+
+/* --vae-memory MB: a whole number of megabytes (MiB) in 1 .. MEGABYTES_MAX, into bytes. */
+#define MEGABYTES_MAX (1 << 22)
+static int parse_megabytes(const char *s, size_t *bytes) {
+    int mb;
+    if (bench_parse_int(s, 1, MEGABYTES_MAX, &mb)) return -1;
+    *bytes = (size_t)mb << 20;
     return 0;
 }
 
@@ -440,6 +450,7 @@ static int bench_gemm(int argc, char **argv) {
 typedef struct BenchModelArgs {
     const char *model, *detector;
     int width, height, text_len, threads;
+    size_t vae_memory; /* as generate's --vae-memory */
     bool config_only;
 } BenchModelArgs;
 
@@ -462,10 +473,11 @@ static void bench_models_free(BenchModels *m) {
     tensor_free(m->image);
 }
 
-/* --model DIR --detector DIR -W W -H H [--config-only] [--text-len L] [--threads T] from
- * argv[3]; 0 on success, else the bad option in *bad. */
+/* --model DIR --detector DIR -W W -H H [--config-only] [--text-len L] [--vae-memory MB]
+ * [--threads T] from argv[3]; 0 on success, else the bad option in *bad. */
 static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, const char **bad) {
-    *a = (BenchModelArgs){.text_len = 512, .threads = bench_threads_now()};
+    *a = (BenchModelArgs){.text_len = 512, .threads = bench_threads_now(),
+                          .vae_memory = VAE_PLAIN_MAX_BYTES};
     for (int i = 3; i < argc; i++) {
         const char *opt = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         bool ok = true;
@@ -480,6 +492,7 @@ static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, const cha
         else if (!strcmp(opt, "-W")) ok = !bench_parse_int(value, 1, IMAGE_MAX_SIDE, &a->width);
         else if (!strcmp(opt, "-H")) ok = !bench_parse_int(value, 1, IMAGE_MAX_SIDE, &a->height);
         else if (!strcmp(opt, "--text-len")) ok = !bench_parse_int(value, 1, 1 << 16, &a->text_len);
+        else if (!strcmp(opt, "--vae-memory")) ok = !parse_megabytes(value, &a->vae_memory);
         else ok = !bench_threads_option(argc, argv, i, &a->threads);
         if (!ok) return -1;
         i++;
@@ -521,7 +534,8 @@ static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) 
     }
     m->h = a->height / ph;
     m->w = a->width / pw;
-    m->vae_checkpointed = vae_decoder_checkpoint_for(m->vae, 1, a->height, a->width);
+    m->vae_checkpointed =
+        vae_decoder_checkpoint_for(m->vae, 1, a->height, a->width, a->vae_memory);
     const Flux2Config *fc = flux2_config(m->flow);
     unsigned long long state = 42;
     m->tokens = bench_random(TENSOR_NEW(1, (int64_t)m->h * m->w, fc->in_channels), &state);
@@ -644,7 +658,7 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
     if (bench_model_parse(argc, argv, &a, &bad)) {
         fprintf(stderr, "diamond: bench %s: bad or missing option %s\nusage: diamond bench %s "
                         "--model DIR --detector DIR -W W -H H [--config-only] [--text-len L] "
-                        "[--threads T]\n", name, bad, name);
+                        "[--vae-memory MB] [--threads T]\n", name, bad, name);
         return 2;
     }
     int rc = bench_models_load(&a, m, &e);
@@ -666,7 +680,7 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
 }
 
 /* diamond bench model --model DIR --detector DIR -W W -H H [--config-only] [--text-len L]
- * [--threads T]: each model part of a guided step alone, batch 1, on random inputs: one
+ * [--vae-memory MB] [--threads T]: each model part of a guided step alone, batch 1, on random inputs: one
  * transformer forward, the VAE decode and the detector with and without their backward to the
  * input (the loss is the output's mean). With --config-only no weight file is read (the real
  * sizes' timings without their files). */
@@ -771,7 +785,11 @@ static const char *generate_usage =
     "  --mu M                 shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
     "                         mu for the token count (made for thousands of tokens; the\n"
     "                         embedded models use 0: no shift)\n"
-    "  --threads T            OpenMP threads\n"
+"  --threads T            OpenMP threads\n"
+    "  --vae-memory MB        the most memory the VAE decode's backward may hold to skip its\n"
+    "                         checkpoints, about twice as fast (default 1024); a larger decode\n"
+    "                         recomputes instead. A FLUX.2 decode of 256x256 skips them from\n"
+    "                         1780, 512x512 from 7120, 1024x1024 from 28480\n"
     "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image\n"
     "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
     "                         one row per image: baseline | guided | detector heat maps of\n"
@@ -794,6 +812,7 @@ typedef struct GenerateArgs {
     const char *prompt, *negative; /* negative: the negative prompt of opt.cfg_scale > 1 */
     uint64_t seeds[GENERATE_MAX_BATCH];
     int n_seeds, steps, width, height;
+    size_t vae_memory; /* bytes the VAE's backward may hold without checkpoints */
     SamplerOptions opt;
     bool quiet;
 } GenerateArgs;
@@ -867,6 +886,10 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
     } else if (!strcmp(opt, "--threads")) {
         if (bench_threads_option(argc, argv, i - 1, &threads))
             return error_set(e, "--threads: expected 1..1024, got '%s'", val);
+    } else if (!strcmp(opt, "--vae-memory")) {
+        if (parse_megabytes(val, &a->vae_memory))
+            return error_set(e, "--vae-memory: expected megabytes in 1..%d, got '%s'",
+                             MEGABYTES_MAX, val);
     } else if (!strcmp(opt, "--prompt")) {
         a->prompt = val;
     } else if (!strcmp(opt, "--negative-prompt")) {
@@ -882,7 +905,8 @@ static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, 
 static bool generate_takes_value(const char *opt) {
     static const char *const names[] = {"--seed", "--steps", "-W", "-H", "--guidance-scale",
                                         "--gate", "--threads", "--lambda-schedule", "--loss",
-                                        "--prompt", "--mu", "--cfg", "--negative-prompt"};
+                                        "--prompt", "--mu", "--cfg", "--negative-prompt",
+                                        "--vae-memory"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;
@@ -903,7 +927,8 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
 
 /* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
 static int generate_defaults(GenerateArgs *a, Error *e) {
-    *a = (GenerateArgs){.opt = {.guide = true, .guidance_scale = 4.0f}};
+    *a = (GenerateArgs){.vae_memory = VAE_PLAIN_MAX_BYTES,
+                        .opt = {.guide = true, .guidance_scale = 4.0f}};
     return lambda_schedule_parse(&a->opt.lambda, "power", e) ||
            artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;
 }
@@ -1079,7 +1104,8 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
     }
     r->grid_h = a->height / ph;
     r->grid_w = a->width / pw;
-    vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height, a->width);
+    vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height, a->width,
+                               a->vae_memory);
     return a->opt.guide && segformer_load(&r->detector, a->detector, e) ? 1 : 0;
 }
 
@@ -1442,7 +1468,8 @@ static const char *eval_usage =
     "  --shard I/N        only rows whose index % N == I (several processes or machines)\n"
     "  --merge            the table and --json over every item_*.json in --out, by row index\n"
     "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
-    "                     --mu, --cfg, --negative-prompt, --threads as in diamond generate\n"
+    "                     --mu, --cfg, --negative-prompt, --vae-memory, --threads as in\n"
+    "                     diamond generate\n"
     "                     --help\n"
     "\n"
     "search-seeds is the official data set search: one seed counter, never reset, from --start;\n"
@@ -1632,7 +1659,7 @@ static bool eval_shared_option(const char *opt) {
     static const char *const names[] = {"--model", "--detector", "--steps", "-W", "-H",
                                         "--guidance-scale", "--lambda-schedule", "--loss",
                                         "--gate", "--threads", "--mu", "--cfg",
-                                        "--negative-prompt"};
+                                        "--negative-prompt", "--vae-memory"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;

@@ -2071,8 +2071,9 @@ size_t vae_decode_plain_bytes(const VaeDecoder *m, int batch, int height, int wi
     return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
 }
 
-bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width) {
-    m->checkpoint = vae_decode_plain_bytes(m, batch, height, width) > VAE_PLAIN_MAX_BYTES;
+bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
+                                size_t max_bytes) {
+    m->checkpoint = vae_decode_plain_bytes(m, batch, height, width) > max_bytes;
     return m->checkpoint;
 }
 

@@ -265,11 +265,13 @@ void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
  * one at 64x64 (9 MB); tests/test_vae.c checks the bound. */
 #define VAE_PLAIN_TENSORS_PER_RESNET 10
 size_t vae_decode_plain_bytes(const VaeDecoder *m, int batch, int height, int width);
-/* Checkpoints on exactly when that estimate exceeds VAE_PLAIN_MAX_BYTES, and the choice: a
- * small image gets the plain backward (about half the time of a checkpointed one), a large one
- * the bounded memory (the real config plain at 1024x1024 would need about 21 GB). */
+/* Checkpoints on exactly when that estimate exceeds max_bytes, and the choice: a decode that
+ * fits gets the plain backward (about half the time of a checkpointed one), a larger one the
+ * bounded memory (the real config plain at 1024x1024 would need about 21 GB). The default
+ * budget (generate's --vae-memory) is VAE_PLAIN_MAX_BYTES. */
 #define VAE_PLAIN_MAX_BYTES ((size_t)1 << 30)
-bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width);
+bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
+                                size_t max_bytes);
 
 /* The encoder half of AutoencoderKLFlux2, with the FLUX.2 pipeline's latent packing behind it:
  * an image in [-1, 1] in, normalised transformer tokens out (what vae_decode takes). It reads the

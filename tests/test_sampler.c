@@ -583,7 +583,8 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                    {" --compare x.jpg", 2}, {" --detector /nonexistent", 1},
                    {" --embeddings /nonexistent.safetensors", 1}, {" --mu 11", 2},
                    {" --mu x", 2}, {" --cfg 3", 2}, {" --cfg 0.5", 2},
-                   {" --negative-prompt x", 2}};
+                   {" --negative-prompt x", 2}, {" --vae-memory 0", 2},
+                   {" --vae-memory 1.5", 2}};
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
             snprintf(cmd + n, sizeof cmd - (size_t)n, "%s", bad[i].extra);

@@ -159,7 +159,8 @@ static size_t plain_peak(VaeDecoder *m, int batch, int height, int width) {
 
 /* vae_decode_plain_bytes bounds the measured peak of a plain decode from above, by less than
  * 2x, at several sizes and batches of two configs; vae_decoder_checkpoint_for turns the
- * checkpoints off below VAE_PLAIN_MAX_BYTES and on above it. */
+ * checkpoints off when the estimate fits its budget (VAE_PLAIN_MAX_BYTES by default) and on
+ * above it. */
 static void test_checkpoint_policy(VaeDecoder *tiny) {
     VaeDecoder *embedded = NULL;
     Error e = {{0}};
@@ -184,11 +185,15 @@ static void test_checkpoint_policy(VaeDecoder *tiny) {
         CHECK(vae_decode_plain_bytes(embedded, 4, 64, 64) ==
                   4 * vae_decode_plain_bytes(embedded, 1, 64, 64),
               "the estimate grows with the batch");
-        CHECK(!vae_decoder_checkpoint_for(embedded, 1, 32, 64),
+        CHECK(!vae_decoder_checkpoint_for(embedded, 1, 32, 64, VAE_PLAIN_MAX_BYTES),
               "a 64x32 decode runs without checkpoints");
         size_t big = vae_decode_plain_bytes(embedded, 1, 1024, 1024);
-        CHECK(big > VAE_PLAIN_MAX_BYTES && vae_decoder_checkpoint_for(embedded, 1, 1024, 1024),
+        CHECK(big > VAE_PLAIN_MAX_BYTES &&
+                  vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, VAE_PLAIN_MAX_BYTES),
               "a 1024x1024 decode (estimate %zu bytes) runs with checkpoints", big);
+        CHECK(!vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, big) &&
+                  vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, big - 1),
+              "a budget of the estimate runs it plain, one byte less with checkpoints");
         CHECK(vae_decode_plain_bytes(embedded, 1, 1 << 30, 1 << 30) == SIZE_MAX,
               "an absurd size saturates the estimate");
     }
