@@ -461,7 +461,7 @@ typedef struct BenchModels {
     Segformer *detector;
     Tensor *tokens, *txt, *image; /* [1, h*w, C] latent tokens, [1, L, D] prompt, [1, 3, H, W] */
     int h, w;                     /* the latent token grid */
-    bool vae_checkpointed;        /* as generate decides it (vae_decoder_checkpoint_for) */
+    int vae_checkpoint_levels;    /* as generate decides it (vae_decoder_checkpoint_for) */
 } BenchModels;
 
 static void bench_models_free(BenchModels *m) {
@@ -534,7 +534,7 @@ static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) 
     }
     m->h = a->height / ph;
     m->w = a->width / pw;
-    m->vae_checkpointed =
+    m->vae_checkpoint_levels =
         vae_decoder_checkpoint_for(m->vae, 1, a->height, a->width, a->vae_memory);
     const Flux2Config *fc = flux2_config(m->flow);
     unsigned long long state = 42;
@@ -669,10 +669,10 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
     const Flux2Config *fc = flux2_config(m->flow);
     const SegformerConfig *sc = segformer_config(m->detector);
     printf("bench %s: %dx%d image, %dx%d latent tokens + %d text tokens, transformer dim %d with "
-           "%d+%d blocks, detector input %dx%d, VAE checkpoints %s, %s weights, threads %d\n", name,
-           a.width, a.height, m->w, m->h, a.text_len, fc->dim, fc->num_layers,
+           "%d+%d blocks, detector input %dx%d, VAE checkpoint levels %d, %s weights, "
+           "threads %d\n", name, a.width, a.height, m->w, m->h, a.text_len, fc->dim, fc->num_layers,
            fc->num_single_layers, sc->do_resize ? sc->input_w : a.width,
-           sc->do_resize ? sc->input_h : a.height, m->vae_checkpointed ? "on" : "off",
+           sc->do_resize ? sc->input_h : a.height, m->vae_checkpoint_levels,
            a.config_only ? "random (config only)" : "file", a.threads);
     printf("  models loaded                                                (peak RSS so far %.0f MiB)\n",
            bench_peak_rss_mib());
@@ -786,10 +786,11 @@ static const char *generate_usage =
     "                         mu for the token count (made for thousands of tokens; the\n"
     "                         embedded models use 0: no shift)\n"
 "  --threads T            OpenMP threads\n"
-    "  --vae-memory MB        the most memory the VAE decode's backward may hold to skip its\n"
-    "                         checkpoints, about twice as fast (default 1024); a larger decode\n"
-    "                         recomputes instead. A FLUX.2 decode of 256x256 skips them from\n"
-    "                         1780, 512x512 from 7120, 1024x1024 from 28480\n"
+    "  --vae-memory MB        the memory the VAE decode's backward may hold (default 1024): it\n"
+    "                         nests its checkpoints (0-3 levels) only as deep as that needs,\n"
+    "                         and each level less is faster (none: about twice as fast as 3).\n"
+    "                         A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
+    "                         7120, 1024x1024 from 28480\n"
     "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image\n"
     "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
     "                         one row per image: baseline | guided | detector heat maps of\n"

@@ -1724,8 +1724,8 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
  * 1024x1024. One level of checkpoints over the same blocks with a separate GroupNorm and SiLU
  * peaked at 2939 MB at 512x512 (about 12 GB at 1024x1024); none at all, 1311 MB at 256x256
  * (about 21 GB at 1024x1024). The price is time: each unit runs forward up to four times, so
- * backward takes 5-7x the forward; vae_decoder_checkpoint_for leaves them off for decodes
- * small enough to hold whole.
+ * backward takes 5-7x the forward; vae_decoder_checkpoint_for nests only as deep as a memory
+ * budget needs (none for decodes small enough to hold whole).
  * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
 
 /* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
@@ -1777,7 +1777,7 @@ struct VaeDecoder {
     Conv2d conv_out;
     VaeLayer *layers; /* every layer of the decoder in order, split into stages */
     VaeStage stages[VAE_MAX_BLOCKS];
-    bool checkpoint; /* see vae_decoder_set_checkpoint */
+    int checkpoint_levels; /* see vae_decoder_set_checkpoint_levels */
 };
 
 /* An integer key of the config in lo..hi; the error names the key. */
@@ -2004,7 +2004,7 @@ static int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource sour
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     VaeDecoder *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading the VAE decoder");
-    m->checkpoint = true;
+    m->checkpoint_levels = VAE_CHECKPOINT_LEVELS;
     JsonDoc *doc = NULL;
     StModel *st = NULL;
     int rc = json_parse_file(&doc, path, e) || vae_config_read(&m->config, json_root(doc), e) ||
@@ -2054,27 +2054,56 @@ void vae_decoder_token_size(const VaeDecoder *m, int *rows, int *cols) {
     *cols = c->patch_w << (c->n_blocks - 1);
 }
 
-void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint) {
-    m->checkpoint = checkpoint;
+void vae_decoder_set_checkpoint_levels(VaeDecoder *m, int levels) {
+    m->checkpoint_levels = levels < 0 ? 0 : levels > VAE_CHECKPOINT_LEVELS ? VAE_CHECKPOINT_LEVELS
+                                                                           : levels;
 }
 
-size_t vae_decode_plain_bytes(const VaeDecoder *m, int batch, int height, int width) {
+/* Floats of one resnet output of stage s (its pixels x its channels) and, for s > 0, of the
+ * upsampled input its first layer makes from the stage before (those pixels x the channels
+ * before): the sizes every estimate below is counted in. */
+static void vae_stage_floats(const VaeConfig *c, int s, int height, int width, double *resnet,
+                             double *upsampled) {
+    int shrink = c->n_blocks - 1 - s; /* stage s runs at 1 / 2^shrink of the image's side */
+    double pixels = (double)(height >> shrink) * (double)(width >> shrink);
+    *resnet = pixels * c->block_out_channels[shrink];
+    *upsampled = s > 0 ? pixels * c->block_out_channels[shrink + 1] : 0.0;
+}
+
+size_t vae_decode_bytes(const VaeDecoder *m, int levels, int batch, int height, int width) {
     const VaeConfig *c = &m->config;
-    double floats = 0.0; /* resnet outputs, summed over the decode */
+    double all = 0.0, held = 0.0, deepest = 0.0; /* floats */
     for (int s = 0; s < c->n_blocks; s++) {
-        int shrink = c->n_blocks - 1 - s; /* stage s runs at 1 / 2^shrink of the image's side */
-        double pixels = (double)(height >> shrink) * (double)(width >> shrink);
+        double resnet, upsampled;
+        vae_stage_floats(c, s, height, width, &resnet, &upsampled);
         int resnets = c->layers_per_block + 1 + (s == 0 ? 2 : 0); /* the mid block's two */
-        floats += resnets * pixels * c->block_out_channels[shrink];
+        double stage = resnets * resnet, layer = resnet > upsampled ? resnet : upsampled;
+        all += stage;
+        held += resnet; /* the stage's output */
+        /* what one stage adds while its backward runs: all of it plain (levels 1), its layer
+         * outputs and one layer plain (2), or one layer's unit outputs and one unit (3) */
+        double inner = levels == 1 ? VAE_PLAIN_TENSORS_PER_RESNET * stage
+                       : levels == 2 ? stage + VAE_PLAIN_TENSORS_PER_RESNET * layer
+                                     : stage + VAE_UNIT_TENSORS_PER_LAYER * layer;
+        if (inner > deepest) deepest = inner;
     }
-    double bytes = VAE_PLAIN_TENSORS_PER_RESNET * sizeof(float) * (double)batch * floats;
-    return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
+    double floats = levels <= 0 ? VAE_PLAIN_TENSORS_PER_RESNET * all : 2.0 * held + deepest;
+    double bytes = sizeof(float) * (double)batch * floats;
+    size_t estimate = bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
+    if (levels <= 0) return estimate;
+    /* a level more never holds more: where a bound above is looser than the one before, that one */
+    size_t fewer = vae_decode_bytes(m, levels - 1, batch, height, width);
+    return estimate < fewer ? estimate : fewer;
 }
 
-bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
-                                size_t max_bytes) {
-    m->checkpoint = vae_decode_plain_bytes(m, batch, height, width) > max_bytes;
-    return m->checkpoint;
+int vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
+                               size_t max_bytes) {
+    int levels = 0;
+    while (levels < VAE_CHECKPOINT_LEVELS &&
+           vae_decode_bytes(m, levels, batch, height, width) > max_bytes)
+        levels++;
+    m->checkpoint_levels = levels;
+    return levels;
 }
 
 /* x: [B, C, H, W] -> SiLU(GroupNorm(x)) */
@@ -2082,11 +2111,15 @@ static Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
     return ag_groupnorm_silu(t, x, groups, n->weight, n->bias, VAE_NORM_EPS);
 }
 
-/* One block, through ag_checkpoint when the model asks for it. The functions only read ctx,
- * so handing them the const weights through CheckpointFn's void * is safe. */
-static Var *vae_block(Tape *t, const VaeDecoder *m, CheckpointFn fn, const void *ctx, Var **in,
-                      int n_in) {
-    if (m->checkpoint) return ag_checkpoint(t, fn, (void *)ctx, in, n_in);
+/* The nesting depth of each kind of block: stages 1, layers 2, units 3. */
+enum { VAE_STAGE = 1, VAE_LAYER = 2, VAE_UNIT = 3 };
+
+/* One block at nesting `level`, through ag_checkpoint when the model checkpoints that deep. The
+ * functions only read ctx, so handing them the const weights through CheckpointFn's void * is
+ * safe. */
+static Var *vae_block(Tape *t, const VaeDecoder *m, int level, CheckpointFn fn, const void *ctx,
+                      Var **in, int n_in) {
+    if (level <= m->checkpoint_levels) return ag_checkpoint(t, fn, (void *)ctx, in, n_in);
     for (int i = 0; i < n_in; i++)
         if (!in[i]) return NULL;
     return fn(t, in, (void *)ctx);
@@ -2155,15 +2188,17 @@ static Var *vae_layer_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeLayer *l = ctx;
     const VaeDecoder *m = l->model;
     Var *x = inputs[0];
-    if (l->upsampler) x = vae_block(t, m, vae_upsample_apply, l->upsampler, &x, 1);
-    if (l->attention) x = vae_block(t, m, vae_attention_apply, l->attention, &x, 1);
+    if (l->upsampler) x = vae_block(t, m, VAE_UNIT, vae_upsample_apply, l->upsampler, &x, 1);
+    if (l->attention) x = vae_block(t, m, VAE_UNIT, vae_attention_apply, l->attention, &x, 1);
     if (l->resnet) {
         const VaeResnet *r = l->resnet;
-        Var *h = vae_block(t, m, vae_resnet_in_apply, r, &x, 1);
-        Var *skip = r->conv_shortcut.weight ? vae_block(t, m, vae_shortcut_apply, r, &x, 1) : x;
-        x = ag_add(t, skip, vae_block(t, m, vae_resnet_mid_apply, r, &h, 1));
+        Var *h = vae_block(t, m, VAE_UNIT, vae_resnet_in_apply, r, &x, 1);
+        Var *skip = r->conv_shortcut.weight
+                        ? vae_block(t, m, VAE_UNIT, vae_shortcut_apply, r, &x, 1)
+                        : x;
+        x = ag_add(t, skip, vae_block(t, m, VAE_UNIT, vae_resnet_mid_apply, r, &h, 1));
     }
-    if (l->head) x = vae_block(t, m, vae_head_apply, m, &x, 1);
+    if (l->head) x = vae_block(t, m, VAE_UNIT, vae_head_apply, m, &x, 1);
     return x;
 }
 
@@ -2174,7 +2209,7 @@ static Var *vae_stage_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeStage *s = ctx;
     Var *x = inputs[0];
     for (int i = 0; i < s->n_layers; i++)
-        x = vae_block(t, s->layers[i].model, vae_layer_apply, &s->layers[i], &x, 1);
+        x = vae_block(t, s->layers[i].model, VAE_LAYER, vae_layer_apply, &s->layers[i], &x, 1);
     return x;
 }
 
@@ -2202,7 +2237,7 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     if (c->use_post_quant_conv) x = conv2d_apply(t, &m->post_quant_conv, x);
     x = conv2d_apply(t, &m->conv_in, x);
     for (int s = 0; s < c->n_blocks; s++)
-        x = vae_block(t, m, vae_stage_apply, &m->stages[s], &x, 1);
+        x = vae_block(t, m, VAE_STAGE, vae_stage_apply, &m->stages[s], &x, 1);
     return x;
 }
 
@@ -4502,7 +4537,7 @@ int vae_train_task(TrainTask *task, VaeTrainer **out, VaeEncoder *enc, VaeDecode
     VaeTrainer *tr = calloc(1, sizeof *tr);
     if (!tr) return error_set(e, "out of memory");
     *tr = (VaeTrainer){.enc = enc, .dec = dec, .o = *o};
-    vae_decoder_set_checkpoint(dec, false);
+    vae_decoder_set_checkpoint_levels(dec, 0);
     Params *enc_p = vae_encoder_params(enc), *dec_p = vae_decoder_params(dec);
     *task = (TrainTask){.groups = {o->decoder_only ? dec_p : enc_p, dec_p},
                         .n_groups = o->decoder_only ? 1 : 2, .loss = vae_train_loss, .ctx = tr};

@@ -253,25 +253,30 @@ const VaeConfig *vae_decoder_config(const VaeDecoder *m);
 void vae_decoder_token_size(const VaeDecoder *m, int *rows, int *cols);
 /* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
 Params *vae_decoder_params(VaeDecoder *m);
-/* On by default: nested ag_checkpoints (stages > layers > units, see nn.c), so backward holds
- * stage outputs plus one stage's layer outputs and one layer's intermediates; each unit's
- * forward runs up to four times. Off keeps every intermediate: the same gradients bit for
- * bit, a faster backward, far more memory. */
-void vae_decoder_set_checkpoint(VaeDecoder *m, bool checkpoint);
+/* Nested ag_checkpoints (see nn.c): stages (levels 1), then also layers (2), then also units
+ * (3, the default on load): backward holds stage outputs plus one stage's intermediates (1), its
+ * layer outputs and one layer's intermediates (2), or one layer's unit outputs and one unit's
+ * intermediates (3), and runs each unit's forward 2, 3 or 4 times. 0 keeps every intermediate.
+ * The gradients are the same bit for bit at every level. */
+#define VAE_CHECKPOINT_LEVELS 3
+void vae_decoder_set_checkpoint_levels(VaeDecoder *m, int levels);
 /* An upper estimate of the memory a decode with grad of `batch` images of height x width holds
- * without checkpoints: VAE_PLAIN_TENSORS_PER_RESNET f32 tensors the size of each resnet's
- * output (values, saved inputs, gradients, the upsamplers' and attention's share). Measured
- * tape peaks are 7.4 of them for the real config at 256x256 (1311 MiB) and 8.6 for the embedded
- * one at 64x64 (9 MB); tests/test_vae.c checks the bound. */
+ * with `levels` of checkpoints, in f32 tensors the size of each stage's resnet output: without
+ * checkpoints VAE_PLAIN_TENSORS_PER_RESNET per resnet (values, saved inputs, gradients, the
+ * upsamplers' and attention's share); with them two per stage output held, plus the stage whose
+ * backward adds the most: all its resnets plain (1), one per resnet and one layer plain (2), one
+ * per resnet and VAE_UNIT_TENSORS_PER_LAYER for a layer (3); never more than the level before.
+ * tests/test_vae.c checks that each bounds the measured tape peak within 2x; for the real config
+ * at 256x256 the peaks are 1311, 813, 493 and 365 MiB, the estimates 1780, 1076, 852, 596. */
 #define VAE_PLAIN_TENSORS_PER_RESNET 10
-size_t vae_decode_plain_bytes(const VaeDecoder *m, int batch, int height, int width);
-/* Checkpoints on exactly when that estimate exceeds max_bytes, and the choice: a decode that
- * fits gets the plain backward (about half the time of a checkpointed one), a larger one the
- * bounded memory (the real config plain at 1024x1024 would need about 21 GB). The default
- * budget (generate's --vae-memory) is VAE_PLAIN_MAX_BYTES. */
+#define VAE_UNIT_TENSORS_PER_LAYER 6
+size_t vae_decode_bytes(const VaeDecoder *m, int levels, int batch, int height, int width);
+/* The fewest levels whose estimate fits max_bytes (VAE_CHECKPOINT_LEVELS when none does), set
+ * in m and returned: the fewer, the faster the backward (none: about half the time of all
+ * three). The default budget (generate's --vae-memory) is VAE_PLAIN_MAX_BYTES. */
 #define VAE_PLAIN_MAX_BYTES ((size_t)1 << 30)
-bool vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
-                                size_t max_bytes);
+int vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
+                               size_t max_bytes);
 
 /* The encoder half of AutoencoderKLFlux2, with the FLUX.2 pipeline's latent packing behind it:
  * an image in [-1, 1] in, normalised transformer tokens out (what vae_decode takes). It reads the

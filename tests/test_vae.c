@@ -66,7 +66,8 @@ static Tensor *golden_tensor(const SafeTensors *st, const char *name, int ndim,
 }
 
 /* Decodes golden case `name` (tokens [B, h*w, packed]) with m and compares image and gradient
- * with the golden `want`.image / `want`.grad. Also checks that checkpointing changes nothing. */
+ * with the golden `want`.image / `want`.grad. Also checks that no level of checkpoints changes
+ * anything. */
 static void test_golden_case(VaeDecoder *m, const SafeTensors *st, const char *name,
                              const char *want, int B, int h, int w) {
     const VaeConfig *c = vae_decoder_config(m);
@@ -83,13 +84,10 @@ static void test_golden_case(VaeDecoder *m, const SafeTensors *st, const char *n
     snprintf(key, sizeof key, "%s.grad", want);
     Tensor *grad = golden_tensor(st, key, SHAPE(B, (int64_t)h * w, packed));
     if (tokens && r && image && grad) {
-        vae_decoder_set_checkpoint(m, true);
+        vae_decoder_set_checkpoint_levels(m, VAE_CHECKPOINT_LEVELS);
         Decoded got = decode_with_grad(m, tokens, r, h, w);
-        vae_decoder_set_checkpoint(m, false);
-        Decoded plain = decode_with_grad(m, tokens, r, h, w);
-        vae_decoder_set_checkpoint(m, true);
         char what[96];
-        if (got.image && plain.image) {
+        if (got.image) {
             snprintf(what, sizeof what, "%s: image [%d, %d, %lld, %lld]", want, B, c->out_channels,
                      (long long)H, (long long)W);
             check_close(what, got.image->data, image->data, (size_t)image->numel, RTOL,
@@ -97,12 +95,19 @@ static void test_golden_case(VaeDecoder *m, const SafeTensors *st, const char *n
             snprintf(what, sizeof what, "%s: d loss / d tokens", want);
             check_close(what, got.grad->data, grad->data, (size_t)grad->numel, RTOL,
                         RTOL * max_abs(grad->data, (size_t)grad->numel));
-            CHECK(!memcmp(got.image->data, plain.image->data, (size_t)image->numel * 4) &&
-                      !memcmp(got.grad->data, plain.grad->data, (size_t)grad->numel * 4),
-                  "%s: checkpointed and plain decodes agree bit for bit", want);
+            for (int levels = 0; levels < VAE_CHECKPOINT_LEVELS; levels++) {
+                vae_decoder_set_checkpoint_levels(m, levels);
+                Decoded other = decode_with_grad(m, tokens, r, h, w);
+                CHECK(other.image &&
+                          !memcmp(got.image->data, other.image->data, (size_t)image->numel * 4) &&
+                          !memcmp(got.grad->data, other.grad->data, (size_t)grad->numel * 4),
+                      "%s: %d and %d levels of checkpoints agree bit for bit", want, levels,
+                      VAE_CHECKPOINT_LEVELS);
+                decoded_free(&other);
+            }
+            vae_decoder_set_checkpoint_levels(m, VAE_CHECKPOINT_LEVELS);
         }
         decoded_free(&got);
-        decoded_free(&plain);
     }
     tensor_free(tokens);
     tensor_free(r);
@@ -135,32 +140,33 @@ static double fd_loss(void *ctx) {
 
 /* ---- checkpoint policy ---- */
 
-/* The tape's peak over a plain decode with grad of a batch of height x width images. */
-static size_t plain_peak(VaeDecoder *m, int batch, int height, int width) {
+/* The tape's peak over a decode with grad, with `levels` of checkpoints, of a batch of
+ * height x width images. */
+static size_t decode_peak(VaeDecoder *m, int levels, int batch, int height, int width) {
     const VaeConfig *c = vae_decoder_config(m);
     int rows, cols;
     vae_decoder_token_size(m, &rows, &cols);
     int h = height / rows, w = width / cols;
     Tensor *tokens = TENSOR_NEW(batch, (int64_t)h * w, c->latent_channels * c->patch_h * c->patch_w);
     for (int64_t i = 0; tokens && i < tokens->numel; i++) tokens->data[i] = sinf(0.37f * (float)i);
-    vae_decoder_set_checkpoint(m, false);
+    vae_decoder_set_checkpoint_levels(m, levels);
     Tape *t = tape_new();
     Var *x = var_new(t, tokens, true);
     Var *loss = ag_sum(t, vae_decode(t, m, x, h, w));
     Error e = {{0}};
     int rc = tape_check(t, &e) || tape_backward(t, loss, &e);
-    CHECK(rc == 0, "plain decode + backward %dx%d: %s", width, height, e.msg);
+    CHECK(rc == 0, "decode + backward %dx%d, %d levels of checkpoints: %s", width, height,
+          levels, e.msg);
     size_t peak = tape_stats(t).peak_bytes;
     tape_free(t);
     tensor_free(tokens);
-    vae_decoder_set_checkpoint(m, true);
+    vae_decoder_set_checkpoint_levels(m, VAE_CHECKPOINT_LEVELS);
     return peak;
 }
 
-/* vae_decode_plain_bytes bounds the measured peak of a plain decode from above, by less than
- * 2x, at several sizes and batches of two configs; vae_decoder_checkpoint_for turns the
- * checkpoints off when the estimate fits its budget (VAE_PLAIN_MAX_BYTES by default) and on
- * above it. */
+/* vae_decode_bytes bounds the measured peak of a decode with each level of checkpoints from
+ * above, by less than 2x, at several sizes and batches of two configs; vae_decoder_checkpoint_for
+ * picks the fewest levels whose estimate fits its budget. */
 static void test_checkpoint_policy(VaeDecoder *tiny) {
     VaeDecoder *embedded = NULL;
     Error e = {{0}};
@@ -172,29 +178,44 @@ static void test_checkpoint_policy(VaeDecoder *tiny) {
     } cases[] = {{tiny, "tiny", 1, 32, 32},         {tiny, "tiny", 2, 32, 64},
                  {embedded, "embedded", 1, 32, 64}, {embedded, "embedded", 1, 64, 64},
                  {embedded, "embedded", 3, 32, 64}};
-    for (size_t i = 0; embedded && i < sizeof cases / sizeof *cases; i++) {
-        size_t peak = plain_peak(cases[i].m, cases[i].batch, cases[i].height, cases[i].width);
-        size_t estimate =
-            vae_decode_plain_bytes(cases[i].m, cases[i].batch, cases[i].height, cases[i].width);
-        CHECK(peak > 0 && peak <= estimate && estimate < 2 * peak,
-              "%s VAE, %d x %dx%d: the plain decode's estimate %zu bytes bounds its measured "
-              "peak %zu within 2x", cases[i].name, cases[i].batch, cases[i].width,
-              cases[i].height, estimate, peak);
-    }
+    for (size_t i = 0; embedded && i < sizeof cases / sizeof *cases; i++)
+        for (int levels = 0; levels <= VAE_CHECKPOINT_LEVELS; levels++) {
+            size_t peak = decode_peak(cases[i].m, levels, cases[i].batch, cases[i].height,
+                                      cases[i].width);
+            size_t estimate = vae_decode_bytes(cases[i].m, levels, cases[i].batch,
+                                               cases[i].height, cases[i].width);
+            CHECK(peak > 0 && peak <= estimate && estimate < 2 * peak,
+                  "%s VAE, %d x %dx%d, %d levels of checkpoints: the estimate %zu bytes bounds "
+                  "the measured peak %zu within 2x", cases[i].name, cases[i].batch,
+                  cases[i].width, cases[i].height, levels, estimate, peak);
+        }
     if (embedded) {
-        CHECK(vae_decode_plain_bytes(embedded, 4, 64, 64) ==
-                  4 * vae_decode_plain_bytes(embedded, 1, 64, 64),
+        CHECK(vae_decode_bytes(embedded, 0, 4, 64, 64) ==
+                  4 * vae_decode_bytes(embedded, 0, 1, 64, 64),
               "the estimate grows with the batch");
-        CHECK(!vae_decoder_checkpoint_for(embedded, 1, 32, 64, VAE_PLAIN_MAX_BYTES),
+        CHECK(vae_decoder_checkpoint_for(embedded, 1, 32, 64, VAE_PLAIN_MAX_BYTES) == 0,
               "a 64x32 decode runs without checkpoints");
-        size_t big = vae_decode_plain_bytes(embedded, 1, 1024, 1024);
-        CHECK(big > VAE_PLAIN_MAX_BYTES &&
-                  vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, VAE_PLAIN_MAX_BYTES),
-              "a 1024x1024 decode (estimate %zu bytes) runs with checkpoints", big);
-        CHECK(!vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, big) &&
-                  vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, big - 1),
-              "a budget of the estimate runs it plain, one byte less with checkpoints");
-        CHECK(vae_decode_plain_bytes(embedded, 1, 1 << 30, 1 << 30) == SIZE_MAX,
+        /* at 1024x1024 the embedded VAE's estimates: none above the default budget, and never
+         * more with a level more */
+        size_t need[VAE_CHECKPOINT_LEVELS + 1];
+        for (int levels = 0; levels <= VAE_CHECKPOINT_LEVELS; levels++)
+            need[levels] = vae_decode_bytes(embedded, levels, 1, 1024, 1024);
+        CHECK(need[0] > VAE_PLAIN_MAX_BYTES && need[0] > need[1] && need[1] >= need[2] &&
+                  need[2] > need[3],
+              "at 1024x1024 the plain decode's estimate (%zu bytes) exceeds the default budget "
+              "and no level needs more than the one before: %zu, %zu, %zu", need[0], need[1],
+              need[2], need[3]);
+        for (int levels = 0; levels <= VAE_CHECKPOINT_LEVELS; levels++) {
+            int got = vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, need[levels]);
+            int less = vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, need[levels] - 1);
+            CHECK(got <= levels && vae_decode_bytes(embedded, got, 1, 1024, 1024) == need[levels] &&
+                      (levels == VAE_CHECKPOINT_LEVELS || less > got),
+                  "a budget of %d levels' estimate gets the fewest levels that fit (%d), one "
+                  "byte less more (%d)", levels, got, less);
+        }
+        CHECK(vae_decoder_checkpoint_for(embedded, 1, 1024, 1024, 1) == VAE_CHECKPOINT_LEVELS,
+              "a budget nothing fits gets every level");
+        CHECK(vae_decode_bytes(embedded, 0, 1, 1 << 30, 1 << 30) == SIZE_MAX,
               "an absurd size saturates the estimate");
     }
     vae_decoder_free(embedded);

@@ -41,7 +41,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     bool checkpoint = !(argc > 3 && !strcmp(argv[3], "plain"));
-    vae_decoder_set_checkpoint(m, checkpoint);
+    vae_decoder_set_checkpoint_levels(m, checkpoint ? VAE_CHECKPOINT_LEVELS : 0);
     const VaeConfig *c = vae_decoder_config(m);
     int side = atoi(argv[2]), down = c->patch_h << (c->n_blocks - 1);
     int h = side / down, w = side / down, packed = c->latent_channels * c->patch_h * c->patch_w;
