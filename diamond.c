@@ -477,7 +477,7 @@ static void bench_models_free(BenchModels *m) {
  * [--threads T] from argv[3]; 0 on success, else the bad option in *bad. */
 static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, const char **bad) {
     *a = (BenchModelArgs){.text_len = 512, .threads = bench_threads_now(),
-                          .vae_memory = VAE_PLAIN_MAX_BYTES};
+                          .vae_memory = VAE_DEFAULT_MEMORY};
     for (int i = 3; i < argc; i++) {
         const char *opt = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         bool ok = true;
@@ -680,9 +680,9 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
 }
 
 /* diamond bench model --model DIR --detector DIR -W W -H H [--config-only] [--text-len L]
- * [--vae-memory MB] [--threads T]: each model part of a guided step alone, batch 1, on random inputs: one
- * transformer forward, the VAE decode and the detector with and without their backward to the
- * input (the loss is the output's mean). With --config-only no weight file is read (the real
+ * [--vae-memory MB] [--threads T]: each model part of a guided step alone, batch 1, on random
+ * inputs: one transformer forward, the VAE decode and the detector with and without their
+ * backward to the input (the loss is the output's mean). With --config-only no weight file is read (the real
  * sizes' timings without their files). */
 static int bench_model(int argc, char **argv) {
     static const struct {
@@ -785,7 +785,7 @@ static const char *generate_usage =
     "  --mu M                 shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
     "                         mu for the token count (made for thousands of tokens; the\n"
     "                         embedded models use 0: no shift)\n"
-"  --threads T            OpenMP threads\n"
+    "  --threads T            OpenMP threads\n"
     "  --vae-memory MB        the memory the VAE decode's backward may hold (default 1024): it\n"
     "                         nests its checkpoints (0-3 levels) only as deep as that needs,\n"
     "                         and each level less is faster (none: about twice as fast as 3).\n"
@@ -813,7 +813,7 @@ typedef struct GenerateArgs {
     const char *prompt, *negative; /* negative: the negative prompt of opt.cfg_scale > 1 */
     uint64_t seeds[GENERATE_MAX_BATCH];
     int n_seeds, steps, width, height;
-    size_t vae_memory; /* bytes the VAE's backward may hold without checkpoints */
+    size_t vae_memory; /* the VAE decode's memory budget (vae_decoder_checkpoint_for) */
     SamplerOptions opt;
     bool quiet;
 } GenerateArgs;
@@ -928,7 +928,7 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
 
 /* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
 static int generate_defaults(GenerateArgs *a, Error *e) {
-    *a = (GenerateArgs){.vae_memory = VAE_PLAIN_MAX_BYTES,
+    *a = (GenerateArgs){.vae_memory = VAE_DEFAULT_MEMORY,
                         .opt = {.guide = true, .guidance_scale = 4.0f}};
     return lambda_schedule_parse(&a->opt.lambda, "power", e) ||
            artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;

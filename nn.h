@@ -273,8 +273,8 @@ void vae_decoder_set_checkpoint_levels(VaeDecoder *m, int levels);
 size_t vae_decode_bytes(const VaeDecoder *m, int levels, int batch, int height, int width);
 /* The fewest levels whose estimate fits max_bytes (VAE_CHECKPOINT_LEVELS when none does), set
  * in m and returned: the fewer, the faster the backward (none: about half the time of all
- * three). The default budget (generate's --vae-memory) is VAE_PLAIN_MAX_BYTES. */
-#define VAE_PLAIN_MAX_BYTES ((size_t)1 << 30)
+ * three). The default budget (generate's --vae-memory) is VAE_DEFAULT_MEMORY. */
+#define VAE_DEFAULT_MEMORY ((size_t)1 << 30)
 int vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
                                size_t max_bytes);
 

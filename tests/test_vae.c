@@ -193,14 +193,14 @@ static void test_checkpoint_policy(VaeDecoder *tiny) {
         CHECK(vae_decode_bytes(embedded, 0, 4, 64, 64) ==
                   4 * vae_decode_bytes(embedded, 0, 1, 64, 64),
               "the estimate grows with the batch");
-        CHECK(vae_decoder_checkpoint_for(embedded, 1, 32, 64, VAE_PLAIN_MAX_BYTES) == 0,
+        CHECK(vae_decoder_checkpoint_for(embedded, 1, 32, 64, VAE_DEFAULT_MEMORY) == 0,
               "a 64x32 decode runs without checkpoints");
         /* at 1024x1024 the embedded VAE's estimates: none above the default budget, and never
          * more with a level more */
         size_t need[VAE_CHECKPOINT_LEVELS + 1];
         for (int levels = 0; levels <= VAE_CHECKPOINT_LEVELS; levels++)
             need[levels] = vae_decode_bytes(embedded, levels, 1, 1024, 1024);
-        CHECK(need[0] > VAE_PLAIN_MAX_BYTES && need[0] > need[1] && need[1] >= need[2] &&
+        CHECK(need[0] > VAE_DEFAULT_MEMORY && need[0] > need[1] && need[1] >= need[2] &&
                   need[2] > need[3],
               "at 1024x1024 the plain decode's estimate (%zu bytes) exceeds the default budget "
               "and no level needs more than the one before: %zu, %zu, %zu", need[0], need[1],
