@@ -3031,6 +3031,7 @@ static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t
     if (path_join(detector, len, d->weights, "detector", e)) return -1;
     *g = (GenerateArgs){.model = d->weights, .detector = detector, .steps = EMBEDDED_STEPS,
                         .width = WORLD_W, .height = WORLD_H, .quiet = true,
+                        .vae_memory = VAE_DEFAULT_MEMORY,
                         .opt = {.steps = EMBEDDED_STEPS, .guide = true, .guidance_scale = 1.0f,
                                 .cfg_scale = EMBEDDED_CFG, .set_mu = true,
                                 .mu = EMBEDDED_MU}};
