@@ -454,6 +454,15 @@ typedef struct GemmOperand {
     ptrdiff_t lane_stride, depth_stride;
 } GemmOperand;
 
+/* The threads a parallel region started here would get: 1 inside one (nested regions stay
+ * serial) or without OpenMP. */
+static int team_size(void) {
+#ifdef _OPENMP
+    if (!omp_in_parallel()) return omp_get_max_threads();
+#endif
+    return 1;
+}
+
 static int gemm_thread_index(void) {
 #ifdef _OPENMP
     return omp_get_thread_num();
@@ -540,11 +549,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
         gemm_scale(M, N, beta, C, ldc);
         return;
     }
-    int max_threads = 1;
-#ifdef _OPENMP
-    if (!omp_in_parallel()) max_threads = omp_get_max_threads();
-#endif
-    GemmPlan plan = gemm_plan(M, N, K, max_threads);
+    GemmPlan plan = gemm_plan(M, N, K, team_size());
     GemmOperand a_op = {A, trans_a ? 1 : lda, trans_a ? lda : 1};
     GemmOperand b_op = {B, trans_b ? ldb : 1, trans_b ? 1 : ldb};
     int kc_max = gemm_min(GEMM_KC, K);
@@ -613,12 +618,8 @@ typedef struct ConvDims {
 
 /* The forward's im2col budget in floats: CONV_COL_BUDGET per two threads, at least one. */
 static int conv_forward_budget(void) {
-    int threads = 1;
-#ifdef _OPENMP
-    if (!omp_in_parallel()) threads = omp_get_max_threads();
-#endif
-    int pairs = threads / 2 > 1 ? threads / 2 : 1;
-    return CONV_COL_BUDGET * (pairs < 64 ? pairs : 64);
+    int pairs = team_size() / 2;
+    return CONV_COL_BUDGET * (pairs < 1 ? 1 : pairs < 64 ? pairs : 64);
 }
 
 /* budget: floats of im2col scratch for a band (CONV_COL_BUDGET, or conv_forward_budget()). */
