@@ -3028,13 +3028,18 @@ static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Err
 static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t len, Error *e) {
     *a = (EvalArgs){.threshold = EVAL_THRESHOLD};
     GenerateArgs *g = &a->gen;
-    if (path_join(detector, len, d->weights, "detector", e)) return -1;
-    *g = (GenerateArgs){.model = d->weights, .detector = detector, .steps = EMBEDDED_STEPS,
-                        .width = WORLD_W, .height = WORLD_H, .quiet = true,
-                        .vae_memory = VAE_DEFAULT_MEMORY,
-                        .opt = {.steps = EMBEDDED_STEPS, .guide = true, .guidance_scale = 1.0f,
-                                .cfg_scale = EMBEDDED_CFG, .set_mu = true,
-                                .mu = EMBEDDED_MU}};
+    if (path_join(detector, len, d->weights, "detector", e) || generate_defaults(g, e))
+        return -1;
+    g->model = d->weights;
+    g->detector = detector;
+    g->steps = g->opt.steps = EMBEDDED_STEPS;
+    g->width = WORLD_W;
+    g->height = WORLD_H;
+    g->quiet = true;
+    g->opt.guidance_scale = 1.0f;
+    g->opt.cfg_scale = EMBEDDED_CFG;
+    g->opt.set_mu = true;
+    g->opt.mu = EMBEDDED_MU;
     return lambda_schedule_parse(&g->opt.lambda, DEMO_SCHEDULE, e) ||
                    artifact_loss_parse(&g->opt.loss, DEMO_LOSS, e)
                ? -1
