@@ -37,7 +37,7 @@ typedef void (*BackwardFn)(Tape *t, Node *n);
 
 /* The scalar settings of each kind of node. */
 struct MatmulParams { int64_t M, N, K, batch; bool shared_b; };
-struct RopeParams { int batch, n, heads, head_dim; };
+struct RopeParams { int batch, n, heads, head_dim; RopePairs pairs; };
 struct NormParams { int64_t rows, C, HW; int groups; float eps; };
 struct ResizeParams { int64_t planes, H, W, out_h, out_w; };
 struct ScalarParams { float a, b; bool flag; };
@@ -711,11 +711,11 @@ Var *ag_attention(Tape *t, Var *q, Var *k, Var *v, float scale, bool causal, con
 static void rope_node_backward(Tape *t, Node *n) {
     (void)t;
     struct RopeParams r = n->p.rope;
-    rope_backward(r.batch, r.n, r.heads, r.head_dim, data(n->in[1]), data(n->in[2]), grad(n->out),
-                  grad(n->in[0]));
+    rope_backward(r.pairs, r.batch, r.n, r.heads, r.head_dim, data(n->in[1]), data(n->in[2]),
+                  grad(n->out), grad(n->in[0]));
 }
 
-Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin) {
+Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin, RopePairs pairs) {
     const char *op = "rope";
     if (!ready(t, op, 3, (Var *[]){x, cos, sin}) || !check_constant(t, op, "cos", cos) ||
         !check_constant(t, op, "sin", sin))
@@ -735,11 +735,11 @@ Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin) {
     for (int i = 0; i < 4; i++)
         if (!check_int(t, op, xv->shape[i])) return NULL;
     struct RopeParams r = {(int)xv->shape[0], (int)xv->shape[1], (int)xv->shape[2],
-                           (int)xv->shape[3]};
+                           (int)xv->shape[3], pairs};
     Var *y = result_like(t, x);
     Node *n;
     if (!y || !record(t, y, rope_node_backward, 3, (Var *[]){x, cos, sin}, &n)) return NULL;
-    rope_forward(r.batch, r.n, r.heads, r.head_dim, data(cos), data(sin), data(x), data(y));
+    rope_forward(pairs, r.batch, r.n, r.heads, r.head_dim, data(cos), data(sin), data(x), data(y));
     if (n) n->p.rope = r;
     return y;
 }

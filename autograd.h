@@ -111,8 +111,8 @@ Var *ag_conv2d(Tape *t, Var *x, Var *w, Var *b, int stride, int padding, int gro
 /* softmax(scale q k^T) v. q: [B, Nq, H, D], k, v: [B, Nk, Hkv, D] -> y: [B, Nq, H, D];
  * kv_valid: [B] valid key counts (copied) or NULL. */
 Var *ag_attention(Tape *t, Var *q, Var *k, Var *v, float scale, bool causal, const int *kv_valid);
-/* x: [B, N, H, D], cos, sin (constant): [N, D/2] -> y: [B, N, H, D] */
-Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin);
+/* x: [B, N, H, D], cos, sin (constant): [N, D/2] -> y: [B, N, H, D]; pairs as rope_forward */
+Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin, RopePairs pairs);
 
 /* x: [.., C], w, b: [C] -> y: [.., C], normalised over the last dim */
 Var *ag_layernorm(Tape *t, Var *x, Var *w, Var *b, float eps);

@@ -921,7 +921,7 @@ static Var *flux2_project_heads(Tape *t, Var *x, Var *weight, Var *norm, const F
 static Var *flux2_rotate(Tape *t, Var *x, const Flux2Step *s, int64_t pos) {
     int64_t n = flux2_size(x, 1);
     return ag_rope(t, x, flux2_view(t, s->rope_cos, 0, pos, n),
-                   flux2_view(t, s->rope_sin, 0, pos, n));
+                   flux2_view(t, s->rope_sin, 0, pos, n), ROPE_ADJACENT);
 }
 
 /* x: [B, N, 2 hidden] -> silu(x[.., :hidden]) * x[.., hidden:] */

@@ -1479,12 +1479,19 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
     free(di);
 }
 
-/* Rotary embedding, FLUX's interleaved convention (diffusers apply_rotary_emb with
- * use_real_unbind_dim=-1: x * cos + stack(-x_imag, x_real) * sin, cos and sin repeated per pair):
- *   y[2i] = x[2i] cos - x[2i+1] sin,  y[2i+1] = x[2i] sin + x[2i+1] cos.
- * An odd last element is passed through. y may alias x. */
-void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_table,
-                  const float *sin_table, const float *x, float *y) {
+/* Rotary embedding: each pair (x[a], x[b]) of a head turns by its position's angle i,
+ *   y[a] = x[a] cos - x[b] sin,  y[b] = x[a] sin + x[b] cos,
+ * the pairs being (2i, 2i+1) in FLUX's interleaved convention (diffusers apply_rotary_emb with
+ * use_real_unbind_dim=-1) or (i, i + D/2) in Qwen's (transformers' x * cos + rotate_half(x) *
+ * sin, rotate_half(x) = [-x[D/2:], x[:D/2]]). An odd last element is passed through. y may
+ * alias x. */
+static void rope_pair(RopePairs pairs, int head_dim, int i, int *a, int *b) {
+    *a = pairs == ROPE_HALVES ? i : 2 * i;
+    *b = pairs == ROPE_HALVES ? i + head_dim / 2 : 2 * i + 1;
+}
+
+void rope_forward(RopePairs pairs, int batch, int n, int heads, int head_dim,
+                  const float *cos_table, const float *sin_table, const float *x, float *y) {
     int half = head_dim / 2;
 #pragma omp parallel for
     for (long row = 0; row < (long)batch * n; row++) {
@@ -1493,9 +1500,11 @@ void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_ta
             const float *xr = x + ((size_t)row * heads + h) * head_dim;
             float *yr = y + ((size_t)row * heads + h) * head_dim;
             for (int i = 0; i < half; i++) {
-                float x0 = xr[2 * i], x1 = xr[2 * i + 1];
-                yr[2 * i] = x0 * c[i] - x1 * sn[i];
-                yr[2 * i + 1] = x0 * sn[i] + x1 * c[i];
+                int a, b;
+                rope_pair(pairs, head_dim, i, &a, &b);
+                float x0 = xr[a], x1 = xr[b];
+                yr[a] = x0 * c[i] - x1 * sn[i];
+                yr[b] = x0 * sn[i] + x1 * c[i];
             }
             if (head_dim % 2) yr[head_dim - 1] = xr[head_dim - 1];
         }
@@ -1503,8 +1512,8 @@ void rope_forward(int batch, int n, int heads, int head_dim, const float *cos_ta
 }
 
 /* dx += R^T dy: the rotation by -theta. */
-void rope_backward(int batch, int n, int heads, int head_dim, const float *cos_table,
-                   const float *sin_table, const float *dy, float *dx) {
+void rope_backward(RopePairs pairs, int batch, int n, int heads, int head_dim,
+                   const float *cos_table, const float *sin_table, const float *dy, float *dx) {
     int half = head_dim / 2;
 #pragma omp parallel for
     for (long row = 0; row < (long)batch * n; row++) {
@@ -1513,9 +1522,11 @@ void rope_backward(int batch, int n, int heads, int head_dim, const float *cos_t
             const float *dyr = dy + ((size_t)row * heads + h) * head_dim;
             float *dxr = dx + ((size_t)row * heads + h) * head_dim;
             for (int i = 0; i < half; i++) {
-                float g0 = dyr[2 * i], g1 = dyr[2 * i + 1];
-                dxr[2 * i] += g0 * c[i] + g1 * sn[i];
-                dxr[2 * i + 1] += g1 * c[i] - g0 * sn[i];
+                int a, b;
+                rope_pair(pairs, head_dim, i, &a, &b);
+                float g0 = dyr[a], g1 = dyr[b];
+                dxr[a] += g0 * c[i] + g1 * sn[i];
+                dxr[b] += g1 * c[i] - g0 * sn[i];
             }
             if (head_dim % 2) dxr[head_dim - 1] += dyr[head_dim - 1];
         }

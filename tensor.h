@@ -94,15 +94,19 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
                         const float *v, const float *out, const float *lse, const float *dout,
                         float *dq, float *dk, float *dv);
 
-/* Rotary embedding on adjacent pairs (x[2i], x[2i+1]) rotated by the angle of pair i:
+/* Which two elements of a head rotary embedding turns together: FLUX's adjacent pairs
+ * (x[2i], x[2i+1]) (diffusers apply_rotary_emb, use_real_unbind_dim=-1) or Qwen's halves
+ * (x[i], x[i + D/2]) (transformers' rotate_half). */
+typedef enum RopePairs { ROPE_ADJACENT, ROPE_HALVES } RopePairs;
+
+/* Rotary embedding: pair i of each head (a, b) rotated by the angle of pair i,
+ * y[a] = x[a] cos - x[b] sin, y[b] = x[a] sin + x[b] cos.
  * x: [B, N, H, D], cos, sin: [N, D/2] -> y: [B, N, H, D]. Backward rotates back: dx += R^T dy.
- * y[2i] = x[2i] cos - x[2i+1] sin, y[2i+1] = x[2i] sin + x[2i+1] cos: FLUX's convention
- * (diffusers apply_rotary_emb, use_real_unbind_dim=-1). y may alias x; an odd D passes its
- * last element through. */
-void rope_forward(int batch, int n, int heads, int head_dim, const float *cos, const float *sin,
-                  const float *x, float *y);
-void rope_backward(int batch, int n, int heads, int head_dim, const float *cos, const float *sin,
-                   const float *dy, float *dx);
+ * y may alias x; an odd D passes its last element through. */
+void rope_forward(RopePairs pairs, int batch, int n, int heads, int head_dim, const float *cos,
+                  const float *sin, const float *x, float *y);
+void rope_backward(RopePairs pairs, int batch, int n, int heads, int head_dim, const float *cos,
+                   const float *sin, const float *dy, float *dx);
 
 /* ---- norms, activations, resampling, elementwise ---------------------------------------- */
 

@@ -342,6 +342,7 @@ static void test_empty_rows_finite(void) {
 /* ---- RoPE ---- */
 
 typedef struct RopeCtx {
+    RopePairs pairs;
     int batch, n, heads, dim;
     const float *cos, *sin, *weights;
     float *x, *y;
@@ -349,13 +350,13 @@ typedef struct RopeCtx {
 
 static double rope_loss(void *ctx) {
     RopeCtx *r = ctx;
-    rope_forward(r->batch, r->n, r->heads, r->dim, r->cos, r->sin, r->x, r->y);
+    rope_forward(r->pairs, r->batch, r->n, r->heads, r->dim, r->cos, r->sin, r->x, r->y);
     double loss = 0.0;
     for (size_t i = 0; i < (size_t)r->batch * r->n * r->heads * r->dim; i++) loss += (double)r->y[i] * r->weights[i];
     return loss;
 }
 
-static void test_rope(int dim) {
+static void test_rope(RopePairs pairs, int dim) {
     int batch = 2, n = 5, heads = 3, half = dim / 2;
     size_t count = (size_t)batch * n * heads * dim;
     float *cos_t = malloc(n * half * sizeof(float) + 4), *sin_t = malloc(n * half * sizeof(float) + 4);
@@ -372,37 +373,40 @@ static void test_rope(int dim) {
     fill(x, count, 1.0f, &rng);
     fill(w, count, 1.0f, &rng);
 
-    /* the definition, pair by pair: (x0 + i x1) e^{i theta}; an odd last element passes */
+    /* the definition, pair by pair: (x_a + i x_b) e^{i theta}, (a, b) = (2i, 2i+1) or (i,
+     * i + D/2); an odd last element passes */
     for (size_t row = 0; row < (size_t)batch * n * heads; row++) {
         const float *xr = x + row * dim;
         float *wr = want + row * dim;
         int t = (int)(row / heads % n);
         for (int i = 0; i < half; i++) {
             double c = cos_t[t * half + i], s = sin_t[t * half + i];
-            wr[2 * i] = (float)(xr[2 * i] * c - xr[2 * i + 1] * s);
-            wr[2 * i + 1] = (float)(xr[2 * i] * s + xr[2 * i + 1] * c);
+            int a = pairs == ROPE_HALVES ? i : 2 * i, b = pairs == ROPE_HALVES ? i + half : 2 * i + 1;
+            wr[a] = (float)(xr[a] * c - xr[b] * s);
+            wr[b] = (float)(xr[a] * s + xr[b] * c);
         }
         if (dim % 2) wr[dim - 1] = xr[dim - 1];
     }
     char what[96];
-    rope_forward(batch, n, heads, dim, cos_t, sin_t, x, y);
-    snprintf(what, sizeof what, "rope d%d forward", dim);
+    const char *kind = pairs == ROPE_HALVES ? "halves" : "adjacent";
+    rope_forward(pairs, batch, n, heads, dim, cos_t, sin_t, x, y);
+    snprintf(what, sizeof what, "rope %s d%d forward", kind, dim);
     check_close(what, y, want, count, 1e-6f, 1e-6f);
 
     /* rotating back recovers x: backward is R^T, and R^T R = I */
     memset(back, 0, count * sizeof(float));
-    rope_backward(batch, n, heads, dim, cos_t, sin_t, y, back);
-    snprintf(what, sizeof what, "rope d%d backward inverts forward", dim);
+    rope_backward(pairs, batch, n, heads, dim, cos_t, sin_t, y, back);
+    snprintf(what, sizeof what, "rope %s d%d backward inverts forward", kind, dim);
     check_close(what, back, x, count, 1e-6f, 1e-6f);
 
     memcpy(back, x, count * sizeof(float));
-    rope_forward(batch, n, heads, dim, cos_t, sin_t, back, back);
-    snprintf(what, sizeof what, "rope d%d in place equals out of place", dim);
+    rope_forward(pairs, batch, n, heads, dim, cos_t, sin_t, back, back);
+    snprintf(what, sizeof what, "rope %s d%d in place equals out of place", kind, dim);
     check_close(what, back, y, count, 0.0f, 0.0f);
 
-    rope_backward(batch, n, heads, dim, cos_t, sin_t, w, dx);
-    RopeCtx ctx = {batch, n, heads, dim, cos_t, sin_t, w, x, y};
-    snprintf(what, sizeof what, "rope d%d dx", dim);
+    rope_backward(pairs, batch, n, heads, dim, cos_t, sin_t, w, dx);
+    RopeCtx ctx = {pairs, batch, n, heads, dim, cos_t, sin_t, w, x, y};
+    snprintf(what, sizeof what, "rope %s d%d dx", kind, dim);
     check_gradient(what, rope_loss, &ctx, x, dx, count, 1, 1e-2f, 1e-3f, 1e-4f);
 
     float *float_arrays[] = {cos_t, sin_t, x, y, w, dx, back, want};
@@ -474,21 +478,25 @@ static void test_golden_attention(const SafeTensors *st, const char *name) {
     buffers_free(&b);
 }
 
-static void test_golden_rope(const SafeTensors *st) {
-    float *config = load(st, "rope", "config", 4);
+/* name: "rope" (FLUX's adjacent pairs) or "rope_halves" (Qwen's) */
+static void test_golden_rope(const SafeTensors *st, const char *name, RopePairs pairs) {
+    float *config = load(st, name, "config", 4);
     if (!config) return;
     int batch = (int)config[0], n = (int)config[1], heads = (int)config[2], dim = (int)config[3];
     free(config);
     size_t count = (size_t)batch * n * heads * dim, table = (size_t)n * (dim / 2);
-    float *x = load(st, "rope", "x", count), *cos_t = load(st, "rope", "cos", table),
-          *sin_t = load(st, "rope", "sin", table), *dy = load(st, "rope", "dy", count),
-          *y_want = load(st, "rope", "y", count), *dx_want = load(st, "rope", "dx", count);
+    float *x = load(st, name, "x", count), *cos_t = load(st, name, "cos", table),
+          *sin_t = load(st, name, "sin", table), *dy = load(st, name, "dy", count),
+          *y_want = load(st, name, "y", count), *dx_want = load(st, name, "dx", count);
     if (x && cos_t && sin_t && dy && y_want && dx_want) {
         float *y = malloc(count * sizeof *y), *dx = calloc(count, sizeof *dx);
-        rope_forward(batch, n, heads, dim, cos_t, sin_t, x, y);
-        rope_backward(batch, n, heads, dim, cos_t, sin_t, dy, dx);
-        check_close("golden rope y", y, y_want, count, 1e-5f, 1e-6f);
-        check_close("golden rope dx", dx, dx_want, count, 1e-5f, 1e-6f);
+        char what[64];
+        rope_forward(pairs, batch, n, heads, dim, cos_t, sin_t, x, y);
+        rope_backward(pairs, batch, n, heads, dim, cos_t, sin_t, dy, dx);
+        snprintf(what, sizeof what, "golden %s y", name);
+        check_close(what, y, y_want, count, 1e-5f, 1e-6f);
+        snprintf(what, sizeof what, "golden %s dx", name);
+        check_close(what, dx, dx_want, count, 1e-5f, 1e-6f);
         free(y);
         free(dx);
     }
@@ -502,7 +510,8 @@ static void test_golden(void) {
     const char *cases[] = {"gqa_causal_padded", "cross_reduced", "mqa_causal_long_kv", "self_sharp",
                            "empty_rows"};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) test_golden_attention(st, cases[i]);
-    test_golden_rope(st);
+    test_golden_rope(st, "rope", ROPE_ADJACENT);
+    test_golden_rope(st, "rope_halves", ROPE_HALVES);
     st_close(st);
 }
 
@@ -512,8 +521,10 @@ int main(void) {
     test_accumulation();
     test_thread_independence();
     test_empty_rows_finite();
-    test_rope(16);
-    test_rope(7);
+    test_rope(ROPE_ADJACENT, 16);
+    test_rope(ROPE_ADJACENT, 7);
+    test_rope(ROPE_HALVES, 16);
+    test_rope(ROPE_HALVES, 7);
     test_golden();
     return harness_finish("test_attention");
 }

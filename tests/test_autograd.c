@@ -128,8 +128,8 @@ static Var *graph_self_attention(Tape *t, Var **in) {
     Var *q = ag_reshape(t, ag_linear(t, in[0], in[1], NULL), 4, q_shape);
     Var *k = ag_reshape(t, ag_linear(t, in[0], in[2], NULL), 4, kv_shape);
     Var *v = ag_reshape(t, ag_linear(t, in[0], in[3], NULL), 4, kv_shape);
-    q = ag_rope(t, q, in[5], in[6]);
-    k = ag_rope(t, k, in[5], in[6]);
+    q = ag_rope(t, q, in[5], in[6], ROPE_ADJACENT);
+    k = ag_rope(t, k, in[5], in[6], ROPE_ADJACENT);
     Var *a = ag_attention(t, q, k, v, 0.5f, false, (const int[]){5, 3});
     a = ag_reshape(t, a, 3, (int64_t[]){2, 5, 8});
     return ag_add(t, ag_linear(t, a, in[4], NULL), in[0]);
@@ -571,7 +571,7 @@ static Var *op_attention(Tape *t, Var **in) {
 static Var *op_attention_valid(Tape *t, Var **in) {
     return ag_attention(t, in[0], in[0], in[0], 1.0f, false, (const int[]){7});
 }
-static Var *op_rope(Tape *t, Var **in) { return ag_rope(t, in[0], in[1], in[1]); }
+static Var *op_rope(Tape *t, Var **in) { return ag_rope(t, in[0], in[1], in[1], ROPE_ADJACENT); }
 static Var *op_layernorm(Tape *t, Var **in) { return ag_layernorm(t, in[0], in[1], NULL, 1e-5f); }
 static Var *op_groupnorm(Tape *t, Var **in) { return ag_groupnorm(t, in[0], 3, NULL, NULL, 1e-5f); }
 static Var *op_groupnorm_silu(Tape *t, Var **in) {
@@ -708,8 +708,8 @@ static const char *const attention_consts[] = {"cos", "sin"};
 static Var *golden_model(Tape *t, Var **p, Var **c) {
     Var *h = ag_gelu(t, ag_layernorm(t, ag_linear(t, p[0], p[1], p[2]), p[3], p[4], 1e-5f), false);
     int64_t heads[4] = {1, 12, 2, 8};
-    Var *q = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[5], NULL), 4, heads), c[0], c[1]);
-    Var *k = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[6], NULL), 4, heads), c[0], c[1]);
+    Var *q = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[5], NULL), 4, heads), c[0], c[1], ROPE_ADJACENT);
+    Var *k = ag_rope(t, ag_reshape(t, ag_linear(t, h, p[6], NULL), 4, heads), c[0], c[1], ROPE_ADJACENT);
     Var *v = ag_reshape(t, ag_linear(t, h, p[7], NULL), 4, heads);
     Var *a = ag_reshape(t, ag_attention(t, q, k, v, 1.0f / sqrtf(8.0f), false, NULL), 3,
                         (int64_t[]){1, 12, 16});

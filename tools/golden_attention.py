@@ -2,12 +2,14 @@
 
 Attention is computed with explicit torch ops in float64 -- softmax(scale * Q K^T + mask) V --
 and its gradients by autograd for a random dout; RoPE is written from the definition in
-diffusers' apply_rotary_emb (use_real=True, use_real_unbind_dim=-1, FLUX's interleaved pairs).
+diffusers' apply_rotary_emb (use_real=True, use_real_unbind_dim=-1, FLUX's interleaved pairs)
+and, as rope_halves, from transformers' apply_rotary_pos_emb (Qwen3: x * cos + rotate_half(x)
+* sin, cos and sin repeated over the two halves).
 Inputs are drawn, rounded to float32 and used from there, so the C code sees exactly the values
 the reference saw. Everything is stored as float32 in tests/golden/attention.safetensors:
   <case>.config   [B, H, Hkv, Nq, Nk, D, causal, scale]   <case>.kv_valid [B]
   <case>.q .k .v .dout  inputs      <case>.out .lse .dq .dk .dv  reference results
-  rope.config [B, N, H, D], rope.x .cos .sin .dy, rope.y .dx
+  rope.config [B, N, H, D], rope.x .cos .sin .dy, rope.y .dx   (and the same as rope_halves.*)
 Run with /usr/bin/python3 (Debian's torch).
 """
 import math
@@ -75,18 +77,27 @@ def rope_reference(x, cos, sin):
     return x * cos_full + x_rotated * sin_full
 
 
-def rope_case(B, N, H, D):
+def rope_halves_reference(x, cos, sin):
+    """transformers' apply_rotary_pos_emb on x: [B, N, H, D] with cos, sin: [N, D/2], the angles
+    concatenated twice (emb = cat(freqs, freqs)) and rotate_half(x) = cat(-x2, x1)."""
+    cos_full = torch.cat([cos, cos], dim=-1)[None, :, None, :]
+    sin_full = torch.cat([sin, sin], dim=-1)[None, :, None, :]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return x * cos_full + torch.cat([-x2, x1], dim=-1) * sin_full
+
+
+def rope_case(B, N, H, D, name="rope", reference=rope_reference):
     positions = torch.arange(N, dtype=torch.float64)[:, None]
     freqs = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # FLUX-style theta = 1e4
     angles = positions * freqs[None, :]
     cos, sin = angles.cos().float().double(), angles.sin().float().double()
     x = as_f32_inputs(B, N, H, D).requires_grad_()
     dy = as_f32_inputs(B, N, H, D)
-    y = rope_reference(x, cos, sin)
+    y = reference(x, cos, sin)
     y.backward(dy)
     tensors = {"config": torch.tensor([B, N, H, D], dtype=torch.float64), "x": x, "cos": cos,
                "sin": sin, "dy": dy, "y": y, "dx": x.grad}
-    return {f"rope.{key}": t.detach() for key, t in tensors.items()}
+    return {f"{name}.{key}": t.detach() for key, t in tensors.items()}
 
 
 def main():
@@ -106,6 +117,7 @@ def main():
     tensors.update(attention_case("empty_rows", B=2, H=1, Hkv=1, Nq=20, Nk=9, D=8, causal=True,
                                   kv_valid=[9, 0]))
     tensors.update(rope_case(B=2, N=7, H=3, D=16))
+    tensors.update(rope_case(B=2, N=7, H=3, D=16, name="rope_halves", reference=rope_halves_reference))
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden",
                         "attention.safetensors")
     safetensors_file.write(os.path.normpath(path), tensors)
