@@ -1,4 +1,4 @@
-/* io.c - bytes <-> arrays: safetensors, JSON, PPM/PNG. Safe against hostile files.
+/* io.c - bytes <-> arrays: safetensors, JSON, tokenizers, PPM/PNG. Safe against hostile files.
  *
  * Nothing read from a file is trusted: every length is checked against the bytes that are left
  * before it is used, every size computation is checked for overflow, and a bad file gives an
@@ -1340,22 +1340,36 @@ const char *st_metadata(const SafeTensors *st, const char *key) {
 }
 
 /* t's elements as floats; file names where t came from, for messages. */
-static int tensor_read_f32(const StTensor *t, const char *file, float *dst, int64_t n, Error *e) {
+/* Elements [start, start + n) of t, converted to f32 (the caller has checked the range). */
+static void tensor_convert_range(const StTensor *t, int64_t start, int64_t n, float *dst) {
+    const unsigned char *src = (const unsigned char *)t->data + (size_t)start * dtype_size(t->dtype);
+    if (t->dtype == DTYPE_F32) {
+        #pragma omp parallel for schedule(static) if (n > (1 << 18))
+        for (int64_t i = 0; i < n; i++) dst[i] = bits_float(load_le32(src + 4 * i));
+    } else if (t->dtype == DTYPE_F16) {
+        #pragma omp parallel for schedule(static) if (n > (1 << 18))
+        for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(load_le16(src + 2 * i));
+    } else {
+        #pragma omp parallel for schedule(static) if (n > (1 << 18))
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(load_le16(src + 2 * i));
+    }
+}
+
+static int tensor_check_convertible(const StTensor *t, const char *file, Error *e) {
     char buf[PRINTABLE_BYTES];
     if (t->dtype != DTYPE_F32 && t->dtype != DTYPE_F16 && t->dtype != DTYPE_BF16)
         return error_set(e, "%s: tensor '%s' is %s; only F32, F16 and BF16 convert to f32", file,
                          printable(t->name, buf, sizeof buf), dtype_name(t->dtype));
+    return 0;
+}
+
+static int tensor_read_f32(const StTensor *t, const char *file, float *dst, int64_t n, Error *e) {
+    char buf[PRINTABLE_BYTES];
+    if (tensor_check_convertible(t, file, e)) return -1;
     if (n != t->numel)
         return error_set(e, "%s: tensor '%s' has %lld elements, the caller expects %lld", file,
                          printable(t->name, buf, sizeof buf), (long long)t->numel, (long long)n);
-    const unsigned char *src = t->data;
-    size_t count = (size_t)n;
-    if (t->dtype == DTYPE_F32)
-        for (size_t i = 0; i < count; i++) dst[i] = bits_float(load_le32(src + 4 * i));
-    else if (t->dtype == DTYPE_F16)
-        for (size_t i = 0; i < count; i++) dst[i] = f16_to_f32(load_le16(src + 2 * i));
-    else
-        for (size_t i = 0; i < count; i++) dst[i] = bf16_to_f32(load_le16(src + 2 * i));
+    tensor_convert_range(t, 0, n, dst);
     return 0;
 }
 
@@ -1704,25 +1718,37 @@ uint64_t mix64(uint64_t x) {
 }
 
 /* Element i from a hash of (seed, name, i) alone, so any element can be made independently, in
- * any order, by any thread. */
-void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst) {
+ * any order, by any thread: elements [start, start + n) into dst. */
+static void uniform_fill_range(uint64_t seed, const char *name, int64_t start, int64_t n,
+                               float *dst) {
     uint64_t key = mix64(name_hash(name) ^ mix64(seed));
     #pragma omp parallel for schedule(static) if (n > (1 << 16))
     for (int64_t i = 0; i < n; i++) {
         /* the top 24 bits -> uniform in [-1, 1), exact in float */
-        dst[i] = (float)(mix64(key + (uint64_t)i * 0x9E3779B97F4A7C15u) >> 40) / 8388608.0f - 1.0f;
+        uint64_t index = (uint64_t)(start + i);
+        dst[i] = (float)(mix64(key + index * 0x9E3779B97F4A7C15u) >> 40) / 8388608.0f - 1.0f;
     }
+}
+
+void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst) {
+    uniform_fill_range(seed, name, 0, n, dst);
+}
+
+/* Elements [start, start + n) of st_random_fill's tensor. */
+static void random_fill_range(uint64_t seed, const char *name, int ndim, const int64_t *shape,
+                              int64_t start, int64_t n, float *dst) {
+    bool matrix = ndim >= 2;
+    float scale = matrix ? 1.0f / sqrtf((float)shape[ndim - 1]) : 0.1f;
+    float offset = matrix ? 0.0f : 1.0f;
+    uniform_fill_range(seed, name, start, n, dst);
+    #pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; i++) dst[i] = offset + scale * dst[i];
 }
 
 void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst) {
     int64_t n = 1;
     for (int d = 0; d < ndim; d++) n *= shape[d];
-    bool matrix = ndim >= 2;
-    float scale = matrix ? 1.0f / sqrtf((float)shape[ndim - 1]) : 0.1f;
-    float offset = matrix ? 0.0f : 1.0f;
-    st_uniform_fill(seed, name, n, dst);
-    #pragma omp parallel for schedule(static) if (n > (1 << 16))
-    for (int64_t i = 0; i < n; i++) dst[i] = offset + scale * dst[i];
+    random_fill_range(seed, name, ndim, shape, 0, n, dst);
 }
 
 static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64_t n, Error *e) {
@@ -1799,12 +1825,818 @@ int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n,
     return tensor_read_f32(m->tensors[i], st_path(m->shards[m->tensor_shard[i]]), dst, n, e);
 }
 
+int st_model_read_rows_f32(const StModel *m, const char *name, int64_t first, int64_t rows,
+                           float *dst, Error *e) {
+    size_t i;
+    char buf[PRINTABLE_BYTES];
+    if (!name_table_find(&m->names, name, &i))
+        return error_set(e, "%s: no tensor named '%s'", m->path, printable(name, buf, sizeof buf));
+    const StTensor *t = m->synthetic ? &m->synthetic[i] : m->tensors[i];
+    int64_t per_row = t->ndim > 0 && t->shape[0] > 0 ? t->numel / t->shape[0] : 0;
+    if (t->ndim == 0 || first < 0 || rows < 0 || first > t->shape[0] - rows)
+        return error_set(e, "%s: rows %lld .. %lld of tensor '%s' are out of its range", m->path,
+                         (long long)first, (long long)(first + rows - 1),
+                         printable(name, buf, sizeof buf));
+    if (m->synthetic) {
+        random_fill_range(m->seed, t->name, t->ndim, t->shape, first * per_row, rows * per_row, dst);
+        return 0;
+    }
+    if (tensor_check_convertible(t, st_path(m->shards[m->tensor_shard[i]]), e)) return -1;
+    tensor_convert_range(t, first * per_row, rows * per_row, dst);
+    return 0;
+}
+
 size_t st_model_shard_count(const StModel *m) {
     return m->shard_count;
 }
 
 const SafeTensors *st_model_shard(const StModel *m, size_t i) {
     return i < m->shard_count ? m->shards[i] : NULL;
+}
+
+/* ==== tokenizer ====
+ * Byte-level BPE as Hugging Face's tokenizers library runs a Qwen2/Qwen3 tokenizer.json
+ * (Qwen2TokenizerFast):
+ *   1. the added tokens (<|im_start|>, <think>, ...) are found whole in the raw text, the
+ *      leftmost first and of those the longest, and become their ids;
+ *   2. each stretch of text between them is NFC-normalised (normalizer {"type": "NFC"}),
+ *   3. split into pieces by the pre-tokenizer's regex (TOKENIZER_SPLIT_PATTERN, matched by hand
+ *      in pretoken_length),
+ *   4. each piece's UTF-8 bytes become printable characters (GPT-2's byte-to-unicode table,
+ *      the ByteLevel pre-tokenizer), one vocabulary symbol each,
+ *   5. and adjacent symbols are merged by rank, the lowest-ranked pair first and the leftmost of
+ *      equal ones, until no pair of the merge list is left (bpe_merge).
+ * The Unicode tables (letters, numbers, White_Space, NFC data) are generated into io_unicode.h
+ * by tools/gen_unicode.py. */
+
+#include "io_unicode.h"
+
+#define COUNT_OF(a) (sizeof(a) / sizeof *(a))
+
+/* The Split pre-tokenizer's pattern that pretoken_length implements; any other is refused. */
+#define TOKENIZER_SPLIT_PATTERN                                                                  \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|" \
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+
+/* --- Unicode: properties and NFC --- */
+
+static bool in_ranges(const UnicodeRange *r, size_t n, uint32_t cp) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (cp < r[mid].first) hi = mid;
+        else if (cp > r[mid].last) lo = mid + 1;
+        else return true;
+    }
+    return false;
+}
+
+/* The regex's classes: \p{L}, \p{N}, \s (White_Space, as Oniguruma's \s) and the rest. They do
+ * not overlap. */
+typedef enum CharClass { CHAR_LETTER, CHAR_NUMBER, CHAR_SPACE, CHAR_OTHER } CharClass;
+
+static CharClass char_class(uint32_t cp) {
+    if (cp < 0x80) { /* the common case without a search */
+        if ((cp | 0x20) >= 'a' && (cp | 0x20) <= 'z') return CHAR_LETTER;
+        if (cp >= '0' && cp <= '9') return CHAR_NUMBER;
+        if (cp == ' ' || (cp >= 0x09 && cp <= 0x0D)) return CHAR_SPACE;
+        return CHAR_OTHER;
+    }
+    if (in_ranges(unicode_letters, COUNT_OF(unicode_letters), cp)) return CHAR_LETTER;
+    if (in_ranges(unicode_numbers, COUNT_OF(unicode_numbers), cp)) return CHAR_NUMBER;
+    if (in_ranges(unicode_white_space, COUNT_OF(unicode_white_space), cp)) return CHAR_SPACE;
+    return CHAR_OTHER;
+}
+
+static int combining_class(uint32_t cp) {
+    size_t lo = 0, hi = COUNT_OF(unicode_combining);
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (cp < unicode_combining[mid].first) hi = mid;
+        else if (cp > unicode_combining[mid].last) lo = mid + 1;
+        else return unicode_combining[mid].ccc;
+    }
+    return 0;
+}
+
+/* Hangul syllables decompose and compose by arithmetic (Unicode 15, section 3.12). */
+enum {
+    HANGUL_S = 0xAC00, HANGUL_L = 0x1100, HANGUL_V = 0x1161, HANGUL_T = 0x11A7,
+    HANGUL_L_COUNT = 19, HANGUL_V_COUNT = 21, HANGUL_T_COUNT = 28,
+    HANGUL_N_COUNT = HANGUL_V_COUNT * HANGUL_T_COUNT, HANGUL_S_COUNT = HANGUL_L_COUNT * HANGUL_N_COUNT,
+};
+
+/* A growing array of code points. */
+typedef struct CodePoints {
+    uint32_t *cp;
+    size_t n, cap;
+} CodePoints;
+
+static int code_points_push(CodePoints *c, uint32_t cp) {
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? 2 * c->cap : 64;
+        uint32_t *grown = cap < SIZE_MAX / sizeof *grown ? realloc(c->cp, cap * sizeof *grown) : NULL;
+        if (!grown) return -1;
+        c->cp = grown;
+        c->cap = cap;
+    }
+    c->cp[c->n++] = cp;
+    return 0;
+}
+
+/* cp's full canonical decomposition appended to out. */
+static int decompose(uint32_t cp, CodePoints *out) {
+    if (cp >= HANGUL_S && cp < HANGUL_S + HANGUL_S_COUNT) {
+        uint32_t s = cp - HANGUL_S, t = s % HANGUL_T_COUNT;
+        if (code_points_push(out, HANGUL_L + s / HANGUL_N_COUNT) ||
+            code_points_push(out, HANGUL_V + s % HANGUL_N_COUNT / HANGUL_T_COUNT))
+            return -1;
+        return t ? code_points_push(out, HANGUL_T + t) : 0;
+    }
+    size_t lo = 0, hi = COUNT_OF(unicode_decompositions);
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const UnicodeDecomposition *d = &unicode_decompositions[mid];
+        if (cp < d->code) hi = mid;
+        else if (cp > d->code) lo = mid + 1;
+        else return decompose(d->first, out) || (d->second && decompose(d->second, out)) ? -1 : 0;
+    }
+    return code_points_push(out, cp);
+}
+
+/* Sorts each run of non-starters by combining class, keeping the order of equal ones. */
+static void canonical_order(CodePoints *c) {
+    for (size_t i = 1; i < c->n; i++) {
+        uint32_t cp = c->cp[i];
+        int ccc = combining_class(cp);
+        if (ccc == 0) continue;
+        size_t j = i;
+        for (; j > 0 && combining_class(c->cp[j - 1]) > ccc; j--) c->cp[j] = c->cp[j - 1];
+        c->cp[j] = cp;
+    }
+}
+
+/* The primary composite of (a, b), or 0 when there is none. */
+static uint32_t compose_pair(uint32_t a, uint32_t b) {
+    if (a >= HANGUL_L && a < HANGUL_L + HANGUL_L_COUNT && b >= HANGUL_V &&
+        b < HANGUL_V + HANGUL_V_COUNT)
+        return HANGUL_S + ((a - HANGUL_L) * HANGUL_V_COUNT + (b - HANGUL_V)) * HANGUL_T_COUNT;
+    if (a >= HANGUL_S && a < HANGUL_S + HANGUL_S_COUNT && (a - HANGUL_S) % HANGUL_T_COUNT == 0 &&
+        b > HANGUL_T && b < HANGUL_T + HANGUL_T_COUNT)
+        return a + (b - HANGUL_T);
+    size_t lo = 0, hi = COUNT_OF(unicode_compositions);
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const UnicodeComposition *c = &unicode_compositions[mid];
+        if (a < c->first || (a == c->first && b < c->second)) hi = mid;
+        else if (a > c->first || b > c->second) lo = mid + 1;
+        else return c->composite;
+    }
+    return 0;
+}
+
+/* Canonical composition in place: each character joins the last starter before it when the
+ * pair has a primary composite and no character between them blocks it (a starter, or one of
+ * the same or a higher combining class). */
+static void canonical_compose(CodePoints *c) {
+    if (c->n == 0) return;
+    size_t starter = 0, n = 1;
+    int last = combining_class(c->cp[0]) ? 256 : 0; /* nothing joins a leading non-starter */
+    for (size_t i = 1; i < c->n; i++) {
+        uint32_t cp = c->cp[i];
+        int ccc = combining_class(cp);
+        /* last == 0: the starter itself came last (every starter becomes `starter`) */
+        uint32_t composite = last < ccc || last == 0 ? compose_pair(c->cp[starter], cp) : 0;
+        if (composite) {
+            c->cp[starter] = composite;
+            continue;
+        }
+        if (ccc == 0) starter = n;
+        last = ccc;
+        c->cp[n++] = cp;
+    }
+    c->n = n;
+}
+
+/* The code point of the valid UTF-8 sequence of k bytes at s. */
+static uint32_t utf8_decode(const unsigned char *s, size_t k) {
+    static const unsigned char lead_mask[5] = {0, 0x7F, 0x1F, 0x0F, 0x07};
+    uint32_t cp = s[0] & lead_mask[k];
+    for (size_t i = 1; i < k; i++) cp = cp << 6 | (s[i] & 0x3F);
+    return cp;
+}
+
+/* NFC of the valid UTF-8 text[0 .. len) as code points into out. */
+static int nfc_code_points(const char *text, size_t len, CodePoints *out) {
+    const unsigned char *u = (const unsigned char *)text;
+    out->n = 0;
+    for (size_t i = 0; i < len;) {
+        size_t k = utf8_sequence_length(u + i, len - i);
+        if (decompose(utf8_decode(u + i, k), out)) return -1;
+        i += k;
+    }
+    canonical_order(out);
+    canonical_compose(out);
+    return 0;
+}
+
+int utf8_nfc(const char *text, size_t len, char **out, size_t *out_len, Error *e) {
+    *out = NULL;
+    if (!utf8_valid(text, len)) return error_set(e, "the text is not valid UTF-8");
+    CodePoints c = {0};
+    int rc = nfc_code_points(text, len, &c);
+    char *s = rc == 0 && c.n < SIZE_MAX / 4 ? malloc(4 * c.n + 1) : NULL;
+    size_t n = 0;
+    for (size_t i = 0; s && i < c.n; i++) n += utf8_encode(c.cp[i], s + n);
+    free(c.cp);
+    if (!s) return error_set(e, "out of memory normalising %zu bytes", len);
+    s[n] = '\0';
+    *out = s;
+    *out_len = n;
+    return 0;
+}
+
+/* --- the pre-tokenizer's regex, by hand --- */
+
+static bool is_newline(uint32_t cp) {
+    return cp == '\r' || cp == '\n';
+}
+
+/* (?i:'s|'t|'re|'ve|'m|'ll|'d) at cp: its length, or 0. Case-insensitive as Oniguruma's (?i)
+ * under Unicode case folding, where U+017F (long s) folds to s. */
+static size_t contraction_length(const uint32_t *cp, size_t n) {
+    static const char *const suffixes[] = {"s", "t", "re", "ve", "m", "ll", "d"};
+    if (n < 2 || cp[0] != '\'') return 0;
+    for (size_t k = 0; k < COUNT_OF(suffixes); k++) {
+        size_t len = strlen(suffixes[k]), i = 0;
+        for (; i < len && 1 + i < n; i++) {
+            uint32_t c = cp[1 + i] == 0x17F ? 's' : cp[1 + i];
+            if (c > 0x7F || (char)((c >= 'A' && c <= 'Z') ? c + 32 : c) != suffixes[k][i]) break;
+        }
+        if (i == len) return 1 + len;
+    }
+    return 0;
+}
+
+/* How many code points of cp[0 .. n) (n >= 1) the pattern's first matching alternative takes:
+ *   (?i:'s|'t|'re|'ve|'m|'ll|'d)   a contraction
+ *   [^\r\n\p{L}\p{N}]?\p{L}+       letters, with one optional leading non-letter
+ *   \p{N}                          ONE digit
+ *    ?[^\s\p{L}\p{N}]+[\r\n]*      symbols, an optional space before, line breaks after
+ *   \s*[\r\n]+                     blanks up to the last line break of the run
+ *   \s+(?!\S)                      blanks not followed by a non-blank: the run, less its last
+ *                                  blank when something follows (that one joins the next piece)
+ *   \s+                            a lone blank before a non-blank
+ * Every code point is a letter, a number, a blank or other, so some alternative always matches. */
+static size_t pretoken_length(const uint32_t *cp, size_t n) {
+    size_t k = contraction_length(cp, n);
+    if (k) return k;
+    CharClass first = char_class(cp[0]);
+    bool lead = first != CHAR_LETTER && first != CHAR_NUMBER && !is_newline(cp[0]);
+    k = lead && n > 1 && char_class(cp[1]) == CHAR_LETTER ? 1 : 0;
+    if (char_class(cp[k]) == CHAR_LETTER) {
+        while (k < n && char_class(cp[k]) == CHAR_LETTER) k++;
+        return k;
+    }
+    if (first == CHAR_NUMBER) return 1;
+    k = cp[0] == ' ' && n > 1 && char_class(cp[1]) == CHAR_OTHER ? 1 : 0;
+    if (char_class(cp[k]) == CHAR_OTHER) {
+        while (k < n && char_class(cp[k]) == CHAR_OTHER) k++;
+        while (k < n && is_newline(cp[k])) k++;
+        return k;
+    }
+    size_t run = 0, line_end = 0; /* cp[0] is a blank */
+    for (; run < n && char_class(cp[run]) == CHAR_SPACE; run++)
+        if (is_newline(cp[run])) line_end = run + 1;
+    if (line_end) return line_end;
+    return run == n || run == 1 ? run : run - 1;
+}
+
+/* --- byte-level BPE --- */
+
+/* GPT-2's byte-to-unicode table: the printable bytes ! .. ~, ¡ .. ¬ and ® .. ÿ stand for
+ * themselves, the other 68 for U+0100 onwards in byte order. */
+static uint32_t byte_level_char(unsigned b) {
+    bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+    if (printable) return b;
+    uint32_t k = 0;
+    for (unsigned c = 0; c < b; c++)
+        k += !((c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE));
+    return 256 + k;
+}
+
+/* The merge list as a hash table: (left id, right id) -> (rank, merged id). */
+typedef struct MergeSlot {
+    uint64_t pair; /* left << 32 | right */
+    int32_t rank;  /* -1: empty */
+    int32_t id;
+} MergeSlot;
+
+typedef struct MergeTable {
+    MergeSlot *slots;
+    size_t mask;
+} MergeTable;
+
+static uint64_t merge_key(int32_t left, int32_t right) {
+    return (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
+}
+
+static int merge_table_init(MergeTable *t, size_t count) {
+    size_t capacity = 16;
+    while (capacity / 2 < count) {
+        if (capacity > SIZE_MAX / 2 / sizeof(MergeSlot)) return -1;
+        capacity *= 2;
+    }
+    if (!(t->slots = malloc(capacity * sizeof *t->slots))) return -1;
+    for (size_t i = 0; i < capacity; i++) t->slots[i].rank = -1;
+    t->mask = capacity - 1;
+    return 0;
+}
+
+/* false when the pair is already there (HF keeps the first; so do we). */
+static bool merge_table_insert(MergeTable *t, int32_t left, int32_t right, int32_t rank, int32_t id) {
+    uint64_t key = merge_key(left, right);
+    for (size_t i = (size_t)mix64(key) & t->mask;; i = (i + 1) & t->mask) {
+        if (t->slots[i].rank < 0) {
+            t->slots[i] = (MergeSlot){.pair = key, .rank = rank, .id = id};
+            return true;
+        }
+        if (t->slots[i].pair == key) return false;
+    }
+}
+
+static const MergeSlot *merge_table_find(const MergeTable *t, int32_t left, int32_t right) {
+    uint64_t key = merge_key(left, right);
+    for (size_t i = (size_t)mix64(key) & t->mask; t->slots[i].rank >= 0; i = (i + 1) & t->mask)
+        if (t->slots[i].pair == key) return &t->slots[i];
+    return NULL;
+}
+
+/* One symbol of a word being merged: a doubly linked list over the word's bytes. */
+typedef struct BpeSymbol {
+    int32_t id;
+    int32_t prev, next; /* -1 at the ends */
+    bool merged_away;
+} BpeSymbol;
+
+/* A possible merge of symbol `left` with the one after it. */
+typedef struct BpeCandidate {
+    int32_t rank, left;
+} BpeCandidate;
+
+/* A binary min-heap of candidates by (rank, left): the lowest rank first, then the leftmost. */
+typedef struct BpeHeap {
+    BpeCandidate *items;
+    size_t n;
+} BpeHeap;
+
+static bool candidate_before(BpeCandidate a, BpeCandidate b) {
+    return a.rank < b.rank || (a.rank == b.rank && a.left < b.left);
+}
+
+static void heap_push(BpeHeap *h, BpeCandidate c) {
+    size_t i = h->n++;
+    for (; i > 0 && candidate_before(c, h->items[(i - 1) / 2]); i = (i - 1) / 2)
+        h->items[i] = h->items[(i - 1) / 2];
+    h->items[i] = c;
+}
+
+static BpeCandidate heap_pop(BpeHeap *h) {
+    BpeCandidate top = h->items[0], last = h->items[--h->n];
+    size_t i = 0;
+    for (;;) {
+        size_t child = 2 * i + 1;
+        if (child >= h->n) break;
+        if (child + 1 < h->n && candidate_before(h->items[child + 1], h->items[child])) child++;
+        if (!candidate_before(h->items[child], last)) break;
+        h->items[i] = h->items[child];
+        i = child;
+    }
+    if (h->n) h->items[i] = last;
+    return top;
+}
+
+/* Pushes the merge of symbol left with its successor, when the merge list has one. */
+static void bpe_consider(const MergeTable *merges, const BpeSymbol *s, int32_t left, BpeHeap *h) {
+    if (left < 0 || s[left].next < 0) return;
+    const MergeSlot *m = merge_table_find(merges, s[left].id, s[s[left].next].id);
+    if (m) heap_push(h, (BpeCandidate){.rank = m->rank, .left = left});
+}
+
+/* Merges the n symbols s[0 .. n) (linked in order) by rank, as HF's BPE does: the candidate
+ * popped is applied when its pair is still there (ranks are unique, so an unchanged rank is an
+ * unchanged pair). heap has room for 3n candidates: n at the start, two per merge after. */
+static void bpe_merge(const MergeTable *merges, BpeSymbol *s, int32_t n, BpeHeap *heap) {
+    heap->n = 0;
+    for (int32_t i = 0; i + 1 < n; i++) bpe_consider(merges, s, i, heap);
+    while (heap->n) {
+        BpeCandidate c = heap_pop(heap);
+        int32_t right = s[c.left].next;
+        if (s[c.left].merged_away || right < 0) continue;
+        const MergeSlot *m = merge_table_find(merges, s[c.left].id, s[right].id);
+        if (!m || m->rank != c.rank) continue;
+        s[c.left].id = m->id;
+        s[c.left].next = s[right].next;
+        if (s[right].next >= 0) s[s[right].next].prev = c.left;
+        s[right].merged_away = true;
+        bpe_consider(merges, s, s[c.left].prev, heap);
+        bpe_consider(merges, s, c.left, heap);
+    }
+}
+
+/* --- loading tokenizer.json --- */
+
+typedef struct AddedToken {
+    char *content;
+    size_t length;
+    int32_t id;
+} AddedToken;
+
+struct Tokenizer {
+    int32_t byte_ids[256];     /* the vocabulary id of each byte's byte-level character */
+    MergeTable merges;
+    char *vocab_text;          /* the vocabulary's strings, NUL-separated, for vocab */
+    NameTable vocab;           /* byte-level string -> id: for ignore_merges */
+    bool ignore_merges;        /* a piece that is a whole vocabulary entry skips merging */
+    AddedToken *added;
+    size_t n_added;
+    int32_t pad_id, vocab_size;
+    char path[PATH_BYTES];     /* tokenizer.json, for messages */
+};
+
+void tokenizer_free(Tokenizer *t) {
+    if (!t) return;
+    free(t->merges.slots);
+    free(t->vocab_text);
+    name_table_free(&t->vocab);
+    for (size_t i = 0; i < t->n_added; i++) free(t->added[i].content);
+    free(t->added);
+    free(t);
+}
+
+/* Largest id a tokenizer may use: embedding tables beyond 2^24 rows are not a thing. */
+#define TOKENIZER_MAX_ID (1 << 24)
+
+/* v must be a JSON value `expected` (null, false or "" mean "off" for the options we refuse to
+ * pretend to support). */
+static bool json_is_off(const JsonValue *v) {
+    return !v || v->type == JSON_NULL || (v->type == JSON_BOOL && !v->boolean) ||
+           (v->type == JSON_STRING && v->length == 0);
+}
+
+static bool json_string_is(const JsonValue *v, const char *s) {
+    return v && v->type == JSON_STRING && !strcmp(v->string, s);
+}
+
+/* normalizer {"type": "NFC"} (or none), pre_tokenizer Sequence [Split(pattern, Isolated),
+ * ByteLevel(add_prefix_space false, use_regex false)]: the pipeline implemented here. */
+static int tokenizer_check_pipeline(const JsonValue *root, const char *path, Error *e) {
+    const JsonValue *norm = json_get(root, "normalizer");
+    if (norm && norm->type != JSON_NULL && !json_string_is(json_get(norm, "type"), "NFC"))
+        return error_set(e, "%s: normalizer is not {\"type\": \"NFC\"}: diamond implements "
+                         "Qwen2/Qwen3's byte-level BPE only", path);
+    const JsonValue *pre = json_get(root, "pre_tokenizer");
+    const JsonValue *steps = pre ? json_get(pre, "pretokenizers") : NULL;
+    const JsonValue *split = steps && steps->type == JSON_ARRAY && steps->count == 2
+                                 ? &steps->items[0] : NULL;
+    const JsonValue *bytes = split ? &steps->items[1] : NULL;
+    const JsonValue *pattern = split ? json_get(split, "pattern") : NULL;
+    bool ok = json_string_is(json_get(pre, "type"), "Sequence") && split &&
+              json_string_is(json_get(split, "type"), "Split") &&
+              json_string_is(json_get(pattern, "Regex"), TOKENIZER_SPLIT_PATTERN) &&
+              json_string_is(json_get(split, "behavior"), "Isolated") &&
+              json_is_off(json_get(split, "invert")) &&
+              json_string_is(json_get(bytes, "type"), "ByteLevel") &&
+              json_is_off(json_get(bytes, "add_prefix_space")) &&
+              json_is_off(json_get(bytes, "use_regex"));
+    if (!ok)
+        return error_set(e, "%s: pre_tokenizer is not Qwen2/Qwen3's (Split on their regex, "
+                         "Isolated, then ByteLevel without prefix space or regex)", path);
+    return 0;
+}
+
+/* model: {"type": "BPE", ...} with none of the options diamond does not implement. */
+static int tokenizer_check_model(const JsonValue *model, const char *path, Error *e) {
+    const JsonValue *type = json_get(model, "type");
+    if (!model || model->type != JSON_OBJECT)
+        return error_set(e, "%s: no \"model\" object", path);
+    if (!json_string_is(type, "BPE"))
+        return error_set(e, "%s: model type '%s' is not supported: diamond reads byte-level BPE "
+                         "tokenizers (Qwen2/Qwen3)", path,
+                         type && type->type == JSON_STRING ? type->string : "?");
+    static const char *const off[] = {"dropout", "unk_token", "continuing_subword_prefix",
+                                      "end_of_word_suffix", "byte_fallback"};
+    for (size_t i = 0; i < COUNT_OF(off); i++)
+        if (!json_is_off(json_get(model, off[i])))
+            return error_set(e, "%s: model.%s is set: diamond implements BPE without it", path,
+                             off[i]);
+    return 0;
+}
+
+/* model.vocab: string -> id, copied into t->vocab_text and indexed by t->vocab. */
+static int tokenizer_read_vocab(Tokenizer *t, const JsonValue *vocab, Error *e) {
+    if (!vocab || vocab->type != JSON_OBJECT || vocab->count == 0)
+        return error_set(e, "%s: model.vocab is not a non-empty object", t->path);
+    size_t bytes = 0;
+    for (size_t i = 0; i < vocab->count; i++) bytes += strlen(vocab->members[i].key) + 1;
+    if (!(t->vocab_text = malloc(bytes)) || name_table_init(&t->vocab, vocab->count))
+        return error_set(e, "%s: out of memory for the vocabulary", t->path);
+    char *at = t->vocab_text;
+    for (size_t i = 0; i < vocab->count; i++) {
+        const JsonMember *m = &vocab->members[i];
+        char buf[PRINTABLE_BYTES];
+        if (!m->value.is_integer || m->value.integer < 0 || m->value.integer >= TOKENIZER_MAX_ID)
+            return error_set(e, "%s: vocab entry '%s' has no id in 0 .. %d", t->path,
+                             printable(m->key, buf, sizeof buf), TOKENIZER_MAX_ID - 1);
+        size_t n = strlen(m->key) + 1;
+        memcpy(at, m->key, n);
+        name_table_insert(&t->vocab, at, (size_t)m->value.integer); /* keys are unique JSON keys */
+        if (m->value.integer >= t->vocab_size) t->vocab_size = (int32_t)m->value.integer + 1;
+        at += n;
+    }
+    return 0;
+}
+
+/* Every byte's byte-level character must be a vocabulary entry (there is no unknown token). */
+static int tokenizer_byte_ids(Tokenizer *t, Error *e) {
+    for (unsigned b = 0; b < 256; b++) {
+        char s[5] = {0};
+        size_t id;
+        utf8_encode(byte_level_char(b), s);
+        if (!name_table_find(&t->vocab, s, &id))
+            return error_set(e, "%s: the vocabulary has no entry for byte 0x%02X", t->path, b);
+        t->byte_ids[b] = (int32_t)id;
+    }
+    return 0;
+}
+
+/* The two halves of merge i: "a b" (one space; byte-level symbols hold none) or ["a", "b"]. */
+static int tokenizer_merge_halves(const Tokenizer *t, const JsonValue *merge, size_t i,
+                                  char *left, char *right, size_t size, Error *e) {
+    const char *a = NULL, *b = NULL;
+    size_t na = 0, nb = 0;
+    if (merge->type == JSON_STRING) {
+        const char *space = strchr(merge->string, ' ');
+        if (space && !strchr(space + 1, ' ')) {
+            a = merge->string, na = (size_t)(space - merge->string);
+            b = space + 1, nb = strlen(b);
+        }
+    } else if (merge->type == JSON_ARRAY && merge->count == 2 &&
+               merge->items[0].type == JSON_STRING && merge->items[1].type == JSON_STRING) {
+        a = merge->items[0].string, na = merge->items[0].length;
+        b = merge->items[1].string, nb = merge->items[1].length;
+    }
+    if (!a || na == 0 || nb == 0)
+        return error_set(e, "%s: merge %zu is neither \"a b\" nor [\"a\", \"b\"]", t->path, i);
+    if (na + nb >= size) return error_set(e, "%s: merge %zu is too long", t->path, i);
+    memcpy(left, a, na);
+    left[na] = '\0';
+    memcpy(right, b, nb);
+    right[nb] = '\0';
+    return 0;
+}
+
+/* model.merges, ranked by their order: both halves and their join must be vocabulary entries. */
+static int tokenizer_read_merges(Tokenizer *t, const JsonValue *merges, Error *e) {
+    if (!merges || merges->type != JSON_ARRAY || merges->count >= TOKENIZER_MAX_ID)
+        return error_set(e, "%s: model.merges is not an array of at most %d merges", t->path,
+                         TOKENIZER_MAX_ID - 1);
+    if (merge_table_init(&t->merges, merges->count))
+        return error_set(e, "%s: out of memory for the merges", t->path);
+    enum { HALF = 1024 };
+    char left[HALF], right[HALF], joined[2 * HALF];
+    for (size_t i = 0; i < merges->count; i++) {
+        size_t a, b, ab;
+        if (tokenizer_merge_halves(t, &merges->items[i], i, left, right, HALF, e)) return -1;
+        snprintf(joined, sizeof joined, "%s%s", left, right);
+        char buf[PRINTABLE_BYTES];
+        if (!name_table_find(&t->vocab, left, &a) || !name_table_find(&t->vocab, right, &b) ||
+            !name_table_find(&t->vocab, joined, &ab))
+            return error_set(e, "%s: merge %zu ('%s') names a token the vocabulary lacks",
+                             t->path, i, printable(joined, buf, sizeof buf));
+        merge_table_insert(&t->merges, (int32_t)a, (int32_t)b, (int32_t)i, (int32_t)ab);
+    }
+    return 0;
+}
+
+/* added_tokens: matched whole in the raw text. Options that change how they match (stripping
+ * spaces around them, whole words only, matching after normalisation) are refused. */
+static int tokenizer_read_added(Tokenizer *t, const JsonValue *added, Error *e) {
+    if (!added) return 0;
+    if (added->type != JSON_ARRAY) return error_set(e, "%s: added_tokens is not an array", t->path);
+    if (!(t->added = calloc(added->count ? added->count : 1, sizeof *t->added)))
+        return error_set(e, "%s: out of memory", t->path);
+    for (size_t i = 0; i < added->count; i++) {
+        const JsonValue *a = &added->items[i], *id = json_get(a, "id");
+        const JsonValue *content = json_get(a, "content");
+        if (!id || !id->is_integer || id->integer < 0 || id->integer >= TOKENIZER_MAX_ID ||
+            !content || content->type != JSON_STRING || content->length == 0)
+            return error_set(e, "%s: added_tokens[%zu] needs an id in 0 .. %d and a non-empty "
+                             "content", t->path, i, TOKENIZER_MAX_ID - 1);
+        static const char *const off[] = {"single_word", "lstrip", "rstrip", "normalized"};
+        for (size_t k = 0; k < COUNT_OF(off); k++)
+            if (!json_is_off(json_get(a, off[k])))
+                return error_set(e, "%s: added token '%s' sets %s, which diamond does not "
+                                 "implement", t->path, content->string, off[k]);
+        AddedToken *tok = &t->added[t->n_added++];
+        if (!(tok->content = strdup(content->string)))
+            return error_set(e, "%s: out of memory", t->path);
+        tok->length = content->length;
+        tok->id = (int32_t)id->integer;
+        if (tok->id >= t->vocab_size) t->vocab_size = tok->id + 1;
+    }
+    return 0;
+}
+
+static int tokenizer_read_json(Tokenizer *t, const JsonValue *root, Error *e) {
+    const JsonValue *model = json_get(root, "model");
+    if (tokenizer_check_pipeline(root, t->path, e) || tokenizer_check_model(model, t->path, e) ||
+        tokenizer_read_vocab(t, json_get(model, "vocab"), e) || tokenizer_byte_ids(t, e) ||
+        tokenizer_read_merges(t, json_get(model, "merges"), e) ||
+        tokenizer_read_added(t, json_get(root, "added_tokens"), e))
+        return -1;
+    const JsonValue *ignore = json_get(model, "ignore_merges");
+    t->ignore_merges = ignore && ignore->type == JSON_BOOL && ignore->boolean;
+    return 0;
+}
+
+/* The id of token text: an added token or a vocabulary entry; -1 when neither. */
+static int32_t tokenizer_token_id(const Tokenizer *t, const char *text) {
+    for (size_t i = 0; i < t->n_added; i++)
+        if (!strcmp(t->added[i].content, text)) return t->added[i].id;
+    size_t id;
+    return name_table_find(&t->vocab, text, &id) ? (int32_t)id : -1;
+}
+
+/* tokenizer_config.json's pad_token ("<|endoftext|>" or {"content": ...}); Qwen2Tokenizer's
+ * default "<|endoftext|>" when the file does not name one. */
+static int tokenizer_read_config(Tokenizer *t, const char *path, Error *e) {
+    JsonDoc *doc;
+    if (json_parse_file(&doc, path, e)) return -1;
+    const JsonValue *pad = json_get(json_root(doc), "pad_token");
+    if (pad && pad->type == JSON_OBJECT) pad = json_get(pad, "content");
+    const char *name = pad && pad->type == JSON_STRING ? pad->string : "<|endoftext|>";
+    int rc = 0;
+    if (pad && pad->type != JSON_STRING && pad->type != JSON_NULL)
+        rc = error_set(e, "%s: pad_token is neither a string nor {\"content\": string}", path);
+    else if ((t->pad_id = tokenizer_token_id(t, name)) < 0)
+        rc = error_set(e, "%s: the pad token '%s' is not a token of the tokenizer", path, name);
+    json_free(doc);
+    return rc;
+}
+
+int tokenizer_load(Tokenizer **out, const char *dir, Error *e) {
+    *out = NULL;
+    Tokenizer *t = calloc(1, sizeof *t);
+    if (!t) return error_set(e, "out of memory loading %s", dir);
+    char config[PATH_BYTES];
+    JsonDoc *doc = NULL;
+    int rc = path_join(t->path, sizeof t->path, dir, "tokenizer.json", e) ||
+             path_join(config, sizeof config, dir, "tokenizer_config.json", e) ||
+             json_parse_file(&doc, t->path, e) || tokenizer_read_json(t, json_root(doc), e) ||
+             tokenizer_read_config(t, config, e);
+    json_free(doc);
+    if (rc) {
+        tokenizer_free(t);
+        return -1;
+    }
+    *out = t;
+    return 0;
+}
+
+int32_t tokenizer_vocab_size(const Tokenizer *t) {
+    return t->vocab_size;
+}
+
+int32_t tokenizer_pad_id(const Tokenizer *t) {
+    return t->pad_id;
+}
+
+/* --- encoding --- */
+
+/* A growing array of ids. */
+static int ids_push(TokenIds *ids, int32_t id) {
+    if (ids->count == ids->capacity) {
+        size_t cap = ids->capacity ? 2 * ids->capacity : 256;
+        int32_t *grown = cap < SIZE_MAX / sizeof *grown ? realloc(ids->ids, cap * sizeof *grown) : NULL;
+        if (!grown) return -1;
+        ids->ids = grown;
+        ids->capacity = cap;
+    }
+    ids->ids[ids->count++] = id;
+    return 0;
+}
+
+/* Scratch of one encode call: the NFC text's code points, one piece's bytes and symbols, and
+ * the merge heap. */
+typedef struct EncodeScratch {
+    CodePoints text;
+    char *bytes;
+    BpeSymbol *symbols;
+    BpeCandidate *heap;
+    size_t capacity; /* bytes of the longest piece they fit */
+} EncodeScratch;
+
+static void encode_scratch_free(EncodeScratch *s) {
+    free(s->text.cp);
+    free(s->bytes);
+    free(s->symbols);
+    free(s->heap);
+}
+
+static int encode_scratch_fit(EncodeScratch *s, size_t bytes) {
+    if (bytes <= s->capacity) return 0;
+    if (bytes > INT32_MAX / 3) return -1;
+    free(s->bytes);
+    free(s->symbols);
+    free(s->heap);
+    s->bytes = malloc(bytes + 1);
+    s->symbols = malloc(bytes * sizeof *s->symbols);
+    s->heap = malloc(3 * bytes * sizeof *s->heap);
+    s->capacity = s->bytes && s->symbols && s->heap ? bytes : 0;
+    return s->capacity ? 0 : -1;
+}
+
+/* One pre-tokenizer piece cp[0 .. n) -> its BPE ids appended to ids. */
+static int encode_piece(const Tokenizer *t, const uint32_t *cp, size_t n, EncodeScratch *s,
+                        TokenIds *ids) {
+    if (encode_scratch_fit(s, 4 * n)) return -1;
+    size_t len = 0;
+    for (size_t i = 0; i < n; i++) len += utf8_encode(cp[i], s->bytes + len);
+    if (t->ignore_merges) {
+        char *chars = malloc(2 * len + 1); /* byte-level characters take 1-2 bytes each */
+        if (!chars) return -1;
+        size_t m = 0, id;
+        for (size_t i = 0; i < len; i++)
+            m += utf8_encode(byte_level_char((unsigned char)s->bytes[i]), chars + m);
+        chars[m] = '\0';
+        bool whole = name_table_find(&t->vocab, chars, &id);
+        free(chars);
+        if (whole) return ids_push(ids, (int32_t)id);
+    }
+    for (size_t i = 0; i < len; i++)
+        s->symbols[i] = (BpeSymbol){.id = t->byte_ids[(unsigned char)s->bytes[i]],
+                                    .prev = (int32_t)i - 1,
+                                    .next = i + 1 < len ? (int32_t)i + 1 : -1};
+    BpeHeap heap = {.items = s->heap};
+    bpe_merge(&t->merges, s->symbols, (int32_t)len, &heap);
+    for (int32_t i = 0; i >= 0 && len > 0; i = s->symbols[i].next)
+        if (ids_push(ids, s->symbols[i].id)) return -1;
+    return 0;
+}
+
+/* Text between added tokens: NFC, pre-tokenizer pieces, BPE. */
+static int encode_text(const Tokenizer *t, const char *text, size_t len, EncodeScratch *s,
+                       TokenIds *ids) {
+    if (nfc_code_points(text, len, &s->text)) return -1;
+    for (size_t i = 0; i < s->text.n;) {
+        size_t k = pretoken_length(s->text.cp + i, s->text.n - i);
+        if (encode_piece(t, s->text.cp + i, k, s, ids)) return -1;
+        i += k;
+    }
+    return 0;
+}
+
+/* The added token starting at text (the longest when several do), or NULL. */
+static const AddedToken *added_token_at(const Tokenizer *t, const char *text, size_t len) {
+    const AddedToken *best = NULL;
+    for (size_t i = 0; i < t->n_added; i++) {
+        const AddedToken *a = &t->added[i];
+        if (a->length <= len && !memcmp(text, a->content, a->length) &&
+            (!best || a->length > best->length))
+            best = a;
+    }
+    return best;
+}
+
+int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, TokenIds *ids, Error *e) {
+    const unsigned char *u = (const unsigned char *)text;
+    for (size_t i = 0; i < len;) {
+        size_t k = utf8_sequence_length(u + i, len - i);
+        if (k == 0) return error_set(e, "the text is not valid UTF-8 (at byte %zu)", i);
+        i += k;
+    }
+    EncodeScratch s = {0};
+    int rc = 0;
+    size_t start = 0; /* of the text not yet encoded */
+    for (size_t i = 0; i <= len && rc == 0;) {
+        const AddedToken *a = i < len ? added_token_at(t, text + i, len - i) : NULL;
+        if (i < len && !a) {
+            i++;
+            continue;
+        }
+        rc = encode_text(t, text + start, i - start, &s, ids);
+        if (rc == 0 && a) rc = ids_push(ids, a->id);
+        i += a ? a->length : 1;
+        start = i;
+    }
+    encode_scratch_free(&s);
+    return rc ? error_set(e, "out of memory tokenizing %zu bytes", len) : 0;
+}
+
+void token_ids_free(TokenIds *ids) {
+    free(ids->ids);
+    *ids = (TokenIds){0};
 }
 
 /* ==== images ==== */

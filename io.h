@@ -1,4 +1,4 @@
-/* io.h - bytes <-> arrays: safetensors, JSON, PPM/PNG. The lowest layer: includes no other diamond header. */
+/* io.h - bytes <-> arrays: safetensors, JSON, tokenizers, PPM/PNG. The lowest layer: includes no other diamond header. */
 #ifndef DIAMOND_IO_H
 #define DIAMOND_IO_H
 
@@ -193,6 +193,10 @@ size_t st_model_count(const StModel *m);
 const StTensor *st_model_at(const StModel *m, size_t i);
 const StTensor *st_model_find(const StModel *m, const char *name); /* NULL when absent */
 int st_model_read_f32(const StModel *m, const char *name, float *dst, int64_t n, Error *e);
+/* Rows [first, first + rows) of tensor `name` (slices of its first dim: an embedding's rows)
+ * into dst, converted to f32; works on st_model_random's models too. */
+int st_model_read_rows_f32(const StModel *m, const char *name, int64_t first, int64_t rows,
+                           float *dst, Error *e);
 size_t st_model_shard_count(const StModel *m);
 const SafeTensors *st_model_shard(const StModel *m, size_t i);
 
@@ -230,6 +234,34 @@ uint64_t mix64(uint64_t x);
 #define PATH_BYTES 4096
 /* dir + "/" + name into path[size]; an error naming both when that does not fit. */
 int path_join(char *path, size_t size, const char *dir, const char *name, Error *e);
+
+/* ---- tokenizer ------------------------------------------------------------------------------
+ * Byte-level BPE as Hugging Face's tokenizers library runs Qwen2/Qwen3's tokenizer.json (see
+ * io.c): added tokens matched whole, NFC, the Split pre-tokenizer's regex, GPT-2's byte-level
+ * characters, merges by rank. A tokenizer.json of another kind (WordPiece, Unigram, another
+ * pre-tokenizer or normalizer, options such as byte_fallback) is refused with a message naming
+ * what differs, never tokenized approximately. */
+typedef struct Tokenizer Tokenizer;
+
+/* ids[0 .. count) of one encoding; grows as needed. Zero-initialise; free with token_ids_free. */
+typedef struct TokenIds {
+    int32_t *ids;
+    size_t count, capacity;
+} TokenIds;
+
+/* The NFC form of UTF-8 text[0 .. len) (Unicode 15.0, tools/gen_unicode.py) as a new
+ * NUL-terminated string *out of *out_len bytes; invalid UTF-8 is an error. */
+int utf8_nfc(const char *text, size_t len, char **out, size_t *out_len, Error *e);
+/* <dir>/tokenizer.json and <dir>/tokenizer_config.json (its pad_token). */
+int tokenizer_load(Tokenizer **out, const char *dir, Error *e);
+void tokenizer_free(Tokenizer *t);
+/* text[0 .. len) (UTF-8; anything else is an error naming the byte) -> its ids appended to ids,
+ * as tokenizer(text, add_special_tokens=False): special-token texts in it become their ids. */
+int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, TokenIds *ids, Error *e);
+void token_ids_free(TokenIds *ids);
+/* One more than the largest id the tokenizer can give. */
+int32_t tokenizer_vocab_size(const Tokenizer *t);
+int32_t tokenizer_pad_id(const Tokenizer *t);
 
 /* ---- images ----------------------------------------------------------------------------- */
 
