@@ -166,7 +166,7 @@ weights-flow-cfg: weights-flow weights-vae-decoder
 
 PYTHON ?= /usr/bin/python3
 golden:
-	for s in tools/golden_*.py tools/ref_flux2.py tools/ref_vae.py tools/ref_segformer.py; do \
+	for s in tools/golden_*.py tools/ref_flux2.py tools/ref_vae.py tools/ref_segformer.py tools/ref_qwen3.py; do \
 	    $(PYTHON) $$s || exit 1; done
 	$(PYTHON) tools/ref_sampler.py # last: it runs the fixtures the others write
 

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* ---- parameters and basic layers -------------------------------------------------------- */
 
@@ -342,43 +343,43 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
 
 /* ---- weights, converted part by part ---- */
 
-/* What flux2_weight does with each tensor a part names. */
-typedef enum Flux2PartMode {
-    FLUX2_CONVERT,  /* read it into an f32 leaf of the part's own tape */
-    FLUX2_CHECK,    /* verify its name and shape in the files, read nothing: flux2_load */
-    FLUX2_LIST,     /* add its name and shape to a list: flux2_load_config_only */
-    FLUX2_RESIDENT, /* load it into the model's Params: flux2_load_params */
-} Flux2PartMode;
+/* What part_weight does with each tensor a part names. */
+typedef enum PartMode {
+    PART_CONVERT,  /* read it into an f32 leaf of the part's own tape */
+    PART_CHECK,    /* verify its name and shape in the files, read nothing: flux2_load, qwen3 */
+    PART_LIST,     /* add its name and shape to a list: flux2_load_config_only, qwen3 */
+    PART_RESIDENT, /* load it into the model's Params: flux2_load_params */
+} PartMode;
 
 /* Names (owned) and shapes. */
-typedef struct Flux2SpecList {
+typedef struct SpecList {
     StTensorSpec *specs;
     size_t count, capacity;
-} Flux2SpecList;
+} SpecList;
 
 /* The tensors of one part of the model (a block's attention inputs, the conditioning, ...),
  * converted to f32 leaves for as long as the part runs and freed together; or, in the other modes,
  * the names and shapes of those tensors, or the model's resident leaves, so that the load
  * functions below define them once. */
-typedef struct Flux2Part {
+typedef struct WeightPart {
     const StModel *weights;
-    Flux2PartMode mode;
-    Flux2SpecList *list; /* FLUX2_LIST */
-    Params *params;      /* FLUX2_RESIDENT */
-    Tape *tape;          /* FLUX2_CONVERT: owns the converted leaves, made at the first one */
-} Flux2Part;
+    PartMode mode;
+    SpecList *list;  /* PART_LIST */
+    Params *params;  /* PART_RESIDENT */
+    Tape *tape;      /* PART_CONVERT: owns the converted leaves, made at the first one */
+} WeightPart;
 
-static void flux2_part_free(Flux2Part *p) {
+static void weight_part_free(WeightPart *p) {
     tape_free(p->tape);
     p->tape = NULL;
 }
 
-static void flux2_spec_list_free(Flux2SpecList *l) {
+static void spec_list_free(SpecList *l) {
     for (size_t i = 0; i < l->count; i++) free((char *)l->specs[i].name);
     free(l->specs);
 }
 
-static int flux2_spec_add(Flux2SpecList *l, const char *name, int ndim, const int64_t *shape,
+static int spec_list_add(SpecList *l, const char *name, int ndim, const int64_t *shape,
                           Error *e) {
     if (l->count == l->capacity) {
         size_t capacity = l->capacity ? 2 * l->capacity : 64;
@@ -397,13 +398,13 @@ static int flux2_spec_add(Flux2SpecList *l, const char *name, int ndim, const in
 
 /* The tensor named by name_fmt with exactly `shape` as a leaf, owned by the part or the model's
  * Params (NULL when only checking or listing). */
-static int flux2_weight(Flux2Part *p, Var **out, Error *e, int ndim, const int64_t *shape,
+static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64_t *shape,
                         const char *name_fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 6, 7)))
 #endif
     ;
-static int flux2_weight(Flux2Part *p, Var **out, Error *e, int ndim, const int64_t *shape,
+static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64_t *shape,
                         const char *name_fmt, ...) {
     char name[256];
     va_list ap;
@@ -413,9 +414,9 @@ static int flux2_weight(Flux2Part *p, Var **out, Error *e, int ndim, const int64
     *out = NULL;
     if (len < 0 || (size_t)len >= sizeof name)
         return error_set(e, "tensor name too long: %s", name);
-    if (p->mode == FLUX2_CHECK) return params_check_shape(p->weights, name, ndim, shape, e);
-    if (p->mode == FLUX2_LIST) return flux2_spec_add(p->list, name, ndim, shape, e);
-    if (p->mode == FLUX2_RESIDENT)
+    if (p->mode == PART_CHECK) return params_check_shape(p->weights, name, ndim, shape, e);
+    if (p->mode == PART_LIST) return spec_list_add(p->list, name, ndim, shape, e);
+    if (p->mode == PART_RESIDENT)
         return (*out = params_load(p->params, e, ndim, shape, "%s", name)) ? 0 : -1;
     Tensor *value;
     if ((!p->tape && !(p->tape = tape_new())) ||
@@ -430,19 +431,19 @@ typedef struct Flux2TimeEmbed {
     Var *time_1, *time_2, *guidance_1, *guidance_2;
 } Flux2TimeEmbed;
 
-static int flux2_time_embed_load(Flux2TimeEmbed *w, Flux2Part *p, const Flux2Config *c,
+static int flux2_time_embed_load(Flux2TimeEmbed *w, WeightPart *p, const Flux2Config *c,
                                  Error *e) {
     const char *time = "time_guidance_embed.timestep_embedder";
     const char *guide = "time_guidance_embed.guidance_embedder";
     int d = c->dim;
     *w = (Flux2TimeEmbed){0};
-    return flux2_weight(p, &w->time_1, e, SHAPE(d, c->timestep_channels), "%s.linear_1.weight",
+    return part_weight(p, &w->time_1, e, SHAPE(d, c->timestep_channels), "%s.linear_1.weight",
                         time) ||
-           flux2_weight(p, &w->time_2, e, SHAPE(d, d), "%s.linear_2.weight", time) ||
+           part_weight(p, &w->time_2, e, SHAPE(d, d), "%s.linear_2.weight", time) ||
            (c->guidance_embeds &&
-            (flux2_weight(p, &w->guidance_1, e, SHAPE(d, c->timestep_channels),
+            (part_weight(p, &w->guidance_1, e, SHAPE(d, c->timestep_channels),
                           "%s.linear_1.weight", guide) ||
-             flux2_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide)));
+             part_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide)));
 }
 
 /* The modulations every block shares, each made from the embedding by one linear layer; their
@@ -460,9 +461,9 @@ static const struct {
     [FLUX2_MOD_OUT] = {"norm_out.linear.weight", 2},
 };
 
-static int flux2_modulation_load(Var **w, Flux2Part *p, const Flux2Config *c, int k,
+static int flux2_modulation_load(Var **w, WeightPart *p, const Flux2Config *c, int k,
                                  Error *e) {
-    return flux2_weight(p, w, e, SHAPE(flux2_modulations[k].chunks * c->dim, c->dim), "%s",
+    return part_weight(p, w, e, SHAPE(flux2_modulations[k].chunks * c->dim, c->dim), "%s",
                         flux2_modulations[k].name);
 }
 
@@ -470,16 +471,16 @@ typedef struct Flux2Embedders {
     Var *x_embedder, *context_embedder;
 } Flux2Embedders;
 
-static int flux2_embedders_load(Flux2Embedders *w, Flux2Part *p, const Flux2Config *c, Error *e) {
+static int flux2_embedders_load(Flux2Embedders *w, WeightPart *p, const Flux2Config *c, Error *e) {
     *w = (Flux2Embedders){0};
-    return flux2_weight(p, &w->x_embedder, e, SHAPE(c->dim, c->in_channels), "x_embedder.weight") ||
-           flux2_weight(p, &w->context_embedder, e, SHAPE(c->dim, c->joint_attention_dim),
+    return part_weight(p, &w->x_embedder, e, SHAPE(c->dim, c->in_channels), "x_embedder.weight") ||
+           part_weight(p, &w->context_embedder, e, SHAPE(c->dim, c->joint_attention_dim),
                         "context_embedder.weight");
 }
 
-static int flux2_output_load(Var **proj_out, Flux2Part *p, const Flux2Config *c, Error *e) {
+static int flux2_output_load(Var **proj_out, WeightPart *p, const Flux2Config *c, Error *e) {
     int out = c->patch_size * c->patch_size * c->out_channels;
-    return flux2_weight(p, proj_out, e, SHAPE(out, c->dim), "proj_out.weight");
+    return part_weight(p, proj_out, e, SHAPE(out, c->dim), "proj_out.weight");
 }
 
 /* The two streams of a double block (the joint sequence puts the text first). */
@@ -503,17 +504,17 @@ typedef struct Flux2StreamIn {
     Var *q, *k, *v, *norm_q, *norm_k;
 } Flux2StreamIn;
 
-static int flux2_stream_in_load(Flux2StreamIn *w, Flux2Part *p, const Flux2Config *c, int block,
+static int flux2_stream_in_load(Flux2StreamIn *w, WeightPart *p, const Flux2Config *c, int block,
                                 int stream, Error *e) {
     const Flux2StreamNames *n = &flux2_stream_names[stream];
     const char *b = "transformer_blocks";
     int d = c->dim, hd = c->head_dim;
     *w = (Flux2StreamIn){0};
-    return flux2_weight(p, &w->q, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->q) ||
-           flux2_weight(p, &w->k, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->k) ||
-           flux2_weight(p, &w->v, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->v) ||
-           flux2_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_q) ||
-           flux2_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_k);
+    return part_weight(p, &w->q, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->q) ||
+           part_weight(p, &w->k, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->k) ||
+           part_weight(p, &w->v, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->v) ||
+           part_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_q) ||
+           part_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_k);
 }
 
 /* A stream's weights after it: the attention output projection and the SwiGLU feed-forward. */
@@ -521,16 +522,16 @@ typedef struct Flux2StreamOut {
     Var *out, *ff_in, *ff_out;
 } Flux2StreamOut;
 
-static int flux2_stream_out_load(Flux2StreamOut *w, Flux2Part *p, const Flux2Config *c, int block,
+static int flux2_stream_out_load(Flux2StreamOut *w, WeightPart *p, const Flux2Config *c, int block,
                                  int stream, Error *e) {
     const Flux2StreamNames *n = &flux2_stream_names[stream];
     const char *b = "transformer_blocks";
     int d = c->dim, mlp = c->mlp_hidden;
     *w = (Flux2StreamOut){0};
-    return flux2_weight(p, &w->out, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->out) ||
-           flux2_weight(p, &w->ff_in, e, SHAPE(2 * mlp, d), "%s.%d.%s.linear_in.weight", b,
+    return part_weight(p, &w->out, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->out) ||
+           part_weight(p, &w->ff_in, e, SHAPE(2 * mlp, d), "%s.%d.%s.linear_in.weight", b,
                         block, n->ff) ||
-           flux2_weight(p, &w->ff_out, e, SHAPE(d, mlp), "%s.%d.%s.linear_out.weight", b, block,
+           part_weight(p, &w->ff_out, e, SHAPE(d, mlp), "%s.%d.%s.linear_out.weight", b, block,
                         n->ff);
 }
 
@@ -540,21 +541,21 @@ typedef struct Flux2SingleIn {
     Var *to_qkv_mlp, *norm_q, *norm_k;
 } Flux2SingleIn;
 
-static int flux2_single_in_load(Flux2SingleIn *w, Flux2Part *p, const Flux2Config *c, int i,
+static int flux2_single_in_load(Flux2SingleIn *w, WeightPart *p, const Flux2Config *c, int i,
                                 Error *e) {
     const char *b = "single_transformer_blocks";
     int d = c->dim, hd = c->head_dim, mlp = c->mlp_hidden;
     *w = (Flux2SingleIn){0};
-    return flux2_weight(p, &w->to_qkv_mlp, e, SHAPE(3 * d + 2 * mlp, d),
+    return part_weight(p, &w->to_qkv_mlp, e, SHAPE(3 * d + 2 * mlp, d),
                         "%s.%d.attn.to_qkv_mlp_proj.weight", b, i) ||
-           flux2_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.attn.norm_q.weight", b, i) ||
-           flux2_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.attn.norm_k.weight", b, i);
+           part_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.attn.norm_q.weight", b, i) ||
+           part_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.attn.norm_k.weight", b, i);
 }
 
 /* ... and after it: to_out over [attention output | SwiGLU output]. */
-static int flux2_single_out_load(Var **to_out, Flux2Part *p, const Flux2Config *c, int i,
+static int flux2_single_out_load(Var **to_out, WeightPart *p, const Flux2Config *c, int i,
                                  Error *e) {
-    return flux2_weight(p, to_out, e, SHAPE(c->dim, c->dim + c->mlp_hidden),
+    return part_weight(p, to_out, e, SHAPE(c->dim, c->dim + c->mlp_hidden),
                         "single_transformer_blocks.%d.attn.to_out.weight", i);
 }
 
@@ -596,7 +597,7 @@ static Flux2Weights *flux2_weights_new(const Flux2Config *c) {
 
 /* Every tensor the config implies, by name and shape, through p into w: checked or listed (the
  * Vars stay NULL) or loaded as the resident model's leaves. */
-static int flux2_walk_weights(const Flux2Config *c, Flux2Part *p, Flux2Weights *w, Error *e) {
+static int flux2_walk_weights(const Flux2Config *c, WeightPart *p, Flux2Weights *w, Error *e) {
     if (flux2_time_embed_load(&w->time, p, c, e)) return -1;
     for (int k = 0; k < FLUX2_MODS; k++)
         if (flux2_modulation_load(&w->mods[k], p, c, k, e)) return -1;
@@ -617,7 +618,7 @@ static int flux2_walk_weights(const Flux2Config *c, Flux2Part *p, Flux2Weights *
 }
 
 /* The same with the Vars thrown away: flux2_load's check and config-only's list of names. */
-static int flux2_walk_names(const Flux2Config *c, Flux2Part *p, Error *e) {
+static int flux2_walk_names(const Flux2Config *c, WeightPart *p, Error *e) {
     Flux2Weights *w = flux2_weights_new(c);
     int status = w ? flux2_walk_weights(c, p, w, e) : error_set(e, "out of memory");
     flux2_weights_free(w);
@@ -625,7 +626,7 @@ static int flux2_walk_names(const Flux2Config *c, Flux2Part *p, Error *e) {
 }
 
 /* Puts "<what>: " before the message already in e. */
-static int flux2_error_context(Error *e, const char *what) {
+static int error_context(Error *e, const char *what) {
     if (!e) return -1;
     char msg[sizeof e->msg];
     memcpy(msg, e->msg, sizeof msg);
@@ -641,8 +642,8 @@ int flux2_load(Flux2 **out, const char *dir, Error *e) {
     /* config and safetensors errors name their file; a weight's name needs the directory */
     int status = flux2_config_read(&m->config, path, e) || st_model_open(&m->weights, dir, e);
     if (!status) {
-        Flux2Part check = {.weights = m->weights, .mode = FLUX2_CHECK};
-        status = flux2_walk_names(&m->config, &check, e) && flux2_error_context(e, dir);
+        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
+        status = flux2_walk_names(&m->config, &check, e) && error_context(e, dir);
     }
     if (status) {
         flux2_free(m);
@@ -656,12 +657,12 @@ int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, 
     *out = NULL;
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", config_path);
-    Flux2SpecList list = {0};
-    Flux2Part names = {.mode = FLUX2_LIST, .list = &list};
+    SpecList list = {0};
+    WeightPart names = {.mode = PART_LIST, .list = &list};
     int status = flux2_config_read(&m->config, config_path, e) ||
                  flux2_walk_names(&m->config, &names, e) ||
                  st_model_random(&m->weights, list.specs, list.count, seed, e);
-    flux2_spec_list_free(&list);
+    spec_list_free(&list);
     if (status) {
         flux2_free(m);
         return -1;
@@ -683,9 +684,9 @@ int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_
     if (!status && !(m->resident = flux2_weights_new(&m->config)))
         status = error_set(e, "out of memory loading %s", dir);
     if (!status) {
-        Flux2Part part = {.mode = FLUX2_RESIDENT, .params = m->params};
+        WeightPart part = {.mode = PART_RESIDENT, .params = m->params};
         status = flux2_walk_weights(&m->config, &part, m->resident, e) &&
-                 flux2_error_context(e, dir);
+                 error_context(e, dir);
     }
     st_model_close(st);
     if (status) {
@@ -774,16 +775,16 @@ static int flux2_rope_tables(const Flux2Config *c, int L, int h, int w, Flux2Ste
 
 /* ---- running parts on short tapes ---- */
 
-static Tape *flux2_tape(void) {
+static Tape *nograd_tape(void) {
     Tape *t = tape_new();
     if (t) tape_set_grad(t, false);
     return t;
 }
 
 /* A copy of v's value that outlives the tape, or an error naming the part that failed. */
-static int flux2_result(Tape *t, Var *v, Tensor **out, const char *part, Error *e) {
+static int nograd_result(Tape *t, Var *v, Tensor **out, const char *part, Error *e) {
     *out = NULL;
-    if (tape_check(t, e)) return flux2_error_context(e, part);
+    if (tape_check(t, e)) return error_context(e, part);
     *out = tensor_clone(v->value);
     return *out ? 0 : error_set(e, "%s: out of memory", part);
 }
@@ -831,19 +832,19 @@ static Var *flux2_time_act(Tape *t, const Flux2TimeEmbed *w, const Flux2Config *
 static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *guidance,
                               Flux2Step *s, Error *e) {
     const Flux2Config *c = &m->config;
-    Flux2Part part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights};
     Flux2TimeEmbed w;
-    Tape *t = flux2_tape();
+    Tape *t = nograd_tape();
     int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
     Var *act = status ? NULL : flux2_time_act(t, &w, c, sigma, guidance, s->batch);
-    flux2_part_free(&part);
+    weight_part_free(&part);
     Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
     for (int k = 0; !status && k < FLUX2_MODS; k++) {
         Var *weight;
         status = flux2_modulation_load(&weight, &part, c, k, e) ||
-                 flux2_result(t, ag_linear(t, act, weight, NULL), mods[k], "flux2 conditioning",
+                 nograd_result(t, ag_linear(t, act, weight, NULL), mods[k], "flux2 conditioning",
                               e);
-        flux2_part_free(&part);
+        weight_part_free(&part);
     }
     tape_free(t);
     return status;
@@ -853,18 +854,18 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
  * ctx[b]: [1, L, dim] */
 static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
                        const Flux2Step *s, Tensor **img, Tensor **ctx, Error *e) {
-    Flux2Part part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights};
     Flux2Embedders w;
     int status = flux2_embedders_load(&w, &part, &m->config, e);
     for (int b = 0; !status && b < s->batch; b++) {
-        Tape *t = flux2_tape();
+        Tape *t = nograd_tape();
         Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), w.x_embedder, NULL);
         Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), w.context_embedder, NULL);
-        status = flux2_result(t, x, &img[b], "flux2 x_embedder", e) ||
-                 flux2_result(t, y, &ctx[b], "flux2 context_embedder", e);
+        status = nograd_result(t, x, &img[b], "flux2 x_embedder", e) ||
+                 nograd_result(t, y, &ctx[b], "flux2 context_embedder", e);
         tape_free(t);
     }
-    flux2_part_free(&part);
+    weight_part_free(&part);
     return status;
 }
 
@@ -1012,7 +1013,7 @@ static int flux2_chunks(int64_t count, Flux2ChunkFn fn, void *ctx, Error *e) {
     int status = 0;
     for (int64_t start = 0; !status && start < count; start += FLUX2_CHUNK_TOKENS) {
         int64_t n = count - start < FLUX2_CHUNK_TOKENS ? count - start : FLUX2_CHUNK_TOKENS;
-        Tape *t = flux2_tape();
+        Tape *t = nograd_tape();
         status = t ? fn(t, start, n, ctx, e) : error_set(e, "out of memory");
         tape_free(t);
     }
@@ -1053,7 +1054,7 @@ static void flux2_joint_free(Flux2Joint *a) {
 
 /* One attention over every token -> columns [0, dim) of dst: [1, L + T, ..] */
 static int flux2_attend(const Flux2Joint *a, const Flux2Config *c, Tensor *dst, Error *e) {
-    Tape *t = flux2_tape();
+    Tape *t = nograd_tape();
     if (!t) return error_set(e, "out of memory");
     Var *o = flux2_attention(t, c, var_new(t, a->q, false), var_new(t, a->k, false),
                              var_new(t, a->v, false));
@@ -1109,7 +1110,7 @@ static int flux2_stream_update(Tape *t, int64_t start, int64_t n, void *ctx, Err
 static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **img,
                                   Tensor **txt, Tensor **o, Error *e) {
     const Flux2Config *c = &m->config;
-    Flux2Part part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights};
     Flux2StreamIn w[FLUX2_STREAMS];
     int status = flux2_stream_in_load(&w[FLUX2_IMAGE], &part, c, i, FLUX2_IMAGE, e) ||
                  flux2_stream_in_load(&w[FLUX2_TEXT], &part, c, i, FLUX2_TEXT, e);
@@ -1128,14 +1129,14 @@ static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
         if (!status) status = flux2_attend(&joint, c, o[b], e);
         flux2_joint_free(&joint);
     }
-    flux2_part_free(&part);
+    weight_part_free(&part);
     return status;
 }
 
 /* One stream after the attention: x[b] replaced by its new hidden states. */
 static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int stream, Tensor **x,
                                Tensor **o, Error *e) {
-    Flux2Part part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights};
     Flux2StreamOut w;
     int status = flux2_stream_out_load(&w, &part, &m->config, i, stream, e);
     for (int b = 0; !status && b < s->batch; b++) {
@@ -1148,7 +1149,7 @@ static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int st
         if (status) tensor_free(p.y);
         else flux2_replace(&x[b], p.y);
     }
-    flux2_part_free(&part);
+    weight_part_free(&part);
     return status;
 }
 
@@ -1167,7 +1168,7 @@ static int flux2_double_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **
     if (!status) return 0;
     char name[64];
     snprintf(name, sizeof name, "flux2 transformer_blocks.%d", i);
-    return flux2_error_context(e, name);
+    return error_context(e, name);
 }
 
 /* One batch item of a single-stream block. */
@@ -1208,7 +1209,7 @@ static int flux2_single_update(Tape *t, int64_t start, int64_t n, void *ctx, Err
 static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq,
                                   Tensor **hidden, Error *e) {
     const Flux2Config *c = &m->config;
-    Flux2Part part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights};
     Flux2SingleIn w;
     int status = flux2_single_in_load(&w, &part, c, i, e);
     for (int b = 0; !status && b < s->batch; b++) {
@@ -1221,14 +1222,14 @@ static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
                                  flux2_attend(&joint, c, p.hidden, e);
         flux2_joint_free(&joint);
     }
-    flux2_part_free(&part);
+    weight_part_free(&part);
     return status;
 }
 
 /* Single-stream block i: seq[b]: [1, L + T, dim], replaced. The fused input projection and
  * to_out are converted one after the other. */
 static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
-    Flux2Part part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights};
     Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden);
     Var *to_out = NULL;
     int status = !hidden ? error_set(e, "out of memory")
@@ -1242,13 +1243,13 @@ static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **
         if (status) tensor_free(p.y);
         else flux2_replace(&seq[b], p.y);
     }
-    flux2_part_free(&part);
+    weight_part_free(&part);
     for (int b = 0; hidden && b < s->batch; b++) tensor_free(hidden[b]);
     free(hidden);
     if (!status) return 0;
     char name[64];
     snprintf(name, sizeof name, "flux2 single_transformer_blocks.%d", i);
-    return flux2_error_context(e, name);
+    return error_context(e, name);
 }
 
 /* txt[b]: [1, L, dim], img[b]: [1, T, dim] -> seq[b]: [1, L + T, dim], text first; frees both. */
@@ -1269,19 +1270,19 @@ static int flux2_join(const Flux2Step *s, int dim, Tensor **txt, Tensor **img, T
  * [T, patch_size^2 out_channels] */
 static int flux2_output(const Flux2 *m, const Flux2Step *s, Tensor **seq, Tensor *v, Error *e) {
     const Flux2Config *c = &m->config;
-    Flux2Part part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights};
     Var *proj_out;
     int status = flux2_output_load(&proj_out, &part, c, e);
     for (int b = 0; !status && b < s->batch; b++) {
-        Tape *t = flux2_tape();
+        Tape *t = nograd_tape();
         Var *img = ag_slice(t, var_new(t, seq[b], false), 1, s->txt_len, s->img_len);
         Var *y = flux2_final(t, proj_out, c, img, flux2_mod_row(t, s->mod_out, b));
-        status = tape_check(t, e) ? flux2_error_context(e, "flux2 output") : 0;
+        status = tape_check(t, e) ? error_context(e, "flux2 output") : 0;
         if (!status) memcpy(v->data + b * (v->numel / s->batch), y->value->data,
                             (size_t)y->value->numel * sizeof(float));
         tape_free(t);
     }
-    flux2_part_free(&part);
+    weight_part_free(&part);
     return status;
 }
 
@@ -1363,11 +1364,11 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
 static int flux2_forward_resident(const Flux2 *m, const Tensor *tokens, int h, int w,
                                   const Tensor *txt, const float *sigma, const float *guidance,
                                   Tensor **velocity, Error *e) {
-    Tape *t = flux2_tape();
+    Tape *t = nograd_tape();
     if (!t) return error_set(e, "out of memory");
     Var *v = flux2_forward_graph(t, m, flux2_view(t, tokens, 0, 0, tokens->shape[0]), h, w,
                                  flux2_view(t, txt, 0, 0, txt->shape[0]), sigma, guidance);
-    int status = flux2_result(t, v, velocity, "flux2", e);
+    int status = nograd_result(t, v, velocity, "flux2", e);
     tape_free(t);
     return status;
 }
@@ -1557,7 +1558,7 @@ int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource so
     if (!status && !(m->layers = calloc((size_t)m->config.num_layers, sizeof *m->layers)))
         status = error_set(e, "out of memory loading %s", dir);
     if (!status) status = params_open(&m->params, &st, dir, source, seed, e);
-    if (!status && text_weights_load(m, e)) status = flux2_error_context(e, dir);
+    if (!status && text_weights_load(m, e)) status = error_context(e, dir);
     st_model_close(st);
     if (status) {
         text_encoder_free(m);
@@ -1699,6 +1700,493 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
 }
 
 /* ---- end section: text encoder ---- */
+
+/* ---- section: qwen3 ---------------------------------------------------------------------------
+ * FLUX.2 [klein]'s prompt encoder: transformers' Qwen3Model (modeling_qwen3.py) as diffusers'
+ * Flux2KleinPipeline runs it (_get_qwen3_prompt_embeds), written from that code.
+ *   names   model.embed_tokens.weight [V, hidden]; under model.layers.N: input_layernorm,
+ *           post_attention_layernorm [hidden]; self_attn.q_proj [H*D, hidden], k_proj and v_proj
+ *           [Hkv*D, hidden], o_proj [hidden, H*D], q_norm and k_norm [D]; mlp.gate_proj and
+ *           up_proj [I, hidden], down_proj [hidden, I]. model.norm and lm_head are never used.
+ *   layer   h = x + o(attention(rope(q_norm(q(n1))), rope(k_norm(k(n1))), v(n1))), n1 = rms1(x)
+ *           out = h + down(silu(gate(n2)) * up(n2)), n2 = rms2(h)
+ *           RMSNorm w * x / sqrt(mean(x^2) + eps); q_norm, k_norm per head over D; RoPE on the
+ *           halves (rotate_half) at positions 0 .. L-1, padding included; grouped-query
+ *           attention, scale 1/sqrt(D), query i sees key j when j <= i and j is a real token.
+ *   output  hidden_states[k] is layer k-1's output (hidden_states[0] the embeddings); the
+ *           pipeline stacks k = 9, 18, 27 per token: [B, L, 3 hidden], for every position,
+ *           padding included. Only the first 27 layers run.
+ * Execution: the weights stay in the mapped files and each layer's attention and MLP are
+ * converted to f32 just before they run and freed after (as FLUX.2's parts), so memory is one
+ * part's weights (klein-4B's MLP: 0.3 GB) plus a few [B, L, I] activations. */
+
+/* The hidden states the pipeline stacks (Flux2KleinPipeline's hidden_states_layers). */
+static const int QWEN3_KLEIN_LAYERS[3] = {9, 18, 27};
+
+struct Qwen3 {
+    Qwen3Config config;
+    StModel *weights;
+};
+
+/* --- config --- */
+
+/* A key we do not implement must be absent or at its off value (null, false); its name else. */
+static const char *qwen3_unsupported_key(const JsonValue *root) {
+    static const char *const off[] = {"attention_bias", "use_sliding_window", "rope_scaling"};
+    for (size_t i = 0; i < sizeof off / sizeof *off; i++) {
+        const JsonValue *v = json_get(root, off[i]);
+        if (v && v->type != JSON_NULL && !(v->type == JSON_BOOL && !v->boolean)) return off[i];
+    }
+    const JsonValue *act = json_get(root, "hidden_act");
+    if (act && (act->type != JSON_STRING || strcmp(act->string, "silu"))) return "hidden_act";
+    const JsonValue *types = json_get(root, "layer_types");
+    for (size_t i = 0; types && types->type == JSON_ARRAY && i < types->count; i++)
+        if (types->items[i].type != JSON_STRING ||
+            strcmp(types->items[i].string, "full_attention"))
+            return "layer_types";
+    return NULL;
+}
+
+/* num_key_value_heads (default: num_attention_heads) and head_dim (default hidden / heads). */
+static int qwen3_config_heads(const JsonValue *root, Qwen3Config *c, Error *e) {
+    c->kv_heads = c->heads;
+    c->head_dim = c->hidden_size / c->heads;
+    if ((json_get(root, "num_key_value_heads") &&
+         config_positive_int(root, "num_key_value_heads", 4096, &c->kv_heads, e)) ||
+        (json_get(root, "head_dim") && config_positive_int(root, "head_dim", 4096, &c->head_dim, e)))
+        return -1;
+    if (c->heads % c->kv_heads || c->head_dim < 2 || c->head_dim % 2)
+        return error_set(e, "%s: %d heads over %d key/value heads, head_dim %d: the heads must "
+                         "divide evenly and head_dim be even", root->source, c->heads,
+                         c->kv_heads, c->head_dim);
+    return 0;
+}
+
+/* path: a text_encoder/config.json of a Qwen3 model */
+static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
+    JsonDoc *doc;
+    if (json_parse_file(&doc, path, e)) return -1;
+    const JsonValue *root = json_root(doc);
+    const JsonValue *type = json_get(root, "model_type");
+    const char *unsupported = qwen3_unsupported_key(root);
+    const int64_t big = 1 << 20;
+    int status = 0;
+    if (!type || type->type != JSON_STRING || strcmp(type->string, "qwen3"))
+        status = error_set(e, "%s: model_type is not \"qwen3\"", path);
+    else if (unsupported)
+        status = error_set(e, "%s: key '%s' asks for what diamond's Qwen3 does not implement",
+                           path, unsupported);
+    else
+        status = config_positive_int(root, "vocab_size", 1 << 24, &c->vocab_size, e) ||
+                 config_positive_int(root, "hidden_size", big, &c->hidden_size, e) ||
+                 config_positive_int(root, "num_hidden_layers", 4096, &c->num_layers, e) ||
+                 config_positive_int(root, "num_attention_heads", 4096, &c->heads, e) ||
+                 config_positive_int(root, "intermediate_size", big, &c->intermediate_size, e) ||
+                 json_get_float(root, "rms_norm_eps", &c->rms_norm_eps, e) ||
+                 json_get_float(root, "rope_theta", &c->rope_theta, e) ||
+                 qwen3_config_heads(root, c, e);
+    if (!status && !(c->rms_norm_eps >= 0.0 && c->rope_theta > 0.0))
+        status = error_set(e, "%s: rms_norm_eps %g or rope_theta %g is out of range", path,
+                           c->rms_norm_eps, c->rope_theta);
+    if (!status && c->num_layers < QWEN3_KLEIN_LAYERS[2])
+        status = error_set(e, "%s: num_hidden_layers %d, but the pipeline reads hidden state %d",
+                           path, c->num_layers, QWEN3_KLEIN_LAYERS[2]);
+    json_free(doc);
+    return status;
+}
+
+/* --- weights --- */
+
+typedef struct Qwen3Attention {
+    Var *norm, *q, *k, *v, *o, *q_norm, *k_norm;
+} Qwen3Attention;
+
+typedef struct Qwen3Mlp {
+    Var *norm, *gate, *up, *down;
+} Qwen3Mlp;
+
+static int qwen3_attention_load(Qwen3Attention *w, WeightPart *p, const Qwen3Config *c, int i,
+                                Error *e) {
+    const char *l = "model.layers";
+    int d = c->hidden_size, q = c->heads * c->head_dim, kv = c->kv_heads * c->head_dim;
+    *w = (Qwen3Attention){0};
+    return part_weight(p, &w->norm, e, SHAPE(d), "%s.%d.input_layernorm.weight", l, i) ||
+           part_weight(p, &w->q, e, SHAPE(q, d), "%s.%d.self_attn.q_proj.weight", l, i) ||
+           part_weight(p, &w->k, e, SHAPE(kv, d), "%s.%d.self_attn.k_proj.weight", l, i) ||
+           part_weight(p, &w->v, e, SHAPE(kv, d), "%s.%d.self_attn.v_proj.weight", l, i) ||
+           part_weight(p, &w->o, e, SHAPE(d, q), "%s.%d.self_attn.o_proj.weight", l, i) ||
+           part_weight(p, &w->q_norm, e, SHAPE(c->head_dim), "%s.%d.self_attn.q_norm.weight", l,
+                       i) ||
+           part_weight(p, &w->k_norm, e, SHAPE(c->head_dim), "%s.%d.self_attn.k_norm.weight", l,
+                       i);
+}
+
+static int qwen3_mlp_load(Qwen3Mlp *w, WeightPart *p, const Qwen3Config *c, int i, Error *e) {
+    const char *l = "model.layers";
+    int d = c->hidden_size, m = c->intermediate_size;
+    *w = (Qwen3Mlp){0};
+    return part_weight(p, &w->norm, e, SHAPE(d), "%s.%d.post_attention_layernorm.weight", l, i) ||
+           part_weight(p, &w->gate, e, SHAPE(m, d), "%s.%d.mlp.gate_proj.weight", l, i) ||
+           part_weight(p, &w->up, e, SHAPE(m, d), "%s.%d.mlp.up_proj.weight", l, i) ||
+           part_weight(p, &w->down, e, SHAPE(d, m), "%s.%d.mlp.down_proj.weight", l, i);
+}
+
+#define QWEN3_EMBEDDING "model.embed_tokens.weight"
+
+/* Every tensor the pipeline uses (the embedding, layers 0 .. 26), checked in or listed for p. */
+static int qwen3_walk_names(const Qwen3Config *c, WeightPart *p, Error *e) {
+    Var *embedding;
+    if (part_weight(p, &embedding, e, SHAPE(c->vocab_size, c->hidden_size), QWEN3_EMBEDDING))
+        return -1;
+    for (int i = 0; i < QWEN3_KLEIN_LAYERS[2]; i++) {
+        Qwen3Attention a;
+        Qwen3Mlp m;
+        if (qwen3_attention_load(&a, p, c, i, e) || qwen3_mlp_load(&m, p, c, i, e)) return -1;
+    }
+    return 0;
+}
+
+/* The weights every call reads: the files in dir, checked, or random ones listed by name. */
+static int qwen3_weights(Qwen3 *m, const char *dir, WeightSource source, uint64_t seed, Error *e) {
+    if (source == WEIGHTS_FILES) {
+        if (st_model_open(&m->weights, dir, e)) return -1;
+        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
+        return qwen3_walk_names(&m->config, &check, e) ? error_context(e, dir) : 0;
+    }
+    SpecList list = {0};
+    WeightPart names = {.mode = PART_LIST, .list = &list};
+    int status = qwen3_walk_names(&m->config, &names, e) ||
+                 st_model_random(&m->weights, list.specs, list.count, seed, e);
+    spec_list_free(&list);
+    return status ? -1 : 0;
+}
+
+int qwen3_open(Qwen3 **out, const char *dir, WeightSource source, uint64_t seed, Error *e) {
+    *out = NULL;
+    if (source == WEIGHTS_FRESH) return error_set(e, "%s: Qwen3 is not trained here", dir);
+    char path[PATH_BYTES];
+    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
+    Qwen3 *m = calloc(1, sizeof *m);
+    if (!m) return error_set(e, "out of memory loading %s", dir);
+    if (qwen3_config_read(&m->config, path, e) || qwen3_weights(m, dir, source, seed, e)) {
+        qwen3_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+void qwen3_free(Qwen3 *m) {
+    if (!m) return;
+    st_model_close(m->weights);
+    free(m);
+}
+
+const Qwen3Config *qwen3_config(const Qwen3 *m) { return &m->config; }
+
+/* --- the forward --- */
+
+/* cos, sin: [L, D/2] at positions 0 .. L-1: pair i turns by l * theta^(-2i / D) (in double). */
+static int qwen3_rope_tables(const Qwen3Config *c, int L, Tensor **cos_out, Tensor **sin_out) {
+    int half = c->head_dim / 2;
+    Tensor *cs = TENSOR_NEW(L, half), *sn = TENSOR_NEW(L, half);
+    for (int l = 0; cs && sn && l < L; l++)
+        for (int i = 0; i < half; i++) {
+            double angle = l * pow(c->rope_theta, -2.0 * i / c->head_dim);
+            cs->data[(int64_t)l * half + i] = (float)cos(angle);
+            sn->data[(int64_t)l * half + i] = (float)sin(angle);
+        }
+    *cos_out = cs;
+    *sin_out = sn;
+    return cs && sn ? 0 : -1;
+}
+
+/* What every layer of one call shares. */
+typedef struct Qwen3Call {
+    Tensor *cos, *sin;  /* [L, D/2] */
+    const int *lengths; /* [B]: real tokens per row; the rest is padding */
+} Qwen3Call;
+
+/* x: [B, L, n D] -> [B, L, n, D], each head RMS-normalised by norm and rotated */
+static Var *qwen3_heads(Tape *t, Var *x, int n, Var *norm, const Qwen3Config *c,
+                        const Qwen3Call *call) {
+    int64_t shape[4] = {flux2_size(x, 0), flux2_size(x, 1), n, c->head_dim};
+    Var *y = ag_reshape(t, x, 4, shape);
+    if (!norm) return y;
+    y = ag_rmsnorm(t, y, norm, (float)c->rms_norm_eps);
+    return ag_rope(t, y, var_new(t, call->cos, false), var_new(t, call->sin, false), ROPE_HALVES);
+}
+
+/* x: [B, L, hidden] -> x + o(attention(..)) */
+static Var *qwen3_attention(Tape *t, const Qwen3Attention *w, const Qwen3Config *c,
+                            const Qwen3Call *call, Var *x) {
+    Var *h = ag_rmsnorm(t, x, w->norm, (float)c->rms_norm_eps);
+    Var *q = qwen3_heads(t, ag_linear(t, h, w->q, NULL), c->heads, w->q_norm, c, call);
+    Var *k = qwen3_heads(t, ag_linear(t, h, w->k, NULL), c->kv_heads, w->k_norm, c, call);
+    Var *v = qwen3_heads(t, ag_linear(t, h, w->v, NULL), c->kv_heads, NULL, c, call);
+    Var *o = ag_attention(t, q, k, v, (float)(1.0 / sqrt(c->head_dim)), true, call->lengths);
+    int64_t shape[3] = {flux2_size(o, 0), flux2_size(o, 1), (int64_t)c->heads * c->head_dim};
+    return ag_add(t, x, ag_linear(t, ag_reshape(t, o, 3, shape), w->o, NULL));
+}
+
+/* x: [B, L, hidden] -> x + down(silu(gate(n)) * up(n)), n = rms(x) */
+static Var *qwen3_mlp(Tape *t, const Qwen3Mlp *w, const Qwen3Config *c, Var *x) {
+    Var *h = ag_rmsnorm(t, x, w->norm, (float)c->rms_norm_eps);
+    Var *gated = ag_mul(t, ag_silu(t, ag_linear(t, h, w->gate, NULL)), ag_linear(t, h, w->up, NULL));
+    return ag_add(t, x, ag_linear(t, gated, w->down, NULL));
+}
+
+/* Layer i on the hidden states *x: [B, L, hidden] (replaced), its two parts' weights converted
+ * one part at a time. */
+static int qwen3_layer(const Qwen3 *m, const Qwen3Call *call, int i, Tensor **x, Error *e) {
+    for (int half = 0; half < 2; half++) {
+        WeightPart part = {.weights = m->weights};
+        Qwen3Attention a;
+        Qwen3Mlp mlp;
+        Tape *t = nograd_tape();
+        int status = !t ? error_set(e, "out of memory")
+                   : half == 0 ? qwen3_attention_load(&a, &part, &m->config, i, e)
+                               : qwen3_mlp_load(&mlp, &part, &m->config, i, e);
+        Tensor *y = NULL;
+        if (!status) {
+            Var *in = var_new(t, *x, false);
+            Var *out = half == 0 ? qwen3_attention(t, &a, &m->config, call, in)
+                                 : qwen3_mlp(t, &mlp, &m->config, in);
+            status = nograd_result(t, out, &y, half == 0 ? "qwen3 attention" : "qwen3 mlp", e);
+        }
+        weight_part_free(&part);
+        tape_free(t);
+        if (status) return -1;
+        flux2_replace(x, y);
+    }
+    return 0;
+}
+
+/* ids: [B, L] -> the embedding rows [B, L, hidden] */
+static int qwen3_embed(const Qwen3 *m, const int32_t *ids, int batch, int L, Tensor **out,
+                       Error *e) {
+    const Qwen3Config *c = &m->config;
+    if (!(*out = TENSOR_NEW(batch, L, c->hidden_size)))
+        return error_set(e, "out of memory for the prompt's embeddings");
+    for (int64_t i = 0; i < (int64_t)batch * L; i++) {
+        if (ids[i] < 0 || ids[i] >= c->vocab_size)
+            return error_set(e, "token id %d is outside the text encoder's vocabulary (%d)",
+                             ids[i], c->vocab_size);
+        if (st_model_read_rows_f32(m->weights, QWEN3_EMBEDDING, ids[i], 1,
+                                   (*out)->data + i * c->hidden_size, e))
+            return -1;
+    }
+    return 0;
+}
+
+/* hidden states x: [B, L, hidden] into slot k of out: [B, L, 3 hidden] */
+static void qwen3_stack(const Tensor *x, int k, Tensor *out) {
+    int64_t rows = x->shape[0] * x->shape[1], hidden = x->shape[2];
+    for (int64_t r = 0; r < rows; r++)
+        memcpy(out->data + (r * 3 + k) * hidden, x->data + r * hidden, (size_t)hidden * sizeof(float));
+}
+
+int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, int batch, int L,
+                        Tensor **out, Error *e) {
+    const Qwen3Config *c = &m->config;
+    *out = NULL;
+    for (int b = 0; b < batch; b++)
+        if (lengths[b] < 1 || lengths[b] > L)
+            return error_set(e, "prompt %d has %d real tokens of %d: expected 1 .. %d", b,
+                             lengths[b], L, L);
+    Qwen3Call call = {.lengths = lengths};
+    Tensor *x = NULL, *stacked = TENSOR_NEW(batch, L, 3 * (int64_t)c->hidden_size);
+    int status = !stacked || qwen3_rope_tables(c, L, &call.cos, &call.sin)
+                     ? error_set(e, "out of memory for the prompt encoder")
+                     : qwen3_embed(m, ids, batch, L, &x, e);
+    for (int i = 0, k = 0; !status && k < 3; i++) {
+        status = qwen3_layer(m, &call, i, &x, e);
+        if (!status && i + 1 == QWEN3_KLEIN_LAYERS[k]) qwen3_stack(x, k++, stacked);
+    }
+    tensor_free(x);
+    tensor_free(call.cos);
+    tensor_free(call.sin);
+    if (status) {
+        tensor_free(stacked);
+        return -1;
+    }
+    *out = stacked;
+    return 0;
+}
+
+/* ---- end section: qwen3 ---- */
+
+/* ---- section: prompt encoder ------------------------------------------------------------------
+ * What turns prompts into the transformer's prompt embeddings, chosen by the model directory:
+ *   <dir>/tokenizer/ and <dir>/text_encoder/ (Qwen3): FLUX.2 [klein]'s pipeline
+ *     (Flux2KleinPipeline._get_qwen3_prompt_embeds): the chat template with enable_thinking off,
+ *     the tokenizer with padding="max_length", truncation=True, max_length (512), right
+ *     padding with the pad token; then Qwen3's hidden states 9, 18, 27 stacked per token;
+ *   <dir>/text_encoder/ alone: diamond's character encoder (the embedded models). */
+
+/* The text Qwen3's chat template makes of one user message with add_generation_prompt=True and
+ * enable_thinking=False: the prompt goes between these two. */
+#define KLEIN_TEMPLATE_BEFORE "<|im_start|>user\n"
+#define KLEIN_TEMPLATE_AFTER "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+struct PromptEncoder {
+    int max_length, width;
+    Tokenizer *tokenizer; /* klein */
+    Qwen3 *qwen3;
+    TextEncoder *chars;   /* the embedded models */
+};
+
+void prompt_encoder_free(PromptEncoder *p) {
+    if (!p) return;
+    tokenizer_free(p->tokenizer);
+    qwen3_free(p->qwen3);
+    text_encoder_free(p->chars);
+    free(p);
+}
+
+/* <model>/tokenizer and <model>/text_encoder: the tokenizer's ids must fit Qwen3's table. */
+static int prompt_encoder_open_klein(PromptEncoder *p, const char *model, WeightSource source,
+                                     uint64_t seed, Error *e) {
+    char tok[PATH_BYTES], text[PATH_BYTES];
+    if (path_join(tok, sizeof tok, model, "tokenizer", e) ||
+        path_join(text, sizeof text, model, "text_encoder", e) ||
+        tokenizer_load(&p->tokenizer, tok, e) || qwen3_open(&p->qwen3, text, source, seed, e))
+        return -1;
+    const Qwen3Config *c = qwen3_config(p->qwen3);
+    if (tokenizer_vocab_size(p->tokenizer) > c->vocab_size)
+        return error_set(e, "%s: the tokenizer's ids go up to %d, the text encoder's vocab_size is "
+                         "%d", model, tokenizer_vocab_size(p->tokenizer) - 1, c->vocab_size);
+    p->width = 3 * c->hidden_size;
+    if (!p->max_length) p->max_length = KLEIN_MAX_LENGTH;
+    return 0;
+}
+
+static int prompt_encoder_open_chars(PromptEncoder *p, const char *model, WeightSource source,
+                                     uint64_t seed, Error *e) {
+    char dir[PATH_BYTES];
+    if (path_join(dir, sizeof dir, model, "text_encoder", e) ||
+        text_encoder_load_params(&p->chars, dir, source, seed, e))
+        return -1;
+    const TextEncoderConfig *c = text_encoder_config(p->chars);
+    if (p->max_length && p->max_length != c->max_length)
+        return error_set(e, "%s: diamond's character encoder has a fixed length of %d tokens, "
+                         "not %d", dir, c->max_length, p->max_length);
+    p->max_length = c->max_length;
+    p->width = c->hidden_size;
+    return 0;
+}
+
+int prompt_encoder_open(PromptEncoder **out, const char *model, WeightSource source,
+                        uint64_t seed, int max_length, Error *e) {
+    *out = NULL;
+    char tokenizer[PATH_BYTES];
+    struct stat sb;
+    if (path_join(tokenizer, sizeof tokenizer, model, "tokenizer", e)) return -1;
+    PromptEncoder *p = calloc(1, sizeof *p);
+    if (!p) return error_set(e, "out of memory loading %s", model);
+    p->max_length = max_length;
+    int status = stat(tokenizer, &sb) == 0 && S_ISDIR(sb.st_mode)
+                     ? prompt_encoder_open_klein(p, model, source, seed, e)
+                     : prompt_encoder_open_chars(p, model, source, seed, e);
+    if (status) {
+        prompt_encoder_free(p);
+        return -1;
+    }
+    *out = p;
+    return 0;
+}
+
+int prompt_encoder_width(const PromptEncoder *p) { return p->width; }
+
+int prompt_encoder_max_length(const PromptEncoder *p) { return p->max_length; }
+
+/* prompt -> ids[0 .. max_length) as the klein pipeline tokenizes it, *length real tokens (the
+ * rest padding) and *total the tokens before truncation. */
+static int klein_tokenize(const PromptEncoder *p, const char *prompt, int32_t *ids, int *length,
+                          size_t *total, Error *e) {
+    size_t n = strlen(prompt);
+    size_t before = strlen(KLEIN_TEMPLATE_BEFORE), after = strlen(KLEIN_TEMPLATE_AFTER);
+    char *text = n < SIZE_MAX - before - after ? malloc(before + n + after + 1) : NULL;
+    if (!text) return error_set(e, "out of memory for a prompt of %zu bytes", n);
+    snprintf(text, before + n + after + 1, "%s%s%s", KLEIN_TEMPLATE_BEFORE, prompt,
+             KLEIN_TEMPLATE_AFTER);
+    TokenIds tokens = {0};
+    int status = tokenizer_encode(p->tokenizer, text, before + n + after, &tokens, e);
+    free(text);
+    if (status) {
+        token_ids_free(&tokens);
+        return -1;
+    }
+    size_t kept = tokens.count < (size_t)p->max_length ? tokens.count : (size_t)p->max_length;
+    for (int i = 0; i < p->max_length; i++)
+        ids[i] = (size_t)i < kept ? tokens.ids[i] : tokenizer_pad_id(p->tokenizer);
+    *length = (int)kept;
+    *total = tokens.count;
+    token_ids_free(&tokens);
+    return 0;
+}
+
+/* The prompts' ids [n, max_length] and lengths [n] (the characters of the character encoder). */
+static int prompt_tokenize(const PromptEncoder *p, const char *const *prompts, int n,
+                           PromptTokens *tok, Error *e) {
+    size_t L = (size_t)p->max_length;
+    tok->ids = malloc((size_t)n * L * sizeof *tok->ids);
+    tok->lengths = malloc((size_t)n * sizeof *tok->lengths);
+    tok->totals = malloc((size_t)n * sizeof *tok->totals);
+    int *chars = p->chars ? malloc(L * sizeof *chars) : NULL;
+    if (!tok->ids || !tok->lengths || !tok->totals || (p->chars && !chars)) {
+        free(chars);
+        return error_set(e, "out of memory tokenizing %d prompts", n);
+    }
+    int status = 0;
+    for (int b = 0; !status && b < n; b++) {
+        int32_t *ids = tok->ids + (size_t)b * L;
+        if (p->tokenizer) {
+            status = klein_tokenize(p, prompts[b], ids, &tok->lengths[b], &tok->totals[b], e);
+            continue;
+        }
+        status = text_encoder_tokenize(p->chars, prompts[b], chars, &tok->lengths[b], e);
+        for (size_t i = 0; !status && i < L; i++) ids[i] = chars[i];
+        tok->totals[b] = (size_t)tok->lengths[b];
+    }
+    free(chars);
+    return status;
+}
+
+void prompt_tokens_free(PromptTokens *tok) {
+    free(tok->ids);
+    free(tok->lengths);
+    free(tok->totals);
+    *tok = (PromptTokens){0};
+}
+
+/* The character encoder on a no-grad tape: [n, max_length, hidden_size]. */
+static int prompt_encode_chars(const PromptEncoder *p, const char *const *prompts, int n,
+                               Tensor **out, Error *e) {
+    Tape *t = nograd_tape();
+    if (!t) return error_set(e, "out of memory for the text encoder");
+    Var *y = text_encode(t, p->chars, prompts, n, e);
+    int status = y ? nograd_result(t, y, out, "text encoder", e) : -1;
+    tape_free(t);
+    return status;
+}
+
+int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Tensor **embeds,
+                  PromptTokens *tokens, Error *e) {
+    PromptTokens own = {0}, *tok = tokens ? tokens : &own;
+    *tok = (PromptTokens){0};
+    *embeds = NULL;
+    if (n < 1) return error_set(e, "no prompt to encode");
+    int status = prompt_tokenize(p, prompts, n, tok, e);
+    if (!status)
+        status = p->qwen3 ? qwen3_prompt_embeds(p->qwen3, tok->ids, tok->lengths, n,
+                                                p->max_length, embeds, e)
+                          : prompt_encode_chars(p, prompts, n, embeds, e);
+    if (!tokens || status) prompt_tokens_free(tok);
+    return status;
+}
+
+/* ---- end section: prompt encoder ---- */
 
 /* ---- section: vae ---------------------------------------------------------------------------- */
 

@@ -206,6 +206,72 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e);
 
 /* ---- end section: text encoder ---- */
 
+/* ---- section: qwen3 ------------------------------------------------------------------------
+ * FLUX.2 [klein]'s prompt encoder, transformers' Qwen3Model as Flux2KleinPipeline runs it: token
+ * ids through the first 27 decoder layers; the outputs of layers 9, 18 and 27 stacked per token
+ * are the prompt embeddings [B, L, 3 hidden_size] (= the transformer's joint_attention_dim).
+ * Streaming like FLUX.2: weights stay in the mapped (bf16/f16/f32, sharded) files, one layer's
+ * attention or MLP is converted to f32 at a time. */
+
+/* text_encoder/config.json (upstream keys; num_key_value_heads defaults to num_attention_heads,
+ * head_dim to hidden_size / num_attention_heads). attention_bias, use_sliding_window,
+ * rope_scaling or a hidden_act other than silu is an error naming the key. */
+typedef struct Qwen3Config {
+    int vocab_size, hidden_size, num_layers, heads, kv_heads, head_dim, intermediate_size;
+    double rms_norm_eps, rope_theta;
+} Qwen3Config;
+
+typedef struct Qwen3 Qwen3;
+
+/* <dir>/config.json and the weights in dir (WEIGHTS_FILES: one file or an index over shards,
+ * every tensor the pipeline uses checked by name and shape, none converted) or st_model_random
+ * weights from seed (WEIGHTS_CONFIG_ONLY: timings and memory without the files). */
+int qwen3_open(Qwen3 **out, const char *dir, WeightSource source, uint64_t seed, Error *e);
+void qwen3_free(Qwen3 *m);
+const Qwen3Config *qwen3_config(const Qwen3 *m);
+/* ids: [B, L] token ids, row b's first lengths[b] real and the rest padding -> *out: [B, L,
+ * 3 hidden_size] = hidden states 9, 18, 27 concatenated per token, for every position (padding
+ * included), as the pipeline hands them to the transformer. A new tensor the caller frees. */
+int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, int batch, int L,
+                        Tensor **out, Error *e);
+
+/* ---- end section: qwen3 ---- */
+
+/* ---- section: prompt encoder ------------------------------------------------------------------
+ * Prompts -> the transformer's prompt embeddings, by the model directory's layout:
+ *   <dir>/tokenizer/ + <dir>/text_encoder/ (Qwen3): FLUX.2 [klein]'s pipeline (the chat template
+ *     with enable_thinking=False, padding to max_length, default 512, with the pad token,
+ *     truncation, Qwen3's hidden states 9, 18, 27 per token): [B, max_length, 3 hidden_size];
+ *   <dir>/text_encoder/ alone: diamond's character encoder: [B, its max_length, hidden_size]. */
+
+#define KLEIN_MAX_LENGTH 512
+
+typedef struct PromptEncoder PromptEncoder;
+
+/* The token ids of a batch of prompts, as the pipeline feeds them to the encoder. */
+typedef struct PromptTokens {
+    int32_t *ids;  /* [B, max_length]: the prompt's tokens, then padding */
+    int *lengths;  /* [B]: real tokens (the attention mask's ones) */
+    size_t *totals; /* [B]: tokens before truncation (> max_length: the prompt was cut) */
+} PromptTokens;
+
+/* Opens <model>'s prompt encoder, its weights from the files or (WEIGHTS_CONFIG_ONLY) random
+ * from seed. max_length 0: the default (512 for klein; the character encoder's is fixed). */
+int prompt_encoder_open(PromptEncoder **out, const char *model, WeightSource source,
+                        uint64_t seed, int max_length, Error *e);
+void prompt_encoder_free(PromptEncoder *p);
+/* The embeddings' last dim (what the transformer's joint_attention_dim must be), and L. */
+int prompt_encoder_width(const PromptEncoder *p);
+int prompt_encoder_max_length(const PromptEncoder *p);
+/* prompts[0 .. n) -> *embeds: [n, max_length, width] (a new tensor); tokens (or NULL) gets
+ * their ids, lengths and untruncated counts, freed with prompt_tokens_free. A prompt that is not
+ * UTF-8 (or, for the character encoder, has a character outside its vocabulary) is an error. */
+int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Tensor **embeds,
+                  PromptTokens *tokens, Error *e);
+void prompt_tokens_free(PromptTokens *tok);
+
+/* ---- end section: prompt encoder ---- */
+
 /* ---- section: vae ---------------------------------------------------------------------------- */
 
 /* The decoder half of diffusers' AutoencoderKLFlux2, with the FLUX.2 pipeline's latent

@@ -1,0 +1,189 @@
+/* test_qwen3.c - FLUX.2 [klein]'s prompt encoder:
+ *   - Qwen3 against tools/ref_qwen3.py (PyTorch, float64, written from transformers'
+ *     modeling_qwen3.py and diffusers' Flux2KleinPipeline) on tests/fixtures/tiny-klein: a random
+ *     28-layer Qwen3 (hidden 24 != 4 heads x head_dim 8, 2 key/value heads) in bf16 over two
+ *     shards with an index; the stacked hidden states 9, 18, 27 of a full row and a padded one;
+ *   - configs diamond does not implement, refused with the key named;
+ *   - the prompt pipeline: chat template, right padding with the pad token, truncation. */
+#include <limits.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../nn.h"
+#include "harness.h"
+
+#define KLEIN "tests/fixtures/tiny-klein"
+
+/* An I64 tensor of st as int32 values; NULL (reported) when missing or of another size. */
+static int32_t *golden_ids(const SafeTensors *st, const char *name, size_t n) {
+    const StTensor *t = st_find(st, name);
+    int32_t *out = t && t->dtype == DTYPE_I64 && (size_t)t->numel == n ? malloc(n * sizeof *out)
+                                                                       : NULL;
+    for (size_t i = 0; out && i < n; i++) {
+        int64_t v;
+        memcpy(&v, (const char *)t->data + 8 * i, sizeof v);
+        out[i] = (int32_t)v;
+    }
+    CHECK(out != NULL, "golden %s: I64 [%zu]", name, n);
+    return out;
+}
+
+static void test_golden(void) {
+    enum { B = 2, L = 16, WIDTH = 72 };
+    SafeTensors *st = golden_open("tests/golden/qwen3.safetensors");
+    Qwen3 *m = NULL;
+    Error e = {{0}};
+    CHECK(qwen3_open(&m, KLEIN "/text_encoder", WEIGHTS_FILES, 0, &e) == 0, "open: %s", e.msg);
+    if (!st || !m) {
+        st_close(st);
+        qwen3_free(m);
+        return;
+    }
+    const Qwen3Config *c = qwen3_config(m);
+    CHECK(c->hidden_size == 24 && c->heads == 4 && c->kv_heads == 2 && c->head_dim == 8 &&
+              c->num_layers == 28 && c->vocab_size == 306,
+          "config: hidden %d heads %d/%d head_dim %d layers %d vocab %d", c->hidden_size, c->heads,
+          c->kv_heads, c->head_dim, c->num_layers, c->vocab_size);
+    int32_t *ids = golden_ids(st, "input_ids", B * L), *mask = golden_ids(st, "attention_mask", B * L);
+    float *want = golden_load(st, "prompt_embeds", (size_t)B * L * WIDTH);
+    if (ids && mask && want) {
+        int lengths[B] = {0};
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < L; i++) lengths[b] += mask[b * L + i];
+        CHECK(lengths[0] == L && lengths[1] < L, "golden rows: %d and %d real tokens", lengths[0],
+              lengths[1]);
+        Tensor *got = NULL;
+        CHECK(qwen3_prompt_embeds(m, ids, lengths, B, L, &got, &e) == 0, "forward: %s", e.msg);
+        /* values up to ~20 after 27 layers; f32 against the float64 reference */
+        if (got) check_close("qwen3 prompt_embeds (hidden states 9, 18, 27)", got->data, want,
+                             (size_t)B * L * WIDTH, 1e-4f, 1e-4f);
+        tensor_free(got);
+        int bad[B] = {0, L};
+        CHECK(qwen3_prompt_embeds(m, ids, bad, B, L, &got, &e) == -1 && strstr(e.msg, "real tokens"),
+              "a row without tokens is refused: %s", e.msg);
+        int32_t keep = ids[3];
+        ids[3] = 306;
+        CHECK(qwen3_prompt_embeds(m, ids, lengths, B, L, &got, &e) == -1 && strstr(e.msg, "306"),
+              "an id outside the vocabulary is refused: %s", e.msg);
+        ids[3] = keep;
+    }
+    free(ids);
+    free(mask);
+    free(want);
+    qwen3_free(m);
+    st_close(st);
+}
+
+static const char *const SHARDS[] = {"model-00001-of-00002.safetensors",
+                                     "model-00002-of-00002.safetensors",
+                                     "model.safetensors.index.json"};
+
+/* dir/name -> tiny-klein's text_encoder/name (or remove it: target NULL) */
+static void shard_link(const char *dir, const char *name, bool make) {
+    char link[256], target[PATH_MAX];
+    snprintf(link, sizeof link, "%s/%s", dir, name);
+    remove(link);
+    if (make && realpath(KLEIN "/text_encoder", target)) {
+        strncat(target, "/", sizeof target - strlen(target) - 1);
+        strncat(target, name, sizeof target - strlen(target) - 1);
+        CHECK(symlink(target, link) == 0, "link %s", link);
+    }
+}
+
+/* tiny-klein's text encoder with `from` replaced by `to` in its config: the error. */
+static void test_config_refused(const char *from, const char *to, const char *message) {
+    char *text = NULL, dir[64], path[128];
+    size_t len;
+    Error e = {{0}};
+    snprintf(dir, sizeof dir, "/tmp/diamond-test-qwen3-%d", (int)getpid());
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    int rc = file_read_all(KLEIN "/text_encoder/config.json", &text, &len, &e);
+    char *at = rc == 0 ? strstr(text, from) : NULL;
+    char *edited = at ? malloc(len + strlen(to) + 1) : NULL;
+    if (edited) {
+        snprintf(edited, len + strlen(to) + 1, "%.*s%s%s", (int)(at - text), text, to,
+                 at + strlen(from));
+        mkdir(dir, 0755);
+        rc = write_file_atomic(path, edited, strlen(edited), &e);
+        for (size_t i = 0; i < sizeof SHARDS / sizeof *SHARDS; i++) shard_link(dir, SHARDS[i], true);
+    }
+    Qwen3 *m = NULL;
+    rc = edited && rc == 0 ? qwen3_open(&m, dir, WEIGHTS_FILES, 0, &e) : 0;
+    CHECK(rc == -1 && !m && strstr(e.msg, message), "'%s' refused: want '%s', got '%s'", to,
+          message, e.msg);
+    qwen3_free(m);
+    free(text);
+    free(edited);
+    remove(path);
+    for (size_t i = 0; i < sizeof SHARDS / sizeof *SHARDS; i++) shard_link(dir, SHARDS[i], false);
+    rmdir(dir);
+}
+
+static void test_configs(void) {
+    test_config_refused("\"attention_bias\": false", "\"attention_bias\": true", "attention_bias");
+    test_config_refused("\"rope_scaling\": null", "\"rope_scaling\": {\"type\": \"yarn\"}",
+                        "rope_scaling");
+    test_config_refused("\"use_sliding_window\": false", "\"use_sliding_window\": true",
+                        "use_sliding_window");
+    test_config_refused("\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"", "hidden_act");
+    test_config_refused("\"model_type\": \"qwen3\"", "\"model_type\": \"llama\"", "model_type");
+    test_config_refused("\"num_hidden_layers\": 28", "\"num_hidden_layers\": 20",
+                        "num_hidden_layers 20");
+    test_config_refused("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", "divide");
+    /* a shape the files do not have: the tensor and both shapes are named */
+    test_config_refused("\"intermediate_size\": 40", "\"intermediate_size\": 48",
+                        "'model.layers.0.mlp.gate_proj.weight' has shape [40, 24], the config "
+                        "implies [48, 24]");
+}
+
+/* The pipeline on tiny-klein (its own byte-level BPE tokenizer, pad <|endoftext|> = 301). */
+static void test_pipeline(void) {
+    PromptEncoder *p = NULL;
+    Error e = {{0}};
+    CHECK(prompt_encoder_open(&p, KLEIN, WEIGHTS_FILES, 0, 24, &e) == 0, "open: %s", e.msg);
+    if (!p) return;
+    CHECK(prompt_encoder_width(p) == 72 && prompt_encoder_max_length(p) == 24, "width %d, L %d",
+          prompt_encoder_width(p), prompt_encoder_max_length(p));
+    const char *prompts[3] = {"the fox", "", "a very long prompt that does not fit in the few "
+                                             "tokens this test allows at all"};
+    Tensor *embeds = NULL;
+    PromptTokens tok = {0};
+    CHECK(prompt_encode(p, prompts, 3, &embeds, &tok, &e) == 0, "encode: %s", e.msg);
+    if (embeds) {
+        CHECK(embeds->ndim == 3 && embeds->shape[0] == 3 && embeds->shape[1] == 24 &&
+                  embeds->shape[2] == 72, "embeddings [3, 24, 72]");
+        /* "<|im_start|>user\n" = 302 + "user" + "\n" ...; the empty prompt's template alone */
+        CHECK(tok.ids[0] == 302 && tok.ids[24] == 302, "rows start with <|im_start|> (302): %d %d",
+              tok.ids[0], tok.ids[24]);
+        int padded = 0;
+        for (int i = tok.lengths[0]; i < 24; i++) padded += tok.ids[i] == 301;
+        CHECK(tok.lengths[0] < 24 && padded == 24 - tok.lengths[0],
+              "right padding with <|endoftext|>: %d real, %d pad", tok.lengths[0], padded);
+        CHECK(tok.lengths[1] > 0 && tok.lengths[1] < tok.lengths[0], "empty prompt: %d tokens",
+              tok.lengths[1]);
+        CHECK(tok.lengths[2] == 24 && tok.totals[2] > 24, "truncated: %d of %zu tokens",
+              tok.lengths[2], tok.totals[2]);
+        Qwen3 *m = NULL;
+        Tensor *direct = NULL;
+        int rc = qwen3_open(&m, KLEIN "/text_encoder", WEIGHTS_FILES, 0, &e) ||
+                 qwen3_prompt_embeds(m, tok.ids, tok.lengths, 3, 24, &direct, &e);
+        CHECK(rc == 0 && !memcmp(direct->data, embeds->data, (size_t)embeds->numel * 4),
+              "the pipeline's embeddings are Qwen3's of its ids %s", e.msg);
+        tensor_free(direct);
+        qwen3_free(m);
+    }
+    tensor_free(embeds);
+    prompt_tokens_free(&tok);
+    const char *bad[1] = {"caf\xc3"};
+    CHECK(prompt_encode(p, bad, 1, &embeds, NULL, &e) == -1 && strstr(e.msg, "UTF-8"),
+          "invalid UTF-8 refused: %s", e.msg);
+    prompt_encoder_free(p);
+}
+
+int main(void) {
+    test_golden();
+    test_configs();
+    test_pipeline();
+    return harness_finish("test_qwen3");
+}
