@@ -28,6 +28,9 @@ static const char *usage_text =
     "                  -o OUT.png|.ppm [--detector DIR] [options]\n"
     "                                   sample an image with DIAMOND guidance\n"
     "                                   (diamond generate --help for every option)\n"
+    "  diamond encode --model DIR --prompt TEXT -o FILE.safetensors [--max-length N]\n"
+    "                                   a prompt's embeddings, input_ids and attention_mask as\n"
+    "                                   the pipeline makes them (FLUX.2 [klein]: Qwen3)\n"
     "  diamond eval --model DIR --detector DIR --csv FILE --out DIR [options]\n"
     "                                   baseline vs guided over a prompt,seed CSV: images,\n"
     "                                   the paper's metrics (resumable, --shard I/N, --merge)\n"
@@ -49,6 +52,10 @@ static const char *usage_text =
     "                                     and peak memory; --config-only reads only the config\n"
     "                                     files (random weights); --vae-memory as generate's\n"
     "  diamond bench step (the same options)   one unguided and one guided sampler step\n"
+    "  diamond bench text --model DIR [--config-only] [--tokens N] [--real R] [--threads T]\n"
+    "                                     one N-token (default 512) encoding by DIR's Qwen3\n"
+    "                                     (DIR/text_encoder or DIR), R (20) real tokens, and\n"
+    "                                     peak memory beyond the mapped weights\n"
     "  diamond help                     this text\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
@@ -709,6 +716,88 @@ static int bench_model(int argc, char **argv) {
     return rc;
 }
 
+/* A /proc/self/status value in KiB ("RssFile:", "RssAnon:"); -1 where there is none (not Linux). */
+static long bench_status_kib(const char *key) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kib = -1;
+    size_t n = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, n)) kib = strtol(line + n, NULL, 10);
+    if (f) fclose(f);
+    return kib;
+}
+
+/* diamond bench text --model DIR [--config-only] [--tokens N] [--real R] [--threads T]: one
+ * encoding of N tokens (default 512, the pipeline's length) by DIR's Qwen3 (DIR/text_encoder or
+ * DIR itself), R of them real (default 20, a typical prompt) and the rest padding, as the klein
+ * pipeline runs it; and peak memory, with what lies beyond the mapped weight files. */
+static int bench_text(int argc, char **argv) {
+    const char *model = NULL;
+    bool config_only = false;
+    int tokens = KLEIN_MAX_LENGTH, real = 20, threads;
+    for (int i = 3; i < argc; i++) {
+        bool value = i + 1 < argc;
+        if (!strcmp(argv[i], "--config-only")) config_only = true;
+        else if (!strcmp(argv[i], "--model") && value) model = argv[++i];
+        else if (!strcmp(argv[i], "--tokens") && value && !bench_parse_int(argv[i + 1], 1, 1 << 16, &tokens)) i++;
+        else if (!strcmp(argv[i], "--real") && value && !bench_parse_int(argv[i + 1], 1, 1 << 16, &real)) i++;
+        else if (bench_threads_option(argc, argv, i, &threads) == 0) i++;
+        else {
+            fprintf(stderr, "usage: diamond bench text --model DIR [--config-only] [--tokens N] "
+                            "[--real R] [--threads T] (bad or unknown '%s')\n", argv[i]);
+            return 2;
+        }
+    }
+    if (!model || real > tokens) {
+        fputs("usage: diamond bench text --model DIR [--config-only] [--tokens N] [--real R <= N] "
+              "[--threads T]\n", stderr);
+        return 2;
+    }
+    char dir[PATH_BYTES];
+    struct stat sb;
+    Error e = {{0}};
+    if (path_join(dir, sizeof dir, model, "text_encoder", &e)) {
+        fprintf(stderr, "diamond bench text: %s\n", e.msg);
+        return 2;
+    }
+    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) snprintf(dir, sizeof dir, "%s", model);
+    Qwen3 *m = NULL;
+    int32_t *ids = malloc((size_t)tokens * sizeof *ids);
+    Tensor *out = NULL;
+    double t0 = now_seconds(), opened = 0.0, encoded = 0.0;
+    int rc = !ids ? error_set(&e, "out of memory")
+                  : qwen3_open(&m, dir, config_only ? WEIGHTS_CONFIG_ONLY : WEIGHTS_FILES, 0, &e);
+    if (rc == 0) {
+        const Qwen3Config *c = qwen3_config(m);
+        for (int i = 0; i < tokens; i++) /* spread over the vocabulary; padding the last id */
+            ids[i] = i < real ? (int32_t)((1000003LL * (i + 1)) % c->vocab_size) : c->vocab_size - 1;
+        printf("bench text: %s%s, hidden %d, %d layers of %d run, %d tokens (%d real), %d "
+               "threads\n", dir, config_only ? " (config only: random weights)" : "",
+               c->hidden_size, QWEN3_KLEIN_LAST_LAYER, c->num_layers, tokens, real,
+               bench_threads_now());
+        opened = now_seconds() - t0;
+        t0 = now_seconds();
+        rc = qwen3_prompt_embeds(m, ids, &real, 1, tokens, &out, &e);
+        encoded = now_seconds() - t0;
+    }
+    if (rc == 0) {
+        long file = bench_status_kib("RssFile:");
+        printf("  open (config, index, checks)  %8.3f s\n  encode                        %8.3f s\n"
+               "  peak RSS %.0f MiB", opened, encoded, bench_peak_rss_mib());
+        if (file >= 0)
+            printf(", of which about %.0f MiB beyond the mapped weights (peak minus the file pages "
+                   "resident now, %.0f MiB)", bench_peak_rss_mib() - file / 1024.0, file / 1024.0);
+        printf("\n");
+    } else {
+        fprintf(stderr, "diamond bench text: %s\n", e.msg);
+    }
+    tensor_free(out);
+    free(ids);
+    qwen3_free(m);
+    return rc ? 1 : 0;
+}
+
 /* diamond bench step (the same options): one unguided sampler step (transformer forward and the
  * Euler update) and one guided step (plus the VAE decode and detector forward and backward to the
  * latent, and the shift), batch 1, through sampler_run as generate runs them, and their ratio. */
@@ -729,6 +818,134 @@ static int bench_step_main(int argc, char **argv) {
                bench_peak_rss_mib());
     bench_models_free(&m);
     return rc;
+}
+
+/* Whether a command's arguments include --help or -h. */
+static bool asks_for_help(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return true;
+    return false;
+}
+
+/* ---- prompts: diamond encode, and the prompts of generate and eval ---------------------- */
+
+/* prompts[0 .. n) through <model>'s prompt encoder (tokenizer/ + text_encoder/ for klein, or
+ * diamond's character encoder) -> *embeds [n, L, D], tok (or NULL) their tokens. D must be the
+ * transformer's joint_attention_dim (joint_dim; 0: not checked). A truncated prompt is said on
+ * stderr. The encoder is loaded for this call alone: its memory is gone before sampling. */
+static int encode_prompts(const char *model, const char *const *prompts, int n, int max_length,
+                          int joint_dim, Tensor **embeds, PromptTokens *tok, Error *e) {
+    PromptEncoder *p = NULL;
+    PromptTokens own = {0}, *t = tok ? tok : &own;
+    *embeds = NULL;
+    if (prompt_encoder_open(&p, model, WEIGHTS_FILES, 0, max_length, e)) return -1;
+    int rc = 0;
+    if (joint_dim && prompt_encoder_width(p) != joint_dim)
+        rc = error_set(e, "%s: the prompt encoder makes embeddings of width %d (3 x hidden_size "
+                       "for Qwen3), the transformer's joint_attention_dim is %d", model,
+                       prompt_encoder_width(p), joint_dim);
+    if (rc == 0) rc = prompt_encode(p, prompts, n, embeds, t, e);
+    for (int b = 0; rc == 0 && b < n; b++)
+        if (t->totals[b] > (size_t)prompt_encoder_max_length(p))
+            fprintf(stderr, "note: prompt %d has %zu tokens; truncated to %d, as the pipeline "
+                    "does\n", b, t->totals[b], prompt_encoder_max_length(p));
+    if (!tok) prompt_tokens_free(&own);
+    prompt_encoder_free(p);
+    return rc;
+}
+
+/* Prompt b of embeds [n, L, D] with its tokens as diffusers' encode_prompt gives them:
+ * prompt_embeds F32 [1, L, D], input_ids and attention_mask I64 [1, L]. */
+static int write_prompt_embeds(const char *path, const Tensor *embeds, const PromptTokens *tok,
+                               int b, Error *e) {
+    int64_t L = embeds->shape[1], D = embeds->shape[2];
+    int64_t *ids = malloc((size_t)L * sizeof *ids), *mask = malloc((size_t)L * sizeof *mask);
+    int rc = ids && mask ? 0 : error_set(e, "out of memory");
+    for (int64_t i = 0; rc == 0 && i < L; i++) {
+        ids[i] = tok->ids[b * L + i];
+        mask[i] = i < tok->lengths[b];
+    }
+    StWriteTensor out[3] = {
+        {.name = "prompt_embeds", .dtype = DTYPE_F32, .ndim = 3, .shape = {1, L, D},
+         .data = embeds->data + b * L * D},
+        {.name = "input_ids", .dtype = DTYPE_I64, .ndim = 2, .shape = {1, L}, .data = ids},
+        {.name = "attention_mask", .dtype = DTYPE_I64, .ndim = 2, .shape = {1, L}, .data = mask},
+    };
+    if (rc == 0) rc = st_write(path, out, 3, e);
+    free(ids);
+    free(mask);
+    return rc;
+}
+
+static const char *encode_usage =
+    "usage: diamond encode --model DIR --prompt TEXT -o FILE.safetensors [--max-length N]\n"
+    "                      [--threads T]\n"
+    "\n"
+    "The prompt through DIR's prompt encoder, as the pipeline encodes it: for FLUX.2 [klein]\n"
+    "(DIR/tokenizer and DIR/text_encoder, Qwen3) the chat template, padding to --max-length\n"
+    "(default 512) and Qwen3's hidden states 9, 18, 27 per token; for the embedded models\n"
+    "diamond's character encoder. FILE gets prompt_embeds F32 [1, L, D], input_ids and\n"
+    "attention_mask I64 [1, L]: what diffusers' encode_prompt makes, to cache, to hand to\n"
+    "generate --embeddings, or to compare with another build. A prompt longer than L tokens is\n"
+    "truncated (said on stderr), an empty one is encoded as it is.\n"
+    "\n"
+    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
+typedef struct EncodeArgs {
+    const char *model, *prompt, *out;
+    int max_length;
+} EncodeArgs;
+
+static int encode_parse(int argc, char **argv, EncodeArgs *a, Error *e) {
+    *a = (EncodeArgs){0};
+    for (int i = 0; i < argc; i++) {
+        const char *opt = argv[i];
+        int threads;
+        if (i + 1 >= argc) return error_set(e, "%s needs a value (see diamond encode --help)", opt);
+        if (!strcmp(opt, "--model")) a->model = argv[++i];
+        else if (!strcmp(opt, "--prompt")) a->prompt = argv[++i];
+        else if (!strcmp(opt, "-o")) a->out = argv[++i];
+        else if (!strcmp(opt, "--max-length")) {
+            if (bench_parse_int(argv[++i], 1, 1 << 16, &a->max_length))
+                return error_set(e, "--max-length: expected 1..65536, got '%s'", argv[i]);
+        } else if (!strcmp(opt, "--threads")) {
+            if (bench_threads_option(argc, argv, i++, &threads))
+                return error_set(e, "--threads: expected 1..1024, got '%s'", argv[i]);
+        } else {
+            return error_set(e, "unknown option '%s'", opt);
+        }
+    }
+    const char *missing = !a->model ? "--model DIR" : !a->prompt ? "--prompt TEXT"
+                        : !a->out ? "-o FILE.safetensors" : NULL;
+    if (missing) return error_set(e, "missing %s (see diamond encode --help)", missing);
+    return 0;
+}
+
+/* diamond encode ...: 0 on success, 2 for a bad command line, 1 for anything else. */
+static int encode_main(int argc, char **argv) {
+    if (asks_for_help(argc, argv)) {
+        fputs(encode_usage, stdout);
+        return 0;
+    }
+    EncodeArgs a;
+    Error e = {{0}};
+    if (encode_parse(argc, argv, &a, &e)) {
+        fprintf(stderr, "diamond encode: %s\n", e.msg);
+        return 2;
+    }
+    Tensor *embeds = NULL;
+    PromptTokens tok = {0};
+    double t0 = now_seconds();
+    int rc = encode_prompts(a.model, &a.prompt, 1, a.max_length, 0, &embeds, &tok, &e) ||
+             write_prompt_embeds(a.out, embeds, &tok, 0, &e);
+    if (rc) fprintf(stderr, "diamond encode: %s\n", e.msg);
+    else
+        fprintf(stderr, "%s: prompt_embeds [1, %lld, %lld], %d real tokens (%.1f s)\n", a.out,
+                (long long)embeds->shape[1], (long long)embeds->shape[2], tok.lengths[0],
+                now_seconds() - t0);
+    tensor_free(embeds);
+    prompt_tokens_free(&tok);
+    return rc ? 1 : 0;
 }
 
 /* ---- sampler: diamond generate ---------------------------------------------------------- */
@@ -977,14 +1194,12 @@ typedef struct GenerateRun {
     Flux2 *flow;
     VaeDecoder *vae;
     Segformer *detector;
-    TextEncoder *text; /* loaded by the first prompt */
     Tensor *txt, *latent; /* [B, L, D], [B, T, C] */
     Tensor *negative;     /* [B, L, D] the negative prompt's, with classifier-free guidance */
     int grid_h, grid_w;
 } GenerateRun;
 
 static void generate_run_free(GenerateRun *r) {
-    text_encoder_free(r->text);
     flux2_free(r->flow);
     vae_decoder_free(r->vae);
     segformer_free(r->detector);
@@ -1036,44 +1251,28 @@ static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch,
     return rc;
 }
 
-/* <model>/text_encoder, once, checked against the transformer. */
-static int generate_text_encoder(const GenerateArgs *a, GenerateRun *r, Error *e) {
-    if (r->text) return 0;
-    char dir[PATH_BYTES];
-    if (path_join(dir, sizeof dir, a->model, "text_encoder", e) ||
-        text_encoder_load(&r->text, dir, e))
-        return -1;
-    int D = flux2_config(r->flow)->joint_attention_dim;
-    if (text_encoder_config(r->text)->hidden_size != D)
-        return error_set(e, "%s: hidden_size %d is not the transformer's joint_attention_dim %d",
-                         dir, text_encoder_config(r->text)->hidden_size, D);
+/* Row b of x [n, L, D] repeated batch times: *out [batch, L, D]. */
+static int repeat_row(const Tensor *x, int b, int batch, Tensor **out, Error *e) {
+    int64_t row = x->shape[1] * x->shape[2];
+    if (!(*out = TENSOR_NEW(batch, x->shape[1], x->shape[2])))
+        return error_set(e, "out of memory for the prompt embeddings");
+    for (int i = 0; i < batch; i++)
+        memcpy((*out)->data + i * row, x->data + b * row, (size_t)row * sizeof(float));
     return 0;
 }
 
-/* prompt through r->text, repeated over the batch -> *out: [batch, L, D] */
-static int generate_encode(GenerateRun *r, const char *prompt, int batch, Tensor **out,
-                           Error *e) {
-    Tape *t = tape_new();
-    if (!t) return error_set(e, "out of memory for the text encoder");
-    tape_set_grad(t, false);
-    Var *one = text_encode(t, r->text, &prompt, 1, e);
-    int rc = one ? 0 : -1;
-    if (rc == 0 && !(*out = TENSOR_NEW(batch, one->value->shape[1], one->value->shape[2])))
-        rc = error_set(e, "out of memory for the prompt embeddings");
-    for (int b = 0; rc == 0 && b < batch; b++)
-        memcpy((*out)->data + b * one->value->numel, one->value->data,
-               (size_t)one->value->numel * sizeof(float));
-    tape_free(t);
-    return rc;
-}
-
-/* The prompt (and with --cfg the negative prompt) through <model>/text_encoder, repeated over
- * the batch. */
+/* The prompt (and with --cfg the negative prompt) through <model>'s prompt encoder, each
+ * repeated over the batch. */
 static int generate_prompt(const GenerateArgs *a, GenerateRun *r, int batch, Error *e) {
-    if (generate_text_encoder(a, r, e) || generate_encode(r, a->prompt, batch, &r->txt, e))
-        return -1;
-    if (!(a->opt.cfg_scale > 1.0f)) return 0;
-    return generate_encode(r, a->negative ? a->negative : "", batch, &r->negative, e);
+    bool cfg = a->opt.cfg_scale > 1.0f;
+    const char *prompts[2] = {a->prompt, a->negative ? a->negative : ""};
+    Tensor *embeds = NULL;
+    int rc = encode_prompts(a->model, prompts, cfg ? 2 : 1, 0,
+                            flux2_config(r->flow)->joint_attention_dim, &embeds, NULL, e) ||
+             repeat_row(embeds, 0, batch, &r->txt, e) ||
+             (cfg && repeat_row(embeds, 1, batch, &r->negative, e));
+    tensor_free(embeds);
+    return rc ? -1 : 0;
 }
 
 /* One PyTorch-identical initial latent per seed: [n_seeds, T, C]. */
@@ -1405,13 +1604,6 @@ static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     tensor_free(image);
     generate_dump_free(&dump);
     return rc ? -1 : 0;
-}
-
-/* Whether a command's arguments include --help or -h. */
-static bool asks_for_help(int argc, char **argv) {
-    for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return true;
-    return false;
 }
 
 /* diamond generate ...: 0 on success, 2 for a bad command line, 1 for anything else. */
@@ -3237,6 +3429,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "world")) return world_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "info")) return info_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "generate")) return generate_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "encode")) return encode_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "search-seeds")) return search_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
@@ -3245,6 +3438,7 @@ int main(int argc, char **argv) {
         if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "model")) return bench_model(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "step")) return bench_step_main(argc, argv);
+        if (argc >= 3 && !strcmp(argv[2], "text")) return bench_text(argc, argv);
         fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n",
                 argc >= 3 ? argv[2] : "");
         return 2;

@@ -1721,7 +1721,7 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
  * part's weights (klein-4B's MLP: 0.3 GB) plus a few [B, L, I] activations. */
 
 /* The hidden states the pipeline stacks (Flux2KleinPipeline's hidden_states_layers). */
-static const int QWEN3_KLEIN_LAYERS[3] = {9, 18, 27};
+static const int QWEN3_KLEIN_LAYERS[3] = {9, 18, QWEN3_KLEIN_LAST_LAYER};
 
 struct Qwen3 {
     Qwen3Config config;
@@ -2160,13 +2160,19 @@ void prompt_tokens_free(PromptTokens *tok) {
     *tok = (PromptTokens){0};
 }
 
-/* The character encoder on a no-grad tape: [n, max_length, hidden_size]. */
-static int prompt_encode_chars(const PromptEncoder *p, const char *const *prompts, int n,
-                               Tensor **out, Error *e) {
-    Tape *t = nograd_tape();
-    if (!t) return error_set(e, "out of memory for the text encoder");
-    Var *y = text_encode(t, p->chars, prompts, n, e);
-    int status = y ? nograd_result(t, y, out, "text encoder", e) : -1;
+/* Prompt b alone -> rows [L, width] of out [n, L, width]. */
+static int prompt_encode_one(const PromptEncoder *p, const char *prompt, const PromptTokens *tok,
+                             int b, Tensor *out, Error *e) {
+    Tape *t = p->chars ? nograd_tape() : NULL;
+    Tensor *y = NULL;
+    Var *v = t ? text_encode(t, p->chars, &prompt, 1, e) : NULL;
+    int status = p->qwen3 ? qwen3_prompt_embeds(p->qwen3, tok->ids + (size_t)b * p->max_length,
+                                                &tok->lengths[b], 1, p->max_length, &y, e)
+                 : !t     ? error_set(e, "out of memory for the text encoder")
+                 : v      ? nograd_result(t, v, &y, "text encoder", e)
+                          : -1;
+    if (!status) memcpy(out->data + (int64_t)b * y->numel, y->data, (size_t)y->numel * sizeof(float));
+    tensor_free(y);
     tape_free(t);
     return status;
 }
@@ -2178,10 +2184,14 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
     *embeds = NULL;
     if (n < 1) return error_set(e, "no prompt to encode");
     int status = prompt_tokenize(p, prompts, n, tok, e);
-    if (!status)
-        status = p->qwen3 ? qwen3_prompt_embeds(p->qwen3, tok->ids, tok->lengths, n,
-                                                p->max_length, embeds, e)
-                          : prompt_encode_chars(p, prompts, n, embeds, e);
+    if (!status && !(*embeds = TENSOR_NEW(n, p->max_length, p->width)))
+        status = error_set(e, "out of memory for the prompt embeddings");
+    for (int b = 0; !status && b < n; b++)
+        status = prompt_encode_one(p, prompts[b], tok, b, *embeds, e);
+    if (status) {
+        tensor_free(*embeds);
+        *embeds = NULL;
+    }
     if (!tokens || status) prompt_tokens_free(tok);
     return status;
 }

@@ -223,6 +223,9 @@ typedef struct Qwen3Config {
 
 typedef struct Qwen3 Qwen3;
 
+/* The last hidden state the klein pipeline reads (it stacks 9, 18 and 27): the layers run. */
+#define QWEN3_KLEIN_LAST_LAYER 27
+
 /* <dir>/config.json and the weights in dir (WEIGHTS_FILES: one file or an index over shards,
  * every tensor the pipeline uses checked by name and shape, none converted) or st_model_random
  * weights from seed (WEIGHTS_CONFIG_ONLY: timings and memory without the files). */
@@ -263,7 +266,8 @@ void prompt_encoder_free(PromptEncoder *p);
 /* The embeddings' last dim (what the transformer's joint_attention_dim must be), and L. */
 int prompt_encoder_width(const PromptEncoder *p);
 int prompt_encoder_max_length(const PromptEncoder *p);
-/* prompts[0 .. n) -> *embeds: [n, max_length, width] (a new tensor); tokens (or NULL) gets
+/* prompts[0 .. n) -> *embeds: [n, max_length, width] (a new tensor), each prompt encoded on its
+ * own (its embeddings never depend on the others of the call); tokens (or NULL) gets
  * their ids, lengths and untruncated counts, freed with prompt_tokens_free. A prompt that is not
  * UTF-8 (or, for the character encoder, has a character outside its vocabulary) is an error. */
 int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Tensor **embeds,
