@@ -122,7 +122,17 @@ static int info_config(const char *path, Error *e) {
     return rc;
 }
 
-/* Every .safetensors file, index and config.json of dir; at the top level also each
+/* A tokenizer directory's tokenizer.json (with tokenizer_config.json), loaded as generate would. */
+static int info_tokenizer(const char *dir, Error *e) {
+    Tokenizer *t;
+    if (tokenizer_load(&t, dir, e)) return -1;
+    printf("%s/tokenizer.json: byte-level BPE, ids 0 .. %d, pad id %d\n", dir,
+           tokenizer_vocab_size(t) - 1, tokenizer_pad_id(t));
+    tokenizer_free(t);
+    return 0;
+}
+
+/* Every .safetensors file, index, config.json and tokenizer.json of dir; at the top level also each
  * subdirectory, as a diffusers pipeline keeps one model per subdirectory. */
 static int info_dir(const char *dir, bool top, InfoTotals *totals, Error *e) {
     char **names;
@@ -145,6 +155,8 @@ static int info_dir(const char *dir, bool top, InfoTotals *totals, Error *e) {
             rc = info_index(path, false, totals, e);
         } else if (!strcmp(names[i], "config.json")) {
             rc = info_config(path, e);
+        } else if (!strcmp(names[i], "tokenizer.json")) {
+            rc = info_tokenizer(dir, e);
         }
     }
     dir_list_free(names, count);
@@ -855,9 +867,10 @@ static int encode_prompts(const char *model, const char *const *prompts, int n, 
 }
 
 /* Prompt b of embeds [n, L, D] with its tokens as diffusers' encode_prompt gives them:
- * prompt_embeds F32 [1, L, D], input_ids and attention_mask I64 [1, L]. */
+ * prompt_embeds F32 [1, L, D], input_ids and attention_mask I64 [1, L]; and with prompt (not
+ * NULL) its UTF-8 bytes as U8 "prompt" [bytes], which names what a cache file holds. */
 static int write_prompt_embeds(const char *path, const Tensor *embeds, const PromptTokens *tok,
-                               int b, Error *e) {
+                               int b, const char *prompt, Error *e) {
     int64_t L = embeds->shape[1], D = embeds->shape[2];
     int64_t *ids = malloc((size_t)L * sizeof *ids), *mask = malloc((size_t)L * sizeof *mask);
     int rc = ids && mask ? 0 : error_set(e, "out of memory");
@@ -865,13 +878,15 @@ static int write_prompt_embeds(const char *path, const Tensor *embeds, const Pro
         ids[i] = tok->ids[b * L + i];
         mask[i] = i < tok->lengths[b];
     }
-    StWriteTensor out[3] = {
+    StWriteTensor out[4] = {
         {.name = "prompt_embeds", .dtype = DTYPE_F32, .ndim = 3, .shape = {1, L, D},
          .data = embeds->data + b * L * D},
         {.name = "input_ids", .dtype = DTYPE_I64, .ndim = 2, .shape = {1, L}, .data = ids},
         {.name = "attention_mask", .dtype = DTYPE_I64, .ndim = 2, .shape = {1, L}, .data = mask},
+        {.name = "prompt", .dtype = DTYPE_U8, .ndim = 1,
+         .shape = {prompt ? (int64_t)strlen(prompt) : 0}, .data = prompt},
     };
-    if (rc == 0) rc = st_write(path, out, 3, e);
+    if (rc == 0) rc = st_write(path, out, prompt ? 4 : 3, e);
     free(ids);
     free(mask);
     return rc;
@@ -937,7 +952,7 @@ static int encode_main(int argc, char **argv) {
     PromptTokens tok = {0};
     double t0 = now_seconds();
     int rc = encode_prompts(a.model, &a.prompt, 1, a.max_length, 0, &embeds, &tok, &e) ||
-             write_prompt_embeds(a.out, embeds, &tok, 0, &e);
+             write_prompt_embeds(a.out, embeds, &tok, 0, NULL, &e);
     if (rc) fprintf(stderr, "diamond encode: %s\n", e.msg);
     else
         fprintf(stderr, "%s: prompt_embeds [1, %lld, %lld], %d real tokens (%.1f s)\n", a.out,
@@ -962,8 +977,9 @@ static const char *generate_usage =
     "  --model DIR            the pipeline directory (DIR/transformer, DIR/vae)\n"
     "  --detector DIR         the artifact detector (SegFormer); needed unless --no-guide\n"
     "  --embeddings FILE      safetensors with prompt_embeds [L, D] (D = joint_attention_dim)\n"
-    "  --prompt TEXT          instead, the prompt through DIR/text_encoder (diamond's character\n"
-    "                         encoder, the tiny models' only; for FLUX.2 use --embeddings)\n"
+    "  --prompt TEXT          instead, the prompt through DIR's prompt encoder: FLUX.2 [klein]'s\n"
+    "                         (DIR/tokenizer + DIR/text_encoder, Qwen3; as diamond encode), or\n"
+    "                         diamond's character encoder (the embedded models)\n"
     "  --seed S[,S...]        one image per seed: the initial latent is PyTorch's CPU\n"
     "                         torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
     "                         tokens, as the FLUX.2 pipeline with a CPU generator\n"
@@ -1195,11 +1211,13 @@ typedef struct GenerateRun {
     VaeDecoder *vae;
     Segformer *detector;
     Tensor *txt, *latent; /* [B, L, D], [B, T, C] */
+    char *txt_prompt;     /* the prompt txt (and negative) hold, when eval encoded one */
     Tensor *negative;     /* [B, L, D] the negative prompt's, with classifier-free guidance */
     int grid_h, grid_w;
 } GenerateRun;
 
 static void generate_run_free(GenerateRun *r) {
+    free(r->txt_prompt);
     flux2_free(r->flow);
     vae_decoder_free(r->vae);
     segformer_free(r->detector);
@@ -1648,7 +1666,9 @@ static const char *eval_usage =
     "(its map resized to the image, >= 0.5); an image without artifact pixels adds 0 to MAE(A).\n"
     "Each figure is the mean over images.\n"
     "\n"
-    "  --csv FILE         header `prompt,seed` (prompts through DIR/text_encoder) or\n"
+    "  --csv FILE         header `prompt,seed` (prompts through DIR's prompt encoder, as\n"
+    "                     generate --prompt; eval keeps each distinct prompt's embeddings\n"
+    "                     in --out as prompt-HASH.safetensors and reads them on resume) or\n"
     "                     `embeddings,seed` (paths relative to the CSV's directory; with both\n"
     "                     columns the embeddings are used); other columns are ignored, quoted\n"
     "                     fields may hold commas\n"
@@ -2111,26 +2131,73 @@ static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *set
 
 /* ---- eval: running the rows ---- */
 
-/* r->latent and r->txt for one row: the seed's noise and the row's prompt (through the text
- * encoder) or prompt_embeds, batch 1. */
+/* <dir>/prompt-<FNV-1a of the prompt>.safetensors: where eval keeps a prompt's embeddings. */
+static int eval_prompt_path(const char *dir, const char *prompt, char *path, size_t size,
+                            Error *e) {
+    uint64_t h = 14695981039346656037u;
+    for (const char *s = prompt; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211u;
+    char name[64];
+    snprintf(name, sizeof name, "prompt-%016llx.safetensors", (unsigned long long)h);
+    return path_join(path, size, dir, name, e);
+}
+
+/* Whether the safetensors file at path holds U8 "prompt" equal to prompt. */
+static bool eval_prompt_cached(const char *path, const char *prompt) {
+    SafeTensors *st;
+    if (access(path, F_OK) != 0 || st_open(&st, path, NULL)) return false;
+    const StTensor *t = st_find(st, "prompt");
+    bool same = t && t->dtype == DTYPE_U8 && t->ndim == 1 && (size_t)t->numel == strlen(prompt) &&
+                !memcmp(t->data, prompt, (size_t)t->numel);
+    st_close(st);
+    return same;
+}
+
+/* prompt's embeddings [1, L, D] into *out: read from cache_dir when it holds them, else encoded
+ * by a->gen.model's prompt encoder (and, with cache_dir, kept there for a resumed run). */
+static int eval_prompt_embeds(const EvalArgs *a, const char *cache_dir, const char *prompt,
+                              int joint_dim, Tensor **out, Error *e) {
+    char path[PATH_BYTES];
+    if (cache_dir && eval_prompt_path(cache_dir, prompt, path, sizeof path, e)) return -1;
+    if (cache_dir && eval_prompt_cached(path, prompt))
+        return generate_read(path, "prompt_embeds", -1, joint_dim, out, e);
+    PromptTokens tok = {0};
+    int rc = encode_prompts(a->gen.model, &prompt, 1, 0, joint_dim, out, &tok, e) ||
+             (cache_dir && write_prompt_embeds(path, *out, &tok, 0, prompt, e));
+    prompt_tokens_free(&tok);
+    return rc ? -1 : 0;
+}
+
+/* r->latent, r->txt (and with --cfg r->negative) for one row at seed: the seed's noise and the
+ * row's prompt embeddings (eval_prompt_embeds; kept from the row before when it had the same
+ * prompt, as search-seeds' tries of one row have) or prompt_embeds file, batch 1. */
 static int eval_row_inputs(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint64_t seed,
-                           Error *e) {
+                           const char *cache_dir, Error *e) {
     GenerateArgs g = a->gen;
-    g.prompt = row->path ? NULL : row->input;
     g.embeddings = row->path;
     g.seeds[0] = seed;
     g.n_seeds = 1;
-    if (row->path && g.opt.cfg_scale > 1.0f)
+    bool cfg = g.opt.cfg_scale > 1.0f;
+    if (row->path && cfg)
         return error_set(e, "%s: --cfg needs prompts (the negative one goes through the text "
                             "encoder), not embeddings", row->path);
     tensor_free(r->latent);
+    r->latent = NULL;
+    bool same = !row->path && r->txt_prompt && !strcmp(r->txt_prompt, row->input);
+    if (generate_seed_noise(&g, r, e)) return -1;
+    if (same) return 0;
     tensor_free(r->txt);
     tensor_free(r->negative);
-    r->latent = r->txt = r->negative = NULL;
-    return generate_seed_noise(&g, r, e) ||
-                   (g.prompt ? generate_prompt(&g, r, 1, e) : generate_embeddings(&g, r, 1, e))
-               ? -1
-               : 0;
+    free(r->txt_prompt);
+    r->txt = r->negative = NULL;
+    r->txt_prompt = NULL;
+    if (row->path) return generate_embeddings(&g, r, 1, e);
+    const char *negative = g.negative ? g.negative : "";
+    int D = flux2_config(r->flow)->joint_attention_dim;
+    if (eval_prompt_embeds(a, cache_dir, row->input, D, &r->txt, e) ||
+        (cfg && eval_prompt_embeds(a, cache_dir, negative, D, &r->negative, e)))
+        return -1;
+    r->txt_prompt = strdup(row->input);
+    return r->txt_prompt ? 0 : error_set(e, "out of memory");
 }
 
 /* The final latent's 8-bit image, as the PNG will hold it. */
@@ -2180,7 +2247,7 @@ static int eval_pair(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint
     plain.guide = false;
     Tensor *baseline = NULL;
     *p = (EvalPair){0};
-    int rc = eval_row_inputs(a, r, row, seed, e) || !(baseline = tensor_clone(r->latent)) ||
+    int rc = eval_row_inputs(a, r, row, seed, a->out, e) || !(baseline = tensor_clone(r->latent)) ||
              sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, baseline, r->grid_h,
                          r->grid_w, NULL, NULL, e) ||
              sampler_run(r->flow, r->vae, r->detector, &a->gen.opt, r->txt, r->negative, r->latent,
@@ -2394,7 +2461,7 @@ static int search_try(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uin
     plain.guide = false;
     Tensor *image = NULL, *mask = NULL;
     float small_max;
-    int rc = eval_row_inputs(a, r, row, seed, e) ||
+    int rc = eval_row_inputs(a, r, row, seed, NULL, e) ||
              sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, r->latent, r->grid_h,
                          r->grid_w, NULL, NULL, e) ||
              generate_decode(r, r->latent, &image, e) ||

@@ -68,26 +68,29 @@ static int params_check_shape(const StModel *m, const char *name, int ndim, cons
                      tensor_shape_str(&wanted, want, sizeof want));
 }
 
-/* The source's tensor `name` as a new f32 tensor of exactly `shape` (or, for config-only
- * weights, st_random_fill's values for that name and shape). */
-static int params_read(const StModel *m, const char *name, int ndim, const int64_t *shape,
-                       Tensor **out, Error *e) {
+/* The source's tensor `name` at exactly `shape` into dst (numel floats), converted to f32; for
+ * config-only weights, st_random_fill's values for that name and shape. */
+static int params_fill(const StModel *m, const char *name, int ndim, const int64_t *shape,
+                       float *dst, int64_t numel, Error *e) {
     uint64_t seed;
-    *out = NULL;
     if (st_model_random_any_seed(m, &seed)) {
-        if (!(*out = tensor_new(ndim, shape)))
-            return error_set(e, "out of memory making tensor '%s'", name);
-        st_random_fill(seed, name, ndim, shape, (*out)->data);
+        st_random_fill(seed, name, ndim, shape, dst);
         return 0;
     }
     if (params_check_shape(m, name, ndim, shape, e)) return -1;
-    Tensor *t = tensor_new(ndim, shape);
-    if (!t) return error_set(e, "out of memory loading tensor '%s'", name);
-    if (st_model_read_f32(m, name, t->data, t->numel, e)) {
-        tensor_free(t);
+    return st_model_read_f32(m, name, dst, numel, e);
+}
+
+/* The same as a new f32 tensor. */
+static int params_read(const StModel *m, const char *name, int ndim, const int64_t *shape,
+                       Tensor **out, Error *e) {
+    if (!(*out = tensor_new(ndim, shape)))
+        return error_set(e, "out of memory loading tensor '%s'", name);
+    if (params_fill(m, name, ndim, shape, (*out)->data, (*out)->numel, e)) {
+        tensor_free(*out);
+        *out = NULL;
         return -1;
     }
-    *out = t;
     return 0;
 }
 
@@ -357,6 +360,14 @@ typedef struct SpecList {
     size_t count, capacity;
 } SpecList;
 
+/* Room for the converted weights of one part, reused by every part of a call: a buffer that is
+ * written again rather than allocated again (fresh pages cost a page fault and a clear each;
+ * for klein's text encoder that was 5% of its time). */
+typedef struct WeightArena {
+    float *data;
+    int64_t capacity, used; /* floats */
+} WeightArena;
+
 /* The tensors of one part of the model (a block's attention inputs, the conditioning, ...),
  * converted to f32 leaves for as long as the part runs and freed together; or, in the other modes,
  * the names and shapes of those tensors, or the model's resident leaves, so that the load
@@ -367,11 +378,34 @@ typedef struct WeightPart {
     SpecList *list;  /* PART_LIST */
     Params *params;  /* PART_RESIDENT */
     Tape *tape;      /* PART_CONVERT: owns the converted leaves, made at the first one */
+    WeightArena *arena; /* PART_CONVERT: where the values go (NULL: a new tensor each) */
 } WeightPart;
 
 static void weight_part_free(WeightPart *p) {
     tape_free(p->tape);
     p->tape = NULL;
+    if (p->arena) p->arena->used = 0;
+}
+
+/* The tensor `name` of `shape` as a view into p's arena (a new tensor without one). */
+static int part_convert(WeightPart *p, const char *name, int ndim, const int64_t *shape,
+                        Tensor **out, Error *e) {
+    if (!p->arena) return params_read(p->weights, name, ndim, shape, out, e);
+    int64_t numel = 1;
+    for (int d = 0; d < ndim; d++) numel *= shape[d];
+    WeightArena *a = p->arena;
+    int64_t rounded = (numel + 15) / 16 * 16; /* 64-byte aligned views */
+    if (rounded > a->capacity - a->used)
+        return error_set(e, "tensor '%s' does not fit the part's weight arena", name);
+    if (!(*out = tensor_view(a->data + a->used, ndim, shape)))
+        return error_set(e, "out of memory loading tensor '%s'", name);
+    a->used += rounded;
+    if (params_fill(p->weights, name, ndim, shape, (*out)->data, numel, e)) {
+        tensor_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 static void spec_list_free(SpecList *l) {
@@ -419,8 +453,7 @@ static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64
     if (p->mode == PART_RESIDENT)
         return (*out = params_load(p->params, e, ndim, shape, "%s", name)) ? 0 : -1;
     Tensor *value;
-    if ((!p->tape && !(p->tape = tape_new())) ||
-        params_read(p->weights, name, ndim, shape, &value, e))
+    if ((!p->tape && !(p->tape = tape_new())) || part_convert(p, name, ndim, shape, &value, e))
         return p->tape ? -1 : error_set(e, "out of memory loading tensor '%s'", name);
     *out = var_take(p->tape, value, false);
     return *out ? 0 : error_set(e, "out of memory loading tensor '%s'", name);
@@ -833,7 +866,7 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
                               Flux2Step *s, Error *e) {
     const Flux2Config *c = &m->config;
     WeightPart part = {.weights = m->weights};
-    Flux2TimeEmbed w;
+    Flux2TimeEmbed w = {0};
     Tape *t = nograd_tape();
     int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
     Var *act = status ? NULL : flux2_time_act(t, &w, c, sigma, guidance, s->batch);
@@ -1905,6 +1938,7 @@ static int qwen3_rope_tables(const Qwen3Config *c, int L, Tensor **cos_out, Tens
 typedef struct Qwen3Call {
     Tensor *cos, *sin;  /* [L, D/2] */
     const int *lengths; /* [B]: real tokens per row; the rest is padding */
+    WeightArena *arena; /* one part's converted weights at a time */
 } Qwen3Call;
 
 /* x: [B, L, n D] -> [B, L, n, D], each head RMS-normalised by norm and rotated */
@@ -1937,10 +1971,10 @@ static Var *qwen3_mlp(Tape *t, const Qwen3Mlp *w, const Qwen3Config *c, Var *x) 
 }
 
 /* Layer i on the hidden states *x: [B, L, hidden] (replaced), its two parts' weights converted
- * one part at a time. */
+ * one part at a time into the call's arena. */
 static int qwen3_layer(const Qwen3 *m, const Qwen3Call *call, int i, Tensor **x, Error *e) {
     for (int half = 0; half < 2; half++) {
-        WeightPart part = {.weights = m->weights};
+        WeightPart part = {.weights = m->weights, .arena = call->arena};
         Qwen3Attention a;
         Qwen3Mlp mlp;
         Tape *t = nograd_tape();
@@ -1960,6 +1994,15 @@ static int qwen3_layer(const Qwen3 *m, const Qwen3Call *call, int i, Tensor **x,
         flux2_replace(x, y);
     }
     return 0;
+}
+
+/* Floats the larger of a layer's two parts takes in an arena (each tensor rounded up to 16). */
+static int64_t qwen3_arena_floats(const Qwen3Config *c) {
+    int64_t d = c->hidden_size, q = (int64_t)c->heads * c->head_dim;
+    int64_t kv = (int64_t)c->kv_heads * c->head_dim, up = 16 * 8;
+    int64_t attention = d + 2 * q * d + 2 * kv * d + 2 * c->head_dim + up;
+    int64_t mlp = d + 3 * d * c->intermediate_size + up;
+    return attention > mlp ? attention : mlp;
 }
 
 /* ids: [B, L] -> the embedding rows [B, L, hidden] */
@@ -1994,9 +2037,11 @@ int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, 
         if (lengths[b] < 1 || lengths[b] > L)
             return error_set(e, "prompt %d has %d real tokens of %d: expected 1 .. %d", b,
                              lengths[b], L, L);
-    Qwen3Call call = {.lengths = lengths};
+    WeightArena arena = {.capacity = qwen3_arena_floats(c)};
+    Qwen3Call call = {.lengths = lengths, .arena = &arena};
     Tensor *x = NULL, *stacked = TENSOR_NEW(batch, L, 3 * (int64_t)c->hidden_size);
-    int status = !stacked || qwen3_rope_tables(c, L, &call.cos, &call.sin)
+    arena.data = malloc((size_t)arena.capacity * sizeof *arena.data);
+    int status = !stacked || !arena.data || qwen3_rope_tables(c, L, &call.cos, &call.sin)
                      ? error_set(e, "out of memory for the prompt encoder")
                      : qwen3_embed(m, ids, batch, L, &x, e);
     for (int i = 0, k = 0; !status && k < 3; i++) {
@@ -2006,6 +2051,7 @@ int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, 
     tensor_free(x);
     tensor_free(call.cos);
     tensor_free(call.sin);
+    free(arena.data);
     if (status) {
         tensor_free(stacked);
         return -1;

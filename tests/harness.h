@@ -8,9 +8,11 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "../io.h"
 
@@ -153,6 +155,29 @@ static inline int harness_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, harness.passed, harness.failed);
     fflush(stdout); /* before a sanitizer's exit-time report, which ends the process at once */
     return harness.failed ? 1 : 0;
+}
+
+/* Runs cmd through the shell with its output discarded: its exit status, or -1 when it did not
+ * exit normally. */
+static inline int harness_run_quiet(const char *cmd) {
+    char line[8192];
+    snprintf(line, sizeof line, "%s >/dev/null 2>&1", cmd);
+    int status = system(line);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* Whether files a and b both open and hold the same bytes. */
+static inline bool harness_same_file(const char *a, const char *b) {
+    FILE *f = fopen(a, "rb"), *g = fopen(b, "rb");
+    bool same = f && g;
+    for (int x = 0, y = 0; same && (x != EOF || y != EOF);) {
+        x = fgetc(f);
+        y = fgetc(g);
+        same = x == y;
+    }
+    if (f) fclose(f);
+    if (g) fclose(g);
+    return same;
 }
 
 #endif

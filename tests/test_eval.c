@@ -4,6 +4,7 @@
  * shards merged equal to one run, a quoted path with a comma, settings checked on resume) and
  * `diamond search-seeds` (one seed counter over the prompts, rows without a hit left out);
  * exit statuses on bad input. */
+#include <limits.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -325,6 +326,49 @@ static void test_prompts(Cli *c) {
     free(found);
 }
 
+/* FLUX.2 [klein]'s prompt encoder (tiny-klein: tokenizer/ + Qwen3 text_encoder/): eval keeps
+ * each distinct prompt's embeddings in --out once, and a resumed run reads them instead of
+ * encoding: it succeeds with the encoder gone. */
+static void test_klein_prompts(Cli *c) {
+    const char *d = c->dir;
+    const char *parts[4][2] = {{"transformer", "tests/fixtures/tiny-klein/transformer"},
+                               {"vae", "tests/fixtures/tiny-klein/vae"},
+                               {"text_encoder", "tests/fixtures/tiny-klein/text_encoder"},
+                               {"tokenizer", "tests/fixtures/tiny-klein/tokenizer"}};
+    char path[256], target[PATH_MAX], link[512];
+    snprintf(path, sizeof path, "%s/klein", d);
+    mkdir(path, 0755);
+    for (int i = 0; i < 4; i++) {
+        snprintf(link, sizeof link, "%s/klein/%s", d, parts[i][0]);
+        CHECK(realpath(parts[i][1], target) && symlink(target, link) == 0, "link %s", link);
+    }
+    snprintf(path, sizeof path, "%s/klein.csv", d);
+    write_text(path, "prompt,seed\na fox,3\na fox,5\n");
+    const char *args = "--model %s/klein --detector tests/fixtures/tiny-detector --steps 2 -W 24 "
+                       "-H 16 --threads 1 --quiet " GUIDE " --csv %s/klein.csv --out %s/klein-out";
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, args, d, d, d);
+    int rc = run(c, "eval %s", cmd);
+    char **names = NULL;
+    size_t count = 0, cached = 0;
+    Error e = {{0}};
+    snprintf(path, sizeof path, "%s/klein-out", d);
+    if (dir_list(path, &names, &count, &e) == 0)
+        for (size_t i = 0; i < count; i++) cached += strncmp(names[i], "prompt-", 7) == 0;
+    dir_list_free(names, count);
+    CHECK(rc == 0 && cached == 1, "eval over klein prompts (%d): one cached prompt file (%zu)", rc,
+          cached);
+    for (int i = 2; i < 4; i++) {
+        snprintf(link, sizeof link, "%s/klein/%s", d, parts[i][0]);
+        remove(link);
+    }
+    snprintf(path, sizeof path, "%s/klein-out/item_000001.json", d);
+    remove(path);
+    rc = run(c, "eval %s", cmd);
+    CHECK(rc == 0 && inode(path) != 0, "a resumed eval reads the cached prompt, not the encoder "
+          "(%d)", rc);
+}
+
 /* The detector max of each of the first `tries` seeds from 100 for one prompt, read from the
  * log of a search that keeps nothing (threshold 1). */
 static int probe_maxima(Cli *c, float *maxima, int tries) {
@@ -425,6 +469,7 @@ static void test_cli(const char *argv0) {
         test_eval_errors(&c);
         test_search(&c);
         test_prompts(&c);
+    test_klein_prompts(&c);
     }
     remove_tree(c.dir);
 }

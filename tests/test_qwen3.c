@@ -181,9 +181,113 @@ static void test_pipeline(void) {
     prompt_encoder_free(p);
 }
 
-int main(void) {
+/* cmd's exit status with its stderr in log (its stdout discarded). */
+static int run_logged(const char *cmd, const char *log) {
+    char line[8192];
+    snprintf(line, sizeof line, "%s >/dev/null 2>%s", cmd, log);
+    int status = system(line);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* The CLI on tiny-klein: encode writes what generate --embeddings reads, and generate --prompt
+ * makes the same image; truncation is said, bad input is exit 1. */
+static void test_cli(const char *argv0) {
+    char binary[1024], file[512], dir[] = "/tmp/test_qwen3.XXXXXX", cmd[4096], a[600], b[600];
+    if (harness_binary(argv0, file, sizeof file, binary, sizeof binary) || access(file, X_OK) ||
+        !mkdtemp(dir)) {
+        CHECK(0, "%s is built and a temporary directory can be made", file);
+        return;
+    }
+    const char *prompt = "\"a fox reading a newspaper\"";
+    snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt %s -o %s/e.safetensors",
+             binary, prompt, dir);
+    CHECK(harness_run_quiet(cmd) == 0, "encode runs: %s", cmd);
+    snprintf(a, sizeof a, "%s/e.safetensors", dir);
+    SafeTensors *st = NULL;
+    Error e = {{0}};
+    if (st_open(&st, a, &e) == 0) {
+        const StTensor *emb = st_find(st, "prompt_embeds"), *ids = st_find(st, "input_ids"),
+                       *mask = st_find(st, "attention_mask");
+        CHECK(emb && emb->dtype == DTYPE_F32 && emb->ndim == 3 && emb->shape[1] == 512 &&
+                  emb->shape[2] == 72 && ids && ids->dtype == DTYPE_I64 && ids->shape[1] == 512 &&
+                  mask && mask->dtype == DTYPE_I64 && mask->shape[1] == 512,
+              "encode writes prompt_embeds F32 [1, 512, 72], input_ids and attention_mask I64 "
+              "[1, 512]");
+        int64_t ones = 0, v = 0, pad = 0;
+        for (int i = 0; mask && ids && i < 512; i++) {
+            memcpy(&v, (const char *)mask->data + 8 * i, 8);
+            ones += v;
+            memcpy(&v, (const char *)ids->data + 8 * i, 8);
+            pad += v == 301;
+        }
+        CHECK(ones > 10 && ones < 512 && pad == 512 - ones, "mask %lld ones, %lld pad ids",
+              (long long)ones, (long long)pad);
+        st_close(st);
+    } else {
+        CHECK(0, "open %s: %s", a, e.msg);
+    }
+    const char *base = "%s generate --model " KLEIN " --no-guide --seed 3 --steps 2 -W 32 -H 32 "
+                       "--quiet -o %s/%s.ppm %s";
+    char arg[700];
+    snprintf(arg, sizeof arg, "--prompt %s", prompt);
+    snprintf(cmd, sizeof cmd, base, binary, dir, "prompt", arg);
+    CHECK(harness_run_quiet(cmd) == 0, "generate --prompt runs: %s", cmd);
+    snprintf(arg, sizeof arg, "--embeddings %s/e.safetensors", dir);
+    snprintf(cmd, sizeof cmd, base, binary, dir, "emb", arg);
+    CHECK(harness_run_quiet(cmd) == 0, "generate --embeddings runs: %s", cmd);
+    snprintf(a, sizeof a, "%s/prompt.ppm", dir);
+    snprintf(b, sizeof b, "%s/emb.ppm", dir);
+    CHECK(harness_same_file(a, b), "generate --prompt gives the image of --embeddings from encode");
+    snprintf(cmd, sizeof cmd, base, binary, dir, "neg", "--prompt fox --cfg 2 --negative-prompt x");
+    CHECK(harness_run_quiet(cmd) == 0, "generate --cfg with a negative prompt runs");
+
+    snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt %s --max-length 8 -o "
+             "%s/t.safetensors", binary, prompt, dir);
+    char *log = NULL;
+    size_t len;
+    snprintf(a, sizeof a, "%s/log", dir);
+    CHECK(run_logged(cmd, a) == 0 && file_read_all(a, &log, &len, &e) == 0 &&
+              strstr(log, "truncated to 8"),
+          "a prompt over --max-length is truncated and says so: %s", log ? log : "");
+    free(log);
+    snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt '' -o %s/z.safetensors",
+             binary, dir);
+    CHECK(harness_run_quiet(cmd) == 0, "an empty prompt is encoded");
+    snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt $(printf 'caf\\303') -o "
+             "%s/u.safetensors", binary, dir);
+    CHECK(harness_run_quiet(cmd) == 1, "invalid UTF-8 is exit 1");
+    snprintf(cmd, sizeof cmd, "%s encode --model tests/fixtures/tiny-flux2-bf16 --prompt x -o "
+             "%s/u.safetensors", binary, dir);
+    CHECK(harness_run_quiet(cmd) == 1, "a model without a text encoder is exit 1");
+    snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " -o %s/u.safetensors", binary, dir);
+    CHECK(harness_run_quiet(cmd) == 2, "encode without --prompt is exit 2");
+    /* the transformer of tiny-flux2 (joint_attention_dim 24) with tiny-klein's encoder (72) */
+    const char *parts[4][2] = {{"transformer", "tests/fixtures/tiny-flux2/transformer"},
+                               {"vae", KLEIN "/vae"}, {"text_encoder", KLEIN "/text_encoder"},
+                               {"tokenizer", KLEIN "/tokenizer"}};
+    char mix[600], target[PATH_MAX], link[700];
+    snprintf(mix, sizeof mix, "%s/mix", dir);
+    mkdir(mix, 0755);
+    for (int i = 0; i < 4; i++) {
+        snprintf(link, sizeof link, "%s/%s", mix, parts[i][0]);
+        CHECK(realpath(parts[i][1], target) && symlink(target, link) == 0, "link %s", link);
+    }
+    snprintf(cmd, sizeof cmd, "%s generate --model %s --no-guide --seed 3 --steps 2 -W 32 -H 32 "
+             "--quiet -o %s/m.ppm --prompt fox", binary, mix, dir);
+    log = NULL;
+    CHECK(run_logged(cmd, a) == 1 && file_read_all(a, &log, &len, &e) == 0 &&
+              strstr(log, "width 72") && strstr(log, "joint_attention_dim is 24"),
+          "mismatched dims are named: %s", log ? log : "");
+    free(log);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(strncmp(dir, "/tmp/test_qwen3.", 16) == 0 && system(cmd) == 0, "remove %s", dir);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
     test_golden();
     test_configs();
     test_pipeline();
+    test_cli(argv[0]);
     return harness_finish("test_qwen3");
 }

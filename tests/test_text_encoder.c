@@ -134,26 +134,6 @@ static void test_tokenize(void) {
           "another model's config is refused: %s", e.msg);
 }
 
-static int run_quiet(const char *cmd) {
-    char line[8192];
-    snprintf(line, sizeof line, "%s >/dev/null 2>&1", cmd);
-    int status = system(line);
-    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static bool same_file(const char *a, const char *b) {
-    FILE *f = fopen(a, "rb"), *g = fopen(b, "rb");
-    bool same = f && g;
-    for (int x = 0, y = 0; same && (x != EOF || y != EOF);) {
-        x = fgetc(f);
-        y = fgetc(g);
-        same = x == y;
-    }
-    if (f) fclose(f);
-    if (g) fclose(g);
-    return same;
-}
-
 static void test_generate_prompt(const char *argv0) {
     char binary[1024], file[512], dir[] = "/tmp/test_text_encoder.XXXXXX", cmd[4096], path[600];
     int named = harness_binary(argv0, file, sizeof file, binary, sizeof binary);
@@ -173,20 +153,20 @@ static void test_generate_prompt(const char *argv0) {
     const char *base = "%s generate --model tests/fixtures/tiny-flux2 --no-guide --seed 3 "
                        "--steps 2 -W 24 -H 16 --quiet -o %s/%s.ppm %s";
     snprintf(cmd, sizeof cmd, base, binary, dir, "prompt", "--prompt k9");
-    CHECK(run_quiet(cmd) == 0, "generate --prompt runs: %s", cmd);
+    CHECK(harness_run_quiet(cmd) == 0, "generate --prompt runs: %s", cmd);
     char arg[700];
     snprintf(arg, sizeof arg, "--embeddings %s", path);
     snprintf(cmd, sizeof cmd, base, binary, dir, "emb", arg);
-    CHECK(run_quiet(cmd) == 0, "generate --embeddings runs: %s", cmd);
+    CHECK(harness_run_quiet(cmd) == 0, "generate --embeddings runs: %s", cmd);
     char a[600], b[600];
     snprintf(a, sizeof a, "%s/prompt.ppm", dir);
     snprintf(b, sizeof b, "%s/emb.ppm", dir);
-    CHECK(same_file(a, b), "--prompt k9 gives the image of --embeddings text_encode(k9)");
+    CHECK(harness_same_file(a, b), "--prompt k9 gives the image of --embeddings text_encode(k9)");
     snprintf(cmd, sizeof cmd, base, binary, dir, "bad", "--prompt k-9");
-    CHECK(run_quiet(cmd) == 1, "an unknown character in --prompt is a runtime error (exit 1)");
+    CHECK(harness_run_quiet(cmd) == 1, "an unknown character in --prompt is a runtime error (exit 1)");
     snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2-bf16 --no-guide "
              "--seed 3 --steps 2 -W 24 -H 16 --quiet -o %s/x.ppm --prompt k9", binary, dir);
-    CHECK(run_quiet(cmd) == 1, "--prompt with a model without text_encoder/ fails (exit 1)");
+    CHECK(harness_run_quiet(cmd) == 1, "--prompt with a model without text_encoder/ fails (exit 1)");
     remove(a);
     remove(b);
     remove(path);
