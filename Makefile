@@ -103,7 +103,7 @@ test: info-flags $(TEST_BIN) $(BUILD)/diamond
 	@for t in $(TEST_BIN); do $(TEST_RUNNER) $$t > $(BUILD)/one-test.log; rc=$$?; \
 	    cat $(BUILD)/one-test.log; \
 	    if [ $$rc -ne 0 ] && ! grep -q ' [1-9][0-9]* failed$$' $(BUILD)/one-test.log; then \
-	        echo "$$t: 0 passed, 1 failed (exit status $$rc: crashed, or the sanitizer failed it)"; \
+	        echo "$$t (exit status $$rc: crashed, or the sanitizer failed it): 0 passed, 1 failed"; \
 	    fi; \
 	done | tee $(BUILD)/test.log; \
 	awk '/: [0-9]+ passed, [0-9]+ failed$$/ {p += $$(NF-3); f += $$(NF-1)} \
@@ -126,7 +126,7 @@ debug:
 
 FUZZ_SRC = $(wildcard tests/fuzz_*.c)
 fuzz: $(FUZZ_SRC:tests/%.c=build/fuzz/%)
-build/fuzz/%: tests/%.c io.c io.h
+build/fuzz/%: tests/%.c io.c io.h io_unicode.h
 	mkdir -p build/fuzz
 	clang -std=c11 -g -O1 -D_DEFAULT_SOURCE -fsanitize=fuzzer,address,undefined $< io.c -o $@ -lm
 

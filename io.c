@@ -2485,22 +2485,41 @@ static int tokenizer_read_config(Tokenizer *t, const char *path, Error *e) {
     return rc;
 }
 
-int tokenizer_load(Tokenizer **out, const char *dir, Error *e) {
+int tokenizer_from_json(Tokenizer **out, const char *text, size_t len, const char *source,
+                        Error *e) {
     *out = NULL;
     Tokenizer *t = calloc(1, sizeof *t);
-    if (!t) return error_set(e, "out of memory loading %s", dir);
-    char config[PATH_BYTES];
+    if (!t) return error_set(e, "out of memory loading %s", source);
+    t->pad_id = -1;
     JsonDoc *doc = NULL;
-    int rc = path_join(t->path, sizeof t->path, dir, "tokenizer.json", e) ||
-             path_join(config, sizeof config, dir, "tokenizer_config.json", e) ||
-             json_parse_file(&doc, t->path, e) || tokenizer_read_json(t, json_root(doc), e) ||
-             tokenizer_read_config(t, config, e);
+    int n = snprintf(t->path, sizeof t->path, "%s", source);
+    int rc = n < 0 || (size_t)n >= sizeof t->path ? error_set(e, "name too long: %s", source)
+             : json_parse(&doc, text, len, t->path, e) || tokenizer_read_json(t, json_root(doc), e);
     json_free(doc);
     if (rc) {
         tokenizer_free(t);
         return -1;
     }
     *out = t;
+    return 0;
+}
+
+int tokenizer_load(Tokenizer **out, const char *dir, Error *e) {
+    *out = NULL;
+    char path[PATH_BYTES], config[PATH_BYTES];
+    MappedFile file = {0};
+    if (path_join(path, sizeof path, dir, "tokenizer.json", e) ||
+        path_join(config, sizeof config, dir, "tokenizer_config.json", e) ||
+        map_file(&file, path, e))
+        return -1;
+    int rc = tokenizer_from_json(out, (const char *)file.bytes, file.size, path, e) ||
+             tokenizer_read_config(*out, config, e);
+    unmap_file(&file);
+    if (rc) {
+        tokenizer_free(*out);
+        *out = NULL;
+        return -1;
+    }
     return 0;
 }
 

@@ -254,6 +254,10 @@ typedef struct TokenIds {
 int utf8_nfc(const char *text, size_t len, char **out, size_t *out_len, Error *e);
 /* <dir>/tokenizer.json and <dir>/tokenizer_config.json (its pad_token). */
 int tokenizer_load(Tokenizer **out, const char *dir, Error *e);
+/* The same from tokenizer.json's bytes alone (source names them in messages); without a config
+ * the tokenizer has no pad token (tokenizer_pad_id -1). */
+int tokenizer_from_json(Tokenizer **out, const char *text, size_t len, const char *source,
+                        Error *e);
 void tokenizer_free(Tokenizer *t);
 /* text[0 .. len) (UTF-8; anything else is an error naming the byte) -> its ids appended to ids,
  * as tokenizer(text, add_special_tokens=False): special-token texts in it become their ids. */
@@ -261,6 +265,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, TokenIds 
 void token_ids_free(TokenIds *ids);
 /* One more than the largest id the tokenizer can give. */
 int32_t tokenizer_vocab_size(const Tokenizer *t);
+/* The pad token's id, -1 when there is none. */
 int32_t tokenizer_pad_id(const Tokenizer *t);
 
 /* ---- images ----------------------------------------------------------------------------- */

@@ -26,6 +26,8 @@ Writes (deterministic: re-running gives identical bytes):
   tests/fixtures/tiny-klein/tokenizer/      tokenizer.json (byte-level BPE in Qwen2/Qwen3's
                                             layout: 256 byte tokens in GPT-2's order, MERGES,
                                             then ADDED tokens) and tokenizer_config.json
+  tests/fixtures/tiny-klein-tokenizer-string-merges/   the same tokenizer with its merges as
+                                            "a b" strings (the older tokenizer.json format)
   tests/fixtures/tiny-klein/transformer/    ref_flux2's tiny transformer with joint_attention_dim
                                             72 = 3 * 24, f32, 2 shards
   tests/fixtures/tiny-klein/vae/            a copy of tests/fixtures/tiny-flux2/vae
@@ -106,8 +108,9 @@ def added_token_ids():
     return {content: first + i for i, (content, _) in enumerate(ADDED)}
 
 
-def tokenizer_json():
-    """The HF tokenizers file, with the fields and field order of Qwen3's tokenizer.json."""
+def tokenizer_json(merges_as_strings=False):
+    """The HF tokenizers file, with the fields and field order of Qwen3's tokenizer.json; merges
+    as [a, b] pairs (tokenizers >= 0.20, Qwen3's file) or "a b" strings (older files)."""
     ids = added_token_ids()
     added = [{"id": ids[c], "content": c, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": special} for c, special in ADDED]
@@ -128,7 +131,7 @@ def tokenizer_json():
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
                   "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
                   "byte_fallback": False, "ignore_merges": False, "vocab": bpe_vocab(),
-                  "merges": [m.split(" ") for m in MERGES]},
+                  "merges": list(MERGES) if merges_as_strings else [m.split(" ") for m in MERGES]},
     }
 
 
@@ -153,9 +156,9 @@ def tokenizer_config():
     }
 
 
-def write_tokenizer(directory):
+def write_tokenizer(directory, merges_as_strings=False):
     """tokenizer.json as the real file has it: indent 2, raw UTF-8 (no \\u escapes for "Ġ")."""
-    text = json.dumps(tokenizer_json(), indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(tokenizer_json(merges_as_strings), indent=2, ensure_ascii=False) + "\n"
     safetensors_file.write_bytes(os.path.join(directory, "tokenizer.json"), text.encode("utf-8"))
     safetensors_file.write_json(os.path.join(directory, "tokenizer_config.json"),
                                 tokenizer_config())
@@ -432,6 +435,8 @@ def main():
     fixture = os.path.join(ROOT, "tests", "fixtures", "tiny-klein")
     write_text_encoder(os.path.join(fixture, "text_encoder"), cfg, weights)
     write_tokenizer(os.path.join(fixture, "tokenizer"))
+    write_tokenizer(os.path.join(ROOT, "tests", "fixtures", "tiny-klein-tokenizer-string-merges"),
+                    merges_as_strings=True)
     write_flux2(fixture, gen)
 
     ids, mask = golden_inputs(cfg, gen)
