@@ -1932,14 +1932,22 @@ typedef struct CodePoints {
     size_t n, cap;
 } CodePoints;
 
+/* Room for one more of a growing array's count elements of `size` bytes (its capacity doubles,
+ * from `first`); -1, the array unchanged, when out of memory. */
+static int array_reserve(void **data, size_t *cap, size_t count, size_t size, size_t first) {
+    if (count < *cap) return 0;
+    size_t grown_cap = *cap ? 2 * *cap : first;
+    void *grown = grown_cap < SIZE_MAX / size ? realloc(*data, grown_cap * size) : NULL;
+    if (!grown) return -1;
+    *data = grown;
+    *cap = grown_cap;
+    return 0;
+}
+
 static int code_points_push(CodePoints *c, uint32_t cp) {
-    if (c->n == c->cap) {
-        size_t cap = c->cap ? 2 * c->cap : 64;
-        uint32_t *grown = cap < SIZE_MAX / sizeof *grown ? realloc(c->cp, cap * sizeof *grown) : NULL;
-        if (!grown) return -1;
-        c->cp = grown;
-        c->cap = cap;
-    }
+    void *data = c->cp;
+    if (array_reserve(&data, &c->cap, c->n, sizeof *c->cp, 64)) return -1;
+    c->cp = data;
     c->cp[c->n++] = cp;
     return 0;
 }
@@ -2535,13 +2543,9 @@ int32_t tokenizer_pad_id(const Tokenizer *t) {
 
 /* A growing array of ids. */
 static int ids_push(TokenIds *ids, int32_t id) {
-    if (ids->count == ids->capacity) {
-        size_t cap = ids->capacity ? 2 * ids->capacity : 256;
-        int32_t *grown = cap < SIZE_MAX / sizeof *grown ? realloc(ids->ids, cap * sizeof *grown) : NULL;
-        if (!grown) return -1;
-        ids->ids = grown;
-        ids->capacity = cap;
-    }
+    void *data = ids->ids;
+    if (array_reserve(&data, &ids->capacity, ids->count, sizeof *ids->ids, 256)) return -1;
+    ids->ids = data;
     ids->ids[ids->count++] = id;
     return 0;
 }

@@ -12,7 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "../io.h"
 
@@ -178,6 +181,18 @@ static inline bool harness_same_file(const char *a, const char *b) {
     if (f) fclose(f);
     if (g) fclose(g);
     return same;
+}
+
+/* A model directory made of fixture parts: dir/<parts[i][0]> a symbolic link to the real path
+ * of parts[i][1], for i < n (dir is made). 0, or -1 when a link cannot be made. */
+static inline int harness_link_parts(const char *dir, const char *const (*parts)[2], int n) {
+    char target[PATH_MAX], link[PATH_MAX + 256];
+    mkdir(dir, 0755);
+    for (int i = 0; i < n; i++) {
+        snprintf(link, sizeof link, "%s/%s", dir, parts[i][0]);
+        if (!realpath(parts[i][1], target) || symlink(target, link) != 0) return -1;
+    }
+    return 0;
 }
 
 #endif

@@ -331,17 +331,13 @@ static void test_prompts(Cli *c) {
  * encoding: it succeeds with the encoder gone. */
 static void test_klein_prompts(Cli *c) {
     const char *d = c->dir;
-    const char *parts[4][2] = {{"transformer", "tests/fixtures/tiny-klein/transformer"},
-                               {"vae", "tests/fixtures/tiny-klein/vae"},
-                               {"text_encoder", "tests/fixtures/tiny-klein/text_encoder"},
-                               {"tokenizer", "tests/fixtures/tiny-klein/tokenizer"}};
-    char path[256], target[PATH_MAX], link[512];
+    const char *const parts[4][2] = {{"transformer", "tests/fixtures/tiny-klein/transformer"},
+                                     {"vae", "tests/fixtures/tiny-klein/vae"},
+                                     {"text_encoder", "tests/fixtures/tiny-klein/text_encoder"},
+                                     {"tokenizer", "tests/fixtures/tiny-klein/tokenizer"}};
+    char path[256], link[512];
     snprintf(path, sizeof path, "%s/klein", d);
-    mkdir(path, 0755);
-    for (int i = 0; i < 4; i++) {
-        snprintf(link, sizeof link, "%s/klein/%s", d, parts[i][0]);
-        CHECK(realpath(parts[i][1], target) && symlink(target, link) == 0, "link %s", link);
-    }
+    CHECK(harness_link_parts(path, parts, 4) == 0, "the klein directory %s", path);
     snprintf(path, sizeof path, "%s/klein.csv", d);
     write_text(path, "prompt,seed\na fox,3\na fox,5\n");
     const char *args = "--model %s/klein --detector tests/fixtures/tiny-detector --steps 2 -W 24 "

@@ -262,16 +262,12 @@ static void test_cli(const char *argv0) {
     snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " -o %s/u.safetensors", binary, dir);
     CHECK(harness_run_quiet(cmd) == 2, "encode without --prompt is exit 2");
     /* the transformer of tiny-flux2 (joint_attention_dim 24) with tiny-klein's encoder (72) */
-    const char *parts[4][2] = {{"transformer", "tests/fixtures/tiny-flux2/transformer"},
-                               {"vae", KLEIN "/vae"}, {"text_encoder", KLEIN "/text_encoder"},
-                               {"tokenizer", KLEIN "/tokenizer"}};
-    char mix[600], target[PATH_MAX], link[700];
+    const char *const parts[4][2] = {{"transformer", "tests/fixtures/tiny-flux2/transformer"},
+                                     {"vae", KLEIN "/vae"}, {"text_encoder", KLEIN "/text_encoder"},
+                                     {"tokenizer", KLEIN "/tokenizer"}};
+    char mix[600];
     snprintf(mix, sizeof mix, "%s/mix", dir);
-    mkdir(mix, 0755);
-    for (int i = 0; i < 4; i++) {
-        snprintf(link, sizeof link, "%s/%s", mix, parts[i][0]);
-        CHECK(realpath(parts[i][1], target) && symlink(target, link) == 0, "link %s", link);
-    }
+    CHECK(harness_link_parts(mix, parts, 4) == 0, "the mixed model directory %s", mix);
     snprintf(cmd, sizeof cmd, "%s generate --model %s --no-guide --seed 3 --steps 2 -W 32 -H 32 "
              "--quiet -o %s/m.ppm --prompt fox", binary, mix, dir);
     log = NULL;
