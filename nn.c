@@ -4489,107 +4489,23 @@ int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeD
 
 /* ---- end section: detector_train ---- */
 
-/* ---- section: sampler ------------------------------------------------------------------------ */
+/* ---- section: sampler ------------------------------------------------------------------------
+ * DIAMOND (arXiv 2602.00883) on FLUX.2's flow-matching Euler sampler, as the official code runs
+ * it. Step i at noise level sigma_i (sampler_step), each sample b of the batch on its own:
+ *   v       = transformer(x_t, sigma_i, prompt)         with --cfg: v_neg + s (v - v_neg)
+ *   x0      = x_t - sigma_i v                           the clean estimate
+ *   m       = detector(vae_decode(x0))                  the artifact map
+ *   g       = dL(m) / dx0                               L: the artifact loss (power, mse, focal)
+ *   x_{t+1} = x_t + (sigma_{i+1} - sigma_i) v - lambda_i g / (||g|| + 1e-6)
+ * lambda_i comes from the schedule; a step with lambda_i = 0 runs no detector (unless asked to
+ * look), and --gate T skips the shift of a sample whose map stays below T. Below: lambda_i and
+ * L, the sigmas, the parts of a step, sampler_step and sampler_run; the parsing of the
+ * schedule and loss specs comes last. */
 
 /* g / (||g|| + eps), as the official guidance.grad_norm_eps */
 #define SAMPLER_GRAD_NORM_EPS 1e-6
 /* the focal loss's log(1 - m + eps) */
 #define SAMPLER_FOCAL_EPS 1e-6f
-
-/* One "key=value" a spec accepts: a finite number in [lo, hi], a whole one when integer. */
-typedef struct SpecKey {
-    const char *name;
-    double *value;
-    double lo, hi;
-    bool integer;
-} SpecKey;
-
-/* Reads the "key=value,key=value" list after the colon of spec into the matching keys; `what`
- * names the option in errors ("--lambda-schedule power"). */
-static int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
-                           Error *e) {
-    while (list && *list) {
-        const char *comma = strchr(list, ',');
-        size_t len = comma ? (size_t)(comma - list) : strlen(list);
-        const char *eq = memchr(list, '=', len);
-        if (!eq) return error_set(e, "%s: expected key=value, got '%.*s'", what, (int)len, list);
-        int k = 0;
-        while (k < n_keys && !(strlen(keys[k].name) == (size_t)(eq - list) &&
-                               !strncmp(keys[k].name, list, (size_t)(eq - list))))
-            k++;
-        if (k == n_keys)
-            return error_set(e, "%s: unknown key '%.*s'", what, (int)(eq - list), list);
-        char number[64];
-        size_t nlen = len - (size_t)(eq - list) - 1;
-        char *end = number;
-        double v = NAN;
-        if (nlen > 0 && nlen < sizeof number) {
-            memcpy(number, eq + 1, nlen);
-            number[nlen] = '\0';
-            v = strtod(number, &end);
-        }
-        if (nlen == 0 || nlen >= sizeof number || *end || !isfinite(v) || v < keys[k].lo ||
-            v > keys[k].hi || (keys[k].integer && v != floor(v)))
-            return error_set(e, "%s: %s must be %s in [%g, %g], got '%.*s'", what, keys[k].name,
-                             keys[k].integer ? "a whole number" : "a number", keys[k].lo,
-                             keys[k].hi, (int)nlen, eq + 1);
-        *keys[k].value = v;
-        list = comma ? comma + 1 : NULL;
-    }
-    return 0;
-}
-
-/* The type name before the colon of spec (or all of it) as an index into names, or -1. */
-static int spec_type(const char *spec, const char *const *names, int n_names) {
-    const char *colon = strchr(spec, ':');
-    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
-    for (int i = 0; i < n_names; i++)
-        if (strlen(names[i]) == len && !strncmp(names[i], spec, len)) return i;
-    return -1;
-}
-
-static const char *spec_keys_after_colon(const char *spec) {
-    const char *colon = strchr(spec, ':');
-    return colon ? colon + 1 : NULL;
-}
-
-int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
-    static const char *const names[] = {"constant", "linear", "power", "cosine", "hard_then_exp",
-                                        "exponential"};
-    int type = spec_type(spec, names, 6);
-    if (type < 0)
-        return error_set(e, "--lambda-schedule: unknown type in '%s' (expected constant, linear, "
-                            "power, cosine, hard_then_exp or exponential)", spec);
-    LambdaSchedule v = {.type = (LambdaType)type, .start = 12.0, .end = 1.0, .power = 2.0};
-    if (v.type == LAMBDA_HARD_THEN_EXP) v.start = 30.0, v.after = 2.0;
-    if (v.type == LAMBDA_EXPONENTIAL) v.start = 30.0, v.power = 5.0;
-    bool exponential = v.type == LAMBDA_EXPONENTIAL;
-    double warmup = exponential ? 5 : 0, cooldown = exponential ? 12 : 0;
-    const double big = 1e30;
-    const SpecKey value = {"value", &v.value, -big, big, false};
-    const SpecKey start = {"start", &v.start, -big, big, false};
-    const SpecKey end = {"end", &v.end, -big, big, false};
-    const SpecKey power = {"power", &v.power, 0.0, 1e6, false};
-    const SpecKey after = {"after", &v.after, -big, big, false};
-    const SpecKey keys[6][5] = {
-        {value},
-        {start, end},
-        {start, end, power},
-        {start, end},
-        {start, after, power},
-        {start, end, power, {"warmup", &warmup, 0, 1 << 20, true},
-         {"cooldown", &cooldown, 0, 1 << 20, true}},
-    };
-    static const int n_keys[6] = {1, 2, 3, 2, 3, 5};
-    char what[64];
-    snprintf(what, sizeof what, "--lambda-schedule %s", names[type]);
-    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e))
-        return -1;
-    v.warmup = (int)warmup;
-    v.cooldown = (int)cooldown;
-    *s = v;
-    return 0;
-}
 
 /* i / (N - 1), and 0 when N = 1 (where the official code divides by zero). */
 static double lambda_progress(int i, int span) {
@@ -4615,26 +4531,6 @@ double lambda_schedule_at(const LambdaSchedule *s, int i, int steps) {
     }
     }
     return 0.0;
-}
-
-int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e) {
-    static const char *const names[] = {"mse", "power", "focal"};
-    int type = spec_type(spec, names, 3);
-    if (type < 0)
-        return error_set(e, "--loss: unknown type in '%s' (expected mse, power or focal)", spec);
-    ArtifactLoss v = {.type = (ArtifactLossType)type, .gamma = 2.0, .alpha = 1.0};
-    /* power needs gamma > 0 for a gradient at m = 0; a negative alpha would flip the push */
-    const SpecKey keys[3][2] = {
-        {{0}},
-        {{"gamma", &v.gamma, 1e-6, 1e6, false}},
-        {{"gamma", &v.gamma, 0.0, 1e6, false}, {"alpha", &v.alpha, 1e-30, 1e30, false}},
-    };
-    static const int n_keys[3] = {0, 1, 2};
-    char what[32];
-    snprintf(what, sizeof what, "--loss %s", names[type]);
-    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e)) return -1;
-    *l = v;
-    return 0;
 }
 
 /* mask: [B, ..] -> [1]: B times the mean over everything, that is the sum of per-sample means
@@ -4801,7 +4697,8 @@ static int sampler_velocity(const SamplerRun *r, const Tensor *latent, Tensor **
     return 0;
 }
 
-/* One step: v, x0, the guidance when lambda_i != 0, the caller's look, the update. */
+/* One step, the update at the top of this section: v, x0, the guidance when lambda_i != 0, the
+ * caller's look (on_step), the update. */
 static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     const SamplerOptions *o = r->o;
     int64_t B = latent->shape[0];
@@ -4847,6 +4744,123 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
     free(r.sigmas);
     free(r.shifted);
     return rc;
+}
+
+/* --- parsing the schedule and loss specs --- */
+
+/* One "key=value" a spec accepts: a finite number in [lo, hi], a whole one when integer. */
+typedef struct SpecKey {
+    const char *name;
+    double *value;
+    double lo, hi;
+    bool integer;
+} SpecKey;
+
+/* Reads the "key=value,key=value" list after the colon of spec into the matching keys; `what`
+ * names the option in errors ("--lambda-schedule power"). */
+static int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
+                           Error *e) {
+    while (list && *list) {
+        const char *comma = strchr(list, ',');
+        size_t len = comma ? (size_t)(comma - list) : strlen(list);
+        const char *eq = memchr(list, '=', len);
+        if (!eq) return error_set(e, "%s: expected key=value, got '%.*s'", what, (int)len, list);
+        int k = 0;
+        while (k < n_keys && !(strlen(keys[k].name) == (size_t)(eq - list) &&
+                               !strncmp(keys[k].name, list, (size_t)(eq - list))))
+            k++;
+        if (k == n_keys)
+            return error_set(e, "%s: unknown key '%.*s'", what, (int)(eq - list), list);
+        char number[64];
+        size_t nlen = len - (size_t)(eq - list) - 1;
+        char *end = number;
+        double v = NAN;
+        if (nlen > 0 && nlen < sizeof number) {
+            memcpy(number, eq + 1, nlen);
+            number[nlen] = '\0';
+            v = strtod(number, &end);
+        }
+        if (nlen == 0 || nlen >= sizeof number || *end || !isfinite(v) || v < keys[k].lo ||
+            v > keys[k].hi || (keys[k].integer && v != floor(v)))
+            return error_set(e, "%s: %s must be %s in [%g, %g], got '%.*s'", what, keys[k].name,
+                             keys[k].integer ? "a whole number" : "a number", keys[k].lo,
+                             keys[k].hi, (int)nlen, eq + 1);
+        *keys[k].value = v;
+        list = comma ? comma + 1 : NULL;
+    }
+    return 0;
+}
+
+/* The type name before the colon of spec (or all of it) as an index into names, or -1. */
+static int spec_type(const char *spec, const char *const *names, int n_names) {
+    const char *colon = strchr(spec, ':');
+    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
+    for (int i = 0; i < n_names; i++)
+        if (strlen(names[i]) == len && !strncmp(names[i], spec, len)) return i;
+    return -1;
+}
+
+static const char *spec_keys_after_colon(const char *spec) {
+    const char *colon = strchr(spec, ':');
+    return colon ? colon + 1 : NULL;
+}
+
+int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
+    static const char *const names[] = {"constant", "linear", "power", "cosine", "hard_then_exp",
+                                        "exponential"};
+    int type = spec_type(spec, names, 6);
+    if (type < 0)
+        return error_set(e, "--lambda-schedule: unknown type in '%s' (expected constant, linear, "
+                            "power, cosine, hard_then_exp or exponential)", spec);
+    LambdaSchedule v = {.type = (LambdaType)type, .start = 12.0, .end = 1.0, .power = 2.0};
+    if (v.type == LAMBDA_HARD_THEN_EXP) v.start = 30.0, v.after = 2.0;
+    if (v.type == LAMBDA_EXPONENTIAL) v.start = 30.0, v.power = 5.0;
+    bool exponential = v.type == LAMBDA_EXPONENTIAL;
+    double warmup = exponential ? 5 : 0, cooldown = exponential ? 12 : 0;
+    const double big = 1e30;
+    const SpecKey value = {"value", &v.value, -big, big, false};
+    const SpecKey start = {"start", &v.start, -big, big, false};
+    const SpecKey end = {"end", &v.end, -big, big, false};
+    const SpecKey power = {"power", &v.power, 0.0, 1e6, false};
+    const SpecKey after = {"after", &v.after, -big, big, false};
+    const SpecKey keys[6][5] = {
+        {value},
+        {start, end},
+        {start, end, power},
+        {start, end},
+        {start, after, power},
+        {start, end, power, {"warmup", &warmup, 0, 1 << 20, true},
+         {"cooldown", &cooldown, 0, 1 << 20, true}},
+    };
+    static const int n_keys[6] = {1, 2, 3, 2, 3, 5};
+    char what[64];
+    snprintf(what, sizeof what, "--lambda-schedule %s", names[type]);
+    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e))
+        return -1;
+    v.warmup = (int)warmup;
+    v.cooldown = (int)cooldown;
+    *s = v;
+    return 0;
+}
+
+int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e) {
+    static const char *const names[] = {"mse", "power", "focal"};
+    int type = spec_type(spec, names, 3);
+    if (type < 0)
+        return error_set(e, "--loss: unknown type in '%s' (expected mse, power or focal)", spec);
+    ArtifactLoss v = {.type = (ArtifactLossType)type, .gamma = 2.0, .alpha = 1.0};
+    /* power needs gamma > 0 for a gradient at m = 0; a negative alpha would flip the push */
+    const SpecKey keys[3][2] = {
+        {{0}},
+        {{"gamma", &v.gamma, 1e-6, 1e6, false}},
+        {{"gamma", &v.gamma, 0.0, 1e6, false}, {"alpha", &v.alpha, 1e-30, 1e30, false}},
+    };
+    static const int n_keys[3] = {0, 1, 2};
+    char what[32];
+    snprintf(what, sizeof what, "--loss %s", names[type]);
+    if (spec_parse_keys(what, spec_keys_after_colon(spec), keys[type], n_keys[type], e)) return -1;
+    *l = v;
+    return 0;
 }
 
 /* ---- end section: sampler ---- */
