@@ -496,7 +496,7 @@ static void bench_models_free(BenchModels *m) {
  * [--threads T] from argv[3]; 0 on success, else the bad option in *bad. */
 static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, const char **bad) {
     *a = (BenchModelArgs){.text_len = 512, .threads = bench_threads_now(),
-                          .vae_memory = VAE_DEFAULT_MEMORY};
+                          .vae_memory = vae_default_memory(memory_available())};
     for (int i = 3; i < argc; i++) {
         const char *opt = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         bool ok = true;
@@ -688,10 +688,10 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
     const Flux2Config *fc = flux2_config(m->flow);
     const SegformerConfig *sc = segformer_config(m->detector);
     printf("bench %s: %dx%d image, %dx%d latent tokens + %d text tokens, transformer dim %d with "
-           "%d+%d blocks, detector input %dx%d, VAE checkpoint levels %d, %s weights, "
-           "threads %d\n", name, a.width, a.height, m->w, m->h, a.text_len, fc->dim, fc->num_layers,
-           fc->num_single_layers, sc->do_resize ? sc->input_w : a.width,
-           sc->do_resize ? sc->input_h : a.height, m->vae_checkpoint_levels,
+           "%d+%d blocks, detector input %dx%d, VAE checkpoint levels %d (budget %zu MiB), %s "
+           "weights, threads %d\n", name, a.width, a.height, m->w, m->h, a.text_len, fc->dim,
+           fc->num_layers, fc->num_single_layers, sc->do_resize ? sc->input_w : a.width,
+           sc->do_resize ? sc->input_h : a.height, m->vae_checkpoint_levels, a.vae_memory >> 20,
            a.config_only ? "random (config only)" : "file", a.threads);
     printf("  models loaded                                                (peak RSS so far %.0f MiB)\n",
            bench_peak_rss_mib());
@@ -1019,7 +1019,8 @@ static const char *generate_usage =
     "                         mu for the token count (made for thousands of tokens; the\n"
     "                         embedded models use 0: no shift)\n"
     "  --threads T            OpenMP threads\n"
-    "  --vae-memory MB        the memory the VAE decode's backward may hold (default 1024): it\n"
+    "  --vae-memory MB        the memory the VAE decode's backward may hold (default: half\n"
+    "                         the memory available, Linux's MemAvailable; 1024 when unknown): it\n"
     "                         nests its checkpoints (0-3 levels) only as deep as that needs,\n"
     "                         and each level less is faster (none: about twice as fast as 3).\n"
     "                         A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
@@ -1161,7 +1162,7 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
 
 /* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
 static int generate_defaults(GenerateArgs *a, Error *e) {
-    *a = (GenerateArgs){.vae_memory = VAE_DEFAULT_MEMORY,
+    *a = (GenerateArgs){.vae_memory = vae_default_memory(memory_available()),
                         .opt = {.guide = true, .guidance_scale = 4.0f}};
     return lambda_schedule_parse(&a->opt.lambda, "power", e) ||
            artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;
@@ -1322,8 +1323,11 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
     }
     r->grid_h = a->height / ph;
     r->grid_w = a->width / pw;
-    vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height, a->width,
-                               a->vae_memory);
+    int levels = vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height,
+                                            a->width, a->vae_memory);
+    if (!a->quiet && a->opt.guide)
+        fprintf(stderr, "VAE decode: %d checkpoint levels for a budget of %zu MiB (--vae-memory)\n",
+                levels, a->vae_memory >> 20);
     return a->opt.guide && segformer_load(&r->detector, a->detector, e) ? 1 : 0;
 }
 

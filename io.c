@@ -16,6 +16,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#ifdef __APPLE__
+#include <sys/sysctl.h>
+#endif
 #include <unistd.h>
 
 int error_set(Error *e, const char *fmt, ...) {
@@ -195,6 +198,30 @@ static void unmap_file(MappedFile *m) {
     if (m->map) munmap(m->map, m->size);
     memset(m, 0, sizeof *m);
 }
+
+/* ---- the machine ---- */
+
+#ifdef __APPLE__
+/* macOS keeps no MemAvailable: the physical memory (hw.memsize) stands for it. */
+size_t memory_available(void) {
+    uint64_t bytes = 0;
+    size_t len = sizeof bytes;
+    if (sysctlbyname("hw.memsize", &bytes, &len, NULL, 0) != 0) return 0;
+    return bytes > SIZE_MAX ? SIZE_MAX : (size_t)bytes;
+}
+#else
+/* Linux: MemAvailable of /proc/meminfo, the kernel's estimate of what can be allocated without
+ * swapping (free memory plus the caches it can drop). */
+size_t memory_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    unsigned long long kib = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) break;
+    if (f) fclose(f);
+    return kib > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kib * 1024;
+}
+#endif
 
 /* ==== JSON ==== */
 

@@ -230,6 +230,10 @@ void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst);
  * output bit: the hash behind every seeded stream (random weights, training batches, scenes). */
 uint64_t mix64(uint64_t x);
 
+/* The memory this process could still allocate without swapping, in bytes: Linux's MemAvailable
+ * (/proc/meminfo), macOS's physical memory (hw.memsize); 0 when unknown. */
+size_t memory_available(void);
+
 /* The size of a path buffer: Linux's PATH_MAX (the system refuses longer paths anyway). */
 #define PATH_BYTES 4096
 /* dir + "/" + name into path[size]; an error naming both when that does not fit. */

@@ -2614,6 +2614,10 @@ static void vae_stage_floats(const VaeConfig *c, int s, int height, int width, d
     *upsampled = s > 0 ? pixels * c->block_out_channels[shrink + 1] : 0.0;
 }
 
+size_t vae_default_memory(size_t available) {
+    return available ? (size_t)(VAE_MEMORY_SHARE * (double)available) : VAE_MEMORY_UNKNOWN;
+}
+
 size_t vae_decode_bytes(const VaeDecoder *m, int levels, int batch, int height, int width) {
     const VaeConfig *c = &m->config;
     double all = 0.0, held = 0.0, deepest = 0.0; /* floats */

@@ -343,8 +343,14 @@ void vae_decoder_set_checkpoint_levels(VaeDecoder *m, int levels);
 size_t vae_decode_bytes(const VaeDecoder *m, int levels, int batch, int height, int width);
 /* The fewest levels whose estimate fits max_bytes (VAE_CHECKPOINT_LEVELS when none does), set
  * in m and returned: the fewer, the faster the backward (none: about half the time of all
- * three). The default budget (generate's --vae-memory) is VAE_DEFAULT_MEMORY. */
-#define VAE_DEFAULT_MEMORY ((size_t)1 << 30)
+ * three). The default budget (generate's --vae-memory) is vae_default_memory(). */
+/* VAE_MEMORY_SHARE of `available` (memory_available(): the rest is for the transformer's parts,
+ * the detector and the system), or VAE_MEMORY_UNKNOWN when available is 0 (unknown). On a 24 GB
+ * machine with ~20 GB available a 512x512 decode then runs without checkpoints (its estimate is
+ * 7120 MiB); with 3 GB available it takes three levels (2384 MiB). */
+#define VAE_MEMORY_SHARE 0.5
+#define VAE_MEMORY_UNKNOWN ((size_t)1 << 30)
+size_t vae_default_memory(size_t available);
 int vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
                                size_t max_bytes);
 

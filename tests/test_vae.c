@@ -193,16 +193,16 @@ static void test_checkpoint_policy(VaeDecoder *tiny) {
         CHECK(vae_decode_bytes(embedded, 0, 4, 64, 64) ==
                   4 * vae_decode_bytes(embedded, 0, 1, 64, 64),
               "the estimate grows with the batch");
-        CHECK(vae_decoder_checkpoint_for(embedded, 1, 32, 64, VAE_DEFAULT_MEMORY) == 0,
+        CHECK(vae_decoder_checkpoint_for(embedded, 1, 32, 64, VAE_MEMORY_UNKNOWN) == 0,
               "a 64x32 decode runs without checkpoints");
-        /* at 1024x1024 the embedded VAE's estimates: none above the default budget, and never
-         * more with a level more */
+        /* at 1024x1024 the embedded VAE's estimates: none above a 1 GiB budget, and never more
+         * with a level more */
         size_t need[VAE_CHECKPOINT_LEVELS + 1];
         for (int levels = 0; levels <= VAE_CHECKPOINT_LEVELS; levels++)
             need[levels] = vae_decode_bytes(embedded, levels, 1, 1024, 1024);
-        CHECK(need[0] > VAE_DEFAULT_MEMORY && need[0] > need[1] && need[1] >= need[2] &&
+        CHECK(need[0] > VAE_MEMORY_UNKNOWN && need[0] > need[1] && need[1] >= need[2] &&
                   need[2] > need[3],
-              "at 1024x1024 the plain decode's estimate (%zu bytes) exceeds the default budget "
+              "at 1024x1024 the plain decode's estimate (%zu bytes) exceeds 1 GiB "
               "and no level needs more than the one before: %zu, %zu, %zu", need[0], need[1],
               need[2], need[3]);
         for (int levels = 0; levels <= VAE_CHECKPOINT_LEVELS; levels++) {
@@ -404,6 +404,27 @@ static void test_load_errors(const char *dir) {
           "an empty directory names config.json: %s", e.msg);
 }
 
+/* The default budget follows the memory available: FLUX.2's VAE decodes 512x512 without
+ * checkpoints with 20 GiB available (a 24 GB machine), with all three levels with 3 GiB. */
+static void test_default_budget(void) {
+    const size_t gib = (size_t)1 << 30;
+    CHECK(vae_default_memory(0) == VAE_MEMORY_UNKNOWN, "unknown memory: the 1 GiB budget");
+    CHECK(vae_default_memory(20 * gib) == 10 * gib, "half of what is available");
+#ifdef __linux__
+    CHECK(memory_available() > 0, "MemAvailable is read (%zu bytes)", memory_available());
+#endif
+    VaeDecoder *real = NULL;
+    Error e = {{0}};
+    CHECK(vae_decoder_load_config_only(&real, "tests/fixtures/klein-4b-config/vae", 1, &e) == 0,
+          "FLUX.2's VAE from its config: %s", e.msg);
+    if (!real) return;
+    int roomy = vae_decoder_checkpoint_for(real, 1, 512, 512, vae_default_memory(20 * gib));
+    int small = vae_decoder_checkpoint_for(real, 1, 512, 512, vae_default_memory(3 * gib));
+    CHECK(roomy == 0 && small == VAE_CHECKPOINT_LEVELS, "512x512: %d levels with 20 GiB "
+          "available, %d with 3 GiB", roomy, small);
+    vae_decoder_free(real);
+}
+
 int main(void) {
     SafeTensors *st = golden_open(GOLDEN);
     VaeDecoder *m = NULL, *m16 = NULL;
@@ -421,6 +442,7 @@ int main(void) {
     /* bf16 weights widen exactly to f32, and the reference ran on those same widened values,
      * so the bf16 model has its own golden at the f32 tolerance. */
     if (m16 && st) test_golden_case(m16, st, "a", "bf16", 2, 2, 3);
+    test_default_budget();
     char dir[] = "/tmp/diamond-test-vae-XXXXXX";
     CHECK(mkdtemp(dir) != NULL, "mkdtemp %s", dir);
     if (st) test_config_switches(dir, st);
