@@ -1,25 +1,58 @@
 /* test_config_only.c - loading models from their config files alone, with random weights made at
  * the shapes the loaders ask for (st_model_random_any through params_load), for `bench model`. */
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "../nn.h"
 #include "harness.h"
 
-/* st_random_fill gives what st_model_random's model reads, for a matrix and a vector. */
-static void test_fill_matches_random_model(void) {
-    StTensorSpec specs[] = {{"w", 2, {5, 7}}, {"b", 1, {9}}};
+/* st_model_random's values as documented: a matrix's uniform in +-1/sqrt(last dim) (spread over
+ * that range, mean near 0), a vector's in 1 +- 0.1; the same on every read; rows read alone
+ * (st_model_read_rows_f32, the embedding lookups) equal those rows of the whole. */
+static void test_random_model_values(void) {
+    enum { ROWS = 64, COLS = 100 };
+    StTensorSpec specs[] = {{"w", 2, {ROWS, COLS}}, {"b", 1, {COLS}}};
     StModel *m = NULL;
     Error e = {{0}};
     CHECK(st_model_random(&m, specs, 2, 11, &e) == 0, "random model: %s", e.msg);
-    for (int k = 0; m && k < 2; k++) {
-        float read[35], filled[35];
-        int64_t n = specs[k].ndim == 2 ? 35 : 9;
-        CHECK(st_model_read_f32(m, specs[k].name, read, n, &e) == 0, "read %s", specs[k].name);
-        st_random_fill(11, specs[k].name, specs[k].ndim, specs[k].shape, filled);
-        CHECK(!memcmp(read, filled, (size_t)n * sizeof(float)),
-              "st_random_fill gives st_model_random's values for '%s'", specs[k].name);
+    if (!m) return;
+    static float w[ROWS * COLS], again[ROWS * COLS], rows[3 * COLS];
+    float b[COLS];
+    CHECK(st_model_read_f32(m, "w", w, ROWS * COLS, &e) == 0 &&
+              st_model_read_f32(m, "w", again, ROWS * COLS, &e) == 0 &&
+              st_model_read_f32(m, "b", b, COLS, &e) == 0, "read: %s", e.msg);
+    double sum = 0.0, lo = 1.0, hi = -1.0;
+    for (int i = 0; i < ROWS * COLS; i++) {
+        sum += w[i];
+        lo = fmin(lo, w[i]);
+        hi = fmax(hi, w[i]);
     }
+    float bound = 1.0f / sqrtf((float)COLS);
+    CHECK(lo >= -bound && hi <= bound && hi - lo > 1.9 * bound && fabs(sum / (ROWS * COLS)) < 0.01 * bound,
+          "a matrix: within +-%g, spread %g, mean %g", bound, hi - lo, sum / (ROWS * COLS));
+    bool near_one = true;
+    for (int i = 0; i < COLS; i++) near_one &= b[i] >= 0.9f && b[i] <= 1.1f && b[i] != 1.0f;
+    CHECK(near_one, "a vector: 1 + 0.1 u");
+    CHECK(!memcmp(w, again, sizeof w), "the same values on every read");
+    CHECK(st_model_read_rows_f32(m, "w", 5, 3, rows, &e) == 0 &&
+              !memcmp(rows, w + 5 * COLS, sizeof rows), "rows 5 .. 7 alone: %s", e.msg);
+    CHECK(st_model_read_rows_f32(m, "w", ROWS - 2, 3, rows, &e) == -1 && strstr(e.msg, "range"),
+          "rows past the end are refused: %s", e.msg);
+    st_model_close(m);
+}
+
+/* Rows of a bf16 tensor in sharded files read alone equal those rows of the whole. */
+static void test_rows_from_files(void) {
+    StModel *m = NULL;
+    Error e = {{0}};
+    const char *name = "model.embed_tokens.weight"; /* [306, 24] bf16 */
+    CHECK(st_model_open(&m, "tests/fixtures/tiny-klein/text_encoder", &e) == 0, "open: %s", e.msg);
+    static float all[306 * 24], rows[2 * 24];
+    if (m && st_model_read_f32(m, name, all, 306 * 24, &e) == 0)
+        CHECK(st_model_read_rows_f32(m, name, 301, 2, rows, &e) == 0 &&
+                  !memcmp(rows, all + 301 * 24, sizeof rows), "rows 301, 302 of the embedding: %s",
+              e.msg);
     st_model_close(m);
 }
 
@@ -172,7 +205,8 @@ static void test_real_configs(void) {
 }
 
 int main(void) {
-    test_fill_matches_random_model();
+    test_random_model_values();
+    test_rows_from_files();
     test_params_load_any();
     test_vae_config_only();
     test_segformer_config_only();
