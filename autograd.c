@@ -503,7 +503,8 @@ Var *ag_checkpoint(Tape *t, CheckpointFn fn, void *ctx, Var **inputs, int n_inpu
 
 /* ---- matrix products ------------------------------------------------------------------------- */
 
-/* in: x, w, b. y = x w^T + b; mm: M rows, N outputs, K inputs. */
+/* in: x, w, b. y = x w^T + b; mm: M rows, N outputs, K inputs.
+ * dx = dy w;  dw = dy^T x;  db = sum over rows of dy */
 static void linear_backward(Tape *t, Node *n) {
     (void)t;
     Var *x = n->in[0], *w = n->in[1], *b = n->in[2];
@@ -540,7 +541,8 @@ Var *ag_linear(Tape *t, Var *x, Var *w, Var *b) {
     return y;
 }
 
-/* in: a, b. Per batch item i: y_i = a_i b_i with b_0 for all when b is shared. */
+/* in: a, b. Per batch item i: y_i = a_i b_i with b_0 for all when b is shared.
+ * da_i = dy_i b_i^T;  db_i = a_i^T dy_i (summed over i when shared) */
 static void matmul_backward(Tape *t, Node *n) {
     (void)t;
     Var *a = n->in[0], *b = n->in[1];
@@ -591,7 +593,8 @@ Var *ag_matmul(Tape *t, Var *a, Var *b) {
 
 /* ---- convolution ------------------------------------------------------------------------- */
 
-/* in: x, w, b */
+/* in: x, w, b. dx = the transposed convolution of dy with w;  dw = dy correlated with x's
+ * patches (im2col);  db = sum of dy over batch and pixels */
 static void conv2d_node_backward(Tape *t, Node *n) {
     (void)t;
     conv2d_backward(&n->p.conv, data(n->in[0]), data(n->in[1]), grad(n->out), grad(n->in[0]),
@@ -638,7 +641,8 @@ Var *ag_conv2d(Tape *t, Var *x, Var *w, Var *b, int stride, int padding, int gro
 
 /* ---- attention and rotary embedding ------------------------------------------------------ */
 
-/* in: q, k, v; saved: lse */
+/* in: q, k, v; saved: lse. With P = softmax(s q k^T) recomputed from lse and D = rowsum(dO * O):
+ * dV = P^T dO;  dS = P * (dO V^T - D);  dQ = s dS K;  dK = s dS^T Q */
 static void attention_node_backward(Tape *t, Node *n) {
     (void)t;
     attention_backward(&n->p.attn.shape, n->p.attn.scale, data(n->in[0]), data(n->in[1]),
@@ -707,7 +711,7 @@ Var *ag_attention(Tape *t, Var *q, Var *k, Var *v, float scale, bool causal, con
     return n && !save_kv_valid(t, n) ? NULL : y;
 }
 
-/* in: x, cos, sin */
+/* in: x, cos, sin. dx = R^T dy: each pair rotated back by its angle */
 static void rope_node_backward(Tape *t, Node *n) {
     (void)t;
     struct RopeParams r = n->p.rope;
@@ -766,7 +770,8 @@ static bool channels_of(Tape *t, const char *op, const Var *x, struct NormParams
     return check_int(t, op, p->rows) && check_int(t, op, p->C) && check_int(t, op, p->HW);
 }
 
-/* in: x, w, b; saved: mean, rstd [rows] */
+/* in: x, w, b; saved: mean, rstd [rows]. With x^ = (x - mean) rstd and g = dy w:
+ * dx = rstd (g - mean(g) - x^ mean(g x^));  dw = sum dy x^;  db = sum dy */
 static void layernorm_node_backward(Tape *t, Node *n) {
     (void)t;
     layernorm_backward((int)n->p.norm.rows, (int)n->p.norm.C, data(n->in[0]), data(n->in[1]),
@@ -795,7 +800,8 @@ Var *ag_layernorm(Tape *t, Var *x, Var *w, Var *b, float eps) {
     return t->failed ? NULL : y;
 }
 
-/* in: x, w, b; saved: mean, rstd [B, groups] */
+/* in: x, w, b; saved: mean, rstd [B, groups]. LayerNorm's formulas with the means over each
+ * group's channels and pixels: dx = rstd (g - mean(g) - x^ mean(g x^)), g = dy w[c] */
 static void groupnorm_node_backward(Tape *t, Node *n) {
     (void)t;
     struct NormParams p = n->p.norm;
@@ -829,7 +835,8 @@ Var *ag_groupnorm(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
     return t->failed ? NULL : y;
 }
 
-/* in: x, w, b; saved: mean, rstd [B, groups] */
+/* in: x, w, b; saved: mean, rstd [B, groups]. u = groupnorm(x): du = dy silu'(u), then
+ * groupnorm's backward of du (u recomputed from x, never stored) */
 static void groupnorm_silu_node_backward(Tape *t, Node *n) {
     (void)t;
     struct NormParams p = n->p.norm;
@@ -863,7 +870,8 @@ Var *ag_groupnorm_silu(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
     return t->failed ? NULL : y;
 }
 
-/* in: x, w; saved: rstd [rows] */
+/* in: x, w; saved: rstd [rows]. With g = dy w: dx = rstd (g - x rstd^2 mean(g x));
+ * dw = sum dy x rstd */
 static void rmsnorm_node_backward(Tape *t, Node *n) {
     (void)t;
     rmsnorm_backward((int)n->p.norm.rows, (int)n->p.norm.C, data(n->in[0]), data(n->in[1]),
@@ -887,7 +895,8 @@ Var *ag_rmsnorm(Tape *t, Var *x, Var *w, float eps) {
     return t->failed ? NULL : y;
 }
 
-/* in: x, mean, var, w, b */
+/* in: x, mean, var, w, b. Running statistics are constants: dx = dy w / sqrt(var + eps);
+ * dw = sum dy x^;  db = sum dy */
 static void batchnorm_node_backward(Tape *t, Node *n) {
     (void)t;
     struct NormParams p = n->p.norm;
@@ -932,7 +941,7 @@ static Var *pointwise(Tape *t, const char *op, Var *x, PointwiseFn forward, Back
 
 static size_t numel_of(const Var *v) { return (size_t)v->value->numel; }
 
-/* in: x; p.scalar.flag: the tanh approximation */
+/* in: x; p.scalar.flag: the tanh approximation. dx = dy gelu'(x) */
 static void gelu_node_backward(Tape *t, Node *n) {
     (void)t;
     gelu_backward(numel_of(n->out), n->p.scalar.flag, data(n->in[0]), grad(n->out), grad(n->in[0]));
@@ -948,6 +957,7 @@ Var *ag_gelu(Tape *t, Var *x, bool tanh_approx) {
     return y;
 }
 
+/* dx = dy sigma(x) (1 + x (1 - sigma(x))) */
 static void silu_node_backward(Tape *t, Node *n) {
     (void)t;
     silu_backward(numel_of(n->out), data(n->in[0]), grad(n->out), grad(n->in[0]));
@@ -955,6 +965,7 @@ static void silu_node_backward(Tape *t, Node *n) {
 
 Var *ag_silu(Tape *t, Var *x) { return pointwise(t, "silu", x, silu_forward, silu_node_backward); }
 
+/* dx = dy where x > 0 */
 static void relu_node_backward(Tape *t, Node *n) {
     (void)t;
     relu_backward(numel_of(n->out), data(n->in[0]), grad(n->out), grad(n->in[0]));
@@ -962,7 +973,7 @@ static void relu_node_backward(Tape *t, Node *n) {
 
 Var *ag_relu(Tape *t, Var *x) { return pointwise(t, "relu", x, relu_forward, relu_node_backward); }
 
-/* sigmoid's backward needs only its output */
+/* sigmoid's backward needs only its output: dx = dy y (1 - y) */
 static void sigmoid_node_backward(Tape *t, Node *n) {
     (void)t;
     sigmoid_backward(numel_of(n->out), data(n->out), grad(n->out), grad(n->in[0]));
@@ -972,7 +983,7 @@ Var *ag_sigmoid(Tape *t, Var *x) {
     return pointwise(t, "sigmoid", x, sigmoid_forward, sigmoid_node_backward);
 }
 
-/* softmax's backward needs only its output; p.norm: rows, C */
+/* softmax's backward needs only its output; p.norm: rows, C. dx = y (dy - sum(dy y)) per row */
 static void softmax_node_backward(Tape *t, Node *n) {
     (void)t;
     softmax_backward((int)n->p.norm.rows, (int)n->p.norm.C, data(n->out), grad(n->out),
@@ -1015,6 +1026,7 @@ static Var *resized_result(Tape *t, const Var *x, int64_t out_h, int64_t out_w) 
     return result(t, nd, shape);
 }
 
+/* dx[i, j] = the sum of dy over the 2x2 pixels (i, j) became */
 static void upsample_node_backward(Tape *t, Node *n) {
     (void)t;
     struct ResizeParams r = n->p.resize;
@@ -1038,6 +1050,7 @@ Var *ag_upsample_nearest2x(Tape *t, Var *x) {
     return y;
 }
 
+/* dx = each dy spread back onto its four source pixels with the interpolation weights */
 static void resize_node_backward(Tape *t, Node *n) {
     (void)t;
     struct ResizeParams r = n->p.resize;
@@ -1068,7 +1081,7 @@ static bool check_same_shape(Tape *t, const char *op, const Var *a, const Var *b
                 shape_of(b, s2, sizeof s2)) != NULL;
 }
 
-/* in: a, b */
+/* in: a, b. da = dy;  db = dy */
 static void add_backward(Tape *t, Node *n) {
     (void)t;
     for (int i = 0; i < 2; i++)
@@ -1084,7 +1097,7 @@ Var *ag_add(Tape *t, Var *a, Var *b) {
     return y;
 }
 
-/* in: a, b */
+/* in: a, b. da = dy b;  db = dy a */
 static void mul_node_backward(Tape *t, Node *n) {
     (void)t;
     Var *a = n->in[0], *b = n->in[1];
@@ -1100,7 +1113,7 @@ Var *ag_mul(Tape *t, Var *a, Var *b) {
     return y;
 }
 
-/* in: x; p.scalar.a: alpha */
+/* in: x; p.scalar.a: alpha. dx = alpha dy */
 static void scale_backward(Tape *t, Node *n) {
     (void)t;
     axpy(numel_of(n->out), n->p.scalar.a, grad(n->out), grad(n->in[0]));
@@ -1116,7 +1129,7 @@ Var *ag_scale(Tape *t, Var *x, float alpha) {
     return y;
 }
 
-/* in: x; p.scalar.a: alpha */
+/* in: x; p.scalar.a: alpha. y = alpha x + beta: dx = alpha dy */
 static void affine_backward(Tape *t, Node *n) {
     (void)t;
     axpy(numel_of(n->out), n->p.scalar.a, grad(n->out), grad(n->in[0]));
@@ -1170,7 +1183,7 @@ static bool broadcast_of(Tape *t, const char *op, const Var *x, const Var *v, bo
                 (long long)p->C, shape_of(v, s2, sizeof s2)) != NULL;
 }
 
-/* in: x, v */
+/* in: x, v. dx = dy;  dv = sum over rows of dy */
 static void add_rows_backward(Tape *t, Node *n) {
     (void)t;
     if (grad(n->in[0])) axpy(numel_of(n->out), 1.0f, grad(n->out), grad(n->in[0]));
@@ -1190,7 +1203,7 @@ Var *ag_add_rows(Tape *t, Var *x, Var *v) {
     return y;
 }
 
-/* in: x, v */
+/* in: x, v. dx = dy v;  dv = sum over rows of dy x */
 static void mul_rows_node_backward(Tape *t, Node *n) {
     (void)t;
     mul_rows_backward((int)n->p.norm.rows, (int)n->p.norm.C, data(n->in[0]), data(n->in[1]),
@@ -1209,7 +1222,7 @@ Var *ag_mul_rows(Tape *t, Var *x, Var *v) {
     return y;
 }
 
-/* in: x, v; p.norm: rows = B, C, HW */
+/* in: x, v; p.norm: rows = B, C, HW. dx = dy;  dv[c] = sum of dy over channel c's planes */
 static void add_channels_backward(Tape *t, Node *n) {
     (void)t;
     struct NormParams p = n->p.norm;
@@ -1231,8 +1244,8 @@ Var *ag_add_channels(Tape *t, Var *x, Var *v) {
     return y;
 }
 
-/* in: x, v; p.norm: rows = B, C, HW. No kernel has this shape: each plane is scaled, and
- * dv[c] sums dy * x over the planes of channel c in a fixed order. */
+/* in: x, v; p.norm: rows = B, C, HW. dx = dy v[c];  dv[c] = sum of dy x over channel c's
+ * planes. No kernel has this shape: each plane is scaled, and dv[c] sums in a fixed order. */
 static void mul_channels_backward(Tape *t, Node *n) {
     (void)t;
     struct NormParams p = n->p.norm;
@@ -1268,7 +1281,8 @@ Var *ag_mul_channels(Tape *t, Var *x, Var *v) {
     return y;
 }
 
-/* in: x; p.scalar.a: d y / d x for every element (1 for the sum, 1/n for the mean) */
+/* in: x; p.scalar.a: d y / d x for every element (1 for the sum, 1/n for the mean).
+ * dx = a dy, the same for every element */
 static void reduce_backward(Tape *t, Node *n) {
     (void)t;
     float g = grad(n->out)[0] * n->p.scalar.a, *dx = grad(n->in[0]);
@@ -1293,7 +1307,7 @@ static Var *reduce(Tape *t, const char *op, Var *x, bool mean) {
 Var *ag_sum(Tape *t, Var *x) { return reduce(t, "sum", x, false); }
 Var *ag_mean(Tape *t, Var *x) { return reduce(t, "mean", x, true); }
 
-/* in: x; p.scalar: lo, hi */
+/* in: x; p.scalar: lo, hi. dx = dy where lo <= x <= hi, else 0 */
 static void clamp_node_backward(Tape *t, Node *n) {
     (void)t;
     clamp_backward(numel_of(n->out), n->p.scalar.a, n->p.scalar.b, data(n->in[0]), grad(n->out),
@@ -1311,7 +1325,7 @@ Var *ag_clamp(Tape *t, Var *x, float lo, float hi) {
     return y;
 }
 
-/* in: x; p.scalar.a: the exponent */
+/* in: x; p.scalar.a: the exponent p. dx = dy p x^(p-1) */
 static void pow_node_backward(Tape *t, Node *n) {
     (void)t;
     pow_backward(numel_of(n->out), n->p.scalar.a, data(n->in[0]), grad(n->out), grad(n->in[0]));
@@ -1385,7 +1399,7 @@ static void permute_walk(int ndim, const int64_t *x_shape, const int *perm, floa
     }
 }
 
-/* in: x; p.perm */
+/* in: x; p.perm. dx = dy permuted back (the inverse permutation) */
 static void permute_backward(Tape *t, Node *n) {
     (void)t;
     const Tensor *xv = n->in[0]->value;
@@ -1446,7 +1460,7 @@ static struct WindowParams window_of(const Tensor *x, int dim, int64_t offset) {
                                  .dim = dim};
 }
 
-/* in: x; p.window.offset: the first row taken */
+/* in: x; p.window.offset: the first row taken. dx[offset .. offset + len) += dy, 0 elsewhere */
 static void slice_backward(Tape *t, Node *n) {
     (void)t;
     struct WindowParams w = n->p.window;
@@ -1473,7 +1487,7 @@ Var *ag_slice(Tape *t, Var *x, int dim, int64_t start, int64_t len) {
     return y;
 }
 
-/* in: the parts, in order */
+/* in: the parts, in order. Each part's dx is its own slice of dy */
 static void concat_backward(Tape *t, Node *n) {
     (void)t;
     struct WindowParams w = n->p.window;
