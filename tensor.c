@@ -993,6 +993,89 @@ void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const
     }
 }
 
+/* The element counts of a convolution's x, w and y ('x', 'w', 'y'). */
+static size_t conv_reference_count(const Conv2dShape *s, char which) {
+    if (which == 'x') return (size_t)s->batch * s->in_ch * s->in_h * s->in_w;
+    if (which == 'w') return (size_t)s->out_ch * (s->in_ch / s->groups) * s->kernel_h * s->kernel_w;
+    return (size_t)s->batch * s->out_ch * conv2d_out_h(s) * conv2d_out_w(s);
+}
+
+/* Calls visit(ctx, x index, w index, y index) for every multiply of the convolution: the one
+ * place the reference spells out the index arithmetic, shared by its forward and backward. */
+typedef void (*ConvTermFn)(void *ctx, size_t xi, size_t wi, size_t yi);
+
+static void conv2d_reference_terms(const Conv2dShape *s, ConvTermFn visit, void *ctx) {
+    int Ho = conv2d_out_h(s), Wo = conv2d_out_w(s);
+    int cin_g = s->in_ch / s->groups, cout_g = s->out_ch / s->groups;
+    for (int b = 0; b < s->batch; b++)
+        for (int co = 0; co < s->out_ch; co++)
+            for (int oh = 0; oh < Ho; oh++)
+                for (int ow = 0; ow < Wo; ow++) {
+                    size_t yi = (((size_t)b * s->out_ch + co) * Ho + oh) * Wo + ow;
+                    for (int c = 0; c < cin_g; c++) {
+                        int ci = co / cout_g * cin_g + c;
+                        for (int i = 0; i < s->kernel_h; i++)
+                            for (int j = 0; j < s->kernel_w; j++) {
+                                int ih = oh * s->stride_h - s->pad_h + i;
+                                int iw = ow * s->stride_w - s->pad_w + j;
+                                if (ih < 0 || ih >= s->in_h || iw < 0 || iw >= s->in_w) continue;
+                                size_t xi =
+                                    (((size_t)b * s->in_ch + ci) * s->in_h + ih) * s->in_w + iw;
+                                size_t wi =
+                                    (((size_t)co * cin_g + c) * s->kernel_h + i) * s->kernel_w + j;
+                                visit(ctx, xi, wi, yi);
+                            }
+                    }
+                }
+}
+
+typedef struct ConvReference {
+    const float *x, *w, *dy;
+    double *y, *dx, *dw;
+} ConvReference;
+
+static void conv2d_forward_term(void *ctx, size_t xi, size_t wi, size_t yi) {
+    ConvReference *r = ctx;
+    r->y[yi] += (double)r->x[xi] * r->w[wi];
+}
+
+static void conv2d_backward_term(void *ctx, size_t xi, size_t wi, size_t yi) {
+    ConvReference *r = ctx;
+    r->dx[xi] += (double)r->w[wi] * r->dy[yi];
+    r->dw[wi] += (double)r->x[xi] * r->dy[yi];
+}
+
+void conv2d_reference_forward(const Conv2dShape *s, const float *x, const float *w,
+                              const float *b, float *y) {
+    size_t ny = conv_reference_count(s, 'y'), plane = ny / ((size_t)s->batch * s->out_ch);
+    ConvReference r = {.x = x, .w = w, .y = calloc(ny ? ny : 1, sizeof(double))};
+    if (r.y) conv2d_reference_terms(s, conv2d_forward_term, &r);
+    for (size_t i = 0; i < ny; i++)
+        y[i] = r.y ? (float)(r.y[i] + (b ? b[i / plane % s->out_ch] : 0.0)) : NAN;
+    free(r.y);
+}
+
+void conv2d_reference_backward(const Conv2dShape *s, const float *x, const float *w,
+                               const float *dy, float *dx, float *dw, float *db) {
+    size_t nx = conv_reference_count(s, 'x'), nw = conv_reference_count(s, 'w');
+    size_t ny = conv_reference_count(s, 'y'), plane = ny / ((size_t)s->batch * s->out_ch);
+    ConvReference r = {.x = x,
+                       .w = w,
+                       .dy = dy,
+                       .dx = calloc(nx ? nx : 1, sizeof(double)),
+                       .dw = calloc(nw ? nw : 1, sizeof(double))};
+    double *sum_db = calloc((size_t)s->out_ch, sizeof(double));
+    bool ok = r.dx && r.dw && sum_db;
+    if (ok) conv2d_reference_terms(s, conv2d_backward_term, &r);
+    for (size_t i = 0; ok && i < ny; i++) sum_db[i / plane % s->out_ch] += dy[i];
+    for (size_t i = 0; dx && i < nx; i++) dx[i] += ok ? (float)r.dx[i] : NAN;
+    for (size_t i = 0; dw && i < nw; i++) dw[i] += ok ? (float)r.dw[i] : NAN;
+    for (int c = 0; db && c < s->out_ch; c++) db[c] += ok ? (float)sum_db[c] : NAN;
+    free(r.dx);
+    free(r.dw);
+    free(sum_db);
+}
+
 /* ---- attention and rotary embedding ----------------------------------------------------- */
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -1481,6 +1564,81 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
     }
     free(pool);
     free(di);
+}
+
+static bool attention_reference_visible(const AttentionShape *s, int b, int i, int j) {
+    if (s->kv_valid && j >= s->kv_valid[b]) return false;
+    return !s->causal || j <= i + (s->kv_len - s->q_len);
+}
+
+/* One query row at a time: the scores, their softmax, out = P V, then dQ, dK, dV from dout. */
+void attention_reference(const AttentionShape *s, float scale, const float *q, const float *k,
+                         const float *v, const float *dout, float *out, float *lse, float *dq,
+                         float *dk, float *dv) {
+    int H = s->heads, Hkv = s->kv_heads, D = s->head_dim, Nq = s->q_len, Nk = s->kv_len;
+    size_t nk_all = (size_t)s->batch * Nk * Hkv * D;
+    double *p = malloc((Nk + 1) * sizeof *p), *dq_row = malloc((D + 1) * sizeof *dq_row),
+           *dk_acc = calloc(nk_all + 1, sizeof *dk_acc), *dv_acc = calloc(nk_all + 1, sizeof *dv_acc);
+    if (!p || !dq_row || !dk_acc || !dv_acc) {
+        size_t nq_all = (size_t)s->batch * Nq * H * D, rows = (size_t)s->batch * H * Nq;
+        for (size_t i = 0; i < nq_all; i++) out[i] = dq[i] = NAN;
+        for (size_t i = 0; i < rows; i++) lse[i] = NAN;
+        for (size_t i = 0; i < nk_all; i++) dk[i] = dv[i] = NAN;
+        free(p);
+        free(dq_row);
+        free(dk_acc);
+        free(dv_acc);
+        return;
+    }
+    for (int b = 0; b < s->batch; b++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < Nq; i++) {
+                const float *qi = q + (((size_t)b * Nq + i) * H + h) * D;
+                const float *doi = dout + (((size_t)b * Nq + i) * H + h) * D;
+                float *oi = out + (((size_t)b * Nq + i) * H + h) * D;
+                float *dqi = dq + (((size_t)b * Nq + i) * H + h) * D;
+                size_t kv_row0 = ((size_t)b * Nk * Hkv + h / (H / Hkv)) * D, kv_step = (size_t)Hkv * D;
+                double m = -INFINITY, sum = 0.0;
+                for (int j = 0; j < Nk; j++) {
+                    double dot = 0.0;
+                    for (int d = 0; d < D; d++) dot += (double)qi[d] * k[kv_row0 + j * kv_step + d];
+                    p[j] = attention_reference_visible(s, b, i, j) ? scale * dot : -INFINITY;
+                    if (p[j] > m) m = p[j];
+                }
+                for (int d = 0; d < D; d++) oi[d] = dqi[d] = 0.0f;
+                for (int d = 0; d < D; d++) dq_row[d] = 0.0;
+                lse[((size_t)b * H + h) * Nq + i] = -INFINITY;
+                if (m == -INFINITY) continue;
+                for (int j = 0; j < Nk; j++) sum += p[j] = exp(p[j] - m);
+                lse[((size_t)b * H + h) * Nq + i] = (float)(m + log(sum));
+                double di = 0.0;
+                for (int d = 0; d < D; d++) {
+                    double o = 0.0;
+                    for (int j = 0; j < Nk; j++) o += p[j] / sum * v[kv_row0 + j * kv_step + d];
+                    oi[d] = (float)o;
+                    di += o * doi[d];
+                }
+                for (int j = 0; j < Nk; j++) {
+                    const float *kj = k + kv_row0 + j * kv_step, *vj = v + kv_row0 + j * kv_step;
+                    double pj = p[j] / sum, dp = 0.0;
+                    for (int d = 0; d < D; d++) dp += (double)doi[d] * vj[d];
+                    double ds = pj * (dp - di) * scale;
+                    for (int d = 0; d < D; d++) {
+                        dq_row[d] += ds * kj[d];
+                        dk_acc[kv_row0 + j * kv_step + d] += ds * qi[d];
+                        dv_acc[kv_row0 + j * kv_step + d] += pj * doi[d];
+                    }
+                }
+                for (int d = 0; d < D; d++) dqi[d] = (float)dq_row[d];
+            }
+    for (size_t i = 0; i < nk_all; i++) {
+        dk[i] = (float)dk_acc[i];
+        dv[i] = (float)dv_acc[i];
+    }
+    free(p);
+    free(dq_row);
+    free(dk_acc);
+    free(dv_acc);
 }
 
 /* Rotary embedding: each pair (x[a], x[b]) of a head turns by its position's angle i,

@@ -70,6 +70,13 @@ void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const 
 /* dy: [B, Cout, Ho, Wo] -> dx += [B, Cin, H, W], dw += [Cout, Cin/groups, kh, kw], db += [Cout] */
 void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const float *dy,
                      float *dx, float *dw, float *db);
+/* The same convolution as a direct loop over every multiply (torch.nn.functional.conv2d
+ * spelled out), each output and gradient summed in double: the readable reference the tests
+ * trust. y is overwritten; dx, dw, db accumulate (NULL: skipped). NaNs when out of memory. */
+void conv2d_reference_forward(const Conv2dShape *s, const float *x, const float *w,
+                              const float *b, float *y);
+void conv2d_reference_backward(const Conv2dShape *s, const float *x, const float *w,
+                               const float *dy, float *dx, float *dw, float *db);
 
 /* ---- attention and rotary embedding ----------------------------------------------------- */
 
@@ -93,6 +100,13 @@ void attention_forward(const AttentionShape *s, float scale, const float *q, con
 void attention_backward(const AttentionShape *s, float scale, const float *q, const float *k,
                         const float *v, const float *out, const float *lse, const float *dout,
                         float *dq, float *dk, float *dv);
+
+/* The same attention by the textbook formulas, a full softmax row at a time, in double: out and
+ * lse as attention_forward, and dq, dk, dv (overwritten, not accumulated) for dout. The
+ * readable reference the tests trust; O(Nk) memory per row. NaNs when out of memory. */
+void attention_reference(const AttentionShape *s, float scale, const float *q, const float *k,
+                         const float *v, const float *dout, float *out, float *lse, float *dq,
+                         float *dk, float *dv);
 
 /* Which two elements of a head rotary embedding turns together: FLUX's adjacent pairs
  * (x[2i], x[2i+1]) (diffusers apply_rotary_emb, use_real_unbind_dim=-1) or Qwen's halves

@@ -64,71 +64,6 @@ static void buffers_free(Buffers *b) {
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
 }
 
-/* ---- the naive reference: full softmax rows, double accumulation ---- */
-
-static bool key_visible(const AttentionShape *s, int b, int i, int j) {
-    if (s->kv_valid && j >= s->kv_valid[b]) return false;
-    return !s->causal || j <= i + (s->kv_len - s->q_len);
-}
-
-/* out, lse and gradients (overwritten) by the textbook formulas, one query row at a time. */
-static void reference_attention(const AttentionShape *s, float scale, const Buffers *in, float *out,
-                                float *lse, float *dq, float *dk, float *dv) {
-    int H = s->heads, Hkv = s->kv_heads, D = s->head_dim, Nq = s->q_len, Nk = s->kv_len;
-    size_t nk_all = (size_t)s->batch * Nk * Hkv * D;
-    double *p = malloc((Nk + 1) * sizeof *p), *dq_row = malloc((D + 1) * sizeof *dq_row),
-           *dk_acc = calloc(nk_all + 1, sizeof *dk_acc), *dv_acc = calloc(nk_all + 1, sizeof *dv_acc);
-    for (int b = 0; b < s->batch; b++)
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < Nq; i++) {
-                const float *qi = in->q + (((size_t)b * Nq + i) * H + h) * D;
-                const float *doi = in->dout + (((size_t)b * Nq + i) * H + h) * D;
-                float *oi = out + (((size_t)b * Nq + i) * H + h) * D;
-                float *dqi = dq + (((size_t)b * Nq + i) * H + h) * D;
-                size_t kv_row0 = ((size_t)b * Nk * Hkv + h / (H / Hkv)) * D, kv_step = (size_t)Hkv * D;
-                double m = -INFINITY, sum = 0.0;
-                for (int j = 0; j < Nk; j++) {
-                    double dot = 0.0;
-                    for (int d = 0; d < D; d++) dot += (double)qi[d] * in->k[kv_row0 + j * kv_step + d];
-                    p[j] = key_visible(s, b, i, j) ? scale * dot : -INFINITY;
-                    if (p[j] > m) m = p[j];
-                }
-                for (int d = 0; d < D; d++) oi[d] = dqi[d] = 0.0f;
-                for (int d = 0; d < D; d++) dq_row[d] = 0.0;
-                lse[((size_t)b * H + h) * Nq + i] = -INFINITY;
-                if (m == -INFINITY) continue;
-                for (int j = 0; j < Nk; j++) sum += p[j] = exp(p[j] - m);
-                lse[((size_t)b * H + h) * Nq + i] = (float)(m + log(sum));
-                double di = 0.0;
-                for (int d = 0; d < D; d++) {
-                    double o = 0.0;
-                    for (int j = 0; j < Nk; j++) o += p[j] / sum * in->v[kv_row0 + j * kv_step + d];
-                    oi[d] = (float)o;
-                    di += o * doi[d];
-                }
-                for (int j = 0; j < Nk; j++) {
-                    const float *kj = in->k + kv_row0 + j * kv_step, *vj = in->v + kv_row0 + j * kv_step;
-                    double pj = p[j] / sum, dp = 0.0;
-                    for (int d = 0; d < D; d++) dp += (double)doi[d] * vj[d];
-                    double ds = pj * (dp - di) * scale;
-                    for (int d = 0; d < D; d++) {
-                        dq_row[d] += ds * kj[d];
-                        dk_acc[kv_row0 + j * kv_step + d] += ds * qi[d];
-                        dv_acc[kv_row0 + j * kv_step + d] += pj * doi[d];
-                    }
-                }
-                for (int d = 0; d < D; d++) dqi[d] = (float)dq_row[d];
-            }
-    for (size_t i = 0; i < nk_all; i++) {
-        dk[i] = (float)dk_acc[i];
-        dv[i] = (float)dv_acc[i];
-    }
-    free(p);
-    free(dq_row);
-    free(dk_acc);
-    free(dv_acc);
-}
-
 /* lse may hold -inf (rows that see no key): the -inf pattern must match exactly, the finite
  * values within tolerance. */
 static void check_lse(const char *what, const float *got, const float *want, size_t n, float rtol,
@@ -156,7 +91,7 @@ static void test_against_reference(const Case *c) {
     float *out = malloc((b.nq + 1) * sizeof *out), *lse = malloc((b.nlse + 1) * sizeof *lse);
     float *dq = malloc((b.nq + 1) * sizeof *dq), *dk = malloc((b.nk + 1) * sizeof *dk),
           *dv = malloc((b.nk + 1) * sizeof *dv);
-    reference_attention(&s, scale, &b, out, lse, dq, dk, dv);
+    attention_reference(&s, scale, b.q, b.k, b.v, b.dout, out, lse, dq, dk, dv);
     attention_forward(&s, scale, b.q, b.k, b.v, b.out, b.lse);
     attention_backward(&s, scale, b.q, b.k, b.v, b.out, b.lse, b.dout, b.dq, b.dk, b.dv);
     char what[160];

@@ -12,7 +12,7 @@
 #include "../tensor.h"
 #include "harness.h"
 
-/* ---- the reference: torch.nn.functional.conv2d as a direct loop, in double ---------------- */
+/* ---- sizes (the reference itself, conv2d_reference_*, is in tensor.c) ---------------------- */
 
 static size_t x_count(const Conv2dShape *s) {
     return (size_t)s->batch * s->in_ch * s->in_h * s->in_w;
@@ -22,82 +22,6 @@ static size_t w_count(const Conv2dShape *s) {
 }
 static size_t y_count(const Conv2dShape *s) {
     return (size_t)s->batch * s->out_ch * conv2d_out_h(s) * conv2d_out_w(s);
-}
-
-/* Calls visit(ctx, x index, w index, y index) for every multiply of the convolution: the one
- * place the reference spells out the index arithmetic, shared by its forward and backward. */
-typedef void (*TermFn)(void *ctx, size_t xi, size_t wi, size_t yi);
-
-static void reference_terms(const Conv2dShape *s, TermFn visit, void *ctx) {
-    int Ho = conv2d_out_h(s), Wo = conv2d_out_w(s);
-    int cin_g = s->in_ch / s->groups, cout_g = s->out_ch / s->groups;
-    for (int b = 0; b < s->batch; b++)
-        for (int co = 0; co < s->out_ch; co++)
-            for (int oh = 0; oh < Ho; oh++)
-                for (int ow = 0; ow < Wo; ow++) {
-                    size_t yi = (((size_t)b * s->out_ch + co) * Ho + oh) * Wo + ow;
-                    for (int c = 0; c < cin_g; c++) {
-                        int ci = co / cout_g * cin_g + c;
-                        for (int i = 0; i < s->kernel_h; i++)
-                            for (int j = 0; j < s->kernel_w; j++) {
-                                int ih = oh * s->stride_h - s->pad_h + i;
-                                int iw = ow * s->stride_w - s->pad_w + j;
-                                if (ih < 0 || ih >= s->in_h || iw < 0 || iw >= s->in_w) continue;
-                                size_t xi =
-                                    (((size_t)b * s->in_ch + ci) * s->in_h + ih) * s->in_w + iw;
-                                size_t wi =
-                                    (((size_t)co * cin_g + c) * s->kernel_h + i) * s->kernel_w + j;
-                                visit(ctx, xi, wi, yi);
-                            }
-                    }
-                }
-}
-
-typedef struct RefCtx {
-    const float *x, *w, *dy;
-    double *y, *dx, *dw;
-} RefCtx;
-
-static void forward_term(void *ctx, size_t xi, size_t wi, size_t yi) {
-    RefCtx *r = ctx;
-    r->y[yi] += (double)r->x[xi] * r->w[wi];
-}
-
-static void backward_term(void *ctx, size_t xi, size_t wi, size_t yi) {
-    RefCtx *r = ctx;
-    r->dx[xi] += (double)r->w[wi] * r->dy[yi];
-    r->dw[wi] += (double)r->x[xi] * r->dy[yi];
-}
-
-/* y = conv(x, w) + b, each output summed in double. */
-static void reference_forward(const Conv2dShape *s, const float *x, const float *w, const float *b,
-                              float *y) {
-    size_t ny = y_count(s), plane = ny / ((size_t)s->batch * s->out_ch);
-    RefCtx r = {.x = x, .w = w, .y = calloc(ny, sizeof(double))};
-    reference_terms(s, forward_term, &r);
-    for (size_t i = 0; i < ny; i++) y[i] = (float)(r.y[i] + (b ? b[i / plane % s->out_ch] : 0.0));
-    free(r.y);
-}
-
-/* dx += conv^T(dy), dw += dy (x) x, db += sum dy; the increments summed in double. */
-static void reference_backward(const Conv2dShape *s, const float *x, const float *w,
-                               const float *dy, float *dx, float *dw, float *db) {
-    size_t nx = x_count(s), nw = w_count(s), ny = y_count(s);
-    size_t plane = ny / ((size_t)s->batch * s->out_ch);
-    RefCtx r = {.x = x,
-                .w = w,
-                .dy = dy,
-                .dx = calloc(nx, sizeof(double)),
-                .dw = calloc(nw, sizeof(double))};
-    reference_terms(s, backward_term, &r);
-    double *sum_db = calloc((size_t)s->out_ch, sizeof(double));
-    for (size_t i = 0; i < ny; i++) sum_db[i / plane % s->out_ch] += dy[i];
-    for (size_t i = 0; i < nx; i++) dx[i] += (float)r.dx[i];
-    for (size_t i = 0; i < nw; i++) dw[i] += (float)r.dw[i];
-    for (int c = 0; c < s->out_ch; c++) db[c] += (float)sum_db[c];
-    free(r.dx);
-    free(r.dw);
-    free(sum_db);
 }
 
 /* ---- test data ----------------------------------------------------------------------------- */
@@ -171,12 +95,12 @@ static void test_against_reference(const Conv2dShape *s, unsigned long long *rng
     /* forward overwrites y: NaN already there must not leak */
     for (size_t i = 0; i < ny; i++) y[i] = NAN;
     conv2d_forward(s, x, w, b, y);
-    reference_forward(s, x, w, b, y_want);
+    conv2d_reference_forward(s, x, w, b, y_want);
     snprintf(what, sizeof what, "forward %s", name);
     check_close(what, y, y_want, ny, 1e-5f, sum_atol(K));
 
     conv2d_forward(s, x, w, NULL, y);
-    reference_forward(s, x, w, NULL, y_want);
+    conv2d_reference_forward(s, x, w, NULL, y_want);
     snprintf(what, sizeof what, "forward without bias %s", name);
     check_close(what, y, y_want, ny, 1e-5f, sum_atol(K));
 
@@ -186,7 +110,7 @@ static void test_against_reference(const Conv2dShape *s, unsigned long long *rng
     float *dx_want = copy_array(dx, nx), *dw_want = copy_array(dw, nw);
     float *db_want = copy_array(db, s->out_ch);
     conv2d_backward(s, x, w, dy, dx, dw, db);
-    reference_backward(s, x, w, dy, dx_want, dw_want, db_want);
+    conv2d_reference_backward(s, x, w, dy, dx_want, dw_want, db_want);
     snprintf(what, sizeof what, "backward dx += %s", name);
     check_close(what, dx, dx_want, nx, 1e-5f, sum_atol(dx_len));
     snprintf(what, sizeof what, "backward dw += %s", name);
