@@ -181,6 +181,61 @@ static void test_pipeline(void) {
     prompt_encoder_free(p);
 }
 
+/* The same weights as one f32 model.safetensors (no index) give the same embeddings bit for bit:
+ * bf16 widens to f32 exactly, and the layout does not matter. */
+static void test_f32_single_file(void) {
+    char dir[] = "/tmp/test_qwen3_f32.XXXXXX", path[256], *config = NULL;
+    StModel *bf16 = NULL;
+    Error e = {{0}};
+    size_t len;
+    if (!mkdtemp(dir) || st_model_open(&bf16, KLEIN "/text_encoder", &e) ||
+        file_read_all(KLEIN "/text_encoder/config.json", &config, &len, &e)) {
+        CHECK(0, "the f32 copy's inputs: %s", e.msg);
+        st_model_close(bf16);
+        return;
+    }
+    size_t n = st_model_count(bf16);
+    StWriteTensor *out = calloc(n, sizeof *out);
+    float **values = calloc(n, sizeof *values);
+    int rc = out && values ? 0 : -1;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const StTensor *s = st_model_at(bf16, i);
+        out[i] = (StWriteTensor){.name = s->name, .dtype = DTYPE_F32, .ndim = s->ndim};
+        memcpy(out[i].shape, s->shape, sizeof s->shape);
+        rc = !(values[i] = malloc((size_t)s->numel * sizeof(float))) ||
+             st_model_read_f32(bf16, s->name, values[i], s->numel, &e);
+        out[i].data = values[i];
+    }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (rc == 0) rc = st_write(path, out, n, &e);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (rc == 0) rc = write_file_atomic(path, config, len, &e);
+    Qwen3 *a = NULL, *b = NULL;
+    Tensor *ya = NULL, *yb = NULL;
+    int32_t ids[12] = {302, 10, 20, 30, 40, 50, 60, 70, 303, 301, 301, 301};
+    int length = 9;
+    if (rc == 0)
+        rc = qwen3_open(&a, KLEIN "/text_encoder", WEIGHTS_FILES, 0, &e) ||
+             qwen3_open(&b, dir, WEIGHTS_FILES, 0, &e) ||
+             qwen3_prompt_embeds(a, ids, &length, 1, 12, &ya, &e) ||
+             qwen3_prompt_embeds(b, ids, &length, 1, 12, &yb, &e);
+    CHECK(rc == 0 && !memcmp(ya->data, yb->data, (size_t)ya->numel * sizeof(float)),
+          "bf16 shards and one f32 file give the same embeddings %s", e.msg);
+    tensor_free(ya);
+    tensor_free(yb);
+    qwen3_free(a);
+    qwen3_free(b);
+    for (size_t i = 0; values && i < n; i++) free(values[i]);
+    free(values);
+    free(out);
+    free(config);
+    st_model_close(bf16);
+    remove(path);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    remove(path);
+    rmdir(dir);
+}
+
 /* cmd's exit status with its stderr in log (its stdout discarded). */
 static int run_logged(const char *cmd, const char *log) {
     char line[8192];
@@ -284,6 +339,7 @@ int main(int argc, char **argv) {
     test_golden();
     test_configs();
     test_pipeline();
+    test_f32_single_file();
     test_cli(argv[0]);
     return harness_finish("test_qwen3");
 }
