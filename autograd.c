@@ -37,6 +37,8 @@ typedef void (*BackwardFn)(Tape *t, Node *n);
 
 /* The scalar settings of each kind of node. */
 struct MatmulParams { int64_t M, N, K, batch; bool shared_b; };
+/* A constant weight as it is stored (ag_linear_stored). */
+struct StoredParams { const void *w; DType dtype; int64_t M, N, K; };
 struct RopeParams { int batch, n, heads, head_dim; RopePairs pairs; };
 struct NormParams { int64_t rows, C, HW; int groups; float eps; };
 struct ResizeParams { int64_t planes, H, W, out_h, out_w; };
@@ -52,6 +54,7 @@ struct Node {
     int *kv_valid; /* attention's copy of the caller's valid key counts */
     union {
         struct MatmulParams mm;
+        struct StoredParams stored;
         Conv2dShape conv;
         struct { AttentionShape shape; float scale; } attn;
         struct RopeParams rope;
@@ -538,6 +541,38 @@ Var *ag_linear(Tape *t, Var *x, Var *w, Var *b) {
          (int)N);
     if (b) add_rows_forward((int)M, (int)N, data(y), data(b), data(y));
     if (n) n->p.mm = (struct MatmulParams){.M = M, .N = N, .K = K};
+    return y;
+}
+
+/* in: x. y = x w^T with w [N, K] constant, as stored.  dx = dy w */
+static void linear_stored_backward(Tape *t, Node *n) {
+    (void)t;
+    struct StoredParams s = n->p.stored;
+    if (grad(n->in[0]))
+        gemm_stored(false, false, (int)s.M, (int)s.K, (int)s.N, 1.0f, grad(n->out), (int)s.N,
+                    s.w, s.dtype, (int)s.K, 1.0f, grad(n->in[0]), (int)s.K);
+}
+
+Var *ag_linear_stored(Tape *t, Var *x, const void *w, DType dtype, int64_t N, int64_t K) {
+    const char *op = "linear_stored";
+    if (!ready(t, op, 1, (Var *[]){x})) return NULL;
+    const Tensor *xv = x->value;
+    char s1[64];
+    if (!w || (dtype != DTYPE_F32 && dtype != DTYPE_BF16 && dtype != DTYPE_F16) ||
+        xv->shape[xv->ndim - 1] != K)
+        return fail(t, "linear_stored: x %s needs a stored F32/BF16/F16 weight [N, %lld]",
+                    shape_of(x, s1, sizeof s1), (long long)K);
+    int64_t M = dims_product(xv, 0, xv->ndim - 1);
+    if (!check_int(t, op, M) || !check_int(t, op, N) || !check_int(t, op, K)) return NULL;
+    int64_t shape[TENSOR_MAX_DIMS];
+    memcpy(shape, xv->shape, sizeof shape);
+    shape[xv->ndim - 1] = N;
+    Var *y = result(t, xv->ndim, shape);
+    Node *n;
+    if (!y || !record(t, y, linear_stored_backward, 1, (Var *[]){x}, &n)) return NULL;
+    gemm_stored(false, true, (int)M, (int)N, (int)K, 1.0f, data(x), (int)K, w, dtype, (int)K, 0.0f,
+                data(y), (int)N);
+    if (n) n->p.stored = (struct StoredParams){.w = w, .dtype = dtype, .M = M, .N = N, .K = K};
     return y;
 }
 

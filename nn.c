@@ -430,24 +430,11 @@ static int spec_list_add(SpecList *l, const char *name, int ndim, const int64_t 
     return 0;
 }
 
-/* The tensor named by name_fmt with exactly `shape` as a leaf, owned by the part or the model's
- * Params (NULL when only checking or listing). */
-static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64_t *shape,
-                        const char *name_fmt, ...)
-#if defined(__GNUC__) || defined(__clang__)
-    __attribute__((format(printf, 6, 7)))
-#endif
-    ;
-static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64_t *shape,
-                        const char *name_fmt, ...) {
-    char name[256];
-    va_list ap;
-    va_start(ap, name_fmt);
-    int len = vsnprintf(name, sizeof name, name_fmt, ap);
-    va_end(ap);
+/* The tensor `name` with exactly `shape` as a leaf, owned by the part or the model's Params (NULL
+ * when only checking or listing). */
+static int part_weight_named(WeightPart *p, Var **out, Error *e, int ndim, const int64_t *shape,
+                             const char *name) {
     *out = NULL;
-    if (len < 0 || (size_t)len >= sizeof name)
-        return error_set(e, "tensor name too long: %s", name);
     if (p->mode == PART_CHECK) return params_check_shape(p->weights, name, ndim, shape, e);
     if (p->mode == PART_LIST) return spec_list_add(p->list, name, ndim, shape, e);
     if (p->mode == PART_RESIDENT)
@@ -457,6 +444,76 @@ static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64
         return p->tape ? -1 : error_set(e, "out of memory loading tensor '%s'", name);
     *out = var_take(p->tape, value, false);
     return *out ? 0 : error_set(e, "out of memory loading tensor '%s'", name);
+}
+
+/* name_fmt (printf-style) into name[256]. */
+static int part_name(char *name, Error *e, const char *name_fmt, va_list ap) {
+    int len = vsnprintf(name, 256, name_fmt, ap);
+    if (len < 0 || len >= 256) return error_set(e, "tensor name too long: %s", name);
+    return 0;
+}
+
+/* The tensor named by name_fmt with exactly `shape` as a leaf (part_weight_named). */
+static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64_t *shape,
+                       const char *name_fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 6, 7)))
+#endif
+    ;
+static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64_t *shape,
+                       const char *name_fmt, ...) {
+    char name[256];
+    va_list ap;
+    va_start(ap, name_fmt);
+    int status = part_name(name, e, name_fmt, ap);
+    va_end(ap);
+    *out = NULL;
+    return status ? -1 : part_weight_named(p, out, e, ndim, shape, name);
+}
+
+/* A weight matrix [rows, cols] as stored, for ag_linear_stored: where it lies in the mapped file
+ * (F32, F16 or BF16: never copied), or, where the source has no bytes (config-only weights),
+ * converted to f32 in the part like any weight. */
+typedef struct StoredMatrix {
+    const void *data;
+    DType dtype;
+    int64_t rows, cols;
+} StoredMatrix;
+
+/* The matrix named by name_fmt: checked or listed as part_weight does, else as stored. */
+static int part_matrix(WeightPart *p, StoredMatrix *out, Error *e, int64_t rows, int64_t cols,
+                       const char *name_fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 6, 7)))
+#endif
+    ;
+static int part_matrix(WeightPart *p, StoredMatrix *out, Error *e, int64_t rows, int64_t cols,
+                       const char *name_fmt, ...) {
+    char name[256];
+    va_list ap;
+    va_start(ap, name_fmt);
+    int status = part_name(name, e, name_fmt, ap);
+    va_end(ap);
+    *out = (StoredMatrix){.rows = rows, .cols = cols};
+    if (status) return -1;
+    const StTensor *t = p->mode == PART_CONVERT ? st_model_find(p->weights, name) : NULL;
+    if (!t || !t->data) { /* checked, listed, or without bytes: as any weight */
+        Var *v;
+        if (part_weight_named(p, &v, e, SHAPE(rows, cols), name)) return -1;
+        *out = (StoredMatrix){v ? v->value->data : NULL, DTYPE_F32, rows, cols};
+        return 0;
+    }
+    if (params_check_shape(p->weights, name, SHAPE(rows, cols), e)) return -1;
+    if (t->dtype != DTYPE_F32 && t->dtype != DTYPE_F16 && t->dtype != DTYPE_BF16)
+        return error_set(e, "tensor '%s' is %s; only F32, F16 and BF16 weights are read", name,
+                         dtype_name(t->dtype));
+    *out = (StoredMatrix){t->data, t->dtype, rows, cols};
+    return 0;
+}
+
+/* x: [.., cols] -> x W^T: [.., rows] */
+static Var *stored_linear(Tape *t, Var *x, const StoredMatrix *w) {
+    return ag_linear_stored(t, x, w->data, w->dtype, w->rows, w->cols);
 }
 
 /* The timestep (and guidance) embedding. */
@@ -1749,9 +1806,12 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
  *   output  hidden_states[k] is layer k-1's output (hidden_states[0] the embeddings); the
  *           pipeline stacks k = 9, 18, 27 per token: [B, L, 3 hidden], for every position,
  *           padding included. Only the first 27 layers run.
- * Execution: the weights stay in the mapped files and each layer's attention and MLP are
- * converted to f32 just before they run and freed after (as FLUX.2's parts), so memory is one
- * part's weights (klein-4B's MLP: 0.3 GB) plus a few [B, L, I] activations. */
+ * Execution: the weights stay in the mapped files. The projections read their matrices where
+ * they lie (ag_linear_stored: bf16 widened to f32 while the GEMM packs it, never copied), the
+ * norms' weights are converted per part, so memory is a few [B, L, I] activations (klein-4B at
+ * 512 tokens: 120 MiB beyond the mapped pages; converting each part's matrices to f32 instead
+ * took 405 MiB and ~3 s more of 23). Config-only weights, which have no bytes, are converted
+ * into one reused arena. */
 
 /* The hidden states the pipeline stacks (Flux2KleinPipeline's hidden_states_layers). */
 static const int QWEN3_KLEIN_LAYERS[3] = {9, 18, QWEN3_KLEIN_LAST_LAYER};
@@ -1831,11 +1891,13 @@ static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
 /* --- weights --- */
 
 typedef struct Qwen3Attention {
-    Var *norm, *q, *k, *v, *o, *q_norm, *k_norm;
+    Var *norm, *q_norm, *k_norm;
+    StoredMatrix q, k, v, o;
 } Qwen3Attention;
 
 typedef struct Qwen3Mlp {
-    Var *norm, *gate, *up, *down;
+    Var *norm;
+    StoredMatrix gate, up, down;
 } Qwen3Mlp;
 
 static int qwen3_attention_load(Qwen3Attention *w, WeightPart *p, const Qwen3Config *c, int i,
@@ -1844,10 +1906,10 @@ static int qwen3_attention_load(Qwen3Attention *w, WeightPart *p, const Qwen3Con
     int d = c->hidden_size, q = c->heads * c->head_dim, kv = c->kv_heads * c->head_dim;
     *w = (Qwen3Attention){0};
     return part_weight(p, &w->norm, e, SHAPE(d), "%s.%d.input_layernorm.weight", l, i) ||
-           part_weight(p, &w->q, e, SHAPE(q, d), "%s.%d.self_attn.q_proj.weight", l, i) ||
-           part_weight(p, &w->k, e, SHAPE(kv, d), "%s.%d.self_attn.k_proj.weight", l, i) ||
-           part_weight(p, &w->v, e, SHAPE(kv, d), "%s.%d.self_attn.v_proj.weight", l, i) ||
-           part_weight(p, &w->o, e, SHAPE(d, q), "%s.%d.self_attn.o_proj.weight", l, i) ||
+           part_matrix(p, &w->q, e, q, d, "%s.%d.self_attn.q_proj.weight", l, i) ||
+           part_matrix(p, &w->k, e, kv, d, "%s.%d.self_attn.k_proj.weight", l, i) ||
+           part_matrix(p, &w->v, e, kv, d, "%s.%d.self_attn.v_proj.weight", l, i) ||
+           part_matrix(p, &w->o, e, d, q, "%s.%d.self_attn.o_proj.weight", l, i) ||
            part_weight(p, &w->q_norm, e, SHAPE(c->head_dim), "%s.%d.self_attn.q_norm.weight", l,
                        i) ||
            part_weight(p, &w->k_norm, e, SHAPE(c->head_dim), "%s.%d.self_attn.k_norm.weight", l,
@@ -1859,9 +1921,9 @@ static int qwen3_mlp_load(Qwen3Mlp *w, WeightPart *p, const Qwen3Config *c, int 
     int d = c->hidden_size, m = c->intermediate_size;
     *w = (Qwen3Mlp){0};
     return part_weight(p, &w->norm, e, SHAPE(d), "%s.%d.post_attention_layernorm.weight", l, i) ||
-           part_weight(p, &w->gate, e, SHAPE(m, d), "%s.%d.mlp.gate_proj.weight", l, i) ||
-           part_weight(p, &w->up, e, SHAPE(m, d), "%s.%d.mlp.up_proj.weight", l, i) ||
-           part_weight(p, &w->down, e, SHAPE(d, m), "%s.%d.mlp.down_proj.weight", l, i);
+           part_matrix(p, &w->gate, e, m, d, "%s.%d.mlp.gate_proj.weight", l, i) ||
+           part_matrix(p, &w->up, e, m, d, "%s.%d.mlp.up_proj.weight", l, i) ||
+           part_matrix(p, &w->down, e, d, m, "%s.%d.mlp.down_proj.weight", l, i);
 }
 
 #define QWEN3_EMBEDDING "model.embed_tokens.weight"
@@ -1955,19 +2017,19 @@ static Var *qwen3_heads(Tape *t, Var *x, int n, Var *norm, const Qwen3Config *c,
 static Var *qwen3_attention(Tape *t, const Qwen3Attention *w, const Qwen3Config *c,
                             const Qwen3Call *call, Var *x) {
     Var *h = ag_rmsnorm(t, x, w->norm, (float)c->rms_norm_eps);
-    Var *q = qwen3_heads(t, ag_linear(t, h, w->q, NULL), c->heads, w->q_norm, c, call);
-    Var *k = qwen3_heads(t, ag_linear(t, h, w->k, NULL), c->kv_heads, w->k_norm, c, call);
-    Var *v = qwen3_heads(t, ag_linear(t, h, w->v, NULL), c->kv_heads, NULL, c, call);
+    Var *q = qwen3_heads(t, stored_linear(t, h, &w->q), c->heads, w->q_norm, c, call);
+    Var *k = qwen3_heads(t, stored_linear(t, h, &w->k), c->kv_heads, w->k_norm, c, call);
+    Var *v = qwen3_heads(t, stored_linear(t, h, &w->v), c->kv_heads, NULL, c, call);
     Var *o = ag_attention(t, q, k, v, (float)(1.0 / sqrt(c->head_dim)), true, call->lengths);
     int64_t shape[3] = {flux2_size(o, 0), flux2_size(o, 1), (int64_t)c->heads * c->head_dim};
-    return ag_add(t, x, ag_linear(t, ag_reshape(t, o, 3, shape), w->o, NULL));
+    return ag_add(t, x, stored_linear(t, ag_reshape(t, o, 3, shape), &w->o));
 }
 
 /* x: [B, L, hidden] -> x + down(silu(gate(n)) * up(n)), n = rms(x) */
 static Var *qwen3_mlp(Tape *t, const Qwen3Mlp *w, const Qwen3Config *c, Var *x) {
     Var *h = ag_rmsnorm(t, x, w->norm, (float)c->rms_norm_eps);
-    Var *gated = ag_mul(t, ag_silu(t, ag_linear(t, h, w->gate, NULL)), ag_linear(t, h, w->up, NULL));
-    return ag_add(t, x, ag_linear(t, gated, w->down, NULL));
+    Var *gated = ag_mul(t, ag_silu(t, stored_linear(t, h, &w->gate)), stored_linear(t, h, &w->up));
+    return ag_add(t, x, stored_linear(t, gated, &w->down));
 }
 
 /* Layer i on the hidden states *x: [B, L, hidden] (replaced), its two parts' weights converted

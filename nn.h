@@ -210,8 +210,8 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e);
  * FLUX.2 [klein]'s prompt encoder, transformers' Qwen3Model as Flux2KleinPipeline runs it: token
  * ids through the first 27 decoder layers; the outputs of layers 9, 18 and 27 stacked per token
  * are the prompt embeddings [B, L, 3 hidden_size] (= the transformer's joint_attention_dim).
- * Streaming like FLUX.2: weights stay in the mapped (bf16/f16/f32, sharded) files, one layer's
- * attention or MLP is converted to f32 at a time. */
+ * Weights stay in the mapped (bf16/f16/f32, sharded) files: the projections read their
+ * matrices there (ag_linear_stored), never converting them to an f32 copy. */
 
 /* text_encoder/config.json (upstream keys; num_key_value_heads defaults to num_attention_heads,
  * head_dim to hidden_size / num_attention_heads). attention_bias, use_sliding_window,

@@ -127,19 +127,43 @@ static inline float exp_nonpositive(float x) {
 
 /* ---- GEMM ------------------------------------------------------------------------------- */
 
-void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
-                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+/* An operand's elements as stored: f32, or bf16 / f16 widened to f32 as they are packed (both
+ * exactly), so that a weight can be read where it lies in a mapped file. Little-endian. */
+typedef struct GemmSource {
+    const void *data;
+    DType dtype; /* DTYPE_F32, DTYPE_BF16 or DTYPE_F16 */
+} GemmSource;
+
+/* Element i of src as f32 (any alignment). */
+static inline float gemm_source_at(GemmSource src, ptrdiff_t i) {
+    if (src.dtype == DTYPE_F32) return ((const float *)src.data)[i];
+    const unsigned char *p = (const unsigned char *)src.data + 2 * i;
+    uint16_t h = (uint16_t)(p[0] | p[1] << 8);
+    return src.dtype == DTYPE_BF16 ? bits_float((uint32_t)h << 16) : f16_to_f32(h);
+}
+
+/* The textbook triple loop over B as stored, each dot product in double. */
+static void gemm_reference_source(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                                  const float *A, int lda, GemmSource B, int ldb, float beta,
+                                  float *C, int ldc) {
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
             double acc = 0.0;
             for (int k = 0; k < K; k++) {
                 float a = trans_a ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
-                float b = trans_b ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                float b = gemm_source_at(B, trans_b ? (ptrdiff_t)j * ldb + k
+                                                    : (ptrdiff_t)k * ldb + j);
                 acc += (double)a * b;
             }
             float prior = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
             C[(size_t)i * ldc + j] = alpha * (float)acc + prior;
         }
+}
+
+void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
+                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm_reference_source(trans_a, trans_b, M, N, K, alpha, A, lda, (GemmSource){B, DTYPE_F32},
+                          ldb, beta, C, ldc);
 }
 
 /* The blocked GEMM, in the BLIS / GotoBLAS way. Loops, outermost first:
@@ -325,13 +349,29 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
 #endif
 
 #if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+/* Elements i .. i + 7 of src as f32. */
+static inline __m256 gemm_source_load8(GemmSource src, ptrdiff_t i) {
+    if (src.dtype == DTYPE_F32) return _mm256_loadu_ps((const float *)src.data + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src.data + i));
+    if (src.dtype == DTYPE_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#ifdef __F16C__
+    return _mm256_cvtph_ps(h);
+#else
+    float f[8];
+    for (int k = 0; k < 8; k++) f[k] = gemm_source_at(src, i + k);
+    return _mm256_loadu_ps(f);
+#endif
+}
+
 /* dst[k * width + l] = src[l * lane_stride + k] for 8 lanes l and 8 depth steps k: the eight
  * lanes' rows loaded, transposed in registers (pairs of rows interleaved, then pairs of pairs,
  * then the 128-bit halves swapped), stored as eight depth rows of the panel. Lanes a..h:
  *   t: a0 b0 a1 b1 | a4 b4 a5 b5    s: a0 b0 c0 d0 | a4 b4 c4 d4    out: a0 .. h0, a4 .. h4 */
-static void gemm_transpose8x8(const float *src, ptrdiff_t lane_stride, float *dst, int width) {
+static void gemm_transpose8x8(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride, float *dst,
+                              int width) {
     __m256 r[8], t[8], s[8];
-    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lane_stride);
+    for (int i = 0; i < 8; i++) r[i] = gemm_source_load8(src, at + i * lane_stride);
     for (int i = 0; i < 8; i += 2) {
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);     /* depths 0 1 | 4 5 of lanes i, i+1 */
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); /* depths 2 3 | 6 7 */
@@ -350,38 +390,43 @@ static void gemm_transpose8x8(const float *src, ptrdiff_t lane_stride, float *ds
 }
 #endif
 
-/* panel[k * width + l] = src[l * lane_stride + k] for lanes [0, lanes) and depths [k0, k1):
+/* panel[k * width + l] = src[at + l * lane_stride + k] for lanes [0, lanes) and depths [k0, k1):
  * in 8x8 blocks where the instruction set has them, element by element for the rest. */
-static void gemm_transpose_block(const float *src, ptrdiff_t lane_stride, int lanes, int k0,
-                                 int k1, float *panel, int width) {
+static void gemm_transpose_block(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride, int lanes,
+                                 int k0, int k1, float *panel, int width) {
     int full_lanes = 0, full_k1 = k0;
 #if defined(GEMM_AVX512) || defined(GEMM_AVX2)
     full_lanes = lanes / 8 * 8;
     full_k1 = k0 + (k1 - k0) / 8 * 8;
     for (int l = 0; l < full_lanes; l += 8)
         for (int k = k0; k < full_k1; k += 8)
-            gemm_transpose8x8(src + l * lane_stride + k, lane_stride, panel + (size_t)k * width + l,
-                              width);
+            gemm_transpose8x8(src, at + l * lane_stride + k, lane_stride,
+                              panel + (size_t)k * width + l, width);
 #endif
     for (int l = 0; l < lanes; l++)
         for (int k = l < full_lanes ? full_k1 : k0; k < k1; k++)
-            panel[(size_t)k * width + l] = src[l * lane_stride + k];
+            panel[(size_t)k * width + l] = gemm_source_at(src, at + l * lane_stride + k);
 }
 
 /* Packs `lanes` lanes of `depth` elements into ceil(lanes / width) micro-panels, panel p at
  * dst + p * width * depth laid out [depth][width], zero-filling the lanes past `lanes` in the
- * last one. Element (lane l, depth k) of the source is src[l * lane_stride + k * depth_stride];
- * one of the two strides is 1, and the loops walk the source along it. */
-static void gemm_pack(const float *src, ptrdiff_t lane_stride, ptrdiff_t depth_stride, int lanes,
-                      int depth, int width, float *dst) {
+ * last one. Element (lane l, depth k) of the source is src[at + l * lane_stride + k *
+ * depth_stride]; one of the two strides is 1, and the loops walk the source along it. */
+static void gemm_pack(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride, ptrdiff_t depth_stride,
+                      int lanes, int depth, int width, float *dst) {
     if (lane_stride == 1) {
         /* Lanes are contiguous: copy each depth step's whole run of lanes, panel by panel. */
         for (int k = 0; k < depth; k++)
             for (int l0 = 0; l0 < lanes; l0 += width) {
-                const float *s = src + k * depth_stride + l0;
+                ptrdiff_t s = at + k * depth_stride + l0;
                 float *d = dst + (size_t)l0 * depth + (size_t)k * width;
                 int n = gemm_min(width, lanes - l0);
-                for (int l = 0; l < n; l++) d[l] = s[l];
+                if (src.dtype == DTYPE_F32) {
+                    const float *f = (const float *)src.data + s;
+                    for (int l = 0; l < n; l++) d[l] = f[l];
+                } else {
+                    for (int l = 0; l < n; l++) d[l] = gemm_source_at(src, s + l);
+                }
                 for (int l = n; l < width; l++) d[l] = 0.0f;
             }
         return;
@@ -393,7 +438,7 @@ static void gemm_pack(const float *src, ptrdiff_t lane_stride, ptrdiff_t depth_s
         int n = gemm_min(width, lanes - l0);
         for (int k0 = 0; k0 < depth; k0 += GEMM_PACK_CHUNK) {
             int k1 = gemm_min(k0 + GEMM_PACK_CHUNK, depth);
-            gemm_transpose_block(src + l0 * lane_stride, lane_stride, n, k0, k1, panel, width);
+            gemm_transpose_block(src, at + l0 * lane_stride, lane_stride, n, k0, k1, panel, width);
             for (int k = k0; k < k1; k++)
                 for (int l = n; l < width; l++) panel[(size_t)k * width + l] = 0.0f;
         }
@@ -454,7 +499,7 @@ static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
 
 /* Strides of op(X)[r][k] in X for the packer: lane = the row (of A) or column (of B) index. */
 typedef struct GemmOperand {
-    const float *data;
+    GemmSource source;
     ptrdiff_t lane_stride, depth_stride;
 } GemmOperand;
 
@@ -485,7 +530,7 @@ static void gemm_pack_a_block(const GemmOperand *a_op, int ic, int mc, int K, in
     for (int d = 0; d < depth_blocks; d++)
         for (int q = 0; q < panels; q++) {
             int p0 = d * GEMM_KC, kc = gemm_min(GEMM_KC, K - p0), i = q * GEMM_MR;
-            gemm_pack(a_op->data + (ic + i) * a_op->lane_stride + p0 * a_op->depth_stride,
+            gemm_pack(a_op->source, (ic + i) * a_op->lane_stride + p0 * a_op->depth_stride,
                       a_op->lane_stride, a_op->depth_stride, gemm_min(GEMM_MR, mc - i), kc,
                       GEMM_MR, a_block + (size_t)block_rows * p0 + (size_t)i * kc);
         }
@@ -499,7 +544,7 @@ static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int
     for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
         int kc = gemm_min(GEMM_KC, K - p0);
         const float *a = a_block + (size_t)block_rows * p0 + (size_t)r * kc;
-        gemm_pack(b_op->data + j0 * b_op->lane_stride + p0 * b_op->depth_stride,
+        gemm_pack(b_op->source, j0 * b_op->lane_stride + p0 * b_op->depth_stride,
                   b_op->lane_stride, b_op->depth_stride, n, kc, GEMM_NR, b_block);
         /* C already holds beta * C + the earlier depth blocks: add the rest with beta 1. */
         float beta_now = p0 == 0 ? beta : 1.0f;
@@ -546,16 +591,16 @@ static float *gemm_alloc(size_t floats) {
     return aligned_alloc(64, bytes ? bytes : 64);
 }
 
-void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A, int lda,
-          const float *B, int ldb, float beta, float *C, int ldc) {
+void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
+                 int lda, const void *B, DType b_dtype, int ldb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0 || alpha == 0.0f) {
         gemm_scale(M, N, beta, C, ldc);
         return;
     }
     GemmPlan plan = gemm_plan(M, N, K, team_size());
-    GemmOperand a_op = {A, trans_a ? 1 : lda, trans_a ? lda : 1};
-    GemmOperand b_op = {B, trans_b ? ldb : 1, trans_b ? 1 : ldb};
+    GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1};
+    GemmOperand b_op = {{B, b_dtype}, trans_b ? ldb : 1, trans_b ? 1 : ldb};
     int kc_max = gemm_min(GEMM_KC, K);
     size_t b_block_floats = (size_t)plan.col_block * kc_max;
     float *a_block = gemm_alloc((size_t)plan.mc * K);
@@ -566,10 +611,16 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
                      b_block_floats);
     } else {
         /* Out of memory for the packing buffers: the reference loop needs none. */
-        gemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        gemm_reference_source(trans_a, trans_b, M, N, K, alpha, A, lda, b_op.source, ldb, beta,
+                              C, ldc);
     }
     free(a_block);
     free(b_blocks);
+}
+
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+          const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm_stored(trans_a, trans_b, M, N, K, alpha, A, lda, B, DTYPE_F32, ldb, beta, C, ldc);
 }
 
 /* ---- conv2d ----------------------------------------------------------------------------- */

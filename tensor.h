@@ -50,6 +50,11 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len);
  * beta == 0 overwrites C without reading it (NaNs in C do not leak). */
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A, int lda,
           const float *B, int ldb, float beta, float *C, int ldc);
+/* The same product with B as stored: DTYPE_F32, DTYPE_BF16 or DTYPE_F16 elements (little-endian,
+ * any alignment), widened to f32 while they are packed. The result is gemm's on the widened B,
+ * bit for bit, with no f32 copy of B: a weight read where it lies in a mapped file. */
+void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
+                 int lda, const void *B, DType b_dtype, int ldb, float beta, float *C, int ldc);
 /* The same product by the textbook triple loop: the readable reference the tests trust. */
 void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
                     int lda, const float *B, int ldb, float beta, float *C, int ldc);

@@ -811,9 +811,50 @@ static void test_golden(void) {
     st_close(st);
 }
 
+/* ag_linear_stored on a bf16 weight as stored: the value and the gradient to x of ag_linear on
+ * the widened weight, bit for bit (ag_linear's backward is checked by finite differences above);
+ * a weight of the wrong width is refused. */
+static void test_linear_stored(void) {
+    enum { B = 3, L = 5, K = 37, N = 11 };
+    unsigned long long state = 5;
+    uint16_t w16[N * K];
+    Tensor *w = TENSOR_NEW(N, K), *x = TENSOR_NEW(B, L, K), *probe = TENSOR_NEW(B, L, N);
+    for (int i = 0; i < N * K; i++) {
+        w16[i] = f32_to_bf16(harness_rand(&state));
+        w->data[i] = bf16_to_f32(w16[i]);
+    }
+    for (int64_t i = 0; i < x->numel; i++) x->data[i] = harness_rand(&state);
+    for (int64_t i = 0; i < probe->numel; i++) probe->data[i] = harness_rand(&state);
+    Tensor *grads[2] = {NULL, NULL}, *values[2] = {NULL, NULL};
+    for (int k = 0; k < 2; k++) {
+        Tape *t = tape_new();
+        Var *xv = var_new(t, x, true), *wv = var_new(t, w, false);
+        Var *y = k == 0 ? ag_linear(t, xv, wv, NULL) : ag_linear_stored(t, xv, w16, DTYPE_BF16, N, K);
+        Var *loss = ag_sum(t, ag_mul(t, y, var_new(t, probe, false)));
+        Error e = {{0}};
+        values[k] = y ? tensor_clone(y->value) : NULL; /* backward releases it */
+        CHECK(tape_check(t, &e) == 0 && tape_backward(t, loss, &e) == 0, "linear %d: %s", k, e.msg);
+        grads[k] = xv->grad ? tensor_clone(xv->grad) : NULL;
+        var_zero_grad(xv);
+        tape_free(t);
+    }
+    CHECK(values[0] && values[1] && !memcmp(values[0]->data, values[1]->data, B * L * N * 4),
+          "ag_linear_stored (bf16) = ag_linear (widened), bit for bit");
+    CHECK(grads[0] && grads[1] && !memcmp(grads[0]->data, grads[1]->data, B * L * K * 4),
+          "and so is its gradient to x");
+    Tape *t = tape_new();
+    Error e = {{0}};
+    ag_linear_stored(t, var_new(t, x, false), w16, DTYPE_BF16, N, K + 1);
+    CHECK(tape_check(t, &e) == -1 && strstr(e.msg, "linear_stored"), "a wrong width: %s", e.msg);
+    tape_free(t);
+    for (int k = 0; k < 2; k++) tensor_free(values[k]), tensor_free(grads[k]);
+    tensor_free(w), tensor_free(x), tensor_free(probe);
+}
+
 int main(void) {
     test_finite_differences();
     test_groupnorm_silu_matches();
+    test_linear_stored();
     test_structure_values();
     test_accumulation();
     test_no_grad();
