@@ -9,7 +9,12 @@ pipeline pads every prompt to 512, and prints the forward's seconds (loading exc
 peak RSS (getrusage), after loading and after the forward.
 
     /usr/bin/python3 tools/bench_qwen3_torch.py DIR [THREADS] [--tokens 512] [--real 20]
-                                                [--repeat 1]
+                                                [--repeat 1] [--check FILE]
+
+--check FILE takes the prompt from a `diamond encode` output instead (its input_ids and
+attention_mask) and compares diamond's prompt_embeds there with this computation: the max
+absolute difference, and relative to the largest value (a check of the C encoder at the real
+sizes, which the tiny golden fixtures do not reach).
 
 DIR is the model's folder (holding text_encoder/) or the text encoder's own folder; THREADS
 (default 2) goes to torch.set_num_threads. A random checkpoint at the real size comes from
@@ -35,6 +40,7 @@ import numpy
 import torch
 
 import ref_qwen3
+import safetensors_file
 
 
 def text_encoder_dir(path):
@@ -120,6 +126,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--real", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--check", help="a diamond encode output to compare with")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -130,6 +137,10 @@ def main():
     ids = torch.randint(0, cfg["vocab_size"], (1, args.tokens), generator=gen)
     ids[0, args.real:] = cfg["bos_token_id"]  # <|endoftext|>, the pad token
     mask = (torch.arange(args.tokens) < args.real).long()[None]
+    if args.check:
+        theirs = safetensors_file.read(args.check)
+        ids, mask = theirs["input_ids"], theirs["attention_mask"]
+        args.tokens, args.real = ids.shape[1], int(mask.sum())
     # the embedding table holds only the prompt's rows: ids become indices into it
     rows, table_ids = torch.unique(ids, return_inverse=True)
     layers = max(ref_qwen3.KLEIN_LAYERS)
@@ -146,6 +157,10 @@ def main():
         print(f"prompt_embeds {list(out.shape)} ({args.real} real tokens of {args.tokens}): "
               f"{seconds:.3f} s with {args.threads} threads, peak RSS {peak_rss_gb():.2f} GB, "
               f"mean |x| {out.abs().mean().item():.4f}")
+    if args.check:
+        diff = (out - theirs["prompt_embeds"]).abs().max().item()
+        print(f"{args.check}: max |diamond - PyTorch| {diff:.3g}, "
+              f"{diff / out.abs().max().item():.3g} of the largest value")
     print(f"BLAS: {blas_library()}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
 
 
