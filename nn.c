@@ -2058,12 +2058,17 @@ static int qwen3_layer(const Qwen3 *m, const Qwen3Call *call, int i, Tensor **x,
     return 0;
 }
 
-/* Floats the larger of a layer's two parts takes in an arena (each tensor rounded up to 16). */
-static int64_t qwen3_arena_floats(const Qwen3Config *c) {
+/* Floats the larger of a layer's two parts takes in an arena (each tensor rounded up to 16):
+ * the norms' weights, and the matrices too when the source has no bytes to read them from
+ * (config-only weights; part_matrix). */
+static int64_t qwen3_arena_floats(const Qwen3 *m) {
+    const Qwen3Config *c = &m->config;
+    const StTensor *embedding = st_model_find(m->weights, QWEN3_EMBEDDING);
+    int64_t matrices = embedding && embedding->data ? 0 : 1;
     int64_t d = c->hidden_size, q = (int64_t)c->heads * c->head_dim;
     int64_t kv = (int64_t)c->kv_heads * c->head_dim, up = 16 * 8;
-    int64_t attention = d + 2 * q * d + 2 * kv * d + 2 * c->head_dim + up;
-    int64_t mlp = d + 3 * d * c->intermediate_size + up;
+    int64_t attention = d + matrices * (2 * q * d + 2 * kv * d) + 2 * c->head_dim + up;
+    int64_t mlp = d + matrices * 3 * d * c->intermediate_size + up;
     return attention > mlp ? attention : mlp;
 }
 
@@ -2099,7 +2104,7 @@ int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, 
         if (lengths[b] < 1 || lengths[b] > L)
             return error_set(e, "prompt %d has %d real tokens of %d: expected 1 .. %d", b,
                              lengths[b], L, L);
-    WeightArena arena = {.capacity = qwen3_arena_floats(c)};
+    WeightArena arena = {.capacity = qwen3_arena_floats(m)};
     Qwen3Call call = {.lengths = lengths, .arena = &arena};
     Tensor *x = NULL, *stacked = TENSOR_NEW(batch, L, 3 * (int64_t)c->hidden_size);
     arena.data = malloc((size_t)arena.capacity * sizeof *arena.data);
