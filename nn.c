@@ -880,7 +880,7 @@ static int nograd_result(Tape *t, Var *v, Tensor **out, const char *part, Error 
 }
 
 /* Frees the tensor in *slot and puts value there. */
-static void flux2_replace(Tensor **slot, Tensor *value) {
+static void tensor_replace(Tensor **slot, Tensor *value) {
     tensor_free(*slot);
     *slot = value;
 }
@@ -964,7 +964,7 @@ static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
  * B is 1 and its N one chunk of tokens), modulations [B, n dim] of n chunks of dim values. */
 
 /* The size of dim d of x (0 when an earlier op failed, which the tape has recorded). */
-static int64_t flux2_size(const Var *x, int d) {
+static int64_t var_size(const Var *x, int d) {
     return x && x->value ? x->value->shape[d] : 0;
 }
 
@@ -976,7 +976,7 @@ static Var *flux2_mod(Tape *t, Var *mod, int k, int dim) {
 /* v: [B, dim] -> [B, n, dim], v on each of n rows: a product with a column of ones, so that
  * backward sums the rows' gradients into v. */
 static Var *flux2_rows(Tape *t, Var *v, int64_t n) {
-    int64_t batch = flux2_size(v, 0), dim = flux2_size(v, 1);
+    int64_t batch = var_size(v, 0), dim = var_size(v, 1);
     Tensor *ones = TENSOR_NEW(batch, n, 1);
     for (int64_t i = 0; ones && i < ones->numel; i++) ones->data[i] = 1.0f;
     return ag_matmul(t, var_take(t, ones, false), ag_reshape(t, v, 3, (int64_t[]){batch, 1, dim}));
@@ -984,7 +984,7 @@ static Var *flux2_rows(Tape *t, Var *v, int64_t n) {
 
 /* x: [B, N, dim] -> LayerNorm without affine, then * (1 + scale) + shift; shift, scale: [B, dim] */
 static Var *flux2_modulate(Tape *t, Var *x, Var *shift, Var *scale, double eps) {
-    int64_t n = flux2_size(x, 1);
+    int64_t n = var_size(x, 1);
     Var *y = ag_layernorm(t, x, NULL, NULL, (float)eps);
     y = ag_mul(t, y, flux2_rows(t, ag_affine(t, scale, 1.0f, 1.0f), n));
     return ag_add(t, y, flux2_rows(t, shift, n));
@@ -992,12 +992,12 @@ static Var *flux2_modulate(Tape *t, Var *x, Var *shift, Var *scale, double eps) 
 
 /* x + gate * y, the gated residual; x, y: [B, N, dim], gate: [B, dim] */
 static Var *flux2_gated(Tape *t, Var *x, Var *gate, Var *y) {
-    return ag_add(t, x, ag_mul(t, y, flux2_rows(t, gate, flux2_size(y, 1))));
+    return ag_add(t, x, ag_mul(t, y, flux2_rows(t, gate, var_size(y, 1))));
 }
 
 /* x: [B, n, dim] -> [B, n, heads, head_dim], RMS-normalised per head when norm is not NULL */
 static Var *flux2_heads(Tape *t, Var *x, Var *norm, const Flux2Config *c) {
-    int64_t shape[4] = {flux2_size(x, 0), flux2_size(x, 1), c->heads, c->head_dim};
+    int64_t shape[4] = {var_size(x, 0), var_size(x, 1), c->heads, c->head_dim};
     Var *y = ag_reshape(t, x, 4, shape);
     return norm ? ag_rmsnorm(t, y, norm, (float)c->eps) : y;
 }
@@ -1010,7 +1010,7 @@ static Var *flux2_project_heads(Tape *t, Var *x, Var *weight, Var *norm, const F
 /* x: [B, n, heads, head_dim], the tokens at positions pos .. pos + n - 1 of the joint sequence
  * -> RoPE applied */
 static Var *flux2_rotate(Tape *t, Var *x, const Flux2Step *s, int64_t pos) {
-    int64_t n = flux2_size(x, 1);
+    int64_t n = var_size(x, 1);
     return ag_rope(t, x, flux2_view(t, s->rope_cos, 0, pos, n),
                    flux2_view(t, s->rope_sin, 0, pos, n), ROPE_ADJACENT);
 }
@@ -1030,7 +1030,7 @@ static Var *flux2_feed_forward(Tape *t, Var *x, Var *linear_in, Var *linear_out,
 /* q, k, v: [B, N, heads, head_dim] -> the attention output [B, N, dim] */
 static Var *flux2_attention(Tape *t, const Flux2Config *c, Var *q, Var *k, Var *v) {
     Var *o = ag_attention(t, q, k, v, (float)(1.0 / sqrt(c->head_dim)), false, NULL);
-    return ag_reshape(t, o, 3, (int64_t[]){flux2_size(o, 0), flux2_size(o, 1), c->dim});
+    return ag_reshape(t, o, 3, (int64_t[]){var_size(o, 0), var_size(o, 1), c->dim});
 }
 
 /* A double block's stream before the joint attention. x: [B, n, dim], tokens at positions pos ..
@@ -1237,7 +1237,7 @@ static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int st
         status = !p.y ? error_set(e, "out of memory")
                       : flux2_chunks(x[b]->shape[1], flux2_stream_update, &p, e);
         if (status) tensor_free(p.y);
-        else flux2_replace(&x[b], p.y);
+        else tensor_replace(&x[b], p.y);
     }
     weight_part_free(&part);
     return status;
@@ -1331,7 +1331,7 @@ static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **
         status = !p.y ? error_set(e, "out of memory")
                       : flux2_chunks(seq[b]->shape[1], flux2_single_update, &p, e);
         if (status) tensor_free(p.y);
-        else flux2_replace(&seq[b], p.y);
+        else tensor_replace(&seq[b], p.y);
     }
     weight_part_free(&part);
     for (int b = 0; hidden && b < s->batch; b++) tensor_free(hidden[b]);
@@ -1350,8 +1350,8 @@ static int flux2_join(const Flux2Step *s, int dim, Tensor **txt, Tensor **img, T
         if (!seq[b]) return error_set(e, "flux2: out of memory joining the streams");
         memcpy(seq[b]->data, txt[b]->data, (size_t)txt[b]->numel * sizeof(float));
         memcpy(seq[b]->data + txt[b]->numel, img[b]->data, (size_t)img[b]->numel * sizeof(float));
-        flux2_replace(&txt[b], NULL);
-        flux2_replace(&img[b], NULL);
+        tensor_replace(&txt[b], NULL);
+        tensor_replace(&img[b], NULL);
     }
     return 0;
 }
@@ -1428,8 +1428,8 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
                          const float *sigma, const float *guidance) {
     const Flux2Config *c = &m->config;
     const Flux2Weights *wt = m->resident;
-    Flux2Step s = {.batch = (int)flux2_size(tokens, 0), .img_len = h * w,
-                   .txt_len = (int)flux2_size(txt, 1)};
+    Flux2Step s = {.batch = (int)var_size(tokens, 0), .img_len = h * w,
+                   .txt_len = (int)var_size(txt, 1)};
     /* the tables become the tape's; when either is missing (out of memory, or a tape that has
      * failed already, which frees them) nothing reads them */
     flux2_rope_tables(c, s.txt_len, h, w, &s);
@@ -2006,7 +2006,7 @@ typedef struct Qwen3Call {
 /* x: [B, L, n D] -> [B, L, n, D], each head RMS-normalised by norm and rotated */
 static Var *qwen3_heads(Tape *t, Var *x, int n, Var *norm, const Qwen3Config *c,
                         const Qwen3Call *call) {
-    int64_t shape[4] = {flux2_size(x, 0), flux2_size(x, 1), n, c->head_dim};
+    int64_t shape[4] = {var_size(x, 0), var_size(x, 1), n, c->head_dim};
     Var *y = ag_reshape(t, x, 4, shape);
     if (!norm) return y;
     y = ag_rmsnorm(t, y, norm, (float)c->rms_norm_eps);
@@ -2021,7 +2021,7 @@ static Var *qwen3_attention(Tape *t, const Qwen3Attention *w, const Qwen3Config 
     Var *k = qwen3_heads(t, stored_linear(t, h, &w->k), c->kv_heads, w->k_norm, c, call);
     Var *v = qwen3_heads(t, stored_linear(t, h, &w->v), c->kv_heads, NULL, c, call);
     Var *o = ag_attention(t, q, k, v, (float)(1.0 / sqrt(c->head_dim)), true, call->lengths);
-    int64_t shape[3] = {flux2_size(o, 0), flux2_size(o, 1), (int64_t)c->heads * c->head_dim};
+    int64_t shape[3] = {var_size(o, 0), var_size(o, 1), (int64_t)c->heads * c->head_dim};
     return ag_add(t, x, stored_linear(t, ag_reshape(t, o, 3, shape), &w->o));
 }
 
@@ -2053,7 +2053,7 @@ static int qwen3_layer(const Qwen3 *m, const Qwen3Call *call, int i, Tensor **x,
         weight_part_free(&part);
         tape_free(t);
         if (status) return -1;
-        flux2_replace(x, y);
+        tensor_replace(x, y);
     }
     return 0;
 }
