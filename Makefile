@@ -58,9 +58,9 @@ endif
 CFLAGS = $(CFLAGS_BASE) $(OPT) $(SANITIZE) $(ARCH_FLAGS) $(OMP_CFLAGS)
 LDFLAGS += $(OMP_LDFLAGS) $(SANITIZE)
 
-LIB_SRC = io.c tensor.c $(wildcard autograd.c) $(wildcard nn.c)
+LIB_SRC = io.c tensor.c autograd.c nn.c train/world.c train/train.c
 LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/%.o)
-HEADERS = $(wildcard *.h)
+HEADERS = $(wildcard *.h train/*.h)
 TEST_SRC = $(wildcard tests/test_*.c)
 # TESTS="gemm conv" runs tests/test_gemm.c and tests/test_conv.c alone; every test by default.
 TESTS ?= $(TEST_SRC:tests/test_%.c=%)
@@ -79,12 +79,13 @@ diamond: $(BUILD)/diamond
 	cp $< $@.tmp && mv -f $@.tmp $@
 
 $(BUILD)/%.o: %.c $(HEADERS) | $(BUILD)/tests
+	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/libdiamond.a: $(LIB_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
-$(BUILD)/diamond: $(BUILD)/diamond.o $(BUILD)/libdiamond.a
+$(BUILD)/diamond: $(BUILD)/diamond.o $(BUILD)/train/commands.o $(BUILD)/libdiamond.a
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/tests/%: tests/%.c tests/harness.h $(HEADERS) $(BUILD)/libdiamond.a

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "../io.h"
+#include "../train/world.h"
 #include "harness.h"
 
 typedef struct Cli {

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "../nn.h"
+#include "../train/train.h"
 #include "harness.h"
 
 #define GOLDEN "tests/golden/eval.safetensors"

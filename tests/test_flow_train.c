@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "../nn.h"
+#include "../train/train.h"
 #include "harness.h"
 
 #define FLOW_DIR "weights/transformer"

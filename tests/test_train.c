@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "../nn.h"
+#include "../train/train.h"
 #include "harness.h"
 
 #define GOLDEN "tests/golden/train.safetensors"

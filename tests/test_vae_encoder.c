@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "../nn.h"
+#include "../train/train.h"
 #include "harness.h"
 
 #define FIXTURE "tests/fixtures/tiny-flux2/vae"

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../train/world.h"
 #include "harness.h"
 
 enum { PIXELS = WORLD_W * WORLD_H, BYTES = PIXELS * 3 };
