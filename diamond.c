@@ -531,19 +531,14 @@ static Tensor *bench_random(Tensor *t, unsigned long long *state) {
  * only) from their config files with random weights; random inputs for a W x H image. Returns 2
  * for a size the VAE cannot make, 1 for other failures. */
 static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) {
-    const uint64_t seed = 42;
+    const uint64_t seed = 42; /* the random weights' (config-only) */
+    WeightSource source = a->config_only ? WEIGHTS_CONFIG_ONLY : WEIGHTS_FILES;
     char path[PATH_BYTES];
-    if (path_join(path, sizeof path, a->model,
-                  a->config_only ? "transformer/config.json" : "transformer", e) ||
-        (a->config_only ? flux2_load_config_only(&m->flow, path, seed, e)
-                        : flux2_load(&m->flow, path, e)) ||
-        path_join(path, sizeof path, a->model, "vae", e))
-        return 1;
-    if (a->config_only ? vae_decoder_load_config_only(&m->vae, path, seed, e)
-                       : vae_decoder_load(&m->vae, path, e))
-        return 1;
-    if (a->config_only ? segformer_load_config_only(&m->detector, a->detector, seed, e)
-                       : segformer_load(&m->detector, a->detector, e))
+    if (path_join(path, sizeof path, a->model, "transformer", e) ||
+        flux2_open(&m->flow, path, source, seed, e) ||
+        path_join(path, sizeof path, a->model, "vae", e) ||
+        vae_decoder_open(&m->vae, path, source, seed, e) ||
+        segformer_open(&m->detector, a->detector, source, seed, e))
         return 1;
     int ph, pw;
     vae_decoder_token_size(m->vae, &ph, &pw);
@@ -1311,8 +1306,8 @@ static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) 
  * the model cannot make, 1 for other failures, 0 when ready. */
 static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e) {
     char dir[PATH_BYTES];
-    if (path_join(dir, sizeof dir, a->model, "transformer", e) || flux2_load(&r->flow, dir, e) ||
-        path_join(dir, sizeof dir, a->model, "vae", e) || vae_decoder_load(&r->vae, dir, e))
+    if (path_join(dir, sizeof dir, a->model, "transformer", e) || flux2_open(&r->flow, dir, WEIGHTS_FILES, 0, e) ||
+        path_join(dir, sizeof dir, a->model, "vae", e) || vae_decoder_open(&r->vae, dir, WEIGHTS_FILES, 0, e))
         return 1;
     int ph, pw;
     vae_decoder_token_size(r->vae, &ph, &pw);
@@ -1328,7 +1323,7 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
     if (!a->quiet && a->opt.guide)
         fprintf(stderr, "VAE decode: %d checkpoint levels for a budget of %zu MiB (--vae-memory)\n",
                 levels, a->vae_memory >> 20);
-    return a->opt.guide && segformer_load(&r->detector, a->detector, e) ? 1 : 0;
+    return a->opt.guide && segformer_open(&r->detector, a->detector, WEIGHTS_FILES, 0, e) ? 1 : 0;
 }
 
 /* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other

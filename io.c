@@ -1,4 +1,5 @@
-/* io.c - bytes <-> arrays: safetensors, JSON, tokenizers, evaluation-set CSVs, PPM/PNG. Safe against hostile files.
+/* io.c - bytes <-> arrays: safetensors, JSON, tokenizers, evaluation-set CSVs, PPM/PNG. Safe against
+ * hostile files.
  *
  * Nothing read from a file is trusted: every length is checked against the bytes that are left
  * before it is used, every size computation is checked for overflow, and a bad file gives an

@@ -266,8 +266,9 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
 
 typedef struct Flux2Weights Flux2Weights;
 
-/* Streaming (flux2_load): weights stay in the files and params is NULL. Resident
- * (flux2_load_params): every weight is a leaf of params, reached through resident. */
+/* Streaming (flux2_open from files or config-only): weights stay in the files and params is NULL.
+ * Resident (WEIGHTS_FRESH, or flux2_make_resident): every weight is a leaf of params, reached
+ * through resident. */
 struct Flux2 {
     Flux2Config config;
     StModel *weights;
@@ -358,9 +359,9 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
 /* What part_weight does with each tensor a part names. */
 typedef enum PartMode {
     PART_CONVERT,  /* read it into an f32 leaf of the part's own tape */
-    PART_CHECK,    /* verify its name and shape in the files, read nothing: flux2_load, qwen3 */
-    PART_LIST,     /* add its name and shape to a list: flux2_load_config_only, qwen3 */
-    PART_RESIDENT, /* load it into the model's Params: flux2_load_params */
+    PART_CHECK,    /* verify its name and shape in the files, read nothing: flux2_open, qwen3 */
+    PART_LIST,     /* add its name and shape to a list: config-only flux2_open, qwen3 */
+    PART_RESIDENT, /* load it into the model's Params: flux2_make_resident */
 } PartMode;
 
 /* Names (owned) and shapes. */
@@ -716,7 +717,7 @@ static int flux2_walk_weights(const Flux2Config *c, WeightPart *p, Flux2Weights 
     return 0;
 }
 
-/* The same with the Vars thrown away: flux2_load's check and config-only's list of names. */
+/* The same with the Vars thrown away: flux2_open's check and config-only's list of names. */
 static int flux2_walk_names(const Flux2Config *c, WeightPart *p, Error *e) {
     Flux2Weights *w = flux2_weights_new(c);
     int status = w ? flux2_walk_weights(c, p, w, e) : error_set(e, "out of memory");
@@ -732,62 +733,41 @@ static int error_context(Error *e, const char *what) {
     return error_set(e, "%s: %s", what, msg);
 }
 
-int flux2_load(Flux2 **out, const char *dir, Error *e) {
-    *out = NULL;
-    char path[PATH_BYTES];
-    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
-    Flux2 *m = calloc(1, sizeof *m);
-    if (!m) return error_set(e, "out of memory loading %s", dir);
-    /* config and safetensors errors name their file; a weight's name needs the directory */
-    int status = flux2_config_read(&m->config, path, e) || st_model_open(&m->weights, dir, e);
-    if (!status) {
+/* The weights the config implies, checked in m->weights (files: each tensor there with its shape,
+ * an error naming the first that is not) or made there (config-only: st_model_random's values
+ * under the same names and shapes). */
+static int flux2_weights_open(Flux2 *m, const char *dir, WeightSource source, uint64_t seed,
+                              Error *e) {
+    if (source == WEIGHTS_FILES) {
+        if (st_model_open(&m->weights, dir, e)) return -1;
         WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
-        status = flux2_walk_names(&m->config, &check, e) && error_context(e, dir);
+        return flux2_walk_names(&m->config, &check, e) && error_context(e, dir);
     }
-    if (status) {
-        flux2_free(m);
-        return -1;
-    }
-    *out = m;
-    return 0;
-}
-
-int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e) {
-    *out = NULL;
-    Flux2 *m = calloc(1, sizeof *m);
-    if (!m) return error_set(e, "out of memory loading %s", config_path);
     SpecList list = {0};
     WeightPart names = {.mode = PART_LIST, .list = &list};
-    int status = flux2_config_read(&m->config, config_path, e) ||
-                 flux2_walk_names(&m->config, &names, e) ||
+    int status = flux2_walk_names(&m->config, &names, e) ||
                  st_model_random(&m->weights, list.specs, list.count, seed, e);
     spec_list_free(&list);
-    if (status) {
-        flux2_free(m);
-        return -1;
-    }
-    *out = m;
-    return 0;
+    return status;
 }
 
-int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
-                      Error *e) {
+/* Every weight of m converted once from params into m->resident (f32 leaves). */
+static int flux2_hold(Flux2 *m, Params *params, Error *e) {
+    if (!(m->params = params) || !(m->resident = flux2_weights_new(&m->config)))
+        return error_set(e, "out of memory for the transformer's weights");
+    WeightPart part = {.mode = PART_RESIDENT, .params = m->params};
+    return flux2_walk_weights(&m->config, &part, m->resident, e);
+}
+
+int flux2_open(Flux2 **out, const char *dir, WeightSource source, uint64_t seed, Error *e) {
     *out = NULL;
     char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
-    StModel *st = NULL;
     int status = flux2_config_read(&m->config, path, e) ||
-                 params_open(&m->params, &st, dir, source, seed, e);
-    if (!status && !(m->resident = flux2_weights_new(&m->config)))
-        status = error_set(e, "out of memory loading %s", dir);
-    if (!status) {
-        WeightPart part = {.mode = PART_RESIDENT, .params = m->params};
-        status = flux2_walk_weights(&m->config, &part, m->resident, e) &&
-                 error_context(e, dir);
-    }
-    st_model_close(st);
+                 (source == WEIGHTS_FRESH ? flux2_hold(m, params_new_init(seed), e)
+                                          : flux2_weights_open(m, dir, source, seed, e));
     if (status) {
         flux2_free(m);
         return -1;
@@ -796,8 +776,8 @@ int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_
     return 0;
 }
 
-int flux2_init(Flux2 **out, const char *dir, uint64_t seed, Error *e) {
-    return flux2_load_params(out, dir, WEIGHTS_FRESH, seed, e);
+int flux2_make_resident(Flux2 *m, Error *e) {
+    return m->resident ? 0 : flux2_hold(m, params_new(m->weights), e);
 }
 
 void flux2_free(Flux2 *m) {
@@ -1539,7 +1519,7 @@ static int flux2_config_write(const Flux2Config *c, const char *path, Error *e) 
 int flux2_save(const Flux2 *m, const char *dir, Error *e) {
     char path[PATH_BYTES];
     if (!m->params)
-        return error_set(e, "flux2_save %s: only a resident model (flux2_load_params) is saved",
+        return error_set(e, "flux2_save %s: only a resident model (flux2_make_resident) is saved",
                          dir);
     return dir_make(dir, e) || path_join(path, sizeof path, dir, "config.json", e) ||
            flux2_config_write(&m->config, path, e) ||
@@ -1645,8 +1625,8 @@ static int text_weights_load(TextEncoder *m, Error *e) {
     return norm_load(&m->final_norm, m->params, d, true, "final_norm", e);
 }
 
-int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource source,
-                             uint64_t seed, Error *e) {
+int text_encoder_open(TextEncoder **out, const char *dir, WeightSource source, uint64_t seed,
+                      Error *e) {
     *out = NULL;
     char path[PATH_BYTES];
     if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
@@ -1665,14 +1645,6 @@ int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource so
     }
     *out = m;
     return 0;
-}
-
-int text_encoder_load(TextEncoder **out, const char *dir, Error *e) {
-    return text_encoder_load_params(out, dir, WEIGHTS_FILES, 0, e);
-}
-
-int text_encoder_init(TextEncoder **out, const char *dir, uint64_t seed, Error *e) {
-    return text_encoder_load_params(out, dir, WEIGHTS_FRESH, seed, e);
 }
 
 void text_encoder_free(TextEncoder *m) {
@@ -2187,7 +2159,7 @@ static int prompt_encoder_open_chars(PromptEncoder *p, const char *model, Weight
                                      uint64_t seed, Error *e) {
     char dir[PATH_BYTES];
     if (path_join(dir, sizeof dir, model, "text_encoder", e) ||
-        text_encoder_load_params(&p->chars, dir, source, seed, e))
+        text_encoder_open(&p->chars, dir, source, seed, e))
         return -1;
     const TextEncoderConfig *c = text_encoder_config(p->chars);
     if (p->max_length && p->max_length != c->max_length)
@@ -2617,7 +2589,7 @@ static int vae_plan(VaeDecoder *m, Error *e) {
 }
 
 /* vae_decoder_load and its kin: the weights from source (files, config-only values or fresh). */
-static int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
+int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
                             Error *e) {
     *out = NULL;
     char path[PATH_BYTES];
@@ -2638,18 +2610,6 @@ static int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource sour
     }
     *out = m;
     return 0;
-}
-
-int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e) {
-    return vae_decoder_open(out, dir, WEIGHTS_FILES, 0, e);
-}
-
-int vae_decoder_load_config_only(VaeDecoder **out, const char *dir, uint64_t seed, Error *e) {
-    return vae_decoder_open(out, dir, WEIGHTS_CONFIG_ONLY, seed, e);
-}
-
-int vae_decoder_init(VaeDecoder **out, const char *dir, uint64_t seed, Error *e) {
-    return vae_decoder_open(out, dir, WEIGHTS_FRESH, seed, e);
 }
 
 void vae_decoder_free(VaeDecoder *m) {
@@ -2959,7 +2919,7 @@ static int vae_encoder_weights_load(VaeEncoder *m, Params *st, Error *e) {
     return 0;
 }
 
-static int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source,
+int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source,
                             uint64_t seed, Error *e) {
     *out = NULL;
     char path[PATH_BYTES];
@@ -2980,14 +2940,6 @@ static int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource sour
     }
     *out = m;
     return 0;
-}
-
-int vae_encoder_load(VaeEncoder **out, const char *dir, Error *e) {
-    return vae_encoder_open(out, dir, WEIGHTS_FILES, 0, e);
-}
-
-int vae_encoder_init(VaeEncoder **out, const char *dir, uint64_t seed, Error *e) {
-    return vae_encoder_open(out, dir, WEIGHTS_FRESH, seed, e);
 }
 
 void vae_encoder_free(VaeEncoder *m) {
@@ -3480,7 +3432,7 @@ Params *segformer_params(const Segformer *m) {
 }
 
 /* The detector dir's config describes, with its weights from source. */
-static int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
+int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
                           Error *e) {
     *out = NULL;
     Segformer *s = calloc(1, sizeof *s);
@@ -3498,18 +3450,6 @@ static int segformer_open(Segformer **out, const char *dir, WeightSource source,
     }
     *out = s;
     return 0;
-}
-
-int segformer_load(Segformer **out, const char *dir, Error *e) {
-    return segformer_open(out, dir, WEIGHTS_FILES, 0, e);
-}
-
-int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e) {
-    return segformer_open(out, dir, WEIGHTS_CONFIG_ONLY, seed, e);
-}
-
-int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e) {
-    return segformer_open(out, dir, WEIGHTS_FRESH, seed, e);
 }
 
 const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }
@@ -3684,7 +3624,7 @@ static int segformer_save_weights(const Segformer *m, const char *dir, Error *e)
 int segformer_save(const Segformer *m, const char *dir, Error *e) {
     if (!m->head_is_linear_c)
         return error_set(e, "saving the detector to %s: its decode head was folded when loaded; "
-                            "only a detector made by segformer_init can be saved", dir);
+                            "only a detector opened WEIGHTS_FRESH can be saved", dir);
     if (dir_make(dir, e) || segformer_save_config(&m->config, dir, e) ||
         segformer_save_preprocessor(&m->config, dir, e) || segformer_save_weights(m, dir, e))
         return -1;

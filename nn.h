@@ -97,12 +97,12 @@ int params_save(const Params *p, const char *path, Error *e);
 
 /* ---- section: flux2 ---------------------------------------------------------------------------
  * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin). Loaded
- * by flux2_load (streaming, forward only), the weights stay in the mapped safetensors files: each
+ * by flux2_open (streaming, forward only), the weights stay in the mapped safetensors files: each
  * part of a block (its attention inputs, each stream's output and feed-forward) is converted to
  * f32 only while it runs, and the token-wise layers run over chunks of tokens, so the memory a
  * call needs is one part's weights plus a few [tokens, dim] tensors, not the whole model in f32.
- * Loaded by flux2_load_params (resident, for small models), every weight is an f32 leaf of a
- * Params and the forward is one graph that can be trained. */
+ * Made resident (flux2_make_resident, or opened WEIGHTS_FRESH; for small models), every weight is
+ * an f32 leaf of a Params and the forward is one graph that can be trained. */
 
 /* RoPE axes: the pipeline's position ids are (T, H, W, L). */
 #define FLUX2_AXES 4
@@ -123,20 +123,15 @@ typedef struct Flux2Config {
 
 typedef struct Flux2 Flux2;
 
-/* Opens <dir>/config.json and the weights in dir (one file or an index over shards) and checks
- * that every tensor the config implies is there with its shape (an error names the first one that
- * is not), without converting any. */
-int flux2_load(Flux2 **out, const char *dir, Error *e);
-/* The model config_path describes, with st_model_random weights from seed instead of files (the
- * same tensor names and shapes flux2_load checks): for timings and memory without the files. */
-int flux2_load_config_only(Flux2 **out, const char *config_path, uint64_t seed, Error *e);
-/* A resident model: every weight converted once into a Params (f32 leaves, in memory all the
- * time), from the files in dir, st_random_fill values (WEIGHTS_CONFIG_ONLY) or fresh weights
- * (WEIGHTS_FRESH), seed for the last two. For small models: training, and flux2_forward_graph. */
-int flux2_load_params(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
-                      Error *e);
-/* The model <dir>/config.json describes with fresh weights from seed (params_new_init). */
-int flux2_init(Flux2 **out, const char *dir, uint64_t seed, Error *e);
+/* Opens <dir>/config.json and the weights source names: the files in dir (one file or an index
+ * over shards; every tensor the config implies is checked there with its shape, an error names the
+ * first that is not, and none is converted: the forward converts them part by part), st_random_fill
+ * values from seed (WEIGHTS_CONFIG_ONLY: timings and memory without the files), or fresh weights
+ * from seed (WEIGHTS_FRESH: a model to train, resident). */
+int flux2_open(Flux2 **out, const char *dir, WeightSource source, uint64_t seed, Error *e);
+/* An execution strategy for small models (training, flux2_forward_graph): every weight converted
+ * once into a Params of f32 leaves, held in memory. The forward's results do not change. */
+int flux2_make_resident(Flux2 *m, Error *e);
 void flux2_free(Flux2 *m);
 const Flux2Config *flux2_config(const Flux2 *m);
 /* A resident model's weights (all parameters), by their upstream names; NULL when streaming. */
@@ -158,7 +153,7 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
 Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
                          const float *sigma, const float *guidance);
 /* A resident model into dir (made when absent): config.json and
- * diffusion_pytorch_model.safetensors (f32, upstream names), which flux2_load reads back. */
+ * diffusion_pytorch_model.safetensors (f32, upstream names), which flux2_open reads back. */
 int flux2_save(const Flux2 *m, const char *dir, Error *e);
 
 /* ---- end section: flux2 ---- */
@@ -188,12 +183,8 @@ typedef struct TextEncoder TextEncoder;
 
 /* Config and weights from dir (the safetensors files, st_random_fill values or fresh weights
  * from seed, as WeightSource says); an error names the file, key or tensor. */
-int text_encoder_load_params(TextEncoder **out, const char *dir, WeightSource source,
-                             uint64_t seed, Error *e);
-/* The same from the files. */
-int text_encoder_load(TextEncoder **out, const char *dir, Error *e);
-/* Fresh weights from seed for the config in dir: a model to train. */
-int text_encoder_init(TextEncoder **out, const char *dir, uint64_t seed, Error *e);
+int text_encoder_open(TextEncoder **out, const char *dir, WeightSource source, uint64_t seed,
+                      Error *e);
 void text_encoder_free(TextEncoder *m);
 const TextEncoderConfig *text_encoder_config(const TextEncoder *m);
 /* Every weight as a parameter. */
@@ -206,7 +197,7 @@ int text_encoder_tokenize(const TextEncoder *m, const char *prompt, int *ids, in
 /* prompts[0 .. batch) -> [B, max_length, hidden_size]. NULL with e filled when a prompt does not
  * tokenize or an op fails. Gradients reach the weights when they are trainable. */
 Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int batch, Error *e);
-/* Into dir (made when absent): config.json and model.safetensors, which text_encoder_load reads. */
+/* Into dir (made when absent): config.json and model.safetensors, which text_encoder_open reads. */
 int text_encoder_save(const TextEncoder *m, const char *dir, Error *e);
 
 /* ---- end section: text encoder ---- */
@@ -309,14 +300,12 @@ typedef struct VaeConfig {
 /* The loaded decoder: config, f32 weights, and whether blocks are checkpointed. */
 typedef struct VaeDecoder VaeDecoder;
 
-/* Reads <dir>/config.json and <dir>/diffusion_pytorch_model.safetensors (or any layout
- * st_model_open accepts in dir): F32/F16/BF16 weights, converted to f32. */
-int vae_decoder_load(VaeDecoder **out, const char *dir, Error *e);
-/* The decoder <dir>/config.json describes, with weights made from seed by st_random_fill at the
- * shapes the config implies (no weight file is read): for timings and memory without the files. */
-int vae_decoder_load_config_only(VaeDecoder **out, const char *dir, uint64_t seed, Error *e);
-/* The decoder <dir>/config.json describes with fresh weights from seed (params_new_init). */
-int vae_decoder_init(VaeDecoder **out, const char *dir, uint64_t seed, Error *e);
+/* Reads <dir>/config.json and the weights source names: <dir>/diffusion_pytorch_model.safetensors
+ * (or any layout st_model_open accepts in dir; F32/F16/BF16, converted to f32), st_random_fill
+ * values from seed at the shapes the config implies (WEIGHTS_CONFIG_ONLY: timings and memory
+ * without the files), or fresh weights from seed (WEIGHTS_FRESH, params_new_init: to train). */
+int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
+                     Error *e);
 void vae_decoder_free(VaeDecoder *m);
 /* tokens: [B, h*w, latent_channels*patch_h*patch_w], row-major over the (h, w) token grid ->
  * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
@@ -365,9 +354,9 @@ int vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
  * it runs on the small images of training, where memory is no concern. */
 typedef struct VaeEncoder VaeEncoder;
 
-int vae_encoder_load(VaeEncoder **out, const char *dir, Error *e);
-/* The encoder <dir>/config.json describes with fresh weights from seed (params_new_init). */
-int vae_encoder_init(VaeEncoder **out, const char *dir, uint64_t seed, Error *e);
+/* As vae_decoder_open. */
+int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source, uint64_t seed,
+                     Error *e);
 void vae_encoder_free(VaeEncoder *m);
 const VaeConfig *vae_encoder_config(const VaeEncoder *m);
 /* The pixels of the encoder's image one latent token covers (its down blocks, as
@@ -408,7 +397,7 @@ Var *vae_pack(Tape *t, const VaeConfig *c, Var *latent, int h, int w);
  * (upstream ignores config.layer_norm_eps), the batch norm uses its running statistics. The
  * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one projection per
  * stage when loading: the same function up to rounding, without the 4D-channel concat. A detector
- * to train (segformer_init) has those projections as its linear_c parameters instead. */
+ * to train (segformer_open WEIGHTS_FRESH) has those projections as its linear_c parameters instead. */
 
 #define SEGFORMER_MAX_STAGES 8
 
@@ -432,19 +421,17 @@ typedef struct Segformer Segformer;
 
 /* Reads <dir>/config.json and <dir>/preprocessor_config.json; an error names the file and key. */
 int segformer_config_load(SegformerConfig *c, const char *dir, Error *e);
-/* Config and weights from a transformers directory (one .safetensors file or an index; f32, f16
- * or bf16). A missing or mis-shaped tensor is an error naming it. */
-int segformer_load(Segformer **out, const char *dir, Error *e);
-/* The detector dir's two config files describe, with weights made from seed by st_random_fill at
- * the shapes the config implies (no weight file is read): for timings and memory without them. */
-int segformer_load_config_only(Segformer **out, const char *dir, uint64_t seed, Error *e);
-/* The detector dir's config files describe with fresh weights from seed (params_new_init), to
- * train: its decode head is not folded but each stage's decode_head.linear_c.{i}.proj (weight and
+/* The detector dir's two config files describe, with the weights source names: a transformers
+ * directory's files (one .safetensors file or an index; f32, f16 or bf16; a missing or mis-shaped
+ * tensor is an error naming it), st_random_fill values from seed at the shapes the config implies
+ * (WEIGHTS_CONFIG_ONLY: timings and memory without the files), or fresh weights from seed
+ * (WEIGHTS_FRESH, params_new_init), to train: its decode head is not folded but each stage's decode_head.linear_c.{i}.proj (weight and
  * bias) as a parameter, with linear_fuse [I .. I] and the batch norm the identity, which every
  * folded head is equal to (the same function class as the upstream head with its batch norm
  * frozen). */
-int segformer_init(Segformer **out, const char *dir, uint64_t seed, Error *e);
-/* Writes a detector made by segformer_init as a transformers directory that segformer_load reads
+int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
+                   Error *e);
+/* Writes a detector opened WEIGHTS_FRESH as a transformers directory that segformer_open reads
  * back as the same detector: <dir>/config.json (SegformerForSemanticSegmentation),
  * <dir>/preprocessor_config.json and <dir>/model.safetensors with every upstream tensor (the
  * identity linear_fuse and batch norm included). dir is created when missing; files are replaced
@@ -453,9 +440,9 @@ int segformer_save(const Segformer *m, const char *dir, Error *e);
 void segformer_free(Segformer *m);
 const SegformerConfig *segformer_config(const Segformer *m);
 /* Its encoder's weights and the classifier as parameters, and the decode head's linear_c when
- * made by segformer_init; a loaded decode head (folded), and the preprocessing, as constants. */
+ * opened WEIGHTS_FRESH; a loaded decode head (folded), and the preprocessing, as constants. */
 Params *segformer_params(const Segformer *m);
-/* true when the decode head is linear_c as segformer_init makes it (trainable, savable), false
+/* true when the decode head is linear_c as segformer_open WEIGHTS_FRESH makes it (trainable, savable), false
  * when it was folded on loading. */
 bool segformer_head_is_trainable(const Segformer *m);
 

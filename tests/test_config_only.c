@@ -93,13 +93,13 @@ static void test_vae_config_only(void) {
     const char *dir = "tests/fixtures/tiny-flux2/vae";
     VaeDecoder *m[3] = {NULL, NULL, NULL}, *real = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_load_config_only(&m[0], dir, 1, &e) == 0 &&
-              vae_decoder_load_config_only(&m[1], dir, 1, &e) == 0 &&
-              vae_decoder_load_config_only(&m[2], dir, 2, &e) == 0 &&
-              vae_decoder_load(&real, dir, &e) == 0,
+    CHECK(vae_decoder_open(&m[0], dir, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
+              vae_decoder_open(&m[1], dir, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
+              vae_decoder_open(&m[2], dir, WEIGHTS_CONFIG_ONLY, 2, &e) == 0 &&
+              vae_decoder_open(&real, dir, WEIGHTS_FILES, 0, &e) == 0,
           "VAE config-only load: %s", e.msg);
     VaeDecoder *absent = NULL;
-    CHECK(vae_decoder_load_config_only(&absent, "tests/fixtures/absent", 1, &e) != 0 && !absent &&
+    CHECK(vae_decoder_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 && !absent &&
               strstr(e.msg, "absent/config.json"),
           "a missing VAE config is named: %s", e.msg);
     if (m[0] && m[1] && m[2] && real) {
@@ -138,12 +138,12 @@ static void test_segformer_config_only(void) {
     const char *dir = "tests/fixtures/tiny-detector";
     Segformer *m[3] = {NULL, NULL, NULL}, *real = NULL;
     Error e = {{0}};
-    CHECK(segformer_load_config_only(&m[0], dir, 1, &e) == 0 &&
-              segformer_load_config_only(&m[1], dir, 1, &e) == 0 &&
-              segformer_load_config_only(&m[2], dir, 2, &e) == 0 && segformer_load(&real, dir, &e) == 0,
+    CHECK(segformer_open(&m[0], dir, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
+              segformer_open(&m[1], dir, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
+              segformer_open(&m[2], dir, WEIGHTS_CONFIG_ONLY, 2, &e) == 0 && segformer_open(&real, dir, WEIGHTS_FILES, 0, &e) == 0,
           "detector config-only load: %s", e.msg);
     Segformer *absent = NULL;
-    CHECK(segformer_load_config_only(&absent, "tests/fixtures/absent", 1, &e) != 0 && !absent &&
+    CHECK(segformer_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 && !absent &&
               strstr(e.msg, "absent/config.json"),
           "a missing detector config is named: %s", e.msg);
     if (!(m[0] && m[1] && m[2] && real)) goto done;
@@ -182,7 +182,7 @@ static void test_real_configs(void) {
     VaeDecoder *vae = NULL;
     Segformer *det = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_load_config_only(&vae, "tests/fixtures/klein-4b-config/vae", 1, &e) == 0,
+    CHECK(vae_decoder_open(&vae, "tests/fixtures/klein-4b-config/vae", WEIGHTS_CONFIG_ONLY, 1, &e) == 0,
           "FLUX.2 VAE config-only: %s", e.msg);
     if (vae) {
         const VaeConfig *c = vae_decoder_config(vae);
@@ -191,7 +191,7 @@ static void test_real_configs(void) {
                   c->norm_num_groups == 32 && c->patch_h == 2 && c->patch_w == 2,
               "the FLUX.2 VAE config");
     }
-    CHECK(segformer_load_config_only(&det, "tests/fixtures/mit-b5-config", 1, &e) == 0,
+    CHECK(segformer_open(&det, "tests/fixtures/mit-b5-config", WEIGHTS_CONFIG_ONLY, 1, &e) == 0,
           "MiT-b5 config-only: %s", e.msg);
     if (det) {
         const SegformerConfig *c = segformer_config(det);

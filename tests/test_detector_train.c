@@ -1,4 +1,4 @@
-/* test_detector_train.c - the trainable detector (segformer_init's head), its loss and its
+/* test_detector_train.c - the trainable detector (segformer_open WEIGHTS_FRESH's head), its loss and its
  * training: d loss / d parameters against PyTorch (tools/ref_segformer.py) and by finite
  * differences, segformer_save read back by segformer_load as the same detector with every
  * upstream tensor, the max-pooled target, and 20 AdamW steps on the shipped tiny config; the flow
@@ -47,13 +47,13 @@ static int param_index(const Params *p, const char *name) {
     return -1;
 }
 
-/* A trainable detector (segformer_init) holding the fixture's weights: every parameter and buffer
+/* A trainable detector (segformer_open WEIGHTS_FRESH) holding the fixture's weights: every parameter and buffer
  * overwritten by the fixture's tensor of the same name. */
 static Segformer *fixture_detector(void) {
     Segformer *m = NULL;
     SafeTensors *st = NULL;
     Error e = {{0}};
-    int rc = segformer_init(&m, FIXTURE, 1, &e) || st_open(&st, FIXTURE "/model.safetensors", &e);
+    int rc = segformer_open(&m, FIXTURE, WEIGHTS_FRESH, 1, &e) || st_open(&st, FIXTURE "/model.safetensors", &e);
     Params *p = rc ? NULL : segformer_params(m);
     for (int i = 0; p && rc == 0 && i < params_count(p); i++) {
         Tensor *v = params_var(p, i)->value;
@@ -226,7 +226,7 @@ static void check_save_load(void) {
     Error e = {{0}};
     int rc = m ? segformer_save(m, dir, &e) : -1;
     CHECK(rc == 0, "segformer_save: %s", e.msg);
-    rc = rc || segformer_load(&back, dir, &e);
+    rc = rc || segformer_open(&back, dir, WEIGHTS_FILES, 0, &e);
     CHECK(rc == 0, "segformer_load of the saved directory: %s", e.msg);
     unsigned long long seed = 11;
     Tensor *image = TENSOR_NEW(2, 3, 40, 52);
@@ -298,7 +298,7 @@ static void check_training(void) {
     TrainTask task;
     Error e = {{0}};
     DetectorTrainOptions o = {.batch = 32, .seed = 5, .pos_weight = 1.0f};
-    int rc = segformer_init(&m, SHIPPED, 3, &e) || detector_train_task(&task, &d, m, &o, &e);
+    int rc = segformer_open(&m, SHIPPED, WEIGHTS_FRESH, 3, &e) || detector_train_task(&task, &d, m, &o, &e);
     CHECK(rc == 0, "the training task on " SHIPPED ": %s", e.msg);
     if (rc == 0) {
         TrainLog log = {0};
@@ -327,9 +327,9 @@ static void check_samples(void) {
     TextEncoder *text = NULL;
     VaeDecoder *vae = NULL;
     Error e = {{0}};
-    int rc = flux2_init(&flow, "weights/transformer", 1, &e) ||
-             text_encoder_init(&text, "weights/text_encoder", 2, &e) ||
-             vae_decoder_init(&vae, "weights/vae", 3, &e);
+    int rc = flux2_open(&flow, "weights/transformer", WEIGHTS_FRESH, 1, &e) ||
+             text_encoder_open(&text, "weights/text_encoder", WEIGHTS_FRESH, 2, &e) ||
+             vae_decoder_open(&vae, "weights/vae", WEIGHTS_FRESH, 3, &e);
     CHECK(rc == 0, "fresh models from the shipped configs: %s", e.msg);
     DetectorSamples a = {0}, b = {0}, c = {0};
     DetectorSampleOptions o = {.n = 6, .batch = 4, .seed = 9,
@@ -396,7 +396,7 @@ static void check_sample_batches(void) {
     DetectorTrainOptions o = {.batch = 8, .seed = 5, .pos_weight = 1.0f, .samples = &s,
                               .held_out = HELD};
     DetectorTrainOptions half = {.batch = 4, .seed = 5, .pos_weight = 1.0f};
-    int rc = segformer_init(&m, SHIPPED, 3, &e) || detector_train_task(&task, &with, m, &o, &e) ||
+    int rc = segformer_open(&m, SHIPPED, WEIGHTS_FRESH, 3, &e) || detector_train_task(&task, &with, m, &o, &e) ||
              detector_train_task(&task, &without, m, &half, &e);
     CHECK(rc == 0, "tasks with and without samples: %s", e.msg);
     int renders_differ = 0, not_a_sample = 0, held_drawn = 0, seen[N] = {0};

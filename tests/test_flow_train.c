@@ -46,8 +46,7 @@ typedef struct Run {
 static int load(Run *r, int batch, uint64_t seed) {
     Error e = {{0}};
     *r = (Run){0};
-    int rc = flux2_init(&r->flow, FLOW_DIR, seed, &e) || text_encoder_init(&r->text, TEXT_DIR,
-                                                                          seed + 1, &e);
+    int rc = flux2_open(&r->flow, FLOW_DIR, WEIGHTS_FRESH, seed, &e) || text_encoder_open(&r->text, TEXT_DIR, WEIGHTS_FRESH, seed + 1, &e);
     CHECK(rc == 0, "fresh models from the shipped configs: %s", e.msg);
     if (rc) return -1;
     r->data.per_sample = (int64_t)GRID_H * GRID_W * flux2_config(r->flow)->in_channels;
@@ -192,7 +191,7 @@ static void test_training(void) {
            seconds / 20);
 }
 
-/* Saved and loaded back (flux2_load streams, text_encoder_load), the models give the same
+/* Saved and loaded back (flux2_open streams, text_encoder_open), the models give the same
  * velocity as before. */
 static void test_save(void) {
     Run r;
@@ -206,7 +205,7 @@ static void test_save(void) {
           "save: %s", e.msg);
     Flux2 *flow = NULL;
     TextEncoder *text = NULL;
-    CHECK(flux2_load(&flow, flow_dir, &e) == 0 && text_encoder_load(&text, text_dir, &e) == 0,
+    CHECK(flux2_open(&flow, flow_dir, WEIGHTS_FILES, 0, &e) == 0 && text_encoder_open(&text, text_dir, WEIGHTS_FILES, 0, &e) == 0,
           "load what was saved: %s", e.msg);
     if (flow && text) {
         const Flux2Config *a = flux2_config(r.flow), *b = flux2_config(flow);
@@ -258,9 +257,9 @@ static void test_errors(void) {
     Flux2 *streaming = NULL, *flow = NULL;
     TextEncoder *text = NULL;
     Error e = {{0}};
-    CHECK(flux2_load(&streaming, "tests/fixtures/tiny-flux2/transformer", &e) == 0 &&
-              flux2_init(&flow, "tests/fixtures/tiny-flux2/transformer", 1, &e) == 0 &&
-              text_encoder_init(&text, TEXT_DIR, 1, &e) == 0,
+    CHECK(flux2_open(&streaming, "tests/fixtures/tiny-flux2/transformer", WEIGHTS_FILES, 0, &e) == 0 &&
+              flux2_open(&flow, "tests/fixtures/tiny-flux2/transformer", WEIGHTS_FRESH, 1, &e) == 0 &&
+              text_encoder_open(&text, TEXT_DIR, WEIGHTS_FRESH, 1, &e) == 0,
           "load: %s", e.msg);
     TrainTask task;
     FlowTrainer *f = NULL;
@@ -285,7 +284,7 @@ static void test_errors(void) {
 static void test_world_batch(void) {
     VaeEncoder *vae = NULL;
     Error e = {{0}};
-    if (vae_encoder_load(&vae, "tests/fixtures/tiny-flux2/vae", &e)) {
+    if (vae_encoder_open(&vae, "tests/fixtures/tiny-flux2/vae", WEIGHTS_FILES, 0, &e)) {
         CHECK(0, "load the tiny VAE encoder: %s", e.msg);
         return;
     }

@@ -35,7 +35,7 @@ static Tensor *golden_tensor(const SafeTensors *st, const char *name, int ndim,
 static Flux2 *load(const char *dir) {
     Flux2 *m = NULL;
     Error e = {{0}};
-    CHECK(flux2_load(&m, dir, &e) == 0, "load %s: %s", dir, e.msg);
+    CHECK(flux2_open(&m, dir, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", dir, e.msg);
     return m;
 }
 
@@ -209,7 +209,7 @@ static void remove_dir(const char *dir) {
     rmdir(dir);
 }
 
-/* Makes a broken copy in a fresh directory, expects flux2_load to fail with a message holding
+/* Makes a broken copy in a fresh directory, expects flux2_open to fail with a message holding
  * `says` (and `also` when not NULL). */
 typedef void (*BreakFn)(const char *dir);
 
@@ -222,7 +222,7 @@ static void expect_load_error(const char *what, BreakFn make, const char *says, 
     make(dir);
     Flux2 *m = NULL;
     Error e = {{0}};
-    int rc = flux2_load(&m, dir, &e);
+    int rc = flux2_open(&m, dir, WEIGHTS_FILES, 0, &e);
     CHECK(rc != 0 && m == NULL && strstr(e.msg, says) && (!also || strstr(e.msg, also)),
           "%s: %s", what, e.msg);
     flux2_free(m);
@@ -284,18 +284,18 @@ static void test_errors(void) {
                       "axes_dims_rope", NULL);
 }
 
-/* flux2_load_config_only: the tiny config with made-up weights loads and runs (on a grid of
+/* flux2_open config-only: the tiny config with made-up weights loads and runs (on a grid of
  * more than one chunk of tokens), the same seed gives the same bits, another seed others. */
 static void test_config_only(void) {
     Flux2 *m = NULL, *same = NULL, *other = NULL;
     Error e = {{0}};
-    CHECK(flux2_load_config_only(&m, FIXTURE "/config.json", 1, &e) == 0 &&
-              flux2_load_config_only(&same, FIXTURE "/config.json", 1, &e) == 0 &&
-              flux2_load_config_only(&other, FIXTURE "/config.json", 2, &e) == 0,
+    CHECK(flux2_open(&m, FIXTURE, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
+              flux2_open(&same, FIXTURE, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
+              flux2_open(&other, FIXTURE, WEIGHTS_CONFIG_ONLY, 2, &e) == 0,
           "config-only load: %s", e.msg);
     Flux2 *absent = NULL;
-    CHECK(flux2_load_config_only(&absent, "tests/fixtures/absent.json", 1, &e) != 0 && !absent &&
-              strstr(e.msg, "absent.json"),
+    CHECK(flux2_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 && !absent &&
+              strstr(e.msg, "absent/config.json"),
           "a missing config is named: %s", e.msg);
     int h = 17, w = 16;
     Tensor *tokens = TENSOR_NEW(1, h * w, 16), *txt = TENSOR_NEW(1, 7, 24);
@@ -328,8 +328,8 @@ static void test_config_only(void) {
 static Flux2 *load_resident(const char *dir) {
     Flux2 *m = NULL;
     Error e = {{0}};
-    CHECK(flux2_load_params(&m, dir, WEIGHTS_FILES, 0, &e) == 0, "resident load %s: %s", dir,
-          e.msg);
+    CHECK(flux2_open(&m, dir, WEIGHTS_FILES, 0, &e) == 0 && flux2_make_resident(m, &e) == 0,
+          "resident load %s: %s", dir, e.msg);
     return m;
 }
 
@@ -482,13 +482,13 @@ done:
     flux2_free(m);
 }
 
-/* flux2_init: fresh weights by name (matrices uniform in +-1/sqrt(fan_in), RMSNorm scales 1),
+/* flux2_open WEIGHTS_FRESH: fresh weights by name (matrices uniform in +-1/sqrt(fan_in), RMSNorm scales 1),
  * the same for the same seed, and a forward that runs. */
 static void test_init(void) {
     Flux2 *a = NULL, *b = NULL;
     Error e = {{0}};
-    CHECK(flux2_init(&a, FIXTURE, 7, &e) == 0 && flux2_init(&b, FIXTURE, 7, &e) == 0,
-          "flux2_init: %s", e.msg);
+    CHECK(flux2_open(&a, FIXTURE, WEIGHTS_FRESH, 7, &e) == 0 && flux2_open(&b, FIXTURE, WEIGHTS_FRESH, 7, &e) == 0,
+          "flux2_open fresh: %s", e.msg);
     if (!a || !b) goto done;
     Params *pa = flux2_params(a), *pb = flux2_params(b);
     bool same = params_count(pa) == params_count(pb) && params_count(pa) > 0, bounded = true;

@@ -609,8 +609,8 @@ int main(int argc, char **argv) {
     SafeTensors *g = golden_open(GOLDEN);
     Models m = {0};
     Error e = {{0}};
-    int rc = flux2_load(&m.flow, FLOW, &e) || vae_decoder_load(&m.vae, VAE, &e) ||
-             segformer_load(&m.detector, DETECTOR, &e);
+    int rc = flux2_open(&m.flow, FLOW, WEIGHTS_FILES, 0, &e) || vae_decoder_open(&m.vae, VAE, WEIGHTS_FILES, 0, &e) ||
+             segformer_open(&m.detector, DETECTOR, WEIGHTS_FILES, 0, &e);
     CHECK(rc == 0, "load the tiny fixtures: %s", e.msg);
     if (g && rc == 0) {
         test_schedules(g);

@@ -133,7 +133,7 @@ static void check_plain(const SafeTensors *g) {
     if (!scratch_make(dir, NULL, pre, true)) return;
     Segformer *m = NULL;
     Error e = {{0}};
-    CHECK(segformer_load(&m, dir, &e) == 0, "load without resize and normalisation: %s", e.msg);
+    CHECK(segformer_open(&m, dir, WEIGHTS_FILES, 0, &e) == 0, "load without resize and normalisation: %s", e.msg);
     if (m) {
         const SegformerConfig *c = segformer_config(m);
         CHECK(!c->do_resize && !c->do_normalize, "the switches are read");
@@ -225,7 +225,7 @@ static bool write_altered_model(const char *dir, const char *drop, const char *r
 static void expect_load_error(const char *dir, const char *what, const char *const *want, int n) {
     Segformer *m = NULL;
     Error e = {{0}};
-    int rc = segformer_load(&m, dir, &e);
+    int rc = segformer_open(&m, dir, WEIGHTS_FILES, 0, &e);
     bool named = rc != 0 && m == NULL;
     for (int i = 0; named && i < n; i++) named = strstr(e.msg, want[i]) != NULL;
     CHECK(named, "%s is refused with a message naming it: %s", what, e.msg);
@@ -336,8 +336,8 @@ int main(void) {
     SafeTensors *g = golden_open(GOLDEN);
     Segformer *m = NULL, *m16 = NULL;
     Error e = {{0}};
-    CHECK(segformer_load(&m, FIXTURE, &e) == 0, "load %s: %s", FIXTURE, e.msg);
-    CHECK(segformer_load(&m16, FIXTURE_BF16, &e) == 0, "load %s: %s", FIXTURE_BF16, e.msg);
+    CHECK(segformer_open(&m, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE, e.msg);
+    CHECK(segformer_open(&m16, FIXTURE_BF16, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE_BF16, e.msg);
     if (m) {
         const SegformerConfig *c = segformer_config(m);
         CHECK(c->stages == 4 && c->depths[3] == 2 && c->input_h == 64 && c->input_w == 48 &&

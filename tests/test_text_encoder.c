@@ -44,7 +44,7 @@ static Var *find_param(const Params *p, const char *name) {
 static void test_golden(const SafeTensors *st) {
     TextEncoder *m = NULL;
     Error e = {{0}};
-    CHECK(text_encoder_load(&m, FIXTURE, &e) == 0, "load %s: %s", FIXTURE, e.msg);
+    CHECK(text_encoder_open(&m, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE, e.msg);
     if (!m) return;
     const TextEncoderConfig *c = text_encoder_config(m);
     CHECK(c->vocab_size == 36 && c->max_length == 6 && c->hidden_size == 16 &&
@@ -103,7 +103,7 @@ static void test_golden(const SafeTensors *st) {
 static void test_tokenize(void) {
     TextEncoder *m = NULL;
     Error e = {{0}};
-    CHECK(text_encoder_init(&m, FIXTURE, 3, &e) == 0, "init: %s", e.msg);
+    CHECK(text_encoder_open(&m, FIXTURE, WEIGHTS_FRESH, 3, &e) == 0, "init: %s", e.msg);
     if (!m) return;
     int ids[6], length = -1;
     CHECK(text_encoder_tokenize(m, "aZ09", ids, &length, &e) == 0 && length == 4 && ids[0] == 1 &&
@@ -129,7 +129,7 @@ static void test_tokenize(void) {
     tape_free(t);
     text_encoder_free(m);
     TextEncoder *bad = NULL;
-    CHECK(text_encoder_load(&bad, "tests/fixtures/tiny-flux2/transformer", &e) != 0 && !bad &&
+    CHECK(text_encoder_open(&bad, "tests/fixtures/tiny-flux2/transformer", WEIGHTS_FILES, 0, &e) != 0 && !bad &&
               strstr(e.msg, "_class_name"),
           "another model's config is refused: %s", e.msg);
 }
@@ -143,7 +143,7 @@ static void test_generate_prompt(const char *argv0) {
     }
     TextEncoder *m = NULL;
     Error e = {{0}};
-    CHECK(text_encoder_load(&m, "tests/fixtures/tiny-flux2/text_encoder", &e) == 0, "load: %s",
+    CHECK(text_encoder_open(&m, "tests/fixtures/tiny-flux2/text_encoder", WEIGHTS_FILES, 0, &e) == 0, "load: %s",
           e.msg);
     Tape *t = tape_new();
     Var *y = m ? text_encode(t, m, (const char *[]){"k9"}, 1, &e) : NULL;

@@ -170,7 +170,7 @@ static size_t decode_peak(VaeDecoder *m, int levels, int batch, int height, int 
 static void test_checkpoint_policy(VaeDecoder *tiny) {
     VaeDecoder *embedded = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_load(&embedded, "weights/vae", &e) == 0, "load weights/vae: %s", e.msg);
+    CHECK(vae_decoder_open(&embedded, "weights/vae", WEIGHTS_FILES, 0, &e) == 0, "load weights/vae: %s", e.msg);
     const struct {
         VaeDecoder *m;
         const char *name;
@@ -361,7 +361,7 @@ static void expect_load_error(const char *dir, FixtureEdit edit, const char *wan
     }
     VaeDecoder *m = NULL;
     Error e = {{0}};
-    int rc = vae_decoder_load(&m, dir, &e);
+    int rc = vae_decoder_open(&m, dir, WEIGHTS_FILES, 0, &e);
     CHECK(rc != 0 && m == NULL && strstr(e.msg, want), "%s: %s", what, e.msg);
     vae_decoder_free(m);
 }
@@ -375,7 +375,7 @@ static void test_config_switches(const char *dir, const SafeTensors *st) {
                                "\"mid_block_add_attention\": false"}};
     VaeDecoder *m = NULL;
     Error e = {{0}};
-    int rc = write_fixture_copy(dir, &edit) || vae_decoder_load(&m, dir, &e);
+    int rc = write_fixture_copy(dir, &edit) || vae_decoder_open(&m, dir, WEIGHTS_FILES, 0, &e);
     CHECK(rc == 0, "load with the config switches off: %s", e.msg);
     if (m) test_golden_case(m, st, "c", "c", 1, 2, 2);
     vae_decoder_free(m);
@@ -400,7 +400,7 @@ static void test_load_errors(const char *dir) {
     remove_fixture_copy(dir);
     VaeDecoder *m = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_load(&m, dir, &e) != 0 && strstr(e.msg, "config.json"),
+    CHECK(vae_decoder_open(&m, dir, WEIGHTS_FILES, 0, &e) != 0 && strstr(e.msg, "config.json"),
           "an empty directory names config.json: %s", e.msg);
 }
 
@@ -415,7 +415,7 @@ static void test_default_budget(void) {
 #endif
     VaeDecoder *real = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_load_config_only(&real, "tests/fixtures/klein-4b-config/vae", 1, &e) == 0,
+    CHECK(vae_decoder_open(&real, "tests/fixtures/klein-4b-config/vae", WEIGHTS_CONFIG_ONLY, 1, &e) == 0,
           "FLUX.2's VAE from its config: %s", e.msg);
     if (!real) return;
     int roomy = vae_decoder_checkpoint_for(real, 1, 512, 512, vae_default_memory(20 * gib));
@@ -429,8 +429,8 @@ int main(void) {
     SafeTensors *st = golden_open(GOLDEN);
     VaeDecoder *m = NULL, *m16 = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_load(&m, FIXTURE, &e) == 0, "load %s: %s", FIXTURE, e.msg);
-    CHECK(vae_decoder_load(&m16, FIXTURE_BF16, &e) == 0, "load %s: %s", FIXTURE_BF16, e.msg);
+    CHECK(vae_decoder_open(&m, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE, e.msg);
+    CHECK(vae_decoder_open(&m16, FIXTURE_BF16, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE_BF16, e.msg);
     if (m && st) {
         test_golden_case(m, st, "a", "a", 2, 2, 3);
         test_golden_case(m, st, "b", "b", 1, 3, 1);

@@ -36,7 +36,7 @@ int main(int argc, char **argv) {
     }
     Error e = {{0}};
     VaeDecoder *m = NULL;
-    if (vae_decoder_load(&m, argv[1], &e)) {
+    if (vae_decoder_open(&m, argv[1], WEIGHTS_FILES, 0, &e)) {
         fprintf(stderr, "%s\n", e.msg);
         return 1;
     }

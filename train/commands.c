@@ -246,7 +246,7 @@ typedef struct Trainer {
 /* Held-out examples for the accuracy a trainer reports: no training batch uses this seed. */
 #define TRAIN_HELD_OUT_SEED 987654321u
 
-/* detector: segformer_init from the config files, detector_train_task, segformer_save; with
+/* detector: segformer_open WEIGHTS_FRESH from the config files, detector_train_task, segformer_save; with
  * --flow, first the flow model's own images labelled by the oracle. */
 typedef struct DetectorRun {
     Segformer *model;
@@ -307,8 +307,10 @@ static int train_detector_samples(const TrainArgs *a, DetectorSamples *out, Erro
                      path_join(dir[0], sizeof dir[0], a->flow, "transformer", e) ||
                      path_join(dir[1], sizeof dir[1], a->flow, "text_encoder", e) ||
                      path_join(dir[2], sizeof dir[2], a->flow, "vae", e) ||
-                     flux2_load_params(&flow, dir[0], WEIGHTS_FILES, 0, e) ||
-                     text_encoder_load(&text, dir[1], e) || vae_decoder_load(&vae, dir[2], e)
+                     flux2_open(&flow, dir[0], WEIGHTS_FILES, 0, e) ||
+                     flux2_make_resident(flow, e) ||
+                     text_encoder_open(&text, dir[1], WEIGHTS_FILES, 0, e) ||
+                     vae_decoder_open(&vae, dir[2], WEIGHTS_FILES, 0, e)
                  ? -1
                  : 0;
     o.exclude = (const char *const *)exclude;
@@ -335,7 +337,7 @@ static int train_detector_open(const TrainArgs *a, TrainTask *task, void **state
         o.samples = &d->samples;
         o.held_out = d->held_out = d->samples.n / 10;
     }
-    return segformer_init(&d->model, a->config, a->seed, e) ||
+    return segformer_open(&d->model, a->config, WEIGHTS_FRESH, a->seed, e) ||
                    detector_train_task(task, &d->trainer, d->model, &o, e)
                ? -1
                : 0;
@@ -390,10 +392,10 @@ static int train_vae_setup(const TrainArgs *a, TrainTask *task, void **state, bo
     VaeTrainOptions o = {.batch = a->batch, .height = WORLD_H, .width = WORLD_W,
                          .seed = a->seed + decoder_only, .image = vae_world_image,
                          .decoder_only = decoder_only, .latent_noise = a->latent_noise};
-    int rc = decoder_only ? vae_encoder_load(&v->encoder, a->vae, e) ||
-                                vae_decoder_load(&v->decoder, a->vae, e)
-                          : vae_encoder_init(&v->encoder, a->config, a->seed, e) ||
-                                vae_decoder_init(&v->decoder, a->config, a->seed, e);
+    int rc = decoder_only ? vae_encoder_open(&v->encoder, a->vae, WEIGHTS_FILES, 0, e) ||
+                                vae_decoder_open(&v->decoder, a->vae, WEIGHTS_FILES, 0, e)
+                          : vae_encoder_open(&v->encoder, a->config, WEIGHTS_FRESH, a->seed, e) ||
+                                vae_decoder_open(&v->decoder, a->config, WEIGHTS_FRESH, a->seed, e);
     return rc || vae_train_task(task, &v->trainer, v->encoder, v->decoder, &o, e) ? -1 : 0;
 }
 
@@ -447,11 +449,12 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
     const char *from = a->init ? a->init : a->config;
     if (path_join(dir[0], sizeof dir[0], from, "transformer", e) ||
         path_join(dir[1], sizeof dir[1], from, "text_encoder", e) ||
-        vae_encoder_load(&f->vae, a->vae, e) ||
-        (a->init ? flux2_load_params(&f->flow, dir[0], WEIGHTS_FILES, 0, e) ||
-                       text_encoder_load(&f->text, dir[1], e)
-                 : flux2_init(&f->flow, dir[0], a->seed, e) ||
-                       text_encoder_init(&f->text, dir[1], a->seed, e)))
+        vae_encoder_open(&f->vae, a->vae, WEIGHTS_FILES, 0, e) ||
+        (a->init ? flux2_open(&f->flow, dir[0], WEIGHTS_FILES, 0, e) ||
+                       flux2_make_resident(f->flow, e) ||
+                       text_encoder_open(&f->text, dir[1], WEIGHTS_FILES, 0, e)
+                 : flux2_open(&f->flow, dir[0], WEIGHTS_FRESH, a->seed, e) ||
+                       text_encoder_open(&f->text, dir[1], WEIGHTS_FRESH, a->seed, e)))
         return -1;
     int rows, cols;
     vae_encoder_token_size(f->vae, &rows, &cols);

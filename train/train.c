@@ -326,7 +326,7 @@ static int flow_trainer_check(const Flux2 *flow, const TextEncoder *text,
     const Flux2Config *c = flux2_config(flow);
     const TextEncoderConfig *tc = text_encoder_config(text);
     if (!flux2_params(flow))
-        return error_set(e, "text+flow training needs a resident transformer (flux2_load_params)");
+        return error_set(e, "text+flow training needs a resident transformer (flux2_make_resident)");
     if (tc->hidden_size != c->joint_attention_dim)
         return error_set(e, "the text encoder's hidden_size %d is not the transformer's "
                          "joint_attention_dim %d", tc->hidden_size, c->joint_attention_dim);
@@ -558,7 +558,7 @@ int detector_train_task(TrainTask *task, DetectorTrainer **out, Segformer *m,
     *out = NULL;
     const SegformerConfig *c = segformer_config(m);
     if (!segformer_head_is_trainable(m))
-        return error_set(e, "detector training: the detector must be made by segformer_init");
+        return error_set(e, "detector training: the detector must be opened WEIGHTS_FRESH");
     if (c->num_labels != 1)
         return error_set(e, "detector training: needs num_labels 1, the detector has %d",
                          c->num_labels);

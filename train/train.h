@@ -147,7 +147,7 @@ int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], 
 /* ---- end section: text+flow training ---- */
 
 /* ---- section: detector_train ----------------------------------------------------------------
- * Training the detector (made by segformer_init) as DiffDoctor trained theirs: a per-pixel
+ * Training the detector (opened WEIGHTS_FRESH) as DiffDoctor trained theirs: a per-pixel
  * target at the map's resolution and binary cross-entropy on the logits. A batch holds clean
  * renders (all-zero target), then as many corrupted ones, each made from (seed, step, index)
  * alone. The target of a map cell is 1 when any pixel it covers is corrupted
@@ -282,7 +282,7 @@ int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e);
 int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e);
 /* Writes out_dir/config.json (a copy of config_dir's) and out_dir/diffusion_pytorch_model.
  * safetensors with every tensor of both halves (bn.* once) under the diffusers names, F32:
- * vae_decoder_load and vae_encoder_load read it back. */
+ * vae_decoder_open and vae_encoder_open read it back. */
 int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
              const char *out_dir, Error *e);
 
