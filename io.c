@@ -1,5 +1,5 @@
-/* io.c - bytes <-> arrays: safetensors, JSON, tokenizers, evaluation-set CSVs, PPM/PNG. Safe against
- * hostile files.
+/* io.c - bytes <-> arrays: safetensors, JSON, tokenizers, evaluation-set CSVs, PPM/PNG. Safe
+ * against hostile files.
  *
  * Nothing read from a file is trusted: every length is checked against the bytes that are left
  * before it is used, every size computation is checked for overflow, and a bad file gives an
@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -803,6 +804,17 @@ int json_get_int(const JsonValue *object, const char *key, int64_t *out, Error *
     if (!v) return -1;
     if (v->type != JSON_NUMBER || !v->is_integer) return json_wrong_type(v, key, "an integer", e);
     *out = v->integer;
+    return 0;
+}
+
+int json_get_int_in(const JsonValue *object, const char *key, int64_t lo, int64_t hi, int *out,
+                    Error *e) {
+    int64_t v = 0;
+    if (json_get_int(object, key, &v, e)) return -1;
+    if (v < lo || v > hi || v < INT_MIN || v > INT_MAX)
+        return error_set(e, "%s: key '%s' is %lld, expected %lld..%lld", object->source, key,
+                         (long long)v, (long long)lo, (long long)hi);
+    *out = (int)v;
     return 0;
 }
 

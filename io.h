@@ -91,6 +91,10 @@ const JsonValue *json_get(const JsonValue *object, const char *key);
  * "<source>: key 'k' is a string, expected an integer" and leaves *out alone on failure.
  * json_get_float accepts any number; json_get_int only integers written as such. */
 int json_get_int(const JsonValue *object, const char *key, int64_t *out, Error *e);
+/* An integer key in lo..hi (and in int's range) into *out; the error names the file, key and range:
+ * the one reader of a config's integers. */
+int json_get_int_in(const JsonValue *object, const char *key, int64_t lo, int64_t hi, int *out,
+                    Error *e);
 int json_get_float(const JsonValue *object, const char *key, double *out, Error *e);
 int json_get_bool(const JsonValue *object, const char *key, bool *out, Error *e);
 /* *out points into the document and lives until json_free. */

@@ -278,27 +278,15 @@ struct Flux2 {
 
 /* ---- config ---- */
 
-/* A positive integer config value no larger than `max`. */
-static int config_positive_int(const JsonValue *root, const char *key, int64_t max, int *out,
-                               Error *e) {
-    int64_t v;
-    if (json_get_int(root, key, &v, e)) return -1;
-    if (v < 1 || v > max)
-        return error_set(e, "%s: key '%s' is %lld, expected 1 .. %lld", root->source, key,
-                         (long long)v, (long long)max);
-    *out = (int)v;
-    return 0;
-}
-
 /* The keys with upstream defaults: patch_size (1) and out_channels (null: in_channels). */
 static int flux2_config_defaults(const JsonValue *root, Flux2Config *c, Error *e) {
     c->patch_size = 1;
     c->out_channels = c->in_channels;
     const JsonValue *out = json_get(root, "out_channels");
     return (json_get(root, "patch_size") &&
-            config_positive_int(root, "patch_size", 64, &c->patch_size, e)) ||
+            json_get_int_in(root, "patch_size", 1, 64, &c->patch_size, e)) ||
            (out && out->type != JSON_NULL &&
-            config_positive_int(root, "out_channels", 1 << 20, &c->out_channels, e));
+            json_get_int_in(root, "out_channels", 1, 1 << 20, &c->out_channels, e));
 }
 
 static int flux2_config_rope(const JsonValue *root, Flux2Config *c, Error *e) {
@@ -326,14 +314,14 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
     const JsonValue *root = json_root(doc);
     const int64_t big = 1 << 20;
     double mlp_ratio = 0.0;
-    int status = config_positive_int(root, "in_channels", big, &c->in_channels, e) ||
+    int status = json_get_int_in(root, "in_channels", 1, big, &c->in_channels, e) ||
                  flux2_config_defaults(root, c, e) ||
-                 config_positive_int(root, "num_layers", 4096, &c->num_layers, e) ||
-                 config_positive_int(root, "num_single_layers", 4096, &c->num_single_layers, e) ||
-                 config_positive_int(root, "num_attention_heads", 4096, &c->heads, e) ||
-                 config_positive_int(root, "attention_head_dim", 4096, &c->head_dim, e) ||
-                 config_positive_int(root, "joint_attention_dim", big, &c->joint_attention_dim, e) ||
-                 config_positive_int(root, "timestep_guidance_channels", big, &c->timestep_channels,
+                 json_get_int_in(root, "num_layers", 1, 4096, &c->num_layers, e) ||
+                 json_get_int_in(root, "num_single_layers", 1, 4096, &c->num_single_layers, e) ||
+                 json_get_int_in(root, "num_attention_heads", 1, 4096, &c->heads, e) ||
+                 json_get_int_in(root, "attention_head_dim", 1, 4096, &c->head_dim, e) ||
+                 json_get_int_in(root, "joint_attention_dim", 1, big, &c->joint_attention_dim, e) ||
+                 json_get_int_in(root, "timestep_guidance_channels", 1, big, &c->timestep_channels,
                                   e) ||
                  json_get_float(root, "mlp_ratio", &mlp_ratio, e) ||
                  json_get_float(root, "rope_theta", &c->rope_theta, e) ||
@@ -1576,11 +1564,11 @@ static int text_config_read(TextEncoderConfig *c, const char *path, Error *e) {
     if (!status && strcmp(cls, "DiamondCharEncoder"))
         status = error_set(e, "%s: _class_name is '%s', expected 'DiamondCharEncoder'", path, cls);
     status = status || json_get_string(root, "vocab", &vocab, e) ||
-                 config_positive_int(root, "max_length", 4096, &c->max_length, e) ||
-                 config_positive_int(root, "hidden_size", big, &c->hidden_size, e) ||
-                 config_positive_int(root, "num_layers", 256, &c->num_layers, e) ||
-                 config_positive_int(root, "num_heads", 256, &c->num_heads, e) ||
-                 config_positive_int(root, "intermediate_size", big, &c->intermediate_size, e) ||
+                 json_get_int_in(root, "max_length", 1, 4096, &c->max_length, e) ||
+                 json_get_int_in(root, "hidden_size", 1, big, &c->hidden_size, e) ||
+                 json_get_int_in(root, "num_layers", 1, 256, &c->num_layers, e) ||
+                 json_get_int_in(root, "num_heads", 1, 256, &c->num_heads, e) ||
+                 json_get_int_in(root, "intermediate_size", 1, big, &c->intermediate_size, e) ||
                  json_get_float(root, "layer_norm_eps", &c->layer_norm_eps, e);
     if (!status) status = text_vocab_check(vocab, path, e);
     if (!status && (c->hidden_size % c->num_heads || !(c->layer_norm_eps >= 0.0)))
@@ -1826,8 +1814,8 @@ static int qwen3_config_heads(const JsonValue *root, Qwen3Config *c, Error *e) {
     c->kv_heads = c->heads;
     c->head_dim = c->hidden_size / c->heads;
     if ((json_get(root, "num_key_value_heads") &&
-         config_positive_int(root, "num_key_value_heads", 4096, &c->kv_heads, e)) ||
-        (json_get(root, "head_dim") && config_positive_int(root, "head_dim", 4096, &c->head_dim, e)))
+         json_get_int_in(root, "num_key_value_heads", 1, 4096, &c->kv_heads, e)) ||
+        (json_get(root, "head_dim") && json_get_int_in(root, "head_dim", 1, 4096, &c->head_dim, e)))
         return -1;
     if (c->heads % c->kv_heads || c->head_dim < 2 || c->head_dim % 2)
         return error_set(e, "%s: %d heads over %d key/value heads, head_dim %d: the heads must "
@@ -1851,11 +1839,11 @@ static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
         status = error_set(e, "%s: key '%s' asks for what diamond's Qwen3 does not implement",
                            path, unsupported);
     else
-        status = config_positive_int(root, "vocab_size", 1 << 24, &c->vocab_size, e) ||
-                 config_positive_int(root, "hidden_size", big, &c->hidden_size, e) ||
-                 config_positive_int(root, "num_hidden_layers", 4096, &c->num_layers, e) ||
-                 config_positive_int(root, "num_attention_heads", 4096, &c->heads, e) ||
-                 config_positive_int(root, "intermediate_size", big, &c->intermediate_size, e) ||
+        status = json_get_int_in(root, "vocab_size", 1, 1 << 24, &c->vocab_size, e) ||
+                 json_get_int_in(root, "hidden_size", 1, big, &c->hidden_size, e) ||
+                 json_get_int_in(root, "num_hidden_layers", 1, 4096, &c->num_layers, e) ||
+                 json_get_int_in(root, "num_attention_heads", 1, 4096, &c->heads, e) ||
+                 json_get_int_in(root, "intermediate_size", 1, big, &c->intermediate_size, e) ||
                  json_get_float(root, "rms_norm_eps", &c->rms_norm_eps, e) ||
                  json_get_float(root, "rope_theta", &c->rope_theta, e) ||
                  qwen3_config_heads(root, c, e);
@@ -2372,18 +2360,6 @@ struct VaeDecoder {
     int checkpoint_levels; /* see vae_decoder_set_checkpoint_levels */
 };
 
-/* An integer key of the config in lo..hi; the error names the key. */
-static int vae_config_int(const JsonValue *root, const char *key, int64_t lo, int64_t hi, int *out,
-                          Error *e) {
-    int64_t v;
-    if (json_get_int(root, key, &v, e)) return -1;
-    if (v < lo || v > hi)
-        return error_set(e, "%s: key '%s' is %lld, expected %lld..%lld", root->source, key,
-                         (long long)v, (long long)lo, (long long)hi);
-    *out = (int)v;
-    return 0;
-}
-
 /* The channel list `key` (at most VAE_MAX_BLOCKS entries, each a positive multiple of groups)
  * into blocks and *n, with one `type` per entry in the list `types_key`. */
 static int vae_config_channels(const JsonValue *root, const char *key, const char *types_key,
@@ -2427,10 +2403,10 @@ static int vae_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
     size_t n_patch = 0;
     double bn_eps;
     const char *act, *src = root->source;
-    if (vae_config_int(root, "latent_channels", 1, 1 << 16, &c->latent_channels, e) ||
-        vae_config_int(root, "out_channels", 1, 1 << 16, &c->out_channels, e) ||
-        vae_config_int(root, "layers_per_block", 0, 64, &c->layers_per_block, e) ||
-        vae_config_int(root, "norm_num_groups", 1, 1 << 16, &c->norm_num_groups, e) ||
+    if (json_get_int_in(root, "latent_channels", 1, 1 << 16, &c->latent_channels, e) ||
+        json_get_int_in(root, "out_channels", 1, 1 << 16, &c->out_channels, e) ||
+        json_get_int_in(root, "layers_per_block", 0, 64, &c->layers_per_block, e) ||
+        json_get_int_in(root, "norm_num_groups", 1, 1 << 16, &c->norm_num_groups, e) ||
         json_get_float(root, "batch_norm_eps", &bn_eps, e) ||
         json_get_string(root, "act_fn", &act, e) ||
         json_get_bool(root, "use_post_quant_conv", &c->use_post_quant_conv, e) ||
@@ -2852,7 +2828,7 @@ struct VaeEncoder {
  * has decoder_block_out_channels. */
 static int vae_encoder_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
     if (vae_config_read(c, root, e) ||
-        vae_config_int(root, "in_channels", 1, 1 << 16, &c->in_channels, e) ||
+        json_get_int_in(root, "in_channels", 1, 1 << 16, &c->in_channels, e) ||
         json_get_bool(root, "use_quant_conv", &c->use_quant_conv, e))
         return -1;
     return vae_config_channels(root, "block_out_channels", "down_block_types",
@@ -3111,21 +3087,10 @@ static int segformer_stage_ints(const JsonValue *root, const char *key, int stag
     return 0;
 }
 
-/* A positive integer of config.json at most SEGFORMER_MAX_SIZE. */
-static int segformer_size(const JsonValue *root, const char *key, int max, int *out, Error *e) {
-    int64_t v;
-    if (json_get_int(root, key, &v, e)) return -1;
-    if (v < 1 || v > max)
-        return error_set(e, "%s: key '%s' is %lld, expected 1..%d", root->source, key, (long long)v,
-                         max);
-    *out = (int)v;
-    return 0;
-}
-
 /* num_labels, or the size of id2label, which is what transformers writes instead. */
 static int segformer_num_labels(const JsonValue *root, int *out, Error *e) {
     if (json_get(root, "num_labels"))
-        return segformer_size(root, "num_labels", SEGFORMER_MAX_SIZE, out, e);
+        return json_get_int_in(root, "num_labels", 1, SEGFORMER_MAX_SIZE, out, e);
     const JsonValue *labels = json_get(root, "id2label");
     if (!labels || labels->type != JSON_OBJECT || labels->count < 1)
         return error_set(e, "%s: neither 'num_labels' nor a non-empty 'id2label' is given",
@@ -3146,9 +3111,9 @@ static int segformer_activation(const JsonValue *root, bool *tanh_approx, Error 
 
 static int segformer_model_config(SegformerConfig *c, const JsonValue *root, Error *e) {
     int channels = 3;
-    if (segformer_size(root, "num_encoder_blocks", SEGFORMER_MAX_STAGES, &c->stages, e) ||
+    if (json_get_int_in(root, "num_encoder_blocks", 1, SEGFORMER_MAX_STAGES, &c->stages, e) ||
         (json_get(root, "num_channels") &&
-         segformer_size(root, "num_channels", SEGFORMER_MAX_SIZE, &channels, e)) ||
+         json_get_int_in(root, "num_channels", 1, SEGFORMER_MAX_SIZE, &channels, e)) ||
         segformer_stage_ints(root, "hidden_sizes", c->stages, c->hidden_sizes, e) ||
         segformer_stage_ints(root, "depths", c->stages, c->depths, e) ||
         segformer_stage_ints(root, "num_attention_heads", c->stages, c->heads, e) ||
@@ -3156,7 +3121,7 @@ static int segformer_model_config(SegformerConfig *c, const JsonValue *root, Err
         segformer_stage_ints(root, "patch_sizes", c->stages, c->patch_sizes, e) ||
         segformer_stage_ints(root, "strides", c->stages, c->strides, e) ||
         segformer_stage_ints(root, "mlp_ratios", c->stages, c->mlp_ratios, e) ||
-        segformer_size(root, "decoder_hidden_size", SEGFORMER_MAX_SIZE, &c->decoder_hidden_size,
+        json_get_int_in(root, "decoder_hidden_size", 1, SEGFORMER_MAX_SIZE, &c->decoder_hidden_size,
                        e) ||
         segformer_num_labels(root, &c->num_labels, e) ||
         segformer_activation(root, &c->gelu_tanh, e))
@@ -3198,15 +3163,15 @@ static int segformer_rgb(const JsonValue *root, const char *key, bool nonzero, f
 static int segformer_input_size(SegformerConfig *c, const JsonValue *root, Error *e) {
     const JsonValue *size = json_get(root, "size");
     if (size && size->type == JSON_NUMBER) {
-        if (segformer_size(root, "size", IMAGE_MAX_SIDE, &c->input_h, e)) return -1;
+        if (json_get_int_in(root, "size", 1, IMAGE_MAX_SIDE, &c->input_h, e)) return -1;
         c->input_w = c->input_h;
         return 0;
     }
     if (!size || size->type != JSON_OBJECT)
         return error_set(e, "%s: key 'size' must be {\"height\": h, \"width\": w} or a number",
                          root->source);
-    if (segformer_size(size, "height", IMAGE_MAX_SIDE, &c->input_h, e) ||
-        segformer_size(size, "width", IMAGE_MAX_SIDE, &c->input_w, e))
+    if (json_get_int_in(size, "height", 1, IMAGE_MAX_SIDE, &c->input_h, e) ||
+        json_get_int_in(size, "width", 1, IMAGE_MAX_SIDE, &c->input_w, e))
         return -1;
     return 0;
 }

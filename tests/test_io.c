@@ -212,6 +212,13 @@ static void test_json_valid(void) {
     CHECK(json_get_int(root, "max", &i, &e) == 0 && i == INT64_MAX, "INT64_MAX");
     CHECK(json_get_int(root, "min", &i, &e) == 0 && i == INT64_MIN, "INT64_MIN");
     CHECK(json_get_int(root, "negzero", &i, &e) == 0 && i == 0, "-0 is the integer 0");
+    int in = 7;
+    CHECK(json_get_int_in(root, "negzero", 0, 4, &in, &e) == 0 && in == 0, "0 in 0..4");
+    CHECK(json_get_int_in(root, "negzero", 1, 4, &in, &e) != 0 && in == 0 &&
+              strstr(e.msg, "key 'negzero' is 0, expected 1..4"),
+          "below the range: the key, value and range named (%s)", e.msg);
+    CHECK(json_get_int_in(root, "max", 0, INT64_MAX, &in, &e) != 0 && in == 0,
+          "INT64_MAX does not fit an int, whatever the range");
     const JsonValue *big = json_get(root, "big");
     CHECK(big && !big->is_integer && big->number == 9223372036854775808.0, "2^63 is a number, not an int64");
     double x = 0;
