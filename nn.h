@@ -152,9 +152,6 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * guidance) as flux2_forward. With a streaming model the tape fails. */
 Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
                          const float *sigma, const float *guidance);
-/* A resident model into dir (made when absent): config.json and
- * diffusion_pytorch_model.safetensors (f32, upstream names), which flux2_open reads back. */
-int flux2_save(const Flux2 *m, const char *dir, Error *e);
 
 /* ---- end section: flux2 ---- */
 
@@ -197,8 +194,6 @@ int text_encoder_tokenize(const TextEncoder *m, const char *prompt, int *ids, in
 /* prompts[0 .. batch) -> [B, max_length, hidden_size]. NULL with e filled when a prompt does not
  * tokenize or an op fails. Gradients reach the weights when they are trainable. */
 Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int batch, Error *e);
-/* Into dir (made when absent): config.json and model.safetensors, which text_encoder_open reads. */
-int text_encoder_save(const TextEncoder *m, const char *dir, Error *e);
 
 /* ---- end section: text encoder ---- */
 
@@ -417,6 +412,9 @@ typedef struct SegformerConfig {
     float mean[3], std[3];
 } SegformerConfig;
 
+/* Every LayerNorm and the batch norm: PyTorch's default, as upstream passes none. */
+#define SEGFORMER_NORM_EPS 1e-5f
+
 typedef struct Segformer Segformer;
 
 /* Reads <dir>/config.json and <dir>/preprocessor_config.json; an error names the file and key. */
@@ -431,12 +429,6 @@ int segformer_config_load(SegformerConfig *c, const char *dir, Error *e);
  * frozen). */
 int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
                    Error *e);
-/* Writes a detector opened WEIGHTS_FRESH as a transformers directory that segformer_open reads
- * back as the same detector: <dir>/config.json (SegformerForSemanticSegmentation),
- * <dir>/preprocessor_config.json and <dir>/model.safetensors with every upstream tensor (the
- * identity linear_fuse and batch norm included). dir is created when missing; files are replaced
- * atomically. A loaded (folded) detector is an error. */
-int segformer_save(const Segformer *m, const char *dir, Error *e);
 void segformer_free(Segformer *m);
 const SegformerConfig *segformer_config(const Segformer *m);
 /* Its encoder's weights and the classifier as parameters, and the decode head's linear_c when

@@ -962,44 +962,6 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) 
     return rc;
 }
 
-/* The entries of p as F32 tensors appended to items[*n], skipping names already there. */
-static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {
-    for (int i = 0; i < params_count(p); i++) {
-        const char *name = params_name(p, i);
-        bool seen = false;
-        for (size_t j = 0; j < *n && !seen; j++) seen = !strcmp(items[j].name, name);
-        if (seen) continue;
-        items[(*n)++] = st_entry_f32(name, params_var(p, i)->value);
-    }
-}
-
-int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
-             const char *out_dir, Error *e) {
-    char path[PATH_BYTES];
-    char *config = NULL;
-    size_t len = 0;
-    if (path_join(path, sizeof path, config_dir, "config.json", e)) return -1;
-    if (file_read_all(path, &config, &len, e)) return -1;
-    int rc = dir_make(out_dir, e) || path_join(path, sizeof path, out_dir, "config.json", e) ||
-                     write_file_atomic(path, config, len, e)
-                 ? -1
-                 : 0;
-    free(config);
-    const Params *pe = vae_encoder_params(enc), *pd = vae_decoder_params(dec);
-    StWriteTensor *items = calloc((size_t)(params_count(pe) + params_count(pd)), sizeof *items);
-    if (rc == 0 && !items) rc = error_set(e, "out of memory saving the VAE");
-    if (rc == 0) {
-        size_t n = 0;
-        vae_save_entries(pe, items, &n);
-        vae_save_entries(pd, items, &n);
-        rc = path_join(path, sizeof path, out_dir, "diffusion_pytorch_model.safetensors", e) ||
-                     st_write(path, items, n, e)
-                 ? -1
-                 : 0;
-    }
-    free(items);
-    return rc;
-}
 
 /* ---- end section: vae_train ---- */
 

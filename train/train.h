@@ -280,13 +280,30 @@ int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e);
  * the training seed) and sets them in both halves with vae_set_latent_stats, so the flow model
  * sees latents of mean 0 and variance 1 per packed channel. */
 int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e);
+
+/* ---- end section: vae_train ---- */
+
+/* ---- section: saving the trained models (train/save.c) ---- */
+
+/* A resident model into dir (made when absent): config.json and
+ * diffusion_pytorch_model.safetensors (f32, upstream names), which flux2_open reads back. */
+int flux2_save(const Flux2 *m, const char *dir, Error *e);
+
+/* Into dir (made when absent): config.json and model.safetensors, which text_encoder_open reads. */
+int text_encoder_save(const TextEncoder *m, const char *dir, Error *e);
+
+/* Writes a detector opened WEIGHTS_FRESH as a transformers directory that segformer_open reads
+ * back as the same detector: <dir>/config.json (SegformerForSemanticSegmentation),
+ * <dir>/preprocessor_config.json and <dir>/model.safetensors with every upstream tensor (the
+ * identity linear_fuse and batch norm included). dir is created when missing; files are replaced
+ * atomically. A loaded (folded) detector is an error. */
+int segformer_save(const Segformer *m, const char *dir, Error *e);
+
 /* Writes out_dir/config.json (a copy of config_dir's) and out_dir/diffusion_pytorch_model.
  * safetensors with every tensor of both halves (bn.* once) under the diffusers names, F32:
  * vae_decoder_open and vae_encoder_open read it back. */
 int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
              const char *out_dir, Error *e);
-
-/* ---- end section: vae_train ---- */
 
 /* ---- section: the oracle's verdict ---- */
 
