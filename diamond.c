@@ -49,6 +49,7 @@ static const char *usage_text =
     "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
     "  diamond bench model --model DIR --detector DIR -W W -H H [--config-only]\n"
     "                    [--text-len L] [--vae-memory MB] [--threads T]\n"
+    "                    [--only transformer|vae|detector]\n"
     "                                     seconds of one transformer forward, the VAE decode\n"
     "                                     and the detector, each with and without its backward,\n"
     "                                     and peak memory; --config-only reads only the config\n"
@@ -472,6 +473,7 @@ typedef struct BenchModelArgs {
     int width, height, text_len, threads;
     size_t vae_memory; /* as generate's --vae-memory */
     bool config_only;
+    const char *only; /* bench model: "transformer", "vae" or "detector" alone; NULL: all */
 } BenchModelArgs;
 
 /* The loaded models and their random inputs. */
@@ -513,6 +515,11 @@ static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, const cha
         else if (!strcmp(opt, "-H")) ok = !bench_parse_int(value, 1, IMAGE_MAX_SIDE, &a->height);
         else if (!strcmp(opt, "--text-len")) ok = !bench_parse_int(value, 1, 1 << 16, &a->text_len);
         else if (!strcmp(opt, "--vae-memory")) ok = !parse_megabytes(value, &a->vae_memory);
+        else if (!strcmp(opt, "--only")) {
+            a->only = value;
+            ok = !strcmp(value, "transformer") || !strcmp(value, "vae") ||
+                 !strcmp(value, "detector");
+        }
         else ok = !bench_threads_option(argc, argv, i, &a->threads);
         if (!ok) return -1;
         i++;
@@ -666,16 +673,19 @@ static int bench_part(const char *what, BenchPart part, const BenchModels *m, do
 
 /* Parses, loads and prints the heading of bench model / bench step; 0 when ready, else the exit
  * status (the models may be partly loaded: free them). */
-static int bench_models_open(int argc, char **argv, const char *name, BenchModels *m) {
+static int bench_models_open(int argc, char **argv, const char *name, BenchModels *m,
+                             BenchModelArgs *args) {
     BenchModelArgs a;
     const char *bad;
     Error e = {{0}};
     if (bench_model_parse(argc, argv, &a, &bad)) {
         fprintf(stderr, "diamond: bench %s: bad or missing option %s\nusage: diamond bench %s "
                         "--model DIR --detector DIR -W W -H H [--config-only] [--text-len L] "
-                        "[--vae-memory MB] [--threads T]\n", name, bad, name);
+                        "[--vae-memory MB] [--threads T]%s\n", name, bad, name,
+                !strcmp(name, "model") ? " [--only transformer|vae|detector]" : "");
         return 2;
     }
+    *args = a;
     int rc = bench_models_load(&a, m, &e);
     if (rc) {
         fprintf(stderr, "diamond bench %s: %s\n", name, e.msg);
@@ -701,24 +711,27 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
  * sizes' timings without their files). */
 static int bench_model(int argc, char **argv) {
     static const struct {
-        const char *what;
+        const char *model, *what;
         BenchPart part;
     } parts[] = {
-        {"transformer forward (one step)", bench_transformer},
-        {"VAE decode forward", bench_vae_forward},
-        {"VAE decode forward+backward (to the latent)", bench_vae_backward},
-        {"detector forward", bench_detector_forward},
-        {"detector forward+backward (to the image)", bench_detector_backward},
+        {"transformer", "transformer forward (one step)", bench_transformer},
+        {"vae", "VAE decode forward", bench_vae_forward},
+        {"vae", "VAE decode forward+backward (to the latent)", bench_vae_backward},
+        {"detector", "detector forward", bench_detector_forward},
+        {"detector", "detector forward+backward (to the image)", bench_detector_backward},
     };
     BenchModels m = {0};
+    BenchModelArgs a = {0};
     Error e = {{0}};
-    int rc = bench_models_open(argc, argv, "model", &m);
+    int rc = bench_models_open(argc, argv, "model", &m, &a);
     double seconds;
-    for (size_t i = 0; rc == 0 && i < sizeof parts / sizeof *parts; i++)
+    for (size_t i = 0; rc == 0 && i < sizeof parts / sizeof *parts; i++) {
+        if (a.only && strcmp(a.only, parts[i].model)) continue;
         if (bench_part(parts[i].what, parts[i].part, &m, &seconds, &e)) {
             fprintf(stderr, "diamond bench model: %s: %s\n", parts[i].what, e.msg);
             rc = 1;
         }
+    }
     if (rc == 0) printf("  peak RSS %.0f MiB\n", bench_peak_rss_mib());
     bench_models_free(&m);
     return rc;
@@ -812,7 +825,8 @@ static int bench_text(int argc, char **argv) {
 static int bench_step_main(int argc, char **argv) {
     BenchModels m = {0};
     Error e = {{0}};
-    int rc = bench_models_open(argc, argv, "step", &m);
+    BenchModelArgs a;
+    int rc = bench_models_open(argc, argv, "step", &m, &a);
     double plain = 0.0, guided = 0.0;
     if (rc == 0 && (bench_part("unguided step (transformer + Euler)", bench_step_plain, &m,
                                &plain, &e) ||

@@ -377,20 +377,21 @@ def write_shard(path, shapes, names, blocks):
     os.replace(tmp, path)
 
 
-def write_sharded(directory, shapes, blocks, max_shard_bytes):
-    """model-0000k-of-0000n.safetensors (BF16) and model.safetensors.index.json (sorted keys, as
-    save_pretrained writes it). Returns the number of shards."""
+def write_sharded(directory, shapes, blocks, max_shard_bytes, prefix="model"):
+    """PREFIX-0000k-of-0000n.safetensors (BF16) and PREFIX.safetensors.index.json (sorted keys, as
+    save_pretrained writes it; diffusers' PREFIX is diffusion_pytorch_model). Returns the number of
+    shards."""
     os.makedirs(directory, exist_ok=True)
     shards = plan_shards(shapes, max_shard_bytes)
     weight_map = {}
     for s, names in enumerate(shards):
-        file = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        file = f"{prefix}-{s + 1:05d}-of-{len(shards):05d}.safetensors"
         write_shard(os.path.join(directory, file), shapes, names, blocks)
         weight_map.update({name: file for name in names})
     total = sum(math.prod(shape) * 2 for shape in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    safetensors_file.write_json(os.path.join(directory, "model.safetensors.index.json"), index,
-                                sort_keys=True)
+    safetensors_file.write_json(os.path.join(directory, f"{prefix}.safetensors.index.json"),
+                                index, sort_keys=True)
     return len(shards)
 
 
