@@ -1021,12 +1021,246 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
     }
 }
 
+/* ---- Winograd F(4x4, 3x3) ----
+ * A 3x3 convolution with stride 1 and padding 1 gives each 4x4 tile of outputs from the 6x6 tile
+ * of input around it. Winograd's minimal filtering (Lavin and Gray, "Fast Algorithms for
+ * Convolutional Neural Networks", 2016) computes it with 36 products per channel pair where the
+ * direct sum takes 144:
+ *     Y[k] = A^T ( sum over c of U[k, c] (.) V[c] ) A,   U[k, c] = G w[k, c] G^T,   V[c] = B^T d[c] B
+ * (. elementwise over the 6x6 points). For each of the 36 points the sum over c is a GEMM
+ * [Cout, Cin] x [Cin, tiles], so the GEMM kernel does nearly all the work, on 4x fewer
+ * multiply-adds. The backward to the input is the same convolution of dy with the kernels
+ * turned 180 degrees and Cin, Cout swapped (a stride-1 pad-1 3x3 conv is its own adjoint's
+ * shape). The results differ from the direct sum by rounding only: the transforms scale values
+ * by up to 8 and cancel, so errors are a few times larger (tests/test_conv.c states the bound).
+ * Used where both channel counts reach WINOGRAD_MIN_CHANNELS: the FLUX.2 VAE's 3x3 convs (128-512
+ * channels), never the embedded models' (16-64), whose results stay those of the direct sum. */
+#define WINOGRAD_MIN_CHANNELS 128
+#define WINOGRAD_POINTS       36  /* 6 x 6 */
+#define WINOGRAD_BLOCK_TILES  256 /* tiles per round of GEMMs (whole tile rows, at least one):
+                                     its V and M blocks take 36 * 256 * channels floats each
+                                     (19 MiB at 512 channels) */
+
+static const float winograd_bt[6][6] = {
+    {4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+    {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1},
+};
+static const float winograd_g[6][3] = {
+    {1.0f / 4, 0, 0},
+    {-1.0f / 6, -1.0f / 6, -1.0f / 6},
+    {-1.0f / 6, 1.0f / 6, -1.0f / 6},
+    {1.0f / 24, 1.0f / 12, 1.0f / 6},
+    {1.0f / 24, -1.0f / 12, 1.0f / 6},
+    {0, 0, 1},
+};
+static const float winograd_at[4][6] = {
+    {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1},
+};
+
+bool conv2d_is_winograd(const Conv2dShape *s) {
+    return s->kernel_h == 3 && s->kernel_w == 3 && s->stride_h == 1 && s->stride_w == 1 &&
+           s->pad_h == 1 && s->pad_w == 1 && s->groups == 1 &&
+           s->in_ch >= WINOGRAD_MIN_CHANNELS && s->out_ch >= WINOGRAD_MIN_CHANNELS;
+}
+
+/* The sizes of one Winograd convolution: out_ch planes of H x W from in_ch planes of H x W, in
+ * tile rows of tiles_w 4x4 tiles; GEMM rounds take block_rows tile rows at a time. */
+typedef struct WinogradDims {
+    int in_ch, out_ch, H, W;
+    int tiles_w, tile_rows, block_rows;
+} WinogradDims;
+
+/* w: [Cout, Cin, 3, 3] -> u: [36, Cout, Cin], U[k, c] = G w[k, c] G^T. adjoint: the kernels of
+ * the backward to the input, w[c, k] turned 180 degrees, from w: [Cin_this = the forward's Cout,
+ * Cout_this, 3, 3]. */
+static void winograd_kernels(const WinogradDims *d, const float *w, bool adjoint, float *u) {
+    size_t pairs = (size_t)d->out_ch * d->in_ch;
+#pragma omp parallel for schedule(static) if (pairs * WINOGRAD_POINTS > PARALLEL_MIN)
+    for (int k = 0; k < d->out_ch; k++)
+        for (int c = 0; c < d->in_ch; c++) {
+            const float *g = w + ((adjoint ? (size_t)c * d->out_ch + k
+                                           : (size_t)k * d->in_ch + c) * 9);
+            float gw[6][3], tap[3][3];
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++)
+                    tap[i][j] = adjoint ? g[(2 - i) * 3 + 2 - j] : g[i * 3 + j];
+            for (int i = 0; i < 6; i++) /* G w: [6, 3] */
+                for (int j = 0; j < 3; j++)
+                    gw[i][j] = winograd_g[i][0] * tap[0][j] + winograd_g[i][1] * tap[1][j] +
+                               winograd_g[i][2] * tap[2][j];
+            for (int i = 0; i < 6; i++) /* (G w) G^T: [6, 6] */
+                for (int j = 0; j < 6; j++)
+                    u[((size_t)(i * 6 + j) * d->out_ch + k) * d->in_ch + c] =
+                        gw[i][0] * winograd_g[j][0] + gw[i][1] * winograd_g[j][1] +
+                        gw[i][2] * winograd_g[j][2];
+        }
+}
+
+/* The transforms run along whole tile rows, so that their loops run over consecutive values
+ * (vectorised) rather than inside one 6x6 tile: each 1-D transform first over the columns of the
+ * tile row, then over its rows with the values split by phase (x mod 4), tile tx's six inputs
+ * being phase[0..3][tx], phase[0..1][tx + 1]. A thread's scratch: 12 rows of 4 tiles_w + 4 and
+ * 24 of tiles_w + 1 floats. */
+static size_t winograd_scratch_floats(const WinogradDims *d) {
+    return 12 * ((size_t)4 * d->tiles_w + 4) + 24 * ((size_t)d->tiles_w + 1);
+}
+
+/* Input plane x: [H, W], tile row ty -> v[p * v_stride + tx] = (B^T d B)[p] of its tiles, d
+ * the 6x6 input from one row and column before the tile's outputs (zero outside the image). */
+static void winograd_input_row(const WinogradDims *d, const float *x, int ty, float *v,
+                               size_t v_stride, float *scratch) {
+    int tw = d->tiles_w, width = 4 * tw + 4;
+    float *rows = scratch, *cols = rows + 6 * width, *phase = cols + 6 * width;
+    for (int r = 0; r < 6; r++) { /* rows[r][x + 1] = x[4 ty - 1 + r][x], 0 outside */
+        int yy = 4 * ty - 1 + r;
+        float *row = rows + (size_t)r * width;
+        memset(row, 0, (size_t)width * sizeof *row);
+        if (yy >= 0 && yy < d->H) memcpy(row + 1, x + (size_t)yy * d->W, (size_t)d->W * sizeof *row);
+    }
+    for (int i = 0; i < 6; i++) { /* cols = B^T rows, column by column */
+        float *out = cols + (size_t)i * width;
+        memset(out, 0, (size_t)width * sizeof *out);
+        for (int r = 0; r < 6; r++) {
+            float b = winograd_bt[i][r];
+            const float *row = rows + (size_t)r * width;
+            if (b != 0.0f)
+                for (int xx = 0; xx < width; xx++) out[xx] += b * row[xx];
+        }
+    }
+    for (int i = 0; i < 6; i++) { /* each row of cols, times B */
+        const float *col = cols + (size_t)i * width;
+        for (int q = 0; q < 4; q++)
+            for (int tx = 0; tx <= tw; tx++) phase[q * (tw + 1) + tx] = col[4 * tx + q];
+        for (int j = 0; j < 6; j++) {
+            float *out = v + (size_t)(i * 6 + j) * v_stride;
+            for (int tx = 0; tx < tw; tx++) out[tx] = 0.0f;
+            for (int r = 0; r < 6; r++) {
+                float b = winograd_bt[j][r];
+                const float *in = phase + (r % 4) * (tw + 1) + r / 4;
+                if (b != 0.0f)
+                    for (int tx = 0; tx < tw; tx++) out[tx] += b * in[tx];
+            }
+        }
+    }
+}
+
+/* m[p * m_stride + tx], the 36 products of tile row ty's tiles -> their 4x4 outputs A^T m A (+
+ * bias) into plane y: [H, W] (their parts inside the image); accumulate: added to y. */
+static void winograd_output_row(const WinogradDims *d, const float *m, size_t m_stride, int ty,
+                                float bias, bool accumulate, float *y, float *scratch) {
+    int tw = d->tiles_w;
+    float *at_m = scratch, *out = at_m + 24 * (size_t)tw; /* [4][6][tw], [4][tw] */
+    for (int i = 0; i < 4; i++) /* A^T m, column by column */
+        for (int j = 0; j < 6; j++) {
+            float *acc = at_m + (size_t)(i * 6 + j) * tw;
+            for (int tx = 0; tx < tw; tx++) acc[tx] = 0.0f;
+            for (int r = 0; r < 6; r++) {
+                float a = winograd_at[i][r];
+                const float *in = m + (size_t)(r * 6 + j) * m_stride;
+                if (a != 0.0f)
+                    for (int tx = 0; tx < tw; tx++) acc[tx] += a * in[tx];
+            }
+        }
+    for (int i = 0; i < 4 && 4 * ty + i < d->H; i++) { /* each row, times A */
+        for (int jj = 0; jj < 4; jj++) {
+            float *o = out + (size_t)jj * tw;
+            for (int tx = 0; tx < tw; tx++) o[tx] = bias;
+            for (int r = 0; r < 6; r++) {
+                float a = winograd_at[jj][r];
+                const float *in = at_m + (size_t)(i * 6 + r) * tw;
+                if (a != 0.0f)
+                    for (int tx = 0; tx < tw; tx++) o[tx] += a * in[tx];
+            }
+        }
+        float *row = y + (size_t)(4 * ty + i) * d->W;
+        for (int xx = 0; xx < d->W; xx++) {
+            float value = out[(size_t)(xx % 4) * tw + xx / 4];
+            row[xx] = accumulate ? row[xx] + value : value;
+        }
+    }
+}
+
+/* x: [Cin, H, W] -> v: [36, Cin, n], tile rows [ty0, ty0 + rows) (n = rows * tiles_w tiles). */
+static void winograd_inputs(const WinogradDims *d, const float *x, int ty0, int rows, float *v,
+                            float *scratch) {
+    size_t n = (size_t)rows * d->tiles_w, per_thread = winograd_scratch_floats(d);
+#pragma omp parallel for schedule(static) if (d->in_ch * n * WINOGRAD_POINTS > PARALLEL_MIN)
+    for (int c = 0; c < d->in_ch; c++)
+        for (int r = 0; r < rows; r++)
+            winograd_input_row(d, x + (size_t)c * d->H * d->W, ty0 + r,
+                               v + (size_t)c * n + (size_t)r * d->tiles_w, (size_t)d->in_ch * n,
+                               scratch + per_thread * gemm_thread_index());
+}
+
+/* m: [36, Cout, n] -> y: [Cout, H, W] for tile rows [ty0, ty0 + rows). */
+static void winograd_outputs(const WinogradDims *d, const float *m, int ty0, int rows,
+                             const float *bias, bool accumulate, float *y, float *scratch) {
+    size_t n = (size_t)rows * d->tiles_w, per_thread = winograd_scratch_floats(d);
+#pragma omp parallel for schedule(static) if (d->out_ch * n * WINOGRAD_POINTS > PARALLEL_MIN)
+    for (int k = 0; k < d->out_ch; k++)
+        for (int r = 0; r < rows; r++)
+            winograd_output_row(d, m + (size_t)k * n + (size_t)r * d->tiles_w,
+                                (size_t)d->out_ch * n, ty0 + r, bias ? bias[k] : 0.0f, accumulate,
+                                y + (size_t)k * d->H * d->W,
+                                scratch + per_thread * gemm_thread_index());
+}
+
+/* x: [B, Cin, H, W] -> y: [B, Cout, H, W] (= or, accumulate, +=) through the kernels u: [36, Cout,
+ * Cin], a block of tile rows at a time: the inputs' transforms, the 36 GEMMs (one per point,
+ * spread over the threads), the outputs' transforms. false when out of memory. */
+static bool winograd_run(const WinogradDims *d, int batch, const float *u, const float *x,
+                         const float *bias, bool accumulate, float *y) {
+    size_t block = (size_t)d->block_rows * d->tiles_w;
+    float *v = malloc((size_t)WINOGRAD_POINTS * d->in_ch * block * sizeof *v);
+    float *m = malloc((size_t)WINOGRAD_POINTS * d->out_ch * block * sizeof *m);
+    float *scratch = malloc(winograd_scratch_floats(d) * team_size() * sizeof *scratch);
+    bool ok = v && m && scratch;
+    for (int b = 0; ok && b < batch; b++) {
+        const float *x_b = x + (size_t)b * d->in_ch * d->H * d->W;
+        float *y_b = y + (size_t)b * d->out_ch * d->H * d->W;
+        for (int ty0 = 0; ty0 < d->tile_rows; ty0 += d->block_rows) {
+            int rows = d->tile_rows - ty0 < d->block_rows ? d->tile_rows - ty0 : d->block_rows;
+            int n = rows * d->tiles_w;
+            winograd_inputs(d, x_b, ty0, rows, v, scratch);
+#pragma omp parallel for schedule(dynamic, 1) if (team_size() > 1)
+            for (int p = 0; p < WINOGRAD_POINTS; p++)
+                gemm(false, false, d->out_ch, n, d->in_ch, 1.0f,
+                     u + (size_t)p * d->out_ch * d->in_ch, d->in_ch,
+                     v + (size_t)p * d->in_ch * n, n, 0.0f, m + (size_t)p * d->out_ch * n, n);
+            winograd_outputs(d, m, ty0, rows, bias, accumulate, y_b, scratch);
+        }
+    }
+    free(v);
+    free(m);
+    free(scratch);
+    return ok;
+}
+
+/* The forward (adjoint false: x [B, Cin, H, W] -> y [B, Cout, H, W] = conv(x, w) + b) or the
+ * backward to the input (adjoint: dy -> dx += conv^T(dy, w)) of a conv2d_is_winograd shape. */
+static void winograd_conv(const Conv2dShape *s, bool adjoint, const float *x, const float *w,
+                          const float *b, float *y) {
+    WinogradDims d = {.in_ch = adjoint ? s->out_ch : s->in_ch,
+                      .out_ch = adjoint ? s->in_ch : s->out_ch, .H = s->in_h, .W = s->in_w,
+                      .tiles_w = (s->in_w + 3) / 4, .tile_rows = (s->in_h + 3) / 4};
+    d.block_rows = WINOGRAD_BLOCK_TILES / d.tiles_w;
+    if (d.block_rows < 1) d.block_rows = 1;
+    if (d.block_rows > d.tile_rows) d.block_rows = d.tile_rows;
+    float *u = malloc((size_t)WINOGRAD_POINTS * d.out_ch * d.in_ch * sizeof *u);
+    if (u) winograd_kernels(&d, w, adjoint, u);
+    if (!u || !winograd_run(&d, s->batch, u, x, b, adjoint, y))
+        fill_nan(y, (size_t)s->batch * d.out_ch * d.H * d.W);
+    free(u);
+}
+
 void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const float *b,
                     float *y) {
     if (conv_shape_empty(s)) return;
     ConvDims d = conv_dims(s, conv_forward_budget());
     if (conv_is_depthwise(s))
         depthwise_forward(s, &d, x, w, b, y);
+    else if (conv2d_is_winograd(s))
+        winograd_conv(s, false, x, w, b, y);
     else
         conv_gemm_forward(s, &d, x, w, b, y);
 }
@@ -1039,6 +1273,9 @@ void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const
     if (conv_is_depthwise(s)) {
         if (dx) depthwise_backward_dx(s, &d, w, dy, dx);
         if (dw) depthwise_backward_dw(s, &d, x, dy, dw);
+    } else if (conv2d_is_winograd(s)) {
+        if (dx) winograd_conv(s, true, dy, w, NULL, dx);
+        if (dw) conv_gemm_backward(s, &d, x, w, dy, NULL, dw);
     } else if (dx || dw) {
         conv_gemm_backward(s, &d, x, w, dy, dx, dw);
     }

@@ -75,6 +75,10 @@ void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const 
 /* dy: [B, Cout, Ho, Wo] -> dx += [B, Cin, H, W], dw += [Cout, Cin/groups, kh, kw], db += [Cout] */
 void conv2d_backward(const Conv2dShape *s, const float *x, const float *w, const float *dy,
                      float *dx, float *dw, float *db);
+/* true when the forward and the backward to x take Winograd's F(4x4, 3x3) (3x3, stride 1, padding
+ * 1, no groups, Cin and Cout >= 128: the FLUX.2 VAE's convs): 4x fewer multiply-adds, results
+ * equal to the direct sum's up to a few times its rounding (tests/test_conv.c states the bound). */
+bool conv2d_is_winograd(const Conv2dShape *s);
 /* The same convolution as a direct loop over every multiply (torch.nn.functional.conv2d
  * spelled out), each output and gradient summed in double: the readable reference the tests
  * trust. y is overwritten; dx, dw, db accumulate (NULL: skipped). NaNs when out of memory. */

@@ -30,6 +30,7 @@ CONFIGS = {
     "grouped_s2": (1, 8, 11, 10, 6, 3, 3, 2, 2, 1, 1, 2, True),
     "asymmetric": (1, 3, 9, 12, 5, 3, 5, 2, 1, 1, 2, 1, True),
     "banded_5x5": (1, 64, 28, 25, 4, 5, 5, 1, 1, 2, 2, 1, True),  # K = 1600: two im2col bands
+    "winograd_3x3": (1, 128, 9, 6, 128, 3, 3, 1, 1, 1, 1, 1, True),  # the C side's Winograd path
 }
 
 
