@@ -1064,7 +1064,8 @@ typedef struct GenerateArgs {
     bool quiet;
 } GenerateArgs;
 
-/* "S" or "S,S,..." of whole numbers in 0..2^63. */
+/* "S" or "S,S,..." of whole numbers in 0..2^63 - 1 (eval's and search-seeds' range: a JSON
+ * integer). */
 static int generate_parse_seeds(const char *s, GenerateArgs *a) {
     a->n_seeds = 0;
     while (*s) {
@@ -1072,7 +1073,9 @@ static int generate_parse_seeds(const char *s, GenerateArgs *a) {
         errno = 0;
         if (*s == '-' || *s == '+' || a->n_seeds == GENERATE_MAX_BATCH) return -1;
         unsigned long long v = strtoull(s, &end, 10);
-        if (end == s || errno || (*end && *end != ',')) return -1;
+        if (end == s || errno || v > (unsigned long long)INT64_MAX || (*end && *end != ',') ||
+            (*end == ',' && !end[1]))
+            return -1;
         a->seeds[a->n_seeds++] = v;
         s = *end ? end + 1 : end;
     }
@@ -1180,6 +1183,45 @@ static int generate_defaults(GenerateArgs *a, Error *e) {
            artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;
 }
 
+/* path for one image, else path with "-SEED" (or "-INDEX") before the extension (path has
+ * one); an error when that does not fit in len. */
+static int generate_out_name(const GenerateArgs *a, const char *path, int64_t b, int64_t batch,
+                             char *name, size_t len, Error *e) {
+    const char *dot = strrchr(path, '.');
+    unsigned long long tag = a->n_seeds ? (unsigned long long)a->seeds[b] : (unsigned long long)b;
+    int n = batch == 1 ? snprintf(name, len, "%s", path)
+                       : snprintf(name, len, "%.*s-%llu%s", (int)(dot - path), path, tag, dot);
+    if (n < 0 || (size_t)n >= len) return error_set(e, "output path too long: %s", path);
+    return 0;
+}
+
+/* -o (each image's name, OUT-SEED.ext for several seeds), --compare, --dump and --save-steps name
+ * different files: one would overwrite another. */
+static int generate_check_outputs(const GenerateArgs *a, Error *e) {
+    int images = a->n_seeds > 1 ? a->n_seeds : 1, n = 0, rc = 0;
+    const char *opts[GENERATE_MAX_BATCH + 3];
+    char (*names)[PATH_BYTES] = malloc((GENERATE_MAX_BATCH + 3) * sizeof *names);
+    if (!names) return error_set(e, "out of memory");
+    for (int b = 0; rc == 0 && b < images; b++) {
+        opts[n] = "-o";
+        rc = generate_out_name(a, a->out, b, images, names[n++], PATH_BYTES, e);
+    }
+    const char *others[3][2] = {{"--compare", a->compare}, {"--dump", a->dump},
+                                {"--save-steps", a->save_steps}};
+    for (int k = 0; k < 3; k++)
+        if (others[k][1]) {
+            opts[n] = others[k][0];
+            snprintf(names[n++], PATH_BYTES, "%s", others[k][1]);
+        }
+    for (int i = 0; rc == 0 && i < n; i++)
+        for (int j = i + 1; rc == 0 && j < n; j++)
+            if (paths_same(names[i], names[j]))
+                rc = error_set(e, "%s %s and %s %s are the same file: one would overwrite the "
+                                  "other", opts[i], names[i], opts[j], names[j]);
+    free(names);
+    return rc;
+}
+
 /* --negative-prompt only with classifier-free guidance on. */
 static int generate_check_negative(const GenerateArgs *a, Error *e) {
     if (a->negative && !(a->opt.cfg_scale > 1.0f))
@@ -1214,6 +1256,7 @@ static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
     if (a->compare && !a->opt.guide)
         return error_set(e, "--compare needs guidance (it runs the baseline itself): drop "
                             "--no-guide");
+    if (generate_check_outputs(a, e)) return -1;
     a->opt.steps = a->steps;
     return 0;
 }
@@ -1323,8 +1366,10 @@ static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) 
  * the model cannot make, 1 for other failures, 0 when ready. */
 static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e) {
     char dir[PATH_BYTES];
-    if (path_join(dir, sizeof dir, a->model, "transformer", e) || flux2_open(&r->flow, dir, WEIGHTS_FILES, 0, e) ||
-        path_join(dir, sizeof dir, a->model, "vae", e) || vae_decoder_open(&r->vae, dir, WEIGHTS_FILES, 0, e))
+    if (path_join(dir, sizeof dir, a->model, "transformer", e) ||
+        flux2_open(&r->flow, dir, WEIGHTS_FILES, 0, e) ||
+        path_join(dir, sizeof dir, a->model, "vae", e) ||
+        vae_decoder_open(&r->vae, dir, WEIGHTS_FILES, 0, e))
         return 1;
     int ph, pw;
     vae_decoder_token_size(r->vae, &ph, &pw);
@@ -1422,18 +1467,6 @@ static void generate_to_rgb(const Tensor *image, int64_t b, Image *out) {
     int64_t plane = image->shape[2] * image->shape[3];
     image_from_signed(image->data + b * 3 * plane, (int)image->shape[3], (int)image->shape[2],
                       out->rgb);
-}
-
-/* path for one image, else path with "-SEED" (or "-INDEX") before the extension (path has
- * one); an error when that does not fit in len. */
-static int generate_out_name(const GenerateArgs *a, const char *path, int64_t b, int64_t batch,
-                             char *name, size_t len, Error *e) {
-    const char *dot = strrchr(path, '.');
-    unsigned long long tag = a->n_seeds ? (unsigned long long)a->seeds[b] : (unsigned long long)b;
-    int n = batch == 1 ? snprintf(name, len, "%s", path)
-                       : snprintf(name, len, "%.*s-%llu%s", (int)(dot - path), path, tag, dot);
-    if (n < 0 || (size_t)n >= len) return error_set(e, "output path too long: %s", path);
-    return 0;
 }
 
 static int generate_write_images(const GenerateArgs *a, const Tensor *image, Error *e) {
@@ -1688,7 +1721,7 @@ static const char *eval_usage =
     "                     `embeddings,seed` (paths relative to the CSV's directory; with both\n"
     "                     columns the embeddings are used); other columns are ignored, quoted\n"
     "                     fields may hold commas\n"
-    "  --out DIR          the results directory (must exist)\n"
+    "  --out DIR          the results directory (made when absent)\n"
     "  --json FILE        the overall figures: {\"n\", \"baseline\": {\"artifact_freq\",\n"
     "                     \"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}; for\n"
     "                     prompts in the embedded words world (64x32 images) also the oracle's\n"

@@ -10,8 +10,8 @@ double now_seconds(void);
 /* Whether a command's arguments include --help or -h. */
 bool asks_for_help(int argc, char **argv);
 
-/* The commands of train/commands.c: argv holds the arguments after the command's name; returns the exit status
- * (0 success, 1 runtime error, 2 bad command line). */
+/* The commands of train/commands.c: argv holds the arguments after the command's name; returns the
+ * exit status (0 success, 1 runtime error, 2 bad command line). */
 int world_main(int argc, char **argv);
 int train_main(int argc, char **argv);
 

@@ -998,6 +998,28 @@ void dir_list_free(char **names, size_t count) {
     free(names);
 }
 
+/* The file path names once written: its directory resolved by realpath (links, "..", "."), then
+ * its last component, into out (false when the directory does not resolve or it is too long). */
+static bool path_resolve(const char *path, char *out, size_t len) {
+    const char *slash = strrchr(path, '/');
+    char dir[PATH_BYTES];
+    int n = slash == path ? snprintf(dir, sizeof dir, "/")
+                          : snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1,
+                                     slash ? path : ".");
+    if (n < 0 || (size_t)n >= sizeof dir) return false;
+    char *real = realpath(dir, NULL);
+    if (!real) return false;
+    n = snprintf(out, len, "%s/%s", real, slash ? slash + 1 : path);
+    free(real);
+    return n >= 0 && (size_t)n < len;
+}
+
+bool paths_same(const char *a, const char *b) {
+    char ra[PATH_BYTES], rb[PATH_BYTES];
+    return !strcmp(a, b) || (path_resolve(a, ra, sizeof ra) && path_resolve(b, rb, sizeof rb) &&
+                             !strcmp(ra, rb));
+}
+
 int dir_make(const char *dir, Error *e) {
     struct stat sb;
     if (mkdir(dir, 0777) == 0 || (errno == EEXIST && stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode)))
@@ -2793,7 +2815,8 @@ static int eval_csv_add(EvalCsv *c, char **fields, int col, int seed_col, const 
     EvalRow *r = &rows[c->n];
     *r = (EvalRow){.index = (int64_t)c->n};
     if (!fields[col][0])
-        return error_set(e, "%s:%d: empty %s", path, line, c->prompts ? "prompt" : "embeddings path");
+        return error_set(e, "%s:%d: empty %s", path, line,
+                         c->prompts ? "prompt" : "embeddings path");
     if (seed_col >= 0 && parse_seed(fields[seed_col], &r->seed))
         return error_set(e, "%s:%d: seed must be a whole number in 0..2^63-1, got '%s'", path,
                          line, fields[seed_col]);
@@ -2809,6 +2832,13 @@ int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e) {
     size_t len = 0, pos = 0;
     *c = (EvalCsv){0};
     if (file_read_all(path, &text, &len, e)) return -1;
+    const char *nul = memchr(text, '\0', len);
+    if (nul) { /* C strings would end there: a prompt cut short, silently */
+        int at = 1;
+        for (const char *p = text; p < nul; p++) at += *p == '\n';
+        free(text);
+        return error_set(e, "%s:%d: a NUL byte (a CSV is text)", path, at);
+    }
     if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) pos = 3;
     char *head = malloc(len + 1);
     int rc = (buf = malloc(len + 1)) && head ? 0 : error_set(e, "%s: out of memory", path);

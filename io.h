@@ -126,6 +126,9 @@ int dir_list(const char *dir, char ***names, size_t *count, Error *e);
 void dir_list_free(char **names, size_t count);
 /* Creates directory `dir` (one level) unless it already is one. */
 int dir_make(const char *dir, Error *e);
+/* true when the paths name the same file, once written: equal, or equal with their directories
+ * resolved (x.png and ./x.png, d/../x.png, a link to the directory). */
+bool paths_same(const char *a, const char *b);
 
 /* ---- safetensors ------------------------------------------------------------------------ */
 

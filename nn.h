@@ -392,7 +392,7 @@ Var *vae_pack(Tape *t, const VaeConfig *c, Var *latent, int h, int w);
  * (upstream ignores config.layer_norm_eps), the batch norm uses its running statistics. The
  * decode head's linear part (linear_c, linear_fuse, batch norm) is folded into one projection per
  * stage when loading: the same function up to rounding, without the 4D-channel concat. A detector
- * to train (segformer_open WEIGHTS_FRESH) has those projections as its linear_c parameters instead. */
+ * to train (segformer_open WEIGHTS_FRESH) has those projections as its linear_c parameters. */
 
 #define SEGFORMER_MAX_STAGES 8
 
@@ -423,10 +423,10 @@ int segformer_config_load(SegformerConfig *c, const char *dir, Error *e);
  * directory's files (one .safetensors file or an index; f32, f16 or bf16; a missing or mis-shaped
  * tensor is an error naming it), st_random_fill values from seed at the shapes the config implies
  * (WEIGHTS_CONFIG_ONLY: timings and memory without the files), or fresh weights from seed
- * (WEIGHTS_FRESH, params_new_init), to train: its decode head is not folded but each stage's decode_head.linear_c.{i}.proj (weight and
- * bias) as a parameter, with linear_fuse [I .. I] and the batch norm the identity, which every
- * folded head is equal to (the same function class as the upstream head with its batch norm
- * frozen). */
+ * (WEIGHTS_FRESH, params_new_init), to train: its decode head is not folded but each stage's
+ * decode_head.linear_c.{i}.proj (weight and bias) as a parameter, with linear_fuse [I .. I] and the
+ * batch norm the identity, which every folded head is equal to (the same function class as the
+ * upstream head with its batch norm frozen). */
 int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64_t seed,
                    Error *e);
 void segformer_free(Segformer *m);
@@ -434,8 +434,8 @@ const SegformerConfig *segformer_config(const Segformer *m);
 /* Its encoder's weights and the classifier as parameters, and the decode head's linear_c when
  * opened WEIGHTS_FRESH; a loaded decode head (folded), and the preprocessing, as constants. */
 Params *segformer_params(const Segformer *m);
-/* true when the decode head is linear_c as segformer_open WEIGHTS_FRESH makes it (trainable, savable), false
- * when it was folded on loading. */
+/* true when the decode head is linear_c as segformer_open WEIGHTS_FRESH makes it (trainable,
+ * savable), false when it was folded on loading. */
 bool segformer_head_is_trainable(const Segformer *m);
 
 /* image: [B, 3, H, W] in [-1, 1] -> mask: [B, L, H, W] in [0, 1] (L = num_labels), the sigmoid

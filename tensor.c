@@ -1026,7 +1026,8 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
  * of input around it. Winograd's minimal filtering (Lavin and Gray, "Fast Algorithms for
  * Convolutional Neural Networks", 2016) computes it with 36 products per channel pair where the
  * direct sum takes 144:
- *     Y[k] = A^T ( sum over c of U[k, c] (.) V[c] ) A,   U[k, c] = G w[k, c] G^T,   V[c] = B^T d[c] B
+ *     Y[k] = A^T ( sum over c of U[k, c] (.) V[c] ) A,
+ *     U[k, c] = G w[k, c] G^T,   V[c] = B^T d[c] B
  * (. elementwise over the 6x6 points). For each of the 36 points the sum over c is a GEMM
  * [Cout, Cin] x [Cin, tiles], so the GEMM kernel does nearly all the work, on 4x fewer
  * multiply-adds. The backward to the input is the same convolution of dy with the kernels
@@ -1115,7 +1116,8 @@ static void winograd_input_row(const WinogradDims *d, const float *x, int ty, fl
         int yy = 4 * ty - 1 + r;
         float *row = rows + (size_t)r * width;
         memset(row, 0, (size_t)width * sizeof *row);
-        if (yy >= 0 && yy < d->H) memcpy(row + 1, x + (size_t)yy * d->W, (size_t)d->W * sizeof *row);
+        if (yy >= 0 && yy < d->H)
+            memcpy(row + 1, x + (size_t)yy * d->W, (size_t)d->W * sizeof *row);
     }
     for (int i = 0; i < 6; i++) { /* cols = B^T rows, column by column */
         float *out = cols + (size_t)i * width;

@@ -99,8 +99,8 @@ static void test_vae_config_only(void) {
               vae_decoder_open(&real, dir, WEIGHTS_FILES, 0, &e) == 0,
           "VAE config-only load: %s", e.msg);
     VaeDecoder *absent = NULL;
-    CHECK(vae_decoder_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 && !absent &&
-              strstr(e.msg, "absent/config.json"),
+    CHECK(vae_decoder_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 &&
+              !absent && strstr(e.msg, "absent/config.json"),
           "a missing VAE config is named: %s", e.msg);
     if (m[0] && m[1] && m[2] && real) {
         CHECK(!memcmp(vae_decoder_config(m[0]), vae_decoder_config(real), sizeof(VaeConfig)),
@@ -140,11 +140,12 @@ static void test_segformer_config_only(void) {
     Error e = {{0}};
     CHECK(segformer_open(&m[0], dir, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
               segformer_open(&m[1], dir, WEIGHTS_CONFIG_ONLY, 1, &e) == 0 &&
-              segformer_open(&m[2], dir, WEIGHTS_CONFIG_ONLY, 2, &e) == 0 && segformer_open(&real, dir, WEIGHTS_FILES, 0, &e) == 0,
+              segformer_open(&m[2], dir, WEIGHTS_CONFIG_ONLY, 2, &e) == 0 &&
+              segformer_open(&real, dir, WEIGHTS_FILES, 0, &e) == 0,
           "detector config-only load: %s", e.msg);
     Segformer *absent = NULL;
-    CHECK(segformer_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 && !absent &&
-              strstr(e.msg, "absent/config.json"),
+    CHECK(segformer_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 &&
+              !absent && strstr(e.msg, "absent/config.json"),
           "a missing detector config is named: %s", e.msg);
     if (!(m[0] && m[1] && m[2] && real)) goto done;
     CHECK(!memcmp(segformer_config(m[0]), segformer_config(real), sizeof(SegformerConfig)),
@@ -182,7 +183,8 @@ static void test_real_configs(void) {
     VaeDecoder *vae = NULL;
     Segformer *det = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_open(&vae, "tests/fixtures/klein-4b-config/vae", WEIGHTS_CONFIG_ONLY, 1, &e) == 0,
+    CHECK(vae_decoder_open(&vae, "tests/fixtures/klein-4b-config/vae", WEIGHTS_CONFIG_ONLY, 1,
+                           &e) == 0,
           "FLUX.2 VAE config-only: %s", e.msg);
     if (vae) {
         const VaeConfig *c = vae_decoder_config(vae);

@@ -1,5 +1,5 @@
-/* test_detector_train.c - the trainable detector (segformer_open WEIGHTS_FRESH's head), its loss and its
- * training: d loss / d parameters against PyTorch (tools/ref_segformer.py) and by finite
+/* test_detector_train.c - the trainable detector (segformer_open WEIGHTS_FRESH's head), its loss
+ * and its training: d loss / d parameters against PyTorch (tools/ref_segformer.py) and by finite
  * differences, segformer_save read back by segformer_load as the same detector with every
  * upstream tensor, the max-pooled target, and 20 AdamW steps on the shipped tiny config; the flow
  * model's samples labelled by the oracle, and batches mixing them in. */
@@ -47,13 +47,14 @@ static int param_index(const Params *p, const char *name) {
     return -1;
 }
 
-/* A trainable detector (segformer_open WEIGHTS_FRESH) holding the fixture's weights: every parameter and buffer
- * overwritten by the fixture's tensor of the same name. */
+/* A trainable detector (segformer_open WEIGHTS_FRESH) holding the fixture's weights: every
+ * parameter and buffer overwritten by the fixture's tensor of the same name. */
 static Segformer *fixture_detector(void) {
     Segformer *m = NULL;
     SafeTensors *st = NULL;
     Error e = {{0}};
-    int rc = segformer_open(&m, FIXTURE, WEIGHTS_FRESH, 1, &e) || st_open(&st, FIXTURE "/model.safetensors", &e);
+    int rc = segformer_open(&m, FIXTURE, WEIGHTS_FRESH, 1, &e) ||
+             st_open(&st, FIXTURE "/model.safetensors", &e);
     Params *p = rc ? NULL : segformer_params(m);
     for (int i = 0; p && rc == 0 && i < params_count(p); i++) {
         Tensor *v = params_var(p, i)->value;
@@ -298,7 +299,8 @@ static void check_training(void) {
     TrainTask task;
     Error e = {{0}};
     DetectorTrainOptions o = {.batch = 32, .seed = 5, .pos_weight = 1.0f};
-    int rc = segformer_open(&m, SHIPPED, WEIGHTS_FRESH, 3, &e) || detector_train_task(&task, &d, m, &o, &e);
+    int rc = segformer_open(&m, SHIPPED, WEIGHTS_FRESH, 3, &e) ||
+             detector_train_task(&task, &d, m, &o, &e);
     CHECK(rc == 0, "the training task on " SHIPPED ": %s", e.msg);
     if (rc == 0) {
         TrainLog log = {0};
@@ -396,7 +398,8 @@ static void check_sample_batches(void) {
     DetectorTrainOptions o = {.batch = 8, .seed = 5, .pos_weight = 1.0f, .samples = &s,
                               .held_out = HELD};
     DetectorTrainOptions half = {.batch = 4, .seed = 5, .pos_weight = 1.0f};
-    int rc = segformer_open(&m, SHIPPED, WEIGHTS_FRESH, 3, &e) || detector_train_task(&task, &with, m, &o, &e) ||
+    int rc = segformer_open(&m, SHIPPED, WEIGHTS_FRESH, 3, &e) ||
+             detector_train_task(&task, &with, m, &o, &e) ||
              detector_train_task(&task, &without, m, &half, &e);
     CHECK(rc == 0, "tasks with and without samples: %s", e.msg);
     int renders_differ = 0, not_a_sample = 0, held_drawn = 0, seen[N] = {0};

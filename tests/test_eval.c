@@ -292,6 +292,16 @@ static void test_eval_errors(Cli *c) {
         CHECK(rc == bad[i].status && log_has(c, bad[i].says), "eval on bad input %zu (%s) exits "
               "%d naming '%s': got %d", i, bad[i].extra, bad[i].status, bad[i].says, rc);
     }
+    /* a NUL byte inside a prompt would end it early, silently */
+    snprintf(path, sizeof path, "%s/bad.csv", d);
+    FILE *f = fopen(path, "wb");
+    if (f) {
+        fwrite("prompt,seed\nab\0cd,1\n", 1, 20, f);
+        fclose(f);
+    }
+    int rc = run(c, "eval %s --out %s/err --csv %s/bad.csv", MODELS, d, d);
+    CHECK(rc == 1 && log_has(c, "bad.csv:2: a NUL byte"), "a NUL byte in a CSV exits 1 naming its "
+          "line: got %d", rc);
     CHECK(run(c, "eval --out %s/err --steps 2", d) == 2, "eval without --csv exits 2");
     CHECK(run(c, "eval --merge --out %s/err --csv x.csv", d) == 2, "--merge with --csv exits 2");
     CHECK(run(c, "eval --merge --out %s/err", d) == 1 && log_has(c, "no item"),

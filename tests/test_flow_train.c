@@ -46,7 +46,8 @@ typedef struct Run {
 static int load(Run *r, int batch, uint64_t seed) {
     Error e = {{0}};
     *r = (Run){0};
-    int rc = flux2_open(&r->flow, FLOW_DIR, WEIGHTS_FRESH, seed, &e) || text_encoder_open(&r->text, TEXT_DIR, WEIGHTS_FRESH, seed + 1, &e);
+    int rc = flux2_open(&r->flow, FLOW_DIR, WEIGHTS_FRESH, seed, &e) ||
+             text_encoder_open(&r->text, TEXT_DIR, WEIGHTS_FRESH, seed + 1, &e);
     CHECK(rc == 0, "fresh models from the shipped configs: %s", e.msg);
     if (rc) return -1;
     r->data.per_sample = (int64_t)GRID_H * GRID_W * flux2_config(r->flow)->in_channels;
@@ -205,7 +206,8 @@ static void test_save(void) {
           "save: %s", e.msg);
     Flux2 *flow = NULL;
     TextEncoder *text = NULL;
-    CHECK(flux2_open(&flow, flow_dir, WEIGHTS_FILES, 0, &e) == 0 && text_encoder_open(&text, text_dir, WEIGHTS_FILES, 0, &e) == 0,
+    CHECK(flux2_open(&flow, flow_dir, WEIGHTS_FILES, 0, &e) == 0 &&
+              text_encoder_open(&text, text_dir, WEIGHTS_FILES, 0, &e) == 0,
           "load what was saved: %s", e.msg);
     if (flow && text) {
         const Flux2Config *a = flux2_config(r.flow), *b = flux2_config(flow);
@@ -257,8 +259,9 @@ static void test_errors(void) {
     Flux2 *streaming = NULL, *flow = NULL;
     TextEncoder *text = NULL;
     Error e = {{0}};
-    CHECK(flux2_open(&streaming, "tests/fixtures/tiny-flux2/transformer", WEIGHTS_FILES, 0, &e) == 0 &&
-              flux2_open(&flow, "tests/fixtures/tiny-flux2/transformer", WEIGHTS_FRESH, 1, &e) == 0 &&
+    const char *flow_dir = "tests/fixtures/tiny-flux2/transformer";
+    CHECK(flux2_open(&streaming, flow_dir, WEIGHTS_FILES, 0, &e) == 0 &&
+              flux2_open(&flow, flow_dir, WEIGHTS_FRESH, 1, &e) == 0 &&
               text_encoder_open(&text, TEXT_DIR, WEIGHTS_FRESH, 1, &e) == 0,
           "load: %s", e.msg);
     TrainTask task;

@@ -294,8 +294,8 @@ static void test_config_only(void) {
               flux2_open(&other, FIXTURE, WEIGHTS_CONFIG_ONLY, 2, &e) == 0,
           "config-only load: %s", e.msg);
     Flux2 *absent = NULL;
-    CHECK(flux2_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 && !absent &&
-              strstr(e.msg, "absent/config.json"),
+    CHECK(flux2_open(&absent, "tests/fixtures/absent", WEIGHTS_CONFIG_ONLY, 1, &e) != 0 &&
+              !absent && strstr(e.msg, "absent/config.json"),
           "a missing config is named: %s", e.msg);
     int h = 17, w = 16;
     Tensor *tokens = TENSOR_NEW(1, h * w, 16), *txt = TENSOR_NEW(1, 7, 24);
@@ -482,12 +482,13 @@ done:
     flux2_free(m);
 }
 
-/* flux2_open WEIGHTS_FRESH: fresh weights by name (matrices uniform in +-1/sqrt(fan_in), RMSNorm scales 1),
- * the same for the same seed, and a forward that runs. */
+/* flux2_open WEIGHTS_FRESH: fresh weights by name (matrices uniform in +-1/sqrt(fan_in), RMSNorm
+ * scales 1), the same for the same seed, and a forward that runs. */
 static void test_init(void) {
     Flux2 *a = NULL, *b = NULL;
     Error e = {{0}};
-    CHECK(flux2_open(&a, FIXTURE, WEIGHTS_FRESH, 7, &e) == 0 && flux2_open(&b, FIXTURE, WEIGHTS_FRESH, 7, &e) == 0,
+    CHECK(flux2_open(&a, FIXTURE, WEIGHTS_FRESH, 7, &e) == 0 &&
+              flux2_open(&b, FIXTURE, WEIGHTS_FRESH, 7, &e) == 0,
           "flux2_open fresh: %s", e.msg);
     if (!a || !b) goto done;
     Params *pa = flux2_params(a), *pb = flux2_params(b);

@@ -942,6 +942,13 @@ static void test_atomic(const char *base) {
           "dir_make creates a directory and accepts an existing one");
     CHECK(dir_make(path, &e) != 0 && contains(e.msg, path) && contains(e.msg, "file"),
           "dir_make over a file names it (%s)", e.msg);
+    char *dotted = join(dir, "./made/../x.png"), *plain = join(dir, "x.png");
+    char *other = join(dir, "y.png");
+    CHECK(paths_same(plain, plain) && paths_same(plain, dotted) && !paths_same(plain, other) &&
+              paths_same("/nonexistent-dir/a.png", "/nonexistent-dir/a.png") &&
+              !paths_same("/nonexistent-dir/a.png", "/nonexistent-dir/./a.png"),
+          "paths_same: equal names, and names equal once their directories resolve");
+    free(dotted), free(plain), free(other);
     free(made);
     free(path);
     free(dir);

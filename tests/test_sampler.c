@@ -584,10 +584,15 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                    {" --embeddings /nonexistent.safetensors", 1}, {" --mu 11", 2},
                    {" --mu x", 2}, {" --cfg 3", 2}, {" --cfg 0.5", 2},
                    {" --negative-prompt x", 2}, {" --vae-memory 0", 2},
-                   {" --vae-memory 1.5", 2}};
+                   {" --vae-memory 1.5", 2}, {" --seed 1,", 2},
+                   {" --seed 9223372036854775808", 2}, {" --dump %s/out.ppm", 2},
+                   {" --compare %s/./out.ppm", 2}};
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
-            snprintf(cmd + n, sizeof cmd - (size_t)n, "%s", bad[i].extra);
+            if (strstr(bad[i].extra, "%s")) /* an output in the test's directory */
+                snprintf(cmd + n, sizeof cmd - (size_t)n, bad[i].extra, dir);
+            else
+                snprintf(cmd + n, sizeof cmd - (size_t)n, "%s", bad[i].extra);
             int status = run_quiet(cmd);
             CHECK(status == bad[i].status, "generate ...%s exits %d: got %d", bad[i].extra,
                   bad[i].status, status);
@@ -609,7 +614,8 @@ int main(int argc, char **argv) {
     SafeTensors *g = golden_open(GOLDEN);
     Models m = {0};
     Error e = {{0}};
-    int rc = flux2_open(&m.flow, FLOW, WEIGHTS_FILES, 0, &e) || vae_decoder_open(&m.vae, VAE, WEIGHTS_FILES, 0, &e) ||
+    int rc = flux2_open(&m.flow, FLOW, WEIGHTS_FILES, 0, &e) ||
+             vae_decoder_open(&m.vae, VAE, WEIGHTS_FILES, 0, &e) ||
              segformer_open(&m.detector, DETECTOR, WEIGHTS_FILES, 0, &e);
     CHECK(rc == 0, "load the tiny fixtures: %s", e.msg);
     if (g && rc == 0) {

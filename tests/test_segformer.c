@@ -133,7 +133,8 @@ static void check_plain(const SafeTensors *g) {
     if (!scratch_make(dir, NULL, pre, true)) return;
     Segformer *m = NULL;
     Error e = {{0}};
-    CHECK(segformer_open(&m, dir, WEIGHTS_FILES, 0, &e) == 0, "load without resize and normalisation: %s", e.msg);
+    CHECK(segformer_open(&m, dir, WEIGHTS_FILES, 0, &e) == 0,
+          "load without resize and normalisation: %s", e.msg);
     if (m) {
         const SegformerConfig *c = segformer_config(m);
         CHECK(!c->do_resize && !c->do_normalize, "the switches are read");
@@ -337,7 +338,8 @@ int main(void) {
     Segformer *m = NULL, *m16 = NULL;
     Error e = {{0}};
     CHECK(segformer_open(&m, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE, e.msg);
-    CHECK(segformer_open(&m16, FIXTURE_BF16, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE_BF16, e.msg);
+    CHECK(segformer_open(&m16, FIXTURE_BF16, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s",
+          FIXTURE_BF16, e.msg);
     if (m) {
         const SegformerConfig *c = segformer_config(m);
         CHECK(c->stages == 4 && c->depths[3] == 2 && c->input_h == 64 && c->input_w == 48 &&

@@ -129,7 +129,8 @@ static void test_tokenize(void) {
     tape_free(t);
     text_encoder_free(m);
     TextEncoder *bad = NULL;
-    CHECK(text_encoder_open(&bad, "tests/fixtures/tiny-flux2/transformer", WEIGHTS_FILES, 0, &e) != 0 && !bad &&
+    const char *other = "tests/fixtures/tiny-flux2/transformer";
+    CHECK(text_encoder_open(&bad, other, WEIGHTS_FILES, 0, &e) != 0 && !bad &&
               strstr(e.msg, "_class_name"),
           "another model's config is refused: %s", e.msg);
 }
@@ -143,8 +144,8 @@ static void test_generate_prompt(const char *argv0) {
     }
     TextEncoder *m = NULL;
     Error e = {{0}};
-    CHECK(text_encoder_open(&m, "tests/fixtures/tiny-flux2/text_encoder", WEIGHTS_FILES, 0, &e) == 0, "load: %s",
-          e.msg);
+    const char *text_dir = "tests/fixtures/tiny-flux2/text_encoder";
+    CHECK(text_encoder_open(&m, text_dir, WEIGHTS_FILES, 0, &e) == 0, "load: %s", e.msg);
     Tape *t = tape_new();
     Var *y = m ? text_encode(t, m, (const char *[]){"k9"}, 1, &e) : NULL;
     snprintf(path, sizeof path, "%s/emb.safetensors", dir);

@@ -170,7 +170,8 @@ static size_t decode_peak(VaeDecoder *m, int levels, int batch, int height, int 
 static void test_checkpoint_policy(VaeDecoder *tiny) {
     VaeDecoder *embedded = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_open(&embedded, "weights/vae", WEIGHTS_FILES, 0, &e) == 0, "load weights/vae: %s", e.msg);
+    CHECK(vae_decoder_open(&embedded, "weights/vae", WEIGHTS_FILES, 0, &e) == 0,
+          "load weights/vae: %s", e.msg);
     const struct {
         VaeDecoder *m;
         const char *name;
@@ -415,7 +416,8 @@ static void test_default_budget(void) {
 #endif
     VaeDecoder *real = NULL;
     Error e = {{0}};
-    CHECK(vae_decoder_open(&real, "tests/fixtures/klein-4b-config/vae", WEIGHTS_CONFIG_ONLY, 1, &e) == 0,
+    CHECK(vae_decoder_open(&real, "tests/fixtures/klein-4b-config/vae", WEIGHTS_CONFIG_ONLY, 1,
+                           &e) == 0,
           "FLUX.2's VAE from its config: %s", e.msg);
     if (!real) return;
     int roomy = vae_decoder_checkpoint_for(real, 1, 512, 512, vae_default_memory(20 * gib));
@@ -430,7 +432,8 @@ int main(void) {
     VaeDecoder *m = NULL, *m16 = NULL;
     Error e = {{0}};
     CHECK(vae_decoder_open(&m, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE, e.msg);
-    CHECK(vae_decoder_open(&m16, FIXTURE_BF16, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s", FIXTURE_BF16, e.msg);
+    CHECK(vae_decoder_open(&m16, FIXTURE_BF16, WEIGHTS_FILES, 0, &e) == 0, "load %s: %s",
+          FIXTURE_BF16, e.msg);
     if (m && st) {
         test_golden_case(m, st, "a", "a", 2, 2, 3);
         test_golden_case(m, st, "b", "b", 1, 3, 1);

@@ -332,7 +332,8 @@ static void check_save_round_trip(VaeEncoder *enc, VaeDecoder *dec, const VaeTra
     Error e = {{0}};
     VaeEncoder *enc2 = NULL;
     VaeDecoder *dec2 = NULL;
-    int rc = vae_save(enc, dec, TRAIN_CONFIG, dir, &e) || vae_encoder_open(&enc2, dir, WEIGHTS_FILES, 0, &e) ||
+    int rc = vae_save(enc, dec, TRAIN_CONFIG, dir, &e) ||
+             vae_encoder_open(&enc2, dir, WEIGHTS_FILES, 0, &e) ||
              vae_decoder_open(&dec2, dir, WEIGHTS_FILES, 0, &e);
     CHECK(rc == 0, "vae_save, then load both halves back: %s", e.msg);
     if (rc == 0) {
@@ -355,7 +356,8 @@ static void check_save_round_trip(VaeEncoder *enc, VaeDecoder *dec, const VaeTra
 
 /* Both halves with fresh weights (seeds 1 and 2) in the shipped config. */
 static int fresh_vae(VaeEncoder **enc, VaeDecoder **dec, Error *e) {
-    return vae_encoder_open(enc, TRAIN_CONFIG, WEIGHTS_FRESH, 1, e) || vae_decoder_open(dec, TRAIN_CONFIG, WEIGHTS_FRESH, 2, e);
+    return vae_encoder_open(enc, TRAIN_CONFIG, WEIGHTS_FRESH, 1, e) ||
+           vae_decoder_open(dec, TRAIN_CONFIG, WEIGHTS_FRESH, 2, e);
 }
 
 /* 20 AdamW steps on world images from fresh weights in the shipped config: the loss on
@@ -467,8 +469,8 @@ static void test_latent_noise(void) {
 static void test_encoder_missing(void) {
     VaeEncoder *m = NULL;
     Error e = {{0}};
-    CHECK(vae_encoder_open(&m, "tests/fixtures/tiny-flux2-bf16/vae", WEIGHTS_FILES, 0, &e) != 0 && !m &&
-              strstr(e.msg, "encoder.conv_in.weight"),
+    CHECK(vae_encoder_open(&m, "tests/fixtures/tiny-flux2-bf16/vae", WEIGHTS_FILES, 0, &e) != 0 &&
+              !m && strstr(e.msg, "encoder.conv_in.weight"),
           "a decoder-only directory names the missing encoder tensor: %s", e.msg);
 }
 
@@ -477,8 +479,10 @@ int main(void) {
     VaeEncoder *enc = NULL;
     VaeDecoder *dec = NULL;
     Error e = {{0}};
-    CHECK(vae_encoder_open(&enc, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load the encoder of %s: %s", FIXTURE, e.msg);
-    CHECK(vae_decoder_open(&dec, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load the decoder of %s: %s", FIXTURE, e.msg);
+    CHECK(vae_encoder_open(&enc, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load the encoder of %s: %s",
+          FIXTURE, e.msg);
+    CHECK(vae_decoder_open(&dec, FIXTURE, WEIGHTS_FILES, 0, &e) == 0, "load the decoder of %s: %s",
+          FIXTURE, e.msg);
     if (enc && dec && st) {
         test_encoder_golden(enc, st);
         test_reconstruction_golden(enc, dec, st);

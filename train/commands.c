@@ -246,7 +246,8 @@ typedef struct Trainer {
 /* Held-out examples for the accuracy a trainer reports: no training batch uses this seed. */
 #define TRAIN_HELD_OUT_SEED 987654321u
 
-/* detector: segformer_open WEIGHTS_FRESH from the config files, detector_train_task, segformer_save; with
+/* detector: segformer_open WEIGHTS_FRESH from the config files, detector_train_task,
+ * segformer_save; with
  * --flow, first the flow model's own images labelled by the oracle. */
 typedef struct DetectorRun {
     Segformer *model;

@@ -255,7 +255,8 @@ int segformer_save(const Segformer *m, const char *dir, Error *e) {
         return error_set(e, "saving the detector to %s: its decode head was folded when loaded; "
                             "only a detector opened WEIGHTS_FRESH can be saved", dir);
     if (dir_make(dir, e) || segformer_save_config(segformer_config(m), dir, e) ||
-        segformer_save_preprocessor(segformer_config(m), dir, e) || segformer_save_weights(m, dir, e))
+        segformer_save_preprocessor(segformer_config(m), dir, e) ||
+        segformer_save_weights(m, dir, e))
         return -1;
     return 0;
 }

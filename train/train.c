@@ -326,7 +326,8 @@ static int flow_trainer_check(const Flux2 *flow, const TextEncoder *text,
     const Flux2Config *c = flux2_config(flow);
     const TextEncoderConfig *tc = text_encoder_config(text);
     if (!flux2_params(flow))
-        return error_set(e, "text+flow training needs a resident transformer (flux2_make_resident)");
+        return error_set(e,
+                         "text+flow training needs a resident transformer (flux2_make_resident)");
     if (tc->hidden_size != c->joint_attention_dim)
         return error_set(e, "the text encoder's hidden_size %d is not the transformer's "
                          "joint_attention_dim %d", tc->hidden_size, c->joint_attention_dim);
@@ -372,7 +373,8 @@ int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], 
     int64_t plane = 3 * WORLD_H * WORLD_W;
     int rc = 0;
     for (int b = 0; rc == 0 && b < batch; b++) {
-        uint64_t index = vae_image_index(world->seed, (uint64_t)step * (uint64_t)batch + (uint64_t)b);
+        uint64_t index =
+            vae_image_index(world->seed, (uint64_t)step * (uint64_t)batch + (uint64_t)b);
         WorldScene scene;
         rc = world_scene(index, NULL, &scene, e) ||
              vae_world_image(index, 3, WORLD_H, WORLD_W, images->data + b * plane, NULL, e);
@@ -766,7 +768,8 @@ int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeD
 
 /* ---- end section: detector_train ---- */
 
-/* ---- section: vae_train ----------------------------------------------------------------------- */
+/* ---- section: vae_train -----------------------------------------------------------------------
+ */
 
 /* Reconstruction only, no KL term: everything diamond does with the latent uses the mode (the
  * mean), never a sample, so the log-variance half is never read; the mean's scale, which a KL
