@@ -1304,6 +1304,10 @@ static int generate_read(const char *path, const char *name, int64_t rows, int64
         rc = *out ? st_read_f32(st, name, (*out)->data, (*out)->numel, e)
                   : error_set(e, "%s: out of memory for '%s'", path, name);
     }
+    size_t bad = rc == 0 ? first_non_finite((size_t)(*out)->numel, (*out)->data) : 0;
+    if (rc == 0 && bad < (size_t)(*out)->numel)
+        rc = error_set(e, "%s: '%s' holds %s at value %zu", path, name,
+                       isnan((*out)->data[bad]) ? "NaN" : "an infinity", bad);
     if (rc) tensor_free(*out), *out = NULL;
     st_close(st);
     return rc;

@@ -77,8 +77,13 @@ static int params_fill(const StModel *m, const char *name, int ndim, const int64
         st_random_fill(seed, name, ndim, shape, dst);
         return 0;
     }
-    if (params_check_shape(m, name, ndim, shape, e)) return -1;
-    return st_model_read_f32(m, name, dst, numel, e);
+    if (params_check_shape(m, name, ndim, shape, e) || st_model_read_f32(m, name, dst, numel, e))
+        return -1;
+    size_t bad = first_non_finite((size_t)numel, dst);
+    if (bad < (size_t)numel)
+        return error_set(e, "tensor '%s' holds %s at value %zu: a model's weights must be finite",
+                         name, isnan(dst[bad]) ? "NaN" : "an infinity", bad);
+    return 0;
 }
 
 /* The same as a new f32 tensor. */
@@ -3069,18 +3074,20 @@ static int segformer_flag(const JsonValue *root, const char *key, bool *out, Err
     return json_get(root, key) ? json_get_bool(root, key, out, e) : 0;
 }
 
-/* image_mean or image_std: three finite numbers (std also nonzero). */
-static int segformer_rgb(const JsonValue *root, const char *key, bool nonzero, float *out,
+/* image_mean or image_std: three numbers in [-1000, 1000], std's in [1e-6, 1000] (statistics of
+ * pixels in [0, 1]; beyond that a value is a mistake, and past float's range it would turn every
+ * input into infinities). */
+static int segformer_rgb(const JsonValue *root, const char *key, bool is_std, float *out,
                          Error *e) {
     const JsonValue *v = json_get(root, key);
+    double lo = is_std ? 1e-6 : -1e3, hi = 1e3;
     if (!v || v->type != JSON_ARRAY || v->count != 3)
         return error_set(e, "%s: key '%s' must be an array of 3 numbers", root->source, key);
     for (int i = 0; i < 3; i++) {
         const JsonValue *item = &v->items[i];
-        if (item->type != JSON_NUMBER || !isfinite(item->number) ||
-            (nonzero && item->number == 0.0))
-            return error_set(e, "%s: key '%s' entry %d must be a finite%s number", root->source,
-                             key, i, nonzero ? ", nonzero" : "");
+        if (item->type != JSON_NUMBER || !(item->number >= lo && item->number <= hi))
+            return error_set(e, "%s: key '%s' entry %d must be a number in [%g, %g]",
+                             root->source, key, i, lo, hi);
         out[i] = (float)item->number;
     }
     return 0;
@@ -3663,6 +3670,16 @@ static int sampler_velocity(const SamplerRun *r, const Tensor *latent, Tensor **
     return 0;
 }
 
+/* 0 when every value of x (NULL: none) is finite, else an error naming the step and the quantity:
+ * a non-finite value would otherwise run on into an all-black image, silently. */
+static int sampler_finite(const Tensor *x, const char *what, int i, int steps, Error *e) {
+    size_t bad = x ? first_non_finite((size_t)x->numel, x->data) : 0;
+    if (!x || bad == (size_t)x->numel) return 0;
+    return error_set(e, "step %d of %d: the %s holds %s at value %zu (a weight, the prompt "
+                        "embeddings or the noise is not finite, or a value overflowed)",
+                     i + 1, steps, what, isnan(x->data[bad]) ? "NaN" : "an infinity", bad);
+}
+
 /* One step, the update at the top of this section: v, x0, the guidance when lambda_i != 0, the
  * caller's look (on_step), the update. */
 static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
@@ -3674,9 +3691,13 @@ static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     Tensor *v = NULL, *x0 = NULL, *mask = NULL, *grad = NULL;
     memset(r->shifted, 0, (size_t)B * sizeof *r->shifted);
     int rc = sampler_velocity(r, latent, &v, e);
+    if (rc == 0) rc = sampler_finite(v, "velocity v", i, o->steps, e);
     if (rc == 0 && !(x0 = sampler_clean_estimate(latent, v, r->sigmas[i])))
         rc = error_set(e, "out of memory");
+    if (rc == 0) rc = sampler_finite(x0, "clean estimate x0", i, o->steps, e);
     if (rc == 0 && detect) rc = sampler_guidance(r, x0, &mask, &grad, e);
+    if (rc == 0) rc = sampler_finite(mask, "detector mask", i, o->steps, e);
+    if (rc == 0) rc = sampler_finite(grad, "gradient of the artifact loss", i, o->steps, e);
     for (int64_t b = 0; lambda == 0.0f && b < B; b++) r->shifted[b] = false;
     SamplerStep step = {i, o->steps, r->sigmas[i], r->sigmas[i + 1], lambda, latent, v, x0, mask,
                         grad, r->shifted};

@@ -2798,6 +2798,24 @@ double sum_array(size_t n, const float *x) {
     return s;
 }
 
+/* A block at a time, with integer tests on the exponent bits (all ones: NaN or infinity) that
+ * vectorise, and the exact index looked for only in the block that has one. */
+size_t first_non_finite(size_t n, const float *x) {
+    enum { BLOCK = 1024 };
+    for (size_t lo = 0; lo < n; lo += BLOCK) {
+        size_t hi = n - lo < BLOCK ? n : lo + BLOCK;
+        uint32_t any = 0;
+        for (size_t i = lo; i < hi; i++) {
+            uint32_t bits;
+            memcpy(&bits, &x[i], sizeof bits);
+            any |= (bits & 0x7f800000u) == 0x7f800000u;
+        }
+        for (size_t i = lo; any && i < hi; i++)
+            if (!isfinite(x[i])) return i;
+    }
+    return n;
+}
+
 float max_array(size_t n, const float *x) {
     float part[OPS_REDUCE_CHUNKS];
 #pragma omp parallel for if (n >= PARALLEL_MIN)

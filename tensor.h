@@ -223,6 +223,8 @@ void sum_channels_add(int B, int C, int HW, const float *x, float *out);
 /* Reductions whose result depends on n alone, never on the thread count. */
 double sum_array(size_t n, const float *x);  /* 64 chunks summed in double, then in order */
 float max_array(size_t n, const float *x);   /* NaN if any value is NaN; -inf when n == 0 */
+/* The index of the first NaN or infinity of x[0 .. n), or n when every value is finite. */
+size_t first_non_finite(size_t n, const float *x);
 
 /* ---- random numbers (PyTorch's CPU generator) ------------------------------------------- */
 

@@ -411,6 +411,16 @@ static void test_sampler_errors(const Models *m) {
                       &e) != 0 && strstr(e.msg, "negative"), "cfg, a negative of another width: %s",
           e.msg);
     o.cfg_scale = 0.0f;
+    txt->data[7] = NAN; /* one NaN in the prompt runs into every velocity: named, not an image */
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL,
+                      &e) != 0 && strstr(e.msg, "step 1 of 2: the velocity v holds NaN"),
+          "a NaN in the prompt stops the first step: %s", e.msg);
+    txt->data[7] = 0.0f;
+    x->data[3] = INFINITY;
+    CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL,
+                      &e) != 0 && strstr(e.msg, "step 1 of 2:") && strstr(e.msg, "holds"),
+          "an infinity in the latent stops the first step: %s", e.msg);
+    x->data[3] = 0.0f;
     o.steps = 0;
     CHECK(sampler_run(m->flow, m->vae, m->detector, &o, txt, NULL, x, GRID_H, GRID_W, NULL, NULL,
                       &e) != 0 && strstr(e.msg, "steps"), "zero steps: %s", e.msg);
@@ -442,6 +452,21 @@ static int write_cli_inputs(const SafeTensors *g, const char *dir) {
     CHECK(rc == 0, "write the command's input files: %s", e.msg);
     free(noise);
     free(txt);
+    return rc;
+}
+
+/* dir/name.safetensors holding tensor `tensor` [rows, cols] of zeros with one NaN at value 5. */
+static int write_nan_input(const char *dir, const char *name, const char *tensor, int64_t rows,
+                           int64_t cols) {
+    char path[512];
+    Error e = {{0}};
+    float *v = calloc((size_t)(rows * cols), sizeof *v);
+    if (!v) return -1;
+    v[5] = NAN;
+    snprintf(path, sizeof path, "%s/%s.safetensors", dir, name);
+    StWriteTensor w = {tensor, DTYPE_F32, 2, {rows, cols}, v};
+    int rc = st_write(path, &w, 1, &e);
+    free(v);
     return rc;
 }
 
@@ -587,6 +612,20 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                    {" --vae-memory 1.5", 2}, {" --seed 1,", 2},
                    {" --seed 9223372036854775808", 2}, {" --dump %s/out.ppm", 2},
                    {" --compare %s/./out.ppm", 2}};
+        /* a NaN in the prompt or the noise file: exit 1 naming the file, no image */
+        CHECK(write_nan_input(dir, "nan-emb", "prompt_embeds", 5, 24) == 0 &&
+                  write_nan_input(dir, "nan-noise", "noise", 6, 16) == 0,
+              "write the NaN inputs");
+        snprintf(path, sizeof path, "%s/out.ppm", dir);
+        remove(path);
+        const char *nan_inputs[] = {" --embeddings %s/nan-emb.safetensors",
+                                    " --noise %s/nan-noise.safetensors"};
+        for (int k = 0; k < 2; k++) {
+            n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
+            snprintf(cmd + n, sizeof cmd - (size_t)n, nan_inputs[k], dir);
+            CHECK(run_quiet(cmd) == 1 && access(path, F_OK) != 0,
+                  "generate ...%s exits 1 and writes no image", nan_inputs[k]);
+        }
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
             if (strstr(bad[i].extra, "%s")) /* an output in the test's directory */
@@ -598,8 +637,9 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                   bad[i].status, status);
         }
     }
-    const char *files[] = {"dump.safetensors", "noise.safetensors", "emb.safetensors", "out.ppm"};
-    for (size_t i = 0; i < 4; i++) {
+    const char *files[] = {"dump.safetensors", "noise.safetensors", "emb.safetensors", "out.ppm",
+                           "nan-emb.safetensors", "nan-noise.safetensors"};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
         remove(path);
     }

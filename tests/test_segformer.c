@@ -294,6 +294,12 @@ static void check_config_errors(void) {
          "{\"size\": {\"height\": 64, \"width\": 48}, \"image_mean\": [0, 0, 0], "
          "\"image_std\": [1, 0, 1]}",
          {"preprocessor_config.json", "image_std"}},
+        {"a mean past float's range (every input would become an infinity)",
+         "{\"size\": 64, \"image_mean\": [1e308, 0, 0], \"image_std\": [1, 1, 1]}",
+         {"preprocessor_config.json", "image_mean' entry 0 must be a number in [-1000, 1000]"}},
+        {"a negative std",
+         "{\"size\": 64, \"image_mean\": [0, 0, 0], \"image_std\": [1, -0.5, 1]}",
+         {"preprocessor_config.json", "image_std' entry 1"}},
         {"a mean of two numbers",
          "{\"size\": 64, \"image_mean\": [0, 0], \"image_std\": [1, 1, 1]}",
          {"preprocessor_config.json", "image_mean"}},

@@ -309,10 +309,10 @@ static void replace_text(char *buf, size_t cap, const char *from, const char *to
 }
 
 /* How a copy of the f32 fixture differs from it: config.json text edits (from[i] -> to[i]),
- * a tensor left out, a tensor stored flat as [numel]. */
+ * a tensor left out, a tensor stored flat as [numel], a tensor whose last value is NaN. */
 typedef struct FixtureEdit {
     const char *from[2], *to[2];
-    const char *drop, *flatten;
+    const char *drop, *flatten, *poison;
 } FixtureEdit;
 
 /* Writes dir/config.json and dir/diffusion_pytorch_model.safetensors: the fixture, edited. */
@@ -329,6 +329,7 @@ static int write_fixture_copy(const char *dir, const FixtureEdit *edit) {
     if (rc || st_open(&st, FIXTURE "/diffusion_pytorch_model.safetensors", &e)) return -1;
     size_t n = 0, count = st_count(st);
     StWriteTensor *ts = calloc(count, sizeof *ts);
+    float *poisoned = NULL;
     for (size_t i = 0; ts && i < count; i++) {
         const StTensor *s = st_at(st, i);
         if (edit->drop && !strcmp(s->name, edit->drop)) continue;
@@ -337,11 +338,18 @@ static int write_fixture_copy(const char *dir, const FixtureEdit *edit) {
         memcpy(ts[n].shape, s->shape, sizeof ts[n].shape);
         if (edit->flatten && !strcmp(s->name, edit->flatten)) ts[n] = (StWriteTensor){
             .name = s->name, .dtype = s->dtype, .ndim = 1, .shape = {s->numel}, .data = s->data};
+        if (edit->poison && !strcmp(s->name, edit->poison) && s->dtype == DTYPE_F32 &&
+            (poisoned = malloc((size_t)s->numel * sizeof *poisoned))) {
+            memcpy(poisoned, s->data, (size_t)s->numel * sizeof *poisoned);
+            poisoned[s->numel - 1] = NAN;
+            ts[n].data = poisoned;
+        }
         n++;
     }
     snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
     rc = ts ? st_write(path, ts, n, &e) : -1;
     free(ts);
+    free(poisoned);
     st_close(st);
     return rc;
 }
@@ -390,6 +398,8 @@ static void test_load_errors(const char *dir) {
                       "a mis-shaped tensor is named");
     expect_load_error(dir, (FixtureEdit){.drop = "bn.running_var"}, "'bn.running_var'",
                       "the latent batch norm statistics are required");
+    expect_load_error(dir, (FixtureEdit){.poison = "decoder.conv_in.weight"},
+                      "'decoder.conv_in.weight' holds NaN", "a NaN weight is named on loading");
     expect_load_error(dir, (FixtureEdit){.from = {"\"layers_per_block\""}, .to = {"\"layers\""}},
                       "'layers_per_block' is missing", "a config key that is missing is named");
     expect_load_error(dir, (FixtureEdit){.from = {"\"patch_size\""}, .to = {"\"patch\""}},
