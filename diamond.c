@@ -1731,8 +1731,11 @@ static const char *eval_usage =
     "                     prompts in the embedded words world (64x32 images) also the oracle's\n"
     "                     \"oracle_artifact_freq\" (% with an illegible glyph) and\n"
     "                     \"oracle_read_acc\" (% reading as the prompt) in baseline and guided\n"
-    "  --shard I/N        only rows whose index % N == I (several processes or machines)\n"
-    "  --merge            the table and --json over every item_*.json in --out, by row index\n"
+    "  --shard I/N        only rows whose index % N == I (several processes or machines); a\n"
+    "                     shard without rows is an error\n"
+    "  --merge            the table and --json over every item_*.json in --out, by row index;\n"
+    "                     rows without an item (holes, or past the last up to the CSV's row\n"
+    "                     count the items record) are named in a warning\n"
     "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
     "                     --mu, --cfg, --negative-prompt, --vae-memory, --threads as in\n"
     "                     diamond generate\n"
@@ -1879,6 +1882,7 @@ static void eval_settings(const GenerateArgs *g, char *out, size_t len) {
 /* One evaluated row as its item file holds it. */
 typedef struct EvalItem {
     int64_t row;
+    int64_t rows; /* the CSV's data rows when it was written (0: an item file without them) */
     uint64_t seed;
     ImageMetrics m;
 } EvalItem;
@@ -1919,7 +1923,8 @@ static void eval_item_write(FILE *f, const void *ctx) {
     const EvalItemFile *x = ctx;
     const ImageMetrics *m = &x->item->m;
     long long row = (long long)x->item->row;
-    fprintf(f, "{\"row\": %lld, \"%s\": ", row, x->prompt ? "prompt" : "embeddings");
+    fprintf(f, "{\"row\": %lld, \"rows\": %lld, \"%s\": ", row, (long long)x->item->rows,
+            x->prompt ? "prompt" : "embeddings");
     eval_json_string(f, x->row->input);
     fprintf(f, ", \"seed\": %llu, \"settings\": ", (unsigned long long)x->item->seed);
     eval_json_string(f, x->settings);
@@ -1987,8 +1992,11 @@ static int eval_item_read(const char *path, EvalItem *it, const char **input,
         json_get_float(r, "mae_na", &m->mae_na, e) ||
         json_get_int(r, "artifact_pixels", &pixels, e) || eval_item_oracle(r, m, e))
         return -1;
-    if (row < 0 || seed < 0) return error_set(e, "%s: negative row or seed", path);
+    int64_t rows = 0;
+    if (json_get(r, "rows") && json_get_int(r, "rows", &rows, e)) return -1;
+    if (row < 0 || seed < 0 || rows < 0) return error_set(e, "%s: negative row or seed", path);
     it->row = row;
+    it->rows = rows;
     it->seed = (uint64_t)seed;
     m->artifact_pixels = pixels;
     return 0;
@@ -2164,11 +2172,11 @@ static int eval_pair(const EvalArgs *a, GenerateRun *r, const EvalRow *row, uint
 }
 
 /* One row: its pair, both PNGs, then the item file; the metrics into it. */
-static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, const char *settings,
-                    EvalItem *it, Error *e) {
+static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, int64_t rows,
+                    const char *settings, EvalItem *it, Error *e) {
     EvalPair p;
     char path[2][PATH_BYTES];
-    *it = (EvalItem){.row = row->index, .seed = row->seed};
+    *it = (EvalItem){.row = row->index, .rows = rows, .seed = row->seed};
     if (eval_item_path(a, row->index, "_baseline.png", path[0], sizeof path[0], e) ||
         eval_item_path(a, row->index, "_guided.png", path[1], sizeof path[1], e) ||
         eval_pair(a, r, row, row->seed, &p, e))
@@ -2249,17 +2257,22 @@ static int eval_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     GenerateRun r = {0};
     char settings[1024];
     eval_settings(&a->gen, settings, sizeof settings);
-    EvalItem *items = malloc(csv->n * sizeof *items);
-    int rc = items ? dir_make(a->out, e) : error_set(e, "out of memory");
     size_t n = 0, mine = 0;
     for (size_t i = 0; i < csv->n; i++) mine += (int64_t)i % a->shards == a->shard;
+    if (mine == 0) { /* a command-line mistake: no figures to make up, no --out to make */
+        error_set(e, "--shard %d/%d: none of the %zu rows of %s has an index %% %d == %d: "
+                     "nothing to run", a->shard, a->shards, csv->n, a->csv, a->shards, a->shard);
+        return 2;
+    }
+    EvalItem *items = malloc(csv->n * sizeof *items);
+    int rc = items ? dir_make(a->out, e) : error_set(e, "out of memory");
     for (size_t i = 0; rc == 0 && i < csv->n; i++) {
         const EvalRow *row = &csv->rows[i];
         if (row->index % a->shards != a->shard) continue;
         int todo = eval_item_done(a, row, settings, &items[n], e);
         double t0 = now_seconds();
         if (todo == 1 && !r.flow && (rc = generate_load_models(&a->gen, &r, e))) break;
-        if (todo == 1 && eval_row(a, &r, row, settings, &items[n], e)) todo = -1;
+        if (todo == 1 && eval_row(a, &r, row, (int64_t)csv->n, settings, &items[n], e)) todo = -1;
         if (todo < 0) {
             rc = 1;
         } else if (!a->gen.quiet) {
@@ -2293,6 +2306,30 @@ static bool eval_is_item_name(const char *name) {
     return true;
 }
 
+/* Warns on stderr, naming the first few, of the rows without an item among n sorted ones: holes,
+ * and rows past the last item up to the CSV's row count the items recorded. */
+static void eval_merge_missing(const EvalItem *items, size_t n) {
+    int64_t rows = items[n - 1].row + 1, shown = 0, missing = 0;
+    for (size_t i = 0; i < n; i++)
+        if (items[i].rows > rows) rows = items[i].rows;
+    char list[256] = "";
+    size_t len = 0, at = 0;
+    for (int64_t row = 0; row < rows; row++) {
+        if (at < n && items[at].row == row) {
+            at++;
+            continue;
+        }
+        missing++;
+        if (shown++ < 8 && len < sizeof list)
+            len += (size_t)snprintf(list + len, sizeof list - len, "%s%lld", shown > 1 ? ", " : "",
+                                    (long long)row);
+    }
+    if (missing > 0)
+        fprintf(stderr, "diamond eval --merge: warning: %lld of %lld rows have no item file (rows "
+                        "%s%s): the figures cover %zu rows\n", (long long)missing, (long long)rows,
+                list, missing > 8 ? ", ..." : "", n);
+}
+
 /* Every item file of --out, in row order: all made with the same settings, no row twice. */
 static int eval_merge(const EvalArgs *a, Error *e) {
     char **names, first[1024] = "", path[PATH_BYTES];
@@ -2321,9 +2358,7 @@ static int eval_merge(const EvalArgs *a, Error *e) {
     for (size_t i = 1; rc == 0 && i < n; i++)
         if (items[i].row == items[i - 1].row)
             rc = error_set(e, "%s: two item files for row %lld", a->out, (long long)items[i].row);
-    if (rc == 0 && items[n - 1].row != (int64_t)n - 1)
-        fprintf(stderr, "diamond eval --merge: warning: %zu items but rows up to %lld: some rows "
-                        "are missing\n", n, (long long)items[n - 1].row);
+    if (rc == 0) eval_merge_missing(items, n);
     if (rc == 0) rc = eval_report(a, items, n, e);
     free(items);
     return rc ? 1 : 0;

@@ -256,6 +256,16 @@ static void test_eval_run(Cli *c) {
           "--json");
     rc = run(c, "eval %s --csv %s/set.csv --out %s/all", MODELS, d, d);
     CHECK(rc == 1 && log_has(c, "other settings"), "resume with other settings fails (1): %d", rc);
+    /* one shard alone: its merge names the row it lacks, here the last */
+    rc = run(c, "eval %s %s --csv %s/set.csv --out %s/half --shard 0/2", MODELS, GUIDE, d, d);
+    CHECK(rc == 0, "shard 0/2 alone runs");
+    rc = run(c, "eval --merge --out %s/half", d);
+    CHECK(rc == 0 && log_has(c, "1 of 2 rows have no item file (rows 1)"),
+          "--merge names a missing last row (status %d)", rc);
+    rc = run(c, "eval %s %s --csv %s/set.csv --out %s/none --shard 2/3", MODELS, GUIDE, d, d);
+    CHECK(rc == 2 && log_has(c, "nothing to run"), "an empty shard exits 2, no figures: %d", rc);
+    snprintf(path, sizeof path, "%s/none", d);
+    CHECK(access(path, F_OK) != 0, "an empty shard makes no --out");
 }
 
 /* Exit statuses on bad input. */
