@@ -90,7 +90,7 @@ static const Conv2dShape shapes[] = {
     {2, 128, 10, 7, 128, 3, 3, 1, 1, 1, 1, 1},  /* Winograd: partial tiles both ways */
     {1, 128, 5, 13, 160, 3, 3, 1, 1, 1, 1, 1},  /* Winograd, Cout != Cin */
     {1, 256, 33, 9, 128, 3, 3, 1, 1, 1, 1, 1},  /* Winograd, tiles in several GEMM rounds */
-    {1, 512, 16, 16, 512, 3, 3, 1, 1, 1, 1, 1}, /* Winograd, the VAE's widest */
+    {1, 512, 6, 5, 256, 3, 3, 1, 1, 1, 1, 1},   /* Winograd, 512 channels in */
     {1, 128, 1, 1, 128, 3, 3, 1, 1, 1, 1, 1},   /* Winograd, one pixel: a tile of padding */
     {1, 127, 6, 5, 128, 3, 3, 1, 1, 1, 1, 1},   /* just below the Winograd threshold */
 };
@@ -191,12 +191,12 @@ static void test_finite_differences(const Conv2dShape *s, unsigned long long *rn
     conv2d_backward(s, x, w, r, dx, dw, db);
     LossCtx ctx = {s, x, w, b, r, y};
     bool wide = nx + nw > 20000;
-    size_t stride = wide ? 97 : 1; /* a sample of the wide convs' values */
+    size_t x_stride = wide ? 37 : 1, w_stride = wide ? 1009 : 1; /* a sample of the wide conv's */
     float eps = wide ? 1.0f : 1e-2f;
     snprintf(what, sizeof what, "d/dx %s", name);
-    check_gradient(what, conv_loss, &ctx, x, dx, nx, stride, eps, 1e-3f, 1e-3f);
+    check_gradient(what, conv_loss, &ctx, x, dx, nx, x_stride, eps, 1e-3f, 1e-3f);
     snprintf(what, sizeof what, "d/dw %s", name);
-    check_gradient(what, conv_loss, &ctx, w, dw, nw, stride, eps, 1e-3f, 1e-3f);
+    check_gradient(what, conv_loss, &ctx, w, dw, nw, w_stride, eps, 1e-3f, 1e-3f);
     snprintf(what, sizeof what, "d/db %s", name);
     check_gradient(what, conv_loss, &ctx, b, db, s->out_ch, 1, eps, 1e-3f, 1e-3f);
     free(x), free(w), free(b), free(r), free(y), free(dx), free(dw), free(db);
@@ -209,7 +209,7 @@ static const Conv2dShape gradient_shapes[] = {
     {2, 4, 7, 9, 6, 3, 5, 2, 1, 1, 2, 2},   /* grouped, asymmetric */
     {2, 3, 5, 6, 5, 1, 1, 1, 1, 0, 0, 1},   /* pointwise */
     {2, 5, 9, 7, 5, 3, 3, 2, 2, 1, 1, 5},   /* depthwise stride 2, odd input */
-    {1, 128, 5, 6, 128, 3, 3, 1, 1, 1, 1, 1}, /* Winograd (every 97th value differenced) */
+    {1, 128, 5, 6, 128, 3, 3, 1, 1, 1, 1, 1}, /* Winograd (a sample of values differenced) */
 };
 
 /* ---- thread-count independence --------------------------------------------------------------- */
