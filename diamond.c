@@ -857,12 +857,13 @@ bool asks_for_help(int argc, char **argv) {
  * diamond's character encoder) -> *embeds [n, L, D], tok (or NULL) their tokens. D must be the
  * transformer's joint_attention_dim (joint_dim; 0: not checked). A truncated prompt is said on
  * stderr. The encoder is loaded for this call alone: its memory is gone before sampling. */
-static int encode_prompts(const char *model, const char *const *prompts, int n, int max_length,
-                          int joint_dim, Tensor **embeds, PromptTokens *tok, Error *e) {
+static int encode_prompts(const char *model, WeightSource source, const char *const *prompts,
+                          int n, int max_length, int joint_dim, Tensor **embeds,
+                          PromptTokens *tok, Error *e) {
     PromptEncoder *p = NULL;
     PromptTokens own = {0}, *t = tok ? tok : &own;
     *embeds = NULL;
-    if (prompt_encoder_open(&p, model, WEIGHTS_FILES, 0, max_length, e)) return -1;
+    if (prompt_encoder_open(&p, model, source, 0, max_length, e)) return -1;
     int rc = 0;
     if (joint_dim && prompt_encoder_width(p) != joint_dim)
         rc = error_set(e, "%s: the prompt encoder makes embeddings of width %d (3 x hidden_size "
@@ -963,7 +964,8 @@ static int encode_main(int argc, char **argv) {
     Tensor *embeds = NULL;
     PromptTokens tok = {0};
     double t0 = now_seconds();
-    int rc = encode_prompts(a.model, &a.prompt, 1, a.max_length, 0, &embeds, &tok, &e) ||
+    int rc = encode_prompts(a.model, WEIGHTS_FILES, &a.prompt, 1, a.max_length, 0, &embeds, &tok,
+                            &e) ||
              write_prompt_embeds(a.out, embeds, &tok, 0, NULL, &e);
     if (rc) fprintf(stderr, "diamond encode: %s\n", e.msg);
     else
@@ -1031,6 +1033,8 @@ static const char *generate_usage =
     "                         mu for the token count (made for thousands of tokens; the\n"
     "                         embedded models use 0: no shift)\n"
     "  --threads T            OpenMP threads\n"
+    "  --non-strict           load model files that hold tensors the configs do not use (by\n"
+    "                         default an error naming them, as PyTorch's strict loading)\n"
     "  --vae-memory MB        the memory the VAE decode's backward may hold (default: half\n"
     "                         the memory available, Linux's MemAvailable; 1024 when unknown): it\n"
     "                         nests its checkpoints (0-3 levels) only as deep as that needs,\n"
@@ -1062,7 +1066,13 @@ typedef struct GenerateArgs {
     size_t vae_memory; /* the VAE decode's memory budget (vae_decoder_checkpoint_for) */
     SamplerOptions opt;
     bool quiet;
+    bool non_strict; /* --non-strict: tensors the configs do not use are allowed in the files */
 } GenerateArgs;
+
+/* Where the models' weights come from: their files, strictly unless --non-strict. */
+static WeightSource generate_source(const GenerateArgs *a) {
+    return a->non_strict ? WEIGHTS_FILES_NON_STRICT : WEIGHTS_FILES;
+}
 
 /* "S" or "S,S,..." of whole numbers in 0..2^63 - 1 (eval's and search-seeds' range: a JSON
  * integer). */
@@ -1168,6 +1178,7 @@ static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error
     const char **path = generate_path_field(a, opt);
     if (!strcmp(opt, "--no-guide")) a->opt.guide = false;
     else if (!strcmp(opt, "--quiet")) a->quiet = true;
+    else if (!strcmp(opt, "--non-strict")) a->non_strict = true;
     else if (!path && !generate_takes_value(opt)) return error_set(e, "unknown option '%s'", opt);
     else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
     else if (path) *path = argv[++*i];
@@ -1345,7 +1356,7 @@ static int generate_prompt(const GenerateArgs *a, GenerateRun *r, int batch, Err
     bool cfg = a->opt.cfg_scale > 1.0f;
     const char *prompts[2] = {a->prompt, a->negative ? a->negative : ""};
     Tensor *embeds = NULL;
-    int rc = encode_prompts(a->model, prompts, cfg ? 2 : 1, 0,
+    int rc = encode_prompts(a->model, generate_source(a), prompts, cfg ? 2 : 1, 0,
                             flux2_config(r->flow)->joint_attention_dim, &embeds, NULL, e) ||
              repeat_row(embeds, 0, batch, &r->txt, e) ||
              (cfg && repeat_row(embeds, 1, batch, &r->negative, e));
@@ -1371,9 +1382,9 @@ static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) 
 static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e) {
     char dir[PATH_BYTES];
     if (path_join(dir, sizeof dir, a->model, "transformer", e) ||
-        flux2_open(&r->flow, dir, WEIGHTS_FILES, 0, e) ||
+        flux2_open(&r->flow, dir, generate_source(a), 0, e) ||
         path_join(dir, sizeof dir, a->model, "vae", e) ||
-        vae_decoder_open(&r->vae, dir, WEIGHTS_FILES, 0, e))
+        vae_decoder_open(&r->vae, dir, generate_source(a), 0, e))
         return 1;
     int ph, pw;
     vae_decoder_token_size(r->vae, &ph, &pw);
@@ -1389,7 +1400,9 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
     if (!a->quiet && a->opt.guide)
         fprintf(stderr, "VAE decode: %d checkpoint levels for a budget of %zu MiB (--vae-memory)\n",
                 levels, a->vae_memory >> 20);
-    return a->opt.guide && segformer_open(&r->detector, a->detector, WEIGHTS_FILES, 0, e) ? 1 : 0;
+    return a->opt.guide && segformer_open(&r->detector, a->detector, generate_source(a), 0, e)
+               ? 1
+               : 0;
 }
 
 /* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other
@@ -1737,7 +1750,8 @@ static const char *eval_usage =
     "                     rows without an item (holes, or past the last up to the CSV's row\n"
     "                     count the items record) are named in a warning\n"
     "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
-    "                     --mu, --cfg, --negative-prompt, --vae-memory, --threads as in\n"
+    "                     --mu, --cfg, --negative-prompt, --vae-memory, --threads,\n"
+    "                     --non-strict as in\n"
     "                     diamond generate\n"
     "                     --help\n"
     "\n"
@@ -1770,7 +1784,7 @@ static bool eval_shared_option(const char *opt) {
     static const char *const names[] = {"--model", "--detector", "--steps", "-W", "-H",
                                         "--guidance-scale", "--lambda-schedule", "--loss",
                                         "--gate", "--threads", "--mu", "--cfg",
-                                        "--negative-prompt", "--vae-memory"};
+                                        "--negative-prompt", "--vae-memory", "--non-strict"};
     for (size_t k = 0; k < sizeof names / sizeof *names; k++)
         if (!strcmp(opt, names[k])) return true;
     return false;
@@ -2064,7 +2078,8 @@ static int eval_prompt_embeds(const EvalArgs *a, const char *cache_dir, const ch
     if (cache_dir && eval_prompt_cached(path, prompt))
         return generate_read(path, "prompt_embeds", -1, joint_dim, out, e);
     PromptTokens tok = {0};
-    int rc = encode_prompts(a->gen.model, &prompt, 1, 0, joint_dim, out, &tok, e) ||
+    int rc = encode_prompts(a->gen.model, generate_source(&a->gen), &prompt, 1, 0, joint_dim, out,
+                            &tok, e) ||
              (cache_dir && write_prompt_embeds(path, *out, &tok, 0, prompt, e));
     prompt_tokens_free(&tok);
     return rc ? -1 : 0;

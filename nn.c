@@ -206,6 +206,10 @@ void params_set_trainable(Params *p, bool trainable) {
         if (!p->entries[i].buffer) p->entries[i].var->requires_grad = trainable;
 }
 
+static bool weights_from_files(WeightSource source) {
+    return source == WEIGHTS_FILES || source == WEIGHTS_FILES_NON_STRICT;
+}
+
 /* The weights of the tensors loaders ask params_load for: the safetensors in dir, st_random_fill
  * values from seed (config-only: timings and memory without the files), or fresh weights from
  * seed (training from scratch). *st stays open for the loading; the caller closes it. */
@@ -213,11 +217,48 @@ static int params_open(Params **p, StModel **st, const char *dir, WeightSource s
                        uint64_t seed, Error *e) {
     *p = NULL;
     *st = NULL;
-    if ((source == WEIGHTS_FILES && st_model_open(st, dir, e)) ||
+    if ((weights_from_files(source) && st_model_open(st, dir, e)) ||
         (source == WEIGHTS_CONFIG_ONLY && st_model_random_any(st, seed, e)))
         return -1;
     *p = source == WEIGHTS_FRESH ? params_new_init(seed) : params_new(*st);
     return *p ? 0 : error_set(e, "out of memory");
+}
+
+/* Strict loading, as PyTorch's load_state_dict(strict=True): every tensor of a model's files is
+ * one it reads (reads(ctx, name)) or one it knowingly leaves (a name starting with a prefix of
+ * leave, NULL-terminated: a VAE decoder leaves the encoder's). Anything else means a config that
+ * builds a smaller network than its files hold, or files of another model: an error naming dir
+ * and the first few (WEIGHTS_FILES_NON_STRICT skips the check; random weights have no names to
+ * compare). */
+static int weights_all_read(WeightSource source, const StModel *st,
+                            bool (*reads)(const void *ctx, const char *name), const void *ctx,
+                            const char *const *leave, const char *dir, Error *e) {
+    if (source != WEIGHTS_FILES) return 0;
+    size_t unread = 0, count = st_model_count(st);
+    char list[192] = "";
+    for (size_t i = 0; i < count; i++) {
+        const char *name = st_model_at(st, i)->name;
+        bool left = false;
+        for (const char *const *prefix = leave; prefix && *prefix && !left; prefix++)
+            left = !strncmp(name, *prefix, strlen(*prefix));
+        if (left || reads(ctx, name)) continue;
+        if (unread++ < 3) {
+            size_t len = strlen(list);
+            snprintf(list + len, sizeof list - len, "%s'%s'", len ? ", " : "", name);
+        }
+    }
+    if (unread == 0) return 0;
+    return error_set(e, "%s: %zu tensor%s in the files that the config does not use (%s%s): a "
+                        "config for a smaller network, or another model's files",
+                     dir, unread, unread > 1 ? "s" : "", list, unread > 3 ? ", ..." : "");
+}
+
+/* Whether p holds a weight named name (params_load read it). */
+static bool params_reads(const void *ctx, const char *name) {
+    const Params *p = ctx;
+    for (int i = 0; i < p->n; i++)
+        if (!strcmp(p->entries[i].name, name)) return true;
+    return false;
 }
 
 int linear_load(Linear *l, Params *p, int in, int out, bool bias, const char *prefix, Error *e) {
@@ -409,6 +450,14 @@ static int part_convert(WeightPart *p, const char *name, int ndim, const int64_t
         return -1;
     }
     return 0;
+}
+
+/* Whether the list names name. */
+static bool spec_list_reads(const void *ctx, const char *name) {
+    const SpecList *l = ctx;
+    for (size_t i = 0; i < l->count; i++)
+        if (!strcmp(l->specs[i].name, name)) return true;
+    return false;
 }
 
 static void spec_list_free(SpecList *l) {
@@ -727,19 +776,21 @@ static int error_context(Error *e, const char *what) {
 }
 
 /* The weights the config implies, checked in m->weights (files: each tensor there with its shape,
- * an error naming the first that is not) or made there (config-only: st_model_random's values
- * under the same names and shapes). */
+ * an error naming the first that is not, and no tensor there that it does not imply) or made
+ * there (config-only: st_model_random's values under the same names and shapes). */
 static int flux2_weights_open(Flux2 *m, const char *dir, WeightSource source, uint64_t seed,
                               Error *e) {
-    if (source == WEIGHTS_FILES) {
-        if (st_model_open(&m->weights, dir, e)) return -1;
-        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
-        return flux2_walk_names(&m->config, &check, e) && error_context(e, dir);
-    }
     SpecList list = {0};
     WeightPart names = {.mode = PART_LIST, .list = &list};
-    int status = flux2_walk_names(&m->config, &names, e) ||
-                 st_model_random(&m->weights, list.specs, list.count, seed, e);
+    int status = flux2_walk_names(&m->config, &names, e);
+    if (!status && !weights_from_files(source))
+        status = st_model_random(&m->weights, list.specs, list.count, seed, e);
+    if (!status && weights_from_files(source)) status = st_model_open(&m->weights, dir, e);
+    if (!status && weights_from_files(source)) {
+        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
+        if (flux2_walk_names(&m->config, &check, e)) status = error_context(e, dir);
+        else status = weights_all_read(source, m->weights, spec_list_reads, &list, NULL, dir, e);
+    }
     spec_list_free(&list);
     return status;
 }
@@ -1586,6 +1637,7 @@ int text_encoder_open(TextEncoder **out, const char *dir, WeightSource source, u
         status = error_set(e, "out of memory loading %s", dir);
     if (!status) status = params_open(&m->params, &st, dir, source, seed, e);
     if (!status && text_weights_load(m, e)) status = error_context(e, dir);
+    if (!status) status = weights_all_read(source, st, params_reads, m->params, NULL, dir, e);
     st_model_close(st);
     if (status) {
         text_encoder_free(m);
@@ -1842,17 +1894,38 @@ static int qwen3_walk_names(const Qwen3Config *c, WeightPart *p, Error *e) {
     return 0;
 }
 
-/* The weights every call reads: the files in dir, checked, or random ones listed by name. */
+/* The tensors a prompt encoding reads (list), and the first layer it leaves. */
+typedef struct Qwen3Reads {
+    const SpecList *list;
+    int first_left;
+} Qwen3Reads;
+
+/* Whether an encoding reads name, or leaves it by design: the layers after the last hidden state
+ * it takes. (The final norm and the LM head are left by prefix.) */
+static bool qwen3_reads_or_leaves(const void *ctx, const char *name) {
+    const Qwen3Reads *r = ctx;
+    int layer;
+    if (sscanf(name, "model.layers.%d.", &layer) == 1 && layer >= r->first_left) return true;
+    return spec_list_reads(r->list, name);
+}
+
+/* The weights every call reads: the files in dir, checked (each tensor there with its shape, and
+ * none there that an encoding neither reads nor leaves by design), or random ones listed by
+ * name. */
 static int qwen3_weights(Qwen3 *m, const char *dir, WeightSource source, uint64_t seed, Error *e) {
-    if (source == WEIGHTS_FILES) {
-        if (st_model_open(&m->weights, dir, e)) return -1;
-        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
-        return qwen3_walk_names(&m->config, &check, e) ? error_context(e, dir) : 0;
-    }
+    static const char *const leaves[] = {"model.norm.", "lm_head.", NULL};
     SpecList list = {0};
     WeightPart names = {.mode = PART_LIST, .list = &list};
-    int status = qwen3_walk_names(&m->config, &names, e) ||
-                 st_model_random(&m->weights, list.specs, list.count, seed, e);
+    int status = qwen3_walk_names(&m->config, &names, e);
+    if (!status && !weights_from_files(source))
+        status = st_model_random(&m->weights, list.specs, list.count, seed, e);
+    if (!status && weights_from_files(source)) status = st_model_open(&m->weights, dir, e);
+    if (!status && weights_from_files(source)) {
+        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
+        Qwen3Reads reads = {&list, QWEN3_KLEIN_LAYERS[2]};
+        if (qwen3_walk_names(&m->config, &check, e)) status = error_context(e, dir);
+        else status = weights_all_read(source, m->weights, qwen3_reads_or_leaves, &reads, leaves, dir, e);
+    }
     spec_list_free(&list);
     return status ? -1 : 0;
 }
@@ -2496,6 +2569,11 @@ static int vae_plan(VaeDecoder *m, Error *e) {
     return 0;
 }
 
+/* One diffusers VAE directory holds both halves: each leaves the other's tensors (bn.* both
+ * read). */
+static const char *const vae_decoder_leaves[] = {"encoder.", "quant_conv.", NULL};
+static const char *const vae_encoder_leaves[] = {"decoder.", "post_quant_conv.", NULL};
+
 /* vae_decoder_load and its kin: the weights from source (files, config-only values or fresh). */
 int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
                             Error *e) {
@@ -2509,7 +2587,8 @@ int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uin
     StModel *st = NULL;
     int rc = json_parse_file(&doc, path, e) || vae_config_read(&m->config, json_root(doc), e) ||
              params_open(&m->params, &st, dir, source, seed, e) ||
-             vae_weights_load(m, m->params, e) || vae_plan(m, e);
+             vae_weights_load(m, m->params, e) || vae_plan(m, e) ||
+             weights_all_read(source, st, params_reads, m->params, vae_decoder_leaves, dir, e);
     json_free(doc);
     st_model_close(st);
     if (rc) {
@@ -2839,7 +2918,8 @@ int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source,
     int rc = json_parse_file(&doc, path, e) ||
              vae_encoder_config_read(&m->config, json_root(doc), e) ||
              params_open(&m->params, &st, dir, source, seed, e) ||
-             vae_encoder_weights_load(m, m->params, e);
+             vae_encoder_weights_load(m, m->params, e) ||
+             weights_all_read(source, st, params_reads, m->params, vae_encoder_leaves, dir, e);
     json_free(doc);
     st_model_close(st);
     if (rc) {
@@ -3342,6 +3422,10 @@ int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64
     for (int i = 0; !rc && i < s->config.stages; i++)
         rc = segformer_stage_load(&s->stages[i], s->params, &s->config, i, e);
     if (!rc) rc = segformer_head_load(s, m, source, e);
+    /* the folding read the decode head's linear parts (their shapes checked there) */
+    static const char *const folded[] = {"decode_head.linear_c.", "decode_head.linear_fuse.",
+                                         "decode_head.batch_norm.", NULL};
+    if (!rc) rc = weights_all_read(source, m, params_reads, s->params, folded, dir, e);
     st_model_close(m);
     if (rc) {
         segformer_free(s);

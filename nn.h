@@ -55,7 +55,9 @@ void params_set_trainable(Params *p, bool trainable);
 
 /* Where a model loader takes its weights from. */
 typedef enum WeightSource {
-    WEIGHTS_FILES,       /* the safetensors files in the model's directory */
+    WEIGHTS_FILES,       /* the safetensors files in the model's directory: every tensor there
+                            must be one the config uses (strict loading) */
+    WEIGHTS_FILES_NON_STRICT, /* the same, tensors the config does not use allowed (--non-strict) */
     WEIGHTS_CONFIG_ONLY, /* st_random_fill values: timings and memory without the files */
     WEIGHTS_FRESH,       /* params_new_init's: a model to train from scratch */
 } WeightSource;

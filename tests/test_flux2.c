@@ -245,6 +245,13 @@ static void break_more_layers(const char *dir) {
     copy_shard(dir, 2);
 }
 
+static void break_fewer_layers(const char *dir) {
+    copy_fixture(dir, "config.json", "\"num_layers\": 2", "\"num_layers\": 1");
+    copy_fixture(dir, INDEX, NULL, NULL);
+    copy_shard(dir, 1);
+    copy_shard(dir, 2);
+}
+
 static void break_shape(const char *dir) {
     copy_fixture(dir, "config.json", "\"joint_attention_dim\": 24", "\"joint_attention_dim\": 20");
     copy_fixture(dir, INDEX, NULL, NULL);
@@ -274,6 +281,9 @@ static void test_errors(void) {
                       "single_transformer_blocks.0.attn.norm_k.weight", "missing");
     expect_load_error("a block the config asks for but the files lack is named", break_more_layers,
                       "transformer_blocks.2.attn.to_q.weight", NULL);
+    expect_load_error("a config of fewer blocks than the files hold is refused (strict)",
+                      break_fewer_layers, "tensors in the files that the config does not use",
+                      "'transformer_blocks.1.");
     expect_load_error("a tensor whose shape the config contradicts is named with both shapes",
                       break_shape, "context_embedder.weight", "[32, 20]");
     expect_load_error("a shard the index lists but the directory lacks is named",

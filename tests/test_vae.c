@@ -375,8 +375,9 @@ static void expect_load_error(const char *dir, FixtureEdit edit, const char *wan
     vae_decoder_free(m);
 }
 
-/* use_post_quant_conv and mid_block_add_attention false: the same weights (the unused ones
- * ignored) against golden case "c". */
+/* use_post_quant_conv and mid_block_add_attention false on files that hold those weights: an
+ * error naming them (strict loading); non-strict, the weights they leave are ignored, against
+ * golden case "c". */
 static void test_config_switches(const char *dir, const SafeTensors *st) {
     FixtureEdit edit = {.from = {"\"use_post_quant_conv\": true",
                                  "\"mid_block_add_attention\": true"},
@@ -384,8 +385,13 @@ static void test_config_switches(const char *dir, const SafeTensors *st) {
                                "\"mid_block_add_attention\": false"}};
     VaeDecoder *m = NULL;
     Error e = {{0}};
-    int rc = write_fixture_copy(dir, &edit) || vae_decoder_open(&m, dir, WEIGHTS_FILES, 0, &e);
-    CHECK(rc == 0, "load with the config switches off: %s", e.msg);
+    int rc = write_fixture_copy(dir, &edit);
+    CHECK(rc == 0 && vae_decoder_open(&m, dir, WEIGHTS_FILES, 0, &e) != 0 && !m &&
+              strstr(e.msg, "12 tensors in the files that the config does not use") &&
+              strstr(e.msg, "'post_quant_conv.weight'"),
+          "strict: tensors the config leaves unused are named: %s", e.msg);
+    rc = rc || vae_decoder_open(&m, dir, WEIGHTS_FILES_NON_STRICT, 0, &e);
+    CHECK(rc == 0, "load with the config switches off, non-strict: %s", e.msg);
     if (m) test_golden_case(m, st, "c", "c", 1, 2, 2);
     vae_decoder_free(m);
 }
