@@ -1730,7 +1730,10 @@ static const char *eval_usage =
     "least 0.5), artifact pixel ratio (% of map values, averaged over images), MAE vs the\n"
     "baseline on the 0..255 scale, and MAE(A) / MAE(NA) inside / outside the baseline's mask\n"
     "(its map resized to the image, >= 0.5); an image without artifact pixels adds 0 to MAE(A).\n"
-    "Each figure is the mean over images.\n"
+    "Each figure is the mean over images. A row that stops with an error (a NaN in its\n"
+    "embeddings, say) gets an item file with \"failed\": its reason and no figures; it is not\n"
+    "scored, the others run on, the table and --json (\"failed\") count it, eval exits 1, and\n"
+    "a resumed run tries it again.\n"
     "\n"
     "  --csv FILE         header `prompt,seed` (prompts through DIR's prompt encoder, as\n"
     "                     generate --prompt; eval keeps each distinct prompt's embeddings\n"
@@ -1899,6 +1902,7 @@ typedef struct EvalItem {
     int64_t rows; /* the CSV's data rows when it was written (0: an item file without them) */
     uint64_t seed;
     ImageMetrics m;
+    bool failed; /* the row stopped with an error (its reason in the item file): not scored */
 } EvalItem;
 
 /* s as a JSON string. */
@@ -1931,6 +1935,7 @@ typedef struct EvalItemFile {
     const EvalRow *row;
     bool prompt; /* the row's input is a prompt, not an embeddings path */
     const char *settings;
+    const char *failure; /* a failed item's reason, else NULL */
 } EvalItemFile;
 
 static void eval_item_write(FILE *f, const void *ctx) {
@@ -1942,6 +1947,12 @@ static void eval_item_write(FILE *f, const void *ctx) {
     eval_json_string(f, x->row->input);
     fprintf(f, ", \"seed\": %llu, \"settings\": ", (unsigned long long)x->item->seed);
     eval_json_string(f, x->settings);
+    if (x->failure) {
+        fprintf(f, ",\n \"failed\": ");
+        eval_json_string(f, x->failure);
+        fprintf(f, "}\n");
+        return;
+    }
     fprintf(f, ",\n \"baseline\": {\"image\": \"item_%06lld_baseline.png\", \"max\": %.9g, "
                "\"artifact\": %s, \"pixel_ratio\": %.17g},\n", row, m->baseline_max,
             m->baseline_artifact ? "true" : "false", m->baseline_pixel_ratio);
@@ -1989,16 +2000,10 @@ static int eval_item_side(const JsonValue *root, const char *side, float *max, b
 
 /* An item file into it; *input (its prompt or embeddings) and *settings point into *doc
  * (json_free it). */
-static int eval_item_read(const char *path, EvalItem *it, const char **input,
-                          const char **settings, JsonDoc **doc, Error *e) {
-    int64_t row, seed, pixels;
-    if (json_parse_file(doc, path, e)) return -1;
-    const JsonValue *r = json_root(*doc);
-    ImageMetrics *m = &it->m;
-    if (json_get_int(r, "row", &row, e) || json_get_int(r, "seed", &seed, e) ||
-        json_get_string(r, json_get(r, "prompt") ? "prompt" : "embeddings", input, e) ||
-        json_get_string(r, "settings", settings, e) ||
-        eval_item_side(r, "baseline", &m->baseline_max, &m->baseline_artifact,
+/* The figures of a scored item file r into m. */
+static int eval_item_metrics(const JsonValue *r, ImageMetrics *m, Error *e) {
+    int64_t pixels;
+    if (eval_item_side(r, "baseline", &m->baseline_max, &m->baseline_artifact,
                        &m->baseline_pixel_ratio, e) ||
         eval_item_side(r, "guided", &m->guided_max, &m->guided_artifact, &m->guided_pixel_ratio,
                        e) ||
@@ -2006,13 +2011,27 @@ static int eval_item_read(const char *path, EvalItem *it, const char **input,
         json_get_float(r, "mae_na", &m->mae_na, e) ||
         json_get_int(r, "artifact_pixels", &pixels, e) || eval_item_oracle(r, m, e))
         return -1;
-    int64_t rows = 0;
-    if (json_get(r, "rows") && json_get_int(r, "rows", &rows, e)) return -1;
+    m->artifact_pixels = pixels;
+    return 0;
+}
+
+/* An item file into it (a failed one has no figures); *input and *settings point into *doc. */
+static int eval_item_read(const char *path, EvalItem *it, const char **input,
+                          const char **settings, JsonDoc **doc, Error *e) {
+    int64_t row, seed, rows = 0;
+    if (json_parse_file(doc, path, e)) return -1;
+    const JsonValue *r = json_root(*doc);
+    *it = (EvalItem){.failed = json_get(r, "failed") != NULL};
+    if (json_get_int(r, "row", &row, e) || json_get_int(r, "seed", &seed, e) ||
+        json_get_string(r, json_get(r, "prompt") ? "prompt" : "embeddings", input, e) ||
+        json_get_string(r, "settings", settings, e) ||
+        (json_get(r, "rows") && json_get_int(r, "rows", &rows, e)) ||
+        (!it->failed && eval_item_metrics(r, &it->m, e)))
+        return -1;
     if (row < 0 || seed < 0 || rows < 0) return error_set(e, "%s: negative row or seed", path);
     it->row = row;
     it->rows = rows;
     it->seed = (uint64_t)seed;
-    m->artifact_pixels = pixels;
     return 0;
 }
 
@@ -2043,7 +2062,7 @@ static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *set
         rc = error_set(e, "%s: made with other settings (%s; now %s): use another --out", path,
                        set, settings);
     json_free(doc);
-    return rc;
+    return rc == 0 && it->failed ? 1 : rc; /* a failed row runs again */
 }
 
 /* ---- eval: running the rows ---- */
@@ -2199,12 +2218,28 @@ static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, int64
     it->m = p.m;
     int rc = png_write(path[0], &p.img[0], e) || png_write(path[1], &p.img[1], e);
     if (rc == 0) {
-        EvalItemFile file = {it, row, !row->path, settings};
+        EvalItemFile file = {it, row, !row->path, settings, NULL};
         rc = eval_item_path(a, row->index, ".json", path[0], sizeof path[0], e) ||
              eval_write_text(path[0], eval_item_write, &file, e);
     }
     eval_pair_free(&p);
     return rc ? -1 : 0;
+}
+
+/* A row that stopped with the error in e: its item file says so (and why), with no figures,
+ * and the run goes on. 0, or -1 when even that file cannot be written. */
+static int eval_row_failed(const EvalArgs *a, const EvalRow *row, int64_t rows,
+                           const char *settings, EvalItem *it, Error *e) {
+    char path[PATH_BYTES], reason[sizeof e->msg];
+    snprintf(reason, sizeof reason, "%s", e->msg);
+    *it = (EvalItem){.row = row->index, .rows = rows, .seed = row->seed, .failed = true};
+    EvalItemFile file = {it, row, !row->path, settings, reason};
+    fprintf(stderr, "diamond eval: row %lld seed %llu failed: %s\n", (long long)row->index,
+            (unsigned long long)row->seed, reason); /* an error, said even with --quiet */
+    return eval_item_path(a, row->index, ".json", path, sizeof path, e) ||
+                   eval_write_text(path, eval_item_write, &file, e)
+               ? -1
+               : 0;
 }
 
 /* ---- eval: the table ---- */
@@ -2221,9 +2256,17 @@ static void eval_summary_side(FILE *f, const EvalSummary *s, bool guided) {
     fprintf(f, "}");
 }
 
+/* The --json file's figures: the summary of the scored items, and how many failed. */
+typedef struct EvalReport {
+    EvalSummary s;
+    int64_t failed;
+} EvalReport;
+
 static void eval_summary_write(FILE *f, const void *ctx) {
-    const EvalSummary *s = ctx;
-    fprintf(f, "{\"n\": %lld,\n \"baseline\": ", (long long)s->n);
+    const EvalReport *report = ctx;
+    const EvalSummary *s = &report->s;
+    fprintf(f, "{\"n\": %lld, \"failed\": %lld,\n \"baseline\": ", (long long)s->n,
+            (long long)report->failed);
     eval_summary_side(f, s, false);
     fprintf(f, ",\n \"guided\": ");
     eval_summary_side(f, s, true);
@@ -2233,38 +2276,54 @@ static void eval_summary_write(FILE *f, const void *ctx) {
     fprintf(f, "}\n");
 }
 
-/* Per image and overall on stdout, --json when asked. items are in row order. */
+/* Per image and overall on stdout, --json when asked; failed items are counted, not scored (an
+ * error once the report is out). items are in row order. */
 static int eval_report(const EvalArgs *a, const EvalItem *items, size_t n, Error *e) {
     ImageMetrics *m = malloc((n ? n : 1) * sizeof *m);
     if (!m) return error_set(e, "out of memory");
+    EvalReport report = {0};
+    size_t scored = 0;
     printf("%6s %20s %9s %9s %10s %10s %8s %8s %8s\n", "row", "seed", "max base", "max guid",
            "ratio% b", "ratio% g", "MAE", "MAE(A)", "MAE(NA)");
     for (size_t i = 0; i < n; i++) {
         const ImageMetrics *x = &items[i].m;
-        m[i] = *x;
+        if (items[i].failed) {
+            printf("%6lld %20llu failed (the reason is in its item file)\n",
+                   (long long)items[i].row, (unsigned long long)items[i].seed);
+            report.failed++;
+            continue;
+        }
+        m[scored++] = *x;
         printf("%6lld %20llu %9.4f %9.4f %10.4f %10.4f %8.3f %8.3f %8.3f\n",
                (long long)items[i].row, (unsigned long long)items[i].seed, x->baseline_max,
                x->guided_max, 100.0 * x->baseline_pixel_ratio, 100.0 * x->guided_pixel_ratio,
                x->mae, x->mae_a, x->mae_na);
     }
-    EvalSummary s;
-    metrics_summarize(m, n, &s);
+    EvalSummary *s = &report.s;
+    metrics_summarize(m, scored, s);
     free(m);
-    printf("\noverall, %lld images        baseline     guided\n", (long long)s.n);
-    printf("artifact frequency %%   %10.2f %10.2f\n", s.baseline_artifact_freq,
-           s.guided_artifact_freq);
-    printf("artifact pixel ratio %% %10.4f %10.4f\n", s.baseline_pixel_ratio, s.guided_pixel_ratio);
-    printf("MAE                               %10.3f\n", s.mae);
-    printf("MAE(A)                            %10.3f\n", s.mae_a);
-    printf("MAE(NA)                           %10.3f\n", s.mae_na);
-    if (s.oracle_n) {
-        printf("oracle, %lld images\n", (long long)s.oracle_n);
-        printf("artifact frequency %%   %10.2f %10.2f\n", s.baseline_oracle_artifact_freq,
-               s.guided_oracle_artifact_freq);
-        printf("read accuracy %%        %10.2f %10.2f\n", s.baseline_oracle_read_acc,
-               s.guided_oracle_read_acc);
+    printf("\noverall, %lld images        baseline     guided\n", (long long)s->n);
+    printf("artifact frequency %%   %10.2f %10.2f\n", s->baseline_artifact_freq,
+           s->guided_artifact_freq);
+    printf("artifact pixel ratio %% %10.4f %10.4f\n", s->baseline_pixel_ratio,
+           s->guided_pixel_ratio);
+    printf("MAE                               %10.3f\n", s->mae);
+    printf("MAE(A)                            %10.3f\n", s->mae_a);
+    printf("MAE(NA)                           %10.3f\n", s->mae_na);
+    if (s->oracle_n) {
+        printf("oracle, %lld images\n", (long long)s->oracle_n);
+        printf("artifact frequency %%   %10.2f %10.2f\n", s->baseline_oracle_artifact_freq,
+               s->guided_oracle_artifact_freq);
+        printf("read accuracy %%        %10.2f %10.2f\n", s->baseline_oracle_read_acc,
+               s->guided_oracle_read_acc);
     }
-    return a->json ? eval_write_text(a->json, eval_summary_write, &s, e) : 0;
+    if (report.failed) printf("failed rows: %lld, not scored\n", (long long)report.failed);
+    if (a->json && eval_write_text(a->json, eval_summary_write, &report, e)) return -1;
+    if (report.failed)
+        return error_set(e, "%lld of %zu rows failed, not scored (their item files say why; a "
+                            "run resumed in the same --out tries them again)",
+                         (long long)report.failed, n);
+    return 0;
 }
 
 /* Every row of this shard, run or (already done) read back, then the report. */
@@ -2287,10 +2346,12 @@ static int eval_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
         int todo = eval_item_done(a, row, settings, &items[n], e);
         double t0 = now_seconds();
         if (todo == 1 && !r.flow && (rc = generate_load_models(&a->gen, &r, e))) break;
-        if (todo == 1 && eval_row(a, &r, row, (int64_t)csv->n, settings, &items[n], e)) todo = -1;
+        if (todo == 1 && eval_row(a, &r, row, (int64_t)csv->n, settings, &items[n], e) &&
+            eval_row_failed(a, row, (int64_t)csv->n, settings, &items[n], e))
+            todo = -1;
         if (todo < 0) {
             rc = 1;
-        } else if (!a->gen.quiet) {
+        } else if (!a->gen.quiet && !items[n].failed) {
             char took[32] = "done before";
             if (todo) snprintf(took, sizeof took, "%.1f s", now_seconds() - t0);
             fprintf(stderr, "[%zu/%zu] row %lld seed %llu: detector max %.4f -> %.4f, MAE %.3f "

@@ -203,6 +203,45 @@ static ino_t inode(const char *path) {
     return stat(path, &sb) == 0 ? sb.st_ino : 0;
 }
 
+/* A row whose embeddings hold a NaN fails alone: its item file says why, it is not scored, the
+ * others are, the --json says how many failed, and eval exits 1 once the report is out. */
+static void test_eval_failed_row(Cli *c) {
+    const char *d = c->dir;
+    char path[256];
+    snprintf(path, sizeof path, "%s/nan.safetensors", d);
+    float x[5 * 24] = {0};
+    x[3] = NAN;
+    StWriteTensor nan_t = {"prompt_embeds", DTYPE_F32, 2, {5, 24}, x};
+    Error e = {{0}};
+    snprintf(path, sizeof path, "%s/nan.safetensors", d);
+    int rc = st_write(path, &nan_t, 1, &e);
+    snprintf(path, sizeof path, "%s/mixed.csv", d);
+    rc = rc || write_text(path, "embeddings,seed\nnan.safetensors,1\na.safetensors,2\n");
+    CHECK(rc == 0, "write the mixed set: %s", e.msg);
+    rc = run(c, "eval %s %s --csv %s/mixed.csv --out %s/mixed --json %s/mixed.json", MODELS, GUIDE,
+             d, d, d);
+    CHECK(rc == 1 && log_has(c, "1 of 2 rows failed"), "a failed row makes eval exit 1: %d", rc);
+    snprintf(path, sizeof path, "%s/mixed/item_000000.json", d);
+    char *item = slurp(path);
+    CHECK(item && strstr(item, "\"failed\": ") && strstr(item, "NaN") && !strstr(item, "\"mae\""),
+          "the failed row's item file says why and holds no figures");
+    free(item);
+    snprintf(path, sizeof path, "%s/mixed/item_000001.json", d);
+    item = slurp(path);
+    CHECK(item && strstr(item, "\"mae\"") && !strstr(item, "failed"), "the other row is scored");
+    free(item);
+    JsonDoc *doc = NULL;
+    int64_t n = -1, failed = -1;
+    snprintf(path, sizeof path, "%s/mixed.json", d);
+    rc = json_parse_file(&doc, path, &e) || json_get_int(json_root(doc), "n", &n, &e) ||
+         json_get_int(json_root(doc), "failed", &failed, &e);
+    CHECK(rc == 0 && n == 1 && failed == 1, "--json: n 1 scored, failed 1 (%lld, %lld) %s",
+          (long long)n, (long long)failed, e.msg);
+    json_free(doc);
+    rc = run(c, "eval --merge --out %s/mixed", d);
+    CHECK(rc == 1 && log_has(c, "1 of 2 rows failed"), "--merge counts the failed row: %d", rc);
+}
+
 /* Unsharded run, resume, shards and merge, settings check. */
 static void test_eval_run(Cli *c) {
     char path[256], path2[256];
@@ -266,6 +305,7 @@ static void test_eval_run(Cli *c) {
     CHECK(rc == 2 && log_has(c, "nothing to run"), "an empty shard exits 2, no figures: %d", rc);
     snprintf(path, sizeof path, "%s/none", d);
     CHECK(access(path, F_OK) != 0, "an empty shard makes no --out");
+    test_eval_failed_row(c);
 }
 
 /* Exit statuses on bad input. */
@@ -298,7 +338,9 @@ static void test_eval_errors(Cli *c) {
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         snprintf(path, sizeof path, "%s/bad.csv", d);
         if (bad[i].csv_text) write_text(path, bad[i].csv_text);
-        int rc = run(c, "eval %s --out %s/err --csv %s/bad.csv %s", MODELS, d, d, bad[i].extra);
+        /* a fresh --out each: a row that fails leaves an item file saying so */
+        int rc = run(c, "eval %s --out %s/err%zu --csv %s/bad.csv %s", MODELS, d, i, d,
+                     bad[i].extra);
         CHECK(rc == bad[i].status && log_has(c, bad[i].says), "eval on bad input %zu (%s) exits "
               "%d naming '%s': got %d", i, bad[i].extra, bad[i].status, bad[i].says, rc);
     }
@@ -314,7 +356,9 @@ static void test_eval_errors(Cli *c) {
           "line: got %d", rc);
     CHECK(run(c, "eval --out %s/err --steps 2", d) == 2, "eval without --csv exits 2");
     CHECK(run(c, "eval --merge --out %s/err --csv x.csv", d) == 2, "--merge with --csv exits 2");
-    CHECK(run(c, "eval --merge --out %s/err", d) == 1 && log_has(c, "no item"),
+    snprintf(path, sizeof path, "%s/empty", d);
+    mkdir(path, 0777);
+    CHECK(run(c, "eval --merge --out %s/empty", d) == 1 && log_has(c, "no item"),
           "--merge of an empty directory exits 1");
     CHECK(run(c, "search-seeds %s --csv %s/set.csv", MODELS, d) == 2,
           "search-seeds without --out exits 2");
