@@ -165,7 +165,8 @@ typedef struct MappedFile {
 
 static int map_file(MappedFile *m, const char *path, Error *e) {
     memset(m, 0, sizeof *m);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* non-blocking: a FIFO in place of a file must not wait for a writer before it is refused */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
@@ -747,7 +748,10 @@ int json_parse_file(JsonDoc **out, const char *path, Error *e) {
     MappedFile file;
     *out = NULL;
     if (map_file(&file, path, e)) return -1;
-    int rc = json_parse(out, (const char *)file.bytes, file.size, path, e);
+    int rc = file.size > JSON_FILE_MAX
+                 ? error_set(e, "%s: %zu bytes; a JSON file is read up to %d MiB (configs and "
+                                "indexes take kilobytes)", path, file.size, JSON_FILE_MAX >> 20)
+                 : json_parse(out, (const char *)file.bytes, file.size, path, e);
     unmap_file(&file);
     return rc;
 }
@@ -956,8 +960,18 @@ void atomic_abort(AtomicFile *f) {
 }
 
 int file_read_all(const char *path, char **text, size_t *len, Error *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO: refused, not waited on */
+    struct stat sb;
+    if (fd < 0) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return error_set(e, "%s: not a regular file", path);
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        return error_set(e, "%s: cannot open: %s", path, strerror(errno));
+    }
     size_t cap = 4096, n = 0;
     char *buf = malloc(cap);
     while (buf) {

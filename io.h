@@ -81,6 +81,9 @@ typedef struct JsonDoc JsonDoc;
 
 /* Parses len bytes of text (need not be NUL-terminated); source names it in error messages. */
 int json_parse(JsonDoc **out, const char *text, size_t len, const char *source, Error *e);
+/* A regular file of at most JSON_FILE_MAX bytes (configs, indexes, eval items: kilobytes; a
+ * hostile 50 MB config would take gigabytes of parsed values). */
+#define JSON_FILE_MAX (4 << 20)
 int json_parse_file(JsonDoc **out, const char *path, Error *e);
 const JsonValue *json_root(const JsonDoc *doc);
 void json_free(JsonDoc *doc);
@@ -173,8 +176,10 @@ typedef struct StWriteTensor {
 /* Writes a safetensors file atomically (temporary name, then rename). */
 int st_write(const char *path, const StWriteTensor *tensors, size_t n, Error *e);
 
-/* The header may claim at most this many bytes (as the Python library allows). */
-#define ST_MAX_HEADER_BYTES 100000000u
+/* The header may claim at most this many bytes: real headers take tens of kilobytes, and the
+ * parsed values of a hostile header cost ~70 bytes per byte (the Python library allows 100 MB,
+ * which took 7 GB here before it was refused). */
+#define ST_MAX_HEADER_BYTES 16000000u
 
 /* "F32", "BF16", ... and the bytes of one element. */
 const char *dtype_name(DType dtype);

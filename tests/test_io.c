@@ -950,6 +950,26 @@ static void test_atomic(const char *base) {
           "paths_same: equal names, and names equal once their directories resolve");
     free(dotted), free(plain), free(other);
     free(made);
+
+    /* a FIFO where a config belongs is refused at once (not waited on), as by the CSV reader;
+     * a JSON file past JSON_FILE_MAX is refused before it is parsed */
+    char *fifo = join(dir, "fifo.json"), *big = join(dir, "big.json");
+    alarm(20); /* a regression would block forever: fail instead */
+    JsonDoc *doc = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    CHECK(mkfifo(fifo, 0600) == 0 && json_parse_file(&doc, fifo, &e) != 0 && !doc &&
+              contains(e.msg, "not a regular file") && file_read_all(fifo, &text, &len, &e) != 0 &&
+              contains(e.msg, "not a regular file"),
+          "a FIFO is refused without blocking: %s", e.msg);
+    alarm(0);
+    FILE *out = fopen(big, "wb");
+    for (int i = 0; out && i < (JSON_FILE_MAX >> 10) + 1; i++) fprintf(out, "%1024s", "");
+    if (out) fclose(out);
+    CHECK(json_parse_file(&doc, big, &e) != 0 && !doc && contains(e.msg, "up to 4 MiB"),
+          "a JSON file over 4 MiB is refused: %s", e.msg);
+    unlink(fifo), unlink(big);
+    free(fifo), free(big);
     free(path);
     free(dir);
 }
