@@ -47,6 +47,7 @@ static const char *usage_text =
     "  diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"
     "                                   train an embedded model (`make weights` trains all)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
+    "  diamond info IMAGE.png           the generation parameters generate wrote into it\n"
     "  diamond bench gemm M N K [--trans-a] [--trans-b] [--threads T]\n"
     "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
     "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
@@ -63,8 +64,12 @@ static const char *usage_text =
     "                                     (DIR/text_encoder or DIR), R (20) real tokens, and\n"
     "                                     peak memory beyond the mapped weights\n"
     "  diamond help                     this text\n"
+    "  diamond --version                the version\n"
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
+/* The iTXt key of the generation parameters in generate's PNGs (stable-diffusion tools' key). */
+#define GENERATE_PNG_KEY "parameters"
 
 double now_seconds(void) {
     struct timespec ts;
@@ -169,12 +174,35 @@ static int info_dir(const char *dir, bool top, InfoTotals *totals, Error *e) {
 }
 
 /* diamond info FILE|DIR: validates and lists; 0 when everything is valid, 1 otherwise. */
+/* The generation parameters a PNG made by diamond generate carries, on stdout. */
+static int info_png(const char *path) {
+    char *text = NULL;
+    Error e = {{0}};
+    if (png_read_text(path, GENERATE_PNG_KEY, &text, &e)) {
+        fprintf(stderr, "diamond info: %s\n", e.msg);
+        return 1;
+    }
+    if (!text) {
+        printf("%s: a PNG without diamond's parameters (no '%s' text chunk)\n", path,
+               GENERATE_PNG_KEY);
+        return 0;
+    }
+    printf("%s:\n", path);
+    for (const unsigned char *c = (const unsigned char *)text; *c; c++) /* no terminal escapes */
+        putchar(*c == '\n' || *c == '\t' || *c >= 0x20 ? *c : '?');
+    putchar('\n');
+    free(text);
+    return 0;
+}
+
 static int info_main(int argc, char **argv) {
     if (argc != 1) {
-        fputs("usage: diamond info FILE|DIR\n", stderr);
+        fputs("usage: diamond info FILE|DIR|IMAGE.png\n", stderr);
         return 2;
     }
     const char *path = argv[0];
+    size_t n = strlen(path);
+    if (n >= 4 && !strcmp(path + n - 4, ".png")) return info_png(path);
     InfoTotals totals = {0};
     Error e = {{0}};
     struct stat sb;
@@ -981,7 +1009,7 @@ static int encode_main(int argc, char **argv) {
 
 static const char *generate_usage =
     "usage: diamond generate --model DIR --embeddings FILE|--prompt TEXT -W W -H H --steps N\n"
-    "                        -o OUT.png|OUT.ppm [--detector DIR] --seed S[,S...] | --noise FILE\n"
+    "                        -o OUT.png|OUT.ppm [--detector DIR] [--seed S[,S...] | --noise FILE]\n"
     "                        [options]\n"
     "\n"
     "Samples FLUX.2 (transformer/ and vae/ of DIR, diffusers layout) with DIAMOND's artifact\n"
@@ -996,7 +1024,9 @@ static const char *generate_usage =
     "                         diamond's character encoder (the embedded models)\n"
     "  --seed S[,S...]        one image per seed: the initial latent is PyTorch's CPU\n"
     "                         torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
-    "                         tokens, as the FLUX.2 pipeline with a CPU generator\n"
+    "                         tokens, as the FLUX.2 pipeline with a CPU generator; S in\n"
+    "                         0..2^63-1, drawn at random (and printed) when neither --seed nor\n"
+    "                         --noise is given\n"
     "  --noise FILE           instead, safetensors with noise [T, C] or [B, T, C]: the packed\n"
     "                         initial latent (T = (H/P) * (W/P) tokens, C = the transformer's\n"
     "                         in_channels); --seed then only names the outputs\n"
@@ -1041,7 +1071,10 @@ static const char *generate_usage =
     "                         and each level less is faster (none: about twice as fast as 3).\n"
     "                         A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
     "                         7120, 1024x1024 from 28480\n"
-    "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image\n"
+    "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image.\n"
+    "                         A PNG carries the run's parameters (prompt, seed, models, size,\n"
+    "                         steps, schedule, loss) in a 'parameters' text chunk: diamond info\n"
+    "                         OUT.png shows them\n"
     "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
     "                         one row per image: baseline | guided | detector heat maps of\n"
     "                         both (0.6 jet + 0.4 image); prints the detector max of each\n"
@@ -1206,6 +1239,17 @@ static int generate_out_name(const GenerateArgs *a, const char *path, int64_t b,
     return 0;
 }
 
+/* A seed for a run given neither --seed nor --noise: 63 bits from the system's entropy (the
+ * clock and process id where /dev/urandom cannot be read), in --seed's range. */
+static uint64_t generate_random_seed(void) {
+    uint64_t seed = 0;
+    FILE *f = fopen("/dev/urandom", "rb");
+    if (!f || fread(&seed, sizeof seed, 1, f) != 1)
+        seed = (uint64_t)time(NULL) * 6364136223846793005u ^ (uint64_t)getpid();
+    if (f) fclose(f);
+    return seed & (uint64_t)INT64_MAX;
+}
+
 /* -o (each image's name, OUT-SEED.ext for several seeds), --compare, --dump and --save-steps name
  * different files: one would overwrite another. */
 static int generate_check_outputs(const GenerateArgs *a, Error *e) {
@@ -1255,8 +1299,14 @@ static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
                         : !a->embeddings && !a->prompt ? "--embeddings FILE (or --prompt TEXT)"
                         : !a->out ? "-o OUT" : !a->steps ? "--steps N" : !a->width ? "-W W"
                         : !a->height ? "-H H" : !a->detector && a->opt.guide ? "--detector DIR"
-                        : !a->noise && !a->n_seeds ? "--seed S (or --noise FILE)" : NULL;
+                        : NULL;
     if (missing) return error_set(e, "missing %s (see diamond generate --help)", missing);
+    if (!a->noise && !a->n_seeds) {
+        a->seeds[a->n_seeds++] = generate_random_seed();
+        if (!a->quiet)
+            fprintf(stderr, "diamond generate: --seed %llu (drawn at random; the image records "
+                            "it)\n", (unsigned long long)a->seeds[0]);
+    }
     const char *images[2] = {a->out, a->compare};
     for (int k = 0; k < 2; k++) {
         const char *dot = images[k] ? strrchr(images[k], '.') : ".png";
@@ -1486,6 +1536,47 @@ static void generate_to_rgb(const Tensor *image, int64_t b, Image *out) {
                       out->rgb);
 }
 
+/* The sampling settings an item was made with, compared on resume and merge (paths are left
+ * out: shards may run on machines that keep the models elsewhere). */
+static void generate_settings(const GenerateArgs *g, char *out, size_t len) {
+    static const char *const lambdas[] = {"constant", "linear", "power", "cosine",
+                                          "hard_then_exp", "exponential"};
+    static const char *const losses[] = {"mse", "power", "focal"};
+    const LambdaSchedule *l = &g->opt.lambda;
+    snprintf(out, len, "steps=%d size=%dx%d guidance_scale=%.9g gate=%.9g lambda=%s:value=%.17g,"
+             "start=%.17g,end=%.17g,power=%.17g,after=%.17g,warmup=%d,cooldown=%d "
+             "loss=%s:gamma=%.17g,alpha=%.17g", g->steps, g->width, g->height,
+             g->opt.guidance_scale, g->opt.gate, lambdas[l->type], l->value, l->start, l->end,
+             l->power, l->after, l->warmup, l->cooldown, losses[g->opt.loss.type],
+             g->opt.loss.gamma, g->opt.loss.alpha);
+    if (g->opt.set_mu) snprintf(out + strlen(out), len - strlen(out), " mu=%.17g", g->opt.mu);
+    if (g->opt.cfg_scale > 1.0f)
+        snprintf(out + strlen(out), len - strlen(out), " cfg=%.9g negative=\"%s\"",
+                 g->opt.cfg_scale, g->negative ? g->negative : "");
+}
+
+/* The parameters image b of a run carries in its PNG (GENERATE_PNG_KEY), as `diamond info`
+ * shows them: its prompt, seed, models and every sampling setting. A new string, or NULL. */
+static char *generate_parameters(const GenerateArgs *a, int64_t b) {
+    char settings[1024], *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return NULL;
+    generate_settings(a, settings, sizeof settings);
+    if (a->prompt) fprintf(f, "prompt: %s\n", a->prompt);
+    else fprintf(f, "embeddings: %s\n", a->embeddings);
+    if (a->noise) fprintf(f, "noise: %s, image %lld\n", a->noise, (long long)b);
+    else fprintf(f, "seed: %llu\n", (unsigned long long)a->seeds[b]);
+    fprintf(f, "model: %s\ndetector: %s\nguided: %s\nsettings: %s\nsoftware: %s\n", a->model,
+            a->detector ? a->detector : "none", a->opt.guide ? "yes" : "no (--no-guide)",
+            settings, DIAMOND_VERSION);
+    if (fclose(f)) {
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
 static int generate_write_images(const GenerateArgs *a, const Tensor *image, Error *e) {
     Image img = {0};
     if (image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e)) return -1;
@@ -1495,7 +1586,11 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
         char name[PATH_BYTES];
         if ((rc = generate_out_name(a, a->out, b, image->shape[0], name, sizeof name, e))) break;
         generate_to_rgb(image, b, &img);
-        rc = png ? png_write(name, &img, e) : ppm_write(name, &img, e);
+        char *parameters = png ? generate_parameters(a, b) : NULL;
+        if (png && !parameters) rc = error_set(e, "out of memory");
+        else if (png) rc = png_write_text(name, &img, GENERATE_PNG_KEY, parameters, e);
+        else rc = ppm_write(name, &img, e);
+        free(parameters);
         if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", name);
     }
     image_free(&img);
@@ -1595,14 +1690,27 @@ static int generate_save_step(const GenerateProgress *p, const SamplerStep *s, E
     return rc ? -1 : 0;
 }
 
-/* step i/N, seconds per step and the time left, on stderr; the step's tensors into the dump. */
+/* step i/N, seconds per step and the time left on stderr: a bar redrawn in place on a terminal,
+ * a line per step elsewhere (a log). */
+static void generate_progress(const GenerateProgress *p, const SamplerStep *s) {
+    int done = s->index + 1, width = 24, filled = width * done / s->steps;
+    double per = (now_seconds() - p->start) / done, left = per * (s->steps - done);
+    if (!isatty(STDERR_FILENO)) {
+        fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n", done,
+                s->steps, s->sigma, s->lambda, per, left);
+        return;
+    }
+    char bar[32];
+    for (int i = 0; i < width; i++) bar[i] = i < filled ? '#' : '.';
+    bar[width] = '\0';
+    fprintf(stderr, "\rstep %d/%d [%s] %.2f s/step  ETA %.0f s\033[K%s", done, s->steps, bar, per,
+            left, done == s->steps ? "\n" : "");
+}
+
+/* Progress (generate_progress), and the step's tensors into the dump. */
 static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
     GenerateProgress *p = ctx;
-    if (!p->quiet) {
-        double per = (now_seconds() - p->start) / (s->index + 1);
-        fprintf(stderr, "step %d/%d  sigma %.4f  lambda %g  %.2f s/step  ETA %.0f s\n",
-                s->index + 1, s->steps, s->sigma, s->lambda, per, per * (s->steps - s->index - 1));
-    }
+    if (!p->quiet) generate_progress(p, s);
     if (p->args->save_steps && (dir_make(p->args->save_steps, e) || generate_save_step(p, s, e)))
         return -1;
     GenerateDump *d = p->dump;
@@ -1875,24 +1983,6 @@ static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e)
     return 0;
 }
 
-/* The sampling settings an item was made with, compared on resume and merge (paths are left
- * out: shards may run on machines that keep the models elsewhere). */
-static void eval_settings(const GenerateArgs *g, char *out, size_t len) {
-    static const char *const lambdas[] = {"constant", "linear", "power", "cosine",
-                                          "hard_then_exp", "exponential"};
-    static const char *const losses[] = {"mse", "power", "focal"};
-    const LambdaSchedule *l = &g->opt.lambda;
-    snprintf(out, len, "steps=%d size=%dx%d guidance_scale=%.9g gate=%.9g lambda=%s:value=%.17g,"
-             "start=%.17g,end=%.17g,power=%.17g,after=%.17g,warmup=%d,cooldown=%d "
-             "loss=%s:gamma=%.17g,alpha=%.17g", g->steps, g->width, g->height,
-             g->opt.guidance_scale, g->opt.gate, lambdas[l->type], l->value, l->start, l->end,
-             l->power, l->after, l->warmup, l->cooldown, losses[g->opt.loss.type],
-             g->opt.loss.gamma, g->opt.loss.alpha);
-    if (g->opt.set_mu) snprintf(out + strlen(out), len - strlen(out), " mu=%.17g", g->opt.mu);
-    if (g->opt.cfg_scale > 1.0f)
-        snprintf(out + strlen(out), len - strlen(out), " cfg=%.9g negative=\"%s\"",
-                 g->opt.cfg_scale, g->negative ? g->negative : "");
-}
 
 /* ---- eval: item files ---- */
 
@@ -2330,7 +2420,7 @@ static int eval_report(const EvalArgs *a, const EvalItem *items, size_t n, Error
 static int eval_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     GenerateRun r = {0};
     char settings[1024];
-    eval_settings(&a->gen, settings, sizeof settings);
+    generate_settings(&a->gen, settings, sizeof settings);
     size_t n = 0, mine = 0;
     for (size_t i = 0; i < csv->n; i++) mine += (int64_t)i % a->shards == a->shard;
     if (mine == 0) { /* a command-line mistake: no figures to make up, no --out to make */
@@ -2868,6 +2958,10 @@ int main(int argc, char **argv) {
     if (argc < 2) return demo_main(0, argv + 1, argv[0]);
     if (!strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(usage_text, stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        puts(DIAMOND_VERSION);
         return 0;
     }
     if (!strcmp(argv[1], "demo")) return demo_main(argc - 2, argv + 2, argv[0]);

@@ -5,6 +5,9 @@
 
 #include <stdbool.h>
 
+/* What `diamond --version` prints, and what a generated PNG's parameters name. */
+#define DIAMOND_VERSION "diamond 2026.12"
+
 /* Seconds on a monotonic clock. */
 double now_seconds(void);
 /* Whether a command's arguments include --help or -h. */

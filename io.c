@@ -3274,20 +3274,44 @@ static int png_write_idat(PngWriter *w, const Image *img) {
     return png_flush_idat(w);
 }
 
-static int png_write_all(PngWriter *w, const Image *img) {
-    static const unsigned char signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+/* text under key as an iTXt chunk (UTF-8, uncompressed): key, NUL, compression flag and method
+ * 0, an empty language tag and translated keyword (NUL each), then the text. */
+static int png_text_chunk(PngWriter *w, const char *key, const char *text) {
+    size_t k = strlen(key), n = strlen(text);
+    if (k < 1 || k > PNG_KEY_MAX || n > PNG_TEXT_MAX)
+        return error_set(w->e, "a PNG text of %zu bytes under a key of %zu: at most %d and %d",
+                         n, k, PNG_TEXT_MAX, PNG_KEY_MAX);
+    unsigned char *data = malloc(k + 5 + n);
+    if (!data) return error_set(w->e, "out of memory for the PNG text");
+    memcpy(data, key, k);
+    memset(data + k, 0, 5);
+    memcpy(data + k + 5, text, n);
+    int rc = png_chunk(w, "iTXt", data, (uint32_t)(k + 5 + n));
+    free(data);
+    return rc;
+}
+
+static const unsigned char png_signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+
+static int png_write_all(PngWriter *w, const Image *img, const char *key, const char *text) {
     unsigned char ihdr[13] = {0};
     store_be32(ihdr, (uint32_t)img->width);
     store_be32(ihdr + 4, (uint32_t)img->height);
     ihdr[8] = 8;  /* bits per channel */
     ihdr[9] = 2;  /* colour type: RGB; compression, filter and interlace methods stay 0 */
-    if (atomic_write(w->file, signature, sizeof signature, w->e) || png_chunk(w, "IHDR", ihdr, sizeof ihdr) ||
+    if (atomic_write(w->file, png_signature, sizeof png_signature, w->e) ||
+        png_chunk(w, "IHDR", ihdr, sizeof ihdr) || (key && png_text_chunk(w, key, text)) ||
         png_write_idat(w, img) || png_chunk(w, "IEND", NULL, 0))
         return -1;
     return 0;
 }
 
 int png_write(const char *path, const Image *img, Error *e) {
+    return png_write_text(path, img, NULL, NULL, e);
+}
+
+int png_write_text(const char *path, const Image *img, const char *key, const char *text,
+                   Error *e) {
     if (image_check(path, img, e)) return -1;
     PngWriter *w = malloc(sizeof *w);
     unsigned char *rows = malloc(PNG_FILTERS * ((size_t)img->width * 3 + 1));
@@ -3300,10 +3324,72 @@ int png_write(const char *path, const Image *img, Error *e) {
     w->e = e;
     crc_table_init(w->crc_table);
     int rc = atomic_open(&w->file, path, e);
-    if (rc == 0) rc = png_write_all(w, img);
+    if (rc == 0) rc = png_write_all(w, img, key, text);
     if (rc == 0) rc = atomic_commit(w->file, e);
     else if (w->file) atomic_abort(w->file);
     free(w->rows);
     free(w);
+    return rc;
+}
+
+/* The bytes from p up to the first NUL before end, as a length; -1 when there is none. */
+static long png_field(const unsigned char *p, const unsigned char *end) {
+    const unsigned char *nul = memchr(p, 0, (size_t)(end - p));
+    return nul ? (long)(nul - p) : -1;
+}
+
+/* The text of chunk data [p, end) when it is a tEXt or uncompressed iTXt under key, else NULL
+ * (malformed text chunks are skipped as a reader of images skips them). */
+static char *png_chunk_text(const unsigned char type[4], const unsigned char *p,
+                            const unsigned char *end, const char *key) {
+    bool itxt = !memcmp(type, "iTXt", 4);
+    if (!itxt && memcmp(type, "tEXt", 4)) return NULL;
+    long k = png_field(p, end);
+    if (k < 1 || k > PNG_KEY_MAX || (size_t)k != strlen(key) || memcmp(p, key, (size_t)k))
+        return NULL;
+    p += k + 1;
+    if (itxt) { /* compression flag 0 (method ignored), language tag, translated keyword */
+        if (end - p < 2 || p[0] != 0) return NULL;
+        p += 2;
+        for (int field = 0; field < 2; field++) {
+            long n = png_field(p, end);
+            if (n < 0) return NULL;
+            p += n + 1;
+        }
+    }
+    char *text = malloc((size_t)(end - p) + 1);
+    if (text) {
+        memcpy(text, p, (size_t)(end - p));
+        text[end - p] = '\0';
+    }
+    return text;
+}
+
+int png_read_text(const char *path, const char *key, char **text, Error *e) {
+    MappedFile file;
+    *text = NULL;
+    if (map_file(&file, path, e)) return -1;
+    const unsigned char *p = file.bytes, *end = p + file.size;
+    int rc = file.size < 8 || memcmp(p, png_signature, 8)
+                 ? error_set(e, "%s: not a PNG file (no PNG signature)", path)
+                 : 0;
+    p += 8;
+    while (rc == 0 && !*text) {
+        if (end - p < 12) {
+            rc = error_set(e, "%s: truncated: a chunk header past the end of the file", path);
+            break;
+        }
+        uint32_t length = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+        const unsigned char *type = p + 4, *data = p + 8;
+        if (length > (size_t)(end - data) - 4) {
+            rc = error_set(e, "%s: a %.4s chunk of %u bytes runs past the end of the file", path,
+                           (const char *)type, length);
+            break;
+        }
+        if (!memcmp(type, "IEND", 4)) break;
+        *text = png_chunk_text(type, data, data + length, key);
+        p = data + length + 4; /* past the CRC */
+    }
+    unmap_file(&file);
     return rc;
 }

@@ -334,5 +334,16 @@ int ppm_read(Image *out, const char *path, Error *e);
 int ppm_write(const char *path, const Image *img, Error *e);
 /* 8-bit RGB PNG, compressed by our own deflate (per-row filters, LZ77, fixed Huffman codes). */
 int png_write(const char *path, const Image *img, Error *e);
+/* The same with text under key in an iTXt chunk (UTF-8), as the generation parameters of
+ * stable-diffusion tools ride in their images. key: 1..PNG_KEY_MAX bytes; text up to
+ * PNG_TEXT_MAX. */
+#define PNG_KEY_MAX 79
+#define PNG_TEXT_MAX (1 << 20)
+int png_write_text(const char *path, const Image *img, const char *key, const char *text,
+                   Error *e);
+/* The text under key of the first tEXt or uncompressed iTXt chunk of the PNG at path, a new
+ * string in *text (NULL when there is none); the chunks are walked with every length checked
+ * against the file's end, their CRCs not checked, the image not decoded. */
+int png_read_text(const char *path, const char *key, char **text, Error *e);
 
 #endif

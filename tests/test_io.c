@@ -1267,6 +1267,84 @@ static void fill_noise(Image *img) {
     }
 }
 
+/* bytes as the file dir/name; its path (to free). */
+static char *write_named(const char *dir, const char *name, const void *bytes, size_t n) {
+    char *path = join(dir, name);
+    FILE *f = fopen(path, "wb");
+    if (f) {
+        fwrite(bytes, 1, n, f);
+        fclose(f);
+    }
+    return path;
+}
+
+/* png_write_text and png_read_text: the text back, the image still valid; absent keys and text
+ * chunks give NULL; hostile files give errors, never a read past their end. */
+static void test_png_text(const char *dir) {
+    Image img;
+    Error e = {{0}};
+    char *path = join(dir, "text.png"), *text = NULL;
+    const char *said = "prompt: a fox \xc3\xa9\nseed: 42\n";
+    if (image_alloc(&img, 5, 3, &e)) return;
+    fill_pattern(&img);
+    CHECK(png_write_text(path, &img, "parameters", said, &e) == 0 && verify_png(path, &img, NULL),
+          "png_write_text writes a valid PNG: %s", e.msg);
+    CHECK(png_read_text(path, "parameters", &text, &e) == 0 && text && !strcmp(text, said),
+          "png_read_text gives the text back: %s", text ? text : e.msg);
+    free(text);
+    CHECK(png_read_text(path, "other", &text, &e) == 0 && !text, "another key: none");
+    CHECK(png_write(path, &img, &e) == 0 && png_read_text(path, "parameters", &text, &e) == 0 &&
+              !text, "a PNG without text: none");
+    CHECK(png_write_text(path, &img, "", "x", &e) != 0, "an empty key is refused");
+    image_free(&img);
+    /* hand-made files: the signature, then one chunk header whose length runs past the end */
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    unsigned char bad[8 + 12 + 4];
+    memcpy(bad, sig, 8);
+    memcpy(bad + 8, "\x7f\xff\xff\xf0iTXtparameters", 20 - 4);
+    char *hostile = write_named(dir, "hostile.png", bad, 8 + 12);
+    CHECK(png_read_text(hostile, "parameters", &text, &e) != 0 && !text &&
+              contains(e.msg, "runs past the end"),
+          "a chunk longer than the file is an error: %s", e.msg);
+    unlink(hostile);
+    free(hostile);
+    char *cut = write_named(dir, "cut.png", sig, 8);
+    CHECK(png_read_text(cut, "parameters", &text, &e) != 0 && contains(e.msg, "truncated"),
+          "a PNG that ends after its signature is an error: %s", e.msg);
+    unlink(cut);
+    free(cut);
+    char *ppm = write_named(dir, "not.png", "P6\n1 1\n255\nabc", 14);
+    CHECK(png_read_text(ppm, "parameters", &text, &e) != 0 && contains(e.msg, "not a PNG"),
+          "a file without the PNG signature is an error: %s", e.msg);
+    unlink(ppm);
+    free(ppm);
+    /* an iTXt with a compressed text, and one whose fields run out: skipped, not misread */
+    unsigned char skip[8 + 3 * 12 + 40];
+    size_t n = 8;
+    memcpy(skip, sig, 8);
+    const struct {
+        const char *data;
+        uint32_t len;
+    } chunks[] = {{"parameters\0\1\0\0\0zz", 17}, {"parameters\0\0\0ab", 15}};
+    for (int c = 0; c < 2; c++) {
+        unsigned char len[4] = {0, 0, 0, (unsigned char)chunks[c].len};
+        memcpy(skip + n, len, 4);
+        memcpy(skip + n + 4, "iTXt", 4);
+        memcpy(skip + n + 8, chunks[c].data, chunks[c].len);
+        memset(skip + n + 8 + chunks[c].len, 0, 4); /* CRC, not checked */
+        n += 12 + chunks[c].len;
+    }
+    memcpy(skip + n, "\0\0\0\0IEND\xae\x42\x60\x82", 12);
+    char *odd = write_named(dir, "odd.png", skip, n + 12);
+    CHECK(png_read_text(odd, "parameters", &text, &e) == 0 && !text,
+          "compressed and malformed text chunks are skipped: %s", text ? text : "none");
+    free(text);
+    unlink(odd);
+    free(odd);
+    unlink(path);
+    free(path);
+}
+
 static void test_png(const char *dir) {
     CHECK(slow_crc32((const unsigned char *)"123456789", 9) == 0xCBF43926u, "test CRC-32 check value");
     CHECK(slow_adler32((const unsigned char *)"Wikipedia", 9) == 0x11E60398u, "test Adler-32 check value");
@@ -1306,6 +1384,7 @@ static void test_png(const char *dir) {
     CHECK(png_write(path, &none, &e) != 0 && contains(e.msg, "outside"), "png_write refuses height 0");
     remove(path);
     free(path);
+    test_png_text(dir);
 }
 
 int main(void) {

@@ -637,6 +637,21 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                   bad[i].status, status);
         }
     }
+    /* neither --seed nor --noise: a seed drawn at random, which the PNG records with the rest */
+    snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2 --detector "
+             "tests/fixtures/tiny-detector --embeddings %s/emb.safetensors --steps 1 -W 24 -H 16 "
+             "-o %s/drawn.png --quiet", binary, dir, dir);
+    snprintf(path, sizeof path, "%s/drawn.png", dir);
+    char *said = NULL;
+    Error e = {{0}};
+    CHECK(run_quiet(cmd) == 0 && png_read_text(path, "parameters", &said, &e) == 0 && said &&
+              strstr(said, "seed: ") && strstr(said, "embeddings: ") &&
+              strstr(said, "steps=1 size=24x16") && strstr(said, "guided: yes"),
+          "generate without --seed draws one and records it: %s", said ? said : e.msg);
+    free(said);
+    remove(path);
+    snprintf(cmd, sizeof cmd, "%s --version", binary);
+    CHECK(run_quiet(cmd) == 0, "diamond --version exits 0");
     const char *files[] = {"dump.safetensors", "noise.safetensors", "emb.safetensors", "out.ppm",
                            "nan-emb.safetensors", "nan-noise.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
