@@ -41,7 +41,7 @@ static const char *usage_text =
     "                                   the paper's metrics (resumable, --shard I/N, --merge)\n"
     "  diamond search-seeds --model DIR --detector DIR --csv IN --out OUT.csv [options]\n"
     "                                   the official seed search for an evaluation set\n"
-    "                                   (diamond eval --help for both)\n"
+    "                                   (diamond eval --help, diamond search-seeds --help)\n"
     "  diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png\n"
     "                                   a scene of the words world, its corruption and mask\n"
     "  diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"
@@ -879,6 +879,108 @@ bool asks_for_help(int argc, char **argv) {
     return false;
 }
 
+/* ---- options ---- */
+
+/* The option named name in the sets, or NULL; *set gets its set. */
+static const Option *option_find(OptionSet *sets, int n_sets, const char *name, OptionSet **set) {
+    for (int s = 0; s < n_sets; s++)
+        for (size_t i = 0; i < sets[s].count; i++)
+            if (!strcmp(sets[s].options[i].name, name)) {
+                *set = &sets[s];
+                return &sets[s].options[i];
+            }
+    return NULL;
+}
+
+/* A whole decimal number in [min, max]; 0 on success. */
+static int option_whole(const char *text, double min, double max, long long *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (end == text || *end || errno || (double)v < min || (double)v > max) return -1;
+    *out = v;
+    return 0;
+}
+
+/* One option's value (NULL for a flag) into its field. */
+static int option_set(const Option *o, void *args, const char *value, Error *e) {
+    void *field = (char *)args + o->offset;
+    long long whole;
+    char *end;
+    double number;
+    switch (o->kind) {
+    case OPTION_FLAG:
+        *(bool *)field = true;
+        return 0;
+    case OPTION_TEXT:
+        *(const char **)field = value;
+        return 0;
+    case OPTION_INT:
+        if (option_whole(value, o->min, o->max, &whole))
+            return error_set(e, "%s: expected a whole number in %.0f..%.0f, got '%s'", o->name,
+                             o->min, o->max, value);
+        *(int *)field = (int)whole;
+        return 0;
+    case OPTION_FLOAT:
+        number = strtod(value, &end);
+        if (end == value || *end || !(number >= o->min && number <= o->max))
+            return error_set(e, "%s: expected a number in [%g, %g], got '%s'", o->name, o->min,
+                             o->max, value);
+        *(float *)field = (float)number;
+        return 0;
+    case OPTION_PARSE:
+        return o->parse(value, field, e);
+    }
+    return error_set(e, "%s: an option of no kind", o->name);
+}
+
+int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char *command,
+                  Error *e) {
+    for (int i = 0; i < argc; i++) {
+        OptionSet *set;
+        const Option *o = option_find(sets, n_sets, argv[i], &set);
+        if (!o) return error_set(e, "unknown option '%s' (see diamond %s --help)", argv[i], command);
+        if (o->value && i + 1 >= argc) return error_set(e, "%s needs a value %s", o->name, o->value);
+        if (option_set(o, set->args, o->value ? argv[++i] : NULL, e)) return -1;
+        set->used = true;
+    }
+    return 0;
+}
+
+void options_help(FILE *f, const OptionSet *sets, int n_sets) {
+    for (int s = 0; s < n_sets; s++)
+        for (size_t i = 0; i < sets[s].count; i++) {
+            const Option *o = &sets[s].options[i];
+            if (!o->help) continue;
+            char head[64];
+            snprintf(head, sizeof head, "%s%s%s", o->name, o->value ? " " : "",
+                     o->value ? o->value : "");
+            fprintf(f, "  %-22s", head);
+            if (strlen(head) > 22) fprintf(f, "\n  %-22s", "");
+            for (const char *line = o->help; *line;) {
+                const char *end = strchr(line, '\n');
+                int len = end ? (int)(end - line) : (int)strlen(line);
+                fprintf(f, " %.*s\n", len, line);
+                line += len + (end != NULL);
+                if (*line) fprintf(f, "  %-22s", "");
+            }
+        }
+}
+
+int option_threads(const char *value, void *field, Error *e) {
+    long long threads;
+    if (option_whole(value, 1, 1024, &threads))
+        return error_set(e, "--threads: expected a whole number in 1..1024, got '%s'", value);
+    *(int *)field = (int)threads;
+#ifdef _OPENMP
+    omp_set_num_threads((int)threads);
+#else
+    fprintf(stderr, "note: built without OpenMP, --threads %lld ignored (1 thread)\n", threads);
+    *(int *)field = 1;
+#endif
+    return 0;
+}
+
 /* ---- prompts: diamond encode, and the prompts of generate and eval ---------------------- */
 
 /* prompts[0 .. n) through <model>'s prompt encoder (tokenizer/ + text_encoder/ for klein, or
@@ -1015,79 +1117,10 @@ static const char *generate_usage =
     "Samples FLUX.2 (transformer/ and vae/ of DIR, diffusers layout) with DIAMOND's artifact\n"
     "guidance: each step decodes the clean estimate, runs the detector (DIR in the transformers\n"
     "layout) on it and moves the latent by lambda along the normalised gradient of the loss.\n"
-    "\n"
-    "  --model DIR            the pipeline directory (DIR/transformer, DIR/vae)\n"
-    "  --detector DIR         the artifact detector (SegFormer); needed unless --no-guide\n"
-    "  --embeddings FILE      safetensors with prompt_embeds [L, D] (D = joint_attention_dim)\n"
-    "  --prompt TEXT          instead, the prompt through DIR's prompt encoder: FLUX.2 [klein]'s\n"
-    "                         (DIR/tokenizer + DIR/text_encoder, Qwen3; as diamond encode), or\n"
-    "                         diamond's character encoder (the embedded models)\n"
-    "  --seed S[,S...]        one image per seed: the initial latent is PyTorch's CPU\n"
-    "                         torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
-    "                         tokens, as the FLUX.2 pipeline with a CPU generator; S in\n"
-    "                         0..2^63-1, drawn at random (and printed) when neither --seed nor\n"
-    "                         --noise is given\n"
-    "  --noise FILE           instead, safetensors with noise [T, C] or [B, T, C]: the packed\n"
-    "                         initial latent (T = (H/P) * (W/P) tokens, C = the transformer's\n"
-    "                         in_channels); --seed then only names the outputs\n"
-    "  --steps N              sampling steps (FLUX.2 klein: 4, FLUX.2 dev: 30)\n"
-    "  -W W, -H H             image size, multiples of P = 2^(len(block_out_channels)-1) *\n"
-    "                         patch_size of the VAE (16 for FLUX.2)\n"
-    "  --guidance-scale G     distilled guidance for models with guidance_embeds (default 4.0,\n"
-    "                         FLUX.2 dev); ignored by klein\n"
-    "  --cfg S                classifier-free guidance, as FLUX.2 klein base pipelines apply\n"
-    "                         their guidance_scale (e.g. 4): each step also runs the\n"
-    "                         transformer on the negative prompt, v = v_neg + S (v - v_neg);\n"
-    "                         default 1: off (distilled models); needs --prompt\n"
-    "  --negative-prompt TEXT the negative prompt of --cfg (default: empty)\n"
-    "  --lambda-schedule S    TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
-    "                           constant:value=0\n"
-    "                           linear:start=12,end=1\n"
-    "                           power:start=12,end=1,power=2\n"
-    "                           cosine:start=12,end=1\n"
-    "                           hard_then_exp:start=30,after=2,power=2\n"
-    "                           exponential:start=30,end=1,power=5,warmup=5,cooldown=12\n"
-    "                         (values shown are the official defaults; the FLUX.2 config's\n"
-    "                         exponential guides no step when N <= 17). Where the official\n"
-    "                         formulas divide by zero (N = 1, an exponential window of one step)\n"
-    "                         that step gets the start value\n"
-    "  --loss L               mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
-    "                         2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
-    "                         official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its\n"
-    "                         weight is large where the mask is small, the reverse of the usual\n"
-    "                         focal loss\n"
-    "  --no-guide             plain sampling, no detector (the baseline)\n"
-    "  --gate T               skip the detector backward and the shift for a sample whose\n"
-    "                         detector max is below T at that step (default off, as official)\n"
-    "  --mu M                 shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
-    "                         mu for the token count (made for thousands of tokens; the\n"
-    "                         embedded models use 0: no shift)\n"
-    "  --threads T            OpenMP threads\n"
-    "  --non-strict           load model files that hold tensors the configs do not use (by\n"
-    "                         default an error naming them, as PyTorch's strict loading)\n"
-    "  --vae-memory MB        the memory the VAE decode's backward may hold (default: half\n"
-    "                         the memory available, Linux's MemAvailable; 1024 when unknown): it\n"
-    "                         nests its checkpoints (0-3 levels) only as deep as that needs,\n"
-    "                         and each level less is faster (none: about twice as fast as 3).\n"
-    "                         A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
-    "                         7120, 1024x1024 from 28480\n"
-    "  -o OUT                 the image (.png or .ppm); a batch writes OUT-SEED.png per image.\n"
-    "                         A PNG carries the run's parameters (prompt, seed, models, size,\n"
-    "                         steps, schedule, loss) in a 'parameters' text chunk: diamond info\n"
-    "                         OUT.png shows them\n"
-    "  --compare FILE         also run the baseline from the same noise and prompt and write\n"
-    "                         one row per image: baseline | guided | detector heat maps of\n"
-    "                         both (0.6 jet + 0.4 image); prints the detector max of each\n"
-    "  --save-steps DIR       DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
-    "                         DIR/step_III_overlay.png (its detector heat map, where the detector\n"
-    "                         ran); costs one more VAE decode per step; DIR is created\n"
-    "  --dump FILE            safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
-    "                         step, final.latent and final.image; grad is before normalisation;\n"
-    "                         a guided run also runs the detector on steps with lambda 0 for it\n"
-    "                         (the image is the same); --no-guide runs have no mask or grad\n"
-    "  --quiet                no progress on stderr\n"
-    "\n"
-    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+    "\n";
+
+static const char *exit_status_text =
+    "\nexit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
 #define GENERATE_MAX_BATCH 64
 
@@ -1100,6 +1133,7 @@ typedef struct GenerateArgs {
     SamplerOptions opt;
     bool quiet;
     bool non_strict; /* --non-strict: tensors the configs do not use are allowed in the files */
+    int threads;     /* --threads, once given (OpenMP's count is set as it is read) */
 } GenerateArgs;
 
 /* Where the models' weights come from: their files, strictly unless --non-strict. */
@@ -1125,99 +1159,153 @@ static int generate_parse_seeds(const char *s, GenerateArgs *a) {
     return a->n_seeds > 0 ? 0 : -1;
 }
 
-static int generate_parse_float(const char *s, float lo, float hi, float *out) {
+/* OPTION_PARSE readers of generate's options with more to them than a number. */
+
+static int option_seeds(const char *value, void *field, Error *e) {
+    if (generate_parse_seeds(value, field))
+        return error_set(e, "--seed: expected S or S,S,... (at most %d whole numbers in "
+                            "0..2^63-1), got '%s'", GENERATE_MAX_BATCH, value);
+    return 0;
+}
+
+static int option_no_guide(const char *value, void *field, Error *e) {
+    (void)value, (void)e;
+    ((SamplerOptions *)field)->guide = false;
+    return 0;
+}
+
+static int option_mu(const char *value, void *field, Error *e) {
+    SamplerOptions *o = field;
     char *end;
-    double v = strtod(s, &end);
-    if (end == s || *end || !(v >= lo && v <= hi)) return -1;
-    *out = (float)v;
+    double mu = strtod(value, &end);
+    if (end == value || *end || !(mu >= -10.0 && mu <= 10.0))
+        return error_set(e, "--mu: expected a number in [-10, 10], got '%s'", value);
+    o->set_mu = true;
+    o->mu = mu;
     return 0;
 }
 
-/* The field of a for an option that names a file or directory, or NULL. */
-static const char **generate_path_field(GenerateArgs *a, const char *opt) {
-    const struct {
-        const char *name;
-        const char **field;
-    } paths[] = {{"--model", &a->model}, {"--detector", &a->detector},
-                 {"--embeddings", &a->embeddings}, {"--noise", &a->noise}, {"-o", &a->out},
-                 {"--dump", &a->dump}, {"--compare", &a->compare},
-                 {"--save-steps", &a->save_steps}};
-    for (size_t k = 0; k < sizeof paths / sizeof *paths; k++)
-        if (!strcmp(opt, paths[k].name)) return paths[k].field;
-    return NULL;
-}
-
-/* An option of generate_takes_value with its value at argv[i]; 0, or -1 with the message in e. */
-static int generate_value_option(int argc, char **argv, int i, GenerateArgs *a, Error *e) {
-    const char *opt = argv[i - 1], *val = argv[i];
-    int threads;
-    if (!strcmp(opt, "--seed")) {
-        if (generate_parse_seeds(val, a))
-            return error_set(e, "--seed: expected S or S,S,... (at most %d whole numbers), got "
-                                "'%s'", GENERATE_MAX_BATCH, val);
-    } else if (!strcmp(opt, "--steps")) {
-        if (bench_parse_int(val, 1, 10000, &a->steps))
-            return error_set(e, "--steps: expected 1..10000, got '%s'", val);
-    } else if (!strcmp(opt, "-W") || !strcmp(opt, "-H")) {
-        if (bench_parse_int(val, 1, IMAGE_MAX_SIDE, opt[1] == 'W' ? &a->width : &a->height))
-            return error_set(e, "%s: expected a size in 1..%d, got '%s'", opt, IMAGE_MAX_SIDE, val);
-    } else if (!strcmp(opt, "--guidance-scale")) {
-        if (generate_parse_float(val, -1e6f, 1e6f, &a->opt.guidance_scale))
-            return error_set(e, "--guidance-scale: expected a number, got '%s'", val);
-    } else if (!strcmp(opt, "--cfg")) {
-        if (generate_parse_float(val, 1.0f, 100.0f, &a->opt.cfg_scale))
-            return error_set(e, "--cfg: expected a scale in [1, 100], got '%s'", val);
-    } else if (!strcmp(opt, "--gate")) {
-        if (generate_parse_float(val, 0.0f, 1.0f, &a->opt.gate))
-            return error_set(e, "--gate: expected a threshold in [0, 1], got '%s'", val);
-    } else if (!strcmp(opt, "--mu")) {
-        float mu;
-        if (generate_parse_float(val, -10.0f, 10.0f, &mu))
-            return error_set(e, "--mu: expected a number in [-10, 10], got '%s'", val);
-        a->opt.set_mu = true;
-        a->opt.mu = mu;
-    } else if (!strcmp(opt, "--threads")) {
-        if (bench_threads_option(argc, argv, i - 1, &threads))
-            return error_set(e, "--threads: expected 1..1024, got '%s'", val);
-    } else if (!strcmp(opt, "--vae-memory")) {
-        if (parse_megabytes(val, &a->vae_memory))
-            return error_set(e, "--vae-memory: expected megabytes in 1..%d, got '%s'",
-                             MEGABYTES_MAX, val);
-    } else if (!strcmp(opt, "--prompt")) {
-        a->prompt = val;
-    } else if (!strcmp(opt, "--negative-prompt")) {
-        a->negative = val;
-    } else if (!strcmp(opt, "--lambda-schedule")) {
-        return lambda_schedule_parse(&a->opt.lambda, val, e);
-    } else { /* --loss */
-        return artifact_loss_parse(&a->opt.loss, val, e);
-    }
+static int option_megabytes(const char *value, void *field, Error *e) {
+    if (parse_megabytes(value, field))
+        return error_set(e, "--vae-memory: expected megabytes in 1..%d, got '%s'", MEGABYTES_MAX,
+                         value);
     return 0;
 }
 
-static bool generate_takes_value(const char *opt) {
-    static const char *const names[] = {"--seed", "--steps", "-W", "-H", "--guidance-scale",
-                                        "--gate", "--threads", "--lambda-schedule", "--loss",
-                                        "--prompt", "--mu", "--cfg", "--negative-prompt",
-                                        "--vae-memory"};
-    for (size_t k = 0; k < sizeof names / sizeof *names; k++)
-        if (!strcmp(opt, names[k])) return true;
-    return false;
+static int option_lambda(const char *value, void *field, Error *e) {
+    return lambda_schedule_parse(field, value, e);
 }
 
-/* One option at argv[*i], moving *i past its value when it takes one. */
-static int generate_option(int argc, char **argv, int *i, GenerateArgs *a, Error *e) {
-    const char *opt = argv[*i];
-    const char **path = generate_path_field(a, opt);
-    if (!strcmp(opt, "--no-guide")) a->opt.guide = false;
-    else if (!strcmp(opt, "--quiet")) a->quiet = true;
-    else if (!strcmp(opt, "--non-strict")) a->non_strict = true;
-    else if (!path && !generate_takes_value(opt)) return error_set(e, "unknown option '%s'", opt);
-    else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
-    else if (path) *path = argv[++*i];
-    else return generate_value_option(argc, argv, ++*i, a, e);
-    return 0;
+static int option_loss(const char *value, void *field, Error *e) {
+    return artifact_loss_parse(field, value, e);
 }
+
+#define GENERATE_FIELD(f) offsetof(GenerateArgs, f)
+
+/* What a run samples from and writes: generate's own options. */
+static const Option generate_options[] = {
+    {"--embeddings", "FILE", OPTION_TEXT, GENERATE_FIELD(embeddings), 0, 0, NULL,
+     "safetensors with prompt_embeds [L, D] (D = joint_attention_dim)"},
+    {"--prompt", "TEXT", OPTION_TEXT, GENERATE_FIELD(prompt), 0, 0, NULL,
+     "instead, the prompt through DIR's prompt encoder: FLUX.2 [klein]'s\n"
+     "(DIR/tokenizer + DIR/text_encoder, Qwen3; as diamond encode), or\n"
+     "diamond's character encoder (the embedded models)"},
+    {"--seed", "S[,S...]", OPTION_PARSE, 0, 0, 0, option_seeds,
+     "one image per seed: the initial latent is PyTorch's CPU\n"
+     "torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
+     "tokens, as the FLUX.2 pipeline with a CPU generator; S in\n"
+     "0..2^63-1, drawn at random (and printed) when neither --seed nor\n"
+     "--noise is given"},
+    {"--noise", "FILE", OPTION_TEXT, GENERATE_FIELD(noise), 0, 0, NULL,
+     "instead, safetensors with noise [T, C] or [B, T, C]: the packed\n"
+     "initial latent (T = (H/P) * (W/P) tokens, C = the transformer's\n"
+     "in_channels); --seed then only names the outputs"},
+    {"--no-guide", NULL, OPTION_PARSE, GENERATE_FIELD(opt), 0, 0, option_no_guide,
+     "plain sampling, no detector (the baseline)"},
+    {"-o", "OUT", OPTION_TEXT, GENERATE_FIELD(out), 0, 0, NULL,
+     "the image (.png or .ppm); a batch writes OUT-SEED.png per image.\n"
+     "A PNG carries the run's parameters (prompt, seed, models, size,\n"
+     "steps, schedule, loss) in a 'parameters' text chunk: diamond info\n"
+     "OUT.png shows them"},
+    {"--compare", "FILE", OPTION_TEXT, GENERATE_FIELD(compare), 0, 0, NULL,
+     "also run the baseline from the same noise and prompt and write\n"
+     "one row per image: baseline | guided | detector heat maps of\n"
+     "both (0.6 jet + 0.4 image); prints the detector max of each"},
+    {"--save-steps", "DIR", OPTION_TEXT, GENERATE_FIELD(save_steps), 0, 0, NULL,
+     "DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
+     "DIR/step_III_overlay.png (its detector heat map, where the detector\n"
+     "ran); costs one more VAE decode per step; DIR is created"},
+    {"--dump", "FILE", OPTION_TEXT, GENERATE_FIELD(dump), 0, 0, NULL,
+     "safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
+     "step, final.latent and final.image; grad is before normalisation;\n"
+     "a guided run also runs the detector on steps with lambda 0 for it\n"
+     "(the image is the same); --no-guide runs have no mask or grad"},
+};
+
+/* How the models are loaded and sampled: generate's, eval's and search-seeds' options. */
+static const Option sampling_options[] = {
+    {"--model", "DIR", OPTION_TEXT, GENERATE_FIELD(model), 0, 0, NULL,
+     "the pipeline directory (DIR/transformer, DIR/vae)"},
+    {"--detector", "DIR", OPTION_TEXT, GENERATE_FIELD(detector), 0, 0, NULL,
+     "the artifact detector (SegFormer); needed unless --no-guide"},
+    {"--steps", "N", OPTION_INT, GENERATE_FIELD(steps), 1, 10000, NULL,
+     "sampling steps (FLUX.2 klein: 4, FLUX.2 dev: 30)"},
+    {"-W", "W", OPTION_INT, GENERATE_FIELD(width), 1, IMAGE_MAX_SIDE, NULL,
+     "image width, a multiple of P = 2^(len(block_out_channels)-1) *\n"
+     "patch_size of the VAE (16 for FLUX.2)"},
+    {"-H", "H", OPTION_INT, GENERATE_FIELD(height), 1, IMAGE_MAX_SIDE, NULL,
+     "image height, a multiple of P"},
+    {"--guidance-scale", "G", OPTION_FLOAT, GENERATE_FIELD(opt.guidance_scale), -1e6, 1e6, NULL,
+     "distilled guidance for models with guidance_embeds (default 4.0,\n"
+     "FLUX.2 dev); ignored by klein"},
+    {"--cfg", "S", OPTION_FLOAT, GENERATE_FIELD(opt.cfg_scale), 1, 100, NULL,
+     "classifier-free guidance, as FLUX.2 klein base pipelines apply\n"
+     "their guidance_scale (e.g. 4): each step also runs the\n"
+     "transformer on the negative prompt, v = v_neg + S (v - v_neg);\n"
+     "default 1: off (distilled models); needs --prompt"},
+    {"--negative-prompt", "TEXT", OPTION_TEXT, GENERATE_FIELD(negative), 0, 0, NULL,
+     "the negative prompt of --cfg (default: empty)"},
+    {"--lambda-schedule", "S", OPTION_PARSE, GENERATE_FIELD(opt.lambda), 0, 0, option_lambda,
+     "TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
+     "  constant:value=0\n"
+     "  linear:start=12,end=1\n"
+     "  power:start=12,end=1,power=2\n"
+     "  cosine:start=12,end=1\n"
+     "  hard_then_exp:start=30,after=2,power=2\n"
+     "  exponential:start=30,end=1,power=5,warmup=5,cooldown=12\n"
+     "(values shown are the official defaults; the FLUX.2 config's\n"
+     "exponential guides no step when N <= 17). Where the official\n"
+     "formulas divide by zero (N = 1, an exponential window of one step)\n"
+     "that step gets the start value"},
+    {"--loss", "L", OPTION_PARSE, GENERATE_FIELD(opt.loss), 0, 0, option_loss,
+     "mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
+     "2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
+     "official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its\n"
+     "weight is large where the mask is small, the reverse of the usual\n"
+     "focal loss"},
+    {"--gate", "T", OPTION_FLOAT, GENERATE_FIELD(opt.gate), 0, 1, NULL,
+     "skip the detector backward and the shift for a sample whose\n"
+     "detector max is below T at that step (default off, as official)"},
+    {"--mu", "M", OPTION_PARSE, GENERATE_FIELD(opt), 0, 0, option_mu,
+     "shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
+     "mu for the token count (made for thousands of tokens; the\n"
+     "embedded models use 0: no shift)"},
+    {"--vae-memory", "MB", OPTION_PARSE, GENERATE_FIELD(vae_memory), 0, 0, option_megabytes,
+     "the memory the VAE decode's backward may hold (default: half\n"
+     "the memory available, Linux's MemAvailable; 1024 when unknown): it\n"
+     "nests its checkpoints (0-3 levels) only as deep as that needs,\n"
+     "and each level less is faster (none: about twice as fast as 3).\n"
+     "A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
+     "7120, 1024x1024 from 28480"},
+    {"--threads", "T", OPTION_PARSE, GENERATE_FIELD(threads), 0, 0, option_threads,
+     "OpenMP threads"},
+    {"--non-strict", NULL, OPTION_FLAG, GENERATE_FIELD(non_strict), 0, 0, NULL,
+     "load model files that hold tensors the configs do not use (by\n"
+     "default an error naming them, as PyTorch's strict loading)"},
+    {"--quiet", NULL, OPTION_FLAG, GENERATE_FIELD(quiet), 0, 0, NULL, "no progress on stderr"},
+};
+
+#define COUNT(table) (sizeof (table) / sizeof *(table))
 
 /* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
 static int generate_defaults(GenerateArgs *a, Error *e) {
@@ -1287,8 +1375,9 @@ static int generate_check_negative(const GenerateArgs *a, Error *e) {
 /* The command line into a, with defaults; 0, or -1 with the message in e (a usage error). */
 static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
     if (generate_defaults(a, e)) return -1;
-    for (int i = 0; i < argc; i++)
-        if (generate_option(argc, argv, &i, a, e)) return -1;
+    OptionSet sets[] = {{generate_options, COUNT(generate_options), a, false},
+                        {sampling_options, COUNT(sampling_options), a, false}};
+    if (options_parse(sets, 2, argc, argv, "generate", e)) return -1;
     if (a->embeddings && a->prompt)
         return error_set(e, "--embeddings and --prompt: give one of them");
     if (a->opt.cfg_scale > 1.0f && a->embeddings)
@@ -1801,7 +1890,11 @@ static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
 /* diamond generate ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int generate_main(int argc, char **argv) {
     if (asks_for_help(argc, argv)) {
+        const OptionSet sets[] = {{generate_options, COUNT(generate_options), NULL, false},
+                                  {sampling_options, COUNT(sampling_options), NULL, false}};
         fputs(generate_usage, stdout);
+        options_help(stdout, sets, 2);
+        fputs(exit_status_text, stdout);
         return 0;
     }
     GenerateArgs a;
@@ -1824,9 +1917,6 @@ static const char *eval_usage =
     "usage: diamond eval --model DIR --detector DIR --csv FILE --out DIR --steps N -W W -H H\n"
     "                    [sampling options] [--json FILE] [--shard I/N] [--quiet]\n"
     "       diamond eval --merge --out DIR [--json FILE]\n"
-    "       diamond search-seeds --model DIR --detector DIR --csv IN --out OUT.csv --steps N\n"
-    "                    -W W -H H [--start 4444] [--max-tries 1000] [--threshold 0.5]\n"
-    "                    [sampling options] [--quiet]\n"
     "\n"
     "eval runs each row of a `prompt,seed` or `embeddings,seed` CSV twice from the same noise\n"
     "(seed as generate --seed): plain (the baseline) and guided. Into --out go item_NNNNNN_baseline.png,\n"
@@ -1842,29 +1932,12 @@ static const char *eval_usage =
     "embeddings, say) gets an item file with \"failed\": its reason and no figures; it is not\n"
     "scored, the others run on, the table and --json (\"failed\") count it, eval exits 1, and\n"
     "a resumed run tries it again.\n"
-    "\n"
-    "  --csv FILE         header `prompt,seed` (prompts through DIR's prompt encoder, as\n"
-    "                     generate --prompt; eval keeps each distinct prompt's embeddings\n"
-    "                     in --out as prompt-HASH.safetensors and reads them on resume) or\n"
-    "                     `embeddings,seed` (paths relative to the CSV's directory; with both\n"
-    "                     columns the embeddings are used); other columns are ignored, quoted\n"
-    "                     fields may hold commas\n"
-    "  --out DIR          the results directory (made when absent)\n"
-    "  --json FILE        the overall figures: {\"n\", \"baseline\": {\"artifact_freq\",\n"
-    "                     \"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}; for\n"
-    "                     prompts in the embedded words world (64x32 images) also the oracle's\n"
-    "                     \"oracle_artifact_freq\" (% with an illegible glyph) and\n"
-    "                     \"oracle_read_acc\" (% reading as the prompt) in baseline and guided\n"
-    "  --shard I/N        only rows whose index % N == I (several processes or machines); a\n"
-    "                     shard without rows is an error\n"
-    "  --merge            the table and --json over every item_*.json in --out, by row index;\n"
-    "                     rows without an item (holes, or past the last up to the CSV's row\n"
-    "                     count the items record) are named in a warning\n"
-    "  sampling options   --steps, -W, -H, --guidance-scale, --lambda-schedule, --loss, --gate,\n"
-    "                     --mu, --cfg, --negative-prompt, --vae-memory, --threads,\n"
-    "                     --non-strict as in\n"
-    "                     diamond generate\n"
-    "                     --help\n"
+    "\n";
+
+static const char *search_usage =
+    "usage: diamond search-seeds --model DIR --detector DIR --csv IN --out OUT.csv --steps N\n"
+    "                    -W W -H H [--start 4444] [--max-tries 1000] [--threshold 0.5]\n"
+    "                    [sampling options] [--quiet]\n"
     "\n"
     "search-seeds is the official data set search: one seed counter, never reset, from --start;\n"
     "for each row of IN (a `prompt` or `embeddings` column) it tries consecutive seeds, at most\n"
@@ -1872,8 +1945,8 @@ static const char *eval_usage =
     "resized to the image, as upstream's max_confidence) >= --threshold. OUT gets `prompt,seed`\n"
     "or `embeddings,seed` (rewritten atomically after each row; paths as in IN when OUT is in\n"
     "IN's directory, else absolute); rows with no hit are reported on stderr and left out.\n"
-    "\n"
-    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+    "\n";
+
 
 #define EVAL_THRESHOLD 0.5f
 
@@ -1890,17 +1963,6 @@ typedef struct EvalArgs {
 
 /* ---- eval: options ---- */
 
-/* generate's options that eval and search-seeds share. */
-static bool eval_shared_option(const char *opt) {
-    static const char *const names[] = {"--model", "--detector", "--steps", "-W", "-H",
-                                        "--guidance-scale", "--lambda-schedule", "--loss",
-                                        "--gate", "--threads", "--mu", "--cfg",
-                                        "--negative-prompt", "--vae-memory", "--non-strict"};
-    for (size_t k = 0; k < sizeof names / sizeof *names; k++)
-        if (!strcmp(opt, names[k])) return true;
-    return false;
-}
-
 /* "I/N" with 0 <= I < N. */
 static int eval_parse_shard(const char *s, int *shard, int *shards) {
     char *slash = strchr(s, '/');
@@ -1912,52 +1974,87 @@ static int eval_parse_shard(const char *s, int *shard, int *shards) {
     return *shard < *shards ? 0 : -1;
 }
 
-/* Whether opt is an option with a value of eval (search false) or of search-seeds. */
-static bool eval_takes_value(const char *opt, bool search) {
-    static const char *const names[][3] = {{"--csv", "--out", NULL}, {"--json", "--shard", NULL},
-                                           {"--start", "--max-tries", "--threshold"}};
-    for (int set = 0; set < 3; set++)
-        for (int k = 0; k < 3 && names[set][k]; k++)
-            if (!strcmp(opt, names[set][k]) && (set == 0 || (set == 2) == search)) return true;
-    return false;
-}
-
-/* The value of an option of eval_takes_value. */
-static int eval_value_option(const char *opt, const char *val, EvalArgs *a, Error *e) {
-    if (!strcmp(opt, "--csv")) a->csv = val;
-    else if (!strcmp(opt, "--out")) a->out = val;
-    else if (!strcmp(opt, "--json")) a->json = val;
-    else if (!strcmp(opt, "--shard")) {
-        if (eval_parse_shard(val, &a->shard, &a->shards))
-            return error_set(e, "--shard: expected I/N with 0 <= I < N, got '%s'", val);
-    } else if (!strcmp(opt, "--start")) {
-        if (parse_seed(val, &a->start))
-            return error_set(e, "--start: expected a seed in 0..2^63-1, got '%s'", val);
-    } else if (!strcmp(opt, "--max-tries")) {
-        if (bench_parse_int(val, 1, 1 << 30, &a->max_tries))
-            return error_set(e, "--max-tries: expected a whole number >= 1, got '%s'", val);
-    } else if (generate_parse_float(val, 0.0f, 1.0f, &a->threshold)) { /* --threshold */
-        return error_set(e, "--threshold: expected a number in [0, 1], got '%s'", val);
-    }
+static int option_shard(const char *value, void *field, Error *e) {
+    EvalArgs *a = field;
+    if (eval_parse_shard(value, &a->shard, &a->shards))
+        return error_set(e, "--shard: expected I/N with 0 <= I < N, got '%s'", value);
     return 0;
 }
 
-/* An option of eval (a->search false) or search-seeds at argv[*i], moving *i past its value. */
-static int eval_option(int argc, char **argv, int *i, EvalArgs *a, Error *e) {
-    const char *opt = argv[*i];
-    if (eval_shared_option(opt)) {
-        a->sampling = true;
-        return generate_option(argc, argv, i, &a->gen, e);
-    }
-    if (!strcmp(opt, "--quiet")) a->gen.quiet = true;
-    else if (!a->search && !strcmp(opt, "--merge")) a->merge = true;
-    else if (!strcmp(opt, "--prompt") || !strcmp(opt, "--embeddings"))
-        return error_set(e, "%s: the prompts come from the CSV's `prompt` or `embeddings` column",
-                         opt);
-    else if (!eval_takes_value(opt, a->search)) return error_set(e, "unknown option '%s'", opt);
-    else if (*i + 1 >= argc) return error_set(e, "%s needs a value", opt);
-    else return eval_value_option(opt, argv[++*i], a, e);
+static int option_start(const char *value, void *field, Error *e) {
+    if (parse_seed(value, field))
+        return error_set(e, "--start: expected a seed in 0..2^63-1, got '%s'", value);
     return 0;
+}
+
+/* --prompt and --embeddings, which the CSV gives instead (left out of the help). */
+static int option_from_csv(const char *value, void *field, Error *e) {
+    (void)field;
+    return error_set(e, "--prompt or --embeddings '%s': the prompts come from the CSV's `prompt` "
+                        "or `embeddings` column", value);
+}
+
+#define EVAL_FIELD(f) offsetof(EvalArgs, f)
+#define EVAL_CSV_HELP                                                                              \
+    "header `prompt,seed` (prompts through DIR's prompt encoder, as\n"                             \
+    "generate --prompt; eval keeps each distinct prompt's embeddings\n"                            \
+    "in --out as prompt-HASH.safetensors and reads them on resume) or\n"                           \
+    "`embeddings,seed` (paths relative to the CSV's directory; with both\n"                        \
+    "columns the embeddings are used); other columns are ignored, quoted\n"                        \
+    "fields may hold commas"
+
+static const Option eval_options[] = {
+    {"--csv", "FILE", OPTION_TEXT, EVAL_FIELD(csv), 0, 0, NULL, EVAL_CSV_HELP},
+    {"--out", "DIR", OPTION_TEXT, EVAL_FIELD(out), 0, 0, NULL,
+     "the results directory (made when absent)"},
+    {"--json", "FILE", OPTION_TEXT, EVAL_FIELD(json), 0, 0, NULL,
+     "the overall figures: {\"n\", \"failed\", \"baseline\": {\"artifact_freq\",\n"
+     "\"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}; for\n"
+     "prompts in the embedded words world (64x32 images) also the oracle's\n"
+     "\"oracle_artifact_freq\" (% with an illegible glyph) and\n"
+     "\"oracle_read_acc\" (% reading as the prompt) in baseline and guided"},
+    {"--shard", "I/N", OPTION_PARSE, 0, 0, 0, option_shard,
+     "only rows whose index % N == I (several processes or machines); a\n"
+     "shard without rows is an error"},
+    {"--merge", NULL, OPTION_FLAG, EVAL_FIELD(merge), 0, 0, NULL,
+     "the table and --json over every item_*.json in --out, by row index;\n"
+     "rows without an item (holes, or past the last up to the CSV's row\n"
+     "count the items record) are named in a warning"},
+    {"--quiet", NULL, OPTION_FLAG, EVAL_FIELD(gen.quiet), 0, 0, NULL, "no progress on stderr"},
+    {"--prompt", "TEXT", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
+    {"--embeddings", "FILE", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
+};
+
+static const Option search_options[] = {
+    {"--csv", "IN", OPTION_TEXT, EVAL_FIELD(csv), 0, 0, NULL,
+     "a `prompt` or `embeddings` column (as eval's --csv; seeds ignored)"},
+    {"--out", "OUT.csv", OPTION_TEXT, EVAL_FIELD(out), 0, 0, NULL,
+     "the rows with the seed found for each"},
+    {"--start", "S", OPTION_PARSE, EVAL_FIELD(start), 0, 0, option_start,
+     "the first seed tried (default 4444, as official)"},
+    {"--max-tries", "N", OPTION_INT, EVAL_FIELD(max_tries), 1, 1 << 30, NULL,
+     "seeds tried per row at most (default 1000)"},
+    {"--threshold", "T", OPTION_FLOAT, EVAL_FIELD(threshold), 0, 1, NULL,
+     "the detector max a plain image must reach (default 0.5)"},
+    {"--quiet", NULL, OPTION_FLAG, EVAL_FIELD(gen.quiet), 0, 0, NULL, "no progress on stderr"},
+    {"--prompt", "TEXT", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
+    {"--embeddings", "FILE", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
+};
+
+/* The option sets of eval (search false) or search-seeds over a (NULL: for the help). */
+static void eval_option_sets(bool search, EvalArgs *a, OptionSet sets[2]) {
+    sets[0] = search ? (OptionSet){search_options, COUNT(search_options), a, false}
+                     : (OptionSet){eval_options, COUNT(eval_options), a, false};
+    sets[1] = (OptionSet){sampling_options, COUNT(sampling_options), a ? &a->gen : NULL, false};
+}
+
+/* --help of eval or search-seeds. */
+static void eval_help(bool search) {
+    OptionSet sets[2];
+    eval_option_sets(search, NULL, sets);
+    fputs(search ? search_usage : eval_usage, stdout);
+    options_help(stdout, sets, 2);
+    fputs(exit_status_text, stdout);
 }
 
 /* The command line of eval or search-seeds into a; 0, or -1 with a usage error in e. */
@@ -1965,8 +2062,10 @@ static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e)
     *a = (EvalArgs){.search = search, .shards = 1, .start = 4444, .max_tries = 1000,
                     .threshold = EVAL_THRESHOLD};
     if (generate_defaults(&a->gen, e)) return -1;
-    for (int i = 0; i < argc; i++)
-        if (eval_option(argc, argv, &i, a, e)) return -1;
+    OptionSet sets[2];
+    eval_option_sets(search, a, sets);
+    if (options_parse(sets, 2, argc, argv, search ? "search-seeds" : "eval", e)) return -1;
+    a->sampling = sets[1].used;
     const GenerateArgs *g = &a->gen;
     if (a->merge) {
         if (a->sampling || a->csv || a->shards > 1)
@@ -2533,7 +2632,7 @@ static int eval_merge(const EvalArgs *a, Error *e) {
 /* diamond eval ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int eval_main(int argc, char **argv) {
     if (asks_for_help(argc, argv)) {
-        fputs(eval_usage, stdout);
+        eval_help(false);
         return 0;
     }
     EvalArgs a;
@@ -2656,7 +2755,7 @@ static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
 /* diamond search-seeds ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int search_main(int argc, char **argv) {
     if (asks_for_help(argc, argv)) {
-        fputs(eval_usage, stdout);
+        eval_help(true);
         return 0;
     }
     EvalArgs a;

@@ -4,6 +4,10 @@
 #define DIAMOND_DIAMOND_H
 
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#include "io.h"
 
 /* What `diamond --version` prints, and what a generated PNG's parameters name. */
 #define DIAMOND_VERSION "diamond 2026.12"
@@ -12,6 +16,47 @@
 double now_seconds(void);
 /* Whether a command's arguments include --help or -h. */
 bool asks_for_help(int argc, char **argv);
+
+/* ---- options: each command's declared in one table ----
+ * An option names a field of the command's arguments struct by its offset, its kind says how
+ * the value is read, and its help is what --help prints; options_parse and options_help are
+ * the only parser and the only help layout. */
+typedef enum OptionKind {
+    OPTION_FLAG,  /* no value: the bool field becomes true */
+    OPTION_TEXT,  /* the value as it is (a path, a prompt): a const char * field */
+    OPTION_INT,   /* a whole number in [min, max]: an int field */
+    OPTION_FLOAT, /* a number in [min, max]: a float field */
+    OPTION_PARSE, /* parse(value, field, e): anything else (value NULL for a flag) */
+} OptionKind;
+
+typedef struct Option {
+    const char *name;  /* "--steps", "-W" */
+    const char *value; /* the value's name in the help ("N", "DIR"); NULL: takes none */
+    OptionKind kind;
+    size_t offset;     /* the field, from the start of the arguments struct */
+    double min, max;   /* OPTION_INT, OPTION_FLOAT */
+    int (*parse)(const char *value, void *field, Error *e); /* OPTION_PARSE; 0 or an error */
+    const char *help;  /* lines joined by '\n'; NULL: left out of the help */
+} Option;
+
+/* One table and the struct its offsets point into. used: set when one of its options was
+ * given. */
+typedef struct OptionSet {
+    const Option *options;
+    size_t count;
+    void *args;
+    bool used;
+} OptionSet;
+
+/* argv[0 .. argc) against the sets, in order; the first unknown option, missing value or bad
+ * value is an error naming it (`command` names the --help to read). */
+int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char *command,
+                  Error *e);
+/* Every option with a help, one entry each: name and value, then the help's lines aligned. */
+void options_help(FILE *f, const OptionSet *sets, int n_sets);
+/* OPTION_PARSE for --threads T (1..1024, an int field): OpenMP's thread count, for the whole
+ * process (a note on stderr without OpenMP). */
+int option_threads(const char *value, void *field, Error *e);
 
 /* The commands of train/commands.c: argv holds the arguments after the command's name; returns the
  * exit status (0 success, 1 runtime error, 2 bad command line). */
