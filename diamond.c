@@ -68,6 +68,13 @@ static const char *usage_text =
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
+/* The entries of a table. */
+#define COUNT(table) (sizeof (table) / sizeof *(table))
+
+/* The end of every command's --help. */
+static const char *exit_status_text =
+    "\nexit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+
 /* The iTXt key of the generation parameters in generate's PNGs (stable-diffusion tools' key). */
 #define GENERATE_PNG_KEY "parameters"
 
@@ -1046,33 +1053,29 @@ static const char *encode_usage =
     "attention_mask I64 [1, L]: what diffusers' encode_prompt makes, to cache, to hand to\n"
     "generate --embeddings, or to compare with another build. A prompt longer than L tokens is\n"
     "truncated (said on stderr), an empty one is encoded as it is.\n"
-    "\n"
-    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+    "\n";
 
 typedef struct EncodeArgs {
     const char *model, *prompt, *out;
-    int max_length;
+    int max_length, threads;
 } EncodeArgs;
+
+static const Option encode_options[] = {
+    {"--model", "DIR", OPTION_TEXT, offsetof(EncodeArgs, model), 0, 0, NULL,
+     "the pipeline directory (DIR/tokenizer and DIR/text_encoder for klein)"},
+    {"--prompt", "TEXT", OPTION_TEXT, offsetof(EncodeArgs, prompt), 0, 0, NULL, "the prompt"},
+    {"-o", "FILE", OPTION_TEXT, offsetof(EncodeArgs, out), 0, 0, NULL,
+     "the safetensors file to write"},
+    {"--max-length", "N", OPTION_INT, offsetof(EncodeArgs, max_length), 1, 1 << 16, NULL,
+     "tokens after the template (default 512, the pipeline's)"},
+    {"--threads", "T", OPTION_PARSE, offsetof(EncodeArgs, threads), 0, 0, option_threads,
+     "OpenMP threads"},
+};
 
 static int encode_parse(int argc, char **argv, EncodeArgs *a, Error *e) {
     *a = (EncodeArgs){0};
-    for (int i = 0; i < argc; i++) {
-        const char *opt = argv[i];
-        int threads;
-        if (i + 1 >= argc) return error_set(e, "%s needs a value (see diamond encode --help)", opt);
-        if (!strcmp(opt, "--model")) a->model = argv[++i];
-        else if (!strcmp(opt, "--prompt")) a->prompt = argv[++i];
-        else if (!strcmp(opt, "-o")) a->out = argv[++i];
-        else if (!strcmp(opt, "--max-length")) {
-            if (bench_parse_int(argv[++i], 1, 1 << 16, &a->max_length))
-                return error_set(e, "--max-length: expected 1..65536, got '%s'", argv[i]);
-        } else if (!strcmp(opt, "--threads")) {
-            if (bench_threads_option(argc, argv, i++, &threads))
-                return error_set(e, "--threads: expected 1..1024, got '%s'", argv[i]);
-        } else {
-            return error_set(e, "unknown option '%s'", opt);
-        }
-    }
+    OptionSet set = {encode_options, COUNT(encode_options), a, false};
+    if (options_parse(&set, 1, argc, argv, "encode", e)) return -1;
     const char *missing = !a->model ? "--model DIR" : !a->prompt ? "--prompt TEXT"
                         : !a->out ? "-o FILE.safetensors" : NULL;
     if (missing) return error_set(e, "missing %s (see diamond encode --help)", missing);
@@ -1082,7 +1085,10 @@ static int encode_parse(int argc, char **argv, EncodeArgs *a, Error *e) {
 /* diamond encode ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int encode_main(int argc, char **argv) {
     if (asks_for_help(argc, argv)) {
+        const OptionSet set = {encode_options, COUNT(encode_options), NULL, false};
         fputs(encode_usage, stdout);
+        options_help(stdout, &set, 1);
+        fputs(exit_status_text, stdout);
         return 0;
     }
     EncodeArgs a;
@@ -1118,9 +1124,6 @@ static const char *generate_usage =
     "guidance: each step decodes the clean estimate, runs the detector (DIR in the transformers\n"
     "layout) on it and moves the latent by lambda along the normalised gradient of the loss.\n"
     "\n";
-
-static const char *exit_status_text =
-    "\nexit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
 #define GENERATE_MAX_BATCH 64
 
@@ -1304,8 +1307,6 @@ static const Option sampling_options[] = {
      "default an error naming them, as PyTorch's strict loading)"},
     {"--quiet", NULL, OPTION_FLAG, GENERATE_FIELD(quiet), 0, 0, NULL, "no progress on stderr"},
 };
-
-#define COUNT(table) (sizeof (table) / sizeof *(table))
 
 /* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
 static int generate_defaults(GenerateArgs *a, Error *e) {
@@ -2779,14 +2780,7 @@ static const char *demo_usage =
     "each such pair again with guidance, and writes one row per pair: baseline | DIAMOND | the\n"
     "detector's heat map of each, 4x enlarged; stdout gets the detector's maximum, what the\n"
     "independent oracle reads, and the MAE of each pair.\n"
-    "\n"
-    "  --weights DIR   the embedded models (default: weights, else weights/ beside the binary)\n"
-    "  -o FILE         the picture (default diamond-demo.png; .png or .ppm)\n"
-    "  --pairs N       pairs to show (default 4, at most 16)\n"
-    "  --threads T     OpenMP threads\n"
-    "  --quiet         no progress on stderr\n"
-    "\n"
-    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+    "\n";
 
 /* The demo's guidance: the settings the README's eval table uses. */
 #define DEMO_SCHEDULE "linear:start=2,end=0.2"
@@ -2807,25 +2801,23 @@ typedef struct DemoArgs {
     char beside[PATH_BYTES]; /* weights/ beside the binary, when that is where they are */
 } DemoArgs;
 
+static const Option demo_options[] = {
+    {"--weights", "DIR", OPTION_TEXT, offsetof(DemoArgs, weights), 0, 0, NULL,
+     "the embedded models (default: weights, else weights/ beside the binary)"},
+    {"-o", "FILE", OPTION_TEXT, offsetof(DemoArgs, out), 0, 0, NULL,
+     "the picture (default diamond-demo.png; .png or .ppm)"},
+    {"--pairs", "N", OPTION_INT, offsetof(DemoArgs, pairs), 1, DEMO_MAX_PAIRS, NULL,
+     "pairs to show (default 4, at most 16)"},
+    {"--threads", "T", OPTION_PARSE, offsetof(DemoArgs, threads), 0, 0, option_threads,
+     "OpenMP threads"},
+    {"--quiet", NULL, OPTION_FLAG, offsetof(DemoArgs, quiet), 0, 0, NULL,
+     "no progress on stderr"},
+};
+
 static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Error *e) {
     *a = (DemoArgs){.out = "diamond-demo.png", .pairs = 4};
-    for (int i = 0; i < argc; i++) {
-        const char *opt = argv[i];
-        if (!strcmp(opt, "--quiet")) {
-            a->quiet = true;
-            continue;
-        }
-        if (i + 1 >= argc) return error_set(e, "%s: missing value (or unknown option)", opt);
-        const char *val = argv[++i];
-        char *end;
-        long v = strtol(val, &end, 10);
-        if (!strcmp(opt, "--weights")) a->weights = val;
-        else if (!strcmp(opt, "-o")) a->out = val;
-        else if (!strcmp(opt, "--pairs") && !*end && v >= 1 && v <= DEMO_MAX_PAIRS)
-            a->pairs = (int)v;
-        else if (!strcmp(opt, "--threads") && !*end && v >= 1 && v <= 4096) a->threads = (int)v;
-        else return error_set(e, "bad option or value: %s %s (see diamond demo --help)", opt, val);
-    }
+    OptionSet set = {demo_options, COUNT(demo_options), a, false};
+    if (options_parse(&set, 1, argc, argv, "demo", e)) return -1;
     const char *dot = strrchr(a->out, '.');
     if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
         return error_set(e, "-o %s: the picture must be .png or .ppm", a->out);
@@ -3022,7 +3014,10 @@ static int demo_run(const DemoArgs *d, Error *e) {
 /* diamond [demo] ...: 0 on success, 2 for a bad command line, 1 for anything else. */
 static int demo_main(int argc, char **argv, const char *argv0) {
     if (asks_for_help(argc, argv)) {
+        const OptionSet set = {demo_options, COUNT(demo_options), NULL, false};
         fputs(demo_usage, stdout);
+        options_help(stdout, &set, 1);
+        fputs(exit_status_text, stdout);
         return 0;
     }
     DemoArgs d;
@@ -3031,9 +3026,6 @@ static int demo_main(int argc, char **argv, const char *argv0) {
         fprintf(stderr, "diamond demo: %s\n", e.msg);
         return 2;
     }
-#ifdef _OPENMP
-    if (d.threads > 0) omp_set_num_threads(d.threads);
-#endif
     if (demo_run(&d, &e)) {
         fprintf(stderr, "diamond demo: %s\n", e.msg);
         return 1;

@@ -83,7 +83,7 @@ static void test_fixture_demo(Cli *c) {
     CHECK(run(c, "--weights %s -o %s --pairs 1 --threads 1", weights, out) == 0 &&
               log_has(c, "1 pairs"),
           "the demo's options without the word demo run the demo: %s", c->cmd);
-    CHECK(run(c, "--bogus 1") == 2 && log_has(c, "diamond demo: bad option"),
+    CHECK(run(c, "--bogus 1") == 2 && log_has(c, "diamond demo: unknown option '--bogus'"),
           "an unknown option without a command is the demo's usage error");
     CHECK(run(c, "demo --weights %s --pairs 0", weights) == 2, "--pairs 0 exits 2");
     CHECK(run(c, "demo --weights %s -o x.jpg", weights) == 2 && log_has(c, ".png or .ppm"),
