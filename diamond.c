@@ -68,13 +68,6 @@ static const char *usage_text =
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
-/* The entries of a table. */
-#define COUNT(table) (sizeof (table) / sizeof *(table))
-
-/* The end of every command's --help. */
-static const char *exit_status_text =
-    "\nexit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
-
 /* The iTXt key of the generation parameters in generate's PNGs (stable-diffusion tools' key). */
 #define GENERATE_PNG_KEY "parameters"
 
@@ -929,14 +922,22 @@ static int option_set(const Option *o, void *args, const char *value, Error *e) 
         *(int *)field = (int)whole;
         return 0;
     case OPTION_FLOAT:
+    case OPTION_DOUBLE:
         number = strtod(value, &end);
         if (end == value || *end || !(number >= o->min && number <= o->max))
             return error_set(e, "%s: expected a number in [%g, %g], got '%s'", o->name, o->min,
                              o->max, value);
-        *(float *)field = (float)number;
+        if (o->kind == OPTION_FLOAT) *(float *)field = (float)number;
+        else *(double *)field = number;
         return 0;
     case OPTION_PARSE:
-        return o->parse(value, field, e);
+        if (o->parse(value, field, e) == 0) return 0;
+        if (e && strncmp(e->msg, o->name, strlen(o->name))) { /* say which option */
+            char msg[sizeof e->msg];
+            memcpy(msg, e->msg, sizeof msg);
+            error_set(e, "%s: %s", o->name, msg);
+        }
+        return -1;
     }
     return error_set(e, "%s: an option of no kind", o->name);
 }
@@ -972,6 +973,19 @@ void options_help(FILE *f, const OptionSet *sets, int n_sets) {
                 if (*line) fprintf(f, "  %-22s", "");
             }
         }
+}
+
+void command_help(const char *usage, const OptionSet *sets, int n_sets) {
+    fputs(usage, stdout);
+    options_help(stdout, sets, n_sets);
+    fputs("\nexit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n",
+          stdout);
+}
+
+int option_seed(const char *value, void *field, Error *e) {
+    if (parse_seed(value, field))
+        return error_set(e, "expected a seed, a whole number in 0..2^63-1, got '%s'", value);
+    return 0;
 }
 
 int option_threads(const char *value, void *field, Error *e) {
@@ -1086,9 +1100,7 @@ static int encode_parse(int argc, char **argv, EncodeArgs *a, Error *e) {
 static int encode_main(int argc, char **argv) {
     if (asks_for_help(argc, argv)) {
         const OptionSet set = {encode_options, COUNT(encode_options), NULL, false};
-        fputs(encode_usage, stdout);
-        options_help(stdout, &set, 1);
-        fputs(exit_status_text, stdout);
+        command_help(encode_usage, &set, 1);
         return 0;
     }
     EncodeArgs a;
@@ -1893,9 +1905,7 @@ static int generate_main(int argc, char **argv) {
     if (asks_for_help(argc, argv)) {
         const OptionSet sets[] = {{generate_options, COUNT(generate_options), NULL, false},
                                   {sampling_options, COUNT(sampling_options), NULL, false}};
-        fputs(generate_usage, stdout);
-        options_help(stdout, sets, 2);
-        fputs(exit_status_text, stdout);
+        command_help(generate_usage, sets, 2);
         return 0;
     }
     GenerateArgs a;
@@ -1982,12 +1992,6 @@ static int option_shard(const char *value, void *field, Error *e) {
     return 0;
 }
 
-static int option_start(const char *value, void *field, Error *e) {
-    if (parse_seed(value, field))
-        return error_set(e, "--start: expected a seed in 0..2^63-1, got '%s'", value);
-    return 0;
-}
-
 /* --prompt and --embeddings, which the CSV gives instead (left out of the help). */
 static int option_from_csv(const char *value, void *field, Error *e) {
     (void)field;
@@ -2031,7 +2035,7 @@ static const Option search_options[] = {
      "a `prompt` or `embeddings` column (as eval's --csv; seeds ignored)"},
     {"--out", "OUT.csv", OPTION_TEXT, EVAL_FIELD(out), 0, 0, NULL,
      "the rows with the seed found for each"},
-    {"--start", "S", OPTION_PARSE, EVAL_FIELD(start), 0, 0, option_start,
+    {"--start", "S", OPTION_PARSE, EVAL_FIELD(start), 0, 0, option_seed,
      "the first seed tried (default 4444, as official)"},
     {"--max-tries", "N", OPTION_INT, EVAL_FIELD(max_tries), 1, 1 << 30, NULL,
      "seeds tried per row at most (default 1000)"},
@@ -2053,9 +2057,7 @@ static void eval_option_sets(bool search, EvalArgs *a, OptionSet sets[2]) {
 static void eval_help(bool search) {
     OptionSet sets[2];
     eval_option_sets(search, NULL, sets);
-    fputs(search ? search_usage : eval_usage, stdout);
-    options_help(stdout, sets, 2);
-    fputs(exit_status_text, stdout);
+    command_help(search ? search_usage : eval_usage, sets, 2);
 }
 
 /* The command line of eval or search-seeds into a; 0, or -1 with a usage error in e. */
@@ -3015,9 +3017,7 @@ static int demo_run(const DemoArgs *d, Error *e) {
 static int demo_main(int argc, char **argv, const char *argv0) {
     if (asks_for_help(argc, argv)) {
         const OptionSet set = {demo_options, COUNT(demo_options), NULL, false};
-        fputs(demo_usage, stdout);
-        options_help(stdout, &set, 1);
-        fputs(exit_status_text, stdout);
+        command_help(demo_usage, &set, 1);
         return 0;
     }
     DemoArgs d;

@@ -26,6 +26,7 @@ typedef enum OptionKind {
     OPTION_TEXT,  /* the value as it is (a path, a prompt): a const char * field */
     OPTION_INT,   /* a whole number in [min, max]: an int field */
     OPTION_FLOAT, /* a number in [min, max]: a float field */
+    OPTION_DOUBLE, /* the same into a double field */
     OPTION_PARSE, /* parse(value, field, e): anything else (value NULL for a flag) */
 } OptionKind;
 
@@ -38,6 +39,9 @@ typedef struct Option {
     int (*parse)(const char *value, void *field, Error *e); /* OPTION_PARSE; 0 or an error */
     const char *help;  /* lines joined by '\n'; NULL: left out of the help */
 } Option;
+
+/* The entries of a table. */
+#define COUNT(table) (sizeof (table) / sizeof *(table))
 
 /* One table and the struct its offsets point into. used: set when one of its options was
  * given. */
@@ -54,6 +58,11 @@ int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char
                   Error *e);
 /* Every option with a help, one entry each: name and value, then the help's lines aligned. */
 void options_help(FILE *f, const OptionSet *sets, int n_sets);
+/* A command's --help on stdout: usage (its synopsis and description), the options, the exit
+ * statuses. */
+void command_help(const char *usage, const OptionSet *sets, int n_sets);
+/* OPTION_PARSE for a seed (0..2^63-1, eval's and JSON's range) into a uint64_t field. */
+int option_seed(const char *value, void *field, Error *e);
 /* OPTION_PARSE for --threads T (1..1024, an int field): OpenMP's thread count, for the whole
  * process (a note on stderr without OpenMP). */
 int option_threads(const char *value, void *field, Error *e);

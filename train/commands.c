@@ -8,10 +8,6 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "../diamond.h"
 #include "train.h"
 
@@ -20,19 +16,33 @@
 static const char *world_usage =
     "usage: diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png|.ppm\n"
     "       diamond world --list N [--seed S]\n"
-    "  a scene of the words world (WORD: 2-4 letters or digits, drawn from the seed when absent),\n"
-    "  and with --corrupt its corruption (of type NAME, drawn when absent) and mask beside it,\n"
-    "  enlarged 4x; prints what the oracle reads in each. --list prints a `prompt` CSV of the\n"
-    "  words of the scenes of seeds S .. S+N-1 instead (an evaluation set for eval and\n"
-    "  search-seeds)\n";
+    "\n"
+    "A scene of the words world, and with --corrupt its corruption and mask beside it, enlarged\n"
+    "4x; prints what the oracle reads in each. --list prints the words of a run of scenes\n"
+    "instead: an evaluation set for eval and search-seeds.\n"
+    "\n";
 
 typedef struct WorldArgs {
-    const char *word, *out;
+    const char *word, *out, *type_name;
     uint64_t seed;
     bool corrupt;
     int type;
-    long list; /* > 0: print this many words instead of a picture */
+    int list; /* > 0: print this many words instead of a picture */
 } WorldArgs;
+
+static const Option world_options[] = {
+    {"--word", "WORD", OPTION_TEXT, offsetof(WorldArgs, word), 0, 0, NULL,
+     "2-4 letters or digits (drawn from the seed when absent)"},
+    {"--seed", "S", OPTION_PARSE, offsetof(WorldArgs, seed), 0, 0, option_seed,
+     "the scene's seed (default 0)"},
+    {"--corrupt", NULL, OPTION_FLAG, offsetof(WorldArgs, corrupt), 0, 0, NULL,
+     "the scene's corruption and its mask beside it"},
+    {"--type", "NAME", OPTION_TEXT, offsetof(WorldArgs, type_name), 0, 0, NULL,
+     "the corruption's type (drawn when absent)"},
+    {"-o", "OUT", OPTION_TEXT, offsetof(WorldArgs, out), 0, 0, NULL, "the picture (.png, .ppm)"},
+    {"--list", "N", OPTION_INT, offsetof(WorldArgs, list), 1, 1000000, NULL,
+     "a `prompt` CSV of the words of the scenes of seeds S .. S+N-1 instead"},
+};
 
 static int world_parse_type(const char *name) {
     for (int t = 0; t < WORLD_CORRUPTION_COUNT; t++)
@@ -42,29 +52,9 @@ static int world_parse_type(const char *name) {
 
 static int world_parse(int argc, char **argv, WorldArgs *a, Error *e) {
     *a = (WorldArgs){.type = WORLD_CORRUPT_ANY};
-    const char *type = NULL;
-    for (int i = 0; i < argc; i++) {
-        bool has_value = i + 1 < argc;
-        if (!strcmp(argv[i], "--corrupt")) {
-            a->corrupt = true;
-        } else if (!strcmp(argv[i], "--word") && has_value) {
-            a->word = argv[++i];
-        } else if (!strcmp(argv[i], "-o") && has_value) {
-            a->out = argv[++i];
-        } else if (!strcmp(argv[i], "--type") && has_value) {
-            type = argv[++i];
-        } else if (!strcmp(argv[i], "--seed") && has_value) {
-            if (parse_seed(argv[++i], &a->seed))
-                return error_set(e, "--seed '%s' is not a whole number in 0..2^63-1", argv[i]);
-        } else if (!strcmp(argv[i], "--list") && has_value) {
-            char *end;
-            a->list = strtol(argv[++i], &end, 10);
-            if (*end || a->list < 1 || a->list > 1000000)
-                return error_set(e, "--list '%s' is not a count in 1..1000000", argv[i]);
-        } else {
-            return error_set(e, "unknown option or missing value: '%s'", argv[i]);
-        }
-    }
+    OptionSet set = {world_options, COUNT(world_options), a, false};
+    if (options_parse(&set, 1, argc, argv, "world", e)) return -1;
+    const char *type = a->type_name;
     WorldScene check;
     if (a->word && world_scene(0, a->word, &check, e)) return -1;
     if (a->list && (a->word || a->corrupt || a->out))
@@ -159,7 +149,8 @@ static int world_run(const WorldArgs *a, Error *e) {
 
 int world_main(int argc, char **argv) {
     if (argc >= 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h"))) {
-        fputs(world_usage, stdout);
+        const OptionSet set = {world_options, COUNT(world_options), NULL, false};
+        command_help(world_usage, &set, 1);
         return 0;
     }
     WorldArgs a;
@@ -188,49 +179,70 @@ static const char *train_usage =
     "end, atomically). vae-decoder trains the decoder of the trained VAE in --vae alone (its\n"
     "encoder, so its latent space, is kept). `make -j2 weights` runs the whole recipe.\n"
     "\n"
-    "  --steps N        optimizer steps (default: the model's)\n"
-    "  --batch B        images per step (default: the model's)\n"
-    "  --lr LR          peak learning rate (default: the model's)\n"
-    "  --warmup N       warm-up steps (default: the model's)\n"
-    "  --clip C         the largest gradient norm (default 1; 0: off)\n"
-    "  --ema D          save the moving average of the weights over the steps, decay D\n"
-    "                   (e.g. 0.999; default 0: the last step's weights)\n"
-    "  --seed S         weights and batches (default 0)\n"
-    "  --vae DIR        text+flow, vae-decoder: the trained VAE (whose latents the flow model\n"
-    "                   learns; whose decoder vae-decoder trains on)\n"
-    "  --init DIR       text+flow: start from the trained models in DIR instead of fresh\n"
-    "                   weights (a second stage; give it another --seed for other batches)\n"
-    "  --uncond P       text+flow: train a share P of the samples on the empty prompt, so\n"
-    "                   the model also predicts the unconditional velocity that\n"
-    "                   classifier-free guidance (--cfg) needs (e.g. 0.1; default 0)\n"
-    "  --flow DIR       detector: also train on the images of the trained pipeline in DIR\n"
-    "                   (transformer/, text_encoder/, vae/), sampled as the demo samples,\n"
-    "                   labelled by the oracle (its illegible glyphs' boxes are the\n"
-    "                   artifacts): half of every batch, a tenth of them held out\n"
-    "  --samples N      detector --flow: how many images (default 2000)\n"
-    "  --exclude CSV    detector --flow: never sample a prompt of this CSV's `prompt`\n"
-    "                   column (the evaluation's)\n"
-    "  --latent-noise S vae-decoder: add Gaussian noise of std S to the normalised latent\n"
-    "                   tokens before decoding (a decoder for the flow model's inexact\n"
-    "                   latents; default 0)\n"
-    "  --log FILE       CSV step,loss,grad_norm,lr,seconds (written as it goes)\n"
-    "  --threads T      OpenMP threads\n"
-    "  --quiet          no progress on stderr\n"
-    "\n"
-    "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+    "\n";
 
 /* Directory arguments stay below this, so <dir>/<model>/<file> fits the path buffers. */
 #define TRAIN_MAX_PATH 4000
 
 typedef struct TrainArgs {
     const char *what, *config, *out, *vae, *init, *log, *flow, *exclude;
-    int64_t steps, warmup;
+    int steps, warmup; /* -1: the model's */
     int batch, threads, samples;
     float lr, latent_noise, ema;
     double clip, uncond;
     uint64_t seed;
     bool quiet;
 } TrainArgs;
+
+#define TRAIN_FIELD(f) offsetof(TrainArgs, f)
+
+static const Option train_options[] = {
+    {"--config", "DIR", OPTION_TEXT, TRAIN_FIELD(config), 0, 0, NULL, "the config files"},
+    {"--out", "DIR", OPTION_TEXT, TRAIN_FIELD(out), 0, 0, NULL, "the trained model's directory"},
+    {"--steps", "N", OPTION_INT, TRAIN_FIELD(steps), 1, 1 << 30, NULL,
+     "optimizer steps (default: the model's)"},
+    {"--batch", "B", OPTION_INT, TRAIN_FIELD(batch), 1, 4096, NULL,
+     "images per step (default: the model's)"},
+    {"--lr", "LR", OPTION_FLOAT, TRAIN_FIELD(lr), 1e-12, 1e6, NULL,
+     "peak learning rate (default: the model's)"},
+    {"--warmup", "N", OPTION_INT, TRAIN_FIELD(warmup), 0, 1 << 30, NULL,
+     "warm-up steps (default: the model's)"},
+    {"--clip", "C", OPTION_DOUBLE, TRAIN_FIELD(clip), 0, 1e6, NULL,
+     "the largest gradient norm (default 1; 0: off)"},
+    {"--ema", "D", OPTION_FLOAT, TRAIN_FIELD(ema), 0, 0.999999, NULL,
+     "save the moving average of the weights over the steps, decay D\n"
+     "(e.g. 0.999; default 0: the last step's weights)"},
+    {"--seed", "S", OPTION_PARSE, TRAIN_FIELD(seed), 0, 0, option_seed,
+     "weights and batches (default 0)"},
+    {"--vae", "DIR", OPTION_TEXT, TRAIN_FIELD(vae), 0, 0, NULL,
+     "text+flow, vae-decoder: the trained VAE (whose latents the flow model\n"
+     "learns; whose decoder vae-decoder trains on)"},
+    {"--init", "DIR", OPTION_TEXT, TRAIN_FIELD(init), 0, 0, NULL,
+     "text+flow: start from the trained models in DIR instead of fresh\n"
+     "weights (a second stage; give it another --seed for other batches)"},
+    {"--uncond", "P", OPTION_DOUBLE, TRAIN_FIELD(uncond), 0, 0.999999, NULL,
+     "text+flow: train a share P of the samples on the empty prompt, so\n"
+     "the model also predicts the unconditional velocity that\n"
+     "classifier-free guidance (--cfg) needs (e.g. 0.1; default 0)"},
+    {"--flow", "DIR", OPTION_TEXT, TRAIN_FIELD(flow), 0, 0, NULL,
+     "detector: also train on the images of the trained pipeline in DIR\n"
+     "(transformer/, text_encoder/, vae/), sampled as the demo samples,\n"
+     "labelled by the oracle (its illegible glyphs' boxes are the\n"
+     "artifacts): half of every batch, a tenth of them held out"},
+    {"--samples", "N", OPTION_INT, TRAIN_FIELD(samples), 1, 100000, NULL,
+     "detector --flow: how many images (default 2000)"},
+    {"--exclude", "CSV", OPTION_TEXT, TRAIN_FIELD(exclude), 0, 0, NULL,
+     "detector --flow: never sample a prompt of this CSV's `prompt`\n"
+     "column (the evaluation's)"},
+    {"--latent-noise", "S", OPTION_FLOAT, TRAIN_FIELD(latent_noise), 0, 1e6, NULL,
+     "vae-decoder: add Gaussian noise of std S to the normalised latent\n"
+     "tokens before decoding (a decoder for the flow model's inexact\n"
+     "latents; default 0)"},
+    {"--log", "FILE", OPTION_TEXT, TRAIN_FIELD(log), 0, 0, NULL,
+     "CSV step,loss,grad_norm,lr,seconds (written as it goes)"},
+    {"--threads", "T", OPTION_PARSE, TRAIN_FIELD(threads), 0, 0, option_threads, "OpenMP threads"},
+    {"--quiet", NULL, OPTION_FLAG, TRAIN_FIELD(quiet), 0, 0, NULL, "no progress on stderr"},
+};
 
 /* One model's trainer: its defaults, and how to make its task and save what it trained. */
 typedef struct Trainer {
@@ -498,55 +510,8 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
     if (argc < 1 || !train_find(argv[0]))
         return error_set(e, "train: say what to train: vae, vae-decoder, text+flow or detector");
     a->what = argv[0];
-    for (int i = 1; i < argc; i++) {
-        const char *opt = argv[i];
-        if (!strcmp(opt, "--quiet")) {
-            a->quiet = true;
-            continue;
-        }
-        if (i + 1 >= argc) return error_set(e, "%s: missing value (or unknown option)", opt);
-        const char *val = argv[++i];
-        char *end;
-        errno = 0;
-        if (!strcmp(opt, "--config")) a->config = val;
-        else if (!strcmp(opt, "--out")) a->out = val;
-        else if (!strcmp(opt, "--vae")) a->vae = val;
-        else if (!strcmp(opt, "--init")) a->init = val;
-        else if (!strcmp(opt, "--flow")) a->flow = val;
-        else if (!strcmp(opt, "--exclude")) a->exclude = val;
-        else if (!strcmp(opt, "--log")) a->log = val;
-        else if (!strcmp(opt, "--steps") || !strcmp(opt, "--warmup") || !strcmp(opt, "--seed") ||
-                 !strcmp(opt, "--batch") || !strcmp(opt, "--threads") ||
-                 !strcmp(opt, "--samples")) {
-            unsigned long long v = strtoull(val, &end, 10);
-            bool bad = val[0] == '-' || *end || end == val || errno || v > (1ull << 40);
-            if (bad || (v == 0 && strcmp(opt, "--warmup") && strcmp(opt, "--seed")) ||
-                (v > 4096 && (!strcmp(opt, "--batch") || !strcmp(opt, "--threads"))) ||
-                (v > 100000 && !strcmp(opt, "--samples")))
-                return error_set(e, "%s: '%s' is not a whole number in range", opt, val);
-            if (!strcmp(opt, "--steps")) a->steps = (int64_t)v;
-            else if (!strcmp(opt, "--warmup")) a->warmup = (int64_t)v;
-            else if (!strcmp(opt, "--seed")) a->seed = v;
-            else if (!strcmp(opt, "--batch")) a->batch = (int)v;
-            else if (!strcmp(opt, "--samples")) a->samples = (int)v;
-            else a->threads = (int)v;
-        } else if (!strcmp(opt, "--lr") || !strcmp(opt, "--clip") ||
-                   !strcmp(opt, "--latent-noise") || !strcmp(opt, "--ema") ||
-                   !strcmp(opt, "--uncond")) {
-            double v = strtod(val, &end);
-            bool is_lr = !strcmp(opt, "--lr"), is_ema = !strcmp(opt, "--ema"),
-                 is_uncond = !strcmp(opt, "--uncond");
-            if (*end || end == val || !(v >= 0.0 && v < 1e6) || (v == 0.0 && is_lr) ||
-                ((is_ema || is_uncond) && v >= 1.0))
-                return error_set(e, "%s: '%s' is not a number in range", opt, val);
-            if (is_lr) a->lr = (float)v;
-            else if (is_ema) a->ema = (float)v;
-            else if (is_uncond) a->uncond = v;
-            else if (!strcmp(opt, "--clip")) a->clip = v;
-            else a->latent_noise = (float)v;
-        } else
-            return error_set(e, "unknown option '%s' (see diamond train --help)", opt);
-    }
+    OptionSet set = {train_options, COUNT(train_options), a, false};
+    if (options_parse(&set, 1, argc - 1, argv + 1, "train", e)) return -1;
     if (!a->config || !a->out) return error_set(e, "train: --config DIR and --out DIR are needed");
     bool on_a_vae = !strcmp(a->what, "text+flow") || !strcmp(a->what, "vae-decoder");
     if (on_a_vae && !a->vae)
@@ -628,7 +593,8 @@ static int train_run_command(const TrainArgs *a, const Trainer *t, Error *e) {
 
 int train_main(int argc, char **argv) {
     if (asks_for_help(argc, argv)) {
-        fputs(train_usage, stdout);
+        const OptionSet set = {train_options, COUNT(train_options), NULL, false};
+        command_help(train_usage, &set, 1);
         return 0;
     }
     TrainArgs a;
@@ -638,9 +604,6 @@ int train_main(int argc, char **argv) {
         return 2;
     }
     train_defaults(&a, train_find(a.what));
-#ifdef _OPENMP
-    if (a.threads > 0) omp_set_num_threads(a.threads);
-#endif
     if (train_run_command(&a, train_find(a.what), &e)) {
         fprintf(stderr, "diamond train %s: %s\n", a.what, e.msg);
         return 1;
