@@ -243,17 +243,11 @@ static int parse_megabytes(const char *s, size_t *bytes) {
     return 0;
 }
 
-/* Applies `--threads T` when it is the option at argv[i]; returns 0 when handled. */
-static int bench_threads_option(int argc, char **argv, int i, int *threads) {
-    if (strcmp(argv[i], "--threads") || i + 1 >= argc ||
-        bench_parse_int(argv[i + 1], 1, 1024, threads))
-        return -1;
-#ifdef _OPENMP
-    omp_set_num_threads(*threads);
-#else
-    fprintf(stderr, "note: built without OpenMP, --threads %d ignored (1 thread)\n", *threads);
-    *threads = 1;
-#endif
+/* OPTION_PARSE for --vae-memory MB into a size_t of bytes. */
+static int option_megabytes(const char *value, void *field, Error *e) {
+    if (parse_megabytes(value, field))
+        return error_set(e, "--vae-memory: expected megabytes in 1..%d, got '%s'", MEGABYTES_MAX,
+                         value);
     return 0;
 }
 
@@ -313,22 +307,57 @@ static void attention_bench_backward(void *ctx) {
                        a->dv);
 }
 
+/* The options after a kernel benchmark's sizes. */
+typedef struct KernelBenchArgs {
+    bool trans_a, trans_b; /* gemm */
+    int groups;            /* conv */
+    int threads;
+} KernelBenchArgs;
+
+static const Option gemm_bench_options[] = {
+    {"--trans-a", NULL, OPTION_FLAG, offsetof(KernelBenchArgs, trans_a), 0, 0, NULL, "A as [K, M]"},
+    {"--trans-b", NULL, OPTION_FLAG, offsetof(KernelBenchArgs, trans_b), 0, 0, NULL, "B as [N, K]"},
+    {"--threads", "T", OPTION_PARSE, offsetof(KernelBenchArgs, threads), 0, 0, option_threads,
+     "OpenMP threads"},
+};
+static const Option conv_bench_options[] = {
+    {"--groups", "G", OPTION_INT, offsetof(KernelBenchArgs, groups), 1, 1 << 16, NULL, "groups"},
+    {"--threads", "T", OPTION_PARSE, offsetof(KernelBenchArgs, threads), 0, 0, option_threads,
+     "OpenMP threads"},
+};
+static const Option attention_bench_options[] = {
+    {"--threads", "T", OPTION_PARSE, offsetof(KernelBenchArgs, threads), 0, 0, option_threads,
+     "OpenMP threads"},
+};
+
+/* argv[first ..] against a kernel benchmark's options into a (threads: the current count unless
+ * given); 0, or 2 with the message on stderr. */
+static int kernel_bench_options(const char *name, const Option *options, size_t count, int argc,
+                                char **argv, int first, KernelBenchArgs *a) {
+    *a = (KernelBenchArgs){.groups = 1, .threads = bench_threads_now()};
+    OptionSet set = {options, count, a, false};
+    Error e = {{0}};
+    if (options_parse(&set, 1, argc - first, argv + first, NULL, &e) == 0) return 0;
+    fprintf(stderr, "diamond: bench %s: %s\n", name, e.msg);
+    return 2;
+}
+
 /* diamond bench attention B HEADS N HEAD_DIM [--threads T]: self-attention, q_len = kv_len = N,
  * no mask. Forward flops 4 B H N^2 D (two products); backward 10 B H N^2 D (five, one of them
  * the recomputed scores; the dq and dk/dv passes each recompute scores and dP, counted once). */
 static int bench_attention(int argc, char **argv) {
     AttentionBench a = {0};
-    int B, H, N, D, threads = bench_threads_now();
+    KernelBenchArgs k;
+    int B, H, N, D;
     if (argc < 7 || bench_parse_int(argv[3], 1, 1 << 16, &B) || bench_parse_int(argv[4], 1, 1 << 12, &H) ||
         bench_parse_int(argv[5], 1, 1 << 20, &N) || bench_parse_int(argv[6], 1, 1 << 12, &D)) {
         fprintf(stderr, "diamond: usage: diamond bench attention B HEADS N HEAD_DIM [--threads T]\n");
         return 2;
     }
-    for (int i = 7; i < argc; i += 2)
-        if (bench_threads_option(argc, argv, i, &threads)) {
-            fprintf(stderr, "diamond: bench attention: bad option '%s' (expected --threads T)\n", argv[i]);
-            return 2;
-        }
+    if (kernel_bench_options("attention", attention_bench_options,
+                             COUNT(attention_bench_options), argc, argv, 7, &k))
+        return 2;
+    int threads = k.threads;
     a.shape = (AttentionShape){B, H, H, N, N, D, false, NULL};
     a.scale = 1.0f / sqrtf((float)D);
     size_t n = (size_t)B * N * H * D;
@@ -376,7 +405,8 @@ static void conv_bench_forward_backward(void *ctx) {
  * over random data. Forward flops 2 B Cout Ho Wo (Cin/G) K^2; the backward does twice that. */
 static int bench_conv(int argc, char **argv) {
     static const char *names[] = {"B", "CIN", "H", "W", "COUT", "K", "STRIDE", "PAD"};
-    int v[8], groups = 1, threads = bench_threads_now();
+    int v[8];
+    KernelBenchArgs k;
     if (argc < 11) {
         fprintf(stderr, "diamond: usage: diamond bench conv B CIN H W COUT K STRIDE PAD "
                         "[--groups G] [--threads T]\n");
@@ -388,15 +418,10 @@ static int bench_conv(int argc, char **argv) {
                     names[i], i == 7 ? 0 : 1, argv[3 + i]);
             return 2;
         }
-    for (int i = 11; i < argc; i += 2) {
-        bool is_groups = !strcmp(argv[i], "--groups") && i + 1 < argc;
-        if (is_groups ? bench_parse_int(argv[i + 1], 1, 1 << 16, &groups)
-                      : bench_threads_option(argc, argv, i, &threads)) {
-            fprintf(stderr, "diamond: bench conv: bad option '%s' (expected --groups G or "
-                            "--threads T)\n", argv[i]);
-            return 2;
-        }
-    }
+    if (kernel_bench_options("conv", conv_bench_options, COUNT(conv_bench_options), argc, argv,
+                             11, &k))
+        return 2;
+    int groups = k.groups, threads = k.threads;
     ConvBench c = {.shape = {v[0], v[1], v[2], v[3], v[4], v[5], v[5], v[6], v[6], v[7], v[7], groups}};
     const Conv2dShape *s = &c.shape;
     int Ho = conv2d_out_h(s), Wo = conv2d_out_w(s);
@@ -454,26 +479,19 @@ static void gemm_bench_run(void *ctx) {
  * row-major; --trans-a stores A as [K,M], --trans-b B as [N,K] (a linear layer's weight). */
 static int bench_gemm(int argc, char **argv) {
     GemmBench g = {0};
-    int threads = bench_threads_now();
+    KernelBenchArgs k;
     if (argc < 6 || bench_parse_int(argv[3], 1, 1 << 16, &g.M) ||
         bench_parse_int(argv[4], 1, 1 << 16, &g.N) || bench_parse_int(argv[5], 1, 1 << 16, &g.K)) {
         fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--trans-a] [--trans-b] "
                         "[--threads T], sizes 1..65536\n");
         return 2;
     }
-    for (int i = 6; i < argc; i++) {
-        if (!strcmp(argv[i], "--trans-a")) {
-            g.trans_a = true;
-        } else if (!strcmp(argv[i], "--trans-b")) {
-            g.trans_b = true;
-        } else if (bench_threads_option(argc, argv, i, &threads) == 0) {
-            i++;
-        } else {
-            fprintf(stderr, "diamond: bench gemm: bad option '%s' (expected --trans-a, --trans-b "
-                            "or --threads T)\n", argv[i]);
-            return 2;
-        }
-    }
+    if (kernel_bench_options("gemm", gemm_bench_options, COUNT(gemm_bench_options), argc, argv, 6,
+                             &k))
+        return 2;
+    g.trans_a = k.trans_a;
+    g.trans_b = k.trans_b;
+    int threads = k.threads;
     size_t na = (size_t)g.M * g.K, nb = (size_t)g.K * g.N, nc = (size_t)g.M * g.N;
     g.A = malloc(na * sizeof(float));
     g.B = malloc(nb * sizeof(float));
@@ -526,37 +544,37 @@ static void bench_models_free(BenchModels *m) {
     tensor_free(m->image);
 }
 
-/* --model DIR --detector DIR -W W -H H [--config-only] [--text-len L] [--vae-memory MB]
- * [--threads T] from argv[3]; 0 on success, else the bad option in *bad. */
-static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, const char **bad) {
+#define BENCH_FIELD(f) offsetof(BenchModelArgs, f)
+
+static const Option bench_model_options[] = {
+    {"--model", "DIR", OPTION_TEXT, BENCH_FIELD(model), 0, 0, NULL, "the pipeline directory"},
+    {"--detector", "DIR", OPTION_TEXT, BENCH_FIELD(detector), 0, 0, NULL, "the detector"},
+    {"-W", "W", OPTION_INT, BENCH_FIELD(width), 1, IMAGE_MAX_SIDE, NULL, "image width"},
+    {"-H", "H", OPTION_INT, BENCH_FIELD(height), 1, IMAGE_MAX_SIDE, NULL, "image height"},
+    {"--config-only", NULL, OPTION_FLAG, BENCH_FIELD(config_only), 0, 0, NULL,
+     "random weights from the config files alone"},
+    {"--text-len", "L", OPTION_INT, BENCH_FIELD(text_len), 1, 1 << 16, NULL,
+     "prompt tokens (default 512)"},
+    {"--vae-memory", "MB", OPTION_PARSE, BENCH_FIELD(vae_memory), 0, 0, option_megabytes,
+     "as generate's"},
+    {"--only", "PART", OPTION_TEXT, BENCH_FIELD(only), 0, 0, NULL,
+     "bench model: transformer, vae or detector alone"},
+    {"--threads", "T", OPTION_PARSE, BENCH_FIELD(threads), 0, 0, option_threads,
+     "OpenMP threads"},
+};
+
+/* bench model's or bench step's options (argv[3] on) into a; 0, or -1 with the message in e. */
+static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, Error *e) {
     *a = (BenchModelArgs){.text_len = 512, .threads = bench_threads_now(),
                           .vae_memory = vae_default_memory(memory_available())};
-    for (int i = 3; i < argc; i++) {
-        const char *opt = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
-        bool ok = true;
-        *bad = opt;
-        if (!strcmp(opt, "--config-only")) {
-            a->config_only = true;
-            continue;
-        }
-        if (!value) return -1;
-        if (!strcmp(opt, "--model")) a->model = value;
-        else if (!strcmp(opt, "--detector")) a->detector = value;
-        else if (!strcmp(opt, "-W")) ok = !bench_parse_int(value, 1, IMAGE_MAX_SIDE, &a->width);
-        else if (!strcmp(opt, "-H")) ok = !bench_parse_int(value, 1, IMAGE_MAX_SIDE, &a->height);
-        else if (!strcmp(opt, "--text-len")) ok = !bench_parse_int(value, 1, 1 << 16, &a->text_len);
-        else if (!strcmp(opt, "--vae-memory")) ok = !parse_megabytes(value, &a->vae_memory);
-        else if (!strcmp(opt, "--only")) {
-            a->only = value;
-            ok = !strcmp(value, "transformer") || !strcmp(value, "vae") ||
-                 !strcmp(value, "detector");
-        }
-        else ok = !bench_threads_option(argc, argv, i, &a->threads);
-        if (!ok) return -1;
-        i++;
-    }
-    *bad = "--model, --detector, -W and -H";
-    return a->model && a->detector && a->width && a->height ? 0 : -1;
+    OptionSet set = {bench_model_options, COUNT(bench_model_options), a, false};
+    if (options_parse(&set, 1, argc - 3, argv + 3, NULL, e)) return -1;
+    if (a->only && strcmp(a->only, "transformer") && strcmp(a->only, "vae") &&
+        strcmp(a->only, "detector"))
+        return error_set(e, "--only: expected transformer, vae or detector, got '%s'", a->only);
+    if (!a->model || !a->detector || !a->width || !a->height)
+        return error_set(e, "--model, --detector, -W and -H are needed");
+    return 0;
 }
 
 /* Random values in [-1, 1) for t. */
@@ -707,12 +725,11 @@ static int bench_part(const char *what, BenchPart part, const BenchModels *m, do
 static int bench_models_open(int argc, char **argv, const char *name, BenchModels *m,
                              BenchModelArgs *args) {
     BenchModelArgs a;
-    const char *bad;
     Error e = {{0}};
-    if (bench_model_parse(argc, argv, &a, &bad)) {
-        fprintf(stderr, "diamond: bench %s: bad or missing option %s\nusage: diamond bench %s "
-                        "--model DIR --detector DIR -W W -H H [--config-only] [--text-len L] "
-                        "[--vae-memory MB] [--threads T]%s\n", name, bad, name,
+    if (bench_model_parse(argc, argv, &a, &e)) {
+        fprintf(stderr, "diamond: bench %s: %s\nusage: diamond bench %s --model DIR --detector DIR "
+                        "-W W -H H [--config-only] [--text-len L] [--vae-memory MB] "
+                        "[--threads T]%s\n", name, e.msg, name,
                 !strcmp(name, "model") ? " [--only transformer|vae|detector]" : "");
         return 2;
     }
@@ -784,28 +801,39 @@ static long bench_status_kib(const char *key) {
  * encoding of N tokens (default 512, the pipeline's length) by DIR's Qwen3 (DIR/text_encoder or
  * DIR itself), R of them real (default 20, a typical prompt) and the rest padding, as the klein
  * pipeline runs it; and peak memory, with what lies beyond the mapped weight files. */
+typedef struct BenchTextArgs {
+    const char *model;
+    bool config_only;
+    int tokens, real, threads;
+} BenchTextArgs;
+
+static const Option bench_text_options[] = {
+    {"--model", "DIR", OPTION_TEXT, offsetof(BenchTextArgs, model), 0, 0, NULL,
+     "DIR/text_encoder or DIR"},
+    {"--config-only", NULL, OPTION_FLAG, offsetof(BenchTextArgs, config_only), 0, 0, NULL,
+     "random weights from the config alone"},
+    {"--tokens", "N", OPTION_INT, offsetof(BenchTextArgs, tokens), 1, 1 << 16, NULL,
+     "tokens encoded (default 512)"},
+    {"--real", "R", OPTION_INT, offsetof(BenchTextArgs, real), 1, 1 << 16, NULL,
+     "of them real, the rest padding (default 20)"},
+    {"--threads", "T", OPTION_PARSE, offsetof(BenchTextArgs, threads), 0, 0, option_threads,
+     "OpenMP threads"},
+};
+
 static int bench_text(int argc, char **argv) {
-    const char *model = NULL;
-    bool config_only = false;
-    int tokens = KLEIN_MAX_LENGTH, real = 20, threads;
-    for (int i = 3; i < argc; i++) {
-        bool value = i + 1 < argc;
-        if (!strcmp(argv[i], "--config-only")) config_only = true;
-        else if (!strcmp(argv[i], "--model") && value) model = argv[++i];
-        else if (!strcmp(argv[i], "--tokens") && value && !bench_parse_int(argv[i + 1], 1, 1 << 16, &tokens)) i++;
-        else if (!strcmp(argv[i], "--real") && value && !bench_parse_int(argv[i + 1], 1, 1 << 16, &real)) i++;
-        else if (bench_threads_option(argc, argv, i, &threads) == 0) i++;
-        else {
-            fprintf(stderr, "usage: diamond bench text --model DIR [--config-only] [--tokens N] "
-                            "[--real R] [--threads T] (bad or unknown '%s')\n", argv[i]);
-            return 2;
-        }
-    }
-    if (!model || real > tokens) {
-        fputs("usage: diamond bench text --model DIR [--config-only] [--tokens N] [--real R <= N] "
-              "[--threads T]\n", stderr);
+    BenchTextArgs a = {.tokens = KLEIN_MAX_LENGTH, .real = 20};
+    OptionSet set = {bench_text_options, COUNT(bench_text_options), &a, false};
+    Error parse_error = {{0}};
+    int bad = options_parse(&set, 1, argc - 3, argv + 3, NULL, &parse_error);
+    if (bad || !a.model || a.real > a.tokens) {
+        fprintf(stderr, "diamond: bench text: %s\nusage: diamond bench text --model DIR "
+                        "[--config-only] [--tokens N] [--real R <= N] [--threads T]\n",
+                bad ? parse_error.msg : "--model DIR is needed, and R <= N");
         return 2;
     }
+    const char *model = a.model;
+    bool config_only = a.config_only;
+    int tokens = a.tokens, real = a.real;
     char dir[PATH_BYTES];
     struct stat sb;
     Error e = {{0}};
@@ -947,7 +975,9 @@ int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char
     for (int i = 0; i < argc; i++) {
         OptionSet *set;
         const Option *o = option_find(sets, n_sets, argv[i], &set);
-        if (!o) return error_set(e, "unknown option '%s' (see diamond %s --help)", argv[i], command);
+        if (!o && command)
+            return error_set(e, "unknown option '%s' (see diamond %s --help)", argv[i], command);
+        if (!o) return error_set(e, "unknown option '%s' (see diamond help)", argv[i]);
         if (o->value && i + 1 >= argc) return error_set(e, "%s needs a value %s", o->name, o->value);
         if (option_set(o, set->args, o->value ? argv[++i] : NULL, e)) return -1;
         set->used = true;
@@ -1197,13 +1227,6 @@ static int option_mu(const char *value, void *field, Error *e) {
         return error_set(e, "--mu: expected a number in [-10, 10], got '%s'", value);
     o->set_mu = true;
     o->mu = mu;
-    return 0;
-}
-
-static int option_megabytes(const char *value, void *field, Error *e) {
-    if (parse_megabytes(value, field))
-        return error_set(e, "--vae-memory: expected megabytes in 1..%d, got '%s'", MEGABYTES_MAX,
-                         value);
     return 0;
 }
 

@@ -53,7 +53,7 @@ typedef struct OptionSet {
 } OptionSet;
 
 /* argv[0 .. argc) against the sets, in order; the first unknown option, missing value or bad
- * value is an error naming it (`command` names the --help to read). */
+ * value is an error naming it (`command` names the --help to read; NULL: diamond help). */
 int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char *command,
                   Error *e);
 /* Every option with a help, one entry each: name and value, then the help's lines aligned. */

@@ -2738,6 +2738,54 @@ void token_ids_free(TokenIds *ids) {
     *ids = (TokenIds){0};
 }
 
+/* ==== specs ==== */
+
+int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
+                           Error *e) {
+    while (list && *list) {
+        const char *comma = strchr(list, ',');
+        size_t len = comma ? (size_t)(comma - list) : strlen(list);
+        const char *eq = memchr(list, '=', len);
+        if (!eq) return error_set(e, "%s: expected key=value, got '%.*s'", what, (int)len, list);
+        int k = 0;
+        while (k < n_keys && !(strlen(keys[k].name) == (size_t)(eq - list) &&
+                               !strncmp(keys[k].name, list, (size_t)(eq - list))))
+            k++;
+        if (k == n_keys)
+            return error_set(e, "%s: unknown key '%.*s'", what, (int)(eq - list), list);
+        char number[64];
+        size_t nlen = len - (size_t)(eq - list) - 1;
+        char *end = number;
+        double v = NAN;
+        if (nlen > 0 && nlen < sizeof number) {
+            memcpy(number, eq + 1, nlen);
+            number[nlen] = '\0';
+            v = strtod(number, &end);
+        }
+        if (nlen == 0 || nlen >= sizeof number || *end || !isfinite(v) || v < keys[k].lo ||
+            v > keys[k].hi || (keys[k].integer && v != floor(v)))
+            return error_set(e, "%s: %s must be %s in [%g, %g], got '%.*s'", what, keys[k].name,
+                             keys[k].integer ? "a whole number" : "a number", keys[k].lo,
+                             keys[k].hi, (int)nlen, eq + 1);
+        *keys[k].value = v;
+        list = comma ? comma + 1 : NULL;
+    }
+    return 0;
+}
+
+int spec_type(const char *spec, const char *const *names, int n_names) {
+    const char *colon = strchr(spec, ':');
+    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
+    for (int i = 0; i < n_names; i++)
+        if (strlen(names[i]) == len && !strncmp(names[i], spec, len)) return i;
+    return -1;
+}
+
+const char *spec_keys_after_colon(const char *spec) {
+    const char *colon = strchr(spec, ':');
+    return colon ? colon + 1 : NULL;
+}
+
 /* ==== evaluation sets (CSV) ==== */
 
 void eval_csv_free(EvalCsv *c) {

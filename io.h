@@ -285,6 +285,26 @@ int32_t tokenizer_vocab_size(const Tokenizer *t);
 /* The pad token's id, -1 when there is none. */
 int32_t tokenizer_pad_id(const Tokenizer *t);
 
+/* ---- specs: TYPE[:key=value,...] ------------------------------------------------------------
+ * The small grammar of options like --lambda-schedule power:start=12,end=1. */
+
+/* One "key=value" a spec accepts: a finite number in [lo, hi], a whole one when integer. */
+typedef struct SpecKey {
+    const char *name;
+    double *value;
+    double lo, hi;
+    bool integer;
+} SpecKey;
+
+/* Reads the "key=value,key=value" list after the colon of spec into the matching keys; `what`
+ * names the option in errors ("--lambda-schedule power"). */
+int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
+                    Error *e);
+/* The type name before the colon of spec (or all of it) as an index into names, or -1. */
+int spec_type(const char *spec, const char *const *names, int n_names);
+/* The key=value list after spec's colon, or NULL without one. */
+const char *spec_keys_after_colon(const char *spec);
+
 /* ---- evaluation sets (CSV) ------------------------------------------------------------- */
 
 /* One data row of a CSV. */

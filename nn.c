@@ -99,22 +99,6 @@ static int params_read(const StModel *m, const char *name, int ndim, const int64
     return 0;
 }
 
-StWriteTensor st_entry_f32(const char *name, const Tensor *t) {
-    StWriteTensor w = {.name = name, .dtype = DTYPE_F32, .ndim = t->ndim, .data = t->data};
-    for (int d = 0; d < t->ndim; d++) w.shape[d] = t->shape[d];
-    return w;
-}
-
-int params_save(const Params *p, const char *path, Error *e) {
-    int n = params_count(p);
-    StWriteTensor *items = calloc((size_t)(n ? n : 1), sizeof *items);
-    if (!items) return error_set(e, "out of memory saving %s", path);
-    for (int i = 0; i < n; i++) items[i] = st_entry_f32(params_name(p, i), params_var(p, i)->value);
-    int rc = st_write(path, items, (size_t)n, e);
-    free(items);
-    return rc;
-}
-
 static bool ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), k = strlen(suffix);
     return n >= k && !strcmp(s + n - k, suffix);
@@ -775,24 +759,33 @@ static int error_context(Error *e, const char *what) {
     return error_set(e, "%s: %s", what, msg);
 }
 
-/* The weights the config implies, checked in m->weights (files: each tensor there with its shape,
- * an error naming the first that is not, and no tensor there that it does not imply) or made
- * there (config-only: st_model_random's values under the same names and shapes). */
-static int flux2_weights_open(Flux2 *m, const char *dir, WeightSource source, uint64_t seed,
-                              Error *e) {
+/* Every tensor a streaming model reads, named and shaped through p (checked, or listed). */
+typedef int (*WeightWalk)(const void *config, WeightPart *p, Error *e);
+
+/* The weights a streaming model reads where they lie (*weights): the files in dir, each tensor
+ * walk names checked there with its shape, and no tensor there that walk does not name or
+ * that does not start with a prefix of leave (weights_all_read); or st_model_random's values
+ * under the names and shapes walk lists (config-only). */
+static int stored_weights_open(StModel **weights, const char *dir, WeightSource source,
+                               uint64_t seed, WeightWalk walk, const void *config,
+                               const char *const *leave, Error *e) {
     SpecList list = {0};
     WeightPart names = {.mode = PART_LIST, .list = &list};
-    int status = flux2_walk_names(&m->config, &names, e);
+    int status = walk(config, &names, e);
     if (!status && !weights_from_files(source))
-        status = st_model_random(&m->weights, list.specs, list.count, seed, e);
-    if (!status && weights_from_files(source)) status = st_model_open(&m->weights, dir, e);
+        status = st_model_random(weights, list.specs, list.count, seed, e);
+    if (!status && weights_from_files(source)) status = st_model_open(weights, dir, e);
     if (!status && weights_from_files(source)) {
-        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
-        if (flux2_walk_names(&m->config, &check, e)) status = error_context(e, dir);
-        else status = weights_all_read(source, m->weights, spec_list_reads, &list, NULL, dir, e);
+        WeightPart check = {.weights = *weights, .mode = PART_CHECK};
+        if (walk(config, &check, e)) status = error_context(e, dir);
+        else status = weights_all_read(source, *weights, spec_list_reads, &list, leave, dir, e);
     }
     spec_list_free(&list);
-    return status;
+    return status ? -1 : 0;
+}
+
+static int flux2_walk(const void *config, WeightPart *p, Error *e) {
+    return flux2_walk_names(config, p, e);
 }
 
 /* Every weight of m converted once from params into m->resident (f32 leaves). */
@@ -810,8 +803,10 @@ int flux2_open(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
     Flux2 *m = calloc(1, sizeof *m);
     if (!m) return error_set(e, "out of memory loading %s", dir);
     int status = flux2_config_read(&m->config, path, e) ||
-                 (source == WEIGHTS_FRESH ? flux2_hold(m, params_new_init(seed), e)
-                                          : flux2_weights_open(m, dir, source, seed, e));
+                 (source == WEIGHTS_FRESH
+                      ? flux2_hold(m, params_new_init(seed), e)
+                      : stored_weights_open(&m->weights, dir, source, seed, flux2_walk,
+                                            &m->config, NULL, e));
     if (status) {
         flux2_free(m);
         return -1;
@@ -1894,40 +1889,34 @@ static int qwen3_walk_names(const Qwen3Config *c, WeightPart *p, Error *e) {
     return 0;
 }
 
-/* The tensors a prompt encoding reads (list), and the first layer it leaves. */
-typedef struct Qwen3Reads {
-    const SpecList *list;
-    int first_left;
-} Qwen3Reads;
-
-/* Whether an encoding reads name, or leaves it by design: the layers after the last hidden state
- * it takes. (The final norm and the LM head are left by prefix.) */
-static bool qwen3_reads_or_leaves(const void *ctx, const char *name) {
-    const Qwen3Reads *r = ctx;
-    int layer;
-    if (sscanf(name, "model.layers.%d.", &layer) == 1 && layer >= r->first_left) return true;
-    return spec_list_reads(r->list, name);
+static int qwen3_walk(const void *config, WeightPart *p, Error *e) {
+    return qwen3_walk_names(config, p, e);
 }
 
-/* The weights every call reads: the files in dir, checked (each tensor there with its shape, and
- * none there that an encoding neither reads nor leaves by design), or random ones listed by
- * name. */
+/* The weights every call reads (stored_weights_open). An encoding leaves, by design, the final
+ * norm, the LM head and the layers after the last hidden state it takes. */
 static int qwen3_weights(Qwen3 *m, const char *dir, WeightSource source, uint64_t seed, Error *e) {
-    static const char *const leaves[] = {"model.norm.", "lm_head.", NULL};
-    SpecList list = {0};
-    WeightPart names = {.mode = PART_LIST, .list = &list};
-    int status = qwen3_walk_names(&m->config, &names, e);
-    if (!status && !weights_from_files(source))
-        status = st_model_random(&m->weights, list.specs, list.count, seed, e);
-    if (!status && weights_from_files(source)) status = st_model_open(&m->weights, dir, e);
-    if (!status && weights_from_files(source)) {
-        WeightPart check = {.weights = m->weights, .mode = PART_CHECK};
-        Qwen3Reads reads = {&list, QWEN3_KLEIN_LAYERS[2]};
-        if (qwen3_walk_names(&m->config, &check, e)) status = error_context(e, dir);
-        else status = weights_all_read(source, m->weights, qwen3_reads_or_leaves, &reads, leaves, dir, e);
+    int first = QWEN3_KLEIN_LAYERS[2], left = m->config.num_layers - first;
+    char (*layers)[32] = malloc((size_t)(left > 0 ? left : 1) * sizeof *layers);
+    const char **leave = malloc((size_t)(left > 0 ? left + 3 : 3) * sizeof *leave);
+    if (!layers || !leave) {
+        free(layers);
+        free(leave);
+        return error_set(e, "out of memory");
     }
-    spec_list_free(&list);
-    return status ? -1 : 0;
+    int n = 0;
+    leave[n++] = "model.norm.";
+    leave[n++] = "lm_head.";
+    for (int i = 0; i < left; i++) {
+        snprintf(layers[i], sizeof layers[i], "model.layers.%d.", first + i);
+        leave[n++] = layers[i];
+    }
+    leave[n] = NULL;
+    int status = stored_weights_open(&m->weights, dir, source, seed, qwen3_walk, &m->config,
+                                     leave, e);
+    free(layers);
+    free(leave);
+    return status;
 }
 
 int qwen3_open(Qwen3 **out, const char *dir, WeightSource source, uint64_t seed, Error *e) {
@@ -3027,22 +3016,10 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
     return ag_mul_rows(t, ag_add_rows(t, tokens, m->bn_neg_mean), m->bn_rstd);
 }
 
-Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
-                             Var *noise) {
-    int h, w;
-    Var *tokens = vae_encode(t, enc, image, &h, &w);
-    if (!tokens) return NULL;
-    if (noise) tokens = ag_add(t, tokens, noise);
-    Var *error = ag_add(t, vae_decode(t, dec, tokens, h, w), ag_scale(t, image, -1.0f));
-    return ag_mean(t, ag_mul(t, error, error));
-}
-
 /* ---- end section: vae ---- */
 
 /* ---- section: segformer ---------------------------------------------------------------------- */
 
-/* Every LayerNorm and the batch norm: PyTorch's default, as upstream passes none. */
-#define SEGFORMER_NORM_EPS 1e-5f
 /* A bound on every size in config.json, so products of them stay far inside int. */
 #define SEGFORMER_MAX_SIZE 65536
 
@@ -3818,63 +3795,6 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
 }
 
 /* --- parsing the schedule and loss specs --- */
-
-/* One "key=value" a spec accepts: a finite number in [lo, hi], a whole one when integer. */
-typedef struct SpecKey {
-    const char *name;
-    double *value;
-    double lo, hi;
-    bool integer;
-} SpecKey;
-
-/* Reads the "key=value,key=value" list after the colon of spec into the matching keys; `what`
- * names the option in errors ("--lambda-schedule power"). */
-static int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
-                           Error *e) {
-    while (list && *list) {
-        const char *comma = strchr(list, ',');
-        size_t len = comma ? (size_t)(comma - list) : strlen(list);
-        const char *eq = memchr(list, '=', len);
-        if (!eq) return error_set(e, "%s: expected key=value, got '%.*s'", what, (int)len, list);
-        int k = 0;
-        while (k < n_keys && !(strlen(keys[k].name) == (size_t)(eq - list) &&
-                               !strncmp(keys[k].name, list, (size_t)(eq - list))))
-            k++;
-        if (k == n_keys)
-            return error_set(e, "%s: unknown key '%.*s'", what, (int)(eq - list), list);
-        char number[64];
-        size_t nlen = len - (size_t)(eq - list) - 1;
-        char *end = number;
-        double v = NAN;
-        if (nlen > 0 && nlen < sizeof number) {
-            memcpy(number, eq + 1, nlen);
-            number[nlen] = '\0';
-            v = strtod(number, &end);
-        }
-        if (nlen == 0 || nlen >= sizeof number || *end || !isfinite(v) || v < keys[k].lo ||
-            v > keys[k].hi || (keys[k].integer && v != floor(v)))
-            return error_set(e, "%s: %s must be %s in [%g, %g], got '%.*s'", what, keys[k].name,
-                             keys[k].integer ? "a whole number" : "a number", keys[k].lo,
-                             keys[k].hi, (int)nlen, eq + 1);
-        *keys[k].value = v;
-        list = comma ? comma + 1 : NULL;
-    }
-    return 0;
-}
-
-/* The type name before the colon of spec (or all of it) as an index into names, or -1. */
-static int spec_type(const char *spec, const char *const *names, int n_names) {
-    const char *colon = strchr(spec, ':');
-    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
-    for (int i = 0; i < n_names; i++)
-        if (strlen(names[i]) == len && !strncmp(names[i], spec, len)) return i;
-    return -1;
-}
-
-static const char *spec_keys_after_colon(const char *spec) {
-    const char *colon = strchr(spec, ':');
-    return colon ? colon + 1 : NULL;
-}
 
 int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
     static const char *const names[] = {"constant", "linear", "power", "cosine", "hard_then_exp",

@@ -92,10 +92,6 @@ typedef struct NormParams {
 } NormParams;
 int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *prefix, Error *e);
 
-/* t as an F32 entry of a safetensors file to write (pointing at t's data). */
-StWriteTensor st_entry_f32(const char *name, const Tensor *t);
-/* Every named entry (parameters and buffers) as F32 into one safetensors file, atomically. */
-int params_save(const Params *p, const char *path, Error *e);
 
 /* ---- section: flux2 ---------------------------------------------------------------------------
  * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin). Loaded
@@ -373,11 +369,6 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w);
  * bn.running_var of both halves (either may be NULL), and into what they derive from them. */
 int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
                          Error *e);
-/* image: [B, in_channels, H, W] -> [1], the training loss mean((decode(encode(image) + noise) -
- * image)^2) (H and W as vae_encode wants them; out_channels must equal in_channels); noise: NULL
- * or [B, tokens, packed channels] like encode's tokens, added to them. */
-Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
-                             Var *noise);
 
 /* latent [B, C, h*ph, w*pw] -> tokens [B, h*w, C*ph*pw], vae_decode's unpacking inverse before the
  * normalisation: pixel (y*ph + pi, x*pw + pj) of channel c is packed channel c*ph*pw + pi*pw + pj

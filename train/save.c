@@ -9,6 +9,24 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* ---- entries ---- */
+
+StWriteTensor st_entry_f32(const char *name, const Tensor *t) {
+    StWriteTensor w = {.name = name, .dtype = DTYPE_F32, .ndim = t->ndim, .data = t->data};
+    for (int d = 0; d < t->ndim; d++) w.shape[d] = t->shape[d];
+    return w;
+}
+
+int params_save(const Params *p, const char *path, Error *e) {
+    int n = params_count(p);
+    StWriteTensor *items = calloc((size_t)(n ? n : 1), sizeof *items);
+    if (!items) return error_set(e, "out of memory saving %s", path);
+    for (int i = 0; i < n; i++) items[i] = st_entry_f32(params_name(p, i), params_var(p, i)->value);
+    int rc = st_write(path, items, (size_t)n, e);
+    free(items);
+    return rc;
+}
+
 /* ---- the transformer and the text encoder ---- */
 
 /* v in the fewest significant digits that read back as the same double ("1e-06", "3", "0.5"). */

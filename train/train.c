@@ -968,6 +968,18 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) 
 
 /* ---- end section: vae_train ---- */
 
+/* ---- section: the VAE's training loss ---- */
+
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
+                             Var *noise) {
+    int h, w;
+    Var *tokens = vae_encode(t, enc, image, &h, &w);
+    if (!tokens) return NULL;
+    if (noise) tokens = ag_add(t, tokens, noise);
+    Var *error = ag_add(t, vae_decode(t, dec, tokens, h, w), ag_scale(t, image, -1.0f));
+    return ag_mean(t, ag_mul(t, error, error));
+}
+
 /* ---- section: the oracle's verdict ---- */
 
 int metrics_oracle(const uint8_t *baseline, const uint8_t *guided, int H, int W,

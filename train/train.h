@@ -283,7 +283,20 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e);
 
 /* ---- end section: vae_train ---- */
 
+/* ---- section: the VAE's training loss ---- */
+
+/* image: [B, in_channels, H, W] -> [1], the training loss mean((decode(encode(image) + noise) -
+ * image)^2) (H and W as vae_encode wants them; out_channels must equal in_channels); noise: NULL
+ * or [B, tokens, packed channels] like encode's tokens, added to them. */
+Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
+                             Var *noise);
+
 /* ---- section: saving the trained models (train/save.c) ---- */
+
+/* t as an F32 entry of a safetensors file to write (pointing at t's data). */
+StWriteTensor st_entry_f32(const char *name, const Tensor *t);
+/* Every named entry (parameters and buffers) as F32 into one safetensors file, atomically. */
+int params_save(const Params *p, const char *path, Error *e);
 
 /* A resident model into dir (made when absent): config.json and
  * diffusion_pytorch_model.safetensors (f32, upstream names), which flux2_open reads back. */
