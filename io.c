@@ -2890,15 +2890,24 @@ static int eval_csv_add(EvalCsv *c, char **fields, int col, int seed_col, const 
 }
 
 int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e) {
-    char *text = NULL, *buf = NULL, *fields[EVAL_CSV_MAX_FIELDS], *header[EVAL_CSV_MAX_FIELDS];
-    size_t len = 0, pos = 0;
+    char *text = NULL;
+    size_t len = 0;
     *c = (EvalCsv){0};
     if (file_read_all(path, &text, &len, e)) return -1;
+    int rc = eval_csv_parse(text, len, path, need_seed, c, e);
+    free(text);
+    return rc;
+}
+
+int eval_csv_parse(const char *text, size_t len, const char *path, bool need_seed, EvalCsv *c,
+                   Error *e) {
+    char *buf = NULL, *fields[EVAL_CSV_MAX_FIELDS], *header[EVAL_CSV_MAX_FIELDS];
+    size_t pos = 0;
+    *c = (EvalCsv){0};
     const char *nul = memchr(text, '\0', len);
     if (nul) { /* C strings would end there: a prompt cut short, silently */
         int at = 1;
         for (const char *p = text; p < nul; p++) at += *p == '\n';
-        free(text);
         return error_set(e, "%s:%d: a NUL byte (a CSV is text)", path, at);
     }
     if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) pos = 3;
@@ -2928,7 +2937,6 @@ int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e) {
             rc = eval_csv_add(c, fields, col, need_seed ? seed_col : -1, path, start_line, e);
     }
     if (rc == 0 && c->n == 0) rc = error_set(e, "%s: no data rows", path);
-    free(text);
     free(buf);
     free(head);
     if (rc) eval_csv_free(c);
@@ -3417,8 +3425,16 @@ int png_read_text(const char *path, const char *key, char **text, Error *e) {
     MappedFile file;
     *text = NULL;
     if (map_file(&file, path, e)) return -1;
-    const unsigned char *p = file.bytes, *end = p + file.size;
-    int rc = file.size < 8 || memcmp(p, png_signature, 8)
+    int rc = png_find_text(file.bytes, file.size, path, key, text, e);
+    unmap_file(&file);
+    return rc;
+}
+
+int png_find_text(const unsigned char *bytes, size_t size, const char *path, const char *key,
+                  char **text, Error *e) {
+    const unsigned char *p = bytes, *end = p + size;
+    *text = NULL;
+    int rc = size < 8 || memcmp(p, png_signature, 8)
                  ? error_set(e, "%s: not a PNG file (no PNG signature)", path)
                  : 0;
     p += 8;
@@ -3438,6 +3454,5 @@ int png_read_text(const char *path, const char *key, char **text, Error *e) {
         *text = png_chunk_text(type, data, data + length, key);
         p = data + length + 4; /* past the CRC */
     }
-    unmap_file(&file);
     return rc;
 }

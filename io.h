@@ -326,6 +326,9 @@ typedef struct EvalCsv {
  * columns, the embeddings). Blank lines are skipped and do not count as rows; every row has the
  * header's number of fields. */
 int eval_csv_read(const char *path, bool need_seed, EvalCsv *c, Error *e);
+/* The same from len bytes of text (path names it in errors). */
+int eval_csv_parse(const char *text, size_t len, const char *path, bool need_seed, EvalCsv *c,
+                   Error *e);
 void eval_csv_free(EvalCsv *c);
 /* A whole decimal seed in 0 .. 2^63 - 1 (a JSON integer). */
 int parse_seed(const char *s, uint64_t *seed);
@@ -365,5 +368,8 @@ int png_write_text(const char *path, const Image *img, const char *key, const ch
  * string in *text (NULL when there is none); the chunks are walked with every length checked
  * against the file's end, their CRCs not checked, the image not decoded. */
 int png_read_text(const char *path, const char *key, char **text, Error *e);
+/* The same on size bytes of a PNG (path names it in errors). */
+int png_find_text(const unsigned char *bytes, size_t size, const char *path, const char *key,
+                  char **text, Error *e);
 
 #endif
