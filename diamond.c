@@ -315,19 +315,26 @@ typedef struct KernelBenchArgs {
 } KernelBenchArgs;
 
 static const Option gemm_bench_options[] = {
-    {"--trans-a", NULL, OPTION_FLAG, offsetof(KernelBenchArgs, trans_a), 0, 0, NULL, "A as [K, M]"},
-    {"--trans-b", NULL, OPTION_FLAG, offsetof(KernelBenchArgs, trans_b), 0, 0, NULL, "B as [N, K]"},
-    {"--threads", "T", OPTION_PARSE, offsetof(KernelBenchArgs, threads), 0, 0, option_threads,
-     "OpenMP threads"},
+    {.name = "--trans-a", .kind = OPTION_FLAG, .offset = offsetof(KernelBenchArgs, trans_a),
+     .help = "A as [K, M]"},
+    {.name = "--trans-b", .kind = OPTION_FLAG, .offset = offsetof(KernelBenchArgs, trans_b),
+     .help = "B as [N, K]"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
+     .offset = offsetof(KernelBenchArgs, threads), .parse = option_threads,
+     .help = "OpenMP threads"},
 };
 static const Option conv_bench_options[] = {
-    {"--groups", "G", OPTION_INT, offsetof(KernelBenchArgs, groups), 1, 1 << 16, NULL, "groups"},
-    {"--threads", "T", OPTION_PARSE, offsetof(KernelBenchArgs, threads), 0, 0, option_threads,
-     "OpenMP threads"},
+    {.name = "--groups", .value = "G", .kind = OPTION_INT,
+     .offset = offsetof(KernelBenchArgs, groups), .min = 1, .max = 1 << 16,
+     .help = "groups"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
+     .offset = offsetof(KernelBenchArgs, threads), .parse = option_threads,
+     .help = "OpenMP threads"},
 };
 static const Option attention_bench_options[] = {
-    {"--threads", "T", OPTION_PARSE, offsetof(KernelBenchArgs, threads), 0, 0, option_threads,
-     "OpenMP threads"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
+     .offset = offsetof(KernelBenchArgs, threads), .parse = option_threads,
+     .help = "OpenMP threads"},
 };
 
 /* argv[first ..] against a kernel benchmark's options into a (threads: the current count unless
@@ -547,20 +554,29 @@ static void bench_models_free(BenchModels *m) {
 #define BENCH_FIELD(f) offsetof(BenchModelArgs, f)
 
 static const Option bench_model_options[] = {
-    {"--model", "DIR", OPTION_TEXT, BENCH_FIELD(model), 0, 0, NULL, "the pipeline directory"},
-    {"--detector", "DIR", OPTION_TEXT, BENCH_FIELD(detector), 0, 0, NULL, "the detector"},
-    {"-W", "W", OPTION_INT, BENCH_FIELD(width), 1, IMAGE_MAX_SIDE, NULL, "image width"},
-    {"-H", "H", OPTION_INT, BENCH_FIELD(height), 1, IMAGE_MAX_SIDE, NULL, "image height"},
-    {"--config-only", NULL, OPTION_FLAG, BENCH_FIELD(config_only), 0, 0, NULL,
-     "random weights from the config files alone"},
-    {"--text-len", "L", OPTION_INT, BENCH_FIELD(text_len), 1, 1 << 16, NULL,
-     "prompt tokens (default 512)"},
-    {"--vae-memory", "MB", OPTION_PARSE, BENCH_FIELD(vae_memory), 0, 0, option_megabytes,
-     "as generate's"},
-    {"--only", "PART", OPTION_TEXT, BENCH_FIELD(only), 0, 0, NULL,
-     "bench model: transformer, vae or detector alone"},
-    {"--threads", "T", OPTION_PARSE, BENCH_FIELD(threads), 0, 0, option_threads,
-     "OpenMP threads"},
+    {.name = "--model", .value = "DIR", .kind = OPTION_TEXT, .offset = BENCH_FIELD(model),
+     .help = "the pipeline directory"},
+    {.name = "--detector", .value = "DIR", .kind = OPTION_TEXT, .offset = BENCH_FIELD(detector),
+     .help = "the detector"},
+    {.name = "-W", .value = "W", .kind = OPTION_INT, .offset = BENCH_FIELD(width), .min = 1,
+     .max = IMAGE_MAX_SIDE,
+     .help = "image width"},
+    {.name = "-H", .value = "H", .kind = OPTION_INT, .offset = BENCH_FIELD(height), .min = 1,
+     .max = IMAGE_MAX_SIDE,
+     .help = "image height"},
+    {.name = "--config-only", .kind = OPTION_FLAG, .offset = BENCH_FIELD(config_only),
+     .help = "random weights from the config files alone"},
+    {.name = "--text-len", .value = "L", .kind = OPTION_INT, .offset = BENCH_FIELD(text_len),
+     .min = 1, .max = 1 << 16,
+     .help = "prompt tokens (default 512)"},
+    {.name = "--vae-memory", .value = "MB", .kind = OPTION_PARSE,
+     .offset = BENCH_FIELD(vae_memory), .parse = option_megabytes,
+     .help = "as generate's"},
+    {.name = "--only", .value = "PART", .kind = OPTION_TEXT, .offset = BENCH_FIELD(only),
+     .help = "bench model: transformer, vae or detector alone"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE, .offset = BENCH_FIELD(threads),
+     .parse = option_threads,
+     .help = "OpenMP threads"},
 };
 
 /* bench model's or bench step's options (argv[3] on) into a; 0, or -1 with the message in e. */
@@ -808,16 +824,20 @@ typedef struct BenchTextArgs {
 } BenchTextArgs;
 
 static const Option bench_text_options[] = {
-    {"--model", "DIR", OPTION_TEXT, offsetof(BenchTextArgs, model), 0, 0, NULL,
-     "DIR/text_encoder or DIR"},
-    {"--config-only", NULL, OPTION_FLAG, offsetof(BenchTextArgs, config_only), 0, 0, NULL,
-     "random weights from the config alone"},
-    {"--tokens", "N", OPTION_INT, offsetof(BenchTextArgs, tokens), 1, 1 << 16, NULL,
-     "tokens encoded (default 512)"},
-    {"--real", "R", OPTION_INT, offsetof(BenchTextArgs, real), 1, 1 << 16, NULL,
-     "of them real, the rest padding (default 20)"},
-    {"--threads", "T", OPTION_PARSE, offsetof(BenchTextArgs, threads), 0, 0, option_threads,
-     "OpenMP threads"},
+    {.name = "--model", .value = "DIR", .kind = OPTION_TEXT,
+     .offset = offsetof(BenchTextArgs, model),
+     .help = "DIR/text_encoder or DIR"},
+    {.name = "--config-only", .kind = OPTION_FLAG, .offset = offsetof(BenchTextArgs, config_only),
+     .help = "random weights from the config alone"},
+    {.name = "--tokens", .value = "N", .kind = OPTION_INT,
+     .offset = offsetof(BenchTextArgs, tokens), .min = 1, .max = 1 << 16,
+     .help = "tokens encoded (default 512)"},
+    {.name = "--real", .value = "R", .kind = OPTION_INT,
+     .offset = offsetof(BenchTextArgs, real), .min = 1, .max = 1 << 16,
+     .help = "of them real, the rest padding (default 20)"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
+     .offset = offsetof(BenchTextArgs, threads), .parse = option_threads,
+     .help = "OpenMP threads"},
 };
 
 static int bench_text(int argc, char **argv) {
@@ -1105,15 +1125,19 @@ typedef struct EncodeArgs {
 } EncodeArgs;
 
 static const Option encode_options[] = {
-    {"--model", "DIR", OPTION_TEXT, offsetof(EncodeArgs, model), 0, 0, NULL,
-     "the pipeline directory (DIR/tokenizer and DIR/text_encoder for klein)"},
-    {"--prompt", "TEXT", OPTION_TEXT, offsetof(EncodeArgs, prompt), 0, 0, NULL, "the prompt"},
-    {"-o", "FILE", OPTION_TEXT, offsetof(EncodeArgs, out), 0, 0, NULL,
-     "the safetensors file to write"},
-    {"--max-length", "N", OPTION_INT, offsetof(EncodeArgs, max_length), 1, 1 << 16, NULL,
-     "tokens after the template (default 512, the pipeline's)"},
-    {"--threads", "T", OPTION_PARSE, offsetof(EncodeArgs, threads), 0, 0, option_threads,
-     "OpenMP threads"},
+    {.name = "--model", .value = "DIR", .kind = OPTION_TEXT, .offset = offsetof(EncodeArgs, model),
+     .help = "the pipeline directory (DIR/tokenizer and DIR/text_encoder for klein)"},
+    {.name = "--prompt", .value = "TEXT", .kind = OPTION_TEXT,
+     .offset = offsetof(EncodeArgs, prompt),
+     .help = "the prompt"},
+    {.name = "-o", .value = "FILE", .kind = OPTION_TEXT, .offset = offsetof(EncodeArgs, out),
+     .help = "the safetensors file to write"},
+    {.name = "--max-length", .value = "N", .kind = OPTION_INT,
+     .offset = offsetof(EncodeArgs, max_length), .min = 1, .max = 1 << 16,
+     .help = "tokens after the template (default 512, the pipeline's)"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
+     .offset = offsetof(EncodeArgs, threads), .parse = option_threads,
+     .help = "OpenMP threads"},
 };
 
 static int encode_parse(int argc, char **argv, EncodeArgs *a, Error *e) {
@@ -1242,105 +1266,121 @@ static int option_loss(const char *value, void *field, Error *e) {
 
 /* What a run samples from and writes: generate's own options. */
 static const Option generate_options[] = {
-    {"--embeddings", "FILE", OPTION_TEXT, GENERATE_FIELD(embeddings), 0, 0, NULL,
-     "safetensors with prompt_embeds [L, D] (D = joint_attention_dim)"},
-    {"--prompt", "TEXT", OPTION_TEXT, GENERATE_FIELD(prompt), 0, 0, NULL,
-     "instead, the prompt through DIR's prompt encoder: FLUX.2 [klein]'s\n"
-     "(DIR/tokenizer + DIR/text_encoder, Qwen3; as diamond encode), or\n"
-     "diamond's character encoder (the embedded models)"},
-    {"--seed", "S[,S...]", OPTION_PARSE, 0, 0, 0, option_seeds,
-     "one image per seed: the initial latent is PyTorch's CPU\n"
-     "torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
-     "tokens, as the FLUX.2 pipeline with a CPU generator; S in\n"
-     "0..2^63-1, drawn at random (and printed) when neither --seed nor\n"
-     "--noise is given"},
-    {"--noise", "FILE", OPTION_TEXT, GENERATE_FIELD(noise), 0, 0, NULL,
-     "instead, safetensors with noise [T, C] or [B, T, C]: the packed\n"
-     "initial latent (T = (H/P) * (W/P) tokens, C = the transformer's\n"
-     "in_channels); --seed then only names the outputs"},
-    {"--no-guide", NULL, OPTION_PARSE, GENERATE_FIELD(opt), 0, 0, option_no_guide,
-     "plain sampling, no detector (the baseline)"},
-    {"-o", "OUT", OPTION_TEXT, GENERATE_FIELD(out), 0, 0, NULL,
-     "the image (.png or .ppm); a batch writes OUT-SEED.png per image.\n"
-     "A PNG carries the run's parameters (prompt, seed, models, size,\n"
-     "steps, schedule, loss) in a 'parameters' text chunk: diamond info\n"
-     "OUT.png shows them"},
-    {"--compare", "FILE", OPTION_TEXT, GENERATE_FIELD(compare), 0, 0, NULL,
-     "also run the baseline from the same noise and prompt and write\n"
-     "one row per image: baseline | guided | detector heat maps of\n"
-     "both (0.6 jet + 0.4 image); prints the detector max of each"},
-    {"--save-steps", "DIR", OPTION_TEXT, GENERATE_FIELD(save_steps), 0, 0, NULL,
-     "DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
-     "DIR/step_III_overlay.png (its detector heat map, where the detector\n"
-     "ran); costs one more VAE decode per step; DIR is created"},
-    {"--dump", "FILE", OPTION_TEXT, GENERATE_FIELD(dump), 0, 0, NULL,
-     "safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
-     "step, final.latent and final.image; grad is before normalisation;\n"
-     "a guided run also runs the detector on steps with lambda 0 for it\n"
-     "(the image is the same); --no-guide runs have no mask or grad"},
+    {.name = "--embeddings", .value = "FILE", .kind = OPTION_TEXT,
+     .offset = GENERATE_FIELD(embeddings),
+     .help = "safetensors with prompt_embeds [L, D] (D = joint_attention_dim)"},
+    {.name = "--prompt", .value = "TEXT", .kind = OPTION_TEXT, .offset = GENERATE_FIELD(prompt),
+     .help = "instead, the prompt through DIR's prompt encoder: FLUX.2 [klein]'s\n"
+             "(DIR/tokenizer + DIR/text_encoder, Qwen3; as diamond encode), or\n"
+             "diamond's character encoder (the embedded models)"},
+    {.name = "--seed", .value = "S[,S...]", .kind = OPTION_PARSE, .parse = option_seeds,
+     .help = "one image per seed: the initial latent is PyTorch's CPU\n"
+             "torch.randn((1, C, H/P, W/P)) after manual_seed(S), packed to\n"
+             "tokens, as the FLUX.2 pipeline with a CPU generator; S in\n"
+             "0..2^63-1, drawn at random (and printed) when neither --seed nor\n"
+             "--noise is given"},
+    {.name = "--noise", .value = "FILE", .kind = OPTION_TEXT, .offset = GENERATE_FIELD(noise),
+     .help = "instead, safetensors with noise [T, C] or [B, T, C]: the packed\n"
+             "initial latent (T = (H/P) * (W/P) tokens, C = the transformer's\n"
+             "in_channels); --seed then only names the outputs"},
+    {.name = "--no-guide", .kind = OPTION_PARSE, .offset = GENERATE_FIELD(opt),
+     .parse = option_no_guide,
+     .help = "plain sampling, no detector (the baseline)"},
+    {.name = "-o", .value = "OUT", .kind = OPTION_TEXT, .offset = GENERATE_FIELD(out),
+     .help = "the image (.png or .ppm); a batch writes OUT-SEED.png per image.\n"
+             "A PNG carries the run's parameters (prompt, seed, models, size,\n"
+             "steps, schedule, loss) in a 'parameters' text chunk: diamond info\n"
+             "OUT.png shows them"},
+    {.name = "--compare", .value = "FILE", .kind = OPTION_TEXT, .offset = GENERATE_FIELD(compare),
+     .help = "also run the baseline from the same noise and prompt and write\n"
+             "one row per image: baseline | guided | detector heat maps of\n"
+             "both (0.6 jet + 0.4 image); prints the detector max of each"},
+    {.name = "--save-steps", .value = "DIR", .kind = OPTION_TEXT,
+     .offset = GENERATE_FIELD(save_steps),
+     .help = "DIR/step_III_x0.png (the decoded clean estimate of every step) and\n"
+             "DIR/step_III_overlay.png (its detector heat map, where the detector\n"
+             "ran); costs one more VAE decode per step; DIR is created"},
+    {.name = "--dump", .value = "FILE", .kind = OPTION_TEXT, .offset = GENERATE_FIELD(dump),
+     .help = "safetensors with step.I.{x_t,sigma,v,x0,mask,grad,lambda} for every\n"
+             "step, final.latent and final.image; grad is before normalisation;\n"
+             "a guided run also runs the detector on steps with lambda 0 for it\n"
+             "(the image is the same); --no-guide runs have no mask or grad"},
 };
 
 /* How the models are loaded and sampled: generate's, eval's and search-seeds' options. */
 static const Option sampling_options[] = {
-    {"--model", "DIR", OPTION_TEXT, GENERATE_FIELD(model), 0, 0, NULL,
-     "the pipeline directory (DIR/transformer, DIR/vae)"},
-    {"--detector", "DIR", OPTION_TEXT, GENERATE_FIELD(detector), 0, 0, NULL,
-     "the artifact detector (SegFormer); needed unless --no-guide"},
-    {"--steps", "N", OPTION_INT, GENERATE_FIELD(steps), 1, 10000, NULL,
-     "sampling steps (FLUX.2 klein: 4, FLUX.2 dev: 30)"},
-    {"-W", "W", OPTION_INT, GENERATE_FIELD(width), 1, IMAGE_MAX_SIDE, NULL,
-     "image width, a multiple of P = 2^(len(block_out_channels)-1) *\n"
-     "patch_size of the VAE (16 for FLUX.2)"},
-    {"-H", "H", OPTION_INT, GENERATE_FIELD(height), 1, IMAGE_MAX_SIDE, NULL,
-     "image height, a multiple of P"},
-    {"--guidance-scale", "G", OPTION_FLOAT, GENERATE_FIELD(opt.guidance_scale), -1e6, 1e6, NULL,
-     "distilled guidance for models with guidance_embeds (default 4.0,\n"
-     "FLUX.2 dev); ignored by klein"},
-    {"--cfg", "S", OPTION_FLOAT, GENERATE_FIELD(opt.cfg_scale), 1, 100, NULL,
-     "classifier-free guidance, as FLUX.2 klein base pipelines apply\n"
-     "their guidance_scale (e.g. 4): each step also runs the\n"
-     "transformer on the negative prompt, v = v_neg + S (v - v_neg);\n"
-     "default 1: off (distilled models); needs --prompt"},
-    {"--negative-prompt", "TEXT", OPTION_TEXT, GENERATE_FIELD(negative), 0, 0, NULL,
-     "the negative prompt of --cfg (default: empty)"},
-    {"--lambda-schedule", "S", OPTION_PARSE, GENERATE_FIELD(opt.lambda), 0, 0, option_lambda,
-     "TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
-     "  constant:value=0\n"
-     "  linear:start=12,end=1\n"
-     "  power:start=12,end=1,power=2\n"
-     "  cosine:start=12,end=1\n"
-     "  hard_then_exp:start=30,after=2,power=2\n"
-     "  exponential:start=30,end=1,power=5,warmup=5,cooldown=12\n"
-     "(values shown are the official defaults; the FLUX.2 config's\n"
-     "exponential guides no step when N <= 17). Where the official\n"
-     "formulas divide by zero (N = 1, an exponential window of one step)\n"
-     "that step gets the start value"},
-    {"--loss", "L", OPTION_PARSE, GENERATE_FIELD(opt.loss), 0, 0, option_loss,
-     "mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
-     "2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
-     "official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its\n"
-     "weight is large where the mask is small, the reverse of the usual\n"
-     "focal loss"},
-    {"--gate", "T", OPTION_FLOAT, GENERATE_FIELD(opt.gate), 0, 1, NULL,
-     "skip the detector backward and the shift for a sample whose\n"
-     "detector max is below T at that step (default off, as official)"},
-    {"--mu", "M", OPTION_PARSE, GENERATE_FIELD(opt), 0, 0, option_mu,
-     "shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
-     "mu for the token count (made for thousands of tokens; the\n"
-     "embedded models use 0: no shift)"},
-    {"--vae-memory", "MB", OPTION_PARSE, GENERATE_FIELD(vae_memory), 0, 0, option_megabytes,
-     "the memory the VAE decode's backward may hold (default: half\n"
-     "the memory available, Linux's MemAvailable; 1024 when unknown): it\n"
-     "nests its checkpoints (0-3 levels) only as deep as that needs,\n"
-     "and each level less is faster (none: about twice as fast as 3).\n"
-     "A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
-     "7120, 1024x1024 from 28480"},
-    {"--threads", "T", OPTION_PARSE, GENERATE_FIELD(threads), 0, 0, option_threads,
-     "OpenMP threads"},
-    {"--non-strict", NULL, OPTION_FLAG, GENERATE_FIELD(non_strict), 0, 0, NULL,
-     "load model files that hold tensors the configs do not use (by\n"
-     "default an error naming them, as PyTorch's strict loading)"},
-    {"--quiet", NULL, OPTION_FLAG, GENERATE_FIELD(quiet), 0, 0, NULL, "no progress on stderr"},
+    {.name = "--model", .value = "DIR", .kind = OPTION_TEXT, .offset = GENERATE_FIELD(model),
+     .help = "the pipeline directory (DIR/transformer, DIR/vae)"},
+    {.name = "--detector", .value = "DIR", .kind = OPTION_TEXT, .offset = GENERATE_FIELD(detector),
+     .help = "the artifact detector (SegFormer); needed unless --no-guide"},
+    {.name = "--steps", .value = "N", .kind = OPTION_INT, .offset = GENERATE_FIELD(steps),
+     .min = 1, .max = 10000,
+     .help = "sampling steps (FLUX.2 klein: 4, FLUX.2 dev: 30)"},
+    {.name = "-W", .value = "W", .kind = OPTION_INT, .offset = GENERATE_FIELD(width),
+     .min = 1, .max = IMAGE_MAX_SIDE,
+     .help = "image width, a multiple of P = 2^(len(block_out_channels)-1) *\n"
+             "patch_size of the VAE (16 for FLUX.2)"},
+    {.name = "-H", .value = "H", .kind = OPTION_INT, .offset = GENERATE_FIELD(height),
+     .min = 1, .max = IMAGE_MAX_SIDE,
+     .help = "image height, a multiple of P"},
+    {.name = "--guidance-scale", .value = "G", .kind = OPTION_FLOAT,
+     .offset = GENERATE_FIELD(opt.guidance_scale), .min = -1e6, .max = 1e6,
+     .help = "distilled guidance for models with guidance_embeds (default 4.0,\n"
+             "FLUX.2 dev); ignored by klein"},
+    {.name = "--cfg", .value = "S", .kind = OPTION_FLOAT,
+     .offset = GENERATE_FIELD(opt.cfg_scale), .min = 1, .max = 100,
+     .help = "classifier-free guidance, as FLUX.2 klein base pipelines apply\n"
+             "their guidance_scale (e.g. 4): each step also runs the\n"
+             "transformer on the negative prompt, v = v_neg + S (v - v_neg);\n"
+             "default 1: off (distilled models); needs --prompt"},
+    {.name = "--negative-prompt", .value = "TEXT", .kind = OPTION_TEXT,
+     .offset = GENERATE_FIELD(negative),
+     .help = "the negative prompt of --cfg (default: empty)"},
+    {.name = "--lambda-schedule", .value = "S", .kind = OPTION_PARSE,
+     .offset = GENERATE_FIELD(opt.lambda), .parse = option_lambda,
+     .help = "TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
+             "  constant:value=0\n"
+             "  linear:start=12,end=1\n"
+             "  power:start=12,end=1,power=2\n"
+             "  cosine:start=12,end=1\n"
+             "  hard_then_exp:start=30,after=2,power=2\n"
+             "  exponential:start=30,end=1,power=5,warmup=5,cooldown=12\n"
+             "(values shown are the official defaults; the FLUX.2 config's\n"
+             "exponential guides no step when N <= 17). Where the official\n"
+             "formulas divide by zero (N = 1, an exponential window of one step)\n"
+             "that step gets the start value"},
+    {.name = "--loss", .value = "L", .kind = OPTION_PARSE, .offset = GENERATE_FIELD(opt.loss),
+     .parse = option_loss,
+     .help = "mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
+             "2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
+             "official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its\n"
+             "weight is large where the mask is small, the reverse of the usual\n"
+             "focal loss"},
+    {.name = "--gate", .value = "T", .kind = OPTION_FLOAT, .offset = GENERATE_FIELD(opt.gate),
+     .max = 1,
+     .help = "skip the detector backward and the shift for a sample whose\n"
+             "detector max is below T at that step (default off, as official)"},
+    {.name = "--mu", .value = "M", .kind = OPTION_PARSE, .offset = GENERATE_FIELD(opt),
+     .parse = option_mu,
+     .help = "shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
+             "mu for the token count (made for thousands of tokens; the\n"
+             "embedded models use 0: no shift)"},
+    {.name = "--vae-memory", .value = "MB", .kind = OPTION_PARSE,
+     .offset = GENERATE_FIELD(vae_memory), .parse = option_megabytes,
+     .help = "the memory the VAE decode's backward may hold (default: half\n"
+             "the memory available, Linux's MemAvailable; 1024 when unknown): it\n"
+             "nests its checkpoints (0-3 levels) only as deep as that needs,\n"
+             "and each level less is faster (none: about twice as fast as 3).\n"
+             "A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
+             "7120, 1024x1024 from 28480"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
+     .offset = GENERATE_FIELD(threads), .parse = option_threads,
+     .help = "OpenMP threads"},
+    {.name = "--non-strict", .kind = OPTION_FLAG, .offset = GENERATE_FIELD(non_strict),
+     .help = "load model files that hold tensors the configs do not use (by\n"
+             "default an error naming them, as PyTorch's strict loading)"},
+    {.name = "--quiet", .kind = OPTION_FLAG, .offset = GENERATE_FIELD(quiet),
+     .help = "no progress on stderr"},
 };
 
 /* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
@@ -2032,41 +2072,47 @@ static int option_from_csv(const char *value, void *field, Error *e) {
     "fields may hold commas"
 
 static const Option eval_options[] = {
-    {"--csv", "FILE", OPTION_TEXT, EVAL_FIELD(csv), 0, 0, NULL, EVAL_CSV_HELP},
-    {"--out", "DIR", OPTION_TEXT, EVAL_FIELD(out), 0, 0, NULL,
-     "the results directory (made when absent)"},
-    {"--json", "FILE", OPTION_TEXT, EVAL_FIELD(json), 0, 0, NULL,
-     "the overall figures: {\"n\", \"failed\", \"baseline\": {\"artifact_freq\",\n"
-     "\"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}; for\n"
-     "prompts in the embedded words world (64x32 images) also the oracle's\n"
-     "\"oracle_artifact_freq\" (% with an illegible glyph) and\n"
-     "\"oracle_read_acc\" (% reading as the prompt) in baseline and guided"},
-    {"--shard", "I/N", OPTION_PARSE, 0, 0, 0, option_shard,
-     "only rows whose index % N == I (several processes or machines); a\n"
-     "shard without rows is an error"},
-    {"--merge", NULL, OPTION_FLAG, EVAL_FIELD(merge), 0, 0, NULL,
-     "the table and --json over every item_*.json in --out, by row index;\n"
-     "rows without an item (holes, or past the last up to the CSV's row\n"
-     "count the items record) are named in a warning"},
-    {"--quiet", NULL, OPTION_FLAG, EVAL_FIELD(gen.quiet), 0, 0, NULL, "no progress on stderr"},
-    {"--prompt", "TEXT", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
-    {"--embeddings", "FILE", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
+    {.name = "--csv", .value = "FILE", .kind = OPTION_TEXT, .offset = EVAL_FIELD(csv),
+     .help = EVAL_CSV_HELP},
+    {.name = "--out", .value = "DIR", .kind = OPTION_TEXT, .offset = EVAL_FIELD(out),
+     .help = "the results directory (made when absent)"},
+    {.name = "--json", .value = "FILE", .kind = OPTION_TEXT, .offset = EVAL_FIELD(json),
+     .help = "the overall figures: {\"n\", \"failed\", \"baseline\": {\"artifact_freq\",\n"
+             "\"pixel_ratio\"}, \"guided\": {...}, \"mae\", \"mae_a\", \"mae_na\"}; for\n"
+             "prompts in the embedded words world (64x32 images) also the oracle's\n"
+             "\"oracle_artifact_freq\" (% with an illegible glyph) and\n"
+             "\"oracle_read_acc\" (% reading as the prompt) in baseline and guided"},
+    {.name = "--shard", .value = "I/N", .kind = OPTION_PARSE, .parse = option_shard,
+     .help = "only rows whose index % N == I (several processes or machines); a\n"
+             "shard without rows is an error"},
+    {.name = "--merge", .kind = OPTION_FLAG, .offset = EVAL_FIELD(merge),
+     .help = "the table and --json over every item_*.json in --out, by row index;\n"
+             "rows without an item (holes, or past the last up to the CSV's row\n"
+             "count the items record) are named in a warning"},
+    {.name = "--quiet", .kind = OPTION_FLAG, .offset = EVAL_FIELD(gen.quiet),
+     .help = "no progress on stderr"},
+    {.name = "--prompt", .value = "TEXT", .kind = OPTION_PARSE, .parse = option_from_csv},
+    {.name = "--embeddings", .value = "FILE", .kind = OPTION_PARSE, .parse = option_from_csv},
 };
 
 static const Option search_options[] = {
-    {"--csv", "IN", OPTION_TEXT, EVAL_FIELD(csv), 0, 0, NULL,
-     "a `prompt` or `embeddings` column (as eval's --csv; seeds ignored)"},
-    {"--out", "OUT.csv", OPTION_TEXT, EVAL_FIELD(out), 0, 0, NULL,
-     "the rows with the seed found for each"},
-    {"--start", "S", OPTION_PARSE, EVAL_FIELD(start), 0, 0, option_seed,
-     "the first seed tried (default 4444, as official)"},
-    {"--max-tries", "N", OPTION_INT, EVAL_FIELD(max_tries), 1, 1 << 30, NULL,
-     "seeds tried per row at most (default 1000)"},
-    {"--threshold", "T", OPTION_FLOAT, EVAL_FIELD(threshold), 0, 1, NULL,
-     "the detector max a plain image must reach (default 0.5)"},
-    {"--quiet", NULL, OPTION_FLAG, EVAL_FIELD(gen.quiet), 0, 0, NULL, "no progress on stderr"},
-    {"--prompt", "TEXT", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
-    {"--embeddings", "FILE", OPTION_PARSE, 0, 0, 0, option_from_csv, NULL},
+    {.name = "--csv", .value = "IN", .kind = OPTION_TEXT, .offset = EVAL_FIELD(csv),
+     .help = "a `prompt` or `embeddings` column (as eval's --csv; seeds ignored)"},
+    {.name = "--out", .value = "OUT.csv", .kind = OPTION_TEXT, .offset = EVAL_FIELD(out),
+     .help = "the rows with the seed found for each"},
+    {.name = "--start", .value = "S", .kind = OPTION_PARSE, .offset = EVAL_FIELD(start),
+     .parse = option_seed,
+     .help = "the first seed tried (default 4444, as official)"},
+    {.name = "--max-tries", .value = "N", .kind = OPTION_INT, .offset = EVAL_FIELD(max_tries),
+     .min = 1, .max = 1 << 30,
+     .help = "seeds tried per row at most (default 1000)"},
+    {.name = "--threshold", .value = "T", .kind = OPTION_FLOAT,
+     .offset = EVAL_FIELD(threshold), .max = 1,
+     .help = "the detector max a plain image must reach (default 0.5)"},
+    {.name = "--quiet", .kind = OPTION_FLAG, .offset = EVAL_FIELD(gen.quiet),
+     .help = "no progress on stderr"},
+    {.name = "--prompt", .value = "TEXT", .kind = OPTION_PARSE, .parse = option_from_csv},
+    {.name = "--embeddings", .value = "FILE", .kind = OPTION_PARSE, .parse = option_from_csv},
 };
 
 /* The option sets of eval (search false) or search-seeds over a (NULL: for the help). */
@@ -2827,16 +2873,19 @@ typedef struct DemoArgs {
 } DemoArgs;
 
 static const Option demo_options[] = {
-    {"--weights", "DIR", OPTION_TEXT, offsetof(DemoArgs, weights), 0, 0, NULL,
-     "the embedded models (default: weights, else weights/ beside the binary)"},
-    {"-o", "FILE", OPTION_TEXT, offsetof(DemoArgs, out), 0, 0, NULL,
-     "the picture (default diamond-demo.png; .png or .ppm)"},
-    {"--pairs", "N", OPTION_INT, offsetof(DemoArgs, pairs), 1, DEMO_MAX_PAIRS, NULL,
-     "pairs to show (default 4, at most 16)"},
-    {"--threads", "T", OPTION_PARSE, offsetof(DemoArgs, threads), 0, 0, option_threads,
-     "OpenMP threads"},
-    {"--quiet", NULL, OPTION_FLAG, offsetof(DemoArgs, quiet), 0, 0, NULL,
-     "no progress on stderr"},
+    {.name = "--weights", .value = "DIR", .kind = OPTION_TEXT,
+     .offset = offsetof(DemoArgs, weights),
+     .help = "the embedded models (default: weights, else weights/ beside the binary)"},
+    {.name = "-o", .value = "FILE", .kind = OPTION_TEXT, .offset = offsetof(DemoArgs, out),
+     .help = "the picture (default diamond-demo.png; .png or .ppm)"},
+    {.name = "--pairs", .value = "N", .kind = OPTION_INT, .offset = offsetof(DemoArgs, pairs),
+     .min = 1, .max = DEMO_MAX_PAIRS,
+     .help = "pairs to show (default 4, at most 16)"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
+     .offset = offsetof(DemoArgs, threads), .parse = option_threads,
+     .help = "OpenMP threads"},
+    {.name = "--quiet", .kind = OPTION_FLAG, .offset = offsetof(DemoArgs, quiet),
+     .help = "no progress on stderr"},
 };
 
 static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Error *e) {

@@ -31,17 +31,21 @@ typedef struct WorldArgs {
 } WorldArgs;
 
 static const Option world_options[] = {
-    {"--word", "WORD", OPTION_TEXT, offsetof(WorldArgs, word), 0, 0, NULL,
-     "2-4 letters or digits (drawn from the seed when absent)"},
-    {"--seed", "S", OPTION_PARSE, offsetof(WorldArgs, seed), 0, 0, option_seed,
-     "the scene's seed (default 0)"},
-    {"--corrupt", NULL, OPTION_FLAG, offsetof(WorldArgs, corrupt), 0, 0, NULL,
-     "the scene's corruption and its mask beside it"},
-    {"--type", "NAME", OPTION_TEXT, offsetof(WorldArgs, type_name), 0, 0, NULL,
-     "the corruption's type (drawn when absent)"},
-    {"-o", "OUT", OPTION_TEXT, offsetof(WorldArgs, out), 0, 0, NULL, "the picture (.png, .ppm)"},
-    {"--list", "N", OPTION_INT, offsetof(WorldArgs, list), 1, 1000000, NULL,
-     "a `prompt` CSV of the words of the scenes of seeds S .. S+N-1 instead"},
+    {.name = "--word", .value = "WORD", .kind = OPTION_TEXT, .offset = offsetof(WorldArgs, word),
+     .help = "2-4 letters or digits (drawn from the seed when absent)"},
+    {.name = "--seed", .value = "S", .kind = OPTION_PARSE,
+     .offset = offsetof(WorldArgs, seed), .parse = option_seed,
+     .help = "the scene's seed (default 0)"},
+    {.name = "--corrupt", .kind = OPTION_FLAG, .offset = offsetof(WorldArgs, corrupt),
+     .help = "the scene's corruption and its mask beside it"},
+    {.name = "--type", .value = "NAME", .kind = OPTION_TEXT,
+     .offset = offsetof(WorldArgs, type_name),
+     .help = "the corruption's type (drawn when absent)"},
+    {.name = "-o", .value = "OUT", .kind = OPTION_TEXT, .offset = offsetof(WorldArgs, out),
+     .help = "the picture (.png, .ppm)"},
+    {.name = "--list", .value = "N", .kind = OPTION_INT, .offset = offsetof(WorldArgs, list),
+     .min = 1, .max = 1000000,
+     .help = "a `prompt` CSV of the words of the scenes of seeds S .. S+N-1 instead"},
 };
 
 static int world_parse_type(const char *name) {
@@ -197,51 +201,65 @@ typedef struct TrainArgs {
 #define TRAIN_FIELD(f) offsetof(TrainArgs, f)
 
 static const Option train_options[] = {
-    {"--config", "DIR", OPTION_TEXT, TRAIN_FIELD(config), 0, 0, NULL, "the config files"},
-    {"--out", "DIR", OPTION_TEXT, TRAIN_FIELD(out), 0, 0, NULL, "the trained model's directory"},
-    {"--steps", "N", OPTION_INT, TRAIN_FIELD(steps), 1, 1 << 30, NULL,
-     "optimizer steps (default: the model's)"},
-    {"--batch", "B", OPTION_INT, TRAIN_FIELD(batch), 1, 4096, NULL,
-     "images per step (default: the model's)"},
-    {"--lr", "LR", OPTION_FLOAT, TRAIN_FIELD(lr), 1e-12, 1e6, NULL,
-     "peak learning rate (default: the model's)"},
-    {"--warmup", "N", OPTION_INT, TRAIN_FIELD(warmup), 0, 1 << 30, NULL,
-     "warm-up steps (default: the model's)"},
-    {"--clip", "C", OPTION_DOUBLE, TRAIN_FIELD(clip), 0, 1e6, NULL,
-     "the largest gradient norm (default 1; 0: off)"},
-    {"--ema", "D", OPTION_FLOAT, TRAIN_FIELD(ema), 0, 0.999999, NULL,
-     "save the moving average of the weights over the steps, decay D\n"
-     "(e.g. 0.999; default 0: the last step's weights)"},
-    {"--seed", "S", OPTION_PARSE, TRAIN_FIELD(seed), 0, 0, option_seed,
-     "weights and batches (default 0)"},
-    {"--vae", "DIR", OPTION_TEXT, TRAIN_FIELD(vae), 0, 0, NULL,
-     "text+flow, vae-decoder: the trained VAE (whose latents the flow model\n"
-     "learns; whose decoder vae-decoder trains on)"},
-    {"--init", "DIR", OPTION_TEXT, TRAIN_FIELD(init), 0, 0, NULL,
-     "text+flow: start from the trained models in DIR instead of fresh\n"
-     "weights (a second stage; give it another --seed for other batches)"},
-    {"--uncond", "P", OPTION_DOUBLE, TRAIN_FIELD(uncond), 0, 0.999999, NULL,
-     "text+flow: train a share P of the samples on the empty prompt, so\n"
-     "the model also predicts the unconditional velocity that\n"
-     "classifier-free guidance (--cfg) needs (e.g. 0.1; default 0)"},
-    {"--flow", "DIR", OPTION_TEXT, TRAIN_FIELD(flow), 0, 0, NULL,
-     "detector: also train on the images of the trained pipeline in DIR\n"
-     "(transformer/, text_encoder/, vae/), sampled as the demo samples,\n"
-     "labelled by the oracle (its illegible glyphs' boxes are the\n"
-     "artifacts): half of every batch, a tenth of them held out"},
-    {"--samples", "N", OPTION_INT, TRAIN_FIELD(samples), 1, 100000, NULL,
-     "detector --flow: how many images (default 2000)"},
-    {"--exclude", "CSV", OPTION_TEXT, TRAIN_FIELD(exclude), 0, 0, NULL,
-     "detector --flow: never sample a prompt of this CSV's `prompt`\n"
-     "column (the evaluation's)"},
-    {"--latent-noise", "S", OPTION_FLOAT, TRAIN_FIELD(latent_noise), 0, 1e6, NULL,
-     "vae-decoder: add Gaussian noise of std S to the normalised latent\n"
-     "tokens before decoding (a decoder for the flow model's inexact\n"
-     "latents; default 0)"},
-    {"--log", "FILE", OPTION_TEXT, TRAIN_FIELD(log), 0, 0, NULL,
-     "CSV step,loss,grad_norm,lr,seconds (written as it goes)"},
-    {"--threads", "T", OPTION_PARSE, TRAIN_FIELD(threads), 0, 0, option_threads, "OpenMP threads"},
-    {"--quiet", NULL, OPTION_FLAG, TRAIN_FIELD(quiet), 0, 0, NULL, "no progress on stderr"},
+    {.name = "--config", .value = "DIR", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(config),
+     .help = "the config files"},
+    {.name = "--out", .value = "DIR", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(out),
+     .help = "the trained model's directory"},
+    {.name = "--steps", .value = "N", .kind = OPTION_INT, .offset = TRAIN_FIELD(steps),
+     .min = 1, .max = 1 << 30,
+     .help = "optimizer steps (default: the model's)"},
+    {.name = "--batch", .value = "B", .kind = OPTION_INT, .offset = TRAIN_FIELD(batch),
+     .min = 1, .max = 4096,
+     .help = "images per step (default: the model's)"},
+    {.name = "--lr", .value = "LR", .kind = OPTION_FLOAT, .offset = TRAIN_FIELD(lr),
+     .min = 1e-12, .max = 1e6,
+     .help = "peak learning rate (default: the model's)"},
+    {.name = "--warmup", .value = "N", .kind = OPTION_INT, .offset = TRAIN_FIELD(warmup),
+     .max = 1 << 30,
+     .help = "warm-up steps (default: the model's)"},
+    {.name = "--clip", .value = "C", .kind = OPTION_DOUBLE, .offset = TRAIN_FIELD(clip), .max = 1e6,
+     .help = "the largest gradient norm (default 1; 0: off)"},
+    {.name = "--ema", .value = "D", .kind = OPTION_FLOAT, .offset = TRAIN_FIELD(ema),
+     .max = 0.999999,
+     .help = "save the moving average of the weights over the steps, decay D\n"
+             "(e.g. 0.999; default 0: the last step's weights)"},
+    {.name = "--seed", .value = "S", .kind = OPTION_PARSE, .offset = TRAIN_FIELD(seed),
+     .parse = option_seed,
+     .help = "weights and batches (default 0)"},
+    {.name = "--vae", .value = "DIR", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(vae),
+     .help = "text+flow, vae-decoder: the trained VAE (whose latents the flow model\n"
+             "learns; whose decoder vae-decoder trains on)"},
+    {.name = "--init", .value = "DIR", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(init),
+     .help = "text+flow: start from the trained models in DIR instead of fresh\n"
+             "weights (a second stage; give it another --seed for other batches)"},
+    {.name = "--uncond", .value = "P", .kind = OPTION_DOUBLE, .offset = TRAIN_FIELD(uncond),
+     .max = 0.999999,
+     .help = "text+flow: train a share P of the samples on the empty prompt, so\n"
+             "the model also predicts the unconditional velocity that\n"
+             "classifier-free guidance (--cfg) needs (e.g. 0.1; default 0)"},
+    {.name = "--flow", .value = "DIR", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(flow),
+     .help = "detector: also train on the images of the trained pipeline in DIR\n"
+             "(transformer/, text_encoder/, vae/), sampled as the demo samples,\n"
+             "labelled by the oracle (its illegible glyphs' boxes are the\n"
+             "artifacts): half of every batch, a tenth of them held out"},
+    {.name = "--samples", .value = "N", .kind = OPTION_INT, .offset = TRAIN_FIELD(samples),
+     .min = 1, .max = 100000,
+     .help = "detector --flow: how many images (default 2000)"},
+    {.name = "--exclude", .value = "CSV", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(exclude),
+     .help = "detector --flow: never sample a prompt of this CSV's `prompt`\n"
+             "column (the evaluation's)"},
+    {.name = "--latent-noise", .value = "S", .kind = OPTION_FLOAT,
+     .offset = TRAIN_FIELD(latent_noise), .max = 1e6,
+     .help = "vae-decoder: add Gaussian noise of std S to the normalised latent\n"
+             "tokens before decoding (a decoder for the flow model's inexact\n"
+             "latents; default 0)"},
+    {.name = "--log", .value = "FILE", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(log),
+     .help = "CSV step,loss,grad_norm,lr,seconds (written as it goes)"},
+    {.name = "--threads", .value = "T", .kind = OPTION_PARSE, .offset = TRAIN_FIELD(threads),
+     .parse = option_threads,
+     .help = "OpenMP threads"},
+    {.name = "--quiet", .kind = OPTION_FLAG, .offset = TRAIN_FIELD(quiet),
+     .help = "no progress on stderr"},
 };
 
 /* One model's trainer: its defaults, and how to make its task and save what it trained. */
