@@ -1862,73 +1862,83 @@ static bool attention_reference_visible(const AttentionShape *s, int b, int i, i
 }
 
 /* One query row at a time: the scores, their softmax, out = P V, then dQ, dK, dV from dout. */
+/* The reference's scratch: one row of scores then probabilities [Nk], dq's row [D], and dk, dv
+ * summed in double over every query [B, Nk, Hkv, D]. */
+typedef struct AttentionRefScratch {
+    double *p, *dq_row, *dk, *dv;
+} AttentionRefScratch;
+
+/* Query row i of head h in batch b: its output, lse and dq, and its share of dk and dv. */
+static void attention_reference_row(const AttentionShape *s, float scale, const float *q,
+                                    const float *k, const float *v, const float *dout,
+                                    float *out, float *lse, float *dq, int b, int h, int i,
+                                    const AttentionRefScratch *w) {
+    int H = s->heads, Hkv = s->kv_heads, D = s->head_dim, Nq = s->q_len, Nk = s->kv_len;
+    double *p = w->p;
+    const float *qi = q + (((size_t)b * Nq + i) * H + h) * D;
+    const float *doi = dout + (((size_t)b * Nq + i) * H + h) * D;
+    float *oi = out + (((size_t)b * Nq + i) * H + h) * D;
+    float *dqi = dq + (((size_t)b * Nq + i) * H + h) * D;
+    size_t kv_row0 = ((size_t)b * Nk * Hkv + h / (H / Hkv)) * D, kv_step = (size_t)Hkv * D;
+    double m = -INFINITY, sum = 0.0;
+    for (int j = 0; j < Nk; j++) {
+        double dot = 0.0;
+        for (int d = 0; d < D; d++) dot += (double)qi[d] * k[kv_row0 + j * kv_step + d];
+        p[j] = attention_reference_visible(s, b, i, j) ? scale * dot : -INFINITY;
+        if (p[j] > m) m = p[j];
+    }
+    for (int d = 0; d < D; d++) oi[d] = dqi[d] = 0.0f;
+    for (int d = 0; d < D; d++) w->dq_row[d] = 0.0;
+    lse[((size_t)b * H + h) * Nq + i] = -INFINITY;
+    if (m == -INFINITY) return; /* no visible key: zeros */
+    for (int j = 0; j < Nk; j++) sum += p[j] = exp(p[j] - m);
+    lse[((size_t)b * H + h) * Nq + i] = (float)(m + log(sum));
+    double di = 0.0;
+    for (int d = 0; d < D; d++) {
+        double o = 0.0;
+        for (int j = 0; j < Nk; j++) o += p[j] / sum * v[kv_row0 + j * kv_step + d];
+        oi[d] = (float)o;
+        di += o * doi[d];
+    }
+    for (int j = 0; j < Nk; j++) {
+        const float *kj = k + kv_row0 + j * kv_step, *vj = v + kv_row0 + j * kv_step;
+        double pj = p[j] / sum, dp = 0.0;
+        for (int d = 0; d < D; d++) dp += (double)doi[d] * vj[d];
+        double ds = pj * (dp - di) * scale;
+        for (int d = 0; d < D; d++) {
+            w->dq_row[d] += ds * kj[d];
+            w->dk[kv_row0 + j * kv_step + d] += ds * qi[d];
+            w->dv[kv_row0 + j * kv_step + d] += pj * doi[d];
+        }
+    }
+    for (int d = 0; d < D; d++) dqi[d] = (float)w->dq_row[d];
+}
+
 void attention_reference(const AttentionShape *s, float scale, const float *q, const float *k,
                          const float *v, const float *dout, float *out, float *lse, float *dq,
                          float *dk, float *dv) {
-    int H = s->heads, Hkv = s->kv_heads, D = s->head_dim, Nq = s->q_len, Nk = s->kv_len;
-    size_t nk_all = (size_t)s->batch * Nk * Hkv * D;
-    double *p = malloc((Nk + 1) * sizeof *p), *dq_row = malloc((D + 1) * sizeof *dq_row),
-           *dk_acc = calloc(nk_all + 1, sizeof *dk_acc), *dv_acc = calloc(nk_all + 1, sizeof *dv_acc);
-    if (!p || !dq_row || !dk_acc || !dv_acc) {
-        size_t nq_all = (size_t)s->batch * Nq * H * D, rows = (size_t)s->batch * H * Nq;
+    size_t nk_all = (size_t)s->batch * s->kv_len * s->kv_heads * s->head_dim;
+    AttentionRefScratch w = {malloc((s->kv_len + 1) * sizeof *w.p),
+                             malloc((s->head_dim + 1) * sizeof *w.dq_row),
+                             calloc(nk_all + 1, sizeof *w.dk), calloc(nk_all + 1, sizeof *w.dv)};
+    bool ok = w.p && w.dq_row && w.dk && w.dv;
+    for (int b = 0; ok && b < s->batch; b++)
+        for (int h = 0; h < s->heads; h++)
+            for (int i = 0; i < s->q_len; i++)
+                attention_reference_row(s, scale, q, k, v, dout, out, lse, dq, b, h, i, &w);
+    if (!ok) { /* out of memory: NaNs, never a plausible answer */
+        size_t nq_all = (size_t)s->batch * s->q_len * s->heads * s->head_dim;
         for (size_t i = 0; i < nq_all; i++) out[i] = dq[i] = NAN;
-        for (size_t i = 0; i < rows; i++) lse[i] = NAN;
-        for (size_t i = 0; i < nk_all; i++) dk[i] = dv[i] = NAN;
-        free(p);
-        free(dq_row);
-        free(dk_acc);
-        free(dv_acc);
-        return;
+        for (size_t i = 0; i < (size_t)s->batch * s->heads * s->q_len; i++) lse[i] = NAN;
     }
-    for (int b = 0; b < s->batch; b++)
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < Nq; i++) {
-                const float *qi = q + (((size_t)b * Nq + i) * H + h) * D;
-                const float *doi = dout + (((size_t)b * Nq + i) * H + h) * D;
-                float *oi = out + (((size_t)b * Nq + i) * H + h) * D;
-                float *dqi = dq + (((size_t)b * Nq + i) * H + h) * D;
-                size_t kv_row0 = ((size_t)b * Nk * Hkv + h / (H / Hkv)) * D, kv_step = (size_t)Hkv * D;
-                double m = -INFINITY, sum = 0.0;
-                for (int j = 0; j < Nk; j++) {
-                    double dot = 0.0;
-                    for (int d = 0; d < D; d++) dot += (double)qi[d] * k[kv_row0 + j * kv_step + d];
-                    p[j] = attention_reference_visible(s, b, i, j) ? scale * dot : -INFINITY;
-                    if (p[j] > m) m = p[j];
-                }
-                for (int d = 0; d < D; d++) oi[d] = dqi[d] = 0.0f;
-                for (int d = 0; d < D; d++) dq_row[d] = 0.0;
-                lse[((size_t)b * H + h) * Nq + i] = -INFINITY;
-                if (m == -INFINITY) continue;
-                for (int j = 0; j < Nk; j++) sum += p[j] = exp(p[j] - m);
-                lse[((size_t)b * H + h) * Nq + i] = (float)(m + log(sum));
-                double di = 0.0;
-                for (int d = 0; d < D; d++) {
-                    double o = 0.0;
-                    for (int j = 0; j < Nk; j++) o += p[j] / sum * v[kv_row0 + j * kv_step + d];
-                    oi[d] = (float)o;
-                    di += o * doi[d];
-                }
-                for (int j = 0; j < Nk; j++) {
-                    const float *kj = k + kv_row0 + j * kv_step, *vj = v + kv_row0 + j * kv_step;
-                    double pj = p[j] / sum, dp = 0.0;
-                    for (int d = 0; d < D; d++) dp += (double)doi[d] * vj[d];
-                    double ds = pj * (dp - di) * scale;
-                    for (int d = 0; d < D; d++) {
-                        dq_row[d] += ds * kj[d];
-                        dk_acc[kv_row0 + j * kv_step + d] += ds * qi[d];
-                        dv_acc[kv_row0 + j * kv_step + d] += pj * doi[d];
-                    }
-                }
-                for (int d = 0; d < D; d++) dqi[d] = (float)dq_row[d];
-            }
     for (size_t i = 0; i < nk_all; i++) {
-        dk[i] = (float)dk_acc[i];
-        dv[i] = (float)dv_acc[i];
+        dk[i] = ok ? (float)w.dk[i] : NAN;
+        dv[i] = ok ? (float)w.dv[i] : NAN;
     }
-    free(p);
-    free(dq_row);
-    free(dk_acc);
-    free(dv_acc);
+    free(w.p);
+    free(w.dq_row);
+    free(w.dk);
+    free(w.dv);
 }
 
 /* Rotary embedding: each pair (x[a], x[b]) of a head turns by its position's angle i,
