@@ -2793,7 +2793,13 @@ static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     uint64_t *seeds = calloc(csv->n, sizeof *seeds), next = a->start;
     bool *found = calloc(csv->n, sizeof *found);
     SearchHits hits = {a, csv, seeds, found, 0};
-    int rc = seeds && found ? generate_load_models(&a->gen, &r, e) : error_set(e, "out of memory");
+    uint64_t tries = (uint64_t)csv->n * (uint64_t)a->max_tries; /* the seeds it may use */
+    int rc = a->start > (uint64_t)INT64_MAX - (tries - 1) /* past eval's seeds, 0..2^63-1 */
+                 ? error_set(e, "--start %llu: %zu rows x %d tries could pass 2^63-1, the largest "
+                                "seed eval reads", (unsigned long long)a->start, csv->n,
+                             a->max_tries)
+             : seeds && found ? generate_load_models(&a->gen, &r, e)
+                              : error_set(e, "out of memory");
     size_t misses = 0;
     for (size_t i = 0; rc == 0 && i < csv->n; i++) {
         const EvalRow *row = &csv->rows[i];

@@ -354,6 +354,10 @@ static void test_eval_errors(Cli *c) {
     int rc = run(c, "eval %s --out %s/err --csv %s/bad.csv", MODELS, d, d);
     CHECK(rc == 1 && log_has(c, "bad.csv:2: a NUL byte"), "a NUL byte in a CSV exits 1 naming its "
           "line: got %d", rc);
+    rc = run(c, "search-seeds %s --csv %s/set.csv --out %s/late.csv --start 9223372036854775000",
+             MODELS, d, d);
+    CHECK(rc != 0 && log_has(c, "could pass 2^63-1"),
+          "search-seeds refuses seeds eval could not read (status %d)", rc);
     CHECK(run(c, "eval --out %s/err --steps 2", d) == 2, "eval without --csv exits 2");
     CHECK(run(c, "eval --merge --out %s/err --csv x.csv", d) == 2, "--merge with --csv exits 2");
     snprintf(path, sizeof path, "%s/empty", d);
