@@ -293,6 +293,16 @@ static void test_eval_run(Cli *c) {
     snprintf(path2, sizeof path2, "%s/merged.json", d);
     CHECK(rc == 0 && same_file_text(path, path2), "--merge of the shards equals the unsharded "
           "--json");
+    /* the README's recipe for one machine: the shards as parallel processes (xargs -P here,
+     * GNU parallel there), then --merge */
+    char recipe[8192];
+    snprintf(recipe, sizeof recipe, "seq 0 1 | xargs -P 2 -I{} %s eval %s %s --csv %s/set.csv "
+             "--out %s/parallel --shard {}/2 >%s/log 2>&1", c->binary, MODELS, GUIDE, d, d, d);
+    rc = system(recipe);
+    CHECK(rc == 0 && run(c, "eval --merge --out %s/parallel --json %s/parallel.json", d, d) == 0,
+          "the shards run as parallel processes into one --out, then merge: %s", recipe);
+    snprintf(path2, sizeof path2, "%s/parallel.json", d);
+    CHECK(same_file_text(path, path2), "parallel shards merged equal the unsharded --json");
     rc = run(c, "eval %s --csv %s/set.csv --out %s/all", MODELS, d, d);
     CHECK(rc == 1 && log_has(c, "other settings"), "resume with other settings fails (1): %d", rc);
     /* one shard alone: its merge names the row it lacks, here the last */
