@@ -226,10 +226,11 @@ static int info_main(int argc, char **argv) {
 /* ---- benchmarks ------------------------------------------------------------------------- */
 
 /* Parses a whole decimal argument in [lo, hi]; 0 on success. */
-static int bench_parse_int(const char *s, int lo, int hi, int *out) {
+static int parse_int(const char *s, int lo, int hi, int *out) {
     char *end;
+    errno = 0;
     long v = strtol(s, &end, 10);
-    if (end == s || *end != '\0' || v < lo || v > hi) return -1;
+    if (end == s || *end != '\0' || errno || v < lo || v > hi) return -1;
     *out = (int)v;
     return 0;
 }
@@ -238,7 +239,7 @@ static int bench_parse_int(const char *s, int lo, int hi, int *out) {
 #define MEGABYTES_MAX (1 << 22)
 static int parse_megabytes(const char *s, size_t *bytes) {
     int mb;
-    if (bench_parse_int(s, 1, MEGABYTES_MAX, &mb)) return -1;
+    if (parse_int(s, 1, MEGABYTES_MAX, &mb)) return -1;
     *bytes = (size_t)mb << 20;
     return 0;
 }
@@ -356,8 +357,8 @@ static int bench_attention(int argc, char **argv) {
     AttentionBench a = {0};
     KernelBenchArgs k;
     int B, H, N, D;
-    if (argc < 7 || bench_parse_int(argv[3], 1, 1 << 16, &B) || bench_parse_int(argv[4], 1, 1 << 12, &H) ||
-        bench_parse_int(argv[5], 1, 1 << 20, &N) || bench_parse_int(argv[6], 1, 1 << 12, &D)) {
+    if (argc < 7 || parse_int(argv[3], 1, 1 << 16, &B) || parse_int(argv[4], 1, 1 << 12, &H) ||
+        parse_int(argv[5], 1, 1 << 20, &N) || parse_int(argv[6], 1, 1 << 12, &D)) {
         fprintf(stderr, "diamond: usage: diamond bench attention B HEADS N HEAD_DIM [--threads T]\n");
         return 2;
     }
@@ -420,7 +421,7 @@ static int bench_conv(int argc, char **argv) {
         return 2;
     }
     for (int i = 0; i < 8; i++)
-        if (bench_parse_int(argv[3 + i], i == 7 ? 0 : 1, 1 << 16, &v[i])) {
+        if (parse_int(argv[3 + i], i == 7 ? 0 : 1, 1 << 16, &v[i])) {
             fprintf(stderr, "diamond: bench conv: %s must be an integer in %d..65536, got '%s'\n",
                     names[i], i == 7 ? 0 : 1, argv[3 + i]);
             return 2;
@@ -487,8 +488,8 @@ static void gemm_bench_run(void *ctx) {
 static int bench_gemm(int argc, char **argv) {
     GemmBench g = {0};
     KernelBenchArgs k;
-    if (argc < 6 || bench_parse_int(argv[3], 1, 1 << 16, &g.M) ||
-        bench_parse_int(argv[4], 1, 1 << 16, &g.N) || bench_parse_int(argv[5], 1, 1 << 16, &g.K)) {
+    if (argc < 6 || parse_int(argv[3], 1, 1 << 16, &g.M) ||
+        parse_int(argv[4], 1, 1 << 16, &g.N) || parse_int(argv[5], 1, 1 << 16, &g.K)) {
         fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--trans-a] [--trans-b] "
                         "[--threads T], sizes 1..65536\n");
         return 2;
@@ -940,20 +941,9 @@ static const Option *option_find(OptionSet *sets, int n_sets, const char *name, 
     return NULL;
 }
 
-/* A whole decimal number in [min, max]; 0 on success. */
-static int option_whole(const char *text, double min, double max, long long *out) {
-    char *end;
-    errno = 0;
-    long long v = strtoll(text, &end, 10);
-    if (end == text || *end || errno || (double)v < min || (double)v > max) return -1;
-    *out = v;
-    return 0;
-}
-
 /* One option's value (NULL for a flag) into its field. */
 static int option_set(const Option *o, void *args, const char *value, Error *e) {
     void *field = (char *)args + o->offset;
-    long long whole;
     char *end;
     double number;
     switch (o->kind) {
@@ -964,10 +954,9 @@ static int option_set(const Option *o, void *args, const char *value, Error *e) 
         *(const char **)field = value;
         return 0;
     case OPTION_INT:
-        if (option_whole(value, o->min, o->max, &whole))
+        if (parse_int(value, (int)o->min, (int)o->max, field))
             return error_set(e, "%s: expected a whole number in %.0f..%.0f, got '%s'", o->name,
                              o->min, o->max, value);
-        *(int *)field = (int)whole;
         return 0;
     case OPTION_FLOAT:
     case OPTION_DOUBLE:
@@ -1039,15 +1028,14 @@ int option_seed(const char *value, void *field, Error *e) {
 }
 
 int option_threads(const char *value, void *field, Error *e) {
-    long long threads;
-    if (option_whole(value, 1, 1024, &threads))
+    int *threads = field;
+    if (parse_int(value, 1, 1024, threads))
         return error_set(e, "--threads: expected a whole number in 1..1024, got '%s'", value);
-    *(int *)field = (int)threads;
 #ifdef _OPENMP
-    omp_set_num_threads((int)threads);
+    omp_set_num_threads(*threads);
 #else
-    fprintf(stderr, "note: built without OpenMP, --threads %lld ignored (1 thread)\n", threads);
-    *(int *)field = 1;
+    fprintf(stderr, "note: built without OpenMP, --threads %d ignored (1 thread)\n", *threads);
+    *threads = 1;
 #endif
     return 0;
 }
@@ -1214,18 +1202,16 @@ static WeightSource generate_source(const GenerateArgs *a) {
  * integer). */
 static int generate_parse_seeds(const char *s, GenerateArgs *a) {
     a->n_seeds = 0;
-    while (*s) {
-        char *end;
-        errno = 0;
-        if (*s == '-' || *s == '+' || a->n_seeds == GENERATE_MAX_BATCH) return -1;
-        unsigned long long v = strtoull(s, &end, 10);
-        if (end == s || errno || v > (unsigned long long)INT64_MAX || (*end && *end != ',') ||
-            (*end == ',' && !end[1]))
-            return -1;
-        a->seeds[a->n_seeds++] = v;
-        s = *end ? end + 1 : end;
+    for (;;) {
+        char seed[32];
+        size_t len = strcspn(s, ",");
+        if (a->n_seeds == GENERATE_MAX_BATCH || len >= sizeof seed) return -1;
+        memcpy(seed, s, len);
+        seed[len] = '\0';
+        if (parse_seed(seed, &a->seeds[a->n_seeds++])) return -1; /* "" too: "1,," or "1," */
+        if (!s[len]) return 0;
+        s += len + 1;
     }
-    return a->n_seeds > 0 ? 0 : -1;
 }
 
 /* OPTION_PARSE readers of generate's options with more to them than a number. */
@@ -2043,7 +2029,7 @@ static int eval_parse_shard(const char *s, int *shard, int *shards) {
     char part[32];
     if (!slash || (size_t)(slash - s) >= sizeof part) return -1;
     snprintf(part, sizeof part, "%.*s", (int)(slash - s), s);
-    if (bench_parse_int(part, 0, 1 << 20, shard) || bench_parse_int(slash + 1, 1, 1 << 20, shards))
+    if (parse_int(part, 0, 1 << 20, shard) || parse_int(slash + 1, 1, 1 << 20, shards))
         return -1;
     return *shard < *shards ? 0 : -1;
 }
