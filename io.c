@@ -960,38 +960,19 @@ void atomic_abort(AtomicFile *f) {
 }
 
 int file_read_all(const char *path, char **text, size_t *len, Error *e) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO: refused, not waited on */
-    struct stat sb;
-    if (fd < 0) return error_set(e, "%s: cannot open: %s", path, strerror(errno));
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return error_set(e, "%s: not a regular file", path);
+    MappedFile file;
+    *text = NULL;
+    if (map_file(&file, path, e)) return -1; /* a regular file, or an error (a FIFO: at once) */
+    size_t size = file.size;
+    char *copy = malloc(size + 1);
+    if (copy) {
+        if (size) memcpy(copy, file.bytes, size);
+        copy[size] = '\0';
     }
-    FILE *f = fdopen(fd, "rb");
-    if (!f) {
-        close(fd);
-        return error_set(e, "%s: cannot open: %s", path, strerror(errno));
-    }
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        n += fread(buf + n, 1, cap - n - 1, f);
-        if (n + 1 < cap) break;
-        char *grown = realloc(buf, 2 * cap);
-        if (!grown) free(buf);
-        buf = grown;
-        cap *= 2;
-    }
-    int failed = ferror(f);
-    fclose(f);
-    if (!buf) return error_set(e, "%s: out of memory", path);
-    if (failed) {
-        free(buf);
-        return error_set(e, "%s: read error", path);
-    }
-    buf[n] = '\0';
-    *text = buf;
-    *len = n;
+    unmap_file(&file);
+    if (!copy) return error_set(e, "%s: out of memory", path);
+    *text = copy;
+    *len = size;
     return 0;
 }
 
