@@ -120,8 +120,8 @@ int atomic_commit(AtomicFile *f, Error *e);
 void atomic_abort(AtomicFile *f);
 /* The whole file in one call. */
 int write_file_atomic(const char *path, const void *data, size_t n, Error *e);
-/* path's whole contents (a file or a pipe), NUL-terminated, into a new buffer *text of *len
- * bytes before the NUL. */
+/* path's whole contents (a regular file: a FIFO or device is refused), NUL-terminated, into a
+ * new buffer *text of *len bytes before the NUL. */
 int file_read_all(const char *path, char **text, size_t *len, Error *e);
 
 /* The entry names of a directory without "." and "..", sorted bytewise; free with dir_list_free. */
