@@ -371,7 +371,7 @@ static int bench_attention(int argc, char **argv) {
     size_t n = (size_t)B * N * H * D;
     float **arrays[] = {&a.q, &a.k, &a.v, &a.out, &a.dout, &a.dq, &a.dk, &a.dv};
     bool ok = (a.lse = malloc((size_t)B * H * N * sizeof(float))) != NULL;
-    for (size_t i = 0; i < sizeof arrays / sizeof *arrays; i++) ok &= (*arrays[i] = calloc(n, sizeof(float))) != NULL;
+    for (size_t i = 0; i < COUNT(arrays); i++) ok &= (*arrays[i] = calloc(n, sizeof(float))) != NULL;
     if (ok) {
         unsigned long long state = 42;
         float *inputs[] = {a.q, a.k, a.v, a.dout};
@@ -389,7 +389,7 @@ static int bench_attention(int argc, char **argv) {
         fprintf(stderr, "diamond: bench attention: out of memory for B=%d H=%d N=%d D=%d\n", B, H, N, D);
     }
     free(a.lse);
-    for (size_t i = 0; i < sizeof arrays / sizeof *arrays; i++) free(*arrays[i]);
+    for (size_t i = 0; i < COUNT(arrays); i++) free(*arrays[i]);
     return ok ? 0 : 1;
 }
 
@@ -790,7 +790,7 @@ static int bench_model(int argc, char **argv) {
     Error e = {{0}};
     int rc = bench_models_open(argc, argv, "model", &m, &a);
     double seconds;
-    for (size_t i = 0; rc == 0 && i < sizeof parts / sizeof *parts; i++) {
+    for (size_t i = 0; rc == 0 && i < COUNT(parts); i++) {
         if (a.only && strcmp(a.only, parts[i].model)) continue;
         if (bench_part(parts[i].what, parts[i].part, &m, &seconds, &e)) {
             fprintf(stderr, "diamond bench model: %s: %s\n", parts[i].what, e.msg);

@@ -40,9 +40,6 @@ typedef struct Option {
     const char *help;  /* lines joined by '\n'; NULL: left out of the help */
 } Option;
 
-/* The entries of a table. */
-#define COUNT(table) (sizeof (table) / sizeof *(table))
-
 /* One table and the struct its offsets point into. used: set when one of its options was
  * given. */
 typedef struct OptionSet {

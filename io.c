@@ -587,7 +587,7 @@ static int json_parse_word(JsonParser *p, JsonValue *out) {
         JsonType type;
         bool boolean;
     } words[] = {{"true", JSON_BOOL, true}, {"false", JSON_BOOL, false}, {"null", JSON_NULL, false}};
-    for (size_t i = 0; i < sizeof words / sizeof words[0]; i++) {
+    for (size_t i = 0; i < COUNT(words); i++) {
         size_t n = strlen(words[i].word);
         if (p->len - p->pos >= n && memcmp(p->text + p->pos, words[i].word, n) == 0) {
             out->type = words[i].type;
@@ -864,6 +864,55 @@ int json_get_int_array(const JsonValue *object, const char *key, int64_t *out, s
     return 0;
 }
 
+/* Whether v is the JSON literal lit[0 .. len): null, true, false, a "string" without escapes,
+ * or a number (within a relative 1e-9). */
+static bool json_is_literal(const JsonValue *v, const char *lit, size_t len) {
+    if (len >= 2 && lit[0] == '"')
+        return v->type == JSON_STRING && v->length == len - 2 && !memcmp(v->string, lit + 1, len - 2);
+    if (len == 4 && !memcmp(lit, "null", 4)) return v->type == JSON_NULL;
+    if (len == 4 && !memcmp(lit, "true", 4)) return v->type == JSON_BOOL && v->boolean;
+    if (len == 5 && !memcmp(lit, "false", 5)) return v->type == JSON_BOOL && !v->boolean;
+    char number[32];
+    if (v->type != JSON_NUMBER || len >= sizeof number) return false;
+    memcpy(number, lit, len);
+    number[len] = '\0';
+    double want = strtod(number, NULL);
+    return fabs(v->number - want) <= 1e-9 * fabs(want);
+}
+
+/* Whether v is one of the '|'-separated literals in accepts. */
+static bool json_is_one_of(const JsonValue *v, const char *accepts) {
+    for (const char *at = accepts;;) {
+        size_t len = strcspn(at, "|");
+        if (json_is_literal(v, at, len)) return true;
+        if (!at[len]) return false;
+        at += len + 1;
+    }
+}
+
+/* v in a few words for a message: the number, boolean or (start of the) string, else its type. */
+static void json_describe(const JsonValue *v, char *buf, size_t size) {
+    switch (v->type) {
+    case JSON_NULL: snprintf(buf, size, "null"); break;
+    case JSON_BOOL: snprintf(buf, size, "%s", v->boolean ? "true" : "false"); break;
+    case JSON_NUMBER: snprintf(buf, size, "%.10g", v->number); break;
+    case JSON_STRING: snprintf(buf, size, "\"%.40s\"%s", v->string, v->length > 40 ? "..." : ""); break;
+    default: snprintf(buf, size, "%s", json_type_name(v)); break;
+    }
+}
+
+int json_require_defaults(const JsonValue *object, const KeyDefault *keys, size_t n, Error *e) {
+    for (size_t i = 0; i < n; i++) {
+        const JsonValue *v = json_get(object, keys[i].key);
+        if (!v || json_is_one_of(v, keys[i].accepts)) continue;
+        char value[64];
+        json_describe(v, value, sizeof value);
+        return error_set(e, "%s: key '%s' is %s; diamond implements only %s", object->source,
+                         keys[i].key, value, keys[i].accepts);
+    }
+    return 0;
+}
+
 /* ---- atomic files ---- */
 
 struct AtomicFile {
@@ -1066,7 +1115,7 @@ static const struct {
     [DTYPE_U8] = {"U8", 1},   [DTYPE_BOOL] = {"BOOL", 1},
 };
 
-#define DTYPE_COUNT (sizeof dtype_info / sizeof dtype_info[0])
+#define DTYPE_COUNT COUNT(dtype_info)
 
 const char *dtype_name(DType dtype) {
     return (size_t)dtype < DTYPE_COUNT ? dtype_info[dtype].name : "?";

@@ -11,6 +11,9 @@
 /* ---- errors ---------------------------------------------------------------------------------
  * Functions that can fail return 0 on success and -1 on failure, filling an Error with one line
  * that names the file, tensor or option at fault. main() prints it. */
+/* The entries of a table. */
+#define COUNT(table) (sizeof (table) / sizeof *(table))
+
 typedef struct Error {
     char msg[512];
 } Error;
@@ -105,6 +108,16 @@ int json_get_string(const JsonValue *object, const char *key, const char **out, 
 /* An array of at most capacity integers into out[0 .. *count). */
 int json_get_int_array(const JsonValue *object, const char *key, int64_t *out, size_t capacity,
                        size_t *count, Error *e);
+/* A key of an upstream config that diamond does not implement: it must be absent or hold one of
+ * the values `accepts` lists, JSON literals separated by '|' (null, true, false, a number, a
+ * "string"; numbers match within a relative 1e-9). */
+typedef struct KeyDefault {
+    const char *key;
+    const char *accepts;
+} KeyDefault;
+/* The first of keys[0 .. n) whose value is not accepted fails, naming the file, key, value and
+ * what diamond implements. */
+int json_require_defaults(const JsonValue *object, const KeyDefault *keys, size_t n, Error *e);
 
 /* -- files -- */
 

@@ -1771,21 +1771,23 @@ struct Qwen3 {
 
 /* --- config --- */
 
-/* A key we do not implement must be absent or at its off value (null, false); its name else. */
-static const char *qwen3_unsupported_key(const JsonValue *root) {
-    static const char *const off[] = {"attention_bias", "use_sliding_window", "rope_scaling"};
-    for (size_t i = 0; i < sizeof off / sizeof *off; i++) {
-        const JsonValue *v = json_get(root, off[i]);
-        if (v && v->type != JSON_NULL && !(v->type == JSON_BOOL && !v->boolean)) return off[i];
-    }
-    const JsonValue *act = json_get(root, "hidden_act");
-    if (act && (act->type != JSON_STRING || strcmp(act->string, "silu"))) return "hidden_act";
+/* The keys of Qwen3Config that ask for what this Qwen3 does not implement, at their off values. */
+static const KeyDefault QWEN3_UNIMPLEMENTED[] = {
+    {"attention_bias", "false|null"},
+    {"use_sliding_window", "false|null"},
+    {"rope_scaling", "null"},
+    {"hidden_act", "\"silu\""},
+};
+
+/* Every entry of layer_types (newer configs' per-layer attention kinds) is full attention. */
+static int qwen3_config_layer_types(const JsonValue *root, Error *e) {
     const JsonValue *types = json_get(root, "layer_types");
     for (size_t i = 0; types && types->type == JSON_ARRAY && i < types->count; i++)
         if (types->items[i].type != JSON_STRING ||
             strcmp(types->items[i].string, "full_attention"))
-            return "layer_types";
-    return NULL;
+            return error_set(e, "%s: layer_types[%zu] is not \"full_attention\", the only kind "
+                             "diamond implements", root->source, i);
+    return 0;
 }
 
 /* num_key_value_heads (default: num_attention_heads) and head_dim (default hidden / heads). */
@@ -1809,16 +1811,14 @@ static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
     if (json_parse_file(&doc, path, e)) return -1;
     const JsonValue *root = json_root(doc);
     const JsonValue *type = json_get(root, "model_type");
-    const char *unsupported = qwen3_unsupported_key(root);
     const int64_t big = 1 << 20;
     int status = 0;
     if (!type || type->type != JSON_STRING || strcmp(type->string, "qwen3"))
         status = error_set(e, "%s: model_type is not \"qwen3\"", path);
-    else if (unsupported)
-        status = error_set(e, "%s: key '%s' asks for what diamond's Qwen3 does not implement",
-                           path, unsupported);
     else
-        status = json_get_int_in(root, "vocab_size", 1, 1 << 24, &c->vocab_size, e) ||
+        status = json_require_defaults(root, QWEN3_UNIMPLEMENTED, COUNT(QWEN3_UNIMPLEMENTED), e) ||
+                 qwen3_config_layer_types(root, e) ||
+                 json_get_int_in(root, "vocab_size", 1, 1 << 24, &c->vocab_size, e) ||
                  json_get_int_in(root, "hidden_size", 1, big, &c->hidden_size, e) ||
                  json_get_int_in(root, "num_hidden_layers", 1, 4096, &c->num_layers, e) ||
                  json_get_int_in(root, "num_attention_heads", 1, 4096, &c->heads, e) ||
@@ -3098,9 +3098,29 @@ static int segformer_activation(const JsonValue *root, bool *tanh_approx, Error 
     return 0;
 }
 
+/* SegformerConfig's keys that would change the network, at the values transformers' semantic
+ * segmentation model takes (it requires reshape_last_stage). */
+static const KeyDefault SEGFORMER_UNIMPLEMENTED[] = {
+    {"reshape_last_stage", "true"},
+};
+
+/* layer_norm_eps: transformers' SegFormer builds every LayerNorm with PyTorch's default 1e-5 and
+ * never reads the key, nor does diamond; a value that could not be an epsilon is still refused. */
+static int segformer_layer_norm_eps(const JsonValue *root, Error *e) {
+    double eps = 0.0;
+    if (!json_get(root, "layer_norm_eps")) return 0;
+    if (json_get_float(root, "layer_norm_eps", &eps, e)) return -1;
+    if (!(eps >= 0.0 && eps < 1.0))
+        return error_set(e, "%s: key 'layer_norm_eps' is %g, expected a number in [0, 1)",
+                         root->source, eps);
+    return 0;
+}
+
 static int segformer_model_config(SegformerConfig *c, const JsonValue *root, Error *e) {
     int channels = 3;
-    if (json_get_int_in(root, "num_encoder_blocks", 1, SEGFORMER_MAX_STAGES, &c->stages, e) ||
+    if (json_require_defaults(root, SEGFORMER_UNIMPLEMENTED, COUNT(SEGFORMER_UNIMPLEMENTED), e) ||
+        segformer_layer_norm_eps(root, e) ||
+        json_get_int_in(root, "num_encoder_blocks", 1, SEGFORMER_MAX_STAGES, &c->stages, e) ||
         (json_get(root, "num_channels") &&
          json_get_int_in(root, "num_channels", 1, SEGFORMER_MAX_SIZE, &channels, e)) ||
         segformer_stage_ints(root, "hidden_sizes", c->stages, c->hidden_sizes, e) ||
@@ -3167,8 +3187,19 @@ static int segformer_input_size(SegformerConfig *c, const JsonValue *root, Error
     return 0;
 }
 
+/* SegformerImageProcessor's keys that diamond does not read, at the values it implements: pixels
+ * scaled from 0..255 to [0, 1], and the bilinear resize of DIAMOND's official code (PIL's
+ * resample 2). */
+static const KeyDefault SEGFORMER_PREPROCESSOR_UNIMPLEMENTED[] = {
+    {"do_rescale", "true"},
+    {"rescale_factor", "0.00392156862745098"},
+    {"resample", "2"},
+};
+
 static int segformer_preprocessor_config(SegformerConfig *c, const JsonValue *root, Error *e) {
-    if (segformer_flag(root, "do_resize", &c->do_resize, e) ||
+    if (json_require_defaults(root, SEGFORMER_PREPROCESSOR_UNIMPLEMENTED,
+                              COUNT(SEGFORMER_PREPROCESSOR_UNIMPLEMENTED), e) ||
+        segformer_flag(root, "do_resize", &c->do_resize, e) ||
         segformer_flag(root, "do_normalize", &c->do_normalize, e) ||
         (c->do_resize && segformer_input_size(c, root, e)) ||
         (c->do_normalize && (segformer_rgb(root, "image_mean", false, c->mean, e) ||

@@ -1516,7 +1516,7 @@ static AttnScratch attn_scratch_at(float *base, int dp) {
     size_t block = (size_t)ATTN_BLOCK * dp, tile = (size_t)ATTN_BLOCK * ATTN_BLOCK;
     AttnScratch w = {.dp = dp};
     float **blocks[] = {&w.own_t, &w.own2_t, &w.walk, &w.walk2, &w.acc, &w.acc2};
-    for (size_t i = 0; i < sizeof blocks / sizeof *blocks; i++) *blocks[i] = base + i * block;
+    for (size_t i = 0; i < COUNT(blocks); i++) *blocks[i] = base + i * block;
     w.s = base + 6 * block;
     w.ds = w.s + tile;
     return w;

@@ -128,6 +128,10 @@ static void test_configs(void) {
                         "use_sliding_window");
     test_config_refused("\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"", "hidden_act");
     test_config_refused("\"model_type\": \"qwen3\"", "\"model_type\": \"llama\"", "model_type");
+    test_config_refused("\"model_type\": \"qwen3\"",
+                        "\"model_type\": \"qwen3\", \"layer_types\": [\"full_attention\", "
+                        "\"sliding_attention\"]",
+                        "layer_types[1] is not \"full_attention\"");
     test_config_refused("\"num_hidden_layers\": 28", "\"num_hidden_layers\": 20",
                         "num_hidden_layers 20");
     test_config_refused("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", "divide");

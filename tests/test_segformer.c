@@ -286,6 +286,11 @@ static void check_config_errors(void) {
          "\"sr_ratios\": [\n",
          {"config.json", "sr_ratios"}},
         {"an unsupported activation", "\"gelu\"", "\"swish\"", {"config.json", "swish"}},
+        {"the last stage left unreshaped", "\"reshape_last_stage\": true",
+         "\"reshape_last_stage\": false",
+         {"config.json", "key 'reshape_last_stage' is false; diamond implements only true"}},
+        {"a layer_norm_eps that is no epsilon", "\"layer_norm_eps\": 1e-06",
+         "\"layer_norm_eps\": -3", {"config.json", "layer_norm_eps' is -3"}},
     };
     static const struct {
         const char *what, *text, *want[2];
@@ -306,6 +311,15 @@ static void check_config_errors(void) {
         {"a missing size",
          "{\"image_mean\": [0, 0, 0], \"image_std\": [1, 1, 1]}",
          {"preprocessor_config.json", "size"}},
+        {"a resize other than bilinear",
+         "{\"size\": 64, \"resample\": 3, \"do_normalize\": false}",
+         {"preprocessor_config.json", "key 'resample' is 3; diamond implements only 2"}},
+        {"another rescale factor",
+         "{\"size\": 64, \"rescale_factor\": 1, \"do_normalize\": false}",
+         {"preprocessor_config.json", "key 'rescale_factor' is 1; diamond implements only"}},
+        {"pixels left unscaled",
+         "{\"size\": 64, \"do_rescale\": false, \"do_normalize\": false}",
+         {"preprocessor_config.json", "key 'do_rescale' is false"}},
         {"a size of zero",
          "{\"size\": {\"height\": 0, \"width\": 48}, \"do_normalize\": false}",
          {"preprocessor_config.json", "height"}},

@@ -518,7 +518,7 @@ static const Trainer trainers[] = {
 };
 
 static const Trainer *train_find(const char *name) {
-    for (size_t i = 0; i < sizeof trainers / sizeof *trainers; i++)
+    for (size_t i = 0; i < COUNT(trainers); i++)
         if (!strcmp(trainers[i].name, name)) return &trainers[i];
     return NULL;
 }
@@ -548,7 +548,7 @@ static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
     if (a->flow && a->samples < 10)
         return error_set(e, "--samples: at least 10 (a tenth is held out)");
     const char *paths[] = {a->config, a->out, a->vae, a->init, a->flow};
-    for (size_t i = 0; i < sizeof paths / sizeof *paths; i++)
+    for (size_t i = 0; i < COUNT(paths); i++)
         if (paths[i] && strlen(paths[i]) > TRAIN_MAX_PATH)
             return error_set(e, "path too long: %.40s...", paths[i]);
     return 0;

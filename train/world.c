@@ -746,7 +746,7 @@ static void oracle_segment_range(const OracleInk *ink, size_t level, int lo, int
     for (int y = 0; y < WORLD_H; y++) bits[y] &= columns;
     int runs = oracle_runs(bits, x0, x1);
     for (int i = 0; i < runs; i++) {
-        bool last = level + 1 == sizeof fractions / sizeof fractions[0];
+        bool last = level + 1 == COUNT(fractions);
         if (x1[i] - x0[i] + 1 > WORLD_FONT_W * WORLD_SCALE_X + 2 && !last) {
             oracle_segment_range(ink, level + 1, x0[i], x1[i], cores);
         } else if (cores->count < ORACLE_MAX_GLYPHS) {
@@ -794,7 +794,7 @@ static void oracle_match(const OracleInk *ink, const OracleCores *cores, int gly
     for (int k = 0; k < WORLD_SYMBOLS; k++) best[k] = 1.0;
     out->box = (WorldBox){cores->x0[glyph], 0, cores->x1[glyph] - cores->x0[glyph] + 1, 0};
     uint64_t previous[WORLD_H] = {0};
-    for (size_t f = 0; f < sizeof fractions / sizeof fractions[0]; f++) {
+    for (size_t f = 0; f < COUNT(fractions); f++) {
         uint64_t bits[WORLD_H];
         oracle_bits(ink, fractions[f], bits);
         int lo, hi;
