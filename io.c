@@ -304,23 +304,23 @@ typedef struct Arena {
 
 #define ARENA_BLOCK_BYTES 65536
 
-static void *arena_alloc(Arena *a, size_t n) {
-    size_t align = _Alignof(max_align_t);
-    if (n > SIZE_MAX - align - sizeof(ArenaBlock)) return NULL;
-    n = (n + align - 1) / align * align;
+/* n bytes aligned to align (a power of two at most max_align_t's): strings take align 1, so a
+ * document of short strings does not pay 16 bytes for each. */
+static void *arena_alloc(Arena *a, size_t n, size_t align) {
+    if (n > SIZE_MAX - _Alignof(max_align_t) - sizeof(ArenaBlock)) return NULL;
     ArenaBlock *b = a->head;
-    if (!b || b->size - b->used < n) {
+    size_t at = b ? (b->used + align - 1) & ~(align - 1) : 0;
+    if (!b || at > b->size || b->size - at < n) {
         size_t size = n > ARENA_BLOCK_BYTES ? n : ARENA_BLOCK_BYTES;
         b = malloc(sizeof *b + size);
         if (!b) return NULL;
         b->next = a->head;
-        b->used = 0;
         b->size = size;
         a->head = b;
+        at = 0;
     }
-    void *p = (unsigned char *)b->data + b->used;
-    b->used += n;
-    return p;
+    b->used = at + n;
+    return (unsigned char *)b->data + at;
 }
 
 static void arena_free(Arena *a) {
@@ -411,7 +411,7 @@ static void *json_stack_reserve(JsonParser *p, void *stack, size_t count, size_t
 static int json_to_arena(JsonParser *p, const void *src, size_t count, size_t size, const void **out) {
     *out = NULL;
     if (count == 0) return 0;
-    void *dst = count <= SIZE_MAX / size ? arena_alloc(p->arena, count * size) : NULL;
+    void *dst = count <= SIZE_MAX / size ? arena_alloc(p->arena, count * size, _Alignof(JsonValue)) : NULL;
     if (!dst) return json_error(p, "out of memory");
     memcpy(dst, src, count * size);
     *out = dst;
@@ -501,7 +501,7 @@ static int json_parse_string(JsonParser *p, const char **out, size_t *length) {
     size_t start = p->pos + 1, end = start;
     while (end < p->len && p->text[end] != '"') end += p->text[end] == '\\' ? 2 : 1;
     if (end >= p->len) return json_error(p, "unterminated string");
-    char *dst = arena_alloc(p->arena, end - start + 1);
+    char *dst = arena_alloc(p->arena, end - start + 1, 1);
     if (!dst) return json_error(p, "out of memory");
     size_t n = 0;
     p->pos = start;
@@ -719,8 +719,8 @@ int json_parse(JsonDoc **out, const char *text, size_t len, const char *source, 
     *out = NULL;
     JsonDoc *doc = calloc(1, sizeof *doc);
     size_t source_size = strlen(source) + 1;
-    char *name = doc ? arena_alloc(&doc->arena, source_size) : NULL;
-    JsonValue *root = name ? arena_alloc(&doc->arena, sizeof *root) : NULL;
+    char *name = doc ? arena_alloc(&doc->arena, source_size, 1) : NULL;
+    JsonValue *root = name ? arena_alloc(&doc->arena, sizeof *root, _Alignof(JsonValue)) : NULL;
     if (!root) {
         if (doc) arena_free(&doc->arena);
         free(doc);
@@ -896,7 +896,11 @@ static void json_describe(const JsonValue *v, char *buf, size_t size) {
     case JSON_NULL: snprintf(buf, size, "null"); break;
     case JSON_BOOL: snprintf(buf, size, "%s", v->boolean ? "true" : "false"); break;
     case JSON_NUMBER: snprintf(buf, size, "%.10g", v->number); break;
-    case JSON_STRING: snprintf(buf, size, "\"%.40s\"%s", v->string, v->length > 40 ? "..." : ""); break;
+    case JSON_STRING: {
+        char text[48];
+        snprintf(buf, size, "\"%s\"", printable(v->string, text, sizeof text));
+        break;
+    }
     default: snprintf(buf, size, "%s", json_type_name(v)); break;
     }
 }

@@ -61,18 +61,30 @@ typedef enum JsonType { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARR
 typedef struct JsonValue JsonValue;
 typedef struct JsonMember JsonMember;
 
+/* 32 bytes: the fields of each type share their storage, so read only those of v->type. */
 struct JsonValue {
     JsonType type;
-    bool boolean;              /* JSON_BOOL */
-    bool is_integer;           /* JSON_NUMBER written without fraction or exponent, within int64 */
-    int64_t integer;           /* JSON_NUMBER when is_integer */
-    double number;             /* JSON_NUMBER, always */
-    const char *string;        /* JSON_STRING, NUL-terminated UTF-8 */
-    size_t length;             /* JSON_STRING: bytes, without the NUL */
-    size_t count;              /* JSON_ARRAY: items; JSON_OBJECT: members */
-    const JsonValue *items;    /* JSON_ARRAY */
-    const JsonMember *members; /* JSON_OBJECT, in file order */
-    const char *source;        /* the document's name, for error messages */
+    bool boolean;                      /* JSON_BOOL */
+    bool is_integer;                   /* JSON_NUMBER written without fraction or exponent, within
+                                        * int64; false for every other type */
+    union {
+        struct {
+            int64_t integer;           /* JSON_NUMBER when is_integer */
+            double number;             /* JSON_NUMBER, always */
+        };
+        struct {
+            const char *string;        /* JSON_STRING, NUL-terminated UTF-8 */
+            size_t length;             /* JSON_STRING: bytes, without the NUL */
+        };
+        struct {
+            size_t count;              /* JSON_ARRAY: items; JSON_OBJECT: members */
+            union {
+                const JsonValue *items;    /* JSON_ARRAY */
+                const JsonMember *members; /* JSON_OBJECT, in file order */
+            };
+        };
+    };
+    const char *source;                /* the document's name, for error messages */
 };
 
 struct JsonMember {
@@ -84,8 +96,10 @@ typedef struct JsonDoc JsonDoc;
 
 /* Parses len bytes of text (need not be NUL-terminated); source names it in error messages. */
 int json_parse(JsonDoc **out, const char *text, size_t len, const char *source, Error *e);
-/* A regular file of at most JSON_FILE_MAX bytes (configs, indexes, eval items: kilobytes; a
- * hostile 50 MB config would take gigabytes of parsed values). */
+/* A regular file of at most JSON_FILE_MAX bytes (configs, indexes, eval items: kilobytes). A
+ * document takes at most ~33 bytes of memory per byte of text, the worst case being a long array
+ * of one-digit numbers (4 MiB of "[0,0,...]": 134 MB peak RSS; Qwen3's 11 MB tokenizer.json,
+ * read by the tokenizer without this limit: 55 MB). */
 #define JSON_FILE_MAX (4 << 20)
 int json_parse_file(JsonDoc **out, const char *path, Error *e);
 const JsonValue *json_root(const JsonDoc *doc);
