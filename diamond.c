@@ -235,7 +235,7 @@ static int parse_int(const char *s, int lo, int hi, int *out) {
     return 0;
 }
 
-/* --vae-memory MB: a whole number of megabytes (MiB) in 1 .. MEGABYTES_MAX, into bytes. */
+/* MB: a whole number of megabytes (MiB) in 1 .. MEGABYTES_MAX, into bytes. */
 #define MEGABYTES_MAX (1 << 22)
 static int parse_megabytes(const char *s, size_t *bytes) {
     int mb;
@@ -244,11 +244,10 @@ static int parse_megabytes(const char *s, size_t *bytes) {
     return 0;
 }
 
-/* OPTION_PARSE for --vae-memory MB into a size_t of bytes. */
+/* OPTION_PARSE for --vae-memory MB and --memory MB into a size_t of bytes. */
 static int option_megabytes(const char *value, void *field, Error *e) {
     if (parse_megabytes(value, field))
-        return error_set(e, "--vae-memory: expected megabytes in 1..%d, got '%s'", MEGABYTES_MAX,
-                         value);
+        return error_set(e, "expected megabytes in 1..%d, got '%s'", MEGABYTES_MAX, value);
     return 0;
 }
 
@@ -1186,7 +1185,9 @@ typedef struct GenerateArgs {
     const char *prompt, *negative; /* negative: the negative prompt of opt.cfg_scale > 1 */
     uint64_t seeds[GENERATE_MAX_BATCH];
     int n_seeds, steps, width, height;
-    size_t vae_memory; /* the VAE decode's memory budget (vae_decoder_checkpoint_for) */
+    size_t memory;     /* --memory: what a run may take, in bytes (0: unknown, not checked) */
+    size_t vae_memory; /* the VAE decode's memory budget (vae_decoder_checkpoint_for); 0: a
+                        * share of memory (vae_default_memory) */
     SamplerOptions opt;
     bool quiet;
     bool non_strict; /* --non-strict: tensors the configs do not use are allowed in the files */
@@ -1351,10 +1352,16 @@ static const Option sampling_options[] = {
      .help = "shift the sigma schedule by exp(M) instead of FLUX.2's empirical\n"
              "mu for the token count (made for thousands of tokens; the\n"
              "embedded models use 0: no shift)"},
+    {.name = "--memory", .value = "MB", .kind = OPTION_PARSE, .offset = GENERATE_FIELD(memory),
+     .parse = option_megabytes,
+     .help = "the memory the run may take (default: the memory available,\n"
+             "Linux's MemAvailable, macOS's physical memory). A run whose\n"
+             "estimate (printed at the start) is larger is refused before it\n"
+             "samples; the transformer's memory-mapped weights are counted apart"},
     {.name = "--vae-memory", .value = "MB", .kind = OPTION_PARSE,
      .offset = GENERATE_FIELD(vae_memory), .parse = option_megabytes,
      .help = "the memory the VAE decode's backward may hold (default: half\n"
-             "the memory available, Linux's MemAvailable; 1024 when unknown): it\n"
+             "of --memory; 1024 when that is unknown): it\n"
              "nests its checkpoints (0-3 levels) only as deep as that needs,\n"
              "and each level less is faster (none: about twice as fast as 3).\n"
              "A FLUX.2 decode of 256x256 needs none from 1780, 512x512 from\n"
@@ -1371,7 +1378,7 @@ static const Option sampling_options[] = {
 
 /* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
 static int generate_defaults(GenerateArgs *a, Error *e) {
-    *a = (GenerateArgs){.vae_memory = vae_default_memory(memory_available()),
+    *a = (GenerateArgs){.memory = memory_available(),
                         .opt = {.guide = true, .guidance_scale = 4.0f}};
     return lambda_schedule_parse(&a->opt.lambda, "power", e) ||
            artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;
@@ -1482,6 +1489,7 @@ typedef struct GenerateRun {
     char *txt_prompt;     /* the prompt txt (and negative) hold, when eval encoded one */
     Tensor *negative;     /* [B, L, D] the negative prompt's, with classifier-free guidance */
     int grid_h, grid_w;
+    int vae_levels;       /* the VAE decode's checkpoint levels (vae_decoder_checkpoint_for) */
 } GenerateRun;
 
 static void generate_run_free(GenerateRun *r) {
@@ -1510,6 +1518,10 @@ static int generate_read(const char *path, const char *name, int64_t rows, int64
              t->shape[t->ndim - 1] != cols || t->numel == 0)
         rc = error_set(e, "%s: '%s' must be [%s, %lld] (or with a batch dim in front)", path,
                        name, dims, (long long)cols);
+    else if (rows < 0 && t->shape[t->ndim - 2] > FLUX2_MAX_TEXT_TOKENS)
+        rc = error_set(e, "%s: '%s' has %lld tokens, at most %d are taken (the klein pipeline "
+                       "makes 512)", path, name, (long long)t->shape[t->ndim - 2],
+                       FLUX2_MAX_TEXT_TOKENS);
     if (rc == 0) {
         int64_t B = t->ndim == 3 ? t->shape[0] : 1;
         *out = TENSOR_NEW(B, t->shape[t->ndim - 2], cols);
@@ -1596,18 +1608,81 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
     }
     r->grid_h = a->height / ph;
     r->grid_w = a->width / pw;
-    int levels = vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height,
-                                            a->width, a->vae_memory);
+    size_t budget = a->vae_memory ? a->vae_memory : vae_default_memory(a->memory);
+    r->vae_levels = vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height,
+                                               a->width, budget);
     if (!a->quiet && a->opt.guide)
         fprintf(stderr, "VAE decode: %d checkpoint levels for a budget of %zu MiB (--vae-memory)\n",
-                levels, a->vae_memory >> 20);
+                r->vae_levels, budget >> 20);
     return a->opt.guide && segformer_open(&r->detector, a->detector, generate_source(a), 0, e)
                ? 1
                : 0;
 }
 
-/* Models, image grid and inputs; returns 2 for sizes the model cannot make, 1 for other
- * failures, 0 when ready. */
+/* The bytes of a Params' values (0 for NULL). */
+static double params_bytes(const Params *p) {
+    double bytes = 0.0;
+    for (int i = 0; p && i < params_count(p); i++)
+        bytes += (double)params_var(p, i)->value->numel * sizeof(float);
+    return bytes;
+}
+
+/* What a run takes beyond the transformer's memory-mapped weights, in bytes: the resident
+ * weights and the run's tensors throughout, and the larger of a transformer forward and a guided
+ * step's decode and detector passes (the final decode, without grad, holds less than the guided
+ * one: tests/test_vae.c). */
+typedef struct RunMemory {
+    double weights, tensors, flow, decode, detector, total;
+} RunMemory;
+
+static RunMemory generate_memory(const GenerateRun *r, int batch, int64_t txt_len) {
+    const Flux2Config *c = flux2_config(r->flow);
+    int ph, pw;
+    vae_decoder_token_size(r->vae, &ph, &pw);
+    int height = r->grid_h * ph, width = r->grid_w * pw;
+    double tokens = (double)r->grid_h * r->grid_w, pixels = (double)height * width;
+    RunMemory m = {
+        .weights = params_bytes(flux2_params(r->flow)) + params_bytes(vae_decoder_params(r->vae)) +
+                   (r->detector ? params_bytes(segformer_params(r->detector)) : 0.0),
+        /* the latent, noise, velocity, clean estimate, gradient and the baseline's; the prompt's
+         * and the negative prompt's embeddings; the images and maps */
+        .tensors = sizeof(float) * batch *
+                   (8.0 * tokens * c->in_channels + 2.0 * txt_len * c->joint_attention_dim +
+                    8.0 * pixels),
+        .flow = (double)flux2_forward_bytes(r->flow, batch, r->grid_h * (int64_t)r->grid_w,
+                                            txt_len),
+        .decode = (double)vae_decode_bytes(r->vae, r->vae_levels, batch, height, width),
+        /* the artifact loss adds a few maps at the image's size */
+        .detector = r->detector ? (double)segformer_forward_bytes(r->detector, batch, height, width) +
+                                      sizeof(float) * 4.0 * batch * pixels
+                                : 0.0,
+    };
+    double step = m.decode + m.detector;
+    m.total = m.weights + m.tensors + (m.flow > step ? m.flow : step);
+    return m;
+}
+
+/* The estimate of a run over r's inputs, said at the start (say) and refused when it passes
+ * --memory. */
+static int generate_check_memory(const GenerateArgs *a, const GenerateRun *r, bool say, Error *e) {
+    RunMemory m = generate_memory(r, (int)r->latent->shape[0], r->txt->shape[1]);
+    const double MiB = 1024.0 * 1024.0;
+    char parts[160];
+    snprintf(parts, sizeof parts, "weights %.0f, tensors %.0f, transformer %.0f, VAE decode %.0f, "
+             "detector %.0f", m.weights / MiB, m.tensors / MiB, m.flow / MiB, m.decode / MiB,
+             m.detector / MiB);
+    if (a->memory && m.total > (double)a->memory)
+        return error_set(e, "this run needs about %.0f MiB (%s), more than the %zu MiB it may "
+                         "take: make the image or the batch smaller, or raise --memory MB to run "
+                         "it anyway", m.total / MiB, parts, a->memory >> 20);
+    if (say && !a->quiet)
+        fprintf(stderr, "memory: about %.0f MiB (%s) of %zu MiB (--memory)\n", m.total / MiB,
+                parts, a->memory >> 20);
+    return 0;
+}
+
+/* Models, image grid and inputs; returns 2 for sizes the model cannot make or runs that cannot
+ * fit --memory, 1 for other failures, 0 when ready. */
 static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
     int rc = generate_load_models(a, r, e);
     if (rc) return rc;
@@ -1620,8 +1695,9 @@ static int generate_load(const GenerateArgs *a, GenerateRun *r, Error *e) {
         error_set(e, "%d seeds for a noise batch of %d", a->n_seeds, batch);
         return 2;
     }
-    return (a->prompt ? generate_prompt(a, r, batch, e) : generate_embeddings(a, r, batch, e))
-               ? 1 : 0;
+    if (a->prompt ? generate_prompt(a, r, batch, e) : generate_embeddings(a, r, batch, e))
+        return 1;
+    return generate_check_memory(a, r, true, e) ? 2 : 0;
 }
 
 /* Every step's tensors for --dump, copied as they come. */
@@ -2374,14 +2450,15 @@ static int eval_row_inputs(const EvalArgs *a, GenerateRun *r, const EvalRow *row
     free(r->txt_prompt);
     r->txt = r->negative = NULL;
     r->txt_prompt = NULL;
-    if (row->path) return generate_embeddings(&g, r, 1, e);
+    if (row->path) return generate_embeddings(&g, r, 1, e) || generate_check_memory(&g, r, false, e);
     const char *negative = g.negative ? g.negative : "";
     int D = flux2_config(r->flow)->joint_attention_dim;
     if (eval_prompt_embeds(a, cache_dir, row->input, D, &r->txt, e) ||
         (cfg && eval_prompt_embeds(a, cache_dir, negative, D, &r->negative, e)))
         return -1;
     r->txt_prompt = strdup(row->input);
-    return r->txt_prompt ? 0 : error_set(e, "out of memory");
+    if (!r->txt_prompt) return error_set(e, "out of memory");
+    return generate_check_memory(&g, r, false, e);
 }
 
 /* The final latent's 8-bit image, as the PNG will hold it. */

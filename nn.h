@@ -105,6 +105,10 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
 /* RoPE axes: the pipeline's position ids are (T, H, W, L). */
 #define FLUX2_AXES 4
 
+/* The most text tokens a prompt's embeddings may have: the klein pipeline makes 512, and the
+ * attention's time grows with the square of the sequence. */
+#define FLUX2_MAX_TEXT_TOKENS 4096
+
 /* transformer/config.json (absent patch_size = 1 and null out_channels = in_channels, as
  * upstream). dim = heads * head_dim; mlp_hidden = int(dim * mlp_ratio). */
 typedef struct Flux2Config {
@@ -150,6 +154,12 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
  * guidance) as flux2_forward. With a streaming model the tape fails. */
 Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
                          const float *sigma, const float *guidance);
+
+/* An upper bound on the memory, in bytes, that flux2_forward takes beyond the mapped weights for a
+ * batch over img_tokens image and txt_tokens text tokens: for a streaming model the hidden states,
+ * one block's joint attention and the largest part converted to f32 (measured against peak RSS at
+ * klein-4B's size in the README); for a resident one the whole graph's values. */
+size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_t txt_tokens);
 
 /* ---- end section: flux2 ---- */
 
@@ -440,6 +450,13 @@ Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small
  * image: [B, 3, H, W] in [-1, 1] -> logits: [B, L, h/4, w/4] (h, w: the network's input) */
 Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image);
 
+/* An upper bound on the tape's peak, in bytes, over segformer_forward and a backward to a batch
+ * of height x width images, as one guided step runs them (tests/test_segformer.c checks it within
+ * 2x of the measured peak). */
+#define SEGFORMER_LAYER_TENSORS 4
+#define SEGFORMER_STAGE_TENSORS 5
+#define SEGFORMER_IMAGE_TENSORS 4
+size_t segformer_forward_bytes(const Segformer *m, int batch, int height, int width);
 /* ---- end section: segformer ---- */
 
 /* ---- section: sampler ------------------------------------------------------------------------

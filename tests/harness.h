@@ -169,6 +169,22 @@ static inline int harness_run_quiet(const char *cmd) {
     return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+/* Runs cmd through the shell with its stdout and stderr into said (at most size - 1 bytes kept,
+ * NUL-terminated): its exit status, or -1 when it did not exit normally. */
+static inline int harness_run_said(const char *cmd, char *said, size_t size) {
+    char line[8192];
+    snprintf(line, sizeof line, "%s 2>&1", cmd);
+    FILE *f = popen(line, "r");
+    size_t n = 0;
+    said[0] = '\0';
+    if (!f) return -1;
+    for (int c; (c = fgetc(f)) != EOF;)
+        if (n + 1 < size) said[n++] = (char)c;
+    said[n] = '\0';
+    int status = pclose(f);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 /* Whether files a and b both open and hold the same bytes. */
 static inline bool harness_same_file(const char *a, const char *b) {
     FILE *f = fopen(a, "rb"), *g = fopen(b, "rb");

@@ -240,6 +240,14 @@ static void test_eval_failed_row(Cli *c) {
     json_free(doc);
     rc = run(c, "eval --merge --out %s/mixed", d);
     CHECK(rc == 1 && log_has(c, "1 of 2 rows failed"), "--merge counts the failed row: %d", rc);
+    /* rows that cannot fit --memory fail before sampling, each with the estimate and the flag */
+    rc = run(c, "eval %s %s --csv %s/mixed.csv --out %s/small --memory 1", MODELS, GUIDE, d, d);
+    snprintf(path, sizeof path, "%s/small/item_000001.json", d);
+    item = slurp(path);
+    CHECK(rc == 1 && log_has(c, "2 of 2 rows failed") && item &&
+              strstr(item, "more than the 1 MiB it may take") && strstr(item, "--memory MB"),
+          "a run past --memory fails its rows, saying why: %d %s", rc, item ? item : "");
+    free(item);
 }
 
 /* Unsharded run, resume, shards and merge, settings check. */

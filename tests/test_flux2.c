@@ -520,6 +520,36 @@ done:
     flux2_free(b);
 }
 
+/* For a resident model flux2_forward_bytes bounds the peak of the graph on a no-grad tape from
+ * above, by less than 2x (the streaming path's bound is measured against peak RSS at klein-4B's
+ * size: see the README). */
+static void test_memory_estimate(void) {
+    static const int sizes[][4] = {{1, 3, 5, 7}, {2, 3, 5, 7}, {1, 16, 16, 7}, {1, 8, 32, 64}};
+    Flux2 *m = load_resident(FIXTURE);
+    const Flux2Config *c = m ? flux2_config(m) : NULL;
+    for (size_t i = 0; c && i < COUNT(sizes); i++) {
+        int batch = sizes[i][0], h = sizes[i][1], w = sizes[i][2], L = sizes[i][3];
+        Tensor *tokens = TENSOR_NEW(batch, h * w, c->in_channels);
+        Tensor *txt = TENSOR_NEW(batch, L, c->joint_attention_dim);
+        for (int64_t j = 0; j < tokens->numel; j++) tokens->data[j] = sinf(0.37f * (float)j);
+        for (int64_t j = 0; j < txt->numel; j++) txt->data[j] = cosf(0.21f * (float)j);
+        Tape *t = tape_new();
+        tape_set_grad(t, false);
+        const float sigma[2] = {0.7f, 0.3f};
+        Var *v = flux2_forward_graph(t, m, var_new(t, tokens, false), h, w, var_new(t, txt, false),
+                                     sigma, NULL);
+        size_t peak = tape_stats(t).peak_bytes;
+        size_t estimate = flux2_forward_bytes(m, batch, (int64_t)h * w, L);
+        CHECK(v && peak <= estimate && estimate < 2 * peak,
+              "%d x %dx%d tokens, %d text: the estimate %zu bytes bounds the graph's peak %zu "
+              "within 2x", batch, h, w, L, estimate, peak);
+        tape_free(t);
+        tensor_free(tokens);
+        tensor_free(txt);
+    }
+    flux2_free(m);
+}
+
 int main(void) {
     SafeTensors *st = golden_open("tests/golden/flux2.safetensors");
     if (st) {
@@ -531,5 +561,6 @@ int main(void) {
     test_init();
     test_errors();
     test_config_only();
+    test_memory_estimate();
     return harness_finish("test_flux2");
 }

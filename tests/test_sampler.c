@@ -456,13 +456,13 @@ static int write_cli_inputs(const SafeTensors *g, const char *dir) {
 }
 
 /* dir/name.safetensors holding tensor `tensor` [rows, cols] of zeros with one NaN at value 5. */
-static int write_nan_input(const char *dir, const char *name, const char *tensor, int64_t rows,
-                           int64_t cols) {
+static int write_input(const char *dir, const char *name, const char *tensor, int64_t rows,
+                       int64_t cols, bool nan) {
     char path[512];
     Error e = {{0}};
     float *v = calloc((size_t)(rows * cols), sizeof *v);
     if (!v) return -1;
-    v[5] = NAN;
+    if (nan) v[5] = NAN;
     snprintf(path, sizeof path, "%s/%s.safetensors", dir, name);
     StWriteTensor w = {tensor, DTYPE_F32, 2, {rows, cols}, v};
     int rc = st_write(path, &w, 1, &e);
@@ -608,14 +608,17 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                    {" --compare x.jpg", 2}, {" --detector /nonexistent", 1},
                    {" --embeddings /nonexistent.safetensors", 1}, {" --mu 11", 2},
                    {" --mu x", 2}, {" --cfg 3", 2}, {" --cfg 0.5", 2},
-                   {" --negative-prompt x", 2}, {" --vae-memory 0", 2},
+                   {" --negative-prompt x", 2}, {" --vae-memory 0", 2}, {" --memory 0", 2},
+                   {" --memory x", 2},
                    {" --vae-memory 1.5", 2}, {" --seed 1,", 2},
                    {" --seed 9223372036854775808", 2}, {" --dump %s/out.ppm", 2},
                    {" --compare %s/./out.ppm", 2}};
         /* a NaN in the prompt or the noise file: exit 1 naming the file, no image */
-        CHECK(write_nan_input(dir, "nan-emb", "prompt_embeds", 5, 24) == 0 &&
-                  write_nan_input(dir, "nan-noise", "noise", 6, 16) == 0,
-              "write the NaN inputs");
+        CHECK(write_input(dir, "nan-emb", "prompt_embeds", 5, 24, true) == 0 &&
+                  write_input(dir, "nan-noise", "noise", 6, 16, true) == 0 &&
+                  write_input(dir, "long-emb", "prompt_embeds", FLUX2_MAX_TEXT_TOKENS + 1, 24,
+                              false) == 0,
+              "write the NaN and over-long inputs");
         snprintf(path, sizeof path, "%s/out.ppm", dir);
         remove(path);
         const char *nan_inputs[] = {" --embeddings %s/nan-emb.safetensors",
@@ -625,6 +628,28 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
             snprintf(cmd + n, sizeof cmd - (size_t)n, nan_inputs[k], dir);
             CHECK(run_quiet(cmd) == 1 && access(path, F_OK) != 0,
                   "generate ...%s exits 1 and writes no image", nan_inputs[k]);
+        }
+        /* what cannot fit: refused before sampling with the estimate and the flag, no image */
+        static const struct {
+            const char *extra, *says;
+            int status;
+        } refused[] = {
+            {" -W 4096 -H 4096 --memory 4096", "raise --memory MB to run it anyway", 2},
+            {" --memory 1 --vae-memory 1", "more than the 1 MiB it may take", 2},
+            {" --embeddings %s/long-emb.safetensors", "has 4097 tokens, at most 4096", 1},
+        };
+        for (size_t i = 0; i < COUNT(refused); i++) {
+            n = snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2 "
+                         "--detector tests/fixtures/tiny-detector --embeddings "
+                         "%s/emb.safetensors --seed 1 --steps 1 -W 24 -H 16 -o %s/out.ppm --quiet",
+                         binary, dir, dir);
+            snprintf(cmd + n, sizeof cmd - (size_t)n, refused[i].extra, dir);
+            char said[2048];
+            int status = harness_run_said(cmd, said, sizeof said);
+            CHECK(status == refused[i].status && strstr(said, refused[i].says) &&
+                      access(path, F_OK) != 0,
+                  "generate ...%s exits %d saying '%s': got %d, '%s'", refused[i].extra,
+                  refused[i].status, refused[i].says, status, said);
         }
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             n = snprintf(cmd, sizeof cmd, base, binary, dir, dir, dir);
@@ -653,7 +678,7 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
     snprintf(cmd, sizeof cmd, "%s --version", binary);
     CHECK(run_quiet(cmd) == 0, "diamond --version exits 0");
     const char *files[] = {"dump.safetensors", "noise.safetensors", "emb.safetensors", "out.ppm",
-                           "nan-emb.safetensors", "nan-noise.safetensors"};
+                           "nan-emb.safetensors", "nan-noise.safetensors", "long-emb.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
         remove(path);

@@ -353,6 +353,29 @@ static void check_bad_image(const Segformer *m) {
     tensor_free(gray);
 }
 
+/* segformer_forward_bytes bounds the tape's measured peak over a forward and a backward to the
+ * image from above, by less than 2x, at sizes below, at and above the network's input. */
+static void check_memory_estimate(const Segformer *m) {
+    static const int sizes[][3] = {{1, 32, 32}, {1, 64, 48}, {2, 64, 48}, {1, 256, 128},
+                                   {1, 512, 512}};
+    for (size_t i = 0; i < COUNT(sizes); i++) {
+        int batch = sizes[i][0], height = sizes[i][1], width = sizes[i][2];
+        Tensor *image = TENSOR_NEW(batch, 3, height, width);
+        for (int64_t j = 0; image && j < image->numel; j++) image->data[j] = sinf(0.37f * (float)j);
+        Tape *t = tape_new();
+        Error e = {{0}};
+        Var *mask = segformer_forward(t, m, var_new(t, image, true), NULL);
+        int rc = tape_check(t, &e) || tape_backward(t, ag_sum(t, mask), &e);
+        size_t peak = tape_stats(t).peak_bytes;
+        size_t estimate = segformer_forward_bytes(m, batch, height, width);
+        CHECK(rc == 0 && peak <= estimate && estimate < 2 * peak,
+              "%d x %dx%d: the estimate %zu bytes bounds the measured peak %zu within 2x (%s)",
+              batch, width, height, estimate, peak, e.msg);
+        tape_free(t);
+        tensor_free(image);
+    }
+}
+
 int main(void) {
     SafeTensors *g = golden_open(GOLDEN);
     Segformer *m = NULL, *m16 = NULL;
@@ -375,6 +398,7 @@ int main(void) {
     if (m) {
         check_finite_differences(m);
         check_bad_image(m);
+        check_memory_estimate(m);
     }
     check_tensor_errors();
     check_config_errors();
