@@ -23,13 +23,30 @@
 #endif
 #include <unistd.h>
 
+/* The start and the end of whole[0 .. n) around " ... " into msg[0 .. size), neither cut inside
+ * a UTF-8 character. */
+static void error_keep_ends(char *msg, size_t size, const char *whole, size_t n) {
+    static const char gap[] = " ... ";
+    size_t head = (size - sizeof gap) / 2, tail = n - (size - sizeof gap - head);
+    while (head > 0 && ((unsigned char)whole[head] & 0xC0) == 0x80) head--;
+    while (tail < n && ((unsigned char)whole[tail] & 0xC0) == 0x80) tail++;
+    memcpy(msg, whole, head);
+    memcpy(msg + head, gap, sizeof gap - 1);
+    memcpy(msg + head + sizeof gap - 1, whole + tail, n - tail + 1);
+}
+
 int error_set(Error *e, const char *fmt, ...) {
-    if (e) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
-        va_end(ap);
-    }
+    if (!e) return -1;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    char *whole = n >= (int)sizeof e->msg ? malloc((size_t)n + 1) : NULL;
+    va_start(ap, fmt);
+    vsnprintf(whole ? whole : e->msg, whole ? (size_t)n + 1 : sizeof e->msg, fmt, ap);
+    va_end(ap);
+    if (whole) error_keep_ends(e->msg, sizeof e->msg, whole, (size_t)n);
+    free(whole);
     return -1;
 }
 
@@ -79,7 +96,7 @@ static int compare_strings(const void *a, const void *b) {
 
 /* Length of the well-formed UTF-8 sequence at s (avail bytes readable), or 0 when there is none:
  * no overlong forms, no surrogates, nothing above U+10FFFF (Unicode 15, table 3-7). */
-static size_t utf8_sequence_length(const unsigned char *s, size_t avail) {
+size_t utf8_sequence_length(const unsigned char *s, size_t avail) {
     if (avail == 0) return 0;
     unsigned char c = s[0];
     if (c < 0x80) return 1;
@@ -102,6 +119,16 @@ static size_t utf8_sequence_length(const unsigned char *s, size_t avail) {
     for (size_t i = 2; i < n; i++)
         if (s[i] < 0x80 || s[i] > 0xBF) return 0;
     return n;
+}
+
+size_t utf8_count(const char *s) {
+    const unsigned char *u = (const unsigned char *)s;
+    size_t n = strlen(s), count = 0;
+    for (size_t i = 0; i < n; count++) {
+        size_t k = utf8_sequence_length(u + i, n - i);
+        i += k ? k : 1;
+    }
+    return count;
 }
 
 static bool utf8_valid(const char *s, size_t n) {

@@ -15,10 +15,12 @@
 #define COUNT(table) (sizeof (table) / sizeof *(table))
 
 typedef struct Error {
-    char msg[512];
+    char msg[2048];
 } Error;
 
-/* Formats msg into e (when e is not NULL) and returns -1, so callers can `return error_set(...)`. */
+/* Formats msg into e (when e is not NULL) and returns -1, so callers can `return error_set(...)`.
+ * A message too long for msg (long paths) loses bytes from its middle, never its start or its
+ * end, where the reason is. */
 int error_set(Error *e, const char *fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 2, 3)))
@@ -296,6 +298,10 @@ typedef struct TokenIds {
 /* The NFC form of UTF-8 text[0 .. len) (Unicode 15.0, tools/gen_unicode.py) as a new
  * NUL-terminated string *out of *out_len bytes; invalid UTF-8 is an error. */
 int utf8_nfc(const char *text, size_t len, char **out, size_t *out_len, Error *e);
+/* The bytes of the UTF-8 character at s (at most avail bytes), or 0 when none starts there. */
+size_t utf8_sequence_length(const unsigned char *s, size_t avail);
+/* The characters of the NUL-terminated s, each byte that starts none counting as one. */
+size_t utf8_count(const char *s);
 /* <dir>/tokenizer.json and <dir>/tokenizer_config.json (its pad_token). */
 int tokenizer_load(Tokenizer **out, const char *dir, Error *e);
 /* The same from tokenizer.json's bytes alone (source names them in messages); without a config

@@ -1682,22 +1682,31 @@ const TextEncoderConfig *text_encoder_config(const TextEncoder *m) { return &m->
 
 Params *text_encoder_params(const TextEncoder *m) { return m->params; }
 
+/* The index + 1 of prompt's character at s in the vocabulary (upper-cased), or an error naming
+ * the whole character: a multi-byte one is never in the vocabulary (printable ASCII). */
+static int text_vocab_id(const TextEncoderConfig *c, const char *prompt, const char *s, int *id,
+                         Error *e) {
+    int ch = toupper((unsigned char)*s);
+    const char *at = ch < 0x80 ? strchr(c->vocab, ch) : NULL;
+    if (at) {
+        *id = (int)(at - c->vocab) + 1;
+        return 0;
+    }
+    size_t k = utf8_sequence_length((const unsigned char *)s, strlen(s));
+    return error_set(e, "prompt '%s': character '%.*s' is not in the text encoder's vocabulary "
+                     "\"%s\"", prompt, k ? (int)k : 1, k ? s : "?", c->vocab);
+}
+
 int text_encoder_tokenize(const TextEncoder *m, const char *prompt, int *ids, int *length,
                           Error *e) {
     const TextEncoderConfig *c = &m->config;
-    size_t n = strlen(prompt);
-    if (n > (size_t)c->max_length)
+    size_t n = strlen(prompt), chars = utf8_count(prompt);
+    if (chars > (size_t)c->max_length)
         return error_set(e, "prompt '%s' has %zu characters, the text encoder takes at most %d",
-                         prompt, n, c->max_length);
+                         prompt, chars, c->max_length);
     for (int i = 0; i < c->max_length; i++) ids[i] = 0;
-    for (size_t i = 0; i < n; i++) {
-        int ch = toupper((unsigned char)prompt[i]);
-        const char *at = ch ? strchr(c->vocab, ch) : NULL;
-        if (!at)
-            return error_set(e, "prompt '%s': character '%c' is not in the text encoder's "
-                             "vocabulary \"%s\"", prompt, prompt[i], c->vocab);
-        ids[i] = (int)(at - c->vocab) + 1;
-    }
+    for (size_t i = 0; i < n; i++) /* every character is ASCII from here on: n <= max_length */
+        if (text_vocab_id(c, prompt, prompt + i, &ids[i], e)) return -1;
     *length = (int)n;
     return 0;
 }

@@ -180,6 +180,27 @@ static JsonDoc *parse(const char *text, Error *e) {
     return doc;
 }
 
+/* A message longer than Error holds keeps its start and its end (the reason), cut in the middle
+ * between whole characters. */
+static void test_long_error(void) {
+    char path[5000];
+    memset(path, 'a', sizeof path - 1);
+    for (size_t i = 100; i + 2 < sizeof path; i += 7) memcpy(path + i, "\xc3\xa9", 2);
+    path[sizeof path - 1] = '\0';
+    Error e = {{0}};
+    error_set(&e, "%s: the reason comes last", path);
+    size_t n = strlen(e.msg);
+    const char *end = "the reason comes last";
+    CHECK(n < sizeof e.msg && n > sizeof e.msg - 8 && !strncmp(e.msg, "aaaa", 4) &&
+              !strcmp(e.msg + n - strlen(end), end) && strstr(e.msg, " ... "),
+          "a %zu-byte message keeps its start, ' ... ' and its reason in %zu bytes",
+          strlen(path) + 23, n);
+    CHECK(utf8_count(e.msg) > 0 && !strstr(e.msg, "\xc3 ") && !strstr(e.msg, " \xa9"),
+          "no character is cut in two");
+    error_set(&e, "short: %d", 7);
+    CHECK(!strcmp(e.msg, "short: 7"), "a short message is kept whole");
+}
+
 static void test_json_valid(void) {
     Error e = {{0}};
     const char *text = " {\"a\": 1, \"b\": [1, 2.5, -3e2, true, false, null, []],\n"
@@ -1406,6 +1427,7 @@ int main(void) {
         return 1;
     }
     test_conversion_edges();
+    test_long_error();
     test_json_valid();
     test_json_invalid();
     test_json_lookups();

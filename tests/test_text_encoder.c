@@ -113,6 +113,14 @@ static void test_tokenize(void) {
           "an unknown character is named: %s", e.msg);
     CHECK(text_encoder_tokenize(m, "ABCDEFG", ids, &length, &e) != 0 && strstr(e.msg, "at most 6"),
           "a prompt longer than max_length is refused: %s", e.msg);
+    CHECK(text_encoder_tokenize(m, "\xc3\x89\xc3\x89\xc3\x89\xc3\x89", ids, &length, &e) != 0 &&
+              strstr(e.msg, "character '\xc3\x89' is not in"),
+          "4 characters of 8 bytes are 4 characters; the one outside the vocabulary is named "
+          "whole: %s", e.msg);
+    CHECK(text_encoder_tokenize(m, "\xc3\x89\xc3\x89\xc3\x89\xc3\x89\xc3\x89\xc3\x89\xc3\x89",
+                                ids, &length, &e) != 0 &&
+              strstr(e.msg, "has 7 characters, the text encoder takes at most 6"),
+          "characters are counted as characters: %s", e.msg);
     Tape *t = tape_new();
     CHECK(text_encode(t, m, (const char *[]){"OK", "no way"}, 2, &e) == NULL &&
               strstr(e.msg, "' '"),
