@@ -1867,16 +1867,121 @@ static void generate_panel(Image *dst, int x0, int y0, const Image *src, const f
         }
 }
 
-/* Row b of the comparison, 4 panels of W x H: the baseline and guided images, then each with
- * its mask as a heat map. */
-static void generate_compare_row(Image *out, int64_t b, const Image panels[2],
-                                 Tensor *const masks[2]) {
-    int W = panels[0].width, H = panels[0].height;
-    for (int k = 0; k < 2; k++) {
-        const float *m = masks[k]->data + b * masks[k]->numel / masks[k]->shape[0];
-        generate_panel(out, k * W, (int)b * H, &panels[k], NULL);
-        generate_panel(out, (2 + k) * W, (int)b * H, &panels[k], m);
+/* ---- comparison sheets ----
+ * The demo picture and generate --compare: a title row (BASELINE, DIAMOND, BASELINE MAP, DIAMOND
+ * MAP), then for each image a caption and four panels, the baseline and the guided image and each
+ * under its detector map. An image smaller than SHEET_PANEL pixels on its longer side is enlarged
+ * by a whole factor (sheet_zoom). Pixels: SHEET_GAP around and between the panels, SHEET_TITLE
+ * for the title row, SHEET_CAPTION above each row's panels; row i's panel k is at
+ * (SHEET_GAP + k (pw + SHEET_GAP), SHEET_TITLE + i (SHEET_CAPTION + ph + SHEET_GAP) +
+ * SHEET_CAPTION). */
+#define SHEET_PANEL 256
+#define SHEET_GAP 8
+#define SHEET_TITLE 30
+#define SHEET_CAPTION 22
+#define SHEET_TEXT_SCALE 2
+
+typedef struct SheetRow {
+    char caption[96];
+    const Image *images[2]; /* baseline, guided */
+    const float *maps[2];   /* each the detector's map [map_h, map_w] at 1/4 of its input */
+    int map_h, map_w;
+} SheetRow;
+
+static int sheet_zoom(int width, int height) {
+    int side = width > height ? width : height;
+    return side >= SHEET_PANEL ? 1 : SHEET_PANEL / side;
+}
+
+/* The rows of c in the words world's 5 x 7 font, with '.', '-', '>' and ':' added for the
+ * captions; -1 for a character it lacks (a space). */
+static int sheet_glyph_rows(char c, uint8_t rows[WORLD_FONT_H]) {
+    static const struct {
+        char c;
+        uint8_t rows[WORLD_FONT_H];
+    } marks[] = {{'.', {0, 0, 0, 0, 0, 0x0C, 0x0C}},
+                 {'-', {0, 0, 0, 0x1F, 0, 0, 0}},
+                 {'>', {0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08}},
+                 {':', {0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0}}};
+    for (size_t i = 0; i < COUNT(marks); i++)
+        if (marks[i].c == c) {
+            memcpy(rows, marks[i].rows, WORLD_FONT_H);
+            return 0;
+        }
+    return world_glyph_rows(c, rows);
+}
+
+/* text in cells of SHEET_TEXT_SCALE pixels, colour rgb, from (x, y); characters outside the font
+ * leave a gap. */
+static void sheet_text(Image *img, int x, int y, const char *text, const uint8_t *rgb) {
+    const int scale = SHEET_TEXT_SCALE;
+    for (; *text; text++, x += (WORLD_FONT_W + 1) * scale) {
+        uint8_t rows[WORLD_FONT_H];
+        if (sheet_glyph_rows(*text, rows) < 0) continue;
+        for (int r = 0; r < WORLD_FONT_H * scale; r++)
+            for (int c = 0; c < WORLD_FONT_W * scale; c++) {
+                int px = x + c, py = y + r;
+                bool ink = rows[r / scale] >> (WORLD_FONT_W - 1 - c / scale) & 1;
+                if (ink && px >= 0 && py >= 0 && px < img->width && py < img->height)
+                    memcpy(&img->rgb[((size_t)py * img->width + px) * 3], rgb, 3);
+            }
     }
+}
+
+/* src enlarged zoom times at (x0, y0), as itself or (map) under its heat map: the map resized
+ * bilinearly to the image, as the metrics do, then enlarged with it. */
+static int sheet_panel(Image *dst, int x0, int y0, const Image *src, const float *map, int map_h,
+                       int map_w, int zoom, Error *e) {
+    Image big = {0};
+    float *heat = NULL, *heat_big = NULL;
+    int W = src->width * zoom, H = src->height * zoom;
+    int rc = image_alloc(&big, W, H, e);
+    if (rc == 0 && map) {
+        heat = malloc((size_t)src->width * src->height * sizeof *heat);
+        heat_big = malloc((size_t)W * H * sizeof *heat_big);
+        if (!heat || !heat_big) rc = error_set(e, "out of memory");
+    }
+    if (rc == 0 && map)
+        resize_bilinear_forward(1, map_h, map_w, src->height, src->width, map, heat);
+    for (int y = 0; rc == 0 && y < H; y++)
+        for (int x = 0; x < W; x++) {
+            size_t from = (size_t)(y / zoom) * src->width + x / zoom;
+            memcpy(&big.rgb[((size_t)y * W + x) * 3], &src->rgb[from * 3], 3);
+            if (heat) heat_big[(size_t)y * W + x] = heat[from];
+        }
+    if (rc == 0) generate_panel(dst, x0, y0, &big, heat_big);
+    image_free(&big);
+    free(heat);
+    free(heat_big);
+    return rc;
+}
+
+/* The sheet of rows[0 .. n) (their images all of one size) into path (.png or .ppm). */
+static int sheet_write(const char *path, const SheetRow *rows, int n, Error *e) {
+    static const uint8_t white[3] = {255, 255, 255}, grey[3] = {170, 170, 170};
+    static const char *const titles[4] = {"BASELINE", "DIAMOND", "BASELINE MAP", "DIAMOND MAP"};
+    int zoom = sheet_zoom(rows[0].images[0]->width, rows[0].images[0]->height);
+    int pw = rows[0].images[0]->width * zoom, ph = rows[0].images[0]->height * zoom;
+    Image out = {0};
+    if (image_alloc(&out, 4 * pw + 5 * SHEET_GAP,
+                    SHEET_TITLE + n * (SHEET_CAPTION + ph + SHEET_GAP), e))
+        return -1;
+    memset(out.rgb, 24, (size_t)out.width * out.height * 3);
+    for (int k = 0; k < 4; k++) sheet_text(&out, SHEET_GAP + k * (pw + SHEET_GAP), 8, titles[k], white);
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        int y = SHEET_TITLE + i * (SHEET_CAPTION + ph + SHEET_GAP);
+        sheet_text(&out, SHEET_GAP, y + 4, rows[i].caption, grey);
+        for (int k = 0; rc == 0 && k < 4; k++)
+            rc = sheet_panel(&out, SHEET_GAP + k * (pw + SHEET_GAP), y + SHEET_CAPTION,
+                             rows[i].images[k % 2], k < 2 ? NULL : rows[i].maps[k % 2],
+                             rows[i].map_h, rows[i].map_w, zoom, e);
+    }
+    if (rc == 0)
+        rc = !strcmp(strrchr(path, '.'), ".png") ? png_write(path, &out, e)
+                                                 : ppm_write(path, &out, e);
+    image_free(&out);
+    return rc ? -1 : 0;
 }
 
 typedef struct GenerateProgress {
@@ -1957,8 +2062,43 @@ static int generate_on_step(const SamplerStep *s, void *ctx, Error *e) {
     return 0;
 }
 
-/* The baseline from the same initial latent and prompt, then baseline | guided | heat maps, one
- * row per image, into --compare; the detector max of both on stdout. */
+/* --compare's sheet: per image b of the batch, baseline[b] and guided[b] with their maps
+ * maps[0], maps[1] ([B, 1, h, w]), captioned with its seed and both detector maxima. */
+static int generate_compare_sheet(const GenerateArgs *a, const Tensor *baseline,
+                                  const Tensor *guided, Tensor *const maps[2],
+                                  const float *maxima, Error *e) {
+    int64_t B = baseline->shape[0], h = maps[0]->shape[2], w = maps[0]->shape[3];
+    Image *images = calloc(2 * (size_t)B, sizeof *images);
+    SheetRow *rows = calloc((size_t)B, sizeof *rows);
+    int rc = images && rows ? 0 : error_set(e, "out of memory");
+    for (int64_t b = 0; rc == 0 && b < B; b++) {
+        SheetRow *row = &rows[b];
+        const Tensor *both[2] = {baseline, guided};
+        for (int k = 0; rc == 0 && k < 2; k++) {
+            rc = image_alloc(&images[2 * b + k], (int)both[k]->shape[3], (int)both[k]->shape[2],
+                             e);
+            if (rc == 0) generate_to_rgb(both[k], b, &images[2 * b + k]);
+            row->images[k] = &images[2 * b + k];
+            row->maps[k] = maps[k]->data + b * h * w;
+        }
+        row->map_h = (int)h;
+        row->map_w = (int)w;
+        int n = a->n_seeds ? snprintf(row->caption, sizeof row->caption, "SEED %llu  ",
+                                      (unsigned long long)a->seeds[b])
+                           : snprintf(row->caption, sizeof row->caption, "IMAGE %lld  ",
+                                      (long long)b);
+        snprintf(row->caption + n, sizeof row->caption - (size_t)n, "DETECTOR MAX %.2f -> %.2f",
+                 maxima[b], maxima[B + b]);
+    }
+    if (rc == 0) rc = sheet_write(a->compare, rows, (int)B, e);
+    for (int64_t i = 0; images && i < 2 * B; i++) image_free(&images[i]);
+    free(images);
+    free(rows);
+    return rc ? -1 : 0;
+}
+
+/* The baseline from the same initial latent and prompt, then the sheet of baseline | guided |
+ * heat maps into --compare; the detector max of both on stdout. */
 static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initial,
                             Tensor *guided, Error *e) {
     SamplerOptions plain = a->opt;
@@ -1967,37 +2107,24 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
     plain_args.save_steps = NULL; /* the steps saved are the guided run's */
     GenerateProgress progress = {&plain_args, r, NULL, a->quiet, now_seconds()};
     if (!a->quiet) fprintf(stderr, "baseline:\n");
-    int64_t B = initial->shape[0], H = guided->shape[2], W = guided->shape[3];
-    Tensor *baseline = NULL, *masks[2] = {NULL, NULL};
+    int64_t B = initial->shape[0];
+    Tensor *baseline = NULL, *maps[2] = {NULL, NULL};
     float *maxima = calloc(2 * (size_t)B, sizeof *maxima);
-    Image out = {0}, panels[2] = {{0}, {0}};
     int rc = maxima ? 0 : error_set(e, "out of memory");
     if (rc == 0)
         rc = sampler_run(r->flow, r->vae, NULL, &plain, r->txt, r->negative, initial, r->grid_h,
                          r->grid_w, generate_on_step, &progress, e) ||
              generate_decode(r, initial, &baseline, e) ||
-             generate_detect(r, baseline, &masks[0], NULL, maxima, e) ||
-             generate_detect(r, guided, &masks[1], NULL, maxima + B, e) ||
-             image_alloc(&out, (int)(4 * W), (int)(B * H), e) ||
-             image_alloc(&panels[0], (int)W, (int)H, e) ||
-             image_alloc(&panels[1], (int)W, (int)H, e);
-    for (int64_t b = 0; rc == 0 && b < B; b++) {
-        generate_to_rgb(baseline, b, &panels[0]);
-        generate_to_rgb(guided, b, &panels[1]);
-        generate_compare_row(&out, b, panels, masks);
-        printf("image %lld: detector max %.4f (baseline) -> %.4f (guided)\n",
-                (long long)b, maxima[b], maxima[B + b]);
-    }
-    if (rc == 0)
-        rc = !strcmp(strrchr(a->compare, '.'), ".png") ? png_write(a->compare, &out, e)
-                                                       : ppm_write(a->compare, &out, e);
+             generate_detect(r, baseline, NULL, &maps[0], maxima, e) ||
+             generate_detect(r, guided, NULL, &maps[1], maxima + B, e) ||
+             generate_compare_sheet(a, baseline, guided, maps, maxima, e);
+    for (int64_t b = 0; rc == 0 && b < B; b++)
+        printf("image %lld: detector max %.4f (baseline) -> %.4f (guided)\n", (long long)b,
+               maxima[b], maxima[B + b]);
     if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", a->compare);
-    image_free(&out);
-    image_free(&panels[0]);
-    image_free(&panels[1]);
     tensor_free(baseline);
-    tensor_free(masks[0]);
-    tensor_free(masks[1]);
+    tensor_free(maps[0]);
+    tensor_free(maps[1]);
     free(maxima);
     return rc ? -1 : 0;
 }
@@ -2932,7 +3059,6 @@ static const char *demo_usage =
 #define DEMO_WORDS 24
 #define DEMO_TRIES 6
 #define DEMO_MAX_PAIRS 16
-#define DEMO_ZOOM 4
 
 typedef struct DemoArgs {
     const char *weights, *out;
@@ -3032,75 +3158,19 @@ static int demo_search(const DemoArgs *d, const EvalArgs *a, GenerateRun *r, Dem
     return 0;
 }
 
-/* text in the world's font, cells of `scale` pixels, colour rgb, from (x, y); symbols outside
- * the font (spaces) leave a gap. */
-static void demo_text(Image *img, int x, int y, const char *text, int scale, const uint8_t *rgb) {
-    for (; *text; text++, x += (WORLD_FONT_W + 1) * scale) {
-        uint8_t rows[WORLD_FONT_H];
-        if (world_glyph_rows(*text, rows) < 0) continue;
-        for (int r = 0; r < WORLD_FONT_H * scale; r++)
-            for (int c = 0; c < WORLD_FONT_W * scale; c++) {
-                int px = x + c, py = y + r;
-                bool ink = rows[r / scale] >> (WORLD_FONT_W - 1 - c / scale) & 1;
-                if (ink && px >= 0 && py >= 0 && px < img->width && py < img->height)
-                    memcpy(&img->rgb[((size_t)py * img->width + px) * 3], rgb, 3);
-            }
-    }
-}
-
-/* src enlarged DEMO_ZOOM times at (x0, y0), as itself or under its heat map (its map [h, w] at
- * 1/4 of the detector's input, resized bilinearly to the image as the metrics do). */
-static int demo_panel(Image *dst, int x0, int y0, const Image *src, const Tensor *map, Error *e) {
-    Image big = {0};
-    float *heat = NULL, *heat_big = NULL;
-    int W = src->width * DEMO_ZOOM, H = src->height * DEMO_ZOOM;
-    int rc = image_alloc(&big, W, H, e);
-    if (rc == 0 && map) {
-        heat = malloc((size_t)src->width * src->height * sizeof *heat);
-        heat_big = malloc((size_t)W * H * sizeof *heat_big);
-        if (!heat || !heat_big) rc = error_set(e, "out of memory");
-    }
-    if (rc == 0 && map)
-        resize_bilinear_forward(1, (int)map->shape[2], (int)map->shape[3], src->height,
-                                src->width, map->data, heat);
-    for (int y = 0; rc == 0 && y < H; y++)
-        for (int x = 0; x < W; x++) {
-            size_t from = (size_t)(y / DEMO_ZOOM) * src->width + x / DEMO_ZOOM;
-            memcpy(&big.rgb[((size_t)y * W + x) * 3], &src->rgb[from * 3], 3);
-            if (heat) heat_big[(size_t)y * W + x] = heat[from];
-        }
-    if (rc == 0) generate_panel(dst, x0, y0, &big, heat_big);
-    image_free(&big);
-    free(heat);
-    free(heat_big);
-    return rc;
-}
-
-/* The picture: a title row, then per pair a caption and baseline | DIAMOND | both heat maps. */
+/* The picture: per pair a caption (word and seed) over baseline | DIAMOND | both heat maps. */
 static int demo_picture(const DemoArgs *d, const DemoPair *pairs, int n, Error *e) {
-    static const uint8_t white[3] = {255, 255, 255}, grey[3] = {170, 170, 170};
-    static const char *const titles[4] = {"BASELINE", "DIAMOND", "BASELINE MAP", "DIAMOND MAP"};
-    const int pw = WORLD_W * DEMO_ZOOM, ph = WORLD_H * DEMO_ZOOM, gap = 8, title = 30, caption = 22;
-    Image out = {0};
-    if (image_alloc(&out, 4 * pw + 5 * gap, title + n * (caption + ph + gap), e)) return -1;
-    memset(out.rgb, 24, (size_t)out.width * out.height * 3);
-    for (int k = 0; k < 4; k++) demo_text(&out, gap + k * (pw + gap), 8, titles[k], 2, white);
-    int rc = 0;
-    for (int i = 0; rc == 0 && i < n; i++) {
-        int y = title + i * (caption + ph + gap);
-        char text[64];
-        snprintf(text, sizeof text, "%.*s  SEED %llu", WORLD_WORD_MAX, pairs[i].word,
-                 (unsigned long long)pairs[i].seed);
-        demo_text(&out, gap, y + 4, text, 2, grey);
-        for (int k = 0; rc == 0 && k < 4; k++)
-            rc = demo_panel(&out, gap + k * (pw + gap), y + caption, &pairs[i].p.img[k % 2],
-                            k < 2 ? NULL : pairs[i].p.maps[k % 2], e);
+    SheetRow rows[DEMO_MAX_PAIRS];
+    for (int i = 0; i < n; i++) {
+        const EvalPair *p = &pairs[i].p;
+        rows[i] = (SheetRow){.images = {&p->img[0], &p->img[1]},
+                             .maps = {p->maps[0]->data, p->maps[1]->data},
+                             .map_h = (int)p->maps[0]->shape[2],
+                             .map_w = (int)p->maps[0]->shape[3]};
+        snprintf(rows[i].caption, sizeof rows[i].caption, "%.*s  SEED %llu", WORLD_WORD_MAX,
+                 pairs[i].word, (unsigned long long)pairs[i].seed);
     }
-    if (rc == 0)
-        rc = !strcmp(strrchr(d->out, '.'), ".png") ? png_write(d->out, &out, e)
-                                                  : ppm_write(d->out, &out, e);
-    image_free(&out);
-    return rc ? -1 : 0;
+    return sheet_write(d->out, rows, n, e);
 }
 
 /* Per pair and overall on stdout. */

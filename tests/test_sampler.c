@@ -496,20 +496,28 @@ static void check_cli_dump(const SafeTensors *g, const char *path) {
     st_close(d);
 }
 
-/* The largest difference between the 24x16 panel of img at (x0, y0) and sample b of a golden
- * image [2, 3, 16, 24] converted as upstream: ((x + 1) / 2) clipped, times 255, truncated. */
-static int panel_diff(const Image *img, int x0, int y0, const float *want, int b) {
+/* The largest difference between the 24x16 panel of img at (x0, y0), enlarged zoom times (every
+ * pixel of each zoom x zoom block), and sample b of a golden image [2, 3, 16, 24] converted as
+ * upstream: ((x + 1) / 2) clipped, times 255, truncated. */
+static int panel_diff(const Image *img, int x0, int y0, int zoom, const float *want, int b) {
     int worst = 0;
-    for (int y = 0; y < 16; y++)
-        for (int x = 0; x < 24; x++)
+    for (int y = 0; y < 16 * zoom; y++)
+        for (int x = 0; x < 24 * zoom; x++)
             for (int c = 0; c < 3; c++) {
-                float v = (want[((b * 3 + c) * 16 + y) * 24 + x] + 1.0f) / 2.0f;
+                float v = (want[((b * 3 + c) * 16 + y / zoom) * 24 + x / zoom] + 1.0f) / 2.0f;
                 int expect = (int)((v < 0.0f ? 0.0f : v > 1.0f ? 1.0f : v) * 255.0f);
                 int got = img->rgb[((size_t)(y0 + y) * img->width + x0 + x) * 3 + c];
                 worst = abs(got - expect) > worst ? abs(got - expect) : worst;
             }
     return worst;
 }
+
+/* The --compare sheet of two 24x16 images: enlarged 10 times (to 240 x 160, the most whole
+ * times under 256 pixels), panels 8 pixels apart, a 30-pixel title row, a 22-pixel caption over
+ * each row (diamond.c's SHEET_* layout). */
+enum { SHEET_ZOOM = 10, SHEET_PW = 240, SHEET_PH = 160 };
+static int sheet_x(int k) { return 8 + k * (SHEET_PW + 8); }
+static int sheet_y(int row) { return 30 + row * (22 + SHEET_PH + 8) + 22; }
 
 /* The PPMs of both samples against the golden final image, and the --compare strip: its
  * baseline panels against the golden plain run from the same noise, its guided panels against
@@ -524,16 +532,16 @@ static void check_cli_images(const SafeTensors *g, const char *dir) {
         Error e = {{0}};
         if (b < 2) snprintf(path, sizeof path, "%s/out-%d.ppm", dir, 11 + b);
         else snprintf(path, sizeof path, "%s/cmp.ppm", dir);
-        int w = b < 2 ? 24 : 4 * 24, h = b < 2 ? 16 : 2 * 16;
+        int w = b < 2 ? 24 : sheet_x(4), h = b < 2 ? 16 : sheet_y(2) - 22;
         if (ppm_read(&img, path, &e) || img.width != w || img.height != h) {
             CHECK(0, "read %s as a %dx%d image: %s", path, w, h, e.msg);
         } else if (b < 2) {
-            int worst = panel_diff(&img, 0, 0, guided, b);
+            int worst = panel_diff(&img, 0, 0, 1, guided, b);
             CHECK(worst <= 1, "%s: pixels within 1 of the golden image's, worst %d", path, worst);
         } else {
             for (int k = 0; k < 2; k++) {
-                int base = panel_diff(&img, 0, 16 * k, plain, k);
-                int steered = panel_diff(&img, 24, 16 * k, guided, k);
+                int base = panel_diff(&img, sheet_x(0), sheet_y(k), SHEET_ZOOM, plain, k);
+                int steered = panel_diff(&img, sheet_x(1), sheet_y(k), SHEET_ZOOM, guided, k);
                 CHECK(base <= 1 && steered <= 1, "--compare row %d: baseline and guided panels "
                       "within 1 of the golden runs, worst %d and %d", k, base, steered);
             }
