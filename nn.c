@@ -362,7 +362,7 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
         c->dim = c->heads * c->head_dim;
         double hidden = c->dim * mlp_ratio; /* Python's int() truncates */
         if (c->dim > big || !(hidden >= 1.0 && hidden <= (double)big) || !(c->rope_theta > 0.0) ||
-            !(c->eps >= 0.0))
+            !(c->eps >= 0.0 && c->eps < 1.0))
             status = error_set(e, "%s: inner dim %d, mlp_ratio %g, rope_theta %g or eps %g is out "
                                "of range", path, c->dim, mlp_ratio, c->rope_theta, c->eps);
         c->mlp_hidden = (int)hidden;
@@ -1606,10 +1606,11 @@ static int text_config_read(TextEncoderConfig *c, const char *path, Error *e) {
                  json_get_int_in(root, "intermediate_size", 1, big, &c->intermediate_size, e) ||
                  json_get_float(root, "layer_norm_eps", &c->layer_norm_eps, e);
     if (!status) status = text_vocab_check(vocab, path, e);
-    if (!status && (c->hidden_size % c->num_heads || !(c->layer_norm_eps >= 0.0)))
+    if (!status && (c->hidden_size % c->num_heads ||
+                    !(c->layer_norm_eps >= 0.0 && c->layer_norm_eps < 1.0)))
         status = error_set(e, "%s: hidden_size %d does not split into %d heads, or "
-                           "layer_norm_eps %g is negative", path, c->hidden_size, c->num_heads,
-                           c->layer_norm_eps);
+                           "layer_norm_eps %g is not in [0, 1)", path, c->hidden_size,
+                           c->num_heads, c->layer_norm_eps);
     if (!status) {
         c->vocab_size = (int)strlen(vocab);
         memcpy(c->vocab, vocab, (size_t)c->vocab_size + 1);
@@ -1864,7 +1865,7 @@ static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
                  json_get_float(root, "rms_norm_eps", &c->rms_norm_eps, e) ||
                  json_get_float(root, "rope_theta", &c->rope_theta, e) ||
                  qwen3_config_heads(root, c, e);
-    if (!status && !(c->rms_norm_eps >= 0.0 && c->rope_theta > 0.0))
+    if (!status && !(c->rms_norm_eps >= 0.0 && c->rms_norm_eps < 1.0 && c->rope_theta > 0.0))
         status = error_set(e, "%s: rms_norm_eps %g or rope_theta %g is out of range", path,
                            c->rms_norm_eps, c->rope_theta);
     if (!status && c->num_layers < QWEN3_KLEIN_LAYERS[2])

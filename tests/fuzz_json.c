@@ -31,7 +31,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     walk(root, 0);
     static const char *const keys[] = {"num_layers", "hidden_size", "patch_size", "size",
                                        "weight_map", "image_mean", "rows", "settings"};
-    for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
+    for (size_t k = 0; k < COUNT(keys); k++) {
         int small;
         int64_t whole, values[8];
         double number;
@@ -45,6 +45,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         json_get_string(root, keys[k], &text, &e);
         json_get_int_array(root, keys[k], values, 8, &count, &e);
     }
+    /* the unimplemented-key checks, over keys that fuzzed documents hold */
+    static const KeyDefault defaults[] = {{"size", "null|true"}, {"rows", "\"x\"|2|0.5"},
+                                          {"resample", "2"}, {"a", "false"}};
+    json_require_defaults(root, defaults, COUNT(defaults), &e);
     json_free(doc);
     return 0;
 }

@@ -272,6 +272,10 @@ static void break_config_key(const char *dir) {
     copy_shard(dir, 2);
 }
 
+static void break_eps(const char *dir) {
+    copy_fixture(dir, "config.json", "\"eps\": 1e-06", "\"eps\": 3");
+}
+
 static void break_axes(const char *dir) {
     copy_fixture(dir, "config.json", "\"attention_head_dim\": 16", "\"attention_head_dim\": 18");
 }
@@ -292,6 +296,7 @@ static void test_errors(void) {
                       NULL);
     expect_load_error("RoPE axes that do not fill the head are refused", break_axes,
                       "axes_dims_rope", NULL);
+    expect_load_error("an eps that is no epsilon is refused", break_eps, "eps 3", "out of range");
 }
 
 /* flux2_open config-only: the tiny config with made-up weights loads and runs (on a grid of

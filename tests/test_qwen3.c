@@ -135,6 +135,7 @@ static void test_configs(void) {
     test_config_refused("\"num_hidden_layers\": 28", "\"num_hidden_layers\": 20",
                         "num_hidden_layers 20");
     test_config_refused("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", "divide");
+    test_config_refused("\"rms_norm_eps\": 1e-06", "\"rms_norm_eps\": 2", "rms_norm_eps 2");
     /* a shape the files do not have: the tensor and both shapes are named */
     test_config_refused("\"intermediate_size\": 40", "\"intermediate_size\": 48",
                         "'model.layers.0.mlp.gate_proj.weight' has shape [40, 24], the config "
