@@ -1,4 +1,8 @@
-/* diamond.c - the command line: DIAMOND sampling, model inspection and benchmarks. */
+/* diamond.c - the command line: DIAMOND sampling, model inspection and benchmarks.
+ *
+ * Contents: info; benchmarks; options (the one table every command declares its options in);
+ * prompts (diamond encode); sampler (diamond generate, --compare and its comparison sheets);
+ * eval (diamond eval, diamond search-seeds, --merge); demo (./diamond alone); main. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -77,7 +81,7 @@ double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- info ------------------------------------------------------------------------------- */
+/* ==== info ==== */
 
 typedef struct InfoTotals {
     size_t files, tensors;
@@ -223,7 +227,7 @@ static int info_main(int argc, char **argv) {
     return 0;
 }
 
-/* ---- benchmarks ------------------------------------------------------------------------- */
+/* ==== benchmarks ==== */
 
 /* Parses a whole decimal argument in [lo, hi]; 0 on success. */
 static int parse_int(const char *s, int lo, int hi, int *out) {
@@ -927,7 +931,7 @@ bool asks_for_help(int argc, char **argv) {
     return false;
 }
 
-/* ---- options ---- */
+/* ==== options ==== */
 
 /* The option named name in the sets, or NULL; *set gets its set. */
 static const Option *option_find(OptionSet *sets, int n_sets, const char *name, OptionSet **set) {
@@ -1039,7 +1043,7 @@ int option_threads(const char *value, void *field, Error *e) {
     return 0;
 }
 
-/* ---- prompts: diamond encode, and the prompts of generate and eval ---------------------- */
+/* ==== prompts: diamond encode, and the prompts of generate and eval ==== */
 
 /* prompts[0 .. n) through <model>'s prompt encoder (tokenizer/ + text_encoder/ for klein, or
  * diamond's character encoder) -> *embeds [n, L, D], tok (or NULL) their tokens. D must be the
@@ -1166,7 +1170,7 @@ static int encode_main(int argc, char **argv) {
     return rc ? 1 : 0;
 }
 
-/* ---- sampler: diamond generate ---------------------------------------------------------- */
+/* ==== sampler: diamond generate ==== */
 
 static const char *generate_usage =
     "usage: diamond generate --model DIR --embeddings FILE|--prompt TEXT -W W -H H --steps N\n"
@@ -2174,7 +2178,7 @@ static int generate_main(int argc, char **argv) {
     return rc;
 }
 
-/* ---- eval: diamond eval, diamond search-seeds ------------------------------------------- */
+/* ==== eval: diamond eval, diamond search-seeds ==== */
 
 static const char *eval_usage =
     "usage: diamond eval --model DIR --detector DIR --csv FILE --out DIR --steps N -W W -H H\n"
@@ -2209,7 +2213,6 @@ static const char *search_usage =
     "or `embeddings,seed` (rewritten atomically after each row; paths as in IN when OUT is in\n"
     "IN's directory, else absolute); rows with no hit are reported on stderr and left out.\n"
     "\n";
-
 
 #define EVAL_THRESHOLD 0.5f
 
@@ -2342,7 +2345,6 @@ static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e)
     a->gen.opt.steps = g->steps;
     return 0;
 }
-
 
 /* ---- eval: item files ---- */
 
@@ -3036,7 +3038,7 @@ static int search_main(int argc, char **argv) {
     return rc;
 }
 
-/* ---- demo ---------------------------------------------------------------------------------- */
+/* ==== demo ==== */
 
 static const char *demo_usage =
     "usage: diamond [demo] [--weights DIR] [-o FILE] [--pairs N] [--threads T] [--quiet]\n"

@@ -3,7 +3,12 @@
  *
  * Nothing read from a file is trusted: every length is checked against the bytes that are left
  * before it is used, every size computation is checked for overflow, and a bad file gives an
- * Error naming the file and the problem, never a crash. */
+ * Error naming the file and the problem, never a crash.
+ *
+ * Contents: errors and small helpers; files and the machine (mapped files, the memory available,
+ * atomic writes, directories); f16 / bf16; JSON (arena, parser, typed lookups); safetensors
+ * (reader, writer, sharded models, synthetic models); tokenizer (Unicode, the pre-tokenizer,
+ * byte-level BPE, tokenizer.json, encoding); specs; evaluation sets (CSV); images (PPM, PNG). */
 #include "io.h"
 
 #include <dirent.h>
@@ -22,6 +27,8 @@
 #include <sys/sysctl.h>
 #endif
 #include <unistd.h>
+
+/* ==== errors and small helpers ==== */
 
 /* The start and the end of whole[0 .. n) around " ... " into msg[0 .. size), neither cut inside
  * a UTF-8 character. */
@@ -50,7 +57,7 @@ int error_set(Error *e, const char *fmt, ...) {
     return -1;
 }
 
-/* ---- small helpers -------------------------------------------------------------------------- */
+/* ---- small helpers ---- */
 
 /* *out = a * b, or true when that overflows. */
 static bool mul_overflows(uint64_t a, uint64_t b, uint64_t *out) {
@@ -181,7 +188,9 @@ static char *path_dirname(const char *path) {
     return strndup(path, (size_t)(slash - path));
 }
 
-/* ---- mapped files ----------------------------------------------------------------------------- */
+/* ==== files and the machine ==== */
+
+/* ---- mapped files ---- */
 
 /* A file's bytes, mapped read-only; an empty file maps to nothing. */
 typedef struct MappedFile {
@@ -253,9 +262,198 @@ size_t memory_available(void) {
 }
 #endif
 
-/* ==== JSON ==== */
+/* ---- atomic files ---- */
 
-/* ---- f16 / bf16 ---- */
+struct AtomicFile {
+    FILE *file;
+    char *path;
+    char *tmp_path;
+};
+
+static void atomic_free(AtomicFile *f) {
+    free(f->path);
+    free(f->tmp_path);
+    free(f);
+}
+
+/* Creates the temporary file without following a link someone put in its place. */
+static int atomic_create(const char *tmp_path) {
+    int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
+    int fd = open(tmp_path, flags, 0666);
+    if (fd < 0 && errno == EEXIST) { /* left behind by a dead process that had our pid */
+        unlink(tmp_path);
+        fd = open(tmp_path, flags, 0666);
+    }
+    return fd;
+}
+
+int atomic_open(AtomicFile **out, const char *path, Error *e) {
+    *out = NULL;
+    AtomicFile *f = calloc(1, sizeof *f);
+    size_t tmp_size = strlen(path) + 32;
+    if (f) {
+        f->path = strdup(path);
+        f->tmp_path = malloc(tmp_size);
+    }
+    if (!f || !f->path || !f->tmp_path) {
+        if (f) atomic_free(f);
+        return error_set(e, "%s: out of memory", path);
+    }
+    snprintf(f->tmp_path, tmp_size, "%s.tmp.%ld", path, (long)getpid());
+    int fd = atomic_create(f->tmp_path);
+    if (fd < 0) {
+        error_set(e, "%s: cannot create %s: %s", path, f->tmp_path, strerror(errno));
+        atomic_free(f);
+        return -1;
+    }
+    f->file = fdopen(fd, "wb");
+    if (!f->file) {
+        error_set(e, "%s: cannot open %s: %s", path, f->tmp_path, strerror(errno));
+        close(fd);
+        unlink(f->tmp_path);
+        atomic_free(f);
+        return -1;
+    }
+    *out = f;
+    return 0;
+}
+
+int atomic_write(AtomicFile *f, const void *data, size_t n, Error *e) {
+    if (n > 0 && fwrite(data, 1, n, f->file) != n)
+        return error_set(e, "%s: cannot write %s: %s", f->path, f->tmp_path, strerror(errno));
+    return 0;
+}
+
+/* A rename is only durable once its directory is synced too; some file systems refuse, and the
+ * data itself is already safe, so failure here is not an error. */
+static void sync_directory_of(const char *path) {
+    char *dir = path_dirname(path);
+    int fd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+    free(dir);
+}
+
+int atomic_commit(AtomicFile *f, Error *e) {
+    int rc = 0;
+    if (fflush(f->file) != 0 || fsync(fileno(f->file)) != 0)
+        rc = error_set(e, "%s: cannot write %s: %s", f->path, f->tmp_path, strerror(errno));
+    if (fclose(f->file) != 0 && rc == 0)
+        rc = error_set(e, "%s: cannot close %s: %s", f->path, f->tmp_path, strerror(errno));
+    if (rc == 0 && rename(f->tmp_path, f->path) != 0)
+        rc = error_set(e, "%s: cannot rename %s into place: %s", f->path, f->tmp_path, strerror(errno));
+    if (rc == 0) sync_directory_of(f->path);
+    else unlink(f->tmp_path);
+    atomic_free(f);
+    return rc;
+}
+
+void atomic_abort(AtomicFile *f) {
+    if (!f) return;
+    fclose(f->file);
+    unlink(f->tmp_path);
+    atomic_free(f);
+}
+
+int file_read_all(const char *path, char **text, size_t *len, Error *e) {
+    MappedFile file;
+    *text = NULL;
+    if (map_file(&file, path, e)) return -1; /* a regular file, or an error (a FIFO: at once) */
+    size_t size = file.size;
+    char *copy = malloc(size + 1);
+    if (copy) {
+        if (size) memcpy(copy, file.bytes, size);
+        copy[size] = '\0';
+    }
+    unmap_file(&file);
+    if (!copy) return error_set(e, "%s: out of memory", path);
+    *text = copy;
+    *len = size;
+    return 0;
+}
+
+int write_file_atomic(const char *path, const void *data, size_t n, Error *e) {
+    AtomicFile *f;
+    if (atomic_open(&f, path, e)) return -1;
+    if (atomic_write(f, data, n, e)) {
+        atomic_abort(f);
+        return -1;
+    }
+    return atomic_commit(f, e);
+}
+
+/* ---- directories ---- */
+
+void dir_list_free(char **names, size_t count) {
+    for (size_t i = 0; i < count; i++) free(names[i]);
+    free(names);
+}
+
+/* The file path names once written: its directory resolved by realpath (links, "..", "."), then
+ * its last component, into out (false when the directory does not resolve or it is too long). */
+static bool path_resolve(const char *path, char *out, size_t len) {
+    const char *slash = strrchr(path, '/');
+    char dir[PATH_BYTES];
+    int n = slash == path ? snprintf(dir, sizeof dir, "/")
+                          : snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1,
+                                     slash ? path : ".");
+    if (n < 0 || (size_t)n >= sizeof dir) return false;
+    char *real = realpath(dir, NULL);
+    if (!real) return false;
+    n = snprintf(out, len, "%s/%s", real, slash ? slash + 1 : path);
+    free(real);
+    return n >= 0 && (size_t)n < len;
+}
+
+bool paths_same(const char *a, const char *b) {
+    char ra[PATH_BYTES], rb[PATH_BYTES];
+    return !strcmp(a, b) || (path_resolve(a, ra, sizeof ra) && path_resolve(b, rb, sizeof rb) &&
+                             !strcmp(ra, rb));
+}
+
+int dir_make(const char *dir, Error *e) {
+    struct stat sb;
+    if (mkdir(dir, 0777) == 0 || (errno == EEXIST && stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode)))
+        return 0;
+    return error_set(e, "%s: cannot create directory: %s", dir,
+                     errno == EEXIST ? "a file of that name exists" : strerror(errno));
+}
+
+int dir_list(const char *dir, char ***names, size_t *count, Error *e) {
+    *names = NULL;
+    *count = 0;
+    DIR *d = opendir(dir);
+    if (!d) return error_set(e, "%s: cannot open directory: %s", dir, strerror(errno));
+    char **list = NULL;
+    size_t n = 0, capacity = 0;
+    struct dirent *entry;
+    while ((entry = readdir(d)) != NULL) {
+        if (!strcmp(entry->d_name, ".") || !strcmp(entry->d_name, "..")) continue;
+        if (n == capacity) {
+            size_t wanted = capacity ? 2 * capacity : 16;
+            char **grown = wanted <= SIZE_MAX / sizeof *list ? realloc(list, wanted * sizeof *list) : NULL;
+            if (!grown) break;
+            list = grown;
+            capacity = wanted;
+        }
+        if (!(list[n] = strdup(entry->d_name))) break;
+        n++;
+    }
+    bool complete = entry == NULL;
+    closedir(d);
+    if (!complete) {
+        dir_list_free(list, n);
+        return error_set(e, "%s: out of memory listing the directory", dir);
+    }
+    if (n > 1) qsort(list, n, sizeof *list, compare_strings);
+    *names = list;
+    *count = n;
+    return 0;
+}
+
+/* ==== f16 / bf16 ==== */
 
 /* bf16 is the top half of an f32. */
 float bf16_to_f32(uint16_t h) {
@@ -315,6 +513,8 @@ void bf16_to_f32_array(const uint16_t *src, float *dst, size_t n) {
 void f16_to_f32_array(const uint16_t *src, float *dst, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }
+
+/* ==== JSON ==== */
 
 /* ---- arena ---- */
 
@@ -941,197 +1141,6 @@ int json_require_defaults(const JsonValue *object, const KeyDefault *keys, size_
         return error_set(e, "%s: key '%s' is %s; diamond implements only %s", object->source,
                          keys[i].key, value, keys[i].accepts);
     }
-    return 0;
-}
-
-/* ---- atomic files ---- */
-
-struct AtomicFile {
-    FILE *file;
-    char *path;
-    char *tmp_path;
-};
-
-static void atomic_free(AtomicFile *f) {
-    free(f->path);
-    free(f->tmp_path);
-    free(f);
-}
-
-/* Creates the temporary file without following a link someone put in its place. */
-static int atomic_create(const char *tmp_path) {
-    int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
-    int fd = open(tmp_path, flags, 0666);
-    if (fd < 0 && errno == EEXIST) { /* left behind by a dead process that had our pid */
-        unlink(tmp_path);
-        fd = open(tmp_path, flags, 0666);
-    }
-    return fd;
-}
-
-int atomic_open(AtomicFile **out, const char *path, Error *e) {
-    *out = NULL;
-    AtomicFile *f = calloc(1, sizeof *f);
-    size_t tmp_size = strlen(path) + 32;
-    if (f) {
-        f->path = strdup(path);
-        f->tmp_path = malloc(tmp_size);
-    }
-    if (!f || !f->path || !f->tmp_path) {
-        if (f) atomic_free(f);
-        return error_set(e, "%s: out of memory", path);
-    }
-    snprintf(f->tmp_path, tmp_size, "%s.tmp.%ld", path, (long)getpid());
-    int fd = atomic_create(f->tmp_path);
-    if (fd < 0) {
-        error_set(e, "%s: cannot create %s: %s", path, f->tmp_path, strerror(errno));
-        atomic_free(f);
-        return -1;
-    }
-    f->file = fdopen(fd, "wb");
-    if (!f->file) {
-        error_set(e, "%s: cannot open %s: %s", path, f->tmp_path, strerror(errno));
-        close(fd);
-        unlink(f->tmp_path);
-        atomic_free(f);
-        return -1;
-    }
-    *out = f;
-    return 0;
-}
-
-int atomic_write(AtomicFile *f, const void *data, size_t n, Error *e) {
-    if (n > 0 && fwrite(data, 1, n, f->file) != n)
-        return error_set(e, "%s: cannot write %s: %s", f->path, f->tmp_path, strerror(errno));
-    return 0;
-}
-
-/* A rename is only durable once its directory is synced too; some file systems refuse, and the
- * data itself is already safe, so failure here is not an error. */
-static void sync_directory_of(const char *path) {
-    char *dir = path_dirname(path);
-    int fd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-    free(dir);
-}
-
-int atomic_commit(AtomicFile *f, Error *e) {
-    int rc = 0;
-    if (fflush(f->file) != 0 || fsync(fileno(f->file)) != 0)
-        rc = error_set(e, "%s: cannot write %s: %s", f->path, f->tmp_path, strerror(errno));
-    if (fclose(f->file) != 0 && rc == 0)
-        rc = error_set(e, "%s: cannot close %s: %s", f->path, f->tmp_path, strerror(errno));
-    if (rc == 0 && rename(f->tmp_path, f->path) != 0)
-        rc = error_set(e, "%s: cannot rename %s into place: %s", f->path, f->tmp_path, strerror(errno));
-    if (rc == 0) sync_directory_of(f->path);
-    else unlink(f->tmp_path);
-    atomic_free(f);
-    return rc;
-}
-
-void atomic_abort(AtomicFile *f) {
-    if (!f) return;
-    fclose(f->file);
-    unlink(f->tmp_path);
-    atomic_free(f);
-}
-
-int file_read_all(const char *path, char **text, size_t *len, Error *e) {
-    MappedFile file;
-    *text = NULL;
-    if (map_file(&file, path, e)) return -1; /* a regular file, or an error (a FIFO: at once) */
-    size_t size = file.size;
-    char *copy = malloc(size + 1);
-    if (copy) {
-        if (size) memcpy(copy, file.bytes, size);
-        copy[size] = '\0';
-    }
-    unmap_file(&file);
-    if (!copy) return error_set(e, "%s: out of memory", path);
-    *text = copy;
-    *len = size;
-    return 0;
-}
-
-int write_file_atomic(const char *path, const void *data, size_t n, Error *e) {
-    AtomicFile *f;
-    if (atomic_open(&f, path, e)) return -1;
-    if (atomic_write(f, data, n, e)) {
-        atomic_abort(f);
-        return -1;
-    }
-    return atomic_commit(f, e);
-}
-
-/* ---- directories ---- */
-
-void dir_list_free(char **names, size_t count) {
-    for (size_t i = 0; i < count; i++) free(names[i]);
-    free(names);
-}
-
-/* The file path names once written: its directory resolved by realpath (links, "..", "."), then
- * its last component, into out (false when the directory does not resolve or it is too long). */
-static bool path_resolve(const char *path, char *out, size_t len) {
-    const char *slash = strrchr(path, '/');
-    char dir[PATH_BYTES];
-    int n = slash == path ? snprintf(dir, sizeof dir, "/")
-                          : snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1,
-                                     slash ? path : ".");
-    if (n < 0 || (size_t)n >= sizeof dir) return false;
-    char *real = realpath(dir, NULL);
-    if (!real) return false;
-    n = snprintf(out, len, "%s/%s", real, slash ? slash + 1 : path);
-    free(real);
-    return n >= 0 && (size_t)n < len;
-}
-
-bool paths_same(const char *a, const char *b) {
-    char ra[PATH_BYTES], rb[PATH_BYTES];
-    return !strcmp(a, b) || (path_resolve(a, ra, sizeof ra) && path_resolve(b, rb, sizeof rb) &&
-                             !strcmp(ra, rb));
-}
-
-int dir_make(const char *dir, Error *e) {
-    struct stat sb;
-    if (mkdir(dir, 0777) == 0 || (errno == EEXIST && stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode)))
-        return 0;
-    return error_set(e, "%s: cannot create directory: %s", dir,
-                     errno == EEXIST ? "a file of that name exists" : strerror(errno));
-}
-
-int dir_list(const char *dir, char ***names, size_t *count, Error *e) {
-    *names = NULL;
-    *count = 0;
-    DIR *d = opendir(dir);
-    if (!d) return error_set(e, "%s: cannot open directory: %s", dir, strerror(errno));
-    char **list = NULL;
-    size_t n = 0, capacity = 0;
-    struct dirent *entry;
-    while ((entry = readdir(d)) != NULL) {
-        if (!strcmp(entry->d_name, ".") || !strcmp(entry->d_name, "..")) continue;
-        if (n == capacity) {
-            size_t wanted = capacity ? 2 * capacity : 16;
-            char **grown = wanted <= SIZE_MAX / sizeof *list ? realloc(list, wanted * sizeof *list) : NULL;
-            if (!grown) break;
-            list = grown;
-            capacity = wanted;
-        }
-        if (!(list[n] = strdup(entry->d_name))) break;
-        n++;
-    }
-    bool complete = entry == NULL;
-    closedir(d);
-    if (!complete) {
-        dir_list_free(list, n);
-        return error_set(e, "%s: out of memory listing the directory", dir);
-    }
-    if (n > 1) qsort(list, n, sizeof *list, compare_strings);
-    *names = list;
-    *count = n;
     return 0;
 }
 
@@ -2015,7 +2024,7 @@ const SafeTensors *st_model_shard(const StModel *m, size_t i) {
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|" \
     "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
-/* --- Unicode: properties and NFC --- */
+/* ---- Unicode: properties and NFC ---- */
 
 static bool in_ranges(const UnicodeRange *r, size_t n, uint32_t cp) {
     size_t lo = 0, hi = n;
@@ -2201,7 +2210,7 @@ int utf8_nfc(const char *text, size_t len, char **out, size_t *out_len, Error *e
     return 0;
 }
 
-/* --- the pre-tokenizer's regex, by hand --- */
+/* ---- the pre-tokenizer's regex, by hand ---- */
 
 static bool is_newline(uint32_t cp) {
     return cp == '\r' || cp == '\n';
@@ -2257,7 +2266,7 @@ static size_t pretoken_length(const uint32_t *cp, size_t n) {
     return run == n || run == 1 ? run : run - 1;
 }
 
-/* --- byte-level BPE --- */
+/* ---- byte-level BPE ---- */
 
 /* GPT-2's byte-to-unicode table: the printable bytes ! .. ~, ¡ .. ¬ and ® .. ÿ stand for
  * themselves, the other 68 for U+0100 onwards in byte order. */
@@ -2389,7 +2398,7 @@ static void bpe_merge(const MergeTable *merges, BpeSymbol *s, int32_t n, BpeHeap
     }
 }
 
-/* --- loading tokenizer.json --- */
+/* ---- loading tokenizer.json ---- */
 
 typedef struct AddedToken {
     char *content;
@@ -2676,7 +2685,7 @@ int32_t tokenizer_pad_id(const Tokenizer *t) {
     return t->pad_id;
 }
 
-/* --- encoding --- */
+/* ---- encoding ---- */
 
 /* A growing array of ids. */
 static int ids_push(TokenIds *ids, int32_t id) {

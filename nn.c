@@ -1,4 +1,10 @@
-/* nn.c - layers and models built from tensor.c kernels through autograd.c ops. */
+/* nn.c - layers and models built from tensor.c kernels through autograd.c ops, and the DIAMOND
+ * sampler that runs them.
+ *
+ * Contents, in reading order: parameters and basic layers; FLUX.2 transformer; the embedded
+ * models' text encoder; Qwen3 text encoder; prompt encoder; VAE; SegFormer detector; the DIAMOND
+ * sampler (sampler_step: one guided step); metrics. Each model's section opens with a map: the
+ * upstream class, its tensor names, its inputs and outputs, its equations. */
 #include "nn.h"
 
 #include <ctype.h>
@@ -10,7 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-/* ---- parameters and basic layers -------------------------------------------------------- */
+/* ==== parameters and basic layers ==== */
 
 typedef struct ParamEntry {
     char *name;
@@ -282,8 +288,22 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
     return 0;
 }
 
-/* ---- section: flux2 ----------------------------------------------------------------------------
- * Written from diffusers' transformer_flux2.py. One call: the conditioning (timestep embedding and
+/* ==== FLUX.2 transformer ====
+ * diffusers' Flux2Transformer2DModel (transformer_flux2.py), written from that code.
+ *   in/out  tokens [B, T, in_channels] (the packed latent, T = h w), prompt embeddings
+ *           [B, L, joint_attention_dim], sigma [B] -> velocity [B, T, out_channels]
+ *   names   x_embedder, context_embedder, time_guidance_embed.timestep_embedder.linear_1/2,
+ *           double_stream_modulation_img/_txt.linear, single_stream_modulation.linear;
+ *           transformer_blocks.N.attn.{to_q,to_k,to_v,to_out.0,norm_q,norm_k,add_q_proj,
+ *           add_k_proj,add_v_proj,to_add_out,norm_added_q,norm_added_k}, .ff and .ff_context
+ *           .{linear_in,linear_out}; single_transformer_blocks.N.attn.{to_qkv_mlp_proj,to_out,
+ *           norm_q,norm_k}; norm_out.linear, proj_out (all .weight, no biases)
+ *   blocks  modulate(x) = LN(x) (1 + scale) + shift; double: per stream q, k, v with per-head
+ *           RMSNorm and RoPE, one attention over [text, image], x += gate o, x += gate
+ *           SwiGLU(modulate(x)); single: [text, image] through one fused projection to q, k, v
+ *           and the SwiGLU input, x += gate to_out([attention, SwiGLU]); out: proj_out of
+ *           LN(x) (1 + scale) + shift over the image tokens
+ * One call: the conditioning (timestep embedding and
  * the modulations every block shares) is computed once for the batch; then the input projections,
  * each double-stream block, each single-stream block and the output layers run in turn. Each runs
  * in parts (a block's attention inputs, then its outputs and feed-forwards) whose weights are
@@ -1550,9 +1570,7 @@ size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_
     return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
 }
 
-/* ---- end section: flux2 ---- */
-
-/* ---- section: text encoder ------------------------------------------------------------------
+/* ==== the embedded models' text encoder ====
  * diamond's own prompt encoder for the tiny models (issue 5): characters in, prompt embeddings
  * [B, max_length, hidden_size] out, fed to FLUX.2's context_embedder like real ones. Token and
  * position embeddings, pre-norm transformer layers (self-attention that ignores the padding keys,
@@ -1776,9 +1794,7 @@ Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int 
     return y;
 }
 
-/* ---- end section: text encoder ---- */
-
-/* ---- section: qwen3 ---------------------------------------------------------------------------
+/* ==== Qwen3 text encoder ====
  * FLUX.2 [klein]'s prompt encoder: transformers' Qwen3Model (modeling_qwen3.py) as diffusers'
  * Flux2KleinPipeline runs it (_get_qwen3_prompt_embeds), written from that code.
  *   names   model.embed_tokens.weight [V, hidden]; under model.layers.N: input_layernorm,
@@ -1808,7 +1824,7 @@ struct Qwen3 {
     StModel *weights;
 };
 
-/* --- config --- */
+/* ---- config ---- */
 
 /* The keys of Qwen3Config that ask for what this Qwen3 does not implement, at their off values. */
 static const KeyDefault QWEN3_UNIMPLEMENTED[] = {
@@ -1875,7 +1891,7 @@ static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
     return status;
 }
 
-/* --- weights --- */
+/* ---- weights ---- */
 
 typedef struct Qwen3Attention {
     Var *norm, *q_norm, *k_norm;
@@ -1981,7 +1997,7 @@ void qwen3_free(Qwen3 *m) {
 
 const Qwen3Config *qwen3_config(const Qwen3 *m) { return &m->config; }
 
-/* --- the forward --- */
+/* ---- the forward ---- */
 
 /* cos, sin: [L, D/2] at positions 0 .. L-1: pair i turns by l * theta^(-2i / D) (in double). */
 static int qwen3_rope_tables(const Qwen3Config *c, int L, Tensor **cos_out, Tensor **sin_out) {
@@ -2129,9 +2145,7 @@ int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, 
     return 0;
 }
 
-/* ---- end section: qwen3 ---- */
-
-/* ---- section: prompt encoder ------------------------------------------------------------------
+/* ==== prompt encoder ====
  * What turns prompts into the transformer's prompt embeddings, chosen by the model directory:
  *   <dir>/tokenizer/ and <dir>/text_encoder/ (Qwen3): FLUX.2 [klein]'s pipeline
  *     (Flux2KleinPipeline._get_qwen3_prompt_embeds): the chat template with enable_thinking off,
@@ -2311,9 +2325,23 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
     return status;
 }
 
-/* ---- end section: prompt encoder ---- */
-
-/* ---- section: vae ---------------------------------------------------------------------------- */
+/* ==== VAE ====
+ * The decoder (and, for training, the encoder) of diffusers' AutoencoderKLFlux2
+ * (autoencoder_kl_flux2.py with vae.py's Decoder), with the FLUX.2 pipeline's latent packing.
+ *   in/out  tokens [B, h w, latent_channels patch_h patch_w] -> image [B, 3, H, W] in about
+ *           [-1, 1], H = h patch_h 2^(up blocks - 1)
+ *   names   bn.running_mean, bn.running_var; post_quant_conv; decoder.conv_in,
+ *           decoder.mid_block.resnets.{0,1}, decoder.mid_block.attentions.0.{group_norm,to_q,
+ *           to_k,to_v,to_out.0}, decoder.up_blocks.N.resnets.M.{norm1,conv1,norm2,conv2,
+ *           conv_shortcut}, decoder.up_blocks.N.upsamplers.0.conv, decoder.conv_norm_out,
+ *           decoder.conv_out
+ *   decode  tokens * sqrt(running_var + eps) + running_mean, unpatchified; post_quant_conv,
+ *           conv_in; mid block: resnet, one-head attention over all pixels, resnet; each up
+ *           block: layers_per_block + 1 resnets (x + conv2(SiLU(GN(conv1(SiLU(GN(x)))))), a 1x1
+ *           shortcut when channels change), then nearest 2x and a 3x3 conv except after the
+ *           last; GN, SiLU, conv_out
+ * The decode runs as one graph of ag_* ops, with checkpoints nested as deep as the memory
+ * budget needs (vae_decoder_checkpoint_for; below). */
 
 /* diffusers' Decoder fixes the GroupNorm eps of its resnets, mid-block attention and
  * conv_norm_out at 1e-6; it is not in config.json. Only the latent batch norm uses the
@@ -3055,9 +3083,22 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
     return ag_mul_rows(t, ag_add_rows(t, tokens, m->bn_neg_mean), m->bn_rstd);
 }
 
-/* ---- end section: vae ---- */
-
-/* ---- section: segformer ---------------------------------------------------------------------- */
+/* ==== SegFormer detector ====
+ * transformers' SegformerForSemanticSegmentation (modeling_segformer.py) behind DIAMOND's
+ * preprocessing; the interface and the upstream rules are in nn.h.
+ *   in/out  image [B, 3, H, W] in [-1, 1] -> artifact map [B, num_labels, H, W] in [0, 1] (and
+ *           the map at 1/4 of the detector's input, which the metrics read)
+ *   names   segformer.encoder.patch_embeddings.i.{proj,layer_norm},
+ *           segformer.encoder.block.i.j.{layer_norm_1,attention.self.{query,key,value,sr,
+ *           layer_norm},attention.output.dense,layer_norm_2,mlp.{dense1,dwconv.dwconv,dense2}},
+ *           segformer.encoder.layer_norm.i; decode_head.linear_c.i.proj, linear_fuse,
+ *           batch_norm, classifier
+ *   forward (x + 1) / 2 clamped, resized bilinearly, normalised; per stage an overlapping patch
+ *           embedding (strided conv, LN), layers x += attention(LN x) with keys and values from
+ *           an sr x sr strided conv, x += dense2(GELU(dwconv3x3(dense1(LN x)))), a final LN;
+ *           head: each stage projected to D and resized to stage 0's size, summed (the folded
+ *           linear_fuse and batch norm), ReLU, classifier; sigmoid; resized to H x W
+ */
 
 /* A bound on every size in config.json, so products of them stay far inside int. */
 #define SEGFORMER_MAX_SIZE 65536
@@ -3095,7 +3136,7 @@ struct Segformer {
     bool head_is_linear_c; /* head_proj are linear_c under an identity fuse and batch norm */
 };
 
-/* -- config -- */
+/* ---- config ---- */
 
 /* The per-stage integer array `key` of config.json: one positive entry per stage. */
 static int segformer_stage_ints(const JsonValue *root, const char *key, int stages, int *out,
@@ -3269,7 +3310,7 @@ int segformer_config_load(SegformerConfig *c, const char *dir, Error *e) {
     return 0;
 }
 
-/* -- weights -- */
+/* ---- weights ---- */
 
 /* printf into buf (always large enough for the upstream names), for the *_load prefixes. */
 static const char *segformer_name(char *buf, size_t len, const char *fmt, ...)
@@ -3484,7 +3525,7 @@ int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64
 
 const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }
 
-/* -- forward -- */
+/* ---- forward ---- */
 
 /* x: [B, C, h, w] -> [B, h, w, C]: the token sequence in row-major order, channels last */
 static Var *segformer_tokens(Tape *t, Var *x) { return ag_permute(t, x, (int[]){0, 2, 3, 1}); }
@@ -3625,9 +3666,7 @@ size_t segformer_forward_bytes(const Segformer *m, int batch, int height, int wi
     return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
 }
 
-/* ---- end section: segformer ---- */
-
-/* ---- section: sampler ------------------------------------------------------------------------
+/* ==== the DIAMOND sampler ====
  * DIAMOND (arXiv 2602.00883) on FLUX.2's flow-matching Euler sampler, as the official code runs
  * it. Step i at noise level sigma_i (sampler_step), each sample b of the batch on its own:
  *   v       = transformer(x_t, sigma_i, prompt)         with --cfg: v_neg + s (v - v_neg)
@@ -3898,7 +3937,7 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
     return rc;
 }
 
-/* --- parsing the schedule and loss specs --- */
+/* ---- parsing the schedule and loss specs ---- */
 
 int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
     static const char *const names[] = {"constant", "linear", "power", "cosine", "hard_then_exp",
@@ -3958,9 +3997,7 @@ int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e) {
     return 0;
 }
 
-/* ---- end section: sampler ---- */
-
-/* ---- section: metrics ------------------------------------------------------------------------ */
+/* ==== metrics ==== */
 
 int metrics_artifact_mask(const float *map, int h, int w, int H, int W, float threshold,
                           uint8_t *mask, Error *e) {
@@ -4063,4 +4100,3 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
     out->mae_na *= mean;
 }
 
-/* ---- end section: metrics ---- */

@@ -1,5 +1,10 @@
 /* tensor.c - float32 tensors and the kernels: GEMM, conv, attention, norms, activations.
- * Every forward kernel sits next to its backward. */
+ * Every forward kernel sits next to its backward.
+ *
+ * Contents: tensors; helpers shared by the kernels; GEMM (the reference, then the packed and
+ * blocked one); conv2d (im2col, Winograd F(4x4, 3x3), then the reference); attention and rotary
+ * embedding (the blocked one, then the reference); norms, activations, resampling, elementwise;
+ * random numbers (PyTorch's CPU generator). */
 #include "tensor.h"
 
 #include <math.h>
@@ -11,7 +16,7 @@
 #include <omp.h>
 #endif
 
-/* ---- tensors ---------------------------------------------------------------------------- */
+/* ==== tensors ==== */
 
 /* Element count of a shape, or -1 when invalid or past what we allow (2^40 floats). */
 static int64_t shape_numel(int ndim, const int64_t *shape) {
@@ -85,7 +90,7 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len) {
     return buf;
 }
 
-/* ---- helpers shared by the kernels ------------------------------------------------------ */
+/* ==== helpers shared by the kernels ==== */
 
 /* Loops wake the threads only past this much work: floats of cheap arithmetic, or elements
  * that each take an exp or erfc. */
@@ -125,7 +130,7 @@ static inline float exp_nonpositive(float x) {
     return x < -87.3f ? 0.0f : (x == x ? y : x);
 }
 
-/* ---- GEMM ------------------------------------------------------------------------------- */
+/* ==== GEMM ==== */
 
 /* An operand's elements as stored: f32, or bf16 / f16 widened to f32 as they are packed (both
  * exactly), so that a weight can be read where it lies in a mapped file. Little-endian. */
@@ -623,7 +628,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
     gemm_stored(trans_a, trans_b, M, N, K, alpha, A, lda, B, DTYPE_F32, ldb, beta, C, ldc);
 }
 
-/* ---- conv2d ----------------------------------------------------------------------------- */
+/* ==== conv2d ==== */
 
 /* Convolution as GEMM over bands of output pixels (torch.nn.functional.conv2d semantics: zero
  * padding, no dilation). For each image and group the output pixels p = oh*Wo + ow are taken in
@@ -1366,7 +1371,7 @@ void conv2d_reference_backward(const Conv2dShape *s, const float *x, const float
     free(sum_db);
 }
 
-/* ---- attention and rotary embedding ----------------------------------------------------- */
+/* ==== attention and rotary embedding ==== */
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -1995,7 +2000,7 @@ void rope_backward(RopePairs pairs, int batch, int n, int heads, int head_dim,
     }
 }
 
-/* ---- norms, activations, resampling, elementwise ---------------------------------------- */
+/* ==== norms, activations, resampling, elementwise ==== */
 
 /* OpenMP only where the work pays for waking the threads. Every such loop writes disjoint
  * outputs. */
@@ -2848,7 +2853,7 @@ float max_array(size_t n, const float *x) {
     return max;
 }
 
-/* ---- random numbers (PyTorch's CPU generator) ------------------------------------------- */
+/* ==== random numbers (PyTorch's CPU generator) ==== */
 
 enum { MT_N = 624, MT_M = 397 };
 

@@ -1,5 +1,7 @@
 /* train/commands.c - the commands that make and show the embedded models: diamond world (a scene
- * of the words world, its corruption and what the oracle reads) and diamond train. */
+ * of the words world, its corruption and what the oracle reads) and diamond train.
+ *
+ * Contents: world (diamond world); train (diamond train). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +13,7 @@
 #include "../diamond.h"
 #include "train.h"
 
-/* ---- world: diamond world ------------------------------------------------------------------ */
+/* ==== world: diamond world ==== */
 
 static const char *world_usage =
     "usage: diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png|.ppm\n"
@@ -170,7 +172,7 @@ int world_main(int argc, char **argv) {
     return 0;
 }
 
-/* ---- train ------------------------------------------------------------------------------- */
+/* ==== train ==== */
 
 static const char *train_usage =
     "usage: diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"

@@ -1,4 +1,7 @@
-/* train/train.c - the trainers of train.h. */
+/* train/train.c - the trainers of train.h.
+ *
+ * Contents: training (AdamW, the loop); text+flow training; detector training; VAE training; the
+ * VAE's training loss; the oracle's verdict. */
 #include "train.h"
 
 #include <ctype.h>
@@ -8,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- section: training ----------------------------------------------------------------------- */
+/* ==== training ==== */
 
 /* Updates wake the threads only past this many elements (each element is independent). */
 #define ADAMW_PARALLEL_MIN ((int64_t)1 << 15)
@@ -244,9 +247,7 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
     return rc;
 }
 
-/* ---- end section: training ---- */
-
-/* ---- section: text+flow training --------------------------------------------------------------
+/* ==== text+flow training ====
  * The transformer and the text encoder trained together on the rectified-flow objective, as
  * FLUX-style trainers do it: per sample a clean latent x0 (the VAE tokens of the prompt's image),
  * noise n ~ N(0, 1), a noise level sigma from a logit-normal, x_t = (1 - sigma) x0 + sigma n, and
@@ -399,9 +400,7 @@ int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], 
     return rc;
 }
 
-/* ---- end section: text+flow training ---- */
-
-/* ---- section: detector_train ----------------------------------------------------------------- */
+/* ==== detector training ==== */
 
 static uint64_t detector_mix(uint64_t x) {
     return mix64(x + 0x9e3779b97f4a7c15ull);
@@ -766,9 +765,7 @@ int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeD
     return rc;
 }
 
-/* ---- end section: detector_train ---- */
-
-/* ---- section: vae_train -----------------------------------------------------------------------
+/* ==== VAE training ====
  */
 
 /* Reconstruction only, no KL term: everything diamond does with the latent uses the mode (the
@@ -965,10 +962,7 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) 
     return rc;
 }
 
-
-/* ---- end section: vae_train ---- */
-
-/* ---- section: the VAE's training loss ---- */
+/* ==== the VAE's training loss ==== */
 
 Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
                              Var *noise) {
@@ -980,7 +974,7 @@ Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *d
     return ag_mean(t, ag_mul(t, error, error));
 }
 
-/* ---- section: the oracle's verdict ---- */
+/* ==== the oracle's verdict ==== */
 
 int metrics_oracle(const uint8_t *baseline, const uint8_t *guided, int H, int W,
                    const char *prompt, ImageMetrics *out, Error *e) {
