@@ -2415,10 +2415,26 @@ static void eval_item_write(FILE *f, const void *ctx) {
             m->mae, m->mae_a, m->mae_na, (long long)m->artifact_pixels);
     if (m->oracle)
         fprintf(f, ",\n \"oracle\": {\"baseline_legible\": %s, \"baseline_reads\": %s, "
-                   "\"guided_legible\": %s, \"guided_reads\": %s}",
+                   "\"guided_legible\": %s, \"guided_reads\": %s,\n  \"baseline_glyphs\": "
+                   "[%d, %d, %d], \"guided_glyphs\": [%d, %d, %d]}",
                 m->baseline_legible ? "true" : "false", m->baseline_reads ? "true" : "false",
-                m->guided_legible ? "true" : "false", m->guided_reads ? "true" : "false");
+                m->guided_legible ? "true" : "false", m->guided_reads ? "true" : "false",
+                m->glyphs[0].n, m->glyphs[0].legible, m->glyphs[0].right, m->glyphs[1].n,
+                m->glyphs[1].legible, m->glyphs[1].right);
     fprintf(f, "}\n");
+}
+
+/* "<side>_glyphs": [n, legible, right] of an item file's oracle object o. */
+static int eval_item_glyphs(const JsonValue *o, const char *key, GlyphCounts *g, Error *e) {
+    int64_t v[3];
+    size_t n = 0;
+    if (json_get_int_array(o, key, v, 3, &n, e)) return -1;
+    if (n != 3 || v[0] < 0 || v[0] > ORACLE_MAX_GLYPHS || v[1] < 0 || v[1] > v[0] || v[2] < 0 ||
+        v[2] > v[1])
+        return error_set(e, "%s: key '%s' is not [glyphs, legible, right] with right <= legible "
+                         "<= glyphs <= %d", o->source, key, ORACLE_MAX_GLYPHS);
+    *g = (GlyphCounts){(int)v[0], (int)v[1], (int)v[2]};
+    return 0;
 }
 
 /* The oracle's verdicts of an item file, when it has them. */
@@ -2431,7 +2447,9 @@ static int eval_item_oracle(const JsonValue *root, ImageMetrics *m, Error *e) {
     return json_get_bool(o, "baseline_legible", &m->baseline_legible, e) ||
                    json_get_bool(o, "baseline_reads", &m->baseline_reads, e) ||
                    json_get_bool(o, "guided_legible", &m->guided_legible, e) ||
-                   json_get_bool(o, "guided_reads", &m->guided_reads, e)
+                   json_get_bool(o, "guided_reads", &m->guided_reads, e) ||
+                   eval_item_glyphs(o, "baseline_glyphs", &m->glyphs[0], e) ||
+                   eval_item_glyphs(o, "guided_glyphs", &m->glyphs[1], e)
                ? -1
                : 0;
 }
@@ -2702,10 +2720,15 @@ static void eval_summary_side(FILE *f, const EvalSummary *s, bool guided) {
     fprintf(f, "{\"artifact_freq\": %.17g, \"pixel_ratio\": %.17g",
             guided ? s->guided_artifact_freq : s->baseline_artifact_freq,
             guided ? s->guided_pixel_ratio : s->baseline_pixel_ratio);
+    int k = guided;
     if (s->oracle_n)
-        fprintf(f, ", \"oracle_artifact_freq\": %.17g, \"oracle_read_acc\": %.17g",
+        fprintf(f, ", \"oracle_artifact_freq\": %.17g, \"oracle_read_acc\": %.17g,\n  "
+                   "\"glyph_images\": %lld, \"glyphs\": %lld, \"glyph_legible\": %.17g, "
+                   "\"glyph_right\": %.17g",
                 guided ? s->guided_oracle_artifact_freq : s->baseline_oracle_artifact_freq,
-                guided ? s->guided_oracle_read_acc : s->baseline_oracle_read_acc);
+                guided ? s->guided_oracle_read_acc : s->baseline_oracle_read_acc,
+                (long long)s->glyph_images[k], (long long)s->glyph_n[k], s->glyph_legible[k],
+                s->glyph_right[k]);
     fprintf(f, "}");
 }
 
@@ -2769,6 +2792,11 @@ static int eval_report(const EvalArgs *a, const EvalItem *items, size_t n, Error
                s->guided_oracle_artifact_freq);
         printf("read accuracy %%        %10.2f %10.2f\n", s->baseline_oracle_read_acc,
                s->guided_oracle_read_acc);
+        printf("per glyph, over images with the prompt's glyph count (%lld and %lld images, "
+               "%lld and %lld glyphs)\n", (long long)s->glyph_images[0],
+               (long long)s->glyph_images[1], (long long)s->glyph_n[0], (long long)s->glyph_n[1]);
+        printf("legible %%              %10.2f %10.2f\n", s->glyph_legible[0], s->glyph_legible[1]);
+        printf("the prompt's symbol %%  %10.2f %10.2f\n", s->glyph_right[0], s->glyph_right[1]);
     }
     if (report.failed) printf("failed rows: %lld, not scored\n", (long long)report.failed);
     if (a->json && eval_write_text(a->json, eval_summary_write, &report, e)) return -1;
@@ -3196,6 +3224,10 @@ static void demo_report(const DemoPair *pairs, int n, double seconds) {
            s.guided_oracle_artifact_freq);
     printf("oracle read accuracy %%        %8.1f %9.1f\n", s.baseline_oracle_read_acc,
            s.guided_oracle_read_acc);
+    printf("glyphs legible %%              %8.1f %9.1f\n", s.glyph_legible[0], s.glyph_legible[1]);
+    printf("glyphs as the prompt's %%      %8.1f %9.1f\n", s.glyph_right[0], s.glyph_right[1]);
+    printf("  (of %lld and %lld glyphs in images with the prompt's glyph count)\n",
+           (long long)s.glyph_n[0], (long long)s.glyph_n[1]);
     printf("MAE vs baseline (0..255)              %9.2f\n", s.mae);
 }
 

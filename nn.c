@@ -4076,6 +4076,24 @@ static void metrics_summarize_oracle(const ImageMetrics *items, size_t n, EvalSu
     out->guided_oracle_read_acc *= percent;
 }
 
+/* The oracle's per-glyph percentages, each side over its images whose glyph count matched. */
+static void metrics_summarize_glyphs(const ImageMetrics *items, size_t n, EvalSummary *out) {
+    for (int k = 0; k < 2; k++) {
+        int64_t legible = 0, right = 0;
+        for (size_t i = 0; i < n; i++) {
+            const GlyphCounts *g = &items[i].glyphs[k];
+            if (!items[i].oracle || g->n == 0) continue;
+            out->glyph_images[k]++;
+            out->glyph_n[k] += g->n;
+            legible += g->legible;
+            right += g->right;
+        }
+        if (out->glyph_n[k] == 0) continue;
+        out->glyph_legible[k] = 100.0 * (double)legible / (double)out->glyph_n[k];
+        out->glyph_right[k] = 100.0 * (double)right / (double)out->glyph_n[k];
+    }
+}
+
 void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
     *out = (EvalSummary){.n = (int64_t)n};
     for (size_t i = 0; i < n; i++) {
@@ -4089,6 +4107,7 @@ void metrics_summarize(const ImageMetrics *items, size_t n, EvalSummary *out) {
         out->mae_na += m->mae_na;
     }
     metrics_summarize_oracle(items, n, out);
+    metrics_summarize_glyphs(items, n, out);
     if (n == 0) return;
     double percent = 100.0 / (double)n, mean = 1.0 / (double)n;
     out->baseline_artifact_freq *= percent;

@@ -558,6 +558,12 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
  * detector's sigmoid maps at 1/4 of its input ([h, w], one label). Sums over pixels are exact
  * (integers); the means are in double, where the official code uses float32. */
 
+/* The oracle's glyphs of one image, when it found as many as the prompt has symbols (else all 0):
+ * how many, how many it read as some symbol, how many as the prompt's symbol at that place. */
+typedef struct GlyphCounts {
+    int n, legible, right;
+} GlyphCounts;
+
 /* One image pair's metrics. Fractions here; metrics_summarize makes percentages. */
 typedef struct ImageMetrics {
     float baseline_max, guided_max;                  /* the maps' maxima */
@@ -571,6 +577,7 @@ typedef struct ImageMetrics {
     bool oracle;                           /* it ran */
     bool baseline_legible, guided_legible; /* every glyph a legible symbol: no oracle artifact */
     bool baseline_reads, guided_reads;     /* legible and reading as the prompt */
+    GlyphCounts glyphs[2];                 /* baseline, guided */
 } ImageMetrics;
 
 /* The baseline's artifact mask: map [h, w] resized bilinearly (align_corners=False) to
@@ -594,6 +601,10 @@ typedef struct EvalSummary {
     int64_t oracle_n;
     double baseline_oracle_artifact_freq, guided_oracle_artifact_freq; /* % with an illegible glyph */
     double baseline_oracle_read_acc, guided_oracle_read_acc;           /* % reading as the prompt */
+    /* per glyph, baseline and guided, over the images whose glyph count is the prompt's: how
+     * many images and glyphs, % of those glyphs legible as some symbol, % as the prompt's */
+    int64_t glyph_images[2], glyph_n[2];
+    double glyph_legible[2], glyph_right[2];
 } EvalSummary;
 
 /* Sums in the order given, so equal lists give equal summaries bit for bit. */

@@ -106,6 +106,16 @@ static void test_oracle_metrics(void) {
         CHECK(rc == 0 && m[k].oracle, "oracle on '%s': %s", words[k], e.msg);
         CHECK(m[k].baseline_legible && m[k].baseline_reads, "a clean '%s' reads as itself",
               words[k]);
+        int len = (int)strlen(words[k]);
+        CHECK(m[k].glyphs[0].n == len && m[k].glyphs[0].legible == len &&
+                  m[k].glyphs[0].right == len,
+              "a clean '%s': %d glyphs, all legible and right (%d, %d, %d)", words[k], len,
+              m[k].glyphs[0].n, m[k].glyphs[0].legible, m[k].glyphs[0].right);
+        const GlyphCounts *g = &m[k].glyphs[1];
+        CHECK(g->right <= g->legible && g->legible <= g->n && (g->n == 0 || g->n == len) &&
+                  (g->n == 0 || !m[k].guided_legible == (g->legible < g->n)),
+              "a corrupted '%s': counted only at the prompt's glyph count, an illegible glyph "
+              "exactly when the image has one (%d, %d, %d)", words[k], g->n, g->legible, g->right);
         broken_read += m[k].guided_reads;
     }
     CHECK(broken_read < 4, "corrupted renders do not all read as their word (%d of 4 do)",
@@ -119,6 +129,21 @@ static void test_oracle_metrics(void) {
               s.guided_oracle_artifact_freq == want_freq,
           "oracle percentages over the 4 items it read: %g %g %g %g", s.baseline_oracle_read_acc,
           s.guided_oracle_read_acc, s.baseline_oracle_artifact_freq, s.guided_oracle_artifact_freq);
+    int64_t glyphs = 0, legible = 0, right = 0, images = 0;
+    for (int k = 0; k < 4; k++) {
+        images += m[k].glyphs[1].n > 0;
+        glyphs += m[k].glyphs[1].n;
+        legible += m[k].glyphs[1].legible;
+        right += m[k].glyphs[1].right;
+    }
+    CHECK(s.glyph_images[0] == 4 && s.glyph_n[0] == 11 && s.glyph_legible[0] == 100.0 &&
+              s.glyph_right[0] == 100.0 && s.glyph_images[1] == images &&
+              s.glyph_n[1] == glyphs &&
+              (glyphs == 0 || (s.glyph_legible[1] == 100.0 * (double)legible / (double)glyphs &&
+                               s.glyph_right[1] == 100.0 * (double)right / (double)glyphs)),
+          "per-glyph percentages over the glyphs of matching images: %lld %lld %g %g",
+          (long long)s.glyph_images[1], (long long)s.glyph_n[1], s.glyph_legible[1],
+          s.glyph_right[1]);
     CHECK(metrics_oracle(clean, broken, WORLD_H - 1, WORLD_W, "AB", &m[4], &e) != 0,
           "the oracle refuses another image size: %s", e.msg);
 }
@@ -386,6 +411,32 @@ static void test_eval_errors(Cli *c) {
           "search-seeds without --out exits 2");
 }
 
+/* On the embedded world the oracle reads both images: its verdicts and glyph counts go into the
+ * item files and come back out of them in --merge's figures, the same to the last digit. */
+static void test_oracle_items(Cli *c) {
+    const char *d = c->dir;
+    char path[256];
+    snprintf(path, sizeof path, "%s/world.csv", d);
+    write_text(path, "prompt,seed\nHE4,900000001\nJRN,900000004\n");
+    int rc = run(c, "eval --model weights --detector weights/detector --steps 16 -W 64 -H 32 --mu 0 "
+                 "--cfg 4 --lambda-schedule linear:start=2,end=0.2 --loss mse --threads 1 --quiet "
+                 "--csv %s/world.csv --out %s/world --json %s/world.json", d, d, d);
+    snprintf(path, sizeof path, "%s/world/item_000000.json", d);
+    char *item = slurp(path);
+    CHECK(rc == 0 && item && strstr(item, "\"oracle\"") && strstr(item, "\"baseline_glyphs\": [") &&
+              strstr(item, "\"guided_glyphs\": ["),
+          "eval on the embedded world records the oracle's glyphs (%d)", rc);
+    free(item);
+    rc = run(c, "eval --merge --out %s/world --json %s/merged.json", d, d);
+    char first[256], merged[256];
+    snprintf(first, sizeof first, "%s/world.json", d);
+    snprintf(merged, sizeof merged, "%s/merged.json", d);
+    char *text = slurp(first);
+    CHECK(rc == 0 && same_file_text(first, merged) && text && strstr(text, "\"glyph_right\""),
+          "--merge reads the glyph counts back: the same --json (%d)", rc);
+    free(text);
+}
+
 /* A `prompt,seed` CSV goes through <model>/text_encoder: eval writes the prompt into the item
  * and resumes on it; search-seeds writes `prompt,seed`. */
 static void test_prompts(Cli *c) {
@@ -552,7 +603,8 @@ static void test_cli(const char *argv0) {
         test_eval_errors(&c);
         test_search(&c);
         test_prompts(&c);
-    test_klein_prompts(&c);
+        test_oracle_items(&c);
+        test_klein_prompts(&c);
     }
     remove_tree(c.dir);
 }

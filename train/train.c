@@ -976,11 +976,25 @@ Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *d
 
 /* ==== the oracle's verdict ==== */
 
+/* The glyphs of r, when there are as many as prompt has symbols. */
+static GlyphCounts oracle_glyph_counts(const OracleResult *r, const char *prompt) {
+    GlyphCounts c = {0};
+    if (r->count != (int)strlen(prompt)) return c;
+    c.n = r->count;
+    for (int i = 0; i < r->count; i++) {
+        c.legible += r->glyph[i].legible;
+        c.right += r->glyph[i].legible &&
+                   toupper((unsigned char)r->glyph[i].symbol) == toupper((unsigned char)prompt[i]);
+    }
+    return c;
+}
+
 int metrics_oracle(const uint8_t *baseline, const uint8_t *guided, int H, int W,
                    const char *prompt, ImageMetrics *out, Error *e) {
     OracleResult read[2];
     if (oracle_read(baseline, W, H, &read[0], e) || oracle_read(guided, W, H, &read[1], e))
         return -1;
+    for (int k = 0; k < 2; k++) out->glyphs[k] = oracle_glyph_counts(&read[k], prompt);
     out->oracle = true;
     out->baseline_legible = read[0].all_legible;
     out->guided_legible = read[1].all_legible;
