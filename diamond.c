@@ -1024,6 +1024,85 @@ void command_help(const char *usage, const OptionSet *sets, int n_sets) {
           stdout);
 }
 
+/* ---- a model's own defaults ---- */
+
+/* The options a model directory's sampling.json may set. */
+static const char *const MODEL_DEFAULT_OPTIONS[] = {
+    "-W", "-H", "--steps", "--mu", "--cfg", "--guidance-scale", "--lambda-schedule", "--loss",
+    "--gate"};
+
+/* The value argv gives the option `name` (the last one), read with the sets' tables so that no
+ * option's value is taken for an option; NULL when absent (or past an unknown option, which the
+ * parse proper reports). */
+static const char *option_value_of(OptionSet *sets, int n_sets, int argc, char **argv,
+                                   const char *name) {
+    const char *value = NULL;
+    for (int i = 0; i < argc; i++) {
+        OptionSet *set;
+        const Option *o = option_find(sets, n_sets, argv[i], &set);
+        if (!o) break;
+        if (o->value && i + 1 < argc && !strcmp(o->name, name)) value = argv[i + 1];
+        i += o->value != NULL;
+    }
+    return value;
+}
+
+static bool model_may_set(const char *option) {
+    for (size_t i = 0; i < COUNT(MODEL_DEFAULT_OPTIONS); i++)
+        if (!strcmp(option, MODEL_DEFAULT_OPTIONS[i])) return true;
+    return false;
+}
+
+/* A member of sampling.json as the option and value strings of a command line; numbers as JSON
+ * wrote them (whole ones as such), into number. */
+static int model_default_arg(const JsonMember *m, char *number, size_t size, const char **value,
+                             Error *e) {
+    const JsonValue *v = &m->value;
+    if (!model_may_set(m->key))
+        return error_set(e, "%s: '%s' is not one of the options a model may set (-W, -H, "
+                         "--steps, --mu, --cfg, --guidance-scale, --lambda-schedule, --loss, "
+                         "--gate)", v->source, m->key);
+    if (v->type == JSON_STRING) *value = v->string;
+    else if (v->type == JSON_NUMBER && v->is_integer)
+        snprintf(number, size, "%lld", (long long)v->integer), *value = number;
+    else if (v->type == JSON_NUMBER) snprintf(number, size, "%.17g", v->number), *value = number;
+    else return error_set(e, "%s: '%s' must be a string or a number", v->source, m->key);
+    return 0;
+}
+
+int model_defaults_read(const char *model, OptionSet *sets, int n_sets, const char *command,
+                        Error *e) {
+    char path[PATH_BYTES], numbers[COUNT(MODEL_DEFAULT_OPTIONS)][32];
+    char *args[2 * COUNT(MODEL_DEFAULT_OPTIONS)];
+    if (path_join(path, sizeof path, model, MODEL_DEFAULTS_FILE, e)) return -1;
+    if (access(path, F_OK) != 0) return 0;
+    JsonDoc *doc;
+    if (json_parse_file(&doc, path, e)) return -1;
+    const JsonValue *root = json_root(doc);
+    int argc = 0, rc = root->type == JSON_OBJECT ? 0 : error_set(e, "%s: not a JSON object", path);
+    for (size_t i = 0; rc == 0 && i < root->count; i++) {
+        const char *value = NULL; /* the parser refuses repeated keys: at most one of each */
+        rc = model_default_arg(&root->members[i], numbers[argc / 2], sizeof numbers[0], &value, e);
+        if (rc == 0) {
+            args[argc++] = (char *)root->members[i].key;
+            args[argc++] = (char *)value;
+        }
+    }
+    if (rc == 0 && options_parse(sets, n_sets, argc, args, command, e)) {
+        char why[sizeof e->msg];
+        snprintf(why, sizeof why, "%s", e->msg);
+        rc = error_set(e, "%s: %s", path, why);
+    }
+    json_free(doc);
+    return rc;
+}
+
+int model_defaults(OptionSet *sets, int n_sets, int argc, char **argv, const char *command,
+                   Error *e) {
+    const char *model = option_value_of(sets, n_sets, argc, argv, "--model");
+    return model ? model_defaults_read(model, sets, n_sets, command, e) : 0;
+}
+
 int option_seed(const char *value, void *field, Error *e) {
     if (parse_seed(value, field))
         return error_set(e, "expected a seed, a whole number in 0..2^63-1, got '%s'", value);
@@ -1445,11 +1524,13 @@ static int generate_check_negative(const GenerateArgs *a, Error *e) {
     return 0;
 }
 
-/* The command line into a, with defaults; 0, or -1 with the message in e (a usage error). */
+/* The command line into a, after the defaults and the model's own (model_defaults); 0, or with
+ * the message in e -1 for a usage error, 1 for a bad sampling.json. */
 static int generate_parse(int argc, char **argv, GenerateArgs *a, Error *e) {
     if (generate_defaults(a, e)) return -1;
     OptionSet sets[] = {{generate_options, COUNT(generate_options), a, false},
                         {sampling_options, COUNT(sampling_options), a, false}};
+    if (model_defaults(sets, 2, argc, argv, "generate", e)) return 1;
     if (options_parse(sets, 2, argc, argv, "generate", e)) return -1;
     if (a->embeddings && a->prompt)
         return error_set(e, "--embeddings and --prompt: give one of them");
@@ -2167,9 +2248,10 @@ static int generate_main(int argc, char **argv) {
     GenerateArgs a;
     GenerateRun r = {0};
     Error e = {{0}};
-    if (generate_parse(argc, argv, &a, &e)) {
+    int parsed = generate_parse(argc, argv, &a, &e);
+    if (parsed) {
         fprintf(stderr, "diamond generate: %s\n", e.msg);
-        return 2;
+        return parsed < 0 ? 2 : 1; /* 1: the model's sampling.json is bad */
     }
     int rc = generate_load(&a, &r, &e);
     if (rc == 0 && generate_sample(&a, &r, &e)) rc = 1;
@@ -2321,14 +2403,17 @@ static void eval_help(bool search) {
     command_help(search ? search_usage : eval_usage, sets, 2);
 }
 
-/* The command line of eval or search-seeds into a; 0, or -1 with a usage error in e. */
+/* The command line of eval or search-seeds into a, after the model's own defaults; 0, or -1 for
+ * a usage error, 1 for a bad sampling.json, the message in e. */
 static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e) {
     *a = (EvalArgs){.search = search, .shards = 1, .start = 4444, .max_tries = 1000,
                     .threshold = EVAL_THRESHOLD};
     if (generate_defaults(&a->gen, e)) return -1;
     OptionSet sets[2];
     eval_option_sets(search, a, sets);
-    if (options_parse(sets, 2, argc, argv, search ? "search-seeds" : "eval", e)) return -1;
+    const char *command = search ? "search-seeds" : "eval";
+    if (model_defaults(sets, 2, argc, argv, command, e)) return 1;
+    if (options_parse(sets, 2, argc, argv, command, e)) return -1;
     a->sampling = sets[1].used;
     const GenerateArgs *g = &a->gen;
     if (a->merge) {
@@ -2930,7 +3015,8 @@ static int eval_main(int argc, char **argv) {
     EvalArgs a;
     Error e = {{0}};
     EvalCsv csv = {0};
-    int rc = eval_parse(argc, argv, false, &a, &e) ? 2 : 0;
+    int rc = eval_parse(argc, argv, false, &a, &e);
+    rc = rc < 0 ? 2 : rc; /* 1: the model's sampling.json is bad */
     if (rc == 0 && a.merge) rc = eval_merge(&a, &e);
     else if (rc == 0) rc = eval_csv_read(a.csv, true, &csv, &e) ? 1 : eval_run(&a, &csv, &e);
     if (rc) fprintf(stderr, "diamond eval: %s\n", e.msg);
@@ -3059,7 +3145,8 @@ static int search_main(int argc, char **argv) {
     EvalArgs a;
     Error e = {{0}};
     EvalCsv csv = {0};
-    int rc = eval_parse(argc, argv, true, &a, &e) ? 2 : 0;
+    int rc = eval_parse(argc, argv, true, &a, &e);
+    rc = rc < 0 ? 2 : rc; /* 1: the model's sampling.json is bad */
     if (rc == 0) rc = eval_csv_read(a.csv, false, &csv, &e) ? 1 : search_run(&a, &csv, &e);
     if (rc) fprintf(stderr, "diamond search-seeds: %s\n", e.msg);
     eval_csv_free(&csv);
@@ -3079,9 +3166,6 @@ static const char *demo_usage =
     "independent oracle reads, and the MAE of each pair.\n"
     "\n";
 
-/* The demo's guidance: the settings the README's eval table uses. */
-#define DEMO_SCHEDULE "linear:start=2,end=0.2"
-#define DEMO_LOSS "mse"
 /* Words come from world scenes of these seeds (never a training scene: training draws its
  * scenes from hashes of the step); noise seeds count up from DEMO_NOISE_SEED. */
 #define DEMO_WORD_SEED 900000000u
@@ -3132,26 +3216,24 @@ static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Err
     return 0;
 }
 
-/* eval's settings for the embedded models. */
+/* eval's settings for the embedded models: their own (weights/sampling.json), as eval takes
+ * them. */
 static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t len, Error *e) {
     *a = (EvalArgs){.threshold = EVAL_THRESHOLD};
     GenerateArgs *g = &a->gen;
-    if (path_join(detector, len, d->weights, "detector", e) || generate_defaults(g, e))
+    OptionSet sets[2];
+    eval_option_sets(false, a, sets);
+    if (path_join(detector, len, d->weights, "detector", e) || generate_defaults(g, e) ||
+        model_defaults_read(d->weights, sets, 2, "demo", e))
         return -1;
+    if (g->width != WORLD_W || g->height != WORLD_H || !g->steps)
+        return error_set(e, "%s/%s: missing, or without -W %d, -H %d and --steps", d->weights,
+                         MODEL_DEFAULTS_FILE, WORLD_W, WORLD_H);
     g->model = d->weights;
     g->detector = detector;
-    g->steps = g->opt.steps = EMBEDDED_STEPS;
-    g->width = WORLD_W;
-    g->height = WORLD_H;
+    g->opt.steps = g->steps;
     g->quiet = true;
-    g->opt.guidance_scale = 1.0f;
-    g->opt.cfg_scale = EMBEDDED_CFG;
-    g->opt.set_mu = true;
-    g->opt.mu = EMBEDDED_MU;
-    return lambda_schedule_parse(&g->opt.lambda, DEMO_SCHEDULE, e) ||
-                   artifact_loss_parse(&g->opt.loss, DEMO_LOSS, e)
-               ? -1
-               : 0;
+    return 0;
 }
 
 /* One shown pair. */
@@ -3238,8 +3320,9 @@ static int demo_run(const DemoArgs *d, Error *e) {
     DemoPair pairs[DEMO_MAX_PAIRS] = {0};
     char detector[PATH_BYTES];
     int found = 0;
-    int rc = demo_eval_args(d, &a, detector, sizeof detector, e);
-    if (rc == 0 && generate_load_models(&a.gen, &r, e)) {
+    int rc = 0;
+    if (demo_eval_args(d, &a, detector, sizeof detector, e) ||
+        generate_load_models(&a.gen, &r, e)) {
         char why[sizeof e->msg];
         snprintf(why, sizeof why, "%s", e->msg);
         rc = error_set(e, "%s (the embedded models: `make weights` trains them, --weights DIR "

@@ -55,6 +55,16 @@ int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char
                   Error *e);
 /* Every option with a help, one entry each: name and value, then the help's lines aligned. */
 void options_help(FILE *f, const OptionSet *sets, int n_sets);
+/* A model directory's own sampling defaults: <model>/sampling.json, an object of options and
+ * their values ({"--steps": 16, "-W": 64, "--loss": "mse"}), parsed into the sets as if they came
+ * before the command line, so that its flags override them. Only -W, -H, --steps, --mu, --cfg,
+ * --guidance-scale, --lambda-schedule, --loss and --gate may appear; an absent file sets
+ * nothing. model_defaults finds --model in argv first. */
+#define MODEL_DEFAULTS_FILE "sampling.json"
+int model_defaults_read(const char *model, OptionSet *sets, int n_sets, const char *command,
+                        Error *e);
+int model_defaults(OptionSet *sets, int n_sets, int argc, char **argv, const char *command,
+                   Error *e);
 /* A command's --help on stdout: usage (its synopsis and description), the options, the exit
  * statuses. */
 void command_help(const char *usage, const OptionSet *sets, int n_sets);

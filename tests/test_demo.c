@@ -46,21 +46,62 @@ static bool log_has(const Cli *c, const char *needle) {
     return strstr(buf, needle) != NULL;
 }
 
-/* The fixtures as weights/ lays out its models. */
+/* The fixtures as weights/ lays out its models, with weights/'s own sampling defaults. */
 static int fixture_weights(const Cli *c, char *dir, size_t len) {
     static const char *const links[][2] = {
         {"transformer", "tiny-flux2/transformer"}, {"vae", "tiny-flux2/vae"},
-        {"text_encoder", "tiny-flux2/text_encoder"}, {"detector", "tiny-detector"}};
+        {"text_encoder", "tiny-flux2/text_encoder"}, {"detector", "tiny-detector"},
+        {"sampling.json", "../../weights/sampling.json"}};
     char cwd[1024], from[1600], to[1600];
     if (!getcwd(cwd, sizeof cwd)) return -1;
     snprintf(dir, len, "%s/weights", c->dir);
     if (mkdir(dir, 0755)) return -1;
-    for (int k = 0; k < 4; k++) {
+    for (size_t k = 0; k < COUNT(links); k++) {
         snprintf(from, sizeof from, "%s/tests/fixtures/%s", cwd, links[k][1]);
         snprintf(to, sizeof to, "%s/%s", dir, links[k][0]);
         if (symlink(from, to)) return -1;
     }
     return 0;
+}
+
+/* weights/sampling.json: generate and eval take the embedded models' settings from it, a flag
+ * overrides one, and a file that sets what a model may not, or a bad value, is an error (exit 1)
+ * naming the file. */
+static void test_model_defaults(Cli *c) {
+    static const char *const flags = "--steps 16 -W 64 -H 32 --mu 0 --cfg 4 "
+                                     "--lambda-schedule linear:start=2,end=0.2 --loss mse";
+    char a[256], b[256], dir[256], path[300];
+    snprintf(a, sizeof a, "%s/own.png", c->dir);
+    snprintf(b, sizeof b, "%s/flags.png", c->dir);
+    const char *base = "generate --model weights --detector weights/detector --prompt CAT --seed 3 "
+                       "--threads 1 --quiet";
+    int rc = run(c, "%s -o %s", base, a);
+    CHECK(rc == 0 && run(c, "%s %s -o %s", base, flags, b) == 0 && harness_same_file(a, b),
+          "generate with weights/ and no tuning flags is generate with the README's flags (%d)",
+          rc);
+    CHECK(run(c, "%s --steps 2 -o %s", base, b) == 0 && !harness_same_file(a, b) &&
+              run(c, "info %s", b) == 0 && log_has(c, "steps=2 size=64x32"),
+          "a flag overrides the model's default");
+    snprintf(dir, sizeof dir, "%s/bad-model", c->dir);
+    mkdir(dir, 0755);
+    snprintf(path, sizeof path, "%s/sampling.json", dir);
+    static const struct {
+        const char *text, *says;
+    } bad[] = {{"{\"-o\": \"x.png\"}", "'-o' is not one of the options a model may set"},
+               {"{\"--steps\": 0}", "sampling.json: --steps: expected a whole number"},
+               {"{\"--loss\": true}", "'--loss' must be a string or a number"},
+               {"[1]", "not a JSON object"}};
+    for (size_t i = 0; i < COUNT(bad); i++) {
+        Error e = {{0}};
+        write_file_atomic(path, bad[i].text, strlen(bad[i].text), &e);
+        rc = run(c, "generate --model %s --prompt x -o %s --no-guide", dir, a);
+        CHECK(rc == 1 && log_has(c, bad[i].says), "sampling.json %s: exit 1 saying '%s' (%d)",
+              bad[i].text, bad[i].says, rc);
+    }
+    remove(path);
+    rmdir(dir);
+    remove(a);
+    remove(b);
 }
 
 static void test_fixture_demo(Cli *c) {
@@ -160,6 +201,7 @@ int main(int argc, char **argv) {
     test_train_usage(&c);
     test_bench_gemm_options(&c);
     test_embedded_demo(&c);
+    test_model_defaults(&c);
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", c.dir);
     if (system(cmd) != 0) printf("could not remove %s\n", c.dir);
