@@ -85,22 +85,39 @@ static void account(Tape *t, enum MemKind kind, size_t bytes, bool add) {
     }
 }
 
-/* Records the first failure in t and returns NULL, so ops can `return fail(...)` (and checks
- * returning bool `return fail(...) != NULL`, which is false). */
+/* Records the first failure in t. */
+static void fail_v(Tape *t, const char *fmt, va_list ap) {
+    if (!t || t->failed) return;
+    error_setv(&t->error, fmt, ap);
+    t->failed = true;
+}
+
+/* Records the first failure in t and returns NULL, so that an op can `return fail(...)`. */
 static void *fail(Tape *t, const char *fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
 static void *fail(Tape *t, const char *fmt, ...) {
-    if (t && !t->failed) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(t->error.msg, sizeof t->error.msg, fmt, ap);
-        va_end(ap);
-        t->failed = true;
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    fail_v(t, fmt, ap);
+    va_end(ap);
     return NULL;
+}
+
+/* The same for a check that answers whether its arguments are good: records, returns false. */
+static bool refuse(Tape *t, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static bool refuse(Tape *t, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fail_v(t, fmt, ap);
+    va_end(ap);
+    return false;
 }
 
 /* A zeroed tensor counted as `kind` on t; NULL (and t failed) when it cannot be made. */
@@ -171,6 +188,14 @@ bool tape_grad_enabled(const Tape *t) { return t->grad_enabled; }
 int tape_check(const Tape *t, Error *e) {
     if (!t) return error_set(e, "no tape (out of memory?)");
     return t->failed ? error_set(e, "%s", t->error.msg) : 0;
+}
+
+Var *tape_fail(Tape *t, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fail_v(t, fmt, ap);
+    va_end(ap);
+    return NULL;
 }
 
 TapeStats tape_stats(const Tape *t) {
@@ -300,7 +325,7 @@ static const char *shape_of(const Var *v, char *buf, size_t len) {
 static bool ready(Tape *t, const char *op, int n, Var *const *in) {
     if (!t || t->failed) return false;
     for (int i = 0; i < n; i++) {
-        if (!in[i]) return fail(t, "%s: argument %d is NULL", op, i + 1) != NULL;
+        if (!in[i]) return refuse(t, "%s: argument %d is NULL", op, i + 1);
         if (!in[i]->value) {
             fail(t, "%s: argument %d was released by an earlier backward", op, i + 1);
             return false;
@@ -316,20 +341,20 @@ static bool ready_optional(Tape *t, const char *op, Var *v) { return !v || ready
 static bool check_vector(Tape *t, const char *op, const char *name, const Var *v, int64_t C) {
     if (!v || (v->value->ndim == 1 && v->value->shape[0] == C)) return true;
     char s[64];
-    return fail(t, "%s: %s is %s, expected [%lld]", op, name, shape_of(v, s, sizeof s),
-                (long long)C) != NULL;
+    return refuse(t, "%s: %s is %s, expected [%lld]", op, name, shape_of(v, s, sizeof s),
+                (long long)C);
 }
 
 /* Arguments that are constants by definition (running statistics, rotary tables). */
 static bool check_constant(Tape *t, const char *op, const char *name, const Var *v) {
     if (!v || !v->requires_grad) return true;
-    return fail(t, "%s: %s is a constant and cannot require grad", op, name) != NULL;
+    return refuse(t, "%s: %s is a constant and cannot require grad", op, name);
 }
 
 /* Kernels take int sizes. */
 static bool check_int(Tape *t, const char *op, int64_t n) {
     if (n <= INT_MAX) return true;
-    return fail(t, "%s: size %lld is too large for the kernels", op, (long long)n) != NULL;
+    return refuse(t, "%s: size %lld is too large for the kernels", op, (long long)n);
 }
 
 /* Product of shape[from..to-1]. */
@@ -353,7 +378,7 @@ static bool ensure_input_grads(Tape *t, Node *n) {
     for (int i = 0; i < n->n_in; i++) {
         Var *v = n->in[i];
         if (v && v->requires_grad && !v->grad && !grad_alloc(v))
-            return fail(t, "backward: out of memory for a gradient") != NULL;
+            return refuse(t, "backward: out of memory for a gradient");
     }
     return true;
 }
@@ -698,11 +723,11 @@ static bool attention_shape(Tape *t, const Var *q, const Var *k, const Var *v, b
     if (qv->ndim != 4 || !tensor_same_shape(kv, v->value) || kv->ndim != 4 ||
         kv->shape[0] != qv->shape[0] || kv->shape[3] != qv->shape[3] || kv->shape[2] < 1 ||
         qv->shape[2] % kv->shape[2])
-        return fail(t,
+        return refuse(t,
                     "attention: q %s, k %s, v %s must be [B, Nq, H, D], [B, Nk, Hkv, D] twice "
                     "with H a multiple of Hkv",
                     shape_of(q, s1, sizeof s1), shape_of(k, s2, sizeof s2),
-                    shape_of(v, s3, sizeof s3)) != NULL;
+                    shape_of(v, s3, sizeof s3));
     for (int i = 0; i < 4; i++)
         if (!check_int(t, "attention", qv->shape[i]) || !check_int(t, "attention", kv->shape[i]))
             return false;
@@ -712,8 +737,8 @@ static bool attention_shape(Tape *t, const Var *q, const Var *k, const Var *v, b
                           .causal = causal, .kv_valid = kv_valid};
     for (int b = 0; kv_valid && b < s->batch; b++)
         if (kv_valid[b] < 0 || kv_valid[b] > s->kv_len)
-            return fail(t, "attention: kv_valid[%d] = %d is outside 0..%d", b, kv_valid[b],
-                        s->kv_len) != NULL;
+            return refuse(t, "attention: kv_valid[%d] = %d is outside 0..%d", b, kv_valid[b],
+                        s->kv_len);
     return true;
 }
 
@@ -723,7 +748,7 @@ static bool save_kv_valid(Tape *t, Node *n) {
     if (!src) return true;
     size_t bytes = (size_t)n->p.attn.shape.batch * sizeof(int);
     n->kv_valid = malloc(bytes);
-    if (!n->kv_valid) return fail(t, "attention: out of memory") != NULL;
+    if (!n->kv_valid) return refuse(t, "attention: out of memory");
     memcpy(n->kv_valid, src, bytes);
     account(t, MEM_SAVED, bytes, true);
     n->p.attn.shape.kv_valid = n->kv_valid;
@@ -803,7 +828,7 @@ static bool channels_of(Tape *t, const char *op, const Var *x, struct NormParams
     const Tensor *xv = x->value;
     char s[64];
     if (xv->ndim < 2)
-        return fail(t, "%s: x %s must be [B, C, ..]", op, shape_of(x, s, sizeof s)) != NULL;
+        return refuse(t, "%s: x %s must be [B, C, ..]", op, shape_of(x, s, sizeof s));
     p->rows = xv->shape[0];
     p->C = xv->shape[1];
     p->HW = dims_product(xv, 2, xv->ndim);
@@ -1048,7 +1073,7 @@ static bool planes_of(Tape *t, const char *op, const Var *x, struct ResizeParams
     const Tensor *xv = x->value;
     char s[64];
     if (xv->ndim < 2)
-        return fail(t, "%s: x %s must be [.., H, W]", op, shape_of(x, s, sizeof s)) != NULL;
+        return refuse(t, "%s: x %s must be [.., H, W]", op, shape_of(x, s, sizeof s));
     r->planes = dims_product(xv, 0, xv->ndim - 2);
     r->H = xv->shape[xv->ndim - 2];
     r->W = xv->shape[xv->ndim - 1];
@@ -1117,8 +1142,8 @@ Var *ag_resize_bilinear(Tape *t, Var *x, int out_h, int out_w) {
 static bool check_same_shape(Tape *t, const char *op, const Var *a, const Var *b) {
     if (tensor_same_shape(a->value, b->value)) return true;
     char s1[64], s2[64];
-    return fail(t, "%s: shapes %s and %s differ", op, shape_of(a, s1, sizeof s1),
-                shape_of(b, s2, sizeof s2)) != NULL;
+    return refuse(t, "%s: shapes %s and %s differ", op, shape_of(a, s1, sizeof s1),
+                shape_of(b, s2, sizeof s2));
 }
 
 /* in: a, b. da = dy;  db = dy */
@@ -1219,8 +1244,8 @@ static bool broadcast_of(Tape *t, const char *op, const Var *x, const Var *v, bo
     if (!(channels ? channels_of(t, op, x, p) : rows_of(t, op, x, p))) return false;
     if (v->value->ndim == 1 && v->value->shape[0] == p->C) return true;
     char s1[64], s2[64];
-    return fail(t, "%s: x %s needs a vector [%lld], got %s", op, shape_of(x, s1, sizeof s1),
-                (long long)p->C, shape_of(v, s2, sizeof s2)) != NULL;
+    return refuse(t, "%s: x %s needs a vector [%lld], got %s", op, shape_of(x, s1, sizeof s1),
+                (long long)p->C, shape_of(v, s2, sizeof s2));
 }
 
 /* in: x, v. dx = dy;  dv = sum over rows of dy */

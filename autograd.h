@@ -63,6 +63,13 @@ void tape_set_grad(Tape *t, bool enabled);
 bool tape_grad_enabled(const Tape *t);
 /* 0 when every op so far succeeded; otherwise -1 with the first failure's message in e. */
 int tape_check(const Tape *t, Error *e);
+/* Fails t as a failing op does (unless it has failed already), for a graph that cannot be built;
+ * returns NULL, the failed op's result. */
+Var *tape_fail(Tape *t, const char *fmt, ...)
+#if defined(__GNUC__) || defined(__clang__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
 TapeStats tape_stats(const Tape *t);
 
 /* A leaf over a tensor the caller keeps owning (model parameters, inputs); it must outlive the

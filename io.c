@@ -42,18 +42,24 @@ static void error_keep_ends(char *msg, size_t size, const char *whole, size_t n)
     memcpy(msg + head + sizeof gap - 1, whole + tail, n - tail + 1);
 }
 
-int error_set(Error *e, const char *fmt, ...) {
+int error_setv(Error *e, const char *fmt, va_list ap) {
     if (!e) return -1;
-    va_list ap;
-    va_start(ap, fmt);
+    va_list again;
+    va_copy(again, ap);
     int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
     char *whole = n >= (int)sizeof e->msg ? malloc((size_t)n + 1) : NULL;
-    va_start(ap, fmt);
-    vsnprintf(whole ? whole : e->msg, whole ? (size_t)n + 1 : sizeof e->msg, fmt, ap);
-    va_end(ap);
+    vsnprintf(whole ? whole : e->msg, whole ? (size_t)n + 1 : sizeof e->msg, fmt, again);
+    va_end(again);
     if (whole) error_keep_ends(e->msg, sizeof e->msg, whole, (size_t)n);
     free(whole);
+    return -1;
+}
+
+int error_set(Error *e, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    error_setv(e, fmt, ap);
+    va_end(ap);
     return -1;
 }
 

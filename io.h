@@ -3,6 +3,7 @@
 #ifndef DIAMOND_IO_H
 #define DIAMOND_IO_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -26,6 +27,8 @@ int error_set(Error *e, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
+/* The same with the arguments in a va_list (which it leaves to the caller to end). */
+int error_setv(Error *e, const char *fmt, va_list ap);
 
 /* ==== bf16 and f16 ==== */
 

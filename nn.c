@@ -1483,8 +1483,9 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
     flux2_rope_tables(c, s.txt_len, h, w, &s);
     Var *cos = var_take(t, s.rope_cos, false), *sin = var_take(t, s.rope_sin, false);
     if (!cos || !sin) return NULL;
-    if (!wt) /* a streaming model: the tape fails with "linear: argument 2 is NULL" */
-        return ag_linear(t, tokens, NULL, NULL);
+    if (!wt)
+        return tape_fail(t, "flux2: the model streams its weights from the files; a graph needs "
+                            "them resident (flux2_make_resident)");
     Var *act = flux2_time_act(t, &wt->time, c, sigma, guidance, s.batch);
     Var *mods[FLUX2_MODS];
     for (int k = 0; k < FLUX2_MODS; k++) mods[k] = ag_linear(t, act, wt->mods[k], NULL);

@@ -368,6 +368,14 @@ static void test_graph_matches_streaming(const SafeTensors *st) {
                   "%s: both paths run: %s", dirs[i], e.msg);
         CHECK(resident && flux2_params(resident) && streaming && !flux2_params(streaming),
               "%s: only the resident model has Params", dirs[i]);
+        Tape *t = tape_new();
+        Var *graph = streaming ? flux2_forward_graph(t, streaming, var_new(t, tokens, false),
+                                                     GRID_H, GRID_W, var_new(t, txt, false), sigma,
+                                                     guidance)
+                               : NULL;
+        CHECK(streaming && !graph && tape_check(t, &e) != 0 && strstr(e.msg, "resident"),
+              "%s: a streaming model's graph fails its tape, saying why: %s", dirs[i], e.msg);
+        tape_free(t);
         if (a && b) {
             char what[160];
             snprintf(what, sizeof what, "%s: graph path = streaming path", dirs[i]);
