@@ -20,7 +20,7 @@
  * loop writes disjoint outputs. */
 #define PARALLEL_MIN ((int64_t)1 << 15)
 
-/* ==== the tape and its memory accounting ==== */
+/* === the tape and its memory accounting === */
 
 enum MemKind { MEM_VALUE, MEM_SAVED, MEM_GRAD, MEM_KINDS };
 
@@ -222,7 +222,7 @@ static bool push(void ***items, size_t *n, size_t *cap, void *item) {
     return true;
 }
 
-/* ==== Vars ==== */
+/* === Vars === */
 
 /* A Var of t over value (owned or borrowed). When it cannot be made an owned value is freed. */
 static Var *var_add(Tape *t, Tensor *value, bool owns, bool requires_grad, bool leaf) {
@@ -276,7 +276,7 @@ static float *data(const Var *v) { return v ? v->value->data : NULL; }
 /* Where a backward kernel accumulates v's gradient, or NULL when v needs none. */
 static float *grad(const Var *v) { return v && v->grad ? v->grad->data : NULL; }
 
-/* ==== recording ==== */
+/* === recording === */
 
 static bool wants_grad(const Tape *t, int n, Var *const *in) {
     if (!t->grad_enabled) return false;
@@ -315,7 +315,7 @@ static void save(Tape *t, Node *n, int slot, Tensor *x) {
         tape_tensor_free(t, MEM_SAVED, x);
 }
 
-/* ==== argument checks ==== */
+/* === argument checks === */
 
 static const char *shape_of(const Var *v, char *buf, size_t len) {
     return tensor_shape_str(v->value, buf, len);
@@ -364,7 +364,7 @@ static int64_t dims_product(const Tensor *x, int from, int to) {
     return n;
 }
 
-/* ==== backward ==== */
+/* === backward === */
 
 /* A zeroed gradient for v, counted on v's tape (which may not be the one running backward). */
 static bool grad_alloc(Var *v) {
@@ -456,7 +456,7 @@ int tape_backward_from(Tape *t, Var *out, const Tensor *dout, Error *e) {
     return backward_run(t, out, dout, e);
 }
 
-/* ==== checkpointing ==== */
+/* === checkpointing === */
 
 /* fn's output as a new Var of t: its value is moved out of the scratch tape when it owns it,
  * copied otherwise (a view, an input, a Var of another tape). */
@@ -534,7 +534,7 @@ Var *ag_checkpoint(Tape *t, CheckpointFn fn, void *ctx, Var **inputs, int n_inpu
     return y;
 }
 
-/* ==== matrix products ==== */
+/* === matrix products === */
 
 /* in: x, w, b. y = x w^T + b; mm: M rows, N outputs, K inputs.
  * dx = dy w;  dw = dy^T x;  db = sum over rows of dy */
@@ -656,7 +656,7 @@ Var *ag_matmul(Tape *t, Var *a, Var *b) {
     return y;
 }
 
-/* ==== convolution ==== */
+/* === convolution === */
 
 /* in: x, w, b. dx = the transposed convolution of dy with w;  dw = dy correlated with x's
  * patches (im2col);  db = sum of dy over batch and pixels */
@@ -704,7 +704,7 @@ Var *ag_conv2d(Tape *t, Var *x, Var *w, Var *b, int stride, int padding, int gro
     return y;
 }
 
-/* ==== attention and rotary embedding ==== */
+/* === attention and rotary embedding === */
 
 /* in: q, k, v; saved: lse. With P = softmax(s q k^T) recomputed from lse and D = rowsum(dO * O):
  * dV = P^T dO;  dS = P * (dO V^T - D);  dQ = s dS K;  dK = s dS^T Q */
@@ -813,7 +813,7 @@ Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin, RopePairs pairs) {
     return y;
 }
 
-/* ==== normalisation ==== */
+/* === normalisation === */
 
 /* x: [.., C] as [rows, C], or false (and t failed) when x has no last dim to normalise. */
 static bool rows_of(Tape *t, const char *op, const Var *x, struct NormParams *p) {
@@ -990,7 +990,7 @@ Var *ag_batchnorm_eval(Tape *t, Var *x, Var *mean, Var *var, Var *w, Var *b, flo
     return y;
 }
 
-/* ==== activations ==== */
+/* === activations === */
 
 /* The forward of a pointwise activation: y = f(x). */
 typedef void (*PointwiseFn)(size_t n, const float *x, float *y);
@@ -1066,7 +1066,7 @@ Var *ag_softmax(Tape *t, Var *x) {
     return y;
 }
 
-/* ==== resampling ==== */
+/* === resampling === */
 
 /* x: [.., H, W] as [planes, H, W], or false (and t failed). */
 static bool planes_of(Tape *t, const char *op, const Var *x, struct ResizeParams *r) {
@@ -1137,7 +1137,7 @@ Var *ag_resize_bilinear(Tape *t, Var *x, int out_h, int out_w) {
     return y;
 }
 
-/* ==== elementwise ==== */
+/* === elementwise === */
 
 static bool check_same_shape(Tape *t, const char *op, const Var *a, const Var *b) {
     if (tensor_same_shape(a->value, b->value)) return true;
@@ -1406,7 +1406,7 @@ Var *ag_pow(Tape *t, Var *x, float p) {
     return y;
 }
 
-/* ==== structure ==== */
+/* === structure === */
 
 /* in: x. y shares x's data; its gradient goes back to x's unchanged. */
 static void reshape_backward(Tape *t, Node *n) {

@@ -91,7 +91,7 @@ int tape_backward(Tape *t, Var *loss, Error *e);
  * product. */
 int tape_backward_from(Tape *t, Var *out, const Tensor *dout, Error *e);
 
-/* ==== checkpointing ====
+/* === checkpointing ===
  * ag_checkpoint runs fn(t', inputs, ctx) on a scratch tape t' with grad off and keeps only the
  * output: fn's intermediates are freed at once. When the tape records and some input requires
  * grad, its backward re-runs fn with grad on, on another scratch tape, backpropagates the
@@ -103,7 +103,7 @@ int tape_backward_from(Tape *t, Var *out, const Tensor *dout, Error *e);
 typedef Var *(*CheckpointFn)(Tape *t, Var **inputs, void *ctx);
 Var *ag_checkpoint(Tape *t, CheckpointFn fn, void *ctx, Var **inputs, int n_inputs);
 
-/* ==== ops ====
+/* === ops ===
  * Each returns a new Var owned by t, or NULL on failure (see tape_check). Optional Var
  * arguments (biases, affine weights) may be NULL. Arguments that are marked constant get no
  * gradient; passing one that requires grad is an error. */
@@ -169,7 +169,7 @@ Var *ag_clamp(Tape *t, Var *x, float lo, float hi);
 /* x^p elementwise */
 Var *ag_pow(Tape *t, Var *x, float p);
 
-/* ---- structure ---- */
+/* --- structure --- */
 
 /* The same data with another shape of the same size: a view, no copy. */
 Var *ag_reshape(Tape *t, Var *x, int ndim, const int64_t *shape);

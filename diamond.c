@@ -81,7 +81,7 @@ double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ==== info ==== */
+/* === info === */
 
 typedef struct InfoTotals {
     size_t files, tensors;
@@ -227,7 +227,7 @@ static int info_main(int argc, char **argv) {
     return 0;
 }
 
-/* ==== benchmarks ==== */
+/* === benchmarks === */
 
 /* Parses a whole decimal argument in [lo, hi]; 0 on success. */
 static int parse_int(const char *s, int lo, int hi, int *out) {
@@ -525,7 +525,7 @@ static int bench_gemm(int argc, char **argv) {
     return 0;
 }
 
-/* ---- benchmarks: the models ---- */
+/* --- benchmarks: the models --- */
 
 /* The command line of bench model and bench step. */
 typedef struct BenchModelArgs {
@@ -931,7 +931,7 @@ bool asks_for_help(int argc, char **argv) {
     return false;
 }
 
-/* ==== options ==== */
+/* === options === */
 
 /* The option named name in the sets, or NULL; *set gets its set. */
 static const Option *option_find(OptionSet *sets, int n_sets, const char *name, OptionSet **set) {
@@ -1024,7 +1024,7 @@ void command_help(const char *usage, const OptionSet *sets, int n_sets) {
           stdout);
 }
 
-/* ---- a model's own defaults ---- */
+/* --- a model's own defaults --- */
 
 /* The options a model directory's sampling.json may set. */
 static const char *const MODEL_DEFAULT_OPTIONS[] = {
@@ -1122,7 +1122,7 @@ int option_threads(const char *value, void *field, Error *e) {
     return 0;
 }
 
-/* ==== prompts: diamond encode, and the prompts of generate and eval ==== */
+/* === prompts: diamond encode, and the prompts of generate and eval === */
 
 /* prompts[0 .. n) through <model>'s prompt encoder (tokenizer/ + text_encoder/ for klein, or
  * diamond's character encoder) -> *embeds [n, L, D], tok (or NULL) their tokens. D must be the
@@ -1249,7 +1249,7 @@ static int encode_main(int argc, char **argv) {
     return rc ? 1 : 0;
 }
 
-/* ==== sampler: diamond generate ==== */
+/* === sampler: diamond generate === */
 
 static const char *generate_usage =
     "usage: diamond generate --model DIR --embeddings FILE|--prompt TEXT -W W -H H --steps N\n"
@@ -1909,7 +1909,7 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
     return rc;
 }
 
-/* ---- sampler: --compare ---- */
+/* --- sampler: --compare --- */
 
 /* The detector on images [B, 3, H, W], no gradient: its full-size mask [B, L, H, W] and its map
  * at 1/4 of its input [B, L, h, w] (each when not NULL), and each sample's max over that map
@@ -1952,7 +1952,7 @@ static void generate_panel(Image *dst, int x0, int y0, const Image *src, const f
         }
 }
 
-/* ---- comparison sheets ----
+/* --- comparison sheets ---
  * The demo picture and generate --compare: a title row (BASELINE, DIAMOND, BASELINE MAP, DIAMOND
  * MAP), then for each image a caption and four panels, the baseline and the guided image and each
  * under its detector map. An image smaller than SHEET_PANEL pixels on its longer side is enlarged
@@ -2260,7 +2260,7 @@ static int generate_main(int argc, char **argv) {
     return rc;
 }
 
-/* ==== eval: diamond eval, diamond search-seeds ==== */
+/* === eval: diamond eval, diamond search-seeds === */
 
 static const char *eval_usage =
     "usage: diamond eval --model DIR --detector DIR --csv FILE --out DIR --steps N -W W -H H\n"
@@ -2309,7 +2309,7 @@ typedef struct EvalArgs {
     float threshold;
 } EvalArgs;
 
-/* ---- eval: options ---- */
+/* --- eval: options --- */
 
 /* "I/N" with 0 <= I < N. */
 static int eval_parse_shard(const char *s, int *shard, int *shards) {
@@ -2431,7 +2431,7 @@ static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e)
     return 0;
 }
 
-/* ---- eval: item files ---- */
+/* --- eval: item files --- */
 
 /* One evaluated row as its item file holds it. */
 typedef struct EvalItem {
@@ -2620,7 +2620,7 @@ static int eval_item_done(const EvalArgs *a, const EvalRow *row, const char *set
     return rc == 0 && it->failed ? 1 : rc; /* a failed row runs again */
 }
 
-/* ---- eval: running the rows ---- */
+/* --- eval: running the rows --- */
 
 /* <dir>/prompt-<FNV-1a of the prompt>.safetensors: where eval keeps a prompt's embeddings. */
 static int eval_prompt_path(const char *dir, const char *prompt, char *path, size_t size,
@@ -2798,7 +2798,7 @@ static int eval_row_failed(const EvalArgs *a, const EvalRow *row, int64_t rows,
                : 0;
 }
 
-/* ---- eval: the table ---- */
+/* --- eval: the table --- */
 
 /* One run's figures in the --json file. */
 static void eval_summary_side(FILE *f, const EvalSummary *s, bool guided) {
@@ -2932,7 +2932,7 @@ static int eval_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     return rc == 2 ? 2 : rc ? 1 : 0; /* 2: a size the model cannot make */
 }
 
-/* ---- eval: --merge ---- */
+/* --- eval: --merge --- */
 
 static int eval_item_compare(const void *x, const void *y) {
     int64_t a = ((const EvalItem *)x)->row, b = ((const EvalItem *)y)->row;
@@ -3024,7 +3024,7 @@ static int eval_main(int argc, char **argv) {
     return rc;
 }
 
-/* ---- search-seeds ---- */
+/* --- search-seeds --- */
 
 /* The detector max of the plain image of one seed (upstream's max_confidence: the max of the
  * mask resized to the image, on the float image). */
@@ -3153,7 +3153,7 @@ static int search_main(int argc, char **argv) {
     return rc;
 }
 
-/* ==== demo ==== */
+/* === demo === */
 
 static const char *demo_usage =
     "usage: diamond [demo] [--weights DIR] [-o FILE] [--pairs N] [--threads T] [--quiet]\n"

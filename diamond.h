@@ -17,7 +17,7 @@ double now_seconds(void);
 /* Whether a command's arguments include --help or -h. */
 bool asks_for_help(int argc, char **argv);
 
-/* ---- options: each command's declared in one table ----
+/* --- options: each command's declared in one table ---
  * An option names a field of the command's arguments struct by its offset, its kind says how
  * the value is read, and its help is what --help prints; options_parse and options_help are
  * the only parser and the only help layout. */

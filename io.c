@@ -28,7 +28,7 @@
 #endif
 #include <unistd.h>
 
-/* ==== errors and small helpers ==== */
+/* === errors and small helpers === */
 
 /* The start and the end of whole[0 .. n) around " ... " into msg[0 .. size), neither cut inside
  * a UTF-8 character. */
@@ -63,7 +63,7 @@ int error_set(Error *e, const char *fmt, ...) {
     return -1;
 }
 
-/* ---- small helpers ---- */
+/* --- small helpers --- */
 
 /* *out = a * b, or true when that overflows. */
 static bool mul_overflows(uint64_t a, uint64_t b, uint64_t *out) {
@@ -194,9 +194,9 @@ static char *path_dirname(const char *path) {
     return strndup(path, (size_t)(slash - path));
 }
 
-/* ==== files and the machine ==== */
+/* === files and the machine === */
 
-/* ---- mapped files ---- */
+/* --- mapped files --- */
 
 /* A file's bytes, mapped read-only; an empty file maps to nothing. */
 typedef struct MappedFile {
@@ -244,7 +244,7 @@ static void unmap_file(MappedFile *m) {
     memset(m, 0, sizeof *m);
 }
 
-/* ---- the machine ---- */
+/* --- the machine --- */
 
 #ifdef __APPLE__
 /* macOS keeps no MemAvailable: the physical memory (hw.memsize) stands for it. */
@@ -268,7 +268,7 @@ size_t memory_available(void) {
 }
 #endif
 
-/* ---- atomic files ---- */
+/* --- atomic files --- */
 
 struct AtomicFile {
     FILE *file;
@@ -390,7 +390,7 @@ int write_file_atomic(const char *path, const void *data, size_t n, Error *e) {
     return atomic_commit(f, e);
 }
 
-/* ---- directories ---- */
+/* --- directories --- */
 
 void dir_list_free(char **names, size_t count) {
     for (size_t i = 0; i < count; i++) free(names[i]);
@@ -459,7 +459,7 @@ int dir_list(const char *dir, char ***names, size_t *count, Error *e) {
     return 0;
 }
 
-/* ==== f16 / bf16 ==== */
+/* === f16 / bf16 === */
 
 /* bf16 is the top half of an f32. */
 float bf16_to_f32(uint16_t h) {
@@ -520,9 +520,9 @@ void f16_to_f32_array(const uint16_t *src, float *dst, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }
 
-/* ==== JSON ==== */
+/* === JSON === */
 
-/* ---- arena ---- */
+/* --- arena --- */
 
 /* A JSON document's values and strings live in a few big blocks, freed at once. */
 typedef struct ArenaBlock {
@@ -564,7 +564,7 @@ static void arena_free(Arena *a) {
     }
 }
 
-/* ---- JSON parser ---- */
+/* --- JSON parser --- */
 
 struct JsonDoc {
     Arena arena;
@@ -999,7 +999,7 @@ void json_free(JsonDoc *doc) {
     free(doc);
 }
 
-/* ---- JSON lookups ---- */
+/* --- JSON lookups --- */
 
 const JsonValue *json_get(const JsonValue *object, const char *key) {
     if (!object || object->type != JSON_OBJECT) return NULL;
@@ -1150,7 +1150,7 @@ int json_require_defaults(const JsonValue *object, const KeyDefault *keys, size_
     return 0;
 }
 
-/* ==== safetensors ==== */
+/* === safetensors === */
 
 static const struct {
     const char *name;
@@ -1181,7 +1181,7 @@ static bool dtype_parse(const char *name, DType *out) {
     return false;
 }
 
-/* ---- name table: open addressing, linear probing, FNV-1a ---- */
+/* --- name table: open addressing, linear probing, FNV-1a --- */
 
 typedef struct NameSlot {
     const char *name; /* NULL: empty */
@@ -1242,7 +1242,7 @@ static bool name_table_find(const NameTable *t, const char *name, size_t *value)
     return false;
 }
 
-/* ---- reader ---- */
+/* --- reader --- */
 
 struct SafeTensors {
     char *path;
@@ -1534,7 +1534,7 @@ int st_read_f32(const SafeTensors *st, const char *name, float *dst, int64_t n, 
     return tensor_read_f32(t, st->path, dst, n, e);
 }
 
-/* ---- writer ---- */
+/* --- writer --- */
 
 /* A growable byte buffer; after a failed allocation it stays failed and appends nothing. */
 typedef struct ByteBuf {
@@ -1678,7 +1678,7 @@ int st_write(const char *path, const StWriteTensor *tensors, size_t n, Error *e)
     return rc;
 }
 
-/* ---- sharded models ---- */
+/* --- sharded models --- */
 
 struct StModel {
     char *path;
@@ -1861,7 +1861,7 @@ const StTensor *st_model_find(const StModel *m, const char *name) {
     return name_table_find(&m->names, name, &i) ? m->tensors[i] : NULL;
 }
 
-/* ---- synthetic models ---- */
+/* --- synthetic models --- */
 
 uint64_t mix64(uint64_t x) {
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9u;
@@ -2006,7 +2006,7 @@ const SafeTensors *st_model_shard(const StModel *m, size_t i) {
     return i < m->shard_count ? m->shards[i] : NULL;
 }
 
-/* ==== tokenizer ====
+/* === tokenizer ===
  * Byte-level BPE as Hugging Face's tokenizers library runs a Qwen2/Qwen3 tokenizer.json
  * (Qwen2TokenizerFast):
  *   1. the added tokens (<|im_start|>, <think>, ...) are found whole in the raw text, the
@@ -2030,7 +2030,7 @@ const SafeTensors *st_model_shard(const StModel *m, size_t i) {
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|" \
     "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
-/* ---- Unicode: properties and NFC ---- */
+/* --- Unicode: properties and NFC --- */
 
 static bool in_ranges(const UnicodeRange *r, size_t n, uint32_t cp) {
     size_t lo = 0, hi = n;
@@ -2216,7 +2216,7 @@ int utf8_nfc(const char *text, size_t len, char **out, size_t *out_len, Error *e
     return 0;
 }
 
-/* ---- the pre-tokenizer's regex, by hand ---- */
+/* --- the pre-tokenizer's regex, by hand --- */
 
 static bool is_newline(uint32_t cp) {
     return cp == '\r' || cp == '\n';
@@ -2272,7 +2272,7 @@ static size_t pretoken_length(const uint32_t *cp, size_t n) {
     return run == n || run == 1 ? run : run - 1;
 }
 
-/* ---- byte-level BPE ---- */
+/* --- byte-level BPE --- */
 
 /* GPT-2's byte-to-unicode table: the printable bytes ! .. ~, ¡ .. ¬ and ® .. ÿ stand for
  * themselves, the other 68 for U+0100 onwards in byte order. */
@@ -2404,7 +2404,7 @@ static void bpe_merge(const MergeTable *merges, BpeSymbol *s, int32_t n, BpeHeap
     }
 }
 
-/* ---- loading tokenizer.json ---- */
+/* --- loading tokenizer.json --- */
 
 typedef struct AddedToken {
     char *content;
@@ -2691,7 +2691,7 @@ int32_t tokenizer_pad_id(const Tokenizer *t) {
     return t->pad_id;
 }
 
-/* ---- encoding ---- */
+/* --- encoding --- */
 
 /* A growing array of ids. */
 static int ids_push(TokenIds *ids, int32_t id) {
@@ -2814,7 +2814,7 @@ void token_ids_free(TokenIds *ids) {
     *ids = (TokenIds){0};
 }
 
-/* ==== specs ==== */
+/* === specs === */
 
 int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
                            Error *e) {
@@ -2862,7 +2862,7 @@ const char *spec_keys_after_colon(const char *spec) {
     return colon ? colon + 1 : NULL;
 }
 
-/* ==== evaluation sets (CSV) ==== */
+/* === evaluation sets (CSV) === */
 
 void eval_csv_free(EvalCsv *c) {
     for (size_t i = 0; i < c->n; i++) free(c->rows[i].input), free(c->rows[i].path);
@@ -3019,7 +3019,7 @@ int eval_csv_parse(const char *text, size_t len, const char *path, bool need_see
     return rc;
 }
 
-/* ==== images ==== */
+/* === images === */
 
 static bool image_size_valid(long width, long height) {
     return width >= 1 && width <= IMAGE_MAX_SIDE && height >= 1 && height <= IMAGE_MAX_SIDE;
@@ -3064,7 +3064,7 @@ static int image_check(const char *path, const Image *img, Error *e) {
     return 0;
 }
 
-/* ---- PPM ---- */
+/* --- PPM --- */
 
 static bool is_ppm_space(unsigned char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
@@ -3139,7 +3139,7 @@ int ppm_write(const char *path, const Image *img, Error *e) {
     return atomic_commit(f, e);
 }
 
-/* ---- PNG ---- */
+/* --- PNG --- */
 
 /* The image data is one zlib stream (RFC 1950) holding one deflate block (RFC 1951) with the
  * fixed Huffman codes: each scanline behind the PNG filter that makes its bytes smallest, then

@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* ==== errors ====
+/* === errors ===
  * Functions that can fail return 0 on success and -1 on failure, filling an Error with one line
  * that names the file, tensor or option at fault. main() prints it. */
 /* The entries of a table. */
@@ -30,7 +30,7 @@ int error_set(Error *e, const char *fmt, ...)
 /* The same with the arguments in a va_list (which it leaves to the caller to end). */
 int error_setv(Error *e, const char *fmt, va_list ap);
 
-/* ==== bf16 and f16 ==== */
+/* === bf16 and f16 === */
 
 /* The bits of a float and back (bit-level conversions and math). */
 static inline uint32_t float_bits(float f) {
@@ -53,7 +53,7 @@ uint16_t f32_to_f16(float f);
 void bf16_to_f32_array(const uint16_t *src, float *dst, size_t n);
 void f16_to_f32_array(const uint16_t *src, float *dst, size_t n);
 
-/* ==== JSON ==== */
+/* === JSON === */
 
 /* JSON documents (config files, safetensors headers). A document owns a read-only tree of values.
  * Parsing is strict: RFC 8259 grammar, valid UTF-8, nothing but whitespace after the value, at
@@ -138,7 +138,7 @@ typedef struct KeyDefault {
  * what diamond implements. */
 int json_require_defaults(const JsonValue *object, const KeyDefault *keys, size_t n, Error *e);
 
-/* ==== files and the machine ==== */
+/* === files and the machine === */
 
 /* Every writer goes through this: the bytes go to "<path>.tmp.<pid>", which is flushed, fsynced
  * and renamed over path only when everything was written, so a reader never sees half a file.
@@ -165,7 +165,7 @@ int dir_make(const char *dir, Error *e);
  * resolved (x.png and ./x.png, d/../x.png, a link to the directory). */
 bool paths_same(const char *a, const char *b);
 
-/* ==== safetensors ==== */
+/* === safetensors === */
 
 typedef enum DType {
     DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_F64,
@@ -284,7 +284,7 @@ size_t memory_available(void);
 /* dir + "/" + name into path[size]; an error naming both when that does not fit. */
 int path_join(char *path, size_t size, const char *dir, const char *name, Error *e);
 
-/* ==== tokenizer ====
+/* === tokenizer ===
  * Byte-level BPE as Hugging Face's tokenizers library runs Qwen2/Qwen3's tokenizer.json (see
  * io.c): added tokens matched whole, NFC, the Split pre-tokenizer's regex, GPT-2's byte-level
  * characters, merges by rank. A tokenizer.json of another kind (WordPiece, Unigram, another
@@ -321,7 +321,7 @@ int32_t tokenizer_vocab_size(const Tokenizer *t);
 /* The pad token's id, -1 when there is none. */
 int32_t tokenizer_pad_id(const Tokenizer *t);
 
-/* ==== specs: TYPE[:key=value,...] ====
+/* === specs: TYPE[:key=value,...] ===
  * The small grammar of options like --lambda-schedule power:start=12,end=1. */
 
 /* One "key=value" a spec accepts: a finite number in [lo, hi], a whole one when integer. */
@@ -341,7 +341,7 @@ int spec_type(const char *spec, const char *const *names, int n_names);
 /* The key=value list after spec's colon, or NULL without one. */
 const char *spec_keys_after_colon(const char *spec);
 
-/* ==== evaluation sets (CSV) ==== */
+/* === evaluation sets (CSV) === */
 
 /* One data row of a CSV. */
 typedef struct EvalRow {
@@ -369,7 +369,7 @@ void eval_csv_free(EvalCsv *c);
 /* A whole decimal seed in 0 .. 2^63 - 1 (a JSON integer). */
 int parse_seed(const char *s, uint64_t *seed);
 
-/* ==== images ==== */
+/* === images === */
 
 /* Readers refuse images wider or taller than this, writers too. */
 #define IMAGE_MAX_SIDE 16384

@@ -16,7 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-/* ==== parameters and basic layers ==== */
+/* === parameters and basic layers === */
 
 typedef struct ParamEntry {
     char *name;
@@ -288,7 +288,7 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
     return 0;
 }
 
-/* ==== FLUX.2 transformer ====
+/* === FLUX.2 transformer ===
  * diffusers' Flux2Transformer2DModel (transformer_flux2.py), written from that code.
  *   in/out  tokens [B, T, in_channels] (the packed latent, T = h w), prompt embeddings
  *           [B, L, joint_attention_dim], sigma [B] -> velocity [B, T, out_channels]
@@ -326,7 +326,7 @@ struct Flux2 {
     Flux2Weights *resident;
 };
 
-/* ---- config ---- */
+/* --- config --- */
 
 /* The keys with upstream defaults: patch_size (1) and out_channels (null: in_channels). */
 static int flux2_config_defaults(const JsonValue *root, Flux2Config *c, Error *e) {
@@ -392,7 +392,7 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
     return status;
 }
 
-/* ---- weights, converted part by part ---- */
+/* --- weights, converted part by part --- */
 
 /* What part_weight does with each tensor a part names. */
 typedef enum PartMode {
@@ -851,7 +851,7 @@ const Flux2Config *flux2_config(const Flux2 *m) { return &m->config; }
 
 Params *flux2_params(const Flux2 *m) { return m->params; }
 
-/* ---- per-call tables ---- */
+/* --- per-call tables --- */
 
 /* What every block of one call shares. The modulations hold, per batch item, chunks of dim
  * values: mod_img and mod_txt (shift, scale, gate) for attention then for the feed-forward,
@@ -911,7 +911,7 @@ static int flux2_rope_tables(const Flux2Config *c, int L, int h, int w, Flux2Ste
     return 0;
 }
 
-/* ---- running parts on short tapes ---- */
+/* --- running parts on short tapes --- */
 
 static Tape *nograd_tape(void) {
     Tape *t = tape_new();
@@ -1007,7 +1007,7 @@ static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
     return status;
 }
 
-/* ---- the layers of a block ----
+/* --- the layers of a block ---
  * One definition of the math for both paths: hidden states x: [B, N, dim] (the streaming path's
  * B is 1 and its N one chunk of tokens), modulations [B, n dim] of n chunks of dim values. */
 
@@ -1134,7 +1134,7 @@ static Var *flux2_final(Tape *t, Var *proj_out, const Flux2Config *c, Var *img, 
     return ag_linear(t, y, proj_out, NULL);
 }
 
-/* ---- a block in pieces ----
+/* --- a block in pieces ---
  * Everything in a block but the attention works token by token, so it runs over chunks of
  * FLUX2_CHUNK_TOKENS tokens, each on a tape of its own freed as soon as the chunk's result is
  * copied out: the intermediates (a feed-forward's hidden layers alone are 12 dim floats per
@@ -1439,7 +1439,7 @@ static int flux2_check_inputs(const Flux2Config *c, const Tensor *tokens, int h,
     return 0;
 }
 
-/* ---- the whole model on one tape ----
+/* --- the whole model on one tape ---
  * A resident model's forward as one graph over the batch: the same layer functions as the
  * streaming path, with every weight a leaf of the model's Params, so gradients reach the inputs
  * and (when trainable) every parameter. Memory is every intermediate of the batch: for small
@@ -1571,7 +1571,7 @@ size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_
     return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
 }
 
-/* ==== the embedded models' text encoder ====
+/* === the embedded models' text encoder ===
  * diamond's own prompt encoder for the tiny models (issue 5): characters in, prompt embeddings
  * [B, max_length, hidden_size] out, fed to FLUX.2's context_embedder like real ones. Token and
  * position embeddings, pre-norm transformer layers (self-attention that ignores the padding keys,
@@ -1795,7 +1795,7 @@ Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int 
     return y;
 }
 
-/* ==== Qwen3 text encoder ====
+/* === Qwen3 text encoder ===
  * FLUX.2 [klein]'s prompt encoder: transformers' Qwen3Model (modeling_qwen3.py) as diffusers'
  * Flux2KleinPipeline runs it (_get_qwen3_prompt_embeds), written from that code.
  *   names   model.embed_tokens.weight [V, hidden]; under model.layers.N: input_layernorm,
@@ -1825,7 +1825,7 @@ struct Qwen3 {
     StModel *weights;
 };
 
-/* ---- config ---- */
+/* --- config --- */
 
 /* The keys of Qwen3Config that ask for what this Qwen3 does not implement, at their off values. */
 static const KeyDefault QWEN3_UNIMPLEMENTED[] = {
@@ -1892,7 +1892,7 @@ static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
     return status;
 }
 
-/* ---- weights ---- */
+/* --- weights --- */
 
 typedef struct Qwen3Attention {
     Var *norm, *q_norm, *k_norm;
@@ -1998,7 +1998,7 @@ void qwen3_free(Qwen3 *m) {
 
 const Qwen3Config *qwen3_config(const Qwen3 *m) { return &m->config; }
 
-/* ---- the forward ---- */
+/* --- the forward --- */
 
 /* cos, sin: [L, D/2] at positions 0 .. L-1: pair i turns by l * theta^(-2i / D) (in double). */
 static int qwen3_rope_tables(const Qwen3Config *c, int L, Tensor **cos_out, Tensor **sin_out) {
@@ -2146,7 +2146,7 @@ int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, 
     return 0;
 }
 
-/* ==== prompt encoder ====
+/* === prompt encoder ===
  * What turns prompts into the transformer's prompt embeddings, chosen by the model directory:
  *   <dir>/tokenizer/ and <dir>/text_encoder/ (Qwen3): FLUX.2 [klein]'s pipeline
  *     (Flux2KleinPipeline._get_qwen3_prompt_embeds): the chat template with enable_thinking off,
@@ -2326,7 +2326,7 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
     return status;
 }
 
-/* ==== VAE ====
+/* === VAE ===
  * The decoder (and, for training, the encoder) of diffusers' AutoencoderKLFlux2
  * (autoencoder_kl_flux2.py with vae.py's Decoder), with the FLUX.2 pipeline's latent packing.
  *   in/out  tokens [B, h w, latent_channels patch_h patch_w] -> image [B, 3, H, W] in about
@@ -2869,7 +2869,7 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     return x;
 }
 
-/* ---- the encoder ---- */
+/* --- the encoder --- */
 
 /* layers_per_block resnets, then (all but the last block) the downsampler: one zero row and
  * column padded at the bottom and right, then a 3x3 conv of stride 2 without padding. */
@@ -3084,7 +3084,7 @@ Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
     return ag_mul_rows(t, ag_add_rows(t, tokens, m->bn_neg_mean), m->bn_rstd);
 }
 
-/* ==== SegFormer detector ====
+/* === SegFormer detector ===
  * transformers' SegformerForSemanticSegmentation (modeling_segformer.py) behind DIAMOND's
  * preprocessing; the interface and the upstream rules are in nn.h.
  *   in/out  image [B, 3, H, W] in [-1, 1] -> artifact map [B, num_labels, H, W] in [0, 1] (and
@@ -3137,7 +3137,7 @@ struct Segformer {
     bool head_is_linear_c; /* head_proj are linear_c under an identity fuse and batch norm */
 };
 
-/* ---- config ---- */
+/* --- config --- */
 
 /* The per-stage integer array `key` of config.json: one positive entry per stage. */
 static int segformer_stage_ints(const JsonValue *root, const char *key, int stages, int *out,
@@ -3311,7 +3311,7 @@ int segformer_config_load(SegformerConfig *c, const char *dir, Error *e) {
     return 0;
 }
 
-/* ---- weights ---- */
+/* --- weights --- */
 
 /* printf into buf (always large enough for the upstream names), for the *_load prefixes. */
 static const char *segformer_name(char *buf, size_t len, const char *fmt, ...)
@@ -3526,7 +3526,7 @@ int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64
 
 const SegformerConfig *segformer_config(const Segformer *m) { return &m->config; }
 
-/* ---- forward ---- */
+/* --- forward --- */
 
 /* x: [B, C, h, w] -> [B, h, w, C]: the token sequence in row-major order, channels last */
 static Var *segformer_tokens(Tape *t, Var *x) { return ag_permute(t, x, (int[]){0, 2, 3, 1}); }
@@ -3667,7 +3667,7 @@ size_t segformer_forward_bytes(const Segformer *m, int batch, int height, int wi
     return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;
 }
 
-/* ==== the DIAMOND sampler ====
+/* === the DIAMOND sampler ===
  * DIAMOND (arXiv 2602.00883) on FLUX.2's flow-matching Euler sampler, as the official code runs
  * it. Step i at noise level sigma_i (sampler_step), each sample b of the batch on its own:
  *   v       = transformer(x_t, sigma_i, prompt)         with --cfg: v_neg + s (v - v_neg)
@@ -3938,7 +3938,7 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
     return rc;
 }
 
-/* ---- parsing the schedule and loss specs ---- */
+/* --- parsing the schedule and loss specs --- */
 
 int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
     static const char *const names[] = {"constant", "linear", "power", "cosine", "hard_then_exp",
@@ -3998,7 +3998,7 @@ int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e) {
     return 0;
 }
 
-/* ==== metrics ==== */
+/* === metrics === */
 
 int metrics_artifact_mask(const float *map, int h, int w, int H, int W, float threshold,
                           uint8_t *mask, Error *e) {

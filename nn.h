@@ -10,7 +10,7 @@
 
 #include "autograd.h"
 
-/* ==== parameters and basic layers ==== */
+/* === parameters and basic layers === */
 
 /* A model's parameters: f32 leaves on one tape the model owns, each under its upstream name, so
  * that a forward pass uses them on any tape (gradients accumulate in their Var's grad when
@@ -92,7 +92,7 @@ typedef struct NormParams {
 } NormParams;
 int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *prefix, Error *e);
 
-/* ==== FLUX.2 transformer ====
+/* === FLUX.2 transformer ===
  * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin). Loaded
  * by flux2_open (streaming, forward only), the weights stay in the mapped safetensors files: each
  * part of a block (its attention inputs, each stream's output and feed-forward) is converted to
@@ -160,7 +160,7 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
  * klein-4B's size in the README); for a resident one the whole graph's values. */
 size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_t txt_tokens);
 
-/* ==== the embedded models' text encoder ====
+/* === the embedded models' text encoder ===
  * diamond's own character-level prompt encoder for the tiny models: the prompt upper-cased, each
  * vocab character one token (ids 1 .. V, 0 the padding up to max_length), token plus position
  * embeddings, num_layers pre-norm transformer layers (self-attention over the prompt's own
@@ -200,7 +200,7 @@ int text_encoder_tokenize(const TextEncoder *m, const char *prompt, int *ids, in
  * tokenize or an op fails. Gradients reach the weights when they are trainable. */
 Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int batch, Error *e);
 
-/* ==== Qwen3 text encoder ====
+/* === Qwen3 text encoder ===
  * FLUX.2 [klein]'s prompt encoder, transformers' Qwen3Model as Flux2KleinPipeline runs it: token
  * ids through the first 27 decoder layers; the outputs of layers 9, 18 and 27 stacked per token
  * are the prompt embeddings [B, L, 3 hidden_size] (= the transformer's joint_attention_dim).
@@ -232,7 +232,7 @@ const Qwen3Config *qwen3_config(const Qwen3 *m);
 int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, int batch, int L,
                         Tensor **out, Error *e);
 
-/* ==== prompt encoder ====
+/* === prompt encoder ===
  * Prompts -> the transformer's prompt embeddings, by the model directory's layout:
  *   <dir>/tokenizer/ + <dir>/text_encoder/ (Qwen3): FLUX.2 [klein]'s pipeline (the chat template
  *     with enable_thinking=False, padding to max_length, default 512, with the pad token,
@@ -266,7 +266,7 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
                   PromptTokens *tokens, Error *e);
 void prompt_tokens_free(PromptTokens *tok);
 
-/* ==== VAE ==== */
+/* === VAE === */
 
 /* The decoder half of diffusers' AutoencoderKLFlux2, with the FLUX.2 pipeline's latent
  * unpacking in front: packed transformer tokens in, an image in about [-1, 1] out. */
@@ -376,7 +376,7 @@ int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, co
  * of token (y, x). */
 Var *vae_pack(Tape *t, const VaeConfig *c, Var *latent, int h, int w);
 
-/* ==== SegFormer detector ====
+/* === SegFormer detector ===
  * The artifact detector: transformers' SegformerForSemanticSegmentation (a Mix Transformer
  * encoder of any size and the all-MLP decode head) behind DIAMOND's preprocessing, all as ag_* ops
  * so d loss / d image flows through every step. Upstream modeling_segformer.py is the spec:
@@ -447,7 +447,7 @@ Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image);
 #define SEGFORMER_IMAGE_TENSORS 4
 size_t segformer_forward_bytes(const Segformer *m, int batch, int height, int width);
 
-/* ==== the DIAMOND sampler ====
+/* === the DIAMOND sampler ===
  * DIAMOND's guided sampling (arXiv 2602.00883, as gmum/DIAMOND's FLUX.2 loop does it). Per step:
  * the flow model's velocity v (no gradient), the clean estimate x0 = x_t - sigma v, the detector's
  * mask on vae_decode(x0), an artifact loss L on it, g = dL/dx0 (= dL/dx_t with v held constant),
@@ -552,7 +552,7 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
                 const SamplerOptions *o, const Tensor *txt, const Tensor *negative,
                 Tensor *latent, int h, int w, SamplerStepFn on_step, void *ctx, Error *e);
 
-/* ==== metrics ====
+/* === metrics ===
  * DIAMOND's evaluation metrics as gmum/DIAMOND's src/tasks/metrics.py computes them, from the
  * saved 8-bit images ([H, W, 3], the baseline and the guided run from the same noise) and the
  * detector's sigmoid maps at 1/4 of its input ([h, w], one label). Sums over pixels are exact

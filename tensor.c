@@ -16,7 +16,7 @@
 #include <omp.h>
 #endif
 
-/* ==== tensors ==== */
+/* === tensors === */
 
 /* Element count of a shape, or -1 when invalid or past what we allow (2^40 floats). */
 static int64_t shape_numel(int ndim, const int64_t *shape) {
@@ -90,7 +90,7 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len) {
     return buf;
 }
 
-/* ==== helpers shared by the kernels ==== */
+/* === helpers shared by the kernels === */
 
 /* Loops wake the threads only past this much work: floats of cheap arithmetic, or elements
  * that each take an exp or erfc. */
@@ -130,7 +130,7 @@ static inline float exp_nonpositive(float x) {
     return x < -87.3f ? 0.0f : (x == x ? y : x);
 }
 
-/* ==== GEMM ==== */
+/* === GEMM === */
 
 /* An operand's elements as stored: f32, or bf16 / f16 widened to f32 as they are packed (both
  * exactly), so that a weight can be read where it lies in a mapped file. Little-endian. */
@@ -628,7 +628,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
     gemm_stored(trans_a, trans_b, M, N, K, alpha, A, lda, B, DTYPE_F32, ldb, beta, C, ldc);
 }
 
-/* ==== conv2d ==== */
+/* === conv2d === */
 
 /* Convolution as GEMM over bands of output pixels (torch.nn.functional.conv2d semantics: zero
  * padding, no dilation). For each image and group the output pixels p = oh*Wo + ow are taken in
@@ -1026,7 +1026,7 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
     }
 }
 
-/* ---- Winograd F(4x4, 3x3) ----
+/* --- Winograd F(4x4, 3x3) ---
  * A 3x3 convolution with stride 1 and padding 1 gives each 4x4 tile of outputs from the 6x6 tile
  * of input around it. Winograd's minimal filtering (Lavin and Gray, "Fast Algorithms for
  * Convolutional Neural Networks", 2016) computes it with 36 products per channel pair where the
@@ -1371,7 +1371,7 @@ void conv2d_reference_backward(const Conv2dShape *s, const float *x, const float
     free(sum_db);
 }
 
-/* ==== attention and rotary embedding ==== */
+/* === attention and rotary embedding === */
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -2000,7 +2000,7 @@ void rope_backward(RopePairs pairs, int batch, int n, int heads, int head_dim,
     }
 }
 
-/* ==== norms, activations, resampling, elementwise ==== */
+/* === norms, activations, resampling, elementwise === */
 
 /* OpenMP only where the work pays for waking the threads. Every such loop writes disjoint
  * outputs. */
@@ -2096,7 +2096,7 @@ static void channel_sums(int B, int C, int HW, int c, const float *x, const floa
     *sum_dy_xhat = s_dy_xhat;
 }
 
-/* ---- layernorm ---- */
+/* --- layernorm --- */
 
 void layernorm_forward(int rows, int C, float eps, const float *x, const float *w, const float *b,
                        float *y, float *mean, float *rstd) {
@@ -2142,7 +2142,7 @@ void layernorm_backward(int rows, int C, const float *x, const float *w, const f
     column_grads(rows, C, x, mean, rstd, dy, dw, db);
 }
 
-/* ---- groupnorm ---- */
+/* --- groupnorm --- */
 
 /* Group g of sample b is the contiguous block of channels [g * C/groups, (g+1) * C/groups). */
 void groupnorm_forward(int B, int C, int HW, int groups, float eps, const float *x, const float *w,
@@ -2219,7 +2219,7 @@ void groupnorm_backward(int B, int C, int HW, int groups, const float *x, const 
     }
 }
 
-/* ---- rmsnorm ---- */
+/* --- rmsnorm --- */
 
 void rmsnorm_forward(int rows, int C, float eps, const float *x, const float *w, float *y,
                      float *rstd) {
@@ -2251,7 +2251,7 @@ void rmsnorm_backward(int rows, int C, const float *x, const float *w, const flo
     column_grads(rows, C, x, NULL, rstd, dy, dw, NULL);
 }
 
-/* ---- batchnorm with running statistics ---- */
+/* --- batchnorm with running statistics --- */
 
 void batchnorm_eval_forward(int B, int C, int HW, float eps, const float *mean, const float *var,
                             const float *w, const float *b, const float *x, float *y) {
@@ -2290,7 +2290,7 @@ void batchnorm_eval_backward(int B, int C, int HW, float eps, const float *mean,
     }
 }
 
-/* ---- pointwise activations ---- */
+/* --- pointwise activations --- */
 
 #define OPS_SQRT1_2 0.70710678118654752f      /* 1/sqrt(2) */
 #define OPS_INV_SQRT_2PI 0.39894228040143268f /* 1/sqrt(2 pi) */
@@ -2392,7 +2392,7 @@ void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
     }
 }
 
-/* ---- groupnorm + silu ---- */
+/* --- groupnorm + silu --- */
 
 /* u = GroupNorm(x) at one element of channel c, as groupnorm_forward computes it */
 static inline float groupnorm_value(float x, float m, float scale, float shift) {
@@ -2561,7 +2561,7 @@ void sigmoid_backward(size_t n, const float *y, const float *dy, float *dx) {
     for (size_t i = 0; i < n; i++) dx[i] += dy[i] * y[i] * (1.0f - y[i]);
 }
 
-/* ---- softmax ---- */
+/* --- softmax --- */
 
 /* Shifted by the row max so exp never overflows; a row holding a NaN comes out all NaN. */
 void softmax_forward(int rows, int C, const float *x, float *y) {
@@ -2590,7 +2590,7 @@ void softmax_backward(int rows, int C, const float *y, const float *dy, float *d
     }
 }
 
-/* ---- resampling ---- */
+/* --- resampling --- */
 
 void upsample_nearest2x_forward(int planes, int H, int W, const float *x, float *y) {
 #pragma omp parallel for if ((size_t)planes * H * W >= PARALLEL_MIN / 4)
@@ -2693,7 +2693,7 @@ void resize_bilinear_backward(int planes, int H, int W, int Ho, int Wo, const fl
     }
 }
 
-/* ---- elementwise ---- */
+/* --- elementwise --- */
 
 void add_forward(size_t n, const float *a, const float *b, float *y) {
 #pragma omp parallel for if (n >= PARALLEL_MIN)
@@ -2748,7 +2748,7 @@ void pow_backward(size_t n, float p, const float *x, const float *dy, float *dx)
     for (size_t i = 0; i < n; i++) dx[i] += dy[i] * p * powf(x[i], p - 1.0f);
 }
 
-/* ---- broadcasts and reductions ---- */
+/* --- broadcasts and reductions --- */
 
 void add_rows_forward(int rows, int C, const float *x, const float *v, float *y) {
 #pragma omp parallel for if ((size_t)rows * C >= PARALLEL_MIN && rows > 1)
@@ -2853,7 +2853,7 @@ float max_array(size_t n, const float *x) {
     return max;
 }
 
-/* ==== random numbers (PyTorch's CPU generator) ==== */
+/* === random numbers (PyTorch's CPU generator) === */
 
 enum { MT_N = 624, MT_M = 397 };
 

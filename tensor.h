@@ -13,7 +13,7 @@
 
 #include "io.h"
 
-/* ==== tensors ==== */
+/* === tensors === */
 
 #define TENSOR_MAX_DIMS 5
 
@@ -43,7 +43,7 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len);
 #define TENSOR_NEW(...) \
     tensor_new((int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__})
 
-/* ==== GEMM ==== */
+/* === GEMM === */
 
 /* C[M,N] = alpha * op(A) op(B) + beta * C, op(X) = X or X^T, leading dimensions in elements.
  * op(A) is [M,K] (A is [K,M] when trans_a), op(B) is [K,N] (B is [N,K] when trans_b).
@@ -59,7 +59,7 @@ void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
 void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
                     int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
-/* ==== conv2d ==== */
+/* === conv2d === */
 
 typedef struct Conv2dShape {
     int batch, in_ch, in_h, in_w;
@@ -87,7 +87,7 @@ void conv2d_reference_forward(const Conv2dShape *s, const float *x, const float 
 void conv2d_reference_backward(const Conv2dShape *s, const float *x, const float *w,
                                const float *dy, float *dx, float *dw, float *db);
 
-/* ==== attention and rotary embedding ==== */
+/* === attention and rotary embedding === */
 
 typedef struct AttentionShape {
     int batch;
@@ -131,7 +131,7 @@ void rope_forward(RopePairs pairs, int batch, int n, int heads, int head_dim, co
 void rope_backward(RopePairs pairs, int batch, int n, int heads, int head_dim, const float *cos,
                    const float *sin, const float *dy, float *dx);
 
-/* ==== norms, activations, resampling, elementwise ==== */
+/* === norms, activations, resampling, elementwise === */
 
 /* LayerNorm over the last dim. x: [rows, C] -> y: [rows, C]; mean, rstd: [rows] saved for
  * backward; w, b: [C] or NULL (no affine). */
@@ -226,7 +226,7 @@ float max_array(size_t n, const float *x);   /* NaN if any value is NaN; -inf wh
 /* The index of the first NaN or infinity of x[0 .. n), or n when every value is finite. */
 size_t first_non_finite(size_t n, const float *x);
 
-/* ==== random numbers (PyTorch's CPU generator) ==== */
+/* === random numbers (PyTorch's CPU generator) === */
 
 /* torch.Generator('cpu'): mt19937 plus the cached second value of its scalar Box-Muller.
  * Seeding and drawing reproduce torch 1.13 bit for bit, so a seed gives the same initial

@@ -13,7 +13,7 @@
 #include "../diamond.h"
 #include "train.h"
 
-/* ==== world: diamond world ==== */
+/* === world: diamond world === */
 
 static const char *world_usage =
     "usage: diamond world [--word WORD] [--seed S] [--corrupt [--type NAME]] -o OUT.png|.ppm\n"
@@ -172,7 +172,7 @@ int world_main(int argc, char **argv) {
     return 0;
 }
 
-/* ==== train ==== */
+/* === train === */
 
 static const char *train_usage =
     "usage: diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"

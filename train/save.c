@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ==== entries ==== */
+/* === entries === */
 
 StWriteTensor st_entry_f32(const char *name, const Tensor *t) {
     StWriteTensor w = {.name = name, .dtype = DTYPE_F32, .ndim = t->ndim, .data = t->data};
@@ -29,7 +29,7 @@ int params_save(const Params *p, const char *path, Error *e) {
     return rc;
 }
 
-/* ==== the transformer and the text encoder ==== */
+/* === the transformer and the text encoder === */
 
 /* v in the fewest significant digits that read back as the same double ("1e-06", "3", "0.5"). */
 static void json_number(char *buf, size_t size, double v) {
@@ -102,7 +102,7 @@ int text_encoder_save(const TextEncoder *m, const char *dir, Error *e) {
            params_save(text_encoder_params(m), path, e);
 }
 
-/* ==== the detector ==== */
+/* === the detector === */
 
 /* A growing text for the config files; `failed` once out of memory. */
 typedef struct SegformerText {
@@ -281,7 +281,7 @@ int segformer_save(const Segformer *m, const char *dir, Error *e) {
     return 0;
 }
 
-/* ==== the VAE ==== */
+/* === the VAE === */
 
 /* The entries of p as F32 tensors appended to items[*n], skipping names already there. */
 static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {

@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ==== training ==== */
+/* === training === */
 
 /* Updates wake the threads only past this many elements (each element is independent). */
 #define ADAMW_PARALLEL_MIN ((int64_t)1 << 15)
@@ -247,7 +247,7 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
     return rc;
 }
 
-/* ==== text+flow training ====
+/* === text+flow training ===
  * The transformer and the text encoder trained together on the rectified-flow objective, as
  * FLUX-style trainers do it: per sample a clean latent x0 (the VAE tokens of the prompt's image),
  * noise n ~ N(0, 1), a noise level sigma from a logit-normal, x_t = (1 - sigma) x0 + sigma n, and
@@ -400,7 +400,7 @@ int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], 
     return rc;
 }
 
-/* ==== detector training ==== */
+/* === detector training === */
 
 static uint64_t detector_mix(uint64_t x) {
     return mix64(x + 0x9e3779b97f4a7c15ull);
@@ -664,7 +664,7 @@ int detector_sample_accuracy(const Segformer *m, const DetectorSamples *s, int f
     return 0;
 }
 
-/* ---- the flow model's samples, labelled by the oracle ---- */
+/* --- the flow model's samples, labelled by the oracle --- */
 
 void detector_samples_free(DetectorSamples *s) {
     free(s->words);
@@ -765,7 +765,7 @@ int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeD
     return rc;
 }
 
-/* ==== VAE training ====
+/* === VAE training ===
  */
 
 /* Reconstruction only, no KL term: everything diamond does with the latent uses the mode (the
@@ -962,7 +962,7 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) 
     return rc;
 }
 
-/* ==== the VAE's training loss ==== */
+/* === the VAE's training loss === */
 
 Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
                              Var *noise) {
@@ -974,7 +974,7 @@ Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *d
     return ag_mean(t, ag_mul(t, error, error));
 }
 
-/* ==== the oracle's verdict ==== */
+/* === the oracle's verdict === */
 
 /* The glyphs of r, when there are as many as prompt has symbols. */
 static GlyphCounts oracle_glyph_counts(const OracleResult *r, const char *prompt) {

@@ -16,7 +16,7 @@
 #define EMBEDDED_MU 0.0
 #define EMBEDDED_CFG 4.0f
 
-/* ==== training ====
+/* === training ===
  * Training the tiny models diamond ships: AdamW over the parameters of one or more Params,
  * gradient clipping, a warm-up + cosine learning rate, and a loop over a model's TrainTask. */
 
@@ -89,7 +89,7 @@ double train_lr(const TrainOptions *o, int64_t step);
  * loss that is not finite stops the run with an error naming the step. */
 int train_run(const TrainTask *task, const TrainOptions *o, Error *e);
 
-/* ==== text+flow training ====
+/* === text+flow training ===
  * The transformer (resident) and the text encoder trained together on the rectified-flow loss:
  * x_t = (1 - sigma) x0 + sigma n, target v = n - x0 (x0 = x_t - sigma v, as the sampler steps),
  * MSE(flux2(x_t, sigma, text_encode(prompt)), v); sigma = sigmoid(mean + std N(0, 1)), the
@@ -142,7 +142,7 @@ typedef struct FlowWorld {
 int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], float *x0,
                      void *ctx, Error *e);
 
-/* ==== detector training ====
+/* === detector training ===
  * Training the detector (opened WEIGHTS_FRESH) as DiffDoctor trained theirs: a per-pixel
  * target at the map's resolution and binary cross-entropy on the logits. A batch holds clean
  * renders (all-zero target), then as many corrupted ones, each made from (seed, step, index)
@@ -230,7 +230,7 @@ int detector_accuracy(const Segformer *m, uint64_t seed, int n, DetectorAccuracy
 int detector_sample_accuracy(const Segformer *m, const DetectorSamples *s, int first, int count,
                              DetectorAccuracy *out, Error *e);
 
-/* ==== VAE training ====
+/* === VAE training ===
  * Training the tiny VAE: both halves together on the reconstruction loss, then the latent
  * batch-norm statistics measured on the trained encoder, then one diffusers directory. */
 
@@ -275,7 +275,7 @@ int vae_batch(const VaeTrainer *tr, int64_t step, Tensor **images, Error *e);
  * sees latents of mean 0 and variance 1 per packed channel. */
 int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e);
 
-/* ==== the VAE's training loss ==== */
+/* === the VAE's training loss === */
 
 /* image: [B, in_channels, H, W] -> [1], the training loss mean((decode(encode(image) + noise) -
  * image)^2) (H and W as vae_encode wants them; out_channels must equal in_channels); noise: NULL
@@ -283,7 +283,7 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e);
 Var *vae_reconstruction_loss(Tape *t, const VaeEncoder *enc, const VaeDecoder *dec, Var *image,
                              Var *noise);
 
-/* ==== saving the trained models (train/save.c) ==== */
+/* === saving the trained models (train/save.c) === */
 
 /* t as an F32 entry of a safetensors file to write (pointing at t's data). */
 StWriteTensor st_entry_f32(const char *name, const Tensor *t);
@@ -310,7 +310,7 @@ int segformer_save(const Segformer *m, const char *dir, Error *e);
 int vae_save(const VaeEncoder *enc, const VaeDecoder *dec, const char *config_dir,
              const char *out_dir, Error *e);
 
-/* ==== the oracle's verdict ==== */
+/* === the oracle's verdict === */
 
 /* The oracle's verdict on a pair of WORLD_W x WORLD_H images made for prompt, into out's oracle
  * fields: an independent check that guidance fixes glyphs rather than fooling the detector. */

@@ -11,7 +11,7 @@
 _Static_assert(WORLD_W <= 64, "the oracle keeps one image row in a uint64_t");
 _Static_assert(sizeof WORLD_ALPHABET - 1 == WORLD_SYMBOLS, "WORLD_SYMBOLS counts WORLD_ALPHABET");
 
-/* ==== the font ==== */
+/* === the font === */
 
 /* The font, one string per row, '#' an ink cell, in WORLD_ALPHABET order. Look-alikes are drawn
  * apart: O is square while 0 is round with a diagonal, I has short bars while 1 has a flag and a
@@ -80,7 +80,7 @@ int world_glyph_rows(char c, uint8_t rows[WORLD_FONT_H]) {
     return 0;
 }
 
-/* ==== randomness: splitmix64, one generator per purpose, no global state ==== */
+/* === randomness: splitmix64, one generator per purpose, no global state === */
 
 typedef struct WorldRng {
     uint64_t state;
@@ -113,7 +113,7 @@ static double world_unit(WorldRng *g) {
     return (double)(world_next(g) >> 11) / 9007199254740992.0;
 }
 
-/* ==== scenes ==== */
+/* === scenes === */
 
 static double world_luminance(const uint8_t c[3]) {
     return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
@@ -200,7 +200,7 @@ int world_scene(uint64_t seed, const char *word, WorldScene *out, Error *e) {
     return 0;
 }
 
-/* ==== drawing ==== */
+/* === drawing === */
 
 static void world_put(uint8_t *rgb, int x, int y, const uint8_t colour[3]) {
     if (x < 0 || x >= WORLD_W || y < 0 || y >= WORLD_H) return;
@@ -233,7 +233,7 @@ void world_render(const WorldScene *s, uint8_t *rgb) {
                           s->scale_x, s->scale_y, s->ink);
 }
 
-/* ==== corruptions ==== */
+/* === corruptions === */
 
 static const char *const world_corruption_names[WORLD_CORRUPTION_COUNT] = {
     "remove_stroke", "add_stroke", "blend", "melt", "displace", "smudge",
@@ -521,7 +521,7 @@ int world_corrupt(uint64_t seed, const WorldScene *s, int type, uint8_t *rgb, ui
     return 0;
 }
 
-/* ==== the oracle ==== */
+/* === the oracle === */
 
 static int popcount64(uint64_t v) {
     v = v - (v >> 1 & 0x5555555555555555u);

@@ -96,7 +96,7 @@ typedef struct WorldDamage {
 int world_corrupt(uint64_t seed, const WorldScene *s, int type, uint8_t *rgb, uint8_t *mask,
                   WorldDamage *damage, Error *e);
 
-/* ---- the oracle ----
+/* --- the oracle ---
  * Reads a WORLD_W x WORLD_H image, deterministically, for evaluation only:
  *   - background: the per-channel median of the one pixel border;
  *   - text level: the mean distance from the background (RGB, Euclidean) of the pixels at least
