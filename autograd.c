@@ -632,7 +632,8 @@ Var *ag_matmul(Tape *t, Var *a, Var *b) {
     bool ok = av->ndim >= 2 && bv->ndim >= 2 &&
               bv->shape[bv->ndim - 2] == av->shape[av->ndim - 1] &&
               (shared || bv->ndim == av->ndim);
-    for (int i = 0; ok && !shared && i < av->ndim - 2; i++) ok = av->shape[i] == bv->shape[i];
+    if (ok && !shared)
+        for (int i = 0; i < av->ndim - 2; i++) ok = ok && av->shape[i] == bv->shape[i];
     if (!ok)
         return fail(t, "matmul: cannot multiply %s by %s (want [.., M, K] by [.., K, N] or [K, N])",
                     shape_of(a, s1, sizeof s1), shape_of(b, s2, sizeof s2));
@@ -1475,7 +1476,8 @@ Var *ag_permute(Tape *t, Var *x, const int *perm) {
     if (!ready(t, "permute", 1, &x)) return NULL;
     const Tensor *xv = x->value;
     bool seen[TENSOR_MAX_DIMS] = {false}, ok = perm != NULL;
-    for (int d = 0; ok && d < xv->ndim; d++) {
+    for (int d = 0; d < xv->ndim; d++) {
+        if (!ok) break;
         ok = perm[d] >= 0 && perm[d] < xv->ndim && !seen[perm[d]];
         if (ok) seen[perm[d]] = true;
     }

@@ -793,7 +793,8 @@ static int bench_model(int argc, char **argv) {
     Error e = {{0}};
     int rc = bench_models_open(argc, argv, "model", &m, &a);
     double seconds;
-    for (size_t i = 0; rc == 0 && i < COUNT(parts); i++) {
+    for (size_t i = 0; i < COUNT(parts); i++) {
+        if (rc) break;
         if (a.only && strcmp(a.only, parts[i].model)) continue;
         if (bench_part(parts[i].what, parts[i].part, &m, &seconds, &e)) {
             fprintf(stderr, "diamond bench model: %s: %s\n", parts[i].what, e.msg);
@@ -1080,7 +1081,8 @@ int model_defaults_read(const char *model, OptionSet *sets, int n_sets, const ch
     if (json_parse_file(&doc, path, e)) return -1;
     const JsonValue *root = json_root(doc);
     int argc = 0, rc = root->type == JSON_OBJECT ? 0 : error_set(e, "%s: not a JSON object", path);
-    for (size_t i = 0; rc == 0 && i < root->count; i++) {
+    for (size_t i = 0; i < root->count; i++) {
+        if (rc) break;
         const char *value = NULL; /* the parser refuses repeated keys: at most one of each */
         rc = model_default_arg(&root->members[i], numbers[argc / 2], sizeof numbers[0], &value, e);
         if (rc == 0) {
@@ -1141,10 +1143,11 @@ static int encode_prompts(const char *model, WeightSource source, const char *co
                        "for Qwen3), the transformer's joint_attention_dim is %d", model,
                        prompt_encoder_width(p), joint_dim);
     if (rc == 0) rc = prompt_encode(p, prompts, n, embeds, t, e);
-    for (int b = 0; rc == 0 && b < n; b++)
-        if (t->totals[b] > (size_t)prompt_encoder_max_length(p))
-            fprintf(stderr, "note: prompt %d has %zu tokens; truncated to %d, as the pipeline "
-                    "does\n", b, t->totals[b], prompt_encoder_max_length(p));
+    if (rc == 0)
+        for (int b = 0; b < n; b++)
+            if (t->totals[b] > (size_t)prompt_encoder_max_length(p))
+                fprintf(stderr, "note: prompt %d has %zu tokens; truncated to %d, as the "
+                        "pipeline does\n", b, t->totals[b], prompt_encoder_max_length(p));
     if (!tok) prompt_tokens_free(&own);
     prompt_encoder_free(p);
     return rc;
@@ -1158,7 +1161,8 @@ static int write_prompt_embeds(const char *path, const Tensor *embeds, const Pro
     int64_t L = embeds->shape[1], D = embeds->shape[2];
     int64_t *ids = malloc((size_t)L * sizeof *ids), *mask = malloc((size_t)L * sizeof *mask);
     int rc = ids && mask ? 0 : error_set(e, "out of memory");
-    for (int64_t i = 0; rc == 0 && i < L; i++) {
+    for (int64_t i = 0; i < L; i++) {
+        if (rc) break;
         ids[i] = tok->ids[b * L + i];
         mask[i] = i < tok->lengths[b];
     }
@@ -1490,6 +1494,16 @@ static uint64_t generate_random_seed(void) {
     return seed & (uint64_t)INT64_MAX;
 }
 
+/* names[0 .. n) (given by the options opts[0 .. n)) are n different files. */
+static int outputs_distinct(const char *const *opts, char (*names)[PATH_BYTES], int n, Error *e) {
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++)
+            if (paths_same(names[i], names[j]))
+                return error_set(e, "%s %s and %s %s are the same file: one would overwrite the "
+                                    "other", opts[i], names[i], opts[j], names[j]);
+    return 0;
+}
+
 /* -o (each image's name, OUT-SEED.ext for several seeds), --compare, --dump and --save-steps name
  * different files: one would overwrite another. */
 static int generate_check_outputs(const GenerateArgs *a, Error *e) {
@@ -1497,7 +1511,8 @@ static int generate_check_outputs(const GenerateArgs *a, Error *e) {
     const char *opts[GENERATE_MAX_BATCH + 3];
     char (*names)[PATH_BYTES] = malloc((GENERATE_MAX_BATCH + 3) * sizeof *names);
     if (!names) return error_set(e, "out of memory");
-    for (int b = 0; rc == 0 && b < images; b++) {
+    for (int b = 0; b < images; b++) {
+        if (rc) break;
         opts[n] = "-o";
         rc = generate_out_name(a, a->out, b, images, names[n++], PATH_BYTES, e);
     }
@@ -1508,11 +1523,7 @@ static int generate_check_outputs(const GenerateArgs *a, Error *e) {
             opts[n] = others[k][0];
             snprintf(names[n++], PATH_BYTES, "%s", others[k][1]);
         }
-    for (int i = 0; rc == 0 && i < n; i++)
-        for (int j = i + 1; rc == 0 && j < n; j++)
-            if (paths_same(names[i], names[j]))
-                rc = error_set(e, "%s %s and %s %s are the same file: one would overwrite the "
-                                  "other", opts[i], names[i], opts[j], names[j]);
+    if (rc == 0) rc = outputs_distinct(opts, names, n, e);
     free(names);
     return rc;
 }
@@ -1632,8 +1643,9 @@ static int generate_embeddings(const GenerateArgs *a, GenerateRun *r, int batch,
         rc = error_set(e, "%s: prompt_embeds must hold one prompt, [L, %d]", a->embeddings, D);
     else if (!(r->txt = TENSOR_NEW(batch, one->shape[1], D)))
         rc = error_set(e, "out of memory for the embeddings");
-    for (int b = 0; rc == 0 && b < batch; b++)
-        memcpy(r->txt->data + b * one->numel, one->data, (size_t)one->numel * sizeof(float));
+    if (rc == 0)
+        for (int b = 0; b < batch; b++)
+            memcpy(r->txt->data + b * one->numel, one->data, (size_t)one->numel * sizeof(float));
     tensor_free(one);
     return rc;
 }
@@ -1894,7 +1906,8 @@ static int generate_write_images(const GenerateArgs *a, const Tensor *image, Err
     if (image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e)) return -1;
     int rc = 0;
     bool png = !strcmp(strrchr(a->out, '.'), ".png");
-    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+    for (int64_t b = 0; b < image->shape[0]; b++) {
+        if (rc) break;
         char name[PATH_BYTES];
         if ((rc = generate_out_name(a, a->out, b, image->shape[0], name, sizeof name, e))) break;
         generate_to_rgb(image, b, &img);
@@ -1924,7 +1937,8 @@ static int generate_detect(const GenerateRun *r, Tensor *image, Tensor **mask, T
     if (rc == 0 && mask && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
     if (rc == 0 && small_map && !(*small_map = tensor_clone(small->value)))
         rc = error_set(e, "out of memory");
-    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+    for (int64_t b = 0; b < image->shape[0]; b++) {
+        if (rc) break;
         size_t per = (size_t)(small->value->numel / image->shape[0]);
         maxima[b] = max_array(per, small->value->data + b * per);
     }
@@ -2028,12 +2042,13 @@ static int sheet_panel(Image *dst, int x0, int y0, const Image *src, const float
     }
     if (rc == 0 && map)
         resize_bilinear_forward(1, map_h, map_w, src->height, src->width, map, heat);
-    for (int y = 0; rc == 0 && y < H; y++)
-        for (int x = 0; x < W; x++) {
-            size_t from = (size_t)(y / zoom) * src->width + x / zoom;
-            memcpy(&big.rgb[((size_t)y * W + x) * 3], &src->rgb[from * 3], 3);
-            if (heat) heat_big[(size_t)y * W + x] = heat[from];
-        }
+    if (rc == 0)
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++) {
+                size_t from = (size_t)(y / zoom) * src->width + x / zoom;
+                memcpy(&big.rgb[((size_t)y * W + x) * 3], &src->rgb[from * 3], 3);
+                if (heat) heat_big[(size_t)y * W + x] = heat[from];
+            }
     if (rc == 0) generate_panel(dst, x0, y0, &big, heat_big);
     image_free(&big);
     free(heat);
@@ -2054,13 +2069,16 @@ static int sheet_write(const char *path, const SheetRow *rows, int n, Error *e) 
     memset(out.rgb, 24, (size_t)out.width * out.height * 3);
     for (int k = 0; k < 4; k++) sheet_text(&out, SHEET_GAP + k * (pw + SHEET_GAP), 8, titles[k], white);
     int rc = 0;
-    for (int i = 0; rc == 0 && i < n; i++) {
+    for (int i = 0; i < n; i++) {
+        if (rc) break;
         int y = SHEET_TITLE + i * (SHEET_CAPTION + ph + SHEET_GAP);
         sheet_text(&out, SHEET_GAP, y + 4, rows[i].caption, grey);
-        for (int k = 0; rc == 0 && k < 4; k++)
+        for (int k = 0; k < 4; k++) {
             rc = sheet_panel(&out, SHEET_GAP + k * (pw + SHEET_GAP), y + SHEET_CAPTION,
                              rows[i].images[k % 2], k < 2 ? NULL : rows[i].maps[k % 2],
                              rows[i].map_h, rows[i].map_w, zoom, e);
+            if (rc) break;
+        }
     }
     if (rc == 0)
         rc = !strcmp(strrchr(path, '.'), ".png") ? png_write(path, &out, e)
@@ -2087,7 +2105,8 @@ static int generate_save_step(const GenerateProgress *p, const SamplerStep *s, E
     int rc = generate_decode(p->run, (Tensor *)s->x0, &image, e) ||
              image_alloc(&img, (int)image->shape[3], (int)image->shape[2], e) ||
              image_alloc(&heat, img.width, img.height, e);
-    for (int64_t b = 0; rc == 0 && b < image->shape[0]; b++) {
+    for (int64_t b = 0; b < image->shape[0]; b++) {
+        if (rc) break;
         char file[64], base[PATH_BYTES], name[PATH_BYTES];
         generate_to_rgb(image, b, &img);
         snprintf(file, sizeof file, "step_%03d_x0.png", s->index);
@@ -2156,10 +2175,12 @@ static int generate_compare_sheet(const GenerateArgs *a, const Tensor *baseline,
     Image *images = calloc(2 * (size_t)B, sizeof *images);
     SheetRow *rows = calloc((size_t)B, sizeof *rows);
     int rc = images && rows ? 0 : error_set(e, "out of memory");
-    for (int64_t b = 0; rc == 0 && b < B; b++) {
+    for (int64_t b = 0; b < B; b++) {
+        if (rc) break;
         SheetRow *row = &rows[b];
         const Tensor *both[2] = {baseline, guided};
-        for (int k = 0; rc == 0 && k < 2; k++) {
+        for (int k = 0; k < 2; k++) {
+            if (rc) break;
             rc = image_alloc(&images[2 * b + k], (int)both[k]->shape[3], (int)both[k]->shape[2],
                              e);
             if (rc == 0) generate_to_rgb(both[k], b, &images[2 * b + k]);
@@ -2176,7 +2197,8 @@ static int generate_compare_sheet(const GenerateArgs *a, const Tensor *baseline,
                  maxima[b], maxima[B + b]);
     }
     if (rc == 0) rc = sheet_write(a->compare, rows, (int)B, e);
-    for (int64_t i = 0; images && i < 2 * B; i++) image_free(&images[i]);
+    if (images)
+        for (int64_t i = 0; i < 2 * B; i++) image_free(&images[i]);
     free(images);
     free(rows);
     return rc ? -1 : 0;
@@ -2203,9 +2225,10 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
              generate_detect(r, baseline, NULL, &maps[0], maxima, e) ||
              generate_detect(r, guided, NULL, &maps[1], maxima + B, e) ||
              generate_compare_sheet(a, baseline, guided, maps, maxima, e);
-    for (int64_t b = 0; rc == 0 && b < B; b++)
-        printf("image %lld: detector max %.4f (baseline) -> %.4f (guided)\n", (long long)b,
-               maxima[b], maxima[B + b]);
+    if (rc == 0)
+        for (int64_t b = 0; b < B; b++)
+            printf("image %lld: detector max %.4f (baseline) -> %.4f (guided)\n", (long long)b,
+                   maxima[b], maxima[B + b]);
     if (rc == 0 && !a->quiet) fprintf(stderr, "wrote %s\n", a->compare);
     tensor_free(baseline);
     tensor_free(maps[0]);
@@ -2906,7 +2929,8 @@ static int eval_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     }
     EvalItem *items = malloc(csv->n * sizeof *items);
     int rc = items ? dir_make(a->out, e) : error_set(e, "out of memory");
-    for (size_t i = 0; rc == 0 && i < csv->n; i++) {
+    for (size_t i = 0; i < csv->n; i++) {
+        if (rc) break;
         const EvalRow *row = &csv->rows[i];
         if (row->index % a->shards != a->shard) continue;
         int todo = eval_item_done(a, row, settings, &items[n], e);
@@ -2979,7 +3003,8 @@ static int eval_merge(const EvalArgs *a, Error *e) {
     if (dir_list(a->out, &names, &count, e)) return 1;
     EvalItem *items = malloc((count ? count : 1) * sizeof *items);
     int rc = items ? 0 : error_set(e, "out of memory");
-    for (size_t i = 0; rc == 0 && i < count; i++) {
+    for (size_t i = 0; i < count; i++) {
+        if (rc) break;
         if (!eval_is_item_name(names[i])) continue;
         JsonDoc *doc = NULL;
         const char *emb, *settings;
@@ -2997,9 +3022,11 @@ static int eval_merge(const EvalArgs *a, Error *e) {
     dir_list_free(names, count);
     if (rc == 0 && n == 0) rc = error_set(e, "%s: no item_*.json files", a->out);
     if (rc == 0) qsort(items, n, sizeof *items, eval_item_compare);
-    for (size_t i = 1; rc == 0 && i < n; i++)
+    for (size_t i = 1; i < n; i++) {
+        if (rc) break;
         if (items[i].row == items[i - 1].row)
             rc = error_set(e, "%s: two item files for row %lld", a->out, (long long)items[i].row);
+    }
     if (rc == 0) eval_merge_missing(items, n);
     if (rc == 0) rc = eval_report(a, items, n, e);
     free(items);
@@ -3107,11 +3134,13 @@ static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
              : seeds && found ? generate_load_models(&a->gen, &r, e)
                               : error_set(e, "out of memory");
     size_t misses = 0;
-    for (size_t i = 0; rc == 0 && i < csv->n; i++) {
+    for (size_t i = 0; i < csv->n; i++) {
+        if (rc) break;
         const EvalRow *row = &csv->rows[i];
         float max = 0.0f;
         uint64_t first = next;
-        for (int t = 0; rc == 0 && t < a->max_tries && !found[i]; t++) {
+        for (int t = 0; t < a->max_tries && !found[i]; t++) {
+            if (rc) break;
             seeds[i] = next++;
             rc = search_try(a, &r, row, seeds[i], &max, e) ? 1 : 0;
             found[i] = rc == 0 && max >= a->threshold;

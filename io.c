@@ -1837,7 +1837,8 @@ int st_model_open(StModel **out, const char *path, Error *e) {
 
 void st_model_close(StModel *m) {
     if (!m) return;
-    for (size_t i = 0; m->synthetic && i < m->count; i++) free((char *)m->synthetic[i].name);
+    if (m->synthetic)
+        for (size_t i = 0; i < m->count; i++) free((char *)m->synthetic[i].name);
     free(m->synthetic);
     for (size_t i = 0; i < m->shard_count; i++) st_close(m->shards[i]);
     free(m->shards);
@@ -2207,7 +2208,8 @@ int utf8_nfc(const char *text, size_t len, char **out, size_t *out_len, Error *e
     int rc = nfc_code_points(text, len, &c);
     char *s = rc == 0 && c.n < SIZE_MAX / 4 ? malloc(4 * c.n + 1) : NULL;
     size_t n = 0;
-    for (size_t i = 0; s && i < c.n; i++) n += utf8_encode(c.cp[i], s + n);
+    if (s)
+        for (size_t i = 0; i < c.n; i++) n += utf8_encode(c.cp[i], s + n);
     free(c.cp);
     if (!s) return error_set(e, "out of memory normalising %zu bytes", len);
     s[n] = '\0';

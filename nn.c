@@ -977,7 +977,8 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
     Var *act = status ? NULL : flux2_time_act(t, &w, c, sigma, guidance, s->batch);
     weight_part_free(&part);
     Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
-    for (int k = 0; !status && k < FLUX2_MODS; k++) {
+    for (int k = 0; k < FLUX2_MODS; k++) {
+        if (status) break;
         Var *weight;
         status = flux2_modulation_load(&weight, &part, c, k, e) ||
                  nograd_result(t, ag_linear(t, act, weight, NULL), mods[k], "flux2 conditioning",
@@ -995,7 +996,8 @@ static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
     WeightPart part = {.weights = m->weights};
     Flux2Embedders w;
     int status = flux2_embedders_load(&w, &part, &m->config, e);
-    for (int b = 0; !status && b < s->batch; b++) {
+    for (int b = 0; b < s->batch; b++) {
+        if (status) break;
         Tape *t = nograd_tape();
         Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), w.x_embedder, NULL);
         Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), w.context_embedder, NULL);
@@ -1026,7 +1028,8 @@ static Var *flux2_mod(Tape *t, Var *mod, int k, int dim) {
 static Var *flux2_rows(Tape *t, Var *v, int64_t n) {
     int64_t batch = var_size(v, 0), dim = var_size(v, 1);
     Tensor *ones = TENSOR_NEW(batch, n, 1);
-    for (int64_t i = 0; ones && i < ones->numel; i++) ones->data[i] = 1.0f;
+    if (ones)
+        for (int64_t i = 0; i < ones->numel; i++) ones->data[i] = 1.0f;
     return ag_matmul(t, var_take(t, ones, false), ag_reshape(t, v, 3, (int64_t[]){batch, 1, dim}));
 }
 
@@ -1149,7 +1152,8 @@ typedef int (*Flux2ChunkFn)(Tape *t, int64_t start, int64_t n, void *ctx, Error 
 
 static int flux2_chunks(int64_t count, Flux2ChunkFn fn, void *ctx, Error *e) {
     int status = 0;
-    for (int64_t start = 0; !status && start < count; start += FLUX2_CHUNK_TOKENS) {
+    for (int64_t start = 0; start < count; start += FLUX2_CHUNK_TOKENS) {
+        if (status) break;
         int64_t n = count - start < FLUX2_CHUNK_TOKENS ? count - start : FLUX2_CHUNK_TOKENS;
         Tape *t = nograd_tape();
         status = t ? fn(t, start, n, ctx, e) : error_set(e, "out of memory");
@@ -1252,10 +1256,12 @@ static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
     Flux2StreamIn w[FLUX2_STREAMS];
     int status = flux2_stream_in_load(&w[FLUX2_IMAGE], &part, c, i, FLUX2_IMAGE, e) ||
                  flux2_stream_in_load(&w[FLUX2_TEXT], &part, c, i, FLUX2_TEXT, e);
-    for (int b = 0; !status && b < s->batch; b++) {
+    for (int b = 0; b < s->batch; b++) {
+        if (status) break;
         Flux2Joint joint = {0};
         status = flux2_joint_alloc(&joint, s, c, e);
-        for (int stream = 0; !status && stream < FLUX2_STREAMS; stream++) {
+        for (int stream = 0; stream < FLUX2_STREAMS; stream++) {
+            if (status) break;
             Flux2StreamPass p = flux2_stream_pass(m, s, stream, b,
                                                   stream == FLUX2_TEXT ? txt[b] : img[b]);
             p.in = &w[stream];
@@ -1277,7 +1283,8 @@ static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int st
     WeightPart part = {.weights = m->weights};
     Flux2StreamOut w;
     int status = flux2_stream_out_load(&w, &part, &m->config, i, stream, e);
-    for (int b = 0; !status && b < s->batch; b++) {
+    for (int b = 0; b < s->batch; b++) {
+        if (status) break;
         Flux2StreamPass p = flux2_stream_pass(m, s, stream, b, x[b]);
         p.out = &w;
         p.o = o[b];
@@ -1301,7 +1308,8 @@ static int flux2_double_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **
                     : flux2_double_attention(m, i, s, img, txt, o, e) ||
                           flux2_double_update(m, i, s, FLUX2_IMAGE, img, o, e) ||
                           flux2_double_update(m, i, s, FLUX2_TEXT, txt, o, e);
-    for (int b = 0; o && b < s->batch; b++) tensor_free(o[b]);
+    if (o)
+        for (int b = 0; b < s->batch; b++) tensor_free(o[b]);
     free(o);
     if (!status) return 0;
     char name[64];
@@ -1350,7 +1358,8 @@ static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
     WeightPart part = {.weights = m->weights};
     Flux2SingleIn w;
     int status = flux2_single_in_load(&w, &part, c, i, e);
-    for (int b = 0; !status && b < s->batch; b++) {
+    for (int b = 0; b < s->batch; b++) {
+        if (status) break;
         Flux2Joint joint = {0};
         Flux2SinglePass p = {.c = c, .s = s, .b = b, .x = seq[b], .in = &w, .joint = &joint};
         hidden[b] = p.hidden = TENSOR_NEW(1, seq[b]->shape[1], c->dim + c->mlp_hidden);
@@ -1373,7 +1382,8 @@ static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **
     int status = !hidden ? error_set(e, "out of memory")
                          : flux2_single_attention(m, i, s, seq, hidden, e) ||
                                flux2_single_out_load(&to_out, &part, &m->config, i, e);
-    for (int b = 0; !status && b < s->batch; b++) {
+    for (int b = 0; b < s->batch; b++) {
+        if (status) break;
         Flux2SinglePass p = {.c = &m->config, .s = s, .b = b, .x = seq[b], .hidden = hidden[b],
                              .to_out = to_out, .y = tensor_new(seq[b]->ndim, seq[b]->shape)};
         status = !p.y ? error_set(e, "out of memory")
@@ -1382,7 +1392,8 @@ static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **
         else tensor_replace(&seq[b], p.y);
     }
     weight_part_free(&part);
-    for (int b = 0; hidden && b < s->batch; b++) tensor_free(hidden[b]);
+    if (hidden)
+        for (int b = 0; b < s->batch; b++) tensor_free(hidden[b]);
     free(hidden);
     if (!status) return 0;
     char name[64];
@@ -1411,7 +1422,8 @@ static int flux2_output(const Flux2 *m, const Flux2Step *s, Tensor **seq, Tensor
     WeightPart part = {.weights = m->weights};
     Var *proj_out;
     int status = flux2_output_load(&proj_out, &part, c, e);
-    for (int b = 0; !status && b < s->batch; b++) {
+    for (int b = 0; b < s->batch; b++) {
+        if (status) break;
         Tape *t = nograd_tape();
         Var *img = ag_slice(t, var_new(t, seq[b], false), 1, s->txt_len, s->img_len);
         Var *y = flux2_final(t, proj_out, c, img, flux2_mod_row(t, s->mod_out, b));
@@ -1528,13 +1540,18 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
                      ? error_set(e, "flux2: out of memory")
                      : flux2_conditioning(m, sigma, guidance, &s, e) ||
                            flux2_embed(m, tokens, txt, &s, img, ctx, e);
-    for (int i = 0; !status && i < c->num_layers; i++)
+    for (int i = 0; i < c->num_layers; i++) {
+        if (status) break;
         status = flux2_double_run(m, i, &s, img, ctx, e);
+    }
     if (!status) status = flux2_join(&s, c->dim, ctx, img, seq, e);
-    for (int i = 0; !status && i < c->num_single_layers; i++)
+    for (int i = 0; i < c->num_single_layers; i++) {
+        if (status) break;
         status = flux2_single_run(m, i, &s, seq, e);
+    }
     if (!status) status = flux2_output(m, &s, seq, v, e);
-    for (int i = 0; img && i < 3 * s.batch; i++) tensor_free(img[i]);
+    if (img)
+        for (int i = 0; i < 3 * s.batch; i++) tensor_free(img[i]);
     free(img);
     flux2_step_free(&s);
     if (status) tensor_free(v);
@@ -1740,10 +1757,12 @@ static Tensor *text_one_hot(const TextEncoder *m, const char *const *prompts, in
     Tensor *x = TENSOR_NEW(batch, L, V);
     int *ids = malloc((size_t)L * sizeof *ids);
     int status = !x || !ids ? error_set(e, "out of memory encoding prompts") : 0;
-    for (int b = 0; !status && b < batch; b++) {
+    for (int b = 0; b < batch; b++) {
+        if (status) break;
         status = text_encoder_tokenize(m, prompts[b], ids, &valid[b], e);
-        for (int i = 0; !status && i < L; i++) x->data[((int64_t)b * L + i) * V + ids[i]] = 1.0f;
-        if (!status && valid[b] < 1) valid[b] = 1;
+        if (status) break;
+        for (int i = 0; i < L; i++) x->data[((int64_t)b * L + i) * V + ids[i]] = 1.0f;
+        if (valid[b] < 1) valid[b] = 1;
     }
     free(ids);
     if (!status) return x;
@@ -2130,7 +2149,8 @@ int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, 
     int status = !stacked || !arena.data || qwen3_rope_tables(c, L, &call.cos, &call.sin)
                      ? error_set(e, "out of memory for the prompt encoder")
                      : qwen3_embed(m, ids, batch, L, &x, e);
-    for (int i = 0, k = 0; !status && k < 3; i++) {
+    for (int i = 0, k = 0; k < 3; i++) {
+        if (status) break;
         status = qwen3_layer(m, &call, i, &x, e);
         if (!status && i + 1 == QWEN3_KLEIN_LAYERS[k]) qwen3_stack(x, k++, stacked);
     }
@@ -2269,14 +2289,16 @@ static int prompt_tokenize(const PromptEncoder *p, const char *const *prompts, i
         return error_set(e, "out of memory tokenizing %d prompts", n);
     }
     int status = 0;
-    for (int b = 0; !status && b < n; b++) {
+    for (int b = 0; b < n; b++) {
+        if (status) break;
         int32_t *ids = tok->ids + (size_t)b * L;
         if (p->tokenizer) {
             status = klein_tokenize(p, prompts[b], ids, &tok->lengths[b], &tok->totals[b], e);
             continue;
         }
         status = text_encoder_tokenize(p->chars, prompts[b], chars, &tok->lengths[b], e);
-        for (size_t i = 0; !status && i < L; i++) ids[i] = chars[i];
+        if (status) break;
+        for (size_t i = 0; i < L; i++) ids[i] = chars[i];
         tok->totals[b] = (size_t)tok->lengths[b];
     }
     free(chars);
@@ -2316,8 +2338,10 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
     int status = prompt_tokenize(p, prompts, n, tok, e);
     if (!status && !(*embeds = TENSOR_NEW(n, p->max_length, p->width)))
         status = error_set(e, "out of memory for the prompt embeddings");
-    for (int b = 0; !status && b < n; b++)
+    for (int b = 0; b < n; b++) {
+        if (status) break;
         status = prompt_encode_one(p, prompts[b], tok, b, *embeds, e);
+    }
     if (status) {
         tensor_free(*embeds);
         *embeds = NULL;
@@ -3508,8 +3532,10 @@ int segformer_open(Segformer **out, const char *dir, WeightSource source, uint64
     StModel *m = NULL;
     int rc = segformer_config_load(&s->config, dir, e) ||
              params_open(&s->params, &m, dir, source, seed, e) || segformer_pixel_load(s, e);
-    for (int i = 0; !rc && i < s->config.stages; i++)
+    for (int i = 0; i < s->config.stages; i++) {
+        if (rc) break;
         rc = segformer_stage_load(&s->stages[i], s->params, &s->config, i, e);
+    }
     if (!rc) rc = segformer_head_load(s, m, source, e);
     /* the folding read the decode head's linear parts (their shapes checked there) */
     static const char *const folded[] = {"decode_head.linear_c.", "decode_head.linear_fuse.",
@@ -3783,7 +3809,8 @@ static int sampler_guidance(const SamplerRun *r, Tensor *x0, Tensor **mask, Tens
     if (rc == 0 && !(*mask = tensor_clone(m->value))) rc = error_set(e, "out of memory");
     int64_t B = x0->shape[0];
     bool any = false;
-    for (int64_t b = 0; rc == 0 && b < B; b++) {
+    for (int64_t b = 0; b < B; b++) {
+        if (rc) break;
         size_t per = (size_t)(small->value->numel / B);
         float gate = r->o->gate;
         r->shifted[b] = !(gate > 0.0f) || max_array(per, small->value->data + b * per) >= gate;
@@ -3794,7 +3821,8 @@ static int sampler_guidance(const SamplerRun *r, Tensor *x0, Tensor **mask, Tens
         if (rc == 0 && !(*grad = x->grad ? tensor_clone(x->grad) : TENSOR_NEW(B, x0->shape[1],
                                                                                x0->shape[2])))
             rc = error_set(e, "out of memory");
-        for (int64_t b = 0; rc == 0 && b < B; b++) {
+        for (int64_t b = 0; b < B; b++) {
+            if (rc) break;
             size_t per = (size_t)(x0->numel / B);
             if (!r->shifted[b]) memset((*grad)->data + b * per, 0, per * sizeof(float));
         }
@@ -3903,7 +3931,8 @@ static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     if (rc == 0 && detect) rc = sampler_guidance(r, x0, &mask, &grad, e);
     if (rc == 0) rc = sampler_finite(mask, "detector mask", i, o->steps, e);
     if (rc == 0) rc = sampler_finite(grad, "gradient of the artifact loss", i, o->steps, e);
-    for (int64_t b = 0; lambda == 0.0f && b < B; b++) r->shifted[b] = false;
+    if (lambda == 0.0f)
+        for (int64_t b = 0; b < B; b++) r->shifted[b] = false;
     SamplerStep step = {i, o->steps, r->sigmas[i], r->sigmas[i + 1], lambda, latent, v, x0, mask,
                         grad, r->shifted};
     if (rc == 0 && r->on_step) rc = r->on_step(&step, r->ctx, e);
@@ -3932,7 +3961,10 @@ int sampler_run(const Flux2 *flow, const VaeDecoder *vae, const Segformer *detec
         if (o->set_mu) flux2_sigmas_shifted(o->steps, o->mu, r.sigmas);
         else flux2_sigmas(o->steps, h * w, r.sigmas);
     }
-    for (int i = 0; rc == 0 && i < o->steps; i++) rc = sampler_step(&r, latent, i, e);
+    for (int i = 0; i < o->steps; i++) {
+        if (rc) break;
+        rc = sampler_step(&r, latent, i, e);
+    }
     free(r.sigmas);
     free(r.shifted);
     return rc;

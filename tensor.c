@@ -100,7 +100,8 @@ const char *tensor_shape_str(const Tensor *t, char *buf, size_t len) {
 /* The kernels have no status to return: when scratch memory runs out they poison their
  * outputs with NaN, so the failure cannot pass for a result. */
 static void fill_nan(float *p, size_t n) {
-    for (size_t i = 0; p && i < n; i++) p[i] = NAN;
+    if (p)
+        for (size_t i = 0; i < n; i++) p[i] = NAN;
 }
 
 /* e^x for x <= 0, the only exponentials sigmoid, SiLU, GELU, softmax and attention need (they
@@ -1222,7 +1223,8 @@ static bool winograd_run(const WinogradDims *d, int batch, const float *u, const
     float *m = malloc((size_t)WINOGRAD_POINTS * d->out_ch * block * sizeof *m);
     float *scratch = malloc(winograd_scratch_floats(d) * team_size() * sizeof *scratch);
     bool ok = v && m && scratch;
-    for (int b = 0; ok && b < batch; b++) {
+    for (int b = 0; b < batch; b++) {
+        if (!ok) break;
         const float *x_b = x + (size_t)b * d->in_ch * d->H * d->W;
         float *y_b = y + (size_t)b * d->out_ch * d->H * d->W;
         for (int ty0 = 0; ty0 < d->tile_rows; ty0 += d->block_rows) {
@@ -1362,10 +1364,14 @@ void conv2d_reference_backward(const Conv2dShape *s, const float *x, const float
     double *sum_db = calloc((size_t)s->out_ch, sizeof(double));
     bool ok = r.dx && r.dw && sum_db;
     if (ok) conv2d_reference_terms(s, conv2d_backward_term, &r);
-    for (size_t i = 0; ok && i < ny; i++) sum_db[i / plane % s->out_ch] += dy[i];
-    for (size_t i = 0; dx && i < nx; i++) dx[i] += ok ? (float)r.dx[i] : NAN;
-    for (size_t i = 0; dw && i < nw; i++) dw[i] += ok ? (float)r.dw[i] : NAN;
-    for (int c = 0; db && c < s->out_ch; c++) db[c] += ok ? (float)sum_db[c] : NAN;
+    if (ok)
+        for (size_t i = 0; i < ny; i++) sum_db[i / plane % s->out_ch] += dy[i];
+    if (dx)
+        for (size_t i = 0; i < nx; i++) dx[i] += ok ? (float)r.dx[i] : NAN;
+    if (dw)
+        for (size_t i = 0; i < nw; i++) dw[i] += ok ? (float)r.dw[i] : NAN;
+    if (db)
+        for (int c = 0; c < s->out_ch; c++) db[c] += ok ? (float)sum_db[c] : NAN;
     free(r.dx);
     free(r.dw);
     free(sum_db);
@@ -1927,10 +1933,11 @@ void attention_reference(const AttentionShape *s, float scale, const float *q, c
                              malloc((s->head_dim + 1) * sizeof *w.dq_row),
                              calloc(nk_all + 1, sizeof *w.dk), calloc(nk_all + 1, sizeof *w.dv)};
     bool ok = w.p && w.dq_row && w.dk && w.dv;
-    for (int b = 0; ok && b < s->batch; b++)
-        for (int h = 0; h < s->heads; h++)
-            for (int i = 0; i < s->q_len; i++)
-                attention_reference_row(s, scale, q, k, v, dout, out, lse, dq, b, h, i, &w);
+    if (ok)
+        for (int b = 0; b < s->batch; b++)
+            for (int h = 0; h < s->heads; h++)
+                for (int i = 0; i < s->q_len; i++)
+                    attention_reference_row(s, scale, q, k, v, dout, out, lse, dq, b, h, i, &w);
     if (!ok) { /* out of memory: NaNs, never a plausible answer */
         size_t nq_all = (size_t)s->batch * s->q_len * s->heads * s->head_dim;
         for (size_t i = 0; i < nq_all; i++) out[i] = dq[i] = NAN;

@@ -314,7 +314,8 @@ static int train_exclude_words(const char *path, char ***words, int *n, Error *e
     if (eval_csv_read(path, false, &c, e)) return -1;
     int rc = c.prompts ? 0 : error_set(e, "%s: --exclude needs a `prompt` column", path);
     if (rc == 0 && !(*words = calloc(c.n, sizeof **words))) rc = error_set(e, "out of memory");
-    for (size_t i = 0; rc == 0 && i < c.n; i++) {
+    for (size_t i = 0; i < c.n; i++) {
+        if (rc) break;
         (*words)[i] = c.rows[i].input;
         c.rows[i].input = NULL;
         (*n)++;

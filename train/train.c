@@ -114,7 +114,8 @@ double params_clip_grad_norm(Params *const *groups, int n_groups, double max_nor
     for (int g = 0; g < n_groups; g++)
         for (int i = 0; i < params_count(groups[g]); i++) {
             Tensor *grad = params_var(groups[g], i)->grad;
-            for (int64_t k = 0; grad && k < grad->numel; k++) grad->data[k] *= scale;
+            if (grad)
+                for (int64_t k = 0; k < grad->numel; k++) grad->data[k] *= scale;
         }
     return norm;
 }
@@ -234,7 +235,8 @@ int train_run(const TrainTask *task, const TrainOptions *o, Error *e) {
     }
     for (int g = 0; g < task->n_groups; g++) params_set_trainable(task->groups[g], true);
     int rc = 0;
-    for (int64_t step = 0; rc == 0 && step < o->steps; step++) {
+    for (int64_t step = 0; step < o->steps; step++) {
+        if (rc) break;
         TrainStep info = {.step = step, .steps = o->steps, .lr = train_lr(o, step)};
         rc = train_step(task, o, a, step, &info, e);
         if (rc == 0 && avg) param_average_update(avg);
@@ -373,7 +375,8 @@ int flow_world_batch(int64_t step, int batch, char (*prompts)[FLOW_PROMPT_MAX], 
     if (!images) return error_set(e, "out of memory for a batch of world images");
     int64_t plane = 3 * WORLD_H * WORLD_W;
     int rc = 0;
-    for (int b = 0; rc == 0 && b < batch; b++) {
+    for (int b = 0; b < batch; b++) {
+        if (rc) break;
         uint64_t index =
             vae_image_index(world->seed, (uint64_t)step * (uint64_t)batch + (uint64_t)b);
         WorldScene scene;
@@ -507,7 +510,8 @@ int detector_batch(const DetectorTrainer *d, int64_t step, Tensor **images, Tens
     if (rc == 0)
         rc = detector_examples(o->seed, step, renders, renders - renders / 2, (*images)->data,
                                (*masks)->data, e);
-    for (int b = renders; rc == 0 && b < n; b++) {
+    for (int b = renders; b < n; b++) {
+        if (rc) break;
         size_t k = (size_t)detector_sample_index(o, step, b);
         detector_put(o->samples->rgb + k * DETECTOR_PIXELS * 3,
                      o->samples->mask + k * DETECTOR_PIXELS,
@@ -528,7 +532,8 @@ static Tensor *detector_targets(const Tensor *masks, int64_t h, int64_t w, Error
     Tensor *target = TENSOR_NEW(B, 1, h, w);
     uint8_t *mask = malloc((size_t)(H * W));
     int rc = target && mask ? 0 : error_set(e, "out of memory for the targets");
-    for (int64_t b = 0; rc == 0 && b < B; b++) {
+    for (int64_t b = 0; b < B; b++) {
+        if (rc) break;
         for (int64_t p = 0; p < H * W; p++) mask[p] = masks->data[b * H * W + p] != 0.0f;
         rc = detector_target(mask, (int)H, (int)W, (int)h, (int)w, target->data + b * h * w, e);
     }
@@ -590,7 +595,8 @@ static int detector_decide(const Segformer *m, Tensor *images, int n, int *flagg
     tape_set_grad(t, false);
     Var *logits = segformer_forward_logits(t, m, var_take(t, images, false));
     int rc = tape_check(t, e);
-    for (int b = 0; rc == 0 && b < n; b++) {
+    for (int b = 0; b < n; b++) {
+        if (rc) break;
         int64_t per = logits->value->numel / n;
         float top = -INFINITY;
         for (int64_t i = 0; i < per; i++) top = fmaxf(top, logits->value->data[b * per + i]);
@@ -706,7 +712,8 @@ static int detector_samples_batch(const Flux2 *flow, const TextEncoder *text,
     Tensor *latent = TENSOR_NEW(count, (int64_t)h * w, flux2_config(flow)->in_channels);
     Tape *t = tape_new();
     int rc = prompts && latent && t ? 0 : error_set(e, "out of memory for the samples");
-    for (int b = 0; rc == 0 && b < count; b++) {
+    for (int b = 0; b < count; b++) {
+        if (rc) break;
         rc = detector_sample_word(o, first + b, s->words[first + b], e);
         prompts[b] = s->words[first + b];
         prompts[count + b] = "";
@@ -728,7 +735,8 @@ static int detector_samples_batch(const Flux2 *flow, const TextEncoder *text,
         rc = error_set(e, "detector samples: the VAE makes %lldx%lld images, the world is %dx%d",
                        (long long)image->value->shape[3], (long long)image->value->shape[2],
                        WORLD_W, WORLD_H);
-    for (int b = 0; rc == 0 && b < count; b++) {
+    for (int b = 0; b < count; b++) {
+        if (rc) break;
         size_t i = (size_t)(first + b);
         OracleResult r;
         image_from_signed(image->value->data + (size_t)b * 3 * DETECTOR_PIXELS, WORLD_W, WORLD_H,
@@ -755,7 +763,8 @@ int detector_samples_make(const Flux2 *flow, const TextEncoder *text, const VaeD
                              .rgb = malloc((size_t)o->n * DETECTOR_PIXELS * 3),
                              .mask = malloc((size_t)o->n * DETECTOR_PIXELS)};
     int rc = out->words && out->rgb && out->mask ? 0 : error_set(e, "out of memory for samples");
-    for (int first = 0; rc == 0 && first < o->n; first += o->batch) {
+    for (int first = 0; first < o->n; first += o->batch) {
+        if (rc) break;
         int count = o->n - first < o->batch ? o->n - first : o->batch;
         rc = detector_samples_batch(flow, text, vae, o, h, w, first, count, out, e);
         if (rc == 0 && o->on_batch && o->on_batch(first + count, o->n, o->ctx))
@@ -941,7 +950,8 @@ int vae_fit_latent_stats(VaeTrainer *tr, uint64_t seed, int n_images, Error *e) 
                     .m2 = calloc((size_t)P, sizeof(double))};
     float *stats = calloc((size_t)2 * P, sizeof *stats); /* mean, then variance */
     int rc = m.mean && m.m2 && stats ? 0 : error_set(e, "out of memory");
-    for (int first = 0; rc == 0 && first < n_images; first += tr->o.batch) {
+    for (int first = 0; first < n_images; first += tr->o.batch) {
+        if (rc) break;
         int n = n_images - first < tr->o.batch ? n_images - first : tr->o.batch;
         Tensor *images = NULL;
         rc = vae_images(tr, seed, (uint64_t)first, n, &images, e) ||
