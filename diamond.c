@@ -27,6 +27,24 @@
 #include "tensor.h"
 #include "train/train.h"
 
+/* The benchmarks' lines of the usage, also `diamond bench --help`. */
+#define BENCH_USAGE \
+    "  diamond bench gemm M N K [--trans-a] [--trans-b] [--threads T]\n" \
+    "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n" \
+    "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n" \
+    "  diamond bench model --model DIR --detector DIR -W W -H H [--config-only]\n" \
+    "                    [--text-len L] [--vae-memory MB] [--threads T]\n" \
+    "                    [--only transformer|vae|detector]\n" \
+    "                                     seconds of one transformer forward, the VAE decode\n" \
+    "                                     and the detector, each with and without its backward,\n" \
+    "                                     and peak memory; --config-only reads only the config\n" \
+    "                                     files (random weights); --vae-memory as generate's\n" \
+    "  diamond bench step (the same options)   one unguided and one guided sampler step\n" \
+    "  diamond bench text --model DIR [--config-only] [--tokens N] [--real R] [--threads T]\n" \
+    "                                     one N-token (default 512) encoding by DIR's Qwen3\n" \
+    "                                     (DIR/text_encoder or DIR), R (20) real tokens, and\n" \
+    "                                     peak memory beyond the mapped weights\n"
+
 static const char *usage_text =
     "diamond - training-free artifact removal for rectified-flow image models (DIAMOND)\n"
     "\n"
@@ -52,21 +70,7 @@ static const char *usage_text =
     "                                   train an embedded model (`make weights` trains all)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
     "  diamond info IMAGE.png           the generation parameters generate wrote into it\n"
-    "  diamond bench gemm M N K [--trans-a] [--trans-b] [--threads T]\n"
-    "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n"
-    "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n"
-    "  diamond bench model --model DIR --detector DIR -W W -H H [--config-only]\n"
-    "                    [--text-len L] [--vae-memory MB] [--threads T]\n"
-    "                    [--only transformer|vae|detector]\n"
-    "                                     seconds of one transformer forward, the VAE decode\n"
-    "                                     and the detector, each with and without its backward,\n"
-    "                                     and peak memory; --config-only reads only the config\n"
-    "                                     files (random weights); --vae-memory as generate's\n"
-    "  diamond bench step (the same options)   one unguided and one guided sampler step\n"
-    "  diamond bench text --model DIR [--config-only] [--tokens N] [--real R] [--threads T]\n"
-    "                                     one N-token (default 512) encoding by DIR's Qwen3\n"
-    "                                     (DIR/text_encoder or DIR), R (20) real tokens, and\n"
-    "                                     peak memory beyond the mapped weights\n"
+    BENCH_USAGE
     "  diamond help                     this text\n"
     "  diamond --version                the version\n"
     "\n"
@@ -200,8 +204,17 @@ static int info_png(const char *path) {
 }
 
 static int info_main(int argc, char **argv) {
+    static const char usage[] =
+        "usage: diamond info FILE|DIR|IMAGE.png\n"
+        "  a safetensors file, a model directory or an index: every tensor validated and listed\n"
+        "  a PNG: the generation parameters generate wrote into it\n"
+        "\nexit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
+    if (asks_for_help(argc, argv)) {
+        fputs(usage, stdout);
+        return 0;
+    }
     if (argc != 1) {
-        fputs("usage: diamond info FILE|DIR|IMAGE.png\n", stderr);
+        fputs(usage, stderr);
         return 2;
     }
     const char *path = argv[0];
@@ -3423,6 +3436,11 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "search-seeds")) return search_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) {
+        if (asks_for_help(argc - 2, argv + 2)) {
+            fputs("usage:\n" BENCH_USAGE "\nexit status: 0 success, 1 runtime error, 2 bad "
+                  "command line\n", stdout);
+            return 0;
+        }
         if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
         if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);

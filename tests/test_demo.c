@@ -136,6 +136,17 @@ static void test_fixture_demo(Cli *c) {
 }
 
 /* `diamond train`'s command line: what it refuses exits 2 before anything is read or trained. */
+/* Every command and benchmark answers --help on stdout with exit 0. */
+static void test_help(Cli *c) {
+    static const char *const commands[] = {
+        "", "demo", "generate", "encode", "eval", "search-seeds", "world", "train", "train vae",
+        "info", "bench", "bench gemm", "bench conv", "bench attention", "bench model",
+        "bench step", "bench text"};
+    for (size_t i = 0; i < COUNT(commands); i++)
+        CHECK(run(c, "%s --help", commands[i]) == 0 && log_has(c, "usage"),
+              "diamond %s --help exits 0 with its usage", commands[i]);
+}
+
 static void test_train_usage(Cli *c) {
     CHECK(run(c, "train bogus --config x --out y") == 2 && log_has(c, "say what to train"),
           "an unknown model exits 2");
@@ -199,6 +210,7 @@ int main(int argc, char **argv) {
     snprintf(c.log, sizeof c.log, "%s/log", c.dir);
     test_fixture_demo(&c);
     test_train_usage(&c);
+    test_help(&c);
     test_bench_gemm_options(&c);
     test_embedded_demo(&c);
     test_model_defaults(&c);
