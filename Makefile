@@ -58,7 +58,7 @@ endif
 CFLAGS = $(CFLAGS_BASE) $(OPT) $(SANITIZE) $(ARCH_FLAGS) $(OMP_CFLAGS)
 LDFLAGS += $(OMP_LDFLAGS) $(SANITIZE)
 
-LIB_SRC = io.c tensor.c autograd.c nn.c train/world.c train/train.c train/save.c
+LIB_SRC = io.c tensor.c autograd.c nn.c train/world.c train/train.c train/save.c train/vae_encoder.c
 LIB_OBJ = $(LIB_SRC:%.c=$(BUILD)/%.o)
 HEADERS = $(wildcard *.h train/*.h)
 TEST_SRC = $(wildcard tests/test_*.c)

@@ -203,8 +203,8 @@ static bool weights_from_files(WeightSource source) {
 /* The weights of the tensors loaders ask params_load for: the safetensors in dir, st_random_fill
  * values from seed (config-only: timings and memory without the files), or fresh weights from
  * seed (training from scratch). *st stays open for the loading; the caller closes it. */
-static int params_open(Params **p, StModel **st, const char *dir, WeightSource source,
-                       uint64_t seed, Error *e) {
+int params_open(Params **p, StModel **st, const char *dir, WeightSource source, uint64_t seed,
+                Error *e) {
     *p = NULL;
     *st = NULL;
     if ((weights_from_files(source) && st_model_open(st, dir, e)) ||
@@ -220,9 +220,9 @@ static int params_open(Params **p, StModel **st, const char *dir, WeightSource s
  * builds a smaller network than its files hold, or files of another model: an error naming dir
  * and the first few (WEIGHTS_FILES_NON_STRICT skips the check; random weights have no names to
  * compare). */
-static int weights_all_read(WeightSource source, const StModel *st,
-                            bool (*reads)(const void *ctx, const char *name), const void *ctx,
-                            const char *const *leave, const char *dir, Error *e) {
+int weights_all_read(WeightSource source, const StModel *st,
+                     bool (*reads)(const void *ctx, const char *name), const void *ctx,
+                     const char *const *leave, const char *dir, Error *e) {
     if (source != WEIGHTS_FILES) return 0;
     size_t unread = 0, count = st_model_count(st);
     char list[192] = "";
@@ -244,7 +244,7 @@ static int weights_all_read(WeightSource source, const StModel *st,
 }
 
 /* Whether p holds a weight named name (params_load read it). */
-static bool params_reads(const void *ctx, const char *name) {
+bool params_reads(const void *ctx, const char *name) {
     const Params *p = ctx;
     for (int i = 0; i < p->n; i++)
         if (!strcmp(p->entries[i].name, name)) return true;
@@ -2351,8 +2351,9 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
 }
 
 /* === VAE ===
- * The decoder (and, for training, the encoder) of diffusers' AutoencoderKLFlux2
- * (autoencoder_kl_flux2.py with vae.py's Decoder), with the FLUX.2 pipeline's latent packing.
+ * The decoder of diffusers' AutoencoderKLFlux2 (autoencoder_kl_flux2.py with vae.py's Decoder),
+ * with the FLUX.2 pipeline's latent unpacking; the encoder, which only training needs, is
+ * train/vae_encoder.c, built from the layers here.
  *   in/out  tokens [B, h w, latent_channels patch_h patch_w] -> image [B, 3, H, W] in about
  *           [-1, 1], H = h patch_h 2^(up blocks - 1)
  *   names   bn.running_mean, bn.running_var; post_quant_conv; decoder.conv_in,
@@ -2394,21 +2395,6 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
  * budget needs (none for decodes small enough to hold whole).
  * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
 
-/* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
- * conv_shortcut when the channel count changes). */
-typedef struct VaeResnet {
-    NormParams norm1, norm2;
-    Conv2d conv1, conv2, conv_shortcut; /* conv_shortcut.weight NULL when in == out */
-    int groups;
-} VaeResnet;
-
-/* One head over all channels, with a residual: x + to_out(attention(group_norm(x))). */
-typedef struct VaeAttention {
-    NormParams group_norm;
-    Linear to_q, to_k, to_v, to_out;
-    int groups;
-} VaeAttention;
-
 typedef struct VaeUpBlock {
     VaeResnet *resnets;  /* layers_per_block + 1 */
     Conv2d upsampler;    /* nearest 2x then this 3x3 conv; weight NULL in the last block */
@@ -2448,9 +2434,8 @@ struct VaeDecoder {
 
 /* The channel list `key` (at most VAE_MAX_BLOCKS entries, each a positive multiple of groups)
  * into blocks and *n, with one `type` per entry in the list `types_key`. */
-static int vae_config_channels(const JsonValue *root, const char *key, const char *types_key,
-                               const char *type, int64_t groups, int *blocks, int *n_blocks,
-                               Error *e) {
+int vae_config_channels(const JsonValue *root, const char *key, const char *types_key,
+                        const char *type, int64_t groups, int *blocks, int *n_blocks, Error *e) {
     int64_t values[VAE_MAX_BLOCKS];
     size_t n = 0;
     if (json_get_int_array(root, key, values, VAE_MAX_BLOCKS, &n, e)) return -1;
@@ -2484,7 +2469,7 @@ static int vae_config_blocks(const JsonValue *root, VaeConfig *c, int64_t groups
 
 /* Every key FLUX.2's vae/config.json carries is required: a missing one is an error naming it,
  * never a guessed default. */
-static int vae_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
+int vae_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
     int64_t patch[2];
     size_t n_patch = 0;
     double bn_eps;
@@ -2514,8 +2499,8 @@ static int vae_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
 /* "<prefix>.<part>" in the caller's name buffer */
 #define VAE_NAME(part) (snprintf(name, sizeof name, "%s.%s", prefix, part), name)
 
-static int vae_resnet_load(VaeResnet *r, Params *st, int in, int out, int groups,
-                           const char *prefix, Error *e) {
+int vae_resnet_load(VaeResnet *r, Params *st, int in, int out, int groups, const char *prefix,
+                    Error *e) {
     char name[192];
     r->groups = groups;
     if (norm_load(&r->norm1, st, in, true, VAE_NAME("norm1"), e) ||
@@ -2529,8 +2514,8 @@ static int vae_resnet_load(VaeResnet *r, Params *st, int in, int out, int groups
     return 0;
 }
 
-static int vae_attention_load(VaeAttention *a, Params *st, int channels, int groups,
-                              const char *prefix, Error *e) {
+int vae_attention_load(VaeAttention *a, Params *st, int channels, int groups, const char *prefix,
+                       Error *e) {
     char name[192];
     a->groups = groups;
     if (norm_load(&a->group_norm, st, channels, true, VAE_NAME("group_norm"), e) ||
@@ -2544,7 +2529,7 @@ static int vae_attention_load(VaeAttention *a, Params *st, int channels, int gro
 #undef VAE_NAME
 
 /* bn.running_mean and bn.running_var over the packed channels: buffers of either half. */
-static int vae_latent_stats_load(const VaeConfig *c, Params *st, Var **mean, Var **var, Error *e) {
+int vae_latent_stats_load(const VaeConfig *c, Params *st, Var **mean, Var **var, Error *e) {
     int packed = c->latent_channels * c->patch_h * c->patch_w;
     if (!(*mean = params_load_buffer(st, e, SHAPE(packed), "bn.running_mean")) ||
         !(*var = params_load_buffer(st, e, SHAPE(packed), "bn.running_var")))
@@ -2553,8 +2538,7 @@ static int vae_latent_stats_load(const VaeConfig *c, Params *st, Var **mean, Var
 }
 
 /* std[i] = sqrt(var[i] + batch_norm_eps), or its reciprocal, into the [packed] tensor std. */
-static int vae_latent_std(const VaeConfig *c, const Var *var, bool reciprocal, Tensor *std,
-                          Error *e) {
+int vae_latent_std(const VaeConfig *c, const Var *var, bool reciprocal, Tensor *std, Error *e) {
     for (int64_t i = 0; i < std->numel; i++) {
         float v = var->value->data[i];
         if (!(v >= 0.0f))
@@ -2651,9 +2635,8 @@ static int vae_plan(VaeDecoder *m, Error *e) {
 }
 
 /* One diffusers VAE directory holds both halves: each leaves the other's tensors (bn.* both
- * read). */
+ * read; the encoder is train/vae_encoder.c's). */
 static const char *const vae_decoder_leaves[] = {"encoder.", "quant_conv.", NULL};
-static const char *const vae_encoder_leaves[] = {"decoder.", "post_quant_conv.", NULL};
 
 /* vae_decoder_load and its kin: the weights from source (files, config-only values or fresh). */
 int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uint64_t seed,
@@ -2759,7 +2742,7 @@ int vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
 }
 
 /* x: [B, C, H, W] -> SiLU(GroupNorm(x)) */
-static Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
+Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
     return ag_groupnorm_silu(t, x, groups, n->weight, n->bias, VAE_NORM_EPS);
 }
 
@@ -2801,7 +2784,7 @@ static Var *vae_shortcut_apply(Tape *t, Var **inputs, void *ctx) {
 
 /* x: [B, C, H, W] -> x + to_out(attention(group_norm(x))), one head of C dims over the H*W
  * pixels as tokens (the blocked attention keeps it O(H*W*C) in memory). */
-static Var *vae_attention_apply(Tape *t, Var **inputs, void *ctx) {
+Var *vae_attention_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeAttention *a = ctx;
     Var *x = inputs[0];
     int64_t B = x->value->shape[0], C = x->value->shape[1];
@@ -2818,6 +2801,20 @@ static Var *vae_attention_apply(Tape *t, Var **inputs, void *ctx) {
     o = ag_reshape(t, ag_transpose(t, o, 1, 2), 4, x->value->shape); /* [B, C, H, W] */
     return ag_add(t, o, x);
 }
+
+/* x: [B, C, H, W] -> [B, in, H, W] -> the resnet's output, without checkpoints */
+Var *vae_resnet_forward(Tape *t, const VaeResnet *r, Var *x) {
+    Var *h = vae_resnet_in_apply(t, &x, (void *)r);
+    Var *skip = r->conv_shortcut.weight ? conv2d_apply(t, &r->conv_shortcut, x) : x;
+    return ag_add(t, skip, vae_resnet_mid_apply(t, &h, (void *)r));
+}
+
+int vae_decoder_set_latent_stats(VaeDecoder *m, const float *mean, const float *var, Error *e) {
+    memcpy(m->bn_mean->value->data, mean, (size_t)m->bn_mean->value->numel * sizeof *mean);
+    memcpy(m->bn_var->value->data, var, (size_t)m->bn_var->value->numel * sizeof *var);
+    return vae_latent_std(&m->config, m->bn_var, false, m->bn_std->value, e);
+}
+
 
 /* x: [B, C, H, W] -> [B, C, 2H, 2W]: nearest 2x, then the 3x3 conv */
 static Var *vae_upsample_apply(Tape *t, Var **inputs, void *ctx) {
@@ -2891,221 +2888,6 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     for (int s = 0; s < c->n_blocks; s++)
         x = vae_block(t, m, VAE_STAGE, vae_stage_apply, &m->stages[s], &x, 1);
     return x;
-}
-
-/* --- the encoder --- */
-
-/* layers_per_block resnets, then (all but the last block) the downsampler: one zero row and
- * column padded at the bottom and right, then a 3x3 conv of stride 2 without padding. */
-typedef struct VaeDownBlock {
-    VaeResnet *resnets;
-    Conv2d downsampler; /* weight NULL in the last block */
-} VaeDownBlock;
-
-struct VaeEncoder {
-    VaeConfig config;
-    Params *params;
-    Var *bn_mean, *bn_var;      /* buffers, [latent_channels * patch_h * patch_w] */
-    Var *bn_neg_mean, *bn_rstd; /* constants: -bn_mean, 1 / sqrt(bn_var + batch_norm_eps) */
-    Conv2d conv_in;
-    VaeDownBlock down_blocks[VAE_MAX_BLOCKS];
-    VaeResnet mid_resnets[2];
-    VaeAttention mid_attention; /* weights NULL when mid_block_add_attention is false */
-    NormParams conv_norm_out;
-    Conv2d conv_out;            /* to 2 * latent_channels: the mean, then the log-variance */
-    Conv2d quant_conv;          /* 1x1, weight NULL when use_quant_conv is false */
-};
-
-/* The keys only the encoder reads; block_out_channels is the encoder's even when the decoder
- * has decoder_block_out_channels. */
-static int vae_encoder_config_read(VaeConfig *c, const JsonValue *root, Error *e) {
-    if (vae_config_read(c, root, e) ||
-        json_get_int_in(root, "in_channels", 1, 1 << 16, &c->in_channels, e) ||
-        json_get_bool(root, "use_quant_conv", &c->use_quant_conv, e))
-        return -1;
-    return vae_config_channels(root, "block_out_channels", "down_block_types",
-                               "DownEncoderBlock2D", c->norm_num_groups, c->down_block_out_channels,
-                               &c->n_down_blocks, e);
-}
-
-/* (x - bn_mean) / sqrt(bn_var + eps) as x + bn_neg_mean, times bn_rstd: recomputes both
- * constants from the buffers. */
-static int vae_encoder_stats_derive(VaeEncoder *m, Error *e) {
-    for (int64_t i = 0; i < m->bn_mean->value->numel; i++)
-        m->bn_neg_mean->value->data[i] = -m->bn_mean->value->data[i];
-    return vae_latent_std(&m->config, m->bn_var, true, m->bn_rstd->value, e);
-}
-
-static int vae_encoder_stats_load(VaeEncoder *m, Params *st, Error *e) {
-    if (vae_latent_stats_load(&m->config, st, &m->bn_mean, &m->bn_var, e)) return -1;
-    if (!(m->bn_neg_mean = params_constant(st, tensor_new(1, m->bn_mean->value->shape), e)) ||
-        !(m->bn_rstd = params_constant(st, tensor_new(1, m->bn_var->value->shape), e)))
-        return -1;
-    return vae_encoder_stats_derive(m, e);
-}
-
-static int vae_encoder_weights_load(VaeEncoder *m, Params *st, Error *e) {
-    const VaeConfig *c = &m->config;
-    int groups = c->norm_num_groups, n = c->n_down_blocks;
-    int bottom = c->down_block_out_channels[0], top = c->down_block_out_channels[n - 1];
-    int moments = 2 * c->latent_channels;
-    char name[192];
-    if (vae_encoder_stats_load(m, st, e) ||
-        conv2d_load(&m->conv_in, st, c->in_channels, bottom, 3, 1, 1, 1, true, "encoder.conv_in",
-                    e))
-        return -1;
-    /* the first resnet of each block changes channels */
-    int in = bottom;
-    for (int b = 0; b < n; b++) {
-        int out = c->down_block_out_channels[b];
-        VaeDownBlock *d = &m->down_blocks[b];
-        /* one spare entry, so that layers_per_block 0 never asks calloc for 0 bytes */
-        d->resnets = calloc((size_t)c->layers_per_block + 1, sizeof *d->resnets);
-        if (!d->resnets) return error_set(e, "out of memory loading the VAE encoder");
-        for (int r = 0; r < c->layers_per_block; r++) {
-            snprintf(name, sizeof name, "encoder.down_blocks.%d.resnets.%d", b, r);
-            if (vae_resnet_load(&d->resnets[r], st, r == 0 ? in : out, out, groups, name, e))
-                return -1;
-        }
-        snprintf(name, sizeof name, "encoder.down_blocks.%d.downsamplers.0.conv", b);
-        if (b < n - 1 && conv2d_load(&d->downsampler, st, out, out, 3, 2, 0, 1, true, name, e))
-            return -1;
-        in = out;
-    }
-    if (vae_resnet_load(&m->mid_resnets[0], st, top, top, groups, "encoder.mid_block.resnets.0",
-                        e) ||
-        (c->mid_block_add_attention &&
-         vae_attention_load(&m->mid_attention, st, top, groups, "encoder.mid_block.attentions.0",
-                            e)) ||
-        vae_resnet_load(&m->mid_resnets[1], st, top, top, groups, "encoder.mid_block.resnets.1",
-                        e) ||
-        norm_load(&m->conv_norm_out, st, top, true, "encoder.conv_norm_out", e) ||
-        conv2d_load(&m->conv_out, st, top, moments, 3, 1, 1, 1, true, "encoder.conv_out", e) ||
-        (c->use_quant_conv &&
-         conv2d_load(&m->quant_conv, st, moments, moments, 1, 1, 0, 1, true, "quant_conv", e)))
-        return -1;
-    return 0;
-}
-
-int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source,
-                            uint64_t seed, Error *e) {
-    *out = NULL;
-    char path[PATH_BYTES];
-    if (path_join(path, sizeof path, dir, "config.json", e)) return -1;
-    VaeEncoder *m = calloc(1, sizeof *m);
-    if (!m) return error_set(e, "out of memory loading the VAE encoder");
-    JsonDoc *doc = NULL;
-    StModel *st = NULL;
-    int rc = json_parse_file(&doc, path, e) ||
-             vae_encoder_config_read(&m->config, json_root(doc), e) ||
-             params_open(&m->params, &st, dir, source, seed, e) ||
-             vae_encoder_weights_load(m, m->params, e) ||
-             weights_all_read(source, st, params_reads, m->params, vae_encoder_leaves, dir, e);
-    json_free(doc);
-    st_model_close(st);
-    if (rc) {
-        vae_encoder_free(m);
-        return -1;
-    }
-    *out = m;
-    return 0;
-}
-
-void vae_encoder_free(VaeEncoder *m) {
-    if (!m) return;
-    for (int b = 0; b < VAE_MAX_BLOCKS; b++) free(m->down_blocks[b].resnets);
-    params_free(m->params);
-    free(m);
-}
-
-const VaeConfig *vae_encoder_config(const VaeEncoder *m) {
-    return &m->config;
-}
-
-void vae_encoder_token_size(const VaeEncoder *m, int *rows, int *cols) {
-    const VaeConfig *c = vae_encoder_config(m);
-    *rows = c->patch_h << (c->n_down_blocks - 1);
-    *cols = c->patch_w << (c->n_down_blocks - 1);
-}
-
-Params *vae_encoder_params(const VaeEncoder *m) {
-    return m->params;
-}
-
-static void vae_stats_copy(Var *to_mean, Var *to_var, const float *mean, const float *var) {
-    memcpy(to_mean->value->data, mean, (size_t)to_mean->value->numel * sizeof *mean);
-    memcpy(to_var->value->data, var, (size_t)to_var->value->numel * sizeof *var);
-}
-
-int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
-                         Error *e) {
-    if (enc) {
-        vae_stats_copy(enc->bn_mean, enc->bn_var, mean, var);
-        if (vae_encoder_stats_derive(enc, e)) return -1;
-    }
-    if (dec) {
-        vae_stats_copy(dec->bn_mean, dec->bn_var, mean, var);
-        if (vae_latent_std(&dec->config, dec->bn_var, false, dec->bn_std->value, e)) return -1;
-    }
-    return 0;
-}
-
-/* x: [B, C, H, W] -> [B, in, H, W] -> the resnet's output, without checkpoints */
-static Var *vae_resnet_forward(Tape *t, const VaeResnet *r, Var *x) {
-    Var *h = vae_resnet_in_apply(t, &x, (void *)r);
-    Var *skip = r->conv_shortcut.weight ? conv2d_apply(t, &r->conv_shortcut, x) : x;
-    return ag_add(t, skip, vae_resnet_mid_apply(t, &h, (void *)r));
-}
-
-/* x: [B, C, H, W] -> [B, C, H+1, W+1], zeros in the new last row and column: upstream's
- * F.pad(x, (0, 1, 0, 1)) before its stride-2 conv without padding. */
-static Var *vae_pad_bottom_right(Tape *t, Var *x) {
-    if (!x) return NULL;
-    const int64_t *s = x->value->shape;
-    Var *column = var_take(t, TENSOR_NEW(s[0], s[1], s[2], 1), false);
-    Var *wide = ag_concat(t, (Var *[]){x, column}, 2, 3);
-    Var *row = var_take(t, TENSOR_NEW(s[0], s[1], 1, s[3] + 1), false);
-    return ag_concat(t, (Var *[]){wide, row}, 2, 2);
-}
-
-Var *vae_encode_moments(Tape *t, const VaeEncoder *m, Var *image, Var **logvar) {
-    const VaeConfig *c = &m->config;
-    if (logvar) *logvar = NULL;
-    Var *x = conv2d_apply(t, &m->conv_in, image);
-    for (int b = 0; b < c->n_down_blocks; b++) {
-        const VaeDownBlock *d = &m->down_blocks[b];
-        for (int r = 0; r < c->layers_per_block; r++) x = vae_resnet_forward(t, &d->resnets[r], x);
-        if (d->downsampler.weight) x = conv2d_apply(t, &d->downsampler, vae_pad_bottom_right(t, x));
-    }
-    x = vae_resnet_forward(t, &m->mid_resnets[0], x);
-    if (c->mid_block_add_attention && x) x = vae_attention_apply(t, &x, (void *)&m->mid_attention);
-    x = vae_resnet_forward(t, &m->mid_resnets[1], x);
-    x = conv2d_apply(t, &m->conv_out, vae_norm_silu(t, &m->conv_norm_out, c->norm_num_groups, x));
-    if (c->use_quant_conv) x = conv2d_apply(t, &m->quant_conv, x);
-    if (logvar)
-        *logvar = ag_clamp(t, ag_slice(t, x, 1, c->latent_channels, c->latent_channels), -30.0f,
-                           20.0f);
-    return ag_slice(t, x, 1, 0, c->latent_channels);
-}
-
-Var *vae_pack(Tape *t, const VaeConfig *c, Var *latent, int h, int w) {
-    int64_t C = c->latent_channels, ph = c->patch_h, pw = c->patch_w;
-    int64_t B = latent->value->shape[0];
-    Var *x = ag_reshape(t, latent, 4, (int64_t[]){B, C, h, ph * w * pw});
-    x = ag_permute(t, x, (int[]){0, 2, 1, 3}); /* [B, h, C, ph*w*pw] */
-    x = ag_reshape(t, x, 5, (int64_t[]){B * h, C, ph, w, pw});
-    x = ag_permute(t, x, (int[]){0, 3, 1, 2, 4}); /* [B*h, w, C, ph, pw] */
-    return ag_reshape(t, x, 3, (int64_t[]){B, (int64_t)h * w, C * ph * pw});
-}
-
-Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w) {
-    const VaeConfig *c = &m->config;
-    Var *latent = vae_encode_moments(t, m, image, NULL);
-    if (!latent) return NULL;
-    *h = (int)(latent->value->shape[2] / c->patch_h);
-    *w = (int)(latent->value->shape[3] / c->patch_w);
-    Var *tokens = vae_pack(t, c, latent, *h, *w);
-    return ag_mul_rows(t, ag_add_rows(t, tokens, m->bn_neg_mean), m->bn_rstd);
 }
 
 /* === SegFormer detector ===

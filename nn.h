@@ -62,6 +62,21 @@ typedef enum WeightSource {
     WEIGHTS_FRESH,       /* params_new_init's: a model to train from scratch */
 } WeightSource;
 
+/* The weights of the tensors loaders ask params_load for: the safetensors in dir, st_random_fill
+ * values from seed (config-only), or fresh weights from seed (training from scratch). *st stays
+ * open for the loading; the caller closes it. */
+int params_open(Params **p, StModel **st, const char *dir, WeightSource source, uint64_t seed,
+                Error *e);
+/* Strict loading, as PyTorch's load_state_dict(strict=True): every tensor of st is one the
+ * model reads (reads(ctx, name); params_reads for a Params) or one it knowingly leaves (a name
+ * starting with a prefix of leave, NULL-terminated); else an error naming dir and the first
+ * few. Only for WEIGHTS_FILES. */
+int weights_all_read(WeightSource source, const StModel *st,
+                     bool (*reads)(const void *ctx, const char *name), const void *ctx,
+                     const char *const *leave, const char *dir, Error *e);
+/* Whether the Params ctx holds a weight named name (params_load read it). */
+bool params_reads(const void *ctx, const char *name);
+
 /* SHAPE(a, b, c) stands for the (ndim, shape) argument pair:
  *     params_load(p, e, SHAPE(out, in), "blocks.%d.proj.weight", i) */
 #define SHAPE(...) (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__}
@@ -342,39 +357,49 @@ size_t vae_default_memory(size_t available);
 int vae_decoder_checkpoint_for(VaeDecoder *m, int batch, int height, int width,
                                size_t max_bytes);
 
-/* The encoder half of AutoencoderKLFlux2, with the FLUX.2 pipeline's latent packing behind it:
- * an image in [-1, 1] in, normalised transformer tokens out (what vae_decode takes). It reads the
- * same directory as the decoder (the encoder.*, quant_conv.* and bn.* tensors). No checkpoints:
- * it runs on the small images of training, where memory is no concern. */
-typedef struct VaeEncoder VaeEncoder;
+/* The VAE's layers, which train/vae_encoder.c's encoder builds on as the decoder does. */
 
-/* As vae_decoder_open. */
-int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source, uint64_t seed,
-                     Error *e);
-void vae_encoder_free(VaeEncoder *m);
-const VaeConfig *vae_encoder_config(const VaeEncoder *m);
-/* The pixels of the encoder's image one latent token covers (its down blocks, as
- * vae_decoder_token_size). */
-void vae_encoder_token_size(const VaeEncoder *m, int *rows, int *cols);
-/* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
-Params *vae_encoder_params(const VaeEncoder *m);
-/* image: [B, in_channels, H, W], H and W multiples of 2^(n_down_blocks-1) -> the mean of the
- * latent distribution (its mode), [B, latent_channels, H/2^(n-1), W/2^(n-1)]; *logvar (when not
- * NULL) gets its log-variance clamped to [-30, 20], as diffusers' DiagonalGaussianDistribution. */
-Var *vae_encode_moments(Tape *t, const VaeEncoder *m, Var *image, Var **logvar);
-/* image: [B, in_channels, H, W] -> tokens [B, h*w, latent_channels*patch_h*patch_w], the
- * pipeline's patchified, bn-normalised, packed latent (*h, *w: the token grid); vae_decode
- * inverts the packing. H and W must be multiples of patch * 2^(n_down_blocks-1). */
-Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w);
-/* New latent statistics, [latent_channels*patch_h*patch_w] each, into bn.running_mean and
- * bn.running_var of both halves (either may be NULL), and into what they derive from them. */
-int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
-                         Error *e);
+/* norm1, SiLU, conv1 (3x3), norm2, SiLU, conv2 (3x3), plus the input (through the 1x1
+ * conv_shortcut when the channel count changes). */
+typedef struct VaeResnet {
+    NormParams norm1, norm2;
+    Conv2d conv1, conv2, conv_shortcut; /* conv_shortcut.weight NULL when in == out */
+    int groups;
+} VaeResnet;
 
-/* latent [B, C, h*ph, w*pw] -> tokens [B, h*w, C*ph*pw], vae_decode's unpacking inverse before the
- * normalisation: pixel (y*ph + pi, x*pw + pj) of channel c is packed channel c*ph*pw + pi*pw + pj
- * of token (y, x). */
-Var *vae_pack(Tape *t, const VaeConfig *c, Var *latent, int h, int w);
+/* One head over all channels, with a residual: x + to_out(attention(group_norm(x))). */
+typedef struct VaeAttention {
+    NormParams group_norm;
+    Linear to_q, to_k, to_v, to_out;
+    int groups;
+} VaeAttention;
+
+/* The keys both halves read from vae/config.json (a missing one is an error naming it). */
+int vae_config_read(VaeConfig *c, const JsonValue *root, Error *e);
+/* The channel list `key` (at most VAE_MAX_BLOCKS entries, each a positive multiple of groups)
+ * into blocks and *n_blocks, with one `type` per entry in the list `types_key`. */
+int vae_config_channels(const JsonValue *root, const char *key, const char *types_key,
+                        const char *type, int64_t groups, int *blocks, int *n_blocks, Error *e);
+/* <prefix>.{norm1,conv1,norm2,conv2,conv_shortcut}, in -> out channels. */
+int vae_resnet_load(VaeResnet *r, Params *st, int in, int out, int groups, const char *prefix,
+                    Error *e);
+/* x: [B, in, H, W] -> [B, out, H, W], without checkpoints. */
+Var *vae_resnet_forward(Tape *t, const VaeResnet *r, Var *x);
+/* <prefix>.{group_norm,to_q,to_k,to_v,to_out.0}. */
+int vae_attention_load(VaeAttention *a, Params *st, int channels, int groups, const char *prefix,
+                       Error *e);
+/* inputs[0]: [B, C, H, W] -> x + to_out(attention(group_norm(x))); ctx: the VaeAttention (a
+ * CheckpointFn). */
+Var *vae_attention_apply(Tape *t, Var **inputs, void *ctx);
+/* x: [B, C, H, W] -> SiLU(GroupNorm(x)), the decoder's eps. */
+Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x);
+/* bn.running_mean and bn.running_var over the packed channels: buffers of either half. */
+int vae_latent_stats_load(const VaeConfig *c, Params *st, Var **mean, Var **var, Error *e);
+/* std[i] = sqrt(var[i] + batch_norm_eps), or its reciprocal, into the [packed] tensor std. */
+int vae_latent_std(const VaeConfig *c, const Var *var, bool reciprocal, Tensor *std, Error *e);
+/* New latent statistics, [latent_channels*patch_h*patch_w] each, into the decoder's
+ * bn.running_mean and bn.running_var and what it derives from them. */
+int vae_decoder_set_latent_stats(VaeDecoder *m, const float *mean, const float *var, Error *e);
 
 /* === SegFormer detector ===
  * The artifact detector: transformers' SegformerForSemanticSegmentation (a Mix Transformer

@@ -16,6 +16,41 @@
 #define EMBEDDED_MU 0.0
 #define EMBEDDED_CFG 4.0f
 
+/* === the VAE encoder (train/vae_encoder.c) ===
+ * The encoder half of AutoencoderKLFlux2, with the FLUX.2 pipeline's latent packing behind it:
+ * an image in [-1, 1] in, normalised transformer tokens out (what vae_decode takes). It reads the
+ * same directory as the decoder (the encoder.*, quant_conv.* and bn.* tensors). No checkpoints:
+ * it runs on the small images of training, where memory is no concern. */
+typedef struct VaeEncoder VaeEncoder;
+
+/* As vae_decoder_open. */
+int vae_encoder_open(VaeEncoder **out, const char *dir, WeightSource source, uint64_t seed,
+                     Error *e);
+void vae_encoder_free(VaeEncoder *m);
+const VaeConfig *vae_encoder_config(const VaeEncoder *m);
+/* The pixels of the encoder's image one latent token covers (its down blocks, as
+ * vae_decoder_token_size). */
+void vae_encoder_token_size(const VaeEncoder *m, int *rows, int *cols);
+/* Its weights: bn.running_mean and bn.running_var as buffers, the rest as parameters. */
+Params *vae_encoder_params(const VaeEncoder *m);
+/* image: [B, in_channels, H, W], H and W multiples of 2^(n_down_blocks-1) -> the mean of the
+ * latent distribution (its mode), [B, latent_channels, H/2^(n-1), W/2^(n-1)]; *logvar (when not
+ * NULL) gets its log-variance clamped to [-30, 20], as diffusers' DiagonalGaussianDistribution. */
+Var *vae_encode_moments(Tape *t, const VaeEncoder *m, Var *image, Var **logvar);
+/* image: [B, in_channels, H, W] -> tokens [B, h*w, latent_channels*patch_h*patch_w], the
+ * pipeline's patchified, bn-normalised, packed latent (*h, *w: the token grid); vae_decode
+ * inverts the packing. H and W must be multiples of patch * 2^(n_down_blocks-1). */
+Var *vae_encode(Tape *t, const VaeEncoder *m, Var *image, int *h, int *w);
+/* New latent statistics, [latent_channels*patch_h*patch_w] each, into bn.running_mean and
+ * bn.running_var of both halves (either may be NULL), and into what they derive from them. */
+int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
+                         Error *e);
+
+/* latent [B, C, h*ph, w*pw] -> tokens [B, h*w, C*ph*pw], vae_decode's unpacking inverse before the
+ * normalisation: pixel (y*ph + pi, x*pw + pj) of channel c is packed channel c*ph*pw + pi*pw + pj
+ * of token (y, x). */
+Var *vae_pack(Tape *t, const VaeConfig *c, Var *latent, int h, int w);
+
 /* === training ===
  * Training the tiny models diamond ships: AdamW over the parameters of one or more Params,
  * gradient clipping, a warm-up + cosine learning rate, and a loop over a model's TrainTask. */
