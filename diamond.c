@@ -157,7 +157,8 @@ static int info_dir(const char *dir, bool top, InfoTotals *totals, Error *e) {
     size_t count;
     if (dir_list(dir, &names, &count, e)) return -1;
     int rc = 0;
-    for (size_t i = 0; i < count && rc == 0; i++) {
+    for (size_t i = 0; i < count; i++) {
+        if (rc) break;
         char path[PATH_BYTES];
         struct stat sb;
         if (names[i][0] == '.') continue;

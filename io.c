@@ -874,7 +874,8 @@ static int json_check_unique_keys(JsonParser *p, const JsonValue *object) {
     for (size_t i = 0; i < object->count; i++) keys[i] = object->members[i].key;
     qsort(keys, object->count, sizeof *keys, compare_strings);
     int rc = 0;
-    for (size_t i = 1; i < object->count && rc == 0; i++) {
+    for (size_t i = 1; i < object->count; i++) {
+        if (rc) break;
         if (strcmp(keys[i - 1], keys[i]) == 0) {
             char buf[PRINTABLE_BYTES];
             rc = json_error(p, "duplicate key \"%s\"", printable(keys[i], buf, sizeof buf));
@@ -1415,7 +1416,8 @@ static int st_parse(SafeTensors *st, const unsigned char *bytes, size_t size, Er
     st->tensors = calloc(root->count ? root->count : 1, sizeof *st->tensors);
     ByteSpan *spans = calloc(root->count ? root->count : 1, sizeof *spans);
     int rc = st->tensors && spans ? 0 : error_set(e, "%s: out of memory", st->path);
-    for (size_t i = 0; i < root->count && rc == 0; i++) {
+    for (size_t i = 0; i < root->count; i++) {
+        if (rc) break;
         const JsonMember *m = &root->members[i];
         if (!strcmp(m->key, "__metadata__")) {
             st->metadata = &m->value;
@@ -1645,7 +1647,8 @@ static int st_check_write_tensors(const char *path, const StWriteTensor *tensors
     NameTable names;
     if (name_table_init(&names, n)) return error_set(e, "%s: out of memory", path);
     int rc = 0;
-    for (size_t i = 0; i < n && rc == 0; i++) {
+    for (size_t i = 0; i < n; i++) {
+        if (rc) break;
         rc = st_check_write_tensor(path, &tensors[i], i, &nbytes[i], e);
         if (rc == 0 && !name_table_insert(&names, tensors[i].name, i)) {
             char buf[PRINTABLE_BYTES];
@@ -1669,7 +1672,10 @@ int st_write(const char *path, const StWriteTensor *tensors, size_t n, Error *e)
         store_le64(length, header.len);
         rc = atomic_write(f, length, sizeof length, e);
         if (rc == 0) rc = atomic_write(f, header.data, header.len, e);
-        for (size_t i = 0; i < n && rc == 0; i++) rc = atomic_write(f, tensors[i].data, (size_t)nbytes[i], e);
+        for (size_t i = 0; i < n; i++) {
+            if (rc) break;
+            rc = atomic_write(f, tensors[i].data, (size_t)nbytes[i], e);
+        }
         if (rc == 0) rc = atomic_commit(f, e);
         else atomic_abort(f);
     }
@@ -1748,7 +1754,8 @@ static int st_model_load_weight_map(StModel *m, const JsonValue *map, const char
     if (st_model_alloc(m, map->count, map->count, e)) return -1;
     if (name_table_init(&opened, map->count)) return error_set(e, "%s: out of memory", m->path);
     int rc = 0;
-    for (size_t i = 0; i < map->count && rc == 0; i++) {
+    for (size_t i = 0; i < map->count; i++) {
+        if (rc) break;
         const char *name = map->members[i].key;
         const JsonValue *file = &map->members[i].value;
         char name_buf[PRINTABLE_BYTES], file_buf[PRINTABLE_BYTES];
@@ -1944,7 +1951,8 @@ int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t
                  ? 0
                  : error_set(e, "%s: out of memory", path);
     if (m) m->seed = seed;
-    for (size_t i = 0; i < n && rc == 0; i++) {
+    for (size_t i = 0; i < n; i++) {
+        if (rc) break;
         rc = st_random_tensor(path, &specs[i], i, &m->synthetic[i], e);
         if (rc == 0) m->tensors[m->count++] = &m->synthetic[i];
     }
@@ -2796,7 +2804,8 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, TokenIds 
     EncodeScratch s = {0};
     int rc = 0;
     size_t start = 0; /* of the text not yet encoded */
-    for (size_t i = 0; i <= len && rc == 0;) {
+    for (size_t i = 0; i <= len;) {
+        if (rc) break;
         const AddedToken *a = i < len ? added_token_at(t, text + i, len - i) : NULL;
         if (i < len && !a) {
             i++;
