@@ -429,6 +429,8 @@ static int backward_ready(Tape *t, Var *out, Error *e) {
     return 0;
 }
 
+/* d loss / d every leaf that requires grad: loss's gradient seeded with 1, then backward_nodes,
+ * the loop that runs the nodes in reverse. */
 int tape_backward(Tape *t, Var *loss, Error *e) {
     if (backward_ready(t, loss, e)) return -1;
     if (loss->value->numel != 1) {

@@ -1397,7 +1397,10 @@ static int st_index_names(SafeTensors *st, Error *e) {
     return 0;
 }
 
-/* The file: an 8-byte little-endian header length N, N bytes of JSON, then the data area. */
+/* The file: an 8-byte little-endian header length N, N bytes of JSON, then the data area. Checks
+ * N against the file and the header limit, parses the JSON, and checks each entry (dtype, shape,
+ * offsets inside the data area and matching the shape's bytes, a name given once) and that no two
+ * tensors overlap. */
 static int st_parse(SafeTensors *st, const unsigned char *bytes, size_t size, Error *e) {
     if (size < 8) return error_set(e, "%s: %zu bytes, too short for a safetensors file", st->path, size);
     uint64_t header_len = load_le64(bytes);
@@ -2794,6 +2797,8 @@ static const AddedToken *added_token_at(const Tokenizer *t, const char *text, si
     return best;
 }
 
+/* text -> ids (io.h): valid UTF-8 checked, added tokens matched whole, then each stretch between
+ * them NFC-normalised, pre-tokenized (pretoken_length) and merged by rank (bpe_merge). */
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, TokenIds *ids, Error *e) {
     const unsigned char *u = (const unsigned char *)text;
     for (size_t i = 0; i < len;) {

@@ -2134,6 +2134,8 @@ static void qwen3_stack(const Tensor *x, int k, Tensor *out) {
         memcpy(out->data + (r * 3 + k) * hidden, x->data + r * hidden, (size_t)hidden * sizeof(float));
 }
 
+/* ids [batch, L] -> [batch, L, 3 hidden] (nn.h): the layers up to the last hidden state the
+ * pipeline reads, hidden states 9, 18 and 27 stacked per token. */
 int qwen3_prompt_embeds(const Qwen3 *m, const int32_t *ids, const int *lengths, int batch, int L,
                         Tensor **out, Error *e) {
     const Qwen3Config *c = &m->config;
@@ -2880,6 +2882,8 @@ static Var *vae_unpack(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) 
     return ag_reshape(t, x, 4, (int64_t[]){B, C, h * ph, w * pw});
 }
 
+/* tokens [B, h*w, packed] -> image [B, 3, H, W] (nn.h): unpack, post_quant_conv, conv_in, then
+ * the stages (mid block, up blocks, head) through their checkpoints. */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     const VaeConfig *c = &m->config;
     Var *x = vae_unpack(t, m, tokens, h, w);
@@ -3432,6 +3436,8 @@ Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image) {
     return segformer_head(t, m, tokens);
 }
 
+/* image [B, 3, H, W] in [-1, 1] -> the artifact map [B, labels, H, W] (nn.h): the sigmoid of the
+ * logits at 1/4 of the detector's input, resized to the image. */
 Var *segformer_forward(Tape *t, const Segformer *m, Var *image, Var **mask_small) {
     if (mask_small) *mask_small = NULL;
     Var *small = ag_sigmoid(t, segformer_forward_logits(t, m, image));
@@ -3695,8 +3701,9 @@ static int sampler_finite(const Tensor *x, const char *what, int i, int steps, E
                      i + 1, steps, what, isnan(x->data[bad]) ? "NaN" : "an infinity", bad);
 }
 
-/* One step, the update at the top of this section: v, x0, the guidance when lambda_i != 0, the
- * caller's look (on_step), the update. */
+/* One step, the update at the top of this section: v, x0, the guidance when lambda_i != 0 (the
+ * detector also runs, without shifting, when the caller inspects every step), the caller's look
+ * (on_step), the update. */
 static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     const SamplerOptions *o = r->o;
     int64_t B = latent->shape[0];

@@ -624,6 +624,8 @@ void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
     free(b_blocks);
 }
 
+/* C = alpha op(A) op(B) + beta C (tensor.h): gemm_stored with f32 operands, which packs them and
+ * runs gemm_blocked's loop nest over gemm_microkernel's register tiles. */
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A, int lda,
           const float *B, int ldb, float beta, float *C, int ldc) {
     gemm_stored(trans_a, trans_b, M, N, K, alpha, A, lda, B, DTYPE_F32, ldb, beta, C, ldc);
@@ -1677,6 +1679,8 @@ static void attention_forward_block(const AttentionShape *s, float scale, const 
     }
 }
 
+/* out = softmax(scale q k^T) v and its log-sum-exp lse (tensor.h): one task per batch item, head
+ * and block of queries, each an online softmax over tiles of keys (attention_forward_block). */
 void attention_forward(const AttentionShape *s, float scale, const float *q, const float *k,
                        const float *v, float *out, float *lse) {
     int dp = round_up(s->head_dim, ATTN_PAD_COLS), q_blocks = (s->q_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
