@@ -5,9 +5,9 @@
  * before it is used, every size computation is checked for overflow, and a bad file gives an
  * Error naming the file and the problem, never a crash.
  *
- * Contents: errors and small helpers; files and the machine (mapped files, the memory available,
+ * Contents: errors and small helpers; files and the machine (mapped files, the machine's memory,
  * atomic writes, directories); f16 / bf16; JSON (arena, parser, typed lookups); safetensors
- * (reader, writer, sharded models, synthetic models); tokenizer (Unicode, the pre-tokenizer,
+ * (name table, reader, writer, sharded models, synthetic models); tokenizer (Unicode, the pre-tokenizer,
  * byte-level BPE, tokenizer.json, encoding); specs; evaluation sets (CSV); images (PPM, PNG). */
 #include "io.h"
 
