@@ -2938,6 +2938,17 @@ typedef struct SegformerStage {
                        * made fresh, it is the stage's linear_c, trainable (segformer_head_init) */
 } SegformerStage;
 
+/* The decode head as upstream holds it, kept beside the folded projections to compare
+ * activations with transformers': each stage's linear_c, linear_fuse (a 1x1 conv over the stages
+ * concatenated last stage first) and the batch norm with its running statistics. */
+typedef struct SegformerHeadParts {
+    Params *params;     /* the head's own tensors */
+    Linear linear_c[SEGFORMER_MAX_STAGES];
+    Conv2d fuse;        /* linear_fuse: [D, n D, 1, 1], no bias */
+    NormParams bn;      /* gamma, beta */
+    Var *mean, *var;    /* running statistics */
+} SegformerHeadParts;
+
 struct Segformer {
     SegformerConfig config;
     Params *params;
@@ -2945,6 +2956,8 @@ struct Segformer {
     Var *pixel_shift, *pixel_scale; /* [3]: -mean and 1 / std */
     Conv2d classifier;
     bool head_is_linear_c; /* head_proj are linear_c under an identity fuse and batch norm */
+    SegformerHeadParts head; /* params NULL for a fresh (trainable) head */
+    bool unfolded;           /* the forward runs head, not the folded projections */
 };
 
 /* --- config --- */
@@ -3191,63 +3204,76 @@ static int segformer_stage_load(SegformerStage *s, Params *m, const SegformerCon
  * because a 1x1 conv mixes channels while bilinear resizing mixes positions with weights summing
  * to 1 (constants pass through). The 4D -> D conv at 1/4 of the input, the head's largest cost in
  * time and memory, becomes a C_i -> D 1x1 conv at each stage's own resolution. */
-typedef struct SegformerHeadParts {
-    Params *params;     /* the head's own tensors, freed once folded */
-    Var *fuse;          /* linear_fuse.weight: [D, n D, 1, 1] */
-    NormParams bn;      /* gamma, beta */
-    Var *mean, *var;    /* running statistics */
-    Linear linear_c;    /* the stage being folded */
-    float *scale;       /* [D]: S */
-    double *bias_sum;   /* [D]: sum_i W_i b_i */
-} SegformerHeadParts;
-
-/* stages[i].head_proj weight = S W_i P_i; bias_sum += W_i b_i. */
-static int segformer_fold_stage(Segformer *s, int i, SegformerHeadParts *h, Error *e) {
+/* stages[i].head_proj weight = S W_i P_i, with W_i stage i's columns of linear_fuse (the stages
+ * come last first), P_i its linear_c and S the batch norm's scale; bias_sum += W_i b_i. */
+static int segformer_fold_stage(Segformer *s, int i, const float *scale, double *bias_sum,
+                                Error *e) {
     const SegformerConfig *c = &s->config;
+    const SegformerHeadParts *h = &s->head;
     int D = c->decoder_hidden_size, C = c->hidden_sizes[i], n = c->stages;
-    const float *W = h->fuse->value->data + (size_t)(n - 1 - i) * D;
-    const float *P = h->linear_c.weight->value->data, *b = h->linear_c.bias->value->data;
+    const float *W = h->fuse.weight->value->data + (size_t)(n - 1 - i) * D;
+    const float *P = h->linear_c[i].weight->value->data, *b = h->linear_c[i].bias->value->data;
     Tensor *proj = TENSOR_NEW(D, C);
     if (!proj) return error_set(e, "out of memory folding the decode head");
     gemm(false, false, D, C, D, 1.0f, W, n * D, P, C, 0.0f, proj->data, C);
     for (int o = 0; o < D; o++) {
-        for (int k = 0; k < C; k++) proj->data[(size_t)o * C + k] *= h->scale[o];
-        for (int k = 0; k < D; k++) h->bias_sum[o] += (double)W[(size_t)o * n * D + k] * b[k];
+        for (int k = 0; k < C; k++) proj->data[(size_t)o * C + k] *= scale[o];
+        for (int k = 0; k < D; k++) bias_sum[o] += (double)W[(size_t)o * n * D + k] * b[k];
     }
     s->stages[i].head_proj = (Linear){0};
     return (s->stages[i].head_proj.weight = params_constant(s->params, proj, e)) ? 0 : -1;
 }
 
-static int segformer_head_fold(Segformer *s, SegformerHeadParts *h, Error *e) {
+/* The head's upstream tensors into s->head (names and shapes checked). */
+static int segformer_head_parts_load(Segformer *s, Error *e) {
     const SegformerConfig *c = &s->config;
+    SegformerHeadParts *h = &s->head;
     int D = c->decoder_hidden_size;
-    Params *p = h->params;
-    if (!(h->fuse = params_load(p, e, SHAPE(D, c->stages * D, 1, 1),
-                                "decode_head.linear_fuse.weight")) ||
-        norm_load(&h->bn, p, D, true, "decode_head.batch_norm", e) ||
-        !(h->mean = params_load_buffer(p, e, SHAPE(D), "decode_head.batch_norm.running_mean")) ||
-        !(h->var = params_load_buffer(p, e, SHAPE(D), "decode_head.batch_norm.running_var")))
-        return -1;
-    h->scale = malloc((size_t)D * sizeof *h->scale);
-    h->bias_sum = calloc((size_t)D, sizeof *h->bias_sum);
-    if (!h->scale || !h->bias_sum)
-        return error_set(e, "out of memory folding the decode head");
-    for (int o = 0; o < D; o++)
-        h->scale[o] = h->bn.weight->value->data[o] /
-                      sqrtf(h->var->value->data[o] + SEGFORMER_NORM_EPS);
     for (int i = 0; i < c->stages; i++) {
         char name[64];
         snprintf(name, sizeof name, "decode_head.linear_c.%d.proj", i);
-        if (linear_load(&h->linear_c, p, c->hidden_sizes[i], D, true, name, e) ||
-            segformer_fold_stage(s, i, h, e))
+        if (linear_load(&h->linear_c[i], h->params, c->hidden_sizes[i], D, true, name, e))
             return -1;
     }
+    if (conv2d_load(&h->fuse, h->params, c->stages * D, D, 1, 1, 0, 1, false,
+                    "decode_head.linear_fuse", e) ||
+        norm_load(&h->bn, h->params, D, true, "decode_head.batch_norm", e) ||
+        !(h->mean = params_load_buffer(h->params, e, SHAPE(D),
+                                       "decode_head.batch_norm.running_mean")) ||
+        !(h->var = params_load_buffer(h->params, e, SHAPE(D),
+                                      "decode_head.batch_norm.running_var")))
+        return -1;
+    return 0;
+}
+
+/* The folded projections from s->head: linear_c, linear_fuse and the batch norm as one linear
+ * map per stage and one bias (on stage 0's), summed where upstream concatenates. */
+static int segformer_head_fold(Segformer *s, Error *e) {
+    const SegformerConfig *c = &s->config;
+    const SegformerHeadParts *h = &s->head;
+    int D = c->decoder_hidden_size;
+    float *scale = malloc((size_t)D * sizeof *scale);
+    double *bias_sum = calloc((size_t)D, sizeof *bias_sum);
     Tensor *bias = TENSOR_NEW(D);
-    if (!bias) return error_set(e, "out of memory folding the decode head");
-    for (int o = 0; o < D; o++)
-        bias->data[o] = (float)(h->bn.bias->value->data[o] +
-                                h->scale[o] * (h->bias_sum[o] - h->mean->value->data[o]));
-    return (s->stages[0].head_proj.bias = params_constant(s->params, bias, e)) ? 0 : -1;
+    int rc = scale && bias_sum && bias ? 0 : error_set(e, "out of memory folding the decode head");
+    for (int o = 0; rc == 0 && o < D; o++)
+        scale[o] = h->bn.weight->value->data[o] /
+                   sqrtf(h->var->value->data[o] + SEGFORMER_NORM_EPS);
+    for (int i = 0; i < c->stages; i++) {
+        if (rc) break;
+        rc = segformer_fold_stage(s, i, scale, bias_sum, e);
+    }
+    if (rc == 0) {
+        for (int o = 0; o < D; o++)
+            bias->data[o] = (float)(h->bn.bias->value->data[o] +
+                                    scale[o] * (bias_sum[o] - h->mean->value->data[o]));
+        rc = (s->stages[0].head_proj.bias = params_constant(s->params, bias, e)) ? 0 : -1;
+    } else {
+        tensor_free(bias);
+    }
+    free(scale);
+    free(bias_sum);
+    return rc;
 }
 
 /* A fresh head to train: each stage's linear_c as its projection, the fuse and the batch norm
@@ -3267,12 +3293,8 @@ static int segformer_head_init(Segformer *s, Error *e) {
 }
 
 static int segformer_head_fold_load(Segformer *s, const StModel *m, Error *e) {
-    SegformerHeadParts h = {.params = params_new(m)};
-    int rc = h.params ? segformer_head_fold(s, &h, e) : error_set(e, "out of memory");
-    params_free(h.params);
-    free(h.scale);
-    free(h.bias_sum);
-    return rc ? -1 : 0;
+    if (!(s->head.params = params_new(m))) return error_set(e, "out of memory");
+    return segformer_head_parts_load(s, e) || segformer_head_fold(s, e) ? -1 : 0;
 }
 
 static int segformer_head_load(Segformer *s, const StModel *m, WeightSource source, Error *e) {
@@ -3299,8 +3321,16 @@ static int segformer_pixel_load(Segformer *s, Error *e) {
 void segformer_free(Segformer *m) {
     if (!m) return;
     for (int i = 0; i < SEGFORMER_MAX_STAGES; i++) free(m->stages[i].layers);
+    params_free(m->head.params);
     params_free(m->params);
     free(m);
+}
+
+int segformer_set_head_unfolded(Segformer *m, bool unfolded, Error *e) {
+    if (unfolded && !m->head.params)
+        return error_set(e, "segformer: a fresh head has no upstream parts to unfold");
+    m->unfolded = unfolded;
+    return 0;
 }
 
 bool segformer_head_is_trainable(const Segformer *m) { return m->head_is_linear_c; }
@@ -3402,11 +3432,28 @@ static Var *segformer_stage(Tape *t, const SegformerStage *s, Var *x) {
     return segformer_layernorm(t, &s->norm, x);
 }
 
+/* The all-MLP head as upstream runs it: each stage's linear_c, resized to stage 0's size, the
+ * stages concatenated last first, linear_fuse, the batch norm, ReLU, classifier.
+ * tokens[i]: [B, h_i, w_i, C_i] -> logits: [B, L, h_0, w_0] */
+static Var *segformer_head_unfolded(Tape *t, const Segformer *m, Var **tokens) {
+    const SegformerHeadParts *h = &m->head;
+    int n = m->config.stages;
+    int64_t rows = tokens[0]->value->shape[1], cols = tokens[0]->value->shape[2];
+    Var *stages[SEGFORMER_MAX_STAGES];
+    for (int i = 0; i < n; i++)
+        stages[n - 1 - i] = segformer_resize(
+            t, segformer_image(t, linear_apply(t, &h->linear_c[i], tokens[i])), rows, cols);
+    Var *x = conv2d_apply(t, &h->fuse, ag_concat(t, stages, n, 1));
+    x = ag_batchnorm_eval(t, x, h->mean, h->var, h->bn.weight, h->bn.bias, SEGFORMER_NORM_EPS);
+    return conv2d_apply(t, &m->classifier, ag_relu(t, x));
+}
+
 /* The all-MLP head as folded (segformer_head_fold) or fresh (segformer_head_init): each stage
  * projected to D channels and resized to stage 0's size, summed, ReLU, classifier.
  * tokens[i]: [B, h_i, w_i, C_i] -> logits: [B, L, h_0, w_0] */
 static Var *segformer_head(Tape *t, const Segformer *m, Var **tokens) {
     if (!tokens[0]) return NULL;
+    if (m->unfolded) return segformer_head_unfolded(t, m, tokens);
     int64_t h = tokens[0]->value->shape[1], w = tokens[0]->value->shape[2];
     Var *sum = NULL;
     for (int i = 0; i < m->config.stages; i++) {

@@ -454,6 +454,11 @@ Params *segformer_params(const Segformer *m);
 /* true when the decode head is linear_c as segformer_open WEIGHTS_FRESH makes it (trainable,
  * savable), false when it was folded on loading. */
 bool segformer_head_is_trainable(const Segformer *m);
+/* An execution strategy: by default the decode head runs folded (linear_c, linear_fuse and the
+ * batch norm as one projection per stage, summed: fewer operations, the same function up to
+ * rounding); unfolded, it runs as upstream writes it (linear_c, the concatenation, linear_fuse,
+ * the batch norm), to compare its activations with transformers'. A fresh head cannot unfold. */
+int segformer_set_head_unfolded(Segformer *m, bool unfolded, Error *e);
 
 /* image: [B, 3, H, W] in [-1, 1] -> mask: [B, L, H, W] in [0, 1] (L = num_labels), the sigmoid
  * map at 1/4 of the network's input resized bilinearly to the image. *mask_small (when not NULL)

@@ -395,6 +395,12 @@ int main(void) {
         check_plain(g);
     }
     if (g && m16) check_case(m16, g, "native_bf16");
+    if (g && m) { /* the head as upstream writes it: the same goldens, forward and backward */
+        CHECK(segformer_set_head_unfolded(m, true, &e) == 0, "unfold the head: %s", e.msg);
+        check_case(m, g, "resize");
+        check_case(m, g, "native");
+        segformer_set_head_unfolded(m, false, &e);
+    }
     if (m) {
         check_finite_differences(m);
         check_bad_image(m);
