@@ -388,7 +388,8 @@ static int bench_attention(int argc, char **argv) {
     size_t n = (size_t)B * N * H * D;
     float **arrays[] = {&a.q, &a.k, &a.v, &a.out, &a.dout, &a.dq, &a.dk, &a.dv};
     bool ok = (a.lse = malloc((size_t)B * H * N * sizeof(float))) != NULL;
-    for (size_t i = 0; i < COUNT(arrays); i++) ok &= (*arrays[i] = calloc(n, sizeof(float))) != NULL;
+    for (size_t i = 0; i < COUNT(arrays); i++)
+        ok &= (*arrays[i] = calloc(n, sizeof(float))) != NULL;
     if (ok) {
         unsigned long long state = 42;
         float *inputs[] = {a.q, a.k, a.v, a.dout};
@@ -1764,9 +1765,10 @@ static RunMemory generate_memory(const GenerateRun *r, int batch, int64_t txt_le
                                             txt_len),
         .decode = (double)vae_decode_bytes(r->vae, r->vae_levels, batch, height, width),
         /* the artifact loss adds a few maps at the image's size */
-        .detector = r->detector ? (double)segformer_forward_bytes(r->detector, batch, height, width) +
-                                      sizeof(float) * 4.0 * batch * pixels
-                                : 0.0,
+        .detector = r->detector
+                        ? (double)segformer_forward_bytes(r->detector, batch, height, width) +
+                              sizeof(float) * 4.0 * batch * pixels
+                        : 0.0,
     };
     double step = m.decode + m.detector;
     m.total = m.weights + m.tensors + (m.flow > step ? m.flow : step);
@@ -2081,7 +2083,8 @@ static int sheet_write(const char *path, const SheetRow *rows, int n, Error *e) 
                     SHEET_TITLE + n * (SHEET_CAPTION + ph + SHEET_GAP), e))
         return -1;
     memset(out.rgb, 24, (size_t)out.width * out.height * 3);
-    for (int k = 0; k < 4; k++) sheet_text(&out, SHEET_GAP + k * (pw + SHEET_GAP), 8, titles[k], white);
+    for (int k = 0; k < 4; k++)
+        sheet_text(&out, SHEET_GAP + k * (pw + SHEET_GAP), 8, titles[k], white);
     int rc = 0;
     for (int i = 0; i < n; i++) {
         if (rc) break;
@@ -2719,7 +2722,8 @@ static int eval_row_inputs(const EvalArgs *a, GenerateRun *r, const EvalRow *row
     free(r->txt_prompt);
     r->txt = r->negative = NULL;
     r->txt_prompt = NULL;
-    if (row->path) return generate_embeddings(&g, r, 1, e) || generate_check_memory(&g, r, false, e);
+    if (row->path)
+        return generate_embeddings(&g, r, 1, e) || generate_check_memory(&g, r, false, e);
     const char *negative = g.negative ? g.negative : "";
     int D = flux2_config(r->flow)->joint_attention_dim;
     if (eval_prompt_embeds(a, cache_dir, row->input, D, &r->txt, e) ||

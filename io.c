@@ -7,8 +7,9 @@
  *
  * Contents: errors and small helpers; files and the machine (mapped files, the machine's memory,
  * atomic writes, directories); f16 / bf16; JSON (arena, parser, typed lookups); safetensors
- * (name table, reader, writer, sharded models, synthetic models); tokenizer (Unicode, the pre-tokenizer,
- * byte-level BPE, tokenizer.json, encoding); specs; evaluation sets (CSV); images (PPM, PNG). */
+ * (name table, reader, writer, sharded models, synthetic models); tokenizer (Unicode, the
+ * pre-tokenizer, byte-level BPE, tokenizer.json, encoding); specs; evaluation sets (CSV); images
+ * (PPM, PNG). */
 #include "io.h"
 
 #include <dirent.h>
@@ -644,7 +645,9 @@ static void *json_stack_reserve(JsonParser *p, void *stack, size_t count, size_t
 static int json_to_arena(JsonParser *p, const void *src, size_t count, size_t size, const void **out) {
     *out = NULL;
     if (count == 0) return 0;
-    void *dst = count <= SIZE_MAX / size ? arena_alloc(p->arena, count * size, _Alignof(JsonValue)) : NULL;
+    void *dst = count <= SIZE_MAX / size
+                    ? arena_alloc(p->arena, count * size, _Alignof(JsonValue))
+                    : NULL;
     if (!dst) return json_error(p, "out of memory");
     memcpy(dst, src, count * size);
     *out = dst;
@@ -1102,7 +1105,8 @@ int json_get_int_array(const JsonValue *object, const char *key, int64_t *out, s
  * or a number (within a relative 1e-9). */
 static bool json_is_literal(const JsonValue *v, const char *lit, size_t len) {
     if (len >= 2 && lit[0] == '"')
-        return v->type == JSON_STRING && v->length == len - 2 && !memcmp(v->string, lit + 1, len - 2);
+        return v->type == JSON_STRING && v->length == len - 2 &&
+               !memcmp(v->string, lit + 1, len - 2);
     if (len == 4 && !memcmp(lit, "null", 4)) return v->type == JSON_NULL;
     if (len == 4 && !memcmp(lit, "true", 4)) return v->type == JSON_BOOL && v->boolean;
     if (len == 5 && !memcmp(lit, "false", 5)) return v->type == JSON_BOOL && !v->boolean;

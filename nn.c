@@ -1137,14 +1137,90 @@ static Var *flux2_final(Tape *t, Var *proj_out, const Flux2Config *c, Var *img, 
     return ag_linear(t, y, proj_out, NULL);
 }
 
-/* --- a block in pieces ---
- * Everything in a block but the attention works token by token, so it runs over chunks of
+/* --- the plain forward: the whole model as one graph ---
+ * The forward as upstream writes it, over the batch at once, for a resident model: the layer
+ * functions above, with every weight a leaf of the model's Params, so gradients reach the inputs
+ * and (when trainable) every parameter. Memory is every intermediate of the batch: for small
+ * models, and to compare activations with diffusers'. */
+
+/* Double-stream block i: img: [B, T, dim], txt: [B, L, dim], both replaced. */
+static void flux2_double_graph(Tape *t, const Flux2 *m, int i, const Flux2Step *s,
+                               Var *const *mods, Var **img, Var **txt) {
+    const Flux2Config *c = &m->config;
+    const Flux2StreamIn *in = &m->resident->stream_in[i * FLUX2_STREAMS];
+    const Flux2StreamOut *out = &m->resident->stream_out[i * FLUX2_STREAMS];
+    Var *img_qkv[3], *txt_qkv[3], *joint[3];
+    flux2_stream_in(t, &in[FLUX2_IMAGE], c, s, *img, mods[FLUX2_MOD_IMG], s->txt_len, img_qkv);
+    flux2_stream_in(t, &in[FLUX2_TEXT], c, s, *txt, mods[FLUX2_MOD_TXT], 0, txt_qkv);
+    for (int k = 0; k < 3; k++) joint[k] = ag_concat(t, (Var *[]){txt_qkv[k], img_qkv[k]}, 2, 1);
+    Var *o = flux2_attention(t, c, joint[0], joint[1], joint[2]);
+    *img = flux2_stream_out(t, &out[FLUX2_IMAGE], c, *img,
+                            ag_slice(t, o, 1, s->txt_len, s->img_len), mods[FLUX2_MOD_IMG]);
+    *txt = flux2_stream_out(t, &out[FLUX2_TEXT], c, *txt, ag_slice(t, o, 1, 0, s->txt_len),
+                            mods[FLUX2_MOD_TXT]);
+}
+
+/* Single-stream block i: x: [B, L + T, dim] -> the same. */
+static Var *flux2_single_graph(Tape *t, const Flux2 *m, int i, const Flux2Step *s, Var *mod,
+                               Var *x) {
+    const Flux2Config *c = &m->config;
+    Var *in[4];
+    flux2_single_in(t, &m->resident->single_in[i], c, s, x, mod, 0, in);
+    Var *hidden = ag_concat(t, (Var *[]){flux2_attention(t, c, in[0], in[1], in[2]), in[3]}, 2, 2);
+    return flux2_single_out(t, m->resident->single_out[i], c, x, hidden, mod);
+}
+
+Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
+                         const float *sigma, const float *guidance) {
+    const Flux2Config *c = &m->config;
+    const Flux2Weights *wt = m->resident;
+    Flux2Step s = {.batch = (int)var_size(tokens, 0), .img_len = h * w,
+                   .txt_len = (int)var_size(txt, 1)};
+    /* the tables become the tape's; when either is missing (out of memory, or a tape that has
+     * failed already, which frees them) nothing reads them */
+    flux2_rope_tables(c, s.txt_len, h, w, &s);
+    Var *cos = var_take(t, s.rope_cos, false), *sin = var_take(t, s.rope_sin, false);
+    if (!cos || !sin) return NULL;
+    if (!wt)
+        return tape_fail(t, "flux2: the model streams its weights from the files; a graph needs "
+                            "them resident (flux2_make_resident)");
+    Var *act = flux2_time_act(t, &wt->time, c, sigma, guidance, s.batch);
+    Var *mods[FLUX2_MODS];
+    for (int k = 0; k < FLUX2_MODS; k++) mods[k] = ag_linear(t, act, wt->mods[k], NULL);
+    Var *img = ag_linear(t, tokens, wt->embedders.x_embedder, NULL);
+    Var *ctx = ag_linear(t, txt, wt->embedders.context_embedder, NULL);
+    for (int i = 0; i < c->num_layers; i++) flux2_double_graph(t, m, i, &s, mods, &img, &ctx);
+    Var *x = ag_concat(t, (Var *[]){ctx, img}, 2, 1);
+    for (int i = 0; i < c->num_single_layers; i++)
+        x = flux2_single_graph(t, m, i, &s, mods[FLUX2_MOD_SINGLE], x);
+    return flux2_final(t, wt->proj_out, c, ag_slice(t, x, 1, s.txt_len, s.img_len),
+                       mods[FLUX2_MOD_OUT]);
+}
+
+/* flux2_forward of a resident model: the graph with grad off. */
+static int flux2_forward_resident(const Flux2 *m, const Tensor *tokens, int h, int w,
+                                  const Tensor *txt, const float *sigma, const float *guidance,
+                                  Tensor **velocity, Error *e) {
+    Tape *t = nograd_tape();
+    if (!t) return error_set(e, "out of memory");
+    Var *v = flux2_forward_graph(t, m, flux2_view(t, tokens, 0, 0, tokens->shape[0]), h, w,
+                                 flux2_view(t, txt, 0, 0, txt->shape[0]), sigma, guidance);
+    int status = nograd_result(t, v, velocity, "flux2", e);
+    tape_free(t);
+    return status;
+}
+
+/* --- execution strategy: the model streamed in pieces ---
+ * What flux2_open's models run (flux2_forward): the plain forward's arithmetic, reordered for
+ * memory. Each block runs in parts whose weights are converted from the mapped files just before
+ * and freed just after (klein-4B: about 0.38 GB of f32 weights at a time instead of 15 GB), and
+ * everything in a block but the attention works token by token, so it runs over chunks of
  * FLUX2_CHUNK_TOKENS tokens, each on a tape of its own freed as soon as the chunk's result is
  * copied out: the intermediates (a feed-forward's hidden layers alone are 12 dim floats per
- * token) then take memory for one chunk, not for the whole sequence. Between the pieces live only the
- * joint queries, keys and values, the attention output and the hidden states. A weight product
- * gives each output element by the same sums however many rows it covers, so the result does not
- * depend on the chunk size. */
+ * token) then take memory for one chunk, not for the whole sequence. Between the pieces live
+ * only the joint queries, keys and values, the attention output and the hidden states. A weight
+ * product gives each output element by the same sums however many rows it covers, so the result
+ * does not depend on the chunk size. */
 #define FLUX2_CHUNK_TOKENS 256
 
 /* fn over tokens [start, start + n) on a fresh no-grad tape, for every chunk of [0, count). */
@@ -1451,78 +1527,7 @@ static int flux2_check_inputs(const Flux2Config *c, const Tensor *tokens, int h,
     return 0;
 }
 
-/* --- the whole model on one tape ---
- * A resident model's forward as one graph over the batch: the same layer functions as the
- * streaming path, with every weight a leaf of the model's Params, so gradients reach the inputs
- * and (when trainable) every parameter. Memory is every intermediate of the batch: for small
- * models. */
-
-/* Double-stream block i: img: [B, T, dim], txt: [B, L, dim], both replaced. */
-static void flux2_double_graph(Tape *t, const Flux2 *m, int i, const Flux2Step *s,
-                               Var *const *mods, Var **img, Var **txt) {
-    const Flux2Config *c = &m->config;
-    const Flux2StreamIn *in = &m->resident->stream_in[i * FLUX2_STREAMS];
-    const Flux2StreamOut *out = &m->resident->stream_out[i * FLUX2_STREAMS];
-    Var *img_qkv[3], *txt_qkv[3], *joint[3];
-    flux2_stream_in(t, &in[FLUX2_IMAGE], c, s, *img, mods[FLUX2_MOD_IMG], s->txt_len, img_qkv);
-    flux2_stream_in(t, &in[FLUX2_TEXT], c, s, *txt, mods[FLUX2_MOD_TXT], 0, txt_qkv);
-    for (int k = 0; k < 3; k++) joint[k] = ag_concat(t, (Var *[]){txt_qkv[k], img_qkv[k]}, 2, 1);
-    Var *o = flux2_attention(t, c, joint[0], joint[1], joint[2]);
-    *img = flux2_stream_out(t, &out[FLUX2_IMAGE], c, *img,
-                            ag_slice(t, o, 1, s->txt_len, s->img_len), mods[FLUX2_MOD_IMG]);
-    *txt = flux2_stream_out(t, &out[FLUX2_TEXT], c, *txt, ag_slice(t, o, 1, 0, s->txt_len),
-                            mods[FLUX2_MOD_TXT]);
-}
-
-/* Single-stream block i: x: [B, L + T, dim] -> the same. */
-static Var *flux2_single_graph(Tape *t, const Flux2 *m, int i, const Flux2Step *s, Var *mod,
-                               Var *x) {
-    const Flux2Config *c = &m->config;
-    Var *in[4];
-    flux2_single_in(t, &m->resident->single_in[i], c, s, x, mod, 0, in);
-    Var *hidden = ag_concat(t, (Var *[]){flux2_attention(t, c, in[0], in[1], in[2]), in[3]}, 2, 2);
-    return flux2_single_out(t, m->resident->single_out[i], c, x, hidden, mod);
-}
-
-Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
-                         const float *sigma, const float *guidance) {
-    const Flux2Config *c = &m->config;
-    const Flux2Weights *wt = m->resident;
-    Flux2Step s = {.batch = (int)var_size(tokens, 0), .img_len = h * w,
-                   .txt_len = (int)var_size(txt, 1)};
-    /* the tables become the tape's; when either is missing (out of memory, or a tape that has
-     * failed already, which frees them) nothing reads them */
-    flux2_rope_tables(c, s.txt_len, h, w, &s);
-    Var *cos = var_take(t, s.rope_cos, false), *sin = var_take(t, s.rope_sin, false);
-    if (!cos || !sin) return NULL;
-    if (!wt)
-        return tape_fail(t, "flux2: the model streams its weights from the files; a graph needs "
-                            "them resident (flux2_make_resident)");
-    Var *act = flux2_time_act(t, &wt->time, c, sigma, guidance, s.batch);
-    Var *mods[FLUX2_MODS];
-    for (int k = 0; k < FLUX2_MODS; k++) mods[k] = ag_linear(t, act, wt->mods[k], NULL);
-    Var *img = ag_linear(t, tokens, wt->embedders.x_embedder, NULL);
-    Var *ctx = ag_linear(t, txt, wt->embedders.context_embedder, NULL);
-    for (int i = 0; i < c->num_layers; i++) flux2_double_graph(t, m, i, &s, mods, &img, &ctx);
-    Var *x = ag_concat(t, (Var *[]){ctx, img}, 2, 1);
-    for (int i = 0; i < c->num_single_layers; i++)
-        x = flux2_single_graph(t, m, i, &s, mods[FLUX2_MOD_SINGLE], x);
-    return flux2_final(t, wt->proj_out, c, ag_slice(t, x, 1, s.txt_len, s.img_len),
-                       mods[FLUX2_MOD_OUT]);
-}
-
-/* flux2_forward of a resident model: the graph with grad off. */
-static int flux2_forward_resident(const Flux2 *m, const Tensor *tokens, int h, int w,
-                                  const Tensor *txt, const float *sigma, const float *guidance,
-                                  Tensor **velocity, Error *e) {
-    Tape *t = nograd_tape();
-    if (!t) return error_set(e, "out of memory");
-    Var *v = flux2_forward_graph(t, m, flux2_view(t, tokens, 0, 0, tokens->shape[0]), h, w,
-                                 flux2_view(t, txt, 0, 0, txt->shape[0]), sigma, guidance);
-    int status = nograd_result(t, v, velocity, "flux2", e);
-    tape_free(t);
-    return status;
-}
+/* --- the forward: plain for a resident model, streamed otherwise --- */
 
 int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tensor *txt,
                   const float *sigma, const float *guidance, Tensor **velocity, Error *e) {
@@ -1574,7 +1579,8 @@ static double flux2_largest_part(const Flux2Config *c) {
 size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_t txt_tokens) {
     const Flux2Config *c = &m->config;
     double N = (double)img_tokens + (double)txt_tokens, D = c->dim, H = c->mlp_hidden, floats;
-    double io = (double)img_tokens * c->in_channels * 2.0 + (double)txt_tokens * c->joint_attention_dim;
+    double io = (double)img_tokens * c->in_channels * 2.0 +
+                (double)txt_tokens * c->joint_attention_dim;
     if (m->resident) {
         /* one tape holds every block's values: ~28 of the width and 8 of the feed-forward's */
         floats = batch * (io + N * (28.0 * D + 8.0 * H) * (c->num_layers + c->num_single_layers));

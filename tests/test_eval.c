@@ -418,8 +418,7 @@ static void test_oracle_items(Cli *c) {
     char path[256];
     snprintf(path, sizeof path, "%s/world.csv", d);
     write_text(path, "prompt,seed\nHE4,900000001\nJRN,900000004\n");
-    int rc = run(c, "eval --model weights --detector weights/detector --steps 16 -W 64 -H 32 --mu 0 "
-                 "--cfg 4 --lambda-schedule linear:start=2,end=0.2 --loss mse --threads 1 --quiet "
+    int rc = run(c, "eval --model weights --detector weights/detector --threads 1 --quiet "
                  "--csv %s/world.csv --out %s/world --json %s/world.json", d, d, d);
     snprintf(path, sizeof path, "%s/world/item_000000.json", d);
     char *item = slurp(path);

@@ -245,8 +245,8 @@ static void test_json_valid(void) {
     double x = 0;
     CHECK(json_get_float(root, "frac", &x, &e) == 0 && x == 0.1, "0.1");
     CHECK(json_get(root, "nope") == NULL && json_get(b, "a") == NULL, "json_get on absent key / non-object");
-    static const KeyDefault at_default[] = {{"nope", "1"}, {"a", "2|1"}, {"frac", "0.1000000000001"},
-                                            {"b", "null|[]"}};
+    static const KeyDefault at_default[] = {
+        {"nope", "1"}, {"a", "2|1"}, {"frac", "0.1000000000001"}, {"b", "null|[]"}};
     CHECK(json_require_defaults(root, at_default, 3, &e) == 0,
           "absent keys and values among the accepted ones pass (%s)", e.msg);
     CHECK(json_require_defaults(root, at_default, 4, &e) != 0 &&
@@ -256,7 +256,8 @@ static void test_json_valid(void) {
     CHECK(json_require_defaults(json_get(root, "c"), string_default, 1, &e) != 0 &&
               strstr(e.msg, "key 'd' is \"x?\xc3\xa9"),
           "a string that differs is refused: %s", e.msg);
-    CHECK(sizeof(JsonValue) <= 32, "a parsed value takes at most 32 bytes (%zu)", sizeof(JsonValue));
+    CHECK(sizeof(JsonValue) <= 32, "a parsed value takes at most 32 bytes (%zu)",
+          sizeof(JsonValue));
     json_free(doc);
 
     char deep[2 * JSON_MAX_DEPTH + 1];
