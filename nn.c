@@ -200,9 +200,7 @@ static bool weights_from_files(WeightSource source) {
     return source == WEIGHTS_FILES || source == WEIGHTS_FILES_NON_STRICT;
 }
 
-/* The weights of the tensors loaders ask params_load for: the safetensors in dir, st_random_fill
- * values from seed (config-only: timings and memory without the files), or fresh weights from
- * seed (training from scratch). *st stays open for the loading; the caller closes it. */
+/* The files, random values or fresh weights (nn.h); *st stays open for the loading. */
 int params_open(Params **p, StModel **st, const char *dir, WeightSource source, uint64_t seed,
                 Error *e) {
     *p = NULL;
@@ -214,12 +212,8 @@ int params_open(Params **p, StModel **st, const char *dir, WeightSource source, 
     return *p ? 0 : error_set(e, "out of memory");
 }
 
-/* Strict loading, as PyTorch's load_state_dict(strict=True): every tensor of a model's files is
- * one it reads (reads(ctx, name)) or one it knowingly leaves (a name starting with a prefix of
- * leave, NULL-terminated: a VAE decoder leaves the encoder's). Anything else means a config that
- * builds a smaller network than its files hold, or files of another model: an error naming dir
- * and the first few (WEIGHTS_FILES_NON_STRICT skips the check; random weights have no names to
- * compare). */
+/* Strict loading (nn.h): a tensor of the files neither read nor left means a config for a smaller
+ * network than its files hold, or another model's files. Random weights have no names to check. */
 int weights_all_read(WeightSource source, const StModel *st,
                      bool (*reads)(const void *ctx, const char *name), const void *ctx,
                      const char *const *leave, const char *dir, Error *e) {
@@ -2382,26 +2376,16 @@ int prompt_encode(const PromptEncoder *p, const char *const *prompts, int n, Ten
  * config's batch_norm_eps. */
 #define VAE_NORM_EPS 1e-6f
 
-/* Memory of a checkpointed decode with grad (f32, batch 1). Checkpoints nest three deep (see
- * vae_plan): stages, which end where the resolution is 4x smaller than after the next
- * upsampler; layers (a resnet, with the upsampler before it or the head after it joined in);
- * units (one conv path each). Only stage outputs stay across the whole decode; in backward one
- * stage's layer outputs, one layer's unit outputs and one unit's recomputation add to them, and
- * ag_checkpoint releases each boundary before recomputing it. The peak is in the first unit of
- * the last stage, conv1(SiLU(norm1(up))) with up the upsampled block_out_channels[1]-channel
- * tensor at full resolution: up and its gradient, SiLU(norm1(up)) and its gradient (one tensor
- * each, as ag_groupnorm_silu keeps no normalised copy), conv1's output and its gradient. For the
- * real config (block_out_channels 128, 256, 512, 512) at 1024x1024 that is 4 x 1 GB + 2 x 0.5
- * GB, plus the stage's input and its gradient (2 x 256 MB): the 5.8 GB below. Measured with
- * tools/vae_peak.c (random bf16 weights in the real config), the tape's peak (values + saved
- * data + gradients) scales with the pixel count: 91 MB at 128x128, 365 MB at 256x256, 1459 MB
- * at 512x512 (process peak RSS 1653 MB, the f32 weights included), so about 5.8 GB at
- * 1024x1024. One level of checkpoints over the same blocks with a separate GroupNorm and SiLU
- * peaked at 2939 MB at 512x512 (about 12 GB at 1024x1024); none at all, 1311 MB at 256x256
- * (about 21 GB at 1024x1024). The price is time: each unit runs forward up to four times, so
- * backward takes 5-7x the forward; vae_decoder_checkpoint_for nests only as deep as a memory
- * budget needs (none for decodes small enough to hold whole).
- * The attention is O(N d): 512 channels x 128x128 tokens at 1024x1024, no N x N matrix. */
+/* Execution strategy: checkpoints (f32, batch 1), nested three deep (see vae_plan): stages,
+ * which end where the resolution is 4x smaller than after the next upsampler; layers (a resnet,
+ * with the upsampler before it or the head after it joined in); units (one conv path each). Only
+ * stage outputs stay across the whole decode; in backward one stage's layer outputs, one layer's
+ * unit outputs and one unit's recomputation add to them. Measured with tools/vae_peak.c on the
+ * real config, the tape's peak with all three levels scales with the pixels: 365 MB at 256x256,
+ * 1459 MB at 512x512 (about 5.8 GB at 1024x1024); with none, 1311 MB at 256x256 (about 21 GB at
+ * 1024x1024). The price is time: each unit runs forward up to four times, so vae_decoder_
+ * checkpoint_for nests only as deep as the memory budget needs. The attention is O(N d): no
+ * N x N matrix. */
 
 typedef struct VaeUpBlock {
     VaeResnet *resnets;  /* layers_per_block + 1 */
@@ -2890,11 +2874,29 @@ static Var *vae_unpack(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) 
 
 /* tokens [B, h*w, packed] -> image [B, 3, H, W] (nn.h): unpack, post_quant_conv, conv_in, then
  * the stages (mid block, up blocks, head) through their checkpoints. */
+/* The decoder as diffusers writes it, from conv_in's output: the mid block, the up blocks, the
+ * head. Without checkpoints vae_decode runs this; the stages run the same ops in the same order.
+ * x: [B, C, h, w] -> [B, out_channels, H, W] */
+static Var *vae_decode_blocks(Tape *t, const VaeDecoder *m, Var *x) {
+    const VaeConfig *c = &m->config;
+    x = vae_resnet_forward(t, &m->mid_resnets[0], x);
+    if (c->mid_block_add_attention && x) x = vae_attention_apply(t, &x, (void *)&m->mid_attention);
+    x = vae_resnet_forward(t, &m->mid_resnets[1], x);
+    for (int b = 0; b < c->n_blocks; b++) {
+        const VaeUpBlock *u = &m->up_blocks[b];
+        for (int r = 0; r <= c->layers_per_block; r++) x = vae_resnet_forward(t, &u->resnets[r], x);
+        if (u->upsampler.weight) x = conv2d_apply(t, &u->upsampler, ag_upsample_nearest2x(t, x));
+    }
+    x = vae_norm_silu(t, &m->conv_norm_out, c->norm_num_groups, x);
+    return conv2d_apply(t, &m->conv_out, x);
+}
+
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     const VaeConfig *c = &m->config;
     Var *x = vae_unpack(t, m, tokens, h, w);
     if (c->use_post_quant_conv) x = conv2d_apply(t, &m->post_quant_conv, x);
     x = conv2d_apply(t, &m->conv_in, x);
+    if (m->checkpoint_levels == 0) return vae_decode_blocks(t, m, x);
     for (int s = 0; s < c->n_blocks; s++)
         x = vae_block(t, m, VAE_STAGE, vae_stage_apply, &m->stages[s], &x, 1);
     return x;
