@@ -1734,8 +1734,9 @@ static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e)
 /* The bytes of a Params' values (0 for NULL). */
 static double params_bytes(const Params *p) {
     double bytes = 0.0;
-    for (int i = 0; p && i < params_count(p); i++)
-        bytes += (double)params_var(p, i)->value->numel * sizeof(float);
+    if (p)
+        for (int i = 0; i < params_count(p); i++)
+            bytes += (double)params_var(p, i)->value->numel * sizeof(float);
     return bytes;
 }
 
