@@ -1703,7 +1703,8 @@ struct StModel {
     NameTable names; /* name -> index into tensors */
     StTensor *synthetic; /* st_model_random's tensors (their names owned), else NULL */
     bool any;            /* st_model_random_any's model */
-    uint64_t seed;
+    uint64_t seed;       /* a random model's seed and kind */
+    RandomKind kind;
 };
 
 static int st_model_index_names(StModel *m, Error *e) {
@@ -1901,21 +1902,40 @@ void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst) {
     uniform_fill_range(seed, name, 0, n, dst);
 }
 
-/* Elements [start, start + n) of st_random_fill's tensor. */
-static void random_fill_range(uint64_t seed, const char *name, int ndim, const int64_t *shape,
-                              int64_t start, int64_t n, float *dst) {
+static bool name_ends_with(const char *name, const char *suffix) {
+    size_t n = strlen(name), k = strlen(suffix);
+    return n >= k && !strcmp(name + n - k, suffix);
+}
+
+/* Elements [start, start + n) of st_random_fill's tensor: offset + scale * uniform(-1, 1). */
+static void random_fill_range(uint64_t seed, RandomKind kind, const char *name, int ndim,
+                              const int64_t *shape, int64_t start, int64_t n, float *dst) {
+    if (n <= 0) return;
+    uniform_fill_range(seed, name, start, n, dst);
     bool matrix = ndim >= 2;
+    if (kind == RANDOM_FOR_TRAINING && matrix) {
+        int64_t numel = 1;
+        for (int d = 0; d < ndim; d++) numel *= shape[d];
+        float bound = 1.0f / sqrtf((float)(numel / shape[0]));
+        for (int64_t i = 0; i < n; i++) dst[i] *= bound;
+        return;
+    }
+    if (kind == RANDOM_FOR_TRAINING) {
+        bool zero = name_ends_with(name, ".bias") || name_ends_with(name, "running_mean");
+        for (int64_t i = 0; i < n; i++) dst[i] = zero ? 0.0f : 1.0f;
+        return;
+    }
     float scale = matrix ? 1.0f / sqrtf((float)shape[ndim - 1]) : 0.1f;
     float offset = matrix ? 0.0f : 1.0f;
-    uniform_fill_range(seed, name, start, n, dst);
     #pragma omp parallel for schedule(static) if (n > (1 << 16))
     for (int64_t i = 0; i < n; i++) dst[i] = offset + scale * dst[i];
 }
 
-void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst) {
+void st_random_fill(uint64_t seed, RandomKind kind, const char *name, int ndim,
+                    const int64_t *shape, float *dst) {
     int64_t n = 1;
     for (int d = 0; d < ndim; d++) n *= shape[d];
-    random_fill_range(seed, name, ndim, shape, 0, n, dst);
+    random_fill_range(seed, kind, name, ndim, shape, 0, n, dst);
 }
 
 static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64_t n, Error *e) {
@@ -1923,7 +1943,7 @@ static int st_random_read(const StModel *m, const StTensor *t, float *dst, int64
     if (n != t->numel)
         return error_set(e, "%s: tensor '%s' has %lld elements, %lld requested", m->path,
                          printable(t->name, buf, sizeof buf), (long long)t->numel, (long long)n);
-    st_random_fill(m->seed, t->name, t->ndim, t->shape, dst);
+    st_random_fill(m->seed, m->kind, t->name, t->ndim, t->shape, dst);
     return 0;
 }
 
@@ -1948,7 +1968,8 @@ static int st_random_tensor(const char *path, const StTensorSpec *spec, size_t i
     return t->name ? 0 : error_set(e, "%s: out of memory", path);
 }
 
-int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed, Error *e) {
+int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed,
+                    RandomKind kind, Error *e) {
     *out = NULL;
     char path[64];
     snprintf(path, sizeof path, "random model (seed %llu)", (unsigned long long)seed);
@@ -1957,7 +1978,10 @@ int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t
                      (m->synthetic = calloc(n ? n : 1, sizeof *m->synthetic))
                  ? 0
                  : error_set(e, "%s: out of memory", path);
-    if (m) m->seed = seed;
+    if (m) {
+        m->seed = seed;
+        m->kind = kind;
+    }
     for (size_t i = 0; i < n; i++) {
         if (rc) break;
         rc = st_random_tensor(path, &specs[i], i, &m->synthetic[i], e);
@@ -1972,14 +1996,17 @@ int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t
     return 0;
 }
 
-int st_model_random_any(StModel **out, uint64_t seed, Error *e) {
-    if (st_model_random(out, NULL, 0, seed, e)) return -1;
+int st_model_random_any(StModel **out, uint64_t seed, RandomKind kind, Error *e) {
+    if (st_model_random(out, NULL, 0, seed, kind, e)) return -1;
     (*out)->any = true;
     return 0;
 }
 
-bool st_model_random_any_seed(const StModel *m, uint64_t *seed) {
-    if (m->any) *seed = m->seed;
+bool st_model_random_any_source(const StModel *m, uint64_t *seed, RandomKind *kind) {
+    if (m->any) {
+        *seed = m->seed;
+        *kind = m->kind;
+    }
     return m->any;
 }
 
@@ -2006,7 +2033,8 @@ int st_model_read_rows_f32(const StModel *m, const char *name, int64_t first, in
                          (long long)first, (long long)(first + rows - 1),
                          printable(name, buf, sizeof buf));
     if (m->synthetic) {
-        random_fill_range(m->seed, t->name, t->ndim, t->shape, first * per_row, rows * per_row, dst);
+        random_fill_range(m->seed, m->kind, t->name, t->ndim, t->shape, first * per_row,
+                          rows * per_row, dst);
         return 0;
     }
     if (tensor_check_convertible(t, st_path(m->shards[m->tensor_shard[i]]), e)) return -1;

@@ -252,23 +252,32 @@ typedef struct StTensorSpec {
     int64_t shape[ST_MAX_DIMS];
 } StTensorSpec;
 
-/* A model made from names and shapes alone, to run a model without its files (timings, memory):
- * no storage is allocated for the weights. Its tensors are F32 with data NULL and nbytes 0, and it
- * has no shards, so ONLY st_model_read_f32 may read them: it makes each value on the fly from a
- * hash of (seed, tensor name, element index), the same on every read: uniform(-1, 1) / sqrt(last
- * dim) for tensors of two or more dims (products keep activations O(1)), 1 + 0.1 uniform(-1, 1)
- * for the others (norm weights and variances stay positive). Names are copied; a repeated name,
- * a negative dim or more than ST_MAX_DIMS dims is an error. */
-int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed, Error *e);
-/* A synthetic model of any tensor at any shape, for loaders that know the shapes they want (nn.c's
- * params_load): it lists no tensors and st_model_find finds none; st_model_random_any_seed tells
- * it apart, and st_random_fill makes each tensor's values. */
-int st_model_random_any(StModel **out, uint64_t seed, Error *e);
-/* true, with its seed in *seed, when m came from st_model_random_any. */
-bool st_model_random_any_seed(const StModel *m, uint64_t *seed);
-/* The values st_model_random's model of that seed gives the tensor (name, shape) into
+/* The two distributions random weights are drawn from, each value from a hash of
+ * (seed, tensor name, element index) alone, so any slice can be made on its own, on every read:
+ * - RANDOM_FOR_TIMING: the model's activations stay O(1), to time and size a model without its
+ *   files: uniform(-1, 1) / sqrt(last dim) for tensors of two or more dims, 1 + 0.1 uniform(-1, 1)
+ *   for the others (norm weights and variances stay positive);
+ * - RANDOM_FOR_TRAINING: as PyTorch's layers initialise themselves, to train from scratch:
+ *   uniform(-1, 1) / sqrt(fan_in) for tensors of two or more dims (nn.Linear's and nn.Conv2d's
+ *   bound, fan_in = numel / shape[0]), 0 for biases and running means, 1 for the others. */
+typedef enum { RANDOM_FOR_TIMING, RANDOM_FOR_TRAINING } RandomKind;
+
+/* A model made from names and shapes alone, its values drawn as kind says: no storage is
+ * allocated for the weights. Its tensors are F32 with data NULL and nbytes 0, and it has no
+ * shards, so ONLY st_model_read_f32 and st_model_read_rows_f32 may read them. Names are copied;
+ * a repeated name, a negative dim or more than ST_MAX_DIMS dims is an error. */
+int st_model_random(StModel **out, const StTensorSpec *specs, size_t n, uint64_t seed,
+                    RandomKind kind, Error *e);
+/* A random model of any tensor at any shape, for loaders that know the shapes they want (nn.c's
+ * params_load): it lists no tensors and st_model_find finds none; st_model_random_any_source
+ * tells it apart, and st_random_fill makes each tensor's values. */
+int st_model_random_any(StModel **out, uint64_t seed, RandomKind kind, Error *e);
+/* true, with its seed and kind, when m came from st_model_random_any. */
+bool st_model_random_any_source(const StModel *m, uint64_t *seed, RandomKind *kind);
+/* The values a random model of that seed and kind gives the tensor (name, shape) into
  * dst[product of shape]. */
-void st_random_fill(uint64_t seed, const char *name, int ndim, const int64_t *shape, float *dst);
+void st_random_fill(uint64_t seed, RandomKind kind, const char *name, int ndim,
+                    const int64_t *shape, float *dst);
 /* dst[0 .. n-1] uniform in [-1, 1) from a hash of (seed, name, index): st_random_fill's source. */
 void st_uniform_fill(uint64_t seed, const char *name, int64_t n, float *dst);
 /* splitmix64's finaliser, a bijection of 64-bit values in which every input bit reaches every

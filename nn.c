@@ -26,8 +26,7 @@ typedef struct ParamEntry {
 
 struct Params {
     Tape *tape; /* owns every leaf, its value and its gradient */
-    const StModel *source; /* NULL: fresh weights from init_seed */
-    uint64_t init_seed;
+    const StModel *source; /* the files, or a random model */
     ParamEntry *entries;
     int n, cap;
 };
@@ -39,12 +38,6 @@ Params *params_new(const StModel *source) {
         return NULL;
     }
     if (p) p->source = source;
-    return p;
-}
-
-Params *params_new_init(uint64_t seed) {
-    Params *p = params_new(NULL);
-    if (p) p->init_seed = seed;
     return p;
 }
 
@@ -75,12 +68,13 @@ static int params_check_shape(const StModel *m, const char *name, int ndim, cons
 }
 
 /* The source's tensor `name` at exactly `shape` into dst (numel floats), converted to f32; for
- * config-only weights, st_random_fill's values for that name and shape. */
+ * a random model of any tensor, st_random_fill's values for that name and shape. */
 static int params_fill(const StModel *m, const char *name, int ndim, const int64_t *shape,
                        float *dst, int64_t numel, Error *e) {
     uint64_t seed;
-    if (st_model_random_any_seed(m, &seed)) {
-        st_random_fill(seed, name, ndim, shape, dst);
+    RandomKind kind;
+    if (st_model_random_any_source(m, &seed, &kind)) {
+        st_random_fill(seed, kind, name, ndim, shape, dst);
         return 0;
     }
     if (params_check_shape(m, name, ndim, shape, e) || st_model_read_f32(m, name, dst, numel, e))
@@ -105,30 +99,6 @@ static int params_read(const StModel *m, const char *name, int ndim, const int64
     return 0;
 }
 
-static bool ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && !strcmp(s + n - k, suffix);
-}
-
-/* A fresh tensor `name` as PyTorch's layers initialise themselves, by name and shape:
- * matrices and kernels uniform in +-1/sqrt(fan_in) (nn.Linear's and nn.Conv2d's bound, with
- * fan_in = numel / shape[0]), biases and running means 0, norm weights and running variances 1. */
-static int params_init_tensor(uint64_t seed, const char *name, int ndim, const int64_t *shape,
-                              Tensor **out, Error *e) {
-    if (!(*out = tensor_new(ndim, shape)))
-        return error_set(e, "out of memory making tensor '%s'", name);
-    Tensor *t = *out;
-    if (ndim >= 2 && t->numel > 0) {
-        float bound = 1.0f / sqrtf((float)(t->numel / shape[0]));
-        st_uniform_fill(seed, name, t->numel, t->data);
-        for (int64_t i = 0; i < t->numel; i++) t->data[i] *= bound;
-        return 0;
-    }
-    bool zero = ends_with(name, ".bias") || ends_with(name, "running_mean");
-    for (int64_t i = 0; i < t->numel; i++) t->data[i] = zero ? 0.0f : 1.0f;
-    return 0;
-}
-
 /* Reads the named tensor into a new entry. */
 static Var *params_add(Params *p, bool buffer, Error *e, int ndim, const int64_t *shape,
                        const char *fmt, va_list ap) {
@@ -149,9 +119,7 @@ static Var *params_add(Params *p, bool buffer, Error *e, int ndim, const int64_t
         p->cap = cap;
     }
     Tensor *value;
-    if (p->source ? params_read(p->source, name, ndim, shape, &value, e)
-                  : params_init_tensor(p->init_seed, name, ndim, shape, &value, e))
-        return NULL;
+    if (params_read(p->source, name, ndim, shape, &value, e)) return NULL;
     char *copy = strdup(name);
     Var *v = copy ? var_take(p->tape, value, false) : (tensor_free(value), NULL);
     if (!v) {
@@ -200,15 +168,20 @@ static bool weights_from_files(WeightSource source) {
     return source == WEIGHTS_FILES || source == WEIGHTS_FILES_NON_STRICT;
 }
 
+/* How a source without files draws its weights. */
+static RandomKind random_kind(WeightSource source) {
+    return source == WEIGHTS_FRESH ? RANDOM_FOR_TRAINING : RANDOM_FOR_TIMING;
+}
+
 /* The files, random values or fresh weights (nn.h); *st stays open for the loading. */
 int params_open(Params **p, StModel **st, const char *dir, WeightSource source, uint64_t seed,
                 Error *e) {
     *p = NULL;
     *st = NULL;
-    if ((weights_from_files(source) && st_model_open(st, dir, e)) ||
-        (source == WEIGHTS_CONFIG_ONLY && st_model_random_any(st, seed, e)))
+    if (weights_from_files(source) ? st_model_open(st, dir, e)
+                                   : st_model_random_any(st, seed, random_kind(source), e))
         return -1;
-    *p = source == WEIGHTS_FRESH ? params_new_init(seed) : params_new(*st);
+    *p = params_new(*st);
     return *p ? 0 : error_set(e, "out of memory");
 }
 
@@ -787,7 +760,7 @@ static int stored_weights_open(StModel **weights, const char *dir, WeightSource 
     WeightPart names = {.mode = PART_LIST, .list = &list};
     int status = walk(config, &names, e);
     if (!status && !weights_from_files(source))
-        status = st_model_random(weights, list.specs, list.count, seed, e);
+        status = st_model_random(weights, list.specs, list.count, seed, random_kind(source), e);
     if (!status && weights_from_files(source)) status = st_model_open(weights, dir, e);
     if (!status && weights_from_files(source)) {
         WeightPart check = {.weights = *weights, .mode = PART_CHECK};
@@ -818,7 +791,8 @@ int flux2_open(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
     if (!m) return error_set(e, "out of memory loading %s", dir);
     int status = flux2_config_read(&m->config, path, e) ||
                  (source == WEIGHTS_FRESH
-                      ? flux2_hold(m, params_new_init(seed), e)
+                      ? st_model_random_any(&m->weights, seed, RANDOM_FOR_TRAINING, e) ||
+                            flux2_hold(m, params_new(m->weights), e)
                       : stored_weights_open(&m->weights, dir, source, seed, flux2_walk,
                                             &m->config, NULL, e));
     if (status) {
@@ -2966,6 +2940,7 @@ struct Segformer {
     bool head_is_linear_c; /* head_proj are linear_c under an identity fuse and batch norm */
     SegformerHeadParts head; /* params NULL for a fresh (trainable) head */
     bool unfolded;           /* the forward runs head, not the folded projections */
+    bool layers_on_tape;     /* the encoder layers run straight on the tape, not checkpointed */
 };
 
 /* --- config --- */
@@ -3341,6 +3316,10 @@ int segformer_set_head_unfolded(Segformer *m, bool unfolded, Error *e) {
     return 0;
 }
 
+void segformer_set_layer_checkpoints(Segformer *m, bool checkpoint) {
+    m->layers_on_tape = !checkpoint;
+}
+
 bool segformer_head_is_trainable(const Segformer *m) { return m->head_is_linear_c; }
 
 Params *segformer_params(const Segformer *m) {
@@ -3430,13 +3409,17 @@ static Var *segformer_layer(Tape *t, Var **inputs, void *ctx) {
     return ag_add(t, x, segformer_mix_ffn(t, l, segformer_layernorm(t, &l->norm2, x)));
 }
 
-/* Overlapping patch embedding, the layers (each recomputed in backward), the stage norm.
+/* Overlapping patch embedding, the layers (each under ag_checkpoint, recomputed in backward,
+ * unless m runs them on the tape), the stage norm.
  * x: [B, Cin, H, W] -> [B, h, w, C] */
-static Var *segformer_stage(Tape *t, const SegformerStage *s, Var *x) {
+static Var *segformer_stage(Tape *t, const Segformer *m, int stage, Var *x) {
+    const SegformerStage *s = &m->stages[stage];
     x = segformer_layernorm(t, &s->patch_norm,
                             segformer_tokens(t, conv2d_apply(t, &s->patch_embed, x)));
-    for (int j = 0; j < s->n_layers; j++)
-        x = ag_checkpoint(t, segformer_layer, &s->layers[j], &x, 1);
+    for (int j = 0; j < s->n_layers; j++) {
+        if (m->layers_on_tape) x = segformer_layer(t, &x, &s->layers[j]);
+        else x = ag_checkpoint(t, segformer_layer, &s->layers[j], &x, 1);
+    }
     return segformer_layernorm(t, &s->norm, x);
 }
 
@@ -3487,7 +3470,7 @@ Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image) {
     Var *x = segformer_preprocess(t, m, image);
     Var *tokens[SEGFORMER_MAX_STAGES] = {0}; /* each stage's output; as an image the next's input */
     for (int i = 0; i < m->config.stages; i++)
-        x = segformer_image(t, tokens[i] = segformer_stage(t, &m->stages[i], x));
+        x = segformer_image(t, tokens[i] = segformer_stage(t, m, i, x));
     return segformer_head(t, m, tokens);
 }
 

@@ -15,7 +15,7 @@ static void test_random_model_values(void) {
     StTensorSpec specs[] = {{"w", 2, {ROWS, COLS}}, {"b", 1, {COLS}}};
     StModel *m = NULL;
     Error e = {{0}};
-    CHECK(st_model_random(&m, specs, 2, 11, &e) == 0, "random model: %s", e.msg);
+    CHECK(st_model_random(&m, specs, 2, 11, RANDOM_FOR_TIMING, &e) == 0, "random model: %s", e.msg);
     if (!m) return;
     static float w[ROWS * COLS], again[ROWS * COLS], rows[3 * COLS];
     float b[COLS];
@@ -56,12 +56,52 @@ static void test_rows_from_files(void) {
     st_model_close(m);
 }
 
+/* RANDOM_FOR_TRAINING as documented, PyTorch's layer initialisation: a conv kernel [8, 3, 2, 2]
+ * uniform in +-1/sqrt(3 * 2 * 2) (fan_in, not the last dim), biases and running means 0, other
+ * vectors 1; rows read alone equal those rows of the whole. */
+static void test_random_for_training(void) {
+    enum { OUT = 8, FAN_IN = 3 * 2 * 2 };
+    StTensorSpec specs[] = {{"conv.weight", 4, {OUT, 3, 2, 2}}, {"conv.bias", 1, {OUT}},
+                            {"bn.running_mean", 1, {OUT}}, {"norm.weight", 1, {OUT}}};
+    StModel *m = NULL;
+    Error e = {{0}};
+    CHECK(st_model_random(&m, specs, 4, 5, RANDOM_FOR_TRAINING, &e) == 0, "random model: %s",
+          e.msg);
+    if (!m) return;
+    float w[OUT * FAN_IN], rows[2 * FAN_IN], bias[OUT], mean[OUT], norm[OUT];
+    CHECK(st_model_read_f32(m, "conv.weight", w, OUT * FAN_IN, &e) == 0 &&
+              st_model_read_f32(m, "conv.bias", bias, OUT, &e) == 0 &&
+              st_model_read_f32(m, "bn.running_mean", mean, OUT, &e) == 0 &&
+              st_model_read_f32(m, "norm.weight", norm, OUT, &e) == 0,
+          "read: %s", e.msg);
+    double lo = 1.0, hi = -1.0;
+    for (int i = 0; i < OUT * FAN_IN; i++) {
+        lo = fmin(lo, w[i]);
+        hi = fmax(hi, w[i]);
+    }
+    double bound = 1.0 / sqrt((double)FAN_IN);
+    CHECK(lo >= -bound && hi <= bound && hi - lo > 1.6 * bound,
+          "a kernel: within +-1/sqrt(fan_in) = %g, spread %g", bound, hi - lo);
+    bool zeros = true, ones = true;
+    for (int i = 0; i < OUT; i++) {
+        zeros &= bias[i] == 0.0f && mean[i] == 0.0f;
+        ones &= norm[i] == 1.0f;
+    }
+    CHECK(zeros && ones, "biases and running means 0, norm weights 1");
+    CHECK(st_model_read_rows_f32(m, "conv.weight", 3, 2, rows, &e) == 0 &&
+              !memcmp(rows, w + 3 * FAN_IN, sizeof rows), "rows 3 .. 4 alone: %s", e.msg);
+    st_model_close(m);
+}
+
 /* params_load on st_model_random_any: any name at the shape asked for, the same bits each time. */
 static void test_params_load_any(void) {
     StModel *m = NULL;
     Error e = {{0}};
     uint64_t seed = 0;
-    CHECK(st_model_random_any(&m, 3, &e) == 0 && st_model_random_any_seed(m, &seed) && seed == 3,
+    RandomKind kind = RANDOM_FOR_TRAINING;
+    CHECK(st_model_random_any(&m, 3, RANDOM_FOR_TIMING, &e) == 0 &&
+              st_model_random_any_source(m, &seed, &kind) && seed == 3 &&
+              kind == RANDOM_FOR_TIMING,
           "random-any model: %s", e.msg);
     if (!m) return;
     CHECK(!st_model_find(m, "a.weight") && st_model_count(m) == 0, "it lists no tensors");
@@ -73,7 +113,7 @@ static void test_params_load_any(void) {
           "params_load makes any tensor: %s", e.msg);
     if (a && b && v) {
         float want[36];
-        st_random_fill(3, "block.2.weight", 3, (int64_t[]){4, 3, 3}, want);
+        st_random_fill(3, RANDOM_FOR_TIMING, "block.2.weight", 3, (int64_t[]){4, 3, 3}, want);
         const Tensor *ta = a->value, *tv = v->value;
         CHECK(ta->ndim == 3 && ta->shape[0] == 4 && ta->shape[2] == 3, "at the shape asked for");
         CHECK(!memcmp(ta->data, b->value->data, sizeof want) && !memcmp(ta->data, want, sizeof want),
@@ -208,6 +248,7 @@ static void test_real_configs(void) {
 
 int main(void) {
     test_random_model_values();
+    test_random_for_training();
     test_rows_from_files();
     test_params_load_any();
     test_vae_config_only();

@@ -868,7 +868,8 @@ static void test_random_model(void) {
     };
     StModel *m = NULL, *again = NULL, *other = NULL;
     Error e = {{0}};
-    CHECK(st_model_random(&m, specs, 3, 7, &e) == 0, "random model (%s)", e.msg);
+    CHECK(st_model_random(&m, specs, 3, 7, RANDOM_FOR_TIMING, &e) == 0, "random model (%s)",
+          e.msg);
     if (!m) return;
     const StTensor *t = st_model_find(m, "conv.weight");
     CHECK(st_model_count(m) == 3 && st_model_shard_count(m) == 0 && !st_model_shard(m, 0),
@@ -890,12 +891,12 @@ static void test_random_model(void) {
     CHECK(in_range, "a vector is 1 + 0.1 uniform(-1, 1): %g", norm[0]);
 
     /* the same seed and name give the same values whatever the rest of the model */
-    CHECK(st_model_random(&again, specs, 1, 7, &e) == 0 &&
+    CHECK(st_model_random(&again, specs, 1, 7, RANDOM_FOR_TIMING, &e) == 0 &&
               st_model_read_f32(again, specs[0].name, w2, 48, &e) == 0 &&
               !memcmp(w, w2, sizeof w) && st_model_read_f32(m, specs[0].name, w2, 48, &e) == 0 &&
               !memcmp(w, w2, sizeof w),
           "values repeat for the same seed and name (%s)", e.msg);
-    CHECK(st_model_random(&other, specs, 1, 8, &e) == 0 &&
+    CHECK(st_model_random(&other, specs, 1, 8, RANDOM_FOR_TIMING, &e) == 0 &&
               st_model_read_f32(other, specs[0].name, other_w, 48, &e) == 0 &&
               memcmp(w, other_w, sizeof w),
           "another seed gives other values (%s)", e.msg);
@@ -911,11 +912,14 @@ static void test_random_model(void) {
     const StTensorSpec deep[] = {{"x", ST_MAX_DIMS + 1, {1}}};
     const StTensorSpec negative[] = {{"x", 2, {2, -1}}};
     m = NULL;
-    CHECK(st_model_random(&m, twice, 2, 1, &e) != 0 && !m && contains(e.msg, "duplicate"),
+    CHECK(st_model_random(&m, twice, 2, 1, RANDOM_FOR_TIMING, &e) != 0 && !m &&
+              contains(e.msg, "duplicate"),
           "a repeated name is refused (%s)", e.msg);
-    CHECK(st_model_random(&m, deep, 1, 1, &e) != 0 && !m && contains(e.msg, "dims"),
+    CHECK(st_model_random(&m, deep, 1, 1, RANDOM_FOR_TIMING, &e) != 0 && !m &&
+              contains(e.msg, "dims"),
           "too many dims are refused (%s)", e.msg);
-    CHECK(st_model_random(&m, negative, 1, 1, &e) != 0 && !m && contains(e.msg, "shape"),
+    CHECK(st_model_random(&m, negative, 1, 1, RANDOM_FOR_TIMING, &e) != 0 && !m &&
+              contains(e.msg, "shape"),
           "a negative dim is refused (%s)", e.msg);
 }
 

@@ -378,6 +378,47 @@ static void check_memory_estimate(const Segformer *m) {
     }
 }
 
+/* The mask and the gradient to the image of one forward and backward; the tape's peak bytes. */
+static size_t mask_and_grad(const Segformer *m, const Tensor *image, Tensor **mask,
+                            Tensor **grad) {
+    Tape *t = tape_new();
+    Error e = {{0}};
+    Var *x = var_new(t, tensor_clone(image), true);
+    Var *y = segformer_forward(t, m, x, NULL);
+    if (y) var_keep(y);
+    int rc = tape_check(t, &e) || tape_backward(t, ag_sum(t, y), &e);
+    CHECK(rc == 0, "forward and backward: %s", e.msg);
+    *mask = rc == 0 ? tensor_clone(y->value) : NULL;
+    *grad = rc == 0 ? tensor_clone(x->grad) : NULL;
+    size_t peak = tape_stats(t).peak_bytes;
+    tape_free(t);
+    return peak;
+}
+
+/* The encoder layers straight on the tape give the checkpointed run's mask and gradient bit for
+ * bit, and a larger peak (what the checkpoints save). */
+static void check_layer_checkpoints(Segformer *m) {
+    Tensor *image = TENSOR_NEW(1, 3, 64, 48);
+    if (!image) return;
+    for (int64_t j = 0; j < image->numel; j++) image->data[j] = sinf(0.23f * (float)j);
+    Tensor *mask = NULL, *grad = NULL, *mask_plain = NULL, *grad_plain = NULL;
+    size_t peak = mask_and_grad(m, image, &mask, &grad);
+    segformer_set_layer_checkpoints(m, false);
+    size_t peak_plain = mask_and_grad(m, image, &mask_plain, &grad_plain);
+    segformer_set_layer_checkpoints(m, true);
+    CHECK(mask && grad && mask_plain && grad_plain &&
+              !memcmp(mask->data, mask_plain->data, (size_t)mask->numel * sizeof(float)) &&
+              !memcmp(grad->data, grad_plain->data, (size_t)grad->numel * sizeof(float)),
+          "layers on the tape: the same mask and gradient bit for bit");
+    CHECK(peak_plain > peak, "layers on the tape: peak %zu bytes, checkpointed %zu", peak_plain,
+          peak);
+    tensor_free(mask);
+    tensor_free(grad);
+    tensor_free(mask_plain);
+    tensor_free(grad_plain);
+    tensor_free(image);
+}
+
 int main(void) {
     SafeTensors *g = golden_open(GOLDEN);
     Segformer *m = NULL, *m16 = NULL;
@@ -403,10 +444,17 @@ int main(void) {
         check_case(m, g, "native");
         segformer_set_head_unfolded(m, false, &e);
     }
+    if (g && m) { /* the layers as upstream's autograd runs them: the same goldens */
+        segformer_set_layer_checkpoints(m, false);
+        check_case(m, g, "resize");
+        check_case(m, g, "native");
+        segformer_set_layer_checkpoints(m, true);
+    }
     if (m) {
         check_finite_differences(m);
         check_bad_image(m);
         check_memory_estimate(m);
+        check_layer_checkpoints(m);
     }
     check_tensor_errors();
     check_config_errors();

@@ -173,8 +173,11 @@ static int fit_run(Fit *f, Params **p, int64_t steps, LossLog *log, Error *e) {
     unsigned long long seed = 99;
     for (int i = 0; i < 12; i++) f->target[i] = harness_rand(&seed);
     for (int i = 0; i < 4; i++) f->target_bias[i] = harness_rand(&seed);
-    if (!(*p = params_new_init(7))) return error_set(e, "out of memory");
-    if (linear_load(&f->layer, *p, 3, 4, true, "proj", e)) return -1;
+    StModel *fresh = NULL;
+    int loaded = params_open(p, &fresh, NULL, WEIGHTS_FRESH, 7, e) == 0 &&
+                 linear_load(&f->layer, *p, 3, 4, true, "proj", e) == 0;
+    st_model_close(fresh);
+    if (!loaded) return -1;
     TrainTask task = {.groups = {*p}, .n_groups = 1, .loss = fit_loss, .ctx = f};
     TrainOptions o = {.steps = steps, .adamw = {0.05f, 0.9f, 0.999f, 1e-8f, 0.0f}, .warmup = 2,
                       .clip = 1.0, .on_step = log_loss, .ctx = log};
@@ -210,12 +213,15 @@ static void test_save_round_trip(void) {
     if (!mkdtemp(dir)) return;
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     Error e = {{0}};
-    Params *p = params_new_init(3);
+    Params *p = NULL;
+    StModel *fresh = NULL;
     Linear l = {0};
     Var *mean = NULL;
-    CHECK(p && linear_load(&l, p, 5, 2, true, "layer", &e) == 0 &&
+    CHECK(params_open(&p, &fresh, NULL, WEIGHTS_FRESH, 3, &e) == 0 &&
+              linear_load(&l, p, 5, 2, true, "layer", &e) == 0 &&
               (mean = params_load_buffer(p, &e, SHAPE(2), "bn.running_mean")) != NULL,
           "fresh params: %s", e.msg);
+    st_model_close(fresh);
     if (l.weight) {
         bool bounded = true;
         for (int i = 0; i < 10; i++) bounded &= fabsf(l.weight->value->data[i]) <= 1 / sqrtf(5);
