@@ -738,7 +738,8 @@ static bool attention_shape(Tape *t, const Var *q, const Var *k, const Var *v, b
                           .kv_heads = (int)kv->shape[2], .q_len = (int)qv->shape[1],
                           .kv_len = (int)kv->shape[1], .head_dim = (int)qv->shape[3],
                           .causal = causal, .kv_valid = kv_valid};
-    for (int b = 0; kv_valid && b < s->batch; b++)
+    if (!kv_valid) return true;
+    for (int b = 0; b < s->batch; b++)
         if (kv_valid[b] < 0 || kv_valid[b] > s->kv_len)
             return refuse(t, "attention: kv_valid[%d] = %d is outside 0..%d", b, kv_valid[b],
                         s->kv_len);
@@ -1319,8 +1320,10 @@ static void mul_channels_backward(Tape *t, Node *n) {
     struct NormParams p = n->p.norm;
     const float *x = data(n->in[0]), *v = data(n->in[1]), *dy = grad(n->out);
     float *dx = grad(n->in[0]), *dv = grad(n->in[1]);
-    for (int64_t plane = 0; dx && plane < p.rows * p.C; plane++)
-        axpy((size_t)p.HW, v[plane % p.C], dy + plane * p.HW, dx + plane * p.HW);
+    if (dx) {
+        for (int64_t plane = 0; plane < p.rows * p.C; plane++)
+            axpy((size_t)p.HW, v[plane % p.C], dy + plane * p.HW, dx + plane * p.HW);
+    }
     if (!dv) return;
 #pragma omp parallel for if (p.rows * p.C * p.HW >= PARALLEL_MIN)
     for (int64_t c = 0; c < p.C; c++) {

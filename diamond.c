@@ -124,8 +124,12 @@ static int info_file(const char *path, InfoTotals *totals, Error *e) {
 static int info_index(const char *path, bool list_shards, InfoTotals *totals, Error *e) {
     StModel *m;
     if (st_model_open(&m, path, e)) return -1;
-    for (size_t i = 0; list_shards && i < st_model_shard_count(m); i++) info_list(st_model_shard(m, i), totals);
-    printf("%s: index of %zu tensors in %zu shards, all present\n", path, st_model_count(m), st_model_shard_count(m));
+    size_t shards = st_model_shard_count(m);
+    if (list_shards) {
+        for (size_t i = 0; i < shards; i++) info_list(st_model_shard(m, i), totals);
+    }
+    printf("%s: index of %zu tensors in %zu shards, all present\n", path, st_model_count(m),
+           shards);
     st_model_close(m);
     return 0;
 }

@@ -1304,11 +1304,15 @@ static int st_parse_shape(const SafeTensors *st, const char *name, const JsonVal
 }
 
 /* data_offsets: [begin, end] within the data area, spanning exactly the tensor's bytes. */
+/* A JSON integer that is not negative. */
+static bool json_is_count(const JsonValue *v) {
+    return v->type == JSON_NUMBER && v->is_integer && v->integer >= 0;
+}
+
 static int st_parse_offsets(const SafeTensors *st, const char *name, const JsonValue *offsets, uint64_t data_size,
                             const StTensor *t, ByteSpan *span, Error *e) {
-    bool valid = offsets->type == JSON_ARRAY && offsets->count == 2;
-    for (size_t i = 0; valid && i < 2; i++)
-        valid = offsets->items[i].type == JSON_NUMBER && offsets->items[i].is_integer && offsets->items[i].integer >= 0;
+    bool valid = offsets->type == JSON_ARRAY && offsets->count == 2 &&
+                 json_is_count(&offsets->items[0]) && json_is_count(&offsets->items[1]);
     if (!valid)
         return error_set(e, "%s: tensor '%s': data_offsets is not a pair of non-negative integers", st->path, name);
     uint64_t begin = (uint64_t)offsets->items[0].integer, end = (uint64_t)offsets->items[1].integer;

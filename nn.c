@@ -54,9 +54,7 @@ static int params_check_shape(const StModel *m, const char *name, int ndim, cons
                               Error *e) {
     const StTensor *info = st_model_find(m, name);
     if (!info) return error_set(e, "missing tensor '%s'", name);
-    bool same = info->ndim == ndim;
-    for (int i = 0; same && i < ndim; i++) same = info->shape[i] == shape[i];
-    if (same) return 0;
+    if (info->ndim == ndim && !memcmp(info->shape, shape, (size_t)ndim * sizeof *shape)) return 0;
     char want[128], got[128];
     Tensor wanted = {.ndim = ndim}, found = {.ndim = info->ndim};
     for (int i = 0; i < ndim && i < TENSOR_MAX_DIMS; i++) wanted.shape[i] = shape[i];
@@ -185,6 +183,14 @@ int params_open(Params **p, StModel **st, const char *dir, WeightSource source, 
     return *p ? 0 : error_set(e, "out of memory");
 }
 
+/* true when name starts with one of the strings of the NULL-terminated list (NULL: none). */
+static bool starts_with_any(const char *name, const char *const *prefixes) {
+    if (!prefixes) return false;
+    for (const char *const *prefix = prefixes; *prefix; prefix++)
+        if (!strncmp(name, *prefix, strlen(*prefix))) return true;
+    return false;
+}
+
 /* Strict loading (nn.h): a tensor of the files neither read nor left means a config for a smaller
  * network than its files hold, or another model's files. Random weights have no names to check. */
 int weights_all_read(WeightSource source, const StModel *st,
@@ -195,10 +201,7 @@ int weights_all_read(WeightSource source, const StModel *st,
     char list[192] = "";
     for (size_t i = 0; i < count; i++) {
         const char *name = st_model_at(st, i)->name;
-        bool left = false;
-        for (const char *const *prefix = leave; prefix && *prefix && !left; prefix++)
-            left = !strncmp(name, *prefix, strlen(*prefix));
-        if (left || reads(ctx, name)) continue;
+        if (starts_with_any(name, leave) || reads(ctx, name)) continue;
         if (unread++ < 3) {
             size_t len = strlen(list);
             snprintf(list + len, sizeof list - len, "%s'%s'", len ? ", " : "", name);
@@ -1831,7 +1834,10 @@ static const KeyDefault QWEN3_UNIMPLEMENTED[] = {
 /* Every entry of layer_types (newer configs' per-layer attention kinds) is full attention. */
 static int qwen3_config_layer_types(const JsonValue *root, Error *e) {
     const JsonValue *types = json_get(root, "layer_types");
-    for (size_t i = 0; types && types->type == JSON_ARRAY && i < types->count; i++)
+    if (!types) return 0;
+    if (types->type != JSON_ARRAY)
+        return error_set(e, "%s: layer_types is not an array", root->source);
+    for (size_t i = 0; i < types->count; i++)
         if (types->items[i].type != JSON_STRING ||
             strcmp(types->items[i].string, "full_attention"))
             return error_set(e, "%s: layer_types[%zu] is not \"full_attention\", the only kind "
@@ -1997,15 +2003,16 @@ const Qwen3Config *qwen3_config(const Qwen3 *m) { return &m->config; }
 static int qwen3_rope_tables(const Qwen3Config *c, int L, Tensor **cos_out, Tensor **sin_out) {
     int half = c->head_dim / 2;
     Tensor *cs = TENSOR_NEW(L, half), *sn = TENSOR_NEW(L, half);
-    for (int l = 0; cs && sn && l < L; l++)
+    *cos_out = cs;
+    *sin_out = sn;
+    if (!cs || !sn) return -1;
+    for (int l = 0; l < L; l++)
         for (int i = 0; i < half; i++) {
             double angle = l * pow(c->rope_theta, -2.0 * i / c->head_dim);
             cs->data[(int64_t)l * half + i] = (float)cos(angle);
             sn->data[(int64_t)l * half + i] = (float)sin(angle);
         }
-    *cos_out = cs;
-    *sin_out = sn;
-    return cs && sn ? 0 : -1;
+    return 0;
 }
 
 /* What every layer of one call shares. */
@@ -3239,9 +3246,11 @@ static int segformer_head_fold(Segformer *s, Error *e) {
     double *bias_sum = calloc((size_t)D, sizeof *bias_sum);
     Tensor *bias = TENSOR_NEW(D);
     int rc = scale && bias_sum && bias ? 0 : error_set(e, "out of memory folding the decode head");
-    for (int o = 0; rc == 0 && o < D; o++)
-        scale[o] = h->bn.weight->value->data[o] /
-                   sqrtf(h->var->value->data[o] + SEGFORMER_NORM_EPS);
+    if (rc == 0) {
+        for (int o = 0; o < D; o++)
+            scale[o] = h->bn.weight->value->data[o] /
+                       sqrtf(h->var->value->data[o] + SEGFORMER_NORM_EPS);
+    }
     for (int i = 0; i < c->stages; i++) {
         if (rc) break;
         rc = segformer_fold_stage(s, i, scale, bias_sum, e);
@@ -3292,9 +3301,11 @@ static int segformer_head_load(Segformer *s, const StModel *m, WeightSource sour
 /* (x - mean) / std as (x + shift) * scale, per channel. */
 static int segformer_pixel_load(Segformer *s, Error *e) {
     Tensor *shift = TENSOR_NEW(3), *scale = TENSOR_NEW(3);
-    for (int c = 0; shift && scale && c < 3; c++) {
-        shift->data[c] = -s->config.mean[c];
-        scale->data[c] = 1.0f / s->config.std[c];
+    if (shift && scale) {
+        for (int c = 0; c < 3; c++) {
+            shift->data[c] = -s->config.mean[c];
+            scale->data[c] = 1.0f / s->config.std[c];
+        }
     }
     s->pixel_shift = params_constant(s->params, shift, e);
     s->pixel_scale = params_constant(s->params, scale, e);
@@ -3661,9 +3672,10 @@ static int sampler_guidance(const SamplerRun *r, Tensor *x0, Tensor **mask, Tens
 static void sampler_update(Tensor *x, const Tensor *v, float dt, float lambda, const Tensor *grad,
                            const bool *shifted) {
     axpy((size_t)x->numel, dt, v->data, x->data);
+    if (!grad) return;
     int64_t B = x->shape[0];
     size_t per = (size_t)(x->numel / B);
-    for (int64_t b = 0; grad && b < B; b++) {
+    for (int64_t b = 0; b < B; b++) {
         if (!shifted[b]) continue;
         const float *g = grad->data + b * per;
         double norm = 0.0;

@@ -491,7 +491,8 @@ static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     double best = gemm_grid_cost(p.mc, N, best_rows, best_cols, p.threads);
     /* r row chunks need at most 2 threads / r more column blocks than the fewest to give every
      * thread two items: O(threads log threads) grids. */
-    for (int r = 1; p.threads > 1 && r <= gemm_min(row_panels, p.threads); r++)
+    int most_rows = p.threads > 1 ? gemm_min(row_panels, p.threads) : 0; /* 1 thread: 1 x 1 */
+    for (int r = 1; r <= most_rows; r++)
         for (int c = fewest_cols; c <= gemm_min(col_tiles, fewest_cols + 2 * p.threads / r); c++) {
             double cost = gemm_grid_cost(p.mc, N, r, c, p.threads);
             if (cost < best) best = cost, best_rows = r, best_cols = c;
@@ -2836,7 +2837,8 @@ size_t first_non_finite(size_t n, const float *x) {
             memcpy(&bits, &x[i], sizeof bits);
             any |= (bits & 0x7f800000u) == 0x7f800000u;
         }
-        for (size_t i = lo; any && i < hi; i++)
+        if (!any) continue;
+        for (size_t i = lo; i < hi; i++)
             if (!isfinite(x[i])) return i;
     }
     return n;

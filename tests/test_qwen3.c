@@ -132,6 +132,9 @@ static void test_configs(void) {
                         "\"model_type\": \"qwen3\", \"layer_types\": [\"full_attention\", "
                         "\"sliding_attention\"]",
                         "layer_types[1] is not \"full_attention\"");
+    test_config_refused("\"model_type\": \"qwen3\"",
+                        "\"model_type\": \"qwen3\", \"layer_types\": \"full_attention\"",
+                        "layer_types is not an array");
     test_config_refused("\"num_hidden_layers\": 28", "\"num_hidden_layers\": 20",
                         "num_hidden_layers 20");
     test_config_refused("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", "divide");

@@ -283,14 +283,19 @@ int segformer_save(const Segformer *m, const char *dir, Error *e) {
 
 /* === the VAE === */
 
+/* true when one of items[0 .. n-1] is called name. */
+static bool items_hold(const StWriteTensor *items, size_t n, const char *name) {
+    for (size_t j = 0; j < n; j++)
+        if (!strcmp(items[j].name, name)) return true;
+    return false;
+}
+
 /* The entries of p as F32 tensors appended to items[*n], skipping names already there. */
 static void vae_save_entries(const Params *p, StWriteTensor *items, size_t *n) {
     for (int i = 0; i < params_count(p); i++) {
         const char *name = params_name(p, i);
-        bool seen = false;
-        for (size_t j = 0; j < *n && !seen; j++) seen = !strcmp(items[j].name, name);
-        if (seen) continue;
-        items[(*n)++] = st_entry_f32(name, params_var(p, i)->value);
+        if (!items_hold(items, *n, name))
+            items[(*n)++] = st_entry_f32(name, params_var(p, i)->value);
     }
 }
 

@@ -105,8 +105,8 @@ double params_clip_grad_norm(Params *const *groups, int n_groups, double max_nor
     for (int g = 0; g < n_groups; g++)
         for (int i = 0; i < params_count(groups[g]); i++) {
             const Tensor *grad = params_var(groups[g], i)->grad;
-            for (int64_t k = 0; grad && k < grad->numel; k++)
-                sum += (double)grad->data[k] * grad->data[k];
+            if (!grad) continue;
+            for (int64_t k = 0; k < grad->numel; k++) sum += (double)grad->data[k] * grad->data[k];
         }
     double norm = sqrt(sum);
     if (!(norm > max_norm)) return norm;
@@ -310,10 +310,12 @@ static Var *flow_loss(Tape *t, int64_t step, void *ctx, Error *e) {
     flow_noise(o->seed, step, o->batch, per, o->logit_mean, o->logit_std, f->noise, f->sigma);
     Tensor *x_t = TENSOR_NEW(o->batch, tokens, f->channels);
     Tensor *minus_target = TENSOR_NEW(o->batch, tokens, f->channels);
-    for (int64_t i = 0; x_t && minus_target && i < x_t->numel; i++) {
-        float s = f->sigma[i / per], x0 = f->x0[i], n = f->noise[i];
-        x_t->data[i] = (1.0f - s) * x0 + s * n;
-        minus_target->data[i] = x0 - n;
+    if (x_t && minus_target) {
+        for (int64_t i = 0; i < x_t->numel; i++) {
+            float s = f->sigma[i / per], x0 = f->x0[i], n = f->noise[i];
+            x_t->data[i] = (1.0f - s) * x0 + s * n;
+            minus_target->data[i] = x0 - n;
+        }
     }
     Var *x = var_take(t, x_t, false), *minus = var_take(t, minus_target, false);
     Var *txt = text_encode(t, f->text, f->prompt_list, o->batch, e);
@@ -424,6 +426,14 @@ int detector_example(uint64_t seed, bool corrupt, uint8_t *rgb, uint8_t *mask, E
     return 0;
 }
 
+/* true when the mask [., W] has a nonzero pixel in rows [y0, y1), columns [x0, x1). */
+static bool mask_any(const uint8_t *mask, int W, int y0, int y1, int x0, int x1) {
+    for (int y = y0; y < y1; y++)
+        for (int x = x0; x < x1; x++)
+            if (mask[(size_t)y * W + x]) return true;
+    return false;
+}
+
 int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *target, Error *e) {
     if (h < 1 || w < 1 || H % h || W % w)
         return error_set(e, "detector target: a %dx%d mask does not pool to a %dx%d map", W, H, w,
@@ -431,9 +441,7 @@ int detector_target(const uint8_t *mask, int H, int W, int h, int w, float *targ
     int ch = H / h, cw = W / w;
     for (int i = 0; i < h; i++)
         for (int j = 0; j < w; j++) {
-            bool any = false;
-            for (int y = i * ch; y < (i + 1) * ch && !any; y++)
-                for (int x = j * cw; x < (j + 1) * cw && !any; x++) any = mask[(size_t)y * W + x];
+            bool any = mask_any(mask, W, i * ch, (i + 1) * ch, j * cw, (j + 1) * cw);
             target[(size_t)i * w + j] = any ? 1.0f : 0.0f;
         }
     return 0;
@@ -448,9 +456,11 @@ Var *detector_bce_loss(Tape *t, Var *logits, Var *target, float pos_weight) {
     if (!target) return NULL;
     Tensor *pos = tensor_new(target->value->ndim, target->value->shape);
     Tensor *neg = tensor_new(target->value->ndim, target->value->shape);
-    for (int64_t i = 0; pos && neg && i < pos->numel; i++) {
-        pos->data[i] = pos_weight * target->value->data[i];
-        neg->data[i] = 1.0f - target->value->data[i];
+    if (pos && neg) {
+        for (int64_t i = 0; i < pos->numel; i++) {
+            pos->data[i] = pos_weight * target->value->data[i];
+            neg->data[i] = 1.0f - target->value->data[i];
+        }
     }
     Var *terms = ag_add(t, ag_mul(t, detector_log_sigmoid(t, logits), var_take(t, pos, false)),
                         ag_mul(t, detector_log_sigmoid(t, ag_scale(t, logits, -1.0f)),
