@@ -1414,6 +1414,44 @@ Var *ag_pow(Tape *t, Var *x, float p) {
 
 /* === structure === */
 
+/* in: v [B, C]; p.mm: M = n, N = C, batch = B; saved[0]: n ones.
+ * dv[b] = sum over the n rows of dy[b], as the product 1^T dy[b] (the GEMM's summation order,
+ * in which the embedded models were trained) */
+static void repeat_rows_backward(Tape *t, Node *n) {
+    (void)t;
+    struct MatmulParams mm = n->p.mm;
+    const float *ones = n->saved[0]->data;
+    for (int64_t b = 0; b < mm.batch; b++)
+        gemm(true, false, 1, (int)mm.N, (int)mm.M, 1.0f, ones, 1, grad(n->out) + b * mm.M * mm.N,
+             (int)mm.N, 1.0f, grad(n->in[0]) + b * mm.N, (int)mm.N);
+}
+
+Var *ag_repeat_rows(Tape *t, Var *v, int64_t rows) {
+    const char *op = "repeat_rows";
+    if (!ready(t, op, 1, &v)) return NULL;
+    char s[64];
+    if (v->value->ndim != 2 || rows < 1)
+        return fail(t, "repeat_rows: %s on %lld rows (want [B, C] on at least 1)",
+                    shape_of(v, s, sizeof s), (long long)rows);
+    struct MatmulParams mm = {.M = rows, .N = v->value->shape[1], .batch = v->value->shape[0]};
+    if (!check_int(t, op, mm.M) || !check_int(t, op, mm.N)) return NULL;
+    Var *y = result(t, 3, (int64_t[]){mm.batch, rows, mm.N});
+    Tensor *ones = y ? tape_tensor(t, MEM_SAVED, 1, (int64_t[]){rows}) : NULL;
+    Node *n;
+    if (!ones || !record(t, y, repeat_rows_backward, 1, &v, &n)) {
+        tape_tensor_free(t, MEM_SAVED, ones);
+        return NULL;
+    }
+    for (int64_t r = 0; r < rows; r++) ones->data[r] = 1.0f;
+    for (int64_t b = 0; b < mm.batch; b++)
+        for (int64_t r = 0; r < rows; r++)
+            memcpy(data(y) + (b * rows + r) * mm.N, data(v) + b * mm.N,
+                   (size_t)mm.N * sizeof(float));
+    if (n) n->p.mm = mm;
+    save(t, n, 0, ones);
+    return y;
+}
+
 /* in: x. y shares x's data; its gradient goes back to x's unchanged. */
 static void reshape_backward(Tape *t, Node *n) {
     (void)t;

@@ -161,6 +161,9 @@ Var *ag_mul_rows(Tape *t, Var *x, Var *v);
 /* x: [B, C, ..], v: [C] -> x + v[c], x * v[c] on every channel plane */
 Var *ag_add_channels(Tape *t, Var *x, Var *v);
 Var *ag_mul_channels(Tape *t, Var *x, Var *v);
+/* v: [B, C] -> [B, rows, C], v's row b on each of the rows of sample b (a broadcast, for
+ * per-sample vectors such as FLUX.2's modulations) */
+Var *ag_repeat_rows(Tape *t, Var *v, int64_t rows);
 /* -> [1]: the sum, the mean of every element */
 Var *ag_sum(Tape *t, Var *x);
 Var *ag_mean(Tape *t, Var *x);

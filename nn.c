@@ -994,27 +994,17 @@ static Var *flux2_mod(Tape *t, Var *mod, int k, int dim) {
     return ag_slice(t, mod, 1, (int64_t)k * dim, dim);
 }
 
-/* v: [B, dim] -> [B, n, dim], v on each of n rows: a product with a column of ones, so that
- * backward sums the rows' gradients into v. */
-static Var *flux2_rows(Tape *t, Var *v, int64_t n) {
-    int64_t batch = var_size(v, 0), dim = var_size(v, 1);
-    Tensor *ones = TENSOR_NEW(batch, n, 1);
-    if (ones)
-        for (int64_t i = 0; i < ones->numel; i++) ones->data[i] = 1.0f;
-    return ag_matmul(t, var_take(t, ones, false), ag_reshape(t, v, 3, (int64_t[]){batch, 1, dim}));
-}
-
 /* x: [B, N, dim] -> LayerNorm without affine, then * (1 + scale) + shift; shift, scale: [B, dim] */
 static Var *flux2_modulate(Tape *t, Var *x, Var *shift, Var *scale, double eps) {
     int64_t n = var_size(x, 1);
     Var *y = ag_layernorm(t, x, NULL, NULL, (float)eps);
-    y = ag_mul(t, y, flux2_rows(t, ag_affine(t, scale, 1.0f, 1.0f), n));
-    return ag_add(t, y, flux2_rows(t, shift, n));
+    y = ag_mul(t, y, ag_repeat_rows(t, ag_affine(t, scale, 1.0f, 1.0f), n));
+    return ag_add(t, y, ag_repeat_rows(t, shift, n));
 }
 
 /* x + gate * y, the gated residual; x, y: [B, N, dim], gate: [B, dim] */
 static Var *flux2_gated(Tape *t, Var *x, Var *gate, Var *y) {
-    return ag_add(t, x, ag_mul(t, y, flux2_rows(t, gate, var_size(y, 1))));
+    return ag_add(t, x, ag_mul(t, y, ag_repeat_rows(t, gate, var_size(y, 1))));
 }
 
 /* x: [B, n, dim] -> [B, n, heads, head_dim], RMS-normalised per head when norm is not NULL */

@@ -189,6 +189,17 @@ static Var *graph_structure(Tape *t, Var **in) {
     return ag_concat(t, parts, 5, 0);
 }
 
+/* FLUX.2's modulation, per-sample vectors on every token: x [2, 5, 6] -> layernorm (no affine)
+ * * (1 + scale[b]) + shift[b] -> x + gate[b] * that -> mean(y^2).
+ * in: x, scale, shift, gate [2, 6] */
+static Var *graph_modulation(Tape *t, Var **in) {
+    Var *y = ag_layernorm(t, in[0], NULL, NULL, 1e-6f);
+    y = ag_mul(t, y, ag_repeat_rows(t, ag_affine(t, in[1], 1.0f, 1.0f), 5));
+    y = ag_add(t, y, ag_repeat_rows(t, in[2], 5));
+    y = ag_add(t, in[0], ag_mul(t, y, ag_repeat_rows(t, in[3], 5)));
+    return ag_mean(t, ag_pow(t, y, 2.0f));
+}
+
 static void test_finite_differences(void) {
     GradCase dense = {"dense",
                       graph_dense,
@@ -224,7 +235,11 @@ static void test_finite_differences(void) {
     GradCase gn_silu = {"groupnorm_silu", graph_groupnorm_silu, 3,
                         {RAND(1, 2, 6, 3, 5), RAND(0.5f, 6), RAND(0.5f, 6)}, {true, true, true},
                         NULL};
-    GradCase *cases[] = {&dense, &self, &cross, &conv, &pointwise, &structure, &gn_silu};
+    GradCase modulation = {"modulation", graph_modulation, 4,
+                           {RAND(1, 2, 5, 6), RAND(0.3f, 2, 6), RAND(0.3f, 2, 6), RAND(0.5f, 2, 6)},
+                           {true, true, true, true}, NULL};
+    GradCase *cases[] = {&dense, &self, &cross, &conv, &pointwise, &structure, &gn_silu,
+                         &modulation};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         check_case(cases[i]);
         free_case(cases[i]);
@@ -582,6 +597,7 @@ static Var *op_batchnorm(Tape *t, Var **in) {
 }
 static Var *op_add(Tape *t, Var **in) { return ag_add(t, in[0], in[1]); }
 static Var *op_add_rows(Tape *t, Var **in) { return ag_add_rows(t, in[0], in[1]); }
+static Var *op_repeat_rows(Tape *t, Var **in) { return ag_repeat_rows(t, in[0], 4); }
 static Var *op_mul_channels(Tape *t, Var **in) { return ag_mul_channels(t, in[0], in[1]); }
 static Var *op_resize(Tape *t, Var **in) { return ag_resize_bilinear(t, in[0], 0, 4); }
 static Var *op_upsample(Tape *t, Var **in) { return ag_upsample_nearest2x(t, in[0]); }
@@ -604,7 +620,7 @@ static void test_errors(void) {
     Tensor *m23 = RAND(1, 2, 3), *m34 = RAND(1, 3, 4), *m43 = RAND(1, 4, 3), *v3 = RAND(1, 3),
            *v4 = RAND(1, 4), *img = RAND(1, 1, 4, 5, 5), *w3 = RAND(1, 2, 3, 3, 3),
            *q = RAND(1, 1, 3, 2, 4), *k = RAND(1, 1, 3, 3, 4), *odd = RAND(1, 1, 3, 2, 5),
-           *table = RAND(1, 3, 2);
+           *table = RAND(1, 3, 2), *table3 = RAND(1, 2, 3, 3);
     expect_failure("linear of [2, 3] with a [3, 4] weight", op_linear, 2,
                    (Tensor *[]){m23, m34}, NULL, "linear");
     expect_failure("linear with a [3] bias for 4 outputs", op_linear_bias, 3,
@@ -632,6 +648,8 @@ static void test_errors(void) {
     expect_failure("add of [2, 3] and [3, 4]", op_add, 2, (Tensor *[]){m23, m34}, NULL, "differ");
     expect_failure("add_rows of a [4] vector to [2, 3]", op_add_rows, 2, (Tensor *[]){m23, v4},
                    NULL, "add_rows");
+    expect_failure("repeat_rows of a [2, 3, 3] tensor", op_repeat_rows, 1, (Tensor *[]){table3},
+                   NULL, "repeat_rows");
     expect_failure("mul_channels of a [3] vector on 4 channels", op_mul_channels, 2,
                    (Tensor *[]){img, v3}, NULL, "mul_channels");
     expect_failure("resize to 0 rows", op_resize, 1, (Tensor *[]){img}, NULL, "resize");
@@ -676,7 +694,7 @@ static void test_errors(void) {
           "every later op on that tape returns NULL");
     tape_free(t);
 
-    Tensor *all[] = {m23, m34, m43, v3, v4, img, w3, q, k, odd, table};
+    Tensor *all[] = {m23, m34, m43, v3, v4, img, w3, q, k, odd, table, table3};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) tensor_free(all[i]);
 }
 
@@ -745,6 +763,14 @@ static Var *detector_model(Tape *t, Var **p, Var **c) {
     return ag_mean(t, ag_scale(t, focal, -1.0f));
 }
 
+static const char *const modulation_params[] = {"x", "scale", "shift", "gate"};
+
+/* graph_modulation over the golden's x, scale, shift, gate. */
+static Var *modulation_model(Tape *t, Var **p, Var **c) {
+    (void)c;
+    return graph_modulation(t, p);
+}
+
 static float max_abs(const float *x, size_t n) {
     float m = 0.0f;
     for (size_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
@@ -806,6 +832,7 @@ static void test_golden(void) {
     GoldenCase cases[] = {
         {"", attention_params, 14, attention_consts, 2, golden_model},
         {"det.", detector_params, 11, detector_consts, 4, detector_model},
+        {"mod.", modulation_params, 4, NULL, 0, modulation_model},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) check_golden_case(st, &cases[i]);
     st_close(st);

@@ -18,10 +18,14 @@ The second, shaped like an artifact detector's input path and loss (detector_mod
       -> rmsnorm -> * scale + shift per channel -> matmul by [1, 8, 6]
       -> the halves of the last dim stacked along the tokens [1, 72, 3] -> softmax
       -> loss = mean(-(1 - p)^2 log p)
+The third, FLUX.2's modulation with per-sample vectors (modulation_model there):
+    x [2, 5, 6] -> layernorm (no affine, eps 1e-6) * (1 + scale[b]) + shift[b]
+      -> x + gate[b] * that -> loss = mean(y^2)        scale, shift, gate: [2, 6]
 Inputs and parameters are float32; everything is computed in float64 from those float32 values
 and stored as float32. Names: the first model's parameters as below, "cos", "sin" (its rotary
 tables, [12, 4]), "loss", "grad_<name>" for every parameter; the second model's the same with
-the prefix "det.", its constants (normalisation, running statistics) without gradients."""
+the prefix "det.", its constants (normalisation, running statistics) without gradients; the
+third's with the prefix "mod."."""
 import math
 import os
 
@@ -73,6 +77,25 @@ def detector_model(p, c):
     t = (t * p["scale"] + p["shift"]) @ p["mm"]
     prob = torch.softmax(torch.cat([t[..., 3:], t[..., :3]], dim=1), dim=-1)
     return (-(1.0 - prob) ** 2 * torch.log(prob)).mean()
+
+
+def modulation_model(p):
+    y = F.layer_norm(p["x"], (6,), eps=1e-6)
+    y = y * (1.0 + p["scale"][:, None, :]) + p["shift"][:, None, :]
+    return ((p["x"] + p["gate"][:, None, :] * y) ** 2).mean()
+
+
+def modulation_case(randn):
+    params = {"x": randn(2, 5, 6), "scale": randn(2, 6, scale=0.3), "shift": randn(2, 6, scale=0.3),
+              "gate": randn(2, 6, scale=0.5)}
+    leaves = {name: t.double().requires_grad_(True) for name, t in params.items()}
+    loss = modulation_model(leaves)
+    loss.backward()
+    out = {"mod." + name: t for name, t in params.items()}
+    out["mod.loss"] = loss.detach().reshape(1)
+    for name, leaf in leaves.items():
+        out["mod.grad_" + name] = leaf.grad
+    return out
 
 
 def detector_case(randn):
@@ -128,6 +151,7 @@ def main():
         out["grad_" + name] = leaf.grad
     det = detector_case(randn)
     out.update(det)
+    out.update(modulation_case(randn))
     safetensors_file.write(OUT, out)
     print(f"wrote {OUT}: losses {loss.item():.9g}, {det['det.loss'].item():.9g}")
 
