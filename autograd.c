@@ -499,6 +499,8 @@ static int checkpoint_seed_and_run(Tape *scratch, Var *out, Var *y, Error *e) {
     return backward_nodes(scratch, e);
 }
 
+/* in: the segment's inputs; p.checkpoint: its function and context.
+ * d(inputs) = the backward of fn, recomputed from the inputs on a scratch tape, seeded with dy */
 static void checkpoint_backward(Tape *t, Node *n) {
     Var *y = n->out;
     /* Every consumer of y has run its backward, and the recomputation makes y's value again:
@@ -807,8 +809,9 @@ Var *ag_rope(Tape *t, Var *x, Var *cos, Var *sin, RopePairs pairs) {
                     shape_of(sin, s3, sizeof s3));
     for (int i = 0; i < 4; i++)
         if (!check_int(t, op, xv->shape[i])) return NULL;
-    struct RopeParams r = {(int)xv->shape[0], (int)xv->shape[1], (int)xv->shape[2],
-                           (int)xv->shape[3], pairs};
+    struct RopeParams r = {.batch = (int)xv->shape[0], .n = (int)xv->shape[1],
+                           .heads = (int)xv->shape[2], .head_dim = (int)xv->shape[3],
+                           .pairs = pairs};
     Var *y = result_like(t, x);
     Node *n;
     if (!y || !record(t, y, rope_node_backward, 3, (Var *[]){x, cos, sin}, &n)) return NULL;

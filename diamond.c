@@ -387,7 +387,8 @@ static int bench_attention(int argc, char **argv) {
                              COUNT(attention_bench_options), argc, argv, 7, &k))
         return 2;
     int threads = k.threads;
-    a.shape = (AttentionShape){B, H, H, N, N, D, false, NULL};
+    a.shape = (AttentionShape){.batch = B, .heads = H, .kv_heads = H, .q_len = N, .kv_len = N,
+                               .head_dim = D};
     a.scale = 1.0f / sqrtf((float)D);
     size_t n = (size_t)B * N * H * D;
     float **arrays[] = {&a.q, &a.k, &a.v, &a.out, &a.dout, &a.dq, &a.dk, &a.dv};
@@ -452,7 +453,9 @@ static int bench_conv(int argc, char **argv) {
                              11, &k))
         return 2;
     int groups = k.groups, threads = k.threads;
-    ConvBench c = {.shape = {v[0], v[1], v[2], v[3], v[4], v[5], v[5], v[6], v[6], v[7], v[7], groups}};
+    ConvBench c = {.shape = {.batch = v[0], .in_ch = v[1], .in_h = v[2], .in_w = v[3],
+                             .out_ch = v[4], .kernel_h = v[5], .kernel_w = v[5], .stride_h = v[6],
+                             .stride_w = v[6], .pad_h = v[7], .pad_w = v[7], .groups = groups}};
     const Conv2dShape *s = &c.shape;
     int Ho = conv2d_out_h(s), Wo = conv2d_out_w(s);
     if (s->in_ch % groups || s->out_ch % groups || Ho < 1 || Wo < 1) {
@@ -828,12 +831,13 @@ static int bench_model(int argc, char **argv) {
 /* A /proc/self/status value in KiB ("RssFile:", "RssAnon:"); -1 where there is none (not Linux). */
 static long bench_status_kib(const char *key) {
     FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
     char line[256];
     long kib = -1;
     size_t n = strlen(key);
-    while (f && fgets(line, sizeof line, f))
+    while (fgets(line, sizeof line, f))
         if (!strncmp(line, key, n)) kib = strtol(line + n, NULL, 10);
-    if (f) fclose(f);
+    fclose(f);
     return kib;
 }
 
@@ -2234,7 +2238,8 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
     plain.guide = false;
     GenerateArgs plain_args = *a;
     plain_args.save_steps = NULL; /* the steps saved are the guided run's */
-    GenerateProgress progress = {&plain_args, r, NULL, a->quiet, now_seconds()};
+    GenerateProgress progress = {.args = &plain_args, .run = r, .quiet = a->quiet,
+                                 .start = now_seconds()};
     if (!a->quiet) fprintf(stderr, "baseline:\n");
     int64_t B = initial->shape[0];
     Tensor *baseline = NULL, *maps[2] = {NULL, NULL};
@@ -2262,7 +2267,8 @@ static int generate_compare(const GenerateArgs *a, GenerateRun *r, Tensor *initi
 /* Sampling, the image files, the comparison and the dump. */
 static int generate_sample(const GenerateArgs *a, GenerateRun *r, Error *e) {
     GenerateDump dump = {0};
-    GenerateProgress progress = {a, r, a->dump ? &dump : NULL, a->quiet, now_seconds()};
+    GenerateProgress progress = {.args = a, .run = r, .dump = a->dump ? &dump : NULL,
+                                 .quiet = a->quiet, .start = now_seconds()};
     Tensor *image = NULL, *initial = a->compare ? tensor_clone(r->latent) : NULL;
     if (a->compare && !initial) return error_set(e, "out of memory for the baseline latent");
     SamplerOptions opt = a->opt;
@@ -2820,7 +2826,7 @@ static int eval_row(const EvalArgs *a, GenerateRun *r, const EvalRow *row, int64
     it->m = p.m;
     int rc = png_write(path[0], &p.img[0], e) || png_write(path[1], &p.img[1], e);
     if (rc == 0) {
-        EvalItemFile file = {it, row, !row->path, settings, NULL};
+        EvalItemFile file = {.item = it, .row = row, .prompt = !row->path, .settings = settings};
         rc = eval_item_path(a, row->index, ".json", path[0], sizeof path[0], e) ||
              eval_write_text(path[0], eval_item_write, &file, e);
     }
@@ -2835,7 +2841,8 @@ static int eval_row_failed(const EvalArgs *a, const EvalRow *row, int64_t rows,
     char path[PATH_BYTES], reason[sizeof e->msg];
     snprintf(reason, sizeof reason, "%s", e->msg);
     *it = (EvalItem){.row = row->index, .rows = rows, .seed = row->seed, .failed = true};
-    EvalItemFile file = {it, row, !row->path, settings, reason};
+    EvalItemFile file = {.item = it, .row = row, .prompt = !row->path, .settings = settings,
+                         .failure = reason};
     fprintf(stderr, "diamond eval: row %lld seed %llu failed: %s\n", (long long)row->index,
             (unsigned long long)row->seed, reason); /* an error, said even with --quiet */
     return eval_item_path(a, row->index, ".json", path, sizeof path, e) ||
@@ -3148,7 +3155,7 @@ static int search_run(const EvalArgs *a, const EvalCsv *csv, Error *e) {
     GenerateRun r = {0};
     uint64_t *seeds = calloc(csv->n, sizeof *seeds), next = a->start;
     bool *found = calloc(csv->n, sizeof *found);
-    SearchHits hits = {a, csv, seeds, found, 0};
+    SearchHits hits = {.args = a, .csv = csv, .seeds = seeds, .found = found};
     uint64_t tries = (uint64_t)csv->n * (uint64_t)a->max_tries; /* the seeds it may use */
     int rc = a->start > (uint64_t)INT64_MAX - (tries - 1) /* past eval's seeds, 0..2^63-1 */
                  ? error_set(e, "--start %llu: %zu rows x %d tries could pass 2^63-1, the largest "

@@ -260,11 +260,12 @@ size_t memory_available(void) {
  * swapping (free memory plus the caches it can drop). */
 size_t memory_available(void) {
     FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
     char line[256];
     unsigned long long kib = 0;
-    while (f && fgets(line, sizeof line, f))
+    while (fgets(line, sizeof line, f))
         if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) break;
-    if (f) fclose(f);
+    fclose(f);
     return kib > SIZE_MAX / 1024 ? SIZE_MAX : (size_t)kib * 1024;
 }
 #endif
@@ -1646,7 +1647,8 @@ static int st_build_header(const char *path, const StWriteTensor *tensors, const
         offset += nbytes[i];
     }
     buf_append(header, "}", 1);
-    while (!header->failed && header->len % 8 != 0) buf_append(header, " ", 1);
+    static const char spaces[8] = "        ";
+    buf_append(header, spaces, (8 - header->len % 8) % 8); /* the data starts 8-byte aligned */
     if (header->failed) return error_set(e, "%s: out of memory", path);
     if (header->len > ST_MAX_HEADER_BYTES) return error_set(e, "%s: header over %u bytes", path, ST_MAX_HEADER_BYTES);
     return 0;
@@ -2804,7 +2806,8 @@ static int encode_piece(const Tokenizer *t, const uint32_t *cp, size_t n, Encode
                                     .next = i + 1 < len ? (int32_t)i + 1 : -1};
     BpeHeap heap = {.items = s->heap};
     bpe_merge(&t->merges, s->symbols, (int32_t)len, &heap);
-    for (int32_t i = 0; i >= 0 && len > 0; i = s->symbols[i].next)
+    if (len == 0) return 0;
+    for (int32_t i = 0; i >= 0; i = s->symbols[i].next) /* the list of symbols ends at -1 */
         if (ids_push(ids, s->symbols[i].id)) return -1;
     return 0;
 }
@@ -2868,6 +2871,13 @@ void token_ids_free(TokenIds *ids) {
 
 /* === specs === */
 
+/* The index of the key named name[0 .. len), or -1. */
+static int spec_key_find(const SpecKey *keys, int n_keys, const char *name, size_t len) {
+    for (int k = 0; k < n_keys; k++)
+        if (strlen(keys[k].name) == len && !strncmp(keys[k].name, name, len)) return k;
+    return -1;
+}
+
 int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int n_keys,
                            Error *e) {
     while (list && *list) {
@@ -2875,11 +2885,8 @@ int spec_parse_keys(const char *what, const char *list, const SpecKey *keys, int
         size_t len = comma ? (size_t)(comma - list) : strlen(list);
         const char *eq = memchr(list, '=', len);
         if (!eq) return error_set(e, "%s: expected key=value, got '%.*s'", what, (int)len, list);
-        int k = 0;
-        while (k < n_keys && !(strlen(keys[k].name) == (size_t)(eq - list) &&
-                               !strncmp(keys[k].name, list, (size_t)(eq - list))))
-            k++;
-        if (k == n_keys)
+        int k = spec_key_find(keys, n_keys, list, (size_t)(eq - list));
+        if (k < 0)
             return error_set(e, "%s: unknown key '%.*s'", what, (int)(eq - list), list);
         char number[64];
         size_t nlen = len - (size_t)(eq - list) - 1;
@@ -3052,7 +3059,8 @@ int eval_csv_parse(const char *text, size_t len, const char *path, bool need_see
                               "(got '%s%s')", path, need_seed ? ",seed" : "",
                            need_seed ? ",seed" : "", header[0], n_header > 1 ? ",..." : "");
     }
-    while (rc == 0 && pos < len) {
+    while (pos < len) {
+        if (rc) break;
         int count, start_line = ++line;
         size_t from = pos;
         rc = eval_csv_record(text, len, &pos, buf, fields, &count, path, start_line, e);
@@ -3562,25 +3570,20 @@ int png_find_text(const unsigned char *bytes, size_t size, const char *path, con
                   char **text, Error *e) {
     const unsigned char *p = bytes, *end = p + size;
     *text = NULL;
-    int rc = size < 8 || memcmp(p, png_signature, 8)
-                 ? error_set(e, "%s: not a PNG file (no PNG signature)", path)
-                 : 0;
+    if (size < 8 || memcmp(p, png_signature, 8))
+        return error_set(e, "%s: not a PNG file (no PNG signature)", path);
     p += 8;
-    while (rc == 0 && !*text) {
-        if (end - p < 12) {
-            rc = error_set(e, "%s: truncated: a chunk header past the end of the file", path);
-            break;
-        }
+    while (!*text) {
+        if (end - p < 12)
+            return error_set(e, "%s: truncated: a chunk header past the end of the file", path);
         uint32_t length = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
         const unsigned char *type = p + 4, *data = p + 8;
-        if (length > (size_t)(end - data) - 4) {
-            rc = error_set(e, "%s: a %.4s chunk of %u bytes runs past the end of the file", path,
-                           (const char *)type, length);
-            break;
-        }
+        if (length > (size_t)(end - data) - 4)
+            return error_set(e, "%s: a %.4s chunk of %u bytes runs past the end of the file",
+                             path, (const char *)type, length);
         if (!memcmp(type, "IEND", 4)) break;
         *text = png_chunk_text(type, data, data + length, key);
         p = data + length + 4; /* past the CRC */
     }
-    return rc;
+    return 0;
 }

@@ -3741,9 +3741,10 @@ static int sampler_finite(const Tensor *x, const char *what, int i, int steps, E
                      i + 1, steps, what, isnan(x->data[bad]) ? "NaN" : "an infinity", bad);
 }
 
-/* One step, the update at the top of this section: v, x0, the guidance when lambda_i != 0 (the
- * detector also runs, without shifting, when the caller inspects every step), the caller's look
- * (on_step), the update. */
+/* One step i, the update at the top of this section:
+ *   x_{t+1} = x_t + (sigma_{i+1} - sigma_i) v - lambda_i g / (||g|| + 1e-6),  g = dL(m) / dx0
+ * in order: v, x0, the guidance when lambda_i != 0 (the detector also runs, without shifting,
+ * when the caller inspects every step), the caller's look (on_step), the update. */
 static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     const SamplerOptions *o = r->o;
     int64_t B = latent->shape[0];
@@ -3762,8 +3763,9 @@ static int sampler_step(const SamplerRun *r, Tensor *latent, int i, Error *e) {
     if (rc == 0) rc = sampler_finite(grad, "gradient of the artifact loss", i, o->steps, e);
     if (lambda == 0.0f)
         for (int64_t b = 0; b < B; b++) r->shifted[b] = false;
-    SamplerStep step = {i, o->steps, r->sigmas[i], r->sigmas[i + 1], lambda, latent, v, x0, mask,
-                        grad, r->shifted};
+    SamplerStep step = {.index = i, .steps = o->steps, .sigma = r->sigmas[i],
+                        .sigma_next = r->sigmas[i + 1], .lambda = lambda, .x_t = latent, .v = v,
+                        .x0 = x0, .mask = mask, .grad = grad, .shifted = r->shifted};
     if (rc == 0 && r->on_step) rc = r->on_step(&step, r->ctx, e);
     if (rc == 0)
         sampler_update(latent, v, r->sigmas[i + 1] - r->sigmas[i], lambda, grad, r->shifted);
@@ -3814,19 +3816,22 @@ int lambda_schedule_parse(LambdaSchedule *s, const char *spec, Error *e) {
     bool exponential = v.type == LAMBDA_EXPONENTIAL;
     double warmup = exponential ? 5 : 0, cooldown = exponential ? 12 : 0;
     const double big = 1e30;
-    const SpecKey value = {"value", &v.value, -big, big, false};
-    const SpecKey start = {"start", &v.start, -big, big, false};
-    const SpecKey end = {"end", &v.end, -big, big, false};
-    const SpecKey power = {"power", &v.power, 0.0, 1e6, false};
-    const SpecKey after = {"after", &v.after, -big, big, false};
+    const SpecKey value = {.name = "value", .value = &v.value, .lo = -big, .hi = big};
+    const SpecKey start = {.name = "start", .value = &v.start, .lo = -big, .hi = big};
+    const SpecKey end = {.name = "end", .value = &v.end, .lo = -big, .hi = big};
+    const SpecKey power = {.name = "power", .value = &v.power, .lo = 0.0, .hi = 1e6};
+    const SpecKey after = {.name = "after", .value = &v.after, .lo = -big, .hi = big};
+    const SpecKey steps_warmup = {.name = "warmup", .value = &warmup, .lo = 0, .hi = 1 << 20,
+                                  .integer = true};
+    const SpecKey steps_cooldown = {.name = "cooldown", .value = &cooldown, .lo = 0,
+                                    .hi = 1 << 20, .integer = true};
     const SpecKey keys[6][5] = {
         {value},
         {start, end},
         {start, end, power},
         {start, end},
         {start, after, power},
-        {start, end, power, {"warmup", &warmup, 0, 1 << 20, true},
-         {"cooldown", &cooldown, 0, 1 << 20, true}},
+        {start, end, power, steps_warmup, steps_cooldown},
     };
     static const int n_keys[6] = {1, 2, 3, 2, 3, 5};
     char what[64];
@@ -3846,11 +3851,10 @@ int artifact_loss_parse(ArtifactLoss *l, const char *spec, Error *e) {
         return error_set(e, "--loss: unknown type in '%s' (expected mse, power or focal)", spec);
     ArtifactLoss v = {.type = (ArtifactLossType)type, .gamma = 2.0, .alpha = 1.0};
     /* power needs gamma > 0 for a gradient at m = 0; a negative alpha would flip the push */
-    const SpecKey keys[3][2] = {
-        {{0}},
-        {{"gamma", &v.gamma, 1e-6, 1e6, false}},
-        {{"gamma", &v.gamma, 0.0, 1e6, false}, {"alpha", &v.alpha, 1e-30, 1e30, false}},
-    };
+    const SpecKey power_gamma = {.name = "gamma", .value = &v.gamma, .lo = 1e-6, .hi = 1e6};
+    const SpecKey focal_gamma = {.name = "gamma", .value = &v.gamma, .lo = 0.0, .hi = 1e6};
+    const SpecKey focal_alpha = {.name = "alpha", .value = &v.alpha, .lo = 1e-30, .hi = 1e30};
+    const SpecKey keys[3][2] = {{{0}}, {power_gamma}, {focal_gamma, focal_alpha}};
     static const int n_keys[3] = {0, 1, 2};
     char what[32];
     snprintf(what, sizeof what, "--loss %s", names[type]);

@@ -179,7 +179,7 @@ static int fit_run(Fit *f, Params **p, int64_t steps, LossLog *log, Error *e) {
     st_model_close(fresh);
     if (!loaded) return -1;
     TrainTask task = {.groups = {*p}, .n_groups = 1, .loss = fit_loss, .ctx = f};
-    TrainOptions o = {.steps = steps, .adamw = {0.05f, 0.9f, 0.999f, 1e-8f, 0.0f}, .warmup = 2,
+    TrainOptions o = {.steps = steps, .adamw = {.lr = 0.05f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f}, .warmup = 2,
                       .clip = 1.0, .on_step = log_loss, .ctx = log};
     return train_run(&task, &o, e);
 }

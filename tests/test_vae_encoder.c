@@ -16,6 +16,8 @@
  * errors of a few 1e-6; 1e-4 relative plus 1e-4 of the largest value. Parameter gradients sum
  * over every pixel and batch entry (up to ~10^4 terms), hence the same bound on their largest. */
 #define RTOL 1e-4f
+/* torch.optim.AdamW's betas and eps, weight decay 0.01, at learning rate `rate` */
+#define ADAMW(rate) {.lr = (rate), .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.01f}
 
 static float max_abs(const float *x, size_t n) {
     float m = 0.0f;
@@ -376,7 +378,7 @@ static void test_training(void) {
     CHECK(rc == 0, "vae_train_task: %s", e.msg);
     if (rc) goto done;
     double before = held_out_loss(enc, dec, &o, 1000, 2);
-    const TrainOptions to = {.steps = 20, .adamw = {5e-3f, 0.9f, 0.999f, 1e-8f, 0.01f},
+    const TrainOptions to = {.steps = 20, .adamw = ADAMW(5e-3f),
                              .warmup = 2, .clip = 1.0};
     rc = train_run(&task, &to, &e);
     CHECK(rc == 0, "20 training steps: %s", e.msg);
@@ -411,7 +413,7 @@ static void test_decoder_only(void) {
     while (pd && id < params_count(pd) && params_is_buffer(pd, id)) id++;
     Tensor *enc_before = rc == 0 ? tensor_clone(params_var(pe, ie)->value) : NULL;
     Tensor *dec_before = rc == 0 ? tensor_clone(params_var(pd, id)->value) : NULL;
-    const TrainOptions to = {.steps = 2, .adamw = {5e-3f, 0.9f, 0.999f, 1e-8f, 0.01f}};
+    const TrainOptions to = {.steps = 2, .adamw = ADAMW(5e-3f)};
     if (rc == 0 && enc_before && dec_before) {
         rc = train_run(&task, &to, &e);
         size_t ne = (size_t)enc_before->numel, nd = (size_t)dec_before->numel;

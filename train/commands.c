@@ -492,8 +492,8 @@ static int train_flow_open(const TrainArgs *a, TrainTask *task, void **state, Er
         return -1;
     int rows, cols;
     vae_encoder_token_size(f->vae, &rows, &cols);
-    f->world = (FlowWorld){f->vae, a->seed, WORLD_H / rows, WORLD_W / cols,
-                           flux2_config(f->flow)->in_channels};
+    f->world = (FlowWorld){.vae = f->vae, .seed = a->seed, .h = WORLD_H / rows,
+                           .w = WORLD_W / cols, .channels = flux2_config(f->flow)->in_channels};
     FlowTrainOptions o = {.batch = a->batch, .h = f->world.h, .w = f->world.w, .seed = a->seed,
                           .logit_mean = 0.0, .logit_std = 1.0, .uncond = a->uncond,
                           .data = flow_world_batch,
@@ -512,12 +512,14 @@ static int train_flow_save(void *state, const TrainArgs *a, Error *e) {
 }
 
 static const Trainer trainers[] = {
-    {"vae", 2500, 100, 8, 2e-3f, train_vae_open, train_vae_save, train_vae_close},
-    {"vae-decoder", 3000, 100, 8, 1e-3f, train_vae_decoder_open, train_vae_decoder_save,
-     train_vae_close},
-    {"text+flow", 12000, 300, 16, 1e-3f, train_flow_open, train_flow_save, train_flow_close},
-    {"detector", 5000, 250, 32, 5e-3f, train_detector_open, train_detector_save,
-     train_detector_close},
+    {.name = "vae", .steps = 2500, .warmup = 100, .batch = 8, .lr = 2e-3f,
+     .open = train_vae_open, .save = train_vae_save, .close = train_vae_close},
+    {.name = "vae-decoder", .steps = 3000, .warmup = 100, .batch = 8, .lr = 1e-3f,
+     .open = train_vae_decoder_open, .save = train_vae_decoder_save, .close = train_vae_close},
+    {.name = "text+flow", .steps = 12000, .warmup = 300, .batch = 16, .lr = 1e-3f,
+     .open = train_flow_open, .save = train_flow_save, .close = train_flow_close},
+    {.name = "detector", .steps = 5000, .warmup = 250, .batch = 32, .lr = 5e-3f,
+     .open = train_detector_open, .save = train_detector_save, .close = train_detector_close},
 };
 
 static const Trainer *train_find(const char *name) {
@@ -598,7 +600,9 @@ static int train_run_command(const TrainArgs *a, const Trainer *t, Error *e) {
     if (a->log && !(progress.log = fopen(a->log, "w")))
         return error_set(e, "%s: %s", a->log, strerror(errno));
     if (progress.log) fprintf(progress.log, "step,loss,grad_norm,lr,seconds\n");
-    TrainOptions o = {.steps = a->steps, .adamw = {a->lr, 0.9f, 0.999f, 1e-8f, 0.01f},
+    AdamWOptions adamw = {.lr = a->lr, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f,
+                          .weight_decay = 0.01f};
+    TrainOptions o = {.steps = a->steps, .adamw = adamw,
                       .warmup = a->warmup, .clip = a->clip, .ema = a->ema, .on_step = train_on_step,
                       .ctx = &progress};
     int rc = dir_make(a->out, e) || t->open(a, &task, &state, e) || train_run(&task, &o, e) ||

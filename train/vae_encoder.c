@@ -7,12 +7,16 @@
  *   encode  conv_in; each down block: layers_per_block resnets, then (all but the last) a zero
  *           row and column at the bottom and right and a 3x3 conv of stride 2; mid block; GN,
  *           SiLU, conv_out to the mean and log-variance; quant_conv; the mean patchified,
- *           normalised by the batch norm and packed into tokens */
+ *           normalised by the batch norm and packed into tokens
+ *
+ * Contents: loading; the latent statistics; the encoder. */
 #include "train.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* === loading === */
 
 /* One diffusers VAE directory holds both halves: the encoder leaves the decoder's tensors. */
 static const char *const vae_encoder_leaves[] = {"decoder.", "post_quant_conv.", NULL};
@@ -154,6 +158,8 @@ Params *vae_encoder_params(const VaeEncoder *m) {
     return m->params;
 }
 
+/* === the latent statistics === */
+
 /* The encoder's statistics and then the decoder's. */
 int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, const float *var,
                          Error *e) {
@@ -164,6 +170,8 @@ int vae_set_latent_stats(VaeEncoder *enc, VaeDecoder *dec, const float *mean, co
     }
     return dec ? vae_decoder_set_latent_stats(dec, mean, var, e) : 0;
 }
+
+/* === the encoder === */
 
 /* x: [B, C, H, W] -> [B, C, H+1, W+1], zeros in the new last row and column: upstream's
  * F.pad(x, (0, 1, 0, 1)) before its stride-2 conv without padding. */
