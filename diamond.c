@@ -27,24 +27,8 @@
 #include "tensor.h"
 #include "train/train.h"
 
-/* The benchmarks' lines of the usage, also `diamond bench --help`. */
-#define BENCH_USAGE \
-    "  diamond bench gemm M N K [--trans-a] [--trans-b] [--threads T]\n" \
-    "  diamond bench conv B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]\n" \
-    "  diamond bench attention B HEADS N HEAD_DIM [--threads T]\n" \
-    "  diamond bench model --model DIR --detector DIR -W W -H H [--config-only]\n" \
-    "                    [--text-len L] [--vae-memory MB] [--threads T]\n" \
-    "                    [--only transformer|vae|detector]\n" \
-    "                                     seconds of one transformer forward, the VAE decode\n" \
-    "                                     and the detector, each with and without its backward,\n" \
-    "                                     and peak memory; --config-only reads only the config\n" \
-    "                                     files (random weights); --vae-memory as generate's\n" \
-    "  diamond bench step (the same options)   one unguided and one guided sampler step\n" \
-    "  diamond bench text --model DIR [--config-only] [--tokens N] [--real R] [--threads T]\n" \
-    "                                     one N-token (default 512) encoding by DIR's Qwen3\n" \
-    "                                     (DIR/text_encoder or DIR), R (20) real tokens, and\n" \
-    "                                     peak memory beyond the mapped weights\n"
-
+/* The usage: the commands, then (from the benchmarks' table, bench_usage) the benchmarks, then
+ * usage_tail. */
 static const char *usage_text =
     "diamond - training-free artifact removal for rectified-flow image models (DIAMOND)\n"
     "\n"
@@ -69,8 +53,8 @@ static const char *usage_text =
     "  diamond train vae|vae-decoder|text+flow|detector --config DIR --out DIR [options]\n"
     "                                   train an embedded model (`make weights` trains all)\n"
     "  diamond info FILE|DIR            validate safetensors file(s) and list their tensors\n"
-    "  diamond info IMAGE.png           the generation parameters generate wrote into it\n"
-    BENCH_USAGE
+    "  diamond info IMAGE.png           the generation parameters generate wrote into it\n";
+static const char *usage_tail =
     "  diamond help                     this text\n"
     "  diamond --version                the version\n"
     "\n"
@@ -247,6 +231,9 @@ static int info_main(int argc, char **argv) {
 
 /* === benchmarks === */
 
+/* A benchmark's command line was wrong: the message and its usage on stderr; returns 2. */
+static int bench_usage_error(const char *name, const char *message);
+
 /* Parses a whole decimal argument in [lo, hi]; 0 on success. */
 static int parse_int(const char *s, int lo, int hi, int *out) {
     char *end;
@@ -347,7 +334,7 @@ static const Option gemm_bench_options[] = {
 };
 static const Option conv_bench_options[] = {
     {.name = "--groups", .value = "G", .kind = OPTION_INT,
-     .offset = offsetof(KernelBenchArgs, groups), .min = 1, .max = 1 << 16,
+     .offset = offsetof(KernelBenchArgs, groups), .min = 1, .max = 1 << 16, .fallback = "1",
      .help = "groups"},
     {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
      .offset = offsetof(KernelBenchArgs, threads), .parse = option_threads,
@@ -363,12 +350,13 @@ static const Option attention_bench_options[] = {
  * given); 0, or 2 with the message on stderr. */
 static int kernel_bench_options(const char *name, const Option *options, size_t count, int argc,
                                 char **argv, int first, KernelBenchArgs *a) {
-    *a = (KernelBenchArgs){.groups = 1, .threads = bench_threads_now()};
+    *a = (KernelBenchArgs){.threads = bench_threads_now()};
     OptionSet set = {options, count, a, false};
     Error e = {{0}};
-    if (options_parse(&set, 1, argc - first, argv + first, NULL, &e) == 0) return 0;
-    fprintf(stderr, "diamond: bench %s: %s\n", name, e.msg);
-    return 2;
+    if (options_defaults(&set, 1, &e) == 0 &&
+        options_parse(&set, 1, argc - first, argv + first, NULL, &e) == 0)
+        return 0;
+    return bench_usage_error(name, e.msg);
 }
 
 /* diamond bench attention B HEADS N HEAD_DIM [--threads T]: self-attention, q_len = kv_len = N,
@@ -380,8 +368,8 @@ static int bench_attention(int argc, char **argv) {
     int B, H, N, D;
     if (argc < 7 || parse_int(argv[3], 1, 1 << 16, &B) || parse_int(argv[4], 1, 1 << 12, &H) ||
         parse_int(argv[5], 1, 1 << 20, &N) || parse_int(argv[6], 1, 1 << 12, &D)) {
-        fprintf(stderr, "diamond: usage: diamond bench attention B HEADS N HEAD_DIM [--threads T]\n");
-        return 2;
+        return bench_usage_error("attention", "B HEADS N HEAD_DIM are whole numbers, B 1..65536, "
+                                 "HEADS and HEAD_DIM 1..4096, N 1..2^20");
     }
     if (kernel_bench_options("attention", attention_bench_options,
                              COUNT(attention_bench_options), argc, argv, 7, &k))
@@ -438,11 +426,7 @@ static int bench_conv(int argc, char **argv) {
     static const char *names[] = {"B", "CIN", "H", "W", "COUT", "K", "STRIDE", "PAD"};
     int v[8];
     KernelBenchArgs k;
-    if (argc < 11) {
-        fprintf(stderr, "diamond: usage: diamond bench conv B CIN H W COUT K STRIDE PAD "
-                        "[--groups G] [--threads T]\n");
-        return 2;
-    }
+    if (argc < 11) return bench_usage_error("conv", "8 sizes are needed");
     for (int i = 0; i < 8; i++)
         if (parse_int(argv[3 + i], i == 7 ? 0 : 1, 1 << 16, &v[i])) {
             fprintf(stderr, "diamond: bench conv: %s must be an integer in %d..65536, got '%s'\n",
@@ -515,9 +499,7 @@ static int bench_gemm(int argc, char **argv) {
     KernelBenchArgs k;
     if (argc < 6 || parse_int(argv[3], 1, 1 << 16, &g.M) ||
         parse_int(argv[4], 1, 1 << 16, &g.N) || parse_int(argv[5], 1, 1 << 16, &g.K)) {
-        fprintf(stderr, "diamond: usage: diamond bench gemm M N K [--trans-a] [--trans-b] "
-                        "[--threads T], sizes 1..65536\n");
-        return 2;
+        return bench_usage_error("gemm", "M N K are whole numbers in 1..65536");
     }
     if (kernel_bench_options("gemm", gemm_bench_options, COUNT(gemm_bench_options), argc, argv, 6,
                              &k))
@@ -593,8 +575,8 @@ static const Option bench_model_options[] = {
     {.name = "--config-only", .kind = OPTION_FLAG, .offset = BENCH_FIELD(config_only),
      .help = "random weights from the config files alone"},
     {.name = "--text-len", .value = "L", .kind = OPTION_INT, .offset = BENCH_FIELD(text_len),
-     .min = 1, .max = 1 << 16,
-     .help = "prompt tokens (default 512)"},
+     .min = 1, .max = 1 << 16, .fallback = "512",
+     .help = "prompt tokens"},
     {.name = "--vae-memory", .value = "MB", .kind = OPTION_PARSE,
      .offset = BENCH_FIELD(vae_memory), .parse = option_megabytes,
      .help = "as generate's"},
@@ -607,10 +589,11 @@ static const Option bench_model_options[] = {
 
 /* bench model's or bench step's options (argv[3] on) into a; 0, or -1 with the message in e. */
 static int bench_model_parse(int argc, char **argv, BenchModelArgs *a, Error *e) {
-    *a = (BenchModelArgs){.text_len = 512, .threads = bench_threads_now(),
+    *a = (BenchModelArgs){.threads = bench_threads_now(),
                           .vae_memory = vae_default_memory(memory_available())};
     OptionSet set = {bench_model_options, COUNT(bench_model_options), a, false};
-    if (options_parse(&set, 1, argc - 3, argv + 3, NULL, e)) return -1;
+    if (options_defaults(&set, 1, e) || options_parse(&set, 1, argc - 3, argv + 3, NULL, e))
+        return -1;
     if (a->only && strcmp(a->only, "transformer") && strcmp(a->only, "vae") &&
         strcmp(a->only, "detector"))
         return error_set(e, "--only: expected transformer, vae or detector, got '%s'", a->only);
@@ -625,28 +608,38 @@ static Tensor *bench_random(Tensor *t, unsigned long long *state) {
     return t;
 }
 
+/* <model>/transformer and <model>/vae from source, and the latent grid of a width x height image
+ * (grid_h x grid_w tokens). Returns 2 for a size the VAE cannot make, 1 for other failures. */
+static int flow_models_open(const char *model, WeightSource source, uint64_t seed, int width,
+                            int height, Flux2 **flow, VaeDecoder **vae, int *grid_h, int *grid_w,
+                            Error *e) {
+    char dir[PATH_BYTES];
+    if (path_join(dir, sizeof dir, model, "transformer", e) ||
+        flux2_open(flow, dir, source, seed, e) || path_join(dir, sizeof dir, model, "vae", e) ||
+        vae_decoder_open(vae, dir, source, seed, e))
+        return 1;
+    int ph, pw;
+    vae_decoder_token_size(*vae, &ph, &pw);
+    if (width % pw || height % ph) {
+        error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
+                  width, height, pw, ph);
+        return 2;
+    }
+    *grid_h = height / ph;
+    *grid_w = width / pw;
+    return 0;
+}
+
 /* The flow model and VAE of a diffusers directory and the detector, from their files or (config
  * only) from their config files with random weights; random inputs for a W x H image. Returns 2
  * for a size the VAE cannot make, 1 for other failures. */
 static int bench_models_load(const BenchModelArgs *a, BenchModels *m, Error *e) {
     const uint64_t seed = 42; /* the random weights' (config-only) */
     WeightSource source = a->config_only ? WEIGHTS_CONFIG_ONLY : WEIGHTS_FILES;
-    char path[PATH_BYTES];
-    if (path_join(path, sizeof path, a->model, "transformer", e) ||
-        flux2_open(&m->flow, path, source, seed, e) ||
-        path_join(path, sizeof path, a->model, "vae", e) ||
-        vae_decoder_open(&m->vae, path, source, seed, e) ||
-        segformer_open(&m->detector, a->detector, source, seed, e))
-        return 1;
-    int ph, pw;
-    vae_decoder_token_size(m->vae, &ph, &pw);
-    if (a->width % pw || a->height % ph) {
-        error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
-                  a->width, a->height, pw, ph);
-        return 2;
-    }
-    m->h = a->height / ph;
-    m->w = a->width / pw;
+    int rc = flow_models_open(a->model, source, seed, a->width, a->height, &m->flow, &m->vae,
+                              &m->h, &m->w, e);
+    if (rc) return rc;
+    if (segformer_open(&m->detector, a->detector, source, seed, e)) return 1;
     m->vae_checkpoint_levels =
         vae_decoder_checkpoint_for(m->vae, 1, a->height, a->width, a->vae_memory);
     const Flux2Config *fc = flux2_config(m->flow);
@@ -768,13 +761,7 @@ static int bench_models_open(int argc, char **argv, const char *name, BenchModel
                              BenchModelArgs *args) {
     BenchModelArgs a;
     Error e = {{0}};
-    if (bench_model_parse(argc, argv, &a, &e)) {
-        fprintf(stderr, "diamond: bench %s: %s\nusage: diamond bench %s --model DIR --detector DIR "
-                        "-W W -H H [--config-only] [--text-len L] [--vae-memory MB] "
-                        "[--threads T]%s\n", name, e.msg, name,
-                !strcmp(name, "model") ? " [--only transformer|vae|detector]" : "");
-        return 2;
-    }
+    if (bench_model_parse(argc, argv, &a, &e)) return bench_usage_error(name, e.msg);
     *args = a;
     int rc = bench_models_load(&a, m, &e);
     if (rc) {
@@ -858,27 +845,24 @@ static const Option bench_text_options[] = {
     {.name = "--config-only", .kind = OPTION_FLAG, .offset = offsetof(BenchTextArgs, config_only),
      .help = "random weights from the config alone"},
     {.name = "--tokens", .value = "N", .kind = OPTION_INT,
-     .offset = offsetof(BenchTextArgs, tokens), .min = 1, .max = 1 << 16,
-     .help = "tokens encoded (default 512)"},
+     .offset = offsetof(BenchTextArgs, tokens), .min = 1, .max = 1 << 16, .fallback = "512",
+     .help = "tokens encoded (the pipeline's length)"},
     {.name = "--real", .value = "R", .kind = OPTION_INT,
-     .offset = offsetof(BenchTextArgs, real), .min = 1, .max = 1 << 16,
-     .help = "of them real, the rest padding (default 20)"},
+     .offset = offsetof(BenchTextArgs, real), .min = 1, .max = 1 << 16, .fallback = "20",
+     .help = "of them real, the rest padding"},
     {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
      .offset = offsetof(BenchTextArgs, threads), .parse = option_threads,
      .help = "OpenMP threads"},
 };
 
 static int bench_text(int argc, char **argv) {
-    BenchTextArgs a = {.tokens = KLEIN_MAX_LENGTH, .real = 20};
+    BenchTextArgs a = {0};
     OptionSet set = {bench_text_options, COUNT(bench_text_options), &a, false};
     Error parse_error = {{0}};
-    int bad = options_parse(&set, 1, argc - 3, argv + 3, NULL, &parse_error);
-    if (bad || !a.model || a.real > a.tokens) {
-        fprintf(stderr, "diamond: bench text: %s\nusage: diamond bench text --model DIR "
-                        "[--config-only] [--tokens N] [--real R <= N] [--threads T]\n",
-                bad ? parse_error.msg : "--model DIR is needed, and R <= N");
-        return 2;
-    }
+    int bad = options_defaults(&set, 1, &parse_error) ||
+              options_parse(&set, 1, argc - 3, argv + 3, NULL, &parse_error);
+    if (bad || !a.model || a.real > a.tokens)
+        return bench_usage_error("text", bad ? parse_error.msg : "--model DIR is needed, and R <= N");
     const char *model = a.model;
     bool config_only = a.config_only;
     int tokens = a.tokens, real = a.real;
@@ -955,6 +939,94 @@ bool asks_for_help(int argc, char **argv) {
     return false;
 }
 
+/* --- the benchmarks' table --- */
+
+typedef struct Benchmark {
+    const char *name;
+    const char *args; /* what follows `diamond bench NAME` */
+    const char *what; /* what it measures, lines joined by '\n' */
+    const Option *options;
+    size_t n_options;
+    int (*run)(int argc, char **argv); /* argv[0] is diamond, argv[1] bench, argv[2] NAME */
+} Benchmark;
+
+static const Benchmark benchmarks[] = {
+    {.name = "gemm", .args = "M N K [--trans-a] [--trans-b] [--threads T]",
+     .what = "GFLOP/s of C = op(A) op(B), sizes 1..65536", .options = gemm_bench_options,
+     .n_options = COUNT(gemm_bench_options), .run = bench_gemm},
+    {.name = "conv", .args = "B CIN H W COUT K STRIDE PAD [--groups G] [--threads T]",
+     .what = "a KxK convolution forward and backward", .options = conv_bench_options,
+     .n_options = COUNT(conv_bench_options), .run = bench_conv},
+    {.name = "attention", .args = "B HEADS N HEAD_DIM [--threads T]",
+     .what = "self-attention over N tokens, forward and backward",
+     .options = attention_bench_options, .n_options = COUNT(attention_bench_options),
+     .run = bench_attention},
+    {.name = "model", .args = "--model DIR --detector DIR -W W -H H [options]",
+     .what = "seconds of one transformer forward, the VAE decode and the\n"
+             "detector, each with and without its backward; peak memory",
+     .options = bench_model_options, .n_options = COUNT(bench_model_options),
+     .run = bench_model},
+    {.name = "step", .args = "--model DIR --detector DIR -W W -H H [options]",
+     .what = "one unguided and one guided sampler step, and their ratio",
+     .options = bench_model_options, .n_options = COUNT(bench_model_options),
+     .run = bench_step_main},
+    {.name = "text", .args = "--model DIR [--config-only] [--tokens N] [--real R] [--threads T]",
+     .what = "one N-token encoding by DIR's Qwen3 (DIR/text_encoder or DIR),\n"
+             "R real tokens; peak memory beyond the mapped weights",
+     .options = bench_text_options, .n_options = COUNT(bench_text_options), .run = bench_text},
+};
+
+static const Benchmark *benchmark_find(const char *name) {
+    for (size_t i = 0; i < COUNT(benchmarks); i++)
+        if (!strcmp(benchmarks[i].name, name)) return &benchmarks[i];
+    return NULL;
+}
+
+/* One benchmark's lines of the usage: the command, then what it measures, indented. */
+static void bench_usage_lines(FILE *f, const Benchmark *b) {
+    fprintf(f, "  diamond bench %s %s\n", b->name, b->args);
+    for (const char *line = b->what; *line;) {
+        const char *end = strchr(line, '\n');
+        int len = end ? (int)(end - line) : (int)strlen(line);
+        fprintf(f, "%37s%.*s\n", "", len, line);
+        line += len + (end != NULL);
+    }
+}
+
+static int bench_usage_error(const char *name, const char *message) {
+    fprintf(stderr, "diamond: bench %s: %s\nusage:\n", name, message);
+    const Benchmark *b = benchmark_find(name);
+    if (b) bench_usage_lines(stderr, b);
+    fprintf(stderr, "(diamond bench %s --help for its options)\n", name);
+    return 2;
+}
+
+/* diamond bench [NAME] --help: every benchmark's usage, or NAME's with its options. */
+static void bench_help(const Benchmark *b) {
+    fputs("usage:\n", stdout);
+    for (size_t i = 0; i < COUNT(benchmarks); i++)
+        if (!b || b == &benchmarks[i]) bench_usage_lines(stdout, &benchmarks[i]);
+    if (b) {
+        OptionSet set = {b->options, b->n_options, NULL, false};
+        fputs("\n", stdout);
+        options_help(stdout, &set, 1);
+    }
+    fputs("\nexit status: 0 success, 1 runtime error, 2 bad command line\n", stdout);
+}
+
+/* diamond bench NAME ...: argv[0] is diamond. */
+static int bench_main(int argc, char **argv) {
+    const Benchmark *b = argc >= 3 ? benchmark_find(argv[2]) : NULL;
+    if (asks_for_help(argc - 2, argv + 2)) {
+        bench_help(b);
+        return 0;
+    }
+    if (b) return b->run(argc, argv);
+    fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond bench --help)\n",
+            argc >= 3 ? argv[2] : "");
+    return 2;
+}
+
 /* === options === */
 
 /* The option named name in the sets, or NULL; *set gets its set. */
@@ -1021,24 +1093,36 @@ int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char
     return 0;
 }
 
-void options_help(FILE *f, const OptionSet *sets, int n_sets) {
+int options_defaults(OptionSet *sets, int n_sets, Error *e) {
     for (int s = 0; s < n_sets; s++)
         for (size_t i = 0; i < sets[s].count; i++) {
             const Option *o = &sets[s].options[i];
-            if (!o->help) continue;
-            char head[64];
-            snprintf(head, sizeof head, "%s%s%s", o->name, o->value ? " " : "",
-                     o->value ? o->value : "");
-            fprintf(f, "  %-22s", head);
-            if (strlen(head) > 22) fprintf(f, "\n  %-22s", "");
-            for (const char *line = o->help; *line;) {
-                const char *end = strchr(line, '\n');
-                int len = end ? (int)(end - line) : (int)strlen(line);
-                fprintf(f, " %.*s\n", len, line);
-                line += len + (end != NULL);
-                if (*line) fprintf(f, "  %-22s", "");
-            }
+            if (o->fallback && option_set(o, sets[s].args, o->fallback, e)) return -1;
         }
+    return 0;
+}
+
+/* One option's entry of the help. */
+static void option_help(FILE *f, const Option *o) {
+    char head[64];
+    snprintf(head, sizeof head, "%s%s%s", o->name, o->value ? " " : "", o->value ? o->value : "");
+    fprintf(f, "  %-22s", head);
+    if (strlen(head) > 22) fprintf(f, "\n  %-22s", "");
+    for (const char *line = o->help; *line;) {
+        const char *end = strchr(line, '\n');
+        int len = end ? (int)(end - line) : (int)strlen(line);
+        fprintf(f, " %.*s", len, line);
+        line += len + (end != NULL);
+        if (*line) fprintf(f, "\n  %-22s", "");
+    }
+    if (o->fallback) fprintf(f, " (default %s)", o->fallback);
+    fputc('\n', f);
+}
+
+void options_help(FILE *f, const OptionSet *sets, int n_sets) {
+    for (int s = 0; s < n_sets; s++)
+        for (size_t i = 0; i < sets[s].count; i++)
+            if (sets[s].options[i].help) option_help(f, &sets[s].options[i]);
 }
 
 void command_help(const char *usage, const OptionSet *sets, int n_sets) {
@@ -1421,21 +1505,21 @@ static const Option sampling_options[] = {
      .min = 1, .max = IMAGE_MAX_SIDE,
      .help = "image height, a multiple of P"},
     {.name = "--guidance-scale", .value = "G", .kind = OPTION_FLOAT,
-     .offset = GENERATE_FIELD(opt.guidance_scale), .min = -1e6, .max = 1e6,
-     .help = "distilled guidance for models with guidance_embeds (default 4.0,\n"
-             "FLUX.2 dev); ignored by klein"},
+     .offset = GENERATE_FIELD(opt.guidance_scale), .min = -1e6, .max = 1e6, .fallback = "4",
+     .help = "distilled guidance for models with guidance_embeds (FLUX.2 dev);\n"
+             "ignored by klein"},
     {.name = "--cfg", .value = "S", .kind = OPTION_FLOAT,
-     .offset = GENERATE_FIELD(opt.cfg_scale), .min = 1, .max = 100,
+     .offset = GENERATE_FIELD(opt.cfg_scale), .min = 1, .max = 100, .fallback = "1",
      .help = "classifier-free guidance, as FLUX.2 klein base pipelines apply\n"
              "their guidance_scale (e.g. 4): each step also runs the\n"
              "transformer on the negative prompt, v = v_neg + S (v - v_neg);\n"
-             "default 1: off (distilled models); needs --prompt"},
+             "1: off (distilled models); needs --prompt"},
     {.name = "--negative-prompt", .value = "TEXT", .kind = OPTION_TEXT,
      .offset = GENERATE_FIELD(negative),
      .help = "the negative prompt of --cfg (default: empty)"},
     {.name = "--lambda-schedule", .value = "S", .kind = OPTION_PARSE,
-     .offset = GENERATE_FIELD(opt.lambda), .parse = option_lambda,
-     .help = "TYPE[:key=value,...], default power (start 12, end 1, power 2):\n"
+     .offset = GENERATE_FIELD(opt.lambda), .parse = option_lambda, .fallback = "power",
+     .help = "TYPE[:key=value,...], one of:\n"
              "  constant:value=0\n"
              "  linear:start=12,end=1\n"
              "  power:start=12,end=1,power=2\n"
@@ -1447,12 +1531,12 @@ static const Option sampling_options[] = {
              "formulas divide by zero (N = 1, an exponential window of one step)\n"
              "that step gets the start value"},
     {.name = "--loss", .value = "L", .kind = OPTION_PARSE, .offset = GENERATE_FIELD(opt.loss),
-     .parse = option_loss,
-     .help = "mse | power:gamma=G (default 2) | focal:gamma=G,alpha=A (defaults\n"
-             "2, 1); default power:gamma=3 (the FLUX.2 config). focal is the\n"
-             "official -alpha (1-m)^gamma log(1-m+1e-6), kept as it is: its\n"
-             "weight is large where the mask is small, the reverse of the usual\n"
-             "focal loss"},
+     .parse = option_loss, .fallback = "power:gamma=3",
+     .help = "mse | power:gamma=G (G 2 when not given) | focal:gamma=G,alpha=A\n"
+             "(2 and 1 when not given); the default is the FLUX.2 config's.\n"
+             "focal is the official -alpha (1-m)^gamma log(1-m+1e-6), kept as\n"
+             "it is: its weight is large where the mask is small, the reverse\n"
+             "of the usual focal loss"},
     {.name = "--gate", .value = "T", .kind = OPTION_FLOAT, .offset = GENERATE_FIELD(opt.gate),
      .max = 1,
      .help = "skip the detector backward and the shift for a sample whose\n"
@@ -1486,12 +1570,12 @@ static const Option sampling_options[] = {
      .help = "no progress on stderr"},
 };
 
-/* Every option at its default: guided, power schedule, power:gamma=3 loss, guidance 4. */
+/* Every sampling option at its default: the table's fallbacks, guided, all the memory
+ * available. */
 static int generate_defaults(GenerateArgs *a, Error *e) {
-    *a = (GenerateArgs){.memory = memory_available(),
-                        .opt = {.guide = true, .guidance_scale = 4.0f}};
-    return lambda_schedule_parse(&a->opt.lambda, "power", e) ||
-           artifact_loss_parse(&a->opt.loss, "power:gamma=3", e) ? -1 : 0;
+    *a = (GenerateArgs){.memory = memory_available(), .opt = {.guide = true}};
+    OptionSet set = {sampling_options, COUNT(sampling_options), a, false};
+    return options_defaults(&set, 1, e);
 }
 
 /* path for one image, else path with "-SEED" (or "-INDEX") before the extension (path has
@@ -1713,21 +1797,9 @@ static int generate_seed_noise(const GenerateArgs *a, GenerateRun *r, Error *e) 
 /* The flow model, the VAE, the image grid and (when guiding) the detector; returns 2 for sizes
  * the model cannot make, 1 for other failures, 0 when ready. */
 static int generate_load_models(const GenerateArgs *a, GenerateRun *r, Error *e) {
-    char dir[PATH_BYTES];
-    if (path_join(dir, sizeof dir, a->model, "transformer", e) ||
-        flux2_open(&r->flow, dir, generate_source(a), 0, e) ||
-        path_join(dir, sizeof dir, a->model, "vae", e) ||
-        vae_decoder_open(&r->vae, dir, generate_source(a), 0, e))
-        return 1;
-    int ph, pw;
-    vae_decoder_token_size(r->vae, &ph, &pw);
-    if (a->width % pw || a->height % ph) {
-        error_set(e, "-W %d -H %d: the size must be a multiple of %dx%d pixels (one latent token)",
-                  a->width, a->height, pw, ph);
-        return 2;
-    }
-    r->grid_h = a->height / ph;
-    r->grid_w = a->width / pw;
+    int rc = flow_models_open(a->model, generate_source(a), 0, a->width, a->height, &r->flow,
+                              &r->vae, &r->grid_h, &r->grid_w, e);
+    if (rc) return rc;
     size_t budget = a->vae_memory ? a->vae_memory : vae_default_memory(a->memory);
     r->vae_levels = vae_decoder_checkpoint_for(r->vae, a->n_seeds > 1 ? a->n_seeds : 1, a->height,
                                                a->width, budget);
@@ -2426,14 +2498,14 @@ static const Option search_options[] = {
     {.name = "--out", .value = "OUT.csv", .kind = OPTION_TEXT, .offset = EVAL_FIELD(out),
      .help = "the rows with the seed found for each"},
     {.name = "--start", .value = "S", .kind = OPTION_PARSE, .offset = EVAL_FIELD(start),
-     .parse = option_seed,
-     .help = "the first seed tried (default 4444, as official)"},
+     .parse = option_seed, .fallback = "4444",
+     .help = "the first seed tried, as official"},
     {.name = "--max-tries", .value = "N", .kind = OPTION_INT, .offset = EVAL_FIELD(max_tries),
-     .min = 1, .max = 1 << 30,
-     .help = "seeds tried per row at most (default 1000)"},
+     .min = 1, .max = 1 << 30, .fallback = "1000",
+     .help = "seeds tried per row at most"},
     {.name = "--threshold", .value = "T", .kind = OPTION_FLOAT,
-     .offset = EVAL_FIELD(threshold), .max = 1,
-     .help = "the detector max a plain image must reach (default 0.5)"},
+     .offset = EVAL_FIELD(threshold), .max = 1, .fallback = "0.5",
+     .help = "the detector max a plain image must reach"},
     {.name = "--quiet", .kind = OPTION_FLAG, .offset = EVAL_FIELD(gen.quiet),
      .help = "no progress on stderr"},
     {.name = "--prompt", .value = "TEXT", .kind = OPTION_PARSE, .parse = option_from_csv},
@@ -2457,11 +2529,10 @@ static void eval_help(bool search) {
 /* The command line of eval or search-seeds into a, after the model's own defaults; 0, or -1 for
  * a usage error, 1 for a bad sampling.json, the message in e. */
 static int eval_parse(int argc, char **argv, bool search, EvalArgs *a, Error *e) {
-    *a = (EvalArgs){.search = search, .shards = 1, .start = 4444, .max_tries = 1000,
-                    .threshold = EVAL_THRESHOLD};
-    if (generate_defaults(&a->gen, e)) return -1;
+    *a = (EvalArgs){.search = search, .shards = 1, .threshold = EVAL_THRESHOLD};
     OptionSet sets[2];
     eval_option_sets(search, a, sets);
+    if (generate_defaults(&a->gen, e) || options_defaults(sets, 1, e)) return -1;
     const char *command = search ? "search-seeds" : "eval";
     if (model_defaults(sets, 2, argc, argv, command, e)) return 1;
     if (options_parse(sets, 2, argc, argv, command, e)) return -1;
@@ -3245,10 +3316,10 @@ static const Option demo_options[] = {
      .offset = offsetof(DemoArgs, weights),
      .help = "the embedded models (default: weights, else weights/ beside the binary)"},
     {.name = "-o", .value = "FILE", .kind = OPTION_TEXT, .offset = offsetof(DemoArgs, out),
-     .help = "the picture (default diamond-demo.png; .png or .ppm)"},
+     .fallback = "diamond-demo.png", .help = "the picture (.png or .ppm)"},
     {.name = "--pairs", .value = "N", .kind = OPTION_INT, .offset = offsetof(DemoArgs, pairs),
-     .min = 1, .max = DEMO_MAX_PAIRS,
-     .help = "pairs to show (default 4, at most 16)"},
+     .min = 1, .max = DEMO_MAX_PAIRS, .fallback = "4",
+     .help = "pairs to show, at most 16"},
     {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
      .offset = offsetof(DemoArgs, threads), .parse = option_threads,
      .help = "OpenMP threads"},
@@ -3257,9 +3328,9 @@ static const Option demo_options[] = {
 };
 
 static int demo_parse(int argc, char **argv, DemoArgs *a, const char *argv0, Error *e) {
-    *a = (DemoArgs){.out = "diamond-demo.png", .pairs = 4};
+    *a = (DemoArgs){0};
     OptionSet set = {demo_options, COUNT(demo_options), a, false};
-    if (options_parse(&set, 1, argc, argv, "demo", e)) return -1;
+    if (options_defaults(&set, 1, e) || options_parse(&set, 1, argc, argv, "demo", e)) return -1;
     const char *dot = strrchr(a->out, '.');
     if (!dot || (strcmp(dot, ".png") && strcmp(dot, ".ppm")))
         return error_set(e, "-o %s: the picture must be .png or .ppm", a->out);
@@ -3436,6 +3507,8 @@ int main(int argc, char **argv) {
     if (argc < 2) return demo_main(0, argv + 1, argv[0]);
     if (!strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(usage_text, stdout);
+        for (size_t i = 0; i < COUNT(benchmarks); i++) bench_usage_lines(stdout, &benchmarks[i]);
+        fputs(usage_tail, stdout);
         return 0;
     }
     if (!strcmp(argv[1], "--version")) {
@@ -3452,22 +3525,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "encode")) return encode_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "search-seeds")) return search_main(argc - 2, argv + 2);
-    if (!strcmp(argv[1], "bench")) {
-        if (asks_for_help(argc - 2, argv + 2)) {
-            fputs("usage:\n" BENCH_USAGE "\nexit status: 0 success, 1 runtime error, 2 bad "
-                  "command line\n", stdout);
-            return 0;
-        }
-        if (argc >= 3 && !strcmp(argv[2], "gemm")) return bench_gemm(argc, argv);
-        if (argc >= 3 && !strcmp(argv[2], "conv")) return bench_conv(argc, argv);
-        if (argc >= 3 && !strcmp(argv[2], "attention")) return bench_attention(argc, argv);
-        if (argc >= 3 && !strcmp(argv[2], "model")) return bench_model(argc, argv);
-        if (argc >= 3 && !strcmp(argv[2], "step")) return bench_step_main(argc, argv);
-        if (argc >= 3 && !strcmp(argv[2], "text")) return bench_text(argc, argv);
-        fprintf(stderr, "diamond: unknown benchmark '%s' (see diamond --help)\n",
-                argc >= 3 ? argv[2] : "");
-        return 2;
-    }
+    if (!strcmp(argv[1], "bench")) return bench_main(argc, argv);
     fprintf(stderr, "diamond: unknown command '%s' (see diamond --help)\n", argv[1]);
     return 2;
 }

@@ -37,6 +37,8 @@ typedef struct Option {
     size_t offset;     /* the field, from the start of the arguments struct */
     double min, max;   /* OPTION_INT, OPTION_FLOAT */
     int (*parse)(const char *value, void *field, Error *e); /* OPTION_PARSE; 0 or an error */
+    const char *fallback; /* the value when the option is not given, as typed ("4", "power");
+                             NULL: none, or one the command works out (its help says which) */
     const char *help;  /* lines joined by '\n'; NULL: left out of the help */
 } Option;
 
@@ -53,7 +55,10 @@ typedef struct OptionSet {
  * value is an error naming it (`command` names the --help to read; NULL: diamond help). */
 int options_parse(OptionSet *sets, int n_sets, int argc, char **argv, const char *command,
                   Error *e);
-/* Every option with a help, one entry each: name and value, then the help's lines aligned. */
+/* Every option's fallback into its field, as if given: what the command line then overrides. */
+int options_defaults(OptionSet *sets, int n_sets, Error *e);
+/* Every option with a help, one entry each: name and value, then the help's lines aligned, and
+ * "(default X)" for an option with a fallback. */
 void options_help(FILE *f, const OptionSet *sets, int n_sets);
 /* A model directory's own sampling defaults: <model>/sampling.json, an object of options and
  * their values ({"--steps": 16, "-W": 64, "--loss": "mse"}), parsed into the sets as if they came

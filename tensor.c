@@ -2156,9 +2156,15 @@ void layernorm_backward(int rows, int C, const float *x, const float *w, const f
 
 /* --- groupnorm --- */
 
-/* Group g of sample b is the contiguous block of channels [g * C/groups, (g+1) * C/groups). */
-void groupnorm_forward(int B, int C, int HW, int groups, float eps, const float *x, const float *w,
-                       const float *b, float *y, float *mean, float *rstd) {
+/* y[0 .. n) from one channel's x with its group's mean m and scale = rstd w[c], shift = b[c]. */
+typedef void (*GroupNormRow)(int n, const float *x, float m, float scale, float shift, float *y);
+
+/* The loop both GroupNorm forwards share: each group's statistics, then row() on each of its
+ * channels. Group g of sample b is the contiguous block of channels [g * C/groups,
+ * (g+1) * C/groups). */
+static void groupnorm_rows(int B, int C, int HW, int groups, float eps, const float *x,
+                           const float *w, const float *b, GroupNormRow row, float *y,
+                           float *mean, float *rstd) {
     int group_ch = C / groups;
     size_t group_len = (size_t)group_ch * HW;
 #pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
@@ -2169,15 +2175,26 @@ void groupnorm_forward(int B, int C, int HW, int groups, float eps, const float 
         norm_stats(group_len, xg, eps, &m, &s);
         for (int k = 0; k < group_ch; k++) {
             int c = (bg % groups) * group_ch + k;
-            /* (x - m) first: folding m into the shift would cancel badly when rstd is large */
             float scale = s * (w ? w[c] : 1.0f), shift = b ? b[c] : 0.0f;
-            const float *xc = xg + (size_t)k * HW;
-            float *yc = yg + (size_t)k * HW;
-            for (int i = 0; i < HW; i++) yc[i] = (xc[i] - m) * scale + shift;
+            row(HW, xg + (size_t)k * HW, m, scale, shift, yg + (size_t)k * HW);
         }
         mean[bg] = m;
         rstd[bg] = s;
     }
+}
+
+/* (x - m) first: folding m into the shift would cancel badly when rstd is large. */
+static inline float groupnorm_value(float x, float m, float scale, float shift) {
+    return (x - m) * scale + shift;
+}
+
+static void groupnorm_row(int n, const float *x, float m, float scale, float shift, float *y) {
+    for (int i = 0; i < n; i++) y[i] = groupnorm_value(x[i], m, scale, shift);
+}
+
+void groupnorm_forward(int B, int C, int HW, int groups, float eps, const float *x, const float *w,
+                       const float *b, float *y, float *mean, float *rstd) {
+    groupnorm_rows(B, C, HW, groups, eps, x, w, b, groupnorm_row, y, mean, rstd);
 }
 
 /* The layernorm formula over each group, with w per channel; dw, db per channel over (b, hw). */
@@ -2407,34 +2424,18 @@ void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
 /* --- groupnorm + silu --- */
 
 /* u = GroupNorm(x) at one element of channel c, as groupnorm_forward computes it */
-static inline float groupnorm_value(float x, float m, float scale, float shift) {
-    return (x - m) * scale + shift;
+static void groupnorm_silu_row(int n, const float *x, float m, float scale, float shift,
+                               float *y) {
+    for (int i = 0; i < n; i++) {
+        float slope, u = groupnorm_value(x[i], m, scale, shift);
+        y[i] = u * sigmoid_scalar(u, &slope);
+    }
 }
 
 /* SiLU(GroupNorm(x)) in one pass: nothing between the two is stored. */
 void groupnorm_silu_forward(int B, int C, int HW, int groups, float eps, const float *x,
                             const float *w, const float *b, float *y, float *mean, float *rstd) {
-    int group_ch = C / groups;
-    size_t group_len = (size_t)group_ch * HW;
-#pragma omp parallel for if ((size_t)B * C * HW >= PARALLEL_MIN && B * groups > 1)
-    for (int bg = 0; bg < B * groups; bg++) {
-        const float *xg = x + (size_t)bg * group_len;
-        float *yg = y + (size_t)bg * group_len;
-        float m, s;
-        norm_stats(group_len, xg, eps, &m, &s);
-        for (int k = 0; k < group_ch; k++) {
-            int c = (bg % groups) * group_ch + k;
-            float scale = s * (w ? w[c] : 1.0f), shift = b ? b[c] : 0.0f;
-            const float *xc = xg + (size_t)k * HW;
-            float *yc = yg + (size_t)k * HW;
-            for (int i = 0; i < HW; i++) {
-                float slope, u = groupnorm_value(xc[i], m, scale, shift);
-                yc[i] = u * sigmoid_scalar(u, &slope);
-            }
-        }
-        mean[bg] = m;
-        rstd[bg] = s;
-    }
+    groupnorm_rows(B, C, HW, groups, eps, x, w, b, groupnorm_silu_row, y, mean, rstd);
 }
 
 /* Values per chunk of the SiLU backward: small enough for the stack, long enough to vectorise. */

@@ -145,6 +145,15 @@ static void test_help(Cli *c) {
     for (size_t i = 0; i < COUNT(commands); i++)
         CHECK(run(c, "%s --help", commands[i]) == 0 && log_has(c, "usage"),
               "diamond %s --help exits 0 with its usage", commands[i]);
+    /* the defaults come from the option tables, printed beside each option */
+    CHECK(run(c, "generate --help") == 0 && log_has(c, "(default power:gamma=3)") &&
+              log_has(c, "(default power)") && log_has(c, "(default 4)"),
+          "generate --help prints the loss, schedule and guidance defaults from the table");
+    CHECK(run(c, "search-seeds --help") == 0 && log_has(c, "(default 4444)") &&
+              log_has(c, "(default 1000)") && log_has(c, "(default 0.5)"),
+          "search-seeds --help prints --start, --max-tries and --threshold defaults");
+    CHECK(run(c, "train --help") == 0 && log_has(c, "(default 1)"),
+          "train --help prints --clip's default");
 }
 
 static void test_train_usage(Cli *c) {

@@ -37,7 +37,7 @@ static const Option world_options[] = {
      .help = "2-4 letters or digits (drawn from the seed when absent)"},
     {.name = "--seed", .value = "S", .kind = OPTION_PARSE,
      .offset = offsetof(WorldArgs, seed), .parse = option_seed,
-     .help = "the scene's seed (default 0)"},
+     .fallback = "0", .help = "the scene's seed"},
     {.name = "--corrupt", .kind = OPTION_FLAG, .offset = offsetof(WorldArgs, corrupt),
      .help = "the scene's corruption and its mask beside it"},
     {.name = "--type", .value = "NAME", .kind = OPTION_TEXT,
@@ -59,7 +59,7 @@ static int world_parse_type(const char *name) {
 static int world_parse(int argc, char **argv, WorldArgs *a, Error *e) {
     *a = (WorldArgs){.type = WORLD_CORRUPT_ANY};
     OptionSet set = {world_options, COUNT(world_options), a, false};
-    if (options_parse(&set, 1, argc, argv, "world", e)) return -1;
+    if (options_defaults(&set, 1, e) || options_parse(&set, 1, argc, argv, "world", e)) return -1;
     const char *type = a->type_name;
     WorldScene check;
     if (a->word && world_scene(0, a->word, &check, e)) return -1;
@@ -220,14 +220,14 @@ static const Option train_options[] = {
      .max = 1 << 30,
      .help = "warm-up steps (default: the model's)"},
     {.name = "--clip", .value = "C", .kind = OPTION_DOUBLE, .offset = TRAIN_FIELD(clip), .max = 1e6,
-     .help = "the largest gradient norm (default 1; 0: off)"},
+     .fallback = "1", .help = "the largest gradient norm (0: off)"},
     {.name = "--ema", .value = "D", .kind = OPTION_FLOAT, .offset = TRAIN_FIELD(ema),
-     .max = 0.999999,
+     .max = 0.999999, .fallback = "0",
      .help = "save the moving average of the weights over the steps, decay D\n"
-             "(e.g. 0.999; default 0: the last step's weights)"},
+             "(e.g. 0.999; 0: the last step's weights)"},
     {.name = "--seed", .value = "S", .kind = OPTION_PARSE, .offset = TRAIN_FIELD(seed),
-     .parse = option_seed,
-     .help = "weights and batches (default 0)"},
+     .parse = option_seed, .fallback = "0",
+     .help = "weights and batches"},
     {.name = "--vae", .value = "DIR", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(vae),
      .help = "text+flow, vae-decoder: the trained VAE (whose latents the flow model\n"
              "learns; whose decoder vae-decoder trains on)"},
@@ -235,10 +235,10 @@ static const Option train_options[] = {
      .help = "text+flow: start from the trained models in DIR instead of fresh\n"
              "weights (a second stage; give it another --seed for other batches)"},
     {.name = "--uncond", .value = "P", .kind = OPTION_DOUBLE, .offset = TRAIN_FIELD(uncond),
-     .max = 0.999999,
+     .max = 0.999999, .fallback = "0",
      .help = "text+flow: train a share P of the samples on the empty prompt, so\n"
              "the model also predicts the unconditional velocity that\n"
-             "classifier-free guidance (--cfg) needs (e.g. 0.1; default 0)"},
+             "classifier-free guidance (--cfg) needs (e.g. 0.1)"},
     {.name = "--flow", .value = "DIR", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(flow),
      .help = "detector: also train on the images of the trained pipeline in DIR\n"
              "(transformer/, text_encoder/, vae/), sampled as the demo samples,\n"
@@ -251,10 +251,10 @@ static const Option train_options[] = {
      .help = "detector --flow: never sample a prompt of this CSV's `prompt`\n"
              "column (the evaluation's)"},
     {.name = "--latent-noise", .value = "S", .kind = OPTION_FLOAT,
-     .offset = TRAIN_FIELD(latent_noise), .max = 1e6,
+     .offset = TRAIN_FIELD(latent_noise), .max = 1e6, .fallback = "0",
      .help = "vae-decoder: add Gaussian noise of std S to the normalised latent\n"
              "tokens before decoding (a decoder for the flow model's inexact\n"
-             "latents; default 0)"},
+             "latents)"},
     {.name = "--log", .value = "FILE", .kind = OPTION_TEXT, .offset = TRAIN_FIELD(log),
      .help = "CSV step,loss,grad_norm,lr,seconds (written as it goes)"},
     {.name = "--threads", .value = "T", .kind = OPTION_PARSE, .offset = TRAIN_FIELD(threads),
@@ -529,12 +529,13 @@ static const Trainer *train_find(const char *name) {
 }
 
 static int train_parse(int argc, char **argv, TrainArgs *a, Error *e) {
-    *a = (TrainArgs){.clip = 1.0, .steps = -1, .warmup = -1, .batch = -1, .lr = -1.0f};
+    *a = (TrainArgs){.steps = -1, .warmup = -1, .batch = -1, .lr = -1.0f};
     if (argc < 1 || !train_find(argv[0]))
         return error_set(e, "train: say what to train: vae, vae-decoder, text+flow or detector");
     a->what = argv[0];
     OptionSet set = {train_options, COUNT(train_options), a, false};
-    if (options_parse(&set, 1, argc - 1, argv + 1, "train", e)) return -1;
+    if (options_defaults(&set, 1, e) || options_parse(&set, 1, argc - 1, argv + 1, "train", e))
+        return -1;
     if (!a->config || !a->out) return error_set(e, "train: --config DIR and --out DIR are needed");
     bool on_a_vae = !strcmp(a->what, "text+flow") || !strcmp(a->what, "vae-decoder");
     if (on_a_vae && !a->vae)
