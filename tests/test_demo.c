@@ -189,8 +189,14 @@ static void test_bench_gemm_options(Cli *c) {
           "bench gemm --trans-a --trans-b runs and says so");
     CHECK(run(c, "bench gemm 7 5 3 --threads 1 --trans-b") == 0 &&
               log_has(c, "K=3 trans_b threads=1"), "bench gemm takes its options in any order");
-    CHECK(run(c, "bench gemm 7 5 3 --trans-c") == 2 && log_has(c, "unknown option '--trans-c'"),
-          "bench gemm --trans-c exits 2");
+    CHECK(run(c, "bench gemm 7 5 3 --trans-c") == 2 && log_has(c, "unknown option '--trans-c'") &&
+              log_has(c, "diamond bench gemm M N K"),
+          "bench gemm --trans-c exits 2 with its usage");
+    CHECK(run(c, "bench conv --help") == 0 && log_has(c, "--groups G") &&
+              log_has(c, "(default 1)") && !log_has(c, "bench gemm"),
+          "bench conv --help: its usage and its options from its table, no other benchmark");
+    CHECK(run(c, "bench frobnicate") == 2 && log_has(c, "unknown benchmark"),
+          "an unknown benchmark exits 2");
 }
 
 /* The shipped models (committed in weights/; `make weights` trains them again): a checkout
