@@ -362,7 +362,11 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
     return status;
 }
 
-/* --- weights, converted part by part --- */
+/* --- weights: named once, held resident or converted part by part ---
+ * Each part of the model names its tensors in one load function (part_weight). The plain
+ * forward holds them all as the Params of a resident model (PART_RESIDENT); the streamed
+ * execution strategy below converts each part's just before it runs (PART_CONVERT); opening a
+ * model checks or lists them (PART_CHECK, PART_LIST). */
 
 /* What part_weight does with each tensor a part names. */
 typedef enum PartMode {
@@ -913,12 +917,6 @@ static Var *flux2_view(Tape *t, const Tensor *x, int dim, int64_t start, int64_t
     return var_take(t, tensor_view(x->data + start * per, x->ndim, shape), false);
 }
 
-/* Batch item b of a modulation [B, n dim] as a [1, n dim] leaf over its data. */
-static Var *flux2_mod_row(Tape *t, const Tensor *mod, int b) {
-    int64_t cols = mod->shape[1];
-    return var_take(t, tensor_view(mod->data + b * cols, 2, (int64_t[]){1, cols}), false);
-}
-
 /* proj: [B, channels] (taken) -> linear_2(silu(linear_1(proj))): [B, dim] (TimestepEmbedding) */
 static Var *flux2_time_embed(Tape *t, Tensor *proj, Var *linear_1, Var *linear_2) {
     Var *h = ag_linear(t, var_take(t, proj, false), linear_1, NULL);
@@ -935,49 +933,6 @@ static Var *flux2_time_act(Tape *t, const Flux2TimeEmbed *w, const Flux2Config *
         temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, batch, C),
                                                 w->guidance_1, w->guidance_2));
     return ag_silu(t, temb);
-}
-
-/* sigma (and guidance): [B] -> a timestep embedding; its modulations into s. */
-static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *guidance,
-                              Flux2Step *s, Error *e) {
-    const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights};
-    Flux2TimeEmbed w = {0};
-    Tape *t = nograd_tape();
-    int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
-    Var *act = status ? NULL : flux2_time_act(t, &w, c, sigma, guidance, s->batch);
-    weight_part_free(&part);
-    Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
-    for (int k = 0; k < FLUX2_MODS; k++) {
-        if (status) break;
-        Var *weight;
-        status = flux2_modulation_load(&weight, &part, c, k, e) ||
-                 nograd_result(t, ag_linear(t, act, weight, NULL), mods[k], "flux2 conditioning",
-                              e);
-        weight_part_free(&part);
-    }
-    tape_free(t);
-    return status;
-}
-
-/* tokens: [B, T, in_channels], txt: [B, L, joint_attention_dim] -> img[b]: [1, T, dim],
- * ctx[b]: [1, L, dim] */
-static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
-                       const Flux2Step *s, Tensor **img, Tensor **ctx, Error *e) {
-    WeightPart part = {.weights = m->weights};
-    Flux2Embedders w;
-    int status = flux2_embedders_load(&w, &part, &m->config, e);
-    for (int b = 0; b < s->batch; b++) {
-        if (status) break;
-        Tape *t = nograd_tape();
-        Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), w.x_embedder, NULL);
-        Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), w.context_embedder, NULL);
-        status = nograd_result(t, x, &img[b], "flux2 x_embedder", e) ||
-                 nograd_result(t, y, &ctx[b], "flux2 context_embedder", e);
-        tape_free(t);
-    }
-    weight_part_free(&part);
-    return status;
 }
 
 /* --- the layers of a block ---
@@ -1183,6 +1138,55 @@ static int flux2_forward_resident(const Flux2 *m, const Tensor *tokens, int h, i
  * product gives each output element by the same sums however many rows it covers, so the result
  * does not depend on the chunk size. */
 #define FLUX2_CHUNK_TOKENS 256
+
+/* Batch item b of a modulation [B, n dim] as a [1, n dim] leaf over its data. */
+static Var *flux2_mod_row(Tape *t, const Tensor *mod, int b) {
+    int64_t cols = mod->shape[1];
+    return var_take(t, tensor_view(mod->data + b * cols, 2, (int64_t[]){1, cols}), false);
+}
+
+/* sigma (and guidance): [B] -> a timestep embedding; its modulations into s. */
+static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *guidance,
+                              Flux2Step *s, Error *e) {
+    const Flux2Config *c = &m->config;
+    WeightPart part = {.weights = m->weights};
+    Flux2TimeEmbed w = {0};
+    Tape *t = nograd_tape();
+    int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
+    Var *act = status ? NULL : flux2_time_act(t, &w, c, sigma, guidance, s->batch);
+    weight_part_free(&part);
+    Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
+    for (int k = 0; k < FLUX2_MODS; k++) {
+        if (status) break;
+        Var *weight;
+        status = flux2_modulation_load(&weight, &part, c, k, e) ||
+                 nograd_result(t, ag_linear(t, act, weight, NULL), mods[k], "flux2 conditioning",
+                              e);
+        weight_part_free(&part);
+    }
+    tape_free(t);
+    return status;
+}
+
+/* tokens: [B, T, in_channels], txt: [B, L, joint_attention_dim] -> img[b]: [1, T, dim],
+ * ctx[b]: [1, L, dim] */
+static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
+                       const Flux2Step *s, Tensor **img, Tensor **ctx, Error *e) {
+    WeightPart part = {.weights = m->weights};
+    Flux2Embedders w;
+    int status = flux2_embedders_load(&w, &part, &m->config, e);
+    for (int b = 0; b < s->batch; b++) {
+        if (status) break;
+        Tape *t = nograd_tape();
+        Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), w.x_embedder, NULL);
+        Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), w.context_embedder, NULL);
+        status = nograd_result(t, x, &img[b], "flux2 x_embedder", e) ||
+                 nograd_result(t, y, &ctx[b], "flux2 context_embedder", e);
+        tape_free(t);
+    }
+    weight_part_free(&part);
+    return status;
+}
 
 /* fn over tokens [start, start + n) on a fresh no-grad tape, for every chunk of [0, count). */
 typedef int (*Flux2ChunkFn)(Tape *t, int64_t start, int64_t n, void *ctx, Error *e);
@@ -3176,7 +3180,10 @@ static int segformer_stage_load(SegformerStage *s, Params *m, const SegformerCon
     return 0;
 }
 
-/* The decode head up to its ReLU is linear, so it is folded into one projection per stage:
+/* An execution strategy (segformer_set_head_unfolded switches it off, to run the head as
+ * upstream writes it; MiT-b5 at 512x512, forward + backward to the image, 2 threads: 10.7 s and
+ * a tape peak of 686 MiB folded, 13.4 s and 974 MiB unfolded).
+ * The decode head up to its ReLU is linear, so it is folded into one projection per stage:
  *     BN(fuse(concat_i(up(P_i x_i + b_i))))
  *         = sum_i up(S W_i P_i x_i) + S (sum_i W_i b_i - mean) + beta
  * with P_i, b_i the stage's linear_c, W_i its [D, D] block of linear_fuse (the concat puts the
