@@ -276,12 +276,12 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
  * One call: the conditioning (timestep embedding and
  * the modulations every block shares) is computed once for the batch; then the input projections,
  * each double-stream block, each single-stream block and the output layers run in turn. Each runs
- * in parts (a block's attention inputs, then its outputs and feed-forwards) whose weights are
- * converted from the mapped files just before and freed just after, on short no-grad tapes, one
- * batch item and, for the token-wise layers, one chunk of tokens at a time. Hidden states live
- * between parts as plain tensors. Peak memory is one part's weights plus a few [tokens, dim]
- * tensors: for klein-4B about 0.38 GB of f32 weights and, at 4096 + 512 tokens, 0.5 GB of
- * activations. A resident model (small ones, to train) instead holds every weight as a leaf of a
+ * in parts (a block's attention inputs, then its outputs and feed-forwards) on short no-grad
+ * tapes, one batch item and, for the token-wise layers, one chunk of tokens at a time; the weight
+ * matrices are read where they lie in the mapped files (bf16 widened as the GEMM packs them).
+ * Hidden states live between parts as plain tensors. Peak memory is a few [tokens, dim] tensors
+ * (for klein-4B at 4096 + 512 tokens, 0.5 GB of activations) besides the mapped files. A resident
+ * model (small ones, to train) instead holds every weight as a leaf of a
  * Params and runs the same layer functions as one graph over the batch (flux2_forward_graph). */
 
 typedef struct Flux2Weights Flux2Weights;
@@ -365,8 +365,9 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
 /* --- weights: named once, held resident or converted part by part ---
  * Each part of the model names its tensors in one load function (part_weight). The plain
  * forward holds them all as the Params of a resident model (PART_RESIDENT); the streamed
- * execution strategy below converts each part's just before it runs (PART_CONVERT); opening a
- * model checks or lists them (PART_CHECK, PART_LIST). */
+ * execution strategy below reads each part's just before it runs (PART_CONVERT: matrices where
+ * they lie in the files, vectors converted); opening a model checks or lists them (PART_CHECK,
+ * PART_LIST). */
 
 /* What part_weight does with each tensor a part names. */
 typedef enum PartMode {
@@ -501,54 +502,60 @@ static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64
     return status ? -1 : part_weight_named(p, out, e, ndim, shape, name);
 }
 
-/* A weight matrix [rows, cols] as stored, for ag_linear_stored: where it lies in the mapped file
- * (F32, F16 or BF16: never copied), or, where the source has no bytes (config-only weights),
- * converted to f32 in the part like any weight. */
-typedef struct StoredMatrix {
+/* A weight matrix [rows, cols] as the model holds it: a resident model's leaf (trainable, run
+ * through ag_linear); else where it lies in the mapped file (F32, F16 or BF16, never copied:
+ * ag_linear_stored packs it into the GEMM's panels as it goes, bf16 and f16 widened exactly, so
+ * the products are those of the converted matrix bit for bit); or, where the source has no bytes
+ * (config-only weights), converted to f32 in the part like any weight. */
+typedef struct WeightMatrix {
+    Var *leaf; /* a resident model's; NULL otherwise */
     const void *data;
     DType dtype;
     int64_t rows, cols;
-} StoredMatrix;
+} WeightMatrix;
 
 /* The matrix named by name_fmt: checked or listed as part_weight does, else as stored. */
-static int part_matrix(WeightPart *p, StoredMatrix *out, Error *e, int64_t rows, int64_t cols,
+static int part_matrix(WeightPart *p, WeightMatrix *out, Error *e, int64_t rows, int64_t cols,
                        const char *name_fmt, ...)
 #if defined(__GNUC__) || defined(__clang__)
     __attribute__((format(printf, 6, 7)))
 #endif
     ;
-static int part_matrix(WeightPart *p, StoredMatrix *out, Error *e, int64_t rows, int64_t cols,
+static int part_matrix(WeightPart *p, WeightMatrix *out, Error *e, int64_t rows, int64_t cols,
                        const char *name_fmt, ...) {
     char name[256];
     va_list ap;
     va_start(ap, name_fmt);
     int status = part_name(name, e, name_fmt, ap);
     va_end(ap);
-    *out = (StoredMatrix){.rows = rows, .cols = cols};
+    *out = (WeightMatrix){.rows = rows, .cols = cols};
     if (status) return -1;
     const StTensor *t = p->mode == PART_CONVERT ? st_model_find(p->weights, name) : NULL;
     if (!t || !t->data) { /* checked, listed, or without bytes: as any weight */
         Var *v;
         if (part_weight_named(p, &v, e, SHAPE(rows, cols), name)) return -1;
-        *out = (StoredMatrix){v ? v->value->data : NULL, DTYPE_F32, rows, cols};
+        *out = (WeightMatrix){.leaf = p->mode == PART_RESIDENT ? v : NULL,
+                              .data = v ? v->value->data : NULL, .dtype = DTYPE_F32,
+                              .rows = rows, .cols = cols};
         return 0;
     }
     if (params_check_shape(p->weights, name, SHAPE(rows, cols), e)) return -1;
     if (t->dtype != DTYPE_F32 && t->dtype != DTYPE_F16 && t->dtype != DTYPE_BF16)
         return error_set(e, "tensor '%s' is %s; only F32, F16 and BF16 weights are read", name,
                          dtype_name(t->dtype));
-    *out = (StoredMatrix){t->data, t->dtype, rows, cols};
+    *out = (WeightMatrix){.data = t->data, .dtype = t->dtype, .rows = rows, .cols = cols};
     return 0;
 }
 
 /* x: [.., cols] -> x W^T: [.., rows] */
-static Var *stored_linear(Tape *t, Var *x, const StoredMatrix *w) {
+static Var *matrix_linear(Tape *t, Var *x, const WeightMatrix *w) {
+    if (w->leaf) return ag_linear(t, x, w->leaf, NULL);
     return ag_linear_stored(t, x, w->data, w->dtype, w->rows, w->cols);
 }
 
 /* The timestep (and guidance) embedding. */
 typedef struct Flux2TimeEmbed {
-    Var *time_1, *time_2, *guidance_1, *guidance_2;
+    WeightMatrix time_1, time_2, guidance_1, guidance_2;
 } Flux2TimeEmbed;
 
 static int flux2_time_embed_load(Flux2TimeEmbed *w, WeightPart *p, const Flux2Config *c,
@@ -557,18 +564,15 @@ static int flux2_time_embed_load(Flux2TimeEmbed *w, WeightPart *p, const Flux2Co
     const char *guide = "time_guidance_embed.guidance_embedder";
     int d = c->dim;
     *w = (Flux2TimeEmbed){0};
-    return part_weight(p, &w->time_1, e, SHAPE(d, c->timestep_channels), "%s.linear_1.weight",
-                        time) ||
-           part_weight(p, &w->time_2, e, SHAPE(d, d), "%s.linear_2.weight", time) ||
+    return part_matrix(p, &w->time_1, e, d, c->timestep_channels, "%s.linear_1.weight", time) ||
+           part_matrix(p, &w->time_2, e, d, d, "%s.linear_2.weight", time) ||
            (c->guidance_embeds &&
-            (part_weight(p, &w->guidance_1, e, SHAPE(d, c->timestep_channels),
-                          "%s.linear_1.weight", guide) ||
-             part_weight(p, &w->guidance_2, e, SHAPE(d, d), "%s.linear_2.weight", guide)));
+            (part_matrix(p, &w->guidance_1, e, d, c->timestep_channels, "%s.linear_1.weight",
+                         guide) ||
+             part_matrix(p, &w->guidance_2, e, d, d, "%s.linear_2.weight", guide)));
 }
 
-/* The modulations every block shares, each made from the embedding by one linear layer; their
- * weights are converted one at a time (for klein-4B the two double-stream ones are 0.23 GB
- * each in f32). */
+/* The modulations every block shares, each made from the embedding by one linear layer. */
 enum { FLUX2_MOD_IMG, FLUX2_MOD_TXT, FLUX2_MOD_SINGLE, FLUX2_MOD_OUT, FLUX2_MODS };
 
 static const struct {
@@ -581,26 +585,27 @@ static const struct {
     [FLUX2_MOD_OUT] = {"norm_out.linear.weight", 2},
 };
 
-static int flux2_modulation_load(Var **w, WeightPart *p, const Flux2Config *c, int k,
+static int flux2_modulation_load(WeightMatrix *w, WeightPart *p, const Flux2Config *c, int k,
                                  Error *e) {
-    return part_weight(p, w, e, SHAPE(flux2_modulations[k].chunks * c->dim, c->dim), "%s",
-                        flux2_modulations[k].name);
+    return part_matrix(p, w, e, flux2_modulations[k].chunks * c->dim, c->dim, "%s",
+                       flux2_modulations[k].name);
 }
 
 typedef struct Flux2Embedders {
-    Var *x_embedder, *context_embedder;
+    WeightMatrix x_embedder, context_embedder;
 } Flux2Embedders;
 
 static int flux2_embedders_load(Flux2Embedders *w, WeightPart *p, const Flux2Config *c, Error *e) {
     *w = (Flux2Embedders){0};
-    return part_weight(p, &w->x_embedder, e, SHAPE(c->dim, c->in_channels), "x_embedder.weight") ||
-           part_weight(p, &w->context_embedder, e, SHAPE(c->dim, c->joint_attention_dim),
-                        "context_embedder.weight");
+    return part_matrix(p, &w->x_embedder, e, c->dim, c->in_channels, "x_embedder.weight") ||
+           part_matrix(p, &w->context_embedder, e, c->dim, c->joint_attention_dim,
+                       "context_embedder.weight");
 }
 
-static int flux2_output_load(Var **proj_out, WeightPart *p, const Flux2Config *c, Error *e) {
+static int flux2_output_load(WeightMatrix *proj_out, WeightPart *p, const Flux2Config *c,
+                             Error *e) {
     int out = c->patch_size * c->patch_size * c->out_channels;
-    return part_weight(p, proj_out, e, SHAPE(out, c->dim), "proj_out.weight");
+    return part_matrix(p, proj_out, e, out, c->dim, "proj_out.weight");
 }
 
 /* The two streams of a double block (the joint sequence puts the text first). */
@@ -621,7 +626,8 @@ static const Flux2StreamNames flux2_stream_names[FLUX2_STREAMS] = {
 
 /* A stream's weights before the joint attention: Q, K, V and the per-head norms of Q and K. */
 typedef struct Flux2StreamIn {
-    Var *q, *k, *v, *norm_q, *norm_k;
+    WeightMatrix q, k, v;
+    Var *norm_q, *norm_k;
 } Flux2StreamIn;
 
 static int flux2_stream_in_load(Flux2StreamIn *w, WeightPart *p, const Flux2Config *c, int block,
@@ -630,16 +636,16 @@ static int flux2_stream_in_load(Flux2StreamIn *w, WeightPart *p, const Flux2Conf
     const char *b = "transformer_blocks";
     int d = c->dim, hd = c->head_dim;
     *w = (Flux2StreamIn){0};
-    return part_weight(p, &w->q, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->q) ||
-           part_weight(p, &w->k, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->k) ||
-           part_weight(p, &w->v, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->v) ||
+    return part_matrix(p, &w->q, e, d, d, "%s.%d.%s.weight", b, block, n->q) ||
+           part_matrix(p, &w->k, e, d, d, "%s.%d.%s.weight", b, block, n->k) ||
+           part_matrix(p, &w->v, e, d, d, "%s.%d.%s.weight", b, block, n->v) ||
            part_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_q) ||
            part_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.%s.weight", b, block, n->norm_k);
 }
 
 /* A stream's weights after it: the attention output projection and the SwiGLU feed-forward. */
 typedef struct Flux2StreamOut {
-    Var *out, *ff_in, *ff_out;
+    WeightMatrix out, ff_in, ff_out;
 } Flux2StreamOut;
 
 static int flux2_stream_out_load(Flux2StreamOut *w, WeightPart *p, const Flux2Config *c, int block,
@@ -648,17 +654,17 @@ static int flux2_stream_out_load(Flux2StreamOut *w, WeightPart *p, const Flux2Co
     const char *b = "transformer_blocks";
     int d = c->dim, mlp = c->mlp_hidden;
     *w = (Flux2StreamOut){0};
-    return part_weight(p, &w->out, e, SHAPE(d, d), "%s.%d.%s.weight", b, block, n->out) ||
-           part_weight(p, &w->ff_in, e, SHAPE(2 * mlp, d), "%s.%d.%s.linear_in.weight", b,
-                        block, n->ff) ||
-           part_weight(p, &w->ff_out, e, SHAPE(d, mlp), "%s.%d.%s.linear_out.weight", b, block,
-                        n->ff);
+    return part_matrix(p, &w->out, e, d, d, "%s.%d.%s.weight", b, block, n->out) ||
+           part_matrix(p, &w->ff_in, e, 2 * mlp, d, "%s.%d.%s.linear_in.weight", b, block,
+                       n->ff) ||
+           part_matrix(p, &w->ff_out, e, d, mlp, "%s.%d.%s.linear_out.weight", b, block, n->ff);
 }
 
 /* A single-stream block's weights before attention: the fused projection to Q, K, V and the
  * SwiGLU's gate and up, and the per-head norms of Q and K. */
 typedef struct Flux2SingleIn {
-    Var *to_qkv_mlp, *norm_q, *norm_k;
+    WeightMatrix to_qkv_mlp;
+    Var *norm_q, *norm_k;
 } Flux2SingleIn;
 
 static int flux2_single_in_load(Flux2SingleIn *w, WeightPart *p, const Flux2Config *c, int i,
@@ -666,30 +672,30 @@ static int flux2_single_in_load(Flux2SingleIn *w, WeightPart *p, const Flux2Conf
     const char *b = "single_transformer_blocks";
     int d = c->dim, hd = c->head_dim, mlp = c->mlp_hidden;
     *w = (Flux2SingleIn){0};
-    return part_weight(p, &w->to_qkv_mlp, e, SHAPE(3 * d + 2 * mlp, d),
-                        "%s.%d.attn.to_qkv_mlp_proj.weight", b, i) ||
+    return part_matrix(p, &w->to_qkv_mlp, e, 3 * d + 2 * mlp, d,
+                       "%s.%d.attn.to_qkv_mlp_proj.weight", b, i) ||
            part_weight(p, &w->norm_q, e, SHAPE(hd), "%s.%d.attn.norm_q.weight", b, i) ||
            part_weight(p, &w->norm_k, e, SHAPE(hd), "%s.%d.attn.norm_k.weight", b, i);
 }
 
 /* ... and after it: to_out over [attention output | SwiGLU output]. */
-static int flux2_single_out_load(Var **to_out, WeightPart *p, const Flux2Config *c, int i,
-                                 Error *e) {
-    return part_weight(p, to_out, e, SHAPE(c->dim, c->dim + c->mlp_hidden),
-                        "single_transformer_blocks.%d.attn.to_out.weight", i);
+static int flux2_single_out_load(WeightMatrix *to_out, WeightPart *p, const Flux2Config *c,
+                                 int i, Error *e) {
+    return part_matrix(p, to_out, e, c->dim, c->dim + c->mlp_hidden,
+                       "single_transformer_blocks.%d.attn.to_out.weight", i);
 }
 
 /* Every weight of the model, in the order flux2_walk_weights names them (the order a resident
  * model's Params holds and saves them in). */
 struct Flux2Weights {
     Flux2TimeEmbed time;
-    Var *mods[FLUX2_MODS];
+    WeightMatrix mods[FLUX2_MODS];
     Flux2Embedders embedders;
-    Var *proj_out;
+    WeightMatrix proj_out;
     Flux2StreamIn *stream_in;   /* [num_layers][FLUX2_STREAMS] */
     Flux2StreamOut *stream_out; /* [num_layers][FLUX2_STREAMS] */
     Flux2SingleIn *single_in;   /* [num_single_layers] */
-    Var **single_out;           /* [num_single_layers] */
+    WeightMatrix *single_out;   /* [num_single_layers] */
 };
 
 static void flux2_weights_free(Flux2Weights *w) {
@@ -918,9 +924,10 @@ static Var *flux2_view(Tape *t, const Tensor *x, int dim, int64_t start, int64_t
 }
 
 /* proj: [B, channels] (taken) -> linear_2(silu(linear_1(proj))): [B, dim] (TimestepEmbedding) */
-static Var *flux2_time_embed(Tape *t, Tensor *proj, Var *linear_1, Var *linear_2) {
-    Var *h = ag_linear(t, var_take(t, proj, false), linear_1, NULL);
-    return ag_linear(t, ag_silu(t, h), linear_2, NULL);
+static Var *flux2_time_embed(Tape *t, Tensor *proj, const WeightMatrix *linear_1,
+                             const WeightMatrix *linear_2) {
+    Var *h = matrix_linear(t, var_take(t, proj, false), linear_1);
+    return matrix_linear(t, ag_silu(t, h), linear_2);
 }
 
 /* sigma (and guidance): [B] -> silu(timestep embedding): [B, dim], what each modulation is made
@@ -928,10 +935,11 @@ static Var *flux2_time_embed(Tape *t, Tensor *proj, Var *linear_1, Var *linear_2
 static Var *flux2_time_act(Tape *t, const Flux2TimeEmbed *w, const Flux2Config *c,
                            const float *sigma, const float *guidance, int batch) {
     int C = c->timestep_channels;
-    Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, batch, C), w->time_1, w->time_2);
+    Var *temb = flux2_time_embed(t, flux2_timestep_proj(sigma, batch, C), &w->time_1,
+                                 &w->time_2);
     if (guidance && c->guidance_embeds)
         temb = ag_add(t, temb, flux2_time_embed(t, flux2_timestep_proj(guidance, batch, C),
-                                                w->guidance_1, w->guidance_2));
+                                                &w->guidance_1, &w->guidance_2));
     return ag_silu(t, temb);
 }
 
@@ -970,8 +978,9 @@ static Var *flux2_heads(Tape *t, Var *x, Var *norm, const Flux2Config *c) {
 }
 
 /* x: [B, n, dim] -> x W^T split into heads (and normalised) */
-static Var *flux2_project_heads(Tape *t, Var *x, Var *weight, Var *norm, const Flux2Config *c) {
-    return flux2_heads(t, ag_linear(t, x, weight, NULL), norm, c);
+static Var *flux2_project_heads(Tape *t, Var *x, const WeightMatrix *weight, Var *norm,
+                               const Flux2Config *c) {
+    return flux2_heads(t, matrix_linear(t, x, weight), norm, c);
 }
 
 /* x: [B, n, heads, head_dim], the tokens at positions pos .. pos + n - 1 of the joint sequence
@@ -988,10 +997,10 @@ static Var *flux2_swiglu(Tape *t, Var *x, int hidden) {
 }
 
 /* x: [B, N, dim] -> linear_out(swiglu(linear_in(x))): [B, N, dim] */
-static Var *flux2_feed_forward(Tape *t, Var *x, Var *linear_in, Var *linear_out,
-                               const Flux2Config *c) {
-    Var *h = ag_linear(t, x, linear_in, NULL);
-    return ag_linear(t, flux2_swiglu(t, h, c->mlp_hidden), linear_out, NULL);
+static Var *flux2_feed_forward(Tape *t, Var *x, const WeightMatrix *linear_in,
+                               const WeightMatrix *linear_out, const Flux2Config *c) {
+    Var *h = matrix_linear(t, x, linear_in);
+    return matrix_linear(t, flux2_swiglu(t, h, c->mlp_hidden), linear_out);
 }
 
 /* q, k, v: [B, N, heads, head_dim] -> the attention output [B, N, dim] */
@@ -1007,9 +1016,9 @@ static void flux2_stream_in(Tape *t, const Flux2StreamIn *w, const Flux2Config *
                             const Flux2Step *s, Var *x, Var *mod, int64_t pos, Var **qkv) {
     Var *y = flux2_modulate(t, x, flux2_mod(t, mod, 0, c->dim), flux2_mod(t, mod, 1, c->dim),
                             c->eps);
-    qkv[0] = flux2_rotate(t, flux2_project_heads(t, y, w->q, w->norm_q, c), s, pos);
-    qkv[1] = flux2_rotate(t, flux2_project_heads(t, y, w->k, w->norm_k, c), s, pos);
-    qkv[2] = flux2_project_heads(t, y, w->v, NULL, c);
+    qkv[0] = flux2_rotate(t, flux2_project_heads(t, y, &w->q, w->norm_q, c), s, pos);
+    qkv[1] = flux2_rotate(t, flux2_project_heads(t, y, &w->k, w->norm_k, c), s, pos);
+    qkv[2] = flux2_project_heads(t, y, &w->v, NULL, c);
 }
 
 /* ... and after it. x: [B, n, dim], o: its rows of the attention output [B, n, dim] ->
@@ -1017,10 +1026,10 @@ static void flux2_stream_in(Tape *t, const Flux2StreamIn *w, const Flux2Config *
 static Var *flux2_stream_out(Tape *t, const Flux2StreamOut *w, const Flux2Config *c, Var *x,
                              Var *o, Var *mod) {
     int d = c->dim;
-    x = flux2_gated(t, x, flux2_mod(t, mod, 2, d), ag_linear(t, o, w->out, NULL));
+    x = flux2_gated(t, x, flux2_mod(t, mod, 2, d), matrix_linear(t, o, &w->out));
     Var *y = flux2_modulate(t, x, flux2_mod(t, mod, 3, d), flux2_mod(t, mod, 4, d), c->eps);
-    return flux2_gated(t, x, flux2_mod(t, mod, 5, d), flux2_feed_forward(t, y, w->ff_in,
-                                                                        w->ff_out, c));
+    return flux2_gated(t, x, flux2_mod(t, mod, 5, d), flux2_feed_forward(t, y, &w->ff_in,
+                                                                        &w->ff_out, c));
 }
 
 /* A single block before the attention. x: [B, n, dim] at positions pos .. pos + n - 1; mod:
@@ -1031,7 +1040,7 @@ static void flux2_single_in(Tape *t, const Flux2SingleIn *w, const Flux2Config *
     int d = c->dim;
     Var *y = flux2_modulate(t, x, flux2_mod(t, mod, 0, d), flux2_mod(t, mod, 1, d), c->eps);
     /* [B, n, dim] -> [B, n, 3 dim + 2 mlp_hidden]: q, k, v, then the SwiGLU's gate and up */
-    Var *proj = ag_linear(t, y, w->to_qkv_mlp, NULL);
+    Var *proj = matrix_linear(t, y, &w->to_qkv_mlp);
     out[0] = flux2_rotate(t, flux2_heads(t, ag_slice(t, proj, 2, 0, d), w->norm_q, c), s, pos);
     out[1] = flux2_rotate(t, flux2_heads(t, ag_slice(t, proj, 2, d, d), w->norm_k, c), s, pos);
     out[2] = flux2_heads(t, ag_slice(t, proj, 2, 2 * d, d), NULL, c);
@@ -1040,17 +1049,18 @@ static void flux2_single_in(Tape *t, const Flux2SingleIn *w, const Flux2Config *
 
 /* ... and after it. x: [B, n, dim], hidden: [B, n, dim + mlp_hidden] = [attention output |
  * SwiGLU output] -> x + gate * to_out(hidden) */
-static Var *flux2_single_out(Tape *t, Var *to_out, const Flux2Config *c, Var *x, Var *hidden,
-                             Var *mod) {
-    return flux2_gated(t, x, flux2_mod(t, mod, 2, c->dim), ag_linear(t, hidden, to_out, NULL));
+static Var *flux2_single_out(Tape *t, const WeightMatrix *to_out, const Flux2Config *c, Var *x,
+                             Var *hidden, Var *mod) {
+    return flux2_gated(t, x, flux2_mod(t, mod, 2, c->dim), matrix_linear(t, hidden, to_out));
 }
 
 /* img: [B, T, dim], mod: [B, 2 dim] (scale, shift) -> proj_out(norm_out(img)):
  * [B, T, patch_size^2 out_channels] */
-static Var *flux2_final(Tape *t, Var *proj_out, const Flux2Config *c, Var *img, Var *mod) {
+static Var *flux2_final(Tape *t, const WeightMatrix *proj_out, const Flux2Config *c, Var *img,
+                        Var *mod) {
     Var *y = flux2_modulate(t, img, flux2_mod(t, mod, 1, c->dim), flux2_mod(t, mod, 0, c->dim),
                             c->eps);
-    return ag_linear(t, y, proj_out, NULL);
+    return matrix_linear(t, y, proj_out);
 }
 
 /* --- the plain forward: the whole model as one graph ---
@@ -1083,7 +1093,7 @@ static Var *flux2_single_graph(Tape *t, const Flux2 *m, int i, const Flux2Step *
     Var *in[4];
     flux2_single_in(t, &m->resident->single_in[i], c, s, x, mod, 0, in);
     Var *hidden = ag_concat(t, (Var *[]){flux2_attention(t, c, in[0], in[1], in[2]), in[3]}, 2, 2);
-    return flux2_single_out(t, m->resident->single_out[i], c, x, hidden, mod);
+    return flux2_single_out(t, &m->resident->single_out[i], c, x, hidden, mod);
 }
 
 Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var *txt,
@@ -1102,14 +1112,14 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
                             "them resident (flux2_make_resident)");
     Var *act = flux2_time_act(t, &wt->time, c, sigma, guidance, s.batch);
     Var *mods[FLUX2_MODS];
-    for (int k = 0; k < FLUX2_MODS; k++) mods[k] = ag_linear(t, act, wt->mods[k], NULL);
-    Var *img = ag_linear(t, tokens, wt->embedders.x_embedder, NULL);
-    Var *ctx = ag_linear(t, txt, wt->embedders.context_embedder, NULL);
+    for (int k = 0; k < FLUX2_MODS; k++) mods[k] = matrix_linear(t, act, &wt->mods[k]);
+    Var *img = matrix_linear(t, tokens, &wt->embedders.x_embedder);
+    Var *ctx = matrix_linear(t, txt, &wt->embedders.context_embedder);
     for (int i = 0; i < c->num_layers; i++) flux2_double_graph(t, m, i, &s, mods, &img, &ctx);
     Var *x = ag_concat(t, (Var *[]){ctx, img}, 2, 1);
     for (int i = 0; i < c->num_single_layers; i++)
         x = flux2_single_graph(t, m, i, &s, mods[FLUX2_MOD_SINGLE], x);
-    return flux2_final(t, wt->proj_out, c, ag_slice(t, x, 1, s.txt_len, s.img_len),
+    return flux2_final(t, &wt->proj_out, c, ag_slice(t, x, 1, s.txt_len, s.img_len),
                        mods[FLUX2_MOD_OUT]);
 }
 
@@ -1128,8 +1138,9 @@ static int flux2_forward_resident(const Flux2 *m, const Tensor *tokens, int h, i
 
 /* --- execution strategy: the model streamed in pieces ---
  * What flux2_open's models run (flux2_forward): the plain forward's arithmetic, reordered for
- * memory. Each block runs in parts whose weights are converted from the mapped files just before
- * and freed just after (klein-4B: about 0.38 GB of f32 weights at a time instead of 15 GB), and
+ * memory. The weights stay in the mapped files: each part finds its matrices there just before
+ * it runs (the GEMM packs them from bf16 as it goes: klein-4B's 7.7 GB are never widened to 15 GB
+ * of f32, nor a part of them, which took a tenth of the forward's time), and
  * everything in a block but the attention works token by token, so it runs over chunks of
  * FLUX2_CHUNK_TOKENS tokens, each on a tape of its own freed as soon as the chunk's result is
  * copied out: the intermediates (a feed-forward's hidden layers alone are 12 dim floats per
@@ -1158,10 +1169,10 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
     Tensor **mods[FLUX2_MODS] = {&s->mod_img, &s->mod_txt, &s->mod_single, &s->mod_out};
     for (int k = 0; k < FLUX2_MODS; k++) {
         if (status) break;
-        Var *weight;
+        WeightMatrix weight;
         status = flux2_modulation_load(&weight, &part, c, k, e) ||
-                 nograd_result(t, ag_linear(t, act, weight, NULL), mods[k], "flux2 conditioning",
-                              e);
+                 nograd_result(t, matrix_linear(t, act, &weight), mods[k], "flux2 conditioning",
+                               e);
         weight_part_free(&part);
     }
     tape_free(t);
@@ -1178,8 +1189,8 @@ static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
     for (int b = 0; b < s->batch; b++) {
         if (status) break;
         Tape *t = nograd_tape();
-        Var *x = ag_linear(t, flux2_view(t, tokens, 0, b, 1), w.x_embedder, NULL);
-        Var *y = ag_linear(t, flux2_view(t, txt, 0, b, 1), w.context_embedder, NULL);
+        Var *x = matrix_linear(t, flux2_view(t, tokens, 0, b, 1), &w.x_embedder);
+        Var *y = matrix_linear(t, flux2_view(t, txt, 0, b, 1), &w.context_embedder);
         status = nograd_result(t, x, &img[b], "flux2 x_embedder", e) ||
                  nograd_result(t, y, &ctx[b], "flux2 context_embedder", e);
         tape_free(t);
@@ -1340,8 +1351,8 @@ static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int st
 }
 
 /* Double-stream block i: img[b]: [1, T, dim], txt[b]: [1, L, dim], both replaced. The weights
- * are converted in three parts (both streams' q, k, v; then each stream's output projection and
- * feed-forward), so at most one stream's feed-forward is in f32 at a time. */
+ * are read in three parts (both streams' q, k, v; then each stream's output projection and
+ * feed-forward). */
 static int flux2_double_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **img,
                             Tensor **txt, Error *e) {
     Tensor **o = calloc((size_t)s->batch, sizeof *o);
@@ -1367,7 +1378,7 @@ typedef struct Flux2SinglePass {
     const Flux2SingleIn *in; /* before the attention: into joint and hidden */
     const Flux2Joint *joint;
     Tensor *hidden;          /* [1, L + T, dim + mlp_hidden]: [attention output | SwiGLU output] */
-    Var *to_out;             /* after it: from hidden into y */
+    const WeightMatrix *to_out; /* after it: from hidden into y */
     Tensor *y;               /* the new hidden states [1, L + T, dim] */
 } Flux2SinglePass;
 
@@ -1415,18 +1426,18 @@ static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
 }
 
 /* Single-stream block i: seq[b]: [1, L + T, dim], replaced. The fused input projection and
- * to_out are converted one after the other. */
+ * to_out are read one after the other. */
 static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
     WeightPart part = {.weights = m->weights};
     Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden);
-    Var *to_out = NULL;
+    WeightMatrix to_out = {0};
     int status = !hidden ? error_set(e, "out of memory")
                          : flux2_single_attention(m, i, s, seq, hidden, e) ||
                                flux2_single_out_load(&to_out, &part, &m->config, i, e);
     for (int b = 0; b < s->batch; b++) {
         if (status) break;
         Flux2SinglePass p = {.c = &m->config, .s = s, .b = b, .x = seq[b], .hidden = hidden[b],
-                             .to_out = to_out, .y = tensor_new(seq[b]->ndim, seq[b]->shape)};
+                             .to_out = &to_out, .y = tensor_new(seq[b]->ndim, seq[b]->shape)};
         status = !p.y ? error_set(e, "out of memory")
                       : flux2_chunks(seq[b]->shape[1], flux2_single_update, &p, e);
         if (status) tensor_free(p.y);
@@ -1461,13 +1472,13 @@ static int flux2_join(const Flux2Step *s, int dim, Tensor **txt, Tensor **img, T
 static int flux2_output(const Flux2 *m, const Flux2Step *s, Tensor **seq, Tensor *v, Error *e) {
     const Flux2Config *c = &m->config;
     WeightPart part = {.weights = m->weights};
-    Var *proj_out;
+    WeightMatrix proj_out;
     int status = flux2_output_load(&proj_out, &part, c, e);
     for (int b = 0; b < s->batch; b++) {
         if (status) break;
         Tape *t = nograd_tape();
         Var *img = ag_slice(t, var_new(t, seq[b], false), 1, s->txt_len, s->img_len);
-        Var *y = flux2_final(t, proj_out, c, img, flux2_mod_row(t, s->mod_out, b));
+        Var *y = flux2_final(t, &proj_out, c, img, flux2_mod_row(t, s->mod_out, b));
         status = tape_check(t, e) ? error_context(e, "flux2 output") : 0;
         if (!status) memcpy(v->data + b * (v->numel / s->batch), y->value->data,
                             (size_t)y->value->numel * sizeof(float));
@@ -1889,12 +1900,12 @@ static int qwen3_config_read(Qwen3Config *c, const char *path, Error *e) {
 
 typedef struct Qwen3Attention {
     Var *norm, *q_norm, *k_norm;
-    StoredMatrix q, k, v, o;
+    WeightMatrix q, k, v, o;
 } Qwen3Attention;
 
 typedef struct Qwen3Mlp {
     Var *norm;
-    StoredMatrix gate, up, down;
+    WeightMatrix gate, up, down;
 } Qwen3Mlp;
 
 static int qwen3_attention_load(Qwen3Attention *w, WeightPart *p, const Qwen3Config *c, int i,
@@ -2030,19 +2041,19 @@ static Var *qwen3_heads(Tape *t, Var *x, int n, Var *norm, const Qwen3Config *c,
 static Var *qwen3_attention(Tape *t, const Qwen3Attention *w, const Qwen3Config *c,
                             const Qwen3Call *call, Var *x) {
     Var *h = ag_rmsnorm(t, x, w->norm, (float)c->rms_norm_eps);
-    Var *q = qwen3_heads(t, stored_linear(t, h, &w->q), c->heads, w->q_norm, c, call);
-    Var *k = qwen3_heads(t, stored_linear(t, h, &w->k), c->kv_heads, w->k_norm, c, call);
-    Var *v = qwen3_heads(t, stored_linear(t, h, &w->v), c->kv_heads, NULL, c, call);
+    Var *q = qwen3_heads(t, matrix_linear(t, h, &w->q), c->heads, w->q_norm, c, call);
+    Var *k = qwen3_heads(t, matrix_linear(t, h, &w->k), c->kv_heads, w->k_norm, c, call);
+    Var *v = qwen3_heads(t, matrix_linear(t, h, &w->v), c->kv_heads, NULL, c, call);
     Var *o = ag_attention(t, q, k, v, (float)(1.0 / sqrt(c->head_dim)), true, call->lengths);
     int64_t shape[3] = {var_size(o, 0), var_size(o, 1), (int64_t)c->heads * c->head_dim};
-    return ag_add(t, x, stored_linear(t, ag_reshape(t, o, 3, shape), &w->o));
+    return ag_add(t, x, matrix_linear(t, ag_reshape(t, o, 3, shape), &w->o));
 }
 
 /* x: [B, L, hidden] -> x + down(silu(gate(n)) * up(n)), n = rms(x) */
 static Var *qwen3_mlp(Tape *t, const Qwen3Mlp *w, const Qwen3Config *c, Var *x) {
     Var *h = ag_rmsnorm(t, x, w->norm, (float)c->rms_norm_eps);
-    Var *gated = ag_mul(t, ag_silu(t, stored_linear(t, h, &w->gate)), stored_linear(t, h, &w->up));
-    return ag_add(t, x, stored_linear(t, gated, &w->down));
+    Var *gated = ag_mul(t, ag_silu(t, matrix_linear(t, h, &w->gate)), matrix_linear(t, h, &w->up));
+    return ag_add(t, x, matrix_linear(t, gated, &w->down));
 }
 
 /* Layer i on the hidden states *x: [B, L, hidden] (replaced), its two parts' weights converted

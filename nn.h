@@ -137,9 +137,9 @@ typedef struct Flux2 Flux2;
 
 /* Opens <dir>/config.json and the weights source names: the files in dir (one file or an index
  * over shards; every tensor the config implies is checked there with its shape, an error names the
- * first that is not, and none is converted: the forward converts them part by part), st_random_fill
- * values from seed (WEIGHTS_CONFIG_ONLY: timings and memory without the files), or fresh weights
- * from seed (WEIGHTS_FRESH: a model to train, resident). */
+ * first that is not, and none is converted: the forward's GEMMs read the matrices where they lie),
+ * st_random_fill values from seed (WEIGHTS_CONFIG_ONLY: timings and memory without the files), or
+ * fresh weights from seed (WEIGHTS_FRESH: a model to train, resident). */
 int flux2_open(Flux2 **out, const char *dir, WeightSource source, uint64_t seed, Error *e);
 /* An execution strategy for small models (training, flux2_forward_graph): every weight converted
  * once into a Params of f32 leaves, held in memory. The forward's results do not change. */
