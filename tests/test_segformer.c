@@ -383,7 +383,7 @@ static size_t mask_and_grad(const Segformer *m, const Tensor *image, Tensor **ma
                             Tensor **grad) {
     Tape *t = tape_new();
     Error e = {{0}};
-    Var *x = var_new(t, tensor_clone(image), true);
+    Var *x = var_take(t, tensor_clone(image), true);
     Var *y = segformer_forward(t, m, x, NULL);
     if (y) var_keep(y);
     int rc = tape_check(t, &e) || tape_backward(t, ag_sum(t, y), &e);
