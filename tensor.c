@@ -1084,8 +1084,8 @@ typedef struct WinogradDims {
  * the backward to the input, w[c, k] turned 180 degrees, from w: [Cin_this = the forward's Cout,
  * Cout_this, 3, 3]. */
 static void winograd_kernels(const WinogradDims *d, const float *w, bool adjoint, float *u) {
-    size_t pairs = (size_t)d->out_ch * d->in_ch;
-#pragma omp parallel for schedule(static) if (pairs * WINOGRAD_POINTS > PARALLEL_MIN)
+#pragma omp parallel for schedule(static) \
+    if ((size_t)d->out_ch * d->in_ch * WINOGRAD_POINTS > PARALLEL_MIN)
     for (int k = 0; k < d->out_ch; k++)
         for (int c = 0; c < d->in_ch; c++) {
             const float *g = w + ((adjoint ? (size_t)c * d->out_ch + k
