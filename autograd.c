@@ -1417,7 +1417,7 @@ Var *ag_pow(Tape *t, Var *x, float p) {
 
 /* === structure === */
 
-/* in: v [B, C]; p.mm: M = n, N = C, batch = B; saved[0]: n ones.
+/* in: v [B, C]; p.mm: M = rows, N = C, batch = B; saved[0]: M ones.
  * dv[b] = sum over the n rows of dy[b], as the product 1^T dy[b] (the GEMM's summation order,
  * in which the embedded models were trained) */
 static void repeat_rows_backward(Tape *t, Node *n) {
@@ -1439,18 +1439,17 @@ Var *ag_repeat_rows(Tape *t, Var *v, int64_t rows) {
     struct MatmulParams mm = {.M = rows, .N = v->value->shape[1], .batch = v->value->shape[0]};
     if (!check_int(t, op, mm.M) || !check_int(t, op, mm.N)) return NULL;
     Var *y = result(t, 3, (int64_t[]){mm.batch, rows, mm.N});
-    Tensor *ones = y ? tape_tensor(t, MEM_SAVED, 1, (int64_t[]){rows}) : NULL;
     Node *n;
-    if (!ones || !record(t, y, repeat_rows_backward, 1, &v, &n)) {
-        tape_tensor_free(t, MEM_SAVED, ones);
-        return NULL;
-    }
-    for (int64_t r = 0; r < rows; r++) ones->data[r] = 1.0f;
+    if (!y || !record(t, y, repeat_rows_backward, 1, &v, &n)) return NULL;
     for (int64_t b = 0; b < mm.batch; b++)
         for (int64_t r = 0; r < rows; r++)
             memcpy(data(y) + (b * rows + r) * mm.N, data(v) + b * mm.N,
                    (size_t)mm.N * sizeof(float));
-    if (n) n->p.mm = mm;
+    if (!n) return y; /* no backward: no ones */
+    Tensor *ones = tape_tensor(t, MEM_SAVED, 1, (int64_t[]){rows});
+    if (!ones) return NULL; /* the tape has failed, so no backward runs this node */
+    for (int64_t r = 0; r < rows; r++) ones->data[r] = 1.0f;
+    n->p.mm = mm;
     save(t, n, 0, ones);
     return y;
 }

@@ -60,6 +60,10 @@ static const char *usage_tail =
     "\n"
     "exit status: 0 success, 1 runtime error (bad file, bad data), 2 bad command line\n";
 
+/* A macro's value as text, for an option's fallback: TEXT_OF(KLEIN_MAX_LENGTH) is "512". */
+#define TEXT_OF_TOKENS(x) #x
+#define TEXT_OF(x) TEXT_OF_TOKENS(x)
+
 /* The iTXt key of the generation parameters in generate's PNGs (stable-diffusion tools' key). */
 #define GENERATE_PNG_KEY "parameters"
 
@@ -67,6 +71,18 @@ double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* text's lines ('\n' between them), each after the first on a new line indented by `indent`
+ * spaces; no newline after the last: help texts in aligned columns. */
+static void text_lines(FILE *f, const char *text, int indent) {
+    for (const char *line = text; *line;) {
+        const char *end = strchr(line, '\n');
+        int len = end ? (int)(end - line) : (int)strlen(line);
+        fprintf(f, "%.*s", len, line);
+        line += len + (end != NULL);
+        if (*line) fprintf(f, "\n%*s", indent, "");
+    }
 }
 
 /* === info === */
@@ -575,7 +591,7 @@ static const Option bench_model_options[] = {
     {.name = "--config-only", .kind = OPTION_FLAG, .offset = BENCH_FIELD(config_only),
      .help = "random weights from the config files alone"},
     {.name = "--text-len", .value = "L", .kind = OPTION_INT, .offset = BENCH_FIELD(text_len),
-     .min = 1, .max = 1 << 16, .fallback = "512",
+     .min = 1, .max = 1 << 16, .fallback = TEXT_OF(KLEIN_MAX_LENGTH),
      .help = "prompt tokens"},
     {.name = "--vae-memory", .value = "MB", .kind = OPTION_PARSE,
      .offset = BENCH_FIELD(vae_memory), .parse = option_megabytes,
@@ -845,7 +861,8 @@ static const Option bench_text_options[] = {
     {.name = "--config-only", .kind = OPTION_FLAG, .offset = offsetof(BenchTextArgs, config_only),
      .help = "random weights from the config alone"},
     {.name = "--tokens", .value = "N", .kind = OPTION_INT,
-     .offset = offsetof(BenchTextArgs, tokens), .min = 1, .max = 1 << 16, .fallback = "512",
+     .offset = offsetof(BenchTextArgs, tokens), .min = 1, .max = 1 << 16,
+     .fallback = TEXT_OF(KLEIN_MAX_LENGTH),
      .help = "tokens encoded (the pipeline's length)"},
     {.name = "--real", .value = "R", .kind = OPTION_INT,
      .offset = offsetof(BenchTextArgs, real), .min = 1, .max = 1 << 16, .fallback = "20",
@@ -984,13 +1001,9 @@ static const Benchmark *benchmark_find(const char *name) {
 
 /* One benchmark's lines of the usage: the command, then what it measures, indented. */
 static void bench_usage_lines(FILE *f, const Benchmark *b) {
-    fprintf(f, "  diamond bench %s %s\n", b->name, b->args);
-    for (const char *line = b->what; *line;) {
-        const char *end = strchr(line, '\n');
-        int len = end ? (int)(end - line) : (int)strlen(line);
-        fprintf(f, "%37s%.*s\n", "", len, line);
-        line += len + (end != NULL);
-    }
+    fprintf(f, "  diamond bench %s %s\n%37s", b->name, b->args, "");
+    text_lines(f, b->what, 37);
+    fputc('\n', f);
 }
 
 static int bench_usage_error(const char *name, const char *message) {
@@ -1107,14 +1120,9 @@ static void option_help(FILE *f, const Option *o) {
     char head[64];
     snprintf(head, sizeof head, "%s%s%s", o->name, o->value ? " " : "", o->value ? o->value : "");
     fprintf(f, "  %-22s", head);
-    if (strlen(head) > 22) fprintf(f, "\n  %-22s", "");
-    for (const char *line = o->help; *line;) {
-        const char *end = strchr(line, '\n');
-        int len = end ? (int)(end - line) : (int)strlen(line);
-        fprintf(f, " %.*s", len, line);
-        line += len + (end != NULL);
-        if (*line) fprintf(f, "\n  %-22s", "");
-    }
+    if (strlen(head) > 22) fprintf(f, "\n%24s", "");
+    fputc(' ', f);
+    text_lines(f, o->help, 25);
     if (o->fallback) fprintf(f, " (default %s)", o->fallback);
     fputc('\n', f);
 }
@@ -2419,7 +2427,7 @@ static const char *search_usage =
     "IN's directory, else absolute); rows with no hit are reported on stderr and left out.\n"
     "\n";
 
-#define EVAL_THRESHOLD 0.5f
+#define EVAL_THRESHOLD 0.5
 
 /* The options of eval and search-seeds. The model and sampling options are generate's. */
 typedef struct EvalArgs {
@@ -2504,7 +2512,7 @@ static const Option search_options[] = {
      .min = 1, .max = 1 << 30, .fallback = "1000",
      .help = "seeds tried per row at most"},
     {.name = "--threshold", .value = "T", .kind = OPTION_FLOAT,
-     .offset = EVAL_FIELD(threshold), .max = 1, .fallback = "0.5",
+     .offset = EVAL_FIELD(threshold), .max = 1, .fallback = TEXT_OF(EVAL_THRESHOLD),
      .help = "the detector max a plain image must reach"},
     {.name = "--quiet", .kind = OPTION_FLAG, .offset = EVAL_FIELD(gen.quiet),
      .help = "no progress on stderr"},
@@ -3354,7 +3362,7 @@ static int demo_eval_args(const DemoArgs *d, EvalArgs *a, char *detector, size_t
     OptionSet sets[2];
     eval_option_sets(false, a, sets);
     if (path_join(detector, len, d->weights, "detector", e) || generate_defaults(g, e) ||
-        model_defaults_read(d->weights, sets, 2, "demo", e))
+        options_defaults(sets, 1, e) || model_defaults_read(d->weights, sets, 2, "demo", e))
         return -1;
     if (g->width != WORLD_W || g->height != WORLD_H || !g->steps)
         return error_set(e, "%s/%s: missing, or without -W %d, -H %d and --steps", d->weights,

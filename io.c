@@ -1304,12 +1304,12 @@ static int st_parse_shape(const SafeTensors *st, const char *name, const JsonVal
     return 0;
 }
 
-/* data_offsets: [begin, end] within the data area, spanning exactly the tensor's bytes. */
 /* A JSON integer that is not negative. */
 static bool json_is_count(const JsonValue *v) {
     return v->type == JSON_NUMBER && v->is_integer && v->integer >= 0;
 }
 
+/* data_offsets: [begin, end] within the data area, spanning exactly the tensor's bytes. */
 static int st_parse_offsets(const SafeTensors *st, const char *name, const JsonValue *offsets, uint64_t data_size,
                             const StTensor *t, ByteSpan *span, Error *e) {
     bool valid = offsets->type == JSON_ARRAY && offsets->count == 2 &&

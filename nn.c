@@ -362,7 +362,7 @@ static int flux2_config_read(Flux2Config *c, const char *path, Error *e) {
     return status;
 }
 
-/* --- weights: named once, held resident or converted part by part ---
+/* --- weights: named once, held resident or read part by part ---
  * Each part of the model names its tensors in one load function (part_weight). The plain
  * forward holds them all as the Params of a resident model (PART_RESIDENT); the streamed
  * execution strategy below reads each part's just before it runs (PART_CONVERT: matrices where
@@ -1540,7 +1540,8 @@ int flux2_forward(const Flux2 *m, const Tensor *tokens, int h, int w, const Tens
     return status;
 }
 
-/* The largest part a streaming forward converts to f32 at once, in floats: both streams' q, k, v;
+/* The largest part a config-only streaming forward makes in f32 at once, in floats (file weights
+ * are read in place): both streams' q, k, v;
  * one stream's output projection and feed-forward; the single block's fused input projection; or
  * its to_out. */
 static double flux2_largest_part(const Flux2Config *c) {
@@ -1562,9 +1563,12 @@ size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_
         floats = batch * (io + N * (28.0 * D + 8.0 * H) * (c->num_layers + c->num_single_layers));
     } else {
         /* every item's hidden states and single-block [attention | SwiGLU] rows; one item's
-         * joint q, k, v, attention output and new states; one chunk's intermediates; a part */
+         * joint q, k, v, attention output and new states; one chunk's intermediates; a part's
+         * weights when they have no bytes to read in place */
+        bool in_place = st_model_shard_count(m->weights) > 0; /* file weights, read in place */
         floats = batch * (io + N * (2.0 * D + H)) + N * 5.0 * D +
-                 FLUX2_CHUNK_TOKENS * 4.0 * (3.0 * D + 2.0 * H) + flux2_largest_part(c);
+                 FLUX2_CHUNK_TOKENS * 4.0 * (3.0 * D + 2.0 * H) +
+                 (in_place ? 0.0 : flux2_largest_part(c));
     }
     double bytes = sizeof(float) * floats;
     return bytes >= (double)SIZE_MAX ? SIZE_MAX : (size_t)bytes;

@@ -106,9 +106,10 @@ int norm_load(NormParams *n, Params *p, int channels, bool bias, const char *pre
 /* === FLUX.2 transformer ===
  * FLUX.2's flow transformer (diffusers' Flux2Transformer2DModel; klein-4B and its kin). Loaded
  * by flux2_open (streaming, forward only), the weights stay in the mapped safetensors files: each
- * part of a block (its attention inputs, each stream's output and feed-forward) is converted to
- * f32 only while it runs, and the token-wise layers run over chunks of tokens, so the memory a
- * call needs is one part's weights plus a few [tokens, dim] tensors, not the whole model in f32.
+ * part of a block (its attention inputs, each stream's output and feed-forward) reads its
+ * matrices there as it runs (the GEMM widens bf16 while packing), and the token-wise layers run
+ * over chunks of tokens, so the memory a call needs is a few [tokens, dim] tensors besides the
+ * mapped files, never the model in f32.
  * Made resident (flux2_make_resident, or opened WEIGHTS_FRESH; for small models), every weight is
  * an f32 leaf of a Params and the forward is one graph that can be trained. */
 
@@ -167,8 +168,9 @@ Var *flux2_forward_graph(Tape *t, const Flux2 *m, Var *tokens, int h, int w, Var
 
 /* An upper bound on the memory, in bytes, that flux2_forward takes beyond the mapped weights for a
  * batch over img_tokens image and txt_tokens text tokens: for a streaming model the hidden states,
- * one block's joint attention and the largest part converted to f32 (measured against peak RSS at
- * klein-4B's size in the README); for a resident one the whole graph's values. */
+ * one block's joint attention and, for config-only weights (which have no bytes to read in
+ * place), the largest part made in f32 (measured against peak RSS at klein-4B's size in the
+ * README); for a resident one the whole graph's values. */
 size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_t txt_tokens);
 
 /* === the embedded models' text encoder ===
@@ -473,7 +475,7 @@ Var *segformer_forward_logits(Tape *t, const Segformer *m, Var *image);
 
 /* An upper bound on the tape's peak, in bytes, over segformer_forward and a backward to a batch
  * of height x width images, as one guided step runs them (tests/test_segformer.c checks it within
- * 2x of the measured peak). */
+ * 2x of the measured peak), with the layer checkpoints (the default). */
 #define SEGFORMER_LAYER_TENSORS 4
 #define SEGFORMER_STAGE_TENSORS 5
 #define SEGFORMER_IMAGE_TENSORS 4

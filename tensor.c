@@ -1517,7 +1517,7 @@ static int first_query_seeing(const AttentionShape *s, int b, int j) {
 typedef struct AttnScratch {
     int dp;                   /* head_dim padded to ATTN_PAD_COLS */
     float *own_t, *own2_t;    /* q and dout, or k and v, transposed */
-    float *walk, *walk2;      /* k and v, or q and dout, as rows when they must be copied */
+    float *walk, *walk2;      /* k and v, or q and dout, copied as rows (walk_rows) */
     float *s, *ds;            /* [ATTN_BLOCK][ATTN_BLOCK] scores or probabilities, their gradients */
     float *acc, *acc2;        /* [ATTN_BLOCK][dp] out or dq, or dk and dv */
 } AttnScratch;
@@ -2182,6 +2182,7 @@ static inline float groupnorm_value(float x, float m, float scale, float shift) 
     return (x - m) * scale + shift;
 }
 
+/* y = GroupNorm(x) along one channel's row (a GroupNormRow) */
 static void groupnorm_row(int n, const float *x, float m, float scale, float shift, float *y) {
     for (int i = 0; i < n; i++) y[i] = groupnorm_value(x[i], m, scale, shift);
 }
@@ -2417,7 +2418,7 @@ void silu_backward(size_t n, const float *x, const float *dy, float *dx) {
 
 /* --- groupnorm + silu --- */
 
-/* u = GroupNorm(x) at one element of channel c, as groupnorm_forward computes it */
+/* y = SiLU(u), u = GroupNorm(x), along one channel's row (a GroupNormRow) */
 static void groupnorm_silu_row(int n, const float *x, float m, float scale, float shift,
                                float *y) {
     for (int i = 0; i < n; i++) {

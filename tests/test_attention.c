@@ -32,8 +32,9 @@ typedef struct Buffers {
 } Buffers;
 
 static AttentionShape case_shape(const Case *c) {
-    return (AttentionShape){c->batch, c->heads, c->kv_heads, c->q_len, c->kv_len, c->head_dim,
-                            c->causal, c->kv_valid};
+    return (AttentionShape){.batch = c->batch, .heads = c->heads, .kv_heads = c->kv_heads,
+                            .q_len = c->q_len, .kv_len = c->kv_len, .head_dim = c->head_dim,
+                            .causal = c->causal, .kv_valid = c->kv_valid};
 }
 
 static float case_scale(const Case *c) { return 1.0f / sqrtf((float)c->head_dim); }

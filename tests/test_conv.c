@@ -282,9 +282,10 @@ static void test_golden_case(const SafeTensors *st, const char *name) {
     char what[160];
     float *dims = golden_tensor(st, name, "shape", 12);
     if (!dims) return;
-    Conv2dShape s = {(int)dims[0], (int)dims[1], (int)dims[2],  (int)dims[3],
-                     (int)dims[4], (int)dims[5], (int)dims[6],  (int)dims[7],
-                     (int)dims[8], (int)dims[9], (int)dims[10], (int)dims[11]};
+    Conv2dShape s = {.batch = (int)dims[0], .in_ch = (int)dims[1], .in_h = (int)dims[2],
+                     .in_w = (int)dims[3], .out_ch = (int)dims[4], .kernel_h = (int)dims[5],
+                     .kernel_w = (int)dims[6], .stride_h = (int)dims[7], .stride_w = (int)dims[8],
+                     .pad_h = (int)dims[9], .pad_w = (int)dims[10], .groups = (int)dims[11]};
     free(dims);
     char bias_name[128];
     snprintf(bias_name, sizeof bias_name, "%s.b", name);

@@ -304,8 +304,10 @@ static void check_training(void) {
     CHECK(rc == 0, "the training task on " SHIPPED ": %s", e.msg);
     if (rc == 0) {
         TrainLog log = {0};
-        TrainOptions to = {.steps = 20, .adamw = {3e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f},
-                           .warmup = 2, .clip = 1.0, .on_step = log_step, .ctx = &log};
+        AdamWOptions adamw = {.lr = 3e-3f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f,
+                              .weight_decay = 1e-2f};
+        TrainOptions to = {.steps = 20, .adamw = adamw, .warmup = 2, .clip = 1.0,
+                           .on_step = log_step, .ctx = &log};
         double start = now();
         rc = train_run(&task, &to, &e);
         double seconds = (now() - start) / 20.0;
