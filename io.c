@@ -1505,7 +1505,6 @@ const char *st_metadata(const SafeTensors *st, const char *key) {
     return v ? v->string : NULL;
 }
 
-/* t's elements as floats; file names where t came from, for messages. */
 /* Elements [start, start + n) of t, converted to f32 (the caller has checked the range). */
 static void tensor_convert_range(const StTensor *t, int64_t start, int64_t n, float *dst) {
     const unsigned char *src = (const unsigned char *)t->data + (size_t)start * dtype_size(t->dtype);

@@ -1575,7 +1575,7 @@ size_t flux2_forward_bytes(const Flux2 *m, int batch, int64_t img_tokens, int64_
 }
 
 /* === the embedded models' text encoder ===
- * diamond's own prompt encoder for the tiny models (issue 5): characters in, prompt embeddings
+ * diamond's own prompt encoder for the tiny models: characters in, prompt embeddings
  * [B, max_length, hidden_size] out, fed to FLUX.2's context_embedder like real ones. Token and
  * position embeddings, pre-norm transformer layers (self-attention that ignores the padding keys,
  * a GELU MLP), a final LayerNorm. The lookup is a product of one-hot rows with the embedding
@@ -1772,6 +1772,8 @@ static Var *text_layer_apply(Tape *t, const TextLayer *l, const TextEncoderConfi
     return ag_add(t, x, linear_apply(t, &l->fc2, ag_gelu(t, linear_apply(t, &l->fc1, h), false)));
 }
 
+/* prompts[0 .. batch) -> [B, max_length, hidden_size] (nn.h): one-hot characters times the token
+ * embedding, plus the positions', then the layers and the final LayerNorm. */
 Var *text_encode(Tape *t, const TextEncoder *m, const char *const *prompts, int batch, Error *e) {
     const TextEncoderConfig *c = &m->config;
     int L = c->max_length, d = c->hidden_size;
@@ -2862,8 +2864,6 @@ static Var *vae_unpack(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) 
     return ag_reshape(t, x, 4, (int64_t[]){B, C, h * ph, w * pw});
 }
 
-/* tokens [B, h*w, packed] -> image [B, 3, H, W] (nn.h): unpack, post_quant_conv, conv_in, then
- * the stages (mid block, up blocks, head) through their checkpoints. */
 /* The decoder as diffusers writes it, from conv_in's output: the mid block, the up blocks, the
  * head. Without checkpoints vae_decode runs this; the stages run the same ops in the same order.
  * x: [B, C, h, w] -> [B, out_channels, H, W] */
@@ -2881,6 +2881,9 @@ static Var *vae_decode_blocks(Tape *t, const VaeDecoder *m, Var *x) {
     return conv2d_apply(t, &m->conv_out, x);
 }
 
+/* tokens [B, h*w, packed] -> image [B, out_channels, H, W] (nn.h): unpack, post_quant_conv,
+ * conv_in, then vae_decode_blocks; or, with checkpoints, the same ops as stages run through them:
+ * one stage per up block, the first also holding the mid block, the last the head (vae_plan). */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     const VaeConfig *c = &m->config;
     Var *x = vae_unpack(t, m, tokens, h, w);

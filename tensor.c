@@ -248,6 +248,7 @@ static __mmask16 gemm_mask16(int n, int first) {
     return live <= 0 ? (__mmask16)0 : (__mmask16)((1u << live) - 1);
 }
 
+/* The micro-kernel (contract above) in AVX-512: the C tile in 24 zmm accumulators. */
 static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
                              float beta, float *C, int ldc) {
     __m512 acc[GEMM_MR][2];
@@ -280,6 +281,7 @@ static __m256i gemm_mask8(int n, int first) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n - first), lane);
 }
 
+/* The micro-kernel (contract above) in AVX2: the C tile in 12 ymm accumulators. */
 static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
                              float beta, float *C, int ldc) {
     __m256 acc[GEMM_MR][2];
@@ -320,6 +322,7 @@ static void gemm_tile_update(int m, int n, float alpha, const float *tile, float
 }
 
 #if defined(GEMM_NEON)
+/* The micro-kernel (contract above) in NEON: the C tile in 24 q-register accumulators. */
 static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
                              float beta, float *C, int ldc) {
     float32x4_t acc[GEMM_MR][3];
@@ -563,8 +566,9 @@ static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int
     }
 }
 
-/* The loops of the comment above, run by every thread of the team (or by one without OpenMP).
- * a_block is shared; b_blocks holds one private B block of b_block_floats per thread. */
+/* The loops of "The blocked GEMM" (the comment above GEMM_MR), run by every thread of the team
+ * (or by one without OpenMP). a_block is shared; b_blocks holds one private B block of
+ * b_block_floats per thread. */
 static void gemm_blocked(const GemmPlan *p, const GemmOperand *a_op, const GemmOperand *b_op,
                          int M, int N, int K, float alpha, float beta, float *C, int ldc,
                          float *a_block, float *b_blocks, size_t b_block_floats) {
@@ -1049,7 +1053,7 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
 #define WINOGRAD_POINTS       36  /* 6 x 6 */
 #define WINOGRAD_BLOCK_TILES  256 /* tiles per round of GEMMs (whole tile rows, at least one):
                                      its V and M blocks take 36 * 256 * channels floats each
-                                     (19 MiB at 512 channels) */
+                                     (18 MiB at 512 channels) */
 
 static const float winograd_bt[6][6] = {
     {4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
