@@ -197,6 +197,14 @@ static void test_bench_gemm_options(Cli *c) {
           "bench conv --help: its usage and its options from its table, no other benchmark");
     CHECK(run(c, "bench frobnicate") == 2 && log_has(c, "unknown benchmark"),
           "an unknown benchmark exits 2");
+    CHECK(run(c, "bench model --model tests/fixtures/tiny-flux2 --detector "
+                 "tests/fixtures/tiny-detector -W 32 -H 32 --threads 1 --runs 0") == 2 &&
+              log_has(c, "--runs"),
+          "bench model --runs 0 exits 2, naming --runs");
+    CHECK(run(c, "bench model --model tests/fixtures/tiny-flux2 --detector "
+                 "tests/fixtures/tiny-detector -W 32 -H 32 --threads 1 --runs 3") == 0 &&
+              log_has(c, "transformer forward"),
+          "bench model --runs 3 runs");
 }
 
 /* The shipped models (committed in weights/; `make weights` trains them again): a checkout
