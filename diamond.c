@@ -289,6 +289,13 @@ static int compare_doubles(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* Sorts times[0 .. n) and gives their least and their median (the upper one of an even n). */
+static void times_best_median(double *times, int n, double *best, double *median) {
+    qsort(times, (size_t)n, sizeof times[0], compare_doubles);
+    *best = times[0];
+    *median = times[n / 2];
+}
+
 /* Times `run` repeatedly after one warm-up: about half a second in all, 3 to 50 repetitions.
  * Fills best and median in seconds. */
 static void bench_time(void (*run)(void *), void *ctx, double *best, double *median) {
@@ -302,9 +309,7 @@ static void bench_time(void (*run)(void *), void *ctx, double *best, double *med
         run(ctx);
         times[r] = now_seconds() - t0;
     }
-    qsort(times, (size_t)reps, sizeof times[0], compare_doubles);
-    *best = times[0];
-    *median = times[reps / 2];
+    times_best_median(times, reps, best, median);
 }
 
 /* Fills x with deterministic pseudo-random values in [-1, 1). */
@@ -773,9 +778,7 @@ static int bench_part(const char *what, BenchPart part, const BenchModels *m, do
         bench_part_run(&r);
         times[runs++] = now_seconds() - t0;
     } while (r.rc == 0 && times[0] >= 0.5 && runs < m->runs);
-    qsort(times, (size_t)runs, sizeof times[0], compare_doubles);
-    best = times[0];
-    *seconds = runs % 2 ? times[runs / 2] : (times[runs / 2 - 1] + times[runs / 2]) / 2.0;
+    times_best_median(times, runs, &best, seconds);
     if (r.rc == 0 && best < 0.5) bench_time(bench_part_run, &r, &best, seconds);
     if (r.rc) {
         *e = r.e;
