@@ -155,14 +155,14 @@ weights-detector: diamond
 	$(TRAIN) detector --config weights/detector --out weights/detector --threads 1 \
 	    --log weights/logs/detector.csv --quiet
 weights-flow: weights-vae
-	$(TRAIN) text+flow --config weights --vae weights/vae --out weights --steps 30000 --ema 0.999 \
+	$(TRAIN) text+flow --config weights --vae weights/vae --out weights --steps 24000 --ema 0.999 \
 	    --threads 1 --log weights/logs/flow.csv --quiet
 weights-vae-decoder: weights-vae
 	$(TRAIN) vae-decoder --config weights/vae --vae weights/vae --out weights/vae --steps 5000 \
 	    --latent-noise 0.2 --threads 1 --log weights/logs/vae-decoder.csv --quiet
 weights-flow-cfg: weights-flow weights-vae-decoder
 	$(TRAIN) text+flow --config weights --init weights --vae weights/vae --out weights \
-	    --steps 10000 --lr 5e-4 --warmup 200 --ema 0.999 --uncond 0.1 --seed 1 --threads 1 \
+	    --steps 8000 --lr 5e-4 --warmup 200 --ema 0.999 --uncond 0.1 --seed 1 --threads 1 \
 	    --log weights/logs/flow-cfg.csv --quiet
 
 PYTHON ?= /usr/bin/python3

@@ -10,6 +10,8 @@
 
 _Static_assert(WORLD_W <= 64, "the oracle keeps one image row in a uint64_t");
 _Static_assert(sizeof WORLD_ALPHABET - 1 == WORLD_SYMBOLS, "WORLD_SYMBOLS counts WORLD_ALPHABET");
+_Static_assert(WORLD_SCALE_Y >= ORACLE_SCALE_Y_MIN && WORLD_SCALE_Y <= ORACLE_SCALE_Y_MAX,
+               "the oracle matches the world's glyph height");
 
 /* === the font === */
 
@@ -87,7 +89,7 @@ typedef struct WorldRng {
 } WorldRng;
 
 /* Streams keep the draws for one purpose independent of how many another purpose made. */
-enum { WORLD_STREAM_WORD = 1, WORLD_STREAM_LAYOUT = 2, WORLD_STREAM_CORRUPT = 3 };
+enum { WORLD_STREAM_WORD = 1, WORLD_STREAM_COLOURS = 2, WORLD_STREAM_CORRUPT = 3 };
 
 static WorldRng world_rng(uint64_t seed, uint64_t stream) {
     return (WorldRng){mix64(seed ^ mix64(stream))};
@@ -158,45 +160,28 @@ static void world_pick_colours(WorldRng *g, WorldScene *s) {
     memset(s->ink, world_luminance(s->background) > 127.5 ? 0 : 255, sizeof s->ink);
 }
 
-/* A coordinate within shift of the middle of lo .. hi, and inside it. */
-static int world_near_centre(WorldRng *g, int lo, int hi, int shift) {
-    int mid = (lo + hi) / 2;
-    return world_between(g, mid - shift < lo ? lo : mid - shift,
-                         mid + shift > hi ? hi : mid + shift);
-}
-
-/* The scale, the word's position (centred, give or take WORLD_SHIFT_X and WORLD_SHIFT_Y) and the
- * per-glyph vertical jitter. */
-static void world_place(WorldRng *g, WorldScene *s) {
+/* The scale and the word's place: centred (rounded up and left). */
+static void world_place(WorldScene *s) {
     s->scale_x = WORLD_SCALE_X;
-    s->scale_y = world_between(g, WORLD_SCALE_Y_MIN, WORLD_SCALE_Y_MAX);
+    s->scale_y = WORLD_SCALE_Y;
     int glyph_w = WORLD_FONT_W * s->scale_x, glyph_h = WORLD_FONT_H * s->scale_y;
     int word_w = s->length * glyph_w + (s->length - 1) * WORLD_SPACING;
-    bool jitter = world_below(g, 2);
-    int dy[WORLD_WORD_MAX], dy_min = 0, dy_max = 0;
-    for (int i = 0; i < s->length; i++) {
-        dy[i] = jitter ? world_between(g, -1, 1) : 0;
-        dy_min = dy[i] < dy_min ? dy[i] : dy_min;
-        dy_max = dy[i] > dy_max ? dy[i] : dy_max;
-    }
-    int x0 = world_near_centre(g, WORLD_MARGIN, WORLD_W - WORLD_MARGIN - word_w, WORLD_SHIFT_X);
-    int y0 = world_near_centre(g, WORLD_MARGIN - dy_min, WORLD_H - WORLD_MARGIN - glyph_h - dy_max,
-                               WORLD_SHIFT_Y);
+    int x0 = (WORLD_W - word_w) / 2, y0 = (WORLD_H - glyph_h) / 2;
     for (int i = 0; i < s->length; i++)
-        s->glyph[i] = (WorldBox){x0 + i * (glyph_w + WORLD_SPACING), y0 + dy[i], glyph_w, glyph_h};
+        s->glyph[i] = (WorldBox){x0 + i * (glyph_w + WORLD_SPACING), y0, glyph_w, glyph_h};
 }
 
 int world_scene(uint64_t seed, const char *word, WorldScene *out, Error *e) {
     memset(out, 0, sizeof *out);
     WorldRng word_rng = world_rng(seed, WORLD_STREAM_WORD),
-             layout = world_rng(seed, WORLD_STREAM_LAYOUT);
+             colours = world_rng(seed, WORLD_STREAM_COLOURS);
     if (word) {
         if (world_set_word(out, word, e)) return -1;
     } else {
         world_draw_word(&word_rng, out);
     }
-    world_pick_colours(&layout, out);
-    world_place(&layout, out);
+    world_pick_colours(&colours, out);
+    world_place(out);
     return 0;
 }
 
@@ -596,7 +581,7 @@ static void oracle_drop_specks(uint64_t ink[WORLD_H]) {
 
 /* A symbol as the oracle expects to see it: pixel rows (bit 0 the box's leftmost pixel) and the
  * offset of the ink's bounding box in that box. */
-#define ORACLE_TEMPLATE_ROWS (WORLD_FONT_H * WORLD_SCALE_Y_MAX + 2)
+#define ORACLE_TEMPLATE_ROWS (WORLD_FONT_H * ORACLE_SCALE_Y_MAX + 2)
 
 typedef struct OracleTemplate {
     uint64_t row[ORACLE_TEMPLATE_ROWS];
@@ -605,7 +590,7 @@ typedef struct OracleTemplate {
 } OracleTemplate;
 
 /* Each symbol at each scale_y, sharp and as a 3x3 box blur thresholded at half shows it. */
-enum { ORACLE_SCALES = WORLD_SCALE_Y_MAX - WORLD_SCALE_Y_MIN + 1, ORACLE_LOOKS = 2 };
+enum { ORACLE_SCALES = ORACLE_SCALE_Y_MAX - ORACLE_SCALE_Y_MIN + 1, ORACLE_LOOKS = 2 };
 typedef OracleTemplate OracleTemplates[WORLD_SYMBOLS][ORACLE_SCALES * ORACLE_LOOKS];
 
 static void oracle_ink_box(OracleTemplate *t) {
@@ -646,7 +631,7 @@ static void oracle_template(int symbol, int scale_y, bool blurred, OracleTemplat
 static void oracle_templates(OracleTemplates templates) {
     for (int k = 0; k < WORLD_SYMBOLS; k++)
         for (int i = 0; i < ORACLE_SCALES * ORACLE_LOOKS; i++)
-            oracle_template(k, WORLD_SCALE_Y_MIN + i / ORACLE_LOOKS, i % ORACLE_LOOKS,
+            oracle_template(k, ORACLE_SCALE_Y_MIN + i / ORACLE_LOOKS, i % ORACLE_LOOKS,
                             &templates[k][i]);
 }
 
