@@ -108,7 +108,7 @@ static double luminance(const uint8_t c[3]) {
 /* What world_scene promises: a word of the alphabet, contrast, scale, boxes inside the margin,
  * the spacing, and a render of exactly the font's cells in two colours. */
 static void test_scenes(void) {
-    enum { SEEDS = 500 };
+    enum { SEEDS = 500, MARGIN = 2 };
     int bad_word = 0, bad_colour = 0, bad_box = 0, bad_render = 0, off_centre = 0,
         lengths[WORLD_WORD_MAX + 1] = {0};
     Error e = {{0}};
@@ -129,8 +129,8 @@ static void test_scenes(void) {
                       abs(2 * s.glyph[0].y + s.glyph[0].h - WORLD_H) > 1 || s.glyph[0].x % 8 != 3;
         for (int i = 0; i < s.length; i++) {
             WorldBox b = s.glyph[i];
-            bad_box += b.x < WORLD_MARGIN || b.y < WORLD_MARGIN ||
-                       b.x + b.w > WORLD_W - WORLD_MARGIN || b.y + b.h > WORLD_H - WORLD_MARGIN ||
+            bad_box += b.x < MARGIN || b.y < MARGIN || b.x + b.w > WORLD_W - MARGIN ||
+                       b.y + b.h > WORLD_H - MARGIN ||
                        b.w != WORLD_FONT_W * WORLD_SCALE_X || b.h != WORLD_FONT_H * WORLD_SCALE_Y;
             if (i > 0)
                 bad_box += b.x != s.glyph[i - 1].x + s.glyph[i - 1].w + WORLD_SPACING ||
@@ -155,7 +155,7 @@ static void test_scenes(void) {
           WORLD_MIN_CONTRAST, bad_colour);
     CHECK(bad_box == 0,
           "scenes: glyph boxes inside the %d px margin, %d px apart, at the scale (%d bad)",
-          WORLD_MARGIN, WORLD_SPACING, bad_box);
+          MARGIN, WORLD_SPACING, bad_box);
     CHECK(off_centre == 0, "scenes: words centred, glyphs at one place on the token grid (%d off)",
           off_centre);
     CHECK(bad_render == 0,

@@ -32,8 +32,6 @@
 #define WORLD_SCALE_X 2
 #define WORLD_SCALE_Y 3
 #define WORLD_SPACING 6
-/* The least space between the word and the image border. */
-#define WORLD_MARGIN 2
 /* Background and text differ in luminance (Rec. 709 weights) by at least this fraction of 255. */
 #define WORLD_MIN_CONTRAST 0.35
 
