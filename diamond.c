@@ -3346,7 +3346,7 @@ static const Option demo_options[] = {
     {.name = "-o", .value = "FILE", .kind = OPTION_TEXT, .offset = offsetof(DemoArgs, out),
      .fallback = "diamond-demo.png", .help = "the picture (.png or .ppm)"},
     {.name = "--pairs", .value = "N", .kind = OPTION_INT, .offset = offsetof(DemoArgs, pairs),
-     .min = 1, .max = DEMO_MAX_PAIRS, .fallback = "4",
+     .min = 1, .max = DEMO_MAX_PAIRS, .fallback = "8",
      .help = "pairs to show, at most 16"},
     {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
      .offset = offsetof(DemoArgs, threads), .parse = option_threads,

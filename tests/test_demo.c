@@ -68,8 +68,8 @@ static int fixture_weights(const Cli *c, char *dir, size_t len) {
  * overrides one, and a file that sets what a model may not, or a bad value, is an error (exit 1)
  * naming the file. */
 static void test_model_defaults(Cli *c) {
-    static const char *const flags = "--steps 16 -W 64 -H 32 --mu 0 --cfg 4 "
-                                     "--lambda-schedule linear:start=2,end=0.2 --loss mse";
+    static const char *const flags = "--steps 4 -W 64 -H 32 --mu 0 --cfg 3 "
+                                     "--lambda-schedule linear:start=16,end=2 --loss mse";
     char a[256], b[256], dir[256], path[300];
     snprintf(a, sizeof a, "%s/own.png", c->dir);
     snprintf(b, sizeof b, "%s/flags.png", c->dir);
