@@ -3,6 +3,7 @@ figures beside ours, same machine, same weights.
 
     /usr/bin/python3 tools/bench_torch.py DIR DETECTOR [THREADS] [-W 512] [-H 512]
                                           [--text-len 512] [--only transformer|vae|detector]
+                                          [--runs N]
 
 DIR holds transformer/ and vae/ in the real layouts (tools/random_models.py writes random ones at
 the real sizes), DETECTOR a SegFormer directory. In float32 (the weights converted once, loading
@@ -63,12 +64,19 @@ def load_dir(directory, index_name, single_name):
     return weights
 
 
-def timed(what, fn):
-    t = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t
-    print(f"  {what:<46} {seconds:9.3f} s   (peak RSS so far "
-          f"{bench_qwen3_torch.peak_rss_gb() * 1e3 / 1.048576:.0f} MiB)", flush=True)
+def timed(runs, what, fn):
+    """fn's time, runs times: the median (the upper one of an even count, as `diamond bench`
+    takes it) and the best, so a warm run is compared with a warm run."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    tail = f"   median of {runs} runs, best {times[0]:.3f} s" if runs > 1 else ""
+    print(f"  {what:<46} {median:9.3f} s   (peak RSS so far "
+          f"{bench_qwen3_torch.peak_rss_gb() * 1e3 / 1.048576:.0f} MiB){tail}", flush=True)
 
 
 def f32_tables():
@@ -91,7 +99,7 @@ def bench_transformer(args, gen):
     txt = torch.rand(1, args.text_len, cfg["joint_attention_dim"], generator=gen) * 2 - 1
     f32_tables()
     with torch.no_grad():
-        timed("transformer forward (one step)",
+        timed(args.runs, "transformer forward (one step)",
               lambda: ref_flux2.forward(weights, cfg, tokens, h, w, txt, torch.tensor([0.5])))
 
 
@@ -105,12 +113,12 @@ def bench_vae(args, gen):
     h, w = args.height // scale, args.width // scale
     tokens = torch.rand(1, h * w, cfg["latent_channels"] * ph * pw, generator=gen) * 2 - 1
     with torch.no_grad():
-        timed("VAE decode forward", lambda: ref_vae.decode(tokens, weights, cfg, h, w))
+        timed(args.runs, "VAE decode forward", lambda: ref_vae.decode(tokens, weights, cfg, h, w))
 
     def backward():
         x = tokens.clone().requires_grad_()
         ref_vae.decode(x, weights, cfg, h, w).mean().backward()
-    timed("VAE decode forward+backward (to the latent)", backward)
+    timed(args.runs, "VAE decode forward+backward (to the latent)", backward)
 
 
 def bench_detector(args, gen):
@@ -125,12 +133,12 @@ def bench_detector(args, gen):
         p.requires_grad_(False)
     image = torch.rand(1, 3, args.height, args.width, generator=gen) * 2 - 1
     with torch.no_grad():
-        timed("detector forward", lambda: ref_segformer.detector(model, pre, image))
+        timed(args.runs, "detector forward", lambda: ref_segformer.detector(model, pre, image))
 
     def backward():
         x = image.clone().requires_grad_()
         ref_segformer.detector(model, pre, x)[2].mean().backward()
-    timed("detector forward+backward (to the image)", backward)
+    timed(args.runs, "detector forward+backward (to the image)", backward)
 
 
 def main():
@@ -142,7 +150,10 @@ def main():
     parser.add_argument("-H", dest="height", type=int, default=512)
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--only", choices=["transformer", "vae", "detector"])
+    parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
+    if args.runs < 1:
+        raise SystemExit("--runs: at least 1")
     torch.set_num_threads(args.threads)
     print(f"bench_torch: {args.width}x{args.height} image, {args.text_len} text tokens, float32, "
           f"threads {args.threads}, torch {torch.__version__}")
