@@ -482,11 +482,11 @@ static double gemm_grid_cost(int mc, int N, int row_chunks, int col_blocks, int 
  * chunks x column blocks (column blocks still at most GEMM_NC wide) of the least
  * gemm_grid_cost, so that every thread gets equal work in tiles that reuse their A rows and B
  * columns over each other: a tall narrow item re-reads its rows from L3 for few columns. */
-static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
+static GemmPlan gemm_plan(int M, int N, int K, int max_threads, bool one_a_block) {
     GemmPlan p;
     double work = (double)M * N * K;
     p.threads = work < GEMM_PARALLEL_MIN_WORK ? 1 : max_threads;
-    int mc_max = GEMM_A_BLOCK_FLOATS / K / GEMM_MR * GEMM_MR;
+    int mc_max = one_a_block ? gemm_round_up(M, GEMM_MR) : GEMM_A_BLOCK_FLOATS / K / GEMM_MR * GEMM_MR;
     if (mc_max < GEMM_MR) mc_max = GEMM_MR;
     p.mc = gemm_round_up(gemm_ceil_div(M, gemm_ceil_div(M, mc_max)), GEMM_MR);
     int row_panels = gemm_ceil_div(p.mc, GEMM_MR), col_tiles = gemm_ceil_div(N, GEMM_NR);
@@ -568,15 +568,16 @@ static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int
 
 /* The loops of "The blocked GEMM" (the comment above GEMM_MR), run by every thread of the team
  * (or by one without OpenMP). a_block is shared; b_blocks holds one private B block of
- * b_block_floats per thread. */
+ * b_block_floats per thread. a_op NULL: a_block already holds all of A packed, one block. */
 static void gemm_blocked(const GemmPlan *p, const GemmOperand *a_op, const GemmOperand *b_op,
                          int M, int N, int K, float alpha, float beta, float *C, int ldc,
-                         float *a_block, float *b_blocks, size_t b_block_floats) {
+                         const float *a_block_in, float *b_blocks, size_t b_block_floats) {
     int row_chunks = gemm_ceil_div(p->mc, p->row_chunk);
     int col_blocks = gemm_ceil_div(N, p->col_block);
+    float *a_block = (float *)a_block_in;
     for (int ic = 0; ic < M; ic += p->mc) {
         int mc = gemm_min(p->mc, M - ic);
-        gemm_pack_a_block(a_op, ic, mc, K, p->mc, a_block);
+        if (a_op) gemm_pack_a_block(a_op, ic, mc, K, p->mc, a_block);
         #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int c = 0; c < col_blocks; c++)
             for (int q = 0; q < row_chunks; q++) {
@@ -609,7 +610,7 @@ void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
         gemm_scale(M, N, beta, C, ldc);
         return;
     }
-    GemmPlan plan = gemm_plan(M, N, K, team_size());
+    GemmPlan plan = gemm_plan(M, N, K, team_size(), false);
     GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1};
     GemmOperand b_op = {{B, b_dtype}, trans_b ? ldb : 1, trans_b ? 1 : ldb};
     int kc_max = gemm_min(GEMM_KC, K);
@@ -626,6 +627,41 @@ void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
                               C, ldc);
     }
     free(a_block);
+    free(b_blocks);
+}
+
+size_t gemm_packed_a_floats(int M, int K) {
+    return (size_t)gemm_round_up(M, GEMM_MR) * (K > 0 ? K : 0);
+}
+
+/* op(A) [M, K] (A [K, M] when trans_a; row stride lda) -> packed: gemm_blocked's A block over
+ * all M rows, depth block p0 at packed + round_up(M, MR) * p0, each [ceil(M / MR)][kc][MR]
+ * (gemm_pack_a_block's layout). */
+void gemm_pack_a(bool trans_a, int M, int K, const float *A, int lda, float *packed) {
+    if (M <= 0 || K <= 0) return;
+    GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1};
+    #pragma omp parallel if (team_size() > 1 && (double)M * K > GEMM_PARALLEL_MIN_WORK)
+    gemm_pack_a_block(&a_op, 0, M, K, gemm_round_up(M, GEMM_MR), packed);
+}
+
+void gemm_packed_a(int M, int N, int K, const float *packed_a, const float *B, int ldb, float *C,
+                   int ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        gemm_scale(M, N, 0.0f, C, ldc);
+        return;
+    }
+    GemmPlan plan = gemm_plan(M, N, K, team_size(), true);
+    GemmOperand b_op = {{B, DTYPE_F32}, 1, ldb};
+    size_t b_block_floats = (size_t)plan.col_block * gemm_min(GEMM_KC, K);
+    float *b_blocks = gemm_alloc(b_block_floats * plan.threads);
+    if (!b_blocks) {
+        for (int i = 0; i < M; i++) fill_nan(C + (size_t)i * ldc, (size_t)N);
+        return;
+    }
+    #pragma omp parallel num_threads(plan.threads) if (plan.threads > 1)
+    gemm_blocked(&plan, NULL, &b_op, M, N, K, 1.0f, 0.0f, C, ldc, packed_a, b_blocks,
+                 b_block_floats);
     free(b_blocks);
 }
 
@@ -1051,9 +1087,10 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
  * channels), never the embedded models' (16-64), whose results stay those of the direct sum. */
 #define WINOGRAD_MIN_CHANNELS 128
 #define WINOGRAD_POINTS       36  /* 6 x 6 */
-#define WINOGRAD_BLOCK_TILES  256 /* tiles per round of GEMMs (whole tile rows, at least one):
-                                     its V and M blocks take 36 * 256 * channels floats each
-                                     (18 MiB at 512 channels) */
+#define WINOGRAD_BLOCK_TILES  64  /* tiles per block at most: a thread's V and M blocks take
+                                     36 * 64 * (Cin + Cout) floats (9 MiB at 512 + 512
+                                     channels), and each block's 36 products reuse every
+                                     kernel over 64 tiles (16 multiply-adds per byte of U) */
 
 static const float winograd_bt[6][6] = {
     {4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
@@ -1078,59 +1115,76 @@ bool conv2d_is_winograd(const Conv2dShape *s) {
 }
 
 /* The sizes of one Winograd convolution: out_ch planes of H x W from in_ch planes of H x W, in
- * tile rows of tiles_w 4x4 tiles; GEMM rounds take block_rows tile rows at a time. */
+ * tile_rows rows of tiles_w 4x4 tiles. The work goes in blocks of tiles, each a rectangle of
+ * block_rows tile rows by block_cols tiles (whole rows when they fit WINOGRAD_BLOCK_TILES,
+ * else one row cut in spans). */
 typedef struct WinogradDims {
     int in_ch, out_ch, H, W;
-    int tiles_w, tile_rows, block_rows;
+    int tiles_w, tile_rows, block_rows, block_cols;
 } WinogradDims;
 
-/* w: [Cout, Cin, 3, 3] -> u: [36, Cout, Cin], U[k, c] = G w[k, c] G^T. adjoint: the kernels of
- * the backward to the input, w[c, k] turned 180 degrees, from w: [Cin_this = the forward's Cout,
- * Cout_this, 3, 3]. */
+/* w: [Cout, Cin, 3, 3] -> u: [36, Cin, Cout] (transposed, as gemm_pack_a's trans_a reads it),
+ * U[k, c] = G w[k, c] G^T. adjoint: the kernels of the backward to the input, w[c, k] turned 180
+ * degrees, from w: [Cin_this = the forward's Cout, Cout_this, 3, 3]. One input channel c at a
+ * time, every 1-D transform a loop over the Cout kernels: taps [9][Cout], G w [6][3][Cout]. */
 static void winograd_kernels(const WinogradDims *d, const float *w, bool adjoint, float *u) {
+    int K = d->out_ch;
+    float *scratch = malloc((size_t)(9 + 18) * K * team_size() * sizeof *scratch);
+    if (!scratch) {
+        fill_nan(u, (size_t)WINOGRAD_POINTS * d->in_ch * K);
+        return;
+    }
 #pragma omp parallel for schedule(static) \
     if ((size_t)d->out_ch * d->in_ch * WINOGRAD_POINTS > PARALLEL_MIN)
-    for (int k = 0; k < d->out_ch; k++)
-        for (int c = 0; c < d->in_ch; c++) {
-            const float *g = w + ((adjoint ? (size_t)c * d->out_ch + k
-                                           : (size_t)k * d->in_ch + c) * 9);
-            float gw[6][3], tap[3][3];
-            for (int i = 0; i < 3; i++)
-                for (int j = 0; j < 3; j++)
-                    tap[i][j] = adjoint ? g[(2 - i) * 3 + 2 - j] : g[i * 3 + j];
-            for (int i = 0; i < 6; i++) /* G w: [6, 3] */
-                for (int j = 0; j < 3; j++)
-                    gw[i][j] = winograd_g[i][0] * tap[0][j] + winograd_g[i][1] * tap[1][j] +
-                               winograd_g[i][2] * tap[2][j];
-            for (int i = 0; i < 6; i++) /* (G w) G^T: [6, 6] */
-                for (int j = 0; j < 6; j++)
-                    u[((size_t)(i * 6 + j) * d->out_ch + k) * d->in_ch + c] =
-                        gw[i][0] * winograd_g[j][0] + gw[i][1] * winograd_g[j][1] +
-                        gw[i][2] * winograd_g[j][2];
-        }
+    for (int c = 0; c < d->in_ch; c++) {
+        float *tap = scratch + (size_t)27 * K * gemm_thread_index(), *gw = tap + 9 * (size_t)K;
+        for (int t = 0; t < 9; t++) /* tap[t][k] = w[k, c] at t, or turned: w[c, k] at 8 - t */
+            for (int k = 0; k < K; k++)
+                tap[t * K + k] = adjoint ? w[((size_t)c * K + k) * 9 + 8 - t]
+                                         : w[((size_t)k * d->in_ch + c) * 9 + t];
+        for (int i = 0; i < 6; i++) /* G w: [6, 3] */
+            for (int j = 0; j < 3; j++) {
+                float *out = gw + (size_t)(i * 3 + j) * K;
+                const float *t0 = tap + (size_t)j * K, *t1 = t0 + 3 * K, *t2 = t1 + 3 * K;
+                for (int k = 0; k < K; k++)
+                    out[k] = winograd_g[i][0] * t0[k] + winograd_g[i][1] * t1[k] +
+                             winograd_g[i][2] * t2[k];
+            }
+        for (int i = 0; i < 6; i++) /* (G w) G^T: [6, 6] */
+            for (int j = 0; j < 6; j++) {
+                float *out = u + ((size_t)(i * 6 + j) * d->in_ch + c) * K;
+                const float *g0 = gw + (size_t)i * 3 * K, *g1 = g0 + K, *g2 = g1 + K;
+                for (int k = 0; k < K; k++)
+                    out[k] = g0[k] * winograd_g[j][0] + g1[k] * winograd_g[j][1] +
+                             g2[k] * winograd_g[j][2];
+            }
+    }
+    free(scratch);
 }
 
-/* The transforms run along whole tile rows, so that their loops run over consecutive values
+/* The transforms run along spans of a tile row, so that their loops run over consecutive values
  * (vectorised) rather than inside one 6x6 tile: each 1-D transform first over the columns of the
- * tile row, then over its rows with the values split by phase (x mod 4), tile tx's six inputs
- * being phase[0..3][tx], phase[0..1][tx + 1]. A thread's scratch: 12 rows of 4 tiles_w + 4 and
- * 24 of tiles_w + 1 floats. */
+ * span, then over its rows with the values split by phase (x mod 4), tile i's six inputs being
+ * phase[0..3][i], phase[0..1][i + 1]. A thread's scratch: 12 rows of 4 block_cols + 4 and 24 of
+ * block_cols + 1 floats. */
 static size_t winograd_scratch_floats(const WinogradDims *d) {
-    return 12 * ((size_t)4 * d->tiles_w + 4) + 24 * ((size_t)d->tiles_w + 1);
+    return 12 * ((size_t)4 * d->block_cols + 4) + 24 * ((size_t)d->block_cols + 1);
 }
 
-/* Input plane x: [H, W], tile row ty -> v[p * v_stride + tx] = (B^T d B)[p] of its tiles, d
- * the 6x6 input from one row and column before the tile's outputs (zero outside the image). */
-static void winograd_input_row(const WinogradDims *d, const float *x, int ty, float *v,
-                               size_t v_stride, float *scratch) {
-    int tw = d->tiles_w, width = 4 * tw + 4;
+/* Input plane x: [H, W], tiles tx0 .. tx0 + n - 1 of tile row ty -> v[p * v_stride + i] =
+ * (B^T d B)[p] of tile tx0 + i, d the 6x6 input from one row and column before the tile's
+ * outputs (zero outside the image). */
+static void winograd_input_span(const WinogradDims *d, const float *x, int ty, int tx0, int n,
+                                float *v, size_t v_stride, float *scratch) {
+    int width = 4 * n + 4, x0 = 4 * tx0 - 1; /* rows[r][i] = x[4 ty - 1 + r][x0 + i] */
+    int lo = x0 < 0 ? -x0 : 0, hi = d->W - x0 < width ? d->W - x0 : width;
     float *rows = scratch, *cols = rows + 6 * width, *phase = cols + 6 * width;
-    for (int r = 0; r < 6; r++) { /* rows[r][x + 1] = x[4 ty - 1 + r][x], 0 outside */
+    for (int r = 0; r < 6; r++) { /* 0 outside the image */
         int yy = 4 * ty - 1 + r;
         float *row = rows + (size_t)r * width;
         memset(row, 0, (size_t)width * sizeof *row);
         if (yy >= 0 && yy < d->H)
-            memcpy(row + 1, x + (size_t)yy * d->W, (size_t)d->W * sizeof *row);
+            memcpy(row + lo, x + (size_t)yy * d->W + x0 + lo, (size_t)(hi - lo) * sizeof *row);
     }
     for (int i = 0; i < 6; i++) { /* cols = B^T rows, column by column */
         float *out = cols + (size_t)i * width;
@@ -1145,111 +1199,106 @@ static void winograd_input_row(const WinogradDims *d, const float *x, int ty, fl
     for (int i = 0; i < 6; i++) { /* each row of cols, times B */
         const float *col = cols + (size_t)i * width;
         for (int q = 0; q < 4; q++)
-            for (int tx = 0; tx <= tw; tx++) phase[q * (tw + 1) + tx] = col[4 * tx + q];
+            for (int t = 0; t <= n; t++) phase[q * (n + 1) + t] = col[4 * t + q];
         for (int j = 0; j < 6; j++) {
             float *out = v + (size_t)(i * 6 + j) * v_stride;
-            for (int tx = 0; tx < tw; tx++) out[tx] = 0.0f;
+            for (int t = 0; t < n; t++) out[t] = 0.0f;
             for (int r = 0; r < 6; r++) {
                 float b = winograd_bt[j][r];
-                const float *in = phase + (r % 4) * (tw + 1) + r / 4;
+                const float *in = phase + (r % 4) * (n + 1) + r / 4;
                 if (b != 0.0f)
-                    for (int tx = 0; tx < tw; tx++) out[tx] += b * in[tx];
+                    for (int t = 0; t < n; t++) out[t] += b * in[t];
             }
         }
     }
 }
 
-/* m[p * m_stride + tx], the 36 products of tile row ty's tiles -> their 4x4 outputs A^T m A (+
- * bias) into plane y: [H, W] (their parts inside the image); accumulate: added to y. */
-static void winograd_output_row(const WinogradDims *d, const float *m, size_t m_stride, int ty,
-                                float bias, bool accumulate, float *y, float *scratch) {
-    int tw = d->tiles_w;
-    float *at_m = scratch, *out = at_m + 24 * (size_t)tw; /* [4][6][tw], [4][tw] */
+/* m[p * m_stride + i], the 36 products of tile tx0 + i of tile row ty (i < n) -> their 4x4
+ * outputs A^T m A (+ bias) into plane y: [H, W] (their parts inside the image); accumulate:
+ * added to y. */
+static void winograd_output_span(const WinogradDims *d, const float *m, size_t m_stride, int ty,
+                                 int tx0, int n, float bias, bool accumulate, float *y,
+                                 float *scratch) {
+    float *at_m = scratch, *out = at_m + 24 * (size_t)n; /* [4][6][n], [4][n] */
     for (int i = 0; i < 4; i++) /* A^T m, column by column */
         for (int j = 0; j < 6; j++) {
-            float *acc = at_m + (size_t)(i * 6 + j) * tw;
-            for (int tx = 0; tx < tw; tx++) acc[tx] = 0.0f;
+            float *acc = at_m + (size_t)(i * 6 + j) * n;
+            for (int t = 0; t < n; t++) acc[t] = 0.0f;
             for (int r = 0; r < 6; r++) {
                 float a = winograd_at[i][r];
                 const float *in = m + (size_t)(r * 6 + j) * m_stride;
                 if (a != 0.0f)
-                    for (int tx = 0; tx < tw; tx++) acc[tx] += a * in[tx];
+                    for (int t = 0; t < n; t++) acc[t] += a * in[t];
             }
         }
+    int x0 = 4 * tx0, cols = d->W - x0 < 4 * n ? d->W - x0 : 4 * n;
     for (int i = 0; i < 4 && 4 * ty + i < d->H; i++) { /* each row, times A */
         for (int jj = 0; jj < 4; jj++) {
-            float *o = out + (size_t)jj * tw;
-            for (int tx = 0; tx < tw; tx++) o[tx] = bias;
+            float *o = out + (size_t)jj * n;
+            for (int t = 0; t < n; t++) o[t] = bias;
             for (int r = 0; r < 6; r++) {
                 float a = winograd_at[jj][r];
-                const float *in = at_m + (size_t)(i * 6 + r) * tw;
+                const float *in = at_m + (size_t)(i * 6 + r) * n;
                 if (a != 0.0f)
-                    for (int tx = 0; tx < tw; tx++) o[tx] += a * in[tx];
+                    for (int t = 0; t < n; t++) o[t] += a * in[t];
             }
         }
-        float *row = y + (size_t)(4 * ty + i) * d->W;
-        for (int xx = 0; xx < d->W; xx++) {
-            float value = out[(size_t)(xx % 4) * tw + xx / 4];
+        float *row = y + (size_t)(4 * ty + i) * d->W + x0;
+        for (int xx = 0; xx < cols; xx++) {
+            float value = out[(size_t)(xx % 4) * n + xx / 4];
             row[xx] = accumulate ? row[xx] + value : value;
         }
     }
 }
 
-/* x: [Cin, H, W] -> v: [36, Cin, n], tile rows [ty0, ty0 + rows) (n = rows * tiles_w tiles). */
-static void winograd_inputs(const WinogradDims *d, const float *x, int ty0, int rows, float *v,
-                            float *scratch) {
-    size_t n = (size_t)rows * d->tiles_w, per_thread = winograd_scratch_floats(d);
-#pragma omp parallel for schedule(static) if (d->in_ch * n * WINOGRAD_POINTS > PARALLEL_MIN)
+/* One block of one image, by one thread: tile rows [ty0, ty0 + rows) by tiles [tx0, tx0 + cols)
+ * (n = rows * cols tiles). x: [Cin, H, W] -> v: [36, Cin, n] (the inputs' transforms), the 36
+ * products m: [36, Cout, n] = U v through the packed kernels u (point_floats each), the outputs'
+ * transforms into y: [Cout, H, W]. */
+static void winograd_block(const WinogradDims *d, const float *u, size_t point_floats,
+                           const float *x, int ty0, int rows, int tx0, int cols,
+                           const float *bias, bool accumulate, float *y, float *v, float *m,
+                           float *scratch) {
+    size_t plane = (size_t)d->H * d->W, n = (size_t)rows * cols;
     for (int c = 0; c < d->in_ch; c++)
         for (int r = 0; r < rows; r++)
-            winograd_input_row(d, x + (size_t)c * d->H * d->W, ty0 + r,
-                               v + (size_t)c * n + (size_t)r * d->tiles_w, (size_t)d->in_ch * n,
-                               scratch + per_thread * gemm_thread_index());
-}
-
-/* m: [36, Cout, n] -> y: [Cout, H, W] for tile rows [ty0, ty0 + rows). */
-static void winograd_outputs(const WinogradDims *d, const float *m, int ty0, int rows,
-                             const float *bias, bool accumulate, float *y, float *scratch) {
-    size_t n = (size_t)rows * d->tiles_w, per_thread = winograd_scratch_floats(d);
-#pragma omp parallel for schedule(static) if (d->out_ch * n * WINOGRAD_POINTS > PARALLEL_MIN)
+            winograd_input_span(d, x + c * plane, ty0 + r, tx0, cols, v + c * n + (size_t)r * cols,
+                                d->in_ch * n, scratch);
+    for (int p = 0; p < WINOGRAD_POINTS; p++)
+        gemm_packed_a(d->out_ch, (int)n, d->in_ch, u + p * point_floats, v + p * d->in_ch * n,
+                      (int)n, m + p * d->out_ch * n, (int)n);
     for (int k = 0; k < d->out_ch; k++)
         for (int r = 0; r < rows; r++)
-            winograd_output_row(d, m + (size_t)k * n + (size_t)r * d->tiles_w,
-                                (size_t)d->out_ch * n, ty0 + r, bias ? bias[k] : 0.0f, accumulate,
-                                y + (size_t)k * d->H * d->W,
-                                scratch + per_thread * gemm_thread_index());
+            winograd_output_span(d, m + k * n + (size_t)r * cols, d->out_ch * n, ty0 + r, tx0,
+                                 cols, bias ? bias[k] : 0.0f, accumulate, y + k * plane, scratch);
 }
 
-/* x: [B, Cin, H, W] -> y: [B, Cout, H, W] (= or, accumulate, +=) through the kernels u: [36, Cout,
- * Cin], a block of tile rows at a time: the inputs' transforms, the 36 GEMMs (one per point,
- * spread over the threads), the outputs' transforms. false when out of memory. */
-static bool winograd_run(const WinogradDims *d, int batch, const float *u, const float *x,
-                         const float *bias, bool accumulate, float *y) {
-    size_t block = (size_t)d->block_rows * d->tiles_w;
-    float *v = malloc((size_t)WINOGRAD_POINTS * d->in_ch * block * sizeof *v);
-    float *m = malloc((size_t)WINOGRAD_POINTS * d->out_ch * block * sizeof *m);
-    float *scratch = malloc(winograd_scratch_floats(d) * team_size() * sizeof *scratch);
-    bool ok = v && m && scratch;
-    for (int b = 0; b < batch; b++) {
-        if (!ok) break;
-        const float *x_b = x + (size_t)b * d->in_ch * d->H * d->W;
-        float *y_b = y + (size_t)b * d->out_ch * d->H * d->W;
-        for (int ty0 = 0; ty0 < d->tile_rows; ty0 += d->block_rows) {
-            int rows = d->tile_rows - ty0 < d->block_rows ? d->tile_rows - ty0 : d->block_rows;
-            int n = rows * d->tiles_w;
-            winograd_inputs(d, x_b, ty0, rows, v, scratch);
-#pragma omp parallel for schedule(dynamic, 1) if (team_size() > 1)
-            for (int p = 0; p < WINOGRAD_POINTS; p++)
-                gemm(false, false, d->out_ch, n, d->in_ch, 1.0f,
-                     u + (size_t)p * d->out_ch * d->in_ch, d->in_ch,
-                     v + (size_t)p * d->in_ch * n, n, 0.0f, m + (size_t)p * d->out_ch * n, n);
-            winograd_outputs(d, m, ty0, rows, bias, accumulate, y_b, scratch);
-        }
+/* x: [B, Cin, H, W] -> y: [B, Cout, H, W] (= or, accumulate, +=) through the packed kernels u,
+ * the blocks shared out among the threads, each with its own V, M and scratch. false when out
+ * of memory. */
+static bool winograd_run(const WinogradDims *d, int batch, const float *u, size_t point_floats,
+                         const float *x, const float *bias, bool accumulate, float *y) {
+    size_t block = (size_t)d->block_rows * d->block_cols;
+    size_t per_thread = WINOGRAD_POINTS * (d->in_ch + d->out_ch) * block + winograd_scratch_floats(d);
+    int threads = team_size();
+    float *work = malloc(per_thread * threads * sizeof *work);
+    if (!work) return false;
+    int row_blocks = (d->tile_rows + d->block_rows - 1) / d->block_rows;
+    int col_blocks = (d->tiles_w + d->block_cols - 1) / d->block_cols;
+    int per_image = row_blocks * col_blocks;
+#pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
+    for (int i = 0; i < batch * per_image; i++) {
+        int b = i / per_image, ty0 = i % per_image / col_blocks * d->block_rows;
+        int tx0 = i % col_blocks * d->block_cols;
+        int rows = d->tile_rows - ty0 < d->block_rows ? d->tile_rows - ty0 : d->block_rows;
+        int cols = d->tiles_w - tx0 < d->block_cols ? d->tiles_w - tx0 : d->block_cols;
+        float *v = work + per_thread * gemm_thread_index(), *m = v + WINOGRAD_POINTS * d->in_ch * block;
+        winograd_block(d, u, point_floats, x + (size_t)b * d->in_ch * d->H * d->W, ty0, rows,
+                       tx0, cols, bias, accumulate, y + (size_t)b * d->out_ch * d->H * d->W, v, m,
+                       m + WINOGRAD_POINTS * d->out_ch * block);
     }
-    free(v);
-    free(m);
-    free(scratch);
-    return ok;
+    free(work);
+    return true;
 }
 
 /* The forward (adjoint false: x [B, Cin, H, W] -> y [B, Cout, H, W] = conv(x, w) + b) or the
@@ -1259,14 +1308,22 @@ static void winograd_conv(const Conv2dShape *s, bool adjoint, const float *x, co
     WinogradDims d = {.in_ch = adjoint ? s->out_ch : s->in_ch,
                       .out_ch = adjoint ? s->in_ch : s->out_ch, .H = s->in_h, .W = s->in_w,
                       .tiles_w = (s->in_w + 3) / 4, .tile_rows = (s->in_h + 3) / 4};
-    d.block_rows = WINOGRAD_BLOCK_TILES / d.tiles_w;
-    if (d.block_rows < 1) d.block_rows = 1;
+    d.block_cols = d.tiles_w < WINOGRAD_BLOCK_TILES ? d.tiles_w : WINOGRAD_BLOCK_TILES;
+    d.block_rows = WINOGRAD_BLOCK_TILES / d.block_cols;
     if (d.block_rows > d.tile_rows) d.block_rows = d.tile_rows;
+    size_t point_floats = gemm_packed_a_floats(d.out_ch, d.in_ch);
     float *u = malloc((size_t)WINOGRAD_POINTS * d.out_ch * d.in_ch * sizeof *u);
-    if (u) winograd_kernels(&d, w, adjoint, u);
-    if (!u || !winograd_run(&d, s->batch, u, x, b, adjoint, y))
-        fill_nan(y, (size_t)s->batch * d.out_ch * d.H * d.W);
+    float *packed = malloc(WINOGRAD_POINTS * point_floats * sizeof *packed);
+    if (u && packed) {
+        winograd_kernels(&d, w, adjoint, u);
+        for (int p = 0; p < WINOGRAD_POINTS; p++)
+            gemm_pack_a(true, d.out_ch, d.in_ch, u + (size_t)p * d.out_ch * d.in_ch, d.out_ch,
+                        packed + p * point_floats);
+    }
     free(u);
+    if (!u || !packed || !winograd_run(&d, s->batch, packed, point_floats, x, b, adjoint, y))
+        fill_nan(y, (size_t)s->batch * d.out_ch * d.H * d.W);
+    free(packed);
 }
 
 void conv2d_forward(const Conv2dShape *s, const float *x, const float *w, const float *b,
