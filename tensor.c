@@ -1092,10 +1092,6 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
                                      channels), and each block's 36 products reuse every
                                      kernel over 64 tiles (16 multiply-adds per byte of U) */
 
-static const float winograd_bt[6][6] = {
-    {4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-    {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1},
-};
 static const float winograd_g[6][3] = {
     {1.0f / 4, 0, 0},
     {-1.0f / 6, -1.0f / 6, -1.0f / 6},
@@ -1104,9 +1100,9 @@ static const float winograd_g[6][3] = {
     {1.0f / 24, -1.0f / 12, 1.0f / 6},
     {0, 0, 1},
 };
-static const float winograd_at[4][6] = {
-    {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1},
-};
+/* B^T and A^T are spelled out in winograd_bt_1d and winograd_at_1d:
+ *   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+ *   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1] */
 
 bool conv2d_is_winograd(const Conv2dShape *s) {
     return s->kernel_h == 3 && s->kernel_w == 3 && s->stride_h == 1 && s->stride_w == 1 &&
@@ -1162,13 +1158,47 @@ static void winograd_kernels(const WinogradDims *d, const float *w, bool adjoint
     free(scratch);
 }
 
+/* The 1-D transforms, each over len columns at once (the loops vectorise: every row its own
+ * restrict pointer): six input rows d0..d5 -> o0..o5 = B^T d, or o0..o3 = A^T d, sharing the sums
+ * common to the rows of B^T and A^T. */
+static void winograd_bt_1d(int len, const float *restrict d0, const float *restrict d1,
+                           const float *restrict d2, const float *restrict d3,
+                           const float *restrict d4, const float *restrict d5, float *restrict o0,
+                           float *restrict o1, float *restrict o2, float *restrict o3,
+                           float *restrict o4, float *restrict o5) {
+    for (int x = 0; x < len; x++) {
+        float a = d4[x] - 4.0f * d2[x], b = d3[x] - 4.0f * d1[x]; /* rows 1, 2 */
+        float c = d4[x] - d2[x], e = 2.0f * (d3[x] - d1[x]);        /* rows 3, 4 */
+        o0[x] = 4.0f * d0[x] - 5.0f * d2[x] + d4[x];
+        o1[x] = a + b;
+        o2[x] = a - b;
+        o3[x] = c + e;
+        o4[x] = c - e;
+        o5[x] = 4.0f * d1[x] - 5.0f * d3[x] + d5[x];
+    }
+}
+
+static void winograd_at_1d(int len, const float *restrict d0, const float *restrict d1,
+                           const float *restrict d2, const float *restrict d3,
+                           const float *restrict d4, const float *restrict d5, float *restrict o0,
+                           float *restrict o1, float *restrict o2, float *restrict o3) {
+    for (int x = 0; x < len; x++) {
+        float sum12 = d1[x] + d2[x], diff12 = d1[x] - d2[x];
+        float sum34 = d3[x] + d4[x], diff34 = d3[x] - d4[x];
+        o0[x] = d0[x] + sum12 + sum34;
+        o1[x] = diff12 + 2.0f * diff34;
+        o2[x] = sum12 + 4.0f * sum34;
+        o3[x] = diff12 + 8.0f * diff34 + d5[x];
+    }
+}
+
 /* The transforms run along spans of a tile row, so that their loops run over consecutive values
- * (vectorised) rather than inside one 6x6 tile: each 1-D transform first over the columns of the
- * span, then over its rows with the values split by phase (x mod 4), tile i's six inputs being
- * phase[0..3][i], phase[0..1][i + 1]. A thread's scratch: 12 rows of 4 block_cols + 4 and 24 of
+ * rather than inside one 6x6 tile: each 1-D transform first over the columns of the span, then
+ * over its rows with the values split by phase (x mod 4), tile i's six inputs being
+ * phase[0..3][i], phase[0..1][i + 1]. A thread's scratch: 7 rows of 4 block_cols + 4 and 24 of
  * block_cols + 1 floats. */
 static size_t winograd_scratch_floats(const WinogradDims *d) {
-    return 12 * ((size_t)4 * d->block_cols + 4) + 24 * ((size_t)d->block_cols + 1);
+    return 7 * ((size_t)4 * d->block_cols + 4) + 24 * ((size_t)d->block_cols + 1);
 }
 
 /* Input plane x: [H, W], tiles tx0 .. tx0 + n - 1 of tile row ty -> v[p * v_stride + i] =
@@ -1176,40 +1206,33 @@ static size_t winograd_scratch_floats(const WinogradDims *d) {
  * outputs (zero outside the image). */
 static void winograd_input_span(const WinogradDims *d, const float *x, int ty, int tx0, int n,
                                 float *v, size_t v_stride, float *scratch) {
-    int width = 4 * n + 4, x0 = 4 * tx0 - 1; /* rows[r][i] = x[4 ty - 1 + r][x0 + i] */
+    int width = 4 * n + 4, x0 = 4 * tx0 - 1; /* cols[i][k]: column x0 + k of the span */
     int lo = x0 < 0 ? -x0 : 0, hi = d->W - x0 < width ? d->W - x0 : width;
-    float *rows = scratch, *cols = rows + 6 * width, *phase = cols + 6 * width;
-    for (int r = 0; r < 6; r++) { /* 0 outside the image */
+    float *zero = scratch, *cols = zero + width, *phase = cols + 6 * (size_t)width;
+    const float *rows[6]; /* the six input rows from column x0 + lo, zeros outside the image */
+    memset(zero, 0, (size_t)width * sizeof *zero);
+    for (int r = 0; r < 6; r++) {
         int yy = 4 * ty - 1 + r;
-        float *row = rows + (size_t)r * width;
-        memset(row, 0, (size_t)width * sizeof *row);
-        if (yy >= 0 && yy < d->H)
-            memcpy(row + lo, x + (size_t)yy * d->W + x0 + lo, (size_t)(hi - lo) * sizeof *row);
+        rows[r] = yy >= 0 && yy < d->H ? x + (size_t)yy * d->W + x0 + lo : zero;
     }
-    for (int i = 0; i < 6; i++) { /* cols = B^T rows, column by column */
-        float *out = cols + (size_t)i * width;
-        memset(out, 0, (size_t)width * sizeof *out);
-        for (int r = 0; r < 6; r++) {
-            float b = winograd_bt[i][r];
-            const float *row = rows + (size_t)r * width;
-            if (b != 0.0f)
-                for (int xx = 0; xx < width; xx++) out[xx] += b * row[xx];
-        }
+    float *c[6]; /* cols = B^T rows, column by column */
+    for (int i = 0; i < 6; i++) c[i] = cols + (size_t)i * width + lo;
+    winograd_bt_1d(hi - lo, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], c[0], c[1], c[2],
+                   c[3], c[4], c[5]);
+    for (int i = 0; i < 6; i++) { /* columns outside the image: B^T of zeros */
+        float *col = cols + (size_t)i * width;
+        for (int k = 0; k < lo; k++) col[k] = 0.0f;
+        for (int k = hi; k < width; k++) col[k] = 0.0f;
     }
+    size_t stride = (size_t)n + 1;
     for (int i = 0; i < 6; i++) { /* each row of cols, times B */
         const float *col = cols + (size_t)i * width;
-        for (int q = 0; q < 4; q++)
-            for (int t = 0; t <= n; t++) phase[q * (n + 1) + t] = col[4 * t + q];
-        for (int j = 0; j < 6; j++) {
-            float *out = v + (size_t)(i * 6 + j) * v_stride;
-            for (int t = 0; t < n; t++) out[t] = 0.0f;
-            for (int r = 0; r < 6; r++) {
-                float b = winograd_bt[j][r];
-                const float *in = phase + (r % 4) * (n + 1) + r / 4;
-                if (b != 0.0f)
-                    for (int t = 0; t < n; t++) out[t] += b * in[t];
-            }
-        }
+        for (int t = 0; t <= n; t++)
+            for (int q = 0; q < 4; q++) phase[q * stride + t] = col[4 * t + q];
+        float *o = v + (size_t)i * 6 * v_stride;
+        winograd_bt_1d(n, phase, phase + stride, phase + 2 * stride, phase + 3 * stride,
+                       phase + 1, phase + stride + 1, o, o + v_stride, o + 2 * v_stride,
+                       o + 3 * v_stride, o + 4 * v_stride, o + 5 * v_stride);
     }
 }
 
@@ -1220,32 +1243,28 @@ static void winograd_output_span(const WinogradDims *d, const float *m, size_t m
                                  int tx0, int n, float bias, bool accumulate, float *y,
                                  float *scratch) {
     float *at_m = scratch, *out = at_m + 24 * (size_t)n; /* [4][6][n], [4][n] */
-    for (int i = 0; i < 4; i++) /* A^T m, column by column */
-        for (int j = 0; j < 6; j++) {
-            float *acc = at_m + (size_t)(i * 6 + j) * n;
-            for (int t = 0; t < n; t++) acc[t] = 0.0f;
-            for (int r = 0; r < 6; r++) {
-                float a = winograd_at[i][r];
-                const float *in = m + (size_t)(r * 6 + j) * m_stride;
-                if (a != 0.0f)
-                    for (int t = 0; t < n; t++) acc[t] += a * in[t];
-            }
-        }
+    size_t s6 = 6 * m_stride, n6 = 6 * (size_t)n;
+    for (int j = 0; j < 6; j++) { /* A^T m, column by column */
+        const float *in = m + (size_t)j * m_stride;
+        float *o = at_m + (size_t)j * n;
+        winograd_at_1d(n, in, in + s6, in + 2 * s6, in + 3 * s6, in + 4 * s6, in + 5 * s6, o,
+                       o + n6, o + 2 * n6, o + 3 * n6);
+    }
     int x0 = 4 * tx0, cols = d->W - x0 < 4 * n ? d->W - x0 : 4 * n;
     for (int i = 0; i < 4 && 4 * ty + i < d->H; i++) { /* each row, times A */
-        for (int jj = 0; jj < 4; jj++) {
-            float *o = out + (size_t)jj * n;
-            for (int t = 0; t < n; t++) o[t] = bias;
-            for (int r = 0; r < 6; r++) {
-                float a = winograd_at[jj][r];
-                const float *in = at_m + (size_t)(i * 6 + r) * n;
-                if (a != 0.0f)
-                    for (int t = 0; t < n; t++) o[t] += a * in[t];
-            }
-        }
+        const float *in = at_m + (size_t)i * 6 * n;
+        winograd_at_1d(n, in, in + n, in + 2 * (size_t)n, in + 3 * (size_t)n, in + 4 * (size_t)n,
+                       in + 5 * (size_t)n, out, out + n, out + 2 * (size_t)n, out + 3 * (size_t)n);
         float *row = y + (size_t)(4 * ty + i) * d->W + x0;
-        for (int xx = 0; xx < cols; xx++) {
-            float value = out[(size_t)(xx % 4) * n + xx / 4];
+        int whole = cols / 4; /* tiles whose four columns all lie inside the image */
+        if (accumulate)
+            for (int t = 0; t < whole; t++)
+                for (int q = 0; q < 4; q++) row[4 * t + q] += out[q * n + t] + bias;
+        else
+            for (int t = 0; t < whole; t++)
+                for (int q = 0; q < 4; q++) row[4 * t + q] = out[q * n + t] + bias;
+        for (int xx = 4 * whole; xx < cols; xx++) {
+            float value = out[(xx % 4) * n + xx / 4] + bias;
             row[xx] = accumulate ? row[xx] + value : value;
         }
     }
