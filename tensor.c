@@ -644,25 +644,31 @@ void gemm_pack_a(bool trans_a, int M, int K, const float *A, int lda, float *pac
     gemm_pack_a_block(&a_op, 0, M, K, gemm_round_up(M, GEMM_MR), packed);
 }
 
-void gemm_packed_a(int M, int N, int K, const float *packed_a, const float *B, int ldb, float *C,
-                   int ldc) {
+size_t gemm_panels_floats(int K, int N) {
+    return (size_t)gemm_round_up(N > 0 ? N : 0, GEMM_NR) * (K > 0 ? K : 0);
+}
+
+size_t gemm_panel_offset(int K, int k, int j) {
+    return ((size_t)(j / GEMM_NR) * K + k) * GEMM_NR + j % GEMM_NR;
+}
+
+/* gemm_item's loops over operands already packed, on the calling thread: each B panel's depth
+ * block is its [kc][NR] run from row p0. */
+void gemm_packed(int M, int N, int K, const float *packed_a, const float *panels_b, float *C,
+                 int ldc) {
     if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        gemm_scale(M, N, 0.0f, C, ldc);
-        return;
+    if (K <= 0) gemm_scale(M, N, 0.0f, C, ldc);
+    size_t rows = (size_t)gemm_round_up(M, GEMM_MR);
+    for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
+        int kc = gemm_min(GEMM_KC, K - p0);
+        float beta = p0 == 0 ? 0.0f : 1.0f; /* C holds the earlier depth blocks */
+        for (int i = 0; i < M; i += GEMM_MR)
+            for (int j = 0; j < N; j += GEMM_NR)
+                gemm_microkernel(kc, packed_a + rows * p0 + (size_t)i * kc,
+                                 panels_b + (size_t)j * K + (size_t)p0 * GEMM_NR,
+                                 gemm_min(GEMM_MR, M - i), gemm_min(GEMM_NR, N - j), 1.0f, beta,
+                                 C + (size_t)i * ldc + j, ldc);
     }
-    GemmPlan plan = gemm_plan(M, N, K, team_size(), true);
-    GemmOperand b_op = {{B, DTYPE_F32}, 1, ldb};
-    size_t b_block_floats = (size_t)plan.col_block * gemm_min(GEMM_KC, K);
-    float *b_blocks = gemm_alloc(b_block_floats * plan.threads);
-    if (!b_blocks) {
-        for (int i = 0; i < M; i++) fill_nan(C + (size_t)i * ldc, (size_t)N);
-        return;
-    }
-    #pragma omp parallel num_threads(plan.threads) if (plan.threads > 1)
-    gemm_blocked(&plan, NULL, &b_op, M, N, K, 1.0f, 0.0f, C, ldc, packed_a, b_blocks,
-                 b_block_floats);
-    free(b_blocks);
 }
 
 /* C = alpha op(A) op(B) + beta C (tensor.h): gemm_stored with f32 operands, which packs them and
@@ -1201,11 +1207,12 @@ static size_t winograd_scratch_floats(const WinogradDims *d) {
     return 7 * ((size_t)4 * d->block_cols + 4) + 24 * ((size_t)d->block_cols + 1);
 }
 
-/* Input plane x: [H, W], tiles tx0 .. tx0 + n - 1 of tile row ty -> v[p * v_stride + i] =
- * (B^T d B)[p] of tile tx0 + i, d the 6x6 input from one row and column before the tile's
- * outputs (zero outside the image). */
-static void winograd_input_span(const WinogradDims *d, const float *x, int ty, int tx0, int n,
-                                float *v, size_t v_stride, float *scratch) {
+/* Input plane x: [H, W] of channel c, tiles tx0 .. tx0 + n - 1 of tile row ty -> (B^T d B)[p] of
+ * tile tx0 + i, d the 6x6 input from one row and column before the tile's outputs (zero outside
+ * the image), at v + p * v_stride + gemm_panel_offset(Cin, c, first + i): each point's V in the
+ * panels gemm_packed reads, the span's tiles from column `first` of the block. */
+static void winograd_input_span(const WinogradDims *d, const float *x, int c, int ty, int tx0,
+                                int n, float *v, size_t v_stride, int first, float *scratch) {
     int width = 4 * n + 4, x0 = 4 * tx0 - 1; /* cols[i][k]: column x0 + k of the span */
     int lo = x0 < 0 ? -x0 : 0, hi = d->W - x0 < width ? d->W - x0 : width;
     float *zero = scratch, *cols = zero + width, *phase = cols + 6 * (size_t)width;
@@ -1215,10 +1222,10 @@ static void winograd_input_span(const WinogradDims *d, const float *x, int ty, i
         int yy = 4 * ty - 1 + r;
         rows[r] = yy >= 0 && yy < d->H ? x + (size_t)yy * d->W + x0 + lo : zero;
     }
-    float *c[6]; /* cols = B^T rows, column by column */
-    for (int i = 0; i < 6; i++) c[i] = cols + (size_t)i * width + lo;
-    winograd_bt_1d(hi - lo, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], c[0], c[1], c[2],
-                   c[3], c[4], c[5]);
+    float *col[6]; /* cols = B^T rows, column by column */
+    for (int i = 0; i < 6; i++) col[i] = cols + (size_t)i * width + lo;
+    winograd_bt_1d(hi - lo, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], col[0], col[1],
+                   col[2], col[3], col[4], col[5]);
     for (int i = 0; i < 6; i++) { /* columns outside the image: B^T of zeros */
         float *col = cols + (size_t)i * width;
         for (int k = 0; k < lo; k++) col[k] = 0.0f;
@@ -1229,10 +1236,15 @@ static void winograd_input_span(const WinogradDims *d, const float *x, int ty, i
         const float *col = cols + (size_t)i * width;
         for (int t = 0; t <= n; t++)
             for (int q = 0; q < 4; q++) phase[q * stride + t] = col[4 * t + q];
-        float *o = v + (size_t)i * 6 * v_stride;
-        winograd_bt_1d(n, phase, phase + stride, phase + 2 * stride, phase + 3 * stride,
-                       phase + 1, phase + stride + 1, o, o + v_stride, o + 2 * v_stride,
-                       o + 3 * v_stride, o + 4 * v_stride, o + 5 * v_stride);
+        for (int t = 0, run; t < n; t += run) { /* a run of tiles inside one panel */
+            int tile = first + t;
+            run = n - t < GEMM_NR - tile % GEMM_NR ? n - t : GEMM_NR - tile % GEMM_NR;
+            const float *p = phase + t;
+            float *o = v + (size_t)i * 6 * v_stride + gemm_panel_offset(d->in_ch, c, tile);
+            winograd_bt_1d(run, p, p + stride, p + 2 * stride, p + 3 * stride, p + 1,
+                           p + stride + 1, o, o + v_stride, o + 2 * v_stride, o + 3 * v_stride,
+                           o + 4 * v_stride, o + 5 * v_stride);
+        }
     }
 }
 
@@ -1271,34 +1283,42 @@ static void winograd_output_span(const WinogradDims *d, const float *m, size_t m
 }
 
 /* One block of one image, by one thread: tile rows [ty0, ty0 + rows) by tiles [tx0, tx0 + cols)
- * (n = rows * cols tiles). x: [Cin, H, W] -> v: [36, Cin, n] (the inputs' transforms), the 36
- * products m: [36, Cout, n] = U v through the packed kernels u (point_floats each), the outputs'
- * transforms into y: [Cout, H, W]. */
-static void winograd_block(const WinogradDims *d, const float *u, size_t point_floats,
+ * (n = rows * cols tiles). x: [Cin, H, W] -> v: 36 points' [Cin, n] in panels, v_floats apart
+ * (the inputs' transforms), the 36 products m: [36, Cout, n] = U v through the packed kernels u
+ * (u_floats apart), the outputs' transforms into y: [Cout, H, W]. */
+static void winograd_block(const WinogradDims *d, const float *u, size_t u_floats,
                            const float *x, int ty0, int rows, int tx0, int cols,
-                           const float *bias, bool accumulate, float *y, float *v, float *m,
-                           float *scratch) {
-    size_t plane = (size_t)d->H * d->W, n = (size_t)rows * cols;
+                           const float *bias, bool accumulate, float *y, float *v,
+                           size_t v_floats, float *m, float *scratch) {
+    size_t plane = (size_t)d->H * d->W;
+    int n = rows * cols;
     for (int c = 0; c < d->in_ch; c++)
         for (int r = 0; r < rows; r++)
-            winograd_input_span(d, x + c * plane, ty0 + r, tx0, cols, v + c * n + (size_t)r * cols,
-                                d->in_ch * n, scratch);
+            winograd_input_span(d, x + c * plane, c, ty0 + r, tx0, cols, v, v_floats, r * cols,
+                                scratch);
+    for (int p = 0; p < WINOGRAD_POINTS; p++) /* the last panel's columns past n: zeros */
+        for (int c = 0; c < d->in_ch; c++)
+            for (int j = n; j < (n + GEMM_NR - 1) / GEMM_NR * GEMM_NR; j++)
+                v[p * v_floats + gemm_panel_offset(d->in_ch, c, j)] = 0.0f;
     for (int p = 0; p < WINOGRAD_POINTS; p++)
-        gemm_packed_a(d->out_ch, (int)n, d->in_ch, u + p * point_floats, v + p * d->in_ch * n,
-                      (int)n, m + p * d->out_ch * n, (int)n);
+        gemm_packed(d->out_ch, n, d->in_ch, u + p * u_floats, v + p * v_floats,
+                    m + (size_t)p * d->out_ch * n, n);
     for (int k = 0; k < d->out_ch; k++)
         for (int r = 0; r < rows; r++)
-            winograd_output_span(d, m + k * n + (size_t)r * cols, d->out_ch * n, ty0 + r, tx0,
-                                 cols, bias ? bias[k] : 0.0f, accumulate, y + k * plane, scratch);
+            winograd_output_span(d, m + (size_t)k * n + (size_t)r * cols, (size_t)d->out_ch * n,
+                                 ty0 + r, tx0, cols, bias ? bias[k] : 0.0f, accumulate,
+                                 y + k * plane, scratch);
 }
 
 /* x: [B, Cin, H, W] -> y: [B, Cout, H, W] (= or, accumulate, +=) through the packed kernels u,
  * the blocks shared out among the threads, each with its own V, M and scratch. false when out
  * of memory. */
-static bool winograd_run(const WinogradDims *d, int batch, const float *u, size_t point_floats,
+static bool winograd_run(const WinogradDims *d, int batch, const float *u, size_t u_floats,
                          const float *x, const float *bias, bool accumulate, float *y) {
-    size_t block = (size_t)d->block_rows * d->block_cols;
-    size_t per_thread = WINOGRAD_POINTS * (d->in_ch + d->out_ch) * block + winograd_scratch_floats(d);
+    int block = d->block_rows * d->block_cols;
+    size_t v_floats = gemm_panels_floats(d->in_ch, block);
+    size_t m_floats = (size_t)WINOGRAD_POINTS * d->out_ch * block;
+    size_t per_thread = WINOGRAD_POINTS * v_floats + m_floats + winograd_scratch_floats(d);
     int threads = team_size();
     float *work = malloc(per_thread * threads * sizeof *work);
     if (!work) return false;
@@ -1311,10 +1331,10 @@ static bool winograd_run(const WinogradDims *d, int batch, const float *u, size_
         int tx0 = i % col_blocks * d->block_cols;
         int rows = d->tile_rows - ty0 < d->block_rows ? d->tile_rows - ty0 : d->block_rows;
         int cols = d->tiles_w - tx0 < d->block_cols ? d->tiles_w - tx0 : d->block_cols;
-        float *v = work + per_thread * gemm_thread_index(), *m = v + WINOGRAD_POINTS * d->in_ch * block;
-        winograd_block(d, u, point_floats, x + (size_t)b * d->in_ch * d->H * d->W, ty0, rows,
-                       tx0, cols, bias, accumulate, y + (size_t)b * d->out_ch * d->H * d->W, v, m,
-                       m + WINOGRAD_POINTS * d->out_ch * block);
+        float *v = work + per_thread * gemm_thread_index(), *m = v + WINOGRAD_POINTS * v_floats;
+        winograd_block(d, u, u_floats, x + (size_t)b * d->in_ch * d->H * d->W, ty0, rows, tx0,
+                       cols, bias, accumulate, y + (size_t)b * d->out_ch * d->H * d->W, v,
+                       v_floats, m, m + m_floats);
     }
     free(work);
     return true;

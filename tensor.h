@@ -55,14 +55,19 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
  * bit for bit, with no f32 copy of B: a weight read where it lies in a mapped file. */
 void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
                  int lda, const void *B, DType b_dtype, int ldb, float beta, float *C, int ldc);
-/* op(A) packed once for many products (Winograd's kernels, used for every block of tiles): the
- * floats it takes, the packing of op(A) [M, K] (A [K, M] when trans_a, row stride lda), and
- * C [M, N] = op(A) B with it (beta 0), gemm(trans_a, false, M, N, K, 1, A, lda, B, ldb, 0, C,
- * ldc) bit for bit. NaNs in C when out of memory. */
+/* Both operands packed beforehand (Winograd's kernels, used for every block of tiles, and its
+ * transformed inputs, written straight into panels): C [M, N] = op(A) B, gemm(trans_a, false, M,
+ * N, K, 1, A, lda, B, ldb, 0, C, ldc) bit for bit, on the calling thread (the caller shares out
+ * the work). op(A) [M, K] (A [K, M] when trans_a, row stride lda) is packed by gemm_pack_a into
+ * gemm_packed_a_floats(M, K) floats; B [K, N] lies in panels of columns, element (k, j) at
+ * gemm_panel_offset(K, k, j), gemm_panels_floats(K, N) floats in all (the last panel's columns
+ * past N are read, never written to C: zero them). */
 size_t gemm_packed_a_floats(int M, int K);
 void gemm_pack_a(bool trans_a, int M, int K, const float *A, int lda, float *packed);
-void gemm_packed_a(int M, int N, int K, const float *packed_a, const float *B, int ldb, float *C,
-                   int ldc);
+size_t gemm_panels_floats(int K, int N);
+size_t gemm_panel_offset(int K, int k, int j);
+void gemm_packed(int M, int N, int K, const float *packed_a, const float *panels_b, float *C,
+                 int ldc);
 /* The same product by the textbook triple loop: the readable reference the tests trust. */
 void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
                     int lda, const float *B, int ldb, float beta, float *C, int ldc);

@@ -292,43 +292,36 @@ static void test_stored_b(void) {
         }
 }
 
-/* gemm_packed_a with A packed once (either layout of A) gives gemm's result bit for bit (edge
- * panels, K over a depth block, a single column), at 1 and 3 threads, and leaves the columns past
- * N alone. */
-static void test_packed_a(void) {
+/* gemm_packed, A packed by gemm_pack_a (either layout of A) and B laid out in panels by
+ * gemm_panel_offset (zeros past N), gives gemm's result bit for bit (edge panels, K over a depth
+ * block, a single column) and leaves the columns past N alone. */
+static void test_packed(void) {
     const GemmCase cases[] = {
         {7, 33, 5, false, false, 1.0f, 0.0f, 2},     {128, 64, 500, true, false, 1.0f, 0.0f, 0},
         {13, 1, 384, false, false, 1.0f, 0.0f, 1},   {200, 300, 129, true, false, 1.0f, 0.0f, 3},
     };
-#ifdef _OPENMP
-    int keep = omp_get_max_threads();
-#endif
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         const GemmCase *c = &cases[i];
         GemmData d = gemm_data_new(c, 500 + i), e = gemm_data_new(c, 500 + i);
         float *packed = malloc(gemm_packed_a_floats(c->M, c->K) * sizeof *packed);
+        float *panels = calloc(gemm_panels_floats(c->K, c->N), sizeof *panels);
+        for (int k = 0; k < c->K; k++)
+            for (int j = 0; j < c->N; j++)
+                panels[gemm_panel_offset(c->K, k, j)] = e.B[(size_t)k * e.ldb + j];
         run_gemm(c, &d);
-        for (int threads = 1; threads <= 3; threads += 2) {
-#ifdef _OPENMP
-            omp_set_num_threads(threads);
-#endif
-            gemm_pack_a(c->trans_a, c->M, c->K, e.A, e.lda, packed);
-            gemm_packed_a(c->M, c->N, c->K, packed, e.B, e.ldb, e.C, e.ldc);
-            CHECK(!memcmp(d.C, e.C, (size_t)c->M * d.ldc * sizeof(float)),
-                  "gemm_packed_a%s M=%d N=%d K=%d, %d thread(s): gemm's result bit for bit, the "
-                  "gap untouched", c->trans_a ? " trans_a" : "", c->M, c->N, c->K, threads);
-        }
-        free(packed);
+        gemm_pack_a(c->trans_a, c->M, c->K, e.A, e.lda, packed);
+        gemm_packed(c->M, c->N, c->K, packed, panels, e.C, e.ldc);
+        CHECK(!memcmp(d.C, e.C, (size_t)c->M * d.ldc * sizeof(float)),
+              "gemm_packed%s M=%d N=%d K=%d: gemm's result bit for bit, the gap untouched",
+              c->trans_a ? " trans_a" : "", c->M, c->N, c->K);
+        free(packed), free(panels);
         gemm_data_free(&d), gemm_data_free(&e);
     }
-#ifdef _OPENMP
-    omp_set_num_threads(keep);
-#endif
 }
 
 int main(void) {
     test_against_reference();
-    test_packed_a();
+    test_packed();
     test_degenerate();
     test_thread_independence();
     test_stored_b();
