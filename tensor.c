@@ -1085,7 +1085,10 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
  *     U[k, c] = G w[k, c] G^T,   V[c] = B^T d[c] B
  * (. elementwise over the 6x6 points). For each of the 36 points the sum over c is a GEMM
  * [Cout, Cin] x [Cin, tiles], so the GEMM kernel does nearly all the work, on 4x fewer
- * multiply-adds. The backward to the input is the same convolution of dy with the kernels
+ * multiply-adds. The kernels U are transformed and packed for the GEMM once per call; the tiles
+ * go in blocks, each taken whole by one thread (winograd_block: the inputs' transforms written
+ * straight into the GEMM's panels, the 36 products, the outputs' transforms), so no thread waits
+ * for another before the end, and a block's V and M stay near its core. The backward to the input is the same convolution of dy with the kernels
  * turned 180 degrees and Cin, Cout swapped (a stride-1 pad-1 3x3 conv is its own adjoint's
  * shape). The results differ from the direct sum by rounding only: the transforms scale values
  * by up to 8 and cancel, so errors are a few times larger (tests/test_conv.c states the bound).
@@ -1097,6 +1100,8 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
                                      36 * 64 * (Cin + Cout) floats (9 MiB at 512 + 512
                                      channels), and each block's 36 products reuse every
                                      kernel over 64 tiles (16 multiply-adds per byte of U) */
+#define WINOGRAD_MIN_BLOCK_TILES 16 /* where many threads share few tiles (4 multiply-adds per
+                                       byte of U) */
 
 static const float winograd_g[6][3] = {
     {1.0f / 4, 0, 0},
@@ -1347,8 +1352,14 @@ static void winograd_conv(const Conv2dShape *s, bool adjoint, const float *x, co
     WinogradDims d = {.in_ch = adjoint ? s->out_ch : s->in_ch,
                       .out_ch = adjoint ? s->in_ch : s->out_ch, .H = s->in_h, .W = s->in_w,
                       .tiles_w = (s->in_w + 3) / 4, .tile_rows = (s->in_h + 3) / 4};
-    d.block_cols = d.tiles_w < WINOGRAD_BLOCK_TILES ? d.tiles_w : WINOGRAD_BLOCK_TILES;
-    d.block_rows = WINOGRAD_BLOCK_TILES / d.block_cols;
+    /* Blocks of WINOGRAD_BLOCK_TILES, fewer tiles where that would leave threads idle (at least
+     * WINOGRAD_MIN_BLOCK_TILES); the results do not depend on the blocks. */
+    int block = d.tiles_w * d.tile_rows / team_size();
+    block = block > WINOGRAD_BLOCK_TILES       ? WINOGRAD_BLOCK_TILES
+            : block < WINOGRAD_MIN_BLOCK_TILES ? WINOGRAD_MIN_BLOCK_TILES
+                                               : block;
+    d.block_cols = d.tiles_w < block ? d.tiles_w : block;
+    d.block_rows = block / d.block_cols;
     if (d.block_rows > d.tile_rows) d.block_rows = d.tile_rows;
     size_t point_floats = gemm_packed_a_floats(d.out_ch, d.in_ch);
     float *u = malloc((size_t)WINOGRAD_POINTS * d.out_ch * d.in_ch * sizeof *u);
