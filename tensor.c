@@ -1227,10 +1227,10 @@ static void winograd_input_span(const WinogradDims *d, const float *x, int c, in
         int yy = 4 * ty - 1 + r;
         rows[r] = yy >= 0 && yy < d->H ? x + (size_t)yy * d->W + x0 + lo : zero;
     }
-    float *col[6]; /* cols = B^T rows, column by column */
-    for (int i = 0; i < 6; i++) col[i] = cols + (size_t)i * width + lo;
-    winograd_bt_1d(hi - lo, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], col[0], col[1],
-                   col[2], col[3], col[4], col[5]);
+    float *out[6]; /* cols = B^T rows, column by column */
+    for (int i = 0; i < 6; i++) out[i] = cols + (size_t)i * width + lo;
+    winograd_bt_1d(hi - lo, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], out[0], out[1],
+                   out[2], out[3], out[4], out[5]);
     for (int i = 0; i < 6; i++) { /* columns outside the image: B^T of zeros */
         float *col = cols + (size_t)i * width;
         for (int k = 0; k < lo; k++) col[k] = 0.0f;
