@@ -2733,22 +2733,14 @@ Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
 /* The nesting depth of each kind of block: stages 1, layers 2, units 3. */
 enum { VAE_STAGE = 1, VAE_LAYER = 2, VAE_UNIT = 3 };
 
-/* true when an op on inputs in[0..n-1] would be recorded for a backward. */
-static bool vae_records(const Tape *t, Var **in, int n_in) {
-    if (!tape_grad_enabled(t)) return false;
-    for (int i = 0; i < n_in; i++)
-        if (in[i] && in[i]->requires_grad) return true;
-    return false;
-}
-
 /* One block at nesting `level`, through ag_checkpoint when the model checkpoints that deep, or
- * when nothing is recorded: a checkpoint then costs nothing (no backward will recompute it) and
- * frees the block's intermediates as soon as it ends, so a decode without gradients holds a few
- * tensors at a time, not every one it made. The functions only read ctx, so handing them the
- * const weights through CheckpointFn's void * is safe. */
+ * when the tape records nothing (grad off): a checkpoint then costs nothing (no backward will
+ * recompute it) and frees the block's intermediates as soon as it ends, so a decode without
+ * gradients holds a few tensors at a time, not every one it made. The functions only read ctx,
+ * so handing them the const weights through CheckpointFn's void * is safe. */
 static Var *vae_block(Tape *t, const VaeDecoder *m, int level, CheckpointFn fn, const void *ctx,
                       Var **in, int n_in) {
-    if (level <= m->checkpoint_levels || !vae_records(t, in, n_in))
+    if (level <= m->checkpoint_levels || !tape_grad_enabled(t))
         return ag_checkpoint(t, fn, (void *)ctx, in, n_in);
     for (int i = 0; i < n_in; i++)
         if (!in[i]) return NULL;
@@ -2893,7 +2885,7 @@ static Var *vae_decode_blocks(Tape *t, const VaeDecoder *m, Var *x) {
 }
 
 /* tokens [B, h*w, packed] -> image [B, out_channels, H, W] (nn.h): unpack, post_quant_conv,
- * conv_in, then vae_decode_blocks; or, with checkpoints or without gradients, the same ops as
+ * conv_in, then vae_decode_blocks; or, with checkpoints or with grad off, the same ops as
  * stages run through them: one stage per up block, the first also holding the mid block, the
  * last the head (vae_plan). */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
@@ -2901,7 +2893,7 @@ Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w) {
     Var *x = vae_unpack(t, m, tokens, h, w);
     if (c->use_post_quant_conv) x = conv2d_apply(t, &m->post_quant_conv, x);
     x = conv2d_apply(t, &m->conv_in, x);
-    if (m->checkpoint_levels == 0 && x && vae_records(t, &x, 1)) return vae_decode_blocks(t, m, x);
+    if (m->checkpoint_levels == 0 && tape_grad_enabled(t)) return vae_decode_blocks(t, m, x);
     for (int s = 0; s < c->n_blocks; s++)
         x = vae_block(t, m, VAE_STAGE, vae_stage_apply, &m->stages[s], &x, 1);
     return x;

@@ -316,9 +316,9 @@ int vae_decoder_open(VaeDecoder **out, const char *dir, WeightSource source, uin
 void vae_decoder_free(VaeDecoder *m);
 /* tokens: [B, h*w, latent_channels*patch_h*patch_w], row-major over the (h, w) token grid ->
  * image: [B, out_channels, h*patch_h*2^(n_blocks-1), w*patch_w*2^(n_blocks-1)].
- * d loss / d tokens flows back through it (and to the weights when they are trainable). When
- * nothing is recorded (grad off, or no input needs a gradient) each block's intermediates are
- * freed as it ends: the tape keeps the image, not every tensor the decode made. */
+ * d loss / d tokens flows back through it (and to the weights when they are trainable). On a
+ * tape with grad off each block's intermediates are freed as it ends: the tape keeps the image,
+ * not every tensor the decode made. */
 Var *vae_decode(Tape *t, const VaeDecoder *m, Var *tokens, int h, int w);
 const VaeConfig *vae_decoder_config(const VaeDecoder *m);
 /* The pixels one latent token becomes in the decoder's image: patch_h * 2^(n_blocks - 1) rows
