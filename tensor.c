@@ -482,11 +482,11 @@ static double gemm_grid_cost(int mc, int N, int row_chunks, int col_blocks, int 
  * chunks x column blocks (column blocks still at most GEMM_NC wide) of the least
  * gemm_grid_cost, so that every thread gets equal work in tiles that reuse their A rows and B
  * columns over each other: a tall narrow item re-reads its rows from L3 for few columns. */
-static GemmPlan gemm_plan(int M, int N, int K, int max_threads, bool one_a_block) {
+static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     GemmPlan p;
     double work = (double)M * N * K;
     p.threads = work < GEMM_PARALLEL_MIN_WORK ? 1 : max_threads;
-    int mc_max = one_a_block ? gemm_round_up(M, GEMM_MR) : GEMM_A_BLOCK_FLOATS / K / GEMM_MR * GEMM_MR;
+    int mc_max = GEMM_A_BLOCK_FLOATS / K / GEMM_MR * GEMM_MR;
     if (mc_max < GEMM_MR) mc_max = GEMM_MR;
     p.mc = gemm_round_up(gemm_ceil_div(M, gemm_ceil_div(M, mc_max)), GEMM_MR);
     int row_panels = gemm_ceil_div(p.mc, GEMM_MR), col_tiles = gemm_ceil_div(N, GEMM_NR);
@@ -568,16 +568,15 @@ static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int
 
 /* The loops of "The blocked GEMM" (the comment above GEMM_MR), run by every thread of the team
  * (or by one without OpenMP). a_block is shared; b_blocks holds one private B block of
- * b_block_floats per thread. a_op NULL: a_block already holds all of A packed, one block. */
+ * b_block_floats per thread. */
 static void gemm_blocked(const GemmPlan *p, const GemmOperand *a_op, const GemmOperand *b_op,
                          int M, int N, int K, float alpha, float beta, float *C, int ldc,
-                         const float *a_block_in, float *b_blocks, size_t b_block_floats) {
+                         float *a_block, float *b_blocks, size_t b_block_floats) {
     int row_chunks = gemm_ceil_div(p->mc, p->row_chunk);
     int col_blocks = gemm_ceil_div(N, p->col_block);
-    float *a_block = (float *)a_block_in;
     for (int ic = 0; ic < M; ic += p->mc) {
         int mc = gemm_min(p->mc, M - ic);
-        if (a_op) gemm_pack_a_block(a_op, ic, mc, K, p->mc, a_block);
+        gemm_pack_a_block(a_op, ic, mc, K, p->mc, a_block);
         #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int c = 0; c < col_blocks; c++)
             for (int q = 0; q < row_chunks; q++) {
@@ -610,7 +609,7 @@ void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
         gemm_scale(M, N, beta, C, ldc);
         return;
     }
-    GemmPlan plan = gemm_plan(M, N, K, team_size(), false);
+    GemmPlan plan = gemm_plan(M, N, K, team_size());
     GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1};
     GemmOperand b_op = {{B, b_dtype}, trans_b ? ldb : 1, trans_b ? 1 : ldb};
     int kc_max = gemm_min(GEMM_KC, K);
@@ -1088,10 +1087,11 @@ static void depthwise_backward_dw(const Conv2dShape *s, const ConvDims *d, const
  * multiply-adds. The kernels U are transformed and packed for the GEMM once per call; the tiles
  * go in blocks, each taken whole by one thread (winograd_block: the inputs' transforms written
  * straight into the GEMM's panels, the 36 products, the outputs' transforms), so no thread waits
- * for another before the end, and a block's V and M stay near its core. The backward to the input is the same convolution of dy with the kernels
- * turned 180 degrees and Cin, Cout swapped (a stride-1 pad-1 3x3 conv is its own adjoint's
- * shape). The results differ from the direct sum by rounding only: the transforms scale values
- * by up to 8 and cancel, so errors are a few times larger (tests/test_conv.c states the bound).
+ * for another before the end, and a block's V and M stay near its core. The backward to the
+ * input is the same convolution of dy with the kernels turned 180 degrees and Cin, Cout swapped
+ * (a stride-1 pad-1 3x3 conv is its own adjoint's shape). The results differ from the direct
+ * sum by rounding only: the transforms scale values by up to 8 and cancel, so errors are a few
+ * times larger (tests/test_conv.c states the bound).
  * Used where both channel counts reach WINOGRAD_MIN_CHANNELS: the FLUX.2 VAE's 3x3 convs (128-512
  * channels), never the embedded models' (16-64), whose results stay those of the direct sum. */
 #define WINOGRAD_MIN_CHANNELS 128
@@ -1366,6 +1366,7 @@ static void winograd_conv(const Conv2dShape *s, bool adjoint, const float *x, co
     float *packed = malloc(WINOGRAD_POINTS * point_floats * sizeof *packed);
     if (u && packed) {
         winograd_kernels(&d, w, adjoint, u);
+#pragma omp parallel for schedule(dynamic, 1) if (team_size() > 1)
         for (int p = 0; p < WINOGRAD_POINTS; p++)
             gemm_pack_a(true, d.out_ch, d.in_ch, u + (size_t)p * d.out_ch * d.in_ch, d.out_ch,
                         packed + p * point_floats);
