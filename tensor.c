@@ -548,6 +548,18 @@ static void gemm_pack_a_block(const GemmOperand *a_op, int ic, int mc, int K, in
 
 /* One work item: rows [i0, i0 + m) and columns [j0, j0 + n) of C over all of K. Its rows start
  * at row `r` of the packed A block. */
+/* C [m, n] (row stride ldc) from one depth block of kc: the A micro-panels at a, MR rows each
+ * kc x MR, and the B micro-panels at b, NR columns each, b_col_stride floats per column apart
+ * (kc when packed per depth block, K when the panels hold all of K). */
+static void gemm_tiles(int kc, int m, int n, const float *a, const float *b, size_t b_col_stride,
+                       float alpha, float beta, float *C, int ldc) {
+    for (int i = 0; i < m; i += GEMM_MR)
+        for (int j = 0; j < n; j += GEMM_NR)
+            gemm_microkernel(kc, a + (size_t)i * kc, b + j * b_col_stride,
+                             gemm_min(GEMM_MR, m - i), gemm_min(GEMM_NR, n - j), alpha, beta,
+                             C + (size_t)i * ldc + j, ldc);
+}
+
 static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int n,
                       const float *a_block, int block_rows, int r, float *b_block, float alpha,
                       float beta, float *C, int ldc) {
@@ -558,11 +570,8 @@ static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int
                   b_op->lane_stride, b_op->depth_stride, n, kc, GEMM_NR, b_block);
         /* C already holds beta * C + the earlier depth blocks: add the rest with beta 1. */
         float beta_now = p0 == 0 ? beta : 1.0f;
-        for (int i = 0; i < m; i += GEMM_MR)
-            for (int j = 0; j < n; j += GEMM_NR)
-                gemm_microkernel(kc, a + (size_t)i * kc, b_block + (size_t)j * kc,
-                                 gemm_min(GEMM_MR, m - i), gemm_min(GEMM_NR, n - j), alpha,
-                                 beta_now, C + (size_t)(i0 + i) * ldc + j0 + j, ldc);
+        gemm_tiles(kc, m, n, a, b_block, (size_t)kc, alpha, beta_now,
+                   C + (size_t)i0 * ldc + j0, ldc);
     }
 }
 
@@ -651,22 +660,17 @@ size_t gemm_panel_offset(int K, int k, int j) {
     return ((size_t)(j / GEMM_NR) * K + k) * GEMM_NR + j % GEMM_NR;
 }
 
-/* gemm_item's loops over operands already packed, on the calling thread: each B panel's depth
- * block is its [kc][NR] run from row p0. */
+/* gemm_item's depth blocks over operands already packed, on the calling thread: each B panel's
+ * depth block is its [kc][NR] run from row p0. */
 void gemm_packed(int M, int N, int K, const float *packed_a, const float *panels_b, float *C,
                  int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) gemm_scale(M, N, 0.0f, C, ldc);
     size_t rows = (size_t)gemm_round_up(M, GEMM_MR);
     for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
-        int kc = gemm_min(GEMM_KC, K - p0);
         float beta = p0 == 0 ? 0.0f : 1.0f; /* C holds the earlier depth blocks */
-        for (int i = 0; i < M; i += GEMM_MR)
-            for (int j = 0; j < N; j += GEMM_NR)
-                gemm_microkernel(kc, packed_a + rows * p0 + (size_t)i * kc,
-                                 panels_b + (size_t)j * K + (size_t)p0 * GEMM_NR,
-                                 gemm_min(GEMM_MR, M - i), gemm_min(GEMM_NR, N - j), 1.0f, beta,
-                                 C + (size_t)i * ldc + j, ldc);
+        gemm_tiles(gemm_min(GEMM_KC, K - p0), M, N, packed_a + rows * p0,
+                   panels_b + (size_t)p0 * GEMM_NR, (size_t)K, 1.0f, beta, C, ldc);
     }
 }
 
