@@ -587,7 +587,8 @@ static void linear_stored_backward(Tape *t, Node *n) {
                     s.w, s.dtype, (int)s.K, 1.0f, grad(n->in[0]), (int)s.K);
 }
 
-Var *ag_linear_stored(Tape *t, Var *x, const void *w, DType dtype, int64_t N, int64_t K) {
+Var *ag_linear_stored(Tape *t, Var *x, const void *w, DType dtype, int64_t N, int64_t K,
+                      Precision precision) {
     const char *op = "linear_stored";
     if (!ready(t, op, 1, (Var *[]){x})) return NULL;
     const Tensor *xv = x->value;
@@ -604,8 +605,9 @@ Var *ag_linear_stored(Tape *t, Var *x, const void *w, DType dtype, int64_t N, in
     Var *y = result(t, xv->ndim, shape);
     Node *n;
     if (!y || !record(t, y, linear_stored_backward, 1, (Var *[]){x}, &n)) return NULL;
-    gemm_stored(false, true, (int)M, (int)N, (int)K, 1.0f, data(x), (int)K, w, dtype, (int)K, 0.0f,
-                data(y), (int)N);
+    (precision == PRECISION_BF16 ? gemm_stored_bf16 : gemm_stored)(
+        false, true, (int)M, (int)N, (int)K, 1.0f, data(x), (int)K, w, dtype, (int)K, 0.0f,
+        data(y), (int)N);
     if (n) n->p.stored = (struct StoredParams){.w = w, .dtype = dtype, .M = M, .N = N, .K = K};
     return y;
 }

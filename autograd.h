@@ -112,8 +112,10 @@ Var *ag_checkpoint(Tape *t, CheckpointFn fn, void *ctx, Var **inputs, int n_inpu
 Var *ag_linear(Tape *t, Var *x, Var *w, Var *b);
 /* x: [.., K], w: a constant [N, K] weight as stored (F32, BF16 or F16 elements: a tensor where it
  * lies in a mapped file, gemm_stored; it must outlive the tape's backward) -> y: [.., N] = x w^T.
- * No f32 copy of w is made; gradients reach x only. */
-Var *ag_linear_stored(Tape *t, Var *x, const void *w, DType dtype, int64_t N, int64_t K);
+ * No f32 copy of w is made; gradients reach x only. PRECISION_BF16 computes y from x and w
+ * rounded to bf16 into f32 sums (gemm_stored_bf16); the gradient to x is f32's either way. */
+Var *ag_linear_stored(Tape *t, Var *x, const void *w, DType dtype, int64_t N, int64_t K,
+                      Precision precision);
 /* a: [.., M, K], b: [.., K, N] (the same leading dims) or [K, N] (shared) -> y: [.., M, N] */
 Var *ag_matmul(Tape *t, Var *a, Var *b);
 /* x: [B, Cin, H, W], w: [Cout, Cin/groups, k, k'], b: [Cout] -> y: [B, Cout, Ho, Wo]; the same

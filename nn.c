@@ -294,6 +294,7 @@ struct Flux2 {
     StModel *weights;
     Params *params;
     Flux2Weights *resident;
+    Precision precision; /* of a streamed forward's weight products */
 };
 
 /* --- config --- */
@@ -402,6 +403,7 @@ typedef struct WeightPart {
     Params *params;  /* PART_RESIDENT */
     Tape *tape;      /* PART_CONVERT: owns the converted leaves, made at the first one */
     WeightArena *arena; /* PART_CONVERT: where the values go (NULL: a new tensor each) */
+    Precision precision; /* PART_CONVERT: how its matrices' products are computed */
 } WeightPart;
 
 static void weight_part_free(WeightPart *p) {
@@ -505,13 +507,15 @@ static int part_weight(WeightPart *p, Var **out, Error *e, int ndim, const int64
 /* A weight matrix [rows, cols] as the model holds it: a resident model's leaf (trainable, run
  * through ag_linear); else where it lies in the mapped file (F32, F16 or BF16, never copied:
  * ag_linear_stored packs it into the GEMM's panels as it goes, bf16 and f16 widened exactly, so
- * the products are those of the converted matrix bit for bit); or, where the source has no bytes
- * (config-only weights), converted to f32 in the part like any weight. */
+ * the products are those of the converted matrix bit for bit, or in bf16 when the part's
+ * precision says so); or, where the source has no bytes (config-only weights), converted to f32
+ * in the part like any weight. */
 typedef struct WeightMatrix {
     Var *leaf; /* a resident model's; NULL otherwise */
     const void *data;
     DType dtype;
     int64_t rows, cols;
+    Precision precision; /* of the products with data */
 } WeightMatrix;
 
 /* The matrix named by name_fmt: checked or listed as part_weight does, else as stored. */
@@ -536,21 +540,22 @@ static int part_matrix(WeightPart *p, WeightMatrix *out, Error *e, int64_t rows,
         if (part_weight_named(p, &v, e, SHAPE(rows, cols), name)) return -1;
         *out = (WeightMatrix){.leaf = p->mode == PART_RESIDENT ? v : NULL,
                               .data = v ? v->value->data : NULL, .dtype = DTYPE_F32,
-                              .rows = rows, .cols = cols};
+                              .rows = rows, .cols = cols, .precision = p->precision};
         return 0;
     }
     if (params_check_shape(p->weights, name, SHAPE(rows, cols), e)) return -1;
     if (t->dtype != DTYPE_F32 && t->dtype != DTYPE_F16 && t->dtype != DTYPE_BF16)
         return error_set(e, "tensor '%s' is %s; only F32, F16 and BF16 weights are read", name,
                          dtype_name(t->dtype));
-    *out = (WeightMatrix){.data = t->data, .dtype = t->dtype, .rows = rows, .cols = cols};
+    *out = (WeightMatrix){.data = t->data, .dtype = t->dtype, .rows = rows, .cols = cols,
+                          .precision = p->precision};
     return 0;
 }
 
 /* x: [.., cols] -> x W^T: [.., rows] */
 static Var *matrix_linear(Tape *t, Var *x, const WeightMatrix *w) {
     if (w->leaf) return ag_linear(t, x, w->leaf, NULL);
-    return ag_linear_stored(t, x, w->data, w->dtype, w->rows, w->cols);
+    return ag_linear_stored(t, x, w->data, w->dtype, w->rows, w->cols, w->precision);
 }
 
 /* The timestep (and guidance) embedding. */
@@ -817,6 +822,7 @@ int flux2_open(Flux2 **out, const char *dir, WeightSource source, uint64_t seed,
 }
 
 int flux2_make_resident(Flux2 *m, Error *e) {
+    m->precision = PRECISION_F32; /* a resident model's only */
     return m->resident ? 0 : flux2_hold(m, params_new(m->weights), e);
 }
 
@@ -829,6 +835,13 @@ void flux2_free(Flux2 *m) {
 }
 
 const Flux2Config *flux2_config(const Flux2 *m) { return &m->config; }
+
+int flux2_set_precision(Flux2 *m, Precision precision, Error *e) {
+    if (m->resident && precision != PRECISION_F32)
+        return error_set(e, "flux2: a resident model computes in f32 only");
+    m->precision = precision;
+    return 0;
+}
 
 Params *flux2_params(const Flux2 *m) { return m->params; }
 
@@ -1160,7 +1173,7 @@ static Var *flux2_mod_row(Tape *t, const Tensor *mod, int b) {
 static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *guidance,
                               Flux2Step *s, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights, .precision = m->precision};
     Flux2TimeEmbed w = {0};
     Tape *t = nograd_tape();
     int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
@@ -1183,7 +1196,7 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
  * ctx[b]: [1, L, dim] */
 static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
                        const Flux2Step *s, Tensor **img, Tensor **ctx, Error *e) {
-    WeightPart part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights, .precision = m->precision};
     Flux2Embedders w;
     int status = flux2_embedders_load(&w, &part, &m->config, e);
     for (int b = 0; b < s->batch; b++) {
@@ -1304,7 +1317,7 @@ static int flux2_stream_update(Tape *t, int64_t start, int64_t n, void *ctx, Err
 static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **img,
                                   Tensor **txt, Tensor **o, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights, .precision = m->precision};
     Flux2StreamIn w[FLUX2_STREAMS];
     int status = flux2_stream_in_load(&w[FLUX2_IMAGE], &part, c, i, FLUX2_IMAGE, e) ||
                  flux2_stream_in_load(&w[FLUX2_TEXT], &part, c, i, FLUX2_TEXT, e);
@@ -1332,7 +1345,7 @@ static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
 /* One stream after the attention: x[b] replaced by its new hidden states. */
 static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int stream, Tensor **x,
                                Tensor **o, Error *e) {
-    WeightPart part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights, .precision = m->precision};
     Flux2StreamOut w;
     int status = flux2_stream_out_load(&w, &part, &m->config, i, stream, e);
     for (int b = 0; b < s->batch; b++) {
@@ -1407,7 +1420,7 @@ static int flux2_single_update(Tape *t, int64_t start, int64_t n, void *ctx, Err
 static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq,
                                   Tensor **hidden, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights, .precision = m->precision};
     Flux2SingleIn w;
     int status = flux2_single_in_load(&w, &part, c, i, e);
     for (int b = 0; b < s->batch; b++) {
@@ -1428,7 +1441,7 @@ static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
 /* Single-stream block i: seq[b]: [1, L + T, dim], replaced. The fused input projection and
  * to_out are read one after the other. */
 static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
-    WeightPart part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights, .precision = m->precision};
     Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden);
     WeightMatrix to_out = {0};
     int status = !hidden ? error_set(e, "out of memory")
@@ -1471,7 +1484,7 @@ static int flux2_join(const Flux2Step *s, int dim, Tensor **txt, Tensor **img, T
  * [T, patch_size^2 out_channels] */
 static int flux2_output(const Flux2 *m, const Flux2Step *s, Tensor **seq, Tensor *v, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights};
+    WeightPart part = {.weights = m->weights, .precision = m->precision};
     WeightMatrix proj_out;
     int status = flux2_output_load(&proj_out, &part, c, e);
     for (int b = 0; b < s->batch; b++) {
@@ -1830,6 +1843,7 @@ static const int QWEN3_KLEIN_LAYERS[3] = {9, 18, QWEN3_KLEIN_LAST_LAYER};
 struct Qwen3 {
     Qwen3Config config;
     StModel *weights;
+    Precision precision; /* of the weight products */
 };
 
 /* --- config --- */
@@ -2008,6 +2022,8 @@ void qwen3_free(Qwen3 *m) {
 
 const Qwen3Config *qwen3_config(const Qwen3 *m) { return &m->config; }
 
+void qwen3_set_precision(Qwen3 *m, Precision precision) { m->precision = precision; }
+
 /* --- the forward --- */
 
 /* cos, sin: [L, D/2] at positions 0 .. L-1: pair i turns by l * theta^(-2i / D) (in double). */
@@ -2066,7 +2082,8 @@ static Var *qwen3_mlp(Tape *t, const Qwen3Mlp *w, const Qwen3Config *c, Var *x) 
  * one part at a time into the call's arena. */
 static int qwen3_layer(const Qwen3 *m, const Qwen3Call *call, int i, Tensor **x, Error *e) {
     for (int half = 0; half < 2; half++) {
-        WeightPart part = {.weights = m->weights, .arena = call->arena};
+        WeightPart part = {.weights = m->weights, .arena = call->arena,
+                           .precision = m->precision};
         Qwen3Attention a;
         Qwen3Mlp mlp;
         Tape *t = nograd_tape();
@@ -2238,6 +2255,10 @@ int prompt_encoder_open(PromptEncoder **out, const char *model, WeightSource sou
     }
     *out = p;
     return 0;
+}
+
+void prompt_encoder_set_precision(PromptEncoder *p, Precision precision) {
+    if (p->qwen3) qwen3_set_precision(p->qwen3, precision);
 }
 
 int prompt_encoder_width(const PromptEncoder *p) { return p->width; }

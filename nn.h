@@ -143,10 +143,16 @@ typedef struct Flux2 Flux2;
  * fresh weights from seed (WEIGHTS_FRESH: a model to train, resident). */
 int flux2_open(Flux2 **out, const char *dir, WeightSource source, uint64_t seed, Error *e);
 /* An execution strategy for small models (training, flux2_forward_graph): every weight converted
- * once into a Params of f32 leaves, held in memory. The forward's results do not change. */
+ * once into a Params of f32 leaves, held in memory. The forward's results do not change (in
+ * f32: the precision goes back to PRECISION_F32). */
 int flux2_make_resident(Flux2 *m, Error *e);
 void flux2_free(Flux2 *m);
 const Flux2Config *flux2_config(const Flux2 *m);
+/* How a streamed model's forward computes its weight products: PRECISION_F32 (as opened, the
+ * reference) or PRECISION_BF16 (ag_linear_stored's: activations and weights rounded to bf16,
+ * f32 sums; fast where gemm_bf16_native()). The attention, norms and the rest stay f32. A
+ * resident model computes in f32 only: asking it for bf16 is an error. */
+int flux2_set_precision(Flux2 *m, Precision precision, Error *e);
 /* A resident model's weights (all parameters), by their upstream names; NULL when streaming. */
 Params *flux2_params(const Flux2 *m);
 
@@ -239,6 +245,9 @@ typedef struct Qwen3 Qwen3;
 int qwen3_open(Qwen3 **out, const char *dir, WeightSource source, uint64_t seed, Error *e);
 void qwen3_free(Qwen3 *m);
 const Qwen3Config *qwen3_config(const Qwen3 *m);
+/* The precision of the projections' products, as flux2_set_precision's (PRECISION_F32 as
+ * opened). */
+void qwen3_set_precision(Qwen3 *m, Precision precision);
 /* ids: [B, L] token ids, row b's first lengths[b] real and the rest padding -> *out: [B, L,
  * 3 hidden_size] = hidden states 9, 18, 27 concatenated per token, for every position (padding
  * included), as the pipeline hands them to the transformer. A new tensor the caller frees. */
@@ -268,6 +277,9 @@ typedef struct PromptTokens {
 int prompt_encoder_open(PromptEncoder **out, const char *model, WeightSource source,
                         uint64_t seed, int max_length, Error *e);
 void prompt_encoder_free(PromptEncoder *p);
+/* The precision of a Qwen3 encoder's products (qwen3_set_precision); diamond's character encoder
+ * (the embedded models: a resident model, tiny) computes in f32 whatever is asked. */
+void prompt_encoder_set_precision(PromptEncoder *p, Precision precision);
 /* The embeddings' last dim (what the transformer's joint_attention_dim must be), and L. */
 int prompt_encoder_width(const PromptEncoder *p);
 int prompt_encoder_max_length(const PromptEncoder *p);

@@ -208,6 +208,16 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 #define GEMM_NR 8
 #endif
 
+/* The bf16 products (gemm_stored_bf16) run on the same MR x NR tiles: on AVX512-BF16's
+ * vdpbf16ps or ARMv8.6's BFDOT where the build has them, else on a portable kernel. */
+#if defined(GEMM_AVX512) && defined(__AVX512BF16__)
+#define GEMM_BF16_AVX512
+#elif defined(GEMM_NEON) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define GEMM_BF16_NEON
+#else
+#define GEMM_BF16_PORTABLE
+#endif
+
 /* Cache blocks for ~48 KB L1d and ~2 MB L2 per core: an A micro-panel (KC x MR floats, 18 KB
  * at MR = 12) lives in L1, a B block (KC x NC, 720 KB) in L2; the shared A block (mc x K, at
  * most GEMM_A_BLOCK_FLOATS, 16 MB) is streamed from L3. NC is a multiple of every NR above.
@@ -239,13 +249,48 @@ static int gemm_round_up(int a, int b) { return gemm_ceil_div(a, b) * b; }
  *   a: [kc][MR], b: [kc][NR] packed panels, C: [m, n] with m <= MR, n <= NR (row stride ldc)
  *   C = alpha * (sum over k of a[k] (outer) b[k]) + beta * C;   beta == 0 never reads C.
  * Each element accumulates k = 0, 1, ... in order, with a fused multiply-add where the
- * instruction set has one. Partial tiles (m < MR or n < NR) occur only at the edges of C. */
+ * instruction set has one. Partial tiles (m < MR or n < NR) occur only at the edges of C.
+ * The bf16 micro-kernel has the same contract over depth pairs: every 4-byte slot of a and b
+ * holds two bf16 values (gemm_pack_pairs), and step k adds both products of each pair. */
+
+/* C: [m, n] (row stride ldc) = alpha * tile + beta * C, tile: [MR, NR]. */
+#if !(defined(GEMM_AVX512) || defined(GEMM_AVX2)) || defined(GEMM_BF16_PORTABLE)
+static void gemm_tile_update(int m, int n, float alpha, const float *tile, float beta, float *C,
+                             int ldc) {
+    for (int i = 0; i < m; i++) {
+        float *c = C + (size_t)i * ldc;
+        const float *t = tile + i * GEMM_NR;
+        if (beta == 0.0f)
+            for (int j = 0; j < n; j++) c[j] = alpha * t[j];
+        else
+            for (int j = 0; j < n; j++) c[j] = alpha * t[j] + beta * c[j];
+    }
+}
+#endif
+
 #if defined(GEMM_AVX512)
 /* The lanes of 16 columns, starting at column `first`, that lie inside the first n columns. */
 static __mmask16 gemm_mask16(int n, int first) {
     int live = n - first;
     if (live >= 16) return (__mmask16)0xFFFF;
     return live <= 0 ? (__mmask16)0 : (__mmask16)((1u << live) - 1);
+}
+
+/* C: [m, n] = alpha * acc + beta * C, from an AVX-512 tile's 24 accumulators. */
+static inline void gemm_store_zmm(__m512 acc[GEMM_MR][2], int m, int n, float alpha, float beta,
+                                  float *C, int ldc) {
+    __mmask16 lo = gemm_mask16(n, 0), hi = gemm_mask16(n, 16);
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int i = 0; i < GEMM_MR && i < m; i++) {
+        float *c = C + (size_t)i * ldc;
+        __m512 c0 = _mm512_mul_ps(va, acc[i][0]), c1 = _mm512_mul_ps(va, acc[i][1]);
+        if (beta != 0.0f) {
+            c0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo, c), c0);
+            c1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi, c + 16), c1);
+        }
+        _mm512_mask_storeu_ps(c, lo, c0);
+        _mm512_mask_storeu_ps(c + 16, hi, c1);
+    }
 }
 
 /* The micro-kernel (contract above) in AVX-512: the C tile in 24 zmm accumulators. */
@@ -261,19 +306,28 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
             acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
         }
     }
-    __mmask16 lo = gemm_mask16(n, 0), hi = gemm_mask16(n, 16);
-    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    for (int i = 0; i < GEMM_MR && i < m; i++) {
-        float *c = C + (size_t)i * ldc;
-        __m512 c0 = _mm512_mul_ps(va, acc[i][0]), c1 = _mm512_mul_ps(va, acc[i][1]);
-        if (beta != 0.0f) {
-            c0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo, c), c0);
-            c1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi, c + 16), c1);
-        }
-        _mm512_mask_storeu_ps(c, lo, c0);
-        _mm512_mask_storeu_ps(c + 16, hi, c1);
-    }
+    gemm_store_zmm(acc, m, n, alpha, beta, C, ldc);
 }
+
+#if defined(GEMM_BF16_AVX512)
+/* The bf16 micro-kernel in AVX512-BF16: vdpbf16ps adds a row's pair times each column's pair
+ * (both products, exact in f32) to the column's accumulator, 16 columns at a time. */
+static void gemm_microkernel_bf16(int kc, const float *a, const float *b, int m, int n,
+                                  float alpha, float beta, float *C, int ldc) {
+    const uint32_t *pa = (const uint32_t *)a;
+    __m512 acc[GEMM_MR][2];
+    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k++, pa += GEMM_MR, b += GEMM_NR) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+        for (int i = 0; i < GEMM_MR; i++) {
+            __m512bh ai = (__m512bh)_mm512_set1_epi32((int)pa[i]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+        }
+    }
+    gemm_store_zmm(acc, m, n, alpha, beta, C, ldc);
+}
+#endif
 #elif defined(GEMM_AVX2)
 /* The lanes of 8 columns, starting at column `first`, that lie inside the first n columns. */
 static __m256i gemm_mask8(int n, int first) {
@@ -307,21 +361,19 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
         _mm256_maskstore_ps(c + 8, hi, c1);
     }
 }
-#else
-/* C: [m, n] (row stride ldc) = alpha * tile + beta * C, tile: [MR, NR]. */
-static void gemm_tile_update(int m, int n, float alpha, const float *tile, float beta, float *C,
-                             int ldc) {
-    for (int i = 0; i < m; i++) {
-        float *c = C + (size_t)i * ldc;
-        const float *t = tile + i * GEMM_NR;
-        if (beta == 0.0f)
-            for (int j = 0; j < n; j++) c[j] = alpha * t[j];
-        else
-            for (int j = 0; j < n; j++) c[j] = alpha * t[j] + beta * c[j];
+#elif defined(GEMM_NEON)
+/* C: [m, n] = alpha * acc + beta * C, from a NEON tile's 24 accumulators. */
+static inline void gemm_store_q(float32x4_t acc[GEMM_MR][3], int m, int n, float alpha,
+                                float beta, float *C, int ldc) {
+    float tile[GEMM_MR * GEMM_NR];
+    for (int i = 0; i < GEMM_MR; i++) {
+        vst1q_f32(tile + i * GEMM_NR, acc[i][0]);
+        vst1q_f32(tile + i * GEMM_NR + 4, acc[i][1]);
+        vst1q_f32(tile + i * GEMM_NR + 8, acc[i][2]);
     }
+    gemm_tile_update(m, n, alpha, tile, beta, C, ldc);
 }
 
-#if defined(GEMM_NEON)
 /* The micro-kernel (contract above) in NEON: the C tile in 24 q-register accumulators. */
 static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
                              float beta, float *C, int ldc) {
@@ -336,14 +388,39 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
             acc[i][2] = vfmaq_f32(acc[i][2], ai, b2);
         }
     }
-    float tile[GEMM_MR * GEMM_NR];
-    for (int i = 0; i < GEMM_MR; i++) {
-        vst1q_f32(tile + i * GEMM_NR, acc[i][0]);
-        vst1q_f32(tile + i * GEMM_NR + 4, acc[i][1]);
-        vst1q_f32(tile + i * GEMM_NR + 8, acc[i][2]);
-    }
-    gemm_tile_update(m, n, alpha, tile, beta, C, ldc);
+    gemm_store_q(acc, m, n, alpha, beta, C, ldc);
 }
+
+#if defined(GEMM_BF16_NEON)
+/* Row i of the tile (one lane of the four rows' pairs in av) times the 12 columns' pairs. */
+#define GEMM_BFDOT_ROW(i, av, lane)                                \
+    do {                                                           \
+        acc[i][0] = vbfdotq_laneq_f32(acc[i][0], b0, av, lane);    \
+        acc[i][1] = vbfdotq_laneq_f32(acc[i][1], b1, av, lane);    \
+        acc[i][2] = vbfdotq_laneq_f32(acc[i][2], b2, av, lane);    \
+    } while (0)
+
+/* The bf16 micro-kernel in ARMv8.6 BF16: BFDOT adds each column's pair times a row's pair (the
+ * lane of a vector of four rows' pairs) to the column's accumulator, 4 columns at a time. */
+static void gemm_microkernel_bf16(int kc, const float *a, const float *b, int m, int n,
+                                  float alpha, float beta, float *C, int ldc) {
+    const bfloat16_t *pa = (const bfloat16_t *)a, *pb = (const bfloat16_t *)b;
+    float32x4_t acc[GEMM_MR][3];
+    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = acc[i][2] = vdupq_n_f32(0.0f);
+    for (int k = 0; k < kc; k++, pa += 2 * GEMM_MR, pb += 2 * GEMM_NR) {
+        bfloat16x8_t b0 = vld1q_bf16(pb), b1 = vld1q_bf16(pb + 8), b2 = vld1q_bf16(pb + 16);
+        for (int r = 0; r < GEMM_MR; r += 4) {
+            bfloat16x8_t av = vld1q_bf16(pa + 2 * r);
+            GEMM_BFDOT_ROW(r, av, 0);
+            GEMM_BFDOT_ROW(r + 1, av, 1);
+            GEMM_BFDOT_ROW(r + 2, av, 2);
+            GEMM_BFDOT_ROW(r + 3, av, 3);
+        }
+    }
+    gemm_store_q(acc, m, n, alpha, beta, C, ldc);
+}
+#undef GEMM_BFDOT_ROW
+#endif
 #else
 /* The portable kernel: the plain formula, which compilers vectorise well enough. */
 static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
@@ -355,6 +432,24 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
     gemm_tile_update(m, n, alpha, &acc[0][0], beta, C, ldc);
 }
 #endif
+
+#if defined(GEMM_BF16_PORTABLE)
+/* The bf16 micro-kernel in plain C, for CPUs without bf16 dot products: each pair's products
+ * (exact in f32) added to the sum in vdpbf16ps's order, the second depth's first. */
+static void gemm_microkernel_bf16(int kc, const float *a, const float *b, int m, int n,
+                                  float alpha, float beta, float *C, int ldc) {
+    const uint32_t *pa = (const uint32_t *)a, *pb = (const uint32_t *)b;
+    float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
+    for (int k = 0; k < kc; k++, pa += GEMM_MR, pb += GEMM_NR)
+        for (int i = 0; i < GEMM_MR; i++) {
+            float a0 = bits_float(pa[i] << 16), a1 = bits_float(pa[i] & 0xffff0000u);
+            for (int j = 0; j < GEMM_NR; j++) {
+                acc[i][j] += a1 * bits_float(pb[j] & 0xffff0000u);
+                acc[i][j] += a0 * bits_float(pb[j] << 16);
+            }
+        }
+    gemm_tile_update(m, n, alpha, &acc[0][0], beta, C, ldc);
+}
 #endif
 
 #if defined(GEMM_AVX512) || defined(GEMM_AVX2)
@@ -373,14 +468,12 @@ static inline __m256 gemm_source_load8(GemmSource src, ptrdiff_t i) {
 #endif
 }
 
-/* dst[k * width + l] = src[l * lane_stride + k] for 8 lanes l and 8 depth steps k: the eight
- * lanes' rows loaded, transposed in registers (pairs of rows interleaved, then pairs of pairs,
- * then the 128-bit halves swapped), stored as eight depth rows of the panel. Lanes a..h:
+/* dst[k * width + l] = r[l][k] for 8 lanes l and 8 depth steps k: the eight lanes' rows
+ * transposed in registers (pairs of rows interleaved, then pairs of pairs, then the 128-bit
+ * halves swapped), stored as eight depth rows of the panel. Lanes a..h:
  *   t: a0 b0 a1 b1 | a4 b4 a5 b5    s: a0 b0 c0 d0 | a4 b4 c4 d4    out: a0 .. h0, a4 .. h4 */
-static void gemm_transpose8x8(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride, float *dst,
-                              int width) {
-    __m256 r[8], t[8], s[8];
-    for (int i = 0; i < 8; i++) r[i] = gemm_source_load8(src, at + i * lane_stride);
+static inline void gemm_store_transposed8x8(const __m256 r[8], float *dst, int width) {
+    __m256 t[8], s[8];
     for (int i = 0; i < 8; i += 2) {
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);     /* depths 0 1 | 4 5 of lanes i, i+1 */
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); /* depths 2 3 | 6 7 */
@@ -396,6 +489,14 @@ static void gemm_transpose8x8(GemmSource src, ptrdiff_t at, ptrdiff_t lane_strid
         _mm256_storeu_ps(dst + (size_t)(k + 4) * width,
                          _mm256_permute2f128_ps(s[k], s[k + 4], 0x31));
     }
+}
+
+/* dst[k * width + l] = src[at + l * lane_stride + k] for 8 lanes and 8 depth steps. */
+static void gemm_transpose8x8(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride, float *dst,
+                              int width) {
+    __m256 r[8];
+    for (int i = 0; i < 8; i++) r[i] = gemm_source_load8(src, at + i * lane_stride);
+    gemm_store_transposed8x8(r, dst, width);
 }
 #endif
 
@@ -454,6 +555,67 @@ static void gemm_pack(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride, ptrdi
     }
 }
 
+/* The bf16 pair of one lane at depths k and k + 1, elements i and i + depth_stride of src
+ * rounded to nearest even (exact for bf16): k's bits in the low half, k + 1's in the high half,
+ * which is 0 when the lane ends at k (!second). */
+static inline uint32_t gemm_pair_at(GemmSource src, ptrdiff_t i, ptrdiff_t depth_stride,
+                                    bool second) {
+    uint32_t high = second ? f32_to_bf16(gemm_source_at(src, i + depth_stride)) : 0;
+    return f32_to_bf16(gemm_source_at(src, i)) | high << 16;
+}
+
+#if defined(GEMM_BF16_AVX512)
+/* The 8 pairs of elements i .. i + 15 of src, as gemm_pair_at makes them (vcvtneps2bf16 rounds
+ * to nearest even too; a denormal it makes 0, which vdpbf16ps would do anyway). */
+static inline __m256 gemm_pairs_load8(GemmSource src, ptrdiff_t i) {
+    if (src.dtype == DTYPE_BF16)
+        return _mm256_castsi256_ps(
+            _mm256_loadu_si256((const __m256i *)((const uint16_t *)src.data + i)));
+    if (src.dtype == DTYPE_F32)
+        return _mm256_castsi256_ps(
+            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)src.data + i)));
+    __m128i low = (__m128i)_mm256_cvtneps_pbh(gemm_source_load8(src, i));
+    __m128i high = (__m128i)_mm256_cvtneps_pbh(gemm_source_load8(src, i + 8));
+    return _mm256_castsi256_ps(_mm256_set_m128i(high, low));
+}
+#endif
+
+/* gemm_pack for bf16 pairs: `lanes` lanes of `depth` elements into ceil(lanes / width)
+ * micro-panels of pairs = ceil(depth / 2) slots (gemm_pair_at's), panel p at dst + p * width *
+ * pairs laid out [pairs][width], the lanes past `lanes` zero. Element (lane l, depth k) is
+ * src[at + l * lane_stride + k * depth_stride]. Where depths lie in a row (depth_stride 1: a
+ * weight [N, K], activations [M, K]) and the CPU has bf16, 8 lanes x 8 pairs at a time go
+ * through gemm_store_transposed8x8, 16 depths (a line of f32) of each lane at a time. */
+static void gemm_pack_pairs(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride,
+                            ptrdiff_t depth_stride, int lanes, int depth, int width,
+                            uint32_t *dst) {
+    int pairs = depth / 2 + depth % 2;
+    for (int l0 = 0; l0 < lanes; l0 += width) {
+        uint32_t *panel = dst + (size_t)l0 * pairs;
+        ptrdiff_t lane0 = at + l0 * lane_stride;
+        int n = gemm_min(width, lanes - l0), full_lanes = 0, full_pairs = 0;
+#if defined(GEMM_BF16_AVX512)
+        if (depth_stride == 1) {
+            full_lanes = n / 8 * 8;
+            full_pairs = depth / 16 * 8;
+            for (int q = 0; q < full_pairs; q += 8)
+                for (int l = 0; l < full_lanes; l += 8) {
+                    __m256 r[8];
+                    for (int i = 0; i < 8; i++)
+                        r[i] = gemm_pairs_load8(src, lane0 + (l + i) * lane_stride + 2 * q);
+                    gemm_store_transposed8x8(r, (float *)(panel + (size_t)q * width + l), width);
+                }
+        }
+#endif
+        for (int l = 0; l < width; l++)
+            for (int q = l < full_lanes ? full_pairs : 0; q < pairs; q++)
+                panel[(size_t)q * width + l] =
+                    l >= n ? 0
+                           : gemm_pair_at(src, lane0 + l * lane_stride + 2 * q * depth_stride,
+                                          depth_stride, 2 * q + 1 < depth);
+    }
+}
+
 /* How one call splits its work. Row blocks of C are mc rows; inside one, the work items are
  * a grid of row_chunk x col_block pieces, col_block a multiple of NR, row_chunk of MR. */
 typedef struct GemmPlan {
@@ -507,11 +669,29 @@ static GemmPlan gemm_plan(int M, int N, int K, int max_threads) {
     return p;
 }
 
-/* Strides of op(X)[r][k] in X for the packer: lane = the row (of A) or column (of B) index. */
+/* Strides of op(X)[r][k] in X for the packer: lane = the row (of A) or column (of B) index.
+ * With pairs, the operand is packed as bf16 pairs of its `depth` elements (gemm_pack_pairs), and
+ * a depth step of the loops (a slot) is a pair. */
 typedef struct GemmOperand {
     GemmSource source;
     ptrdiff_t lane_stride, depth_stride;
+    bool pairs;
+    int depth;
 } GemmOperand;
+
+/* Lanes [l0, l0 + lanes) of op at depth steps [p0, p0 + kc) into micro-panels of width:
+ * gemm_pack's f32 elements, or gemm_pack_pairs's pairs of elements 2 p0 .. */
+static void gemm_pack_operand(const GemmOperand *op, int l0, int lanes, int p0, int kc, int width,
+                              float *dst) {
+    ptrdiff_t k0 = op->pairs ? 2 * (ptrdiff_t)p0 : p0;
+    ptrdiff_t at = l0 * op->lane_stride + k0 * op->depth_stride;
+    if (op->pairs)
+        gemm_pack_pairs(op->source, at, op->lane_stride, op->depth_stride, lanes,
+                        (int)(2 * (ptrdiff_t)kc < op->depth - k0 ? 2 * kc : op->depth - k0),
+                        width, (uint32_t *)dst);
+    else
+        gemm_pack(op->source, at, op->lane_stride, op->depth_stride, lanes, kc, width, dst);
+}
 
 /* The threads a parallel region started here would get: 1 inside one (nested regions stay
  * serial) or without OpenMP. */
@@ -540,37 +720,36 @@ static void gemm_pack_a_block(const GemmOperand *a_op, int ic, int mc, int K, in
     for (int d = 0; d < depth_blocks; d++)
         for (int q = 0; q < panels; q++) {
             int p0 = d * GEMM_KC, kc = gemm_min(GEMM_KC, K - p0), i = q * GEMM_MR;
-            gemm_pack(a_op->source, (ic + i) * a_op->lane_stride + p0 * a_op->depth_stride,
-                      a_op->lane_stride, a_op->depth_stride, gemm_min(GEMM_MR, mc - i), kc,
-                      GEMM_MR, a_block + (size_t)block_rows * p0 + (size_t)i * kc);
+            gemm_pack_operand(a_op, ic + i, gemm_min(GEMM_MR, mc - i), p0, kc, GEMM_MR,
+                              a_block + (size_t)block_rows * p0 + (size_t)i * kc);
         }
 }
 
-/* One work item: rows [i0, i0 + m) and columns [j0, j0 + n) of C over all of K. Its rows start
- * at row `r` of the packed A block. */
-/* C [m, n] (row stride ldc) from one depth block of kc: the A micro-panels at a, MR rows each
- * kc x MR, and the B micro-panels at b, NR columns each, b_col_stride floats per column apart
- * (kc when packed per depth block, K when the panels hold all of K). */
-static void gemm_tiles(int kc, int m, int n, const float *a, const float *b, size_t b_col_stride,
-                       float alpha, float beta, float *C, int ldc) {
+/* C [m, n] (row stride ldc) from one depth block of kc steps: the A micro-panels at a, MR rows
+ * each kc x MR, and the B micro-panels at b, NR columns each, b_col_stride slots per column
+ * apart (kc when packed per depth block, K when the panels hold all of K); bf16 pairs in both
+ * when pairs, else f32. */
+static void gemm_tiles(bool pairs, int kc, int m, int n, const float *a, const float *b,
+                       size_t b_col_stride, float alpha, float beta, float *C, int ldc) {
     for (int i = 0; i < m; i += GEMM_MR)
         for (int j = 0; j < n; j += GEMM_NR)
-            gemm_microkernel(kc, a + (size_t)i * kc, b + j * b_col_stride,
-                             gemm_min(GEMM_MR, m - i), gemm_min(GEMM_NR, n - j), alpha, beta,
-                             C + (size_t)i * ldc + j, ldc);
+            (pairs ? gemm_microkernel_bf16 : gemm_microkernel)(
+                kc, a + (size_t)i * kc, b + j * b_col_stride, gemm_min(GEMM_MR, m - i),
+                gemm_min(GEMM_NR, n - j), alpha, beta, C + (size_t)i * ldc + j, ldc);
 }
 
+/* One work item: rows [i0, i0 + m) and columns [j0, j0 + n) of C over all K steps. Its rows
+ * start at row `r` of the packed A block. */
 static void gemm_item(const GemmOperand *b_op, int K, int i0, int m, int j0, int n,
                       const float *a_block, int block_rows, int r, float *b_block, float alpha,
                       float beta, float *C, int ldc) {
     for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
         int kc = gemm_min(GEMM_KC, K - p0);
         const float *a = a_block + (size_t)block_rows * p0 + (size_t)r * kc;
-        gemm_pack(b_op->source, j0 * b_op->lane_stride + p0 * b_op->depth_stride,
-                  b_op->lane_stride, b_op->depth_stride, n, kc, GEMM_NR, b_block);
+        gemm_pack_operand(b_op, j0, n, p0, kc, GEMM_NR, b_block);
         /* C already holds beta * C + the earlier depth blocks: add the rest with beta 1. */
         float beta_now = p0 == 0 ? beta : 1.0f;
-        gemm_tiles(kc, m, n, a, b_block, (size_t)kc, alpha, beta_now,
+        gemm_tiles(b_op->pairs, kc, m, n, a, b_block, (size_t)kc, alpha, beta_now,
                    C + (size_t)i0 * ldc + j0, ldc);
     }
 }
@@ -611,31 +790,55 @@ static float *gemm_alloc(size_t floats) {
     return aligned_alloc(64, bytes ? bytes : 64);
 }
 
-void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
-                 int lda, const void *B, DType b_dtype, int ldb, float beta, float *C, int ldc) {
+/* gemm_stored (f32 products) and gemm_stored_bf16 (pairs): the blocked loops over K depth steps
+ * of one element each, or over ceil(K / 2) of a bf16 pair each. */
+static void gemm_run(bool pairs, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                     const float *A, int lda, const void *B, DType b_dtype, int ldb, float beta,
+                     float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0 || alpha == 0.0f) {
         gemm_scale(M, N, beta, C, ldc);
         return;
     }
-    GemmPlan plan = gemm_plan(M, N, K, team_size());
-    GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1};
-    GemmOperand b_op = {{B, b_dtype}, trans_b ? ldb : 1, trans_b ? 1 : ldb};
-    int kc_max = gemm_min(GEMM_KC, K);
+    int steps = pairs ? K / 2 + K % 2 : K;
+    GemmPlan plan = gemm_plan(M, N, steps, team_size());
+    GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1, pairs, K};
+    GemmOperand b_op = {{B, b_dtype}, trans_b ? ldb : 1, trans_b ? 1 : ldb, pairs, K};
+    int kc_max = gemm_min(GEMM_KC, steps);
     size_t b_block_floats = (size_t)plan.col_block * kc_max;
-    float *a_block = gemm_alloc((size_t)plan.mc * K);
+    float *a_block = gemm_alloc((size_t)plan.mc * steps);
     float *b_blocks = gemm_alloc(b_block_floats * plan.threads);
     if (a_block && b_blocks) {
         #pragma omp parallel num_threads(plan.threads) if (plan.threads > 1)
-        gemm_blocked(&plan, &a_op, &b_op, M, N, K, alpha, beta, C, ldc, a_block, b_blocks,
+        gemm_blocked(&plan, &a_op, &b_op, M, N, steps, alpha, beta, C, ldc, a_block, b_blocks,
                      b_block_floats);
     } else {
-        /* Out of memory for the packing buffers: the reference loop needs none. */
+        /* Out of memory for the packing buffers: the reference loop needs none (in f32, the
+         * more exact result, also for bf16 products). */
         gemm_reference_source(trans_a, trans_b, M, N, K, alpha, A, lda, b_op.source, ldb, beta,
                               C, ldc);
     }
     free(a_block);
     free(b_blocks);
+}
+
+void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
+                 int lda, const void *B, DType b_dtype, int ldb, float beta, float *C, int ldc) {
+    gemm_run(false, trans_a, trans_b, M, N, K, alpha, A, lda, B, b_dtype, ldb, beta, C, ldc);
+}
+
+void gemm_stored_bf16(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const void *B, DType b_dtype, int ldb, float beta,
+                      float *C, int ldc) {
+    gemm_run(true, trans_a, trans_b, M, N, K, alpha, A, lda, B, b_dtype, ldb, beta, C, ldc);
+}
+
+bool gemm_bf16_native(void) {
+#if defined(GEMM_BF16_PORTABLE)
+    return false;
+#else
+    return true;
+#endif
 }
 
 size_t gemm_packed_a_floats(int M, int K) {
@@ -647,7 +850,7 @@ size_t gemm_packed_a_floats(int M, int K) {
  * (gemm_pack_a_block's layout). */
 void gemm_pack_a(bool trans_a, int M, int K, const float *A, int lda, float *packed) {
     if (M <= 0 || K <= 0) return;
-    GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1};
+    GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1, false, K};
     #pragma omp parallel if (team_size() > 1 && (double)M * K > GEMM_PARALLEL_MIN_WORK)
     gemm_pack_a_block(&a_op, 0, M, K, gemm_round_up(M, GEMM_MR), packed);
 }
@@ -669,7 +872,7 @@ void gemm_packed(int M, int N, int K, const float *packed_a, const float *panels
     size_t rows = (size_t)gemm_round_up(M, GEMM_MR);
     for (int p0 = 0; p0 < K; p0 += GEMM_KC) {
         float beta = p0 == 0 ? 0.0f : 1.0f; /* C holds the earlier depth blocks */
-        gemm_tiles(gemm_min(GEMM_KC, K - p0), M, N, packed_a + rows * p0,
+        gemm_tiles(false, gemm_min(GEMM_KC, K - p0), M, N, packed_a + rows * p0,
                    panels_b + (size_t)p0 * GEMM_NR, (size_t)K, 1.0f, beta, C, ldc);
     }
 }

@@ -55,6 +55,21 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
  * bit for bit, with no f32 copy of B: a weight read where it lies in a mapped file. */
 void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
                  int lda, const void *B, DType b_dtype, int ldb, float beta, float *C, int ldc);
+/* How the weight products of a forward are computed: in f32 (the default and the reference), or
+ * from bf16 operands into f32 sums (gemm_stored_bf16). */
+typedef enum Precision { PRECISION_F32, PRECISION_BF16 } Precision;
+/* gemm_stored with both operands rounded to bf16 (to nearest even; bf16 elements as they are)
+ * and the products of each bf16 pair, exact in f32, added to f32 sums: PyTorch's bf16 CPU matmul,
+ * but with C kept in f32. Depths go in pairs, each pair's two products added at once, on the
+ * CPU's bf16 dot-product instructions where gemm_bf16_native() (AVX512-BF16 vdpbf16ps, ARMv8.6
+ * BFDOT); elsewhere a portable kernel adds the same products, slower than gemm. Instructions that
+ * flush denormal bf16 values to 0 or round in another order make the results differ in the last
+ * bits of the f32 sums (tests/test_gemm.c states the bound); they do not depend on the threads. */
+void gemm_stored_bf16(bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const void *B, DType b_dtype, int ldb, float beta,
+                      float *C, int ldc);
+/* true where this build runs gemm_stored_bf16 on bf16 dot-product instructions. */
+bool gemm_bf16_native(void);
 /* Both operands packed beforehand (Winograd's kernels, used for every block of tiles, and its
  * transformed inputs, written straight into panels): C [M, N] = op(A) B, gemm(trans_a, false, M,
  * N, K, 1, A, lda, B, ldb, 0, C, ldc) bit for bit, on the calling thread (the caller shares out

@@ -840,7 +840,8 @@ static void test_golden(void) {
 
 /* ag_linear_stored on a bf16 weight as stored: the value and the gradient to x of ag_linear on
  * the widened weight, bit for bit (ag_linear's backward is checked by finite differences above);
- * a weight of the wrong width is refused. */
+ * with PRECISION_BF16 the value is gemm_stored_bf16's and the gradient the same f32 one; a weight
+ * of the wrong width is refused. */
 static void test_linear_stored(void) {
     enum { B = 3, L = 5, K = 37, N = 11 };
     unsigned long long state = 5;
@@ -852,11 +853,13 @@ static void test_linear_stored(void) {
     }
     for (int64_t i = 0; i < x->numel; i++) x->data[i] = harness_rand(&state);
     for (int64_t i = 0; i < probe->numel; i++) probe->data[i] = harness_rand(&state);
-    Tensor *grads[2] = {NULL, NULL}, *values[2] = {NULL, NULL};
-    for (int k = 0; k < 2; k++) {
+    Tensor *grads[3] = {NULL}, *values[3] = {NULL};
+    for (int k = 0; k < 3; k++) {
         Tape *t = tape_new();
         Var *xv = var_new(t, x, true), *wv = var_new(t, w, false);
-        Var *y = k == 0 ? ag_linear(t, xv, wv, NULL) : ag_linear_stored(t, xv, w16, DTYPE_BF16, N, K);
+        Precision precision = k == 1 ? PRECISION_F32 : PRECISION_BF16;
+        Var *y = k == 0 ? ag_linear(t, xv, wv, NULL)
+                        : ag_linear_stored(t, xv, w16, DTYPE_BF16, N, K, precision);
         Var *loss = ag_sum(t, ag_mul(t, y, var_new(t, probe, false)));
         Error e = {{0}};
         values[k] = y ? tensor_clone(y->value) : NULL; /* backward releases it */
@@ -869,12 +872,20 @@ static void test_linear_stored(void) {
           "ag_linear_stored (bf16) = ag_linear (widened), bit for bit");
     CHECK(grads[0] && grads[1] && !memcmp(grads[0]->data, grads[1]->data, B * L * K * 4),
           "and so is its gradient to x");
+    float want[B * L * N];
+    gemm_stored_bf16(false, true, B * L, N, K, 1.0f, x->data, K, w16, DTYPE_BF16, K, 0.0f, want,
+                     N);
+    CHECK(values[2] && !memcmp(values[2]->data, want, sizeof want) &&
+              memcmp(values[2]->data, values[1]->data, sizeof want),
+          "ag_linear_stored in bf16 = gemm_stored_bf16, bit for bit (not the f32 value)");
+    CHECK(grads[0] && grads[2] && !memcmp(grads[0]->data, grads[2]->data, B * L * K * 4),
+          "and its gradient to x is f32's");
     Tape *t = tape_new();
     Error e = {{0}};
-    ag_linear_stored(t, var_new(t, x, false), w16, DTYPE_BF16, N, K + 1);
+    ag_linear_stored(t, var_new(t, x, false), w16, DTYPE_BF16, N, K + 1, PRECISION_F32);
     CHECK(tape_check(t, &e) == -1 && strstr(e.msg, "linear_stored"), "a wrong width: %s", e.msg);
     tape_free(t);
-    for (int k = 0; k < 2; k++) tensor_free(values[k]), tensor_free(grads[k]);
+    for (int k = 0; k < 3; k++) tensor_free(values[k]), tensor_free(grads[k]);
     tensor_free(w), tensor_free(x), tensor_free(probe);
 }
 

@@ -126,6 +126,55 @@ static void test_golden(const SafeTensors *st) {
     flux2_free(m);
 }
 
+/* Mean |a - b| over n values. */
+static double mean_abs_diff(const float *a, const float *b, size_t n) {
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++) sum += fabs((double)a[i] - (double)b[i]);
+    return n ? sum / (double)n : 0.0;
+}
+
+/* --precision bf16: the forward with bf16 products against the reference that rounds every
+ * linear's input and weight to bf16 (v_bf16_products). Where the reference's float64 input and
+ * our f32 one round to neighbouring bf16 values (about 1 in 2^16) an output moves by a bf16 step
+ * of one product: within RTOL_BF16 / ATOL_BF16; on average it is as near as f32 is to its own
+ * golden, and much nearer than the f32 forward is. A resident model refuses bf16. */
+#define RTOL_BF16 1e-2f
+#define ATOL_BF16 1e-3f
+static void test_bf16_products(const SafeTensors *st) {
+    Flux2 *m = load(FIXTURE);
+    Tensor *tokens = golden_tensor(st, "tokens1", SHAPE(1, 15, 16));
+    Tensor *txt = golden_tensor(st, "txt1", SHAPE(1, 7, 24));
+    float *want = golden_load(st, "v_bf16_products", 15 * 16);
+    Error e = {{0}};
+    if (m && tokens && txt && want) {
+        Tensor *f32 = check_forward(m, "f32 products, sigma 0.7", tokens, txt, (float[]){0.7f},
+                                    NULL, st, "v1_a", RTOL, ATOL);
+        CHECK(flux2_set_precision(m, PRECISION_BF16, &e) == 0, "bf16: %s", e.msg);
+        Tensor *bf16 = check_forward(m, "bf16 products, sigma 0.7", tokens, txt, (float[]){0.7f},
+                                     NULL, st, "v_bf16_products", RTOL_BF16, ATOL_BF16);
+        if (f32 && bf16) {
+            double ours = mean_abs_diff(bf16->data, want, 15 * 16);
+            double f32_off = mean_abs_diff(f32->data, want, 15 * 16);
+            CHECK(ours < 1e-5 && ours < f32_off / 100,
+                  "bf16 products: mean |v - reference| %.3g, the f32 forward's %.3g", ours,
+                  f32_off);
+        }
+        tensor_free(f32);
+        tensor_free(bf16);
+        Tensor *back = (flux2_set_precision(m, PRECISION_F32, &e),
+                        check_forward(m, "f32 again", tokens, txt, (float[]){0.7f}, NULL, st,
+                                      "v1_a", RTOL, ATOL));
+        tensor_free(back);
+        CHECK(flux2_make_resident(m, &e) == 0, "resident: %s", e.msg);
+        CHECK(flux2_set_precision(m, PRECISION_BF16, &e) != 0 && strstr(e.msg, "resident"),
+              "a resident model refuses bf16: %s", e.msg);
+    }
+    free(want);
+    tensor_free(tokens);
+    tensor_free(txt);
+    flux2_free(m);
+}
+
 /* ---- broken copies of the fixture ---- */
 
 static char *read_text(const char *path) {
@@ -570,6 +619,7 @@ int main(void) {
         test_golden(st);
         test_graph_matches_streaming(st);
         test_graph_gradients(st);
+        test_bf16_products(st);
         st_close(st);
     }
     test_init();

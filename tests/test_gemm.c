@@ -1,5 +1,5 @@
 /* test_gemm.c - the blocked gemm() against the reference triple loop, against PyTorch, and
- * against itself at other thread counts (bit for bit). */
+ * against itself at other thread counts (bit for bit); the same for gemm_stored_bf16. */
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -185,14 +185,43 @@ static void test_against_pytorch(void) {
         float *C = golden_load(st, name, nc);
         snprintf(name, sizeof name, "case%d.out", i);
         float *want = golden_load(st, name, nc);
-        if (A && B && C && want) {
-            gemm(c.trans_a, c.trans_b, c.M, c.N, c.K, c.alpha, A, c.trans_a ? c.M : c.K, B,
-                 c.trans_b ? c.K : c.N, c.beta, C, c.N);
+        snprintf(name, sizeof name, "case%d.bf16", i);
+        float *want_bf16 = golden_load(st, name, nc);
+        /* PyTorch's own bf16 product, where it sums in f32 (tools/golden_gemm.py) */
+        snprintf(name, sizeof name, "case%d.torch_bf16", i);
+        float *torch_bf16 = st_find(st, name) ? golden_load(st, name, nc) : NULL;
+        float *C_bf16 = malloc(nc * sizeof *C_bf16 + 1), *product = malloc(nc * sizeof *product + 1);
+        if (A && B && C && want && want_bf16 && C_bf16 && product) {
+            int lda = c.trans_a ? c.M : c.K, ldb = c.trans_b ? c.K : c.N;
+            memcpy(C_bf16, C, nc * sizeof *C);
+            gemm(c.trans_a, c.trans_b, c.M, c.N, c.K, c.alpha, A, lda, B, ldb, c.beta, C, c.N);
             snprintf(name, sizeof name, "gemm vs torch.matmul case %d (%dx%dx%d %s%s)", i, c.M, c.N,
                      c.K, c.trans_a ? "T" : "N", c.trans_b ? "T" : "N");
             check_close(name, C, want, nc, 1e-5f, gemm_atol(c.K) * fabsf(c.alpha));
+            gemm_stored_bf16(c.trans_a, c.trans_b, c.M, c.N, c.K, c.alpha, A, lda, B, DTYPE_F32,
+                             ldb, c.beta, C_bf16, c.N);
+            snprintf(name, sizeof name, "gemm_stored_bf16 vs the bf16 product in f64, case %d",
+                     i);
+            check_close(name, C_bf16, want_bf16, nc, 1e-5f, gemm_atol(c.K) * fabsf(c.alpha));
+            /* PyTorch rounds its f32 sums to bf16: ours rounded the same way may differ where
+             * the two sums (in other orders) straddle a rounding step: by one step, plus what
+             * f32 sums may differ by where the value is small. */
+            gemm_stored_bf16(c.trans_a, c.trans_b, c.M, c.N, c.K, 1.0f, A, lda, B, DTYPE_F32,
+                             ldb, 0.0f, product, c.N);
+            size_t equal = 0, beyond = 0;
+            for (size_t k = 0; torch_bf16 && k < nc; k++) {
+                float ours = bf16_to_f32(f32_to_bf16(product[k]));
+                float step = fmaxf(fabsf(ours), fabsf(torch_bf16[k])) * 0x1p-7f;
+                equal += ours == torch_bf16[k];
+                beyond += !(fabsf(ours - torch_bf16[k]) <= step + gemm_atol(c.K));
+            }
+            if (torch_bf16)
+                CHECK(beyond == 0 && equal >= nc * 9 / 10,
+                      "gemm_stored_bf16 rounded to bf16 vs torch.matmul in bf16, case %d: %zu of "
+                      "%zu equal, %zu further apart", i, equal, nc, beyond);
         }
-        free(p), free(A), free(B), free(C), free(want);
+        free(p), free(A), free(B), free(C), free(want), free(want_bf16), free(torch_bf16);
+        free(C_bf16), free(product);
     }
     st_close(st);
 }
@@ -292,6 +321,120 @@ static void test_stored_b(void) {
         }
 }
 
+/* B as gemm_stored reads it: f32 as it is, bf16 or f16 as little-endian bytes at an odd
+ * address. d->B becomes the values the product sees (rounded to bf16 or f16). */
+typedef struct StoredB {
+    unsigned char *bytes;
+    const void *data;
+} StoredB;
+
+static StoredB stored_b_new(const GemmCase *c, GemmData *d, DType type) {
+    size_t count = (size_t)(c->trans_b ? c->N : c->K) * d->ldb;
+    StoredB b = {malloc(2 * count + 1), d->B};
+    if (type == DTYPE_F32) return b;
+    unsigned char *b16 = b.bytes + 1;
+    for (size_t k = 0; k < count; k++) {
+        uint16_t h = type == DTYPE_BF16 ? f32_to_bf16(d->B[k]) : f32_to_f16(d->B[k]);
+        d->B[k] = type == DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+        b16[2 * k] = (unsigned char)(h & 0xFF);
+        b16[2 * k + 1] = (unsigned char)(h >> 8);
+    }
+    b.data = b16;
+    return b;
+}
+
+static void run_bf16(const GemmCase *c, GemmData *d, const StoredB *b, DType type) {
+    gemm_stored_bf16(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d->A, d->lda, b->data,
+                     type, d->ldb, c->beta, d->C, d->ldc);
+}
+
+/* x rounded to bf16 in place, as gemm_stored_bf16 rounds its operands. */
+static float *round_bf16(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+    return x;
+}
+
+/* gemm_stored_bf16 with B f32, bf16 or f16 against the reference loop on the operands rounded
+ * to bf16, within f32 accumulation's bound: the four layouts, K odd (a half-empty last pair) and
+ * K = 1, K over a depth block of pairs (768), lanes and depths past the 8 x 16 blocks the packer
+ * converts at once, A over one row block (3000 x 1501 pairs); a NaN in A reaches its row of C;
+ * and the result at 1 thread is the result at 2, 3 and 16 bit for bit. */
+static void test_bf16(void) {
+    const GemmCase cases[] = {
+        {1, 1, 1, false, false, 1.0f, 0.0f, 0},    {7, 13, 17, false, true, 1.0f, 0.0f, 0},
+        {37, 45, 70, false, true, 1.0f, 0.0f, 3},  {20, 33, 19, false, false, 0.5f, 1.0f, 0},
+        {300, 520, 260, true, true, 1.0f, 0.0f, 1}, {64, 96, 1601, false, true, 1.0f, 0.5f, 0},
+        {129, 70, 800, true, false, -1.0f, 0.25f, 2}, {3000, 17, 3001, false, true, 1.0f, 0.0f, 0},
+    };
+    const DType types[] = {DTYPE_F32, DTYPE_BF16, DTYPE_F16};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        for (size_t ty = 0; ty < sizeof types / sizeof *types; ty++) {
+            const GemmCase *c = &cases[i];
+            char what[160];
+            snprintf(what, sizeof what, "gemm_stored_bf16 B %s %s%s M=%d N=%d K=%d alpha=%g "
+                     "beta=%g pad=%d", dtype_name(types[ty]), c->trans_a ? "T" : "N",
+                     c->trans_b ? "T" : "N", c->M, c->N, c->K, c->alpha, c->beta, c->pad);
+            GemmData d = gemm_data_new(c, 700 + i), want = gemm_data_new(c, 700 + i);
+            StoredB b = stored_b_new(c, &d, types[ty]);
+            run_bf16(c, &d, &b, types[ty]);
+            size_t a_count = (size_t)(c->trans_a ? c->K : c->M) * want.lda;
+            round_bf16(want.A, a_count);
+            round_bf16(memcpy(want.B, d.B, (size_t)(c->trans_b ? c->N : c->K) * d.ldb * 4),
+                       (size_t)(c->trans_b ? c->N : c->K) * d.ldb);
+            gemm_reference(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, want.A, want.lda,
+                           want.B, want.ldb, c->beta, want.C, want.ldc);
+            float *g = dense_c(c, &d), *w = dense_c(c, &want);
+            check_close(what, g, w, (size_t)c->M * c->N, 1e-5f, gemm_atol(c->K) * fabsf(c->alpha));
+            CHECK(gap_untouched(c, &d), "%s: C outside its N columns untouched", what);
+            free(g), free(w);
+            free(b.bytes);
+            gemm_data_free(&d), gemm_data_free(&want);
+        }
+
+    const GemmCase *nan_case = &cases[2];
+    GemmData d = gemm_data_new(nan_case, 9);
+    StoredB b = stored_b_new(nan_case, &d, DTYPE_BF16);
+    d.A[3] = NAN; /* row 0, depth 3 */
+    run_bf16(nan_case, &d, &b, DTYPE_BF16);
+    bool row0_nan = true, row1_finite = true;
+    for (int j = 0; j < nan_case->N; j++) {
+        row0_nan = row0_nan && isnan(d.C[j]);
+        row1_finite = row1_finite && isfinite(d.C[d.ldc + j]);
+    }
+    CHECK(row0_nan && row1_finite, "gemm_stored_bf16: a NaN in A's row 0 makes C's row 0 NaN, "
+          "row 1 stays finite");
+    free(b.bytes);
+    gemm_data_free(&d);
+
+#ifdef _OPENMP
+    const int thread_counts[] = {2, 3, 16};
+    int keep = omp_get_max_threads();
+    for (size_t i = 4; i < sizeof cases / sizeof *cases; i++) {
+        const GemmCase *c = &cases[i];
+        GemmData one = gemm_data_new(c, 800 + i);
+        StoredB b1 = stored_b_new(c, &one, DTYPE_BF16);
+        omp_set_num_threads(1);
+        run_bf16(c, &one, &b1, DTYPE_BF16);
+        for (size_t t = 0; t < sizeof thread_counts / sizeof *thread_counts; t++) {
+            GemmData many = gemm_data_new(c, 800 + i);
+            StoredB bn = stored_b_new(c, &many, DTYPE_BF16);
+            omp_set_num_threads(thread_counts[t]);
+            run_bf16(c, &many, &bn, DTYPE_BF16);
+            CHECK(!memcmp(one.C, many.C, (size_t)c->M * one.ldc * sizeof(float)),
+                  "gemm_stored_bf16 M=%d N=%d K=%d: 1 and %d threads agree bit for bit", c->M,
+                  c->N, c->K, thread_counts[t]);
+            free(bn.bytes);
+            gemm_data_free(&many);
+        }
+        free(b1.bytes);
+        gemm_data_free(&one);
+    }
+    omp_set_num_threads(keep);
+#endif
+    printf("  bf16 products on %s\n", gemm_bf16_native() ? "the CPU's bf16 dot-product "
+           "instructions" : "the portable kernel (no bf16 dot products in this build)");
+}
+
 /* gemm_packed, A packed by gemm_pack_a (either layout of A) and B laid out in panels by
  * gemm_panel_offset (zeros past N), gives gemm's result bit for bit (edge panels, K over a depth
  * block, a single column) and leaves the columns past N alone. */
@@ -325,6 +468,7 @@ int main(void) {
     test_degenerate();
     test_thread_independence();
     test_stored_b();
+    test_bf16();
     test_gradients();
     test_against_pytorch();
     return harness_finish("test_gemm");

@@ -18,6 +18,9 @@ Writes (deterministic: re-running gives identical bytes):
     v1_a, v1_b                                      velocity at sigma 0.7, then 0.3
     tokens2 [2, 15, 16], txt2 [2, 7, 24], v2        sigmas (0.9, 0.2) in one batch
     v_bf16                                          bf16 fixture at sigma 0.7 (weights as rounded)
+    v_bf16_products                                 tiny-flux2 at sigma 0.7 with every linear's
+                                                    input and weight rounded to bf16 (through
+                                                    f32) and summed exactly: --precision bf16
     v_guidance                                      guidance fixture at sigma 0.5, guidance 3.5
     schedule.<steps>_<seq>                          the klein sigmas (N values, then 0)
     tokens_big [1, 272, 16], v_big                  grid h=17, w=16 with txt1 at sigma 0.4: more
@@ -27,6 +30,7 @@ Writes (deterministic: re-running gives identical bytes):
     grad.tokens, grad.txt, grad.<param name>        ... and its gradients (GRAD_PARAMS)
 Run with /usr/bin/python3 (Debian's torch).
 """
+import contextlib
 import math
 import os
 
@@ -115,7 +119,25 @@ def bf16_rounded(weights):
 
 # ---- the model -------------------------------------------------------------------------------
 
+ROUND_TO_BF16 = False  # inside bf16_products()
+
+
+@contextlib.contextmanager
+def bf16_products():
+    """linear() as diamond's PRECISION_BF16 computes it: the input (held in f32 there) and the
+    weight rounded to bf16, the products summed exactly."""
+    global ROUND_TO_BF16
+    ROUND_TO_BF16 = True
+    try:
+        yield
+    finally:
+        ROUND_TO_BF16 = False
+
+
 def linear(w, x):
+    if ROUND_TO_BF16:
+        x = x.float().bfloat16().double()
+        w = w.float().bfloat16().double()
     return x @ w.T
 
 
@@ -382,6 +404,8 @@ def main():
         ("v_guidance", forward(guided_weights, guided_cfg, tokens1, h, w, txt1, sig(0.5),
                                guidance=sig(3.5))),
     ]
+    with bf16_products():
+        golden.append(("v_bf16_products", forward(weights, CONFIG, tokens1, h, w, txt1, sig(0.7))))
     for steps, seq in [(4, 4096), (4, 1024), (50, 4096), (4, 8192), (1, 15)]:
         golden.append((f"schedule.{steps}_{seq}", klein_sigmas(steps, seq)))
     hb, wb = 17, 16
