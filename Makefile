@@ -7,6 +7,8 @@
 #                   without OpenMP, whose runtime it cannot see into)
 #   make test-arm64 the tests of an ARM64 (NEON) cross build run under qemu-aarch64 (Debian:
 #                   apt install gcc-aarch64-linux-gnu qemu-user)
+#   make test-arm64-bf16  the same built for ARMv8.6 with BF16 (gemm_stored_bf16 on BFDOT;
+#                   qemu-aarch64's default CPU has it)
 #   make debug      ./build/debug/diamond at -O0 -g
 #   make fuzz       libFuzzer targets (clang) in build/fuzz/
 #   make bench      the standard benchmarks
@@ -66,7 +68,7 @@ TEST_SRC = $(wildcard tests/test_*.c)
 TESTS ?= $(TEST_SRC:tests/test_%.c=%)
 TEST_BIN = $(TESTS:%=$(BUILD)/tests/test_%)
 
-.PHONY: all diamond test test-arm64 asan msan debug fuzz bench golden clean info-flags weights weights-vae \
+.PHONY: all diamond test test-arm64 test-arm64-bf16 asan msan debug fuzz bench golden clean info-flags weights weights-vae \
         weights-detector weights-flow weights-vae-decoder weights-flow-cfg
 all: info-flags diamond
 
@@ -121,6 +123,9 @@ msan:
 ARM64_QEMU = qemu-aarch64 -L /usr/aarch64-linux-gnu
 test-arm64:
 	TEST_RUNNER="$(ARM64_QEMU)" $(MAKE) test BUILD=build/arm64 CC=aarch64-linux-gnu-gcc
+test-arm64-bf16:
+	TEST_RUNNER="$(ARM64_QEMU)" $(MAKE) test BUILD=build/arm64-bf16 CC=aarch64-linux-gnu-gcc \
+	    EXTRA_CFLAGS=-march=armv8.6-a+bf16
 
 debug:
 	$(MAKE) $(BUILD)/debug/diamond BUILD=build/debug OPT="-O0 -g"

@@ -604,6 +604,8 @@ typedef struct BenchModelArgs {
     bool config_only;
     const char *only; /* bench model: "transformer", "vae" or "detector" alone; NULL: all */
     Precision precision; /* the transformer's products (precision_to_run) */
+    int steps;           /* bench precision */
+    bool guide;          /* bench precision */
 } BenchModelArgs;
 
 /* The loaded models and their random inputs. */
@@ -652,6 +654,11 @@ static const Option bench_model_options[] = {
     {.name = "--precision", .value = "P", .kind = OPTION_PARSE, .offset = BENCH_FIELD(precision),
      .parse = option_precision, .fallback = "f32",
      .help = "the transformer's weight products, as generate's"},
+    {.name = "--steps", .value = "N", .kind = OPTION_INT, .offset = BENCH_FIELD(steps), .min = 1,
+     .max = 1000, .fallback = "4",
+     .help = "bench precision: sampling steps"},
+    {.name = "--guide", .kind = OPTION_FLAG, .offset = BENCH_FIELD(guide),
+     .help = "bench precision: guided sampling (lambda 1, the power-3 loss)"},
     {.name = "--runs", .value = "N", .kind = OPTION_INT, .offset = BENCH_FIELD(runs), .min = 1,
      .max = 100, .fallback = "1",
      .help = "calls of each part (the best and the median are printed): on a\n"
@@ -703,6 +710,19 @@ static int flow_models_open(const char *model, WeightSource source, uint64_t see
     *grid_h = height / ph;
     *grid_w = width / pw;
     return 0;
+}
+
+/* A latent [B, grid_h * grid_w, C]'s image, no gradient: [B, 3, H, W] in about [-1, 1]. */
+static int decode_latent(const VaeDecoder *vae, int grid_h, int grid_w, Tensor *latent,
+                         Tensor **image, Error *e) {
+    Tape *t = tape_new();
+    if (!t) return error_set(e, "out of memory for the decoder");
+    tape_set_grad(t, false);
+    Var *img = vae_decode(t, vae, var_new(t, latent, false), grid_h, grid_w);
+    int rc = tape_check(t, e);
+    if (rc == 0 && !(*image = tensor_clone(img->value))) rc = error_set(e, "out of memory");
+    tape_free(t);
+    return rc;
 }
 
 /* The flow model and VAE of a diffusers directory and the detector, from their files or (config
@@ -1029,6 +1049,119 @@ static int bench_step_main(int argc, char **argv) {
     return rc;
 }
 
+/* --- bench precision --- */
+
+/* The velocities of the f32 run, kept step by step; the bf16 run's compared with them. */
+typedef struct DriftSteps {
+    Tensor **f32_v; /* [steps] */
+    bool compare;   /* false: keep (the f32 run), true: compare (the bf16 run) */
+} DriftSteps;
+
+/* max and mean |a - b| over n values, and mean |b| (the scale). */
+typedef struct Drift {
+    double max, mean, scale;
+} Drift;
+
+static Drift drift_of(const float *a, const float *b, size_t n) {
+    Drift d = {0};
+    for (size_t i = 0; i < n; i++) {
+        double diff = fabs((double)a[i] - (double)b[i]);
+        d.max = diff > d.max ? diff : d.max;
+        d.mean += diff;
+        d.scale += fabs((double)b[i]);
+    }
+    d.mean /= n ? (double)n : 1.0;
+    d.scale /= n ? (double)n : 1.0;
+    return d;
+}
+
+static int drift_step(const SamplerStep *s, void *ctx, Error *e) {
+    DriftSteps *d = ctx;
+    if (!d->compare)
+        return (d->f32_v[s->index] = tensor_clone(s->v)) ? 0 : error_set(e, "out of memory");
+    Drift v = drift_of(s->v->data, d->f32_v[s->index]->data, (size_t)s->v->numel);
+    printf("  step %d/%d sigma %.4f: v bf16 - f32: max %.3g, mean %.3g (mean |v| %.3g: %.3f%%)\n",
+           s->index + 1, s->steps, s->sigma, v.max, v.mean, v.scale, 100.0 * v.mean / v.scale);
+    return 0;
+}
+
+/* One sampling run of m from noise in precision; *latent the final latent, *seconds its time. */
+static int drift_run(BenchModels *m, const SamplerOptions *o, const Tensor *noise,
+                     Precision precision, DriftSteps *d, Tensor **latent, double *seconds,
+                     Error *e) {
+    double t0 = now_seconds();
+    int rc = flux2_set_precision(m->flow, precision, e);
+    if (rc == 0 && !(*latent = tensor_clone(noise))) rc = error_set(e, "out of memory");
+    if (rc == 0)
+        rc = sampler_run(m->flow, m->vae, m->detector, o, m->txt, NULL, *latent, m->h, m->w,
+                         drift_step, d, e);
+    *seconds = now_seconds() - t0;
+    return rc;
+}
+
+/* diamond bench precision (bench model's options, --steps N, --guide): the drift of bf16 products
+ * from f32. Two sampling runs (batch 1) from the same noise (PyTorch's randn after
+ * manual_seed(0)) and the same random prompt embeddings, the first in f32 and the second in bf16;
+ * each step's velocity compared, then the final latents and their decoded images, also as 8-bit
+ * pixels. On a CPU without bf16 dot products the bf16 run takes the portable kernel: the same
+ * drift, slower. */
+static int bench_precision(int argc, char **argv) {
+    BenchModels m = {0};
+    BenchModelArgs a;
+    Error e = {{0}};
+    int rc = bench_models_open(argc, argv, "precision", &m, &a);
+    if (rc) {
+        bench_models_free(&m);
+        return rc;
+    }
+    SamplerOptions o = {.steps = a.steps, .guide = a.guide, .guidance_scale = 4.0f,
+                        .lambda = {.type = LAMBDA_CONSTANT, .value = 1.0},
+                        .loss = {.type = ARTIFACT_LOSS_POWER, .gamma = 3.0}};
+    const Flux2Config *fc = flux2_config(m.flow);
+    Tensor *noise = TENSOR_NEW(1, (int64_t)m.h * m.w, fc->in_channels);
+    Tensor *latent[2] = {NULL, NULL}, *image[2] = {NULL, NULL};
+    DriftSteps d = {calloc((size_t)a.steps, sizeof *d.f32_v), false};
+    double seconds[2] = {0.0, 0.0};
+    printf("  %d %s steps, bf16 products on %s\n", a.steps, a.guide ? "guided" : "unguided",
+           gemm_bf16_native() ? "the CPU's bf16 instructions" : "the portable kernel (slow)");
+    rc = !noise || !d.f32_v ? error_set(&e, "out of memory")
+                            : latent_noise_tokens(0, fc->in_channels, m.h, m.w, noise->data, &e);
+    for (int k = 0; k < 2 && rc == 0; k++) {
+        d.compare = k == 1;
+        rc = drift_run(&m, &o, noise, k ? PRECISION_BF16 : PRECISION_F32, &d, &latent[k],
+                       &seconds[k], &e) ||
+             decode_latent(m.vae, m.h, m.w, latent[k], &image[k], &e);
+    }
+    if (rc == 0) {
+        Drift z = drift_of(latent[1]->data, latent[0]->data, (size_t)latent[0]->numel);
+        Drift x = drift_of(image[1]->data, image[0]->data, (size_t)image[0]->numel);
+        int H = (int)image[0]->shape[2], W = (int)image[0]->shape[3];
+        uint8_t *rgb[2] = {malloc((size_t)3 * H * W), malloc((size_t)3 * H * W)};
+        rc = rgb[0] && rgb[1] ? 0 : error_set(&e, "out of memory");
+        Drift p = {0};
+        for (int k = 0; k < 2 && rc == 0; k++) image_from_signed(image[k]->data, W, H, rgb[k]);
+        for (size_t i = 0; rc == 0 && i < (size_t)3 * H * W; i++) {
+            double diff = abs((int)rgb[1][i] - (int)rgb[0][i]);
+            p.max = diff > p.max ? diff : p.max;
+            p.mean += diff / (3.0 * H * W);
+        }
+        if (rc == 0)
+            printf("  final latent bf16 - f32: max %.3g, mean %.3g (mean |latent| %.3g)\n"
+                   "  image (in [-1, 1]) bf16 - f32: max %.3g, mean %.3g\n"
+                   "  8-bit pixels bf16 - f32: max %.0f, mean %.3f levels\n"
+                   "  run seconds: f32 %.2f, bf16 %.2f (%.2fx)\n", z.max, z.mean, z.scale,
+                   x.max, x.mean, p.max, p.mean, seconds[0], seconds[1], seconds[0] / seconds[1]);
+        free(rgb[0]), free(rgb[1]);
+    }
+    if (rc) fprintf(stderr, "diamond bench precision: %s\n", e.msg);
+    for (int k = 0; k < a.steps && d.f32_v; k++) tensor_free(d.f32_v[k]);
+    free(d.f32_v);
+    for (int k = 0; k < 2; k++) tensor_free(latent[k]), tensor_free(image[k]);
+    tensor_free(noise);
+    bench_models_free(&m);
+    return rc ? 1 : 0;
+}
+
 bool asks_for_help(int argc, char **argv) {
     for (int i = 0; i < argc; i++)
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return true;
@@ -1066,6 +1199,12 @@ static const Benchmark benchmarks[] = {
      .what = "one unguided and one guided sampler step, and their ratio",
      .options = bench_model_options, .n_options = COUNT(bench_model_options),
      .run = bench_step_main},
+    {.name = "precision",
+     .args = "--model DIR --detector DIR -W W -H H [--steps N] [--guide] [options]",
+     .what = "the drift of --precision bf16 from f32: per step (v), in the final\n"
+             "latent and image; both runs' seconds",
+     .options = bench_model_options, .n_options = COUNT(bench_model_options),
+     .run = bench_precision},
     {.name = "text",
      .args = "--model DIR [--config-only] [--tokens N] [--real R] [--precision P] [--threads T]",
      .what = "one N-token encoding by DIR's Qwen3 (DIR/text_encoder or DIR),\n"
@@ -2035,16 +2174,9 @@ static int generate_dump_tensor(GenerateDump *d, int step, const char *part, con
     return generate_dump_add(d, name, t->data, t->ndim, t->shape, e);
 }
 
-/* A latent's image, no gradient: [B, 3, H, W] in about [-1, 1]. */
+/* A latent's image (decode_latent). */
 static int generate_decode(const GenerateRun *r, Tensor *latent, Tensor **image, Error *e) {
-    Tape *t = tape_new();
-    if (!t) return error_set(e, "out of memory for the decoder");
-    tape_set_grad(t, false);
-    Var *img = vae_decode(t, r->vae, var_new(t, latent, false), r->grid_h, r->grid_w);
-    int rc = tape_check(t, e);
-    if (rc == 0 && !(*image = tensor_clone(img->value))) rc = error_set(e, "out of memory");
-    tape_free(t);
-    return rc;
+    return decode_latent(r->vae, r->grid_h, r->grid_w, latent, image, e);
 }
 
 /* Sample b of image [B, 3, H, W] as 8-bit RGB the official way (image_from_signed; NaN becomes

@@ -141,7 +141,7 @@ static void test_help(Cli *c) {
     static const char *const commands[] = {
         "", "demo", "generate", "encode", "eval", "search-seeds", "world", "train", "train vae",
         "info", "bench", "bench gemm", "bench conv", "bench attention", "bench model",
-        "bench step", "bench text"};
+        "bench step", "bench text", "bench precision"};
     for (size_t i = 0; i < COUNT(commands); i++)
         CHECK(run(c, "%s --help", commands[i]) == 0 && log_has(c, "usage"),
               "diamond %s --help exits 0 with its usage", commands[i]);
@@ -205,6 +205,17 @@ static void test_bench_gemm_options(Cli *c) {
                  "tests/fixtures/tiny-detector -W 32 -H 32 --threads 1 --runs 3") == 0 &&
               log_has(c, "transformer forward"),
           "bench model --runs 3 runs");
+    CHECK(run(c, "bench gemm 7 5 3 --trans-b --precision bf16 --threads 1") == 0 &&
+              log_has(c, "K=3 trans_b bf16") && log_has(c, "GFLOPS="),
+          "bench gemm --precision bf16 runs and says so");
+    CHECK(run(c, "bench gemm 7 5 3 --precision f64") == 2 && log_has(c, "expected f32 or bf16"),
+          "bench gemm --precision f64 exits 2");
+    CHECK(run(c, "bench precision --model tests/fixtures/tiny-flux2 --detector "
+                 "tests/fixtures/tiny-detector -W 32 -H 32 --text-len 7 --steps 2 --guide "
+                 "--threads 1") == 0 &&
+              log_has(c, "2 guided steps") && log_has(c, "step 2/2 sigma") &&
+              log_has(c, "8-bit pixels bf16 - f32") && log_has(c, "run seconds: f32"),
+          "bench precision runs both precisions, step by step, and compares the images");
 }
 
 /* The shipped models (committed in weights/; `make weights` trains them again): a checkout

@@ -618,7 +618,7 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
                    {" --mu x", 2}, {" --cfg 3", 2}, {" --cfg 0.5", 2},
                    {" --negative-prompt x", 2}, {" --vae-memory 0", 2}, {" --memory 0", 2},
                    {" --memory x", 2},
-                   {" --vae-memory 1.5", 2}, {" --seed 1,", 2},
+                   {" --vae-memory 1.5", 2}, {" --seed 1,", 2}, {" --precision f16", 2},
                    {" --seed 9223372036854775808", 2}, {" --dump %s/out.ppm", 2},
                    {" --compare %s/./out.ppm", 2}};
         /* a NaN in the prompt or the noise file: exit 1 naming the file, no image */
@@ -681,6 +681,23 @@ static void test_cli(const SafeTensors *g, const char *argv0) {
               strstr(said, "seed: ") && strstr(said, "embeddings: ") &&
               strstr(said, "steps=1 size=24x16") && strstr(said, "guided: yes"),
           "generate without --seed draws one and records it: %s", said ? said : e.msg);
+    free(said);
+    remove(path);
+    /* --precision bf16: recorded in the PNG where this build has bf16 dot products; elsewhere a
+     * note on stderr, and the run in f32 */
+    snprintf(cmd, sizeof cmd, "%s generate --model tests/fixtures/tiny-flux2 --detector "
+             "tests/fixtures/tiny-detector --embeddings %s/emb.safetensors --seed 1 --steps 2 "
+             "-W 24 -H 16 -o %s/bf16.png --quiet --precision bf16", binary, dir, dir);
+    snprintf(path, sizeof path, "%s/bf16.png", dir);
+    char note[2048];
+    said = NULL;
+    bool native = gemm_bf16_native();
+    CHECK(harness_run_said(cmd, note, sizeof note) == 0 &&
+              png_read_text(path, "parameters", &said, &e) == 0 && said &&
+              (strstr(said, "precision=bf16") != NULL) == native &&
+              (strstr(note, "computing in f32") != NULL) == !native,
+          "generate --precision bf16 %s: %s %s", native ? "records it" : "says it runs in f32",
+          said ? said : e.msg, note);
     free(said);
     remove(path);
     snprintf(cmd, sizeof cmd, "%s --version", binary);

@@ -3,7 +3,7 @@ figures beside ours, same machine, same weights.
 
     /usr/bin/python3 tools/bench_torch.py DIR DETECTOR [THREADS] [-W 512] [-H 512]
                                           [--text-len 512] [--only transformer|vae|detector]
-                                          [--runs N]
+                                          [--runs N] [--bf16]
 
 DIR holds transformer/ and vae/ in the real layouts (tools/random_models.py writes random ones at
 the real sizes), DETECTOR a SegFormer directory. In float32 (the weights converted once, loading
@@ -14,6 +14,9 @@ excluded from the times), batch 1, random inputs:
                        latent tokens (no checkpoints: PyTorch keeps every activation)
   detector             ref_segformer's SegformerForSemanticSegmentation after DIAMOND's
                        preprocessing, forward, then forward + backward to the image
+With --bf16 the transformer runs in bfloat16 instead (weights, inputs and tables converted, every
+op in bf16 as PyTorch's bf16 CPU inference runs it: its large matrix products through oneDNN,
+f32 sums): what `diamond bench model --precision bf16` is compared with.
 THREADS (default 2) goes to torch.set_num_threads. The convolutions run through PyTorch's own
 kernels (oneDNN where the build has it); the matrix products through libblas.so.3, which is the
 slow reference BLAS unless an optimised one is installed: see tools/bench_qwen3_torch.py for
@@ -36,9 +39,9 @@ import safetensors_file
 F32 = torch.float32
 
 
-def load_dir(directory, index_name, single_name):
+def load_dir(directory, index_name, single_name, dtype=F32):
     """Every tensor of a diffusers/transformers directory (sharded with an index, or one file)
-    as float32."""
+    as dtype (float32, or bfloat16 converted tensor by tensor)."""
     index = os.path.join(directory, index_name) if index_name else None
     if index and os.path.exists(index):
         with open(index) as f:
@@ -55,10 +58,10 @@ def load_dir(directory, index_name, single_name):
                 count = int(numpy.prod(info["shape"]))
                 if info["dtype"] == "BF16":
                     raw = numpy.fromfile(f, dtype="<i2", count=count)
-                    weights[name] = bench_qwen3_torch.bf16_to_f32(raw, info["shape"])
+                    weights[name] = bench_qwen3_torch.bf16_to_f32(raw, info["shape"]).to(dtype)
                 elif info["dtype"] == "F32":
                     raw = numpy.fromfile(f, dtype="<f4", count=count)
-                    weights[name] = torch.from_numpy(raw).reshape(info["shape"])
+                    weights[name] = torch.from_numpy(raw).reshape(info["shape"]).to(dtype)
                 else:
                     raise SystemExit(f"{path}: {name} is {info['dtype']}, BF16 or F32 expected")
     return weights
@@ -79,12 +82,12 @@ def timed(runs, what, fn):
           f"{bench_qwen3_torch.peak_rss_gb() * 1e3 / 1.048576:.0f} MiB){tail}", flush=True)
 
 
-def f32_tables():
-    """ref_flux2's timestep and RoPE tables are float64 (a reference's exactness): float32 here,
-    as the pipeline runs them."""
+def tables_in(dtype):
+    """ref_flux2's timestep and RoPE tables are float64 (a reference's exactness): dtype here
+    (float32 or bfloat16), as the pipeline runs them."""
     rope, proj = ref_flux2.rope_tables, ref_flux2.timestep_proj
-    ref_flux2.rope_tables = lambda *a: tuple(t.to(F32) for t in rope(*a))
-    ref_flux2.timestep_proj = lambda *a: proj(*a).to(F32)
+    ref_flux2.rope_tables = lambda *a: tuple(t.to(dtype) for t in rope(*a))
+    ref_flux2.timestep_proj = lambda *a: proj(*a).to(dtype)
 
 
 def bench_transformer(args, gen):
@@ -92,15 +95,17 @@ def bench_transformer(args, gen):
     with open(os.path.join(directory, "config.json")) as f:
         cfg = json.load(f)
     cfg["out_channels"] = cfg["out_channels"] or cfg["in_channels"]
+    dtype = torch.bfloat16 if args.bf16 else F32
     weights = load_dir(directory, "diffusion_pytorch_model.safetensors.index.json",
-                       "diffusion_pytorch_model.safetensors")
+                       "diffusion_pytorch_model.safetensors", dtype)
     h, w = args.height // 16, args.width // 16
     tokens = torch.rand(1, h * w, cfg["in_channels"], generator=gen) * 2 - 1
     txt = torch.rand(1, args.text_len, cfg["joint_attention_dim"], generator=gen) * 2 - 1
-    f32_tables()
+    tokens, txt, sigma = tokens.to(dtype), txt.to(dtype), torch.tensor([0.5], dtype=dtype)
+    tables_in(dtype)
     with torch.no_grad():
-        timed(args.runs, "transformer forward (one step)",
-              lambda: ref_flux2.forward(weights, cfg, tokens, h, w, txt, torch.tensor([0.5])))
+        timed(args.runs, f"transformer forward (one step{', bf16' if args.bf16 else ''})",
+              lambda: ref_flux2.forward(weights, cfg, tokens, h, w, txt, sigma))
 
 
 def bench_vae(args, gen):
@@ -151,11 +156,13 @@ def main():
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--only", choices=["transformer", "vae", "detector"])
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true", help="the transformer in bfloat16")
     args = parser.parse_args()
     if args.runs < 1:
         raise SystemExit("--runs: at least 1")
     torch.set_num_threads(args.threads)
-    print(f"bench_torch: {args.width}x{args.height} image, {args.text_len} text tokens, float32, "
+    print(f"bench_torch: {args.width}x{args.height} image, {args.text_len} text tokens, "
+          f"{'bfloat16 transformer' if args.bf16 else 'float32'}, "
           f"threads {args.threads}, torch {torch.__version__}")
     gen = torch.Generator().manual_seed(0)
     for name, fn in [("transformer", bench_transformer), ("vae", bench_vae),
