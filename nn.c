@@ -558,6 +558,11 @@ static Var *matrix_linear(Tape *t, Var *x, const WeightMatrix *w) {
     return ag_linear_stored(t, x, w->data, w->dtype, w->rows, w->cols, w->precision);
 }
 
+/* A part of a streamed model's weights, its products in the model's precision. */
+static WeightPart flux2_part(const Flux2 *m) {
+    return (WeightPart){.weights = m->weights, .precision = m->precision};
+}
+
 /* The timestep (and guidance) embedding. */
 typedef struct Flux2TimeEmbed {
     WeightMatrix time_1, time_2, guidance_1, guidance_2;
@@ -1176,7 +1181,7 @@ static Var *flux2_mod_row(Tape *t, const Tensor *mod, int b) {
 static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *guidance,
                               Flux2Step *s, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights, .precision = m->precision};
+    WeightPart part = flux2_part(m);
     Flux2TimeEmbed w = {0};
     Tape *t = nograd_tape();
     int status = !t ? error_set(e, "out of memory") : flux2_time_embed_load(&w, &part, c, e);
@@ -1199,7 +1204,7 @@ static int flux2_conditioning(const Flux2 *m, const float *sigma, const float *g
  * ctx[b]: [1, L, dim] */
 static int flux2_embed(const Flux2 *m, const Tensor *tokens, const Tensor *txt,
                        const Flux2Step *s, Tensor **img, Tensor **ctx, Error *e) {
-    WeightPart part = {.weights = m->weights, .precision = m->precision};
+    WeightPart part = flux2_part(m);
     Flux2Embedders w;
     int status = flux2_embedders_load(&w, &part, &m->config, e);
     for (int b = 0; b < s->batch; b++) {
@@ -1320,7 +1325,7 @@ static int flux2_stream_update(Tape *t, int64_t start, int64_t n, void *ctx, Err
 static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **img,
                                   Tensor **txt, Tensor **o, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights, .precision = m->precision};
+    WeightPart part = flux2_part(m);
     Flux2StreamIn w[FLUX2_STREAMS];
     int status = flux2_stream_in_load(&w[FLUX2_IMAGE], &part, c, i, FLUX2_IMAGE, e) ||
                  flux2_stream_in_load(&w[FLUX2_TEXT], &part, c, i, FLUX2_TEXT, e);
@@ -1348,7 +1353,7 @@ static int flux2_double_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
 /* One stream after the attention: x[b] replaced by its new hidden states. */
 static int flux2_double_update(const Flux2 *m, int i, const Flux2Step *s, int stream, Tensor **x,
                                Tensor **o, Error *e) {
-    WeightPart part = {.weights = m->weights, .precision = m->precision};
+    WeightPart part = flux2_part(m);
     Flux2StreamOut w;
     int status = flux2_stream_out_load(&w, &part, &m->config, i, stream, e);
     for (int b = 0; b < s->batch; b++) {
@@ -1423,7 +1428,7 @@ static int flux2_single_update(Tape *t, int64_t start, int64_t n, void *ctx, Err
 static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq,
                                   Tensor **hidden, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights, .precision = m->precision};
+    WeightPart part = flux2_part(m);
     Flux2SingleIn w;
     int status = flux2_single_in_load(&w, &part, c, i, e);
     for (int b = 0; b < s->batch; b++) {
@@ -1444,7 +1449,7 @@ static int flux2_single_attention(const Flux2 *m, int i, const Flux2Step *s, Ten
 /* Single-stream block i: seq[b]: [1, L + T, dim], replaced. The fused input projection and
  * to_out are read one after the other. */
 static int flux2_single_run(const Flux2 *m, int i, const Flux2Step *s, Tensor **seq, Error *e) {
-    WeightPart part = {.weights = m->weights, .precision = m->precision};
+    WeightPart part = flux2_part(m);
     Tensor **hidden = calloc((size_t)s->batch, sizeof *hidden);
     WeightMatrix to_out = {0};
     int status = !hidden ? error_set(e, "out of memory")
@@ -1487,7 +1492,7 @@ static int flux2_join(const Flux2Step *s, int dim, Tensor **txt, Tensor **img, T
  * [T, patch_size^2 out_channels] */
 static int flux2_output(const Flux2 *m, const Flux2Step *s, Tensor **seq, Tensor *v, Error *e) {
     const Flux2Config *c = &m->config;
-    WeightPart part = {.weights = m->weights, .precision = m->precision};
+    WeightPart part = flux2_part(m);
     WeightMatrix proj_out;
     int status = flux2_output_load(&proj_out, &part, c, e);
     for (int b = 0; b < s->batch; b++) {
