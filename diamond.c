@@ -545,8 +545,9 @@ static void gemm_bench_run(void *ctx) {
              g->N);
 }
 
-/* diamond bench gemm M N K [--trans-a] [--trans-b] [--threads T]: C[M,N] = op(A) op(B),
- * row-major; --trans-a stores A as [K,M], --trans-b B as [N,K] (a linear layer's weight). */
+/* diamond bench gemm M N K [--trans-a] [--trans-b] [--precision P] [--threads T]: C[M,N] =
+ * op(A) op(B), row-major; --trans-a stores A as [K,M], --trans-b B as [N,K] (a linear layer's
+ * weight); --precision bf16 times gemm_stored_bf16 with B stored as bf16. */
 static int bench_gemm(int argc, char **argv) {
     GemmBench g = {0};
     KernelBenchArgs k;
