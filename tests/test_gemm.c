@@ -271,56 +271,6 @@ static void test_gradients(void) {
     }
 }
 
-/* gemm_stored with B as bf16 or f16 (one byte off any alignment) gives gemm's result on the
- * widened B bit for bit, both layouts of B, edge panels included; the reference loop over the
- * stored B agrees within the usual tolerance. */
-static void test_stored_b(void) {
-    const GemmCase cases[] = {
-        {37, 45, 70, false, true, 1.0f, 0.0f, 3}, {20, 33, 19, false, false, 0.5f, 1.0f, 0},
-        {300, 520, 260, true, true, 1.0f, 0.0f, 1}, {64, 96, 1030, false, true, 1.0f, 0.5f, 0},
-    };
-    const DType types[] = {DTYPE_BF16, DTYPE_F16};
-    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
-        for (int ty = 0; ty < 2; ty++) {
-            const GemmCase *c = &cases[i];
-            GemmData d = gemm_data_new(c, 99 + i);
-            size_t b_rows = c->trans_b ? c->N : c->K, count = b_rows * (size_t)d.ldb;
-            unsigned char *bytes = malloc(2 * count + 1), *b16 = bytes + 1; /* odd address */
-            for (size_t k = 0; k < count; k++) { /* round B to the type, keep both forms */
-                uint16_t h = types[ty] == DTYPE_BF16 ? f32_to_bf16(d.B[k]) : f32_to_f16(d.B[k]);
-                d.B[k] = types[ty] == DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
-                b16[2 * k] = (unsigned char)(h & 0xFF);
-                b16[2 * k + 1] = (unsigned char)(h >> 8);
-            }
-            size_t c_bytes = (size_t)c->M * d.ldc * sizeof(float);
-            float *c_stored = malloc(c_bytes), *c_ref = malloc(c_bytes);
-            memcpy(c_stored, d.C, c_bytes);
-            memcpy(c_ref, d.C, c_bytes);
-            gemm(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d.A, d.lda, d.B, d.ldb,
-                 c->beta, d.C, d.ldc);
-            gemm_stored(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d.A, d.lda, b16,
-                        types[ty], d.ldb, c->beta, c_stored, d.ldc);
-            gemm_reference(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d.A, d.lda, d.B,
-                           d.ldb, c->beta, c_ref, d.ldc);
-            CHECK(!memcmp(d.C, c_stored, c_bytes), "gemm_stored %s M=%d N=%d K=%d%s: gemm's "
-                  "result on the widened B, bit for bit", dtype_name(types[ty]), c->M, c->N, c->K,
-                  c->trans_b ? " trans_b" : "");
-            float worst = 0.0f;
-            for (int r = 0; r < c->M; r++)
-                for (int j = 0; j < c->N; j++) {
-                    size_t k = (size_t)r * d.ldc + j;
-                    float diff = fabsf(c_stored[k] - c_ref[k]) / (1.0f + fabsf(c_ref[k]));
-                    worst = diff > worst ? diff : worst;
-                }
-            CHECK(worst < 1e-4f, "gemm_stored %s M=%d N=%d K=%d near the reference (%g)",
-                  dtype_name(types[ty]), c->M, c->N, c->K, worst);
-            free(c_stored);
-            free(c_ref);
-            free(bytes);
-            gemm_data_free(&d);
-        }
-}
-
 /* B as gemm_stored reads it: f32 as it is, bf16 or f16 as little-endian bytes at an odd
  * address. d->B becomes the values the product sees (rounded to bf16 or f16). */
 typedef struct StoredB {
@@ -341,6 +291,49 @@ static StoredB stored_b_new(const GemmCase *c, GemmData *d, DType type) {
     }
     b.data = b16;
     return b;
+}
+
+/* gemm_stored with B as bf16 or f16 (one byte off any alignment) gives gemm's result on the
+ * widened B bit for bit, both layouts of B, edge panels included; the reference loop over the
+ * stored B agrees within the usual tolerance. */
+static void test_stored_b(void) {
+    const GemmCase cases[] = {
+        {37, 45, 70, false, true, 1.0f, 0.0f, 3}, {20, 33, 19, false, false, 0.5f, 1.0f, 0},
+        {300, 520, 260, true, true, 1.0f, 0.0f, 1}, {64, 96, 1030, false, true, 1.0f, 0.5f, 0},
+    };
+    const DType types[] = {DTYPE_BF16, DTYPE_F16};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        for (int ty = 0; ty < 2; ty++) {
+            const GemmCase *c = &cases[i];
+            GemmData d = gemm_data_new(c, 99 + i);
+            StoredB b = stored_b_new(c, &d, types[ty]); /* d.B: the values B holds */
+            size_t c_bytes = (size_t)c->M * d.ldc * sizeof(float);
+            float *c_stored = malloc(c_bytes), *c_ref = malloc(c_bytes);
+            memcpy(c_stored, d.C, c_bytes);
+            memcpy(c_ref, d.C, c_bytes);
+            gemm(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d.A, d.lda, d.B, d.ldb,
+                 c->beta, d.C, d.ldc);
+            gemm_stored(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d.A, d.lda, b.data,
+                        types[ty], d.ldb, c->beta, c_stored, d.ldc);
+            gemm_reference(c->trans_a, c->trans_b, c->M, c->N, c->K, c->alpha, d.A, d.lda, d.B,
+                           d.ldb, c->beta, c_ref, d.ldc);
+            CHECK(!memcmp(d.C, c_stored, c_bytes), "gemm_stored %s M=%d N=%d K=%d%s: gemm's "
+                  "result on the widened B, bit for bit", dtype_name(types[ty]), c->M, c->N, c->K,
+                  c->trans_b ? " trans_b" : "");
+            float worst = 0.0f;
+            for (int r = 0; r < c->M; r++)
+                for (int j = 0; j < c->N; j++) {
+                    size_t k = (size_t)r * d.ldc + j;
+                    float diff = fabsf(c_stored[k] - c_ref[k]) / (1.0f + fabsf(c_ref[k]));
+                    worst = diff > worst ? diff : worst;
+                }
+            CHECK(worst < 1e-4f, "gemm_stored %s M=%d N=%d K=%d near the reference (%g)",
+                  dtype_name(types[ty]), c->M, c->N, c->K, worst);
+            free(c_stored);
+            free(c_ref);
+            free(b.bytes);
+            gemm_data_free(&d);
+        }
 }
 
 static void run_bf16(const GemmCase *c, GemmData *d, const StoredB *b, DType type) {
