@@ -104,6 +104,16 @@ static void fill_nan(float *p, size_t n) {
         for (size_t i = 0; i < n; i++) p[i] = NAN;
 }
 
+/* Scratch of `bytes` on a 64-byte boundary inside a malloc'd block (free(*block) releases it),
+ * or NULL. Not aligned_alloc: glibc's asks its heap for more than the chunk it took last time,
+ * so a kernel that allocated, freed and allocated again got new pages (a page fault per 4 KB)
+ * on each of its first calls: on a 2-core VM, 1024^3 GEMMs ran at half speed for 8 calls. */
+static float *scratch_new(size_t bytes, void **block) {
+    *block = bytes <= SIZE_MAX - 64 ? malloc(bytes + 64) : NULL;
+    if (!*block) return NULL;
+    return (float *)(((uintptr_t)*block + 63) & ~(uintptr_t)63);
+}
+
 /* e^x for x <= 0, the only exponentials sigmoid, SiLU, GELU, softmax and attention need (they
  * never overflow), to ~2 ulp in plain C that compilers vectorise, unlike a call to expf.
  * x = n ln2 + r with |r| <= ln2/2; e^r by its Taylor series to degree 7 (truncation < 1e-8);
@@ -253,6 +263,18 @@ static int gemm_round_up(int a, int b) { return gemm_ceil_div(a, b) * b; }
  * The bf16 micro-kernel has the same contract over depth pairs: every 4-byte slot of a and b
  * holds two bf16 values (gemm_pack_pairs), and step k adds both products of each pair. */
 
+/* Every micro-kernel asks for its C tile [m, n] (row stride ldc) before its k loop, which then
+ * hides the wait for it (C comes from memory at each depth block after the first, and on the
+ * first one the stores would wait): the lines holding the first and last element of each row
+ * (a row of NR <= 32 floats spans two, three when unaligned: the middle one is left to the
+ * hardware prefetcher). */
+static inline void gemm_prefetch_tile(int m, int n, const float *C, int ldc) {
+    for (int i = 0; i < m; i++) {
+        __builtin_prefetch(C + (size_t)i * ldc);
+        __builtin_prefetch(C + (size_t)i * ldc + n - 1);
+    }
+}
+
 /* C: [m, n] (row stride ldc) = alpha * tile + beta * C, tile: [MR, NR]. */
 #if !(defined(GEMM_AVX512) || defined(GEMM_AVX2)) || defined(GEMM_BF16_PORTABLE)
 static void gemm_tile_update(int m, int n, float alpha, const float *tile, float beta, float *C,
@@ -298,6 +320,7 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
                              float beta, float *C, int ldc) {
     __m512 acc[GEMM_MR][2];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    gemm_prefetch_tile(m, n, C, ldc);
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
         for (int i = 0; i < GEMM_MR; i++) {
@@ -317,6 +340,7 @@ static void gemm_microkernel_bf16(int kc, const float *a, const float *b, int m,
     const uint32_t *pa = (const uint32_t *)a;
     __m512 acc[GEMM_MR][2];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    gemm_prefetch_tile(m, n, C, ldc);
     for (int k = 0; k < kc; k++, pa += GEMM_MR, b += GEMM_NR) {
         __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
         for (int i = 0; i < GEMM_MR; i++) {
@@ -340,6 +364,7 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
                              float beta, float *C, int ldc) {
     __m256 acc[GEMM_MR][2];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    gemm_prefetch_tile(m, n, C, ldc);
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
         __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         for (int i = 0; i < GEMM_MR; i++) {
@@ -379,6 +404,7 @@ static void gemm_microkernel(int kc, const float *a, const float *b, int m, int 
                              float beta, float *C, int ldc) {
     float32x4_t acc[GEMM_MR][3];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = acc[i][2] = vdupq_n_f32(0.0f);
+    gemm_prefetch_tile(m, n, C, ldc);
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
         float32x4_t b0 = vld1q_f32(b), b1 = vld1q_f32(b + 4), b2 = vld1q_f32(b + 8);
         for (int i = 0; i < GEMM_MR; i++) {
@@ -407,6 +433,7 @@ static void gemm_microkernel_bf16(int kc, const float *a, const float *b, int m,
     const bfloat16_t *pa = (const bfloat16_t *)a, *pb = (const bfloat16_t *)b;
     float32x4_t acc[GEMM_MR][3];
     for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = acc[i][2] = vdupq_n_f32(0.0f);
+    gemm_prefetch_tile(m, n, C, ldc);
     for (int k = 0; k < kc; k++, pa += 2 * GEMM_MR, pb += 2 * GEMM_NR) {
         bfloat16x8_t b0 = vld1q_bf16(pb), b1 = vld1q_bf16(pb + 8), b2 = vld1q_bf16(pb + 16);
         for (int r = 0; r < GEMM_MR; r += 4) {
@@ -426,6 +453,7 @@ static void gemm_microkernel_bf16(int kc, const float *a, const float *b, int m,
 static void gemm_microkernel(int kc, const float *a, const float *b, int m, int n, float alpha,
                              float beta, float *C, int ldc) {
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
+    gemm_prefetch_tile(m, n, C, ldc);
     for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR)
         for (int i = 0; i < GEMM_MR; i++)
             for (int j = 0; j < GEMM_NR; j++) acc[i][j] += a[i] * b[j];
@@ -440,6 +468,7 @@ static void gemm_microkernel_bf16(int kc, const float *a, const float *b, int m,
                                   float alpha, float beta, float *C, int ldc) {
     const uint32_t *pa = (const uint32_t *)a, *pb = (const uint32_t *)b;
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
+    gemm_prefetch_tile(m, n, C, ldc);
     for (int k = 0; k < kc; k++, pa += GEMM_MR, pb += GEMM_NR)
         for (int i = 0; i < GEMM_MR; i++) {
             float a0 = bits_float(pa[i] << 16), a1 = bits_float(pa[i] & 0xffff0000u);
@@ -785,11 +814,6 @@ static void gemm_scale(int M, int N, float beta, float *C, int ldc) {
             C[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
 }
 
-static float *gemm_alloc(size_t floats) {
-    size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
-    return aligned_alloc(64, bytes ? bytes : 64);
-}
-
 /* gemm_stored (f32 products) and gemm_stored_bf16 (pairs): the blocked loops over K depth steps
  * of one element each, or over ceil(K / 2) of a bf16 pair each. */
 static void gemm_run(bool pairs, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
@@ -805,10 +829,14 @@ static void gemm_run(bool pairs, bool trans_a, bool trans_b, int M, int N, int K
     GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1, pairs, K};
     GemmOperand b_op = {{B, b_dtype}, trans_b ? ldb : 1, trans_b ? 1 : ldb, pairs, K};
     int kc_max = gemm_min(GEMM_KC, steps);
-    size_t b_block_floats = (size_t)plan.col_block * kc_max;
-    float *a_block = gemm_alloc((size_t)plan.mc * steps);
-    float *b_blocks = gemm_alloc(b_block_floats * plan.threads);
-    if (a_block && b_blocks) {
+    size_t b_block_floats = ((size_t)plan.col_block * kc_max + 15) / 16 * 16;
+    /* One block of scratch: the A block, then the threads' B blocks, each on a cache line. */
+    size_t a_block_floats = ((size_t)plan.mc * steps + 15) / 16 * 16;
+    void *scratch;
+    float *a_block = scratch_new(
+        (a_block_floats + b_block_floats * plan.threads) * sizeof(float), &scratch);
+    if (a_block) {
+        float *b_blocks = a_block + a_block_floats;
         #pragma omp parallel num_threads(plan.threads) if (plan.threads > 1)
         gemm_blocked(&plan, &a_op, &b_op, M, N, steps, alpha, beta, C, ldc, a_block, b_blocks,
                      b_block_floats);
@@ -818,8 +846,7 @@ static void gemm_run(bool pairs, bool trans_a, bool trans_b, int M, int N, int K
         gemm_reference_source(trans_a, trans_b, M, N, K, alpha, A, lda, b_op.source, ldb, beta,
                               C, ldc);
     }
-    free(a_block);
-    free(b_blocks);
+    free(scratch);
 }
 
 void gemm_stored(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float *A,
@@ -1855,10 +1882,9 @@ static AttnScratch attn_scratch_at(float *base, int dp) {
     return w;
 }
 
-/* One scratch per thread in a single 64-byte aligned allocation, or NULL. */
-static float *attn_scratch_pool(int dp, int threads) {
-    size_t bytes = attn_scratch_floats(dp) * sizeof(float) * (size_t)threads;
-    return aligned_alloc(64, (bytes + 63) / 64 * 64); /* aligned_alloc wants a multiple */
+/* One scratch per thread in a single 64-byte aligned allocation (free(*block)), or NULL. */
+static float *attn_scratch_pool(int dp, int threads, void **block) {
+    return scratch_new(attn_scratch_floats(dp) * sizeof(float) * (size_t)threads, block);
 }
 
 static int attn_threads(void) {
@@ -2001,7 +2027,8 @@ void attention_forward(const AttentionShape *s, float scale, const float *q, con
                        const float *v, float *out, float *lse) {
     int dp = round_up(s->head_dim, ATTN_PAD_COLS), q_blocks = (s->q_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
     long tasks = (long)s->batch * s->heads * q_blocks;
-    float *pool = attn_scratch_pool(dp, attn_threads());
+    void *block;
+    float *pool = attn_scratch_pool(dp, attn_threads(), &block);
     if (!pool) { /* out of memory: NaN outputs rather than a silent wrong answer */
         fill_nan(out, (size_t)s->batch * s->q_len * s->heads * s->head_dim);
         fill_nan(lse, (size_t)s->batch * s->heads * s->q_len);
@@ -2015,7 +2042,7 @@ void attention_forward(const AttentionShape *s, float scale, const float *q, con
             attention_forward_block(s, scale, q, k, v, out, lse, (int)(t / q_blocks / s->heads),
                                     (int)(t / q_blocks % s->heads), (int)(t % q_blocks) * ATTN_BLOCK, &w);
     }
-    free(pool);
+    free(block);
 }
 
 /* What backward needs per query of a block: visible key count, lse and D_i = rowsum(dout * out);
@@ -2157,13 +2184,14 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
     int kv_blocks = (s->kv_len + ATTN_BLOCK - 1) / ATTN_BLOCK;
     long dq_tasks = dq ? (long)s->batch * s->heads * q_blocks : 0;
     long dkdv_tasks = dk || dv ? (long)s->batch * s->kv_heads * kv_blocks : 0;
-    float *pool = attn_scratch_pool(dp, attn_threads());
+    void *block;
+    float *pool = attn_scratch_pool(dp, attn_threads(), &block);
     float *di = malloc(((size_t)s->batch * s->heads * s->q_len + 1) * sizeof *di);
     if (!pool || !di) { /* out of memory: NaN gradients rather than a silent wrong answer */
         fill_nan(dq, (size_t)s->batch * s->q_len * s->heads * s->head_dim);
         fill_nan(dk, (size_t)s->batch * s->kv_len * s->kv_heads * s->head_dim);
         fill_nan(dv, (size_t)s->batch * s->kv_len * s->kv_heads * s->head_dim);
-        free(pool);
+        free(block);
         free(di);
         return;
     }
@@ -2181,7 +2209,7 @@ void attention_backward(const AttentionShape *s, float scale, const float *q, co
                                  (int)(t / kv_blocks / s->kv_heads), (int)(t / kv_blocks % s->kv_heads),
                                  (int)(t % kv_blocks) * ATTN_BLOCK, &w);
     }
-    free(pool);
+    free(block);
     free(di);
 }
 
