@@ -536,15 +536,14 @@ static inline __m256 gemm_source_load8(GemmSource src, ptrdiff_t i) {
 #endif
 }
 
-/* dst[k * width + l] = r[l][k] for 8 lanes l and 8 depth steps k: the eight lanes' rows
- * transposed in registers (pairs of rows interleaved, then pairs of pairs, then the 128-bit
- * halves swapped), stored as eight depth rows of the panel. Lanes a..h:
+/* r[i][k] -> r[k][i]: eight rows of eight transposed in registers (pairs of rows interleaved,
+ * then pairs of pairs, then the 128-bit halves swapped). Rows a..h:
  *   t: a0 b0 a1 b1 | a4 b4 a5 b5    s: a0 b0 c0 d0 | a4 b4 c4 d4    out: a0 .. h0, a4 .. h4 */
-static inline void gemm_store_transposed8x8(const __m256 r[8], float *dst, int width) {
+static inline void transpose8x8_registers(__m256 r[8]) {
     __m256 t[8], s[8];
     for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);     /* depths 0 1 | 4 5 of lanes i, i+1 */
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); /* depths 2 3 | 6 7 */
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);     /* columns 0 1 | 4 5 of rows i, i+1 */
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); /* columns 2 3 | 6 7 */
     }
     for (int i = 0; i < 8; i += 4) {
         s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));         /* 0 | 4 */
@@ -553,10 +552,18 @@ static inline void gemm_store_transposed8x8(const __m256 r[8], float *dst, int w
         s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2)); /* 3 | 7 */
     }
     for (int k = 0; k < 4; k++) {
-        _mm256_storeu_ps(dst + (size_t)k * width, _mm256_permute2f128_ps(s[k], s[k + 4], 0x20));
-        _mm256_storeu_ps(dst + (size_t)(k + 4) * width,
-                         _mm256_permute2f128_ps(s[k], s[k + 4], 0x31));
+        r[k] = _mm256_permute2f128_ps(s[k], s[k + 4], 0x20);
+        r[k + 4] = _mm256_permute2f128_ps(s[k], s[k + 4], 0x31);
     }
+}
+
+/* dst[k * width + l] = r[l][k] for 8 lanes l and 8 depth steps k: the eight lanes' rows
+ * transposed in registers, stored as eight depth rows of the panel. */
+static inline void gemm_store_transposed8x8(const __m256 r[8], float *dst, int width) {
+    __m256 c[8];
+    for (int i = 0; i < 8; i++) c[i] = r[i];
+    transpose8x8_registers(c);
+    for (int k = 0; k < 8; k++) _mm256_storeu_ps(dst + (size_t)k * width, c[k]);
 }
 
 /* dst[k * width + l] = src[at + l * lane_stride + k] for 8 lanes and 8 depth steps. */
@@ -568,7 +575,7 @@ static void gemm_transpose8x8(GemmSource src, ptrdiff_t at, ptrdiff_t lane_strid
 }
 
 /* dst[k * width + l] = src[at + l * lane_stride + k] for 4 lanes and 8 depth steps: the first two
- * steps of gemm_store_transposed8x8 on four rows leave depth k of the four lanes in the low
+ * steps of transpose8x8_registers on four rows leave depth k of the four lanes in the low
  * half of s[k] and depth k + 4 in its high half. */
 static void gemm_transpose4x8(GemmSource src, ptrdiff_t at, ptrdiff_t lane_stride, float *dst,
                               int width) {
@@ -3153,6 +3160,53 @@ void scale_forward(size_t n, float s, const float *x, float *y) {
 void axpy(size_t n, float alpha, const float *x, float *y) {
 #pragma omp parallel for if (n >= PARALLEL_MIN)
     for (size_t i = 0; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* --- transposes --- */
+
+/* Tiles of x [rows, cols] per task: a tile's reads and writes each stay in TRANSPOSE_TILE runs
+ * of cache lines. */
+#define TRANSPOSE_TILE 32
+
+/* y [cols, rows] (=, or += when accumulate) x [rows, cols] transposed, rows [i0, i1) x columns
+ * [j0, j1) of x: in 8 x 8 blocks transposed in registers where the instruction set has them,
+ * element by element for the rest. */
+static void transpose_tile(int64_t rows, int64_t cols, const float *x, float *y, bool accumulate,
+                           int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    int64_t i_blocks_end = i0, j_blocks_end = j0; /* rows and columns done in 8 x 8 blocks */
+#if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+    j_blocks_end = j0 + (j1 - j0) / 8 * 8;
+    for (; i_blocks_end + 8 <= i1; i_blocks_end += 8)
+        for (int64_t j = j0; j < j_blocks_end; j += 8) {
+            __m256 r[8];
+            for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(x + (i_blocks_end + k) * cols + j);
+            transpose8x8_registers(r);
+            for (int k = 0; k < 8; k++) {
+                float *dst = y + (j + k) * rows + i_blocks_end;
+                _mm256_storeu_ps(dst, accumulate ? _mm256_add_ps(_mm256_loadu_ps(dst), r[k]) : r[k]);
+            }
+        }
+#endif
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t j = i < i_blocks_end ? j_blocks_end : j0; j < j1; j++) {
+            float *dst = y + j * rows + i;
+            *dst = accumulate ? *dst + x[i * cols + j] : x[i * cols + j];
+        }
+}
+
+void transpose_batched(int64_t batch, int64_t rows, int64_t cols, const float *x, float *y,
+                       bool accumulate) {
+    int64_t tiles_i = (rows + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE;
+    int64_t tiles_j = (cols + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE;
+    int64_t tasks = batch * tiles_i * tiles_j, per = rows * cols;
+#pragma omp parallel for if ((size_t)(batch * per) >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t b = t / (tiles_i * tiles_j), i0 = t / tiles_j % tiles_i * TRANSPOSE_TILE;
+        int64_t j0 = t % tiles_j * TRANSPOSE_TILE;
+        transpose_tile(rows, cols, x + b * per, y + b * per, accumulate, i0,
+                       i0 + TRANSPOSE_TILE < rows ? i0 + TRANSPOSE_TILE : rows, j0,
+                       j0 + TRANSPOSE_TILE < cols ? j0 + TRANSPOSE_TILE : cols);
+    }
 }
 
 /* Written so that a NaN passes through, as torch.clamp does. */

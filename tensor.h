@@ -228,6 +228,10 @@ void mul_forward(size_t n, const float *a, const float *b, float *y);   /* y = a
 void mul_backward(size_t n, const float *a, const float *b, const float *dy, float *da, float *db);
 void scale_forward(size_t n, float s, const float *x, float *y);        /* y = s * x */
 void axpy(size_t n, float alpha, const float *x, float *y);             /* y += alpha * x */
+/* x: [batch, rows, cols] -> y: [batch, cols, rows], y[b][j][i] = x[b][i][j], or += when
+ * accumulate; x and y do not overlap. */
+void transpose_batched(int64_t batch, int64_t rows, int64_t cols, const float *x, float *y,
+                       bool accumulate);
 void clamp_forward(size_t n, float lo, float hi, const float *x, float *y);
 /* The gradient passes where lo <= x <= hi, boundaries included (as torch.clamp). */
 void clamp_backward(size_t n, float lo, float hi, const float *x, const float *dy, float *dx);

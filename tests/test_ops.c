@@ -974,7 +974,37 @@ static void thread_count_tests(void) {
 }
 #endif
 
+/* transpose_batched against its definition, bit for bit (a copy, or one addition): shapes with
+ * whole 8 x 8 blocks, edges of every width, more than one tile, and past the threading threshold. */
+static void transpose_tests(void) {
+    const int64_t shapes[][3] = {{1, 1, 1}, {1, 8, 8}, {3, 19, 37}, {2, 33, 8}, {2, 64, 1000}};
+    unsigned long long seed = 7;
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int64_t B = shapes[s][0], R = shapes[s][1], C = shapes[s][2];
+        size_t n = (size_t)(B * R * C);
+        float *x = rand_array(n, 1.0f, 0.0f, &seed), *y0 = rand_array(n, 1.0f, 0.0f, &seed);
+        float *y = zeros(n), *want = zeros(n);
+        for (int accumulate = 0; accumulate < 2; accumulate++) {
+            memcpy(y, y0, n * sizeof *y);
+            transpose_batched(B, R, C, x, y, accumulate);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t i = 0; i < R; i++)
+                    for (int64_t j = 0; j < C; j++) {
+                        size_t at = (size_t)((b * C + j) * R + i);
+                        float v = x[(b * R + i) * C + j];
+                        want[at] = accumulate ? y0[at] + v : v;
+                    }
+            char what[96];
+            snprintf(what, sizeof what, "transpose_batched [%lld, %lld, %lld]%s", (long long)B,
+                     (long long)R, (long long)C, accumulate ? " accumulate" : "");
+            check_close(what, y, want, n, 0.0f, 0.0f);
+        }
+        free(x), free(y0), free(y), free(want);
+    }
+}
+
 int main(void) {
+    transpose_tests();
     finite_difference_tests();
     golden_tests();
     activation_sweep_tests();
