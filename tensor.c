@@ -1,10 +1,10 @@
 /* tensor.c - float32 tensors and the kernels: GEMM, conv, attention, norms, activations.
  * Every forward kernel sits next to its backward.
  *
- * Contents: tensors; helpers shared by the kernels; GEMM (the reference, then the packed and
- * blocked one); conv2d (im2col, Winograd F(4x4, 3x3), then the reference); attention and rotary
- * embedding (the blocked one, then the reference); norms, activations, resampling, elementwise;
- * random numbers (PyTorch's CPU generator). */
+ * Contents: tensors (and the allocation of large buffers); helpers shared by the kernels; GEMM
+ * (the reference, then the packed and blocked one); conv2d (im2col, Winograd F(4x4, 3x3), then
+ * the reference); attention and rotary embedding (the blocked one, then the reference); norms,
+ * activations, resampling, elementwise, transposes; random numbers (PyTorch's CPU generator). */
 #include "tensor.h"
 
 #include <math.h>
