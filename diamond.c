@@ -1518,7 +1518,7 @@ static int write_prompt_embeds(const char *path, const Tensor *embeds, const Pro
 
 static const char *encode_usage =
     "usage: diamond encode --model DIR --prompt TEXT -o FILE.safetensors [--max-length N]\n"
-    "                      [--threads T]\n"
+    "                      [--precision P] [--threads T]\n"
     "\n"
     "The prompt through DIR's prompt encoder, as the pipeline encodes it: for FLUX.2 [klein]\n"
     "(DIR/tokenizer and DIR/text_encoder, Qwen3) the chat template, padding to --max-length\n"
@@ -1532,6 +1532,7 @@ static const char *encode_usage =
 typedef struct EncodeArgs {
     const char *model, *prompt, *out;
     int max_length, threads;
+    Precision precision; /* Qwen3's products (precision_to_run) */
 } EncodeArgs;
 
 static const Option encode_options[] = {
@@ -1545,6 +1546,10 @@ static const Option encode_options[] = {
     {.name = "--max-length", .value = "N", .kind = OPTION_INT,
      .offset = offsetof(EncodeArgs, max_length), .min = 1, .max = 1 << 16,
      .help = "tokens after the template (default 512, the pipeline's)"},
+    {.name = "--precision", .value = "P", .kind = OPTION_PARSE,
+     .offset = offsetof(EncodeArgs, precision), .parse = option_precision, .fallback = "f32",
+     .help = "Qwen3's weight products, as generate's: f32, or bf16 (bf16\n"
+             "operands, f32 sums) where the CPU has bf16 dot products"},
     {.name = "--threads", .value = "T", .kind = OPTION_PARSE,
      .offset = offsetof(EncodeArgs, threads), .parse = option_threads,
      .help = "OpenMP threads"},
@@ -1557,6 +1562,7 @@ static int encode_parse(int argc, char **argv, EncodeArgs *a, Error *e) {
     const char *missing = !a->model ? "--model DIR" : !a->prompt ? "--prompt TEXT"
                         : !a->out ? "-o FILE.safetensors" : NULL;
     if (missing) return error_set(e, "missing %s (see diamond encode --help)", missing);
+    a->precision = precision_to_run(a->precision, "encode");
     return 0;
 }
 
@@ -1576,7 +1582,7 @@ static int encode_main(int argc, char **argv) {
     Tensor *embeds = NULL;
     PromptTokens tok = {0};
     double t0 = now_seconds();
-    int rc = encode_prompts(a.model, WEIGHTS_FILES, PRECISION_F32, &a.prompt, 1, a.max_length, 0,
+    int rc = encode_prompts(a.model, WEIGHTS_FILES, a.precision, &a.prompt, 1, a.max_length, 0,
                             &embeds, &tok, &e) ||
              write_prompt_embeds(a.out, embeds, &tok, 0, NULL, &e);
     if (rc) fprintf(stderr, "diamond encode: %s\n", e.msg);

@@ -327,6 +327,24 @@ static void test_cli(const char *argv0) {
     snprintf(cmd, sizeof cmd, base, binary, dir, "neg", "--prompt fox --cfg 2 --negative-prompt x");
     CHECK(harness_run_quiet(cmd) == 0, "generate --cfg with a negative prompt runs");
 
+    /* encode --precision bf16 makes what generate --prompt --precision bf16 encodes (f32 on
+     * both sides where the CPU has no bf16 dot products) */
+    snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt %s --precision bf16 -o "
+             "%s/e16.safetensors", binary, prompt, dir);
+    CHECK(harness_run_quiet(cmd) == 0, "encode --precision bf16 runs: %s", cmd);
+    snprintf(arg, sizeof arg, "--prompt %s --precision bf16", prompt);
+    snprintf(cmd, sizeof cmd, base, binary, dir, "prompt16", arg);
+    CHECK(harness_run_quiet(cmd) == 0, "generate --prompt --precision bf16 runs: %s", cmd);
+    snprintf(arg, sizeof arg, "--embeddings %s/e16.safetensors --precision bf16", dir);
+    snprintf(cmd, sizeof cmd, base, binary, dir, "emb16", arg);
+    CHECK(harness_run_quiet(cmd) == 0, "generate --embeddings --precision bf16 runs: %s", cmd);
+    snprintf(a, sizeof a, "%s/prompt16.ppm", dir);
+    snprintf(b, sizeof b, "%s/emb16.ppm", dir);
+    CHECK(harness_same_file(a, b), "encode --precision bf16 gives generate's bf16 prompt encoding");
+    snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt fox --precision f16 -o "
+             "%s/bad.safetensors", binary, dir);
+    CHECK(harness_run_quiet(cmd) == 2, "encode --precision f16 is a bad command line (exit 2)");
+
     snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt %s --max-length 8 -o "
              "%s/t.safetensors", binary, prompt, dir);
     char *log = NULL;
