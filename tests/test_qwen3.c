@@ -275,10 +275,30 @@ static int run_logged(const char *cmd, const char *log) {
     return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+/* Whether generate (2 steps, 32x32, with `flags`) draws the same image from --prompt as from
+ * --embeddings dir/name.safetensors; a command that fails is a CHECK failure and false. */
+static bool prompt_matches_embeddings(const char *binary, const char *dir, const char *prompt,
+                                      const char *name, const char *flags) {
+    const char *base = "%s generate --model " KLEIN " --no-guide --seed 3 --steps 2 -W 32 -H 32 "
+                       "--quiet -o %s/%s_%s.ppm %s%s";
+    char cmd[4096], arg[700], a[600], b[600];
+    snprintf(arg, sizeof arg, "--prompt %s", prompt);
+    snprintf(cmd, sizeof cmd, base, binary, dir, name, "prompt", arg, flags);
+    bool ok = harness_run_quiet(cmd) == 0;
+    CHECK(ok, "generate --prompt runs: %s", cmd);
+    snprintf(arg, sizeof arg, "--embeddings %s/%s.safetensors", dir, name);
+    snprintf(cmd, sizeof cmd, base, binary, dir, name, "emb", arg, flags);
+    ok = ok && harness_run_quiet(cmd) == 0;
+    CHECK(ok, "generate --embeddings runs: %s", cmd);
+    snprintf(a, sizeof a, "%s/%s_prompt.ppm", dir, name);
+    snprintf(b, sizeof b, "%s/%s_emb.ppm", dir, name);
+    return ok && harness_same_file(a, b);
+}
+
 /* The CLI on tiny-klein: encode writes what generate --embeddings reads, and generate --prompt
  * makes the same image; truncation is said, bad input is exit 1. */
 static void test_cli(const char *argv0) {
-    char binary[1024], file[512], dir[] = "/tmp/test_qwen3.XXXXXX", cmd[4096], a[600], b[600];
+    char binary[1024], file[512], dir[] = "/tmp/test_qwen3.XXXXXX", cmd[4096], a[600];
     if (harness_binary(argv0, file, sizeof file, binary, sizeof binary) || access(file, X_OK) ||
         !mkdtemp(dir)) {
         CHECK(0, "%s is built and a temporary directory can be made", file);
@@ -312,19 +332,10 @@ static void test_cli(const char *argv0) {
     } else {
         CHECK(0, "open %s: %s", a, e.msg);
     }
-    const char *base = "%s generate --model " KLEIN " --no-guide --seed 3 --steps 2 -W 32 -H 32 "
-                       "--quiet -o %s/%s.ppm %s";
-    char arg[700];
-    snprintf(arg, sizeof arg, "--prompt %s", prompt);
-    snprintf(cmd, sizeof cmd, base, binary, dir, "prompt", arg);
-    CHECK(harness_run_quiet(cmd) == 0, "generate --prompt runs: %s", cmd);
-    snprintf(arg, sizeof arg, "--embeddings %s/e.safetensors", dir);
-    snprintf(cmd, sizeof cmd, base, binary, dir, "emb", arg);
-    CHECK(harness_run_quiet(cmd) == 0, "generate --embeddings runs: %s", cmd);
-    snprintf(a, sizeof a, "%s/prompt.ppm", dir);
-    snprintf(b, sizeof b, "%s/emb.ppm", dir);
-    CHECK(harness_same_file(a, b), "generate --prompt gives the image of --embeddings from encode");
-    snprintf(cmd, sizeof cmd, base, binary, dir, "neg", "--prompt fox --cfg 2 --negative-prompt x");
+    CHECK(prompt_matches_embeddings(binary, dir, prompt, "e", ""),
+          "generate --prompt gives the image of --embeddings from encode");
+    snprintf(cmd, sizeof cmd, "%s generate --model " KLEIN " --no-guide --seed 3 --steps 2 -W 32 "
+             "-H 32 --quiet -o %s/neg.ppm --prompt fox --cfg 2 --negative-prompt x", binary, dir);
     CHECK(harness_run_quiet(cmd) == 0, "generate --cfg with a negative prompt runs");
 
     /* encode --precision bf16 makes what generate --prompt --precision bf16 encodes (f32 on
@@ -332,15 +343,8 @@ static void test_cli(const char *argv0) {
     snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt %s --precision bf16 -o "
              "%s/e16.safetensors", binary, prompt, dir);
     CHECK(harness_run_quiet(cmd) == 0, "encode --precision bf16 runs: %s", cmd);
-    snprintf(arg, sizeof arg, "--prompt %s --precision bf16", prompt);
-    snprintf(cmd, sizeof cmd, base, binary, dir, "prompt16", arg);
-    CHECK(harness_run_quiet(cmd) == 0, "generate --prompt --precision bf16 runs: %s", cmd);
-    snprintf(arg, sizeof arg, "--embeddings %s/e16.safetensors --precision bf16", dir);
-    snprintf(cmd, sizeof cmd, base, binary, dir, "emb16", arg);
-    CHECK(harness_run_quiet(cmd) == 0, "generate --embeddings --precision bf16 runs: %s", cmd);
-    snprintf(a, sizeof a, "%s/prompt16.ppm", dir);
-    snprintf(b, sizeof b, "%s/emb16.ppm", dir);
-    CHECK(harness_same_file(a, b), "encode --precision bf16 gives generate's bf16 prompt encoding");
+    CHECK(prompt_matches_embeddings(binary, dir, prompt, "e16", " --precision bf16"),
+          "encode --precision bf16 gives generate's bf16 prompt encoding");
     snprintf(cmd, sizeof cmd, "%s encode --model " KLEIN " --prompt fox --precision f16 -o "
              "%s/bad.safetensors", binary, dir);
     CHECK(harness_run_quiet(cmd) == 2, "encode --precision f16 is a bad command line (exit 2)");
