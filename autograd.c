@@ -1482,15 +1482,6 @@ Var *ag_reshape(Tape *t, Var *x, int ndim, const int64_t *shape) {
     return y;
 }
 
-/* y = permute(x): y[i] = x[at], or x[at] += y[i] when scatter (backward); each y element matches
- * one x element, so no two writes meet. A permutation that is a batched transpose (SegFormer's
- * [B, C, H W] <-> [B, H W, C]) goes to transpose_batched's 8 x 8 register blocks: a MiT-b5
- * forward + backward at 512 x 512, 4.3 -> 3.5 s (the walk below was 16% of it). Any other
- * walks y's rows (its last dim) in tiles of PERMUTE_TILE rows x PERMUTE_TILE columns: a column
- * of a tile reads (or adds to) x at its rows' positions, so a tile touches 16 cache lines where
- * a row at a time touched one per element. */
-#define PERMUTE_TILE 16
-
 /* Where row r of y starts in x. */
 static int64_t permute_row_start(int ndim, const int64_t *y_shape, const int64_t *step,
                                  int64_t r) {
@@ -1520,6 +1511,12 @@ static bool permute_is_transpose(int ndim, const int64_t *x_shape, const int *pe
     return true;
 }
 
+/* y = permute(x): y[i] = x[at], or x[at] += y[i] when scatter (backward); each y element matches
+ * one x element, so no two writes meet. A permutation that is a batched transpose (SegFormer's
+ * [B, C, H W] <-> [B, H W, C]) goes to transpose_batched's 8 x 8 register blocks (walked a row
+ * at a time it had been 27% of a MiT-b5 forward + backward; against 16 x 16 tiles of it, that
+ * pass went 4.3 -> 3.5 s at 512 x 512). Any other is walked a row of y (its last dim) at a time:
+ * the models' other permutations keep the last dim, so each row is a run of x. */
 static void permute_walk(int ndim, const int64_t *x_shape, const int *perm, float *x, float *y,
                          bool scatter) {
     int64_t batch, p, q;
@@ -1539,22 +1536,14 @@ static void permute_walk(int ndim, const int64_t *x_shape, const int *perm, floa
     }
     if (numel == 0) return;
     int64_t inner = y_shape[ndim - 1], rows = numel / inner, last = step[ndim - 1];
-    int64_t tiles = (rows + PERMUTE_TILE - 1) / PERMUTE_TILE;
 #pragma omp parallel for if (numel >= PARALLEL_MIN)
-    for (int64_t b = 0; b < tiles; b++) {
-        int64_t r0 = b * PERMUTE_TILE, at[PERMUTE_TILE];
-        int n = rows - r0 < PERMUTE_TILE ? (int)(rows - r0) : PERMUTE_TILE;
-        for (int k = 0; k < n; k++) at[k] = permute_row_start(ndim, y_shape, step, r0 + k);
-        float *y0 = y + r0 * inner;
-        for (int64_t i0 = 0; i0 < inner; i0 += PERMUTE_TILE) {
-            int64_t i1 = inner - i0 < PERMUTE_TILE ? inner : i0 + PERMUTE_TILE;
-            if (scatter)
-                for (int64_t i = i0; i < i1; i++)
-                    for (int k = 0; k < n; k++) x[at[k] + i * last] += y0[k * inner + i];
-            else
-                for (int64_t i = i0; i < i1; i++)
-                    for (int k = 0; k < n; k++) y0[k * inner + i] = x[at[k] + i * last];
-        }
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t at = permute_row_start(ndim, y_shape, step, r);
+        float *yr = y + r * inner;
+        if (scatter)
+            for (int64_t i = 0; i < inner; i++) x[at + i * last] += yr[i];
+        else
+            for (int64_t i = 0; i < inner; i++) yr[i] = x[at + i * last];
     }
 }
 
