@@ -265,14 +265,15 @@ void gemm_reference(bool trans_a, bool trans_b, int M, int N, int K, float alpha
 
 /* Cache blocks for ~48 KB L1d and ~2 MB L2 per core: an A micro-panel (KC x MR floats, 18 KB
  * at MR = 12) lives in L1, a B block (KC x NC, 720 KB) in L2; the shared A block (mc x K, at
- * most GEMM_A_BLOCK_FLOATS, 16 MB) is streamed from L3. NC is a multiple of every NR above.
- * Every row block packs all of B again, so the A block is large enough for a text encoder's
- * 512 rows at K up to 8192 in one block: with 4 MB, 512 x 9728 x 2560 products (Qwen3's
- * down_proj) ran 139 -> 161 GFLOPS at best on a 2-core Zen 3 with 16 MB, other shapes the same
- * or better (README, Benchmarks). */
+ * most GEMM_A_BLOCK_FLOATS, 128 MB) is streamed from L3 or memory, an item's rows once per
+ * depth block for up to NC columns. NC is a multiple of every NR above.
+ * Every row block packs all of B again, so the A block holds a transformer's tokens in one
+ * block: a 512x512 klein-4B's 1536 at K up to 12288 (75 MB). Against 16 MB, 1536 x 3072 x
+ * 12288 products ran 269 -> 292 GFLOPS on a 2-core Emerald Rapids; against 4 MB, 512 x 9728 x
+ * 2560 (Qwen3's down_proj) 139 -> 161 on a 2-core Zen 3 (README, Benchmarks). */
 #define GEMM_KC 384
 #define GEMM_NC 480
-#define GEMM_A_BLOCK_FLOATS (1 << 22)
+#define GEMM_A_BLOCK_FLOATS (1 << 25)
 /* Depth steps per pass when the packer transposes: one 64-byte line of each lane. */
 #define GEMM_PACK_CHUNK 16
 /* When it copies runs of lanes, the packer asks for the run this many depth steps ahead: each
