@@ -291,8 +291,8 @@ static int option_precision(const char *value, void *field, Error *e) {
  * best of 5 calls each after one), on a weight-shaped product: x [96, 768] times a bf16 weight
  * [512, 768]; 0 when out of memory. About 10 ms. Not every CPU with bf16 dot products runs them
  * faster: Intel's AVX512-BF16 without AMX (Cooper Lake, Sapphire and Emerald Rapids with AMX
- * off) issues vdpbf16ps once every 2 cycles, 32 multiply-adds, where two f32 FMAs a cycle do 32
- * (0.75 against 0.19 ns per instruction, measured on an Emerald Rapids). */
+ * off) issues one vdpbf16ps (32 multiply-adds) every 2 cycles, where its f32 FMAs do 64 (0.75
+ * against 0.19 ns per instruction, measured on an Emerald Rapids). */
 static double bf16_speedup(void) {
     enum { M = 96, N = 512, K = 768, CALLS = 6 };
     float *x = malloc(sizeof(float) * M * K), *y = malloc(sizeof(float) * M * N);

@@ -102,12 +102,13 @@ static void check_case(const GemmCase *c) {
 
 static void test_against_reference(void) {
     /* Tiny, odd, vector-shaped and K = 1 products; one micro-tile and depth block (384) exactly
-     * and one past; wider than a column block (480); and, last, A blocks over the 1M-float cap,
-     * so the rows split into several blocks. */
+     * and one past; wider than a column block (480); a long K (521 depth blocks); and, last,
+     * an A block over the 32M-float cap (GEMM_A_BLOCK_FLOATS), so the rows split into two
+     * blocks whose panels are packed in turn into the same scratch. */
     const int sizes[][3] = {
         {1, 1, 1},     {7, 13, 17},   {33, 65, 129},   {1, 70, 45},    {50, 1, 45},
         {40, 37, 1},   {12, 32, 384}, {13, 33, 385},   {5, 1000, 3},   {1000, 5, 3},
-        {300, 500, 700}, {3000, 17, 800}, {13, 3, 200000},
+        {300, 500, 700}, {3000, 17, 800}, {13, 3, 200000}, {2800, 3, 12000},
     };
     const float scales[][2] = {{1.0f, 0.0f}, {0.5f, 1.0f}, {-1.5f, 0.25f}};
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
@@ -138,7 +139,7 @@ static void test_thread_independence(void) {
     const GemmCase cases[] = {
         {300, 500, 700, false, false, 1.0f, 0.0f, 0}, {257, 20, 800, true, true, 0.7f, 0.3f, 1},
         {1024, 96, 100, false, true, 1.0f, 1.0f, 0}, {37, 1500, 390, true, false, -1.0f, 0.0f, 5},
-        {3000, 40, 800, false, false, 1.0f, 0.5f, 0},
+        {3000, 40, 800, false, false, 1.0f, 0.5f, 0}, {2800, 5, 12000, false, true, 1.0f, 0.0f, 0},
     };
     const int thread_counts[] = {2, 3, 16};
     int keep = omp_get_max_threads();
