@@ -972,8 +972,8 @@ static void gemm_run(bool pairs, bool trans_a, bool trans_b, int M, int N, int K
     void *scratch;
     float *a_block = scratch_new(floats * sizeof(float) + states * sizeof(atomic_int), &scratch);
     if (a_block) {
-        GemmABlock a = {&a_op, a_block, plan.mc, panels, (atomic_int *)(a_block + floats),
-                        0, 0, steps, 0};
+        GemmABlock a = {.op = &a_op, .data = a_block, .rows = plan.mc, .panels = panels,
+                        .state = (atomic_int *)(a_block + floats), .K = steps};
         for (size_t i = 0; i < states; i++) atomic_init(&a.state[i], 0);
         #pragma omp parallel num_threads(plan.threads) if (plan.threads > 1)
         gemm_blocked(&plan, a, &b_op, M, N, alpha, beta, C, ldc, a_block + a_block_floats,
