@@ -832,24 +832,14 @@ static int team_threads(void) {
 #endif
 }
 
-/* Panel q (rows ic + q MR ..) of depth block p0 of the A block below. */
+/* The packed A block of rows [ic, ic + mc) of op(A) over all of K: depth block p0 at
+ * a_block + block_rows * p0, each [ceil(mc / MR)][kc][MR]. This packs its panel q (rows
+ * ic + q MR ..) of depth block p0. */
 static void gemm_pack_a_panel(const GemmOperand *a_op, int ic, int mc, int K, int block_rows,
                               int p0, int q, float *a_block) {
     int kc = gemm_min(GEMM_KC, K - p0), i = q * GEMM_MR;
     gemm_pack_operand(a_op, ic + i, gemm_min(GEMM_MR, mc - i), p0, kc, GEMM_MR,
                       a_block + (size_t)block_rows * p0 + (size_t)i * kc);
-}
-
-/* The packed A block: rows [ic, ic + mc) of op(A) over all of K, depth block p0 at
- * a_block + block_rows * p0, each [ceil(mc / MR)][kc][MR]. */
-static void gemm_pack_a_block(const GemmOperand *a_op, int ic, int mc, int K, int block_rows,
-                              float *a_block) {
-    int panels = gemm_ceil_div(mc, GEMM_MR);
-    int depth_blocks = gemm_ceil_div(K, GEMM_KC);
-    #pragma omp for collapse(2) schedule(dynamic, 4)
-    for (int d = 0; d < depth_blocks; d++)
-        for (int q = 0; q < panels; q++)
-            gemm_pack_a_panel(a_op, ic, mc, K, block_rows, d * GEMM_KC, q, a_block);
 }
 
 /* C [m, n] (row stride ldc) from one depth block of kc steps: the A micro-panels at a, MR rows
@@ -872,7 +862,7 @@ static void gemm_tiles(bool pairs, int kc, int m, int n, const float *a, const f
  * being packed for row block g = 1, 2, ... and 2 g once it is; below 2 g - 1, not yet. */
 typedef struct GemmABlock {
     const GemmOperand *op;
-    float *data;       /* depth block p0 at data + rows * p0, gemm_pack_a_block's layout */
+    float *data;       /* depth block p0 at data + rows * p0, gemm_pack_a_panel's layout */
     int rows;          /* rows of the block (plan.mc) */
     int panels;        /* row panels of MR per depth block */
     atomic_int *state; /* [depth blocks][panels] */
@@ -1012,12 +1002,17 @@ size_t gemm_packed_a_floats(int M, int K) {
 
 /* op(A) [M, K] (A [K, M] when trans_a; row stride lda) -> packed: gemm_blocked's A block over
  * all M rows, depth block p0 at packed + round_up(M, MR) * p0, each [ceil(M / MR)][kc][MR]
- * (gemm_pack_a_block's layout). */
+ * (gemm_pack_a_panel's layout). */
 void gemm_pack_a(bool trans_a, int M, int K, const float *A, int lda, float *packed) {
     if (M <= 0 || K <= 0) return;
     GemmOperand a_op = {{A, DTYPE_F32}, trans_a ? 1 : lda, trans_a ? lda : 1, false, K};
-    #pragma omp parallel if (team_size() > 1 && (double)M * K > GEMM_PARALLEL_MIN_WORK)
-    gemm_pack_a_block(&a_op, 0, M, K, gemm_round_up(M, GEMM_MR), packed);
+    int rows = gemm_round_up(M, GEMM_MR), panels = rows / GEMM_MR;
+    int depth_blocks = gemm_ceil_div(K, GEMM_KC);
+    #pragma omp parallel for collapse(2) schedule(dynamic, 4) \
+        if (team_size() > 1 && (double)M * K > GEMM_PARALLEL_MIN_WORK)
+    for (int d = 0; d < depth_blocks; d++)
+        for (int q = 0; q < panels; q++)
+            gemm_pack_a_panel(&a_op, 0, M, K, rows, d * GEMM_KC, q, packed);
 }
 
 size_t gemm_panels_floats(int K, int N) {
