@@ -257,6 +257,19 @@ void var_keep(Var *v) {
     for (; v; v = v->view_of) v->keep = true;
 }
 
+bool var_drop(Var *v) {
+    if (!v || !v->value || v->dropped || v->leaf || v->keep || v->readers > 0 ||
+        !v->owns_value || !v->value->owns_data)
+        return false;
+    /* the header stays: the shape still sizes the gradient that may come */
+    account(v->tape, MEM_VALUE, tensor_bytes(v->value), false);
+    free(v->value->data);
+    v->value->data = NULL;
+    v->value->owns_data = false;
+    v->dropped = true;
+    return true;
+}
+
 void var_zero_grad(Var *v) {
     if (v && v->grad) memset(v->grad->data, 0, tensor_bytes(v->grad));
 }
@@ -285,9 +298,15 @@ static bool wants_grad(const Tape *t, int n, Var *const *in) {
     return false;
 }
 
+/* Bits of record_reading's `unread`: in[i] is bit i, the output UNREAD_OUT. */
+#define UNREAD_OUT (1u << 31)
+
 /* Records a node making y from in[0..n-1] when the tape records and some input requires grad;
- * *node is then the node to fill in, else NULL. False (and t failed) only when out of memory. */
-static bool record(Tape *t, Var *y, BackwardFn backward, int n, Var *const *in, Node **node) {
+ * *node is then the node to fill in, else NULL. Every input and the output whose bit is not in
+ * `unread` counts the node as a reader of its value (var_drop). False (and t failed) only when
+ * out of memory. */
+static bool record_reading(Tape *t, Var *y, BackwardFn backward, int n, Var *const *in,
+                           unsigned unread, Node **node) {
     *node = NULL;
     if (!wants_grad(t, n, in)) return true;
     Node *nd = calloc(1, sizeof *nd + (size_t)n * sizeof nd->in[0]);
@@ -300,11 +319,19 @@ static bool record(Tape *t, Var *y, BackwardFn backward, int n, Var *const *in, 
     nd->out = y;
     nd->n_in = n;
     memcpy(nd->in, in, (size_t)n * sizeof nd->in[0]);
+    for (int i = 0; i < n; i++)
+        if (in[i] && !(unread & (1u << i))) in[i]->readers++;
+    if (!(unread & UNREAD_OUT)) y->readers++;
     y->producer = nd;
     y->requires_grad = true;
     t->recorded++;
     *node = nd;
     return true;
+}
+
+/* The same for a backward that may read every input's value and the output's. */
+static bool record(Tape *t, Var *y, BackwardFn backward, int n, Var *const *in, Node **node) {
+    return record_reading(t, y, backward, n, in, 0, node);
 }
 
 /* Keeps a saved tensor in node n, or frees it when nothing was recorded. */
@@ -328,6 +355,10 @@ static bool ready(Tape *t, const char *op, int n, Var *const *in) {
         if (!in[i]) return refuse(t, "%s: argument %d is NULL", op, i + 1);
         if (!in[i]->value) {
             fail(t, "%s: argument %d was released by an earlier backward", op, i + 1);
+            return false;
+        }
+        if (in[i]->dropped) {
+            fail(t, "%s: argument %d was dropped (var_drop)", op, i + 1);
             return false;
         }
     }
@@ -481,7 +512,8 @@ static Var *take_result(Tape *t, Tape *scratch, Var *out) {
 static Var *run_segment(Tape *t, Tape *scratch, CheckpointFn fn, void *ctx, Var **inputs) {
     Var *out = fn(scratch, inputs, ctx);
     if (scratch->failed) return fail(t, "checkpoint: %s", scratch->error.msg);
-    if (!out || !out->value) return fail(t, "checkpoint: the function returned no value");
+    if (!out || !out->value || out->dropped)
+        return fail(t, "checkpoint: the function returned no value");
     return out;
 }
 
@@ -530,7 +562,9 @@ Var *ag_checkpoint(Tape *t, CheckpointFn fn, void *ctx, Var **inputs, int n_inpu
     Var *y = out ? take_result(t, scratch, out) : NULL;
     tape_free(scratch);
     Node *n;
-    if (!y || !record(t, y, checkpoint_backward, n_inputs, inputs, &n)) return NULL;
+    /* the backward recomputes y rather than reading it */
+    if (!y || !record_reading(t, y, checkpoint_backward, n_inputs, inputs, UNREAD_OUT, &n))
+        return NULL;
     if (n) {
         n->p.checkpoint.fn = fn;
         n->p.checkpoint.ctx = ctx;
@@ -704,8 +738,11 @@ Var *ag_conv2d(Tape *t, Var *x, Var *w, Var *b, int stride, int padding, int gro
                      .groups = groups};
     if (!check_vector(t, op, "bias", b, s.out_ch)) return NULL;
     Var *y = result(t, 4, (int64_t[]){s.batch, s.out_ch, conv2d_out_h(&s), conv2d_out_w(&s)});
+    /* dx reads only w, dw only x, db neither: x's value is needed when w wants a gradient */
+    unsigned unread = UNREAD_OUT | 1u << 2 | (w->requires_grad ? 0u : 1u << 0);
     Node *n;
-    if (!y || !record(t, y, conv2d_node_backward, 3, (Var *[]){x, w, b}, &n)) return NULL;
+    if (!y || !record_reading(t, y, conv2d_node_backward, 3, (Var *[]){x, w, b}, unread, &n))
+        return NULL;
     conv2d_forward(&s, data(x), data(w), data(b), data(y));
     if (n) n->p.conv = s;
     return y;
@@ -934,7 +971,8 @@ Var *ag_groupnorm_silu(Tape *t, Var *x, int groups, Var *w, Var *b, float eps) {
     Tensor *mean = y ? tape_tensor(t, MEM_SAVED, 1, &stats) : NULL;
     Tensor *rstd = mean ? tape_tensor(t, MEM_SAVED, 1, &stats) : NULL;
     Node *n = NULL;
-    if (rstd && record(t, y, groupnorm_silu_node_backward, 3, (Var *[]){x, w, b}, &n)) {
+    if (rstd && record_reading(t, y, groupnorm_silu_node_backward, 3, (Var *[]){x, w, b},
+                               UNREAD_OUT, &n)) {
         groupnorm_silu_forward((int)p.rows, (int)p.C, (int)p.HW, groups, eps, data(x), data(w),
                                data(b), data(y), mean->data, rstd->data);
         if (n) n->p.norm = p;
@@ -1118,7 +1156,8 @@ Var *ag_upsample_nearest2x(Tape *t, Var *x) {
         return NULL;
     Var *y = resized_result(t, x, r.out_h, r.out_w);
     Node *n;
-    if (!y || !record(t, y, upsample_node_backward, 1, &x, &n)) return NULL;
+    if (!y || !record_reading(t, y, upsample_node_backward, 1, &x, 1u << 0 | UNREAD_OUT, &n))
+        return NULL;
     upsample_nearest2x_forward((int)r.planes, (int)r.H, (int)r.W, data(x), data(y));
     if (n) n->p.resize = r;
     return y;
@@ -1166,7 +1205,8 @@ Var *ag_add(Tape *t, Var *a, Var *b) {
     if (!ready(t, "add", 2, (Var *[]){a, b}) || !check_same_shape(t, "add", a, b)) return NULL;
     Var *y = result_like(t, a);
     Node *n;
-    if (!y || !record(t, y, add_backward, 2, (Var *[]){a, b}, &n)) return NULL;
+    unsigned unread = 1u << 0 | 1u << 1 | UNREAD_OUT; /* dy passes through unchanged */
+    if (!y || !record_reading(t, y, add_backward, 2, (Var *[]){a, b}, unread, &n)) return NULL;
     add_forward(numel_of(a), data(a), data(b), data(y));
     return y;
 }
@@ -1477,6 +1517,7 @@ Var *ag_reshape(Tape *t, Var *x, int ndim, const int64_t *shape) {
     Node *n;
     if (!y || !record(t, y, reshape_backward, 1, &x, &n)) return NULL;
     y->view_of = x;
+    x->readers++; /* the view reads x's data for as long as it lives */
     /* backward would release x's data under an unrecorded view that still uses it */
     if (!n && x->producer) var_keep(x);
     return y;

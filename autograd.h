@@ -22,7 +22,8 @@
  * gradient is wanted: their backward work is then skipped). A Var may be used on another tape
  * than its own (parameter Vars on a long-lived tape, graphs on per-step tapes) as long as it
  * outlives them; its gradient accumulates across them. Values made with grad off stay until
- * tape_free: run long no-grad passes block by block through ag_checkpoint, or on short tapes. */
+ * tape_free: run long no-grad passes block by block through ag_checkpoint, or on short tapes.
+ * An intermediate that no backward reads can go before backward: var_drop. */
 #ifndef DIAMOND_AUTOGRAD_H
 #define DIAMOND_AUTOGRAD_H
 
@@ -44,6 +45,8 @@ typedef struct Var {
     bool leaf;          /* made by var_new / var_take, not by an op */
     bool owns_value;
     bool keep;          /* backward must not release the value */
+    bool dropped;       /* var_drop freed the value's data; its shape stays */
+    int readers;        /* recorded backwards (and views) that read the value: var_drop waits */
 } Var;
 
 /* Memory a tape holds, in bytes, its checkpoint sub-tapes included while they live. */
@@ -80,6 +83,14 @@ Var *var_new(Tape *t, Tensor *value, bool requires_grad);
 Var *var_take(Tape *t, Tensor *value, bool requires_grad);
 /* Keeps v's value readable after tape_backward (the loss is always kept). */
 void var_keep(Var *v);
+/* Frees v's value at once when no recorded backward reads it and no view shares it (a
+ * convolution's input when only the gradient to that input is wanted, an addition's operands):
+ * the caller's promise that no op will take v again, as `del v` in Python; so only for a Var
+ * the caller made (never a checkpoint function's input, which its caller may still use).
+ * Gradients still flow through v; an op given v afterwards fails. Otherwise (a leaf, a kept
+ * value, a reader recorded) nothing changes and backward releases the value as usual. True
+ * when freed. */
+bool var_drop(Var *v);
 /* Sets v's gradient to zero, when it has one, so the next backward starts afresh. */
 void var_zero_grad(Var *v);
 

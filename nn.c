@@ -2759,6 +2759,26 @@ Var *vae_norm_silu(Tape *t, const NormParams *n, int groups, Var *x) {
     return ag_groupnorm_silu(t, x, groups, n->weight, n->bias, VAE_NORM_EPS);
 }
 
+/* x: [B, C, H, W] -> conv(SiLU(GroupNorm(x))), the normalised tensor dropped as soon as the
+ * convolution has read it: when the weights want no gradient no backward reads it either. */
+static Var *vae_norm_silu_conv(Tape *t, const NormParams *n, int groups, const Conv2d *conv,
+                               Var *x) {
+    Var *h = vae_norm_silu(t, n, groups, x);
+    Var *y = conv2d_apply(t, conv, h);
+    var_drop(h);
+    return y;
+}
+
+/* A resnet's output from its input x: skip + h, where skip is x or its shortcut convolution.
+ * An addition's backward reads neither operand, so h and a shortcut are dropped; x is the
+ * caller's. */
+static Var *vae_residual(Tape *t, Var *x, Var *skip, Var *h) {
+    Var *y = ag_add(t, skip, h);
+    if (skip != x) var_drop(skip);
+    var_drop(h);
+    return y;
+}
+
 /* The nesting depth of each kind of block: stages 1, layers 2, units 3. */
 enum { VAE_STAGE = 1, VAE_LAYER = 2, VAE_UNIT = 3 };
 
@@ -2783,13 +2803,13 @@ static Var *vae_block(Tape *t, const VaeDecoder *m, int level, CheckpointFn fn, 
 /* x: [B, in, H, W] -> h = conv1(SiLU(norm1(x))): [B, out, H, W] */
 static Var *vae_resnet_in_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeResnet *r = ctx;
-    return conv2d_apply(t, &r->conv1, vae_norm_silu(t, &r->norm1, r->groups, inputs[0]));
+    return vae_norm_silu_conv(t, &r->norm1, r->groups, &r->conv1, inputs[0]);
 }
 
 /* h: [B, out, H, W] -> conv2(SiLU(norm2(h))) */
 static Var *vae_resnet_mid_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeResnet *r = ctx;
-    return conv2d_apply(t, &r->conv2, vae_norm_silu(t, &r->norm2, r->groups, inputs[0]));
+    return vae_norm_silu_conv(t, &r->norm2, r->groups, &r->conv2, inputs[0]);
 }
 
 /* x: [B, in, H, W] -> conv_shortcut(x): [B, out, H, W] */
@@ -2822,7 +2842,7 @@ Var *vae_attention_apply(Tape *t, Var **inputs, void *ctx) {
 Var *vae_resnet_forward(Tape *t, const VaeResnet *r, Var *x) {
     Var *h = vae_resnet_in_apply(t, &x, (void *)r);
     Var *skip = r->conv_shortcut.weight ? conv2d_apply(t, &r->conv_shortcut, x) : x;
-    return ag_add(t, skip, vae_resnet_mid_apply(t, &h, (void *)r));
+    return vae_residual(t, x, skip, vae_resnet_mid_apply(t, &h, (void *)r));
 }
 
 int vae_decoder_set_latent_stats(VaeDecoder *m, const float *mean, const float *var, Error *e) {
@@ -2835,14 +2855,17 @@ int vae_decoder_set_latent_stats(VaeDecoder *m, const float *mean, const float *
 /* x: [B, C, H, W] -> [B, C, 2H, 2W]: nearest 2x, then the 3x3 conv */
 static Var *vae_upsample_apply(Tape *t, Var **inputs, void *ctx) {
     const Conv2d *conv = ctx;
-    return conv2d_apply(t, conv, ag_upsample_nearest2x(t, inputs[0]));
+    Var *up = ag_upsample_nearest2x(t, inputs[0]);
+    Var *y = conv2d_apply(t, conv, up);
+    var_drop(up);
+    return y;
 }
 
 /* x: [B, block_out_channels[0], H, W] -> image [B, out_channels, H, W] */
 static Var *vae_head_apply(Tape *t, Var **inputs, void *ctx) {
     const VaeDecoder *m = ctx;
-    return conv2d_apply(t, &m->conv_out, vae_norm_silu(t, &m->conv_norm_out,
-                                                       m->config.norm_num_groups, inputs[0]));
+    return vae_norm_silu_conv(t, &m->conv_norm_out, m->config.norm_num_groups, &m->conv_out,
+                              inputs[0]);
 }
 
 /* The middle checkpoints, "layers": an optional upsampler, then a resnet or the attention,
@@ -2861,7 +2884,7 @@ static Var *vae_layer_apply(Tape *t, Var **inputs, void *ctx) {
         Var *skip = r->conv_shortcut.weight
                         ? vae_block(t, m, VAE_UNIT, vae_shortcut_apply, r, &x, 1)
                         : x;
-        x = ag_add(t, skip, vae_block(t, m, VAE_UNIT, vae_resnet_mid_apply, r, &h, 1));
+        x = vae_residual(t, x, skip, vae_block(t, m, VAE_UNIT, vae_resnet_mid_apply, r, &h, 1));
     }
     if (l->head) x = vae_block(t, m, VAE_UNIT, vae_head_apply, m, &x, 1);
     return x;
@@ -2907,10 +2930,9 @@ static Var *vae_decode_blocks(Tape *t, const VaeDecoder *m, Var *x) {
     for (int b = 0; b < c->n_blocks; b++) {
         const VaeUpBlock *u = &m->up_blocks[b];
         for (int r = 0; r <= c->layers_per_block; r++) x = vae_resnet_forward(t, &u->resnets[r], x);
-        if (u->upsampler.weight) x = conv2d_apply(t, &u->upsampler, ag_upsample_nearest2x(t, x));
+        if (u->upsampler.weight) x = vae_upsample_apply(t, &x, (void *)&u->upsampler);
     }
-    x = vae_norm_silu(t, &m->conv_norm_out, c->norm_num_groups, x);
-    return conv2d_apply(t, &m->conv_out, x);
+    return vae_head_apply(t, &x, (void *)m);
 }
 
 /* tokens [B, h*w, packed] -> image [B, out_channels, H, W] (nn.h): unpack, post_quant_conv,

@@ -352,9 +352,11 @@ void vae_decoder_set_checkpoint_levels(VaeDecoder *m, int levels);
  * backward adds the most: all its resnets plain (1), one per resnet and one layer plain (2), one
  * per resnet and VAE_UNIT_TENSORS_PER_LAYER for a layer (3); never more than the level before.
  * tests/test_vae.c checks that each bounds the measured tape peak within 2x; for the real config
- * at 256x256 the peaks are 1311, 813, 493 and 365 MiB, the estimates 1780, 1076, 852, 596. */
-#define VAE_PLAIN_TENSORS_PER_RESNET 10
-#define VAE_UNIT_TENSORS_PER_LAYER 6
+ * at 256x256 the peaks are 577, 397, 301 and 301 MiB, the estimates 890, 596, 532, 404 (a
+ * resnet holds its input and its first conv's output for backward, the normalised tensors and
+ * the sums' operands being dropped: var_drop). */
+#define VAE_PLAIN_TENSORS_PER_RESNET 5
+#define VAE_UNIT_TENSORS_PER_LAYER 3
 size_t vae_decode_bytes(const VaeDecoder *m, int levels, int batch, int height, int width);
 /* The fewest levels whose estimate fits max_bytes (VAE_CHECKPOINT_LEVELS when none does), set
  * in m and returned: the fewer, the faster the backward (none: about half the time of all
@@ -362,7 +364,8 @@ size_t vae_decode_bytes(const VaeDecoder *m, int levels, int batch, int height, 
 /* VAE_MEMORY_SHARE of `available` (memory_available(): the rest is for the transformer's parts,
  * the detector and the system), or VAE_MEMORY_UNKNOWN when available is 0 (unknown). On a 24 GB
  * machine with ~20 GB available a 512x512 decode then runs without checkpoints (its estimate is
- * 7120 MiB); with 3 GB available it takes three levels (2384 MiB). */
+ * 3560 MiB) and a 1024x1024 one with one level (9536 MiB); with 3 GB available a 512x512 decode
+ * takes three levels (1616 MiB). */
 #define VAE_MEMORY_SHARE 0.5
 #define VAE_MEMORY_UNKNOWN ((size_t)1 << 30)
 size_t vae_default_memory(size_t available);

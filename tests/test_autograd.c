@@ -6,6 +6,7 @@
  *   3. no-grad mode records and saves nothing and computes the same values;
  *   4. checkpointed segments give gradients bitwise equal to the plain graph, with less memory;
  *   5. backward frees what nodes saved, intermediate values and intermediate gradients;
+ *      var_drop frees, before it, the values no backward reads;
  *   6. wrong shapes and misuse fail with a message, never a crash;
  *   7. PyTorch: two small composite models (together every op) against
  *      tests/golden/autograd.safetensors, written by tools/golden_autograd.py (float64 torch). */
@@ -889,6 +890,93 @@ static void test_linear_stored(void) {
     tensor_free(w), tensor_free(x), tensor_free(probe);
 }
 
+/* values dropped before backward */
+
+/* The VAE's pattern: h = SiLU(GroupNorm(x)) feeds a convolution whose weight wants no gradient
+ * and nothing else reads h; c reads on (a product), d feeds only an addition. Returns the input
+ * gradient, and the values held before backward in *held. */
+static Tensor *drop_graph(Tensor *xt, Tensor *wt, bool drop, size_t *held, bool *dropped) {
+    Tape *t = tape_new();
+    Var *x = var_new(t, xt, true), *w = var_new(t, wt, false);
+    Var *h = ag_groupnorm_silu(t, x, 2, NULL, NULL, 1e-5f);
+    Var *c = ag_conv2d(t, h, w, NULL, 1, 1, 1);
+    Var *m = ag_mul(t, c, c);
+    Var *d = ag_conv2d(t, m, w, NULL, 1, 1, 1);
+    Var *s = ag_add(t, d, c);
+    if (drop) {
+        /* h and d are freed; c (read by the product's backward) and m (the product's output,
+         * which its backward may read) stay */
+        dropped[0] = var_drop(h);
+        dropped[1] = var_drop(c);
+        dropped[2] = var_drop(m);
+        dropped[3] = var_drop(d);
+    }
+    Var *loss = ag_mean(t, ag_pow(t, s, 2.0f));
+    *held = tape_stats(t).value_bytes;
+    Error e = {{0}};
+    Tensor *dx = NULL;
+    if (!loss || tape_backward(t, loss, &e))
+        CHECK(0, "drop graph (drop %d): %s", drop, e.msg);
+    else
+        dx = tensor_clone(x->grad);
+    tape_free(t);
+    return dx;
+}
+
+static void test_drop(void) {
+    Tensor *xt = RAND(1, 1, 4, 6, 5), *wt = RAND(0.3f, 4, 4, 3, 3);
+    size_t held_plain, held_drop;
+    bool dropped[4] = {0};
+    Tensor *plain = drop_graph(xt, wt, false, &held_plain, dropped);
+    Tensor *with = drop_graph(xt, wt, true, &held_drop, dropped);
+    CHECK(dropped[0] && !dropped[1] && !dropped[2] && dropped[3],
+          "var_drop frees what no backward reads, keeps what one does (%d %d %d %d)", dropped[0],
+          dropped[1], dropped[2], dropped[3]);
+    CHECK(held_plain - held_drop == 2 * 120 * sizeof(float),
+          "var_drop: two [1, 4, 6, 5] values fewer held before backward (%zu -> %zu bytes)",
+          held_plain, held_drop);
+    CHECK(plain && with && same_bits(plain, with),
+          "var_drop: the input gradient bitwise as without drops");
+    tensor_free(plain);
+    tensor_free(with);
+
+    /* what must stay: leaves, kept values, viewed values, a conv input whose weight wants a
+     * gradient; and a dropped Var cannot be used again */
+    Tape *t = tape_new();
+    Var *x = var_new(t, xt, true), *w = var_new(t, wt, true);
+    Var *h = ag_groupnorm_silu(t, x, 2, NULL, NULL, 1e-5f);
+    Var *c = ag_conv2d(t, h, w, NULL, 1, 1, 1);
+    Var *kept = ag_silu(t, c);
+    var_keep(kept);
+    Var *viewed = ag_scale(t, c, 2.0f);
+    Var *view = ag_reshape(t, viewed, 2, (int64_t[]){4, 30});
+    CHECK(view && !var_drop(x) && !var_drop(h) && !var_drop(kept) && !var_drop(viewed),
+          "var_drop keeps leaves, dW's input, kept and viewed values");
+    Var *u = ag_upsample_nearest2x(t, kept);
+    Var *y = ag_conv2d(t, u, var_new(t, wt, false), NULL, 1, 1, 1);
+    bool first = y && var_drop(u), second = var_drop(u);
+    CHECK(first && !second && u->value && !u->value->data,
+          "var_drop frees an upsampled conv input, once, and keeps its shape");
+    Error e = {{0}};
+    CHECK(ag_relu(t, u) == NULL && tape_check(t, &e) != 0 && strstr(e.msg, "dropped"),
+          "an op on a dropped Var fails: %s", e.msg);
+    tape_free(t);
+
+    /* with grad off nothing is recorded, so nothing reads: a decode can drop as it goes */
+    t = tape_new();
+    tape_set_grad(t, false);
+    x = var_new(t, xt, true);
+    h = ag_groupnorm_silu(t, x, 2, NULL, NULL, 1e-5f);
+    c = ag_conv2d(t, h, var_new(t, wt, true), NULL, 1, 1, 1);
+    CHECK(c && var_drop(h) && tape_stats(t).value_bytes == 120 * sizeof(float),
+          "grad off: a dropped intermediate leaves only the result (%zu bytes)",
+          tape_stats(t).value_bytes);
+    tape_free(t);
+    tensor_free(xt);
+    tensor_free(wt);
+}
+
+
 int main(void) {
     test_finite_differences();
     test_groupnorm_silu_matches();
@@ -898,6 +986,7 @@ int main(void) {
     test_no_grad();
     test_checkpoint();
     test_backward_frees();
+    test_drop();
     test_errors();
     test_golden();
     return harness_finish("test_autograd");

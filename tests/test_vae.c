@@ -247,8 +247,8 @@ static void test_finite_differences(const VaeDecoder *m) {
 }
 
 /* A no-grad decode (how sampling runs) gives the same image as one that records, bit for bit,
- * and even where the model takes no checkpoints holds far less: its blocks' intermediates are
- * freed as each block ends. */
+ * and even where the model takes no checkpoints holds less: its blocks' intermediates are
+ * freed as each block ends (a recording decode drops only those no backward reads). */
 static void test_no_grad_matches(VaeDecoder *m, const SafeTensors *st) {
     const VaeConfig *c = vae_decoder_config(m);
     int packed = c->latent_channels * c->patch_h * c->patch_w;
@@ -268,8 +268,9 @@ static void test_no_grad_matches(VaeDecoder *m, const SafeTensors *st) {
                       (size_t)want->numel * sizeof(float)),
               "the no-grad decode gives the recording decode's image bit for bit");
         size_t free_peak = tape_stats(t).peak_bytes, kept = tape_stats(rec).peak_bytes;
-        CHECK(4 * free_peak < kept, "without checkpoints, the no-grad decode's peak (%zu bytes) "
-              "under a quarter of the recording forward's (%zu)", free_peak, kept);
+        CHECK(3 * free_peak < 2 * kept,
+              "without checkpoints, the no-grad decode's peak (%zu bytes) under two thirds of "
+              "the recording forward's (%zu)", free_peak, kept);
     }
     tape_free(t);
     tape_free(rec);
