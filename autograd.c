@@ -457,6 +457,7 @@ static int backward_ready(Tape *t, Var *out, Error *e) {
     if (!out) return error_set(e, "backward: NULL output");
     if (!out->value)
         return error_set(e, "backward: the output was released by an earlier backward");
+    if (out->dropped) return error_set(e, "backward: the output was dropped (var_drop)");
     return 0;
 }
 
@@ -702,7 +703,10 @@ Var *ag_matmul(Tape *t, Var *a, Var *b) {
 /* in: x, w, b. dx = the transposed convolution of dy with w;  dw = dy correlated with x's
  * patches (im2col);  db = sum of dy over batch and pixels */
 static void conv2d_node_backward(Tape *t, Node *n) {
-    (void)t;
+    if (n->in[0]->dropped && grad(n->in[1])) {
+        fail(t, "conv2d: the weight wants a gradient, but the input was dropped when it did not");
+        return;
+    }
     conv2d_backward(&n->p.conv, data(n->in[0]), data(n->in[1]), grad(n->out), grad(n->in[0]),
                     grad(n->in[1]), grad(n->in[2]));
 }

@@ -958,8 +958,21 @@ static void test_drop(void) {
     CHECK(first && !second && u->value && !u->value->data,
           "var_drop frees an upsampled conv input, once, and keeps its shape");
     Error e = {{0}};
+    CHECK(tape_backward_from(t, u, u->value, &e) != 0 && strstr(e.msg, "dropped"),
+          "a backward from a dropped Var fails: %s", e.msg);
     CHECK(ag_relu(t, u) == NULL && tape_check(t, &e) != 0 && strstr(e.msg, "dropped"),
           "an op on a dropped Var fails: %s", e.msg);
+    tape_free(t);
+
+    /* a weight that wants a gradient only after its input was dropped fails, not crashes */
+    t = tape_new();
+    Var *w2 = var_new(t, wt, false);
+    Var *up = ag_upsample_nearest2x(t, var_new(t, xt, true));
+    Var *yd = ag_conv2d(t, up, w2, NULL, 1, 1, 1);
+    bool freed = var_drop(up);
+    w2->requires_grad = true;
+    CHECK(freed && tape_backward(t, ag_sum(t, yd), &e) != 0 && strstr(e.msg, "dropped"),
+          "dW after its input was dropped fails: %s", e.msg);
     tape_free(t);
 
     /* with grad off nothing is recorded, so nothing reads: a decode can drop as it goes */
